@@ -1,0 +1,130 @@
+//! Guest-physical and port address map. The one place that owns these constants.
+//!
+//! ```text
+//! 0x0000_0000  real-mode IVT / BDA           (RAM)
+//! 0x0000_0500  boot GDT, 0x520 boot IDT
+//! 0x0000_6000  PVH hvm_start_info + memmap
+//! 0x0000_7000  Linux boot_params ("zero page")
+//! 0x0000_9000  boot page tables (PML4, PDPT, PDs: identity map of the first 4 GiB)
+//! 0x0002_0000  kernel command line
+//! 0x0009_fc00  EBDA / MP table               (reserved)
+//! 0x000a_0000  VGA hole + BIOS area          (reserved)
+//! 0x000e_0000  ACPI RSDP and tables          (reserved, inside the BIOS area)
+//! 0x0010_0000  high RAM: kernels load here (or at their preferred address)
+//! 0xc000_0000  32-bit MMIO hole: PCI BARs, virtio-mmio, ECAM, IOAPIC, LAPIC
+//! 0x1_0000_0000 RAM above 4 GiB
+//! ```
+
+/// Start of the boot GDT.
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Start of the boot IDT (empty).
+pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH `hvm_start_info`, followed by its memory map.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// Linux `boot_params` ("zero page").
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer for 64-bit and PVH entries (grows down, below the zero page).
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Boot page tables: PML4, then one PDPT, then four page directories of 2 MiB pages.
+pub const PML4_START: u64 = 0x9000;
+/// Page-directory-pointer table.
+pub const PDPTE_START: u64 = 0xa000;
+/// First of four page directories (0xb000..0xf000).
+pub const PDE_START: u64 = 0xb000;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x2_0000;
+/// Most command-line bytes we place (kernels may accept less: boot_params says how much).
+pub const CMDLINE_MAX_SIZE: usize = 0x1_0000;
+/// Extended BIOS data area: RAM below it is usable, from it to 1 MiB is reserved.
+pub const EBDA_START: u64 = 0x9_fc00;
+/// MP table (for kernels without ACPI).
+pub const MPTABLE_START: u64 = 0x9_fc00;
+/// ACPI RSDP; the other tables follow it. Inside 0xe0000..0x100000 where Linux scans.
+pub const RSDP_START: u64 = 0xe_0000;
+/// End of the BIOS area.
+pub const BIOS_END: u64 = 0x10_0000;
+/// Start of RAM above the legacy hole.
+pub const HIGH_RAM_START: u64 = 0x10_0000;
+/// Where an ELF/PVH kernel without a preferred address is loaded.
+pub const KERNEL_START: u64 = 0x10_0000;
+
+/// The 32-bit MMIO hole: RAM never maps here.
+pub const MEM_32BIT_GAP_START: u64 = 0xc000_0000;
+/// Size of the 32-bit hole.
+pub const MEM_32BIT_GAP_SIZE: u64 = 0x4000_0000;
+/// First address above 4 GiB.
+pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
+
+/// PCI 32-bit BAR window.
+pub const PCI_MMIO32_START: u64 = 0xc000_0000;
+/// Size of the PCI 32-bit BAR window.
+pub const PCI_MMIO32_SIZE: u64 = 0x1000_0000;
+/// virtio-mmio device windows, one [`VIRTIO_MMIO_SIZE`] each.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Size of one virtio-mmio window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// A page of MMIO space that no device claims: reads return all ones, writes are dropped.
+/// The test guest measures MMIO exit round trips here.
+pub const MMIO_PROBE_START: u64 = 0xdf00_0000;
+/// PCI Express ECAM (MCFG), bus 0 only.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// Size of the ECAM window (256 buses x 1 MiB).
+pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+/// IOAPIC registers.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// Local APIC registers.
+pub const APIC_START: u64 = 0xfee0_0000;
+
+/// Port of the first serial port (COM1).
+pub const COM1_PORT: u16 = 0x3f8;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u32 = 4;
+/// i8042 data port; the command port is 0x64.
+pub const I8042_DATA_PORT: u16 = 0x60;
+/// isa-debug-exit compatible port: a write of v exits with `(v << 1) | 1`.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// ACPI PM1a event block (status + enable), 4 bytes.
+pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
+/// ACPI PM1a control block, 2 bytes: SLP_TYP/SLP_EN.
+pub const ACPI_PM1A_CNT_PORT: u16 = 0x604;
+/// ACPI PM timer, 4 bytes.
+pub const ACPI_PM_TMR_PORT: u16 = 0x608;
+/// The FADT reset register (one byte, value [`ACPI_RESET_VALUE`]).
+pub const ACPI_RESET_PORT: u16 = 0xcf9;
+/// Value written to [`ACPI_RESET_PORT`] to reset.
+pub const ACPI_RESET_VALUE: u8 = 0x6;
+/// The SLP_TYP value `_S5` advertises (power off).
+pub const ACPI_S5_SLP_TYP: u8 = 5;
+/// SCI interrupt line.
+pub const ACPI_SCI_IRQ: u32 = 9;
+/// PCI configuration address / data ports.
+pub const PCI_CONFIG_ADDRESS_PORT: u16 = 0xcf8;
+
+/// Fewest bytes of guest memory kvmbox accepts.
+pub const MIN_MEMORY: u64 = 16 << 20;
+
+/// Guest RAM regions for `mem_size` bytes of memory, leaving the 32-bit hole empty.
+pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
+    if mem_size <= MEM_32BIT_GAP_START {
+        vec![(0, mem_size)]
+    } else {
+        vec![
+            (0, MEM_32BIT_GAP_START),
+            (RAM_64BIT_START, mem_size - MEM_32BIT_GAP_START),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_skips_the_32bit_hole() {
+        assert_eq!(ram_regions(128 << 20), vec![(0, 128 << 20)]);
+        let r = ram_regions(8 << 30);
+        assert_eq!(r[0], (0, 0xc000_0000));
+        assert_eq!(r[1].0, 0x1_0000_0000);
+        assert_eq!(r[0].1 + r[1].1, 8 << 30);
+    }
+}

@@ -1,0 +1,150 @@
+//! CPU backends for kvmbox.
+//!
+//! One [`Vm`] / [`Vcpu`] trait pair sits in front of every way kvmbox can run guest code:
+//! hardware KVM ([`kvm`]) and the software engine (crate `kvmbox-emu`). Devices never see
+//! which backend runs the guest: every port and MMIO access reaches them through the
+//! [`IoHandler`] the VMM passes to [`Vcpu::run`], and every interrupt through an [`IrqLine`].
+
+pub mod kvm;
+mod regs;
+
+pub use regs::{CpuidEntry, DescriptorTable, Regs, Segment, SpecialRegs};
+
+use std::sync::Arc;
+use vm_memory::GuestMemoryMmap;
+
+/// Errors a CPU backend reports.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An ioctl on /dev/kvm, the VM or a vCPU failed.
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The backend cannot do what was asked (a limit, a missing capability).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The guest did something the backend cannot continue from; the vCPU stops.
+    #[error("guest error: {0}")]
+    Guest(String),
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where a guest's port and MMIO accesses go. The VMM implements this with its device bus.
+///
+/// Both backends call it from the vCPU's own thread, in the middle of the instruction that
+/// made the access, so reads return the device's answer to that very instruction.
+pub trait IoHandler: Sync {
+    /// A port read of `data.len()` bytes (1, 2 or 4).
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    /// A port write.
+    fn pio_write(&self, port: u16, data: &[u8]);
+    /// A read of guest-physical `addr` that is not guest RAM.
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    /// A write to guest-physical `addr` that is not guest RAM.
+    fn mmio_write(&self, addr: u64, data: &[u8]);
+}
+
+/// Why [`Vcpu::run`] returned. Port and MMIO accesses never show up here: the backend hands
+/// them to the [`IoHandler`] and keeps running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// The vCPU executed HLT with interrupts disabled and nothing can wake it (or the backend
+    /// has no interrupt controller of its own).
+    Halted,
+    /// Triple fault or an equivalent shutdown condition: on a PC this resets the machine.
+    Shutdown,
+    /// The guest asked for a system reset through the hypervisor (KVM_SYSTEM_EVENT_RESET).
+    Reset,
+    /// The guest asked for power-off through the hypervisor (KVM_SYSTEM_EVENT_SHUTDOWN).
+    PowerOff,
+    /// [`VcpuKicker::kick`] interrupted the run; the VMM checks its own state and may run again.
+    Kicked,
+}
+
+/// Static facts a vCPU is configured with before it first runs.
+#[derive(Debug, Clone)]
+pub struct VcpuConfig {
+    /// This vCPU's index (also its initial APIC ID).
+    pub id: u32,
+    /// How many vCPUs the VM has (for CPUID topology).
+    pub count: u32,
+}
+
+/// Interrupts a running vCPU from another thread, so the VMM can pause or stop it.
+pub trait VcpuKicker: Send + Sync {
+    /// Make the vCPU's current or next [`Vcpu::run`] return [`VcpuExit::Kicked`] promptly.
+    fn kick(&self);
+}
+
+/// One virtual CPU. Owned by, and run on, one host thread.
+pub trait Vcpu: Send {
+    /// Set up CPUID, MSRs, FPU and local APIC as the backend requires for a PC guest.
+    fn configure(&mut self, cfg: &VcpuConfig) -> Result<()>;
+    /// General-purpose registers, RIP and RFLAGS.
+    fn regs(&self) -> Result<Regs>;
+    /// Set general-purpose registers, RIP and RFLAGS.
+    fn set_regs(&mut self, regs: &Regs) -> Result<()>;
+    /// Segment, descriptor-table and control registers, EFER, APIC base.
+    fn sregs(&self) -> Result<SpecialRegs>;
+    /// Set segment, descriptor-table and control registers.
+    fn set_sregs(&mut self, sregs: &SpecialRegs) -> Result<()>;
+    /// Write model-specific registers (index, value).
+    fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<()>;
+    /// The CPUID table this vCPU shows the guest.
+    fn cpuid(&self) -> Result<Vec<CpuidEntry>>;
+    /// Mark this vCPU as an application processor that waits for INIT/SIPI before running.
+    fn set_wait_for_sipi(&mut self) -> Result<()>;
+    /// Run guest code until something the VMM must handle happens.
+    fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit>;
+    /// A handle that interrupts [`Vcpu::run`] from another thread.
+    fn kicker(&self) -> Arc<dyn VcpuKicker>;
+}
+
+/// An interrupt line into the guest's interrupt controllers (a GSI).
+pub trait IrqLine: Send + Sync {
+    /// Raise an edge-triggered interrupt (raise and lower the line).
+    fn trigger(&self) -> std::io::Result<()>;
+    /// Drive a level-triggered line.
+    fn set_level(&self, high: bool) -> std::io::Result<()>;
+}
+
+/// A virtual machine: guest memory, interrupt controllers and vCPUs of one backend.
+pub trait Vm: Send + Sync {
+    /// Backend name for messages ("kvm", "emu").
+    fn name(&self) -> &'static str;
+    /// Create vCPU `id`. Called once per vCPU, in order, from the VMM thread.
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+    /// An interrupt line to global system interrupt `gsi` (IOAPIC pin; 0-15 also reach the PIC).
+    fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>>;
+    /// The largest vCPU count this backend supports.
+    fn max_vcpus(&self) -> u32;
+}
+
+/// Which CPU backend runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// kvmbox's software x86-64 engine.
+    Emu,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "kvm" => Ok(Accel::Kvm),
+            "emu" => Ok(Accel::Emu),
+            other => Err(format!("unknown accelerator '{other}' (expected kvm or emu)")),
+        }
+    }
+}
+
+/// Guest memory as every backend sees it.
+pub type GuestMemory = GuestMemoryMmap;

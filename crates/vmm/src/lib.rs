@@ -1,0 +1,1 @@
+//! The kvmbox virtual machine monitor.
