@@ -114,6 +114,23 @@ pub trait IrqLine: Send + Sync {
     fn set_level(&self, high: bool) -> std::io::Result<()>;
 }
 
+/// A message-signalled interrupt (MSI / MSI-X vector) into the guest.
+pub trait MsiLine: Send + Sync {
+    /// Program the message the device sends (as the guest wrote it into the MSI-X table).
+    fn set_message(&self, addr: u64, data: u32) -> std::io::Result<()>;
+    /// Send the programmed message.
+    fn trigger(&self) -> std::io::Result<()>;
+}
+
+/// Where a guest write can signal an eventfd without a trip through the VMM's bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEventAddress {
+    /// A port.
+    Pio(u16),
+    /// A guest-physical MMIO address.
+    Mmio(u64),
+}
+
 /// A virtual machine: guest memory, interrupt controllers and vCPUs of one backend.
 pub trait Vm: Send + Sync {
     /// Backend name for messages ("kvm", "emu").
@@ -122,6 +139,17 @@ pub trait Vm: Send + Sync {
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
     /// An interrupt line to global system interrupt `gsi` (IOAPIC pin; 0-15 also reach the PIC).
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>>;
+    /// A new MSI line (on KVM: a GSI routed as MSI, with an irqfd).
+    fn msi_line(&self) -> Result<Arc<dyn MsiLine>>;
+    /// Have guest writes of `datamatch` (any value when `None`) to `addr` signal `fd` directly
+    /// (KVM ioeventfd). Backends without such a shortcut return `Unsupported`; the write then
+    /// reaches the device through the bus as usual, so devices must handle both.
+    fn register_ioevent(
+        &self,
+        fd: &vmm_sys_util::eventfd::EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u32>,
+    ) -> Result<()>;
     /// The largest vCPU count this backend supports.
     fn max_vcpus(&self) -> u32;
 }

@@ -1,0 +1,1 @@
+//! kvmbox host checks: can this machine run VMs, and which accelerator fits.

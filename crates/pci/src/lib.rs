@@ -1,0 +1,1 @@
+//! kvmbox PCI host bridge, configuration space, BARs and MSI-X.

@@ -1,0 +1,1 @@
+//! kvmbox virtio transports (PCI, MMIO) and devices (block, net, rng).
