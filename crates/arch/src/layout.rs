@@ -100,6 +100,20 @@ pub const ACPI_SCI_IRQ: u32 = 9;
 /// PCI configuration address / data ports.
 pub const PCI_CONFIG_ADDRESS_PORT: u16 = 0xcf8;
 
+/// `kvmbox doctor`'s timing probe runs in a throwaway VM of its own (not a kvmbox guest) with
+/// this many bytes of RAM at guest-physical 0. Its page tables sit at [`PML4_START`],
+/// [`PDPTE_START`] and [`PDE_START`] and identity-map the first 2 MiB with user-accessible pages;
+/// it reports completion by writing [`DEBUG_EXIT_PORT`].
+pub const PROBE_MEM_SIZE: u64 = 0x1_0000;
+/// The probe VM's GDT (null, kernel code/data, user data/code, a 16-byte TSS descriptor).
+pub const PROBE_GDT_START: u64 = 0x1000;
+/// The probe VM's 64-bit TSS.
+pub const PROBE_TSS_START: u64 = 0x2000;
+/// The probe VM's timed loop (runs in ring 0 and in ring 3).
+pub const PROBE_CODE_START: u64 = 0x3000;
+/// The probe VM's initial stack pointer (also TSS.RSP0).
+pub const PROBE_STACK_POINTER: u64 = 0x8ff0;
+
 /// Fewest bytes of guest memory kvmbox accepts.
 pub const MIN_MEMORY: u64 = 16 << 20;
 
