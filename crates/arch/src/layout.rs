@@ -89,8 +89,9 @@ pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
 pub const ACPI_PM1A_CNT_PORT: u16 = 0x604;
 /// ACPI PM timer, 4 bytes.
 pub const ACPI_PM_TMR_PORT: u16 = 0x608;
-/// The FADT reset register (one byte, value [`ACPI_RESET_VALUE`]).
-pub const ACPI_RESET_PORT: u16 = 0xcf9;
+/// The FADT reset register (one byte, value [`ACPI_RESET_VALUE`]). Not 0xcf9: that byte
+/// belongs to the PCI configuration-address register at 0xcf8.
+pub const ACPI_RESET_PORT: u16 = 0x60c;
 /// Value written to [`ACPI_RESET_PORT`] to reset.
 pub const ACPI_RESET_VALUE: u8 = 0x6;
 /// The SLP_TYP value `_S5` advertises (power off).
