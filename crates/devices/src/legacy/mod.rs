@@ -1,1 +1,19 @@
 //! PC platform devices: serial port, i8042, debug-exit port, ACPI power management.
+
+pub mod acpi_pm;
+pub mod debug_exit;
+pub mod i8042;
+pub mod serial;
+
+use kvmbox_cpu::IrqLine;
+use std::sync::Arc;
+
+/// An interrupt line as vm-superio's devices want it.
+pub struct IrqTrigger(pub Arc<dyn IrqLine>);
+
+impl vm_superio::Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.trigger()
+    }
+}

@@ -1,0 +1,162 @@
+//! ACPI fixed hardware: PM1a event and control blocks, the PM timer, and the reset register.
+//!
+//! Linux powers off by writing SLP_TYP (from the DSDT's `_S5_`) with SLP_EN to PM1a_CNT, and
+//! resets through the FADT reset register.
+
+use crate::{BusDevice, ExitRequest, VmControl};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Length of the PM block: PM1a_EVT (4) + PM1a_CNT (2, padded to 4) + PM_TMR (4).
+pub const PM_BLOCK_LEN: u64 = 12;
+/// Offset of PM1a_CNT within the block.
+const CNT_OFFSET: u64 = 4;
+/// Offset of the PM timer within the block.
+const TMR_OFFSET: u64 = 8;
+const SCI_EN: u16 = 1;
+const SLP_EN: u16 = 1 << 13;
+/// PM timer frequency in Hz.
+const PM_TIMER_HZ: u128 = 3_579_545;
+
+/// PM1a event/control registers and the PM timer, at consecutive ports.
+pub struct AcpiPm {
+    control: Arc<VmControl>,
+    s5_slp_typ: u8,
+    pm1_status: u16,
+    pm1_enable: u16,
+    pm1_control: u16,
+    start: Instant,
+}
+
+impl AcpiPm {
+    /// A PM block that powers the VM off when the guest enters sleep type `s5_slp_typ`.
+    pub fn new(control: Arc<VmControl>, s5_slp_typ: u8) -> Self {
+        Self {
+            control,
+            s5_slp_typ,
+            pm1_status: 0,
+            pm1_enable: 0,
+            pm1_control: SCI_EN,
+            start: Instant::now(),
+        }
+    }
+
+    fn reg(&self, offset: u64) -> u32 {
+        match offset {
+            0..=3 => u32::from(self.pm1_status) | (u32::from(self.pm1_enable) << 16),
+            4..=7 => u32::from(self.pm1_control),
+            _ => {
+                let ticks = self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000;
+                ticks as u32
+            }
+        }
+    }
+}
+
+impl BusDevice for AcpiPm {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        let aligned = offset & !3;
+        let value = u64::from(self.reg(aligned)) | (u64::from(self.reg(aligned + 4)) << 32);
+        let shift = (offset - aligned) * 8;
+        let bytes = (value >> shift).to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&bytes[..n]);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        let mut v = [0u8; 4];
+        let n = data.len().min(4);
+        v[..n].copy_from_slice(&data[..n]);
+        let value = u32::from_le_bytes(v);
+        match (offset, n) {
+            // PM1a_STS: write-one-to-clear.
+            (0, _) => {
+                self.pm1_status &= !(value as u16);
+                if n == 4 {
+                    self.pm1_enable = (value >> 16) as u16;
+                }
+            }
+            (2, _) => self.pm1_enable = value as u16,
+            (CNT_OFFSET, _) => {
+                let cnt = value as u16;
+                self.pm1_control = (cnt & !SLP_EN) | SCI_EN;
+                let slp_typ = ((cnt >> 10) & 7) as u8;
+                if cnt & SLP_EN != 0 && slp_typ == self.s5_slp_typ {
+                    self.control.request(ExitRequest::PowerOff);
+                }
+            }
+            (TMR_OFFSET, _) => {}
+            _ => {}
+        }
+    }
+}
+
+/// The FADT reset register: writing the reset value resets the VM.
+pub struct ResetRegister {
+    control: Arc<VmControl>,
+    value: u8,
+}
+
+impl ResetRegister {
+    /// A reset register that resets on `value`.
+    pub fn new(control: Arc<VmControl>, value: u8) -> Self {
+        Self { control, value }
+    }
+}
+
+impl BusDevice for ResetRegister {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
+        if data.first() == Some(&self.value) {
+            self.control.request(ExitRequest::Reset);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pm() -> (Arc<VmControl>, AcpiPm) {
+        let c = Arc::new(VmControl::new().unwrap());
+        (c.clone(), AcpiPm::new(c, 5))
+    }
+
+    #[test]
+    fn s5_powers_off_and_other_states_do_not() {
+        let (c, mut d) = pm();
+        d.write(0x600, 4, &((3u16 << 10) | SLP_EN).to_le_bytes());
+        assert_eq!(c.pending(), None, "S3 is not power-off");
+        d.write(0x600, 4, &(5u16 << 10).to_le_bytes());
+        assert_eq!(c.pending(), None, "no SLP_EN");
+        d.write(0x600, 4, &((5u16 << 10) | SLP_EN).to_le_bytes());
+        assert_eq!(c.pending(), Some(ExitRequest::PowerOff));
+    }
+
+    #[test]
+    fn sci_enabled_and_timer_advances() {
+        let (_c, mut d) = pm();
+        let mut b = [0u8; 2];
+        d.read(0x600, 4, &mut b);
+        assert_eq!(u16::from_le_bytes(b) & SCI_EN, SCI_EN);
+        let mut t0 = [0u8; 4];
+        d.read(0x600, 8, &mut t0);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let mut t1 = [0u8; 4];
+        d.read(0x600, 8, &mut t1);
+        let dt = u32::from_le_bytes(t1).wrapping_sub(u32::from_le_bytes(t0));
+        assert!(dt >= 7000, "2 ms is >= 7159 PM timer ticks, got {dt}");
+    }
+
+    #[test]
+    fn reset_register() {
+        let c = Arc::new(VmControl::new().unwrap());
+        let mut r = ResetRegister::new(c.clone(), 6);
+        r.write(0, 0, &[2]);
+        assert_eq!(c.pending(), None);
+        r.write(0, 0, &[6]);
+        assert_eq!(c.pending(), Some(ExitRequest::Reset));
+    }
+}
