@@ -3,6 +3,8 @@
 pub mod acpi_pm;
 pub mod debug_exit;
 pub mod i8042;
+pub mod pit;
+pub mod rtc;
 pub mod serial;
 
 use kvmbox_cpu::IrqLine;
