@@ -1,0 +1,147 @@
+//! The freestanding test guest on KVM: what the guest itself saw and did.
+//! Its heavy loops run in guest ring 3, which runs natively even on this host's kvm_pvm.
+
+mod common;
+
+use common::{kvm_or_skip, run_testguest};
+use std::sync::Mutex;
+
+/// Large guests run one at a time.
+static BIG: Mutex<()> = Mutex::new(());
+
+#[test]
+fn hello_through_pvh_and_linux64_entries() {
+    if !kvm_or_skip("hello_through_pvh_and_linux64_entries") {
+        return;
+    }
+    let r = run_testguest("kvm", 1, "128M", "hello", &[]);
+    r.assert_guest_ok();
+    assert_eq!(r.get("hello", "msg"), "hello-from-guest");
+    assert_eq!(r.get("hello", "entry"), "pvh");
+    assert_eq!(r.get("hello", "cmdline"), "tests=hello");
+    let r = run_testguest("kvm", 1, "128M", "hello", &["--no-pvh"]);
+    r.assert_guest_ok();
+    assert_eq!(r.get("hello", "entry"), "linux64");
+}
+
+#[test]
+fn cpuid_and_acpi_show_the_configured_cpus() {
+    if !kvm_or_skip("cpuid_and_acpi_show_the_configured_cpus") {
+        return;
+    }
+    let host_vendor = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("vendor_id").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        .unwrap();
+    for cpus in [1u32, 2, 4] {
+        let r = run_testguest("kvm", cpus, "128M", "cpuid,acpi", &[]);
+        r.assert_guest_ok();
+        assert_eq!(r.get("cpuid", "vendor"), host_vendor);
+        assert_eq!(r.get("cpuid", "hypervisor"), "KVMKVMKVM");
+        assert_eq!(r.get("cpuid", "logical"), cpus.to_string(), "CPUID topology");
+        assert_eq!(r.get("acpi", "cpus"), cpus.to_string(), "MADT processors");
+        assert_eq!(r.get("acpi", "checksums"), "ok");
+        assert_eq!(r.get("acpi", "ioapic"), "0xfec00000");
+        let tables = r.get("acpi", "tables");
+        for t in ["FACP", "APIC"] {
+            assert!(tables.split(',').any(|x| x == t), "{t} missing from {tables}");
+        }
+    }
+}
+
+#[test]
+fn every_vcpu_starts_and_checks_in() {
+    if !kvm_or_skip("every_vcpu_starts_and_checks_in") {
+        return;
+    }
+    for cpus in [1u32, 2, 4] {
+        let r = run_testguest("kvm", cpus, "128M", "smp", &[]);
+        r.assert_guest_ok();
+        assert_eq!(r.get("smp", "expected"), cpus.to_string());
+        assert_eq!(r.get("smp", "online"), cpus.to_string());
+        let ids: Vec<String> = (0..cpus).map(|i| i.to_string()).collect();
+        assert_eq!(r.get("smp", "apic_ids"), ids.join(","));
+    }
+}
+
+#[test]
+fn all_guest_ram_holds_a_pattern_128m() {
+    if !kvm_or_skip("all_guest_ram_holds_a_pattern_128m") {
+        return;
+    }
+    let r = run_testguest("kvm", 1, "128M", "mem", &[]);
+    r.assert_guest_ok();
+    assert_eq!(r.get("mem", "errors"), "0");
+    let ram: u64 = r.get("mem", "ram_mib").parse().unwrap();
+    assert!((126..=128).contains(&ram), "guest saw {ram} MiB of 128");
+    let tested: u64 = r.get("mem", "tested_mib").parse().unwrap();
+    assert!(tested >= 120, "tested only {tested} MiB");
+}
+
+#[test]
+fn all_guest_ram_holds_a_pattern_8g() {
+    if !kvm_or_skip("all_guest_ram_holds_a_pattern_8g") {
+        return;
+    }
+    let _big = BIG.lock().unwrap_or_else(|e| e.into_inner());
+    let r = run_testguest("kvm", 2, "8G", "mem", &[]);
+    r.assert_guest_ok();
+    assert_eq!(r.get("mem", "errors"), "0");
+    let ram: u64 = r.get("mem", "ram_mib").parse().unwrap();
+    assert!((8180..=8192).contains(&ram), "guest saw {ram} MiB of 8192 (32-bit hole handled?)");
+    let tested: u64 = r.get("mem", "tested_mib").parse().unwrap();
+    assert!(tested >= 8100, "tested only {tested} MiB");
+}
+
+#[test]
+fn port_and_mmio_round_trips() {
+    if !kvm_or_skip("port_and_mmio_round_trips") {
+        return;
+    }
+    let r = run_testguest("kvm", 1, "128M", "pio:2000,mmio:2000", &[]);
+    r.assert_guest_ok();
+    assert_eq!(r.get("pio", "count"), "2000");
+    assert_eq!(r.get("pio", "bad"), "0");
+    assert_eq!(r.get("mmio", "count"), "2000");
+    assert_eq!(r.get("mmio", "bad"), "0");
+}
+
+#[test]
+fn compute_is_deterministic() {
+    if !kvm_or_skip("compute_is_deterministic") {
+        return;
+    }
+    let a = run_testguest("kvm", 1, "128M", "compute:10000000", &[]);
+    a.assert_guest_ok();
+    let b = run_testguest("kvm", 2, "256M", "compute:10000000", &[]);
+    b.assert_guest_ok();
+    assert_eq!(a.get("compute", "iters"), "10000000");
+    assert_eq!(a.get("compute", "result"), b.get("compute", "result"));
+}
+
+#[test]
+fn guest_exit_status_and_config_file() {
+    if !kvm_or_skip("guest_exit_status_and_config_file") {
+        return;
+    }
+    // The same VM from a TOML file; the flag overrides the file's cmdline.
+    let g = common::testguest();
+    let dir = std::env::temp_dir().join(format!("kvmbox-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!("kernel = {g:?}\ncpus = 2\nmemory = \"128M\"\naccel = \"kvm\"\ncmdline = \"tests=smp\"\n"),
+    )
+    .unwrap();
+    let r = common::run_kvmbox(&["run", "--config", cfg.to_str().unwrap()], std::time::Duration::from_secs(60));
+    r.assert_guest_ok();
+    assert_eq!(r.get("smp", "online"), "2");
+    let r = common::run_kvmbox(
+        &["run", "--config", cfg.to_str().unwrap(), "--cmdline", "tests=hello"],
+        std::time::Duration::from_secs(60),
+    );
+    r.assert_guest_ok();
+    assert_eq!(r.get("hello", "cmdline"), "tests=hello");
+}
