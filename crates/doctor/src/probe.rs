@@ -92,6 +92,9 @@ const EFER_LMA: u64 = 1 << 10;
 const RFLAGS_RESERVED: u64 = 1 << 1;
 const RFLAGS_IOPL3: u64 = 3 << 12;
 
+/// Signals tolerated during one timed run before the probe gives up.
+const MAX_INTERRUPTIONS: u32 = 100;
+
 const PTE_PRESENT_RW_USER: u64 = 0x7;
 const PDE_2M_PAGE: u64 = 0x80;
 
@@ -333,21 +336,30 @@ impl ProbeVm {
         };
         self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
         let start = Instant::now();
-        let exit = self.vcpu.run();
-        let elapsed = start.elapsed();
-        match exit {
-            Ok(VcpuExit::IoOut(port, _)) if port == DEBUG_EXIT_PORT => Ok(elapsed),
-            Ok(other) => {
-                // Forget the ring so the next run reloads the registers from scratch.
-                self.current = None;
-                Err(Error::ProbeExit {
-                    ring: ring.name(),
-                    exit: format!("{other:?}"),
-                })
-            }
-            Err(e) => {
-                self.current = None;
-                Err(kvm_err("KVM_RUN")(e))
+        let mut interrupted = 0;
+        loop {
+            let exit = self.vcpu.run();
+            let elapsed = start.elapsed();
+            match exit {
+                Ok(VcpuExit::IoOut(port, _)) if port == DEBUG_EXIT_PORT => return Ok(elapsed),
+                // A signal reached this thread mid-loop: the registers hold the loop's state,
+                // so running again finishes it (and the time keeps counting).
+                Ok(VcpuExit::Intr) if interrupted < MAX_INTERRUPTIONS => interrupted += 1,
+                Err(e) if e.errno() == libc::EINTR && interrupted < MAX_INTERRUPTIONS => {
+                    interrupted += 1
+                }
+                Ok(other) => {
+                    // Forget the ring so the next run reloads the registers from scratch.
+                    self.current = None;
+                    return Err(Error::ProbeExit {
+                        ring: ring.name(),
+                        exit: format!("{other:?}"),
+                    });
+                }
+                Err(e) => {
+                    self.current = None;
+                    return Err(kvm_err("KVM_RUN")(e));
+                }
             }
         }
     }

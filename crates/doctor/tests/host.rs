@@ -62,6 +62,7 @@ fn full_report_on_this_host() {
     }
 
     let json = report.to_json();
+    println!("{json}");
     assert!(json.is_object());
     assert_eq!(json["kvm"]["api_version"], 12);
     assert!(json["kvm"]["probe"]["ring0_per_sec"].as_f64().is_some());
@@ -96,7 +97,12 @@ fn choose_accel_is_quick_and_agrees() {
         return;
     }
     // Warm up once (first VM creation in the process pays for module/page setup).
+    let cold = Instant::now();
     let _ = choose_accel();
+    println!(
+        "choose_accel, first call in this process: {:?}",
+        cold.elapsed()
+    );
     let start = Instant::now();
     let choice = choose_accel();
     let took = start.elapsed();
