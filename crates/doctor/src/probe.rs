@@ -58,7 +58,8 @@ impl LoopRate {
 pub struct Budget {
     /// First iteration count tried.
     pub start: u64,
-    /// The count is multiplied by 8 until a run takes at least this long ...
+    /// The count is multiplied by 8 until a run takes at least this long (beyond the fixed
+    /// entry/exit cost) ...
     pub min_time: Duration,
     /// ... or the count reaches this.
     pub max_iterations: u64,
@@ -380,7 +381,7 @@ impl ProbeVm {
         loop {
             let t = self.run_loop(ring, n)?;
             let net = t.saturating_sub(base);
-            if t >= budget.min_time || n >= budget.max_iterations {
+            if net >= budget.min_time || n >= budget.max_iterations {
                 return Ok(LoopRate {
                     iterations: n,
                     elapsed: net,
