@@ -1,0 +1,432 @@
+/*
+ * kvmbox test guest: boot-info parsing, page tables, GDT/TSS/IDT, traps, ring-3
+ * switching, command line and scenario dispatch. Everything here runs in ring 0.
+ */
+#include "tg.h"
+
+#define SEL_KCODE 0x08
+#define SEL_KDATA 0x10
+#define SEL_TSS 0x28
+
+#define PVH_MAGIC 0x336ec578
+#define PTE_P 0x1
+#define PTE_RW 0x2
+#define PTE_US 0x4
+#define PTE_PWT 0x8
+#define PTE_PCD 0x10
+#define PTE_PS 0x80
+#define GIB (1UL << 30)
+#define MIB2 (2UL << 20)
+#define EARLY_MAPPED GIB /* both entry paths map at least the first 1 GiB */
+
+struct boot_info boot;
+volatile u64 gp_io_emulated;
+
+/* 64-bit TSS. */
+struct tss {
+	u32 rsvd0;
+	u64 rsp[3];
+	u64 rsvd1;
+	u64 ist[7];
+	u64 rsvd2;
+	u16 rsvd3;
+	u16 iomap_base;
+} __attribute__((packed));
+
+struct idt_gate {
+	u16 off_lo;
+	u16 sel;
+	u8 ist;
+	u8 type_attr;
+	u16 off_mid;
+	u32 off_hi;
+	u32 zero;
+} __attribute__((packed));
+
+struct desc_ptr {
+	u16 limit;
+	u64 base;
+} __attribute__((packed));
+
+extern u64 gdt[];
+extern struct desc_ptr idt_ptr;
+extern const u64 isr_table[32];
+extern char user_exit[], run_user_return[];
+extern u64 saved_kernel_rsp;
+
+static struct tss tss __attribute__((aligned(16)));
+static struct idt_gate idt[32] __attribute__((aligned(16)));
+static u8 trap_stack[16384] __attribute__((aligned(16)));
+static u8 ist_stack[8192] __attribute__((aligned(16)));
+static u8 user_stack[65536] __attribute__((aligned(16)));
+
+void kmain(u32 entry, u64 info);
+void trap(struct trap_frame *f);
+
+void exit_vm(u8 code)
+{
+	outb(DEBUG_EXIT_PORT, code);
+	for (;;)
+		__asm__ volatile("cli; hlt");
+}
+
+void fail(const char *reason)
+{
+	printk("KVMBOX-TEST done result=fail reason=%s\n", reason);
+	exit_vm(1);
+}
+
+/* ------------------------------------------------------------ descriptors */
+
+static void setup_cpu_tables(void)
+{
+	u64 base = (u64)&tss;
+	u64 limit = sizeof(tss) - 1;
+
+	memset(&tss, 0, sizeof(tss));
+	tss.rsp[0] = (u64)(trap_stack + sizeof(trap_stack));
+	tss.ist[0] = (u64)(ist_stack + sizeof(ist_stack));
+	tss.iomap_base = sizeof(tss); /* no I/O bitmap */
+	gdt[SEL_TSS / 8] = (limit & 0xffff) | ((base & 0xffffff) << 16) | (0x89UL << 40) |
+			   (((limit >> 16) & 0xf) << 48) | (((base >> 24) & 0xff) << 56);
+	gdt[SEL_TSS / 8 + 1] = base >> 32;
+	__asm__ volatile("ltr %w0" : : "r"(SEL_TSS));
+
+	for (int v = 0; v < 32; v++) {
+		u64 h = isr_table[v];
+		idt[v].off_lo = (u16)h;
+		idt[v].sel = SEL_KCODE;
+		/* NMI, #DF and #MC run on their own stack. */
+		idt[v].ist = (v == 2 || v == 8 || v == 18) ? 1 : 0;
+		idt[v].type_attr = 0x8e; /* present, DPL 0, 64-bit interrupt gate */
+		idt[v].off_mid = (u16)(h >> 16);
+		idt[v].off_hi = (u32)(h >> 32);
+		idt[v].zero = 0;
+	}
+	idt_ptr.limit = sizeof(idt) - 1;
+	idt_ptr.base = (u64)idt;
+	__asm__ volatile("lidt %0" : : "m"(idt_ptr));
+}
+
+/* ------------------------------------------------------------ boot info */
+
+static void copy_cmdline(u64 paddr)
+{
+	if (!paddr || paddr >= EARLY_MAPPED - CMDLINE_MAX)
+		return;
+	const char *s = (const char *)paddr;
+	u64 i = 0;
+	for (; i < CMDLINE_MAX - 1 && s[i]; i++)
+		boot.cmdline[i] = s[i];
+	boot.cmdline[i] = 0;
+}
+
+static const char *read_boot_info(u32 entry, u64 info)
+{
+	boot.entry = entry;
+	if (!info || info >= EARLY_MAPPED - 0x1000)
+		return "no-boot-info";
+	if (entry == ENTRY_PVH) {
+		const u32 *si = (const u32 *)info;
+		if (si[0] != PVH_MAGIC)
+			return "bad-pvh-magic";
+		u32 version = si[1];
+		/* magic, version, flags, nr_modules, modlist_paddr, cmdline_paddr @24,
+		 * rsdp_paddr @32, memmap_paddr @40, memmap_entries @48 */
+		copy_cmdline(*(const u64 *)(info + 24));
+		boot.rsdp = *(const u64 *)(info + 32);
+		if (version < 1)
+			return "pvh-without-memmap";
+		u64 mm = *(const u64 *)(info + 40);
+		u32 n = *(const u32 *)(info + 48);
+		if (n > MAX_MEMMAP)
+			n = MAX_MEMMAP;
+		if (!mm || mm >= EARLY_MAPPED - n * 24UL)
+			return "pvh-bad-memmap";
+		for (u32 i = 0; i < n; i++) {
+			const u8 *e = (const u8 *)(mm + i * 24UL);
+			boot.memmap[i].addr = *(const u64 *)e;
+			boot.memmap[i].size = *(const u64 *)(e + 8);
+			boot.memmap[i].type = *(const u32 *)(e + 16);
+		}
+		boot.nr_memmap = n;
+	} else {
+		const u8 *bp = (const u8 *)info;
+		u64 cmd = *(const u32 *)(bp + 0x228) | ((u64) * (const u32 *)(bp + 0xc8) << 32);
+		copy_cmdline(cmd);
+		boot.rsdp = *(const u64 *)(bp + 0x70);
+		u32 n = bp[0x1e8];
+		if (n > MAX_MEMMAP)
+			n = MAX_MEMMAP;
+		for (u32 i = 0; i < n; i++) {
+			const u8 *e = bp + 0x2d0 + i * 20UL;
+			boot.memmap[i].addr = *(const u64 *)e;
+			boot.memmap[i].size = *(const u64 *)(e + 8);
+			boot.memmap[i].type = *(const u32 *)(e + 16);
+		}
+		boot.nr_memmap = n;
+	}
+	if (!boot.nr_memmap)
+		return "empty-memmap";
+	return NULL;
+}
+
+/* ------------------------------------------------------------ page tables */
+
+/*
+ * Identity map [0, max(4 GiB, top of the memory map)) with user-accessible
+ * 2 MiB pages; the 3-4 GiB MMIO hole (MMIO probe page, IOAPIC, LAPIC) uncached.
+ */
+static void setup_paging(void)
+{
+	u64 top = HOLE_END;
+	for (u32 i = 0; i < boot.nr_memmap; i++) {
+		u64 end = boot.memmap[i].addr + boot.memmap[i].size;
+		if (end > top && end > boot.memmap[i].addr)
+			top = end;
+	}
+	top = (top + GIB - 1) & ~(GIB - 1);
+	if (top > PD_PAGES * GIB)
+		top = PD_PAGES * GIB;
+	u64 gibs = top / GIB;
+	for (u64 g = 0; g < gibs; g++) {
+		u64 *pd = pds[g];
+		u64 a = g * GIB;
+		u64 flags = PTE_P | PTE_RW | PTE_US | PTE_PS;
+		if (a >= HOLE_START && a < HOLE_END)
+			flags |= PTE_PCD | PTE_PWT;
+		for (u64 i = 0; i < 512; i++, a += MIB2)
+			pd[i] = a | flags;
+		pdpt[g] = (u64)pd | PTE_P | PTE_RW | PTE_US;
+	}
+	pml4[0] = (u64)pdpt | PTE_P | PTE_RW | PTE_US;
+	boot.mapped_top = top;
+	u64 cr4 = 0x20; /* PAE only: no SMEP/SMAP (ring 0 reads ring-3 pages), no PGE */
+	__asm__ volatile("mov %0, %%cr4" : : "r"(cr4));
+	__asm__ volatile("mov %0, %%cr3" : : "r"((u64)pml4) : "memory");
+}
+
+/* ------------------------------------------------------------ traps */
+
+u64 user(u64 (*fn)(u64), u64 arg)
+{
+	return run_user(fn, arg, user_stack + sizeof(user_stack));
+}
+
+/* Ring 3 executed IN/OUT and got #GP (the host drops IOPL): do it here and skip it. */
+static int emulate_user_io(struct trap_frame *f)
+{
+	if (f->rip < (u64)__image_start || f->rip + 4 > (u64)__image_end)
+		return 0;
+	const u8 *ip = (const u8 *)f->rip;
+	u32 len = 0, opsize = 4, size, port;
+	if (ip[0] == 0x66) {
+		opsize = 2;
+		len = 1;
+	}
+	u8 op = ip[len++];
+	int in;
+	switch (op) {
+	case 0xe4:
+	case 0xe5:
+	case 0xe6:
+	case 0xe7:
+		port = ip[len++];
+		break;
+	case 0xec:
+	case 0xed:
+	case 0xee:
+	case 0xef:
+		port = (u16)f->rdx;
+		break;
+	default:
+		return 0;
+	}
+	size = (op & 1) ? opsize : 1;
+	in = !(op & 2);
+	if (in) {
+		u64 v = size == 1 ? inb((u16)port) : size == 2 ? inw((u16)port) : inl((u16)port);
+		if (size == 1)
+			f->rax = (f->rax & ~0xffUL) | v;
+		else if (size == 2)
+			f->rax = (f->rax & ~0xffffUL) | v;
+		else
+			f->rax = v;
+	} else if (size == 1) {
+		outb((u16)port, (u8)f->rax);
+	} else if (size == 2) {
+		outw((u16)port, (u16)f->rax);
+	} else {
+		outl((u16)port, (u32)f->rax);
+	}
+	f->rip += len;
+	gp_io_emulated++;
+	return 1;
+}
+
+void trap(struct trap_frame *f)
+{
+	static volatile u32 fatal;
+	int from_user = (f->cs & 3) == 3;
+
+	if (from_user && f->vector == 6 && f->rip == (u64)user_exit) {
+		/* End of a run_user() call: resume the kernel; RAX carries the result. */
+		f->rip = (u64)run_user_return;
+		f->cs = SEL_KCODE;
+		f->ss = SEL_KDATA;
+		f->rsp = saved_kernel_rsp;
+		f->rflags = 0x2;
+		return;
+	}
+	if (from_user && f->vector == 13 && emulate_user_io(f))
+		return;
+
+	if (__atomic_exchange_n(&fatal, 1, __ATOMIC_SEQ_CST))
+		exit_vm(1);
+	u64 cr2;
+	__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+	printk_break_lock();
+	printk("KVMBOX-TEST exception vector=%lu error=0x%lx rip=0x%lx cr2=0x%lx cs=0x%lx rsp=0x%lx\n",
+	       f->vector, f->error, f->rip, cr2, f->cs, f->rsp);
+	printk("KVMBOX-TEST done result=fail reason=exception-%lu\n", f->vector);
+	exit_vm(1);
+}
+
+/* ------------------------------------------------------------ command line */
+
+struct scenario {
+	const char *name;
+	int (*run)(const char *arg);
+	int takes_arg;
+	int needs_acpi;
+};
+
+static const struct scenario scenarios[] = {
+	{"hello", test_hello, 0, 0},	 {"cpuid", test_cpuid, 0, 0},
+	{"acpi", test_acpi, 0, 1},	 {"mem", test_mem, 0, 0},
+	{"pio", test_pio, 1, 0},	 {"pio3", test_pio3, 1, 0},
+	{"mmio", test_mmio, 1, 0},	 {"compute", test_compute, 1, 0},
+	{"smp", test_smp, 0, 1},
+};
+#define NR_SCENARIOS (sizeof(scenarios) / sizeof(scenarios[0]))
+
+#define MAX_TESTS 32
+static const struct scenario *plan[MAX_TESTS];
+static char plan_args[MAX_TESTS][32];
+static char plan_names[MAX_TESTS][32];
+static u32 nr_plan;
+
+static const char *find_tests(void)
+{
+	const char *s = boot.cmdline;
+	while (*s) {
+		while (*s == ' ')
+			s++;
+		if (!memcmp(s, "tests=", 6))
+			return s + 6;
+		while (*s && *s != ' ')
+			s++;
+	}
+	return "hello";
+}
+
+static int valid_number(const char *s)
+{
+	if (s[0] == '0' && s[1] == 'x') {
+		if (!s[2])
+			return 0;
+		for (s += 2; *s; s++)
+			if (!((*s >= '0' && *s <= '9') || (*s >= 'a' && *s <= 'f')))
+				return 0;
+		return 1;
+	}
+	if (!*s)
+		return 0;
+	for (; *s; s++)
+		if (*s < '0' || *s > '9')
+			return 0;
+	return 1;
+}
+
+static void parse_plan(void)
+{
+	const char *s = find_tests();
+	while (*s && *s != ' ') {
+		char name[32], arg[32];
+		u32 n = 0, a = 0;
+		while (*s && *s != ' ' && *s != ',' && *s != ':') {
+			if (n < sizeof(name) - 1)
+				name[n++] = *s;
+			s++;
+		}
+		name[n] = 0;
+		if (*s == ':') {
+			s++;
+			while (*s && *s != ' ' && *s != ',') {
+				if (a < sizeof(arg) - 1)
+					arg[a++] = *s;
+				s++;
+			}
+		}
+		arg[a] = 0;
+		if (*s == ',')
+			s++;
+		if (!n)
+			continue;
+		const struct scenario *sc = NULL;
+		for (u32 i = 0; i < NR_SCENARIOS; i++)
+			if (!memcmp(scenarios[i].name, name, n + 1))
+				sc = &scenarios[i];
+		if (!sc) {
+			printk("KVMBOX-TEST done result=fail reason=unknown-test:%s\n", name);
+			exit_vm(1);
+		}
+		if (a && (!sc->takes_arg || !valid_number(arg))) {
+			printk("KVMBOX-TEST done result=fail reason=bad-argument:%s:%s\n", name, arg);
+			exit_vm(1);
+		}
+		if (nr_plan == MAX_TESTS)
+			fail("too-many-tests");
+		plan[nr_plan] = sc;
+		memcpy(plan_args[nr_plan], arg, a + 1);
+		memcpy(plan_names[nr_plan], name, n + 1);
+		nr_plan++;
+	}
+	if (!nr_plan) {
+		plan[0] = &scenarios[0];
+		plan_args[0][0] = 0;
+		memcpy(plan_names[0], "hello", 6);
+		nr_plan = 1;
+	}
+}
+
+/* ------------------------------------------------------------ main */
+
+void kmain(u32 entry, u64 info)
+{
+	serial_init();
+	setup_cpu_tables();
+	const char *err = read_boot_info(entry, info);
+	if (err)
+		fail(err);
+	setup_paging();
+	parse_plan();
+
+	/* ACPI lives in memory the mem scenario may not touch, but read it first anyway. */
+	for (u32 i = 0; i < nr_plan; i++)
+		if (plan[i]->needs_acpi && !acpi.parsed)
+			acpi_parse();
+
+	char reason[64] = {0};
+	for (u32 i = 0; i < nr_plan; i++) {
+		if (plan[i]->run(plan_args[i]) && !reason[0]) {
+			u64 n = strlen(plan_names[i]);
+			memcpy(reason, plan_names[i], n);
+			memcpy(reason + n, "-failed", 8);
+		}
+	}
+	if (reason[0])
+		fail(reason);
+	printk("KVMBOX-TEST done result=ok\n");
+	exit_vm(0);
+}

@@ -1,0 +1,160 @@
+/* COM1 16550 output and a small printf. Runs in ring 0 (port I/O). */
+#include <stdarg.h>
+#include "tg.h"
+
+#define LSR_THRE 0x20
+#define LSR_POLL_LIMIT 100000 /* a missing UART reads 0xff or 0x00: never spin forever */
+
+static volatile u32 print_lock;
+
+void *memset(void *d, int c, u64 n)
+{
+	u8 *p = d;
+	while (n--)
+		*p++ = (u8)c;
+	return d;
+}
+
+void *memcpy(void *d, const void *s, u64 n)
+{
+	u8 *p = d;
+	const u8 *q = s;
+	while (n--)
+		*p++ = *q++;
+	return d;
+}
+
+int memcmp(const void *a, const void *b, u64 n)
+{
+	const u8 *p = a, *q = b;
+	for (; n; n--, p++, q++)
+		if (*p != *q)
+			return *p < *q ? -1 : 1;
+	return 0;
+}
+
+u64 strlen(const char *s)
+{
+	u64 n = 0;
+	while (s[n])
+		n++;
+	return n;
+}
+
+void serial_init(void)
+{
+	outb(COM1_PORT + 1, 0x00); /* IER: no interrupts */
+	outb(COM1_PORT + 3, 0x80); /* LCR: DLAB */
+	outb(COM1_PORT + 0, 0x01); /* 115200 baud */
+	outb(COM1_PORT + 1, 0x00);
+	outb(COM1_PORT + 3, 0x03); /* 8N1 */
+	outb(COM1_PORT + 2, 0x07); /* FIFO on, cleared */
+	outb(COM1_PORT + 4, 0x03); /* DTR | RTS */
+}
+
+static void serial_putc(char c)
+{
+	for (int i = 0; i < LSR_POLL_LIMIT; i++)
+		if (inb(COM1_PORT + 5) & LSR_THRE)
+			break;
+	outb(COM1_PORT, (u8)c);
+}
+
+struct buf {
+	char *p;
+	u64 len, cap;
+};
+
+static void put(struct buf *b, char c)
+{
+	if (b->len < b->cap)
+		b->p[b->len++] = c;
+}
+
+static void put_num(struct buf *b, u64 v, unsigned base, int neg)
+{
+	char tmp[24];
+	int n = 0;
+	if (neg)
+		put(b, '-');
+	do {
+		unsigned d = (unsigned)(v % base);
+		tmp[n++] = (char)(d < 10 ? '0' + d : 'a' + d - 10);
+		v /= base;
+	} while (v);
+	while (n)
+		put(b, tmp[--n]);
+}
+
+static void vformat(struct buf *b, const char *fmt, va_list ap)
+{
+	for (; *fmt; fmt++) {
+		if (*fmt != '%') {
+			put(b, *fmt);
+			continue;
+		}
+		fmt++;
+		int lng = 0;
+		while (*fmt == 'l') {
+			lng = 1;
+			fmt++;
+		}
+		switch (*fmt) {
+		case 's': {
+			const char *s = va_arg(ap, const char *);
+			if (!s)
+				s = "(null)";
+			while (*s)
+				put(b, *s++);
+			break;
+		}
+		case 'c':
+			put(b, (char)va_arg(ap, int));
+			break;
+		case 'd': {
+			i64 v = lng ? va_arg(ap, i64) : va_arg(ap, int);
+			put_num(b, v < 0 ? (u64)(-v) : (u64)v, 10, v < 0);
+			break;
+		}
+		case 'u':
+			put_num(b, lng ? va_arg(ap, u64) : va_arg(ap, u32), 10, 0);
+			break;
+		case 'x':
+			put_num(b, lng ? va_arg(ap, u64) : va_arg(ap, u32), 16, 0);
+			break;
+		case '%':
+			put(b, '%');
+			break;
+		case 0:
+			return;
+		default:
+			put(b, '?');
+			break;
+		}
+	}
+}
+
+/* Formats one message and writes it to COM1 under a lock shared by all CPUs. */
+void printk(const char *fmt, ...)
+{
+	static char line[CMDLINE_MAX + 1024];
+	while (__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE))
+		pause();
+	struct buf b = {line, 0, sizeof(line)};
+	va_list ap;
+	va_start(ap, fmt);
+	vformat(&b, fmt, ap);
+	va_end(ap);
+	for (u64 i = 0; i < b.len; i++) {
+		if (line[i] == '\n')
+			serial_putc('\r');
+		serial_putc(line[i]);
+	}
+	__atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE);
+}
+
+/* Used on the fatal-exception path: the faulting code may have held the lock. */
+void printk_break_lock(void)
+{
+	__atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE);
+}

@@ -1,0 +1,270 @@
+/*
+ * Scenarios. Port I/O and MMIO loops run in ring 0 (each access exits to the VMM anyway);
+ * compute and memory loops run in ring 3, which this host executes natively.
+ */
+#include "tg.h"
+
+static u64 parse_u64(const char *s, u64 dflt)
+{
+	u64 v = 0;
+	if (!*s)
+		return dflt;
+	if (s[0] == '0' && s[1] == 'x') {
+		for (s += 2; *s; s++)
+			v = v * 16 + (u64)(*s <= '9' ? *s - '0' : *s - 'a' + 10);
+		return v;
+	}
+	for (; *s; s++)
+		v = v * 10 + (u64)(*s - '0');
+	return v;
+}
+
+/* ------------------------------------------------------------ hello */
+
+int test_hello(const char *arg)
+{
+	(void)arg;
+	printk("KVMBOX-TEST hello msg=hello-from-guest entry=%s cmdline=\"%s\"\n",
+	       boot.entry == ENTRY_PVH ? "pvh" : "linux64", boot.cmdline);
+	return 0;
+}
+
+/* ------------------------------------------------------------ cpuid */
+
+static void sig_string(char *out, u32 a, u32 b, u32 c)
+{
+	u32 w[3] = {a, b, c};
+	int n = 0;
+	for (int i = 0; i < 12; i++) {
+		char ch = (char)(w[i / 4] >> (8 * (i % 4)));
+		if (!ch)
+			break;
+		out[n++] = (ch > 0x20 && ch < 0x7f) ? ch : '.';
+	}
+	if (!n)
+		out[n++] = '-';
+	out[n] = 0;
+}
+
+int test_cpuid(const char *arg)
+{
+	(void)arg;
+	u32 a, b, c, d, max, maxext, fam, model, step, logical, leafb = 0;
+	char vendor[16], hv[16];
+
+	cpuid(0, 0, &max, &b, &c, &d);
+	sig_string(vendor, b, d, c);
+	cpuid(0x80000000, 0, &maxext, &b, &c, &d);
+	cpuid(1, 0, &a, &b, &c, &d);
+	fam = (a >> 8) & 0xf;
+	model = (a >> 4) & 0xf;
+	step = a & 0xf;
+	if (fam == 0xf || fam == 0x6)
+		model |= ((a >> 16) & 0xf) << 4;
+	if (fam == 0xf)
+		fam += (a >> 20) & 0xff;
+	logical = (d & (1u << 28)) ? (b >> 16) & 0xff : 1;
+	int hv_bit = (c >> 31) & 1;
+	if (max >= 0xb) {
+		for (u32 sub = 0; sub < 8; sub++) {
+			u32 la, lb, lc, ld;
+			cpuid(0xb, sub, &la, &lb, &lc, &ld);
+			if (((lc >> 8) & 0xff) == 0)
+				break;
+			leafb = lb & 0xffff;
+		}
+	}
+	u32 hvmax = 0;
+	if (hv_bit) {
+		cpuid(0x40000000, 0, &hvmax, &b, &c, &d);
+		sig_string(hv, b, c, d);
+	} else {
+		memcpy(hv, "none", 5);
+	}
+	printk("KVMBOX-TEST cpuid vendor=%s max_leaf=0x%x max_ext=0x%x family=0x%x model=0x%x "
+	       "stepping=%u logical=%u leafb_logical=%u hypervisor=%s hv_max=0x%x\n",
+	       vendor, max, maxext, fam, model, step, logical, leafb, hv, hvmax);
+	return 0;
+}
+
+/* ------------------------------------------------------------ acpi */
+
+int test_acpi(const char *arg)
+{
+	(void)arg;
+	if (!acpi.found) {
+		printk("KVMBOX-TEST acpi found=no error=%s\n", acpi.error ? acpi.error : "unknown");
+		return 1;
+	}
+	char list[MAX_TABLES * 5 + 1];
+	u32 n = 0;
+	for (u32 i = 0; i < acpi.nr_tables; i++) {
+		if (i)
+			list[n++] = ',';
+		memcpy(list + n, acpi.sigs[i], 4);
+		n += 4;
+	}
+	list[n] = 0;
+	printk("KVMBOX-TEST acpi tables=%s cpus=%u ioapic=0x%lx checksums=%s rsdp=0x%lx rev=%u dsdt=%s",
+	       n ? list : "-", acpi.nr_cpus, acpi.ioapic, acpi.checksums_ok ? "ok" : "bad",
+	       acpi.rsdp_addr, acpi.rsdp_rev, acpi.dsdt ? "yes" : "no");
+	if (acpi.error)
+		printk(" error=%s", acpi.error);
+	printk("\n");
+	return !acpi.checksums_ok;
+}
+
+/* ------------------------------------------------------------ mem */
+
+#define MAX_RANGES (MAX_MEMMAP * 2)
+static struct {
+	u64 start, end;
+} ranges[MAX_RANGES];
+static u32 nr_ranges;
+
+static inline u64 pattern(u64 a)
+{
+	return (a * 0x9e3779b97f4a7c15UL) ^ (a >> 17) ^ 0x5a5a5a5a5a5a5a5aUL;
+}
+
+static void add_range(u64 s, u64 e)
+{
+	s = (s + 7) & ~7UL;
+	e &= ~7UL;
+	if (s < e && nr_ranges < MAX_RANGES) {
+		ranges[nr_ranges].start = s;
+		ranges[nr_ranges].end = e;
+		nr_ranges++;
+	}
+}
+
+static u64 mem_fill_verify(u64 unused)
+{
+	(void)unused;
+	u64 errors = 0;
+	for (u32 r = 0; r < nr_ranges; r++)
+		for (u64 a = ranges[r].start; a < ranges[r].end; a += 8)
+			*(volatile u64 *)a = pattern(a);
+	for (u32 r = 0; r < nr_ranges; r++)
+		for (u64 a = ranges[r].start; a < ranges[r].end; a += 8)
+			if (*(volatile u64 *)a != pattern(a))
+				errors++;
+	return errors;
+}
+
+int test_mem(const char *arg)
+{
+	(void)arg;
+	u64 ram = 0, tested = 0;
+	u64 img_s = (u64)__image_start, img_e = ((u64)__image_end + 0xfff) & ~0xfffUL;
+	nr_ranges = 0;
+	for (u32 i = 0; i < boot.nr_memmap; i++) {
+		if (boot.memmap[i].type != 1)
+			continue;
+		u64 s = boot.memmap[i].addr, e = s + boot.memmap[i].size;
+		if (e < s)
+			continue;
+		ram += e - s;
+		if (s < 0x100000)
+			s = 0x100000;
+		if (e > boot.mapped_top)
+			e = boot.mapped_top;
+		if (s >= e)
+			continue;
+		/* Subtract the guest image (code, data, page tables, stacks). */
+		if (e <= img_s || s >= img_e) {
+			add_range(s, e);
+		} else {
+			add_range(s, img_s);
+			add_range(img_e, e);
+		}
+	}
+	for (u32 r = 0; r < nr_ranges; r++)
+		tested += ranges[r].end - ranges[r].start;
+	u64 t0 = rdtsc();
+	u64 errors = user(mem_fill_verify, 0);
+	u64 t1 = rdtsc();
+	printk("KVMBOX-TEST mem ram_mib=%lu tested_mib=%lu errors=%lu cycles=%lu\n", ram >> 20,
+	       tested >> 20, errors, t1 - t0);
+	return errors != 0 || tested == 0;
+}
+
+/* ------------------------------------------------------------ pio */
+
+int test_pio(const char *arg)
+{
+	u64 n = parse_u64(arg, 1000), bad = 0;
+	u64 t0 = rdtsc();
+	for (u64 i = 0; i < n; i++)
+		if (inb(UNCLAIMED_PORT) != 0xff)
+			bad++;
+	u64 t1 = rdtsc();
+	printk("KVMBOX-TEST pio count=%lu bad=%lu cycles=%lu\n", n, bad, t1 - t0);
+	return bad != 0;
+}
+
+static u64 pio_user_loop(u64 n)
+{
+	u64 bad = 0;
+	for (u64 i = 0; i < n; i++)
+		if (inb(UNCLAIMED_PORT) != 0xff)
+			bad++;
+	return bad;
+}
+
+/* The same loop from ring 3: native if IOPL=3 holds, else each IN traps to the #GP emulator. */
+int test_pio3(const char *arg)
+{
+	u64 n = parse_u64(arg, 1000);
+	u64 trapped0 = gp_io_emulated;
+	u64 t0 = rdtsc();
+	u64 bad = user(pio_user_loop, n);
+	u64 t1 = rdtsc();
+	u64 trapped = gp_io_emulated - trapped0;
+	printk("KVMBOX-TEST pio3 count=%lu bad=%lu cycles=%lu mode=%s trapped=%lu\n", n, bad, t1 - t0,
+	       trapped ? "trap" : "native", trapped);
+	return bad != 0;
+}
+
+/* ------------------------------------------------------------ mmio */
+
+int test_mmio(const char *arg)
+{
+	u64 n = parse_u64(arg, 1000), bad = 0;
+	u32 v, first_bad = 0xffffffff;
+	mmio_write32(MMIO_PROBE_ADDR, 0x12345678); /* must be dropped */
+	u64 t0 = rdtsc();
+	for (u64 i = 0; i < n; i++)
+		if ((v = mmio_read32(MMIO_PROBE_ADDR)) != 0xffffffff && !bad++)
+			first_bad = v;
+	u64 t1 = rdtsc();
+	printk("KVMBOX-TEST mmio count=%lu bad=%lu cycles=%lu", n, bad, t1 - t0);
+	if (bad)
+		printk(" first_bad=0x%x", first_bad);
+	printk("\n");
+	return bad != 0;
+}
+
+/* ------------------------------------------------------------ compute */
+
+static u64 compute_loop(u64 n)
+{
+	u64 x = 0x9e3779b97f4a7c15UL, sum = 0;
+	for (u64 i = 0; i < n; i++) {
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		sum = ((sum << 5) | (sum >> 59)) ^ (x * 0x2545f4914f6cdd1dUL) ^ i;
+	}
+	return sum;
+}
+
+int test_compute(const char *arg)
+{
+	u64 n = parse_u64(arg, 100000000);
+	u64 t0 = rdtsc();
+	u64 r = user(compute_loop, n);
+	u64 t1 = rdtsc();
+	printk("KVMBOX-TEST compute iters=%lu result=0x%lx cycles=%lu\n", n, r, t1 - t0);
+	return 0;
+}

@@ -1,0 +1,173 @@
+/* kvmbox test guest: shared declarations. */
+#ifndef TG_H
+#define TG_H
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+typedef long i64;
+
+#define NULL ((void *)0)
+
+/* Guest addresses this guest touches (see crates/arch/src/layout.rs). */
+#define COM1_PORT 0x3f8
+#define DEBUG_EXIT_PORT 0xf4
+#define UNCLAIMED_PORT 0xed
+#define MMIO_PROBE_ADDR 0xdf000000UL
+#define LAPIC_ADDR 0xfee00000UL
+#define TRAMP_BASE 0x8000UL
+#define HOLE_START 0xc0000000UL
+#define HOLE_END 0x100000000UL
+
+#define MAX_CPUS 64
+#define MAX_MEMMAP 128
+#define MAX_TABLES 32
+#define CMDLINE_MAX 4096
+#define PD_PAGES 64 /* 64 GiB of address space mapped with 2 MiB pages */
+
+enum { ENTRY_PVH = 1, ENTRY_LINUX64 = 2 };
+
+/* One RAM-map entry, normalised from PVH or e820. */
+struct memmap_entry {
+	u64 addr;
+	u64 size;
+	u32 type;
+};
+
+/* What the boot protocol told us, copied out of low memory at entry. */
+struct boot_info {
+	u32 entry;
+	u64 rsdp; /* 0 if the boot protocol gave none */
+	u32 nr_memmap;
+	struct memmap_entry memmap[MAX_MEMMAP];
+	char cmdline[CMDLINE_MAX];
+	u64 mapped_top; /* page tables map [0, mapped_top) */
+};
+extern struct boot_info boot;
+
+/* Results of the ACPI walk (done in ring 3). */
+struct acpi_info {
+	int parsed;
+	int found;
+	int checksums_ok;
+	int dsdt;
+	u64 rsdp_addr;
+	u32 rsdp_rev;
+	u32 nr_tables;
+	char sigs[MAX_TABLES][5];
+	u32 nr_cpus;		/* enabled processor local APIC / x2APIC entries */
+	u32 apic_ids[MAX_CPUS]; /* their APIC IDs, in MADT order */
+	u64 ioapic;		/* first IOAPIC address, 0 if none */
+	const char *error;	/* first problem found, or NULL */
+};
+extern struct acpi_info acpi;
+void acpi_parse(void);
+
+/* Frame built by isr_common (entry.S). */
+struct trap_frame {
+	u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
+	u64 vector, error;
+	u64 rip, cs, rflags, rsp, ss;
+};
+
+/* entry.S */
+u64 run_user(u64 (*fn)(u64), u64 arg, void *user_stack_top);
+extern char ap_tramp_start[], ap_tramp_end[];
+extern volatile u32 ap_next_index;
+extern u64 pml4[512], pdpt[512], pds[PD_PAGES][512];
+extern char __image_start[], __image_end[];
+
+/* main.c */
+u64 user(u64 (*fn)(u64), u64 arg);
+extern volatile u64 gp_io_emulated;
+void fail(const char *reason) __attribute__((noreturn));
+void exit_vm(u8 code) __attribute__((noreturn));
+
+/* serial.c */
+void serial_init(void);
+void printk(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void printk_break_lock(void);
+void *memset(void *d, int c, u64 n);
+void *memcpy(void *d, const void *s, u64 n);
+int memcmp(const void *a, const void *b, u64 n);
+u64 strlen(const char *s);
+
+/* tests.c */
+int test_hello(const char *arg);
+int test_cpuid(const char *arg);
+int test_acpi(const char *arg);
+int test_mem(const char *arg);
+int test_pio(const char *arg);
+int test_pio3(const char *arg);
+int test_mmio(const char *arg);
+int test_compute(const char *arg);
+
+/* smp.c */
+int test_smp(const char *arg);
+void ap_main(u32 index);
+
+static inline void outb(u16 port, u8 v)
+{
+	__asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+static inline void outw(u16 port, u16 v)
+{
+	__asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port));
+}
+static inline void outl(u16 port, u32 v)
+{
+	__asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
+}
+static inline u8 inb(u16 port)
+{
+	u8 v;
+	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+static inline u16 inw(u16 port)
+{
+	u16 v;
+	__asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+static inline u32 inl(u16 port)
+{
+	u32 v;
+	__asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
+}
+static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
+static inline u64 rdmsr(u32 msr)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+	return ((u64)hi << 32) | lo;
+}
+static inline void wrmsr(u32 msr, u64 v)
+{
+	__asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)));
+}
+static inline void pause(void)
+{
+	__asm__ volatile("pause");
+}
+static inline u32 mmio_read32(u64 addr)
+{
+	return *(volatile u32 *)addr;
+}
+static inline void mmio_write32(u64 addr, u32 v)
+{
+	*(volatile u32 *)addr = v;
+}
+
+#endif
