@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! 0x0000_0000  real-mode IVT / BDA           (RAM)
-//! 0x0000_0500  boot GDT, 0x520 boot IDT
-//! 0x0000_6000  PVH hvm_start_info + memmap
+//! 0x0000_0500  boot GDT, 0x530 boot IDT
+//! 0x0000_6000  PVH hvm_start_info, 0x6040 module list, 0x6080 memmap
 //! 0x0000_7000  Linux boot_params ("zero page")
 //! 0x0000_9000  boot page tables (PML4, PDPT, PDs: identity map of the first 4 GiB)
 //! 0x0002_0000  kernel command line
@@ -15,15 +15,22 @@
 //! 0x1_0000_0000 RAM above 4 GiB
 //! ```
 
-/// Start of the boot GDT.
+/// Start of the boot GDT (null, null, code 0x10, data 0x18, TSS 0x20 as a 16-byte descriptor).
 pub const BOOT_GDT_START: u64 = 0x500;
-/// Start of the boot IDT (empty).
-pub const BOOT_IDT_START: u64 = 0x520;
-/// PVH `hvm_start_info`, followed by its memory map.
+/// Entries (8 bytes each) the boot GDT may use: it ends before [`BOOT_IDT_START`].
+pub const BOOT_GDT_MAX_ENTRIES: usize = 6;
+/// Start of the boot IDT (one empty gate).
+pub const BOOT_IDT_START: u64 = 0x530;
+/// PVH `hvm_start_info`.
 pub const PVH_INFO_START: u64 = 0x6000;
+/// PVH module list (`hvm_modlist_entry`, the initrd).
+pub const PVH_MODLIST_START: u64 = 0x6040;
+/// PVH memory map (`hvm_memmap_table_entry` array), up to [`ZERO_PAGE_START`].
+pub const PVH_MEMMAP_START: u64 = 0x6080;
 /// Linux `boot_params` ("zero page").
 pub const ZERO_PAGE_START: u64 = 0x7000;
-/// Initial stack pointer for 64-bit and PVH entries (grows down, below the zero page).
+/// Initial stack pointer for 64-bit and PVH entries (grows down from just below the page tables,
+/// above the zero page).
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// Boot page tables: PML4, then one PDPT, then four page directories of 2 MiB pages.
 pub const PML4_START: u64 = 0x9000;
@@ -72,8 +79,12 @@ pub const PCI_ECAM_START: u64 = 0xe000_0000;
 pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
 /// IOAPIC registers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// Size of the IOAPIC register page.
+pub const IOAPIC_SIZE: u64 = 0x1000;
 /// Local APIC registers.
 pub const APIC_START: u64 = 0xfee0_0000;
+/// Size of the local APIC register page.
+pub const APIC_SIZE: u64 = 0x1000;
 
 /// Port of the first serial port (COM1).
 pub const COM1_PORT: u16 = 0x3f8;
