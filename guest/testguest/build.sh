@@ -13,5 +13,10 @@ for tool in gcc ld make; do
 done
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-make -s -C "$here" OUT="$out"
+# Several test binaries may build at once: serialise on a lock in OUTDIR when flock exists.
+if command -v flock >/dev/null 2>&1; then
+    flock "$out/.testguest.lock" make -s -C "$here" OUT="$out"
+else
+    make -s -C "$here" OUT="$out"
+fi
 echo "$out/testguest.elf"

@@ -173,14 +173,44 @@ static const char *read_boot_info(u32 entry, u64 info)
 
 /* ------------------------------------------------------------ page tables */
 
+static u64 pde_flags(u64 addr)
+{
+	u64 flags = PTE_P | PTE_RW | PTE_US | PTE_PS;
+	if (addr >= HOLE_START && addr < HOLE_END)
+		flags |= PTE_PCD | PTE_PWT;
+	return flags;
+}
+
+static void map_gib(u64 g)
+{
+	u64 a = g * GIB;
+	for (u64 i = 0; i < 512; i++, a += MIB2)
+		pds[g][i] = a | pde_flags(a);
+	pdpt[g] = (u64)pds[g] | PTE_P | PTE_RW | PTE_US;
+}
+
+/* Ring 3: the page tables live in the (user-accessible) first GiB. */
+static u64 map_rest(u64 gibs)
+{
+	for (u64 g = 1; g < gibs; g++)
+		map_gib(g);
+	return 0;
+}
+
 /*
- * Identity map [0, max(4 GiB, top of the memory map)) with user-accessible
- * 2 MiB pages; the 3-4 GiB MMIO hole (MMIO probe page, IOAPIC, LAPIC) uncached.
+ * Identity map [0, max(4 GiB, top of RAM)) with user-accessible 2 MiB pages; the
+ * 3-4 GiB MMIO hole (MMIO probe page, IOAPIC, LAPIC) uncached. Ring 0 maps the first
+ * GiB (the PVH entry already did); ring 3, which runs natively, writes the rest.
  */
 static void setup_paging(void)
 {
 	u64 top = HOLE_END;
 	for (u32 i = 0; i < boot.nr_memmap; i++) {
+		/* RAM and ACPI (reclaimable / NVS) only: far-away reserved ranges such as
+		 * QEMU's HyperTransport hole at 1 TiB need no mapping. */
+		u32 t = boot.memmap[i].type;
+		if (t != 1 && t != 3 && t != 4)
+			continue;
 		u64 end = boot.memmap[i].addr + boot.memmap[i].size;
 		if (end > top && end > boot.memmap[i].addr)
 			top = end;
@@ -188,22 +218,15 @@ static void setup_paging(void)
 	top = (top + GIB - 1) & ~(GIB - 1);
 	if (top > PD_PAGES * GIB)
 		top = PD_PAGES * GIB;
-	u64 gibs = top / GIB;
-	for (u64 g = 0; g < gibs; g++) {
-		u64 *pd = pds[g];
-		u64 a = g * GIB;
-		u64 flags = PTE_P | PTE_RW | PTE_US | PTE_PS;
-		if (a >= HOLE_START && a < HOLE_END)
-			flags |= PTE_PCD | PTE_PWT;
-		for (u64 i = 0; i < 512; i++, a += MIB2)
-			pd[i] = a | flags;
-		pdpt[g] = (u64)pd | PTE_P | PTE_RW | PTE_US;
-	}
+	if (boot.entry != ENTRY_PVH)
+		map_gib(0);
 	pml4[0] = (u64)pdpt | PTE_P | PTE_RW | PTE_US;
-	boot.mapped_top = top;
 	u64 cr4 = 0x20; /* PAE only: no SMEP/SMAP (ring 0 reads ring-3 pages), no PGE */
 	__asm__ volatile("mov %0, %%cr4" : : "r"(cr4));
 	__asm__ volatile("mov %0, %%cr3" : : "r"((u64)pml4) : "memory");
+	user(map_rest, top / GIB);
+	__asm__ volatile("mov %0, %%cr3" : : "r"((u64)pml4) : "memory");
+	boot.mapped_top = top;
 }
 
 /* ------------------------------------------------------------ traps */
@@ -306,7 +329,7 @@ static const struct scenario scenarios[] = {
 	{"acpi", test_acpi, 0, 1},	 {"mem", test_mem, 0, 0},
 	{"pio", test_pio, 1, 0},	 {"pio3", test_pio3, 1, 0},
 	{"mmio", test_mmio, 1, 0},	 {"compute", test_compute, 1, 0},
-	{"smp", test_smp, 0, 1},
+	{"smp", test_smp, 0, 1},	 {"fault", test_fault, 0, 0},
 };
 #define NR_SCENARIOS (sizeof(scenarios) / sizeof(scenarios[0]))
 

@@ -268,3 +268,24 @@ int test_compute(const char *arg)
 	printk("KVMBOX-TEST compute iters=%lu result=0x%lx cycles=%lu\n", n, r, t1 - t0);
 	return 0;
 }
+
+/* ------------------------------------------------------------ fault */
+
+static u64 fault_user(u64 addr)
+{
+	return *(volatile u64 *)addr;
+}
+
+/*
+ * Deliberately reads an unmapped address from ring 3 to check exception reporting: the
+ * guest prints the #PF (vector 14, CR2 = the address) and ends with result=fail.
+ */
+int test_fault(const char *arg)
+{
+	(void)arg;
+	u64 addr = boot.mapped_top + 0x1000;
+	printk("KVMBOX-TEST fault addr=0x%lx\n", addr);
+	user(fault_user, addr);
+	printk("KVMBOX-TEST fault error=no-exception\n");
+	return 1;
+}
