@@ -191,7 +191,23 @@ isr\n:
         ISR_NOERR 3
         ISR_NOERR 4
         ISR_NOERR 5
-        ISR_NOERR 6
+/*
+ * #UD: fast path for the end of run_user() (ud2 at user_exit from CPL 3): ring 0 is
+ * emulated on kvm_pvm, so skip the full frame save. Anything else takes the slow path.
+ */
+isr6:
+        testb   $3, 8(%rsp)             /* CS of the faulting code */
+        jz      1f
+        cmpq    $user_exit, (%rsp)      /* RIP */
+        jne     1f
+        mov     saved_kernel_rsp(%rip), %rsp
+        mov     $SEL_KDATA, %ecx
+        mov     %ecx, %ss
+        cld
+        jmp     run_user_return
+1:      pushq   $0
+        pushq   $6
+        jmp     isr_common
         ISR_NOERR 7
         ISR_ERR   8
         ISR_NOERR 9

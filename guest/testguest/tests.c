@@ -269,6 +269,26 @@ int test_compute(const char *arg)
 	return 0;
 }
 
+/* ------------------------------------------------------------ ring3 */
+
+static u64 ring3_nothing(u64 x)
+{
+	return x + 1;
+}
+
+/* N ring 0 -> ring 3 -> ring 0 round trips (IRETQ in, #UD out) of an empty function. */
+int test_ring3(const char *arg)
+{
+	u64 n = parse_u64(arg, 100), bad = 0;
+	u64 t0 = rdtsc();
+	for (u64 i = 0; i < n; i++)
+		if (user(ring3_nothing, i) != i + 1)
+			bad++;
+	u64 t1 = rdtsc();
+	printk("KVMBOX-TEST ring3 count=%lu bad=%lu cycles=%lu\n", n, bad, t1 - t0);
+	return bad != 0;
+}
+
 /* ------------------------------------------------------------ fault */
 
 static u64 fault_user(u64 addr)

@@ -103,6 +103,7 @@ int test_pio3(const char *arg);
 int test_mmio(const char *arg);
 int test_compute(const char *arg);
 int test_fault(const char *arg);
+int test_ring3(const char *arg);
 
 /* smp.c */
 int test_smp(const char *arg);
