@@ -1,0 +1,59 @@
+//! The virtio-blk worker: serve the request queue when it is notified.
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::Epoll;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::request::{Disk, Request};
+use crate::device::VirtioInterrupt;
+use crate::queue::process_queue;
+use crate::worker::{drain, EventHandler};
+
+/// Epoll token of the request queue's eventfd.
+pub(crate) const QUEUE_TOKEN: u64 = 0;
+
+/// Worker state of one active virtio-blk device.
+pub(crate) struct BlockHandler {
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) queue: Queue,
+    pub(crate) evt: EventFd,
+    pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
+    pub(crate) disk: Arc<Disk>,
+}
+
+impl BlockHandler {
+    /// Serve everything available. False when the queue is broken.
+    pub(crate) fn process(&mut self) -> bool {
+        let (mem, disk) = (&self.mem, &self.disk);
+        match process_queue(&mut self.queue, mem, &*self.interrupt, 0, |chain| {
+            match chain.and_then(|c| Request::parse(&c, mem)) {
+                Ok(req) => req.execute(disk),
+                Err(_) => 0,
+            }
+        }) {
+            Ok(more) => {
+                if more {
+                    let _ = self.evt.write(1);
+                }
+                true
+            }
+            Err(_) => {
+                self.interrupt.set_needs_reset();
+                false
+            }
+        }
+    }
+}
+
+impl EventHandler for BlockHandler {
+    fn handle(&mut self, token: u64, _epoll: &Epoll) -> bool {
+        if token == QUEUE_TOKEN {
+            drain(&self.evt);
+            return self.process();
+        }
+        true
+    }
+}

@@ -1,0 +1,176 @@
+//! The virtio-net worker: transmit queue to tap, tap to receive queue.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::Epoll;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::tap::Tap;
+use crate::device::{VirtioInterrupt, VirtioInterruptType};
+use crate::queue::{pop_chain, process_queue, Chain, ChainError, QueueBroken};
+use crate::worker::{drain, set_watch, EventHandler};
+
+/// Bytes of the virtio-net header in front of every frame (virtio 1.x: with `num_buffers`).
+pub const VNET_HDR_LEN: usize = 12;
+/// Largest frame with header: a 64 KiB TSO packet plus Ethernet and virtio-net headers.
+pub const MAX_FRAME: usize = 65562;
+
+pub(crate) const RX_TOKEN: u64 = 0;
+pub(crate) const TX_TOKEN: u64 = 1;
+pub(crate) const TAP_TOKEN: u64 = 2;
+
+pub(crate) struct NetHandler {
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) rx: Queue,
+    pub(crate) tx: Queue,
+    pub(crate) rx_evt: EventFd,
+    pub(crate) tx_evt: EventFd,
+    pub(crate) tap: Arc<Tap>,
+    pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
+    /// A frame read from the tap, waiting for a receive buffer.
+    pub(crate) frame: Vec<u8>,
+    pub(crate) pending: Option<usize>,
+    pub(crate) tap_watched: bool,
+    pub(crate) tx_buf: Vec<u8>,
+}
+
+/// Gather a transmit chain (virtio-net header + frame, all device-readable) into `buf`.
+/// Returns the number of bytes, header included.
+pub fn parse_tx_frame(
+    chain: &Chain,
+    mem: &GuestMemoryMmap,
+    buf: &mut [u8],
+) -> Result<usize, ChainError> {
+    if !chain.writable.is_empty() {
+        return Err(ChainError::Malformed("device-writable buffer in a transmit chain"));
+    }
+    let mut r = chain.reader(mem);
+    let len = r.remaining();
+    if len < VNET_HDR_LEN {
+        return Err(ChainError::Malformed("transmit chain shorter than the virtio-net header"));
+    }
+    if len > buf.len() {
+        return Err(ChainError::Malformed("transmit frame larger than 64 KiB"));
+    }
+    r.read_exact(&mut buf[..len], "transmit frame")?;
+    Ok(len)
+}
+
+/// Copy a received frame (header included) into a receive chain; returns bytes written.
+pub(crate) fn fill_rx_chain(
+    chain: &Chain,
+    mem: &GuestMemoryMmap,
+    frame: &[u8],
+) -> Result<u32, ChainError> {
+    if !chain.readable.is_empty() {
+        return Err(ChainError::Malformed("device-readable buffer in a receive chain"));
+    }
+    let mut w = chain.writer(mem);
+    if w.remaining() < frame.len() {
+        return Err(ChainError::Malformed("receive buffer too small for the frame"));
+    }
+    Ok(w.write(frame)? as u32)
+}
+
+impl NetHandler {
+    fn tx_path(&mut self) -> Result<(), QueueBroken> {
+        let (mem, tap, buf) = (&self.mem, &self.tap, &mut self.tx_buf);
+        let more = process_queue(&mut self.tx, mem, &*self.interrupt, 1, |c| {
+            if let Ok(n) = c.and_then(|c| parse_tx_frame(&c, mem, buf)) {
+                // A full tap queue drops the frame, as a congested link would.
+                let _ = tap.write_frame(&buf[..n]);
+            }
+            0
+        })?;
+        if more {
+            let _ = self.tx_evt.write(1);
+        }
+        Ok(())
+    }
+
+    fn rx_path(&mut self, epoll: &Epoll) -> Result<(), QueueBroken> {
+        let mem = &self.mem;
+        let mut used = false;
+        self.rx.disable_notification(mem).map_err(QueueBroken)?;
+        let mut budget = crate::queue::MAX_CHAINS_PER_PASS;
+        loop {
+            if budget == 0 {
+                let _ = self.rx_evt.write(1);
+                break;
+            }
+            let len = match self.pending {
+                Some(n) => n,
+                None => match self.tap.read_frame(&mut self.frame) {
+                    Ok(n) => n,
+                    // WouldBlock: nothing more; other errors: try again on the next event.
+                    Err(_) => break,
+                },
+            };
+            self.pending = Some(len);
+            let Some((head, chain)) = pop_chain(&mut self.rx, mem)? else {
+                if self.rx.enable_notification(mem).map_err(QueueBroken)? {
+                    continue; // buffers arrived meanwhile
+                }
+                // Wait for the driver to add buffers before reading more from the tap.
+                if self.tap_watched && set_watch(epoll, self.tap_fd(), TAP_TOKEN, false).is_ok() {
+                    self.tap_watched = false;
+                }
+                break;
+            };
+            budget -= 1;
+            if len >= VNET_HDR_LEN {
+                // No merged buffers: num_buffers is 1.
+                self.frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            }
+            let written = fill_rx_chain(&chain.unwrap_or_else(|_| empty_chain(head)), mem, &self.frame[..len])
+                .unwrap_or(0);
+            self.rx.add_used(mem, head, written).map_err(QueueBroken)?;
+            used = true;
+            self.pending = None;
+        }
+        if self.pending.is_none() && !self.tap_watched && set_watch(epoll, self.tap_fd(), TAP_TOKEN, true).is_ok() {
+            self.tap_watched = true;
+        }
+        if used && self.rx.needs_notification(mem).map_err(QueueBroken)? {
+            let _ = self.interrupt.trigger(VirtioInterruptType::Queue(0));
+        }
+        Ok(())
+    }
+
+    fn tap_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&*self.tap)
+    }
+}
+
+/// A chain with no buffers: a rejected chain is returned to the guest with nothing written.
+fn empty_chain(head: u16) -> Chain {
+    Chain {
+        head,
+        readable: Vec::new(),
+        writable: Vec::new(),
+    }
+}
+
+impl EventHandler for NetHandler {
+    fn handle(&mut self, token: u64, epoll: &Epoll) -> bool {
+        let r = match token {
+            RX_TOKEN => {
+                drain(&self.rx_evt);
+                self.rx_path(epoll)
+            }
+            TX_TOKEN => {
+                drain(&self.tx_evt);
+                self.tx_path()
+            }
+            TAP_TOKEN => self.rx_path(epoll),
+            _ => Ok(()),
+        };
+        if r.is_err() {
+            self.interrupt.set_needs_reset();
+            return false;
+        }
+        true
+    }
+}

@@ -1,0 +1,12 @@
+//! virtio-net on a TAP device (IFF_VNET_HDR), with checksum and TSO offloads both ways.
+
+mod device;
+mod event_handler;
+mod tap;
+
+pub use device::{
+    Net, NetConfig, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6,
+    F_MAC, QUEUE_SIZE,
+};
+pub use event_handler::{parse_tx_frame, MAX_FRAME, VNET_HDR_LEN};
+pub use tap::Tap;

@@ -1,0 +1,98 @@
+//! TAP interfaces through /dev/net/tun.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::{Error, Result};
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// TUNSETOFFLOAD: the tap may hand us frames with partial checksums.
+pub const TUN_F_CSUM: u32 = 0x01;
+/// TUNSETOFFLOAD: ... TCPv4 segmentation offload frames.
+pub const TUN_F_TSO4: u32 = 0x02;
+/// TUNSETOFFLOAD: ... TCPv6 segmentation offload frames.
+pub const TUN_F_TSO6: u32 = 0x04;
+
+/// A TAP interface opened with a virtio-net header on every frame.
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+impl Tap {
+    /// Open (creating if needed) TAP interface `name` in the caller's network namespace,
+    /// non-blocking, with a `hdr_len`-byte virtio-net header. Needs CAP_NET_ADMIN to create.
+    pub fn open(name: &str, hdr_len: i32) -> Result<Self> {
+        let err = |what, source| Error::Backend {
+            what,
+            path: name.to_string(),
+            source,
+        };
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(Error::Config(format!(
+                "tap name '{name}' must be 1 to {} bytes",
+                libc::IFNAMSIZ - 1
+            )));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(|e| err("opening /dev/net/tun for tap", e))?;
+        let mut ifr = [0u8; 40];
+        ifr[..name.len()].copy_from_slice(name.as_bytes());
+        ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq (40 bytes) we own.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) } < 0 {
+            return Err(err("creating tap", std::io::Error::last_os_error()));
+        }
+        let tap = Self {
+            file,
+            name: name.to_string(),
+        };
+        let mut sz: libc::c_int = hdr_len;
+        // SAFETY: TUNSETVNETHDRSZ reads one int we own.
+        if unsafe { libc::ioctl(tap.file.as_raw_fd(), TUNSETVNETHDRSZ, &mut sz) } < 0 {
+            return Err(err("setting the vnet header size of tap", std::io::Error::last_os_error()));
+        }
+        Ok(tap)
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Which offloaded frames the tap may deliver to us (`TUN_F_*`).
+    pub fn set_offload(&self, flags: u32) -> std::io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes the flags by value.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Read one frame (with its vnet header).
+    pub fn read_frame(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&self.file).read(buf)
+    }
+
+    /// Write one frame (with its vnet header).
+    pub fn write_frame(&self, buf: &[u8]) -> std::io::Result<usize> {
+        (&self.file).write(buf)
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
