@@ -169,7 +169,9 @@ impl std::str::FromStr for Accel {
         match s {
             "kvm" => Ok(Accel::Kvm),
             "emu" => Ok(Accel::Emu),
-            other => Err(format!("unknown accelerator '{other}' (expected kvm or emu)")),
+            other => Err(format!(
+                "unknown accelerator '{other}' (expected kvm or emu)"
+            )),
         }
     }
 }

@@ -1,1 +1,143 @@
-fn main() {}
+//! `kvmbox`: run virtual machines on KVM or on kvmbox's software CPU engine.
+
+use clap::{Parser, Subcommand};
+use kvmbox_vmm::{FileConfig, Overrides, VmConfig, EXIT_USAGE};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "kvmbox",
+    version,
+    about = "Run virtual machines on KVM or kvmbox's software CPU engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel in a new VM with its serial console on this terminal (Ctrl-A x quits).
+    Run(RunArgs),
+    /// Check whether this host can run VMs, and which accelerator `auto` picks.
+    Doctor {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML file with the same settings (kernel, initrd, cmdline, cpus, memory, accel, on_reboot, pvh); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Kernel: bzImage, ELF vmlinux (PVH or 64-bit entry), or a freestanding ELF.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=-1"].
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// Guest memory: a number with K, M, G or T; plain numbers are MiB [default: 512M].
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// CPU backend: auto, kvm or emu [default: auto].
+    #[arg(long, value_name = "ACCEL")]
+    accel: Option<String>,
+    /// What a guest reset does: exit (status 4) or restart [default: exit].
+    #[arg(long, value_name = "ACTION")]
+    on_reboot: Option<String>,
+    /// Boot an ELF kernel through its 64-bit entry even when it has a PVH entry.
+    #[arg(long)]
+    no_pvh: bool,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("kvmbox: error: {msg}");
+    ExitCode::from(EXIT_USAGE as u8)
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let file = match args.config.as_deref().map(FileConfig::load).transpose() {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    let overrides = Overrides {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        cpus: args.cpus,
+        memory: args.memory,
+        accel: args.accel,
+        on_reboot: args.on_reboot,
+        no_pvh: args.no_pvh,
+    };
+    let cfg = match VmConfig::build(file, overrides) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match kvmbox_vmm::run(&cfg) {
+        Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX)),
+        Err(e) => fail(e),
+    }
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("\r\nkvmbox: internal error (a bug in kvmbox, please report it): {msg}{at}");
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                // Help and version go to stdout with status 0 (2 for a bare `kvmbox`).
+                let _ = e.print();
+                return ExitCode::from(
+                    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                        EXIT_USAGE as u8
+                    } else {
+                        0
+                    },
+                );
+            }
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            return fail(first.trim_start_matches("error: "));
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Doctor { json } => {
+            let report = kvmbox_doctor::run_checks();
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.render_text());
+            }
+            ExitCode::from(if report.can_run_vms() { 0 } else { 1 })
+        }
+    }
+}

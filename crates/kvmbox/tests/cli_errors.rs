@@ -3,20 +3,29 @@
 
 mod common;
 
-use common::{kvm_or_skip, run_kvmbox, testguest, debian_kernel};
+use common::{debian_kernel, kvm_or_skip, run_kvmbox, testguest};
 use std::time::Duration;
 
 fn expect_usage_error(args: &[&str], needle: &str) {
     let r = run_kvmbox(args, Duration::from_secs(60));
     assert_eq!(r.status, Some(2), "{args:?}: status; stderr:\n{}", r.stderr);
     let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: want exactly one line, got:\n{}", r.stderr);
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: want exactly one line, got:\n{}",
+        r.stderr
+    );
     assert!(
         lines[0].contains(needle),
         "{args:?}: '{}' does not mention '{needle}'",
         lines[0]
     );
-    assert!(!r.stderr.contains("panicked") && !r.stderr.contains("backtrace"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains("panicked") && !r.stderr.contains("backtrace"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stdout.is_empty(), "nothing may run: {}", r.stdout);
 }
 
@@ -71,7 +80,15 @@ fn memory_too_small_for_init_size() {
     }
     let k = debian_kernel();
     expect_usage_error(
-        &["run", "--accel", "kvm", "--kernel", k.to_str().unwrap(), "--memory", "48M"],
+        &[
+            "run",
+            "--accel",
+            "kvm",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "48M",
+        ],
         "init_size",
     );
 }
@@ -84,7 +101,15 @@ fn cmdline_longer_than_the_kernel_accepts() {
     let k = debian_kernel();
     let long = "x".repeat(5000);
     expect_usage_error(
-        &["run", "--accel", "kvm", "--kernel", k.to_str().unwrap(), "--cmdline", &long],
+        &[
+            "run",
+            "--accel",
+            "kvm",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--cmdline",
+            &long,
+        ],
         "command line",
     );
 }
@@ -93,7 +118,15 @@ fn cmdline_longer_than_the_kernel_accepts() {
 fn zero_cpus() {
     let g = testguest();
     expect_usage_error(
-        &["run", "--accel", "kvm", "--kernel", g.to_str().unwrap(), "--cpus", "0"],
+        &[
+            "run",
+            "--accel",
+            "kvm",
+            "--kernel",
+            g.to_str().unwrap(),
+            "--cpus",
+            "0",
+        ],
         "vCPU",
     );
 }
@@ -105,7 +138,15 @@ fn more_cpus_than_kvm_allows() {
     }
     let g = testguest();
     expect_usage_error(
-        &["run", "--accel", "kvm", "--kernel", g.to_str().unwrap(), "--cpus", "100000"],
+        &[
+            "run",
+            "--accel",
+            "kvm",
+            "--kernel",
+            g.to_str().unwrap(),
+            "--cpus",
+            "100000",
+        ],
         "--cpus 100000",
     );
 }
@@ -126,7 +167,15 @@ fn malformed_cpus_and_sizes() {
 fn memory_below_the_minimum() {
     let g = testguest();
     expect_usage_error(
-        &["run", "--accel", "kvm", "--kernel", g.to_str().unwrap(), "--memory", "1M"],
+        &[
+            "run",
+            "--accel",
+            "kvm",
+            "--kernel",
+            g.to_str().unwrap(),
+            "--memory",
+            "1M",
+        ],
         "memory",
     );
 }
@@ -134,12 +183,21 @@ fn memory_below_the_minimum() {
 #[test]
 fn config_file_errors() {
     let g = testguest();
-    let bad_key = tmpfile("bad-key.toml", format!("kernel = {:?}\nmemroy = \"1G\"\n", g).as_bytes());
+    let bad_key = tmpfile(
+        "bad-key.toml",
+        format!("kernel = {:?}\nmemroy = \"1G\"\n", g).as_bytes(),
+    );
     expect_usage_error(&["run", "--config", bad_key.to_str().unwrap()], "memroy");
     let bad_toml = tmpfile("bad.toml", b"kernel = \n");
     expect_usage_error(&["run", "--config", bad_toml.to_str().unwrap()], "bad.toml");
-    expect_usage_error(&["run", "--config", "/nonexistent.toml"], "/nonexistent.toml");
-    let bad_type = tmpfile("bad-type.toml", format!("kernel = {:?}\ncpus = \"many\"\n", g).as_bytes());
+    expect_usage_error(
+        &["run", "--config", "/nonexistent.toml"],
+        "/nonexistent.toml",
+    );
+    let bad_type = tmpfile(
+        "bad-type.toml",
+        format!("kernel = {:?}\ncpus = \"many\"\n", g).as_bytes(),
+    );
     expect_usage_error(&["run", "--config", bad_type.to_str().unwrap()], "cpus");
 }
 

@@ -32,20 +32,30 @@ fn cpuid_and_acpi_show_the_configured_cpus() {
     let host_vendor = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("vendor_id").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        .find_map(|l| {
+            l.strip_prefix("vendor_id")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
         .unwrap();
     for cpus in [1u32, 2, 4] {
         let r = run_testguest("kvm", cpus, "128M", "cpuid,acpi", &[]);
         r.assert_guest_ok();
         assert_eq!(r.get("cpuid", "vendor"), host_vendor);
         assert_eq!(r.get("cpuid", "hypervisor"), "KVMKVMKVM");
-        assert_eq!(r.get("cpuid", "logical"), cpus.to_string(), "CPUID topology");
+        assert_eq!(
+            r.get("cpuid", "logical"),
+            cpus.to_string(),
+            "CPUID topology"
+        );
         assert_eq!(r.get("acpi", "cpus"), cpus.to_string(), "MADT processors");
         assert_eq!(r.get("acpi", "checksums"), "ok");
         assert_eq!(r.get("acpi", "ioapic"), "0xfec00000");
         let tables = r.get("acpi", "tables");
         for t in ["FACP", "APIC"] {
-            assert!(tables.split(',').any(|x| x == t), "{t} missing from {tables}");
+            assert!(
+                tables.split(',').any(|x| x == t),
+                "{t} missing from {tables}"
+            );
         }
     }
 }
@@ -89,7 +99,10 @@ fn all_guest_ram_holds_a_pattern_8g() {
     r.assert_guest_ok();
     assert_eq!(r.get("mem", "errors"), "0");
     let ram: u64 = r.get("mem", "ram_mib").parse().unwrap();
-    assert!((8180..=8192).contains(&ram), "guest saw {ram} MiB of 8192 (32-bit hole handled?)");
+    assert!(
+        (8180..=8192).contains(&ram),
+        "guest saw {ram} MiB of 8192 (32-bit hole handled?)"
+    );
     let tested: u64 = r.get("mem", "tested_mib").parse().unwrap();
     assert!(tested >= 8100, "tested only {tested} MiB");
 }
@@ -135,11 +148,20 @@ fn guest_exit_status_and_config_file() {
         format!("kernel = {g:?}\ncpus = 2\nmemory = \"128M\"\naccel = \"kvm\"\ncmdline = \"tests=smp\"\n"),
     )
     .unwrap();
-    let r = common::run_kvmbox(&["run", "--config", cfg.to_str().unwrap()], std::time::Duration::from_secs(60));
+    let r = common::run_kvmbox(
+        &["run", "--config", cfg.to_str().unwrap()],
+        std::time::Duration::from_secs(60),
+    );
     r.assert_guest_ok();
     assert_eq!(r.get("smp", "online"), "2");
     let r = common::run_kvmbox(
-        &["run", "--config", cfg.to_str().unwrap(), "--cmdline", "tests=hello"],
+        &[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--cmdline",
+            "tests=hello",
+        ],
         std::time::Duration::from_secs(60),
     );
     r.assert_guest_ok();

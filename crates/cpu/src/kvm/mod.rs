@@ -9,13 +9,13 @@ pub use vcpu::KvmVcpu;
 
 use crate::{Error, IoEventAddress, IrqLine, MsiLine, Result, Vcpu, Vm};
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting, CpuId,
+    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, KvmIrqRouting,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
     KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, NoDatamatch, VmFd};
 use std::sync::{Arc, Mutex};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// KVM's API version that kvmbox speaks.
@@ -85,7 +85,8 @@ impl KvmVm {
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -312,7 +313,9 @@ impl MsiLine for KvmMsiLine {
             .ok_or_else(|| std::io::Error::other("MSI route vanished"))?;
         // SAFETY: this entry was created as KVM_IRQ_ROUTING_MSI, so `msi` is the live union field.
         let msi = unsafe { &mut entry.u.msi };
-        if msi.address_lo == addr as u32 && msi.address_hi == (addr >> 32) as u32 && msi.data == data
+        if msi.address_lo == addr as u32
+            && msi.address_hi == (addr >> 32) as u32
+            && msi.data == data
         {
             return Ok(());
         }

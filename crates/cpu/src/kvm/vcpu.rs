@@ -3,8 +3,7 @@
 use super::regs::{regs_from_kvm, regs_to_kvm, sregs_from_kvm, sregs_into_kvm};
 use super::{cpuid, kvm_err};
 use crate::{
-    CpuidEntry, Error, IoHandler, Regs, Result, SpecialRegs, Vcpu, VcpuConfig, VcpuExit,
-    VcpuKicker,
+    CpuidEntry, Error, IoHandler, Regs, Result, SpecialRegs, Vcpu, VcpuConfig, VcpuExit, VcpuKicker,
 };
 use kvm_bindings::{
     kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_run, CpuId, Msrs, KVM_MP_STATE_UNINITIALIZED,
@@ -129,9 +128,7 @@ impl KvmVcpu {
                 *r = b as libc::c_char;
             }
         }
-        self.fd
-            .set_lapic(&lapic)
-            .map_err(kvm_err("KVM_SET_LAPIC"))
+        self.fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))
     }
 
     fn handle(exit: KvmExit<'_>, io: &dyn IoHandler, io_size: usize) -> Result<Option<VcpuExit>> {

@@ -53,7 +53,11 @@ pub fn kvm_or_skip(test: &str) -> bool {
             eprintln!("{line}");
             if let Ok(log) = std::env::var("KVMBOX_SKIP_LOG") {
                 use std::io::Write;
-                if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(log) {
+                if let Ok(mut f) = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(log)
+                {
                     let _ = writeln!(f, "{line}");
                 }
             }
@@ -87,7 +91,10 @@ impl RunResult {
             let mut words = split_words(rest).into_iter();
             let Some(name) = words.next() else { continue };
             let kv = words
-                .filter_map(|w| w.split_once('=').map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string())))
+                .filter_map(|w| {
+                    w.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+                })
                 .collect();
             m.insert(name, kv);
         }
@@ -99,19 +106,32 @@ impl RunResult {
         self.results()
             .get(scenario)
             .and_then(|kv| kv.get(key).cloned())
-            .unwrap_or_else(|| panic!("no {key}= in the '{scenario}' line; console:\n{}\nstderr:\n{}", self.stdout, self.stderr))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {key}= in the '{scenario}' line; console:\n{}\nstderr:\n{}",
+                    self.stdout, self.stderr
+                )
+            })
     }
 
     /// Assert the guest finished all its scenarios and exited through the debug port with success.
     pub fn assert_guest_ok(&self) {
         assert_eq!(
-            self.results().get("done").and_then(|d| d.get("result")).map(String::as_str),
+            self.results()
+                .get("done")
+                .and_then(|d| d.get("result"))
+                .map(String::as_str),
             Some("ok"),
             "guest did not report success; console:\n{}\nstderr:\n{}",
             self.stdout,
             self.stderr
         );
-        assert_eq!(self.status, Some(1), "debug-exit 0 must give status 1; stderr:\n{}", self.stderr);
+        assert_eq!(
+            self.status,
+            Some(1),
+            "debug-exit 0 must give status 1; stderr:\n{}",
+            self.stderr
+        );
     }
 }
 
@@ -184,7 +204,13 @@ pub fn run_kvmbox(args: &[&str], timeout: Duration) -> RunResult {
 }
 
 /// Boot the test guest with `tests=<scenarios>` on `accel`.
-pub fn run_testguest(accel: &str, cpus: u32, memory: &str, scenarios: &str, extra: &[&str]) -> RunResult {
+pub fn run_testguest(
+    accel: &str,
+    cpus: u32,
+    memory: &str,
+    scenarios: &str,
+    extra: &[&str],
+) -> RunResult {
     let guest = testguest();
     let cmdline = format!("tests={scenarios}");
     let cpus = cpus.to_string();
@@ -216,10 +242,21 @@ pub fn debian_kernel() -> PathBuf {
                 .stderr(Stdio::inherit())
                 .output()
                 .expect("run guest/linux/fetch-kernel.sh");
-            assert!(out.status.success(), "fetching Debian's cloud kernel failed");
-            let path = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_string();
+            assert!(
+                out.status.success(),
+                "fetching Debian's cloud kernel failed"
+            );
+            let path = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .trim()
+                .to_string();
             let p = PathBuf::from(path);
-            assert!(p.is_file(), "fetch-kernel.sh printed {p:?}, which is not a file");
+            assert!(
+                p.is_file(),
+                "fetch-kernel.sh printed {p:?}, which is not a file"
+            );
             p
         })
         .clone()

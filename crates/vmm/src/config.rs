@@ -1,0 +1,315 @@
+//! What a VM is made of: the settings from the command line and from a TOML file.
+
+use kvmbox_cpu::Accel;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// A configuration error: one line naming what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A size that does not parse.
+    #[error("invalid size '{0}': expected a number with an optional K, M, G or T suffix (plain numbers are MiB)")]
+    Size(String),
+    /// A vCPU count out of range.
+    #[error("invalid vCPU count {0}: must be at least 1")]
+    Cpus(u32),
+    /// The config file cannot be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has unknown keys.
+    #[error("config file {path}: {msg}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, first line.
+        msg: String,
+    },
+    /// No kernel given.
+    #[error("no kernel given: pass --kernel PATH or set kernel = \"PATH\" in the config file")]
+    NoKernel,
+    /// Unknown value.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What to do when the guest resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnReboot {
+    /// kvmbox exits with status [`crate::EXIT_REBOOT`].
+    #[default]
+    Exit,
+    /// kvmbox boots the VM again from scratch.
+    Restart,
+}
+
+impl std::str::FromStr for OnReboot {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "exit" => Ok(OnReboot::Exit),
+            "restart" => Ok(OnReboot::Restart),
+            o => Err(ConfigError::Invalid(format!(
+                "invalid --on-reboot '{o}': expected exit or restart"
+            ))),
+        }
+    }
+}
+
+/// Parse a memory size: `512`, `512M`, `2G`, `1048576K`, `4294967296B`. Plain numbers are MiB,
+/// as in QEMU's `-m`.
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    let err = || ConfigError::Size(s.to_string());
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'B' => 1,
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(err()),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1 << 20),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| err())?;
+    n.checked_mul(mult).filter(|&v| v > 0).ok_or_else(err)
+}
+
+/// Sizes in a TOML file: a string with a suffix, or an integer number of MiB.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Mib(u64),
+    Text(String),
+}
+
+/// The `[vm]`-less TOML file: every key optional, flags override it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    cpus: Option<u32>,
+    memory: Option<SizeValue>,
+    accel: Option<String>,
+    on_reboot: Option<OnReboot>,
+    pvh: Option<bool>,
+}
+
+impl FileConfig {
+    /// Read and parse a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| {
+            let first = e.message().lines().next().unwrap_or("parse error");
+            let at = e
+                .span()
+                .map(|sp| {
+                    let line_no = text[..sp.start.min(text.len())].matches('\n').count() + 1;
+                    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+                    format!(" (line {line_no}: {line})")
+                })
+                .unwrap_or_default();
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                msg: format!("{first}{at}"),
+            }
+        })
+    }
+}
+
+/// Settings given on the command line; `None` means "not given".
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// --kernel
+    pub kernel: Option<PathBuf>,
+    /// --initrd
+    pub initrd: Option<PathBuf>,
+    /// --cmdline
+    pub cmdline: Option<String>,
+    /// --cpus
+    pub cpus: Option<u32>,
+    /// --memory
+    pub memory: Option<String>,
+    /// --accel
+    pub accel: Option<String>,
+    /// --on-reboot
+    pub on_reboot: Option<String>,
+    /// --no-pvh
+    pub no_pvh: bool,
+}
+
+/// Which accelerator was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelChoice {
+    /// A specific backend.
+    Fixed(Accel),
+    /// KVM where guest kernel code runs at hardware speed, the software engine otherwise.
+    Auto,
+}
+
+/// A complete, validated VM configuration.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel image: bzImage, ELF vmlinux, or a freestanding ELF.
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// CPU backend.
+    pub accel: AccelChoice,
+    /// Reset behaviour.
+    pub on_reboot: OnReboot,
+    /// Use an ELF kernel's PVH entry when it has one.
+    pub pvh: bool,
+}
+
+/// The command line used when none is given: serial console, reboot through the i8042
+/// (which kvmbox turns into its reboot exit), and reboot right away on panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// Default guest memory.
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+
+fn parse_accel(s: &str) -> Result<AccelChoice, ConfigError> {
+    match s {
+        "auto" => Ok(AccelChoice::Auto),
+        other => other.parse::<Accel>().map(AccelChoice::Fixed).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "invalid accelerator '{other}': expected auto, kvm or emu"
+            ))
+        }),
+    }
+}
+
+impl VmConfig {
+    /// Merge a config file (if any) with command-line overrides and validate the result.
+    pub fn build(file: Option<FileConfig>, o: Overrides) -> Result<Self, ConfigError> {
+        let f = file.unwrap_or_default();
+        let kernel = o.kernel.or(f.kernel).ok_or(ConfigError::NoKernel)?;
+        let cpus = o.cpus.or(f.cpus).unwrap_or(1);
+        if cpus == 0 {
+            return Err(ConfigError::Cpus(cpus));
+        }
+        let memory = match (o.memory, f.memory) {
+            (Some(s), _) => parse_size(&s)?,
+            (None, Some(SizeValue::Text(s))) => parse_size(&s)?,
+            (None, Some(SizeValue::Mib(m))) => m
+                .checked_mul(1 << 20)
+                .filter(|&v| v > 0)
+                .ok_or_else(|| ConfigError::Size(m.to_string()))?,
+            (None, None) => DEFAULT_MEMORY,
+        };
+        let accel = match o.accel.or(f.accel) {
+            Some(s) => parse_accel(&s)?,
+            None => AccelChoice::Auto,
+        };
+        let on_reboot = match o.on_reboot {
+            Some(s) => s.parse()?,
+            None => f.on_reboot.unwrap_or_default(),
+        };
+        Ok(VmConfig {
+            kernel,
+            initrd: o.initrd.or(f.initrd),
+            cmdline: o
+                .cmdline
+                .or(f.cmdline)
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            cpus,
+            memory,
+            accel,
+            on_reboot,
+            pvh: !o.no_pvh && f.pvh.unwrap_or(true),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512 << 20);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("8G").unwrap(), 8 << 30);
+        assert_eq!(parse_size("8g").unwrap(), 8 << 30);
+        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+        assert_eq!(parse_size("4096B").unwrap(), 4096);
+        for bad in ["", "M", "12Q", "-5M", "0", "1.5G", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let f: FileConfig =
+            toml::from_str("kernel = \"/k\"\ncpus = 4\nmemory = \"1G\"\naccel = \"kvm\"\n")
+                .unwrap();
+        let o = Overrides {
+            cpus: Some(2),
+            ..Default::default()
+        };
+        let c = VmConfig::build(Some(f), o).unwrap();
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.memory, 1 << 30);
+        assert_eq!(c.accel, AccelChoice::Fixed(Accel::Kvm));
+        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn memory_as_integer_mib() {
+        let f: FileConfig = toml::from_str("kernel = \"/k\"\nmemory = 256\n").unwrap();
+        assert_eq!(
+            VmConfig::build(Some(f), Overrides::default())
+                .unwrap()
+                .memory,
+            256 << 20
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let e = toml::from_str::<FileConfig>("kernel = \"/k\"\nmemroy = 5\n").unwrap_err();
+        assert!(
+            e.message().contains("unknown field `memroy`"),
+            "{}",
+            e.message()
+        );
+    }
+
+    #[test]
+    fn zero_cpus_and_missing_kernel() {
+        let o = Overrides {
+            kernel: Some("/k".into()),
+            cpus: Some(0),
+            ..Default::default()
+        };
+        assert!(matches!(
+            VmConfig::build(None, o),
+            Err(ConfigError::Cpus(0))
+        ));
+        assert!(matches!(
+            VmConfig::build(None, Overrides::default()),
+            Err(ConfigError::NoKernel)
+        ));
+    }
+}

@@ -1,0 +1,284 @@
+//! Building and running one VM.
+
+use crate::config::{AccelChoice, OnReboot, VmConfig};
+use crate::console::{spawn_stdin_forwarder, RawTerminal};
+use crate::{EXIT_ERROR, EXIT_POWEROFF, EXIT_REBOOT};
+use kvmbox_arch::layout;
+use kvmbox_cpu::{Accel, Vcpu, VcpuConfig, VcpuExit, VcpuKicker, Vm};
+use kvmbox_devices::legacy::acpi_pm::{AcpiPm, ResetRegister, PM_BLOCK_LEN};
+use kvmbox_devices::legacy::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
+use kvmbox_devices::legacy::i8042::I8042;
+use kvmbox_devices::legacy::serial::{SerialPort, SERIAL_PORTS};
+use kvmbox_devices::legacy::IrqTrigger;
+use kvmbox_devices::{ExitRequest, IoBus, VmControl};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Why a VM could not be built or run. Each is one line naming the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Configuration.
+    #[error(transparent)]
+    Config(#[from] crate::ConfigError),
+    /// Loading the kernel, building memory or firmware tables.
+    #[error(transparent)]
+    Boot(#[from] kvmbox_arch::Error),
+    /// The CPU backend.
+    #[error("{0}")]
+    Cpu(#[from] kvmbox_cpu::Error),
+    /// Asking for more vCPUs than the backend has.
+    #[error("--cpus {asked} is more than {backend} supports ({max})")]
+    TooManyCpus {
+        /// Requested.
+        asked: u32,
+        /// Backend name.
+        backend: &'static str,
+        /// Its maximum.
+        max: u32,
+    },
+    /// Device setup.
+    #[error("device setup: {0}")]
+    Device(String),
+    /// Host resources (threads, fds).
+    #[error("{0}")]
+    Host(String),
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that outlives one boot of the VM: the console and the stop signal.
+struct Session {
+    control: Arc<VmControl>,
+    serial_slot: Arc<Mutex<Option<Arc<Mutex<SerialPort>>>>>,
+}
+
+/// Run the VM described by `cfg` until it ends; returns kvmbox's exit status.
+pub fn run(cfg: &VmConfig) -> Result<i32> {
+    let accel = match cfg.accel {
+        AccelChoice::Fixed(a) => a,
+        AccelChoice::Auto => kvmbox_doctor::choose_accel().accel,
+    };
+    let session = Session {
+        control: Arc::new(VmControl::new().map_err(|e| Error::Host(format!("eventfd: {e}")))?),
+        serial_slot: Arc::new(Mutex::new(None)),
+    };
+    let _raw = RawTerminal::enable(libc::STDIN_FILENO);
+    spawn_stdin_forwarder(session.serial_slot.clone(), session.control.clone());
+    loop {
+        let outcome = boot_once(cfg, accel, &session)?;
+        match outcome {
+            ExitRequest::Reset if cfg.on_reboot == OnReboot::Restart => {
+                session.control.clear();
+                continue;
+            }
+            ExitRequest::Reset => return Ok(EXIT_REBOOT),
+            ExitRequest::PowerOff | ExitRequest::UserQuit => return Ok(EXIT_POWEROFF),
+            ExitRequest::DebugExit(v) => return Ok(DebugExit::status(v)),
+            ExitRequest::Error => return Ok(EXIT_ERROR),
+        }
+    }
+}
+
+fn create_backend(accel: Accel, mem: &kvmbox_cpu::GuestMemory) -> Result<Box<dyn Vm>> {
+    match accel {
+        Accel::Kvm => Ok(Box::new(kvmbox_cpu::kvm::KvmVm::new(mem)?)),
+        Accel::Emu => Err(Error::Cpu(kvmbox_cpu::Error::Unsupported(
+            "the software CPU engine (--accel emu) is not wired into the VMM yet".into(),
+        ))),
+    }
+}
+
+/// Put the PC platform devices on the bus.
+fn add_legacy_devices(
+    vm: &dyn Vm,
+    io: &IoBus,
+    control: &Arc<VmControl>,
+) -> Result<Arc<Mutex<SerialPort>>> {
+    let dev_err = |e: kvmbox_devices::BusError| Error::Device(e.to_string());
+    let com1_irq = vm.irq_line(layout::COM1_IRQ)?;
+    let serial = Arc::new(Mutex::new(SerialPort::new(
+        IrqTrigger(com1_irq),
+        Box::new(std::io::stdout()),
+    )));
+    io.pio
+        .insert(serial.clone(), u64::from(layout::COM1_PORT), SERIAL_PORTS)
+        .map_err(dev_err)?;
+    io.pio
+        .insert(
+            Arc::new(Mutex::new(I8042::new(control.clone()))),
+            u64::from(layout::I8042_DATA_PORT),
+            5,
+        )
+        .map_err(dev_err)?;
+    io.pio
+        .insert(
+            Arc::new(Mutex::new(DebugExit::new(control.clone()))),
+            u64::from(layout::DEBUG_EXIT_PORT),
+            DEBUG_EXIT_PORTS,
+        )
+        .map_err(dev_err)?;
+    io.pio
+        .insert(
+            Arc::new(Mutex::new(AcpiPm::new(
+                control.clone(),
+                layout::ACPI_S5_SLP_TYP,
+            ))),
+            u64::from(layout::ACPI_PM1A_EVT_PORT),
+            PM_BLOCK_LEN,
+        )
+        .map_err(dev_err)?;
+    io.pio
+        .insert(
+            Arc::new(Mutex::new(ResetRegister::new(
+                control.clone(),
+                layout::ACPI_RESET_VALUE,
+            ))),
+            u64::from(layout::ACPI_RESET_PORT),
+            1,
+        )
+        .map_err(dev_err)?;
+    Ok(serial)
+}
+
+/// Build the VM, run it until something asks it to stop, tear it down. Returns the request.
+fn boot_once(cfg: &VmConfig, accel: Accel, session: &Session) -> Result<ExitRequest> {
+    let mem = kvmbox_arch::guest_memory(cfg.memory)?;
+    // The kernel goes in first: a bad image is the user's most likely mistake, and it should be
+    // reported as such whatever the backend.
+    let rsdp = kvmbox_arch::create_acpi_tables(&mem, cfg.cpus)?;
+    kvmbox_arch::setup_mptable(&mem, cfg.cpus)?;
+    let mut params = kvmbox_arch::LoadParams::new(&cfg.kernel, &cfg.cmdline, cfg.memory);
+    params.initrd = cfg.initrd.as_deref();
+    params.cpus = cfg.cpus;
+    params.prefer_pvh = cfg.pvh;
+    params.rsdp = Some(rsdp);
+    let boot = kvmbox_arch::load(&mem, &params)?;
+    let vm = create_backend(accel, &mem)?;
+    if cfg.cpus > vm.max_vcpus() {
+        return Err(Error::TooManyCpus {
+            asked: cfg.cpus,
+            backend: vm.name(),
+            max: vm.max_vcpus(),
+        });
+    }
+    let control = session.control.clone();
+    let io = Arc::new(IoBus::default());
+    let serial = add_legacy_devices(vm.as_ref(), &io, &control)?;
+
+    let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::new();
+    for id in 0..cfg.cpus {
+        let mut vcpu = vm.create_vcpu(id)?;
+        vcpu.configure(&VcpuConfig {
+            id,
+            count: cfg.cpus,
+        })?;
+        if id == 0 {
+            vcpu.set_sregs(&boot.sregs)?;
+            vcpu.set_regs(&boot.regs)?;
+        } else {
+            vcpu.set_wait_for_sipi()?;
+        }
+        vcpus.push(vcpu);
+    }
+    *session
+        .serial_slot
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(serial);
+
+    let kickers: Vec<Arc<dyn VcpuKicker>> = vcpus.iter().map(|v| v.kicker()).collect();
+    let halted = Arc::new(AtomicUsize::new(0));
+    let count = vcpus.len();
+    let mut threads = Vec::new();
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let io = io.clone();
+        let control = control.clone();
+        let halted = halted.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    vcpu_loop(id, vcpu, &io, &control, &halted, count)
+                }));
+                if ran.is_err() {
+                    // The panic hook printed the message; stop the VM rather than hang it.
+                    control.request(ExitRequest::Error);
+                }
+            })
+            .map_err(|e| Error::Host(format!("cannot start vCPU thread: {e}")))?;
+        threads.push(t);
+    }
+
+    let request = wait_for_request(&control);
+    for k in &kickers {
+        k.kick();
+    }
+    for t in threads {
+        // A vCPU thread that panicked has already reported through the panic hook.
+        let _ = t.join();
+    }
+    *session
+        .serial_slot
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = None;
+    drop(vm);
+    Ok(request)
+}
+
+fn wait_for_request(control: &VmControl) -> ExitRequest {
+    loop {
+        if let Some(r) = control.pending() {
+            return r;
+        }
+        let mut pfd = libc::pollfd {
+            fd: control.event().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, and its count.
+        unsafe { libc::poll(&mut pfd, 1, 1000) };
+    }
+}
+
+fn vcpu_loop(
+    id: usize,
+    mut vcpu: Box<dyn Vcpu>,
+    io: &IoBus,
+    control: &VmControl,
+    halted: &AtomicUsize,
+    count: usize,
+) {
+    loop {
+        match vcpu.run(io) {
+            Ok(VcpuExit::Kicked) => {
+                if control.pending().is_some() {
+                    return;
+                }
+            }
+            Ok(VcpuExit::Halted) => {
+                // Halted with interrupts off: this vCPU is done until the VM stops.
+                if halted.fetch_add(1, Ordering::SeqCst) + 1 == count {
+                    eprintln!("kvmbox: every vCPU halted with interrupts disabled; stopping");
+                    control.request(ExitRequest::Error);
+                }
+                while control.pending().is_none() {
+                    std::thread::park_timeout(std::time::Duration::from_millis(50));
+                }
+                return;
+            }
+            Ok(VcpuExit::Shutdown) | Ok(VcpuExit::Reset) => {
+                control.request(ExitRequest::Reset);
+                return;
+            }
+            Ok(VcpuExit::PowerOff) => {
+                control.request(ExitRequest::PowerOff);
+                return;
+            }
+            Err(e) => {
+                eprintln!("\r\nkvmbox: vCPU {id} stopped: {e}");
+                control.request(ExitRequest::Error);
+                return;
+            }
+        }
+    }
+}
