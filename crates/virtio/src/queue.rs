@@ -8,9 +8,7 @@
 use std::num::Wrapping;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{
-    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
 
@@ -179,7 +177,10 @@ impl<'a> GuestBufs<'a> {
     }
 
     /// Read a plain-data object.
-    pub fn read_obj<T: ByteValued + Default>(&mut self, what: &'static str) -> Result<T, ChainError> {
+    pub fn read_obj<T: ByteValued + Default>(
+        &mut self,
+        what: &'static str,
+    ) -> Result<T, ChainError> {
         let mut v = T::default();
         self.read_exact(v.as_mut_slice(), what)?;
         Ok(v)
@@ -397,7 +398,10 @@ mod tests {
         let mut r = Ring::new(&m, 0x1_0000, 8);
         r.set_desc(&m, 0, 0xdead_0000_0000, 1, F_WRITE, 0);
         r.publish(&m, 0);
-        assert!(matches!(parse_first(&m, &r), Err(ChainError::OutsideMemory(..))));
+        assert!(matches!(
+            parse_first(&m, &r),
+            Err(ChainError::OutsideMemory(..))
+        ));
     }
 
     #[test]

@@ -68,7 +68,12 @@ impl Ring {
     }
 
     /// Put descriptors `first..first + bufs.len()` in a chain and make it available.
-    pub(crate) fn add_chain(&mut self, mem: &GuestMemoryMmap, first: u16, bufs: &[(u64, u32, bool)]) {
+    pub(crate) fn add_chain(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        first: u16,
+        bufs: &[(u64, u32, bool)],
+    ) {
         for (i, &(addr, len, write)) in bufs.iter().enumerate() {
             let idx = first + i as u16;
             let mut flags = if write { F_WRITE } else { 0 };
@@ -197,7 +202,11 @@ impl TempImage {
     }
 
     pub(crate) fn open(&self) -> File {
-        File::options().read(true).write(true).open(&self.path).unwrap()
+        File::options()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .unwrap()
     }
 }
 

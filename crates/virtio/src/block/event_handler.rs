@@ -28,12 +28,16 @@ impl BlockHandler {
     /// Serve everything available. False when the queue is broken.
     pub(crate) fn process(&mut self) -> bool {
         let (mem, disk) = (&self.mem, &self.disk);
-        match process_queue(&mut self.queue, mem, &*self.interrupt, 0, |chain| {
-            match chain.and_then(|c| Request::parse(&c, mem)) {
+        match process_queue(
+            &mut self.queue,
+            mem,
+            &*self.interrupt,
+            0,
+            |chain| match chain.and_then(|c| Request::parse(&c, mem)) {
                 Ok(req) => req.execute(disk),
                 Err(_) => 0,
-            }
-        }) {
+            },
+        ) {
             Ok(more) => {
                 if more {
                     let _ = self.evt.write(1);

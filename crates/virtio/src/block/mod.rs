@@ -6,6 +6,8 @@ mod event_handler;
 pub mod request;
 
 pub use device::{
-    Block, DiskConfig, F_BLK_SIZE, F_DISCARD, F_FLUSH, F_RO, F_SEG_MAX, F_WRITE_ZEROES,
-    QUEUE_SIZE,
+    Block, DiskConfig, F_BLK_SIZE, F_DISCARD, F_FLUSH, F_RO, F_SEG_MAX, F_WRITE_ZEROES, QUEUE_SIZE,
 };
+
+#[cfg(test)]
+mod tests;

@@ -114,13 +114,17 @@ impl<'a> Request<'a> {
         let data = match kind {
             RequestKind::In | RequestKind::GetId => {
                 if reader.remaining() != 0 {
-                    return Err(ChainError::Malformed("readable data in a device-write request"));
+                    return Err(ChainError::Malformed(
+                        "readable data in a device-write request",
+                    ));
                 }
                 writer
             }
             RequestKind::Out | RequestKind::Discard | RequestKind::WriteZeroes => {
                 if writer.remaining() != 0 {
-                    return Err(ChainError::Malformed("writable data in a device-read request"));
+                    return Err(ChainError::Malformed(
+                        "writable data in a device-read request",
+                    ));
                 }
                 reader
             }
@@ -151,10 +155,7 @@ impl<'a> Request<'a> {
         if len % SECTOR_SIZE != 0 {
             return Err(S_IOERR);
         }
-        let end = self
-            .sector
-            .checked_add(len / SECTOR_SIZE)
-            .ok_or(S_IOERR)?;
+        let end = self.sector.checked_add(len / SECTOR_SIZE).ok_or(S_IOERR)?;
         if end > disk.capacity {
             return Err(S_IOERR);
         }
@@ -175,12 +176,7 @@ impl<'a> Request<'a> {
                             // chain was validated against it); pread writes at most n - done
                             // bytes there.
                             let r = unsafe {
-                                libc::pread(
-                                    fd,
-                                    ptr.add(done).cast(),
-                                    n - done,
-                                    off as libc::off_t,
-                                )
+                                libc::pread(fd, ptr.add(done).cast(), n - done, off as libc::off_t)
                             };
                             if r <= 0 {
                                 if r < 0 && last_errno_is_eintr() {

@@ -44,12 +44,16 @@ pub fn parse_tx_frame(
     buf: &mut [u8],
 ) -> Result<usize, ChainError> {
     if !chain.writable.is_empty() {
-        return Err(ChainError::Malformed("device-writable buffer in a transmit chain"));
+        return Err(ChainError::Malformed(
+            "device-writable buffer in a transmit chain",
+        ));
     }
     let mut r = chain.reader(mem);
     let len = r.remaining();
     if len < VNET_HDR_LEN {
-        return Err(ChainError::Malformed("transmit chain shorter than the virtio-net header"));
+        return Err(ChainError::Malformed(
+            "transmit chain shorter than the virtio-net header",
+        ));
     }
     if len > buf.len() {
         return Err(ChainError::Malformed("transmit frame larger than 64 KiB"));
@@ -65,11 +69,15 @@ pub(crate) fn fill_rx_chain(
     frame: &[u8],
 ) -> Result<u32, ChainError> {
     if !chain.readable.is_empty() {
-        return Err(ChainError::Malformed("device-readable buffer in a receive chain"));
+        return Err(ChainError::Malformed(
+            "device-readable buffer in a receive chain",
+        ));
     }
     let mut w = chain.writer(mem);
     if w.remaining() < frame.len() {
-        return Err(ChainError::Malformed("receive buffer too small for the frame"));
+        return Err(ChainError::Malformed(
+            "receive buffer too small for the frame",
+        ));
     }
     Ok(w.write(frame)? as u32)
 }
@@ -124,13 +132,20 @@ impl NetHandler {
                 // No merged buffers: num_buffers is 1.
                 self.frame[10..12].copy_from_slice(&1u16.to_le_bytes());
             }
-            let written = fill_rx_chain(&chain.unwrap_or_else(|_| empty_chain(head)), mem, &self.frame[..len])
-                .unwrap_or(0);
+            let written = fill_rx_chain(
+                &chain.unwrap_or_else(|_| empty_chain(head)),
+                mem,
+                &self.frame[..len],
+            )
+            .unwrap_or(0);
             self.rx.add_used(mem, head, written).map_err(QueueBroken)?;
             used = true;
             self.pending = None;
         }
-        if self.pending.is_none() && !self.tap_watched && set_watch(epoll, self.tap_fd(), TAP_TOKEN, true).is_ok() {
+        if self.pending.is_none()
+            && !self.tap_watched
+            && set_watch(epoll, self.tap_fd(), TAP_TOKEN, true).is_ok()
+        {
             self.tap_watched = true;
         }
         if used && self.rx.needs_notification(mem).map_err(QueueBroken)? {

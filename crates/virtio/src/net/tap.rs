@@ -61,7 +61,10 @@ impl Tap {
         let mut sz: libc::c_int = hdr_len;
         // SAFETY: TUNSETVNETHDRSZ reads one int we own.
         if unsafe { libc::ioctl(tap.file.as_raw_fd(), TUNSETVNETHDRSZ, &mut sz) } < 0 {
-            return Err(err("setting the vnet header size of tap", std::io::Error::last_os_error()));
+            return Err(err(
+                "setting the vnet header size of tap",
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(tap)
     }
@@ -74,7 +77,14 @@ impl Tap {
     /// Which offloaded frames the tap may deliver to us (`TUN_F_*`).
     pub fn set_offload(&self, flags: u32) -> std::io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes the flags by value.
-        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) } < 0 {
+        if unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
+        } < 0
+        {
             return Err(std::io::Error::last_os_error());
         }
         Ok(())

@@ -49,7 +49,9 @@ pub(crate) fn fill(
 ) -> Result<u32, ChainError> {
     let chain = chain?;
     if !chain.readable.is_empty() {
-        return Err(ChainError::Malformed("device-readable buffer in an entropy request"));
+        return Err(ChainError::Malformed(
+            "device-readable buffer in an entropy request",
+        ));
     }
     let mut w = chain.writer(mem);
     let n = w.remaining().min(buf.len());

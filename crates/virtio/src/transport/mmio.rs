@@ -174,7 +174,10 @@ impl BusDevice for MmioTransport {
             self.common
                 .write_device_config(offset - CONFIG_OFFSET, data);
         } else if data.len() == 4 && offset % 4 == 0 {
-            self.write_reg(offset, u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
+            self.write_reg(
+                offset,
+                u32::from_le_bytes([data[0], data[1], data[2], data[3]]),
+            );
         }
     }
 }

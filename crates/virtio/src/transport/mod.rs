@@ -7,3 +7,6 @@ pub mod pci;
 
 pub use mmio::{cmdline_arg, MmioTransport, MMIO_WINDOW_SIZE};
 pub use pci::VirtioPciDevice;
+
+#[cfg(test)]
+mod tests;

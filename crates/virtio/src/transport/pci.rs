@@ -239,7 +239,9 @@ impl VirtioPciDevice {
             0x15 => u32::from(c.config_generation),
             0x16 => u32::from(c.queue_sel),
             0x18 => q.map_or(0, |q| u32::from(q.size())),
-            0x1a => qv.map_or(u32::from(NO_VECTOR), |v| u32::from(v.load(Ordering::Acquire))),
+            0x1a => qv.map_or(u32::from(NO_VECTOR), |v| {
+                u32::from(v.load(Ordering::Acquire))
+            }),
             0x1c => q.map_or(0, |q| u32::from(q.ready())),
             0x1e => q.map_or(0, |_| u32::from(c.queue_sel)),
             0x20 => q.map_or(0, |q| q.desc_table() as u32),
@@ -352,15 +354,22 @@ impl BusDevice for VirtioPciDevice {
                 }
             }
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + REGION_SIZE).contains(&o) => {
-                self.common
-                    .read_device_config(o - DEVICE_CFG_OFFSET, data);
+                self.common.read_device_config(o - DEVICE_CFG_OFFSET, data);
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                let m = self.interrupt.msix.lock().unwrap_or_else(|e| e.into_inner());
+                let m = self
+                    .interrupt
+                    .msix
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 m.read_table(o - MSIX_TABLE_OFFSET, data);
             }
             o if (MSIX_PBA_OFFSET..BAR0_SIZE).contains(&o) => {
-                let m = self.interrupt.msix.lock().unwrap_or_else(|e| e.into_inner());
+                let m = self
+                    .interrupt
+                    .msix
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 m.read_pba(o - MSIX_PBA_OFFSET, data);
             }
             _ => data.fill(0),
@@ -378,15 +387,18 @@ impl BusDevice for VirtioPciDevice {
                 self.write_common(o, u32::from_le_bytes(raw));
             }
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + REGION_SIZE).contains(&o) => {
-                self.common
-                    .write_device_config(o - DEVICE_CFG_OFFSET, data);
+                self.common.write_device_config(o - DEVICE_CFG_OFFSET, data);
             }
             o if (NOTIFY_OFFSET..NOTIFY_OFFSET + REGION_SIZE).contains(&o) => {
                 let q = (o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER);
                 self.common.notify(q as u32);
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                let mut m = self.interrupt.msix.lock().unwrap_or_else(|e| e.into_inner());
+                let mut m = self
+                    .interrupt
+                    .msix
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 m.write_table(o - MSIX_TABLE_OFFSET, data);
             }
             _ => {}
