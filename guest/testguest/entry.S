@@ -43,13 +43,6 @@ entry64:
         cli
         cld
         mov     %rsi, %r12              /* boot_params */
-        /* Zero .bss while still on the VMM's page tables (it maps >= 1 GiB). */
-        lea     __bss_start(%rip), %rdi
-        lea     __bss_end(%rip), %rcx
-        sub     %rdi, %rcx
-        shr     $3, %rcx
-        xor     %eax, %eax
-        rep stosq
         lgdt    gdt_ptr(%rip)
         mov     $SEL_KDATA, %eax
         mov     %eax, %ds
@@ -81,19 +74,26 @@ pvh_entry32:
         mov     %eax, %ss
         mov     %eax, %fs
         mov     %eax, %gs
-        /* Zero .bss (page tables and stacks live there). */
-        mov     $__bss_start, %edi
-        mov     $__bss_end, %ecx
-        sub     %edi, %ecx
-        shr     $2, %ecx
-        xor     %eax, %eax
-        rep stosl
         mov     $boot_stack_top, %esp
-        /* Identity map the first 1 GiB with 2 MiB pages; kmain builds the full map. */
+        /*
+         * Identity map the first 1 GiB, user-accessible: one 1 GiB page if the CPU has
+         * them (ring 0 is emulated on kvm_pvm: fewer instructions), else 512 2 MiB pages.
+         * kmain builds the full map from ring 3.
+         */
         mov     $pdpt, %eax
         or      $7, %eax
         mov     %eax, pml4
-        mov     $pds, %eax
+        mov     $0x80000000, %eax       /* cpuid leaves ESI (start_info) alone */
+        cpuid
+        cmp     $0x80000001, %eax
+        jb      1f
+        mov     $0x80000001, %eax
+        cpuid
+        bt      $26, %edx               /* Page1GB */
+        jnc     1f
+        movl    $0x87, pdpt             /* P | RW | US | PS: 0..1 GiB */
+        jmp     3f
+1:      mov     $pds, %eax
         or      $7, %eax
         mov     %eax, pdpt
         mov     $pds, %edi
@@ -104,6 +104,7 @@ pvh_entry32:
         add     $8, %edi
         dec     %ecx
         jnz     2b
+3:
         mov     %cr4, %eax
         or      $CR4_PAE, %eax
         mov     %eax, %cr4
@@ -116,9 +117,9 @@ pvh_entry32:
         mov     %cr0, %eax
         or      $(CR0_PG | CR0_PE), %eax
         mov     %eax, %cr0
-        ljmp    $SEL_KCODE, $3f
+        ljmp    $SEL_KCODE, $4f
         .code64
-3:      mov     $ENTRY_PVH, %edi
+4:      mov     $ENTRY_PVH, %edi
         /* esi = start_info (upper half already zero after the mode switch? make sure) */
         mov     %esi, %esi
         jmp     entry_common64
@@ -392,11 +393,19 @@ idt_ptr:
 ap_next_index:
         .long 0
 
-        .bss
+/*
+ * No code zeroes memory: ring 0 is emulated on kvm_pvm and `rep stos` over the 1 MiB image
+ * took ~70 ms. Zero-initialised data is stored in the file (linker.ld); .bss.noinit holds
+ * only stacks and page directories that are written before they are read.
+ */
         .balign 4096
-        .globl pml4, pdpt, pds
+        .globl pml4, pdpt
 pml4:   .skip 4096
 pdpt:   .skip 4096
+
+        .section .bss.noinit, "aw", @nobits
+        .balign 4096
+        .globl pds
 pds:    .skip 4096 * 64                 /* maps up to 64 GiB with 2 MiB pages */
 
         .balign 16
@@ -410,7 +419,8 @@ boot_stack_top:
 ap_stacks:
         .skip AP_STACK_SIZE * 64
 
+        .data
         .balign 8
         .globl saved_kernel_rsp
 saved_kernel_rsp:
-        .skip 8
+        .quad 0

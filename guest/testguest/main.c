@@ -53,9 +53,9 @@ extern const u64 isr_table[32];
 
 static struct tss tss __attribute__((aligned(16)));
 static struct idt_gate idt[32] __attribute__((aligned(16)));
-static u8 trap_stack[16384] __attribute__((aligned(16)));
-static u8 ist_stack[8192] __attribute__((aligned(16)));
-static u8 user_stack[65536] __attribute__((aligned(16)));
+static u8 trap_stack[16384] NOINIT __attribute__((aligned(16)));
+static u8 ist_stack[8192] NOINIT __attribute__((aligned(16)));
+static u8 user_stack[65536] NOINIT __attribute__((aligned(16)));
 
 void kmain(u32 entry, u64 info);
 void trap(struct trap_frame *f);
@@ -187,17 +187,29 @@ static void map_gib(u64 g)
 }
 
 /* Ring 3: the page tables live in the (user-accessible) first GiB. */
-static u64 map_rest(u64 gibs)
+static u64 map_all(u64 gibs)
 {
-	for (u64 g = 1; g < gibs; g++)
+	for (u64 g = 0; g < gibs; g++)
 		map_gib(g);
 	return 0;
 }
 
+static int have_1g_pages(void)
+{
+	u32 a, b, c, d;
+	cpuid(0x80000000, 0, &a, &b, &c, &d);
+	if (a < 0x80000001)
+		return 0;
+	cpuid(0x80000001, 0, &a, &b, &c, &d);
+	return (d >> 26) & 1;
+}
+
 /*
  * Identity map [0, max(4 GiB, top of RAM)) with user-accessible 2 MiB pages; the
- * 3-4 GiB MMIO hole (MMIO probe page, IOAPIC, LAPIC) uncached. Ring 0 maps the first
- * GiB (the PVH entry already did); ring 3, which runs natively, writes the rest.
+ * 3-4 GiB MMIO hole (MMIO probe page, IOAPIC, LAPIC) uncached. Ring 0 is emulated here,
+ * so ring 0 only maps the first GiB well enough to enter ring 3 (one 1 GiB page when the
+ * CPU has them, else 512 2 MiB entries; the PVH entry already did this), and ring 3
+ * writes every page directory, including the first GiB's, which replaces the 1 GiB page.
  */
 static void setup_paging(void)
 {
@@ -215,13 +227,17 @@ static void setup_paging(void)
 	top = (top + GIB - 1) & ~(GIB - 1);
 	if (top > PD_PAGES * GIB)
 		top = PD_PAGES * GIB;
-	if (boot.entry != ENTRY_PVH)
-		map_gib(0);
+	if (boot.entry != ENTRY_PVH) {
+		if (have_1g_pages())
+			pdpt[0] = PTE_P | PTE_RW | PTE_US | PTE_PS;
+		else
+			map_gib(0);
+	}
 	pml4[0] = (u64)pdpt | PTE_P | PTE_RW | PTE_US;
 	u64 cr4 = 0x20; /* PAE only: no SMEP/SMAP (ring 0 reads ring-3 pages), no PGE */
 	__asm__ volatile("mov %0, %%cr4" : : "r"(cr4));
 	__asm__ volatile("mov %0, %%cr3" : : "r"((u64)pml4) : "memory");
-	user(map_rest, top / GIB);
+	user(map_all, top / GIB);
 	__asm__ volatile("mov %0, %%cr3" : : "r"((u64)pml4) : "memory");
 	boot.mapped_top = top;
 }

@@ -52,11 +52,22 @@ void serial_init(void)
 	outb(COM1_PORT + 4, 0x03); /* DTR | RTS */
 }
 
+/*
+ * Each port access is a VM exit (~10 us here), so poll LSR.THRE once per FIFO load: with
+ * the FIFO enabled, THRE set means all 16 bytes are free (what Linux's 8250 driver does).
+ */
+#define TX_FIFO 16
+static u32 tx_room;
+
 static void serial_putc(char c)
 {
-	for (int i = 0; i < LSR_POLL_LIMIT; i++)
-		if (inb(COM1_PORT + 5) & LSR_THRE)
-			break;
+	if (!tx_room) {
+		for (int i = 0; i < LSR_POLL_LIMIT; i++)
+			if (inb(COM1_PORT + 5) & LSR_THRE)
+				break;
+		tx_room = TX_FIFO;
+	}
+	tx_room--;
 	outb(COM1_PORT, (u8)c);
 }
 
@@ -137,7 +148,7 @@ static void vformat(struct buf *b, const char *fmt, va_list ap)
 /* Formats one message and writes it to COM1 under a lock shared by all CPUs. */
 void printk(const char *fmt, ...)
 {
-	static char line[CMDLINE_MAX + 1024];
+	static char line[CMDLINE_MAX + 1024] NOINIT;
 	while (__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE))
 		pause();
 	struct buf b = {line, 0, sizeof(line)};

@@ -10,6 +10,9 @@ typedef long i64;
 
 #define NULL ((void *)0)
 
+/* Big buffers whose initial content does not matter: not stored in the ELF file, not zeroed. */
+#define NOINIT __attribute__((section(".bss.noinit")))
+
 /* Guest addresses this guest touches (see crates/arch/src/layout.rs). */
 #define COM1_PORT 0x3f8
 #define DEBUG_EXIT_PORT 0xf4
