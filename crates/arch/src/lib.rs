@@ -22,11 +22,13 @@ pub mod layout;
 mod loader;
 mod memory;
 mod mptable;
+mod vmlinux;
 
 pub use acpi::{create_acpi_tables, create_acpi_tables_with, AcpiConfig, McfgEntry};
 pub use loader::{load, BootSetup, EntryKind, LoadParams};
 pub use memory::{e820_table, guest_memory, E820Entry, E820_RAM, E820_RESERVED};
 pub use mptable::{setup_mptable, MAX_CPUS};
+pub use vmlinux::extract_vmlinux;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,174 @@
+//! Boot Debian's cloud kernel on KVM with what this crate builds, far enough to see the kernel
+//! parse our E820 map, command line and ACPI tables (its early console on COM1 says so).
+//!
+//! Ignored by default: ring 0 is emulated on these hosts (~1 M instructions/s), so reaching the
+//! ACPI table dump takes about a minute. Run with
+//! `cargo test -p kvmbox-arch --test kvm_boot -- --ignored --nocapture`.
+
+use kvmbox_arch::{create_acpi_tables, guest_memory, layout, load, EntryKind, LoadParams};
+use kvmbox_cpu::kvm::KvmVm;
+use kvmbox_cpu::{IoHandler, VcpuConfig, VcpuExit, VcpuKicker, Vm};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn kernel() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/linux/fetch-kernel.sh");
+    let out = Command::new(&script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// COM1 just enough for earlyprintk: transmitter always empty, bytes collected; everything else
+/// reads as all ones.
+struct Console {
+    out: Mutex<Vec<u8>>,
+    lcr: AtomicU8,
+    stop_at: &'static str,
+    kicker: Arc<dyn VcpuKicker>,
+}
+
+impl IoHandler for Console {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        let v = match port {
+            0x3fd => 0x60, // LSR: THR empty, transmitter empty
+            0x3fb => self.lcr.load(Ordering::Relaxed),
+            0x3f9 | 0x3fa | 0x3fc | 0x3fe => 0,
+            _ => 0xff,
+        };
+        data.fill(v);
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        match port {
+            0x3fb => self.lcr.store(data[0], Ordering::Relaxed),
+            0x3f8 if self.lcr.load(Ordering::Relaxed) & 0x80 == 0 => {
+                let mut out = self.out.lock().unwrap();
+                out.push(data[0]);
+                if data[0] == b'\n' && String::from_utf8_lossy(&out).contains(self.stop_at) {
+                    self.kicker.kick();
+                }
+            }
+            _ => {}
+        }
+    }
+    fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+}
+
+/// Boot and return the console text once `stop_at` shows up (or the time is up).
+/// `KVMBOX_ARCH_STOP` / `KVMBOX_ARCH_SECS` override where and when to stop (to watch a boot get
+/// further by hand).
+fn boot(p: &mut LoadParams, stop_at: &'static str, limit: Duration) -> (EntryKind, String) {
+    let stop_at: &'static str = match std::env::var("KVMBOX_ARCH_STOP") {
+        Ok(s) => Box::leak(s.into_boxed_str()),
+        Err(_) => stop_at,
+    };
+    let limit = std::env::var("KVMBOX_ARCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(limit);
+    let mem = guest_memory(p.mem_size).unwrap();
+    p.rsdp = Some(create_acpi_tables(&mem, p.cpus).unwrap());
+    let b = load(&mem, p).unwrap();
+    let vm = KvmVm::new(&mem).unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.configure(&VcpuConfig { id: 0, count: 1 }).unwrap();
+    vcpu.set_sregs(&b.sregs).unwrap();
+    vcpu.set_regs(&b.regs).unwrap();
+    let kicker = vcpu.kicker();
+    let console = Console {
+        out: Mutex::new(Vec::new()),
+        lcr: AtomicU8::new(0),
+        stop_at,
+        kicker: kicker.clone(),
+    };
+    let start = Instant::now();
+    let timer = {
+        let kicker = kicker.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(limit);
+            kicker.kick();
+        })
+    };
+    let exit = vcpu.run(&console);
+    let text = String::from_utf8_lossy(&console.out.lock().unwrap()).into_owned();
+    eprintln!(
+        "--- {:?} after {:?}: {exit:?}\n{text}",
+        b.entry_kind,
+        start.elapsed()
+    );
+    drop(timer);
+    assert!(
+        matches!(exit, Ok(VcpuExit::Kicked)),
+        "guest stopped early: {exit:?}"
+    );
+    (b.entry_kind, text)
+}
+
+fn check_early_boot(text: &str) {
+    for want in [
+        "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
+        "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved",
+        "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",
+        "BIOS-e820: [mem 0x00000000e0000000-0x00000000efffffff] reserved",
+        "Command line: console=ttyS0 earlyprintk=serial,ttyS0 kvmbox-test",
+        "ACPI: RSDP 0x00000000000E0000 000024 (v02 KVMBOX)",
+        "ACPI: FACP 0x",
+        "ACPI: DSDT 0x",
+        "ACPI: FACS 0x",
+        "ACPI: APIC 0x",
+        "ACPI: PM-Timer IO Port: 0x608",
+        "IOAPIC[0]: apic_id 0",
+        "ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2 dfl dfl)",
+        "ACPI: INT_SRC_OVR (bus 0 bus_irq 9 global_irq 9 high level)",
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+    ] {
+        assert!(text.contains(want), "console lacks {want:?}");
+    }
+}
+
+const CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 kvmbox-test";
+const STOP: &str = "Kernel command line:";
+
+#[test]
+#[ignore = "slow: ring 0 is emulated on this host"]
+fn debian_kernel_host_decompressed_pvh_reads_our_tables() {
+    let k = kernel();
+    let mut p = LoadParams::new(&k, CMDLINE, 256 << 20);
+    p.host_decompress = true;
+    let (kind, text) = boot(&mut p, STOP, Duration::from_secs(300));
+    assert_eq!(kind, EntryKind::Pvh);
+    check_early_boot(&text);
+}
+
+#[test]
+#[ignore = "slow: ring 0 is emulated on this host"]
+fn debian_kernel_host_decompressed_linux64_reads_our_tables() {
+    let k = kernel();
+    let mut p = LoadParams::new(&k, CMDLINE, 256 << 20);
+    p.host_decompress = true;
+    p.prefer_pvh = false;
+    let (kind, text) = boot(&mut p, STOP, Duration::from_secs(300));
+    assert_eq!(kind, EntryKind::Linux64);
+    check_early_boot(&text);
+}
+
+#[test]
+#[ignore = "very slow: the in-guest LZ4 decompressor runs in emulated ring 0"]
+fn debian_bzimage_reads_our_tables() {
+    let k = kernel();
+    let mut p = LoadParams::new(&k, CMDLINE, 256 << 20);
+    let (kind, text) = boot(&mut p, STOP, Duration::from_secs(1200));
+    assert_eq!(kind, EntryKind::Linux64);
+    check_early_boot(&text);
+    let _ = layout::RSDP_START;
+}
