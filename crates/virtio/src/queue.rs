@@ -320,12 +320,15 @@ pub fn has_available(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
         .is_ok_and(|i| i != Wrapping(queue.next_avail()))
 }
 
+/// A popped chain: validated, or why not.
+pub type ParsedChain = Result<Chain, ChainError>;
+
 /// Pop the next available chain (validated) with its head index, or `None` when the driver
 /// has made nothing more available.
 pub fn pop_chain(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
-) -> Result<Option<(u16, Result<Chain, ChainError>)>, QueueBroken> {
+) -> Result<Option<(u16, ParsedChain)>, QueueBroken> {
     let next = queue.iter(mem).map_err(QueueBroken)?.next();
     Ok(next.map(|c| (c.head_index(), Chain::parse(c, mem))))
 }

@@ -152,7 +152,7 @@ impl<'a> Request<'a> {
     /// Byte offset and length of a data transfer, if it is sector aligned and inside the disk.
     fn range(&self, disk: &Disk, len: usize) -> Result<u64, u8> {
         let len = len as u64;
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(S_IOERR);
         }
         let end = self.sector.checked_add(len / SECTOR_SIZE).ok_or(S_IOERR)?;
@@ -242,7 +242,7 @@ impl<'a> Request<'a> {
                 }
                 let len = self.data.remaining();
                 let size = std::mem::size_of::<Segment>();
-                if len == 0 || len % size != 0 || len / size > MAX_SEGMENTS as usize {
+                if len == 0 || !len.is_multiple_of(size) || len / size > MAX_SEGMENTS as usize {
                     return Err(S_UNSUPP);
                 }
                 let mut segs = Vec::with_capacity(len / size);

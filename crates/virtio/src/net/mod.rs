@@ -10,3 +10,6 @@ pub use device::{
 };
 pub use event_handler::{parse_tx_frame, MAX_FRAME, VNET_HDR_LEN};
 pub use tap::Tap;
+
+#[cfg(test)]
+mod tests;

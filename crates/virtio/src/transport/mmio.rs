@@ -162,7 +162,7 @@ impl BusDevice for MmioTransport {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_OFFSET {
             self.common.read_device_config(offset - CONFIG_OFFSET, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         } else {
             data.fill(0);
@@ -173,7 +173,7 @@ impl BusDevice for MmioTransport {
         if offset >= CONFIG_OFFSET {
             self.common
                 .write_device_config(offset - CONFIG_OFFSET, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             self.write_reg(
                 offset,
                 u32::from_le_bytes([data[0], data[1], data[2], data[3]]),

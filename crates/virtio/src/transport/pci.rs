@@ -293,7 +293,7 @@ impl VirtioPciDevice {
                     }
                 }
             }
-            0x20..=0x34 if offset % 4 == 0 => {
+            0x20..=0x34 if offset.is_multiple_of(4) => {
                 if let Some(q) = self.common.queue_mut() {
                     let (lo, hi) = if offset & 4 == 0 {
                         (Some(v), None)

@@ -97,7 +97,11 @@ fn write_request(m: &GuestMemoryMmap, ring: &mut Ring, sector: u64, byte: u8) {
     m.write_slice(&[byte; 512], GuestAddress(DATA)).unwrap();
     m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
     let first = (ring.next_avail * 3) % ring.size;
-    ring.add_chain(m, first, &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
+    ring.add_chain(
+        m,
+        first,
+        &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+    );
 }
 
 fn status_byte(m: &GuestMemoryMmap) -> u8 {
@@ -140,7 +144,11 @@ fn mmio_block_end_to_end() {
     ring.add_chain(
         &m,
         5,
-        &[(HDR + 0x100, 16, false), (DATA + 0x1000, 512, true), (STATUS + 1, 1, true)],
+        &[
+            (HDR + 0x100, 16, false),
+            (DATA + 0x1000, 512, true),
+            (STATUS + 1, 1, true),
+        ],
     );
     d.w(0x50, 0);
     assert!(wait_for(|| ring.used_idx(&m) == 3));
@@ -170,7 +178,8 @@ fn mmio_rng_end_to_end() {
     assert_eq!(d.init(ALL, &[(0, &ring)]), 15);
     ring.add_chain(&m, 0, &[(DATA, 64, true), (DATA + 0x1000, 4096, true)]);
     // A chain with a device-readable buffer is the wrong direction: nothing written.
-    m.write_slice(&[0u8; 16], GuestAddress(DATA + 0x4000)).unwrap();
+    m.write_slice(&[0u8; 16], GuestAddress(DATA + 0x4000))
+        .unwrap();
     ring.add_chain(&m, 2, &[(DATA + 0x4000, 16, false)]);
     d.w(0x50, 0);
     assert!(wait_for(|| ring.used_idx(&m) == 2));
@@ -178,7 +187,10 @@ fn mmio_rng_end_to_end() {
     assert_eq!(ring.used_elem(&m, 1), (2, 0));
     let mut b = vec![0u8; 4096];
     m.read_slice(&mut b, GuestAddress(DATA + 0x1000)).unwrap();
-    assert!(b.iter().filter(|&&x| x == 0).count() < 64, "random, not zeros");
+    assert!(
+        b.iter().filter(|&&x| x == 0).count() < 64,
+        "random, not zeros"
+    );
     assert!(irq.edges.load(Ordering::SeqCst) >= 1);
 }
 
@@ -220,7 +232,9 @@ fn avail_index_past_queue_size_marks_device_broken() {
     write_request(&m, &mut ring, 0, 1);
     ring.set_avail_idx(&m, 100);
     d.w(0x50, 0);
-    assert!(wait_for(|| d.r(0x70) & u32::from(STATUS_DEVICE_NEEDS_RESET) != 0));
+    assert!(wait_for(|| d.r(0x70)
+        & u32::from(STATUS_DEVICE_NEEDS_RESET)
+        != 0));
     assert_eq!(d.r(0x60) & 2, 2, "configuration interrupt");
     assert_eq!(ring.used_idx(&m), 0, "nothing processed");
     // Further notifies are harmless; a reset clears the condition.
@@ -281,7 +295,7 @@ fn random_register_writes_are_harmless() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let off = (x >> 8) % 0x110 & !3;
+        let off = ((x >> 8) % 0x110) & !3;
         let v = (x >> 32) as u32;
         if x & 3 == 0 {
             d.r(off);
@@ -323,9 +337,13 @@ impl Pci {
         let msi: Vec<Arc<TestMsi>> = (0..=nq).map(|_| Arc::new(TestMsi::default())).collect();
         let lines = msi.iter().map(|l| l.clone() as Arc<dyn MsiLine>).collect();
         let intx = Arc::new(TestIrq::default());
-        let vdev =
-            VirtioPciDevice::new(dev, m.clone(), lines, Some(intx.clone() as Arc<dyn IrqLine>))
-                .unwrap();
+        let vdev = VirtioPciDevice::new(
+            dev,
+            m.clone(),
+            lines,
+            Some(intx.clone() as Arc<dyn IrqLine>),
+        )
+        .unwrap();
         let slot = root
             .lock()
             .unwrap()
@@ -451,7 +469,11 @@ fn pci_block_end_to_end_with_msix() {
     let p = Pci::new(blk(&img, false), &m, 1);
     assert_eq!(p.cfg(0), 0x1042_1af4, "virtio-blk modern IDs");
     assert_eq!(p.cfg(8) >> 8, 0x01_8000, "mass storage class");
-    assert_eq!(p.r(p.device, 4), (1 << 20) / 512, "capacity through device cfg");
+    assert_eq!(
+        p.r(p.device, 4),
+        (1 << 20) / 512,
+        "capacity through device cfg"
+    );
     let mut ring = Ring::new(&m, 0x1_0000, 16);
     assert_eq!(p.init(&[&ring], true), 15);
     write_request(&m, &mut ring, 7, 0x42);
@@ -462,7 +484,11 @@ fn pci_block_end_to_end_with_msix() {
     assert!(wait_for(|| p.msi[1].fired.load(Ordering::SeqCst) == 1));
     assert_eq!(*p.msi[1].msg.lock().unwrap(), Some((0xfee0_0000, 0x31)));
     assert_eq!(p.msi[0].fired.load(Ordering::SeqCst), 0);
-    assert_eq!(p.intx.edges.load(Ordering::SeqCst), 0, "no INTx with MSI-X on");
+    assert_eq!(
+        p.intx.edges.load(Ordering::SeqCst),
+        0,
+        "no INTx with MSI-X on"
+    );
     // Masked vector: the message waits in the PBA until unmasked.
     p.w(0x4000 + 16 + 12, 4, 1);
     write_request(&m, &mut ring, 8, 0x43);
@@ -535,7 +561,10 @@ fn pci_needs_reset_sends_config_vector() {
     ring.set_avail_idx(&m, 50);
     p.notify(0);
     assert!(wait_for(|| p.msi[0].fired.load(Ordering::SeqCst) == 1));
-    assert_ne!(p.r(p.common + 0x14, 1) & u32::from(STATUS_DEVICE_NEEDS_RESET), 0);
+    assert_ne!(
+        p.r(p.common + 0x14, 1) & u32::from(STATUS_DEVICE_NEEDS_RESET),
+        0
+    );
     assert_eq!(p.msi[1].fired.load(Ordering::SeqCst), 0);
     p.w(p.common + 0x14, 1, 0);
     assert_eq!(p.r(p.common + 0x14, 1), 0);

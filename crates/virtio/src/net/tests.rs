@@ -1,0 +1,221 @@
+//! virtio-net tests. The TAP test runs inside a network namespace it creates (needs root).
+
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use kvmbox_cpu::IoHandler;
+use kvmbox_devices::IoBus;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::event_handler::fill_rx_chain;
+use super::{parse_tx_frame, Net, NetConfig, MAX_FRAME, VNET_HDR_LEN};
+use crate::queue::{pop_chain, ChainError};
+use crate::test_util::*;
+use crate::transport::MmioTransport;
+
+#[test]
+fn transmit_and_receive_chain_shapes() {
+    let m = mem();
+    let mut r = Ring::new(&m, 0x1_0000, 8);
+    let mut q = r.queue();
+    m.write_slice(&[7u8; 100], GuestAddress(0x3_0000)).unwrap();
+    r.add_chain(&m, 0, &[(0x3_0000, 10, false), (0x3_0010, 50, false)]);
+    r.add_chain(&m, 2, &[(0x3_0000, 8, false)]);
+    r.add_chain(&m, 3, &[(0x3_0000, 20, false), (0x3_1000, 20, true)]);
+    r.add_chain(&m, 5, &[(0x3_0000, MAX_FRAME as u32 + 1, false)]);
+    let mut buf = vec![0u8; MAX_FRAME];
+    let mut next = || pop_chain(&mut q, &m).unwrap().unwrap().1.unwrap();
+    assert_eq!(parse_tx_frame(&next(), &m, &mut buf), Ok(60));
+    assert!(matches!(
+        parse_tx_frame(&next(), &m, &mut buf),
+        Err(ChainError::Malformed(_))
+    ));
+    assert!(matches!(
+        parse_tx_frame(&next(), &m, &mut buf),
+        Err(ChainError::Malformed(_))
+    ));
+    assert!(matches!(
+        parse_tx_frame(&next(), &m, &mut buf),
+        Err(ChainError::Malformed(_))
+    ));
+
+    let mut r = Ring::new(&m, 0x1_0000, 8);
+    let mut q = r.queue();
+    r.add_chain(&m, 0, &[(0x4_0000, 30, true), (0x4_1000, 30, true)]);
+    r.add_chain(&m, 2, &[(0x4_0000, 30, true)]);
+    r.add_chain(&m, 3, &[(0x4_0000, 10, false), (0x4_1000, 100, true)]);
+    let frame: Vec<u8> = (0..50).collect();
+    let mut next = || pop_chain(&mut q, &m).unwrap().unwrap().1.unwrap();
+    assert_eq!(fill_rx_chain(&next(), &m, &frame), Ok(50));
+    let mut b = [0u8; 20];
+    m.read_slice(&mut b, GuestAddress(0x4_1000)).unwrap();
+    assert_eq!(b[0], 30);
+    assert!(fill_rx_chain(&next(), &m, &frame).is_err(), "too small");
+    assert!(fill_rx_chain(&next(), &m, &frame).is_err(), "readable part");
+}
+
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Self {
+        let name = format!("kvmbox-vt-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(
+            ok.success(),
+            "ip netns add {name} (the TAP test needs root)"
+        );
+        Self(name)
+    }
+    fn ip(&self, args: &[&str]) {
+        let ok = Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip -n {} {args:?}", self.0);
+    }
+    /// Open the TAP from a thread that entered the namespace, so it is created there.
+    fn open_net(&self, cfg: NetConfig) -> Net {
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(path).unwrap();
+            // SAFETY: setns on this thread only, with a namespace fd we own.
+            let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            Net::new(&cfg).unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn arp_request(mac: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&spa);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&tpa);
+    f
+}
+
+#[test]
+fn tap_arp_round_trip_in_a_network_namespace() {
+    let ns = Netns::new();
+    let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    let net = ns.open_net(NetConfig {
+        tap: "kvbtap0".into(),
+        mac: Some(mac),
+    });
+    assert_eq!(net.tap_name(), "kvbtap0");
+    ns.ip(&["link", "set", "kvbtap0", "up"]);
+    ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "kvbtap0"]);
+
+    let m: GuestMemoryMmap = mem();
+    let irq = Arc::new(TestIrq::default());
+    let t = MmioTransport::new(Box::new(net), m.clone(), irq.clone()).unwrap();
+    let io = IoBus::default();
+    const BASE: u64 = 0xd000_0000;
+    io.mmio
+        .insert(Arc::new(Mutex::new(t)), BASE, 0x1000)
+        .unwrap();
+    let r = |off: u64| {
+        let mut d = [0u8; 4];
+        io.mmio_read(BASE + off, &mut d);
+        u32::from_le_bytes(d)
+    };
+    let w = |off: u64, v: u32| io.mmio_write(BASE + off, &v.to_le_bytes());
+    assert_eq!(r(8), crate::TYPE_NET);
+    let mut cfg = [0u8; 6];
+    for (i, b) in cfg.iter_mut().enumerate() {
+        let mut d = [0u8; 1];
+        io.mmio_read(BASE + 0x100 + i as u64, &mut d);
+        *b = d[0];
+    }
+    assert_eq!(cfg, mac);
+
+    let mut rx = Ring::new(&m, 0x1_0000, 16);
+    let mut tx = Ring::new(&m, 0x2_0000, 16);
+    w(0x70, 3);
+    w(0x14, 0);
+    let lo = r(0x10);
+    w(0x14, 1);
+    let hi = r(0x10);
+    w(0x24, 0);
+    w(0x20, lo);
+    w(0x24, 1);
+    w(0x20, hi);
+    w(0x70, 11);
+    assert_eq!(r(0x70), 11);
+    for (q, ring) in [(0u32, &rx), (1, &tx)] {
+        w(0x30, q);
+        w(0x38, u32::from(ring.size));
+        w(0x80, ring.desc as u32);
+        w(0x90, ring.avail as u32);
+        w(0xa0, ring.used as u32);
+        w(0x44, 1);
+    }
+    w(0x70, 15);
+    assert_eq!(
+        r(0x70),
+        15,
+        "activated (TUNSETOFFLOAD with CSUM/TSO accepted)"
+    );
+
+    // Eight receive buffers big enough for TSO frames.
+    for i in 0..8u16 {
+        rx.add_chain(
+            &m,
+            i,
+            &[(0x10_0000 + u64::from(i) * 0x1_0000, MAX_FRAME as u32, true)],
+        );
+    }
+    w(0x50, 0);
+    let arp = arp_request(mac, [10, 77, 0, 2], [10, 77, 0, 1]);
+    m.write_slice(&arp, GuestAddress(0x9_0000)).unwrap();
+    tx.add_chain(
+        &m,
+        0,
+        &[
+            (0x9_0000, 12, false),
+            (0x9_0000 + 12, arp.len() as u32 - 12, false),
+        ],
+    );
+    w(0x50, 1);
+    assert!(wait_for(|| tx.used_idx(&m) == 1), "transmit completed");
+
+    // Look for the kernel's ARP reply among received frames (IPv6 chatter may come too).
+    let found = wait_for(|| {
+        (0..rx.used_idx(&m)).any(|i| {
+            let (id, len) = rx.used_elem(&m, i);
+            let mut f = vec![0u8; len as usize];
+            m.read_slice(&mut f, GuestAddress(0x10_0000 + u64::from(id) * 0x1_0000))
+                .unwrap();
+            let e = &f[VNET_HDR_LEN.min(f.len())..];
+            e.len() >= 42
+                && e[..6] == mac
+                && e[12..14] == [0x08, 0x06]
+                && e[20..22] == [0, 2]
+                && e[28..32] == [10, 77, 0, 1]
+        })
+    });
+    assert!(
+        found,
+        "ARP reply from the namespace's kvbtap0 reached the guest"
+    );
+    assert!(irq.edges.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    w(0x70, 0);
+    assert_eq!(r(0x70), 0);
+}
