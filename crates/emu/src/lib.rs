@@ -1,1 +1,118 @@
-//! Software x86-64 CPU engine.
+//! kvmbox's software x86-64 CPU engine.
+//!
+//! [`EmuVm`] implements [`kvmbox_cpu::Vm`] and its vCPUs ([`EmuVcpu`]) implement
+//! [`kvmbox_cpu::Vcpu`]: instructions are decoded with iced-x86 and executed against the guest's
+//! mmap'd RAM; port I/O and MMIO go to the VMM's [`kvmbox_cpu::IoHandler`] inline. The engine
+//! knows nothing about devices. Interrupts come from an [`InterruptController`] (the local APIC
+//! / IOAPIC / PIC of crate `kvmbox-irqchip`) that the vCPUs poll at instruction boundaries.
+//!
+//! Layout: `state.rs` (architectural state), `mem.rs` (guest-physical access, atomics),
+//! `mmu.rs` (page walker + TLB), `cpu.rs` (segmentation, fetch/decode, decoded-instruction
+//! cache), `exec/` (semantics by concern), `interrupt.rs` (IDT delivery), `cpuid.rs` (CPU
+//! model), `vcpu.rs` (run loop and the trait impl).
+
+pub mod cpu;
+pub mod cpuid;
+pub mod exec;
+pub mod interrupt;
+pub mod irq;
+pub mod mem;
+pub mod mmu;
+pub mod state;
+pub mod vcpu;
+
+pub use cpu::Stats;
+pub use irq::{InterruptController, StartupEvent};
+pub use state::CpuState;
+pub use vcpu::EmuVcpu;
+
+use kvmbox_cpu::{IoEventAddress, IrqLine, MsiLine, Vcpu, Vm};
+use std::sync::{Arc, RwLock};
+use vm_memory::GuestMemoryMmap;
+
+/// Errors of the engine's own API (the trait methods use `kvmbox_cpu::Error`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A vCPU index beyond what the engine supports.
+    #[error("vCPU index {0} is out of range (the emu engine supports at most {1} vCPUs)")]
+    VcpuIndex(u32, u32),
+}
+
+impl From<Error> for kvmbox_cpu::Error {
+    fn from(e: Error) -> Self {
+        kvmbox_cpu::Error::Unsupported(e.to_string())
+    }
+}
+
+/// Most vCPUs one VM may have (xAPIC IDs are 8 bits).
+pub const MAX_VCPUS: u32 = 255;
+
+/// A VM run by the software engine. vCPUs share the guest memory.
+pub struct EmuVm {
+    phys: mem::PhysMem,
+    irq: RwLock<Option<Arc<dyn InterruptController>>>,
+}
+
+impl EmuVm {
+    /// A VM over `mem`.
+    pub fn new(mem: GuestMemoryMmap) -> EmuVm {
+        EmuVm {
+            phys: mem::PhysMem::new(mem),
+            irq: RwLock::new(None),
+        }
+    }
+
+    /// Attach the interrupt controller. vCPUs created afterwards poll it (and advertise an
+    /// APIC in CPUID); call before creating vCPUs.
+    pub fn set_interrupt_controller(&self, irq: Arc<dyn InterruptController>) {
+        *self.irq.write().unwrap_or_else(|e| e.into_inner()) = Some(irq);
+    }
+
+    /// Create vCPU `id` as the concrete engine type (tests and tools use its extra methods).
+    pub fn create_emu_vcpu(&self, id: u32) -> Result<EmuVcpu, Error> {
+        if id >= MAX_VCPUS {
+            return Err(Error::VcpuIndex(id, MAX_VCPUS));
+        }
+        let mut c = cpu::Cpu::new(self.phys.clone(), id);
+        c.irq = self.irq.read().unwrap_or_else(|e| e.into_inner()).clone();
+        c.cpuid = cpuid::build(id, 1, c.irq.is_some());
+        Ok(EmuVcpu::new(c))
+    }
+}
+
+impl Vm for EmuVm {
+    fn name(&self) -> &'static str {
+        "emu"
+    }
+
+    fn create_vcpu(&self, id: u32) -> kvmbox_cpu::Result<Box<dyn Vcpu>> {
+        Ok(Box::new(self.create_emu_vcpu(id)?))
+    }
+
+    fn irq_line(&self, gsi: u32) -> kvmbox_cpu::Result<Arc<dyn IrqLine>> {
+        Err(kvmbox_cpu::Error::Unsupported(format!(
+            "the emu engine has no interrupt controller yet: cannot create GSI {gsi} (needs crate kvmbox-irqchip)"
+        )))
+    }
+
+    fn msi_line(&self) -> kvmbox_cpu::Result<Arc<dyn MsiLine>> {
+        Err(kvmbox_cpu::Error::Unsupported(
+            "the emu engine has no interrupt controller yet: MSI needs crate kvmbox-irqchip".into(),
+        ))
+    }
+
+    fn register_ioevent(
+        &self,
+        _fd: &vmm_sys_util::eventfd::EventFd,
+        _addr: IoEventAddress,
+        _datamatch: Option<u32>,
+    ) -> kvmbox_cpu::Result<()> {
+        Err(kvmbox_cpu::Error::Unsupported(
+            "the emu engine has no ioeventfd shortcut; writes reach devices through the bus".into(),
+        ))
+    }
+
+    fn max_vcpus(&self) -> u32 {
+        MAX_VCPUS
+    }
+}

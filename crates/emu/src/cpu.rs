@@ -1,0 +1,486 @@
+//! The engine core: one vCPU's state plus its TLB, and memory access through segmentation
+//! and paging. Instruction semantics live in `exec/`, exception delivery in `interrupt.rs`.
+
+use crate::irq::InterruptController;
+use crate::mem::{self, PhysMem};
+use crate::mmu::{Tlb, ACC_R, ACC_W, ACC_X};
+use crate::state::{seg, CpuState};
+use iced_x86::{Decoder, DecoderOptions, Instruction};
+use kvmbox_cpu::IoHandler;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Why an instruction did not complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// An architectural exception (vector, error code) to deliver through the IDT.
+    Exc(u8, Option<u32>),
+    /// The vCPU cannot continue (e.g. page tables outside RAM, task switches): stop it.
+    Stop(String),
+    /// Triple fault.
+    Shutdown,
+}
+
+/// Engine result.
+pub type R<T> = Result<T, Fault>;
+
+/// #GP with an error code.
+#[inline]
+pub fn gp(e: u32) -> Fault {
+    Fault::Exc(13, Some(e))
+}
+/// #GP(0).
+#[inline]
+pub fn gp0() -> Fault {
+    gp(0)
+}
+/// #UD.
+#[inline]
+pub fn ud() -> Fault {
+    Fault::Exc(6, None)
+}
+/// #SS with an error code.
+#[inline]
+pub fn ss_fault(e: u32) -> Fault {
+    Fault::Exc(12, Some(e))
+}
+/// #NP with an error code.
+#[inline]
+pub fn np(e: u32) -> Fault {
+    Fault::Exc(11, Some(e))
+}
+
+/// Counters kept by the engine.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Instructions retired.
+    pub instructions: u64,
+    /// Exceptions and interrupts delivered.
+    pub exceptions: u64,
+    /// #UD raised for instructions the engine does not implement, by mnemonic.
+    pub unimplemented: BTreeMap<String, u64>,
+    /// Total of `unimplemented`.
+    pub unimplemented_total: u64,
+    /// Decoded-instruction cache hits.
+    pub decode_hits: u64,
+    /// Instructions decoded by iced-x86 (cache misses).
+    pub decodes: u64,
+}
+
+const DCACHE_SIZE: usize = 4096;
+
+#[derive(Clone)]
+struct DecodedEntry {
+    /// Physical address of the first byte, bitness in the low bits of `key`.
+    key: u64,
+    rip: u64,
+    bytes: [u8; 15],
+    ins: Instruction,
+}
+
+/// One emulated vCPU.
+pub struct Cpu {
+    /// Architectural state.
+    pub st: CpuState,
+    pub(crate) tlb: Tlb,
+    pub(crate) phys: PhysMem,
+    io: Option<*const (dyn IoHandler + 'static)>,
+    pub(crate) irq: Option<Arc<dyn InterruptController>>,
+    /// vCPU index (APIC ID).
+    pub id: u32,
+    /// Counters.
+    pub stats: Stats,
+    /// RIP of the next instruction (set by exec before it commits).
+    pub(crate) next_rip: u64,
+    /// Interrupts are inhibited for one instruction (after STI, MOV SS, POP SS).
+    pub(crate) shadow: bool,
+    /// Set by exec when the instruction requests a shadow for the next instruction.
+    pub(crate) set_shadow: bool,
+    /// HLT executed; waiting for an interrupt.
+    pub halted: bool,
+    /// Waiting for SIPI (application processor before startup, or after INIT).
+    pub wait_sipi: bool,
+    dcache: Vec<Option<Box<DecodedEntry>>>,
+    /// The CPUID table.
+    pub(crate) cpuid: Vec<kvmbox_cpu::CpuidEntry>,
+}
+
+// SAFETY: `io` is only set for the duration of `Cpu::with_io`, on the thread that owns the
+// Cpu; the pointers in the TLB point into guest memory kept alive by `phys`.
+unsafe impl Send for Cpu {}
+
+impl Cpu {
+    /// A vCPU in RESET state over `phys`.
+    pub fn new(phys: PhysMem, id: u32) -> Self {
+        Cpu {
+            st: CpuState::default(),
+            tlb: Tlb::default(),
+            phys,
+            io: None,
+            irq: None,
+            id,
+            stats: Stats::default(),
+            next_rip: 0,
+            shadow: false,
+            set_shadow: false,
+            halted: false,
+            wait_sipi: false,
+            dcache: vec![None; DCACHE_SIZE],
+            cpuid: crate::cpuid::build(id, 1, false),
+        }
+    }
+
+    /// Run `f` with `io` as the device handler for port and MMIO accesses.
+    pub fn with_io<T>(&mut self, io: &dyn IoHandler, f: impl FnOnce(&mut Cpu) -> T) -> T {
+        let p: *const (dyn IoHandler + '_) = io;
+        // SAFETY: only the lifetime bound is erased; the pointer is cleared below before `io`'s
+        // borrow ends, and is never dereferenced after that.
+        let p: *const (dyn IoHandler + 'static) = unsafe { std::mem::transmute(p) };
+        self.io = Some(p);
+        let r = f(self);
+        self.io = None;
+        r
+    }
+
+    pub(crate) fn io_handler(&self) -> R<&dyn IoHandler> {
+        match self.io {
+            // SAFETY: set by with_io for the duration of the borrow of the handler.
+            Some(p) => Ok(unsafe { &*p }),
+            None => Err(Fault::Stop("device access outside Vcpu::run".into())),
+        }
+    }
+
+    /// Flush the TLB and the decode cache (mode changes, CR0/CR4 writes).
+    pub fn flush_all(&mut self) {
+        self.tlb.flush_all();
+    }
+
+    // ---------------------------------------------------------------- physical
+
+    fn apic_page(&self, pa: u64) -> bool {
+        self.irq.is_some()
+            && self.st.apic_base & (1 << 11) != 0
+            && pa & !0xfff == self.st.apic_base & 0xf_ffff_f000
+    }
+
+    /// Read `buf.len()` bytes of guest-physical memory within one page.
+    pub(crate) fn phys_read(&mut self, pa: u64, buf: &mut [u8]) -> R<()> {
+        if let Some(p) = self.phys.host(pa, buf.len() as u64) {
+            // SAFETY: host() checked the range lies in RAM.
+            unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+            return Ok(());
+        }
+        if self.apic_page(pa) {
+            if let Some(irq) = &self.irq {
+                irq.apic_read(self.id, pa & 0xfff, buf);
+                return Ok(());
+            }
+        }
+        self.io_handler()?.mmio_read(pa, buf);
+        Ok(())
+    }
+
+    /// Write guest-physical memory within one page.
+    pub(crate) fn phys_write(&mut self, pa: u64, buf: &[u8]) -> R<()> {
+        if let Some(p) = self.phys.host(pa, buf.len() as u64) {
+            // SAFETY: host() checked the range lies in RAM.
+            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) };
+            return Ok(());
+        }
+        if self.apic_page(pa) {
+            if let Some(irq) = &self.irq {
+                irq.apic_write(self.id, pa & 0xfff, buf);
+                return Ok(());
+            }
+        }
+        self.io_handler()?.mmio_write(pa, buf);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- linear
+
+    #[inline]
+    fn user(&self) -> bool {
+        self.st.cpl() == 3
+    }
+
+    /// Read `size` (1, 2, 4, 8) bytes at linear `lin` as the current privilege level.
+    #[inline]
+    pub(crate) fn read_lin(&mut self, lin: u64, size: u32) -> R<u64> {
+        let user = self.user();
+        self.read_lin_priv(lin, size, user)
+    }
+
+    /// Read at linear `lin` with an explicit privilege (false = implicit supervisor access).
+    pub(crate) fn read_lin_priv(&mut self, lin: u64, size: u32, user: bool) -> R<u64> {
+        let off = lin & 0xfff;
+        if off + size as u64 <= 0x1000 {
+            let e = self.translate(lin, ACC_R, user)?;
+            if !e.host.is_null() {
+                // SAFETY: the TLB's host pointer covers the whole 4 KiB page; off+size <= 4096.
+                return Ok(unsafe { mem::load(e.host.add(off as usize), size) });
+            }
+            let mut b = [0u8; 8];
+            self.phys_read(e.ppage | off, &mut b[..size as usize])?;
+            return Ok(u64::from_le_bytes(b));
+        }
+        let mut b = [0u8; 8];
+        self.read_bytes_priv(lin, &mut b[..size as usize], user, ACC_R)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Read any number of bytes (page crossing allowed; both pages are checked first).
+    pub(crate) fn read_bytes_priv(&mut self, lin: u64, buf: &mut [u8], user: bool, acc: u8) -> R<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let a = lin.wrapping_add(done as u64);
+            let n = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
+            let e = self.translate(a, acc, user)?;
+            self.phys_read(e.ppage | (a & 0xfff), &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write bytes at linear `lin`; every page is translated before anything is written.
+    pub(crate) fn write_bytes_priv(&mut self, lin: u64, buf: &[u8], user: bool) -> R<()> {
+        let last = lin.wrapping_add(buf.len().saturating_sub(1) as u64);
+        if (lin ^ last) >> 12 != 0 {
+            self.translate(last, ACC_W, user)?;
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let a = lin.wrapping_add(done as u64);
+            let n = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
+            let e = self.translate(a, ACC_W, user)?;
+            self.phys_write(e.ppage | (a & 0xfff), &buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write the low `size` bytes of `v` at linear `lin`.
+    #[inline]
+    pub(crate) fn write_lin(&mut self, lin: u64, size: u32, v: u64) -> R<()> {
+        let user = self.user();
+        self.write_lin_priv(lin, size, v, user)
+    }
+
+    /// Write with an explicit privilege.
+    pub(crate) fn write_lin_priv(&mut self, lin: u64, size: u32, v: u64, user: bool) -> R<()> {
+        let off = lin & 0xfff;
+        if off + size as u64 <= 0x1000 {
+            let e = self.translate(lin, ACC_W, user)?;
+            if !e.host.is_null() {
+                // SAFETY: the page is RAM and off+size <= 4096.
+                unsafe { mem::store(e.host.add(off as usize), size, v) };
+                return Ok(());
+            }
+            let b = v.to_le_bytes();
+            return self.phys_write(e.ppage | off, &b[..size as usize]);
+        }
+        let b = v.to_le_bytes();
+        self.write_bytes_priv(lin, &b[..size as usize], user)
+    }
+
+    /// Host pointer for a `size`-byte write at `lin` when it lies in one RAM page
+    /// (used for LOCK-prefixed read-modify-write). Checks write permission.
+    pub(crate) fn lin_ptr_w(&mut self, lin: u64, size: u32) -> R<Option<*mut u8>> {
+        let user = self.user();
+        let off = lin & 0xfff;
+        if off + size as u64 > 0x1000 {
+            self.translate(lin, ACC_W, user)?;
+            self.translate(lin.wrapping_add(size as u64 - 1), ACC_W, user)?;
+            return Ok(None);
+        }
+        let e = self.translate(lin, ACC_W, user)?;
+        if e.host.is_null() {
+            return Ok(None);
+        }
+        // SAFETY: in-page offset of a RAM page.
+        Ok(Some(unsafe { e.host.add(off as usize) }))
+    }
+
+    // ---------------------------------------------------------------- segmented
+
+    /// Linear address of `seg:off` for a `size`-byte access, with segment checks.
+    #[inline]
+    pub(crate) fn seg_lin(&self, s: usize, off: u64, size: u32, write: bool) -> R<u64> {
+        let fault = |s: usize| if s == seg::SS { ss_fault(0) } else { gp0() };
+        if self.st.mode64() {
+            let lin = if s >= seg::FS {
+                off.wrapping_add(self.st.seg[s].base)
+            } else {
+                off
+            };
+            let last = lin.wrapping_add(size as u64 - 1);
+            if !canonical(lin) || !canonical(last) {
+                return Err(fault(s));
+            }
+            return Ok(lin);
+        }
+        let sg = &self.st.seg[s];
+        if self.st.cr0 & crate::state::cr0::PE != 0 {
+            if sg.unusable || !sg.present {
+                return Err(fault(s));
+            }
+            let code = sg.type_ & 8 != 0;
+            if write && (code || sg.type_ & 2 == 0) {
+                return Err(fault(s));
+            }
+            if !write && code && sg.type_ & 2 == 0 && s != seg::CS {
+                return Err(fault(s));
+            }
+            let last = off.wrapping_add(size as u64 - 1);
+            if !code && sg.type_ & 4 != 0 {
+                // Expand-down.
+                let top = if sg.db { 0xffff_ffff } else { 0xffff };
+                if off <= sg.limit as u64 || last > top {
+                    return Err(fault(s));
+                }
+            } else if last > sg.limit as u64 || last < off {
+                return Err(fault(s));
+            }
+        } else {
+            let last = off.wrapping_add(size as u64 - 1);
+            if last > sg.limit as u64 {
+                return Err(fault(s));
+            }
+        }
+        Ok(sg.base.wrapping_add(off) & 0xffff_ffff)
+    }
+
+    /// Read from `seg:off`.
+    #[inline]
+    pub(crate) fn read_seg(&mut self, s: usize, off: u64, size: u32) -> R<u64> {
+        let lin = self.seg_lin(s, off, size, false)?;
+        self.read_lin(lin, size)
+    }
+
+    /// Write to `seg:off`.
+    #[inline]
+    pub(crate) fn write_seg(&mut self, s: usize, off: u64, size: u32, v: u64) -> R<()> {
+        let lin = self.seg_lin(s, off, size, true)?;
+        self.write_lin(lin, size, v)
+    }
+
+    // ---------------------------------------------------------------- stack
+
+    /// Push `size` bytes.
+    pub(crate) fn push(&mut self, v: u64, size: u32) -> R<()> {
+        let sb = self.st.stack_bits();
+        let sp = self.st.gpr[4].wrapping_sub(size as u64) & crate::exec::alu::mask(sb);
+        self.write_seg(seg::SS, sp, size, v)?;
+        self.set_sp(sp, sb);
+        Ok(())
+    }
+
+    /// Pop `size` bytes.
+    pub(crate) fn pop(&mut self, size: u32) -> R<u64> {
+        let sb = self.st.stack_bits();
+        let sp = self.st.gpr[4] & crate::exec::alu::mask(sb);
+        let v = self.read_seg(seg::SS, sp, size)?;
+        self.set_sp(sp.wrapping_add(size as u64), sb);
+        Ok(v)
+    }
+
+    /// Set RSP/ESP/SP honouring the stack width.
+    pub(crate) fn set_sp(&mut self, v: u64, bits: u32) {
+        let sp = &mut self.st.gpr[4];
+        *sp = match bits {
+            64 => v,
+            32 => v & 0xffff_ffff,
+            _ => (*sp & !0xffff) | (v & 0xffff),
+        };
+    }
+
+    // ---------------------------------------------------------------- fetch
+
+    /// Fetch and decode the instruction at CS:RIP.
+    pub(crate) fn fetch_decode(&mut self) -> R<Instruction> {
+        let bits = self.st.code_bits();
+        let rip = self.st.rip;
+        let lin = if bits == 64 {
+            if !canonical(rip) {
+                return Err(gp0());
+            }
+            rip
+        } else {
+            let cs = &self.st.seg[seg::CS];
+            if rip > cs.limit as u64 {
+                return Err(gp0());
+            }
+            cs.base.wrapping_add(rip) & 0xffff_ffff
+        };
+        let user = self.user();
+        let e = self.translate(lin, ACC_X, user)?;
+        let off = (lin & 0xfff) as usize;
+        let avail = 0x1000 - off;
+        // Decode cache: only for instructions wholly inside one RAM page.
+        let pa = e.ppage | off as u64;
+        let key = (pa << 2) | (bits as u64 >> 5);
+        let slot = ((pa ^ (pa >> 12)) as usize) & (DCACHE_SIZE - 1);
+        if !e.host.is_null() {
+            if let Some(d) = &self.dcache[slot] {
+                let len = d.ins.len();
+                if d.key == key && d.rip == rip && len <= avail {
+                    // SAFETY: host page pointer, off + len <= 4096.
+                    let cur = unsafe { std::slice::from_raw_parts(e.host.add(off), len) };
+                    if cur == &d.bytes[..len] {
+                        self.stats.decode_hits += 1;
+                        return Ok(d.ins);
+                    }
+                }
+            }
+        }
+        let mut buf = [0u8; 15];
+        let n = avail.min(15);
+        if !e.host.is_null() {
+            // SAFETY: host page pointer, off + n <= 4096.
+            unsafe { std::ptr::copy_nonoverlapping(e.host.add(off), buf.as_mut_ptr(), n) };
+        } else {
+            self.phys_read(pa, &mut buf[..n])?;
+        }
+        let mut total = n;
+        let mut next_fault = None;
+        if n < 15 {
+            let lin2 = lin.wrapping_add(n as u64);
+            let lin2 = if bits == 64 { lin2 } else { lin2 & 0xffff_ffff };
+            match self.translate(lin2, ACC_X, user) {
+                Ok(e2) => {
+                    self.phys_read(e2.ppage, &mut buf[n..15])?;
+                    total = 15;
+                }
+                Err(f) => next_fault = Some(f),
+            }
+        }
+        self.stats.decodes += 1;
+        let mut dec = Decoder::with_ip(bits, &buf[..total], rip, DecoderOptions::NONE);
+        let ins = dec.decode();
+        if ins.is_invalid() {
+            if dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
+                if let Some(f) = next_fault {
+                    return Err(f);
+                }
+            }
+            return Err(ud());
+        }
+        if !e.host.is_null() && ins.len() <= avail {
+            let mut bytes = [0u8; 15];
+            bytes[..ins.len()].copy_from_slice(&buf[..ins.len()]);
+            self.dcache[slot] = Some(Box::new(DecodedEntry {
+                key,
+                rip,
+                bytes,
+                ins,
+            }));
+        }
+        Ok(ins)
+    }
+}
+
+/// Is `a` a canonical 48-bit address?
+#[inline]
+pub fn canonical(a: u64) -> bool {
+    ((a as i64) << 16 >> 16) as u64 == a
+}

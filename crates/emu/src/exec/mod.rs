@@ -1,0 +1,1008 @@
+//! Instruction semantics. `Cpu::exec` dispatches one decoded instruction; the submodules group
+//! instructions by concern.
+
+pub mod alu;
+mod control;
+mod sse;
+mod string;
+mod system;
+mod x87;
+
+pub(crate) use system::parse_descriptor;
+pub use system::msr;
+
+use crate::cpu::{gp0, ud, Cpu, Fault, R};
+use crate::mem;
+use crate::state::{flags::*, gpr, seg};
+use alu::{cond, mask, sext, AluOp, ShiftOp};
+use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
+
+/// Where an operand lives.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Loc {
+    /// A register.
+    Reg(Register),
+    /// Memory: segment index and offset (already masked to the address size).
+    Mem(usize, u64),
+    /// An immediate value.
+    Imm(u64),
+}
+
+/// Width in bits of a general-purpose or segment register.
+#[inline]
+pub(crate) fn reg_bits(r: Register) -> u32 {
+    match r as u32 {
+        1..=20 => 8,
+        21..=36 => 16,
+        37..=52 => 32,
+        53..=70 => 64,
+        71..=76 => 16,
+        77..=92 => 128,
+        _ => 64,
+    }
+}
+
+/// Segment register enum to index (ES=0 .. GS=5).
+#[inline]
+pub(crate) fn seg_index(r: Register) -> usize {
+    (r as usize).wrapping_sub(Register::ES as usize).min(5)
+}
+
+impl Cpu {
+    /// Read a general-purpose or segment register.
+    #[inline]
+    pub(crate) fn reg(&self, r: Register) -> u64 {
+        let n = r as usize;
+        match n {
+            1..=4 => self.st.gpr[n - 1] & 0xff,
+            5..=8 => (self.st.gpr[n - 5] >> 8) & 0xff,
+            9..=20 => self.st.gpr[n - 5] & 0xff,
+            21..=36 => self.st.gpr[n - 21] & 0xffff,
+            37..=52 => self.st.gpr[n - 37] & 0xffff_ffff,
+            53..=68 => self.st.gpr[n - 53],
+            69 => self.st.rip & 0xffff_ffff,
+            70 => self.st.rip,
+            71..=76 => self.st.seg[n - 71].selector as u64,
+            _ => 0,
+        }
+    }
+
+    /// Write a general-purpose register (32-bit writes zero-extend, 8/16-bit merge).
+    #[inline]
+    pub(crate) fn set_reg(&mut self, r: Register, v: u64) {
+        let n = r as usize;
+        match n {
+            1..=4 => {
+                let g = &mut self.st.gpr[n - 1];
+                *g = (*g & !0xff) | (v & 0xff);
+            }
+            5..=8 => {
+                let g = &mut self.st.gpr[n - 5];
+                *g = (*g & !0xff00) | ((v & 0xff) << 8);
+            }
+            9..=20 => {
+                let g = &mut self.st.gpr[n - 5];
+                *g = (*g & !0xff) | (v & 0xff);
+            }
+            21..=36 => {
+                let g = &mut self.st.gpr[n - 21];
+                *g = (*g & !0xffff) | (v & 0xffff);
+            }
+            37..=52 => self.st.gpr[n - 37] = v & 0xffff_ffff,
+            53..=68 => self.st.gpr[n - 53] = v,
+            _ => {}
+        }
+    }
+
+    /// Effective address (offset within the segment) of the memory operand.
+    #[inline]
+    pub(crate) fn ea(&self, ins: &Instruction) -> u64 {
+        let base = ins.memory_base();
+        let index = ins.memory_index();
+        let mut a = ins.memory_displacement64();
+        if base != Register::None && base != Register::RIP && base != Register::EIP {
+            a = a.wrapping_add(self.reg(base));
+        }
+        if index != Register::None {
+            a = a.wrapping_add(self.reg(index).wrapping_mul(ins.memory_index_scale() as u64));
+        }
+        let asz = match ins.memory_displ_size() {
+            8 => 64,
+            4 => 32,
+            2 => 16,
+            _ => {
+                if base != Register::None {
+                    reg_bits(base)
+                } else if index != Register::None {
+                    reg_bits(index)
+                } else {
+                    self.st.code_bits()
+                }
+            }
+        };
+        a & mask(asz)
+    }
+
+    /// Operand `i` as a location.
+    #[inline]
+    pub(crate) fn loc(&self, ins: &Instruction, i: u32) -> Loc {
+        match ins.op_kind(i) {
+            OpKind::Register => Loc::Reg(ins.op_register(i)),
+            OpKind::Memory => Loc::Mem(seg_index(ins.memory_segment()), self.ea(ins)),
+            _ => Loc::Imm(ins.immediate(i)),
+        }
+    }
+
+    /// Width in bits of operand `i`.
+    #[inline]
+    pub(crate) fn op_bits(&self, ins: &Instruction, i: u32) -> u32 {
+        match ins.op_kind(i) {
+            OpKind::Register => reg_bits(ins.op_register(i)),
+            OpKind::Memory => ins.memory_size().size() as u32 * 8,
+            OpKind::Immediate8 | OpKind::Immediate8_2nd => 8,
+            OpKind::Immediate16 | OpKind::Immediate8to16 => 16,
+            OpKind::Immediate32 | OpKind::Immediate8to32 => 32,
+            _ => 64,
+        }
+    }
+
+    /// Read a location.
+    #[inline]
+    pub(crate) fn rd(&mut self, l: Loc, bits: u32) -> R<u64> {
+        match l {
+            Loc::Reg(r) => Ok(self.reg(r)),
+            Loc::Mem(s, off) => self.read_seg(s, off, bits / 8),
+            Loc::Imm(v) => Ok(v & mask(bits)),
+        }
+    }
+
+    /// Write a location.
+    #[inline]
+    pub(crate) fn wr(&mut self, l: Loc, bits: u32, v: u64) -> R<()> {
+        match l {
+            Loc::Reg(r) => {
+                self.set_reg(r, v);
+                Ok(())
+            }
+            Loc::Mem(s, off) => self.write_seg(s, off, bits / 8, v),
+            Loc::Imm(_) => Err(ud()),
+        }
+    }
+
+    /// Read operand `i`.
+    #[inline]
+    pub(crate) fn rd_op(&mut self, ins: &Instruction, i: u32) -> R<u64> {
+        let bits = self.op_bits(ins, i);
+        let l = self.loc(ins, i);
+        self.rd(l, bits)
+    }
+
+    /// Read-modify-write of a location; atomic on guest memory when `locked`.
+    /// Returns the old value; `f` may be called more than once (CAS retries).
+    pub(crate) fn rmw(&mut self, l: Loc, bits: u32, locked: bool, f: &mut dyn FnMut(u64) -> u64) -> R<u64> {
+        match l {
+            Loc::Reg(r) => {
+                let old = self.reg(r);
+                let new = f(old);
+                self.set_reg(r, new);
+                Ok(old)
+            }
+            Loc::Mem(s, off) => {
+                let size = bits / 8;
+                let lin = self.seg_lin(s, off, size, true)?;
+                if locked {
+                    if let Some(p) = self.lin_ptr_w(lin, size)? {
+                        // SAFETY: p is valid for `size` bytes (one RAM page, checked by lin_ptr_w).
+                        let mut old = unsafe { mem::load(p, size) };
+                        loop {
+                            let new = f(old) & mask(bits);
+                            // SAFETY: as above.
+                            let seen = unsafe { mem::cmpxchg(p, size, old, new) };
+                            if seen == old {
+                                return Ok(old);
+                            }
+                            old = seen;
+                        }
+                    }
+                }
+                let user = self.st.cpl() == 3;
+                // Check write access first (x86 faults an RMW on a read-only page as a write).
+                self.lin_ptr_w(lin, size)?;
+                let old = self.read_lin_priv(lin, size, user)?;
+                let new = f(old);
+                self.write_lin(lin, size, new)?;
+                Ok(old)
+            }
+            Loc::Imm(_) => Err(ud()),
+        }
+    }
+
+    #[inline]
+    fn set_status(&mut self, f: u64) {
+        self.st.rflags = (self.st.rflags & !STATUS) | (f & STATUS);
+    }
+
+    fn count_unimplemented(&mut self, ins: &Instruction) -> Fault {
+        self.stats.unimplemented_total += 1;
+        *self
+            .stats
+            .unimplemented
+            .entry(format!("{:?}", ins.mnemonic()))
+            .or_insert(0) += 1;
+        ud()
+    }
+
+    /// Execute one decoded instruction. On success `next_rip` holds the following RIP.
+    pub(crate) fn exec(&mut self, ins: &Instruction) -> R<()> {
+        let ip_mask = mask(self.st.code_bits());
+        self.next_rip = ins.next_ip() & ip_mask;
+        let locked = ins.has_lock_prefix();
+        if locked && !lock_ok(ins) {
+            return Err(ud());
+        }
+        use Mnemonic as M;
+        match ins.mnemonic() {
+            M::Add | M::Or | M::Adc | M::Sbb | M::And | M::Sub | M::Xor | M::Cmp | M::Test => {
+                let op = match ins.mnemonic() {
+                    M::Add => AluOp::Add,
+                    M::Or => AluOp::Or,
+                    M::Adc => AluOp::Adc,
+                    M::Sbb => AluOp::Sbb,
+                    M::And => AluOp::And,
+                    M::Sub => AluOp::Sub,
+                    M::Xor => AluOp::Xor,
+                    M::Cmp => AluOp::Cmp,
+                    _ => AluOp::Test,
+                };
+                let bits = self.op_bits(ins, 0);
+                let src = self.rd_op(ins, 1)? & mask(bits);
+                let dst = self.loc(ins, 0);
+                let fl = self.st.rflags;
+                if matches!(op, AluOp::Cmp | AluOp::Test) {
+                    let a = self.rd(dst, bits)?;
+                    let (_, f) = alu::alu(op, a, src, fl, bits);
+                    self.set_status(f);
+                } else {
+                    let old = self.rmw(dst, bits, locked, &mut |a| alu::alu(op, a, src, fl, bits).0)?;
+                    let (_, f) = alu::alu(op, old, src, fl, bits);
+                    self.set_status(f);
+                }
+            }
+            M::Inc | M::Dec => {
+                let bits = self.op_bits(ins, 0);
+                let dst = self.loc(ins, 0);
+                let inc = ins.mnemonic() == M::Inc;
+                let step = |a: u64| {
+                    if inc {
+                        alu::add(a, 1, false, bits)
+                    } else {
+                        alu::sub(a, 1, false, bits)
+                    }
+                };
+                let old = self.rmw(dst, bits, locked, &mut |a| step(a).0)?;
+                let f = step(old).1;
+                self.st.rflags = (self.st.rflags & !(STATUS & !CF)) | (f & STATUS & !CF);
+            }
+            M::Neg => {
+                let bits = self.op_bits(ins, 0);
+                let dst = self.loc(ins, 0);
+                let old = self.rmw(dst, bits, locked, &mut |a| alu::sub(0, a, false, bits).0)?;
+                self.set_status(alu::sub(0, old, false, bits).1);
+            }
+            M::Not => {
+                let bits = self.op_bits(ins, 0);
+                let dst = self.loc(ins, 0);
+                self.rmw(dst, bits, locked, &mut |a| !a & mask(bits))?;
+            }
+            M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar => {
+                let op = match ins.mnemonic() {
+                    M::Rol => ShiftOp::Rol,
+                    M::Ror => ShiftOp::Ror,
+                    M::Rcl => ShiftOp::Rcl,
+                    M::Rcr => ShiftOp::Rcr,
+                    M::Shr => ShiftOp::Shr,
+                    M::Sar => ShiftOp::Sar,
+                    _ => ShiftOp::Shl,
+                };
+                let bits = self.op_bits(ins, 0);
+                let count = if ins.op_count() > 1 {
+                    self.rd_op(ins, 1)?
+                } else {
+                    1
+                };
+                let dst = self.loc(ins, 0);
+                let fl = self.st.rflags;
+                let old = self.rmw(dst, bits, false, &mut |a| alu::shift(op, a, count, fl, bits).0)?;
+                let f = alu::shift(op, old, count, fl, bits).1;
+                self.set_status(f);
+            }
+            M::Shld | M::Shrd => {
+                let bits = self.op_bits(ins, 0);
+                let src = self.rd_op(ins, 1)?;
+                let count = self.rd_op(ins, 2)?;
+                let dst = self.loc(ins, 0);
+                let left = ins.mnemonic() == M::Shld;
+                let fl = self.st.rflags;
+                let old = self.rmw(dst, bits, false, &mut |a| {
+                    alu::shld_shrd(left, a, src, count, fl, bits).0
+                })?;
+                let f = alu::shld_shrd(left, old, src, count, fl, bits).1;
+                self.set_status(f);
+            }
+            M::Mul | M::Imul if ins.op_count() == 1 => self.mul1(ins)?,
+            M::Imul => {
+                let bits = self.op_bits(ins, 0);
+                let (a, b) = if ins.op_count() == 3 {
+                    (self.rd_op(ins, 1)?, self.rd_op(ins, 2)?)
+                } else {
+                    (self.rd_op(ins, 0)?, self.rd_op(ins, 1)?)
+                };
+                let full = (sext(a, bits) as i64 as i128) * (sext(b, bits) as i64 as i128);
+                let res = (full as u64) & mask(bits);
+                let overflow = full != sext(res, bits) as i64 as i128;
+                let mut f = alu::szp(res, bits);
+                if overflow {
+                    f |= CF | OF;
+                }
+                self.set_status(f);
+                let dst = self.loc(ins, 0);
+                self.wr(dst, bits, res)?;
+            }
+            M::Div | M::Idiv => self.div(ins)?,
+            M::Mov => {
+                let bits = self.op_bits(ins, 0);
+                if ins.op0_kind() == OpKind::Register && ins.op0_register().is_segment_register() {
+                    let sel = self.rd_op(ins, 1)? as u16;
+                    let s = seg_index(ins.op0_register());
+                    if s == seg::CS {
+                        return Err(ud());
+                    }
+                    self.load_seg(s, sel)?;
+                    if s == seg::SS {
+                        self.set_shadow = true;
+                    }
+                } else if ins.op0_kind() == OpKind::Register && ins.op0_register().is_cr() {
+                    let v = self.rd_op(ins, 1)?;
+                    self.mov_to_cr(ins.op0_register(), v)?;
+                } else if ins.op_kind(1) == OpKind::Register && ins.op1_register().is_cr() {
+                    let v = self.mov_from_cr(ins.op1_register())?;
+                    self.set_reg(ins.op0_register(), v);
+                } else if ins.op0_kind() == OpKind::Register && ins.op0_register().is_dr() {
+                    let v = self.rd_op(ins, 1)?;
+                    self.mov_dr(ins.op0_register(), Some(v))?;
+                } else if ins.op_kind(1) == OpKind::Register && ins.op1_register().is_dr() {
+                    let v = self.mov_dr(ins.op1_register(), None)?;
+                    self.set_reg(ins.op0_register(), v);
+                } else {
+                    let src_bits = self.op_bits(ins, 1);
+                    let v = self.rd_op(ins, 1)?;
+                    let v = if src_bits == 16 && bits > 16 && ins.op1_register().is_segment_register() {
+                        v & 0xffff
+                    } else {
+                        v
+                    };
+                    let dst = self.loc(ins, 0);
+                    self.wr(dst, bits, v)?;
+                }
+            }
+            M::Movzx | M::Movsx | M::Movsxd => {
+                let bits = self.op_bits(ins, 0);
+                let sb = self.op_bits(ins, 1);
+                let v = self.rd_op(ins, 1)?;
+                let v = if ins.mnemonic() == M::Movzx {
+                    v & mask(sb)
+                } else {
+                    sext(v, sb) & mask(bits)
+                };
+                self.set_reg(ins.op0_register(), v);
+            }
+            M::Lea => {
+                let bits = self.op_bits(ins, 0);
+                let a = self.ea(ins) & mask(bits);
+                self.set_reg(ins.op0_register(), a);
+            }
+            M::Xchg => {
+                let bits = self.op_bits(ins, 0);
+                let a = self.loc(ins, 0);
+                let b = self.loc(ins, 1);
+                match (a, b) {
+                    (Loc::Reg(ra), Loc::Reg(rb)) => {
+                        let (va, vb) = (self.reg(ra), self.reg(rb));
+                        self.set_reg(ra, vb);
+                        self.set_reg(rb, va);
+                    }
+                    (Loc::Mem(..), Loc::Reg(r)) | (Loc::Reg(r), Loc::Mem(..)) => {
+                        let m = if matches!(a, Loc::Mem(..)) { a } else { b };
+                        let v = self.reg(r);
+                        let old = self.rmw(m, bits, true, &mut |_| v)?;
+                        self.set_reg(r, old);
+                    }
+                    _ => return Err(ud()),
+                }
+            }
+            M::Xadd => {
+                let bits = self.op_bits(ins, 0);
+                let src_r = ins.op1_register();
+                let src = self.reg(src_r);
+                let dst = self.loc(ins, 0);
+                let old = self.rmw(dst, bits, locked, &mut |a| alu::add(a, src, false, bits).0)?;
+                self.set_status(alu::add(old, src, false, bits).1);
+                if matches!(dst, Loc::Reg(r) if r == src_r) {
+                    // xadd r, r: the register gets the sum.
+                } else {
+                    self.set_reg(src_r, old);
+                }
+            }
+            M::Cmpxchg => {
+                let bits = self.op_bits(ins, 0);
+                let acc_r = match bits {
+                    8 => Register::AL,
+                    16 => Register::AX,
+                    32 => Register::EAX,
+                    _ => Register::RAX,
+                };
+                let acc = self.reg(acc_r);
+                let src = self.reg(ins.op1_register());
+                let dst = self.loc(ins, 0);
+                let old = self.rmw(dst, bits, locked, &mut |a| if a == acc { src } else { a })?;
+                self.set_status(alu::sub(acc, old, false, bits).1);
+                if old != acc {
+                    self.set_reg(acc_r, old);
+                }
+            }
+            M::Cmpxchg8b if ins.code() == Code::Cmpxchg8b_m64 => {
+                let Loc::Mem(s, off) = self.loc(ins, 0) else {
+                    return Err(ud());
+                };
+                let lin = self.seg_lin(s, off, 8, true)?;
+                let expect = (self.st.gpr[gpr::RDX] << 32) | (self.st.gpr[gpr::RAX] & 0xffff_ffff);
+                let new = (self.st.gpr[gpr::RCX] << 32) | (self.st.gpr[gpr::RBX] & 0xffff_ffff);
+                let old = match self.lin_ptr_w(lin, 8)? {
+                    // SAFETY: p is valid for 8 bytes in one RAM page.
+                    Some(p) => unsafe { mem::cmpxchg(p, 8, expect, new) },
+                    None => {
+                        let v = self.read_lin(lin, 8)?;
+                        self.write_lin(lin, 8, if v == expect { new } else { v })?;
+                        v
+                    }
+                };
+                if old == expect {
+                    self.st.rflags |= ZF;
+                } else {
+                    self.st.rflags &= !ZF;
+                    self.st.gpr[gpr::RAX] = old & 0xffff_ffff;
+                    self.st.gpr[gpr::RDX] = old >> 32;
+                }
+            }
+            M::Bswap => {
+                let r = ins.op0_register();
+                let bits = reg_bits(r);
+                let v = self.reg(r);
+                let nv = match bits {
+                    64 => v.swap_bytes(),
+                    32 => (v as u32).swap_bytes() as u64,
+                    _ => 0,
+                };
+                self.set_reg(r, nv);
+            }
+            M::Bt | M::Bts | M::Btr | M::Btc => self.bt(ins, locked)?,
+            M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt => {
+                let bits = self.op_bits(ins, 0);
+                let v = self.rd_op(ins, 1)? & mask(bits);
+                // Without BMI1/ABM advertised, TZCNT/LZCNT execute as BSF/BSR (as on such CPUs).
+                let fwd = matches!(ins.mnemonic(), M::Bsf | M::Tzcnt);
+                if v == 0 {
+                    self.st.rflags |= ZF;
+                } else {
+                    self.st.rflags &= !ZF;
+                    let r = if fwd {
+                        v.trailing_zeros() as u64
+                    } else {
+                        63 - v.leading_zeros() as u64
+                    };
+                    self.set_reg(ins.op0_register(), r);
+                }
+            }
+            M::Popcnt => {
+                let bits = self.op_bits(ins, 0);
+                let v = self.rd_op(ins, 1)? & mask(bits);
+                let r = v.count_ones() as u64;
+                self.st.rflags &= !STATUS;
+                if v == 0 {
+                    self.st.rflags |= ZF;
+                }
+                self.set_reg(ins.op0_register(), r);
+            }
+            M::Sete
+            | M::Setne
+            | M::Seta
+            | M::Setae
+            | M::Setb
+            | M::Setbe
+            | M::Setg
+            | M::Setge
+            | M::Setl
+            | M::Setle
+            | M::Seto
+            | M::Setno
+            | M::Setp
+            | M::Setnp
+            | M::Sets
+            | M::Setns => {
+                let c = cond(ins.condition_code() as u32 - 1, self.st.rflags) as u64;
+                let dst = self.loc(ins, 0);
+                self.wr(dst, 8, c)?;
+            }
+            M::Cmove
+            | M::Cmovne
+            | M::Cmova
+            | M::Cmovae
+            | M::Cmovb
+            | M::Cmovbe
+            | M::Cmovg
+            | M::Cmovge
+            | M::Cmovl
+            | M::Cmovle
+            | M::Cmovo
+            | M::Cmovno
+            | M::Cmovp
+            | M::Cmovnp
+            | M::Cmovs
+            | M::Cmovns => {
+                let v = self.rd_op(ins, 1)?;
+                let r = ins.op0_register();
+                if cond(ins.condition_code() as u32 - 1, self.st.rflags) {
+                    self.set_reg(r, v);
+                } else {
+                    let cur = self.reg(r);
+                    self.set_reg(r, cur);
+                }
+            }
+            M::Cbw | M::Cwde | M::Cdqe => {
+                let a = self.st.gpr[gpr::RAX];
+                match ins.mnemonic() {
+                    M::Cbw => self.set_reg(Register::AX, sext(a, 8)),
+                    M::Cwde => self.set_reg(Register::EAX, sext(a, 16)),
+                    _ => self.st.gpr[gpr::RAX] = sext(a, 32),
+                }
+            }
+            M::Cwd | M::Cdq | M::Cqo => {
+                let a = self.st.gpr[gpr::RAX];
+                match ins.mnemonic() {
+                    M::Cwd => self.set_reg(Register::DX, if a & 0x8000 != 0 { 0xffff } else { 0 }),
+                    M::Cdq => self.set_reg(
+                        Register::EDX,
+                        if a & 0x8000_0000 != 0 { 0xffff_ffff } else { 0 },
+                    ),
+                    _ => self.st.gpr[gpr::RDX] = ((a as i64) >> 63) as u64,
+                }
+            }
+            M::Push => {
+                let size = (-ins.stack_pointer_increment()) as u32;
+                let v = if ins.op0_kind() == OpKind::Register {
+                    self.reg(ins.op0_register())
+                } else {
+                    self.rd_op(ins, 0)?
+                };
+                self.push(v, size)?;
+            }
+            M::Pop => {
+                let size = ins.stack_pointer_increment() as u32;
+                if ins.op0_kind() == OpKind::Register && ins.op0_register().is_segment_register() {
+                    let sb = self.st.stack_bits();
+                    let sp = self.st.gpr[gpr::RSP];
+                    let v = self.pop(size)?;
+                    let s = seg_index(ins.op0_register());
+                    if let Err(e) = self.load_seg(s, v as u16) {
+                        self.set_sp(sp, sb);
+                        return Err(e);
+                    }
+                    if s == seg::SS {
+                        self.set_shadow = true;
+                    }
+                } else {
+                    let sb = self.st.stack_bits();
+                    let sp = self.st.gpr[gpr::RSP];
+                    let v = self.pop(size)?;
+                    // pop [rsp+x] uses the incremented RSP for the address.
+                    let dst = self.loc(ins, 0);
+                    if let Err(e) = self.wr(dst, size * 8, v) {
+                        self.set_sp(sp, sb);
+                        return Err(e);
+                    }
+                }
+            }
+            M::Pushf | M::Pushfd | M::Pushfq => {
+                let size = (-ins.stack_pointer_increment()) as u32;
+                let v = self.st.rflags & !(VM | RF);
+                self.push(v, size)?;
+            }
+            M::Popf | M::Popfd | M::Popfq => {
+                let size = ins.stack_pointer_increment() as u32;
+                let v = self.pop(size)?;
+                self.popf(v, size);
+            }
+            M::Pusha | M::Pushad => {
+                if self.st.mode64() {
+                    return Err(ud());
+                }
+                let size = if ins.mnemonic() == M::Pusha { 2 } else { 4 };
+                let sp = self.st.gpr[gpr::RSP];
+                for i in 0..8 {
+                    let v = if i == 4 { sp } else { self.st.gpr[i] };
+                    self.push(v, size)?;
+                }
+            }
+            M::Popa | M::Popad => {
+                if self.st.mode64() {
+                    return Err(ud());
+                }
+                let size = if ins.mnemonic() == M::Popa { 2 } else { 4 };
+                for i in (0..8).rev() {
+                    let v = self.pop(size)?;
+                    if i != 4 {
+                        let g = &mut self.st.gpr[i];
+                        *g = if size == 2 {
+                            (*g & !0xffff) | (v & 0xffff)
+                        } else {
+                            v & 0xffff_ffff
+                        };
+                    }
+                }
+            }
+            M::Enter => self.enter(ins)?,
+            M::Leave => {
+                let sb = self.st.stack_bits();
+                let size = ins.stack_pointer_increment().unsigned_abs().max(2);
+                let opsize = if self.st.mode64() {
+                    if ins.code() == Code::Leavew { 2 } else { 8 }
+                } else if ins.code() == Code::Leavew {
+                    2
+                } else if ins.code() == Code::Leaved {
+                    4
+                } else {
+                    size
+                };
+                let bp = self.st.gpr[gpr::RBP];
+                let old_sp = self.st.gpr[gpr::RSP];
+                self.set_sp(bp, sb);
+                match self.pop(opsize) {
+                    Ok(v) => {
+                        let r = match opsize {
+                            2 => Register::BP,
+                            4 => Register::EBP,
+                            _ => Register::RBP,
+                        };
+                        self.set_reg(r, v);
+                    }
+                    Err(e) => {
+                        self.st.gpr[gpr::RSP] = old_sp;
+                        return Err(e);
+                    }
+                }
+            }
+            M::Lahf => {
+                let v = (self.st.rflags & (SF | ZF | AF | PF | CF)) | FIXED;
+                self.set_reg(Register::AH, v);
+            }
+            M::Sahf => {
+                let ah = self.reg(Register::AH);
+                let m = SF | ZF | AF | PF | CF;
+                self.st.rflags = (self.st.rflags & !m) | (ah & m);
+            }
+            M::Clc => self.st.rflags &= !CF,
+            M::Stc => self.st.rflags |= CF,
+            M::Cmc => self.st.rflags ^= CF,
+            M::Cld => self.st.rflags &= !DF,
+            M::Std => self.st.rflags |= DF,
+            M::Cli => {
+                self.check_iopl()?;
+                self.st.rflags &= !IF;
+            }
+            M::Sti => {
+                self.check_iopl()?;
+                if self.st.rflags & IF == 0 {
+                    self.set_shadow = true;
+                }
+                self.st.rflags |= IF;
+            }
+            M::Nop | M::Endbr64 | M::Endbr32 | M::Prefetchnta | M::Prefetcht0 | M::Prefetcht1
+            | M::Prefetcht2 | M::Prefetchw | M::Lfence | M::Mfence | M::Sfence => {
+                if ins.mnemonic() == M::Mfence {
+                    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            M::Pause => std::hint::spin_loop(),
+            M::Clflush | M::Clflushopt => {
+                // Touch the line so faults are architectural.
+                let Loc::Mem(s, off) = self.loc(ins, 0) else {
+                    return Err(ud());
+                };
+                let lin = self.seg_lin(s, off, 1, false)?;
+                self.read_lin(lin, 1)?;
+            }
+            M::Xlatb => {
+                let s = seg_index(ins.memory_segment());
+                let bx = match ins.memory_base() {
+                    Register::BX => self.st.gpr[gpr::RBX] & 0xffff,
+                    Register::EBX => self.st.gpr[gpr::RBX] & 0xffff_ffff,
+                    _ => self.st.gpr[gpr::RBX],
+                };
+                let al = self.st.gpr[gpr::RAX] & 0xff;
+                let asz = reg_bits(ins.memory_base());
+                let v = self.read_seg(s, bx.wrapping_add(al) & mask(asz), 1)?;
+                self.set_reg(Register::AL, v);
+            }
+            M::Ud0 | M::Ud1 | M::Ud2 => return Err(ud()),
+            // Control flow.
+            M::Jmp | M::Call | M::Ret | M::Retf | M::Iret | M::Iretd | M::Iretq | M::Int
+            | M::Int3 | M::Into | M::Int1 | M::Loop | M::Loope | M::Loopne | M::Jcxz
+            | M::Jecxz | M::Jrcxz | M::Syscall | M::Sysret | M::Sysretq | M::Hlt => {
+                self.exec_control(ins)?
+            }
+            M::Jo | M::Jno | M::Jb | M::Jae | M::Je | M::Jne | M::Jbe | M::Ja | M::Js
+            | M::Jns | M::Jp | M::Jnp | M::Jl | M::Jge | M::Jle | M::Jg => {
+                if cond(ins.condition_code() as u32 - 1, self.st.rflags) {
+                    self.jump_near(ins.near_branch_target())?;
+                }
+            }
+            // Strings and I/O.
+            M::Movsb | M::Movsw | M::Movsd | M::Movsq | M::Stosb | M::Stosw | M::Stosd
+            | M::Stosq | M::Lodsb | M::Lodsw | M::Lodsd | M::Lodsq | M::Cmpsb | M::Cmpsw
+            | M::Cmpsd | M::Cmpsq | M::Scasb | M::Scasw | M::Scasd | M::Scasq | M::Insb
+            | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd
+                if !(ins.mnemonic() == M::Movsd || ins.mnemonic() == M::Cmpsd)
+                    || ins.op_count() == 0
+                    || !ins.op0_register().is_xmm() =>
+            {
+                self.exec_string(ins)?
+            }
+            M::In | M::Out => self.exec_io(ins)?,
+            // System.
+            M::Cpuid | M::Rdtsc | M::Rdtscp | M::Rdmsr | M::Wrmsr | M::Lgdt | M::Lidt | M::Sgdt
+            | M::Sidt | M::Lldt | M::Sldt | M::Ltr | M::Str | M::Clts | M::Lmsw | M::Smsw
+            | M::Invlpg | M::Invd | M::Wbinvd | M::Swapgs | M::Lsl | M::Lar | M::Verr
+            | M::Verw | M::Lss | M::Lfs | M::Lgs | M::Lds | M::Les | M::Rdpid | M::Rdpmc => {
+                self.exec_system(ins)?
+            }
+            // x87 and SSE.
+            M::Fninit | M::Fnstcw | M::Fldcw | M::Fnstsw | M::Fnclex | M::Wait | M::Fxsave
+            | M::Fxsave64 | M::Fxrstor | M::Fxrstor64 | M::Ldmxcsr | M::Stmxcsr | M::Fnstenv
+            | M::Fldenv | M::Emms => self.exec_x87(ins)?,
+            _ => {
+                if self.exec_sse(ins)? {
+                    return Ok(());
+                }
+                return Err(self.count_unimplemented(ins));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_iopl(&self) -> R<()> {
+        if self.st.cr0 & crate::state::cr0::PE != 0 && self.st.cpl() > self.st.iopl() {
+            return Err(gp0());
+        }
+        Ok(())
+    }
+
+    /// POPF semantics: what may change depends on CPL and IOPL.
+    pub(crate) fn popf(&mut self, v: u64, size: u32) {
+        let mut m = WRITABLE & !RF;
+        if self.st.cr0 & crate::state::cr0::PE != 0 {
+            if self.st.cpl() > 0 {
+                m &= !IOPL;
+            }
+            if self.st.cpl() > self.st.iopl() {
+                m &= !IF;
+            }
+        }
+        if size == 2 {
+            m &= 0xffff;
+        }
+        let old = self.st.rflags;
+        self.st.rflags = (old & !m) | (v & m) | FIXED;
+        if old & IF == 0 && self.st.rflags & IF != 0 {
+            // Interrupts are recognised after the next instruction boundary check.
+        }
+    }
+
+    fn mul1(&mut self, ins: &Instruction) -> R<()> {
+        let bits = self.op_bits(ins, 0);
+        let src = self.rd_op(ins, 0)? & mask(bits);
+        let a = self.st.gpr[gpr::RAX] & mask(bits);
+        let signed = ins.mnemonic() == Mnemonic::Imul;
+        let (lo, hi, overflow) = if signed {
+            let p = (sext(a, bits) as i64 as i128) * (sext(src, bits) as i64 as i128);
+            let lo = (p as u64) & mask(bits);
+            let hi = ((p >> bits) as u64) & mask(bits);
+            (lo, hi, p != sext(lo, bits) as i64 as i128)
+        } else {
+            let p = (a as u128) * (src as u128);
+            let lo = (p as u64) & mask(bits);
+            let hi = ((p >> bits) as u64) & mask(bits);
+            (lo, hi, hi != 0)
+        };
+        match bits {
+            8 => self.set_reg(Register::AX, lo | (hi << 8)),
+            16 => {
+                self.set_reg(Register::AX, lo);
+                self.set_reg(Register::DX, hi);
+            }
+            32 => {
+                self.set_reg(Register::EAX, lo);
+                self.set_reg(Register::EDX, hi);
+            }
+            _ => {
+                self.st.gpr[gpr::RAX] = lo;
+                self.st.gpr[gpr::RDX] = hi;
+            }
+        }
+        let mut f = alu::szp(lo, bits);
+        if overflow {
+            f |= CF | OF;
+        }
+        self.set_status(f);
+        Ok(())
+    }
+
+    fn div(&mut self, ins: &Instruction) -> R<()> {
+        let bits = self.op_bits(ins, 0);
+        let d = self.rd_op(ins, 0)? & mask(bits);
+        if d == 0 {
+            return Err(Fault::Exc(0, None));
+        }
+        let (lo, hi) = match bits {
+            8 => (self.st.gpr[gpr::RAX] & 0xff, (self.st.gpr[gpr::RAX] >> 8) & 0xff),
+            _ => (
+                self.st.gpr[gpr::RAX] & mask(bits),
+                self.st.gpr[gpr::RDX] & mask(bits),
+            ),
+        };
+        let n: u128 = ((hi as u128) << bits) | lo as u128;
+        let (q, r) = if ins.mnemonic() == Mnemonic::Idiv {
+            // Sign-extend the 2*bits dividend.
+            let nb = 2 * bits;
+            let sn = ((n << (128 - nb)) as i128) >> (128 - nb);
+            let sd = sext(d, bits) as i64 as i128;
+            let q = sn.wrapping_div(sd);
+            let r = sn.wrapping_rem(sd);
+            let min = -(1i128 << (bits - 1));
+            let max = (1i128 << (bits - 1)) - 1;
+            if q < min || q > max {
+                return Err(Fault::Exc(0, None));
+            }
+            ((q as u64) & mask(bits), (r as u64) & mask(bits))
+        } else {
+            let q = n / d as u128;
+            if q > mask(bits) as u128 {
+                return Err(Fault::Exc(0, None));
+            }
+            (q as u64, (n % d as u128) as u64)
+        };
+        match bits {
+            8 => self.set_reg(Register::AX, q | (r << 8)),
+            16 => {
+                self.set_reg(Register::AX, q);
+                self.set_reg(Register::DX, r);
+            }
+            32 => {
+                self.set_reg(Register::EAX, q);
+                self.set_reg(Register::EDX, r);
+            }
+            _ => {
+                self.st.gpr[gpr::RAX] = q;
+                self.st.gpr[gpr::RDX] = r;
+            }
+        }
+        Ok(())
+    }
+
+    fn bt(&mut self, ins: &Instruction, locked: bool) -> R<()> {
+        let bits = self.op_bits(ins, 0);
+        let off = self.rd_op(ins, 1)?;
+        let mut dst = self.loc(ins, 0);
+        let bit = if let (Loc::Mem(s, a), OpKind::Register) = (dst, ins.op_kind(1)) {
+            // Register bit offsets address memory beyond the operand (signed).
+            let so = sext(off, bits) as i64;
+            let byte_off = (so >> bits.trailing_zeros()) * (bits as i64 / 8);
+            let asz_mask = mask(match ins.memory_displ_size() {
+                8 => 64,
+                4 => 32,
+                2 => 16,
+                _ => {
+                    if ins.memory_base() != Register::None {
+                        reg_bits(ins.memory_base())
+                    } else {
+                        reg_bits(ins.memory_index())
+                    }
+                }
+            });
+            dst = Loc::Mem(s, a.wrapping_add(byte_off as u64) & asz_mask);
+            off & (bits as u64 - 1)
+        } else {
+            off & (bits as u64 - 1)
+        };
+        let m = 1u64 << bit;
+        let old = match ins.mnemonic() {
+            Mnemonic::Bt => self.rd(dst, bits)?,
+            Mnemonic::Bts => self.rmw(dst, bits, locked, &mut |v| v | m)?,
+            Mnemonic::Btr => self.rmw(dst, bits, locked, &mut |v| v & !m)?,
+            _ => self.rmw(dst, bits, locked, &mut |v| v ^ m)?,
+        };
+        if old & m != 0 {
+            self.st.rflags |= CF;
+        } else {
+            self.st.rflags &= !CF;
+        }
+        Ok(())
+    }
+
+    fn enter(&mut self, ins: &Instruction) -> R<()> {
+        let size: u32 = match ins.code() {
+            Code::Enterw_imm16_imm8 => 2,
+            Code::Enterd_imm16_imm8 => 4,
+            _ => 8,
+        };
+        let alloc = ins.immediate16() as u64;
+        let level = (ins.immediate8_2nd() & 31) as u64;
+        let sb = self.st.stack_bits();
+        let old_sp = self.st.gpr[gpr::RSP];
+        let r = (|| -> R<()> {
+            let bp = self.st.gpr[gpr::RBP];
+            self.push(bp, size)?;
+            let frame = self.st.gpr[gpr::RSP];
+            let mut tbp = bp;
+            if level > 0 {
+                for _ in 1..level {
+                    tbp = tbp.wrapping_sub(size as u64) & mask(sb);
+                    let v = self.read_seg(seg::SS, tbp, size)?;
+                    self.push(v, size)?;
+                }
+                self.push(frame, size)?;
+            }
+            let new_sp = self.st.gpr[gpr::RSP].wrapping_sub(alloc) & mask(sb);
+            // Touch the lowest byte of the new frame (architectural fault point).
+            self.seg_lin(seg::SS, new_sp, 1, true)?;
+            let bpr = match size {
+                2 => Register::BP,
+                4 => Register::EBP,
+                _ => Register::RBP,
+            };
+            self.set_reg(bpr, frame);
+            self.set_sp(new_sp, sb);
+            Ok(())
+        })();
+        if r.is_err() {
+            self.st.gpr[gpr::RSP] = old_sp;
+        }
+        r
+    }
+}
+
+/// Instructions that accept a LOCK prefix with a memory destination.
+fn lock_ok(ins: &Instruction) -> bool {
+    use Mnemonic as M;
+    ins.op0_kind() == OpKind::Memory
+        && matches!(
+            ins.mnemonic(),
+            M::Add
+                | M::Or
+                | M::Adc
+                | M::Sbb
+                | M::And
+                | M::Sub
+                | M::Xor
+                | M::Inc
+                | M::Dec
+                | M::Neg
+                | M::Not
+                | M::Bts
+                | M::Btr
+                | M::Btc
+                | M::Xadd
+                | M::Xchg
+                | M::Cmpxchg
+                | M::Cmpxchg8b
+        )
+}

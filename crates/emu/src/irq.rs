@@ -1,0 +1,36 @@
+//! The interface an interrupt controller (local APIC + IOAPIC + PIC, crate `kvmbox-irqchip`)
+//! implements so the engine's vCPUs can take interrupts. The engine polls it at instruction
+//! boundaries; it never calls back into the engine.
+
+use std::time::Duration;
+
+/// INIT / SIPI delivered to a vCPU through its local APIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartupEvent {
+    /// INIT: the vCPU resets to real mode and waits for a SIPI.
+    Init,
+    /// Startup IPI with its vector: the vCPU starts in real mode at `vector << 12`.
+    Sipi(u8),
+}
+
+/// Per-VM interrupt controller, shared by all vCPUs (each call names the vCPU).
+pub trait InterruptController: Send + Sync {
+    /// Highest-priority interrupt vector the local APIC of `vcpu` would deliver now,
+    /// without accepting it. Called only when RFLAGS.IF=1 and no interrupt shadow is active.
+    fn pending_vector(&self, vcpu: u32) -> Option<u8>;
+    /// The vCPU accepted `vector` (IRR -> ISR) and is about to deliver it through the IDT.
+    fn ack(&self, vcpu: u32, vector: u8);
+    /// A pending NMI for `vcpu`, consumed by this call.
+    fn take_nmi(&self, vcpu: u32) -> bool;
+    /// A pending INIT or SIPI for `vcpu`, consumed by this call.
+    fn take_startup(&self, vcpu: u32) -> Option<StartupEvent>;
+    /// Read of the xAPIC register page (`offset` within the 4 KiB page at the APIC base).
+    fn apic_read(&self, vcpu: u32, offset: u64, data: &mut [u8]);
+    /// Write to the xAPIC register page.
+    fn apic_write(&self, vcpu: u32, offset: u64, data: &[u8]);
+    /// The guest wrote CR8 (task priority, 4 bits).
+    fn set_tpr(&self, vcpu: u32, tpr: u8);
+    /// Block for at most `timeout` until something may be pending for `vcpu` (HLT with
+    /// interrupts enabled, or wait-for-SIPI). May return early and spuriously.
+    fn wait(&self, vcpu: u32, timeout: Duration);
+}

@@ -1,0 +1,174 @@
+//! Guest-physical memory: RAM through host pointers into the guest's mmap, everything else
+//! (MMIO, the local APIC page) through the VMM's I/O handler or the interrupt controller.
+
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+
+/// One contiguous RAM region.
+#[derive(Clone, Copy, Debug)]
+struct Ram {
+    start: u64,
+    len: u64,
+    host: *mut u8,
+}
+
+/// The guest's physical address space as the engine sees it.
+#[derive(Clone)]
+pub struct PhysMem {
+    /// Keeps the mappings alive for as long as the host pointers below are used.
+    _mem: GuestMemoryMmap,
+    ram: Vec<Ram>,
+}
+
+// SAFETY: the raw pointers point into mmap'd regions owned (through Arc) by `_mem`, which is
+// itself Send + Sync; the pointers are only dereferenced while `_mem` is alive.
+unsafe impl Send for PhysMem {}
+// SAFETY: as above; concurrent access is to guest memory, which the guest itself synchronises
+// (LOCK-prefixed instructions use host atomics).
+unsafe impl Sync for PhysMem {}
+
+impl PhysMem {
+    /// Wrap guest memory (cheap: the regions are reference counted).
+    pub fn new(mem: GuestMemoryMmap) -> Self {
+        let mut ram = Vec::new();
+        for r in mem.iter() {
+            if let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) {
+                ram.push(Ram {
+                    start: r.start_addr().0,
+                    len: r.len(),
+                    host,
+                });
+            }
+        }
+        ram.sort_by_key(|r| r.start);
+        PhysMem { _mem: mem, ram }
+    }
+
+    /// Host pointer for `[pa, pa + len)` if it lies entirely in one RAM region.
+    #[inline]
+    pub fn host(&self, pa: u64, len: u64) -> Option<*mut u8> {
+        for r in &self.ram {
+            if pa >= r.start && pa - r.start < r.len {
+                let off = pa - r.start;
+                if len <= r.len - off {
+                    // SAFETY: off < r.len, so the result stays inside the mapping.
+                    return Some(unsafe { r.host.add(off as usize) });
+                }
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Read a little-endian u64 at an 8-aligned RAM address (page-table entries).
+    pub fn read_u64(&self, pa: u64) -> Option<u64> {
+        let p = self.host(pa, 8)?;
+        if (p as usize) % 8 != 0 {
+            return None;
+        }
+        // SAFETY: p is valid for 8 bytes (checked by host()) and 8-aligned.
+        Some(unsafe { &*(p as *const AtomicU64) }.load(Ordering::Relaxed))
+    }
+
+    /// Read a little-endian u32 at a 4-aligned RAM address (32-bit page-table entries).
+    pub fn read_u32(&self, pa: u64) -> Option<u32> {
+        let p = self.host(pa, 4)?;
+        if (p as usize) % 4 != 0 {
+            return None;
+        }
+        // SAFETY: p is valid for 4 bytes and 4-aligned.
+        Some(unsafe { &*(p as *const AtomicU32) }.load(Ordering::Relaxed))
+    }
+
+    /// Atomically OR `bits` into the u64 at RAM address `pa` (accessed/dirty bits).
+    pub fn or_u64(&self, pa: u64, bits: u64) {
+        if let Some(p) = self.host(pa, 8) {
+            if (p as usize) % 8 == 0 {
+                // SAFETY: p is valid for 8 bytes and 8-aligned.
+                unsafe { &*(p as *const AtomicU64) }.fetch_or(bits, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Atomically OR `bits` into the u32 at RAM address `pa`.
+    pub fn or_u32(&self, pa: u64, bits: u32) {
+        if let Some(p) = self.host(pa, 4) {
+            if (p as usize) % 4 == 0 {
+                // SAFETY: p is valid for 4 bytes and 4-aligned.
+                unsafe { &*(p as *const AtomicU32) }.fetch_or(bits, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Plain (non-atomic) load of `size` bytes (1, 2, 4, 8) from a host pointer.
+///
+/// # Safety
+/// `p` must be valid for `size` bytes.
+#[inline]
+pub unsafe fn load(p: *const u8, size: u32) -> u64 {
+    // SAFETY: the caller guarantees validity; unaligned reads are used throughout.
+    unsafe {
+        match size {
+            1 => u64::from(*p),
+            2 => u64::from((p as *const u16).read_unaligned()),
+            4 => u64::from((p as *const u32).read_unaligned()),
+            _ => (p as *const u64).read_unaligned(),
+        }
+    }
+}
+
+/// Plain store of the low `size` bytes of `v` to a host pointer.
+///
+/// # Safety
+/// `p` must be valid for `size` bytes.
+#[inline]
+pub unsafe fn store(p: *mut u8, size: u32, v: u64) {
+    // SAFETY: the caller guarantees validity.
+    unsafe {
+        match size {
+            1 => *p = v as u8,
+            2 => (p as *mut u16).write_unaligned(v as u16),
+            4 => (p as *mut u32).write_unaligned(v as u32),
+            _ => (p as *mut u64).write_unaligned(v),
+        }
+    }
+}
+
+/// Atomic compare-and-exchange of `size` bytes at `p`; returns the value found.
+/// Falls back to a process-wide lock for misaligned addresses (x86 allows split locks).
+///
+/// # Safety
+/// `p` must be valid for `size` bytes.
+pub unsafe fn cmpxchg(p: *mut u8, size: u32, old: u64, new: u64) -> u64 {
+    let aligned = (p as usize) % (size as usize) == 0;
+    if !aligned {
+        static SPLIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _g = SPLIT.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the caller guarantees validity.
+        let cur = unsafe { load(p, size) };
+        if cur == old {
+            // SAFETY: as above.
+            unsafe { store(p, size, new) };
+        }
+        return cur;
+    }
+    // SAFETY (all arms): p is valid for size bytes and aligned to size.
+    let r = unsafe {
+        match size {
+            1 => (*(p as *const AtomicU8))
+                .compare_exchange(old as u8, new as u8, Ordering::SeqCst, Ordering::SeqCst)
+                .map_or_else(u64::from, u64::from),
+            2 => (*(p as *const AtomicU16))
+                .compare_exchange(old as u16, new as u16, Ordering::SeqCst, Ordering::SeqCst)
+                .map_or_else(u64::from, u64::from),
+            4 => (*(p as *const AtomicU32))
+                .compare_exchange(old as u32, new as u32, Ordering::SeqCst, Ordering::SeqCst)
+                .map_or_else(u64::from, u64::from),
+            _ => (*(p as *const AtomicU64))
+                .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
+                .unwrap_or_else(|v| v),
+        }
+    };
+    r
+}

@@ -1,0 +1,342 @@
+//! `kvmbox_cpu::Vcpu` for the engine: the run loop (interrupt polling, HLT, wait-for-SIPI,
+//! kicks) and register get/set.
+
+use crate::cpu::{Cpu, Fault, Stats};
+use crate::interrupt::EventKind;
+use crate::irq::StartupEvent;
+use crate::state::{flags, seg, CpuState};
+use kvmbox_cpu::{
+    CpuidEntry, IoHandler, Regs, Result, SpecialRegs, Vcpu, VcpuConfig, VcpuExit, VcpuKicker,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Instructions executed between checks of the kick flag and the interrupt controller.
+pub const BATCH: u32 = 1024;
+
+#[derive(Default)]
+struct Kick(AtomicBool);
+
+impl VcpuKicker for Kick {
+    fn kick(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One vCPU of an [`crate::EmuVm`].
+pub struct EmuVcpu {
+    cpu: Cpu,
+    kick: Arc<Kick>,
+}
+
+impl EmuVcpu {
+    pub(crate) fn new(cpu: Cpu) -> Self {
+        EmuVcpu {
+            cpu,
+            kick: Arc::new(Kick::default()),
+        }
+    }
+
+    /// Engine counters (instructions, exceptions, unimplemented instructions).
+    pub fn stats(&self) -> &Stats {
+        &self.cpu.stats
+    }
+
+    /// Full architectural state.
+    pub fn state(&self) -> &CpuState {
+        &self.cpu.st
+    }
+
+    /// Mutable architectural state (the TLB is flushed, as after any state load).
+    pub fn state_mut(&mut self) -> &mut CpuState {
+        self.cpu.flush_all();
+        &mut self.cpu.st
+    }
+
+    /// Execute at most `n` instructions (or until HLT / a stop), for tests and single-stepping.
+    pub fn run_steps(&mut self, io: &dyn IoHandler, n: u64) -> Result<Option<VcpuExit>> {
+        let kick = self.kick.clone();
+        self.cpu.with_io(io, |cpu| cpu.run_loop(&kick.0, Some(n)))
+    }
+}
+
+impl Cpu {
+    /// Execute one instruction (fetch, decode, execute, commit RIP).
+    fn step(&mut self) -> crate::cpu::R<()> {
+        let tf = self.st.rflags & flags::TF != 0;
+        self.set_shadow = false;
+        let ins = self.fetch_decode()?;
+        self.exec(&ins)?;
+        self.st.rip = self.next_rip;
+        self.st.rflags &= !flags::RF;
+        self.stats.instructions += 1;
+        self.shadow = self.set_shadow;
+        if tf && !self.halted {
+            self.st.dr[6] |= 1 << 14;
+            let rip = self.st.rip;
+            self.deliver(1, None, EventKind::Exception, rip)?;
+        }
+        Ok(())
+    }
+
+    fn startup(&mut self, vector: u8) {
+        self.st = CpuState::default();
+        let cs = &mut self.st.seg[seg::CS];
+        cs.selector = (vector as u16) << 8;
+        cs.base = (vector as u64) << 12;
+        self.st.rip = 0;
+        self.st.gpr[2] = 0x600; // EDX: processor signature (family 6), as after INIT.
+        self.flush_all();
+        self.halted = false;
+        self.wait_sipi = false;
+    }
+
+    /// The run loop. `limit` bounds the instruction count (None: run until an exit).
+    pub(crate) fn run_loop(&mut self, kick: &AtomicBool, limit: Option<u64>) -> Result<Option<VcpuExit>> {
+        let mut budget = limit.unwrap_or(u64::MAX);
+        loop {
+            if kick.swap(false, Ordering::SeqCst) {
+                return Ok(Some(VcpuExit::Kicked));
+            }
+            let irq = self.irq.clone();
+            if self.wait_sipi {
+                match irq.as_ref().and_then(|c| c.take_startup(self.id)) {
+                    Some(StartupEvent::Sipi(v)) => self.startup(v),
+                    Some(StartupEvent::Init) | None => {
+                        match &irq {
+                            Some(c) => c.wait(self.id, Duration::from_millis(10)),
+                            None => std::thread::sleep(Duration::from_millis(10)),
+                        }
+                        if limit.is_some() {
+                            return Ok(None);
+                        }
+                        continue;
+                    }
+                }
+            }
+            if let Some(c) = &irq {
+                if let Some(StartupEvent::Init) = c.take_startup(self.id) {
+                    self.st = CpuState::default();
+                    self.flush_all();
+                    self.wait_sipi = true;
+                    continue;
+                }
+            }
+            // Interrupt window.
+            let mut took = false;
+            if let Some(c) = &irq {
+                if c.take_nmi(self.id) {
+                    let rip = self.st.rip;
+                    self.halted = false;
+                    took = true;
+                    if let Err(f) = self.deliver(2, None, EventKind::External, rip) {
+                        if let Some(exit) = self.fault_exit(f)? {
+                            return Ok(Some(exit));
+                        }
+                    }
+                } else if self.st.rflags & flags::IF != 0 && !self.shadow {
+                    if let Some(v) = c.pending_vector(self.id) {
+                        c.ack(self.id, v);
+                        let rip = self.st.rip;
+                        self.halted = false;
+                        took = true;
+                        if let Err(f) = self.deliver(v, None, EventKind::External, rip) {
+                            if let Some(exit) = self.fault_exit(f)? {
+                                return Ok(Some(exit));
+                            }
+                        }
+                    }
+                }
+            }
+            let _ = took;
+            if self.halted {
+                if self.st.rflags & flags::IF != 0 {
+                    if let Some(c) = &irq {
+                        c.wait(self.id, Duration::from_millis(1));
+                        if limit.is_some() {
+                            return Ok(None);
+                        }
+                        continue;
+                    }
+                }
+                self.halted = false;
+                return Ok(Some(VcpuExit::Halted));
+            }
+            let n = (BATCH as u64).min(budget);
+            for _ in 0..n {
+                let if_before = self.st.rflags & flags::IF;
+                match self.step() {
+                    Ok(()) => {}
+                    Err(Fault::Exc(v, e)) => {
+                        if let Err(f) = self.raise(v, e) {
+                            if let Some(exit) = self.fault_exit(f)? {
+                                return Ok(Some(exit));
+                            }
+                        }
+                    }
+                    Err(f) => {
+                        if let Some(exit) = self.fault_exit(f)? {
+                            return Ok(Some(exit));
+                        }
+                    }
+                }
+                if self.halted || (if_before == 0 && self.st.rflags & flags::IF != 0 && irq.is_some()) {
+                    break;
+                }
+            }
+            budget -= n;
+            if budget == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Map a non-architectural fault to an exit or an error.
+    fn fault_exit(&mut self, f: Fault) -> Result<Option<VcpuExit>> {
+        match f {
+            Fault::Shutdown => Ok(Some(VcpuExit::Shutdown)),
+            Fault::Stop(msg) => Err(kvmbox_cpu::Error::Guest(format!(
+                "vCPU {} stopped at {:04x}:{:#x}: {msg}",
+                self.id, self.st.seg[seg::CS].selector, self.st.rip
+            ))),
+            Fault::Exc(v, e) => match self.raise(v, e) {
+                Ok(()) => Ok(None),
+                Err(Fault::Shutdown) => Ok(Some(VcpuExit::Shutdown)),
+                Err(Fault::Stop(msg)) => Err(kvmbox_cpu::Error::Guest(msg)),
+                Err(Fault::Exc(..)) => Ok(Some(VcpuExit::Shutdown)),
+            },
+        }
+    }
+}
+
+impl Vcpu for EmuVcpu {
+    fn configure(&mut self, cfg: &VcpuConfig) -> Result<()> {
+        self.cpu.id = cfg.id;
+        self.cpu.cpuid = crate::cpuid::build(cfg.id, cfg.count, self.cpu.irq.is_some());
+        Ok(())
+    }
+
+    fn regs(&self) -> Result<Regs> {
+        let g = &self.cpu.st.gpr;
+        Ok(Regs {
+            rax: g[0],
+            rcx: g[1],
+            rdx: g[2],
+            rbx: g[3],
+            rsp: g[4],
+            rbp: g[5],
+            rsi: g[6],
+            rdi: g[7],
+            r8: g[8],
+            r9: g[9],
+            r10: g[10],
+            r11: g[11],
+            r12: g[12],
+            r13: g[13],
+            r14: g[14],
+            r15: g[15],
+            rip: self.cpu.st.rip,
+            rflags: self.cpu.st.rflags,
+        })
+    }
+
+    fn set_regs(&mut self, r: &Regs) -> Result<()> {
+        self.cpu.st.gpr = [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ];
+        self.cpu.st.rip = r.rip;
+        self.cpu.st.rflags = (r.rflags & flags::WRITABLE) | flags::FIXED;
+        Ok(())
+    }
+
+    fn sregs(&self) -> Result<SpecialRegs> {
+        let s = &self.cpu.st;
+        Ok(SpecialRegs {
+            cs: s.seg[seg::CS],
+            ds: s.seg[seg::DS],
+            es: s.seg[seg::ES],
+            fs: s.seg[seg::FS],
+            gs: s.seg[seg::GS],
+            ss: s.seg[seg::SS],
+            tr: s.tr,
+            ldt: s.ldtr,
+            gdt: s.gdtr,
+            idt: s.idtr,
+            cr0: s.cr0,
+            cr2: s.cr2,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            cr8: s.cr8,
+            efer: s.efer,
+            apic_base: s.apic_base,
+        })
+    }
+
+    fn set_sregs(&mut self, r: &SpecialRegs) -> Result<()> {
+        let s = &mut self.cpu.st;
+        s.seg[seg::CS] = r.cs;
+        s.seg[seg::DS] = r.ds;
+        s.seg[seg::ES] = r.es;
+        s.seg[seg::FS] = r.fs;
+        s.seg[seg::GS] = r.gs;
+        s.seg[seg::SS] = r.ss;
+        s.tr = r.tr;
+        s.ldtr = r.ldt;
+        s.gdtr = r.gdt;
+        s.idtr = r.idt;
+        s.cr0 = r.cr0 | crate::state::cr0::ET;
+        s.cr2 = r.cr2;
+        s.cr3 = r.cr3;
+        s.cr4 = r.cr4;
+        s.cr8 = r.cr8;
+        s.efer = r.efer;
+        // Long mode is active exactly when LME and paging are both on.
+        if s.efer & crate::state::efer::LME != 0 && s.cr0 & crate::state::cr0::PG != 0 {
+            s.efer |= crate::state::efer::LMA;
+        } else {
+            s.efer &= !crate::state::efer::LMA;
+        }
+        s.apic_base = r.apic_base;
+        // KVM-style segments: CPL is the RPL of CS; keep our dpl field as the CPL.
+        if s.cr0 & crate::state::cr0::PE != 0 {
+            s.seg[seg::CS].dpl = (r.cs.selector & 3) as u8;
+        }
+        self.cpu.flush_all();
+        Ok(())
+    }
+
+    fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<()> {
+        for &(i, v) in msrs {
+            if !self.cpu.write_msr(i, v) {
+                return Err(kvmbox_cpu::Error::Unsupported(format!(
+                    "the emu engine does not implement MSR {i:#x} (or rejects value {v:#x})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn cpuid(&self) -> Result<Vec<CpuidEntry>> {
+        Ok(self.cpu.cpuid.clone())
+    }
+
+    fn set_wait_for_sipi(&mut self) -> Result<()> {
+        self.cpu.wait_sipi = true;
+        Ok(())
+    }
+
+    fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit> {
+        let kick = self.kick.clone();
+        loop {
+            if let Some(exit) = self.cpu.with_io(io, |cpu| cpu.run_loop(&kick.0, None))? {
+                return Ok(exit);
+            }
+        }
+    }
+
+    fn kicker(&self) -> Arc<dyn VcpuKicker> {
+        self.kick.clone()
+    }
+}

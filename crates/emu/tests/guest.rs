@@ -1,0 +1,435 @@
+//! Small guests run end to end in an EmuVm: results are checked through recorded port writes.
+
+mod common;
+
+use common::*;
+use iced_x86::code_asm::*;
+use kvmbox_cpu::{Vcpu, VcpuExit};
+use vm_memory::{Bytes, GuestAddress};
+
+#[test]
+fn compute_loop_and_port_output() {
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.xor(eax, eax)?;
+        a.mov(ecx, 1000u32)?;
+        a.set_label(&mut top)?;
+        a.add(rax, rcx)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.mov(dx, 0x3f8u32)?;
+        a.out(dx, eax)?;
+        // Memory round trip through the stack and a data page.
+        a.push(rax)?;
+        a.pop(rbx)?;
+        a.mov(rdi, DATA)?;
+        a.mov(qword_ptr(rdi + 8), rbx)?;
+        a.mov(rsi, qword_ptr(rdi + 8))?;
+        a.lea(rsi, ptr(rsi + rsi * 2 + 1))?;
+        a.mov(eax, esi)?;
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let (_mem, _vm, mut v) = long_machine(&code);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0x3f8), vec![500500]);
+    assert_eq!(io.writes(0xe9), vec![500500 * 3 + 1]);
+    assert_eq!(v.stats().unimplemented_total, 0);
+}
+
+#[test]
+fn exceptions_go_through_the_idt_with_error_codes_and_cr2() {
+    // #DE handler: report vector 0 and skip the 2-byte div. #PF handler: report CR2 and the
+    // error code, then map the page and retry.
+    let de_handler = CODE + 0x1000;
+    let pf_handler = CODE + 0x2000;
+    let code = asm64(CODE, |a| {
+        a.xor(ecx, ecx)?;
+        a.mov(eax, 7u32)?;
+        a.div(ecx)?; // #DE
+        a.mov(rax, 0x100_0123u64)?; // 16 MiB + 0x123: mapped through PT, entry 0 not present
+        a.mov(byte_ptr(rax), 0x5au32)?;
+        a.movzx(eax, byte_ptr(rax))?;
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let de = asm64(de_handler, |a| {
+        a.mov(eax, 0xdeu32)?;
+        a.out(0xe9u32, eax)?;
+        a.add(qword_ptr(rsp), 2)?;
+        a.iretq()
+    });
+    let pf = asm64(pf_handler, |a| {
+        a.pop(rbx)?; // error code
+        a.push(rax)?;
+        a.mov(rax, cr2)?;
+        a.out(0xe9u32, eax)?;
+        a.mov(eax, ebx)?;
+        a.out(0xe9u32, eax)?;
+        // Map 16 MiB with a present, writable page and flush it.
+        a.mov(rax, 0x180_0000u64 | 3)?;
+        a.mov(rdi, PT)?;
+        a.mov(qword_ptr(rdi), rax)?;
+        a.mov(rax, 0x100_0000u64)?;
+        a.invlpg(byte_ptr(rax))?;
+        a.pop(rax)?;
+        a.iretq()
+    });
+    let (mem, _vm, mut v) = long_machine(&code);
+    mem.write_slice(&de, GuestAddress(de_handler)).unwrap();
+    mem.write_slice(&pf, GuestAddress(pf_handler)).unwrap();
+    set_gate(&mem, 0, de_handler, 0, 0, false);
+    set_gate(&mem, 14, pf_handler, 1, 0, false);
+    w64(&mem, PD + 8 * 8, PT | 3);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0xe9), vec![0xde, 0x100_0123, 2, 0x5a]);
+    // The write went to the page the handler mapped, with A and D set in the PTE.
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x180_0123)).unwrap(), 0x5a);
+    assert_eq!(r64(&mem, PT) & 0x60, 0x60);
+}
+
+#[test]
+fn ring3_syscall_int_and_gp_use_tss_stacks() {
+    let user = CODE + 0x1000;
+    let sys = CODE + 0x2000;
+    let int80 = CODE + 0x3000;
+    let gp = CODE + 0x4000;
+    let code = asm64(CODE, |a| {
+        // STAR: kernel CS 0x08, user base 0x18; LSTAR = sys.
+        a.mov(ecx, 0xc000_0081u32)?;
+        a.xor(eax, eax)?;
+        a.mov(edx, 0x0018_0008u32)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0xc000_0082u32)?;
+        a.mov(eax, sys as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0xc000_0084u32)?;
+        a.mov(eax, 0x200u32)?; // SFMASK: clear IF
+        a.wrmsr()?;
+        // iretq to ring 3.
+        for v in [UDATA as u64, USTACK, 0x202, UCODE as u64, user] {
+            a.mov(rax, v)?;
+            a.push(rax)?;
+        }
+        a.iretq()
+    });
+    let u = asm64(user, |a| {
+        a.mov(eax, 1u32)?;
+        a.syscall()?;
+        a.mov(eax, 2u32)?;
+        a.int(0x80)?;
+        a.cli()?; // #GP in ring 3 with IOPL 0
+        a.hlt()
+    });
+    let s = asm64(sys, |a| {
+        a.mov(rbx, rsp)?; // still the user stack (SYSCALL does not switch stacks)
+        a.out(0xe9u32, eax)?;
+        a.mov(eax, ebx)?;
+        a.out(0xe9u32, eax)?;
+        a.sysretq()
+    });
+    let i = asm64(int80, |a| {
+        a.out(0xe9u32, eax)?;
+        a.mov(rax, rsp)?;
+        a.out(0xe9u32, eax)?; // TSS.RSP0 - 5 * 8
+        a.mov(rax, qword_ptr(rsp + 8))?; // saved CS
+        a.out(0xe9u32, eax)?;
+        a.iretq()
+    });
+    let g = asm64(gp, |a| {
+        a.pop(rax)?; // error code
+        a.out(0xe9u32, eax)?;
+        a.mov(rax, rsp)?;
+        a.out(0xe9u32, eax)?; // IST1 - 5 * 8
+        a.hlt()
+    });
+    let (mem, _vm, mut v) = long_machine(&code);
+    for (addr, c) in [(user, &u), (sys, &s), (int80, &i), (gp, &g)] {
+        mem.write_slice(c, GuestAddress(addr)).unwrap();
+    }
+    set_gate(&mem, 0x80, int80, 0, 3, false);
+    set_gate(&mem, 13, gp, 1, 0, false);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(
+        io.writes(0xe9),
+        vec![
+            1,
+            USTACK,
+            2,
+            KSTACK - 40,
+            UCODE as u64,
+            0,
+            ISTSTACK - 40
+        ]
+    );
+    assert_eq!(v.state().seg[1].selector, KCODE);
+}
+
+#[test]
+fn real_mode_to_long_mode_like_the_smp_trampoline() {
+    // Real mode at 0x8000 (CS=0x800): lgdt, CR0.PE, far jump to 32-bit code, PAE + CR3 +
+    // EFER.LME + CR0.PG, far jump to 64-bit code.
+    let rm = 0x8000u64;
+    let pm = 0x8100u64;
+    let lm = 0x8200u64;
+    let gdtr = 0x8300u64;
+    let r = asm(16, 0, |a| {
+        a.cli()?;
+        a.mov(ax, 0x800u32)?;
+        a.mov(ds, ax)?;
+        a.lgdt(ptr(0x300u32))?;
+        a.mov(eax, cr0)?;
+        a.or(eax, 1)?;
+        a.mov(cr0, eax)?;
+        // jmp dword 0x18:pm (66 ea imm32 imm16)
+        let mut b = vec![0x66, 0xea];
+        b.extend_from_slice(&(pm as u32).to_le_bytes());
+        b.extend_from_slice(&CODE32.to_le_bytes());
+        a.db(&b)
+    });
+    let p = asm(32, pm, |a| {
+        a.mov(ax, KDATA as u32)?;
+        a.mov(ds, ax)?;
+        a.mov(ss, ax)?;
+        a.mov(esp, 0x7ff0u32)?;
+        a.mov(eax, cr4)?;
+        a.or(eax, 0x20)?;
+        a.mov(cr4, eax)?;
+        a.mov(eax, PML4 as u32)?;
+        a.mov(cr3, eax)?;
+        a.mov(ecx, 0xc000_0080u32)?;
+        a.rdmsr()?;
+        a.or(eax, 0x100)?;
+        a.wrmsr()?;
+        a.mov(eax, cr0)?;
+        a.or(eax, 0x8000_0000u32 as i32)?;
+        a.mov(cr0, eax)?;
+        let mut b = vec![0xea];
+        b.extend_from_slice(&(lm as u32).to_le_bytes());
+        b.extend_from_slice(&KCODE.to_le_bytes());
+        a.db(&b)
+    });
+    let l = asm64(lm, |a| {
+        a.mov(rax, 0x1234_5678_9abc_def0u64)?;
+        a.mov(rbx, rax)?;
+        a.shr(rbx, 32)?;
+        a.out(0xe9u32, eax)?;
+        a.mov(eax, ebx)?;
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let mem = guest_mem();
+    build_tables(&mem);
+    mem.write_slice(&r, GuestAddress(rm)).unwrap();
+    mem.write_slice(&p, GuestAddress(pm)).unwrap();
+    mem.write_slice(&l, GuestAddress(lm)).unwrap();
+    mem.write_obj(0x3fu16, GuestAddress(gdtr)).unwrap();
+    mem.write_obj(GDT as u32, GuestAddress(gdtr + 2)).unwrap();
+    let vm = kvmbox_emu::EmuVm::new(mem.clone());
+    let mut v = vm.create_emu_vcpu(1).unwrap();
+    {
+        // As after a SIPI with vector 8.
+        let st = v.state_mut();
+        st.seg[1].selector = 0x800;
+        st.seg[1].base = 0x8000;
+        st.rip = 0;
+    }
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0xe9), vec![0x9abc_def0, 0x1234_5678]);
+    assert!(v.state().mode64());
+}
+
+#[test]
+fn locked_increments_are_atomic_across_vcpu_threads() {
+    const N: u32 = 20_000;
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rdi, DATA)?;
+        a.mov(ecx, N)?;
+        a.set_label(&mut top)?;
+        a.lock().inc(qword_ptr(rdi))?;
+        a.mov(eax, 1u32)?;
+        a.lock().xadd(qword_ptr(rdi + 8), rax)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    let (mem, vm, v0) = long_machine(&code);
+    let mut v1 = vm.create_emu_vcpu(1).unwrap();
+    v1.set_sregs(&long_sregs()).unwrap();
+    v1.set_regs(&kvmbox_cpu::Regs {
+        rip: CODE,
+        rsp: KSTACK - 0x1000,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let hs: Vec<_> = [v0, v1]
+        .into_iter()
+        .map(|mut v| {
+            std::thread::spawn(move || {
+                let io = Recorder::default();
+                v.run(&io).unwrap()
+            })
+        })
+        .collect();
+    for h in hs {
+        assert_eq!(h.join().unwrap(), VcpuExit::Halted);
+    }
+    assert_eq!(r64(&mem, DATA), 2 * N as u64);
+    assert_eq!(r64(&mem, DATA + 8), 2 * N as u64);
+}
+
+#[test]
+fn string_ops_port_io_and_mmio() {
+    let code = asm64(CODE, |a| {
+        // rep stosb 100 bytes of 0x11 at DATA, rep movsq 8 qwords DATA -> DATA+0x1000.
+        a.mov(rdi, DATA)?;
+        a.mov(al, 0x11)?;
+        a.mov(ecx, 100u32)?;
+        a.rep().stosb()?;
+        a.mov(rsi, DATA)?;
+        a.mov(rdi, DATA + 0x1000)?;
+        a.mov(ecx, 8u32)?;
+        a.rep().movsq()?;
+        a.mov(rax, qword_ptr(DATA + 0x1000 + 56))?;
+        a.out(0xe9u32, eax)?;
+        // repne scasb for 0 in "abc\0".
+        a.mov(rdi, DATA + 0x2000)?;
+        a.mov(dword_ptr(rdi), 0x0063_6261u32)?;
+        a.xor(eax, eax)?;
+        a.mov(rcx, -1i64)?;
+        a.repne().scasb()?;
+        a.not(rcx)?;
+        a.dec(rcx)?;
+        a.mov(eax, ecx)?;
+        a.out(0xe9u32, eax)?;
+        // rep outsb of "abc" to port 0x80; in from port 0x60.
+        a.mov(rsi, DATA + 0x2000)?;
+        a.mov(ecx, 3u32)?;
+        a.mov(dx, 0x80u32)?;
+        a.rep().outsb()?;
+        a.in_(al, 0x60)?;
+        a.out(0xe9u32, al)?;
+        // MMIO (outside RAM) read and write.
+        a.mov(rdi, 0xd000_0000u64)?;
+        a.mov(dword_ptr(rdi + 4), 0xcafe_f00du32)?;
+        a.mov(eax, dword_ptr(rdi))?;
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let (_mem, _vm, mut v) = long_machine(&code);
+    let io = Recorder::default();
+    // The first GiB is mapped; 0xd0000000 is above it: map 3 GiB..4 GiB via PDPT[3].
+    let mem = _mem;
+    w64(&mem, PDPT + 3 * 8, 0xc000_0000 | 0x83);
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0xe9), vec![0x1111_1111, 3, 0x60, 0xabab_abab]);
+    assert_eq!(io.writes(0x80), vec![0x61, 0x62, 0x63]);
+    assert_eq!(
+        io.mmio.lock().unwrap().clone(),
+        vec![(0xd000_0004, 0xcafe_f00du32.to_le_bytes().to_vec())]
+    );
+}
+
+#[test]
+fn unimplemented_instruction_raises_ud_and_is_counted() {
+    let ud = CODE + 0x1000;
+    let code = asm64(CODE, |a| {
+        a.vaddps(ymm0, ymm1, ymm2)?; // AVX: not implemented, not advertised
+        a.hlt()
+    });
+    let h = asm64(ud, |a| {
+        a.mov(eax, 6u32)?;
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let (mem, _vm, mut v) = long_machine(&code);
+    mem.write_slice(&h, GuestAddress(ud)).unwrap();
+    set_gate(&mem, 6, ud, 0, 0, false);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0xe9), vec![6]);
+    assert_eq!(v.stats().unimplemented_total, 1);
+}
+
+#[test]
+fn triple_fault_is_a_shutdown() {
+    // No IDT entries at all: #UD -> #GP (not present gate => #NP) -> #DF -> shutdown.
+    let code = asm64(CODE, |a| a.ud2());
+    let (_mem, _vm, mut v) = long_machine(&code);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Shutdown);
+}
+
+#[test]
+fn kicker_interrupts_an_endless_loop() {
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.jmp(top)
+    });
+    let (_mem, _vm, mut v) = long_machine(&code);
+    let k = v.kicker();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        k.kick();
+    });
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Kicked);
+    t.join().unwrap();
+}
+
+#[test]
+fn sse2_and_fxsave() {
+    let code = asm64(CODE, |a| {
+        a.mov(rdi, DATA)?;
+        a.mov(dword_ptr(rdi), 0x0044_4241u32)?; // "ABD\0"
+        a.movdqu(xmm0, xmmword_ptr(rdi))?;
+        a.pxor(xmm1, xmm1)?;
+        a.pcmpeqb(xmm1, xmm0)?;
+        a.pmovmskb(eax, xmm1)?;
+        a.bsf(eax, eax)?;
+        a.out(0xe9u32, eax)?; // strlen = 3
+        a.mov(rax, 0x4009_21fb_5444_2d18u64)?; // pi
+        a.movq(xmm2, rax)?;
+        a.addsd(xmm2, xmm2)?;
+        a.cvttsd2si(eax, xmm2)?;
+        a.out(0xe9u32, eax)?; // 6
+        a.fxsave64(ptr(rdi + 0x100))?;
+        a.mov(eax, dword_ptr(rdi + 0x100 + 24))?; // MXCSR
+        a.out(0xe9u32, eax)?;
+        a.mov(rax, qword_ptr(rdi + 0x100 + 160 + 32))?; // XMM2 low
+        a.shr(rax, 32)?;
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let (_mem, _vm, mut v) = long_machine(&code);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0xe9), vec![3, 6, 0x1f80, 0x4019_21fb]);
+}
+
+#[test]
+fn cpuid_lists_the_engine_model() {
+    let (_mem, _vm, mut v) = long_machine(&[0xf4]);
+    v.configure(&kvmbox_cpu::VcpuConfig { id: 1, count: 2 }).unwrap();
+    let t = v.cpuid().unwrap();
+    let l1 = t.iter().find(|e| e.function == 1).unwrap();
+    assert_eq!(l1.ebx >> 24, 1, "APIC ID");
+    assert_eq!((l1.ebx >> 16) & 0xff, 2, "logical count");
+    assert_ne!(l1.ecx & (1 << 31), 0, "hypervisor bit");
+    assert_eq!(l1.ecx & (1 << 28), 0, "no AVX");
+    assert_eq!(l1.ecx & (1 << 26), 0, "no XSAVE");
+    let h = t.iter().find(|e| e.function == 0x4000_0000).unwrap();
+    let mut sig = Vec::new();
+    for r in [h.ebx, h.ecx, h.edx] {
+        sig.extend_from_slice(&r.to_le_bytes());
+    }
+    assert_eq!(&sig, b"KVMBOXEMU\0\0\0");
+}
