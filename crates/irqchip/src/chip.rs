@@ -195,6 +195,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct IrqChip {
     sh: Arc<Shared>,
+    vcpus: Arc<[VcpuIrq]>,
 }
 
 impl IrqChip {
@@ -217,21 +218,28 @@ impl IrqChip {
                 notifier: Mutex::new(None),
             })
             .collect();
-        Ok(Self {
-            sh: Arc::new(Shared {
-                state: Mutex::new(State {
-                    lapics,
-                    ioapic: IoApic::new(),
-                    pic: Pic::new(),
-                    sources: [0; IOAPIC_PINS],
-                    dropped_msis: 0,
-                }),
-                slots,
-                clock,
-                tsc_hz,
-                next_source: AtomicU32::new(1),
+        let sh = Arc::new(Shared {
+            state: Mutex::new(State {
+                lapics,
+                ioapic: IoApic::new(),
+                pic: Pic::new(),
+                sources: [0; IOAPIC_PINS],
+                dropped_msis: 0,
             }),
-        })
+            slots,
+            clock,
+            tsc_hz,
+            next_source: AtomicU32::new(1),
+        });
+        let vcpus = (0..vcpus as usize)
+            .map(|id| VcpuIrq { sh: sh.clone(), id })
+            .collect();
+        Ok(Self { sh, vcpus })
+    }
+
+    /// The handle of vCPU `id`, borrowed.
+    pub fn vcpu_ref(&self, id: u32) -> Option<&VcpuIrq> {
+        self.vcpus.get(usize::try_from(id).ok()?)
     }
 
     /// How many vCPUs the chip serves.
@@ -251,14 +259,7 @@ impl IrqChip {
 
     /// The handle vCPU `id` polls and waits on.
     pub fn vcpu(&self, id: u32) -> Result<VcpuIrq, Error> {
-        let idx = usize::try_from(id).unwrap_or(usize::MAX);
-        if idx >= self.sh.slots.len() {
-            return Err(Error::NoVcpu(id));
-        }
-        Ok(VcpuIrq {
-            sh: self.sh.clone(),
-            id: idx,
-        })
+        self.vcpu_ref(id).cloned().ok_or(Error::NoVcpu(id))
     }
 
     /// Drive GSI `gsi` (0-23) to `level`. ISA IRQs 0-15 reach both the PIC and the IOAPIC,
@@ -441,6 +442,24 @@ impl VcpuIrq {
         })
     }
 
+    /// Acknowledge exactly `vector`, as returned by an earlier [`Self::pending_interrupt`]
+    /// (for engines that peek, then commit to delivering what they peeked). The PIC's
+    /// request for it is acknowledged when the PIC supplied it, else the LAPIC's IRR bit
+    /// moves to the ISR. False when neither still requests it.
+    pub fn ack_vector(&self, vector: u8) -> bool {
+        self.with_lapic(|st, _| {
+            let l = &st.lapics[self.id];
+            if l.accepts_pic() && st.pic.intr() && st.pic.peek_vector() == Some(vector) {
+                st.pic.ack();
+                return true;
+            }
+            if st.lapics[self.id].ack_vector(vector) {
+                return true;
+            }
+            st.lapics[self.id].accepts_pic() && st.pic.ack_vector(vector)
+        })
+    }
+
     /// Take a pending NMI.
     pub fn take_nmi(&self) -> bool {
         self.sh.with(|st| st.lapics[self.id].take_nmi())
@@ -481,6 +500,8 @@ impl VcpuIrq {
         let end = timeout.map(|t| Instant::now() + t);
         let slot = self.slot();
         let mut st = self.sh.lock();
+        // A vCPU waiting for SIPI takes no interrupts.
+        let rflags_if = rflags_if && st.lapics[self.id].mp_state() == MpState::Running;
         loop {
             let now = self.now();
             st.lapics[self.id].timer_tick(now);

@@ -488,6 +488,17 @@ impl Lapic {
         Some(v)
     }
 
+    /// Acknowledge exactly `vector` (IRR to ISR) when it is requested: the CPU took it
+    /// before anything of higher priority arrived. False when `vector` is not in the IRR.
+    pub fn ack_vector(&mut self, vector: u8) -> bool {
+        if !self.irr.get(vector) {
+            return false;
+        }
+        self.irr.clear(vector);
+        self.isr.set(vector);
+        true
+    }
+
     /// Whether the 8259's INTR reaches this CPU (LINT0 unmasked in ExtINT mode, or the APIC
     /// hardware-disabled so the pin goes straight to the core).
     pub fn accepts_pic(&self) -> bool {

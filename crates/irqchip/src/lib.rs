@@ -12,6 +12,8 @@
 //!   PIC ports and the IOAPIC page ([`IrqChip::attach`]).
 //! - [`VcpuIrq`]: what a vCPU thread of the engine uses.
 //! - [`time`]: CPUID leaves 0x15/0x16 so Linux trusts the TSC and the APIC timer rate.
+//! - With feature `emu`: `impl kvmbox_emu::InterruptController for IrqChip`, the engine's
+//!   own polling interface (peek with `pending_vector`, commit with `ack(vector)`).
 //!
 //! # How the engine drives a vCPU
 //! ```no_run
@@ -49,6 +51,8 @@
 //! [`IrqChip::irq_line`]`(0)` / `(8)` and the chip's [`IrqChip::clock`].
 
 pub mod chip;
+#[cfg(feature = "emu")]
+pub mod emu;
 pub mod ioapic;
 pub mod lapic;
 pub mod pic;

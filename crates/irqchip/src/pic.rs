@@ -269,6 +269,30 @@ impl Pic {
         vector
     }
 
+    /// Acknowledge the IRQ whose vector is `vector` if it is requested and unmasked (an
+    /// acknowledge cycle that happened before a higher-priority request arrived). False
+    /// when no such request exists (the caller's vector was stale).
+    pub fn ack_vector(&mut self, vector: u8) -> bool {
+        let irq = vector & 7;
+        let requested = |c: &Chip| c.irr & !c.imr & (1 << irq) != 0;
+        let done = if vector & 0xf8 == self.chips[0].irq_base && irq != 2 {
+            if requested(&self.chips[0]) {
+                self.chips[0].intack(irq);
+                true
+            } else {
+                false
+            }
+        } else if vector & 0xf8 == self.chips[1].irq_base && requested(&self.chips[1]) {
+            self.chips[1].intack(irq);
+            self.chips[0].intack(2);
+            true
+        } else {
+            false
+        };
+        self.update();
+        done
+    }
+
     /// A byte read from `port` (0x20, 0x21, 0xa0, 0xa1, 0x4d0, 0x4d1).
     pub fn read_port(&mut self, port: u16) -> u8 {
         match port {
@@ -464,6 +488,28 @@ mod tests {
         p.set_irq(1, true);
         p.set_irq(5, true);
         assert_eq!(p.ack(), 0x35);
+    }
+
+    #[test]
+    fn ack_of_a_specific_vector() {
+        let mut p = Pic::new();
+        linux_init(&mut p, false);
+        p.write_port(0x21, 0x00);
+        p.write_port(0xa1, 0x00);
+        p.set_irq(5, true);
+        assert_eq!(p.peek_vector(), Some(0x35));
+        p.set_irq(1, true); // arrives after the CPU saw 0x35
+        assert!(p.ack_vector(0x35));
+        p.write_port(0x20, 0x0b);
+        assert_eq!(p.read_port(0x20), 1 << 5);
+        assert_eq!(p.ack(), 0x31, "IRQ 1 still requested and nests");
+        assert!(!p.ack_vector(0x36));
+        p.set_irq(9, true);
+        p.write_port(0x20, 0x20);
+        p.write_port(0x20, 0x20);
+        assert!(p.ack_vector(0x39));
+        p.write_port(0xa0, 0x0b);
+        assert_eq!(p.read_port(0xa0), 1 << 1);
     }
 
     #[test]
