@@ -14,6 +14,8 @@
 
 pub mod block;
 mod device;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod net;
 pub mod queue;
 pub mod rng;

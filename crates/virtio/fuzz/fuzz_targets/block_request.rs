@@ -1,0 +1,6 @@
+//! cargo-fuzz target: see kvmbox_virtio::fuzzing::block_request.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = kvmbox_virtio::fuzzing::block_request(data);
+});
