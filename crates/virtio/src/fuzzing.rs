@@ -224,7 +224,7 @@ mod tests {
             for i in 0..8u16 {
                 let sel = (rnd() % 4) as u8; // flags NEXT/WRITE combos, no indirect
                 d.push(sel);
-                let addr = 0x3000 + (rnd() % 0x8000) as u32 & !0xf;
+                let addr = (0x3000 + (rnd() % 0x8000) as u32) & !0xf;
                 d.extend_from_slice(&addr.to_le_bytes());
                 let len = [16u16, 512, 1, 1024, 17][(rnd() % 5) as usize];
                 d.extend_from_slice(&len.to_le_bytes());
