@@ -48,7 +48,18 @@ fi
 WORK=$(mktemp -d "$CACHE_ROOT/.tmp.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 log "downloading $PKG $VER"
-(cd "$WORK" && apt-get download -q "$PKG=$VER" >&2) || { log "apt-get download $PKG=$VER failed"; exit 1; }
+if ! (cd "$WORK" && apt-get download -q -o APT::Sandbox::User=root "$PKG=$VER" >&2); then
+    # Stale package lists name a version the mirror no longer has: refresh once and retry.
+    log "download failed; running apt-get update and retrying"
+    apt-get update -qq >&2 || { log "apt-get update failed"; exit 1; }
+    resolve || { log "no package $META in the configured Debian archives"; exit 1; }
+    DEST="$CACHE_ROOT/${PKG}_${VER}"
+    if [ -f "$DEST/vmlinuz" ]; then
+        echo "$DEST/vmlinuz"
+        exit 0
+    fi
+    (cd "$WORK" && apt-get download -q -o APT::Sandbox::User=root "$PKG=$VER" >&2) || { log "apt-get download $PKG=$VER failed"; exit 1; }
+fi
 DEB=$(ls "$WORK"/*.deb | head -n 1)
 mkdir -p "$WORK/root" "$WORK/out"
 dpkg-deb -x "$DEB" "$WORK/root"

@@ -99,6 +99,21 @@ impl AcpiConfig {
 /// Write the ACPI tables for a PC with `cpus` vCPUs ([`AcpiConfig::new`]) and return the RSDP's
 /// guest-physical address (always [`layout::RSDP_START`]); pass it to [`crate::load`] through
 /// [`crate::LoadParams::rsdp`].
+///
+/// The tables (RSDP rev 2, XSDT, FADT rev 6 + FACS, DSDT, MADT, optional MCFG) fill
+/// [`layout::RSDP_START`]..[`layout::BIOS_END`], which the E820 map reserves. What the devices
+/// must implement for them to be true:
+/// - PM1a event block at [`layout::ACPI_PM1A_EVT_PORT`] (4 bytes: status, enable) and PM1a
+///   control at [`layout::ACPI_PM1A_CNT_PORT`] (2 bytes). There is no SMI command port, so ACPI
+///   mode is always on: PM1a_CNT should read back with SCI_EN (bit 0) set. Linux powers off by
+///   writing `SLP_TYP = ACPI_S5_SLP_TYP` (bits 10-12) with `SLP_EN` (bit 13).
+/// - PM timer at [`layout::ACPI_PM_TMR_PORT`]: 24 valid bits counting at 3.579545 MHz.
+/// - SCI on [`layout::ACPI_SCI_IRQ`] (level, active high). The MADT routes ISA IRQ 0 (the PIT) to
+///   GSI 2 and every other ISA IRQ n to GSI n, as QEMU's PC does: the interrupt controller must
+///   deliver the PIT on IOAPIC pin 2.
+/// - Reset: [`layout::ACPI_RESET_VALUE`] written to port [`layout::ACPI_RESET_PORT`].
+/// - COM1 at [`layout::COM1_PORT`] / IRQ [`layout::COM1_IRQ`] and an i8042 at 0x60/0x64 with
+///   IRQ 1 (the FADT says 8042 present, no VGA, no CMOS RTC: change [`AcpiConfig`] otherwise).
 pub fn create_acpi_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<u64> {
     create_acpi_tables_with(mem, &AcpiConfig::new(cpus))
 }
