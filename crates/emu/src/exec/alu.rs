@@ -306,7 +306,7 @@ pub fn shld_shrd(left: bool, dst: u64, src: u64, count: u64, rflags: u64, bits: 
         let total = if bits == 16 { 48 } else { 2 * bits };
         let shifted = wide << cnt;
         let res = ((shifted >> (total - bits)) as u64) & m;
-        let cf = (shifted >> total) & 1 != 0;
+        let cf = (wide >> (total - cnt)) & 1 != 0;
         (res, cf)
     } else {
         let wide: u128 = ((s as u128) << bits) | (d as u128);

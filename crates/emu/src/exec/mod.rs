@@ -444,7 +444,16 @@ impl Cpu {
                 let acc = self.reg(acc_r);
                 let src = self.reg(ins.op1_register());
                 let dst = self.loc(ins, 0);
-                let old = self.rmw(dst, bits, locked, &mut |a| if a == acc { src } else { a })?;
+                let old = if let Loc::Reg(r) = dst {
+                    // A register destination is written only when the compare succeeds.
+                    let v = self.reg(r);
+                    if v == acc {
+                        self.set_reg(r, src);
+                    }
+                    v
+                } else {
+                    self.rmw(dst, bits, locked, &mut |a| if a == acc { src } else { a })?
+                };
                 self.set_status(alu::sub(acc, old, false, bits).1);
                 if old != acc {
                     self.set_reg(acc_r, old);

@@ -1,0 +1,708 @@
+//! Differential tests: each instruction form runs natively on the host CPU (in an executable
+//! page, from a given register/flags/memory state) and in the engine from the same state,
+//! for many random inputs. Results, memory and every defined flag must agree.
+//!
+//! The forms and their flag masks are listed in `forms()`; the coverage table in the crate's
+//! README is this list.
+
+mod common;
+
+use common::*;
+use iced_x86::code_asm::*;
+use kvmbox_cpu::{Regs, Vcpu, VcpuExit};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const CF: u64 = 1;
+const PF: u64 = 4;
+const AF: u64 = 0x10;
+const ZF: u64 = 0x40;
+const SF: u64 = 0x80;
+const OF: u64 = 0x800;
+const ALL: u64 = CF | PF | AF | ZF | SF | OF;
+const CASES: usize = 300;
+
+/// Host-side register file the native stub loads and stores (RAX..R15, RFLAGS, saved RSP).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq)]
+struct HostState {
+    regs: [u64; 16],
+    flags: u64,
+    saved_rsp: u64,
+}
+
+type Asm = fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>;
+
+/// One instruction form.
+struct Form {
+    name: &'static str,
+    asm: Asm,
+    /// Defined flags given the input registers.
+    flags: fn(&[u64; 16]) -> u64,
+    /// Adjust random inputs (avoid #DE, undefined results).
+    fix: fn(&mut [u64; 16]),
+}
+
+fn all(_: &[u64; 16]) -> u64 {
+    ALL
+}
+fn no_af(_: &[u64; 16]) -> u64 {
+    ALL & !AF
+}
+fn mul_flags(_: &[u64; 16]) -> u64 {
+    CF | OF
+}
+fn none_flags(_: &[u64; 16]) -> u64 {
+    0
+}
+fn bt_flags(_: &[u64; 16]) -> u64 {
+    CF | ZF
+}
+fn zf_only(_: &[u64; 16]) -> u64 {
+    ZF
+}
+/// Shift by CL: OF is defined only for a masked count of 1, AF never.
+fn shift_cl(r: &[u64; 16]) -> u64 {
+    if r[1] & 31 == 1 {
+        ALL & !AF
+    } else {
+        ALL & !(AF | OF)
+    }
+}
+fn shift_cl64(r: &[u64; 16]) -> u64 {
+    if r[1] & 63 == 1 {
+        ALL & !AF
+    } else {
+        ALL & !(AF | OF)
+    }
+}
+fn shift_n(_: &[u64; 16]) -> u64 {
+    ALL & !(AF | OF)
+}
+fn nofix(_: &mut [u64; 16]) {}
+
+/// Keep CL small enough that 16-bit SHLD/SHRD and 8/16-bit RCL/RCR are well defined.
+fn cl_le_16(r: &mut [u64; 16]) {
+    r[1] = (r[1] & !0xff) | (r[1] & 0xff) % 17;
+}
+
+/// DIV: divisor (RBX family) nonzero and high half below it (no #DE).
+fn div_fix(bits: u32, r: &mut [u64; 16]) {
+    let m = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    if r[3] & m == 0 {
+        r[3] |= 1;
+    }
+    let d = r[3] & m;
+    if bits == 8 {
+        let hi8 = ((r[0] >> 8) & 0xff) % d;
+        r[0] = (r[0] & !0xff00) | (hi8 << 8);
+    } else {
+        let hi = (r[2] & m) % d;
+        r[2] = (r[2] & !m) | hi;
+    }
+}
+fn div8(r: &mut [u64; 16]) {
+    div_fix(8, r)
+}
+fn div16(r: &mut [u64; 16]) {
+    div_fix(16, r)
+}
+fn div32(r: &mut [u64; 16]) {
+    div_fix(32, r)
+}
+fn div64(r: &mut [u64; 16]) {
+    div_fix(64, r)
+}
+/// IDIV: dividend = sign extension of a value whose quotient fits; divisor != 0, not -1 with MIN.
+fn idiv_fix(bits: u32, r: &mut [u64; 16]) {
+    let m = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    if r[3] & m == 0 {
+        r[3] |= 1;
+    }
+    let sign = 1u64 << (bits - 1);
+    // Dividend low half random, high half its sign: |quotient| <= |low| fits unless low=MIN, d=-1.
+    if r[0] & m == sign && r[3] & m == m {
+        r[0] ^= 1;
+    }
+    let neg = r[0] & sign != 0;
+    if bits == 8 {
+        let hi8: u64 = if neg { 0xff } else { 0 };
+        r[0] = (r[0] & !0xff00) | (hi8 << 8);
+    } else {
+        r[2] = (r[2] & !m) | if neg { m } else { 0 };
+    }
+}
+fn idiv8(r: &mut [u64; 16]) {
+    idiv_fix(8, r)
+}
+fn idiv16(r: &mut [u64; 16]) {
+    idiv_fix(16, r)
+}
+fn idiv32(r: &mut [u64; 16]) {
+    idiv_fix(32, r)
+}
+fn idiv64(r: &mut [u64; 16]) {
+    idiv_fix(64, r)
+}
+
+macro_rules! f {
+    ($v:ident, $name:expr, $flags:expr, $fix:expr, |$a:ident| $body:expr) => {
+        $v.push(Form {
+            name: $name,
+            asm: |$a| $body,
+            flags: $flags,
+            fix: $fix,
+        })
+    };
+    ($v:ident, $name:expr, $flags:expr, |$a:ident| $body:expr) => {
+        f!($v, $name, $flags, nofix, |$a| $body)
+    };
+}
+
+/// Two-operand ALU op in every operand form.
+macro_rules! alu2 {
+    ($v:ident, $op:ident, $fl:expr) => {
+        f!($v, concat!(stringify!($op), " bl,cl"), $fl, |a| a.$op(bl, cl));
+        f!($v, concat!(stringify!($op), " ah,dl"), $fl, |a| a.$op(ah, dl));
+        f!($v, concat!(stringify!($op), " bx,cx"), $fl, |a| a.$op(bx, cx));
+        f!($v, concat!(stringify!($op), " ebx,ecx"), $fl, |a| a.$op(ebx, ecx));
+        f!($v, concat!(stringify!($op), " rbx,rcx"), $fl, |a| a.$op(rbx, rcx));
+        f!($v, concat!(stringify!($op), " bl,imm8"), $fl, |a| a.$op(bl, 0x5a));
+        f!($v, concat!(stringify!($op), " bx,imm16"), $fl, |a| a.$op(bx, 0x1234));
+        f!($v, concat!(stringify!($op), " bx,simm8"), $fl, |a| a.$op(bx, -3));
+        f!($v, concat!(stringify!($op), " ebx,imm32"), $fl, |a| a.$op(ebx, 0x7654_3210));
+        f!($v, concat!(stringify!($op), " rbx,simm32"), $fl, |a| a.$op(rbx, -0x1234_5678));
+        f!($v, concat!(stringify!($op), " rbx,simm8"), $fl, |a| a.$op(rbx, 0x7f));
+        f!($v, concat!(stringify!($op), " byte [r15],cl"), $fl, |a| a.$op(byte_ptr(r15 + 3), cl));
+        f!($v, concat!(stringify!($op), " dword [r15],ecx"), $fl, |a| a.$op(dword_ptr(r15 + 5), ecx));
+        f!($v, concat!(stringify!($op), " qword [r15],rcx"), $fl, |a| a.$op(qword_ptr(r15 + 8), rcx));
+        f!($v, concat!(stringify!($op), " word [r15],imm"), $fl, |a| a.$op(word_ptr(r15 + 2), 0x4321));
+        f!($v, concat!(stringify!($op), " rcx,[r15]"), $fl, |a| a.$op(rcx, qword_ptr(r15 + 16)));
+    };
+}
+
+macro_rules! unary {
+    ($v:ident, $op:ident, $fl:expr) => {
+        f!($v, concat!(stringify!($op), " bl"), $fl, |a| a.$op(bl));
+        f!($v, concat!(stringify!($op), " bh"), $fl, |a| a.$op(bh));
+        f!($v, concat!(stringify!($op), " bx"), $fl, |a| a.$op(bx));
+        f!($v, concat!(stringify!($op), " ebx"), $fl, |a| a.$op(ebx));
+        f!($v, concat!(stringify!($op), " rbx"), $fl, |a| a.$op(rbx));
+        f!($v, concat!(stringify!($op), " dword [r15]"), $fl, |a| a.$op(dword_ptr(r15 + 4)));
+    };
+}
+
+macro_rules! shift {
+    ($v:ident, $op:ident, $one:expr, $n:expr, $cl:expr, $cl64:expr, $fix:expr) => {
+        f!($v, concat!(stringify!($op), " bl,1"), $one, |a| a.$op(bl, 1));
+        f!($v, concat!(stringify!($op), " bl,cl"), $cl, $fix, |a| a.$op(bl, cl));
+        f!($v, concat!(stringify!($op), " bl,3"), $n, |a| a.$op(bl, 3));
+        f!($v, concat!(stringify!($op), " bx,1"), $one, |a| a.$op(bx, 1));
+        f!($v, concat!(stringify!($op), " bx,cl"), $cl, $fix, |a| a.$op(bx, cl));
+        f!($v, concat!(stringify!($op), " bx,9"), $n, |a| a.$op(bx, 9));
+        f!($v, concat!(stringify!($op), " ebx,1"), $one, |a| a.$op(ebx, 1));
+        f!($v, concat!(stringify!($op), " ebx,cl"), $cl, $fix, |a| a.$op(ebx, cl));
+        f!($v, concat!(stringify!($op), " ebx,17"), $n, |a| a.$op(ebx, 17));
+        f!($v, concat!(stringify!($op), " rbx,1"), $one, |a| a.$op(rbx, 1));
+        f!($v, concat!(stringify!($op), " rbx,cl"), $cl64, $fix, |a| a.$op(rbx, cl));
+        f!($v, concat!(stringify!($op), " rbx,45"), $n, |a| a.$op(rbx, 45));
+        f!($v, concat!(stringify!($op), " dword [r15],cl"), $cl, $fix, |a| a.$op(dword_ptr(r15), cl));
+    };
+}
+
+fn rot_one(_: &[u64; 16]) -> u64 {
+    ALL & !AF
+}
+/// Rotates leave SF ZF PF AF alone; OF defined only for count 1.
+fn rot_cl(r: &[u64; 16]) -> u64 {
+    if r[1] & 31 == 1 {
+        ALL
+    } else {
+        ALL & !OF
+    }
+}
+fn rot_cl64(r: &[u64; 16]) -> u64 {
+    if r[1] & 63 == 1 {
+        ALL
+    } else {
+        ALL & !OF
+    }
+}
+fn rot_n(_: &[u64; 16]) -> u64 {
+    ALL & !OF
+}
+fn rot1_all(_: &[u64; 16]) -> u64 {
+    ALL
+}
+
+fn forms() -> Vec<Form> {
+    let mut v = Vec::new();
+    alu2!(v, add, all);
+    alu2!(v, adc, all);
+    alu2!(v, sub, all);
+    alu2!(v, sbb, all);
+    alu2!(v, cmp, all);
+    alu2!(v, and, no_af);
+    alu2!(v, or, no_af);
+    alu2!(v, xor, no_af);
+    f!(v, "test bl,cl", no_af, |a| a.test(bl, cl));
+    f!(v, "test bx,cx", no_af, |a| a.test(bx, cx));
+    f!(v, "test ebx,ecx", no_af, |a| a.test(ebx, ecx));
+    f!(v, "test rbx,rcx", no_af, |a| a.test(rbx, rcx));
+    f!(v, "test rbx,simm32", no_af, |a| a.test(rbx, -0x100));
+    f!(v, "test dword [r15],ecx", no_af, |a| a.test(dword_ptr(r15 + 1), ecx));
+    unary!(v, inc, all);
+    unary!(v, dec, all);
+    unary!(v, neg, all);
+    unary!(v, not, all);
+    shift!(v, shl, shift_n_one, shift_n, shift_cl, shift_cl64, nofix);
+    shift!(v, shr, shift_n_one, shift_n, shift_cl, shift_cl64, nofix);
+    shift!(v, sar, shift_n_one, shift_n, shift_cl, shift_cl64, nofix);
+    shift!(v, rol, rot1_all, rot_n, rot_cl, rot_cl64, nofix);
+    shift!(v, ror, rot1_all, rot_n, rot_cl, rot_cl64, nofix);
+    shift!(v, rcl, rot1_all, rot_n, rot_cl, rot_cl64, cl_le_16);
+    shift!(v, rcr, rot1_all, rot_n, rot_cl, rot_cl64, cl_le_16);
+    let _ = rot_one;
+    // MUL / IMUL / DIV / IDIV.
+    f!(v, "mul bl", mul_flags, |a| a.mul(bl));
+    f!(v, "mul bx", mul_flags, |a| a.mul(bx));
+    f!(v, "mul ebx", mul_flags, |a| a.mul(ebx));
+    f!(v, "mul rbx", mul_flags, |a| a.mul(rbx));
+    f!(v, "mul qword [r15]", mul_flags, |a| a.mul(qword_ptr(r15 + 8)));
+    f!(v, "imul bl", mul_flags, |a| a.imul(bl));
+    f!(v, "imul bx", mul_flags, |a| a.imul(bx));
+    f!(v, "imul ebx", mul_flags, |a| a.imul(ebx));
+    f!(v, "imul rbx", mul_flags, |a| a.imul(rbx));
+    f!(v, "imul bx,cx", mul_flags, |a| a.imul_2(bx, cx));
+    f!(v, "imul ebx,ecx", mul_flags, |a| a.imul_2(ebx, ecx));
+    f!(v, "imul rbx,rcx", mul_flags, |a| a.imul_2(rbx, rcx));
+    f!(v, "imul rbx,[r15]", mul_flags, |a| a.imul_2(rbx, qword_ptr(r15)));
+    f!(v, "imul bx,cx,imm", mul_flags, |a| a.imul_3(bx, cx, 0x1234));
+    f!(v, "imul ebx,ecx,simm8", mul_flags, |a| a.imul_3(ebx, ecx, -7));
+    f!(v, "imul rbx,rcx,imm32", mul_flags, |a| a.imul_3(rbx, rcx, 0x12_3456));
+    f!(v, "div bl", none_flags, div8, |a| a.div(bl));
+    f!(v, "div bx", none_flags, div16, |a| a.div(bx));
+    f!(v, "div ebx", none_flags, div32, |a| a.div(ebx));
+    f!(v, "div rbx", none_flags, div64, |a| a.div(rbx));
+    f!(v, "idiv bl", none_flags, idiv8, |a| a.idiv(bl));
+    f!(v, "idiv bx", none_flags, idiv16, |a| a.idiv(bx));
+    f!(v, "idiv ebx", none_flags, idiv32, |a| a.idiv(ebx));
+    f!(v, "idiv rbx", none_flags, idiv64, |a| a.idiv(rbx));
+    // Bit scans and tests.
+    f!(v, "bsf bx,cx", zf_only, nonzero_rcx, |a| a.bsf(bx, cx));
+    f!(v, "bsf ebx,ecx", zf_only, nonzero_rcx, |a| a.bsf(ebx, ecx));
+    f!(v, "bsf rbx,rcx", zf_only, nonzero_rcx, |a| a.bsf(rbx, rcx));
+    f!(v, "bsr bx,cx", zf_only, nonzero_rcx, |a| a.bsr(bx, cx));
+    f!(v, "bsr ebx,ecx", zf_only, nonzero_rcx, |a| a.bsr(ebx, ecx));
+    f!(v, "bsr rbx,rcx", zf_only, nonzero_rcx, |a| a.bsr(rbx, rcx));
+    f!(v, "bsf rbx,[r15]", zf_only, |a| a.bsf(rbx, qword_ptr(r15 + 24)));
+    f!(v, "popcnt ebx,ecx", all, |a| a.popcnt(ebx, ecx));
+    f!(v, "popcnt rbx,rcx", all, |a| a.popcnt(rbx, rcx));
+    f!(v, "popcnt bx,cx", all, |a| a.popcnt(bx, cx));
+    for_bt(&mut v);
+    // SETcc / CMOVcc (no flags change: all compared).
+    f!(v, "seto bl", all, |a| a.seto(bl));
+    f!(v, "setno bl", all, |a| a.setno(bl));
+    f!(v, "setb bl", all, |a| a.setb(bl));
+    f!(v, "setae bl", all, |a| a.setae(bl));
+    f!(v, "sete bl", all, |a| a.sete(bl));
+    f!(v, "setne bl", all, |a| a.setne(bl));
+    f!(v, "setbe bl", all, |a| a.setbe(bl));
+    f!(v, "seta bl", all, |a| a.seta(bl));
+    f!(v, "sets bl", all, |a| a.sets(bl));
+    f!(v, "setns bl", all, |a| a.setns(bl));
+    f!(v, "setp bl", all, |a| a.setp(bl));
+    f!(v, "setnp bl", all, |a| a.setnp(bl));
+    f!(v, "setl bl", all, |a| a.setl(bl));
+    f!(v, "setge bl", all, |a| a.setge(bl));
+    f!(v, "setle bl", all, |a| a.setle(bl));
+    f!(v, "setg bl", all, |a| a.setg(bl));
+    f!(v, "setg byte [r15]", all, |a| a.setg(byte_ptr(r15 + 7)));
+    f!(v, "cmovo ebx,ecx", all, |a| a.cmovo(ebx, ecx));
+    f!(v, "cmovno rbx,rcx", all, |a| a.cmovno(rbx, rcx));
+    f!(v, "cmovb ebx,ecx", all, |a| a.cmovb(ebx, ecx));
+    f!(v, "cmovae rbx,rcx", all, |a| a.cmovae(rbx, rcx));
+    f!(v, "cmove ebx,ecx", all, |a| a.cmove(ebx, ecx));
+    f!(v, "cmovne rbx,rcx", all, |a| a.cmovne(rbx, rcx));
+    f!(v, "cmovbe ebx,ecx", all, |a| a.cmovbe(ebx, ecx));
+    f!(v, "cmova rbx,rcx", all, |a| a.cmova(rbx, rcx));
+    f!(v, "cmovs ebx,ecx", all, |a| a.cmovs(ebx, ecx));
+    f!(v, "cmovns rbx,rcx", all, |a| a.cmovns(rbx, rcx));
+    f!(v, "cmovp ebx,ecx", all, |a| a.cmovp(ebx, ecx));
+    f!(v, "cmovnp rbx,rcx", all, |a| a.cmovnp(rbx, rcx));
+    f!(v, "cmovl ebx,ecx", all, |a| a.cmovl(ebx, ecx));
+    f!(v, "cmovge rbx,rcx", all, |a| a.cmovge(rbx, rcx));
+    f!(v, "cmovle ebx,ecx", all, |a| a.cmovle(ebx, ecx));
+    f!(v, "cmovg rbx,rcx", all, |a| a.cmovg(rbx, rcx));
+    f!(v, "cmovg bx,cx", all, |a| a.cmovg(bx, cx));
+    f!(v, "cmove rbx,[r15]", all, |a| a.cmove(rbx, qword_ptr(r15)));
+    // Moves with extension, LEA, BSWAP.
+    f!(v, "movzx bx,cl", all, |a| a.movzx(bx, cl));
+    f!(v, "movzx ebx,cl", all, |a| a.movzx(ebx, cl));
+    f!(v, "movzx rbx,ch", all, |a| a.movzx(ebx, ch));
+    f!(v, "movzx ebx,cx", all, |a| a.movzx(ebx, cx));
+    f!(v, "movzx rbx,word [r15]", all, |a| a.movzx(rbx, word_ptr(r15 + 3)));
+    f!(v, "movsx bx,cl", all, |a| a.movsx(bx, cl));
+    f!(v, "movsx ebx,cl", all, |a| a.movsx(ebx, cl));
+    f!(v, "movsx rbx,cl", all, |a| a.movsx(rbx, cl));
+    f!(v, "movsx ebx,cx", all, |a| a.movsx(ebx, cx));
+    f!(v, "movsx rbx,cx", all, |a| a.movsx(rbx, cx));
+    f!(v, "movsxd rbx,ecx", all, |a| a.movsxd(rbx, ecx));
+    f!(v, "movsxd rbx,dword [r15]", all, |a| a.movsxd(rbx, dword_ptr(r15 + 12)));
+    f!(v, "lea rbx,[rcx+rdx*4+disp]", all, |a| a.lea(rbx, ptr(rcx + rdx * 4 + 0x1234)));
+    f!(v, "lea ebx,[rcx+rdx*8-disp]", all, |a| a.lea(ebx, ptr(rcx + rdx * 8 - 0x80)));
+    f!(v, "lea bx,[rcx+rsi]", all, |a| a.lea(bx, ptr(rcx + rsi)));
+    f!(v, "lea rbx,[ecx+edx*2]", all, |a| a.lea(rbx, ptr(ecx + edx * 2)));
+    f!(v, "bswap ebx", all, |a| a.bswap(ebx));
+    f!(v, "bswap rbx", all, |a| a.bswap(rbx));
+    // XADD / CMPXCHG (plain and LOCK on memory).
+    f!(v, "xadd bl,cl", all, |a| a.xadd(bl, cl));
+    f!(v, "xadd bx,cx", all, |a| a.xadd(bx, cx));
+    f!(v, "xadd ebx,ecx", all, |a| a.xadd(ebx, ecx));
+    f!(v, "xadd rbx,rcx", all, |a| a.xadd(rbx, rcx));
+    f!(v, "lock xadd qword [r15],rcx", all, |a| a.lock().xadd(qword_ptr(r15 + 8), rcx));
+    f!(v, "cmpxchg bl,cl", all, eq_sometimes, |a| a.cmpxchg(bl, cl));
+    f!(v, "cmpxchg bx,cx", all, eq_sometimes, |a| a.cmpxchg(bx, cx));
+    f!(v, "cmpxchg ebx,ecx", all, eq_sometimes, |a| a.cmpxchg(ebx, ecx));
+    f!(v, "cmpxchg rbx,rcx", all, eq_sometimes, |a| a.cmpxchg(rbx, rcx));
+    f!(v, "lock cmpxchg qword [r15],rcx", all, |a| a.lock().cmpxchg(qword_ptr(r15), rcx));
+    f!(v, "lock cmpxchg8b [r15]", all, |a| a.lock().cmpxchg8b(qword_ptr(r15)));
+    f!(v, "xchg rbx,rcx", all, |a| a.xchg(rbx, rcx));
+    f!(v, "xchg [r15],ecx", all, |a| a.xchg(dword_ptr(r15 + 4), ecx));
+    f!(v, "lock or dword [r15],ecx", no_af, |a| a.lock().or(dword_ptr(r15 + 4), ecx));
+    f!(v, "lock btr qword [r15],rcx", bt_flags, small_rcx, |a| a.lock().btr(qword_ptr(r15), rcx));
+    // SHLD / SHRD.
+    f!(v, "shld bx,cx,5", shift_n, |a| a.shld(bx, cx, 5));
+    f!(v, "shld bx,cx,cl", shift_cl, cl_le_16, |a| a.shld(bx, cx, cl));
+    f!(v, "shld ebx,ecx,1", no_af, |a| a.shld(ebx, ecx, 1));
+    f!(v, "shld ebx,ecx,cl", shift_cl, |a| a.shld(ebx, ecx, cl));
+    f!(v, "shld rbx,rcx,33", shift_n, |a| a.shld(rbx, rcx, 33));
+    f!(v, "shld rbx,rcx,cl", shift_cl64, |a| a.shld(rbx, rcx, cl));
+    f!(v, "shrd bx,cx,5", shift_n, |a| a.shrd(bx, cx, 5));
+    f!(v, "shrd bx,cx,cl", shift_cl, cl_le_16, |a| a.shrd(bx, cx, cl));
+    f!(v, "shrd ebx,ecx,1", no_af, |a| a.shrd(ebx, ecx, 1));
+    f!(v, "shrd ebx,ecx,cl", shift_cl, |a| a.shrd(ebx, ecx, cl));
+    f!(v, "shrd rbx,rcx,33", shift_n, |a| a.shrd(rbx, rcx, 33));
+    f!(v, "shrd rbx,rcx,cl", shift_cl64, |a| a.shrd(rbx, rcx, cl));
+    f!(v, "shrd dword [r15],ecx,cl", shift_cl, |a| a.shrd(dword_ptr(r15), ecx, cl));
+    // Flag instructions and conversions.
+    f!(v, "cbw", all, |a| a.cbw());
+    f!(v, "cwde", all, |a| a.cwde());
+    f!(v, "cdqe", all, |a| a.cdqe());
+    f!(v, "cwd", all, |a| a.cwd());
+    f!(v, "cdq", all, |a| a.cdq());
+    f!(v, "cqo", all, |a| a.cqo());
+    f!(v, "lahf", all, |a| a.lahf());
+    f!(v, "sahf", all, |a| a.sahf());
+    f!(v, "cmc", all, |a| a.cmc());
+    v
+}
+
+fn shift_n_one(_: &[u64; 16]) -> u64 {
+    ALL & !AF
+}
+
+fn nonzero_rcx(r: &mut [u64; 16]) {
+    if r[1] & 0xffff == 0 {
+        r[1] |= 0x100;
+    }
+}
+fn small_rcx(r: &mut [u64; 16]) {
+    r[1] &= 63;
+}
+fn eq_sometimes(r: &mut [u64; 16]) {
+    if r[0] & 1 == 0 {
+        r[3] = r[0];
+    }
+}
+fn bt_mem_off(r: &mut [u64; 16]) {
+    // Bit offsets -64..192 relative to [r15+32]: stays inside the 64-byte buffer.
+    r[1] = ((r[1] % 256) as i64 - 64) as u64;
+}
+
+fn for_bt(v: &mut Vec<Form>) {
+    f!(v, "bt bx,cx", bt_flags, |a| a.bt(bx, cx));
+    f!(v, "bt ebx,ecx", bt_flags, |a| a.bt(ebx, ecx));
+    f!(v, "bt rbx,rcx", bt_flags, |a| a.bt(rbx, rcx));
+    f!(v, "bt rbx,imm", bt_flags, |a| a.bt(rbx, 45));
+    f!(v, "bts ebx,ecx", bt_flags, |a| a.bts(ebx, ecx));
+    f!(v, "bts rbx,imm", bt_flags, |a| a.bts(rbx, 63));
+    f!(v, "btr bx,cx", bt_flags, |a| a.btr(bx, cx));
+    f!(v, "btr rbx,rcx", bt_flags, |a| a.btr(rbx, rcx));
+    f!(v, "btc ebx,imm", bt_flags, |a| a.btc(ebx, 7));
+    f!(v, "btc rbx,rcx", bt_flags, |a| a.btc(rbx, rcx));
+    f!(v, "bt dword [r15],ecx", bt_flags, bt_mem_off, |a| a.bt(dword_ptr(r15 + 32), ecx));
+    f!(v, "bts qword [r15],rcx", bt_flags, bt_mem_off, |a| a.bts(qword_ptr(r15 + 32), rcx));
+    f!(v, "btc word [r15],cx", bt_flags, bt_mem_off_16, |a| a.btc(word_ptr(r15 + 32), cx));
+    f!(v, "btr dword [r15],imm", bt_flags, |a| a.btr(dword_ptr(r15 + 4), 31));
+}
+
+fn bt_mem_off_16(r: &mut [u64; 16]) {
+    let off = ((r[1] % 256) as i64 - 64) as u64;
+    r[1] = (r[1] & !0xffff) | (off & 0xffff);
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Random values with a bias towards edge cases.
+    fn value(&mut self) -> u64 {
+        const EDGE: [u64; 10] = [
+            0,
+            1,
+            u64::MAX,
+            0x8000_0000_0000_0000,
+            0x7fff_ffff_ffff_ffff,
+            0x8000_0000,
+            0x7fff_ffff,
+            0xffff_ffff,
+            0x80,
+            0x7fff,
+        ];
+        match self.next() % 8 {
+            0 => EDGE[(self.next() % 10) as usize],
+            1 => self.next() & 0xff,
+            2 => self.next() & 0xffff,
+            3 => (self.next() as i8) as i64 as u64,
+            _ => self.next(),
+        }
+    }
+}
+
+/// An executable page running one instruction between a register load and store.
+struct Native {
+    page: *mut u8,
+    state: Box<HostState>,
+}
+
+impl Native {
+    fn new() -> Native {
+        // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(page, libc::MAP_FAILED, "mmap of an executable page failed");
+        Native {
+            page: page as *mut u8,
+            state: Box::default(),
+        }
+    }
+
+    /// Generate the stub around `insn`.
+    fn load(&mut self, insn: &[u8]) {
+        let st_ptr = &mut *self.state as *mut HostState as u64;
+        let order = [
+            (rcx, 8),
+            (rdx, 16),
+            (rbx, 24),
+            (rbp, 40),
+            (rsi, 48),
+            (rdi, 56),
+            (r8, 64),
+            (r9, 72),
+            (r10, 80),
+            (r11, 88),
+            (r12, 96),
+            (r13, 104),
+            (r14, 112),
+            (r15, 120),
+        ];
+        let code = asm64(self.page as u64, |a| {
+            for r in [rbx, rbp, r12, r13, r14, r15] {
+                a.push(r)?;
+            }
+            a.mov(rax, st_ptr)?;
+            a.mov(qword_ptr(rax + 136), rsp)?;
+            a.push(qword_ptr(rax + 128))?;
+            a.popfq()?;
+            for (r, off) in order {
+                a.mov(r, qword_ptr(rax + off))?;
+            }
+            a.mov(rax, qword_ptr(rax))?;
+            a.db(insn)?;
+            a.pushfq()?;
+            a.push(rax)?;
+            a.mov(rax, st_ptr)?;
+            for (r, off) in order {
+                a.mov(qword_ptr(rax + off), r)?;
+            }
+            a.pop(rcx)?;
+            a.mov(qword_ptr(rax), rcx)?;
+            a.pop(rcx)?;
+            a.mov(qword_ptr(rax + 128), rcx)?;
+            a.mov(rsp, qword_ptr(rax + 136))?;
+            for r in [r15, r14, r13, r12, rbp, rbx] {
+                a.pop(r)?;
+            }
+            a.ret()
+        });
+        assert!(code.len() <= 4096);
+        // SAFETY: the page is 4096 writable bytes.
+        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), self.page, code.len()) };
+    }
+
+    fn run(&mut self) {
+        // SAFETY: the page holds the stub generated by load(): it saves and restores the
+        // callee-saved registers and RSP and returns; the instruction inside only touches
+        // registers and the 64-byte buffer R15 points to.
+        let f: extern "C" fn() = unsafe { std::mem::transmute(self.page) };
+        f();
+    }
+}
+
+impl Drop for Native {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the page mapped in new().
+        unsafe { libc::munmap(self.page as *mut libc::c_void, 4096) };
+    }
+}
+
+struct Emu {
+    mem: GuestMemoryMmap,
+    vcpu: kvmbox_emu::EmuVcpu,
+    _vm: kvmbox_emu::EmuVm,
+}
+
+impl Emu {
+    fn new() -> Emu {
+        let (mem, vm, vcpu) = long_machine(&[0xf4]);
+        Emu { mem, vcpu, _vm: vm }
+    }
+
+    fn run(&mut self, insn: &[u8], regs: &[u64; 16], flags: u64, buf: &mut [u8; 64]) -> ([u64; 16], u64) {
+        let mut code = insn.to_vec();
+        code.push(0xf4);
+        self.mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+        self.mem.write_slice(buf, GuestAddress(DATA)).unwrap();
+        let mut r = *regs;
+        r[4] = KSTACK;
+        r[15] = DATA;
+        let g = r;
+        self.vcpu
+            .set_regs(&Regs {
+                rax: g[0],
+                rcx: g[1],
+                rdx: g[2],
+                rbx: g[3],
+                rsp: g[4],
+                rbp: g[5],
+                rsi: g[6],
+                rdi: g[7],
+                r8: g[8],
+                r9: g[9],
+                r10: g[10],
+                r11: g[11],
+                r12: g[12],
+                r13: g[13],
+                r14: g[14],
+                r15: g[15],
+                rip: CODE,
+                rflags: flags,
+            })
+            .unwrap();
+        let io = Recorder::default();
+        assert_eq!(self.vcpu.run(&io).unwrap(), VcpuExit::Halted);
+        let o = self.vcpu.regs().unwrap();
+        assert_eq!(o.rip, CODE + insn.len() as u64 + 1, "emulator did not run the instruction");
+        self.mem.read_slice(buf, GuestAddress(DATA)).unwrap();
+        (
+            [
+                o.rax, o.rcx, o.rdx, o.rbx, o.rsp, o.rbp, o.rsi, o.rdi, o.r8, o.r9, o.r10, o.r11,
+                o.r12, o.r13, o.r14, o.r15,
+            ],
+            o.rflags,
+        )
+    }
+}
+
+#[test]
+fn instruction_forms_match_the_host_cpu() {
+    let mut native = Native::new();
+    let mut emu = Emu::new();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let forms = forms();
+    let mut failures = Vec::new();
+    for form in &forms {
+        let insn = asm64(0, form.asm);
+        native.load(&insn);
+        for case in 0..CASES {
+            let mut regs = [0u64; 16];
+            for r in regs.iter_mut() {
+                *r = rng.value();
+            }
+            (form.fix)(&mut regs);
+            let flags_in = (rng.next() & ALL) | 2;
+            let mut mem_in = [0u8; 64];
+            for chunk in mem_in.chunks_mut(8) {
+                chunk.copy_from_slice(&rng.value().to_le_bytes());
+            }
+            if form.name.contains("cmpxchg") && case % 2 == 0 {
+                // Make the compare succeed half the time.
+                mem_in[..8].copy_from_slice(&regs[0].to_le_bytes());
+                if form.name.contains("8b") {
+                    mem_in[4..8].copy_from_slice(&(regs[2] as u32).to_le_bytes());
+                }
+            }
+            // Native.
+            let mut host_buf = Box::new(mem_in);
+            let mut hs = regs;
+            hs[15] = host_buf.as_mut_ptr() as u64;
+            hs[4] = 0;
+            *native.state = HostState {
+                regs: hs,
+                flags: flags_in | 0x200,
+                saved_rsp: 0,
+            };
+            native.run();
+            let n_regs = native.state.regs;
+            let n_flags = native.state.flags;
+            // Emulated.
+            let mut emu_buf = mem_in;
+            let (e_regs, e_flags) = emu.run(&insn, &regs, flags_in, &mut emu_buf);
+            let fmask = (form.flags)(&regs);
+            let mut bad = Vec::new();
+            for i in 0..15 {
+                if i == 4 {
+                    continue;
+                }
+                if n_regs[i] != e_regs[i] {
+                    bad.push(format!("r{i}: host {:#x} emu {:#x}", n_regs[i], e_regs[i]));
+                }
+            }
+            if (n_flags ^ e_flags) & fmask != 0 {
+                bad.push(format!(
+                    "flags: host {:#x} emu {:#x} (compared {:#x})",
+                    n_flags & ALL,
+                    e_flags & ALL,
+                    fmask
+                ));
+            }
+            if *host_buf != emu_buf {
+                bad.push("memory differs".to_string());
+            }
+            if !bad.is_empty() {
+                failures.push(format!(
+                    "{}: in regs {:x?} flags {:#x}: {}",
+                    form.name,
+                    &regs[..4],
+                    flags_in,
+                    bad.join("; ")
+                ));
+                break;
+            }
+        }
+    }
+    println!("{} forms x {} cases compared", forms.len(), CASES);
+    assert!(failures.is_empty(), "{} forms differ:\n{}", failures.len(), failures.join("\n"));
+}
