@@ -408,9 +408,12 @@ impl VcpuIrq {
         if rflags_if {
             mask |= F_INTR;
         }
-        s.flags.load(Ordering::Acquire) & mask != 0
-            || s.kicked.load(Ordering::Acquire)
-            || self.now() >= s.deadline.load(Ordering::Acquire)
+        if s.flags.load(Ordering::Acquire) & mask != 0 || s.kicked.load(Ordering::Acquire) {
+            return true;
+        }
+        // Read the clock only when a timer is armed.
+        let d = s.deadline.load(Ordering::Acquire);
+        d != u64::MAX && self.now() >= d
     }
 
     /// The vector the CPU would take now if RFLAGS.IF is `rflags_if` (None when IF is clear):

@@ -523,3 +523,86 @@ fn hostile_guest_cannot_panic_the_chip() {
     assert_eq!(v.ack(), Some(0xfe));
     assert!(clock.now_ns() > 0);
 }
+
+/// The PIT on its own timer thread drives IRQ 0 through IOAPIC pin 2 into a vCPU that
+/// halts between ticks, all on the host clock.
+#[test]
+fn pit_thread_wakes_a_halted_vcpu_at_1khz() {
+    use kvmbox_devices::legacy::pit::{TimerThread, TimerWaker};
+    use std::sync::Mutex;
+    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
+    let c = IrqChip::new(1, clock.clone(), TSC_HZ).unwrap();
+    let bsp = c.vcpu(0).unwrap();
+    sw_enable(&bsp);
+    mask_lint0(&bsp);
+    ioapic_route(&mut c.ioapic_device(), 2, 0x30, 0);
+    let waker = Arc::new(TimerWaker::new());
+    let mut pit = Pit::new(Some(c.irq_line(0).unwrap()), clock.clone());
+    pit.set_waker(waker.clone());
+    let pit = Arc::new(Mutex::new(pit));
+    let thread = TimerThread::spawn("pit", pit.clone(), clock.clone(), waker).unwrap();
+    {
+        let mut p = pit.lock().unwrap();
+        p.write_port(0x43, 0x34);
+        p.write_port(0x40, 0xa9);
+        p.write_port(0x40, 0x04);
+    }
+    let start = Instant::now();
+    let mut ticks = 0;
+    while start.elapsed() < Duration::from_millis(100) {
+        if bsp.wait(true, Some(Duration::from_millis(50))) == Wake::Interrupt {
+            assert_eq!(bsp.ack(), Some(0x30));
+            w32(&bsp, 0xb0, 0);
+            ticks += 1;
+        }
+    }
+    drop(thread);
+    // 100 ticks expected; a loaded 2-core host may coalesce some.
+    assert!((50..=105).contains(&ticks), "{ticks} ticks in 100 ms");
+}
+
+/// Prints what the engine pays per poll and per cross-thread wake-up.
+/// `cargo test -p kvmbox-irqchip measure -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement, prints numbers"]
+fn measure_poll_and_wake_costs() {
+    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
+    let c = IrqChip::new(2, clock, TSC_HZ).unwrap();
+    let bsp = c.vcpu(0).unwrap();
+    let ap = c.vcpu(1).unwrap();
+    sw_enable(&bsp);
+    sw_enable(&ap);
+    let n = 1_000_000u32;
+    let t = Instant::now();
+    let mut k = 0;
+    for _ in 0..n {
+        k += u32::from(bsp.has_events(true));
+    }
+    let has = t.elapsed() / n;
+    let t = Instant::now();
+    for _ in 0..n {
+        k += u32::from(bsp.pending_interrupt(true).is_some());
+    }
+    let pend = t.elapsed() / n;
+    assert_eq!(k, 0);
+    let rounds = 2000u32;
+    let ap2 = ap.clone();
+    let waiter = std::thread::spawn(move || {
+        for _ in 0..rounds {
+            while ap2.wait(true, Some(Duration::from_secs(5))) != Wake::Interrupt {}
+            ap2.ack().unwrap();
+            w32(&ap2, 0xb0, 0);
+        }
+    });
+    let t = Instant::now();
+    for _ in 0..rounds {
+        w32(&bsp, 0x310, 1 << 24);
+        w32(&bsp, 0x300, 0x40d0);
+        while ap.has_events(true) || r32(&ap, 0x100 + 0x60) != 0 {
+            std::hint::spin_loop();
+        }
+    }
+    let ipi = t.elapsed() / rounds;
+    waiter.join().unwrap();
+    println!("has_events {has:?}/call, pending_interrupt {pend:?}/call, IPI to halted vCPU and back {ipi:?}");
+}
