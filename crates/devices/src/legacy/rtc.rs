@@ -375,6 +375,12 @@ impl Rtc {
             REG_C => {
                 let v = self.cmos[REG_C];
                 self.cmos[REG_C] = 0;
+                if v & C_IRQF != 0 {
+                    // Acknowledged: the timer thread has a deadline again.
+                    if let Some(w) = &self.waker {
+                        w.wake();
+                    }
+                }
                 v
             }
             _ => self.cmos[i],
@@ -662,6 +668,38 @@ mod tests {
         r.tick(clock.now_ns());
         assert_eq!(irq.0.load(Ordering::SeqCst), 1);
         assert_eq!(rd(&mut r, 0x0c) & 0xb0, 0xb0);
+    }
+
+    #[test]
+    fn timer_thread_keeps_delivering_after_reg_c_reads() {
+        use super::super::pit::{HostClock, TimerThread};
+        use std::sync::Mutex;
+        let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
+        let irq = Arc::new(CountingIrq::default());
+        let waker = Arc::new(TimerWaker::new());
+        let mut rtc = Rtc::new(Some(irq.clone()), clock.clone(), 0);
+        rtc.set_waker(waker.clone());
+        let rtc = Arc::new(Mutex::new(rtc));
+        let t = TimerThread::spawn("rtc-test", rtc.clone(), clock, waker).unwrap();
+        {
+            let mut r = rtc.lock().unwrap();
+            wr(&mut r, 0x0a, 0x2a); // 64 Hz
+            wr(&mut r, 0x0b, 0x42);
+        }
+        let start = std::time::Instant::now();
+        let mut acked = 0;
+        while start.elapsed() < std::time::Duration::from_millis(200) {
+            if irq.0.load(Ordering::SeqCst) > acked {
+                acked += 1;
+                assert_ne!(rd(&mut rtc.lock().unwrap(), 0x0c) & 0xc0, 0);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(t);
+        assert!(
+            (5..=14).contains(&acked),
+            "{acked} periodic IRQs in 200 ms at 64 Hz"
+        );
     }
 
     #[test]
