@@ -1,7 +1,7 @@
 //! The CPUID table a KVM vCPU shows: what KVM supports, with this VM's topology and
 //! kvmbox's hypervisor leaves.
 
-use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
@@ -20,7 +20,12 @@ fn id_bits(count: u32) -> u32 {
 
 /// Patch KVM's supported CPUID for vCPU `id` of `count`: one socket, one thread per core,
 /// `count` cores, APIC ID = vCPU index.
-pub(super) fn patch(cpuid: &mut CpuId, id: u32, count: u32, tsc_deadline: bool) {
+pub(super) fn patch(
+    cpuid: &mut CpuId,
+    id: u32,
+    count: u32,
+    tsc_deadline: bool,
+) -> Result<(), String> {
     let core_bits = id_bits(count);
     let is_amd = cpuid
         .as_slice()
@@ -31,6 +36,28 @@ pub(super) fn patch(cpuid: &mut CpuId, id: u32, count: u32, tsc_deadline: bool) 
     for e in cpuid.as_mut_slice().iter_mut() {
         patch_entry(e, id, count, core_bits, tsc_deadline, is_amd);
     }
+    // KVM lists only some subleaves of the extended-topology leaves: rebuild them whole
+    // (SMT level, core level, terminating invalid level), as their readers walk the subleaves.
+    for leaf in [0xb, 0x1f] {
+        let present = cpuid.as_slice().iter().any(|e| e.function == leaf);
+        if !present {
+            continue;
+        }
+        cpuid.retain(|e| e.function != leaf);
+        for index in 0..3 {
+            let mut e = kvm_cpuid_entry2 {
+                function: leaf,
+                index,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                ..Default::default()
+            };
+            patch_entry(&mut e, id, count, core_bits, tsc_deadline, is_amd);
+            cpuid
+                .push(e)
+                .map_err(|_| format!("no room in the CPUID table for leaf {leaf:#x}"))?;
+        }
+    }
+    Ok(())
 }
 
 fn patch_entry(

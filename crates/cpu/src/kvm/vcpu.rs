@@ -177,7 +177,8 @@ impl KvmVcpu {
 impl Vcpu for KvmVcpu {
     fn configure(&mut self, cfg: &VcpuConfig) -> Result<()> {
         let mut table = self.supported_cpuid.clone();
-        cpuid::patch(&mut table, cfg.id, cfg.count, self.tsc_deadline);
+        cpuid::patch(&mut table, cfg.id, cfg.count, self.tsc_deadline)
+            .map_err(Error::Unsupported)?;
         self.fd
             .set_cpuid2(&table)
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
