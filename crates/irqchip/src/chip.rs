@@ -497,15 +497,16 @@ impl VcpuIrq {
     }
 
     /// Block a halted vCPU until something wakes it: a deliverable interrupt (only if
-    /// `rflags_if`), NMI, INIT, SIPI, a kick, or `timeout`. LAPIC timer expiries that
-    /// happen while waiting are processed here.
+    /// `rflags_if`), NMI, INIT, SIPI, a kick, or `timeout`. While the vCPU waits for a SIPI
+    /// only INIT, SIPI and kicks wake it. LAPIC timer expiries that happen while waiting
+    /// are processed here.
     pub fn wait(&self, rflags_if: bool, timeout: Option<Duration>) -> Wake {
         let end = timeout.map(|t| Instant::now() + t);
         let slot = self.slot();
         let mut st = self.sh.lock();
-        // A vCPU waiting for SIPI takes no interrupts.
-        let rflags_if = rflags_if && st.lapics[self.id].mp_state() == MpState::Running;
         loop {
+            // A vCPU waiting for SIPI takes neither interrupts nor NMIs.
+            let running = st.lapics[self.id].mp_state() == MpState::Running;
             let now = self.now();
             st.lapics[self.id].timer_tick(now);
             // Only this vCPU's state changed; nobody else needs waking.
@@ -520,10 +521,10 @@ impl VcpuIrq {
             if f & F_SIPI != 0 {
                 return Wake::Sipi;
             }
-            if f & F_NMI != 0 {
+            if running && f & F_NMI != 0 {
                 return Wake::Nmi;
             }
-            if rflags_if && f & F_INTR != 0 {
+            if running && rflags_if && f & F_INTR != 0 {
                 return Wake::Interrupt;
             }
             let mut sleep = match st.lapics[self.id].next_timer_deadline() {

@@ -114,6 +114,18 @@ fn init_sipi_sipi_starts_an_ap() {
     assert_eq!((inits, v), (1, Some(0x9f)));
     assert_eq!(ap.take_sipi(), None, "the second SIPI finds the AP running");
     assert_eq!(r32(&bsp, 0x280), 0, "no errors");
+    // A vCPU waiting for SIPI ignores NMIs (no busy wake-ups).
+    ap.set_wait_for_sipi();
+    w32(&bsp, 0x300, 0x0000_4400); // NMI to APIC 1
+    assert!(ap.has_events(false), "NMI pending");
+    assert_eq!(ap.wait(true, Some(Duration::from_millis(2))), Wake::Timeout);
+    assert!(ap.take_nmi());
+    let ap2 = ap.clone();
+    let t = std::thread::spawn(move || ap2.wait(false, Some(Duration::from_secs(10))));
+    std::thread::sleep(Duration::from_millis(5));
+    w32(&bsp, 0x300, 0x0000_0611); // another STARTUP (vector 0x11), dest 1 from ICR2
+    assert_eq!(t.join().unwrap(), Wake::Sipi);
+    assert_eq!(ap.take_sipi(), Some(0x11));
 }
 
 #[test]
