@@ -316,3 +316,101 @@ fn initrd_that_does_not_fit_fails() {
         "{e}"
     );
 }
+
+#[test]
+fn host_decompressed_bzimage_boots_the_vmlinux_inside() {
+    let img = std::fs::read(kernel()).unwrap();
+    let h = header(&img);
+    let t = std::time::Instant::now();
+    let elf = kvmbox_arch::extract_vmlinux(kernel()).unwrap();
+    eprintln!("extract_vmlinux: {} bytes in {:?}", elf.len(), t.elapsed());
+    assert_eq!(&elf[..4], b"\x7fELF");
+    // The kernel build appends the decompressed size to the payload.
+    let (off, len) = (u32_at(&img, 0x248) as usize, u32_at(&img, 0x24c) as usize);
+    let payload_end = (h.setup_sects as usize + 1) * 512 + off + len;
+    assert_eq!(elf.len(), u32_at(&img, payload_end - 4) as usize);
+    // First PT_LOAD of vmlinux: file offset and physical address.
+    let phoff = u64_at(&elf, 32) as usize;
+    let (seg_off, seg_paddr) = (u64_at(&elf, phoff + 8), u64_at(&elf, phoff + 24));
+    assert_eq!(
+        seg_paddr, h.pref_address,
+        "vmlinux runs at LOAD_PHYSICAL_ADDR"
+    );
+
+    let mem_size = 256 * MIB;
+    let mem = guest_memory(mem_size).unwrap();
+    let rd = TempFile::new("initrd-hd", &[7u8; 5000]);
+    let mut p = LoadParams::new(kernel(), "console=ttyS0", mem_size);
+    p.host_decompress = true;
+    p.initrd = Some(&rd.0);
+    p.rsdp = Some(create_acpi_tables(&mem, 1).unwrap());
+    let b = load(&mem, &p).unwrap();
+    assert_eq!(
+        b.entry_kind,
+        EntryKind::Pvh,
+        "Debian's kernel has CONFIG_PVH"
+    );
+    assert_eq!(b.regs.rbx, layout::PVH_INFO_START);
+    assert!(b.regs.rip > seg_paddr && b.regs.rip < b.kernel_range.1);
+    assert_eq!(b.kernel_range.0, seg_paddr);
+    assert_eq!(
+        read(&mem, seg_paddr, 4096),
+        &elf[seg_off as usize..seg_off as usize + 4096]
+    );
+    let (start, end) = b.initrd_range.unwrap();
+    assert!(start >= b.kernel_range.1 && end <= mem_size);
+
+    // The same through the 64-bit entry: e_entry, and the bzImage's own setup header.
+    p.prefer_pvh = false;
+    let b = load(&mem, &p).unwrap();
+    assert_eq!(b.entry_kind, EntryKind::Linux64);
+    assert_eq!(b.regs.rip, u64_at(&elf, 24));
+    let zp = read(&mem, layout::ZERO_PAGE_START, 4096);
+    assert_eq!(&zp[0x202..0x206], b"HdrS");
+    assert_eq!(
+        u16_at(&zp, 0x206),
+        u16_at(&img, 0x206),
+        "protocol version from the image"
+    );
+    assert_eq!(zp[0x210], 0xff);
+    assert_eq!(u32_at(&zp, 0x214) as u64, seg_paddr, "code32_start");
+    assert_eq!(u32_at(&zp, 0x218) as u64, start, "ramdisk_image");
+    assert_eq!(u32_at(&zp, 0x21c), 5000, "ramdisk_size");
+    assert_eq!(u32_at(&zp, 0x228) as u64, layout::CMDLINE_START);
+    assert_eq!(u64_at(&zp, 0x70), layout::RSDP_START);
+
+    // Only LZ4 payloads can be decompressed here: flip the magic and it is a clear error.
+    let mut other = img.clone();
+    let pstart = (h.setup_sects as usize + 1) * 512 + off;
+    other[pstart] ^= 0xff;
+    let f = TempFile::new("not-lz4", &other);
+    let mut p = LoadParams::new(&f.0, "", mem_size);
+    p.host_decompress = true;
+    let e = load(&mem, &p).unwrap_err().to_string();
+    assert!(e.contains("not LZ4-compressed"), "{e}");
+}
+
+#[test]
+fn load_time() {
+    let _ = kernel(); // fetch outside the timed part
+    let mem_size = 256 * MIB;
+    let mem = guest_memory(mem_size).unwrap();
+    let t = std::time::Instant::now();
+    create_acpi_tables(&mem, 2).unwrap();
+    let acpi = t.elapsed();
+    let mut bz = std::time::Duration::MAX;
+    for _ in 0..3 {
+        // Best of three: the first also faults in the guest pages it writes.
+        let t = std::time::Instant::now();
+        load(&mem, &LoadParams::new(kernel(), "console=ttyS0", mem_size)).unwrap();
+        bz = bz.min(t.elapsed());
+    }
+    let mut p = LoadParams::new(kernel(), "console=ttyS0", mem_size);
+    p.host_decompress = true;
+    let t = std::time::Instant::now();
+    load(&mem, &p).unwrap();
+    let hd = t.elapsed();
+    eprintln!("create_acpi_tables {acpi:?}, load bzImage {bz:?}, load host-decompressed {hd:?}");
+    // Loose bounds that only catch something badly wrong (debug build, shared host).
+    assert!(bz.as_secs() < 5 && hd.as_secs() < 20);
+}
