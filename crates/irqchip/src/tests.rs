@@ -618,3 +618,44 @@ fn measure_poll_and_wake_costs() {
     waiter.join().unwrap();
     println!("has_events {has:?}/call, pending_interrupt {pend:?}/call, IPI to halted vCPU and back {ipi:?}");
 }
+
+/// The CMOS RTC's periodic interrupt reaches the BSP as IRQ 8 through the slave PIC.
+#[test]
+fn rtc_periodic_irq8_through_the_slave_pic() {
+    use kvmbox_devices::legacy::rtc::Rtc;
+    let (c, clock) = chip(1);
+    let bsp = c.vcpu(0).unwrap();
+    let mut pic = c.pic_device();
+    for (port, v) in [
+        (0x20u64, 0x11u8),
+        (0x21, 0x30),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0xa0, 0x11),
+        (0xa1, 0x38),
+        (0xa1, 0x02),
+        (0xa1, 0x01),
+        (0x21, 0xfb),
+        (0xa1, 0xfe),
+    ] {
+        pic.write(port & !1, port & 1, &[v]);
+    }
+    let mut rtc = Rtc::new(Some(c.irq_line(8).unwrap()), clock.clone(), 0);
+    rtc.write(0x70, 0, &[0x0b]);
+    rtc.write(0x70, 1, &[0x42]);
+    let d = rtc.next_deadline().unwrap();
+    clock.set(d);
+    rtc.tick(d);
+    assert_eq!(bsp.ack(), Some(0x38));
+    // Linux's rtc handler reads register C, then EOIs slave and master.
+    rtc.write(0x70, 0, &[0x0c]);
+    let mut b = [0u8];
+    rtc.read(0x70, 1, &mut b);
+    assert_eq!(b[0] & 0xc0, 0xc0);
+    pic.write(0xa0, 0, &[0x20]);
+    pic.write(0x20, 0, &[0x20]);
+    let d = rtc.next_deadline().unwrap();
+    clock.set(d);
+    rtc.tick(d);
+    assert_eq!(bsp.ack(), Some(0x38));
+}
