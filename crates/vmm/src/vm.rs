@@ -8,6 +8,8 @@ use kvmbox_cpu::{Accel, Vcpu, VcpuConfig, VcpuExit, VcpuKicker, Vm};
 use kvmbox_devices::legacy::acpi_pm::{AcpiPm, ResetRegister, PM_BLOCK_LEN};
 use kvmbox_devices::legacy::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use kvmbox_devices::legacy::i8042::I8042;
+use kvmbox_devices::legacy::pit::{Clock, HostClock, TimerThread, TimerWaker};
+use kvmbox_devices::legacy::rtc::{Rtc, RTC_IRQ, RTC_PORT, RTC_PORT_LEN};
 use kvmbox_devices::legacy::serial::{SerialPort, SERIAL_PORTS};
 use kvmbox_devices::legacy::IrqTrigger;
 use kvmbox_devices::{ExitRequest, IoBus, VmControl};
@@ -89,12 +91,15 @@ fn create_backend(accel: Accel, mem: &kvmbox_cpu::GuestMemory) -> Result<Box<dyn
     }
 }
 
+/// The PC platform devices a VM keeps while it runs.
+struct Platform {
+    serial: Arc<Mutex<SerialPort>>,
+    /// Drives the RTC's periodic/alarm/update interrupts; stops when dropped.
+    _rtc_timer: TimerThread,
+}
+
 /// Put the PC platform devices on the bus.
-fn add_legacy_devices(
-    vm: &dyn Vm,
-    io: &IoBus,
-    control: &Arc<VmControl>,
-) -> Result<Arc<Mutex<SerialPort>>> {
+fn add_legacy_devices(vm: &dyn Vm, io: &IoBus, control: &Arc<VmControl>) -> Result<Platform> {
     let dev_err = |e: kvmbox_devices::BusError| Error::Device(e.to_string());
     let com1_irq = vm.irq_line(layout::COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(SerialPort::new(
@@ -138,7 +143,21 @@ fn add_legacy_devices(
             1,
         )
         .map_err(dev_err)?;
-    Ok(serial)
+
+    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
+    let waker = Arc::new(TimerWaker::new());
+    let mut rtc = Rtc::with_host_time(Some(vm.irq_line(RTC_IRQ)?), clock.clone(), 0);
+    rtc.set_waker(waker.clone());
+    let rtc = Arc::new(Mutex::new(rtc));
+    io.pio
+        .insert(rtc.clone(), u64::from(RTC_PORT), RTC_PORT_LEN)
+        .map_err(dev_err)?;
+    let rtc_timer = TimerThread::spawn("rtc", rtc, clock, waker)
+        .map_err(|e| Error::Host(format!("cannot start the RTC timer thread: {e}")))?;
+    Ok(Platform {
+        serial,
+        _rtc_timer: rtc_timer,
+    })
 }
 
 /// Build the VM, run it until something asks it to stop, tear it down. Returns the request.
@@ -164,7 +183,7 @@ fn boot_once(cfg: &VmConfig, accel: Accel, session: &Session) -> Result<ExitRequ
     }
     let control = session.control.clone();
     let io = Arc::new(IoBus::default());
-    let serial = add_legacy_devices(vm.as_ref(), &io, &control)?;
+    let platform = add_legacy_devices(vm.as_ref(), &io, &control)?;
 
     let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::new();
     for id in 0..cfg.cpus {
@@ -184,7 +203,7 @@ fn boot_once(cfg: &VmConfig, accel: Accel, session: &Session) -> Result<ExitRequ
     *session
         .serial_slot
         .lock()
-        .unwrap_or_else(|e| e.into_inner()) = Some(serial);
+        .unwrap_or_else(|e| e.into_inner()) = Some(platform.serial.clone());
 
     let kickers: Vec<Arc<dyn VcpuKicker>> = vcpus.iter().map(|v| v.kicker()).collect();
     let halted = Arc::new(AtomicUsize::new(0));
