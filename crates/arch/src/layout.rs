@@ -90,8 +90,10 @@ pub const APIC_SIZE: u64 = 0x1000;
 pub const COM1_PORT: u16 = 0x3f8;
 /// COM1's interrupt line.
 pub const COM1_IRQ: u32 = 4;
-/// i8042 data port; the command port is 0x64.
+/// i8042 data port.
 pub const I8042_DATA_PORT: u16 = 0x60;
+/// i8042 status/command port.
+pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// isa-debug-exit compatible port: a write of v exits with `(v << 1) | 1`.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// ACPI PM1a event block (status + enable), 4 bytes.

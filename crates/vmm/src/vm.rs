@@ -109,13 +109,15 @@ fn add_legacy_devices(vm: &dyn Vm, io: &IoBus, control: &Arc<VmControl>) -> Resu
     io.pio
         .insert(serial.clone(), u64::from(layout::COM1_PORT), SERIAL_PORTS)
         .map_err(dev_err)?;
-    io.pio
-        .insert(
-            Arc::new(Mutex::new(I8042::new(control.clone()))),
-            u64::from(layout::I8042_DATA_PORT),
-            5,
-        )
-        .map_err(dev_err)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        control.clone(),
+        layout::I8042_DATA_PORT,
+    )));
+    for port in [layout::I8042_DATA_PORT, layout::I8042_COMMAND_PORT] {
+        io.pio
+            .insert(i8042.clone(), u64::from(port), 1)
+            .map_err(dev_err)?;
+    }
     io.pio
         .insert(
             Arc::new(Mutex::new(DebugExit::new(control.clone()))),
