@@ -147,10 +147,11 @@ pub fn load(mem: &GuestMemoryMmap, p: &LoadParams) -> Result<BootSetup> {
         msg,
     };
     let mut file = File::open(p.kernel).map_err(|e| kerr(io_msg(&e)))?;
-    let file_len = file.metadata().map_err(|e| kerr(io_msg(&e)))?.len();
-    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+    let meta = file.metadata().map_err(|e| kerr(io_msg(&e)))?;
+    if meta.is_dir() {
         return Err(kerr("is a directory".into()));
     }
+    let file_len = meta.len();
     let mut head = vec![0u8; HEAD_SIZE];
     let n = read_up_to(&mut file, &mut head).map_err(|e| kerr(io_msg(&e)))?;
     head.truncate(n);
