@@ -57,17 +57,19 @@ pub struct McfgEntry {
     pub end_bus: u8,
 }
 
-/// What [`create_acpi_tables_with`] describes. [`AcpiConfig::new`] gives a PC with COM1 and an
-/// i8042, without VGA or CMOS RTC; other crates add their parts through the public fields.
+/// What [`create_acpi_tables_with`] describes. [`AcpiConfig::new`] gives a PC with COM1, an
+/// i8042 and a CMOS RTC, without VGA; other crates add their parts through the public fields.
 #[derive(Debug, Clone)]
 pub struct AcpiConfig {
     /// vCPUs: one MADT local APIC (ID = index) and one `ACPI0007` processor device each.
     pub cpus: u32,
     /// COM1 (`PNP0501`, port [`layout::COM1_PORT`], IRQ [`layout::COM1_IRQ`]) in the DSDT.
     pub com1: bool,
-    /// An i8042 (`PNP0303` keyboard at ports 0x60/0x64, IRQ 1) in the DSDT and IAPC_BOOT_ARCH.
+    /// An i8042 (`PNP0303` keyboard at [`layout::I8042_DATA_PORT`] and
+    /// [`layout::I8042_COMMAND_PORT`], IRQ [`layout::I8042_IRQ`]) in the DSDT and IAPC_BOOT_ARCH.
     pub i8042: bool,
-    /// A CMOS RTC exists (otherwise the FADT says NO_CMOS_RTC).
+    /// A CMOS RTC (`PNP0B00` at [`layout::RTC_PORT`], IRQ [`layout::RTC_IRQ`], century byte at
+    /// CMOS index [`layout::RTC_CENTURY_INDEX`]); otherwise the FADT says NO_CMOS_RTC.
     pub rtc: bool,
     /// VGA exists (otherwise the FADT says NO_VGA).
     pub vga: bool,
@@ -81,13 +83,13 @@ pub struct AcpiConfig {
 }
 
 impl AcpiConfig {
-    /// A PC with `cpus` vCPUs, COM1 and an i8042; no VGA, no RTC, no PCI.
+    /// A PC with `cpus` vCPUs, COM1, an i8042 and a CMOS RTC; no VGA, no PCI.
     pub fn new(cpus: u32) -> Self {
         AcpiConfig {
             cpus,
             com1: true,
             i8042: true,
-            rtc: false,
+            rtc: true,
             vga: false,
             mcfg: Vec::new(),
             sb_aml: Vec::new(),
@@ -112,8 +114,10 @@ impl AcpiConfig {
 ///   GSI 2 and every other ISA IRQ n to GSI n, as QEMU's PC does: the interrupt controller must
 ///   deliver the PIT on IOAPIC pin 2.
 /// - Reset: [`layout::ACPI_RESET_VALUE`] written to port [`layout::ACPI_RESET_PORT`].
-/// - COM1 at [`layout::COM1_PORT`] / IRQ [`layout::COM1_IRQ`] and an i8042 at 0x60/0x64 with
-///   IRQ 1 (the FADT says 8042 present, no VGA, no CMOS RTC: change [`AcpiConfig`] otherwise).
+/// - COM1 at [`layout::COM1_PORT`] / IRQ [`layout::COM1_IRQ`], an i8042 at 0x60/0x64 with IRQ
+///   [`layout::I8042_IRQ`], a CMOS RTC at [`layout::RTC_PORT`] with IRQ [`layout::RTC_IRQ`] and
+///   its century byte at index [`layout::RTC_CENTURY_INDEX`]; no VGA (change [`AcpiConfig`]
+///   otherwise).
 pub fn create_acpi_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<u64> {
     create_acpi_tables_with(mem, &AcpiConfig::new(cpus))
 }
@@ -166,15 +170,27 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     }
     if cfg.i8042 {
         let data = layout::I8042_DATA_PORT;
-        let cmd = data + 4;
+        let cmd = layout::I8042_COMMAND_PORT;
         let data_port = IO::new(data, data, 1, 1);
         let cmd_port = IO::new(cmd, cmd, 1, 1);
-        let irq = Interrupt::new(true, true, false, false, 1);
+        let irq = Interrupt::new(true, true, false, false, layout::I8042_IRQ);
         let crs = ResourceTemplate::new(vec![&data_port, &cmd_port, &irq]);
         sb.extend(aml_bytes(&Device::new(
             Path::new("PS2K"),
             vec![
                 &Name::new(Path::new("_HID"), &EISAName::new("PNP0303")),
+                &Name::new(Path::new("_CRS"), &crs),
+            ],
+        )));
+    }
+    if cfg.rtc {
+        let ports = IO::new(layout::RTC_PORT, layout::RTC_PORT, 1, 2);
+        let irq = Interrupt::new(true, true, false, false, layout::RTC_IRQ);
+        let crs = ResourceTemplate::new(vec![&ports, &irq]);
+        sb.extend(aml_bytes(&Device::new(
+            Path::new("RTC_"),
+            vec![
+                &Name::new(Path::new("_HID"), &EISAName::new("PNP0B00")),
                 &Name::new(Path::new("_CRS"), &crs),
             ],
         )));
@@ -263,6 +279,9 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     f.p_lvl2_lat = 101u16.into();
     f.p_lvl3_lat = 1001u16.into();
     f.iapc_boot_arch = boot_arch.into();
+    if cfg.rtc {
+        f.century = layout::RTC_CENTURY_INDEX;
+    }
     f.reset_reg = GAS::new(
         AddressSpace::SystemIo,
         8,

@@ -94,6 +94,14 @@ pub const COM1_IRQ: u32 = 4;
 pub const I8042_DATA_PORT: u16 = 0x60;
 /// i8042 status/command port.
 pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// i8042 keyboard interrupt line.
+pub const I8042_IRQ: u32 = 1;
+/// CMOS RTC index port; the data port follows it.
+pub const RTC_PORT: u16 = 0x70;
+/// CMOS RTC interrupt line.
+pub const RTC_IRQ: u32 = 8;
+/// CMOS index of the RTC's century byte (the FADT's `century` field names it).
+pub const RTC_CENTURY_INDEX: u8 = 0x32;
 /// isa-debug-exit compatible port: a write of v exits with `(v << 1) | 1`.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// ACPI PM1a event block (status + enable), 4 bytes.

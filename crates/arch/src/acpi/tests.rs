@@ -108,7 +108,9 @@ fn fadt_fixed_hardware() {
     assert_eq!(f[128], layout::ACPI_RESET_VALUE);
     let boot_arch = u16_at(f, 109);
     assert_ne!(boot_arch & BOOT_ARCH_8042, 0);
-    assert_ne!(boot_arch & BOOT_ARCH_NO_CMOS_RTC, 0);
+    assert_ne!(boot_arch & BOOT_ARCH_NO_VGA, 0);
+    assert_eq!(boot_arch & BOOT_ARCH_NO_CMOS_RTC, 0, "the PC has an RTC");
+    assert_eq!(f[108], layout::RTC_CENTURY_INDEX, "CENTURY");
     // X_PM1a_EVT_BLK / X_PM1a_CNT_BLK / X_PM_TMR_BLK agree with the 32-bit fields.
     for (off, port, bits) in [
         (148, layout::ACPI_PM1A_EVT_PORT, 32),
@@ -187,6 +189,30 @@ fn dsdt_has_s5_and_com1() {
     assert!(d.windows(5).any(|w| w == [0x0c, 0x41, 0xd0, 0x05, 0x01]));
     // IO descriptor for 0x3f8, 8 ports.
     assert!(d.windows(8).any(|w| w == [0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]));
+    // RTC: PNP0B00 with ports 0x70-0x71; the i8042 keyboard PNP0303.
+    assert!(d.windows(5).any(|w| w == [0x0c, 0x41, 0xd0, 0x0b, 0x00]));
+    assert!(d.windows(8).any(|w| w == [0x47, 1, 0x70, 0, 0x70, 0, 1, 2]));
+    assert!(d.windows(5).any(|w| w == [0x0c, 0x41, 0xd0, 0x03, 0x03]));
+}
+
+#[test]
+fn devices_can_be_left_out() {
+    let mem = crate::guest_memory(64 << 20).unwrap();
+    let mut cfg = AcpiConfig::new(1);
+    cfg.rtc = false;
+    cfg.i8042 = false;
+    cfg.com1 = false;
+    let t = tables(&mem, create_acpi_tables_with(&mem, &cfg).unwrap());
+    let f = &t["FACP"].1;
+    let boot_arch = u16_at(f, 109);
+    assert_eq!(boot_arch & BOOT_ARCH_8042, 0);
+    assert_ne!(boot_arch & BOOT_ARCH_NO_CMOS_RTC, 0);
+    assert_eq!(f[108], 0);
+    let d = &t["DSDT"].1;
+    for name in [b"COM1", b"PS2K", b"RTC_"] {
+        assert!(!d.windows(4).any(|w| w == name));
+    }
+    assert!(d.windows(4).any(|w| w == b"_S5_"));
 }
 
 #[test]
