@@ -14,6 +14,7 @@
 pub mod cpu;
 pub mod cpuid;
 pub mod exec;
+pub mod fuzz;
 pub mod interrupt;
 pub mod irq;
 pub mod mem;

@@ -1,0 +1,222 @@
+//! The fuzz harness: arbitrary bytes become code, page-table entries and descriptor-table
+//! entries of a small guest that then runs for a bounded number of instructions. Used by the
+//! cargo-fuzz target in `fuzz/` and by the `fuzz_smoke` test. Whatever the bytes, the engine
+//! must return (an exit or an error), never panic or hang.
+
+use crate::EmuVm;
+use kvmbox_cpu::{IoHandler, Regs, Segment, SpecialRegs, Vcpu};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const MEM: usize = 4 << 20;
+const PML4: u64 = 0x1000;
+const PDPT: u64 = 0x2000;
+const PD: u64 = 0x3000;
+const PT: u64 = 0x4000;
+const GDT: u64 = 0x5000;
+const IDT: u64 = 0x6000;
+const TSS: u64 = 0x7000;
+const CODE: u64 = 0x10000;
+/// Instructions each input may run.
+pub const STEPS: u64 = 4000;
+
+/// Accepts and drops every access; reads return all ones.
+struct NullIo;
+
+impl IoHandler for NullIo {
+    fn pio_read(&self, _port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn pio_write(&self, _port: u16, _data: &[u8]) {}
+    fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+}
+
+fn seg(sel: u16, code: bool, long: bool, dpl: u8) -> Segment {
+    Segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: sel,
+        type_: if code { 0xb } else { 0x3 },
+        present: true,
+        dpl,
+        db: !long,
+        s: true,
+        l: long && code,
+        g: true,
+        avl: false,
+        unusable: false,
+    }
+}
+
+/// Run one input. Returns the number of instructions retired.
+pub fn run_bytes(data: &[u8]) -> u64 {
+    let Some((&mode, rest)) = data.split_first() else {
+        return 0;
+    };
+    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]) else {
+        return 0;
+    };
+    let w = |a: u64, v: u64| {
+        let _ = mem.write_obj(v, GuestAddress(a));
+    };
+    // Identity map of 4 MiB: the first 2 MiB with a 2 MiB page, the second through a
+    // page table whose entries come from the input.
+    w(PML4, PDPT | 7);
+    w(PDPT, PD | 7);
+    w(PD, 0x87);
+    w(PD + 8, PT | 7);
+    for i in 0..512u64 {
+        w(PT + i * 8, (0x20_0000 + (i << 12)) | 7);
+    }
+    let gdt: [u64; 7] = [
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_9b00_0000_ffff,
+        0x00cf_f300_0000_ffff,
+        0x00af_fb00_0000_ffff,
+        0x0000_8900_0000_0067 | (TSS << 16),
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        w(GDT + i as u64 * 8, *d);
+    }
+    w(GDT + 56, 0);
+    // Every IDT vector points at a HLT at 0xff000 (64-bit gates; also a valid-looking
+    // 8-byte gate array for 32-bit mode in the first half).
+    let _ = mem.write_obj(0xf4u8, GuestAddress(0xff000));
+    for v in 0..256u64 {
+        let h = 0xff000u64;
+        let lo = (h & 0xffff) | (0x08 << 16) | (0x8e << 40) | ((h >> 16) & 0xffff) << 48;
+        w(IDT + v * 16, lo);
+        w(IDT + v * 16 + 8, 0);
+    }
+    w(TSS + 4, 0x9000);
+    w(TSS + 0x24, 0xa000);
+    // The input is the code; its tail (up to 256 bytes) also becomes page-table and
+    // descriptor noise.
+    let code = rest;
+    let noise = &rest[rest.len() - (rest.len() / 2).min(256)..];
+    for (i, chunk) in noise.chunks(9).enumerate() {
+        if chunk.len() < 9 {
+            break;
+        }
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&chunk[1..]);
+        let v = u64::from_le_bytes(b);
+        // Where the noise goes: a page-table entry, a GDT entry or an IDT entry.
+        let a = match chunk[0] % 4 {
+            0 => PT + (chunk[0] as u64 % 64) * 8,
+            1 => GDT + (chunk[0] as u64 % 8) * 8,
+            2 => IDT + (chunk[0] as u64 % 32) * 8,
+            _ => 0x20_0000 + i as u64 * 64,
+        };
+        w(a, v);
+    }
+    let _ = mem.write_slice(code, GuestAddress(CODE));
+    let vm = EmuVm::new(mem.clone());
+    let Ok(mut v) = vm.create_emu_vcpu(0) else {
+        return 0;
+    };
+    let long = mode & 3 != 3;
+    let user = mode & 3 == 1;
+    let pm32 = mode & 3 == 2;
+    let mut sregs = SpecialRegs {
+        cs: seg(0x08, true, true, 0),
+        ds: seg(0x10, false, true, 0),
+        es: seg(0x10, false, true, 0),
+        fs: seg(0x10, false, true, 0),
+        gs: seg(0x10, false, true, 0),
+        ss: seg(0x10, false, true, 0),
+        tr: Segment {
+            base: TSS,
+            limit: 0x67,
+            selector: 0x30,
+            type_: 0xb,
+            present: true,
+            ..Segment::default()
+        },
+        ldt: Segment {
+            unusable: true,
+            ..Segment::default()
+        },
+        gdt: kvmbox_cpu::DescriptorTable {
+            base: GDT,
+            limit: 0x3f,
+        },
+        idt: kvmbox_cpu::DescriptorTable {
+            base: IDT,
+            limit: 0xfff,
+        },
+        cr0: 0x8005_0033,
+        cr2: 0,
+        cr3: PML4,
+        cr4: 0x6a0,
+        cr8: 0,
+        efer: 0xd01,
+        apic_base: 0xfee0_0900,
+    };
+    if user {
+        sregs.cs = seg(0x2b, true, true, 3);
+        sregs.ss = seg(0x23, false, true, 3);
+        sregs.ds = sregs.ss;
+    }
+    if pm32 {
+        sregs.cs = seg(0x18, true, false, 0);
+        sregs.efer = 0x800;
+        sregs.cr0 = 0x11;
+        sregs.cr4 = 0x200;
+    }
+    if !long {
+        // Real mode.
+        sregs.cr0 = 0x10;
+        sregs.efer = 0;
+        sregs.cr4 = 0;
+        sregs.cs = Segment {
+            base: CODE,
+            limit: 0xffff,
+            selector: (CODE >> 4) as u16,
+            type_: 0xb,
+            present: true,
+            s: true,
+            ..Segment::default()
+        };
+        for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.ss, &mut sregs.fs, &mut sregs.gs] {
+            *s = Segment {
+                limit: 0xffff,
+                type_: 3,
+                present: true,
+                s: true,
+                ..Segment::default()
+            };
+        }
+        sregs.idt = kvmbox_cpu::DescriptorTable { base: 0, limit: 0x3ff };
+    }
+    let _ = v.set_sregs(&sregs);
+    let mut seed = (mode as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let regs = Regs {
+        rax: next(),
+        rbx: next() & 0x3f_ffff,
+        rcx: next() & 0xffff,
+        rdx: next(),
+        rsi: next() & 0x3f_ffff,
+        rdi: next() & 0x3f_ffff,
+        rsp: 0x8000,
+        rbp: next(),
+        r8: next(),
+        r9: next(),
+        rip: if long { CODE } else { 0 },
+        rflags: 2 | (next() & 0xcd5),
+        ..Regs::default()
+    };
+    let _ = v.set_regs(&regs);
+    let _ = v.run_steps(&NullIo, STEPS);
+    v.stats().instructions
+}
