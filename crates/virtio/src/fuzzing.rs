@@ -89,10 +89,11 @@ fn build(data: &[u8]) -> (GuestMemoryMmap, Queue) {
     let _ = mem.write_obj(avail_idx, GuestAddress(AVAIL + 2));
     // Whatever is left becomes buffer contents (request headers, frames), repeated.
     if !r.0.is_empty() {
+        let pattern: Vec<u8> = r.0.iter().copied().cycle().take(0x1_0000).collect();
         let mut at = BUFS;
         while at < FUZZ_MEM {
-            let n = r.0.len().min((FUZZ_MEM - at) as usize);
-            let _ = mem.write_slice(&r.0[..n], GuestAddress(at));
+            let n = pattern.len().min((FUZZ_MEM - at) as usize);
+            let _ = mem.write_slice(&pattern[..n], GuestAddress(at));
             at += n as u64;
         }
     }

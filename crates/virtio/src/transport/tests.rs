@@ -624,3 +624,107 @@ fn kvm_ioeventfds_and_msi_routes() {
     assert_eq!(status_byte(&m), 0);
     assert!(img.read()[9 * 512..10 * 512].iter().all(|&x| x == 0x5a));
 }
+
+struct NullInt;
+impl VirtioInterrupt for NullInt {
+    fn trigger(&self, _kind: VirtioInterruptType) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_needs_reset(&self) {}
+}
+
+/// Request latency and throughput of virtio-blk over virtio-mmio with the per-device worker
+/// thread (bus notify -> eventfd -> worker -> pread -> used ring). Run with
+/// `cargo test -p kvmbox-virtio --release bench_ -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_blk_mmio_worker_thread() {
+    use std::time::Instant;
+    let m = mem();
+    let img = TempImage::new(16 << 20, |i| i as u8);
+    let d = Mmio::new(blk(&img, false), &m, Arc::new(TestIrq::default()));
+    let mut ring = Ring::new(&m, 0x1_0000, 256);
+    assert_eq!(d.init(ALL & !(1 << F_RING_EVENT_IDX), &[(0, &ring)]), 15);
+    // QD1: one 4 KiB read at a time.
+    let n = 5000u16;
+    let start = Instant::now();
+    for i in 0..n {
+        let h = HDR + u64::from(i % 64) * 16;
+        m.write_obj(0u32, GuestAddress(h)).unwrap();
+        m.write_obj(0u32, GuestAddress(h + 4)).unwrap();
+        m.write_obj(u64::from(i % 4000) * 8, GuestAddress(h + 8))
+            .unwrap();
+        let first = (i % 85) * 3;
+        ring.add_chain(
+            &m,
+            first,
+            &[(h, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
+        );
+        d.w(0x50, 0);
+        while ring.used_idx(&m) != i.wrapping_add(1) {
+            std::hint::spin_loop();
+        }
+    }
+    let qd1 = start.elapsed();
+    // QD64: 64 requests per notify.
+    let batches = 200u32;
+    let start = Instant::now();
+    let mut done = ring.used_idx(&m);
+    for _ in 0..batches {
+        for j in 0..64u16 {
+            let h = HDR + u64::from(j) * 16;
+            let first = (ring.next_avail % 85) * 3;
+            ring.add_chain(
+                &m,
+                first,
+                &[
+                    (h, 16, false),
+                    (DATA + u64::from(j) * 4096, 4096, true),
+                    (STATUS + u64::from(j), 1, true),
+                ],
+            );
+        }
+        d.w(0x50, 0);
+        done = done.wrapping_add(64);
+        while ring.used_idx(&m) != done {
+            std::hint::spin_loop();
+        }
+    }
+    let qd64 = start.elapsed();
+    // The same QD1 requests run inline (no thread hop): the device work alone.
+    let disk = crate::block::request::Disk {
+        file: img.open(),
+        capacity: (16 << 20) / 512,
+        read_only: false,
+        id: [0; 20],
+    };
+    let mut r2 = Ring::new(&m, 0x8_0000, 256);
+    let mut q = r2.queue();
+    let int = NullInt;
+    let start = Instant::now();
+    for i in 0..n {
+        let first = (i % 85) * 3;
+        r2.add_chain(
+            &m,
+            first,
+            &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
+        );
+        crate::queue::process_queue(&mut q, &m, &int, 0, |c| {
+            crate::block::request::Request::parse(&c.unwrap(), &m)
+                .unwrap()
+                .execute(&disk)
+        })
+        .unwrap();
+    }
+    let inline = start.elapsed();
+    println!(
+        "virtio-blk inline (no worker hop): QD1 4K read {:.1} us/request",
+        inline.as_secs_f64() * 1e6 / f64::from(n)
+    );
+    println!(
+        "virtio-blk mmio, worker thread: QD1 4K read {:.1} us/request; QD64 {:.0} requests/s ({:.0} MiB/s)",
+        qd1.as_secs_f64() * 1e6 / f64::from(n),
+        f64::from(batches * 64) / qd64.as_secs_f64(),
+        f64::from(batches * 64) * 4096.0 / qd64.as_secs_f64() / (1 << 20) as f64
+    );
+}
