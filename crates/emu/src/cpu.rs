@@ -230,7 +230,13 @@ impl Cpu {
     }
 
     /// Read any number of bytes (page crossing allowed; both pages are checked first).
-    pub(crate) fn read_bytes_priv(&mut self, lin: u64, buf: &mut [u8], user: bool, acc: u8) -> R<()> {
+    pub(crate) fn read_bytes_priv(
+        &mut self,
+        lin: u64,
+        buf: &mut [u8],
+        user: bool,
+        acc: u8,
+    ) -> R<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let a = lin.wrapping_add(done as u64);

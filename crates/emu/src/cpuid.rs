@@ -15,8 +15,19 @@ fn le3(s: &[u8]) -> [u32; 3] {
 }
 
 /// Leaf 1 EDX: FPU PSE TSC MSR PAE CX8 [APIC] PGE CMOV PAT CLFSH FXSR SSE SSE2 [HTT].
-const L1_EDX: u32 = 1 | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 13) | (1 << 15)
-    | (1 << 16) | (1 << 19) | (1 << 24) | (1 << 25) | (1 << 26);
+const L1_EDX: u32 = 1
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 8)
+    | (1 << 13)
+    | (1 << 15)
+    | (1 << 16)
+    | (1 << 19)
+    | (1 << 24)
+    | (1 << 25)
+    | (1 << 26);
 /// Leaf 1 ECX: POPCNT, hypervisor.
 const L1_ECX: u32 = (1 << 23) | (1 << 31);
 /// 0x80000001 EDX: SYSCALL NX Page1GB RDTSCP LM.

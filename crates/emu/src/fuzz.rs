@@ -182,7 +182,13 @@ pub fn run_bytes(data: &[u8]) -> u64 {
             s: true,
             ..Segment::default()
         };
-        for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.ss, &mut sregs.fs, &mut sregs.gs] {
+        for s in [
+            &mut sregs.ds,
+            &mut sregs.es,
+            &mut sregs.ss,
+            &mut sregs.fs,
+            &mut sregs.gs,
+        ] {
             *s = Segment {
                 limit: 0xffff,
                 type_: 3,
@@ -191,7 +197,10 @@ pub fn run_bytes(data: &[u8]) -> u64 {
                 ..Segment::default()
             };
         }
-        sregs.idt = kvmbox_cpu::DescriptorTable { base: 0, limit: 0x3ff };
+        sregs.idt = kvmbox_cpu::DescriptorTable {
+            base: 0,
+            limit: 0x3ff,
+        };
     }
     let _ = v.set_sregs(&sregs);
     let mut seed = (mode as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

@@ -39,7 +39,8 @@ impl Cpu {
         if vector == 8 {
             return Err(Fault::Shutdown);
         }
-        let df = (contributory(vector) || vector == 14) && (contributory(v2) || v2 == 14)
+        let df = (contributory(vector) || vector == 14)
+            && (contributory(v2) || v2 == 14)
             && !(contributory(vector) && v2 == 14);
         let (nv, ne) = if df { (8, Some(0)) } else { (v2, e2) };
         match self.deliver(nv, ne, EventKind::Exception, rip) {
@@ -60,7 +61,13 @@ impl Cpu {
 
     /// Deliver `vector` with the return address `ret_rip`. Nothing in the architectural
     /// state changes unless delivery succeeds.
-    pub(crate) fn deliver(&mut self, vector: u8, err: Option<u32>, kind: EventKind, ret_rip: u64) -> R<()> {
+    pub(crate) fn deliver(
+        &mut self,
+        vector: u8,
+        err: Option<u32>,
+        kind: EventKind,
+        ret_rip: u64,
+    ) -> R<()> {
         let ext = if kind == EventKind::External || kind == EventKind::Exception {
             1
         } else {
@@ -279,7 +286,11 @@ impl Cpu {
             return Err(Fault::Exc(10, Some(tr.selector as u32 & 0xfffc)));
         }
         let a = tr.base.wrapping_add(off);
-        let a = if self.st.long_mode() { a } else { a & 0xffff_ffff };
+        let a = if self.st.long_mode() {
+            a
+        } else {
+            a & 0xffff_ffff
+        };
         Ok(self.read_lin_priv(a, size, false)? & mask(size * 8))
     }
 }

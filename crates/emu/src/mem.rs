@@ -63,7 +63,7 @@ impl PhysMem {
     /// Read a little-endian u64 at an 8-aligned RAM address (page-table entries).
     pub fn read_u64(&self, pa: u64) -> Option<u64> {
         let p = self.host(pa, 8)?;
-        if (p as usize) % 8 != 0 {
+        if !(p as usize).is_multiple_of(8) {
             return None;
         }
         // SAFETY: p is valid for 8 bytes (checked by host()) and 8-aligned.
@@ -73,7 +73,7 @@ impl PhysMem {
     /// Read a little-endian u32 at a 4-aligned RAM address (32-bit page-table entries).
     pub fn read_u32(&self, pa: u64) -> Option<u32> {
         let p = self.host(pa, 4)?;
-        if (p as usize) % 4 != 0 {
+        if !(p as usize).is_multiple_of(4) {
             return None;
         }
         // SAFETY: p is valid for 4 bytes and 4-aligned.
@@ -83,7 +83,7 @@ impl PhysMem {
     /// Atomically OR `bits` into the u64 at RAM address `pa` (accessed/dirty bits).
     pub fn or_u64(&self, pa: u64, bits: u64) {
         if let Some(p) = self.host(pa, 8) {
-            if (p as usize) % 8 == 0 {
+            if (p as usize).is_multiple_of(8) {
                 // SAFETY: p is valid for 8 bytes and 8-aligned.
                 unsafe { &*(p as *const AtomicU64) }.fetch_or(bits, Ordering::SeqCst);
             }
@@ -93,7 +93,7 @@ impl PhysMem {
     /// Atomically OR `bits` into the u32 at RAM address `pa`.
     pub fn or_u32(&self, pa: u64, bits: u32) {
         if let Some(p) = self.host(pa, 4) {
-            if (p as usize) % 4 == 0 {
+            if (p as usize).is_multiple_of(4) {
                 // SAFETY: p is valid for 4 bytes and 4-aligned.
                 unsafe { &*(p as *const AtomicU32) }.fetch_or(bits, Ordering::SeqCst);
             }
@@ -141,7 +141,7 @@ pub unsafe fn store(p: *mut u8, size: u32, v: u64) {
 /// # Safety
 /// `p` must be valid for `size` bytes.
 pub unsafe fn cmpxchg(p: *mut u8, size: u32, old: u64, new: u64) -> u64 {
-    let aligned = (p as usize) % (size as usize) == 0;
+    let aligned = (p as usize).is_multiple_of(size as usize);
     if !aligned {
         static SPLIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _g = SPLIT.lock().unwrap_or_else(|e| e.into_inner());
@@ -153,8 +153,8 @@ pub unsafe fn cmpxchg(p: *mut u8, size: u32, old: u64, new: u64) -> u64 {
         }
         return cur;
     }
-    // SAFETY (all arms): p is valid for size bytes and aligned to size.
-    let r = unsafe {
+    // SAFETY: (all arms) p is valid for size bytes and aligned to size.
+    unsafe {
         match size {
             1 => (*(p as *const AtomicU8))
                 .compare_exchange(old as u8, new as u8, Ordering::SeqCst, Ordering::SeqCst)
@@ -169,6 +169,5 @@ pub unsafe fn cmpxchg(p: *mut u8, size: u32, old: u64, new: u64) -> u64 {
                 .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
                 .unwrap_or_else(|v| v),
         }
-    };
-    r
+    }
 }

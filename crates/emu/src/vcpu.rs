@@ -93,7 +93,11 @@ impl Cpu {
     }
 
     /// The run loop. `limit` bounds the instruction count (None: run until an exit).
-    pub(crate) fn run_loop(&mut self, kick: &AtomicBool, limit: Option<u64>) -> Result<Option<VcpuExit>> {
+    pub(crate) fn run_loop(
+        &mut self,
+        kick: &AtomicBool,
+        limit: Option<u64>,
+    ) -> Result<Option<VcpuExit>> {
         let mut budget = limit.unwrap_or(u64::MAX);
         loop {
             if kick.swap(false, Ordering::SeqCst) {
@@ -181,7 +185,9 @@ impl Cpu {
                         }
                     }
                 }
-                if self.halted || (if_before == 0 && self.st.rflags & flags::IF != 0 && irq.is_some()) {
+                if self.halted
+                    || (if_before == 0 && self.st.rflags & flags::IF != 0 && irq.is_some())
+                {
                     break;
                 }
             }
@@ -198,7 +204,9 @@ impl Cpu {
             Fault::Shutdown => Ok(Some(VcpuExit::Shutdown)),
             Fault::Stop(msg) => Err(kvmbox_cpu::Error::Guest(format!(
                 "vCPU {} stopped at {:04x}:{:#x}: {msg}",
-                self.id, self.st.seg[seg::CS].selector, self.st.rip
+                self.id,
+                self.st.seg[seg::CS].selector,
+                self.st.rip
             ))),
             Fault::Exc(v, e) => match self.raise(v, e) {
                 Ok(()) => Ok(None),

@@ -5,6 +5,8 @@
 //! The forms and their flag masks are listed in `forms()`; the coverage table in the crate's
 //! README is this list.
 
+#![allow(clippy::vec_init_then_push)]
+
 mod common;
 
 use common::*;
@@ -82,12 +84,16 @@ fn nofix(_: &mut [u64; 16]) {}
 
 /// Keep CL small enough that 16-bit SHLD/SHRD and 8/16-bit RCL/RCR are well defined.
 fn cl_le_16(r: &mut [u64; 16]) {
-    r[1] = (r[1] & !0xff) | (r[1] & 0xff) % 17;
+    r[1] = (r[1] & !0xff) | ((r[1] & 0xff) % 17);
 }
 
 /// DIV: divisor (RBX family) nonzero and high half below it (no #DE).
 fn div_fix(bits: u32, r: &mut [u64; 16]) {
-    let m = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let m = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
     if r[3] & m == 0 {
         r[3] |= 1;
     }
@@ -114,7 +120,11 @@ fn div64(r: &mut [u64; 16]) {
 }
 /// IDIV: dividend = sign extension of a value whose quotient fits; divisor != 0, not -1 with MIN.
 fn idiv_fix(bits: u32, r: &mut [u64; 16]) {
-    let m = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let m = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
     if r[3] & m == 0 {
         r[3] |= 1;
     }
@@ -161,22 +171,38 @@ macro_rules! f {
 /// Two-operand ALU op in every operand form.
 macro_rules! alu2 {
     ($v:ident, $op:ident, $fl:expr) => {
-        f!($v, concat!(stringify!($op), " bl,cl"), $fl, |a| a.$op(bl, cl));
-        f!($v, concat!(stringify!($op), " ah,dl"), $fl, |a| a.$op(ah, dl));
-        f!($v, concat!(stringify!($op), " bx,cx"), $fl, |a| a.$op(bx, cx));
-        f!($v, concat!(stringify!($op), " ebx,ecx"), $fl, |a| a.$op(ebx, ecx));
-        f!($v, concat!(stringify!($op), " rbx,rcx"), $fl, |a| a.$op(rbx, rcx));
-        f!($v, concat!(stringify!($op), " bl,imm8"), $fl, |a| a.$op(bl, 0x5a));
-        f!($v, concat!(stringify!($op), " bx,imm16"), $fl, |a| a.$op(bx, 0x1234));
-        f!($v, concat!(stringify!($op), " bx,simm8"), $fl, |a| a.$op(bx, -3));
-        f!($v, concat!(stringify!($op), " ebx,imm32"), $fl, |a| a.$op(ebx, 0x7654_3210));
-        f!($v, concat!(stringify!($op), " rbx,simm32"), $fl, |a| a.$op(rbx, -0x1234_5678));
-        f!($v, concat!(stringify!($op), " rbx,simm8"), $fl, |a| a.$op(rbx, 0x7f));
-        f!($v, concat!(stringify!($op), " byte [r15],cl"), $fl, |a| a.$op(byte_ptr(r15 + 3), cl));
-        f!($v, concat!(stringify!($op), " dword [r15],ecx"), $fl, |a| a.$op(dword_ptr(r15 + 5), ecx));
-        f!($v, concat!(stringify!($op), " qword [r15],rcx"), $fl, |a| a.$op(qword_ptr(r15 + 8), rcx));
-        f!($v, concat!(stringify!($op), " word [r15],imm"), $fl, |a| a.$op(word_ptr(r15 + 2), 0x4321));
-        f!($v, concat!(stringify!($op), " rcx,[r15]"), $fl, |a| a.$op(rcx, qword_ptr(r15 + 16)));
+        f!($v, concat!(stringify!($op), " bl,cl"), $fl, |a| a
+            .$op(bl, cl));
+        f!($v, concat!(stringify!($op), " ah,dl"), $fl, |a| a
+            .$op(ah, dl));
+        f!($v, concat!(stringify!($op), " bx,cx"), $fl, |a| a
+            .$op(bx, cx));
+        f!($v, concat!(stringify!($op), " ebx,ecx"), $fl, |a| a
+            .$op(ebx, ecx));
+        f!($v, concat!(stringify!($op), " rbx,rcx"), $fl, |a| a
+            .$op(rbx, rcx));
+        f!($v, concat!(stringify!($op), " bl,imm8"), $fl, |a| a
+            .$op(bl, 0x5a));
+        f!($v, concat!(stringify!($op), " bx,imm16"), $fl, |a| a
+            .$op(bx, 0x1234));
+        f!($v, concat!(stringify!($op), " bx,simm8"), $fl, |a| a
+            .$op(bx, -3));
+        f!($v, concat!(stringify!($op), " ebx,imm32"), $fl, |a| a
+            .$op(ebx, 0x7654_3210));
+        f!($v, concat!(stringify!($op), " rbx,simm32"), $fl, |a| a
+            .$op(rbx, -0x1234_5678));
+        f!($v, concat!(stringify!($op), " rbx,simm8"), $fl, |a| a
+            .$op(rbx, 0x7f));
+        f!($v, concat!(stringify!($op), " byte [r15],cl"), $fl, |a| a
+            .$op(byte_ptr(r15 + 3), cl));
+        f!($v, concat!(stringify!($op), " dword [r15],ecx"), $fl, |a| a
+            .$op(dword_ptr(r15 + 5), ecx));
+        f!($v, concat!(stringify!($op), " qword [r15],rcx"), $fl, |a| a
+            .$op(qword_ptr(r15 + 8), rcx));
+        f!($v, concat!(stringify!($op), " word [r15],imm"), $fl, |a| a
+            .$op(word_ptr(r15 + 2), 0x4321));
+        f!($v, concat!(stringify!($op), " rcx,[r15]"), $fl, |a| a
+            .$op(rcx, qword_ptr(r15 + 16)));
     };
 }
 
@@ -187,25 +213,42 @@ macro_rules! unary {
         f!($v, concat!(stringify!($op), " bx"), $fl, |a| a.$op(bx));
         f!($v, concat!(stringify!($op), " ebx"), $fl, |a| a.$op(ebx));
         f!($v, concat!(stringify!($op), " rbx"), $fl, |a| a.$op(rbx));
-        f!($v, concat!(stringify!($op), " dword [r15]"), $fl, |a| a.$op(dword_ptr(r15 + 4)));
+        f!($v, concat!(stringify!($op), " dword [r15]"), $fl, |a| a
+            .$op(dword_ptr(r15 + 4)));
     };
 }
 
 macro_rules! shift {
     ($v:ident, $op:ident, $one:expr, $n:expr, $cl:expr, $cl64:expr, $fix:expr) => {
-        f!($v, concat!(stringify!($op), " bl,1"), $one, |a| a.$op(bl, 1));
-        f!($v, concat!(stringify!($op), " bl,cl"), $cl, $fix, |a| a.$op(bl, cl));
+        f!($v, concat!(stringify!($op), " bl,1"), $one, |a| a
+            .$op(bl, 1));
+        f!($v, concat!(stringify!($op), " bl,cl"), $cl, $fix, |a| a
+            .$op(bl, cl));
         f!($v, concat!(stringify!($op), " bl,3"), $n, |a| a.$op(bl, 3));
-        f!($v, concat!(stringify!($op), " bx,1"), $one, |a| a.$op(bx, 1));
-        f!($v, concat!(stringify!($op), " bx,cl"), $cl, $fix, |a| a.$op(bx, cl));
+        f!($v, concat!(stringify!($op), " bx,1"), $one, |a| a
+            .$op(bx, 1));
+        f!($v, concat!(stringify!($op), " bx,cl"), $cl, $fix, |a| a
+            .$op(bx, cl));
         f!($v, concat!(stringify!($op), " bx,9"), $n, |a| a.$op(bx, 9));
-        f!($v, concat!(stringify!($op), " ebx,1"), $one, |a| a.$op(ebx, 1));
-        f!($v, concat!(stringify!($op), " ebx,cl"), $cl, $fix, |a| a.$op(ebx, cl));
-        f!($v, concat!(stringify!($op), " ebx,17"), $n, |a| a.$op(ebx, 17));
-        f!($v, concat!(stringify!($op), " rbx,1"), $one, |a| a.$op(rbx, 1));
-        f!($v, concat!(stringify!($op), " rbx,cl"), $cl64, $fix, |a| a.$op(rbx, cl));
-        f!($v, concat!(stringify!($op), " rbx,45"), $n, |a| a.$op(rbx, 45));
-        f!($v, concat!(stringify!($op), " dword [r15],cl"), $cl, $fix, |a| a.$op(dword_ptr(r15), cl));
+        f!($v, concat!(stringify!($op), " ebx,1"), $one, |a| a
+            .$op(ebx, 1));
+        f!($v, concat!(stringify!($op), " ebx,cl"), $cl, $fix, |a| a
+            .$op(ebx, cl));
+        f!($v, concat!(stringify!($op), " ebx,17"), $n, |a| a
+            .$op(ebx, 17));
+        f!($v, concat!(stringify!($op), " rbx,1"), $one, |a| a
+            .$op(rbx, 1));
+        f!($v, concat!(stringify!($op), " rbx,cl"), $cl64, $fix, |a| a
+            .$op(rbx, cl));
+        f!($v, concat!(stringify!($op), " rbx,45"), $n, |a| a
+            .$op(rbx, 45));
+        f!(
+            $v,
+            concat!(stringify!($op), " dword [r15],cl"),
+            $cl,
+            $fix,
+            |a| a.$op(dword_ptr(r15), cl)
+        );
     };
 }
 
@@ -249,7 +292,8 @@ fn forms() -> Vec<Form> {
     f!(v, "test ebx,ecx", no_af, |a| a.test(ebx, ecx));
     f!(v, "test rbx,rcx", no_af, |a| a.test(rbx, rcx));
     f!(v, "test rbx,simm32", no_af, |a| a.test(rbx, -0x100));
-    f!(v, "test dword [r15],ecx", no_af, |a| a.test(dword_ptr(r15 + 1), ecx));
+    f!(v, "test dword [r15],ecx", no_af, |a| a
+        .test(dword_ptr(r15 + 1), ecx));
     unary!(v, inc, all);
     unary!(v, dec, all);
     unary!(v, neg, all);
@@ -267,7 +311,8 @@ fn forms() -> Vec<Form> {
     f!(v, "mul bx", mul_flags, |a| a.mul(bx));
     f!(v, "mul ebx", mul_flags, |a| a.mul(ebx));
     f!(v, "mul rbx", mul_flags, |a| a.mul(rbx));
-    f!(v, "mul qword [r15]", mul_flags, |a| a.mul(qword_ptr(r15 + 8)));
+    f!(v, "mul qword [r15]", mul_flags, |a| a
+        .mul(qword_ptr(r15 + 8)));
     f!(v, "imul bl", mul_flags, |a| a.imul(bl));
     f!(v, "imul bx", mul_flags, |a| a.imul(bx));
     f!(v, "imul ebx", mul_flags, |a| a.imul(ebx));
@@ -275,10 +320,13 @@ fn forms() -> Vec<Form> {
     f!(v, "imul bx,cx", mul_flags, |a| a.imul_2(bx, cx));
     f!(v, "imul ebx,ecx", mul_flags, |a| a.imul_2(ebx, ecx));
     f!(v, "imul rbx,rcx", mul_flags, |a| a.imul_2(rbx, rcx));
-    f!(v, "imul rbx,[r15]", mul_flags, |a| a.imul_2(rbx, qword_ptr(r15)));
+    f!(v, "imul rbx,[r15]", mul_flags, |a| a
+        .imul_2(rbx, qword_ptr(r15)));
     f!(v, "imul bx,cx,imm", mul_flags, |a| a.imul_3(bx, cx, 0x1234));
-    f!(v, "imul ebx,ecx,simm8", mul_flags, |a| a.imul_3(ebx, ecx, -7));
-    f!(v, "imul rbx,rcx,imm32", mul_flags, |a| a.imul_3(rbx, rcx, 0x12_3456));
+    f!(v, "imul ebx,ecx,simm8", mul_flags, |a| a
+        .imul_3(ebx, ecx, -7));
+    f!(v, "imul rbx,rcx,imm32", mul_flags, |a| a
+        .imul_3(rbx, rcx, 0x12_3456));
     f!(v, "div bl", none_flags, div8, |a| a.div(bl));
     f!(v, "div bx", none_flags, div16, |a| a.div(bx));
     f!(v, "div ebx", none_flags, div32, |a| a.div(ebx));
@@ -294,7 +342,8 @@ fn forms() -> Vec<Form> {
     f!(v, "bsr bx,cx", zf_only, nonzero_rcx, |a| a.bsr(bx, cx));
     f!(v, "bsr ebx,ecx", zf_only, nonzero_rcx, |a| a.bsr(ebx, ecx));
     f!(v, "bsr rbx,rcx", zf_only, nonzero_rcx, |a| a.bsr(rbx, rcx));
-    f!(v, "bsf rbx,[r15]", zf_only, |a| a.bsf(rbx, qword_ptr(r15 + 24)));
+    f!(v, "bsf rbx,[r15]", zf_only, |a| a
+        .bsf(rbx, qword_ptr(r15 + 24)));
     f!(v, "popcnt ebx,ecx", all, |a| a.popcnt(ebx, ecx));
     f!(v, "popcnt rbx,rcx", all, |a| a.popcnt(rbx, rcx));
     f!(v, "popcnt bx,cx", all, |a| a.popcnt(bx, cx));
@@ -340,18 +389,23 @@ fn forms() -> Vec<Form> {
     f!(v, "movzx ebx,cl", all, |a| a.movzx(ebx, cl));
     f!(v, "movzx rbx,ch", all, |a| a.movzx(ebx, ch));
     f!(v, "movzx ebx,cx", all, |a| a.movzx(ebx, cx));
-    f!(v, "movzx rbx,word [r15]", all, |a| a.movzx(rbx, word_ptr(r15 + 3)));
+    f!(v, "movzx rbx,word [r15]", all, |a| a
+        .movzx(rbx, word_ptr(r15 + 3)));
     f!(v, "movsx bx,cl", all, |a| a.movsx(bx, cl));
     f!(v, "movsx ebx,cl", all, |a| a.movsx(ebx, cl));
     f!(v, "movsx rbx,cl", all, |a| a.movsx(rbx, cl));
     f!(v, "movsx ebx,cx", all, |a| a.movsx(ebx, cx));
     f!(v, "movsx rbx,cx", all, |a| a.movsx(rbx, cx));
     f!(v, "movsxd rbx,ecx", all, |a| a.movsxd(rbx, ecx));
-    f!(v, "movsxd rbx,dword [r15]", all, |a| a.movsxd(rbx, dword_ptr(r15 + 12)));
-    f!(v, "lea rbx,[rcx+rdx*4+disp]", all, |a| a.lea(rbx, ptr(rcx + rdx * 4 + 0x1234)));
-    f!(v, "lea ebx,[rcx+rdx*8-disp]", all, |a| a.lea(ebx, ptr(rcx + rdx * 8 - 0x80)));
+    f!(v, "movsxd rbx,dword [r15]", all, |a| a
+        .movsxd(rbx, dword_ptr(r15 + 12)));
+    f!(v, "lea rbx,[rcx+rdx*4+disp]", all, |a| a
+        .lea(rbx, ptr(rcx + rdx * 4 + 0x1234)));
+    f!(v, "lea ebx,[rcx+rdx*8-disp]", all, |a| a
+        .lea(ebx, ptr(rcx + rdx * 8 - 0x80)));
     f!(v, "lea bx,[rcx+rsi]", all, |a| a.lea(bx, ptr(rcx + rsi)));
-    f!(v, "lea rbx,[ecx+edx*2]", all, |a| a.lea(rbx, ptr(ecx + edx * 2)));
+    f!(v, "lea rbx,[ecx+edx*2]", all, |a| a
+        .lea(rbx, ptr(ecx + edx * 2)));
     f!(v, "bswap ebx", all, |a| a.bswap(ebx));
     f!(v, "bswap rbx", all, |a| a.bswap(rbx));
     // XADD / CMPXCHG (plain and LOCK on memory).
@@ -359,31 +413,50 @@ fn forms() -> Vec<Form> {
     f!(v, "xadd bx,cx", all, |a| a.xadd(bx, cx));
     f!(v, "xadd ebx,ecx", all, |a| a.xadd(ebx, ecx));
     f!(v, "xadd rbx,rcx", all, |a| a.xadd(rbx, rcx));
-    f!(v, "lock xadd qword [r15],rcx", all, |a| a.lock().xadd(qword_ptr(r15 + 8), rcx));
+    f!(v, "lock xadd qword [r15],rcx", all, |a| a
+        .lock()
+        .xadd(qword_ptr(r15 + 8), rcx));
     f!(v, "cmpxchg bl,cl", all, eq_sometimes, |a| a.cmpxchg(bl, cl));
     f!(v, "cmpxchg bx,cx", all, eq_sometimes, |a| a.cmpxchg(bx, cx));
-    f!(v, "cmpxchg ebx,ecx", all, eq_sometimes, |a| a.cmpxchg(ebx, ecx));
-    f!(v, "cmpxchg rbx,rcx", all, eq_sometimes, |a| a.cmpxchg(rbx, rcx));
-    f!(v, "lock cmpxchg qword [r15],rcx", all, |a| a.lock().cmpxchg(qword_ptr(r15), rcx));
-    f!(v, "lock cmpxchg8b [r15]", all, |a| a.lock().cmpxchg8b(qword_ptr(r15)));
+    f!(v, "cmpxchg ebx,ecx", all, eq_sometimes, |a| a
+        .cmpxchg(ebx, ecx));
+    f!(v, "cmpxchg rbx,rcx", all, eq_sometimes, |a| a
+        .cmpxchg(rbx, rcx));
+    f!(v, "lock cmpxchg qword [r15],rcx", all, |a| a
+        .lock()
+        .cmpxchg(qword_ptr(r15), rcx));
+    f!(v, "lock cmpxchg8b [r15]", all, |a| a
+        .lock()
+        .cmpxchg8b(qword_ptr(r15)));
     f!(v, "xchg rbx,rcx", all, |a| a.xchg(rbx, rcx));
-    f!(v, "xchg [r15],ecx", all, |a| a.xchg(dword_ptr(r15 + 4), ecx));
-    f!(v, "lock or dword [r15],ecx", no_af, |a| a.lock().or(dword_ptr(r15 + 4), ecx));
-    f!(v, "lock btr qword [r15],rcx", bt_flags, small_rcx, |a| a.lock().btr(qword_ptr(r15), rcx));
+    f!(v, "xchg [r15],ecx", all, |a| a
+        .xchg(dword_ptr(r15 + 4), ecx));
+    f!(v, "lock or dword [r15],ecx", no_af, |a| a
+        .lock()
+        .or(dword_ptr(r15 + 4), ecx));
+    f!(v, "lock btr qword [r15],rcx", bt_flags, small_rcx, |a| a
+        .lock()
+        .btr(qword_ptr(r15), rcx));
     // SHLD / SHRD.
     f!(v, "shld bx,cx,5", shift_n, |a| a.shld(bx, cx, 5));
-    f!(v, "shld bx,cx,cl", shift_cl, cl_le_16, |a| a.shld(bx, cx, cl));
+    f!(v, "shld bx,cx,cl", shift_cl, cl_le_16, |a| a
+        .shld(bx, cx, cl));
     f!(v, "shld ebx,ecx,1", no_af, |a| a.shld(ebx, ecx, 1));
     f!(v, "shld ebx,ecx,cl", shift_cl, |a| a.shld(ebx, ecx, cl));
     f!(v, "shld rbx,rcx,33", shift_n, |a| a.shld(rbx, rcx, 33));
     f!(v, "shld rbx,rcx,cl", shift_cl64, |a| a.shld(rbx, rcx, cl));
     f!(v, "shrd bx,cx,5", shift_n, |a| a.shrd(bx, cx, 5));
-    f!(v, "shrd bx,cx,cl", shift_cl, cl_le_16, |a| a.shrd(bx, cx, cl));
+    f!(v, "shrd bx,cx,cl", shift_cl, cl_le_16, |a| a
+        .shrd(bx, cx, cl));
     f!(v, "shrd ebx,ecx,1", no_af, |a| a.shrd(ebx, ecx, 1));
     f!(v, "shrd ebx,ecx,cl", shift_cl, |a| a.shrd(ebx, ecx, cl));
     f!(v, "shrd rbx,rcx,33", shift_n, |a| a.shrd(rbx, rcx, 33));
     f!(v, "shrd rbx,rcx,cl", shift_cl64, |a| a.shrd(rbx, rcx, cl));
-    f!(v, "shrd dword [r15],ecx,cl", shift_cl, |a| a.shrd(dword_ptr(r15), ecx, cl));
+    f!(v, "shrd dword [r15],ecx,cl", shift_cl, |a| a.shrd(
+        dword_ptr(r15),
+        ecx,
+        cl
+    ));
     // Flag instructions and conversions.
     f!(v, "cbw", all, |a| a.cbw());
     f!(v, "cwde", all, |a| a.cwde());
@@ -430,10 +503,14 @@ fn for_bt(v: &mut Vec<Form>) {
     f!(v, "btr rbx,rcx", bt_flags, |a| a.btr(rbx, rcx));
     f!(v, "btc ebx,imm", bt_flags, |a| a.btc(ebx, 7));
     f!(v, "btc rbx,rcx", bt_flags, |a| a.btc(rbx, rcx));
-    f!(v, "bt dword [r15],ecx", bt_flags, bt_mem_off, |a| a.bt(dword_ptr(r15 + 32), ecx));
-    f!(v, "bts qword [r15],rcx", bt_flags, bt_mem_off, |a| a.bts(qword_ptr(r15 + 32), rcx));
-    f!(v, "btc word [r15],cx", bt_flags, bt_mem_off_16, |a| a.btc(word_ptr(r15 + 32), cx));
-    f!(v, "btr dword [r15],imm", bt_flags, |a| a.btr(dword_ptr(r15 + 4), 31));
+    f!(v, "bt dword [r15],ecx", bt_flags, bt_mem_off, |a| a
+        .bt(dword_ptr(r15 + 32), ecx));
+    f!(v, "bts qword [r15],rcx", bt_flags, bt_mem_off, |a| a
+        .bts(qword_ptr(r15 + 32), rcx));
+    f!(v, "btc word [r15],cx", bt_flags, bt_mem_off_16, |a| a
+        .btc(word_ptr(r15 + 32), cx));
+    f!(v, "btr dword [r15],imm", bt_flags, |a| a
+        .btr(dword_ptr(r15 + 4), 31));
 }
 
 fn bt_mem_off_16(r: &mut [u64; 16]) {
@@ -580,7 +657,13 @@ impl Emu {
         Emu { mem, vcpu, _vm: vm }
     }
 
-    fn run(&mut self, insn: &[u8], regs: &[u64; 16], flags: u64, buf: &mut [u8; 64]) -> ([u64; 16], u64) {
+    fn run(
+        &mut self,
+        insn: &[u8],
+        regs: &[u64; 16],
+        flags: u64,
+        buf: &mut [u8; 64],
+    ) -> ([u64; 16], u64) {
         let mut code = insn.to_vec();
         code.push(0xf4);
         self.mem.write_slice(&code, GuestAddress(CODE)).unwrap();
@@ -614,7 +697,11 @@ impl Emu {
         let io = Recorder::default();
         assert_eq!(self.vcpu.run(&io).unwrap(), VcpuExit::Halted);
         let o = self.vcpu.regs().unwrap();
-        assert_eq!(o.rip, CODE + insn.len() as u64 + 1, "emulator did not run the instruction");
+        assert_eq!(
+            o.rip,
+            CODE + insn.len() as u64 + 1,
+            "emulator did not run the instruction"
+        );
         self.mem.read_slice(buf, GuestAddress(DATA)).unwrap();
         (
             [
@@ -704,5 +791,10 @@ fn instruction_forms_match_the_host_cpu() {
         }
     }
     println!("{} forms x {} cases compared", forms.len(), CASES);
-    assert!(failures.is_empty(), "{} forms differ:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} forms differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -22,5 +22,8 @@ fn random_code_never_panics() {
         total += kvmbox_emu::fuzz::run_bytes(&data);
     }
     // Random bytes do execute (most inputs run several instructions before faulting).
-    assert!(total > n as u64, "only {total} instructions retired over {n} inputs");
+    assert!(
+        total > n as u64,
+        "only {total} instructions retired over {n} inputs"
+    );
 }

@@ -156,15 +156,7 @@ fn ring3_syscall_int_and_gp_use_tss_stacks() {
     assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
     assert_eq!(
         io.writes(0xe9),
-        vec![
-            1,
-            USTACK,
-            2,
-            KSTACK - 40,
-            UCODE as u64,
-            0,
-            ISTSTACK - 40
-        ]
+        vec![1, USTACK, 2, KSTACK - 40, UCODE as u64, 0, ISTSTACK - 40]
     );
     assert_eq!(v.state().seg[1].selector, KCODE);
 }
@@ -418,7 +410,8 @@ fn sse2_and_fxsave() {
 #[test]
 fn cpuid_lists_the_engine_model() {
     let (_mem, _vm, mut v) = long_machine(&[0xf4]);
-    v.configure(&kvmbox_cpu::VcpuConfig { id: 1, count: 2 }).unwrap();
+    v.configure(&kvmbox_cpu::VcpuConfig { id: 1, count: 2 })
+        .unwrap();
     let t = v.cpuid().unwrap();
     let l1 = t.iter().find(|e| e.function == 1).unwrap();
     assert_eq!(l1.ebx >> 24, 1, "APIC ID");

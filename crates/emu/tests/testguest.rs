@@ -80,9 +80,11 @@ fn load_elf(mem: &GuestMemoryMmap, elf: &[u8]) -> u64 {
         let filesz = u64at(ph, 32) as usize;
         let memsz = u64at(ph, 40) as usize;
         if ty == 1 {
-            mem.write_slice(&elf[off..off + filesz], GuestAddress(paddr)).unwrap();
+            mem.write_slice(&elf[off..off + filesz], GuestAddress(paddr))
+                .unwrap();
             let zeros = vec![0u8; memsz - filesz];
-            mem.write_slice(&zeros, GuestAddress(paddr + filesz as u64)).unwrap();
+            mem.write_slice(&zeros, GuestAddress(paddr + filesz as u64))
+                .unwrap();
         } else if ty == 4 {
             let mut p = off;
             while p + 12 <= off + filesz {
@@ -92,7 +94,11 @@ fn load_elf(mem: &GuestMemoryMmap, elf: &[u8]) -> u64 {
                 let name = &elf[p + 12..p + 12 + namesz];
                 let desc = p + 12 + namesz.div_ceil(4) * 4;
                 if name.starts_with(b"Xen") && nty == 18 {
-                    entry = Some(if descsz >= 8 { u64at(elf, desc) } else { u32at(elf, desc) as u64 });
+                    entry = Some(if descsz >= 8 {
+                        u64at(elf, desc)
+                    } else {
+                        u32at(elf, desc) as u64
+                    });
                 }
                 p = desc + descsz.div_ceil(4) * 4;
             }
@@ -143,7 +149,8 @@ fn boot(cmdline: &str) -> (String, Option<u8>, u64) {
     }
     let vm = EmuVm::new(mem);
     let mut v = vm.create_emu_vcpu(0).unwrap();
-    v.configure(&kvmbox_cpu::VcpuConfig { id: 0, count: 1 }).unwrap();
+    v.configure(&kvmbox_cpu::VcpuConfig { id: 0, count: 1 })
+        .unwrap();
     let sregs = SpecialRegs {
         cs: flat(0x10, true),
         ds: flat(0x18, false),
@@ -187,8 +194,14 @@ fn testguest_scenarios_pass_under_the_engine() {
     let (out, code, n) = boot("tests=hello,cpuid,compute:200000,pio:100,mmio:100,ring3:20,mem");
     let dt = t.elapsed();
     println!("{out}");
-    println!("{n} instructions in {dt:?} ({:.1} M/s)", n as f64 / dt.as_secs_f64() / 1e6);
-    assert!(out.contains("KVMBOX-TEST hello msg=hello-from-guest entry=pvh"), "{out}");
+    println!(
+        "{n} instructions in {dt:?} ({:.1} M/s)",
+        n as f64 / dt.as_secs_f64() / 1e6
+    );
+    assert!(
+        out.contains("KVMBOX-TEST hello msg=hello-from-guest entry=pvh"),
+        "{out}"
+    );
     assert!(out.contains("vendor=AuthenticAMD"), "{out}");
     assert!(out.contains("hypervisor=KVMBOXEMU"), "{out}");
     assert!(out.contains("KVMBOX-TEST pio count=100 bad=0"), "{out}");

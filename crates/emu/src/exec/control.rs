@@ -269,7 +269,12 @@ impl Cpu {
         }
         let conforming = d.type_ & 4 != 0;
         let ok = if ret {
-            rpl >= cpl && if conforming { d.dpl <= rpl } else { d.dpl == rpl }
+            rpl >= cpl
+                && if conforming {
+                    d.dpl <= rpl
+                } else {
+                    d.dpl == rpl
+                }
         } else if conforming {
             d.dpl <= cpl
         } else {
@@ -364,11 +369,15 @@ impl Cpu {
                 return Ok(());
             }
             if self.st.rflags & NT != 0 && !self.st.long_mode() {
-                return Err(Fault::Stop("IRET with NT set (task return) is not supported".into()));
+                return Err(Fault::Stop(
+                    "IRET with NT set (task return) is not supported".into(),
+                ));
             }
             let cpl = self.st.cpl();
             if fl & VM != 0 && cpl == 0 && size == 4 && !self.st.long_mode() {
-                return Err(Fault::Stop("IRET to virtual-8086 mode is not supported".into()));
+                return Err(Fault::Stop(
+                    "IRET to virtual-8086 mode is not supported".into(),
+                ));
             }
             let rpl = (sel & 3) as u8;
             let mut new_cs = self.code_descriptor(sel, true)?;
@@ -470,7 +479,12 @@ impl Cpu {
 fn is_far(ins: &Instruction) -> bool {
     matches!(
         ins.code(),
-        Code::Jmp_m1616 | Code::Jmp_m1632 | Code::Jmp_m1664 | Code::Call_m1616 | Code::Call_m1632 | Code::Call_m1664
+        Code::Jmp_m1616
+            | Code::Jmp_m1632
+            | Code::Jmp_m1664
+            | Code::Call_m1616
+            | Code::Call_m1632
+            | Code::Call_m1664
     )
 }
 

@@ -8,8 +8,8 @@ mod string;
 mod system;
 mod x87;
 
-pub(crate) use system::parse_descriptor;
 pub use system::msr;
+pub(crate) use system::parse_descriptor;
 
 use crate::cpu::{gp0, ud, Cpu, Fault, R};
 use crate::mem;
@@ -104,7 +104,10 @@ impl Cpu {
             a = a.wrapping_add(self.reg(base));
         }
         if index != Register::None {
-            a = a.wrapping_add(self.reg(index).wrapping_mul(ins.memory_index_scale() as u64));
+            a = a.wrapping_add(
+                self.reg(index)
+                    .wrapping_mul(ins.memory_index_scale() as u64),
+            );
         }
         let asz = match ins.memory_displ_size() {
             8 => 64,
@@ -179,7 +182,13 @@ impl Cpu {
 
     /// Read-modify-write of a location; atomic on guest memory when `locked`.
     /// Returns the old value; `f` may be called more than once (CAS retries).
-    pub(crate) fn rmw(&mut self, l: Loc, bits: u32, locked: bool, f: &mut dyn FnMut(u64) -> u64) -> R<u64> {
+    pub(crate) fn rmw(
+        &mut self,
+        l: Loc,
+        bits: u32,
+        locked: bool,
+        f: &mut dyn FnMut(u64) -> u64,
+    ) -> R<u64> {
         match l {
             Loc::Reg(r) => {
                 let old = self.reg(r);
@@ -263,7 +272,8 @@ impl Cpu {
                     let (_, f) = alu::alu(op, a, src, fl, bits);
                     self.set_status(f);
                 } else {
-                    let old = self.rmw(dst, bits, locked, &mut |a| alu::alu(op, a, src, fl, bits).0)?;
+                    let old =
+                        self.rmw(dst, bits, locked, &mut |a| alu::alu(op, a, src, fl, bits).0)?;
                     let (_, f) = alu::alu(op, old, src, fl, bits);
                     self.set_status(f);
                 }
@@ -312,7 +322,9 @@ impl Cpu {
                 };
                 let dst = self.loc(ins, 0);
                 let fl = self.st.rflags;
-                let old = self.rmw(dst, bits, false, &mut |a| alu::shift(op, a, count, fl, bits).0)?;
+                let old = self.rmw(dst, bits, false, &mut |a| {
+                    alu::shift(op, a, count, fl, bits).0
+                })?;
                 let f = alu::shift(op, old, count, fl, bits).1;
                 self.set_status(f);
             }
@@ -376,7 +388,10 @@ impl Cpu {
                 } else {
                     let src_bits = self.op_bits(ins, 1);
                     let v = self.rd_op(ins, 1)?;
-                    let v = if src_bits == 16 && bits > 16 && ins.op1_register().is_segment_register() {
+                    let v = if src_bits == 16
+                        && bits > 16
+                        && ins.op1_register().is_segment_register()
+                    {
                         v & 0xffff
                     } else {
                         v
@@ -664,7 +679,11 @@ impl Cpu {
                 let sb = self.st.stack_bits();
                 let size = ins.stack_pointer_increment().unsigned_abs().max(2);
                 let opsize = if self.st.mode64() {
-                    if ins.code() == Code::Leavew { 2 } else { 8 }
+                    if ins.code() == Code::Leavew {
+                        2
+                    } else {
+                        8
+                    }
                 } else if ins.code() == Code::Leavew {
                     2
                 } else if ins.code() == Code::Leaved {
@@ -715,8 +734,17 @@ impl Cpu {
                 }
                 self.st.rflags |= IF;
             }
-            M::Nop | M::Endbr64 | M::Endbr32 | M::Prefetchnta | M::Prefetcht0 | M::Prefetcht1
-            | M::Prefetcht2 | M::Prefetchw | M::Lfence | M::Mfence | M::Sfence => {
+            M::Nop
+            | M::Endbr64
+            | M::Endbr32
+            | M::Prefetchnta
+            | M::Prefetcht0
+            | M::Prefetcht1
+            | M::Prefetcht2
+            | M::Prefetchw
+            | M::Lfence
+            | M::Mfence
+            | M::Sfence => {
                 if ins.mnemonic() == M::Mfence {
                     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
                 }
@@ -744,22 +772,74 @@ impl Cpu {
             }
             M::Ud0 | M::Ud1 | M::Ud2 => return Err(ud()),
             // Control flow.
-            M::Jmp | M::Call | M::Ret | M::Retf | M::Iret | M::Iretd | M::Iretq | M::Int
-            | M::Int3 | M::Into | M::Int1 | M::Loop | M::Loope | M::Loopne | M::Jcxz
-            | M::Jecxz | M::Jrcxz | M::Syscall | M::Sysret | M::Sysretq | M::Hlt => {
-                self.exec_control(ins)?
-            }
-            M::Jo | M::Jno | M::Jb | M::Jae | M::Je | M::Jne | M::Jbe | M::Ja | M::Js
-            | M::Jns | M::Jp | M::Jnp | M::Jl | M::Jge | M::Jle | M::Jg => {
+            M::Jmp
+            | M::Call
+            | M::Ret
+            | M::Retf
+            | M::Iret
+            | M::Iretd
+            | M::Iretq
+            | M::Int
+            | M::Int3
+            | M::Into
+            | M::Int1
+            | M::Loop
+            | M::Loope
+            | M::Loopne
+            | M::Jcxz
+            | M::Jecxz
+            | M::Jrcxz
+            | M::Syscall
+            | M::Sysret
+            | M::Sysretq
+            | M::Hlt => self.exec_control(ins)?,
+            M::Jo
+            | M::Jno
+            | M::Jb
+            | M::Jae
+            | M::Je
+            | M::Jne
+            | M::Jbe
+            | M::Ja
+            | M::Js
+            | M::Jns
+            | M::Jp
+            | M::Jnp
+            | M::Jl
+            | M::Jge
+            | M::Jle
+            | M::Jg => {
                 if cond(ins.condition_code() as u32 - 1, self.st.rflags) {
                     self.jump_near(ins.near_branch_target())?;
                 }
             }
             // Strings and I/O.
-            M::Movsb | M::Movsw | M::Movsd | M::Movsq | M::Stosb | M::Stosw | M::Stosd
-            | M::Stosq | M::Lodsb | M::Lodsw | M::Lodsd | M::Lodsq | M::Cmpsb | M::Cmpsw
-            | M::Cmpsd | M::Cmpsq | M::Scasb | M::Scasw | M::Scasd | M::Scasq | M::Insb
-            | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd
+            M::Movsb
+            | M::Movsw
+            | M::Movsd
+            | M::Movsq
+            | M::Stosb
+            | M::Stosw
+            | M::Stosd
+            | M::Stosq
+            | M::Lodsb
+            | M::Lodsw
+            | M::Lodsd
+            | M::Lodsq
+            | M::Cmpsb
+            | M::Cmpsw
+            | M::Cmpsd
+            | M::Cmpsq
+            | M::Scasb
+            | M::Scasw
+            | M::Scasd
+            | M::Scasq
+            | M::Insb
+            | M::Insw
+            | M::Insd
+            | M::Outsb
+            | M::Outsw
+            | M::Outsd
                 if !(ins.mnemonic() == M::Movsd || ins.mnemonic() == M::Cmpsd)
                     || ins.op_count() == 0
                     || !ins.op0_register().is_xmm() =>
@@ -768,16 +848,53 @@ impl Cpu {
             }
             M::In | M::Out => self.exec_io(ins)?,
             // System.
-            M::Cpuid | M::Rdtsc | M::Rdtscp | M::Rdmsr | M::Wrmsr | M::Lgdt | M::Lidt | M::Sgdt
-            | M::Sidt | M::Lldt | M::Sldt | M::Ltr | M::Str | M::Clts | M::Lmsw | M::Smsw
-            | M::Invlpg | M::Invd | M::Wbinvd | M::Swapgs | M::Lsl | M::Lar | M::Verr
-            | M::Verw | M::Lss | M::Lfs | M::Lgs | M::Lds | M::Les | M::Rdpid | M::Rdpmc => {
-                self.exec_system(ins)?
-            }
+            M::Cpuid
+            | M::Rdtsc
+            | M::Rdtscp
+            | M::Rdmsr
+            | M::Wrmsr
+            | M::Lgdt
+            | M::Lidt
+            | M::Sgdt
+            | M::Sidt
+            | M::Lldt
+            | M::Sldt
+            | M::Ltr
+            | M::Str
+            | M::Clts
+            | M::Lmsw
+            | M::Smsw
+            | M::Invlpg
+            | M::Invd
+            | M::Wbinvd
+            | M::Swapgs
+            | M::Lsl
+            | M::Lar
+            | M::Verr
+            | M::Verw
+            | M::Lss
+            | M::Lfs
+            | M::Lgs
+            | M::Lds
+            | M::Les
+            | M::Rdpid
+            | M::Rdpmc => self.exec_system(ins)?,
             // x87 and SSE.
-            M::Fninit | M::Fnstcw | M::Fldcw | M::Fnstsw | M::Fnclex | M::Wait | M::Fxsave
-            | M::Fxsave64 | M::Fxrstor | M::Fxrstor64 | M::Ldmxcsr | M::Stmxcsr | M::Fnstenv
-            | M::Fldenv | M::Emms => self.exec_x87(ins)?,
+            M::Fninit
+            | M::Fnstcw
+            | M::Fldcw
+            | M::Fnstsw
+            | M::Fnclex
+            | M::Wait
+            | M::Fxsave
+            | M::Fxsave64
+            | M::Fxrstor
+            | M::Fxrstor64
+            | M::Ldmxcsr
+            | M::Stmxcsr
+            | M::Fnstenv
+            | M::Fldenv
+            | M::Emms => self.exec_x87(ins)?,
             _ => {
                 if self.exec_sse(ins)? {
                     return Ok(());
@@ -862,7 +979,10 @@ impl Cpu {
             return Err(Fault::Exc(0, None));
         }
         let (lo, hi) = match bits {
-            8 => (self.st.gpr[gpr::RAX] & 0xff, (self.st.gpr[gpr::RAX] >> 8) & 0xff),
+            8 => (
+                self.st.gpr[gpr::RAX] & 0xff,
+                (self.st.gpr[gpr::RAX] >> 8) & 0xff,
+            ),
             _ => (
                 self.st.gpr[gpr::RAX] & mask(bits),
                 self.st.gpr[gpr::RDX] & mask(bits),

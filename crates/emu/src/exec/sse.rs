@@ -53,7 +53,11 @@ fn f64_of(v: u64) -> f64 {
 
 /// Float to integer with x86's "integer indefinite" on NaN/overflow.
 fn cvt_f64_i(v: f64, bits: u32, truncate: bool) -> u64 {
-    let r = if truncate { v.trunc() } else { v.round_ties_even() };
+    let r = if truncate {
+        v.trunc()
+    } else {
+        v.round_ties_even()
+    };
     let lim = 2f64.powi(bits as i32 - 1);
     if r.is_nan() || r >= lim || r < -lim {
         return sign_bit(bits);
@@ -153,10 +157,21 @@ impl Cpu {
             }};
         }
         match m {
-            M::Movaps | M::Movapd | M::Movdqa | M::Movups | M::Movupd | M::Movdqu | M::Movntdq
-            | M::Movntps | M::Movntpd | M::Lddqu => {
+            M::Movaps
+            | M::Movapd
+            | M::Movdqa
+            | M::Movups
+            | M::Movupd
+            | M::Movdqu
+            | M::Movntdq
+            | M::Movntps
+            | M::Movntpd
+            | M::Lddqu => {
                 self.sse_check()?;
-                let aligned = matches!(m, M::Movaps | M::Movapd | M::Movdqa | M::Movntdq | M::Movntps | M::Movntpd);
+                let aligned = matches!(
+                    m,
+                    M::Movaps | M::Movapd | M::Movdqa | M::Movntdq | M::Movntps | M::Movntpd
+                );
                 let v = self.xsrc(ins, 1, 16, aligned)?;
                 self.xdst(ins, 0, 16, v, aligned)?;
             }
@@ -190,11 +205,15 @@ impl Cpu {
                         self.st.xmm[a] = (self.st.xmm[a] & !lm) | (self.st.xmm[b] & lm);
                     }
                     (Loc::Reg(a), Loc::Mem(s, off)) => {
-                        let Some(a) = xmm_idx(a) else { return Ok(false) };
+                        let Some(a) = xmm_idx(a) else {
+                            return Ok(false);
+                        };
                         self.st.xmm[a] = self.read_xmm_mem(s, off, bytes, false)?;
                     }
                     (Loc::Mem(s, off), Loc::Reg(b)) => {
-                        let Some(b) = xmm_idx(b) else { return Ok(false) };
+                        let Some(b) = xmm_idx(b) else {
+                            return Ok(false);
+                        };
                         let v = self.st.xmm[b];
                         self.write_xmm_mem(s, off, bytes, v, false)?;
                     }
@@ -206,12 +225,20 @@ impl Cpu {
                 let lo = u64::MAX as u128;
                 match (self.loc(ins, 0), self.loc(ins, 1)) {
                     (Loc::Reg(a), src) => {
-                        let Some(a) = xmm_idx(a) else { return Ok(false) };
+                        let Some(a) = xmm_idx(a) else {
+                            return Ok(false);
+                        };
                         let v = match src {
                             Loc::Reg(b) => {
-                                let Some(b) = xmm_idx(b) else { return Ok(false) };
+                                let Some(b) = xmm_idx(b) else {
+                                    return Ok(false);
+                                };
                                 let bv = self.st.xmm[b];
-                                if m == M::Movhlps { bv >> 64 } else { bv & lo }
+                                if m == M::Movhlps {
+                                    bv >> 64
+                                } else {
+                                    bv & lo
+                                }
                             }
                             Loc::Mem(s, off) => self.read_xmm_mem(s, off, 8, false)?,
                             Loc::Imm(_) => return Ok(false),
@@ -223,9 +250,15 @@ impl Cpu {
                         };
                     }
                     (Loc::Mem(s, off), Loc::Reg(b)) => {
-                        let Some(b) = xmm_idx(b) else { return Ok(false) };
+                        let Some(b) = xmm_idx(b) else {
+                            return Ok(false);
+                        };
                         let bv = self.st.xmm[b];
-                        let v = if matches!(m, M::Movhps | M::Movhpd) { bv >> 64 } else { bv & lo };
+                        let v = if matches!(m, M::Movhps | M::Movhpd) {
+                            bv >> 64
+                        } else {
+                            bv & lo
+                        };
                         self.write_xmm_mem(s, off, 8, v, false)?;
                     }
                     _ => return Ok(false),
@@ -248,23 +281,50 @@ impl Cpu {
             M::Psubusb => binop!(8, |a, b| sat_u(a as i64 - b as i64, 8)),
             M::Psubusw => binop!(16, |a, b| sat_u(a as i64 - b as i64, 16)),
             M::Paddsb => binop!(8, |a, b| sat_s(sext(a, 8) as i64 + sext(b, 8) as i64, 8)),
-            M::Paddsw => binop!(16, |a, b| sat_s(sext(a, 16) as i64 + sext(b, 16) as i64, 16)),
+            M::Paddsw => binop!(16, |a, b| sat_s(
+                sext(a, 16) as i64 + sext(b, 16) as i64,
+                16
+            )),
             M::Psubsb => binop!(8, |a, b| sat_s(sext(a, 8) as i64 - sext(b, 8) as i64, 8)),
-            M::Psubsw => binop!(16, |a, b| sat_s(sext(a, 16) as i64 - sext(b, 16) as i64, 16)),
+            M::Psubsw => binop!(16, |a, b| sat_s(
+                sext(a, 16) as i64 - sext(b, 16) as i64,
+                16
+            )),
             M::Pcmpeqb => binop!(8, |a, b| if a == b { 0xff } else { 0 }),
             M::Pcmpeqw => binop!(16, |a, b| if a == b { 0xffff } else { 0 }),
             M::Pcmpeqd => binop!(32, |a, b| if a == b { 0xffff_ffff } else { 0 }),
-            M::Pcmpgtb => binop!(8, |a, b| if (sext(a, 8) as i64) > sext(b, 8) as i64 { 0xff } else { 0 }),
-            M::Pcmpgtw => binop!(16, |a, b| if (sext(a, 16) as i64) > sext(b, 16) as i64 { 0xffff } else { 0 }),
-            M::Pcmpgtd => binop!(32, |a, b| if (sext(a, 32) as i64) > sext(b, 32) as i64 { 0xffff_ffff } else { 0 }),
+            M::Pcmpgtb => binop!(8, |a, b| if (sext(a, 8) as i64) > sext(b, 8) as i64 {
+                0xff
+            } else {
+                0
+            }),
+            M::Pcmpgtw => binop!(16, |a, b| if (sext(a, 16) as i64) > sext(b, 16) as i64 {
+                0xffff
+            } else {
+                0
+            }),
+            M::Pcmpgtd => binop!(32, |a, b| if (sext(a, 32) as i64) > sext(b, 32) as i64 {
+                0xffff_ffff
+            } else {
+                0
+            }),
             M::Pminub => binop!(8, |a, b| a.min(b)),
             M::Pmaxub => binop!(8, |a, b| a.max(b)),
-            M::Pminsw => binop!(16, |a, b| if (sext(a, 16) as i64) < sext(b, 16) as i64 { a } else { b }),
-            M::Pmaxsw => binop!(16, |a, b| if (sext(a, 16) as i64) > sext(b, 16) as i64 { a } else { b }),
+            M::Pminsw => binop!(16, |a, b| if (sext(a, 16) as i64) < sext(b, 16) as i64 {
+                a
+            } else {
+                b
+            }),
+            M::Pmaxsw => binop!(16, |a, b| if (sext(a, 16) as i64) > sext(b, 16) as i64 {
+                a
+            } else {
+                b
+            }),
             M::Pavgb => binop!(8, |a, b| (a + b + 1) >> 1),
             M::Pavgw => binop!(16, |a, b| (a + b + 1) >> 1),
             M::Pmullw => binop!(16, |a, b| a.wrapping_mul(b)),
-            M::Pmulhw => binop!(16, |a, b| ((sext(a, 16) as i64 * sext(b, 16) as i64) >> 16) as u64),
+            M::Pmulhw => binop!(16, |a, b| ((sext(a, 16) as i64 * sext(b, 16) as i64) >> 16)
+                as u64),
             M::Pmulhuw => binop!(16, |a, b| (a * b) >> 16),
             M::Pmuludq => binop!(64, |a, b| (a & 0xffff_ffff) * (b & 0xffff_ffff)),
             M::Pmaddwd => {
@@ -274,8 +334,10 @@ impl Cpu {
                 let a = self.st.xmm[d];
                 let mut r = 0u128;
                 for i in 0..4 {
-                    let p0 = sext(lane(a, 2 * i, 16), 16) as i64 * sext(lane(b, 2 * i, 16), 16) as i64;
-                    let p1 = sext(lane(a, 2 * i + 1, 16), 16) as i64 * sext(lane(b, 2 * i + 1, 16), 16) as i64;
+                    let p0 =
+                        sext(lane(a, 2 * i, 16), 16) as i64 * sext(lane(b, 2 * i, 16), 16) as i64;
+                    let p1 = sext(lane(a, 2 * i + 1, 16), 16) as i64
+                        * sext(lane(b, 2 * i + 1, 16), 16) as i64;
                     r |= (((p0 + p1) as u64 & 0xffff_ffff) as u128) << (32 * i);
                 }
                 self.st.xmm[d] = r;
@@ -297,7 +359,9 @@ impl Cpu {
             }
             M::Pmovmskb | M::Movmskps | M::Movmskpd => {
                 self.sse_check()?;
-                let Some(s) = xmm_idx(ins.op1_register()) else { return Ok(false) };
+                let Some(s) = xmm_idx(ins.op1_register()) else {
+                    return Ok(false);
+                };
                 let v = self.st.xmm[s];
                 let bits = match m {
                     M::Pmovmskb => 8,
@@ -312,9 +376,18 @@ impl Cpu {
                 }
                 self.set_reg(ins.op0_register(), r);
             }
-            M::Punpcklbw | M::Punpcklwd | M::Punpckldq | M::Punpcklqdq | M::Punpckhbw
-            | M::Punpckhwd | M::Punpckhdq | M::Punpckhqdq | M::Unpcklps | M::Unpckhps
-            | M::Unpcklpd | M::Unpckhpd => {
+            M::Punpcklbw
+            | M::Punpcklwd
+            | M::Punpckldq
+            | M::Punpcklqdq
+            | M::Punpckhbw
+            | M::Punpckhwd
+            | M::Punpckhdq
+            | M::Punpckhqdq
+            | M::Unpcklps
+            | M::Unpckhps
+            | M::Unpcklpd
+            | M::Unpckhpd => {
                 let Some(d) = d else { return Ok(false) };
                 self.sse_check()?;
                 let b = self.xsrc(ins, 1, 16, true)?;
@@ -349,7 +422,11 @@ impl Cpu {
                 for (k, src) in [a, b].iter().enumerate() {
                     for i in 0..n {
                         let v = sext(lane(*src, i, ib), ib) as i64;
-                        let o = if m == M::Packuswb { sat_u(v, ob) } else { sat_s(v, ob) };
+                        let o = if m == M::Packuswb {
+                            sat_u(v, ob)
+                        } else {
+                            sat_s(v, ob)
+                        };
                         r |= (o as u128) << ((k as u32 * n + i) * ob);
                     }
                 }
@@ -398,7 +475,14 @@ impl Cpu {
                     (lane(a, imm & 1, 64) as u128) | (lane(b, (imm >> 1) & 1, 64) as u128) << 64
                 };
             }
-            M::Psllw | M::Pslld | M::Psllq | M::Psrlw | M::Psrld | M::Psrlq | M::Psraw | M::Psrad => {
+            M::Psllw
+            | M::Pslld
+            | M::Psllq
+            | M::Psrlw
+            | M::Psrld
+            | M::Psrlq
+            | M::Psraw
+            | M::Psrad => {
                 let Some(d) = d else { return Ok(false) };
                 self.sse_check()?;
                 let count = if ins.op_kind(1) == OpKind::Immediate8 {
@@ -414,10 +498,18 @@ impl Cpu {
                 let a = self.st.xmm[d];
                 self.st.xmm[d] = lanes(a, 0, bits, |x, _| match m {
                     M::Psllw | M::Pslld | M::Psllq => {
-                        if count >= bits as u64 { 0 } else { x << count }
+                        if count >= bits as u64 {
+                            0
+                        } else {
+                            x << count
+                        }
                     }
                     M::Psrlw | M::Psrld | M::Psrlq => {
-                        if count >= bits as u64 { 0 } else { x >> count }
+                        if count >= bits as u64 {
+                            0
+                        } else {
+                            x >> count
+                        }
                     }
                     _ => {
                         let c = count.min(bits as u64 - 1);
@@ -439,10 +531,34 @@ impl Cpu {
                 };
             }
             // Floating point.
-            M::Addss | M::Subss | M::Mulss | M::Divss | M::Minss | M::Maxss | M::Sqrtss
-            | M::Addsd | M::Subsd | M::Mulsd | M::Divsd | M::Minsd | M::Maxsd | M::Sqrtsd
-            | M::Addps | M::Subps | M::Mulps | M::Divps | M::Minps | M::Maxps | M::Sqrtps
-            | M::Addpd | M::Subpd | M::Mulpd | M::Divpd | M::Minpd | M::Maxpd | M::Sqrtpd => {
+            M::Addss
+            | M::Subss
+            | M::Mulss
+            | M::Divss
+            | M::Minss
+            | M::Maxss
+            | M::Sqrtss
+            | M::Addsd
+            | M::Subsd
+            | M::Mulsd
+            | M::Divsd
+            | M::Minsd
+            | M::Maxsd
+            | M::Sqrtsd
+            | M::Addps
+            | M::Subps
+            | M::Mulps
+            | M::Divps
+            | M::Minps
+            | M::Maxps
+            | M::Sqrtps
+            | M::Addpd
+            | M::Subpd
+            | M::Mulpd
+            | M::Divpd
+            | M::Minpd
+            | M::Maxpd
+            | M::Sqrtpd => {
                 let Some(d) = d else { return Ok(false) };
                 self.sse_check()?;
                 let name = format!("{m:?}");
@@ -461,8 +577,20 @@ impl Cpu {
                             "Sub" => x - y,
                             "Mul" => x * y,
                             "Div" => x / y,
-                            "Min" => if x < y { x } else { y },
-                            "Max" => if x > y { x } else { y },
+                            "Min" => {
+                                if x < y {
+                                    x
+                                } else {
+                                    y
+                                }
+                            }
+                            "Max" => {
+                                if x > y {
+                                    x
+                                } else {
+                                    y
+                                }
+                            }
                             _ => y.sqrt(),
                         };
                         r.to_bits() as u64
@@ -473,8 +601,20 @@ impl Cpu {
                             "Sub" => x - y,
                             "Mul" => x * y,
                             "Div" => x / y,
-                            "Min" => if x < y { x } else { y },
-                            "Max" => if x > y { x } else { y },
+                            "Min" => {
+                                if x < y {
+                                    x
+                                } else {
+                                    y
+                                }
+                            }
+                            "Max" => {
+                                if x > y {
+                                    x
+                                } else {
+                                    y
+                                }
+                            }
                             _ => y.sqrt(),
                         };
                         r.to_bits()
@@ -526,7 +666,11 @@ impl Cpu {
                 self.sse_check()?;
                 let single = matches!(m, M::Cvttss2si | M::Cvtss2si);
                 let b = self.xsrc(ins, 1, if single { 4 } else { 8 }, false)?;
-                let x = if single { f32_of(b as u64) as f64 } else { f64_of(b as u64) };
+                let x = if single {
+                    f32_of(b as u64) as f64
+                } else {
+                    f64_of(b as u64)
+                };
                 let bits = self.op_bits(ins, 0);
                 let r = cvt_f64_i(x, bits, matches!(m, M::Cvttsd2si | M::Cvttss2si));
                 self.set_reg(ins.op0_register(), r);
@@ -548,7 +692,16 @@ impl Cpu {
             M::Cvtdq2pd | M::Cvtdq2ps | M::Cvttpd2dq | M::Cvttps2dq | M::Cvtps2pd | M::Cvtpd2ps => {
                 let Some(d) = d else { return Ok(false) };
                 self.sse_check()?;
-                let b = self.xsrc(ins, 1, if matches!(m, M::Cvtdq2pd | M::Cvtps2pd) { 8 } else { 16 }, false)?;
+                let b = self.xsrc(
+                    ins,
+                    1,
+                    if matches!(m, M::Cvtdq2pd | M::Cvtps2pd) {
+                        8
+                    } else {
+                        16
+                    },
+                    false,
+                )?;
                 let mut r = 0u128;
                 match m {
                     M::Cvtdq2pd => {
@@ -570,7 +723,8 @@ impl Cpu {
                     }
                     M::Cvttps2dq => {
                         for i in 0..4 {
-                            r |= (cvt_f64_i(f32_of(lane(b, i, 32)) as f64, 32, true) as u128) << (32 * i);
+                            r |= (cvt_f64_i(f32_of(lane(b, i, 32)) as f64, 32, true) as u128)
+                                << (32 * i);
                         }
                     }
                     M::Cvtps2pd => {
@@ -588,7 +742,9 @@ impl Cpu {
             }
             M::Pextrw => {
                 self.sse_check()?;
-                let Some(s) = xmm_idx(ins.op1_register()) else { return Ok(false) };
+                let Some(s) = xmm_idx(ins.op1_register()) else {
+                    return Ok(false);
+                };
                 let v = lane(self.st.xmm[s], (ins.immediate8() & 7) as u32, 16);
                 self.set_reg(ins.op0_register(), v);
             }

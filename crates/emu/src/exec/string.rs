@@ -35,12 +35,18 @@ impl Cpu {
         let bits = size * 8;
         let am = mask(asz);
         let src_seg = seg_index(ins.memory_segment());
-        let is_io = matches!(m, M::Insb | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd);
+        let is_io = matches!(
+            m,
+            M::Insb | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd
+        );
         if is_io {
             self.check_io()?;
         }
         let rep = ins.has_rep_prefix() || ins.has_repne_prefix();
-        let cmp_kind = matches!(m, M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq | M::Scasb | M::Scasw | M::Scasd | M::Scasq);
+        let cmp_kind = matches!(
+            m,
+            M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq | M::Scasb | M::Scasw | M::Scasd | M::Scasq
+        );
         let delta = if self.st.rflags & DF != 0 {
             (size as u64).wrapping_neg()
         } else {
@@ -177,13 +183,19 @@ impl Cpu {
         let room_s = 0x1000 - (src & 0xfff);
         let room_d = 0x1000 - (dst & 0xfff);
         let n = (room_s.min(room_d) / size as u64).min(count);
-        if n < 2 || (si.wrapping_add(n * size as u64) & am) < si || (di.wrapping_add(n * size as u64) & am) < di {
+        if n < 2
+            || (si.wrapping_add(n * size as u64) & am) < si
+            || (di.wrapping_add(n * size as u64) & am) < di
+        {
             return Ok(false);
         }
         let user = self.st.cpl() == 3;
         let es = self.translate(src, crate::mmu::ACC_R, user)?;
         let ed = self.translate(dst, crate::mmu::ACC_W, user)?;
-        if es.host.is_null() || ed.host.is_null() || !self.st.mode64() && !self.flat_ok(s, si, n * size as u64) {
+        if es.host.is_null()
+            || ed.host.is_null()
+            || !self.st.mode64() && !self.flat_ok(s, si, n * size as u64)
+        {
             return Ok(false);
         }
         // Overlapping forward copies must behave element by element.
@@ -249,6 +261,7 @@ impl Cpu {
 
     /// The whole `[off, off+len)` passes the segment limit check.
     fn flat_ok(&self, s: usize, off: u64, len: u64) -> bool {
-        self.seg_lin(s, off, len.min(u32::MAX as u64) as u32, false).is_ok()
+        self.seg_lin(s, off, len.min(u32::MAX as u64) as u32, false)
+            .is_ok()
     }
 }

@@ -361,10 +361,8 @@ impl Cpu {
         let pm = self.st.cr0 & cr0::PE != 0;
         match ins.mnemonic() {
             M::Cpuid => {
-                let (a, b, c, d) = self.cpuid_query(
-                    self.st.gpr[gpr::RAX] as u32,
-                    self.st.gpr[gpr::RCX] as u32,
-                );
+                let (a, b, c, d) =
+                    self.cpuid_query(self.st.gpr[gpr::RAX] as u32, self.st.gpr[gpr::RCX] as u32);
                 self.st.gpr[gpr::RAX] = a as u64;
                 self.st.gpr[gpr::RBX] = b as u64;
                 self.st.gpr[gpr::RCX] = c as u64;
@@ -390,7 +388,9 @@ impl Cpu {
                 if cpl != 0 {
                     return Err(gp0());
                 }
-                let v = self.read_msr(self.st.gpr[gpr::RCX] as u32).ok_or_else(gp0)?;
+                let v = self
+                    .read_msr(self.st.gpr[gpr::RCX] as u32)
+                    .ok_or_else(gp0)?;
                 self.st.gpr[gpr::RAX] = v & 0xffff_ffff;
                 self.st.gpr[gpr::RDX] = v >> 32;
             }
@@ -692,4 +692,3 @@ impl Cpu {
         Ok(())
     }
 }
-

@@ -71,7 +71,11 @@ impl Cpu {
                 // 28-byte protected-mode 32-bit format: FCW, FSW, FTW (full), FIP, FCS, FDP, FDS.
                 if ins.mnemonic() == M::Fnstenv {
                     let full_tag = self.full_tag();
-                    let words = [self.st.x87.fcw as u64, self.st.x87.fsw as u64, full_tag as u64];
+                    let words = [
+                        self.st.x87.fcw as u64,
+                        self.st.x87.fsw as u64,
+                        full_tag as u64,
+                    ];
                     for (i, w) in words.iter().enumerate() {
                         self.write_seg(s, off + i as u64 * 4, 4, *w | 0xffff_0000)?;
                     }
