@@ -514,4 +514,32 @@ mod tests {
         assert!(PciConfiguration::touches_bars(0x24, 4));
         assert!(!PciConfiguration::touches_bars(0x28, 4));
     }
+
+    #[test]
+    fn msix_capability_control_reaches_the_table() {
+        use crate::msix::tests::RecordingMsi;
+        let mut c = cfg();
+        let lines: Vec<Arc<dyn kvmbox_cpu::MsiLine>> = (0..3)
+            .map(|_| Arc::new(RecordingMsi::default()) as Arc<dyn kvmbox_cpu::MsiLine>)
+            .collect();
+        let m = Arc::new(Mutex::new(MsixConfig::new(lines).unwrap()));
+        let off = c.add_msix(m.clone(), 0, 0x4000, 0, 0x6000).unwrap();
+        assert!(c.msix().is_some());
+        assert_eq!(rd(&c, off, 4), 0x0002_0011, "id, next 0, table size 3 - 1");
+        assert_eq!(rd(&c, off + 4, 4), 0x4000);
+        assert_eq!(rd(&c, off + 8, 4), 0x6000);
+        c.write(off + 2, &0xffffu16.to_le_bytes());
+        assert_eq!(
+            rd(&c, off + 2, 2),
+            0xc002,
+            "only enable and mask are writable"
+        );
+        assert!(m.lock().unwrap().enabled());
+        assert!(m.lock().unwrap().function_masked());
+        c.write(off, &0x8000_0000u32.to_le_bytes());
+        assert!(m.lock().unwrap().enabled());
+        assert!(!m.lock().unwrap().function_masked());
+        c.write(off + 4, &0u32.to_le_bytes());
+        assert_eq!(rd(&c, off + 4, 4), 0x4000, "table offset is read-only");
+    }
 }
