@@ -201,6 +201,11 @@ impl PciConfiguration {
         Ok(())
     }
 
+    /// Set the interrupt line register (the GSI of INTx, for guests without ACPI `_PRT`).
+    pub fn set_interrupt_line(&mut self, line: u8) {
+        self.regs[REG_INTERRUPT] = (self.regs[REG_INTERRUPT] & !0xff) | u32::from(line);
+    }
+
     /// The command register.
     pub fn command(&self) -> u16 {
         self.regs[REG_COMMAND] as u16
@@ -362,6 +367,8 @@ mod tests {
         assert_eq!(rd(&c, 0, 4), 0x1042_1af4, "IDs are read-only");
         assert_eq!(rd(&c, 0x0b, 1), 1);
         assert_eq!(rd(&c, 0x3d, 1), 1, "interrupt pin");
+        c.set_interrupt_line(10);
+        assert_eq!(rd(&c, 0x3c, 2), 0x010a);
         c.write(0x3c, &[11]);
         assert_eq!(rd(&c, 0x3c, 1), 11, "interrupt line is writable");
         c.write(0x3d, &[3]);

@@ -10,7 +10,7 @@ use super::event_handler::BlockHandler;
 use super::request::{Disk, ID_BYTES, MAX_SEGMENTS, MAX_SEGMENT_SECTORS, SECTOR_SIZE};
 use crate::device::{read_config_bytes, ActivateContext, VirtioDevice};
 use crate::worker::Worker;
-use crate::{Error, Result, F_RING_EVENT_IDX, F_VERSION_1, TYPE_BLOCK};
+use crate::{Error, Result, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK};
 
 /// Feature bit: `seg_max` is valid.
 pub const F_SEG_MAX: u32 = 2;
@@ -113,6 +113,7 @@ impl Block {
         }
         let mut features = 1 << F_VERSION_1
             | 1 << F_RING_EVENT_IDX
+            | 1 << F_RING_INDIRECT_DESC
             | 1 << F_SEG_MAX
             | 1 << F_BLK_SIZE
             | 1 << F_FLUSH;

@@ -8,7 +8,7 @@ use super::event_handler::{NetHandler, MAX_FRAME, RX_TOKEN, TAP_TOKEN, TX_TOKEN,
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use crate::device::{ActivateContext, VirtioDevice};
 use crate::worker::Worker;
-use crate::{os, Error, Result, F_RING_EVENT_IDX, F_VERSION_1, TYPE_NET};
+use crate::{os, Error, Result, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET};
 
 /// Feature bit: the device takes frames with partial checksums.
 pub const F_CSUM: u32 = 0;
@@ -146,6 +146,7 @@ impl VirtioDevice for Net {
         [
             F_VERSION_1,
             F_RING_EVENT_IDX,
+            F_RING_INDIRECT_DESC,
             F_CSUM,
             F_GUEST_CSUM,
             F_MAC,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::event_handler::{RngHandler, QUEUE_TOKEN};
 use crate::device::{ActivateContext, VirtioDevice};
 use crate::worker::Worker;
-use crate::{Error, Result, F_RING_EVENT_IDX, F_VERSION_1, TYPE_RNG};
+use crate::{Error, Result, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_RNG};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -34,7 +34,7 @@ impl VirtioDevice for Rng {
     }
 
     fn features(&self) -> u64 {
-        1 << F_VERSION_1 | 1 << F_RING_EVENT_IDX
+        1 << F_VERSION_1 | 1 << F_RING_EVENT_IDX | 1 << F_RING_INDIRECT_DESC
     }
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {

@@ -728,3 +728,28 @@ fn bench_blk_mmio_worker_thread() {
         f64::from(batches * 64) * 4096.0 / qd64.as_secs_f64() / (1 << 20) as f64
     );
 }
+
+#[test]
+fn mmio_block_indirect_descriptors() {
+    let m = mem();
+    let img = TempImage::new(1 << 20, |_| 0);
+    let d = Mmio::new(blk(&img, false), &m, Arc::new(TestIrq::default()));
+    assert_ne!(d.r(0x10) & 1 << F_RING_INDIRECT_DESC, 0, "offered");
+    let mut ring = Ring::new(&m, 0x1_0000, 8);
+    assert_eq!(d.init(ALL, &[(0, &ring)]), 15);
+    m.write_obj(1u32, GuestAddress(HDR)).unwrap();
+    m.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+    m.write_obj(4u64, GuestAddress(HDR + 8)).unwrap();
+    m.write_slice(&[0x3c; 512], GuestAddress(DATA)).unwrap();
+    let table = 0x5_0000;
+    write_desc(&m, table, 0, HDR, 16, F_NEXT, 1);
+    write_desc(&m, table, 1, DATA, 512, F_NEXT, 2);
+    write_desc(&m, table, 2, STATUS, 1, F_WRITE, 0);
+    ring.set_desc(&m, 0, table, 48, F_INDIRECT, 0);
+    ring.publish(&m, 0);
+    d.w(0x50, 0);
+    assert!(wait_for(|| ring.used_idx(&m) == 1));
+    assert_eq!(ring.used_elem(&m, 0), (0, 1));
+    assert_eq!(status_byte(&m), 0);
+    assert!(img.read()[4 * 512..5 * 512].iter().all(|&x| x == 0x3c));
+}
