@@ -237,6 +237,20 @@ impl PciConfiguration {
         Ok(offset)
     }
 
+    /// Like [`add_capability`](Self::add_capability), but the guest may change the bits set in
+    /// `wmask` (one mask byte per body byte; the first two bytes stay read-only).
+    pub fn add_capability_with_wmask(&mut self, body: &[u8], wmask: &[u8]) -> Result<usize> {
+        if wmask.len() != body.len() {
+            return Err(Error::BadCapability(body.len()));
+        }
+        let off = self.add_capability(body)?;
+        for (i, &m) in wmask.iter().enumerate().skip(2) {
+            let (reg, shift) = ((off + i) / 4, ((off + i) % 4) * 8);
+            self.wmask[reg] = (self.wmask[reg] & !(0xff << shift)) | (u32::from(m) << shift);
+        }
+        Ok(off)
+    }
+
     /// Add the MSI-X capability for `config`, its table at `table_offset` of BAR `table_bar`
     /// and its pending-bit array at `pba_offset` of BAR `pba_bar`. Returns the capability's
     /// offset. Guest writes of the enable and function-mask bits reach `config`.
@@ -503,7 +517,18 @@ mod tests {
             c.add_capability(&[1]),
             Err(Error::BadCapability(1))
         ));
-        for _ in 0..5 {
+        let w = c
+            .add_capability_with_wmask(
+                &[0x09, 0, 0, 0, 0, 0, 0, 0],
+                &[0xff, 0xff, 0, 0, 0xf0, 0, 0, 0],
+            )
+            .unwrap();
+        c.write(w, &u32::MAX.to_le_bytes());
+        c.write(w + 4, &u32::MAX.to_le_bytes());
+        assert_eq!(rd(&c, w, 4), 0x0000_0009, "header bytes stay read-only");
+        assert_eq!(rd(&c, w + 4, 4), 0xf0);
+        assert!(c.add_capability_with_wmask(&[0x09, 0], &[0]).is_err());
+        for _ in 0..3 {
             c.add_capability(&[0x09, 0, 0, 0]).unwrap();
         }
         assert!(c.add_capability(&[0x09; 0xc0]).is_err(), "no room");

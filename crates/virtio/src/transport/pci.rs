@@ -46,6 +46,7 @@ const CFG_TYPE_COMMON: u8 = 1;
 const CFG_TYPE_NOTIFY: u8 = 2;
 const CFG_TYPE_ISR: u8 = 3;
 const CFG_TYPE_DEVICE: u8 = 4;
+const CFG_TYPE_PCI_CFG: u8 = 5;
 
 struct PciInterrupt {
     msix: Arc<Mutex<MsixConfig>>,
@@ -94,6 +95,8 @@ pub struct VirtioPciDevice {
     common: VirtioCommon,
     config: PciConfiguration,
     interrupt: Arc<PciInterrupt>,
+    /// Offset of the VIRTIO_PCI_CAP_PCI_CFG capability (a window onto BAR 0).
+    cfg_cap: usize,
 }
 
 fn pci_class(device_type: u32) -> (u8, u8) {
@@ -180,6 +183,13 @@ impl VirtioPciDevice {
             REGION_SIZE,
             Some(NOTIFY_MULTIPLIER),
         ))?;
+        // PCI configuration access window: bar, offset, length and the data dword are writable.
+        let mut window = virtio_cap(CFG_TYPE_PCI_CFG, 0, 0, Some(0));
+        window[2] = 20;
+        let mut wmask = vec![0u8; 20];
+        wmask[4] = 0xff;
+        wmask[8..20].fill(0xff);
+        let cfg_cap = config.add_capability_with_wmask(&window, &wmask)?;
         let interrupt = Arc::new(PciInterrupt {
             msix,
             config_vector: AtomicU16::new(NO_VECTOR),
@@ -194,6 +204,7 @@ impl VirtioPciDevice {
             common,
             config,
             interrupt,
+            cfg_cap,
         })
     }
 
@@ -325,12 +336,52 @@ impl VirtioPciDevice {
     }
 }
 
+impl VirtioPciDevice {
+    /// Whether a configuration access at `offset` touches the PCI_CFG data dword.
+    fn touches_window(&self, offset: usize, len: usize) -> bool {
+        let data = self.cfg_cap + 16;
+        offset < data + 4 && offset + len > data
+    }
+
+    /// BAR 0 offset and length the PCI_CFG capability selects, if valid.
+    fn window(&self) -> Option<(u64, usize)> {
+        let reg = |o: usize| self.config.read_reg((self.cfg_cap + o) / 4);
+        let bar = reg(4) & 0xff;
+        let (off, len) = (u64::from(reg(8)), reg(12) as usize);
+        let ok = bar == 0
+            && matches!(len, 1 | 2 | 4)
+            && off.is_multiple_of(len as u64)
+            && off + len as u64 <= BAR0_SIZE;
+        ok.then_some((off, len))
+    }
+}
+
 impl PciDevice for VirtioPciDevice {
     fn config(&self) -> &PciConfiguration {
         &self.config
     }
     fn config_mut(&mut self) -> &mut PciConfiguration {
         &mut self.config
+    }
+    fn read_config(&mut self, offset: usize, data: &mut [u8]) {
+        if self.touches_window(offset, data.len()) {
+            if let Some((off, len)) = self.window() {
+                let mut buf = [0u8; 4];
+                BusDevice::read(self, 0, off, &mut buf[..len]);
+                self.config.write(self.cfg_cap + 16, &buf);
+            }
+        }
+        self.config.read(offset, data);
+    }
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+        if self.touches_window(offset, data.len()) {
+            if let Some((off, len)) = self.window() {
+                let mut buf = [0u8; 4];
+                self.config.read(self.cfg_cap + 16, &mut buf);
+                BusDevice::write(self, 0, off, &buf[..len]);
+            }
+        }
     }
 }
 
@@ -377,7 +428,7 @@ impl BusDevice for VirtioPciDevice {
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
-        if data.len() > 8 {
+        if data.is_empty() || data.len() > 8 {
             return;
         }
         match offset {

@@ -321,6 +321,7 @@ struct Pci {
     notify: u64,
     isr: u64,
     device: u64,
+    pci_cfg: u64,
     msix_cap: u64,
 }
 
@@ -365,6 +366,7 @@ impl Pci {
             notify: 0,
             isr: 0,
             device: 0,
+            pci_cfg: 0,
             msix_cap: 0,
         };
         p.bar = u64::from(p.cfg(0x10) & !0xf);
@@ -384,6 +386,7 @@ impl Pci {
                         }
                         3 => p.isr = off,
                         4 => p.device = off,
+                        5 => p.pci_cfg = u64::from(cap),
                         t => panic!("unexpected virtio cap type {t}"),
                     }
                 }
@@ -752,4 +755,33 @@ fn mmio_block_indirect_descriptors() {
     assert_eq!(ring.used_elem(&m, 0), (0, 1));
     assert_eq!(status_byte(&m), 0);
     assert!(img.read()[4 * 512..5 * 512].iter().all(|&x| x == 0x3c));
+}
+
+#[test]
+fn pci_cfg_capability_is_a_window_onto_bar0() {
+    let m = mem();
+    let img = TempImage::new(1 << 20, |_| 0);
+    let p = Pci::new(blk(&img, false), &m, 1);
+    assert_ne!(p.pci_cfg, 0);
+    let cap = p.pci_cfg;
+    assert_eq!(p.cfg(cap) >> 16 & 0xff, 20, "cap_len");
+    // Read the capacity (device config, offset 0) through the window.
+    p.set_cfg(cap + 4, 0);
+    p.set_cfg(cap + 8, super::pci::DEVICE_CFG_OFFSET as u32);
+    p.set_cfg(cap + 12, 4);
+    assert_eq!(p.cfg(cap + 16), (1 << 20) / 512);
+    // Write device status through it.
+    p.set_cfg(cap + 8, p.common as u32 + 0x14);
+    p.set_cfg(cap + 12, 1);
+    p.set_cfg(cap + 16, 1);
+    assert_eq!(p.r(p.common + 0x14, 1), 1);
+    // Bad windows (other BAR, misaligned, too long, past the BAR) do nothing.
+    for (bar, off, len) in [(1u32, 0u32, 4u32), (0, 1, 4), (0, 0, 8), (0, 0x8000, 1)] {
+        p.set_cfg(cap + 4, bar);
+        p.set_cfg(cap + 8, off);
+        p.set_cfg(cap + 12, len);
+        p.set_cfg(cap + 16, 0);
+        p.cfg(cap + 16);
+    }
+    assert_eq!(p.r(p.common + 0x14, 1), 1);
 }
