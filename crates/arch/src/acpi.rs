@@ -16,7 +16,8 @@ use crate::memory::write;
 use crate::mptable::check_cpus;
 use crate::{Error, Result};
 use acpi_tables::aml::{
-    self, Device, EISAName, Interrupt, Name, Package, Path, ResourceTemplate, Scope, IO,
+    self, AddressSpace as AmlAddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt,
+    Name, Package, Path, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -57,6 +58,98 @@ pub struct McfgEntry {
     pub end_bus: u8,
 }
 
+/// A PCI host bridge for the DSDT (`\_SB_.PCI0`, `PNP0A08` compatible with `PNP0A03`) and
+/// its MCFG entry. [`PciHostBridge::new`] matches [`layout`]: ECAM at
+/// [`layout::PCI_ECAM_START`] for bus 0, BARs in [`layout::PCI_MMIO32_START`]..+
+/// [`layout::PCI_MMIO32_SIZE`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciHostBridge {
+    /// ECAM base (the address of bus 0).
+    pub ecam_base: u64,
+    /// Last bus number decoded (the first is 0).
+    pub last_bus: u8,
+    /// Memory window for BARs: start and size (below 4 GiB).
+    pub mmio32: (u64, u64),
+    /// Legacy INTx wiring, as `_PRT` entries; empty means no `_PRT` (MSI/MSI-X only).
+    pub intx: Vec<PciIntx>,
+}
+
+/// One `_PRT` entry: INTx pin `pin` (0 = INTA .. 3 = INTD) of device `device` on bus 0 drives
+/// global system interrupt `gsi`. Linux treats such a GSI as level-triggered, active low.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciIntx {
+    /// Device number (0-31).
+    pub device: u8,
+    /// Pin: 0 = INTA, 1 = INTB, 2 = INTC, 3 = INTD.
+    pub pin: u8,
+    /// The IOAPIC input it is wired to.
+    pub gsi: u32,
+}
+
+impl PciHostBridge {
+    /// Bus 0 only, ECAM and BAR window from [`layout`], no INTx.
+    pub fn new() -> Self {
+        PciHostBridge {
+            ecam_base: layout::PCI_ECAM_START,
+            last_bus: 0,
+            mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
+            intx: Vec::new(),
+        }
+    }
+
+    /// `Device (PCI0)` with `_HID`, `_CID`, `_SEG`, `_BBN`, `_UID`, `_CRS` (bus numbers, the
+    /// 0xCF8 config ports, I/O windows around them, the BAR memory window) and `_PRT` if wired.
+    fn aml(&self) -> Vec<u8> {
+        let bus = AmlAddressSpace::<u16>::new_bus_number(0, u16::from(self.last_bus));
+        let cfg_ports = IO::new(
+            layout::PCI_CONFIG_ADDRESS_PORT,
+            layout::PCI_CONFIG_ADDRESS_PORT,
+            1,
+            8,
+        );
+        let io_low = AmlAddressSpace::<u16>::new_io(0, layout::PCI_CONFIG_ADDRESS_PORT - 1, None);
+        let io_high =
+            AmlAddressSpace::<u16>::new_io(layout::PCI_CONFIG_ADDRESS_PORT + 8, 0xffff, None);
+        let (start, size) = self.mmio32;
+        let mem = AmlAddressSpace::<u32>::new_memory(
+            AddressSpaceCacheable::NotCacheable,
+            true,
+            start as u32,
+            (start + size - 1) as u32,
+            None,
+        );
+        let crs = ResourceTemplate::new(vec![&bus, &cfg_ports, &io_low, &io_high, &mem]);
+        let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0A08"));
+        let cid = Name::new(Path::new("_CID"), &EISAName::new("PNP0A03"));
+        let seg = Name::new(Path::new("_SEG"), &aml::ZERO);
+        let bbn = Name::new(Path::new("_BBN"), &aml::ZERO);
+        let uid = Name::new(Path::new("_UID"), &aml::ZERO);
+        let crs = Name::new(Path::new("_CRS"), &crs);
+        let mut children: Vec<&dyn Aml> = vec![&hid, &cid, &seg, &bbn, &uid, &crs];
+        let routes: Vec<(u32, u8, u32)> = self
+            .intx
+            .iter()
+            .map(|r| ((u32::from(r.device) << 16) | 0xffff, r.pin, r.gsi))
+            .collect();
+        let entries: Vec<Package> = routes
+            .iter()
+            .map(|(adr, pin, gsi)| Package::new(vec![adr, pin, &aml::ZERO, gsi]))
+            .collect();
+        let prt_pkg = Package::new(entries.iter().map(|e| e as &dyn Aml).collect());
+        let prt = Name::new(Path::new("_PRT"), &prt_pkg);
+        if !routes.is_empty() {
+            children.push(&prt);
+        }
+        aml_bytes(&Device::new(Path::new("PCI0"), children))
+    }
+}
+
+impl Default for PciHostBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// What [`create_acpi_tables_with`] describes. [`AcpiConfig::new`] gives a PC with COM1, an
 /// i8042 and a CMOS RTC, without VGA; other crates add their parts through the public fields.
 #[derive(Debug, Clone)]
@@ -73,7 +166,9 @@ pub struct AcpiConfig {
     pub rtc: bool,
     /// VGA exists (otherwise the FADT says NO_VGA).
     pub vga: bool,
-    /// PCI Express ECAM ranges: an MCFG table when not empty.
+    /// A PCI host bridge: `\_SB_.PCI0` in the DSDT and its ECAM in the MCFG.
+    pub pci: Option<PciHostBridge>,
+    /// More PCI Express ECAM ranges for the MCFG (the MCFG exists when this or `pci` says so).
     pub mcfg: Vec<McfgEntry>,
     /// Extra AML placed inside `Scope(\_SB_)` of the DSDT (e.g. a PCI host bridge device),
     /// as `acpi_tables::aml` serializes it.
@@ -91,6 +186,7 @@ impl AcpiConfig {
             i8042: true,
             rtc: true,
             vga: false,
+            pci: None,
             mcfg: Vec::new(),
             sb_aml: Vec::new(),
             extra_tables: Vec::new(),
@@ -194,6 +290,9 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
                 &Name::new(Path::new("_CRS"), &crs),
             ],
         )));
+    }
+    if let Some(pci) = &cfg.pci {
+        sb.extend(pci.aml());
     }
     sb.extend_from_slice(&cfg.sb_aml);
     body.extend(Scope::raw(Path::new("\\_SB_"), sb));
@@ -331,8 +430,20 @@ pub fn create_acpi_tables_with(mem: &GuestMemoryMmap, cfg: &AcpiConfig) -> Resul
     let madt = madt(cfg.cpus);
     let madt_addr = place(madt.len() as u64, 16);
     let mut others: Vec<Vec<u8>> = Vec::new();
-    if !cfg.mcfg.is_empty() {
-        others.push(mcfg(&cfg.mcfg));
+    let mut ecams = cfg.mcfg.clone();
+    if let Some(pci) = &cfg.pci {
+        ecams.insert(
+            0,
+            McfgEntry {
+                base: pci.ecam_base,
+                segment: 0,
+                start_bus: 0,
+                end_bus: pci.last_bus,
+            },
+        );
+    }
+    if !ecams.is_empty() {
+        others.push(mcfg(&ecams));
     }
     others.extend(cfg.extra_tables.iter().cloned());
     let other_addrs: Vec<u64> = others.iter().map(|t| place(t.len() as u64, 16)).collect();

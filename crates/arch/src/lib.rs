@@ -24,7 +24,9 @@ mod memory;
 mod mptable;
 mod vmlinux;
 
-pub use acpi::{create_acpi_tables, create_acpi_tables_with, AcpiConfig, McfgEntry};
+pub use acpi::{
+    create_acpi_tables, create_acpi_tables_with, AcpiConfig, McfgEntry, PciHostBridge, PciIntx,
+};
 pub use loader::{load, BootSetup, EntryKind, LoadParams};
 pub use memory::{e820_table, guest_memory, E820Entry, E820_RAM, E820_RESERVED};
 pub use mptable::{setup_mptable, MAX_CPUS};

@@ -249,3 +249,55 @@ fn rejects_bad_cpu_counts_and_oversized_tables() {
     let e = create_acpi_tables_with(&mem, &cfg).unwrap_err().to_string();
     assert!(e.contains("ACPI tables need"), "{e}");
 }
+
+#[test]
+fn pci_host_bridge_in_dsdt_and_mcfg() {
+    let mem = crate::guest_memory(64 << 20).unwrap();
+    let mut cfg = AcpiConfig::new(1);
+    let mut pci = PciHostBridge::new();
+    pci.intx.push(PciIntx {
+        device: 3,
+        pin: 0,
+        gsi: 16,
+    });
+    cfg.pci = Some(pci);
+    let t = tables(&mem, create_acpi_tables_with(&mem, &cfg).unwrap());
+    let m = &t["MCFG"].1;
+    assert_eq!(m.len(), 44 + 16, "one ECAM entry");
+    assert_eq!(u64_at(m, 44), layout::PCI_ECAM_START);
+    assert_eq!(
+        (u16_at(m, 52), m[54], m[55]),
+        (0, 0, 0),
+        "segment 0, buses 0-0"
+    );
+    let d = &t["DSDT"].1;
+    assert!(d.windows(4).any(|w| w == b"PCI0"));
+    // EISAID PNP0A08 and PNP0A03.
+    assert!(d.windows(5).any(|w| w == [0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+    assert!(d.windows(5).any(|w| w == [0x0c, 0x41, 0xd0, 0x0a, 0x03]));
+    // DWordMemory window: descriptor 0x87, min 0xc0000000, max 0xcfffffff.
+    let start = layout::PCI_MMIO32_START as u32;
+    let end = (layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE - 1) as u32;
+    let mut win = start.to_le_bytes().to_vec();
+    win.extend_from_slice(&end.to_le_bytes());
+    let p = d
+        .windows(8)
+        .position(|w| w == win.as_slice())
+        .expect("memory window");
+    assert_eq!(d[p - 10], 0x87, "DWord address space descriptor");
+    assert_eq!(d[p - 7], 0, "memory resource type");
+    // Config ports 0xcf8-0xcff consumed; WordIO windows around them.
+    assert!(d
+        .windows(8)
+        .any(|w| w == [0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]));
+    // _PRT: Package { 0x0003ffff, 0 (INTA), Zero, 16 }.
+    let prt = d.windows(4).position(|w| w == b"_PRT").expect("_PRT");
+    let entry = [
+        0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x03, 0x00, 0x00, 0x00, 0x0a, 0x10,
+    ];
+    assert!(d[prt..].windows(entry.len()).any(|w| w == entry));
+    // Without INTx there is no _PRT.
+    cfg.pci = Some(PciHostBridge::new());
+    let t = tables(&mem, create_acpi_tables_with(&mem, &cfg).unwrap());
+    assert!(!t["DSDT"].1.windows(4).any(|w| w == b"_PRT"));
+}
