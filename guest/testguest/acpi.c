@@ -81,8 +81,67 @@ static void parse_madt(const u8 *t, u32 len)
 			acpi.nr_cpus++;
 		} else if (type == 1 && elen >= 12 && !acpi.ioapic) {
 			acpi.ioapic = rd32(e + 4);
+			acpi.ioapic_gsi_base = rd32(e + 8);
+		} else if (type == 2 && elen >= 10 && e[2] == 0 && e[3] < 16) {
+			/* Interrupt source override: ISA IRQ e[3] is GSI rd32(e + 4). */
+			acpi.isa_gsi[e[3]] = rd32(e + 4);
+			acpi.isa_flags[e[3]] = (u16)(e[8] | e[9] << 8);
 		}
 		off += elen;
+	}
+}
+
+/*
+ * SLP_TYPa of `Name (_S5_, Package () { a, b, ... })` in the DSDT's AML, or -1. Only the
+ * encodings a Name of a constant package uses: NameOp (optionally with a root prefix '\'),
+ * PackageOp, PkgLength, NumElements, then ZeroOp / OneOp / BytePrefix / WordPrefix.
+ */
+static int find_s5(const u8 *d, u32 len)
+{
+	for (u32 i = 36 + 1; i + 4 <= len; i++) {
+		if (memcmp(d + i, "_S5_", 4))
+			continue;
+		if (d[i - 1] != 0x08 && !(d[i - 1] == '\\' && i >= 38 && d[i - 2] == 0x08))
+			continue;
+		u32 p = i + 4;
+		if (p + 2 > len || d[p] != 0x12) /* PackageOp */
+			continue;
+		p += 1 + 1 + (d[p + 1] >> 6); /* PkgLength: lead byte + 0-3 more */
+		p += 1;			   /* NumElements */
+		if (p >= len)
+			return -1;
+		switch (d[p]) {
+		case 0x00: /* ZeroOp */
+			return 0;
+		case 0x01: /* OneOp */
+			return 1;
+		case 0x0a: /* BytePrefix */
+			return p + 1 < len ? d[p + 1] & 7 : -1;
+		case 0x0b: /* WordPrefix */
+			return p + 2 < len ? d[p + 1] & 7 : -1;
+		default:
+			return -1;
+		}
+	}
+	return -1;
+}
+
+/* Power-management facts from the FADT (ACPI 6.x offsets; older, shorter FADTs have fewer). */
+static void parse_fadt(const u8 *f, u32 len)
+{
+	if (len >= 68)
+		acpi.pm1a_cnt = rd32(f + 64);
+	/* X_PM1a_CNT_BLK (a Generic Address Structure at 172) wins when it names I/O space. */
+	if (len >= 184 && f[172] == 1 && rd64(f + 176)) {
+		u64 port = rd64(f + 176);
+		acpi.pm1a_cnt = port <= 0xffff ? (u32)port : 0xffffffff;
+	}
+	/* Flags at 112, RESET_REG_SUP is bit 10; RESET_REG at 116 (I/O space), RESET_VALUE at 128. */
+	if (len >= 129 && (rd32(f + 112) & (1u << 10)) && f[116] == 1) {
+		u64 port = rd64(f + 120);
+		acpi.reset_supported = 1;
+		acpi.reset_port = port <= 0xffff ? (u32)port : 0xffffffff;
+		acpi.reset_value = f[128];
 	}
 }
 
@@ -103,6 +162,7 @@ static void check_dsdt(const u8 *fadt, u32 len)
 	if (!checksum_ok((const u8 *)dsdt, dlen))
 		problem("dsdt-checksum");
 	acpi.dsdt = 1;
+	acpi.s5_slp_typ = find_s5((const u8 *)dsdt, dlen);
 }
 
 static u64 acpi_walk(u64 unused)
@@ -159,8 +219,10 @@ static u64 acpi_walk(u64 unused)
 		}
 		if (!memcmp(t, "APIC", 4))
 			parse_madt(t, len);
-		else if (!memcmp(t, "FACP", 4))
+		else if (!memcmp(t, "FACP", 4)) {
+			parse_fadt(t, len);
 			check_dsdt(t, len);
+		}
 	}
 	return 0;
 }
@@ -169,6 +231,9 @@ static u64 acpi_walk(u64 unused)
 void acpi_parse(void)
 {
 	memset(&acpi, 0, sizeof(acpi));
+	acpi.s5_slp_typ = -1;
+	for (u32 i = 0; i < 16; i++)
+		acpi.isa_gsi[i] = i;
 	user(acpi_walk, 0);
 	acpi.parsed = 1;
 }

@@ -272,6 +272,42 @@ isr_common:
         add     $16, %rsp
         iretq
 
+/* ------------------------------------------------------ external interrupts */
+/*
+ * COM1 (VECTOR_COM1): taken only in ring 0, on the current stack. Saves the registers a C
+ * function may clobber (the CPU pushed 40 bytes onto a 16-byte aligned stack, plus 72 here:
+ * the call sees the ABI's alignment), calls com1_interrupt (which sends the EOI).
+ */
+        .text
+        .globl irq_com1_entry
+irq_com1_entry:
+        push    %rax
+        push    %rcx
+        push    %rdx
+        push    %rsi
+        push    %rdi
+        push    %r8
+        push    %r9
+        push    %r10
+        push    %r11
+        cld
+        call    com1_interrupt
+        pop     %r11
+        pop     %r10
+        pop     %r9
+        pop     %r8
+        pop     %rdi
+        pop     %rsi
+        pop     %rdx
+        pop     %rcx
+        pop     %rax
+        iretq
+
+/* LAPIC spurious interrupt: no EOI. */
+        .globl irq_spurious_entry
+irq_spurious_entry:
+        iretq
+
         .section .rodata
         .balign 8
         .globl isr_table

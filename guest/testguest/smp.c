@@ -24,7 +24,7 @@ static volatile u32 ap_bad;
 static u64 ap_check_expected;
 
 /* Nominal TSC rate for delays and timeouts: CPUID 0x15/0x16 or the hypervisor leaf, else 3 GHz. */
-static u64 tsc_hz(void)
+u64 tsc_hz(void)
 {
 	u32 a, b, c, d, max;
 	cpuid(0, 0, &max, &b, &c, &d);
@@ -50,7 +50,8 @@ static u64 tsc_hz(void)
 	return 3000000000UL;
 }
 
-static void delay(u64 cycles)
+/* Spins for `cycles` TSC cycles. */
+void delay(u64 cycles)
 {
 	u64 t = rdtsc();
 	while (rdtsc() - t < cycles)
@@ -125,6 +126,10 @@ static void sort(u32 *v, u32 n)
 int test_smp(const char *arg)
 {
 	(void)arg;
+	/* The shell may run this again: the APs of an earlier run halt (cli; hlt) until INIT. */
+	ap_online = 0;
+	ap_bad = 0;
+	ap_next_index = 0;
 	u32 bsp = my_apic_id();
 	u32 expected = acpi.nr_cpus;
 	const char *err = NULL;

@@ -4,7 +4,8 @@
  */
 #include "tg.h"
 
-static u64 parse_u64(const char *s, u64 dflt)
+/* Parses what valid_number() accepted; `dflt` for an empty string. */
+u64 parse_u64(const char *s, u64 dflt)
 {
 	u64 v = 0;
 	if (!*s)

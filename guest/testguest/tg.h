@@ -19,6 +19,11 @@ typedef long i64;
 #define UNCLAIMED_PORT 0xed
 #define MMIO_PROBE_ADDR 0xdf000000UL
 #define LAPIC_ADDR 0xfee00000UL
+#define IOAPIC_ADDR 0xfec00000UL /* used only when the MADT names no IOAPIC */
+#define I8042_CMD_PORT 0x64
+#define COM1_ISA_IRQ 4
+#define VECTOR_COM1 0x24     /* IDT vector the IOAPIC sends COM1's interrupt to */
+#define VECTOR_SPURIOUS 0xff /* LAPIC spurious-interrupt vector */
 #define TRAMP_BASE 0x8000UL
 #define HOLE_START 0xc0000000UL
 #define HOLE_END 0x100000000UL
@@ -62,6 +67,14 @@ struct acpi_info {
 	u32 nr_cpus;		/* enabled processor local APIC / x2APIC entries */
 	u32 apic_ids[MAX_CPUS]; /* their APIC IDs, in MADT order */
 	u64 ioapic;		/* first IOAPIC address, 0 if none */
+	u32 ioapic_gsi_base;	/* its first GSI */
+	u32 isa_gsi[16];	/* ISA IRQ -> GSI after MADT interrupt source overrides */
+	u16 isa_flags[16];	/* MPS INTI flags of the override (0: ISA default, high/edge) */
+	u32 pm1a_cnt;		/* FADT PM1a control block I/O port, 0 if none */
+	int s5_slp_typ;		/* SLP_TYPa of the DSDT's \_S5_ package, -1 if absent */
+	int reset_supported;	/* FADT flag RESET_REG_SUP with an I/O-space reset register */
+	u32 reset_port;		/* FADT RESET_REG (I/O space) */
+	u8 reset_value;		/* FADT RESET_VALUE */
 	const char *error;	/* first problem found, or NULL */
 };
 extern struct acpi_info acpi;
@@ -83,6 +96,9 @@ extern char __image_start[], __image_end[];
 
 /* main.c */
 u64 user(u64 (*fn)(u64), u64 arg);
+void idt_set_gate(u32 vector, void (*handler)(void));
+int valid_number(const char *s);
+u64 parse_u64(const char *s, u64 dflt);
 extern volatile u64 gp_io_emulated;
 void fail(const char *reason) __attribute__((noreturn));
 void exit_vm(u8 code) __attribute__((noreturn));
@@ -111,6 +127,27 @@ int test_ring3(const char *arg);
 /* smp.c */
 int test_smp(const char *arg);
 void ap_main(u32 index);
+u64 tsc_hz(void);
+void delay(u64 cycles);
+
+/* power.c: power-off and reset through ACPI, the i8042 and a triple fault */
+const char *acpi_poweroff(void);
+const char *i8042_reset(void);
+const char *acpi_reset(void);
+int test_poweroff(const char *arg);
+int test_reboot(const char *arg);
+int test_triplefault(const char *arg);
+
+/* irq.c: IOAPIC, LAPIC and PIC setup, COM1 interrupt */
+const char *irq_setup(void (*handler)(void));
+void irq_eoi(void);
+void irq_com1_entry(void);     /* entry.S: saves registers, calls com1_interrupt() */
+void irq_spurious_entry(void); /* entry.S: iretq */
+void com1_interrupt(void);
+int test_irq(const char *arg);
+
+/* shell.c */
+int test_shell(const char *arg);
 
 static inline void outb(u16 port, u8 v)
 {
@@ -161,6 +198,19 @@ static inline u64 rdmsr(u32 msr)
 static inline void wrmsr(u32 msr, u64 v)
 {
 	__asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)));
+}
+static inline void cli(void)
+{
+	__asm__ volatile("cli" : : : "memory");
+}
+static inline void sti(void)
+{
+	__asm__ volatile("sti" : : : "memory");
+}
+/* Enables interrupts and halts: the STI shadow means no interrupt slips in between. */
+static inline void sti_hlt(void)
+{
+	__asm__ volatile("sti; hlt" : : : "memory");
 }
 static inline void pause(void)
 {
