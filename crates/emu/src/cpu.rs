@@ -71,11 +71,23 @@ const DCACHE_SIZE: usize = 4096;
 
 #[derive(Clone)]
 struct DecodedEntry {
-    /// Physical address of the first byte, bitness in the low bits of `key`.
+    /// Physical address of the first byte, bitness in the low bits of `key` (MAX: empty).
     key: u64,
     rip: u64,
-    bytes: [u8; 15],
+    /// The instruction's bytes (zero-padded) and the mask of the valid ones.
+    bytes: u128,
+    mask: u128,
     ins: Instruction,
+}
+
+fn empty_decoded() -> DecodedEntry {
+    DecodedEntry {
+        key: u64::MAX,
+        rip: 0,
+        bytes: 0,
+        mask: 0,
+        ins: Instruction::new(),
+    }
 }
 
 /// One emulated vCPU.
@@ -100,9 +112,13 @@ pub struct Cpu {
     pub halted: bool,
     /// Waiting for SIPI (application processor before startup, or after INIT).
     pub wait_sipi: bool,
-    dcache: Vec<Option<Box<DecodedEntry>>>,
+    dcache: Vec<DecodedEntry>,
     /// The CPUID table.
     pub(crate) cpuid: Vec<kvmbox_cpu::CpuidEntry>,
+    /// CPUID entries the VMM adds or replaces (applied by `configure`).
+    pub(crate) cpuid_overrides: Vec<kvmbox_cpu::CpuidEntry>,
+    /// Handler for MSRs the engine does not implement.
+    pub(crate) msr_hook: Option<Arc<dyn crate::irq::MsrHandler>>,
 }
 
 // SAFETY: `io` is only set for the duration of `Cpu::with_io`, on the thread that owns the
@@ -125,8 +141,10 @@ impl Cpu {
             set_shadow: false,
             halted: false,
             wait_sipi: false,
-            dcache: vec![None; DCACHE_SIZE],
-            cpuid: crate::cpuid::build(id, 1, false),
+            dcache: vec![empty_decoded(); DCACHE_SIZE],
+            cpuid: crate::cpuid::build(id, 1, false, &[]),
+            cpuid_overrides: Vec::new(),
+            msr_hook: None,
         }
     }
 
@@ -427,15 +445,23 @@ impl Cpu {
         let key = (pa << 2) | (bits as u64 >> 5);
         let slot = ((pa ^ (pa >> 12)) as usize) & (DCACHE_SIZE - 1);
         if !e.host.is_null() {
-            if let Some(d) = &self.dcache[slot] {
+            let d = &self.dcache[slot];
+            if d.key == key && d.rip == rip {
                 let len = d.ins.len();
-                if d.key == key && d.rip == rip && len <= avail {
-                    // SAFETY: host page pointer, off + len <= 4096.
-                    let cur = unsafe { std::slice::from_raw_parts(e.host.add(off), len) };
-                    if cur == &d.bytes[..len] {
-                        self.stats.decode_hits += 1;
-                        return Ok(d.ins);
-                    }
+                // Compare the bytes in memory now with the ones decoded (self-modifying code).
+                let same = if off + 16 <= 0x1000 {
+                    // SAFETY: host page pointer, off + 16 <= 4096.
+                    let cur = unsafe { (e.host.add(off) as *const u128).read_unaligned() };
+                    cur & d.mask == d.bytes
+                } else {
+                    // SAFETY: off + len <= 4096 (the entry was cached only when it fit).
+                    let cur =
+                        unsafe { std::slice::from_raw_parts(e.host.add(off), len.min(avail)) };
+                    cur == &d.bytes.to_le_bytes()[..len.min(avail)] && len <= avail
+                };
+                if same {
+                    self.stats.decode_hits += 1;
+                    return Ok(d.ins);
                 }
             }
         }
@@ -472,14 +498,20 @@ impl Cpu {
             return Err(ud());
         }
         if !e.host.is_null() && ins.len() <= avail {
-            let mut bytes = [0u8; 15];
+            let mut bytes = [0u8; 16];
             bytes[..ins.len()].copy_from_slice(&buf[..ins.len()]);
-            self.dcache[slot] = Some(Box::new(DecodedEntry {
+            let mask = if ins.len() >= 16 {
+                u128::MAX
+            } else {
+                (1u128 << (8 * ins.len())) - 1
+            };
+            self.dcache[slot] = DecodedEntry {
                 key,
                 rip,
-                bytes,
+                bytes: u128::from_le_bytes(bytes),
+                mask,
                 ins,
-            }));
+            };
         }
         Ok(ins)
     }

@@ -36,8 +36,33 @@ const E1_EDX: u32 = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29);
 const E1_ECX: u32 = 1;
 
 /// Build the CPUID table for vCPU `id` of `count`; `apic` says whether an interrupt
-/// controller (local APIC) is attached.
-pub fn build(id: u32, count: u32, apic: bool) -> Vec<CpuidEntry> {
+/// controller (local APIC) is attached. `overrides` replace or add entries (matched by leaf
+/// and, when significant, subleaf); the maximum-leaf values follow the entries present.
+pub fn build(id: u32, count: u32, apic: bool, overrides: &[CpuidEntry]) -> Vec<CpuidEntry> {
+    let mut t = base_table(id, count, apic);
+    for o in overrides {
+        match t
+            .iter_mut()
+            .find(|e| e.function == o.function && (!o.significant_index || e.index == o.index))
+        {
+            Some(e) => *e = *o,
+            None => t.push(*o),
+        }
+    }
+    for base in [0u32, 0x4000_0000, 0x8000_0000] {
+        let top = t
+            .iter()
+            .filter(|e| e.function >= base && e.function < base.wrapping_add(0x1000_0000))
+            .map(|e| e.function)
+            .max();
+        if let (Some(top), Some(e)) = (top, t.iter_mut().find(|e| e.function == base)) {
+            e.eax = e.eax.max(top);
+        }
+    }
+    t
+}
+
+fn base_table(id: u32, count: u32, apic: bool) -> Vec<CpuidEntry> {
     let e = |function: u32, eax: u32, ebx: u32, ecx: u32, edx: u32| CpuidEntry {
         function,
         index: 0,
@@ -92,9 +117,9 @@ pub fn build(id: u32, count: u32, apic: bool) -> Vec<CpuidEntry> {
 
 impl Cpu {
     /// CPUID as the guest sees it (leaves outside the table read as zero, as on AMD).
-    pub(crate) fn cpuid_query(&self, leaf: u32, _sub: u32) -> (u32, u32, u32, u32) {
+    pub(crate) fn cpuid_query(&self, leaf: u32, sub: u32) -> (u32, u32, u32, u32) {
         for e in &self.cpuid {
-            if e.function == leaf {
+            if e.function == leaf && (!e.significant_index || e.index == sub) {
                 return (e.eax, e.ebx, e.ecx, e.edx);
             }
         }

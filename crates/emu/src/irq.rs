@@ -34,3 +34,12 @@ pub trait InterruptController: Send + Sync {
     /// interrupts enabled, or wait-for-SIPI). May return early and spuriously.
     fn wait(&self, vcpu: u32, timeout: Duration);
 }
+
+/// MSRs the engine does not implement itself (e.g. the KVM paravirtual clock), handled by
+/// the VMM or the interrupt controller. Consulted only for indices the engine does not know.
+pub trait MsrHandler: Send + Sync {
+    /// RDMSR of `index` on `vcpu`; `None` makes the guest's RDMSR raise #GP.
+    fn read_msr(&self, vcpu: u32, index: u32) -> Option<u64>;
+    /// WRMSR; `false` makes the guest's WRMSR raise #GP.
+    fn write_msr(&self, vcpu: u32, index: u32, value: u64) -> bool;
+}

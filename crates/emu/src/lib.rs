@@ -23,7 +23,7 @@ pub mod state;
 pub mod vcpu;
 
 pub use cpu::Stats;
-pub use irq::{InterruptController, StartupEvent};
+pub use irq::{InterruptController, MsrHandler, StartupEvent};
 pub use state::CpuState;
 pub use vcpu::EmuVcpu;
 
@@ -52,6 +52,8 @@ pub const MAX_VCPUS: u32 = 255;
 pub struct EmuVm {
     phys: mem::PhysMem,
     irq: RwLock<Option<Arc<dyn InterruptController>>>,
+    msr: RwLock<Option<Arc<dyn MsrHandler>>>,
+    cpuid_overrides: RwLock<Vec<kvmbox_cpu::CpuidEntry>>,
 }
 
 impl EmuVm {
@@ -60,7 +62,25 @@ impl EmuVm {
         EmuVm {
             phys: mem::PhysMem::new(mem),
             irq: RwLock::new(None),
+            msr: RwLock::new(None),
+            cpuid_overrides: RwLock::new(Vec::new()),
         }
+    }
+
+    /// Handle MSRs the engine does not implement (e.g. kvmclock) in `h`. Call before
+    /// creating vCPUs.
+    pub fn set_msr_handler(&self, h: Arc<dyn MsrHandler>) {
+        *self.msr.write().unwrap_or_else(|e| e.into_inner()) = Some(h);
+    }
+
+    /// Add or replace CPUID entries of every vCPU created afterwards (applied by
+    /// `Vcpu::configure`), e.g. TSC-frequency or paravirtual-clock leaves. Only advertise
+    /// what the engine, the interrupt controller or the MSR handler implements.
+    pub fn set_cpuid_overrides(&self, entries: Vec<kvmbox_cpu::CpuidEntry>) {
+        *self
+            .cpuid_overrides
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = entries;
     }
 
     /// Attach the interrupt controller. vCPUs created afterwards poll it (and advertise an
@@ -76,7 +96,13 @@ impl EmuVm {
         }
         let mut c = cpu::Cpu::new(self.phys.clone(), id);
         c.irq = self.irq.read().unwrap_or_else(|e| e.into_inner()).clone();
-        c.cpuid = cpuid::build(id, 1, c.irq.is_some());
+        c.msr_hook = self.msr.read().unwrap_or_else(|e| e.into_inner()).clone();
+        c.cpuid_overrides = self
+            .cpuid_overrides
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        c.cpuid = cpuid::build(id, 1, c.irq.is_some(), &c.cpuid_overrides);
         Ok(EmuVcpu::new(c))
     }
 }

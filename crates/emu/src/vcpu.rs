@@ -221,7 +221,12 @@ impl Cpu {
 impl Vcpu for EmuVcpu {
     fn configure(&mut self, cfg: &VcpuConfig) -> Result<()> {
         self.cpu.id = cfg.id;
-        self.cpu.cpuid = crate::cpuid::build(cfg.id, cfg.count, self.cpu.irq.is_some());
+        self.cpu.cpuid = crate::cpuid::build(
+            cfg.id,
+            cfg.count,
+            self.cpu.irq.is_some(),
+            &self.cpu.cpuid_overrides,
+        );
         Ok(())
     }
 

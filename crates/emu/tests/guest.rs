@@ -426,3 +426,75 @@ fn cpuid_lists_the_engine_model() {
     }
     assert_eq!(&sig, b"KVMBOXEMU\0\0\0");
 }
+
+struct Msrs(std::sync::Mutex<Vec<(u32, u32, u64)>>);
+impl kvmbox_emu::MsrHandler for Msrs {
+    fn read_msr(&self, _vcpu: u32, index: u32) -> Option<u64> {
+        (index == 0x4b56_4d01).then_some(0x77)
+    }
+    fn write_msr(&self, vcpu: u32, index: u32, value: u64) -> bool {
+        self.0.lock().unwrap().push((vcpu, index, value));
+        index == 0x4b56_4d01
+    }
+}
+
+#[test]
+fn cpuid_overrides_and_msr_handler_reach_the_guest() {
+    let gp = CODE + 0x1000;
+    let code = asm64(CODE, |a| {
+        a.mov(eax, 0x15u32)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.out(0xe9u32, eax)?;
+        a.xor(eax, eax)?;
+        a.cpuid()?;
+        a.out(0xe9u32, eax)?; // max basic leaf raised to 0x15
+        a.mov(ecx, 0x4b56_4d01u32)?;
+        a.mov(eax, 0x1001u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.rdmsr()?;
+        a.out(0xe9u32, eax)?;
+        a.mov(ecx, 0x4b56_4d00u32)?;
+        a.rdmsr()?; // unknown to both: #GP
+        a.hlt()
+    });
+    let h = asm64(gp, |a| {
+        a.mov(eax, 13u32)?;
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let mem = guest_mem();
+    build_tables(&mem);
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    mem.write_slice(&h, GuestAddress(gp)).unwrap();
+    set_gate(&mem, 13, gp, 0, 0, false);
+    let vm = kvmbox_emu::EmuVm::new(mem.clone());
+    let msrs = std::sync::Arc::new(Msrs(Default::default()));
+    vm.set_msr_handler(msrs.clone());
+    vm.set_cpuid_overrides(vec![kvmbox_cpu::CpuidEntry {
+        function: 0x15,
+        eax: 1,
+        ebx: 100,
+        ecx: 25_000_000,
+        ..Default::default()
+    }]);
+    let mut v = vm.create_emu_vcpu(0).unwrap();
+    v.configure(&kvmbox_cpu::VcpuConfig { id: 0, count: 1 })
+        .unwrap();
+    v.set_sregs(&long_sregs()).unwrap();
+    v.set_regs(&kvmbox_cpu::Regs {
+        rip: CODE,
+        rsp: KSTACK,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0xe9), vec![1, 0x15, 0x77, 13]);
+    assert_eq!(
+        msrs.0.lock().unwrap().clone(),
+        vec![(0, 0x4b56_4d01, 0x1001)]
+    );
+}

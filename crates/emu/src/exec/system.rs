@@ -301,7 +301,7 @@ impl Cpu {
             msr::GS_BASE => self.st.seg[seg::GS].base,
             msr::KERNEL_GS_BASE => self.st.kernel_gs_base,
             msr::TSC_AUX => self.st.tsc_aux,
-            _ => return None,
+            _ => return self.msr_hook.as_ref()?.read_msr(self.id, index),
         })
     }
 
@@ -350,7 +350,12 @@ impl Cpu {
             msr::GS_BASE if canon => self.st.seg[seg::GS].base = v,
             msr::KERNEL_GS_BASE if canon => self.st.kernel_gs_base = v,
             msr::TSC_AUX => self.st.tsc_aux = v & 0xffff_ffff,
-            _ => return false,
+            _ => {
+                return match &self.msr_hook {
+                    Some(h) => h.write_msr(self.id, index, v),
+                    None => false,
+                }
+            }
         }
         true
     }
