@@ -1,0 +1,154 @@
+//! Two vCPU threads and the engine's interrupt-controller interface: the BSP starts the AP
+//! with INIT/SIPI through xAPIC MMIO at 0xfee00000, the AP runs real-mode code, enables
+//! interrupts and halts, and an IPI wakes it through its real-mode IVT. The controller here
+//! is a minimal in-test one (the real LAPIC lives in crate kvmbox-irqchip, which implements
+//! the same trait); it is enough to exercise the engine side: polling at instruction
+//! boundaries, HLT wake-up, wait-for-SIPI, per-vCPU APIC MMIO.
+
+mod common;
+
+use common::*;
+use iced_x86::code_asm::*;
+use kvmbox_cpu::{Vcpu, VcpuExit};
+use kvmbox_emu::{InterruptController, StartupEvent};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+use vm_memory::{Bytes, GuestAddress};
+
+#[derive(Default)]
+struct Chip {
+    st: Mutex<ChipState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct ChipState {
+    pending: [Vec<u8>; 2],
+    startup: [Option<StartupEvent>; 2],
+    acked: Vec<(u32, u8)>,
+}
+
+impl InterruptController for Chip {
+    fn pending_vector(&self, vcpu: u32) -> Option<u8> {
+        self.st.lock().unwrap().pending[vcpu as usize].first().copied()
+    }
+    fn ack(&self, vcpu: u32, vector: u8) {
+        let mut s = self.st.lock().unwrap();
+        s.pending[vcpu as usize].retain(|&v| v != vector);
+        s.acked.push((vcpu, vector));
+    }
+    fn take_nmi(&self, _vcpu: u32) -> bool {
+        false
+    }
+    fn take_startup(&self, vcpu: u32) -> Option<StartupEvent> {
+        self.st.lock().unwrap().startup[vcpu as usize].take()
+    }
+    fn apic_read(&self, vcpu: u32, offset: u64, data: &mut [u8]) {
+        // APIC ID register.
+        let v: u32 = if offset == 0x20 { vcpu << 24 } else { 0 };
+        data.copy_from_slice(&v.to_le_bytes()[..data.len()]);
+    }
+    fn apic_write(&self, _vcpu: u32, offset: u64, data: &[u8]) {
+        if offset != 0x300 || data.len() != 4 {
+            return;
+        }
+        let icr = u32::from_le_bytes(data.try_into().unwrap());
+        let mut s = self.st.lock().unwrap();
+        match (icr >> 8) & 7 {
+            5 => s.startup[1] = Some(StartupEvent::Init),
+            6 => s.startup[1] = Some(StartupEvent::Sipi(icr as u8)),
+            0 => s.pending[1].push(icr as u8),
+            _ => {}
+        }
+        self.cv.notify_all();
+    }
+    fn set_tpr(&self, _vcpu: u32, _tpr: u8) {}
+    fn wait(&self, _vcpu: u32, timeout: Duration) {
+        let s = self.st.lock().unwrap();
+        let _ = self.cv.wait_timeout(s, timeout).unwrap();
+    }
+}
+
+#[test]
+fn init_sipi_and_ipi_between_two_vcpu_threads() {
+    const FLAG: u64 = 0x9000;
+    let ap_code = 0x8000u64;
+    let bsp = asm64(CODE, |a| {
+        let mut wait = a.create_label();
+        a.mov(rdi, 0xfee0_0000u64)?;
+        a.mov(eax, dword_ptr(rdi + 0x20))?; // own APIC ID
+        a.shr(eax, 24)?;
+        a.out(0xe9u32, eax)?;
+        a.mov(dword_ptr(rdi + 0x300), 0x4500u32)?; // INIT
+        a.mov(dword_ptr(rdi + 0x300), 0x4608u32)?; // SIPI vector 8
+        a.set_label(&mut wait)?;
+        a.pause()?;
+        a.cmp(word_ptr(FLAG), 0x1234)?;
+        a.jne(wait)?;
+        a.mov(dword_ptr(rdi + 0x300), 0x0040u32)?; // fixed IPI, vector 0x40
+        a.mov(eax, 0xb5u32)?;
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    // AP: real mode, CS=0x800. Set the flag, enable interrupts and halt; vector 0x40's IVT
+    // entry points at 0x0000:0x8100.
+    let ap = asm(16, 0, |a| {
+        a.xor(ax, ax)?;
+        a.mov(ds, ax)?;
+        a.mov(ss, ax)?;
+        a.mov(sp, 0x7000u32)?;
+        a.mov(word_ptr(0x100u32), 0x8100u32)?; // IVT[0x40].offset
+        a.mov(word_ptr(0x102u32), 0u32)?; // IVT[0x40].segment
+        a.mov(word_ptr(FLAG as u32), 0x1234u32)?;
+        a.sti()?;
+        a.hlt()?;
+        a.hlt()
+    });
+    let ap_isr = asm(16, 0x8100, |a| {
+        a.mov(al, 0x40)?;
+        a.out(0xe9, al)?;
+        a.cli()?;
+        a.hlt()
+    });
+    let mem = guest_mem();
+    build_tables(&mem);
+    w64(&mem, PDPT + 3 * 8, 0xc000_0000 | 0x83);
+    mem.write_slice(&bsp, GuestAddress(CODE)).unwrap();
+    mem.write_slice(&ap, GuestAddress(ap_code)).unwrap();
+    mem.write_slice(&ap_isr, GuestAddress(0x8100)).unwrap();
+    let ap_isr_len = ap_isr.len();
+    let vm = kvmbox_emu::EmuVm::new(mem.clone());
+    let chip = Arc::new(Chip::default());
+    vm.set_interrupt_controller(chip.clone());
+    let mut v0 = vm.create_emu_vcpu(0).unwrap();
+    let mut v1 = vm.create_emu_vcpu(1).unwrap();
+    v0.configure(&kvmbox_cpu::VcpuConfig { id: 0, count: 2 }).unwrap();
+    v1.configure(&kvmbox_cpu::VcpuConfig { id: 1, count: 2 }).unwrap();
+    let l1 = v1.cpuid().unwrap().into_iter().find(|e| e.function == 1).unwrap();
+    assert_ne!(l1.edx & (1 << 9), 0, "APIC advertised with a controller");
+    v0.set_sregs(&long_sregs()).unwrap();
+    v0.set_regs(&kvmbox_cpu::Regs {
+        rip: CODE,
+        rsp: KSTACK,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    v1.set_wait_for_sipi().unwrap();
+    let io = Arc::new(Recorder::default());
+    let io1 = io.clone();
+    let ap_thread = std::thread::spawn(move || {
+        let r = v1.run(&*io1).unwrap();
+        (r, v1)
+    });
+    assert_eq!(v0.run(&*io).unwrap(), VcpuExit::Halted);
+    let (r1, v1) = ap_thread.join().unwrap();
+    assert_eq!(r1, VcpuExit::Halted);
+    let mut w = io.writes(0xe9);
+    w.sort();
+    assert_eq!(w, vec![0, 0x40, 0xb5]);
+    assert_eq!(chip.st.lock().unwrap().acked, vec![(1, 0x40)]);
+    // The AP ended in the real-mode ISR, reached through IVT[0x40] (CS 0, IP past its HLT).
+    assert_eq!(v1.state().seg[1].selector, 0);
+    assert_eq!(v1.state().rip, 0x8100 + ap_isr_len as u64);
+}
