@@ -6,6 +6,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::metrics::DeviceMetrics;
 use crate::Result;
 
 /// Which interrupt a device raises.
@@ -56,6 +57,8 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<()>;
     /// Stop serving the queues (joins the worker) and return to the pre-activation state.
     fn reset(&mut self);
+    /// The device's counters (shared; they survive resets).
+    fn metrics(&self) -> Arc<DeviceMetrics>;
 }
 
 /// Copy `data.len()` bytes of `config` at `offset` (all ones past its end).

@@ -149,7 +149,7 @@ pub fn block_request(data: &[u8]) -> usize {
         match c.and_then(|c| Request::parse(&c, &mem)) {
             Ok(req) => {
                 ran += 1;
-                req.execute(&disk)
+                req.execute(&disk).used
             }
             Err(_) => 0,
         }

@@ -16,6 +16,7 @@ pub mod block;
 mod device;
 #[doc(hidden)]
 pub mod fuzzing;
+mod metrics;
 pub mod net;
 pub mod queue;
 pub mod rng;
@@ -26,6 +27,7 @@ mod worker;
 mod test_util;
 
 pub use device::{ActivateContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+pub use metrics::DeviceMetrics;
 
 /// virtio device type: network card.
 pub const TYPE_NET: u32 = 1;

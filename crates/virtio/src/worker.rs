@@ -37,6 +37,11 @@ pub(crate) fn set_watch(epoll: &Epoll, fd: RawFd, token: u64, on: bool) -> std::
     epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(set, token))
 }
 
+/// Stop watching `fd` altogether (an error or hang-up would still be reported otherwise).
+pub(crate) fn unwatch(epoll: &Epoll, fd: RawFd) -> std::io::Result<()> {
+    epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
+}
+
 impl Worker {
     /// Start thread `name` watching `fds` (descriptor, token) and calling `handler`.
     pub(crate) fn spawn<H: EventHandler>(

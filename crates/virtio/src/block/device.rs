@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::event_handler::BlockHandler;
 use super::request::{Disk, ID_BYTES, MAX_SEGMENTS, MAX_SEGMENT_SECTORS, SECTOR_SIZE};
 use crate::device::{read_config_bytes, ActivateContext, VirtioDevice};
+use crate::metrics::DeviceMetrics;
 use crate::worker::Worker;
 use crate::{Error, Result, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK};
 
@@ -83,6 +84,7 @@ pub struct Block {
     features: u64,
     config: [u8; CONFIG_SIZE],
     worker: Option<Worker>,
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl Block {
@@ -144,6 +146,7 @@ impl Block {
             features,
             config,
             worker: None,
+            metrics: Arc::default(),
         })
     }
 
@@ -188,6 +191,7 @@ impl VirtioDevice for Block {
             evt,
             interrupt,
             disk: self.disk.clone(),
+            metrics: self.metrics.clone(),
         };
         self.worker = Some(Worker::spawn(
             "virtio-blk",
@@ -195,6 +199,10 @@ impl VirtioDevice for Block {
             handler,
         )?);
         Ok(())
+    }
+
+    fn metrics(&self) -> Arc<DeviceMetrics> {
+        self.metrics.clone()
     }
 
     fn reset(&mut self) {

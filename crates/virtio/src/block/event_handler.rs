@@ -7,8 +7,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request::{Disk, Request};
+use super::request::{Disk, Request, RequestKind, S_OK};
 use crate::device::VirtioInterrupt;
+use crate::metrics::DeviceMetrics;
 use crate::queue::process_queue;
 use crate::worker::{drain, EventHandler};
 
@@ -22,22 +23,33 @@ pub(crate) struct BlockHandler {
     pub(crate) evt: EventFd,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
     pub(crate) disk: Arc<Disk>,
+    pub(crate) metrics: Arc<DeviceMetrics>,
 }
 
 impl BlockHandler {
     /// Serve everything available. False when the queue is broken.
     pub(crate) fn process(&mut self) -> bool {
-        let (mem, disk) = (&self.mem, &self.disk);
-        match process_queue(
-            &mut self.queue,
-            mem,
-            &*self.interrupt,
-            0,
-            |chain| match chain.and_then(|c| Request::parse(&c, mem)) {
-                Ok(req) => req.execute(disk),
-                Err(_) => 0,
-            },
-        ) {
+        let (mem, disk, m) = (&self.mem, &self.disk, &*self.metrics);
+        match process_queue(&mut self.queue, mem, &*self.interrupt, 0, |chain| {
+            DeviceMetrics::add(&m.requests, 1);
+            match chain.and_then(|c| Request::parse(&c, mem)) {
+                Ok(req) => {
+                    let (kind, len) = (req.kind, req.data_len() as u64);
+                    let done = req.execute(disk);
+                    match (done.status, kind) {
+                        (S_OK, RequestKind::In) => DeviceMetrics::add(&m.bytes_in, len),
+                        (S_OK, RequestKind::Out) => DeviceMetrics::add(&m.bytes_out, len),
+                        (S_OK, _) => {}
+                        _ => DeviceMetrics::add(&m.errors, 1),
+                    }
+                    done.used
+                }
+                Err(_) => {
+                    DeviceMetrics::add(&m.rejected, 1);
+                    0
+                }
+            }
+        }) {
             Ok(more) => {
                 if more {
                     let _ = self.evt.write(1);
@@ -45,6 +57,7 @@ impl BlockHandler {
                 true
             }
             Err(_) => {
+                DeviceMetrics::add(&self.metrics.broken, 1);
                 self.interrupt.set_needs_reset();
                 false
             }

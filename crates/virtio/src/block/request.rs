@@ -32,6 +32,15 @@ pub const S_UNSUPP: u8 = 2;
 
 const WZ_FLAG_UNMAP: u32 = 1;
 
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// The status byte written (`S_OK`, `S_IOERR`, `S_UNSUPP`).
+    pub status: u8,
+    /// Bytes written into the chain (data + status), for the used ring.
+    pub used: u32,
+}
+
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
@@ -138,15 +147,22 @@ impl<'a> Request<'a> {
         })
     }
 
-    /// Run the request against `disk`, write the status byte, and return the number of bytes
-    /// written into the chain (data + status) for the used ring.
-    pub fn execute(mut self, disk: &Disk) -> u32 {
+    /// Bytes in the request's data buffers (what a read fills or a write stores).
+    pub fn data_len(&self) -> usize {
+        self.data.remaining()
+    }
+
+    /// Run the request against `disk` and write the status byte.
+    pub fn execute(mut self, disk: &Disk) -> Completion {
         let (status, written) = match self.run(disk) {
             Ok(n) => (S_OK, n),
             Err(s) => (s, 0),
         };
         let s = self.status.write(&[status]).unwrap_or(0);
-        u32::try_from(written + s).unwrap_or(u32::MAX)
+        Completion {
+            status,
+            used: u32::try_from(written + s).unwrap_or(u32::MAX),
+        }
     }
 
     /// Byte offset and length of a data transfer, if it is sector aligned and inside the disk.

@@ -36,7 +36,7 @@ fn run(m: &GuestMemoryMmap, d: &Disk, bufs: &[(u64, u32, bool)]) -> Result<(u32,
     r.add_chain(m, 0, bufs);
     let (_, chain) = pop_chain(&mut q, m).unwrap().unwrap();
     let req = Request::parse(&chain?, m)?;
-    let used = req.execute(d);
+    let used = req.execute(d).used;
     Ok((used, m.read_obj(GuestAddress(STATUS)).unwrap()))
 }
 

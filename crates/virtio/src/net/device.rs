@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::event_handler::{NetHandler, MAX_FRAME, RX_TOKEN, TAP_TOKEN, TX_TOKEN, VNET_HDR_LEN};
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 use crate::device::{ActivateContext, VirtioDevice};
+use crate::metrics::DeviceMetrics;
 use crate::worker::Worker;
 use crate::{os, Error, Result, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET};
 
@@ -93,6 +94,7 @@ pub struct Net {
     tap: Arc<Tap>,
     mac: [u8; 6],
     worker: Option<Worker>,
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl Net {
@@ -119,6 +121,7 @@ impl Net {
             tap: Arc::new(tap),
             mac,
             worker: None,
+            metrics: Arc::default(),
         })
     }
 
@@ -197,10 +200,16 @@ impl VirtioDevice for Net {
             frame: vec![0; MAX_FRAME],
             pending: None,
             tap_watched: true,
+            tap_dead: false,
+            metrics: self.metrics.clone(),
             tx_buf: vec![0; MAX_FRAME],
         };
         self.worker = Some(Worker::spawn("virtio-net", &fds, handler)?);
         Ok(())
+    }
+
+    fn metrics(&self) -> Arc<DeviceMetrics> {
+        self.metrics.clone()
     }
 
     fn reset(&mut self) {

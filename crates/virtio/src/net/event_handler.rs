@@ -9,8 +9,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::Tap;
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
+use crate::metrics::DeviceMetrics;
 use crate::queue::{pop_chain, process_queue, Chain, ChainError, QueueBroken};
-use crate::worker::{drain, set_watch, EventHandler};
+use crate::worker::{drain, set_watch, unwatch, EventHandler};
 
 /// Bytes of the virtio-net header in front of every frame (virtio 1.x: with `num_buffers`).
 pub const VNET_HDR_LEN: usize = 12;
@@ -33,6 +34,9 @@ pub(crate) struct NetHandler {
     pub(crate) frame: Vec<u8>,
     pub(crate) pending: Option<usize>,
     pub(crate) tap_watched: bool,
+    /// Reading the tap failed for good.
+    pub(crate) tap_dead: bool,
+    pub(crate) metrics: Arc<DeviceMetrics>,
     pub(crate) tx_buf: Vec<u8>,
 }
 
@@ -84,11 +88,16 @@ pub(crate) fn fill_rx_chain(
 
 impl NetHandler {
     fn tx_path(&mut self) -> Result<(), QueueBroken> {
-        let (mem, tap, buf) = (&self.mem, &self.tap, &mut self.tx_buf);
+        let (mem, tap, buf, m) = (&self.mem, &self.tap, &mut self.tx_buf, &*self.metrics);
         let more = process_queue(&mut self.tx, mem, &*self.interrupt, 1, |c| {
-            if let Ok(n) = c.and_then(|c| parse_tx_frame(&c, mem, buf)) {
+            DeviceMetrics::add(&m.requests, 1);
+            match c.and_then(|c| parse_tx_frame(&c, mem, buf)) {
                 // A full tap queue drops the frame, as a congested link would.
-                let _ = tap.write_frame(&buf[..n]);
+                Ok(n) => match tap.write_frame(&buf[..n]) {
+                    Ok(_) => DeviceMetrics::add(&m.bytes_out, n as u64),
+                    Err(_) => DeviceMetrics::add(&m.errors, 1),
+                },
+                Err(_) => DeviceMetrics::add(&m.rejected, 1),
             }
             0
         })?;
@@ -110,10 +119,20 @@ impl NetHandler {
             }
             let len = match self.pending {
                 Some(n) => n,
+                None if self.tap_dead => break,
                 None => match self.tap.read_frame(&mut self.frame) {
-                    Ok(n) => n,
-                    // WouldBlock: nothing more; other errors: try again on the next event.
-                    Err(_) => break,
+                    Ok(n) if n > 0 => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        // The interface is gone or broken. Stop reading it: a level-triggered
+                        // epoll would otherwise report it ready forever.
+                        DeviceMetrics::add(&self.metrics.errors, 1);
+                        self.tap_dead = true;
+                        self.tap_watched = false;
+                        let _ = unwatch(epoll, self.tap_fd());
+                        break;
+                    }
                 },
             };
             self.pending = Some(len);
@@ -132,17 +151,24 @@ impl NetHandler {
                 // No merged buffers: num_buffers is 1.
                 self.frame[10..12].copy_from_slice(&1u16.to_le_bytes());
             }
-            let written = fill_rx_chain(
-                &chain.unwrap_or_else(|_| empty_chain(head)),
-                mem,
-                &self.frame[..len],
-            )
-            .unwrap_or(0);
+            DeviceMetrics::add(&self.metrics.requests, 1);
+            let written = match chain.and_then(|c| fill_rx_chain(&c, mem, &self.frame[..len])) {
+                Ok(n) => {
+                    DeviceMetrics::add(&self.metrics.bytes_in, u64::from(n));
+                    n
+                }
+                Err(_) => {
+                    // The frame is dropped with the chain it did not fit.
+                    DeviceMetrics::add(&self.metrics.rejected, 1);
+                    0
+                }
+            };
             self.rx.add_used(mem, head, written).map_err(QueueBroken)?;
             used = true;
             self.pending = None;
         }
         if self.pending.is_none()
+            && !self.tap_dead
             && !self.tap_watched
             && set_watch(epoll, self.tap_fd(), TAP_TOKEN, true).is_ok()
         {
@@ -156,15 +182,6 @@ impl NetHandler {
 
     fn tap_fd(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(&*self.tap)
-    }
-}
-
-/// A chain with no buffers: a rejected chain is returned to the guest with nothing written.
-fn empty_chain(head: u16) -> Chain {
-    Chain {
-        head,
-        readable: Vec::new(),
-        writable: Vec::new(),
     }
 }
 
@@ -183,6 +200,7 @@ impl EventHandler for NetHandler {
             _ => Ok(()),
         };
         if r.is_err() {
+            DeviceMetrics::add(&self.metrics.broken, 1);
             self.interrupt.set_needs_reset();
             return false;
         }

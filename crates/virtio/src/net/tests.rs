@@ -125,6 +125,7 @@ fn tap_arp_round_trip_in_a_network_namespace() {
 
     let m: GuestMemoryMmap = mem();
     let irq = Arc::new(TestIrq::default());
+    let metrics = crate::VirtioDevice::metrics(&net);
     let t = MmioTransport::new(Box::new(net), m.clone(), irq.clone()).unwrap();
     let io = IoBus::default();
     const BASE: u64 = 0xd000_0000;
@@ -216,6 +217,40 @@ fn tap_arp_round_trip_in_a_network_namespace() {
         "ARP reply from the namespace's kvbtap0 reached the guest"
     );
     assert!(irq.edges.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    let [requests, rejected, _, bytes_out, bytes_in, broken] = metrics.snapshot();
+    assert_eq!(bytes_out, arp.len() as u64);
+    assert!(bytes_in >= 42 + VNET_HDR_LEN as u64);
+    assert!(requests >= 2);
+    assert_eq!((rejected, broken), (0, 0));
+
+    // The interface disappears under the running device: the worker must not spin on it.
+    ns.ip(&["link", "del", "kvbtap0"]);
+    assert!(wait_for(|| metrics
+        .errors
+        .load(std::sync::atomic::Ordering::Relaxed)
+        >= 1));
+    let before = worker_cpu_ticks();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let spent = worker_cpu_ticks() - before;
+    assert!(
+        spent < 10,
+        "virtio-net worker used {spent} ticks in 300 ms after the tap died"
+    );
     w(0x70, 0);
     assert_eq!(r(0x70), 0);
+}
+
+/// utime + stime (clock ticks) of this process's "virtio-net" thread.
+fn worker_cpu_ticks() -> u64 {
+    for t in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = t.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() == "virtio-net" {
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            return f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        }
+    }
+    panic!("no virtio-net worker thread");
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::event_handler::{RngHandler, QUEUE_TOKEN};
 use crate::device::{ActivateContext, VirtioDevice};
+use crate::metrics::DeviceMetrics;
 use crate::worker::Worker;
 use crate::{Error, Result, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_RNG};
 
@@ -15,6 +16,7 @@ pub const QUEUE_SIZE: u16 = 256;
 #[derive(Default)]
 pub struct Rng {
     worker: Option<Worker>,
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl Rng {
@@ -53,9 +55,14 @@ impl VirtioDevice for Rng {
             evt,
             interrupt: Arc::clone(&ctx.interrupt),
             buf: vec![0; super::event_handler::MAX_REQUEST],
+            metrics: self.metrics.clone(),
         };
         self.worker = Some(Worker::spawn("virtio-rng", &[(fd, QUEUE_TOKEN)], handler)?);
         Ok(())
+    }
+
+    fn metrics(&self) -> Arc<DeviceMetrics> {
+        self.metrics.clone()
     }
 
     fn reset(&mut self) {

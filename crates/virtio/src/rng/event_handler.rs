@@ -8,6 +8,7 @@ use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::VirtioInterrupt;
+use crate::metrics::DeviceMetrics;
 use crate::queue::{process_queue, Chain, ChainError};
 use crate::worker::{drain, EventHandler};
 
@@ -21,6 +22,7 @@ pub(crate) struct RngHandler {
     pub(crate) evt: EventFd,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
     pub(crate) buf: Vec<u8>,
+    pub(crate) metrics: Arc<DeviceMetrics>,
 }
 
 /// Fill `buf` from getrandom(2).
@@ -66,9 +68,19 @@ impl EventHandler for RngHandler {
             return true;
         }
         drain(&self.evt);
-        let (mem, buf) = (&self.mem, &mut self.buf);
+        let (mem, buf, m) = (&self.mem, &mut self.buf, &*self.metrics);
         match process_queue(&mut self.queue, mem, &*self.interrupt, 0, |c| {
-            fill(c, mem, buf).unwrap_or(0)
+            DeviceMetrics::add(&m.requests, 1);
+            match fill(c, mem, buf) {
+                Ok(n) => {
+                    DeviceMetrics::add(&m.bytes_in, u64::from(n));
+                    n
+                }
+                Err(_) => {
+                    DeviceMetrics::add(&m.rejected, 1);
+                    0
+                }
+            }
         }) {
             Ok(more) => {
                 if more {
@@ -77,6 +89,7 @@ impl EventHandler for RngHandler {
                 true
             }
             Err(_) => {
+                DeviceMetrics::add(&self.metrics.broken, 1);
                 self.interrupt.set_needs_reset();
                 false
             }

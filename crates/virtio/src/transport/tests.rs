@@ -172,7 +172,9 @@ fn mmio_block_end_to_end() {
 fn mmio_rng_end_to_end() {
     let m = mem();
     let irq = Arc::new(TestIrq::default());
-    let d = Mmio::new(Box::new(Rng::new()), &m, irq.clone());
+    let rng = Rng::new();
+    let metrics = rng.metrics();
+    let d = Mmio::new(Box::new(rng), &m, irq.clone());
     assert_eq!(d.r(8), TYPE_RNG);
     let mut ring = Ring::new(&m, 0x1_0000, 8);
     assert_eq!(d.init(ALL, &[(0, &ring)]), 15);
@@ -192,6 +194,7 @@ fn mmio_rng_end_to_end() {
         "random, not zeros"
     );
     assert!(irq.edges.load(Ordering::SeqCst) >= 1);
+    assert_eq!(metrics.snapshot(), [2, 1, 0, 0, 4160, 0]);
 }
 
 #[test]
@@ -226,7 +229,9 @@ fn avail_index_past_queue_size_marks_device_broken() {
     let m = mem();
     let img = TempImage::new(4096, |_| 0);
     let irq = Arc::new(TestIrq::default());
-    let d = Mmio::new(blk(&img, false), &m, irq.clone());
+    let dev = blk(&img, false);
+    let metrics = dev.metrics();
+    let d = Mmio::new(dev, &m, irq.clone());
     let mut ring = Ring::new(&m, 0x1_0000, 8);
     assert_eq!(d.init(ALL, &[(0, &ring)]), 15);
     write_request(&m, &mut ring, 0, 1);
@@ -237,6 +242,7 @@ fn avail_index_past_queue_size_marks_device_broken() {
         != 0));
     assert_eq!(d.r(0x60) & 2, 2, "configuration interrupt");
     assert_eq!(ring.used_idx(&m), 0, "nothing processed");
+    assert_eq!(metrics.broken.load(Ordering::SeqCst), 1);
     // Further notifies are harmless; a reset clears the condition.
     d.w(0x50, 0);
     d.w(0x70, 0);
@@ -269,7 +275,9 @@ fn queue_outside_guest_memory_fails_activation() {
 fn looping_chain_fails_only_that_request() {
     let m = mem();
     let img = TempImage::new(4096, |_| 0);
-    let d = Mmio::new(blk(&img, false), &m, Arc::new(TestIrq::default()));
+    let dev = blk(&img, false);
+    let metrics = dev.metrics();
+    let d = Mmio::new(dev, &m, Arc::new(TestIrq::default()));
     let mut ring = Ring::new(&m, 0x1_0000, 8);
     assert_eq!(d.init(ALL, &[(0, &ring)]), 15);
     ring.set_desc(&m, 6, HDR, 16, F_NEXT, 7);
@@ -282,6 +290,8 @@ fn looping_chain_fails_only_that_request() {
     assert_eq!(ring.used_elem(&m, 1).1, 1);
     assert!(img.read()[512..1024].iter().all(|&x| x == 0x77));
     assert_eq!(d.r(0x70), 15);
+    // requests, rejected, errors, bytes_out, bytes_in, broken
+    assert_eq!(metrics.snapshot(), [2, 1, 0, 512, 0, 0]);
 }
 
 /// Randomized register traffic must never panic or hang the VMM.
@@ -716,6 +726,7 @@ fn bench_blk_mmio_worker_thread() {
             crate::block::request::Request::parse(&c.unwrap(), &m)
                 .unwrap()
                 .execute(&disk)
+                .used
         })
         .unwrap();
     }
