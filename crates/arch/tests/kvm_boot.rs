@@ -14,7 +14,7 @@ use kvmbox_cpu::kvm::KvmVm;
 use kvmbox_cpu::{IoHandler, VcpuConfig, VcpuExit, VcpuKicker, Vm};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,10 +89,19 @@ fn boot(p: &mut LoadParams, stop_at: &'static str, limit: Duration) -> Booted {
     p.rsdp = Some(create_acpi_tables(&mem, p.cpus).unwrap());
     let b = load(&mem, p).unwrap();
     let vm = KvmVm::new(&mem).unwrap();
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.configure(&VcpuConfig { id: 0, count: 1 }).unwrap();
+    // As the VMM does it: every vCPU created and configured in order, then the BSP's state.
+    let mut aps = Vec::new();
+    for id in 0..p.cpus {
+        let mut v = vm.create_vcpu(id).unwrap();
+        v.configure(&VcpuConfig { id, count: p.cpus }).unwrap();
+        aps.push(v);
+    }
+    let mut vcpu = aps.remove(0);
     vcpu.set_sregs(&b.sregs).unwrap();
     vcpu.set_regs(&b.regs).unwrap();
+    for ap in &mut aps {
+        ap.set_wait_for_sipi().unwrap();
+    }
     let kicker = vcpu.kicker();
     let console = Console {
         out: Mutex::new(Vec::new()),
@@ -109,7 +118,30 @@ fn boot(p: &mut LoadParams, stop_at: &'static str, limit: Duration) -> Booted {
             kicker.kick();
         })
     };
-    let exit = vcpu.run(&console);
+    // APs run on threads of their own until the BSP is done (a halted AP sleeps in KVM).
+    let ap_kickers: Vec<_> = aps.iter().map(|a| a.kicker()).collect();
+    let done = AtomicBool::new(false);
+    let exit = std::thread::scope(|s| {
+        for mut ap in aps {
+            let console = &console;
+            let done = &done;
+            // KVM_RUN of a vCPU waiting for SIPI returns (as Kicked) once INIT arrives: run
+            // again until the BSP is finished, as the VMM's vCPU loop does.
+            s.spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    if !matches!(ap.run(console), Ok(VcpuExit::Kicked)) {
+                        break;
+                    }
+                }
+            });
+        }
+        let exit = vcpu.run(&console);
+        done.store(true, Ordering::SeqCst);
+        for k in &ap_kickers {
+            k.kick();
+        }
+        exit
+    });
     let text = String::from_utf8_lossy(&console.out.lock().unwrap()).into_owned();
     let exit_code = *console.exit_code.lock().unwrap();
     eprintln!(
@@ -213,7 +245,7 @@ fn testguest() -> PathBuf {
 
 fn run_testguest(prefer_pvh: bool) -> String {
     let k = testguest();
-    let cmdline = "tests=hello,acpi,mem";
+    let cmdline = "tests=hello,acpi,mem,smp";
     let mut p = LoadParams::new(&k, cmdline, 128 << 20);
     p.cpus = 2;
     p.prefer_pvh = prefer_pvh;
@@ -242,6 +274,8 @@ fn run_testguest(prefer_pvh: bool) -> String {
         "KVMBOX-TEST acpi tables=FACP,APIC cpus=2 ioapic=0xfec00000 checksums=ok rsdp=0xe0000 rev=2 dsdt=yes".into(),
         // 128 MiB less the EBDA..1 MiB hole, rounded down.
         "KVMBOX-TEST mem ram_mib=127 ".into(),
+        // The APs the MADT lists start through INIT-SIPI-SIPI with the APIC IDs it gives.
+        "KVMBOX-TEST smp expected=2 online=2 apic_ids=0,1".into(),
         "KVMBOX-TEST done result=ok".into(),
     ] {
         assert!(text.contains(&want), "console lacks {want:?}");
