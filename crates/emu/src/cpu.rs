@@ -337,7 +337,7 @@ impl Cpu {
             } else {
                 off
             };
-            let last = lin.wrapping_add(size as u64 - 1);
+            let last = lin.wrapping_add((size as u64).saturating_sub(1));
             if !canonical(lin) || !canonical(last) {
                 return Err(fault(s));
             }
@@ -355,7 +355,7 @@ impl Cpu {
             if !write && code && sg.type_ & 2 == 0 && s != seg::CS {
                 return Err(fault(s));
             }
-            let last = off.wrapping_add(size as u64 - 1);
+            let last = off.wrapping_add((size as u64).saturating_sub(1));
             if !code && sg.type_ & 4 != 0 {
                 // Expand-down.
                 let top = if sg.db { 0xffff_ffff } else { 0xffff };
@@ -366,7 +366,7 @@ impl Cpu {
                 return Err(fault(s));
             }
         } else {
-            let last = off.wrapping_add(size as u64 - 1);
+            let last = off.wrapping_add((size as u64).saturating_sub(1));
             if last > sg.limit as u64 {
                 return Err(fault(s));
             }

@@ -30,7 +30,9 @@ struct ChipState {
 
 impl InterruptController for Chip {
     fn pending_vector(&self, vcpu: u32) -> Option<u8> {
-        self.st.lock().unwrap().pending[vcpu as usize].first().copied()
+        self.st.lock().unwrap().pending[vcpu as usize]
+            .first()
+            .copied()
     }
     fn ack(&self, vcpu: u32, vector: u8) {
         let mut s = self.st.lock().unwrap();
@@ -122,9 +124,16 @@ fn init_sipi_and_ipi_between_two_vcpu_threads() {
     vm.set_interrupt_controller(chip.clone());
     let mut v0 = vm.create_emu_vcpu(0).unwrap();
     let mut v1 = vm.create_emu_vcpu(1).unwrap();
-    v0.configure(&kvmbox_cpu::VcpuConfig { id: 0, count: 2 }).unwrap();
-    v1.configure(&kvmbox_cpu::VcpuConfig { id: 1, count: 2 }).unwrap();
-    let l1 = v1.cpuid().unwrap().into_iter().find(|e| e.function == 1).unwrap();
+    v0.configure(&kvmbox_cpu::VcpuConfig { id: 0, count: 2 })
+        .unwrap();
+    v1.configure(&kvmbox_cpu::VcpuConfig { id: 1, count: 2 })
+        .unwrap();
+    let l1 = v1
+        .cpuid()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.function == 1)
+        .unwrap();
     assert_ne!(l1.edx & (1 << 9), 0, "APIC advertised with a controller");
     v0.set_sregs(&long_sregs()).unwrap();
     v0.set_regs(&kvmbox_cpu::Regs {

@@ -1,7 +1,7 @@
 //! Integer arithmetic with exact x86 flag results. Sizes are in bits (8, 16, 32, 64).
 //! Every function is total: any inputs give a result, never a panic.
 
-use crate::state::flags::{AF, CF, OF, PF, SF, ZF};
+use crate::state::flags::{AF, CF, OF, PF, SF, STATUS as STATUS_BITS, ZF};
 
 /// All-ones mask of `bits` width.
 #[inline]
@@ -16,13 +16,15 @@ pub fn mask(bits: u32) -> u64 {
 /// The sign bit of `bits` width.
 #[inline]
 pub fn sign(bits: u32) -> u64 {
-    1u64 << (bits - 1)
+    1u64 << (bits.clamp(1, 64) - 1)
 }
 
 /// Sign-extend the low `bits` of `v` to 64 bits.
 #[inline]
 pub fn sext(v: u64, bits: u32) -> u64 {
-    if bits >= 64 {
+    if bits == 0 {
+        0
+    } else if bits >= 64 {
         v
     } else {
         let s = 64 - bits;
@@ -162,6 +164,9 @@ pub enum ShiftOp {
 /// Shift/rotate `a` by `count` (raw CL or immediate). Returns (result, full new RFLAGS status
 /// bits given the old ones). A masked count of zero leaves the flags untouched.
 pub fn shift(op: ShiftOp, a: u64, count: u64, rflags: u64, bits: u32) -> (u64, u64) {
+    if !matches!(bits, 8 | 16 | 32 | 64) {
+        return (a, rflags & STATUS_BITS);
+    }
     let m = mask(bits);
     let a = a & m;
     let cnt = (count & if bits == 64 { 63 } else { 31 }) as u32;
@@ -287,6 +292,9 @@ pub fn shift(op: ShiftOp, a: u64, count: u64, rflags: u64, bits: u32) -> (u64, u
 
 /// SHLD (left = true) / SHRD: shift `dst` filling from `src`.
 pub fn shld_shrd(left: bool, dst: u64, src: u64, count: u64, rflags: u64, bits: u32) -> (u64, u64) {
+    if !matches!(bits, 16 | 32 | 64) {
+        return (dst, rflags & STATUS_BITS);
+    }
     let m = mask(bits);
     let (d, s) = (dst & m, src & m);
     let cnt = (count & if bits == 64 { 63 } else { 31 }) as u32;

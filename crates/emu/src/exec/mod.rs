@@ -154,7 +154,12 @@ impl Cpu {
     pub(crate) fn rd(&mut self, l: Loc, bits: u32) -> R<u64> {
         match l {
             Loc::Reg(r) => Ok(self.reg(r)),
-            Loc::Mem(s, off) => self.read_seg(s, off, bits / 8),
+            Loc::Mem(s, off) => {
+                if !matches!(bits, 8 | 16 | 32 | 64) {
+                    return Err(ud());
+                }
+                self.read_seg(s, off, bits / 8)
+            }
             Loc::Imm(v) => Ok(v & mask(bits)),
         }
     }
@@ -167,7 +172,12 @@ impl Cpu {
                 self.set_reg(r, v);
                 Ok(())
             }
-            Loc::Mem(s, off) => self.write_seg(s, off, bits / 8, v),
+            Loc::Mem(s, off) => {
+                if !matches!(bits, 8 | 16 | 32 | 64) {
+                    return Err(ud());
+                }
+                self.write_seg(s, off, bits / 8, v)
+            }
             Loc::Imm(_) => Err(ud()),
         }
     }
@@ -197,6 +207,9 @@ impl Cpu {
                 Ok(old)
             }
             Loc::Mem(s, off) => {
+                if !matches!(bits, 8 | 16 | 32 | 64) {
+                    return Err(ud());
+                }
                 let size = bits / 8;
                 let lin = self.seg_lin(s, off, size, true)?;
                 if locked {
@@ -935,6 +948,9 @@ impl Cpu {
 
     fn mul1(&mut self, ins: &Instruction) -> R<()> {
         let bits = self.op_bits(ins, 0);
+        if !matches!(bits, 8 | 16 | 32 | 64) {
+            return Err(ud());
+        }
         let src = self.rd_op(ins, 0)? & mask(bits);
         let a = self.st.gpr[gpr::RAX] & mask(bits);
         let signed = ins.mnemonic() == Mnemonic::Imul;
@@ -974,6 +990,9 @@ impl Cpu {
 
     fn div(&mut self, ins: &Instruction) -> R<()> {
         let bits = self.op_bits(ins, 0);
+        if !matches!(bits, 8 | 16 | 32 | 64) {
+            return Err(ud());
+        }
         let d = self.rd_op(ins, 0)? & mask(bits);
         if d == 0 {
             return Err(Fault::Exc(0, None));
@@ -1029,6 +1048,9 @@ impl Cpu {
 
     fn bt(&mut self, ins: &Instruction, locked: bool) -> R<()> {
         let bits = self.op_bits(ins, 0);
+        if !matches!(bits, 16 | 32 | 64) {
+            return Err(ud());
+        }
         let off = self.rd_op(ins, 1)?;
         let mut dst = self.loc(ins, 0);
         let bit = if let (Loc::Mem(s, a), OpKind::Register) = (dst, ins.op_kind(1)) {
