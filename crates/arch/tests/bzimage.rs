@@ -414,3 +414,41 @@ fn load_time() {
     // Loose bounds that only catch something badly wrong (debug build, shared host).
     assert!(bz.as_secs() < 5 && hd.as_secs() < 20);
 }
+
+#[test]
+fn mangled_bzimage_headers_fail_cleanly() {
+    // The setup code of the real image with random bytes in its setup header, and a short
+    // payload: every load (in-guest or host-decompressed) returns, none panics.
+    let img = std::fs::read(kernel()).unwrap();
+    let h = header(&img);
+    let setup = (h.setup_sects as usize + 1) * 512;
+    let base = &img[..setup + 64 * 1024];
+    let mem = guest_memory(128 * MIB).unwrap();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (mut ok, mut err) = (0, 0);
+    for i in 0..300 {
+        let mut m = base.to_vec();
+        for _ in 0..1 + next() % 3 {
+            let at = 0x1f1 + (next() % 0x7b) as usize; // inside the setup header
+            m[at] = next() as u8;
+        }
+        let f = TempFile::new(&format!("mangled-{i}"), &m);
+        let mut p = LoadParams::new(&f.0, "console=ttyS0", 128 * MIB);
+        p.host_decompress = i % 2 == 1;
+        match load(&mem, &p) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(!msg.contains('\n'), "{msg}");
+                err += 1;
+            }
+        }
+    }
+    assert!(err > 0, "ok={ok} err={err}");
+}

@@ -452,3 +452,51 @@ fn large_guest_memory_map_reaches_above_4g() {
     let info: hvm_start_info = m.read_obj(GuestAddress(layout::PVH_INFO_START)).unwrap();
     assert_eq!(memmap(&m, &info), e820_table(size));
 }
+
+/// xorshift64: deterministic bytes for the mutation tests.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn mangled_elf_images_fail_cleanly() {
+    // Random byte flips in the headers, notes and program headers of a valid PVH ELF: every
+    // load returns (Ok or a one-line error), none panics.
+    let m = mem(64 << 20);
+    let base = make_elf(
+        0x10_0000,
+        Some(0x10_0000),
+        &[Seg {
+            paddr: 0x10_0000,
+            data: CODE,
+            memsz: 0x1000,
+        }],
+    );
+    assert!(base.len() > 0xd0);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let (mut ok, mut err) = (0, 0);
+    for _ in 0..400 {
+        let mut img = base.clone();
+        for _ in 0..1 + rng.next() % 4 {
+            let at = (rng.next() % 0xd0) as usize; // ELF header, phdrs and the note
+            img[at] = rng.next() as u8;
+        }
+        let f = TempFile::new(&img);
+        match load(&m, &LoadParams::new(&f.0, "", 64 << 20)) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(!msg.contains('\n') && !msg.is_empty());
+                err += 1;
+            }
+        }
+    }
+    assert!(ok > 0 && err > 0, "ok={ok} err={err}");
+}
