@@ -167,3 +167,145 @@ fn guest_exit_status_and_config_file() {
     r.assert_guest_ok();
     assert_eq!(r.get("hello", "cmdline"), "tests=hello");
 }
+
+const SHELL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Boot the interactive shell and wait until it takes input.
+fn shell(cpus: u32) -> common::Interactive {
+    let mut vm = common::Interactive::testguest(cpus, "128M", "shell", &[]);
+    vm.expect("kvmbox test guest shell: type help", SHELL_TIMEOUT);
+    vm.expect("KVMBOX-TEST shell ready", SHELL_TIMEOUT);
+    vm.expect("kvmbox-testguest# ", SHELL_TIMEOUT);
+    vm
+}
+
+#[test]
+fn shell_echoes_runs_scenarios_and_powers_off() {
+    if !kvm_or_skip("shell_echoes_runs_scenarios_and_powers_off") {
+        return;
+    }
+    let mut vm = shell(2);
+    vm.send(b"echo hello world\n");
+    // The guest echoes what it receives, then prints the words on their own line.
+    vm.expect("echo hello world\r\n", SHELL_TIMEOUT);
+    let out = vm.expect("kvmbox-testguest# ", SHELL_TIMEOUT);
+    assert_eq!(out, "hello world\r\nkvmbox-testguest# ", "echo output");
+    // Backspace (DEL) edits the line before Enter; CR LF is one Enter.
+    vm.send(b"echo typx\x7fo\r\n");
+    vm.expect("\ntypo\r\n", SHELL_TIMEOUT);
+    vm.expect("kvmbox-testguest# ", SHELL_TIMEOUT);
+    vm.send(b"cpuid\n");
+    let out = vm.expect("kvmbox-testguest# ", SHELL_TIMEOUT);
+    assert!(
+        out.contains("KVMBOX-TEST cpuid vendor=") && out.contains("logical=2"),
+        "cpuid output: {out:?}"
+    );
+    vm.send(b"smp\n");
+    vm.expect(
+        "KVMBOX-TEST smp expected=2 online=2 apic_ids=0,1",
+        SHELL_TIMEOUT,
+    );
+    vm.send(b"frobnicate now\n");
+    vm.expect("unknown command: frobnicate\r\n", SHELL_TIMEOUT);
+    vm.send(b"poweroff\n");
+    vm.expect(
+        "KVMBOX-TEST poweroff pm1a_cnt=0x604 slp_typ=5",
+        SHELL_TIMEOUT,
+    );
+    assert_eq!(
+        vm.wait_exit(SHELL_TIMEOUT),
+        Some(0),
+        "ACPI S5 from the shell"
+    );
+}
+
+#[test]
+fn shell_ctrl_a_x_quits_while_the_guest_halts() {
+    if !kvm_or_skip("shell_ctrl_a_x_quits_while_the_guest_halts") {
+        return;
+    }
+    let mut vm = shell(1);
+    // The guest now sits in `sti; hlt` waiting for a key.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    vm.send(&[0x01, b'x']);
+    assert_eq!(vm.wait_exit(SHELL_TIMEOUT), Some(0), "Ctrl-A x");
+}
+
+#[test]
+fn shell_exit_gives_the_debug_exit_status() {
+    if !kvm_or_skip("shell_exit_gives_the_debug_exit_status") {
+        return;
+    }
+    let mut vm = shell(1);
+    vm.send(b"exit 300\n");
+    vm.expect("exit: expected a number 0-255", SHELL_TIMEOUT);
+    vm.send(b"exit 5\n");
+    assert_eq!(vm.wait_exit(SHELL_TIMEOUT), Some(11), "debug-exit 5");
+}
+
+#[test]
+fn poweroff_reboot_and_triple_fault_statuses() {
+    if !kvm_or_skip("poweroff_reboot_and_triple_fault_statuses") {
+        return;
+    }
+    let r = run_testguest("kvm", 1, "128M", "poweroff", &[]);
+    assert_eq!(r.status, Some(0), "ACPI S5; console:\n{}", r.stdout);
+    assert_eq!(r.get("poweroff", "pm1a_cnt"), "0x604");
+    assert_eq!(r.get("poweroff", "slp_typ"), "5");
+    for (scenario, line, method) in [
+        ("reboot", "reboot", "i8042"),
+        ("reboot:acpi", "reboot", "acpi"),
+        ("triplefault", "triplefault", ""),
+    ] {
+        let r = run_testguest("kvm", 1, "128M", scenario, &[]);
+        assert_eq!(
+            r.status,
+            Some(4),
+            "{scenario} must reset; console:\n{}\nstderr:\n{}",
+            r.stdout,
+            r.stderr
+        );
+        assert!(
+            r.results().contains_key(line),
+            "{scenario}: no KVMBOX-TEST {line} line:\n{}",
+            r.stdout
+        );
+        if !method.is_empty() {
+            assert_eq!(r.get(line, "method"), method);
+        }
+        assert!(!r.stdout.contains("error="), "{scenario}: {}", r.stdout);
+    }
+    let r = run_testguest("kvm", 1, "128M", "reboot:acpi", &[]);
+    assert_eq!(r.get("reboot", "port"), "0x60c");
+    assert_eq!(r.get("reboot", "value"), "0x6");
+}
+
+#[test]
+fn reboot_with_restart_boots_again_and_again() {
+    if !kvm_or_skip("reboot_with_restart_boots_again_and_again") {
+        return;
+    }
+    let mut vm =
+        common::Interactive::testguest(1, "128M", "hello,reboot", &["--on-reboot", "restart"]);
+    for _ in 0..3 {
+        vm.expect("KVMBOX-TEST hello msg=hello-from-guest", SHELL_TIMEOUT);
+        vm.expect("KVMBOX-TEST reboot method=i8042", SHELL_TIMEOUT);
+    }
+    assert!(vm.count("KVMBOX-TEST hello") >= 3);
+    assert!(vm.kill(), "kvmbox should still be rebooting the guest");
+}
+
+#[test]
+fn serial_interrupt_reaches_the_guest() {
+    if !kvm_or_skip("serial_interrupt_reaches_the_guest") {
+        return;
+    }
+    for cpus in [1u32, 2] {
+        let r = run_testguest("kvm", cpus, "128M", "irq", &[]);
+        r.assert_guest_ok();
+        assert_eq!(r.get("irq", "vector"), "0x24");
+        assert_eq!(r.get("irq", "gsi"), "4");
+        let n: u32 = r.get("irq", "count").parse().unwrap();
+        assert!(n >= 1, "no COM1 interrupt: {}", r.stdout);
+    }
+}

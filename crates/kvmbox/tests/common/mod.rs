@@ -261,3 +261,180 @@ pub fn debian_kernel() -> PathBuf {
         })
         .clone()
 }
+
+/// A kvmbox run the test types into: stdin piped, the console collected as it arrives, read
+/// like `expect`. The process is killed (by its own handle) when this is dropped.
+pub struct Interactive {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    err: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    cursor: usize,
+    args: Vec<String>,
+}
+
+impl Interactive {
+    /// Start kvmbox with `args`.
+    pub fn spawn(args: &[&str]) -> Self {
+        use std::sync::{Arc, Mutex};
+        let mut child = Command::new(kvmbox())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kvmbox");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let err = Arc::new(Mutex::new(Vec::new()));
+        fn collect(mut r: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = r.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    into.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        collect(child.stdout.take().expect("stdout"), out.clone());
+        collect(child.stderr.take().expect("stderr"), err.clone());
+        Self {
+            stdin: child.stdin.take(),
+            child,
+            out,
+            err,
+            cursor: 0,
+            args: args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Start the test guest with `tests=<scenarios>` on KVM.
+    pub fn testguest(cpus: u32, memory: &str, scenarios: &str, extra: &[&str]) -> Self {
+        let guest = testguest();
+        let cmdline = format!("tests={scenarios}");
+        let cpus = cpus.to_string();
+        let mut args = vec![
+            "run",
+            "--accel",
+            "kvm",
+            "--kernel",
+            guest.to_str().expect("utf-8 path"),
+            "--cmdline",
+            &cmdline,
+            "--cpus",
+            &cpus,
+            "--memory",
+            memory,
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(&args)
+    }
+
+    /// Everything the guest has written to the console so far.
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// kvmbox's own messages so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        panic!(
+            "kvmbox {:?}: {what}; console:\n{}\nstderr:\n{}",
+            self.args,
+            self.console(),
+            self.stderr()
+        )
+    }
+
+    /// Wait for `needle` in the console after the previous match; returns the text from the
+    /// previous match up to and including `needle`. Panics with the console after `timeout`.
+    pub fn expect(&mut self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let found = {
+                let out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+                out.get(self.cursor..)
+                    .and_then(|rest| {
+                        rest.windows(needle.len())
+                            .position(|w| w == needle.as_bytes())
+                    })
+                    .map(|p| {
+                        let end = self.cursor + p + needle.len();
+                        let text = String::from_utf8_lossy(&out[self.cursor..end]).into_owned();
+                        (end, text)
+                    })
+            };
+            if let Some((end, text)) = found {
+                self.cursor = end;
+                return text;
+            }
+            if start.elapsed() > timeout {
+                self.fail(&format!("no {needle:?} within {timeout:?}"));
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // Let the reader threads catch up before giving up.
+                std::thread::sleep(Duration::from_millis(100));
+                let out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+                let seen = out
+                    .get(self.cursor..)
+                    .is_some_and(|r| r.windows(needle.len()).any(|w| w == needle.as_bytes()));
+                drop(out);
+                if !seen {
+                    self.fail(&format!("exited ({st}) before printing {needle:?}"));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// How many times `needle` occurs in the whole console so far.
+    pub fn count(&self, needle: &str) -> usize {
+        self.console().matches(needle).count()
+    }
+
+    /// Type `bytes` on kvmbox's stdin.
+    pub fn send(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let Some(stdin) = self.stdin.as_mut() else {
+            self.fail("stdin already closed")
+        };
+        if let Err(e) = stdin.write_all(bytes).and_then(|()| stdin.flush()) {
+            self.fail(&format!("writing to stdin: {e}"));
+        }
+    }
+
+    /// Wait for kvmbox to exit; its status (None if killed by a signal). Panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => return st.code(),
+                Ok(None) if start.elapsed() > timeout => {
+                    self.fail(&format!("still running after {timeout:?}"))
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => self.fail(&format!("wait: {e}")),
+            }
+        }
+    }
+
+    /// Kill this kvmbox (by its own process handle) and reap it; true if it was still running.
+    pub fn kill(&mut self) -> bool {
+        let running = matches!(self.child.try_wait(), Ok(None));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        running
+    }
+}
+
+impl Drop for Interactive {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
