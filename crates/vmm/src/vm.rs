@@ -168,7 +168,6 @@ fn boot_once(cfg: &VmConfig, accel: Accel, session: &Session) -> Result<ExitRequ
     // The kernel goes in first: a bad image is the user's most likely mistake, and it should be
     // reported as such whatever the backend.
     let rsdp = kvmbox_arch::create_acpi_tables(&mem, cfg.cpus)?;
-    kvmbox_arch::setup_mptable(&mem, cfg.cpus)?;
     let mut params = kvmbox_arch::LoadParams::new(&cfg.kernel, &cfg.cmdline, cfg.memory);
     params.initrd = cfg.initrd.as_deref();
     params.cpus = cfg.cpus;
