@@ -168,6 +168,25 @@ pub fn net_tx(data: &[u8]) {
     });
 }
 
+/// Deliver a frame (length from the first two bytes) into a fuzzed receive queue, with or
+/// without mergeable buffers.
+pub fn net_rx(data: &[u8]) {
+    let (mem, mut q) = build(data);
+    let len = usize::from(u16::from_le_bytes([
+        data.first().copied().unwrap_or(0),
+        data.get(1).copied().unwrap_or(0),
+    ]));
+    let mut frame = vec![0xa5u8; len.min(MAX_FRAME)];
+    let mrg = data.get(2).is_some_and(|b| b & 1 != 0);
+    let metrics = crate::metrics::DeviceMetrics::default();
+    for _ in 0..4 {
+        match crate::net::place_frame(&mut q, &mem, &mut frame, mrg, &metrics) {
+            Ok(crate::net::Placed::Done { .. }) => {}
+            _ => break,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// xorshift64: deterministic, so a failure names its case.
@@ -206,6 +225,11 @@ mod tests {
     #[test]
     fn random_net_tx() {
         cases(3, 300, super::net_tx);
+    }
+
+    #[test]
+    fn random_net_rx() {
+        cases(4, 300, super::net_rx);
     }
 
     /// Structured cases: small queues whose descriptors point at real buffers with valid

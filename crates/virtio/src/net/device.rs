@@ -26,6 +26,9 @@ pub const F_HOST_TSO4: u32 = 11;
 /// Feature bit: the device takes TCPv6 segmentation offload frames.
 pub const F_HOST_TSO6: u32 = 12;
 
+/// Feature bit: the driver takes a frame spread over several receive buffers.
+pub const F_MRG_RXBUF: u32 = 15;
+
 /// Size of each of the two queues.
 pub const QUEUE_SIZE: u16 = 256;
 
@@ -157,6 +160,7 @@ impl VirtioDevice for Net {
             F_GUEST_TSO6,
             F_HOST_TSO4,
             F_HOST_TSO6,
+            F_MRG_RXBUF,
         ]
         .iter()
         .fold(0u64, |f, b| f | 1 << b)
@@ -201,6 +205,7 @@ impl VirtioDevice for Net {
             pending: None,
             tap_watched: true,
             tap_dead: false,
+            mrg_rxbuf: f & 1 << F_MRG_RXBUF != 0,
             metrics: self.metrics.clone(),
             tx_buf: vec![0; MAX_FRAME],
         };

@@ -34,6 +34,8 @@ pub(crate) struct NetHandler {
     pub(crate) frame: Vec<u8>,
     pub(crate) pending: Option<usize>,
     pub(crate) tap_watched: bool,
+    /// VIRTIO_NET_F_MRG_RXBUF was negotiated.
+    pub(crate) mrg_rxbuf: bool,
     /// Reading the tap failed for good.
     pub(crate) tap_dead: bool,
     pub(crate) metrics: Arc<DeviceMetrics>,
@@ -86,6 +88,100 @@ pub(crate) fn fill_rx_chain(
     Ok(w.write(frame)? as u32)
 }
 
+/// What became of a received frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placed {
+    /// The frame went into (or, if no chain could take it, was dropped with) this many chains,
+    /// all now on the used ring.
+    Done {
+        /// Chains used.
+        chains: u16,
+    },
+    /// Not enough receive buffers: nothing was consumed.
+    NoBuffers,
+}
+
+fn writable_len(c: &Chain) -> u64 {
+    c.writable.iter().map(|w| u64::from(w.1)).sum()
+}
+
+/// Put `frame` (virtio-net header included) into the receive queue. Without mergeable buffers
+/// it takes one chain (dropping the frame if the chain is too small or malformed); with them
+/// it spreads the frame over as many chains as needed and writes their count into the
+/// header's `num_buffers`, or consumes nothing if the queue does not have enough room yet.
+pub(crate) fn place_frame(
+    rx: &mut Queue,
+    mem: &GuestMemoryMmap,
+    frame: &mut [u8],
+    mrg_rxbuf: bool,
+    metrics: &DeviceMetrics,
+) -> Result<Placed, QueueBroken> {
+    if !mrg_rxbuf {
+        let Some((head, chain)) = pop_chain(rx, mem)? else {
+            return Ok(Placed::NoBuffers);
+        };
+        if frame.len() >= VNET_HDR_LEN {
+            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+        }
+        DeviceMetrics::add(&metrics.requests, 1);
+        let written = match chain.and_then(|c| fill_rx_chain(&c, mem, frame)) {
+            Ok(n) => {
+                DeviceMetrics::add(&metrics.bytes_in, u64::from(n));
+                n
+            }
+            Err(_) => {
+                // The frame is dropped with the chain it did not fit.
+                DeviceMetrics::add(&metrics.rejected, 1);
+                0
+            }
+        };
+        rx.add_used(mem, head, written).map_err(QueueBroken)?;
+        return Ok(Placed::Done { chains: 1 });
+    }
+    let start = rx.next_avail();
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    let mut room = 0u64;
+    while room < frame.len() as u64 {
+        if good.len() + bad.len() >= usize::from(rx.size()) {
+            // The whole ring cannot hold this frame: drop it rather than wait forever.
+            bad.extend(good.drain(..).map(|(h, _)| h));
+            DeviceMetrics::add(&metrics.errors, 1);
+            break;
+        }
+        match pop_chain(rx, mem)? {
+            None => {
+                rx.set_next_avail(start);
+                return Ok(Placed::NoBuffers);
+            }
+            Some((head, Ok(c))) if c.readable.is_empty() && writable_len(&c) > 0 => {
+                room += writable_len(&c);
+                good.push((head, c));
+            }
+            Some((head, _)) => bad.push(head),
+        }
+    }
+    if frame.len() >= VNET_HDR_LEN {
+        frame[10..12].copy_from_slice(&(good.len() as u16).to_le_bytes());
+    }
+    let frame: &[u8] = if good.is_empty() { &[] } else { frame };
+    let mut off = 0;
+    for (head, c) in &good {
+        let n = c.writer(mem).write(&frame[off..]).unwrap_or(0);
+        off += n;
+        rx.add_used(mem, *head, n as u32).map_err(QueueBroken)?;
+    }
+    for head in &bad {
+        rx.add_used(mem, *head, 0).map_err(QueueBroken)?;
+    }
+    DeviceMetrics::add(&metrics.requests, (good.len() + bad.len()) as u64);
+    DeviceMetrics::add(&metrics.rejected, bad.len() as u64);
+    DeviceMetrics::add(&metrics.bytes_in, off as u64);
+    Ok(Placed::Done {
+        chains: (good.len() + bad.len()) as u16,
+    })
+}
+
 impl NetHandler {
     fn tx_path(&mut self) -> Result<(), QueueBroken> {
         let (mem, tap, buf, m) = (&self.mem, &self.tap, &mut self.tx_buf, &*self.metrics);
@@ -136,7 +232,14 @@ impl NetHandler {
                 },
             };
             self.pending = Some(len);
-            let Some((head, chain)) = pop_chain(&mut self.rx, mem)? else {
+            let placed = place_frame(
+                &mut self.rx,
+                mem,
+                &mut self.frame[..len],
+                self.mrg_rxbuf,
+                &self.metrics,
+            )?;
+            let Placed::Done { chains } = placed else {
                 if self.rx.enable_notification(mem).map_err(QueueBroken)? {
                     continue; // buffers arrived meanwhile
                 }
@@ -146,24 +249,7 @@ impl NetHandler {
                 }
                 break;
             };
-            budget -= 1;
-            if len >= VNET_HDR_LEN {
-                // No merged buffers: num_buffers is 1.
-                self.frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            }
-            DeviceMetrics::add(&self.metrics.requests, 1);
-            let written = match chain.and_then(|c| fill_rx_chain(&c, mem, &self.frame[..len])) {
-                Ok(n) => {
-                    DeviceMetrics::add(&self.metrics.bytes_in, u64::from(n));
-                    n
-                }
-                Err(_) => {
-                    // The frame is dropped with the chain it did not fit.
-                    DeviceMetrics::add(&self.metrics.rejected, 1);
-                    0
-                }
-            };
-            self.rx.add_used(mem, head, written).map_err(QueueBroken)?;
+            budget = budget.saturating_sub(usize::from(chains));
             used = true;
             self.pending = None;
         }

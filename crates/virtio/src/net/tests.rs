@@ -8,7 +8,7 @@ use kvmbox_cpu::IoHandler;
 use kvmbox_devices::IoBus;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::event_handler::fill_rx_chain;
+use super::event_handler::{fill_rx_chain, place_frame, Placed};
 use super::{parse_tx_frame, Net, NetConfig, MAX_FRAME, VNET_HDR_LEN};
 use crate::queue::{pop_chain, ChainError};
 use crate::test_util::*;
@@ -253,4 +253,60 @@ fn worker_cpu_ticks() -> u64 {
         }
     }
     panic!("no virtio-net worker thread");
+}
+
+#[test]
+fn receive_frames_spread_over_mergeable_buffers() {
+    let m = mem();
+    let metrics = crate::DeviceMetrics::default();
+    let mut r = Ring::new(&m, 0x1_0000, 8);
+    let mut q = r.queue();
+    let mut frame: Vec<u8> = (0..100u8).collect();
+    // Only two 32-byte buffers: not enough, nothing consumed.
+    r.add_chain(&m, 0, &[(0x4_0000, 32, true)]);
+    r.add_chain(&m, 1, &[(0x4_1000, 32, true)]);
+    assert_eq!(
+        place_frame(&mut q, &m, &mut frame, true, &metrics).unwrap(),
+        Placed::NoBuffers
+    );
+    assert_eq!(r.used_idx(&m), 0);
+    // A malformed chain (device-readable) and two more buffers: 4 buffers carry 100 bytes.
+    r.add_chain(&m, 2, &[(0x4_2000, 32, false)]);
+    r.add_chain(&m, 3, &[(0x4_3000, 32, true)]);
+    r.add_chain(&m, 4, &[(0x4_4000, 16, true), (0x4_5000, 16, true)]);
+    assert_eq!(
+        place_frame(&mut q, &m, &mut frame, true, &metrics).unwrap(),
+        Placed::Done { chains: 5 }
+    );
+    let used: Vec<_> = (0..5).map(|i| r.used_elem(&m, i)).collect();
+    assert_eq!(used, vec![(0, 32), (1, 32), (3, 32), (4, 4), (2, 0)]);
+    let mut hdr = [0u8; 12];
+    m.read_slice(&mut hdr, GuestAddress(0x4_0000)).unwrap();
+    assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 4, "num_buffers");
+    let mut tail = [0u8; 4];
+    m.read_slice(&mut tail, GuestAddress(0x4_4000)).unwrap();
+    assert_eq!(tail, [96, 97, 98, 99]);
+    assert_eq!(metrics.snapshot(), [5, 1, 0, 0, 100, 0]);
+
+    // Without mergeable buffers a too-small chain drops the frame.
+    let mut r = Ring::new(&m, 0x1_0000, 8);
+    let mut q = r.queue();
+    r.add_chain(&m, 0, &[(0x4_0000, 32, true)]);
+    assert_eq!(
+        place_frame(&mut q, &m, &mut frame, false, &metrics).unwrap(),
+        Placed::Done { chains: 1 }
+    );
+    assert_eq!(r.used_elem(&m, 0), (0, 0));
+
+    // A ring that can never hold the frame drops it instead of waiting forever.
+    let mut r = Ring::new(&m, 0x1_0000, 2);
+    let mut q = r.queue();
+    r.add_chain(&m, 0, &[(0x4_0000, 16, true)]);
+    r.add_chain(&m, 1, &[(0x4_1000, 16, true)]);
+    assert_eq!(
+        place_frame(&mut q, &m, &mut frame, true, &metrics).unwrap(),
+        Placed::Done { chains: 2 }
+    );
+    assert_eq!(r.used_elem(&m, 0), (0, 0));
+    assert_eq!(r.used_elem(&m, 1), (1, 0));
 }
