@@ -65,6 +65,8 @@ pub struct Stats {
     pub decode_hits: u64,
     /// Instructions decoded by iced-x86 (cache misses).
     pub decodes: u64,
+    /// TLB misses (page walks, including those that faulted).
+    pub tlb_misses: u64,
 }
 
 const DCACHE_SIZE: usize = 4096;
@@ -421,6 +423,7 @@ impl Cpu {
     // ---------------------------------------------------------------- fetch
 
     /// Fetch and decode the instruction at CS:RIP.
+    #[inline(never)]
     pub(crate) fn fetch_decode(&mut self) -> R<Instruction> {
         let bits = self.st.code_bits();
         let rip = self.st.rip;

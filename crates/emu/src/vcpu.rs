@@ -38,9 +38,11 @@ impl EmuVcpu {
         }
     }
 
-    /// Engine counters (instructions, exceptions, unimplemented instructions).
-    pub fn stats(&self) -> &Stats {
-        &self.cpu.stats
+    /// Engine counters (instructions, exceptions, unimplemented instructions, caches).
+    pub fn stats(&self) -> Stats {
+        let mut s = self.cpu.stats.clone();
+        s.tlb_misses = self.cpu.tlb.misses;
+        s
     }
 
     /// Full architectural state.

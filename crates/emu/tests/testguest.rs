@@ -136,6 +136,11 @@ fn flat(sel: u16, code: bool) -> Segment {
 
 /// Boot the test guest with `cmdline`; returns (console output, exit byte, instructions).
 fn boot(cmdline: &str) -> (String, Option<u8>, u64) {
+    let (out, code, stats) = boot_stats(cmdline);
+    (out, code, stats.instructions)
+}
+
+fn boot_stats(cmdline: &str) -> (String, Option<u8>, kvmbox_emu::Stats) {
     let elf = std::fs::read(build_guest()).unwrap();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let entry = load_elf(&mem, &elf);
@@ -195,7 +200,7 @@ fn boot(cmdline: &str) -> (String, Option<u8>, u64) {
     assert_eq!(exit, VcpuExit::Halted);
     let out = String::from_utf8_lossy(&io.out.lock().unwrap()).into_owned();
     let code = *io.exit.lock().unwrap();
-    (out, code, v.stats().instructions)
+    (out, code, v.stats())
 }
 
 #[test]
@@ -238,9 +243,17 @@ fn testguest_fault_scenario_reports_the_page_fault() {
 fn bench_compute_and_mem() {
     for cmd in ["tests=compute", "tests=mem"] {
         let t = std::time::Instant::now();
-        let (out, code, n) = boot(cmd);
+        let (out, code, st) = boot_stats(cmd);
         let dt = t.elapsed();
+        let n = st.instructions;
         print!("{out}");
+        println!(
+            "{cmd}: decoded-cache hits {:.4}%, iced decodes {}, TLB misses {} ({:.5}% of instructions)",
+            100.0 * st.decode_hits as f64 / n as f64,
+            st.decodes,
+            st.tlb_misses,
+            100.0 * st.tlb_misses as f64 / n as f64
+        );
         println!(
             "{cmd}: {n} instructions in {:.2} s = {:.1} M instructions/s",
             dt.as_secs_f64(),
