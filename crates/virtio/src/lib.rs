@@ -97,9 +97,12 @@ pub enum Error {
     /// A virtqueue operation failed.
     #[error("virtqueue: {0}")]
     Queue(#[from] virtio_queue::Error),
-    /// Registering an ioeventfd with the backend failed.
-    #[error("ioeventfd: {0}")]
-    Ioevent(#[from] kvmbox_cpu::Error),
+    /// The VM backend refused an interrupt line, MSI route or ioeventfd.
+    #[error("VM backend: {0}")]
+    Vm(#[from] kvmbox_cpu::Error),
+    /// Inserting the transport on the MMIO bus failed.
+    #[error("MMIO bus: {0}")]
+    Bus(#[from] kvmbox_devices::BusError),
 }
 
 /// Result type of this crate.

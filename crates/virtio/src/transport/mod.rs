@@ -1,10 +1,12 @@
 //! The two ways a virtio device reaches the guest: virtio-mmio and virtio-pci (modern).
 //! Both share [`common`]'s feature negotiation, status machine and queue activation.
 
+mod attach;
 mod common;
 pub mod mmio;
 pub mod pci;
 
+pub use attach::{attach_mmio, attach_pci};
 pub use mmio::{cmdline_arg, MmioTransport, MMIO_WINDOW_SIZE};
 pub use pci::VirtioPciDevice;
 

@@ -366,6 +366,11 @@ impl Pci {
         ));
         let slot = root.lock().unwrap().add_device(vdev.clone()).unwrap();
         assert_eq!(slot, 1);
+        (Self::probe(io, nvec, msi, intx), vdev)
+    }
+
+    /// Find device 1's BAR and capabilities the way Linux's virtio_pci_modern does.
+    fn probe(io: Arc<IoBus>, nvec: usize, msi: Vec<Arc<TestMsi>>, intx: Arc<TestIrq>) -> Self {
         let mut p = Self {
             io,
             bar: 0,
@@ -406,7 +411,7 @@ impl Pci {
             cap = (h >> 8) & 0xff;
         }
         assert!(p.common != p.isr && p.msix_cap != 0);
-        (p, vdev)
+        p
     }
     fn cfg(&self, reg: u64) -> u32 {
         let mut d = [0u8; 4];
@@ -607,28 +612,40 @@ fn cmdline_announces_the_window() {
     );
 }
 
-/// The same transports on a real KVM VM: KVM accepts the ioeventfd registrations (QueueNotify
-/// with datamatch, PCI notify addresses) and the MSI routes the guest programs, and the
-/// device still completes requests notified through the bus.
+/// The same transports on a real KVM VM, wired with the `attach_*` helpers: KVM accepts the
+/// ioeventfd registrations (QueueNotify with datamatch, PCI notify addresses), the irqfd lines
+/// and the MSI routes the guest programs, and the devices complete requests notified through
+/// the bus (the path a vCPU exit takes).
 #[test]
-fn kvm_ioeventfds_and_msi_routes() {
-    use kvmbox_cpu::Vm;
+fn kvm_attach_helpers_ioeventfds_and_msi_routes() {
+    use super::{attach_mmio, attach_pci};
     let m = mem();
     let vm = kvmbox_cpu::kvm::KvmVm::new(&m).expect("KVM VM (needs /dev/kvm)");
     let img = TempImage::new(1 << 20, |_| 0);
-    let t = MmioTransport::new(blk(&img, false), m.clone(), vm.irq_line(5).unwrap()).unwrap();
-    assert!(t.register_ioevents(&vm, MMIO_BASE).unwrap());
+    let io = Arc::new(IoBus::default());
+    let root = Arc::new(Mutex::new(PciRoot::new(Arc::downgrade(&io))));
+    io.mmio
+        .insert(
+            Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
+            ECAM,
+            0x1000_0000,
+        )
+        .unwrap();
 
-    let lines: Vec<Arc<dyn MsiLine>> = (0..2).map(|_| vm.msi_line().unwrap()).collect();
-    let (p, vdev) = Pci::build(
-        blk(&img, false),
-        &m,
-        lines,
-        vm.irq_line(10).unwrap(),
-        Vec::new(),
-        Arc::new(TestIrq::default()),
-    );
-    assert!(vdev.lock().unwrap().register_ioevents(&vm).unwrap());
+    let arg = attach_mmio(&io, &vm, &m, blk(&img, false), MMIO_BASE, 5).unwrap();
+    assert_eq!(arg, "virtio_mmio.device=4K@0xd0000000:5");
+    let r = |off: u64| {
+        let mut d = [0u8; 4];
+        io.mmio_read(MMIO_BASE + off, &mut d);
+        u32::from_le_bytes(d)
+    };
+    assert_eq!(r(0), 0x7472_6976);
+    assert_eq!(r(8), TYPE_BLOCK);
+
+    let (slot, _dev) = attach_pci(&root, &vm, &m, blk(&img, false), Some(10)).unwrap();
+    assert_eq!(slot, 1);
+    let p = Pci::probe(io.clone(), 2, Vec::new(), Arc::new(TestIrq::default()));
+    assert_eq!(p.cfg(0x3c) & 0xff, 10, "interrupt line");
     let mut ring = Ring::new(&m, 0x1_0000, 16);
     assert_eq!(p.init(&[&ring], true), 15, "MSI routes committed to KVM");
     write_request(&m, &mut ring, 9, 0x5a);
@@ -636,6 +653,15 @@ fn kvm_ioeventfds_and_msi_routes() {
     assert!(wait_for(|| ring.used_idx(&m) == 1));
     assert_eq!(status_byte(&m), 0);
     assert!(img.read()[9 * 512..10 * 512].iter().all(|&x| x == 0x5a));
+    // A second mmio device on the same window is a bus error, not a panic.
+    let e = attach_mmio(&io, &vm, &m, Box::new(Rng::new()), MMIO_BASE, 6)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.starts_with("MMIO bus: bus range 0xd0000000+0x1000 overlaps"),
+        "{e}"
+    );
 }
 
 struct NullInt;
