@@ -65,7 +65,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32> {
         control: Arc::new(VmControl::new().map_err(|e| Error::Host(format!("eventfd: {e}")))?),
         serial_slot: Arc::new(Mutex::new(None)),
     };
-    let _raw = RawTerminal::enable(libc::STDIN_FILENO);
+    let raw = RawTerminal::enable(libc::STDIN_FILENO);
     spawn_stdin_forwarder(session.serial_slot.clone(), session.control.clone());
     loop {
         let outcome = boot_once(cfg, accel, &session)?;
@@ -75,7 +75,14 @@ pub fn run(cfg: &VmConfig) -> Result<i32> {
                 continue;
             }
             ExitRequest::Reset => return Ok(EXIT_REBOOT),
-            ExitRequest::PowerOff | ExitRequest::UserQuit => return Ok(EXIT_POWEROFF),
+            ExitRequest::UserQuit => {
+                if raw.is_some() {
+                    // The guest's last line may be a prompt: leave the user's shell a fresh line.
+                    eprint!("\r\n");
+                }
+                return Ok(EXIT_POWEROFF);
+            }
+            ExitRequest::PowerOff => return Ok(EXIT_POWEROFF),
             ExitRequest::DebugExit(v) => return Ok(DebugExit::status(v)),
             ExitRequest::Error => return Ok(EXIT_ERROR),
         }
