@@ -11,6 +11,8 @@
 //!   guest reprograms a BAR; [`PciConfigIo`] (ports 0xCF8/0xCFC) and [`PciConfigMmio`] (ECAM)
 //!   are the two ways in.
 
+#![warn(missing_docs)]
+
 mod config;
 mod device;
 mod msix;

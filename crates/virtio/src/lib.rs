@@ -12,6 +12,8 @@
 //!
 //! The guest is hostile: [`queue`] validates every descriptor chain before a device reads it.
 
+#![warn(missing_docs)]
+
 pub mod block;
 mod device;
 #[doc(hidden)]

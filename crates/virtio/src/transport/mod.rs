@@ -1,5 +1,5 @@
 //! The two ways a virtio device reaches the guest: virtio-mmio and virtio-pci (modern).
-//! Both share [`common`]'s feature negotiation, status machine and queue activation.
+//! Both share the feature negotiation, status machine and queue activation in `common.rs`.
 
 mod attach;
 mod common;
