@@ -95,6 +95,19 @@ impl Tap {
         (&self.file).read(buf)
     }
 
+    /// Write one frame (with its vnet header) gathered from `iov`.
+    pub(crate) fn write_iovecs(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
+        let n = libc::c_int::try_from(iov.len())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the tap fd is ours; writev only reads the `n` iovecs, whose ranges the caller
+        // guarantees are readable memory (validated guest buffers).
+        let r = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), n) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+
     /// Write one frame (with its vnet header).
     pub fn write_frame(&self, buf: &[u8]) -> std::io::Result<usize> {
         (&self.file).write(buf)
