@@ -1,5 +1,5 @@
-//! The busybox initramfs guest/linux/make-initramfs.sh builds: what is in it, and that it loads
-//! next to Debian's kernel.
+//! The default guest kit's busybox initramfs (guest/linux/build-initramfs.sh): what is in it,
+//! and that it loads next to Debian's kernel.
 
 use kvmbox_arch::{guest_memory, load, LoadParams};
 use std::collections::HashMap;
@@ -18,7 +18,8 @@ fn script(name: &str) -> PathBuf {
         p.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    PathBuf::from(stdout.lines().last().unwrap_or("").trim())
 }
 
 /// Entries of a newc cpio archive: name (without a leading "./") -> (mode, data).
@@ -44,9 +45,9 @@ fn cpio_newc(mut d: &[u8]) -> HashMap<String, (u32, Vec<u8>)> {
 
 #[test]
 fn initramfs_has_busybox_init_and_virtio_modules_in_order() {
-    let path = script("make-initramfs.sh");
+    let path = script("build-initramfs.sh");
     // Cached: a second run gives the same file.
-    assert_eq!(script("make-initramfs.sh"), path);
+    assert_eq!(script("build-initramfs.sh"), path);
     let gz = Command::new("gzip").arg("-dc").arg(&path).output().unwrap();
     assert!(gz.status.success());
     let files = cpio_newc(&gz.stdout);
@@ -55,15 +56,20 @@ fn initramfs_has_busybox_init_and_virtio_modules_in_order() {
     assert_eq!(mode & 0o170_000, 0o100_000, "regular file");
     assert_eq!(mode & 0o111, 0o111, "executable");
     let init = String::from_utf8_lossy(init);
-    assert!(init.starts_with("#!/bin/sh\n"));
+    assert!(init.starts_with("#!/bin/busybox sh\n"));
     assert!(init.contains("poweroff -f"));
-    assert!(init.contains("KVMBOX-LINUX init kernel="));
+    assert!(init.contains("KVMBOX-LINUX userspace-ready"));
     let (_, bb) = &files["bin/busybox"];
     assert_eq!(&bb[..4], b"\x7fELF");
     assert_eq!(files["bin/sh"].0 & 0o170_000, 0o120_000, "sh is a symlink");
 
-    let order = String::from_utf8(files["lib/modules/load-order"].1.clone()).unwrap();
-    let order: Vec<&str> = order.lines().collect();
+    let order = String::from_utf8(files["lib/modules/kvmbox-load-order"].1.clone()).unwrap();
+    let paths: Vec<&str> = order.lines().collect();
+    // Module names: file names without .ko.
+    let order: Vec<&str> = paths
+        .iter()
+        .map(|p| p.rsplit('/').next().unwrap().trim_end_matches(".ko"))
+        .collect();
     let pos = |m: &str| {
         order
             .iter()
@@ -81,9 +87,9 @@ fn initramfs_has_busybox_init_and_virtio_modules_in_order() {
     ] {
         assert!(pos(dep) < pos(m), "{dep} loads before {m}");
     }
-    for m in &order {
-        let (_, ko) = &files[&format!("lib/modules/{m}.ko")];
-        assert_eq!(&ko[..4], b"\x7fELF", "{m}.ko");
+    for p in &paths {
+        let (_, ko) = &files[p.trim_start_matches('/')];
+        assert_eq!(&ko[..4], b"\x7fELF", "{p}");
     }
 
     // It goes in as the initrd of Debian's kernel in a small guest.
