@@ -65,10 +65,16 @@ fn initramfs_has_busybox_init_and_virtio_modules_in_order() {
 
     let order = String::from_utf8(files["lib/modules/kvmbox-load-order"].1.clone()).unwrap();
     let paths: Vec<&str> = order.lines().collect();
-    // Module names: file names without .ko.
-    let order: Vec<&str> = paths
+    // Module names: file names without .ko, with '-' read as '_' as the kernel does.
+    let order: Vec<String> = paths
         .iter()
-        .map(|p| p.rsplit('/').next().unwrap().trim_end_matches(".ko"))
+        .map(|p| {
+            p.rsplit('/')
+                .next()
+                .unwrap()
+                .trim_end_matches(".ko")
+                .replace('-', "_")
+        })
         .collect();
     let pos = |m: &str| {
         order
