@@ -212,8 +212,8 @@ impl VirtioPciDevice {
     /// address. Returns false when the backend has no such shortcut. Call after the BAR is
     /// placed (after `PciRoot::add_device`).
     pub fn register_ioevents(&self, vm: &dyn Vm) -> Result<bool> {
-        let Some(bar) = self.config.bar_address(0) else {
-            return Ok(false);
+        let Some(bar) = self.config.bar_address(0).filter(|&b| b != 0) else {
+            return Ok(false); // BAR 0 not placed yet
         };
         for (i, evt) in self.common.queue_evts().iter().enumerate() {
             let addr = bar + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER);
