@@ -70,6 +70,9 @@ pub const PCI_MMIO32_SIZE: u64 = 0x1000_0000;
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// Size of one virtio-mmio window.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Interrupt lines for virtio-mmio devices, in order: ISA lines no PC device here uses
+/// (not 1 i8042, 4 COM1, 8 RTC, 9 SCI, 12 PS/2 aux).
+pub const VIRTIO_MMIO_GSIS: [u32; 7] = [5, 6, 7, 10, 11, 14, 15];
 /// A page of MMIO space that no device claims: reads return all ones, writes are dropped.
 /// The test guest measures MMIO exit round trips here.
 pub const MMIO_PROBE_START: u64 = 0xdf00_0000;

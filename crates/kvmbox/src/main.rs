@@ -30,7 +30,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// TOML file with the same settings (kernel, initrd, cmdline, cpus, memory, accel, on_reboot, pvh); flags override it.
+    /// TOML file with the same settings (kernel, initrd, cmdline, cpus, memory, accel, on_reboot, pvh, disks, nets, rng, virtio); flags override it, --disk/--net add to it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Kernel: bzImage, ELF vmlinux (PVH or 64-bit entry), or a freestanding ELF.
@@ -57,6 +57,18 @@ struct RunArgs {
     /// Boot an ELF kernel through its 64-bit entry even when it has a PVH entry.
     #[arg(long)]
     no_pvh: bool,
+    /// A virtio-blk disk on a raw image file: PATH[,ro][,serial=ID]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// A virtio-net interface on a TAP device: tap=NAME[,mac=MAC]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
+    /// A virtio-rng device fed by the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+    /// How virtio devices attach: pci (stock kernels) or mmio (virtio_mmio.device= on the command line) [default: pci].
+    #[arg(long, value_name = "TRANSPORT")]
+    virtio: Option<String>,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -78,6 +90,10 @@ fn run(args: RunArgs) -> ExitCode {
         accel: args.accel,
         on_reboot: args.on_reboot,
         no_pvh: args.no_pvh,
+        disks: args.disk,
+        nets: args.net,
+        rng: args.rng,
+        virtio: args.virtio,
     };
     let cfg = match VmConfig::build(file, overrides) {
         Ok(c) => c,

@@ -1,6 +1,8 @@
 //! What a VM is made of: the settings from the command line and from a TOML file.
 
 use kvmbox_cpu::Accel;
+use kvmbox_virtio::block::DiskConfig;
+use kvmbox_virtio::net::NetConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -61,6 +63,31 @@ impl std::str::FromStr for OnReboot {
     }
 }
 
+/// How virtio devices reach the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtioTransport {
+    /// virtio-pci (modern) on PCI bus 0: what stock distribution kernels find.
+    #[default]
+    Pci,
+    /// virtio-mmio, announced with `virtio_mmio.device=` on the kernel command line
+    /// (microVM kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+    Mmio,
+}
+
+impl std::str::FromStr for VirtioTransport {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "pci" => Ok(VirtioTransport::Pci),
+            "mmio" => Ok(VirtioTransport::Mmio),
+            o => Err(ConfigError::Invalid(format!(
+                "invalid --virtio '{o}': expected pci or mmio"
+            ))),
+        }
+    }
+}
+
 /// Parse a memory size: `512`, `512M`, `2G`, `1048576K`, `4294967296B`. Plain numbers are MiB,
 /// as in QEMU's `-m`.
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
@@ -104,6 +131,12 @@ pub struct FileConfig {
     accel: Option<String>,
     on_reboot: Option<OnReboot>,
     pvh: Option<bool>,
+    #[serde(default)]
+    disks: Vec<String>,
+    #[serde(default)]
+    nets: Vec<String>,
+    rng: Option<bool>,
+    virtio: Option<VirtioTransport>,
 }
 
 impl FileConfig {
@@ -150,6 +183,14 @@ pub struct Overrides {
     pub on_reboot: Option<String>,
     /// --no-pvh
     pub no_pvh: bool,
+    /// --disk, each `PATH[,ro][,serial=ID]`
+    pub disks: Vec<String>,
+    /// --net, each `tap=NAME[,mac=MAC]`
+    pub nets: Vec<String>,
+    /// --rng
+    pub rng: bool,
+    /// --virtio
+    pub virtio: Option<String>,
 }
 
 /// Which accelerator was asked for.
@@ -180,6 +221,14 @@ pub struct VmConfig {
     pub on_reboot: OnReboot,
     /// Use an ELF kernel's PVH entry when it has one.
     pub pvh: bool,
+    /// virtio-blk disks.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces.
+    pub nets: Vec<NetConfig>,
+    /// A virtio-rng device.
+    pub rng: bool,
+    /// Transport for virtio devices.
+    pub virtio: VirtioTransport,
 }
 
 /// The command line used when none is given: serial console, reboot through the i8042
@@ -225,7 +274,30 @@ impl VmConfig {
             Some(s) => s.parse()?,
             None => f.on_reboot.unwrap_or_default(),
         };
+        // Flags add to the file's devices (as repeated flags add to each other).
+        let disks = f
+            .disks
+            .iter()
+            .chain(&o.disks)
+            .map(|d| d.parse::<DiskConfig>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let nets = f
+            .nets
+            .iter()
+            .chain(&o.nets)
+            .map(|n| n.parse::<NetConfig>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let virtio = match o.virtio {
+            Some(s) => s.parse()?,
+            None => f.virtio.unwrap_or_default(),
+        };
         Ok(VmConfig {
+            disks,
+            nets,
+            rng: o.rng || f.rng.unwrap_or(false),
+            virtio,
             kernel,
             initrd: o.initrd.or(f.initrd),
             cmdline: o

@@ -1,6 +1,6 @@
 //! Building and running one VM.
 
-use crate::config::{AccelChoice, OnReboot, VmConfig};
+use crate::config::{AccelChoice, OnReboot, VirtioTransport, VmConfig};
 use crate::console::{spawn_stdin_forwarder, RawTerminal};
 use crate::{EXIT_ERROR, EXIT_POWEROFF, EXIT_REBOOT};
 use kvmbox_arch::layout;
@@ -13,6 +13,12 @@ use kvmbox_devices::legacy::rtc::{Rtc, RTC_IRQ, RTC_PORT, RTC_PORT_LEN};
 use kvmbox_devices::legacy::serial::{SerialPort, SERIAL_PORTS};
 use kvmbox_devices::legacy::IrqTrigger;
 use kvmbox_devices::{ExitRequest, IoBus, VmControl};
+use kvmbox_pci::{PciConfigIo, PciConfigMmio, PciRoot};
+use kvmbox_virtio::block::Block;
+use kvmbox_virtio::net::Net;
+use kvmbox_virtio::rng::Rng;
+use kvmbox_virtio::transport::{attach_mmio, attach_pci};
+use kvmbox_virtio::VirtioDevice;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -169,13 +175,107 @@ fn add_legacy_devices(vm: &dyn Vm, io: &IoBus, control: &Arc<VmControl>) -> Resu
     })
 }
 
+/// The virtio devices the configuration asks for, opened now so that a bad image or TAP name
+/// is reported before anything runs.
+fn virtio_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>> {
+    let user_err = |e: kvmbox_virtio::Error| Error::Device(e.to_string());
+    let mut devs: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for d in &cfg.disks {
+        devs.push(Box::new(Block::new(d).map_err(user_err)?));
+    }
+    for n in &cfg.nets {
+        devs.push(Box::new(Net::new(n).map_err(user_err)?));
+    }
+    if cfg.rng {
+        devs.push(Box::new(Rng::new()));
+    }
+    Ok(devs)
+}
+
+/// MMIO window and interrupt line of each virtio-mmio device (none with PCI).
+fn mmio_slots(cfg: &VmConfig, count: usize) -> Result<Vec<(u64, u32)>> {
+    if cfg.virtio != VirtioTransport::Mmio {
+        return Ok(Vec::new());
+    }
+    if count > layout::VIRTIO_MMIO_GSIS.len() {
+        return Err(Error::Device(format!(
+            "{count} virtio devices, but --virtio mmio has interrupt lines for {}",
+            layout::VIRTIO_MMIO_GSIS.len()
+        )));
+    }
+    Ok(layout::VIRTIO_MMIO_GSIS
+        .iter()
+        .take(count)
+        .enumerate()
+        .map(|(i, &gsi)| {
+            (
+                layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE,
+                gsi,
+            )
+        })
+        .collect())
+}
+
+/// Put the virtio devices on PCI bus 0 (with the host bridge, CF8/CFC and ECAM) or at their
+/// virtio-mmio windows.
+fn attach_virtio(
+    cfg: &VmConfig,
+    vm: &dyn Vm,
+    io: &Arc<IoBus>,
+    mem: &kvmbox_cpu::GuestMemory,
+    devices: Vec<Box<dyn VirtioDevice>>,
+    mmio_slots: &[(u64, u32)],
+) -> Result<()> {
+    let virtio_err = |e: kvmbox_virtio::Error| Error::Device(e.to_string());
+    let bus_err = |e: kvmbox_devices::BusError| Error::Device(e.to_string());
+    match cfg.virtio {
+        VirtioTransport::Pci => {
+            let root = Arc::new(Mutex::new(PciRoot::new(Arc::downgrade(io))));
+            io.pio
+                .insert(
+                    Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+                    u64::from(layout::PCI_CONFIG_ADDRESS_PORT),
+                    8,
+                )
+                .map_err(bus_err)?;
+            io.mmio
+                .insert(
+                    Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
+                    layout::PCI_ECAM_START,
+                    layout::PCI_ECAM_SIZE,
+                )
+                .map_err(bus_err)?;
+            for dev in devices {
+                attach_pci(&root, vm, mem, dev, None).map_err(virtio_err)?;
+            }
+        }
+        VirtioTransport::Mmio => {
+            for (dev, &(base, gsi)) in devices.into_iter().zip(mmio_slots) {
+                attach_mmio(io, vm, mem, dev, base, gsi).map_err(virtio_err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Build the VM, run it until something asks it to stop, tear it down. Returns the request.
 fn boot_once(cfg: &VmConfig, accel: Accel, session: &Session) -> Result<ExitRequest> {
     let mem = kvmbox_arch::guest_memory(cfg.memory)?;
     // The kernel goes in first: a bad image is the user's most likely mistake, and it should be
     // reported as such whatever the backend.
-    let rsdp = kvmbox_arch::create_acpi_tables(&mem, cfg.cpus)?;
-    let mut params = kvmbox_arch::LoadParams::new(&cfg.kernel, &cfg.cmdline, cfg.memory);
+    let devices = virtio_devices(cfg)?;
+    let mmio_slots = mmio_slots(cfg, devices.len())?;
+    let mut cmdline = cfg.cmdline.clone();
+    for &(base, gsi) in &mmio_slots {
+        cmdline.push(' ');
+        cmdline.push_str(&kvmbox_virtio::transport::cmdline_arg(base, gsi));
+    }
+    let mut acpi = kvmbox_arch::AcpiConfig::new(cfg.cpus);
+    if cfg.virtio == VirtioTransport::Pci {
+        acpi.pci = Some(kvmbox_arch::PciHostBridge::new());
+    }
+    let rsdp = kvmbox_arch::create_acpi_tables_with(&mem, &acpi)?;
+    let mut params = kvmbox_arch::LoadParams::new(&cfg.kernel, &cmdline, cfg.memory);
     params.initrd = cfg.initrd.as_deref();
     params.cpus = cfg.cpus;
     params.prefer_pvh = cfg.pvh;
@@ -192,6 +292,7 @@ fn boot_once(cfg: &VmConfig, accel: Accel, session: &Session) -> Result<ExitRequ
     let control = session.control.clone();
     let io = Arc::new(IoBus::default());
     let platform = add_legacy_devices(vm.as_ref(), &io, &control)?;
+    attach_virtio(cfg, vm.as_ref(), &io, &mem, devices, &mmio_slots)?;
 
     let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::new();
     for id in 0..cfg.cpus {
