@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a kernel in a new VM with its serial console on this terminal (Ctrl-A x quits).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check whether this host can run VMs, and which accelerator `auto` picks.
     Doctor {
         /// Print one JSON object instead of text.
@@ -145,7 +145,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Doctor { json } => {
             let report = kvmbox_doctor::run_checks();
             if json {
