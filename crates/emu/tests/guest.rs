@@ -498,3 +498,49 @@ fn cpuid_overrides_and_msr_handler_reach_the_guest() {
         vec![(0, 0x4b56_4d01, 0x1001)]
     );
 }
+
+#[test]
+fn x87_loads_and_stores() {
+    // Linux's AMD FXSAVE-leak workaround runs FNCLEX; EMMS; FILD before FXRSTOR.
+    let code = asm64(CODE, |a| {
+        a.mov(rdi, DATA)?;
+        a.mov(qword_ptr(rdi), -123_456_789i32)?;
+        a.fnclex()?;
+        a.emms()?;
+        a.fild(qword_ptr(rdi))?;
+        a.fld1()?;
+        a.fxch(st0, st1)?;
+        a.fistp(dword_ptr(rdi + 8))?; // -123456789
+        a.fistp(word_ptr(rdi + 12))?; // 1
+        a.mov(eax, dword_ptr(rdi + 8))?;
+        a.out(0xe9u32, eax)?;
+        a.movzx(eax, word_ptr(rdi + 12))?;
+        a.out(0xe9u32, eax)?;
+        a.mov(rax, 0x4009_21fb_5444_2d18u64)?; // pi
+        a.mov(qword_ptr(rdi + 16), rax)?;
+        a.fld(qword_ptr(rdi + 16))?;
+        a.fchs()?;
+        a.fstp(qword_ptr(rdi + 24))?;
+        a.mov(rax, qword_ptr(rdi + 24))?;
+        a.shr(rax, 32)?;
+        a.out(0xe9u32, eax)?;
+        a.fnstsw(ax)?;
+        a.movzx(eax, ax)?;
+        a.out(0xe9u32, eax)?; // TOP back to 0
+        a.hlt()
+    });
+    let (_mem, _vm, mut v) = long_machine(&code);
+    let io = Recorder::default();
+    let r = v.run(&io).unwrap();
+    assert_eq!(
+        r,
+        VcpuExit::Halted,
+        "{:?} rip {:#x}",
+        v.stats().unimplemented,
+        v.state().rip
+    );
+    assert_eq!(
+        io.writes(0xe9),
+        vec![(-123_456_789i32) as u32 as u64, 1, 0xc009_21fb, 0]
+    );
+}

@@ -907,7 +907,22 @@ impl Cpu {
             | M::Stmxcsr
             | M::Fnstenv
             | M::Fldenv
-            | M::Emms => self.exec_x87(ins)?,
+            | M::Emms
+            | M::Fild
+            | M::Fld
+            | M::Fldz
+            | M::Fld1
+            | M::Fstp
+            | M::Fst
+            | M::Fistp
+            | M::Fist
+            | M::Fxch
+            | M::Ffree
+            | M::Fnop
+            | M::Fincstp
+            | M::Fdecstp
+            | M::Fchs
+            | M::Fabs => self.exec_x87(ins)?,
             _ => {
                 if self.exec_sse(ins)? {
                     return Ok(());
