@@ -340,7 +340,7 @@ void trap(struct trap_frame *f)
 /* ------------------------------------------------------------ command line */
 
 /* What a scenario accepts after ':'. */
-enum { ARG_NONE, ARG_NUMBER, ARG_REBOOT_METHOD };
+enum { ARG_NONE, ARG_NUMBER, ARG_REBOOT_METHOD, ARG_RO };
 
 struct scenario {
 	const char *name;
@@ -366,6 +366,12 @@ static const struct scenario scenarios[] = {
 	{"reboot", test_reboot, ARG_REBOOT_METHOD, 1},
 	{"triplefault", test_triplefault, ARG_NONE, 0},
 	{"irq", test_irq, ARG_NONE, 1},
+	{"blk", test_blk, ARG_RO, 0},
+	{"blkbench", test_blkbench, ARG_NUMBER, 0},
+	{"net", test_net, ARG_NUMBER, 0},
+	{"netecho", test_netecho, ARG_NUMBER, 0},
+	{"netbench", test_netbench, ARG_NUMBER, 0},
+	{"rng", test_rng, ARG_NONE, 0},
 };
 #define NR_SCENARIOS (sizeof(scenarios) / sizeof(scenarios[0]))
 
@@ -444,6 +450,7 @@ static void parse_plan(void)
 		int arg_ok = sc->takes_arg == ARG_NUMBER	     ? valid_number(arg)
 			     : sc->takes_arg == ARG_REBOOT_METHOD ? !memcmp(arg, "i8042", 6) ||
 									!memcmp(arg, "acpi", 5)
+			     : sc->takes_arg == ARG_RO		  ? !memcmp(arg, "ro", 3)
 								  : 0;
 		if (a && !arg_ok) {
 			printk("KVMBOX-TEST done result=fail reason=bad-argument:%s:%s\n", name, arg);

@@ -149,6 +149,14 @@ int test_irq(const char *arg);
 /* shell.c */
 int test_shell(const char *arg);
 
+/* virtio.c: virtio 1.x PCI driver and its scenarios */
+int test_blk(const char *arg);
+int test_blkbench(const char *arg);
+int test_net(const char *arg);
+int test_netecho(const char *arg);
+int test_netbench(const char *arg);
+int test_rng(const char *arg);
+
 static inline void outb(u16 port, u8 v)
 {
 	__asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
