@@ -1,0 +1,148 @@
+//! Engine bring-up tool: boots a Linux kernel (bzImage, decompressed on the host) with an
+//! optional initramfs on kvmbox-emu, with kvmbox-irqchip (LAPIC/IOAPIC/PIC), the PIT, COM1
+//! and the ACPI PM block, and prints the console and the engine's counters. Not the VMM:
+//! `kvmbox run --accel emu` is; this exists to find engine gaps with real kernels.
+//!
+//! Usage: linux-probe KERNEL [INITRD] [EXTRA-CMDLINE] [MAX-INSTRUCTIONS]
+
+use kvmbox_cpu::{IoHandler, Vcpu, VcpuExit};
+use kvmbox_devices::legacy::pit::{Clock, HostClock, Pit, TimerThread, TimerWaker};
+use kvmbox_devices::{IoBus, VmControl};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The platform's buses plus a count of port accesses (printed at the end).
+struct Platform {
+    bus: IoBus,
+    ports: Mutex<std::collections::BTreeMap<u16, u64>>,
+}
+
+impl Platform {
+    fn count(&self, port: u16) {
+        *self.ports.lock().unwrap().entry(port).or_default() += 1;
+    }
+}
+
+impl IoHandler for Platform {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        self.count(port);
+        self.bus.pio_read(port, data);
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        self.count(port);
+        self.bus.pio_write(port, data);
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        self.bus.mmio_read(addr, data);
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.bus.mmio_write(addr, data);
+    }
+}
+
+struct Stdout;
+impl Write for Stdout {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut o = std::io::stdout();
+        o.write_all(b)?;
+        o.flush()?;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn host_tsc_hz() -> u64 {
+    let t0 = Instant::now();
+    // SAFETY: RDTSC has no memory effects.
+    let c0 = unsafe { core::arch::x86_64::_rdtsc() };
+    std::thread::sleep(Duration::from_millis(50));
+    // SAFETY: as above.
+    let c1 = unsafe { core::arch::x86_64::_rdtsc() };
+    ((c1 - c0) as f64 / t0.elapsed().as_secs_f64()) as u64
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(kernel) = args.get(1).map(std::path::PathBuf::from) else {
+        eprintln!("usage: linux-probe KERNEL [INITRD] [EXTRA-CMDLINE] [MAX-INSTRUCTIONS]");
+        std::process::exit(2);
+    };
+    let initrd = args.get(2).filter(|s| !s.is_empty()).map(std::path::PathBuf::from);
+    let cmdline = format!("console=ttyS0 {}", args.get(3).cloned().unwrap_or_default());
+    let max: u64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(20_000_000_000);
+    let mem_size = 256u64 << 20;
+    let mem = kvmbox_arch::guest_memory(mem_size).expect("guest memory");
+    let rsdp = kvmbox_arch::create_acpi_tables(&mem, 1).expect("ACPI tables");
+    let mut p = kvmbox_arch::LoadParams::new(&kernel, &cmdline, mem_size);
+    p.rsdp = Some(rsdp);
+    p.initrd = initrd.as_deref();
+    p.host_decompress = true;
+    p.prefer_pvh = false;
+    let setup = kvmbox_arch::load(&mem, &p).expect("kernel load");
+
+    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
+    let chip = kvmbox_irqchip::IrqChip::new(1, clock.clone(), host_tsc_hz()).expect("irqchip");
+    let io = Platform {
+        bus: IoBus::default(),
+        ports: Mutex::default(),
+    };
+    chip.attach(&io.bus).expect("irqchip bus devices");
+    let serial = kvmbox_devices::legacy::serial::SerialPort::new(
+        kvmbox_devices::legacy::IrqTrigger(chip.irq_line(4).expect("IRQ 4")),
+        Box::new(Stdout),
+    );
+    io.bus.pio.insert(Arc::new(Mutex::new(serial)), 0x3f8, 8).unwrap();
+    let waker = Arc::new(TimerWaker::new());
+    let mut pit = Pit::new(Some(chip.irq_line(0).expect("IRQ 0")), clock.clone());
+    pit.set_waker(waker.clone());
+    let pit = Arc::new(Mutex::new(pit));
+    io.bus.pio.insert(pit.clone(), 0x40, 4).unwrap();
+    io.bus.pio.insert(pit.clone(), 0x61, 1).unwrap();
+    let _pit_thread = TimerThread::spawn("pit", pit, clock, waker).expect("PIT thread");
+    let control = Arc::new(VmControl::new().expect("eventfd"));
+    let pm = kvmbox_devices::legacy::acpi_pm::AcpiPm::new(control.clone(), 5);
+    io.bus
+        .pio
+        .insert(Arc::new(Mutex::new(pm)), 0x600, kvmbox_devices::legacy::acpi_pm::PM_BLOCK_LEN)
+        .unwrap();
+
+    let vm = kvmbox_emu::EmuVm::new(mem);
+    vm.set_interrupt_controller(Arc::new(chip));
+    let mut v = vm.create_emu_vcpu(0).expect("vCPU");
+    v.configure(&kvmbox_cpu::VcpuConfig { id: 0, count: 1 }).unwrap();
+    v.set_sregs(&setup.sregs).unwrap();
+    v.set_regs(&setup.regs).unwrap();
+    let t = Instant::now();
+    let mut done = 0u64;
+    let why = loop {
+        if done >= max {
+            break "instruction limit".to_string();
+        }
+        if let Some(req) = control.pending() {
+            break format!("platform request {req:?}");
+        }
+        match v.run_steps(&io, 10_000_000) {
+            Ok(None) | Ok(Some(VcpuExit::Halted)) => {}
+            other => break format!("{other:?}"),
+        }
+        done += 10_000_000;
+    };
+    let st = v.stats();
+    let s = v.state();
+    eprintln!(
+        "\nstopped: {why}\n{} instructions in {:.1} s ({:.1} M/s); rip {:#x}; exceptions {}; TLB misses {}; decoded-cache hits {}, decodes {}; unimplemented {:?}",
+        st.instructions,
+        t.elapsed().as_secs_f64(),
+        st.instructions as f64 / t.elapsed().as_secs_f64() / 1e6,
+        s.rip,
+        st.exceptions,
+        st.tlb_misses,
+        st.decode_hits,
+        st.decodes,
+        st.unimplemented
+    );
+    eprintln!("port accesses: {:x?}", io.ports.lock().unwrap());
+}
