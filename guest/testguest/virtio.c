@@ -407,6 +407,7 @@ static const char *vq_setup(struct vdev *d, u16 index, u16 max)
 	q->avail[2 + size] = 0xffff; /* used_event: no interrupt wanted soon */
 	q->used[0] = 0;
 	q->used[1] = 0;
+	q->used[2 + 4 * size] = 0; /* avail_event: a previous run's value would suppress kicks */
 	q->next_avail = 0;
 	q->last_used = 0;
 	q->notifies = 0;
