@@ -30,6 +30,8 @@ struct HostState {
     regs: [u64; 16],
     flags: u64,
     saved_rsp: u64,
+    /// XMM0..XMM3 (offset 144).
+    xmm: [u128; 4],
 }
 
 type Asm = fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>;
@@ -601,6 +603,9 @@ impl Native {
             }
             a.mov(rax, st_ptr)?;
             a.mov(qword_ptr(rax + 136), rsp)?;
+            for (i, x) in [xmm0, xmm1, xmm2, xmm3].into_iter().enumerate() {
+                a.movdqu(x, xmmword_ptr(rax + 144 + 16 * i as i32))?;
+            }
             a.push(qword_ptr(rax + 128))?;
             a.popfq()?;
             for (r, off) in order {
@@ -613,6 +618,9 @@ impl Native {
             a.mov(rax, st_ptr)?;
             for (r, off) in order {
                 a.mov(qword_ptr(rax + off), r)?;
+            }
+            for (i, x) in [xmm0, xmm1, xmm2, xmm3].into_iter().enumerate() {
+                a.movdqu(xmmword_ptr(rax + 144 + 16 * i as i32), x)?;
             }
             a.pop(rcx)?;
             a.mov(qword_ptr(rax), rcx)?;
@@ -664,6 +672,17 @@ impl Emu {
         flags: u64,
         buf: &mut [u8; 64],
     ) -> ([u64; 16], u64) {
+        self.run_x(insn, regs, flags, buf, &mut [0; 4])
+    }
+
+    fn run_x(
+        &mut self,
+        insn: &[u8],
+        regs: &[u64; 16],
+        flags: u64,
+        buf: &mut [u8; 64],
+        xmm: &mut [u128; 4],
+    ) -> ([u64; 16], u64) {
         let mut code = insn.to_vec();
         code.push(0xf4);
         self.mem.write_slice(&code, GuestAddress(CODE)).unwrap();
@@ -694,8 +713,17 @@ impl Emu {
                 rflags: flags,
             })
             .unwrap();
+        self.vcpu.state_mut().xmm[..4].copy_from_slice(xmm);
         let io = Recorder::default();
-        assert_eq!(self.vcpu.run(&io).unwrap(), VcpuExit::Halted);
+        let exit = self.vcpu.run(&io).unwrap();
+        assert_eq!(
+            exit,
+            VcpuExit::Halted,
+            "emulator stopped at rip {:#x}; unimplemented: {:?}",
+            self.vcpu.state().rip,
+            self.vcpu.stats().unimplemented
+        );
+        xmm.copy_from_slice(&self.vcpu.state().xmm[..4]);
         let o = self.vcpu.regs().unwrap();
         assert_eq!(
             o.rip,
@@ -751,6 +779,7 @@ fn instruction_forms_match_the_host_cpu() {
                 regs: hs,
                 flags: flags_in | 0x200,
                 saved_rsp: 0,
+                xmm: [0; 4],
             };
             native.run();
             let n_regs = native.state.regs;
@@ -793,6 +822,252 @@ fn instruction_forms_match_the_host_cpu() {
         }
     }
     println!("{} forms, {compared} cases compared", forms.len());
+    assert!(
+        failures.is_empty(),
+        "{} forms differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Lane kind of an SSE form's random inputs.
+#[derive(Clone, Copy, PartialEq)]
+enum Lanes {
+    /// Random bits.
+    Int,
+    /// Finite single-precision values.
+    F32,
+    /// Finite double-precision values.
+    F64,
+}
+
+struct SseForm {
+    name: &'static str,
+    asm: Asm,
+    lanes: Lanes,
+}
+
+macro_rules! s {
+    ($v:ident, $name:expr, $lanes:expr, |$a:ident| $body:expr) => {
+        $v.push(SseForm {
+            name: $name,
+            asm: |$a| $body,
+            lanes: $lanes,
+        })
+    };
+}
+
+macro_rules! sse_rr {
+    ($v:ident, $lanes:expr, $($op:ident),*) => {
+        $( s!($v, concat!(stringify!($op), " xmm0,xmm1"), $lanes, |a| a.$op(xmm0, xmm1)); )*
+    };
+}
+
+fn sse_forms() -> Vec<SseForm> {
+    use Lanes::*;
+    let mut v = Vec::new();
+    sse_rr!(v, Int, pxor, por, pand, pandn, xorps, andps, orps, andnps, xorpd, andpd, orpd);
+    sse_rr!(v, Int, paddb, paddw, paddd, paddq, psubb, psubw, psubd, psubq);
+    sse_rr!(v, Int, paddusb, paddusw, psubusb, psubusw, paddsb, paddsw, psubsb, psubsw);
+    sse_rr!(v, Int, pcmpeqb, pcmpeqw, pcmpeqd, pcmpgtb, pcmpgtw, pcmpgtd);
+    sse_rr!(v, Int, pminub, pmaxub, pminsw, pmaxsw, pavgb, pavgw);
+    sse_rr!(v, Int, pmullw, pmulhw, pmulhuw, pmuludq, pmaddwd, psadbw);
+    sse_rr!(v, Int, punpcklbw, punpcklwd, punpckldq, punpcklqdq);
+    sse_rr!(v, Int, punpckhbw, punpckhwd, punpckhdq, punpckhqdq);
+    sse_rr!(v, Int, unpcklps, unpckhps, unpcklpd, unpckhpd);
+    sse_rr!(v, Int, packsswb, packssdw, packuswb);
+    sse_rr!(v, Int, movdqa, movdqu, movaps, movups, movss, movhlps, movlhps);
+    s!(v, "movsd xmm0,xmm1", Int, |a| a.movsd_2(xmm0, xmm1));
+    s!(v, "pshufd xmm0,xmm1,0x1b", Int, |a| a
+        .pshufd(xmm0, xmm1, 0x1b));
+    s!(v, "pshuflw xmm0,xmm1,0x4e", Int, |a| a
+        .pshuflw(xmm0, xmm1, 0x4e));
+    s!(v, "pshufhw xmm0,xmm1,0xb1", Int, |a| a
+        .pshufhw(xmm0, xmm1, 0xb1));
+    s!(v, "shufps xmm0,xmm1,0x9c", Int, |a| a
+        .shufps(xmm0, xmm1, 0x9c));
+    s!(v, "shufpd xmm0,xmm1,1", Int, |a| a.shufpd(xmm0, xmm1, 1));
+    s!(v, "psllw xmm0,3", Int, |a| a.psllw(xmm0, 3));
+    s!(v, "pslld xmm0,17", Int, |a| a.pslld(xmm0, 17));
+    s!(v, "psllq xmm0,33", Int, |a| a.psllq(xmm0, 33));
+    s!(v, "psrlw xmm0,15", Int, |a| a.psrlw(xmm0, 15));
+    s!(v, "psrld xmm0,1", Int, |a| a.psrld(xmm0, 1));
+    s!(v, "psrlq xmm0,63", Int, |a| a.psrlq(xmm0, 63));
+    s!(v, "psraw xmm0,4", Int, |a| a.psraw(xmm0, 4));
+    s!(v, "psrad xmm0,31", Int, |a| a.psrad(xmm0, 31));
+    s!(v, "psrlw xmm0,xmm2", Int, |a| a.psrlw(xmm0, xmm2));
+    s!(v, "psllq xmm0,xmm2", Int, |a| a.psllq(xmm0, xmm2));
+    s!(v, "psrad xmm0,xmm2", Int, |a| a.psrad(xmm0, xmm2));
+    s!(v, "pslldq xmm0,5", Int, |a| a.pslldq(xmm0, 5));
+    s!(v, "psrldq xmm0,9", Int, |a| a.psrldq(xmm0, 9));
+    s!(v, "pmovmskb eax,xmm1", Int, |a| a.pmovmskb(eax, xmm1));
+    s!(v, "movmskps eax,xmm1", Int, |a| a.movmskps(eax, xmm1));
+    s!(v, "movmskpd eax,xmm1", Int, |a| a.movmskpd(eax, xmm1));
+    s!(v, "movd eax,xmm1", Int, |a| a.movd(eax, xmm1));
+    s!(v, "movd xmm0,ecx", Int, |a| a.movd(xmm0, ecx));
+    s!(v, "movq rax,xmm1", Int, |a| a.movq(rax, xmm1));
+    s!(v, "movq xmm0,rcx", Int, |a| a.movq(xmm0, rcx));
+    s!(v, "movq xmm0,xmm1", Int, |a| a.movq(xmm0, xmm1));
+    s!(v, "movq xmm0,[r15]", Int, |a| a
+        .movq(xmm0, qword_ptr(r15 + 8)));
+    s!(v, "movq [r15],xmm1", Int, |a| a
+        .movq(qword_ptr(r15 + 4), xmm1));
+    s!(v, "movdqu xmm0,[r15]", Int, |a| a
+        .movdqu(xmm0, xmmword_ptr(r15 + 3)));
+    s!(v, "movdqu [r15],xmm1", Int, |a| a
+        .movdqu(xmmword_ptr(r15 + 5), xmm1));
+    s!(v, "movups xmm0,[r15]", Int, |a| a
+        .movups(xmm0, xmmword_ptr(r15 + 7)));
+    s!(v, "movss xmm0,[r15]", Int, |a| a
+        .movss(xmm0, dword_ptr(r15 + 4)));
+    s!(v, "movsd [r15],xmm1", Int, |a| a
+        .movsd_2(qword_ptr(r15 + 8), xmm1));
+    s!(v, "movsd xmm0,[r15]", Int, |a| a
+        .movsd_2(xmm0, qword_ptr(r15 + 8)));
+    s!(v, "movhps xmm0,[r15]", Int, |a| a
+        .movhps(xmm0, qword_ptr(r15 + 16)));
+    s!(v, "movlps xmm0,[r15]", Int, |a| a
+        .movlps(xmm0, qword_ptr(r15 + 16)));
+    s!(v, "movhpd [r15],xmm1", Int, |a| a
+        .movhpd(qword_ptr(r15 + 16), xmm1));
+    s!(v, "pextrw eax,xmm1,3", Int, |a| a.pextrw(eax, xmm1, 3));
+    s!(v, "pinsrw xmm0,ecx,5", Int, |a| a.pinsrw(xmm0, ecx, 5));
+    s!(v, "pcmpeqb xmm0,[r15]", Int, |a| a
+        .pcmpeqb(xmm0, xmmword_ptr(r15 + 16)));
+    sse_rr!(v, F64, addsd, subsd, mulsd, divsd, minsd, maxsd, addpd, subpd, mulpd, divpd);
+    sse_rr!(v, F64, minpd, maxpd, comisd, ucomisd, cvtsd2ss, cvttpd2dq, cvtpd2ps);
+    sse_rr!(v, F32, addss, subss, mulss, divss, minss, maxss, addps, subps, mulps, divps);
+    sse_rr!(v, F32, minps, maxps, comiss, ucomiss, cvtss2sd, cvttps2dq, cvtps2pd);
+    sse_rr!(v, Int, cvtdq2pd, cvtdq2ps);
+    s!(v, "sqrtsd xmm0,xmm1", F64, |a| a.sqrtsd(xmm0, xmm1));
+    s!(v, "sqrtps xmm0,xmm1", F32, |a| a.sqrtps(xmm0, xmm1));
+    s!(v, "cvtsi2sd xmm0,rcx", F64, |a| a.cvtsi2sd(xmm0, rcx));
+    s!(v, "cvtsi2sd xmm0,ecx", F64, |a| a.cvtsi2sd(xmm0, ecx));
+    s!(v, "cvtsi2ss xmm0,rcx", F32, |a| a.cvtsi2ss(xmm0, rcx));
+    s!(v, "cvttsd2si rax,xmm1", F64, |a| a.cvttsd2si(rax, xmm1));
+    s!(v, "cvtsd2si eax,xmm1", F64, |a| a.cvtsd2si(eax, xmm1));
+    s!(v, "cvttss2si eax,xmm1", F32, |a| a.cvttss2si(eax, xmm1));
+    s!(v, "cvtss2si rax,xmm1", F32, |a| a.cvtss2si(rax, xmm1));
+    s!(v, "addsd xmm0,[r15]", F64, |a| a
+        .addsd(xmm0, qword_ptr(r15 + 8)));
+    s!(v, "mulps xmm0,[r15]", F32, |a| a
+        .mulps(xmm0, xmmword_ptr(r15 + 16)));
+    v
+}
+
+impl Rng {
+    fn f64v(&mut self) -> f64 {
+        match self.next() % 6 {
+            0 => 0.0,
+            1 => -((self.next() % 1000) as f64),
+            2 => (self.next() % 1_000_000) as f64 / ((self.next() % 997) as f64 + 1.0),
+            3 => ((self.next() as i64) >> 20) as f64 * 1.5,
+            4 => (self.next() % 7) as f64 + 0.5,
+            _ => -((self.next() % 100_000) as f64) / 3.0,
+        }
+    }
+    fn xmm(&mut self, lanes: Lanes) -> u128 {
+        match lanes {
+            Lanes::Int => (self.value() as u128) | ((self.value() as u128) << 64),
+            Lanes::F64 => (self.f64v().to_bits() as u128) | ((self.f64v().to_bits() as u128) << 64),
+            Lanes::F32 => {
+                let mut r = 0u128;
+                for i in 0..4 {
+                    r |= ((self.f64v() as f32).to_bits() as u128) << (32 * i);
+                }
+                r
+            }
+        }
+    }
+}
+
+#[test]
+fn sse_forms_match_the_host_cpu() {
+    let mut native = Native::new();
+    let mut emu = Emu::new();
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let forms = sse_forms();
+    let mut failures = Vec::new();
+    let mut compared = 0usize;
+    for form in &forms {
+        let insn = asm64(0, form.asm);
+        native.load(&insn);
+        for _ in 0..CASES {
+            let mut regs = [0u64; 16];
+            for r in regs.iter_mut() {
+                *r = rng.value();
+            }
+            if form.lanes != Lanes::Int {
+                // Integer sources of conversions: keep them moderate.
+                regs[1] = ((regs[1] as i64) >> 8) as u64;
+            }
+            let mut xmm = [0u128; 4];
+            for x in xmm.iter_mut() {
+                *x = rng.xmm(form.lanes);
+            }
+            // Shift counts in XMM2: sometimes in range.
+            if rng.next().is_multiple_of(2) {
+                xmm[2] = (rng.next() % 70) as u128;
+            }
+            let flags_in = (rng.next() & ALL) | 2;
+            let mut mem_in = [0u8; 64];
+            for chunk in mem_in.chunks_mut(16) {
+                chunk.copy_from_slice(&rng.xmm(form.lanes).to_le_bytes());
+            }
+            let mut host_buf = Box::new(mem_in);
+            let mut hs = regs;
+            hs[15] = host_buf.as_mut_ptr() as u64;
+            *native.state = HostState {
+                regs: hs,
+                flags: flags_in | 0x200,
+                saved_rsp: 0,
+                xmm,
+            };
+            native.run();
+            let (n_regs, n_flags, n_xmm) =
+                (native.state.regs, native.state.flags, native.state.xmm);
+            let mut emu_buf = mem_in;
+            let mut e_xmm = xmm;
+            let (e_regs, e_flags) = emu.run_x(&insn, &regs, flags_in, &mut emu_buf, &mut e_xmm);
+            compared += 1;
+            let mut bad = Vec::new();
+            for i in (0..15).filter(|&i| i != 4) {
+                if n_regs[i] != e_regs[i] {
+                    bad.push(format!("r{i}: host {:#x} emu {:#x}", n_regs[i], e_regs[i]));
+                }
+            }
+            for i in 0..4 {
+                if n_xmm[i] != e_xmm[i] {
+                    bad.push(format!(
+                        "xmm{i}: host {:#034x} emu {:#034x}",
+                        n_xmm[i], e_xmm[i]
+                    ));
+                }
+            }
+            if (n_flags ^ e_flags) & ALL != 0 {
+                bad.push(format!(
+                    "flags: host {:#x} emu {:#x}",
+                    n_flags & ALL,
+                    e_flags & ALL
+                ));
+            }
+            if *host_buf != emu_buf {
+                bad.push("memory differs".to_string());
+            }
+            if !bad.is_empty() {
+                failures.push(format!(
+                    "{}: in xmm0 {:#034x} xmm1 {:#034x} rcx {:#x}: {}",
+                    form.name,
+                    xmm[0],
+                    xmm[1],
+                    regs[1],
+                    bad.join("; ")
+                ));
+                break;
+            }
+        }
+    }
+    println!("{} SSE forms, {compared} cases compared", forms.len());
     assert!(
         failures.is_empty(),
         "{} forms differ:\n{}",

@@ -853,9 +853,8 @@ impl Cpu {
             | M::Outsb
             | M::Outsw
             | M::Outsd
-                if !(ins.mnemonic() == M::Movsd || ins.mnemonic() == M::Cmpsd)
-                    || ins.op_count() == 0
-                    || !ins.op0_register().is_xmm() =>
+                if !matches!(ins.mnemonic(), M::Movsd | M::Cmpsd)
+                    || !matches!(ins.op0_kind(), OpKind::Register | OpKind::Memory) =>
             {
                 self.exec_string(ins)?
             }
