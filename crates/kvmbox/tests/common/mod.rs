@@ -438,3 +438,20 @@ impl Drop for Interactive {
         self.kill();
     }
 }
+
+/// Prints one loud `SKIP: <test>: <why>` line (also appended to `$KVMBOX_SKIP_LOG`), the same
+/// way [`kvm_or_skip`] reports a missing /dev/kvm.
+pub fn skip(test: &str, why: &str) {
+    let line = format!("SKIP: {test}: {why}");
+    eprintln!("{line}");
+    if let Ok(log) = std::env::var("KVMBOX_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! The freestanding test guest drives kvmbox's virtio devices on KVM through its own
+//! virtio 1.x PCI driver (guest/testguest/virtio.c): virtio-blk against a raw image file the
+//! test checks byte for byte, virtio-rng, and virtio-net through a TAP device inside a
+//! network namespace the test creates (root; skipped loudly without `ip netns`).
+//!
+//! `cargo test -p kvmbox --test virtio_kvm -- --ignored --nocapture bench_` runs the
+//! block and network benchmarks on kvmbox and, when installed, on QEMU, and prints ratios.
+
+mod common;
+
+use common::{kvm_or_skip, run_testguest, skip, Interactive, RunResult};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// What the guest's `blk` scenario writes and checks: the first min(capacity, 16 MiB).
+const BLK_REGION: u64 = 16 << 20;
+const MEMORY: &str = "128M";
+
+/// A scratch file removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        Self(std::env::temp_dir().join(format!(
+            "kvmbox-virtio-{tag}-{}-{n}.img",
+            std::process::id()
+        )))
+    }
+    fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The guest's pattern word at disk byte offset `pos` (splitmix64 of the position).
+fn pattern(pos: u64) -> u64 {
+    let mut z = pos.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// FNV-1a 64, as the guest prints it.
+fn fnv1a(data: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("0x{h:x}")
+}
+
+fn disk_arg(path: &str, opts: &str) -> String {
+    format!("{path}{opts}")
+}
+
+#[test]
+fn blk_pattern_lands_in_the_host_file() {
+    if !kvm_or_skip("blk_pattern_lands_in_the_host_file") {
+        return;
+    }
+    // 32 MiB: the guest covers the first 16 MiB. 100 KiB: the last 64 KiB request is short.
+    for (size, serial) in [(32u64 << 20, "kvmbox-disk-0"), (100 << 10, "small")] {
+        let img = TempFile::new("blk");
+        let f = std::fs::File::create(&img.0).unwrap();
+        f.set_len(size).unwrap();
+        drop(f);
+        let disk = disk_arg(img.path(), &format!(",serial={serial}"));
+        let r = run_testguest("kvm", 1, MEMORY, "blk", &["--disk", &disk]);
+        r.assert_guest_ok();
+        let region = size.min(BLK_REGION);
+        assert_eq!(r.get("blk", "capacity_sectors"), (size / 512).to_string());
+        assert_eq!(r.get("blk", "serial"), serial);
+        assert_eq!(r.get("blk", "sectors"), (region / 512).to_string());
+        assert_eq!(r.get("blk", "errors"), "0");
+        assert_eq!(r.get("blk", "mismatched_words"), "0");
+
+        let data = std::fs::read(&img.0).unwrap();
+        assert_eq!(data.len() as u64, size, "the disk file changed size");
+        let region = usize::try_from(region).unwrap();
+        let bad = data[..region]
+            .chunks_exact(8)
+            .enumerate()
+            .filter(|(i, w)| u64::from_le_bytes((*w).try_into().unwrap()) != pattern(*i as u64 * 8))
+            .count();
+        assert_eq!(
+            bad, 0,
+            "words of the host file that differ from the pattern"
+        );
+        assert!(
+            data[region..].iter().all(|&b| b == 0),
+            "the guest wrote past the first {region} bytes"
+        );
+        assert_eq!(r.get("blk", "checksum"), fnv1a(&data[..region]));
+    }
+}
+
+#[test]
+fn read_only_disk_fails_writes_and_reads_the_host_data() {
+    if !kvm_or_skip("read_only_disk_fails_writes_and_reads_the_host_data") {
+        return;
+    }
+    let img = TempFile::new("ro");
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let data: Vec<u8> = (0..(20u64 << 20) / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(&img.0, &data).unwrap();
+    let disk = disk_arg(img.path(), ",ro,serial=ro-disk");
+    let r = run_testguest("kvm", 1, MEMORY, "blk:ro", &["--disk", &disk]);
+    r.assert_guest_ok();
+    assert_eq!(r.get("blk", "ro"), "1");
+    assert_eq!(r.get("blk", "write_status"), "1", "VIRTIO_BLK_S_IOERR");
+    assert_eq!(r.get("blk", "errors"), "0");
+    assert_eq!(
+        r.get("blk", "checksum"),
+        fnv1a(&data[..BLK_REGION as usize])
+    );
+    assert!(
+        std::fs::read(&img.0).unwrap() == data,
+        "a read-only disk's file changed"
+    );
+
+    // The same scenario on a writable disk must fail: the guest checks VIRTIO_BLK_F_RO.
+    let rw = disk_arg(img.path(), "");
+    let r = run_testguest("kvm", 1, MEMORY, "blk:ro", &["--disk", &rw]);
+    assert_eq!(r.get("blk", "error"), "disk-not-read-only");
+    assert_eq!(r.status, Some(3), "guest failure must give status 3");
+}
+
+#[test]
+fn rng_gives_varied_bytes() {
+    if !kvm_or_skip("rng_gives_varied_bytes") {
+        return;
+    }
+    let r = run_testguest("kvm", 1, MEMORY, "rng,rng", &["--rng"]);
+    r.assert_guest_ok();
+    assert_eq!(r.get("rng", "bytes"), "64");
+    // 64 bytes from getrandom: ~56 distinct values expected; 16 or fewer is (practically) impossible.
+    let distinct: u32 = r.get("rng", "distinct").parse().unwrap();
+    assert!(distinct > 16, "only {distinct} distinct bytes of 64");
+}
+
+#[test]
+fn missing_devices_fail_the_scenario_with_one_reason() {
+    if !kvm_or_skip("missing_devices_fail_the_scenario_with_one_reason") {
+        return;
+    }
+    let r = run_testguest("kvm", 1, MEMORY, "blk,net,rng", &[]);
+    assert_eq!(r.status, Some(3));
+    for s in ["blk", "net", "rng"] {
+        assert_eq!(r.get(s, "error"), "no-device", "{s}");
+    }
+    assert_eq!(r.get("done", "reason"), "blk-failed");
+}
+
+/// A network namespace holding one persistent TAP with 10.0.0.1/24; deleted on drop.
+struct NetNs {
+    name: String,
+    tap: String,
+}
+
+impl NetNs {
+    /// None (after one SKIP line) when namespaces or TAPs cannot be made here.
+    fn new(test: &str) -> Option<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let ns = NetNs {
+            name: format!("kvmbox-vk-{pid}-{n}"),
+            tap: format!("kvt{}x{n}", pid % 1_000_000),
+        };
+        let add = Command::new("ip")
+            .args(["netns", "add", &ns.name])
+            .stderr(Stdio::piped())
+            .output();
+        match add {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                skip(
+                    test,
+                    &format!(
+                        "'ip netns add' is not permitted here ({}); this test needs root",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ),
+                );
+                return None;
+            }
+            Err(e) => {
+                skip(test, &format!("cannot run 'ip' ({e}); install iproute2"));
+                return None;
+            }
+        }
+        for args in [
+            vec!["tuntap", "add", "dev", &ns.tap, "mode", "tap"],
+            vec!["addr", "add", "10.0.0.1/24", "dev", &ns.tap],
+            vec!["link", "set", &ns.tap, "up"],
+        ] {
+            let ok = Command::new("ip")
+                .args(["-n", &ns.name])
+                .args(&args)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                skip(test, &format!("'ip -n {} {args:?}' failed", ns.name));
+                return None;
+            }
+        }
+        Some(ns)
+    }
+
+    /// Runs `f` on a thread that entered this namespace: processes it starts live there too.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open the netns file");
+            // SAFETY: setns changes only this thread's network namespace, with an fd we own.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    }
+
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .expect("ip netns exec")
+    }
+
+    /// A counter of the TAP: `rx_packets` counts frames the VMM wrote (the guest sent).
+    fn stat(&self, counter: &str) -> u64 {
+        let path = format!("/sys/class/net/{}/statistics/{counter}", self.tap);
+        let out = self.exec(&["cat", &path]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("reading {path} in {}: {out:?}", self.name))
+    }
+
+    fn tap_mac(&self) -> String {
+        let out = self.exec(&["cat", &format!("/sys/class/net/{}/address", self.tap)]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["-n", &self.name, "link", "del", &self.tap])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn net_arp_and_udp_through_a_tap_in_a_netns() {
+    let test = "net_arp_and_udp_through_a_tap_in_a_netns";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(ns) = NetNs::new(test) else { return };
+    let net = format!("tap={},mac=52:54:00:12:34:56", ns.tap);
+    let before = ns.stat("rx_packets");
+    let r = ns.run(move || run_testguest("kvm", 1, MEMORY, "net,netbench:300", &["--net", &net]));
+    r.assert_guest_ok();
+    assert_eq!(r.get("net", "mac"), "52:54:00:12:34:56");
+    assert_eq!(r.get("net", "sent"), "8");
+    // The kernel answers every ARP request for its own address.
+    assert_eq!(r.get("net", "arp_replies"), "8");
+    assert_eq!(r.get("net", "peer_mac"), ns.tap_mac());
+    assert_eq!(r.get("netbench", "peer_mac"), ns.tap_mac());
+    let frames: u64 = r.get("netbench", "frames").parse().unwrap();
+    assert!(frames > 0);
+    // Every frame the guest saw completed reached the kernel (plus ARP, the ones in flight at the end).
+    let got = ns.stat("rx_packets") - before;
+    assert!(
+        got >= frames + 8 && got <= frames + 8 + 3 + 256,
+        "TAP rx_packets grew by {got}, guest reports {frames} UDP frames + 8 ARP"
+    );
+}
+
+#[test]
+fn netecho_answers_ping_from_the_netns() {
+    let test = "netecho_answers_ping_from_the_netns";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let have_ping = Command::new("ping")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_ping {
+        skip(
+            test,
+            "'ping' not installed (apt-get install -y iputils-ping)",
+        );
+        return;
+    }
+    let Some(ns) = NetNs::new(test) else { return };
+    let net = format!("tap={}", ns.tap);
+    let mut vm = ns.run(move || Interactive::testguest(1, MEMORY, "netecho:6", &["--net", &net]));
+    vm.expect("netecho: answering", Duration::from_secs(30));
+    let ping = ns.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.0.0.2"]);
+    let ping_out = String::from_utf8_lossy(&ping.stdout).into_owned();
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(30)),
+        Some(1),
+        "{}",
+        vm.console()
+    );
+    assert!(
+        ping.status.success() && ping_out.contains("3 received"),
+        "ping 10.0.0.2 in the netns:\n{ping_out}\n{}\nconsole:\n{}",
+        String::from_utf8_lossy(&ping.stderr),
+        vm.console()
+    );
+    let r = RunResult {
+        status: Some(1),
+        stdout: vm.console(),
+        stderr: vm.stderr(),
+        elapsed: Duration::ZERO,
+    };
+    r.assert_guest_ok();
+    assert_eq!(r.get("netecho", "echo_replies"), "3");
+}
+
+// ------------------------------------------------------------------ benchmarks
+
+/// The QEMU reference run of the same guest, or None when QEMU is not installed.
+fn run_qemu(scenarios: &str, devices: &[&str]) -> Option<RunResult> {
+    let guest = common::testguest();
+    let start = std::time::Instant::now();
+    let out = Command::new("timeout")
+        .args(["120", "qemu-system-x86_64"])
+        .args([
+            "-accel",
+            "kvm",
+            "-M",
+            "q35",
+            "-cpu",
+            "host,-arch-capabilities",
+        ])
+        .args(["-m", MEMORY, "-nographic", "-no-reboot", "-kernel"])
+        .arg(guest)
+        .args(["-append", &format!("tests={scenarios}")])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .args(devices)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    if out.status.code() == Some(127) {
+        return None;
+    }
+    Some(RunResult {
+        status: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: start.elapsed(),
+    })
+}
+
+fn num(r: &RunResult, scenario: &str, key: &str) -> f64 {
+    r.get(scenario, key).parse().expect("a number")
+}
+
+fn ratio_line(what: &str, kvmbox: f64, qemu: Option<f64>) {
+    match qemu {
+        Some(q) if q > 0.0 => println!(
+            "{what:<22} kvmbox {kvmbox:>10.0}  qemu {q:>10.0}  kvmbox/qemu {:>6.2}",
+            kvmbox / q
+        ),
+        _ => println!("{what:<22} kvmbox {kvmbox:>10.0}  qemu (not run)"),
+    }
+}
+
+fn image(tag: &str, size: u64) -> TempFile {
+    let img = TempFile::new(tag);
+    let f = std::fs::File::create(&img.0).unwrap();
+    f.set_len(size).unwrap();
+    img
+}
+
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+fn bench_blk_kvmbox_vs_qemu() {
+    if !kvm_or_skip("bench_blk_kvmbox_vs_qemu") {
+        return;
+    }
+    let img = image("bench", 256 << 20);
+    let disk = disk_arg(img.path(), "");
+    let k = run_testguest("kvm", 1, MEMORY, "blkbench", &["--disk", &disk]);
+    k.assert_guest_ok();
+    let drive = format!("file={},if=none,id=d0,format=raw", img.path());
+    let q = run_qemu(
+        "blkbench",
+        &[
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=d0,disable-legacy=on",
+        ],
+    );
+    let q = q.filter(|q| q.results().contains_key("blkbench"));
+    println!(
+        "blkbench: 256 MiB raw file in {}",
+        std::env::temp_dir().display()
+    );
+    for (what, key) in [
+        ("seq read MiB/s", "seq_read_mibs"),
+        ("seq write MiB/s", "seq_write_mibs"),
+        ("4k random read IOPS", "rand4k_read_iops"),
+        ("4k random write IOPS", "rand4k_write_iops"),
+    ] {
+        ratio_line(
+            what,
+            num(&k, "blkbench", key),
+            q.as_ref().map(|q| num(q, "blkbench", key)),
+        );
+    }
+}
+
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture (root: creates a netns)"]
+fn bench_net_kvmbox_vs_qemu() {
+    let test = "bench_net_kvmbox_vs_qemu";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(ns) = NetNs::new(test) else { return };
+    let net = format!("tap={}", ns.tap);
+    let k = ns.run(move || run_testguest("kvm", 1, MEMORY, "netbench", &["--net", &net]));
+    k.assert_guest_ok();
+    let netdev = format!("tap,id=n0,ifname={},script=no,downscript=no", ns.tap);
+    let q = ns.run(move || {
+        run_qemu(
+            "netbench",
+            &[
+                "-netdev",
+                &netdev,
+                "-device",
+                "virtio-net-pci,netdev=n0,disable-legacy=on",
+            ],
+        )
+    });
+    let q = q.filter(|q| q.results().contains_key("netbench"));
+    println!("netbench: UDP, 1472-byte payloads, guest -> TAP in a netns, 1 s");
+    let per_s = |r: &RunResult| num(r, "netbench", "frames") * 1e6 / num(r, "netbench", "us");
+    ratio_line("UDP frames/s", per_s(&k), q.as_ref().map(per_s));
+    ratio_line(
+        "UDP payload Mbit/s",
+        num(&k, "netbench", "mbits"),
+        q.as_ref().map(|q| num(q, "netbench", "mbits")),
+    );
+}
