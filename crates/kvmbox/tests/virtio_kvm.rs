@@ -375,7 +375,8 @@ fn run_qemu(scenarios: &str, devices: &[&str]) -> Option<RunResult> {
     }
     Some(RunResult {
         status: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        // SeaBIOS leaves "Booting from ROM.." at the start of the guest's first line.
+        stdout: String::from_utf8_lossy(&out.stdout).replace("KVMBOX-TEST ", "\nKVMBOX-TEST "),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         elapsed: start.elapsed(),
     })
@@ -422,7 +423,13 @@ fn bench_blk_kvmbox_vs_qemu() {
             "virtio-blk-pci,drive=d0,disable-legacy=on",
         ],
     );
-    let q = q.filter(|q| q.results().contains_key("blkbench"));
+    let q = q.filter(|q| {
+        let ok = q.results().contains_key("blkbench");
+        if !ok {
+            println!("QEMU gave no blkbench line:\n{}\n{}", q.stdout, q.stderr);
+        }
+        ok
+    });
     println!(
         "blkbench: 256 MiB raw file in {}",
         std::env::temp_dir().display()
@@ -464,7 +471,13 @@ fn bench_net_kvmbox_vs_qemu() {
             ],
         )
     });
-    let q = q.filter(|q| q.results().contains_key("netbench"));
+    let q = q.filter(|q| {
+        let ok = q.results().contains_key("netbench");
+        if !ok {
+            println!("QEMU gave no netbench line:\n{}\n{}", q.stdout, q.stderr);
+        }
+        ok
+    });
     println!("netbench: UDP, 1472-byte payloads, guest -> TAP in a netns, 1 s");
     let per_s = |r: &RunResult| num(r, "netbench", "frames") * 1e6 / num(r, "netbench", "us");
     ratio_line("UDP frames/s", per_s(&k), q.as_ref().map(per_s));
