@@ -2,6 +2,8 @@
 //! implements so the engine's vCPUs can take interrupts. The engine polls it at instruction
 //! boundaries; it never calls back into the engine.
 
+use kvmbox_cpu::{IrqLine, MsiLine};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// INIT / SIPI delivered to a vCPU through its local APIC.
@@ -33,6 +35,16 @@ pub trait InterruptController: Send + Sync {
     /// Block for at most `timeout` until something may be pending for `vcpu` (HLT with
     /// interrupts enabled, or wait-for-SIPI). May return early and spuriously.
     fn wait(&self, vcpu: u32, timeout: Duration);
+    /// An interrupt line to GSI `gsi`, so `EmuVm::irq_line` can hand it to devices as the
+    /// KVM backend does. The default (no lines) keeps `irq_line` returning `Unsupported`.
+    fn irq_line(&self, gsi: u32) -> Option<Arc<dyn IrqLine>> {
+        let _ = gsi;
+        None
+    }
+    /// A new MSI line, for `EmuVm::msi_line`. Default: none.
+    fn msi_line(&self) -> Option<Arc<dyn MsiLine>> {
+        None
+    }
 }
 
 /// MSRs the engine does not implement itself (e.g. the KVM paravirtual clock), handled by

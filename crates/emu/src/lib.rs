@@ -117,15 +117,21 @@ impl Vm for EmuVm {
     }
 
     fn irq_line(&self, gsi: u32) -> kvmbox_cpu::Result<Arc<dyn IrqLine>> {
-        Err(kvmbox_cpu::Error::Unsupported(format!(
-            "the emu engine has no interrupt controller yet: cannot create GSI {gsi} (needs crate kvmbox-irqchip)"
-        )))
+        let irq = self.irq.read().unwrap_or_else(|e| e.into_inner()).clone();
+        irq.and_then(|c| c.irq_line(gsi)).ok_or_else(|| {
+            kvmbox_cpu::Error::Unsupported(format!(
+                "the emu engine has no interrupt controller that provides GSI {gsi} (attach kvmbox-irqchip with EmuVm::set_interrupt_controller)"
+            ))
+        })
     }
 
     fn msi_line(&self) -> kvmbox_cpu::Result<Arc<dyn MsiLine>> {
-        Err(kvmbox_cpu::Error::Unsupported(
-            "the emu engine has no interrupt controller yet: MSI needs crate kvmbox-irqchip".into(),
-        ))
+        let irq = self.irq.read().unwrap_or_else(|e| e.into_inner()).clone();
+        irq.and_then(|c| c.msi_line()).ok_or_else(|| {
+            kvmbox_cpu::Error::Unsupported(
+                "the emu engine has no interrupt controller that provides MSI lines (attach kvmbox-irqchip with EmuVm::set_interrupt_controller)".into(),
+            )
+        })
     }
 
     fn register_ioevent(

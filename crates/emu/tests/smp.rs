@@ -161,3 +161,109 @@ fn init_sipi_and_ipi_between_two_vcpu_threads() {
     assert_eq!(v1.state().seg[1].selector, 0);
     assert_eq!(v1.state().rip, 0x8100 + ap_isr_len as u64);
 }
+
+struct Line {
+    chip: Arc<Chip>,
+    vector: u8,
+}
+
+impl kvmbox_cpu::IrqLine for Line {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.chip.st.lock().unwrap().pending[0].push(self.vector);
+        self.chip.cv.notify_all();
+        Ok(())
+    }
+    fn set_level(&self, high: bool) -> std::io::Result<()> {
+        if high {
+            self.trigger()?;
+        }
+        Ok(())
+    }
+}
+
+/// Lines come from the controller: wraps the in-test chip and hands out GSI lines.
+struct LineChip(Arc<Chip>);
+
+impl InterruptController for LineChip {
+    fn pending_vector(&self, vcpu: u32) -> Option<u8> {
+        self.0.pending_vector(vcpu)
+    }
+    fn ack(&self, vcpu: u32, vector: u8) {
+        self.0.ack(vcpu, vector)
+    }
+    fn take_nmi(&self, vcpu: u32) -> bool {
+        self.0.take_nmi(vcpu)
+    }
+    fn take_startup(&self, vcpu: u32) -> Option<StartupEvent> {
+        self.0.take_startup(vcpu)
+    }
+    fn apic_read(&self, vcpu: u32, offset: u64, data: &mut [u8]) {
+        self.0.apic_read(vcpu, offset, data)
+    }
+    fn apic_write(&self, vcpu: u32, offset: u64, data: &[u8]) {
+        self.0.apic_write(vcpu, offset, data)
+    }
+    fn set_tpr(&self, vcpu: u32, tpr: u8) {
+        self.0.set_tpr(vcpu, tpr)
+    }
+    fn wait(&self, vcpu: u32, timeout: Duration) {
+        self.0.wait(vcpu, timeout)
+    }
+    fn irq_line(&self, gsi: u32) -> Option<Arc<dyn kvmbox_cpu::IrqLine>> {
+        Some(Arc::new(Line {
+            chip: self.0.clone(),
+            vector: 0x20 + gsi as u8,
+        }))
+    }
+}
+
+#[test]
+fn vm_irq_line_interrupts_a_spinning_vcpu_through_the_idt() {
+    use kvmbox_cpu::Vm;
+    let handler = CODE + 0x1000;
+    let code = asm64(CODE, |a| {
+        let mut spin = a.create_label();
+        a.sti()?;
+        a.set_label(&mut spin)?;
+        a.pause()?;
+        a.jmp(spin)
+    });
+    let h = asm64(handler, |a| {
+        a.mov(eax, 0x24u32)?;
+        a.out(0xe9u32, eax)?;
+        a.cli()?;
+        a.hlt()
+    });
+    let mem = guest_mem();
+    build_tables(&mem);
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    mem.write_slice(&h, GuestAddress(handler)).unwrap();
+    set_gate(&mem, 0x24, handler, 0, 0, false);
+    let bare = kvmbox_emu::EmuVm::new(mem.clone());
+    let err = bare
+        .irq_line(4)
+        .err()
+        .expect("no controller, no lines")
+        .to_string();
+    assert!(err.contains("GSI 4"), "{err}");
+    let vm = kvmbox_emu::EmuVm::new(mem);
+    vm.set_interrupt_controller(Arc::new(LineChip(Arc::new(Chip::default()))));
+    let line = vm.irq_line(4).unwrap();
+    let mut v = vm.create_emu_vcpu(0).unwrap();
+    v.set_sregs(&long_sregs()).unwrap();
+    v.set_regs(&kvmbox_cpu::Regs {
+        rip: CODE,
+        rsp: KSTACK,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        line.trigger().unwrap();
+    });
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    t.join().unwrap();
+    assert_eq!(io.writes(0xe9), vec![0x24]);
+}

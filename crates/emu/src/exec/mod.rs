@@ -280,7 +280,14 @@ impl Cpu {
                 let src = self.rd_op(ins, 1)? & mask(bits);
                 let dst = self.loc(ins, 0);
                 let fl = self.st.rflags;
-                if matches!(op, AluOp::Cmp | AluOp::Test) {
+                if let Loc::Reg(r) = dst {
+                    // Register destination: one computation, no closure.
+                    let (res, f) = alu::alu(op, self.reg(r), src, fl, bits);
+                    if !matches!(op, AluOp::Cmp | AluOp::Test) {
+                        self.set_reg(r, res);
+                    }
+                    self.set_status(f);
+                } else if matches!(op, AluOp::Cmp | AluOp::Test) {
                     let a = self.rd(dst, bits)?;
                     let (_, f) = alu::alu(op, a, src, fl, bits);
                     self.set_status(f);
@@ -335,11 +342,17 @@ impl Cpu {
                 };
                 let dst = self.loc(ins, 0);
                 let fl = self.st.rflags;
-                let old = self.rmw(dst, bits, false, &mut |a| {
-                    alu::shift(op, a, count, fl, bits).0
-                })?;
-                let f = alu::shift(op, old, count, fl, bits).1;
-                self.set_status(f);
+                if let Loc::Reg(r) = dst {
+                    let (res, f) = alu::shift(op, self.reg(r), count, fl, bits);
+                    self.set_reg(r, res);
+                    self.set_status(f);
+                } else {
+                    let old = self.rmw(dst, bits, false, &mut |a| {
+                        alu::shift(op, a, count, fl, bits).0
+                    })?;
+                    let f = alu::shift(op, old, count, fl, bits).1;
+                    self.set_status(f);
+                }
             }
             M::Shld | M::Shrd => {
                 let bits = self.op_bits(ins, 0);
