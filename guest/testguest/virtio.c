@@ -885,12 +885,12 @@ int test_blk(const char *arg)
 #define BENCH_SEQ_REQ (1UL << 20)
 #define BENCH_SEQ_DEPTH 32
 #define BENCH_RAND_REQ 4096UL
-#define BENCH_RAND_DEPTH 64
+#define BENCH_RAND_DEPTH BLK_MAX_SLOTS
 
 /*
  * blkbench[:MS]: each phase runs MS milliseconds (default 1000) over the first
  * min(capacity, 1 GiB): sequential 1 MiB writes, sequential 1 MiB reads, random 4 KiB
- * reads, random 4 KiB writes, queue depth min(queue size / 3, 32 or 64).
+ * reads, random 4 KiB writes, queue depth 32 for 1 MiB, min(queue size / 3, 85) for 4 KiB.
  */
 int test_blkbench(const char *arg)
 {
