@@ -1,7 +1,10 @@
 //! The software engine's [`kvmbox_emu::InterruptController`] over an [`IrqChip`] (feature
 //! `emu`). Calls naming a vCPU the chip does not have do nothing and report nothing.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use kvmbox_cpu::{IrqLine, MsiLine};
 
 use kvmbox_emu::{InterruptController, StartupEvent};
 
@@ -56,6 +59,14 @@ impl InterruptController for IrqChip {
             }
             None => std::thread::sleep(timeout),
         }
+    }
+
+    fn irq_line(&self, gsi: u32) -> Option<Arc<dyn IrqLine>> {
+        IrqChip::irq_line(self, gsi).ok()
+    }
+
+    fn msi_line(&self) -> Option<Arc<dyn MsiLine>> {
+        Some(IrqChip::msi_line(self))
     }
 }
 

@@ -8,7 +8,9 @@ use kvmbox_cpu::{Accel, Vcpu, VcpuConfig, VcpuExit, VcpuKicker, Vm};
 use kvmbox_devices::legacy::acpi_pm::{AcpiPm, ResetRegister, PM_BLOCK_LEN};
 use kvmbox_devices::legacy::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use kvmbox_devices::legacy::i8042::I8042;
-use kvmbox_devices::legacy::pit::{Clock, HostClock, TimerThread, TimerWaker};
+use kvmbox_devices::legacy::pit::{
+    Clock, HostClock, Pit, TimerThread, TimerWaker, PIT_PORT, PIT_PORT_LEN, SPEAKER_PORT,
+};
 use kvmbox_devices::legacy::rtc::{Rtc, RTC_IRQ, RTC_PORT, RTC_PORT_LEN};
 use kvmbox_devices::legacy::serial::{SerialPort, SERIAL_PORTS};
 use kvmbox_devices::legacy::IrqTrigger;
@@ -95,13 +97,76 @@ pub fn run(cfg: &VmConfig) -> Result<i32> {
     }
 }
 
-fn create_backend(accel: Accel, mem: &kvmbox_cpu::GuestMemory) -> Result<Box<dyn Vm>> {
+/// What the software engine needs beside its vCPUs (KVM has these in the kernel): the
+/// interrupt controllers' bus devices live on the bus; the PIT's timer thread lives here.
+struct EmuPlatform {
+    _pit_timer: TimerThread,
+}
+
+fn create_backend(
+    accel: Accel,
+    mem: &kvmbox_cpu::GuestMemory,
+    cpus: u32,
+    io: &IoBus,
+) -> Result<(Box<dyn Vm>, Option<EmuPlatform>)> {
     match accel {
-        Accel::Kvm => Ok(Box::new(kvmbox_cpu::kvm::KvmVm::new(mem)?)),
-        Accel::Emu => Err(Error::Cpu(kvmbox_cpu::Error::Unsupported(
-            "the software CPU engine (--accel emu) is not wired into the VMM yet".into(),
-        ))),
+        Accel::Kvm => Ok((Box::new(kvmbox_cpu::kvm::KvmVm::new(mem)?), None)),
+        Accel::Emu => {
+            check_cpus(cpus, "emu", kvmbox_emu::MAX_VCPUS)?;
+            let irq_err = |e: kvmbox_irqchip::Error| Error::Device(e.to_string());
+            let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
+            // The engine's RDTSC reads the host TSC: tell the guest its rate.
+            let chip = Arc::new(
+                kvmbox_irqchip::IrqChip::new(cpus, clock.clone(), host_tsc_hz())
+                    .map_err(irq_err)?,
+            );
+            chip.attach(io).map_err(irq_err)?;
+            let waker = Arc::new(TimerWaker::new());
+            let mut pit = Pit::new(Some(chip.irq_line(0).map_err(irq_err)?), clock.clone());
+            pit.set_waker(waker.clone());
+            let pit = Arc::new(Mutex::new(pit));
+            let bus_err = |e: kvmbox_devices::BusError| Error::Device(e.to_string());
+            io.pio
+                .insert(pit.clone(), u64::from(PIT_PORT), PIT_PORT_LEN)
+                .map_err(bus_err)?;
+            io.pio
+                .insert(pit.clone(), u64::from(SPEAKER_PORT), 1)
+                .map_err(bus_err)?;
+            let pit_timer = TimerThread::spawn("pit", pit, clock, waker)
+                .map_err(|e| Error::Host(format!("cannot start the PIT timer thread: {e}")))?;
+            let vm = kvmbox_emu::EmuVm::new(mem.clone());
+            vm.set_interrupt_controller(chip);
+            Ok((
+                Box::new(vm),
+                Some(EmuPlatform {
+                    _pit_timer: pit_timer,
+                }),
+            ))
+        }
     }
+}
+
+fn check_cpus(asked: u32, backend: &'static str, max: u32) -> Result<()> {
+    if asked > max {
+        return Err(Error::TooManyCpus {
+            asked,
+            backend,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// The host's TSC frequency, measured against the monotonic clock over 10 ms (to ~1e-4).
+fn host_tsc_hz() -> u64 {
+    let t0 = std::time::Instant::now();
+    // SAFETY: RDTSC only reads the time-stamp counter.
+    let c0 = unsafe { core::arch::x86_64::_rdtsc() };
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    // SAFETY: as above.
+    let c1 = unsafe { core::arch::x86_64::_rdtsc() };
+    let secs = t0.elapsed().as_secs_f64();
+    (c1.wrapping_sub(c0) as f64 / secs) as u64
 }
 
 /// The PC platform devices a VM keeps while it runs.
@@ -280,17 +345,14 @@ fn boot_once(cfg: &VmConfig, accel: Accel, session: &Session) -> Result<ExitRequ
     params.cpus = cfg.cpus;
     params.prefer_pvh = cfg.pvh;
     params.rsdp = Some(rsdp);
+    // The software engine would spend tens of millions of instructions in a bzImage's own
+    // decompressor: unpack the kernel on the host instead.
+    params.host_decompress = accel == Accel::Emu;
     let boot = kvmbox_arch::load(&mem, &params)?;
-    let vm = create_backend(accel, &mem)?;
-    if cfg.cpus > vm.max_vcpus() {
-        return Err(Error::TooManyCpus {
-            asked: cfg.cpus,
-            backend: vm.name(),
-            max: vm.max_vcpus(),
-        });
-    }
-    let control = session.control.clone();
     let io = Arc::new(IoBus::default());
+    let (vm, emu_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
+    check_cpus(cfg.cpus, vm.name(), vm.max_vcpus())?;
+    let control = session.control.clone();
     let platform = add_legacy_devices(vm.as_ref(), &io, &control)?;
     attach_virtio(cfg, vm.as_ref(), &io, &mem, devices, &mmio_slots)?;
 
@@ -349,6 +411,9 @@ fn boot_once(cfg: &VmConfig, accel: Accel, session: &Session) -> Result<ExitRequ
         .serial_slot
         .lock()
         .unwrap_or_else(|e| e.into_inner()) = None;
+    // Device threads stop before the backend (and its guest memory mappings) goes away.
+    drop(platform);
+    drop(emu_platform);
     drop(vm);
     Ok(request)
 }
@@ -384,8 +449,10 @@ fn vcpu_loop(
                 }
             }
             Ok(VcpuExit::Halted) => {
-                // Halted with interrupts off: this vCPU is done until the VM stops.
-                if halted.fetch_add(1, Ordering::SeqCst) + 1 == count {
+                // Halted with interrupts off: this vCPU is done until the VM stops. (A guest
+                // often halts right after asking to stop: that is no error.)
+                if control.pending().is_none() && halted.fetch_add(1, Ordering::SeqCst) + 1 == count
+                {
                     eprintln!("kvmbox: every vCPU halted with interrupts disabled; stopping");
                     control.request(ExitRequest::Error);
                 }
