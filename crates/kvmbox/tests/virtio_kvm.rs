@@ -1,7 +1,8 @@
 //! The freestanding test guest drives kvmbox's virtio devices on KVM through its own
 //! virtio 1.x PCI driver (guest/testguest/virtio.c): virtio-blk against a raw image file the
 //! test checks byte for byte, virtio-rng, and virtio-net through a TAP device inside a
-//! network namespace the test creates (root; skipped loudly without `ip netns`).
+//! network namespace the test creates (root; skipped loudly without `ip netns`). One test runs
+//! blk and rng on the software engine (`--accel emu`) as well.
 //!
 //! `cargo test -p kvmbox --test virtio_kvm -- --ignored --nocapture bench_` runs the
 //! block and network benchmarks on kvmbox and, when installed, on QEMU, and prints ratios.
@@ -154,6 +155,26 @@ fn rng_gives_varied_bytes() {
     // 64 bytes from getrandom: ~56 distinct values expected; 16 or fewer is (practically) impossible.
     let distinct: u32 = r.get("rng", "distinct").parse().unwrap();
     assert!(distinct > 16, "only {distinct} distinct bytes of 64");
+}
+
+#[test]
+fn blk_and_rng_on_the_software_engine_too() {
+    // No ioeventfds there: every notify reaches the device through the MMIO bus.
+    let img = TempFile::new("emu");
+    let f = std::fs::File::create(&img.0).unwrap();
+    f.set_len(32 << 20).unwrap();
+    drop(f);
+    let disk = disk_arg(img.path(), ",serial=emu");
+    let r = run_testguest("emu", 1, MEMORY, "rng,blk", &["--disk", &disk, "--rng"]);
+    r.assert_guest_ok();
+    assert_eq!(r.get("rng", "bytes"), "64");
+    assert_eq!(r.get("blk", "serial"), "emu");
+    assert_eq!(r.get("blk", "mismatched_words"), "0");
+    let data = std::fs::read(&img.0).unwrap();
+    assert_eq!(
+        r.get("blk", "checksum"),
+        fnv1a(&data[..BLK_REGION as usize])
+    );
 }
 
 #[test]
