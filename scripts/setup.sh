@@ -4,7 +4,7 @@ set -euo pipefail
 
 need=()
 for pkg_cmd in gcc:gcc make:make binutils:ld cpio:cpio busybox-static:/bin/busybox \
-               dpkg-dev:dpkg-deb lz4:lz4 iproute2:ip; do
+               dpkg-dev:dpkg-deb lz4:lz4 iproute2:ip iputils-ping:ping; do
     pkg=${pkg_cmd%%:*}
     cmd=${pkg_cmd#*:}
     if [[ $cmd == /* ]]; then [ -e "$cmd" ] && continue; else command -v "$cmd" >/dev/null && continue; fi
