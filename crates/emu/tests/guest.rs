@@ -544,3 +544,58 @@ fn x87_loads_and_stores() {
         vec![(-123_456_789i32) as u32 as u64, 1, 0xc009_21fb, 0]
     );
 }
+
+#[test]
+fn compatibility_mode_int_and_syscall() {
+    let compat = CODE + 0x1000;
+    let int80 = CODE + 0x2000;
+    let cstar = CODE + 0x3000;
+    let code = asm64(CODE, |a| {
+        a.mov(ecx, 0xc000_0081u32)?; // STAR: kernel CS 0x08
+        a.xor(eax, eax)?;
+        a.mov(edx, 0x0018_0008u32)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0xc000_0083u32)?; // CSTAR
+        a.mov(eax, cstar as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        for v in [UDATA as u64, USTACK, 0x2, 0x43, compat] {
+            a.mov(rax, v)?;
+            a.push(rax)?;
+        }
+        a.iretq()
+    });
+    let c = asm(32, compat, |a| {
+        a.mov(eax, 7u32)?;
+        a.int(0x80)?;
+        a.mov(eax, 9u32)?;
+        a.syscall()?;
+        a.hlt()
+    });
+    let i = asm64(int80, |a| {
+        a.out(0xe9u32, eax)?;
+        a.mov(rax, qword_ptr(rsp + 8))?; // saved CS: the compat selector
+        a.out(0xe9u32, eax)?;
+        a.iretq()
+    });
+    let s = asm64(cstar, |a| {
+        a.out(0xe9u32, eax)?;
+        a.mov(eax, ecx)?; // return EIP
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let (mem, _vm, mut v) = long_machine(&code);
+    for (addr, b) in [(compat, &c), (int80, &i), (cstar, &s)] {
+        mem.write_slice(b, GuestAddress(addr)).unwrap();
+    }
+    // 0x40: 32-bit user code segment.
+    w64(&mem, GDT + 0x40, 0x00cf_fa00_0000_ffff);
+    let mut sregs = long_sregs();
+    sregs.gdt.limit = 0x47;
+    v.set_sregs(&sregs).unwrap();
+    set_gate(&mem, 0x80, int80, 0, 3, false);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    let ret = compat + c.len() as u64 - 1; // the HLT after SYSCALL
+    assert_eq!(io.writes(0xe9), vec![7, 0x43, 9, ret]);
+}
