@@ -114,6 +114,8 @@ pub struct Cpu {
     pub halted: bool,
     /// Waiting for SIPI (application processor before startup, or after INIT).
     pub wait_sipi: bool,
+    /// An NMI handler is running: further NMIs wait for the next IRET.
+    pub(crate) nmi_blocked: bool,
     dcache: Vec<DecodedEntry>,
     /// The CPUID table.
     pub(crate) cpuid: Vec<kvmbox_cpu::CpuidEntry>,
@@ -143,6 +145,7 @@ impl Cpu {
             set_shadow: false,
             halted: false,
             wait_sipi: false,
+            nmi_blocked: false,
             dcache: vec![empty_decoded(); DCACHE_SIZE],
             cpuid: crate::cpuid::build(id, 1, false, &[]),
             cpuid_overrides: Vec::new(),

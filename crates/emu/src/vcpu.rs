@@ -92,6 +92,7 @@ impl Cpu {
         self.flush_all();
         self.halted = false;
         self.wait_sipi = false;
+        self.nmi_blocked = false;
     }
 
     /// The run loop. `limit` bounds the instruction count (None: run until an exit).
@@ -126,16 +127,18 @@ impl Cpu {
                     self.st = CpuState::default();
                     self.flush_all();
                     self.wait_sipi = true;
+                    self.nmi_blocked = false;
                     continue;
                 }
             }
             // Interrupt window.
             let mut took = false;
             if let Some(c) = &irq {
-                if c.take_nmi(self.id) {
+                if !self.nmi_blocked && c.take_nmi(self.id) {
                     let rip = self.st.rip;
                     self.halted = false;
                     took = true;
+                    self.nmi_blocked = true;
                     if let Err(f) = self.deliver(2, None, EventKind::External, rip) {
                         if let Some(exit) = self.fault_exit(f)? {
                             return Ok(Some(exit));

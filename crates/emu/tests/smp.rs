@@ -23,6 +23,7 @@ struct Chip {
 
 #[derive(Default)]
 struct ChipState {
+    nmis: u32,
     pending: [Vec<u8>; 2],
     startup: [Option<StartupEvent>; 2],
     acked: Vec<(u32, u8)>,
@@ -39,7 +40,12 @@ impl InterruptController for Chip {
         s.pending[vcpu as usize].retain(|&v| v != vector);
         s.acked.push((vcpu, vector));
     }
-    fn take_nmi(&self, _vcpu: u32) -> bool {
+    fn take_nmi(&self, vcpu: u32) -> bool {
+        let mut s = self.st.lock().unwrap();
+        if vcpu == 0 && s.nmis > 0 {
+            s.nmis -= 1;
+            return true;
+        }
         false
     }
     fn take_startup(&self, vcpu: u32) -> Option<StartupEvent> {
@@ -266,4 +272,55 @@ fn vm_irq_line_interrupts_a_spinning_vcpu_through_the_idt() {
     assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
     t.join().unwrap();
     assert_eq!(io.writes(0xe9), vec![0x24]);
+}
+
+#[test]
+fn nmis_do_not_nest_until_iret() {
+    let handler = CODE + 0x1000;
+    let code = asm64(CODE, |a| {
+        let mut spin = a.create_label();
+        a.set_label(&mut spin)?;
+        a.pause()?;
+        a.jmp(spin)
+    });
+    let h = asm64(handler, |a| {
+        let mut again = a.create_label();
+        a.mov(rax, rsp)?;
+        a.out(0xe9u32, eax)?;
+        // Work long enough for a nested NMI to show up if NMIs were not blocked.
+        a.mov(ecx, 5000u32)?;
+        let mut l = a.create_label();
+        a.set_label(&mut l)?;
+        a.dec(ecx)?;
+        a.jnz(l)?;
+        a.inc(qword_ptr(DATA))?;
+        a.cmp(qword_ptr(DATA), 2)?;
+        a.jne(again)?;
+        a.hlt()?;
+        a.set_label(&mut again)?;
+        a.iretq()
+    });
+    let mem = guest_mem();
+    build_tables(&mem);
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    mem.write_slice(&h, GuestAddress(handler)).unwrap();
+    set_gate(&mem, 2, handler, 0, 0, false);
+    let vm = kvmbox_emu::EmuVm::new(mem.clone());
+    let chip = Arc::new(Chip::default());
+    chip.st.lock().unwrap().nmis = 2;
+    vm.set_interrupt_controller(chip);
+    let mut v = vm.create_emu_vcpu(0).unwrap();
+    v.set_sregs(&long_sregs()).unwrap();
+    v.set_regs(&kvmbox_cpu::Regs {
+        rip: CODE,
+        rsp: KSTACK,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    // Both NMIs entered on the same stack depth: the second waited for the first's IRETQ.
+    assert_eq!(io.writes(0xe9), vec![KSTACK - 40, KSTACK - 40]);
+    assert_eq!(r64(&mem, DATA), 2);
 }

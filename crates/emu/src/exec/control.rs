@@ -120,7 +120,8 @@ impl Cpu {
                     M::Iretd => 4,
                     _ => 8,
                 };
-                self.iret(size)?
+                self.iret(size)?;
+                self.nmi_blocked = false;
             }
             M::Int => {
                 let v = ins.immediate8();
