@@ -10,6 +10,10 @@
 //! `mmu.rs` (page walker + TLB), `cpu.rs` (segmentation, fetch/decode, decoded-instruction
 //! cache), `exec/` (semantics by concern), `interrupt.rs` (IDT delivery), `cpuid.rs` (CPU
 //! model), `vcpu.rs` (run loop and the trait impl).
+//!
+//! The rest of this page is the crate's README: design, API, the CPU model, what is
+//! implemented, the differential-test coverage table and the benchmark.
+#![doc = include_str!("../README.md")]
 
 pub mod cpu;
 pub mod cpuid;
