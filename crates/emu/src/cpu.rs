@@ -67,6 +67,8 @@ pub struct Stats {
     pub decodes: u64,
     /// TLB misses (page walks, including those that faulted).
     pub tlb_misses: u64,
+    /// External interrupts (and NMIs as vector 2) delivered, by vector.
+    pub interrupts: BTreeMap<u8, u64>,
 }
 
 const DCACHE_SIZE: usize = 4096;

@@ -45,6 +45,16 @@ impl EmuVcpu {
         s
     }
 
+    /// Waiting for INIT/SIPI (an application processor not yet started).
+    pub fn waiting_for_sipi(&self) -> bool {
+        self.cpu.wait_sipi
+    }
+
+    /// Halted by HLT, waiting for an interrupt.
+    pub fn halted(&self) -> bool {
+        self.cpu.halted
+    }
+
     /// Full architectural state.
     pub fn state(&self) -> &CpuState {
         &self.cpu.st
@@ -139,6 +149,7 @@ impl Cpu {
                     self.halted = false;
                     took = true;
                     self.nmi_blocked = true;
+                    *self.stats.interrupts.entry(2).or_insert(0) += 1;
                     if let Err(f) = self.deliver(2, None, EventKind::External, rip) {
                         if let Some(exit) = self.fault_exit(f)? {
                             return Ok(Some(exit));
@@ -147,6 +158,7 @@ impl Cpu {
                 } else if self.st.rflags & flags::IF != 0 && !self.shadow {
                     if let Some(v) = c.pending_vector(self.id) {
                         c.ack(self.id, v);
+                        *self.stats.interrupts.entry(v).or_insert(0) += 1;
                         let rip = self.st.rip;
                         self.halted = false;
                         took = true;
@@ -173,8 +185,14 @@ impl Cpu {
                 return Ok(Some(VcpuExit::Halted));
             }
             let n = (BATCH as u64).min(budget);
+            let mut executed = 0u64;
+            // Set when IF rose behind an STI/MOV SS shadow: check right after the next
+            // instruction, so a window of one instruction (`sti; nop; cli`) still takes
+            // pending interrupts, as on hardware.
+            let mut check_after_shadow = false;
             for _ in 0..n {
                 let if_before = self.st.rflags & flags::IF;
+                executed += 1;
                 match self.step() {
                     Ok(()) => {}
                     Err(Fault::Exc(v, e)) => {
@@ -190,12 +208,24 @@ impl Cpu {
                         }
                     }
                 }
-                if self.halted
-                    || (if_before == 0 && self.st.rflags & flags::IF != 0 && irq.is_some())
-                {
+                if self.halted {
                     break;
                 }
+                if irq.is_some() {
+                    let if_now = self.st.rflags & flags::IF != 0;
+                    if check_after_shadow && !self.shadow {
+                        break;
+                    }
+                    if if_before == 0 && if_now {
+                        if self.shadow {
+                            check_after_shadow = true;
+                        } else {
+                            break;
+                        }
+                    }
+                }
             }
+            let n = executed;
             budget -= n;
             if budget == 0 {
                 return Ok(None);

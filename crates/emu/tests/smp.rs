@@ -324,3 +324,49 @@ fn nmis_do_not_nest_until_iret() {
     assert_eq!(io.writes(0xe9), vec![KSTACK - 40, KSTACK - 40]);
     assert_eq!(r64(&mem, DATA), 2);
 }
+
+#[test]
+fn one_instruction_interrupt_window_after_sti_is_honoured() {
+    use kvmbox_cpu::Vm;
+    // sti; nop; cli; jmp: IF=1 with no shadow only at the boundary after the NOP, and the
+    // 4-instruction loop divides the engine's batch size, so batch boundaries alone would
+    // never land in the window.
+    let handler = CODE + 0x1000;
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.sti()?;
+        a.nop()?;
+        a.cli()?;
+        a.jmp(top)
+    });
+    let h = asm64(handler, |a| {
+        a.mov(eax, 0x25u32)?;
+        a.out(0xe9u32, eax)?;
+        a.cli()?;
+        a.hlt()
+    });
+    let mem = guest_mem();
+    build_tables(&mem);
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    mem.write_slice(&h, GuestAddress(handler)).unwrap();
+    set_gate(&mem, 0x25, handler, 0, 0, false);
+    let vm = kvmbox_emu::EmuVm::new(mem);
+    vm.set_interrupt_controller(Arc::new(LineChip(Arc::new(Chip::default()))));
+    let line = vm.irq_line(5).unwrap();
+    let mut v = vm.create_emu_vcpu(0).unwrap();
+    v.set_sregs(&long_sregs()).unwrap();
+    v.set_regs(&kvmbox_cpu::Regs {
+        rip: CODE,
+        rsp: KSTACK,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    line.trigger().unwrap();
+    let io = Recorder::default();
+    // Bounded: the interrupt must be taken within the first few loop iterations.
+    let r = v.run_steps(&io, 100_000).unwrap();
+    assert_eq!(r, Some(VcpuExit::Halted));
+    assert_eq!(io.writes(0xe9), vec![0x25]);
+}

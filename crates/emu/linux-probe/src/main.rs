@@ -3,7 +3,7 @@
 //! and the ACPI PM block, and prints the console and the engine's counters. Not the VMM:
 //! `kvmbox run --accel emu` is; this exists to find engine gaps with real kernels.
 //!
-//! Usage: linux-probe KERNEL [INITRD] [EXTRA-CMDLINE] [MAX-INSTRUCTIONS]
+//! Usage: linux-probe KERNEL [INITRD] [EXTRA-CMDLINE] [MAX-INSTRUCTIONS] [VCPUS]
 
 use kvmbox_cpu::{IoHandler, Vcpu, VcpuExit};
 use kvmbox_devices::legacy::pit::{Clock, HostClock, Pit, TimerThread, TimerWaker};
@@ -54,6 +54,41 @@ impl Write for Stdout {
     }
 }
 
+/// Disassemble guest kernel text around `rip` (kernel text is mapped at
+/// 0xffffffff80000000 + physical).
+fn disasm(mem: &vm_memory::GuestMemoryMmap, rip: u64) {
+    use iced_x86::Formatter;
+    use vm_memory::Bytes;
+    let start = rip.wrapping_sub(24);
+    let pa = start.wrapping_sub(0xffff_ffff_8000_0000);
+    let mut buf = [0u8; 64];
+    if mem.read_slice(&mut buf, vm_memory::GuestAddress(pa)).is_err() {
+        return;
+    }
+    // Resynchronise: try start offsets until one decodes an instruction at exactly rip.
+    for skew in 0..16 {
+        let mut d = iced_x86::Decoder::with_ip(64, &buf[skew..], start + skew as u64, 0);
+        let mut lines = Vec::new();
+        let mut hit = false;
+        let mut f = iced_x86::GasFormatter::new();
+        while d.can_decode() && lines.len() < 14 {
+            let ins = d.decode();
+            if ins.ip() == rip {
+                hit = true;
+            }
+            let mut out = String::new();
+            f.format(&ins, &mut out);
+            lines.push(format!("{}{:#x}: {out}", if ins.ip() == rip { "=> " } else { "   " }, ins.ip()));
+        }
+        if hit {
+            for l in lines {
+                eprintln!("{l}");
+            }
+            return;
+        }
+    }
+}
+
 fn host_tsc_hz() -> u64 {
     let t0 = Instant::now();
     // SAFETY: RDTSC has no memory effects.
@@ -73,22 +108,24 @@ fn main() {
     let initrd = args.get(2).filter(|s| !s.is_empty()).map(std::path::PathBuf::from);
     let cmdline = format!("console=ttyS0 {}", args.get(3).cloned().unwrap_or_default());
     let max: u64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(20_000_000_000);
+    let cpus: u32 = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(1);
     let mem_size = 256u64 << 20;
     let mem = kvmbox_arch::guest_memory(mem_size).expect("guest memory");
-    let rsdp = kvmbox_arch::create_acpi_tables(&mem, 1).expect("ACPI tables");
+    let rsdp = kvmbox_arch::create_acpi_tables(&mem, cpus).expect("ACPI tables");
     let mut p = kvmbox_arch::LoadParams::new(&kernel, &cmdline, mem_size);
     p.rsdp = Some(rsdp);
     p.initrd = initrd.as_deref();
     p.host_decompress = true;
     p.prefer_pvh = false;
+    p.cpus = cpus;
     let setup = kvmbox_arch::load(&mem, &p).expect("kernel load");
 
     let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
-    let chip = kvmbox_irqchip::IrqChip::new(1, clock.clone(), host_tsc_hz()).expect("irqchip");
-    let io = Platform {
+    let chip = kvmbox_irqchip::IrqChip::new(cpus, clock.clone(), host_tsc_hz()).expect("irqchip");
+    let io = Arc::new(Platform {
         bus: IoBus::default(),
         ports: Mutex::default(),
-    };
+    });
     chip.attach(&io.bus).expect("irqchip bus devices");
     let serial = kvmbox_devices::legacy::serial::SerialPort::new(
         kvmbox_devices::legacy::IrqTrigger(chip.irq_line(4).expect("IRQ 4")),
@@ -109,29 +146,85 @@ fn main() {
         .insert(Arc::new(Mutex::new(pm)), 0x600, kvmbox_devices::legacy::acpi_pm::PM_BLOCK_LEN)
         .unwrap();
 
-    let vm = kvmbox_emu::EmuVm::new(mem);
+    let vm = kvmbox_emu::EmuVm::new(mem.clone());
+    let mem2 = mem.clone();
     vm.set_interrupt_controller(Arc::new(chip));
     let mut v = vm.create_emu_vcpu(0).expect("vCPU");
-    v.configure(&kvmbox_cpu::VcpuConfig { id: 0, count: 1 }).unwrap();
+    v.configure(&kvmbox_cpu::VcpuConfig { id: 0, count: cpus }).unwrap();
     v.set_sregs(&setup.sregs).unwrap();
     v.set_regs(&setup.regs).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut aps = Vec::new();
+    for id in 1..cpus {
+        let mut ap = vm.create_emu_vcpu(id).expect("AP");
+        ap.configure(&kvmbox_cpu::VcpuConfig { id, count: cpus }).unwrap();
+        ap.set_wait_for_sipi().unwrap();
+        let io = io.clone();
+        let stop = stop.clone();
+        let mem2 = mem2.clone();
+        aps.push(std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match ap.run_steps(&*io, 1_000_000) {
+                    Ok(None) | Ok(Some(VcpuExit::Halted)) => {}
+                    other => {
+                        eprintln!("\nAP {id} stopped: {other:?}");
+                        break;
+                    }
+                }
+            }
+            let st = ap.state();
+            eprintln!("AP {id} regs {:x?}", st.gpr);
+            disasm(&mem2, st.rip);
+            eprintln!(
+                "AP {id}: rip {:#x} cs {:#x} cr0 {:#x} efer {:#x} rflags {:#x} waiting-for-SIPI {} halted {}; {:?}",
+                st.rip,
+                st.seg[1].selector,
+                st.cr0,
+                st.efer,
+                st.rflags,
+                ap.waiting_for_sipi(),
+                ap.halted(),
+                ap.stats()
+            );
+            ap.stats().instructions
+        }));
+    }
     let t = Instant::now();
     let mut done = 0u64;
+    // PROBE_WATCH=<kernel virtual address>: print the u64 there every 100 M instructions.
+    let watch = std::env::var("PROBE_WATCH")
+        .ok()
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
     let why = loop {
+        if let Some(a) = watch {
+            if done % 100_000_000 == 0 {
+                use vm_memory::Bytes;
+                let val: u64 = mem
+                    .read_obj(vm_memory::GuestAddress(a.wrapping_sub(0xffff_ffff_8000_0000)))
+                    .unwrap_or(0);
+                eprintln!("[watch] {done}: {a:#x} = {val:#x}; BSP rip {:#x} rflags {:#x} halted {} insns {} irqs {:?}", v.state().rip, v.state().rflags, v.halted(), v.stats().instructions, v.stats().interrupts);
+            }
+        }
         if done >= max {
             break "instruction limit".to_string();
         }
         if let Some(req) = control.pending() {
             break format!("platform request {req:?}");
         }
-        match v.run_steps(&io, 10_000_000) {
+        match v.run_steps(&*io, 10_000_000) {
             Ok(None) | Ok(Some(VcpuExit::Halted)) => {}
             other => break format!("{other:?}"),
         }
         done += 10_000_000;
     };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for (i, h) in aps.into_iter().enumerate() {
+        eprintln!("AP {}: {} instructions", i + 1, h.join().unwrap_or(0));
+    }
     let st = v.stats();
     let s = v.state();
+    eprintln!("BSP regs {:x?}", s.gpr);
+    disasm(&mem, s.rip);
     eprintln!(
         "\nstopped: {why}\n{} instructions in {:.1} s ({:.1} M/s); rip {:#x}; exceptions {}; TLB misses {}; decoded-cache hits {}, decodes {}; unimplemented {:?}",
         st.instructions,
