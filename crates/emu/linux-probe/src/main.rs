@@ -205,7 +205,7 @@ fn main() {
                 eprintln!("[watch] {done}: {a:#x} = {val:#x}; BSP rip {:#x} rflags {:#x} halted {} insns {} irqs {:?}", v.state().rip, v.state().rflags, v.halted(), v.stats().instructions, v.stats().interrupts);
             }
         }
-        if done >= max {
+        if v.stats().instructions >= max {
             break "instruction limit".to_string();
         }
         if let Some(req) = control.pending() {

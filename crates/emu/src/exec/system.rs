@@ -40,6 +40,9 @@ pub mod msr {
     pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
     /// TSC_AUX.
     pub const TSC_AUX: u32 = 0xc000_0103;
+    /// AMD K8 interrupt-pending-message register (C1E control): reads 0 (no C1E), writes
+    /// are ignored. Linux reads it on family 0xf.
+    pub const K8_INT_PENDING_MSG: u32 = 0xc001_0055;
 }
 
 /// Decode an 8-byte descriptor into a segment cache (selector left 0).
@@ -301,6 +304,7 @@ impl Cpu {
             msr::GS_BASE => self.st.seg[seg::GS].base,
             msr::KERNEL_GS_BASE => self.st.kernel_gs_base,
             msr::TSC_AUX => self.st.tsc_aux,
+            msr::K8_INT_PENDING_MSG => 0,
             _ => return self.msr_hook.as_ref()?.read_msr(self.id, index),
         })
     }
@@ -350,6 +354,7 @@ impl Cpu {
             msr::GS_BASE if canon => self.st.seg[seg::GS].base = v,
             msr::KERNEL_GS_BASE if canon => self.st.kernel_gs_base = v,
             msr::TSC_AUX => self.st.tsc_aux = v & 0xffff_ffff,
+            msr::K8_INT_PENDING_MSG => {}
             _ => {
                 return match &self.msr_hook {
                     Some(h) => h.write_msr(self.id, index, v),
