@@ -276,9 +276,19 @@ pub struct Interactive {
 impl Interactive {
     /// Start kvmbox with `args`.
     pub fn spawn(args: &[&str]) -> Self {
+        let mut cmd = Command::new(kvmbox());
+        cmd.args(args);
+        Self::spawn_with(cmd)
+    }
+
+    /// Start `cmd` (kvmbox, possibly wrapped, e.g. by `ip netns exec`, which execs it).
+    pub fn spawn_with(mut cmd: Command) -> Self {
         use std::sync::{Arc, Mutex};
-        let mut child = Command::new(kvmbox())
-            .args(args)
+        let args: Vec<String> = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -307,7 +317,7 @@ impl Interactive {
             out,
             err,
             cursor: 0,
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args,
         }
     }
 
@@ -454,4 +464,45 @@ pub fn skip(test: &str, why: &str) {
             let _ = writeln!(f, "{line}");
         }
     }
+}
+
+/// The default Linux guest kit: Debian's cloud kernel and the busybox initramfs
+/// (guest/linux/build-initramfs.sh, cached under ~/.cache/kvmbox).
+pub fn linux_kit() -> (PathBuf, PathBuf) {
+    static INITRD: OnceLock<PathBuf> = OnceLock::new();
+    let initrd = INITRD
+        .get_or_init(|| {
+            let out = Command::new("bash")
+                .arg(repo_root().join("guest/linux/build-initramfs.sh"))
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("run guest/linux/build-initramfs.sh");
+            assert!(out.status.success(), "building the initramfs failed");
+            let p = PathBuf::from(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .trim(),
+            );
+            assert!(
+                p.is_file(),
+                "build-initramfs.sh printed {p:?}, which is not a file"
+            );
+            p
+        })
+        .clone();
+    (debian_kernel(), initrd)
+}
+
+/// `text` as the kit's `kvmbox.cmd=` value: `%XX` for bytes the kernel command line cannot carry.
+pub fn kit_cmd(text: &str) -> String {
+    let mut out = String::from("kvmbox.cmd=");
+    for b in text.bytes() {
+        match b {
+            b' ' | b'%' | b'"' | b'\n' | b'\t' | b'\\' => out.push_str(&format!("%{b:02X}")),
+            _ => out.push(b as char),
+        }
+    }
+    out
 }

@@ -1,0 +1,329 @@
+//! Debian's stock cloud kernel with the default busybox initramfs on kvmbox's software engine:
+//! what the guest kernel itself saw and did (CPUs, memory, clock, devices over PCI, data on
+//! disk, the network), and how kvmbox ends when the guest powers off, reboots or panics.
+//! Each boot takes tens of seconds on the engine, so every boot checks several things.
+
+mod common;
+
+use common::{kit_cmd, linux_kit, skip, Interactive};
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest a boot to power-off may take (the engine on a loaded 2-core CI machine).
+const BOOT: Duration = Duration::from_secs(600);
+
+fn kvmbox_args(cpus: u32, cmdline: &str, extra: &[&str]) -> Vec<String> {
+    let (kernel, initrd) = linux_kit();
+    let mut a: Vec<String> = [
+        "run",
+        "--accel",
+        "emu",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--memory",
+        "512M",
+        "--cpus",
+        &cpus.to_string(),
+        "--cmdline",
+        &format!("console=ttyS0 reboot=k panic=-1 {cmdline}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn boot(cpus: u32, cmdline: &str, extra: &[&str]) -> Interactive {
+    let args = kvmbox_args(cpus, cmdline, extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Interactive::spawn(&refs)
+}
+
+/// `key=value` from the console line that starts with `prefix`.
+fn field(console: &str, prefix: &str, key: &str) -> String {
+    let line = console
+        .lines()
+        .find(|l| l.trim_start_matches('\r').starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting '{prefix}' in:\n{console}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in '{line}'"))
+        .trim_end_matches('\r')
+        .to_string()
+}
+
+#[test]
+fn boots_to_userspace_with_1_and_2_cpus_and_powers_off() {
+    for cpus in [1u32, 2] {
+        let mut vm = boot(cpus, "kvmbox.run=info", &[]);
+        vm.expect("KVMBOX-LINUX userspace-ready", BOOT);
+        vm.expect("KVMBOX-LINUX cmd-exit=0", BOOT);
+        assert_eq!(vm.wait_exit(BOOT), Some(0), "poweroff ends kvmbox with 0");
+        let console = vm.console();
+        assert_eq!(
+            field(&console, "KVMBOX-LINUX info", "cpus"),
+            cpus.to_string()
+        );
+        let mem_kb: u64 = field(&console, "KVMBOX-LINUX info", "memtotal_kb")
+            .parse()
+            .unwrap();
+        // 512 MiB less what the kernel keeps for itself (code, page tables, reserved ranges).
+        assert!(
+            (400_000..=524_288).contains(&mem_kb),
+            "MemTotal {mem_kb} kB for a 512 MiB guest"
+        );
+        assert!(console.contains("ACPI: PM: Preparing to enter system sleep state S5"));
+    }
+}
+
+#[test]
+fn guest_clock_follows_the_host() {
+    let mut vm = boot(1, "kvmbox.run=clock", &[]);
+    vm.expect("KVMBOX-LINUX clock-start", BOOT);
+    let t0 = Instant::now();
+    vm.expect("KVMBOX-LINUX clock-end", Duration::from_secs(120));
+    let host = t0.elapsed().as_secs_f64();
+    let console = vm.console();
+    let guest: f64 = field(&console, "KVMBOX-LINUX clock-end", "elapsed")
+        .parse()
+        .unwrap();
+    // The host sees the two lines a little later than the guest wrote them, by about the same
+    // amount each time; 5 % of 5 s is 0.25 s.
+    assert!(
+        (guest - host).abs() <= 0.05 * host,
+        "guest measured {guest:.3} s while the host measured {host:.3} s"
+    );
+    assert_eq!(vm.wait_exit(BOOT), Some(0));
+}
+
+#[test]
+fn reboot_and_panic_end_kvmbox_as_documented() {
+    let mut vm = boot(1, "kvmbox.run=reboot", &[]);
+    assert_eq!(vm.wait_exit(BOOT), Some(4), "a guest reboot exits with 4");
+    assert!(vm.console().contains("reboot: Restarting system"));
+
+    let mut vm = boot(1, "kvmbox.run=panic", &[]);
+    let status = vm.wait_exit(BOOT);
+    assert!(
+        matches!(status, Some(s) if s != 0),
+        "a panic must end kvmbox with a non-zero status, got {status:?}"
+    );
+    assert!(
+        vm.console().contains("Kernel panic - not syncing"),
+        "the panic text must be visible:\n{}",
+        vm.console()
+    );
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvmbox-linux-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// A deterministic, incompressible pattern.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn virtio_disks_and_rng_over_pci() {
+    let vda = scratch("vda.img");
+    let vda_data = pattern(4 << 20, 0x5eed);
+    std::fs::write(&vda, &vda_data).unwrap();
+    let vdb = scratch("vdb.img");
+    std::fs::write(&vdb, vec![0u8; 8 << 20]).unwrap();
+    let vda_arg = format!("{},ro,serial=kvmbox-vda", vda.display());
+    let vdb_arg = vdb.display().to_string();
+    // The guest copies vda to vdb at offset 1 MiB, syncs, says so, and then waits to be killed.
+    let script = "cat /sys/block/vda/serial; echo; \
+        md5sum /dev/vda; \
+        dd if=/dev/vda of=/dev/vdb bs=1M seek=1 conv=fsync 2>/dev/null; sync; \
+        echo KVMBOX-LINUX vdb-synced; \
+        cat /sys/devices/virtual/misc/hw_random/rng_current; \
+        head -c 4096 /dev/hwrng | md5sum; \
+        echo KVMBOX-LINUX rng-done; sleep 600";
+    let mut vm = boot(
+        1,
+        &kit_cmd(script),
+        &["--disk", &vda_arg, "--disk", &vdb_arg, "--rng"],
+    );
+    vm.expect("KVMBOX-LINUX vdb-synced", BOOT);
+    vm.expect("KVMBOX-LINUX rng-done", Duration::from_secs(120));
+    // SIGKILL: nothing in kvmbox gets to flush anything now.
+    assert!(vm.kill());
+    let console = vm.console();
+    assert!(
+        console.contains("kvmbox-vda"),
+        "serial (GET_ID) seen by the guest"
+    );
+    let host_md5 = md5_hex(&vda_data);
+    assert!(
+        console.contains(&format!("{host_md5}  /dev/vda")),
+        "guest read /dev/vda bit-exact (host md5 {host_md5}):\n{console}"
+    );
+    let back = std::fs::read(&vdb).unwrap();
+    assert_eq!(
+        &back[1 << 20..5 << 20],
+        &vda_data[..],
+        "data the guest synced is in vdb"
+    );
+    assert!(
+        back[..1 << 20].iter().all(|&b| b == 0),
+        "nothing before the offset"
+    );
+    assert!(
+        console.contains("virtio_rng.0"),
+        "virtio-rng bound:\n{console}"
+    );
+    let _ = std::fs::remove_file(&vda);
+    let _ = std::fs::remove_file(&vdb);
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("md5sum");
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(data).unwrap();
+    }
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child.wait().unwrap();
+    out.split_whitespace().next().unwrap().to_string()
+}
+
+/// A network namespace of this test's own, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create(name: &str) -> Option<Self> {
+        let ok = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then(|| Netns(name.to_string()))
+    }
+    fn exec(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(args);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn virtio_net_reaches_the_host_end_of_a_tap() {
+    let ns_name = format!("kvmbox-lnx-{}", std::process::id());
+    let Some(ns) = Netns::create(&ns_name) else {
+        skip(
+            "virtio_net_reaches_the_host_end_of_a_tap",
+            "cannot create a network namespace (needs root)",
+        );
+        return;
+    };
+    // The TAP, its address and the listener all live inside the namespace; kvmbox runs in it.
+    let tap = "kbtap0";
+    for cmd in [
+        vec!["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
+        vec!["ip", "addr", "add", "10.0.2.1/24", "dev", tap],
+        vec!["ip", "link", "set", tap, "up"],
+        vec!["ip", "link", "set", "lo", "up"],
+    ] {
+        assert!(ns.exec(&cmd).status().unwrap().success(), "{cmd:?}");
+    }
+    // The host end reads exactly 1 MiB over TCP and prints its md5 (python3, in the namespace).
+    let server_code = r#"
+import socket, hashlib
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.0.2.1", 5001))
+s.listen(1)
+s.settimeout(600)
+c, _ = s.accept()
+c.settimeout(120)
+d = b""
+while len(d) < 1048576:
+    b = c.recv(65536)
+    if not b:
+        break
+    d += b
+print(len(d), hashlib.md5(d).hexdigest(), flush=True)
+"#;
+    let server = ns
+        .exec(&["python3", "-c", server_code])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = "ip link set eth0 up; ip addr add 10.0.2.15/24 dev eth0; \
+        ping -c 3 -W 5 10.0.2.1 && echo KVMBOX-LINUX ping-ok; \
+        head -c 1048576 /dev/urandom >/tmp/p; md5sum /tmp/p; \
+        nc 10.0.2.1 5001 </tmp/p; echo KVMBOX-LINUX tcp-done";
+    let (kernel, initrd) = linux_kit();
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {}", kit_cmd(script));
+    let net = format!("tap={tap}");
+    let mut vm = Interactive::spawn_with(ns.exec(&[
+        common::kvmbox().to_str().unwrap(),
+        "run",
+        "--accel",
+        "emu",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--memory",
+        "512M",
+        "--net",
+        &net,
+        "--cmdline",
+        &cmdline,
+    ]));
+    vm.expect("KVMBOX-LINUX tcp-done", BOOT);
+    assert_eq!(vm.wait_exit(BOOT), Some(0));
+    let out = server.wait_with_output().unwrap();
+    let received = String::from_utf8_lossy(&out.stdout).to_string();
+    let console = vm.console();
+    assert!(
+        console.contains("KVMBOX-LINUX ping-ok"),
+        "ping from the guest to the host end:\n{console}"
+    );
+    let sent_md5 = console
+        .lines()
+        .find_map(|l| {
+            l.strip_suffix("  /tmp/p")
+                .or_else(|| l.trim_end_matches('\r').strip_suffix("  /tmp/p"))
+        })
+        .unwrap_or_else(|| panic!("no md5 of /tmp/p in:\n{console}"))
+        .to_string();
+    assert_eq!(
+        received.trim(),
+        format!("1048576 {sent_md5}"),
+        "1 MiB over TCP arrived intact"
+    );
+}
