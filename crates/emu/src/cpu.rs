@@ -118,6 +118,8 @@ pub struct Cpu {
     pub wait_sipi: bool,
     /// An NMI handler is running: further NMIs wait for the next IRET.
     pub(crate) nmi_blocked: bool,
+    /// Never resized after creation: `fetch_decode` hands out pointers into its heap buffer.
+    /// The extra last entry holds instructions that cannot be cached (MMIO, page-crossing).
     dcache: Vec<DecodedEntry>,
     /// The CPUID table.
     pub(crate) cpuid: Vec<kvmbox_cpu::CpuidEntry>,
@@ -148,7 +150,7 @@ impl Cpu {
             halted: false,
             wait_sipi: false,
             nmi_blocked: false,
-            dcache: vec![empty_decoded(); DCACHE_SIZE],
+            dcache: vec![empty_decoded(); DCACHE_SIZE + 1],
             cpuid: crate::cpuid::build(id, 1, false, &[]),
             cpuid_overrides: Vec::new(),
             msr_hook: None,
@@ -427,9 +429,11 @@ impl Cpu {
 
     // ---------------------------------------------------------------- fetch
 
-    /// Fetch and decode the instruction at CS:RIP.
+    /// Fetch and decode the instruction at CS:RIP. Returns a pointer into the decoded cache's
+    /// heap buffer, valid until the next `fetch_decode`: only this function writes the cache,
+    /// so the caller may execute the instruction in place without copying it.
     #[inline(never)]
-    pub(crate) fn fetch_decode(&mut self) -> R<Instruction> {
+    pub(crate) fn fetch_decode(&mut self) -> R<*const Instruction> {
         let bits = self.st.code_bits();
         let rip = self.st.rip;
         let lin = if bits == 64 {
@@ -469,7 +473,7 @@ impl Cpu {
                 };
                 if same {
                     self.stats.decode_hits += 1;
-                    return Ok(d.ins);
+                    return Ok(&d.ins);
                 }
             }
         }
@@ -520,8 +524,12 @@ impl Cpu {
                 mask,
                 ins,
             };
+            return Ok(&self.dcache[slot].ins);
         }
-        Ok(ins)
+        let scratch = &mut self.dcache[DCACHE_SIZE];
+        scratch.key = u64::MAX;
+        scratch.ins = ins;
+        Ok(&scratch.ins)
     }
 }
 

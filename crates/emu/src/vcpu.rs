@@ -79,7 +79,9 @@ impl Cpu {
         let tf = self.st.rflags & flags::TF != 0;
         self.set_shadow = false;
         let ins = self.fetch_decode()?;
-        self.exec(&ins)?;
+        // SAFETY: `ins` points into the heap buffer of the decoded-instruction cache, which
+        // is never reallocated and which only `fetch_decode` writes; `exec` never fetches.
+        self.exec(unsafe { &*ins })?;
         self.st.rip = self.next_rip;
         self.st.rflags &= !flags::RF;
         self.stats.instructions += 1;

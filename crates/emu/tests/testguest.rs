@@ -241,7 +241,11 @@ fn testguest_fault_scenario_reports_the_page_fault() {
 #[test]
 #[ignore]
 fn bench_compute_and_mem() {
-    for cmd in ["tests=compute", "tests=mem"] {
+    // EMU_BENCH="tests=compute:20000000" (comma-free list separated by ';') overrides.
+    let cmds: Vec<String> = std::env::var("EMU_BENCH")
+        .map(|v| v.split(';').map(str::to_string).collect())
+        .unwrap_or_else(|_| vec!["tests=compute".into(), "tests=mem".into()]);
+    for cmd in cmds.iter().map(String::as_str) {
         let t = std::time::Instant::now();
         let (out, code, st) = boot_stats(cmd);
         let dt = t.elapsed();
