@@ -432,8 +432,38 @@ impl Cpu {
     /// Fetch and decode the instruction at CS:RIP. Returns a pointer into the decoded cache's
     /// heap buffer, valid until the next `fetch_decode`: only this function writes the cache,
     /// so the caller may execute the instruction in place without copying it.
-    #[inline(never)]
+    #[inline(always)]
     pub(crate) fn fetch_decode(&mut self) -> R<*const Instruction> {
+        // Fast path: a cached decode in a TLB-resident RAM page with the same bytes.
+        let bits = self.st.code_bits();
+        let rip = self.st.rip;
+        if bits == 64 && canonical(rip) {
+            let user = self.st.seg[seg::CS].dpl & 3 == 3;
+            if let Some(e) = self.tlb.lookup(rip, crate::mmu::need_bit(ACC_X, user)) {
+                let off = (rip & 0xfff) as usize;
+                if !e.host.is_null() && off + 16 <= 0x1000 {
+                    let pa = e.ppage | off as u64;
+                    let key = (pa << 2) | (bits as u64 >> 5);
+                    let slot = ((pa ^ (pa >> 12)) as usize) & (DCACHE_SIZE - 1);
+                    let d = &self.dcache[slot];
+                    if d.key == key && d.rip == rip {
+                        // SAFETY: host page pointer, off + 16 <= 4096.
+                        let cur = unsafe { (e.host.add(off) as *const u128).read_unaligned() };
+                        if cur & d.mask == d.bytes {
+                            self.stats.decode_hits += 1;
+                            return Ok(&d.ins);
+                        }
+                    }
+                }
+            }
+        }
+        self.fetch_decode_slow()
+    }
+
+    /// Everything else: segment checks, page walks, the cache check near page ends, and
+    /// decoding with iced-x86.
+    #[inline(never)]
+    fn fetch_decode_slow(&mut self) -> R<*const Instruction> {
         let bits = self.st.code_bits();
         let rip = self.st.rip;
         let lin = if bits == 64 {
