@@ -239,9 +239,16 @@ impl Cpu {
     }
 
     /// Read at linear `lin` with an explicit privilege (false = implicit supervisor access).
+    #[inline]
     pub(crate) fn read_lin_priv(&mut self, lin: u64, size: u32, user: bool) -> R<u64> {
         let off = lin & 0xfff;
         if off + size as u64 <= 0x1000 {
+            if let Some(e) = self.tlb.lookup(lin, crate::mmu::need_bit(ACC_R, user)) {
+                if !e.host.is_null() {
+                    // SAFETY: the TLB's host pointer covers the whole 4 KiB page.
+                    return Ok(unsafe { mem::load(e.host.add(off as usize), size) });
+                }
+            }
             let e = self.translate(lin, ACC_R, user)?;
             if !e.host.is_null() {
                 // SAFETY: the TLB's host pointer covers the whole 4 KiB page; off+size <= 4096.
@@ -300,9 +307,17 @@ impl Cpu {
     }
 
     /// Write with an explicit privilege.
+    #[inline]
     pub(crate) fn write_lin_priv(&mut self, lin: u64, size: u32, v: u64, user: bool) -> R<()> {
         let off = lin & 0xfff;
         if off + size as u64 <= 0x1000 {
+            if let Some(e) = self.tlb.lookup(lin, crate::mmu::need_bit(ACC_W, user)) {
+                if !e.host.is_null() {
+                    // SAFETY: the page is RAM and off + size <= 4096.
+                    unsafe { mem::store(e.host.add(off as usize), size, v) };
+                    return Ok(());
+                }
+            }
             let e = self.translate(lin, ACC_W, user)?;
             if !e.host.is_null() {
                 // SAFETY: the page is RAM and off+size <= 4096.
