@@ -71,7 +71,7 @@ pub struct Stats {
     pub interrupts: BTreeMap<u8, u64>,
 }
 
-const DCACHE_SIZE: usize = 4096;
+const DCACHE_SIZE: usize = 16384;
 
 #[derive(Clone)]
 struct DecodedEntry {
