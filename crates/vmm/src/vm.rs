@@ -336,6 +336,9 @@ fn boot_once(cfg: &VmConfig, accel: Accel, session: &Session) -> Result<ExitRequ
         cmdline.push_str(&kvmbox_virtio::transport::cmdline_arg(base, gsi));
     }
     let mut acpi = kvmbox_arch::AcpiConfig::new(cfg.cpus);
+    // kvmbox's i8042 is only the reset line (Linux's reboot=k writes 0xfe to port 0x64 either
+    // way): advertising a PS/2 controller would make Linux probe a keyboard that is not there.
+    acpi.i8042 = false;
     if cfg.virtio == VirtioTransport::Pci {
         acpi.pci = Some(kvmbox_arch::PciHostBridge::new());
     }
