@@ -50,7 +50,7 @@ pub(crate) fn seg_index(r: Register) -> usize {
 
 impl Cpu {
     /// Read a general-purpose or segment register.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn reg(&self, r: Register) -> u64 {
         let n = r as usize;
         match n {
@@ -68,7 +68,7 @@ impl Cpu {
     }
 
     /// Write a general-purpose register (32-bit writes zero-extend, 8/16-bit merge).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn set_reg(&mut self, r: Register, v: u64) {
         let n = r as usize;
         match n {
@@ -127,7 +127,7 @@ impl Cpu {
     }
 
     /// Operand `i` as a location.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn loc(&self, ins: &Instruction, i: u32) -> Loc {
         match ins.op_kind(i) {
             OpKind::Register => Loc::Reg(ins.op_register(i)),
@@ -137,7 +137,7 @@ impl Cpu {
     }
 
     /// Width in bits of operand `i`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn op_bits(&self, ins: &Instruction, i: u32) -> u32 {
         match ins.op_kind(i) {
             OpKind::Register => reg_bits(ins.op_register(i)),
@@ -150,7 +150,7 @@ impl Cpu {
     }
 
     /// Read a location.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn rd(&mut self, l: Loc, bits: u32) -> R<u64> {
         match l {
             Loc::Reg(r) => Ok(self.reg(r)),
@@ -183,7 +183,7 @@ impl Cpu {
     }
 
     /// Read operand `i`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn rd_op(&mut self, ins: &Instruction, i: u32) -> R<u64> {
         let bits = self.op_bits(ins, i);
         let l = self.loc(ins, i);
