@@ -33,7 +33,7 @@ pub fn sext(v: u64, bits: u32) -> u64 {
 }
 
 /// SF, ZF and PF for a result.
-#[inline]
+#[inline(always)]
 pub fn szp(res: u64, bits: u32) -> u64 {
     let r = res & mask(bits);
     let mut f = 0;
@@ -50,7 +50,7 @@ pub fn szp(res: u64, bits: u32) -> u64 {
 }
 
 /// a + b + c.
-#[inline]
+#[inline(always)]
 pub fn add(a: u64, b: u64, c: bool, bits: u32) -> (u64, u64) {
     let m = mask(bits);
     let (a, b) = (a & m, b & m);
@@ -70,7 +70,7 @@ pub fn add(a: u64, b: u64, c: bool, bits: u32) -> (u64, u64) {
 }
 
 /// a - b - c.
-#[inline]
+#[inline(always)]
 pub fn sub(a: u64, b: u64, c: bool, bits: u32) -> (u64, u64) {
     let m = mask(bits);
     let (a, b) = (a & m, b & m);
@@ -119,7 +119,7 @@ pub enum AluOp {
 }
 
 /// Apply `op`; returns (result, new status flags).
-#[inline]
+#[inline(always)]
 pub fn alu(op: AluOp, a: u64, b: u64, rflags: u64, bits: u32) -> (u64, u64) {
     let m = mask(bits);
     match op {

@@ -95,7 +95,7 @@ impl Cpu {
     }
 
     /// Effective address (offset within the segment) of the memory operand.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn ea(&self, ins: &Instruction) -> u64 {
         let base = ins.memory_base();
         let index = ins.memory_index();
@@ -165,7 +165,7 @@ impl Cpu {
     }
 
     /// Write a location.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn wr(&mut self, l: Loc, bits: u32, v: u64) -> R<()> {
         match l {
             Loc::Reg(r) => {
