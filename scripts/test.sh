@@ -8,7 +8,7 @@ skips=$(mktemp)
 trap 'rm -f "$skips"' EXIT
 export KVMBOX_SKIP_LOG="$skips"
 status=0
-cargo test --workspace --release "$@" || status=$?
+cargo test --workspace --release --no-fail-fast "$@" || status=$?
 n=$(grep -c . "$skips" || true)
 if [ "$n" -gt 0 ]; then
     echo "=================================================================="
