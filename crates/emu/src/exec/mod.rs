@@ -29,7 +29,7 @@ pub(crate) enum Loc {
 }
 
 /// Width in bits of a general-purpose or segment register.
-#[inline]
+#[inline(always)]
 pub(crate) fn reg_bits(r: Register) -> u32 {
     match r as u32 {
         1..=20 => 8,
