@@ -950,6 +950,13 @@ fn sse_forms() -> Vec<SseForm> {
     s!(v, "cvtss2si rax,xmm1", F32, |a| a.cvtss2si(rax, xmm1));
     s!(v, "addsd xmm0,[r15]", F64, |a| a
         .addsd(xmm0, qword_ptr(r15 + 8)));
+    s!(v, "cmpsd xmm0,xmm1,eq", F64, |a| a.cmpsd_3(xmm0, xmm1, 0));
+    s!(v, "cmpsd xmm0,xmm1,lt", F64, |a| a.cmpsd_3(xmm0, xmm1, 1));
+    s!(v, "cmpsd xmm0,xmm1,nle", F64, |a| a.cmpsd_3(xmm0, xmm1, 6));
+    s!(v, "cmpss xmm0,xmm1,le", F32, |a| a.cmpss(xmm0, xmm1, 2));
+    s!(v, "cmpps xmm0,xmm1,neq", F32, |a| a.cmpps(xmm0, xmm1, 4));
+    s!(v, "cmppd xmm0,xmm1,nlt", F64, |a| a.cmppd(xmm0, xmm1, 5));
+    s!(v, "cmppd xmm0,xmm1,ord", F64, |a| a.cmppd(xmm0, xmm1, 7));
     s!(v, "mulps xmm0,[r15]", F32, |a| a
         .mulps(xmm0, xmmword_ptr(r15 + 16)));
     v

@@ -628,6 +628,46 @@ impl Cpu {
                     full
                 };
             }
+            M::Cmpss | M::Cmpsd | M::Cmpps | M::Cmppd => {
+                let Some(d) = d else { return Ok(false) };
+                self.sse_check()?;
+                let single = matches!(m, M::Cmpss | M::Cmpps);
+                let scalar = matches!(m, M::Cmpss | M::Cmpsd);
+                let bits = if single { 32 } else { 64 };
+                let b = self.xsrc(ins, 1, if scalar { bits / 8 } else { 16 }, !scalar)?;
+                let a = self.st.xmm[d];
+                let pred = ins.immediate8() & 7;
+                let f = |x: u64, y: u64| -> u64 {
+                    let (x, y) = if single {
+                        (f32_of(x) as f64, f32_of(y) as f64)
+                    } else {
+                        (f64_of(x), f64_of(y))
+                    };
+                    let unord = x.is_nan() || y.is_nan();
+                    let r = match pred {
+                        0 => x == y,
+                        1 => x < y,
+                        2 => x <= y,
+                        3 => unord,
+                        4 => x != y || unord,
+                        5 => !(x < y),
+                        6 => !(x <= y),
+                        _ => !unord,
+                    };
+                    if r {
+                        mask(bits)
+                    } else {
+                        0
+                    }
+                };
+                let full = lanes(a, b, bits, f);
+                self.st.xmm[d] = if scalar {
+                    let lm = mask(bits) as u128;
+                    (a & !lm) | (full & lm)
+                } else {
+                    full
+                };
+            }
             M::Ucomiss | M::Comiss | M::Ucomisd | M::Comisd => {
                 let Some(d) = d else { return Ok(false) };
                 self.sse_check()?;
