@@ -650,8 +650,8 @@ impl Cpu {
                         2 => x <= y,
                         3 => unord,
                         4 => x != y || unord,
-                        5 => !(x < y),
-                        6 => !(x <= y),
+                        5 => x >= y || unord,
+                        6 => x > y || unord,
                         _ => !unord,
                     };
                     if r {
