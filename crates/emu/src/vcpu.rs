@@ -144,12 +144,10 @@ impl Cpu {
                 }
             }
             // Interrupt window.
-            let mut took = false;
             if let Some(c) = &irq {
                 if !self.nmi_blocked && c.take_nmi(self.id) {
                     let rip = self.st.rip;
                     self.halted = false;
-                    took = true;
                     self.nmi_blocked = true;
                     *self.stats.interrupts.entry(2).or_insert(0) += 1;
                     if let Err(f) = self.deliver(2, None, EventKind::External, rip) {
@@ -163,7 +161,6 @@ impl Cpu {
                         *self.stats.interrupts.entry(v).or_insert(0) += 1;
                         let rip = self.st.rip;
                         self.halted = false;
-                        took = true;
                         if let Err(f) = self.deliver(v, None, EventKind::External, rip) {
                             if let Some(exit) = self.fault_exit(f)? {
                                 return Ok(Some(exit));
@@ -172,7 +169,6 @@ impl Cpu {
                     }
                 }
             }
-            let _ = took;
             if self.halted {
                 if self.st.rflags & flags::IF != 0 {
                     if let Some(c) = &irq {

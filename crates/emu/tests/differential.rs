@@ -254,9 +254,6 @@ macro_rules! shift {
     };
 }
 
-fn rot_one(_: &[u64; 16]) -> u64 {
-    ALL & !AF
-}
 /// Rotates leave SF ZF PF AF alone; OF defined only for count 1.
 fn rot_cl(r: &[u64; 16]) -> u64 {
     if r[1] & 31 == 1 {
@@ -307,7 +304,6 @@ fn forms() -> Vec<Form> {
     shift!(v, ror, rot1_all, rot_n, rot_cl, rot_cl64, nofix);
     shift!(v, rcl, rot1_all, rot_n, rot_cl, rot_cl64, cl_le_16);
     shift!(v, rcr, rot1_all, rot_n, rot_cl, rot_cl64, cl_le_16);
-    let _ = rot_one;
     // MUL / IMUL / DIV / IDIV.
     f!(v, "mul bl", mul_flags, |a| a.mul(bl));
     f!(v, "mul bx", mul_flags, |a| a.mul(bx));

@@ -352,7 +352,6 @@ impl Cpu {
     }
 
     fn iret(&mut self, size: u32) -> R<()> {
-        let sb = self.st.stack_bits();
         let sp0 = self.st.gpr[gpr::RSP];
         let saved_cs = self.st.seg[seg::CS];
         let saved_ss = self.st.seg[seg::SS];
@@ -426,7 +425,6 @@ impl Cpu {
             self.st.gpr[gpr::RSP] = sp0;
             self.st.seg[seg::CS] = saved_cs;
             self.st.seg[seg::SS] = saved_ss;
-            let _ = sb;
         }
         r
     }

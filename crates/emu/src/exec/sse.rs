@@ -804,7 +804,6 @@ impl Cpu {
             }
             _ => return Ok(false),
         }
-        let _ = sign_bit;
         Ok(true)
     }
 }
