@@ -136,6 +136,16 @@ fn create_backend(
                 .map_err(|e| Error::Host(format!("cannot start the PIT timer thread: {e}")))?;
             let vm = kvmbox_emu::EmuVm::new(mem.clone());
             vm.set_interrupt_controller(chip);
+            if host_tsc_is_invariant() {
+                // The engine's RDTSC is the host's TSC: where that one is invariant (constant
+                // rate, running in every state, one across CPUs), say so, and Linux keeps the
+                // TSC as its clocksource instead of declaring it unsynchronized.
+                vm.set_cpuid_overrides(vec![kvmbox_cpu::CpuidEntry {
+                    function: 0x8000_0007,
+                    edx: INVARIANT_TSC,
+                    ..Default::default()
+                }]);
+            }
             Ok((
                 Box::new(vm),
                 Some(EmuPlatform {
@@ -155,6 +165,14 @@ fn check_cpus(asked: u32, backend: &'static str, max: u32) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// CPUID 0x8000_0007 EDX: the TSC runs at a constant rate in every C-, P- and T-state.
+const INVARIANT_TSC: u32 = 1 << 8;
+
+fn host_tsc_is_invariant() -> bool {
+    use core::arch::x86_64::__cpuid;
+    __cpuid(0x8000_0000).eax >= 0x8000_0007 && __cpuid(0x8000_0007).edx & INVARIANT_TSC != 0
 }
 
 /// The host's TSC frequency, measured against the monotonic clock over 10 ms (to ~1e-4).
