@@ -82,7 +82,7 @@ fn boots_to_userspace_with_1_and_2_cpus_and_powers_off() {
 
 #[test]
 fn guest_clock_follows_the_host() {
-    let mut vm = boot(1, "kvmbox.run=clock", &[]);
+    let mut vm = boot(2, "kvmbox.run=clock", &[]);
     vm.expect("KVMBOX-LINUX clock-start", BOOT);
     let t0 = Instant::now();
     vm.expect("KVMBOX-LINUX clock-end", Duration::from_secs(120));
@@ -98,6 +98,17 @@ fn guest_clock_follows_the_host() {
         "guest measured {guest:.3} s while the host measured {host:.3} s"
     );
     assert_eq!(vm.wait_exit(BOOT), Some(0));
+    // On a host whose TSC is invariant the engine says so, and Linux trusts the TSC on both
+    // vCPUs rather than falling back to a slower clocksource.
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if flags.contains(" constant_tsc") && flags.contains(" nonstop_tsc") {
+        assert!(
+            console.contains("clocksource: Switched to clocksource tsc\r")
+                || console.contains("clocksource: Switched to clocksource tsc\n"),
+            "Linux did not keep the TSC as its clocksource:\n{console}"
+        );
+        assert!(!console.contains("TSC unstable"), "{console}");
+    }
 }
 
 #[test]
