@@ -6,7 +6,7 @@
 # `./scripts/run-default.sh --cpus 2` or `--accel kvm`.
 #
 # `--accel auto` (the default) runs the guest on KVM where guest kernel code runs at hardware
-# speed, and on kvmbox's software engine elsewhere (about 40 s to the shell on a 2-core host).
+# speed, and on kvmbox's software engine elsewhere (about 25 s to the shell on a 2-core host).
 # KVMBOX_DEFAULT_GUEST=testguest boots the freestanding test guest's shell instead (instant on KVM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
