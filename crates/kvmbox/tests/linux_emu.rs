@@ -296,25 +296,12 @@ print(len(d), hashlib.md5(d).hexdigest(), flush=True)
         ping -c 3 -W 5 10.0.2.1 && echo KVMBOX-LINUX ping-ok; \
         head -c 1048576 /dev/urandom >/tmp/p; md5sum /tmp/p; \
         nc 10.0.2.1 5001 </tmp/p; echo KVMBOX-LINUX tcp-done";
-    let (kernel, initrd) = linux_kit();
-    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {}", kit_cmd(script));
     let net = format!("tap={tap}");
-    let mut vm = Interactive::spawn_with(ns.exec(&[
-        common::kvmbox().to_str().unwrap(),
-        "run",
-        "--accel",
-        "emu",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--memory",
-        "512M",
-        "--net",
-        &net,
-        "--cmdline",
-        &cmdline,
-    ]));
+    let kvmbox = common::kvmbox();
+    let args = kvmbox_args(1, &kit_cmd(script), &["--net", &net]);
+    let mut argv = vec![kvmbox.to_str().unwrap()];
+    argv.extend(args.iter().map(String::as_str));
+    let mut vm = Interactive::spawn_with(ns.exec(&argv));
     vm.expect("KVMBOX-LINUX tcp-done", BOOT);
     assert_eq!(vm.wait_exit(BOOT), Some(0));
     let out = server.wait_with_output().unwrap();

@@ -126,6 +126,18 @@ impl KvmVm {
         Ok(vm)
     }
 
+    /// An eventfd that injects GSI `gsi` when written (KVM_IRQFD).
+    fn irqfd(&self, gsi: u32) -> Result<EventFd> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm {
+            op: "eventfd",
+            source: e,
+        })?;
+        self.fd
+            .register_irqfd(&evt, gsi)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        Ok(evt)
+    }
+
     /// The VM fd, for KVM-specific features (dirty logging, clocks).
     pub fn fd(&self) -> &Arc<VmFd> {
         &self.fd
@@ -210,13 +222,7 @@ impl Vm for KvmVm {
                 "GSI {gsi} is not an IOAPIC pin (0..{IOAPIC_PINS})"
             )));
         }
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm {
-            op: "eventfd",
-            source: e,
-        })?;
-        self.fd
-            .register_irqfd(&evt, gsi)
-            .map_err(kvm_err("KVM_IRQFD"))?;
+        let evt = self.irqfd(gsi)?;
         Ok(Arc::new(KvmIrqLine {
             vm: self.fd.clone(),
             gsi,
@@ -242,13 +248,7 @@ impl Vm for KvmVm {
         });
         commit_routes(&self.fd, &routes)?;
         routes.next_gsi += 1;
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm {
-            op: "eventfd",
-            source: e,
-        })?;
-        self.fd
-            .register_irqfd(&evt, gsi)
-            .map_err(kvm_err("KVM_IRQFD"))?;
+        let evt = self.irqfd(gsi)?;
         Ok(Arc::new(KvmMsiLine {
             vm: self.fd.clone(),
             routes: self.routes.clone(),

@@ -49,18 +49,10 @@ pub fn kvm_or_skip(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(e) => {
-            let line = format!("SKIP: {test}: /dev/kvm unavailable ({e}); this test needs KVM");
-            eprintln!("{line}");
-            if let Ok(log) = std::env::var("KVMBOX_SKIP_LOG") {
-                use std::io::Write;
-                if let Ok(mut f) = std::fs::OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .open(log)
-                {
-                    let _ = writeln!(f, "{line}");
-                }
-            }
+            skip(
+                test,
+                &format!("/dev/kvm unavailable ({e}); this test needs KVM"),
+            );
             false
         }
     }
