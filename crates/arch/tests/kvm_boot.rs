@@ -286,10 +286,16 @@ fn run_testguest(prefer_pvh: bool) -> String {
 
 #[test]
 fn testguest_boots_through_pvh_with_our_boot_info() {
+    if !kvmbox_cpu::kvm::available_or_skip("testguest_boots_through_pvh_with_our_boot_info") {
+        return;
+    }
     run_testguest(true);
 }
 
 #[test]
 fn testguest_boots_through_linux64_with_our_boot_info() {
+    if !kvmbox_cpu::kvm::available_or_skip("testguest_boots_through_linux64_with_our_boot_info") {
+        return;
+    }
     run_testguest(false);
 }

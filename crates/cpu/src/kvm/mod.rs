@@ -32,6 +32,43 @@ fn kvm_err(op: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Error
     }
 }
 
+/// For test suites: true when /dev/kvm can be opened. Otherwise prints one loud
+/// `SKIP: <test>: ...` line to stderr, appends it to the file named by `KVMBOX_SKIP_LOG` (the
+/// project's test script counts them) and returns false.
+pub fn available_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            report_skip(
+                test,
+                &format!("/dev/kvm unavailable ({e}); this test needs KVM"),
+            );
+            false
+        }
+    }
+}
+
+/// For test suites: report a skipped test as [`available_or_skip`] does.
+pub fn report_skip(test: &str, why: &str) {
+    use std::io::Write;
+    let line = format!("SKIP: {test}: {why}");
+    eprintln!("{line}");
+    if let Ok(log) = std::env::var("KVMBOX_SKIP_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+        {
+            // The log only feeds a count printed at the end; the line is on stderr anyway.
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
 /// The capabilities without which kvmbox cannot run a PC guest on KVM.
 pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),

@@ -42,20 +42,7 @@ pub fn testguest() -> PathBuf {
 
 /// True when /dev/kvm can be opened; otherwise prints one loud SKIP line for `test`.
 pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            skip(
-                test,
-                &format!("/dev/kvm unavailable ({e}); this test needs KVM"),
-            );
-            false
-        }
-    }
+    kvmbox_cpu::kvm::available_or_skip(test)
 }
 
 /// What one kvmbox run produced.
@@ -444,18 +431,7 @@ impl Drop for Interactive {
 /// Prints one loud `SKIP: <test>: <why>` line (also appended to `$KVMBOX_SKIP_LOG`), the same
 /// way [`kvm_or_skip`] reports a missing /dev/kvm.
 pub fn skip(test: &str, why: &str) {
-    let line = format!("SKIP: {test}: {why}");
-    eprintln!("{line}");
-    if let Ok(log) = std::env::var("KVMBOX_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(log)
-        {
-            let _ = writeln!(f, "{line}");
-        }
-    }
+    kvmbox_cpu::kvm::report_skip(test, why);
 }
 
 /// The default Linux guest kit: Debian's cloud kernel and the busybox initramfs

@@ -618,6 +618,9 @@ fn cmdline_announces_the_window() {
 /// the bus (the path a vCPU exit takes).
 #[test]
 fn kvm_attach_helpers_ioeventfds_and_msi_routes() {
+    if !kvmbox_cpu::kvm::available_or_skip("kvm_attach_helpers_ioeventfds_and_msi_routes") {
+        return;
+    }
     use super::{attach_mmio, attach_pci};
     let m = mem();
     let vm = kvmbox_cpu::kvm::KvmVm::new(&m).expect("KVM VM (needs /dev/kvm)");
