@@ -24,6 +24,59 @@ pub struct Regs {
     pub rflags: u64,
 }
 
+impl Regs {
+    /// RAX..R15 in x86 encoding order (RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8..R15), the
+    /// order instruction encodings and register files index them in.
+    pub fn gprs(&self) -> [u64; 16] {
+        [
+            self.rax, self.rcx, self.rdx, self.rbx, self.rsp, self.rbp, self.rsi, self.rdi,
+            self.r8, self.r9, self.r10, self.r11, self.r12, self.r13, self.r14, self.r15,
+        ]
+    }
+
+    /// Registers from RAX..R15 in x86 encoding order (see [`Regs::gprs`]), RIP and RFLAGS.
+    pub fn from_gprs(g: [u64; 16], rip: u64, rflags: u64) -> Self {
+        let [rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15] = g;
+        Regs {
+            rax,
+            rbx,
+            rcx,
+            rdx,
+            rsi,
+            rdi,
+            rsp,
+            rbp,
+            r8,
+            r9,
+            r10,
+            r11,
+            r12,
+            r13,
+            r14,
+            r15,
+            rip,
+            rflags,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Regs;
+
+    #[test]
+    fn gprs_round_trip_in_encoding_order() {
+        let g: [u64; 16] = std::array::from_fn(|i| i as u64 * 0x1111);
+        let r = Regs::from_gprs(g, 7, 2);
+        assert_eq!(
+            (r.rax, r.rcx, r.rbx, r.rsp, r.rdi, r.r15),
+            (0, 0x1111, 0x3333, 0x4444, 0x7777, 0xffff)
+        );
+        assert_eq!((r.rip, r.rflags), (7, 2));
+        assert_eq!(r.gprs(), g);
+    }
+}
+
 /// A segment register with its hidden (descriptor cache) part, as KVM's `kvm_segment`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Segment {

@@ -264,34 +264,15 @@ impl Vcpu for EmuVcpu {
     }
 
     fn regs(&self) -> Result<Regs> {
-        let g = &self.cpu.st.gpr;
-        Ok(Regs {
-            rax: g[0],
-            rcx: g[1],
-            rdx: g[2],
-            rbx: g[3],
-            rsp: g[4],
-            rbp: g[5],
-            rsi: g[6],
-            rdi: g[7],
-            r8: g[8],
-            r9: g[9],
-            r10: g[10],
-            r11: g[11],
-            r12: g[12],
-            r13: g[13],
-            r14: g[14],
-            r15: g[15],
-            rip: self.cpu.st.rip,
-            rflags: self.cpu.st.rflags,
-        })
+        Ok(Regs::from_gprs(
+            self.cpu.st.gpr,
+            self.cpu.st.rip,
+            self.cpu.st.rflags,
+        ))
     }
 
     fn set_regs(&mut self, r: &Regs) -> Result<()> {
-        self.cpu.st.gpr = [
-            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
-            r.r12, r.r13, r.r14, r.r15,
-        ];
+        self.cpu.st.gpr = r.gprs();
         self.cpu.st.rip = r.rip;
         self.cpu.st.rflags = (r.rflags & flags::WRITABLE) | flags::FIXED;
         Ok(())

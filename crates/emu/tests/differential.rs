@@ -686,28 +686,8 @@ impl Emu {
         let mut r = *regs;
         r[4] = KSTACK;
         r[15] = DATA;
-        let g = r;
         self.vcpu
-            .set_regs(&Regs {
-                rax: g[0],
-                rcx: g[1],
-                rdx: g[2],
-                rbx: g[3],
-                rsp: g[4],
-                rbp: g[5],
-                rsi: g[6],
-                rdi: g[7],
-                r8: g[8],
-                r9: g[9],
-                r10: g[10],
-                r11: g[11],
-                r12: g[12],
-                r13: g[13],
-                r14: g[14],
-                r15: g[15],
-                rip: CODE,
-                rflags: flags,
-            })
+            .set_regs(&Regs::from_gprs(r, CODE, flags))
             .unwrap();
         self.vcpu.state_mut().xmm[..4].copy_from_slice(xmm);
         let io = Recorder::default();
@@ -727,13 +707,7 @@ impl Emu {
             "emulator did not run the instruction"
         );
         self.mem.read_slice(buf, GuestAddress(DATA)).unwrap();
-        (
-            [
-                o.rax, o.rcx, o.rdx, o.rbx, o.rsp, o.rbp, o.rsi, o.rdi, o.r8, o.r9, o.r10, o.r11,
-                o.r12, o.r13, o.r14, o.r15,
-            ],
-            o.rflags,
-        )
+        (o.gprs(), o.rflags)
     }
 }
 
