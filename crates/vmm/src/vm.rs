@@ -50,6 +50,15 @@ pub enum Error {
     /// Device setup.
     #[error("device setup: {0}")]
     Device(String),
+    /// Placing a device on the bus.
+    #[error("device setup: {0}")]
+    Bus(#[from] kvmbox_devices::BusError),
+    /// A virtio device or its transport (a bad disk image or TAP, for instance).
+    #[error("device setup: {0}")]
+    Virtio(#[from] kvmbox_virtio::Error),
+    /// The software engine's interrupt controllers.
+    #[error("device setup: {0}")]
+    IrqChip(#[from] kvmbox_irqchip::Error),
     /// Host resources (threads, fds).
     #[error("{0}")]
     Host(String),
@@ -113,25 +122,21 @@ fn create_backend(
         Accel::Kvm => Ok((Box::new(kvmbox_cpu::kvm::KvmVm::new(mem)?), None)),
         Accel::Emu => {
             check_cpus(cpus, "emu", kvmbox_emu::MAX_VCPUS)?;
-            let irq_err = |e: kvmbox_irqchip::Error| Error::Device(e.to_string());
             let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
             // The engine's RDTSC reads the host TSC: tell the guest its rate.
-            let chip = Arc::new(
-                kvmbox_irqchip::IrqChip::new(cpus, clock.clone(), host_tsc_hz())
-                    .map_err(irq_err)?,
-            );
-            chip.attach(io).map_err(irq_err)?;
+            let chip = Arc::new(kvmbox_irqchip::IrqChip::new(
+                cpus,
+                clock.clone(),
+                host_tsc_hz(),
+            )?);
+            chip.attach(io)?;
             let waker = Arc::new(TimerWaker::new());
-            let mut pit = Pit::new(Some(chip.irq_line(0).map_err(irq_err)?), clock.clone());
+            let mut pit = Pit::new(Some(chip.irq_line(0)?), clock.clone());
             pit.set_waker(waker.clone());
             let pit = Arc::new(Mutex::new(pit));
-            let bus_err = |e: kvmbox_devices::BusError| Error::Device(e.to_string());
             io.pio
-                .insert(pit.clone(), u64::from(PIT_PORT), PIT_PORT_LEN)
-                .map_err(bus_err)?;
-            io.pio
-                .insert(pit.clone(), u64::from(SPEAKER_PORT), 1)
-                .map_err(bus_err)?;
+                .insert(pit.clone(), u64::from(PIT_PORT), PIT_PORT_LEN)?;
+            io.pio.insert(pit.clone(), u64::from(SPEAKER_PORT), 1)?;
             let pit_timer = TimerThread::spawn("pit", pit, clock, waker)
                 .map_err(|e| Error::Host(format!("cannot start the PIT timer thread: {e}")))?;
             let vm = kvmbox_emu::EmuVm::new(mem.clone());
@@ -175,8 +180,14 @@ fn host_tsc_is_invariant() -> bool {
     __cpuid(0x8000_0000).eax >= 0x8000_0007 && __cpuid(0x8000_0007).edx & INVARIANT_TSC != 0
 }
 
-/// The host's TSC frequency, measured against the monotonic clock over 10 ms (to ~1e-4).
+/// The host's TSC frequency, measured once per process against the monotonic clock over
+/// 10 ms (to ~1e-4).
 fn host_tsc_hz() -> u64 {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(measure_host_tsc_hz)
+}
+
+fn measure_host_tsc_hz() -> u64 {
     let t0 = std::time::Instant::now();
     // SAFETY: RDTSC only reads the time-stamp counter.
     let c0 = unsafe { core::arch::x86_64::_rdtsc() };
@@ -196,51 +207,41 @@ struct Platform {
 
 /// Put the PC platform devices on the bus.
 fn add_legacy_devices(vm: &dyn Vm, io: &IoBus, control: &Arc<VmControl>) -> Result<Platform> {
-    let dev_err = |e: kvmbox_devices::BusError| Error::Device(e.to_string());
     let com1_irq = vm.irq_line(layout::COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(SerialPort::new(
         IrqTrigger(com1_irq),
         Box::new(std::io::stdout()),
     )));
     io.pio
-        .insert(serial.clone(), u64::from(layout::COM1_PORT), SERIAL_PORTS)
-        .map_err(dev_err)?;
+        .insert(serial.clone(), u64::from(layout::COM1_PORT), SERIAL_PORTS)?;
     let i8042 = Arc::new(Mutex::new(I8042::new(
         control.clone(),
         layout::I8042_DATA_PORT,
     )));
     for port in [layout::I8042_DATA_PORT, layout::I8042_COMMAND_PORT] {
-        io.pio
-            .insert(i8042.clone(), u64::from(port), 1)
-            .map_err(dev_err)?;
+        io.pio.insert(i8042.clone(), u64::from(port), 1)?;
     }
-    io.pio
-        .insert(
-            Arc::new(Mutex::new(DebugExit::new(control.clone()))),
-            u64::from(layout::DEBUG_EXIT_PORT),
-            DEBUG_EXIT_PORTS,
-        )
-        .map_err(dev_err)?;
-    io.pio
-        .insert(
-            Arc::new(Mutex::new(AcpiPm::new(
-                control.clone(),
-                layout::ACPI_S5_SLP_TYP,
-            ))),
-            u64::from(layout::ACPI_PM1A_EVT_PORT),
-            PM_BLOCK_LEN,
-        )
-        .map_err(dev_err)?;
-    io.pio
-        .insert(
-            Arc::new(Mutex::new(ResetRegister::new(
-                control.clone(),
-                layout::ACPI_RESET_VALUE,
-            ))),
-            u64::from(layout::ACPI_RESET_PORT),
-            1,
-        )
-        .map_err(dev_err)?;
+    io.pio.insert(
+        Arc::new(Mutex::new(DebugExit::new(control.clone()))),
+        u64::from(layout::DEBUG_EXIT_PORT),
+        DEBUG_EXIT_PORTS,
+    )?;
+    io.pio.insert(
+        Arc::new(Mutex::new(AcpiPm::new(
+            control.clone(),
+            layout::ACPI_S5_SLP_TYP,
+        ))),
+        u64::from(layout::ACPI_PM1A_EVT_PORT),
+        PM_BLOCK_LEN,
+    )?;
+    io.pio.insert(
+        Arc::new(Mutex::new(ResetRegister::new(
+            control.clone(),
+            layout::ACPI_RESET_VALUE,
+        ))),
+        u64::from(layout::ACPI_RESET_PORT),
+        1,
+    )?;
 
     let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
     let waker = Arc::new(TimerWaker::new());
@@ -248,8 +249,7 @@ fn add_legacy_devices(vm: &dyn Vm, io: &IoBus, control: &Arc<VmControl>) -> Resu
     rtc.set_waker(waker.clone());
     let rtc = Arc::new(Mutex::new(rtc));
     io.pio
-        .insert(rtc.clone(), u64::from(RTC_PORT), RTC_PORT_LEN)
-        .map_err(dev_err)?;
+        .insert(rtc.clone(), u64::from(RTC_PORT), RTC_PORT_LEN)?;
     let rtc_timer = TimerThread::spawn("rtc", rtc, clock, waker)
         .map_err(|e| Error::Host(format!("cannot start the RTC timer thread: {e}")))?;
     Ok(Platform {
@@ -261,13 +261,12 @@ fn add_legacy_devices(vm: &dyn Vm, io: &IoBus, control: &Arc<VmControl>) -> Resu
 /// The virtio devices the configuration asks for, opened now so that a bad image or TAP name
 /// is reported before anything runs.
 fn virtio_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>> {
-    let user_err = |e: kvmbox_virtio::Error| Error::Device(e.to_string());
     let mut devs: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for d in &cfg.disks {
-        devs.push(Box::new(Block::new(d).map_err(user_err)?));
+        devs.push(Box::new(Block::new(d)?));
     }
     for n in &cfg.nets {
-        devs.push(Box::new(Net::new(n).map_err(user_err)?));
+        devs.push(Box::new(Net::new(n)?));
     }
     if cfg.rng {
         devs.push(Box::new(Rng::new()));
@@ -309,32 +308,26 @@ fn attach_virtio(
     devices: Vec<Box<dyn VirtioDevice>>,
     mmio_slots: &[(u64, u32)],
 ) -> Result<()> {
-    let virtio_err = |e: kvmbox_virtio::Error| Error::Device(e.to_string());
-    let bus_err = |e: kvmbox_devices::BusError| Error::Device(e.to_string());
     match cfg.virtio {
         VirtioTransport::Pci => {
             let root = Arc::new(Mutex::new(PciRoot::new(Arc::downgrade(io))));
-            io.pio
-                .insert(
-                    Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
-                    u64::from(layout::PCI_CONFIG_ADDRESS_PORT),
-                    8,
-                )
-                .map_err(bus_err)?;
-            io.mmio
-                .insert(
-                    Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
-                    layout::PCI_ECAM_START,
-                    layout::PCI_ECAM_SIZE,
-                )
-                .map_err(bus_err)?;
+            io.pio.insert(
+                Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+                u64::from(layout::PCI_CONFIG_ADDRESS_PORT),
+                8,
+            )?;
+            io.mmio.insert(
+                Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
+                layout::PCI_ECAM_START,
+                layout::PCI_ECAM_SIZE,
+            )?;
             for dev in devices {
-                attach_pci(&root, vm, mem, dev, None).map_err(virtio_err)?;
+                attach_pci(&root, vm, mem, dev, None)?;
             }
         }
         VirtioTransport::Mmio => {
             for (dev, &(base, gsi)) in devices.into_iter().zip(mmio_slots) {
-                attach_mmio(io, vm, mem, dev, base, gsi).map_err(virtio_err)?;
+                attach_mmio(io, vm, mem, dev, base, gsi)?;
             }
         }
     }
