@@ -19,3 +19,23 @@ impl vm_superio::Trigger for IrqTrigger {
         self.0.trigger()
     }
 }
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use kvmbox_cpu::IrqLine;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// An interrupt line that counts edge triggers (level changes are accepted and ignored).
+    #[derive(Default)]
+    pub(crate) struct CountingIrq(pub(crate) AtomicU64);
+
+    impl IrqLine for CountingIrq {
+        fn trigger(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn set_level(&self, _high: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+}

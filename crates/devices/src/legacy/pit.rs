@@ -672,17 +672,7 @@ impl BusDevice for Pit {
 mod tests {
     use super::*;
 
-    #[derive(Default)]
-    struct CountingIrq(AtomicU64);
-    impl IrqLine for CountingIrq {
-        fn trigger(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-        fn set_level(&self, _high: bool) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::legacy::test_util::CountingIrq;
 
     fn pit() -> (Pit, Arc<ManualClock>, Arc<CountingIrq>) {
         let clock = Arc::new(ManualClock::new(1_000_000));

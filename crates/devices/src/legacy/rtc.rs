@@ -496,19 +496,9 @@ impl BusDevice for Rtc {
 mod tests {
     use super::super::pit::ManualClock;
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::Ordering;
 
-    #[derive(Default)]
-    struct CountingIrq(AtomicU64);
-    impl IrqLine for CountingIrq {
-        fn trigger(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-        fn set_level(&self, _high: bool) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::legacy::test_util::CountingIrq;
 
     // 2026-11-26 06:13:24 UTC, a Thursday.
     const T0: i64 = 1_795_673_604;

@@ -51,21 +51,10 @@ impl BusDevice for SerialPort {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvmbox_cpu::IrqLine;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     use std::sync::{Arc, Mutex};
 
-    #[derive(Default)]
-    struct CountingIrq(AtomicUsize);
-    impl IrqLine for CountingIrq {
-        fn trigger(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-        fn set_level(&self, _high: bool) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::legacy::test_util::CountingIrq;
 
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);
