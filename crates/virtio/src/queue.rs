@@ -11,6 +11,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
+use crate::metrics::DeviceMetrics;
 
 /// Why a descriptor chain was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -274,6 +275,37 @@ pub struct QueueBroken(pub virtio_queue::Error);
 /// again by signalling the queue's eventfd), so a guest that keeps the queue full cannot keep
 /// a worker from seeing its stop request.
 pub const MAX_CHAINS_PER_PASS: usize = 1024;
+
+/// A queue the guest broke: count it and ask the driver to reset the device (DEVICE_NEEDS_RESET
+/// and a config interrupt). The device's worker stops serving it.
+pub(crate) fn mark_broken(metrics: &DeviceMetrics, interrupt: &dyn VirtioInterrupt) {
+    DeviceMetrics::add(&metrics.broken, 1);
+    interrupt.set_needs_reset();
+}
+
+/// What a worker does after one [`process_queue`] pass: when the pass limit left work behind,
+/// signal `evt` so the worker comes back to it after other events; when the queue is broken,
+/// [`mark_broken`]. Returns whether the worker keeps serving the queue.
+pub(crate) fn settle_pass(
+    pass: Result<bool, QueueBroken>,
+    evt: &vmm_sys_util::eventfd::EventFd,
+    metrics: &DeviceMetrics,
+    interrupt: &dyn VirtioInterrupt,
+) -> bool {
+    match pass {
+        Ok(more) => {
+            if more {
+                // A full counter already means "come back": nothing is lost.
+                let _ = evt.write(1);
+            }
+            true
+        }
+        Err(_) => {
+            mark_broken(metrics, interrupt);
+            false
+        }
+    }
+}
 
 /// Pop every available chain of `queue`, validate it and hand it to `handle`, which returns the
 /// number of bytes it wrote into the chain's writable buffers (0 for a rejected chain: the chain

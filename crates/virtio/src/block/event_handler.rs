@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::request::{Disk, Request, RequestKind, S_OK};
 use crate::device::VirtioInterrupt;
 use crate::metrics::DeviceMetrics;
-use crate::queue::process_queue;
+use crate::queue::{process_queue, settle_pass};
 use crate::worker::{drain, EventHandler};
 
 /// Epoll token of the request queue's eventfd.
@@ -30,7 +30,7 @@ impl BlockHandler {
     /// Serve everything available. False when the queue is broken.
     pub(crate) fn process(&mut self) -> bool {
         let (mem, disk, m) = (&self.mem, &self.disk, &*self.metrics);
-        match process_queue(&mut self.queue, mem, &*self.interrupt, 0, |chain| {
+        let pass = process_queue(&mut self.queue, mem, &*self.interrupt, 0, |chain| {
             DeviceMetrics::add(&m.requests, 1);
             match chain.and_then(|c| Request::parse(&c, mem)) {
                 Ok(req) => {
@@ -49,19 +49,8 @@ impl BlockHandler {
                     0
                 }
             }
-        }) {
-            Ok(more) => {
-                if more {
-                    let _ = self.evt.write(1);
-                }
-                true
-            }
-            Err(_) => {
-                DeviceMetrics::add(&self.metrics.broken, 1);
-                self.interrupt.set_needs_reset();
-                false
-            }
-        }
+        });
+        settle_pass(pass, &self.evt, &self.metrics, &*self.interrupt)
     }
 }
 

@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::tap::Tap;
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
 use crate::metrics::DeviceMetrics;
-use crate::queue::{pop_chain, process_queue, Chain, ChainError, QueueBroken};
+use crate::queue::{mark_broken, pop_chain, process_queue, Chain, ChainError, QueueBroken};
 use crate::worker::{drain, set_watch, unwatch, EventHandler};
 
 /// Bytes of the virtio-net header in front of every frame (virtio 1.x: with `num_buffers`).
@@ -333,8 +333,7 @@ impl EventHandler for NetHandler {
             _ => Ok(()),
         };
         if r.is_err() {
-            DeviceMetrics::add(&self.metrics.broken, 1);
-            self.interrupt.set_needs_reset();
+            mark_broken(&self.metrics, &*self.interrupt);
             return false;
         }
         true

@@ -9,7 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::VirtioInterrupt;
 use crate::metrics::DeviceMetrics;
-use crate::queue::{process_queue, Chain, ChainError};
+use crate::queue::{process_queue, settle_pass, Chain, ChainError};
 use crate::worker::{drain, EventHandler};
 
 pub(crate) const QUEUE_TOKEN: u64 = 0;
@@ -69,7 +69,7 @@ impl EventHandler for RngHandler {
         }
         drain(&self.evt);
         let (mem, buf, m) = (&self.mem, &mut self.buf, &*self.metrics);
-        match process_queue(&mut self.queue, mem, &*self.interrupt, 0, |c| {
+        let pass = process_queue(&mut self.queue, mem, &*self.interrupt, 0, |c| {
             DeviceMetrics::add(&m.requests, 1);
             match fill(c, mem, buf) {
                 Ok(n) => {
@@ -81,18 +81,7 @@ impl EventHandler for RngHandler {
                     0
                 }
             }
-        }) {
-            Ok(more) => {
-                if more {
-                    let _ = self.evt.write(1);
-                }
-                true
-            }
-            Err(_) => {
-                DeviceMetrics::add(&self.metrics.broken, 1);
-                self.interrupt.set_needs_reset();
-                false
-            }
-        }
+        });
+        settle_pass(pass, &self.evt, &self.metrics, &*self.interrupt)
     }
 }
