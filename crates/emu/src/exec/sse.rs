@@ -569,55 +569,39 @@ impl Cpu {
                 let b = self.xsrc(ins, 1, bytes, !scalar)?;
                 let a = self.st.xmm[d];
                 let op = &name[..3];
+                // One operation table for both widths. MIN/MAX return the second operand
+                // unless the first is strictly smaller/greater (x86: NaN or equal -> source).
+                macro_rules! arith {
+                    ($x:expr, $y:expr) => {{
+                        let (x, y) = ($x, $y);
+                        match op {
+                            "Add" => x + y,
+                            "Sub" => x - y,
+                            "Mul" => x * y,
+                            "Div" => x / y,
+                            "Min" => {
+                                if x < y {
+                                    x
+                                } else {
+                                    y
+                                }
+                            }
+                            "Max" => {
+                                if x > y {
+                                    x
+                                } else {
+                                    y
+                                }
+                            }
+                            _ => y.sqrt(),
+                        }
+                    }};
+                }
                 let f = |x: u64, y: u64| -> u64 {
                     if single {
-                        let (x, y) = (f32_of(x), f32_of(y));
-                        let r = match op {
-                            "Add" => x + y,
-                            "Sub" => x - y,
-                            "Mul" => x * y,
-                            "Div" => x / y,
-                            "Min" => {
-                                if x < y {
-                                    x
-                                } else {
-                                    y
-                                }
-                            }
-                            "Max" => {
-                                if x > y {
-                                    x
-                                } else {
-                                    y
-                                }
-                            }
-                            _ => y.sqrt(),
-                        };
-                        r.to_bits() as u64
+                        arith!(f32_of(x), f32_of(y)).to_bits() as u64
                     } else {
-                        let (x, y) = (f64_of(x), f64_of(y));
-                        let r = match op {
-                            "Add" => x + y,
-                            "Sub" => x - y,
-                            "Mul" => x * y,
-                            "Div" => x / y,
-                            "Min" => {
-                                if x < y {
-                                    x
-                                } else {
-                                    y
-                                }
-                            }
-                            "Max" => {
-                                if x > y {
-                                    x
-                                } else {
-                                    y
-                                }
-                            }
-                            _ => y.sqrt(),
-                        };
-                        r.to_bits()
+                        arith!(f64_of(x), f64_of(y)).to_bits()
                     }
                 };
                 let full = lanes(a, b, bits, f);
