@@ -211,3 +211,120 @@ fn no_kernel_at_all() {
 fn unknown_flag() {
     expect_usage_error(&["run", "--kernal", "x"], "--kernal");
 }
+
+/// A terminal's settings, as the fields `tcgetattr` reports.
+fn term_settings(fd: i32) -> (u32, u32, u32, u32, Vec<u8>) {
+    // SAFETY: termios is plain data, filled by tcgetattr (checked).
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is an open terminal and `t` a valid termios.
+    assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0, "tcgetattr");
+    (t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag, t.c_cc.to_vec())
+}
+
+/// `kill -TERM` (and INT, HUP, QUIT) while the guest runs on a terminal: kvmbox stops the VM,
+/// says "terminating on signal N", exits with status 8 and leaves the terminal as it found it.
+#[test]
+fn stop_signals_restore_the_terminal() {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::process::{Command, Stdio};
+    use std::sync::{Arc, Mutex};
+    let g = testguest();
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty writes two fds into the given ints; the other arguments may be null.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty");
+        // SAFETY: both fds were just opened by openpty and are owned here alone.
+        let (master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        use std::os::fd::AsRawFd;
+        let before = term_settings(slave.as_raw_fd());
+        let mut child = Command::new(common::kvmbox())
+            .args([
+                "run",
+                "--accel",
+                "emu",
+                "--memory",
+                "64M",
+                "--cmdline",
+                "tests=shell",
+            ])
+            .arg("--kernel")
+            .arg(&g)
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kvmbox");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let start = std::time::Instant::now();
+        while !String::from_utf8_lossy(&out.lock().unwrap()).contains("KVMBOX-TEST shell ready") {
+            assert!(
+                start.elapsed() < Duration::from_secs(60) && child.try_wait().unwrap().is_none(),
+                "the shell did not start: {}",
+                String::from_utf8_lossy(&out.lock().unwrap())
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_ne!(
+            term_settings(slave.as_raw_fd()),
+            before,
+            "kvmbox should have put the terminal in raw mode"
+        );
+        // SAFETY: kill sends a signal to the child this test started.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("kvmbox did not stop on signal {sig}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(
+            status.code(),
+            Some(8),
+            "signal {sig}: {status}; stderr:\n{err}"
+        );
+        assert!(
+            err.contains(&format!("terminating on signal {sig}")),
+            "signal {sig}: stderr:\n{err}"
+        );
+        assert_eq!(
+            term_settings(slave.as_raw_fd()),
+            before,
+            "signal {sig} left the terminal changed"
+        );
+        drop(master);
+    }
+}

@@ -2,7 +2,7 @@
 
 use crate::config::{AccelChoice, OnReboot, VirtioTransport, VmConfig};
 use crate::console::{spawn_stdin_forwarder, RawTerminal};
-use crate::{EXIT_ERROR, EXIT_POWEROFF, EXIT_REBOOT};
+use crate::{EXIT_ERROR, EXIT_POWEROFF, EXIT_REBOOT, EXIT_SIGNAL};
 use kvmbox_arch::layout;
 use kvmbox_cpu::{Accel, Vcpu, VcpuConfig, VcpuExit, VcpuKicker, Vm};
 use kvmbox_devices::legacy::acpi_pm::{AcpiPm, ResetRegister, PM_BLOCK_LEN};
@@ -74,6 +74,10 @@ struct Session {
 
 /// Run the VM described by `cfg` until it ends; returns kvmbox's exit status.
 pub fn run(cfg: &VmConfig) -> Result<i32> {
+    // Stop signals are blocked before any thread starts; the raw-mode guard restores the
+    // terminal however the VM ends.
+    let signals = crate::signals::StopSignals::block()
+        .map_err(|e| Error::Host(format!("blocking stop signals: {e}")))?;
     let accel = match cfg.accel {
         AccelChoice::Fixed(a) => a,
         AccelChoice::Auto => kvmbox_doctor::choose_accel().accel,
@@ -83,6 +87,9 @@ pub fn run(cfg: &VmConfig) -> Result<i32> {
         serial_slot: Arc::new(Mutex::new(None)),
     };
     let raw = RawTerminal::enable(libc::STDIN_FILENO);
+    signals
+        .spawn_waiter(session.control.clone(), raw.as_ref().map(|r| r.restorer()))
+        .map_err(|e| Error::Host(format!("cannot start the signal thread: {e}")))?;
     spawn_stdin_forwarder(session.serial_slot.clone(), session.control.clone());
     loop {
         let outcome = boot_once(cfg, accel, &session)?;
@@ -102,6 +109,13 @@ pub fn run(cfg: &VmConfig) -> Result<i32> {
             ExitRequest::PowerOff => return Ok(EXIT_POWEROFF),
             ExitRequest::DebugExit(v) => return Ok(DebugExit::status(v)),
             ExitRequest::Error => return Ok(EXIT_ERROR),
+            ExitRequest::Signal(sig) => {
+                eprintln!(
+                    "\r\nkvmbox: terminating on signal {sig} ({})",
+                    crate::signals::signal_name(sig)
+                );
+                return Ok(EXIT_SIGNAL);
+            }
         }
     }
 }
