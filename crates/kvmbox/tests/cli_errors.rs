@@ -328,3 +328,101 @@ fn stop_signals_restore_the_terminal() {
         drop(master);
     }
 }
+
+/// A FIFO in a fresh temporary directory (nothing ever writes to it).
+fn fifo(name: &str) -> std::path::PathBuf {
+    let p = tmpfile(name, b"");
+    std::fs::remove_file(&p).unwrap();
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    p
+}
+
+#[test]
+fn config_that_is_not_a_regular_file() {
+    // /dev/zero and /dev/urandom never end; a FIFO nobody writes to blocks forever.
+    for dev in ["/dev/zero", "/dev/urandom"] {
+        expect_usage_error(
+            &["run", "--config", dev],
+            "is a character device, not a regular file",
+        );
+    }
+    let f = fifo("config.fifo");
+    expect_usage_error(
+        &["run", "--config", f.to_str().unwrap()],
+        "is a FIFO, not a regular file",
+    );
+    let big = tmpfile("big.toml", &vec![b'#'; (1 << 20) + 1]);
+    expect_usage_error(
+        &["run", "--config", big.to_str().unwrap()],
+        "larger than 1024 KiB",
+    );
+}
+
+#[test]
+fn images_that_are_not_regular_files() {
+    let g = testguest();
+    let g = g.to_str().unwrap();
+    let f = fifo("image.fifo");
+    let f = f.to_str().unwrap();
+    expect_usage_error(&["run", "--kernel", f], "kernel");
+    expect_usage_error(&["run", "--kernel", f], "is a FIFO, not a regular file");
+    expect_usage_error(&["run", "--kernel", "/dev/zero"], "is a character device");
+    expect_usage_error(&["run", "--kernel", g, "--initrd", f], "initrd");
+    expect_usage_error(
+        &["run", "--kernel", g, "--initrd", "/dev/urandom"],
+        "character device",
+    );
+    expect_usage_error(
+        &["run", "--kernel", g, "--disk", f],
+        "is a FIFO, not a regular file or a block device",
+    );
+    expect_usage_error(
+        &["run", "--kernel", g, "--disk", "/dev/null,ro"],
+        "is a character device, not a regular file or a block device",
+    );
+}
+
+#[test]
+fn memory_beyond_the_host_is_refused_alike_by_both_engines() {
+    let g = testguest();
+    let g = g.to_str().unwrap();
+    for accel in ["kvm", "emu"] {
+        expect_usage_error(
+            &["run", "--accel", accel, "--kernel", g, "--memory", "16T"],
+            "guest memory of 16 TiB: more than this host's RAM + swap",
+        );
+        // A size is never rounded away in a message.
+        expect_usage_error(
+            &["run", "--accel", accel, "--kernel", g, "--memory", "4095B"],
+            "guest memory of 4095 bytes: less than the minimum of 16 MiB",
+        );
+        expect_usage_error(
+            &["run", "--accel", accel, "--kernel", g, "--memory", "65537K"],
+            "guest memory of 65537 KiB: 67109888 bytes is not a multiple of the 4 KiB page size",
+        );
+    }
+}
+
+/// Relative paths in a config file are relative to the file, wherever kvmbox runs from.
+#[test]
+fn config_paths_are_relative_to_the_file() {
+    let dir = std::env::temp_dir().join(format!("kvmbox-cli-rel-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    std::fs::copy(testguest(), dir.join("images/guest.elf")).unwrap();
+    let cfg = dir.join("vm.toml");
+    std::fs::write(
+        &cfg,
+        "kernel = \"images/guest.elf\"\ncmdline = \"tests=hello\"\nmemory = 64\naccel = \"emu\"\n",
+    )
+    .unwrap();
+    // The test runs in the crate's directory, where images/guest.elf does not exist.
+    assert!(!std::path::Path::new("images/guest.elf").exists());
+    let r = run_kvmbox(
+        &["run", "--config", cfg.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    r.assert_guest_ok();
+    let _ = std::fs::remove_dir_all(&dir);
+}
