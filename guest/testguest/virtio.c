@@ -1489,3 +1489,94 @@ int test_rng(const char *arg)
 	printk("KVMBOX-TEST rng bytes=%lu distinct=%u\n", j.got, distinct);
 	return j.got != 64 || distinct < 2;
 }
+
+/* ------------------------------------------------------------ raw queue access (attack.c) */
+
+/*
+ * attack.c drives one device's queue 0 by hand, with whatever descriptors and ring addresses
+ * it likes. rings != 0 moves the queue's rings there (desc, avail, used 4 KiB apart) before
+ * DRIVER_OK. No EVENT_IDX: every publish notifies.
+ */
+static struct vdev raw_dev;
+
+const char *vio_open(u16 type, u64 rings)
+{
+	ram_reset();
+	const char *e = vdev_open(&raw_dev, type, 0);
+	if (!e)
+		e = vq_setup(&raw_dev, 0, VQ_MAX);
+	if (e) {
+		vdev_close(&raw_dev);
+		return e;
+	}
+	if (rings) {
+		u64 cc = raw_dev.common;
+		mmio_write16(cc + CC_QSELECT, 0);
+		mmio_write32(cc + CC_QDESC, (u32)rings);
+		mmio_write32(cc + CC_QDESC + 4, (u32)(rings >> 32));
+		mmio_write32(cc + CC_QDRIVER, (u32)(rings + 4096));
+		mmio_write32(cc + CC_QDRIVER + 4, (u32)((rings + 4096) >> 32));
+		mmio_write32(cc + CC_QDEVICE, (u32)(rings + 8192));
+		mmio_write32(cc + CC_QDEVICE + 4, (u32)((rings + 8192) >> 32));
+	}
+	vdev_ready(&raw_dev);
+	return NULL;
+}
+
+u16 vio_qsize(void)
+{
+	return raw_dev.q[0].size;
+}
+
+u64 vio_alloc(u64 size)
+{
+	return ram_alloc(size);
+}
+
+void vio_desc(u16 i, u64 addr, u32 len, u16 flags, u16 next)
+{
+	struct vring_desc *d = &raw_dev.q[0].desc[i & (raw_dev.q[0].size - 1)];
+	d->addr = addr;
+	d->len = len;
+	d->flags = flags;
+	d->next = next;
+}
+
+/* Puts `head` on the available ring, advances the index by `advance` and notifies. */
+void vio_submit(u16 head, u16 advance)
+{
+	struct vq *q = &raw_dev.q[0];
+	q->avail[2 + (q->next_avail & (q->size - 1))] = head;
+	q->next_avail = (u16)(q->next_avail + advance);
+	barrier();
+	q->avail[1] = q->next_avail;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	mmio_write16(q->notify, 0);
+}
+
+/* Writes `value` to the queue's notify register (any value: a queue index that may not exist). */
+void vio_notify(u16 value)
+{
+	mmio_write16(raw_dev.q[0].notify, value);
+}
+
+u16 vio_used_idx(void)
+{
+	return raw_dev.q[0].used[1];
+}
+
+/* The first used element's length. */
+u32 vio_used_len(u16 i)
+{
+	return raw_dev.q[0].elems[i & (raw_dev.q[0].size - 1)].len;
+}
+
+u8 vio_status(void)
+{
+	return mmio_read8(raw_dev.common + CC_STATUS);
+}
+
+void vio_close(void)
+{
+	vdev_close(&raw_dev);
+}
