@@ -314,6 +314,7 @@ u16 vio_used_idx(void);
 u32 vio_used_len(u16 i);
 u8 vio_status(void);
 void vio_close(void);
+u16 vio_msix(u64 addr, u32 data, u16 vector);
 
 #define VQ_NEXT 1
 #define VQ_WRITE 2
@@ -321,8 +322,9 @@ void vio_close(void);
 #define ST_NEEDS_RESET 0x40
 #define BLK_HDR_IN 0 /* virtio-blk request type: read */
 
-enum { VQ_IGNORED, VQ_REJECTED, VQ_BROKEN, VQ_SERVED };
-static const char *const vq_outcome_name[] = {"ignored", "rejected", "broken", "served"};
+enum { VQ_IGNORED, VQ_REJECTED, VQ_BROKEN, VQ_SERVED, VQ_REFUSED, VQ_SURVIVED, VQ_STALLED };
+static const char *const vq_outcome_name[] = {"ignored", "rejected", "broken", "served",
+					      "refused", "survived", "stalled"};
 
 /* What the device did within 1 s: marked itself broken (NEEDS_RESET), returned the chain
  * with nothing written (rejected), served it (len > 0), or nothing. */
@@ -379,11 +381,15 @@ enum {
 	VQA_RINGS_HIGH,
 	VQA_RINGS_HOLE,
 	VQA_NOTIFY_FLOOD,
+	VQA_MSIX_BAD_VECTOR,
+	VQA_MSIX_GARBAGE,
+	VQA_MSIX_STORM,
 	VQA_COUNT
 };
 static const char *const vqa_name[] = {"loop",	  "long_chain", "nested_indirect", "addr_outside",
 				       "addr_wrap", "huge_len",   "bad_head",	     "bad_next",
-				       "avail_jump", "rings_high", "rings_hole",	     "notify_flood"};
+				       "avail_jump", "rings_high", "rings_hole",	     "notify_flood",
+				       "msix_bad_vector", "msix_garbage", "msix_storm"};
 
 /* A chain starting at descriptor 0 whose data part is `d`; for blk a request header first. */
 static void vq_chain(u16 type, u64 buf, u64 addr, u32 len, u16 flags, u16 next)
@@ -396,6 +402,22 @@ static void vq_chain(u16 type, u64 buf, u64 addr, u32 len, u16 flags, u16 next)
 	} else {
 		vio_desc(0, addr, len, flags | VQ_WRITE, next);
 	}
+}
+
+/* `n` good requests, one at a time, each with an interrupt wanted (through whatever MSI-X
+ * entry the attack set up); interrupts stay off in the guest, so they only pile up. */
+static int vq_interrupt_flood(u16 type, u64 buf, u32 n)
+{
+	for (u32 i = 0; i < n; i++) {
+		u16 before = vio_used_idx();
+		vq_chain(type, buf, buf + 512, type == 2 ? 512 : 64, type == 2 ? VQ_NEXT : 0, 2);
+		if (type == 2)
+			vio_desc(2, buf + 1024, 1, VQ_WRITE, 0);
+		vio_submit(0, 1);
+		if (vq_outcome(before) != VQ_SERVED)
+			return VQ_STALLED;
+	}
+	return VQ_SURVIVED;
 }
 
 static int vq_attack(u16 type, u32 which)
@@ -470,6 +492,23 @@ static int vq_attack(u16 type, u32 which)
 		for (u32 i = 0; i < 2000; i++)
 			vio_notify((u16)(0xffff - i));
 		break;
+	case VQA_MSIX_BAD_VECTOR: { /* a vector beyond the MSI-X table must read back 0xffff */
+		u16 v = vio_msix(LAPIC_ADDR, 0x40, 0x7ff);
+		vio_close();
+		return v == 0xffff ? VQ_REFUSED : VQ_SERVED;
+	}
+	case VQA_MSIX_GARBAGE: { /* MSI-X to an address that is no interrupt controller */
+		u16 v = vio_msix(0xdead0000UL, 0xffffffff, 0);
+		int r = v == 0 ? vq_interrupt_flood(type, buf, 64) : VQ_STALLED;
+		vio_close();
+		return r;
+	}
+	case VQA_MSIX_STORM: { /* a real interrupt for each of 2000 requests, never taken */
+		u16 v = vio_msix(LAPIC_ADDR, 0x40, 0);
+		int r = v == 0 ? vq_interrupt_flood(type, buf, 2000) : VQ_STALLED;
+		vio_close();
+		return r;
+	}
 	}
 	int r = which == VQA_NOTIFY_FLOOD || rings ? (vio_status() & ST_NEEDS_RESET ? VQ_BROKEN
 										      : VQ_IGNORED)

@@ -1580,3 +1580,30 @@ void vio_close(void)
 {
 	vdev_close(&raw_dev);
 }
+
+/*
+ * Enables MSI-X on the raw device with table entry 0 = (addr, data), unmasked, asks for an
+ * interrupt on every used buffer of queue 0 and writes `vector` as that queue's MSI-X vector.
+ * Returns the vector the device reports back (0xffff: it refused), 0xfffe if there is no
+ * MSI-X capability.
+ */
+u16 vio_msix(u64 addr, u32 data, u16 vector)
+{
+	u32 bdf = raw_dev.bdf, ptr = pci_read(bdf, 0x34) & 0xfc;
+	for (u32 n = 0; ptr >= 0x40 && n < 48 && (pci_read(bdf, ptr) & 0xff) != 0x11; n++)
+		ptr = (pci_read(bdf, ptr) >> 8) & 0xfc;
+	if (ptr < 0x40 || (pci_read(bdf, ptr) & 0xff) != 0x11)
+		return 0xfffe;
+	u32 table = pci_read(bdf, ptr + 4);
+	u64 entry = pci_bar(bdf, table & 7) + (table & ~7u);
+	pci_write(bdf, ptr, pci_read(bdf, ptr) | (1u << 31)); /* Message Control: MSI-X enable */
+	mmio_write32(entry, (u32)addr);
+	mmio_write32(entry + 4, (u32)(addr >> 32));
+	mmio_write32(entry + 8, data);
+	mmio_write32(entry + 12, 0); /* unmasked */
+	u64 cc = raw_dev.common;
+	mmio_write16(cc + CC_QSELECT, 0);
+	mmio_write16(cc + CC_QMSIX, vector);
+	raw_dev.q[0].avail[0] = 0; /* interrupts wanted */
+	return mmio_read16(cc + CC_QMSIX);
+}
