@@ -66,8 +66,17 @@ impl StopSignals {
     }
 }
 
+/// Say that the VM ended on `sig` (as QEMU does) and return kvmbox's exit status for it.
+pub fn terminated(sig: i32) -> i32 {
+    eprintln!(
+        "\r\nkvmbox: terminating on signal {sig} ({})",
+        signal_name(sig)
+    );
+    crate::EXIT_SIGNAL
+}
+
 /// The name of a stop signal, for messages.
-pub fn signal_name(sig: i32) -> &'static str {
+fn signal_name(sig: i32) -> &'static str {
     match sig {
         libc::SIGHUP => "SIGHUP",
         libc::SIGINT => "SIGINT",

@@ -2,7 +2,7 @@
 
 use crate::config::{AccelChoice, OnReboot, VirtioTransport, VmConfig};
 use crate::console::{spawn_stdin_forwarder, RawTerminal};
-use crate::{EXIT_ERROR, EXIT_POWEROFF, EXIT_REBOOT, EXIT_SIGNAL};
+use crate::{EXIT_ERROR, EXIT_POWEROFF, EXIT_REBOOT};
 use kvmbox_arch::layout;
 use kvmbox_cpu::{Accel, Vcpu, VcpuConfig, VcpuExit, VcpuKicker, Vm};
 use kvmbox_devices::legacy::acpi_pm::{AcpiPm, ResetRegister, PM_BLOCK_LEN};
@@ -109,13 +109,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32> {
             ExitRequest::PowerOff => return Ok(EXIT_POWEROFF),
             ExitRequest::DebugExit(v) => return Ok(DebugExit::status(v)),
             ExitRequest::Error => return Ok(EXIT_ERROR),
-            ExitRequest::Signal(sig) => {
-                eprintln!(
-                    "\r\nkvmbox: terminating on signal {sig} ({})",
-                    crate::signals::signal_name(sig)
-                );
-                return Ok(EXIT_SIGNAL);
-            }
+            ExitRequest::Signal(sig) => return Ok(crate::signals::terminated(sig)),
         }
     }
 }
