@@ -341,8 +341,24 @@ static int vq_outcome(u16 used_before)
 	return VQ_IGNORED;
 }
 
-/* One good request on a freshly reset device: a 64-byte buffer (rng) or a 512-byte read of
- * sector 0 (blk) must be served. */
+#define VIRTIO_TYPE_NET 1
+#define VIRTIO_TYPE_BLK 2
+
+/* The flag of a data buffer: the device writes rng and blk-read buffers, reads net frames. */
+static u16 data_flag(u16 type)
+{
+	return type == VIRTIO_TYPE_NET ? 0 : VQ_WRITE;
+}
+
+/* A good request done: served with bytes written, or for a transmit queue (nothing to
+ * write) returned at all. */
+static int vq_done(u16 type, int outcome)
+{
+	return outcome == VQ_SERVED || (type == VIRTIO_TYPE_NET && outcome == VQ_REJECTED);
+}
+
+/* One good request on a freshly reset device: a 64-byte buffer (rng), a 512-byte read of
+ * sector 0 (blk) or one 60-byte frame sent (net) must be served. */
 static int vq_good_request(u16 type)
 {
 	if (vio_open(type, 0))
@@ -358,11 +374,17 @@ static int vq_good_request(u16 type)
 		vio_desc(0, buf, 16, VQ_NEXT, 1);
 		vio_desc(1, buf + 512, 512, VQ_NEXT | VQ_WRITE, 2);
 		vio_desc(2, buf + 1024, 1, VQ_WRITE, 0);
+	} else if (type == VIRTIO_TYPE_NET) {
+		/* virtio_net_hdr_v1 (zeros), then a broadcast frame of ethertype 0x88b5 (local). */
+		memset((void *)buf, 0, 12 + 60);
+		memset((void *)(buf + 12), 0xff, 6);
+		*(u16 *)(buf + 12 + 12) = 0xb588;
+		vio_desc(0, buf, 12 + 60, 0, 0);
 	} else {
 		vio_desc(0, buf, 64, VQ_WRITE, 0);
 	}
 	vio_submit(0, 1);
-	int served = vq_outcome(before) == VQ_SERVED && (type != 2 || *(u8 *)(buf + 1024) == 0);
+	int served = vq_done(type, vq_outcome(before)) && (type != 2 || *(u8 *)(buf + 1024) == 0);
 	vio_close();
 	return served;
 }
@@ -400,7 +422,7 @@ static void vq_chain(u16 type, u64 buf, u64 addr, u32 len, u16 flags, u16 next)
 		vio_desc(0, buf, 16, VQ_NEXT, 1);
 		vio_desc(1, addr, len, flags | VQ_WRITE, next);
 	} else {
-		vio_desc(0, addr, len, flags | VQ_WRITE, next);
+		vio_desc(0, addr, len, flags | data_flag(type), next);
 	}
 }
 
@@ -414,7 +436,7 @@ static int vq_interrupt_flood(u16 type, u64 buf, u32 n)
 		if (type == 2)
 			vio_desc(2, buf + 1024, 1, VQ_WRITE, 0);
 		vio_submit(0, 1);
-		if (vq_outcome(before) != VQ_SERVED)
+		if (!vq_done(type, vq_outcome(before)))
 			return VQ_STALLED;
 	}
 	return VQ_SURVIVED;
@@ -436,14 +458,14 @@ static int vq_attack(u16 type, u32 which)
 	switch (which) {
 	case VQA_LOOP: /* d0 -> d0+1 -> d0 -> ... */
 		vq_chain(type, buf, buf + 512, 8, VQ_NEXT, d0 + 1);
-		vio_desc(d0 + 1, buf + 1024, 8, VQ_NEXT | VQ_WRITE, d0);
+		vio_desc(d0 + 1, buf + 1024, 8, VQ_NEXT | data_flag(type), d0);
 		vio_submit(0, 1);
 		break;
 	case VQA_LONG_CHAIN: /* an indirect table of 3584 entries, more than any queue */
 		for (u32 i = 0; i < 3584; i++) {
 			table[i].addr = buf + 2048;
 			table[i].len = 1;
-			table[i].flags = VQ_WRITE | (i + 1 < 3584 ? VQ_NEXT : 0);
+			table[i].flags = data_flag(type) | (i + 1 < 3584 ? VQ_NEXT : 0);
 			table[i].next = (u16)(i + 1);
 		}
 		vq_chain(type, buf, (u64)table, 3584 * 16, VQ_INDIRECT, 0);
@@ -518,10 +540,10 @@ static int vq_attack(u16 type, u32 which)
 }
 
 /*
- * attackvq[:TYPE] (4 = virtio-rng, the default; 2 = virtio-blk): each attack on queue 0 of a
- * freshly set-up device, then a reset and one good request that must be served. A bad
- * request may be rejected (returned with nothing written), break the queue (NEEDS_RESET) or
- * be ignored; it may never be served.
+ * attackvq[:TYPE] (4 = virtio-rng, the default; 2 = virtio-blk; 1 = virtio-net, its transmit
+ * queue): each attack on a freshly set-up device, then a reset and one good request that must
+ * be served. A bad request may be rejected (returned with nothing written), break the queue
+ * (NEEDS_RESET) or be ignored; it may never be served (for net the host counts the frames).
  */
 int test_attackvq(const char *arg)
 {

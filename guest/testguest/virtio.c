@@ -1493,25 +1493,28 @@ int test_rng(const char *arg)
 /* ------------------------------------------------------------ raw queue access (attack.c) */
 
 /*
- * attack.c drives one device's queue 0 by hand, with whatever descriptors and ring addresses
- * it likes. rings != 0 moves the queue's rings there (desc, avail, used 4 KiB apart) before
- * DRIVER_OK. No EVENT_IDX: every publish notifies.
+ * attack.c drives one queue of one device by hand, with whatever descriptors and ring
+ * addresses it likes: queue 0, or for virtio-net queue 1 (transmit: receive only moves when
+ * the host sends). rings != 0 moves that queue's rings there (desc, avail, used 4 KiB apart)
+ * before DRIVER_OK. No EVENT_IDX: every publish notifies.
  */
 static struct vdev raw_dev;
+static u16 raw_qi;
 
 const char *vio_open(u16 type, u64 rings)
 {
 	ram_reset();
 	const char *e = vdev_open(&raw_dev, type, 0);
-	if (!e)
-		e = vq_setup(&raw_dev, 0, VQ_MAX);
+	raw_qi = type == VIRTIO_NET ? 1 : 0;
+	for (u16 i = 0; !e && i <= raw_qi; i++)
+		e = vq_setup(&raw_dev, i, VQ_MAX);
 	if (e) {
 		vdev_close(&raw_dev);
 		return e;
 	}
 	if (rings) {
 		u64 cc = raw_dev.common;
-		mmio_write16(cc + CC_QSELECT, 0);
+		mmio_write16(cc + CC_QSELECT, raw_qi);
 		mmio_write32(cc + CC_QDESC, (u32)rings);
 		mmio_write32(cc + CC_QDESC + 4, (u32)(rings >> 32));
 		mmio_write32(cc + CC_QDRIVER, (u32)(rings + 4096));
@@ -1525,7 +1528,7 @@ const char *vio_open(u16 type, u64 rings)
 
 u16 vio_qsize(void)
 {
-	return raw_dev.q[0].size;
+	return raw_dev.q[raw_qi].size;
 }
 
 u64 vio_alloc(u64 size)
@@ -1535,7 +1538,7 @@ u64 vio_alloc(u64 size)
 
 void vio_desc(u16 i, u64 addr, u32 len, u16 flags, u16 next)
 {
-	struct vring_desc *d = &raw_dev.q[0].desc[i & (raw_dev.q[0].size - 1)];
+	struct vring_desc *d = &raw_dev.q[raw_qi].desc[i & (raw_dev.q[raw_qi].size - 1)];
 	d->addr = addr;
 	d->len = len;
 	d->flags = flags;
@@ -1545,7 +1548,7 @@ void vio_desc(u16 i, u64 addr, u32 len, u16 flags, u16 next)
 /* Puts `head` on the available ring, advances the index by `advance` and notifies. */
 void vio_submit(u16 head, u16 advance)
 {
-	struct vq *q = &raw_dev.q[0];
+	struct vq *q = &raw_dev.q[raw_qi];
 	q->avail[2 + (q->next_avail & (q->size - 1))] = head;
 	q->next_avail = (u16)(q->next_avail + advance);
 	barrier();
@@ -1557,18 +1560,18 @@ void vio_submit(u16 head, u16 advance)
 /* Writes `value` to the queue's notify register (any value: a queue index that may not exist). */
 void vio_notify(u16 value)
 {
-	mmio_write16(raw_dev.q[0].notify, value);
+	mmio_write16(raw_dev.q[raw_qi].notify, value);
 }
 
 u16 vio_used_idx(void)
 {
-	return raw_dev.q[0].used[1];
+	return raw_dev.q[raw_qi].used[1];
 }
 
 /* The first used element's length. */
 u32 vio_used_len(u16 i)
 {
-	return raw_dev.q[0].elems[i & (raw_dev.q[0].size - 1)].len;
+	return raw_dev.q[raw_qi].elems[i & (raw_dev.q[raw_qi].size - 1)].len;
 }
 
 u8 vio_status(void)
@@ -1602,8 +1605,8 @@ u16 vio_msix(u64 addr, u32 data, u16 vector)
 	mmio_write32(entry + 8, data);
 	mmio_write32(entry + 12, 0); /* unmasked */
 	u64 cc = raw_dev.common;
-	mmio_write16(cc + CC_QSELECT, 0);
+	mmio_write16(cc + CC_QSELECT, raw_qi);
 	mmio_write16(cc + CC_QMSIX, vector);
-	raw_dev.q[0].avail[0] = 0; /* interrupts wanted */
+	raw_dev.q[raw_qi].avail[0] = 0; /* interrupts wanted */
 	return mmio_read16(cc + CC_QMSIX);
 }
