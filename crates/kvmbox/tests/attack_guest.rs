@@ -142,3 +142,31 @@ fn every_value_to_every_port_on_the_engine() {
         0x10000
     );
 }
+
+/// The MMIO sweep again with the devices on virtio-mmio: every register of the first two
+/// windows gets all-ones and zero (queue sizes, addresses, ready, status with DRIVER_OK).
+#[test]
+fn mmio_sweep_over_virtio_mmio_devices() {
+    for accel in ["emu", "kvm"] {
+        if accel == "kvm" && !kvm_or_skip("mmio_sweep_over_virtio_mmio_devices") {
+            return;
+        }
+        let disk = Disk::new(&format!("mmio-{accel}"));
+        let r = run_testguest(
+            accel,
+            1,
+            "128M",
+            "attackmmio",
+            &[
+                "--virtio",
+                "mmio",
+                "--rng",
+                "--disk",
+                disk.0.to_str().unwrap(),
+            ],
+        );
+        r.assert_guest_ok();
+        assert_no_vmm_failure(&r);
+        disk.assert_untouched();
+    }
+}
