@@ -372,6 +372,18 @@ static const char *vdev_open(struct vdev *d, u16 type, u64 wanted)
 	return NULL;
 }
 
+/* The selected queue's rings: descriptors at `mem`, available ring 4 KiB and used ring 8 KiB
+ * above. */
+static void vq_set_rings(u64 cc, u64 mem)
+{
+	mmio_write32(cc + CC_QDESC, (u32)mem);
+	mmio_write32(cc + CC_QDESC + 4, (u32)(mem >> 32));
+	mmio_write32(cc + CC_QDRIVER, (u32)(mem + 4096));
+	mmio_write32(cc + CC_QDRIVER + 4, (u32)((mem + 4096) >> 32));
+	mmio_write32(cc + CC_QDEVICE, (u32)(mem + 8192));
+	mmio_write32(cc + CC_QDEVICE + 4, (u32)((mem + 8192) >> 32));
+}
+
 /* Sets queue `index` up with at most `max` entries; rings from ram_alloc. */
 static const char *vq_setup(struct vdev *d, u16 index, u16 max)
 {
@@ -414,12 +426,7 @@ static const char *vq_setup(struct vdev *d, u16 index, u16 max)
 
 	mmio_write16(cc + CC_QSIZE, size);
 	mmio_write16(cc + CC_QMSIX, 0xffff);
-	mmio_write32(cc + CC_QDESC, (u32)mem);
-	mmio_write32(cc + CC_QDESC + 4, (u32)(mem >> 32));
-	mmio_write32(cc + CC_QDRIVER, (u32)(mem + 4096));
-	mmio_write32(cc + CC_QDRIVER + 4, (u32)((mem + 4096) >> 32));
-	mmio_write32(cc + CC_QDEVICE, (u32)(mem + 8192));
-	mmio_write32(cc + CC_QDEVICE + 4, (u32)((mem + 8192) >> 32));
+	vq_set_rings(cc, mem);
 	u64 off = mmio_read16(cc + CC_QNOTIFYOFF);
 	q->notify = d->notify_base + off * d->notify_mult;
 	if (q->notify + 2 > boot.mapped_top)
@@ -1515,12 +1522,7 @@ const char *vio_open(u16 type, u64 rings)
 	if (rings) {
 		u64 cc = raw_dev.common;
 		mmio_write16(cc + CC_QSELECT, raw_qi);
-		mmio_write32(cc + CC_QDESC, (u32)rings);
-		mmio_write32(cc + CC_QDESC + 4, (u32)(rings >> 32));
-		mmio_write32(cc + CC_QDRIVER, (u32)(rings + 4096));
-		mmio_write32(cc + CC_QDRIVER + 4, (u32)((rings + 4096) >> 32));
-		mmio_write32(cc + CC_QDEVICE, (u32)(rings + 8192));
-		mmio_write32(cc + CC_QDEVICE + 4, (u32)((rings + 8192) >> 32));
+		vq_set_rings(cc, rings);
 	}
 	vdev_ready(&raw_dev);
 	return NULL;
