@@ -155,6 +155,7 @@ pub struct Capability {
 /// The capabilities kvmbox's KVM backend needs (true) or uses when present (false).
 const CAPABILITIES: &[(Cap, &str, bool)] = &[
     (Cap::Irqchip, "KVM_CAP_IRQCHIP", true),
+    (Cap::SplitIrqchip, "KVM_CAP_SPLIT_IRQCHIP", true),
     (Cap::Hlt, "KVM_CAP_HLT", true),
     (Cap::UserMemory, "KVM_CAP_USER_MEMORY", true),
     (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR", true),
@@ -163,8 +164,7 @@ const CAPABILITIES: &[(Cap, &str, bool)] = &[
     (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD", true),
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT", true),
     (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING", true),
-    (Cap::Pit2, "KVM_CAP_PIT2", false),
-    (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI", false),
+    (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI", true),
     (Cap::TscDeadlineTimer, "KVM_CAP_TSC_DEADLINE_TIMER", false),
     (Cap::MpState, "KVM_CAP_MP_STATE", false),
     (Cap::VcpuEvents, "KVM_CAP_VCPU_EVENTS", false),
