@@ -76,7 +76,7 @@ struct Session {
 pub fn run(cfg: &VmConfig) -> Result<i32> {
     let accel = match cfg.accel {
         AccelChoice::Fixed(a) => a,
-        AccelChoice::Auto => kvmbox_doctor::choose_accel().accel,
+        AccelChoice::Auto => kvmbox_doctor::choose_accel_cached().accel,
     };
     let session = Session {
         control: Arc::new(VmControl::new().map_err(|e| Error::Host(format!("eventfd: {e}")))?),
