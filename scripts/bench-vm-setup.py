@@ -8,6 +8,9 @@ controllers, then one 128 MiB memory slot), create vCPU 0, close everything. Mod
   none  - no in-kernel interrupt controller at all (for reference).
 Prints medians of the memory-slot ioctl, of closing the VM and of the whole sequence, modes
 alternating round by round. The differences are SRCU grace periods the kernel waits for.
+Then teardown: a child process sets up a split-irqchip VM with a vCPU, tells the parent, and
+either closes the vCPU and VM fds and exits, or exits with them open (the kernel then destroys
+the VM while the process exits); the parent times from the message to its wait() returning.
 
 Usage: scripts/bench-vm-setup.py [--runs N]   (needs /dev/kvm)
 """
@@ -51,6 +54,32 @@ def one(mode):
     return {"memory slot": (t2 - t1) * 1e3, "close": (t4 - t3) * 1e3, "total": (t4 - t0) * 1e3}
 
 
+def exit_cost(close_first):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        kvm = os.open("/dev/kvm", os.O_RDWR)
+        mem = mmap.mmap(-1, MEM, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+        vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+        fcntl.ioctl(vm, KVM_ENABLE_CAP,
+                    struct.pack("II4Q64s", KVM_CAP_SPLIT_IRQCHIP, 0, 24, 0, 0, 0, b""))
+        fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, struct.pack("IIQQQ", 0, 0, 0, MEM, addr))
+        vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
+        time.sleep(0.02)
+        os.write(w, b"x")
+        if close_first:
+            os.close(vcpu)
+            os.close(vm)
+        os._exit(0)
+    os.read(r, 1)
+    t = time.perf_counter()
+    os.waitpid(pid, 0)
+    os.close(r)
+    os.close(w)
+    return (time.perf_counter() - t) * 1e3
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=15)
@@ -65,6 +94,12 @@ def main():
     for m in modes:
         print(f"  {m:6} " + "  ".join(
             f"{k} {statistics.median(r[k] for r in res[m]):7.2f}" for k in res[m][0]))
+    closed, left = [], []
+    for _ in range(a.runs):
+        closed.append(exit_cost(True))
+        left.append(exit_cost(False))
+    print(f"  exit: closing the VM first {statistics.median(closed):.2f}, leaving it to "
+          f"process exit {statistics.median(left):.2f} (message -> wait() returns)")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 // MSRs set at boot, as Firecracker and Cloud Hypervisor do.
@@ -77,22 +77,29 @@ fn install_kick_handler() -> Result<()> {
 
 pub(super) struct KvmKicker {
     kicked: AtomicBool,
-    /// pthread_t of the thread running this vCPU (0 until it first runs).
-    thread: AtomicU64,
+    /// pthread_t of the thread inside [`Vcpu::run`] of this vCPU, None outside it. Signals are
+    /// sent under this lock and `run` clears it under the lock on the way out, so a signal
+    /// never targets a thread that has finished (timer threads nudge at any time).
+    thread: Mutex<Option<libc::pthread_t>>,
 }
 
 impl KvmKicker {
     /// Get the vCPU out of KVM_RUN (or keep it from entering) without ending
-    /// [`Vcpu::run`]: it looks at pending ExtINTs and enters the guest again.
+    /// [`Vcpu::run`]: it looks at pending ExtINTs and enters the guest again. Outside `run`
+    /// nothing is needed: `run` looks at them before entering the guest.
     pub(super) fn nudge(&self) {
-        let t = self.thread.load(Ordering::SeqCst);
-        if t != 0 {
-            // SAFETY: `t` is the pthread_t of a vCPU thread, recorded by that thread itself;
-            // the VMM joins vCPU threads only after it stops kicking them, and the VM (whose
-            // interrupt controller nudges) goes away after them. The signal has a handler
-            // installed (install_kick_handler), so it cannot kill the process.
-            unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = *thread {
+            // SAFETY: `t` is the pthread_t of the thread inside `run` of this vCPU, recorded
+            // by that thread itself; it stays inside `run` (so alive) while we hold the lock,
+            // since `run` takes the lock to clear it before returning. The signal has a
+            // handler installed (install_kick_handler), so it cannot kill the process.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
         }
+    }
+
+    fn set_thread(&self, t: Option<libc::pthread_t>) {
+        *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = t;
     }
 }
 
@@ -131,7 +138,7 @@ impl KvmVcpu {
             cpuid: None,
             kicker: Arc::new(KvmKicker {
                 kicked: AtomicBool::new(false),
-                thread: AtomicU64::new(0),
+                thread: Mutex::new(None),
             }),
             platform,
             bsp,
@@ -350,8 +357,8 @@ impl Vcpu for KvmVcpu {
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit> {
         install_kick_handler()?;
         // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() } as u64;
-        self.kicker.thread.store(me, Ordering::SeqCst);
+        let me = unsafe { libc::pthread_self() };
+        self.kicker.set_thread(Some(me));
         let page: *mut kvm_run = self.fd.get_kvm_run();
         RUN_PAGE.with(|p| p.set(page));
         let result = loop {
@@ -362,13 +369,13 @@ impl Vcpu for KvmVcpu {
             if let Err(e) = self.inject_extint() {
                 break Err(e);
             }
-            let platform = self.platform.clone();
+            let platform = self.platform.as_ref();
             let outcome = match self.fd.run() {
                 Ok(exit) => {
                     // SAFETY: `page` is this vCPU's kvm_run mapping; after an I/O exit the
                     // kernel has filled `io`, whose size field we read to split string I/O.
                     let io_size = unsafe { usize::from((*page).__bindgen_anon_1.io.size) };
-                    Self::handle(exit, io, io_size, platform.as_ref())
+                    Self::handle(exit, io, io_size, platform)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     Ok(Some(VcpuExit::Kicked))
@@ -389,6 +396,7 @@ impl Vcpu for KvmVcpu {
                 Err(e) => break Err(e),
             }
         };
+        self.kicker.set_thread(None);
         RUN_PAGE.with(|p| p.set(std::ptr::null_mut()));
         result
     }
