@@ -22,6 +22,7 @@ pub mod layout;
 mod loader;
 mod memory;
 mod mptable;
+pub mod multiboot;
 mod vmlinux;
 
 pub use acpi::{
