@@ -137,6 +137,9 @@ pub struct FileConfig {
     nets: Vec<String>,
     rng: Option<bool>,
     virtio: Option<VirtioTransport>,
+    #[serde(default)]
+    modules: Vec<String>,
+    testdev: Option<bool>,
 }
 
 impl FileConfig {
@@ -191,6 +194,10 @@ pub struct Overrides {
     pub rng: bool,
     /// --virtio
     pub virtio: Option<String>,
+    /// --module, each `PATH[,CMDLINE]`
+    pub modules: Vec<String>,
+    /// --testdev
+    pub testdev: bool,
 }
 
 /// Which accelerator was asked for.
@@ -229,6 +236,10 @@ pub struct VmConfig {
     pub rng: bool,
     /// Transport for virtio devices.
     pub virtio: VirtioTransport,
+    /// Multiboot modules after the initrd.
+    pub modules: Vec<kvmbox_arch::multiboot::Module>,
+    /// QEMU's pc-testdev ports (kvm-unit-tests).
+    pub testdev: bool,
 }
 
 /// The command line used when none is given: serial console, reboot through the i8042
@@ -293,7 +304,16 @@ impl VmConfig {
             Some(s) => s.parse()?,
             None => f.virtio.unwrap_or_default(),
         };
+        let modules = f
+            .modules
+            .iter()
+            .chain(&o.modules)
+            .map(|m| m.parse())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ConfigError::Invalid)?;
         Ok(VmConfig {
+            modules,
+            testdev: o.testdev || f.testdev.unwrap_or(false),
             disks,
             nets,
             rng: o.rng || f.rng.unwrap_or(false),

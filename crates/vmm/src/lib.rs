@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod console;
+mod firmware;
 mod vm;
 
 pub use config::{AccelChoice, ConfigError, FileConfig, OnReboot, Overrides, VmConfig};
