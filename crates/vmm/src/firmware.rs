@@ -50,7 +50,8 @@ pub(crate) fn attach_testdev(vm: &dyn Vm, io: &IoBus) -> Result<()> {
         layout::TESTDEV_FLUSH_PORT,
         layout::TESTDEV_IOPORT_BYTE,
     ] {
-        io.pio.insert(ports.clone(), u64::from(port), TESTDEV_PORT_LEN)?;
+        io.pio
+            .insert(ports.clone(), u64::from(port), TESTDEV_PORT_LEN)?;
     }
     let lines = (0..layout::TESTDEV_IRQ_LINES as u32)
         .map(|gsi| vm.irq_line(gsi))
