@@ -50,6 +50,10 @@ pub mod msr {
     pub const K7_PERF_LAST: u32 = 0xc001_0007;
 }
 
+/// IA32_APIC_BASE.EXTD: x2APIC mode.
+const APIC_BASE_EXTD: u64 = 1 << 10;
+/// CPUID.1:ECX.x2APIC.
+const CPUID_1_ECX_X2APIC: u32 = 1 << 21;
 /// The legacy AMD counters are 48 bits wide.
 const K7_PERFCTR_MASK: u64 = (1 << 48) - 1;
 
@@ -327,6 +331,10 @@ impl Cpu {
             msr::TSC => self.st.tsc_offset = v.wrapping_sub(host_tsc()),
             msr::APIC_BASE => {
                 if v & !0xf_ffff_fd00 != 0 {
+                    return false;
+                }
+                // x2APIC mode (EXTD) only where CPUID offers x2APIC.
+                if v & APIC_BASE_EXTD != 0 && self.cpuid_query(1, 0).2 & CPUID_1_ECX_X2APIC == 0 {
                     return false;
                 }
                 self.st.apic_base = v;
