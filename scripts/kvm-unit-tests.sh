@@ -142,7 +142,7 @@ run_one() {
             ;;
         emu|kvm)
             cmd=("$kvmbox" run --accel "$engine" --testdev --kernel "$kut/x86/$file"
-                --cpus "$smp" --memory "$(mem_mib "$qp")" --cmdline "$args")
+                --cpus "$smp" --memory "$(mem_mib "$qp")" "--cmdline=$args")
             ;;
     esac
     set +e

@@ -87,10 +87,14 @@ impl BusDevice for TestDevIrq {
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
-        // QEMU accepts only byte writes here.
-        if let (Some(line), [v]) = (self.lines.get(offset as usize), data) {
-            if let Err(e) = line.set_level(*v != 0) {
-                eprintln!("kvmbox: testdev: interrupt line {offset}: {e}");
+        // The ports are byte-wide: a wider write sets one line per byte, as QEMU splits it
+        // (kvm-unit-tests' realmode test raises IRQ 11 with `outl` to 0x200b).
+        for (i, &v) in data.iter().enumerate() {
+            let n = offset as usize + i;
+            if let Some(line) = self.lines.get(n) {
+                if let Err(e) = line.set_level(v != 0) {
+                    eprintln!("kvmbox: testdev: interrupt line {n}: {e}");
+                }
             }
         }
     }
@@ -173,9 +177,11 @@ mod tests {
         let mut d = TestDevIrq::new(lines);
         d.write(0x2000, 14, &[1]);
         d.write(0x2000, 14, &[0]);
-        d.write(0x2000, 14, &[1, 0]); // not a byte write: ignored
+        // A 4-byte write at line 11 sets lines 11..15, one per byte.
+        d.write(0x2000, 11, &[0, 0, 0, 1]);
+        d.write(0x2000, 23, &[1, 1]); // the byte past line 23 goes nowhere
         d.write(0x2000, 40, &[1]); // beyond the lines: ignored
-        assert_eq!(*l14.0.lock().unwrap(), vec![true, false]);
+        assert_eq!(*l14.0.lock().unwrap(), vec![true, false, true]);
         assert_eq!(l14.1 .0.load(Ordering::SeqCst), 0);
     }
 
