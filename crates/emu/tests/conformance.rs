@@ -109,3 +109,50 @@ fn x2apic_enable_without_cpuid_bit_is_gp() {
     assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
     assert_eq!(io.writes(0xe9), vec![0xd0, 0]);
 }
+
+/// syscall: SYSCALL and SYSRET single-step on TF as they leave it: SYSRET that sets TF traps
+/// right after it (in user mode); SYSCALL whose SFMASK clears TF does not trap in the kernel.
+#[test]
+fn syscall_and_sysret_single_step_on_tf_at_their_end() {
+    let db = CODE + 0x1000;
+    let user = CODE + 0x2000;
+    let target = CODE + 0x3000;
+    let code = asm64(CODE, |a| {
+        let wr = |a: &mut CodeAssembler, msr: u32, v: u64| -> Result<(), IcedError> {
+            a.mov(ecx, msr)?;
+            a.mov(eax, v as u32)?;
+            a.mov(edx, (v >> 32) as u32)?;
+            a.wrmsr()
+        };
+        wr(a, 0xc000_0080, 0x501)?; // EFER: LME, LMA, SCE
+        wr(a, 0xc000_0081, (0x18u64 << 48) | (0x08 << 32))?; // STAR
+        wr(a, 0xc000_0082, target)?; // LSTAR
+        wr(a, 0xc000_0084, 0x100)?; // SFMASK: TF
+        a.mov(rcx, user)?;
+        a.mov(r11, 0x102u64)?; // TF
+        a.sysretq()
+    });
+    let user_code = asm64(user, |a| {
+        a.nop()?;
+        a.syscall()
+    });
+    let target_code = asm64(target, |a| {
+        a.mov(eax, 0xaau32)?;
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let handler = asm64(db, |a| {
+        a.mov(rax, qword_ptr(rsp + 8))?; // CS of the trapping code
+        a.out(0xe9u32, eax)?;
+        a.iretq()
+    });
+    let (mem, _vm, mut v) = long_machine(&code);
+    for (at, c) in [(db, &handler), (user, &user_code), (target, &target_code)] {
+        mem.write_slice(c, GuestAddress(at)).unwrap();
+    }
+    set_gate(&mem, 1, db, 0, 0, false);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    // After SYSRETQ and after NOP, in user mode (CS 0x2b); none after SYSCALL.
+    assert_eq!(io.writes(0xe9), vec![0x2b, 0x2b, 0xaa]);
+}
