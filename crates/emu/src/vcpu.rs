@@ -202,6 +202,7 @@ impl Cpu {
             let mut check_after_shadow = false;
             for _ in 0..n {
                 let if_before = self.st.rflags & flags::IF;
+                let nmi_blocked_before = self.nmi_blocked;
                 executed += 1;
                 match self.step() {
                     Ok(()) => {}
@@ -224,6 +225,10 @@ impl Cpu {
                 if irq.is_some() {
                     let if_now = self.st.rflags & flags::IF != 0;
                     if check_after_shadow && !self.shadow {
+                        break;
+                    }
+                    // IRET ended NMI blocking: an NMI that arrived meanwhile goes next.
+                    if nmi_blocked_before && !self.nmi_blocked {
                         break;
                     }
                     if if_before == 0 && if_now {

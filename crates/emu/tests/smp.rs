@@ -370,3 +370,72 @@ fn one_instruction_interrupt_window_after_sti_is_honoured() {
     assert_eq!(r, Some(VcpuExit::Halted));
     assert_eq!(io.writes(0xe9), vec![0x25]);
 }
+
+/// kvm-unit-tests eventinj ("NMI" through a handler that IRETs to a frame of its own): an NMI
+/// that arrived while NMIs were blocked is taken right after the IRET that unblocks them, on
+/// the instruction IRET returned to, not at some later batch boundary.
+#[test]
+fn pending_nmi_is_taken_right_after_the_unblocking_iret() {
+    let handler = CODE + 0x1000;
+    let code = asm64(CODE, |a| {
+        let mut spin = a.create_label();
+        a.set_label(&mut spin)?;
+        a.pause()?;
+        a.jmp(spin)
+    });
+    let h = asm64(handler, |a| {
+        let mut second = a.create_label();
+        let mut after = a.create_label();
+        a.inc(qword_ptr(DATA))?;
+        a.cmp(qword_ptr(DATA), 2)?;
+        a.je(second)?;
+        // First NMI: IRETQ to `after` through a frame built here (NMIs unblock).
+        a.lea(rbx, ptr(after))?;
+        a.mov(eax, ebx)?;
+        a.out(0xe9u32, eax)?;
+        a.mov(rax, rsp)?;
+        a.push(0x10)?;
+        a.push(rax)?;
+        a.pushfq()?;
+        a.push(0x08)?;
+        a.push(rbx)?;
+        a.iretq()?;
+        a.set_label(&mut after)?;
+        a.mov(eax, 0xbadu32)?;
+        a.out(0xe9u32, eax)?;
+        a.cli()?;
+        a.hlt()?;
+        // Second NMI: where was it taken?
+        a.set_label(&mut second)?;
+        a.mov(rax, qword_ptr(rsp))?;
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let mem = guest_mem();
+    build_tables(&mem);
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    mem.write_slice(&h, GuestAddress(handler)).unwrap();
+    set_gate(&mem, 2, handler, 0, 0, false);
+    let vm = kvmbox_emu::EmuVm::new(mem.clone());
+    let chip = Arc::new(Chip::default());
+    chip.st.lock().unwrap().nmis = 2;
+    vm.set_interrupt_controller(chip);
+    let mut v = vm.create_emu_vcpu(0).unwrap();
+    v.set_sregs(&long_sregs()).unwrap();
+    v.set_regs(&kvmbox_cpu::Regs {
+        rip: CODE,
+        rsp: KSTACK,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    let w = io.writes(0xe9);
+    assert_eq!(w.len(), 2, "{w:x?}");
+    assert_eq!(
+        w[1], w[0],
+        "second NMI taken at {:#x}, not at {:#x}",
+        w[1], w[0]
+    );
+}
