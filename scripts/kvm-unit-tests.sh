@@ -119,6 +119,13 @@ verdict() {
         s=$(sed -n 's/.*, \([0-9]*\) skipped.*/\1/p' <<<"$summary")
         counts=" ${n:-0}/${f:-0}/${s:-0}"
     fi
+    # QEMU exits with 1 when it cannot start (an option this build lacks, -cpu host without
+    # KVM): that is no pass.
+    if grep -aq '^qemu-system-x86_64: ' "$log" && ! grep -aq '^qemu-system-x86_64: warning:' "$log" \
+        && [ -z "$summary" ]; then
+        echo "ERROR(qemu)"
+        return
+    fi
     case "$status" in
         1) echo "PASS$counts" ;;
         77) echo "SKIP$counts" ;;
