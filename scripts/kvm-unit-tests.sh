@@ -121,8 +121,8 @@ verdict() {
     fi
     # QEMU exits with 1 when it cannot start (an option this build lacks, -cpu host without
     # KVM): that is no pass.
-    if grep -aq '^qemu-system-x86_64: ' "$log" && ! grep -aq '^qemu-system-x86_64: warning:' "$log" \
-        && [ -z "$summary" ]; then
+    if [ "$status" = 1 ] && [ -z "$summary" ] &&
+        grep -a '^qemu-system-x86_64: ' "$log" | grep -avq -e ': warning:' -e 'terminating on signal'; then
         echo "ERROR(qemu)"
         return
     fi
