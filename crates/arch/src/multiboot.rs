@@ -251,15 +251,13 @@ pub(crate) fn load(
         });
     }
     modules.extend(p.modules.iter().cloned());
-    let room = (layout::ZERO_PAGE_START - layout::MULTIBOOT_MODS_START) / MOD_ENTRY_SIZE;
-    if modules.len() as u64 > room {
-        return Err(Error::TablesTooLarge {
-            what: "multiboot module list",
-            size: modules.len() as u64 * MOD_ENTRY_SIZE,
-            start: layout::MULTIBOOT_MODS_START,
-            end: layout::ZERO_PAGE_START,
-        });
-    }
+    check_room(
+        "multiboot module list",
+        modules.len(),
+        MOD_ENTRY_SIZE,
+        layout::MULTIBOOT_MODS_START,
+        layout::ZERO_PAGE_START,
+    )?;
     let mut next = kernel_end.next_multiple_of(PAGE);
     let mut first_module = None;
     for (i, m) in modules.iter().enumerate() {
@@ -290,15 +288,13 @@ pub(crate) fn load(
     )?;
 
     let e820 = e820_table(p.mem_size);
-    let room = (layout::MULTIBOOT_MODS_START - layout::MULTIBOOT_MMAP_START) / MMAP_ENTRY_SIZE;
-    if e820.len() as u64 > room {
-        return Err(Error::TablesTooLarge {
-            what: "multiboot memory map",
-            size: e820.len() as u64 * MMAP_ENTRY_SIZE,
-            start: layout::MULTIBOOT_MMAP_START,
-            end: layout::MULTIBOOT_MODS_START,
-        });
-    }
+    check_room(
+        "multiboot memory map",
+        e820.len(),
+        MMAP_ENTRY_SIZE,
+        layout::MULTIBOOT_MMAP_START,
+        layout::MULTIBOOT_MODS_START,
+    )?;
     let mut mmap = Vec::new();
     for e in &e820 {
         mmap.extend_from_slice(&20u32.to_le_bytes());
@@ -348,6 +344,19 @@ pub(crate) fn load(
         kernel_range: (kernel_start, kernel_end),
         initrd_range: first_module,
     })
+}
+
+/// `count` entries of `size` bytes must fit in `[start, end)`.
+fn check_room(what: &'static str, count: usize, size: u64, start: u64, end: u64) -> Result<()> {
+    if count as u64 * size > end - start {
+        return Err(Error::TablesTooLarge {
+            what,
+            size: count as u64 * size,
+            start,
+            end,
+        });
+    }
+    Ok(())
 }
 
 /// NUL-terminated strings packed into the command-line area.

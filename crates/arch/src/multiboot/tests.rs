@@ -2,29 +2,7 @@
 //! the test guest's multiboot build, booted in crates/kvmbox/tests).
 
 use super::*;
-use std::sync::atomic::{AtomicU32, Ordering};
-
-/// A file in the temp directory, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(data: &[u8]) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "kvmbox-multiboot-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&p, data).unwrap();
-        TempFile(p)
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use crate::test_util::TempFile;
 
 fn header(flags: u32, aout: Option<[u32; 5]>) -> Vec<u8> {
     let mut h = Vec::new();
