@@ -5,6 +5,7 @@
 pub mod config;
 pub mod console;
 mod firmware;
+pub mod signals;
 mod vm;
 
 pub use config::{AccelChoice, ConfigError, FileConfig, OnReboot, Overrides, VmConfig};
@@ -18,3 +19,6 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_REBOOT: i32 = 4;
 /// Exit status when the VM stopped on an error (a vCPU failed, every vCPU halted for good).
 pub const EXIT_ERROR: i32 = 6;
+/// Exit status when a stop signal (SIGTERM, SIGINT, SIGHUP, SIGQUIT) ended the VM. Even, so it
+/// never collides with a debug-exit status; stderr names the signal.
+pub const EXIT_SIGNAL: i32 = 8;
