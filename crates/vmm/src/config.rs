@@ -586,4 +586,35 @@ mod tests {
         assert_eq!(c.disks[1].path, PathBuf::from("flag.img"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn modules_and_testdev() {
+        let mut f: FileConfig =
+            toml::from_str("kernel = \"/k\"\nmodules = [\"m.img,a b\"]\ntestdev = true\n").unwrap();
+        f.dir = PathBuf::from("/cfg");
+        let o = Overrides {
+            modules: vec!["/abs/n.img".into()],
+            ..Default::default()
+        };
+        let c = VmConfig::build(Some(f), o).unwrap();
+        assert!(c.testdev);
+        let got: Vec<_> = c
+            .modules
+            .iter()
+            .map(|m| (m.path.clone(), m.cmdline.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (PathBuf::from("/cfg/m.img"), Some("a b".into())),
+                (PathBuf::from("/abs/n.img"), None)
+            ]
+        );
+        let o = Overrides {
+            kernel: Some("/k".into()),
+            modules: vec![",x".into()],
+            ..Default::default()
+        };
+        assert!(VmConfig::build(None, o).is_err());
+    }
 }
