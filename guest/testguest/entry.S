@@ -1,9 +1,11 @@
 /*
  * kvmbox test guest: entry points, exception stubs, ring-3 switch, AP trampoline.
  *
- * Two boot contracts converge on entry_common64:
+ * Three boot contracts converge on entry_common64:
  *   - PVH: pvh_entry32 (32-bit protected mode, paging off, EBX = hvm_start_info).
  *   - Linux 64-bit: entry64 = ELF e_entry (long mode, identity map, RSI = boot_params).
+ *   - Multiboot: mb_entry32 (32-bit protected mode, paging off, EAX = 0x2BADB002,
+ *     EBX = multiboot info), the e_entry of the ELF32 multiboot build (Makefile).
  */
 
 #define SEL_KCODE   0x08
@@ -21,6 +23,11 @@
 
 #define ENTRY_PVH     1
 #define ENTRY_LINUX64 2
+#define ENTRY_MULTIBOOT 3
+
+#define MB_HEADER_MAGIC 0x1BADB002
+#define MB_HEADER_FLAGS 0x3             /* page-aligned modules, memory information */
+#define MB_BOOT_MAGIC   0x2BADB002
 
 #define TRAMP_BASE    0x8000
 #define AP_STACK_SIZE 8192
@@ -35,8 +42,12 @@
         .asciz "Xen"
         .long pvh_entry32
 
-/* ----------------------------------------------------------- 64-bit entry */
+/* ------------------------------------------------------- multiboot header */
         .section .text.entry, "ax"
+        .balign 4
+        .long MB_HEADER_MAGIC, MB_HEADER_FLAGS, -(MB_HEADER_MAGIC + MB_HEADER_FLAGS)
+
+/* ----------------------------------------------------------- 64-bit entry */
         .code64
         .globl entry64
 entry64:
@@ -59,13 +70,24 @@ entry64:
         mov     %r12, %rsi
         jmp     entry_common64
 
-/* ------------------------------------------------------------ PVH entry */
+/* ---------------------------------------------------- multiboot and PVH entries */
         .code32
+        .globl mb_entry32
+mb_entry32:
+        cmp     $MB_BOOT_MAGIC, %eax
+        jne     9f
+        mov     $ENTRY_MULTIBOOT, %ebp
+        jmp     5f
+9:      cli
+        hlt
+        jmp     9b
+
         .globl pvh_entry32
 pvh_entry32:
-        cli
+        mov     $ENTRY_PVH, %ebp        /* the entry kind, kept to long mode */
+5:      cli
         cld
-        mov     %ebx, %esi              /* hvm_start_info */
+        mov     %ebx, %esi              /* hvm_start_info or multiboot info */
         lgdt    gdt_ptr
         ljmp    $SEL_KCODE32, $1f
 1:      mov     $SEL_KDATA, %eax
@@ -119,7 +141,7 @@ pvh_entry32:
         mov     %eax, %cr0
         ljmp    $SEL_KCODE, $4f
         .code64
-4:      mov     $ENTRY_PVH, %edi
+4:      mov     %ebp, %edi
         /* esi = start_info (upper half already zero after the mode switch? make sure) */
         mov     %esi, %esi
         jmp     entry_common64

@@ -124,15 +124,65 @@ void idt_set_gate(u32 vector, void (*handler)(void))
 
 /* ------------------------------------------------------------ boot info */
 
-static void copy_cmdline(u64 paddr)
+/* Copy the NUL-terminated string at paddr into dst (at most max bytes with the NUL). */
+static void copy_str(char *dst, u64 max, u64 paddr)
 {
-	if (!paddr || paddr >= EARLY_MAPPED - CMDLINE_MAX)
+	if (!paddr || paddr >= EARLY_MAPPED - max)
 		return;
 	const char *s = (const char *)paddr;
 	u64 i = 0;
-	for (; i < CMDLINE_MAX - 1 && s[i]; i++)
-		boot.cmdline[i] = s[i];
-	boot.cmdline[i] = 0;
+	for (; i < max - 1 && s[i]; i++)
+		dst[i] = s[i];
+	dst[i] = 0;
+}
+
+static void copy_cmdline(u64 paddr)
+{
+	copy_str(boot.cmdline, CMDLINE_MAX, paddr);
+}
+
+/* Multiboot information: flags @0, mem_lower @4, mem_upper @8, cmdline @16, mods_count @20,
+ * mods_addr @24, mmap_length @44, mmap_addr @48 (entries: size @0, then base, length, type). */
+static const char *read_multiboot_info(u64 info)
+{
+	const u32 *mbi = (const u32 *)info;
+	u32 flags = mbi[0];
+	if (!(flags & (1 << 6)))
+		return "multiboot-without-mmap";
+	if (flags & 1) {
+		boot.mb_mem_lower = mbi[1];
+		boot.mb_mem_upper = mbi[2];
+	}
+	if (flags & (1 << 2))
+		copy_cmdline(mbi[4]);
+	u64 mm = mbi[12], end = mm + mbi[11];
+	if (!mm || end >= EARLY_MAPPED)
+		return "multiboot-bad-mmap";
+	u32 n = 0;
+	while (mm + 24 <= end && n < MAX_MEMMAP) {
+		const u8 *e = (const u8 *)mm;
+		boot.memmap[n].addr = *(const u64 *)(e + 4);
+		boot.memmap[n].size = *(const u64 *)(e + 12);
+		boot.memmap[n].type = *(const u32 *)(e + 20);
+		n++;
+		mm += 4 + *(const u32 *)e;
+	}
+	boot.nr_memmap = n;
+	if ((flags & (1 << 3)) && mbi[5]) {
+		const u32 *mod = (const u32 *)(u64)mbi[6];
+		if ((u64)mod >= EARLY_MAPPED - 16 || mod[1] < mod[0] || mod[1] >= EARLY_MAPPED)
+			return "multiboot-bad-module";
+		boot.mb_mods = mbi[5];
+		boot.mb_mod_start = mod[0];
+		boot.mb_mod_size = mod[1] - mod[0];
+		const char *data = (const char *)(u64)mod[0];
+		u64 k = 0;
+		for (; k < MB_MODULE_HEAD && k < boot.mb_mod_size; k++)
+			boot.mb_mod_head[k] = (data[k] > 0x20 && data[k] < 0x7f) ? data[k] : '.';
+		boot.mb_mod_head[k] = 0;
+		copy_str(boot.mb_mod_cmdline, sizeof(boot.mb_mod_cmdline), mod[2]);
+	}
+	return NULL;
 }
 
 static const char *read_boot_info(u32 entry, u64 info)
@@ -164,6 +214,10 @@ static const char *read_boot_info(u32 entry, u64 info)
 			boot.memmap[i].type = *(const u32 *)(e + 16);
 		}
 		boot.nr_memmap = n;
+	} else if (entry == ENTRY_MULTIBOOT) {
+		const char *err = read_multiboot_info(info);
+		if (err)
+			return err;
 	} else {
 		const u8 *bp = (const u8 *)info;
 		u64 cmd = *(const u32 *)(bp + 0x228) | ((u64) * (const u32 *)(bp + 0xc8) << 32);
@@ -353,6 +407,9 @@ struct scenario {
 
 static const struct scenario scenarios[] = {
 	{"hello", test_hello, ARG_NONE, 0},
+	{"multiboot", test_multiboot, ARG_NONE, 0},
+	{"fwcfg", test_fwcfg, ARG_NONE, 0},
+	{"testdev", test_testdev, ARG_NONE, 0},
 	{"cpuid", test_cpuid, ARG_NONE, 0},
 	{"acpi", test_acpi, ARG_NONE, 1},
 	{"mem", test_mem, ARG_NONE, 0},

@@ -26,7 +26,103 @@ int test_hello(const char *arg)
 {
 	(void)arg;
 	printk("KVMBOX-TEST hello msg=hello-from-guest entry=%s cmdline=\"%s\"\n",
-	       boot.entry == ENTRY_PVH ? "pvh" : "linux64", boot.cmdline);
+	       boot.entry == ENTRY_PVH ? "pvh" : boot.entry == ENTRY_MULTIBOOT ? "multiboot" : "linux64",
+	       boot.cmdline);
+	return 0;
+}
+
+/* ------------------------------------------------------------ fw_cfg, testdev */
+
+#define FW_CFG_PORT 0x510
+#define FW_CFG_DMA_HI 0x514
+#define FW_CFG_DMA_LO 0x518
+
+static void fw_cfg_read(u16 key, void *buf, u32 n)
+{
+	outw(FW_CFG_PORT, key);
+	for (u32 i = 0; i < n; i++)
+		((u8 *)buf)[i] = inb(FW_CFG_PORT + 1);
+}
+
+static struct {
+	u32 control, length;
+	u64 addr;
+} __attribute__((aligned(16))) fw_dma;
+static u8 fw_e820[32 * 20];
+
+/* fw_cfg as firmware reads it: the signature, ID, CPU count and RAM size through the data port,
+ * the file directory, and etc/e820 through the DMA interface. */
+int test_fwcfg(const char *arg)
+{
+	(void)arg;
+	char sig[5] = {0};
+	u32 id = 0, count = 0, sel = 0, size = 0;
+	u16 cpus = 0;
+	u64 ram = 0;
+	fw_cfg_read(0x00, sig, 4);
+	fw_cfg_read(0x01, &id, 4);
+	fw_cfg_read(0x05, &cpus, 2);
+	fw_cfg_read(0x03, &ram, 8);
+	fw_cfg_read(0x19, &count, 4);
+	count = __builtin_bswap32(count);
+	for (u32 i = 0; i < count && i < 64; i++) {
+		u8 e[64];
+		for (u32 k = 0; k < 64; k++)
+			e[k] = inb(FW_CFG_PORT + 1);
+		if (!memcmp(e + 8, "etc/e820", 9)) {
+			size = __builtin_bswap32(*(u32 *)e);
+			sel = __builtin_bswap16(*(u16 *)(e + 4));
+		}
+	}
+	u32 status = 0xffffffff;
+	u64 e820_ram = 0;
+	if (sel && size <= sizeof(fw_e820)) {
+		fw_dma.control = __builtin_bswap32((sel << 16) | 0x08 | 0x02); /* select + read */
+		fw_dma.length = __builtin_bswap32(size);
+		fw_dma.addr = __builtin_bswap64((u64)fw_e820);
+		outl(FW_CFG_DMA_HI, __builtin_bswap32((u32)((u64)&fw_dma >> 32)));
+		outl(FW_CFG_DMA_LO, __builtin_bswap32((u32)(u64)&fw_dma));
+		__asm__ volatile("" ::: "memory"); /* the device wrote fw_dma and fw_e820 */
+		status = __builtin_bswap32(fw_dma.control);
+		for (u32 i = 0; i + 20 <= size; i += 20)
+			if (*(u32 *)(fw_e820 + i + 16) == 1)
+				e820_ram += *(u64 *)(fw_e820 + i + 8);
+	}
+	printk("KVMBOX-TEST fwcfg sig=%s id=%u cpus=%u ram=%lu files=%u e820_size=%u dma_status=%u "
+	       "e820_ram=%lu\n",
+	       sig, id, cpus, ram, count, size, status, e820_ram);
+	return 0;
+}
+
+/* pc-testdev's scratch register (0xe0, byte window 0xe8): with --testdev it holds what is
+ * written; without, nothing answers and reads return all ones. */
+int test_testdev(const char *arg)
+{
+	(void)arg;
+	outl(0xe0, 0x12345678);
+	u32 word = inl(0xe0);
+	u8 byte = inb(0xe9);
+	printk("KVMBOX-TEST testdev ioport=0x%x byte=0x%x\n", word, byte);
+	return 0;
+}
+
+/* What the multiboot information said (copied at entry): memory bounds, the memory map's RAM,
+ * the first module's place, first bytes and command line. */
+int test_multiboot(const char *arg)
+{
+	(void)arg;
+	if (boot.entry != ENTRY_MULTIBOOT) {
+		printk("KVMBOX-TEST multiboot result=fail reason=not-booted-through-multiboot\n");
+		return 1;
+	}
+	u64 ram = 0;
+	for (u32 i = 0; i < boot.nr_memmap; i++)
+		if (boot.memmap[i].type == 1)
+			ram += boot.memmap[i].size;
+	printk("KVMBOX-TEST multiboot mem_lower=%u mem_upper=%u mmap_entries=%u mmap_ram=%lu mods=%u "
+	       "mod_start=0x%lx mod_size=%lu mod_head=\"%s\" mod_cmdline=\"%s\"\n",
+	       boot.mb_mem_lower, boot.mb_mem_upper, boot.nr_memmap, ram, boot.mb_mods,
+	       boot.mb_mod_start, boot.mb_mod_size, boot.mb_mod_head, boot.mb_mod_cmdline);
 	return 0;
 }
 

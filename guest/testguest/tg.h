@@ -34,7 +34,8 @@ typedef long i64;
 #define CMDLINE_MAX 4096
 #define PD_PAGES 64 /* 64 GiB of address space mapped with 2 MiB pages */
 
-enum { ENTRY_PVH = 1, ENTRY_LINUX64 = 2 };
+enum { ENTRY_PVH = 1, ENTRY_LINUX64 = 2, ENTRY_MULTIBOOT = 3 };
+#define MB_MODULE_HEAD 64
 
 /* One RAM-map entry, normalised from PVH or e820. */
 struct memmap_entry {
@@ -51,6 +52,12 @@ struct boot_info {
 	struct memmap_entry memmap[MAX_MEMMAP];
 	char cmdline[CMDLINE_MAX];
 	u64 mapped_top; /* page tables map [0, mapped_top) */
+	/* Multiboot only: memory bounds, module count, the first module's start, size, first
+	 * bytes and command line (copied at entry: the mem scenario may overwrite modules). */
+	u32 mb_mem_lower, mb_mem_upper, mb_mods;
+	u64 mb_mod_start, mb_mod_size;
+	char mb_mod_head[MB_MODULE_HEAD + 1];
+	char mb_mod_cmdline[256];
 };
 extern struct boot_info boot;
 
@@ -114,6 +121,9 @@ u64 strlen(const char *s);
 
 /* tests.c */
 int test_hello(const char *arg);
+int test_multiboot(const char *arg);
+int test_fwcfg(const char *arg);
+int test_testdev(const char *arg);
 int test_cpuid(const char *arg);
 int test_acpi(const char *arg);
 int test_mem(const char *arg);

@@ -4,6 +4,7 @@
 //! 0x0000_0000  real-mode IVT / BDA           (RAM)
 //! 0x0000_0500  boot GDT, 0x530 boot IDT
 //! 0x0000_6000  PVH hvm_start_info, 0x6040 module list, 0x6080 memmap
+//!              (or, for a multiboot kernel: multiboot info, 0x6080 mmap, 0x6400 modules)
 //! 0x0000_7000  Linux boot_params ("zero page")
 //! 0x0000_9000  boot page tables (PML4, PDPT, PDs: identity map of the first 4 GiB)
 //! 0x0002_0000  kernel command line
@@ -27,6 +28,15 @@ pub const PVH_INFO_START: u64 = 0x6000;
 pub const PVH_MODLIST_START: u64 = 0x6040;
 /// PVH memory map (`hvm_memmap_table_entry` array), up to [`ZERO_PAGE_START`].
 pub const PVH_MEMMAP_START: u64 = 0x6080;
+/// Multiboot information structure (for multiboot kernels; PVH's area, unused then).
+pub const MULTIBOOT_INFO_START: u64 = 0x6000;
+/// Multiboot memory map (24-byte entries), up to [`MULTIBOOT_MODS_START`].
+pub const MULTIBOOT_MMAP_START: u64 = 0x6080;
+/// Multiboot module list (16-byte entries), up to [`ZERO_PAGE_START`].
+pub const MULTIBOOT_MODS_START: u64 = 0x6400;
+/// Lowest address a multiboot kernel may load at: below it are the boot GDT/IDT and the
+/// multiboot information (kvm-unit-tests' realmode test loads at 0x8000).
+pub const MULTIBOOT_LOAD_MIN: u64 = 0x8000;
 /// Linux `boot_params` ("zero page").
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// Initial stack pointer for 64-bit and PVH entries (grows down from just below the page tables,
@@ -122,6 +132,25 @@ pub const ACPI_RESET_VALUE: u8 = 0x6;
 pub const ACPI_S5_SLP_TYP: u8 = 5;
 /// SCI interrupt line.
 pub const ACPI_SCI_IRQ: u32 = 9;
+/// QEMU fw_cfg selector port (16-bit); the data port follows it.
+pub const FW_CFG_PORT: u16 = 0x510;
+/// QEMU fw_cfg DMA address register (8 bytes, big-endian: high half at 0x514, low at 0x518).
+pub const FW_CFG_DMA_PORT: u16 = 0x514;
+/// QEMU pc-testdev (`--testdev`): 32-bit scratch register.
+pub const TESTDEV_IOPORT: u16 = 0xe0;
+/// pc-testdev: page-flush port (a 32-bit write of a guest-physical address).
+pub const TESTDEV_FLUSH_PORT: u16 = 0xe4;
+/// pc-testdev: the same scratch register, accessed a byte at a time.
+pub const TESTDEV_IOPORT_BYTE: u16 = 0xe8;
+/// pc-testdev: one port per interrupt line 0..[`TESTDEV_IRQ_LINES`]; a byte write sets the line's
+/// level (non-zero: high).
+pub const TESTDEV_IRQ_PORT: u16 = 0x2000;
+/// Interrupt lines pc-testdev drives (the IOAPIC's 24 inputs).
+pub const TESTDEV_IRQ_LINES: u64 = 24;
+/// pc-testdev: 64 KiB of device memory (MMIO that reads back what was written).
+pub const TESTDEV_IOMEM_START: u64 = 0xff00_0000;
+/// Size of pc-testdev's device memory.
+pub const TESTDEV_IOMEM_SIZE: u64 = 0x1_0000;
 /// PCI configuration address / data ports.
 pub const PCI_CONFIG_ADDRESS_PORT: u16 = 0xcf8;
 

@@ -41,6 +41,8 @@ pub struct LoadParams<'a> {
     /// with the bzImage's setup header in `boot_params`). Skips the in-guest decompressor, which
     /// is tens of millions of instructions. Other bzImages fail with a clear error.
     pub host_decompress: bool,
+    /// Multiboot modules after the initrd (which is the first module of a multiboot kernel).
+    pub modules: Vec<crate::multiboot::Module>,
 }
 
 impl<'a> LoadParams<'a> {
@@ -55,6 +57,7 @@ impl<'a> LoadParams<'a> {
             prefer_pvh: true,
             rsdp: None,
             host_decompress: false,
+            modules: Vec::new(),
         }
     }
 }
@@ -62,6 +65,9 @@ impl<'a> LoadParams<'a> {
 /// How the boot vCPU enters the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
+    /// Multiboot (v1): 32-bit flat protected mode, paging off, EAX = 0x2BADB002, RBX = the
+    /// multiboot information ([`crate::multiboot`]).
+    Multiboot,
     /// Linux 64-bit boot protocol (bzImage, or an ELF's 64-bit entry): long mode, identity-mapped
     /// first 4 GiB, RSI = `boot_params`.
     Linux64,
@@ -82,7 +88,7 @@ pub struct BootSetup {
     /// Guest-physical memory the kernel owns: `[start, end)` (for a bzImage, load address +
     /// `init_size`).
     pub kernel_range: (u64, u64),
-    /// Where the initrd was put, `[start, end)`.
+    /// Where the initrd (for a multiboot kernel: the first module) was put, `[start, end)`.
     pub initrd_range: Option<(u64, u64)>,
 }
 
@@ -122,8 +128,8 @@ const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 /// Protocol defaults for kernels older than the fields that carry them.
 const OLD_CMDLINE_SIZE: usize = 255;
 const OLD_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
-/// A kernel image smaller than this is not one.
-const HEAD_SIZE: usize = 4096;
+/// How much of the image is read to tell its kind (a multiboot header may be anywhere in it).
+const HEAD_SIZE: usize = crate::multiboot::SEARCH_LEN;
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -160,6 +166,8 @@ pub fn load(mem: &GuestMemoryMmap, p: &LoadParams) -> Result<BootSetup> {
         load_decompressed(mem, p, &mut file, &head, low_end)?
     } else if is_bzimage(&head) {
         load_bzimage(mem, p, &mut file, file_len, &head, low_end)?
+    } else if crate::multiboot::claims(&head) {
+        return crate::multiboot::load(mem, p, &mut file, file_len, &head);
     } else if head.starts_with(b"\x7fELF") {
         load_elf(mem, p, &mut file, &head, low_end)?
     } else {

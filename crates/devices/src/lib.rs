@@ -6,7 +6,9 @@
 
 pub mod bus;
 pub mod control;
+pub mod fw_cfg;
 pub mod legacy;
+pub mod testdev;
 
 pub use bus::{Bus, BusDevice, BusError, IoBus};
 pub use control::{ExitRequest, VmControl};

@@ -19,6 +19,15 @@ pub enum EventKind {
     External,
 }
 
+/// Fault-class exceptions (the saved RIP is the faulting instruction's). #DB is left out: its
+/// data and single-step forms are traps, and the engine raises only those.
+fn is_fault(v: u8) -> bool {
+    matches!(
+        v,
+        0 | 5 | 6 | 7 | 10 | 11 | 12 | 13 | 14 | 16 | 17 | 19 | 20 | 21
+    )
+}
+
 fn contributory(v: u8) -> bool {
     matches!(v, 0 | 10 | 11 | 12 | 13)
 }
@@ -147,7 +156,13 @@ impl Cpu {
         let old_cs = self.st.seg[seg::CS].selector as u64;
         let old_ss = self.st.seg[seg::SS];
         let old_rsp = self.st.gpr[gpr::RSP];
-        let old_flags = self.st.rflags;
+        // A fault pushes RF = 1 (the handler's IRET then restarts the instruction without
+        // re-triggering an instruction breakpoint); traps, interrupts and INT n push RF as is.
+        let old_flags = if kind == EventKind::Exception && is_fault(vector) {
+            self.st.rflags | RF
+        } else {
+            self.st.rflags
+        };
         let errv = err.map(|e| e as u64);
         if long {
             let switch = new_cpl < cpl;

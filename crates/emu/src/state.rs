@@ -233,6 +233,8 @@ pub struct CpuState {
     pub tsc_aux: u64,
     /// Guest TSC minus host TSC.
     pub tsc_offset: u64,
+    /// AMD legacy PerfEvtSel0-3 and PerfCtr0-3 (stored; they never count).
+    pub k7_perf: [u64; 8],
     /// XMM0..XMM15.
     pub xmm: [u128; 16],
     /// MXCSR.
@@ -269,6 +271,7 @@ impl Default for CpuState {
             pat: 0x0007_0406_0007_0406,
             tsc_aux: 0,
             tsc_offset: 0,
+            k7_perf: [0; 8],
             xmm: [0; 16],
             mxcsr: 0x1f80,
             x87: X87::default(),

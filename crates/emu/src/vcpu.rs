@@ -74,6 +74,15 @@ impl EmuVcpu {
 }
 
 impl Cpu {
+    /// Whether `ins`, just executed with TF = `tf_before`, ends in a single-step trap.
+    fn step_trap(&self, ins: &iced_x86::Instruction, tf_before: bool) -> bool {
+        use iced_x86::Mnemonic as M;
+        match ins.mnemonic() {
+            M::Syscall | M::Sysret | M::Sysretq => self.st.rflags & flags::TF != 0,
+            _ => tf_before,
+        }
+    }
+
     /// Execute one instruction (fetch, decode, execute, commit RIP).
     fn step(&mut self) -> crate::cpu::R<()> {
         let tf = self.st.rflags & flags::TF != 0;
@@ -81,12 +90,15 @@ impl Cpu {
         let ins = self.fetch_decode()?;
         // SAFETY: `ins` points into the heap buffer of the decoded-instruction cache, which
         // is never reallocated and which only `fetch_decode` writes; `exec` never fetches.
-        self.exec(unsafe { &*ins })?;
+        let ins = unsafe { &*ins };
+        self.exec(ins)?;
         self.st.rip = self.next_rip;
         self.st.rflags &= !flags::RF;
         self.stats.instructions += 1;
         self.shadow = self.set_shadow;
-        if tf && !self.halted {
+        // SYSCALL and SYSRET single-step on TF as they leave it (SFMASK may clear it, R11 may
+        // set it), every other instruction on TF as it found it.
+        if (tf || self.st.rflags & flags::TF != 0) && !self.halted && self.step_trap(ins, tf) {
             self.st.dr[6] |= 1 << 14;
             let rip = self.st.rip;
             self.deliver(1, None, EventKind::Exception, rip)?;
@@ -190,6 +202,7 @@ impl Cpu {
             let mut check_after_shadow = false;
             for _ in 0..n {
                 let if_before = self.st.rflags & flags::IF;
+                let nmi_blocked_before = self.nmi_blocked;
                 executed += 1;
                 match self.step() {
                     Ok(()) => {}
@@ -212,6 +225,10 @@ impl Cpu {
                 if irq.is_some() {
                     let if_now = self.st.rflags & flags::IF != 0;
                     if check_after_shadow && !self.shadow {
+                        break;
+                    }
+                    // IRET ended NMI blocking: an NMI that arrived meanwhile goes next.
+                    if nmi_blocked_before && !self.nmi_blocked {
                         break;
                     }
                     if if_before == 0 && if_now {

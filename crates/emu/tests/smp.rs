@@ -274,15 +274,42 @@ fn vm_irq_line_interrupts_a_spinning_vcpu_through_the_idt() {
     assert_eq!(io.writes(0xe9), vec![0x24]);
 }
 
-#[test]
-fn nmis_do_not_nest_until_iret() {
-    let handler = CODE + 0x1000;
+/// Spin at CODE with the NMI handler `h` at CODE + 0x1000 and two NMIs pending, until the
+/// vCPU halts; the memory and the port writes.
+fn run_with_two_nmis(h: &[u8]) -> (vm_memory::GuestMemoryMmap, Recorder) {
     let code = asm64(CODE, |a| {
         let mut spin = a.create_label();
         a.set_label(&mut spin)?;
         a.pause()?;
         a.jmp(spin)
     });
+    let handler = CODE + 0x1000;
+    let mem = guest_mem();
+    build_tables(&mem);
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    mem.write_slice(h, GuestAddress(handler)).unwrap();
+    set_gate(&mem, 2, handler, 0, 0, false);
+    let vm = kvmbox_emu::EmuVm::new(mem.clone());
+    let chip = Arc::new(Chip::default());
+    chip.st.lock().unwrap().nmis = 2;
+    vm.set_interrupt_controller(chip);
+    let mut v = vm.create_emu_vcpu(0).unwrap();
+    v.set_sregs(&long_sregs()).unwrap();
+    v.set_regs(&kvmbox_cpu::Regs {
+        rip: CODE,
+        rsp: KSTACK,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    (mem, io)
+}
+
+#[test]
+fn nmis_do_not_nest_until_iret() {
+    let handler = CODE + 0x1000;
     let h = asm64(handler, |a| {
         let mut again = a.create_label();
         a.mov(rax, rsp)?;
@@ -300,26 +327,7 @@ fn nmis_do_not_nest_until_iret() {
         a.set_label(&mut again)?;
         a.iretq()
     });
-    let mem = guest_mem();
-    build_tables(&mem);
-    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
-    mem.write_slice(&h, GuestAddress(handler)).unwrap();
-    set_gate(&mem, 2, handler, 0, 0, false);
-    let vm = kvmbox_emu::EmuVm::new(mem.clone());
-    let chip = Arc::new(Chip::default());
-    chip.st.lock().unwrap().nmis = 2;
-    vm.set_interrupt_controller(chip);
-    let mut v = vm.create_emu_vcpu(0).unwrap();
-    v.set_sregs(&long_sregs()).unwrap();
-    v.set_regs(&kvmbox_cpu::Regs {
-        rip: CODE,
-        rsp: KSTACK,
-        rflags: 2,
-        ..Default::default()
-    })
-    .unwrap();
-    let io = Recorder::default();
-    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    let (mem, io) = run_with_two_nmis(&h);
     // Both NMIs entered on the same stack depth: the second waited for the first's IRETQ.
     assert_eq!(io.writes(0xe9), vec![KSTACK - 40, KSTACK - 40]);
     assert_eq!(r64(&mem, DATA), 2);
@@ -369,4 +377,48 @@ fn one_instruction_interrupt_window_after_sti_is_honoured() {
     let r = v.run_steps(&io, 100_000).unwrap();
     assert_eq!(r, Some(VcpuExit::Halted));
     assert_eq!(io.writes(0xe9), vec![0x25]);
+}
+
+/// kvm-unit-tests eventinj ("NMI" through a handler that IRETs to a frame of its own): an NMI
+/// that arrived while NMIs were blocked is taken right after the IRET that unblocks them, on
+/// the instruction IRET returned to, not at some later batch boundary.
+#[test]
+fn pending_nmi_is_taken_right_after_the_unblocking_iret() {
+    let handler = CODE + 0x1000;
+    let h = asm64(handler, |a| {
+        let mut second = a.create_label();
+        let mut after = a.create_label();
+        a.inc(qword_ptr(DATA))?;
+        a.cmp(qword_ptr(DATA), 2)?;
+        a.je(second)?;
+        // First NMI: IRETQ to `after` through a frame built here (NMIs unblock).
+        a.lea(rbx, ptr(after))?;
+        a.mov(eax, ebx)?;
+        a.out(0xe9u32, eax)?;
+        a.mov(rax, rsp)?;
+        a.push(0x10)?;
+        a.push(rax)?;
+        a.pushfq()?;
+        a.push(0x08)?;
+        a.push(rbx)?;
+        a.iretq()?;
+        a.set_label(&mut after)?;
+        a.mov(eax, 0xbadu32)?;
+        a.out(0xe9u32, eax)?;
+        a.cli()?;
+        a.hlt()?;
+        // Second NMI: where was it taken?
+        a.set_label(&mut second)?;
+        a.mov(rax, qword_ptr(rsp))?;
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let (_mem, io) = run_with_two_nmis(&h);
+    let w = io.writes(0xe9);
+    assert_eq!(w.len(), 2, "{w:x?}");
+    assert_eq!(
+        w[1], w[0],
+        "second NMI taken at {:#x}, not at {:#x}",
+        w[1], w[0]
+    );
 }

@@ -30,10 +30,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// TOML file with the same settings (kernel, initrd, cmdline, cpus, memory, accel, on_reboot, pvh, disks, nets, rng, virtio); flags override it, --disk/--net add to it.
+    /// TOML file with the same settings (kernel, initrd, cmdline, cpus, memory, accel, on_reboot, pvh, disks, nets, rng, virtio, modules, testdev); flags override it, --disk/--net add to it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Kernel: bzImage, ELF vmlinux (PVH or 64-bit entry), or a freestanding ELF.
+    /// Kernel: bzImage, ELF vmlinux (PVH or 64-bit entry), a freestanding ELF, or a multiboot kernel.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initial ramdisk.
@@ -66,6 +66,12 @@ struct RunArgs {
     /// A virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// A multiboot module (after --initrd, which is the first): PATH[,CMDLINE]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    module: Vec<String>,
+    /// QEMU's pc-testdev ports, as kvm-unit-tests use them.
+    #[arg(long)]
+    testdev: bool,
     /// How virtio devices attach: pci (stock kernels) or mmio (virtio_mmio.device= on the command line) [default: pci].
     #[arg(long, value_name = "TRANSPORT")]
     virtio: Option<String>,
@@ -94,6 +100,8 @@ fn run(args: RunArgs) -> ExitCode {
         nets: args.net,
         rng: args.rng,
         virtio: args.virtio,
+        modules: args.module,
+        testdev: args.testdev,
     };
     let cfg = match VmConfig::build(file, overrides) {
         Ok(c) => c,

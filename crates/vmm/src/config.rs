@@ -228,6 +228,9 @@ pub struct FileConfig {
     nets: Vec<String>,
     rng: Option<bool>,
     virtio: Option<VirtioTransport>,
+    #[serde(default)]
+    modules: Vec<String>,
+    testdev: Option<bool>,
     /// The file's directory: relative paths in the file are relative to it.
     #[serde(skip)]
     dir: PathBuf,
@@ -327,6 +330,10 @@ pub struct Overrides {
     pub rng: bool,
     /// --virtio
     pub virtio: Option<String>,
+    /// --module, each `PATH[,CMDLINE]`
+    pub modules: Vec<String>,
+    /// --testdev
+    pub testdev: bool,
 }
 
 /// Which accelerator was asked for.
@@ -365,6 +372,10 @@ pub struct VmConfig {
     pub rng: bool,
     /// Transport for virtio devices.
     pub virtio: VirtioTransport,
+    /// Multiboot modules after the initrd.
+    pub modules: Vec<kvmbox_arch::multiboot::Module>,
+    /// QEMU's pc-testdev ports (kvm-unit-tests).
+    pub testdev: bool,
 }
 
 /// The command line used when none is given: serial console, reboot through the i8042
@@ -446,7 +457,20 @@ impl VmConfig {
             Some(s) => s.parse()?,
             None => f.virtio.unwrap_or_default(),
         };
+        // The file's module paths are relative to the file, as its other paths.
+        let parse = |m: &String| m.parse::<kvmbox_arch::multiboot::Module>();
+        let mut modules = Vec::new();
+        for m in &f.modules {
+            let mut m = parse(m).map_err(ConfigError::Invalid)?;
+            m.path = f.resolve(m.path);
+            modules.push(m);
+        }
+        for m in &o.modules {
+            modules.push(parse(m).map_err(ConfigError::Invalid)?);
+        }
         Ok(VmConfig {
+            modules,
+            testdev: o.testdev || f.testdev.unwrap_or(false),
             disks,
             nets,
             rng: o.rng || f.rng.unwrap_or(false),
@@ -561,5 +585,36 @@ mod tests {
         // Flags stay relative to the current directory.
         assert_eq!(c.disks[1].path, PathBuf::from("flag.img"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn modules_and_testdev() {
+        let mut f: FileConfig =
+            toml::from_str("kernel = \"/k\"\nmodules = [\"m.img,a b\"]\ntestdev = true\n").unwrap();
+        f.dir = PathBuf::from("/cfg");
+        let o = Overrides {
+            modules: vec!["/abs/n.img".into()],
+            ..Default::default()
+        };
+        let c = VmConfig::build(Some(f), o).unwrap();
+        assert!(c.testdev);
+        let got: Vec<_> = c
+            .modules
+            .iter()
+            .map(|m| (m.path.clone(), m.cmdline.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (PathBuf::from("/cfg/m.img"), Some("a b".into())),
+                (PathBuf::from("/abs/n.img"), None)
+            ]
+        );
+        let o = Overrides {
+            kernel: Some("/k".into()),
+            modules: vec![",x".into()],
+            ..Default::default()
+        };
+        assert!(VmConfig::build(None, o).is_err());
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod console;
+mod firmware;
 pub mod signals;
 mod vm;
 

@@ -64,7 +64,7 @@ pub enum Error {
     Host(String),
 }
 
-type Result<T> = std::result::Result<T, Error>;
+pub(crate) type Result<T> = std::result::Result<T, Error>;
 
 /// Everything that outlives one boot of the VM: the console and the stop signal.
 struct Session {
@@ -377,12 +377,17 @@ fn boot_once(cfg: &VmConfig, accel: Accel, session: &Session) -> Result<ExitRequ
     // The software engine would spend tens of millions of instructions in a bzImage's own
     // decompressor: unpack the kernel on the host instead.
     params.host_decompress = accel == Accel::Emu;
+    params.modules = cfg.modules.clone();
     let boot = kvmbox_arch::load(&mem, &params)?;
     let io = Arc::new(IoBus::default());
     let (vm, irq_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
     check_cpus(cfg.cpus, vm.name(), vm.max_vcpus())?;
     let control = session.control.clone();
     let platform = add_legacy_devices(vm.as_ref(), &io, &control)?;
+    crate::firmware::attach_fw_cfg(&io, &mem, cfg.cpus, cfg.memory, &boot, &cmdline)?;
+    if cfg.testdev {
+        crate::firmware::attach_testdev(vm.as_ref(), &io)?;
+    }
     attach_virtio(cfg, vm.as_ref(), &io, &mem, devices, &mmio_slots)?;
 
     let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::new();

@@ -1,30 +1,8 @@
 //! Loader tests with small ELF images built here (the real bzImage is in tests/bzimage.rs).
 
 use super::*;
+use crate::test_util::TempFile;
 use crate::{e820_table, E820Entry, E820_RAM};
-use std::sync::atomic::{AtomicU32, Ordering};
-
-/// A file in the temp directory, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(data: &[u8]) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "kvmbox-arch-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&p, data).unwrap();
-        TempFile(p)
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// A PT_LOAD segment: physical address, file bytes, memory size.
 struct Seg<'a> {

@@ -43,7 +43,19 @@ pub mod msr {
     /// AMD K8 interrupt-pending-message register (C1E control): reads 0 (no C1E), writes
     /// are ignored. Linux reads it on family 0xf.
     pub const K8_INT_PENDING_MSG: u32 = 0xc001_0055;
+    /// AMD's legacy performance counters, architectural on every AMD64 CPU (no CPUID bit):
+    /// PerfEvtSel0-3 at 0xc0010000..3, PerfCtr0-3 at 0xc0010004..7. Stored; they never count.
+    pub const K7_PERF_FIRST: u32 = 0xc001_0000;
+    /// Last of the legacy performance-counter MSRs.
+    pub const K7_PERF_LAST: u32 = 0xc001_0007;
 }
+
+/// IA32_APIC_BASE.EXTD: x2APIC mode.
+const APIC_BASE_EXTD: u64 = 1 << 10;
+/// CPUID.1:ECX.x2APIC.
+const CPUID_1_ECX_X2APIC: u32 = 1 << 21;
+/// The legacy AMD counters are 48 bits wide.
+const K7_PERFCTR_MASK: u64 = (1 << 48) - 1;
 
 /// Decode an 8-byte descriptor into a segment cache (selector left 0).
 pub fn parse_descriptor(raw: u64) -> Segment {
@@ -305,6 +317,9 @@ impl Cpu {
             msr::KERNEL_GS_BASE => self.st.kernel_gs_base,
             msr::TSC_AUX => self.st.tsc_aux,
             msr::K8_INT_PENDING_MSG => 0,
+            msr::K7_PERF_FIRST..=msr::K7_PERF_LAST => {
+                self.st.k7_perf[(index - msr::K7_PERF_FIRST) as usize]
+            }
             _ => return self.msr_hook.as_ref()?.read_msr(self.id, index),
         })
     }
@@ -316,6 +331,10 @@ impl Cpu {
             msr::TSC => self.st.tsc_offset = v.wrapping_sub(host_tsc()),
             msr::APIC_BASE => {
                 if v & !0xf_ffff_fd00 != 0 {
+                    return false;
+                }
+                // x2APIC mode (EXTD) only where CPUID offers x2APIC.
+                if v & APIC_BASE_EXTD != 0 && self.cpuid_query(1, 0).2 & CPUID_1_ECX_X2APIC == 0 {
                     return false;
                 }
                 self.st.apic_base = v;
@@ -355,6 +374,16 @@ impl Cpu {
             msr::KERNEL_GS_BASE if canon => self.st.kernel_gs_base = v,
             msr::TSC_AUX => self.st.tsc_aux = v & 0xffff_ffff,
             msr::K8_INT_PENDING_MSG => {}
+            msr::K7_PERF_FIRST..=msr::K7_PERF_LAST => {
+                let i = (index - msr::K7_PERF_FIRST) as usize;
+                // Event selects keep the bits AMD defines (high bits 32-41 and 0-31); counters
+                // are 48-bit.
+                self.st.k7_perf[i] = if i < 4 {
+                    v & 0x3ff_ffff_ffff
+                } else {
+                    v & K7_PERFCTR_MASK
+                };
+            }
             _ => {
                 return match &self.msr_hook {
                     Some(h) => h.write_msr(self.id, index, v),

@@ -40,6 +40,11 @@ pub fn testguest() -> PathBuf {
         .clone()
 }
 
+/// The test guest's multiboot build (ELF32, entered at its multiboot entry), built beside it.
+pub fn testguest_multiboot() -> PathBuf {
+    testguest().with_file_name("testguest-multiboot.elf")
+}
+
 /// True when /dev/kvm can be opened; otherwise prints one loud SKIP line for `test`.
 pub fn kvm_or_skip(test: &str) -> bool {
     kvmbox_cpu::kvm::available_or_skip(test)

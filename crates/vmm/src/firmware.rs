@@ -1,0 +1,70 @@
+//! The devices that tell firmware and test kernels about the machine, as QEMU's PC has them:
+//! fw_cfg (always) and pc-testdev (with `--testdev`).
+
+use crate::vm::{Error, Result};
+use kvmbox_arch::{layout, BootSetup};
+use kvmbox_cpu::{IrqLine, Vm};
+use kvmbox_devices::fw_cfg::{FwCfg, Machine, FW_CFG_DMA_LEN, FW_CFG_IO_LEN};
+use kvmbox_devices::testdev::{TestDevIomem, TestDevIrq, TestDevPorts, TESTDEV_PORT_LEN};
+use kvmbox_devices::IoBus;
+use std::sync::{Arc, Mutex};
+
+/// Put fw_cfg on the port bus with QEMU's PC items for this machine and the loaded kernel.
+pub(crate) fn attach_fw_cfg(
+    io: &IoBus,
+    mem: &kvmbox_cpu::GuestMemory,
+    cpus: u32,
+    memory: u64,
+    boot: &BootSetup,
+    cmdline: &str,
+) -> Result<()> {
+    let machine = Machine {
+        cpus: u16::try_from(cpus).map_err(|_| Error::Device(format!("fw_cfg: {cpus} vCPUs")))?,
+        ram_size: memory,
+        e820: kvmbox_arch::e820_table(memory)
+            .iter()
+            .map(|e| (e.addr, e.size, e.kind))
+            .collect(),
+        kernel: Some((boot.kernel_range.0, boot.kernel_range.1, boot.regs.rip)),
+        initrd: boot.initrd_range,
+        cmdline: Some((layout::CMDLINE_START, cmdline.to_string())),
+    };
+    let dma = u64::from(layout::FW_CFG_DMA_PORT);
+    let dev = FwCfg::with_machine(mem.clone(), dma, &machine)
+        .map_err(|e| Error::Device(e.to_string()))?;
+    let dev = Arc::new(Mutex::new(dev));
+    io.pio
+        .insert(dev.clone(), u64::from(layout::FW_CFG_PORT), FW_CFG_IO_LEN)?;
+    io.pio.insert(dev, dma, FW_CFG_DMA_LEN)?;
+    Ok(())
+}
+
+/// Put QEMU's pc-testdev on the buses: the scratch register (word and byte windows), the flush
+/// port, the interrupt-line ports (through the backend's `irq_line`, so the same for KVM and the
+/// engine) and the device memory.
+pub(crate) fn attach_testdev(vm: &dyn Vm, io: &IoBus) -> Result<()> {
+    let flush = u64::from(layout::TESTDEV_FLUSH_PORT);
+    let ports = Arc::new(Mutex::new(TestDevPorts::new(flush)));
+    for port in [
+        layout::TESTDEV_IOPORT,
+        layout::TESTDEV_FLUSH_PORT,
+        layout::TESTDEV_IOPORT_BYTE,
+    ] {
+        io.pio
+            .insert(ports.clone(), u64::from(port), TESTDEV_PORT_LEN)?;
+    }
+    let lines = (0..layout::TESTDEV_IRQ_LINES as u32)
+        .map(|gsi| vm.irq_line(gsi))
+        .collect::<std::result::Result<Vec<Arc<dyn IrqLine>>, _>>()?;
+    io.pio.insert(
+        Arc::new(Mutex::new(TestDevIrq::new(lines))),
+        u64::from(layout::TESTDEV_IRQ_PORT),
+        layout::TESTDEV_IRQ_LINES,
+    )?;
+    io.mmio.insert(
+        Arc::new(Mutex::new(TestDevIomem::default())),
+        layout::TESTDEV_IOMEM_START,
+        layout::TESTDEV_IOMEM_SIZE,
+    )?;
+    Ok(())
+}
