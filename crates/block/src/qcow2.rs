@@ -334,6 +334,7 @@ fn open_access(
 
 /// A qcow2 image and its backing chain.
 pub struct Qcow2Backend {
+    path: PathBuf,
     access: RwLock<Access>,
     size: u64,
     read_only: bool,
@@ -346,6 +347,7 @@ impl Qcow2Backend {
         let mut chain = ChainGuard::new(&file, path, lock)?;
         let access = open_access(file, path, &h, !read_only, &mut chain)?;
         Ok(Self {
+            path: path.to_path_buf(),
             size: access.size(),
             access: RwLock::new(access),
             read_only,
@@ -357,6 +359,14 @@ impl Qcow2Backend {
             return Err(io_err(io::ErrorKind::PermissionDenied, "read-only disk"));
         }
         Ok(())
+    }
+
+    /// Change the virtual size (new space reads as zeroes; shrinking drops data past the end).
+    pub fn resize(&self, size: u64) -> Result<()> {
+        let mut a = self.access.write().unwrap_or_else(|e| e.into_inner());
+        a.resize(size, imago::format::PreallocateMode::Zero)
+            .and_then(|()| a.flush())
+            .map_err(|e| Error::image(&self.path, e.to_string()))
     }
 
     fn access(&self) -> std::sync::RwLockReadGuard<'_, Access> {
