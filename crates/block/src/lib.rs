@@ -10,6 +10,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 
 mod error;
+mod foreign;
 pub mod image;
 pub mod lock;
 mod open;

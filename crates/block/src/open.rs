@@ -39,21 +39,38 @@ pub(crate) fn probe_bytes(head: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// Detect the format of `file` from its first bytes: qcow2, else raw. Images of other formats
-/// are refused (they are for `kvmbox disk convert`), never served as raw.
-pub fn detect_format(file: &File, path: &Path) -> Result<Format> {
+/// The signature of `file`'s format: its first 512 bytes, else a VHD footer at the end (fixed
+/// VHDs have no header). None: raw.
+fn probe_file(file: &File, path: &Path) -> Result<Option<&'static str>> {
     let mut head = [0u8; 512];
     let len = file.metadata().map_err(Error::io("reading", path))?.len();
     let n = (len as usize).min(head.len());
     file.read_exact_at(&mut head[..n], 0)
         .map_err(Error::io("reading the header of", path))?;
-    match probe_bytes(&head[..n]) {
+    if let Some(f) = probe_bytes(&head[..n]) {
+        return Ok(Some(f));
+    }
+    if len >= 1024 {
+        file.read_exact_at(&mut head, len - 512)
+            .map_err(Error::io("reading the footer of", path))?;
+        if probe_bytes(&head) == Some("vpc") {
+            return Ok(Some("vpc"));
+        }
+    }
+    Ok(None)
+}
+
+/// Detect the format of `file` from its signature: qcow2, else raw. Images of other formats
+/// are refused (they are read-only, for `ro` disks and `kvmbox disk convert`), never served as
+/// raw.
+pub fn detect_format(file: &File, path: &Path) -> Result<Format> {
+    match probe_file(file, path)? {
         None => Ok(Format::Raw),
         Some("qcow2") => Ok(Format::Qcow2),
         Some(other) => Err(Error::image(
             path,
             format!(
-                "{other} images cannot run a guest; convert it with `kvmbox disk convert` (or give format=raw to serve its bytes as they are)"
+                "{other} images can only be opened read-only (ro) or converted with `kvmbox disk convert` (or give format=raw to serve its bytes as they are)"
             ),
         )),
     }
@@ -117,7 +134,12 @@ pub fn open(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>> {
     }
     let (format, probed) = match spec.format {
         Some(f) => (f, false),
-        None => (detect_format(&file, path)?, true),
+        None => match probe_file(&file, path)? {
+            Some(other @ ("vdi" | "vmdk" | "vpc")) if spec.read_only => {
+                return crate::foreign::open(other, file, path);
+            }
+            _ => (detect_format(&file, path)?, true),
+        },
     };
     Ok(match format {
         Format::Raw => {
