@@ -135,7 +135,7 @@ pub fn open(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>> {
     let (format, probed) = match spec.format {
         Some(f) => (f, false),
         None => match probe_file(&file, path)? {
-            Some(other @ ("vdi" | "vmdk" | "vpc")) if spec.read_only => {
+            Some(other @ ("vdi" | "vmdk" | "vpc" | "vhdx")) if spec.read_only => {
                 return crate::foreign::open(other, file, path);
             }
             _ => (detect_format(&file, path)?, true),

@@ -522,6 +522,8 @@ fn foreign_formats_read_like_their_source() {
         ("fl.vmdk", "vmdk", "subformat=monolithicFlat"),
         ("d.vhd", "vpc", ""),
         ("x.vhd", "vpc", "subformat=fixed,force_size=on"),
+        ("d.vhdx", "vhdx", ""),
+        ("s.vhdx", "vhdx", "block_size=8M"),
     ] {
         let img = d.path(name);
         let mut args = vec!["convert", "-f", "raw", "-O", fmt];

@@ -1,6 +1,6 @@
 //! Read-only readers for the formats other hypervisors write: VDI (VirtualBox), VMDK (VMware:
 //! monolithicSparse, streamOptimized, monolithicFlat), VHD (Hyper-V/Virtual PC: fixed,
-//! dynamic). Each format only maps a disk block to where its bytes are; one generic reader
+//! dynamic), VHDX. Each format only maps a disk block to where its bytes are; one generic reader
 //! ([`Mapped`]) serves requests from that map, so `kvmbox disk convert` and read-only disks
 //! read them all the same way. Every offset from an image is checked against the file before
 //! it is used: a bad table entry is an I/O error for that request, never a read elsewhere.
@@ -15,6 +15,7 @@ use crate::{io_err, BlockBackend, Caps, Error, Result};
 
 mod vdi;
 mod vhd;
+mod vhdx;
 mod vmdk;
 
 /// Where the bytes of one disk block are.
@@ -192,6 +193,10 @@ impl<M: BlockMap> BlockBackend for Mapped<M> {
 }
 
 /// Little- and big-endian field readers over a header buffer (zero where it is too short).
+pub(crate) fn le16(b: &[u8], at: usize) -> u16 {
+    b.get(at..at + 2)
+        .map_or(0, |s| u16::from_le_bytes(s.try_into().unwrap_or_default()))
+}
 pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
     b.get(at..at + 4)
         .map_or(0, |s| u32::from_le_bytes(s.try_into().unwrap_or_default()))
@@ -244,6 +249,7 @@ pub(crate) fn open(
         "vdi" => std::sync::Arc::new(Mapped::new(vdi::Vdi::open(file, path)?)),
         "vpc" => std::sync::Arc::new(Mapped::new(vhd::Vhd::open(file, path)?)),
         "vmdk" => std::sync::Arc::new(Mapped::new(vmdk::Vmdk::open(file, path)?)),
+        "vhdx" => std::sync::Arc::new(Mapped::new(vhdx::Vhdx::open(file, path)?)),
         other => {
             return Err(Error::image(
                 path,
