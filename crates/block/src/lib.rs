@@ -11,6 +11,8 @@ use std::io::{self, IoSlice, IoSliceMut};
 
 mod error;
 mod foreign;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 pub mod lock;
 mod open;
