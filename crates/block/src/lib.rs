@@ -37,6 +37,17 @@ pub struct Caps {
     pub write_zeroes: bool,
 }
 
+impl Caps {
+    /// A backend that writes, discards and zeroes unless `read_only`.
+    pub fn writable_unless(read_only: bool) -> Self {
+        Self {
+            read_only,
+            discard: !read_only,
+            write_zeroes: !read_only,
+        }
+    }
+}
+
 /// A disk image as the guest sees it: `size()` bytes, addressed by byte offset.
 ///
 /// Requests are checked against `size()` by the caller (the device); a backend still returns an

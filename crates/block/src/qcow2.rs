@@ -380,11 +380,7 @@ impl BlockBackend for Qcow2Backend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            read_only: self.read_only,
-            discard: !self.read_only,
-            write_zeroes: !self.read_only,
-        }
+        Caps::writable_unless(self.read_only)
     }
 
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {

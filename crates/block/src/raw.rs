@@ -80,11 +80,7 @@ impl BlockBackend for RawBackend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            read_only: self.read_only,
-            discard: !self.read_only,
-            write_zeroes: !self.read_only,
-        }
+        Caps::writable_unless(self.read_only)
     }
 
     fn read_vectored_at(&self, mut bufs: &mut [IoSliceMut<'_>], mut offset: u64) -> io::Result<()> {

@@ -41,14 +41,18 @@ pub(crate) enum Loc {
 
 /// One image format's mapping of disk blocks.
 pub(crate) trait BlockMap: Send + Sync {
-    /// Virtual disk size in bytes.
-    fn size(&self) -> u64;
-    /// Bytes per block (a power of two, at most 64 MiB).
-    fn block_size(&self) -> u64;
     /// Where block `index` is.
     fn lookup(&self, index: u64) -> io::Result<Loc>;
-    /// The files the map refers to (the image first).
-    fn files(&self) -> &[File];
+}
+
+/// What every format's reader has: its files, the disk size and the block size.
+pub(crate) struct Layout {
+    /// The files [`Loc::Data`] refers to (the image first).
+    pub(crate) files: Vec<File>,
+    /// Virtual disk size in bytes.
+    pub(crate) size: u64,
+    /// Bytes per block (a power of two, at most [`MAX_BLOCK`]).
+    pub(crate) block: u64,
 }
 
 /// Largest block any reader accepts (VHD allows up to 2 MiB, VDI 1 MiB by default, VMDK
@@ -57,14 +61,16 @@ pub(crate) const MAX_BLOCK: u64 = 64 << 20;
 
 /// A read-only disk served from a [`BlockMap`].
 pub(crate) struct Mapped<M: BlockMap> {
+    layout: Layout,
     map: M,
     /// The last decompressed block (streamOptimized readers read grains in order).
     cache: Mutex<Option<(u64, Vec<u8>)>>,
 }
 
 impl<M: BlockMap> Mapped<M> {
-    pub(crate) fn new(map: M) -> Self {
+    pub(crate) fn new((layout, map): (Layout, M)) -> Self {
         Self {
+            layout,
             map,
             cache: Mutex::new(None),
         }
@@ -75,8 +81,8 @@ impl<M: BlockMap> Mapped<M> {
             Loc::Zero => out.fill(0),
             Loc::Data { file, offset } => {
                 let f = self
-                    .map
-                    .files()
+                    .layout
+                    .files
                     .get(file)
                     .ok_or_else(|| io_err(io::ErrorKind::InvalidData, "bad extent"))?;
                 let at = offset + within;
@@ -100,7 +106,7 @@ impl<M: BlockMap> Mapped<M> {
             Loc::Deflate { offset, len } => {
                 let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
                 if cache.as_ref().map(|c| c.0) != Some(index) {
-                    let bs = self.map.block_size() as usize;
+                    let bs = self.layout.block as usize;
                     if len > 2 * bs as u64 + 4096 {
                         return Err(io_err(
                             io::ErrorKind::InvalidData,
@@ -108,7 +114,7 @@ impl<M: BlockMap> Mapped<M> {
                         ));
                     }
                     let mut comp = vec![0u8; len as usize];
-                    self.map.files()[0].read_exact_at(&mut comp, offset)?;
+                    self.layout.files[0].read_exact_at(&mut comp, offset)?;
                     let mut data =
                         miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(&comp, bs)
                             .map_err(|e| {
@@ -133,7 +139,7 @@ impl<M: BlockMap> Mapped<M> {
 
 impl<M: BlockMap> BlockBackend for Mapped<M> {
     fn size(&self) -> u64 {
-        self.map.size()
+        self.layout.size
     }
 
     fn caps(&self) -> Caps {
@@ -152,7 +158,7 @@ impl<M: BlockMap> BlockBackend for Mapped<M> {
                 "request past the end of the disk",
             ));
         }
-        let bs = self.map.block_size();
+        let bs = self.layout.block;
         for b in bufs.iter_mut() {
             let mut done = 0usize;
             while done < b.len() {

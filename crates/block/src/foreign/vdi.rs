@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::{le32, le64, read_table, BlockMap, Loc, MAX_BLOCK};
+use super::{le32, le64, read_table, BlockMap, Layout, Loc, MAX_BLOCK};
 use crate::{io_err, Error, Result};
 
 /// Signature at 0x40.
@@ -15,15 +15,13 @@ const UNALLOCATED: u32 = 0xffff_ffff;
 const DISCARDED: u32 = 0xffff_fffe;
 
 pub(crate) struct Vdi {
-    files: [File; 1],
-    size: u64,
     block: u64,
     data: u64,
     map: Vec<u32>,
 }
 
 impl Vdi {
-    pub(crate) fn open(file: File, path: &Path) -> Result<Self> {
+    pub(crate) fn open(file: File, path: &Path) -> Result<(Layout, Self)> {
         let bad = |p: String| Error::image(path, format!("bad VDI header: {p}"));
         let mut h = vec![0u8; 0x190];
         file.read_exact_at(&mut h, 0)
@@ -60,23 +58,16 @@ impl Vdi {
         }
         let raw = read_table(&file, path, "VDI block map", bmap, blocks, 4)?;
         let map = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
-        Ok(Self {
-            files: [file],
+        let layout = Layout {
+            files: vec![file],
             size,
             block,
-            data,
-            map,
-        })
+        };
+        Ok((layout, Self { block, data, map }))
     }
 }
 
 impl BlockMap for Vdi {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn block_size(&self) -> u64 {
-        self.block
-    }
     fn lookup(&self, index: u64) -> io::Result<Loc> {
         let e = *self
             .map
@@ -89,8 +80,5 @@ impl BlockMap for Vdi {
                 offset: self.data + u64::from(n) * self.block,
             },
         })
-    }
-    fn files(&self) -> &[File] {
-        &self.files
     }
 }

@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::{be32, be64, read_table, BlockMap, Loc, MAX_BLOCK};
+use super::{be32, be64, read_table, BlockMap, Layout, Loc, MAX_BLOCK};
 use crate::{io_err, Error, Result};
 
 /// The footer's cookie.
@@ -17,15 +17,13 @@ const TYPE_DYNAMIC: u32 = 3;
 const UNALLOCATED: u32 = 0xffff_ffff;
 
 pub(crate) struct Vhd {
-    files: [File; 1],
-    size: u64,
     block: u64,
     /// Dynamic: the BAT, and the bytes of sector bitmap before each block's data.
     bat: Option<(Vec<u32>, u64)>,
 }
 
 impl Vhd {
-    pub(crate) fn open(file: File, path: &Path) -> Result<Self> {
+    pub(crate) fn open(file: File, path: &Path) -> Result<(Layout, Self)> {
         let bad = |p: String| Error::image(path, format!("bad VHD: {p}"));
         let len = file.metadata().map_err(Error::io("reading", path))?.len();
         let mut f = [0u8; 512];
@@ -44,12 +42,13 @@ impl Vhd {
                 if size > len - 512 {
                     return Err(bad(format!("size {size} larger than the file")));
                 }
-                Ok(Self {
-                    files: [file],
+                let block = 1 << 21;
+                let layout = Layout {
+                    files: vec![file],
                     size,
-                    block: 1 << 21,
-                    bat: None,
-                })
+                    block,
+                };
+                Ok((layout, Self { block, bat: None }))
             }
             TYPE_DYNAMIC => {
                 let dh_off = be64(&f, 16);
@@ -80,12 +79,18 @@ impl Vhd {
                 )?;
                 let bat = raw.chunks_exact(4).map(|c| be32(c, 0)).collect();
                 let bitmap = (block / 512).div_ceil(8).next_multiple_of(512);
-                Ok(Self {
-                    files: [file],
+                let layout = Layout {
+                    files: vec![file],
                     size,
                     block,
-                    bat: Some((bat, bitmap)),
-                })
+                };
+                Ok((
+                    layout,
+                    Self {
+                        block,
+                        bat: Some((bat, bitmap)),
+                    },
+                ))
             }
             other => Err(bad(format!(
                 "disk type {other} (fixed and dynamic are supported; differencing is not)"
@@ -95,12 +100,6 @@ impl Vhd {
 }
 
 impl BlockMap for Vhd {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn block_size(&self) -> u64 {
-        self.block
-    }
     fn lookup(&self, index: u64) -> io::Result<Loc> {
         let Some((bat, bitmap)) = &self.bat else {
             return Ok(Loc::Data {
@@ -119,8 +118,5 @@ impl BlockMap for Vhd {
                 offset: u64::from(e) * 512 + bitmap,
             }
         })
-    }
-    fn files(&self) -> &[File] {
-        &self.files
     }
 }

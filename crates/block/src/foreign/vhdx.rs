@@ -8,7 +8,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::{le16, le32, le64, read_table, BlockMap, Loc, MAX_BLOCK};
+use super::{le16, le32, le64, read_table, BlockMap, Layout, Loc, MAX_BLOCK};
 use crate::{io_err, Error, Result};
 
 /// The file identifier at offset 0.
@@ -31,15 +31,12 @@ const LOGICAL_SECTOR_SIZE: [u8; 16] = [
 const PAYLOAD_FULLY_PRESENT: u64 = 6;
 
 pub(crate) struct Vhdx {
-    files: [File; 1],
-    size: u64,
-    block: u64,
     chunk_ratio: u64,
     bat: Vec<u64>,
 }
 
 impl Vhdx {
-    pub(crate) fn open(file: File, path: &Path) -> Result<Self> {
+    pub(crate) fn open(file: File, path: &Path) -> Result<(Layout, Self)> {
         let bad = |p: String| Error::image(path, format!("bad VHDX: {p}"));
         let read = |at: u64, len: usize| -> Result<Vec<u8>> {
             let mut v = vec![0u8; len];
@@ -120,23 +117,16 @@ impl Vhdx {
         }
         let raw = read_table(&file, path, "VHDX BAT", bat_off, total, 8)?;
         let bat = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
-        Ok(Self {
-            files: [file],
+        let layout = Layout {
+            files: vec![file],
             size,
             block,
-            chunk_ratio,
-            bat,
-        })
+        };
+        Ok((layout, Self { chunk_ratio, bat }))
     }
 }
 
 impl BlockMap for Vhdx {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn block_size(&self) -> u64 {
-        self.block
-    }
     fn lookup(&self, index: u64) -> io::Result<Loc> {
         let e = *self
             .bat
@@ -151,8 +141,5 @@ impl BlockMap for Vhdx {
             // Not present, undefined, zero, unmapped: zeroes (no parent to read from).
             Loc::Zero
         })
-    }
-    fn files(&self) -> &[File] {
-        &self.files
     }
 }

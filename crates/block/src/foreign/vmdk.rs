@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::{le32, le64, read_table, BlockMap, Loc, MAX_BLOCK};
+use super::{le32, le64, read_table, BlockMap, Layout, Loc, MAX_BLOCK};
 use crate::{io_err, Error, Result};
 
 /// "KDMV" read little-endian.
@@ -25,9 +25,9 @@ enum Kind {
 }
 
 pub(crate) struct Vmdk {
-    files: Vec<File>,
-    size: u64,
     block: u64,
+    /// The image file (compressed grain markers are read from it).
+    file: File,
     kind: Kind,
 }
 
@@ -39,7 +39,7 @@ fn sparse_header(file: &File, path: &Path, at: u64) -> Result<[u8; 512]> {
 }
 
 impl Vmdk {
-    pub(crate) fn open(file: File, path: &Path) -> Result<Self> {
+    pub(crate) fn open(file: File, path: &Path) -> Result<(Layout, Self)> {
         let mut head = [0u8; 4];
         file.read_exact_at(&mut head, 0)
             .map_err(|_| Error::image(path, "bad VMDK: file too short"))?;
@@ -50,7 +50,7 @@ impl Vmdk {
         }
     }
 
-    fn open_sparse(file: File, path: &Path) -> Result<Self> {
+    fn open_sparse(file: File, path: &Path) -> Result<(Layout, Self)> {
         let bad = |p: String| Error::image(path, format!("bad VMDK: {p}"));
         let mut h = sparse_header(&file, path, 0)?;
         if le64(&h, 56) == GD_AT_END {
@@ -121,15 +121,20 @@ impl Vmdk {
             grains.extend(gt.chunks_exact(4).map(|c| le32(c, 0)));
         }
         grains.truncate(n_grains as usize);
-        Ok(Self {
+        let me = Self {
+            block,
+            file: file.try_clone().map_err(Error::io("reading", path))?,
+            kind: Kind::Sparse { grains, compressed },
+        };
+        let layout = Layout {
             files: vec![file],
             size,
             block,
-            kind: Kind::Sparse { grains, compressed },
-        })
+        };
+        Ok((layout, me))
     }
 
-    fn open_descriptor(file: File, path: &Path) -> Result<Self> {
+    fn open_descriptor(file: File, path: &Path) -> Result<(Layout, Self)> {
         let bad = |p: String| Error::image(path, format!("bad VMDK descriptor: {p}"));
         let len = file.metadata().map_err(Error::io("reading", path))?.len();
         if len > 1 << 20 {
@@ -196,27 +201,27 @@ impl Vmdk {
             return Err(bad("no extents".into()));
         }
         // File 0 is the descriptor itself; extents index from 1.
+        let me_file = file.try_clone().map_err(Error::io("reading", path))?;
         files.insert(0, file);
         // Blocks as large as the extents' alignment allows (lookups per 512 bytes are slow).
         let align = extents.iter().fold(1u64 << 20, |a, e| {
             a.min(1 << (e.1 | e.2 | e.3 | (1 << 20)).trailing_zeros())
         });
-        Ok(Self {
+        let me = Self {
+            block: align,
+            file: me_file,
+            kind: Kind::Flat(extents),
+        };
+        let layout = Layout {
             files,
             size: pos,
             block: align,
-            kind: Kind::Flat(extents),
-        })
+        };
+        Ok((layout, me))
     }
 }
 
 impl BlockMap for Vmdk {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn block_size(&self) -> u64 {
-        self.block
-    }
     fn lookup(&self, index: u64) -> io::Result<Loc> {
         match &self.kind {
             Kind::Sparse { grains, compressed } => {
@@ -235,7 +240,7 @@ impl BlockMap for Vmdk {
                 }
                 // A grain marker: u64 LBA, u32 size, then the deflate stream.
                 let mut m = [0u8; 12];
-                self.files[0].read_exact_at(&mut m, at)?;
+                self.file.read_exact_at(&mut m, at)?;
                 Ok(Loc::Deflate {
                     offset: at + 12,
                     len: u64::from(le32(&m, 8)),
@@ -256,8 +261,5 @@ impl BlockMap for Vmdk {
                 })
             }
         }
-    }
-    fn files(&self) -> &[File] {
-        &self.files
     }
 }
