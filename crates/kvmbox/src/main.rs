@@ -28,7 +28,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Create, inspect, convert and resize disk images (raw, qcow2).
+    /// Create, inspect, convert and resize disk images (raw, qcow2; convert also reads VDI, VMDK, VHD, VHDX).
     #[command(subcommand)]
     Disk(disk::DiskCommand),
 }
