@@ -105,6 +105,26 @@ pub struct LayerInfo {
     pub snapshots: u32,
 }
 
+impl LayerInfo {
+    /// A file's facts before its format is known: its size is the virtual size.
+    fn plain(path: &Path, md: &std::fs::Metadata) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            format: "raw".into(),
+            virtual_size: md.len(),
+            allocated_bytes: md.blocks() * 512,
+            cluster_size: None,
+            qcow2_version: None,
+            backing_file: None,
+            backing_format: None,
+            dirty: false,
+            corrupt: false,
+            lazy_refcounts: false,
+            snapshots: 0,
+        }
+    }
+}
+
 /// Describe the image at `path` and its backing chain (top first). Reads headers only; takes
 /// no lock, so it works on an image a running VM uses.
 pub fn info(path: &Path) -> Result<Vec<LayerInfo>> {
@@ -125,21 +145,23 @@ pub fn info(path: &Path) -> Result<Vec<LayerInfo>> {
         let format = match fmt.as_deref() {
             Some("qcow2") => Format::Qcow2,
             Some("raw") => Format::Raw,
-            _ => detect_format(&file, &p)?,
+            _ => match crate::open::probe_file(&file, &p)? {
+                Some(other @ ("vdi" | "vmdk" | "vpc" | "vhdx")) => {
+                    // Read-only formats: name and virtual size from their reader.
+                    let size = crate::foreign::open(other, file, &p)?.size();
+                    out.push(LayerInfo {
+                        format: other.to_string(),
+                        virtual_size: size,
+                        ..LayerInfo::plain(&p, &md)
+                    });
+                    break;
+                }
+                _ => detect_format(&file, &p)?,
+            },
         };
         let mut layer = LayerInfo {
-            path: p.clone(),
             format: format.to_string(),
-            virtual_size: md.len(),
-            allocated_bytes: md.blocks() * 512,
-            cluster_size: None,
-            qcow2_version: None,
-            backing_file: None,
-            backing_format: None,
-            dirty: false,
-            corrupt: false,
-            lazy_refcounts: false,
-            snapshots: 0,
+            ..LayerInfo::plain(&p, &md)
         };
         if format == Format::Qcow2 {
             let h = Header::read(&file, &p)?;

@@ -41,7 +41,7 @@ pub(crate) fn probe_bytes(head: &[u8]) -> Option<&'static str> {
 
 /// The signature of `file`'s format: its first 512 bytes, else a VHD footer at the end (fixed
 /// VHDs have no header). None: raw.
-fn probe_file(file: &File, path: &Path) -> Result<Option<&'static str>> {
+pub(crate) fn probe_file(file: &File, path: &Path) -> Result<Option<&'static str>> {
     let mut head = [0u8; 512];
     let len = file.metadata().map_err(Error::io("reading", path))?.len();
     let n = (len as usize).min(head.len());

@@ -547,6 +547,12 @@ fn foreign_formats_read_like_their_source() {
         assert!(got.len() >= data.len(), "{name}: size {}", got.len());
         assert!(got[..data.len()] == data[..], "{name}: contents differ");
         assert!(got[data.len()..].iter().all(|&x| x == 0), "{name}: tail");
+        let info = crate::image::info(&img).unwrap();
+        assert_eq!(
+            (info[0].format.as_str(), info[0].virtual_size),
+            (fmt, got.len() as u64),
+            "{name}: info"
+        );
         let q = d.path(&format!("{name}.qcow2"));
         crate::image::convert(&img, &q, Format::Qcow2, &mut |_, _| {}).unwrap();
         let (ok, out) = qemu_img(&[
