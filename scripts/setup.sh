@@ -4,7 +4,8 @@ set -euo pipefail
 
 need=()
 for pkg_cmd in gcc:gcc make:make binutils:ld cpio:cpio busybox-static:/bin/busybox \
-               dpkg-dev:dpkg-deb lz4:lz4 iproute2:ip iputils-ping:ping; do
+               dpkg-dev:dpkg-deb lz4:lz4 iproute2:ip iputils-ping:ping \
+               qemu-utils:qemu-img; do
     pkg=${pkg_cmd%%:*}
     cmd=${pkg_cmd#*:}
     if [[ $cmd == /* ]]; then [ -e "$cmd" ] && continue; else command -v "$cmd" >/dev/null && continue; fi

@@ -5,6 +5,8 @@ use kvmbox_vmm::{FileConfig, Overrides, VmConfig, EXIT_USAGE};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod disk;
+
 #[derive(Parser)]
 #[command(
     name = "kvmbox",
@@ -26,6 +28,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create, inspect, convert and resize disk images (raw, qcow2; convert also reads VDI, VMDK, VHD, VHDX).
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
 }
 
 #[derive(clap::Args)]
@@ -57,7 +62,7 @@ struct RunArgs {
     /// Boot an ELF kernel through its 64-bit entry even when it has a PVH entry.
     #[arg(long)]
     no_pvh: bool,
-    /// A virtio-blk disk on a raw image file: PATH[,ro][,serial=ID]. Repeatable.
+    /// A virtio-blk disk: PATH[,format=raw|qcow2][,ro][,serial=ID][,lock=off]. Repeatable.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
     /// A virtio-net interface on a TAP device: tap=NAME[,mac=MAC]. Repeatable.
@@ -154,6 +159,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run(*args),
+        Command::Disk(cmd) => disk::run(cmd),
         Command::Doctor { json } => {
             let report = kvmbox_doctor::run_checks();
             if json {

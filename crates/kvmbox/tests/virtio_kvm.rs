@@ -79,31 +79,106 @@ fn blk_pattern_lands_in_the_host_file() {
         let disk = disk_arg(img.path(), &format!(",serial={serial}"));
         let r = run_testguest("kvm", 1, MEMORY, "blk", &["--disk", &disk]);
         r.assert_guest_ok();
-        let region = size.min(BLK_REGION);
-        assert_eq!(r.get("blk", "capacity_sectors"), (size / 512).to_string());
-        assert_eq!(r.get("blk", "serial"), serial);
-        assert_eq!(r.get("blk", "sectors"), (region / 512).to_string());
-        assert_eq!(r.get("blk", "errors"), "0");
-        assert_eq!(r.get("blk", "mismatched_words"), "0");
-
         let data = std::fs::read(&img.0).unwrap();
-        assert_eq!(data.len() as u64, size, "the disk file changed size");
-        let region = usize::try_from(region).unwrap();
-        let bad = data[..region]
-            .chunks_exact(8)
-            .enumerate()
-            .filter(|(i, w)| u64::from_le_bytes((*w).try_into().unwrap()) != pattern(*i as u64 * 8))
-            .count();
-        assert_eq!(
-            bad, 0,
-            "words of the host file that differ from the pattern"
-        );
-        assert!(
-            data[region..].iter().all(|&b| b == 0),
-            "the guest wrote past the first {region} bytes"
-        );
-        assert_eq!(r.get("blk", "checksum"), fnv1a(&data[..region]));
+        assert_blk_pattern(&r, &data, size, serial);
     }
+}
+
+/// The `blk` scenario's results and the disk's contents `data` (as the host reads them) after
+/// it ran on a `size`-byte disk with `serial`.
+fn assert_blk_pattern(r: &RunResult, data: &[u8], size: u64, serial: &str) {
+    let region = size.min(BLK_REGION);
+    assert_eq!(r.get("blk", "capacity_sectors"), (size / 512).to_string());
+    assert_eq!(r.get("blk", "serial"), serial);
+    assert_eq!(r.get("blk", "sectors"), (region / 512).to_string());
+    assert_eq!(r.get("blk", "errors"), "0");
+    assert_eq!(r.get("blk", "mismatched_words"), "0");
+    assert_eq!(data.len() as u64, size, "the disk changed size");
+    let region = usize::try_from(region).unwrap();
+    let bad = data[..region]
+        .chunks_exact(8)
+        .enumerate()
+        .filter(|(i, w)| u64::from_le_bytes((*w).try_into().unwrap()) != pattern(*i as u64 * 8))
+        .count();
+    assert_eq!(bad, 0, "words of the disk that differ from the pattern");
+    assert!(
+        data[region..].iter().all(|&b| b == 0),
+        "the guest wrote past the first {region} bytes"
+    );
+    assert_eq!(r.get("blk", "checksum"), fnv1a(&data[..region]));
+}
+
+/// The same block workload on a qcow2 image `kvmbox disk create` made: the guest sees the same
+/// disk, the image passes `qemu-img check`, and its contents (read back by `kvmbox disk
+/// convert` to raw) are the pattern.
+#[test]
+fn blk_workload_on_qcow2_as_on_raw() {
+    let test = "blk_workload_on_qcow2_as_on_raw";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let size = 32u64 << 20;
+    let img = TempFile::new("q2");
+    let raw = TempFile::new("q2raw");
+    let disk = |args: &[&str]| {
+        let st = Command::new(common::kvmbox())
+            .arg("disk")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "kvmbox disk {args:?}");
+    };
+    disk(&["create", img.path(), "32M", "--format", "qcow2"]);
+    let arg = disk_arg(img.path(), ",format=qcow2,serial=qcow2-disk");
+    let r = run_testguest("kvm", 1, MEMORY, "blk", &["--disk", &arg]);
+    r.assert_guest_ok();
+    disk(&["convert", img.path(), raw.path(), "--format", "raw"]);
+    assert_blk_pattern(&r, &std::fs::read(&raw.0).unwrap(), size, "qcow2-disk");
+    match Command::new("qemu-img")
+        .args(["check", img.path()])
+        .output()
+    {
+        Ok(o) => assert!(
+            o.status.success(),
+            "qemu-img check: {}",
+            String::from_utf8_lossy(&o.stdout)
+        ),
+        Err(_) => skip(
+            test,
+            "qemu-img not found: image not checked (install qemu-utils)",
+        ),
+    }
+}
+
+/// Two kvmbox processes on one image: the second fails at start, naming the image and the
+/// first process.
+#[test]
+fn second_writer_of_an_image_is_refused() {
+    if !kvm_or_skip("second_writer_of_an_image_is_refused") {
+        return;
+    }
+    let img = image("lock", 1 << 20);
+    let mut first = Interactive::testguest(1, MEMORY, "shell", &["--disk", img.path()]);
+    first.expect("type help", Duration::from_secs(60));
+    let r = run_testguest("kvm", 1, MEMORY, "hello", &["--disk", img.path()]);
+    let pid = first.id();
+    assert!(first.kill());
+    assert_eq!(r.status, Some(2), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "disk image '{}' is in use by process {pid}",
+            img.path()
+        )),
+        "{}",
+        r.stderr
+    );
+    // Read-only users of an image share it.
+    let ro = disk_arg(img.path(), ",ro");
+    let mut first = Interactive::testguest(1, MEMORY, "shell", &["--disk", &ro]);
+    first.expect("type help", Duration::from_secs(60));
+    let r = run_testguest("kvm", 1, MEMORY, "hello", &["--disk", &ro]);
+    assert!(first.kill());
+    r.assert_guest_ok();
 }
 
 #[test]
@@ -422,6 +497,60 @@ fn image(tag: &str, size: u64) -> TempFile {
     let f = std::fs::File::create(&img.0).unwrap();
     f.set_len(size).unwrap();
     img
+}
+
+/// blkbench on a raw image and on a fresh qcow2 image (`kvmbox disk create`), then QEMU on
+/// that same qcow2 file (already allocated by kvmbox's run).
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+fn bench_blk_qcow2_vs_raw() {
+    if !kvm_or_skip("bench_blk_qcow2_vs_raw") {
+        return;
+    }
+    let raw = image("bench-raw", 256 << 20);
+    let q = TempFile::new("bench-q2");
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "create", q.path(), "256M"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let kr = run_testguest("kvm", 1, MEMORY, "blkbench", &["--disk", raw.path()]);
+    kr.assert_guest_ok();
+    let qarg = disk_arg(q.path(), ",format=qcow2");
+    let kq = run_testguest("kvm", 1, MEMORY, "blkbench", &["--disk", &qarg]);
+    kq.assert_guest_ok();
+    let drive = format!("file={},if=none,id=d0,format=qcow2", q.path());
+    let qq = run_qemu(
+        "blkbench",
+        &[
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=d0,disable-legacy=on",
+        ],
+    )
+    .filter(|r| r.results().contains_key("blkbench"));
+    println!(
+        "blkbench: 256 MiB images in {}",
+        std::env::temp_dir().display()
+    );
+    for (what, key) in [
+        ("seq read MiB/s", "seq_read_mibs"),
+        ("seq write MiB/s", "seq_write_mibs"),
+        ("4k random read IOPS", "rand4k_read_iops"),
+        ("4k random write IOPS", "rand4k_write_iops"),
+    ] {
+        let (r, c) = (num(&kr, "blkbench", key), num(&kq, "blkbench", key));
+        let qemu = qq.as_ref().map(|x| num(x, "blkbench", key));
+        println!(
+            "{what:<22} raw {r:>9.0}  qcow2 {c:>9.0}  qcow2/raw {:>5.2}  qemu-qcow2 {}",
+            c / r,
+            qemu.map_or("(not run)".into(), |v| format!(
+                "{v:>9.0}  kvmbox/qemu {:>5.2}",
+                c / v
+            ))
+        );
+    }
 }
 
 #[test]

@@ -114,7 +114,12 @@ fn memfd_disk(sectors: u64, read_only: bool) -> Disk {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(sectors * 512).expect("memfd size");
     Disk {
-        file,
+        backend: std::sync::Arc::new(kvmbox_block::RawBackend::new(
+            file,
+            sectors * 512,
+            read_only,
+            false,
+        )),
         capacity: sectors,
         read_only,
         id: *b"fuzz-disk-serial-000",

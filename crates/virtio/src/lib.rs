@@ -105,6 +105,9 @@ pub enum Error {
     /// Inserting the transport on the MMIO bus failed.
     #[error("MMIO bus: {0}")]
     Bus(#[from] kvmbox_devices::BusError),
+    /// Opening a disk image failed.
+    #[error(transparent)]
+    Block(#[from] kvmbox_block::Error),
 }
 
 /// Result type of this crate.

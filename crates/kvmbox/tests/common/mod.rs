@@ -327,6 +327,11 @@ impl Interactive {
         Self::spawn(&args)
     }
 
+    /// The kvmbox process's PID.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the guest has written to the console so far.
     pub fn console(&self) -> String {
         String::from_utf8_lossy(&self.out.lock().unwrap_or_else(|e| e.into_inner())).into_owned()

@@ -1,10 +1,9 @@
 //! The virtio-blk device: options, configuration space, activation.
 
-use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
+
+use kvmbox_block::DiskSpec;
 
 use super::event_handler::BlockHandler;
 use super::request::{Disk, ID_BYTES, MAX_SEGMENTS, MAX_SEGMENT_SECTORS, SECTOR_SIZE};
@@ -30,55 +29,10 @@ pub const F_WRITE_ZEROES: u32 = 14;
 pub const QUEUE_SIZE: u16 = 256;
 const CONFIG_SIZE: usize = 60;
 
-/// One `--disk PATH[,ro][,serial=ID]` option.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskConfig {
-    /// The raw image file.
-    pub path: PathBuf,
-    /// Expose it read-only (and open it read-only).
-    pub read_only: bool,
-    /// GET_ID answer (at most 20 bytes).
-    pub serial: Option<String>,
-}
+/// One `--disk` option: the block crate's [`DiskSpec`], shared with the config file and the API.
+pub type DiskConfig = DiskSpec;
 
-impl FromStr for DiskConfig {
-    type Err = Error;
-
-    /// Parse `PATH[,ro][,serial=ID]`.
-    fn from_str(s: &str) -> Result<Self> {
-        let mut parts = s.split(',');
-        let path = parts.next().unwrap_or_default();
-        if path.is_empty() {
-            return Err(Error::Config(format!("--disk '{s}': missing image path")));
-        }
-        let mut cfg = DiskConfig {
-            path: PathBuf::from(path),
-            read_only: false,
-            serial: None,
-        };
-        for p in parts {
-            match p.split_once('=') {
-                None if p == "ro" => cfg.read_only = true,
-                Some(("serial", id)) if !id.is_empty() && id.len() <= ID_BYTES => {
-                    cfg.serial = Some(id.to_string());
-                }
-                Some(("serial", id)) => {
-                    return Err(Error::Config(format!(
-                        "--disk '{s}': serial '{id}' must be 1 to {ID_BYTES} bytes"
-                    )))
-                }
-                _ => {
-                    return Err(Error::Config(format!(
-                        "--disk '{s}': unknown option '{p}' (expected ro or serial=ID)"
-                    )))
-                }
-            }
-        }
-        Ok(cfg)
-    }
-}
-
-/// A virtio-blk device backed by a raw image file.
+/// A virtio-blk device on a block backend (raw or qcow2; the device does not know which).
 pub struct Block {
     disk: Arc<Disk>,
     features: u64,
@@ -90,23 +44,9 @@ pub struct Block {
 impl Block {
     /// Open the image `cfg` names.
     pub fn new(cfg: &DiskConfig) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!cfg.read_only)
-            .open(&cfg.path)
-            .map_err(|source| Error::Backend {
-                what: "opening disk image",
-                path: cfg.path.display().to_string(),
-                source,
-            })?;
-        let len = file
-            .metadata()
-            .map_err(|source| Error::Backend {
-                what: "reading the size of disk image",
-                path: cfg.path.display().to_string(),
-                source,
-            })?
-            .len();
+        let backend = kvmbox_block::open(cfg)?;
+        let len = backend.size();
+        let caps = backend.caps();
         let capacity = len / SECTOR_SIZE;
         let mut id = [0u8; ID_BYTES];
         if let Some(s) = &cfg.serial {
@@ -119,10 +59,14 @@ impl Block {
             | 1 << F_SEG_MAX
             | 1 << F_BLK_SIZE
             | 1 << F_FLUSH;
-        if cfg.read_only {
+        if caps.read_only {
             features |= 1 << F_RO;
-        } else {
-            features |= 1 << F_DISCARD | 1 << F_WRITE_ZEROES;
+        }
+        if caps.discard {
+            features |= 1 << F_DISCARD;
+        }
+        if caps.write_zeroes {
+            features |= 1 << F_WRITE_ZEROES;
         }
         let mut config = [0u8; CONFIG_SIZE];
         config[0..8].copy_from_slice(&capacity.to_le_bytes());
@@ -138,9 +82,9 @@ impl Block {
         config[56] = 1; // write_zeroes_may_unmap
         Ok(Self {
             disk: Arc::new(Disk {
-                file,
+                backend,
                 capacity,
-                read_only: cfg.read_only,
+                read_only: caps.read_only,
                 id,
             }),
             features,
@@ -217,34 +161,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn disk_option_parsing() {
-        let c: DiskConfig = "/img,ro,serial=abc".parse().unwrap();
-        assert_eq!(c.path, PathBuf::from("/img"));
-        assert!(c.read_only);
-        assert_eq!(c.serial.as_deref(), Some("abc"));
-        let c: DiskConfig = "/img".parse().unwrap();
-        assert!(!c.read_only && c.serial.is_none());
-        let e = "".parse::<DiskConfig>().unwrap_err().to_string();
-        assert!(e.contains("missing image path"), "{e}");
-        let e = "/img,rw".parse::<DiskConfig>().unwrap_err().to_string();
-        assert!(e.contains("unknown option 'rw'"), "{e}");
-        let e = "/img,serial=123456789012345678901"
-            .parse::<DiskConfig>()
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("1 to 20 bytes"), "{e}");
-    }
-
-    #[test]
     fn missing_image_is_one_clear_error() {
-        let e = Block::new(&DiskConfig {
-            path: "/nonexistent/kvmbox.img".into(),
-            read_only: false,
-            serial: None,
-        })
-        .err()
-        .unwrap()
-        .to_string();
+        let e = Block::new(&DiskSpec::new("/nonexistent/kvmbox.img"))
+            .err()
+            .unwrap()
+            .to_string();
         assert_eq!(
             e,
             "opening disk image '/nonexistent/kvmbox.img': No such file or directory (os error 2)"

@@ -1,5 +1,5 @@
-//! virtio-blk on a raw image file: read, write, flush (fdatasync), discard and write-zeroes
-//! (fallocate), get-id; read-only images.
+//! virtio-blk on a kvmbox-block backend (raw, qcow2, read-only foreign formats): read, write,
+//! flush, discard and write-zeroes, get-id; read-only disks.
 
 mod device;
 mod event_handler;

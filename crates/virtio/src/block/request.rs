@@ -1,8 +1,9 @@
-//! virtio-blk requests: parsing a validated chain and running it against the image file.
+//! virtio-blk requests: parsing a validated chain and running it against the block backend.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::Arc;
 
+use kvmbox_block::BlockBackend;
 use vm_memory::GuestMemoryMmap;
 
 use crate::queue::{Chain, ChainError, GuestBufs};
@@ -10,7 +11,7 @@ use crate::queue::{Chain, ChainError, GuestBufs};
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the serial returned by GET_ID.
-pub const ID_BYTES: usize = 20;
+pub const ID_BYTES: usize = kvmbox_block::SERIAL_MAX;
 /// Largest number of segments in one discard or write-zeroes request.
 pub const MAX_SEGMENTS: u32 = 32;
 /// Largest sector count of one discard or write-zeroes segment.
@@ -70,10 +71,10 @@ pub struct Request<'a> {
     status: GuestBufs<'a>,
 }
 
-/// The image file and the facts about it requests are checked against.
+/// The disk's backend and the facts about it requests are checked against.
 pub struct Disk {
-    /// The open image.
-    pub file: File,
+    /// The image, whatever its format.
+    pub backend: Arc<dyn BlockBackend>,
     /// Size in 512-byte sectors.
     pub capacity: u64,
     /// Opened read-only.
@@ -178,66 +179,55 @@ impl<'a> Request<'a> {
         Ok(self.sector * SECTOR_SIZE)
     }
 
+    /// The next `len` data bytes as host memory ranges inside the guest mapping.
+    fn host_ranges(&mut self, len: usize) -> Result<Vec<(*mut u8, usize)>, u8> {
+        let mut v = Vec::with_capacity(4);
+        self.data
+            .for_each_host_range(len, |ptr, n| {
+                v.push((ptr, n));
+                Ok(())
+            })
+            .map_err(|_| S_IOERR)?;
+        Ok(v)
+    }
+
     fn run(&mut self, disk: &Disk) -> Result<usize, u8> {
-        let fd = disk.file.as_raw_fd();
         match self.kind {
             RequestKind::In => {
                 let len = self.data.remaining();
-                let mut off = self.range(disk, len)?;
-                self.data
-                    .for_each_host_range(len, |ptr, n| {
-                        let mut done = 0;
-                        while done < n {
-                            // SAFETY: `ptr..ptr + n` lies inside the guest memory mapping (the
-                            // chain was validated against it); pread writes at most n - done
-                            // bytes there.
-                            let r = unsafe {
-                                libc::pread(fd, ptr.add(done).cast(), n - done, off as libc::off_t)
-                            };
-                            if r <= 0 {
-                                if r < 0 && last_errno_is_eintr() {
-                                    continue;
-                                }
-                                return Err(ChainError::Memory);
-                            }
-                            done += r as usize;
-                            off += r as u64;
-                        }
-                        Ok(())
+                let off = self.range(disk, len)?;
+                let ranges = self.host_ranges(len)?;
+                let mut bufs: Vec<IoSliceMut<'_>> = ranges
+                    .into_iter()
+                    .map(|(p, n)| {
+                        // SAFETY: each range lies inside the guest memory mapping (the chain was
+                        // validated against it), which stays mapped while `self.data` borrows
+                        // it; the guest may change the bytes concurrently, as with any DMA,
+                        // which only affects what it reads back.
+                        IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) })
                     })
-                    .map_err(|_| S_IOERR)
+                    .collect();
+                disk.backend
+                    .read_vectored_at(&mut bufs, off)
+                    .map_err(|_| S_IOERR)?;
+                Ok(len)
             }
             RequestKind::Out => {
                 if disk.read_only {
                     return Err(S_IOERR);
                 }
                 let len = self.data.remaining();
-                let mut off = self.range(disk, len)?;
-                self.data
-                    .for_each_host_range(len, |ptr, n| {
-                        let mut done = 0;
-                        while done < n {
-                            // SAFETY: `ptr..ptr + n` lies inside the guest memory mapping;
-                            // pwrite only reads from it.
-                            let r = unsafe {
-                                libc::pwrite(
-                                    fd,
-                                    ptr.add(done).cast_const().cast(),
-                                    n - done,
-                                    off as libc::off_t,
-                                )
-                            };
-                            if r <= 0 {
-                                if r < 0 && last_errno_is_eintr() {
-                                    continue;
-                                }
-                                return Err(ChainError::Memory);
-                            }
-                            done += r as usize;
-                            off += r as u64;
-                        }
-                        Ok(())
+                let off = self.range(disk, len)?;
+                let ranges = self.host_ranges(len)?;
+                let bufs: Vec<IoSlice<'_>> = ranges
+                    .into_iter()
+                    .map(|(p, n)| {
+                        // SAFETY: as for reads; the backend only reads these ranges.
+                        IoSlice::new(unsafe { std::slice::from_raw_parts(p.cast_const(), n) })
                     })
+                    .collect();
+                disk.backend
+                    .write_vectored_at(&bufs, off)
                     .map_err(|_| S_IOERR)?;
                 Ok(0)
             }
@@ -245,7 +235,7 @@ impl<'a> Request<'a> {
                 if disk.read_only {
                     return Ok(0);
                 }
-                disk.file.sync_data().map_err(|_| S_IOERR)?;
+                disk.backend.flush().map_err(|_| S_IOERR)?;
                 Ok(0)
             }
             RequestKind::GetId => {
@@ -297,43 +287,12 @@ impl<'a> Request<'a> {
         if len == 0 {
             return Ok(());
         }
-        let fd = disk.file.as_raw_fd();
-        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let mode = if self.kind == RequestKind::Discard || flags & WZ_FLAG_UNMAP != 0 {
-            punch
+        let r = if self.kind == RequestKind::Discard {
+            disk.backend.discard(off, len)
         } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            disk.backend
+                .write_zeroes(off, len, flags & WZ_FLAG_UNMAP != 0)
         };
-        // SAFETY: fallocate on our own file descriptor with in-range offsets.
-        let r = unsafe { libc::fallocate(fd, mode, off as libc::off_t, len as libc::off_t) };
-        if r == 0 {
-            return Ok(());
-        }
-        if self.kind == RequestKind::Discard {
-            // Discard is a hint; a filesystem without hole punching simply keeps the data.
-            return Ok(());
-        }
-        // Write zeroes must zero: punch if ZERO_RANGE is unsupported, else write them.
-        // SAFETY: as above.
-        if unsafe { libc::fallocate(fd, punch, off as libc::off_t, len as libc::off_t) } == 0 {
-            return Ok(());
-        }
-        write_zeroes(&disk.file, off, len).map_err(|_| S_IOERR)
+        r.map_err(|_| S_IOERR)
     }
-}
-
-fn last_errno_is_eintr() -> bool {
-    std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-}
-
-fn write_zeroes(file: &File, mut off: u64, mut len: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let z = vec![0u8; 1 << 16];
-    while len > 0 {
-        let n = len.min(z.len() as u64) as usize;
-        file.write_all_at(&z[..n], off)?;
-        off += n as u64;
-        len -= n as u64;
-    }
-    Ok(())
 }

@@ -15,7 +15,12 @@ fn disk(img: &TempImage, read_only: bool) -> Disk {
     let mut id = [0u8; ID_BYTES];
     id[..6].copy_from_slice(b"serial");
     Disk {
-        file: img.open(),
+        backend: std::sync::Arc::new(kvmbox_block::RawBackend::new(
+            img.open(),
+            DISK_LEN,
+            read_only,
+            false,
+        )),
         capacity: DISK_LEN / 512,
         read_only,
         id,

@@ -79,12 +79,14 @@ impl Mmio {
     }
 }
 
+/// A virtio-blk device on `img`, unlocked: some tests open one image twice in this process.
 fn blk(img: &TempImage, ro: bool) -> Box<dyn VirtioDevice> {
     Box::new(
         Block::new(&DiskConfig {
-            path: img.path.clone(),
             read_only: ro,
+            lock: false,
             serial: Some("kvmbox0".into()),
+            ..DiskConfig::new(img.path.clone())
         })
         .unwrap(),
     )
@@ -738,7 +740,12 @@ fn bench_blk_mmio_worker_thread() {
     let qd64 = start.elapsed();
     // The same QD1 requests run inline (no thread hop): the device work alone.
     let disk = crate::block::request::Disk {
-        file: img.open(),
+        backend: std::sync::Arc::new(kvmbox_block::RawBackend::new(
+            img.open(),
+            16 << 20,
+            false,
+            false,
+        )),
         capacity: (16 << 20) / 512,
         read_only: false,
         id: [0; 20],

@@ -1,0 +1,250 @@
+//! Image operations behind `kvmbox disk`: create, info, convert, resize.
+
+use std::fs::OpenOptions;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use imago::qcow2::Qcow2;
+use imago::{FormatCreateBuilder, StorageOpenOptions};
+
+use crate::open::{detect_format, open_image_file};
+use crate::qcow2::{resolve_backing, Header};
+use crate::{open, DiskSpec, Error, Format, Result, MAX_CHAIN_DEPTH};
+
+/// Bytes `convert` moves per step.
+const CHUNK: usize = 1 << 20;
+/// Granularity at which `convert` skips zero blocks.
+const ZERO_BLOCK: usize = 64 << 10;
+
+/// A virtual size kvmbox can create: whole sectors, within qcow2's limit.
+fn check_size(path: &Path, size: u64) -> Result<()> {
+    if !size.is_multiple_of(512) {
+        return Err(Error::image(
+            path,
+            format!("size {size} is not a multiple of 512"),
+        ));
+    }
+    if size > crate::qcow2::MAX_SIZE {
+        return Err(Error::image(path, format!("size {size} is too large")));
+    }
+    Ok(())
+}
+
+/// Create an image of `size` bytes at `path` (which must not exist). `backing` (qcow2 only)
+/// is stored as given, so a relative name is relative to the new image's directory, as in QEMU.
+pub fn create(path: &Path, size: u64, format: Format, backing: Option<&str>) -> Result<()> {
+    check_size(path, size)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(Error::io("creating disk image", path))?;
+    match (format, backing) {
+        (Format::Raw, Some(_)) => Err(Error::image(path, "raw images cannot have a backing file")),
+        (Format::Raw, None) => file.set_len(size).map_err(Error::io("sizing", path)),
+        (Format::Qcow2, backing) => {
+            let mut size = size;
+            let mut builder = None;
+            if let Some(b) = backing {
+                // The backing image must open (format known, chain sane); its size is the default.
+                let bpath = resolve_backing(path, b);
+                let spec = DiskSpec {
+                    read_only: true,
+                    ..DiskSpec::new(&bpath)
+                };
+                let base = open(&spec)?;
+                let bfile = open_image_file(&bpath, false)?;
+                let bformat = detect_format(&bfile, &bpath)?;
+                if size == 0 {
+                    size = base.size();
+                }
+                builder = Some((b.to_string(), bformat.to_string()));
+            }
+            let storage = imago::file::File::from_open_file(
+                file,
+                StorageOpenOptions::new().filename(path).write(true),
+            )
+            .map_err(Error::io("creating disk image", path))?;
+            let mut c = Qcow2::<imago::file::File>::create_builder(storage).size(size);
+            if let Some((name, fmt)) = builder {
+                c = c.backing(name, fmt);
+            }
+            c.create().map_err(|e| Error::image(path, e.to_string()))
+        }
+    }
+}
+
+/// What `kvmbox disk info` shows about one image of a chain.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerInfo {
+    /// The file.
+    pub path: PathBuf,
+    /// "raw" or "qcow2".
+    pub format: String,
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Bytes the file occupies on the host (allocated blocks).
+    pub allocated_bytes: u64,
+    /// qcow2: cluster size in bytes.
+    pub cluster_size: Option<u64>,
+    /// qcow2: version (2 or 3).
+    pub qcow2_version: Option<u32>,
+    /// qcow2: backing file name as stored in the image.
+    pub backing_file: Option<String>,
+    /// qcow2: backing file format as stored.
+    pub backing_format: Option<String>,
+    /// qcow2: the dirty bit (refcounts may be stale).
+    pub dirty: bool,
+    /// qcow2: the corrupt bit.
+    pub corrupt: bool,
+    /// qcow2: lazy refcounts allowed.
+    pub lazy_refcounts: bool,
+    /// qcow2: number of internal snapshots.
+    pub snapshots: u32,
+}
+
+impl LayerInfo {
+    /// A file's facts before its format is known: its size is the virtual size.
+    fn plain(path: &Path, md: &std::fs::Metadata) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            format: "raw".into(),
+            virtual_size: md.len(),
+            allocated_bytes: md.blocks() * 512,
+            cluster_size: None,
+            qcow2_version: None,
+            backing_file: None,
+            backing_format: None,
+            dirty: false,
+            corrupt: false,
+            lazy_refcounts: false,
+            snapshots: 0,
+        }
+    }
+}
+
+/// Describe the image at `path` and its backing chain (top first). Reads headers only; takes
+/// no lock, so it works on an image a running VM uses.
+pub fn info(path: &Path) -> Result<Vec<LayerInfo>> {
+    let mut out: Vec<LayerInfo> = Vec::new();
+    let mut next = Some((path.to_path_buf(), None::<String>));
+    while let Some((p, fmt)) = next.take() {
+        if out.len() > MAX_CHAIN_DEPTH {
+            return Err(Error::image(
+                path,
+                format!("backing chain deeper than {MAX_CHAIN_DEPTH} images"),
+            ));
+        }
+        let file = open_image_file(&p, false)?;
+        let md = file.metadata().map_err(Error::io("reading", &p))?;
+        if out.iter().any(|l| l.path == p) {
+            return Err(Error::image(&p, "backing file loop"));
+        }
+        let format = match fmt.as_deref() {
+            Some("qcow2") => Format::Qcow2,
+            Some("raw") => Format::Raw,
+            _ => match crate::open::probe_file(&file, &p)? {
+                Some(other @ ("vdi" | "vmdk" | "vpc" | "vhdx")) => {
+                    // Read-only formats: name and virtual size from their reader.
+                    let size = crate::foreign::open(other, file, &p)?.size();
+                    out.push(LayerInfo {
+                        format: other.to_string(),
+                        virtual_size: size,
+                        ..LayerInfo::plain(&p, &md)
+                    });
+                    break;
+                }
+                _ => detect_format(&file, &p)?,
+            },
+        };
+        let mut layer = LayerInfo {
+            format: format.to_string(),
+            ..LayerInfo::plain(&p, &md)
+        };
+        if format == Format::Qcow2 {
+            let h = Header::read(&file, &p)?;
+            layer.virtual_size = h.size;
+            layer.cluster_size = Some(h.cluster_size());
+            layer.qcow2_version = Some(h.version);
+            layer.dirty = h.dirty();
+            layer.corrupt = h.corrupt();
+            layer.lazy_refcounts = h.lazy_refcounts();
+            layer.snapshots = h.snapshots;
+            layer.backing_format = h.backing_format.clone();
+            if let Some(b) = &h.backing_file {
+                layer.backing_file = Some(b.clone());
+                next = Some((resolve_backing(&p, b), h.backing_format.clone()));
+            }
+        }
+        out.push(layer);
+    }
+    Ok(out)
+}
+
+/// Copy the disk `src` (any format kvmbox reads) into a new image `dst` of `format`, writing
+/// only blocks that are not all zeroes. `progress(done, total)` is called after each step.
+pub fn convert(
+    src: &Path,
+    dst: &Path,
+    format: Format,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let s = open(&DiskSpec {
+        read_only: true,
+        ..DiskSpec::new(src)
+    })?;
+    let size = s.size();
+    let size_rounded = size.next_multiple_of(512);
+    create(dst, size_rounded, format, None)?;
+    let d = open(&DiskSpec {
+        format: Some(format),
+        ..DiskSpec::new(dst)
+    })?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut off = 0u64;
+    while off < size {
+        let n = (size - off).min(CHUNK as u64) as usize;
+        buf[n..].fill(0);
+        s.read_vectored_at(&mut [IoSliceMut::new(&mut buf[..n])], off)
+            .map_err(|e| Error::Io {
+                what: "reading",
+                path: src.to_path_buf(),
+                source: e,
+            })?;
+        let n = n.next_multiple_of(512).min(CHUNK);
+        let mut i = 0;
+        while i < n {
+            let end = (i + ZERO_BLOCK).min(n);
+            if buf[i..end].iter().any(|&b| b != 0) {
+                d.write_vectored_at(&[IoSlice::new(&buf[i..end])], off + i as u64)
+                    .map_err(|e| Error::Io {
+                        what: "writing",
+                        path: dst.to_path_buf(),
+                        source: e,
+                    })?;
+            }
+            i = end;
+        }
+        off += n as u64;
+        progress(off.min(size), size);
+    }
+    d.flush().map_err(|e| Error::Io {
+        what: "flushing",
+        path: dst.to_path_buf(),
+        source: e,
+    })
+}
+
+/// Change the virtual size of the image at `path` (growing reads as zeroes; shrinking drops
+/// the data past the new end). Takes the write lock.
+pub fn resize(path: &Path, size: u64) -> Result<()> {
+    check_size(path, size)?;
+    let file = open_image_file(path, true)?;
+    crate::lock::lock(&file, path, crate::lock::Access::Write)?;
+    match detect_format(&file, path)? {
+        Format::Raw => file.set_len(size).map_err(Error::io("resizing", path)),
+        Format::Qcow2 => crate::Qcow2Backend::open(file, path, false, true)?.resize(size),
+    }
+}

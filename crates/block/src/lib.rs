@@ -1,0 +1,86 @@
+//! Block backends: the seam between virtio-blk and disk image formats.
+//!
+//! The device speaks only to [`BlockBackend`] (read and write at byte offsets with iovecs,
+//! flush, discard, write-zeroes, size, capabilities). [`open`] turns a [`DiskSpec`] (the
+//! `--disk` option, also the config file's `disks` and the API's drives) into a backend: raw
+//! files are served with `preadv`/`pwritev` straight into guest memory, qcow2 images (v2 and v3,
+//! with backing chains) through the `imago` crate. Every image is locked the way QEMU locks
+//! images (see [`lock`]), so kvmbox and QEMU never both write one image.
+
+use std::io::{self, IoSlice, IoSliceMut};
+
+mod error;
+mod foreign;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod image;
+pub mod lock;
+mod open;
+pub mod qcow2;
+mod raw;
+mod spec;
+
+pub use error::{Error, Result};
+pub use open::{detect_format, open, open_image_file, MAX_CHAIN_DEPTH};
+pub use qcow2::Qcow2Backend;
+pub use raw::RawBackend;
+pub use spec::{DiskSpec, Format, SERIAL_MAX};
+
+/// What a backend can do besides reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Writes, discard and write-zeroes are refused.
+    pub read_only: bool,
+    /// Discard frees host space (otherwise it is accepted and ignored).
+    pub discard: bool,
+    /// Write-zeroes is cheaper than writing zero buffers.
+    pub write_zeroes: bool,
+}
+
+impl Caps {
+    /// A backend that writes, discards and zeroes unless `read_only`.
+    pub fn writable_unless(read_only: bool) -> Self {
+        Self {
+            read_only,
+            discard: !read_only,
+            write_zeroes: !read_only,
+        }
+    }
+}
+
+/// A disk image as the guest sees it: `size()` bytes, addressed by byte offset.
+///
+/// Requests are checked against `size()` by the caller (the device); a backend still returns an
+/// error rather than touching anything outside the image. All methods take `&self`: one
+/// backend serves every queue of a device.
+pub trait BlockBackend: Send + Sync {
+    /// Virtual disk size in bytes.
+    fn size(&self) -> u64;
+
+    /// What the backend can do.
+    fn caps(&self) -> Caps;
+
+    /// Fill `bufs` (in order) from the disk starting at `offset`.
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()>;
+
+    /// Store `bufs` (in order) to the disk starting at `offset`.
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()>;
+
+    /// Make every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Tell the backend `len` bytes at `offset` are no longer needed (contents then undefined
+    /// until written; kvmbox's backends read them back as zeroes).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Make `len` bytes at `offset` read as zeroes, freeing space if `may_unmap`.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
+}
+
+/// An I/O error carrying a message (for requests a backend refuses).
+pub(crate) fn io_err(kind: io::ErrorKind, msg: impl Into<String>) -> io::Error {
+    io::Error::new(kind, msg.into())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,418 @@
+//! qcow2 v2/v3 images through `imago`: our own header check (clear errors naming the file,
+//! the facts `kvmbox disk info` shows, the backing file name and format) and the backing chain
+//! opened by us (read-only, locked, loop- and depth-checked), then imago for the L1/L2 tables,
+//! caches, refcounts, allocation, zero and compressed clusters.
+
+use std::fs::File;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::qcow2::Qcow2;
+use imago::raw::Raw;
+use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, StorageOpenOptions};
+
+use crate::open::{detect_format, open_image_file, ChainGuard};
+use crate::{io_err, BlockBackend, Caps, Error, Format, Result};
+
+/// The qcow2 magic, "QFI\xfb".
+pub const MAGIC: u32 = 0x5146_49fb;
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+const INCOMPAT_DIRTY: u64 = 1 << 0;
+const INCOMPAT_CORRUPT: u64 = 1 << 1;
+const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
+const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+/// Largest virtual size accepted (QEMU's limit: offsets must fit in 56 bits of an L2 entry).
+pub const MAX_SIZE: u64 = 1 << 56;
+/// Largest L1 table QEMU accepts (32 MiB).
+const MAX_L1_BYTES: u64 = 32 << 20;
+/// Largest refcount table QEMU accepts (8 MiB).
+const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+
+/// The facts of a qcow2 header kvmbox uses, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// 2 or 3.
+    pub version: u32,
+    /// log2 of the cluster size (9 to 21).
+    pub cluster_bits: u32,
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// The backing file name as stored (relative to the image's directory unless absolute).
+    pub backing_file: Option<String>,
+    /// The backing file's format, if the image names it.
+    pub backing_format: Option<String>,
+    /// Incompatible feature bits (v3; 0 for v2).
+    pub incompatible: u64,
+    /// Compatible feature bits (v3; 0 for v2).
+    pub compatible: u64,
+    /// Number of internal snapshots.
+    pub snapshots: u32,
+    /// Bits per refcount.
+    pub refcount_bits: u32,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap_or_default())
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or_default())
+}
+
+impl Header {
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// The dirty bit: refcounts may be stale (lazy refcounts, not closed cleanly).
+    pub fn dirty(&self) -> bool {
+        self.incompatible & INCOMPAT_DIRTY != 0
+    }
+
+    /// The corrupt bit: QEMU found an inconsistency and stopped writing.
+    pub fn corrupt(&self) -> bool {
+        self.incompatible & INCOMPAT_CORRUPT != 0
+    }
+
+    /// Lazy refcounts allowed.
+    pub fn lazy_refcounts(&self) -> bool {
+        self.compatible & COMPAT_LAZY_REFCOUNTS != 0
+    }
+
+    /// Read and check the header of `file` (`path` names it in errors).
+    pub fn read(file: &File, path: &Path) -> Result<Self> {
+        let bad = |p: String| Error::image(path, format!("bad qcow2 header: {p}"));
+        let file_len = file.metadata().map_err(Error::io("reading", path))?.len();
+        let mut b = vec![0u8; 4096.min(file_len as usize)];
+        file.read_exact_at(&mut b, 0)
+            .map_err(Error::io("reading the header of", path))?;
+        if b.len() < 72 {
+            return Err(bad(format!("file is only {file_len} bytes long")));
+        }
+        if be32(&b, 0) != MAGIC {
+            return Err(bad("no qcow2 magic".into()));
+        }
+        let version = be32(&b, 4);
+        if version != 2 && version != 3 {
+            return Err(bad(format!("version {version} (kvmbox reads 2 and 3)")));
+        }
+        let cluster_bits = be32(&b, 20);
+        if !(9..=21).contains(&cluster_bits) {
+            return Err(bad(format!(
+                "cluster_bits {cluster_bits} out of range (9 to 21)"
+            )));
+        }
+        let cluster = 1u64 << cluster_bits;
+        let size = be64(&b, 24);
+        if size > MAX_SIZE {
+            return Err(bad(format!("virtual size {size} exceeds {MAX_SIZE}")));
+        }
+        if be32(&b, 32) != 0 {
+            return Err(bad("encrypted images are not supported".into()));
+        }
+        let l1_size = u64::from(be32(&b, 36));
+        let l1_offset = be64(&b, 40);
+        let l2_span = cluster * (cluster / 8);
+        if l1_size < size.div_ceil(l2_span) {
+            return Err(bad(format!(
+                "L1 table of {l1_size} entries too small for the size"
+            )));
+        }
+        if l1_size * 8 > MAX_L1_BYTES {
+            return Err(bad(format!("L1 table of {l1_size} entries too large")));
+        }
+        let in_file = |what: &str, off: u64, len: u64| -> Result<()> {
+            if !off.is_multiple_of(cluster)
+                || off == 0
+                || off.checked_add(len).is_none_or(|e| e > file_len)
+            {
+                return Err(bad(format!(
+                    "{what} at offset {off:#x} (+{len:#x}) is unaligned, in the header or past the end of the file ({file_len:#x})"
+                )));
+            }
+            Ok(())
+        };
+        if l1_size > 0 {
+            in_file("L1 table", l1_offset, l1_size * 8)?;
+        }
+        let rt_offset = be64(&b, 48);
+        let rt_bytes = u64::from(be32(&b, 56)) * cluster;
+        if rt_bytes == 0 || rt_bytes > MAX_REFTABLE_BYTES {
+            return Err(bad(format!("refcount table of {rt_bytes} bytes")));
+        }
+        in_file("refcount table", rt_offset, rt_bytes)?;
+        let snapshots = be32(&b, 60);
+        let (mut incompatible, mut compatible, mut refcount_bits, mut header_len) =
+            (0, 0, 16, 72usize);
+        if version == 3 {
+            if b.len() < 104 {
+                return Err(bad("v3 header truncated".into()));
+            }
+            incompatible = be64(&b, 72);
+            compatible = be64(&b, 80);
+            let order = be32(&b, 96);
+            if order > 6 {
+                return Err(bad(format!("refcount_order {order} out of range (0 to 6)")));
+            }
+            refcount_bits = 1 << order;
+            header_len = be32(&b, 100) as usize;
+            if header_len < 104 || header_len > b.len() || header_len as u64 > cluster {
+                return Err(bad(format!("header_length {header_len}")));
+            }
+            if incompatible & INCOMPAT_COMPRESSION != 0 && header_len > 104 && b[104] != 0 {
+                let t = b[104];
+                return Err(bad(format!(
+                    "compression type {} is not supported (kvmbox reads zlib-compressed clusters; convert with `qemu-img convert -O qcow2`)",
+                    if t == 1 { "zstd".into() } else { t.to_string() }
+                )));
+            }
+            let unknown =
+                incompatible & !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION);
+            if unknown & INCOMPAT_EXTERNAL_DATA != 0 {
+                return Err(bad("external data files are not supported".into()));
+            }
+            if unknown & INCOMPAT_EXTENDED_L2 != 0 {
+                return Err(bad(
+                    "extended L2 entries (subclusters) are not supported".into()
+                ));
+            }
+            if unknown != 0 {
+                return Err(bad(format!("unknown incompatible features {unknown:#x}")));
+            }
+        }
+        // Header extensions: only the backing format matters here.
+        let mut backing_format = None;
+        let mut at = header_len.next_multiple_of(8);
+        while at + 8 <= b.len() {
+            let (kind, len) = (be32(&b, at), be32(&b, at + 4) as usize);
+            if kind == 0 {
+                break;
+            }
+            let data = b
+                .get(at + 8..at + 8 + len)
+                .ok_or_else(|| bad(format!("header extension {kind:#x} runs past the header")))?;
+            if kind == EXT_BACKING_FORMAT {
+                backing_format = Some(String::from_utf8_lossy(data).into_owned());
+            }
+            at = at + 8 + len.next_multiple_of(8);
+        }
+        let bf_off = be64(&b, 8);
+        let bf_len = be32(&b, 16) as usize;
+        let backing_file = if bf_off == 0 {
+            None
+        } else {
+            if bf_len == 0 || bf_len > 1023 || bf_off + bf_len as u64 > cluster.min(b.len() as u64)
+            {
+                return Err(bad(format!(
+                    "backing file name at {bf_off:#x} (+{bf_len}) outside the first cluster"
+                )));
+            }
+            let name = &b[bf_off as usize..bf_off as usize + bf_len];
+            Some(
+                String::from_utf8(name.to_vec())
+                    .map_err(|_| bad("backing file name is not UTF-8".into()))?,
+            )
+        };
+        Ok(Header {
+            version,
+            cluster_bits,
+            size,
+            backing_file,
+            backing_format,
+            incompatible,
+            compatible,
+            snapshots,
+            refcount_bits,
+        })
+    }
+}
+
+/// Where QEMU looks for `backing` named in the image at `image`: as given if absolute, else
+/// relative to the directory of the image (as the image's path was given, not canonicalized).
+pub fn resolve_backing(image: &Path, backing: &str) -> PathBuf {
+    let b = Path::new(backing);
+    if b.is_absolute() {
+        return b.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) => dir.join(b),
+        None => b.to_path_buf(),
+    }
+}
+
+type Storage = imago::file::File;
+type Access = FormatAccess<Storage>;
+
+fn imago_storage(file: File, path: &Path, writable: bool) -> Result<Storage> {
+    let opts = StorageOpenOptions::new().filename(path).write(writable);
+    Storage::from_open_file(file, opts).map_err(Error::io("opening", path))
+}
+
+fn imago_err(path: &Path) -> impl Fn(io::Error) -> Error + '_ {
+    move |e| Error::image(path, e.to_string())
+}
+
+/// Open the backing chain of the image at `path` (header `h`): every file read-only and
+/// locked for reading; `chain` counts depth and catches loops.
+fn open_backing(path: &Path, h: &Header, chain: &mut ChainGuard) -> Result<Option<Access>> {
+    let Some(name) = &h.backing_file else {
+        return Ok(None);
+    };
+    let bpath = resolve_backing(path, name);
+    let file = open_image_file(&bpath, false).map_err(|e| match e {
+        Error::Io { source, .. } => Error::image(
+            path,
+            format!("backing file '{}': {source}", bpath.display()),
+        ),
+        e => e,
+    })?;
+    chain.enter(&file, &bpath)?;
+    let format = match h.backing_format.as_deref() {
+        Some("qcow2") => Format::Qcow2,
+        Some("raw") | Some("file") => Format::Raw,
+        Some(f) => {
+            return Err(Error::image(
+                path,
+                format!(
+                    "backing file '{}' has format '{f}' (kvmbox reads raw and qcow2)",
+                    bpath.display()
+                ),
+            ))
+        }
+        // Backing files are opened read-only, so probing one cannot lead to writing the host.
+        None => detect_format(&file, &bpath)?,
+    };
+    let access = match format {
+        Format::Qcow2 => {
+            let bh = Header::read(&file, &bpath)?;
+            open_access(file, &bpath, &bh, false, chain)?
+        }
+        Format::Raw => {
+            let raw = Raw::builder(imago_storage(file, &bpath, false)?)
+                .write(false)
+                .open(DenyImplicitOpenGate::default())
+                .map_err(imago_err(&bpath))?;
+            FormatAccess::new(raw)
+        }
+    };
+    Ok(Some(access))
+}
+
+fn open_access(
+    file: File,
+    path: &Path,
+    h: &Header,
+    writable: bool,
+    chain: &mut ChainGuard,
+) -> Result<Access> {
+    if h.dirty() {
+        return Err(Error::image(
+            path,
+            "the dirty bit is set (lazy refcounts, not closed cleanly); repair it with `qemu-img check -r all`",
+        ));
+    }
+    if h.corrupt() && writable {
+        return Err(Error::image(
+            path,
+            "the corrupt bit is set; open it read-only (ro) or repair it with `qemu-img check -r all`",
+        ));
+    }
+    let backing = open_backing(path, h, chain)?;
+    let q = Qcow2::<Storage>::builder(imago_storage(file, path, writable)?)
+        .write(writable)
+        .backing(backing)
+        .open(DenyImplicitOpenGate::default())
+        .map_err(imago_err(path))?;
+    Ok(FormatAccess::new(q))
+}
+
+/// A qcow2 image and its backing chain.
+pub struct Qcow2Backend {
+    path: PathBuf,
+    access: RwLock<Access>,
+    size: u64,
+    read_only: bool,
+}
+
+impl Qcow2Backend {
+    /// Open the qcow2 image `file` (already opened and locked) at `path`.
+    pub fn open(file: File, path: &Path, read_only: bool, lock: bool) -> Result<Self> {
+        let h = Header::read(&file, path)?;
+        let mut chain = ChainGuard::new(&file, path, lock)?;
+        let access = open_access(file, path, &h, !read_only, &mut chain)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            size: access.size(),
+            access: RwLock::new(access),
+            read_only,
+        })
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io_err(io::ErrorKind::PermissionDenied, "read-only disk"));
+        }
+        Ok(())
+    }
+
+    /// Change the virtual size (new space reads as zeroes; shrinking drops data past the end).
+    pub fn resize(&self, size: u64) -> Result<()> {
+        let mut a = self.access.write().unwrap_or_else(|e| e.into_inner());
+        a.resize(size, imago::format::PreallocateMode::Zero)
+            .and_then(|()| a.flush())
+            .map_err(|e| Error::image(&self.path, e.to_string()))
+    }
+
+    fn access(&self) -> std::sync::RwLockReadGuard<'_, Access> {
+        self.access.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl BlockBackend for Qcow2Backend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn caps(&self) -> Caps {
+        Caps::writable_unless(self.read_only)
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
+        let v: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        self.access().readv(IoVectorMut::from(v), offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+        self.check_writable()?;
+        self.access().writev(IoVector::from(bufs.to_vec()), offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let a = self.access();
+        a.flush()?;
+        a.sync()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        let mut a = self.access.write().unwrap_or_else(|e| e.into_inner());
+        a.discard_to_zero(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        if may_unmap {
+            return self.discard(offset, len);
+        }
+        self.check_writable()?;
+        self.access().write_zeroes(offset, len)
+    }
+}

@@ -1,0 +1,136 @@
+//! `PATH[,format=raw|qcow2][,ro][,serial=ID][,lock=off]`: one disk, as the CLI, the config
+//! file's `disks` and the API's drives all give it.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::{Error, Result};
+
+/// Longest serial (the virtio-blk GET_ID answer is 20 bytes).
+pub const SERIAL_MAX: usize = 20;
+
+/// An image format kvmbox runs guests on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A plain file: byte N of the file is byte N of the disk.
+    Raw,
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        })
+    }
+}
+
+impl FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            _ => Err(format!("unknown format '{s}' (expected raw or qcow2)")),
+        }
+    }
+}
+
+/// One disk: the image and how to open it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The image file.
+    pub path: PathBuf,
+    /// The format; `None` detects it from the header once, at open.
+    pub format: Option<Format>,
+    /// Expose it read-only (and open it read-only).
+    pub read_only: bool,
+    /// GET_ID answer (1 to [`SERIAL_MAX`] bytes).
+    pub serial: Option<String>,
+    /// Take QEMU-compatible image locks (default); `lock=off` skips them.
+    pub lock: bool,
+}
+
+impl DiskSpec {
+    /// A read-write, locked, format-detected disk on `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            format: None,
+            read_only: false,
+            serial: None,
+            lock: true,
+        }
+    }
+}
+
+impl FromStr for DiskSpec {
+    type Err = Error;
+
+    /// Parse `PATH[,format=raw|qcow2][,ro][,serial=ID][,lock=on|off]`.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |problem: String| Error::Spec {
+            spec: s.to_string(),
+            problem,
+        };
+        let mut parts = s.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(bad("missing image path".into()));
+        }
+        let mut spec = DiskSpec::new(path);
+        for p in parts {
+            match p.split_once('=') {
+                None if p == "ro" => spec.read_only = true,
+                Some(("format", f)) => spec.format = Some(f.parse().map_err(bad)?),
+                Some(("serial", id)) if !id.is_empty() && id.len() <= SERIAL_MAX => {
+                    spec.serial = Some(id.to_string());
+                }
+                Some(("serial", id)) => {
+                    return Err(bad(format!(
+                        "serial '{id}' must be 1 to {SERIAL_MAX} bytes"
+                    )))
+                }
+                Some(("lock", "off")) => spec.lock = false,
+                Some(("lock", "on")) => spec.lock = true,
+                Some(("lock", v)) => return Err(bad(format!("lock={v}: expected on or off"))),
+                _ => {
+                    return Err(bad(format!(
+                    "unknown option '{p}' (expected format=raw|qcow2, ro, serial=ID or lock=off)"
+                )))
+                }
+            }
+        }
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_option() {
+        let c: DiskSpec = "/img,ro,serial=abc,format=qcow2,lock=off".parse().unwrap();
+        assert_eq!(c.path, PathBuf::from("/img"));
+        assert!(c.read_only && !c.lock);
+        assert_eq!(c.format, Some(Format::Qcow2));
+        assert_eq!(c.serial.as_deref(), Some("abc"));
+        let c: DiskSpec = "/img".parse().unwrap();
+        assert_eq!(c, DiskSpec::new("/img"));
+    }
+
+    #[test]
+    fn errors_name_the_option_and_the_problem() {
+        let err = |s: &str| s.parse::<DiskSpec>().unwrap_err().to_string();
+        assert_eq!(err(""), "--disk '': missing image path");
+        assert!(err("/img,rw").contains("unknown option 'rw'"));
+        assert!(err("/img,serial=123456789012345678901").contains("1 to 20 bytes"));
+        assert!(err("/img,format=vdi").contains("unknown format 'vdi'"));
+        assert!(err("/img,lock=maybe").contains("lock=maybe"));
+    }
+}

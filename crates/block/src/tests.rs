@@ -1,0 +1,569 @@
+//! Backend tests on real files; the qcow2 and locking ones check interoperability against
+//! `qemu-img` (Debian's qemu-utils) and print one `SKIP:` line where it is missing.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::{open, DiskSpec, Error, Format};
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "kvmbox-block-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Byte `i` of the known pattern: varies within and across sectors.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u64).wrapping_mul(31).wrapping_add(i as u64 >> 9) as u8 ^ seed)
+        .collect()
+}
+
+/// Tests that start QEMU tools run one at a time: a child forked while another test closes
+/// an image briefly holds that image's OFD lock, which a QEMU tool then sees.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    M.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn qemu_img_found(test: &str) -> bool {
+    let ok = Command::new("qemu-img").arg("--version").output().is_ok();
+    if !ok {
+        println!("SKIP: {test}: qemu-img not found (install qemu-utils: scripts/setup.sh)");
+    }
+    ok
+}
+
+/// The serializing guard where qemu-img is installed, else one SKIP line and None.
+fn qemu_img_or_skip(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    let g = serial();
+    qemu_img_found(test).then_some(g)
+}
+
+fn qemu_img(args: &[&str]) -> (bool, String) {
+    let o = Command::new("qemu-img").args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+fn read_all(b: &dyn crate::BlockBackend) -> Vec<u8> {
+    let mut v = vec![0u8; b.size() as usize];
+    // Two iovecs of odd sizes, to cover the vectored path.
+    let (a, c) = v.split_at_mut(b.size() as usize / 3 / 512 * 512);
+    b.read_vectored_at(&mut [IoSliceMut::new(a), IoSliceMut::new(c)], 0)
+        .unwrap();
+    v
+}
+
+fn spec(p: &Path) -> DiskSpec {
+    DiskSpec::new(p)
+}
+
+#[test]
+fn raw_reads_writes_and_refuses_out_of_range() {
+    let d = TempDir::new("raw");
+    let img = d.path("a.img");
+    let data = pattern(1 << 20, 0);
+    std::fs::write(&img, &data).unwrap();
+    let b = open(&DiskSpec {
+        format: Some(Format::Raw),
+        ..spec(&img)
+    })
+    .unwrap();
+    assert_eq!(b.size(), 1 << 20);
+    assert_eq!(read_all(&*b), data);
+    let w = pattern(4096, 7);
+    b.write_vectored_at(&[IoSlice::new(&w[..512]), IoSlice::new(&w[512..])], 8192)
+        .unwrap();
+    b.write_zeroes(65536, 4096, false).unwrap();
+    b.flush().unwrap();
+    let f = std::fs::read(&img).unwrap();
+    assert_eq!(&f[8192..12288], &w[..]);
+    assert!(f[65536..69632].iter().all(|&x| x == 0));
+    let mut buf = [0u8; 512];
+    assert!(b
+        .read_vectored_at(&mut [IoSliceMut::new(&mut buf)], (1 << 20) - 256)
+        .is_err());
+    assert!(b
+        .write_vectored_at(&[IoSlice::new(&buf)], u64::MAX - 10)
+        .is_err());
+}
+
+#[test]
+fn detected_raw_refuses_a_guest_writing_an_image_header() {
+    let d = TempDir::new("probe");
+    let img = d.path("a.img");
+    std::fs::write(&img, vec![0u8; 1 << 16]).unwrap();
+    let b = open(&spec(&img)).unwrap();
+    let mut hdr = vec![0u8; 512];
+    hdr[..4].copy_from_slice(b"QFI\xfb");
+    let e = b.write_vectored_at(&[IoSlice::new(&hdr)], 0).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+    // Split across iovecs and starting inside the magic: still refused.
+    let e = b
+        .write_vectored_at(&[IoSlice::new(&hdr[1..2]), IoSlice::new(&hdr[2..512])], 1)
+        .map(|_| ());
+    assert!(e.is_ok(), "bytes 1.. alone do not make a magic");
+    b.write_vectored_at(&[IoSlice::new(b"Q")], 0).unwrap_err();
+    // Ordinary data at sector 0 is fine, and with format=raw anything is.
+    b.write_vectored_at(&[IoSlice::new(&[0x55u8; 512])], 0)
+        .unwrap();
+    drop(b);
+    let b = open(&DiskSpec {
+        format: Some(Format::Raw),
+        ..spec(&img)
+    })
+    .unwrap();
+    b.write_vectored_at(&[IoSlice::new(&hdr)], 0).unwrap();
+    drop(b);
+    // Now it looks like qcow2 (a broken one): detection refuses it, format=raw still works.
+    let e = open(&spec(&img)).err().unwrap().to_string();
+    assert!(e.contains("a.img") && e.contains("bad qcow2 header"), "{e}");
+}
+
+#[test]
+fn other_formats_are_not_served_as_raw() {
+    let d = TempDir::new("vdi");
+    let img = d.path("a.vdi");
+    let mut h = vec![0u8; 4096];
+    h[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
+    std::fs::write(&img, &h).unwrap();
+    let e = open(&spec(&img)).err().unwrap().to_string();
+    assert!(e.contains("vdi images can only be opened read-only"), "{e}");
+}
+
+/// A qcow2 image made by `qemu-img convert` (plain and compressed) reads exactly like the raw
+/// file it was made from.
+#[test]
+fn qemu_img_made_qcow2_reads_bit_exact() {
+    let Some(_serial) = qemu_img_or_skip("qemu_img_made_qcow2_reads_bit_exact") else {
+        return;
+    };
+    let d = TempDir::new("q2read");
+    let raw = d.path("src.raw");
+    let mut data = pattern(3 << 20, 3);
+    data[1 << 20..2 << 20].fill(0); // a hole qemu-img leaves unallocated
+    std::fs::write(&raw, &data).unwrap();
+    for (name, extra) in [
+        ("v3.qcow2", vec![]),
+        ("v2.qcow2", vec!["-o", "compat=0.10"]),
+        ("c.qcow2", vec!["-c"]),
+        ("small.qcow2", vec!["-o", "cluster_size=4096"]),
+    ] {
+        let q = d.path(name);
+        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
+        args.extend(extra);
+        args.extend([raw.to_str().unwrap(), q.to_str().unwrap()]);
+        let (ok, out) = qemu_img(&args);
+        assert!(ok, "{out}");
+        let b = open(&DiskSpec {
+            read_only: true,
+            ..spec(&q)
+        })
+        .unwrap();
+        assert_eq!(b.size(), data.len() as u64, "{name}");
+        assert!(read_all(&*b) == data, "{name}: contents differ");
+    }
+}
+
+/// Writes through an overlay on a qemu-img-made base: the base stays as it was, the overlay
+/// passes `qemu-img check` and `qemu-img compare` with what was written.
+#[test]
+fn overlay_writes_leave_the_backing_file_and_pass_qemu_img_check() {
+    let Some(_serial) =
+        qemu_img_or_skip("overlay_writes_leave_the_backing_file_and_pass_qemu_img_check")
+    else {
+        return;
+    };
+    let d = TempDir::new("overlay");
+    let raw = d.path("base.raw");
+    let data = pattern(4 << 20, 9);
+    std::fs::write(&raw, &data).unwrap();
+    let base = d.path("base.qcow2");
+    let (ok, out) = qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        base.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    // A relative backing name: resolved against the overlay's directory, not the cwd.
+    let sub = d.path("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let ov = sub.join("ov.qcow2");
+    let (ok, out) = qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "../base.qcow2",
+        "-F",
+        "qcow2",
+        ov.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let base_before = std::fs::read(&base).unwrap();
+    let mut expect = data.clone();
+    {
+        let b = open(&spec(&ov)).unwrap();
+        assert_eq!(read_all(&*b), data);
+        // Partial-cluster writes (copy-on-write from the base), a write across clusters,
+        // zeroes and a discard.
+        let w = pattern(70_000 / 512 * 512, 0x5a);
+        b.write_vectored_at(&[IoSlice::new(&w)], 1536).unwrap();
+        expect[1536..1536 + w.len()].copy_from_slice(&w);
+        b.write_zeroes(1 << 20, 128 << 10, false).unwrap();
+        expect[1 << 20..(1 << 20) + (128 << 10)].fill(0);
+        b.discard(2 << 20, 1 << 20).unwrap();
+        expect[2 << 20..3 << 20].fill(0);
+        b.flush().unwrap();
+        assert!(read_all(&*b) == expect, "read back after writes");
+    }
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "backing file changed"
+    );
+    let (ok, out) = qemu_img(&["check", ov.to_str().unwrap()]);
+    assert!(ok && out.contains("No errors"), "{out}");
+    let exp = d.path("expect.raw");
+    std::fs::write(&exp, &expect).unwrap();
+    let (ok, out) = qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        exp.to_str().unwrap(),
+        ov.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+}
+
+fn create_qcow2(path: &Path, size: &str, backing: Option<&str>) {
+    let mut args = vec!["create", "-f", "qcow2", "-u"];
+    if let Some(b) = backing {
+        args.extend(["-b", b, "-F", "qcow2"]);
+    }
+    args.extend([path.to_str().unwrap(), size]);
+    let (ok, out) = qemu_img(&args);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn backing_loops_and_deep_chains_are_clear_errors() {
+    let Some(_serial) = qemu_img_or_skip("backing_loops_and_deep_chains_are_clear_errors") else {
+        return;
+    };
+    let d = TempDir::new("chain");
+    let (a, b) = (d.path("a.qcow2"), d.path("b.qcow2"));
+    create_qcow2(&a, "1M", Some("b.qcow2"));
+    create_qcow2(&b, "1M", Some("a.qcow2"));
+    let e = open(&spec(&a)).err().unwrap().to_string();
+    assert!(e.contains("backing file loop"), "{e}");
+    // A missing backing file names both files.
+    let c = d.path("c.qcow2");
+    create_qcow2(&c, "1M", Some("missing.qcow2"));
+    let e = open(&spec(&c)).err().unwrap().to_string();
+    assert!(e.contains("c.qcow2") && e.contains("missing.qcow2"), "{e}");
+    // MAX_CHAIN_DEPTH + 1 backing files below the top.
+    let n = crate::MAX_CHAIN_DEPTH + 1;
+    create_qcow2(&d.path("l0.qcow2"), "1M", None);
+    for i in 1..=n {
+        create_qcow2(
+            &d.path(&format!("l{i}.qcow2")),
+            "1M",
+            Some(&format!("l{}.qcow2", i - 1)),
+        );
+    }
+    let e = open(&spec(&d.path(&format!("l{n}.qcow2"))))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("deeper than"), "{e}");
+    let ok = open(&spec(&d.path(&format!("l{}.qcow2", n - 1))));
+    assert!(ok.is_ok(), "{:?}", ok.err());
+}
+
+/// Corrupt headers give an error naming the file and the problem, never a panic.
+#[test]
+fn bad_qcow2_headers_are_clear_errors() {
+    let Some(_serial) = qemu_img_or_skip("bad_qcow2_headers_are_clear_errors") else {
+        return;
+    };
+    let d = TempDir::new("bad");
+    let good = d.path("good.qcow2");
+    create_qcow2(&good, "64M", None);
+    let orig = std::fs::read(&good).unwrap();
+    type Corrupt = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Corrupt, &str)> = vec![
+        (
+            "truncated",
+            Box::new(|v: &mut Vec<u8>| v.truncate(50)),
+            "only 50 bytes",
+        ),
+        (
+            "cluster bits",
+            Box::new(|v: &mut Vec<u8>| v[20..24].copy_from_slice(&30u32.to_be_bytes())),
+            "cluster_bits 30",
+        ),
+        (
+            "L1 past EOF",
+            Box::new(|v: &mut Vec<u8>| v[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes())),
+            "L1 table",
+        ),
+        (
+            "L1 in header",
+            Box::new(|v: &mut Vec<u8>| v[40..48].copy_from_slice(&0u64.to_be_bytes())),
+            "L1 table",
+        ),
+        (
+            "refcount table",
+            Box::new(|v: &mut Vec<u8>| v[48..56].copy_from_slice(&(1u64 << 40).to_be_bytes())),
+            "refcount table",
+        ),
+        (
+            "huge size",
+            Box::new(|v: &mut Vec<u8>| v[24..32].copy_from_slice(&u64::MAX.to_be_bytes())),
+            "virtual size",
+        ),
+        (
+            "version",
+            Box::new(|v: &mut Vec<u8>| v[4..8].copy_from_slice(&9u32.to_be_bytes())),
+            "version 9",
+        ),
+        (
+            "zstd",
+            Box::new(|v: &mut Vec<u8>| {
+                v[79] |= 8;
+                v[104] = 1;
+            }),
+            "zstd",
+        ),
+        ("dirty", Box::new(|v: &mut Vec<u8>| v[79] |= 1), "dirty bit"),
+    ];
+    for (what, f, want) in cases {
+        let p = d.path("bad.qcow2");
+        let mut v = orig.clone();
+        f(&mut v);
+        std::fs::write(&p, &v).unwrap();
+        let e = open(&spec(&p))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("bad.qcow2") && e.contains(want), "{what}: {e}");
+    }
+}
+
+/// L2 entries pointing past the end of the file: an I/O error for that request, not a panic.
+#[test]
+fn l2_entry_past_eof_is_an_io_error() {
+    let Some(_serial) = qemu_img_or_skip("l2_entry_past_eof_is_an_io_error") else {
+        return;
+    };
+    let d = TempDir::new("l2");
+    let raw = d.path("a.raw");
+    std::fs::write(&raw, pattern(1 << 20, 1)).unwrap();
+    let q = d.path("a.qcow2");
+    let (ok, out) = qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let mut v = std::fs::read(&q).unwrap();
+    let l1 = u64::from_be_bytes(v[40..48].try_into().unwrap()) as usize;
+    let l2 =
+        (u64::from_be_bytes(v[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    v[l2..l2 + 8].copy_from_slice(&((1u64 << 63) | (1 << 45)).to_be_bytes());
+    std::fs::write(&q, &v).unwrap();
+    let b = open(&spec(&q)).unwrap();
+    let mut buf = vec![0xaau8; 4096];
+    // imago reads a mapping past the end of the file as an error or as zeroes: nothing from
+    // outside the image reaches the guest.
+    let r = b.read_vectored_at(&mut [IoSliceMut::new(&mut buf)], 0);
+    assert!(r.is_err() || buf.iter().all(|&x| x == 0), "{r:?}");
+    let len = std::fs::metadata(&q).unwrap().len();
+    // Writing there must not grow the file to the bogus offset either.
+    let w = b.write_vectored_at(&[IoSlice::new(&buf)], 0);
+    drop(b);
+    let now = std::fs::metadata(&q).unwrap().len();
+    println!("write through a bogus L2 entry: {w:?}, file {len} -> {now} bytes");
+    assert!(now < len + (16 << 20));
+}
+
+/// Two writers exclude each other; readers share; kvmbox and QEMU see each other's locks.
+#[test]
+fn image_locks_exclude_a_second_writer_and_qemu() {
+    let _serial = serial();
+    let d = TempDir::new("lock");
+    let img = d.path("a.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let ro = |p: &Path| DiskSpec {
+        read_only: true,
+        ..spec(p)
+    };
+    let w = open(&spec(&img)).unwrap();
+    let e = open(&spec(&img)).err().unwrap();
+    assert!(matches!(e, Error::Locked { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("a.img") && msg.contains("in use") && msg.contains("lock=off"),
+        "{msg}"
+    );
+    assert!(open(&ro(&img)).is_err(), "a reader while a writer holds it");
+    assert!(
+        open(&DiskSpec {
+            lock: false,
+            ..spec(&img)
+        })
+        .is_ok(),
+        "lock=off"
+    );
+    if qemu_img_found("image_locks_exclude_a_second_writer_and_qemu (qemu part)") {
+        let o = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 512"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() || out.contains("lock"),
+            "qemu-io wrote an image kvmbox writes: {out}"
+        );
+        assert!(out.contains("lock"), "{out}");
+    }
+    drop(w);
+    let r1 = open(&ro(&img)).unwrap();
+    let r2 = open(&ro(&img)).unwrap();
+    assert!(open(&spec(&img)).is_err(), "a writer while readers hold it");
+    if qemu_img_found("image_locks_exclude_a_second_writer_and_qemu (qemu part)") {
+        let (ok, out) = qemu_img(&["info", img.to_str().unwrap()]);
+        assert!(ok, "qemu-img info beside kvmbox readers: {out}");
+    }
+    drop((r1, r2));
+    // QEMU holding the image for writing (qemu-nbd serves it read-write until killed).
+    let nbd = Command::new("qemu-nbd")
+        .args(["-f", "raw", "--persistent", "-k"])
+        .arg(d.path("nbd.sock"))
+        .arg(&img)
+        .spawn();
+    let Ok(mut nbd) = nbd else {
+        println!("SKIP: image_locks_exclude_a_second_writer_and_qemu: qemu-nbd not found");
+        return;
+    };
+    let mut msg = String::new();
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if let Err(e) = open(&spec(&img)) {
+            msg = e.to_string();
+            break;
+        }
+    }
+    let pid = nbd.id();
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    assert!(
+        msg.contains("in use"),
+        "kvmbox opened an image qemu-nbd writes: {msg}"
+    );
+    println!("lock message: {msg}");
+    assert!(
+        msg.contains(&format!("process {pid}")),
+        "holder PID not named: {msg}"
+    );
+    assert!(open(&spec(&img)).is_ok(), "after qemu-nbd ended");
+}
+
+/// VDI, VMDK (sparse, streamOptimized, flat) and VHD (dynamic, fixed) images made by
+/// `qemu-img convert` read back as the pattern they were made from, read-only and through
+/// `convert` to qcow2 (checked by `qemu-img compare`).
+#[test]
+fn foreign_formats_read_like_their_source() {
+    let Some(_serial) = qemu_img_or_skip("foreign_formats_read_like_their_source") else {
+        return;
+    };
+    let d = TempDir::new("foreign");
+    let raw = d.path("src.raw");
+    let mut data = pattern(6 << 20, 0x3c);
+    data[2 << 20..3 << 20].fill(0);
+    std::fs::write(&raw, &data).unwrap();
+    for (name, fmt, opts) in [
+        ("a.vdi", "vdi", ""),
+        ("f.vdi", "vdi", "static=on"),
+        ("s.vmdk", "vmdk", ""),
+        ("so.vmdk", "vmdk", "subformat=streamOptimized"),
+        ("fl.vmdk", "vmdk", "subformat=monolithicFlat"),
+        ("d.vhd", "vpc", ""),
+        ("x.vhd", "vpc", "subformat=fixed,force_size=on"),
+        ("d.vhdx", "vhdx", ""),
+        ("s.vhdx", "vhdx", "block_size=8M"),
+    ] {
+        let img = d.path(name);
+        let mut args = vec!["convert", "-f", "raw", "-O", fmt];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([raw.to_str().unwrap(), img.to_str().unwrap()]);
+        let (ok, out) = qemu_img(&args);
+        assert!(ok, "{name}: {out}");
+        let e = open(&spec(&img))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("read-only"), "{name} opened read-write: {e}");
+        let b = open(&DiskSpec {
+            read_only: true,
+            ..spec(&img)
+        })
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = read_all(&*b);
+        assert!(got.len() >= data.len(), "{name}: size {}", got.len());
+        assert!(got[..data.len()] == data[..], "{name}: contents differ");
+        assert!(got[data.len()..].iter().all(|&x| x == 0), "{name}: tail");
+        let info = crate::image::info(&img).unwrap();
+        assert_eq!(
+            (info[0].format.as_str(), info[0].virtual_size),
+            (fmt, got.len() as u64),
+            "{name}: info"
+        );
+        let q = d.path(&format!("{name}.qcow2"));
+        crate::image::convert(&img, &q, Format::Qcow2, &mut |_, _| {}).unwrap();
+        let (ok, out) = qemu_img(&[
+            "compare",
+            "-f",
+            fmt,
+            img.to_str().unwrap(),
+            q.to_str().unwrap(),
+        ]);
+        assert!(ok, "{name}: {out}");
+        let (ok, out) = qemu_img(&["check", q.to_str().unwrap()]);
+        assert!(ok, "{name}: {out}");
+    }
+}
