@@ -18,6 +18,7 @@
 
 mod acpi;
 mod boot_cpu;
+pub mod fuzzing;
 pub mod layout;
 mod loader;
 mod memory;

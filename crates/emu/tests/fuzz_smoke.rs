@@ -27,3 +27,28 @@ fn random_code_never_panics() {
         "only {total} instructions retired over {n} inputs"
     );
 }
+
+/// Structured programs ([`kvmbox_emu::fuzz::run_program`]) reach instruction sequences: random
+/// records encode into instructions that mostly decode, so inputs run several instructions on
+/// average where random bytes fault after one or two.
+#[test]
+fn random_programs_run_sequences() {
+    let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
+    let n = 1000u64;
+    let mut total = 0u64;
+    for case in 0..n {
+        let len = 200 + (case as usize * 53) % 2000;
+        let mut data = Vec::with_capacity(len);
+        for _ in 0..len {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            data.push((s >> 24) as u8);
+        }
+        total += kvmbox_emu::fuzz::run_program(&data);
+    }
+    assert!(
+        total > 3 * n,
+        "only {total} instructions retired over {n} programs"
+    );
+}
