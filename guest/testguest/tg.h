@@ -156,6 +156,16 @@ int test_net(const char *arg);
 int test_netecho(const char *arg);
 int test_netbench(const char *arg);
 int test_rng(const char *arg);
+const char *vblk_open(u64 *sectors, const char **serial);
+void *vblk_alloc(u64 bytes);
+const char *vblk_write(u64 sector, void *buf, u64 bytes);
+const char *vblk_read(u64 sector, void *buf, u64 bytes);
+const char *vblk_flush(void);
+void vblk_close(void);
+
+/* records.c: numbered, checksummed disk records (crash consistency and soak) */
+int test_crashrec(const char *arg);
+int test_soak(const char *arg);
 
 static inline void outb(u16 port, u8 v)
 {
