@@ -133,6 +133,14 @@ pub enum Error {
         /// Why that does not work.
         msg: &'static str,
     },
+    /// A PCI host bridge's BAR memory window is empty or does not end at or below 4 GiB.
+    #[error("PCI memory window of {size:#x} bytes at {start:#x} is empty or not below 4 GiB")]
+    PciWindow {
+        /// Start of the window.
+        start: u64,
+        /// Its size.
+        size: u64,
+    },
     /// Firmware tables do not fit in their area.
     #[error("{what} need {size} bytes at {start:#x} but must end by {end:#x}")]
     TablesTooLarge {

@@ -44,3 +44,24 @@ fn random_acpi_configurations() {
 fn random_command_lines() {
     cases(4, 200, 5000, fuzzing::cmdline);
 }
+
+/// Found by `acpi_tables` (FUZZING.md): a PCI host bridge with an empty BAR window (start 0,
+/// size 0) made the DSDT's `_CRS` compute `start + size - 1` and panic on the underflow. Now
+/// an error names the window.
+#[test]
+fn acpi_empty_pci_window_is_an_error() {
+    fuzzing::acpi_tables(&[0x28, 0x7f, 0x3f]);
+    let mem = kvmbox_arch::guest_memory(16 << 20).unwrap();
+    let mut cfg = kvmbox_arch::AcpiConfig::new(1);
+    let mut pci = kvmbox_arch::PciHostBridge::new();
+    pci.mmio32 = (0, 0);
+    cfg.pci = Some(pci.clone());
+    let e = kvmbox_arch::create_acpi_tables_with(&mem, &cfg).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "PCI memory window of 0x0 bytes at 0x0 is empty or not below 4 GiB"
+    );
+    pci.mmio32 = (0xffff_f000, 0x2000);
+    cfg.pci = Some(pci);
+    assert!(kvmbox_arch::create_acpi_tables_with(&mem, &cfg).is_err());
+}
