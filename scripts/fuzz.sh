@@ -9,7 +9,9 @@
 # Corpora stay in crates/*/fuzz/corpus/TARGET between runs; a crash leaves its input in
 # crates/*/fuzz/artifacts/TARGET/ and the run's log in target/fuzz-logs/TARGET.log.
 # exec_bytes gets the test guest's own machine code as a seed corpus (real instruction
-# sequences); both engine targets start at their full length (-len_control=0).
+# sequences); the engine, kernel-image and command-line targets start at their full length
+# (-len_control=0): libFuzzer's default grows inputs so slowly that a 3-minute run never
+# reaches long instruction sequences or command lines near the kernel's limits.
 # Exit status: 0 when no target crashed, 1 otherwise, 2 on bad usage.
 set -eu
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -55,7 +57,7 @@ while read -r crate target maxlen; do
         seed_engine
         extra="-len_control=0"
         ;;
-    exec_program)
+    exec_program | cmdline | kernel_image)
         extra="-len_control=0"
         ;;
     esac
@@ -73,9 +75,11 @@ while read -r crate target maxlen; do
     last=$(grep -E '^#[0-9]+' "$log" | tail -1)
     cov=$(echo "$last" | sed -n 's/.*cov: \([0-9]*\).*/\1/p')
     ft=$(echo "$last" | sed -n 's/.*ft: \([0-9]*\).*/\1/p')
+    corp=$(echo "$last" | sed -n 's/.*corp: \([0-9]*\/[0-9]*[a-zA-Z]*\).*/\1/p')
     after=$(ls "$corpus" | wc -l)
     echo "$target: start $start, $secs s, max_len $maxlen, execs ${execs:-?}, exec/s ${rate:-?}," \
-        "cov ${cov:-?}, ft ${ft:-?}, corpus $before -> $after, exit $status, log $log"
+        "cov ${cov:-?}, ft ${ft:-?}, corp ${corp:-?}, corpus files $before -> $after, exit $status," \
+        "log $log"
     if [ "$status" -ne 0 ]; then
         failed=1
         grep -m3 'panicked at\|ERROR: \|Test unit written\|SUMMARY' "$log" | sed 's/^/    /'
