@@ -9,7 +9,7 @@
 # Corpora stay in crates/*/fuzz/corpus/TARGET between runs; a crash leaves its input in
 # crates/*/fuzz/artifacts/TARGET/ and the run's log in target/fuzz-logs/TARGET.log.
 # exec_bytes gets the test guest's own machine code as a seed corpus (real instruction
-# sequences); the engine, kernel-image and command-line targets start at their full length
+# sequences); the engine, kernel-image, ACPI and command-line targets start at their full length
 # (-len_control=0): libFuzzer's default grows inputs so slowly that a 3-minute run never
 # reaches long instruction sequences or command lines near the kernel's limits.
 # Exit status: 0 when no target crashed, 1 otherwise, 2 on bad usage.
@@ -57,7 +57,7 @@ while read -r crate target maxlen; do
         seed_engine
         extra="-len_control=0"
         ;;
-    exec_program | cmdline | kernel_image)
+    exec_program | cmdline | kernel_image | acpi_tables)
         extra="-len_control=0"
         ;;
     esac
