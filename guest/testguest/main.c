@@ -434,6 +434,8 @@ static const struct scenario scenarios[] = {
 	{"netbench", test_netbench, ARG_NUMBER, 0},
 	{"rng", test_rng, ARG_NONE, 0},
 	ATTACK_SCENARIOS
+	{"crashrec", test_crashrec, ARG_NUMBER, 0},
+	{"soak", test_soak, ARG_NUMBER, 0},
 };
 #define NR_SCENARIOS (sizeof(scenarios) / sizeof(scenarios[0]))
 

@@ -168,6 +168,16 @@ int test_net(const char *arg);
 int test_netecho(const char *arg);
 int test_netbench(const char *arg);
 int test_rng(const char *arg);
+const char *vblk_open(u64 *sectors, const char **serial);
+void *vblk_alloc(u64 bytes);
+const char *vblk_write(u64 sector, void *buf, u64 bytes);
+const char *vblk_read(u64 sector, void *buf, u64 bytes);
+const char *vblk_flush(void);
+void vblk_close(void);
+
+/* records.c: numbered, checksummed disk records (crash consistency and soak) */
+int test_crashrec(const char *arg);
+int test_soak(const char *arg);
 
 /* attack.c: scenarios that attack the VMM (ports, MMIO holes, MSRs, CPUID, virtqueues) */
 int attack_catch_gp(struct trap_frame *f);

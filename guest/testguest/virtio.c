@@ -1611,4 +1611,65 @@ u16 vio_msix(u64 addr, u32 data, u16 vector)
 	mmio_write16(cc + CC_QMSIX, vector);
 	raw_dev.q[raw_qi].avail[0] = 0; /* interrupts wanted */
 	return mmio_read16(cc + CC_QMSIX);
+/* ------------------------------------------- virtio-blk for scenarios in other files */
+
+static struct blk_dev vblk;
+
+/* Opens the first virtio-blk (resetting this file's allocator); capacity in sectors and the
+ * disk's serial (printable, "-" if none; valid until the next open). */
+const char *vblk_open(u64 *sectors, const char **serial)
+{
+	ram_reset();
+	tsc_setup();
+	const char *e = blk_open(&vblk);
+	if (e)
+		return e;
+	*sectors = vblk.capacity;
+	*serial = vblk.serial;
+	return NULL;
+}
+
+/* Guest RAM for request data, usable from ring 3; NULL when out of memory. */
+void *vblk_alloc(u64 bytes)
+{
+	return (void *)ram_alloc(bytes);
+}
+
+/* One request, waited for: BLK_T_OUT / BLK_T_IN of `bytes` (a multiple of 512, at most 1 MiB)
+ * from / into `buf` at `sector`, or a FLUSH. NULL on success, else what failed. */
+static const char *vblk_request(u32 type, u64 sector, void *buf, u64 bytes)
+{
+	struct blk_job j;
+	blk_job_init(&vblk, &j, type);
+	j.bytes = bytes;
+	j.count = 1;
+	j.first_sector = sector;
+	j.span_sectors = bytes ? bytes / 512 : 1;
+	j.buf = buf;
+	user(blk_run, (u64)&j);
+	if (j.error)
+		return j.error;
+	return j.failed ? "request-failed" : NULL;
+}
+
+const char *vblk_write(u64 sector, void *buf, u64 bytes)
+{
+	return vblk_request(BLK_T_OUT, sector, buf, bytes);
+}
+
+const char *vblk_read(u64 sector, void *buf, u64 bytes)
+{
+	return vblk_request(BLK_T_IN, sector, buf, bytes);
+}
+
+const char *vblk_flush(void)
+{
+	if (!(vblk.v.features & BLK_F_FLUSH))
+		return "no-flush-feature";
+	return vblk_request(BLK_T_FLUSH, 0, NULL, 0);
+}
+
+void vblk_close(void)
+{
+	vdev_close(&vblk.v);
 }

@@ -412,6 +412,12 @@ fn align(x: u64, a: u64) -> u64 {
 /// Write the tables `cfg` describes and return the RSDP's address ([`layout::RSDP_START`]).
 pub fn create_acpi_tables_with(mem: &GuestMemoryMmap, cfg: &AcpiConfig) -> Result<u64> {
     check_cpus(cfg.cpus)?;
+    if let Some(pci) = &cfg.pci {
+        let (start, size) = pci.mmio32;
+        if size == 0 || start.checked_add(size).is_none_or(|end| end > 1 << 32) {
+            return Err(Error::PciWindow { start, size });
+        }
+    }
     let fadt_len = acpi_tables::fadt::FADT::len() as u64;
 
     // Place everything first: sizes do not depend on addresses.

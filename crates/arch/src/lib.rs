@@ -18,6 +18,7 @@
 
 mod acpi;
 mod boot_cpu;
+pub mod fuzzing;
 pub mod layout;
 mod loader;
 mod memory;
@@ -132,6 +133,14 @@ pub enum Error {
         cpus: u32,
         /// Why that does not work.
         msg: &'static str,
+    },
+    /// A PCI host bridge's BAR memory window is empty or does not end at or below 4 GiB.
+    #[error("PCI memory window of {size:#x} bytes at {start:#x} is empty or not below 4 GiB")]
+    PciWindow {
+        /// Start of the window.
+        start: u64,
+        /// Its size.
+        size: u64,
     },
     /// Firmware tables do not fit in their area.
     #[error("{what} need {size} bytes at {start:#x} but must end by {end:#x}")]

@@ -1,7 +1,12 @@
 //! The fuzz harness: arbitrary bytes become code, page-table entries and descriptor-table
 //! entries of a small guest that then runs for a bounded number of instructions. Used by the
-//! cargo-fuzz target in `fuzz/` and by the `fuzz_smoke` test. Whatever the bytes, the engine
+//! cargo-fuzz targets in `fuzz/` and by the `fuzz_smoke` test. Whatever the bytes, the engine
 //! must return (an exit or an error), never panic or hang.
+//!
+//! Two input shapes: [`run_bytes`] executes the bytes themselves; [`run_program`] reads initial
+//! registers, memory contents and a sequence of instruction records that it encodes into real
+//! x86 instructions (prefixes, REX, opcode map, ModRM/SIB, displacement and immediate), so the
+//! search spends its time on instruction sequences rather than on single decode errors.
 
 use crate::EmuVm;
 use kvmbox_cpu::{IoHandler, Regs, Segment, SpecialRegs, Vcpu};
@@ -50,11 +55,151 @@ fn seg(sel: u16, code: bool, long: bool, dpl: u8) -> Segment {
     }
 }
 
-/// Run one input. Returns the number of instructions retired.
+/// Run one input: byte 0 is the CPU mode, the rest is the code; its tail (up to 256 bytes) also
+/// becomes page-table and descriptor noise. Returns the number of instructions retired.
 pub fn run_bytes(data: &[u8]) -> u64 {
     let Some((&mode, rest)) = data.split_first() else {
         return 0;
     };
+    let mut seed = (mode as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let regs = Regs {
+        rax: next(),
+        rbx: next() & 0x3f_ffff,
+        rcx: next() & 0xffff,
+        rdx: next(),
+        rsi: next() & 0x3f_ffff,
+        rdi: next() & 0x3f_ffff,
+        rsp: 0x8000,
+        rbp: next(),
+        r8: next(),
+        r9: next(),
+        rflags: 2 | (next() & 0xcd5),
+        ..Regs::default()
+    };
+    let noise = &rest[rest.len() - (rest.len() / 2).min(256)..];
+    run(mode, rest, noise, regs, &[])
+}
+
+/// Bytes read off the front of a fuzz input; zeros once it runs out.
+struct Input<'a>(&'a [u8]);
+
+impl Input<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let mut b = [0u8; N];
+        let n = N.min(self.0.len());
+        b[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        b
+    }
+    fn u8(&mut self) -> u8 {
+        self.take::<1>()[0]
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+}
+
+/// Longest code a [`run_program`] input encodes.
+pub const MAX_PROGRAM: usize = 4096;
+
+/// Encode one instruction record of [`run_program`]: two header bytes choose the prefixes
+/// (operand size / REP / REPNE, LOCK, FS/GS, REX with its WRXB bits), the opcode map (one-byte,
+/// 0F, 0F38, 0F3A), whether a ModRM byte follows and the immediate size; then the opcode, the
+/// ModRM (with the SIB and displacement it calls for) and the immediate.
+fn encode_insn(r: &mut Input, code: &mut Vec<u8>) {
+    let (h, h2) = (r.u8(), r.u8());
+    match h2 >> 6 {
+        1 => code.push(0x64),
+        2 => code.push(0x65),
+        _ => {}
+    }
+    if h2 & 2 != 0 {
+        code.push(0xf0);
+    }
+    match h & 3 {
+        1 => code.push(0x66),
+        2 => code.push(0xf3),
+        3 => code.push(0xf2),
+        _ => {}
+    }
+    if h & 4 != 0 {
+        code.push(0x40 | (h2 >> 2 & 0xf));
+    }
+    match h >> 3 & 3 {
+        1 => code.push(0x0f),
+        2 => code.extend_from_slice(&[0x0f, 0x38]),
+        3 => code.extend_from_slice(&[0x0f, 0x3a]),
+        _ => {}
+    }
+    code.push(r.u8());
+    if h2 & 1 != 0 {
+        let modrm = r.u8();
+        code.push(modrm);
+        let (md, rm) = (modrm >> 6, modrm & 7);
+        let mut disp = match md {
+            1 => 1,
+            2 => 4,
+            0 if rm == 5 => 4,
+            _ => 0,
+        };
+        if md != 3 && rm == 4 {
+            let sib = r.u8();
+            code.push(sib);
+            if md == 0 && sib & 7 == 5 {
+                disp = 4;
+            }
+        }
+        code.extend_from_slice(&r.take::<4>()[..disp]);
+    }
+    let imm = [0, 0, 1, 1, 2, 4, 4, 8][usize::from(h >> 5)];
+    code.extend_from_slice(&r.take::<8>()[..imm]);
+}
+
+/// Run a structured input: the CPU mode, sixteen general registers (a mask byte pair chooses
+/// which of them are turned into addresses inside guest memory), RFLAGS, up to 31 64-bit
+/// values written into the data area, then instruction records ([`encode_insn`]) up to
+/// [`MAX_PROGRAM`] bytes of code. Returns the number of instructions retired.
+pub fn run_program(data: &[u8]) -> u64 {
+    let mut r = Input(data);
+    let mode = r.u8();
+    let in_mem = r.u16();
+    let mut g = [0u64; 16];
+    for (i, v) in g.iter_mut().enumerate() {
+        *v = r.u64();
+        if in_mem & (1 << i) != 0 {
+            *v &= 0x3f_fff8;
+        }
+    }
+    if in_mem & (1 << 4) == 0 {
+        g[4] = 0x8000; // RSP
+    }
+    let rflags = 2 | (u64::from(r.u16()) & 0xcd5);
+    let writes: Vec<(u64, u64)> = (0..r.u8() % 32)
+        .map(|_| (DATA + (u64::from(r.u16()) * 8) % 0x1f_0000, r.u64()))
+        .collect();
+    let mut code = Vec::new();
+    while !r.0.is_empty() && code.len() < MAX_PROGRAM {
+        encode_insn(&mut r, &mut code);
+    }
+    run(mode, &code, &[], Regs::from_gprs(g, 0, rflags), &writes)
+}
+
+/// Where [`run_program`]'s memory values go: the second 2 MiB, mapped through the page table.
+const DATA: u64 = 0x20_0000;
+
+/// Build the guest for `mode` (real, 32-bit protected, 64-bit kernel or user), put `code` at the
+/// entry, `noise` into page-table and descriptor entries and `writes` into memory, and run
+/// [`STEPS`] instructions from `regs` (RIP is set here).
+fn run(mode: u8, code: &[u8], noise: &[u8], mut regs: Regs, writes: &[(u64, u64)]) -> u64 {
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]) else {
         return 0;
     };
@@ -94,10 +239,9 @@ pub fn run_bytes(data: &[u8]) -> u64 {
     }
     w(TSS + 4, 0x9000);
     w(TSS + 0x24, 0xa000);
-    // The input is the code; its tail (up to 256 bytes) also becomes page-table and
-    // descriptor noise.
-    let code = rest;
-    let noise = &rest[rest.len() - (rest.len() / 2).min(256)..];
+    for &(a, v) in writes {
+        w(a, v);
+    }
     for (i, chunk) in noise.chunks(9).enumerate() {
         if chunk.len() < 9 {
             break;
@@ -203,28 +347,7 @@ pub fn run_bytes(data: &[u8]) -> u64 {
         };
     }
     let _ = v.set_sregs(&sregs);
-    let mut seed = (mode as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    let regs = Regs {
-        rax: next(),
-        rbx: next() & 0x3f_ffff,
-        rcx: next() & 0xffff,
-        rdx: next(),
-        rsi: next() & 0x3f_ffff,
-        rdi: next() & 0x3f_ffff,
-        rsp: 0x8000,
-        rbp: next(),
-        r8: next(),
-        r9: next(),
-        rip: if long { CODE } else { 0 },
-        rflags: 2 | (next() & 0xcd5),
-        ..Regs::default()
-    };
+    regs.rip = if long { CODE } else { 0 };
     let _ = v.set_regs(&regs);
     let _ = v.run_steps(&NullIo, STEPS);
     v.stats().instructions
