@@ -1611,6 +1611,8 @@ u16 vio_msix(u64 addr, u32 data, u16 vector)
 	mmio_write16(cc + CC_QMSIX, vector);
 	raw_dev.q[raw_qi].avail[0] = 0; /* interrupts wanted */
 	return mmio_read16(cc + CC_QMSIX);
+}
+
 /* ------------------------------------------- virtio-blk for scenarios in other files */
 
 static struct blk_dev vblk;
