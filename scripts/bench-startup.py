@@ -28,9 +28,9 @@ def run_once(kvmbox, guest, memory):
     return t_first, t_exit
 
 
-def memory_overhead(kvmbox, guest, memory_mib):
+def memory_overhead(kvmbox, guest, memory_mib, extra=()):
     p = subprocess.Popen([kvmbox, "run", "--accel", "kvm", "--kernel", guest, "--memory", f"{memory_mib}M",
-                          "--cmdline", "tests=compute:20000000000"], stdin=subprocess.DEVNULL,
+                          "--cmdline", "tests=compute:20000000000", *extra], stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(1.0)

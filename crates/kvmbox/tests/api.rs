@@ -107,7 +107,10 @@ fn scratch_image(name: &str, len: u64) -> PathBuf {
 /// CPU time (user + system, in clock ticks) of `pid`'s threads named `vcpu*`.
 fn vcpu_cpu_ticks(pid: u32) -> u64 {
     let mut total = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
         if !comm.starts_with("vcpu") {
             continue;
@@ -131,7 +134,13 @@ fn firecracker_client_session_on_kvm() {
     let log = sock.with_extension("log");
     let _ = std::fs::remove_file(&log);
     let disk = scratch_image("session", 1 << 20);
-    let mut vm = Interactive::spawn(&["run", "--accel", "kvm", "--api-sock", sock.to_str().unwrap()]);
+    let mut vm = Interactive::spawn(&[
+        "run",
+        "--accel",
+        "kvm",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
     wait_for_socket(&mut vm, &sock);
 
     // Before configuration: Firecracker's answers.
@@ -173,7 +182,12 @@ fn firecracker_client_session_on_kvm() {
     assert_eq!(mc["mem_size_mib"], 128);
     assert_eq!(state(&sock), "Not started");
 
-    ok(&sock, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
     assert_eq!(state(&sock), "Running");
     // The guest saw what the API configured: two vCPUs and the drive.
     vm.expect("KVMBOX-TEST smp expected=2 online=2", TG);
@@ -207,7 +221,13 @@ fn firecracker_client_session_on_kvm() {
         Some(r#"{"action_type": "InstanceStart"}"#),
         "cannot start the VM while the VM is running",
     );
-    refused(&sock, "PUT", "/boot-source", Some(&boot), "only before InstanceStart");
+    refused(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(&boot),
+        "only before InstanceStart",
+    );
     refused(
         &sock,
         "PUT",
@@ -215,12 +235,24 @@ fn firecracker_client_session_on_kvm() {
         Some(r#"{"snapshot_path": "/tmp/x", "mem_file_path": "/tmp/y"}"#),
         "pause it first",
     );
-    refused(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#), "running");
+    refused(
+        &sock,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Resumed"}"#),
+        "running",
+    );
 
     // Pause and resume, then the guest shell still answers.
     ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
     assert_eq!(state(&sock), "Paused");
-    refused(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#), "paused");
+    refused(
+        &sock,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Paused"}"#),
+        "paused",
+    );
     ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
     assert_eq!(state(&sock), "Running");
     vm.send(b"smp\n");
@@ -244,7 +276,13 @@ fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
     let mc = |sock: &Path| http(sock, "GET", "/machine-config", None).1;
     let before = mc(&sock);
 
-    refused(&sock, "PUT", "/machine-config", Some("{\"vcpu_count\": 2,"), "invalid JSON");
+    refused(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some("{\"vcpu_count\": 2,"),
+        "invalid JSON",
+    );
     refused(
         &sock,
         "PUT",
@@ -314,7 +352,9 @@ fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
         &sock,
         "PUT",
         "/drives/d1",
-        Some(r#"{"drive_id": "d1", "path_on_host": "/dev/null", "is_root_device": false, "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#),
+        Some(
+            r#"{"drive_id": "d1", "path_on_host": "/dev/null", "is_root_device": false, "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#,
+        ),
         "rate_limiter",
     );
     refused(
@@ -324,7 +364,13 @@ fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
         Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 1400}"#),
         "mtu",
     );
-    refused(&sock, "PUT", "/actions", Some(r#"{"action_type": "Reboot"}"#), "Reboot");
+    refused(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "Reboot"}"#),
+        "Reboot",
+    );
     refused(
         &sock,
         "PUT",
@@ -332,7 +378,13 @@ fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
         Some(r#"{"action_type": "InstanceStart"}"#),
         "no kernel",
     );
-    refused(&sock, "PUT", "/actions", Some(r#"{"action_type": "FlushMetrics"}"#), "metrics");
+    refused(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+        "metrics",
+    );
     refused(
         &sock,
         "PATCH",
@@ -372,7 +424,10 @@ fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
     let (st, v) = exchange(&sock, big.as_bytes());
     assert_eq!(st, 400, "{v}");
     assert!(
-        v["fault_message"].as_str().unwrap().contains("larger than the limit"),
+        v["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than the limit"),
         "{v}"
     );
     let (st, _) = exchange(&sock, b"NOT HTTP AT ALL\r\n\r\n");
@@ -521,7 +576,12 @@ fn linux_on_the_engine_pauses_resumes_and_powers_off_on_the_button() {
         "no reboot: {}",
         vm.console()
     );
-    ok(&sock, "PUT", "/actions", r#"{"action_type": "PowerButton"}"#);
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "PowerButton"}"#,
+    );
     vm.expect("KVMBOX-LINUX power-button", LINUX);
     assert_eq!(vm.wait_exit(LINUX), Some(0), "{}", vm.stderr());
 }

@@ -188,7 +188,8 @@ impl Controller {
         self.extras.count_request();
         let r = self.dispatch(req);
         if let Err(e) = &r {
-            self.extras.log(&format!("API request failed: {}", e.message));
+            self.extras
+                .log(&format!("API request failed: {}", e.message));
         }
         r
     }

@@ -152,7 +152,11 @@ impl Machine {
 
     /// Press the ACPI power button (PWRBTN_STS + SCI): an ACPI-aware guest shuts down.
     pub fn press_power_button(&self) -> Result<(), Error> {
-        let mut pm = self.platform.acpi_pm.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pm = self
+            .platform
+            .acpi_pm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         pm.press_power_button()
             .map_err(|e| Error::Host(format!("raising the SCI: {e}")))
     }

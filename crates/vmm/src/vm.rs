@@ -185,7 +185,11 @@ pub struct Platform {
 }
 
 /// Put the PC platform devices on the bus.
-pub(crate) fn add_legacy_devices(vm: &dyn Vm, io: &IoBus, control: &Arc<VmControl>) -> Result<Platform> {
+pub(crate) fn add_legacy_devices(
+    vm: &dyn Vm,
+    io: &IoBus,
+    control: &Arc<VmControl>,
+) -> Result<Platform> {
     let com1_irq = vm.irq_line(layout::COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(SerialPort::new(
         IrqTrigger(com1_irq),

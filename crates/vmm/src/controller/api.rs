@@ -163,10 +163,12 @@ fn check_drive(d: &Drive) -> ApiRes<()> {
     if d.partuuid.is_some() && !d.is_root_device {
         return Err(refuse("partuuid", "only for the root device"));
     }
-    let path = d
-        .path_on_host
-        .as_deref()
-        .ok_or_else(|| refuse("path_on_host", "missing (a virtio-blk drive needs an image)"))?;
+    let path = d.path_on_host.as_deref().ok_or_else(|| {
+        refuse(
+            "path_on_host",
+            "missing (a virtio-blk drive needs an image)",
+        )
+    })?;
     if path.contains(',') {
         return Err(refuse("path_on_host", "kvmbox cannot use a path with ','"));
     }
@@ -177,13 +179,22 @@ fn check_drive(d: &Drive) -> ApiRes<()> {
 
 fn check_net(n: &NetworkInterface) -> ApiRes<()> {
     if n.rx_rate_limiter.is_some() {
-        return Err(refuse("rx_rate_limiter", "kvmbox has no network rate limiter"));
+        return Err(refuse(
+            "rx_rate_limiter",
+            "kvmbox has no network rate limiter",
+        ));
     }
     if n.tx_rate_limiter.is_some() {
-        return Err(refuse("tx_rate_limiter", "kvmbox has no network rate limiter"));
+        return Err(refuse(
+            "tx_rate_limiter",
+            "kvmbox has no network rate limiter",
+        ));
     }
     if n.mtu.is_some() {
-        return Err(refuse("mtu", "kvmbox's virtio-net does not advertise an MTU"));
+        return Err(refuse(
+            "mtu",
+            "kvmbox's virtio-net does not advertise an MTU",
+        ));
     }
     if n.host_dev_name.contains(',') || n.guest_mac.as_deref().is_some_and(|m| m.contains(',')) {
         return Err(refuse("host_dev_name", "kvmbox cannot use a name with ','"));
@@ -202,7 +213,10 @@ fn check_machine(m: &MachineConfig) -> ApiRes<()> {
         return Err(refuse("smt", "kvmbox does not offer SMT (set false)"));
     }
     if m.track_dirty_pages == Some(true) {
-        return Err(refuse("track_dirty_pages", "kvmbox does not track dirty pages yet"));
+        return Err(refuse(
+            "track_dirty_pages",
+            "kvmbox does not track dirty pages yet",
+        ));
     }
     if let Some(t) = m.cpu_template.as_deref().filter(|&t| t != "None") {
         return Err(refuse(
@@ -272,7 +286,10 @@ impl Extras {
             return Err(refuse("module", "kvmbox's log has no modules to filter"));
         }
         if l.show_log_origin == Some(true) {
-            return Err(refuse("show_log_origin", "kvmbox's log lines have no origin"));
+            return Err(refuse(
+                "show_log_origin",
+                "kvmbox's log lines have no origin",
+            ));
         }
         if let Some(level) = &l.level {
             if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
@@ -292,10 +309,9 @@ impl Extras {
 
     fn flush_metrics(&mut self, state: &str) -> ApiRes<()> {
         let requests = self.requests;
-        let (file, _) = self
-            .metrics
-            .as_mut()
-            .ok_or_else(|| ApiError::bad_request("FlushMetrics: no metrics sink (PUT /metrics first)"))?;
+        let (file, _) = self.metrics.as_mut().ok_or_else(|| {
+            ApiError::bad_request("FlushMetrics: no metrics sink (PUT /metrics first)")
+        })?;
         let ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
@@ -304,8 +320,7 @@ impl Extras {
             "api_server": {"requests": requests},
             "vmm": {"state": state},
         });
-        writeln!(file, "{line}")
-            .map_err(|e| ApiError::internal(format!("writing metrics: {e}")))
+        writeln!(file, "{line}").map_err(|e| ApiError::internal(format!("writing metrics: {e}")))
     }
 }
 
@@ -341,13 +356,18 @@ impl Controller {
     fn full_config(&self) -> ApiRes<FullVmConfiguration> {
         let (cfg, pre) = self.report_config()?;
         let api_drives = pre.map(|p| p.drives.clone()).unwrap_or_default();
-        let flag_disks = cfg.disks.iter().skip(api_drives.len()).enumerate().map(|(i, d)| Drive {
-            drive_id: format!("disk{i}"),
-            is_root_device: false,
-            path_on_host: Some(d.path.display().to_string()),
-            is_read_only: Some(d.read_only),
-            ..Default::default()
-        });
+        let flag_disks = cfg
+            .disks
+            .iter()
+            .skip(api_drives.len())
+            .enumerate()
+            .map(|(i, d)| Drive {
+                drive_id: format!("disk{i}"),
+                is_root_device: false,
+                path_on_host: Some(d.path.display().to_string()),
+                is_read_only: Some(d.read_only),
+                ..Default::default()
+            });
         let api_nets = pre.map(|p| p.nets.clone()).unwrap_or_default();
         let flag_nets = cfg
             .nets
@@ -468,7 +488,9 @@ impl Controller {
                             .drives
                             .iter_mut()
                             .find(|o| o.drive_id == d.drive_id)
-                            .ok_or_else(|| refuse("drive_id", &format!("no drive '{}'", d.drive_id)))?;
+                            .ok_or_else(|| {
+                                refuse("drive_id", &format!("no drive '{}'", d.drive_id))
+                            })?;
                         let mut next = cur.clone();
                         if let Some(path) = d.path_on_host {
                             next.path_on_host = Some(path);
@@ -540,8 +562,15 @@ impl Controller {
             R::PatchVm(VmStateRequest::Resumed) => self.resume(),
             R::CreateSnapshot(s) => {
                 self.check(Action::Snapshot)?;
-                if let Some(t) = s.snapshot_type.as_deref().filter(|&t| t != "Full" && t != "Diff") {
-                    return Err(refuse("snapshot_type", &format!("'{t}': expected Full or Diff")));
+                if let Some(t) = s
+                    .snapshot_type
+                    .as_deref()
+                    .filter(|&t| t != "Full" && t != "Diff")
+                {
+                    return Err(refuse(
+                        "snapshot_type",
+                        &format!("'{t}': expected Full or Diff"),
+                    ));
                 }
                 Err(ApiError::bad_request(
                     "PUT /snapshot/create: this kvmbox build cannot write snapshots yet",
