@@ -28,7 +28,14 @@ def http(sock_path, method, path, body=None):
     return int(out.split()[1]), out
 
 
+def fresh(sock_path):
+    """kvmbox refuses an existing socket path; a killed kvmbox leaves its socket behind."""
+    if os.path.exists(sock_path):
+        os.unlink(sock_path)
+
+
 def api_ready_once(kvmbox, sock_path):
+    fresh(sock_path)
     t0 = time.perf_counter()
     p = subprocess.Popen([kvmbox, "run", "--api-sock", sock_path], stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -51,6 +58,7 @@ def api_ready_once(kvmbox, sock_path):
 
 
 def pause_resume(kvmbox, guest, accel, sock_path, cycles):
+    fresh(sock_path)
     p = subprocess.Popen([kvmbox, "run", "--accel", accel, "--kernel", guest, "--memory", "128M", "--cpus", "2",
                           "--cmdline", "tests=compute:20000000000", "--api-sock", sock_path],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -98,6 +106,7 @@ def main():
     spec = importlib.util.spec_from_file_location("bench_startup", os.path.join(ROOT, "scripts/bench-startup.py"))
     bs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bs)
+    fresh(sock_path)
     g, o = bs.memory_overhead(a.kvmbox, guest, 128, ("--api-sock", sock_path))
     print(f"test guest computing on KVM with --api-sock: guest RAM touched {g / 1024:.1f} MiB, VMM beyond it {o / 1024:.1f} MiB")
     for accel in ("kvm", "emu"):
