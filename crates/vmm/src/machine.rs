@@ -5,7 +5,7 @@ use crate::config::VmConfig;
 use crate::vcpu::{VcpuError, VcpuHandle, VcpuShared};
 use crate::vm::{
     add_legacy_devices, attach_virtio, check_cpus, create_backend, mmio_slots, virtio_devices,
-    EmuPlatform, Error, Platform,
+    Error, IrqPlatform, Platform,
 };
 use kvmbox_cpu::{Accel, VcpuConfig, Vm};
 use kvmbox_devices::{IoBus, VmControl};
@@ -20,8 +20,8 @@ pub struct Machine {
     pub vcpus: Vec<VcpuHandle>,
     /// The PC platform devices (serial, i8042, ACPI PM, RTC).
     pub platform: Platform,
-    /// The software engine's interrupt controllers and PIT timer (None on KVM).
-    pub emu_platform: Option<EmuPlatform>,
+    /// The interrupt controllers (IOAPIC, PIC; the engine's LAPICs) and the PIT timer.
+    pub irq_platform: IrqPlatform,
     /// Port and MMIO buses.
     pub io: Arc<IoBus>,
     /// The CPU backend's VM.
@@ -69,7 +69,7 @@ impl Machine {
         params.host_decompress = accel == Accel::Emu;
         let boot = kvmbox_arch::load(&mem, &params)?;
         let io = Arc::new(IoBus::default());
-        let (vm, emu_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
+        let (vm, irq_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
         check_cpus(cfg.cpus, vm.name(), vm.max_vcpus())?;
         let platform = add_legacy_devices(vm.as_ref(), &io, control)?;
         attach_virtio(cfg, vm.as_ref(), &io, &mem, devices, &mmio_slots)?;
@@ -109,7 +109,7 @@ impl Machine {
         let machine = Machine {
             vcpus: handles,
             platform,
-            emu_platform,
+            irq_platform,
             io,
             vm,
             mem,
