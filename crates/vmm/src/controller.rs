@@ -194,17 +194,16 @@ impl Controller {
         r
     }
 
-    fn pause(&mut self) -> ApiResult {
-        let next = self.check(Action::Pause)?;
-        self.machine()?.pause().map_err(to_api_error)?;
-        self.state = next;
-        self.extras.log(&format!("VM {}", self.state));
-        Ok(ApiReply::Empty)
-    }
-
-    fn resume(&mut self) -> ApiResult {
-        let next = self.check(Action::Resume)?;
-        self.machine()?.resume().map_err(to_api_error)?;
+    /// Pause (`Action::Pause`) or resume (`Action::Resume`) every vCPU.
+    fn pause_or_resume(&mut self, action: Action) -> ApiResult {
+        let next = self.check(action)?;
+        let m = self.machine()?;
+        let done = if action == Action::Pause {
+            m.pause()
+        } else {
+            m.resume()
+        };
+        done.map_err(to_api_error)?;
         self.state = next;
         self.extras.log(&format!("VM {}", self.state));
         Ok(ApiReply::Empty)

@@ -558,8 +558,8 @@ impl Controller {
                 self.machine()?.press_power_button().map_err(to_api_error)?;
                 Ok(ApiReply::Empty)
             }
-            R::PatchVm(VmStateRequest::Paused) => self.pause(),
-            R::PatchVm(VmStateRequest::Resumed) => self.resume(),
+            R::PatchVm(VmStateRequest::Paused) => self.pause_or_resume(Action::Pause),
+            R::PatchVm(VmStateRequest::Resumed) => self.pause_or_resume(Action::Resume),
             R::CreateSnapshot(s) => {
                 self.check(Action::Snapshot)?;
                 if let Some(t) = s
