@@ -325,6 +325,8 @@ void trap(struct trap_frame *f)
 	/* The end of run_user() (#UD at user_exit) never gets here: isr6 in entry.S handles it. */
 	if (from_user && f->vector == 13 && emulate_user_io(f))
 		return;
+	if (!from_user && attack_catch_gp(f))
+		return;
 
 	if (__atomic_exchange_n(&fatal, 1, __ATOMIC_SEQ_CST))
 		exit_vm(1);
@@ -374,6 +376,7 @@ static const struct scenario scenarios[] = {
 	{"netecho", test_netecho, ARG_NUMBER, 0},
 	{"netbench", test_netbench, ARG_NUMBER, 0},
 	{"rng", test_rng, ARG_NONE, 0},
+	ATTACK_SCENARIOS
 };
 #define NR_SCENARIOS (sizeof(scenarios) / sizeof(scenarios[0]))
 

@@ -159,6 +159,19 @@ int test_netecho(const char *arg);
 int test_netbench(const char *arg);
 int test_rng(const char *arg);
 
+/* attack.c: scenarios that attack the VMM (ports, MMIO holes, MSRs, CPUID, virtqueues) */
+int attack_catch_gp(struct trap_frame *f);
+int test_attackport(const char *arg);
+int test_attackmmio(const char *arg);
+int test_attackmsr(const char *arg);
+int test_attackvq(const char *arg);
+int test_attackportlow(const char *arg);
+#define ATTACK_SCENARIOS                                                                          \
+	{"attackport", test_attackport, ARG_NUMBER, 0},                                           \
+		{"attackportlow", test_attackportlow, ARG_NUMBER, 0},                             \
+		{"attackmmio", test_attackmmio, ARG_NONE, 1}, {"attackmsr", test_attackmsr, ARG_NONE, 0}, \
+		{"attackvq", test_attackvq, ARG_NUMBER, 0},
+
 static inline void outb(u16 port, u8 v)
 {
 	__asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));

@@ -372,6 +372,18 @@ static const char *vdev_open(struct vdev *d, u16 type, u64 wanted)
 	return NULL;
 }
 
+/* The selected queue's rings: descriptors at `mem`, available ring 4 KiB and used ring 8 KiB
+ * above. */
+static void vq_set_rings(u64 cc, u64 mem)
+{
+	mmio_write32(cc + CC_QDESC, (u32)mem);
+	mmio_write32(cc + CC_QDESC + 4, (u32)(mem >> 32));
+	mmio_write32(cc + CC_QDRIVER, (u32)(mem + 4096));
+	mmio_write32(cc + CC_QDRIVER + 4, (u32)((mem + 4096) >> 32));
+	mmio_write32(cc + CC_QDEVICE, (u32)(mem + 8192));
+	mmio_write32(cc + CC_QDEVICE + 4, (u32)((mem + 8192) >> 32));
+}
+
 /* Sets queue `index` up with at most `max` entries; rings from ram_alloc. */
 static const char *vq_setup(struct vdev *d, u16 index, u16 max)
 {
@@ -414,12 +426,7 @@ static const char *vq_setup(struct vdev *d, u16 index, u16 max)
 
 	mmio_write16(cc + CC_QSIZE, size);
 	mmio_write16(cc + CC_QMSIX, 0xffff);
-	mmio_write32(cc + CC_QDESC, (u32)mem);
-	mmio_write32(cc + CC_QDESC + 4, (u32)(mem >> 32));
-	mmio_write32(cc + CC_QDRIVER, (u32)(mem + 4096));
-	mmio_write32(cc + CC_QDRIVER + 4, (u32)((mem + 4096) >> 32));
-	mmio_write32(cc + CC_QDEVICE, (u32)(mem + 8192));
-	mmio_write32(cc + CC_QDEVICE + 4, (u32)((mem + 8192) >> 32));
+	vq_set_rings(cc, mem);
 	u64 off = mmio_read16(cc + CC_QNOTIFYOFF);
 	q->notify = d->notify_base + off * d->notify_mult;
 	if (q->notify + 2 > boot.mapped_top)
@@ -1488,4 +1495,120 @@ int test_rng(const char *arg)
 			distinct++;
 	printk("KVMBOX-TEST rng bytes=%lu distinct=%u\n", j.got, distinct);
 	return j.got != 64 || distinct < 2;
+}
+
+/* ------------------------------------------------------------ raw queue access (attack.c) */
+
+/*
+ * attack.c drives one queue of one device by hand, with whatever descriptors and ring
+ * addresses it likes: queue 0, or for virtio-net queue 1 (transmit: receive only moves when
+ * the host sends). rings != 0 moves that queue's rings there (desc, avail, used 4 KiB apart)
+ * before DRIVER_OK. No EVENT_IDX: every publish notifies.
+ */
+static struct vdev raw_dev;
+static u16 raw_qi;
+
+const char *vio_open(u16 type, u64 rings)
+{
+	ram_reset();
+	const char *e = vdev_open(&raw_dev, type, 0);
+	raw_qi = type == VIRTIO_NET ? 1 : 0;
+	for (u16 i = 0; !e && i <= raw_qi; i++)
+		e = vq_setup(&raw_dev, i, VQ_MAX);
+	if (e) {
+		vdev_close(&raw_dev);
+		return e;
+	}
+	if (rings) {
+		u64 cc = raw_dev.common;
+		mmio_write16(cc + CC_QSELECT, raw_qi);
+		vq_set_rings(cc, rings);
+	}
+	vdev_ready(&raw_dev);
+	return NULL;
+}
+
+u16 vio_qsize(void)
+{
+	return raw_dev.q[raw_qi].size;
+}
+
+u64 vio_alloc(u64 size)
+{
+	return ram_alloc(size);
+}
+
+void vio_desc(u16 i, u64 addr, u32 len, u16 flags, u16 next)
+{
+	struct vring_desc *d = &raw_dev.q[raw_qi].desc[i & (raw_dev.q[raw_qi].size - 1)];
+	d->addr = addr;
+	d->len = len;
+	d->flags = flags;
+	d->next = next;
+}
+
+/* Puts `head` on the available ring, advances the index by `advance` and notifies. */
+void vio_submit(u16 head, u16 advance)
+{
+	struct vq *q = &raw_dev.q[raw_qi];
+	q->avail[2 + (q->next_avail & (q->size - 1))] = head;
+	q->next_avail = (u16)(q->next_avail + advance);
+	barrier();
+	q->avail[1] = q->next_avail;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	mmio_write16(q->notify, 0);
+}
+
+/* Writes `value` to the queue's notify register (any value: a queue index that may not exist). */
+void vio_notify(u16 value)
+{
+	mmio_write16(raw_dev.q[raw_qi].notify, value);
+}
+
+u16 vio_used_idx(void)
+{
+	return raw_dev.q[raw_qi].used[1];
+}
+
+/* The first used element's length. */
+u32 vio_used_len(u16 i)
+{
+	return raw_dev.q[raw_qi].elems[i & (raw_dev.q[raw_qi].size - 1)].len;
+}
+
+u8 vio_status(void)
+{
+	return mmio_read8(raw_dev.common + CC_STATUS);
+}
+
+void vio_close(void)
+{
+	vdev_close(&raw_dev);
+}
+
+/*
+ * Enables MSI-X on the raw device with table entry 0 = (addr, data), unmasked, asks for an
+ * interrupt on every used buffer of queue 0 and writes `vector` as that queue's MSI-X vector.
+ * Returns the vector the device reports back (0xffff: it refused), 0xfffe if there is no
+ * MSI-X capability.
+ */
+u16 vio_msix(u64 addr, u32 data, u16 vector)
+{
+	u32 bdf = raw_dev.bdf, ptr = pci_read(bdf, 0x34) & 0xfc;
+	for (u32 n = 0; ptr >= 0x40 && n < 48 && (pci_read(bdf, ptr) & 0xff) != 0x11; n++)
+		ptr = (pci_read(bdf, ptr) >> 8) & 0xfc;
+	if (ptr < 0x40 || (pci_read(bdf, ptr) & 0xff) != 0x11)
+		return 0xfffe;
+	u32 table = pci_read(bdf, ptr + 4);
+	u64 entry = pci_bar(bdf, table & 7) + (table & ~7u);
+	pci_write(bdf, ptr, pci_read(bdf, ptr) | (1u << 31)); /* Message Control: MSI-X enable */
+	mmio_write32(entry, (u32)addr);
+	mmio_write32(entry + 4, (u32)(addr >> 32));
+	mmio_write32(entry + 8, data);
+	mmio_write32(entry + 12, 0); /* unmasked */
+	u64 cc = raw_dev.common;
+	mmio_write16(cc + CC_QSELECT, raw_qi);
+	mmio_write16(cc + CC_QMSIX, vector);
+	raw_dev.q[raw_qi].avail[0] = 0; /* interrupts wanted */
+	return mmio_read16(cc + CC_QMSIX);
 }

@@ -28,7 +28,7 @@ pub use acpi::{
     create_acpi_tables, create_acpi_tables_with, AcpiConfig, McfgEntry, PciHostBridge, PciIntx,
 };
 pub use loader::{load, BootSetup, EntryKind, LoadParams};
-pub use memory::{e820_table, guest_memory, E820Entry, E820_RAM, E820_RESERVED};
+pub use memory::{e820_table, guest_memory, ByteSize, E820Entry, E820_RAM, E820_RESERVED};
 pub use mptable::{setup_mptable, MAX_CPUS};
 pub use vmlinux::extract_vmlinux;
 
@@ -109,10 +109,10 @@ pub enum Error {
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
     /// Guest memory cannot be created, or does not match the requested size.
-    #[error("guest memory of {mib} MiB: {msg}")]
+    #[error("guest memory of {size}: {msg}")]
     GuestMemory {
-        /// Requested size in MiB.
-        mib: u64,
+        /// Requested size.
+        size: ByteSize,
         /// What is wrong.
         msg: String,
     },

@@ -331,6 +331,9 @@ const EM_X86_64: u16 = 62;
 const PT_LOAD: u32 = 1;
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
+/// The most program headers an ELF kernel may have (vmlinux has 5, freestanding guests a few):
+/// bounds the work a crafted image can ask for.
+const MAX_ELF_PHDRS: usize = 64;
 
 struct Segment {
     paddr: u64,
@@ -417,6 +420,12 @@ fn load_elf<R: Read + Seek + vm_memory::ReadVolatile>(
             "ELF program header size {phentsize}, expected {PHDR_SIZE}"
         )));
     }
+    if phnum > MAX_ELF_PHDRS {
+        return Err(kerr(format!(
+            "ELF has {phnum} program headers, more than kvmbox accepts ({MAX_ELF_PHDRS})"
+        )));
+    }
+    let file_len = file.seek(SeekFrom::End(0)).map_err(|e| kerr(io_msg(&e)))?;
     let mut phdrs = vec![0u8; phnum * PHDR_SIZE];
     file.seek(SeekFrom::Start(e_phoff))
         .and_then(|_| file.read_exact(&mut phdrs))
@@ -424,13 +433,32 @@ fn load_elf<R: Read + Seek + vm_memory::ReadVolatile>(
     let mut segs = Vec::new();
     for ph in phdrs.chunks_exact(PHDR_SIZE) {
         let p_type = u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]);
-        // linux_loader skips PT_LOAD with p_filesz == 0, so do we (bss-only segments are not
-        // part of Linux or of freestanding guests' layouts).
-        let (paddr, filesz, memsz) = (u64_at(ph, 24), u64_at(ph, 32), u64_at(ph, 40));
-        if p_type != PT_LOAD || filesz == 0 {
+        if p_type != PT_LOAD {
             continue;
         }
-        let end = paddr.checked_add(memsz.max(filesz));
+        let (offset, paddr, filesz, memsz) = (
+            u64_at(ph, 8),
+            u64_at(ph, 24),
+            u64_at(ph, 32),
+            u64_at(ph, 40),
+        );
+        if filesz > memsz {
+            return Err(kerr(format!(
+                "ELF segment at {paddr:#x} has p_filesz {filesz:#x} > p_memsz {memsz:#x}"
+            )));
+        }
+        if offset.checked_add(filesz).is_none_or(|end| end > file_len) {
+            return Err(kerr(format!(
+                "ELF segment at {paddr:#x} (file bytes {offset:#x}+{filesz:#x}) ends past the \
+                 end of the file ({file_len:#x})"
+            )));
+        }
+        // linux_loader skips PT_LOAD with p_filesz == 0, so do we (bss-only segments are not
+        // part of Linux or of freestanding guests' layouts).
+        if filesz == 0 {
+            continue;
+        }
+        let end = paddr.checked_add(memsz);
         match end {
             Some(end) if paddr >= layout::HIGH_RAM_START && in_ram(p.mem_size, paddr, end) => {}
             _ => {
@@ -447,8 +475,23 @@ fn load_elf<R: Read + Seek + vm_memory::ReadVolatile>(
             memsz,
         });
     }
+    // Loaded segments may not overlap (each byte of the image has one place), which also bounds
+    // the copying to the guest's RAM size.
+    segs.sort_by_key(|s| s.paddr);
+    if let Some(w) = segs
+        .windows(2)
+        .find(|w| w[1].paddr < w[0].paddr + w[0].memsz)
+    {
+        return Err(kerr(format!(
+            "ELF segments {:#x}..{:#x} and {:#x}..{:#x} overlap",
+            w[0].paddr,
+            w[0].paddr + w[0].memsz,
+            w[1].paddr,
+            w[1].paddr + w[1].memsz
+        )));
+    }
     let start = segs.iter().map(|s| s.paddr).min();
-    let end = segs.iter().map(|s| s.paddr + s.memsz.max(s.filesz)).max();
+    let end = segs.iter().map(|s| s.paddr + s.memsz).max();
     let (Some(start), Some(end)) = (start, end) else {
         return Err(kerr("ELF has no loadable segment".into()));
     };

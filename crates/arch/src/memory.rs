@@ -23,11 +23,28 @@ pub struct E820Entry {
 
 const MIB: u64 = 1 << 20;
 
+/// A size in bytes shown in the largest binary unit that divides it exactly ("4 GiB",
+/// "1536 MiB", "4095 bytes"), so that a message never rounds a size away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0;
+        for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+            if n != 0 && n.trailing_zeros() >= shift {
+                return write!(f, "{} {unit}", n >> shift);
+            }
+        }
+        write!(f, "{n} bytes")
+    }
+}
+
 /// Map `mem_size` bytes of guest RAM at the places [`layout::ram_regions`] gives (split around
 /// the 32-bit MMIO hole above 3 GiB).
 pub fn guest_memory(mem_size: u64) -> Result<GuestMemoryMmap> {
     let err = |msg: String| Error::GuestMemory {
-        mib: mem_size / MIB,
+        size: ByteSize(mem_size),
         msg,
     };
     if mem_size < layout::MIN_MEMORY {
@@ -98,7 +115,7 @@ pub fn e820_table(mem_size: u64) -> Vec<E820Entry> {
 /// RAM below 4 GiB.
 pub(crate) fn check_ram(mem: &GuestMemoryMmap, mem_size: u64) -> Result<u64> {
     let err = |msg: String| Error::GuestMemory {
-        mib: mem_size / MIB,
+        size: ByteSize(mem_size),
         msg,
     };
     if mem_size < layout::MIN_MEMORY {
@@ -216,6 +233,20 @@ mod tests {
             .map(|e| e.size)
             .sum();
         assert_eq!(ram, (16 << 30) - 0x6_0400);
+    }
+
+    #[test]
+    fn byte_sizes_are_exact() {
+        assert_eq!(ByteSize(4095).to_string(), "4095 bytes");
+        assert_eq!(ByteSize(64 << 10).to_string(), "64 KiB");
+        assert_eq!(ByteSize(1536 << 20).to_string(), "1536 MiB");
+        assert_eq!(ByteSize(16 << 40).to_string(), "16 TiB");
+        assert_eq!(ByteSize(0).to_string(), "0 bytes");
+        let e = guest_memory(4095).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "guest memory of 4095 bytes: less than the minimum of 16 MiB"
+        );
     }
 
     #[test]

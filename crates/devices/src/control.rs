@@ -16,6 +16,8 @@ pub enum ExitRequest {
     UserQuit,
     /// A vCPU stopped on an error it cannot continue from.
     Error,
+    /// kvmbox received this stop signal (SIGTERM, SIGINT, SIGHUP, SIGQUIT).
+    Signal(i32),
 }
 
 /// Shared between devices, vCPU threads and the VMM thread. The first request wins; the

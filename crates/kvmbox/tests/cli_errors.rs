@@ -211,3 +211,218 @@ fn no_kernel_at_all() {
 fn unknown_flag() {
     expect_usage_error(&["run", "--kernal", "x"], "--kernal");
 }
+
+/// A terminal's settings, as the fields `tcgetattr` reports.
+fn term_settings(fd: i32) -> (u32, u32, u32, u32, Vec<u8>) {
+    // SAFETY: termios is plain data, filled by tcgetattr (checked).
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is an open terminal and `t` a valid termios.
+    assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0, "tcgetattr");
+    (t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag, t.c_cc.to_vec())
+}
+
+/// `kill -TERM` (and INT, HUP, QUIT) while the guest runs on a terminal: kvmbox stops the VM,
+/// says "terminating on signal N", exits with status 8 and leaves the terminal as it found it.
+#[test]
+fn stop_signals_restore_the_terminal() {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::process::{Command, Stdio};
+    use std::sync::{Arc, Mutex};
+    let g = testguest();
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty writes two fds into the given ints; the other arguments may be null.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty");
+        // SAFETY: both fds were just opened by openpty and are owned here alone.
+        let (master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        use std::os::fd::AsRawFd;
+        let before = term_settings(slave.as_raw_fd());
+        let mut child = Command::new(common::kvmbox())
+            .args([
+                "run",
+                "--accel",
+                "emu",
+                "--memory",
+                "64M",
+                "--cmdline",
+                "tests=shell",
+            ])
+            .arg("--kernel")
+            .arg(&g)
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kvmbox");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let start = std::time::Instant::now();
+        while !String::from_utf8_lossy(&out.lock().unwrap()).contains("KVMBOX-TEST shell ready") {
+            assert!(
+                start.elapsed() < Duration::from_secs(60) && child.try_wait().unwrap().is_none(),
+                "the shell did not start: {}",
+                String::from_utf8_lossy(&out.lock().unwrap())
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_ne!(
+            term_settings(slave.as_raw_fd()),
+            before,
+            "kvmbox should have put the terminal in raw mode"
+        );
+        // SAFETY: kill sends a signal to the child this test started.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("kvmbox did not stop on signal {sig}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert_eq!(
+            status.code(),
+            Some(8),
+            "signal {sig}: {status}; stderr:\n{err}"
+        );
+        assert!(
+            err.contains(&format!("terminating on signal {sig}")),
+            "signal {sig}: stderr:\n{err}"
+        );
+        assert_eq!(
+            term_settings(slave.as_raw_fd()),
+            before,
+            "signal {sig} left the terminal changed"
+        );
+        drop(master);
+    }
+}
+
+/// A FIFO in a fresh temporary directory (nothing ever writes to it).
+fn fifo(name: &str) -> std::path::PathBuf {
+    let p = tmpfile(name, b"");
+    std::fs::remove_file(&p).unwrap();
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    p
+}
+
+#[test]
+fn config_that_is_not_a_regular_file() {
+    // /dev/zero and /dev/urandom never end; a FIFO nobody writes to blocks forever.
+    for dev in ["/dev/zero", "/dev/urandom"] {
+        expect_usage_error(
+            &["run", "--config", dev],
+            "is a character device, not a regular file",
+        );
+    }
+    let f = fifo("config.fifo");
+    expect_usage_error(
+        &["run", "--config", f.to_str().unwrap()],
+        "is a FIFO, not a regular file",
+    );
+    let big = tmpfile("big.toml", &vec![b'#'; (1 << 20) + 1]);
+    expect_usage_error(
+        &["run", "--config", big.to_str().unwrap()],
+        "larger than 1024 KiB",
+    );
+}
+
+#[test]
+fn images_that_are_not_regular_files() {
+    let g = testguest();
+    let g = g.to_str().unwrap();
+    let f = fifo("image.fifo");
+    let f = f.to_str().unwrap();
+    expect_usage_error(&["run", "--kernel", f], "kernel");
+    expect_usage_error(&["run", "--kernel", f], "is a FIFO, not a regular file");
+    expect_usage_error(&["run", "--kernel", "/dev/zero"], "is a character device");
+    expect_usage_error(&["run", "--kernel", g, "--initrd", f], "initrd");
+    expect_usage_error(
+        &["run", "--kernel", g, "--initrd", "/dev/urandom"],
+        "character device",
+    );
+    expect_usage_error(
+        &["run", "--kernel", g, "--disk", f],
+        "is a FIFO, not a regular file or a block device",
+    );
+    expect_usage_error(
+        &["run", "--kernel", g, "--disk", "/dev/null,ro"],
+        "is a character device, not a regular file or a block device",
+    );
+}
+
+#[test]
+fn memory_beyond_the_host_is_refused_alike_by_both_engines() {
+    let g = testguest();
+    let g = g.to_str().unwrap();
+    for accel in ["kvm", "emu"] {
+        expect_usage_error(
+            &["run", "--accel", accel, "--kernel", g, "--memory", "16T"],
+            "guest memory of 16 TiB: more than this host's RAM + swap",
+        );
+        // A size is never rounded away in a message.
+        expect_usage_error(
+            &["run", "--accel", accel, "--kernel", g, "--memory", "4095B"],
+            "guest memory of 4095 bytes: less than the minimum of 16 MiB",
+        );
+        expect_usage_error(
+            &["run", "--accel", accel, "--kernel", g, "--memory", "65537K"],
+            "guest memory of 65537 KiB: 67109888 bytes is not a multiple of the 4 KiB page size",
+        );
+    }
+}
+
+/// Relative paths in a config file are relative to the file, wherever kvmbox runs from.
+#[test]
+fn config_paths_are_relative_to_the_file() {
+    let dir = std::env::temp_dir().join(format!("kvmbox-cli-rel-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    std::fs::copy(testguest(), dir.join("images/guest.elf")).unwrap();
+    let cfg = dir.join("vm.toml");
+    std::fs::write(
+        &cfg,
+        "kernel = \"images/guest.elf\"\ncmdline = \"tests=hello\"\nmemory = 64\naccel = \"emu\"\n",
+    )
+    .unwrap();
+    // The test runs in the crate's directory, where images/guest.elf does not exist.
+    assert!(!std::path::Path::new("images/guest.elf").exists());
+    let r = run_kvmbox(
+        &["run", "--config", cfg.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    r.assert_guest_ok();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -23,6 +23,10 @@ pub enum ChainError {
     /// or the total length passes 4 GiB.
     #[error("descriptor chain does not terminate properly")]
     Unterminated,
+    /// The chain has more descriptors than the queue has entries (an indirect table may not
+    /// make it longer: virtio 1.2, 2.7.5.3.1).
+    #[error("descriptor chain longer than the queue size ({0})")]
+    TooLong(u16),
     /// A buffer's address plus length overflows.
     #[error("descriptor buffer {0:#x}+{1:#x} overflows")]
     Overflow(u64, u32),
@@ -52,10 +56,11 @@ pub struct Chain {
 }
 
 impl Chain {
-    /// Walk and validate `chain` against `mem`.
+    /// Walk and validate `chain`, from a queue of `queue_size` entries, against `mem`.
     pub fn parse(
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
+        queue_size: u16,
     ) -> Result<Self, ChainError> {
         let head = chain.head_index();
         let mut readable = Vec::new();
@@ -64,6 +69,9 @@ impl Chain {
         let mut count = 0usize;
         for d in chain {
             count += 1;
+            if count > usize::from(queue_size) {
+                return Err(ChainError::TooLong(queue_size));
+            }
             last_has_next = d.has_next();
             let (addr, len) = (d.addr().raw_value(), d.len());
             if addr.checked_add(u64::from(len)).is_none() {
@@ -320,6 +328,7 @@ pub fn process_queue(
 ) -> Result<bool, QueueBroken> {
     let mut used = 0usize;
     let mut more = false;
+    let size = queue.size();
     'outer: loop {
         queue.disable_notification(mem).map_err(QueueBroken)?;
         loop {
@@ -330,7 +339,7 @@ pub fn process_queue(
             let next = queue.iter(mem).map_err(QueueBroken)?.next();
             let Some(chain) = next else { break };
             let head = chain.head_index();
-            let len = handle(Chain::parse(chain, mem));
+            let len = handle(Chain::parse(chain, mem, size));
             queue.add_used(mem, head, len).map_err(QueueBroken)?;
             used += 1;
         }
@@ -361,8 +370,9 @@ pub fn pop_chain(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
 ) -> Result<Option<(u16, ParsedChain)>, QueueBroken> {
+    let size = queue.size();
     let next = queue.iter(mem).map_err(QueueBroken)?.next();
-    Ok(next.map(|c| (c.head_index(), Chain::parse(c, mem))))
+    Ok(next.map(|c| (c.head_index(), Chain::parse(c, mem, size))))
 }
 
 #[cfg(test)]
@@ -409,6 +419,26 @@ mod tests {
         r.set_desc(&m, 1, 0x3_0000, 16, F_NEXT, 0);
         r.publish(&m, 0);
         assert_eq!(parse_first(&m, &r), Err(ChainError::Unterminated));
+    }
+
+    #[test]
+    fn indirect_chain_longer_than_the_queue_is_rejected() {
+        let m = mem();
+        let mut r = Ring::new(&m, 0x1_0000, 8);
+        // An indirect table of 9 writable buffers behind an 8-entry queue.
+        for i in 0..9u16 {
+            let flags = if i < 8 { F_WRITE | F_NEXT } else { F_WRITE };
+            write_desc(&m, 0x2_0000, i, 0x3_0000, 1, flags, i + 1);
+        }
+        r.set_desc(&m, 0, 0x2_0000, 9 * 16, F_INDIRECT, 0);
+        r.publish(&m, 0);
+        assert_eq!(parse_first(&m, &r), Err(ChainError::TooLong(8)));
+        // Eight fit.
+        let mut r = Ring::new(&m, 0x1_0000, 8);
+        write_desc(&m, 0x2_0000, 7, 0x3_0000, 1, F_WRITE, 0);
+        r.set_desc(&m, 0, 0x2_0000, 8 * 16, F_INDIRECT, 0);
+        r.publish(&m, 0);
+        assert_eq!(parse_first(&m, &r).unwrap().writable.len(), 8);
     }
 
     #[test]

@@ -34,9 +34,100 @@ pub enum ConfigError {
     /// No kernel given.
     #[error("no kernel given: pass --kernel PATH or set kernel = \"PATH\" in the config file")]
     NoKernel,
+    /// A file the user named cannot be used: wrong type (a FIFO, a device) or too large.
+    #[error("{what} {path}: {msg}")]
+    File {
+        /// Which setting names it ("kernel", "initrd", "disk", "config file").
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// More guest memory than this host can back.
+    #[error("guest memory of {asked}: more than this host's RAM + swap ({host})")]
+    MemoryAboveHost {
+        /// The size asked for.
+        asked: kvmbox_arch::ByteSize,
+        /// RAM + swap.
+        host: kvmbox_arch::ByteSize,
+    },
     /// Unknown value.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// The largest config file kvmbox reads (a config file is a few hundred bytes).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// What kind of file `meta` describes, when it is not one kvmbox reads as an image.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
+}
+
+/// Refuse a file the user named for `what` unless it is a regular file (or, with `block_ok`, a
+/// block device): reading a FIFO blocks forever and `/dev/zero` never ends. A path that does
+/// not exist passes here; opening it reports that.
+pub fn check_user_file(what: &'static str, path: &Path, block_ok: bool) -> Result<(), ConfigError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let t = meta.file_type();
+    if t.is_file() || (block_ok && t.is_block_device()) {
+        return Ok(());
+    }
+    let allowed = if block_ok {
+        "a regular file or a block device"
+    } else {
+        "a regular file"
+    };
+    Err(ConfigError::File {
+        what,
+        path: path.to_path_buf(),
+        msg: format!("is {}, not {allowed}", file_kind(&meta)),
+    })
+}
+
+/// Guest RAM must fit in this host's RAM + swap (`/proc/meminfo`), whichever engine runs it:
+/// KVM refuses such a memory slot and the engine would be killed by the OOM killer on first use.
+fn check_memory_fits_host(bytes: u64) -> Result<(), ConfigError> {
+    match host_ram_and_swap() {
+        Some(host) if bytes > host => Err(ConfigError::MemoryAboveHost {
+            asked: kvmbox_arch::ByteSize(bytes),
+            host: kvmbox_arch::ByteSize(host),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// MemTotal + SwapTotal from `/proc/meminfo`, in bytes.
+fn host_ram_and_swap() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((kib("MemTotal:")? + kib("SwapTotal:").unwrap_or(0)) << 10)
 }
 
 /// What to do when the guest resets.
@@ -143,6 +234,9 @@ pub struct FileConfig {
     nets: Vec<String>,
     rng: Option<bool>,
     virtio: Option<VirtioTransport>,
+    /// The file's directory: relative paths in the file are relative to it.
+    #[serde(skip)]
+    dir: PathBuf,
 }
 
 impl FileConfig {
@@ -151,13 +245,55 @@ impl FileConfig {
         self.kernel.is_some()
     }
 
-    /// Read and parse a config file.
+    /// Read and parse a config file: a regular file of at most [`MAX_CONFIG_BYTES`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let read_err = |source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
-        toml::from_str(&text).map_err(|e| {
+        };
+        // Non-blocking, so that opening a FIFO returns at once and is refused below.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
+        let file_err = |msg: String| ConfigError::File {
+            what: "config file",
+            path: path.to_path_buf(),
+            msg,
+        };
+        if !meta.is_file() {
+            return Err(file_err(format!(
+                "is {}, not a regular file",
+                file_kind(&meta)
+            )));
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(file_err(format!(
+                "larger than {} KiB",
+                MAX_CONFIG_BYTES >> 10
+            )));
+        }
+        let text = String::from_utf8(bytes).map_err(|_| file_err("is not UTF-8 text".into()))?;
+        let mut cfg: Self = Self::parse(path, &text)?;
+        cfg.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(cfg)
+    }
+
+    /// A path from the file, relative to the file's directory.
+    fn resolve(&self, p: PathBuf) -> PathBuf {
+        self.dir.join(p)
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
             let first = e.message().lines().next().unwrap_or("parse error");
             let at = e
                 .span()
@@ -263,21 +399,29 @@ impl VmConfig {
     /// Merge a config file (if any) with command-line overrides and validate the result.
     pub fn build(file: Option<FileConfig>, o: Overrides) -> Result<Self, ConfigError> {
         let f = file.unwrap_or_default();
-        let kernel = o.kernel.or(f.kernel).ok_or(ConfigError::NoKernel)?;
+        let kernel = o
+            .kernel
+            .or_else(|| f.kernel.clone().map(|k| f.resolve(k)))
+            .ok_or(ConfigError::NoKernel)?;
+        check_user_file("kernel", &kernel, false)?;
+        let initrd = o.initrd.or_else(|| f.initrd.clone().map(|i| f.resolve(i)));
+        if let Some(i) = &initrd {
+            check_user_file("initrd", i, false)?;
+        }
         let cpus = o.cpus.or(f.cpus).unwrap_or(1);
         if cpus == 0 {
             return Err(ConfigError::Cpus(cpus));
         }
-        let memory = match (o.memory, f.memory) {
-            (Some(s), _) => parse_size(&s)?,
-            (None, Some(SizeValue::Text(s))) => parse_size(&s)?,
+        let memory = match (o.memory, f.memory.clone()) {
+            (Some(s), _) | (None, Some(SizeValue::Text(s))) => parse_size(&s)?,
             (None, Some(SizeValue::Mib(m))) => m
                 .checked_mul(1 << 20)
                 .filter(|&v| v > 0)
                 .ok_or_else(|| ConfigError::Size(m.to_string()))?,
             (None, None) => DEFAULT_MEMORY,
         };
-        let accel = match o.accel.or(f.accel) {
+        check_memory_fits_host(memory)?;
+        let accel = match o.accel.or(f.accel.clone()) {
             Some(s) => parse_accel(&s)?,
             None => AccelChoice::Auto,
         };
@@ -286,12 +430,19 @@ impl VmConfig {
             None => f.on_reboot.unwrap_or_default(),
         };
         // Flags add to the file's devices (as repeated flags add to each other).
-        let disks = f
-            .disks
-            .iter()
-            .chain(&o.disks)
-            .map(|d| parse_disk_spec(d))
-            .collect::<Result<Vec<_>, _>>()?;
+        let parse_disk = |d: &String| parse_disk_spec(d);
+        let mut disks = Vec::new();
+        for d in &f.disks {
+            let mut disk = parse_disk(d)?;
+            disk.path = f.resolve(disk.path);
+            disks.push(disk);
+        }
+        for d in &o.disks {
+            disks.push(parse_disk(d)?);
+        }
+        for d in &disks {
+            check_user_file("disk", &d.path, true)?;
+        }
         let nets = f
             .nets
             .iter()
@@ -309,7 +460,7 @@ impl VmConfig {
             rng: o.rng || f.rng.unwrap_or(false),
             virtio,
             kernel,
-            initrd: o.initrd.or(f.initrd),
+            initrd,
             cmdline: o
                 .cmdline
                 .or(f.cmdline)
@@ -393,5 +544,30 @@ mod tests {
             VmConfig::build(None, Overrides::default()),
             Err(ConfigError::NoKernel)
         ));
+    }
+
+    #[test]
+    fn file_paths_resolve_against_the_file() {
+        let dir = std::env::temp_dir().join(format!("kvmbox-cfg-rel-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.toml");
+        std::fs::write(
+            &path,
+            "kernel = \"k.elf\"\ninitrd = \"/abs/initrd\"\ndisks = [\"d/disk.img,ro\"]\n",
+        )
+        .unwrap();
+        let f = FileConfig::load(&path).unwrap();
+        let o = Overrides {
+            disks: vec!["flag.img".into()],
+            ..Default::default()
+        };
+        let c = VmConfig::build(Some(f), o).unwrap();
+        assert_eq!(c.kernel, dir.join("k.elf"));
+        assert_eq!(c.initrd, Some(PathBuf::from("/abs/initrd")));
+        assert_eq!(c.disks[0].path, dir.join("d/disk.img"));
+        assert!(c.disks[0].read_only);
+        // Flags stay relative to the current directory.
+        assert_eq!(c.disks[1].path, PathBuf::from("flag.img"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

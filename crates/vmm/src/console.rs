@@ -11,8 +11,22 @@ const CTRL_A: u8 = 0x01;
 
 /// Puts a terminal in raw mode and restores it when dropped.
 pub struct RawTerminal {
+    restore: TerminalRestore,
+}
+
+/// A terminal's settings from before raw mode, to put back.
+#[derive(Clone, Copy)]
+pub struct TerminalRestore {
     fd: libc::c_int,
     saved: libc::termios,
+}
+
+impl TerminalRestore {
+    /// Put the saved settings back.
+    pub fn restore(&self) {
+        // SAFETY: restores attributes read from this fd by tcgetattr in `RawTerminal::enable`.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
 }
 
 impl RawTerminal {
@@ -37,14 +51,20 @@ impl RawTerminal {
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
             return None;
         }
-        Some(Self { fd, saved })
+        Some(Self {
+            restore: TerminalRestore { fd, saved },
+        })
+    }
+
+    /// What puts the terminal back, for a path that cannot wait for the drop.
+    pub fn restorer(&self) -> TerminalRestore {
+        self.restore
     }
 }
 
 impl Drop for RawTerminal {
     fn drop(&mut self) {
-        // SAFETY: restores the attributes read from this fd in `enable`.
-        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+        self.restore.restore();
     }
 }
 

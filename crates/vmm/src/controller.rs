@@ -5,6 +5,7 @@
 use crate::config::{AccelChoice, FileConfig, OnReboot, Overrides, VmConfig};
 use crate::console::{spawn_stdin_forwarder, RawTerminal};
 use crate::machine::Machine;
+use crate::signals::StopSignals;
 use crate::state::{Action, StateError, VmState};
 use crate::vm::{Error, SerialSlot};
 use crate::{EXIT_ERROR, EXIT_POWEROFF, EXIT_REBOOT};
@@ -43,12 +44,19 @@ struct Controller {
 
 /// Run the VM described by `cfg` until it ends; returns kvmbox's exit status.
 pub fn run(cfg: &VmConfig) -> Result<i32> {
-    Controller::new(Boot::Ready(Box::new(cfg.clone())), None)?.serve()
+    let signals = block_signals()?;
+    Controller::new(Boot::Ready(Box::new(cfg.clone())), None)?.serve(signals)
+}
+
+/// Stop signals are blocked before any thread starts (see `crate::signals`).
+fn block_signals() -> Result<StopSignals> {
+    StopSignals::block().map_err(|e| Error::Host(format!("blocking stop signals: {e}")))
 }
 
 /// `kvmbox run --api-sock PATH`: serve the API on `path`. With a kernel in `file`/`o`, boot
 /// from them right away; otherwise wait to be configured and started through the API.
 pub fn run_with_api(file: Option<FileConfig>, o: Overrides, path: &Path) -> Result<i32> {
+    let signals = block_signals()?;
     let boot = if api::has_kernel(file.as_ref(), &o) {
         Boot::Ready(Box::new(VmConfig::build(file, o)?))
     } else {
@@ -57,7 +65,7 @@ pub fn run_with_api(file: Option<FileConfig>, o: Overrides, path: &Path) -> Resu
         Boot::Pending(Box::new(pre))
     };
     let api = ApiServer::start(path).map_err(|e| Error::Host(e.to_string()))?;
-    Controller::new(boot, Some(api))?.serve()
+    Controller::new(boot, Some(api))?.serve(signals)
 }
 
 impl Controller {
@@ -102,8 +110,12 @@ impl Controller {
     }
 
     /// The loop: returns kvmbox's exit status when the VM ends.
-    fn serve(mut self) -> Result<i32> {
+    fn serve(mut self, signals: StopSignals) -> Result<i32> {
+        // The raw-mode guard restores the terminal however the VM ends.
         let raw = RawTerminal::enable(libc::STDIN_FILENO);
+        signals
+            .spawn_waiter(self.control.clone(), raw.as_ref().map(|r| r.restorer()))
+            .map_err(|e| Error::Host(format!("cannot start the signal thread: {e}")))?;
         spawn_stdin_forwarder(self.serial_slot.clone(), self.control.clone());
         if let Boot::Ready(cfg) = &self.boot {
             let cfg = (**cfg).clone();
@@ -168,6 +180,7 @@ impl Controller {
             ExitRequest::UserQuit | ExitRequest::PowerOff => EXIT_POWEROFF,
             ExitRequest::DebugExit(v) => DebugExit::status(v),
             ExitRequest::Error => EXIT_ERROR,
+            ExitRequest::Signal(sig) => crate::signals::terminated(sig),
         }))
     }
 

@@ -6,6 +6,7 @@ pub mod config;
 pub mod console;
 mod controller;
 pub mod machine;
+pub mod signals;
 pub mod state;
 pub mod vcpu;
 mod vm;
@@ -23,3 +24,6 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_REBOOT: i32 = 4;
 /// Exit status when the VM stopped on an error (a vCPU failed, every vCPU halted for good).
 pub const EXIT_ERROR: i32 = 6;
+/// Exit status when a stop signal (SIGTERM, SIGINT, SIGHUP, SIGQUIT) ended the VM. Even, so it
+/// never collides with a debug-exit status; stderr names the signal.
+pub const EXIT_SIGNAL: i32 = 8;

@@ -500,3 +500,49 @@ fn mangled_elf_images_fail_cleanly() {
     }
     assert!(ok > 0 && err > 0, "ok={ok} err={err}");
 }
+
+#[test]
+fn invalid_elf_segments_are_refused() {
+    let m = mem(64 << 20);
+    let load_err = |img: Vec<u8>| {
+        let f = TempFile::new(&img);
+        load(&m, &LoadParams::new(&f.0, "", 64 << 20))
+            .unwrap_err()
+            .to_string()
+    };
+    let seg = |paddr: u64, memsz: u64| Seg {
+        paddr,
+        data: CODE,
+        memsz,
+    };
+    // p_filesz > p_memsz: the spec says the file part never exceeds the memory part.
+    let e = load_err(make_elf(0x10_0000, None, &[seg(0x10_0000, 4)]));
+    assert!(e.contains("p_filesz 0x8 > p_memsz 0x4"), "{e}");
+    // Overlapping loaded segments.
+    let e = load_err(make_elf(
+        0x10_0000,
+        None,
+        &[seg(0x10_0000, 0x2000), seg(0x10_1000, 0x10)],
+    ));
+    assert!(
+        e.contains("ELF segments 0x100000..0x102000 and 0x101000..0x101010 overlap"),
+        "{e}"
+    );
+    // File bytes past the end of the file.
+    let mut img = make_elf(0x10_0000, None, &[seg(0x10_0000, 0x10)]);
+    let off = 64 + 32; // first program header's p_filesz
+    img[off..off + 8].copy_from_slice(&0x1_0000u64.to_le_bytes());
+    img[off + 8..off + 16].copy_from_slice(&0x1_0000u64.to_le_bytes());
+    let e = load_err(img);
+    assert!(e.contains("ends past the end of the file"), "{e}");
+    // 10,000 overlapping 64 MiB segments: refused at once, not loaded one by one.
+    let many: Vec<Seg> = (0..10_000).map(|_| seg(0x10_0000, 64 << 20)).collect();
+    let e = load_err(make_elf(0x10_0000, None, &many));
+    assert!(
+        e.contains("10000 program headers, more than kvmbox accepts (64)"),
+        "{e}"
+    );
+    // Many small overlapping segments under the header limit: the overlap check catches them.
+    let few: Vec<Seg> = (0..60).map(|_| seg(0x10_0000, 0x10)).collect();
+    assert!(load_err(make_elf(0x10_0000, None, &few)).contains("overlap"));
+}
