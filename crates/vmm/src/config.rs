@@ -202,6 +202,12 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     n.checked_mul(mult).filter(|&v| v > 0).ok_or_else(err)
 }
 
+/// Parse one `--disk` spec (also what `PUT /drives` becomes).
+pub fn parse_disk_spec(spec: &str) -> Result<DiskConfig, ConfigError> {
+    spec.parse::<DiskConfig>()
+        .map_err(|e| ConfigError::Invalid(e.to_string()))
+}
+
 /// Sizes in a TOML file: a string with a suffix, or an integer number of MiB.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -211,7 +217,7 @@ enum SizeValue {
 }
 
 /// The `[vm]`-less TOML file: every key optional, flags override it.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     kernel: Option<PathBuf>,
@@ -237,6 +243,11 @@ pub struct FileConfig {
 }
 
 impl FileConfig {
+    /// Whether the file names a kernel.
+    pub fn has_kernel(&self) -> bool {
+        self.kernel.is_some()
+    }
+
     /// Read and parse a config file: a regular file of at most [`MAX_CONFIG_BYTES`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         use std::io::Read;
@@ -430,10 +441,7 @@ impl VmConfig {
             None => f.on_reboot.unwrap_or_default(),
         };
         // Flags add to the file's devices (as repeated flags add to each other).
-        let parse_disk = |d: &String| {
-            d.parse::<DiskConfig>()
-                .map_err(|e| ConfigError::Invalid(e.to_string()))
-        };
+        let parse_disk = |d: &String| parse_disk_spec(d);
         let mut disks = Vec::new();
         for d in &f.disks {
             let mut disk = parse_disk(d)?;
