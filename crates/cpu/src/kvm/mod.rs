@@ -2,6 +2,7 @@
 //! table and the guest memory slots; each [`KvmVcpu`] owns one vCPU fd.
 
 mod cpuid;
+mod persist;
 mod regs;
 mod vcpu;
 
@@ -250,6 +251,11 @@ impl Vm for KvmVm {
             fd,
             self.supported_cpuid.clone(),
             self.kvm.check_extension(Cap::TscDeadlineTimer),
+            self.kvm
+                .get_msr_index_list()
+                .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+                .as_slice()
+                .to_vec(),
         )))
     }
 

@@ -1,9 +1,10 @@
 //! One KVM vCPU and how another thread interrupts it.
 
 use super::regs::{regs_from_kvm, regs_to_kvm, sregs_from_kvm, sregs_into_kvm};
-use super::{cpuid, kvm_err};
+use super::{cpuid, kvm_err, persist};
 use crate::{
-    CpuidEntry, Error, IoHandler, Regs, Result, SpecialRegs, Vcpu, VcpuConfig, VcpuExit, VcpuKicker,
+    CpuidEntry, Error, IoHandler, Regs, Result, SpecialRegs, Vcpu, VcpuConfig, VcpuExit,
+    VcpuKicker, VcpuState,
 };
 use kvm_bindings::{
     kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_run, CpuId, Msrs, KVM_MP_STATE_UNINITIALIZED,
@@ -94,15 +95,23 @@ pub struct KvmVcpu {
     tsc_deadline: bool,
     cpuid: Option<CpuId>,
     kicker: Arc<KvmKicker>,
+    /// The MSRs KVM saves and restores (KVM_GET_MSR_INDEX_LIST).
+    msr_list: Vec<u32>,
 }
 
 impl KvmVcpu {
-    pub(super) fn new(fd: VcpuFd, supported_cpuid: CpuId, tsc_deadline: bool) -> Self {
+    pub(super) fn new(
+        fd: VcpuFd,
+        supported_cpuid: CpuId,
+        tsc_deadline: bool,
+        msr_list: Vec<u32>,
+    ) -> Self {
         Self {
             fd,
             supported_cpuid,
             tsc_deadline,
             cpuid: None,
+            msr_list,
             kicker: Arc::new(KvmKicker {
                 kicked: AtomicBool::new(false),
                 thread: AtomicU64::new(0),
@@ -252,20 +261,9 @@ impl Vcpu for KvmVcpu {
     }
 
     fn cpuid(&self) -> Result<Vec<CpuidEntry>> {
-        let table = self.cpuid.as_ref().unwrap_or(&self.supported_cpuid);
-        Ok(table
-            .as_slice()
-            .iter()
-            .map(|e| CpuidEntry {
-                function: e.function,
-                index: e.index,
-                significant_index: e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            })
-            .collect())
+        Ok(entries(
+            self.cpuid.as_ref().unwrap_or(&self.supported_cpuid),
+        ))
     }
 
     fn set_wait_for_sipi(&mut self) -> Result<()> {
@@ -318,4 +316,46 @@ impl Vcpu for KvmVcpu {
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
         self.kicker.clone()
     }
+
+    fn set_cpuid(&mut self, table: &[CpuidEntry]) -> Result<()> {
+        crate::check_cpuid_compatible(table, &entries(&self.supported_cpuid)).map_err(|e| {
+            Error::Unsupported(format!("KVM on this host cannot show this CPU: {e}"))
+        })?;
+        let kvm = persist::cpuid_to_kvm(table)?;
+        self.fd
+            .set_cpuid2(&kvm)
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        self.cpuid = Some(kvm);
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<VcpuState> {
+        let cpuid = self.cpuid()?;
+        let (regs, sregs) = (self.regs()?, self.sregs()?);
+        persist::save(&self.fd, &self.msr_list, cpuid, regs, sregs)
+    }
+
+    fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
+        self.set_cpuid(&state.cpuid)?;
+        self.set_sregs(&state.sregs)?;
+        self.set_regs(&state.regs)?;
+        persist::restore(&self.fd, state)
+    }
+}
+
+/// A KVM CPUID table as backend-neutral entries.
+fn entries(table: &CpuId) -> Vec<CpuidEntry> {
+    table
+        .as_slice()
+        .iter()
+        .map(|e| CpuidEntry {
+            function: e.function,
+            index: e.index,
+            significant_index: e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect()
 }
