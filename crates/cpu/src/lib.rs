@@ -10,7 +10,7 @@ mod regs;
 pub mod state;
 
 pub use regs::{CpuidEntry, DescriptorTable, Regs, Segment, SpecialRegs};
-pub use state::{check_cpuid_compatible, VcpuState};
+pub use state::{check_cpuid_compatible, portable_cpuid, VcpuState};
 
 use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;

@@ -210,8 +210,61 @@ impl VcpuState {
     }
 }
 
-/// Check that a vCPU offering `target` can run a guest that saw `saved` (same vendor, family,
-/// model; every feature bit the guest saw also offered). Returns what is missing.
+/// Feature registers: (leaf, subleaf, register).
+const FEATURES: &[(u32, u32, char)] = &[
+    (1, 0, 'c'),
+    (1, 0, 'd'),
+    (7, 0, 'b'),
+    (7, 0, 'c'),
+    (7, 0, 'd'),
+    (0xd, 1, 'a'),
+    (0x8000_0001, 0, 'c'),
+    (0x8000_0001, 0, 'd'),
+];
+
+fn reg(e: &mut CpuidEntry, r: char) -> &mut u32 {
+    match r {
+        'a' => &mut e.eax,
+        'b' => &mut e.ebx,
+        'c' => &mut e.ecx,
+        _ => &mut e.edx,
+    }
+}
+
+/// Feature bits that describe the vCPU's state or the platform (OSXSAVE, hypervisor
+/// present, TSC-deadline timer: every kvmbox backend has one) rather than a CPU capability.
+fn platform_bits(leaf: u32, r: char) -> u32 {
+    if (leaf, r) == (1, 'c') {
+        (1 << 27) | (1 << 31) | (1 << 24)
+    } else {
+        0
+    }
+}
+
+/// The portable CPU model: the engine's CPUID table `engine` with every feature that KVM
+/// (`kvm_supported`, its KVM_GET_SUPPORTED_CPUID) cannot offer removed, so a guest started
+/// with it on either backend can be moved to the other.
+pub fn portable_cpuid(engine: &[CpuidEntry], kvm_supported: &[CpuidEntry]) -> Vec<CpuidEntry> {
+    let mut t = engine.to_vec();
+    for &(f, i, r) in FEATURES {
+        let offered = kvm_supported
+            .iter()
+            .find(|e| e.function == f && (!e.significant_index || e.index == i))
+            .map_or(0, |e| *reg(&mut e.clone(), r));
+        for e in t
+            .iter_mut()
+            .filter(|e| e.function == f && (!e.significant_index || e.index == i))
+        {
+            *reg(e, r) &= offered | platform_bits(f, r);
+        }
+    }
+    t
+}
+
+/// Check that a vCPU offering the features in `target` can show a guest the table `saved`:
+/// every feature bit the guest saw must be offered. (Vendor, family and model strings are
+/// whatever the saved table says: the restored vCPU shows the saved table itself.) Returns
+/// what is missing.
 pub fn check_cpuid_compatible(
     saved: &[CpuidEntry],
     target: &[CpuidEntry],
@@ -221,26 +274,6 @@ pub fn check_cpuid_compatible(
             .find(|e| e.function == f && (!e.significant_index || e.index == i))
             .copied()
     };
-    let (Some(s0), Some(t0)) = (find(saved, 0, 0), find(target, 0, 0)) else {
-        return Err("CPUID leaf 0 missing".into());
-    };
-    if (s0.ebx, s0.ecx, s0.edx) != (t0.ebx, t0.ecx, t0.edx) {
-        return Err("the CPU vendor differs".into());
-    }
-    // Feature leaves: (function, index, register name, mask of bits that are features).
-    const FEATURES: &[(u32, u32, char)] = &[
-        (1, 0, 'c'),
-        (1, 0, 'd'),
-        (7, 0, 'b'),
-        (7, 0, 'c'),
-        (7, 0, 'd'),
-        (0xd, 1, 'a'),
-        (0x8000_0001, 0, 'c'),
-        (0x8000_0001, 0, 'd'),
-    ];
-    // Bits that describe the current state of a vCPU rather than a capability.
-    const OSXSAVE: u32 = 1 << 27;
-    const HYPERVISOR: u32 = 1 << 31;
     for &(f, i, r) in FEATURES {
         let Some(s) = find(saved, f, i) else { continue };
         let t = find(target, f, i).unwrap_or(CpuidEntry {
@@ -248,29 +281,11 @@ pub fn check_cpuid_compatible(
             index: i,
             ..Default::default()
         });
-        let pick = |e: &CpuidEntry| match r {
-            'a' => e.eax,
-            'b' => e.ebx,
-            'c' => e.ecx,
-            _ => e.edx,
-        };
-        let mut need = pick(&s);
-        if (f, r) == (1, 'c') {
-            need &= !(OSXSAVE | HYPERVISOR);
-        }
-        let missing = need & !pick(&t);
+        let need = *reg(&mut s.clone(), r) & !platform_bits(f, r);
+        let missing = need & !*reg(&mut t.clone(), r);
         if missing != 0 {
             return Err(format!(
                 "CPUID.{f:#x}.{i}:e{r}x bits {missing:#x} that the guest saw are not offered here"
-            ));
-        }
-    }
-    if let (Some(s), Some(t)) = (find(saved, 1, 0), find(target, 1, 0)) {
-        // Family/model/stepping: the guest chose code paths by them.
-        if s.eax & 0x0fff_3fff != t.eax & 0x0fff_3fff {
-            return Err(format!(
-                "CPU family/model/stepping differ (saved {:#x}, here {:#x})",
-                s.eax, t.eax
             ));
         }
     }
@@ -298,10 +313,11 @@ mod tests {
         assert_eq!(check_cpuid_compatible(&saved, &more), Ok(()));
         let err = check_cpuid_compatible(&saved, &less).unwrap_err();
         assert!(err.contains("0x1.0:ecx bits 0x4"), "{err}");
-        let other_vendor = vec![leaf(0, 9, 2), leaf(1, 0b1111, 0)];
-        assert!(check_cpuid_compatible(&saved, &other_vendor)
+        let no_ext = vec![leaf(0, 1, 2), leaf(1, 0b0101, 0)];
+        let with_ext = vec![leaf(0x8000_0001, 0, 1 << 29)];
+        assert!(check_cpuid_compatible(&with_ext, &no_ext)
             .unwrap_err()
-            .contains("vendor"));
+            .contains("0x80000001.0:edx bits 0x20000000"));
     }
 
     #[test]
@@ -321,6 +337,17 @@ mod tests {
         assert_eq!(img.len(), FXSAVE_SIZE);
         assert_eq!(Fxsave::from_image(&img), Ok(f));
         assert!(Fxsave::from_image(&img[..100]).is_err());
+    }
+
+    #[test]
+    fn portable_model_is_what_both_offer() {
+        let engine = vec![leaf(0, 1, 2), leaf(1, 0b0111 | 1 << 31, 0b1)];
+        let kvm = vec![leaf(1, 0b1100, 0b11)];
+        let p = portable_cpuid(&engine, &kvm);
+        assert_eq!(p[1].ecx, 0b0100 | 1 << 31);
+        assert_eq!(p[1].edx, 0b1);
+        assert_eq!(check_cpuid_compatible(&p, &kvm), Ok(()));
+        assert_eq!(check_cpuid_compatible(&p, &engine), Ok(()));
     }
 
     #[test]

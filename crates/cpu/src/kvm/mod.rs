@@ -53,6 +53,16 @@ pub fn available_or_skip(test: &str) -> bool {
     }
 }
 
+/// The CPUID features this host's KVM can show a guest (KVM_GET_SUPPORTED_CPUID), for
+/// [`crate::portable_cpuid`].
+pub fn supported_cpuid() -> Result<Vec<crate::CpuidEntry>> {
+    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+    let table = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    Ok(vcpu::entries(&table))
+}
+
 /// For test suites: report a skipped test as [`available_or_skip`] does.
 pub fn report_skip(test: &str, why: &str) {
     use std::io::Write;

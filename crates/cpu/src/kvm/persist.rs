@@ -3,7 +3,8 @@
 
 use super::kvm_err;
 use crate::state::{
-    Fxsave, InjectedInterrupt, LapicState, MpState, PendingException, VcpuEvents, LAPIC_PAGE_SIZE,
+    Fxsave, InjectedInterrupt, LapicState, MpState, PendingException, VcpuEvents, FXSAVE_SIZE,
+    LAPIC_PAGE_SIZE,
 };
 use crate::{CpuidEntry, Error, Result, VcpuState};
 use kvm_bindings::{
@@ -13,6 +14,13 @@ use kvm_bindings::{
     KVM_MP_STATE_UNINITIALIZED, KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SHADOW,
 };
 use kvm_ioctls::VcpuFd;
+
+/// XSTATE_BV (which components the XSAVE area holds) is the first dword after the legacy
+/// 512-byte region.
+const XSTATE_BV_WORD: usize = 512 / 4;
+/// XSTATE_BV bits of the x87 and SSE components.
+const XSTATE_X87: u32 = 1;
+const XSTATE_SSE: u32 = 2;
 
 /// KVM_X86_SHADOW_INT_STI: the interrupt shadow of an STI.
 const SHADOW_STI: u8 = 2;
@@ -218,7 +226,12 @@ pub(super) fn save(
         regs,
         sregs,
         debugregs: [d.db[0], d.db[1], d.db[2], d.db[3], d.dr6, d.dr7],
-        fxsave: fxsave_from_fpu(&fpu),
+        // The XSAVE area's legacy region is an FXSAVE image as the CPU wrote it (some KVMs
+        // leave KVM_GET_FPU's MXCSR at 0); KVM_GET_FPU is for hosts without XSAVE.
+        fxsave: match &xsave {
+            Some(x) => x[..FXSAVE_SIZE].to_vec(),
+            None => fxsave_from_fpu(&fpu),
+        },
         xsave,
         xcrs,
         msrs,
@@ -233,19 +246,31 @@ pub(super) fn save(
 
 /// Load `s` (CPUID, registers and segments already set by the caller).
 pub(super) fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<()> {
-    match s.xsave.as_deref() {
-        Some(x) if x.len() == std::mem::size_of::<kvm_xsave>() => {
-            let mut area = kvm_xsave::default();
-            for (w, b) in area.region.iter_mut().zip(x.chunks_exact(4)) {
+    // The FXSAVE image is the x87/SSE state on every backend; the XSAVE area (KVM only)
+    // adds the extended components. Load both through KVM_SET_XSAVE where KVM has it, with
+    // the legacy region taken from the FXSAVE image and marked in use (XSTATE_BV bits 0-1),
+    // so state saved by the engine or by KVM_GET_FPU is not lost to an "init" XSTATE_BV.
+    let fpu = fpu_from_fxsave(&s.fxsave)?;
+    match fd.get_xsave() {
+        Ok(mut area) => {
+            let saved = s
+                .xsave
+                .as_deref()
+                .filter(|x| x.len() == std::mem::size_of::<kvm_xsave>());
+            if let Some(x) = saved {
+                for (w, b) in area.region.iter_mut().zip(x.chunks_exact(4)) {
+                    *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            for (w, b) in area.region.iter_mut().zip(s.fxsave.chunks_exact(4)) {
                 *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
-            // SAFETY: `area` is a complete kvm_xsave of the size KVM_SET_XSAVE reads (the
-            // legacy 4 KiB area); nothing larger was saved.
+            area.region[XSTATE_BV_WORD] |= XSTATE_X87 | XSTATE_SSE;
+            // SAFETY: `area` is a complete kvm_xsave as KVM_GET_XSAVE returned it, of the
+            // size KVM_SET_XSAVE reads (the legacy 4 KiB area).
             unsafe { fd.set_xsave(&area) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
         }
-        _ => fd
-            .set_fpu(&fpu_from_fxsave(&s.fxsave)?)
-            .map_err(kvm_err("KVM_SET_FPU"))?,
+        Err(_) => fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?,
     }
     if !s.xcrs.is_empty() {
         let mut x = kvm_xcrs {

@@ -344,7 +344,7 @@ impl Vcpu for KvmVcpu {
 }
 
 /// A KVM CPUID table as backend-neutral entries.
-fn entries(table: &CpuId) -> Vec<CpuidEntry> {
+pub(super) fn entries(table: &CpuId) -> Vec<CpuidEntry> {
     table
         .as_slice()
         .iter()
