@@ -361,7 +361,8 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
         .firmware_ctrl_64(facs_addr)
         .flag(Flags::Wbinvd)
         .flag(Flags::ProcC1)
-        .flag(Flags::PwrButton)
+        // No PWR_BUTTON flag: the power button is the fixed-feature one (PWRBTN_STS/EN in the
+        // PM1a event block, signalled by the SCI), which kvmbox's power-button action presses.
         .flag(Flags::SlpButton)
         .flag(Flags::ResetRegSup);
     f.sci_int = (layout::ACPI_SCI_IRQ as u16).into();

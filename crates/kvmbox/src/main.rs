@@ -69,6 +69,9 @@ struct RunArgs {
     /// How virtio devices attach: pci (stock kernels) or mmio (virtio_mmio.device= on the command line) [default: pci].
     #[arg(long, value_name = "TRANSPORT")]
     virtio: Option<String>,
+    /// Serve the Firecracker-compatible REST API on this Unix socket (it must not exist). Without a kernel, wait to be configured through it.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -95,11 +98,14 @@ fn run(args: RunArgs) -> ExitCode {
         rng: args.rng,
         virtio: args.virtio,
     };
-    let cfg = match VmConfig::build(file, overrides) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
+    let ran = match &args.api_sock {
+        Some(path) => kvmbox_vmm::run_with_api(file, overrides, path),
+        None => match VmConfig::build(file, overrides) {
+            Ok(cfg) => kvmbox_vmm::run(&cfg),
+            Err(e) => return fail(e),
+        },
     };
-    match kvmbox_vmm::run(&cfg) {
+    match ran {
         Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX)),
         Err(e) => fail(e),
     }

@@ -111,6 +111,12 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     n.checked_mul(mult).filter(|&v| v > 0).ok_or_else(err)
 }
 
+/// Parse one `--disk` spec (also what `PUT /drives` becomes).
+pub fn parse_disk_spec(spec: &str) -> Result<DiskConfig, ConfigError> {
+    spec.parse::<DiskConfig>()
+        .map_err(|e| ConfigError::Invalid(e.to_string()))
+}
+
 /// Sizes in a TOML file: a string with a suffix, or an integer number of MiB.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -120,7 +126,7 @@ enum SizeValue {
 }
 
 /// The `[vm]`-less TOML file: every key optional, flags override it.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     kernel: Option<PathBuf>,
@@ -140,6 +146,11 @@ pub struct FileConfig {
 }
 
 impl FileConfig {
+    /// Whether the file names a kernel.
+    pub fn has_kernel(&self) -> bool {
+        self.kernel.is_some()
+    }
+
     /// Read and parse a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -279,9 +290,8 @@ impl VmConfig {
             .disks
             .iter()
             .chain(&o.disks)
-            .map(|d| d.parse::<DiskConfig>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            .map(|d| parse_disk_spec(d))
+            .collect::<Result<Vec<_>, _>>()?;
         let nets = f
             .nets
             .iter()

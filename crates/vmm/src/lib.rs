@@ -4,10 +4,16 @@
 
 pub mod config;
 pub mod console;
+mod controller;
+pub mod machine;
+pub mod state;
+pub mod vcpu;
 mod vm;
 
 pub use config::{AccelChoice, ConfigError, FileConfig, OnReboot, Overrides, VmConfig};
-pub use vm::{run, Error};
+pub use controller::{run, run_with_api};
+pub use state::VmState;
+pub use vm::{EmuPlatform, Error, Platform};
 
 /// Exit status when the guest powered off (ACPI S5) or the user quit with `Ctrl-A x`.
 pub const EXIT_POWEROFF: i32 = 0;

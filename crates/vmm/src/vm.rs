@@ -1,10 +1,8 @@
 //! Building and running one VM.
 
-use crate::config::{AccelChoice, OnReboot, VirtioTransport, VmConfig};
-use crate::console::{spawn_stdin_forwarder, RawTerminal};
-use crate::{EXIT_ERROR, EXIT_POWEROFF, EXIT_REBOOT};
+use crate::config::{VirtioTransport, VmConfig};
 use kvmbox_arch::layout;
-use kvmbox_cpu::{Accel, Vcpu, VcpuConfig, VcpuExit, VcpuKicker, Vm};
+use kvmbox_cpu::{Accel, Vm};
 use kvmbox_devices::legacy::acpi_pm::{AcpiPm, ResetRegister, PM_BLOCK_LEN};
 use kvmbox_devices::legacy::debug_exit::{DebugExit, DEBUG_EXIT_PORTS};
 use kvmbox_devices::legacy::i8042::I8042;
@@ -14,15 +12,13 @@ use kvmbox_devices::legacy::pit::{
 use kvmbox_devices::legacy::rtc::{Rtc, RTC_IRQ, RTC_PORT, RTC_PORT_LEN};
 use kvmbox_devices::legacy::serial::{SerialPort, SERIAL_PORTS};
 use kvmbox_devices::legacy::IrqTrigger;
-use kvmbox_devices::{ExitRequest, IoBus, VmControl};
+use kvmbox_devices::{IoBus, VmControl};
 use kvmbox_pci::{PciConfigIo, PciConfigMmio, PciRoot};
 use kvmbox_virtio::block::Block;
 use kvmbox_virtio::net::Net;
 use kvmbox_virtio::rng::Rng;
 use kvmbox_virtio::transport::{attach_mmio, attach_pci};
 use kvmbox_virtio::VirtioDevice;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Why a VM could not be built or run. Each is one line naming the problem.
@@ -66,53 +62,31 @@ pub enum Error {
 
 type Result<T> = std::result::Result<T, Error>;
 
-/// Everything that outlives one boot of the VM: the console and the stop signal.
-struct Session {
-    control: Arc<VmControl>,
-    serial_slot: Arc<Mutex<Option<Arc<Mutex<SerialPort>>>>>,
-}
+/// Where the console forwarder finds the running VM's UART (None between boots).
+pub(crate) type SerialSlot = Arc<Mutex<Option<Arc<Mutex<SerialPort>>>>>;
 
-/// Run the VM described by `cfg` until it ends; returns kvmbox's exit status.
-pub fn run(cfg: &VmConfig) -> Result<i32> {
-    let accel = match cfg.accel {
-        AccelChoice::Fixed(a) => a,
-        AccelChoice::Auto => kvmbox_doctor::choose_accel().accel,
-    };
-    let session = Session {
-        control: Arc::new(VmControl::new().map_err(|e| Error::Host(format!("eventfd: {e}")))?),
-        serial_slot: Arc::new(Mutex::new(None)),
-    };
-    let raw = RawTerminal::enable(libc::STDIN_FILENO);
-    spawn_stdin_forwarder(session.serial_slot.clone(), session.control.clone());
-    loop {
-        let outcome = boot_once(cfg, accel, &session)?;
-        match outcome {
-            ExitRequest::Reset if cfg.on_reboot == OnReboot::Restart => {
-                session.control.clear();
-                continue;
-            }
-            ExitRequest::Reset => return Ok(EXIT_REBOOT),
-            ExitRequest::UserQuit => {
-                if raw.is_some() {
-                    // The guest's last line may be a prompt: leave the user's shell a fresh line.
-                    eprint!("\r\n");
-                }
-                return Ok(EXIT_POWEROFF);
-            }
-            ExitRequest::PowerOff => return Ok(EXIT_POWEROFF),
-            ExitRequest::DebugExit(v) => return Ok(DebugExit::status(v)),
-            ExitRequest::Error => return Ok(EXIT_ERROR),
-        }
+impl Error {
+    /// Whether the user's input (configuration, images, API bodies) is at fault rather than
+    /// the host: the API answers 400 for these and 500 for the rest.
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Config(_)
+                | Error::Boot(_)
+                | Error::TooManyCpus { .. }
+                | Error::Device(_)
+                | Error::Virtio(_)
+        )
     }
 }
 
 /// What the software engine needs beside its vCPUs (KVM has these in the kernel): the
 /// interrupt controllers' bus devices live on the bus; the PIT's timer thread lives here.
-struct EmuPlatform {
+pub struct EmuPlatform {
     _pit_timer: TimerThread,
 }
 
-fn create_backend(
+pub(crate) fn create_backend(
     accel: Accel,
     mem: &kvmbox_cpu::GuestMemory,
     cpus: u32,
@@ -161,7 +135,7 @@ fn create_backend(
     }
 }
 
-fn check_cpus(asked: u32, backend: &'static str, max: u32) -> Result<()> {
+pub(crate) fn check_cpus(asked: u32, backend: &'static str, max: u32) -> Result<()> {
     if asked > max {
         return Err(Error::TooManyCpus {
             asked,
@@ -199,14 +173,19 @@ fn measure_host_tsc_hz() -> u64 {
 }
 
 /// The PC platform devices a VM keeps while it runs.
-struct Platform {
-    serial: Arc<Mutex<SerialPort>>,
+pub struct Platform {
+    /// COM1.
+    pub serial: Arc<Mutex<SerialPort>>,
+    /// The i8042 (reset line).
+    pub i8042: Arc<Mutex<I8042>>,
+    /// The ACPI PM block (power button, sleep states).
+    pub acpi_pm: Arc<Mutex<AcpiPm>>,
     /// Drives the RTC's periodic/alarm/update interrupts; stops when dropped.
     _rtc_timer: TimerThread,
 }
 
 /// Put the PC platform devices on the bus.
-fn add_legacy_devices(vm: &dyn Vm, io: &IoBus, control: &Arc<VmControl>) -> Result<Platform> {
+pub(crate) fn add_legacy_devices(vm: &dyn Vm, io: &IoBus, control: &Arc<VmControl>) -> Result<Platform> {
     let com1_irq = vm.irq_line(layout::COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(SerialPort::new(
         IrqTrigger(com1_irq),
@@ -226,11 +205,11 @@ fn add_legacy_devices(vm: &dyn Vm, io: &IoBus, control: &Arc<VmControl>) -> Resu
         u64::from(layout::DEBUG_EXIT_PORT),
         DEBUG_EXIT_PORTS,
     )?;
+    let mut pm = AcpiPm::new(control.clone(), layout::ACPI_S5_SLP_TYP);
+    pm.set_sci(vm.irq_line(layout::ACPI_SCI_IRQ)?);
+    let acpi_pm = Arc::new(Mutex::new(pm));
     io.pio.insert(
-        Arc::new(Mutex::new(AcpiPm::new(
-            control.clone(),
-            layout::ACPI_S5_SLP_TYP,
-        ))),
+        acpi_pm.clone(),
         u64::from(layout::ACPI_PM1A_EVT_PORT),
         PM_BLOCK_LEN,
     )?;
@@ -254,13 +233,15 @@ fn add_legacy_devices(vm: &dyn Vm, io: &IoBus, control: &Arc<VmControl>) -> Resu
         .map_err(|e| Error::Host(format!("cannot start the RTC timer thread: {e}")))?;
     Ok(Platform {
         serial,
+        i8042,
+        acpi_pm,
         _rtc_timer: rtc_timer,
     })
 }
 
 /// The virtio devices the configuration asks for, opened now so that a bad image or TAP name
 /// is reported before anything runs.
-fn virtio_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>> {
+pub(crate) fn virtio_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>> {
     let mut devs: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for d in &cfg.disks {
         devs.push(Box::new(Block::new(d)?));
@@ -275,7 +256,7 @@ fn virtio_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>> {
 }
 
 /// MMIO window and interrupt line of each virtio-mmio device (none with PCI).
-fn mmio_slots(cfg: &VmConfig, count: usize) -> Result<Vec<(u64, u32)>> {
+pub(crate) fn mmio_slots(cfg: &VmConfig, count: usize) -> Result<Vec<(u64, u32)>> {
     if cfg.virtio != VirtioTransport::Mmio {
         return Ok(Vec::new());
     }
@@ -300,7 +281,7 @@ fn mmio_slots(cfg: &VmConfig, count: usize) -> Result<Vec<(u64, u32)>> {
 
 /// Put the virtio devices on PCI bus 0 (with the host bridge, CF8/CFC and ECAM) or at their
 /// virtio-mmio windows.
-fn attach_virtio(
+pub(crate) fn attach_virtio(
     cfg: &VmConfig,
     vm: &dyn Vm,
     io: &Arc<IoBus>,
@@ -332,162 +313,4 @@ fn attach_virtio(
         }
     }
     Ok(())
-}
-
-/// Build the VM, run it until something asks it to stop, tear it down. Returns the request.
-fn boot_once(cfg: &VmConfig, accel: Accel, session: &Session) -> Result<ExitRequest> {
-    let mem = kvmbox_arch::guest_memory(cfg.memory)?;
-    // The kernel goes in first: a bad image is the user's most likely mistake, and it should be
-    // reported as such whatever the backend.
-    let devices = virtio_devices(cfg)?;
-    let mmio_slots = mmio_slots(cfg, devices.len())?;
-    let mut cmdline = cfg.cmdline.clone();
-    for &(base, gsi) in &mmio_slots {
-        cmdline.push(' ');
-        cmdline.push_str(&kvmbox_virtio::transport::cmdline_arg(base, gsi));
-    }
-    let mut acpi = kvmbox_arch::AcpiConfig::new(cfg.cpus);
-    // kvmbox's i8042 is only the reset line (Linux's reboot=k writes 0xfe to port 0x64 either
-    // way): advertising a PS/2 controller would make Linux probe a keyboard that is not there.
-    acpi.i8042 = false;
-    if cfg.virtio == VirtioTransport::Pci {
-        acpi.pci = Some(kvmbox_arch::PciHostBridge::new());
-    }
-    let rsdp = kvmbox_arch::create_acpi_tables_with(&mem, &acpi)?;
-    let mut params = kvmbox_arch::LoadParams::new(&cfg.kernel, &cmdline, cfg.memory);
-    params.initrd = cfg.initrd.as_deref();
-    params.cpus = cfg.cpus;
-    params.prefer_pvh = cfg.pvh;
-    params.rsdp = Some(rsdp);
-    // The software engine would spend tens of millions of instructions in a bzImage's own
-    // decompressor: unpack the kernel on the host instead.
-    params.host_decompress = accel == Accel::Emu;
-    let boot = kvmbox_arch::load(&mem, &params)?;
-    let io = Arc::new(IoBus::default());
-    let (vm, emu_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
-    check_cpus(cfg.cpus, vm.name(), vm.max_vcpus())?;
-    let control = session.control.clone();
-    let platform = add_legacy_devices(vm.as_ref(), &io, &control)?;
-    attach_virtio(cfg, vm.as_ref(), &io, &mem, devices, &mmio_slots)?;
-
-    let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::new();
-    for id in 0..cfg.cpus {
-        let mut vcpu = vm.create_vcpu(id)?;
-        vcpu.configure(&VcpuConfig {
-            id,
-            count: cfg.cpus,
-        })?;
-        if id == 0 {
-            vcpu.set_sregs(&boot.sregs)?;
-            vcpu.set_regs(&boot.regs)?;
-        } else {
-            vcpu.set_wait_for_sipi()?;
-        }
-        vcpus.push(vcpu);
-    }
-    *session
-        .serial_slot
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = Some(platform.serial.clone());
-
-    let kickers: Vec<Arc<dyn VcpuKicker>> = vcpus.iter().map(|v| v.kicker()).collect();
-    let halted = Arc::new(AtomicUsize::new(0));
-    let count = vcpus.len();
-    let mut threads = Vec::new();
-    for (id, vcpu) in vcpus.into_iter().enumerate() {
-        let io = io.clone();
-        let control = control.clone();
-        let halted = halted.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    vcpu_loop(id, vcpu, &io, &control, &halted, count)
-                }));
-                if ran.is_err() {
-                    // The panic hook printed the message; stop the VM rather than hang it.
-                    control.request(ExitRequest::Error);
-                }
-            })
-            .map_err(|e| Error::Host(format!("cannot start vCPU thread: {e}")))?;
-        threads.push(t);
-    }
-
-    let request = wait_for_request(&control);
-    for k in &kickers {
-        k.kick();
-    }
-    for t in threads {
-        // A vCPU thread that panicked has already reported through the panic hook.
-        let _ = t.join();
-    }
-    *session
-        .serial_slot
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = None;
-    // Device threads stop before the backend (and its guest memory mappings) goes away.
-    drop(platform);
-    drop(emu_platform);
-    drop(vm);
-    Ok(request)
-}
-
-fn wait_for_request(control: &VmControl) -> ExitRequest {
-    loop {
-        if let Some(r) = control.pending() {
-            return r;
-        }
-        let mut pfd = libc::pollfd {
-            fd: control.event().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, and its count.
-        unsafe { libc::poll(&mut pfd, 1, 1000) };
-    }
-}
-
-fn vcpu_loop(
-    id: usize,
-    mut vcpu: Box<dyn Vcpu>,
-    io: &IoBus,
-    control: &VmControl,
-    halted: &AtomicUsize,
-    count: usize,
-) {
-    loop {
-        match vcpu.run(io) {
-            Ok(VcpuExit::Kicked) => {
-                if control.pending().is_some() {
-                    return;
-                }
-            }
-            Ok(VcpuExit::Halted) => {
-                // Halted with interrupts off: this vCPU is done until the VM stops. (A guest
-                // often halts right after asking to stop: that is no error.)
-                if control.pending().is_none() && halted.fetch_add(1, Ordering::SeqCst) + 1 == count
-                {
-                    eprintln!("kvmbox: every vCPU halted with interrupts disabled; stopping");
-                    control.request(ExitRequest::Error);
-                }
-                while control.pending().is_none() {
-                    std::thread::park_timeout(std::time::Duration::from_millis(50));
-                }
-                return;
-            }
-            Ok(VcpuExit::Shutdown) | Ok(VcpuExit::Reset) => {
-                control.request(ExitRequest::Reset);
-                return;
-            }
-            Ok(VcpuExit::PowerOff) => {
-                control.request(ExitRequest::PowerOff);
-                return;
-            }
-            Err(e) => {
-                eprintln!("\r\nkvmbox: vCPU {id} stopped: {e}");
-                control.request(ExitRequest::Error);
-                return;
-            }
-        }
-    }
 }

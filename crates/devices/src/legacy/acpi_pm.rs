@@ -1,9 +1,12 @@
 //! ACPI fixed hardware: PM1a event and control blocks, the PM timer, and the reset register.
 //!
 //! Linux powers off by writing SLP_TYP (from the DSDT's `_S5_`) with SLP_EN to PM1a_CNT, and
-//! resets through the FADT reset register.
+//! resets through the FADT reset register. The power button is the fixed-feature one: pressing
+//! it sets PWRBTN_STS in PM1a_STS and, while the guest has PWRBTN_EN set, raises the SCI (a
+//! level-triggered line that stays up until the guest clears the status bit).
 
 use crate::{BusDevice, ExitRequest, VmControl};
+use kvmbox_cpu::IrqLine;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,6 +20,8 @@ const CNT_OFFSET: u64 = 4;
 const TMR_OFFSET: u64 = 8;
 const SCI_EN: u16 = 1;
 const SLP_EN: u16 = 1 << 13;
+/// PM1 status/enable bit of the fixed-feature power button.
+const PWRBTN: u16 = 1 << 8;
 /// PM timer frequency in Hz.
 const PM_TIMER_HZ: u128 = 3_579_545;
 
@@ -28,6 +33,7 @@ pub struct AcpiPm {
     pm1_enable: u16,
     pm1_control: u16,
     start: Instant,
+    sci: Option<Arc<dyn IrqLine>>,
 }
 
 impl AcpiPm {
@@ -40,6 +46,26 @@ impl AcpiPm {
             pm1_enable: 0,
             pm1_control: SCI_EN,
             start: Instant::now(),
+            sci: None,
+        }
+    }
+
+    /// Raise events on `sci` (the FADT's SCI_INT).
+    pub fn set_sci(&mut self, sci: Arc<dyn IrqLine>) {
+        self.sci = Some(sci);
+    }
+
+    /// Press the power button: PWRBTN_STS, and the SCI if the guest enabled the event.
+    pub fn press_power_button(&mut self) -> std::io::Result<()> {
+        self.pm1_status |= PWRBTN;
+        self.update_sci()
+    }
+
+    /// The SCI is up while an enabled event's status bit is set.
+    fn update_sci(&self) -> std::io::Result<()> {
+        match &self.sci {
+            Some(sci) => sci.set_level(self.pm1_status & self.pm1_enable & PWRBTN != 0),
+            None => Ok(()),
         }
     }
 
@@ -79,6 +105,7 @@ impl BusDevice for AcpiPm {
                 }
             }
             (2, _) => self.pm1_enable = value as u16,
+            (1, _) => self.pm1_status &= !((value as u16) << 8),
             (CNT_OFFSET, _) => {
                 let cnt = value as u16;
                 self.pm1_control = (cnt & !SLP_EN) | SCI_EN;
@@ -89,6 +116,10 @@ impl BusDevice for AcpiPm {
             }
             (TMR_OFFSET, _) => {}
             _ => {}
+        }
+        if offset < CNT_OFFSET {
+            // A line that cannot be driven is the backend's failure; the guest sees no SCI.
+            let _ = self.update_sci();
         }
     }
 }
@@ -150,6 +181,25 @@ mod tests {
         d.read(0x600, 8, &mut t1);
         let dt = u32::from_le_bytes(t1).wrapping_sub(u32::from_le_bytes(t0));
         assert!(dt >= 7000, "2 ms is >= 7159 PM timer ticks, got {dt}");
+    }
+
+    #[test]
+    fn power_button_raises_sci_until_cleared() {
+        use crate::legacy::test_util::CountingIrq;
+        let (_c, mut d) = pm();
+        let sci = Arc::new(CountingIrq::default());
+        d.set_sci(sci.clone());
+        d.press_power_button().unwrap();
+        assert!(!sci.level(), "not enabled: status only");
+        let mut b = [0u8; 2];
+        d.read(0x600, 0, &mut b);
+        assert_eq!(u16::from_le_bytes(b) & PWRBTN, PWRBTN);
+        d.write(0x600, 2, &PWRBTN.to_le_bytes());
+        assert!(sci.level(), "enabled: SCI up");
+        d.write(0x600, 0, &PWRBTN.to_le_bytes());
+        assert!(!sci.level(), "status cleared: SCI down");
+        d.read(0x600, 0, &mut b);
+        assert_eq!(u16::from_le_bytes(b) & PWRBTN, 0);
     }
 
     #[test]

@@ -23,18 +23,26 @@ impl vm_superio::Trigger for IrqTrigger {
 #[cfg(test)]
 pub(crate) mod test_util {
     use kvmbox_cpu::IrqLine;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-    /// An interrupt line that counts edge triggers (level changes are accepted and ignored).
+    /// An interrupt line that counts edge triggers and remembers its level.
     #[derive(Default)]
-    pub(crate) struct CountingIrq(pub(crate) AtomicU64);
+    pub(crate) struct CountingIrq(pub(crate) AtomicU64, AtomicBool);
+
+    impl CountingIrq {
+        /// The level last driven.
+        pub(crate) fn level(&self) -> bool {
+            self.1.load(Ordering::SeqCst)
+        }
+    }
 
     impl IrqLine for CountingIrq {
         fn trigger(&self) -> std::io::Result<()> {
             self.0.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
-        fn set_level(&self, _high: bool) -> std::io::Result<()> {
+        fn set_level(&self, high: bool) -> std::io::Result<()> {
+            self.1.store(high, Ordering::SeqCst);
             Ok(())
         }
     }

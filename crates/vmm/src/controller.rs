@@ -1,0 +1,230 @@
+//! The control loop: one place that owns the VM's lifecycle. It waits on the guest's own stop
+//! requests ([`VmControl`]: power-off, reset, debug-exit, console quit, a failed vCPU) and on
+//! the API's requests, and serves both on the VMM thread.
+
+use crate::config::{AccelChoice, FileConfig, OnReboot, Overrides, VmConfig};
+use crate::console::{spawn_stdin_forwarder, RawTerminal};
+use crate::machine::Machine;
+use crate::state::{Action, StateError, VmState};
+use crate::vm::{Error, SerialSlot};
+use crate::{EXIT_ERROR, EXIT_POWEROFF, EXIT_REBOOT};
+use kvmbox_api::{ApiError, ApiReply, ApiRequest, ApiResult, ApiServer};
+use kvmbox_cpu::Accel;
+use kvmbox_devices::legacy::debug_exit::DebugExit;
+use kvmbox_devices::{ExitRequest, VmControl};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+mod api;
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// What the VM is to be booted from, before it is.
+enum Boot {
+    /// A complete configuration (from flags or a file).
+    Ready(Box<VmConfig>),
+    /// Being configured through the API, over what flags and file gave.
+    Pending(Box<api::PreBoot>),
+}
+
+/// The VMM thread's state.
+struct Controller {
+    control: Arc<VmControl>,
+    serial_slot: SerialSlot,
+    state: VmState,
+    boot: Boot,
+    /// The configuration the running machine was built from.
+    running_cfg: Option<VmConfig>,
+    machine: Option<Machine>,
+    api: Option<ApiServer>,
+    extras: api::Extras,
+}
+
+/// Run the VM described by `cfg` until it ends; returns kvmbox's exit status.
+pub fn run(cfg: &VmConfig) -> Result<i32> {
+    Controller::new(Boot::Ready(Box::new(cfg.clone())), None)?.serve()
+}
+
+/// `kvmbox run --api-sock PATH`: serve the API on `path`. With a kernel in `file`/`o`, boot
+/// from them right away; otherwise wait to be configured and started through the API.
+pub fn run_with_api(file: Option<FileConfig>, o: Overrides, path: &Path) -> Result<i32> {
+    let boot = if api::has_kernel(file.as_ref(), &o) {
+        Boot::Ready(Box::new(VmConfig::build(file, o)?))
+    } else {
+        // Check what the flags say now, so a typo is still an error before anything runs.
+        let pre = api::PreBoot::new(file, o)?;
+        Boot::Pending(Box::new(pre))
+    };
+    let api = ApiServer::start(path).map_err(|e| Error::Host(e.to_string()))?;
+    Controller::new(boot, Some(api))?.serve()
+}
+
+impl Controller {
+    fn new(boot: Boot, api: Option<ApiServer>) -> Result<Self> {
+        Ok(Self {
+            control: Arc::new(VmControl::new().map_err(|e| Error::Host(format!("eventfd: {e}")))?),
+            serial_slot: Arc::new(Mutex::new(None)),
+            state: VmState::NotStarted,
+            boot,
+            running_cfg: None,
+            machine: None,
+            api,
+            extras: api::Extras::default(),
+        })
+    }
+
+    fn accel(cfg: &VmConfig) -> Accel {
+        match cfg.accel {
+            AccelChoice::Fixed(a) => a,
+            AccelChoice::Auto => kvmbox_doctor::choose_accel().accel,
+        }
+    }
+
+    /// Build and start the machine from `cfg`.
+    fn start(&mut self, cfg: VmConfig) -> Result<()> {
+        let accel = Self::accel(&cfg);
+        let machine = Machine::build(&cfg, accel, &self.control, false)?;
+        *self.serial_slot.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(machine.platform.serial.clone());
+        self.machine = Some(machine);
+        self.running_cfg = Some(cfg);
+        self.state = VmState::Running;
+        self.extras.log(&format!("VM {}", self.state));
+        Ok(())
+    }
+
+    fn stop_machine(&mut self) {
+        if let Some(m) = self.machine.take() {
+            m.stop();
+        }
+        *self.serial_slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The loop: returns kvmbox's exit status when the VM ends.
+    fn serve(mut self) -> Result<i32> {
+        let raw = RawTerminal::enable(libc::STDIN_FILENO);
+        spawn_stdin_forwarder(self.serial_slot.clone(), self.control.clone());
+        if let Boot::Ready(cfg) = &self.boot {
+            let cfg = (**cfg).clone();
+            self.start(cfg)?;
+        }
+        loop {
+            if let Some(req) = self.control.pending() {
+                if let Some(status) = self.guest_request(req)? {
+                    self.state = VmState::Stopped;
+                    self.extras.log(&format!("VM {}", self.state));
+                    if req == ExitRequest::UserQuit && raw.is_some() {
+                        // The guest's last line may be a prompt: leave the user's shell a
+                        // fresh line.
+                        eprint!("\r\n");
+                    }
+                    return Ok(status);
+                }
+                continue;
+            }
+            while let Some(p) = self.api.as_ref().and_then(ApiServer::try_next) {
+                let answer = self.api_request(&p.request);
+                p.respond(answer);
+            }
+            self.wait();
+        }
+    }
+
+    /// Sleep until the guest or the API wants something.
+    fn wait(&self) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.control.event().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.api.as_ref().map_or(-1, ApiServer::event_fd),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds (a negative fd is ignored by poll), and their count.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+    }
+
+    /// The guest (or the console, or a failed vCPU) asked the VM to stop: end it, or restart
+    /// it on a reset with `--on-reboot restart`. Returns the exit status when kvmbox ends.
+    fn guest_request(&mut self, req: ExitRequest) -> Result<Option<i32>> {
+        self.stop_machine();
+        let restart = self
+            .running_cfg
+            .as_ref()
+            .is_some_and(|c| c.on_reboot == OnReboot::Restart);
+        Ok(Some(match req {
+            ExitRequest::Reset if restart => {
+                self.control.clear();
+                let cfg = self.running_cfg.take().unwrap_or_else(|| unreachable!());
+                self.start(cfg)?;
+                return Ok(None);
+            }
+            ExitRequest::Reset => EXIT_REBOOT,
+            ExitRequest::UserQuit | ExitRequest::PowerOff => EXIT_POWEROFF,
+            ExitRequest::DebugExit(v) => DebugExit::status(v),
+            ExitRequest::Error => EXIT_ERROR,
+        }))
+    }
+
+    /// Check `action` against the state; the caller's fault when refused.
+    fn check(&self, action: Action) -> std::result::Result<VmState, ApiError> {
+        self.state
+            .check(action)
+            .map_err(|e: StateError| ApiError::bad_request(e.to_string()))
+    }
+
+    fn machine(&self) -> std::result::Result<&Machine, ApiError> {
+        self.machine
+            .as_ref()
+            .ok_or_else(|| ApiError::internal("the VM has no machine"))
+    }
+
+    fn api_request(&mut self, req: &ApiRequest) -> ApiResult {
+        self.extras.count_request();
+        let r = self.dispatch(req);
+        if let Err(e) = &r {
+            self.extras.log(&format!("API request failed: {}", e.message));
+        }
+        r
+    }
+
+    fn pause(&mut self) -> ApiResult {
+        let next = self.check(Action::Pause)?;
+        self.machine()?.pause().map_err(to_api_error)?;
+        self.state = next;
+        self.extras.log(&format!("VM {}", self.state));
+        Ok(ApiReply::Empty)
+    }
+
+    fn resume(&mut self) -> ApiResult {
+        let next = self.check(Action::Resume)?;
+        self.machine()?.resume().map_err(to_api_error)?;
+        self.state = next;
+        self.extras.log(&format!("VM {}", self.state));
+        Ok(ApiReply::Empty)
+    }
+
+    fn instance_start(&mut self) -> ApiResult {
+        self.check(Action::Start)?;
+        let cfg = match &self.boot {
+            Boot::Pending(pre) => pre.to_config().map_err(to_api_error)?,
+            Boot::Ready(cfg) => (**cfg).clone(),
+        };
+        self.start(cfg).map_err(to_api_error)?;
+        Ok(ApiReply::Empty)
+    }
+}
+
+/// A VMM error as an API answer: the caller's fault (400) or the host's (500).
+fn to_api_error(e: Error) -> ApiError {
+    if e.is_user_error() {
+        ApiError::bad_request(e.to_string())
+    } else {
+        ApiError::internal(e.to_string())
+    }
+}

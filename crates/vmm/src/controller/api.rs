@@ -1,0 +1,571 @@
+//! The control loop's answers to API requests: pre-boot configuration in Firecracker's terms,
+//! mapped onto kvmbox's own configuration (the same parsing and validation as the flags).
+
+use super::{to_api_error, Boot, Controller};
+use crate::config::{parse_disk_spec, FileConfig, Overrides, VmConfig};
+use crate::state::Action;
+use crate::vm::Error;
+use kvmbox_api::types::*;
+use kvmbox_api::{ApiError, ApiReply, ApiRequest, ApiResult};
+use std::io::Write;
+use std::path::PathBuf;
+
+type ApiRes<T> = std::result::Result<T, ApiError>;
+
+/// Whether flags or file name a kernel (then the VM boots from them).
+pub(super) fn has_kernel(file: Option<&FileConfig>, o: &Overrides) -> bool {
+    o.kernel.is_some() || file.is_some_and(FileConfig::has_kernel)
+}
+
+/// A VM being configured through the API, over the flags' and file's settings.
+#[derive(Clone)]
+pub(super) struct PreBoot {
+    file: Option<FileConfig>,
+    flags: Overrides,
+    boot_source: Option<BootSource>,
+    machine: MachineConfig,
+    drives: Vec<Drive>,
+    nets: Vec<NetworkInterface>,
+    entropy: Option<Entropy>,
+}
+
+/// Stands in for the kernel while none is set, so the rest of the configuration can be
+/// checked (and reported) through the one validation path.
+const NO_KERNEL: &str = "";
+
+fn refuse(field: &str, why: &str) -> ApiError {
+    ApiError::bad_request(format!("{field}: {why}"))
+}
+
+fn readable(field: &str, path: &str) -> ApiRes<()> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| refuse(field, &format!("cannot open '{path}': {e}")))
+}
+
+impl PreBoot {
+    pub(super) fn new(file: Option<FileConfig>, flags: Overrides) -> Result<Self, Error> {
+        let p = Self {
+            file,
+            flags,
+            boot_source: None,
+            machine: MachineConfig::default(),
+            drives: Vec::new(),
+            nets: Vec::new(),
+            entropy: None,
+        };
+        p.effective()?;
+        Ok(p)
+    }
+
+    /// The settings as kvmbox flags: API values over the flags'.
+    fn overrides(&self) -> Overrides {
+        let mut o = self.flags.clone();
+        if let Some(b) = &self.boot_source {
+            o.kernel = Some(PathBuf::from(&b.kernel_image_path));
+            if let Some(i) = &b.initrd_path {
+                o.initrd = Some(PathBuf::from(i));
+            }
+            if let Some(a) = &b.boot_args {
+                o.cmdline = Some(a.clone());
+            }
+        }
+        if let Some(root) = self.drives.iter().find(|d| d.is_root_device) {
+            // As Firecracker: the root drive is the first disk and the kernel is told so.
+            let rw = if root.is_read_only == Some(true) {
+                "ro"
+            } else {
+                "rw"
+            };
+            let arg = match &root.partuuid {
+                Some(u) => format!("root=PARTUUID={u} {rw}"),
+                None => format!("root=/dev/vda {rw}"),
+            };
+            let base = o
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| crate::config::DEFAULT_CMDLINE.to_string());
+            o.cmdline = Some(format!("{base} {arg}"));
+        }
+        if let Some(n) = self.machine.vcpu_count {
+            o.cpus = Some(n);
+        }
+        if let Some(m) = self.machine.mem_size_mib {
+            o.memory = Some(format!("{m}M"));
+        }
+        if let Some(a) = &self.machine.accel {
+            o.accel = Some(a.clone());
+        }
+        let roots = self.drives.iter().filter(|d| d.is_root_device);
+        let others = self.drives.iter().filter(|d| !d.is_root_device);
+        let api_disks: Vec<String> = roots.chain(others).map(drive_spec).collect();
+        // The root drive must be /dev/vda: API drives go before the flags' disks.
+        o.disks = api_disks.into_iter().chain(o.disks).collect();
+        o.nets.extend(self.nets.iter().map(net_spec));
+        o.rng |= self.entropy.is_some();
+        o
+    }
+
+    /// The configuration as it stands (with a placeholder kernel if none is set yet).
+    fn effective(&self) -> Result<VmConfig, Error> {
+        let mut o = self.overrides();
+        if !has_kernel(self.file.as_ref(), &o) {
+            o.kernel = Some(PathBuf::from(NO_KERNEL));
+        }
+        Ok(VmConfig::build(self.file.clone(), o)?)
+    }
+
+    /// The configuration to boot.
+    pub(super) fn to_config(&self) -> Result<VmConfig, Error> {
+        Ok(VmConfig::build(self.file.clone(), self.overrides())?)
+    }
+}
+
+/// A Firecracker drive as a `--disk` spec. Fields are checked before this.
+fn drive_spec(d: &Drive) -> String {
+    let mut s = d.path_on_host.clone().unwrap_or_default();
+    if d.is_read_only == Some(true) {
+        s.push_str(",ro");
+    }
+    s
+}
+
+fn net_spec(n: &NetworkInterface) -> String {
+    match &n.guest_mac {
+        Some(mac) => format!("tap={},mac={mac}", n.host_dev_name),
+        None => format!("tap={}", n.host_dev_name),
+    }
+}
+
+fn check_drive(d: &Drive) -> ApiRes<()> {
+    if d.rate_limiter.is_some() {
+        return Err(refuse("rate_limiter", "kvmbox has no block rate limiter"));
+    }
+    if d.socket.is_some() {
+        return Err(refuse("socket", "kvmbox has no vhost-user-block"));
+    }
+    if let Some(e) = d.io_engine.as_deref().filter(|&e| e != "Sync") {
+        return Err(refuse(
+            "io_engine",
+            &format!("'{e}' is not supported: kvmbox does synchronous I/O (\"Sync\")"),
+        ));
+    }
+    if let Some(c) = d
+        .cache_type
+        .as_deref()
+        .filter(|&c| c != "Unsafe" && c != "Writeback")
+    {
+        return Err(refuse(
+            "cache_type",
+            &format!("'{c}': expected Unsafe or Writeback"),
+        ));
+    }
+    if d.partuuid.is_some() && !d.is_root_device {
+        return Err(refuse("partuuid", "only for the root device"));
+    }
+    let path = d
+        .path_on_host
+        .as_deref()
+        .ok_or_else(|| refuse("path_on_host", "missing (a virtio-blk drive needs an image)"))?;
+    if path.contains(',') {
+        return Err(refuse("path_on_host", "kvmbox cannot use a path with ','"));
+    }
+    readable("path_on_host", path)?;
+    parse_disk_spec(&drive_spec(d)).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(())
+}
+
+fn check_net(n: &NetworkInterface) -> ApiRes<()> {
+    if n.rx_rate_limiter.is_some() {
+        return Err(refuse("rx_rate_limiter", "kvmbox has no network rate limiter"));
+    }
+    if n.tx_rate_limiter.is_some() {
+        return Err(refuse("tx_rate_limiter", "kvmbox has no network rate limiter"));
+    }
+    if n.mtu.is_some() {
+        return Err(refuse("mtu", "kvmbox's virtio-net does not advertise an MTU"));
+    }
+    if n.host_dev_name.contains(',') || n.guest_mac.as_deref().is_some_and(|m| m.contains(',')) {
+        return Err(refuse("host_dev_name", "kvmbox cannot use a name with ','"));
+    }
+    Ok(())
+}
+
+fn check_machine(m: &MachineConfig) -> ApiRes<()> {
+    if let Some(n) = m.vcpu_count.filter(|n| !(1..=32).contains(n)) {
+        return Err(refuse("vcpu_count", &format!("{n} is not in 1..=32")));
+    }
+    if m.mem_size_mib == Some(0) {
+        return Err(refuse("mem_size_mib", "must be at least 1"));
+    }
+    if m.smt == Some(true) {
+        return Err(refuse("smt", "kvmbox does not offer SMT (set false)"));
+    }
+    if m.track_dirty_pages == Some(true) {
+        return Err(refuse("track_dirty_pages", "kvmbox does not track dirty pages yet"));
+    }
+    if let Some(t) = m.cpu_template.as_deref().filter(|&t| t != "None") {
+        return Err(refuse(
+            "cpu_template",
+            &format!("'{t}' is not supported (only \"None\")"),
+        ));
+    }
+    if let Some(h) = m.huge_pages.as_deref().filter(|&h| h != "None") {
+        return Err(refuse(
+            "huge_pages",
+            &format!("'{h}' is not supported (only \"None\")"),
+        ));
+    }
+    Ok(())
+}
+
+fn accel_name(a: kvmbox_cpu::Accel) -> &'static str {
+    match a {
+        kvmbox_cpu::Accel::Kvm => "kvm",
+        kvmbox_cpu::Accel::Emu => "emu",
+    }
+}
+
+/// The logger, the metrics sink and the request counter.
+#[derive(Default)]
+pub(super) struct Extras {
+    logger: Option<(std::fs::File, Logger)>,
+    metrics: Option<(std::fs::File, Metrics)>,
+    requests: u64,
+}
+
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warning", "info", "debug", "trace"];
+
+fn open_append(field: &str, path: &str) -> ApiRes<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| refuse(field, &format!("cannot open '{path}': {e}")))
+}
+
+impl Extras {
+    pub(super) fn count_request(&mut self) {
+        self.requests += 1;
+    }
+
+    /// Write one Info line to the logger, if it is configured at Info or above.
+    pub(super) fn log(&mut self, msg: &str) {
+        let Some((file, cfg)) = &mut self.logger else {
+            return;
+        };
+        let level = cfg.level.as_deref().unwrap_or("info").to_ascii_lowercase();
+        let rank = LOG_LEVELS.iter().position(|&l| l == level).unwrap_or(3);
+        if rank < 3 {
+            return;
+        }
+        let prefix = if cfg.show_level == Some(true) {
+            ":INFO"
+        } else {
+            ""
+        };
+        let _ = writeln!(file, "[kvmbox{prefix}] {msg}");
+    }
+
+    fn set_logger(&mut self, l: &Logger) -> ApiRes<()> {
+        if l.module.is_some() {
+            return Err(refuse("module", "kvmbox's log has no modules to filter"));
+        }
+        if l.show_log_origin == Some(true) {
+            return Err(refuse("show_log_origin", "kvmbox's log lines have no origin"));
+        }
+        if let Some(level) = &l.level {
+            if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+                return Err(refuse(
+                    "level",
+                    &format!("'{level}': expected Error, Warning, Info, Debug, Trace or Off"),
+                ));
+            }
+        }
+        let path = l
+            .log_path
+            .as_deref()
+            .ok_or_else(|| refuse("log_path", "missing"))?;
+        self.logger = Some((open_append("log_path", path)?, l.clone()));
+        Ok(())
+    }
+
+    fn flush_metrics(&mut self, state: &str) -> ApiRes<()> {
+        let requests = self.requests;
+        let (file, _) = self
+            .metrics
+            .as_mut()
+            .ok_or_else(|| ApiError::bad_request("FlushMetrics: no metrics sink (PUT /metrics first)"))?;
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let line = serde_json::json!({
+            "utc_timestamp_ms": ms,
+            "api_server": {"requests": requests},
+            "vmm": {"state": state},
+        });
+        writeln!(file, "{line}")
+            .map_err(|e| ApiError::internal(format!("writing metrics: {e}")))
+    }
+}
+
+impl Controller {
+    /// The configuration to report: the running one, else what the API has set so far.
+    fn report_config(&self) -> ApiRes<(VmConfig, Option<&PreBoot>)> {
+        match (&self.running_cfg, &self.boot) {
+            (Some(c), Boot::Pending(p)) => Ok((c.clone(), Some(p))),
+            (Some(c), Boot::Ready(_)) => Ok((c.clone(), None)),
+            (None, Boot::Pending(p)) => Ok((p.effective().map_err(to_api_error)?, Some(p))),
+            (None, Boot::Ready(c)) => Ok(((**c).clone(), None)),
+        }
+    }
+
+    fn machine_config(&self) -> ApiRes<MachineConfig> {
+        let (cfg, _) = self.report_config()?;
+        let accel = match (&self.machine, cfg.accel) {
+            (Some(m), _) => accel_name(m.accel).into(),
+            (None, crate::AccelChoice::Fixed(a)) => accel_name(a).into(),
+            (None, crate::AccelChoice::Auto) => "auto".into(),
+        };
+        Ok(MachineConfig {
+            vcpu_count: Some(cfg.cpus),
+            mem_size_mib: Some(cfg.memory >> 20),
+            smt: Some(false),
+            track_dirty_pages: Some(false),
+            cpu_template: None,
+            huge_pages: Some("None".into()),
+            accel: Some(accel),
+        })
+    }
+
+    fn full_config(&self) -> ApiRes<FullVmConfiguration> {
+        let (cfg, pre) = self.report_config()?;
+        let api_drives = pre.map(|p| p.drives.clone()).unwrap_or_default();
+        let flag_disks = cfg.disks.iter().skip(api_drives.len()).enumerate().map(|(i, d)| Drive {
+            drive_id: format!("disk{i}"),
+            is_root_device: false,
+            path_on_host: Some(d.path.display().to_string()),
+            is_read_only: Some(d.read_only),
+            ..Default::default()
+        });
+        let api_nets = pre.map(|p| p.nets.clone()).unwrap_or_default();
+        let flag_nets = cfg
+            .nets
+            .iter()
+            .take(cfg.nets.len().saturating_sub(api_nets.len()))
+            .enumerate()
+            .map(|(i, n)| NetworkInterface {
+                iface_id: format!("net{i}"),
+                host_dev_name: n.tap.clone(),
+                guest_mac: n.mac.map(|m| {
+                    m.iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":")
+                }),
+                ..Default::default()
+            });
+        let kernel = cfg.kernel.display().to_string();
+        Ok(FullVmConfiguration {
+            boot_source: (!kernel.is_empty()).then(|| BootSource {
+                kernel_image_path: kernel,
+                initrd_path: cfg.initrd.as_ref().map(|p| p.display().to_string()),
+                boot_args: Some(cfg.cmdline.clone()),
+            }),
+            machine_config: self.machine_config()?,
+            drives: api_drives.into_iter().chain(flag_disks).collect(),
+            network_interfaces: flag_nets.chain(api_nets).collect(),
+            entropy: cfg.rng.then(Entropy::default),
+            logger: self.extras.logger.as_ref().map(|(_, l)| l.clone()),
+            metrics: self.extras.metrics.as_ref().map(|(_, m)| m.clone()),
+        })
+    }
+
+    /// Apply a pre-boot change: checked against the state, then validated as a whole through
+    /// the flags' path; refused changes leave the configuration as it was.
+    fn configure(&mut self, change: impl FnOnce(&mut PreBoot) -> ApiRes<()>) -> ApiResult {
+        self.check(Action::Configure)?;
+        let Boot::Pending(pre) = &mut self.boot else {
+            return Err(ApiError::bad_request(
+                "cannot change the configuration: the VM was configured from the command line",
+            ));
+        };
+        let mut next = (**pre).clone();
+        change(&mut next)?;
+        next.effective().map_err(to_api_error)?;
+        **pre = next;
+        Ok(ApiReply::Empty)
+    }
+
+    pub(super) fn dispatch(&mut self, req: &ApiRequest) -> ApiResult {
+        use ApiRequest as R;
+        let json = |v: serde_json::Result<serde_json::Value>| {
+            v.map(ApiReply::Json)
+                .map_err(|e| ApiError::internal(format!("encoding the answer: {e}")))
+        };
+        match req {
+            R::DescribeInstance => json(serde_json::to_value(InstanceInfo {
+                app_name: "kvmbox".into(),
+                id: "anonymous-instance".into(),
+                state: self.state.to_string(),
+                vmm_version: env!("CARGO_PKG_VERSION").into(),
+            })),
+            R::GetVersion => json(serde_json::to_value(Version {
+                firecracker_version: env!("CARGO_PKG_VERSION").into(),
+            })),
+            R::GetVmConfig => json(serde_json::to_value(self.full_config()?)),
+            R::GetMachineConfig => json(serde_json::to_value(self.machine_config()?)),
+            R::PutBootSource(b) => {
+                let b = b.clone();
+                self.configure(move |p| {
+                    readable("kernel_image_path", &b.kernel_image_path)?;
+                    if let Some(i) = &b.initrd_path {
+                        readable("initrd_path", i)?;
+                    }
+                    p.boot_source = Some(b);
+                    Ok(())
+                })
+            }
+            R::PutMachineConfig(m) | R::PatchMachineConfig(m) => {
+                let put = matches!(req, R::PutMachineConfig(_));
+                let m = m.clone();
+                self.configure(move |p| {
+                    check_machine(&m)?;
+                    if put {
+                        p.machine = m;
+                    } else {
+                        let cur = &mut p.machine;
+                        cur.vcpu_count = m.vcpu_count.or(cur.vcpu_count);
+                        cur.mem_size_mib = m.mem_size_mib.or(cur.mem_size_mib);
+                        cur.accel = m.accel.or(cur.accel.take());
+                    }
+                    Ok(())
+                })
+            }
+            R::PutDrive(d) => {
+                let d = d.clone();
+                self.configure(move |p| {
+                    check_drive(&d)?;
+                    if d.is_root_device
+                        && p.drives
+                            .iter()
+                            .any(|o| o.is_root_device && o.drive_id != d.drive_id)
+                    {
+                        return Err(refuse("is_root_device", "another drive is the root device"));
+                    }
+                    match p.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
+                        Some(o) => *o = d,
+                        None => p.drives.push(d),
+                    }
+                    Ok(())
+                })
+            }
+            R::PatchDrive(d) => {
+                if self.state == crate::VmState::NotStarted {
+                    let d = d.clone();
+                    return self.configure(move |p| {
+                        let cur = p
+                            .drives
+                            .iter_mut()
+                            .find(|o| o.drive_id == d.drive_id)
+                            .ok_or_else(|| refuse("drive_id", &format!("no drive '{}'", d.drive_id)))?;
+                        let mut next = cur.clone();
+                        if let Some(path) = d.path_on_host {
+                            next.path_on_host = Some(path);
+                        }
+                        next.rate_limiter = d.rate_limiter.or(next.rate_limiter);
+                        check_drive(&next)?;
+                        *cur = next;
+                        Ok(())
+                    });
+                }
+                Err(refuse(
+                    "path_on_host",
+                    "kvmbox cannot change a drive of a running VM",
+                ))
+            }
+            R::PutNetworkInterface(n) => {
+                let n = n.clone();
+                self.configure(move |p| {
+                    check_net(&n)?;
+                    match p.nets.iter_mut().find(|o| o.iface_id == n.iface_id) {
+                        Some(o) => *o = n,
+                        None => p.nets.push(n),
+                    }
+                    Ok(())
+                })
+            }
+            R::PatchNetworkInterface(_) => Err(refuse(
+                "rx_rate_limiter/tx_rate_limiter",
+                "kvmbox has no network rate limiter to update",
+            )),
+            R::PutEntropy(e) => {
+                let e = e.clone();
+                self.configure(move |p| {
+                    if e.rate_limiter.is_some() {
+                        return Err(refuse("rate_limiter", "kvmbox has no entropy rate limiter"));
+                    }
+                    p.entropy = Some(e);
+                    Ok(())
+                })
+            }
+            R::PutLogger(l) => {
+                self.check(Action::Configure)?;
+                self.extras.set_logger(l)?;
+                Ok(ApiReply::Empty)
+            }
+            R::PutMetrics(m) => {
+                self.check(Action::Configure)?;
+                let f = open_append("metrics_path", &m.metrics_path)?;
+                self.extras.metrics = Some((f, m.clone()));
+                Ok(ApiReply::Empty)
+            }
+            R::Action(ActionType::InstanceStart) => self.instance_start(),
+            R::Action(ActionType::FlushMetrics) => {
+                let state = self.state.to_string();
+                self.extras.flush_metrics(&state)?;
+                Ok(ApiReply::Empty)
+            }
+            R::Action(ActionType::SendCtrlAltDel) => {
+                self.check(Action::GuestInput)?;
+                self.machine()?.send_ctrl_alt_del().map_err(to_api_error)?;
+                Ok(ApiReply::Empty)
+            }
+            R::Action(ActionType::PowerButton) => {
+                self.check(Action::GuestInput)?;
+                self.machine()?.press_power_button().map_err(to_api_error)?;
+                Ok(ApiReply::Empty)
+            }
+            R::PatchVm(VmStateRequest::Paused) => self.pause(),
+            R::PatchVm(VmStateRequest::Resumed) => self.resume(),
+            R::CreateSnapshot(s) => {
+                self.check(Action::Snapshot)?;
+                if let Some(t) = s.snapshot_type.as_deref().filter(|&t| t != "Full" && t != "Diff") {
+                    return Err(refuse("snapshot_type", &format!("'{t}': expected Full or Diff")));
+                }
+                Err(ApiError::bad_request(
+                    "PUT /snapshot/create: this kvmbox build cannot write snapshots yet",
+                ))
+            }
+            R::LoadSnapshot(s) => {
+                self.check(Action::LoadSnapshot)?;
+                match (&s.mem_file_path, &s.mem_backend) {
+                    (Some(_), Some(_)) => {
+                        return Err(ApiError::bad_request(
+                            "PUT /snapshot/load: give mem_backend or mem_file_path, not both",
+                        ))
+                    }
+                    (None, None) => {
+                        return Err(ApiError::bad_request(
+                            "PUT /snapshot/load: missing mem_backend (or mem_file_path)",
+                        ))
+                    }
+                    _ => {}
+                }
+                Err(ApiError::bad_request(
+                    "PUT /snapshot/load: this kvmbox build cannot load snapshots yet",
+                ))
+            }
+        }
+    }
+}

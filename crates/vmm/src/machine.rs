@@ -1,0 +1,173 @@
+//! One built VM: guest memory, the backend, the bus with its devices, and the vCPU threads.
+//! The control loop owns it; snapshot code walks it.
+
+use crate::config::VmConfig;
+use crate::vcpu::{VcpuError, VcpuHandle, VcpuShared};
+use crate::vm::{
+    add_legacy_devices, attach_virtio, check_cpus, create_backend, mmio_slots, virtio_devices,
+    EmuPlatform, Error, Platform,
+};
+use kvmbox_cpu::{Accel, VcpuConfig, Vm};
+use kvmbox_devices::{IoBus, VmControl};
+use kvmbox_virtio::transport::cmdline_arg;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+/// A built VM. Fields drop in order: vCPU threads first (see [`Machine::stop`]), then device
+/// threads, then the backend and its guest-memory mappings.
+pub struct Machine {
+    /// One handle per vCPU thread, by vCPU index.
+    pub vcpus: Vec<VcpuHandle>,
+    /// The PC platform devices (serial, i8042, ACPI PM, RTC).
+    pub platform: Platform,
+    /// The software engine's interrupt controllers and PIT timer (None on KVM).
+    pub emu_platform: Option<EmuPlatform>,
+    /// Port and MMIO buses.
+    pub io: Arc<IoBus>,
+    /// The CPU backend's VM.
+    pub vm: Box<dyn Vm>,
+    /// Guest RAM.
+    pub mem: kvmbox_cpu::GuestMemory,
+    /// The engine it runs on.
+    pub accel: Accel,
+}
+
+impl Machine {
+    /// Build the VM from `cfg` and start its vCPU threads (paused when `paused`).
+    pub fn build(
+        cfg: &VmConfig,
+        accel: Accel,
+        control: &Arc<VmControl>,
+        paused: bool,
+    ) -> Result<Machine, Error> {
+        let mem = kvmbox_arch::guest_memory(cfg.memory)?;
+        // The kernel goes in first: a bad image is the user's most likely mistake, and it
+        // should be reported as such whatever the backend.
+        let devices = virtio_devices(cfg)?;
+        let mmio_slots = mmio_slots(cfg, devices.len())?;
+        let mut cmdline = cfg.cmdline.clone();
+        for &(base, gsi) in &mmio_slots {
+            cmdline.push(' ');
+            cmdline.push_str(&cmdline_arg(base, gsi));
+        }
+        let mut acpi = kvmbox_arch::AcpiConfig::new(cfg.cpus);
+        // kvmbox's i8042 is only the reset line (Linux's reboot=k writes 0xfe to port 0x64
+        // either way): advertising a PS/2 controller would make Linux probe a keyboard that is
+        // not there.
+        acpi.i8042 = false;
+        if cfg.virtio == crate::config::VirtioTransport::Pci {
+            acpi.pci = Some(kvmbox_arch::PciHostBridge::new());
+        }
+        let rsdp = kvmbox_arch::create_acpi_tables_with(&mem, &acpi)?;
+        let mut params = kvmbox_arch::LoadParams::new(&cfg.kernel, &cmdline, cfg.memory);
+        params.initrd = cfg.initrd.as_deref();
+        params.cpus = cfg.cpus;
+        params.prefer_pvh = cfg.pvh;
+        params.rsdp = Some(rsdp);
+        // The software engine would spend tens of millions of instructions in a bzImage's own
+        // decompressor: unpack the kernel on the host instead.
+        params.host_decompress = accel == Accel::Emu;
+        let boot = kvmbox_arch::load(&mem, &params)?;
+        let io = Arc::new(IoBus::default());
+        let (vm, emu_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
+        check_cpus(cfg.cpus, vm.name(), vm.max_vcpus())?;
+        let platform = add_legacy_devices(vm.as_ref(), &io, control)?;
+        attach_virtio(cfg, vm.as_ref(), &io, &mem, devices, &mmio_slots)?;
+
+        let mut vcpus = Vec::new();
+        for id in 0..cfg.cpus {
+            let mut vcpu = vm.create_vcpu(id)?;
+            vcpu.configure(&VcpuConfig {
+                id,
+                count: cfg.cpus,
+            })?;
+            if id == 0 {
+                vcpu.set_sregs(&boot.sregs)?;
+                vcpu.set_regs(&boot.regs)?;
+            } else {
+                vcpu.set_wait_for_sipi()?;
+            }
+            vcpus.push(vcpu);
+        }
+        let shared = VcpuShared {
+            io: io.clone(),
+            control: control.clone(),
+            halted: Arc::new(AtomicUsize::new(0)),
+            count: vcpus.len(),
+        };
+        let mut handles = Vec::new();
+        for (id, vcpu) in vcpus.into_iter().enumerate() {
+            let h = VcpuHandle::spawn(id, vcpu, shared.clone(), paused);
+            match h {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    handles.into_iter().for_each(VcpuHandle::finish);
+                    return Err(Error::Host(format!("cannot start vCPU thread: {e}")));
+                }
+            }
+        }
+        let machine = Machine {
+            vcpus: handles,
+            platform,
+            emu_platform,
+            io,
+            vm,
+            mem,
+            accel,
+        };
+        if paused {
+            machine.wait_all(VcpuHandle::wait_paused)?;
+        }
+        Ok(machine)
+    }
+
+    fn wait_all(&self, wait: fn(&VcpuHandle) -> Result<(), VcpuError>) -> Result<(), Error> {
+        for v in &self.vcpus {
+            match wait(v) {
+                // A vCPU whose thread ended runs no guest code: that is what was asked. The
+                // reason it ended (a guest stop request) reaches the control loop on its own.
+                Ok(()) | Err(VcpuError::Gone(_)) => {}
+                Err(e) => return Err(Error::Host(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop every vCPU from running guest code; returns when all have acknowledged.
+    pub fn pause(&self) -> Result<(), Error> {
+        for v in &self.vcpus {
+            // A vCPU that is gone cannot run: nothing to ask.
+            let _ = v.request_pause();
+        }
+        self.wait_all(VcpuHandle::wait_paused)
+    }
+
+    /// Let every vCPU run guest code again; returns when all have acknowledged.
+    pub fn resume(&self) -> Result<(), Error> {
+        for v in &self.vcpus {
+            let _ = v.request_resume();
+        }
+        self.wait_all(VcpuHandle::wait_resumed)
+    }
+
+    /// Press the ACPI power button (PWRBTN_STS + SCI): an ACPI-aware guest shuts down.
+    pub fn press_power_button(&self) -> Result<(), Error> {
+        let mut pm = self.platform.acpi_pm.lock().unwrap_or_else(|e| e.into_inner());
+        pm.press_power_button()
+            .map_err(|e| Error::Host(format!("raising the SCI: {e}")))
+    }
+
+    /// Press Ctrl-Alt-Del on the i8042 keyboard.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), Error> {
+        Err(Error::Device(
+            "SendCtrlAltDel: kvmbox's i8042 has no keyboard".into(),
+        ))
+    }
+
+    /// End the vCPU threads, then tear the VM down (device threads before the backend).
+    pub fn stop(mut self) {
+        for v in std::mem::take(&mut self.vcpus) {
+            v.finish();
+        }
+    }
+}
