@@ -165,6 +165,17 @@ pub trait Vm: Send + Sync {
     ) -> Result<()>;
     /// The largest vCPU count this backend supports.
     fn max_vcpus(&self) -> u32;
+    /// The VM-wide guest clock a snapshot carries, in nanoseconds (KVM's kvmclock,
+    /// KVM_GET_CLOCK); `None` where the backend keeps time per vCPU only.
+    fn clock_ns(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// Set the VM-wide guest clock on restore (KVM_SET_CLOCK), so guest time continues from
+    /// the saved value instead of jumping.
+    fn set_clock_ns(&self, ns: u64) -> Result<()> {
+        let _ = ns;
+        Ok(())
+    }
 }
 
 /// Which CPU backend runs the guest.

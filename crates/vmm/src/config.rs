@@ -88,6 +88,31 @@ impl std::str::FromStr for VirtioTransport {
     }
 }
 
+/// Which CPU the guest is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuModel {
+    /// Everything the backend offers (KVM: the host's CPU; the engine: its own model).
+    #[default]
+    Host,
+    /// The engine's CPU model less what this host's KVM cannot offer, on either backend: a
+    /// VM started with it can be snapshotted on one backend and restored on the other.
+    Portable,
+}
+
+impl std::str::FromStr for CpuModel {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "host" => Ok(CpuModel::Host),
+            "portable" => Ok(CpuModel::Portable),
+            o => Err(ConfigError::Invalid(format!(
+                "invalid --cpu-model '{o}': expected host or portable"
+            ))),
+        }
+    }
+}
+
 /// Parse a memory size: `512`, `512M`, `2G`, `1048576K`, `4294967296B`. Plain numbers are MiB,
 /// as in QEMU's `-m`.
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
@@ -143,6 +168,7 @@ pub struct FileConfig {
     nets: Vec<String>,
     rng: Option<bool>,
     virtio: Option<VirtioTransport>,
+    cpu_model: Option<CpuModel>,
 }
 
 impl FileConfig {
@@ -202,6 +228,8 @@ pub struct Overrides {
     pub rng: bool,
     /// --virtio
     pub virtio: Option<String>,
+    /// --cpu-model
+    pub cpu_model: Option<String>,
 }
 
 /// Which accelerator was asked for.
@@ -240,6 +268,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// Transport for virtio devices.
     pub virtio: VirtioTransport,
+    /// The CPU the guest is shown.
+    pub cpu_model: CpuModel,
 }
 
 /// The command line used when none is given: serial console, reboot through the i8042
@@ -303,7 +333,12 @@ impl VmConfig {
             Some(s) => s.parse()?,
             None => f.virtio.unwrap_or_default(),
         };
+        let cpu_model = match o.cpu_model {
+            Some(s) => s.parse()?,
+            None => f.cpu_model.unwrap_or_default(),
+        };
         Ok(VmConfig {
+            cpu_model,
             disks,
             nets,
             rng: o.rng || f.rng.unwrap_or(false),

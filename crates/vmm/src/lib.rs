@@ -6,12 +6,13 @@ pub mod config;
 pub mod console;
 mod controller;
 pub mod machine;
+pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 mod vm;
 
-pub use config::{AccelChoice, ConfigError, FileConfig, OnReboot, Overrides, VmConfig};
-pub use controller::{run, run_with_api};
+pub use config::{AccelChoice, ConfigError, CpuModel, FileConfig, OnReboot, Overrides, VmConfig};
+pub use controller::{run, run_restored, run_with_api};
 pub use state::VmState;
 pub use vm::{EmuPlatform, Error, Platform};
 

@@ -78,7 +78,9 @@ fn state_words(s: VmState) -> &'static str {
 
 fn hint(action: Action, state: VmState) -> &'static str {
     match (action, state) {
-        (Action::Snapshot, VmState::Running) => " (pause it first: PATCH /vm {\"state\": \"Paused\"})",
+        (Action::Snapshot, VmState::Running) => {
+            " (pause it first: PATCH /vm {\"state\": \"Paused\"})"
+        }
         (Action::GuestInput, VmState::Paused) => " (resume it first)",
         (Action::Configure | Action::LoadSnapshot, _) => " (only before InstanceStart)",
         (Action::Pause | Action::Resume | Action::GuestInput, VmState::NotStarted) => {

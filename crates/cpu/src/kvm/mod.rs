@@ -330,6 +330,19 @@ impl Vm for KvmVm {
     fn max_vcpus(&self) -> u32 {
         self.max_vcpus
     }
+
+    fn clock_ns(&self) -> Result<Option<u64>> {
+        let c = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+        Ok(Some(c.clock))
+    }
+
+    fn set_clock_ns(&self, ns: u64) -> Result<()> {
+        let c = kvm_bindings::kvm_clock_data {
+            clock: ns,
+            ..Default::default()
+        };
+        self.fd.set_clock(&c).map_err(kvm_err("KVM_SET_CLOCK"))
+    }
 }
 
 struct KvmIrqLine {

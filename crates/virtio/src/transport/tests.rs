@@ -634,7 +634,7 @@ fn kvm_attach_helpers_ioeventfds_and_msi_routes() {
         )
         .unwrap();
 
-    let arg = attach_mmio(&io, &vm, &m, blk(&img, false), MMIO_BASE, 5).unwrap();
+    let (arg, _t) = attach_mmio(&io, &vm, &m, blk(&img, false), MMIO_BASE, 5).unwrap();
     assert_eq!(arg, "virtio_mmio.device=4K@0xd0000000:5");
     let r = |off: u64| {
         let mut d = [0u8; 4];

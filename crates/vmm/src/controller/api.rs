@@ -3,12 +3,13 @@
 
 use super::{to_api_error, Boot, Controller};
 use crate::config::{parse_disk_spec, FileConfig, Overrides, VmConfig};
+use crate::snapshot::SnapshotKind;
 use crate::state::Action;
 use crate::vm::Error;
 use kvmbox_api::types::*;
 use kvmbox_api::{ApiError, ApiReply, ApiRequest, ApiResult};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 type ApiRes<T> = std::result::Result<T, ApiError>;
 
@@ -115,6 +116,14 @@ impl PreBoot {
         Ok(VmConfig::build(self.file.clone(), o)?)
     }
 
+    /// The backend the flags, file or `PUT /machine-config` fixed (`None` for auto).
+    pub(super) fn fixed_accel(&self) -> Result<Option<kvmbox_cpu::Accel>, Error> {
+        Ok(match self.effective()?.accel {
+            crate::config::AccelChoice::Fixed(a) => Some(a),
+            crate::config::AccelChoice::Auto => None,
+        })
+    }
+
     /// The configuration to boot.
     pub(super) fn to_config(&self) -> Result<VmConfig, Error> {
         Ok(VmConfig::build(self.file.clone(), self.overrides())?)
@@ -163,10 +172,12 @@ fn check_drive(d: &Drive) -> ApiRes<()> {
     if d.partuuid.is_some() && !d.is_root_device {
         return Err(refuse("partuuid", "only for the root device"));
     }
-    let path = d
-        .path_on_host
-        .as_deref()
-        .ok_or_else(|| refuse("path_on_host", "missing (a virtio-blk drive needs an image)"))?;
+    let path = d.path_on_host.as_deref().ok_or_else(|| {
+        refuse(
+            "path_on_host",
+            "missing (a virtio-blk drive needs an image)",
+        )
+    })?;
     if path.contains(',') {
         return Err(refuse("path_on_host", "kvmbox cannot use a path with ','"));
     }
@@ -177,13 +188,22 @@ fn check_drive(d: &Drive) -> ApiRes<()> {
 
 fn check_net(n: &NetworkInterface) -> ApiRes<()> {
     if n.rx_rate_limiter.is_some() {
-        return Err(refuse("rx_rate_limiter", "kvmbox has no network rate limiter"));
+        return Err(refuse(
+            "rx_rate_limiter",
+            "kvmbox has no network rate limiter",
+        ));
     }
     if n.tx_rate_limiter.is_some() {
-        return Err(refuse("tx_rate_limiter", "kvmbox has no network rate limiter"));
+        return Err(refuse(
+            "tx_rate_limiter",
+            "kvmbox has no network rate limiter",
+        ));
     }
     if n.mtu.is_some() {
-        return Err(refuse("mtu", "kvmbox's virtio-net does not advertise an MTU"));
+        return Err(refuse(
+            "mtu",
+            "kvmbox's virtio-net does not advertise an MTU",
+        ));
     }
     if n.host_dev_name.contains(',') || n.guest_mac.as_deref().is_some_and(|m| m.contains(',')) {
         return Err(refuse("host_dev_name", "kvmbox cannot use a name with ','"));
@@ -202,7 +222,10 @@ fn check_machine(m: &MachineConfig) -> ApiRes<()> {
         return Err(refuse("smt", "kvmbox does not offer SMT (set false)"));
     }
     if m.track_dirty_pages == Some(true) {
-        return Err(refuse("track_dirty_pages", "kvmbox does not track dirty pages yet"));
+        return Err(refuse(
+            "track_dirty_pages",
+            "kvmbox does not track dirty pages yet",
+        ));
     }
     if let Some(t) = m.cpu_template.as_deref().filter(|&t| t != "None") {
         return Err(refuse(
@@ -272,7 +295,10 @@ impl Extras {
             return Err(refuse("module", "kvmbox's log has no modules to filter"));
         }
         if l.show_log_origin == Some(true) {
-            return Err(refuse("show_log_origin", "kvmbox's log lines have no origin"));
+            return Err(refuse(
+                "show_log_origin",
+                "kvmbox's log lines have no origin",
+            ));
         }
         if let Some(level) = &l.level {
             if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
@@ -292,10 +318,9 @@ impl Extras {
 
     fn flush_metrics(&mut self, state: &str) -> ApiRes<()> {
         let requests = self.requests;
-        let (file, _) = self
-            .metrics
-            .as_mut()
-            .ok_or_else(|| ApiError::bad_request("FlushMetrics: no metrics sink (PUT /metrics first)"))?;
+        let (file, _) = self.metrics.as_mut().ok_or_else(|| {
+            ApiError::bad_request("FlushMetrics: no metrics sink (PUT /metrics first)")
+        })?;
         let ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
@@ -304,8 +329,7 @@ impl Extras {
             "api_server": {"requests": requests},
             "vmm": {"state": state},
         });
-        writeln!(file, "{line}")
-            .map_err(|e| ApiError::internal(format!("writing metrics: {e}")))
+        writeln!(file, "{line}").map_err(|e| ApiError::internal(format!("writing metrics: {e}")))
     }
 }
 
@@ -341,13 +365,18 @@ impl Controller {
     fn full_config(&self) -> ApiRes<FullVmConfiguration> {
         let (cfg, pre) = self.report_config()?;
         let api_drives = pre.map(|p| p.drives.clone()).unwrap_or_default();
-        let flag_disks = cfg.disks.iter().skip(api_drives.len()).enumerate().map(|(i, d)| Drive {
-            drive_id: format!("disk{i}"),
-            is_root_device: false,
-            path_on_host: Some(d.path.display().to_string()),
-            is_read_only: Some(d.read_only),
-            ..Default::default()
-        });
+        let flag_disks = cfg
+            .disks
+            .iter()
+            .skip(api_drives.len())
+            .enumerate()
+            .map(|(i, d)| Drive {
+                drive_id: format!("disk{i}"),
+                is_root_device: false,
+                path_on_host: Some(d.path.display().to_string()),
+                is_read_only: Some(d.read_only),
+                ..Default::default()
+            });
         let api_nets = pre.map(|p| p.nets.clone()).unwrap_or_default();
         let flag_nets = cfg
             .nets
@@ -468,7 +497,9 @@ impl Controller {
                             .drives
                             .iter_mut()
                             .find(|o| o.drive_id == d.drive_id)
-                            .ok_or_else(|| refuse("drive_id", &format!("no drive '{}'", d.drive_id)))?;
+                            .ok_or_else(|| {
+                                refuse("drive_id", &format!("no drive '{}'", d.drive_id))
+                            })?;
                         let mut next = cur.clone();
                         if let Some(path) = d.path_on_host {
                             next.path_on_host = Some(path);
@@ -540,16 +571,40 @@ impl Controller {
             R::PatchVm(VmStateRequest::Resumed) => self.resume(),
             R::CreateSnapshot(s) => {
                 self.check(Action::Snapshot)?;
-                if let Some(t) = s.snapshot_type.as_deref().filter(|&t| t != "Full" && t != "Diff") {
-                    return Err(refuse("snapshot_type", &format!("'{t}': expected Full or Diff")));
+                if let Some(t) = s
+                    .snapshot_type
+                    .as_deref()
+                    .filter(|&t| t != "Full" && t != "Diff")
+                {
+                    return Err(refuse(
+                        "snapshot_type",
+                        &format!("'{t}': expected Full or Diff"),
+                    ));
                 }
-                Err(ApiError::bad_request(
-                    "PUT /snapshot/create: this kvmbox build cannot write snapshots yet",
-                ))
+                let kind = match s.snapshot_type.as_deref() {
+                    Some("Diff") => SnapshotKind::Diff,
+                    _ => SnapshotKind::Full,
+                };
+                let m = self.machine()?;
+                let cfg = self
+                    .running_cfg
+                    .as_ref()
+                    .ok_or_else(|| ApiError::internal("the VM has no configuration"))?;
+                crate::snapshot::create(
+                    m,
+                    cfg,
+                    Path::new(&s.snapshot_path),
+                    Path::new(&s.mem_file_path),
+                    kind,
+                )
+                .map_err(to_api_error)?;
+                self.extras
+                    .log(&format!("snapshot written to {}", s.snapshot_path));
+                Ok(ApiReply::Empty)
             }
             R::LoadSnapshot(s) => {
                 self.check(Action::LoadSnapshot)?;
-                match (&s.mem_file_path, &s.mem_backend) {
+                let mem = match (&s.mem_file_path, &s.mem_backend) {
                     (Some(_), Some(_)) => {
                         return Err(ApiError::bad_request(
                             "PUT /snapshot/load: give mem_backend or mem_file_path, not both",
@@ -560,11 +615,36 @@ impl Controller {
                             "PUT /snapshot/load: missing mem_backend (or mem_file_path)",
                         ))
                     }
-                    _ => {}
+                    (Some(p), None) => p.clone(),
+                    (None, Some(b)) if b.backend_type == "File" => b.backend_path.clone(),
+                    (None, Some(b)) => {
+                        return Err(refuse(
+                            "mem_backend.backend_type",
+                            &format!(
+                                "'{}': kvmbox loads guest memory from a File",
+                                b.backend_type
+                            ),
+                        ))
+                    }
+                };
+                if s.track_dirty_pages == Some(true) || s.enable_diff_snapshots == Some(true) {
+                    return Err(refuse(
+                        "track_dirty_pages",
+                        "this kvmbox tracks no dirty pages yet (Diff snapshots)",
+                    ));
                 }
-                Err(ApiError::bad_request(
-                    "PUT /snapshot/load: this kvmbox build cannot load snapshots yet",
-                ))
+                let accel = match &self.boot {
+                    Boot::Pending(pre) => pre.fixed_accel().map_err(to_api_error)?,
+                    Boot::Ready(_) => None,
+                };
+                self.restore(
+                    Path::new(&s.snapshot_path),
+                    Path::new(&mem),
+                    accel,
+                    s.resume_vm == Some(true),
+                )
+                .map_err(to_api_error)?;
+                Ok(ApiReply::Empty)
             }
         }
     }

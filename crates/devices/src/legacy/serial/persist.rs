@@ -36,12 +36,8 @@ impl SerialPort {
         }
     }
 
-    /// A UART in state `s` that raises `irq` and writes to `out`.
-    pub fn from_state(
-        s: &SerialPortState,
-        irq: IrqTrigger,
-        out: Box<dyn Write + Send>,
-    ) -> Result<Self, String> {
+    /// Load a saved state; the UART keeps its interrupt line and output.
+    pub fn restore_state(&mut self, s: &SerialPortState) -> Result<(), String> {
         let state = vm_superio::serial::SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -54,9 +50,17 @@ impl SerialPort {
             scratch: s.scratch,
             in_buffer: s.in_buffer.clone(),
         };
-        let uart = vm_superio::Serial::from_state(&state, irq, NoEvents, out)
-            .map_err(|e| format!("serial state: {e:?}"))?;
-        Ok(Self { uart })
+        let line = self.uart.interrupt_evt().0.clone();
+        let sink = || Box::new(std::io::sink()) as Box<dyn Write + Send>;
+        let bad = |e| format!("serial state: {e:?}");
+        // Checked first with a throwaway output, so a bad state changes nothing.
+        vm_superio::Serial::from_state(&state, IrqTrigger(line.clone()), NoEvents, sink())
+            .map_err(bad)?;
+        let placeholder = vm_superio::Serial::new(IrqTrigger(line.clone()), sink());
+        let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
+        self.uart =
+            vm_superio::Serial::from_state(&state, IrqTrigger(line), NoEvents, out).map_err(bad)?;
+        Ok(())
     }
 }
 
@@ -74,7 +78,8 @@ mod tests {
         a.write(0x3f8, 1, &[0x01]); // receive interrupts on
         assert_eq!(a.enqueue_input(b"hi"), 2);
         let saved = a.save_state();
-        let mut b = SerialPort::from_state(&saved, irq(), Box::new(std::io::sink())).unwrap();
+        let mut b = SerialPort::new(irq(), Box::new(std::io::sink()));
+        b.restore_state(&saved).unwrap();
         assert_eq!(b.save_state(), saved);
         let mut byte = [0u8];
         b.read(0x3f8, 7, &mut byte);

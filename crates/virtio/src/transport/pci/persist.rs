@@ -18,6 +18,11 @@ pub struct VirtioPciState {
 }
 
 impl VirtioPciDevice {
+    /// Read the device-specific configuration space (a net device's MAC at offset 0).
+    pub fn read_device_config(&self, offset: u64, data: &mut [u8]) {
+        self.common.read_device_config(offset, data);
+    }
+
     /// Stop the device's worker: no request in flight, guest memory still.
     pub fn quiesce(&mut self) {
         self.common.quiesce();
