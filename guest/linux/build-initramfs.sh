@@ -50,7 +50,9 @@ virtio_net required
 virtio_console required
 virtio_rng required
 vsock optional
-vmw_vsock_virtio_transport optional"
+vmw_vsock_virtio_transport optional
+evdev optional
+button optional"
 
 need_tool() { # need_tool <command> <debian package>
     command -v "$1" >/dev/null 2>&1 && return 0
@@ -136,7 +138,7 @@ if [ ! -x "$BBDIR/busybox" ]; then
 fi
 flock -u 8
 BUSYBOX="$BBDIR/busybox"
-for applet in sh mount insmod setsid cttyhack poweroff reboot nproc depmod adjtimex awk sed; do
+for applet in sh mount insmod setsid cttyhack poweroff reboot nproc depmod adjtimex awk sed acpid; do
     "$BUSYBOX" --list | grep -qx "$applet" || die "$BUSYBOX lacks the '$applet' applet"
 done
 

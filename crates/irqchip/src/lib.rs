@@ -112,3 +112,5 @@ pub fn is_irqchip_msr(msr: u32) -> bool {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_lapic_bus;

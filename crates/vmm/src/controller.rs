@@ -95,7 +95,7 @@ impl Controller {
     fn accel(cfg: &VmConfig) -> Accel {
         match cfg.accel {
             AccelChoice::Fixed(a) => a,
-            AccelChoice::Auto => kvmbox_doctor::choose_accel().accel,
+            AccelChoice::Auto => kvmbox_doctor::choose_accel_cached().accel,
         }
     }
 

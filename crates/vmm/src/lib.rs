@@ -14,7 +14,7 @@ mod vm;
 pub use config::{AccelChoice, ConfigError, CpuModel, FileConfig, OnReboot, Overrides, VmConfig};
 pub use controller::{run, run_restored, run_with_api};
 pub use state::VmState;
-pub use vm::{EmuPlatform, Error, Platform};
+pub use vm::{Error, IrqPlatform, Platform};
 
 /// Exit status when the guest powered off (ACPI S5) or the user quit with `Ctrl-A x`.
 pub const EXIT_POWEROFF: i32 = 0;

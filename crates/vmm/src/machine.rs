@@ -6,7 +6,7 @@ use crate::config::VmConfig;
 use crate::vcpu::{VcpuError, VcpuHandle, VcpuShared};
 use crate::vm::{
     add_legacy_devices, attach_virtio, check_cpus, create_backend, mmio_slots, portable_cpuid,
-    virtio_devices, EmuPlatform, Error, Platform, VirtioDevices,
+    virtio_devices, Error, IrqPlatform, Platform, VirtioDevices,
 };
 use kvmbox_cpu::{Accel, VcpuConfig, Vm};
 use kvmbox_devices::{IoBus, VmControl};
@@ -23,8 +23,8 @@ pub struct Machine {
     pub platform: Platform,
     /// The virtio devices.
     pub virtio: VirtioDevices,
-    /// The software engine's interrupt controllers and PIT timer (None on KVM).
-    pub emu_platform: Option<EmuPlatform>,
+    /// The interrupt controllers (IOAPIC, PIC; the engine's LAPICs) and the PIT timer.
+    pub irq_platform: IrqPlatform,
     /// Port and MMIO buses.
     pub io: Arc<IoBus>,
     /// The CPU backend's VM.
@@ -92,7 +92,7 @@ impl Machine {
             None
         };
         let io = Arc::new(IoBus::default());
-        let (vm, emu_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
+        let (vm, irq_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
         check_cpus(cfg.cpus, vm.name(), vm.max_vcpus())?;
         let platform = add_legacy_devices(vm.as_ref(), &io, control)?;
         let virtio = attach_virtio(cfg, vm.as_ref(), &io, &mem, devices, &mmio_slots)?;
@@ -139,7 +139,7 @@ impl Machine {
             vcpus: handles,
             platform,
             virtio,
-            emu_platform,
+            irq_platform,
             io,
             vm,
             mem,

@@ -97,9 +97,9 @@ pub struct MachineState {
     pub rtc: RtcState,
     /// The ACPI PM block.
     pub acpi_pm: AcpiPmState,
-    /// The user-space IOAPIC and PIC (the engine).
+    /// The user-space IOAPIC and PIC (both backends: KVM runs a split irqchip).
     pub irqchip: Option<IrqChipState>,
-    /// The user-space PIT (the engine).
+    /// The user-space PIT (both backends).
     pub pit: Option<PitState>,
     /// virtio-pci devices, in configuration order.
     pub virtio_pci: Vec<VirtioPciState>,
@@ -272,8 +272,8 @@ pub fn create(
             serial: lock(&m.platform.serial).save_state(),
             rtc: lock(&m.platform.rtc).save_state(),
             acpi_pm: lock(&m.platform.acpi_pm).save_state(),
-            irqchip: m.emu_platform.as_ref().map(|p| p.chip.save_state()),
-            pit: m.emu_platform.as_ref().map(|p| lock(&p.pit).save_state()),
+            irqchip: Some(m.irq_platform.chip.save_state()),
+            pit: Some(lock(&m.irq_platform.pit).save_state()),
             virtio_pci: m.virtio.pci.iter().map(|d| lock(d).save_state()).collect(),
             virtio_mmio: m.virtio.mmio.iter().map(|d| lock(d).save_state()).collect(),
         };
@@ -354,13 +354,12 @@ fn restore_into(m: &Machine, s: &MachineState) -> Result<()> {
         .restore_state(&s.rtc)
         .map_err(dev("RTC"))?;
     lock(&m.platform.acpi_pm).restore_state(&s.acpi_pm);
-    if let Some(p) = &m.emu_platform {
-        if let Some(chip) = &s.irqchip {
-            p.chip.restore_state(chip)?;
-        }
-        if let Some(pit) = &s.pit {
-            lock(&p.pit).restore_state(pit).map_err(dev("PIT"))?;
-        }
+    let p = &m.irq_platform;
+    if let Some(chip) = &s.irqchip {
+        p.chip.restore_state(chip)?;
+    }
+    if let Some(pit) = &s.pit {
+        lock(&p.pit).restore_state(pit).map_err(dev("PIT"))?;
     }
     for (d, st) in m.virtio.pci.iter().zip(&s.virtio_pci) {
         lock(d).restore_state(st)?;

@@ -52,7 +52,7 @@ pub enum Error {
     /// A virtio device or its transport (a bad disk image or TAP, for instance).
     #[error("device setup: {0}")]
     Virtio(#[from] kvmbox_virtio::Error),
-    /// The software engine's interrupt controllers.
+    /// The interrupt controllers.
     #[error("device setup: {0}")]
     IrqChip(#[from] kvmbox_irqchip::Error),
     /// A snapshot file (missing, damaged, another version, too small).
@@ -87,11 +87,13 @@ impl Error {
     }
 }
 
-/// What the software engine needs beside its vCPUs (KVM has these in the kernel): the
-/// interrupt controllers' bus devices live on the bus; the PIT's timer thread lives here.
-pub struct EmuPlatform {
-    /// The LAPICs, IOAPIC and PIC.
-    pub chip: Arc<kvmbox_irqchip::IrqChip>,
+/// The interrupt controllers and timer both backends share, one object each whatever runs the
+/// guest: kvmbox's IOAPIC and 8259 pair (`kvmbox-irqchip`, which on the software engine also
+/// holds the local APICs; on KVM those are the kernel's, reached through a split irqchip) and
+/// the PIT with its timer thread. Their bus devices live on the bus; the timer thread here.
+pub struct IrqPlatform {
+    /// The IOAPIC and PIC (and the engine's LAPICs); the bus and the backend hold clones too.
+    pub chip: kvmbox_irqchip::IrqChip,
     /// The PIT.
     pub pit: Arc<Mutex<Pit>>,
     _pit_timer: TimerThread,
@@ -102,41 +104,43 @@ pub(crate) fn create_backend(
     mem: &kvmbox_cpu::GuestMemory,
     cpus: u32,
     io: &IoBus,
-) -> Result<(Box<dyn Vm>, Option<EmuPlatform>)> {
-    match accel {
-        Accel::Kvm => Ok((Box::new(kvmbox_cpu::kvm::KvmVm::new(mem)?), None)),
+) -> Result<(Box<dyn Vm>, IrqPlatform)> {
+    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
+    let (vm, chip): (Box<dyn Vm>, kvmbox_irqchip::IrqChip) = match accel {
+        Accel::Kvm => {
+            let vm = kvmbox_cpu::kvm::KvmVm::new(mem)?;
+            let chip = kvmbox_irqchip::IrqChip::with_lapic_bus(clock.clone(), vm.lapic_bus());
+            vm.set_platform_irq(Arc::new(chip.clone()))?;
+            (Box::new(vm), chip)
+        }
         Accel::Emu => {
             check_cpus(cpus, "emu", kvmbox_emu::MAX_VCPUS)?;
-            let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
             // The engine's RDTSC reads the host TSC: tell the guest its rate.
-            let chip = Arc::new(kvmbox_irqchip::IrqChip::new(
-                cpus,
-                clock.clone(),
-                host_tsc_hz(),
-            )?);
-            chip.attach(io)?;
-            let waker = Arc::new(TimerWaker::new());
-            let mut pit = Pit::new(Some(chip.irq_line(0)?), clock.clone());
-            pit.set_waker(waker.clone());
-            let pit = Arc::new(Mutex::new(pit));
-            io.pio
-                .insert(pit.clone(), u64::from(PIT_PORT), PIT_PORT_LEN)?;
-            io.pio.insert(pit.clone(), u64::from(SPEAKER_PORT), 1)?;
-            let pit_timer = TimerThread::spawn("pit", pit.clone(), clock, waker)
-                .map_err(|e| Error::Host(format!("cannot start the PIT timer thread: {e}")))?;
+            let chip = kvmbox_irqchip::IrqChip::new(cpus, clock.clone(), host_tsc_hz())?;
             let vm = kvmbox_emu::EmuVm::new(mem.clone());
-            vm.set_interrupt_controller(chip.clone());
+            vm.set_interrupt_controller(Arc::new(chip.clone()));
             vm.set_cpuid_overrides(engine_cpuid_overrides());
-            Ok((
-                Box::new(vm),
-                Some(EmuPlatform {
-                    chip,
-                    pit,
-                    _pit_timer: pit_timer,
-                }),
-            ))
+            (Box::new(vm), chip)
         }
-    }
+    };
+    chip.attach(io)?;
+    let waker = Arc::new(TimerWaker::new());
+    let mut pit = Pit::new(Some(chip.irq_line(0)?), clock.clone());
+    pit.set_waker(waker.clone());
+    let pit = Arc::new(Mutex::new(pit));
+    io.pio
+        .insert(pit.clone(), u64::from(PIT_PORT), PIT_PORT_LEN)?;
+    io.pio.insert(pit.clone(), u64::from(SPEAKER_PORT), 1)?;
+    let pit_timer = TimerThread::spawn("pit", pit.clone(), clock, waker)
+        .map_err(|e| Error::Host(format!("cannot start the PIT timer thread: {e}")))?;
+    Ok((
+        vm,
+        IrqPlatform {
+            chip,
+            pit,
+            _pit_timer: pit_timer,
+        },
+    ))
 }
 
 /// What the VMM adds to the engine's own CPU model.

@@ -1,0 +1,587 @@
+//! The Firecracker-compatible API on `kvmbox run --api-sock`: a client session written as a
+//! Firecracker client writes it (plain HTTP/1.1 over the Unix socket, Firecracker's documented
+//! bodies), bad input, pause/resume on both engines, and the ACPI power button.
+
+mod common;
+
+use common::{kit_cmd, kvm_or_skip, linux_kit, testguest, Interactive};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Longest the API socket may take to appear (measured: a few ms).
+const API_READY: Duration = Duration::from_secs(10);
+/// Test-guest boots and scenarios on KVM (measured: well under a second).
+const TG: Duration = Duration::from_secs(60);
+/// Debian's kernel on the engine, to userspace (measured: 10-30 s; loaded CI machines more).
+const LINUX: Duration = Duration::from_secs(600);
+
+fn sock_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join("kvmbox-lifecycle-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(format!("{name}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// One HTTP exchange on a fresh connection: (status, JSON body or Null).
+fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let raw = match body {
+        Some(b) => format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+            b.len()
+        ),
+        None => format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+        ),
+    };
+    exchange(sock, raw.as_bytes())
+}
+
+fn exchange(sock: &Path, raw: &[u8]) -> (u16, Value) {
+    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.write_all(raw).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read the answer");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let v = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("body {body:?}: {e}"))
+    };
+    (status, v)
+}
+
+fn ok(sock: &Path, method: &str, path: &str, body: &str) {
+    let (st, v) = http(sock, method, path, Some(body));
+    assert_eq!(st, 204, "{method} {path} {body}: {v}");
+}
+
+/// Expect a 400 whose fault_message contains `needle`.
+fn refused(sock: &Path, method: &str, path: &str, body: Option<&str>, needle: &str) {
+    let (st, v) = http(sock, method, path, body);
+    assert_eq!(st, 400, "{method} {path} {body:?}: {v}");
+    let msg = v["fault_message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(needle),
+        "{method} {path}: fault_message {msg:?} does not name {needle:?}"
+    );
+}
+
+fn state(sock: &Path) -> String {
+    let (st, v) = http(sock, "GET", "/", None);
+    assert_eq!(st, 200, "{v}");
+    v["state"].as_str().unwrap_or_default().to_string()
+}
+
+fn wait_for_socket(vm: &mut Interactive, sock: &Path) {
+    let start = Instant::now();
+    while UnixStream::connect(sock).is_err() {
+        assert!(
+            start.elapsed() < API_READY,
+            "no API socket after {API_READY:?}; stderr: {}",
+            vm.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn scratch_image(name: &str, len: u64) -> PathBuf {
+    let p = std::env::temp_dir()
+        .join("kvmbox-lifecycle-tests")
+        .join(format!("{name}-{}.img", std::process::id()));
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(len).unwrap();
+    p
+}
+
+/// CPU time (user + system, in clock ticks) of `pid`'s threads named `vcpu*`.
+fn vcpu_cpu_ticks(pid: u32) -> u64 {
+    let mut total = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Fields after the ")" that ends the name: state is 3rd, utime 14th, stime 15th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        total += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        total += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    total
+}
+
+#[test]
+fn firecracker_client_session_on_kvm() {
+    if !kvm_or_skip("firecracker_client_session_on_kvm") {
+        return;
+    }
+    let sock = sock_path("session");
+    let log = sock.with_extension("log");
+    let _ = std::fs::remove_file(&log);
+    let disk = scratch_image("session", 1 << 20);
+    let mut vm = Interactive::spawn(&[
+        "run",
+        "--accel",
+        "kvm",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    wait_for_socket(&mut vm, &sock);
+
+    // Before configuration: Firecracker's answers.
+    let (st, info) = http(&sock, "GET", "/", None);
+    assert_eq!(st, 200);
+    assert_eq!(info["state"], "Not started");
+    assert_eq!(info["app_name"], "kvmbox");
+    let (st, v) = http(&sock, "GET", "/version", None);
+    assert_eq!(st, 200);
+    assert!(v["firecracker_version"].is_string(), "{v}");
+
+    // The session a Firecracker getting-started guide runs, bodies as documented.
+    let log_body = json!({"log_path": log, "level": "Info", "show_level": true}).to_string();
+    ok(&sock, "PUT", "/logger", &log_body);
+    ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 128, "smt": false}"#,
+    );
+    let boot = json!({
+        "kernel_image_path": testguest(),
+        "boot_args": "tests=smp,blk,shell",
+    })
+    .to_string();
+    ok(&sock, "PUT", "/boot-source", &boot);
+    let drive = json!({
+        "drive_id": "rootfs",
+        "path_on_host": disk,
+        "is_root_device": true,
+        "is_read_only": false,
+    })
+    .to_string();
+    ok(&sock, "PUT", "/drives/rootfs", &drive);
+    ok(&sock, "PUT", "/entropy", "{}");
+    let (st, mc) = http(&sock, "GET", "/machine-config", None);
+    assert_eq!(st, 200);
+    assert_eq!(mc["vcpu_count"], 2);
+    assert_eq!(mc["mem_size_mib"], 128);
+    assert_eq!(state(&sock), "Not started");
+
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    assert_eq!(state(&sock), "Running");
+    // The guest saw what the API configured: two vCPUs and the drive.
+    vm.expect("KVMBOX-TEST smp expected=2 online=2", TG);
+    vm.expect("KVMBOX-TEST blk", TG);
+    let line = vm.expect("\n", TG);
+    for want in ["capacity_sectors=2048", "errors=0", "mismatched_words=0"] {
+        assert!(line.contains(want), "blk scenario: {line}");
+    }
+    vm.expect("kvmbox-testguest# ", TG);
+
+    let (st, full) = http(&sock, "GET", "/vm/config", None);
+    assert_eq!(st, 200);
+    assert_eq!(full["machine-config"]["accel"], "kvm", "{full}");
+    assert_eq!(full["machine-config"]["vcpu_count"], 2, "{full}");
+    assert_eq!(full["drives"][0]["drive_id"], "rootfs", "{full}");
+    assert_eq!(full["drives"][0]["is_root_device"], true, "{full}");
+    assert!(
+        full["boot-source"]["boot_args"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("root=/dev/vda rw"),
+        "{full}"
+    );
+    assert!(full["entropy"].is_object(), "{full}");
+
+    // Wrong state: start twice, configure after start, snapshot while running.
+    refused(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        "cannot start the VM while the VM is running",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(&boot),
+        "only before InstanceStart",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(r#"{"snapshot_path": "/tmp/x", "mem_file_path": "/tmp/y"}"#),
+        "pause it first",
+    );
+    refused(
+        &sock,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Resumed"}"#),
+        "running",
+    );
+
+    // Pause and resume, then the guest shell still answers.
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert_eq!(state(&sock), "Paused");
+    refused(
+        &sock,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Paused"}"#),
+        "paused",
+    );
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert_eq!(state(&sock), "Running");
+    vm.send(b"smp\n");
+    vm.expect("KVMBOX-TEST smp expected=2 online=2 apic_ids=0,1", TG);
+    vm.send(b"poweroff\n");
+    assert_eq!(vm.wait_exit(TG), Some(0), "the guest's ACPI power-off");
+    assert!(!sock.exists(), "the socket is removed when kvmbox ends");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    for line in ["VM Running", "VM Paused", "VM Stopped"] {
+        assert!(logged.contains(line), "log lacks {line:?}:\n{logged}");
+    }
+    let _ = std::fs::remove_file(&disk);
+    let _ = std::fs::remove_file(&log);
+}
+
+#[test]
+fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
+    let sock = sock_path("bad");
+    let mut vm = Interactive::spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
+    wait_for_socket(&mut vm, &sock);
+    let mc = |sock: &Path| http(sock, "GET", "/machine-config", None).1;
+    let before = mc(&sock);
+
+    refused(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some("{\"vcpu_count\": 2,"),
+        "invalid JSON",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 256, "mem_size": 1}"#),
+        "unknown field `mem_size`",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": "two", "mem_size_mib": 256}"#),
+        "invalid type",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 256, "smt": true}"#),
+        "smt",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 256, "cpu_template": "T2"}"#),
+        "cpu_template",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 33, "mem_size_mib": 256}"#),
+        "vcpu_count",
+    );
+    refused(
+        &sock,
+        "PATCH",
+        "/machine-config",
+        Some(r#"{"accel": "quantum"}"#),
+        "quantum",
+    );
+    assert_eq!(mc(&sock), before, "refused updates change nothing");
+
+    refused(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#),
+        "/nonexistent/vmlinux",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/drives/d1",
+        Some(r#"{"drive_id": "d1", "path_on_host": "/nonexistent.img", "is_root_device": false}"#),
+        "path_on_host",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/drives/d1",
+        Some(r#"{"drive_id": "d2", "path_on_host": "/dev/null", "is_root_device": false}"#),
+        "does not match",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/drives/d1",
+        Some(
+            r#"{"drive_id": "d1", "path_on_host": "/dev/null", "is_root_device": false, "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#,
+        ),
+        "rate_limiter",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 1400}"#),
+        "mtu",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "Reboot"}"#),
+        "Reboot",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        "no kernel",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+        "metrics",
+    );
+    refused(
+        &sock,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Paused"}"#),
+        "cannot pause the VM while the VM is not started",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+        "not started",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(r#"{"snapshot_path": "/tmp/x", "mem_file_path": "/tmp/y"}"#),
+        "cannot create a snapshot while the VM is not started",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        Some(r#"{"snapshot_path": "/tmp/x"}"#),
+        "mem_backend",
+    );
+    refused(&sock, "GET", "/nowhere", None, "GET /nowhere");
+    refused(&sock, "DELETE", "/vm", None, "DELETE /vm");
+
+    // An oversized body is refused before it is read; a malformed request line too.
+    let big = format!(
+        "PUT /machine-config HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        10 << 20
+    );
+    let (st, v) = exchange(&sock, big.as_bytes());
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than the limit"),
+        "{v}"
+    );
+    let (st, _) = exchange(&sock, b"NOT HTTP AT ALL\r\n\r\n");
+    assert_eq!(st, 400);
+
+    // Still consistent and serving.
+    assert_eq!(state(&sock), "Not started");
+    ok(
+        &sock,
+        "PATCH",
+        "/machine-config",
+        r#"{"mem_size_mib": 256, "accel": "kvm"}"#,
+    );
+    let after = mc(&sock);
+    assert_eq!(after["mem_size_mib"], 256);
+    assert_eq!(after["accel"], "kvm");
+    assert!(vm.kill(), "kvmbox kept running through all of it");
+    assert!(!vm.stderr().contains("internal error"), "{}", vm.stderr());
+}
+
+#[test]
+fn pause_stops_ring3_compute_on_kvm_and_resume_finishes_it_alike() {
+    if !kvm_or_skip("pause_stops_ring3_compute_on_kvm_and_resume_finishes_it_alike") {
+        return;
+    }
+    // Long enough to pause in the middle (about 3 s of ring-3 work here).
+    const ITERS: &str = "1000000000";
+    let sock = sock_path("tgpause");
+    let guest = testguest();
+    let mut vm = Interactive::spawn(&[
+        "run",
+        "--accel",
+        "kvm",
+        "--cpus",
+        "2",
+        "--memory",
+        "128M",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        &format!("tests=compute:{ITERS}"),
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    wait_for_socket(&mut vm, &sock);
+    assert_eq!(state(&sock), "Running");
+    let pid = vm_pid(&sock);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let pause_latency = t0.elapsed();
+    let ticks = vcpu_cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(1500));
+    let paused_ticks = vcpu_cpu_ticks(pid) - ticks;
+    assert!(
+        !vm.console().contains("KVMBOX-TEST compute"),
+        "the computation was to be paused in the middle; make ITERS larger"
+    );
+    assert!(
+        paused_ticks <= 2,
+        "vCPU threads used {paused_ticks} clock ticks of CPU while paused"
+    );
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    let line = vm.expect("KVMBOX-TEST compute", TG) + &vm.expect("\n", TG);
+    assert!(line.contains(&format!("iters={ITERS}")), "{line}");
+    vm.expect("KVMBOX-TEST done result=ok", TG);
+    assert_eq!(vm.wait_exit(TG), Some(1), "debug-exit 0; {}", vm.stderr());
+    eprintln!("pause latency (API request to every vCPU stopped, via HTTP): {pause_latency:?}");
+
+    // The same computation without a pause gives the same result.
+    let plain = common::run_testguest("kvm", 2, "128M", &format!("compute:{ITERS}"), &[]);
+    plain.assert_guest_ok();
+    let result = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("result="))
+        .unwrap();
+    assert_eq!(plain.get("compute", "result"), result);
+}
+
+/// The kvmbox process behind `sock` (the socket's peer).
+fn vm_pid(sock: &Path) -> u32 {
+    let s = UnixStream::connect(sock).unwrap();
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes one ucred into `cred`, whose size `len` gives.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "SO_PEERCRED");
+    cred.pid as u32
+}
+
+#[test]
+fn linux_on_the_engine_pauses_resumes_and_powers_off_on_the_button() {
+    let (kernel, initrd) = linux_kit();
+    let sock = sock_path("linux");
+    let script = "i=0; while :; do i=$((i+1)); echo COUNT-$i; sleep 0.2; done";
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {}", kit_cmd(script));
+    let mut vm = Interactive::spawn(&[
+        "run",
+        "--accel",
+        "emu",
+        "--memory",
+        "256M",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    wait_for_socket(&mut vm, &sock);
+    vm.expect("COUNT-3\n", LINUX);
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert_eq!(state(&sock), "Paused");
+    // Whatever the guest had written before the pause has arrived by now.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = vm.console().len();
+    std::thread::sleep(Duration::from_millis(1200));
+    let during = vm.console()[before..].to_string();
+    assert!(during.is_empty(), "console output while paused: {during:?}");
+    let last: u32 = vm
+        .console()
+        .rsplit("COUNT-")
+        .next()
+        .and_then(|t| t.trim().parse().ok())
+        .expect("a count");
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    // It continues where it stopped: the next number, not a reboot.
+    vm.expect(&format!("COUNT-{}\n", last + 1), LINUX);
+    assert_eq!(
+        vm.count("KVMBOX-LINUX userspace-ready"),
+        1,
+        "no reboot: {}",
+        vm.console()
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "PowerButton"}"#,
+    );
+    vm.expect("KVMBOX-LINUX power-button", LINUX);
+    assert_eq!(vm.wait_exit(LINUX), Some(0), "{}", vm.stderr());
+}
