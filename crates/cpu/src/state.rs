@@ -232,12 +232,13 @@ fn reg(e: &mut CpuidEntry, r: char) -> &mut u32 {
 }
 
 /// Feature bits that describe the vCPU's state or the platform (OSXSAVE, hypervisor
-/// present, TSC-deadline timer: every kvmbox backend has one) rather than a CPU capability.
+/// present, TSC-deadline timer: every kvmbox backend has one; HTT: more than one vCPU)
+/// rather than a CPU capability.
 fn platform_bits(leaf: u32, r: char) -> u32 {
-    if (leaf, r) == (1, 'c') {
-        (1 << 27) | (1 << 31) | (1 << 24)
-    } else {
-        0
+    match (leaf, r) {
+        (1, 'c') => (1 << 27) | (1 << 31) | (1 << 24),
+        (1, 'd') => 1 << 28,
+        _ => 0,
     }
 }
 
