@@ -59,7 +59,8 @@ pub(super) fn read_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>> {
     Ok(out)
 }
 
-fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<()> {
+/// Write MSRs; an MSR KVM refuses is an error naming it.
+pub(super) fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<()> {
     let entries: Vec<kvm_msr_entry> = msrs
         .iter()
         .map(|&(index, data)| kvm_msr_entry {
@@ -73,7 +74,7 @@ fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<()> {
     let written = fd.set_msrs(&table).map_err(kvm_err("KVM_SET_MSRS"))?;
     if written != entries.len() {
         return Err(Error::Unsupported(format!(
-            "KVM refused the saved value {:#x} of MSR {:#x}",
+            "KVM refused value {:#x} for MSR {:#x}",
             entries[written].data, entries[written].index
         )));
     }

@@ -7,9 +7,8 @@ use crate::{
     VcpuExit, VcpuKicker, VcpuState,
 };
 use kvm_bindings::{
-    kvm_fpu, kvm_interrupt, kvm_mp_state, kvm_msr_entry, kvm_run, CpuId, Msrs,
-    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_interrupt, kvm_mp_state, kvm_run, CpuId, KVM_MP_STATE_UNINITIALIZED,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
 use std::cell::Cell;
@@ -306,24 +305,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<()> {
-        let entries: Vec<kvm_msr_entry> = msrs
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let table = Msrs::from_entries(&entries)
-            .map_err(|_| Error::Unsupported("too many MSRs in one call".into()))?;
-        let written = self.fd.set_msrs(&table).map_err(kvm_err("KVM_SET_MSRS"))?;
-        if written != entries.len() {
-            return Err(Error::Unsupported(format!(
-                "KVM refused MSR {:#x}",
-                entries[written].index
-            )));
-        }
-        Ok(())
+        persist::write_msrs(&self.fd, msrs)
     }
 
     fn cpuid(&self) -> Result<Vec<CpuidEntry>> {
