@@ -6,8 +6,7 @@ mod common;
 
 use common::api::{exchange, http, ok, refused, sock_path, state, wait_for_socket};
 use common::{kit_cmd, kvm_or_skip, linux_kit, testguest, Interactive};
-use serde_json::{json, Value};
-use std::io::{Read, Write};
+use serde_json::json;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
