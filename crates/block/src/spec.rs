@@ -11,7 +11,8 @@ use crate::{Error, Result};
 pub const SERIAL_MAX: usize = 20;
 
 /// An image format kvmbox runs guests on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// A plain file: byte N of the file is byte N of the disk.
     Raw,

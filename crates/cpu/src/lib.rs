@@ -7,8 +7,10 @@
 
 pub mod kvm;
 mod regs;
+pub mod state;
 
 pub use regs::{CpuidEntry, DescriptorTable, Regs, Segment, SpecialRegs};
+pub use state::{check_cpuid_compatible, portable_cpuid, VcpuState};
 
 use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
@@ -104,6 +106,17 @@ pub trait Vcpu: Send {
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit>;
     /// A handle that interrupts [`Vcpu::run`] from another thread.
     fn kicker(&self) -> Arc<dyn VcpuKicker>;
+    /// Show the guest this CPUID table instead of the backend's own (before the first run):
+    /// `--cpu-model portable` and restores use it. Refused when the backend cannot offer a
+    /// feature the table lists.
+    fn set_cpuid(&mut self, entries: &[CpuidEntry]) -> Result<()>;
+    /// Everything the guest can observe about this vCPU. Called on the vCPU's own thread,
+    /// between [`Vcpu::run`] calls.
+    fn save_state(&mut self) -> Result<VcpuState>;
+    /// Load a state saved by [`Vcpu::save_state`] on either backend, into a vCPU that was
+    /// created and configured (with the same id and count) but has not run. Nothing is
+    /// changed when the state is refused (a CPUID this backend cannot offer).
+    fn restore_state(&mut self, state: &VcpuState) -> Result<()>;
 }
 
 /// An interrupt line into the guest's interrupt controllers (a GSI).
@@ -184,6 +197,17 @@ pub trait Vm: Send + Sync {
     ) -> Result<()>;
     /// The largest vCPU count this backend supports.
     fn max_vcpus(&self) -> u32;
+    /// The VM-wide guest clock a snapshot carries, in nanoseconds (KVM's kvmclock,
+    /// KVM_GET_CLOCK); `None` where the backend keeps time per vCPU only.
+    fn clock_ns(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// Set the VM-wide guest clock on restore (KVM_SET_CLOCK), so guest time continues from
+    /// the saved value instead of jumping.
+    fn set_clock_ns(&self, ns: u64) -> Result<()> {
+        let _ = ns;
+        Ok(())
+    }
 }
 
 /// Which CPU backend runs the guest.

@@ -1,7 +1,7 @@
 //! Backend-neutral x86-64 register state.
 
 /// General-purpose registers, instruction pointer and flags.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[allow(missing_docs)]
 pub struct Regs {
     pub rax: u64,
@@ -78,7 +78,7 @@ mod tests {
 }
 
 /// A segment register with its hidden (descriptor cache) part, as KVM's `kvm_segment`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Segment {
     /// Base address.
     pub base: u64,
@@ -107,7 +107,7 @@ pub struct Segment {
 }
 
 /// GDTR / IDTR.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DescriptorTable {
     /// Linear base.
     pub base: u64,
@@ -116,7 +116,7 @@ pub struct DescriptorTable {
 }
 
 /// Segment, system and control registers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[allow(missing_docs)]
 pub struct SpecialRegs {
     pub cs: Segment,
@@ -139,7 +139,7 @@ pub struct SpecialRegs {
 }
 
 /// One CPUID leaf/subleaf result.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[allow(missing_docs)]
 pub struct CpuidEntry {
     pub function: u32,

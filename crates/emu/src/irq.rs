@@ -45,6 +45,16 @@ pub trait InterruptController: Send + Sync {
     fn msi_line(&self) -> Option<Arc<dyn MsiLine>> {
         None
     }
+    /// Add vCPU `vcpu`'s part of the controller to a snapshot: the local APIC page, a pending
+    /// NMI (`events.nmi_pending`), a pending INIT/SIPI (`mp_state`), IA32_TSC_DEADLINE.
+    fn save_vcpu(&self, vcpu: u32, state: &mut kvmbox_cpu::VcpuState) {
+        let _ = (vcpu, state);
+    }
+    /// Load vCPU `vcpu`'s part from a snapshot (see [`InterruptController::save_vcpu`]).
+    fn restore_vcpu(&self, vcpu: u32, state: &kvmbox_cpu::VcpuState) -> Result<(), String> {
+        let _ = (vcpu, state);
+        Ok(())
+    }
 }
 
 /// MSRs the engine does not implement itself (e.g. the KVM paravirtual clock), handled by

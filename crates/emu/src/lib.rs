@@ -23,6 +23,7 @@ pub mod interrupt;
 pub mod irq;
 pub mod mem;
 pub mod mmu;
+pub mod persist;
 pub mod state;
 pub mod vcpu;
 

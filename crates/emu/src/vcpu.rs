@@ -5,8 +5,10 @@ use crate::cpu::{Cpu, Fault, Stats};
 use crate::interrupt::EventKind;
 use crate::irq::StartupEvent;
 use crate::state::{flags, seg, CpuState};
+use kvmbox_cpu::state::{LapicState, MpState, VcpuEvents, LAPIC_PAGE_SIZE};
 use kvmbox_cpu::{
     CpuidEntry, IoHandler, Regs, Result, SpecialRegs, Vcpu, VcpuConfig, VcpuExit, VcpuKicker,
+    VcpuState,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,6 +30,9 @@ impl VcpuKicker for Kick {
 pub struct EmuVcpu {
     cpu: Cpu,
     kick: Arc<Kick>,
+    /// An event a restored state was delivering (saved on KVM), delivered before the first
+    /// instruction runs: (vector, error code, kind).
+    restored_event: Option<(u8, Option<u32>, EventKind)>,
 }
 
 impl EmuVcpu {
@@ -35,6 +40,7 @@ impl EmuVcpu {
         EmuVcpu {
             cpu,
             kick: Arc::new(Kick::default()),
+            restored_event: None,
         }
     }
 
@@ -373,6 +379,18 @@ impl Vcpu for EmuVcpu {
 
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit> {
         let kick = self.kick.clone();
+        if let Some((vector, err, kind)) = self.restored_event.take() {
+            let rip = self.cpu.st.rip;
+            let delivered =
+                self.cpu
+                    .with_io(io, |cpu| match cpu.deliver(vector, err, kind, rip) {
+                        Ok(()) => Ok(None),
+                        Err(f) => cpu.fault_exit(f),
+                    })?;
+            if let Some(exit) = delivered {
+                return Ok(exit);
+            }
+        }
         loop {
             if let Some(exit) = self.cpu.with_io(io, |cpu| cpu.run_loop(&kick.0, None))? {
                 return Ok(exit);
@@ -382,5 +400,90 @@ impl Vcpu for EmuVcpu {
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
         self.kick.clone()
+    }
+
+    fn set_cpuid(&mut self, entries: &[CpuidEntry]) -> Result<()> {
+        kvmbox_cpu::check_cpuid_compatible(entries, &self.cpu.cpuid).map_err(|e| {
+            kvmbox_cpu::Error::Unsupported(format!("the emu engine cannot show this CPU: {e}"))
+        })?;
+        self.cpu.cpuid = entries.to_vec();
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<VcpuState> {
+        let mp_state = if self.cpu.wait_sipi {
+            MpState::WaitForSipi
+        } else if self.cpu.halted {
+            MpState::Halted
+        } else {
+            MpState::Runnable
+        };
+        let mut s = VcpuState {
+            regs: self.regs()?,
+            sregs: self.sregs()?,
+            debugregs: [0; 6],
+            fxsave: Vec::new(),
+            xsave: None,
+            xcrs: Vec::new(),
+            msrs: Vec::new(),
+            events: VcpuEvents {
+                interrupt_shadow: self.cpu.shadow,
+                nmi_masked: self.cpu.nmi_blocked,
+                ..VcpuEvents::default()
+            },
+            mp_state,
+            lapic: LapicState {
+                regs: vec![0; LAPIC_PAGE_SIZE],
+            },
+            cpuid: self.cpu.cpuid.clone(),
+        };
+        crate::persist::save_cpu_state(&self.cpu.st, &mut s);
+        if let Some(irq) = &self.cpu.irq {
+            irq.save_vcpu(self.cpu.id, &mut s);
+        }
+        Ok(s)
+    }
+
+    fn restore_state(&mut self, s: &VcpuState) -> Result<()> {
+        let refuse = |why: String| kvmbox_cpu::Error::Unsupported(why);
+        kvmbox_cpu::check_cpuid_compatible(&s.cpuid, &self.cpu.cpuid)
+            .map_err(|e| refuse(format!("the emu engine cannot show the saved CPU: {e}")))?;
+        let e = &s.events;
+        let event = match (e.exception, e.interrupt, e.nmi_injected) {
+            (Some(x), _, _) => Some((x.vector, x.error_code, EventKind::Exception)),
+            (None, Some(i), _) if i.soft => {
+                return Err(refuse(format!(
+                    "the saved vCPU was injecting software interrupt {:#x}, which the emu engine cannot resume",
+                    i.vector
+                )))
+            }
+            (None, Some(i), _) => Some((i.vector, None, EventKind::External)),
+            (None, None, true) => Some((2, None, EventKind::External)),
+            _ => None,
+        };
+        let mut st = self.cpu.st.clone();
+        let others = crate::persist::load_cpu_state(&mut st, s).map_err(refuse)?;
+        self.cpu.cpuid = s.cpuid.clone();
+        self.cpu.st = st;
+        self.set_sregs(&s.sregs)?;
+        self.set_regs(&s.regs)?;
+        if let Some(irq) = &self.cpu.irq {
+            irq.restore_vcpu(self.cpu.id, s).map_err(refuse)?;
+        }
+        for (index, v) in others {
+            // MSRs that belong to the interrupt controller or another handler (the TSC
+            // deadline went with the LAPIC above); one the engine has no handler for is
+            // dropped, as the engine would have refused the guest's write of it.
+            if index != kvmbox_cpu::state::MSR_IA32_TSC_DEADLINE {
+                self.cpu.write_msr(index, v);
+            }
+        }
+        self.cpu.shadow = e.interrupt_shadow;
+        self.cpu.nmi_blocked = e.nmi_masked || e.nmi_injected;
+        self.cpu.halted = s.mp_state == MpState::Halted && event.is_none();
+        self.cpu.wait_sipi = s.mp_state == MpState::WaitForSipi;
+        self.restored_event = event;
+        self.cpu.flush_all();
+        Ok(())
     }
 }

@@ -14,6 +14,8 @@ use crate::lapic::{Action, DeliveryMode, IrqMessage, Lapic, MpState, Shorthand};
 use crate::pic::{Pic, PIC_ELCR_PORT, PIC_MASTER_PORT, PIC_SLAVE_PORT};
 use crate::Error;
 
+pub mod persist;
+
 const F_INTR: u32 = 1;
 const F_NMI: u32 = 2;
 const F_INIT: u32 = 4;

@@ -68,6 +68,14 @@ impl InterruptController for IrqChip {
     fn msi_line(&self) -> Option<Arc<dyn MsiLine>> {
         Some(IrqChip::msi_line(self))
     }
+
+    fn save_vcpu(&self, vcpu: u32, state: &mut kvmbox_cpu::VcpuState) {
+        self.save_vcpu_state(vcpu, state);
+    }
+
+    fn restore_vcpu(&self, vcpu: u32, state: &kvmbox_cpu::VcpuState) -> Result<(), String> {
+        self.restore_vcpu_state(vcpu, state)
+    }
 }
 
 #[cfg(test)]

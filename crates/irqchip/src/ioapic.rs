@@ -21,7 +21,7 @@ const RTE_DELIVERY_STATUS: u64 = 1 << 12;
 const RTE_WRITABLE: u64 = 0xffff_0000_0001_afff;
 
 /// The IOAPIC registers and pin state.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct IoApic {
     id: u32,
     regsel: u8,

@@ -9,6 +9,8 @@
 
 use crate::Error;
 
+mod persist;
+
 /// Input clock of the LAPIC timer (the "bus" or core crystal clock), in Hz. CPUID leaf 0x15
 /// reports it as the crystal frequency, from which Linux takes its APIC timer period.
 pub const APIC_BUS_HZ: u64 = 1_000_000_000;
@@ -787,6 +789,11 @@ impl Lapic {
     /// shows it. Unimplemented offsets read 0.
     pub fn read_reg(&mut self, reg: u32, now: u64) -> u32 {
         self.timer_tick(now);
+        self.peek_reg(reg, now)
+    }
+
+    /// The register at `reg` as [`Lapic::read_reg`] shows it, without running the timer.
+    fn peek_reg(&self, reg: u32, now: u64) -> u32 {
         match reg {
             REG_ID => {
                 if self.x2apic() {

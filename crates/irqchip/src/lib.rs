@@ -58,6 +58,7 @@ pub mod lapic;
 pub mod pic;
 pub mod time;
 
+pub use chip::persist::IrqChipState;
 pub use chip::{IoApicDevice, IrqChip, PicDevice, VcpuIrq, Wake, MAX_VCPUS};
 pub use ioapic::{IoApic, IOAPIC_MMIO_SIZE, IOAPIC_PINS};
 pub use kvmbox_devices::legacy::pit::Clock;
@@ -93,6 +94,9 @@ pub enum Error {
         /// Why it faults.
         why: &'static str,
     },
+    /// A saved state that does not fit this VM's controllers.
+    #[error("interrupt controller state: {0}")]
+    State(String),
     /// Putting a controller on the bus failed.
     #[error("cannot attach interrupt controller: {0}")]
     Bus(#[from] kvmbox_devices::BusError),

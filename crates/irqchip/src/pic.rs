@@ -13,7 +13,7 @@ pub const PIC_SLAVE_PORT: u16 = 0xa0;
 /// Edge/level control register of the master; the slave's follows.
 pub const PIC_ELCR_PORT: u16 = 0x4d0;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Chip {
     /// Line levels, for edge detection.
     last_irr: u8,
@@ -190,7 +190,7 @@ impl Chip {
 }
 
 /// The master/slave 8259A pair.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Pic {
     chips: [Chip; 2],
 }

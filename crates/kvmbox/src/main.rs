@@ -1,6 +1,7 @@
 //! `kvmbox`: run virtual machines on KVM or on kvmbox's software CPU engine.
 
 use clap::{Parser, Subcommand};
+use kvmbox_cpu::Accel;
 use kvmbox_vmm::{FileConfig, Overrides, VmConfig, EXIT_USAGE};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,6 +81,15 @@ struct RunArgs {
     /// How virtio devices attach: pci (stock kernels) or mmio (virtio_mmio.device= on the command line) [default: pci].
     #[arg(long, value_name = "TRANSPORT")]
     virtio: Option<String>,
+    /// The CPU the guest sees: host (everything the backend offers) or portable (the engine's model less what this host's KVM lacks: snapshots move between kvm and emu) [default: host].
+    #[arg(long, value_name = "MODEL")]
+    cpu_model: Option<String>,
+    /// Restore the VM saved in this snapshot state file (with --restore-mem) instead of booting a kernel; it runs on the saved backend unless --accel names the other one.
+    #[arg(long, value_name = "STATE", requires = "restore_mem")]
+    restore: Option<PathBuf>,
+    /// The snapshot's guest-memory file (with --restore).
+    #[arg(long, value_name = "MEM", requires = "restore")]
+    restore_mem: Option<PathBuf>,
     /// Serve the Firecracker-compatible REST API on this Unix socket (it must not exist). Without a kernel, wait to be configured through it.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -88,6 +98,28 @@ struct RunArgs {
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("kvmbox: error: {msg}");
     ExitCode::from(EXIT_USAGE as u8)
+}
+
+/// The first flag that describes a VM to boot, which `--restore` does not take.
+fn restore_conflict(config: bool, o: &Overrides) -> Option<&'static str> {
+    [
+        (config, "--config"),
+        (o.kernel.is_some(), "--kernel"),
+        (o.initrd.is_some(), "--initrd"),
+        (o.cmdline.is_some(), "--cmdline"),
+        (o.cpus.is_some(), "--cpus"),
+        (o.memory.is_some(), "--memory"),
+        (o.on_reboot.is_some(), "--on-reboot"),
+        (o.no_pvh, "--no-pvh"),
+        (!o.disks.is_empty(), "--disk"),
+        (!o.nets.is_empty(), "--net"),
+        (o.rng, "--rng"),
+        (o.virtio.is_some(), "--virtio"),
+        (o.cpu_model.is_some(), "--cpu-model"),
+    ]
+    .into_iter()
+    .find(|(given, _)| *given)
+    .map(|(_, flag)| flag)
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -110,7 +142,29 @@ fn run(args: RunArgs) -> ExitCode {
         virtio: args.virtio,
         modules: args.module,
         testdev: args.testdev,
+        cpu_model: args.cpu_model,
     };
+    if let (Some(state), Some(mem)) = (&args.restore, &args.restore_mem) {
+        if let Some(flag) = restore_conflict(file.is_some(), &overrides) {
+            return fail(format!(
+                "--restore builds the VM the snapshot saved: {flag} cannot be given with it"
+            ));
+        }
+        let accel = match overrides
+            .accel
+            .as_deref()
+            .map(str::parse::<Accel>)
+            .transpose()
+        {
+            Ok(a) => a,
+            Err(e) => return fail(e),
+        };
+        let ran = kvmbox_vmm::run_restored(state, mem, accel, args.api_sock.as_deref());
+        return match ran {
+            Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX)),
+            Err(e) => fail(e),
+        };
+    }
     let ran = match &args.api_sock {
         Some(path) => kvmbox_vmm::run_with_api(file, overrides, path),
         None => match VmConfig::build(file, overrides) {

@@ -4,96 +4,17 @@
 
 mod common;
 
+use common::api::{exchange, http, ok, refused, sock_path, state, wait_for_socket};
 use common::{kit_cmd, kvm_or_skip, linux_kit, testguest, Interactive};
-use serde_json::{json, Value};
-use std::io::{Read, Write};
+use serde_json::json;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Longest the API socket may take to appear (measured: a few ms).
-const API_READY: Duration = Duration::from_secs(10);
 /// Test-guest boots and scenarios on KVM (measured: well under a second).
 const TG: Duration = Duration::from_secs(60);
 /// Debian's kernel on the engine, to userspace (measured: 10-30 s; loaded CI machines more).
 const LINUX: Duration = Duration::from_secs(600);
-
-fn sock_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join("kvmbox-lifecycle-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(format!("{name}-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&p);
-    p
-}
-
-/// One HTTP exchange on a fresh connection: (status, JSON body or Null).
-fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let raw = match body {
-        Some(b) => format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
-            b.len()
-        ),
-        None => format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-        ),
-    };
-    exchange(sock, raw.as_bytes())
-}
-
-fn exchange(sock: &Path, raw: &[u8]) -> (u16, Value) {
-    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    s.write_all(raw).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("read the answer");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status: u16 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    let v = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("body {body:?}: {e}"))
-    };
-    (status, v)
-}
-
-fn ok(sock: &Path, method: &str, path: &str, body: &str) {
-    let (st, v) = http(sock, method, path, Some(body));
-    assert_eq!(st, 204, "{method} {path} {body}: {v}");
-}
-
-/// Expect a 400 whose fault_message contains `needle`.
-fn refused(sock: &Path, method: &str, path: &str, body: Option<&str>, needle: &str) {
-    let (st, v) = http(sock, method, path, body);
-    assert_eq!(st, 400, "{method} {path} {body:?}: {v}");
-    let msg = v["fault_message"].as_str().unwrap_or_default();
-    assert!(
-        msg.contains(needle),
-        "{method} {path}: fault_message {msg:?} does not name {needle:?}"
-    );
-}
-
-fn state(sock: &Path) -> String {
-    let (st, v) = http(sock, "GET", "/", None);
-    assert_eq!(st, 200, "{v}");
-    v["state"].as_str().unwrap_or_default().to_string()
-}
-
-fn wait_for_socket(vm: &mut Interactive, sock: &Path) {
-    let start = Instant::now();
-    while UnixStream::connect(sock).is_err() {
-        assert!(
-            start.elapsed() < API_READY,
-            "no API socket after {API_READY:?}; stderr: {}",
-            vm.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 fn scratch_image(name: &str, len: u64) -> PathBuf {
     let p = std::env::temp_dir()

@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 use crate::msix::MsixConfig;
 use crate::{Error, Result};
 
+pub mod persist;
+
 /// Number of BAR registers in a type-0 header.
 pub const NUM_BARS: usize = 6;
 /// Command register: respond to I/O-space accesses.

@@ -18,17 +18,22 @@ mod device;
 mod msix;
 mod root;
 
+pub use config::persist::PciConfigState;
 pub use config::{
     BarKind, BarSpec, PciConfiguration, PciHeader, COMMAND_BUS_MASTER, COMMAND_IO_SPACE,
     COMMAND_MEMORY_SPACE, NUM_BARS,
 };
 pub use device::PciDevice;
+pub use msix::persist::MsixState;
 pub use msix::{MsixConfig, MSIX_PBA_ENTRY_SIZE, MSIX_TABLE_ENTRY_SIZE};
 pub use root::{PciConfigIo, PciConfigMmio, PciRoot, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID};
 
 /// Errors from building PCI devices and the PCI root.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A saved state that does not fit this device.
+    #[error("saved PCI state: {0}")]
+    State(String),
     /// A BAR index outside 0..6, or the upper half of a 64-bit BAR already taken.
     #[error("BAR index {0} is invalid or already used")]
     BarIndex(usize),

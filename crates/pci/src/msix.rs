@@ -6,6 +6,8 @@ use kvmbox_cpu::MsiLine;
 
 use crate::{Error, Result};
 
+pub mod persist;
+
 /// Bytes per MSI-X table entry.
 pub const MSIX_TABLE_ENTRY_SIZE: u64 = 16;
 /// Bytes per pending-bit-array entry (64 vectors).

@@ -174,6 +174,16 @@ impl PciRoot {
         result
     }
 
+    /// Bring the MMIO bus in line with every device's BARs and command register (after their
+    /// configuration space was restored from a snapshot).
+    pub fn remap_all(&mut self) -> Result<()> {
+        let slots: Vec<u8> = self.slots.keys().copied().collect();
+        for slot in slots {
+            self.remap(slot)?;
+        }
+        Ok(())
+    }
+
     /// Guest read of configuration space of 00:`device`.`function` (bus 0 only).
     pub fn config_read(&self, bus: u8, device: u8, function: u8, offset: usize, data: &mut [u8]) {
         match self.slots.get(&device) {

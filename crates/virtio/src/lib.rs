@@ -71,6 +71,9 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A saved device state that does not fit this device.
+    #[error("saved virtio state: {0}")]
+    State(String),
     /// A user-supplied device option is wrong.
     #[error("{0}")]
     Config(String),

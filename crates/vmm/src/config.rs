@@ -179,6 +179,31 @@ impl std::str::FromStr for VirtioTransport {
     }
 }
 
+/// Which CPU the guest is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuModel {
+    /// Everything the backend offers (KVM: the host's CPU; the engine: its own model).
+    #[default]
+    Host,
+    /// The engine's CPU model less what this host's KVM cannot offer, on either backend: a
+    /// VM started with it can be snapshotted on one backend and restored on the other.
+    Portable,
+}
+
+impl std::str::FromStr for CpuModel {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "host" => Ok(CpuModel::Host),
+            "portable" => Ok(CpuModel::Portable),
+            o => Err(ConfigError::Invalid(format!(
+                "invalid --cpu-model '{o}': expected host or portable"
+            ))),
+        }
+    }
+}
+
 /// Parse a memory size: `512`, `512M`, `2G`, `1048576K`, `4294967296B`. Plain numbers are MiB,
 /// as in QEMU's `-m`.
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
@@ -237,6 +262,7 @@ pub struct FileConfig {
     #[serde(default)]
     modules: Vec<String>,
     testdev: Option<bool>,
+    cpu_model: Option<CpuModel>,
     /// The file's directory: relative paths in the file are relative to it.
     #[serde(skip)]
     dir: PathBuf,
@@ -345,6 +371,8 @@ pub struct Overrides {
     pub modules: Vec<String>,
     /// --testdev
     pub testdev: bool,
+    /// --cpu-model
+    pub cpu_model: Option<String>,
 }
 
 /// Which accelerator was asked for.
@@ -387,6 +415,8 @@ pub struct VmConfig {
     pub modules: Vec<kvmbox_arch::multiboot::Module>,
     /// QEMU's pc-testdev ports (kvm-unit-tests).
     pub testdev: bool,
+    /// The CPU the guest is shown.
+    pub cpu_model: CpuModel,
 }
 
 /// The command line used when none is given: serial console, reboot through the i8042
@@ -476,9 +506,14 @@ impl VmConfig {
         for m in &o.modules {
             modules.push(parse(m).map_err(ConfigError::Invalid)?);
         }
+        let cpu_model = match o.cpu_model {
+            Some(s) => s.parse()?,
+            None => f.cpu_model.unwrap_or_default(),
+        };
         Ok(VmConfig {
             modules,
             testdev: o.testdev || f.testdev.unwrap_or(false),
+            cpu_model,
             disks,
             nets,
             rng: o.rng || f.rng.unwrap_or(false),

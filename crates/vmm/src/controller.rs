@@ -53,6 +53,25 @@ fn block_signals() -> Result<StopSignals> {
     StopSignals::block().map_err(|e| Error::Host(format!("blocking stop signals: {e}")))
 }
 
+/// `kvmbox run --restore STATE --restore-mem MEM [--accel A] [--api-sock PATH]`: build the
+/// machine a snapshot saved and run it (on `accel`, the saved backend when `None`).
+pub fn run_restored(
+    state: &Path,
+    mem: &Path,
+    accel: Option<Accel>,
+    api_sock: Option<&Path>,
+) -> Result<i32> {
+    let signals = block_signals()?;
+    let api = api_sock
+        .map(|p| ApiServer::start(p).map_err(|e| Error::Host(e.to_string())))
+        .transpose()?;
+    // Nothing to boot: the machine comes from the snapshot.
+    let boot = Boot::Pending(Box::new(api::PreBoot::new(None, Overrides::default())?));
+    let mut c = Controller::new(boot, api)?;
+    c.restore(state, mem, accel, true)?;
+    c.serve(signals)
+}
+
 /// `kvmbox run --api-sock PATH`: serve the API on `path`. With a kernel in `file`/`o`, boot
 /// from them right away; otherwise wait to be configured and started through the API.
 pub fn run_with_api(file: Option<FileConfig>, o: Overrides, path: &Path) -> Result<i32> {
@@ -99,6 +118,34 @@ impl Controller {
         self.running_cfg = Some(cfg);
         self.state = VmState::Running;
         self.extras.log(&format!("VM {}", self.state));
+        Ok(())
+    }
+
+    /// Build the machine saved in `state`/`mem` (on `accel`, the saved backend when `None`)
+    /// and leave it paused, or running with `resume`.
+    fn restore(
+        &mut self,
+        state: &Path,
+        mem: &Path,
+        accel: Option<Accel>,
+        resume: bool,
+    ) -> Result<()> {
+        let next = self
+            .state
+            .check(Action::LoadSnapshot)
+            .map_err(|e| Error::Snapshot(e.to_string()))?;
+        let (machine, cfg) = crate::snapshot::load(state, mem, accel, &self.control)?;
+        *self.serial_slot.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(machine.platform.serial.clone());
+        self.machine = Some(machine);
+        self.running_cfg = Some(cfg);
+        self.state = next;
+        self.extras.log(&format!("VM {} (restored)", self.state));
+        if resume {
+            self.machine.as_ref().map_or(Ok(()), |m| m.resume())?;
+            self.state = VmState::Running;
+            self.extras.log(&format!("VM {}", self.state));
+        }
         Ok(())
     }
 

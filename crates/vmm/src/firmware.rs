@@ -9,13 +9,15 @@ use kvmbox_devices::testdev::{TestDevIomem, TestDevIrq, TestDevPorts, TESTDEV_PO
 use kvmbox_devices::IoBus;
 use std::sync::{Arc, Mutex};
 
-/// Put fw_cfg on the port bus with QEMU's PC items for this machine and the loaded kernel.
+/// Put fw_cfg on the port bus with QEMU's PC items for this machine and the loaded kernel
+/// (`None` when the machine is rebuilt from a snapshot: no kernel was loaded; fw_cfg's own
+/// state is not in snapshots yet).
 pub(crate) fn attach_fw_cfg(
     io: &IoBus,
     mem: &kvmbox_cpu::GuestMemory,
     cpus: u32,
     memory: u64,
-    boot: &BootSetup,
+    boot: Option<&BootSetup>,
     cmdline: &str,
 ) -> Result<()> {
     let machine = Machine {
@@ -25,8 +27,8 @@ pub(crate) fn attach_fw_cfg(
             .iter()
             .map(|e| (e.addr, e.size, e.kind))
             .collect(),
-        kernel: Some((boot.kernel_range.0, boot.kernel_range.1, boot.regs.rip)),
-        initrd: boot.initrd_range,
+        kernel: boot.map(|b| (b.kernel_range.0, b.kernel_range.1, b.regs.rip)),
+        initrd: boot.and_then(|b| b.initrd_range),
         cmdline: Some((layout::CMDLINE_START, cmdline.to_string())),
     };
     let dma = u64::from(layout::FW_CFG_DMA_PORT);

@@ -8,12 +8,13 @@ mod controller;
 mod firmware;
 pub mod machine;
 pub mod signals;
+pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 mod vm;
 
-pub use config::{AccelChoice, ConfigError, FileConfig, OnReboot, Overrides, VmConfig};
-pub use controller::{run, run_with_api};
+pub use config::{AccelChoice, ConfigError, CpuModel, FileConfig, OnReboot, Overrides, VmConfig};
+pub use controller::{run, run_restored, run_with_api};
 pub use state::VmState;
 pub use vm::{Error, IrqPlatform, Platform};
 

@@ -1,11 +1,12 @@
 //! One built VM: guest memory, the backend, the bus with its devices, and the vCPU threads.
 //! The control loop owns it; snapshot code walks it.
 
+use crate::config::CpuModel;
 use crate::config::VmConfig;
 use crate::vcpu::{VcpuError, VcpuHandle, VcpuShared};
 use crate::vm::{
-    add_legacy_devices, attach_virtio, check_cpus, create_backend, mmio_slots, virtio_devices,
-    Error, IrqPlatform, Platform,
+    add_legacy_devices, attach_virtio, check_cpus, create_backend, mmio_slots, portable_cpuid,
+    virtio_devices, Error, IrqPlatform, Platform, VirtioDevices,
 };
 use kvmbox_cpu::{Accel, VcpuConfig, Vm};
 use kvmbox_devices::{IoBus, VmControl};
@@ -20,6 +21,8 @@ pub struct Machine {
     pub vcpus: Vec<VcpuHandle>,
     /// The PC platform devices (serial, i8042, ACPI PM, RTC).
     pub platform: Platform,
+    /// The virtio devices.
+    pub virtio: VirtioDevices,
     /// The interrupt controllers (IOAPIC, PIC; the engine's LAPICs) and the PIT timer.
     pub irq_platform: IrqPlatform,
     /// Port and MMIO buses.
@@ -40,7 +43,23 @@ impl Machine {
         control: &Arc<VmControl>,
         paused: bool,
     ) -> Result<Machine, Error> {
-        let mem = kvmbox_arch::guest_memory(cfg.memory)?;
+        Self::build_from(cfg, accel, control, paused, None)
+    }
+
+    /// [`Machine::build`], or with `restored` guest memory (a snapshot's, kernel and
+    /// firmware tables already in it) the same machine without loading anything: its vCPUs
+    /// and devices wait, paused, for their saved state.
+    pub fn build_from(
+        cfg: &VmConfig,
+        accel: Accel,
+        control: &Arc<VmControl>,
+        paused: bool,
+        restored: Option<kvmbox_cpu::GuestMemory>,
+    ) -> Result<Machine, Error> {
+        let (mem, fresh) = match restored {
+            Some(mem) => (mem, false),
+            None => (kvmbox_arch::guest_memory(cfg.memory)?, true),
+        };
         // The kernel goes in first: a bad image is the user's most likely mistake, and it
         // should be reported as such whatever the backend.
         let devices = virtio_devices(cfg)?;
@@ -58,26 +77,30 @@ impl Machine {
         if cfg.virtio == crate::config::VirtioTransport::Pci {
             acpi.pci = Some(kvmbox_arch::PciHostBridge::new());
         }
-        let rsdp = kvmbox_arch::create_acpi_tables_with(&mem, &acpi)?;
-        let mut params = kvmbox_arch::LoadParams::new(&cfg.kernel, &cmdline, cfg.memory);
-        params.initrd = cfg.initrd.as_deref();
-        params.cpus = cfg.cpus;
-        params.prefer_pvh = cfg.pvh;
-        params.rsdp = Some(rsdp);
-        // The software engine would spend tens of millions of instructions in a bzImage's own
-        // decompressor: unpack the kernel on the host instead.
-        params.host_decompress = accel == Accel::Emu;
-        params.modules = cfg.modules.clone();
-        let boot = kvmbox_arch::load(&mem, &params)?;
+        let boot = if fresh {
+            let rsdp = kvmbox_arch::create_acpi_tables_with(&mem, &acpi)?;
+            let mut params = kvmbox_arch::LoadParams::new(&cfg.kernel, &cmdline, cfg.memory);
+            params.initrd = cfg.initrd.as_deref();
+            params.cpus = cfg.cpus;
+            params.prefer_pvh = cfg.pvh;
+            params.rsdp = Some(rsdp);
+            // The software engine would spend tens of millions of instructions in a bzImage's
+            // own decompressor: unpack the kernel on the host instead.
+            params.host_decompress = accel == Accel::Emu;
+            params.modules = cfg.modules.clone();
+            Some(kvmbox_arch::load(&mem, &params)?)
+        } else {
+            None
+        };
         let io = Arc::new(IoBus::default());
         let (vm, irq_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
         check_cpus(cfg.cpus, vm.name(), vm.max_vcpus())?;
         let platform = add_legacy_devices(vm.as_ref(), &io, control)?;
-        crate::firmware::attach_fw_cfg(&io, &mem, cfg.cpus, cfg.memory, &boot, &cmdline)?;
+        crate::firmware::attach_fw_cfg(&io, &mem, cfg.cpus, cfg.memory, boot.as_ref(), &cmdline)?;
         if cfg.testdev {
             crate::firmware::attach_testdev(vm.as_ref(), &io)?;
         }
-        attach_virtio(cfg, vm.as_ref(), &io, &mem, devices, &mmio_slots)?;
+        let virtio = attach_virtio(cfg, vm.as_ref(), &io, &mem, devices, &mmio_slots)?;
 
         let mut vcpus = Vec::new();
         for id in 0..cfg.cpus {
@@ -86,11 +109,17 @@ impl Machine {
                 id,
                 count: cfg.cpus,
             })?;
-            if id == 0 {
-                vcpu.set_sregs(&boot.sregs)?;
-                vcpu.set_regs(&boot.regs)?;
-            } else {
-                vcpu.set_wait_for_sipi()?;
+            if cfg.cpu_model == CpuModel::Portable {
+                vcpu.set_cpuid(&portable_cpuid(id, cfg.cpus))?;
+            }
+            match &boot {
+                Some(boot) if id == 0 => {
+                    vcpu.set_sregs(&boot.sregs)?;
+                    vcpu.set_regs(&boot.regs)?;
+                }
+                Some(_) => vcpu.set_wait_for_sipi()?,
+                // A restored vCPU gets its whole state from the snapshot.
+                None => {}
             }
             vcpus.push(vcpu);
         }
@@ -114,6 +143,7 @@ impl Machine {
         let machine = Machine {
             vcpus: handles,
             platform,
+            virtio,
             irq_platform,
             io,
             vm,

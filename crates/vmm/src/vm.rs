@@ -55,6 +55,12 @@ pub enum Error {
     /// The interrupt controllers.
     #[error("device setup: {0}")]
     IrqChip(#[from] kvmbox_irqchip::Error),
+    /// A snapshot file (missing, damaged, another version, too small).
+    #[error("{0}")]
+    SnapshotFile(#[from] kvmbox_snapshot::Error),
+    /// A snapshot that this VM cannot take or restore (what is wrong is named).
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// Host resources (threads, fds).
     #[error("{0}")]
     Host(String),
@@ -76,7 +82,8 @@ impl Error {
                 | Error::TooManyCpus { .. }
                 | Error::Device(_)
                 | Error::Virtio(_)
-        )
+                | Error::Snapshot(_)
+        ) || matches!(self, Error::SnapshotFile(e) if e.is_user_error())
     }
 }
 
@@ -85,8 +92,10 @@ impl Error {
 /// holds the local APICs; on KVM those are the kernel's, reached through a split irqchip) and
 /// the PIT with its timer thread. Their bus devices live on the bus; the timer thread here.
 pub struct IrqPlatform {
-    /// Kept for the VM's lifetime (the bus and the backend hold clones too).
-    _chip: kvmbox_irqchip::IrqChip,
+    /// The IOAPIC and PIC (and the engine's LAPICs); the bus and the backend hold clones too.
+    pub chip: kvmbox_irqchip::IrqChip,
+    /// The PIT.
+    pub pit: Arc<Mutex<Pit>>,
     _pit_timer: TimerThread,
 }
 
@@ -110,16 +119,7 @@ pub(crate) fn create_backend(
             let chip = kvmbox_irqchip::IrqChip::new(cpus, clock.clone(), host_tsc_hz())?;
             let vm = kvmbox_emu::EmuVm::new(mem.clone());
             vm.set_interrupt_controller(Arc::new(chip.clone()));
-            if host_tsc_is_invariant() {
-                // The engine's RDTSC is the host's TSC: where that one is invariant (constant
-                // rate, running in every state, one across CPUs), say so, and Linux keeps the
-                // TSC as its clocksource instead of declaring it unsynchronized.
-                vm.set_cpuid_overrides(vec![kvmbox_cpu::CpuidEntry {
-                    function: 0x8000_0007,
-                    edx: INVARIANT_TSC,
-                    ..Default::default()
-                }]);
-            }
+            vm.set_cpuid_overrides(engine_cpuid_overrides());
             (Box::new(vm), chip)
         }
     };
@@ -131,15 +131,42 @@ pub(crate) fn create_backend(
     io.pio
         .insert(pit.clone(), u64::from(PIT_PORT), PIT_PORT_LEN)?;
     io.pio.insert(pit.clone(), u64::from(SPEAKER_PORT), 1)?;
-    let pit_timer = TimerThread::spawn("pit", pit, clock, waker)
+    let pit_timer = TimerThread::spawn("pit", pit.clone(), clock, waker)
         .map_err(|e| Error::Host(format!("cannot start the PIT timer thread: {e}")))?;
     Ok((
         vm,
         IrqPlatform {
-            _chip: chip,
+            chip,
+            pit,
             _pit_timer: pit_timer,
         },
     ))
+}
+
+/// What the VMM adds to the engine's own CPU model.
+fn engine_cpuid_overrides() -> Vec<kvmbox_cpu::CpuidEntry> {
+    let mut o = Vec::new();
+    if host_tsc_is_invariant() {
+        // The engine's RDTSC is the host's TSC: where that one is invariant (constant rate,
+        // running in every state, one across CPUs), say so, and Linux keeps the TSC as its
+        // clocksource instead of declaring it unsynchronized.
+        o.push(kvmbox_cpu::CpuidEntry {
+            function: 0x8000_0007,
+            edx: INVARIANT_TSC,
+            ..Default::default()
+        });
+    }
+    o
+}
+
+/// `--cpu-model portable` for vCPU `id` of `count`: the engine's CPU model (as the engine
+/// shows it) less what this host's KVM cannot offer. Without KVM it is the engine's model.
+pub(crate) fn portable_cpuid(id: u32, count: u32) -> Vec<kvmbox_cpu::CpuidEntry> {
+    let engine = kvmbox_emu::cpuid::build(id, count, true, &engine_cpuid_overrides());
+    match kvmbox_cpu::kvm::supported_cpuid() {
+        Ok(kvm) => kvmbox_cpu::portable_cpuid(&engine, &kvm),
+        Err(_) => engine,
+    }
 }
 
 pub(crate) fn check_cpus(asked: u32, backend: &'static str, max: u32) -> Result<()> {
@@ -187,6 +214,8 @@ pub struct Platform {
     pub i8042: Arc<Mutex<I8042>>,
     /// The ACPI PM block (power button, sleep states).
     pub acpi_pm: Arc<Mutex<AcpiPm>>,
+    /// The CMOS RTC.
+    pub rtc: Arc<Mutex<Rtc>>,
     /// Drives the RTC's periodic/alarm/update interrupts; stops when dropped.
     _rtc_timer: TimerThread,
 }
@@ -240,12 +269,13 @@ pub(crate) fn add_legacy_devices(
     let rtc = Arc::new(Mutex::new(rtc));
     io.pio
         .insert(rtc.clone(), u64::from(RTC_PORT), RTC_PORT_LEN)?;
-    let rtc_timer = TimerThread::spawn("rtc", rtc, clock, waker)
+    let rtc_timer = TimerThread::spawn("rtc", rtc.clone(), clock, waker)
         .map_err(|e| Error::Host(format!("cannot start the RTC timer thread: {e}")))?;
     Ok(Platform {
         serial,
         i8042,
         acpi_pm,
+        rtc,
         _rtc_timer: rtc_timer,
     })
 }
@@ -299,7 +329,8 @@ pub(crate) fn attach_virtio(
     mem: &kvmbox_cpu::GuestMemory,
     devices: Vec<Box<dyn VirtioDevice>>,
     mmio_slots: &[(u64, u32)],
-) -> Result<()> {
+) -> Result<VirtioDevices> {
+    let mut attached = VirtioDevices::default();
     match cfg.virtio {
         VirtioTransport::Pci => {
             let root = Arc::new(Mutex::new(PciRoot::new(Arc::downgrade(io))));
@@ -314,14 +345,28 @@ pub(crate) fn attach_virtio(
                 layout::PCI_ECAM_SIZE,
             )?;
             for dev in devices {
-                attach_pci(&root, vm, mem, dev, None)?;
+                attached.pci.push(attach_pci(&root, vm, mem, dev, None)?.1);
             }
+            attached.pci_root = Some(root);
         }
         VirtioTransport::Mmio => {
             for (dev, &(base, gsi)) in devices.into_iter().zip(mmio_slots) {
-                attach_mmio(io, vm, mem, dev, base, gsi)?;
+                attached
+                    .mmio
+                    .push(attach_mmio(io, vm, mem, dev, base, gsi)?.1);
             }
         }
     }
-    Ok(())
+    Ok(attached)
+}
+
+/// The virtio devices of a VM, in configuration order (disks, nets, rng), on their transport.
+#[derive(Default)]
+pub struct VirtioDevices {
+    /// PCI bus 0 (with `--virtio pci`).
+    pub pci_root: Option<Arc<Mutex<PciRoot>>>,
+    /// virtio-pci functions.
+    pub pci: Vec<Arc<Mutex<kvmbox_virtio::transport::VirtioPciDevice>>>,
+    /// virtio-mmio devices.
+    pub mmio: Vec<Arc<Mutex<kvmbox_virtio::transport::MmioTransport>>>,
 }

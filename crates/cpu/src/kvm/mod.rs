@@ -3,6 +3,7 @@
 //! [`KvmVcpu`] owns one vCPU fd.
 
 mod cpuid;
+mod persist;
 mod regs;
 mod vcpu;
 
@@ -52,6 +53,16 @@ pub fn available_or_skip(test: &str) -> bool {
             false
         }
     }
+}
+
+/// The CPUID features this host's KVM can show a guest (KVM_GET_SUPPORTED_CPUID), for
+/// [`crate::portable_cpuid`].
+pub fn supported_cpuid() -> Result<Vec<crate::CpuidEntry>> {
+    let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+    let table = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    Ok(vcpu::entries(&table))
 }
 
 /// For test suites: report a skipped test as [`available_or_skip`] does.
@@ -325,6 +336,11 @@ impl Vm for KvmVm {
             fd,
             self.supported_cpuid.clone(),
             self.kvm.check_extension(Cap::TscDeadlineTimer),
+            self.kvm
+                .get_msr_index_list()
+                .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+                .as_slice()
+                .to_vec(),
             self.platform.get().cloned(),
             id == 0,
         );
@@ -386,6 +402,19 @@ impl Vm for KvmVm {
 
     fn max_vcpus(&self) -> u32 {
         self.max_vcpus
+    }
+
+    fn clock_ns(&self) -> Result<Option<u64>> {
+        let c = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+        Ok(Some(c.clock))
+    }
+
+    fn set_clock_ns(&self, ns: u64) -> Result<()> {
+        let c = kvm_bindings::kvm_clock_data {
+            clock: ns,
+            ..Default::default()
+        };
+        self.fd.set_clock(&c).map_err(kvm_err("KVM_SET_CLOCK"))
     }
 }
 

@@ -1,15 +1,14 @@
 //! One KVM vCPU and how another thread interrupts it.
 
 use super::regs::{regs_from_kvm, regs_to_kvm, sregs_from_kvm, sregs_into_kvm};
-use super::{cpuid, kvm_err};
+use super::{cpuid, kvm_err, persist};
 use crate::{
     CpuidEntry, Error, IoHandler, PlatformIrq, Regs, Result, SpecialRegs, Vcpu, VcpuConfig,
-    VcpuExit, VcpuKicker,
+    VcpuExit, VcpuKicker, VcpuState,
 };
 use kvm_bindings::{
-    kvm_fpu, kvm_interrupt, kvm_mp_state, kvm_msr_entry, kvm_run, CpuId, Msrs,
-    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_interrupt, kvm_mp_state, kvm_run, CpuId, KVM_MP_STATE_UNINITIALIZED,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
 use std::cell::Cell;
@@ -117,6 +116,8 @@ pub struct KvmVcpu {
     tsc_deadline: bool,
     cpuid: Option<CpuId>,
     kicker: Arc<KvmKicker>,
+    /// The MSRs KVM saves and restores (KVM_GET_MSR_INDEX_LIST).
+    msr_list: Vec<u32>,
     /// The user-space IOAPIC/PIC: takes this vCPU's level-triggered EOIs.
     platform: Option<Arc<dyn PlatformIrq>>,
     /// The boot CPU takes the PIC's ExtINTs (its LINT0 is the PIC's INTR input).
@@ -128,6 +129,7 @@ impl KvmVcpu {
         fd: VcpuFd,
         supported_cpuid: CpuId,
         tsc_deadline: bool,
+        msr_list: Vec<u32>,
         platform: Option<Arc<dyn PlatformIrq>>,
         bsp: bool,
     ) -> Self {
@@ -136,6 +138,7 @@ impl KvmVcpu {
             supported_cpuid,
             tsc_deadline,
             cpuid: None,
+            msr_list,
             kicker: Arc::new(KvmKicker {
                 kicked: AtomicBool::new(false),
                 thread: Mutex::new(None),
@@ -309,41 +312,13 @@ impl Vcpu for KvmVcpu {
     }
 
     fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<()> {
-        let entries: Vec<kvm_msr_entry> = msrs
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let table = Msrs::from_entries(&entries)
-            .map_err(|_| Error::Unsupported("too many MSRs in one call".into()))?;
-        let written = self.fd.set_msrs(&table).map_err(kvm_err("KVM_SET_MSRS"))?;
-        if written != entries.len() {
-            return Err(Error::Unsupported(format!(
-                "KVM refused MSR {:#x}",
-                entries[written].index
-            )));
-        }
-        Ok(())
+        persist::write_msrs(&self.fd, msrs)
     }
 
     fn cpuid(&self) -> Result<Vec<CpuidEntry>> {
-        let table = self.cpuid.as_ref().unwrap_or(&self.supported_cpuid);
-        Ok(table
-            .as_slice()
-            .iter()
-            .map(|e| CpuidEntry {
-                function: e.function,
-                index: e.index,
-                significant_index: e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            })
-            .collect())
+        Ok(entries(
+            self.cpuid.as_ref().unwrap_or(&self.supported_cpuid),
+        ))
     }
 
     fn set_wait_for_sipi(&mut self) -> Result<()> {
@@ -404,4 +379,46 @@ impl Vcpu for KvmVcpu {
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
         self.kicker.clone()
     }
+
+    fn set_cpuid(&mut self, table: &[CpuidEntry]) -> Result<()> {
+        crate::check_cpuid_compatible(table, &entries(&self.supported_cpuid)).map_err(|e| {
+            Error::Unsupported(format!("KVM on this host cannot show this CPU: {e}"))
+        })?;
+        let kvm = persist::cpuid_to_kvm(table)?;
+        self.fd
+            .set_cpuid2(&kvm)
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        self.cpuid = Some(kvm);
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<VcpuState> {
+        let cpuid = self.cpuid()?;
+        let (regs, sregs) = (self.regs()?, self.sregs()?);
+        persist::save(&self.fd, &self.msr_list, cpuid, regs, sregs)
+    }
+
+    fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
+        self.set_cpuid(&state.cpuid)?;
+        self.set_sregs(&state.sregs)?;
+        self.set_regs(&state.regs)?;
+        persist::restore(&self.fd, state)
+    }
+}
+
+/// A KVM CPUID table as backend-neutral entries.
+pub(super) fn entries(table: &CpuId) -> Vec<CpuidEntry> {
+    table
+        .as_slice()
+        .iter()
+        .map(|e| CpuidEntry {
+            function: e.function,
+            index: e.index,
+            significant_index: e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect()
 }

@@ -10,6 +10,8 @@ use kvmbox_cpu::IrqLine;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub mod persist;
+
 /// Length of the PM block: PM1a_EVT (4) + PM1a_CNT (2, padded to 4) + PM_TMR (4).
 pub const PM_BLOCK_LEN: u64 = 12;
 /// Offset of PM1a_CNT within the block.

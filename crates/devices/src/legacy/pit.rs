@@ -19,6 +19,8 @@ use kvmbox_cpu::IrqLine;
 
 use crate::BusDevice;
 
+pub mod persist;
+
 /// Input clock of the 8254 on a PC, in Hz.
 pub const PIT_HZ: u64 = 1_193_182;
 /// First PIT port (channel 0 data); channels 1, 2 and the mode/command port follow.
@@ -222,14 +224,14 @@ fn bin_to_bcd(v: u32) -> u16 {
 }
 
 /// Access mode of a channel (control word bits 5-4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Access {
     Lsb,
     Msb,
     Word,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Channel {
     mode: u8,
     bcd: bool,

@@ -17,6 +17,8 @@ use kvmbox_cpu::IrqLine;
 use super::pit::{Clock, TimedDevice, TimerWaker};
 use crate::BusDevice;
 
+pub mod persist;
+
 /// The CMOS index port; the data port follows it.
 pub const RTC_PORT: u16 = 0x70;
 /// How many ports the RTC occupies at [`RTC_PORT`].

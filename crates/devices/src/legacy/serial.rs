@@ -6,6 +6,8 @@ use crate::BusDevice;
 use std::io::Write;
 use vm_superio::serial::NoEvents;
 
+pub mod persist;
+
 /// Number of ports a 16550 occupies.
 pub const SERIAL_PORTS: u64 = 8;
 

@@ -9,7 +9,7 @@ mod system;
 mod x87;
 
 pub use system::msr;
-pub(crate) use system::parse_descriptor;
+pub(crate) use system::{host_tsc, parse_descriptor};
 
 use crate::cpu::{gp0, ud, Cpu, Fault, R};
 use crate::mem;

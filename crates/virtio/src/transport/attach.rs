@@ -46,7 +46,7 @@ pub fn attach_pci(
 
 /// Put `dev` behind virtio-mmio at `base` (one [`MMIO_WINDOW_SIZE`] window) on `io`'s MMIO
 /// bus with edge interrupt `gsi`, notifications on ioeventfds where the backend has them.
-/// Returns the kernel command-line entry that announces it.
+/// Returns the kernel command-line entry that announces it, and the device.
 pub fn attach_mmio(
     io: &IoBus,
     vm: &dyn Vm,
@@ -54,7 +54,7 @@ pub fn attach_mmio(
     dev: Box<dyn VirtioDevice>,
     base: u64,
     gsi: u32,
-) -> Result<String> {
+) -> Result<(String, Arc<Mutex<MmioTransport>>)> {
     let t = Arc::new(Mutex::new(MmioTransport::new(
         dev,
         mem.clone(),
@@ -64,5 +64,5 @@ pub fn attach_mmio(
     t.lock()
         .unwrap_or_else(|e| e.into_inner())
         .register_ioevents(vm, base)?;
-    Ok(cmdline_arg(base, gsi))
+    Ok((cmdline_arg(base, gsi), t))
 }

@@ -13,6 +13,8 @@ use crate::{
     STATUS_FAILED, STATUS_FEATURES_OK,
 };
 
+pub mod persist;
+
 const F_RING_EVENT_IDX: u32 = crate::F_RING_EVENT_IDX;
 
 pub(crate) struct VirtioCommon {

@@ -12,6 +12,8 @@ use super::common::{signal_needs_reset, VirtioCommon};
 use crate::device::{VirtioDevice, VirtioInterrupt, VirtioInterruptType};
 use crate::Result;
 
+pub mod persist;
+
 /// Bytes of MMIO space one device occupies (registers + configuration space).
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 const MAGIC: u32 = 0x7472_6976; // "virt"

@@ -7,7 +7,10 @@ pub mod mmio;
 pub mod pci;
 
 pub use attach::{attach_mmio, attach_pci};
+pub use common::persist::VirtioState;
+pub use mmio::persist::MmioTransportState;
 pub use mmio::{cmdline_arg, MmioTransport, MMIO_WINDOW_SIZE};
+pub use pci::persist::VirtioPciState;
 pub use pci::VirtioPciDevice;
 
 #[cfg(test)]

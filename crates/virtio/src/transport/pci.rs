@@ -14,6 +14,8 @@ use super::common::{signal_needs_reset, VirtioCommon};
 use crate::device::{VirtioDevice, VirtioInterrupt, VirtioInterruptType};
 use crate::{Error, Result, TYPE_BLOCK, TYPE_NET};
 
+pub mod persist;
+
 /// PCI vendor ID of virtio devices.
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 /// Modern device IDs are this plus the virtio device type.

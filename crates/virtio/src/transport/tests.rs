@@ -24,16 +24,15 @@ const STATUS: u64 = 0x30_0000;
 
 struct Mmio {
     io: IoBus,
+    t: Arc<Mutex<MmioTransport>>,
 }
 
 impl Mmio {
     fn new(dev: Box<dyn VirtioDevice>, m: &GuestMemoryMmap, irq: Arc<TestIrq>) -> Self {
-        let t = MmioTransport::new(dev, m.clone(), irq).unwrap();
+        let t = Arc::new(Mutex::new(MmioTransport::new(dev, m.clone(), irq).unwrap()));
         let io = IoBus::default();
-        io.mmio
-            .insert(Arc::new(Mutex::new(t)), MMIO_BASE, 0x1000)
-            .unwrap();
-        Self { io }
+        io.mmio.insert(t.clone(), MMIO_BASE, 0x1000).unwrap();
+        Self { io, t }
     }
     fn r(&self, off: u64) -> u32 {
         let mut d = [0u8; 4];
@@ -640,7 +639,7 @@ fn kvm_attach_helpers_ioeventfds_and_msi_routes() {
         )
         .unwrap();
 
-    let arg = attach_mmio(&io, &vm, &m, blk(&img, false), MMIO_BASE, 5).unwrap();
+    let (arg, _t) = attach_mmio(&io, &vm, &m, blk(&img, false), MMIO_BASE, 5).unwrap();
     assert_eq!(arg, "virtio_mmio.device=4K@0xd0000000:5");
     let r = |off: u64| {
         let mut d = [0u8; 4];
@@ -871,4 +870,58 @@ fn random_pci_config_and_bar_traffic_is_harmless() {
         }
     }
     assert_eq!(p.cfg(0), 0x1042_1af4, "ECAM still answers");
+}
+
+#[test]
+fn mmio_block_state_moves_to_a_new_device_mid_stream() {
+    let m = mem();
+    let img = TempImage::new(1 << 20, |_| 0);
+    let irq = Arc::new(TestIrq::default());
+    let a = Mmio::new(blk(&img, false), &m, irq.clone());
+    let mut ring = Ring::new(&m, 0x1_0000, 16);
+    assert_eq!(a.init(ALL, &[(0, &ring)]), 15);
+    write_request(&m, &mut ring, 1, 0xa1);
+    a.w(0x50, 0);
+    assert!(wait_for(|| ring.used_idx(&m) == 1));
+
+    // Quiesce and save; a request the driver makes meanwhile waits for the new device.
+    let saved = {
+        let mut t = a.t.lock().unwrap();
+        t.quiesce();
+        t.save_state()
+    };
+    write_request(&m, &mut ring, 2, 0xb2);
+    a.w(0x50, 0);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(ring.used_idx(&m), 1, "a quiesced device takes no request");
+
+    // The same disk and memory behind a freshly built device: restore, resume.
+    let b = Mmio::new(blk(&img, false), &m, irq.clone());
+    {
+        let mut t = b.t.lock().unwrap();
+        t.restore_state(&saved).unwrap();
+        assert_eq!(t.save_state(), saved);
+        t.resume().unwrap();
+    }
+    assert_eq!(b.r(0x70), 15, "the driver's status survives");
+    assert!(
+        wait_for(|| ring.used_idx(&m) == 2),
+        "resume looks at the queue"
+    );
+    write_request(&m, &mut ring, 3, 0xc3);
+    b.w(0x50, 0);
+    assert!(wait_for(|| ring.used_idx(&m) == 3));
+    let f = img.read();
+    for (sector, byte) in [(1, 0xa1), (2, 0xb2), (3, 0xc3)] {
+        assert!(f[sector * 512..(sector + 1) * 512]
+            .iter()
+            .all(|&x| x == byte));
+    }
+    drop(a);
+
+    // A state from another device type is refused and changes nothing.
+    let r = Mmio::new(Box::new(crate::rng::Rng::new()), &m, irq);
+    let err = r.t.lock().unwrap().restore_state(&saved).unwrap_err();
+    assert!(err.to_string().contains("device type"), "{err}");
+    assert_eq!(r.r(0x70), 0);
 }

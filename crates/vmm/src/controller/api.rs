@@ -3,12 +3,13 @@
 
 use super::{to_api_error, Boot, Controller};
 use crate::config::{parse_disk_spec, FileConfig, Overrides, VmConfig};
+use crate::snapshot::SnapshotKind;
 use crate::state::Action;
 use crate::vm::Error;
 use kvmbox_api::types::*;
 use kvmbox_api::{ApiError, ApiReply, ApiRequest, ApiResult};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 type ApiRes<T> = std::result::Result<T, ApiError>;
 
@@ -113,6 +114,14 @@ impl PreBoot {
             o.kernel = Some(PathBuf::from(NO_KERNEL));
         }
         Ok(VmConfig::build(self.file.clone(), o)?)
+    }
+
+    /// The backend the flags, file or `PUT /machine-config` fixed (`None` for auto).
+    pub(super) fn fixed_accel(&self) -> Result<Option<kvmbox_cpu::Accel>, Error> {
+        Ok(match self.effective()?.accel {
+            crate::config::AccelChoice::Fixed(a) => Some(a),
+            crate::config::AccelChoice::Auto => None,
+        })
     }
 
     /// The configuration to boot.
@@ -572,13 +581,30 @@ impl Controller {
                         &format!("'{t}': expected Full or Diff"),
                     ));
                 }
-                Err(ApiError::bad_request(
-                    "PUT /snapshot/create: this kvmbox build cannot write snapshots yet",
-                ))
+                let kind = match s.snapshot_type.as_deref() {
+                    Some("Diff") => SnapshotKind::Diff,
+                    _ => SnapshotKind::Full,
+                };
+                let m = self.machine()?;
+                let cfg = self
+                    .running_cfg
+                    .as_ref()
+                    .ok_or_else(|| ApiError::internal("the VM has no configuration"))?;
+                crate::snapshot::create(
+                    m,
+                    cfg,
+                    Path::new(&s.snapshot_path),
+                    Path::new(&s.mem_file_path),
+                    kind,
+                )
+                .map_err(to_api_error)?;
+                self.extras
+                    .log(&format!("snapshot written to {}", s.snapshot_path));
+                Ok(ApiReply::Empty)
             }
             R::LoadSnapshot(s) => {
                 self.check(Action::LoadSnapshot)?;
-                match (&s.mem_file_path, &s.mem_backend) {
+                let mem = match (&s.mem_file_path, &s.mem_backend) {
                     (Some(_), Some(_)) => {
                         return Err(ApiError::bad_request(
                             "PUT /snapshot/load: give mem_backend or mem_file_path, not both",
@@ -589,11 +615,36 @@ impl Controller {
                             "PUT /snapshot/load: missing mem_backend (or mem_file_path)",
                         ))
                     }
-                    _ => {}
+                    (Some(p), None) => p.clone(),
+                    (None, Some(b)) if b.backend_type == "File" => b.backend_path.clone(),
+                    (None, Some(b)) => {
+                        return Err(refuse(
+                            "mem_backend.backend_type",
+                            &format!(
+                                "'{}': kvmbox loads guest memory from a File",
+                                b.backend_type
+                            ),
+                        ))
+                    }
+                };
+                if s.track_dirty_pages == Some(true) || s.enable_diff_snapshots == Some(true) {
+                    return Err(refuse(
+                        "track_dirty_pages",
+                        "this kvmbox tracks no dirty pages yet (Diff snapshots)",
+                    ));
                 }
-                Err(ApiError::bad_request(
-                    "PUT /snapshot/load: this kvmbox build cannot load snapshots yet",
-                ))
+                let accel = match &self.boot {
+                    Boot::Pending(pre) => pre.fixed_accel().map_err(to_api_error)?,
+                    Boot::Ready(_) => None,
+                };
+                self.restore(
+                    Path::new(&s.snapshot_path),
+                    Path::new(&mem),
+                    accel,
+                    s.resume_vm == Some(true),
+                )
+                .map_err(to_api_error)?;
+                Ok(ApiReply::Empty)
             }
         }
     }

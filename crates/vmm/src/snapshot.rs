@@ -1,0 +1,394 @@
+//! Snapshots of a whole VM: [`create`] saves a paused [`Machine`] to a state file and a
+//! memory file; [`load`] builds the same machine again from them, in a new process, on
+//! either backend. The state of each piece lives beside the piece (`persist.rs` files in the
+//! cpu, irqchip, devices, pci and virtio crates); this module only walks the machine and
+//! checks that a state fits before anything of it is used.
+
+use crate::config::{AccelChoice, CpuModel, OnReboot, VirtioTransport, VmConfig};
+use crate::machine::Machine;
+use crate::vm::Error;
+use kvmbox_cpu::{Accel, VcpuState};
+use kvmbox_devices::legacy::acpi_pm::persist::AcpiPmState;
+use kvmbox_devices::legacy::pit::persist::PitState;
+use kvmbox_devices::legacy::rtc::persist::RtcState;
+use kvmbox_devices::legacy::serial::persist::SerialPortState;
+use kvmbox_devices::VmControl;
+use kvmbox_irqchip::IrqChipState;
+use kvmbox_snapshot::PageFilter;
+use kvmbox_virtio::block::DiskConfig;
+use kvmbox_virtio::net::NetConfig;
+use kvmbox_virtio::transport::{MmioTransportState, VirtioPciState};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+type Result<T> = std::result::Result<T, Error>;
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn refuse(why: impl Into<String>) -> Error {
+    Error::Snapshot(why.into())
+}
+
+/// A virtio-blk disk as the snapshot names it: the image is reopened on restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedDisk {
+    /// The image (absolute where it could be resolved).
+    pub path: PathBuf,
+    /// Read-only.
+    pub read_only: bool,
+    /// GET_ID serial.
+    pub serial: Option<String>,
+    /// The format the user named (`None`: detected from the header at open, as at boot).
+    pub format: Option<kvmbox_block::Format>,
+    /// QEMU-compatible image locks taken.
+    pub lock: bool,
+}
+
+/// A virtio-net interface: the TAP is reopened on restore, with the MAC the guest saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedNet {
+    /// TAP device name.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// What the machine was built from: enough to build the same machine again (the kernel and
+/// firmware tables are in the memory file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedConfig {
+    /// The backend it ran on ("kvm" or "emu").
+    pub accel: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Started with `--cpu-model portable`.
+    pub portable: bool,
+    /// virtio over PCI (true) or MMIO.
+    pub virtio_pci: bool,
+    /// Disks, in order.
+    pub disks: Vec<SavedDisk>,
+    /// Network interfaces, in order.
+    pub nets: Vec<SavedNet>,
+    /// A virtio-rng device.
+    pub rng: bool,
+    /// `--on-reboot restart`.
+    pub restart_on_reboot: bool,
+    /// The kernel it booted (to boot again on a reset with `--on-reboot restart`).
+    pub kernel: PathBuf,
+    /// Its initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Its command line.
+    pub cmdline: String,
+}
+
+/// The whole machine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineState {
+    /// How to build it.
+    pub config: SavedConfig,
+    /// Every vCPU, by index.
+    pub vcpus: Vec<VcpuState>,
+    /// The VM-wide clock (KVM's kvmclock).
+    pub clock_ns: Option<u64>,
+    /// COM1.
+    pub serial: SerialPortState,
+    /// The CMOS RTC.
+    pub rtc: RtcState,
+    /// The ACPI PM block.
+    pub acpi_pm: AcpiPmState,
+    /// The user-space IOAPIC and PIC (both backends: KVM runs a split irqchip).
+    pub irqchip: Option<IrqChipState>,
+    /// The user-space PIT (both backends).
+    pub pit: Option<PitState>,
+    /// virtio-pci devices, in configuration order.
+    pub virtio_pci: Vec<VirtioPciState>,
+    /// virtio-mmio devices, in configuration order.
+    pub virtio_mmio: Vec<MmioTransportState>,
+}
+
+/// `snapshot_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// Every page of guest memory.
+    Full,
+    /// Only the pages written since the last snapshot.
+    Diff,
+}
+
+fn saved_config(cfg: &VmConfig, m: &Machine) -> SavedConfig {
+    let first_net = cfg.disks.len();
+    let nets = cfg
+        .nets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| SavedNet {
+            tap: n.tap.clone(),
+            mac: n.mac.unwrap_or_else(|| guest_mac(m, first_net + i)),
+        })
+        .collect();
+    SavedConfig {
+        accel: m.vm.name().to_string(),
+        cpus: cfg.cpus,
+        memory: cfg.memory,
+        portable: cfg.cpu_model == CpuModel::Portable,
+        virtio_pci: cfg.virtio == VirtioTransport::Pci,
+        disks: cfg
+            .disks
+            .iter()
+            .map(|d| SavedDisk {
+                path: absolute(&d.path),
+                read_only: d.read_only,
+                serial: d.serial.clone(),
+                format: d.format,
+                lock: d.lock,
+            })
+            .collect(),
+        nets,
+        rng: cfg.rng,
+        restart_on_reboot: cfg.on_reboot == OnReboot::Restart,
+        kernel: absolute(&cfg.kernel),
+        initrd: cfg.initrd.as_deref().map(absolute),
+        cmdline: cfg.cmdline.clone(),
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The MAC address virtio device `index` shows the guest (its config space, bytes 0-5).
+fn guest_mac(m: &Machine, index: usize) -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    if let Some(d) = m.virtio.pci.get(index) {
+        lock(d).read_device_config(0, &mut mac);
+    } else if let Some(d) = m.virtio.mmio.get(index) {
+        lock(d).read_device_config(0, &mut mac);
+    }
+    mac
+}
+
+impl SavedConfig {
+    /// The configuration that builds this machine again, on `accel` (the saved backend
+    /// unless the caller asks for the other one).
+    fn to_vm_config(&self, accel: Option<Accel>) -> Result<(VmConfig, Accel)> {
+        let saved: Accel = self
+            .accel
+            .parse()
+            .map_err(|e: String| refuse(format!("saved backend: {e}")))?;
+        let accel = accel.unwrap_or(saved);
+        let cfg = VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            cpus: self.cpus,
+            memory: self.memory,
+            accel: AccelChoice::Fixed(accel),
+            on_reboot: if self.restart_on_reboot {
+                OnReboot::Restart
+            } else {
+                OnReboot::Exit
+            },
+            pvh: true,
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskConfig {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    serial: d.serial.clone(),
+                    format: d.format,
+                    lock: d.lock,
+                })
+                .collect(),
+            nets: self
+                .nets
+                .iter()
+                .map(|n| NetConfig {
+                    tap: n.tap.clone(),
+                    mac: Some(n.mac),
+                })
+                .collect(),
+            rng: self.rng,
+            virtio: if self.virtio_pci {
+                VirtioTransport::Pci
+            } else {
+                VirtioTransport::Mmio
+            },
+            // Multiboot modules and the test device are for conformance kernels, which are not
+            // snapshotted: a restored machine has neither.
+            modules: Vec::new(),
+            testdev: false,
+            cpu_model: if self.portable {
+                CpuModel::Portable
+            } else {
+                CpuModel::Host
+            },
+        };
+        Ok((cfg, accel))
+    }
+}
+
+/// Stop every virtio device's worker (requests in hand finish), run `f`, start them again.
+fn with_devices_quiesced<T>(m: &Machine, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    for d in &m.virtio.pci {
+        lock(d).quiesce();
+    }
+    for d in &m.virtio.mmio {
+        lock(d).quiesce();
+    }
+    let r = f();
+    let mut resumed = Ok(());
+    for d in &m.virtio.pci {
+        resumed = resumed.and(lock(d).resume());
+    }
+    for d in &m.virtio.mmio {
+        resumed = resumed.and(lock(d).resume());
+    }
+    let v = r?;
+    resumed?;
+    Ok(v)
+}
+
+/// Save the paused machine `m` (built from `cfg`): guest memory to `mem_path`, then the state
+/// to `state_path` (written last and whole, so a crash leaves no state file that names
+/// half-written memory). The VM stays paused.
+pub fn create(
+    m: &Machine,
+    cfg: &VmConfig,
+    state_path: &Path,
+    mem_path: &Path,
+    kind: SnapshotKind,
+) -> Result<()> {
+    if kind == SnapshotKind::Diff {
+        return Err(refuse(
+            "snapshot_type Diff: this kvmbox tracks no dirty pages yet; take a Full snapshot",
+        ));
+    }
+    with_devices_quiesced(m, || {
+        let mut vcpus = Vec::with_capacity(m.vcpus.len());
+        for (i, v) in m.vcpus.iter().enumerate() {
+            let s = v
+                .run_on(|vcpu| vcpu.save_state())
+                .map_err(|e| Error::Host(format!("vCPU {i}: {e}")))??;
+            vcpus.push(s);
+        }
+        let state = MachineState {
+            config: saved_config(cfg, m),
+            vcpus,
+            clock_ns: m.vm.clock_ns()?,
+            serial: lock(&m.platform.serial).save_state(),
+            rtc: lock(&m.platform.rtc).save_state(),
+            acpi_pm: lock(&m.platform.acpi_pm).save_state(),
+            irqchip: Some(m.irq_platform.chip.save_state()),
+            pit: Some(lock(&m.irq_platform.pit).save_state()),
+            virtio_pci: m.virtio.pci.iter().map(|d| lock(d).save_state()).collect(),
+            virtio_mmio: m.virtio.mmio.iter().map(|d| lock(d).save_state()).collect(),
+        };
+        kvmbox_snapshot::write_memory(&m.mem, mem_path, PageFilter::Full)?;
+        kvmbox_snapshot::write_state(state_path, &state)?;
+        Ok(())
+    })
+}
+
+/// Check everything about `s` that can be checked before building anything.
+fn check(s: &MachineState) -> Result<()> {
+    let c = &s.config;
+    if c.cpus == 0 || s.vcpus.len() != c.cpus as usize {
+        return Err(refuse(format!(
+            "the state has {} vCPU states for {} vCPUs",
+            s.vcpus.len(),
+            c.cpus
+        )));
+    }
+    let devices = c.disks.len() + c.nets.len() + usize::from(c.rng);
+    let (pci, mmio) = (s.virtio_pci.len(), s.virtio_mmio.len());
+    if (c.virtio_pci && (pci, mmio) != (devices, 0))
+        || (!c.virtio_pci && (pci, mmio) != (0, devices))
+    {
+        return Err(refuse(format!(
+            "the state has {pci} virtio-pci and {mmio} virtio-mmio devices for {devices} configured"
+        )));
+    }
+    Ok(())
+}
+
+/// Build the machine saved in `state_path` / `mem_path` again, paused, every piece in its
+/// saved state, on `accel` (the saved backend when `None`). Everything is checked before the
+/// new machine runs a single instruction; on any error the new machine is torn down.
+pub fn load(
+    state_path: &Path,
+    mem_path: &Path,
+    accel: Option<Accel>,
+    control: &Arc<VmControl>,
+) -> Result<(Machine, VmConfig)> {
+    let s: MachineState = kvmbox_snapshot::read_state(state_path)?;
+    check(&s)?;
+    let (cfg, accel) = s.config.to_vm_config(accel)?;
+    let ranges: Vec<(vm_memory::GuestAddress, usize)> =
+        kvmbox_arch::layout::ram_regions(cfg.memory)
+            .into_iter()
+            .map(|(a, l)| (vm_memory::GuestAddress(a), l as usize))
+            .collect();
+    let mem = kvmbox_snapshot::map_memory(mem_path, &ranges)?;
+    let m = Machine::build_from(&cfg, accel, control, true, Some(mem))?;
+    match restore_into(&m, &s) {
+        Ok(()) => Ok((m, cfg)),
+        Err(e) => {
+            m.stop();
+            Err(e)
+        }
+    }
+}
+
+fn restore_into(m: &Machine, s: &MachineState) -> Result<()> {
+    // vCPUs first: a CPUID this backend cannot show is the likeliest refusal.
+    for (i, (v, st)) in m.vcpus.iter().zip(&s.vcpus).enumerate() {
+        let st = st.clone();
+        v.run_on(move |vcpu| vcpu.restore_state(&st))
+            .map_err(|e| Error::Host(format!("vCPU {i}: {e}")))?
+            .map_err(|e| refuse(format!("vCPU {i}: {e}")))?;
+    }
+    if let Some(ns) = s.clock_ns {
+        m.vm.set_clock_ns(ns)?;
+    }
+    fn dev(what: &'static str) -> impl Fn(String) -> Error {
+        move |e| refuse(format!("{what}: {e}"))
+    }
+    lock(&m.platform.serial)
+        .restore_state(&s.serial)
+        .map_err(dev("serial"))?;
+    lock(&m.platform.rtc)
+        .restore_state(&s.rtc)
+        .map_err(dev("RTC"))?;
+    lock(&m.platform.acpi_pm).restore_state(&s.acpi_pm);
+    let p = &m.irq_platform;
+    if let Some(chip) = &s.irqchip {
+        p.chip.restore_state(chip)?;
+    }
+    if let Some(pit) = &s.pit {
+        lock(&p.pit).restore_state(pit).map_err(dev("PIT"))?;
+    }
+    for (d, st) in m.virtio.pci.iter().zip(&s.virtio_pci) {
+        lock(d).restore_state(st)?;
+    }
+    if let Some(root) = &m.virtio.pci_root {
+        lock(root)
+            .remap_all()
+            .map_err(|e| refuse(format!("PCI BARs: {e}")))?;
+    }
+    for (d, st) in m.virtio.mmio.iter().zip(&s.virtio_mmio) {
+        lock(d).restore_state(st)?;
+    }
+    for d in &m.virtio.pci {
+        lock(d).resume()?;
+    }
+    for d in &m.virtio.mmio {
+        lock(d).resume()?;
+    }
+    Ok(())
+}
