@@ -6,6 +6,7 @@ mod control;
 mod sse;
 mod string;
 mod system;
+pub(crate) use system::host_tsc;
 mod x87;
 
 pub use system::msr;
