@@ -37,6 +37,8 @@ static int x2apic;
 static u64 lapic_base;
 static void (*com1_handler)(void);
 static u32 com1_gsi;
+static u64 com1_ioapic;
+static u32 com1_pin;
 
 static void lapic_write(u32 reg, u32 v)
 {
@@ -114,6 +116,8 @@ const char *irq_setup(void (*handler)(void))
 		return "com1-gsi-not-on-ioapic";
 	u32 pin = gsi - gsi_base;
 	com1_gsi = gsi;
+	com1_ioapic = ioapic;
+	com1_pin = pin;
 
 	/* The 8259s would also see IRQ 4 (and deliver it through LINT0 as ExtINT). */
 	outb(PIC1_DATA, 0xff);
@@ -180,4 +184,116 @@ int test_irq(const char *arg)
 	printk("KVMBOX-TEST irq vector=0x%x count=%u gsi=%u iir=0x%x cycles=%lu\n", VECTOR_COM1, n,
 	       com1_gsi, irq_first_iir & 0xff, t1 - t0);
 	return n == 0 || (irq_first_iir & IIR_ID_MASK) != IIR_THRE;
+}
+
+/* ------------------------------------------------------------ irqlevel and irqpic scenarios */
+
+#define REDIR_REMOTE_IRR (1u << 14)
+#define APIC_LVT0 0x350
+#define APIC_MODE_EXTINT (7u << 8)
+#define PIC1_CMD 0x20
+#define PIC2_CMD 0xa0
+#define PIC_EOI 0x20
+#define IRQ_ROUNDS 8
+
+static void count_thre_pic(void)
+{
+	count_thre();
+	outb(PIC1_CMD, PIC_EOI);
+}
+
+/*
+ * Re-arm COM1's transmitter-empty interrupt up to IRQ_ROUNDS times, each only after the
+ * previous interrupt was handled and EOIed, and wait up to 1 s for each. Returns how many
+ * rounds got their interrupt.
+ */
+static u32 rearm_rounds(void)
+{
+	u64 hz = tsc_hz();
+	irq_count = 0;
+	irq_first_iir = 0xffffffff;
+	outb(COM1_PORT + UART_MCR, MCR_DTR_RTS_OUT2);
+	u32 round;
+	for (round = 0; round < IRQ_ROUNDS; round++) {
+		u32 before = irq_count;
+		outb(COM1_PORT + UART_IER, 0);
+		outb(COM1_PORT + UART_IER, IER_THRE);
+		sti();
+		u64 t0 = rdtsc();
+		while (irq_count == before && rdtsc() - t0 < hz)
+			pause();
+		cli();
+		if (irq_count == before)
+			break;
+	}
+	outb(COM1_PORT + UART_IER, 0);
+	return round;
+}
+
+/*
+ * The level-triggered path: COM1's redirection entry switched to level-triggered, active
+ * high. Each interrupt sets the IOAPIC's remote IRR, which only the local APIC's EOI of the
+ * vector, broadcast back to the IOAPIC, clears; a lost EOI blocks every later interrupt of
+ * the pin. Passes when all rounds got their interrupt and remote IRR is clear at the end.
+ */
+int test_irqlevel(const char *arg)
+{
+	(void)arg;
+	const char *err = irq_setup(count_thre);
+	if (err) {
+		printk("KVMBOX-TEST irqlevel error=%s\n", err);
+		return 1;
+	}
+	u32 lo = ioapic_read(com1_ioapic, IOAPIC_REDIR(com1_pin));
+	lo = (lo & ~REDIR_ACTIVE_LOW) | REDIR_LEVEL;
+	ioapic_write(com1_ioapic, IOAPIC_REDIR(com1_pin), lo);
+	u32 rounds = rearm_rounds();
+	u32 redir = ioapic_read(com1_ioapic, IOAPIC_REDIR(com1_pin));
+	printk("KVMBOX-TEST irqlevel rounds=%u count=%u level=%u remote_irr=%u iir=0x%x\n", rounds,
+	       irq_count, (redir & REDIR_LEVEL) != 0, (redir & REDIR_REMOTE_IRR) != 0,
+	       irq_first_iir & 0xff);
+	return rounds != IRQ_ROUNDS || (redir & REDIR_REMOTE_IRR) ||
+	       (irq_first_iir & IIR_ID_MASK) != IIR_THRE;
+}
+
+/* arch/x86/kernel/i8259.c init_8259A(): master vectors from `base`, slave from base + 8. */
+static void pic_init(u8 base)
+{
+	outb(PIC1_CMD, 0x11);
+	outb(PIC1_DATA, base);
+	outb(PIC1_DATA, 1 << 2);
+	outb(PIC1_DATA, 0x01);
+	outb(PIC2_CMD, 0x11);
+	outb(PIC2_DATA, base + 8);
+	outb(PIC2_DATA, 2);
+	outb(PIC2_DATA, 0x01);
+}
+
+/*
+ * The 8259 path: COM1's IOAPIC pin masked, IRQ 4 unmasked at the master PIC (vectors from
+ * VECTOR_COM1 - 4), the local APIC's LINT0 set to ExtINT, so each interrupt reaches the CPU
+ * as an external interrupt whose vector comes from the PIC's acknowledge cycle (on KVM with a
+ * split irqchip: KVM_INTERRUPT into the in-kernel LAPIC). The handler sends the PIC a
+ * non-specific EOI; a lost one leaves IRQ 4 in service and blocks the next rounds.
+ */
+int test_irqpic(const char *arg)
+{
+	(void)arg;
+	const char *err = irq_setup(count_thre_pic);
+	if (err) {
+		printk("KVMBOX-TEST irqpic error=%s\n", err);
+		return 1;
+	}
+	ioapic_write(com1_ioapic, IOAPIC_REDIR(com1_pin), REDIR_MASKED);
+	pic_init(VECTOR_COM1 - COM1_ISA_IRQ);
+	outb(PIC1_DATA, (u8)~(1u << COM1_ISA_IRQ));
+	outb(PIC2_DATA, 0xff);
+	lapic_write(APIC_LVT0, APIC_MODE_EXTINT);
+	u32 rounds = rearm_rounds();
+	outb(PIC1_DATA, 0xff);
+	outb(PIC1_CMD, 0x0b); /* OCW3: read ISR */
+	u8 isr = inb(PIC1_CMD);
+	printk("KVMBOX-TEST irqpic rounds=%u count=%u vector=0x%x isr=0x%x iir=0x%x\n", rounds,
+	       irq_count, VECTOR_COM1, isr, irq_first_iir & 0xff);
+	return rounds != IRQ_ROUNDS || isr || (irq_first_iir & IIR_ID_MASK) != IIR_THRE;
 }

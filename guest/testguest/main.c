@@ -366,6 +366,8 @@ static const struct scenario scenarios[] = {
 	{"reboot", test_reboot, ARG_REBOOT_METHOD, 1},
 	{"triplefault", test_triplefault, ARG_NONE, 0},
 	{"irq", test_irq, ARG_NONE, 1},
+	{"irqlevel", test_irqlevel, ARG_NONE, 1},
+	{"irqpic", test_irqpic, ARG_NONE, 1},
 	{"blk", test_blk, ARG_RO, 0},
 	{"blkbench", test_blkbench, ARG_NUMBER, 0},
 	{"net", test_net, ARG_NUMBER, 0},

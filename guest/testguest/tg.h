@@ -145,6 +145,8 @@ void irq_com1_entry(void);     /* entry.S: saves registers, calls com1_interrupt
 void irq_spurious_entry(void); /* entry.S: iretq */
 void com1_interrupt(void);
 int test_irq(const char *arg);
+int test_irqlevel(const char *arg);
+int test_irqpic(const char *arg);
 
 /* shell.c */
 int test_shell(const char *arg);

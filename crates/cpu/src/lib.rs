@@ -122,6 +122,38 @@ pub trait MsiLine: Send + Sync {
     fn trigger(&self) -> std::io::Result<()>;
 }
 
+/// The interrupt controllers kvmbox models in user space for every backend: the IOAPIC and
+/// the 8259 pair (crate `kvmbox-irqchip`; on the software engine the same object also holds
+/// the local APICs). A backend whose local APICs live elsewhere (KVM's in-kernel ones with a
+/// split irqchip) gets devices' lines from it, hands it the EOIs of level-triggered vectors
+/// and takes the PIC's ExtINT vectors from it.
+pub trait PlatformIrq: Send + Sync {
+    /// An interrupt line to global system interrupt `gsi` (IOAPIC pin; 0-15 also reach the PIC).
+    fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>>;
+    /// A local APIC signalled the EOI of `vector` to the IOAPIC (a level-triggered vector the
+    /// IOAPIC delivered): clear its remote IRR and deliver again while the line is still high.
+    fn eoi(&self, vector: u8);
+    /// Whether the PIC's INTR output is raised (an ExtINT waits for the boot CPU).
+    fn extint_pending(&self) -> bool;
+    /// The interrupt-acknowledge cycle: the PIC's vector to inject now, if it still has one.
+    fn extint_ack(&self) -> Option<u8>;
+}
+
+/// Where a [`PlatformIrq`] sends what it delivers to local APICs that are not its own
+/// (implemented by a backend with its own LAPICs, e.g. KVM's split irqchip).
+pub trait LapicBus: Send + Sync {
+    /// Deliver the message an IOAPIC pin produced, in MSI form (`addr` 0xfeeX_XXXX, `data`
+    /// with vector, delivery mode, level-assert and trigger-mode bits).
+    fn send_msi(&self, addr: u64, data: u32);
+    /// The IOAPIC's redirection table changed: `routes[pin]` is the message pin `pin` sends,
+    /// in the same form (so the backend learns which vectors are level-triggered and must
+    /// report their EOIs).
+    fn set_ioapic_routes(&self, routes: &[(u64, u32)]);
+    /// The PIC's INTR output is raised: get the boot CPU to call
+    /// [`PlatformIrq::extint_ack`] when it can take an external interrupt.
+    fn extint_raised(&self);
+}
+
 /// Where a guest write can signal an eventfd without a trip through the VMM's bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoEventAddress {

@@ -5,8 +5,8 @@
 //! capabilities and vCPU limits, and then creates a throwaway VM ([`probe`]) that times a
 //! `dec rcx; jnz` loop in guest ring 0 and in guest ring 3. Every finding is one [`Check`].
 //!
-//! [`choose_accel`] is the cheap version of the same decision that `--accel auto` runs at every
-//! start (a few milliseconds).
+//! [`choose_accel`] is the cheap version of the same decision that `--accel auto` runs (a few
+//! milliseconds); [`choose_accel_cached`] keeps its answer for the rest of the host's boot.
 //!
 //! # The decision
 //! - KVM is *usable* when /dev/kvm opens read/write, reports API version 12, has every
@@ -20,8 +20,11 @@
 //! - [`Report::can_run_vms`] is true when KVM or the software engine is usable: `kvmbox doctor`
 //!   exits 0 then, non-zero otherwise. The report says which accelerator `auto` picks and why.
 
+pub mod accel_cache;
 pub mod host;
 pub mod probe;
+
+pub use accel_cache::choose_accel_cached;
 
 use std::time::Duration;
 
@@ -155,6 +158,7 @@ pub struct Capability {
 /// The capabilities kvmbox's KVM backend needs (true) or uses when present (false).
 const CAPABILITIES: &[(Cap, &str, bool)] = &[
     (Cap::Irqchip, "KVM_CAP_IRQCHIP", true),
+    (Cap::SplitIrqchip, "KVM_CAP_SPLIT_IRQCHIP", true),
     (Cap::Hlt, "KVM_CAP_HLT", true),
     (Cap::UserMemory, "KVM_CAP_USER_MEMORY", true),
     (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR", true),
@@ -163,8 +167,7 @@ const CAPABILITIES: &[(Cap, &str, bool)] = &[
     (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD", true),
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT", true),
     (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING", true),
-    (Cap::Pit2, "KVM_CAP_PIT2", false),
-    (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI", false),
+    (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI", true),
     (Cap::TscDeadlineTimer, "KVM_CAP_TSC_DEADLINE_TIMER", false),
     (Cap::MpState, "KVM_CAP_MP_STATE", false),
     (Cap::VcpuEvents, "KVM_CAP_VCPU_EVENTS", false),
@@ -417,20 +420,32 @@ fn pvm_loaded() -> bool {
 /// a short ring-0 loop against a ring-3 loop (a few ms). Never fails: any problem means `Emu`,
 /// with the problem as the reason.
 pub fn choose_accel() -> AccelChoice {
+    choose_accel_probed().0
+}
+
+/// [`choose_accel`], and whether the answer came from a completed timing probe (the answers
+/// worth keeping for the rest of the boot, see [`accel_cache`]).
+fn choose_accel_probed() -> (AccelChoice, bool) {
     let kvm = match Kvm::new() {
         Ok(k) => k,
         Err(e) => {
-            return emu(format!(
-                "cannot open {KVM_PATH} ({}): using the software engine",
-                std::io::Error::from_raw_os_error(e.errno())
-            ))
+            return (
+                emu(format!(
+                    "cannot open {KVM_PATH} ({}): using the software engine",
+                    std::io::Error::from_raw_os_error(e.errno())
+                )),
+                false,
+            )
         }
     };
     let api = kvm.get_api_version();
     if api != KVM_API_VERSION {
-        return emu(format!(
-            "KVM API version {api} (kvmbox needs {KVM_API_VERSION}): using the software engine"
-        ));
+        return (
+            emu(format!(
+                "KVM API version {api} (kvmbox needs {KVM_API_VERSION}): using the software engine"
+            )),
+            false,
+        );
     }
     let missing: Vec<&str> = CAPABILITIES
         .iter()
@@ -438,16 +453,25 @@ pub fn choose_accel() -> AccelChoice {
         .map(|&(_, name, _)| name)
         .collect();
     if !missing.is_empty() {
-        return emu(format!(
-            "KVM lacks {}: using the software engine",
-            missing.join(", ")
-        ));
+        return (
+            emu(format!(
+                "KVM lacks {}: using the software engine",
+                missing.join(", ")
+            )),
+            false,
+        );
     }
     match run_probe(&kvm, QUICK_RING0, QUICK_RING3) {
-        Ok(p) => accel_for_speed(&p, pvm_loaded(), host::cpu_info().has_hw_virt()),
-        Err(e) => emu(format!(
-            "KVM cannot run a test guest ({e}): using the software engine"
-        )),
+        Ok(p) => (
+            accel_for_speed(&p, pvm_loaded(), host::cpu_info().has_hw_virt()),
+            true,
+        ),
+        Err(e) => (
+            emu(format!(
+                "KVM cannot run a test guest ({e}): using the software engine"
+            )),
+            false,
+        ),
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kvmbox_cpu::{IrqLine, MsiLine, VcpuKicker};
+use kvmbox_cpu::{IrqLine, LapicBus, MsiLine, PlatformIrq, VcpuKicker};
 use kvmbox_devices::legacy::pit::Clock;
 use kvmbox_devices::{BusDevice, IoBus};
 
@@ -32,10 +32,17 @@ struct State {
     sources: [u64; IOAPIC_PINS],
     /// MSIs whose address was not an APIC message address.
     dropped_msis: u64,
+    /// Where messages go when the local APICs are not ours (KVM's in-kernel ones).
+    lapic_bus: Option<Arc<dyn LapicBus>>,
 }
 
 impl State {
     fn deliver(&mut self, msg: &IrqMessage, src: Option<usize>) {
+        if let Some(bus) = &self.lapic_bus {
+            let (addr, data) = msg.to_msi();
+            bus.send_msi(addr, data);
+            return;
+        }
         let n = self.lapics.len();
         let mut targets: Vec<usize> = match msg.shorthand {
             Shorthand::SelfOnly => src.into_iter().collect(),
@@ -61,14 +68,28 @@ impl State {
     fn run_action(&mut self, action: Option<Action>, src: usize) {
         match action {
             Some(Action::Ipi(m)) => self.deliver(&m, Some(src)),
-            Some(Action::Eoi(v)) => {
-                let mut out = Vec::new();
-                self.ioapic.eoi(v, &mut out);
-                for m in out {
-                    self.deliver(&m, None);
-                }
-            }
+            Some(Action::Eoi(v)) => self.ioapic_eoi(v),
             None => {}
+        }
+    }
+
+    /// Tell the LAPICs' owner what each IOAPIC pin sends (after a redirection-table write).
+    fn sync_ioapic_routes(&self) {
+        if let Some(bus) = &self.lapic_bus {
+            let routes: Vec<(u64, u32)> = (0..IOAPIC_PINS)
+                .filter_map(|pin| self.ioapic.pin_message(pin))
+                .map(|m| m.to_msi())
+                .collect();
+            bus.set_ioapic_routes(&routes);
+        }
+    }
+
+    /// An EOI of `vector` reached the IOAPIC: deliver what it sends again.
+    fn ioapic_eoi(&mut self, vector: u8) {
+        let mut out = Vec::new();
+        self.ioapic.eoi(vector, &mut out);
+        for m in out {
+            self.deliver(&m, None);
         }
     }
 
@@ -107,6 +128,10 @@ struct Shared {
     clock: Arc<dyn Clock>,
     tsc_hz: u64,
     next_source: AtomicU32,
+    /// With a [`LapicBus`]: tells it the PIC's INTR rose ...
+    extint: Option<Notifier>,
+    /// ... once per request, until the boot CPU acknowledges one.
+    extint_notified: AtomicBool,
 }
 
 impl Shared {
@@ -149,6 +174,13 @@ impl Shared {
                 {
                     notify.push(n);
                 }
+            }
+        }
+        if let Some(n) = &self.extint {
+            if !pic_intr {
+                self.extint_notified.store(false, Ordering::SeqCst);
+            } else if !self.extint_notified.swap(true, Ordering::SeqCst) {
+                notify.push(n.clone());
             }
         }
         notify
@@ -208,6 +240,29 @@ impl IrqChip {
         if tsc_hz == 0 {
             return Err(Error::TscHz);
         }
+        Ok(Self::build(vcpus, clock, tsc_hz, None))
+    }
+
+    /// The IOAPIC and PIC pair of a VM whose local APICs live elsewhere (KVM's in-kernel ones
+    /// with a split irqchip): IOAPIC messages go to `bus` as MSIs, redirection-table changes
+    /// as routes, and a raised PIC output as [`LapicBus::extint_raised`]; the boot CPU's
+    /// backend then takes the vector with [`PlatformIrq::extint_ack`] and hands EOIs back
+    /// with [`PlatformIrq::eoi`]. The same controller code and state as the engine's.
+    pub fn with_lapic_bus(clock: Arc<dyn Clock>, bus: Arc<dyn LapicBus>) -> Self {
+        // No LAPIC here reads the TSC rate.
+        Self::build(0, clock, 1, Some(bus))
+    }
+
+    fn build(
+        vcpus: u32,
+        clock: Arc<dyn Clock>,
+        tsc_hz: u64,
+        lapic_bus: Option<Arc<dyn LapicBus>>,
+    ) -> Self {
+        let extint: Option<Notifier> = lapic_bus.clone().map(|bus| {
+            let n: Notifier = Arc::new(move || bus.extint_raised());
+            n
+        });
         let lapics = (0..vcpus).map(|i| Lapic::new(i, i == 0, tsc_hz)).collect();
         let slots = (0..vcpus)
             .map(|_| Slot {
@@ -225,16 +280,19 @@ impl IrqChip {
                 pic: Pic::new(),
                 sources: [0; IOAPIC_PINS],
                 dropped_msis: 0,
+                lapic_bus,
             }),
             slots,
             clock,
             tsc_hz,
             next_source: AtomicU32::new(1),
+            extint,
+            extint_notified: AtomicBool::new(false),
         });
         let vcpus = (0..vcpus as usize)
             .map(|id| VcpuIrq { sh: sh.clone(), id })
             .collect();
-        Ok(Self { sh, vcpus })
+        Self { sh, vcpus }
     }
 
     /// The handle of vCPU `id`, borrowed.
@@ -683,6 +741,28 @@ impl MsiLine for ChipMsiLine {
     }
 }
 
+/// The chip as KVM's split irqchip uses it (see [`IrqChip::with_lapic_bus`]).
+impl PlatformIrq for IrqChip {
+    fn irq_line(&self, gsi: u32) -> kvmbox_cpu::Result<Arc<dyn IrqLine>> {
+        IrqChip::irq_line(self, gsi).map_err(|e| kvmbox_cpu::Error::Unsupported(e.to_string()))
+    }
+
+    fn eoi(&self, vector: u8) {
+        self.sh.with(|st| st.ioapic_eoi(vector));
+    }
+
+    fn extint_pending(&self) -> bool {
+        self.sh.lock().pic.intr()
+    }
+
+    fn extint_ack(&self) -> Option<u8> {
+        self.sh.with(|st| {
+            self.sh.extint_notified.store(false, Ordering::SeqCst);
+            st.pic.intr().then(|| st.pic.ack())
+        })
+    }
+}
+
 /// The 8259 pair on the port bus (0x20-0x21, 0xa0-0xa1, 0x4d0-0x4d1). Byte accesses only;
 /// wider reads return all ones, wider writes are dropped.
 pub struct PicDevice {
@@ -708,6 +788,9 @@ impl BusDevice for PicDevice {
     }
 }
 
+/// Offset of the IOAPIC's data window (IOWIN), through which redirection entries are written.
+const IOAPIC_WINDOW: u64 = 0x10;
+
 /// The IOAPIC on the MMIO bus.
 pub struct IoApicDevice {
     chip: IrqChip,
@@ -722,6 +805,9 @@ impl BusDevice for IoApicDevice {
         self.chip.sh.with(|st| {
             let mut out = Vec::new();
             st.ioapic.mmio_write(offset, data, &mut out);
+            if offset == IOAPIC_WINDOW {
+                st.sync_ioapic_routes();
+            }
             for m in out {
                 st.deliver(&m, None);
             }

@@ -55,6 +55,11 @@ impl IoApic {
         self.redir.get(pin).copied()
     }
 
+    /// The message pin `pin` sends when it fires, as its redirection entry says now.
+    pub fn pin_message(&self, pin: usize) -> Option<IrqMessage> {
+        self.entry(pin).map(Self::message)
+    }
+
     fn message(entry: u64) -> IrqMessage {
         IrqMessage {
             vector: (entry & 0xff) as u8,

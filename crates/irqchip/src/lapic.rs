@@ -138,6 +138,21 @@ impl DeliveryMode {
             _ => DeliveryMode::Reserved,
         }
     }
+
+    /// The encoding [`DeliveryMode::from_bits`] decodes, in bits 8-10.
+    pub fn bits(self) -> u32 {
+        let mode = match self {
+            DeliveryMode::Fixed => 0,
+            DeliveryMode::LowestPriority => 1,
+            DeliveryMode::Smi => 2,
+            DeliveryMode::Reserved => 3,
+            DeliveryMode::Nmi => 4,
+            DeliveryMode::Init => 5,
+            DeliveryMode::StartUp => 6,
+            DeliveryMode::ExtInt => 7,
+        };
+        mode << 8
+    }
 }
 
 /// ICR destination shorthand.
@@ -187,6 +202,20 @@ impl IrqMessage {
             level_triggered: false,
             assert: true,
         }
+    }
+
+    /// The message as an MSI address/data pair (8-bit destination in address bits 12-19,
+    /// logical mode in bit 2; data: vector, delivery mode, level assert (bit 14) and trigger
+    /// mode (bit 15)), the form a local APIC kept elsewhere (KVM's) accepts. Shorthands have
+    /// no MSI form; IOAPIC messages use none.
+    pub fn to_msi(&self) -> (u64, u32) {
+        let addr =
+            0xfee0_0000 | (u64::from(self.dest & 0xff) << 12) | (u64::from(self.logical) << 2);
+        let data = u32::from(self.vector)
+            | self.delivery.bits()
+            | (u32::from(self.assert) << 14)
+            | (u32::from(self.level_triggered) << 15);
+        (addr, data)
     }
 }
 

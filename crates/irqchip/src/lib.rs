@@ -108,3 +108,5 @@ pub fn is_irqchip_msr(msr: u32) -> bool {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_lapic_bus;

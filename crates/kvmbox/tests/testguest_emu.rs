@@ -96,6 +96,11 @@ fn serial_interrupt() {
 }
 
 #[test]
+fn level_triggered_and_pic_interrupts() {
+    same_on_both(1, "128M", "irqlevel,irqpic");
+}
+
+#[test]
 fn exceptions_are_reported_the_same() {
     let emu = run_testguest("emu", 1, "128M", "fault", &[]);
     assert_eq!(emu.status, Some(3), "fault scenario fails on purpose");

@@ -311,3 +311,26 @@ fn serial_interrupt_reaches_the_guest() {
         assert!(n >= 1, "no COM1 interrupt: {}", r.stdout);
     }
 }
+
+/// The split irqchip's two other paths into KVM's in-kernel local APICs. `irqlevel`: COM1's
+/// IOAPIC pin level-triggered, so each interrupt sets remote IRR in kvmbox's user-space IOAPIC
+/// and only the LAPIC's EOI (a KVM_EXIT_IOAPIC_EOI, known to KVM through the pin's MSI route)
+/// clears it; eight interrupts in a row need eight EOIs to come back. `irqpic`: the pin
+/// masked and IRQ 4 taken through the 8259 as ExtINT (KVM_INTERRUPT on the boot CPU), eight
+/// times, each ended by the PIC's EOI.
+#[test]
+fn level_triggered_eoi_and_extint_through_the_pic() {
+    if !kvm_or_skip("level_triggered_eoi_and_extint_through_the_pic") {
+        return;
+    }
+    for cpus in [1u32, 2] {
+        let r = run_testguest("kvm", cpus, "128M", "irqlevel,irqpic", &[]);
+        r.assert_guest_ok();
+        assert_eq!(r.get("irqlevel", "rounds"), "8", "{}", r.stdout);
+        assert_eq!(r.get("irqlevel", "level"), "1");
+        assert_eq!(r.get("irqlevel", "remote_irr"), "0");
+        assert_eq!(r.get("irqpic", "rounds"), "8", "{}", r.stdout);
+        assert_eq!(r.get("irqpic", "vector"), "0x24");
+        assert_eq!(r.get("irqpic", "isr"), "0x0");
+    }
+}

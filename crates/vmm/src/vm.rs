@@ -56,7 +56,7 @@ pub enum Error {
     /// A virtio device or its transport (a bad disk image or TAP, for instance).
     #[error("device setup: {0}")]
     Virtio(#[from] kvmbox_virtio::Error),
-    /// The software engine's interrupt controllers.
+    /// The interrupt controllers.
     #[error("device setup: {0}")]
     IrqChip(#[from] kvmbox_irqchip::Error),
     /// Host resources (threads, fds).
@@ -76,7 +76,7 @@ struct Session {
 pub fn run(cfg: &VmConfig) -> Result<i32> {
     let accel = match cfg.accel {
         AccelChoice::Fixed(a) => a,
-        AccelChoice::Auto => kvmbox_doctor::choose_accel().accel,
+        AccelChoice::Auto => kvmbox_doctor::choose_accel_cached().accel,
     };
     let session = Session {
         control: Arc::new(VmControl::new().map_err(|e| Error::Host(format!("eventfd: {e}")))?),
@@ -106,9 +106,13 @@ pub fn run(cfg: &VmConfig) -> Result<i32> {
     }
 }
 
-/// What the software engine needs beside its vCPUs (KVM has these in the kernel): the
-/// interrupt controllers' bus devices live on the bus; the PIT's timer thread lives here.
-struct EmuPlatform {
+/// The interrupt controllers and timer both backends share, one object each whatever runs the
+/// guest: kvmbox's IOAPIC and 8259 pair (`kvmbox-irqchip`, which on the software engine also
+/// holds the local APICs; on KVM those are the kernel's, reached through a split irqchip) and
+/// the PIT with its timer thread. Their bus devices live on the bus; the timer thread here.
+struct IrqPlatform {
+    /// Kept for the VM's lifetime (the bus and the backend hold clones too).
+    _chip: kvmbox_irqchip::IrqChip,
     _pit_timer: TimerThread,
 }
 
@@ -117,30 +121,21 @@ fn create_backend(
     mem: &kvmbox_cpu::GuestMemory,
     cpus: u32,
     io: &IoBus,
-) -> Result<(Box<dyn Vm>, Option<EmuPlatform>)> {
-    match accel {
-        Accel::Kvm => Ok((Box::new(kvmbox_cpu::kvm::KvmVm::new(mem)?), None)),
+) -> Result<(Box<dyn Vm>, IrqPlatform)> {
+    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
+    let (vm, chip): (Box<dyn Vm>, kvmbox_irqchip::IrqChip) = match accel {
+        Accel::Kvm => {
+            let vm = kvmbox_cpu::kvm::KvmVm::new(mem)?;
+            let chip = kvmbox_irqchip::IrqChip::with_lapic_bus(clock.clone(), vm.lapic_bus());
+            vm.set_platform_irq(Arc::new(chip.clone()))?;
+            (Box::new(vm), chip)
+        }
         Accel::Emu => {
             check_cpus(cpus, "emu", kvmbox_emu::MAX_VCPUS)?;
-            let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
             // The engine's RDTSC reads the host TSC: tell the guest its rate.
-            let chip = Arc::new(kvmbox_irqchip::IrqChip::new(
-                cpus,
-                clock.clone(),
-                host_tsc_hz(),
-            )?);
-            chip.attach(io)?;
-            let waker = Arc::new(TimerWaker::new());
-            let mut pit = Pit::new(Some(chip.irq_line(0)?), clock.clone());
-            pit.set_waker(waker.clone());
-            let pit = Arc::new(Mutex::new(pit));
-            io.pio
-                .insert(pit.clone(), u64::from(PIT_PORT), PIT_PORT_LEN)?;
-            io.pio.insert(pit.clone(), u64::from(SPEAKER_PORT), 1)?;
-            let pit_timer = TimerThread::spawn("pit", pit, clock, waker)
-                .map_err(|e| Error::Host(format!("cannot start the PIT timer thread: {e}")))?;
+            let chip = kvmbox_irqchip::IrqChip::new(cpus, clock.clone(), host_tsc_hz())?;
             let vm = kvmbox_emu::EmuVm::new(mem.clone());
-            vm.set_interrupt_controller(chip);
+            vm.set_interrupt_controller(Arc::new(chip.clone()));
             // kvm-clock, as Linux has it under KVM: it becomes the watchdog that verifies the
             // TSC, and it follows the host TSC as the TSC does, however late timer interrupts
             // arrive on a busy host (KVM offers it natively; see kvmbox_emu::pvclock).
@@ -155,14 +150,26 @@ fn create_backend(
                     ..Default::default()
                 }]);
             }
-            Ok((
-                Box::new(vm),
-                Some(EmuPlatform {
-                    _pit_timer: pit_timer,
-                }),
-            ))
+            (Box::new(vm), chip)
         }
-    }
+    };
+    chip.attach(io)?;
+    let waker = Arc::new(TimerWaker::new());
+    let mut pit = Pit::new(Some(chip.irq_line(0)?), clock.clone());
+    pit.set_waker(waker.clone());
+    let pit = Arc::new(Mutex::new(pit));
+    io.pio
+        .insert(pit.clone(), u64::from(PIT_PORT), PIT_PORT_LEN)?;
+    io.pio.insert(pit.clone(), u64::from(SPEAKER_PORT), 1)?;
+    let pit_timer = TimerThread::spawn("pit", pit, clock, waker)
+        .map_err(|e| Error::Host(format!("cannot start the PIT timer thread: {e}")))?;
+    Ok((
+        vm,
+        IrqPlatform {
+            _chip: chip,
+            _pit_timer: pit_timer,
+        },
+    ))
 }
 
 fn check_cpus(asked: u32, backend: &'static str, max: u32) -> Result<()> {
@@ -385,7 +392,7 @@ fn boot_once(cfg: &VmConfig, accel: Accel, session: &Session) -> Result<ExitRequ
     params.host_decompress = accel == Accel::Emu;
     let boot = kvmbox_arch::load(&mem, &params)?;
     let io = Arc::new(IoBus::default());
-    let (vm, emu_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
+    let (vm, irq_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
     check_cpus(cfg.cpus, vm.name(), vm.max_vcpus())?;
     let control = session.control.clone();
     let platform = add_legacy_devices(vm.as_ref(), &io, &control)?;
@@ -448,7 +455,7 @@ fn boot_once(cfg: &VmConfig, accel: Accel, session: &Session) -> Result<ExitRequ
         .unwrap_or_else(|e| e.into_inner()) = None;
     // Device threads stop before the backend (and its guest memory mappings) goes away.
     drop(platform);
-    drop(emu_platform);
+    drop(irq_platform);
     drop(vm);
     Ok(request)
 }

@@ -1,5 +1,6 @@
-//! The KVM backend: a [`KvmVm`] owns the VM fd, the in-kernel irqchip and PIT, the GSI routing
-//! table and the guest memory slots; each [`KvmVcpu`] owns one vCPU fd.
+//! The KVM backend: a [`KvmVm`] owns the VM fd (with a split irqchip: local APICs in the kernel,
+//! IOAPIC/PIC/PIT in user space), the GSI routing table and the guest memory slots; each
+//! [`KvmVcpu`] owns one vCPU fd.
 
 mod cpuid;
 mod regs;
@@ -7,14 +8,14 @@ mod vcpu;
 
 pub use vcpu::KvmVcpu;
 
-use crate::{Error, IoEventAddress, IrqLine, MsiLine, Result, Vcpu, Vm};
+use crate::{Error, IoEventAddress, IrqLine, LapicBus, MsiLine, PlatformIrq, Result, Vcpu, Vm};
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, KvmIrqRouting,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
-    KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_msi, kvm_userspace_memory_region, CpuId,
+    KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, NoDatamatch, VmFd};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,7 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 pub const KVM_API_VERSION: i32 = 12;
 /// Where KVM puts the three-page TSS region that VMX needs (just below the IOAPIC/BIOS area).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
-/// IOAPIC pins of the in-kernel IOAPIC.
+/// IOAPIC pins: GSIs 0-23 are routed as the user-space IOAPIC's messages (KVM reserves them
+/// with KVM_CAP_SPLIT_IRQCHIP so it knows which vectors are level-triggered).
 const IOAPIC_PINS: u32 = 24;
 
 fn kvm_err(op: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Error {
@@ -72,25 +74,34 @@ pub fn report_skip(test: &str, why: &str) {
 /// The capabilities without which kvmbox cannot run a PC guest on KVM.
 pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::SplitIrqchip, "KVM_CAP_SPLIT_IRQCHIP"),
     (Cap::Hlt, "KVM_CAP_HLT"),
     (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
     (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
     (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
     (Cap::Irqfd, "KVM_CAP_IRQFD"),
     (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
-    (Cap::Pit2, "KVM_CAP_PIT2"),
-    (Cap::PitState2, "KVM_CAP_PIT_STATE2"),
     (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
+    (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI"),
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
 ];
 
-/// A VM on /dev/kvm with an in-kernel LAPIC/IOAPIC/PIC and PIT.
+/// A VM on /dev/kvm with a split irqchip: the local APICs are KVM's, in the kernel; the IOAPIC,
+/// the 8259 pair and the PIT are kvmbox's user-space models (a [`PlatformIrq`] attached with
+/// [`KvmVm::set_platform_irq`]), the same ones the software engine uses.
+///
+/// Why not KVM's full in-kernel irqchip and PIT: creating them makes KVM wait for SRCU grace
+/// periods when memory slots are set (~4 ms here) and when the VM is destroyed (up to ~14 ms in
+/// `kvm_free_pit`), which is most of a tiny guest's run time; and with them the interrupt
+/// controllers' state would differ between the two engines.
 pub struct KvmVm {
     kvm: Kvm,
     fd: Arc<VmFd>,
     supported_cpuid: CpuId,
     routes: Arc<Mutex<Routes>>,
     max_vcpus: u32,
+    lapics: Arc<KvmLapics>,
+    platform: OnceLock<Arc<dyn PlatformIrq>>,
 }
 
 struct Routes {
@@ -99,8 +110,10 @@ struct Routes {
 }
 
 impl KvmVm {
-    /// Open /dev/kvm, check what kvmbox needs, create a VM with the in-kernel irqchip and PIT,
-    /// and map `mem` into it.
+    /// Open /dev/kvm, check what kvmbox needs, create a VM with in-kernel local APICs and a
+    /// user-space IOAPIC/PIC (KVM_CAP_SPLIT_IRQCHIP, 24 routes reserved for IOAPIC pins), and
+    /// map `mem` into it. Attach the user-space controllers with [`KvmVm::set_platform_irq`]
+    /// before creating vCPUs.
     pub fn new(mem: &GuestMemoryMmap) -> Result<Self> {
         let kvm = Kvm::new().map_err(|e| Error::Kvm {
             op: "open /dev/kvm",
@@ -122,13 +135,13 @@ impl KvmVm {
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
+        let mut split = kvm_enable_cap {
+            cap: KVM_CAP_SPLIT_IRQCHIP,
             ..Default::default()
         };
-        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        split.args[0] = u64::from(IOAPIC_PINS);
+        fd.enable_cap(&split)
+            .map_err(kvm_err("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
 
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
@@ -149,18 +162,45 @@ impl KvmVm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let max_vcpus = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
-        let vm = KvmVm {
+        let fd = Arc::new(fd);
+        // KVM starts with an empty routing table; ours is committed when it first changes.
+        let routes = Arc::new(Mutex::new(Routes {
+            table: (0..IOAPIC_PINS).map(|pin| msi_route(pin, 0, 0)).collect(),
+            next_gsi: IOAPIC_PINS,
+        }));
+        Ok(KvmVm {
             kvm,
-            fd: Arc::new(fd),
+            lapics: Arc::new(KvmLapics {
+                vm: fd.clone(),
+                routes: routes.clone(),
+                bsp: OnceLock::new(),
+                failed: AtomicU64::new(0),
+            }),
+            fd,
             supported_cpuid,
-            routes: Arc::new(Mutex::new(Routes {
-                table: default_routes(),
-                next_gsi: IOAPIC_PINS,
-            })),
+            routes,
             max_vcpus,
-        };
-        commit_routes(&vm.fd, &vm.routes.lock().unwrap_or_else(|e| e.into_inner()))?;
-        Ok(vm)
+            platform: OnceLock::new(),
+        })
+    }
+
+    /// Where the user-space IOAPIC and PIC deliver to this VM's in-kernel local APICs.
+    pub fn lapic_bus(&self) -> Arc<dyn LapicBus> {
+        self.lapics.clone()
+    }
+
+    /// Attach the user-space IOAPIC/PIC that devices' lines reach ([`Vm::irq_line`]), that
+    /// takes level-triggered EOIs and that supplies ExtINT vectors to the boot CPU. Call once,
+    /// before creating vCPUs; a second call is refused.
+    pub fn set_platform_irq(&self, irq: Arc<dyn PlatformIrq>) -> Result<()> {
+        self.platform
+            .set(irq)
+            .map_err(|_| Error::Unsupported("the interrupt controller is already attached".into()))
+    }
+
+    /// How many interrupt messages or routing updates KVM refused so far.
+    pub fn failed_interrupts(&self) -> u64 {
+        self.lapics.failed.load(Ordering::Relaxed)
     }
 
     /// An eventfd that injects GSI `gsi` when written (KVM_IRQFD).
@@ -199,41 +239,76 @@ fn commit_routes(fd: &VmFd, routes: &Routes) -> Result<()> {
         .map_err(kvm_err("KVM_SET_GSI_ROUTING"))
 }
 
-fn irqchip_route(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
+/// GSI `gsi` routed as the MSI `data` written to `addr`.
+fn msi_route(gsi: u32, addr: u64, data: u32) -> kvm_irq_routing_entry {
     let mut e = kvm_irq_routing_entry {
         gsi,
-        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        type_: KVM_IRQ_ROUTING_MSI,
         ..Default::default()
     };
-    e.u.irqchip.irqchip = chip;
-    e.u.irqchip.pin = pin;
+    e.u.msi.address_lo = addr as u32;
+    e.u.msi.address_hi = (addr >> 32) as u32;
+    e.u.msi.data = data;
     e
 }
 
-/// The routing a PC has, as QEMU sets it up: ISA IRQs 0-15 go to both PICs (except the
-/// cascade, 2) and to the IOAPIC, with IRQ 0 (PIT) on IOAPIC pin 2 to match the MADT's
-/// interrupt source override; GSIs 16-23 only to the IOAPIC.
-fn default_routes() -> Vec<kvm_irq_routing_entry> {
-    let mut t = Vec::new();
-    for i in 0..16 {
-        if i == 2 {
-            continue;
-        }
-        let chip = if i < 8 {
-            KVM_IRQCHIP_PIC_MASTER
-        } else {
-            KVM_IRQCHIP_PIC_SLAVE
+/// Set the message of MSI route `gsi` in `routes`; true when it changed (and needs a commit).
+fn update_msi_route(routes: &mut Routes, gsi: u32, addr: u64, data: u32) -> bool {
+    let Some(entry) = routes.table.iter_mut().find(|e| e.gsi == gsi) else {
+        return false;
+    };
+    let new = msi_route(gsi, addr, data);
+    // SAFETY: every entry of this table is made by `msi_route`, as KVM_IRQ_ROUTING_MSI, so
+    // `msi` is the live union field of both.
+    let (old, want) = unsafe { (entry.u.msi, new.u.msi) };
+    if (old.address_lo, old.address_hi, old.data) == (want.address_lo, want.address_hi, want.data) {
+        return false;
+    }
+    *entry = new;
+    true
+}
+
+/// The in-kernel local APICs as the user-space IOAPIC and PIC see them.
+struct KvmLapics {
+    vm: Arc<VmFd>,
+    routes: Arc<Mutex<Routes>>,
+    /// The boot CPU's kicker, for ExtINT (set when vCPU 0 is created).
+    bsp: OnceLock<Arc<vcpu::KvmKicker>>,
+    /// KVM_SIGNAL_MSI or KVM_SET_GSI_ROUTING calls KVM refused.
+    failed: AtomicU64,
+}
+
+impl LapicBus for KvmLapics {
+    fn send_msi(&self, addr: u64, data: u32) {
+        let msi = kvm_msi {
+            address_lo: addr as u32,
+            address_hi: (addr >> 32) as u32,
+            data,
+            ..Default::default()
         };
-        t.push(irqchip_route(i, chip, i % 8));
-    }
-    for i in 0..IOAPIC_PINS {
-        match i {
-            0 => t.push(irqchip_route(0, KVM_IRQCHIP_IOAPIC, 2)),
-            2 => {}
-            _ => t.push(irqchip_route(i, KVM_IRQCHIP_IOAPIC, i)),
+        if self.vm.signal_msi(msi).is_err() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
         }
     }
-    t
+
+    fn set_ioapic_routes(&self, pins: &[(u64, u32)]) {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed = false;
+        for (pin, &(addr, data)) in (0..IOAPIC_PINS).zip(pins) {
+            changed |= update_msi_route(&mut routes, pin, addr, data);
+        }
+        // A refused commit leaves KVM with the previous table: EOIs of a re-programmed
+        // level-triggered pin may then not come back (the guest sees a stuck line), counted.
+        if changed && commit_routes(&self.vm, &routes).is_err() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn extint_raised(&self) {
+        if let Some(k) = self.bsp.get() {
+            k.nudge();
+        }
+    }
 }
 
 impl Vm for KvmVm {
@@ -246,25 +321,27 @@ impl Vm for KvmVm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        Ok(Box::new(KvmVcpu::new(
+        let vcpu = KvmVcpu::new(
             fd,
             self.supported_cpuid.clone(),
             self.kvm.check_extension(Cap::TscDeadlineTimer),
-        )))
+            self.platform.get().cloned(),
+            id == 0,
+        );
+        if id == 0 {
+            // KVM refuses a second vCPU 0, so this is set once per VM.
+            let _ = self.lapics.bsp.set(vcpu.kick_handle());
+        }
+        Ok(Box::new(vcpu))
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>> {
-        if gsi >= IOAPIC_PINS {
-            return Err(Error::Unsupported(format!(
-                "GSI {gsi} is not an IOAPIC pin (0..{IOAPIC_PINS})"
-            )));
+        match self.platform.get() {
+            Some(p) => p.irq_line(gsi),
+            None => Err(Error::Unsupported(format!(
+                "no user-space interrupt controller is attached for GSI {gsi} (KvmVm::set_platform_irq)"
+            ))),
         }
-        let evt = self.irqfd(gsi)?;
-        Ok(Arc::new(KvmIrqLine {
-            vm: self.fd.clone(),
-            gsi,
-            evt,
-        }))
     }
 
     fn msi_line(&self) -> Result<Arc<dyn MsiLine>> {
@@ -278,11 +355,7 @@ impl Vm for KvmVm {
         }
         // Until the guest programs it, the message is all zeroes: not an APIC message
         // address, so KVM drops it.
-        routes.table.push(kvm_irq_routing_entry {
-            gsi,
-            type_: KVM_IRQ_ROUTING_MSI,
-            ..Default::default()
-        });
+        routes.table.push(msi_route(gsi, 0, 0));
         commit_routes(&self.fd, &routes)?;
         routes.next_gsi += 1;
         let evt = self.irqfd(gsi)?;
@@ -316,23 +389,6 @@ impl Vm for KvmVm {
     }
 }
 
-struct KvmIrqLine {
-    vm: Arc<VmFd>,
-    gsi: u32,
-    evt: EventFd,
-}
-
-impl IrqLine for KvmIrqLine {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.evt.write(1)
-    }
-    fn set_level(&self, high: bool) -> std::io::Result<()> {
-        self.vm
-            .set_irq_line(self.gsi, high)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
-    }
-}
-
 struct KvmMsiLine {
     vm: Arc<VmFd>,
     routes: Arc<Mutex<Routes>>,
@@ -343,22 +399,9 @@ struct KvmMsiLine {
 impl MsiLine for KvmMsiLine {
     fn set_message(&self, addr: u64, data: u32) -> std::io::Result<()> {
         let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = routes
-            .table
-            .iter_mut()
-            .find(|e| e.gsi == self.gsi)
-            .ok_or_else(|| std::io::Error::other("MSI route vanished"))?;
-        // SAFETY: this entry was created as KVM_IRQ_ROUTING_MSI, so `msi` is the live union field.
-        let msi = unsafe { &mut entry.u.msi };
-        if msi.address_lo == addr as u32
-            && msi.address_hi == (addr >> 32) as u32
-            && msi.data == data
-        {
+        if !update_msi_route(&mut routes, self.gsi, addr, data) {
             return Ok(());
         }
-        msi.address_lo = addr as u32;
-        msi.address_hi = (addr >> 32) as u32;
-        msi.data = data;
         commit_routes(&self.vm, &routes).map_err(std::io::Error::other)
     }
 

@@ -3,16 +3,19 @@
 use super::regs::{regs_from_kvm, regs_to_kvm, sregs_from_kvm, sregs_into_kvm};
 use super::{cpuid, kvm_err};
 use crate::{
-    CpuidEntry, Error, IoHandler, Regs, Result, SpecialRegs, Vcpu, VcpuConfig, VcpuExit, VcpuKicker,
+    CpuidEntry, Error, IoHandler, PlatformIrq, Regs, Result, SpecialRegs, Vcpu, VcpuConfig,
+    VcpuExit, VcpuKicker,
 };
 use kvm_bindings::{
-    kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_run, CpuId, Msrs, KVM_MP_STATE_UNINITIALIZED,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_interrupt, kvm_mp_state, kvm_msr_entry, kvm_run, CpuId, Msrs,
+    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Once};
+use vmm_sys_util::ioctl::ioctl_with_ref;
 
 // MSRs set at boot, as Firecracker and Cloud Hypervisor do.
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -44,6 +47,10 @@ thread_local! {
 
 static SIGNAL_SETUP: Once = Once::new();
 
+// KVM_INTERRUPT (kvm-ioctls has no wrapper): with a split irqchip it queues an ExtINT vector
+// for the in-kernel local APIC.
+vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, kvm_bindings::KVMIO, 0x86, kvm_interrupt);
+
 /// The signal that interrupts KVM_RUN.
 fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
@@ -68,22 +75,31 @@ fn install_kick_handler() -> Result<()> {
     result
 }
 
-struct KvmKicker {
+pub(super) struct KvmKicker {
     kicked: AtomicBool,
     /// pthread_t of the thread running this vCPU (0 until it first runs).
     thread: AtomicU64,
 }
 
-impl VcpuKicker for KvmKicker {
-    fn kick(&self) {
-        self.kicked.store(true, Ordering::SeqCst);
+impl KvmKicker {
+    /// Get the vCPU out of KVM_RUN (or keep it from entering) without ending
+    /// [`Vcpu::run`]: it looks at pending ExtINTs and enters the guest again.
+    pub(super) fn nudge(&self) {
         let t = self.thread.load(Ordering::SeqCst);
         if t != 0 {
             // SAFETY: `t` is the pthread_t of a vCPU thread, recorded by that thread itself;
-            // the VMM joins vCPU threads only after it stops kicking them. The signal has a
-            // handler installed (install_kick_handler), so it cannot kill the process.
+            // the VMM joins vCPU threads only after it stops kicking them, and the VM (whose
+            // interrupt controller nudges) goes away after them. The signal has a handler
+            // installed (install_kick_handler), so it cannot kill the process.
             unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
         }
+    }
+}
+
+impl VcpuKicker for KvmKicker {
+    fn kick(&self) {
+        self.kicked.store(true, Ordering::SeqCst);
+        self.nudge();
     }
 }
 
@@ -94,10 +110,20 @@ pub struct KvmVcpu {
     tsc_deadline: bool,
     cpuid: Option<CpuId>,
     kicker: Arc<KvmKicker>,
+    /// The user-space IOAPIC/PIC: takes this vCPU's level-triggered EOIs.
+    platform: Option<Arc<dyn PlatformIrq>>,
+    /// The boot CPU takes the PIC's ExtINTs (its LINT0 is the PIC's INTR input).
+    bsp: bool,
 }
 
 impl KvmVcpu {
-    pub(super) fn new(fd: VcpuFd, supported_cpuid: CpuId, tsc_deadline: bool) -> Self {
+    pub(super) fn new(
+        fd: VcpuFd,
+        supported_cpuid: CpuId,
+        tsc_deadline: bool,
+        platform: Option<Arc<dyn PlatformIrq>>,
+        bsp: bool,
+    ) -> Self {
         Self {
             fd,
             supported_cpuid,
@@ -107,7 +133,41 @@ impl KvmVcpu {
                 kicked: AtomicBool::new(false),
                 thread: AtomicU64::new(0),
             }),
+            platform,
+            bsp,
         }
+    }
+
+    pub(super) fn kick_handle(&self) -> Arc<KvmKicker> {
+        self.kicker.clone()
+    }
+
+    /// Before entering the guest on the boot CPU: inject the PIC's pending ExtINT when KVM
+    /// says the vCPU can take one (IF set, no interrupt shadow, LINT0 accepts it, none
+    /// queued), and otherwise ask KVM to exit as soon as it can (as QEMU does with
+    /// kernel-irqchip=split).
+    fn inject_extint(&mut self) -> Result<()> {
+        let Some(pic) = self.platform.as_ref().filter(|_| self.bsp) else {
+            return Ok(());
+        };
+        let run = self.fd.get_kvm_run();
+        let mut pending = pic.extint_pending();
+        if pending && run.ready_for_interrupt_injection != 0 && run.if_flag != 0 {
+            if let Some(vector) = pic.extint_ack() {
+                let irq = kvm_interrupt {
+                    irq: u32::from(vector),
+                };
+                // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the pointer, which is a
+                // live local of the right type; the fd is this vCPU's.
+                let ret = unsafe { ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq) };
+                if ret < 0 {
+                    return Err(kvm_err("KVM_INTERRUPT")(vmm_sys_util::errno::Error::last()));
+                }
+            }
+            pending = pic.extint_pending();
+        }
+        self.fd.get_kvm_run().request_interrupt_window = u8::from(pending);
+        Ok(())
     }
 
     /// The vCPU fd, for KVM-specific state (snapshots).
@@ -131,7 +191,12 @@ impl KvmVcpu {
         self.fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))
     }
 
-    fn handle(exit: KvmExit<'_>, io: &dyn IoHandler, io_size: usize) -> Result<Option<VcpuExit>> {
+    fn handle(
+        exit: KvmExit<'_>,
+        io: &dyn IoHandler,
+        io_size: usize,
+        platform: Option<&Arc<dyn PlatformIrq>>,
+    ) -> Result<Option<VcpuExit>> {
         match exit {
             KvmExit::IoIn(port, data) => {
                 for chunk in data.chunks_mut(io_size.max(1)) {
@@ -151,6 +216,12 @@ impl KvmVcpu {
             }
             KvmExit::MmioWrite(addr, data) => {
                 io.mmio_write(addr, data);
+                Ok(None)
+            }
+            KvmExit::IoapicEoi(vector) => {
+                if let Some(p) = platform {
+                    p.eoi(vector);
+                }
                 Ok(None)
             }
             KvmExit::Hlt => Ok(Some(VcpuExit::Halted)),
@@ -288,12 +359,16 @@ impl Vcpu for KvmVcpu {
                 self.fd.set_kvm_immediate_exit(0);
                 break Ok(VcpuExit::Kicked);
             }
+            if let Err(e) = self.inject_extint() {
+                break Err(e);
+            }
+            let platform = self.platform.clone();
             let outcome = match self.fd.run() {
                 Ok(exit) => {
                     // SAFETY: `page` is this vCPU's kvm_run mapping; after an I/O exit the
                     // kernel has filled `io`, whose size field we read to split string I/O.
                     let io_size = unsafe { usize::from((*page).__bindgen_anon_1.io.size) };
-                    Self::handle(exit, io, io_size)
+                    Self::handle(exit, io, io_size, platform.as_ref())
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     Ok(Some(VcpuExit::Kicked))
@@ -303,9 +378,12 @@ impl Vcpu for KvmVcpu {
             match outcome {
                 Ok(None) => continue,
                 Ok(Some(VcpuExit::Kicked)) => {
+                    // A signal got us out: a kick ends this run; a nudge (an ExtINT for the
+                    // boot CPU) only needs the injection check at the top of the loop.
                     self.fd.set_kvm_immediate_exit(0);
-                    self.kicker.kicked.store(false, Ordering::SeqCst);
-                    break Ok(VcpuExit::Kicked);
+                    if self.kicker.kicked.swap(false, Ordering::SeqCst) {
+                        break Ok(VcpuExit::Kicked);
+                    }
                 }
                 Ok(Some(exit)) => break Ok(exit),
                 Err(e) => break Err(e),

@@ -624,6 +624,9 @@ fn kvm_attach_helpers_ioeventfds_and_msi_routes() {
     use super::{attach_mmio, attach_pci};
     let m = mem();
     let vm = kvmbox_cpu::kvm::KvmVm::new(&m).expect("KVM VM (needs /dev/kvm)");
+    let clock = Arc::new(kvmbox_devices::legacy::pit::HostClock::new());
+    let chip = kvmbox_irqchip::IrqChip::with_lapic_bus(clock, vm.lapic_bus());
+    vm.set_platform_irq(Arc::new(chip)).unwrap();
     let img = TempImage::new(1 << 20, |_| 0);
     let io = Arc::new(IoBus::default());
     let root = Arc::new(Mutex::new(PciRoot::new(Arc::downgrade(&io))));
