@@ -479,17 +479,7 @@ fn cpuid_overrides_and_msr_handler_reach_the_guest() {
         ecx: 25_000_000,
         ..Default::default()
     }]);
-    let mut v = vm.create_emu_vcpu(0).unwrap();
-    v.configure(&kvmbox_cpu::VcpuConfig { id: 0, count: 1 })
-        .unwrap();
-    v.set_sregs(&long_sregs()).unwrap();
-    v.set_regs(&kvmbox_cpu::Regs {
-        rip: CODE,
-        rsp: KSTACK,
-        rflags: 2,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut v = long_vcpu(&vm);
     let io = Recorder::default();
     assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
     assert_eq!(io.writes(0xe9), vec![1, 0x15, 0x77, 13]);
@@ -543,17 +533,7 @@ fn kvm_clock_through_cpuid_and_msrs() {
     let hz = 2_000_000_000;
     vm.enable_kvm_clock(hz, true);
     let clock = vm.kvm_clock().unwrap();
-    let mut v = vm.create_emu_vcpu(0).unwrap();
-    v.configure(&kvmbox_cpu::VcpuConfig { id: 0, count: 1 })
-        .unwrap();
-    v.set_sregs(&long_sregs()).unwrap();
-    v.set_regs(&kvmbox_cpu::Regs {
-        rip: CODE,
-        rsp: KSTACK,
-        rflags: 2,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut v = long_vcpu(&vm);
     let io = Recorder::default();
     assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
     assert_eq!(
