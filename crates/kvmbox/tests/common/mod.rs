@@ -147,7 +147,9 @@ fn split_words(s: &str) -> Vec<String> {
 /// more (one engine thread per busy vCPU), and the clock tests compare guest and host time:
 /// such runs take the CPU [`CpuLease::exclusive`]ly and so run one at a time. Short guest runs
 /// (the test guest, ~1 s; kvmbox's error paths) take it [`CpuLease::shared`]: many at once,
-/// but never beside an exclusive holder. Timeouts start once the lease is held.
+/// but never beside an exclusive holder. Timeouts start once the lease is held. A test that
+/// holds an exclusive lease must not call [`run_kvmbox`] or [`Interactive::testguest`] (their
+/// shared lease would wait for it forever: flock locks of one process conflict too).
 pub struct CpuLease {
     _file: std::fs::File,
 }
