@@ -127,6 +127,8 @@ pub struct Cpu {
     pub(crate) cpuid_overrides: Vec<kvmbox_cpu::CpuidEntry>,
     /// Handler for MSRs the engine does not implement.
     pub(crate) msr_hook: Option<Arc<dyn crate::irq::MsrHandler>>,
+    /// The VM's kvm-clock, when the engine offers it.
+    pub(crate) kvm_clock: Option<crate::pvclock::KvmClock>,
 }
 
 // SAFETY: `io` is only set for the duration of `Cpu::with_io`, on the thread that owns the
@@ -151,9 +153,10 @@ impl Cpu {
             wait_sipi: false,
             nmi_blocked: false,
             dcache: vec![empty_decoded(); DCACHE_SIZE + 1],
-            cpuid: crate::cpuid::build(id, 1, false, &[]),
+            cpuid: crate::cpuid::build(id, 1, false, false, &[]),
             cpuid_overrides: Vec::new(),
             msr_hook: None,
+            kvm_clock: None,
         }
     }
 

@@ -36,10 +36,22 @@ const E1_EDX: u32 = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29);
 const E1_ECX: u32 = 1;
 
 /// Build the CPUID table for vCPU `id` of `count`; `apic` says whether an interrupt
-/// controller (local APIC) is attached. `overrides` replace or add entries (matched by leaf
-/// and, when significant, subleaf); the maximum-leaf values follow the entries present.
-pub fn build(id: u32, count: u32, apic: bool, overrides: &[CpuidEntry]) -> Vec<CpuidEntry> {
+/// controller (local APIC) is attached, `kvm_clock` whether the engine offers kvm-clock
+/// (then leaves 0x4000_0000/1 are KVM's, see [`crate::pvclock`]). `overrides` replace or add
+/// entries (matched by leaf and, when significant, subleaf); the maximum-leaf values follow
+/// the entries present.
+pub fn build(
+    id: u32,
+    count: u32,
+    apic: bool,
+    kvm_clock: bool,
+    overrides: &[CpuidEntry],
+) -> Vec<CpuidEntry> {
     let mut t = base_table(id, count, apic);
+    if kvm_clock {
+        t.retain(|e| e.function != 0x4000_0000);
+        t.extend(crate::pvclock::KvmClock::cpuid_leaves());
+    }
     for o in overrides {
         match t
             .iter_mut()

@@ -24,11 +24,13 @@ pub mod irq;
 pub mod mem;
 pub mod mmu;
 pub mod persist;
+pub mod pvclock;
 pub mod state;
 pub mod vcpu;
 
 pub use cpu::Stats;
 pub use irq::{InterruptController, MsrHandler, StartupEvent};
+pub use pvclock::KvmClock;
 pub use state::CpuState;
 pub use vcpu::EmuVcpu;
 
@@ -59,6 +61,7 @@ pub struct EmuVm {
     irq: RwLock<Option<Arc<dyn InterruptController>>>,
     msr: RwLock<Option<Arc<dyn MsrHandler>>>,
     cpuid_overrides: RwLock<Vec<kvmbox_cpu::CpuidEntry>>,
+    kvm_clock: RwLock<Option<KvmClock>>,
 }
 
 impl EmuVm {
@@ -69,7 +72,21 @@ impl EmuVm {
             irq: RwLock::new(None),
             msr: RwLock::new(None),
             cpuid_overrides: RwLock::new(Vec::new()),
+            kvm_clock: RwLock::new(None),
         }
+    }
+
+    /// Offer the guest kvm-clock (KVM's paravirtual clock, see [`pvclock`]) with system time
+    /// starting now, for a guest TSC (the host's) running at `tsc_hz`; `tsc_stable` when the
+    /// host TSC is invariant. Call before creating vCPUs.
+    pub fn enable_kvm_clock(&self, tsc_hz: u64, tsc_stable: bool) {
+        *self.kvm_clock.write().unwrap_or_else(|e| e.into_inner()) =
+            Some(KvmClock::starting_now(tsc_hz, tsc_stable));
+    }
+
+    /// The VM's kvm-clock, if offered (plain data: what a snapshot saves).
+    pub fn kvm_clock(&self) -> Option<KvmClock> {
+        *self.kvm_clock.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Handle MSRs the engine does not implement (e.g. kvmclock) in `h`. Call before
@@ -107,7 +124,14 @@ impl EmuVm {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        c.cpuid = cpuid::build(id, 1, c.irq.is_some(), &c.cpuid_overrides);
+        c.kvm_clock = self.kvm_clock();
+        c.cpuid = cpuid::build(
+            id,
+            1,
+            c.irq.is_some(),
+            c.kvm_clock.is_some(),
+            &c.cpuid_overrides,
+        );
         Ok(EmuVcpu::new(c))
     }
 }

@@ -65,6 +65,16 @@ pub fn save_cpu_state(st: &CpuState, out: &mut VcpuState) {
         out.set_msr(index, read_saved_msr(st, index));
     }
     out.set_msr(MSR_IA32_TSC, host_tsc().wrapping_add(st.tsc_offset));
+    // kvm-clock's MSRs as the guest wrote them: restoring goes through WRMSR, which rewrites
+    // the records in guest memory (KVM takes the same MSRs).
+    for (index, v) in [
+        (crate::pvclock::MSR_KVM_SYSTEM_TIME_NEW, st.kvm_system_time),
+        (crate::pvclock::MSR_KVM_WALL_CLOCK_NEW, st.kvm_wall_clock),
+    ] {
+        if v != 0 {
+            out.set_msr(index, v);
+        }
+    }
 }
 
 fn read_saved_msr(st: &CpuState, index: u32) -> u64 {

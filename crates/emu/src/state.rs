@@ -235,6 +235,11 @@ pub struct CpuState {
     pub tsc_offset: u64,
     /// AMD legacy PerfEvtSel0-3 and PerfCtr0-3 (stored; they never count).
     pub k7_perf: [u64; 8],
+    /// MSR_KVM_SYSTEM_TIME_NEW as the guest last wrote it: GPA of this vCPU's kvm-clock
+    /// record, bit 0 = enabled (see `crate::pvclock`).
+    pub kvm_system_time: u64,
+    /// MSR_KVM_WALL_CLOCK_NEW as the guest last wrote it (GPA of the wall-clock record).
+    pub kvm_wall_clock: u64,
     /// XMM0..XMM15.
     pub xmm: [u128; 16],
     /// MXCSR.
@@ -272,6 +277,8 @@ impl Default for CpuState {
             tsc_aux: 0,
             tsc_offset: 0,
             k7_perf: [0; 8],
+            kvm_system_time: 0,
+            kvm_wall_clock: 0,
             xmm: [0; 16],
             mxcsr: 0x1f80,
             x87: X87::default(),

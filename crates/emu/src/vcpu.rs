@@ -281,6 +281,7 @@ impl Vcpu for EmuVcpu {
             cfg.id,
             cfg.count,
             self.cpu.irq.is_some(),
+            self.cpu.kvm_clock.is_some(),
             &self.cpu.cpuid_overrides,
         );
         Ok(())

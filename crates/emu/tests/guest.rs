@@ -479,17 +479,7 @@ fn cpuid_overrides_and_msr_handler_reach_the_guest() {
         ecx: 25_000_000,
         ..Default::default()
     }]);
-    let mut v = vm.create_emu_vcpu(0).unwrap();
-    v.configure(&kvmbox_cpu::VcpuConfig { id: 0, count: 1 })
-        .unwrap();
-    v.set_sregs(&long_sregs()).unwrap();
-    v.set_regs(&kvmbox_cpu::Regs {
-        rip: CODE,
-        rsp: KSTACK,
-        rflags: 2,
-        ..Default::default()
-    })
-    .unwrap();
+    let mut v = long_vcpu(&vm);
     let io = Recorder::default();
     assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
     assert_eq!(io.writes(0xe9), vec![1, 0x15, 0x77, 13]);
@@ -497,6 +487,98 @@ fn cpuid_overrides_and_msr_handler_reach_the_guest() {
         msrs.0.lock().unwrap().clone(),
         vec![(0, 0x4b56_4d01, 0x1001)]
     );
+}
+
+/// kvm-clock as Linux's kvmclock_init() uses it: the KVM signature and features in CPUID,
+/// the per-vCPU record and the wall clock written where the guest asks, a record outside RAM
+/// ignored, the record rewritten when the guest moves its TSC.
+#[test]
+fn kvm_clock_through_cpuid_and_msrs() {
+    const RECORD: u64 = DATA + 0x40;
+    const WALL: u64 = DATA + 0x100;
+    let code = asm64(CODE, |a| {
+        a.mov(eax, 0x4000_0000u32)?;
+        a.cpuid()?;
+        a.out(0xe9u32, eax)?;
+        a.mov(eax, ebx)?;
+        a.out(0xe9u32, eax)?;
+        a.mov(eax, 0x4000_0001u32)?;
+        a.cpuid()?;
+        a.out(0xe9u32, eax)?;
+        a.mov(ecx, 0x4b56_4d01u32)?;
+        a.mov(eax, (RECORD | 1) as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.rdmsr()?;
+        a.out(0xe9u32, eax)?;
+        a.mov(ecx, 0x4b56_4d00u32)?;
+        a.mov(eax, WALL as u32)?;
+        a.wrmsr()?;
+        a.hlt()?;
+        // Second run: a record beyond RAM is accepted and not written; then back, and the
+        // guest sets its TSC to 0.
+        a.mov(ecx, 0x4b56_4d01u32)?;
+        a.mov(eax, 0xffff_f001u32)?;
+        a.mov(edx, 0x10u32)?;
+        a.wrmsr()?;
+        a.mov(eax, (RECORD | 1) as u32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0x10u32)?;
+        a.xor(eax, eax)?;
+        a.wrmsr()?;
+        a.hlt()
+    });
+    let (mem, vm, _) = long_machine(&code);
+    let hz = 2_000_000_000;
+    vm.enable_kvm_clock(hz, true);
+    let clock = vm.kvm_clock().unwrap();
+    let mut v = long_vcpu(&vm);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(
+        io.writes(0xe9),
+        vec![
+            0x4000_0001,
+            u64::from(u32::from_le_bytes(*b"KVMK")),
+            (1 << 3) | (1 << 24),
+            RECORD | 1
+        ]
+    );
+    let record = |mem: &vm_memory::GuestMemoryMmap| {
+        let mut b = [0u8; 32];
+        mem.read_slice(&mut b, GuestAddress(RECORD)).unwrap();
+        b
+    };
+    let b = record(&mem);
+    let version = u32::from_le_bytes(b[0..4].try_into().unwrap());
+    assert!(version != 0 && version % 2 == 0, "version {version}");
+    let info = clock.time_info(version, 0);
+    assert_eq!(b, info.to_bytes());
+    assert_eq!(b[29], 1, "PVCLOCK_TSC_STABLE_BIT");
+    // Guest time at the host TSC now: no more than the time since enable_kvm_clock.
+    // SAFETY: RDTSC only reads the time-stamp counter.
+    let now = unsafe { core::arch::x86_64::_rdtsc() };
+    let elapsed = (now - clock.host_tsc_origin) as f64 / hz as f64 * 1e9;
+    assert!((info.ns_at(now) as f64 - elapsed).abs() < 1e3);
+    // The wall clock: Unix time at system time 0, i.e. about now.
+    let mut w = [0u8; 12];
+    mem.read_slice(&mut w, GuestAddress(WALL)).unwrap();
+    let sec = u64::from(u32::from_le_bytes(w[4..8].try_into().unwrap()));
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(unix.abs_diff(sec) <= 2, "wall clock {sec} vs {unix}");
+    assert_eq!(u32::from_le_bytes(w[0..4].try_into().unwrap()) % 2, 0);
+
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    let b = record(&mem);
+    let moved = v.state().tsc_offset;
+    let after = u32::from_le_bytes(b[0..4].try_into().unwrap());
+    assert_eq!(b, clock.time_info(after, moved).to_bytes());
+    assert!(after > version, "rewritten after the TSC write");
+    assert_eq!(v.state().kvm_system_time, RECORD | 1);
 }
 
 #[test]

@@ -4,6 +4,7 @@
 use super::alu::mask;
 use super::{reg_bits, Loc};
 use crate::cpu::{gp, gp0, np, ss_fault, ud, Cpu, R};
+use crate::pvclock;
 use crate::state::{cr0, cr4, efer, flags::*, gpr, seg};
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 use kvmbox_cpu::Segment;
@@ -298,6 +299,16 @@ impl Cpu {
         Ok(self.st.dr[idx])
     }
 
+    /// Rewrite this vCPU's kvm-clock record (after the guest enabled it or moved the TSC).
+    /// A record outside RAM is left unwritten, as KVM does.
+    pub(crate) fn refresh_kvm_clock(&mut self) {
+        if let Some(clock) = self.kvm_clock {
+            if self.st.kvm_system_time & 1 != 0 {
+                clock.write_time_info(&self.phys, self.st.kvm_system_time & !1, self.st.tsc_offset);
+            }
+        }
+    }
+
     /// RDMSR.
     pub fn read_msr(&mut self, index: u32) -> Option<u64> {
         Some(match index {
@@ -320,6 +331,8 @@ impl Cpu {
             msr::K7_PERF_FIRST..=msr::K7_PERF_LAST => {
                 self.st.k7_perf[(index - msr::K7_PERF_FIRST) as usize]
             }
+            pvclock::MSR_KVM_SYSTEM_TIME_NEW if self.kvm_clock.is_some() => self.st.kvm_system_time,
+            pvclock::MSR_KVM_WALL_CLOCK_NEW if self.kvm_clock.is_some() => self.st.kvm_wall_clock,
             _ => return self.msr_hook.as_ref()?.read_msr(self.id, index),
         })
     }
@@ -328,7 +341,10 @@ impl Cpu {
     pub fn write_msr(&mut self, index: u32, v: u64) -> bool {
         let canon = crate::cpu::canonical(v);
         match index {
-            msr::TSC => self.st.tsc_offset = v.wrapping_sub(host_tsc()),
+            msr::TSC => {
+                self.st.tsc_offset = v.wrapping_sub(host_tsc());
+                self.refresh_kvm_clock();
+            }
             msr::APIC_BASE => {
                 if v & !0xf_ffff_fd00 != 0 {
                     return false;
@@ -383,6 +399,17 @@ impl Cpu {
                 } else {
                     v & K7_PERFCTR_MASK
                 };
+            }
+            pvclock::MSR_KVM_SYSTEM_TIME_NEW if self.kvm_clock.is_some() => {
+                self.st.kvm_system_time = v;
+                self.refresh_kvm_clock();
+            }
+            pvclock::MSR_KVM_WALL_CLOCK_NEW => {
+                let Some(clock) = self.kvm_clock else {
+                    return false;
+                };
+                self.st.kvm_wall_clock = v;
+                clock.write_wall_clock(&self.phys, v);
             }
             _ => {
                 return match &self.msr_hook {

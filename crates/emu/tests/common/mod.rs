@@ -185,16 +185,25 @@ pub fn long_machine(code: &[u8]) -> (GuestMemoryMmap, EmuVm, EmuVcpu) {
     build_tables(&mem);
     mem.write_slice(code, GuestAddress(CODE)).unwrap();
     let vm = EmuVm::new(mem.clone());
+    let v = long_vcpu(&vm);
+    (mem, vm, v)
+}
+
+/// vCPU 0 of `vm` (configured as the only one), in long mode at [`CODE`] with RSP at
+/// [`KSTACK`]. Attach controllers, handlers and CPUID changes to `vm` before calling.
+pub fn long_vcpu(vm: &EmuVm) -> EmuVcpu {
     let mut v = vm.create_emu_vcpu(0).unwrap();
+    v.configure(&kvmbox_cpu::VcpuConfig { id: 0, count: 1 })
+        .unwrap();
     v.set_sregs(&long_sregs()).unwrap();
-    let regs = kvmbox_cpu::Regs {
+    v.set_regs(&kvmbox_cpu::Regs {
         rip: CODE,
         rsp: KSTACK,
         rflags: 2,
         ..Default::default()
-    };
-    v.set_regs(&regs).unwrap();
-    (mem, vm, v)
+    })
+    .unwrap();
+    v
 }
 
 /// Assemble 64-bit code at `ip`.

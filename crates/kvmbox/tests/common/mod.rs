@@ -144,8 +144,60 @@ fn split_words(s: &str) -> Vec<String> {
     out
 }
 
-/// Run kvmbox with `args`, stdin closed, killing it after `timeout`.
+/// A claim on the host CPU for one guest run: an `flock` on a file in cargo's target
+/// directory, so the claim holds across the threads of one test binary and across test
+/// processes of the same checkout, and ends when the holder drops it or dies.
+///
+/// A Linux guest on the software engine keeps both cores of a 2-core host busy for 25 s or
+/// more (one engine thread per busy vCPU), and the clock tests compare guest and host time:
+/// such runs take the CPU [`CpuLease::exclusive`]ly and so run one at a time. Short guest runs
+/// (the test guest, ~1 s; kvmbox's error paths) take it [`CpuLease::shared`]: many at once,
+/// but never beside an exclusive holder. Timeouts start once the lease is held. A test that
+/// holds an exclusive lease must not call [`run_kvmbox`] or [`Interactive::testguest`] (their
+/// shared lease would wait for it forever: flock locks of one process conflict too).
+pub struct CpuLease {
+    _file: std::fs::File,
+}
+
+impl CpuLease {
+    fn take(kind: libc::c_int) -> Self {
+        use std::os::fd::AsRawFd;
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kvmbox-guest-cpu.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("cannot open the CPU lease file {path:?}: {e}"));
+        loop {
+            // SAFETY: flock on a descriptor this function owns; no memory is involved.
+            if unsafe { libc::flock(file.as_raw_fd(), kind) } == 0 {
+                return Self { _file: file };
+            }
+            let e = std::io::Error::last_os_error();
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::Interrupted,
+                "flock {path:?}: {e}"
+            );
+        }
+    }
+
+    /// The whole CPU: waits for every other lease holder to finish.
+    pub fn exclusive() -> Self {
+        Self::take(libc::LOCK_EX)
+    }
+
+    /// A share of the CPU beside other short runs; waits while an exclusive holder runs.
+    pub fn shared() -> Self {
+        Self::take(libc::LOCK_SH)
+    }
+}
+
+/// Run kvmbox with `args`, stdin closed, killing it after `timeout` (a short guest run: it
+/// holds a shared [`CpuLease`] while it runs).
 pub fn run_kvmbox(args: &[&str], timeout: Duration) -> RunResult {
+    let _lease = CpuLease::shared();
     let start = Instant::now();
     let mut child = Command::new(kvmbox())
         .args(args)
@@ -187,6 +239,12 @@ pub fn run_kvmbox(args: &[&str], timeout: Duration) -> RunResult {
     }
 }
 
+/// Longest one test-guest run may take. Measured on this 2-core host with
+/// `tests=hello,cpuid,acpi,smp,mem,pio:100,mmio:100,compute:200000`, 4 vCPUs, 128 MiB, at load
+/// average 53 (other developers' builds and a Linux guest test): 168 s on the engine, 33 s on
+/// KVM (2026-12-02). Twice the worst.
+pub const TESTGUEST_TIMEOUT: Duration = Duration::from_secs(360);
+
 /// Boot the test guest with `tests=<scenarios>` on `accel`.
 pub fn run_testguest(
     accel: &str,
@@ -212,7 +270,7 @@ pub fn run_testguest(
         memory,
     ];
     args.extend_from_slice(extra);
-    run_kvmbox(&args, Duration::from_secs(120))
+    run_kvmbox(&args, TESTGUEST_TIMEOUT)
 }
 
 /// Debian's cloud kernel bzImage, fetched (once, cached under ~/.cache/kvmbox) by the
@@ -255,6 +313,8 @@ pub struct Interactive {
     err: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     cursor: usize,
     args: Vec<String>,
+    /// Held for as long as the guest runs (test-guest runs; Linux tests hold their own).
+    lease: Option<CpuLease>,
 }
 
 impl Interactive {
@@ -302,6 +362,7 @@ impl Interactive {
             err,
             cursor: 0,
             args,
+            lease: None,
         }
     }
 
@@ -324,7 +385,10 @@ impl Interactive {
             memory,
         ];
         args.extend_from_slice(extra);
-        Self::spawn(&args)
+        let lease = CpuLease::shared();
+        let mut vm = Self::spawn(&args);
+        vm.lease = Some(lease);
+        vm
     }
 
     /// The kvmbox process's PID.
