@@ -5,7 +5,7 @@
 mod common;
 
 use common::api::{exchange, http, ok, refused, sock_path, state, wait_for_socket};
-use common::{kit_cmd, kvm_or_skip, linux_kit, testguest, Interactive};
+use common::{kit_cmd, kvm_or_skip, linux_kit, testguest, CpuLease, Interactive};
 use serde_json::json;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -453,6 +453,7 @@ fn vm_pid(sock: &Path) -> u32 {
 
 #[test]
 fn linux_on_the_engine_pauses_resumes_and_powers_off_on_the_button() {
+    let _cpu = CpuLease::exclusive();
     let (kernel, initrd) = linux_kit();
     let sock = sock_path("linux");
     let script = "i=0; while :; do i=$((i+1)); echo COUNT-$i; sleep 0.2; done";

@@ -276,6 +276,7 @@ fn qemu_img(test: &str, args: &[&str]) -> Option<std::process::Output> {
 /// check` finds no corruption (leaks allowed after a kill) and `qemu-img compare` agrees.
 #[test]
 fn qcow2_disk_and_overlay_survive_sigkill() {
+    let _cpu = CpuLease::exclusive();
     let test = "qcow2_disk_and_overlay_survive_sigkill";
     let raw = scratch("q-base.raw");
     let base_data = pattern(8 << 20, 0x9c0f);
