@@ -474,7 +474,7 @@ fn linux_on_the_engine_pauses_resumes_and_powers_off_on_the_button() {
         sock.to_str().unwrap(),
     ]);
     wait_for_socket(&mut vm, &sock);
-    vm.expect("COUNT-3\n", LINUX);
+    vm.expect("COUNT-3\r\n", LINUX);
     ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
     assert_eq!(state(&sock), "Paused");
     // Whatever the guest had written before the pause has arrived by now.
@@ -491,7 +491,7 @@ fn linux_on_the_engine_pauses_resumes_and_powers_off_on_the_button() {
         .expect("a count");
     ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
     // It continues where it stopped: the next number, not a reboot.
-    vm.expect(&format!("COUNT-{}\n", last + 1), LINUX);
+    vm.expect(&format!("COUNT-{}\r\n", last + 1), LINUX);
     assert_eq!(
         vm.count("KVMBOX-LINUX userspace-ready"),
         1,
