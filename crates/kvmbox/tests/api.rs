@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::api::{exchange, http, ok, refused, sock_path, state, wait_for_socket};
+use common::api::{
+    compute_guest_on_kvm, exchange, http, ok, refused, sock_path, state, wait_for_socket,
+};
 use common::{kit_cmd, kvm_or_skip, linux_kit, testguest, CpuLease, Interactive};
 use serde_json::json;
 use std::os::unix::net::UnixStream;
@@ -377,23 +379,7 @@ fn pause_stops_ring3_compute_on_kvm_and_resume_finishes_it_alike() {
     // Long enough to pause in the middle (about 3 s of ring-3 work here).
     const ITERS: &str = "1000000000";
     let sock = sock_path("tgpause");
-    let guest = testguest();
-    let mut vm = Interactive::spawn(&[
-        "run",
-        "--accel",
-        "kvm",
-        "--cpus",
-        "2",
-        "--memory",
-        "128M",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        &format!("tests=compute:{ITERS}"),
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ]);
-    wait_for_socket(&mut vm, &sock);
+    let mut vm = compute_guest_on_kvm(&sock, ITERS);
     assert_eq!(state(&sock), "Running");
     let pid = vm_pid(&sock);
     std::thread::sleep(Duration::from_millis(300));

@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::api::{http, ok, sock_path, wait_for_socket};
-use common::{kvm_or_skip, run_kvmbox, run_testguest, testguest, Interactive};
+use common::api::{compute_guest_on_kvm, http, ok, sock_path};
+use common::{kvm_or_skip, run_kvmbox, run_testguest, Interactive};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -47,23 +47,7 @@ fn testguest_on_kvm_restored_mid_compute_finishes_like_an_uninterrupted_run() {
     let sock = sock_path("snap");
     let state = scratch("state");
     let mem = scratch("mem");
-    let guest = testguest();
-    let mut vm = Interactive::spawn(&[
-        "run",
-        "--accel",
-        "kvm",
-        "--cpus",
-        "2",
-        "--memory",
-        "128M",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        &format!("tests=compute:{ITERS}"),
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ]);
-    wait_for_socket(&mut vm, &sock);
+    let mut vm = compute_guest_on_kvm(&sock, ITERS);
     std::thread::sleep(Duration::from_millis(300));
     // Snapshotting a running VM is refused; paused, it is taken.
     let body = format!(

@@ -639,4 +639,27 @@ pub mod api {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+
+    /// The test guest computing `iters` iterations in ring 3 on 2 vCPUs on KVM (128 MiB),
+    /// controlled through an API socket at `sock`; returns once the socket answers.
+    pub fn compute_guest_on_kvm(sock: &Path, iters: &str) -> Interactive {
+        let guest = super::testguest();
+        let mut vm = Interactive::spawn(&[
+            "run",
+            "--accel",
+            "kvm",
+            "--cpus",
+            "2",
+            "--memory",
+            "128M",
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            &format!("tests=compute:{iters}"),
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ]);
+        wait_for_socket(&mut vm, sock);
+        vm
+    }
 }
