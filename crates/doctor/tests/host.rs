@@ -104,14 +104,20 @@ fn choose_accel_is_quick_and_agrees() {
         cold.elapsed()
     );
     let start = Instant::now();
+    let cpu_start = thread_cpu_time();
     let choice = choose_accel();
+    let cpu = thread_cpu_time() - cpu_start;
     let took = start.elapsed();
     println!(
-        "choose_accel: {:?} in {took:?}: {}",
+        "choose_accel: {:?} in {took:?} ({cpu:?} of this thread's CPU time): {}",
         choice.accel, choice.reason
     );
-    // 20 ms is the budget; allow for a loaded 2-core machine.
-    assert!(took.as_millis() < 100, "choose_accel took {took:?}");
+    // 20 ms is the budget (wall time on an idle host, README). The bound is on the CPU time the
+    // probe spent, which a busy host does not stretch (wall time, which it does, is printed).
+    assert!(
+        cpu.as_millis() < 100,
+        "choose_accel used {cpu:?} of CPU time"
+    );
     if Path::new("/sys/module/kvm_pvm").exists() {
         assert_eq!(choice.accel, Accel::Emu, "{}", choice.reason);
         assert!(
@@ -120,4 +126,16 @@ fn choose_accel_is_quick_and_agrees() {
             choice.reason
         );
     }
+}
+
+/// CPU time this thread has used (user + system, which includes the time its vCPU ran the guest).
+fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to the valid pointer it is given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
