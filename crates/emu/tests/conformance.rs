@@ -156,3 +156,171 @@ fn syscall_and_sysret_single_step_on_tf_at_their_end() {
     // After SYSRETQ and after NOP, in user mode (CS 0x2b); none after SYSCALL.
     assert_eq!(io.writes(0xe9), vec![0x2b, 0x2b, 0xaa]);
 }
+
+/// realmode: the decimal-arithmetic instructions and SALC (legacy modes only), each checked
+/// against the worked examples of the Intel SDM (DAA, DAS, AAA, AAS) and plain arithmetic (AAM,
+/// AAD, SALC). The guest runs each case from a table: AX and FLAGS in, the instruction, AX and
+/// FLAGS out.
+#[test]
+fn decimal_arithmetic_and_salc_in_32_bit_mode() {
+    const TABLE: u64 = DATA;
+    const CF: u16 = 1;
+    const PF: u16 = 4;
+    const AF: u16 = 0x10;
+    const SF: u16 = 0x80;
+    // (instruction, AX in, FLAGS in, AX out, flags out under `check`).
+    type Case = (
+        fn(&mut CodeAssembler) -> Result<(), IcedError>,
+        u16,
+        u16,
+        u16,
+        u16,
+        u16,
+    );
+    let szapc = SF | 0x40 | AF | PF | CF;
+    let cases: [Case; 8] = [
+        // SDM DAA: ADD AL=79H, 35H gives AEH; DAA gives 14H, OSZAPC = X00111.
+        (|a| a.daa(), 0x00ae, 0, 0x0014, AF | PF | CF, szapc),
+        // SDM DAS: SUB AL=35H, 47H gives EEH with OSZAPC = 010111; DAS gives 88H, X10111.
+        (
+            |a| a.das(),
+            0x00ee,
+            SF | AF | PF | CF,
+            0x0088,
+            SF | AF | PF | CF,
+            szapc,
+        ),
+        // SDM AAA: ADD AL=05H, 06H gives AX=000BH; AAA gives AX=0101H, AF = CF = 1.
+        (|a| a.aaa(), 0x000b, 0, 0x0101, AF | CF, AF | CF),
+        // SDM AAS: SUB AL=05H, 06H gives AX=00FFH (AF set); AAS gives AX=FF09H, AF = CF = 1.
+        (|a| a.aas(), 0x00ff, AF | CF, 0xff09, AF | CF, AF | CF),
+        // AAM: AL=10H (16) = 1 * 10 + 6.
+        (|a| a.aam(10), 0x3210, 0, 0x0106, PF, szapc),
+        // AAD: 78H + 56H * 10 = 3D4H, AL = D4H, AH = 0.
+        (|a| a.aad(10), 0x5678, 0, 0x00d4, SF | PF, szapc),
+        // SALC: AL = CF ? FFH : 0, flags unchanged.
+        (|a| a.db(&[0xd6]), 0x1234, 0, 0x1200, 0, szapc),
+        (|a| a.db(&[0xd6]), 0x1234, CF, 0x12ff, CF, szapc),
+    ];
+    let mut code = Vec::new();
+    let mut at = CODE;
+    for (i, case) in cases.iter().enumerate() {
+        let slot = (TABLE + i as u64 * 8) as u32;
+        let piece = asm(32, at, |a| {
+            a.movzx(eax, word_ptr(slot + 2))?;
+            a.or(eax, 2)?;
+            a.push(eax)?;
+            a.popfd()?;
+            a.mov(ax, word_ptr(slot))?;
+            (case.0)(a)?;
+            a.mov(word_ptr(slot + 4), ax)?;
+            a.pushfd()?;
+            a.pop(eax)?;
+            a.mov(word_ptr(slot + 6), ax)
+        });
+        at += piece.len() as u64;
+        code.extend(piece);
+    }
+    code.extend(asm(32, at, |a| a.hlt()));
+    let mem = guest_mem();
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    for (i, c) in cases.iter().enumerate() {
+        mem.write_obj(c.1, GuestAddress(TABLE + i as u64 * 8))
+            .unwrap();
+        mem.write_obj(c.2, GuestAddress(TABLE + i as u64 * 8 + 2))
+            .unwrap();
+    }
+    let mut v = flat32_vcpu(&mem);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    for (i, c) in cases.iter().enumerate() {
+        let ax_out: u16 = mem
+            .read_obj(GuestAddress(TABLE + i as u64 * 8 + 4))
+            .unwrap();
+        let fl: u16 = mem
+            .read_obj(GuestAddress(TABLE + i as u64 * 8 + 6))
+            .unwrap();
+        assert_eq!(
+            (ax_out, fl & c.5),
+            (c.3, c.4),
+            "case {i}: AX {:#06x} FLAGS {:#x} in",
+            c.1,
+            c.2
+        );
+    }
+}
+
+/// A vCPU in flat 32-bit protected mode (no paging) at [`CODE`], stack below 0x80000.
+fn flat32_vcpu(mem: &vm_memory::GuestMemoryMmap) -> kvmbox_emu::EmuVcpu {
+    const GDT: u64 = 0x800;
+    w64(mem, GDT + 8, 0x00cf_9a00_0000_ffff);
+    w64(mem, GDT + 16, 0x00cf_9200_0000_ffff);
+    let vm = kvmbox_emu::EmuVm::new(mem.clone());
+    let mut v = vm.create_emu_vcpu(0).unwrap();
+    let data = seg(0x10, false, 0);
+    v.set_sregs(&kvmbox_cpu::SpecialRegs {
+        cs: kvmbox_cpu::Segment {
+            l: false,
+            db: true,
+            ..seg(0x08, true, 0)
+        },
+        ds: data,
+        es: data,
+        fs: data,
+        gs: data,
+        ss: data,
+        ldt: kvmbox_cpu::Segment {
+            unusable: true,
+            ..kvmbox_cpu::Segment::default()
+        },
+        gdt: kvmbox_cpu::DescriptorTable {
+            base: GDT,
+            limit: 0x17,
+        },
+        cr0: 0x11,
+        ..kvmbox_cpu::SpecialRegs::default()
+    })
+    .unwrap();
+    v.set_regs(&kvmbox_cpu::Regs {
+        rip: CODE,
+        rsp: 0x80000,
+        rflags: 2,
+        ..kvmbox_cpu::Regs::default()
+    })
+    .unwrap();
+    v
+}
+
+/// realmode: a real-mode IRET loads only the writable FLAGS bits: reserved bits 3, 5 and 15 of
+/// the popped word stay clear (they read back set before the fix, and the DAS and SAHF checks,
+/// which compare FLAGS, failed).
+#[test]
+fn real_mode_iret_keeps_reserved_flags_clear() {
+    let code = asm(16, 0, |a| {
+        let mut do_iret = a.create_label();
+        a.mov(ax, 0x8029u32)?; // CF and reserved bits 3, 5, 15
+        a.push(ax)?;
+        a.push(cs)?;
+        a.call(do_iret)?; // pushes the IP IRET returns to
+        a.pushf()?;
+        a.pop(ax)?;
+        a.out(0xe9, ax)?;
+        a.hlt()?;
+        a.set_label(&mut do_iret)?;
+        a.iret()
+    });
+    let mem = guest_mem();
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    let vm = kvmbox_emu::EmuVm::new(mem.clone());
+    let mut v = vm.create_emu_vcpu(0).unwrap();
+    {
+        let st = v.state_mut();
+        st.seg[1].selector = (CODE >> 4) as u16;
+        st.seg[1].base = CODE;
+        st.rip = 0;
+        st.gpr[4] = 0x8000;
+    }
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0xe9), vec![0x0003]);
+}

@@ -364,7 +364,11 @@ impl Cpu {
                 cs.selector = sel;
                 cs.base = (sel as u64) << 4;
                 self.next_rip = ip & mask(size * 8);
-                let m = if size == 2 { 0xffff } else { WRITABLE };
+                let m = if size == 2 {
+                    WRITABLE & 0xffff
+                } else {
+                    WRITABLE
+                };
                 self.st.rflags = (self.st.rflags & !m) | (fl & m) | FIXED;
                 return Ok(());
             }

@@ -735,6 +735,7 @@ impl Cpu {
                     }
                 }
             }
+            M::Daa | M::Das | M::Aaa | M::Aas | M::Aam | M::Aad | M::Salc => self.bcd(ins)?,
             M::Lahf => {
                 let v = (self.st.rflags & (SF | ZF | AF | PF | CF)) | FIXED;
                 self.set_reg(Register::AH, v);
@@ -1183,4 +1184,76 @@ fn lock_ok(ins: &Instruction) -> bool {
                 | M::Cmpxchg
                 | M::Cmpxchg8b
         )
+}
+
+impl Cpu {
+    /// The legacy decimal-arithmetic instructions (DAA, DAS, AAA, AAS, AAM, AAD) and SALC, as
+    /// the SDM gives them; iced decodes them only outside 64-bit mode, where they exist. Flags
+    /// the SDM leaves undefined: AAA/AAS keep SF, ZF, PF and OF; AAM/AAD clear CF, AF and OF and
+    /// set SF, ZF and PF from AL (what current processors and QEMU do).
+    fn bcd(&mut self, ins: &Instruction) -> R<()> {
+        use Mnemonic as M;
+        let ax = self.st.gpr[gpr::RAX] & 0xffff;
+        let (al, ah) = (ax & 0xff, ax >> 8);
+        let fl = self.st.rflags;
+        let low_adjust = al & 0xf > 9 || fl & AF != 0;
+        let (new_ax, flags, mask) = match ins.mnemonic() {
+            M::Daa | M::Das => {
+                let old_cf = fl & CF != 0;
+                let sub = ins.mnemonic() == M::Das;
+                let (mut r, mut cf, mut af) = (al, false, false);
+                if low_adjust {
+                    let (v, carry) = if sub {
+                        (r as u8).overflowing_sub(6)
+                    } else {
+                        (r as u8).overflowing_add(6)
+                    };
+                    r = u64::from(v);
+                    cf = old_cf || carry;
+                    af = true;
+                }
+                if al > 0x99 || old_cf {
+                    r = if sub { r.wrapping_sub(0x60) } else { r + 0x60 } & 0xff;
+                    cf = true;
+                } else if !sub {
+                    cf = false;
+                }
+                let f = alu::szp(r, 8) | if cf { CF } else { 0 } | if af { AF } else { 0 };
+                ((ah << 8) | r, f, SF | ZF | PF | CF | AF)
+            }
+            M::Aaa | M::Aas => {
+                let r = match (low_adjust, ins.mnemonic() == M::Aas) {
+                    (false, _) => ax,
+                    (true, false) => ax.wrapping_add(0x106),
+                    (true, true) => ax.wrapping_sub(6).wrapping_sub(0x100),
+                };
+                let f = if low_adjust { AF | CF } else { 0 };
+                ((r & 0xff00) | (r & 0x0f), f, CF | AF)
+            }
+            M::Aam => {
+                let base = u64::from(ins.immediate8());
+                if base == 0 {
+                    return Err(Fault::Exc(0, None));
+                }
+                let r = al % base;
+                (
+                    ((al / base) << 8) | r,
+                    alu::szp(r, 8),
+                    SF | ZF | PF | CF | AF | OF,
+                )
+            }
+            M::Aad => {
+                let r = (al + ah * u64::from(ins.immediate8())) & 0xff;
+                (r, alu::szp(r, 8), SF | ZF | PF | CF | AF | OF)
+            }
+            _ => {
+                // SALC: AL = CF ? 0xff : 0; flags unchanged.
+                let r = if fl & CF != 0 { 0xff } else { 0 };
+                ((ah << 8) | r, 0, 0)
+            }
+        };
+        self.set_reg(Register::AX, new_ax & 0xffff);
+        self.st.rflags = (fl & !mask) | (flags & mask);
+        Ok(())
+    }
 }
