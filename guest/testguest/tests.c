@@ -123,6 +123,28 @@ int test_multiboot(const char *arg)
 	       "mod_start=0x%lx mod_size=%lu mod_head=\"%s\" mod_cmdline=\"%s\"\n",
 	       boot.mb_mem_lower, boot.mb_mem_upper, boot.nr_memmap, ram, boot.mb_mods,
 	       boot.mb_mod_start, boot.mb_mod_size, boot.mb_mod_head, boot.mb_mod_cmdline);
+	/* What a BIOS leaves for a multiboot kernel: the real-mode vectors of IRQ 0 and IRQ 8
+	 * (segment:offset), the 8259 masks (read back from the PICs), whether the PIT's channel 0
+	 * counts (two latched reads differ). */
+	u32 ivt8, ivt70;
+	__asm__ volatile("movl (%1), %0" : "=r"(ivt8) : "r"((u64)0x08 * 4));
+	__asm__ volatile("movl (%1), %0" : "=r"(ivt70) : "r"((u64)0x70 * 4));
+	u8 first_code8 = *(volatile u8 *)(u64)(((ivt8 >> 16) << 4) + (ivt8 & 0xffff));
+	u16 c0 = 0, c1 = 0;
+	int moving = 0;
+	for (int i = 0; i < 100000 && !moving; i++) {
+		outb(0x43, 0x00);
+		c1 = inb(0x40);
+		c1 |= (u16)inb(0x40) << 8;
+		if (i == 0)
+			c0 = c1;
+		else
+			moving = c1 != c0;
+	}
+	printk("KVMBOX-TEST bios ivt8=%x:%x ivt70=%x:%x code8=0x%x master_imr=0x%x "
+	       "slave_imr=0x%x pit=%s\n",
+	       ivt8 >> 16, ivt8 & 0xffff, ivt70 >> 16, ivt70 & 0xffff, first_code8, inb(0x21),
+	       inb(0xa1), moving ? "counting" : "stopped");
 	return 0;
 }
 

@@ -456,12 +456,12 @@ pub fn create_acpi_tables_with(mem: &GuestMemoryMmap, cfg: &AcpiConfig) -> Resul
     let other_addrs: Vec<u64> = others.iter().map(|t| place(t.len() as u64, 16)).collect();
     let xsdt_entries = 2 + others.len() as u64;
     let xsdt_addr = place(36 + 8 * xsdt_entries, 16);
-    if next > layout::BIOS_END {
+    if next > layout::BIOS_STUBS_START {
         return Err(Error::TablesTooLarge {
             what: "ACPI tables",
             size: next - rsdp_addr,
             start: rsdp_addr,
-            end: layout::BIOS_END,
+            end: layout::BIOS_STUBS_START,
         });
     }
 

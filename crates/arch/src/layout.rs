@@ -58,6 +58,9 @@ pub const EBDA_START: u64 = 0x9_fc00;
 pub const MPTABLE_START: u64 = 0x9_fc00;
 /// ACPI RSDP; the other tables follow it. Inside 0xe0000..0x100000 where Linux scans.
 pub const RSDP_START: u64 = 0xe_0000;
+/// The real-mode interrupt handlers a multiboot kernel finds, as after a BIOS ([`crate::bios`]):
+/// the last 256 bytes below 1 MiB (segment 0xf000); the ACPI tables end below them.
+pub const BIOS_STUBS_START: u64 = 0xf_ff00;
 /// End of the BIOS area.
 pub const BIOS_END: u64 = 0x10_0000;
 /// Start of RAM above the legacy hole.

@@ -17,6 +17,7 @@
 //! ```
 
 mod acpi;
+pub mod bios;
 mod boot_cpu;
 pub mod fuzzing;
 pub mod layout;

@@ -93,6 +93,16 @@ fn multiboot_guest_reads_cmdline_memory_map_and_modules() {
             u64::from_str_radix(r.get("multiboot", "mod_start").trim_start_matches("0x"), 16)
                 .unwrap();
         assert_eq!(start % 4096, 0, "{accel}: modules are page-aligned");
+        // What a BIOS leaves behind (kvm-unit-tests' realmode test halts with interrupts on
+        // and is woken by the BIOS timer tick): IRQ 0 and IRQ 8 vectored through the real-mode
+        // IVT to handlers in segment 0xf000 (IRQ 0's starts `push ax`), the PICs at the
+        // BIOS's vector bases with only the timer and the cascade unmasked, the PIT counting.
+        assert_eq!(r.get("bios", "ivt8"), "f000:ff01", "{accel}");
+        assert_eq!(r.get("bios", "ivt70"), "f000:ff08", "{accel}");
+        assert_eq!(r.get("bios", "code8"), "0x50", "{accel}");
+        assert_eq!(r.get("bios", "master_imr"), "0xfa", "{accel}");
+        assert_eq!(r.get("bios", "slave_imr"), "0xff", "{accel}");
+        assert_eq!(r.get("bios", "pit"), "counting", "{accel}");
     }
 }
 

@@ -1,5 +1,6 @@
 //! The devices that tell firmware and test kernels about the machine, as QEMU's PC has them:
-//! fw_cfg (always) and pc-testdev (with `--testdev`).
+//! fw_cfg (always) and pc-testdev (with `--testdev`); and the state a BIOS leaves behind for
+//! multiboot kernels.
 
 use crate::vm::{Error, Result};
 use kvmbox_arch::{layout, BootSetup};
@@ -38,6 +39,43 @@ pub(crate) fn attach_fw_cfg(
     io.pio
         .insert(dev.clone(), u64::from(layout::FW_CFG_PORT), FW_CFG_IO_LEN)?;
     io.pio.insert(dev, dma, FW_CFG_DMA_LEN)?;
+    Ok(())
+}
+
+/// Leave the machine as a PC BIOS (SeaBIOS, which QEMU runs before a multiboot `-kernel`) leaves
+/// it for a multiboot kernel: the real-mode interrupt vector table and its handlers
+/// ([`kvmbox_arch::bios`]), both 8259s initialized with the BIOS's vector bases and only the
+/// timer (IRQ 0) and the cascade (IRQ 2) unmasked, and the PIT's channel 0 ticking at 18.2 Hz
+/// (mode 3, count 65536). The ports are written through the bus, as the BIOS's own `out`
+/// instructions would write them, so the same device models take the same state on both
+/// backends. Interrupts stay disabled at entry (multiboot enters with IF clear).
+pub(crate) fn bios_state(io: &IoBus, mem: &kvmbox_cpu::GuestMemory) -> Result<()> {
+    use kvmbox_arch::bios::{BIOS_HWIRQ0_VECTOR, BIOS_HWIRQ8_VECTOR};
+    kvmbox_arch::bios::write_real_mode_ivt(mem)?;
+    let writes: [(u16, u8); 13] = [
+        // ICW1 (edge, cascade, ICW4 follows), ICW2 (vector base), ICW3, ICW4 (8086 mode), mask.
+        (0x20, 0x11),
+        (0x21, BIOS_HWIRQ0_VECTOR),
+        (0x21, 1 << 2),
+        (0x21, 0x01),
+        (0x21, !((1 << 0) | (1 << 2))),
+        (0xa0, 0x11),
+        (0xa1, BIOS_HWIRQ8_VECTOR),
+        (0xa1, 2),
+        (0xa1, 0x01),
+        (0xa1, 0xff),
+        // PIT channel 0: lobyte/hibyte access, mode 3 (square wave), binary; count 0 = 65536.
+        (0x43, 0x36),
+        (0x40, 0x00),
+        (0x40, 0x00),
+    ];
+    for (port, value) in writes {
+        if !io.pio.write(u64::from(port), &[value]) {
+            return Err(Error::Device(format!(
+                "BIOS state: no device at port {port:#x}"
+            )));
+        }
+    }
     Ok(())
 }
 

@@ -100,6 +100,9 @@ impl Machine {
         if cfg.testdev {
             crate::firmware::attach_testdev(vm.as_ref(), &io)?;
         }
+        if boot.as_ref().map(|b| b.entry_kind) == Some(kvmbox_arch::EntryKind::Multiboot) {
+            crate::firmware::bios_state(&io, &mem)?;
+        }
         let virtio = attach_virtio(cfg, vm.as_ref(), &io, &mem, devices, &mmio_slots)?;
 
         let mut vcpus = Vec::new();

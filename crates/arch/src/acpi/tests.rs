@@ -36,7 +36,7 @@ fn table(mem: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
         "checksum of {}",
         String::from_utf8_lossy(&t[..4])
     );
-    assert!(addr + len as u64 <= layout::BIOS_END);
+    assert!(addr + len as u64 <= layout::BIOS_STUBS_START);
     t
 }
 
