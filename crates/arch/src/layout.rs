@@ -75,6 +75,10 @@ pub const MEM_32BIT_GAP_SIZE: u64 = 0x4000_0000;
 /// First address above 4 GiB.
 pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
 
+/// The PCI port window: I/O BARs go here (the top quarter of the port space, as on PCs).
+pub const PCI_IO_START: u16 = 0xc000;
+/// Size of the PCI port window.
+pub const PCI_IO_SIZE: u16 = 0x4000;
 /// PCI 32-bit BAR window.
 pub const PCI_MMIO32_START: u64 = 0xc000_0000;
 /// Size of the PCI 32-bit BAR window.

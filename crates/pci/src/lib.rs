@@ -9,7 +9,8 @@
 //! - [`PciRoot`]: bus 0 with the host bridge at 00:00.0, BAR allocation in
 //!   [`kvmbox_arch::layout::PCI_MMIO32_START`], and BAR relocation on the MMIO bus when the
 //!   guest reprograms a BAR; [`PciConfigIo`] (ports 0xCF8/0xCFC) and [`PciConfigMmio`] (ECAM)
-//!   are the two ways in.
+//!   are the two ways in; I/O BARs go in [`kvmbox_arch::layout::PCI_IO_START`]'s port window.
+//! - [`PciTestDev`]: QEMU's pci-testdev as kvm-unit-tests use it (behind `--testdev`).
 
 #![warn(missing_docs)]
 
@@ -17,6 +18,7 @@ mod config;
 mod device;
 mod msix;
 mod root;
+mod testdev;
 
 pub use config::persist::PciConfigState;
 pub use config::{
@@ -27,6 +29,7 @@ pub use device::PciDevice;
 pub use msix::persist::MsixState;
 pub use msix::{MsixConfig, MSIX_PBA_ENTRY_SIZE, MSIX_TABLE_ENTRY_SIZE};
 pub use root::{PciConfigIo, PciConfigMmio, PciRoot, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID};
+pub use testdev::{PciTestDev, PCI_TESTDEV_DEVICE_ID, PCI_TESTDEV_VENDOR_ID};
 
 /// Errors from building PCI devices and the PCI root.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +55,6 @@ pub enum Error {
     /// All 31 device slots of bus 0 are used.
     #[error("PCI bus 0 has no free device slot")]
     NoSlot,
-    /// I/O-space BARs are not placed by the root (there is no PCI I/O window).
-    #[error("BAR {0} is an I/O BAR; the PCI root only places memory BARs")]
-    IoBar(usize),
     /// MSI-X needs between 1 and 2048 vectors.
     #[error("MSI-X vector count {0} is outside 1..=2048")]
     MsixVectors(usize),

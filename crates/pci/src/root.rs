@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, Weak};
 use kvmbox_arch::layout;
 use kvmbox_devices::{BusDevice, IoBus};
 
-use crate::config::{BarKind, PciConfiguration, PciHeader, COMMAND_MEMORY_SPACE, NUM_BARS};
+use crate::config::{
+    BarKind, PciConfiguration, PciHeader, COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE, NUM_BARS,
+};
 use crate::device::PciDevice;
 use crate::{Error, Result};
 
@@ -33,18 +35,23 @@ impl PciDevice for HostBridge {
 struct Slot {
     pci: Arc<Mutex<dyn PciDevice>>,
     bars: Option<Arc<Mutex<dyn BusDevice>>>,
-    /// Where each BAR sits on the MMIO bus now.
+    /// Where each BAR sits on its bus (ports for an I/O BAR, MMIO otherwise) now.
     mapped: [Option<u64>; NUM_BARS],
 }
 
-/// PCI bus 0. Owns the devices' slots, places their BARs in the 32-bit PCI window and keeps
-/// each BAR on the MMIO bus at the address the guest programmed, while memory decoding is on.
+/// PCI bus 0. Owns the devices' slots, places their memory BARs in the 32-bit PCI window and
+/// their I/O BARs in the PCI port window, and keeps each BAR on the MMIO or port bus at the
+/// address the guest programmed, while memory or I/O decoding is on.
 pub struct PciRoot {
     slots: BTreeMap<u8, Slot>,
     io: Weak<IoBus>,
     next_bar: u64,
     bar_end: u64,
+    next_io_bar: u64,
 }
+
+/// First port after the x86 port space.
+const PORT_SPACE_END: u64 = 0x1_0000;
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -77,11 +84,12 @@ impl PciRoot {
             io,
             next_bar: layout::PCI_MMIO32_START,
             bar_end: layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE,
+            next_io_bar: u64::from(layout::PCI_IO_START),
         }
     }
 
-    /// Plug `dev` into the first free slot: give each of its BARs an address in the PCI window
-    /// and map them on the MMIO bus. Returns the device number (bus 0, function 0).
+    /// Plug `dev` into the first free slot: give each of its BARs an address in the PCI memory
+    /// or port window and map them. Returns the device number (bus 0, function 0).
     pub fn add_device<T: PciDevice + BusDevice + 'static>(
         &mut self,
         dev: Arc<Mutex<T>>,
@@ -92,25 +100,30 @@ impl PciRoot {
         {
             let mut d = lock(&dev);
             let mut next = self.next_bar;
+            let mut next_io = self.next_io_bar;
+            let io_end = u64::from(layout::PCI_IO_START) + u64::from(layout::PCI_IO_SIZE);
             let mut placed = Vec::new();
             for i in 0..NUM_BARS {
                 let Some(spec) = d.config().bar(i) else {
                     continue;
                 };
-                if spec.kind == BarKind::Io {
-                    return Err(Error::IoBar(i));
-                }
-                let base = next
+                let (cursor, end) = if spec.kind == BarKind::Io {
+                    (&mut next_io, io_end)
+                } else {
+                    (&mut next, self.bar_end)
+                };
+                let base = cursor
                     .checked_next_multiple_of(spec.size)
-                    .filter(|b| b.checked_add(spec.size).is_some_and(|e| e <= self.bar_end))
+                    .filter(|b| b.checked_add(spec.size).is_some_and(|e| e <= end))
                     .ok_or(Error::WindowFull(spec.size))?;
                 placed.push((i, base));
-                next = base + spec.size;
+                *cursor = base + spec.size;
             }
             for (i, base) in placed {
                 d.config_mut().set_bar_address(i, base)?;
             }
             self.next_bar = next;
+            self.next_io_bar = next_io;
         }
         let pci: Arc<Mutex<dyn PciDevice>> = dev.clone();
         let bars: Arc<Mutex<dyn BusDevice>> = dev;
@@ -126,12 +139,12 @@ impl PciRoot {
         Ok(slot)
     }
 
-    /// Where BAR `bar` of device `slot` is mapped on the MMIO bus now.
+    /// Where BAR `bar` of device `slot` is mapped (on the port bus for an I/O BAR) now.
     pub fn bar_mapping(&self, slot: u8, bar: usize) -> Option<u64> {
         self.slots.get(&slot)?.mapped.get(bar).copied().flatten()
     }
 
-    /// Bring the MMIO bus in line with the device's BARs and command register.
+    /// Bring the MMIO and port buses in line with the device's BARs and command register.
     fn remap(&mut self, slot: u8) -> Result<()> {
         let io = self.io.upgrade().ok_or(Error::BusGone)?;
         let Some(s) = self.slots.get_mut(&slot) else {
@@ -142,30 +155,36 @@ impl PciRoot {
         };
         let d = lock(&s.pci);
         let cfg = d.config();
-        let decode = cfg.command() & COMMAND_MEMORY_SPACE != 0;
         let mut result = Ok(());
         for i in 0..NUM_BARS {
-            let spec = cfg.bar(i);
-            let want = match (spec, cfg.bar_address(i)) {
-                (Some(spec), Some(addr))
-                    if decode
-                        && spec.kind != BarKind::Io
-                        && addr != 0
-                        && addr.checked_add(spec.size).is_some() =>
-                {
-                    Some((addr, spec.size))
-                }
-                _ => None,
+            let Some(spec) = cfg.bar(i) else {
+                continue;
             };
-            if want.map(|w| w.0) == s.mapped[i] {
+            let (bus, decode, end) = if spec.kind == BarKind::Io {
+                (
+                    &io.pio,
+                    cfg.command() & COMMAND_IO_SPACE != 0,
+                    PORT_SPACE_END,
+                )
+            } else {
+                (
+                    &io.mmio,
+                    cfg.command() & COMMAND_MEMORY_SPACE != 0,
+                    u64::MAX,
+                )
+            };
+            let want = cfg.bar_address(i).filter(|&addr| {
+                decode && addr != 0 && addr.checked_add(spec.size).is_some_and(|e| e <= end)
+            });
+            if want == s.mapped[i] {
                 continue;
             }
             if let Some(old) = s.mapped[i].take() {
-                io.mmio.remove(old);
+                bus.remove(old);
             }
-            if let Some((addr, size)) = want {
+            if let Some(addr) = want {
                 // A BAR moved on top of another device stays unmapped until moved again.
-                match io.mmio.insert(bars.clone(), addr, size) {
+                match bus.insert(bars.clone(), addr, spec.size) {
                     Ok(()) => s.mapped[i] = Some(addr),
                     Err(e) => result = Err(e.into()),
                 }
@@ -247,7 +266,11 @@ impl PciConfigIo {
             (a >> 16) as u8,
             ((a >> 11) & 0x1f) as u8,
             ((a >> 8) & 0x7) as u8,
-            (a & 0xfc) as usize + data_offset as usize,
+            // Bits 1:0 of the address register select the byte as the data port's own offset
+            // does: chipsets keep them 0 and Linux writes them 0, but QEMU honours them and
+            // kvm-unit-tests relies on it (`outl(0x80000000 | devfn << 8 | 2, 0xcf8)`, then
+            // `inw(0xcfc)` for the device ID).
+            (a & 0xfc) as usize + ((a & 0x3) as usize | data_offset as usize),
         ))
     }
 }
@@ -461,6 +484,10 @@ mod tests {
         let mut w = [0u8; 2];
         s.io.pio_read(0xcfe, &mut w);
         assert_eq!(u16::from_le_bytes(w), 0x0d57);
+        // As under QEMU: the low bits of the address register offset the data port.
+        s.io.pio_write(0xcf8, &0x8000_0002u32.to_le_bytes());
+        s.io.pio_read(0xcfc, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x0d57);
     }
 
     #[test]
@@ -521,14 +548,44 @@ mod tests {
     }
 
     #[test]
-    fn io_bars_and_full_window_are_errors() {
+    fn io_bars_are_placed_in_the_port_window_and_follow_io_decoding() {
+        use kvmbox_cpu::IoHandler;
         let s = setup();
-        let r = s
-            .root
-            .lock()
-            .unwrap()
-            .add_device(dev(&[(1, BarKind::Io, 0x20)]));
-        assert!(matches!(r, Err(Error::IoBar(1))));
+        let a = dev(&[(0, BarKind::Mem32, 0x1000), (1, BarKind::Io, 0x100)]);
+        let slot = s.root.lock().unwrap().add_device(a.clone()).unwrap();
+        let port = u64::from(ecam_read(&s.io, slot, 0x14));
+        assert_eq!(port & 0x3, 0x1, "an I/O BAR");
+        let port = port & !0x3;
+        assert_eq!(port, u64::from(layout::PCI_IO_START));
+        assert_eq!(s.root.lock().unwrap().bar_mapping(slot, 1), Some(port));
+        s.io.pio_write(port as u16 + 4, &[7]);
+        assert_eq!(a.lock().unwrap().writes, vec![(port, 4, vec![7])]);
+        // I/O decoding off: the ports go; the memory BAR stays.
+        ecam_write(&s.io, slot, 0x4, u32::from(COMMAND_MEMORY_SPACE));
+        assert_eq!(s.root.lock().unwrap().bar_mapping(slot, 1), None);
+        assert!(s.root.lock().unwrap().bar_mapping(slot, 0).is_some());
+        // A guest move past the end of the port space is not mapped (no panic, no wrap).
+        ecam_write(&s.io, slot, 0x14, 0xffff_ff01);
+        ecam_write(
+            &s.io,
+            slot,
+            0x4,
+            u32::from(COMMAND_MEMORY_SPACE | COMMAND_IO_SPACE),
+        );
+        assert_eq!(s.root.lock().unwrap().bar_mapping(slot, 1), None);
+        ecam_write(&s.io, slot, 0x14, 0xd001);
+        assert_eq!(s.root.lock().unwrap().bar_mapping(slot, 1), Some(0xd000));
+        // The port window fills up like the memory window.
+        let big = dev(&[(0, BarKind::Io, u64::from(layout::PCI_IO_SIZE))]);
+        assert!(matches!(
+            s.root.lock().unwrap().add_device(big),
+            Err(Error::WindowFull(_))
+        ));
+    }
+
+    #[test]
+    fn full_window_and_full_bus_are_errors() {
+        let s = setup();
         let big = dev(&[(0, BarKind::Mem64, layout::PCI_MMIO32_SIZE * 2)]);
         assert!(matches!(
             s.root.lock().unwrap().add_device(big),
