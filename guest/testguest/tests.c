@@ -102,7 +102,27 @@ int test_testdev(const char *arg)
 	outl(0xe0, 0x12345678);
 	u32 word = inl(0xe0);
 	u8 byte = inb(0xe9);
-	printk("KVMBOX-TEST testdev ioport=0x%x byte=0x%x\n", word, byte);
+	/* pci-testdev (1b36:0005): on its port BAR, select test 2 (its header names it and its
+	 * width), write its value at its offset 3 times, read the count back. */
+	u32 bdf, count = 0, width = 0;
+	char name[16] = "-";
+	int pci = pci_find_id(0x00051b36, &bdf);
+	if (pci) {
+		u16 io = (u16)(pci_read(bdf, 0x14) & ~3u);
+		outb(io, 2);
+		width = inb(io + 1);
+		u32 off = inl(io + 4), data = inl(io + 8);
+		for (int i = 0; i < 3 && width == 4; i++)
+			outl(io + off, data);
+		count = inl(io + 12);
+		for (u32 i = 0; i < sizeof(name) - 1; i++)
+			if (!(name[i] = (char)inb(io + 0x10 + i)))
+				break;
+		name[sizeof(name) - 1] = 0;
+	}
+	printk("KVMBOX-TEST testdev ioport=0x%x byte=0x%x pci=%s pci_test=%s pci_width=%u "
+	       "pci_count=%u\n",
+	       word, byte, pci ? "found" : "absent", name, width, count);
 	return 0;
 }
 

@@ -173,6 +173,8 @@ void *vblk_alloc(u64 bytes);
 const char *vblk_write(u64 sector, void *buf, u64 bytes);
 const char *vblk_read(u64 sector, void *buf, u64 bytes);
 const char *vblk_flush(void);
+u32 pci_read(u32 bdf, u32 off);
+int pci_find_id(u32 want, u32 *bdf);
 void vblk_close(void);
 
 /* records.c: numbered, checksummed disk records (crash consistency and soak) */

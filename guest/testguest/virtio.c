@@ -137,7 +137,7 @@ static inline void mmio_write16(u64 a, u16 v)
 	*(volatile u16 *)a = v;
 }
 
-static u32 pci_read(u32 bdf, u32 off)
+u32 pci_read(u32 bdf, u32 off)
 {
 	outl(PCI_CONFIG_ADDRESS, 0x80000000u | (bdf << 8) | (off & 0xfc));
 	return inl(PCI_CONFIG_DATA);
@@ -149,10 +149,9 @@ static void pci_write(u32 bdf, u32 off, u32 v)
 	outl(PCI_CONFIG_DATA, v);
 }
 
-/* The first function on bus 0 with vendor 0x1af4 and device 0x1040 + type; 1 if found. */
-static int pci_find(u16 type, u32 *bdf)
+/* The first function on bus 0 whose ID register (device << 16 | vendor) is `want`; 1 if found. */
+int pci_find_id(u32 want, u32 *bdf)
 {
-	u32 want = ((u32)(VIRTIO_DEVICE_BASE + type) << 16) | VIRTIO_VENDOR;
 	for (u32 dev = 0; dev < 32; dev++) {
 		for (u32 fn = 0; fn < 8; fn++) {
 			u32 b = (dev << 3) | fn;
@@ -171,6 +170,12 @@ static int pci_find(u16 type, u32 *bdf)
 		}
 	}
 	return 0;
+}
+
+/* The first virtio function (vendor 0x1af4, device 0x1040 + type); 1 if found. */
+static int pci_find(u16 type, u32 *bdf)
+{
+	return pci_find_id(((u32)(VIRTIO_DEVICE_BASE + type) << 16) | VIRTIO_VENDOR, bdf);
 }
 
 /* Address of memory BAR `bar` (32- or 64-bit); 0 if it is absent, I/O or unassigned. */

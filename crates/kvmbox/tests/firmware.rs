@@ -137,6 +137,12 @@ fn testdev_is_off_by_default() {
         on.assert_guest_ok();
         assert_eq!(on.get("testdev", "ioport"), "0x12345678", "{accel}");
         assert_eq!(on.get("testdev", "byte"), "0x56", "{accel}");
+        // pci-testdev on PCI bus 0, its port BAR placed and decoding: test 2 counts 3 writes.
+        assert_eq!(off.get("testdev", "pci"), "absent", "{accel}");
+        assert_eq!(on.get("testdev", "pci"), "found", "{accel}");
+        assert_eq!(on.get("testdev", "pci_test"), "dword", "{accel}");
+        assert_eq!(on.get("testdev", "pci_width"), "4", "{accel}");
+        assert_eq!(on.get("testdev", "pci_count"), "3", "{accel}");
     }
 }
 

@@ -1,6 +1,6 @@
 //! The devices that tell firmware and test kernels about the machine, as QEMU's PC has them:
-//! fw_cfg (always) and pc-testdev (with `--testdev`); and the state a BIOS leaves behind for
-//! multiboot kernels.
+//! fw_cfg (always), pc-testdev and pci-testdev (with `--testdev`); and the state a BIOS leaves
+//! behind for multiboot kernels.
 
 use crate::vm::{Error, Result};
 use kvmbox_arch::{layout, BootSetup};
@@ -106,5 +106,16 @@ pub(crate) fn attach_testdev(vm: &dyn Vm, io: &IoBus) -> Result<()> {
         layout::TESTDEV_IOMEM_START,
         layout::TESTDEV_IOMEM_SIZE,
     )?;
+    Ok(())
+}
+
+/// Put QEMU's pci-testdev on PCI bus 0 (there is a bus with `--virtio pci`, the default).
+pub(crate) fn attach_pci_testdev(root: &Mutex<kvmbox_pci::PciRoot>) -> Result<()> {
+    let pci = |e: kvmbox_pci::Error| Error::Device(format!("pci-testdev: {e}"));
+    let dev = Arc::new(Mutex::new(kvmbox_pci::PciTestDev::new().map_err(pci)?));
+    root.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .add_device(dev)
+        .map_err(pci)?;
     Ok(())
 }

@@ -104,6 +104,9 @@ impl Machine {
             crate::firmware::bios_state(&io, &mem)?;
         }
         let virtio = attach_virtio(cfg, vm.as_ref(), &io, &mem, devices, &mmio_slots)?;
+        if let (true, Some(root)) = (cfg.testdev, &virtio.pci_root) {
+            crate::firmware::attach_pci_testdev(root)?;
+        }
 
         let mut vcpus = Vec::new();
         for id in 0..cfg.cpus {
