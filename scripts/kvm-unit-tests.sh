@@ -172,6 +172,8 @@ parse_cfg | while IFS='|' read -r name file smp args qp arch to acc grp chk; do
         [[ " $grp " == *" nodefault "* ]] && continue
     fi
     [ -f "$kut/x86/$file" ] || continue
+    # run_tests.sh evaluates test_args in the shell (kvmclock_test passes `date +%s`).
+    args=$(eval "echo $args")
     to=${to:-90}
     to=${to%s}
     [ -n "$timeout_override" ] && to=$timeout_override
