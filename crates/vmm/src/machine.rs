@@ -60,40 +60,37 @@ impl Machine {
             Some(mem) => (mem, false),
             None => (kvmbox_arch::guest_memory(cfg.memory)?, true),
         };
-        // The kernel goes in first: a bad image is the user's most likely mistake, and it
-        // should be reported as such whatever the backend.
-        let devices = virtio_devices(cfg)?;
-        let mmio_slots = mmio_slots(cfg, devices.len())?;
-        let mut cmdline = cfg.cmdline.clone();
-        for &(base, gsi) in &mmio_slots {
-            cmdline.push(' ');
-            cmdline.push_str(&cmdline_arg(base, gsi));
-        }
-        let mut acpi = kvmbox_arch::AcpiConfig::new(cfg.cpus);
-        // kvmbox's i8042 is only the reset line (Linux's reboot=k writes 0xfe to port 0x64
-        // either way): advertising a PS/2 controller would make Linux probe a keyboard that is
-        // not there.
-        acpi.i8042 = false;
-        if cfg.virtio == crate::config::VirtioTransport::Pci {
-            acpi.pci = Some(kvmbox_arch::PciHostBridge::new());
-        }
-        let boot = if fresh {
-            let rsdp = kvmbox_arch::create_acpi_tables_with(&mem, &acpi)?;
-            let mut params = kvmbox_arch::LoadParams::new(&cfg.kernel, &cmdline, cfg.memory);
-            params.initrd = cfg.initrd.as_deref();
-            params.cpus = cfg.cpus;
-            params.prefer_pvh = cfg.pvh;
-            params.rsdp = Some(rsdp);
-            // The software engine would spend tens of millions of instructions in a bzImage's
-            // own decompressor: unpack the kernel on the host instead.
-            params.host_decompress = accel == Accel::Emu;
-            params.modules = cfg.modules.clone();
-            Some(kvmbox_arch::load(&mem, &params)?)
-        } else {
-            None
+        // KVM's VM (creating it, mapping guest memory into it, reading the CPUID KVM
+        // supports) is kernel work that needs nothing of the kernel image or the firmware
+        // tables: it runs on a second thread while this one opens the devices and loads those
+        // (each takes ~0.5-1 ms here). Without a thread, it is done after them.
+        let (kvm_vm, loaded) = std::thread::scope(|s| {
+            let kvm_vm = (accel == Accel::Kvm)
+                .then(|| {
+                    std::thread::Builder::new()
+                        .name("kvm-setup".into())
+                        .spawn_scoped(s, || kvmbox_cpu::kvm::KvmVm::new(&mem))
+                        .ok()
+                })
+                .flatten();
+            let loaded = load(cfg, accel, &mem, fresh);
+            (kvm_vm.map(|h| h.join()), loaded)
+        });
+        // The kernel's errors come first: a bad image is the user's most likely mistake, and
+        // it should be reported as such whatever the backend.
+        let Loaded {
+            devices,
+            mmio_slots,
+            cmdline,
+            boot,
+        } = loaded?;
+        let kvm_vm = match kvm_vm {
+            None => None,
+            Some(Ok(vm)) => Some(vm?),
+            Some(Err(_)) => return Err(Error::Host("setting up the KVM VM failed".into())),
         };
         let io = Arc::new(IoBus::default());
-        let (vm, irq_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
+        let (vm, irq_platform) = create_backend(accel, &mem, cfg.cpus, &io, kvm_vm)?;
         check_cpus(cfg.cpus, vm.name(), vm.max_vcpus())?;
         let platform = add_legacy_devices(vm.as_ref(), &io, control)?;
         crate::firmware::attach_fw_cfg(&io, &mem, cfg.cpus, cfg.memory, boot.as_ref(), &cmdline)?;
@@ -229,6 +226,61 @@ impl Machine {
         drop((platform, virtio, irq_platform, io));
         Backend { vm, mem }
     }
+}
+
+/// What [`load`] prepared: the virtio devices (opened), their MMIO slots, the kernel command
+/// line with their `virtio_mmio.device=` arguments, and the boot vCPU's state (none for
+/// restored memory).
+struct Loaded {
+    devices: Vec<Box<dyn kvmbox_virtio::VirtioDevice>>,
+    mmio_slots: Vec<(u64, u32)>,
+    cmdline: String,
+    boot: Option<kvmbox_arch::BootSetup>,
+}
+
+/// Open the virtio devices and, into `fresh` memory, put the firmware tables and the kernel.
+fn load(
+    cfg: &VmConfig,
+    accel: Accel,
+    mem: &kvmbox_cpu::GuestMemory,
+    fresh: bool,
+) -> Result<Loaded, Error> {
+    let devices = virtio_devices(cfg)?;
+    let mmio_slots = mmio_slots(cfg, devices.len())?;
+    let mut cmdline = cfg.cmdline.clone();
+    for &(base, gsi) in &mmio_slots {
+        cmdline.push(' ');
+        cmdline.push_str(&cmdline_arg(base, gsi));
+    }
+    let mut acpi = kvmbox_arch::AcpiConfig::new(cfg.cpus);
+    // kvmbox's i8042 is only the reset line (Linux's reboot=k writes 0xfe to port 0x64
+    // either way): advertising a PS/2 controller would make Linux probe a keyboard that is
+    // not there.
+    acpi.i8042 = false;
+    if cfg.virtio == crate::config::VirtioTransport::Pci {
+        acpi.pci = Some(kvmbox_arch::PciHostBridge::new());
+    }
+    let boot = if fresh {
+        let rsdp = kvmbox_arch::create_acpi_tables_with(mem, &acpi)?;
+        let mut params = kvmbox_arch::LoadParams::new(&cfg.kernel, &cmdline, cfg.memory);
+        params.initrd = cfg.initrd.as_deref();
+        params.cpus = cfg.cpus;
+        params.prefer_pvh = cfg.pvh;
+        params.rsdp = Some(rsdp);
+        // The software engine would spend tens of millions of instructions in a bzImage's
+        // own decompressor: unpack the kernel on the host instead.
+        params.host_decompress = accel == Accel::Emu;
+        params.modules = cfg.modules.clone();
+        Some(kvmbox_arch::load(mem, &params)?)
+    } else {
+        None
+    };
+    Ok(Loaded {
+        devices,
+        mmio_slots,
+        cmdline,
+        boot,
+    })
 }
 
 /// What is left of a stopped [`Machine`]: the backend's VM and the guest memory. Dropping it
