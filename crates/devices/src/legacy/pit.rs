@@ -226,6 +226,14 @@ impl TimerThread {
         })
     }
 
+    /// Whether the thread has been started.
+    pub fn is_started(&self) -> bool {
+        self.handle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     fn start<D: TimedDevice + 'static>(
         name: &str,
         dev: Arc<Mutex<D>>,
