@@ -60,37 +60,16 @@ impl Machine {
             Some(mem) => (mem, false),
             None => (kvmbox_arch::guest_memory(cfg.memory)?, true),
         };
-        // KVM's VM (creating it, mapping guest memory into it, reading the CPUID KVM
-        // supports) is kernel work that needs nothing of the kernel image or the firmware
-        // tables: it runs on a second thread while this one opens the devices and loads those
-        // (each takes ~0.5-1 ms here). Without a thread, it is done after them.
-        let (kvm_vm, loaded) = std::thread::scope(|s| {
-            let kvm_vm = (accel == Accel::Kvm)
-                .then(|| {
-                    std::thread::Builder::new()
-                        .name("kvm-setup".into())
-                        .spawn_scoped(s, || kvmbox_cpu::kvm::KvmVm::new(&mem))
-                        .ok()
-                })
-                .flatten();
-            let loaded = load(cfg, accel, &mem, fresh);
-            (kvm_vm.map(|h| h.join()), loaded)
-        });
-        // The kernel's errors come first: a bad image is the user's most likely mistake, and
-        // it should be reported as such whatever the backend.
+        // The kernel goes in first: a bad image is the user's most likely mistake, and it
+        // should be reported as such whatever the backend.
         let Loaded {
             devices,
             mmio_slots,
             cmdline,
             boot,
-        } = loaded?;
-        let kvm_vm = match kvm_vm {
-            None => None,
-            Some(Ok(vm)) => Some(vm?),
-            Some(Err(_)) => return Err(Error::Host("setting up the KVM VM failed".into())),
-        };
+        } = load(cfg, accel, &mem, fresh)?;
         let io = Arc::new(IoBus::default());
-        let (vm, irq_platform) = create_backend(accel, &mem, cfg.cpus, &io, kvm_vm)?;
+        let (vm, irq_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
         check_cpus(cfg.cpus, vm.name(), vm.max_vcpus())?;
         let platform = add_legacy_devices(vm.as_ref(), &io, control)?;
         crate::firmware::attach_fw_cfg(&io, &mem, cfg.cpus, cfg.memory, boot.as_ref(), &cmdline)?;

@@ -99,22 +99,17 @@ pub struct IrqPlatform {
     _pit_timer: TimerThread,
 }
 
-/// The backend's VM for `accel` with its interrupt controllers and PIT on `io`. On KVM,
-/// `kvm_vm` is the VM if it was created already (with `mem` mapped into it).
+/// The backend's VM for `accel` with its interrupt controllers and PIT on `io`.
 pub(crate) fn create_backend(
     accel: Accel,
     mem: &kvmbox_cpu::GuestMemory,
     cpus: u32,
     io: &IoBus,
-    kvm_vm: Option<kvmbox_cpu::kvm::KvmVm>,
 ) -> Result<(Box<dyn Vm>, IrqPlatform)> {
     let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
     let (vm, chip): (Box<dyn Vm>, kvmbox_irqchip::IrqChip) = match accel {
         Accel::Kvm => {
-            let vm = match kvm_vm {
-                Some(vm) => vm,
-                None => kvmbox_cpu::kvm::KvmVm::new(mem)?,
-            };
+            let vm = kvmbox_cpu::kvm::KvmVm::new(mem)?;
             let chip = kvmbox_irqchip::IrqChip::with_lapic_bus(clock.clone(), vm.lapic_bus());
             vm.set_platform_irq(Arc::new(chip.clone()))?;
             (Box::new(vm), chip)
