@@ -62,12 +62,36 @@ impl Machine {
         };
         // The kernel goes in first: a bad image is the user's most likely mistake, and it
         // should be reported as such whatever the backend.
-        let Loaded {
-            devices,
-            mmio_slots,
-            cmdline,
-            boot,
-        } = load(cfg, accel, &mem, fresh)?;
+        let devices = virtio_devices(cfg)?;
+        let mmio_slots = mmio_slots(cfg, devices.len())?;
+        let mut cmdline = cfg.cmdline.clone();
+        for &(base, gsi) in &mmio_slots {
+            cmdline.push(' ');
+            cmdline.push_str(&cmdline_arg(base, gsi));
+        }
+        let mut acpi = kvmbox_arch::AcpiConfig::new(cfg.cpus);
+        // kvmbox's i8042 is only the reset line (Linux's reboot=k writes 0xfe to port 0x64
+        // either way): advertising a PS/2 controller would make Linux probe a keyboard that is
+        // not there.
+        acpi.i8042 = false;
+        if cfg.virtio == crate::config::VirtioTransport::Pci {
+            acpi.pci = Some(kvmbox_arch::PciHostBridge::new());
+        }
+        let boot = if fresh {
+            let rsdp = kvmbox_arch::create_acpi_tables_with(&mem, &acpi)?;
+            let mut params = kvmbox_arch::LoadParams::new(&cfg.kernel, &cmdline, cfg.memory);
+            params.initrd = cfg.initrd.as_deref();
+            params.cpus = cfg.cpus;
+            params.prefer_pvh = cfg.pvh;
+            params.rsdp = Some(rsdp);
+            // The software engine would spend tens of millions of instructions in a bzImage's
+            // own decompressor: unpack the kernel on the host instead.
+            params.host_decompress = accel == Accel::Emu;
+            params.modules = cfg.modules.clone();
+            Some(kvmbox_arch::load(&mem, &params)?)
+        } else {
+            None
+        };
         let io = Arc::new(IoBus::default());
         let (vm, irq_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
         check_cpus(cfg.cpus, vm.name(), vm.max_vcpus())?;
@@ -205,61 +229,6 @@ impl Machine {
         drop((platform, virtio, irq_platform, io));
         Backend { vm, mem }
     }
-}
-
-/// What [`load`] prepared: the virtio devices (opened), their MMIO slots, the kernel command
-/// line with their `virtio_mmio.device=` arguments, and the boot vCPU's state (none for
-/// restored memory).
-struct Loaded {
-    devices: Vec<Box<dyn kvmbox_virtio::VirtioDevice>>,
-    mmio_slots: Vec<(u64, u32)>,
-    cmdline: String,
-    boot: Option<kvmbox_arch::BootSetup>,
-}
-
-/// Open the virtio devices and, into `fresh` memory, put the firmware tables and the kernel.
-fn load(
-    cfg: &VmConfig,
-    accel: Accel,
-    mem: &kvmbox_cpu::GuestMemory,
-    fresh: bool,
-) -> Result<Loaded, Error> {
-    let devices = virtio_devices(cfg)?;
-    let mmio_slots = mmio_slots(cfg, devices.len())?;
-    let mut cmdline = cfg.cmdline.clone();
-    for &(base, gsi) in &mmio_slots {
-        cmdline.push(' ');
-        cmdline.push_str(&cmdline_arg(base, gsi));
-    }
-    let mut acpi = kvmbox_arch::AcpiConfig::new(cfg.cpus);
-    // kvmbox's i8042 is only the reset line (Linux's reboot=k writes 0xfe to port 0x64
-    // either way): advertising a PS/2 controller would make Linux probe a keyboard that is
-    // not there.
-    acpi.i8042 = false;
-    if cfg.virtio == crate::config::VirtioTransport::Pci {
-        acpi.pci = Some(kvmbox_arch::PciHostBridge::new());
-    }
-    let boot = if fresh {
-        let rsdp = kvmbox_arch::create_acpi_tables_with(mem, &acpi)?;
-        let mut params = kvmbox_arch::LoadParams::new(&cfg.kernel, &cmdline, cfg.memory);
-        params.initrd = cfg.initrd.as_deref();
-        params.cpus = cfg.cpus;
-        params.prefer_pvh = cfg.pvh;
-        params.rsdp = Some(rsdp);
-        // The software engine would spend tens of millions of instructions in a bzImage's
-        // own decompressor: unpack the kernel on the host instead.
-        params.host_decompress = accel == Accel::Emu;
-        params.modules = cfg.modules.clone();
-        Some(kvmbox_arch::load(mem, &params)?)
-    } else {
-        None
-    };
-    Ok(Loaded {
-        devices,
-        mmio_slots,
-        cmdline,
-        boot,
-    })
 }
 
 /// What is left of a stopped [`Machine`]: the backend's VM and the guest memory. Dropping it

@@ -99,7 +99,6 @@ pub struct IrqPlatform {
     _pit_timer: TimerThread,
 }
 
-/// The backend's VM for `accel` with its interrupt controllers and PIT on `io`.
 pub(crate) fn create_backend(
     accel: Accel,
     mem: &kvmbox_cpu::GuestMemory,
