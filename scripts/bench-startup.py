@@ -10,6 +10,9 @@ in turn, round after round (so host load falls on all of them alike), and report
     which has no ACPI PM block: an i8042 reset, on which it exits; Cloud Hypervisor, whose
     hardware-reduced FADT has no PM1a block and which restarts on resets: to the guest's
     `hello` line, then killed, so its figure leaves out its teardown),
+  - process start -> every process it started gone: kvmbox leaves the kernel's teardown of the
+    VM to a child that outlives it (README, "Exit status"); this script is a child subreaper,
+    so that child comes back to it and is waited for too. For the peers it equals the exit,
 medians, and the ratios kvmbox / peer. Then, per VMM:
   - resident memory beyond guest RAM: the guest runs a long ring-3 loop while /proc/PID/smaps
     is read; the RSS of the guest-RAM mapping (the anonymous mapping of the guest's size) is
@@ -28,7 +31,7 @@ and ~/.cache/kvmbox-peers/bin/cloud-hypervisor). A missing peer is reported and 
 Usage: scripts/bench-startup.py [--runs N] [--kvmbox PATH] [--baseline OLD_KVMBOX]
        [--shapes 1x128,2x128,4x128,1x2048] [--exit-count N]
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile, time
+import argparse, ctypes, json, os, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.expanduser("~/.cache/kvmbox-peers/bin")
@@ -76,15 +79,35 @@ def run_once(vmm, guest, cpus, mem_mib, tests="hello", check=True):
         t_exit = time.perf_counter() - t0
         p.kill()
         p.wait()
+        run_once.gone = t_exit * 1000
         return t_first * 1000, t_exit * 1000, (first + rest).decode(errors="replace")
     rest = p.stdout.read()
     status = p.wait()
     t_exit = time.perf_counter() - t0
+    reap_orphans()
+    t_gone = time.perf_counter() - t0
     out = (first + rest).decode(errors="replace")
     if check and (status != 0 or "KVMBOX-TEST" not in out or "result=fail" in out):
         sys.exit(f"{vmm.name}: guest run failed: status {status}: {out[:600]!r} "
                  f"{p.stderr.read()[:600]!r}")
+    run_once.gone = t_gone * 1000
     return t_first * 1000, t_exit * 1000, out
+
+
+def become_subreaper():
+    """Orphans of the VMMs (kvmbox's teardown child) are reparented to this script."""
+    PR_SET_CHILD_SUBREAPER = 36
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        sys.exit("cannot become a child subreaper (prctl PR_SET_CHILD_SUBREAPER)")
+
+
+def reap_orphans():
+    """Wait for every remaining child (the Popen ones are waited for already)."""
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
 
 
 def rss_beyond_guest(vmm, guest, mem_mib):
@@ -174,6 +197,7 @@ def main():
     ap.add_argument("--exit-count", type=int, default=20000)
     ap.add_argument("--baseline", help="another kvmbox binary to run alongside (an older build)")
     a = ap.parse_args()
+    become_subreaper()
     guest = os.path.join(ROOT, "target/guest/testguest.elf")
     subprocess.run(["bash", os.path.join(ROOT, "guest/testguest/build.sh")], check=True,
                    stdout=subprocess.DEVNULL)
@@ -191,19 +215,25 @@ def main():
         cpus, mem = (int(x) for x in shape.split("x"))
         firsts = {v.name: [] for v in vmms}
         exits = {v.name: [] for v in vmms}
+        gones = {v.name: [] for v in vmms}
         for _ in range(a.runs):
             for v in vmms:
                 f, e, _ = run_once(v, guest, cpus, mem)
                 firsts[v.name].append(f)
                 exits[v.name].append(e)
-        print(f"\n{cpus} vCPU, {mem} MiB: start -> first serial byte / start -> exit (ms)")
+                gones[v.name].append(run_once.gone)
+        print(f"\n{cpus} vCPU, {mem} MiB: start -> first serial byte / start -> exit / "
+              f"start -> all its processes gone (ms), load average now {os.getloadavg()[0]:.1f}")
         med = {n: statistics.median(x) for n, x in exits.items()}
+        gone = {n: statistics.median(x) for n, x in gones.items()}
         for v in vmms:
             e = exits[v.name]
             print(f"  {v.name:17} first byte median {statistics.median(firsts[v.name]):7.1f}   "
-                  f"exit median {med[v.name]:7.1f}  min {min(e):7.1f}  max {max(e):7.1f}")
+                  f"exit median {med[v.name]:7.1f}  min {min(e):7.1f}  max {max(e):7.1f}   "
+                  f"all gone median {gone[v.name]:7.1f}")
         for v in peers:
-            print(f"  kvmbox / {v.name}: {med['kvmbox'] / med[v.name]:.2f}")
+            print(f"  kvmbox / {v.name}: {med['kvmbox'] / med[v.name]:.2f} "
+                  f"(all gone: {gone['kvmbox'] / gone[v.name]:.2f})")
     print("\nresident memory while the guest runs (1 vCPU, 128 MiB):")
     for v in vmms:
         g, o = rss_beyond_guest(v, guest, 128)

@@ -161,8 +161,11 @@ pub(crate) fn write(
 
 /// Zero `[addr, addr + len)`.
 pub(crate) fn zero(mem: &GuestMemoryMmap, what: &'static str, addr: u64, len: u64) -> Result<()> {
-    const CHUNK: u64 = 64 << 10;
-    let zeros = [0u8; CHUNK as usize];
+    // A page of zeroes to copy from (a bigger buffer on the stack would stay resident for
+    // the life of the process).
+    const CHUNK: u64 = 4 << 10;
+    static ZEROS: [u8; CHUNK as usize] = [0; CHUNK as usize];
+    let zeros = &ZEROS;
     let mut off = 0;
     while off < len {
         let n = (len - off).min(CHUNK);

@@ -197,6 +197,12 @@ pub trait Vm: Send + Sync {
     ) -> Result<()>;
     /// The largest vCPU count this backend supports.
     fn max_vcpus(&self) -> u32;
+    /// The descriptor that keeps this VM alive in the kernel, if it has one (KVM's VM fd):
+    /// when kvmbox exits it hands the VM's release to a short-lived child process, so that
+    /// the kernel's teardown is not on its own exit path (`kvmbox_vmm::Ended::exit_process`).
+    fn kernel_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// The VM-wide guest clock a snapshot carries, in nanoseconds (KVM's kvmclock,
     /// KVM_GET_CLOCK); `None` where the backend keeps time per vCPU only.
     fn clock_ns(&self) -> Result<Option<u64>> {

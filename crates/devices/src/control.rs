@@ -1,6 +1,7 @@
 //! How devices ask the VMM to end or restart the VM.
 
-use std::sync::Mutex;
+use kvmbox_cpu::VcpuKicker;
+use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Why the guest wants the VM to stop.
@@ -21,10 +22,13 @@ pub enum ExitRequest {
 }
 
 /// Shared between devices, vCPU threads and the VMM thread. The first request wins; the
-/// event fd wakes whoever waits for the VM to end.
+/// event fd wakes whoever waits for the VM to end, and the VM's vCPUs are kicked out of guest
+/// code at once (a vCPU thread that finds a request pending ends by itself, so it is usually
+/// gone by the time the VMM thread, woken, stops the VM).
 pub struct VmControl {
     request: Mutex<Option<ExitRequest>>,
     event: EventFd,
+    kickers: Mutex<Vec<Arc<dyn VcpuKicker>>>,
 }
 
 impl VmControl {
@@ -33,17 +37,37 @@ impl VmControl {
         Ok(Self {
             request: Mutex::new(None),
             event: EventFd::new(libc::EFD_NONBLOCK)?,
+            kickers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The kickers of the running VM's vCPUs (replacing those of an earlier VM).
+    pub fn set_kickers(&self, kickers: Vec<Arc<dyn VcpuKicker>>) {
+        *self.kickers.lock().unwrap_or_else(|e| e.into_inner()) = kickers;
     }
 
     /// Ask the VMM to stop the VM. Later requests do not override the first.
     pub fn request(&self, req: ExitRequest) {
-        let mut r = self.request.lock().unwrap_or_else(|e| e.into_inner());
-        if r.is_none() {
-            *r = Some(req);
-        }
+        let first = {
+            let mut r = self.request.lock().unwrap_or_else(|e| e.into_inner());
+            let first = r.is_none();
+            if first {
+                *r = Some(req);
+            }
+            first
+        };
         // A failed write only happens when the counter would overflow: someone already woke.
         let _ = self.event.write(1);
+        if first {
+            for k in self
+                .kickers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
+                k.kick();
+            }
+        }
     }
 
     /// The pending request, if any.

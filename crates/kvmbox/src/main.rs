@@ -161,7 +161,7 @@ fn run(args: RunArgs) -> ExitCode {
         };
         let ran = kvmbox_vmm::run_restored(state, mem, accel, args.api_sock.as_deref());
         return match ran {
-            Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX)),
+            Ok(ended) => ended.exit_process(),
             Err(e) => fail(e),
         };
     }
@@ -173,7 +173,7 @@ fn run(args: RunArgs) -> ExitCode {
         },
     };
     match ran {
-        Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX)),
+        Ok(ended) => ended.exit_process(),
         Err(e) => fail(e),
     }
 }

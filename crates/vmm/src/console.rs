@@ -108,11 +108,15 @@ impl EscapeFilter {
 
 /// Forward stdin to the UART in `serial` (swapped on every boot) until EOF or `Ctrl-A x`. Runs on its own thread; it is not
 /// joined (a blocking read of stdin cannot be interrupted portably), so it holds only
-/// shared handles.
+/// shared handles. Stdin from /dev/null (scripts, benchmarks) has nothing to forward: no
+/// thread then.
 pub fn spawn_stdin_forwarder(
     serial: Arc<Mutex<Option<Arc<Mutex<SerialPort>>>>>,
     control: Arc<VmControl>,
 ) {
+    if stdin_is_dev_null() {
+        return;
+    }
     let spawn = std::thread::Builder::new()
         .name("console".into())
         .spawn(move || {
@@ -157,6 +161,17 @@ pub fn spawn_stdin_forwarder(
     if let Err(e) = spawn {
         eprintln!("kvmbox: warning: no console input: {e}");
     }
+}
+
+/// Whether stdin is the null device (character device 1:3), which only ever reads EOF.
+fn stdin_is_dev_null() -> bool {
+    // SAFETY: stat is plain data; fstat fills it and the result is checked.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on fd 0 with a valid out-param.
+    if unsafe { libc::fstat(libc::STDIN_FILENO, &mut st) } != 0 {
+        return false;
+    }
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3)
 }
 
 #[cfg(test)]

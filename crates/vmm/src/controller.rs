@@ -4,7 +4,7 @@
 
 use crate::config::{AccelChoice, FileConfig, OnReboot, Overrides, VmConfig};
 use crate::console::{spawn_stdin_forwarder, RawTerminal};
-use crate::machine::Machine;
+use crate::machine::{Backend, Machine};
 use crate::signals::StopSignals;
 use crate::state::{Action, StateError, VmState};
 use crate::vm::{Error, SerialSlot};
@@ -42,8 +42,34 @@ struct Controller {
     extras: api::Extras,
 }
 
-/// Run the VM described by `cfg` until it ends; returns kvmbox's exit status.
-pub fn run(cfg: &VmConfig) -> Result<i32> {
+/// How a run of kvmbox ended: its exit status, and what is left of the VM (its backend's VM
+/// and guest memory), released when this is dropped or by [`Ended::exit_process`].
+pub struct Ended {
+    status: i32,
+    backend: Option<Backend>,
+}
+
+impl Ended {
+    /// kvmbox's exit status.
+    pub fn status(&self) -> i32 {
+        self.status
+    }
+
+    /// End the process with the exit status (255 for one that does not fit a byte, as
+    /// `std::process::ExitCode` would). The kernel's teardown of the VM (KVM's and the
+    /// guest memory's) is left to a short-lived child process, so that the caller sees
+    /// kvmbox exit without waiting for it (see [`crate::exit`]).
+    pub fn exit_process(self) -> ! {
+        let Ended { status, backend } = self;
+        let keep: Vec<_> = backend.iter().filter_map(|b| b.vm.kernel_fd()).collect();
+        // Released by the child (or by the exit), never here.
+        std::mem::forget(backend);
+        crate::exit::exit_leaving_release(i32::from(u8::try_from(status).unwrap_or(u8::MAX)), &keep)
+    }
+}
+
+/// Run the VM described by `cfg` until it ends.
+pub fn run(cfg: &VmConfig) -> Result<Ended> {
     let signals = block_signals()?;
     Controller::new(Boot::Ready(Box::new(cfg.clone())), None)?.serve(signals)
 }
@@ -60,7 +86,7 @@ pub fn run_restored(
     mem: &Path,
     accel: Option<Accel>,
     api_sock: Option<&Path>,
-) -> Result<i32> {
+) -> Result<Ended> {
     let signals = block_signals()?;
     let api = api_sock
         .map(|p| ApiServer::start(p).map_err(|e| Error::Host(e.to_string())))
@@ -74,7 +100,7 @@ pub fn run_restored(
 
 /// `kvmbox run --api-sock PATH`: serve the API on `path`. With a kernel in `file`/`o`, boot
 /// from them right away; otherwise wait to be configured and started through the API.
-pub fn run_with_api(file: Option<FileConfig>, o: Overrides, path: &Path) -> Result<i32> {
+pub fn run_with_api(file: Option<FileConfig>, o: Overrides, path: &Path) -> Result<Ended> {
     let signals = block_signals()?;
     let boot = if api::has_kernel(file.as_ref(), &o) {
         Boot::Ready(Box::new(VmConfig::build(file, o)?))
@@ -150,14 +176,18 @@ impl Controller {
     }
 
     fn stop_machine(&mut self) {
-        if let Some(m) = self.machine.take() {
-            m.stop();
-        }
-        *self.serial_slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        drop(self.stop_keeping_backend());
     }
 
-    /// The loop: returns kvmbox's exit status when the VM ends.
-    fn serve(mut self, signals: StopSignals) -> Result<i32> {
+    /// Stop the machine short of its backend (see [`Machine::stop_keeping_backend`]).
+    fn stop_keeping_backend(&mut self) -> Option<Backend> {
+        let backend = self.machine.take().map(Machine::stop_keeping_backend);
+        *self.serial_slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        backend
+    }
+
+    /// The loop: returns how the VM ended.
+    fn serve(mut self, signals: StopSignals) -> Result<Ended> {
         // The raw-mode guard restores the terminal however the VM ends.
         let raw = RawTerminal::enable(libc::STDIN_FILENO);
         signals
@@ -170,7 +200,7 @@ impl Controller {
         }
         loop {
             if let Some(req) = self.control.pending() {
-                if let Some(status) = self.guest_request(req)? {
+                if let Some(ended) = self.guest_request(req)? {
                     self.state = VmState::Stopped;
                     self.extras.log(&format!("VM {}", self.state));
                     if req == ExitRequest::UserQuit && raw.is_some() {
@@ -178,7 +208,7 @@ impl Controller {
                         // fresh line.
                         eprint!("\r\n");
                     }
-                    return Ok(status);
+                    return Ok(ended);
                 }
                 continue;
             }
@@ -209,26 +239,29 @@ impl Controller {
     }
 
     /// The guest (or the console, or a failed vCPU) asked the VM to stop: end it, or restart
-    /// it on a reset with `--on-reboot restart`. Returns the exit status when kvmbox ends.
-    fn guest_request(&mut self, req: ExitRequest) -> Result<Option<i32>> {
-        self.stop_machine();
-        let restart = self
-            .running_cfg
-            .as_ref()
-            .is_some_and(|c| c.on_reboot == OnReboot::Restart);
-        Ok(Some(match req {
-            ExitRequest::Reset if restart => {
-                self.control.clear();
-                let cfg = self.running_cfg.take().unwrap_or_else(|| unreachable!());
-                self.start(cfg)?;
-                return Ok(None);
-            }
+    /// it on a reset with `--on-reboot restart`. Returns how it ended when kvmbox ends.
+    fn guest_request(&mut self, req: ExitRequest) -> Result<Option<Ended>> {
+        let restart = req == ExitRequest::Reset
+            && self
+                .running_cfg
+                .as_ref()
+                .is_some_and(|c| c.on_reboot == OnReboot::Restart);
+        if restart {
+            self.stop_machine();
+            self.control.clear();
+            let cfg = self.running_cfg.take().unwrap_or_else(|| unreachable!());
+            self.start(cfg)?;
+            return Ok(None);
+        }
+        let backend = self.stop_keeping_backend();
+        let status = match req {
             ExitRequest::Reset => EXIT_REBOOT,
             ExitRequest::UserQuit | ExitRequest::PowerOff => EXIT_POWEROFF,
             ExitRequest::DebugExit(v) => DebugExit::status(v),
             ExitRequest::Error => EXIT_ERROR,
             ExitRequest::Signal(sig) => crate::signals::terminated(sig),
-        }))
+        };
+        Ok(Some(Ended { status, backend }))
     }
 
     /// Check `action` against the state; the caller's fault when refused.

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod console;
 mod controller;
+mod exit;
 mod firmware;
 pub mod machine;
 pub mod signals;
@@ -14,7 +15,7 @@ pub mod vcpu;
 mod vm;
 
 pub use config::{AccelChoice, ConfigError, CpuModel, FileConfig, OnReboot, Overrides, VmConfig};
-pub use controller::{run, run_restored, run_with_api};
+pub use controller::{run, run_restored, run_with_api, Ended};
 pub use state::VmState;
 pub use vm::{Error, IrqPlatform, Platform};
 

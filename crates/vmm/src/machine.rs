@@ -129,6 +129,7 @@ impl Machine {
             }
             vcpus.push(vcpu);
         }
+        control.set_kickers(vcpus.iter().map(|v| v.kicker()).collect());
         let shared = VcpuShared {
             io: io.clone(),
             control: control.clone(),
@@ -210,9 +211,37 @@ impl Machine {
     }
 
     /// End the vCPU threads, then tear the VM down (device threads before the backend).
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        drop(self.stop_keeping_backend());
+    }
+
+    /// [`Machine::stop`] short of the backend: the vCPU threads end and the devices go (their
+    /// threads finish, disk images and TAP devices are closed), and what is left, the
+    /// backend's VM and the guest memory, is handed back to be released last.
+    pub fn stop_keeping_backend(mut self) -> Backend {
         for v in std::mem::take(&mut self.vcpus) {
             v.finish();
         }
+        let Machine {
+            platform,
+            virtio,
+            irq_platform,
+            io,
+            vm,
+            mem,
+            ..
+        } = self;
+        // In field order, as a plain drop of the machine would.
+        drop((platform, virtio, irq_platform, io));
+        Backend { vm, mem }
     }
+}
+
+/// What is left of a stopped [`Machine`]: the backend's VM and the guest memory. Dropping it
+/// releases them (the VM first).
+pub struct Backend {
+    /// The CPU backend's VM.
+    pub vm: Box<dyn Vm>,
+    /// Guest RAM.
+    pub mem: kvmbox_cpu::GuestMemory,
 }

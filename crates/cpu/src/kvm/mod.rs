@@ -404,6 +404,11 @@ impl Vm for KvmVm {
         self.max_vcpus
     }
 
+    fn kernel_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.fd.as_raw_fd())
+    }
+
     fn clock_ns(&self) -> Result<Option<u64>> {
         let c = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
         Ok(Some(c.clock))

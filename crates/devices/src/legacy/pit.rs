@@ -104,11 +104,22 @@ pub trait TimedDevice: Send {
     fn next_deadline(&self) -> Option<u64>;
 }
 
-/// Wakes a [`TimerThread`] early, when the guest reprograms its device.
+/// Wakes a [`TimerThread`] early, when the guest reprograms its device (and starts it, the
+/// first time).
 #[derive(Debug, Default)]
 pub struct TimerWaker {
     generation: Mutex<u64>,
     cv: Condvar,
+    start: Mutex<Option<Starter>>,
+}
+
+/// Starts a [`TimerThread`]'s thread.
+struct Starter(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for Starter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Starter")
+    }
 }
 
 impl TimerWaker {
@@ -116,11 +127,17 @@ impl TimerWaker {
     pub fn new() -> Self {
         Self::default()
     }
-    /// Make the timer thread recompute its deadline.
+    /// Make the timer thread recompute its deadline (starting it if it has not run yet).
     pub fn wake(&self) {
-        let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
-        *g = g.wrapping_add(1);
-        self.cv.notify_all();
+        {
+            let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+            *g = g.wrapping_add(1);
+            self.cv.notify_all();
+        }
+        let start = self.start.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(Starter(start)) = start {
+            start();
+        }
     }
     fn generation(&self) -> u64 {
         *self.generation.lock().unwrap_or_else(|e| e.into_inner())
@@ -149,15 +166,22 @@ impl TimerWaker {
 
 /// A host thread that calls [`TimedDevice::tick`] whenever the device's next deadline comes,
 /// or when the device's [`TimerWaker`] is woken. Stops when dropped.
+///
+/// The thread starts only when the device first has something to do: at once if it has a
+/// deadline already, otherwise when its waker is first woken (the guest programs the device,
+/// or a snapshot's state is put in). A guest that never uses the timer (most tiny guests do
+/// not touch the RTC's interrupts) costs no thread.
 pub struct TimerThread {
     stop: Arc<AtomicBool>,
     waker: Arc<TimerWaker>,
-    handle: Option<JoinHandle<()>>,
+    handle: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl TimerThread {
-    /// Start a thread named `name` driving `dev` by `clock`. Give the device the same `waker`
-    /// (e.g. [`Pit::set_waker`]) so reprogramming takes effect at once.
+    /// Drive `dev` by `clock` from a thread named `name`, started as described above. Give the
+    /// device the same `waker` (e.g. [`Pit::set_waker`]) so reprogramming takes effect at once.
+    /// A thread that cannot be started later is reported on stderr (the device's interrupts
+    /// then do not come).
     pub fn spawn<D: TimedDevice + 'static>(
         name: &str,
         dev: Arc<Mutex<D>>,
@@ -165,8 +189,59 @@ impl TimerThread {
         waker: Arc<TimerWaker>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, w) = (stop.clone(), waker.clone());
-        let handle = std::thread::Builder::new()
+        let handle = Arc::new(Mutex::new(None));
+        let due = dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_deadline()
+            .is_some();
+        let start = {
+            let (name, stop, waker, handle) = (
+                name.to_string(),
+                stop.clone(),
+                waker.clone(),
+                handle.clone(),
+            );
+            move || -> std::io::Result<()> {
+                let h = Self::start(&name, dev, clock, waker, stop)?;
+                *handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+                Ok(())
+            }
+        };
+        if due {
+            start()?;
+        } else {
+            let name = name.to_string();
+            *waker.start.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Starter(Box::new(move || {
+                    if let Err(e) = start() {
+                        eprintln!("kvmbox: cannot start the {name} timer thread: {e}");
+                    }
+                })));
+        }
+        Ok(Self {
+            stop,
+            waker,
+            handle,
+        })
+    }
+
+    /// Whether the thread has been started.
+    pub fn is_started(&self) -> bool {
+        self.handle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    fn start<D: TimedDevice + 'static>(
+        name: &str,
+        dev: Arc<Mutex<D>>,
+        clock: Arc<dyn Clock>,
+        w: Arc<TimerWaker>,
+        s: Arc<AtomicBool>,
+    ) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || loop {
                 if s.load(Ordering::SeqCst) {
@@ -183,20 +258,24 @@ impl TimerThread {
                 if timeout != Some(Duration::ZERO) {
                     w.wait(seen, timeout);
                 }
-            })?;
-        Ok(Self {
-            stop,
-            waker,
-            handle: Some(handle),
-        })
+            })
     }
 }
 
 impl Drop for TimerThread {
     fn drop(&mut self) {
+        // A thread not started yet never will be.
+        drop(
+            self.waker
+                .start
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         self.stop.store(true, Ordering::SeqCst);
         self.waker.wake();
-        if let Some(h) = self.handle.take() {
+        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
             let _ = h.join();
         }
     }

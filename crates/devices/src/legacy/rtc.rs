@@ -673,11 +673,19 @@ mod tests {
         rtc.set_waker(waker.clone());
         let rtc = Arc::new(Mutex::new(rtc));
         let t = TimerThread::spawn("rtc-test", rtc.clone(), clock, waker).unwrap();
+        assert!(
+            !t.is_started(),
+            "no timer thread before the RTC has something to do"
+        );
         {
             let mut r = rtc.lock().unwrap();
             wr(&mut r, 0x0a, 0x2a); // 64 Hz
             wr(&mut r, 0x0b, 0x42);
         }
+        assert!(
+            t.is_started(),
+            "programming the RTC starts its timer thread"
+        );
         // Count 12 periodic IRQs, each acknowledged by reading register C. A loaded host delays
         // and coalesces timer wake-ups, so a count within a fixed time proves nothing; instead
         // all 12 must come (the 60 s bound only catches a timer that stopped after a reg C
