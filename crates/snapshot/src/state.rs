@@ -10,7 +10,7 @@ use std::path::Path;
 pub const MAGIC: [u8; 8] = *b"KVMBOXSN";
 /// The layout of the state this build writes and reads. Bump it whenever a saved struct
 /// changes shape: an old file is then refused by name instead of misread.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 const HEADER: usize = 24;
 const TRAILER: usize = 8;

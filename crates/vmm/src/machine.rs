@@ -70,9 +70,10 @@ impl Machine {
             cmdline.push_str(&cmdline_arg(base, gsi));
         }
         let mut acpi = kvmbox_arch::AcpiConfig::new(cfg.cpus);
-        // kvmbox's i8042 is only the reset line (Linux's reboot=k writes 0xfe to port 0x64
-        // either way): advertising a PS/2 controller would make Linux probe a keyboard that is
-        // not there.
+        // kvmbox's i8042 is the reset line (Linux's reboot=k writes 0xfe to port 0x64 either
+        // way) and a keyboard that only types Ctrl+Alt+Del: advertising it would make every
+        // Linux boot probe it. A guest that wants SendCtrlAltDel passes `i8042.nopnp`, as
+        // Firecracker's guests do.
         acpi.i8042 = false;
         if cfg.virtio == crate::config::VirtioTransport::Pci {
             acpi.pci = Some(kvmbox_arch::PciHostBridge::new());
@@ -196,11 +197,16 @@ impl Machine {
             .map_err(|e| Error::Host(format!("raising the SCI: {e}")))
     }
 
-    /// Press Ctrl-Alt-Del on the i8042 keyboard.
+    /// Press and release Ctrl+Alt+Del on the i8042 keyboard (IRQ 1): Linux's atkbd turns it
+    /// into its Ctrl-Alt-Del action (a restart, or SIGINT to init).
     pub fn send_ctrl_alt_del(&self) -> Result<(), Error> {
-        Err(Error::Device(
-            "SendCtrlAltDel: kvmbox's i8042 has no keyboard".into(),
-        ))
+        let mut kbd = self
+            .platform
+            .i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        kbd.send_ctrl_alt_del()
+            .map_err(|e| Error::Device(format!("SendCtrlAltDel: {e}")))
     }
 
     /// End the vCPU threads, then tear the VM down (device threads before the backend).
