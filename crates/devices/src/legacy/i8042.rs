@@ -49,6 +49,9 @@ const CMD_KBD_DISABLE: u8 = 0xad;
 const CMD_KBD_ENABLE: u8 = 0xae;
 const CMD_READ_OUTP: u8 = 0xd0;
 const CMD_WRITE_OUTP: u8 = 0xd1;
+const CMD_WRITE_KBD_OUT: u8 = 0xd2;
+const CMD_WRITE_AUX_OUT: u8 = 0xd3;
+const CMD_WRITE_AUX: u8 = 0xd4;
 const CMD_RESET_CPU: u8 = 0xfe;
 
 /// Keyboard commands and answers (through the data port).
@@ -177,7 +180,8 @@ impl I8042 {
         match cmd {
             CMD_READ_CTR => self.answer(&[self.ctr]),
             CMD_READ_OUTP => self.answer(&[self.outp]),
-            CMD_WRITE_CTR | CMD_WRITE_OUTP => self.pending = Some(cmd),
+            CMD_WRITE_CTR | CMD_WRITE_OUTP | CMD_WRITE_KBD_OUT | CMD_WRITE_AUX_OUT
+            | CMD_WRITE_AUX => self.pending = Some(cmd),
             CMD_SELF_TEST => self.answer(&[0x55]),
             CMD_KBD_TEST => self.answer(&[0x00]),
             CMD_KBD_DISABLE => self.ctr |= CTR_KBD_DISABLE,
@@ -193,7 +197,14 @@ impl I8042 {
         self.status &= !STS_CMD;
         match self.pending.take() {
             Some(CMD_WRITE_CTR) => self.ctr = b,
-            Some(_) => self.outp = b,
+            Some(CMD_WRITE_OUTP) => self.outp = b,
+            // The byte comes back as if the keyboard had sent it.
+            Some(CMD_WRITE_KBD_OUT) => {
+                self.answer(&[b]);
+                let _ = self.interrupt();
+            }
+            // For the mouse port, which this controller does not have.
+            Some(_) => {}
             None => {
                 match b {
                     KBD_GET_ID => self.answer(&[KBD_ACK, KBD_ID[0], KBD_ID[1]]),
@@ -280,6 +291,13 @@ mod tests {
         assert_eq!(inb(&mut d, 0x60), 0xdf);
         d.write(0x64, 0, &[CMD_SELF_TEST]);
         assert_eq!(inb(&mut d, 0x60), 0x55);
+        d.write(0x64, 0, &[CMD_WRITE_KBD_OUT]);
+        d.write(0x60, 0, &[0x5a]);
+        assert_eq!(inb(&mut d, 0x60), 0x5a);
+        // Bytes for the absent mouse go nowhere (not to the keyboard, which would answer).
+        d.write(0x64, 0, &[CMD_WRITE_AUX_OUT]);
+        d.write(0x60, 0, &[0x5a]);
+        assert_eq!(inb(&mut d, 0x64) & STS_OBF, 0);
         // An empty buffer reads 0.
         assert_eq!(inb(&mut d, 0x60), 0);
     }
