@@ -9,10 +9,11 @@ use crate::vm::{
     virtio_devices, Error, IrqPlatform, Platform, VirtioDevices,
 };
 use kvmbox_cpu::{Accel, VcpuConfig, Vm};
+use kvmbox_devices::fw_cfg::FwCfg;
 use kvmbox_devices::{IoBus, VmControl};
 use kvmbox_virtio::transport::cmdline_arg;
 use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A built VM. Fields drop in order: vCPU threads first (see [`Machine::stop`]), then device
 /// threads, then the backend and its guest-memory mappings.
@@ -21,6 +22,8 @@ pub struct Machine {
     pub vcpus: Vec<VcpuHandle>,
     /// The PC platform devices (serial, i8042, ACPI PM, RTC).
     pub platform: Platform,
+    /// QEMU's firmware configuration device.
+    pub fw_cfg: Arc<Mutex<FwCfg>>,
     /// The virtio devices.
     pub virtio: VirtioDevices,
     /// The interrupt controllers (IOAPIC, PIC; the engine's LAPICs) and the PIT timer.
@@ -97,7 +100,14 @@ impl Machine {
         let (vm, irq_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
         check_cpus(cfg.cpus, vm.name(), vm.max_vcpus())?;
         let platform = add_legacy_devices(vm.as_ref(), &io, control)?;
-        crate::firmware::attach_fw_cfg(&io, &mem, cfg.cpus, cfg.memory, boot.as_ref(), &cmdline)?;
+        let fw_cfg = crate::firmware::attach_fw_cfg(
+            &io,
+            &mem,
+            cfg.cpus,
+            cfg.memory,
+            boot.as_ref(),
+            &cmdline,
+        )?;
         if cfg.testdev {
             crate::firmware::attach_testdev(vm.as_ref(), &io)?;
         }
@@ -144,6 +154,7 @@ impl Machine {
         let machine = Machine {
             vcpus: handles,
             platform,
+            fw_cfg,
             virtio,
             irq_platform,
             io,

@@ -8,6 +8,7 @@ use crate::config::{AccelChoice, CpuModel, OnReboot, VirtioTransport, VmConfig};
 use crate::machine::Machine;
 use crate::vm::Error;
 use kvmbox_cpu::{Accel, VcpuState};
+use kvmbox_devices::fw_cfg::FwCfgState;
 use kvmbox_devices::legacy::acpi_pm::persist::AcpiPmState;
 use kvmbox_devices::legacy::i8042::persist::I8042State;
 use kvmbox_devices::legacy::pit::persist::PitState;
@@ -105,6 +106,8 @@ pub struct MachineState {
     pub rtc: RtcState,
     /// The ACPI PM block.
     pub acpi_pm: AcpiPmState,
+    /// fw_cfg: its items (those of the booted kernel too) and where the guest is reading.
+    pub fw_cfg: FwCfgState,
     /// The user-space IOAPIC and PIC (both backends: KVM runs a split irqchip).
     pub irqchip: Option<IrqChipState>,
     /// The user-space PIT (both backends).
@@ -289,6 +292,7 @@ pub fn create(
             i8042: lock(&m.platform.i8042).save_state(),
             rtc: lock(&m.platform.rtc).save_state(),
             acpi_pm: lock(&m.platform.acpi_pm).save_state(),
+            fw_cfg: lock(&m.fw_cfg).state().clone(),
             irqchip: Some(m.irq_platform.chip.save_state()),
             pit: Some(lock(&m.irq_platform.pit).save_state()),
             virtio_pci: m.virtio.pci.iter().map(|d| lock(d).save_state()).collect(),
@@ -376,6 +380,9 @@ fn restore_into(m: &Machine, s: &MachineState) -> Result<()> {
         .restore_state(&s.rtc)
         .map_err(dev("RTC"))?;
     lock(&m.platform.acpi_pm).restore_state(&s.acpi_pm);
+    lock(&m.fw_cfg)
+        .restore_state(&s.fw_cfg)
+        .map_err(|e| refuse(format!("fw_cfg: {e}")))?;
     let p = &m.irq_platform;
     if let Some(chip) = &s.irqchip {
         p.chip.restore_state(chip)?;
