@@ -66,11 +66,12 @@ const KBD_ID: [u8; 2] = [0xab, 0x83];
 /// Ctrl, Alt, Del pressed, then released, in scan code set 2 (0xf0 prefixes a release, 0xe0
 /// an extended key). Firecracker sends the presses only; the releases leave no key held
 /// after a guest that handles the sequence without restarting.
-pub const CTRL_ALT_DEL: [u8; 10] = [
+pub const CTRL_ALT_DEL: [u8; 11] = [
     0x14, 0x11, 0xe0, 0x71, // Ctrl, Alt, Del down
-    0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, // Del, Alt up
+    0xe0, 0xf0, 0x71, // Del up
+    0xf0, 0x11, // Alt up
+    0xf0, 0x14, // Ctrl up
 ];
-const CTRL_UP: [u8; 2] = [0xf0, 0x14];
 
 /// Bytes the controller holds for the guest; anything beyond is dropped, as a real keyboard's
 /// buffer overflows.
@@ -124,11 +125,10 @@ impl I8042 {
         if self.ctr & CTR_KBD_DISABLE != 0 {
             return Err(KeyError::Disabled);
         }
-        let len = CTRL_ALT_DEL.len() + CTRL_UP.len();
-        if BUFFER_LEN - self.buffer.len() < len {
+        if BUFFER_LEN - self.buffer.len() < CTRL_ALT_DEL.len() {
             return Err(KeyError::BufferFull(self.buffer.len()));
         }
-        for b in CTRL_ALT_DEL.into_iter().chain(CTRL_UP) {
+        for b in CTRL_ALT_DEL {
             self.push(b);
         }
         self.interrupt().map_err(|e| KeyError::Irq(e.to_string()))
@@ -323,14 +323,38 @@ mod tests {
         while inb(&mut d, 0x64) & STS_OBF != 0 {
             got.push(inb(&mut d, 0x60));
         }
-        let want: Vec<u8> = CTRL_ALT_DEL.into_iter().chain(CTRL_UP).collect();
-        assert_eq!(got, want);
-        assert_eq!(irq.0.load(Ordering::SeqCst), want.len() as u64);
+        assert_eq!(got, CTRL_ALT_DEL);
+        // As a set-2 decoder reads it: (extended, released, code) per key event.
+        let (mut ext, mut up, mut events) = (false, false, Vec::new());
+        for b in got {
+            match b {
+                0xe0 => ext = true,
+                0xf0 => up = true,
+                code => {
+                    events.push((ext, up, code));
+                    (ext, up) = (false, false);
+                }
+            }
+        }
+        let (ctrl, alt, del) = ((false, 0x14), (false, 0x11), (true, 0x71));
+        let ev = |(e, c): (bool, u8), released| (e, released, c);
+        assert_eq!(
+            events,
+            [
+                ev(ctrl, false),
+                ev(alt, false),
+                ev(del, false),
+                ev(del, true),
+                ev(alt, true),
+                ev(ctrl, true)
+            ]
+        );
+        assert_eq!(irq.0.load(Ordering::SeqCst), CTRL_ALT_DEL.len() as u64);
 
         // A guest that does not read its keyboard: the second press is refused, not cut.
         d.send_ctrl_alt_del().unwrap();
-        assert_eq!(d.send_ctrl_alt_del(), Err(KeyError::BufferFull(12)));
-        assert_eq!(d.pending_bytes(), 12);
+        assert_eq!(d.send_ctrl_alt_del(), Err(KeyError::BufferFull(11)));
+        assert_eq!(d.pending_bytes(), 11);
         // A guest that disabled its keyboard gets nothing.
         d.write(0x64, 0, &[CMD_KBD_DISABLE]);
         assert_eq!(d.send_ctrl_alt_del(), Err(KeyError::Disabled));

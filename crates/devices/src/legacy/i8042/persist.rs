@@ -85,7 +85,7 @@ mod tests {
             b.read(0x60, 0, &mut x);
             rest.push(x[0]);
         }
-        assert_eq!(rest.len(), 11);
+        assert_eq!(rest.len(), CTRL_ALT_DEL.len() - 1);
         assert_eq!(rest[0], CTRL_ALT_DEL[1]);
 
         let mut bad = s.clone();
