@@ -643,6 +643,17 @@ fn debian_on_the_engine_pauses_and_continues_after_snapshot_sigkill_and_restore(
     back.expect("KVMBOX-LINUX disk-written", STEP);
     back.send(b"ping -c 2 -W 20 10.0.2.1 >/dev/null && echo KVMBOX-LINUX ping-after\"-ok\"\n");
     back.expect("KVMBOX-LINUX ping-after-ok", STEP);
+    // Seconds after the restore, kvm-clock (the TSC's watchdog, and sched_clock) still agrees
+    // with the TSC: a kvm-clock that restarted at 0 makes the watchdog drop the TSC.
+    back.send(b"echo KVMBOX-LINUX clocksource\"=\"$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)\n");
+    back.expect("KVMBOX-LINUX clocksource=", STEP);
+    assert_eq!(
+        first_word(&back.expect("\n", STEP)),
+        "tsc",
+        "{}",
+        back.console()
+    );
+
     // Ctrl+Alt+Del through the i8042: the kernel's default action restarts the machine
     // (the kit's init leaves it to the kernel); kvmbox exits as on any guest reset.
     ok(
@@ -656,6 +667,10 @@ fn debian_on_the_engine_pauses_and_continues_after_snapshot_sigkill_and_restore(
     assert!(
         console.contains("reboot: Restarting system"),
         "the guest's Ctrl-Alt-Del action:\n{console}"
+    );
+    assert!(
+        !console.contains("Marking clocksource"),
+        "the guest's clock watchdog fired after the restore:\n{console}"
     );
     assert!(
         !console.contains("Linux version"),
