@@ -415,5 +415,6 @@ impl BusDevice for FwCfg {
     }
 }
 
+pub mod persist;
 #[cfg(test)]
 mod tests;

@@ -128,7 +128,7 @@ pub struct Cpu {
     /// Handler for MSRs the engine does not implement.
     pub(crate) msr_hook: Option<Arc<dyn crate::irq::MsrHandler>>,
     /// The VM's kvm-clock, when the engine offers it.
-    pub(crate) kvm_clock: Option<crate::pvclock::KvmClock>,
+    pub(crate) kvm_clock: Option<crate::pvclock::SharedKvmClock>,
 }
 
 // SAFETY: `io` is only set for the duration of `Cpu::with_io`, on the thread that owns the

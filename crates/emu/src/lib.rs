@@ -30,7 +30,7 @@ pub mod vcpu;
 
 pub use cpu::Stats;
 pub use irq::{InterruptController, MsrHandler, StartupEvent};
-pub use pvclock::KvmClock;
+pub use pvclock::{KvmClock, SharedKvmClock};
 pub use state::CpuState;
 pub use vcpu::EmuVcpu;
 
@@ -61,7 +61,7 @@ pub struct EmuVm {
     irq: RwLock<Option<Arc<dyn InterruptController>>>,
     msr: RwLock<Option<Arc<dyn MsrHandler>>>,
     cpuid_overrides: RwLock<Vec<kvmbox_cpu::CpuidEntry>>,
-    kvm_clock: RwLock<Option<KvmClock>>,
+    kvm_clock: RwLock<Option<SharedKvmClock>>,
 }
 
 impl EmuVm {
@@ -80,13 +80,21 @@ impl EmuVm {
     /// starting now, for a guest TSC (the host's) running at `tsc_hz`; `tsc_stable` when the
     /// host TSC is invariant. Call before creating vCPUs.
     pub fn enable_kvm_clock(&self, tsc_hz: u64, tsc_stable: bool) {
-        *self.kvm_clock.write().unwrap_or_else(|e| e.into_inner()) =
-            Some(KvmClock::starting_now(tsc_hz, tsc_stable));
+        *self.kvm_clock.write().unwrap_or_else(|e| e.into_inner()) = Some(SharedKvmClock::new(
+            KvmClock::starting_now(tsc_hz, tsc_stable),
+        ));
     }
 
-    /// The VM's kvm-clock, if offered (plain data: what a snapshot saves).
+    /// The VM's kvm-clock, if offered, as it is now.
     pub fn kvm_clock(&self) -> Option<KvmClock> {
-        *self.kvm_clock.read().unwrap_or_else(|e| e.into_inner())
+        self.shared_kvm_clock().map(|c| c.get())
+    }
+
+    fn shared_kvm_clock(&self) -> Option<SharedKvmClock> {
+        self.kvm_clock
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Handle MSRs the engine does not implement (e.g. kvmclock) in `h`. Call before
@@ -124,7 +132,7 @@ impl EmuVm {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        c.kvm_clock = self.kvm_clock();
+        c.kvm_clock = self.shared_kvm_clock();
         c.cpuid = cpuid::build(
             id,
             1,
@@ -176,5 +184,21 @@ impl Vm for EmuVm {
 
     fn max_vcpus(&self) -> u32 {
         MAX_VCPUS
+    }
+
+    /// kvm-clock's system time now: what a snapshot carries as the VM's clock (the same
+    /// quantity as KVM's KVM_GET_CLOCK, so a snapshot moves between the backends).
+    fn clock_ns(&self) -> kvmbox_cpu::Result<Option<u64>> {
+        Ok(self.kvm_clock().map(|c| c.system_time_at(exec::host_tsc())))
+    }
+
+    /// Continue kvm-clock from a snapshot's `ns` (a new process's host TSC has nothing to do
+    /// with the old one's origin). Call before restoring the vCPUs: their kvm-clock MSRs
+    /// rewrite the time records in guest memory with the new origin.
+    fn set_clock_ns(&self, ns: u64) -> kvmbox_cpu::Result<()> {
+        if let Some(c) = self.shared_kvm_clock() {
+            c.update(|c| c.rebase(ns, exec::host_tsc()));
+        }
+        Ok(())
     }
 }

@@ -29,6 +29,7 @@ use crate::exec::host_tsc;
 use crate::mem::PhysMem;
 use kvmbox_cpu::CpuidEntry;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
 
 /// Wall clock at boot: the guest writes the GPA of a 12-byte `pvclock_wall_clock`.
 pub const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
@@ -119,6 +120,28 @@ impl KvmClock {
         self.time_info(0, 0).ns_at(tsc)
     }
 
+    /// Move the origin so that guest system time reads `ns` at host TSC `tsc` (never less, so
+    /// a restored guest's clock continues from its saved value and does not run backwards;
+    /// more by at most the rounding of the guest's own TSC-to-ns conversion). A new process
+    /// restoring a snapshot calls it with the system time saved by [`Self::system_time_at`].
+    pub fn rebase(&mut self, ns: u64, tsc: u64) {
+        let hz = u128::from(self.tsc_hz);
+        let to_ticks =
+            |ns: u64| u64::try_from(u128::from(ns) * hz / 1_000_000_000).unwrap_or(u64::MAX);
+        let mut ticks = to_ticks(ns);
+        // The guest's conversion (32.32 fixed point) rounds down: step up until it reaches
+        // `ns`. Each step closes nearly all of the gap, so a few suffice; the bound keeps a
+        // hostile value in a snapshot from looping.
+        for _ in 0..64 {
+            self.host_tsc_origin = tsc.wrapping_sub(ticks);
+            let got = self.system_time_at(tsc);
+            if got >= ns {
+                break;
+            }
+            ticks = ticks.saturating_add(to_ticks(ns - got).max(1));
+        }
+    }
+
     /// Unix time in ns at which guest system time was 0, from the host's clock now.
     pub fn boot_unix_ns(&self) -> i128 {
         let since_boot = self.system_time_at(host_tsc());
@@ -138,6 +161,28 @@ impl KvmClock {
     /// Write the `pvclock_wall_clock` at `gpa`. False when the 12 bytes are not in RAM.
     pub fn write_wall_clock(&self, phys: &PhysMem, gpa: u64) -> bool {
         write_versioned(phys, gpa, &wall_clock_bytes(0, self.boot_unix_ns()))
+    }
+}
+
+/// The VM's kvm-clock as the VM and every vCPU hold it: restoring a snapshot rebases it after
+/// the vCPUs exist, and their next record write uses the new origin.
+#[derive(Debug, Clone)]
+pub struct SharedKvmClock(Arc<RwLock<KvmClock>>);
+
+impl SharedKvmClock {
+    /// Share `clock`.
+    pub fn new(clock: KvmClock) -> Self {
+        SharedKvmClock(Arc::new(RwLock::new(clock)))
+    }
+
+    /// The clock now.
+    pub fn get(&self) -> KvmClock {
+        *self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Change it with `f`.
+    pub fn update(&self, f: impl FnOnce(&mut KvmClock)) {
+        f(&mut self.0.write().unwrap_or_else(|e| e.into_inner()));
     }
 }
 
@@ -316,6 +361,43 @@ mod tests {
             tsc_stable: false,
         };
         assert_eq!(unstable.time_info(0, 0).flags, 0);
+    }
+
+    #[test]
+    fn rebase_continues_the_saved_time_without_going_back() {
+        for hz in [1_000_000_000u64, 2_299_901_000, 3_700_000_000, 100_000_000] {
+            for (saved, now_tsc) in [
+                (0u64, 5u64),
+                (1, 1 << 20),
+                (37_123_456_789, 10 * hz),
+                // Saved after an hour; restored on a host whose TSC is smaller (it rebooted).
+                (3_600_000_000_000, 1_000),
+                (86_400 * 1_000_000_000, u64::MAX - 7),
+            ] {
+                let mut c = KvmClock {
+                    tsc_hz: hz,
+                    host_tsc_origin: 42,
+                    tsc_stable: true,
+                };
+                c.rebase(saved, now_tsc);
+                let got = c.system_time_at(now_tsc);
+                assert!(got >= saved, "{hz} Hz: {got} < {saved}");
+                assert!(got - saved < 1_000, "{hz} Hz: {got} vs {saved}");
+                // And it runs on at the TSC's rate from there.
+                let later = c.system_time_at(now_tsc.wrapping_add(hz));
+                assert!(
+                    later.abs_diff(got + 1_000_000_000) < 1_000,
+                    "{later} vs {got}"
+                );
+            }
+        }
+        // A hostile saved value neither loops nor panics.
+        let mut c = KvmClock {
+            tsc_hz: 5_000_000_000,
+            host_tsc_origin: 0,
+            tsc_stable: true,
+        };
+        c.rebase(u64::MAX, 1);
     }
 
     #[test]

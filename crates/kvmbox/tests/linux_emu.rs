@@ -488,3 +488,201 @@ print(len(d), hashlib.md5(d).hexdigest(), flush=True)
         "1 MiB over TCP arrived intact"
     );
 }
+
+/// The first word of `text` (an md5sum's hash).
+fn first_word(text: &str) -> String {
+    text.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The `key=value` word of `line`.
+fn word<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        .trim_end_matches('\r')
+}
+
+/// The guest's counting loop: one `KVMBOX-LINUX count=N uptime=S` line a second, and a
+/// command typed on the console runs between two lines. What the test types and what the
+/// guest prints after a restore are what the guest saw.
+const COUNTING_LOOP: &str = "ip link set eth0 up; ip addr add 10.0.2.15/24 dev eth0; \
+    ping -c 1 -W 20 10.0.2.1 >/dev/null && echo KVMBOX-LINUX ping-before-ok; \
+    head -c 1048576 /dev/urandom >/tmp/m; echo KVMBOX-LINUX mem-md5=$(md5sum </tmp/m); \
+    i=0; while :; do i=$((i+1)); read -r up _ </proc/uptime; \
+    echo KVMBOX-LINUX count=$i uptime=$up; \
+    if read -r -t 1 c; then eval \"$c\"; fi; done";
+
+#[test]
+fn debian_on_the_engine_pauses_and_continues_after_snapshot_sigkill_and_restore() {
+    use common::api::{http, ok, sock_path, wait_for_socket};
+    let test = "debian_on_the_engine_pauses_and_continues_after_snapshot_sigkill_and_restore";
+    let _cpu = CpuLease::exclusive();
+    let ns_name = format!("kvmbox-snap-{}", std::process::id());
+    let Some(ns) = Netns::create(&ns_name) else {
+        skip(test, "cannot create a network namespace (needs root)");
+        return;
+    };
+    let tap = "kbtap0";
+    for cmd in [
+        vec!["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
+        vec!["ip", "addr", "add", "10.0.2.1/24", "dev", tap],
+        vec!["ip", "link", "set", tap, "up"],
+    ] {
+        assert!(ns.exec(&cmd).status().unwrap().success(), "{cmd:?}");
+    }
+    // A disk whose second MiB the guest reads only after the restore and whose first MiB it
+    // overwrites then.
+    let disk = scratch("snap-vda.img");
+    let disk_data = pattern(2 << 20, 0xd15c);
+    std::fs::write(&disk, &disk_data).unwrap();
+    let (state, mem) = (scratch("snap-state"), scratch("snap-mem"));
+    let sock = sock_path("linux-snap");
+    let kvmbox = common::kvmbox();
+
+    // Firecracker's i8042 flags: the keyboard (for SendCtrlAltDel below) without PNP, mouse or
+    // multiplexer probing.
+    let cmdline = format!(
+        "i8042.nopnp i8042.noaux i8042.nomux i8042.dumbkbd {}",
+        kit_cmd(COUNTING_LOOP)
+    );
+    let net = format!("tap={tap}");
+    let args = kvmbox_args(
+        1,
+        &cmdline,
+        &[
+            "--disk",
+            disk.to_str().unwrap(),
+            "--net",
+            &net,
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ],
+    );
+    let mut argv = vec![kvmbox.to_str().unwrap()];
+    argv.extend(args.iter().map(String::as_str));
+    let mut vm = Interactive::spawn_with(ns.exec(&argv));
+    vm.expect("KVMBOX-LINUX ping-before-ok", BOOT);
+    vm.expect("KVMBOX-LINUX mem-md5=", STEP);
+    let mem_md5 = first_word(&vm.expect("\n", STEP));
+    assert_eq!(mem_md5.len(), 32, "md5 of /tmp/m: {mem_md5:?}");
+    vm.expect("KVMBOX-LINUX count=3 ", STEP);
+
+    // Paused: not a line for two seconds. Resumed: the count goes on.
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let paused_at = vm.count("KVMBOX-LINUX count=");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        vm.count("KVMBOX-LINUX count="),
+        paused_at,
+        "the guest printed while paused:\n{}",
+        vm.console()
+    );
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    vm.expect(&format!("KVMBOX-LINUX count={} ", paused_at + 1), STEP);
+
+    // Snapshot (paused just after a whole line, while the guest waits a second for input),
+    // then SIGKILL: the old process gets no say in what the new one sees.
+    let last = vm.expect("KVMBOX-LINUX count=", STEP) + &vm.expect("\n", STEP);
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Full"}}"#,
+        state.display(),
+        mem.display()
+    );
+    ok(&sock, "PUT", "/snapshot/create", &body);
+    assert!(vm.kill());
+    let last = last.lines().last().unwrap_or_default().to_string();
+    let last_count: u64 = word(&last, "count=").parse().unwrap();
+    let last_up: f64 = word(&last, "uptime=").parse().unwrap();
+
+    // A new process, configured only by the snapshot, in the same namespace (its TAP).
+    let sock2 = sock_path("linux-snap-restored");
+    let mut back = Interactive::spawn_with(ns.exec(&[
+        kvmbox.to_str().unwrap(),
+        "run",
+        "--api-sock",
+        sock2.to_str().unwrap(),
+    ]));
+    wait_for_socket(&mut back, &sock2);
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+        state.display(),
+        mem.display()
+    );
+    let (st, v) = http(&sock2, "PUT", "/snapshot/load", Some(&load));
+    assert_eq!(st, 204, "{v}; stderr {}", back.stderr());
+    let line = back.expect(&format!("KVMBOX-LINUX count={} ", last_count + 1), STEP)
+        + &back.expect("\n", STEP);
+    let up: f64 = word(&line, "uptime=").parse().unwrap();
+    assert!(
+        up >= last_up && up - last_up < STEP.as_secs_f64(),
+        "guest uptime {last_up} before the snapshot, {up} after the restore"
+    );
+
+    // Memory, disk and network after the restore, as the guest sees them.
+    // (Each marker is quoted in the typed text, so the terminal's echo of it never matches.)
+    back.send(b"echo KVMBOX-LINUX mem-after\"=\"$(md5sum </tmp/m)\n");
+    back.expect("KVMBOX-LINUX mem-after=", STEP);
+    assert_eq!(
+        first_word(&back.expect("\n", STEP)),
+        mem_md5,
+        "/tmp/m in guest memory"
+    );
+    back.send(
+        b"echo KVMBOX-LINUX disk-read\"=\"$(dd if=/dev/vda bs=1048576 skip=1 count=1 2>/dev/null | md5sum); dd if=/tmp/m of=/dev/vda bs=65536 conv=fsync 2>/dev/null && echo KVMBOX-LINUX disk-\"written\"\n",
+    );
+    back.expect("KVMBOX-LINUX disk-read=", STEP);
+    assert_eq!(
+        first_word(&back.expect("\n", STEP)),
+        md5_hex(&disk_data[1 << 20..]),
+        "the disk's second MiB read through virtio-blk after the restore"
+    );
+    back.expect("KVMBOX-LINUX disk-written", STEP);
+    back.send(b"ping -c 2 -W 20 10.0.2.1 >/dev/null && echo KVMBOX-LINUX ping-after\"-ok\"\n");
+    back.expect("KVMBOX-LINUX ping-after-ok", STEP);
+    // Seconds after the restore, kvm-clock (the TSC's watchdog, and sched_clock) still agrees
+    // with the TSC: a kvm-clock that restarted at 0 makes the watchdog drop the TSC.
+    back.send(b"echo KVMBOX-LINUX clocksource\"=\"$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)\n");
+    back.expect("KVMBOX-LINUX clocksource=", STEP);
+    assert_eq!(
+        first_word(&back.expect("\n", STEP)),
+        "tsc",
+        "{}",
+        back.console()
+    );
+
+    // Ctrl+Alt+Del through the i8042: the kernel's default action restarts the machine
+    // (the kit's init leaves it to the kernel); kvmbox exits as on any guest reset.
+    ok(
+        &sock2,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "SendCtrlAltDel"}"#,
+    );
+    assert_eq!(back.wait_exit(STEP), Some(4), "{}", back.stderr());
+    let console = back.console();
+    assert!(
+        console.contains("reboot: Restarting system"),
+        "the guest's Ctrl-Alt-Del action:\n{console}"
+    );
+    assert!(
+        !console.contains("Marking clocksource"),
+        "the guest's clock watchdog fired after the restore:\n{console}"
+    );
+    assert!(
+        !console.contains("Linux version"),
+        "the restored guest must not boot again:\n{console}"
+    );
+    let written = std::fs::read(&disk).unwrap();
+    assert_eq!(
+        md5_hex(&written[..1 << 20]),
+        mem_md5,
+        "the guest's write after the restore reached the image"
+    );
+    for p in [&disk, &state, &mem] {
+        let _ = std::fs::remove_file(p);
+    }
+}

@@ -10,7 +10,7 @@ use std::path::Path;
 pub const MAGIC: [u8; 8] = *b"KVMBOXSN";
 /// The layout of the state this build writes and reads. Bump it whenever a saved struct
 /// changes shape: an old file is then refused by name instead of misread.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 const HEADER: usize = 24;
 const TRAILER: usize = 8;
@@ -168,8 +168,11 @@ mod tests {
         check(&good[..4], "bad magic");
         check(b"", "bad magic");
         let mut v = good.clone();
-        v[8] = 2;
-        check(&v, "format version 2, this kvmbox reads version 1");
+        v[8] = 99;
+        check(
+            &v,
+            &format!("format version 99, this kvmbox reads version {FORMAT_VERSION}"),
+        );
         let mut v = good.clone();
         v[40] ^= 0x10;
         check(&v, "CRC-64 mismatch");

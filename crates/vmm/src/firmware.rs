@@ -11,8 +11,8 @@ use kvmbox_devices::IoBus;
 use std::sync::{Arc, Mutex};
 
 /// Put fw_cfg on the port bus with QEMU's PC items for this machine and the loaded kernel
-/// (`None` when the machine is rebuilt from a snapshot: no kernel was loaded; fw_cfg's own
-/// state is not in snapshots yet).
+/// (`None` when the machine is rebuilt from a snapshot: no kernel was loaded, and the
+/// snapshot's fw_cfg state replaces these items).
 pub(crate) fn attach_fw_cfg(
     io: &IoBus,
     mem: &kvmbox_cpu::GuestMemory,
@@ -20,7 +20,7 @@ pub(crate) fn attach_fw_cfg(
     memory: u64,
     boot: Option<&BootSetup>,
     cmdline: &str,
-) -> Result<()> {
+) -> Result<Arc<Mutex<FwCfg>>> {
     let machine = Machine {
         cpus: u16::try_from(cpus).map_err(|_| Error::Device(format!("fw_cfg: {cpus} vCPUs")))?,
         ram_size: memory,
@@ -38,8 +38,8 @@ pub(crate) fn attach_fw_cfg(
     let dev = Arc::new(Mutex::new(dev));
     io.pio
         .insert(dev.clone(), u64::from(layout::FW_CFG_PORT), FW_CFG_IO_LEN)?;
-    io.pio.insert(dev, dma, FW_CFG_DMA_LEN)?;
-    Ok(())
+    io.pio.insert(dev.clone(), dma, FW_CFG_DMA_LEN)?;
+    Ok(dev)
 }
 
 /// Leave the machine as a PC BIOS (SeaBIOS, which QEMU runs before a multiboot `-kernel`) leaves

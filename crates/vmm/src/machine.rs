@@ -9,10 +9,11 @@ use crate::vm::{
     virtio_devices, Error, IrqPlatform, Platform, VirtioDevices,
 };
 use kvmbox_cpu::{Accel, VcpuConfig, Vm};
+use kvmbox_devices::fw_cfg::FwCfg;
 use kvmbox_devices::{IoBus, VmControl};
 use kvmbox_virtio::transport::cmdline_arg;
 use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A built VM. Fields drop in order: vCPU threads first (see [`Machine::stop`]), then device
 /// threads, then the backend and its guest-memory mappings.
@@ -21,6 +22,8 @@ pub struct Machine {
     pub vcpus: Vec<VcpuHandle>,
     /// The PC platform devices (serial, i8042, ACPI PM, RTC).
     pub platform: Platform,
+    /// QEMU's firmware configuration device.
+    pub fw_cfg: Arc<Mutex<FwCfg>>,
     /// The virtio devices.
     pub virtio: VirtioDevices,
     /// The interrupt controllers (IOAPIC, PIC; the engine's LAPICs) and the PIT timer.
@@ -70,9 +73,10 @@ impl Machine {
             cmdline.push_str(&cmdline_arg(base, gsi));
         }
         let mut acpi = kvmbox_arch::AcpiConfig::new(cfg.cpus);
-        // kvmbox's i8042 is only the reset line (Linux's reboot=k writes 0xfe to port 0x64
-        // either way): advertising a PS/2 controller would make Linux probe a keyboard that is
-        // not there.
+        // kvmbox's i8042 is the reset line (Linux's reboot=k writes 0xfe to port 0x64 either
+        // way) and a keyboard that only types Ctrl+Alt+Del: advertising it would make every
+        // Linux boot probe it. A guest that wants SendCtrlAltDel passes `i8042.nopnp`, as
+        // Firecracker's guests do.
         acpi.i8042 = false;
         if cfg.virtio == crate::config::VirtioTransport::Pci {
             acpi.pci = Some(kvmbox_arch::PciHostBridge::new());
@@ -96,7 +100,14 @@ impl Machine {
         let (vm, irq_platform) = create_backend(accel, &mem, cfg.cpus, &io)?;
         check_cpus(cfg.cpus, vm.name(), vm.max_vcpus())?;
         let platform = add_legacy_devices(vm.as_ref(), &io, control)?;
-        crate::firmware::attach_fw_cfg(&io, &mem, cfg.cpus, cfg.memory, boot.as_ref(), &cmdline)?;
+        let fw_cfg = crate::firmware::attach_fw_cfg(
+            &io,
+            &mem,
+            cfg.cpus,
+            cfg.memory,
+            boot.as_ref(),
+            &cmdline,
+        )?;
         if cfg.testdev {
             crate::firmware::attach_testdev(vm.as_ref(), &io)?;
         }
@@ -150,6 +161,7 @@ impl Machine {
         let machine = Machine {
             vcpus: handles,
             platform,
+            fw_cfg,
             virtio,
             irq_platform,
             io,
@@ -203,11 +215,16 @@ impl Machine {
             .map_err(|e| Error::Host(format!("raising the SCI: {e}")))
     }
 
-    /// Press Ctrl-Alt-Del on the i8042 keyboard.
+    /// Press and release Ctrl+Alt+Del on the i8042 keyboard (IRQ 1): Linux's atkbd turns it
+    /// into its Ctrl-Alt-Del action (a restart, or SIGINT to init).
     pub fn send_ctrl_alt_del(&self) -> Result<(), Error> {
-        Err(Error::Device(
-            "SendCtrlAltDel: kvmbox's i8042 has no keyboard".into(),
-        ))
+        let mut kbd = self
+            .platform
+            .i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        kbd.send_ctrl_alt_del()
+            .map_err(|e| Error::Device(format!("SendCtrlAltDel: {e}")))
     }
 
     /// End the vCPU threads, then tear the VM down (device threads before the backend).

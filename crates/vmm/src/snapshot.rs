@@ -8,7 +8,9 @@ use crate::config::{AccelChoice, CpuModel, OnReboot, VirtioTransport, VmConfig};
 use crate::machine::Machine;
 use crate::vm::Error;
 use kvmbox_cpu::{Accel, VcpuState};
+use kvmbox_devices::fw_cfg::FwCfgState;
 use kvmbox_devices::legacy::acpi_pm::persist::AcpiPmState;
+use kvmbox_devices::legacy::i8042::persist::I8042State;
 use kvmbox_devices::legacy::pit::persist::PitState;
 use kvmbox_devices::legacy::rtc::persist::RtcState;
 use kvmbox_devices::legacy::serial::persist::SerialPortState;
@@ -93,14 +95,19 @@ pub struct MachineState {
     pub config: SavedConfig,
     /// Every vCPU, by index.
     pub vcpus: Vec<VcpuState>,
-    /// The VM-wide clock (KVM's kvmclock).
+    /// The VM-wide guest clock in ns: KVM's kvmclock, or the engine's kvm-clock system time
+    /// (the same quantity, so it moves between the backends). Restore continues from it.
     pub clock_ns: Option<u64>,
     /// COM1.
     pub serial: SerialPortState,
+    /// The i8042 (keyboard bytes the guest has not read yet).
+    pub i8042: I8042State,
     /// The CMOS RTC.
     pub rtc: RtcState,
     /// The ACPI PM block.
     pub acpi_pm: AcpiPmState,
+    /// fw_cfg: its items (those of the booted kernel too) and where the guest is reading.
+    pub fw_cfg: FwCfgState,
     /// The user-space IOAPIC and PIC (both backends: KVM runs a split irqchip).
     pub irqchip: Option<IrqChipState>,
     /// The user-space PIT (both backends).
@@ -282,8 +289,10 @@ pub fn create(
             vcpus,
             clock_ns: m.vm.clock_ns()?,
             serial: lock(&m.platform.serial).save_state(),
+            i8042: lock(&m.platform.i8042).save_state(),
             rtc: lock(&m.platform.rtc).save_state(),
             acpi_pm: lock(&m.platform.acpi_pm).save_state(),
+            fw_cfg: lock(&m.fw_cfg).state().clone(),
             irqchip: Some(m.irq_platform.chip.save_state()),
             pit: Some(lock(&m.irq_platform.pit).save_state()),
             virtio_pci: m.virtio.pci.iter().map(|d| lock(d).save_state()).collect(),
@@ -346,15 +355,17 @@ pub fn load(
 }
 
 fn restore_into(m: &Machine, s: &MachineState) -> Result<()> {
-    // vCPUs first: a CPUID this backend cannot show is the likeliest refusal.
+    // The VM clock before the vCPUs: the engine's vCPUs rewrite their kvm-clock records from
+    // it when their MSRs are restored (KVM refreshes its records on the next entry anyway).
+    if let Some(ns) = s.clock_ns {
+        m.vm.set_clock_ns(ns)?;
+    }
+    // Then the vCPUs: a CPUID this backend cannot show is the likeliest refusal.
     for (i, (v, st)) in m.vcpus.iter().zip(&s.vcpus).enumerate() {
         let st = st.clone();
         v.run_on(move |vcpu| vcpu.restore_state(&st))
             .map_err(|e| Error::Host(format!("vCPU {i}: {e}")))?
             .map_err(|e| refuse(format!("vCPU {i}: {e}")))?;
-    }
-    if let Some(ns) = s.clock_ns {
-        m.vm.set_clock_ns(ns)?;
     }
     fn dev(what: &'static str) -> impl Fn(String) -> Error {
         move |e| refuse(format!("{what}: {e}"))
@@ -362,10 +373,16 @@ fn restore_into(m: &Machine, s: &MachineState) -> Result<()> {
     lock(&m.platform.serial)
         .restore_state(&s.serial)
         .map_err(dev("serial"))?;
+    lock(&m.platform.i8042)
+        .restore_state(&s.i8042)
+        .map_err(dev("i8042"))?;
     lock(&m.platform.rtc)
         .restore_state(&s.rtc)
         .map_err(dev("RTC"))?;
     lock(&m.platform.acpi_pm).restore_state(&s.acpi_pm);
+    lock(&m.fw_cfg)
+        .restore_state(&s.fw_cfg)
+        .map_err(|e| refuse(format!("fw_cfg: {e}")))?;
     let p = &m.irq_platform;
     if let Some(chip) = &s.irqchip {
         p.chip.restore_state(chip)?;

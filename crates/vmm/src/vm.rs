@@ -231,7 +231,7 @@ fn measure_host_tsc_hz() -> u64 {
 pub struct Platform {
     /// COM1.
     pub serial: Arc<Mutex<SerialPort>>,
-    /// The i8042 (reset line).
+    /// The i8042 (reset line, the keyboard's Ctrl+Alt+Del).
     pub i8042: Arc<Mutex<I8042>>,
     /// The ACPI PM block (power button, sleep states).
     pub acpi_pm: Arc<Mutex<AcpiPm>>,
@@ -257,6 +257,7 @@ pub(crate) fn add_legacy_devices(
     let i8042 = Arc::new(Mutex::new(I8042::new(
         control.clone(),
         layout::I8042_DATA_PORT,
+        Some(vm.irq_line(layout::I8042_IRQ)?),
     )));
     for port in [layout::I8042_DATA_PORT, layout::I8042_COMMAND_PORT] {
         io.pio.insert(i8042.clone(), u64::from(port), 1)?;

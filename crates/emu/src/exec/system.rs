@@ -4,7 +4,7 @@
 use super::alu::mask;
 use super::{reg_bits, Loc};
 use crate::cpu::{gp, gp0, np, ss_fault, ud, Cpu, R};
-use crate::pvclock;
+use crate::pvclock::{self, SharedKvmClock};
 use crate::state::{cr0, cr4, efer, flags::*, gpr, seg};
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 use kvmbox_cpu::Segment;
@@ -302,7 +302,7 @@ impl Cpu {
     /// Rewrite this vCPU's kvm-clock record (after the guest enabled it or moved the TSC).
     /// A record outside RAM is left unwritten, as KVM does.
     pub(crate) fn refresh_kvm_clock(&mut self) {
-        if let Some(clock) = self.kvm_clock {
+        if let Some(clock) = self.kvm_clock.as_ref().map(SharedKvmClock::get) {
             if self.st.kvm_system_time & 1 != 0 {
                 clock.write_time_info(&self.phys, self.st.kvm_system_time & !1, self.st.tsc_offset);
             }
@@ -405,7 +405,7 @@ impl Cpu {
                 self.refresh_kvm_clock();
             }
             pvclock::MSR_KVM_WALL_CLOCK_NEW => {
-                let Some(clock) = self.kvm_clock else {
+                let Some(clock) = self.kvm_clock.as_ref().map(SharedKvmClock::get) else {
                     return false;
                 };
                 self.st.kvm_wall_clock = v;

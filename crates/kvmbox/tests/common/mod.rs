@@ -643,11 +643,17 @@ pub mod api {
     /// The test guest computing `iters` iterations in ring 3 on 2 vCPUs on KVM (128 MiB),
     /// controlled through an API socket at `sock`; returns once the socket answers.
     pub fn compute_guest_on_kvm(sock: &Path, iters: &str) -> Interactive {
+        compute_guest(sock, "kvm", &[], iters)
+    }
+
+    /// [`compute_guest_on_kvm`] on backend `accel`, with `extra` flags.
+    pub fn compute_guest(sock: &Path, accel: &str, extra: &[&str], iters: &str) -> Interactive {
         let guest = super::testguest();
-        let mut vm = Interactive::spawn(&[
+        let cmdline = format!("tests=compute:{iters}");
+        let mut args = vec![
             "run",
             "--accel",
-            "kvm",
+            accel,
             "--cpus",
             "2",
             "--memory",
@@ -655,10 +661,12 @@ pub mod api {
             "--kernel",
             guest.to_str().unwrap(),
             "--cmdline",
-            &format!("tests=compute:{iters}"),
+            &cmdline,
             "--api-sock",
             sock.to_str().unwrap(),
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let mut vm = Interactive::spawn(&args);
         wait_for_socket(&mut vm, sock);
         vm
     }
