@@ -151,6 +151,9 @@ def judge(vm, args):
                       console)
         if not m:
             problems.append("no soak result line")
+            panic = re.search(r"Kernel panic[^\r\n]*", console)
+            if panic:
+                problems.append(panic.group(0))
         else:
             vm.rounds = int(m.group(1))
             if int(m.group(2)) or int(m.group(3)):
@@ -216,6 +219,7 @@ def main():
     workdir = args.workdir or tempfile.mkdtemp(prefix="kvmbox-soak-")
     os.makedirs(workdir, exist_ok=True)
     load0 = os.getloadavg()
+    load_peak = load0[0]
     print(f"soak: {args.testguests} test guests on KVM + {args.linux} Linux guests on the "
           f"engine, {secs} s of I/O each, in {workdir}; load average {load0[0]:.2f} "
           f"{load0[1]:.2f} {load0[2]:.2f} on {os.cpu_count()} CPUs", flush=True)
@@ -247,6 +251,7 @@ def main():
         # Linux boots take minutes on the engine under load: allow 15 minutes beyond the soak.
         deadline = start + secs + 900
         while any(vm.proc.poll() is None for vm in vms):
+            load_peak = max(load_peak, os.getloadavg()[0])
             if time.monotonic() > deadline:
                 for vm in vms:
                     if vm.proc.poll() is None:
@@ -282,11 +287,11 @@ def main():
         print(line)
         report.append({"vm": vm.name, "rounds": getattr(vm, "rounds", None), **f,
                        "problems": problems})
-    print(f"total: {len(vms)} VMs, {failed} failed, {elapsed:.0f} s; load average at the end "
-          f"{load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    print(f"total: {len(vms)} VMs, {failed} failed, {elapsed:.0f} s; load average peak "
+          f"{load_peak:.2f}, at the end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     if args.json:
         print(json.dumps({"vms": report, "failed": failed, "seconds": round(elapsed),
-                          "load_start": load0, "load_end": load1}))
+                          "load_start": load0, "load_peak": load_peak, "load_end": load1}))
     if not failed and args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 1 if failed else 0

@@ -144,7 +144,8 @@ pub trait PlatformIrq: Send + Sync {
     /// An interrupt line to global system interrupt `gsi` (IOAPIC pin; 0-15 also reach the PIC).
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>>;
     /// A local APIC signalled the EOI of `vector` to the IOAPIC (a level-triggered vector the
-    /// IOAPIC delivered): clear its remote IRR and deliver again while the line is still high.
+    /// IOAPIC delivered, or one whose pin has an acknowledge notifier, such as the PIT's):
+    /// clear its remote IRR and deliver again while the line is still high.
     fn eoi(&self, vector: u8);
     /// Whether the PIC's INTR output is raised (an ExtINT waits for the boot CPU).
     fn extint_pending(&self) -> bool;

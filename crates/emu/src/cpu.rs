@@ -112,6 +112,9 @@ pub struct Cpu {
     pub(crate) shadow: bool,
     /// Set by exec when the instruction requests a shadow for the next instruction.
     pub(crate) set_shadow: bool,
+    /// Set by exec when a pending interrupt must be taken before the instruction (which did
+    /// not execute: `next_rip` is its own address): the run loop ends the batch.
+    pub(crate) interrupt_first: bool,
     /// HLT executed; waiting for an interrupt.
     pub halted: bool,
     /// Waiting for SIPI (application processor before startup, or after INIT).
@@ -149,6 +152,7 @@ impl Cpu {
             next_rip: 0,
             shadow: false,
             set_shadow: false,
+            interrupt_first: false,
             halted: false,
             wait_sipi: false,
             nmi_blocked: false,

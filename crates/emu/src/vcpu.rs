@@ -228,6 +228,11 @@ impl Cpu {
                 if self.halted {
                     break;
                 }
+                if self.interrupt_first {
+                    // The instruction waits for a pending interrupt: take it now.
+                    self.interrupt_first = false;
+                    break;
+                }
                 if irq.is_some() {
                     let if_now = self.st.rflags & flags::IF != 0;
                     if check_after_shadow && !self.shadow {

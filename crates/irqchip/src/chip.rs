@@ -36,6 +36,19 @@ struct State {
     dropped_msis: u64,
     /// Where messages go when the local APICs are not ours (KVM's in-kernel ones).
     lapic_bus: Option<Arc<dyn LapicBus>>,
+    /// GSIs with an acknowledge notifier ([`IrqChip::set_ack_notifier`]), bit per GSI.
+    ack_wanted: u32,
+    /// GSIs acknowledged since the notifiers last ran.
+    acked: u32,
+}
+
+/// The GSI whose interrupt IOAPIC pin `pin` delivers (IRQ 0 arrives on pin 2; pin 0 has none).
+fn pin_gsi(pin: usize) -> Option<usize> {
+    match pin {
+        0 => None,
+        2 => Some(0),
+        p => Some(p),
+    }
 }
 
 impl State {
@@ -71,6 +84,7 @@ impl State {
         match action {
             Some(Action::Ipi(m)) => self.deliver(&m, Some(src)),
             Some(Action::Eoi(v)) => self.ioapic_eoi(v),
+            Some(Action::EdgeEoi(v)) => self.note_eoi(v),
             None => {}
         }
     }
@@ -79,7 +93,16 @@ impl State {
     fn sync_ioapic_routes(&self) {
         if let Some(bus) = &self.lapic_bus {
             let routes: Vec<(u64, u32)> = (0..IOAPIC_PINS)
-                .filter_map(|pin| self.ioapic.pin_message(pin))
+                .filter_map(|pin| {
+                    let mut m = self.ioapic.pin_message(pin)?;
+                    // KVM exits on the EOIs of the vectors its routes mark level-triggered
+                    // (kvm_scan_ioapic_routes), and only the route says so: the messages
+                    // themselves stay as the guest programmed them.
+                    if pin_gsi(pin).is_some_and(|g| self.ack_wanted & (1 << g) != 0) {
+                        m.level_triggered = true;
+                    }
+                    Some(m)
+                })
                 .map(|m| m.to_msi())
                 .collect();
             bus.set_ioapic_routes(&routes);
@@ -93,6 +116,28 @@ impl State {
         for m in out {
             self.deliver(&m, None);
         }
+        self.note_eoi(vector);
+    }
+
+    /// A local APIC EOIed `vector`: the GSIs of the IOAPIC pins that send it are acknowledged
+    /// (by vector, as KVM's IOAPIC matches its ack notifiers).
+    fn note_eoi(&mut self, vector: u8) {
+        for pin in 0..IOAPIC_PINS {
+            let sends = self
+                .ioapic
+                .entry(pin)
+                .is_some_and(|e| e & 0xff == u64::from(vector));
+            if let Some(g) = pin_gsi(pin).filter(|_| sends) {
+                self.acked |= (1 << g) & self.ack_wanted;
+            }
+        }
+    }
+
+    /// GSIs acknowledged since the last call (IOAPIC pins' vectors EOIed, PIC EOIs) that
+    /// have a notifier.
+    fn take_acked(&mut self) -> u32 {
+        let pic = u32::from(self.pic.take_acked());
+        std::mem::take(&mut self.acked) | (pic & self.ack_wanted)
     }
 
     fn set_gsi(&mut self, gsi: usize, level: bool) {
@@ -134,6 +179,8 @@ struct Shared {
     extint: Option<Notifier>,
     /// ... once per request, until the boot CPU acknowledges one.
     extint_notified: AtomicBool,
+    /// Per GSI: called when its interrupt is acknowledged ([`IrqChip::set_ack_notifier`]).
+    ack_notifiers: Mutex<Vec<Option<Notifier>>>,
 }
 
 impl Shared {
@@ -188,16 +235,30 @@ impl Shared {
         notify
     }
 
-    /// Run `f` on the state under the lock, then refresh flags and wake vCPUs.
+    /// Run `f` on the state under the lock, then refresh flags and wake vCPUs, and tell the
+    /// acknowledge notifiers of GSIs acknowledged meanwhile (outside the lock: they may raise
+    /// their line again).
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        let (r, notify) = {
+        let (r, notify, acked) = {
             let mut st = self.lock();
             let r = f(&mut st);
             let n = self.refresh(&st);
-            (r, n)
+            (r, n, st.take_acked())
         };
         for n in notify {
             n();
+        }
+        if acked != 0 {
+            let acks: Vec<Notifier> = {
+                let all = self.ack_notifiers.lock().unwrap_or_else(|e| e.into_inner());
+                (0..all.len())
+                    .filter(|g| acked & (1 << g) != 0)
+                    .filter_map(|g| all[g].clone())
+                    .collect()
+            };
+            for a in acks {
+                a();
+            }
         }
         r
     }
@@ -283,6 +344,8 @@ impl IrqChip {
                 sources: [0; IOAPIC_PINS],
                 dropped_msis: 0,
                 lapic_bus,
+                ack_wanted: 0,
+                acked: 0,
             }),
             slots,
             clock,
@@ -290,6 +353,7 @@ impl IrqChip {
             next_source: AtomicU32::new(1),
             extint,
             extint_notified: AtomicBool::new(false),
+            ack_notifiers: Mutex::new(vec![None; IOAPIC_PINS]),
         });
         let vcpus = (0..vcpus as usize)
             .map(|id| VcpuIrq { sh: sh.clone(), id })
@@ -383,6 +447,27 @@ impl IrqChip {
             chip: self.clone(),
             msg: Mutex::new((0, 0)),
         })
+    }
+
+    /// Have `f` called whenever the interrupt of GSI `gsi` is acknowledged: the PIC's EOI of
+    /// its IRQ (or its acknowledge in auto-EOI mode), or a local APIC's EOI of the vector its
+    /// IOAPIC pin sends (on KVM the pin's route then asks for that EOI's exit). `f` runs on
+    /// the acknowledging thread outside the chip's lock, so it may raise the line again. The
+    /// PIT gives [`kvmbox_devices::legacy::pit::Pit::ack_notifier`] for GSI 0.
+    pub fn set_ack_notifier(&self, gsi: u32, f: Arc<dyn Fn() + Send + Sync>) -> Result<(), Error> {
+        let g = usize::try_from(gsi).unwrap_or(usize::MAX);
+        if g >= IOAPIC_PINS {
+            return Err(Error::BadGsi(gsi));
+        }
+        self.sh
+            .ack_notifiers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())[g] = Some(f);
+        self.sh.with(|st| {
+            st.ack_wanted |= 1 << g;
+            st.sync_ioapic_routes();
+        });
+        Ok(())
     }
 
     /// The PIC's port device: insert it at 0x20 and 0xa0 (2 ports each) and 0x4d0 (2).

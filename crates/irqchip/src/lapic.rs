@@ -228,6 +228,9 @@ pub enum Action {
     Ipi(IrqMessage),
     /// A level-triggered vector was EOIed: the IOAPIC clears its remote IRR.
     Eoi(u8),
+    /// An edge-triggered vector was EOIed: nothing for the IOAPIC's registers, but a device
+    /// that waits for its interrupt's acknowledgement (the PIT's missed ticks) learns of it.
+    EdgeEoi(u8),
 }
 
 /// The multiprocessor state the LAPIC tracks for its vCPU.
@@ -906,7 +909,7 @@ impl Lapic {
             self.tmr.clear(v);
             return Some(Action::Eoi(v));
         }
-        None
+        Some(Action::EdgeEoi(v))
     }
 
     fn send_ipi(&mut self, _now: u64) -> Option<Action> {
@@ -1281,6 +1284,9 @@ mod tests {
         assert_eq!(l.ack(), Some(0x61));
         assert_eq!(l.write_reg(REG_EOI, 0, NOW), Some(Action::Eoi(0x61)));
         assert_eq!(l.write_reg(REG_EOI, 0, NOW), None);
+        l.accept(&IrqMessage::fixed(0x62, 1));
+        assert_eq!(l.ack(), Some(0x62));
+        assert_eq!(l.write_reg(REG_EOI, 0, NOW), Some(Action::EdgeEoi(0x62)));
     }
 
     #[test]

@@ -34,6 +34,10 @@ struct Chip {
     elcr: u8,
     elcr_mask: u8,
     master: bool,
+    /// IRQs whose service ended (EOI, or auto-EOI at the acknowledge) since the last
+    /// [`Pic::take_acked`]; read after every access, so never part of a snapshot.
+    #[serde(skip)]
+    acked: u8,
 }
 
 impl Chip {
@@ -113,6 +117,7 @@ impl Chip {
 
     fn intack(&mut self, irq: u8) {
         if self.auto_eoi {
+            self.acked |= 1 << irq;
             if self.rotate_on_auto_eoi {
                 self.priority_add = (irq + 1) & 7;
             }
@@ -144,6 +149,7 @@ impl Chip {
             }
         } else {
             // OCW2
+            let isr = self.isr;
             match v >> 5 {
                 0 | 4 => self.rotate_on_auto_eoi = v >> 7 != 0,
                 c @ (1 | 5) => {
@@ -165,6 +171,7 @@ impl Chip {
                 }
                 _ => {}
             }
+            self.acked |= isr & !self.isr;
         }
     }
 
@@ -223,6 +230,14 @@ impl Pic {
             _ => return,
         }
         self.update();
+    }
+
+    /// ISA IRQs (bit n = IRQ n; never the cascade) whose service ended since the last call:
+    /// an EOI cleared their in-service bit, or the CPU took them in auto-EOI mode.
+    pub fn take_acked(&mut self) -> u16 {
+        let m = std::mem::take(&mut self.chips[0].acked) & !(1 << 2);
+        let s = std::mem::take(&mut self.chips[1].acked);
+        u16::from(m) | (u16::from(s) << 8)
     }
 
     /// The master's INTR output: an interrupt waits for the CPU.

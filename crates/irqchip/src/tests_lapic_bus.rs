@@ -151,3 +151,58 @@ fn pic_output_is_taken_by_the_boot_cpu_backend() {
         "IOAPIC pin 4 is masked"
     );
 }
+
+/// On KVM the local APICs are the kernel's: IOAPIC pin 2 (IRQ 0) gets a route marked level so
+/// that KVM exits on the EOI of its vector, while the message sent stays edge; that EOI, and
+/// the PIC's EOI of IRQ 0, reach the PIT's acknowledge notifier.
+#[test]
+fn irq0_acknowledgements_reach_the_notifier_on_a_split_irqchip() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let (chip, rec) = split_chip();
+    let acks = Arc::new(AtomicU32::new(0));
+    let a = acks.clone();
+    chip.set_ack_notifier(
+        0,
+        Arc::new(move || {
+            a.fetch_add(1, Ordering::SeqCst);
+        }),
+    )
+    .unwrap();
+    ioapic_write(&chip, 0x10 + 2 * 2 + 1, 0);
+    ioapic_write(&chip, 0x10 + 2 * 2, 0x30);
+    ioapic_write(&chip, 0x10 + 2 * 4, 0x34);
+    let routes = rec.routes.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(routes[2].1, 0xc030, "pin 2's route asks for EOI exits");
+    assert_eq!(routes[4].1 & (1 << 15), 0, "other edge pins do not");
+    chip.irq_line(0).unwrap().trigger().unwrap();
+    assert_eq!(
+        rec.msis.lock().unwrap().last().copied(),
+        Some((0xfee0_0000, 0x4030)),
+        "the message itself is edge"
+    );
+    chip.eoi(0x34);
+    assert_eq!(acks.load(Ordering::SeqCst), 0, "another pin's vector");
+    chip.eoi(0x30);
+    assert_eq!(acks.load(Ordering::SeqCst), 1);
+    // Through the PIC: ExtINT to the boot CPU, then the guest's EOI to port 0x20.
+    let mut pic = chip.pic_device();
+    for (port, v) in [
+        (0x20u64, 0x11u8),
+        (0x21, 0x30),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0x21, 0xfe),
+    ] {
+        pic.write(port & !1, port & 1, &[v]);
+    }
+    chip.irq_line(0).unwrap().trigger().unwrap();
+    assert_eq!(chip.extint_ack(), Some(0x30));
+    assert_eq!(
+        acks.load(Ordering::SeqCst),
+        1,
+        "taken, not yet acknowledged"
+    );
+    pic.write(0x20, 0, &[0x20]);
+    assert_eq!(acks.load(Ordering::SeqCst), 2);
+    assert!(chip.set_ack_notifier(24, Arc::new(|| {})).is_err());
+}

@@ -132,6 +132,7 @@ pub(crate) fn create_backend(
     let mut pit = Pit::new(Some(chip.irq_line(0)?), clock.clone());
     pit.set_waker(waker.clone());
     let pit = Arc::new(Mutex::new(pit));
+    chip.set_ack_notifier(0, Pit::ack_notifier(&pit))?;
     io.pio
         .insert(pit.clone(), u64::from(PIT_PORT), PIT_PORT_LEN)?;
     io.pio.insert(pit.clone(), u64::from(SPEAKER_PORT), 1)?;

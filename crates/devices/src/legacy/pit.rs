@@ -1,11 +1,32 @@
 //! Intel 8254 programmable interval timer (ports 0x40-0x43) and the port 0x61 system control
 //! bits that gate channel 2 and show its output, as Linux's TSC/APIC calibration uses them.
 //!
-//! KVM has an in-kernel PIT; this one is for the software engine. The PIT is a pure state
-//! machine over a [`Clock`]: nothing happens between guest accesses except through
-//! [`TimedDevice::tick`], which raises IRQ 0 at channel 0's output edges. A [`TimerThread`]
-//! calls `tick` at [`TimedDevice::next_deadline`], so a guest that waits for the timer
-//! interrupt gets it on time; tests call `tick` themselves with a [`ManualClock`].
+//! Both backends use this PIT (KVM runs a split irqchip, so its in-kernel PIT is not used).
+//! The PIT is a pure state machine over a [`Clock`]: nothing happens between guest accesses
+//! except through [`TimedDevice::tick`], which raises IRQ 0 at channel 0's output edges, and
+//! [`Pit::irq_acked`]. A [`TimerThread`] calls `tick` at [`TimedDevice::next_deadline`], so a
+//! guest that waits for the timer interrupt gets it on time; tests call `tick` themselves
+//! with a [`ManualClock`].
+//!
+//! # Missed ticks (channel 0, modes 2 and 3)
+//! On a busy host the timer thread and the vCPU threads run late, so several periods can pass
+//! between two interrupts the guest takes. A real PIT would coalesce them into one edge, and
+//! a guest that counts ticks (Linux's `timer_irq_works()` wants more than 4 jiffies while its
+//! TSC-timed delay runs; jiffies timekeeping) falls behind host time. So, as KVM's in-kernel
+//! PIT does in its default "reinject" mode (`arch/x86/kvm/i8254.c`), every period that comes
+//! due by the clock is counted, and the periods are raised one edge at a time, each once the
+//! interrupt controller acknowledged the previous one ([`Pit::irq_acked`]: the PIC's EOI, or
+//! a local APIC's EOI of the vector IOAPIC pin 2 sends). Missed ticks thus arrive back to
+//! back as soon as the guest runs again. Two guards keep a guest that never acknowledges
+//! harmless:
+//! - the backlog holds at most [`MAX_BACKLOG_NS`] (1 s) worth of periods; older ones are
+//!   dropped as hardware would drop them (KVM counts without a bound);
+//! - an edge not acknowledged within a period (at least [`RETRY_MIN_NS`]) is raised again,
+//!   as hardware raises one every period: an edge lost to a controller the guest
+//!   reprogrammed meanwhile cannot stall the timer, and the timer thread never wakes more
+//!   often than every [`RETRY_MIN_NS`] while it waits.
+//!
+//! Reprogramming channel 0 (control word or count) drops the backlog, as KVM does.
 //!
 //! This file also holds the small time plumbing the timer devices share: [`Clock`],
 //! [`HostClock`], [`ManualClock`], [`TimedDevice`], [`TimerWaker`] and [`TimerThread`].
@@ -32,6 +53,12 @@ pub const SPEAKER_PORT: u16 = 0x61;
 /// Period of the DRAM refresh toggle in port 0x61 bit 4, in ns.
 const REFRESH_PERIOD_NS: u64 = 15_085;
 const NS_PER_SEC: u64 = 1_000_000_000;
+/// Channel 0 keeps at most this much time's worth of missed periods (one second: any
+/// scheduling delay a loaded host showed is far shorter, and a guest stopped longer catches
+/// up at most one second of ticks).
+pub const MAX_BACKLOG_NS: u64 = NS_PER_SEC;
+/// Shortest wait before an unacknowledged IRQ 0 edge is raised again (see the module docs).
+pub const RETRY_MIN_NS: u64 = 1_000_000;
 
 /// Monotonic time in nanoseconds, from an arbitrary start. Every timer device and the
 /// interrupt controllers of one VM share one clock.
@@ -334,8 +361,14 @@ struct Channel {
     latch: Vec<u8>,
     /// Latched status byte.
     status: Option<u8>,
-    /// Output edges already signalled (periodic modes) or whether the one edge was (one-shot).
+    /// Output edges already counted (periodic modes) or whether the one edge was (one-shot).
     edges: u64,
+    /// Periodic modes, channel 0: periods counted and not raised yet (missed ticks).
+    backlog: u64,
+    /// Channel 0: an IRQ 0 edge was raised and not acknowledged yet.
+    in_flight: bool,
+    /// When that edge was last raised (clock ns).
+    raised_at: u64,
 }
 
 impl Channel {
@@ -355,7 +388,30 @@ impl Channel {
             latch: Vec::new(),
             status: None,
             edges: 0,
+            backlog: 0,
+            in_flight: false,
+            raised_at: 0,
         }
+    }
+
+    fn periodic(&self) -> bool {
+        matches!(self.eff_mode(), 2 | 3)
+    }
+
+    /// Forget missed periods and any edge awaiting its acknowledgement (reprogramming).
+    fn drop_backlog(&mut self) {
+        self.backlog = 0;
+        self.in_flight = false;
+    }
+
+    /// The most periods the backlog holds: [`MAX_BACKLOG_NS`] worth, at least one.
+    fn max_backlog(&self) -> u64 {
+        (ns_to_ticks(MAX_BACKLOG_NS) / u64::from(self.reload).max(1)).max(1)
+    }
+
+    /// How long an edge may wait for its acknowledgement before it is raised again.
+    fn retry_ns(&self) -> u64 {
+        ticks_to_ns(u64::from(self.reload)).max(RETRY_MIN_NS)
     }
 
     /// Mode 6 and 7 are aliases of 2 and 3.
@@ -435,30 +491,26 @@ impl Channel {
             }
     }
 
-    /// Rising output edges between the last call and `now` (periodic modes report one for any
-    /// number of missed periods, as a PC's edge-triggered IRQ 0 would coalesce them).
-    fn take_edges(&mut self, now: u64) -> bool {
+    /// How many rising output edges happened between the last call and `now` (one-shot
+    /// modes: 0 or 1).
+    fn take_edges(&mut self, now: u64) -> u64 {
         if !self.running() {
-            return false;
+            return 0;
         }
         let d = self.ticks(now);
         let c = u64::from(self.reload);
-        match self.eff_mode() {
-            2 | 3 => {
-                let k = d / c;
-                if k > self.edges {
-                    self.edges = k;
-                    return true;
-                }
-                false
+        if self.periodic() {
+            let k = d / c;
+            let new = k.saturating_sub(self.edges);
+            self.edges = self.edges.max(k);
+            return new;
+        }
+        match self.next_edge() {
+            Some(e) if d >= e => {
+                self.edges = 1;
+                1
             }
-            _ => match self.next_edge() {
-                Some(e) if d >= e => {
-                    self.edges = 1;
-                    true
-                }
-                _ => false,
-            },
+            _ => 0,
         }
     }
 
@@ -493,6 +545,7 @@ impl Channel {
         self.run_since = now;
         self.edges = 0;
         self.triggered = false;
+        self.drop_backlog();
     }
 
     fn set_gate(&mut self, gate: bool, now: u64) {
@@ -603,6 +656,7 @@ impl Channel {
         self.status = None;
         self.edges = 0;
         self.triggered = false;
+        self.drop_backlog();
     }
 }
 
@@ -713,20 +767,78 @@ impl Pit {
     }
 }
 
-impl TimedDevice for Pit {
-    fn tick(&mut self, now_ns: u64) {
-        if self.channels[0].take_edges(now_ns) {
-            if let Some(irq) = &self.irq {
-                if irq.trigger().is_err() {
-                    self.irq_errors += 1;
-                }
+impl Pit {
+    /// The interrupt controller acknowledged IRQ 0 (the PIC's EOI of IRQ 0, or a local APIC's
+    /// EOI of the vector IOAPIC pin 2 sends): raise the next missed period now, if one is due.
+    /// Give the controller [`Pit::ack_notifier`] so it calls this.
+    pub fn irq_acked(&mut self) {
+        if !self.channels[0].in_flight {
+            return;
+        }
+        self.channels[0].in_flight = false;
+        self.tick(self.clock.now_ns());
+        // The deadline moved (to the next period, or a retry of the edge just raised).
+        self.wake();
+    }
+
+    /// A callback for the interrupt controller's IRQ 0 acknowledgements that calls
+    /// [`Pit::irq_acked`] (holding the PIT weakly: the controller outlives no PIT through it).
+    pub fn ack_notifier(pit: &Arc<Mutex<Pit>>) -> Arc<dyn Fn() + Send + Sync> {
+        let weak = Arc::downgrade(pit);
+        Arc::new(move || {
+            if let Some(p) = weak.upgrade() {
+                p.lock().unwrap_or_else(|e| e.into_inner()).irq_acked();
+            }
+        })
+    }
+
+    /// Missed channel 0 periods waiting to be raised.
+    pub fn backlog(&self) -> u64 {
+        self.channels[0].backlog
+    }
+
+    fn raise_irq0(&mut self) {
+        if let Some(irq) = &self.irq {
+            if irq.trigger().is_err() {
+                self.irq_errors += 1;
             }
         }
+    }
+}
+
+impl TimedDevice for Pit {
+    fn tick(&mut self, now_ns: u64) {
+        let ch = &mut self.channels[0];
+        let new = ch.take_edges(now_ns);
+        if !ch.periodic() {
+            if new > 0 {
+                self.raise_irq0();
+            }
+            return;
+        }
+        ch.backlog = ch.backlog.saturating_add(new).min(ch.max_backlog());
+        if !ch.in_flight {
+            if ch.backlog == 0 {
+                return;
+            }
+            ch.backlog -= 1;
+            ch.in_flight = true;
+        } else if now_ns.saturating_sub(ch.raised_at) < ch.retry_ns() {
+            return;
+        }
+        // A new edge, or the unacknowledged one again (the controller coalesces it if it
+        // still holds the first).
+        ch.raised_at = now_ns;
+        self.raise_irq0();
     }
 
     fn next_deadline(&self) -> Option<u64> {
         self.irq.as_ref()?;
-        self.channels[0].next_edge_ns()
+        let ch = &self.channels[0];
+        if ch.in_flight && ch.running() {
+            return Some(ch.raised_at.saturating_add(ch.retry_ns()));
+        }
+        ch.next_edge_ns()
     }
 }
 
@@ -838,13 +950,132 @@ mod tests {
         clock.set(d);
         p.tick(clock.now_ns());
         assert_eq!(irq.0.load(Ordering::SeqCst), 1);
+        // Not acknowledged yet: the next wake-up is the retry of this edge, a period on.
         let d2 = p.next_deadline().unwrap();
         assert!(d2 > d && d2 - d <= 1_001_000, "period {}", d2 - d);
-        // A late tick coalesces missed periods into one edge.
-        clock.set(d + 10_500_000);
+        p.irq_acked();
+        assert_eq!(
+            p.next_deadline().unwrap(),
+            d2,
+            "acknowledged: the next period"
+        );
+    }
+
+    /// Linux's PIT clockevent at HZ=1000 on a PIT whose thread delivers edge after edge.
+    fn periodic_1khz() -> (Pit, Arc<ManualClock>, Arc<CountingIrq>, u64) {
+        let (mut p, clock, irq) = pit();
+        let latch = PIT_HZ.div_ceil(1000);
+        p.write_port(0x43, 0x34);
+        p.write_port(0x40, latch as u8);
+        p.write_port(0x40, (latch >> 8) as u8);
+        (p, clock, irq, ticks_to_ns(latch))
+    }
+
+    fn irqs(irq: &CountingIrq) -> u64 {
+        irq.0.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn missed_periods_are_raised_one_per_acknowledgement() {
+        let (mut p, clock, irq, period) = periodic_1khz();
+        // The timer thread and the vCPU ran late: 10.5 periods pass before the next tick.
+        clock.advance(10 * period + period / 2);
         p.tick(clock.now_ns());
-        assert_eq!(irq.0.load(Ordering::SeqCst), 2);
-        assert!(p.next_deadline().unwrap() > clock.now_ns());
+        assert_eq!(irqs(&irq), 1, "one edge at a time");
+        assert_eq!(p.backlog(), 9);
+        // Ticks before the acknowledgement raise nothing new.
+        clock.advance(period / 4);
+        p.tick(clock.now_ns());
+        assert_eq!(irqs(&irq), 1);
+        // Each acknowledgement raises the next missed period at once, on the acking thread.
+        for n in 2..=10 {
+            p.irq_acked();
+            assert_eq!(irqs(&irq), n);
+            assert_eq!(p.backlog(), 10 - n);
+        }
+        // Caught up: the last acknowledgement raises nothing, and the thread waits for the
+        // next period again.
+        p.irq_acked();
+        assert_eq!(irqs(&irq), 10);
+        let next = p.next_deadline().unwrap();
+        assert!(next > clock.now_ns() && next - clock.now_ns() <= period);
+        // An acknowledgement with nothing raised (a second controller, a stale EOI) is ignored.
+        p.irq_acked();
+        assert_eq!(irqs(&irq), 10);
+        // In all, every period that came due was raised once.
+        clock.set(next);
+        p.tick(next);
+        assert_eq!(irqs(&irq), 11);
+    }
+
+    #[test]
+    fn the_backlog_is_bounded_and_a_silent_guest_costs_one_wakeup_per_retry() {
+        let (mut p, clock, irq, period) = periodic_1khz();
+        // Never acknowledged for 5 s: at most a second of periods is kept.
+        clock.advance(5 * NS_PER_SEC);
+        p.tick(clock.now_ns());
+        let cap = ns_to_ticks(MAX_BACKLOG_NS) / PIT_HZ.div_ceil(1000);
+        assert_eq!(cap, 999, "a second at 1 kHz");
+        assert_eq!(p.backlog(), cap - 1);
+        // The timer thread wakes once a period to raise the edge again (the guest may have
+        // lost it), never in between, and the backlog does not grow past the bound.
+        let mut last = clock.now_ns();
+        for n in 0..100 {
+            let d = p.next_deadline().unwrap();
+            assert!(d >= last + period, "wake-up {n} only {} ns later", d - last);
+            clock.set(d);
+            p.tick(d);
+            last = d;
+            assert!(p.backlog() <= cap);
+        }
+        assert_eq!(irqs(&irq), 101, "the first edge, then one retry per period");
+        // A guest that sets the shortest period and never acknowledges: the thread still
+        // sleeps at least RETRY_MIN_NS between wake-ups, and the backlog stays bounded.
+        p.write_port(0x43, 0x34);
+        p.write_port(0x40, 2);
+        p.write_port(0x40, 0);
+        let mut last = clock.now_ns();
+        for _ in 0..100 {
+            let d = p.next_deadline().unwrap();
+            clock.set(d);
+            p.tick(d);
+            assert!(d - last >= RETRY_MIN_NS.min(ticks_to_ns(2)));
+            if p.backlog() > 0 {
+                assert!(d - last >= RETRY_MIN_NS, "retry after {} ns", d - last);
+            }
+            last = d;
+            assert!(p.backlog() <= ns_to_ticks(MAX_BACKLOG_NS) / 2);
+        }
+    }
+
+    #[test]
+    fn reprogramming_channel0_drops_missed_periods() {
+        let (mut p, clock, irq, period) = periodic_1khz();
+        clock.advance(20 * period);
+        p.tick(clock.now_ns());
+        assert_eq!((irqs(&irq), p.backlog()), (1, 19));
+        // A new count (mode 2 again) restarts the counter: nothing missed, and the stale
+        // acknowledgement of the old edge raises nothing.
+        p.write_port(0x40, 0xa9);
+        p.write_port(0x40, 0x04);
+        assert_eq!(p.backlog(), 0);
+        p.irq_acked();
+        assert_eq!(irqs(&irq), 1);
+        clock.advance(5 * period);
+        p.tick(clock.now_ns());
+        assert_eq!((irqs(&irq), p.backlog()), (2, 4));
+        // Linux's shutdown (mode 0, no count) and oneshot (mode 4) drop it too; a one-shot
+        // fires once, whatever was missed before.
+        p.write_port(0x43, 0x30);
+        assert_eq!((p.backlog(), p.next_deadline()), (0, None));
+        p.write_port(0x43, 0x38);
+        p.write_port(0x40, 100);
+        p.write_port(0x40, 0);
+        clock.advance(period);
+        p.tick(clock.now_ns());
+        p.irq_acked();
+        assert_eq!((irqs(&irq), p.backlog()), (3, 0));
+        assert_eq!(p.next_deadline(), None);
     }
 
     #[test]

@@ -136,6 +136,7 @@ fn main() {
     let mut pit = Pit::new(Some(chip.irq_line(0).expect("IRQ 0")), clock.clone());
     pit.set_waker(waker.clone());
     let pit = Arc::new(Mutex::new(pit));
+    chip.set_ack_notifier(0, Pit::ack_notifier(&pit)).expect("IRQ 0 acknowledgements");
     io.bus.pio.insert(pit.clone(), 0x40, 4).unwrap();
     io.bus.pio.insert(pit.clone(), 0x61, 1).unwrap();
     let _pit_thread = TimerThread::spawn("pit", pit, clock, waker).expect("PIT thread");

@@ -90,6 +90,22 @@ pub fn host_tsc() -> u64 {
 }
 
 impl Cpu {
+    /// Whether an interrupt the vCPU can take now is pending, so that a read of the TSC
+    /// (which follows host time) must wait until it was taken. Interrupts are otherwise taken
+    /// between batches; when the host descheduled this vCPU's thread for longer than the
+    /// guest's timer period, the thread resumes mid-batch with timer interrupts due, and a
+    /// TSC-timed loop (Linux's `timer_irq_works()`, `delay_tsc()`) would see the time pass
+    /// without the interrupts that came due in it. On hardware an interrupt raised before an
+    /// instruction is taken before it.
+    fn interrupt_due_before_time_read(&self) -> bool {
+        self.st.rflags & (IF | TF) == IF
+            && !self.shadow
+            && self
+                .irq
+                .as_ref()
+                .is_some_and(|c| c.pending_vector(self.id).is_some())
+    }
+
     /// Linear address of the descriptor `sel` selects (GDT or LDT), checked against the limit.
     pub(crate) fn descriptor_addr(&self, sel: u16, len: u64) -> R<u64> {
         let idx = (sel & !7) as u64;
@@ -437,6 +453,11 @@ impl Cpu {
             M::Rdtsc | M::Rdtscp => {
                 if self.st.cr4 & cr4::TSD != 0 && cpl != 0 {
                     return Err(gp0());
+                }
+                if self.interrupt_due_before_time_read() {
+                    self.next_rip = self.st.rip;
+                    self.interrupt_first = true;
+                    return Ok(());
                 }
                 let t = host_tsc().wrapping_add(self.st.tsc_offset);
                 self.st.gpr[gpr::RAX] = t & 0xffff_ffff;

@@ -40,6 +40,8 @@ impl IrqChip {
             st.ioapic = s.ioapic.clone();
             st.pic = s.pic.clone();
             st.sources = sources;
+            // KVM's routes follow the restored redirection table (EOI exits of its pins).
+            st.sync_ioapic_routes();
         });
         Ok(())
     }

@@ -1,11 +1,14 @@
 //! The PIT's state as plain data. Each channel's count so far is folded into its tick
 //! count at the save, so a restored PIT continues from the same count on the new process's
-//! clock: no burst of missed ticks, no counter running backwards.
+//! clock: no burst of missed ticks, no counter running backwards. Channel 0's missed periods
+//! not yet raised (and whether a raised edge awaits its acknowledgement) are kept: the
+//! restored guest still gets them, one per acknowledgement.
 
 use super::*;
 use serde::{Deserialize, Serialize};
 
-/// The three channels (counted ticks folded in, `run_since` 0) and port 0x61.
+/// The three channels (counted ticks folded in, `run_since` and `raised_at` 0, channel 0's
+/// missed periods) and port 0x61.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PitState {
     channels: Vec<Channel>,
@@ -22,6 +25,7 @@ impl Pit {
                 c.base_ticks = c.ticks(now);
             }
             c.run_since = 0;
+            c.raised_at = 0;
         }
         PitState {
             channels,
@@ -39,6 +43,8 @@ impl Pit {
         let now = self.clock.now_ns();
         for c in &mut channels {
             c.run_since = now;
+            // An edge still unacknowledged is retried a period from now.
+            c.raised_at = now;
         }
         self.channels = channels;
         self.port61 = s.port61;
@@ -81,6 +87,18 @@ mod tests {
         // The fraction of a tick (< 838 ns) counted at the save is not kept.
         let (nb, na) = (read_count(&mut b), read_count(&mut a));
         assert!(na.abs_diff(nb) <= 1, "restored {nb}, original {na}");
+        // Missed periods travel with the state and are raised one per acknowledgement.
+        let irq = Arc::new(crate::legacy::test_util::CountingIrq::default());
+        let mut c = Pit::new(Some(irq.clone()), clock.clone());
+        c.restore_state(&saved).unwrap();
+        clock.advance(10 * ticks_to_ns(0x8000));
+        c.tick(clock.now_ns());
+        assert_eq!(c.backlog(), 9);
+        let mut d = Pit::new(Some(irq.clone()), clock2.clone());
+        d.restore_state(&c.save_state()).unwrap();
+        assert_eq!(d.backlog(), 9);
+        d.irq_acked();
+        assert_eq!((d.backlog(), irq.0.load(Ordering::SeqCst)), (8, 2));
         let bad = PitState {
             channels: Vec::new(),
             port61: 0,
