@@ -4,8 +4,12 @@
 #
 #   scripts/fuzz.sh [-t SECONDS] [TARGET...]      (default: 180 s each, every target)
 #
-# Needs nightly Rust and cargo-fuzz (`rustup toolchain install nightly`, `cargo install
-# cargo-fuzz`). One libFuzzer process per target (no -jobs/-workers), under `nice -n 10`.
+# Installs cargo-fuzz (`cargo install cargo-fuzz --locked`) when it is missing. Runs on the
+# default toolchain: nightly, or stable with RUSTC_BOOTSTRAP=1 so that it accepts the -Z flags
+# cargo-fuzz passes (-Zsanitizer=address; the stable toolchain ships the ASan runtime). The four
+# fuzz crates share one build directory, target/fuzz. One libFuzzer process per target (no
+# -jobs/-workers: the same single fuzzing process as -jobs=1, without the supervisor process
+# and its fuzz-0.log), under `nice -n 10`.
 # Corpora stay in crates/*/fuzz/corpus/TARGET between runs; a crash leaves its input in
 # crates/*/fuzz/artifacts/TARGET/ and the run's log in target/fuzz-logs/TARGET.log.
 # exec_bytes gets the test guest's own machine code as a seed corpus (real instruction
@@ -23,6 +27,8 @@ fi
 want=" $* "
 logs=$repo/target/fuzz-logs
 mkdir -p "$logs"
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+export RUSTC_BOOTSTRAP=1
 
 # Seeds for exec_bytes: 256-byte windows of the test guest's .text, each behind a mode byte.
 seed_engine() {
@@ -45,6 +51,29 @@ seed_engine() {
     rm -f "$text"
 }
 
+# Seeds for image_open: small real images made by qemu-img (qcow2 v3 and v2 with a written
+# cluster, empty VDI, VMDK sparse and stream-optimized, dynamic VHD; VHDX's smallest image,
+# 8 MiB, exceeds the target's max_len), so the search starts inside every parser.
+seed_images() {
+    dir=$repo/crates/block/fuzz/corpus/image_open
+    mkdir -p "$dir"
+    data=$(mktemp)
+    { head -c 1024 /dev/urandom; head -c 64512 /dev/zero; } >"$data"
+    for f in qcow2:cluster_size=512 qcow2:cluster_size=4096,compat=0.10 vdi: vmdk: \
+        vmdk:subformat=streamOptimized vpc:; do
+        fmt=${f%%:*}
+        opts=${f#*:}
+        out=$dir/seed-$fmt-$(echo "$opts" | tr -c 'a-z0-9\n' - | cut -c1-24)
+        [ -e "$out" ] && continue
+        if [ "$fmt" = qcow2 ]; then
+            qemu-img convert -q -f raw -O qcow2 -o "$opts" "$data" "$out"
+        else
+            qemu-img create -q -f "$fmt" ${opts:+-o "$opts"} "$out" 64K
+        fi
+    done
+    rm -f "$data"
+}
+
 failed=0
 # crate target max_len
 while read -r crate target maxlen; do
@@ -57,6 +86,9 @@ while read -r crate target maxlen; do
         seed_engine
         extra="-len_control=0"
         ;;
+    image_open)
+        seed_images
+        ;;
     exec_program | cmdline | kernel_image | acpi_tables)
         extra="-len_control=0"
         ;;
@@ -67,7 +99,7 @@ while read -r crate target maxlen; do
     log=$logs/$target.log
     start=$(date -u +%FT%TZ)
     status=0
-    (cd "$repo/$crate" && nice -n 10 cargo +nightly fuzz run "$target" -- \
+    (cd "$repo/$crate" && nice -n 10 cargo fuzz run --target-dir "$repo/target/fuzz" "$target" -- \
         -max_total_time="$secs" -max_len="$maxlen" -print_final_stats=1 $extra) \
         >"$log" 2>&1 || status=$?
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
@@ -95,5 +127,6 @@ crates/arch kernel_image 16384
 crates/arch initrd_placement 64
 crates/arch acpi_tables 8192
 crates/arch cmdline 8192
+crates/block image_open 65536
 EOF
 exit $failed
