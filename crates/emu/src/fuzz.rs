@@ -150,15 +150,22 @@ fn encode_insn(r: &mut Unstructured, code: &mut Vec<u8>) -> Result<()> {
 /// [`MAX_PROGRAM`] bytes of code. Returns the number of instructions retired.
 pub fn run_program(data: &[u8]) -> u64 {
     // Integer draws pad a short input with zeros and never fail.
-    let Ok((mode, code, regs, writes)) = read_program(&mut Unstructured::new(data)) else {
+    let Ok(p) = read_program(&mut Unstructured::new(data)) else {
         return 0;
     };
-    run(mode, &code, &[], regs, &writes)
+    run(p.mode, &p.code, &[], p.regs, &p.writes)
 }
 
-/// Mode, code, registers and memory values of a [`run_program`] input.
-#[allow(clippy::type_complexity)]
-fn read_program(r: &mut Unstructured) -> Result<(u8, Vec<u8>, Regs, Vec<(u64, u64)>)> {
+/// What a [`run_program`] input becomes.
+struct Program {
+    mode: u8,
+    code: Vec<u8>,
+    regs: Regs,
+    /// (address, value) pairs written into guest memory.
+    writes: Vec<(u64, u64)>,
+}
+
+fn read_program(r: &mut Unstructured) -> Result<Program> {
     let mode: u8 = r.arbitrary()?;
     let in_mem: u16 = r.arbitrary()?;
     let mut g = [0u64; 16];
@@ -181,7 +188,12 @@ fn read_program(r: &mut Unstructured) -> Result<(u8, Vec<u8>, Regs, Vec<(u64, u6
     while !r.is_empty() && code.len() < MAX_PROGRAM {
         encode_insn(r, &mut code)?;
     }
-    Ok((mode, code, Regs::from_gprs(g, 0, rflags), writes))
+    Ok(Program {
+        mode,
+        code,
+        regs: Regs::from_gprs(g, 0, rflags),
+        writes,
+    })
 }
 
 /// Where [`run_program`]'s memory values go: the second 2 MiB, mapped through the page table.
