@@ -158,3 +158,35 @@ fn fifo_backing_file_is_refused_not_waited_for() {
         );
     }
 }
+
+/// Found by `image_open` (FUZZING.md): a qcow2 image (512-byte clusters, 16-bit refcounts)
+/// whose refcount table does not cover its own metadata. Writing to it made imago allocate a
+/// refcount block, which needed a refcount block, and so on until the stack overflowed (ASan:
+/// `ensure_rb` -> `allocate_cluster_at` -> `allocate_clusters` -> `ensure_rb`, hundreds deep).
+/// Run on a thread with the default 2 MiB stack, as kvmbox's device threads have.
+#[test]
+fn qcow2_refblock_recursion_does_not_overflow_the_stack() {
+    let data = include_bytes!("data/qcow2-refblock-recursion.bin");
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(|| fuzzing::image(data))
+        .expect("spawn")
+        .join()
+        .expect("the image made the opener panic");
+    let dir = TempDir::new("refblock-gap");
+    let img = dir.0.join("gap.qcow2");
+    std::fs::write(&img, data).expect("write the image");
+    let spec = DiskSpec {
+        format: Some(Format::Qcow2),
+        lock: false,
+        ..DiskSpec::new(&img)
+    };
+    let err = open(&spec)
+        .map(|_| ())
+        .expect_err("read-write open of a refcount gap");
+    assert!(
+        err.to_string()
+            .contains("has no refcount block for clusters 0"),
+        "{err}"
+    );
+}
