@@ -4,6 +4,7 @@
 //! must return (a boot setup or an error), never panic, and never write outside guest RAM.
 
 use crate::{layout, AcpiConfig, LoadParams, McfgEntry, PciHostBridge, PciIntx};
+use arbitrary::{Result, Unstructured};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -27,31 +28,6 @@ fn memfile(data: &[u8]) -> MemFile {
     file.write_all(data).expect("write the fuzz image");
     let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     MemFile { _file: file, path }
-}
-
-/// Bytes read off the front of a fuzz input; zeros once it runs out.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut b = [0u8; N];
-        let n = N.min(self.0.len());
-        b[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        b
-    }
-    fn u8(&mut self) -> u8 {
-        self.take::<1>()[0]
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.take())
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take())
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take())
-    }
 }
 
 /// Load a fuzzed kernel image. The first byte picks the options (PVH preference, host
@@ -110,12 +86,10 @@ pub fn kernel_image(data: &[u8]) {
 /// Place a fuzzed initrd next to a fuzzed kernel range; a placement must be page-aligned, in
 /// RAM above 1 MiB, below both limits and clear of the kernel.
 pub fn initrd_placement(data: &[u8]) {
-    let mut r = Input(data);
-    let size = r.u64() >> (r.u8() % 64);
-    let limit = r.u64() >> (r.u8() % 64);
-    let low_end = r.u64() >> (r.u8() % 64);
-    let k0 = r.u64() >> (r.u8() % 64);
-    let k1 = k0.saturating_add(r.u64() >> (r.u8() % 64));
+    // Integer draws pad a short input with zeros and never fail.
+    let Ok((size, limit, low_end, k0, k1)) = read_placement(&mut Unstructured::new(data)) else {
+        return;
+    };
     if let Some(a) = crate::loader::place_initrd(size, limit, low_end, (k0, k1)) {
         let end = a.checked_add(size).expect("initrd end overflows");
         assert_eq!(a % 4096, 0, "initrd at {a:#x} is not page-aligned");
@@ -135,12 +109,31 @@ pub fn initrd_placement(data: &[u8]) {
     }
 }
 
+/// Initrd size, limit, end of low RAM and kernel range of [`initrd_placement`]: each a 64-bit
+/// value shifted right by a drawn amount, so every magnitude comes up.
+fn read_placement(r: &mut Unstructured) -> Result<(u64, u64, u64, u64, u64)> {
+    let mut scaled = || -> Result<u64> {
+        let v: u64 = r.arbitrary()?;
+        Ok(v >> (r.arbitrary::<u8>()? % 64))
+    };
+    let (size, limit, low_end, k0) = (scaled()?, scaled()?, scaled()?, scaled()?);
+    Ok((size, limit, low_end, k0, k0.saturating_add(scaled()?)))
+}
+
 /// Build ACPI tables for a fuzzed configuration: vCPU count, devices, PCI host bridge with
 /// INTx routes, MCFG entries, extra AML and extra tables.
 pub fn acpi_tables(data: &[u8]) {
-    let mut r = Input(data);
-    let mut cfg = AcpiConfig::new(u32::from(r.u16()) % 300);
-    let f = r.u8();
+    // Integer draws pad a short input with zeros and never fail.
+    let Ok(cfg) = acpi_config(&mut Unstructured::new(data)) else {
+        return;
+    };
+    let mem = crate::guest_memory(layout::MIN_MEMORY).expect("fuzz guest memory");
+    let _ = crate::create_acpi_tables_with(&mem, &cfg);
+}
+
+fn acpi_config(r: &mut Unstructured) -> Result<AcpiConfig> {
+    let mut cfg = AcpiConfig::new(u32::from(r.arbitrary::<u16>()?) % 300);
+    let f: u8 = r.arbitrary()?;
     cfg.com1 = f & 1 != 0;
     cfg.i8042 = f & 2 != 0;
     cfg.rtc = f & 4 != 0;
@@ -148,37 +141,37 @@ pub fn acpi_tables(data: &[u8]) {
     if f & 0x10 != 0 {
         let mut pci = PciHostBridge::new();
         if f & 0x20 != 0 {
-            pci.ecam_base = r.u64();
-            pci.last_bus = r.u8();
-            pci.mmio32 = (u64::from(r.u32()), u64::from(r.u32()));
+            pci.ecam_base = r.arbitrary()?;
+            pci.last_bus = r.arbitrary()?;
+            pci.mmio32 = (
+                u64::from(r.arbitrary::<u32>()?),
+                u64::from(r.arbitrary::<u32>()?),
+            );
         }
-        for _ in 0..r.u8() % 40 {
+        for _ in 0..r.arbitrary::<u8>()? % 40 {
             pci.intx.push(PciIntx {
-                device: r.u8(),
-                pin: r.u8(),
-                gsi: r.u32(),
+                device: r.arbitrary()?,
+                pin: r.arbitrary()?,
+                gsi: r.arbitrary()?,
             });
         }
         cfg.pci = Some(pci);
     }
-    for _ in 0..r.u8() % 20 {
+    for _ in 0..r.arbitrary::<u8>()? % 20 {
         cfg.mcfg.push(McfgEntry {
-            base: r.u64(),
-            segment: r.u16(),
-            start_bus: r.u8(),
-            end_bus: r.u8(),
+            base: r.arbitrary()?,
+            segment: r.arbitrary()?,
+            start_bus: r.arbitrary()?,
+            end_bus: r.arbitrary()?,
         });
     }
-    let aml_len = usize::from(r.u16()) % 4096;
-    cfg.sb_aml = r.0[..aml_len.min(r.0.len())].to_vec();
-    r.0 = &r.0[cfg.sb_aml.len()..];
-    while !r.0.is_empty() && cfg.extra_tables.len() < 8 {
-        let n = usize::from(r.u16()).min(r.0.len());
-        cfg.extra_tables.push(r.0[..n].to_vec());
-        r.0 = &r.0[n..];
+    let aml_len = usize::from(r.arbitrary::<u16>()?) % 4096;
+    cfg.sb_aml = r.bytes(aml_len.min(r.len()))?.to_vec();
+    while !r.is_empty() && cfg.extra_tables.len() < 8 {
+        let n = usize::from(r.arbitrary::<u16>()?).min(r.len());
+        cfg.extra_tables.push(r.bytes(n)?.to_vec());
     }
-    let mem = crate::guest_memory(layout::MIN_MEMORY).expect("fuzz guest memory");
-    let _ = crate::create_acpi_tables_with(&mem, &cfg);
+    Ok(cfg)
 }
 
 /// A minimal ELF64 kernel: one PT_LOAD of a HLT loop at 1 MiB, with a PVH entry note.

@@ -13,12 +13,38 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 
 /// Open an image file for reading (and writing if `writable`). Every image and backing file
 /// kvmbox opens comes through here.
+///
+/// Only regular files and block devices: opening a FIFO (a backing file name in a hostile
+/// image may point at one) would wait forever for a writer, so the open does not block, and
+/// anything else is refused before it is read.
 pub fn open_image_file(path: &Path, writable: bool) -> Result<File> {
-    OpenOptions::new()
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = OpenOptions::new()
         .read(true)
         .write(writable)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .map_err(Error::io("opening disk image", path))
+        .map_err(Error::io("opening disk image", path))?;
+    let t = file
+        .metadata()
+        .map_err(Error::io("reading", path))?
+        .file_type();
+    if !t.is_file() && !t.is_block_device() {
+        return Err(Error::image(path, "not a regular file or a block device"));
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL and F_SETFL on a descriptor we own; only O_NONBLOCK is cleared.
+    let cleared = unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        fl >= 0 && libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK) >= 0
+    };
+    if !cleared {
+        return Err(Error::io("opening disk image", path)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(file)
 }
 
 /// The image format whose signature starts `head` (the first 512 bytes of a file), if any.

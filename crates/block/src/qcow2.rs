@@ -323,6 +323,9 @@ fn open_access(
             "the corrupt bit is set; open it read-only (ro) or repair it with `qemu-img check -r all`",
         ));
     }
+    if writable {
+        check_refblocks_cover_file(&file, path, h)?;
+    }
     let backing = open_backing(path, h, chain)?;
     let q = Qcow2::<Storage>::builder(imago_storage(file, path, writable)?)
         .write(writable)
@@ -330,6 +333,38 @@ fn open_access(
         .open(DenyImplicitOpenGate::default())
         .map_err(imago_err(path))?;
     Ok(FormatAccess::new(q))
+}
+
+/// Before a read-write open: every cluster of the file must fall under a refcount block of the
+/// refcount table. Where one does not, a write made imago allocate a refcount block for a
+/// cluster range with none, which needed another one, and so on until the stack overflowed
+/// (found by the `image_open` fuzz target; an all-zero refcount table also made it place a
+/// refcount block over the header). QEMU never leaves such a gap; `qemu-img check -r all`
+/// repairs one.
+fn check_refblocks_cover_file(file: &File, path: &Path, h: &Header) -> Result<()> {
+    let mut b = [0u8; 60];
+    file.read_exact_at(&mut b, 0)
+        .map_err(Error::io("reading the header of", path))?;
+    let (rt_offset, cluster) = (be64(&b, 48), h.cluster_size());
+    let rt_bytes = u64::from(be32(&b, 56)) * cluster;
+    let len = file.metadata().map_err(Error::io("reading", path))?.len();
+    // Clusters one refcount block covers: a cluster of refcount_bits-wide entries.
+    let per_rb = cluster * 8 / u64::from(h.refcount_bits.max(1));
+    let needed = len.div_ceil(cluster).div_ceil(per_rb);
+    let mut rt = vec![0u8; (needed * 8).min(rt_bytes) as usize];
+    file.read_exact_at(&mut rt, rt_offset)
+        .map_err(Error::io("reading the refcount table of", path))?;
+    match rt.chunks_exact(8).position(|e| be64(e, 0) == 0) {
+        None if rt.len() as u64 == needed * 8 => Ok(()),
+        missing => Err(Error::image(
+            path,
+            format!(
+                "the refcount table has no refcount block for clusters {} and on (of {}); open it read-only (ro) or repair it with `qemu-img check -r all`",
+                missing.unwrap_or(rt.len() / 8) as u64 * per_rb,
+                len.div_ceil(cluster)
+            ),
+        )),
+    }
 }
 
 /// A qcow2 image and its backing chain.

@@ -9,6 +9,7 @@
 //! search spends its time on instruction sequences rather than on single decode errors.
 
 use crate::EmuVm;
+use arbitrary::{Result, Unstructured};
 use kvmbox_cpu::{IoHandler, Regs, Segment, SpecialRegs, Vcpu};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -86,28 +87,6 @@ pub fn run_bytes(data: &[u8]) -> u64 {
     run(mode, rest, noise, regs, &[])
 }
 
-/// Bytes read off the front of a fuzz input; zeros once it runs out.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut b = [0u8; N];
-        let n = N.min(self.0.len());
-        b[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        b
-    }
-    fn u8(&mut self) -> u8 {
-        self.take::<1>()[0]
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.take())
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take())
-    }
-}
-
 /// Longest code a [`run_program`] input encodes.
 pub const MAX_PROGRAM: usize = 4096;
 
@@ -115,8 +94,8 @@ pub const MAX_PROGRAM: usize = 4096;
 /// (operand size / REP / REPNE, LOCK, FS/GS, REX with its WRXB bits), the opcode map (one-byte,
 /// 0F, 0F38, 0F3A), whether a ModRM byte follows and the immediate size; then the opcode, the
 /// ModRM (with the SIB and displacement it calls for) and the immediate.
-fn encode_insn(r: &mut Input, code: &mut Vec<u8>) {
-    let (h, h2) = (r.u8(), r.u8());
+fn encode_insn(r: &mut Unstructured, code: &mut Vec<u8>) -> Result<()> {
+    let (h, h2): (u8, u8) = (r.arbitrary()?, r.arbitrary()?);
     match h2 >> 6 {
         1 => code.push(0x64),
         2 => code.push(0x65),
@@ -140,9 +119,9 @@ fn encode_insn(r: &mut Input, code: &mut Vec<u8>) {
         3 => code.extend_from_slice(&[0x0f, 0x3a]),
         _ => {}
     }
-    code.push(r.u8());
+    code.push(r.arbitrary()?);
     if h2 & 1 != 0 {
-        let modrm = r.u8();
+        let modrm: u8 = r.arbitrary()?;
         code.push(modrm);
         let (md, rm) = (modrm >> 6, modrm & 7);
         let mut disp = match md {
@@ -152,16 +131,17 @@ fn encode_insn(r: &mut Input, code: &mut Vec<u8>) {
             _ => 0,
         };
         if md != 3 && rm == 4 {
-            let sib = r.u8();
+            let sib: u8 = r.arbitrary()?;
             code.push(sib);
             if md == 0 && sib & 7 == 5 {
                 disp = 4;
             }
         }
-        code.extend_from_slice(&r.take::<4>()[..disp]);
+        code.extend_from_slice(&r.arbitrary::<[u8; 4]>()?[..disp]);
     }
     let imm = [0, 0, 1, 1, 2, 4, 4, 8][usize::from(h >> 5)];
-    code.extend_from_slice(&r.take::<8>()[..imm]);
+    code.extend_from_slice(&r.arbitrary::<[u8; 8]>()?[..imm]);
+    Ok(())
 }
 
 /// Run a structured input: the CPU mode, sixteen general registers (a mask byte pair chooses
@@ -169,12 +149,28 @@ fn encode_insn(r: &mut Input, code: &mut Vec<u8>) {
 /// values written into the data area, then instruction records ([`encode_insn`]) up to
 /// [`MAX_PROGRAM`] bytes of code. Returns the number of instructions retired.
 pub fn run_program(data: &[u8]) -> u64 {
-    let mut r = Input(data);
-    let mode = r.u8();
-    let in_mem = r.u16();
+    // Integer draws pad a short input with zeros and never fail.
+    let Ok(p) = read_program(&mut Unstructured::new(data)) else {
+        return 0;
+    };
+    run(p.mode, &p.code, &[], p.regs, &p.writes)
+}
+
+/// What a [`run_program`] input becomes.
+struct Program {
+    mode: u8,
+    code: Vec<u8>,
+    regs: Regs,
+    /// (address, value) pairs written into guest memory.
+    writes: Vec<(u64, u64)>,
+}
+
+fn read_program(r: &mut Unstructured) -> Result<Program> {
+    let mode: u8 = r.arbitrary()?;
+    let in_mem: u16 = r.arbitrary()?;
     let mut g = [0u64; 16];
     for (i, v) in g.iter_mut().enumerate() {
-        *v = r.u64();
+        *v = r.arbitrary()?;
         if in_mem & (1 << i) != 0 {
             *v &= 0x3f_fff8;
         }
@@ -182,15 +178,22 @@ pub fn run_program(data: &[u8]) -> u64 {
     if in_mem & (1 << 4) == 0 {
         g[4] = 0x8000; // RSP
     }
-    let rflags = 2 | (u64::from(r.u16()) & 0xcd5);
-    let writes: Vec<(u64, u64)> = (0..r.u8() % 32)
-        .map(|_| (DATA + (u64::from(r.u16()) * 8) % 0x1f_0000, r.u64()))
-        .collect();
-    let mut code = Vec::new();
-    while !r.0.is_empty() && code.len() < MAX_PROGRAM {
-        encode_insn(&mut r, &mut code);
+    let rflags = 2 | (u64::from(r.arbitrary::<u16>()?) & 0xcd5);
+    let mut writes = Vec::new();
+    for _ in 0..r.arbitrary::<u8>()? % 32 {
+        let at = DATA + (u64::from(r.arbitrary::<u16>()?) * 8) % 0x1f_0000;
+        writes.push((at, r.arbitrary()?));
     }
-    run(mode, &code, &[], Regs::from_gprs(g, 0, rflags), &writes)
+    let mut code = Vec::new();
+    while !r.is_empty() && code.len() < MAX_PROGRAM {
+        encode_insn(r, &mut code)?;
+    }
+    Ok(Program {
+        mode,
+        code,
+        regs: Regs::from_gprs(g, 0, rflags),
+        writes,
+    })
 }
 
 /// Where [`run_program`]'s memory values go: the second 2 MiB, mapped through the page table.

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use arbitrary::Unstructured;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -20,27 +21,6 @@ const DESC: u64 = 0;
 const AVAIL: u64 = 0x1000;
 const USED: u64 = 0x2000;
 const BUFS: u64 = 0x3000;
-
-struct Bytes_<'a>(&'a [u8]);
-
-impl Bytes_<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut b = [0u8; N];
-        let n = N.min(self.0.len());
-        b[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        b
-    }
-    fn u8(&mut self) -> u8 {
-        self.take::<1>()[0]
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.take())
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take())
-    }
-}
 
 /// Counts interrupts; the fuzz targets only need somewhere to send them.
 #[derive(Default)]
@@ -59,44 +39,9 @@ impl VirtioInterrupt for NullInterrupt {
 fn build(data: &[u8]) -> (GuestMemoryMmap, Queue) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), FUZZ_MEM as usize)])
         .expect("fuzz guest memory");
-    let mut r = Bytes_(data);
-    let size = 1u16 << (r.u8() % 9);
-    for i in 0..u64::from(size) {
-        let sel = r.u8();
-        let addr = if sel & 0x80 != 0 {
-            u64::MAX - u64::from(r.u16())
-        } else {
-            u64::from(r.u32()) % (FUZZ_MEM + FUZZ_MEM / 4)
-        };
-        let len = if sel & 0x40 != 0 {
-            r.u32()
-        } else {
-            u32::from(r.u16())
-        };
-        let flags = u16::from(sel & 0x7);
-        let next = r.u16() % (size + 4);
-        let a = GuestAddress(DESC + 16 * i);
-        let _ = mem.write_obj(addr, a);
-        let _ = mem.write_obj(len, GuestAddress(a.0 + 8));
-        let _ = mem.write_obj(flags, GuestAddress(a.0 + 12));
-        let _ = mem.write_obj(next, GuestAddress(a.0 + 14));
-    }
-    let avail_idx = u16::from(r.u8()) % (2 * size + 2);
-    for i in 0..u64::from(size) {
-        let head = r.u16() % (size + 4);
-        let _ = mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * i));
-    }
-    let _ = mem.write_obj(avail_idx, GuestAddress(AVAIL + 2));
-    // Whatever is left becomes buffer contents (request headers, frames), repeated.
-    if !r.0.is_empty() {
-        let pattern: Vec<u8> = r.0.iter().copied().cycle().take(0x1_0000).collect();
-        let mut at = BUFS;
-        while at < FUZZ_MEM {
-            let n = pattern.len().min((FUZZ_MEM - at) as usize);
-            let _ = mem.write_slice(&pattern[..n], GuestAddress(at));
-            at += n as u64;
-        }
-    }
+    // Integer draws pad a short input with zeros and never fail, so the queue is always
+    // complete (`1` only if that ever changed).
+    let size = fill_queue(&mut Unstructured::new(data), &mem).unwrap_or(1);
     let mut q = Queue::new(256).expect("queue");
     q.set_size(size);
     q.set_desc_table_address(Some(DESC as u32), Some(0));
@@ -104,6 +49,50 @@ fn build(data: &[u8]) -> (GuestMemoryMmap, Queue) {
     q.set_used_ring_address(Some(USED as u32), Some(0));
     q.set_ready(true);
     (mem, q)
+}
+
+/// Write the descriptor table, the avail ring and the buffers of [`build`]; returns the
+/// queue size.
+fn fill_queue(u: &mut Unstructured, mem: &GuestMemoryMmap) -> arbitrary::Result<u16> {
+    let size = 1u16 << (u.arbitrary::<u8>()? % 9);
+    for i in 0..u64::from(size) {
+        let sel: u8 = u.arbitrary()?;
+        let addr = if sel & 0x80 != 0 {
+            u64::MAX - u64::from(u.arbitrary::<u16>()?)
+        } else {
+            u64::from(u.arbitrary::<u32>()?) % (FUZZ_MEM + FUZZ_MEM / 4)
+        };
+        let len = if sel & 0x40 != 0 {
+            u.arbitrary::<u32>()?
+        } else {
+            u32::from(u.arbitrary::<u16>()?)
+        };
+        let flags = u16::from(sel & 0x7);
+        let next = u.arbitrary::<u16>()? % (size + 4);
+        let a = GuestAddress(DESC + 16 * i);
+        let _ = mem.write_obj(addr, a);
+        let _ = mem.write_obj(len, GuestAddress(a.0 + 8));
+        let _ = mem.write_obj(flags, GuestAddress(a.0 + 12));
+        let _ = mem.write_obj(next, GuestAddress(a.0 + 14));
+    }
+    let avail_idx = u16::from(u.arbitrary::<u8>()?) % (2 * size + 2);
+    for i in 0..u64::from(size) {
+        let head = u.arbitrary::<u16>()? % (size + 4);
+        let _ = mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * i));
+    }
+    let _ = mem.write_obj(avail_idx, GuestAddress(AVAIL + 2));
+    // Whatever is left becomes buffer contents (request headers, frames), repeated.
+    let rest = u.bytes(u.len())?;
+    if !rest.is_empty() {
+        let pattern: Vec<u8> = rest.iter().copied().cycle().take(0x1_0000).collect();
+        let mut at = BUFS;
+        while at < FUZZ_MEM {
+            let n = pattern.len().min((FUZZ_MEM - at) as usize);
+            let _ = mem.write_slice(&pattern[..n], GuestAddress(at));
+            at += n as u64;
+        }
+    }
+    Ok(size)
 }
 
 fn memfd_disk(sectors: u64, read_only: bool) -> Disk {
