@@ -15,9 +15,11 @@ mod foreign;
 pub mod fuzzing;
 pub mod image;
 pub mod lock;
+pub mod meta;
 mod open;
 pub mod qcow2;
 mod raw;
+pub mod snapshot;
 mod spec;
 
 pub use error::{Error, Result};
