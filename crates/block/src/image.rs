@@ -107,11 +107,11 @@ pub struct LayerInfo {
 
 impl LayerInfo {
     /// A file's facts before its format is known: its size is the virtual size.
-    fn plain(path: &Path, md: &std::fs::Metadata) -> Self {
+    fn plain(path: &Path, md: &std::fs::Metadata, len: u64) -> Self {
         Self {
             path: path.to_path_buf(),
             format: "raw".into(),
-            virtual_size: md.len(),
+            virtual_size: len,
             allocated_bytes: md.blocks() * 512,
             cluster_size: None,
             qcow2_version: None,
@@ -139,6 +139,7 @@ pub fn info(path: &Path) -> Result<Vec<LayerInfo>> {
         }
         let file = open_image_file(&p, false)?;
         let md = file.metadata().map_err(Error::io("reading", &p))?;
+        let len = crate::open::image_len(&file, &p)?;
         if out.iter().any(|l| l.path == p) {
             return Err(Error::image(&p, "backing file loop"));
         }
@@ -152,7 +153,7 @@ pub fn info(path: &Path) -> Result<Vec<LayerInfo>> {
                     out.push(LayerInfo {
                         format: other.to_string(),
                         virtual_size: size,
-                        ..LayerInfo::plain(&p, &md)
+                        ..LayerInfo::plain(&p, &md, len)
                     });
                     break;
                 }
@@ -161,7 +162,7 @@ pub fn info(path: &Path) -> Result<Vec<LayerInfo>> {
         };
         let mut layer = LayerInfo {
             format: format.to_string(),
-            ..LayerInfo::plain(&p, &md)
+            ..LayerInfo::plain(&p, &md, len)
         };
         if format == Format::Qcow2 {
             let h = Header::read(&file, &p)?;

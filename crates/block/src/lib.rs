@@ -23,7 +23,7 @@ pub mod snapshot;
 mod spec;
 
 pub use error::{Error, Result};
-pub use open::{detect_format, open, open_image_file, MAX_CHAIN_DEPTH};
+pub use open::{detect_format, image_len, open, open_image_file, MAX_CHAIN_DEPTH};
 pub use qcow2::Qcow2Backend;
 pub use raw::RawBackend;
 pub use spec::{DiskSpec, Format, SERIAL_MAX};

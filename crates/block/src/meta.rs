@@ -147,7 +147,7 @@ impl<'f> Image<'f> {
                 "the image has persistent dirty bitmaps, which kvmbox does not account for (use qemu-img)",
             ));
         }
-        let file_len = file.metadata().map_err(Error::io("reading", path))?.len();
+        let file_len = crate::open::image_len(file, path)?;
         Ok(Self {
             file,
             path: path.to_path_buf(),
@@ -855,11 +855,7 @@ pub(crate) fn commit(
     img.sync()?;
     // Reload what changed.
     img.h = Header::read(img.file, &img.path)?;
-    img.file_len = img
-        .file
-        .metadata()
-        .map_err(Error::io("reading", &img.path))?
-        .len();
+    img.file_len = crate::open::image_len(img.file, &img.path)?;
     img.l2_cache.clear();
     Ok(())
 }

@@ -104,7 +104,7 @@ impl Header {
     /// Read and check the header of `file` (`path` names it in errors).
     pub fn read(file: &File, path: &Path) -> Result<Self> {
         let bad = |p: String| Error::image(path, format!("bad qcow2 header: {p}"));
-        let file_len = file.metadata().map_err(Error::io("reading", path))?.len();
+        let file_len = crate::open::image_len(file, path)?;
         let mut b = vec![0u8; 4096.min(file_len as usize)];
         file.read_exact_at(&mut b, 0)
             .map_err(Error::io("reading the header of", path))?;

@@ -830,3 +830,73 @@ fn snapshots_interoperate_with_qemu_img() {
     assert_eq!(qemu_check_status(&q), 0);
     assert!(first_mib() == a, "contents after deleting every snapshot");
 }
+
+/// A loop device this test attached, detached on drop.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// Block devices as disks: the size comes from `BLKGETSIZE64` (their metadata says 0), raw
+/// reads and writes reach the backing file, and a qcow2 image on a block device opens too.
+#[test]
+fn block_devices_are_sized_by_ioctl() {
+    let d = TempDir::new("loop");
+    let file = d.path("backing.img");
+    let data = pattern(4 << 20, 5);
+    std::fs::write(&file, &data).unwrap();
+    let attach = |f: &Path| {
+        let o = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(f)
+            .output()
+            .ok()?;
+        let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        (o.status.success() && !dev.is_empty()).then(|| Loop(dev))
+    };
+    let Some(dev) = attach(&file) else {
+        println!("SKIP: block_devices_are_sized_by_ioctl: losetup could not attach a loop device");
+        return;
+    };
+    let p = PathBuf::from(&dev.0);
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 0, "metadata of {p:?}");
+    let b = open(&DiskSpec {
+        format: Some(Format::Raw),
+        ..spec(&p)
+    })
+    .unwrap();
+    assert_eq!(b.size(), 4 << 20);
+    assert!(read_all(&*b) == data);
+    let w = pattern(8192, 6);
+    b.write_vectored_at(&[IoSlice::new(&w)], 1 << 20).unwrap();
+    b.flush().unwrap();
+    drop(b);
+    drop(dev);
+    assert!(std::fs::read(&file).unwrap()[1 << 20..(1 << 20) + 8192] == w[..]);
+
+    let Some(_serial) = qemu_img_or_skip("block_devices_are_sized_by_ioctl (qcow2 part)") else {
+        return;
+    };
+    let q = d.path("q.qcow2");
+    let raw = d.path("q.raw");
+    std::fs::write(&raw, &data[..1 << 20]).unwrap();
+    let (ok, out) = qemu_img(&[
+        "convert",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let dev = attach(&q).expect("a second loop device");
+    let p = PathBuf::from(&dev.0);
+    let b = open(&DiskSpec {
+        read_only: true,
+        ..spec(&p)
+    })
+    .unwrap();
+    assert!(read_all(&*b) == data[..1 << 20], "qcow2 on {p:?}");
+}
