@@ -18,6 +18,7 @@ pub mod lock;
 pub mod meta;
 mod open;
 pub mod qcow2;
+pub mod qcow2_read;
 mod raw;
 pub mod snapshot;
 mod spec;

@@ -7,6 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::lock::{lock, Access};
+use crate::qcow2::Header;
+use crate::qcow2_read::Qcow2Reader;
 use crate::{BlockBackend, DiskSpec, Error, Format, Qcow2Backend, RawBackend, Result};
 
 /// Deepest backing chain kvmbox opens (the image itself not counted).
@@ -167,6 +169,12 @@ pub fn open(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>> {
         Format::Raw => {
             let size = image_len(&file, path)?;
             Arc::new(RawBackend::new(file, size, spec.read_only, probed))
+        }
+        // Read-only images imago refuses (zstd, dirty, corrupt) are read by kvmbox's reader.
+        Format::Qcow2
+            if spec.read_only && crate::qcow2_read::needed(&Header::read(&file, path)?) =>
+        {
+            Arc::new(Qcow2Reader::open(file, path, spec.lock)?)
         }
         Format::Qcow2 => Arc::new(Qcow2Backend::open(file, path, spec.read_only, spec.lock)?),
     })

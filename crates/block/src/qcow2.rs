@@ -21,7 +21,7 @@ use crate::{io_err, BlockBackend, Caps, Error, Format, Result};
 pub const MAGIC: u32 = 0x5146_49fb;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
-const INCOMPAT_CORRUPT: u64 = 1 << 1;
+pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
@@ -285,7 +285,11 @@ fn imago_err(path: &Path) -> impl Fn(io::Error) -> Error + '_ {
 
 /// Open the backing chain of the image at `path` (header `h`): every file read-only and
 /// locked for reading; `chain` counts depth and catches loops.
-fn open_backing(path: &Path, h: &Header, chain: &mut ChainGuard) -> Result<Option<Access>> {
+pub(crate) fn open_backing(
+    path: &Path,
+    h: &Header,
+    chain: &mut ChainGuard,
+) -> Result<Option<Access>> {
     let Some(name) = &h.backing_file else {
         return Ok(None);
     };
@@ -339,19 +343,19 @@ fn open_access(
     if h.compression_type != 0 {
         return Err(Error::image(
             path,
-            "zstd-compressed clusters are not supported (convert with `qemu-img convert -O qcow2`)",
+            "zstd-compressed images open read-only (ro) and convert, but cannot be written or serve as backing files (convert with `kvmbox disk convert`)",
         ));
     }
     if h.dirty() {
         return Err(Error::image(
             path,
-            "the dirty bit is set (lazy refcounts, not closed cleanly): open it read-write once or run `kvmbox disk check --repair`",
+            "the dirty bit is set (lazy refcounts, not closed cleanly): it opens read-only (ro), or run `kvmbox disk check --repair`",
         ));
     }
     if h.corrupt() && writable {
         return Err(Error::image(
             path,
-            "the corrupt bit is set; open it read-only (ro) or repair it with `qemu-img check -r all`",
+            "the corrupt bit is set; open it read-only (ro) or check it with `kvmbox disk check`",
         ));
     }
     let backing = open_backing(path, h, chain)?;
