@@ -23,7 +23,7 @@ const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
-const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+pub(crate) const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// The persistent dirty bitmaps header extension.
@@ -340,7 +340,7 @@ fn open_access(
     writable: bool,
     chain: &mut ChainGuard,
 ) -> Result<Access> {
-    if h.compression_type != 0 {
+    if h.incompatible & INCOMPAT_COMPRESSION != 0 {
         return Err(Error::image(
             path,
             "zstd-compressed images open read-only (ro) and convert, but cannot be written or serve as backing files (convert with `kvmbox disk convert`)",

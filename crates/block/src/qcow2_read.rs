@@ -17,7 +17,7 @@ use miniz_oxide::inflate::core::{decompress as inflate, DecompressorOxide};
 use miniz_oxide::inflate::TINFLStatus;
 
 use crate::open::ChainGuard;
-use crate::qcow2::{open_backing, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::qcow2::{open_backing, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::{io_err, BlockBackend, Caps, Error, Result};
 
 const COMPRESSED: u64 = 1 << 62;
@@ -28,7 +28,7 @@ const L2_CACHE: usize = 1024;
 
 /// Whether a read-only open of an image with header `h` needs this reader.
 pub(crate) fn needed(h: &Header) -> bool {
-    h.compression_type != 0 || h.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0
+    h.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION) != 0
 }
 
 /// A qcow2 image read by kvmbox itself (read-only).
