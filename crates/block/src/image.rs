@@ -215,17 +215,25 @@ pub fn convert(
                 source: e,
             })?;
         let n = n.next_multiple_of(512).min(CHUNK);
+        // Write each run of blocks that are not all zeroes with one request.
         let mut i = 0;
         while i < n {
-            let end = (i + ZERO_BLOCK).min(n);
-            if buf[i..end].iter().any(|&b| b != 0) {
-                d.write_vectored_at(&[IoSlice::new(&buf[i..end])], off + i as u64)
-                    .map_err(|e| Error::Io {
-                        what: "writing",
-                        path: dst.to_path_buf(),
-                        source: e,
-                    })?;
+            let data = |at: usize| buf[at..(at + ZERO_BLOCK).min(n)].iter().any(|&b| b != 0);
+            if !data(i) {
+                i += ZERO_BLOCK;
+                continue;
             }
+            let mut end = i + ZERO_BLOCK;
+            while end < n && data(end) {
+                end += ZERO_BLOCK;
+            }
+            let end = end.min(n);
+            d.write_vectored_at(&[IoSlice::new(&buf[i..end])], off + i as u64)
+                .map_err(|e| Error::Io {
+                    what: "writing",
+                    path: dst.to_path_buf(),
+                    source: e,
+                })?;
             i = end;
         }
         off += n as u64;
