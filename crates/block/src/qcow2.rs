@@ -86,7 +86,7 @@ impl Header {
         1 << self.cluster_bits
     }
 
-    /// The dirty bit: refcounts may be stale (lazy refcounts, not closed cleanly).
+    /// The dirty bit: refcounts may be stale (not closed cleanly).
     pub fn dirty(&self) -> bool {
         self.incompatible & INCOMPAT_DIRTY != 0
     }
@@ -349,7 +349,7 @@ fn open_access(
     if h.dirty() {
         return Err(Error::image(
             path,
-            "the dirty bit is set (lazy refcounts, not closed cleanly): it opens read-only (ro), or run `kvmbox disk check --repair`",
+            "the dirty bit is set (not closed cleanly): it opens read-only (ro), or run `kvmbox disk check --repair`",
         ));
     }
     if h.corrupt() && writable {
@@ -373,7 +373,7 @@ pub struct Qcow2Backend {
     access: RwLock<Access>,
     size: u64,
     read_only: bool,
-    /// A lazy-refcounts image open read-write: the dirty bit is set while it is open, and
+    /// A version 3 image open read-write: the dirty bit is set while it is open, and
     /// cleared through this handle on a clean close.
     dirty_bit: Option<File>,
 }
@@ -381,10 +381,12 @@ pub struct Qcow2Backend {
 impl Qcow2Backend {
     /// Open the qcow2 image `file` (already opened and locked) at `path`.
     ///
-    /// As QEMU does, a dirty image (lazy refcounts, not closed cleanly) opened read-write has
-    /// its refcounts rebuilt first, and a lazy-refcounts image open read-write carries the
-    /// dirty bit until it is closed cleanly. (kvmbox itself updates refcounts eagerly, so the
-    /// bit only tells other tools the image was in use.)
+    /// As QEMU does, a dirty image (not closed cleanly) opened read-write has its refcounts
+    /// rebuilt first. A version 3 image open read-write carries the dirty bit until it is
+    /// closed cleanly, lazy refcounts or not: imago writes an L1 entry for a new L2 table
+    /// before the refcount block that counts it, so an image kvmbox was killed while writing
+    /// (between flushes) can have a refcount too low; the bit makes QEMU and kvmbox rebuild
+    /// refcounts before the next writer could hand that cluster out twice.
     pub fn open(file: File, path: &Path, read_only: bool, lock: bool) -> Result<Self> {
         let mut h = Header::read(&file, path)?;
         if h.dirty() && !read_only {
@@ -405,7 +407,7 @@ impl Qcow2Backend {
             }
             h = Header::read(&file, path)?;
         }
-        let dirty_bit = if !read_only && h.version == 3 && h.lazy_refcounts() {
+        let dirty_bit = if !read_only && h.version == 3 {
             Some(file.try_clone().map_err(Error::io("opening", path))?)
         } else {
             None
