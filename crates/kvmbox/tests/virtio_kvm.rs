@@ -444,9 +444,11 @@ fn netecho_answers_ping_from_the_netns() {
 
 // ------------------------------------------------------------------ benchmarks
 
-/// The QEMU reference run of the same guest, or None when QEMU is not installed.
+/// The QEMU reference run of the same guest, or None when QEMU is not installed. QEMU gets the
+/// guest's multiboot build: Debian 12's QEMU 7.2 refuses the x86-64 ELF ("Cannot load x86-64
+/// image, give a 32bit one").
 fn run_qemu(scenarios: &str, devices: &[&str]) -> Option<RunResult> {
-    let guest = common::testguest();
+    let guest = common::testguest_multiboot();
     let start = std::time::Instant::now();
     let out = Command::new("timeout")
         .args(["120", "qemu-system-x86_64"])
