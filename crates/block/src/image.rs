@@ -218,7 +218,7 @@ pub fn convert(
         // Write each run of blocks that are not all zeroes with one request.
         let mut i = 0;
         while i < n {
-            let data = |at: usize| buf[at..(at + ZERO_BLOCK).min(n)].iter().any(|&b| b != 0);
+            let data = |at: usize| !all_zero(&buf[at..(at + ZERO_BLOCK).min(n)]);
             if !data(i) {
                 i += ZERO_BLOCK;
                 continue;
@@ -244,6 +244,17 @@ pub fn convert(
         path: dst.to_path_buf(),
         source: e,
     })
+}
+
+/// Whether `b` is all zeroes (OR-folds fixed 64-byte chunks, which the compiler vectorizes).
+fn all_zero(b: &[u8]) -> bool {
+    let chunks = b.chunks_exact(64);
+    let tail = chunks.remainder();
+    chunks
+        .map(|c| c.iter().fold(0u8, |a, &x| a | x))
+        .fold(0u8, |a, x| a | x)
+        == 0
+        && tail.iter().all(|&x| x == 0)
 }
 
 /// Change the virtual size of the image at `path` (growing reads as zeroes; shrinking drops
