@@ -7,7 +7,8 @@ use crate::{open, DiskSpec, Format};
 
 /// Treat `data` as an image file: open it with format detection (read-only, so VDI, VMDK,
 /// VHD and VHDX go through their readers too; and read-write as qcow2), then read and write
-/// a few places. Nothing may panic; errors are fine.
+/// a few places; then check it and repair it (`kvmbox disk check --repair`). Nothing may
+/// panic; errors are fine.
 pub fn image(data: &[u8]) {
     // SAFETY: memfd_create with a valid NUL-terminated name.
     let fd = unsafe { libc::memfd_create(c"kvmbox-fuzz-image".as_ptr(), libc::MFD_CLOEXEC) };
@@ -43,5 +44,8 @@ pub fn image(data: &[u8]) {
         }
         let _ = b.discard(0, size.min(1 << 20));
         let _ = b.flush();
+    }
+    for repair in [false, true] {
+        let _ = crate::image::check(std::path::Path::new(&path), repair, &mut |_, _| {});
     }
 }

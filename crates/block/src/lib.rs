@@ -15,13 +15,16 @@ mod foreign;
 pub mod fuzzing;
 pub mod image;
 pub mod lock;
+pub mod meta;
 mod open;
 pub mod qcow2;
+pub mod qcow2_read;
 mod raw;
+pub mod snapshot;
 mod spec;
 
 pub use error::{Error, Result};
-pub use open::{detect_format, open, open_image_file, MAX_CHAIN_DEPTH};
+pub use open::{detect_format, image_len, open, open_image_file, MAX_CHAIN_DEPTH};
 pub use qcow2::Qcow2Backend;
 pub use raw::RawBackend;
 pub use spec::{DiskSpec, Format, SERIAL_MAX};

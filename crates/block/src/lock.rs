@@ -156,3 +156,24 @@ fn holder_pid(file: &File, byte: i64) -> Option<i32> {
             .then_some(pid)
     })
 }
+
+/// [`lock`] for `kvmbox disk` commands: the same locks, and an error that does not suggest
+/// `lock=off` (which only `--disk` takes).
+pub(crate) fn lock_for_tool(file: &File, path: &Path, access: Access) -> Result<()> {
+    lock(file, path, access).map_err(|e| match e {
+        Error::Locked {
+            path,
+            holder,
+            problem,
+        } => Error::image(
+            &path,
+            format!(
+                "in use{}: {problem}; stop it first",
+                holder
+                    .map(|p| format!(" by process {p}"))
+                    .unwrap_or_default()
+            ),
+        ),
+        e => e,
+    })
+}

@@ -1,15 +1,39 @@
 //! Opening a disk: the one path from a [`DiskSpec`] to a backend (file, lock, format, chain).
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::lock::{lock, Access};
+use crate::qcow2::Header;
+use crate::qcow2_read::Qcow2Reader;
 use crate::{BlockBackend, DiskSpec, Error, Format, Qcow2Backend, RawBackend, Result};
 
 /// Deepest backing chain kvmbox opens (the image itself not counted).
 pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// `BLKGETSIZE64` (`_IOR(0x12, 114, size_t)` in linux/fs.h; not in the libc crate): a block
+/// device's size in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// The length of an image: a regular file's size, or a block device's (whose metadata says 0).
+pub fn image_len(file: &File, path: &Path) -> Result<u64> {
+    let md = file.metadata().map_err(Error::io("reading", path))?;
+    if !md.file_type().is_block_device() {
+        return Ok(md.len());
+    }
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if r < 0 {
+        return Err(Error::io("reading the size of block device", path)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(size)
+}
 
 /// Open an image file for reading (and writing if `writable`). Every image and backing file
 /// kvmbox opens comes through here.
@@ -69,7 +93,7 @@ pub(crate) fn probe_bytes(head: &[u8]) -> Option<&'static str> {
 /// VHDs have no header). None: raw.
 pub(crate) fn probe_file(file: &File, path: &Path) -> Result<Option<&'static str>> {
     let mut head = [0u8; 512];
-    let len = file.metadata().map_err(Error::io("reading", path))?.len();
+    let len = image_len(file, path)?;
     let n = (len as usize).min(head.len());
     file.read_exact_at(&mut head[..n], 0)
         .map_err(Error::io("reading the header of", path))?;
@@ -169,8 +193,14 @@ pub fn open(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>> {
     };
     Ok(match format {
         Format::Raw => {
-            let size = file.metadata().map_err(Error::io("reading", path))?.len();
+            let size = image_len(&file, path)?;
             Arc::new(RawBackend::new(file, size, spec.read_only, probed))
+        }
+        // Read-only images imago refuses (zstd, dirty, corrupt) are read by kvmbox's reader.
+        Format::Qcow2
+            if spec.read_only && crate::qcow2_read::needed(&Header::read(&file, path)?) =>
+        {
+            Arc::new(Qcow2Reader::open(file, path, spec.lock)?)
         }
         Format::Qcow2 => Arc::new(Qcow2Backend::open(file, path, spec.read_only, spec.lock)?),
     })

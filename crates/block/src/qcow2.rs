@@ -20,12 +20,14 @@ use crate::{io_err, BlockBackend, Caps, Error, Format, Result};
 /// The qcow2 magic, "QFI\xfb".
 pub const MAGIC: u32 = 0x5146_49fb;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
-const INCOMPAT_DIRTY: u64 = 1 << 0;
-const INCOMPAT_CORRUPT: u64 = 1 << 1;
+pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
+pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
-const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+pub(crate) const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+/// The persistent dirty bitmaps header extension.
+pub(crate) const EXT_BITMAPS: u32 = 0x2385_2875;
 /// Largest virtual size accepted (QEMU's limit: offsets must fit in 56 bits of an L2 entry).
 pub const MAX_SIZE: u64 = 1 << 56;
 /// Largest L1 table QEMU accepts (32 MiB).
@@ -54,13 +56,27 @@ pub struct Header {
     pub snapshots: u32,
     /// Bits per refcount.
     pub refcount_bits: u32,
+    /// Entries in the active L1 table.
+    pub l1_size: u32,
+    /// Offset of the active L1 table.
+    pub l1_offset: u64,
+    /// Offset of the refcount table.
+    pub refcount_table_offset: u64,
+    /// Clusters of the refcount table.
+    pub refcount_table_clusters: u32,
+    /// Offset of the snapshot table.
+    pub snapshots_offset: u64,
+    /// Types of the header extensions present.
+    pub extensions: Vec<u32>,
+    /// Compression type (0 zlib, 1 zstd).
+    pub compression_type: u8,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().unwrap_or_default())
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or_default())
 }
 
@@ -70,7 +86,7 @@ impl Header {
         1 << self.cluster_bits
     }
 
-    /// The dirty bit: refcounts may be stale (lazy refcounts, not closed cleanly).
+    /// The dirty bit: refcounts may be stale (not closed cleanly).
     pub fn dirty(&self) -> bool {
         self.incompatible & INCOMPAT_DIRTY != 0
     }
@@ -88,7 +104,7 @@ impl Header {
     /// Read and check the header of `file` (`path` names it in errors).
     pub fn read(file: &File, path: &Path) -> Result<Self> {
         let bad = |p: String| Error::image(path, format!("bad qcow2 header: {p}"));
-        let file_len = file.metadata().map_err(Error::io("reading", path))?.len();
+        let file_len = crate::open::image_len(file, path)?;
         let mut b = vec![0u8; 4096.min(file_len as usize)];
         file.read_exact_at(&mut b, 0)
             .map_err(Error::io("reading the header of", path))?;
@@ -150,6 +166,7 @@ impl Header {
         let snapshots = be32(&b, 60);
         let (mut incompatible, mut compatible, mut refcount_bits, mut header_len) =
             (0, 0, 16, 72usize);
+        let mut compression_type = 0;
         if version == 3 {
             if b.len() < 104 {
                 return Err(bad("v3 header truncated".into()));
@@ -165,12 +182,11 @@ impl Header {
             if header_len < 104 || header_len > b.len() || header_len as u64 > cluster {
                 return Err(bad(format!("header_length {header_len}")));
             }
-            if incompatible & INCOMPAT_COMPRESSION != 0 && header_len > 104 && b[104] != 0 {
-                let t = b[104];
-                return Err(bad(format!(
-                    "compression type {} is not supported (kvmbox reads zlib-compressed clusters; convert with `qemu-img convert -O qcow2`)",
-                    if t == 1 { "zstd".into() } else { t.to_string() }
-                )));
+            if incompatible & INCOMPAT_COMPRESSION != 0 && header_len > 104 {
+                compression_type = b[104];
+                if compression_type > 1 {
+                    return Err(bad(format!("unknown compression type {compression_type}")));
+                }
             }
             let unknown =
                 incompatible & !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION);
@@ -188,12 +204,14 @@ impl Header {
         }
         // Header extensions: only the backing format matters here.
         let mut backing_format = None;
+        let mut extensions = Vec::new();
         let mut at = header_len.next_multiple_of(8);
         while at + 8 <= b.len() {
             let (kind, len) = (be32(&b, at), be32(&b, at + 4) as usize);
             if kind == 0 {
                 break;
             }
+            extensions.push(kind);
             let data = b
                 .get(at + 8..at + 8 + len)
                 .ok_or_else(|| bad(format!("header extension {kind:#x} runs past the header")))?;
@@ -229,6 +247,13 @@ impl Header {
             compatible,
             snapshots,
             refcount_bits,
+            l1_size: l1_size as u32,
+            l1_offset,
+            refcount_table_offset: rt_offset,
+            refcount_table_clusters: be32(&b, 56),
+            snapshots_offset: be64(&b, 64),
+            extensions,
+            compression_type,
         })
     }
 }
@@ -260,7 +285,11 @@ fn imago_err(path: &Path) -> impl Fn(io::Error) -> Error + '_ {
 
 /// Open the backing chain of the image at `path` (header `h`): every file read-only and
 /// locked for reading; `chain` counts depth and catches loops.
-fn open_backing(path: &Path, h: &Header, chain: &mut ChainGuard) -> Result<Option<Access>> {
+pub(crate) fn open_backing(
+    path: &Path,
+    h: &Header,
+    chain: &mut ChainGuard,
+) -> Result<Option<Access>> {
     let Some(name) = &h.backing_file else {
         return Ok(None);
     };
@@ -311,16 +340,22 @@ fn open_access(
     writable: bool,
     chain: &mut ChainGuard,
 ) -> Result<Access> {
+    if h.incompatible & INCOMPAT_COMPRESSION != 0 {
+        return Err(Error::image(
+            path,
+            "zstd-compressed images open read-only (ro) and convert, but cannot be written or serve as backing files (convert with `kvmbox disk convert`)",
+        ));
+    }
     if h.dirty() {
         return Err(Error::image(
             path,
-            "the dirty bit is set (lazy refcounts, not closed cleanly); repair it with `qemu-img check -r all`",
+            "the dirty bit is set (not closed cleanly): it opens read-only (ro), or run `kvmbox disk check --repair`",
         ));
     }
     if h.corrupt() && writable {
         return Err(Error::image(
             path,
-            "the corrupt bit is set; open it read-only (ro) or repair it with `qemu-img check -r all`",
+            "the corrupt bit is set; open it read-only (ro) or check it with `kvmbox disk check`",
         ));
     }
     if writable {
@@ -373,19 +408,56 @@ pub struct Qcow2Backend {
     access: RwLock<Access>,
     size: u64,
     read_only: bool,
+    /// A version 3 image open read-write: the dirty bit is set while it is open, and
+    /// cleared through this handle on a clean close.
+    dirty_bit: Option<File>,
 }
 
 impl Qcow2Backend {
     /// Open the qcow2 image `file` (already opened and locked) at `path`.
+    ///
+    /// As QEMU does, a dirty image (not closed cleanly) opened read-write has its refcounts
+    /// rebuilt first. A version 3 image open read-write carries the dirty bit until it is
+    /// closed cleanly, lazy refcounts or not: imago writes an L1 entry for a new L2 table
+    /// before the refcount block that counts it, so an image kvmbox was killed while writing
+    /// (between flushes) can have a refcount too low; the bit makes QEMU and kvmbox rebuild
+    /// refcounts before the next writer could hand that cluster out twice.
     pub fn open(file: File, path: &Path, read_only: bool, lock: bool) -> Result<Self> {
-        let h = Header::read(&file, path)?;
+        let mut h = Header::read(&file, path)?;
+        if h.dirty() && !read_only {
+            let mut img = crate::meta::Image::load(&file, path)?;
+            let report = crate::meta::repair(&mut img, &mut |_, _| {})?;
+            if let Some(p) = report
+                .problems
+                .iter()
+                .find(|p| p.kind == crate::meta::Kind::Mapping)
+            {
+                return Err(Error::image(
+                    path,
+                    format!(
+                        "the dirty bit is set and the tables are damaged ({}); see `kvmbox disk check`",
+                        p.message
+                    ),
+                ));
+            }
+            h = Header::read(&file, path)?;
+        }
+        let dirty_bit = if !read_only && h.version == 3 {
+            Some(file.try_clone().map_err(Error::io("opening", path))?)
+        } else {
+            None
+        };
         let mut chain = ChainGuard::new(&file, path, lock)?;
         let access = open_access(file, path, &h, !read_only, &mut chain)?;
+        if let Some(f) = &dirty_bit {
+            crate::meta::set_dirty(f, path, true)?;
+        }
         Ok(Self {
             path: path.to_path_buf(),
             size: access.size(),
             access: RwLock::new(access),
             read_only,
+            dirty_bit,
         })
     }
 
@@ -406,6 +478,18 @@ impl Qcow2Backend {
 
     fn access(&self) -> std::sync::RwLockReadGuard<'_, Access> {
         self.access.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Qcow2Backend {
+    /// A clean close: metadata written back and synced, then the dirty bit cleared.
+    fn drop(&mut self) {
+        if let Some(f) = self.dirty_bit.take() {
+            let a = self.access.get_mut().unwrap_or_else(|e| e.into_inner());
+            if a.flush().and_then(|()| a.sync()).is_ok() {
+                let _ = crate::meta::set_dirty(&f, &self.path, false);
+            }
+        }
     }
 }
 

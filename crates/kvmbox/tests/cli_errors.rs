@@ -426,3 +426,65 @@ fn config_paths_are_relative_to_the_file() {
     r.assert_guest_ok();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `kvmbox disk check` exit statuses (those of `qemu-img check`): 0 clean, 3 leaked clusters
+/// only, 2 corruption, 1 the check could not run; raw images have nothing to check; `--repair`
+/// frees leaks and leaves a damaged image alone.
+#[test]
+fn disk_check_exit_statuses() {
+    let t = Duration::from_secs(60);
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    let raw = tmpfile("chk.raw", &data);
+    let q = raw.with_file_name("chk.qcow2");
+    let _ = std::fs::remove_file(&q);
+    let (rs, qs) = (raw.to_str().unwrap(), q.to_str().unwrap());
+    let r = run_kvmbox(&["disk", "check", rs], t);
+    assert_eq!(r.status, Some(0), "{}", r.stderr);
+    assert!(r.stdout.contains("nothing to check"), "{}", r.stdout);
+    assert_eq!(run_kvmbox(&["disk", "convert", rs, qs], t).status, Some(0));
+    let r = run_kvmbox(&["disk", "check", qs], t);
+    assert_eq!(r.status, Some(0), "{}", r.stdout);
+    assert!(r.stdout.contains("No errors were found"), "{}", r.stdout);
+
+    // Drop L2 entry 1: its cluster keeps refcount 1, referenced by nothing.
+    let l2_entry = |v: &[u8], i: usize| {
+        let l1 = u64::from_be_bytes(v[40..48].try_into().unwrap()) as usize;
+        let l2 = u64::from_be_bytes(v[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00;
+        l2 as usize + i * 8
+    };
+    let mut v = std::fs::read(&q).unwrap();
+    let at = l2_entry(&v, 1);
+    v[at..at + 8].fill(0);
+    std::fs::write(&q, &v).unwrap();
+    let r = run_kvmbox(&["disk", "check", qs], t);
+    assert_eq!(r.status, Some(3), "{}", r.stdout);
+    assert!(r.stdout.contains("1 leaked clusters"), "{}", r.stdout);
+    let r = run_kvmbox(&["disk", "check", "--json", qs], t);
+    assert_eq!(r.status, Some(3), "{}", r.stdout);
+    assert!(r.stdout.contains("\"leaks\": 1"), "{}", r.stdout);
+    let r = run_kvmbox(&["disk", "check", "--repair", qs], t);
+    assert_eq!(r.status, Some(0), "{}", r.stdout);
+    assert_eq!(run_kvmbox(&["disk", "check", qs], t).status, Some(0));
+
+    // An L2 entry past the end of the file: corruption, not repaired.
+    let mut v = std::fs::read(&q).unwrap();
+    let at = l2_entry(&v, 2);
+    v[at..at + 8].copy_from_slice(&((1u64 << 63) | (1 << 40)).to_be_bytes());
+    std::fs::write(&q, &v).unwrap();
+    let r = run_kvmbox(&["disk", "check", "--repair", qs], t);
+    assert_eq!(r.status, Some(2), "{}", r.stdout);
+    assert!(r.stdout.contains("Not repaired"), "{}", r.stdout);
+    assert!(
+        std::fs::read(&q).unwrap() == v,
+        "a damaged image was changed"
+    );
+
+    let gone = raw.with_file_name("no-such.qcow2");
+    let r = run_kvmbox(&["disk", "check", gone.to_str().unwrap()], t);
+    assert_eq!(r.status, Some(1));
+    assert!(r.stderr.contains("no-such.qcow2"), "{}", r.stderr);
+    expect_usage_error(&["disk", "snapshot", qs, "create"], "missing NAME");
+    for p in [raw, q] {
+        let _ = std::fs::remove_file(p);
+    }
+}

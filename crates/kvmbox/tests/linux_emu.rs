@@ -273,7 +273,8 @@ fn qemu_img(test: &str, args: &[&str]) -> Option<std::process::Output> {
 /// qcow2 end to end: the guest reads a qemu-img-made qcow2 image bit-exact (read-only) and
 /// writes through a qcow2 overlay that `kvmbox disk create` linked to that same image; after
 /// `sync` and SIGKILL the overlay holds the data, its backing file is unchanged, `qemu-img
-/// check` finds no corruption (leaks allowed after a kill) and `qemu-img compare` agrees.
+/// check` finds no corruption (leaks allowed after a kill), `kvmbox disk check` says the same
+/// and `--repair` leaves it clean, and `qemu-img compare` agrees.
 #[test]
 fn qcow2_disk_and_overlay_survive_sigkill() {
     let _cpu = CpuLease::exclusive();
@@ -336,6 +337,36 @@ fn qcow2_disk_and_overlay_survive_sigkill() {
     assert!(
         matches!(o.status.code(), Some(0) | Some(3)),
         "qemu-img check after SIGKILL: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // `kvmbox disk check` agrees with qemu-img, and `--repair` leaves it clean for qemu-img.
+    let k = Command::new(common::kvmbox())
+        .args(["disk", "check"])
+        .arg(&ov)
+        .output()
+        .unwrap();
+    assert_eq!(
+        k.status.code(),
+        o.status.code(),
+        "kvmbox disk check after SIGKILL: {}",
+        String::from_utf8_lossy(&k.stdout)
+    );
+    let k = Command::new(common::kvmbox())
+        .args(["disk", "check", "--repair"])
+        .arg(&ov)
+        .output()
+        .unwrap();
+    assert_eq!(
+        k.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&k.stdout)
+    );
+    let o = qemu_img(test, &["check", ov.to_str().unwrap()]).unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "qemu-img check after kvmbox's repair: {}",
         String::from_utf8_lossy(&o.stdout)
     );
     let mut expect = base_data.clone();

@@ -230,7 +230,7 @@ pub(crate) fn read_table(
     count: u64,
     width: u64,
 ) -> Result<Vec<u8>> {
-    let len = file.metadata().map_err(Error::io("reading", path))?.len();
+    let len = crate::open::image_len(file, path)?;
     let bytes = count.checked_mul(width).filter(|&b| b <= 256 << 20);
     match bytes {
         Some(b) if offset.checked_add(b).is_some_and(|e| e <= len) => {

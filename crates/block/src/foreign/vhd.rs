@@ -25,7 +25,7 @@ pub(crate) struct Vhd {
 impl Vhd {
     pub(crate) fn open(file: File, path: &Path) -> Result<(Layout, Self)> {
         let bad = |p: String| Error::image(path, format!("bad VHD: {p}"));
-        let len = file.metadata().map_err(Error::io("reading", path))?.len();
+        let len = crate::open::image_len(&file, path)?;
         let mut f = [0u8; 512];
         // The footer is the last 512 bytes (511 for images from old tools).
         if len < 512 || file.read_exact_at(&mut f, len - 512).is_err() || &f[..8] != COOKIE {

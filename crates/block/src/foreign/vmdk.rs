@@ -55,7 +55,7 @@ impl Vmdk {
         let mut h = sparse_header(&file, path, 0)?;
         if le64(&h, 56) == GD_AT_END {
             // streamOptimized: the real header is the footer, 1024 bytes before the end.
-            let len = file.metadata().map_err(Error::io("reading", path))?.len();
+            let len = crate::open::image_len(&file, path)?;
             let f = sparse_header(
                 &file,
                 path,
@@ -136,7 +136,7 @@ impl Vmdk {
 
     fn open_descriptor(file: File, path: &Path) -> Result<(Layout, Self)> {
         let bad = |p: String| Error::image(path, format!("bad VMDK descriptor: {p}"));
-        let len = file.metadata().map_err(Error::io("reading", path))?.len();
+        let len = crate::open::image_len(&file, path)?;
         if len > 1 << 20 {
             return Err(bad("larger than 1 MiB".into()));
         }
