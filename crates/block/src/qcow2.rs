@@ -374,8 +374,8 @@ fn open_access(
 /// refcount table. Where one does not, a write made imago allocate a refcount block for a
 /// cluster range with none, which needed another one, and so on until the stack overflowed
 /// (found by the `image_open` fuzz target; an all-zero refcount table also made it place a
-/// refcount block over the header). QEMU never leaves such a gap; `qemu-img check -r all`
-/// repairs one.
+/// refcount block over the header). QEMU never leaves such a gap; `kvmbox disk check --repair`
+/// (or `qemu-img check -r all`) repairs one.
 fn check_refblocks_cover_file(file: &File, path: &Path, h: &Header) -> Result<()> {
     let mut b = [0u8; 60];
     file.read_exact_at(&mut b, 0)
@@ -394,7 +394,7 @@ fn check_refblocks_cover_file(file: &File, path: &Path, h: &Header) -> Result<()
         missing => Err(Error::image(
             path,
             format!(
-                "the refcount table has no refcount block for clusters {} and on (of {}); open it read-only (ro) or repair it with `qemu-img check -r all`",
+                "the refcount table has no refcount block for clusters {} and on (of {}); open it read-only (ro) or repair it with `kvmbox disk check --repair`",
                 missing.unwrap_or(rt.len() / 8) as u64 * per_rb,
                 len.div_ceil(cluster)
             ),
