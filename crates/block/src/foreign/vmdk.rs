@@ -100,7 +100,8 @@ impl Vmdk {
             &file,
             path,
             "VMDK grain directory",
-            gd * SECTOR,
+            gd.checked_mul(SECTOR)
+                .ok_or_else(|| bad(format!("grain directory at sector {gd}")))?,
             n_tables,
             4,
         )?;
@@ -178,13 +179,15 @@ impl Vmdk {
                     let offset: u64 = if off.is_empty() {
                         0
                     } else {
-                        off.parse()
-                            .map_err(|_| bad(format!("extent offset in '{line}'")))?
+                        off.parse::<u64>()
+                            .ok()
+                            .and_then(|o| o.checked_mul(SECTOR))
+                            .ok_or_else(|| bad(format!("extent offset in '{line}'")))?
                     };
                     let epath = crate::qcow2::resolve_backing(path, name);
                     let f = crate::open_image_file(&epath, false)?;
                     files.push(f);
-                    extents.push((files.len(), pos, bytes, offset * SECTOR));
+                    extents.push((files.len(), pos, bytes, offset));
                 }
                 "ZERO" => extents.push((usize::MAX, pos, bytes, 0)),
                 other => {
