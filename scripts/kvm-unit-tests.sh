@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Run kvm-unit-tests' x86 tests on QEMU TCG, on kvmbox's engine (--accel emu) and on kvmbox with
-# KVM (where /dev/kvm exists), and print one table of results.
+# Run kvm-unit-tests' x86 tests on QEMU TCG, on kvmbox's engine (--accel emu), on kvmbox with
+# KVM and on QEMU with KVM (where /dev/kvm exists), and print one table of results. The QEMU KVM
+# column tells what the host's KVM itself does with a test (on hosts where KVM emulates parts of
+# the guest, a failure there is the host's, not kvmbox's).
 #
 #   scripts/kvm-unit-tests.sh [options] KUT_DIR [TEST...]
 #
@@ -12,9 +14,11 @@
 # and its timeout (default 90 s, as run_tests.sh).
 #
 # Options:
-#   --engines LIST   comma-separated subset of tcg,emu,kvm (default: all; kvm only with /dev/kvm)
+#   --engines LIST   comma-separated subset of tcg,emu,kvm,qkvm (default: all; kvm and qkvm only
+#                    with /dev/kvm)
 #   --timeout SECS   per-test timeout instead of unittests.cfg's
-#   --kvm-timeout S  per-test timeout on KVM (default: --timeout or unittests.cfg's)
+#   --kvm-timeout S  per-test timeout on KVM, kvmbox's and QEMU's (default: --timeout or
+#                    unittests.cfg's)
 #   --logs DIR       keep each run's console output in DIR (default: a temporary directory)
 #   --kvmbox PATH    kvmbox binary (default: target/release/kvmbox, built if missing)
 #   --qemu PATH      QEMU binary (default: qemu-system-x86_64 on PATH)
@@ -25,7 +29,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-engines="tcg,emu,kvm"
+engines="tcg,emu,kvm,qkvm"
 timeout_override=""
 kvm_timeout=""
 logs=""
@@ -40,7 +44,7 @@ while [ $# -gt 0 ]; do
         --logs) logs=$2; shift 2 ;;
         --kvmbox) kvmbox=$2; shift 2 ;;
         --qemu) qemu=$2; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "kvm-unit-tests.sh: unknown option $1" >&2; exit 2 ;;
         *) break ;;
     esac
@@ -57,13 +61,14 @@ if [ ! -f "$cfg" ] || ! ls "$kut"/x86/*.flat >/dev/null 2>&1; then
     exit 2
 fi
 has() { [[ ",$engines," == *",$1,"* ]]; }
-if has kvm && [ ! -w /dev/kvm ]; then
-    echo "kvm-unit-tests.sh: no usable /dev/kvm: the kvmbox kvm column is skipped" >&2
+if { has kvm || has qkvm; } && [ ! -w /dev/kvm ]; then
+    echo "kvm-unit-tests.sh: no usable /dev/kvm: the KVM columns are skipped" >&2
     engines=${engines//kvm/}
 fi
-if has tcg && ! command -v "$qemu" >/dev/null; then
-    echo "kvm-unit-tests.sh: $qemu not found: the QEMU TCG column is skipped" >&2
+if { has tcg || has qkvm; } && ! command -v "$qemu" >/dev/null; then
+    echo "kvm-unit-tests.sh: $qemu not found: the QEMU columns are skipped" >&2
     engines=${engines//tcg/}
+    engines=${engines//qkvm/}
 fi
 if { has emu || has kvm; } && [ ! -x "$kvmbox" ]; then
     (cd "$here" && cargo build --release -p kvmbox >&2)
@@ -141,11 +146,13 @@ run_one() {
     log="$logs/$name.$engine.log"
     local -a cmd
     case "$engine" in
-        tcg)
+        tcg|qkvm)
+            local accel=tcg
+            [ "$engine" = qkvm ] && accel=kvm
             # shellcheck disable=SC2206
             cmd=("$qemu" --no-reboot -nodefaults -device pc-testdev
                 -device isa-debug-exit,iobase=0xf4,iosize=0x4 -display none -serial stdio
-                -device pci-testdev -machine accel=tcg -kernel "$kut/x86/$file"
+                -device pci-testdev -machine accel=$accel -kernel "$kut/x86/$file"
                 -smp "$smp" -append "$args" $qp)
             ;;
         emu|kvm)
@@ -160,7 +167,7 @@ run_one() {
     verdict "$status" "$log"
 }
 
-printf '%-28s %-22s %-22s %-22s\n' "test" "QEMU TCG" "kvmbox emu" "kvmbox kvm"
+printf '%-28s %-22s %-22s %-22s %-22s\n' "test" "QEMU TCG" "kvmbox emu" "kvmbox kvm" "QEMU kvm"
 parse_cfg | while IFS='|' read -r name file smp args qp arch to acc grp chk; do
     if [ $# -gt 0 ]; then
         wanted=0
@@ -196,21 +203,22 @@ parse_cfg | while IFS='|' read -r name file smp args qp arch to acc grp chk; do
         esac
     done
     cells=()
-    for engine in tcg emu kvm; do
+    for engine in tcg emu kvm qkvm; do
         if ! has "$engine"; then
             cells+=("-")
         elif [ -n "$skip_reason" ]; then
             cells+=("$skip_reason")
-        elif [ -n "$no_device" ] && [ "$engine" != "tcg" ]; then
+        elif [ -n "$no_device" ] && [ "$engine" != "tcg" ] && [ "$engine" != "qkvm" ]; then
             cells+=("$no_device")
-        elif [ "$acc" = "kvm" ] && [ "$engine" != "kvm" ]; then
+        elif [ "$acc" = "kvm" ] && [ "$engine" != "kvm" ] && [ "$engine" != "qkvm" ]; then
             cells+=("SKIP(kvm only)")
         else
             t=$to
-            [ "$engine" = "kvm" ] && [ -n "$kvm_timeout" ] && t=$kvm_timeout
+            [[ "$engine" == *kvm ]] && [ -n "$kvm_timeout" ] && t=$kvm_timeout
             cells+=("$(run_one "$engine" "$name" "$file" "$smp" "$args" "$qp" "$t")")
         fi
     done
-    printf '%-28s %-22s %-22s %-22s\n' "$name" "${cells[0]}" "${cells[1]}" "${cells[2]}"
+    printf '%-28s %-22s %-22s %-22s %-22s\n' "$name" "${cells[0]}" "${cells[1]}" "${cells[2]}" \
+        "${cells[3]}"
 done
 echo "(counts: tests/unexpected failures/skipped from the test's SUMMARY line; logs in $logs)"
