@@ -502,14 +502,22 @@ impl BlockBackend for Qcow2Backend {
         Caps::writable_unless(self.read_only)
     }
 
+    // imago's I/O vectors must not hold empty buffers (it asserts that a vector is empty exactly
+    // when it has no buffers; a guest's zero-length descriptor would break that): they are left
+    // out.
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-        let v: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let v: Vec<IoSliceMut<'_>> = bufs
+            .iter_mut()
+            .filter(|b| !b.is_empty())
+            .map(|b| IoSliceMut::new(b))
+            .collect();
         self.access().readv(IoVectorMut::from(v), offset)
     }
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
         self.check_writable()?;
-        self.access().writev(IoVector::from(bufs.to_vec()), offset)
+        let v: Vec<IoSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).copied().collect();
+        self.access().writev(IoVector::from(v), offset)
     }
 
     fn flush(&self) -> io::Result<()> {
