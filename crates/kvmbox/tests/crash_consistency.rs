@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{kvm_or_skip, kvmbox, repo_root, testguest};
+use common::{kvm_or_skip, kvmbox, repo_root, skip, testguest};
 use std::process::Command;
 
 fn script() -> Command {
@@ -14,14 +14,49 @@ fn script() -> Command {
     c
 }
 
+/// Run the trials with `args` (plus `--json` and this build's kvmbox and test guest), assert the
+/// script succeeded and its JSON summary holds every one of `want`; the script's output.
+fn run_trials(args: &[&str], want: &[&str]) -> String {
+    let out = script()
+        .args(args)
+        .arg("--json")
+        .arg("--kvmbox")
+        .arg(kvmbox())
+        .arg("--guest")
+        .arg(testguest())
+        .output()
+        .expect("run python3 scripts/crash-consistency.py");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "script failed:\n{stdout}\n{stderr}");
+    let summary = stdout.lines().last().unwrap_or_default();
+    for w in want {
+        assert!(summary.contains(w), "{w} not in {summary}\n{stdout}");
+    }
+    stdout
+}
+
+/// Whether qemu-img runs here; a counted SKIP line for `test` where it does not.
+fn qemu_img_or_skip(test: &str) -> bool {
+    let ok = Command::new("qemu-img").arg("--version").output().is_ok();
+    if !ok {
+        skip(
+            test,
+            "qemu-img not found (install qemu-utils: scripts/setup.sh)",
+        );
+    }
+    ok
+}
+
 #[test]
 fn flushed_records_survive_sigkill() {
     if !kvm_or_skip("flushed_records_survive_sigkill") {
         return;
     }
     let work = std::env::temp_dir().join(format!("kvmbox-crash-test-{}", std::process::id()));
-    let out = script()
-        .args([
+    let work_dir = work.to_str().expect("a UTF-8 temporary directory");
+    let stdout = run_trials(
+        &[
             "--trials",
             "3",
             "--seed",
@@ -30,22 +65,12 @@ fn flushed_records_survive_sigkill() {
             "0.2",
             "--max-delay",
             "1",
-        ])
-        .args(["--json", "--keep", "--workdir"])
-        .arg(&work)
-        .arg("--kvmbox")
-        .arg(kvmbox())
-        .arg("--guest")
-        .arg(testguest())
-        .output()
-        .expect("run python3 scripts/crash-consistency.py");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "script failed:\n{stdout}\n{stderr}");
-    let summary = stdout.lines().last().unwrap_or_default();
-    for want in [r#""trials": 3"#, r#""failed": 0"#, r#""killed": 3"#] {
-        assert!(summary.contains(want), "{want} not in {summary}\n{stdout}");
-    }
+            "--keep",
+            "--workdir",
+            work_dir,
+        ],
+        &[r#""trials": 3"#, r#""failed": 0"#, r#""killed": 3"#],
+    );
     // Every trial was killed while the guest was writing (the kill comes after its first flush).
     let trial_lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("trial")).collect();
     assert_eq!(trial_lines.len(), 3, "{stdout}");
@@ -79,34 +104,30 @@ fn flushed_records_survive_sigkill_on_qcow2() {
     if !kvm_or_skip("flushed_records_survive_sigkill_on_qcow2") {
         return;
     }
-    if Command::new("qemu-img").arg("--version").output().is_err() {
-        eprintln!(
-            "SKIP flushed_records_survive_sigkill_on_qcow2: qemu-img not found (scripts/setup.sh)"
-        );
+    if !qemu_img_or_skip("flushed_records_survive_sigkill_on_qcow2") {
         return;
     }
-    let out = script()
-        .args(["--format", "qcow2", "--trials", "2", "--seed", "8"])
-        .args(["--min-delay", "0.2", "--max-delay", "1", "--json"])
-        .arg("--kvmbox")
-        .arg(kvmbox())
-        .arg("--guest")
-        .arg(testguest())
-        .output()
-        .expect("run python3 scripts/crash-consistency.py");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "script failed:\n{stdout}\n{stderr}");
-    let summary = stdout.lines().last().unwrap_or_default();
-    for want in [
-        r#""format": "qcow2""#,
-        r#""trials": 2"#,
-        r#""failed": 0"#,
-        r#""killed": 2"#,
-        r#""trials_with_no_flush": 0"#,
-    ] {
-        assert!(summary.contains(want), "{want} not in {summary}\n{stdout}");
-    }
+    run_trials(
+        &[
+            "--format",
+            "qcow2",
+            "--trials",
+            "2",
+            "--seed",
+            "8",
+            "--min-delay",
+            "0.2",
+            "--max-delay",
+            "1",
+        ],
+        &[
+            r#""format": "qcow2""#,
+            r#""trials": 2"#,
+            r#""failed": 0"#,
+            r#""killed": 2"#,
+            r#""trials_with_no_flush": 0"#,
+        ],
+    );
 }
 
 /// `kvmbox disk convert` SIGKILLed while it writes a qcow2 image (before its final flush): the
@@ -118,8 +139,7 @@ fn flushed_records_survive_sigkill_on_qcow2() {
 #[test]
 fn sigkilled_qcow2_writer_leaves_a_dirty_image_that_repairs_clean() {
     let test = "sigkilled_qcow2_writer_leaves_a_dirty_image_that_repairs_clean";
-    if Command::new("qemu-img").arg("--version").output().is_err() {
-        println!("SKIP: {test}: qemu-img not found (install qemu-utils: scripts/setup.sh)");
+    if !qemu_img_or_skip(test) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("kvmbox-killconv-{}", std::process::id()));
