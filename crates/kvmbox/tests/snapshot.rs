@@ -81,22 +81,7 @@ fn testguest_on_kvm_restored_mid_compute_finishes_like_an_uninterrupted_run() {
         "--restore-mem",
         mem.to_str().unwrap(),
     ]);
-    let line = back.expect("KVMBOX-TEST compute", TG) + &back.expect("\n", TG);
-    assert!(line.contains(&format!("iters={ITERS}")), "{line}");
-    back.expect("KVMBOX-TEST done result=ok", TG);
-    assert_eq!(
-        back.wait_exit(TG),
-        Some(1),
-        "debug-exit 0; {}",
-        back.stderr()
-    );
-    let plain = run_testguest("kvm", 2, "128M", &format!("compute:{ITERS}"), &[]);
-    plain.assert_guest_ok();
-    let result = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("result="))
-        .unwrap();
-    assert_eq!(plain.get("compute", "result"), result);
+    finishes_like_an_uninterrupted_run(&mut back, ITERS, TG, "kvm -> kvm");
 
     // Damaged or missing files: refused by name, nothing runs.
     let good = std::fs::read(&state).unwrap();
@@ -127,6 +112,32 @@ fn testguest_on_kvm_restored_mid_compute_finishes_like_an_uninterrupted_run() {
 /// `compute:10000000` on 2 vCPUs took 11 s on the engine at load average 8 (TESTING.md); the
 /// tests leave it at most twice that work.
 const ENGINE: Duration = Duration::from_secs(300);
+
+/// The restored compute guest `back` (`iters` iterations) reports its result within `first`,
+/// ends through debug-exit 0, and its result equals an uninterrupted run's on KVM.
+fn finishes_like_an_uninterrupted_run(
+    back: &mut Interactive,
+    iters: &str,
+    first: Duration,
+    what: &str,
+) {
+    let line = back.expect("KVMBOX-TEST compute", first) + &back.expect("\n", TG);
+    assert!(line.contains(&format!("iters={iters}")), "{what}: {line}");
+    back.expect("KVMBOX-TEST done result=ok", TG);
+    assert_eq!(
+        back.wait_exit(TG),
+        Some(1),
+        "{what}: debug-exit 0; {}",
+        back.stderr()
+    );
+    let plain = run_testguest("kvm", 2, "128M", &format!("compute:{iters}"), &[]);
+    plain.assert_guest_ok();
+    let result = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("result="))
+        .unwrap_or_else(|| panic!("{what}: no result in {line:?}"));
+    assert_eq!(plain.get("compute", "result"), result, "{what}");
+}
 
 /// The compute guest (2 vCPUs) started on `from` with `extra` flags, snapshotted `after` into
 /// its `iters` iterations of ring-3 work, SIGKILLed, restored with `--accel to`: it finishes
@@ -169,21 +180,7 @@ fn restored_on_the_other_engine(
         "--accel",
         to,
     ]);
-    let line = back.expect("KVMBOX-TEST compute", ENGINE) + &back.expect("\n", TG);
-    back.expect("KVMBOX-TEST done result=ok", TG);
-    assert_eq!(
-        back.wait_exit(TG),
-        Some(1),
-        "debug-exit 0; {}",
-        back.stderr()
-    );
-    let plain = run_testguest("kvm", 2, "128M", &format!("compute:{iters}"), &[]);
-    plain.assert_guest_ok();
-    let result = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("result="))
-        .unwrap_or_else(|| panic!("no result in {line:?}"));
-    assert_eq!(plain.get("compute", "result"), result, "{from} -> {to}");
+    finishes_like_an_uninterrupted_run(&mut back, iters, ENGINE, &format!("{from} -> {to}"));
     for p in [&state, &mem] {
         let _ = std::fs::remove_file(p);
     }
