@@ -117,6 +117,9 @@ pub struct Cpu {
     pub(crate) interrupt_first: bool,
     /// HLT executed; waiting for an interrupt.
     pub halted: bool,
+    /// HLT executed with TF set: its single-step trap is taken when the CPU leaves the halt,
+    /// before the interrupt that woke it.
+    pub(crate) step_trap_pending: bool,
     /// Waiting for SIPI (application processor before startup, or after INIT).
     pub wait_sipi: bool,
     /// An NMI handler is running: further NMIs wait for the next IRET.
@@ -154,6 +157,7 @@ impl Cpu {
             set_shadow: false,
             interrupt_first: false,
             halted: false,
+            step_trap_pending: false,
             wait_sipi: false,
             nmi_blocked: false,
             dcache: vec![empty_decoded(); DCACHE_SIZE + 1],

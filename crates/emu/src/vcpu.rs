@@ -85,7 +85,25 @@ impl Cpu {
         use iced_x86::Mnemonic as M;
         match ins.mnemonic() {
             M::Syscall | M::Sysret | M::Sysretq => self.st.rflags & flags::TF != 0,
+            // ICEBP's own #DB is the trap.
+            M::Int1 => false,
+            // MOV SS and POP SS block debug exceptions for one instruction: theirs is
+            // dropped, and the next instruction traps as usual (STI's shadow blocks only
+            // interrupts).
+            M::Mov | M::Pop if self.set_shadow => false,
             _ => tf_before,
+        }
+    }
+
+    /// Take the single-step trap of a HLT (see [`Cpu::step_trap_pending`]).
+    fn take_step_trap(&mut self) -> Result<Option<VcpuExit>> {
+        self.step_trap_pending = false;
+        self.halted = false;
+        self.st.dr[6] |= 1 << 14;
+        let rip = self.st.rip;
+        match self.deliver(1, None, EventKind::Exception, rip) {
+            Ok(()) => Ok(None),
+            Err(f) => self.fault_exit(f),
         }
     }
 
@@ -104,10 +122,14 @@ impl Cpu {
         self.shadow = self.set_shadow;
         // SYSCALL and SYSRET single-step on TF as they leave it (SFMASK may clear it, R11 may
         // set it), every other instruction on TF as it found it.
-        if (tf || self.st.rflags & flags::TF != 0) && !self.halted && self.step_trap(ins, tf) {
-            self.st.dr[6] |= 1 << 14;
-            let rip = self.st.rip;
-            self.deliver(1, None, EventKind::Exception, rip)?;
+        if (tf || self.st.rflags & flags::TF != 0) && self.step_trap(ins, tf) {
+            if self.halted {
+                self.step_trap_pending = true;
+            } else {
+                self.st.dr[6] |= 1 << 14;
+                let rip = self.st.rip;
+                self.deliver(1, None, EventKind::Exception, rip)?;
+            }
         }
         Ok(())
     }
@@ -121,6 +143,7 @@ impl Cpu {
         self.st.gpr[2] = 0x600; // EDX: processor signature (family 6), as after INIT.
         self.flush_all();
         self.halted = false;
+        self.step_trap_pending = false;
         self.wait_sipi = false;
         self.nmi_blocked = false;
     }
@@ -158,12 +181,32 @@ impl Cpu {
                     self.flush_all();
                     self.wait_sipi = true;
                     self.nmi_blocked = false;
+                    self.step_trap_pending = false;
+                    continue;
+                }
+            }
+            // A HLT's single-step trap, once something ends the halt (before an interrupt,
+            // which waits for the #DB handler to allow it; an NMI comes right after it).
+            if self.step_trap_pending {
+                let woken = !self.halted
+                    || irq.as_ref().is_some_and(|c| {
+                        self.st.rflags & flags::IF != 0 && c.pending_vector(self.id).is_some()
+                    });
+                if woken {
+                    if let Some(exit) = self.take_step_trap()? {
+                        return Ok(Some(exit));
+                    }
                     continue;
                 }
             }
             // Interrupt window.
             if let Some(c) = &irq {
                 if !self.nmi_blocked && c.take_nmi(self.id) {
+                    if self.step_trap_pending {
+                        if let Some(exit) = self.take_step_trap()? {
+                            return Ok(Some(exit));
+                        }
+                    }
                     let rip = self.st.rip;
                     self.halted = false;
                     self.nmi_blocked = true;
@@ -487,6 +530,7 @@ impl Vcpu for EmuVcpu {
         self.cpu.shadow = e.interrupt_shadow;
         self.cpu.nmi_blocked = e.nmi_masked || e.nmi_injected;
         self.cpu.halted = s.mp_state == MpState::Halted && event.is_none();
+        self.cpu.step_trap_pending = false;
         self.cpu.wait_sipi = s.mp_state == MpState::WaitForSipi;
         self.restored_event = event;
         self.cpu.flush_all();

@@ -157,6 +157,76 @@ fn syscall_and_sysret_single_step_on_tf_at_their_end() {
     assert_eq!(io.writes(0xe9), vec![0x2b, 0x2b, 0xaa]);
 }
 
+/// A #DB handler at `at` that reports the first byte of the instruction it returns to (so
+/// the test reads where each trap came without knowing instruction addresses) and DR6 (then
+/// clears it) on port 0xe9.
+fn report_db_handler(at: u64) -> Vec<u8> {
+    asm64(at, |a| {
+        a.mov(rax, qword_ptr(rsp))?;
+        a.movzx(eax, byte_ptr(rax))?;
+        a.out(0xe9u32, eax)?;
+        a.mov(rax, dr6)?;
+        a.out(0xe9u32, eax)?;
+        a.xor(eax, eax)?;
+        a.mov(dr6, rax)?;
+        a.iretq()
+    })
+}
+
+/// debug: MOV SS blocks the single-step trap of its own instruction (the next one traps as
+/// usual); ICEBP's #DB is its only trap; a HLT's trap comes when the CPU leaves the halt,
+/// returning after the HLT.
+#[test]
+fn single_step_after_mov_ss_icebp_and_hlt() {
+    const PUSH_RAX: u64 = 0x50;
+    const POPFQ: u64 = 0x9d;
+    const HLT: u64 = 0xf4;
+    const MOV_EDX: u64 = 0xba;
+    const BS: u64 = 1 << 14;
+    let db = CODE + 0x1000;
+    let code = asm64(CODE, |a| {
+        a.pushfq()?;
+        a.pop(rax)?;
+        a.or(rax, 0x100)?; // TF
+        a.push(rax)?;
+        a.mov(cx, ss)?;
+        a.popfq()?; // TF on: no trap after POPF, which found it clear
+        a.mov(ss, cx)?; // no trap: MOV SS blocks it
+        a.db(&[0xf1])?; // ICEBP: its #DB (no BS), no single-step trap
+        a.and(rax, !0x100)?; // traps before PUSH
+        a.push(rax)?; // traps before POPFQ
+        a.popfq()?; // TF off, traps (TF was set) before HLT
+        a.hlt()?; // first exit
+        a.pushfq()?;
+        a.pop(rax)?;
+        a.or(rax, 0x100)?;
+        a.push(rax)?;
+        a.popfq()?;
+        a.hlt()?; // second exit; its trap when the vCPU runs again
+        a.mov(edx, 0u32)?; // the HLT's trap returns here (and TF goes on trapping)
+        a.hlt()
+    });
+    let (mem, _vm, mut v) = long_machine(&code);
+    mem.write_slice(&report_db_handler(db), GuestAddress(db))
+        .unwrap();
+    set_gate(&mem, 1, db, 0, 0, false);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    let w = io.writes(0xe9);
+    let traps: Vec<(u64, bool)> = w.chunks(2).map(|p| (p[0], p[1] & BS != 0)).collect();
+    assert_eq!(
+        traps,
+        vec![(0x48, false), (PUSH_RAX, true), (POPFQ, true), (HLT, true)],
+        "(first byte at the return address, DR6.BS) of each #DB: {w:x?}"
+    );
+    // The second HLT halts with TF set and no trap yet; running again leaves the halt.
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0xe9).len(), 8);
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    let w = io.writes(0xe9);
+    assert_eq!((w[8], w[9] & BS), (MOV_EDX, BS), "the HLT's trap: {w:x?}");
+}
+
 /// realmode: the decimal-arithmetic instructions and SALC (legacy modes only), each checked
 /// against the worked examples of the Intel SDM (DAA, DAS, AAA, AAS) and plain arithmetic (AAM,
 /// AAD, SALC). The guest runs each case from a table: AX and FLAGS in, the instruction, AX and
