@@ -1,13 +1,16 @@
 //! The guest-memory file: RAM regions back to back in guest-address order, sparse.
 
 use crate::{io_err, Error, Result};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, GuestRegionMmap,
-};
+use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Guest memory as kvmbox has it: with vm-memory's dirty bitmaps.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
 /// Granularity of the memory file (and of dirty tracking).
 pub const PAGE_SIZE: u64 = 4096;
@@ -18,8 +21,10 @@ const CHUNK: usize = 1 << 20;
 pub enum PageFilter<'a> {
     /// A full snapshot: every page that is not zero (zero pages stay holes).
     Full,
-    /// A diff snapshot: exactly the pages for whose guest address this returns true, written
-    /// over the file in place (zero or not), the rest of the file left as it was.
+    /// A diff snapshot: exactly the pages for whose guest address this returns true (zero or
+    /// not: a diff's data ranges are its pages, its holes are pages it does not carry). As
+    /// Firecracker does, an existing file of the memory's size is written over in place (so a
+    /// diff can go straight onto its base file); any other is replaced by a new sparse one.
     Only(&'a dyn Fn(GuestAddress) -> bool),
 }
 
@@ -28,52 +33,144 @@ pub fn memory_size(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
 
+fn read_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::other(format!("reading guest memory: {e}")),
+    }
+}
+
 /// Write guest RAM to `path`. Returns the bytes of data actually written (the rest are
 /// holes, or for [`PageFilter::Only`] untouched).
 pub fn write_memory(mem: &GuestMemoryMmap, path: &Path, pages: PageFilter<'_>) -> Result<u64> {
-    let full = matches!(pages, PageFilter::Full);
+    let total = memory_size(mem);
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(full)
+        .truncate(false)
         .open(path)
         .map_err(io_err(path))?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut file_off = 0u64;
+    let len = f.metadata().map_err(io_err(path))?.len();
+    if matches!(pages, PageFilter::Full) || len != total {
+        f.set_len(0).map_err(io_err(path))?;
+    }
     let mut written = 0u64;
-    for r in mem.iter() {
-        let start = r.start_addr();
-        let len = r.len();
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            let chunk = &mut buf[..n];
-            mem.read_slice(chunk, start.unchecked_add(done))
-                .map_err(|e| Error::Io {
-                    path: path.display().to_string(),
-                    source: std::io::Error::other(format!("reading guest memory: {e}")),
-                })?;
-            for (i, page) in chunk.chunks(PAGE_SIZE as usize).enumerate() {
-                let off = done + i as u64 * PAGE_SIZE;
-                let take = match &pages {
-                    PageFilter::Full => page.iter().any(|&b| b != 0),
-                    PageFilter::Only(dirty) => dirty(start.unchecked_add(off)),
-                };
-                if take {
-                    f.write_all_at(page, file_off + off).map_err(io_err(path))?;
-                    written += page.len() as u64;
+    let mut file_off = 0u64;
+    match pages {
+        PageFilter::Full => {
+            let mut buf = vec![0u8; CHUNK];
+            for r in mem.iter() {
+                let (start, len) = (r.start_addr(), r.len());
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(CHUNK as u64) as usize;
+                    let chunk = &mut buf[..n];
+                    mem.read_slice(chunk, start.unchecked_add(done))
+                        .map_err(|e| read_err(path, e))?;
+                    for (i, page) in chunk.chunks(PAGE_SIZE as usize).enumerate() {
+                        if page.iter().any(|&b| b != 0) {
+                            let off = file_off + done + i as u64 * PAGE_SIZE;
+                            f.write_all_at(page, off).map_err(io_err(path))?;
+                            written += page.len() as u64;
+                        }
+                    }
+                    done += n as u64;
                 }
+                file_off += len;
             }
-            done += n as u64;
         }
-        file_off += len;
+        PageFilter::Only(dirty) => {
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            for r in mem.iter() {
+                let (start, len) = (r.start_addr(), r.len());
+                let mut off = 0u64;
+                while off < len {
+                    let addr = start.unchecked_add(off);
+                    let n = (len - off).min(PAGE_SIZE) as usize;
+                    if dirty(addr) {
+                        mem.read_slice(&mut page[..n], addr)
+                            .map_err(|e| read_err(path, e))?;
+                        f.write_all_at(&page[..n], file_off + off)
+                            .map_err(io_err(path))?;
+                        written += n as u64;
+                    }
+                    off += PAGE_SIZE;
+                }
+                file_off += len;
+            }
+        }
     }
     if f.metadata().map_err(io_err(path))?.len() < file_off {
-        // Trailing zero pages: the file still spans all of RAM.
+        // Trailing holes: the file still spans all of RAM.
         f.set_len(file_off).map_err(io_err(path))?;
     }
     f.sync_all().map_err(io_err(path))?;
     Ok(written)
+}
+
+/// Apply the diff memory file `diff` onto the memory file `base` (Firecracker's
+/// `snapshot-editor edit-memory rebase`): every data range of `diff` is copied to the same
+/// offset of `base`; its holes leave `base` as it is. Both must be the same size (one VM's
+/// memory). Returns the bytes copied. The state file to restore with is the diff's.
+pub fn merge_memory(base: &Path, diff: &Path) -> Result<u64> {
+    let d = std::fs::File::open(diff).map_err(io_err(diff))?;
+    let b = std::fs::OpenOptions::new()
+        .write(true)
+        .open(base)
+        .map_err(io_err(base))?;
+    let (dlen, blen) = (
+        d.metadata().map_err(io_err(diff))?.len(),
+        b.metadata().map_err(io_err(base))?.len(),
+    );
+    if dlen != blen {
+        return Err(Error::Io {
+            path: diff.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{dlen} bytes, but the base memory file {} has {blen}: not a diff of the same VM",
+                    base.display()
+                ),
+            ),
+        });
+    }
+    let mut buf = vec![0u8; CHUNK];
+    let mut copied = 0u64;
+    let mut pos = 0u64;
+    while pos < dlen {
+        let Some(start) = seek(&d, pos, libc::SEEK_DATA).map_err(io_err(diff))? else {
+            break;
+        };
+        let end = seek(&d, start, libc::SEEK_HOLE)
+            .map_err(io_err(diff))?
+            .unwrap_or(dlen)
+            .min(dlen);
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(CHUNK as u64) as usize;
+            d.read_exact_at(&mut buf[..n], at).map_err(io_err(diff))?;
+            b.write_all_at(&buf[..n], at).map_err(io_err(base))?;
+            at += n as u64;
+            copied += n as u64;
+        }
+        pos = end;
+    }
+    b.sync_all().map_err(io_err(base))?;
+    Ok(copied)
+}
+
+/// lseek with SEEK_DATA/SEEK_HOLE; `None` past the last data (ENXIO).
+fn seek(f: &std::fs::File, from: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    // SAFETY: lseek on a file descriptor we own; it only moves the file offset.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), from as libc::off_t, whence) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
 }
 
 /// Guest memory with the regions `ranges` (guest address, length; sorted) backed by a
@@ -98,7 +195,7 @@ pub fn map_memory(path: &Path, ranges: &[(GuestAddress, usize)]) -> Result<Guest
     let mut regions = Vec::with_capacity(ranges.len());
     let mut off = 0u64;
     for &(addr, len) in ranges {
-        let mapping = MmapRegionBuilder::new(len)
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
             .with_file_offset(FileOffset::from_arc(file.clone(), off))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)

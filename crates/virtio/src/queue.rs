@@ -7,8 +7,9 @@
 
 use std::num::Wrapping;
 
+use kvmbox_cpu::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
 use crate::metrics::DeviceMetrics;
