@@ -275,4 +275,46 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_diff_in_its_own_file_merges_onto_its_base() {
+        let dir = std::env::temp_dir().join(format!("kvmbox-snapmerge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (base, diff) = (dir.join("base"), dir.join("diff"));
+        let mem = GuestMemoryMmap::from_ranges(&ranges()).unwrap();
+        mem.write_slice(&[0x11; 4096], GuestAddress(0x2000))
+            .unwrap();
+        mem.write_slice(&[0x22; 4096], GuestAddress(0x7000))
+            .unwrap();
+        write_memory(&mem, &base, PageFilter::Full).unwrap();
+        // A stale file of another size is replaced, not written into.
+        std::fs::write(&diff, vec![0x55u8; 8192]).unwrap();
+        // Changed since: one page zeroed (it must reach the base as zeros), one written in the
+        // high region.
+        mem.write_slice(&[0; 4096], GuestAddress(0x2000)).unwrap();
+        let high = GuestAddress(0x1_0000_0000 + 0x3000);
+        mem.write_slice(&[0x33; 4096], high).unwrap();
+        let dirty = |a: GuestAddress| a.0 == 0x2000 || a == high;
+        assert_eq!(
+            write_memory(&mem, &diff, PageFilter::Only(&dirty)).unwrap(),
+            2 * PAGE_SIZE
+        );
+        assert_eq!(std::fs::metadata(&diff).unwrap().len(), 12 << 20);
+        assert_eq!(merge_memory(&base, &diff).unwrap(), 2 * PAGE_SIZE);
+        let back = map_memory(&base, &ranges()).unwrap();
+        for (addr, want) in [
+            (0x2000, 0),
+            (0x7000, 0x22),
+            (0x1_0000_3000, 0x33),
+            (0x9000, 0),
+        ] {
+            let v: u8 = back.read_obj(GuestAddress(addr + 17)).unwrap();
+            assert_eq!(v, want, "{addr:#x}");
+        }
+        // A diff of another VM's memory is refused.
+        std::fs::write(&diff, vec![1u8; 4096]).unwrap();
+        let e = merge_memory(&base, &diff).unwrap_err();
+        assert!(e.to_string().contains("not a diff of the same VM"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
