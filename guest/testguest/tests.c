@@ -416,11 +416,13 @@ int test_compute(const char *arg)
  * a checksum of the whole buffer, so a snapshot restore that lost any page the guest wrote
  * changes it; and between two snapshots the guest writes about one page per SPIN rounds,
  * which is what a Diff snapshot carries (a full one carries the whole buffer). It prints
- * "dirty: buffer filled" when the buffer is filled and the steps begin.
+ * "dirty: buffer filled" when the buffer is filled and the steps begin, and "dirty: N steps"
+ * after every 100 steps, so a test can take its snapshots by the guest's progress.
  */
 #define DIRTY_BUF 0x3000000UL
 #define DIRTY_PAGES 8192UL
 #define DIRTY_STEPS 1000UL
+#define DIRTY_CHUNK 100UL
 
 static u64 dirty_spin;
 
@@ -443,11 +445,11 @@ static u64 dirty_fill(u64 seed)
 	return x;
 }
 
-static u64 dirty_loop(u64 x)
+/* DIRTY_CHUNK steps from state x; returns the new state. */
+static u64 dirty_steps(u64 x)
 {
 	volatile u64 *buf = (volatile u64 *)DIRTY_BUF;
-	u64 sum = 0;
-	for (u64 s = 0; s < DIRTY_STEPS; s++) {
+	for (u64 s = 0; s < DIRTY_CHUNK; s++) {
 		for (u64 j = 0; j < dirty_spin; j++)
 			x = xorshift(x);
 		u64 page = x % DIRTY_PAGES;
@@ -458,6 +460,13 @@ static u64 dirty_loop(u64 x)
 			p[k] ^= x;
 		}
 	}
+	return x;
+}
+
+static u64 dirty_sum(u64 x)
+{
+	volatile u64 *buf = (volatile u64 *)DIRTY_BUF;
+	u64 sum = 0;
 	for (u64 i = 0; i < DIRTY_PAGES * 512; i++)
 		sum = ((sum << 5) | (sum >> 59)) ^ buf[i];
 	return sum ^ x;
@@ -475,7 +484,11 @@ int test_dirty(const char *arg)
 		fail("dirty-needs-80M-of-RAM");
 	u64 x = user(dirty_fill, 0x9e3779b97f4a7c15UL);
 	printk("dirty: buffer filled\n");
-	u64 r = user(dirty_loop, x);
+	for (u64 done = DIRTY_CHUNK; done <= DIRTY_STEPS; done += DIRTY_CHUNK) {
+		x = user(dirty_steps, x);
+		printk("dirty: %lu steps\n", done);
+	}
+	u64 r = user(dirty_sum, x);
 	printk("KVMBOX-TEST dirty iters=%lu result=0x%lx\n", dirty_spin, r);
 	return 0;
 }

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::api::{compute_guest, compute_guest_on_kvm, http, ok, scenario_guest, sock_path};
+use common::api::{
+    compute_guest, compute_guest_on_kvm, http, ok, scenario_guest, sock_path, wait_for_socket,
+};
 use common::{kvm_or_skip, run_kvmbox, run_testguest, CpuLease, Interactive};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -239,12 +241,12 @@ fn testguest_snapshotted_on_kvm_with_the_portable_cpu_finishes_on_the_engine() {
 }
 
 /// The test guest's `dirty:spin` scenario (2 vCPUs) on `accel` with dirty-page tracking: a
-/// Full snapshot `gap` after it filled its 32 MiB buffer, `gap` more of its page-rewriting
-/// steps, a Diff snapshot, SIGKILL; the Diff's memory merged onto the Full's (`kvmbox
-/// snapshot merge`) restores with the Diff's state file and finishes with the result of an
-/// uninterrupted run. The Diff carries about one page per step taken between the snapshots;
-/// the Full, the whole buffer.
-fn diff_snapshot_on_top_of_full(name: &str, accel: &str, spin: &str, gap: Duration) {
+/// Full snapshot once it filled its 32 MiB buffer, a Diff after at least 100 more of its
+/// page-rewriting steps (by its progress lines, not by time), SIGKILL; the Diff's memory
+/// merged onto the Full's (`kvmbox snapshot merge`) restores with the Diff's state file and
+/// finishes with the result of an uninterrupted run. The Diff carries about one page per step
+/// taken between the snapshots; the Full, the whole buffer.
+fn diff_snapshot_on_top_of_full(name: &str, accel: &str, spin: &str) {
     let _cpu = CpuLease::shared();
     let sock = sock_path(name);
     let file = |what: &str| scratch(&format!("{name}-{what}"));
@@ -263,7 +265,6 @@ fn diff_snapshot_on_top_of_full(name: &str, accel: &str, spin: &str, gap: Durati
     );
     vm.expect("dirty: buffer filled", ENGINE);
     let snapshot = |state: &Path, mem: &Path, kind: &str| {
-        std::thread::sleep(gap);
         ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
         let body = format!(
             r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "{kind}"}}"#,
@@ -273,7 +274,20 @@ fn diff_snapshot_on_top_of_full(name: &str, accel: &str, spin: &str, gap: Durati
         ok(&sock, "PUT", "/snapshot/create", &body);
     };
     snapshot(&full_state, &full_mem, "Full");
+    // The steps the guest had reported when paused; two more reports are 100 steps or more.
+    let reported = vm
+        .console()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("dirty: ")?
+                .strip_suffix(" steps")?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0u32);
     ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    vm.expect(&format!("dirty: {} steps", reported + 200), ENGINE);
     snapshot(&diff_state, &diff_mem, "Diff");
     assert!(vm.kill());
     assert!(
@@ -309,16 +323,45 @@ fn diff_snapshot_on_top_of_full(name: &str, accel: &str, spin: &str, gap: Durati
     );
     assert_eq!(merged.status, Some(0), "{merged:?}");
     assert!(merged.stdout.contains("merged"), "{merged:?}");
+    // Restored with tracking, the VM takes Diffs again (of what it wrote since the restore).
+    let sock = sock_path(&format!("{name}-back"));
     let mut back = Interactive::spawn(&[
         "run",
         "--restore",
         diff_state.to_str().unwrap(),
         "--restore-mem",
         full_mem.to_str().unwrap(),
+        "--track-dirty-pages",
+        "--api-sock",
+        sock.to_str().unwrap(),
     ]);
+    wait_for_socket(&mut back, &sock);
+    let (st, v) = http(&sock, "GET", "/machine-config", None);
+    assert_eq!(
+        (st, v["track_dirty_pages"].as_bool()),
+        (200, Some(true)),
+        "{v}"
+    );
+    let again = file("again-mem");
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Diff"}}"#,
+        file("again").display(),
+        again.display()
+    );
+    ok(&sock, "PUT", "/snapshot/create", &body);
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert!(on_disk(&again) <= 5 << 20);
     let what = format!("{name}: full + diff");
     scenario_finishes_like_an_uninterrupted_run(&mut back, "dirty", spin, ENGINE, &what);
-    for p in [&full_state, &full_mem, &diff_state, &diff_mem] {
+    for p in [
+        &full_state,
+        &full_mem,
+        &diff_state,
+        &diff_mem,
+        &again,
+        &file("again"),
+    ] {
         let _ = std::fs::remove_file(p);
     }
 }
@@ -328,7 +371,7 @@ fn testguest_on_kvm_restored_from_a_diff_merged_onto_its_full_snapshot() {
     if !kvm_or_skip("testguest_on_kvm_restored_from_a_diff_merged_onto_its_full_snapshot") {
         return;
     }
-    diff_snapshot_on_top_of_full("diff-kvm", "kvm", "1000000", Duration::from_millis(300));
+    diff_snapshot_on_top_of_full("diff-kvm", "kvm", "1000000");
 }
 
 #[test]
@@ -337,5 +380,5 @@ fn testguest_on_the_engine_restored_from_a_diff_merged_onto_its_full_snapshot() 
     if !kvm_or_skip("testguest_on_the_engine_restored_from_a_diff_merged_onto_its_full_snapshot") {
         return;
     }
-    diff_snapshot_on_top_of_full("diff-emu", "emu", "10000", Duration::from_millis(300));
+    diff_snapshot_on_top_of_full("diff-emu", "emu", "10000");
 }
