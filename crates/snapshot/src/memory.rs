@@ -42,18 +42,40 @@ fn read_err(path: &Path, e: impl std::fmt::Display) -> Error {
 
 /// Write guest RAM to `path`. Returns the bytes of data actually written (the rest are
 /// holes, or for [`PageFilter::Only`] untouched).
+///
+/// A full snapshot, or a diff onto a file that is not one of this memory's size, replaces
+/// `path` whole (written beside it, then renamed over it): a crash leaves the previous file
+/// intact, and a VM restored from `path`, whose RAM maps it, keeps its pages (truncating a
+/// mapped file would fault the VMM with SIGBUS). A diff onto a file of the memory's size
+/// writes into it in place: the pages it writes are ones the guest dirtied, which a VM
+/// restored from `path` holds as private copies.
 pub fn write_memory(mem: &GuestMemoryMmap, path: &Path, pages: PageFilter<'_>) -> Result<u64> {
-    let total = memory_size(mem);
+    let in_place = matches!(pages, PageFilter::Only(_))
+        && std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == memory_size(mem));
+    let target = if in_place {
+        path.to_path_buf()
+    } else {
+        crate::temporary(path)
+    };
+    let written = write_pages(mem, &target, &pages, !in_place)?;
+    if !in_place {
+        std::fs::rename(&target, path).map_err(io_err(path))?;
+    }
+    Ok(written)
+}
+
+fn write_pages(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    pages: &PageFilter<'_>,
+    truncate: bool,
+) -> Result<u64> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(false)
+        .truncate(truncate)
         .open(path)
         .map_err(io_err(path))?;
-    let len = f.metadata().map_err(io_err(path))?.len();
-    if matches!(pages, PageFilter::Full) || len != total {
-        f.set_len(0).map_err(io_err(path))?;
-    }
     let mut written = 0u64;
     let mut file_off = 0u64;
     match pages {
@@ -80,6 +102,7 @@ pub fn write_memory(mem: &GuestMemoryMmap, path: &Path, pages: PageFilter<'_>) -
             }
         }
         PageFilter::Only(dirty) => {
+            // Page by page: a diff reads only the pages it writes.
             let mut page = vec![0u8; PAGE_SIZE as usize];
             for r in mem.iter() {
                 let (start, len) = (r.start_addr(), r.len());
@@ -262,6 +285,22 @@ mod tests {
         back.write_obj(0x99u8, GuestAddress(0x5000)).unwrap();
         let again = map_memory(&p, &ranges()).unwrap();
         assert_eq!(again.read_obj::<u8>(GuestAddress(0x5000)).unwrap(), 0x77);
+
+        // A full snapshot of the restored VM over the very file its RAM maps: the mapped
+        // pages stay (no SIGBUS from a truncated mapping) and the new file is complete.
+        back.write_obj(0x42u8, GuestAddress(0x1_0000_0000 + (3 << 20) + 2))
+            .unwrap();
+        write_memory(&back, &p, PageFilter::Full).unwrap();
+        assert_eq!(back.read_obj::<u8>(GuestAddress(0x5000)).unwrap(), 0x99);
+        let v: u8 = back.read_obj(GuestAddress(0x1234 + 0x7000)).unwrap();
+        assert_eq!(v, 0);
+        let newer = map_memory(&p, &ranges()).unwrap();
+        assert_eq!(newer.read_obj::<u8>(GuestAddress(0x5000)).unwrap(), 0x99);
+        let v: u8 = newer
+            .read_obj(GuestAddress(0x1_0000_0000 + (3 << 20) + 2))
+            .unwrap();
+        assert_eq!(v, 0x42);
+        assert!(!crate::temporary(&p).exists());
 
         // A file smaller than the VM is refused.
         let small = dir.join("small");
