@@ -23,10 +23,19 @@ Firecracker is not part of kvmbox: build it yourself from its public sources and
 script at it with KVMBOX_FIRECRACKER=/path/to/firecracker (default:
 ~/.cache/kvmbox-peers/bin/firecracker). A missing peer is reported and skipped.
 
+With --debian, instead: Debian's cloud kernel with the busybox initramfs (the default guest,
+guest/linux/) on the software engine, 1 vCPU, 512 MiB, driven by kvmbox alone: per round, the
+cold boot to a shell that answers (process start to the answer of `echo` typed on the console),
+a Full snapshot of that shell (create time, memory and state file sizes), and in a fresh process
+the restore to the same shell answering (PUT /snapshot/load with resume_vm, then the same
+`echo`; timed from the load request). Run it under the machine-wide heavy lock.
+
 Usage: scripts/bench-snapshot.py [--runs N] [--kvmbox PATH] [--cpus N] [--memory MIB]
        [--warmup S] [--gap S]
+       scripts/bench-snapshot.py --debian [--runs N] [--kvmbox PATH]
 """
-import argparse, http.client, json, os, socket, statistics, subprocess, sys, tempfile, time
+import argparse, http.client, json, os, socket, statistics, subprocess, sys, tempfile, threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.expanduser("~/.cache/kvmbox-peers/bin")
@@ -157,6 +166,107 @@ def round_of(vmm, guest, args, kvmbox):
     return r
 
 
+class Console:
+    """A kvmbox process whose console (stdin/stdout pipes) the script types into and reads."""
+
+    def __init__(self, argv):
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        self.buf, self.lock = b"", threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        while True:
+            b = self.proc.stdout.read1(4096)
+            if not b:
+                return
+            with self.lock:
+                self.buf += b
+
+    def wait_for(self, marker, timeout=1800, start=0):
+        """Offset just past `marker` in the output (searched from `start`)."""
+        t0 = time.time()
+        while True:
+            with self.lock:
+                i = self.buf.find(marker, start)
+            if i >= 0:
+                return i + len(marker)
+            if time.time() - t0 > timeout or self.proc.poll() is not None:
+                raise RuntimeError(f"no {marker!r}: {self.buf[-400:]!r}")
+            time.sleep(0.005)
+
+    def shell_answers(self, start):
+        """Type a command; wait for the shell's answer (the marker is computed, so the echo
+        of the typed line does not match)."""
+        self.proc.stdin.write(b"echo KVMBOX-SHELL-$((6*7))\n")
+        self.proc.stdin.flush()
+        return self.wait_for(b"KVMBOX-SHELL-42", start=start)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def debian_round(kvmbox, tmp):
+    def script_output(path):
+        out = subprocess.run(["bash", os.path.join(ROOT, path)], check=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
+        return out.decode().strip().splitlines()[-1]
+    kernel = script_output("guest/linux/fetch-kernel.sh")
+    initrd = script_output("guest/linux/build-initramfs.sh")
+    sock, state, mem = (os.path.join(tmp, n) for n in ("deb.sock", "deb.state", "deb.mem"))
+    for p in (sock, state, mem):
+        if os.path.exists(p):
+            os.unlink(p)
+    r = {}
+    t0 = time.perf_counter()
+    vm = Console([kvmbox, "run", "--accel", "emu", "--kernel", kernel, "--initrd", initrd,
+                  "--memory", "512M", "--cmdline", "console=ttyS0 reboot=k panic=-1",
+                  "--api-sock", sock])
+    try:
+        at = vm.wait_for(b"starting a shell")
+        vm.shell_answers(at)
+        r["cold boot to shell answering (s)"] = time.perf_counter() - t0
+        api(sock, "PATCH", "/vm", {"state": "Paused"})
+        _, dt = api(sock, "PUT", "/snapshot/create",
+                    {"snapshot_path": state, "mem_file_path": mem})
+        r["create Full (ms)"] = dt * 1e3
+        r["Full memory on disk (MiB)"] = on_disk(mem) / 2**20
+        r["state file (KiB)"] = os.path.getsize(state) / 1024
+    finally:
+        vm.stop()
+    os.unlink(sock)
+    back = Console([kvmbox, "run", "--api-sock", sock])
+    try:
+        while not os.path.exists(sock):
+            time.sleep(0.002)
+        t0 = time.perf_counter()
+        _, dt = api(sock, "PUT", "/snapshot/load", {
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": True})
+        r["load + resume (ms)"] = dt * 1e3
+        back.shell_answers(0)
+        r["restore to shell answering (s)"] = time.perf_counter() - t0
+    finally:
+        back.stop()
+    return r
+
+
+def debian(args):
+    tmp = tempfile.mkdtemp(prefix="kvmbox-snapbench-debian-")
+    rounds = []
+    for i in range(args.runs):
+        rounds.append(debian_round(args.kvmbox, tmp))
+        print(f"round {i + 1}/{args.runs}: {rounds[-1]}", file=sys.stderr)
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average "
+          f"{' '.join(open('/proc/loadavg').read().split()[:3])}; {args.runs} runs; Debian cloud "
+          f"kernel + busybox initramfs, software engine, 1 vCPU, 512 MiB")
+    for k in rounds[0]:
+        vals = [r[k] for r in rounds]
+        print(f"{k:36} median {statistics.median(vals):10.2f}   runs "
+              + ", ".join(f"{v:.2f}" for v in vals))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=10)
@@ -166,7 +276,11 @@ def main():
     ap.add_argument("--spin", default="1000000", help="the dirty scenario's SPIN")
     ap.add_argument("--warmup", type=float, default=0.5)
     ap.add_argument("--gap", type=float, default=0.5)
+    ap.add_argument("--debian", action="store_true",
+                    help="the Debian guest on the engine: boot-to-shell beside restore-to-shell")
     args = ap.parse_args()
+    if args.debian:
+        return debian(args)
     subprocess.run(["bash", os.path.join(ROOT, "guest/testguest/build.sh"),
                     os.path.join(ROOT, "target/guest")], check=True, stdout=subprocess.DEVNULL)
     guest = os.path.join(ROOT, "target/guest/testguest.elf")
