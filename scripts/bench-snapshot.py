@@ -34,7 +34,8 @@ Usage: scripts/bench-snapshot.py [--runs N] [--kvmbox PATH] [--cpus N] [--memory
        [--warmup S] [--gap S]
        scripts/bench-snapshot.py --debian [--runs N] [--kvmbox PATH]
 """
-import argparse, http.client, json, os, socket, statistics, subprocess, sys, tempfile, threading
+import argparse, http.client, json, os, shutil, socket, statistics, subprocess, sys, tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -255,9 +256,12 @@ def debian_round(kvmbox, tmp):
 def debian(args):
     tmp = tempfile.mkdtemp(prefix="kvmbox-snapbench-debian-")
     rounds = []
-    for i in range(args.runs):
-        rounds.append(debian_round(args.kvmbox, tmp))
-        print(f"round {i + 1}/{args.runs}: {rounds[-1]}", file=sys.stderr)
+    try:
+        for i in range(args.runs):
+            rounds.append(debian_round(args.kvmbox, tmp))
+            print(f"round {i + 1}/{args.runs}: {rounds[-1]}", file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average "
           f"{' '.join(open('/proc/loadavg').read().split()[:3])}; {args.runs} runs; Debian cloud "
           f"kernel + busybox initramfs, software engine, 1 vCPU, 512 MiB")
@@ -291,10 +295,14 @@ def main():
     else:
         print(f"firecracker: not found at {fc} (set KVMBOX_FIRECRACKER); skipped")
     results = {v.name: [] for v in vmms}
-    for i in range(args.runs):
+    try:
+        for i in range(args.runs):
+            for v in vmms:
+                results[v.name].append(round_of(v, guest, args, args.kvmbox))
+            print(f"round {i + 1}/{args.runs} done", file=sys.stderr)
+    finally:
         for v in vmms:
-            results[v.name].append(round_of(v, guest, args, args.kvmbox))
-        print(f"round {i + 1}/{args.runs} done", file=sys.stderr)
+            shutil.rmtree(v.tmp, ignore_errors=True)
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average "
           f"{' '.join(open('/proc/loadavg').read().split()[:3])}; {args.runs} runs; "
           f"test guest dirty:{args.spin}, {args.cpus} vCPU, {args.memory} MiB; KVM")
