@@ -417,6 +417,7 @@ static const struct scenario scenarios[] = {
 	{"pio3", test_pio3, ARG_NUMBER, 0},
 	{"mmio", test_mmio, ARG_NUMBER, 0},
 	{"compute", test_compute, ARG_NUMBER, 0},
+	{"dirty", test_dirty, ARG_NUMBER, 0},
 	{"smp", test_smp, ARG_NONE, 1},
 	{"fault", test_fault, ARG_NONE, 0},
 	{"ring3", test_ring3, ARG_NUMBER, 0},

@@ -408,6 +408,91 @@ int test_compute(const char *arg)
 	return 0;
 }
 
+/* ------------------------------------------------------------ dirty */
+
+/*
+ * dirty:SPIN fills a 32 MiB buffer, then takes DIRTY_STEPS steps: each spins SPIN xorshift
+ * rounds and rewrites one pseudo-randomly chosen page from the page after it. The result is
+ * a checksum of the whole buffer, so a snapshot restore that lost any page the guest wrote
+ * changes it; and between two snapshots the guest writes about one page per SPIN rounds,
+ * which is what a Diff snapshot carries (a full one carries the whole buffer). It prints
+ * "dirty: buffer filled" when the buffer is filled and the steps begin, and "dirty: N steps"
+ * after every 100 steps, so a test can take its snapshots by the guest's progress.
+ */
+#define DIRTY_BUF 0x3000000UL
+#define DIRTY_PAGES 8192UL
+#define DIRTY_STEPS 1000UL
+#define DIRTY_CHUNK 100UL
+
+static u64 dirty_spin;
+
+static u64 xorshift(u64 x)
+{
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	return x;
+}
+
+static u64 dirty_fill(u64 seed)
+{
+	volatile u64 *buf = (volatile u64 *)DIRTY_BUF;
+	u64 x = seed;
+	for (u64 i = 0; i < DIRTY_PAGES * 512; i++) {
+		x = xorshift(x);
+		buf[i] = x;
+	}
+	return x;
+}
+
+/* DIRTY_CHUNK steps from state x; returns the new state. */
+static u64 dirty_steps(u64 x)
+{
+	volatile u64 *buf = (volatile u64 *)DIRTY_BUF;
+	for (u64 s = 0; s < DIRTY_CHUNK; s++) {
+		for (u64 j = 0; j < dirty_spin; j++)
+			x = xorshift(x);
+		u64 page = x % DIRTY_PAGES;
+		volatile u64 *p = buf + page * 512;
+		volatile u64 *q = buf + ((page + 1) % DIRTY_PAGES) * 512;
+		for (u64 k = 0; k < 512; k++) {
+			x = xorshift(x) ^ q[k];
+			p[k] ^= x;
+		}
+	}
+	return x;
+}
+
+static u64 dirty_sum(u64 x)
+{
+	volatile u64 *buf = (volatile u64 *)DIRTY_BUF;
+	u64 sum = 0;
+	for (u64 i = 0; i < DIRTY_PAGES * 512; i++)
+		sum = ((sum << 5) | (sum >> 59)) ^ buf[i];
+	return sum ^ x;
+}
+
+int test_dirty(const char *arg)
+{
+	dirty_spin = parse_u64(arg, 1000000);
+	u64 s = DIRTY_BUF, e = DIRTY_BUF + DIRTY_PAGES * 4096, in_ram = 0;
+	for (u32 i = 0; i < boot.nr_memmap; i++)
+		if (boot.memmap[i].type == 1 && boot.memmap[i].addr <= s &&
+		    boot.memmap[i].addr + boot.memmap[i].size >= e)
+			in_ram = 1;
+	if (!in_ram || e > boot.mapped_top || e <= (u64)__image_end)
+		fail("dirty-needs-80M-of-RAM");
+	u64 x = user(dirty_fill, 0x9e3779b97f4a7c15UL);
+	printk("dirty: buffer filled\n");
+	for (u64 done = DIRTY_CHUNK; done <= DIRTY_STEPS; done += DIRTY_CHUNK) {
+		x = user(dirty_steps, x);
+		printk("dirty: %lu steps\n", done);
+	}
+	u64 r = user(dirty_sum, x);
+	printk("KVMBOX-TEST dirty iters=%lu result=0x%lx\n", dirty_spin, r);
+	return 0;
+}
+
 /* ------------------------------------------------------------ ring3 */
 
 static u64 ring3_nothing(u64 x)

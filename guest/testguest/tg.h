@@ -131,6 +131,7 @@ int test_pio(const char *arg);
 int test_pio3(const char *arg);
 int test_mmio(const char *arg);
 int test_compute(const char *arg);
+int test_dirty(const char *arg);
 int test_fault(const char *arg);
 int test_ring3(const char *arg);
 

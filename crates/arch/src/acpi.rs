@@ -26,7 +26,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use vm_memory::GuestMemoryMmap;
+use kvmbox_cpu::GuestMemoryMmap;
 
 const OEM_ID: [u8; 6] = *b"KVMBOX";
 const OEM_REVISION: u32 = 1;

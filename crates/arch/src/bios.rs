@@ -13,7 +13,8 @@
 //! vectors to one that acknowledges both, every other vector to a lone `iret`.
 
 use crate::{layout, Error, Result};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use kvmbox_cpu::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 /// Vector of IRQ 0 (master 8259) as a PC BIOS programs it.
 pub const BIOS_HWIRQ0_VECTOR: u8 = 0x08;

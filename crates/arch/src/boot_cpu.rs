@@ -4,8 +4,8 @@
 use crate::layout;
 use crate::memory::write;
 use crate::Result;
+use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::{DescriptorTable, Regs, Segment, SpecialRegs};
-use vm_memory::GuestMemoryMmap;
 
 /// CR0.PE: protected mode.
 pub(crate) const CR0_PE: u64 = 1 << 0;

@@ -6,6 +6,7 @@ use crate::boot_cpu::{self, CpuMode};
 use crate::layout;
 use crate::memory::{check_ram, e820_table, in_ram, write, zero};
 use crate::{io_msg, Error, Result};
+use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::{Regs, SpecialRegs};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
@@ -15,7 +16,7 @@ use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 /// What [`load`] needs to know.
 #[derive(Debug, Clone)]

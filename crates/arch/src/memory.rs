@@ -3,7 +3,8 @@
 
 use crate::layout;
 use crate::{Error, Result};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use kvmbox_cpu::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// E820 type of usable RAM.
 pub const E820_RAM: u32 = 1;

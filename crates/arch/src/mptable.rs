@@ -6,7 +6,7 @@
 use crate::layout;
 use crate::memory::write;
 use crate::{Error, Result};
-use vm_memory::GuestMemoryMmap;
+use kvmbox_cpu::GuestMemoryMmap;
 
 /// Most vCPUs the boot tables describe: xAPIC IDs are 8 bits, 0xff is broadcast, and the MP
 /// table's IOAPIC takes the ID after the last CPU.

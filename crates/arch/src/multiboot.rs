@@ -11,10 +11,11 @@ use crate::layout;
 use crate::loader::{BootSetup, EntryKind, LoadParams};
 use crate::memory::{check_ram, e820_table, in_ram, write, zero};
 use crate::{io_msg, Error, Result};
+use kvmbox_cpu::GuestMemoryMmap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// The header's magic number.
 pub const HEADER_MAGIC: u32 = 0x1bad_b002;

@@ -5,11 +5,12 @@ use kvmbox_arch::{
     create_acpi_tables, e820_table, guest_memory, layout, load, EntryKind, LoadParams, E820_RAM,
     E820_RESERVED,
 };
+use kvmbox_cpu::GuestMemoryMmap;
 use linux_loader::loader::bootparam::boot_params;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const MIB: u64 = 1 << 20;
 

@@ -5,15 +5,24 @@
 //! which backend runs the guest: every port and MMIO access reaches them through the
 //! [`IoHandler`] the VMM passes to [`Vcpu::run`], and every interrupt through an [`IrqLine`].
 
+mod dirty;
 pub mod kvm;
 mod regs;
 pub mod state;
 
+pub use dirty::{bitmap as region_dirty_bitmap, DirtyLog, DirtyRegion, DIRTY_PAGE_SIZE};
 pub use regs::{CpuidEntry, DescriptorTable, Regs, Segment, SpecialRegs};
 pub use state::{check_cpuid_compatible, portable_cpuid, VcpuState};
 
 use std::sync::Arc;
-use vm_memory::GuestMemoryMmap;
+
+/// Guest memory as every backend, device and loader sees it: vm-memory's mmap backend with a
+/// dirty-page bitmap per region, which vm-memory sets on every write the VMM makes through it
+/// (virtio DMA, firmware loads) and the software engine sets on its own writes; see
+/// [`Vm::start_dirty_log`].
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Errors a CPU backend reports.
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +224,21 @@ pub trait Vm: Send + Sync {
         let _ = ns;
         Ok(())
     }
+    /// Start logging which guest-RAM pages are written, by the guest (KVM's dirty log; the
+    /// engine's own marks) and by the VMM (vm-memory's bitmaps, which run from the memory's
+    /// creation) alike. Called before the guest first runs, the log then holds every page
+    /// written since the guest memory was created or mapped from a snapshot file, until the
+    /// next [`Vm::take_dirty_log`]. Idempotent.
+    fn start_dirty_log(&self) -> Result<()>;
+    /// Whether [`Vm::start_dirty_log`] was called.
+    fn dirty_log_active(&self) -> bool;
+    /// The pages written since the log was started or last taken; taking clears it. Refused
+    /// when the log was not started. Exact when the vCPUs are paused (snapshots). With
+    /// running vCPUs (live migration), on KVM a page written during the call is in this log
+    /// or the next; the engine's vCPUs drop their write translations at their next run-loop
+    /// check after the call, so pages must be read only after every vCPU has been kicked and
+    /// has run again.
+    fn take_dirty_log(&self) -> Result<DirtyLog>;
 }
 
 /// Which CPU backend runs the guest.

@@ -12,9 +12,10 @@
 //! with the error bit), never more than the item holds, and zero-fills past its end as QEMU does.
 
 use crate::BusDevice;
+use kvmbox_cpu::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// "QEMU": item 0.
 pub const FW_CFG_SIGNATURE: u16 = 0x00;

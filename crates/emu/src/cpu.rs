@@ -135,6 +135,8 @@ pub struct Cpu {
     pub(crate) msr_hook: Option<Arc<dyn crate::irq::MsrHandler>>,
     /// The VM's kvm-clock, when the engine offers it.
     pub(crate) kvm_clock: Option<crate::pvclock::SharedKvmClock>,
+    /// The dirty log's epoch this vCPU's TLB follows (`mem::DirtyState`).
+    pub(crate) dirty_epoch: u64,
 }
 
 // SAFETY: `io` is only set for the duration of `Cpu::with_io`, on the thread that owns the
@@ -162,6 +164,7 @@ impl Cpu {
             nmi_blocked: false,
             dcache: vec![empty_decoded(); DCACHE_SIZE + 1],
             cpuid: crate::cpuid::build(id, 1, false, false, &[]),
+            dirty_epoch: 0,
             cpuid_overrides: Vec::new(),
             msr_hook: None,
             kvm_clock: None,

@@ -10,8 +10,9 @@
 
 use crate::EmuVm;
 use arbitrary::{Result, Unstructured};
+use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::{IoHandler, Regs, Segment, SpecialRegs, Vcpu};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM: usize = 4 << 20;
 const PML4: u64 = 0x1000;
@@ -203,7 +204,7 @@ const DATA: u64 = 0x20_0000;
 /// entry, `noise` into page-table and descriptor entries and `writes` into memory, and run
 /// [`STEPS`] instructions from `regs` (RIP is set here).
 fn run(mode: u8, code: &[u8], noise: &[u8], mut regs: Regs, writes: &[(u64, u64)]) -> u64 {
-    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]) else {
+    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]) else {
         return 0;
     };
     let w = |a: u64, v: u64| {

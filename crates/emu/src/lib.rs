@@ -34,9 +34,9 @@ pub use pvclock::{KvmClock, SharedKvmClock};
 pub use state::CpuState;
 pub use vcpu::EmuVcpu;
 
+use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::{IoEventAddress, IrqLine, MsiLine, Vcpu, Vm};
 use std::sync::{Arc, RwLock};
-use vm_memory::GuestMemoryMmap;
 
 /// Errors of the engine's own API (the trait methods use `kvmbox_cpu::Error`).
 #[derive(Debug, thiserror::Error)]
@@ -200,5 +200,32 @@ impl Vm for EmuVm {
             c.update(|c| c.rebase(ns, exec::host_tsc()));
         }
         Ok(())
+    }
+
+    /// The engine marks its own writes in vm-memory's bitmaps, where the VMM's are
+    /// (`mem::DirtyState`).
+    fn start_dirty_log(&self) -> kvmbox_cpu::Result<()> {
+        if !self.phys.dirty().on() {
+            self.phys.dirty().start();
+        }
+        Ok(())
+    }
+
+    fn dirty_log_active(&self) -> bool {
+        self.phys.dirty().on()
+    }
+
+    fn take_dirty_log(&self) -> kvmbox_cpu::Result<kvmbox_cpu::DirtyLog> {
+        if !self.phys.dirty().on() {
+            return Err(kvmbox_cpu::Error::Unsupported(
+                "dirty-page logging is not on".into(),
+            ));
+        }
+        // Clear first, then make the vCPUs drop their writable translations: a page written
+        // through an old translation after the clear was marked when that translation was
+        // made, so it is in this log.
+        let log = kvmbox_cpu::DirtyLog::take_from_memory(self.phys.memory());
+        self.phys.dirty().taken();
+        Ok(log)
     }
 }

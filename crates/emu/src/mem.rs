@@ -1,8 +1,11 @@
 //! Guest-physical memory: RAM through host pointers into the guest's mmap, everything else
 //! (MMIO, the local APIC page) through the VMM's I/O handler or the interrupt controller.
 
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use kvmbox_cpu::GuestMemoryMmap;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 /// One contiguous RAM region.
 #[derive(Clone, Copy, Debug)]
@@ -10,18 +13,58 @@ struct Ram {
     start: u64,
     len: u64,
     host: *mut u8,
+    /// Its index in the guest memory (for its dirty bitmap).
+    index: usize,
+}
+
+/// The engine's side of the dirty log ([`kvmbox_cpu::Vm::start_dirty_log`]), shared by the VM
+/// and its vCPUs. While it is on, the engine marks a page in vm-memory's bitmap of its region
+/// whenever it installs a writable translation of it (only writes install one then), writes
+/// a page-table entry's accessed/dirty bits, or writes a kvm-clock record; every vCPU drops
+/// its writable translations when `epoch` moves (the log was started or taken), so the next
+/// write to a page marks it again.
+#[derive(Default, Debug)]
+pub struct DirtyState {
+    on: AtomicBool,
+    epoch: AtomicU64,
+}
+
+impl DirtyState {
+    /// Whether the log is on.
+    #[inline]
+    pub fn on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    /// Moves whenever every vCPU must drop its writable translations.
+    #[inline]
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Turn the log on.
+    pub fn start(&self) {
+        self.on.store(true, Ordering::SeqCst);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The log was taken: writable translations must go.
+    pub fn taken(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// The guest's physical address space as the engine sees it.
 #[derive(Clone)]
 pub struct PhysMem {
     /// Keeps the mappings alive for as long as the host pointers below are used.
-    _mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap,
     ram: Vec<Ram>,
+    dirty: Arc<DirtyState>,
 }
 
-// SAFETY: the raw pointers point into mmap'd regions owned (through Arc) by `_mem`, which is
-// itself Send + Sync; the pointers are only dereferenced while `_mem` is alive.
+// SAFETY: the raw pointers point into mmap'd regions owned (through Arc) by `mem`, which is
+// itself Send + Sync; the pointers are only dereferenced while `mem` is alive.
 unsafe impl Send for PhysMem {}
 // SAFETY: as above; concurrent access is to guest memory, which the guest itself synchronises
 // (LOCK-prefixed instructions use host atomics).
@@ -31,17 +74,49 @@ impl PhysMem {
     /// Wrap guest memory (cheap: the regions are reference counted).
     pub fn new(mem: GuestMemoryMmap) -> Self {
         let mut ram = Vec::new();
-        for r in mem.iter() {
+        for (index, r) in mem.iter().enumerate() {
             if let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) {
                 ram.push(Ram {
                     start: r.start_addr().0,
                     len: r.len(),
                     host,
+                    index,
                 });
             }
         }
         ram.sort_by_key(|r| r.start);
-        PhysMem { _mem: mem, ram }
+        PhysMem {
+            mem,
+            ram,
+            dirty: Arc::default(),
+        }
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The dirty-log state shared with every vCPU.
+    pub fn dirty(&self) -> &Arc<DirtyState> {
+        &self.dirty
+    }
+
+    /// Note a write of `len` bytes at RAM address `pa` in the dirty log, when it is on.
+    #[inline]
+    pub fn mark_dirty(&self, pa: u64, len: u64) {
+        if !self.dirty.on() {
+            return;
+        }
+        for r in &self.ram {
+            if pa >= r.start && pa - r.start < r.len {
+                if let Some(reg) = self.mem.iter().nth(r.index) {
+                    kvmbox_cpu::region_dirty_bitmap(reg)
+                        .mark_dirty((pa - r.start) as usize, len.max(1) as usize);
+                }
+                return;
+            }
+        }
     }
 
     /// Host pointer for `[pa, pa + len)` if it lies entirely in one RAM region.
@@ -85,7 +160,10 @@ impl PhysMem {
         if let Some(p) = self.host(pa, 8) {
             if (p as usize).is_multiple_of(8) {
                 // SAFETY: p is valid for 8 bytes and 8-aligned.
-                unsafe { &*(p as *const AtomicU64) }.fetch_or(bits, Ordering::SeqCst);
+                let old = unsafe { &*(p as *const AtomicU64) }.fetch_or(bits, Ordering::SeqCst);
+                if old | bits != old {
+                    self.mark_dirty(pa, 8);
+                }
             }
         }
     }
@@ -95,7 +173,10 @@ impl PhysMem {
         if let Some(p) = self.host(pa, 4) {
             if (p as usize).is_multiple_of(4) {
                 // SAFETY: p is valid for 4 bytes and 4-aligned.
-                unsafe { &*(p as *const AtomicU32) }.fetch_or(bits, Ordering::SeqCst);
+                let old = unsafe { &*(p as *const AtomicU32) }.fetch_or(bits, Ordering::SeqCst);
+                if old | bits != old {
+                    self.mark_dirty(pa, 4);
+                }
             }
         }
     }

@@ -76,6 +76,14 @@ impl Tlb {
         }
     }
 
+    /// Take write permission away from every entry (the dirty log was started or taken).
+    pub fn drop_writable(&mut self) {
+        let w = need_bit(ACC_W, false) | need_bit(ACC_W, true);
+        for e in self.e.iter_mut() {
+            e.perm &= !w;
+        }
+    }
+
     /// INVLPG.
     pub fn flush_page(&mut self, lin: u64) {
         if self.large {
@@ -156,13 +164,16 @@ impl Cpu {
         let st = &self.st;
         if st.cr0 & cr0::PG == 0 {
             let ppage = lin & 0xffff_f000;
-            return Ok(TlbEntry {
-                tag: lin >> 12,
-                host: self.phys.host(ppage, 4096).unwrap_or(std::ptr::null_mut()),
-                ppage,
-                perm: 0x3f,
-                global: false,
-            });
+            return Ok(self.logged(
+                acc,
+                TlbEntry {
+                    tag: lin >> 12,
+                    host: self.phys.host(ppage, 4096).unwrap_or(std::ptr::null_mut()),
+                    ppage,
+                    perm: 0x3f,
+                    global: false,
+                },
+            ));
         }
         let nxe = st.efer & efer::NXE != 0;
         let wp = st.cr0 & cr0::WP != 0;
@@ -320,12 +331,40 @@ impl Cpu {
         if large {
             self.tlb.large = true;
         }
-        Ok(TlbEntry {
-            tag: lin >> 12,
-            host: self.phys.host(ppage, 4096).unwrap_or(std::ptr::null_mut()),
-            ppage,
-            perm,
-            global,
-        })
+        Ok(self.logged(
+            acc,
+            TlbEntry {
+                tag: lin >> 12,
+                host: self.phys.host(ppage, 4096).unwrap_or(std::ptr::null_mut()),
+                ppage,
+                perm,
+                global,
+            },
+        ))
+    }
+
+    /// The dirty log's say on a new translation: while it is on, only a write gets a
+    /// writable RAM translation, and that write marks the page (`mem::DirtyState`).
+    #[inline]
+    fn logged(&self, acc: u8, mut e: TlbEntry) -> TlbEntry {
+        if self.phys.dirty().on() && !e.host.is_null() {
+            if acc == ACC_W {
+                self.phys.mark_dirty(e.ppage, 4096);
+            } else {
+                e.perm &= !(need_bit(ACC_W, false) | need_bit(ACC_W, true));
+            }
+        }
+        e
+    }
+
+    /// Drop the writable translations when the dirty log was started or taken since this
+    /// vCPU last looked (called at every run-loop check).
+    #[inline]
+    pub(crate) fn sync_dirty_log(&mut self) {
+        let epoch = self.phys.dirty().epoch();
+        if epoch != self.dirty_epoch {
+            self.dirty_epoch = epoch;
+            self.tlb.drop_writable();
+        }
     }
 }

@@ -159,6 +159,7 @@ impl Cpu {
             if kick.swap(false, Ordering::SeqCst) {
                 return Ok(Some(VcpuExit::Kicked));
             }
+            self.sync_dirty_log();
             let irq = self.irq.clone();
             if self.wait_sipi {
                 match irq.as_ref().and_then(|c| c.take_startup(self.id)) {

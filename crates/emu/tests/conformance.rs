@@ -321,7 +321,7 @@ fn decimal_arithmetic_and_salc_in_32_bit_mode() {
 }
 
 /// A vCPU in flat 32-bit protected mode (no paging) at [`CODE`], stack below 0x80000.
-fn flat32_vcpu(mem: &vm_memory::GuestMemoryMmap) -> kvmbox_emu::EmuVcpu {
+fn flat32_vcpu(mem: &kvmbox_cpu::GuestMemoryMmap) -> kvmbox_emu::EmuVcpu {
     const GDT: u64 = 0x800;
     w64(mem, GDT + 8, 0x00cf_9a00_0000_ffff);
     w64(mem, GDT + 16, 0x00cf_9200_0000_ffff);

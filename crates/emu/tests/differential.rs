@@ -11,8 +11,9 @@ mod common;
 
 use common::*;
 use iced_x86::code_asm::*;
+use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::{Regs, Vcpu, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const CF: u64 = 1;
 const PF: u64 = 4;

@@ -545,7 +545,7 @@ fn kvm_clock_through_cpuid_and_msrs() {
             RECORD | 1
         ]
     );
-    let record = |mem: &vm_memory::GuestMemoryMmap| {
+    let record = |mem: &kvmbox_cpu::GuestMemoryMmap| {
         let mut b = [0u8; 32];
         mem.read_slice(&mut b, GuestAddress(RECORD)).unwrap();
         b

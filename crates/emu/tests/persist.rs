@@ -51,7 +51,7 @@ fn program(fpu: bool) -> Vec<u8> {
     })
 }
 
-fn copy_memory(from: &vm_memory::GuestMemoryMmap) -> vm_memory::GuestMemoryMmap {
+fn copy_memory(from: &kvmbox_cpu::GuestMemoryMmap) -> kvmbox_cpu::GuestMemoryMmap {
     let to = guest_mem();
     for r in from.iter() {
         let mut buf = vec![0u8; r.len() as usize];
@@ -170,7 +170,7 @@ enum Engine {
 /// A fresh VM of `engine` over `mem`, its vCPU 0 showing the engine's CPU model.
 fn machine(
     engine: &Engine,
-    mem: &vm_memory::GuestMemoryMmap,
+    mem: &kvmbox_cpu::GuestMemoryMmap,
 ) -> (Box<dyn kvmbox_cpu::Vm>, Box<dyn Vcpu>) {
     let emu = kvmbox_emu::EmuVm::new(mem.clone());
     let mut model = emu.create_emu_vcpu(0).unwrap();

@@ -328,7 +328,7 @@ fn a_pending_interrupt_is_taken_before_rdtsc() {
 
 /// Spin at CODE with the NMI handler `h` at CODE + 0x1000 and two NMIs pending, until the
 /// vCPU halts; the memory and the port writes.
-fn run_with_two_nmis(h: &[u8]) -> (vm_memory::GuestMemoryMmap, Recorder) {
+fn run_with_two_nmis(h: &[u8]) -> (kvmbox_cpu::GuestMemoryMmap, Recorder) {
     let code = asm64(CODE, |a| {
         let mut spin = a.create_label();
         a.set_label(&mut spin)?;

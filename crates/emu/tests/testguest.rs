@@ -2,11 +2,12 @@
 //! EmuVm: 32-bit protected mode without paging -> the guest's own GDT, page tables and long
 //! mode -> ring 3 and back. Output is captured from COM1 as the VMM's serial port would.
 
+use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::{IoHandler, Regs, Segment, SpecialRegs, Vcpu, VcpuExit};
 use kvmbox_emu::EmuVm;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM: usize = 32 << 20;
 const START_INFO: u64 = 0x6000;
@@ -142,7 +143,7 @@ fn boot(cmdline: &str) -> (String, Option<u8>, u64) {
 
 fn boot_stats(cmdline: &str) -> (String, Option<u8>, kvmbox_emu::Stats) {
     let elf = std::fs::read(build_guest()).unwrap();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let entry = load_elf(&mem, &elf);
     let mut c = cmdline.as_bytes().to_vec();
     c.push(0);

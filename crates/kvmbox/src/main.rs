@@ -32,11 +32,27 @@ enum Command {
     /// Create, inspect, convert and resize disk images (raw, qcow2; convert also reads VDI, VMDK, VHD, VHDX).
     #[command(subcommand)]
     Disk(disk::DiskCommand),
+    /// Work with snapshot files.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Apply a Diff snapshot's memory file onto its base memory file, in place (Firecracker's `snapshot-editor edit-memory rebase`); then restore with the Diff's state file and the base memory file.
+    Merge {
+        /// The base memory file (a Full snapshot's, or one diffs were already merged into); it is changed.
+        #[arg(value_name = "BASE_MEM")]
+        base: PathBuf,
+        /// The Diff snapshot's memory file.
+        #[arg(value_name = "DIFF_MEM")]
+        diff: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// TOML file with the same settings (kernel, initrd, cmdline, cpus, memory, accel, on_reboot, pvh, disks, nets, rng, virtio, modules, testdev); flags override it, --disk/--net add to it.
+    /// TOML file with the same settings (kernel, initrd, cmdline, cpus, memory, accel, on_reboot, pvh, disks, nets, rng, virtio, modules, testdev, track_dirty_pages); flags override it, --disk/--net add to it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Kernel: bzImage, ELF vmlinux (PVH or 64-bit entry), a freestanding ELF, or a multiboot kernel.
@@ -90,6 +106,9 @@ struct RunArgs {
     /// The snapshot's guest-memory file (with --restore).
     #[arg(long, value_name = "MEM", requires = "restore")]
     restore_mem: Option<PathBuf>,
+    /// Log the pages the guest and its devices write, so the API can take Diff snapshots (Firecracker's track_dirty_pages).
+    #[arg(long)]
+    track_dirty_pages: bool,
     /// Serve the Firecracker-compatible REST API on this Unix socket (it must not exist). Without a kernel, wait to be configured through it.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -143,6 +162,7 @@ fn run(args: RunArgs) -> ExitCode {
         modules: args.module,
         testdev: args.testdev,
         cpu_model: args.cpu_model,
+        track_dirty_pages: args.track_dirty_pages,
     };
     if let (Some(state), Some(mem)) = (&args.restore, &args.restore_mem) {
         if let Some(flag) = restore_conflict(file.is_some(), &overrides) {
@@ -159,7 +179,13 @@ fn run(args: RunArgs) -> ExitCode {
             Ok(a) => a,
             Err(e) => return fail(e),
         };
-        let ran = kvmbox_vmm::run_restored(state, mem, accel, args.api_sock.as_deref());
+        let ran = kvmbox_vmm::run_restored(
+            state,
+            mem,
+            accel,
+            args.track_dirty_pages,
+            args.api_sock.as_deref(),
+        );
         return match ran {
             Ok(ended) => ended.exit_process(),
             Err(e) => fail(e),
@@ -220,6 +246,19 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(*args),
         Command::Disk(cmd) => disk::run(cmd),
+        Command::Snapshot(SnapshotCommand::Merge { base, diff }) => {
+            match kvmbox_snapshot::merge_memory(&base, &diff) {
+                Ok(n) => {
+                    println!(
+                        "merged {n} bytes of {} into {}",
+                        diff.display(),
+                        base.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Doctor { json } => {
             let report = kvmbox_doctor::run_checks();
             if json {

@@ -488,3 +488,32 @@ fn disk_check_exit_statuses() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+#[test]
+fn snapshot_merge_refuses_missing_and_mismatched_files() {
+    let base = tmpfile("merge-base", &[0u8; 8192]);
+    let diff = tmpfile("merge-diff", &[1u8; 4096]);
+    expect_usage_error(
+        &[
+            "snapshot",
+            "merge",
+            base.to_str().unwrap(),
+            "/nonexistent/diff.mem",
+        ],
+        "/nonexistent/diff.mem: No such file",
+    );
+    expect_usage_error(
+        &[
+            "snapshot",
+            "merge",
+            base.to_str().unwrap(),
+            diff.to_str().unwrap(),
+        ],
+        "not a diff of the same VM",
+    );
+    // Nothing was written to the base.
+    assert_eq!(std::fs::read(&base).unwrap(), vec![0u8; 8192]);
+    for p in [&base, &diff] {
+        let _ = std::fs::remove_file(p);
+    }
+}

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::api::{compute_guest, compute_guest_on_kvm, http, ok, sock_path};
+use common::api::{
+    compute_guest, compute_guest_on_kvm, http, ok, scenario_guest, sock_path, wait_for_socket,
+};
 use common::{kvm_or_skip, run_kvmbox, run_testguest, CpuLease, Interactive};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -58,6 +60,11 @@ fn testguest_on_kvm_restored_mid_compute_finishes_like_an_uninterrupted_run() {
     let (st, v) = http(&sock, "PUT", "/snapshot/create", Some(&body));
     assert_eq!(st, 400, "{v}");
     ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    // A Diff needs dirty-page tracking, which this VM was started without.
+    let diff = body.replace('}', r#", "snapshot_type": "Diff"}"#);
+    let (st, v) = http(&sock, "PUT", "/snapshot/create", Some(&diff));
+    assert_eq!(st, 400, "{v}");
+    assert!(v.to_string().contains("track_dirty_pages"), "{v}");
     ok(&sock, "PUT", "/snapshot/create", &body);
     assert!(
         !vm.console().contains("KVMBOX-TEST compute"),
@@ -121,7 +128,20 @@ fn finishes_like_an_uninterrupted_run(
     first: Duration,
     what: &str,
 ) {
-    let line = back.expect("KVMBOX-TEST compute", first) + &back.expect("\n", TG);
+    scenario_finishes_like_an_uninterrupted_run(back, "compute", iters, first, what);
+}
+
+/// The restored test guest `back`, running `scenario:iters` (a scenario that reports
+/// `iters=N result=R`), reports its result within `first`, ends through debug-exit 0, and
+/// its result equals an uninterrupted run's on KVM.
+fn scenario_finishes_like_an_uninterrupted_run(
+    back: &mut Interactive,
+    scenario: &str,
+    iters: &str,
+    first: Duration,
+    what: &str,
+) {
+    let line = back.expect(&format!("KVMBOX-TEST {scenario}"), first) + &back.expect("\n", TG);
     assert!(line.contains(&format!("iters={iters}")), "{what}: {line}");
     back.expect("KVMBOX-TEST done result=ok", TG);
     assert_eq!(
@@ -130,13 +150,13 @@ fn finishes_like_an_uninterrupted_run(
         "{what}: debug-exit 0; {}",
         back.stderr()
     );
-    let plain = run_testguest("kvm", 2, "128M", &format!("compute:{iters}"), &[]);
+    let plain = run_testguest("kvm", 2, "128M", &format!("{scenario}:{iters}"), &[]);
     plain.assert_guest_ok();
     let result = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("result="))
         .unwrap_or_else(|| panic!("{what}: no result in {line:?}"));
-    assert_eq!(plain.get("compute", "result"), result, "{what}");
+    assert_eq!(plain.get(scenario, "result"), result, "{what}");
 }
 
 /// The compute guest (2 vCPUs) started on `from` with `extra` flags, snapshotted `after` into
@@ -218,4 +238,147 @@ fn testguest_snapshotted_on_kvm_with_the_portable_cpu_finishes_on_the_engine() {
         Duration::ZERO,
         "emu",
     );
+}
+
+/// The test guest's `dirty:spin` scenario (2 vCPUs) on `accel` with dirty-page tracking: a
+/// Full snapshot once it filled its 32 MiB buffer, a Diff after at least 100 more of its
+/// page-rewriting steps (by its progress lines, not by time), SIGKILL; the Diff's memory
+/// merged onto the Full's (`kvmbox snapshot merge`) restores with the Diff's state file and
+/// finishes with the result of an uninterrupted run. The Diff carries about one page per step
+/// taken between the snapshots; the Full, the whole buffer.
+fn diff_snapshot_on_top_of_full(name: &str, accel: &str, spin: &str) {
+    let _cpu = CpuLease::shared();
+    let sock = sock_path(name);
+    let file = |what: &str| scratch(&format!("{name}-{what}"));
+    let (full_state, full_mem, diff_state, diff_mem) = (
+        file("full"),
+        file("full-mem"),
+        file("diff"),
+        file("diff-mem"),
+    );
+    let mut vm = scenario_guest(&sock, accel, &["--track-dirty-pages"], "dirty", spin);
+    let (st, v) = http(&sock, "GET", "/machine-config", None);
+    assert_eq!(
+        (st, v["track_dirty_pages"].as_bool()),
+        (200, Some(true)),
+        "{v}"
+    );
+    vm.expect("dirty: buffer filled", ENGINE);
+    let snapshot = |state: &Path, mem: &Path, kind: &str| {
+        ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+        let body = format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "{kind}"}}"#,
+            state.display(),
+            mem.display()
+        );
+        ok(&sock, "PUT", "/snapshot/create", &body);
+    };
+    snapshot(&full_state, &full_mem, "Full");
+    // The steps the guest had reported when paused; two more reports are 100 steps or more.
+    let reported = vm
+        .console()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("dirty: ")?
+                .strip_suffix(" steps")?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0u32);
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    vm.expect(&format!("dirty: {} steps", reported + 200), ENGINE);
+    snapshot(&diff_state, &diff_mem, "Diff");
+    assert!(vm.kill());
+    assert!(
+        !vm.console().contains("KVMBOX-TEST dirty"),
+        "the guest was to be saved in the middle of its work:\n{}",
+        vm.console()
+    );
+    let on_disk = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        assert_eq!(m.len(), 128 << 20, "{}: spans guest RAM", p.display());
+        m.blocks() * 512
+    };
+    let (full, diff) = (on_disk(&full_mem), on_disk(&diff_mem));
+    eprintln!("{name}: memory files on disk: full {full} bytes, diff {diff} bytes");
+    assert!(
+        full >= 32 << 20,
+        "the full snapshot holds the guest's buffer: {full} bytes"
+    );
+    assert!(diff > 0, "the guest wrote pages between the snapshots");
+    // At most the 1000 steps' pages, and the few the guest's kernel writes.
+    assert!(
+        diff <= 5 << 20,
+        "the diff carries only what changed: {diff} bytes"
+    );
+    let merged = run_kvmbox(
+        &[
+            "snapshot",
+            "merge",
+            full_mem.to_str().unwrap(),
+            diff_mem.to_str().unwrap(),
+        ],
+        TG,
+    );
+    assert_eq!(merged.status, Some(0), "{merged:?}");
+    assert!(merged.stdout.contains("merged"), "{merged:?}");
+    // Restored with tracking, the VM takes Diffs again (of what it wrote since the restore).
+    let sock = sock_path(&format!("{name}-back"));
+    let mut back = Interactive::spawn(&[
+        "run",
+        "--restore",
+        diff_state.to_str().unwrap(),
+        "--restore-mem",
+        full_mem.to_str().unwrap(),
+        "--track-dirty-pages",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    wait_for_socket(&mut back, &sock);
+    let (st, v) = http(&sock, "GET", "/machine-config", None);
+    assert_eq!(
+        (st, v["track_dirty_pages"].as_bool()),
+        (200, Some(true)),
+        "{v}"
+    );
+    let again = file("again-mem");
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Diff"}}"#,
+        file("again").display(),
+        again.display()
+    );
+    ok(&sock, "PUT", "/snapshot/create", &body);
+    ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert!(on_disk(&again) <= 5 << 20);
+    let what = format!("{name}: full + diff");
+    scenario_finishes_like_an_uninterrupted_run(&mut back, "dirty", spin, ENGINE, &what);
+    for p in [
+        &full_state,
+        &full_mem,
+        &diff_state,
+        &diff_mem,
+        &again,
+        &file("again"),
+    ] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[test]
+fn testguest_on_kvm_restored_from_a_diff_merged_onto_its_full_snapshot() {
+    if !kvm_or_skip("testguest_on_kvm_restored_from_a_diff_merged_onto_its_full_snapshot") {
+        return;
+    }
+    diff_snapshot_on_top_of_full("diff-kvm", "kvm", "1000000");
+}
+
+#[test]
+fn testguest_on_the_engine_restored_from_a_diff_merged_onto_its_full_snapshot() {
+    // KVM runs the uninterrupted reference.
+    if !kvm_or_skip("testguest_on_the_engine_restored_from_a_diff_merged_onto_its_full_snapshot") {
+        return;
+    }
+    diff_snapshot_on_top_of_full("diff-emu", "emu", "10000");
 }

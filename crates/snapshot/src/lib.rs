@@ -22,7 +22,9 @@
 mod memory;
 mod state;
 
-pub use memory::{map_memory, memory_size, write_memory, PageFilter, PAGE_SIZE};
+pub use memory::{
+    map_memory, memory_size, merge_memory, write_memory, GuestMemoryMmap, PageFilter, PAGE_SIZE,
+};
 pub use state::{read_state, write_state, FORMAT_VERSION, MAGIC};
 
 /// The temporary file beside `path` that a file replaced whole is written to before it is

@@ -7,8 +7,9 @@ use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arbitrary::Unstructured;
+use kvmbox_cpu::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::block::request::{Disk, Request};
 use crate::device::{VirtioInterrupt, VirtioInterruptType};

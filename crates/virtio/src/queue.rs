@@ -7,8 +7,10 @@
 
 use std::num::Wrapping;
 
+use kvmbox_cpu::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
 use crate::metrics::DeviceMetrics;
@@ -104,12 +106,12 @@ impl Chain {
 
     /// The readable buffers as one stream.
     pub fn reader<'a>(&self, mem: &'a GuestMemoryMmap) -> GuestBufs<'a> {
-        GuestBufs::new(mem, self.readable.clone())
+        GuestBufs::new(mem, self.readable.clone(), false)
     }
 
     /// The writable buffers as one stream.
     pub fn writer<'a>(&self, mem: &'a GuestMemoryMmap) -> GuestBufs<'a> {
-        GuestBufs::new(mem, self.writable.clone())
+        GuestBufs::new(mem, self.writable.clone(), true)
     }
 }
 
@@ -120,10 +122,13 @@ pub struct GuestBufs<'a> {
     idx: usize,
     off: u32,
     remaining: usize,
+    /// The device-writable buffers: host ranges handed out may be written, so their pages
+    /// go in the dirty log.
+    device_writes: bool,
 }
 
 impl<'a> GuestBufs<'a> {
-    fn new(mem: &'a GuestMemoryMmap, segs: Vec<(u64, u32)>) -> Self {
+    fn new(mem: &'a GuestMemoryMmap, segs: Vec<(u64, u32)>, device_writes: bool) -> Self {
         let remaining = segs.iter().map(|s| s.1 as usize).sum();
         Self {
             mem,
@@ -131,6 +136,7 @@ impl<'a> GuestBufs<'a> {
             idx: 0,
             off: 0,
             remaining,
+            device_writes,
         }
     }
 
@@ -252,21 +258,25 @@ impl<'a> GuestBufs<'a> {
             }
             left -= h as usize;
         }
-        *self = GuestBufs::new(self.mem, head);
-        Some(GuestBufs::new(self.mem, tail))
+        *self = GuestBufs::new(self.mem, head, self.device_writes);
+        Some(GuestBufs::new(self.mem, tail, self.device_writes))
     }
 
     /// Hand the next `n` bytes to `f` as host memory ranges (pointer, length) inside the guest
-    /// mapping, for I/O system calls straight into or out of guest memory.
+    /// mapping, for I/O system calls straight into or out of guest memory. Writable buffers'
+    /// pages are marked in vm-memory's dirty bitmap (writes through raw pointers bypass it).
     pub(crate) fn for_each_host_range(
         &mut self,
         n: usize,
         mut f: impl FnMut(*mut u8, usize) -> Result<(), ChainError>,
     ) -> Result<usize, ChainError> {
-        let mem = self.mem;
+        let (mem, writes) = (self.mem, self.device_writes);
         self.consume(n, |a, len| {
             for s in mem.get_slices(a, len) {
                 let s = s.map_err(|_| ChainError::Memory)?;
+                if writes {
+                    s.bitmap().mark_dirty(0, s.len());
+                }
                 f(s.ptr_guard_mut().as_ptr(), s.len())?;
             }
             Ok(())

@@ -263,6 +263,7 @@ pub struct FileConfig {
     modules: Vec<String>,
     testdev: Option<bool>,
     cpu_model: Option<CpuModel>,
+    track_dirty_pages: Option<bool>,
     /// The file's directory: relative paths in the file are relative to it.
     #[serde(skip)]
     dir: PathBuf,
@@ -373,6 +374,8 @@ pub struct Overrides {
     pub testdev: bool,
     /// --cpu-model
     pub cpu_model: Option<String>,
+    /// --track-dirty-pages
+    pub track_dirty_pages: bool,
 }
 
 /// Which accelerator was asked for.
@@ -417,6 +420,9 @@ pub struct VmConfig {
     pub testdev: bool,
     /// The CPU the guest is shown.
     pub cpu_model: CpuModel,
+    /// Log the pages the guest and the devices write, for Diff snapshots (Firecracker's
+    /// `track_dirty_pages`).
+    pub track_dirty_pages: bool,
 }
 
 /// The command line used when none is given: serial console, reboot through the i8042
@@ -514,6 +520,7 @@ impl VmConfig {
             modules,
             testdev: o.testdev || f.testdev.unwrap_or(false),
             cpu_model,
+            track_dirty_pages: o.track_dirty_pages || f.track_dirty_pages.unwrap_or(false),
             disks,
             nets,
             rng: o.rng || f.rng.unwrap_or(false),

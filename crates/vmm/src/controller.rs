@@ -79,12 +79,14 @@ fn block_signals() -> Result<StopSignals> {
     StopSignals::block().map_err(|e| Error::Host(format!("blocking stop signals: {e}")))
 }
 
-/// `kvmbox run --restore STATE --restore-mem MEM [--accel A] [--api-sock PATH]`: build the
-/// machine a snapshot saved and run it (on `accel`, the saved backend when `None`).
+/// `kvmbox run --restore STATE --restore-mem MEM [--accel A] [--track-dirty-pages]
+/// [--api-sock PATH]`: build the machine a snapshot saved and run it (on `accel`, the saved
+/// backend when `None`; logging dirty pages for Diff snapshots when `track_dirty_pages`).
 pub fn run_restored(
     state: &Path,
     mem: &Path,
     accel: Option<Accel>,
+    track_dirty_pages: bool,
     api_sock: Option<&Path>,
 ) -> Result<Ended> {
     let signals = block_signals()?;
@@ -94,7 +96,7 @@ pub fn run_restored(
     // Nothing to boot: the machine comes from the snapshot.
     let boot = Boot::Pending(Box::new(api::PreBoot::new(None, Overrides::default())?));
     let mut c = Controller::new(boot, api)?;
-    c.restore(state, mem, accel, true)?;
+    c.restore(state, mem, accel, track_dirty_pages, true)?;
     c.serve(signals)
 }
 
@@ -154,13 +156,15 @@ impl Controller {
         state: &Path,
         mem: &Path,
         accel: Option<Accel>,
+        track_dirty_pages: bool,
         resume: bool,
     ) -> Result<()> {
         let next = self
             .state
             .check(Action::LoadSnapshot)
             .map_err(|e| Error::Snapshot(e.to_string()))?;
-        let (machine, cfg) = crate::snapshot::load(state, mem, accel, &self.control)?;
+        let (machine, cfg) =
+            crate::snapshot::load(state, mem, accel, track_dirty_pages, &self.control)?;
         *self.serial_slot.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(machine.platform.serial.clone());
         self.machine = Some(machine);

@@ -140,6 +140,11 @@ impl Machine {
             }
             vcpus.push(vcpu);
         }
+        // Before any guest code runs, so the log holds every page written since the memory
+        // was made (Diff snapshots).
+        if cfg.track_dirty_pages {
+            vm.start_dirty_log()?;
+        }
         control.set_kickers(vcpus.iter().map(|v| v.kicker()).collect());
         let shared = VcpuShared {
             io: io.clone(),

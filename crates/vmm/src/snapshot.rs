@@ -235,6 +235,8 @@ impl SavedConfig {
             } else {
                 CpuModel::Host
             },
+            // The loader says (`PUT /snapshot/load`'s `track_dirty_pages`, as in Firecracker).
+            track_dirty_pages: false,
         };
         Ok((cfg, accel))
     }
@@ -261,9 +263,21 @@ fn with_devices_quiesced<T>(m: &Machine, f: impl FnOnce() -> Result<T>) -> Resul
     Ok(v)
 }
 
+/// Why a Diff snapshot of a VM without dirty-page tracking is refused.
+pub const DIFF_NEEDS_TRACKING: &str = "snapshot_type Diff needs dirty-page tracking: set \
+     track_dirty_pages in PUT /machine-config before InstanceStart (or in PUT /snapshot/load, \
+     or run with --track-dirty-pages)";
+
 /// Save the paused machine `m` (built from `cfg`): guest memory to `mem_path`, then the state
 /// to `state_path` (written last and whole, so a crash leaves no state file that names
 /// half-written memory). The VM stays paused.
+///
+/// With dirty-page tracking on, a Full snapshot clears the dirty log and a Diff snapshot
+/// writes only the pages written since the last snapshot (or since boot or restore): a
+/// sparse file of the memory's size whose data ranges are those pages, written over
+/// `mem_path` in place when that is a file of that size (Firecracker's behaviour). Applied on
+/// top of its base memory file ([`kvmbox_snapshot::merge_memory`], `kvmbox snapshot merge`),
+/// it restores with this state file.
 pub fn create(
     m: &Machine,
     cfg: &VmConfig,
@@ -271,10 +285,8 @@ pub fn create(
     mem_path: &Path,
     kind: SnapshotKind,
 ) -> Result<()> {
-    if kind == SnapshotKind::Diff {
-        return Err(refuse(
-            "snapshot_type Diff: this kvmbox tracks no dirty pages yet; take a Full snapshot",
-        ));
+    if kind == SnapshotKind::Diff && !m.vm.dirty_log_active() {
+        return Err(refuse(DIFF_NEEDS_TRACKING));
     }
     with_devices_quiesced(m, || {
         let mut vcpus = Vec::with_capacity(m.vcpus.len());
@@ -298,8 +310,26 @@ pub fn create(
             virtio_pci: m.virtio.pci.iter().map(|d| lock(d).save_state()).collect(),
             virtio_mmio: m.virtio.mmio.iter().map(|d| lock(d).save_state()).collect(),
         };
-        kvmbox_snapshot::write_memory(&m.mem, mem_path, PageFilter::Full)?;
-        kvmbox_snapshot::write_state(state_path, &state)?;
+        // Nothing writes guest memory now (vCPUs paused, devices quiesced): the log taken
+        // here is exactly what changed since the last one.
+        let log = if m.vm.dirty_log_active() {
+            Some(m.vm.take_dirty_log()?)
+        } else {
+            None
+        };
+        let written = match (kind, &log) {
+            (SnapshotKind::Diff, Some(log)) => {
+                let dirty = |a: vm_memory::GuestAddress| log.is_dirty(a.0);
+                kvmbox_snapshot::write_memory(&m.mem, mem_path, PageFilter::Only(&dirty))
+            }
+            _ => kvmbox_snapshot::write_memory(&m.mem, mem_path, PageFilter::Full),
+        }
+        .and_then(|_| kvmbox_snapshot::write_state(state_path, &state));
+        if let (Err(_), Some(log)) = (&written, &log) {
+            // Not saved: the next snapshot must still see these pages as changed.
+            log.put_back(&m.mem);
+        }
+        written?;
         Ok(())
     })
 }
@@ -327,17 +357,20 @@ fn check(s: &MachineState) -> Result<()> {
 }
 
 /// Build the machine saved in `state_path` / `mem_path` again, paused, every piece in its
-/// saved state, on `accel` (the saved backend when `None`). Everything is checked before the
-/// new machine runs a single instruction; on any error the new machine is torn down.
+/// saved state, on `accel` (the saved backend when `None`), logging dirty pages from the
+/// restore on when `track_dirty_pages`. Everything is checked before the new machine runs a
+/// single instruction; on any error the new machine is torn down.
 pub fn load(
     state_path: &Path,
     mem_path: &Path,
     accel: Option<Accel>,
+    track_dirty_pages: bool,
     control: &Arc<VmControl>,
 ) -> Result<(Machine, VmConfig)> {
     let s: MachineState = kvmbox_snapshot::read_state(state_path)?;
     check(&s)?;
-    let (cfg, accel) = s.config.to_vm_config(accel)?;
+    let (mut cfg, accel) = s.config.to_vm_config(accel)?;
+    cfg.track_dirty_pages = track_dirty_pages;
     let ranges: Vec<(vm_memory::GuestAddress, usize)> =
         kvmbox_arch::layout::ram_regions(cfg.memory)
             .into_iter()

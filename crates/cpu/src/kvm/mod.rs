@@ -9,15 +9,17 @@ mod vcpu;
 
 pub use vcpu::KvmVcpu;
 
+use crate::GuestMemoryMmap;
 use crate::{Error, IoEventAddress, IrqLine, LapicBus, MsiLine, PlatformIrq, Result, Vcpu, Vm};
 use kvm_bindings::{
     kvm_enable_cap, kvm_irq_routing_entry, kvm_msi, kvm_userspace_memory_region, CpuId,
     KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Cap, Kvm, NoDatamatch, VmFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// KVM's API version that kvmbox speaks.
@@ -113,6 +115,11 @@ pub struct KvmVm {
     max_vcpus: u32,
     lapics: Arc<KvmLapics>,
     platform: OnceLock<Arc<dyn PlatformIrq>>,
+    /// Guest memory (its vm-memory dirty bitmaps hold the VMM's writes) and the memory slots
+    /// made from it, for the dirty log.
+    mem: GuestMemoryMmap,
+    slots: Mutex<Vec<kvm_userspace_memory_region>>,
+    dirty_log: std::sync::atomic::AtomicBool,
 }
 
 struct Routes {
@@ -154,6 +161,7 @@ impl KvmVm {
         fd.enable_cap(&split)
             .map_err(kvm_err("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
 
+        let mut slots = Vec::new();
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
                 slot: u32::try_from(slot)
@@ -167,6 +175,7 @@ impl KvmVm {
             // as long as the VM exists; its host address and length come from vm-memory.
             unsafe { fd.set_user_memory_region(region_desc) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            slots.push(region_desc);
         }
 
         let supported_cpuid = kvm
@@ -192,6 +201,9 @@ impl KvmVm {
             routes,
             max_vcpus,
             platform: OnceLock::new(),
+            mem: mem.clone(),
+            slots: Mutex::new(slots),
+            dirty_log: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -420,6 +432,53 @@ impl Vm for KvmVm {
             ..Default::default()
         };
         self.fd.set_clock(&c).map_err(kvm_err("KVM_SET_CLOCK"))
+    }
+
+    fn start_dirty_log(&self) -> Result<()> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if self.dirty_log.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        for s in slots.iter_mut() {
+            let logged = kvm_userspace_memory_region {
+                flags: s.flags | KVM_MEM_LOG_DIRTY_PAGES,
+                ..*s
+            };
+            // SAFETY: the same slot, host mapping (kept alive by `self.mem`) and size as
+            // registered in `new`; only the flags change.
+            unsafe { self.fd.set_user_memory_region(logged) }.map_err(kvm_err(
+                "KVM_SET_USER_MEMORY_REGION(KVM_MEM_LOG_DIRTY_PAGES)",
+            ))?;
+            *s = logged;
+        }
+        self.dirty_log.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn dirty_log_active(&self) -> bool {
+        self.dirty_log.load(Ordering::SeqCst)
+    }
+
+    fn take_dirty_log(&self) -> Result<crate::DirtyLog> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.dirty_log.load(Ordering::SeqCst) {
+            return Err(Error::Unsupported("dirty-page logging is not on".into()));
+        }
+        // KVM's log first: a page the VMM writes meanwhile is in vm-memory's bitmap, taken
+        // after it.
+        let mut kvm_logs = Vec::with_capacity(slots.len());
+        for s in slots.iter() {
+            let bits = self
+                .fd
+                .get_dirty_log(s.slot, s.memory_size as usize)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            kvm_logs.push((s.guest_phys_addr, bits));
+        }
+        let mut log = crate::DirtyLog::take_from_memory(&self.mem);
+        for (start, bits) in kvm_logs {
+            log.merge(start, &bits);
+        }
+        Ok(log)
     }
 }
 

@@ -2,10 +2,11 @@
 //! identity page tables) in guest RAM and an IoHandler that records every access.
 #![allow(dead_code)]
 
+use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::{IoHandler, Segment, SpecialRegs, Vcpu};
 use kvmbox_emu::{EmuVcpu, EmuVm};
 use std::sync::Mutex;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 pub const PML4: u64 = 0x1000;
 pub const PDPT: u64 = 0x2000;

@@ -648,8 +648,20 @@ pub mod api {
 
     /// [`compute_guest_on_kvm`] on backend `accel`, with `extra` flags.
     pub fn compute_guest(sock: &Path, accel: &str, extra: &[&str], iters: &str) -> Interactive {
+        scenario_guest(sock, accel, extra, "compute", iters)
+    }
+
+    /// The test guest running `scenario:arg` on 2 vCPUs on `accel` (128 MiB) with `extra`
+    /// flags, controlled through an API socket at `sock`; returns once the socket answers.
+    pub fn scenario_guest(
+        sock: &Path,
+        accel: &str,
+        extra: &[&str],
+        scenario: &str,
+        arg: &str,
+    ) -> Interactive {
         let guest = super::testguest();
-        let cmdline = format!("tests=compute:{iters}");
+        let cmdline = format!("tests={scenario}:{arg}");
         let mut args = vec![
             "run",
             "--accel",

@@ -4,7 +4,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 use kvmbox_block::BlockBackend;
-use vm_memory::GuestMemoryMmap;
+use kvmbox_cpu::GuestMemoryMmap;
 
 use crate::queue::{Chain, ChainError, GuestBufs};
 

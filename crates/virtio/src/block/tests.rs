@@ -1,6 +1,7 @@
 //! virtio-blk request tests against a real image file and real guest memory.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use kvmbox_cpu::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::request::{Disk, Request, ID_BYTES, S_IOERR, S_OK, S_UNSUPP};
 use crate::queue::{pop_chain, ChainError};

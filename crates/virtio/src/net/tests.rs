@@ -4,9 +4,10 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::IoHandler;
 use kvmbox_devices::IoBus;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::event_handler::{fill_rx_chain, place_frame, Placed};
 use super::{parse_tx_frame, Net, NetConfig, MAX_FRAME, VNET_HDR_LEN};

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
+use kvmbox_cpu::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 

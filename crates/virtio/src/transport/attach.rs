@@ -3,10 +3,10 @@
 
 use std::sync::{Arc, Mutex};
 
+use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::{MsiLine, Vm};
 use kvmbox_devices::IoBus;
 use kvmbox_pci::{PciDevice, PciRoot};
-use vm_memory::GuestMemoryMmap;
 
 use super::mmio::{cmdline_arg, MmioTransport, MMIO_WINDOW_SIZE};
 use super::pci::VirtioPciDevice;

@@ -3,10 +3,10 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
+use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::{IoEventAddress, IrqLine, Vm};
 use kvmbox_devices::BusDevice;
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 
 use super::common::{signal_needs_reset, VirtioCommon};
 use crate::device::{VirtioDevice, VirtioInterrupt, VirtioInterruptType};

@@ -4,11 +4,11 @@
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::{IoEventAddress, IrqLine, MsiLine, Vm};
 use kvmbox_devices::BusDevice;
 use kvmbox_pci::{BarKind, BarSpec, MsixConfig, PciConfiguration, PciDevice, PciHeader};
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 
 use super::common::{signal_needs_reset, VirtioCommon};
 use crate::device::{VirtioDevice, VirtioInterrupt, VirtioInterruptType};

@@ -4,10 +4,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::{IoHandler, IrqLine, MsiLine};
 use kvmbox_devices::IoBus;
 use kvmbox_pci::{PciConfigMmio, PciRoot};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::pci::{NOTIFY_MULTIPLIER, NO_VECTOR};
 use super::{MmioTransport, VirtioPciDevice};

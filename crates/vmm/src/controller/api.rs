@@ -97,6 +97,9 @@ impl PreBoot {
         if let Some(a) = &self.machine.accel {
             o.accel = Some(a.clone());
         }
+        if let Some(t) = self.machine.track_dirty_pages {
+            o.track_dirty_pages = t;
+        }
         let roots = self.drives.iter().filter(|d| d.is_root_device);
         let others = self.drives.iter().filter(|d| !d.is_root_device);
         let api_disks: Vec<String> = roots.chain(others).map(drive_spec).collect();
@@ -220,12 +223,6 @@ fn check_machine(m: &MachineConfig) -> ApiRes<()> {
     }
     if m.smt == Some(true) {
         return Err(refuse("smt", "kvmbox does not offer SMT (set false)"));
-    }
-    if m.track_dirty_pages == Some(true) {
-        return Err(refuse(
-            "track_dirty_pages",
-            "kvmbox does not track dirty pages yet",
-        ));
     }
     if let Some(t) = m.cpu_template.as_deref().filter(|&t| t != "None") {
         return Err(refuse(
@@ -355,7 +352,10 @@ impl Controller {
             vcpu_count: Some(cfg.cpus),
             mem_size_mib: Some(cfg.memory >> 20),
             smt: Some(false),
-            track_dirty_pages: Some(false),
+            track_dirty_pages: Some(match &self.machine {
+                Some(m) => m.vm.dirty_log_active(),
+                None => cfg.track_dirty_pages,
+            }),
             cpu_template: None,
             huge_pages: Some("None".into()),
             accel: Some(accel),
@@ -467,6 +467,7 @@ impl Controller {
                         cur.vcpu_count = m.vcpu_count.or(cur.vcpu_count);
                         cur.mem_size_mib = m.mem_size_mib.or(cur.mem_size_mib);
                         cur.accel = m.accel.or(cur.accel.take());
+                        cur.track_dirty_pages = m.track_dirty_pages.or(cur.track_dirty_pages);
                     }
                     Ok(())
                 })
@@ -627,12 +628,7 @@ impl Controller {
                         ))
                     }
                 };
-                if s.track_dirty_pages == Some(true) || s.enable_diff_snapshots == Some(true) {
-                    return Err(refuse(
-                        "track_dirty_pages",
-                        "this kvmbox tracks no dirty pages yet (Diff snapshots)",
-                    ));
-                }
+                let track = s.track_dirty_pages.or(s.enable_diff_snapshots) == Some(true);
                 let accel = match &self.boot {
                     Boot::Pending(pre) => pre.fixed_accel().map_err(to_api_error)?,
                     Boot::Ready(_) => None,
@@ -641,6 +637,7 @@ impl Controller {
                     Path::new(&s.snapshot_path),
                     Path::new(&mem),
                     accel,
+                    track,
                     s.resume_vm == Some(true),
                 )
                 .map_err(to_api_error)?;
