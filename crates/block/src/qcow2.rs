@@ -12,10 +12,10 @@ use std::sync::RwLock;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
-use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, StorageOpenOptions};
+use imago::{DenyImplicitOpenGate, Mapping, FormatAccess, FormatDriverBuilder, StorageOpenOptions};
 
 use crate::open::{detect_format, open_image_file, ChainGuard};
-use crate::{io_err, BlockBackend, Caps, Error, Format, Result};
+use crate::{io_err, BlockBackend, Caps, Error, Extent, Format, Result};
 
 /// The qcow2 magic, "QFI\xfb".
 pub const MAGIC: u32 = 0x5146_49fb;
@@ -541,5 +541,16 @@ impl BlockBackend for Qcow2Backend {
         }
         self.check_writable()?;
         self.access().write_zeroes(offset, len)
+    }
+
+    /// Zero and unallocated clusters through the whole chain (imago's mapping).
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let access = self.access();
+        let (mapping, n) = access.get_mapping(offset, len)?;
+        Ok(match mapping {
+            Mapping::Zero { .. } => Extent { data: false, len: n },
+            Mapping::Eof { .. } => Extent { data: false, len },
+            _ => Extent { data: true, len: n },
+        })
     }
 }

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use crate::open::probe_bytes;
-use crate::{io_err, BlockBackend, Caps};
+use crate::{io_err, BlockBackend, Caps, Extent};
 
 /// How many leading bytes of a probed raw image the format probe looks at.
 const PROBE_BYTES: usize = 512;
@@ -151,6 +151,31 @@ impl BlockBackend for RawBackend {
             return Ok(());
         }
         write_zero_buffers(&self.file, offset, len)
+    }
+
+    /// Holes of the file (`SEEK_DATA`/`SEEK_HOLE`); all data where the filesystem or device
+    /// cannot tell.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let data = Extent { data: true, len };
+        let seek = |whence| {
+            // SAFETY: lseek on our own descriptor; every read and write uses explicit offsets,
+            // so moving the file position affects nothing.
+            let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+            (r >= 0).then_some(r as u64).ok_or_else(io::Error::last_os_error)
+        };
+        match seek(libc::SEEK_DATA) {
+            Ok(d) if d > offset => Ok(Extent {
+                data: false,
+                len: (d - offset).min(len),
+            }),
+            Ok(_) => Ok(seek(libc::SEEK_HOLE).map_or(data, |h| Extent {
+                data: true,
+                len: h.saturating_sub(offset).clamp(len.min(1), len),
+            })),
+            // No data from `offset` to the end of the file.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(Extent { data: false, len }),
+            Err(_) => Ok(data),
+        }
     }
 }
 

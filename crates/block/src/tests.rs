@@ -979,3 +979,91 @@ fn zstd_images_read_bit_exact() {
         std::fs::remove_file(&q).unwrap();
     }
 }
+
+/// Every extent `block_status` reports from `b` covers the disk in order, and those it calls
+/// zeroes read as zeroes in `expect`. Returns how many bytes it called zeroes.
+fn walk_extents(b: &dyn crate::BlockBackend, expect: &[u8]) -> u64 {
+    let (mut at, mut zeroes) = (0u64, 0);
+    while at < b.size() {
+        let e = b.block_status(at, b.size() - at).unwrap();
+        assert!(e.len > 0 && at + e.len <= b.size(), "extent {e:?} at {at}");
+        if !e.data {
+            let r = &expect[at as usize..(at + e.len) as usize];
+            assert!(r.iter().all(|&x| x == 0), "zero extent {e:?} at {at} has data");
+            zeroes += e.len;
+        }
+        at += e.len;
+    }
+    zeroes
+}
+
+/// `convert` reads only where the source may have data (holes of a raw file; unallocated and
+/// zero clusters of a qcow2 image, with its backing file's data showing through) and copies
+/// every byte that is there, for data at places that are not aligned to its 1 MiB steps and a
+/// size that is not whole sectors; zeroes it found in data are not written.
+#[test]
+fn convert_follows_the_source_allocation_map() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let d = TempDir::new("convert-map");
+    let size = (5u64 << 20) + 700;
+    let raw = d.path("src.raw");
+    let mut expect = vec![0u8; size as usize];
+    {
+        let f = std::fs::File::create(&raw).unwrap();
+        f.set_len(size).unwrap();
+        for (at, len, seed) in [
+            (12288, 200_000, 1),
+            ((1 << 20) + 4096, 1 << 20, 2),
+            (size as usize - 1000, 1000, 3),
+        ] {
+            let p = pattern(len, seed);
+            f.write_all_at(&p, at as u64).unwrap();
+            expect[at..at + len].copy_from_slice(&p);
+        }
+        // Zeroes the file stores: read, found zero, not written.
+        f.write_all_at(&vec![0u8; 256 << 10], 3 << 20).unwrap();
+    }
+    let s = open(&spec(&raw)).unwrap();
+    // Where the filesystem reports holes (ext4, xfs, btrfs, tmpfs do), the leading one is seen.
+    let holes = !s.block_status(0, size).unwrap().data;
+    let zeroes = walk_extents(&*s, &expect);
+    assert!(!holes || zeroes >= 3 << 20, "{zeroes} bytes of holes");
+    drop(s);
+    for format in [Format::Qcow2, Format::Raw] {
+        let out = d.path(&format!("out.{format}"));
+        crate::image::convert(&raw, &out, format, &mut |_, _| {}).unwrap();
+        let o = open(&spec(&out)).unwrap();
+        assert_eq!(o.size(), size.next_multiple_of(512));
+        let got = read_all(&*o);
+        assert!(got[..size as usize] == expect[..], "{format} copy differs");
+        assert!(got[size as usize..].iter().all(|&x| x == 0));
+        if holes {
+            // Nothing was written over the stored zeroes or the holes: 1.2 MiB of data and
+            // the last sector, in 64 KiB blocks, plus qcow2 metadata.
+            let blocks = std::fs::metadata(&out).unwrap().blocks() * 512;
+            assert!(blocks < 2 << 20, "{format}: {blocks} bytes allocated");
+        }
+    }
+
+    // A qcow2 overlay: its own data, explicit zeroes over backing data, the backing file's
+    // data through unallocated clusters, and the backing file's holes.
+    let ov = d.path("ov.qcow2");
+    // Its size is the backing file's, rounded up to whole sectors.
+    crate::image::create(&ov, size.next_multiple_of(512), Format::Qcow2, Some("src.raw")).unwrap();
+    let mut expect_ov = expect.clone();
+    expect_ov.resize(size.next_multiple_of(512) as usize, 0);
+    {
+        let b = open(&spec(&ov)).unwrap();
+        let w = pattern(70_000 / 512 * 512, 4);
+        b.write_vectored_at(&[IoSlice::new(&w)], (2 << 20) + 1536)
+            .unwrap();
+        expect_ov[(2 << 20) + 1536..(2 << 20) + 1536 + w.len()].copy_from_slice(&w);
+        b.write_zeroes(1 << 20, 256 << 10, false).unwrap();
+        expect_ov[1 << 20..(1 << 20) + (256 << 10)].fill(0);
+        b.flush().unwrap();
+        assert!(walk_extents(&*b, &expect_ov) >= 256 << 10);
+    }
+    let out = d.path("ov.raw");
+    crate::image::convert(&ov, &out, Format::Raw, &mut |_, _| {}).unwrap();
+    assert!(std::fs::read(&out).unwrap() == expect_ov, "overlay copy differs");
+}
