@@ -5,14 +5,16 @@
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
-use imago::{DenyImplicitOpenGate, Mapping, FormatAccess, FormatDriverBuilder, StorageOpenOptions};
+use imago::{DenyImplicitOpenGate, Mapping, StorageExt, FormatAccess, FormatDriverBuilder, StorageOpenOptions};
 
 use crate::open::{detect_format, open_image_file, ChainGuard};
 use crate::{io_err, BlockBackend, Caps, Error, Extent, Format, Result};
@@ -402,10 +404,83 @@ fn check_refblocks_cover_file(file: &File, path: &Path, h: &Header) -> Result<()
     }
 }
 
+/// log2 of the slots of [`MappingCache`].
+const SLOT_BITS: u32 = 12;
+/// Bits of a slot holding the host cluster index (the rest holds the guest cluster's tag).
+const HOST_BITS: u32 = 36;
+
+/// Where guest clusters of the top image are stored, for reads that need no other metadata:
+/// clusters imago reports as plain data of the top image that writes change in place (COPIED:
+/// not shared with an internal snapshot, not compressed, not zero, not from a backing file).
+/// Only a discard, write-zeroes or resize can move or hide such a cluster, and those empty the
+/// cache while holding the backend's lock exclusively, so no read can be looking a mapping up
+/// (and putting it back) meanwhile.
+///
+/// Direct-mapped by guest cluster, one `u64` per slot so that a lookup is one load (no lock):
+/// the guest cluster's index above the slot bits, plus one, in the top 28 bits and the host
+/// cluster's index in the low 36 (clusters that do not fit, past 32 TiB of file or 512 TiB of
+/// disk at 512-byte clusters, are simply not cached).
+struct MappingCache {
+    slots: Vec<AtomicU64>,
+    cluster_bits: u32,
+}
+
+impl MappingCache {
+    fn new(cluster_bits: u32) -> Self {
+        Self {
+            slots: (0..1 << SLOT_BITS).map(|_| AtomicU64::new(0)).collect(),
+            cluster_bits,
+        }
+    }
+
+    fn slot(&self, cluster: u64) -> &AtomicU64 {
+        &self.slots[(cluster & ((1 << SLOT_BITS) - 1)) as usize]
+    }
+
+    /// The guest cluster holding all `len` bytes at `offset`, if they lie in one cluster.
+    fn cluster_of(&self, offset: u64, len: u64) -> Option<u64> {
+        let c = offset >> self.cluster_bits;
+        (len > 0 && (offset + len - 1) >> self.cluster_bits == c).then_some(c)
+    }
+
+    /// Where in its cluster guest byte `offset` is.
+    fn within(&self, offset: u64) -> u64 {
+        offset & ((1 << self.cluster_bits) - 1)
+    }
+
+    /// The host offset of guest byte `offset` in `cluster`, if the cluster is cached.
+    fn get(&self, cluster: u64, offset: u64) -> Option<u64> {
+        // Relaxed: entries change under the backend's lock (see above), not through this load.
+        let e = self.slot(cluster).load(Ordering::Relaxed);
+        let tag = (cluster >> SLOT_BITS) + 1;
+        (e >> HOST_BITS == tag)
+            .then(|| ((e & ((1 << HOST_BITS) - 1)) << self.cluster_bits) + self.within(offset))
+    }
+
+    /// Remember that guest `cluster` starts at `host` (cluster aligned) in the top image.
+    fn insert(&self, cluster: u64, host: u64) {
+        let (tag, host) = ((cluster >> SLOT_BITS) + 1, host >> self.cluster_bits);
+        if tag < 1 << (64 - HOST_BITS) && host < 1 << HOST_BITS {
+            self.slot(cluster)
+                .store(tag << HOST_BITS | host, Ordering::Relaxed);
+        }
+    }
+
+    fn clear(&self) {
+        for s in &self.slots {
+            s.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A qcow2 image and its backing chain.
 pub struct Qcow2Backend {
     path: PathBuf,
     access: RwLock<Access>,
+    /// The top image file (the descriptor imago has, duplicated): cached clusters are read
+    /// from it directly.
+    file: File,
+    mappings: MappingCache,
     size: u64,
     read_only: bool,
     /// A version 3 image open read-write: the dirty bit is set while it is open, and
@@ -448,6 +523,7 @@ impl Qcow2Backend {
             None
         };
         let mut chain = ChainGuard::new(&file, path, lock)?;
+        let own = file.try_clone().map_err(Error::io("opening", path))?;
         let access = open_access(file, path, &h, !read_only, &mut chain)?;
         if let Some(f) = &dirty_bit {
             crate::meta::set_dirty(f, path, true)?;
@@ -456,6 +532,8 @@ impl Qcow2Backend {
             path: path.to_path_buf(),
             size: access.size(),
             access: RwLock::new(access),
+            file: own,
+            mappings: MappingCache::new(h.cluster_bits),
             read_only,
             dirty_bit,
         })
@@ -470,7 +548,7 @@ impl Qcow2Backend {
 
     /// Change the virtual size (new space reads as zeroes; shrinking drops data past the end).
     pub fn resize(&self, size: u64) -> Result<()> {
-        let mut a = self.access.write().unwrap_or_else(|e| e.into_inner());
+        let mut a = self.access_mut();
         a.resize(size, imago::format::PreallocateMode::Zero)
             .and_then(|()| a.flush())
             .map_err(|e| Error::image(&self.path, e.to_string()))
@@ -478,6 +556,14 @@ impl Qcow2Backend {
 
     fn access(&self) -> std::sync::RwLockReadGuard<'_, Access> {
         self.access.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The image exclusively, for an operation that may move or hide data clusters: the
+    /// mapping cache is emptied (no read holds the lock meanwhile).
+    fn access_mut(&self) -> std::sync::RwLockWriteGuard<'_, Access> {
+        let a = self.access.write().unwrap_or_else(|e| e.into_inner());
+        self.mappings.clear();
+        a
     }
 }
 
@@ -493,6 +579,15 @@ impl Drop for Qcow2Backend {
     }
 }
 
+/// `bufs` without empty buffers: imago's I/O vectors must not hold any (it asserts that a vector
+/// is empty exactly when it has no buffers; a guest's zero-length descriptor would break that).
+fn non_empty<'a>(bufs: &'a mut [IoSliceMut<'_>]) -> Vec<IoSliceMut<'a>> {
+    bufs.iter_mut()
+        .filter(|b| !b.is_empty())
+        .map(|b| IoSliceMut::new(b))
+        .collect()
+}
+
 impl BlockBackend for Qcow2Backend {
     fn size(&self) -> u64 {
         self.size
@@ -502,16 +597,38 @@ impl BlockBackend for Qcow2Backend {
         Caps::writable_unless(self.read_only)
     }
 
-    // imago's I/O vectors must not hold empty buffers (it asserts that a vector is empty exactly
-    // when it has no buffers; a guest's zero-length descriptor would break that): they are left
-    // out.
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-        let v: Vec<IoSliceMut<'_>> = bufs
-            .iter_mut()
-            .filter(|b| !b.is_empty())
-            .map(|b| IoSliceMut::new(b))
-            .collect();
-        self.access().readv(IoVectorMut::from(v), offset)
+        let a = self.access();
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        // A request inside one cluster: one mapping lookup (none when the cluster is cached),
+        // then one read into the caller's buffers.
+        if let Some(c) = self.mappings.cluster_of(offset, len) {
+            if let Some(host) = self.mappings.get(c, offset) {
+                return crate::raw::preadv_exact(self.file.as_raw_fd(), bufs, host, true);
+            }
+            match a.get_mapping(offset, len)? {
+                (
+                    Mapping::Raw {
+                        storage,
+                        offset: host,
+                        writable,
+                        ..
+                    },
+                    n,
+                ) if n == len => {
+                    if writable {
+                        self.mappings.insert(c, host - self.mappings.within(offset));
+                    }
+                    return storage.readv(IoVectorMut::from(non_empty(bufs)), host);
+                }
+                (Mapping::Zero { .. } | Mapping::Eof { .. }, n) if n == len || n == 0 => {
+                    bufs.iter_mut().for_each(|b| b.fill(0));
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+        a.readv(IoVectorMut::from(non_empty(bufs)), offset)
     }
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
@@ -531,8 +648,7 @@ impl BlockBackend for Qcow2Backend {
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
-        let mut a = self.access.write().unwrap_or_else(|e| e.into_inner());
-        a.discard_to_zero(offset, len)
+        self.access_mut().discard_to_zero(offset, len)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
@@ -540,7 +656,7 @@ impl BlockBackend for Qcow2Backend {
             return self.discard(offset, len);
         }
         self.check_writable()?;
-        self.access().write_zeroes(offset, len)
+        self.access_mut().write_zeroes(offset, len)
     }
 
     /// Zero and unallocated clusters through the whole chain (imago's mapping).

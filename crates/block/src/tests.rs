@@ -1067,3 +1067,71 @@ fn convert_follows_the_source_allocation_map() {
     crate::image::convert(&ov, &out, Format::Raw, &mut |_, _| {}).unwrap();
     assert!(std::fs::read(&out).unwrap() == expect_ov, "overlay copy differs");
 }
+
+/// Reads served from the qcow2 backend's cache of data cluster places see every change to the
+/// mapping: a discard (the host cluster may then hold another guest cluster), write-zeroes,
+/// writes in place, a shrink and regrow, and clusters shared with an internal snapshot (not
+/// cached; a write copies them).
+#[test]
+fn cached_cluster_places_follow_every_mapping_change() {
+    use crate::BlockBackend;
+    const C: usize = 64 << 10;
+    let d = TempDir::new("mapcache");
+    let img = d.path("a.qcow2");
+    crate::image::create(&img, 4 << 20, Format::Qcow2, None).unwrap();
+    let backend = || {
+        let f = crate::open_image_file(&img, true).unwrap();
+        crate::Qcow2Backend::open(f, &img, false, true).unwrap()
+    };
+    let read = |b: &dyn crate::BlockBackend, cluster: usize| {
+        // Two 4 KiB reads inside the cluster: the first learns its place, the second uses it.
+        let mut v = vec![0u8; C];
+        for (i, part) in v.chunks_mut(C / 2).enumerate() {
+            let at = (cluster * C + i * C / 2) as u64;
+            b.read_vectored_at(&mut [IoSliceMut::new(&mut part[..4096])], at)
+                .unwrap();
+            b.read_vectored_at(&mut [IoSliceMut::new(&mut part[4096..])], at + 4096)
+                .unwrap();
+        }
+        v
+    };
+    let mut expect: Vec<Vec<u8>> = (0..64).map(|_| vec![0u8; C]).collect();
+    let write = |b: &dyn crate::BlockBackend, e: &mut Vec<Vec<u8>>, cluster: usize, seed| {
+        let p = pattern(C, seed);
+        b.write_vectored_at(&[IoSlice::new(&p)], (cluster * C) as u64)
+            .unwrap();
+        e[cluster] = p;
+    };
+    {
+        let b = backend();
+        for c in 0..4 {
+            write(&b, &mut expect, c, c as u8 + 1);
+            assert!(read(&b, c) == expect[c], "cluster {c}");
+        }
+        b.discard(C as u64, C as u64).unwrap();
+        expect[1].fill(0);
+        write(&b, &mut expect, 10, 20);
+        b.write_zeroes(2 * C as u64, C as u64, false).unwrap();
+        expect[2].fill(0);
+        write(&b, &mut expect, 3, 30);
+        for c in [0, 1, 2, 3, 10] {
+            assert!(read(&b, c) == expect[c], "cluster {c} after discard/zeroes/rewrite");
+        }
+        b.resize(2 * C as u64).unwrap();
+        b.resize(4 << 20).unwrap();
+        expect[3].fill(0);
+        expect[10].fill(0);
+        for c in [0, 1, 3, 10] {
+            assert!(read(&b, c) == expect[c], "cluster {c} after shrink and regrow");
+        }
+    }
+    crate::snapshot::create(&img, "s1").unwrap();
+    let b = backend();
+    assert!(read(&b, 0) == expect[0]);
+    write(&b, &mut expect, 0, 40);
+    assert!(read(&b, 0) == expect[0], "shared cluster after its copy");
+    drop(b);
+    crate::snapshot::apply(&img, "s1").unwrap();
+    let b = backend();
+    assert!(read(&b, 0) == pattern(C, 1), "the snapshot kept the old cluster");
+}
