@@ -4,8 +4,8 @@ use std::fs::OpenOptions;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::sync::mpsc;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use imago::qcow2::Qcow2;
 use imago::{FormatCreateBuilder, StorageOpenOptions};
@@ -13,7 +13,6 @@ use imago::{FormatCreateBuilder, StorageOpenOptions};
 use crate::open::{detect_format, open_image_file};
 use crate::qcow2::{resolve_backing, Header};
 use crate::{open, BlockBackend, DiskSpec, Error, Format, Result, MAX_CHAIN_DEPTH};
-
 
 /// A virtual size kvmbox can create: whole sectors, within qcow2's limit.
 fn check_size(path: &Path, size: u64) -> Result<()> {

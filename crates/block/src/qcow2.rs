@@ -14,7 +14,10 @@ use std::sync::RwLock;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
-use imago::{DenyImplicitOpenGate, Mapping, StorageExt, FormatAccess, FormatDriverBuilder, StorageOpenOptions};
+use imago::{
+    DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, Mapping, StorageExt,
+    StorageOpenOptions,
+};
 
 use crate::open::{detect_format, open_image_file, ChainGuard};
 use crate::{io_err, BlockBackend, Caps, Error, Extent, Format, Result};
@@ -34,6 +37,8 @@ pub(crate) const EXT_BITMAPS: u32 = 0x2385_2875;
 pub const MAX_SIZE: u64 = 1 << 56;
 /// Largest L1 table QEMU accepts (32 MiB).
 const MAX_L1_BYTES: u64 = 32 << 20;
+/// The offset bits of an L1 entry.
+const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Largest refcount table QEMU accepts (8 MiB).
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 
@@ -361,7 +366,7 @@ fn open_access(
         ));
     }
     if writable {
-        check_refblocks_cover_file(&file, path, h)?;
+        check_tables_inside_file(&file, path, h)?;
     }
     let backing = open_backing(path, h, chain)?;
     let q = Qcow2::<Storage>::builder(imago_storage(file, path, writable)?)
@@ -372,36 +377,72 @@ fn open_access(
     Ok(FormatAccess::new(q))
 }
 
-/// Before a read-write open: every cluster of the file must fall under a refcount block of the
-/// refcount table. Where one does not, a write made imago allocate a refcount block for a
+/// Before a read-write open, the tables imago writes back to must lie inside the file: every
+/// cluster of the file under a refcount block of the refcount table, every refcount block and
+/// every L2 table of the active L1 table cluster aligned, past the header and inside the file.
+///
+/// Where a refcount block was missing, a write made imago allocate a refcount block for a
 /// cluster range with none, which needed another one, and so on until the stack overflowed
 /// (found by the `image_open` fuzz target; an all-zero refcount table also made it place a
-/// refcount block over the header). QEMU never leaves such a gap; `kvmbox disk check --repair`
-/// (or `qemu-img check -r all`) repairs one.
-fn check_refblocks_cover_file(file: &File, path: &Path, h: &Header) -> Result<()> {
+/// refcount block over the header). Where an L1 entry pointed at 48 GiB in a 4 KiB image, the
+/// flush at close wrote the L2 table there, and checking the now 48 GiB (sparse) file with its
+/// 512-byte clusters took seconds (the fuzz target's slow inputs). QEMU never leaves such
+/// tables; `kvmbox disk check` reports them.
+fn check_tables_inside_file(file: &File, path: &Path, h: &Header) -> Result<()> {
     let mut b = [0u8; 60];
     file.read_exact_at(&mut b, 0)
         .map_err(Error::io("reading the header of", path))?;
     let (rt_offset, cluster) = (be64(&b, 48), h.cluster_size());
     let rt_bytes = u64::from(be32(&b, 56)) * cluster;
     let len = file.metadata().map_err(Error::io("reading", path))?.len();
-    // Clusters one refcount block covers: a cluster of refcount_bits-wide entries.
-    let per_rb = cluster * 8 / u64::from(h.refcount_bits.max(1));
-    let needed = len.div_ceil(cluster).div_ceil(per_rb);
-    let mut rt = vec![0u8; (needed * 8).min(rt_bytes) as usize];
+    let damaged = |what: String| {
+        Error::image(
+            path,
+            format!("{what}; open it read-only (ro) or see `kvmbox disk check`"),
+        )
+    };
+    let inside = |off: u64| off >= cluster && off.is_multiple_of(cluster) && off + cluster <= len;
+    let mut rt = vec![0u8; rt_bytes as usize];
     file.read_exact_at(&mut rt, rt_offset)
         .map_err(Error::io("reading the refcount table of", path))?;
-    match rt.chunks_exact(8).position(|e| be64(e, 0) == 0) {
-        None if rt.len() as u64 == needed * 8 => Ok(()),
-        missing => Err(Error::image(
+    for (i, e) in rt.chunks_exact(8).enumerate() {
+        let off = be64(e, 0);
+        if off != 0 && !inside(off) {
+            return Err(damaged(format!(
+                "refcount block {i} at offset {off:#x} is unaligned, in the header or past the end of the file ({len:#x})"
+            )));
+        }
+    }
+    // Clusters one refcount block covers: a cluster of refcount_bits-wide entries.
+    let per_rb = cluster * 8 / u64::from(h.refcount_bits.max(1));
+    let needed = len.div_ceil(cluster).div_ceil(per_rb) as usize;
+    let covered = rt.chunks_exact(8).take(needed);
+    if let Some(missing) = covered
+        .clone()
+        .position(|e| be64(e, 0) == 0)
+        .or((covered.len() < needed).then_some(rt.len() / 8))
+    {
+        return Err(Error::image(
             path,
             format!(
                 "the refcount table has no refcount block for clusters {} and on (of {}); open it read-only (ro) or repair it with `kvmbox disk check --repair`",
-                missing.unwrap_or(rt.len() / 8) as u64 * per_rb,
+                missing as u64 * per_rb,
                 len.div_ceil(cluster)
             ),
-        )),
+        ));
     }
+    let mut l1 = vec![0u8; h.l1_size as usize * 8];
+    file.read_exact_at(&mut l1, h.l1_offset)
+        .map_err(Error::io("reading the L1 table of", path))?;
+    for (i, e) in l1.chunks_exact(8).enumerate() {
+        let off = be64(e, 0) & L1_OFFSET_MASK;
+        if off != 0 && !inside(off) {
+            return Err(damaged(format!(
+                "L1 entry {i} points at an L2 table at offset {off:#x}, which is unaligned, in the header or past the end of the file ({len:#x})"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// log2 of the slots of [`MappingCache`].
@@ -409,9 +450,10 @@ const SLOT_BITS: u32 = 12;
 /// Bits of a slot holding the host cluster index (the rest holds the guest cluster's tag).
 const HOST_BITS: u32 = 36;
 
-/// Where guest clusters of the top image are stored, for reads that need no other metadata:
-/// clusters imago reports as plain data of the top image that writes change in place (COPIED:
-/// not shared with an internal snapshot, not compressed, not zero, not from a backing file).
+/// Where guest clusters of the top image are stored, for reads and writes that need no other
+/// metadata: clusters imago reports as plain data of the top image, inside the file, that
+/// writes change in place (COPIED: not shared with an internal snapshot, not compressed, not
+/// zero, not from a backing file).
 /// Only a discard, write-zeroes or resize can move or hide such a cluster, and those empty the
 /// cache while holding the backend's lock exclusively, so no read can be looking a mapping up
 /// (and putting it back) meanwhile.
@@ -558,6 +600,10 @@ impl Qcow2Backend {
         self.access.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn file_len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
     /// The image exclusively, for an operation that may move or hide data clusters: the
     /// mapping cache is emptied (no read holds the lock meanwhile).
     fn access_mut(&self) -> std::sync::RwLockWriteGuard<'_, Access> {
@@ -616,8 +662,9 @@ impl BlockBackend for Qcow2Backend {
                     },
                     n,
                 ) if n == len => {
-                    if writable {
-                        self.mappings.insert(c, host - self.mappings.within(offset));
+                    let start = host - self.mappings.within(offset);
+                    if writable && start + (1 << self.mappings.cluster_bits) <= self.file_len()? {
+                        self.mappings.insert(c, start);
                     }
                     return storage.readv(IoVectorMut::from(non_empty(bufs)), host);
                 }
@@ -633,8 +680,43 @@ impl BlockBackend for Qcow2Backend {
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
         self.check_writable()?;
+        let a = self.access();
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        // Inside one cached cluster: written in place, as imago would.
+        if let Some(host) = self
+            .mappings
+            .cluster_of(offset, len)
+            .and_then(|c| self.mappings.get(c, offset))
+        {
+            return crate::raw::pwritev_all(self.file.as_raw_fd(), bufs, host);
+        }
+        // Clusters written in place must lie inside the file: a damaged L2 entry pointing far
+        // past its end would otherwise grow the file there (data past the end of the file is
+        // damage; reads of it give zeroes).
+        let file_len = self.file_len()?;
+        let (mut at, end) = (offset, offset.saturating_add(len));
+        while at < end {
+            let (m, n) = a.get_mapping(at, end - at)?;
+            if let Mapping::Raw {
+                offset: host,
+                writable: true,
+                ..
+            } = m
+            {
+                if host.saturating_add(n) > file_len {
+                    return Err(io_err(
+                        io::ErrorKind::InvalidData,
+                        format!("data cluster at {host:#x} past the end of the image file"),
+                    ));
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            at += n;
+        }
         let v: Vec<IoSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).copied().collect();
-        self.access().writev(IoVector::from(v), offset)
+        a.writev(IoVector::from(v), offset)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -664,7 +746,10 @@ impl BlockBackend for Qcow2Backend {
         let access = self.access();
         let (mapping, n) = access.get_mapping(offset, len)?;
         Ok(match mapping {
-            Mapping::Zero { .. } => Extent { data: false, len: n },
+            Mapping::Zero { .. } => Extent {
+                data: false,
+                len: n,
+            },
             Mapping::Eof { .. } => Extent { data: false, len },
             _ => Extent { data: true, len: n },
         })

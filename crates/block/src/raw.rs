@@ -139,7 +139,9 @@ impl BlockBackend for RawBackend {
             // SAFETY: lseek on our own descriptor; every read and write uses explicit offsets,
             // so moving the file position affects nothing.
             let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
-            (r >= 0).then_some(r as u64).ok_or_else(io::Error::last_os_error)
+            (r >= 0)
+                .then_some(r as u64)
+                .ok_or_else(io::Error::last_os_error)
         };
         match seek(libc::SEEK_DATA) {
             Ok(d) if d > offset => Ok(Extent {
@@ -195,7 +197,7 @@ pub(crate) fn preadv_exact(
 }
 
 /// Write all of `bufs` at `offset`, continuing after short writes.
-fn pwritev_all(fd: libc::c_int, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+pub(crate) fn pwritev_all(fd: libc::c_int, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
     let total = total(bufs.iter().map(|b| b.len()));
     if total == 0 {
         return Ok(());

@@ -989,7 +989,10 @@ fn walk_extents(b: &dyn crate::BlockBackend, expect: &[u8]) -> u64 {
         assert!(e.len > 0 && at + e.len <= b.size(), "extent {e:?} at {at}");
         if !e.data {
             let r = &expect[at as usize..(at + e.len) as usize];
-            assert!(r.iter().all(|&x| x == 0), "zero extent {e:?} at {at} has data");
+            assert!(
+                r.iter().all(|&x| x == 0),
+                "zero extent {e:?} at {at} has data"
+            );
             zeroes += e.len;
         }
         at += e.len;
@@ -1049,7 +1052,13 @@ fn convert_follows_the_source_allocation_map() {
     // data through unallocated clusters, and the backing file's holes.
     let ov = d.path("ov.qcow2");
     // Its size is the backing file's, rounded up to whole sectors.
-    crate::image::create(&ov, size.next_multiple_of(512), Format::Qcow2, Some("src.raw")).unwrap();
+    crate::image::create(
+        &ov,
+        size.next_multiple_of(512),
+        Format::Qcow2,
+        Some("src.raw"),
+    )
+    .unwrap();
     let mut expect_ov = expect.clone();
     expect_ov.resize(size.next_multiple_of(512) as usize, 0);
     {
@@ -1065,7 +1074,10 @@ fn convert_follows_the_source_allocation_map() {
     }
     let out = d.path("ov.raw");
     crate::image::convert(&ov, &out, Format::Raw, &mut |_, _| {}).unwrap();
-    assert!(std::fs::read(&out).unwrap() == expect_ov, "overlay copy differs");
+    assert!(
+        std::fs::read(&out).unwrap() == expect_ov,
+        "overlay copy differs"
+    );
 }
 
 /// Reads served from the qcow2 backend's cache of data cluster places see every change to the
@@ -1115,14 +1127,20 @@ fn cached_cluster_places_follow_every_mapping_change() {
         expect[2].fill(0);
         write(&b, &mut expect, 3, 30);
         for c in [0, 1, 2, 3, 10] {
-            assert!(read(&b, c) == expect[c], "cluster {c} after discard/zeroes/rewrite");
+            assert!(
+                read(&b, c) == expect[c],
+                "cluster {c} after discard/zeroes/rewrite"
+            );
         }
         b.resize(2 * C as u64).unwrap();
         b.resize(4 << 20).unwrap();
         expect[3].fill(0);
         expect[10].fill(0);
         for c in [0, 1, 3, 10] {
-            assert!(read(&b, c) == expect[c], "cluster {c} after shrink and regrow");
+            assert!(
+                read(&b, c) == expect[c],
+                "cluster {c} after shrink and regrow"
+            );
         }
     }
     crate::snapshot::create(&img, "s1").unwrap();
@@ -1133,5 +1151,97 @@ fn cached_cluster_places_follow_every_mapping_change() {
     drop(b);
     crate::snapshot::apply(&img, "s1").unwrap();
     let b = backend();
-    assert!(read(&b, 0) == pattern(C, 1), "the snapshot kept the old cluster");
+    assert!(
+        read(&b, 0) == pattern(C, 1),
+        "the snapshot kept the old cluster"
+    );
+}
+
+/// Tables pointing far past the end of the file (the `image_open` fuzz target's slow inputs: an
+/// L1 entry at 48 GiB in a 4 KiB image, whose L2 table the flush at close wrote there, so that
+/// checking the sparse 48 GiB file took seconds) never make kvmbox write there: a read-write
+/// open refuses a damaged L1 entry or refcount table entry by name, a data cluster past the end
+/// fails the write that reaches it, and the file keeps its size; read-only opens still read.
+#[test]
+fn tables_past_the_end_of_the_file_never_grow_it() {
+    use crate::BlockBackend;
+    use std::os::unix::fs::FileExt;
+    const FAR: u64 = 0xc_0000_0000 | 1 << 63;
+    let d = TempDir::new("far");
+    let img = d.path("a.qcow2");
+    crate::image::create(&img, 1 << 20, Format::Qcow2, None).unwrap();
+    let p = pattern(65536, 5);
+    {
+        let b = open(&spec(&img)).unwrap();
+        b.write_vectored_at(&[IoSlice::new(&p)], 0).unwrap();
+    }
+    let h = header(&img);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let entry = |at: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, at).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let set = |at: u64, v: u64| f.write_all_at(&v.to_be_bytes(), at).unwrap();
+    let len = f.metadata().unwrap().len();
+    let (l1e, rt1) = (entry(h.l1_offset), h.refcount_table_offset + 8);
+    let l2e = l1e & 0x00ff_ffff_ffff_fe00;
+    let good_l2 = entry(l2e);
+    let open_rw = || {
+        let file = crate::open_image_file(&img, true).unwrap();
+        crate::Qcow2Backend::open(file, &img, false, false)
+    };
+    let read0 = |b: &dyn BlockBackend| {
+        let mut buf = vec![0u8; 4096];
+        b.read_vectored_at(&mut [IoSliceMut::new(&mut buf)], 0)
+            .map(|()| buf)
+    };
+
+    // A data cluster past the end: writing it fails, the rest of the disk works.
+    set(l2e, FAR);
+    {
+        let b = open_rw().unwrap();
+        assert!(read0(&b).unwrap().iter().all(|&x| x == 0));
+        let e = b.write_vectored_at(&[IoSlice::new(&p[..4096])], 0);
+        assert!(e.is_err(), "write through a data cluster past the end");
+        b.write_vectored_at(&[IoSlice::new(&p)], 1 << 19).unwrap();
+    }
+    assert!(f.metadata().unwrap().len() < len + (1 << 20));
+    set(l2e, good_l2);
+
+    // An L2 table past the end: refused for writing, read-only reads zeroes.
+    set(h.l1_offset, FAR);
+    let e = open_rw().err().expect("read-write open").to_string();
+    assert!(
+        e.contains("L1 entry 0") && e.contains("past the end"),
+        "{e}"
+    );
+    let ro = open(&DiskSpec {
+        read_only: true,
+        ..spec(&img)
+    })
+    .unwrap();
+    assert!(read0(&*ro).map_or(true, |b| b.iter().all(|&x| x == 0)));
+    drop(ro);
+    set(h.l1_offset, l1e);
+
+    // A refcount block past the end.
+    set(rt1, 0xc_0000_0000);
+    let e = open_rw().err().expect("read-write open").to_string();
+    assert!(
+        e.contains("refcount block 1") && e.contains("past the end"),
+        "{e}"
+    );
+    set(rt1, 0);
+
+    assert!(
+        f.metadata().unwrap().len() < len + (1 << 20),
+        "the file grew"
+    );
+    let b = open_rw().unwrap();
+    assert!(read0(&b).unwrap() == p[..4096]);
 }
