@@ -538,10 +538,13 @@ impl Qcow2Backend {
     /// closed cleanly, lazy refcounts or not: imago writes an L1 entry for a new L2 table
     /// before the refcount block that counts it, so an image kvmbox was killed while writing
     /// (between flushes) can have a refcount too low; the bit makes QEMU and kvmbox rebuild
-    /// refcounts before the next writer could hand that cluster out twice.
+    /// refcounts before the next writer could hand that cluster out twice. A version 2 image
+    /// has no dirty bit to set, so every read-write open of one is treated as an open of a
+    /// dirty image: its metadata is checked first and its refcounts rebuilt when the check
+    /// finds anything (a kill of an earlier writer leaves nothing else behind to tell).
     pub fn open(file: File, path: &Path, read_only: bool, lock: bool) -> Result<Self> {
         let mut h = Header::read(&file, path)?;
-        if h.dirty() && !read_only {
+        if (h.dirty() || h.version == 2) && !read_only {
             let mut img = crate::meta::Image::load(&file, path)?;
             let report = crate::meta::repair(&mut img, &mut |_, _| {})?;
             if let Some(p) = report
@@ -549,10 +552,15 @@ impl Qcow2Backend {
                 .iter()
                 .find(|p| p.kind == crate::meta::Kind::Mapping)
             {
+                let why = if h.dirty() {
+                    "the dirty bit is set"
+                } else {
+                    "version 2 image checked before writing"
+                };
                 return Err(Error::image(
                     path,
                     format!(
-                        "the dirty bit is set and the tables are damaged ({}); see `kvmbox disk check`",
+                        "{why} and the tables are damaged ({}); see `kvmbox disk check`",
                         p.message
                     ),
                 ));
