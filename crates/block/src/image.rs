@@ -207,8 +207,14 @@ pub fn convert(
     let writeback = std::fs::File::open(dst).map_err(Error::io("opening", dst))?;
     let (tx, rx) = mpsc::sync_channel::<io::Result<Piece>>(IN_FLIGHT);
     let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
+    // Writeback is started from its own thread: submitting it takes a while, which the
+    // writer would otherwise spend not copying.
+    let (wb_tx, wb_rx) = mpsc::sync_channel::<()>(1);
     std::thread::scope(|scope| {
         scope.spawn(move || read_pieces(&*s, tx, spare_rx));
+        scope.spawn(move || wb_rx.iter().for_each(|()| start_writeback(&writeback)));
+        // Owned here, so that it is dropped (ending the writeback thread) on every way out.
+        let wb_tx = wb_tx;
         let mut since_writeback = 0;
         for piece in rx {
             let Piece { offset, buf, len } = piece.map_err(Error::io("reading", src))?;
@@ -216,7 +222,8 @@ pub fn convert(
                 .map_err(Error::io("writing", dst))?;
             since_writeback += len;
             if since_writeback >= WRITEBACK_EVERY {
-                start_writeback(&writeback);
+                // Skipped while the last one is still being submitted.
+                let _ = wb_tx.try_send(());
                 since_writeback = 0;
             }
             progress(offset + len as u64, size);
