@@ -394,7 +394,7 @@ fn check_tables_inside_file(file: &File, path: &Path, h: &Header) -> Result<()> 
         .map_err(Error::io("reading the header of", path))?;
     let (rt_offset, cluster) = (be64(&b, 48), h.cluster_size());
     let rt_bytes = u64::from(be32(&b, 56)) * cluster;
-    let len = file.metadata().map_err(Error::io("reading", path))?.len();
+    let len = crate::open::image_len(file, path)?;
     let damaged = |what: String| {
         Error::image(
             path,
@@ -608,8 +608,10 @@ impl Qcow2Backend {
         self.access.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The top image's length (of the file, or of the block device it is on).
     fn file_len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        crate::open::image_len(&self.file, &self.path)
+            .map_err(|e| io_err(io::ErrorKind::Other, e.to_string()))
     }
 
     /// The image exclusively, for an operation that may move or hide data clusters: the

@@ -900,6 +900,14 @@ fn block_devices_are_sized_by_ioctl() {
     })
     .unwrap();
     assert!(read_all(&*b) == data[..1 << 20], "qcow2 on {p:?}");
+    drop(b);
+    // Read-write: the table checks and the writes measure the device, not its inode (size 0).
+    let b = open(&spec(&p)).unwrap();
+    b.write_vectored_at(&[IoSlice::new(&w)], 4096).unwrap();
+    let mut got = vec![0u8; w.len()];
+    b.read_vectored_at(&mut [IoSliceMut::new(&mut got)], 4096)
+        .unwrap();
+    assert!(got == w, "qcow2 written on {p:?}");
 }
 
 /// zstd-compressed images (`compression_type=zstd`, made by `qemu-img convert -c` and by
@@ -1006,6 +1014,8 @@ fn walk_extents(b: &dyn crate::BlockBackend, expect: &[u8]) -> u64 {
 /// size that is not whole sectors; zeroes it found in data are not written.
 #[test]
 fn convert_follows_the_source_allocation_map() {
+    // Images are locked: no qemu-img child of another test may hold a copy of a lock.
+    let _serial = serial();
     use std::os::unix::fs::{FileExt, MetadataExt};
     let d = TempDir::new("convert-map");
     let size = (5u64 << 20) + 700;
@@ -1086,6 +1096,8 @@ fn convert_follows_the_source_allocation_map() {
 /// cached; a write copies them).
 #[test]
 fn cached_cluster_places_follow_every_mapping_change() {
+    // Images are locked: no qemu-img child of another test may hold a copy of a lock.
+    let _serial = serial();
     use crate::BlockBackend;
     const C: usize = 64 << 10;
     let d = TempDir::new("mapcache");
@@ -1164,6 +1176,8 @@ fn cached_cluster_places_follow_every_mapping_change() {
 /// fails the write that reaches it, and the file keeps its size; read-only opens still read.
 #[test]
 fn tables_past_the_end_of_the_file_never_grow_it() {
+    // Images are locked: no qemu-img child of another test may hold a copy of a lock.
+    let _serial = serial();
     use crate::BlockBackend;
     use std::os::unix::fs::FileExt;
     const FAR: u64 = 0xc_0000_0000 | 1 << 63;
