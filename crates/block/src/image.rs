@@ -1,21 +1,18 @@
 //! Image operations behind `kvmbox disk`: create, info, convert, resize.
 
 use std::fs::OpenOptions;
-use std::io::{IoSlice, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use imago::qcow2::Qcow2;
 use imago::{FormatCreateBuilder, StorageOpenOptions};
 
 use crate::open::{detect_format, open_image_file};
 use crate::qcow2::{resolve_backing, Header};
-use crate::{open, DiskSpec, Error, Format, Result, MAX_CHAIN_DEPTH};
-
-/// Bytes `convert` moves per step.
-const CHUNK: usize = 1 << 20;
-/// Granularity at which `convert` skips zero blocks.
-const ZERO_BLOCK: usize = 64 << 10;
+use crate::{open, BlockBackend, DiskSpec, Error, Format, Result, MAX_CHAIN_DEPTH};
 
 /// A virtual size kvmbox can create: whole sectors, within qcow2's limit.
 fn check_size(path: &Path, size: u64) -> Result<()> {
@@ -186,6 +183,11 @@ pub fn info(path: &Path) -> Result<Vec<LayerInfo>> {
 
 /// Copy the disk `src` (any format kvmbox reads) into a new image `dst` of `format`, writing
 /// only blocks that are not all zeroes. `progress(done, total)` is called after each step.
+///
+/// Ranges the source knows to be zeroes (its [`BlockBackend::block_status`]: holes, unallocated
+/// and zero clusters) are not read at all. One thread reads the rest, up to [`IN_FLIGHT`]
+/// pieces ahead, while this one skips their zero blocks and writes, and starts the kernel's
+/// writeback of the destination as it goes, so the final sync has little left to wait for.
 pub fn convert(
     src: &Path,
     dst: &Path,
@@ -197,64 +199,143 @@ pub fn convert(
         ..DiskSpec::new(src)
     })?;
     let size = s.size();
-    let size_rounded = size.next_multiple_of(512);
-    create(dst, size_rounded, format, None)?;
+    create(dst, size.next_multiple_of(512), format, None)?;
     let d = open(&DiskSpec {
         format: Some(format),
         ..DiskSpec::new(dst)
     })?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut off = 0u64;
-    while off < size {
-        let n = (size - off).min(CHUNK as u64) as usize;
-        buf[n..].fill(0);
-        s.read_vectored_at(&mut [IoSliceMut::new(&mut buf[..n])], off)
-            .map_err(|e| Error::Io {
-                what: "reading",
-                path: src.to_path_buf(),
-                source: e,
-            })?;
-        let n = n.next_multiple_of(512).min(CHUNK);
-        // Write each run of blocks that are not all zeroes with one request.
-        let mut i = 0;
-        while i < n {
-            let data = |at: usize| !all_zero(&buf[at..(at + ZERO_BLOCK).min(n)]);
-            if !data(i) {
-                i += ZERO_BLOCK;
-                continue;
+    let writeback = std::fs::File::open(dst).map_err(Error::io("opening", dst))?;
+    let (tx, rx) = mpsc::sync_channel::<io::Result<Piece>>(IN_FLIGHT);
+    let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
+    // Writeback is started from its own thread: submitting it takes a while, which the
+    // writer would otherwise spend not copying.
+    let (wb_tx, wb_rx) = mpsc::sync_channel::<()>(1);
+    std::thread::scope(|scope| {
+        scope.spawn(move || read_pieces(&*s, tx, spare_rx));
+        scope.spawn(move || wb_rx.iter().for_each(|()| start_writeback(&writeback)));
+        // Owned here, so that it is dropped (ending the writeback thread) on every way out.
+        let wb_tx = wb_tx;
+        let mut since_writeback = 0;
+        for piece in rx {
+            let Piece { offset, buf, len } = piece.map_err(Error::io("reading", src))?;
+            write_nonzero(&*d, &buf[..len.next_multiple_of(512)], offset)
+                .map_err(Error::io("writing", dst))?;
+            since_writeback += len;
+            if since_writeback >= WRITEBACK_EVERY {
+                // Skipped while the last one is still being submitted.
+                let _ = wb_tx.try_send(());
+                since_writeback = 0;
             }
-            let mut end = i + ZERO_BLOCK;
-            while end < n && data(end) {
-                end += ZERO_BLOCK;
-            }
-            let end = end.min(n);
-            d.write_vectored_at(&[IoSlice::new(&buf[i..end])], off + i as u64)
-                .map_err(|e| Error::Io {
-                    what: "writing",
-                    path: dst.to_path_buf(),
-                    source: e,
-                })?;
-            i = end;
+            progress(offset + len as u64, size);
+            // The reader has stopped once it sent its last piece; then nobody takes it back.
+            let _ = spare_tx.send(buf);
         }
-        off += n as u64;
-        progress(off.min(size), size);
-    }
-    d.flush().map_err(|e| Error::Io {
-        what: "flushing",
-        path: dst.to_path_buf(),
-        source: e,
-    })
+        Ok::<_, Error>(())
+    })?;
+    progress(size, size);
+    d.flush().map_err(Error::io("flushing", dst))
 }
 
-/// Whether `b` is all zeroes (OR-folds fixed 64-byte chunks, which the compiler vectorizes).
+/// Bytes `convert` reads per step.
+const CHUNK: usize = 1 << 20;
+/// Pieces the reader of `convert` may be ahead of the writer.
+const IN_FLIGHT: usize = 4;
+/// Bytes `convert` writes between starting the kernel's writeback of the destination.
+const WRITEBACK_EVERY: usize = 16 << 20;
+/// Granularity at which `convert` skips zero blocks.
+const ZERO_BLOCK: u64 = 64 << 10;
+
+/// Data `convert` read: `len` bytes of the disk at `offset` in `buf`, which is zero-padded to
+/// whole sectors (only the disk's last piece can end inside one).
+struct Piece {
+    offset: u64,
+    buf: Vec<u8>,
+    len: usize,
+}
+
+/// `convert`'s reader: the source's data extents, in pieces of at most [`CHUNK`] bytes
+/// starting at sector boundaries, sent in order until the end or the first error (which is
+/// sent too), or until the writer hangs up.
+fn read_pieces(
+    s: &dyn BlockBackend,
+    tx: mpsc::SyncSender<io::Result<Piece>>,
+    spare: mpsc::Receiver<Vec<u8>>,
+) {
+    let size = s.size();
+    let mut offset = 0u64;
+    while offset < size {
+        let want = (size - offset).min(CHUNK as u64);
+        let ext = match s.block_status(offset, want) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        let len = ext.len.clamp(1, want);
+        // Skip zeroes in whole sectors; a zero extent shorter than that is read as data.
+        let zeroes_end = (offset + len) & !511;
+        if !ext.data && zeroes_end > offset {
+            offset = zeroes_end;
+            continue;
+        }
+        let end = (offset + len).next_multiple_of(512).min(size);
+        let n = (end - offset) as usize;
+        let mut buf = spare.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
+        buf[n..n.next_multiple_of(512)].fill(0);
+        let r = s
+            .read_vectored_at(&mut [IoSliceMut::new(&mut buf[..n])], offset)
+            .map(|()| Piece {
+                offset,
+                buf,
+                len: n,
+            });
+        let failed = r.is_err();
+        if tx.send(r).is_err() || failed {
+            return;
+        }
+        offset = end;
+    }
+}
+
+/// Write the blocks of `buf` (disk bytes at `offset`) that are not all zeroes, each run of
+/// them with one request. Blocks are [`ZERO_BLOCK`]-aligned on the disk.
+fn write_nonzero(d: &dyn BlockBackend, buf: &[u8], offset: u64) -> io::Result<()> {
+    let block_end = |at: usize| {
+        let abs = offset + at as u64;
+        ((abs / ZERO_BLOCK + 1) * ZERO_BLOCK - offset).min(buf.len() as u64) as usize
+    };
+    let mut i = 0;
+    while i < buf.len() {
+        let mut end = block_end(i);
+        if all_zero(&buf[i..end]) {
+            i = end;
+            continue;
+        }
+        while end < buf.len() && !all_zero(&buf[end..block_end(end)]) {
+            end = block_end(end);
+        }
+        d.write_vectored_at(&[IoSlice::new(&buf[i..end])], offset + i as u64)?;
+        i = end;
+    }
+    Ok(())
+}
+
+/// Start writing the dirty pages of `file` back to the disk, without waiting for it (a hint:
+/// failures are left for the final sync to report).
+fn start_writeback(file: &std::fs::File) {
+    // SAFETY: sync_file_range on our own descriptor; it takes no memory from us.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// Whether `b` is all zeroes: OR-folds fixed 256-byte chunks (which the compiler vectorizes)
+/// and stops at the first chunk that is not zero, so data is rejected within its first bytes.
 fn all_zero(b: &[u8]) -> bool {
-    let chunks = b.chunks_exact(64);
-    let tail = chunks.remainder();
-    chunks
-        .map(|c| c.iter().fold(0u8, |a, &x| a | x))
-        .fold(0u8, |a, x| a | x)
-        == 0
-        && tail.iter().all(|&x| x == 0)
+    let mut chunks = b.chunks_exact(256);
+    chunks.remainder().iter().all(|&x| x == 0)
+        && chunks.all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
 /// Change the virtual size of the image at `path` (growing reads as zeroes; shrinking drops

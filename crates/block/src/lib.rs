@@ -51,6 +51,16 @@ impl Caps {
     }
 }
 
+/// What [`BlockBackend::block_status`] found at an offset: the extent's length and whether it
+/// may hold data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// The bytes may hold data (`false`: they read as zeroes without being stored).
+    pub data: bool,
+    /// Length in bytes (at least 1 unless the request was empty).
+    pub len: u64,
+}
+
 /// A disk image as the guest sees it: `size()` bytes, addressed by byte offset.
 ///
 /// Requests are checked against `size()` by the caller (the device); a backend still returns an
@@ -78,6 +88,14 @@ pub trait BlockBackend: Send + Sync {
 
     /// Make `len` bytes at `offset` read as zeroes, freeing space if `may_unmap`.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
+
+    /// How the disk stores the bytes from `offset` on (at most `len` of them), for copying it
+    /// without reading what is known to be zeroes: holes of a raw file, unallocated and zero
+    /// clusters of a qcow2 chain, free blocks of the other formats. The default: all data.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let _ = offset;
+        Ok(Extent { data: true, len })
+    }
 }
 
 /// An I/O error carrying a message (for requests a backend refuses).

@@ -5,17 +5,22 @@
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
-use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, StorageOpenOptions};
+use imago::{
+    DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, Mapping, StorageExt,
+    StorageOpenOptions,
+};
 
 use crate::open::{detect_format, open_image_file, ChainGuard};
-use crate::{io_err, BlockBackend, Caps, Error, Format, Result};
+use crate::{io_err, BlockBackend, Caps, Error, Extent, Format, Result};
 
 /// The qcow2 magic, "QFI\xfb".
 pub const MAGIC: u32 = 0x5146_49fb;
@@ -32,6 +37,8 @@ pub(crate) const EXT_BITMAPS: u32 = 0x2385_2875;
 pub const MAX_SIZE: u64 = 1 << 56;
 /// Largest L1 table QEMU accepts (32 MiB).
 const MAX_L1_BYTES: u64 = 32 << 20;
+/// The offset bits of an L1 entry.
+const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Largest refcount table QEMU accepts (8 MiB).
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 
@@ -359,7 +366,7 @@ fn open_access(
         ));
     }
     if writable {
-        check_refblocks_cover_file(&file, path, h)?;
+        check_tables_inside_file(&file, path, h)?;
     }
     let backing = open_backing(path, h, chain)?;
     let q = Qcow2::<Storage>::builder(imago_storage(file, path, writable)?)
@@ -370,35 +377,141 @@ fn open_access(
     Ok(FormatAccess::new(q))
 }
 
-/// Before a read-write open: every cluster of the file must fall under a refcount block of the
-/// refcount table. Where one does not, a write made imago allocate a refcount block for a
+/// Before a read-write open, the tables imago writes back to must lie inside the file: every
+/// cluster of the file under a refcount block of the refcount table, every refcount block and
+/// every L2 table of the active L1 table cluster aligned, past the header and inside the file.
+///
+/// Where a refcount block was missing, a write made imago allocate a refcount block for a
 /// cluster range with none, which needed another one, and so on until the stack overflowed
 /// (found by the `image_open` fuzz target; an all-zero refcount table also made it place a
-/// refcount block over the header). QEMU never leaves such a gap; `kvmbox disk check --repair`
-/// (or `qemu-img check -r all`) repairs one.
-fn check_refblocks_cover_file(file: &File, path: &Path, h: &Header) -> Result<()> {
+/// refcount block over the header). Where an L1 entry pointed at 48 GiB in a 4 KiB image, the
+/// flush at close wrote the L2 table there, and checking the now 48 GiB (sparse) file with its
+/// 512-byte clusters took seconds (the fuzz target's slow inputs). QEMU never leaves such
+/// tables; `kvmbox disk check` reports them.
+fn check_tables_inside_file(file: &File, path: &Path, h: &Header) -> Result<()> {
     let mut b = [0u8; 60];
     file.read_exact_at(&mut b, 0)
         .map_err(Error::io("reading the header of", path))?;
     let (rt_offset, cluster) = (be64(&b, 48), h.cluster_size());
     let rt_bytes = u64::from(be32(&b, 56)) * cluster;
-    let len = file.metadata().map_err(Error::io("reading", path))?.len();
-    // Clusters one refcount block covers: a cluster of refcount_bits-wide entries.
-    let per_rb = cluster * 8 / u64::from(h.refcount_bits.max(1));
-    let needed = len.div_ceil(cluster).div_ceil(per_rb);
-    let mut rt = vec![0u8; (needed * 8).min(rt_bytes) as usize];
+    let len = crate::open::image_len(file, path)?;
+    let damaged = |what: String| {
+        Error::image(
+            path,
+            format!("{what}; open it read-only (ro) or see `kvmbox disk check`"),
+        )
+    };
+    let inside = |off: u64| off >= cluster && off.is_multiple_of(cluster) && off + cluster <= len;
+    let mut rt = vec![0u8; rt_bytes as usize];
     file.read_exact_at(&mut rt, rt_offset)
         .map_err(Error::io("reading the refcount table of", path))?;
-    match rt.chunks_exact(8).position(|e| be64(e, 0) == 0) {
-        None if rt.len() as u64 == needed * 8 => Ok(()),
-        missing => Err(Error::image(
+    for (i, e) in rt.chunks_exact(8).enumerate() {
+        let off = be64(e, 0);
+        if off != 0 && !inside(off) {
+            return Err(damaged(format!(
+                "refcount block {i} at offset {off:#x} is unaligned, in the header or past the end of the file ({len:#x})"
+            )));
+        }
+    }
+    // Clusters one refcount block covers: a cluster of refcount_bits-wide entries.
+    let per_rb = cluster * 8 / u64::from(h.refcount_bits.max(1));
+    let needed = len.div_ceil(cluster).div_ceil(per_rb) as usize;
+    let covered = rt.chunks_exact(8).take(needed);
+    if let Some(missing) = covered
+        .clone()
+        .position(|e| be64(e, 0) == 0)
+        .or((covered.len() < needed).then_some(rt.len() / 8))
+    {
+        return Err(Error::image(
             path,
             format!(
                 "the refcount table has no refcount block for clusters {} and on (of {}); open it read-only (ro) or repair it with `kvmbox disk check --repair`",
-                missing.unwrap_or(rt.len() / 8) as u64 * per_rb,
+                missing as u64 * per_rb,
                 len.div_ceil(cluster)
             ),
-        )),
+        ));
+    }
+    let mut l1 = vec![0u8; h.l1_size as usize * 8];
+    file.read_exact_at(&mut l1, h.l1_offset)
+        .map_err(Error::io("reading the L1 table of", path))?;
+    for (i, e) in l1.chunks_exact(8).enumerate() {
+        let off = be64(e, 0) & L1_OFFSET_MASK;
+        if off != 0 && !inside(off) {
+            return Err(damaged(format!(
+                "L1 entry {i} points at an L2 table at offset {off:#x}, which is unaligned, in the header or past the end of the file ({len:#x})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// log2 of the slots of [`MappingCache`].
+const SLOT_BITS: u32 = 12;
+/// Bits of a slot holding the host cluster index (the rest holds the guest cluster's tag).
+const HOST_BITS: u32 = 36;
+
+/// Where guest clusters of the top image are stored, for reads and writes that need no other
+/// metadata: clusters imago reports as plain data of the top image, inside the file, that
+/// writes change in place (COPIED: not shared with an internal snapshot, not compressed, not
+/// zero, not from a backing file).
+/// Only a discard, write-zeroes or resize can move or hide such a cluster, and those empty the
+/// cache while holding the backend's lock exclusively, so no read can be looking a mapping up
+/// (and putting it back) meanwhile.
+///
+/// Direct-mapped by guest cluster, one `u64` per slot so that a lookup is one load (no lock):
+/// the guest cluster's index above the slot bits, plus one, in the top 28 bits and the host
+/// cluster's index in the low 36 (clusters that do not fit, past 32 TiB of file or 512 TiB of
+/// disk at 512-byte clusters, are simply not cached).
+struct MappingCache {
+    slots: Vec<AtomicU64>,
+    cluster_bits: u32,
+}
+
+impl MappingCache {
+    fn new(cluster_bits: u32) -> Self {
+        Self {
+            slots: (0..1 << SLOT_BITS).map(|_| AtomicU64::new(0)).collect(),
+            cluster_bits,
+        }
+    }
+
+    fn slot(&self, cluster: u64) -> &AtomicU64 {
+        &self.slots[(cluster & ((1 << SLOT_BITS) - 1)) as usize]
+    }
+
+    /// The guest cluster holding all `len` bytes at `offset`, if they lie in one cluster.
+    fn cluster_of(&self, offset: u64, len: u64) -> Option<u64> {
+        let c = offset >> self.cluster_bits;
+        (len > 0 && (offset + len - 1) >> self.cluster_bits == c).then_some(c)
+    }
+
+    /// Where in its cluster guest byte `offset` is.
+    fn within(&self, offset: u64) -> u64 {
+        offset & ((1 << self.cluster_bits) - 1)
+    }
+
+    /// The host offset of guest byte `offset` in `cluster`, if the cluster is cached.
+    fn get(&self, cluster: u64, offset: u64) -> Option<u64> {
+        // Relaxed: entries change under the backend's lock (see above), not through this load.
+        let e = self.slot(cluster).load(Ordering::Relaxed);
+        let tag = (cluster >> SLOT_BITS) + 1;
+        (e >> HOST_BITS == tag)
+            .then(|| ((e & ((1 << HOST_BITS) - 1)) << self.cluster_bits) + self.within(offset))
+    }
+
+    /// Remember that guest `cluster` starts at `host` (cluster aligned) in the top image.
+    fn insert(&self, cluster: u64, host: u64) {
+        let (tag, host) = ((cluster >> SLOT_BITS) + 1, host >> self.cluster_bits);
+        if tag < 1 << (64 - HOST_BITS) && host < 1 << HOST_BITS {
+            self.slot(cluster)
+                .store(tag << HOST_BITS | host, Ordering::Relaxed);
+        }
+    }
+
+    fn clear(&self) {
+        for s in &self.slots {
+            s.store(0, Ordering::Relaxed);
+        }
     }
 }
 
@@ -406,6 +519,10 @@ fn check_refblocks_cover_file(file: &File, path: &Path, h: &Header) -> Result<()
 pub struct Qcow2Backend {
     path: PathBuf,
     access: RwLock<Access>,
+    /// The top image file (the descriptor imago has, duplicated): cached clusters are read
+    /// from it directly.
+    file: File,
+    mappings: MappingCache,
     size: u64,
     read_only: bool,
     /// A version 3 image open read-write: the dirty bit is set while it is open, and
@@ -421,10 +538,13 @@ impl Qcow2Backend {
     /// closed cleanly, lazy refcounts or not: imago writes an L1 entry for a new L2 table
     /// before the refcount block that counts it, so an image kvmbox was killed while writing
     /// (between flushes) can have a refcount too low; the bit makes QEMU and kvmbox rebuild
-    /// refcounts before the next writer could hand that cluster out twice.
+    /// refcounts before the next writer could hand that cluster out twice. A version 2 image
+    /// has no dirty bit to set, so every read-write open of one is treated as an open of a
+    /// dirty image: its metadata is checked first and its refcounts rebuilt when the check
+    /// finds anything (a kill of an earlier writer leaves nothing else behind to tell).
     pub fn open(file: File, path: &Path, read_only: bool, lock: bool) -> Result<Self> {
         let mut h = Header::read(&file, path)?;
-        if h.dirty() && !read_only {
+        if (h.dirty() || h.version == 2) && !read_only {
             let mut img = crate::meta::Image::load(&file, path)?;
             let report = crate::meta::repair(&mut img, &mut |_, _| {})?;
             if let Some(p) = report
@@ -432,10 +552,15 @@ impl Qcow2Backend {
                 .iter()
                 .find(|p| p.kind == crate::meta::Kind::Mapping)
             {
+                let why = if h.dirty() {
+                    "the dirty bit is set"
+                } else {
+                    "version 2 image checked before writing"
+                };
                 return Err(Error::image(
                     path,
                     format!(
-                        "the dirty bit is set and the tables are damaged ({}); see `kvmbox disk check`",
+                        "{why} and the tables are damaged ({}); see `kvmbox disk check`",
                         p.message
                     ),
                 ));
@@ -448,6 +573,7 @@ impl Qcow2Backend {
             None
         };
         let mut chain = ChainGuard::new(&file, path, lock)?;
+        let own = file.try_clone().map_err(Error::io("opening", path))?;
         let access = open_access(file, path, &h, !read_only, &mut chain)?;
         if let Some(f) = &dirty_bit {
             crate::meta::set_dirty(f, path, true)?;
@@ -456,6 +582,8 @@ impl Qcow2Backend {
             path: path.to_path_buf(),
             size: access.size(),
             access: RwLock::new(access),
+            file: own,
+            mappings: MappingCache::new(h.cluster_bits),
             read_only,
             dirty_bit,
         })
@@ -470,7 +598,7 @@ impl Qcow2Backend {
 
     /// Change the virtual size (new space reads as zeroes; shrinking drops data past the end).
     pub fn resize(&self, size: u64) -> Result<()> {
-        let mut a = self.access.write().unwrap_or_else(|e| e.into_inner());
+        let mut a = self.access_mut();
         a.resize(size, imago::format::PreallocateMode::Zero)
             .and_then(|()| a.flush())
             .map_err(|e| Error::image(&self.path, e.to_string()))
@@ -478,6 +606,20 @@ impl Qcow2Backend {
 
     fn access(&self) -> std::sync::RwLockReadGuard<'_, Access> {
         self.access.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The top image's length (of the file, or of the block device it is on).
+    fn file_len(&self) -> io::Result<u64> {
+        crate::open::image_len(&self.file, &self.path)
+            .map_err(|e| io_err(io::ErrorKind::Other, e.to_string()))
+    }
+
+    /// The image exclusively, for an operation that may move or hide data clusters: the
+    /// mapping cache is emptied (no read holds the lock meanwhile).
+    fn access_mut(&self) -> std::sync::RwLockWriteGuard<'_, Access> {
+        let a = self.access.write().unwrap_or_else(|e| e.into_inner());
+        self.mappings.clear();
+        a
     }
 }
 
@@ -493,6 +635,15 @@ impl Drop for Qcow2Backend {
     }
 }
 
+/// `bufs` without empty buffers: imago's I/O vectors must not hold any (it asserts that a vector
+/// is empty exactly when it has no buffers; a guest's zero-length descriptor would break that).
+fn non_empty<'a>(bufs: &'a mut [IoSliceMut<'_>]) -> Vec<IoSliceMut<'a>> {
+    bufs.iter_mut()
+        .filter(|b| !b.is_empty())
+        .map(|b| IoSliceMut::new(b))
+        .collect()
+}
+
 impl BlockBackend for Qcow2Backend {
     fn size(&self) -> u64 {
         self.size
@@ -502,22 +653,80 @@ impl BlockBackend for Qcow2Backend {
         Caps::writable_unless(self.read_only)
     }
 
-    // imago's I/O vectors must not hold empty buffers (it asserts that a vector is empty exactly
-    // when it has no buffers; a guest's zero-length descriptor would break that): they are left
-    // out.
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
-        let v: Vec<IoSliceMut<'_>> = bufs
-            .iter_mut()
-            .filter(|b| !b.is_empty())
-            .map(|b| IoSliceMut::new(b))
-            .collect();
-        self.access().readv(IoVectorMut::from(v), offset)
+        let a = self.access();
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        // A request inside one cluster: one mapping lookup (none when the cluster is cached),
+        // then one read into the caller's buffers.
+        if let Some(c) = self.mappings.cluster_of(offset, len) {
+            if let Some(host) = self.mappings.get(c, offset) {
+                return crate::raw::preadv_exact(self.file.as_raw_fd(), bufs, host, true);
+            }
+            match a.get_mapping(offset, len)? {
+                (
+                    Mapping::Raw {
+                        storage,
+                        offset: host,
+                        writable,
+                        ..
+                    },
+                    n,
+                ) if n == len => {
+                    let start = host - self.mappings.within(offset);
+                    if writable && start + (1 << self.mappings.cluster_bits) <= self.file_len()? {
+                        self.mappings.insert(c, start);
+                    }
+                    return storage.readv(IoVectorMut::from(non_empty(bufs)), host);
+                }
+                (Mapping::Zero { .. } | Mapping::Eof { .. }, n) if n == len || n == 0 => {
+                    bufs.iter_mut().for_each(|b| b.fill(0));
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+        a.readv(IoVectorMut::from(non_empty(bufs)), offset)
     }
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
         self.check_writable()?;
+        let a = self.access();
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        // Inside one cached cluster: written in place, as imago would.
+        if let Some(host) = self
+            .mappings
+            .cluster_of(offset, len)
+            .and_then(|c| self.mappings.get(c, offset))
+        {
+            return crate::raw::pwritev_all(self.file.as_raw_fd(), bufs, host);
+        }
+        // Clusters written in place must lie inside the file: a damaged L2 entry pointing far
+        // past its end would otherwise grow the file there (data past the end of the file is
+        // damage; reads of it give zeroes).
+        let file_len = self.file_len()?;
+        let (mut at, end) = (offset, offset.saturating_add(len));
+        while at < end {
+            let (m, n) = a.get_mapping(at, end - at)?;
+            if let Mapping::Raw {
+                offset: host,
+                writable: true,
+                ..
+            } = m
+            {
+                if host.saturating_add(n) > file_len {
+                    return Err(io_err(
+                        io::ErrorKind::InvalidData,
+                        format!("data cluster at {host:#x} past the end of the image file"),
+                    ));
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            at += n;
+        }
         let v: Vec<IoSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).copied().collect();
-        self.access().writev(IoVector::from(v), offset)
+        a.writev(IoVector::from(v), offset)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -531,8 +740,7 @@ impl BlockBackend for Qcow2Backend {
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
-        let mut a = self.access.write().unwrap_or_else(|e| e.into_inner());
-        a.discard_to_zero(offset, len)
+        self.access_mut().discard_to_zero(offset, len)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
@@ -540,6 +748,20 @@ impl BlockBackend for Qcow2Backend {
             return self.discard(offset, len);
         }
         self.check_writable()?;
-        self.access().write_zeroes(offset, len)
+        self.access_mut().write_zeroes(offset, len)
+    }
+
+    /// Zero and unallocated clusters through the whole chain (imago's mapping).
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let access = self.access();
+        let (mapping, n) = access.get_mapping(offset, len)?;
+        Ok(match mapping {
+            Mapping::Zero { .. } => Extent {
+                data: false,
+                len: n,
+            },
+            Mapping::Eof { .. } => Extent { data: false, len },
+            _ => Extent { data: true, len: n },
+        })
     }
 }

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use crate::open::probe_bytes;
-use crate::{io_err, BlockBackend, Caps};
+use crate::{io_err, BlockBackend, Caps, Extent};
 
 /// How many leading bytes of a probed raw image the format probe looks at.
 const PROBE_BYTES: usize = 512;
@@ -83,31 +83,9 @@ impl BlockBackend for RawBackend {
         Caps::writable_unless(self.read_only)
     }
 
-    fn read_vectored_at(&self, mut bufs: &mut [IoSliceMut<'_>], mut offset: u64) -> io::Result<()> {
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<()> {
         check_range(self.size, offset, total(bufs.iter().map(|b| b.len())))?;
-        let fd = self.file.as_raw_fd();
-        while !bufs.is_empty() {
-            let cnt = bufs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-            // SAFETY: IoSliceMut is ABI-compatible with iovec and each points at memory we may
-            // write for the slice's lifetime; preadv writes at most their total length.
-            let r = unsafe { libc::preadv(fd, bufs.as_ptr().cast(), cnt, offset as libc::off_t) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if r == 0 {
-                return Err(io_err(
-                    io::ErrorKind::UnexpectedEof,
-                    "image file shorter than the disk",
-                ));
-            }
-            offset += r as u64;
-            IoSliceMut::advance_slices(&mut bufs, r as usize);
-        }
-        Ok(())
+        preadv_exact(self.file.as_raw_fd(), bufs, offset, false)
     }
 
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
@@ -152,10 +130,74 @@ impl BlockBackend for RawBackend {
         }
         write_zero_buffers(&self.file, offset, len)
     }
+
+    /// Holes of the file (`SEEK_DATA`/`SEEK_HOLE`); all data where the filesystem or device
+    /// cannot tell.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let data = Extent { data: true, len };
+        let seek = |whence| {
+            // SAFETY: lseek on our own descriptor; every read and write uses explicit offsets,
+            // so moving the file position affects nothing.
+            let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+            (r >= 0)
+                .then_some(r as u64)
+                .ok_or_else(io::Error::last_os_error)
+        };
+        match seek(libc::SEEK_DATA) {
+            Ok(d) if d > offset => Ok(Extent {
+                data: false,
+                len: (d - offset).min(len),
+            }),
+            Ok(_) => Ok(seek(libc::SEEK_HOLE).map_or(data, |h| Extent {
+                data: true,
+                len: h.saturating_sub(offset).clamp(len.min(1), len),
+            })),
+            // No data from `offset` to the end of the file.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(Extent { data: false, len }),
+            Err(_) => Ok(data),
+        }
+    }
+}
+
+/// Fill all of `bufs` from `offset` of `fd`, continuing after short reads; at the end of the
+/// file the rest is zeroes if `zero_past_eof` (as imago reads image files), else an error.
+/// `bufs` are advanced past what was read.
+pub(crate) fn preadv_exact(
+    fd: libc::c_int,
+    mut bufs: &mut [IoSliceMut<'_>],
+    mut offset: u64,
+    zero_past_eof: bool,
+) -> io::Result<()> {
+    while !bufs.is_empty() {
+        let cnt = bufs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: IoSliceMut is ABI-compatible with iovec and each points at memory we may
+        // write for the slice's lifetime; preadv writes at most their total length.
+        let r = unsafe { libc::preadv(fd, bufs.as_ptr().cast(), cnt, offset as libc::off_t) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 && zero_past_eof {
+            bufs.iter_mut().for_each(|b| b.fill(0));
+            return Ok(());
+        }
+        if r == 0 {
+            return Err(io_err(
+                io::ErrorKind::UnexpectedEof,
+                "image file shorter than the disk",
+            ));
+        }
+        offset += r as u64;
+        IoSliceMut::advance_slices(&mut bufs, r as usize);
+    }
+    Ok(())
 }
 
 /// Write all of `bufs` at `offset`, continuing after short writes.
-fn pwritev_all(fd: libc::c_int, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
+pub(crate) fn pwritev_all(fd: libc::c_int, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<()> {
     let total = total(bufs.iter().map(|b| b.len()));
     if total == 0 {
         return Ok(());

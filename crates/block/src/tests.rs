@@ -900,6 +900,14 @@ fn block_devices_are_sized_by_ioctl() {
     })
     .unwrap();
     assert!(read_all(&*b) == data[..1 << 20], "qcow2 on {p:?}");
+    drop(b);
+    // Read-write: the table checks and the writes measure the device, not its inode (size 0).
+    let b = open(&spec(&p)).unwrap();
+    b.write_vectored_at(&[IoSlice::new(&w)], 4096).unwrap();
+    let mut got = vec![0u8; w.len()];
+    b.read_vectored_at(&mut [IoSliceMut::new(&mut got)], 4096)
+        .unwrap();
+    assert!(got == w, "qcow2 written on {p:?}");
 }
 
 /// zstd-compressed images (`compression_type=zstd`, made by `qemu-img convert -c` and by
@@ -977,5 +985,342 @@ fn zstd_images_read_bit_exact() {
         std::fs::write(&q, &v).unwrap();
         assert!(read_all(&*ro(&q)) == want, "incompatible bit {bit}");
         std::fs::remove_file(&q).unwrap();
+    }
+}
+
+/// Every extent `block_status` reports from `b` covers the disk in order, and those it calls
+/// zeroes read as zeroes in `expect`. Returns how many bytes it called zeroes.
+fn walk_extents(b: &dyn crate::BlockBackend, expect: &[u8]) -> u64 {
+    let (mut at, mut zeroes) = (0u64, 0);
+    while at < b.size() {
+        let e = b.block_status(at, b.size() - at).unwrap();
+        assert!(e.len > 0 && at + e.len <= b.size(), "extent {e:?} at {at}");
+        if !e.data {
+            let r = &expect[at as usize..(at + e.len) as usize];
+            assert!(
+                r.iter().all(|&x| x == 0),
+                "zero extent {e:?} at {at} has data"
+            );
+            zeroes += e.len;
+        }
+        at += e.len;
+    }
+    zeroes
+}
+
+/// `convert` reads only where the source may have data (holes of a raw file; unallocated and
+/// zero clusters of a qcow2 image, with its backing file's data showing through) and copies
+/// every byte that is there, for data at places that are not aligned to its 1 MiB steps and a
+/// size that is not whole sectors; zeroes it found in data are not written.
+#[test]
+fn convert_follows_the_source_allocation_map() {
+    // Images are locked: no qemu-img child of another test may hold a copy of a lock.
+    let _serial = serial();
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let d = TempDir::new("convert-map");
+    let size = (5u64 << 20) + 700;
+    let raw = d.path("src.raw");
+    let mut expect = vec![0u8; size as usize];
+    {
+        let f = std::fs::File::create(&raw).unwrap();
+        f.set_len(size).unwrap();
+        for (at, len, seed) in [
+            (12288, 200_000, 1),
+            ((1 << 20) + 4096, 1 << 20, 2),
+            (size as usize - 1000, 1000, 3),
+        ] {
+            let p = pattern(len, seed);
+            f.write_all_at(&p, at as u64).unwrap();
+            expect[at..at + len].copy_from_slice(&p);
+        }
+        // Zeroes the file stores: read, found zero, not written.
+        f.write_all_at(&vec![0u8; 256 << 10], 3 << 20).unwrap();
+    }
+    let s = open(&spec(&raw)).unwrap();
+    // Where the filesystem reports holes (ext4, xfs, btrfs, tmpfs do), the leading one is seen.
+    let holes = !s.block_status(0, size).unwrap().data;
+    let zeroes = walk_extents(&*s, &expect);
+    assert!(!holes || zeroes >= 3 << 20, "{zeroes} bytes of holes");
+    drop(s);
+    for format in [Format::Qcow2, Format::Raw] {
+        let out = d.path(&format!("out.{format}"));
+        crate::image::convert(&raw, &out, format, &mut |_, _| {}).unwrap();
+        let o = open(&spec(&out)).unwrap();
+        assert_eq!(o.size(), size.next_multiple_of(512));
+        let got = read_all(&*o);
+        assert!(got[..size as usize] == expect[..], "{format} copy differs");
+        assert!(got[size as usize..].iter().all(|&x| x == 0));
+        if holes {
+            // Nothing was written over the stored zeroes or the holes: 1.2 MiB of data and
+            // the last sector, in 64 KiB blocks, plus qcow2 metadata.
+            let blocks = std::fs::metadata(&out).unwrap().blocks() * 512;
+            assert!(blocks < 2 << 20, "{format}: {blocks} bytes allocated");
+        }
+    }
+
+    // A qcow2 overlay: its own data, explicit zeroes over backing data, the backing file's
+    // data through unallocated clusters, and the backing file's holes.
+    let ov = d.path("ov.qcow2");
+    // Its size is the backing file's, rounded up to whole sectors.
+    crate::image::create(
+        &ov,
+        size.next_multiple_of(512),
+        Format::Qcow2,
+        Some("src.raw"),
+    )
+    .unwrap();
+    let mut expect_ov = expect.clone();
+    expect_ov.resize(size.next_multiple_of(512) as usize, 0);
+    {
+        let b = open(&spec(&ov)).unwrap();
+        let w = pattern(70_000 / 512 * 512, 4);
+        b.write_vectored_at(&[IoSlice::new(&w)], (2 << 20) + 1536)
+            .unwrap();
+        expect_ov[(2 << 20) + 1536..(2 << 20) + 1536 + w.len()].copy_from_slice(&w);
+        b.write_zeroes(1 << 20, 256 << 10, false).unwrap();
+        expect_ov[1 << 20..(1 << 20) + (256 << 10)].fill(0);
+        b.flush().unwrap();
+        assert!(walk_extents(&*b, &expect_ov) >= 256 << 10);
+    }
+    let out = d.path("ov.raw");
+    crate::image::convert(&ov, &out, Format::Raw, &mut |_, _| {}).unwrap();
+    assert!(
+        std::fs::read(&out).unwrap() == expect_ov,
+        "overlay copy differs"
+    );
+}
+
+/// Reads served from the qcow2 backend's cache of data cluster places see every change to the
+/// mapping: a discard (the host cluster may then hold another guest cluster), write-zeroes,
+/// writes in place, a shrink and regrow, and clusters shared with an internal snapshot (not
+/// cached; a write copies them).
+#[test]
+fn cached_cluster_places_follow_every_mapping_change() {
+    // Images are locked: no qemu-img child of another test may hold a copy of a lock.
+    let _serial = serial();
+    use crate::BlockBackend;
+    const C: usize = 64 << 10;
+    let d = TempDir::new("mapcache");
+    let img = d.path("a.qcow2");
+    crate::image::create(&img, 4 << 20, Format::Qcow2, None).unwrap();
+    let backend = || {
+        let f = crate::open_image_file(&img, true).unwrap();
+        crate::Qcow2Backend::open(f, &img, false, true).unwrap()
+    };
+    let read = |b: &dyn crate::BlockBackend, cluster: usize| {
+        // Two 4 KiB reads inside the cluster: the first learns its place, the second uses it.
+        let mut v = vec![0u8; C];
+        for (i, part) in v.chunks_mut(C / 2).enumerate() {
+            let at = (cluster * C + i * C / 2) as u64;
+            b.read_vectored_at(&mut [IoSliceMut::new(&mut part[..4096])], at)
+                .unwrap();
+            b.read_vectored_at(&mut [IoSliceMut::new(&mut part[4096..])], at + 4096)
+                .unwrap();
+        }
+        v
+    };
+    let mut expect: Vec<Vec<u8>> = (0..64).map(|_| vec![0u8; C]).collect();
+    let write = |b: &dyn crate::BlockBackend, e: &mut Vec<Vec<u8>>, cluster: usize, seed| {
+        let p = pattern(C, seed);
+        b.write_vectored_at(&[IoSlice::new(&p)], (cluster * C) as u64)
+            .unwrap();
+        e[cluster] = p;
+    };
+    {
+        let b = backend();
+        for c in 0..4 {
+            write(&b, &mut expect, c, c as u8 + 1);
+            assert!(read(&b, c) == expect[c], "cluster {c}");
+        }
+        b.discard(C as u64, C as u64).unwrap();
+        expect[1].fill(0);
+        write(&b, &mut expect, 10, 20);
+        b.write_zeroes(2 * C as u64, C as u64, false).unwrap();
+        expect[2].fill(0);
+        write(&b, &mut expect, 3, 30);
+        for c in [0, 1, 2, 3, 10] {
+            assert!(
+                read(&b, c) == expect[c],
+                "cluster {c} after discard/zeroes/rewrite"
+            );
+        }
+        b.resize(2 * C as u64).unwrap();
+        b.resize(4 << 20).unwrap();
+        expect[3].fill(0);
+        expect[10].fill(0);
+        for c in [0, 1, 3, 10] {
+            assert!(
+                read(&b, c) == expect[c],
+                "cluster {c} after shrink and regrow"
+            );
+        }
+    }
+    crate::snapshot::create(&img, "s1").unwrap();
+    let b = backend();
+    assert!(read(&b, 0) == expect[0]);
+    write(&b, &mut expect, 0, 40);
+    assert!(read(&b, 0) == expect[0], "shared cluster after its copy");
+    drop(b);
+    crate::snapshot::apply(&img, "s1").unwrap();
+    let b = backend();
+    assert!(
+        read(&b, 0) == pattern(C, 1),
+        "the snapshot kept the old cluster"
+    );
+}
+
+/// Tables pointing far past the end of the file (the `image_open` fuzz target's slow inputs: an
+/// L1 entry at 48 GiB in a 4 KiB image, whose L2 table the flush at close wrote there, so that
+/// checking the sparse 48 GiB file took seconds) never make kvmbox write there: a read-write
+/// open refuses a damaged L1 entry or refcount table entry by name, a data cluster past the end
+/// fails the write that reaches it, and the file keeps its size; read-only opens still read.
+#[test]
+fn tables_past_the_end_of_the_file_never_grow_it() {
+    // Images are locked: no qemu-img child of another test may hold a copy of a lock.
+    let _serial = serial();
+    use crate::BlockBackend;
+    use std::os::unix::fs::FileExt;
+    const FAR: u64 = 0xc_0000_0000 | 1 << 63;
+    let d = TempDir::new("far");
+    let img = d.path("a.qcow2");
+    crate::image::create(&img, 1 << 20, Format::Qcow2, None).unwrap();
+    let p = pattern(65536, 5);
+    {
+        let b = open(&spec(&img)).unwrap();
+        b.write_vectored_at(&[IoSlice::new(&p)], 0).unwrap();
+    }
+    let h = header(&img);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let entry = |at: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, at).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let set = |at: u64, v: u64| f.write_all_at(&v.to_be_bytes(), at).unwrap();
+    let len = f.metadata().unwrap().len();
+    let (l1e, rt1) = (entry(h.l1_offset), h.refcount_table_offset + 8);
+    let l2e = l1e & 0x00ff_ffff_ffff_fe00;
+    let good_l2 = entry(l2e);
+    let open_rw = || {
+        let file = crate::open_image_file(&img, true).unwrap();
+        crate::Qcow2Backend::open(file, &img, false, false)
+    };
+    let read0 = |b: &dyn BlockBackend| {
+        let mut buf = vec![0u8; 4096];
+        b.read_vectored_at(&mut [IoSliceMut::new(&mut buf)], 0)
+            .map(|()| buf)
+    };
+
+    // A data cluster past the end: writing it fails, the rest of the disk works.
+    set(l2e, FAR);
+    {
+        let b = open_rw().unwrap();
+        assert!(read0(&b).unwrap().iter().all(|&x| x == 0));
+        let e = b.write_vectored_at(&[IoSlice::new(&p[..4096])], 0);
+        assert!(e.is_err(), "write through a data cluster past the end");
+        b.write_vectored_at(&[IoSlice::new(&p)], 1 << 19).unwrap();
+    }
+    assert!(f.metadata().unwrap().len() < len + (1 << 20));
+    set(l2e, good_l2);
+
+    // An L2 table past the end: refused for writing, read-only reads zeroes.
+    set(h.l1_offset, FAR);
+    let e = open_rw().err().expect("read-write open").to_string();
+    assert!(
+        e.contains("L1 entry 0") && e.contains("past the end"),
+        "{e}"
+    );
+    let ro = open(&DiskSpec {
+        read_only: true,
+        ..spec(&img)
+    })
+    .unwrap();
+    assert!(read0(&*ro).map_or(true, |b| b.iter().all(|&x| x == 0)));
+    drop(ro);
+    set(h.l1_offset, l1e);
+
+    // A refcount block past the end.
+    set(rt1, 0xc_0000_0000);
+    let e = open_rw().err().expect("read-write open").to_string();
+    assert!(
+        e.contains("refcount block 1") && e.contains("past the end"),
+        "{e}"
+    );
+    set(rt1, 0);
+
+    assert!(
+        f.metadata().unwrap().len() < len + (1 << 20),
+        "the file grew"
+    );
+    let b = open_rw().unwrap();
+    assert!(read0(&b).unwrap() == p[..4096]);
+}
+
+/// A version 2 image has no dirty bit, so a kill of a writer between imago's L1 write and its
+/// refcount write leaves nothing saying so: kvmbox checks every v2 image it opens read-write
+/// and rebuilds its refcounts when needed. The crash state (an L2 table whose refcount is 0) is
+/// made by hand; `qemu-img check` sees it, and after kvmbox opened and wrote the image, sees
+/// nothing wrong.
+#[test]
+fn version_2_images_are_checked_and_repaired_at_read_write_open() {
+    use std::os::unix::fs::FileExt;
+    let Some(_serial) =
+        qemu_img_or_skip("version_2_images_are_checked_and_repaired_at_read_write_open")
+    else {
+        return;
+    };
+    let d = TempDir::new("v2");
+    let img = d.path("v2.qcow2");
+    let (ok, out) = qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        img.to_str().unwrap(),
+        "1M",
+    ]);
+    assert!(ok, "{out}");
+    let p = pattern(65536, 8);
+    let write = |at: u64| {
+        let b = open(&spec(&img)).unwrap();
+        b.write_vectored_at(&[IoSlice::new(&p)], at).unwrap();
+    };
+    write(0);
+    let h = header(&img);
+    assert_eq!(h.version, 2);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let be = |at: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, at).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let l2 = be(h.l1_offset) & 0x00ff_ffff_ffff_fe00;
+    let refblock = be(h.refcount_table_offset);
+    // 16-bit refcounts (the only width v2 has).
+    f.write_all_at(&[0, 0], refblock + 2 * (l2 / h.cluster_size()))
+        .unwrap();
+    assert_eq!(
+        qemu_check_status(&img),
+        2,
+        "the crash state is a corruption"
+    );
+    write(1 << 19);
+    let (ok, out) = qemu_img(&["check", img.to_str().unwrap()]);
+    assert!(ok && out.contains("No errors"), "{out}");
+    let b = open(&spec(&img)).unwrap();
+    let mut got = vec![0u8; 65536];
+    for at in [0, 1 << 19] {
+        b.read_vectored_at(&mut [IoSliceMut::new(&mut got)], at)
+            .unwrap();
+        assert!(got == p, "data at {at}");
     }
 }

@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 
-use crate::{io_err, BlockBackend, Caps, Error, Result};
+use crate::{io_err, BlockBackend, Caps, Error, Extent, Result};
 
 mod vdi;
 mod vhd;
@@ -177,6 +177,22 @@ impl<M: BlockMap> BlockBackend for Mapped<M> {
             io::ErrorKind::PermissionDenied,
             "read-only image format",
         ))
+    }
+
+    /// Runs of blocks the map calls free (zero) or not.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        let bs = self.layout.block;
+        let end = offset.saturating_add(len).min(self.size());
+        let data = |at: u64| Ok::<_, io::Error>(self.map.lookup(at / bs)? != Loc::Zero);
+        let first = data(offset)?;
+        let mut at = (offset / bs + 1) * bs;
+        while at < end && data(at)? == first {
+            at += bs;
+        }
+        Ok(Extent {
+            data: first,
+            len: at.min(end).saturating_sub(offset).clamp(len.min(1), len),
+        })
     }
 
     fn flush(&self) -> io::Result<()> {
