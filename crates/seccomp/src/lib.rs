@@ -128,6 +128,7 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 /// SIGSYS handler that reports a violation.
 pub fn enable() -> Result<(), Error> {
     sigsys::install_reporter().map_err(Error::Install)?;
+    fix_malloc_arena_limit();
     ENABLED.store(true, Ordering::SeqCst);
     Ok(())
 }
@@ -183,6 +184,17 @@ impl PreparedFilter {
     pub fn install(&self) -> bool {
         install(&self.program, libc::SECCOMP_FILTER_FLAG_LOG).is_ok()
     }
+}
+
+/// glibc's malloc works out how many arenas it may create the first time a thread needs one
+/// beyond the first few, by reading /sys/devices/system/cpu/online: on whichever thread that
+/// happens to be, under a filter without `openat`. Setting the limit now, to glibc's own
+/// default (8 per CPU on 64-bit), leaves nothing to read later.
+fn fix_malloc_arena_limit() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt only sets a malloc parameter; no allocation is in progress here.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
 }
 
 /// The BPF program of `kind`: its rules allowed, everything else trapped (SIGSYS).

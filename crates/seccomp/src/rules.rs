@@ -241,11 +241,11 @@ fn kicks_vcpus(pid: u64) -> Rules {
     )
 }
 
-/// Raising a guest interrupt: an MSI into KVM, an eventfd write (irqfd), or a kick of an
-/// engine vCPU.
+/// Raising a guest interrupt: an MSI into KVM (and the MSI-X route it takes), an eventfd
+/// write (irqfd), or a kick of a vCPU.
 fn raises_interrupts(pid: u64) -> Rules {
     Rules::default()
-        .ioctls(&[ioctls::kvm_signal_msi()])
+        .ioctls(&ioctls::kvm_interrupts())
         .union(kicks_vcpus(pid))
 }
 
@@ -328,6 +328,7 @@ fn own(kind: ThreadKind, pid: u64) -> Rules {
             .ioctls(&ioctls::kvm_setup())
             .ioctls(&ioctls::kvm_vcpu())
             .ioctls(&ioctls::kvm_guest_programmed())
+            .ioctls(&ioctls::kvm_interrupts())
             .ioctls(&[
                 ioctls::TCGETS,
                 ioctls::TCSETS,
@@ -399,9 +400,14 @@ fn own(kind: ThreadKind, pid: u64) -> Rules {
 }
 
 /// The exit child (`crates/vmm/src/exit.rs`) only closes a descriptor, waits in `read` and
-/// exits: nothing of [`base`].
+/// exits (it is alone in its process: `exit_group` is the same): nothing of [`base`].
 fn releaser_rules() -> Rules {
-    Rules::default().allow(&[libc::SYS_close, libc::SYS_read, libc::SYS_exit])
+    Rules::default().allow(&[
+        libc::SYS_close,
+        libc::SYS_read,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+    ])
 }
 
 /// The whole filter of a thread of `kind`: its own rules and its children's.
