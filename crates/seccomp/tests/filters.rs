@@ -80,8 +80,8 @@ fn syscall_of(a: Action) -> libc::c_long {
 /// Do `a` with raw calls (so that little else runs under the filter); true if it worked.
 /// `pipe` is the read end of a pipe whose write end is closed.
 fn act(a: Action, pipe: libc::c_int) -> bool {
-    // SAFETY (all blocks below): plain system calls on descriptors and memory this function
-    // owns; results are checked and resources released.
+    // SAFETY: plain system calls on descriptors and memory this function owns (or on
+    // descriptor 0 and -1, which they cannot harm); results are checked.
     unsafe {
         match a {
             Action::Open => {
