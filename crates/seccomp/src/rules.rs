@@ -188,8 +188,9 @@ fn request(number: u64) -> Arg {
 }
 
 /// Every kvmbox thread: memory (never executable), locks, its own signals and time, writing
-/// (stderr, eventfds), ending, and starting a child with its own filter.
-fn base() -> Rules {
+/// (stderr, eventfds), ending, starting a child with its own filter, and kicking the vCPUs
+/// out of guest code (any thread that asks the VM to stop does: `VmControl::request`).
+fn base(pid: u64) -> Rules {
     use libc::*;
     Rules::default()
         .allow(&[
@@ -222,6 +223,7 @@ fn base() -> Rules {
         .allow_if(SYS_prctl, &[arg(0, PR_SET_NAME as u64)])
         .allow_if(SYS_prctl, &[arg(0, PR_SET_NO_NEW_PRIVS as u64)])
         .allow_if(SYS_seccomp, &[arg(0, SECCOMP_SET_MODE_FILTER as u64)])
+        .union(kicks_vcpus(pid))
 }
 
 /// Starting threads. `clone3` passes its flags in memory, out of a filter's reach: it is
@@ -241,21 +243,19 @@ fn kicks_vcpus(pid: u64) -> Rules {
     )
 }
 
-/// Raising a guest interrupt: an MSI into KVM (and the MSI-X route it takes), an eventfd
-/// write (irqfd), or a kick of a vCPU.
-fn raises_interrupts(pid: u64) -> Rules {
-    Rules::default()
-        .ioctls(&ioctls::kvm_interrupts())
-        .union(kicks_vcpus(pid))
+/// Raising a guest interrupt: an MSI into KVM (and the MSI-X route it takes); an eventfd
+/// write (irqfd) or a kick of a vCPU are in every filter.
+fn raises_interrupts() -> Rules {
+    Rules::default().ioctls(&ioctls::kvm_interrupts())
 }
 
 /// A virtio device worker: waits on its epoll set of eventfds (queue notifications, its stop
 /// event) and the device's descriptors.
-fn device_worker(pid: u64) -> Rules {
+fn device_worker() -> Rules {
     use libc::*;
     Rules::default()
         .allow(&[SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_ctl, SYS_read])
-        .union(raises_interrupts(pid))
+        .union(raises_interrupts())
 }
 
 /// Reading a file's metadata (`File::metadata`, sizes of images).
@@ -264,8 +264,8 @@ fn file_metadata() -> Rules {
     Rules::default().allow(&[SYS_fstat, SYS_newfstatat, SYS_statx, SYS_lseek])
 }
 
-/// What a thread of `kind` does itself; `pid` is the process's.
-fn own(kind: ThreadKind, pid: u64) -> Rules {
+/// What a thread of `kind` does itself.
+fn own(kind: ThreadKind) -> Rules {
     use libc::*;
     match kind {
         // The control loop: builds and rebuilds machines (boot, reboot, snapshot restore,
@@ -337,8 +337,7 @@ fn own(kind: ThreadKind, pid: u64) -> Rules {
                 ioctls::TUNSETOFFLOAD,
                 ioctls::BLKGETSIZE64,
             ])
-            .union(spawns_threads())
-            .union(kicks_vcpus(pid)),
+            .union(spawns_threads()),
         // Runs the guest: KVM_RUN and its own registers on KVM (nothing of KVM on the
         // engine, which has no KVM descriptor), the guest's port and MMIO accesses into the
         // devices (interrupt routes, eventfds of moved BARs, TAP offloads the guest
@@ -351,7 +350,7 @@ fn own(kind: ThreadKind, pid: u64) -> Rules {
             .ioctls(&ioctls::kvm_vcpu())
             .ioctls(&ioctls::kvm_guest_programmed())
             .ioctls(&[ioctls::TUNSETOFFLOAD])
-            .union(raises_interrupts(pid))
+            .union(raises_interrupts())
             .union(spawns_threads()),
         // The accept loop of the API socket: one thread per connection.
         ThreadKind::Api => Rules::default()
@@ -369,9 +368,9 @@ fn own(kind: ThreadKind, pid: u64) -> Rules {
         // Reads stdin (descriptor 0 only) into the UART, which may interrupt the guest.
         ThreadKind::Console => Rules::default()
             .allow_if(SYS_read, &[arg(0, 0)])
-            .union(raises_interrupts(pid)),
+            .union(raises_interrupts()),
         // The PIT's and RTC's timer threads: sleep to the next deadline, raise the IRQ.
-        ThreadKind::Timer => raises_interrupts(pid),
+        ThreadKind::Timer => raises_interrupts(),
         // virtio-blk: vectored I/O on its image, flushes, discards and write-zeroes.
         ThreadKind::BlockWorker => Rules::default()
             .allow(&[
@@ -387,13 +386,13 @@ fn own(kind: ThreadKind, pid: u64) -> Rules {
                 SYS_ftruncate,
             ])
             .union(file_metadata())
-            .union(device_worker(pid)),
+            .union(device_worker()),
         // virtio-net: frames to and from the TAP device.
         ThreadKind::NetWorker => Rules::default()
             .allow(&[SYS_readv, SYS_writev])
-            .union(device_worker(pid)),
+            .union(device_worker()),
         // virtio-rng: getrandom (in every filter) into the guest's buffers.
-        ThreadKind::RngWorker => device_worker(pid),
+        ThreadKind::RngWorker => device_worker(),
         // Handled by `releaser_rules`: it runs on no Rust runtime at all.
         ThreadKind::Releaser => Rules::default(),
     }
@@ -417,7 +416,7 @@ pub(crate) fn rules(kind: ThreadKind, pid: u64) -> Rules {
     }
     kind.starts()
         .iter()
-        .fold(base().union(own(kind, pid)), |r, &child| {
+        .fold(base(pid).union(own(kind)), |r, &child| {
             r.union(rules(child, pid))
         })
 }

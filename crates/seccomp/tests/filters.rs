@@ -32,6 +32,10 @@ enum Action {
     Exec,
     /// KVM_CREATE_VM on a descriptor (the filter decides before the kernel looks at it).
     KvmCreateVm,
+    /// The vCPU kick (the first real-time signal, blocked here) to this thread.
+    Kick,
+    /// A signal to another process (`kill` of process 1, signal 0).
+    SignalOther,
 }
 
 /// (filter, action, whether the filter allows it). The call number is what the message must
@@ -52,7 +56,11 @@ const CASES: &[(ThreadKind, Action, bool)] = &[
     (ThreadKind::Api, Action::Open, false),
     (ThreadKind::ApiConnection, Action::UnixSocket, false),
     (ThreadKind::ApiConnection, Action::SpawnThread, false),
+    (ThreadKind::Vcpu, Action::Kick, true),
+    (ThreadKind::Vcpu, Action::SignalOther, false),
+    (ThreadKind::Signals, Action::Kick, true),
     (ThreadKind::Signals, Action::ReadPipe, false),
+    (ThreadKind::Console, Action::Kick, true),
     (ThreadKind::Console, Action::ReadPipe, false),
     (ThreadKind::Timer, Action::WriteStderr, true),
     (ThreadKind::Timer, Action::SpawnThread, false),
@@ -74,6 +82,8 @@ fn syscall_of(a: Action) -> libc::c_long {
         Action::WriteStderr => libc::SYS_write,
         Action::Exec => libc::SYS_execve,
         Action::KvmCreateVm => libc::SYS_ioctl,
+        Action::Kick => libc::SYS_tgkill,
+        Action::SignalOther => libc::SYS_kill,
     }
 }
 
@@ -122,6 +132,18 @@ fn act(a: Action, pipe: libc::c_int) -> bool {
             Action::KvmCreateVm => {
                 // On stdin: whatever the descriptor is, the filter decides first.
                 libc::ioctl(0, 0xae01, 0);
+                true
+            }
+            Action::Kick => {
+                let sig = libc::SIGRTMIN();
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, sig);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), sig) == 0
+            }
+            Action::SignalOther => {
+                libc::kill(1, 0);
                 true
             }
         }
