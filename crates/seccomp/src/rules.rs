@@ -221,6 +221,7 @@ fn base(pid: u64) -> Rules {
         .allow_if(SYS_mmap, &[clear(2, PROT_EXEC as u64)])
         .allow_if(SYS_mprotect, &[clear(2, PROT_EXEC as u64)])
         .allow_if(SYS_prctl, &[arg(0, PR_SET_NAME as u64)])
+        .allow_if(SYS_prctl, &[arg(0, PR_GET_NAME as u64)])
         .allow_if(SYS_prctl, &[arg(0, PR_SET_NO_NEW_PRIVS as u64)])
         .allow_if(SYS_seccomp, &[arg(0, SECCOMP_SET_MODE_FILTER as u64)])
         .union(kicks_vcpus(pid))

@@ -6,7 +6,7 @@ use std::cell::Cell;
 
 thread_local! {
     /// The kind of filter the calling thread installed (for the message).
-    static KIND: Cell<&'static str> = const { Cell::new("unfiltered") };
+    static KIND: Cell<&'static str> = const { Cell::new("its creator's") };
 }
 
 /// `si_code` of a SIGSYS raised by seccomp.
@@ -60,12 +60,20 @@ extern "C" fn report(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut l
     let code = unsafe { (*info).si_code };
     if code == SYS_SECCOMP {
         let mut msg = Message::default();
-        msg.push(b"\r\nkvmbox: seccomp: the ");
-        msg.push(KIND.with(Cell::get).as_bytes());
-        msg.push(b" thread (tid ");
+        msg.push(b"\r\nkvmbox: seccomp: thread ");
+        let mut name = [0u8; 16];
+        // SAFETY: PR_GET_NAME writes at most 16 bytes (NUL included) into `name`; every
+        // filter allows it.
+        if unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) } == 0 {
+            let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            msg.push(&name[..len]);
+        }
+        msg.push(b" (tid ");
         // SAFETY: gettid has no preconditions (and every filter allows it).
         msg.push_number(i64::from(unsafe { libc::gettid() }));
-        msg.push(b") made system call ");
+        msg.push(b", ");
+        msg.push(KIND.with(Cell::get).as_bytes());
+        msg.push(b" filter) made system call ");
         // SAFETY: a SIGSYS with si_code SYS_SECCOMP, as checked above.
         msg.push_number(i64::from(unsafe { seccomp_syscall(info) }));
         msg.push(

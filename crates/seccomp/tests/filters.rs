@@ -203,7 +203,7 @@ fn each_filter_allows_what_its_thread_needs_and_kills_on_the_rest() {
             // signal blocked (the kernel then ends the process without running the handler):
             // those violations show only in the audit log.
             if kind != ThreadKind::Releaser && !matches!(action, Action::SpawnThread) {
-                let needle = format!("the {} thread (tid ", kind.name());
+                let needle = format!(", {} filter) made system call", kind.name());
                 assert!(stderr.contains(&needle), "{what}");
                 assert!(
                     stderr.contains(&format!("made system call {},", syscall_of(action))),
