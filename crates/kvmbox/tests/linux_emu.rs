@@ -615,9 +615,14 @@ fn debian_on_the_engine_pauses_and_continues_after_snapshot_sigkill_and_restore(
     vm.expect(&format!("KVMBOX-LINUX count={} ", paused_at + 1), STEP);
 
     // Snapshot (paused just after a whole line, while the guest waits a second for input),
-    // then SIGKILL: the old process gets no say in what the new one sees.
+    // then SIGKILL: the old process gets no say in what the new one sees. The snapshot is
+    // taken two seconds into the pause, after the timer that ends the guest's one-second
+    // wait came due: the state must carry that interrupt (it once restored as a stopped
+    // timer, and the guest waited forever; that happened whenever writing the snapshot
+    // outlasted the wait).
     let last = vm.expect("KVMBOX-LINUX count=", STEP) + &vm.expect("\n", STEP);
     ok(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    std::thread::sleep(Duration::from_secs(2));
     let body = format!(
         r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Full"}}"#,
         state.display(),
