@@ -62,7 +62,10 @@ impl ApiServer {
         std::thread::Builder::new()
             .name("api".into())
             .stack_size(256 << 10)
-            .spawn(move || accept_loop(listener, shared))?;
+            .spawn(move || {
+                kvmbox_seccomp::apply_or_exit(kvmbox_seccomp::ThreadKind::Api);
+                accept_loop(listener, shared)
+            })?;
         Ok(Self {
             requests,
             event,
@@ -100,6 +103,7 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
             .name("api-conn".into())
             .stack_size(256 << 10)
             .spawn(move || {
+                kvmbox_seccomp::apply_or_exit(kvmbox_seccomp::ThreadKind::ApiConnection);
                 serve_connection(stream, &s);
                 s.connections.fetch_sub(1, Ordering::SeqCst);
             });

@@ -112,6 +112,9 @@ struct RunArgs {
     /// Serve the Firecracker-compatible REST API on this Unix socket (it must not exist). Without a kernel, wait to be configured through it.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Run every thread without its seccomp filter (they are on by default; see SECURITY.md).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -142,6 +145,11 @@ fn restore_conflict(config: bool, o: &Overrides) -> Option<&'static str> {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    if !args.no_seccomp {
+        if let Err(e) = kvmbox_seccomp::enable() {
+            return fail(e);
+        }
+    }
     let file = match args.config.as_deref().map(FileConfig::load).transpose() {
         Ok(f) => f,
         Err(e) => return fail(e),

@@ -1,5 +1,6 @@
 //! One thread per active device: waits on its queue eventfds and backend descriptors.
 
+use kvmbox_seccomp::ThreadKind;
 use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
@@ -43,9 +44,10 @@ pub(crate) fn unwatch(epoll: &Epoll, fd: RawFd) -> std::io::Result<()> {
 }
 
 impl Worker {
-    /// Start thread `name` watching `fds` (descriptor, token) and calling `handler`.
+    /// Start the thread of `kind` (named after it, under its seccomp filter) watching `fds`
+    /// (descriptor, token) and calling `handler`.
     pub(crate) fn spawn<H: EventHandler>(
-        name: &str,
+        kind: ThreadKind,
         fds: &[(RawFd, u64)],
         mut handler: H,
     ) -> Result<Self> {
@@ -56,8 +58,9 @@ impl Worker {
             watch(&epoll, fd, token).map_err(os("epoll_ctl"))?;
         }
         let handle = std::thread::Builder::new()
-            .name(name.to_string())
+            .name(kind.name().to_string())
             .spawn(move || {
+                kvmbox_seccomp::apply_or_exit(kind);
                 let mut events = vec![EpollEvent::default(); 16];
                 loop {
                     let n = match epoll.wait(-1, &mut events) {

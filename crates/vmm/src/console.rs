@@ -120,6 +120,7 @@ pub fn spawn_stdin_forwarder(
     let spawn = std::thread::Builder::new()
         .name("console".into())
         .spawn(move || {
+            kvmbox_seccomp::apply_or_exit(kvmbox_seccomp::ThreadKind::Console);
             let mut stdin = std::io::stdin().lock();
             let mut filter = EscapeFilter::default();
             let mut buf = [0u8; 256];

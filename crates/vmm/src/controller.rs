@@ -70,13 +70,19 @@ impl Ended {
 
 /// Run the VM described by `cfg` until it ends.
 pub fn run(cfg: &VmConfig) -> Result<Ended> {
-    let signals = block_signals()?;
+    let signals = enter_vmm_thread()?;
     Controller::new(Boot::Ready(Box::new(cfg.clone())), None)?.serve(signals)
 }
 
-/// Stop signals are blocked before any thread starts (see `crate::signals`).
-fn block_signals() -> Result<StopSignals> {
-    StopSignals::block().map_err(|e| Error::Host(format!("blocking stop signals: {e}")))
+/// Make the calling thread the VMM thread: the stop signals are blocked before any thread
+/// starts (see `crate::signals`), and its seccomp filter is installed before anything of the
+/// VM is built (when `kvmbox_seccomp::enable` was called).
+fn enter_vmm_thread() -> Result<StopSignals> {
+    let signals =
+        StopSignals::block().map_err(|e| Error::Host(format!("blocking stop signals: {e}")))?;
+    kvmbox_seccomp::apply(kvmbox_seccomp::ThreadKind::Vmm)
+        .map_err(|e| Error::Host(e.to_string()))?;
+    Ok(signals)
 }
 
 /// `kvmbox run --restore STATE --restore-mem MEM [--accel A] [--track-dirty-pages]
@@ -89,7 +95,7 @@ pub fn run_restored(
     track_dirty_pages: bool,
     api_sock: Option<&Path>,
 ) -> Result<Ended> {
-    let signals = block_signals()?;
+    let signals = enter_vmm_thread()?;
     let api = api_sock
         .map(|p| ApiServer::start(p).map_err(|e| Error::Host(e.to_string())))
         .transpose()?;
@@ -103,7 +109,7 @@ pub fn run_restored(
 /// `kvmbox run --api-sock PATH`: serve the API on `path`. With a kernel in `file`/`o`, boot
 /// from them right away; otherwise wait to be configured and started through the API.
 pub fn run_with_api(file: Option<FileConfig>, o: Overrides, path: &Path) -> Result<Ended> {
-    let signals = block_signals()?;
+    let signals = enter_vmm_thread()?;
     let boot = if api::has_kernel(file.as_ref(), &o) {
         Boot::Ready(Box::new(VmConfig::build(file, o)?))
     } else {

@@ -15,7 +15,9 @@
 //! 3. starts a child that shares its address space (`clone(CLONE_VM)`) and holds the VM's
 //!    descriptor, and exits. The child waits until kvmbox is gone (a pipe whose write end
 //!    only kvmbox holds), then exits too: as the address space's and the VM's last user, it is
-//!    the one that runs the kernel's teardown.
+//!    the one that runs the kernel's teardown. The child inherits the VMM thread's seccomp
+//!    filter and narrows itself at once to its own (`close`, `read`, `exit`), compiled by
+//!    kvmbox before the `clone` since the child must not allocate.
 //!
 //! Where any of that cannot be done (an old kernel without `close_range`, no process left to
 //! start), kvmbox exits plainly and the teardown happens in its own exit.
@@ -72,11 +74,20 @@ fn spawn_releaser() {
         return;
     }
     let [read_end, write_end] = fds;
-    // The process ends in a moment and the child needs its stack until it exits: leaked.
+    // A filter that cannot be compiled leaves the child under the VMM thread's.
+    let filter = kvmbox_seccomp::PreparedFilter::new(kvmbox_seccomp::ThreadKind::Releaser)
+        .ok()
+        .flatten();
+    // The process ends in a moment and the child needs its stack and arguments until it
+    // exits: leaked.
     let stack = Box::leak(vec![0u8; RELEASER_STACK].into_boxed_slice());
     let top = stack.as_mut_ptr_range().end as usize & !15;
-    // Both descriptors are small non-negative numbers: pass them in the argument itself.
-    let arg = ((read_end as usize) << 32 | write_end as usize) as *mut libc::c_void;
+    let args = Box::leak(Box::new(ReleaserArgs {
+        read_end,
+        write_end,
+        filter,
+    }));
+    let arg = (args as *mut ReleaserArgs).cast::<libc::c_void>();
     // SAFETY: the child shares this address space and runs `releaser` on its own stack
     // (`top`, 16-byte aligned, leaked so it stays valid); `releaser` makes only raw system
     // calls, so it touches no lock or allocator state that a thread of this process may hold.
@@ -93,11 +104,26 @@ fn spawn_releaser() {
     }
 }
 
+/// What the child gets: the pipe's two ends and its seccomp filter.
+struct ReleaserArgs {
+    read_end: RawFd,
+    write_end: RawFd,
+    filter: Option<kvmbox_seccomp::PreparedFilter>,
+}
+
 /// The child: keep the address space and the VM until kvmbox has exited (its exit closes the
 /// pipe's write end), then exit and so release them.
 extern "C" fn releaser(arg: *mut libc::c_void) -> libc::c_int {
-    let v = arg as usize;
-    let (read_end, write_end) = ((v >> 32) as libc::c_long, (v & 0xffff_ffff) as libc::c_long);
+    // SAFETY: `arg` is the leaked `ReleaserArgs` of `spawn_releaser`, never freed.
+    let args = unsafe { &*arg.cast::<ReleaserArgs>() };
+    if let Some(f) = &args.filter {
+        // Raw system calls only; a refusal leaves the inherited filter in place.
+        f.install();
+    }
+    let (read_end, write_end) = (
+        libc::c_long::from(args.read_end),
+        libc::c_long::from(args.write_end),
+    );
     let mut byte = 0u8;
     // SAFETY: raw system calls on this process's own copies of the pipe's descriptors; `byte`
     // is on this child's stack. A read that ends early (a signal) only means the teardown may

@@ -42,6 +42,7 @@ impl StopSignals {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                kvmbox_seccomp::apply_or_exit(kvmbox_seccomp::ThreadKind::Signals);
                 let mut stopping = false;
                 loop {
                     let mut sig: libc::c_int = 0;

@@ -92,6 +92,12 @@ impl VcpuHandle {
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let control = shared.control.clone();
+                // Before any guest code: a vCPU that cannot be filtered stops the VM.
+                if let Err(e) = kvmbox_seccomp::apply(kvmbox_seccomp::ThreadKind::Vcpu) {
+                    eprintln!("kvmbox: vCPU {id}: {e}");
+                    control.request(ExitRequest::Error);
+                    return;
+                }
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     VcpuThread {
                         id,

@@ -270,20 +270,23 @@ impl TimerThread {
     ) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || loop {
-                if s.load(Ordering::SeqCst) {
-                    return;
-                }
-                let seen = w.generation();
-                let now = clock.now_ns();
-                let deadline = {
-                    let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
-                    d.tick(now);
-                    d.next_deadline()
-                };
-                let timeout = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));
-                if timeout != Some(Duration::ZERO) {
-                    w.wait(seen, timeout);
+            .spawn(move || {
+                kvmbox_seccomp::apply_or_exit(kvmbox_seccomp::ThreadKind::Timer);
+                loop {
+                    if s.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let seen = w.generation();
+                    let now = clock.now_ns();
+                    let deadline = {
+                        let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+                        d.tick(now);
+                        d.next_deadline()
+                    };
+                    let timeout = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));
+                    if timeout != Some(Duration::ZERO) {
+                        w.wait(seen, timeout);
+                    }
                 }
             })
     }

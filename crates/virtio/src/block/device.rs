@@ -138,7 +138,7 @@ impl VirtioDevice for Block {
             metrics: self.metrics.clone(),
         };
         self.worker = Some(Worker::spawn(
-            "virtio-blk",
+            kvmbox_seccomp::ThreadKind::BlockWorker,
             &[(fd, super::event_handler::QUEUE_TOKEN)],
             handler,
         )?);

@@ -209,7 +209,11 @@ impl VirtioDevice for Net {
             metrics: self.metrics.clone(),
             tx_buf: vec![0; MAX_FRAME],
         };
-        self.worker = Some(Worker::spawn("virtio-net", &fds, handler)?);
+        self.worker = Some(Worker::spawn(
+            kvmbox_seccomp::ThreadKind::NetWorker,
+            &fds,
+            handler,
+        )?);
         Ok(())
     }
 

@@ -57,7 +57,11 @@ impl VirtioDevice for Rng {
             buf: vec![0; super::event_handler::MAX_REQUEST],
             metrics: self.metrics.clone(),
         };
-        self.worker = Some(Worker::spawn("virtio-rng", &[(fd, QUEUE_TOKEN)], handler)?);
+        self.worker = Some(Worker::spawn(
+            kvmbox_seccomp::ThreadKind::RngWorker,
+            &[(fd, QUEUE_TOKEN)],
+            handler,
+        )?);
         Ok(())
     }
 
