@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod disk;
+mod vm;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +33,9 @@ enum Command {
     /// Create, inspect, convert and resize disk images (raw, qcow2; convert also reads VDI, VMDK, VHD, VHDX).
     #[command(subcommand)]
     Disk(disk::DiskCommand),
+    /// Named VMs kept in $KVMBOX_HOME: create, list, start, console, stop, save, delete ...
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
 }
 
 #[derive(clap::Args)]
@@ -220,6 +224,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(*args),
         Command::Disk(cmd) => disk::run(cmd),
+        Command::Vm(cmd) => vm::run(cmd),
         Command::Doctor { json } => {
             let report = kvmbox_doctor::run_checks();
             if json {
