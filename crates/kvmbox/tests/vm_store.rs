@@ -1,0 +1,463 @@
+//! `kvmbox vm`: named VMs driven through the real binary, each test in a store of its own
+//! (`KVMBOX_HOME` in a temporary folder). The test guest's shell on the software engine shows
+//! the commands, the console, saved state and crash handling in seconds; Debian's kernel on the
+//! engine shows a boot, save/resume of a real OS and a clean shutdown through the power button.
+
+mod common;
+
+use common::{kit_cmd, linux_kit, testguest, CpuLease, Interactive};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A store in a temporary folder; dropping it force-deletes its VMs (ending their processes)
+/// and removes the folder.
+struct Home(PathBuf);
+
+impl Home {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("kvmbox-vm-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Home(p)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(common::kvmbox());
+        c.env("KVMBOX_HOME", &self.0).arg("vm").args(args);
+        c
+    }
+
+    /// Run `kvmbox vm ARGS`: (exit status, stdout, stderr).
+    fn vm(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self
+            .cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kvmbox vm");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `kvmbox vm ARGS`, which must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let (st, out, err) = self.vm(args);
+        assert_eq!(st, 0, "kvmbox vm {args:?}: {out}{err}");
+        out
+    }
+
+    /// `kvmbox vm ARGS`, which must fail with `status` and a message containing `needle`.
+    fn fails(&self, args: &[&str], status: i32, needle: &str) {
+        let (st, out, err) = self.vm(args);
+        assert_eq!(st, status, "kvmbox vm {args:?}: {out}{err}");
+        assert!(
+            err.contains(needle),
+            "kvmbox vm {args:?}: {err:?} lacks {needle:?}"
+        );
+    }
+
+    fn show(&self, name: &str) -> Value {
+        serde_json::from_str(&self.ok(&["show", name, "--json"])).unwrap()
+    }
+
+    fn state(&self, name: &str) -> String {
+        self.show(name)["state"].as_str().unwrap().to_string()
+    }
+
+    fn log(&self, name: &str) -> String {
+        self.ok(&["log", name])
+    }
+
+    /// Wait until the VM's console log (this run's) contains `needle`.
+    fn expect_log(&self, name: &str, needle: &str, timeout: Duration) -> String {
+        let t0 = Instant::now();
+        loop {
+            let log = self.log(name);
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "VM {name}: no {needle:?} in the console log within {timeout:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        if let Ok(list) = serde_json::from_str::<Value>(&self.vm(&["list", "--json"]).1) {
+            for v in list.as_array().into_iter().flatten() {
+                let name = v["name"].as_str().unwrap_or_default().to_string();
+                self.vm(&["delete", "--force", &name]);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+fn wait_dead(pid: i32) {
+    let t0 = Instant::now();
+    while pid_alive(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "process {pid} still alive"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn kill9(pid: i32) {
+    // SAFETY: kill sends SIGKILL to a process this test's VM started.
+    assert_eq!(
+        unsafe { libc::kill(pid, libc::SIGKILL) },
+        0,
+        "kill -9 {pid}"
+    );
+    wait_dead(pid);
+}
+
+/// A console client (`kvmbox vm console NAME`), stdin and stdout piped.
+fn console(home: &Home, name: &str, force: bool) -> Interactive {
+    let mut args = vec!["console", name];
+    if force {
+        args.push("--force");
+    }
+    let mut c = home.cmd(&args);
+    // Interactive sets the pipes.
+    c.stdin(Stdio::piped());
+    let con = Interactive::spawn_with(c);
+    let t0 = Instant::now();
+    while !con.stderr().contains("attached to VM") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "console: {}",
+            con.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    con
+}
+
+/// The test guest's shell: the commands, the console, saved state, concurrency and crashes.
+#[test]
+fn vm_commands_drive_the_test_guest() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("tg");
+    let tg = testguest();
+    let tg = tg.to_str().unwrap();
+    let create = [
+        "create",
+        "tg",
+        "--kernel",
+        tg,
+        "--cmdline",
+        "tests=shell",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+        "--disk-size",
+        "16M",
+    ];
+    home.ok(&create);
+
+    // Bad input: names, duplicates, sizes, unknown VMs.
+    home.fails(&create, 2, "a VM named 'tg' exists already");
+    for bad in ["../x", ".hidden", "a/b", "a b", "\u{e9}t\u{e9}", ""] {
+        home.fails(&["create", bad, "--kernel", tg], 2, "invalid VM name");
+    }
+    home.fails(
+        &["create", "m", "--kernel", tg, "--memory", "12Q"],
+        2,
+        "invalid size '12Q'",
+    );
+    home.fails(
+        &["create", "d", "--kernel", tg, "--disk-size=-1G"],
+        2,
+        "invalid size '-1G'",
+    );
+    home.fails(
+        &["create", "c", "--kernel", tg, "--cpus", "0"],
+        2,
+        "--cpus 0",
+    );
+    home.fails(&["start", "nosuch"], 2, "no VM named 'nosuch'");
+    home.fails(&["pause", "tg"], 4, "VM 'tg' is stopped: cannot pause it");
+    home.fails(&["console", "tg"], 4, "VM 'tg' is stopped");
+    let list: Value = serde_json::from_str(&home.ok(&["list", "--json"])).unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "failed creates left nothing: {list}"
+    );
+    assert_eq!(list[0]["name"], "tg");
+    assert_eq!(list[0]["state"], "stopped");
+    assert_eq!(list[0]["cpus"], 1);
+    assert_eq!(list[0]["memory_mib"], 128);
+
+    // Start: returns with the guest running; its own disk; sockets in the runtime folder.
+    home.ok(&["start", "tg"]);
+    assert!(home.ok(&["start", "tg"]).contains("already running"));
+    let v = home.show("tg");
+    assert_eq!(v["state"], "running", "{v}");
+    assert!(v["disks"][0]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("vms/tg/disk0.qcow2"));
+    assert!(Path::new(v["api_socket"].as_str().unwrap()).exists());
+    home.expect_log("tg", "kvmbox-testguest# ", Duration::from_secs(60));
+
+    // Console: one client; the next is refused, --force takes over, Ctrl-A d detaches.
+    let mut first = console(&home, "tg", false);
+    first.send(b"echo one-two\r");
+    first.expect("\r\none-two\r\n", Duration::from_secs(30));
+    home.fails(&["console", "tg"], 3, "another client is attached");
+    let mut second = console(&home, "tg", true);
+    first.expect("another client took over", Duration::from_secs(10));
+    assert_eq!(first.wait_exit(Duration::from_secs(10)), Some(0));
+    second.send(b"echo three\r");
+    second.expect("\r\nthree\r\n", Duration::from_secs(30));
+    second.send(b"\x01d");
+    assert_eq!(second.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(second.stderr().contains("detached"), "{}", second.stderr());
+    assert!(
+        home.log("tg").contains("one-two"),
+        "the log keeps what the console showed"
+    );
+
+    // Pause and resume (idempotent), then save: the VM process ends, the state stays.
+    home.ok(&["pause", "tg"]);
+    assert_eq!(home.state("tg"), "paused");
+    assert!(home.ok(&["pause", "tg"]).contains("already paused"));
+    home.ok(&["resume", "tg"]);
+    assert_eq!(home.state("tg"), "running");
+    let mut c = console(&home, "tg", false);
+    c.send(b"echo before-save\r");
+    c.expect("\r\nbefore-save\r\n", Duration::from_secs(30));
+    c.send(b"\x01d");
+    c.wait_exit(Duration::from_secs(10));
+    let pid = home.show("tg")["pid"].as_i64().unwrap() as i32;
+    home.ok(&["save", "tg"]);
+    assert!(!pid_alive(pid));
+    assert_eq!(home.state("tg"), "saved");
+    home.fails(&["discard", "nosuch"], 2, "no VM named");
+
+    // Start resumes: the shell goes on (no new boot banner in this run's log).
+    assert!(home
+        .ok(&["start", "tg"])
+        .contains("resumed from its saved state"));
+    assert!(!home.show("tg")["saved_state"].as_bool().unwrap());
+    let mut c = console(&home, "tg", false);
+    c.send(b"echo after-resume\r");
+    c.expect("\r\nafter-resume\r\n", Duration::from_secs(30));
+    c.send(b"\x01d");
+    c.wait_exit(Duration::from_secs(10));
+    assert!(!home.log("tg").contains("type help"), "{}", home.log("tg"));
+
+    // kill -9 of the VM process: shown as crashed; start works again.
+    let pid = home.show("tg")["pid"].as_i64().unwrap() as i32;
+    kill9(pid);
+    let t0 = Instant::now();
+    while home.state("tg") != "crashed" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{}",
+            home.show("tg")
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(home.show("tg")["last_run"]["signal"], 9);
+
+    // Two starts at once: one VM; the other is told the VM is busy (3) or already running (0).
+    let mut kids: Vec<_> = (0..2)
+        .map(|_| {
+            home.cmd(&["start", "tg"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = kids
+        .drain(..)
+        .map(|k| k.wait_with_output().unwrap())
+        .collect();
+    let started = outs
+        .iter()
+        .filter(|o| String::from_utf8_lossy(&o.stdout).contains("started (pid"))
+        .count();
+    assert_eq!(started, 1, "{outs:?}");
+    for o in &outs {
+        assert!(matches!(o.status.code(), Some(0 | 3)), "{o:?}");
+    }
+    assert_eq!(home.state("tg"), "running");
+
+    // kill -9 of the keeper: the VM process goes with it; shown as crashed; start cleans up.
+    let run = home.0.join("run/tg");
+    let keeper: i32 = std::fs::read_to_string(run.join("keeper.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let vm_pid = home.show("tg")["pid"].as_i64().unwrap() as i32;
+    kill9(keeper);
+    wait_dead(vm_pid);
+    assert_eq!(home.state("tg"), "crashed");
+    assert!(
+        run.exists(),
+        "the dead keeper's runtime files are still there"
+    );
+    home.ok(&["start", "tg"]);
+    assert_eq!(home.state("tg"), "running");
+
+    // Delete refuses a running VM, --force powers it off; nothing is left.
+    home.fails(&["delete", "tg"], 4, "VM 'tg' is running");
+    home.ok(&["delete", "--force", "tg"]);
+    home.fails(&["show", "tg"], 2, "no VM named 'tg'");
+    for d in ["vms", "run"] {
+        let left: Vec<_> = std::fs::read_dir(home.0.join(d)).unwrap().collect();
+        assert!(left.is_empty(), "{d}: {left:?}");
+    }
+}
+
+/// A settings file broken by hand: every command that reads it names the file and the line.
+#[test]
+fn malformed_settings_are_reported_with_their_line() {
+    let home = Home::new("bad");
+    let tg = testguest();
+    home.ok(&["create", "b", "--kernel", tg.to_str().unwrap()]);
+    let path = home.0.join("vms/b/vm.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let broken = text.replace("cpus = 1", "cpus = \"two\"");
+    assert_ne!(text, broken);
+    std::fs::write(&path, &broken).unwrap();
+    let line = broken.lines().position(|l| l.starts_with("cpus")).unwrap() + 1;
+    let needle = format!("line {line}: cpus = \"two\"");
+    for cmd in ["show", "start"] {
+        home.fails(&[cmd, "b"], 2, &needle);
+        home.fails(&[cmd, "b"], 2, "vm.toml");
+    }
+    let list = home.ok(&["list"]);
+    assert!(
+        list.contains("settings error") && list.contains(&needle),
+        "{list}"
+    );
+    std::fs::write(&path, text.replace("memory = \"512M\"", "memroy = 5")).unwrap();
+    home.fails(&["show", "b"], 2, "unknown field `memroy`");
+    home.ok(&["delete", "b"]);
+}
+
+/// Longest a boot of Debian's kernel on the engine may take: `linux_emu.rs`' `BOOT`, from the
+/// same measurements (TESTING.md).
+const BOOT: Duration = Duration::from_secs(2400);
+/// A step of a running Linux guest: `linux_emu.rs`' `STEP` (TESTING.md).
+const STEP: Duration = Duration::from_secs(120);
+
+/// The guest counts once a second until the power button powers it off.
+const COUNT: &str = "i=0; while :; do i=$((i+1)); echo KVMBOX-LINUX count=$i .; sleep 1; done";
+
+/// N of a complete `KVMBOX-LINUX count=N .` line.
+fn count_of(line: &str) -> Option<u64> {
+    let rest = line.strip_prefix("KVMBOX-LINUX count=")?;
+    let (n, dot) = rest.split_once(' ')?;
+    dot.starts_with('.').then(|| n.parse().ok())?
+}
+
+/// The last complete `count=N` line of `log`.
+fn last_count(log: &str) -> u64 {
+    log.lines()
+        .filter_map(count_of)
+        .last()
+        .unwrap_or_else(|| panic!("no count line in:\n{log}"))
+}
+
+/// Debian's kernel as a named VM: boot, pause/resume, save and resume, and a stop through the
+/// ACPI power button that ends in the guest's own clean power-off; then delete.
+#[test]
+fn debian_vm_saves_resumes_and_stops_through_the_power_button() {
+    let _cpu = CpuLease::exclusive();
+    let home = Home::new("linux");
+    let (kernel, initrd) = linux_kit();
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {}", kit_cmd(COUNT));
+    home.ok(&[
+        "create",
+        "deb",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        "512M",
+        "--accel",
+        "emu",
+    ]);
+    let t0 = Instant::now();
+    home.ok(&["start", "deb"]);
+    let started = t0.elapsed();
+    home.expect_log("deb", "KVMBOX-LINUX userspace-ready", BOOT);
+    eprintln!(
+        "vm start returned after {started:?}; userspace-ready after {:?}",
+        t0.elapsed()
+    );
+    home.expect_log("deb", "KVMBOX-LINUX count=3 .", STEP);
+
+    home.ok(&["pause", "deb"]);
+    // What the guest wrote before the pause may still be on its way to the log.
+    std::thread::sleep(Duration::from_secs(1));
+    let paused = last_count(&home.log("deb"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(last_count(&home.log("deb")), paused, "counted while paused");
+    home.ok(&["resume", "deb"]);
+    home.expect_log("deb", &format!("count={} .", paused + 2), STEP);
+
+    let t = Instant::now();
+    home.ok(&["save", "deb"]);
+    eprintln!("vm save (512 MiB) took {:?}", t.elapsed());
+    let before = last_count(&home.log("deb"));
+    assert_eq!(home.state("deb"), "saved");
+    let t = Instant::now();
+    home.ok(&["start", "deb"]);
+    eprintln!("vm start from the saved state took {:?}", t.elapsed());
+    let resumed = home.expect_log("deb", &format!("count={} .", before + 3), STEP);
+    assert!(
+        !resumed.contains("userspace-ready"),
+        "booted again:\n{resumed}"
+    );
+    // The first whole line after the resume: the next count, or the one after it when the
+    // save cut a line in two.
+    let first = resumed.lines().find_map(count_of).unwrap();
+    assert!(
+        (before + 1..=before + 2).contains(&first),
+        "count {before} before the save, {first} after"
+    );
+
+    let t = Instant::now();
+    let out = home.ok(&["stop", "deb", "--timeout", &STEP.as_secs().to_string()]);
+    eprintln!("vm stop (power button to power-off) took {:?}", t.elapsed());
+    assert!(out.contains("the guest powered off"), "{out}");
+    let log = home.log("deb");
+    assert!(log.contains("KVMBOX-LINUX power-button"), "{log}");
+    assert!(log.contains("reboot: Power down"), "{log}");
+    let v = home.show("deb");
+    assert_eq!(v["state"], "stopped");
+    assert_eq!(v["last_run"]["exit_status"], 0);
+    home.ok(&["delete", "deb"]);
+    for d in ["vms", "run"] {
+        let left: Vec<_> = std::fs::read_dir(home.0.join(d)).unwrap().collect();
+        assert!(left.is_empty(), "{d}: {left:?}");
+    }
+}
