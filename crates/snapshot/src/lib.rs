@@ -25,6 +25,15 @@ mod state;
 pub use memory::{map_memory, memory_size, write_memory, PageFilter, PAGE_SIZE};
 pub use state::{read_state, write_state, FORMAT_VERSION, MAGIC};
 
+/// The temporary file beside `path` that a file replaced whole is written to before it is
+/// renamed over `path` (so a crash leaves the old file or the new one, and a process that
+/// maps the old file keeps its pages).
+fn temporary(path: &std::path::Path) -> std::path::PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    tmp.into()
+}
+
 /// What went wrong with a snapshot file. [`Error::is_user_error`] tells a bad file (the
 /// caller's) from a host failure.
 #[derive(Debug, thiserror::Error)]

@@ -30,12 +30,31 @@ pub fn memory_size(mem: &GuestMemoryMmap) -> u64 {
 
 /// Write guest RAM to `path`. Returns the bytes of data actually written (the rest are
 /// holes, or for [`PageFilter::Only`] untouched).
+///
+/// A full snapshot replaces `path` whole (written beside it, then renamed over it): a crash
+/// leaves the previous file intact, and a VM restored from `path`, whose RAM maps it, keeps
+/// its pages (truncating a mapped file would fault the VMM with SIGBUS). A diff snapshot
+/// writes into `path` in place: the pages it writes are ones the guest dirtied, which a VM
+/// restored from `path` holds as private copies.
 pub fn write_memory(mem: &GuestMemoryMmap, path: &Path, pages: PageFilter<'_>) -> Result<u64> {
     let full = matches!(pages, PageFilter::Full);
+    let target = if full {
+        crate::temporary(path)
+    } else {
+        path.to_path_buf()
+    };
+    let written = write_pages(mem, &target, &pages)?;
+    if full {
+        std::fs::rename(&target, path).map_err(io_err(path))?;
+    }
+    Ok(written)
+}
+
+fn write_pages(mem: &GuestMemoryMmap, path: &Path, pages: &PageFilter<'_>) -> Result<u64> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(full)
+        .truncate(matches!(pages, PageFilter::Full))
         .open(path)
         .map_err(io_err(path))?;
     let mut buf = vec![0u8; CHUNK];
@@ -55,7 +74,7 @@ pub fn write_memory(mem: &GuestMemoryMmap, path: &Path, pages: PageFilter<'_>) -
                 })?;
             for (i, page) in chunk.chunks(PAGE_SIZE as usize).enumerate() {
                 let off = done + i as u64 * PAGE_SIZE;
-                let take = match &pages {
+                let take = match pages {
                     PageFilter::Full => page.iter().any(|&b| b != 0),
                     PageFilter::Only(dirty) => dirty(start.unchecked_add(off)),
                 };
@@ -165,6 +184,22 @@ mod tests {
         back.write_obj(0x99u8, GuestAddress(0x5000)).unwrap();
         let again = map_memory(&p, &ranges()).unwrap();
         assert_eq!(again.read_obj::<u8>(GuestAddress(0x5000)).unwrap(), 0x77);
+
+        // A full snapshot of the restored VM over the very file its RAM maps: the mapped
+        // pages stay (no SIGBUS from a truncated mapping) and the new file is complete.
+        back.write_obj(0x42u8, GuestAddress(0x1_0000_0000 + (3 << 20) + 2))
+            .unwrap();
+        write_memory(&back, &p, PageFilter::Full).unwrap();
+        assert_eq!(back.read_obj::<u8>(GuestAddress(0x5000)).unwrap(), 0x99);
+        let v: u8 = back.read_obj(GuestAddress(0x1234 + 0x7000)).unwrap();
+        assert_eq!(v, 0);
+        let newer = map_memory(&p, &ranges()).unwrap();
+        assert_eq!(newer.read_obj::<u8>(GuestAddress(0x5000)).unwrap(), 0x99);
+        let v: u8 = newer
+            .read_obj(GuestAddress(0x1_0000_0000 + (3 << 20) + 2))
+            .unwrap();
+        assert_eq!(v, 0x42);
+        assert!(!crate::temporary(&p).exists());
 
         // A file smaller than the VM is refused.
         let small = dir.join("small");

@@ -35,9 +35,7 @@ pub fn write_state<T: Serialize>(path: &Path, state: &T) -> Result<()> {
     let crc = CRC.checksum(&buf);
     buf.extend_from_slice(&crc.to_le_bytes());
 
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
+    let tmp = crate::temporary(path);
     let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
     f.write_all(&buf).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
