@@ -101,9 +101,15 @@ impl Drop for Home {
     }
 }
 
+/// Whether `pid` runs (a zombie, not yet reaped by whoever inherited it, does not).
 fn pid_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the command name's closing parenthesis.
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
 }
 
 fn wait_dead(pid: i32) {
@@ -119,13 +125,14 @@ fn wait_dead(pid: i32) {
 
 fn kill9(pid: i32) {
     // SAFETY: kill sends SIGKILL to a process this test's VM started.
-    assert_eq!(
-        unsafe { libc::kill(pid, libc::SIGKILL) },
-        0,
-        "kill -9 {pid}"
-    );
+    let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill -9 {pid}");
     wait_dead(pid);
 }
+
+/// Longest a console client or a VM process takes to attach, detach or end (measured:
+/// milliseconds at load average 10).
+const CMD: Duration = Duration::from_secs(30);
 
 /// A console client (`kvmbox vm console NAME`), stdin and stdout piped.
 fn console(home: &Home, name: &str, force: bool) -> Interactive {
@@ -139,11 +146,7 @@ fn console(home: &Home, name: &str, force: bool) -> Interactive {
     let con = Interactive::spawn_with(c);
     let t0 = Instant::now();
     while !con.stderr().contains("attached to VM") {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "console: {}",
-            con.stderr()
-        );
+        assert!(t0.elapsed() < CMD, "console: {}", con.stderr());
         std::thread::sleep(Duration::from_millis(10));
     }
     con
@@ -224,12 +227,12 @@ fn vm_commands_drive_the_test_guest() {
     first.expect("\r\none-two\r\n", Duration::from_secs(30));
     home.fails(&["console", "tg"], 3, "another client is attached");
     let mut second = console(&home, "tg", true);
-    first.expect("another client took over", Duration::from_secs(10));
-    assert_eq!(first.wait_exit(Duration::from_secs(10)), Some(0));
+    first.expect("another client took over", CMD);
+    assert_eq!(first.wait_exit(CMD), Some(0));
     second.send(b"echo three\r");
     second.expect("\r\nthree\r\n", Duration::from_secs(30));
     second.send(b"\x01d");
-    assert_eq!(second.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_eq!(second.wait_exit(CMD), Some(0));
     assert!(second.stderr().contains("detached"), "{}", second.stderr());
     assert!(
         home.log("tg").contains("one-two"),
@@ -246,7 +249,7 @@ fn vm_commands_drive_the_test_guest() {
     c.send(b"echo before-save\r");
     c.expect("\r\nbefore-save\r\n", Duration::from_secs(30));
     c.send(b"\x01d");
-    c.wait_exit(Duration::from_secs(10));
+    c.wait_exit(CMD);
     let pid = home.show("tg")["pid"].as_i64().unwrap() as i32;
     home.ok(&["save", "tg"]);
     assert!(!pid_alive(pid));
@@ -262,7 +265,7 @@ fn vm_commands_drive_the_test_guest() {
     c.send(b"echo after-resume\r");
     c.expect("\r\nafter-resume\r\n", Duration::from_secs(30));
     c.send(b"\x01d");
-    c.wait_exit(Duration::from_secs(10));
+    c.wait_exit(CMD);
     assert!(!home.log("tg").contains("type help"), "{}", home.log("tg"));
 
     // kill -9 of the VM process: shown as crashed; start works again.
@@ -270,11 +273,7 @@ fn vm_commands_drive_the_test_guest() {
     kill9(pid);
     let t0 = Instant::now();
     while home.state("tg") != "crashed" {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "{}",
-            home.show("tg")
-        );
+        assert!(t0.elapsed() < CMD, "{}", home.show("tg"));
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(home.show("tg")["last_run"]["signal"], 9);
@@ -378,8 +377,8 @@ fn count_of(line: &str) -> Option<u64> {
 /// The last complete `count=N` line of `log`.
 fn last_count(log: &str) -> u64 {
     log.lines()
-        .filter_map(count_of)
-        .last()
+        .rev()
+        .find_map(count_of)
         .unwrap_or_else(|| panic!("no count line in:\n{log}"))
 }
 

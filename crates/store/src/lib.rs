@@ -428,3 +428,32 @@ impl Vm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_single_safe_path_components() {
+        for ok in ["a", "web-1", "db_2.old", "X", &"n".repeat(MAX_NAME)] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            ".hidden",
+            "-opt",
+            "_x",
+            "a b",
+            "a\0b",
+            "\u{e9}",
+            "a\nb",
+            &"n".repeat(MAX_NAME + 1),
+        ] {
+            assert!(matches!(check_name(bad), Err(Error::Usage(_))), "{bad:?}");
+        }
+    }
+}
