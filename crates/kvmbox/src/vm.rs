@@ -93,6 +93,13 @@ pub enum VmCommand {
         /// The VM.
         name: String,
     },
+    /// Make a full clone: a new VM with the settings and a copy of every disk (new MACs, no saved state).
+    Clone {
+        /// The VM to clone (stopped or saved).
+        name: String,
+        /// The new VM's name.
+        new: String,
+    },
     /// Delete a VM: its folder (settings, disks it created, saved state, log).
     Delete {
         /// The VM.
@@ -188,6 +195,7 @@ fn dispatch(cmd: VmCommand) -> Result<()> {
         VmCommand::Save { name } => save(&store.vm(&name)?),
         VmCommand::Discard { name } => discard(&store.vm(&name)?),
         VmCommand::Delete { name, force } => delete(&store.vm(&name)?, force),
+        VmCommand::Clone { name, new } => clone(&store, &store.vm(&name)?, &new),
         VmCommand::Keeper { name, restore } => {
             let exe = std::env::current_exe()
                 .map_err(|e| Error::Failed(format!("finding the kvmbox binary: {e}")))?;
@@ -678,6 +686,25 @@ fn discard(vm: &Vm) -> Result<()> {
     std::fs::remove_dir_all(dir)
         .map_err(|e| Error::Failed(format!("removing {}: {e}", dir.display())))?;
     println!("VM '{name}': saved state discarded");
+    Ok(())
+}
+
+fn clone(store: &Store, vm: &Vm, new: &str) -> Result<()> {
+    let name = vm.name();
+    let _lock = vm.lock(&format!("kvmbox vm clone {name} {new}"))?;
+    let state = vm.status().state;
+    if is_up(state) {
+        return Err(Error::State(format!(
+            "VM '{name}' is {state}: stop it (or save it) before cloning it"
+        )));
+    }
+    let t0 = Instant::now();
+    let clone = store.clone_vm(vm, new)?;
+    println!(
+        "VM '{new}' created in {} as a full clone of '{name}' ({:.1} s)",
+        clone.dir().display(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -331,6 +331,71 @@ fn vm_commands_drive_the_test_guest() {
     }
 }
 
+/// A full clone: the source's settings, a copy of its disk (its data, as a qcow2 image in the
+/// clone's folder), no MAC address of the source's; the source must be stopped.
+#[test]
+fn a_full_clone_copies_the_disks_and_drops_the_macs() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("clone");
+    let tg = testguest();
+    let raw = home.0.join("data.raw");
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&raw, &data).unwrap();
+    let disk = format!("{},format=raw,serial=data", raw.display());
+    home.ok(&[
+        "create",
+        "src",
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cmdline",
+        "tests=shell",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+        "--disk",
+        &disk,
+        "--net",
+        "tap=kbclone0,mac=02:00:00:00:00:01",
+    ]);
+    home.ok(&["start", "src"]);
+    home.fails(&["clone", "src", "copy"], 4, "VM 'src' is running");
+    home.ok(&["stop", "--force", "src"]);
+    home.ok(&["clone", "src", "copy"]);
+    home.fails(
+        &["clone", "src", "copy"],
+        2,
+        "a VM named 'copy' exists already",
+    );
+    home.fails(&["clone", "src", "../up"], 2, "invalid VM name");
+    let v = home.show("copy");
+    let copy_disk = PathBuf::from(v["disks"][0]["path"].as_str().unwrap());
+    assert_eq!(copy_disk, home.0.join("vms/copy/disk0.qcow2"), "{v}");
+    assert_eq!(v["nets"][0], "tap=kbclone0", "{v}");
+    let settings = std::fs::read_to_string(home.0.join("vms/copy/vm.toml")).unwrap();
+    assert!(settings.contains("disk0.qcow2,serial=data"), "{settings}");
+    // The copy holds the source's data, and outlives the source.
+    home.ok(&["delete", "src"]);
+    let back = home.0.join("back.raw");
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "convert", "--format", "raw"])
+        .arg(&copy_disk)
+        .arg(&back)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "the clone's disk differs"
+    );
+    assert!(
+        raw.exists(),
+        "deleting a VM leaves a --disk image where it was"
+    );
+}
+
 /// A settings file broken by hand: every command that reads it names the file and the line.
 #[test]
 fn malformed_settings_are_reported_with_their_line() {

@@ -14,6 +14,7 @@
 //! ([`api`]), the same API any other client uses.
 
 pub mod api;
+mod clone;
 pub mod console;
 pub mod keeper;
 mod lock;
@@ -133,8 +134,13 @@ impl Store {
     }
 
     /// Create the VM `name` from `opts`: its folder, its new disks and its settings file.
-    /// The folder appears complete or not at all (built under a temporary name, then renamed).
     pub fn create(&self, name: &str, opts: &CreateOptions) -> Result<Vm> {
+        self.create_with(name, |dir| settings::write_new(dir, opts))
+    }
+
+    /// Create the VM `name` whose folder `fill` fills. The folder appears complete or not at
+    /// all: it is filled under a temporary name, then renamed.
+    fn create_with(&self, name: &str, fill: impl FnOnce(&Path) -> Result<()>) -> Result<Vm> {
         check_name(name)?;
         let vms = self.home.join("vms");
         std::fs::create_dir_all(&vms)
@@ -148,8 +154,7 @@ impl Store {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp)
             .map_err(|e| io_err(format_args!("creating {}", tmp.display()), e))?;
-        let built = settings::write_new(&tmp, opts);
-        let built = built.and_then(|()| {
+        let built = fill(&tmp).and_then(|()| {
             // rename(2) of a directory onto an existing one fails unless that one is empty;
             // check again so a racing create of the same name loses cleanly.
             if vm.dir.exists() {
