@@ -93,12 +93,15 @@ pub enum VmCommand {
         /// The VM.
         name: String,
     },
-    /// Make a full clone: a new VM with the settings and a copy of every disk (new MACs, no saved state).
+    /// Clone a stopped VM: the settings and a copy of every disk (new MACs, no saved state).
     Clone {
         /// The VM to clone (stopped or saved).
         name: String,
         /// The new VM's name.
         new: String,
+        /// Share the disks instead of copying them: both VMs get qcow2 overlays on a frozen, read-only base.
+        #[arg(long)]
+        linked: bool,
     },
     /// Delete a VM: its folder (settings, disks it created, saved state, log).
     Delete {
@@ -194,8 +197,8 @@ fn dispatch(cmd: VmCommand) -> Result<()> {
         VmCommand::Log { name, follow } => log(&store.vm(&name)?, follow),
         VmCommand::Save { name } => save(&store.vm(&name)?),
         VmCommand::Discard { name } => discard(&store.vm(&name)?),
-        VmCommand::Delete { name, force } => delete(&store.vm(&name)?, force),
-        VmCommand::Clone { name, new } => clone(&store, &store.vm(&name)?, &new),
+        VmCommand::Delete { name, force } => delete(&store, &store.vm(&name)?, force),
+        VmCommand::Clone { name, new, linked } => clone(&store, &store.vm(&name)?, &new, linked),
         VmCommand::Keeper { name, restore } => {
             let exe = std::env::current_exe()
                 .map_err(|e| Error::Failed(format!("finding the kvmbox binary: {e}")))?;
@@ -689,7 +692,7 @@ fn discard(vm: &Vm) -> Result<()> {
     Ok(())
 }
 
-fn clone(store: &Store, vm: &Vm, new: &str) -> Result<()> {
+fn clone(store: &Store, vm: &Vm, new: &str, linked: bool) -> Result<()> {
     let name = vm.name();
     let _lock = vm.lock(&format!("kvmbox vm clone {name} {new}"))?;
     let state = vm.status().state;
@@ -699,18 +702,26 @@ fn clone(store: &Store, vm: &Vm, new: &str) -> Result<()> {
         )));
     }
     let t0 = Instant::now();
-    let clone = store.clone_vm(vm, new)?;
+    let clone = store.clone_vm(vm, new, linked)?;
     println!(
-        "VM '{new}' created in {} as a full clone of '{name}' ({:.1} s)",
+        "VM '{new}' created in {} as a {} clone of '{name}' ({:.3} s)",
         clone.dir().display(),
+        if linked { "linked" } else { "full" },
         t0.elapsed().as_secs_f64()
     );
     Ok(())
 }
 
-fn delete(vm: &Vm, force: bool) -> Result<()> {
+fn delete(store: &Store, vm: &Vm, force: bool) -> Result<()> {
     let name = vm.name();
     let _lock = vm.lock(&format!("kvmbox vm delete {name}"))?;
+    let clones = store.linked_clones_of(vm)?;
+    if !clones.is_empty() {
+        return Err(Error::State(format!(
+            "VM '{name}' holds the disks of its linked clone(s) '{}': delete them first",
+            clones.join("', '")
+        )));
+    }
     let state = vm.status().state;
     if is_up(state) {
         if !force {

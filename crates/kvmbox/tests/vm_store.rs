@@ -134,6 +134,11 @@ fn kill9(pid: i32) {
 /// milliseconds at load average 10).
 const CMD: Duration = Duration::from_secs(30);
 
+/// Longest the test guest's `blk` scenario on a 1 MiB disk runs on the engine, boot to
+/// power-off (a whole test-guest run with more scenarios took 168 s at load average 53:
+/// `TESTGUEST_TIMEOUT`'s measurement).
+const BLK: Duration = common::TESTGUEST_TIMEOUT;
+
 /// A console client (`kvmbox vm console NAME`), stdin and stdout piped.
 fn console(home: &Home, name: &str, force: bool) -> Interactive {
     let mut args = vec!["console", name];
@@ -394,6 +399,113 @@ fn a_full_clone_copies_the_disks_and_drops_the_macs() {
         raw.exists(),
         "deleting a VM leaves a --disk image where it was"
     );
+}
+
+/// `kvmbox disk info --json PATH`: the image and its backing chain.
+fn disk_layers(path: &Path) -> Vec<Value> {
+    let out = Command::new(common::kvmbox())
+        .args(["disk", "info", "--json"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+/// The disk at `path` as raw bytes (`kvmbox disk convert --format raw`).
+fn disk_bytes(home: &Home, path: &Path) -> Vec<u8> {
+    let raw = home.0.join("read-back.raw");
+    let _ = std::fs::remove_file(&raw);
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "convert", "--format", "raw"])
+        .arg(path)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success(), "convert {path:?}");
+    std::fs::read(&raw).unwrap()
+}
+
+/// A linked clone: both VMs on one frozen read-only base; the clone's guest writes its disk and
+/// the source's data stays; the source cannot be deleted while the clone exists.
+#[test]
+fn a_linked_clone_shares_a_frozen_base_and_writes_its_own_overlay() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("linked");
+    let tg = testguest();
+    home.ok(&[
+        "create",
+        "src",
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cmdline",
+        "tests=blk",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+        "--disk-size",
+        "1M",
+    ]);
+    // The source's disk gets known contents.
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let raw = home.0.join("data.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let src_disk = home.0.join("vms/src/disk0.qcow2");
+    std::fs::remove_file(&src_disk).unwrap();
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "convert"])
+        .arg(&raw)
+        .arg(&src_disk)
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    let out = home.ok(&["clone", "--linked", "src", "lc"]);
+    assert!(out.contains("linked clone of 'src'"), "{out}");
+    let base = home.0.join("vms/src/disk0.base-1.qcow2");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&base).unwrap().permissions().mode();
+    assert_eq!(mode & 0o222, 0, "the base is read-only: {mode:o}");
+    let clone_disk = home.0.join("vms/lc/disk0.qcow2");
+    for overlay in [&src_disk, &clone_disk] {
+        let layers = disk_layers(overlay);
+        assert_eq!(layers.len(), 2, "{layers:?}");
+        assert_eq!(PathBuf::from(layers[1]["path"].as_str().unwrap()), base);
+        assert!(
+            disk_bytes(&home, overlay) == data,
+            "{overlay:?} reads the base"
+        );
+    }
+    home.fails(&["delete", "src"], 4, "linked clone(s) 'lc'");
+
+    // The clone's guest writes its disk (the test guest's blk scenario), then powers off.
+    home.ok(&["start", "lc"]);
+    let t0 = Instant::now();
+    while home.state("lc") != "stopped" {
+        assert!(t0.elapsed() < BLK, "{}", home.log("lc"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = home.log("lc");
+    assert!(
+        log.contains("KVMBOX-TEST blk ") && !log.contains("error="),
+        "{log}"
+    );
+    assert!(
+        disk_bytes(&home, &clone_disk) != data,
+        "the guest wrote the clone's disk"
+    );
+    assert!(
+        disk_bytes(&home, &src_disk) == data,
+        "the source's disk did not change"
+    );
+
+    home.ok(&["delete", "lc"]);
+    home.ok(&["delete", "src"]);
+    assert!(!home.0.join("vms/src").exists());
 }
 
 /// A settings file broken by hand: every command that reads it names the file and the line.
