@@ -93,6 +93,13 @@ pub enum VmCommand {
         /// The VM.
         name: String,
     },
+    /// Snapshots of a stopped or saved VM, as a tree: take, list, restore, delete.
+    Snapshot {
+        /// The VM.
+        name: String,
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
     /// Clone a stopped VM: the settings and a copy of every disk (new MACs, no saved state).
     Clone {
         /// The VM to clone (stopped or saved).
@@ -117,6 +124,34 @@ pub enum VmCommand {
         name: String,
         #[arg(long)]
         restore: bool,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum SnapshotAction {
+    /// Take a snapshot: the disks, and the saved state when the VM is saved.
+    Take {
+        /// The snapshot's name (the rules of VM names).
+        snap: String,
+        /// What it is.
+        #[arg(long, value_name = "TEXT")]
+        description: Option<String>,
+    },
+    /// Show the snapshot tree (`*` marks the current snapshot).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring the disks (and saved state) back to a snapshot; the present state is lost.
+    Restore {
+        /// The snapshot.
+        snap: String,
+    },
+    /// Delete a snapshot (its children take its parent; no data the others use is lost).
+    Delete {
+        /// The snapshot.
+        snap: String,
     },
 }
 
@@ -198,6 +233,7 @@ fn dispatch(cmd: VmCommand) -> Result<()> {
         VmCommand::Save { name } => save(&store.vm(&name)?),
         VmCommand::Discard { name } => discard(&store.vm(&name)?),
         VmCommand::Delete { name, force } => delete(&store, &store.vm(&name)?, force),
+        VmCommand::Snapshot { name, action } => snapshot(&store.vm(&name)?, action),
         VmCommand::Clone { name, new, linked } => clone(&store, &store.vm(&name)?, &new, linked),
         VmCommand::Keeper { name, restore } => {
             let exe = std::env::current_exe()
@@ -692,6 +728,46 @@ fn discard(vm: &Vm) -> Result<()> {
     Ok(())
 }
 
+fn snapshot(vm: &Vm, action: SnapshotAction) -> Result<()> {
+    let name = vm.name();
+    if let SnapshotAction::List { json } = action {
+        let tree = vm.snapshot_tree()?;
+        if json {
+            println!("{}", serde_json::to_string(&tree).unwrap_or_default());
+        } else if tree.snapshots.is_empty() {
+            println!("VM '{name}' has no snapshots");
+        } else {
+            print!("{}", tree.render());
+        }
+        return Ok(());
+    }
+    let _lock = vm.lock(&format!("kvmbox vm snapshot {name}"))?;
+    let state = vm.status().state;
+    if is_up(state) {
+        return Err(Error::State(format!(
+            "VM '{name}' is {state}: `kvmbox vm save {name}` first (a snapshot of a saved VM keeps its running state), or stop it"
+        )));
+    }
+    let t0 = Instant::now();
+    let done = match action {
+        SnapshotAction::Take { snap, description } => {
+            vm.snapshot_take(&snap, description.as_deref().unwrap_or(""))?;
+            format!("snapshot '{snap}' taken")
+        }
+        SnapshotAction::Restore { snap } => {
+            vm.snapshot_restore(&snap)?;
+            format!("restored to snapshot '{snap}'")
+        }
+        SnapshotAction::Delete { snap } => {
+            vm.snapshot_delete(&snap)?;
+            format!("snapshot '{snap}' deleted")
+        }
+        SnapshotAction::List { .. } => unreachable!("answered above"),
+    };
+    println!("VM '{name}': {done} ({:.3} s)", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
 fn clone(store: &Store, vm: &Vm, new: &str, linked: bool) -> Result<()> {
     let name = vm.name();
     let _lock = vm.lock(&format!("kvmbox vm clone {name} {new}"))?;
@@ -699,6 +775,11 @@ fn clone(store: &Store, vm: &Vm, new: &str, linked: bool) -> Result<()> {
     if is_up(state) {
         return Err(Error::State(format!(
             "VM '{name}' is {state}: stop it (or save it) before cloning it"
+        )));
+    }
+    if linked && !vm.snapshot_tree()?.snapshots.is_empty() {
+        return Err(Error::State(format!(
+            "VM '{name}' has snapshots, which a linked clone would freeze into its base: clone it in full, or delete them first"
         )));
     }
     let t0 = Instant::now();

@@ -260,6 +260,19 @@ fn vm_commands_drive_the_test_guest() {
     assert!(!pid_alive(pid));
     assert_eq!(home.state("tg"), "saved");
     home.fails(&["discard", "nosuch"], 2, "no VM named");
+    // A snapshot of the saved VM keeps its running state (restored at the end).
+    home.ok(&[
+        "snapshot",
+        "tg",
+        "take",
+        "saved1",
+        "--description",
+        "at the shell",
+    ]);
+    let tree: Value =
+        serde_json::from_str(&home.ok(&["snapshot", "tg", "list", "--json"])).unwrap();
+    assert_eq!(tree["current"], "saved1", "{tree}");
+    assert_eq!(tree["snapshots"][0]["with_state"], true, "{tree}");
 
     // Start resumes: the shell goes on (no new boot banner in this run's log).
     assert!(home
@@ -325,6 +338,21 @@ fn vm_commands_drive_the_test_guest() {
     );
     home.ok(&["start", "tg"]);
     assert_eq!(home.state("tg"), "running");
+
+    // Live snapshots are refused; restoring the saved-state snapshot resumes the shell again.
+    home.fails(&["snapshot", "tg", "take", "x"], 4, "vm save tg` first");
+    home.ok(&["stop", "--force", "tg"]);
+    home.ok(&["snapshot", "tg", "restore", "saved1"]);
+    assert_eq!(home.state("tg"), "saved");
+    assert!(home
+        .ok(&["start", "tg"])
+        .contains("resumed from its saved state"));
+    let mut c = console(&home, "tg", false);
+    c.send(b"echo restored\r");
+    c.expect("\r\nrestored\r\n", Duration::from_secs(30));
+    c.send(b"\x01d");
+    c.wait_exit(CMD);
+    assert!(!home.log("tg").contains("type help"), "{}", home.log("tg"));
 
     // Delete refuses a running VM, --force powers it off; nothing is left.
     home.fails(&["delete", "tg"], 4, "VM 'tg' is running");
@@ -506,6 +534,93 @@ fn a_linked_clone_shares_a_frozen_base_and_writes_its_own_overlay() {
     home.ok(&["delete", "lc"]);
     home.ok(&["delete", "src"]);
     assert!(!home.0.join("vms/src").exists());
+}
+
+/// The snapshot tree of a stopped VM: a snapshot brings back the disk the guest then wrote,
+/// children move to their grandparent when their parent is deleted, and the data stays.
+#[test]
+fn snapshots_bring_back_disks_the_guest_wrote() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("snap");
+    let tg = testguest();
+    home.ok(&[
+        "create",
+        "s",
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cmdline",
+        "tests=blk",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+        "--disk-size",
+        "1M",
+    ]);
+    let disk = home.0.join("vms/s/disk0.qcow2");
+    let zeros = vec![0u8; 1 << 20];
+    assert!(disk_bytes(&home, &disk) == zeros);
+    home.ok(&[
+        "snapshot",
+        "s",
+        "take",
+        "clean",
+        "--description",
+        "before the guest",
+    ]);
+    home.fails(
+        &["snapshot", "s", "take", "clean"],
+        2,
+        "snapshot named 'clean' already",
+    );
+    home.fails(&["snapshot", "s", "take", "../x"], 2, "invalid VM name");
+    // The guest writes its pattern over the disk and powers off.
+    home.ok(&["start", "s"]);
+    let t0 = Instant::now();
+    while home.state("s") != "stopped" {
+        assert!(t0.elapsed() < BLK, "{}", home.log("s"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let written = disk_bytes(&home, &disk);
+    assert!(written != zeros, "the guest wrote its disk");
+    home.ok(&["snapshot", "s", "take", "written"]);
+    home.ok(&["snapshot", "s", "restore", "clean"]);
+    assert!(
+        disk_bytes(&home, &disk) == zeros,
+        "restore brought back the clean disk"
+    );
+    home.ok(&["snapshot", "s", "take", "other"]);
+    let text = home.ok(&["snapshot", "s", "list"]);
+    assert_eq!(
+        text, "  clean - before the guest\n    written\n*   other\n",
+        "children under their parent, the current one marked"
+    );
+    // Deleting the parent keeps every child's data.
+    home.ok(&["snapshot", "s", "delete", "clean"]);
+    let tree: Value = serde_json::from_str(&home.ok(&["snapshot", "s", "list", "--json"])).unwrap();
+    assert_eq!(tree["snapshots"][0]["name"], "written");
+    assert_eq!(tree["snapshots"][0]["parent"], Value::Null);
+    home.ok(&["snapshot", "s", "restore", "written"]);
+    assert!(
+        disk_bytes(&home, &disk) == written,
+        "the later snapshot kept its data"
+    );
+    home.fails(
+        &["snapshot", "s", "restore", "clean"],
+        2,
+        "no snapshot named 'clean'",
+    );
+    home.fails(&["clone", "--linked", "s", "l"], 4, "has snapshots");
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "check"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "the disk is consistent after the snapshot operations"
+    );
+    home.ok(&["delete", "s"]);
 }
 
 /// A settings file broken by hand: every command that reads it names the file and the line.

@@ -19,6 +19,7 @@ pub mod console;
 pub mod keeper;
 mod lock;
 pub mod settings;
+pub mod snapshots;
 
 pub use lock::VmLock;
 pub use settings::{CreateOptions, DefaultGuest};
