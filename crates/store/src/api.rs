@@ -11,6 +11,10 @@ use std::time::Duration;
 /// large guest writes its memory before it answers (a 512 MiB guest: seconds).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Longest a state query waits: the control loop answers between two requests, so only a
+/// request that takes long itself (a snapshot being written) delays it.
+pub const STATE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One request: the status code and the body (JSON text or empty).
 pub fn request(
     sock: &Path,
@@ -18,9 +22,19 @@ pub fn request(
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
+    request_within(sock, method, path, body, ANSWER_TIMEOUT)
+}
+
+fn request_within(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
     let mut s = UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-    s.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     let raw = match body {
         Some(b) => format!(
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
@@ -42,9 +56,10 @@ pub fn request(
     Ok((status, body.to_string()))
 }
 
-/// The `state` of `GET /`: "Not started", "Running" or "Paused".
+/// The `state` of `GET /`: "Not started", "Running" or "Paused" (waiting at most
+/// [`STATE_TIMEOUT`]).
 pub fn instance_state(sock: &Path) -> std::io::Result<String> {
-    let (status, body) = request(sock, "GET", "/", None)?;
+    let (status, body) = request_within(sock, "GET", "/", None, STATE_TIMEOUT)?;
     let v: serde_json::Value = serde_json::from_str(&body)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     if status != 200 {

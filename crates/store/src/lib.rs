@@ -213,7 +213,8 @@ pub enum State {
     Running,
     /// Its keeper runs and the guest is paused.
     Paused,
-    /// Its keeper runs but the guest is not running yet (or the API does not answer).
+    /// Its keeper runs but its API has not reported the guest running or paused: it is
+    /// starting, or its API did not answer within [`api::STATE_TIMEOUT`].
     Starting,
     /// Its last run ended abnormally: the VM process was killed or failed, or the keeper died.
     Crashed,

@@ -55,7 +55,11 @@ impl VmLock {
     /// Take the lock at `path` for `command` on VM `name`, or fail at once with
     /// [`Error::Busy`].
     pub(crate) fn take(path: &Path, name: &str, command: &str) -> Result<Self> {
-        let file = open(path).map_err(|e| io_err(format_args!("opening {}", path.display()), e))?;
+        let file = open(path).map_err(|e| match e.kind() {
+            // Deleted since it was looked up.
+            std::io::ErrorKind::NotFound => Error::NotFound(name.to_string()),
+            _ => io_err(format_args!("opening {}", path.display()), e),
+        })?;
         match try_flock(&file, libc::LOCK_EX) {
             Ok(true) => Ok(Self { _file: file }),
             Ok(false) => Err(Error::Busy(format!(
