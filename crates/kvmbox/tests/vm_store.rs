@@ -354,9 +354,23 @@ fn vm_commands_drive_the_test_guest() {
     c.wait_exit(CMD);
     assert!(!home.log("tg").contains("type help"), "{}", home.log("tg"));
 
+    // `log --follow` prints as the guest writes and ends when the VM does.
+    let mut follow = Interactive::spawn_with(home.cmd(&["log", "--follow", "tg"]));
+    follow.expect("\r\nrestored\r\n", CMD);
+    let mut c = console(&home, "tg", false);
+    c.send(b"echo followed\r");
+    follow.expect("\r\nfollowed\r\n", Duration::from_secs(30));
+    c.send(b"\x01d");
+    c.wait_exit(CMD);
+
     // Delete refuses a running VM, --force powers it off; nothing is left.
     home.fails(&["delete", "tg"], 4, "VM 'tg' is running");
     home.ok(&["delete", "--force", "tg"]);
+    assert_eq!(
+        follow.wait_exit(CMD),
+        Some(0),
+        "log --follow ends with the VM"
+    );
     home.fails(&["show", "tg"], 2, "no VM named 'tg'");
     for d in ["vms", "run"] {
         let left: Vec<_> = std::fs::read_dir(home.0.join(d)).unwrap().collect();
