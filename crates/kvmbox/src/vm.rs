@@ -320,14 +320,22 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
         kvmbox_vmm::AccelChoice::Fixed(kvmbox_cpu::Accel::Kvm) => "kvm".to_string(),
         kvmbox_vmm::AccelChoice::Fixed(kvmbox_cpu::Accel::Emu) => "emu".to_string(),
     };
+    // Each disk's format and backing chain, as the image says (None when it cannot be read).
+    let layers: Vec<Option<Vec<kvmbox_block::image::LayerInfo>>> = cfg
+        .disks
+        .iter()
+        .map(|d| kvmbox_block::image::info(&d.path).ok())
+        .collect();
     let disks: Vec<_> = cfg
         .disks
         .iter()
-        .map(|d| {
+        .zip(&layers)
+        .map(|(d, l)| {
             json!({
                 "path": d.path,
-                "format": d.format.map(|f| f.to_string()),
+                "format": l.as_ref().and_then(|l| l.first()).map(|l| l.format.clone()),
                 "read_only": d.read_only,
+                "backing_chain": l.as_ref().map(|l| l.iter().skip(1).map(|b| b.path.clone()).collect::<Vec<_>>()),
             })
         })
         .collect();
@@ -374,9 +382,16 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
     println!("memory:    {} MiB", cfg.memory >> 20);
     println!("accel:     {accel}");
     println!("rng:       {}", if cfg.rng { "yes" } else { "no" });
-    for d in &cfg.disks {
+    for (d, l) in cfg.disks.iter().zip(&layers) {
         let ro = if d.read_only { " (read-only)" } else { "" };
-        println!("disk:      {}{ro}", d.path.display());
+        let fmt = l
+            .as_ref()
+            .and_then(|l| l.first())
+            .map_or("unreadable".to_string(), |l| l.format.clone());
+        println!("disk:      {} ({fmt}){ro}", d.path.display());
+        for b in l.iter().flatten().skip(1) {
+            println!("  backing: {}", b.path.display());
+        }
     }
     for n in vm.net_specs() {
         println!("net:       {n}");

@@ -523,6 +523,15 @@ fn a_linked_clone_shares_a_frozen_base_and_writes_its_own_overlay() {
         );
     }
     home.fails(&["delete", "src"], 4, "linked clone(s) 'lc'");
+    let shown = home.show("lc");
+    assert_eq!(shown["disks"][0]["format"], "qcow2", "{shown}");
+    assert_eq!(
+        shown["disks"][0]["backing_chain"][0]
+            .as_str()
+            .map(PathBuf::from),
+        Some(base.clone()),
+        "{shown}"
+    );
 
     // The clone's guest writes its disk (the test guest's blk scenario), then powers off.
     home.ok(&["start", "lc"]);
