@@ -38,6 +38,8 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Change a stopped VM's settings (what is not given stays).
+    Modify(Box<ModifyArgs>),
     /// Start a VM in the background (resuming its saved state if it has one); returns once the guest runs.
     Start {
         /// The VM.
@@ -156,6 +158,36 @@ pub enum SnapshotAction {
 }
 
 #[derive(clap::Args)]
+pub struct ModifyArgs {
+    /// The VM.
+    name: String,
+    /// vCPUs.
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// Guest memory: a number with K, M, G or T; plain numbers are MiB.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// Kernel.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// CPU backend: auto, kvm or emu.
+    #[arg(long, value_name = "ACCEL")]
+    accel: Option<String>,
+    /// A virtio-rng device: on or off.
+    #[arg(long, value_name = "on|off")]
+    rng: Option<String>,
+    /// Add a new qcow2 disk of this size in the VM's folder. Repeatable.
+    #[arg(long, value_name = "SIZE")]
+    add_disk_size: Vec<String>,
+}
+
+#[derive(clap::Args)]
 pub struct CreateArgs {
     /// The VM's name: letters, digits, '.', '_', '-' (starting with a letter or digit), at most 64.
     name: String,
@@ -233,6 +265,7 @@ fn dispatch(cmd: VmCommand) -> Result<()> {
         VmCommand::Save { name } => save(&store.vm(&name)?),
         VmCommand::Discard { name } => discard(&store.vm(&name)?),
         VmCommand::Delete { name, force } => delete(&store, &store.vm(&name)?, force),
+        VmCommand::Modify(a) => modify(&store, *a),
         VmCommand::Snapshot { name, action } => snapshot(&store.vm(&name)?, action),
         VmCommand::Clone { name, new, linked } => clone(&store, &store.vm(&name)?, &new, linked),
         VmCommand::Keeper { name, restore } => {
@@ -740,6 +773,45 @@ fn discard(vm: &Vm) -> Result<()> {
     std::fs::remove_dir_all(dir)
         .map_err(|e| Error::Failed(format!("removing {}: {e}", dir.display())))?;
     println!("VM '{name}': saved state discarded");
+    Ok(())
+}
+
+fn modify(store: &Store, a: ModifyArgs) -> Result<()> {
+    let vm = store.vm(&a.name)?;
+    let name = vm.name();
+    let _lock = vm.lock(&format!("kvmbox vm modify {name}"))?;
+    let state = vm.status().state;
+    if is_up(state) {
+        return Err(Error::State(format!(
+            "VM '{name}' is {state}: stop it before changing its settings"
+        )));
+    }
+    if vm.has_saved_state() {
+        return Err(Error::State(format!(
+            "VM '{name}' has a saved state, which needs the settings it was saved with: start and stop it, or `kvmbox vm discard {name}`, first"
+        )));
+    }
+    let rng = match a.rng.as_deref() {
+        None => None,
+        Some("on") => Some(true),
+        Some("off") => Some(false),
+        Some(o) => {
+            return Err(Error::Usage(format!(
+                "invalid --rng '{o}': expected on or off"
+            )))
+        }
+    };
+    vm.modify(&kvmbox_store::ModifyOptions {
+        cpus: a.cpus,
+        memory: a.memory,
+        kernel: a.kernel,
+        initrd: a.initrd,
+        cmdline: a.cmdline,
+        accel: a.accel,
+        rng,
+        add_disk_sizes: a.add_disk_size,
+    })?;
+    println!("VM '{name}' modified");
     Ok(())
 }
 

@@ -646,6 +646,67 @@ fn snapshots_bring_back_disks_the_guest_wrote() {
     home.ok(&["delete", "s"]);
 }
 
+/// `vm modify` changes what it is given and nothing else, refuses bad values without changing
+/// anything, and refuses a running VM.
+#[test]
+fn modify_changes_only_what_it_is_given() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("modify");
+    let tg = testguest();
+    home.ok(&[
+        "create",
+        "m",
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cmdline",
+        "tests=shell",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+    ]);
+    home.ok(&[
+        "modify",
+        "m",
+        "--cpus",
+        "2",
+        "--add-disk-size",
+        "1M",
+        "--rng",
+        "on",
+    ]);
+    let v = home.show("m");
+    assert_eq!(
+        (v["cpus"].as_u64(), v["memory_mib"].as_u64()),
+        (Some(2), Some(128)),
+        "{v}"
+    );
+    assert_eq!(v["cmdline"], "tests=shell");
+    assert_eq!(v["rng"], true);
+    assert!(
+        v["disks"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("vms/m/disk0.qcow2"),
+        "{v}"
+    );
+    let before = std::fs::read_to_string(home.0.join("vms/m/vm.toml")).unwrap();
+    home.fails(&["modify", "m", "--memory", "12Q"], 2, "invalid size '12Q'");
+    home.fails(
+        &["modify", "m", "--accel", "fast"],
+        2,
+        "invalid accelerator 'fast'",
+    );
+    home.fails(&["modify", "m", "--rng", "maybe"], 2, "--rng 'maybe'");
+    assert_eq!(
+        std::fs::read_to_string(home.0.join("vms/m/vm.toml")).unwrap(),
+        before
+    );
+    home.ok(&["start", "m"]);
+    home.fails(&["modify", "m", "--cpus", "1"], 4, "VM 'm' is running");
+    home.ok(&["delete", "--force", "m"]);
+}
+
 /// A settings file broken by hand: every command that reads it names the file and the line.
 #[test]
 fn malformed_settings_are_reported_with_their_line() {

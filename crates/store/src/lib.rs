@@ -22,7 +22,7 @@ pub mod settings;
 pub mod snapshots;
 
 pub use lock::VmLock;
-pub use settings::{CreateOptions, DefaultGuest};
+pub use settings::{CreateOptions, DefaultGuest, ModifyOptions};
 
 use serde::Serialize;
 use std::path::{Path, PathBuf};

@@ -183,6 +183,110 @@ pub(crate) fn write_new(dir: &Path, o: &CreateOptions) -> Result<()> {
     Ok(())
 }
 
+/// What `vm modify` changes; `None`/empty leaves a setting as it is.
+#[derive(Debug, Default, Clone)]
+pub struct ModifyOptions {
+    /// vCPUs.
+    pub cpus: Option<u32>,
+    /// Guest memory.
+    pub memory: Option<String>,
+    /// The kernel.
+    pub kernel: Option<PathBuf>,
+    /// The initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: Option<String>,
+    /// `auto`, `kvm` or `emu`.
+    pub accel: Option<String>,
+    /// A virtio-rng device on or off.
+    pub rng: Option<bool>,
+    /// New qcow2 disks to add, by size.
+    pub add_disk_sizes: Vec<String>,
+}
+
+impl crate::Vm {
+    /// Change the settings of this stopped VM (the caller holds its lock): the file is edited
+    /// key by key (other keys stay as they are), checked by the `kvmbox run --config` parser,
+    /// and replaces the old one in one rename.
+    pub fn modify(&self, o: &ModifyOptions) -> Result<()> {
+        let usage = |e: kvmbox_vmm::ConfigError| Error::Usage(e.to_string());
+        let path = self.settings_path();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| io_err(format_args!("reading {}", path.display()), e))?;
+        let mut t: toml::Table = text
+            .parse()
+            .map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
+        if let Some(c) = o.cpus {
+            if c == 0 {
+                return Err(Error::Usage("invalid --cpus 0: must be at least 1".into()));
+            }
+            t.insert("cpus".into(), i64::from(c).into());
+        }
+        if let Some(m) = &o.memory {
+            kvmbox_vmm::config::parse_size(m).map_err(usage)?;
+            t.insert("memory".into(), m.clone().into());
+        }
+        for (key, p) in [("kernel", &o.kernel), ("initrd", &o.initrd)] {
+            if let Some(p) = p {
+                t.insert(key.into(), absolute(p)?.display().to_string().into());
+            }
+        }
+        if let Some(c) = &o.cmdline {
+            t.insert("cmdline".into(), c.clone().into());
+        }
+        if let Some(a) = &o.accel {
+            t.insert("accel".into(), a.clone().into());
+        }
+        if let Some(r) = o.rng {
+            t.insert("rng".into(), r.into());
+        }
+        let mut disks: Vec<String> = t
+            .get("disks")
+            .and_then(|v| v.clone().try_into().ok())
+            .unwrap_or_default();
+        let mut sizes = Vec::new();
+        for s in &o.add_disk_sizes {
+            sizes.push(kvmbox_vmm::config::parse_size(s).map_err(usage)?);
+        }
+        let mut made = Vec::new();
+        for size in sizes {
+            let file = (disks.len()..)
+                .map(|i| format!("disk{i}.qcow2"))
+                .find(|f| !self.dir().join(f).exists())
+                .unwrap_or_default();
+            let disk = self.dir().join(&file);
+            kvmbox_block::image::create(&disk, size, kvmbox_block::Format::Qcow2, None)
+                .map_err(|e| Error::Usage(format!("--disk-size: {e}")))?;
+            made.push(disk);
+            disks.push(file);
+        }
+        t.insert("disks".into(), disks.into());
+        let body =
+            toml::to_string(&t).map_err(|e| Error::Failed(format!("writing the settings: {e}")))?;
+        let tmp = self.dir().join("vm.toml.new");
+        let checked = std::fs::write(
+            &tmp,
+            format!("# kvmbox VM settings: the format of `kvmbox run --config`.\n{body}"),
+        )
+        .map_err(|e| io_err(format_args!("writing {}", tmp.display()), e))
+        .and_then(|()| kvmbox_vmm::FileConfig::load(&tmp).map_err(usage))
+        .and_then(|f| {
+            kvmbox_vmm::VmConfig::build(Some(f), kvmbox_vmm::Overrides::default()).map_err(usage)
+        })
+        .and_then(|_| {
+            std::fs::rename(&tmp, &path)
+                .map_err(|e| io_err(format_args!("replacing {}", path.display()), e))
+        });
+        if checked.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            for d in made {
+                let _ = std::fs::remove_file(d);
+            }
+        }
+        checked
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
