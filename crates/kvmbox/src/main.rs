@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod disk;
+mod vm;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +36,9 @@ enum Command {
     /// Work with snapshot files.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Named VMs kept in $KVMBOX_HOME: create, list, start, console, stop, save, delete ...
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
 }
 
 #[derive(Subcommand)]
@@ -267,6 +271,7 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::Vm(cmd) => vm::run(cmd),
         Command::Doctor { json } => {
             let report = kvmbox_doctor::run_checks();
             if json {

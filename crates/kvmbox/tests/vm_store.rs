@@ -1,0 +1,838 @@
+//! `kvmbox vm`: named VMs driven through the real binary, each test in a store of its own
+//! (`KVMBOX_HOME` in a temporary folder). The test guest's shell on the software engine shows
+//! the commands, the console, saved state and crash handling in seconds; Debian's kernel on the
+//! engine shows a boot, save/resume of a real OS and a clean shutdown through the power button.
+
+mod common;
+
+use common::{kit_cmd, linux_kit, testguest, CpuLease, Interactive};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A store in a temporary folder; dropping it force-deletes its VMs (ending their processes)
+/// and removes the folder.
+struct Home(PathBuf);
+
+impl Home {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("kvmbox-vm-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Home(p)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(common::kvmbox());
+        c.env("KVMBOX_HOME", &self.0).arg("vm").args(args);
+        c
+    }
+
+    /// Run `kvmbox vm ARGS`: (exit status, stdout, stderr).
+    fn vm(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self
+            .cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kvmbox vm");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `kvmbox vm ARGS`, which must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let (st, out, err) = self.vm(args);
+        assert_eq!(st, 0, "kvmbox vm {args:?}: {out}{err}");
+        out
+    }
+
+    /// `kvmbox vm ARGS`, which must fail with `status` and a message containing `needle`.
+    fn fails(&self, args: &[&str], status: i32, needle: &str) {
+        let (st, out, err) = self.vm(args);
+        assert_eq!(st, status, "kvmbox vm {args:?}: {out}{err}");
+        assert!(
+            err.contains(needle),
+            "kvmbox vm {args:?}: {err:?} lacks {needle:?}"
+        );
+    }
+
+    fn show(&self, name: &str) -> Value {
+        serde_json::from_str(&self.ok(&["show", name, "--json"])).unwrap()
+    }
+
+    fn state(&self, name: &str) -> String {
+        self.show(name)["state"].as_str().unwrap().to_string()
+    }
+
+    fn log(&self, name: &str) -> String {
+        self.ok(&["log", name])
+    }
+
+    /// Wait until the VM's console log (this run's) contains `needle`.
+    fn expect_log(&self, name: &str, needle: &str, timeout: Duration) -> String {
+        let t0 = Instant::now();
+        loop {
+            let log = self.log(name);
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "VM {name}: no {needle:?} in the console log within {timeout:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        if let Ok(list) = serde_json::from_str::<Value>(&self.vm(&["list", "--json"]).1) {
+            for v in list.as_array().into_iter().flatten() {
+                let name = v["name"].as_str().unwrap_or_default().to_string();
+                self.vm(&["delete", "--force", &name]);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether `pid` runs (a zombie, not yet reaped by whoever inherited it, does not).
+fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the command name's closing parenthesis.
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+fn wait_dead(pid: i32) {
+    let t0 = Instant::now();
+    while pid_alive(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "process {pid} still alive"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn kill9(pid: i32) {
+    // SAFETY: kill sends SIGKILL to a process this test's VM started.
+    let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill -9 {pid}");
+    wait_dead(pid);
+}
+
+/// Longest a console client or a VM process takes to attach, detach or end (measured:
+/// milliseconds at load average 10).
+const CMD: Duration = Duration::from_secs(30);
+
+/// Longest the test guest's `blk` scenario on a 1 MiB disk runs on the engine, boot to
+/// power-off (a whole test-guest run with more scenarios took 168 s at load average 53:
+/// `TESTGUEST_TIMEOUT`'s measurement).
+const BLK: Duration = common::TESTGUEST_TIMEOUT;
+
+/// A console client (`kvmbox vm console NAME`), stdin and stdout piped.
+fn console(home: &Home, name: &str, force: bool) -> Interactive {
+    let mut args = vec!["console", name];
+    if force {
+        args.push("--force");
+    }
+    let mut c = home.cmd(&args);
+    // Interactive sets the pipes.
+    c.stdin(Stdio::piped());
+    let con = Interactive::spawn_with(c);
+    let t0 = Instant::now();
+    while !con.stderr().contains("attached to VM") {
+        assert!(t0.elapsed() < CMD, "console: {}", con.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    con
+}
+
+/// The test guest's shell: the commands, the console, saved state, concurrency and crashes.
+#[test]
+fn vm_commands_drive_the_test_guest() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("tg");
+    let tg = testguest();
+    let tg = tg.to_str().unwrap();
+    let create = [
+        "create",
+        "tg",
+        "--kernel",
+        tg,
+        "--cmdline",
+        "tests=shell",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+        "--disk-size",
+        "16M",
+    ];
+    home.ok(&create);
+
+    // Bad input: names, duplicates, sizes, unknown VMs.
+    home.fails(&create, 2, "a VM named 'tg' exists already");
+    for bad in ["../x", ".hidden", "a/b", "a b", "\u{e9}t\u{e9}", ""] {
+        home.fails(&["create", bad, "--kernel", tg], 2, "invalid VM name");
+    }
+    home.fails(
+        &["create", "m", "--kernel", tg, "--memory", "12Q"],
+        2,
+        "invalid size '12Q'",
+    );
+    home.fails(
+        &["create", "d", "--kernel", tg, "--disk-size=-1G"],
+        2,
+        "invalid size '-1G'",
+    );
+    home.fails(
+        &["create", "c", "--kernel", tg, "--cpus", "0"],
+        2,
+        "--cpus 0",
+    );
+    home.fails(&["start", "nosuch"], 2, "no VM named 'nosuch'");
+    home.fails(&["pause", "tg"], 4, "VM 'tg' is stopped: cannot pause it");
+    home.fails(&["console", "tg"], 4, "VM 'tg' is stopped");
+    let list: Value = serde_json::from_str(&home.ok(&["list", "--json"])).unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "failed creates left nothing: {list}"
+    );
+    assert_eq!(list[0]["name"], "tg");
+    assert_eq!(list[0]["state"], "stopped");
+    assert_eq!(list[0]["cpus"], 1);
+    assert_eq!(list[0]["memory_mib"], 128);
+
+    // Start: returns with the guest running; its own disk; sockets in the runtime folder.
+    home.ok(&["start", "tg"]);
+    assert!(home.ok(&["start", "tg"]).contains("already running"));
+    let v = home.show("tg");
+    assert_eq!(v["state"], "running", "{v}");
+    assert!(v["disks"][0]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("vms/tg/disk0.qcow2"));
+    assert!(Path::new(v["api_socket"].as_str().unwrap()).exists());
+    home.expect_log("tg", "kvmbox-testguest# ", Duration::from_secs(60));
+
+    // Console: one client; the next is refused, --force takes over, Ctrl-A d detaches.
+    let mut first = console(&home, "tg", false);
+    first.send(b"echo one-two\r");
+    first.expect("\r\none-two\r\n", Duration::from_secs(30));
+    home.fails(&["console", "tg"], 3, "another client is attached");
+    let mut second = console(&home, "tg", true);
+    first.expect("another client took over", CMD);
+    assert_eq!(first.wait_exit(CMD), Some(0));
+    second.send(b"echo three\r");
+    second.expect("\r\nthree\r\n", Duration::from_secs(30));
+    second.send(b"\x01d");
+    assert_eq!(second.wait_exit(CMD), Some(0));
+    assert!(second.stderr().contains("detached"), "{}", second.stderr());
+    assert!(
+        home.log("tg").contains("one-two"),
+        "the log keeps what the console showed"
+    );
+
+    // Pause and resume (idempotent), then save: the VM process ends, the state stays.
+    home.ok(&["pause", "tg"]);
+    assert_eq!(home.state("tg"), "paused");
+    assert!(home.ok(&["pause", "tg"]).contains("already paused"));
+    home.ok(&["resume", "tg"]);
+    assert_eq!(home.state("tg"), "running");
+    let mut c = console(&home, "tg", false);
+    c.send(b"echo before-save\r");
+    c.expect("\r\nbefore-save\r\n", Duration::from_secs(30));
+    c.send(b"\x01d");
+    c.wait_exit(CMD);
+    let pid = home.show("tg")["pid"].as_i64().unwrap() as i32;
+    home.ok(&["save", "tg"]);
+    assert!(!pid_alive(pid));
+    assert_eq!(home.state("tg"), "saved");
+    home.fails(&["discard", "nosuch"], 2, "no VM named");
+    // A snapshot of the saved VM keeps its running state (restored at the end).
+    home.ok(&[
+        "snapshot",
+        "tg",
+        "take",
+        "saved1",
+        "--description",
+        "at the shell",
+    ]);
+    let tree: Value =
+        serde_json::from_str(&home.ok(&["snapshot", "tg", "list", "--json"])).unwrap();
+    assert_eq!(tree["current"], "saved1", "{tree}");
+    assert_eq!(tree["snapshots"][0]["with_state"], true, "{tree}");
+
+    // Start resumes: the shell goes on (no new boot banner in this run's log).
+    assert!(home
+        .ok(&["start", "tg"])
+        .contains("resumed from its saved state"));
+    assert!(!home.show("tg")["saved_state"].as_bool().unwrap());
+    let mut c = console(&home, "tg", false);
+    c.send(b"echo after-resume\r");
+    c.expect("\r\nafter-resume\r\n", Duration::from_secs(30));
+    c.send(b"\x01d");
+    c.wait_exit(CMD);
+    assert!(!home.log("tg").contains("type help"), "{}", home.log("tg"));
+
+    // kill -9 of the VM process: shown as crashed; start works again.
+    let pid = home.show("tg")["pid"].as_i64().unwrap() as i32;
+    kill9(pid);
+    let t0 = Instant::now();
+    while home.state("tg") != "crashed" {
+        assert!(t0.elapsed() < CMD, "{}", home.show("tg"));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(home.show("tg")["last_run"]["signal"], 9);
+
+    // Two starts at once: one VM; the other is told the VM is busy (3) or already running (0).
+    let mut kids: Vec<_> = (0..2)
+        .map(|_| {
+            home.cmd(&["start", "tg"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = kids
+        .drain(..)
+        .map(|k| k.wait_with_output().unwrap())
+        .collect();
+    let started = outs
+        .iter()
+        .filter(|o| String::from_utf8_lossy(&o.stdout).contains("started (pid"))
+        .count();
+    assert_eq!(started, 1, "{outs:?}");
+    for o in &outs {
+        assert!(matches!(o.status.code(), Some(0 | 3)), "{o:?}");
+    }
+    assert_eq!(home.state("tg"), "running");
+
+    // kill -9 of the keeper: the VM process goes with it; shown as crashed; start cleans up.
+    let run = home.0.join("run/tg");
+    let keeper: i32 = std::fs::read_to_string(run.join("keeper.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let vm_pid = home.show("tg")["pid"].as_i64().unwrap() as i32;
+    kill9(keeper);
+    wait_dead(vm_pid);
+    assert_eq!(home.state("tg"), "crashed");
+    assert!(
+        run.exists(),
+        "the dead keeper's runtime files are still there"
+    );
+    home.ok(&["start", "tg"]);
+    assert_eq!(home.state("tg"), "running");
+
+    // Live snapshots are refused; restoring the saved-state snapshot resumes the shell again.
+    home.fails(&["snapshot", "tg", "take", "x"], 4, "vm save tg` first");
+    home.ok(&["stop", "--force", "tg"]);
+    home.ok(&["snapshot", "tg", "restore", "saved1"]);
+    assert_eq!(home.state("tg"), "saved");
+    assert!(home
+        .ok(&["start", "tg"])
+        .contains("resumed from its saved state"));
+    let mut c = console(&home, "tg", false);
+    c.send(b"echo restored\r");
+    c.expect("\r\nrestored\r\n", Duration::from_secs(30));
+    c.send(b"\x01d");
+    c.wait_exit(CMD);
+    assert!(!home.log("tg").contains("type help"), "{}", home.log("tg"));
+
+    // `log --follow` prints as the guest writes and ends when the VM does.
+    let mut follow = Interactive::spawn_with(home.cmd(&["log", "--follow", "tg"]));
+    follow.expect("\r\nrestored\r\n", CMD);
+    let mut c = console(&home, "tg", false);
+    c.send(b"echo followed\r");
+    follow.expect("\r\nfollowed\r\n", Duration::from_secs(30));
+    c.send(b"\x01d");
+    c.wait_exit(CMD);
+
+    // Delete refuses a running VM, --force powers it off; nothing is left.
+    home.fails(&["delete", "tg"], 4, "VM 'tg' is running");
+    home.ok(&["delete", "--force", "tg"]);
+    assert_eq!(
+        follow.wait_exit(CMD),
+        Some(0),
+        "log --follow ends with the VM"
+    );
+    home.fails(&["show", "tg"], 2, "no VM named 'tg'");
+    for d in ["vms", "run"] {
+        let left: Vec<_> = std::fs::read_dir(home.0.join(d)).unwrap().collect();
+        assert!(left.is_empty(), "{d}: {left:?}");
+    }
+}
+
+/// A full clone: the source's settings, a copy of its disk (its data, as a qcow2 image in the
+/// clone's folder), no MAC address of the source's; the source must be stopped.
+#[test]
+fn a_full_clone_copies_the_disks_and_drops_the_macs() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("clone");
+    let tg = testguest();
+    let raw = home.0.join("data.raw");
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&raw, &data).unwrap();
+    let disk = format!("{},format=raw,serial=data", raw.display());
+    home.ok(&[
+        "create",
+        "src",
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cmdline",
+        "tests=shell",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+        "--disk",
+        &disk,
+        "--net",
+        "tap=kbclone0,mac=02:00:00:00:00:01",
+    ]);
+    home.ok(&["start", "src"]);
+    home.fails(&["clone", "src", "copy"], 4, "VM 'src' is running");
+    home.ok(&["stop", "--force", "src"]);
+    home.ok(&["clone", "src", "copy"]);
+    home.fails(
+        &["clone", "src", "copy"],
+        2,
+        "a VM named 'copy' exists already",
+    );
+    home.fails(&["clone", "src", "../up"], 2, "invalid VM name");
+    let v = home.show("copy");
+    let copy_disk = PathBuf::from(v["disks"][0]["path"].as_str().unwrap());
+    assert_eq!(copy_disk, home.0.join("vms/copy/disk0.qcow2"), "{v}");
+    assert_eq!(v["nets"][0], "tap=kbclone0", "{v}");
+    let settings = std::fs::read_to_string(home.0.join("vms/copy/vm.toml")).unwrap();
+    assert!(settings.contains("disk0.qcow2,serial=data"), "{settings}");
+    // The copy holds the source's data, and outlives the source.
+    home.ok(&["delete", "src"]);
+    let back = home.0.join("back.raw");
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "convert", "--format", "raw"])
+        .arg(&copy_disk)
+        .arg(&back)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "the clone's disk differs"
+    );
+    assert!(
+        raw.exists(),
+        "deleting a VM leaves a --disk image where it was"
+    );
+}
+
+/// `kvmbox disk info --json PATH`: the image and its backing chain.
+fn disk_layers(path: &Path) -> Vec<Value> {
+    let out = Command::new(common::kvmbox())
+        .args(["disk", "info", "--json"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+/// The disk at `path` as raw bytes (`kvmbox disk convert --format raw`).
+fn disk_bytes(home: &Home, path: &Path) -> Vec<u8> {
+    let raw = home.0.join("read-back.raw");
+    let _ = std::fs::remove_file(&raw);
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "convert", "--format", "raw"])
+        .arg(path)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success(), "convert {path:?}");
+    std::fs::read(&raw).unwrap()
+}
+
+/// A linked clone: both VMs on one frozen read-only base; the clone's guest writes its disk and
+/// the source's data stays; the source cannot be deleted while the clone exists.
+#[test]
+fn a_linked_clone_shares_a_frozen_base_and_writes_its_own_overlay() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("linked");
+    let tg = testguest();
+    home.ok(&[
+        "create",
+        "src",
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cmdline",
+        "tests=blk",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+        "--disk-size",
+        "1M",
+    ]);
+    // The source's disk gets known contents.
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let raw = home.0.join("data.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let src_disk = home.0.join("vms/src/disk0.qcow2");
+    std::fs::remove_file(&src_disk).unwrap();
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "convert"])
+        .arg(&raw)
+        .arg(&src_disk)
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    let out = home.ok(&["clone", "--linked", "src", "lc"]);
+    assert!(out.contains("linked clone of 'src'"), "{out}");
+    let base = home.0.join("vms/src/disk0.base-1.qcow2");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&base).unwrap().permissions().mode();
+    assert_eq!(mode & 0o222, 0, "the base is read-only: {mode:o}");
+    let clone_disk = home.0.join("vms/lc/disk0.qcow2");
+    for overlay in [&src_disk, &clone_disk] {
+        let layers = disk_layers(overlay);
+        assert_eq!(layers.len(), 2, "{layers:?}");
+        assert_eq!(PathBuf::from(layers[1]["path"].as_str().unwrap()), base);
+        assert!(
+            disk_bytes(&home, overlay) == data,
+            "{overlay:?} reads the base"
+        );
+    }
+    home.fails(&["delete", "src"], 4, "linked clone(s) 'lc'");
+    let shown = home.show("lc");
+    assert_eq!(shown["disks"][0]["format"], "qcow2", "{shown}");
+    assert_eq!(
+        shown["disks"][0]["backing_chain"][0]
+            .as_str()
+            .map(PathBuf::from),
+        Some(base.clone()),
+        "{shown}"
+    );
+
+    // The clone's guest writes its disk (the test guest's blk scenario), then powers off.
+    home.ok(&["start", "lc"]);
+    let t0 = Instant::now();
+    while home.state("lc") != "stopped" {
+        assert!(t0.elapsed() < BLK, "{}", home.log("lc"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = home.log("lc");
+    assert!(
+        log.contains("KVMBOX-TEST blk ") && !log.contains("error="),
+        "{log}"
+    );
+    assert!(
+        disk_bytes(&home, &clone_disk) != data,
+        "the guest wrote the clone's disk"
+    );
+    assert!(
+        disk_bytes(&home, &src_disk) == data,
+        "the source's disk did not change"
+    );
+
+    home.ok(&["delete", "lc"]);
+    home.ok(&["delete", "src"]);
+    assert!(!home.0.join("vms/src").exists());
+}
+
+/// The snapshot tree of a stopped VM: a snapshot brings back the disk the guest then wrote,
+/// children move to their grandparent when their parent is deleted, and the data stays.
+#[test]
+fn snapshots_bring_back_disks_the_guest_wrote() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("snap");
+    let tg = testguest();
+    home.ok(&[
+        "create",
+        "s",
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cmdline",
+        "tests=blk",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+        "--disk-size",
+        "1M",
+    ]);
+    let disk = home.0.join("vms/s/disk0.qcow2");
+    let zeros = vec![0u8; 1 << 20];
+    assert!(disk_bytes(&home, &disk) == zeros);
+    home.ok(&[
+        "snapshot",
+        "s",
+        "take",
+        "clean",
+        "--description",
+        "before the guest",
+    ]);
+    home.fails(
+        &["snapshot", "s", "take", "clean"],
+        2,
+        "snapshot named 'clean' already",
+    );
+    home.fails(&["snapshot", "s", "take", "../x"], 2, "invalid VM name");
+    // The guest writes its pattern over the disk and powers off.
+    home.ok(&["start", "s"]);
+    let t0 = Instant::now();
+    while home.state("s") != "stopped" {
+        assert!(t0.elapsed() < BLK, "{}", home.log("s"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let written = disk_bytes(&home, &disk);
+    assert!(written != zeros, "the guest wrote its disk");
+    home.ok(&["snapshot", "s", "take", "written"]);
+    home.ok(&["snapshot", "s", "restore", "clean"]);
+    assert!(
+        disk_bytes(&home, &disk) == zeros,
+        "restore brought back the clean disk"
+    );
+    home.ok(&["snapshot", "s", "take", "other"]);
+    let text = home.ok(&["snapshot", "s", "list"]);
+    assert_eq!(
+        text, "  clean - before the guest\n    written\n*   other\n",
+        "children under their parent, the current one marked"
+    );
+    // Deleting the parent keeps every child's data.
+    home.ok(&["snapshot", "s", "delete", "clean"]);
+    let tree: Value = serde_json::from_str(&home.ok(&["snapshot", "s", "list", "--json"])).unwrap();
+    assert_eq!(tree["snapshots"][0]["name"], "written");
+    assert_eq!(tree["snapshots"][0]["parent"], Value::Null);
+    home.ok(&["snapshot", "s", "restore", "written"]);
+    assert!(
+        disk_bytes(&home, &disk) == written,
+        "the later snapshot kept its data"
+    );
+    home.fails(
+        &["snapshot", "s", "restore", "clean"],
+        2,
+        "no snapshot named 'clean'",
+    );
+    home.fails(&["clone", "--linked", "s", "l"], 4, "has snapshots");
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "check"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "the disk is consistent after the snapshot operations"
+    );
+    home.ok(&["delete", "s"]);
+}
+
+/// `vm modify` changes what it is given and nothing else, refuses bad values without changing
+/// anything, and refuses a running VM.
+#[test]
+fn modify_changes_only_what_it_is_given() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("modify");
+    let tg = testguest();
+    home.ok(&[
+        "create",
+        "m",
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cmdline",
+        "tests=shell",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+    ]);
+    home.ok(&[
+        "modify",
+        "m",
+        "--cpus",
+        "2",
+        "--add-disk-size",
+        "1M",
+        "--rng",
+        "on",
+    ]);
+    let v = home.show("m");
+    assert_eq!(
+        (v["cpus"].as_u64(), v["memory_mib"].as_u64()),
+        (Some(2), Some(128)),
+        "{v}"
+    );
+    assert_eq!(v["cmdline"], "tests=shell");
+    assert_eq!(v["rng"], true);
+    assert!(
+        v["disks"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("vms/m/disk0.qcow2"),
+        "{v}"
+    );
+    let before = std::fs::read_to_string(home.0.join("vms/m/vm.toml")).unwrap();
+    home.fails(&["modify", "m", "--memory", "12Q"], 2, "invalid size '12Q'");
+    home.fails(
+        &["modify", "m", "--accel", "fast"],
+        2,
+        "invalid accelerator 'fast'",
+    );
+    home.fails(&["modify", "m", "--rng", "maybe"], 2, "--rng 'maybe'");
+    assert_eq!(
+        std::fs::read_to_string(home.0.join("vms/m/vm.toml")).unwrap(),
+        before
+    );
+    home.ok(&["start", "m"]);
+    home.fails(&["modify", "m", "--cpus", "1"], 4, "VM 'm' is running");
+    home.ok(&["delete", "--force", "m"]);
+}
+
+/// A settings file broken by hand: every command that reads it names the file and the line.
+#[test]
+fn malformed_settings_are_reported_with_their_line() {
+    let home = Home::new("bad");
+    let tg = testguest();
+    home.ok(&["create", "b", "--kernel", tg.to_str().unwrap()]);
+    let path = home.0.join("vms/b/vm.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let broken = text.replace("cpus = 1", "cpus = \"two\"");
+    assert_ne!(text, broken);
+    std::fs::write(&path, &broken).unwrap();
+    let line = broken.lines().position(|l| l.starts_with("cpus")).unwrap() + 1;
+    let needle = format!("line {line}: cpus = \"two\"");
+    for cmd in ["show", "start"] {
+        home.fails(&[cmd, "b"], 2, &needle);
+        home.fails(&[cmd, "b"], 2, "vm.toml");
+    }
+    let list = home.ok(&["list"]);
+    assert!(
+        list.contains("settings error") && list.contains(&needle),
+        "{list}"
+    );
+    std::fs::write(&path, text.replace("memory = \"512M\"", "memroy = 5")).unwrap();
+    home.fails(&["show", "b"], 2, "unknown field `memroy`");
+    home.ok(&["delete", "b"]);
+}
+
+/// Longest a boot of Debian's kernel on the engine may take: `linux_emu.rs`' `BOOT`, from the
+/// same measurements (TESTING.md).
+const BOOT: Duration = Duration::from_secs(2400);
+/// A step of a running Linux guest: `linux_emu.rs`' `STEP` (TESTING.md).
+const STEP: Duration = Duration::from_secs(120);
+
+/// The guest counts once a second until the power button powers it off.
+const COUNT: &str = "i=0; while :; do i=$((i+1)); echo KVMBOX-LINUX count=$i .; sleep 1; done";
+
+/// N of a complete `KVMBOX-LINUX count=N .` line.
+fn count_of(line: &str) -> Option<u64> {
+    let rest = line.strip_prefix("KVMBOX-LINUX count=")?;
+    let (n, dot) = rest.split_once(' ')?;
+    dot.starts_with('.').then(|| n.parse().ok())?
+}
+
+/// The last complete `count=N` line of `log`.
+fn last_count(log: &str) -> u64 {
+    log.lines()
+        .rev()
+        .find_map(count_of)
+        .unwrap_or_else(|| panic!("no count line in:\n{log}"))
+}
+
+/// Debian's kernel as a named VM: boot, pause/resume, save and resume, and a stop through the
+/// ACPI power button that ends in the guest's own clean power-off; then delete.
+#[test]
+fn debian_vm_saves_resumes_and_stops_through_the_power_button() {
+    let _cpu = CpuLease::exclusive();
+    let home = Home::new("linux");
+    let (kernel, initrd) = linux_kit();
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {}", kit_cmd(COUNT));
+    home.ok(&[
+        "create",
+        "deb",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        "512M",
+        "--accel",
+        "emu",
+    ]);
+    let t0 = Instant::now();
+    home.ok(&["start", "deb"]);
+    let started = t0.elapsed();
+    home.expect_log("deb", "KVMBOX-LINUX userspace-ready", BOOT);
+    eprintln!(
+        "vm start returned after {started:?}; userspace-ready after {:?}",
+        t0.elapsed()
+    );
+    home.expect_log("deb", "KVMBOX-LINUX count=3 .", STEP);
+
+    home.ok(&["pause", "deb"]);
+    // What the guest wrote before the pause may still be on its way to the log.
+    std::thread::sleep(Duration::from_secs(1));
+    let paused = last_count(&home.log("deb"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(last_count(&home.log("deb")), paused, "counted while paused");
+    home.ok(&["resume", "deb"]);
+    home.expect_log("deb", &format!("count={} .", paused + 2), STEP);
+
+    let t = Instant::now();
+    home.ok(&["save", "deb"]);
+    eprintln!("vm save (512 MiB) took {:?}", t.elapsed());
+    let before = last_count(&home.log("deb"));
+    assert_eq!(home.state("deb"), "saved");
+    let t = Instant::now();
+    home.ok(&["start", "deb"]);
+    eprintln!("vm start from the saved state took {:?}", t.elapsed());
+    let resumed = home.expect_log("deb", &format!("count={} .", before + 3), STEP);
+    assert!(
+        !resumed.contains("userspace-ready"),
+        "booted again:\n{resumed}"
+    );
+    // The first whole line after the resume: the next count, or the one after it when the
+    // save cut a line in two.
+    let first = resumed.lines().find_map(count_of).unwrap();
+    assert!(
+        (before + 1..=before + 2).contains(&first),
+        "count {before} before the save, {first} after"
+    );
+
+    let t = Instant::now();
+    let out = home.ok(&["stop", "deb", "--timeout", &STEP.as_secs().to_string()]);
+    eprintln!("vm stop (power button to power-off) took {:?}", t.elapsed());
+    assert!(out.contains("the guest powered off"), "{out}");
+    let log = home.log("deb");
+    assert!(log.contains("KVMBOX-LINUX power-button"), "{log}");
+    assert!(log.contains("reboot: Power down"), "{log}");
+    let v = home.show("deb");
+    assert_eq!(v["state"], "stopped");
+    assert_eq!(v["last_run"]["exit_status"], 0);
+    home.ok(&["delete", "deb"]);
+    for d in ["vms", "run"] {
+        let left: Vec<_> = std::fs::read_dir(home.0.join(d)).unwrap().collect();
+        assert!(left.is_empty(), "{d}: {left:?}");
+    }
+}
