@@ -120,6 +120,19 @@ pub fn lock(file: &File, path: &Path, access: Access) -> Result<()> {
     Ok(())
 }
 
+/// Release every lock this open file holds on its image, now. An OFD lock otherwise lasts
+/// until the last descriptor of the open file is closed, and a child that another thread is
+/// starting holds a copy of every descriptor until it executes its program (the descriptors
+/// are close-on-exec): closing the image alone could leave it locked for that moment, and a
+/// process reopening it at once would be refused.
+pub(crate) fn unlock(file: &File) {
+    let mut fl = flock(PERM_BASE, libc::F_UNLCK);
+    fl.l_len = SHARED_BASE + i64::from(PERM_COUNT) - PERM_BASE;
+    // SAFETY: F_OFD_SETLK with a valid flock struct on our own descriptor; unlocking bytes
+    // this open file does not lock changes nothing.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+}
+
 /// The process holding a lock on `byte` of `file`. OFD locks show no owner (`fcntl` and
 /// /proc/locks say -1), so look, as `lslocks` does, for the descriptor that holds it in
 /// /proc/PID/fdinfo, whose `lock:` lines name the file as "major:minor:inode start end".

@@ -624,13 +624,22 @@ impl Qcow2Backend {
 }
 
 impl Drop for Qcow2Backend {
-    /// A clean close: metadata written back and synced, then the dirty bit cleared.
+    /// A clean close: metadata written back and synced, then the dirty bit cleared, then the
+    /// image's locks released (see [`crate::lock::unlock`]; not after a failed write-back,
+    /// which imago tries again as it closes the file).
     fn drop(&mut self) {
-        if let Some(f) = self.dirty_bit.take() {
-            let a = self.access.get_mut().unwrap_or_else(|e| e.into_inner());
-            if a.flush().and_then(|()| a.sync()).is_ok() {
+        let a = self.access.get_mut().unwrap_or_else(|e| e.into_inner());
+        let written = if let Some(f) = self.dirty_bit.take() {
+            let ok = a.flush().and_then(|()| a.sync()).is_ok();
+            if ok {
                 let _ = crate::meta::set_dirty(&f, &self.path, false);
             }
+            ok
+        } else {
+            self.read_only || a.flush().is_ok()
+        };
+        if written {
+            crate::lock::unlock(&self.file);
         }
     }
 }

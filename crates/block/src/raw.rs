@@ -21,6 +21,13 @@ pub struct RawBackend {
     probed: bool,
 }
 
+impl Drop for RawBackend {
+    /// Release the image's locks as it closes (see [`crate::lock::unlock`]).
+    fn drop(&mut self) {
+        crate::lock::unlock(&self.file);
+    }
+}
+
 impl RawBackend {
     /// Serve `file` (already opened and locked) as a raw disk of `size` bytes.
     pub fn new(file: File, size: u64, read_only: bool, probed: bool) -> Self {
