@@ -17,6 +17,7 @@ ioctl_iowr_nr!(KVM_GET_SUPPORTED_CPUID, KVMIO, 0x05, kvm_cpuid2);
 ioctl_iowr_nr!(KVM_GET_MSR_FEATURE_INDEX_LIST, KVMIO, 0x0a, kvm_msr_list);
 // A VM.
 ioctl_io_nr!(KVM_CREATE_VCPU, KVMIO, 0x41);
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 ioctl_iow_nr!(
     KVM_SET_USER_MEMORY_REGION,
     KVMIO,
@@ -59,7 +60,7 @@ ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
 ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
 
 /// What only the VMM thread does with KVM: open it, build a VM, its memory map, its vCPUs,
-/// and read or set the VM-wide clock (snapshots).
+/// read or set the VM-wide clock, and start and read the dirty-page log (snapshots).
 pub(crate) fn kvm_setup() -> Vec<u64> {
     vec![
         KVM_GET_API_VERSION(),
@@ -71,6 +72,7 @@ pub(crate) fn kvm_setup() -> Vec<u64> {
         KVM_GET_MSR_FEATURE_INDEX_LIST(),
         KVM_CREATE_VCPU(),
         KVM_SET_USER_MEMORY_REGION(),
+        KVM_GET_DIRTY_LOG(),
         KVM_SET_TSS_ADDR(),
         KVM_SET_IDENTITY_MAP_ADDR(),
         KVM_ENABLE_CAP(),
@@ -146,6 +148,7 @@ mod tests {
         assert_eq!(KVM_RUN(), 0xae80);
         assert_eq!(KVM_SIGNAL_MSI(), 0x4020_aea5);
         assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
+        assert_eq!(KVM_GET_DIRTY_LOG(), 0x4010_ae42);
         assert_eq!(KVM_GET_XSAVE(), 0x9000_aea4);
     }
 }
