@@ -9,7 +9,7 @@ use kvmbox_devices::IoBus;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::event_handler::{fill_rx_chain, place_frame, Placed};
-use super::{parse_tx_frame, Net, NetConfig, MAX_FRAME, VNET_HDR_LEN};
+use super::{parse_tx_frame, Net, NetBackendConfig, NetConfig, MAX_FRAME, VNET_HDR_LEN};
 use crate::queue::{pop_chain, ChainError};
 use crate::test_util::*;
 use crate::transport::MmioTransport;
@@ -128,10 +128,10 @@ fn tap_arp_round_trip_in_a_network_namespace() {
     let ns = Netns::new("");
     let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
     let net = ns.open_net(NetConfig {
-        tap: "kvbtap0".into(),
+        backend: NetBackendConfig::Tap("kvbtap0".into()),
         mac: Some(mac),
     });
-    assert_eq!(net.tap_name(), "kvbtap0");
+    assert_eq!(net.backend_label(), "tap 'kvbtap0'");
     ns.ip(&["link", "set", "kvbtap0", "up"]);
     ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "kvbtap0"]);
 
@@ -385,7 +385,7 @@ fn bench_tap_tx_mtu_vs_tso() {
     let ns = Netns::new("b");
     let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x57];
     let net = ns.open_net(NetConfig {
-        tap: "kvbtapb".into(),
+        backend: NetBackendConfig::Tap("kvbtapb".into()),
         mac: Some(mac),
     });
     ns.ip(&["link", "set", "kvbtapb", "up"]);
