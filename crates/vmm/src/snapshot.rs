@@ -49,7 +49,8 @@ pub struct SavedDisk {
     pub lock: bool,
 }
 
-/// A virtio-net interface: the TAP is reopened on restore, with the MAC the guest saw.
+/// A virtio-net interface: the TAP is reopened (or a new passt started) on restore, with the
+/// MAC the guest saw.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedNet {
     /// The `--net` option without the MAC (`tap=NAME`, `user,hostfwd=...`). Files from before

@@ -147,7 +147,7 @@ fn net_spec(n: &NetworkInterface) -> String {
         parts.push("user".to_string());
         parts.extend(u.hostfwd.iter().map(|f| format!("hostfwd={f}")));
     }
-    if !n.host_dev_name.is_empty() || n.user_net.is_none() {
+    if !n.host_dev_name.is_empty() {
         parts.push(format!("tap={}", n.host_dev_name));
     }
     if let Some(mac) = &n.guest_mac {
@@ -217,6 +217,12 @@ fn check_net(n: &NetworkInterface) -> ApiRes<()> {
     }
     if n.host_dev_name.contains(',') || n.guest_mac.as_deref().is_some_and(|m| m.contains(',')) {
         return Err(refuse("host_dev_name", "kvmbox cannot use a name with ','"));
+    }
+    if n.host_dev_name.is_empty() && n.user_net.is_none() {
+        return Err(refuse(
+            "host_dev_name",
+            "give host_dev_name (a TAP device) or user_net (the user network)",
+        ));
     }
     if let Some(f) = n
         .user_net
