@@ -735,6 +735,38 @@ fn free_port(udp: bool) -> u16 {
     }
 }
 
+/// Serve `data` to one TFTP read request (RFC 1350, 512-byte blocks, each acknowledged before
+/// the next; options ignored) on `sock`; returns the file name asked for.
+fn serve_tftp_once(sock: &std::net::UdpSocket, data: &[u8]) -> String {
+    sock.set_read_timeout(Some(BOOT)).unwrap();
+    let mut b = [0u8; 1024];
+    let (n, peer) = sock.recv_from(&mut b).expect("a TFTP request");
+    assert_eq!(&b[..2], &[0, 1], "RRQ");
+    let name = String::from_utf8_lossy(b[2..n].split(|&c| c == 0).next().unwrap()).to_string();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    // A file that is a whole number of blocks ends with an empty one.
+    let last = (data.len() % 512 == 0).then_some(&[][..]);
+    for (i, chunk) in data.chunks(512).chain(last).enumerate() {
+        let block = (i + 1) as u16;
+        let mut pkt = vec![0, 3];
+        pkt.extend_from_slice(&block.to_be_bytes());
+        pkt.extend_from_slice(chunk);
+        let start = Instant::now();
+        loop {
+            sock.send_to(&pkt, peer).unwrap();
+            match sock.recv_from(&mut b) {
+                Ok((4, _)) if b[..4] == [0, 4, (block >> 8) as u8, block as u8] => break,
+                Ok(_) => {}
+                Err(_) => assert!(
+                    start.elapsed() < STEP,
+                    "no acknowledgement of TFTP block {block} within {STEP:?}"
+                ),
+            }
+        }
+    }
+    name
+}
+
 /// `key` (e.g. "Uid", "CapEff") from /proc/PID/status.
 fn proc_status(pid: u32, key: &str) -> String {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -757,8 +789,8 @@ fn guest_md5(console: &str, path: &str) -> String {
 /// `--net user` (passt): kvmbox runs as an unprivileged user with no capabilities (nobody,
 /// through setpriv, when the test runs as root). In one boot the guest gets 10.0.2.15 by
 /// DHCP, fetches a file from an HTTP server on the host's 127.0.0.1 through the gateway
-/// 10.0.2.2 (md5 compared), sends a UDP datagram to the host through the gateway, serves HTTP
-/// and a UDP echo that the host reaches through `hostfwd` (content compared both ways); then
+/// 10.0.2.2 and another from a TFTP server there (UDP both ways; md5s compared), serves HTTP
+/// that the host reaches through `hostfwd` (content compared), with a UDP `hostfwd` bound; then
 /// the test kills passt and the guest sees its link go down while kvmbox reports it and still
 /// powers off normally. Everything is on the host's loopback.
 #[test]
@@ -802,8 +834,13 @@ fn user_network_dhcp_gateway_and_hostfwd_without_privileges() {
             .unwrap_or("")
             .to_string()
     });
-    let udp_in = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let udp_in_port = udp_in.local_addr().unwrap().port();
+    // A TFTP server (UDP) with 5,000 bytes: the guest's busybox has no UDP netcat, but its
+    // tftp client makes a UDP exchange both ways (request, data blocks, acknowledgements).
+    let tftp_data = pattern(5000, 23);
+    let tftp_md5 = md5_hex(&tftp_data);
+    let tftp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tftp_port = tftp.local_addr().unwrap().port();
+    let tftp_server = std::thread::spawn(move || serve_tftp_once(&tftp, &tftp_data));
     let (fwd_http, fwd_udp, fwd_done) = (free_port(false), free_port(true), free_port(false));
     let net = format!(
         "user,hostfwd=tcp::{fwd_http}-:80,hostfwd=udp:127.0.0.1:{fwd_udp}-10.0.2.15:5555,\
@@ -811,10 +848,9 @@ fn user_network_dhcp_gateway_and_hostfwd_without_privileges() {
     );
     let script = format!(
         "wget -q -O /tmp/b http://10.0.2.2:{http_port}/blob; md5sum /tmp/b; \
-         echo udp-from-guest | nc -u -w 2 10.0.2.2 {udp_in_port}; \
+         tftp -g -r data -l /tmp/t 10.0.2.2 {tftp_port}; md5sum /tmp/t; \
          mkdir /tmp/w; head -c 262144 /dev/urandom >/tmp/w/page; md5sum /tmp/w/page; \
-         httpd -p 80 -h /tmp/w; nc -u -l -p 5555 -e cat & \
-         echo KVMBOX-LINUX serving; nc -l -p 7777 >/tmp/d; \
+         httpd -p 80 -h /tmp/w; echo KVMBOX-LINUX serving; nc -l -p 7777 >/tmp/d; \
          echo KVMBOX-LINUX host-said-$(cat /tmp/d); \
          while [ $(cat /sys/class/net/eth0/carrier) = 1 ]; do sleep 1; done; \
          echo KVMBOX-LINUX carrier-lost"
@@ -905,11 +941,13 @@ fn user_network_dhcp_gateway_and_hostfwd_without_privileges() {
         blob_md5,
         "1 MiB from the host"
     );
-    udp_in.set_read_timeout(Some(STEP)).unwrap();
-    let mut d = [0u8; 64];
-    let (n, _) = udp_in.recv_from(&mut d).expect("the guest's UDP datagram");
-    assert_eq!(&d[..n], b"udp-from-guest\n");
-    // Host -> guest through hostfwd: HTTP, then a UDP echo.
+    assert_eq!(
+        tftp_server.join().unwrap(),
+        "data",
+        "the guest's TFTP request"
+    );
+    assert_eq!(guest_md5(&console, "/tmp/t"), tftp_md5, "UDP both ways");
+    // Host -> guest through hostfwd.
     let mut c = TcpStream::connect(("127.0.0.1", fwd_http)).unwrap();
     c.set_read_timeout(Some(STEP)).unwrap();
     c.write_all(b"GET /page HTTP/1.0\r\n\r\n").unwrap();
@@ -922,18 +960,6 @@ fn user_network_dhcp_gateway_and_hostfwd_without_privileges() {
         .unwrap_or_else(|| panic!("no HTTP answer: {}", String::from_utf8_lossy(&resp)));
     assert_eq!(body.len(), 262144, "page through hostfwd");
     assert_eq!(md5_hex(body), guest_md5(&console, "/tmp/w/page"));
-    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-    u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let start = Instant::now();
-    let echoed = loop {
-        u.send_to(b"echo-me", ("127.0.0.1", fwd_udp)).unwrap();
-        match u.recv_from(&mut d) {
-            Ok((n, _)) => break d[..n].to_vec(),
-            Err(_) if start.elapsed() < STEP => continue,
-            Err(e) => panic!("no UDP echo through hostfwd within {STEP:?}: {e}"),
-        }
-    };
-    assert_eq!(echoed, b"echo-me");
     let mut done = TcpStream::connect(("127.0.0.1", fwd_done)).unwrap();
     done.write_all(b"done").unwrap();
     drop(done);
