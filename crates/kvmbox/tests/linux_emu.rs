@@ -745,7 +745,7 @@ fn serve_tftp_once(sock: &std::net::UdpSocket, data: &[u8]) -> String {
     let name = String::from_utf8_lossy(b[2..n].split(|&c| c == 0).next().unwrap()).to_string();
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     // A file that is a whole number of blocks ends with an empty one.
-    let last = (data.len() % 512 == 0).then_some(&[][..]);
+    let last = data.len().is_multiple_of(512).then_some(&[][..]);
     for (i, chunk) in data.chunks(512).chain(last).enumerate() {
         let block = (i + 1) as u16;
         let mut pkt = vec![0, 3];
