@@ -922,7 +922,7 @@ fn user_network_dhcp_gateway_and_hostfwd_without_privileges() {
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .find(|&p: &u32| {
-            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "passt")
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("passt"))
         })
         .expect("kvmbox runs passt");
     if root {
