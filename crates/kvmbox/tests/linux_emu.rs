@@ -852,8 +852,8 @@ fn user_network_dhcp_gateway_and_hostfwd_without_privileges() {
         "wget -q -O /tmp/b http://10.0.2.2:{http_port}/blob; md5sum /tmp/b; \
          tftp -g -r data -l /tmp/t 10.0.2.2 {tftp_port}; md5sum /tmp/t; \
          mkdir /tmp/w; head -c 262144 /dev/urandom >/tmp/w/page; md5sum /tmp/w/page; \
-         httpd -p 80 -h /tmp/w; echo KVMBOX-LINUX serving; nc -l -p 7777 >/tmp/d; \
-         echo KVMBOX-LINUX host-said-$(cat /tmp/d); \
+         httpd -p 80 -h /tmp/w; nc -l -p 7777 >/tmp/d & \
+         echo KVMBOX-LINUX serving; wait $!; echo KVMBOX-LINUX host-said-$(cat /tmp/d); \
          while [ $(cat /sys/class/net/eth0/carrier) = 1 ]; do sleep 1; done; \
          echo KVMBOX-LINUX carrier-lost"
     );
