@@ -794,8 +794,6 @@ fn guest_md5(console: &str, path: &str) -> String {
 /// the test kills passt and the guest sees its link go down while kvmbox reports it and still
 /// powers off normally. Everything is on the host's loopback.
 #[test]
-#[ignore = "written 2026-12-02 but not yet run: the machine-wide heavy lock stayed busy until \
-            the deadline; run with --ignored (see TESTING.md)"]
 fn user_network_dhcp_gateway_and_hostfwd_without_privileges() {
     use std::io::Write;
     use std::net::{TcpListener, TcpStream, UdpSocket};
