@@ -121,8 +121,13 @@ pub struct PartialDrive {
 pub struct NetworkInterface {
     /// The interface's name (must match the path).
     pub iface_id: String,
-    /// The host TAP device.
+    /// The host TAP device (empty or absent with `user_net`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub host_dev_name: String,
+    /// kvmbox extension: the user network (NAT through passt, no privileges) instead of a
+    /// TAP device, as `--net user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_net: Option<UserNet>,
     /// The guest's MAC address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
@@ -135,6 +140,16 @@ pub struct NetworkInterface {
     /// Transmit rate limiter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// kvmbox extension of [`NetworkInterface`]: the user network.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserNet {
+    /// Port forwarding rules in QEMU's syntax, `PROTO:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT`
+    /// (as `--net user,hostfwd=`).
+    #[serde(default)]
+    pub hostfwd: Vec<String>,
 }
 
 /// `PATCH /network-interfaces/{iface_id}`.

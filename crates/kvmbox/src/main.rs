@@ -86,7 +86,9 @@ struct RunArgs {
     /// A virtio-blk disk: PATH[,format=raw|qcow2][,ro][,serial=ID][,lock=off]. Repeatable.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
-    /// A virtio-net interface on a TAP device: tap=NAME[,mac=MAC]. Repeatable.
+    /// A virtio-net interface: tap=NAME[,mac=MAC] (a TAP device) or
+    /// user[,hostfwd=PROTO:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT]...[,mac=MAC] (NAT through
+    /// passt, no privileges). Repeatable.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
     /// A virtio-rng device fed by the host's getrandom.

@@ -290,6 +290,34 @@ fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
     refused(
         &sock,
         "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "user_net": {}}"#),
+        "tap=NAME goes with neither user nor hostfwd",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0", "user_net": {"hostfwd": ["tcp::0-:22"]}}"#),
+        "'0' is not a port",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0", "user_net": {"hostfwd": ["tcp::1-:2,mac=x"]}}"#),
+        "one rule per entry",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0"}"#),
+        "host_dev_name (a TAP device) or user_net",
+    );
+    refused(
+        &sock,
+        "PUT",
         "/actions",
         Some(r#"{"action_type": "Reboot"}"#),
         "Reboot",
@@ -363,6 +391,18 @@ fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
         "PATCH",
         "/machine-config",
         r#"{"mem_size_mib": 256, "accel": "kvm"}"#,
+    );
+    // A user network is accepted as --net user is, and shows in the configuration.
+    ok(
+        &sock,
+        "PUT",
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0", "user_net": {"hostfwd": ["tcp::2222-:22"]}, "guest_mac": "52:54:00:12:34:56"}"#,
+    );
+    let cfg = http(&sock, "GET", "/vm/config", None).1;
+    assert_eq!(
+        cfg["network-interfaces"][0]["user_net"]["hostfwd"][0], "tcp::2222-:22",
+        "{cfg}"
     );
     let after = mc(&sock);
     assert_eq!(after["mem_size_mib"], 256);

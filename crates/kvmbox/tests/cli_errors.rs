@@ -517,3 +517,54 @@ fn snapshot_merge_refuses_missing_and_mismatched_files() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+/// `--net user`: a forwarded host port that is taken, or given twice, is refused with one
+/// line naming the rule, before any guest runs (and before passt starts); so is a restart on
+/// reboot under the seccomp filters.
+#[test]
+fn user_network_refuses_taken_and_repeated_hostfwd_ports() {
+    let kernel = testguest();
+    let kernel = kernel.to_str().unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tp = tcp.local_addr().unwrap().port();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let up = udp.local_addr().unwrap().port();
+    for (net, needle) in [
+        (
+            format!("user,hostfwd=tcp::{tp}-:80"),
+            format!("hostfwd tcp:127.0.0.1:{tp}-:80: cannot listen on 127.0.0.1:{tp}"),
+        ),
+        (
+            format!("user,hostfwd=udp:127.0.0.1:{up}-10.0.2.15:53"),
+            format!("hostfwd udp:127.0.0.1:{up}-:53: cannot listen on 127.0.0.1:{up}"),
+        ),
+        (
+            "user,hostfwd=tcp::1-:2,hostfwd=tcp:127.0.0.1:1-:3".to_string(),
+            "use the same host port".to_string(),
+        ),
+        (
+            "user,hostfwd=tcp::2222-10.0.2.16:22".to_string(),
+            "must be 10.0.2.15".to_string(),
+        ),
+    ] {
+        expect_usage_error(
+            &["run", "--accel", "emu", "--kernel", kernel, "--net", &net],
+            &needle,
+        );
+    }
+    // A restart would have to start passt again under the seccomp filters.
+    expect_usage_error(
+        &[
+            "run",
+            "--accel",
+            "emu",
+            "--kernel",
+            kernel,
+            "--net",
+            "user",
+            "--on-reboot",
+            "restart",
+        ],
+        "--net user with --on-reboot restart needs --no-seccomp",
+    );
+}

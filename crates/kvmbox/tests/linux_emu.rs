@@ -722,3 +722,266 @@ fn debian_on_the_engine_pauses_and_continues_after_snapshot_sigkill_and_restore(
         let _ = std::fs::remove_file(p);
     }
 }
+
+/// A port on 127.0.0.1 that was free a moment ago (for a `hostfwd` or a host-side server).
+fn free_port(udp: bool) -> u16 {
+    if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}
+
+/// Serve `data` to one TFTP read request (RFC 1350, 512-byte blocks, each acknowledged before
+/// the next; options ignored) on `sock`; returns the file name asked for.
+fn serve_tftp_once(sock: &std::net::UdpSocket, data: &[u8]) -> String {
+    sock.set_read_timeout(Some(BOOT)).unwrap();
+    let mut b = [0u8; 1024];
+    let (n, peer) = sock.recv_from(&mut b).expect("a TFTP request");
+    assert_eq!(&b[..2], &[0, 1], "RRQ");
+    let name = String::from_utf8_lossy(b[2..n].split(|&c| c == 0).next().unwrap()).to_string();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    // A file that is a whole number of blocks ends with an empty one.
+    let last = data.len().is_multiple_of(512).then_some(&[][..]);
+    for (i, chunk) in data.chunks(512).chain(last).enumerate() {
+        let block = (i + 1) as u16;
+        let mut pkt = vec![0, 3];
+        pkt.extend_from_slice(&block.to_be_bytes());
+        pkt.extend_from_slice(chunk);
+        let start = Instant::now();
+        loop {
+            sock.send_to(&pkt, peer).unwrap();
+            match sock.recv_from(&mut b) {
+                Ok((4, _)) if b[..4] == [0, 4, (block >> 8) as u8, block as u8] => break,
+                Ok(_) => {}
+                Err(_) => assert!(
+                    start.elapsed() < STEP,
+                    "no acknowledgement of TFTP block {block} within {STEP:?}"
+                ),
+            }
+        }
+    }
+    name
+}
+
+/// `key` (e.g. "Uid", "CapEff") from /proc/PID/status.
+fn proc_status(pid: u32, key: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// The md5 the guest's `md5sum` printed for `path`.
+fn guest_md5(console: &str, path: &str) -> String {
+    console
+        .lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_suffix(&format!("  {path}")))
+        .unwrap_or_else(|| panic!("no md5 of {path} in:\n{console}"))
+        .to_string()
+}
+
+/// `--net user` (passt): kvmbox runs as an unprivileged user with no capabilities (nobody,
+/// through setpriv, when the test runs as root). In one boot the guest gets 10.0.2.15 by
+/// DHCP, fetches a file from an HTTP server on the host's 127.0.0.1 through the gateway
+/// 10.0.2.2 and another from a TFTP server there (UDP both ways; md5s compared), serves HTTP
+/// that the host reaches through `hostfwd` (content compared), with a UDP `hostfwd` bound; then
+/// the test kills passt and the guest sees its link go down while kvmbox reports it and still
+/// powers off normally. Everything is on the host's loopback.
+#[test]
+fn user_network_dhcp_gateway_and_hostfwd_without_privileges() {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream, UdpSocket};
+    let test = "user_network_dhcp_gateway_and_hostfwd_without_privileges";
+    if Command::new("passt").arg("--version").output().is_err() {
+        skip(
+            test,
+            "passt is not installed (scripts/setup.sh installs it)",
+        );
+        return;
+    }
+    let _cpu = CpuLease::exclusive();
+    // The host side: an HTTP server with 1 MiB of data and a UDP listener, both on loopback.
+    let blob = pattern(1 << 20, 11);
+    let blob_md5 = md5_hex(&blob);
+    let http = TcpListener::bind("127.0.0.1:0").unwrap();
+    let http_port = http.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = http.accept().unwrap();
+        c.set_read_timeout(Some(STEP)).unwrap();
+        let mut req = Vec::new();
+        let mut b = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = c.read(&mut b).unwrap();
+            assert!(n > 0, "request cut short");
+            req.extend_from_slice(&b[..n]);
+        }
+        write!(
+            c,
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
+            blob.len()
+        )
+        .unwrap();
+        c.write_all(&blob).unwrap();
+        String::from_utf8_lossy(&req)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    });
+    // A TFTP server (UDP) with 5,000 bytes: the guest's busybox has no UDP netcat, but its
+    // tftp client makes a UDP exchange both ways (request, data blocks, acknowledgements).
+    let tftp_data = pattern(5000, 23);
+    let tftp_md5 = md5_hex(&tftp_data);
+    let tftp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tftp_port = tftp.local_addr().unwrap().port();
+    let tftp_server = std::thread::spawn(move || serve_tftp_once(&tftp, &tftp_data));
+    let (fwd_http, fwd_udp) = (free_port(false), free_port(true));
+    let net =
+        format!("user,hostfwd=tcp::{fwd_http}-:80,hostfwd=udp:127.0.0.1:{fwd_udp}-10.0.2.15:5555");
+    let script = format!(
+        "wget -q -O /tmp/b http://10.0.2.2:{http_port}/blob; md5sum /tmp/b; \
+         tftp -g -r data -l /tmp/t 10.0.2.2 {tftp_port}; md5sum /tmp/t; \
+         mkdir /tmp/w; head -c 262144 /dev/urandom >/tmp/w/page; md5sum /tmp/w/page; \
+         httpd -p 80 -h /tmp/w; echo KVMBOX-LINUX serving; \
+         while [ $(cat /sys/class/net/eth0/carrier) = 1 ]; do sleep 1; done; \
+         echo KVMBOX-LINUX carrier-lost"
+    );
+    // The kit lives under root's home: give the unprivileged kvmbox a readable copy.
+    let (kernel, initrd) = linux_kit();
+    let dir = std::env::temp_dir().join(format!("kvmbox-usernet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (k, i) = (dir.join("vmlinuz"), dir.join("initrd"));
+    std::fs::copy(&kernel, &k).unwrap();
+    std::fs::copy(&initrd, &i).unwrap();
+    for p in [&dir, &k, &i] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = if p.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let args: Vec<String> = kvmbox_args(
+        1,
+        &format!("kvmbox.run=dhcp {}", kit_cmd(&script)),
+        &["--net", &net],
+    )
+    .into_iter()
+    .map(|a| {
+        if a == kernel.to_str().unwrap() {
+            k.to_str().unwrap().to_string()
+        } else if a == initrd.to_str().unwrap() {
+            i.to_str().unwrap().to_string()
+        } else {
+            a
+        }
+    })
+    .collect();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = if root {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ]);
+        c.arg(common::kvmbox());
+        c
+    } else {
+        Command::new(common::kvmbox())
+    };
+    cmd.args(&args);
+    let mut vm = Interactive::spawn_with(cmd);
+
+    let dhcp = vm.expect("KVMBOX-LINUX dhcp ", BOOT);
+    let _ = dhcp;
+    vm.expect("KVMBOX-LINUX serving", BOOT);
+    let console = vm.console();
+    assert_eq!(
+        field(&console, "KVMBOX-LINUX dhcp ", "ip"),
+        "10.0.2.15",
+        "{console}"
+    );
+    assert_eq!(field(&console, "KVMBOX-LINUX dhcp ", "mask"), "24");
+    assert_eq!(field(&console, "KVMBOX-LINUX dhcp ", "router"), "10.0.2.2");
+    assert_eq!(field(&console, "KVMBOX-LINUX dhcp ", "mtu"), "65520");
+    // kvmbox and its passt run without privileges.
+    let pid = vm.id();
+    let passt_pid: u32 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flat_map(|t| std::fs::read_to_string(t.unwrap().path().join("children")))
+        .flat_map(|k| {
+            k.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .find(|&p| {
+            // Debian's passt execs passt.avx2 where the CPU has AVX2.
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("passt"))
+        })
+        .expect("kvmbox runs passt");
+    if root {
+        assert!(
+            proc_status(pid, "Uid").starts_with("65534"),
+            "kvmbox runs as nobody"
+        );
+        assert_eq!(
+            proc_status(pid, "CapEff"),
+            "0000000000000000",
+            "kvmbox has no capabilities"
+        );
+        assert!(
+            proc_status(passt_pid, "Uid").starts_with("65534"),
+            "passt runs as nobody"
+        );
+    }
+    // Guest -> host through the gateway: TCP (the file) and UDP.
+    assert_eq!(server.join().unwrap(), "GET /blob HTTP/1.1");
+    assert_eq!(
+        guest_md5(&console, "/tmp/b"),
+        blob_md5,
+        "1 MiB from the host"
+    );
+    assert_eq!(
+        tftp_server.join().unwrap(),
+        "data",
+        "the guest's TFTP request"
+    );
+    assert_eq!(guest_md5(&console, "/tmp/t"), tftp_md5, "UDP both ways");
+    // Host -> guest through hostfwd.
+    let mut c = TcpStream::connect(("127.0.0.1", fwd_http)).unwrap();
+    c.set_read_timeout(Some(STEP)).unwrap();
+    c.write_all(b"GET /page HTTP/1.0\r\n\r\n").unwrap();
+    let mut resp = Vec::new();
+    c.read_to_end(&mut resp).unwrap();
+    let body = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| &resp[p + 4..])
+        .unwrap_or_else(|| panic!("no HTTP answer: {}", String::from_utf8_lossy(&resp)));
+    assert_eq!(body.len(), 262144, "page through hostfwd");
+    assert_eq!(md5_hex(body), guest_md5(&console, "/tmp/w/page"));
+    // passt dies: the guest's link goes down, kvmbox says so and carries on.
+    // SAFETY: signalling the passt child of the kvmbox this test started.
+    assert_eq!(unsafe { libc::kill(passt_pid as i32, libc::SIGKILL) }, 0);
+    vm.expect("KVMBOX-LINUX carrier-lost", STEP);
+    assert_eq!(vm.wait_exit(BOOT), Some(0));
+    let stderr = vm.stderr();
+    assert!(
+        stderr.contains("virtio-net (user): passt ended") && stderr.contains("link is down"),
+        "kvmbox reports the end of passt:\n{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

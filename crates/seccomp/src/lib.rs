@@ -41,6 +41,8 @@ pub enum ThreadKind {
     RngWorker,
     /// The child that outlives kvmbox to release the VM (`crates/vmm/src/exit.rs`).
     Releaser,
+    /// Copies a helper program's messages (passt's stderr) to kvmbox's stderr.
+    HelperOutput,
 }
 
 impl ThreadKind {
@@ -57,6 +59,7 @@ impl ThreadKind {
         ThreadKind::NetWorker,
         ThreadKind::RngWorker,
         ThreadKind::Releaser,
+        ThreadKind::HelperOutput,
     ];
 
     /// The kind's name in messages.
@@ -73,6 +76,7 @@ impl ThreadKind {
             ThreadKind::NetWorker => "virtio-net",
             ThreadKind::RngWorker => "virtio-rng",
             ThreadKind::Releaser => "exit-child",
+            ThreadKind::HelperOutput => "helper-output",
         }
     }
 
@@ -91,6 +95,7 @@ impl ThreadKind {
                 NetWorker,
                 RngWorker,
                 Releaser,
+                HelperOutput,
             ],
             Vcpu => &[Timer, BlockWorker, NetWorker, RngWorker],
             Api => &[ApiConnection],

@@ -275,6 +275,9 @@ fn own(kind: ThreadKind) -> Rules {
         // child. The accelerator probe of `--accel auto` runs here too (KVM_RUN, its cache
         // file).
         ThreadKind::Vmm => Rules::default()
+            // Stopping the passt a user network started (at the VM's end).
+            .allow_if(SYS_kill, &[arg(1, SIGKILL as u64)])
+            .allow_if(SYS_wait4, &[arg(2, 0)])
             .allow(&[
                 SYS_openat,
                 SYS_read,
@@ -389,13 +392,18 @@ fn own(kind: ThreadKind) -> Rules {
             .union(file_metadata())
             .union(device_worker()),
         // virtio-net: frames to and from the TAP device.
+        // TAP: readv/writev; passt's stream socket: recvfrom/sendmsg, and passt's exit status
+        // once its socket closed (wait4 without waiting).
         ThreadKind::NetWorker => Rules::default()
-            .allow(&[SYS_readv, SYS_writev])
+            .allow(&[SYS_readv, SYS_writev, SYS_recvfrom, SYS_sendmsg])
+            .allow_if(SYS_wait4, &[arg(2, WNOHANG as u64)])
             .union(device_worker()),
         // virtio-rng: getrandom (in every filter) into the guest's buffers.
         ThreadKind::RngWorker => device_worker(),
         // Handled by `releaser_rules`: it runs on no Rust runtime at all.
         ThreadKind::Releaser => Rules::default(),
+        // Reads the helper's pipe and writes each line to stderr.
+        ThreadKind::HelperOutput => Rules::default().allow(&[libc::SYS_read]),
     }
 }
 

@@ -70,6 +70,11 @@ const CASES: &[(ThreadKind, Action, bool)] = &[
     (ThreadKind::RngWorker, Action::Open, false),
     (ThreadKind::Releaser, Action::ReadPipe, true),
     (ThreadKind::Releaser, Action::WriteStderr, false),
+    (ThreadKind::HelperOutput, Action::ReadPipe, true),
+    (ThreadKind::HelperOutput, Action::WriteStderr, true),
+    (ThreadKind::HelperOutput, Action::Open, false),
+    (ThreadKind::HelperOutput, Action::SpawnThread, false),
+    (ThreadKind::Vmm, Action::SignalOther, false),
 ];
 
 fn syscall_of(a: Action) -> libc::c_long {

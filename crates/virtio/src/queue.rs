@@ -334,7 +334,21 @@ pub fn process_queue(
     mem: &GuestMemoryMmap,
     interrupt: &dyn VirtioInterrupt,
     index: u16,
+    handle: impl FnMut(Result<Chain, ChainError>) -> u32,
+) -> Result<bool, QueueBroken> {
+    process_queue_until(queue, mem, interrupt, index, handle, || false)
+}
+
+/// [`process_queue`] that also stops before the next chain once `stop` says so (a backend that
+/// cannot take more yet); the chains left stay available, and the caller comes back when the
+/// backend can take them.
+pub fn process_queue_until(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn VirtioInterrupt,
+    index: u16,
     mut handle: impl FnMut(Result<Chain, ChainError>) -> u32,
+    stop: impl Fn() -> bool,
 ) -> Result<bool, QueueBroken> {
     let mut used = 0usize;
     let mut more = false;
@@ -344,6 +358,9 @@ pub fn process_queue(
         loop {
             if used >= MAX_CHAINS_PER_PASS {
                 more = true;
+                break 'outer;
+            }
+            if stop() {
                 break 'outer;
             }
             let next = queue.iter(mem).map_err(QueueBroken)?.next();

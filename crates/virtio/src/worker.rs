@@ -32,10 +32,14 @@ pub(crate) fn watch(epoll: &Epoll, fd: RawFd, token: u64) -> std::io::Result<()>
     )
 }
 
-/// Turn input interest in `fd` (already added with `token`) on or off.
-pub(crate) fn set_watch(epoll: &Epoll, fd: RawFd, token: u64, on: bool) -> std::io::Result<()> {
-    let set = if on { EventSet::IN } else { EventSet::empty() };
-    epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(set, token))
+/// Watch `fd` (already added with `token`) for exactly `events`.
+pub(crate) fn set_events(
+    epoll: &Epoll,
+    fd: RawFd,
+    token: u64,
+    events: EventSet,
+) -> std::io::Result<()> {
+    epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
 }
 
 /// Stop watching `fd` altogether (an error or hang-up would still be reported otherwise).

@@ -362,7 +362,7 @@ pub struct Overrides {
     pub no_pvh: bool,
     /// --disk, each `PATH[,ro][,serial=ID]`
     pub disks: Vec<String>,
-    /// --net, each `tap=NAME[,mac=MAC]`
+    /// --net, each `tap=NAME[,mac=MAC]` or `user[,hostfwd=RULE]...[,mac=MAC]`
     pub nets: Vec<String>,
     /// --rng
     pub rng: bool,

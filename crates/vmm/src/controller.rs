@@ -40,6 +40,8 @@ struct Controller {
     machine: Option<Machine>,
     api: Option<ApiServer>,
     extras: api::Extras,
+    /// The VMM thread's seccomp filter is installed (see [`Controller::sandbox`]).
+    sandboxed: bool,
 }
 
 /// How a run of kvmbox ended: its exit status, and what is left of the VM (its backend's VM
@@ -75,14 +77,10 @@ pub fn run(cfg: &VmConfig) -> Result<Ended> {
 }
 
 /// Make the calling thread the VMM thread: the stop signals are blocked before any thread
-/// starts (see `crate::signals`), and its seccomp filter is installed before anything of the
-/// VM is built (when `kvmbox_seccomp::enable` was called).
+/// starts (see `crate::signals`). Its seccomp filter comes once the machine is built
+/// ([`Controller::sandbox`]).
 fn enter_vmm_thread() -> Result<StopSignals> {
-    let signals =
-        StopSignals::block().map_err(|e| Error::Host(format!("blocking stop signals: {e}")))?;
-    kvmbox_seccomp::apply(kvmbox_seccomp::ThreadKind::Vmm)
-        .map_err(|e| Error::Host(e.to_string()))?;
-    Ok(signals)
+    StopSignals::block().map_err(|e| Error::Host(format!("blocking stop signals: {e}")))
 }
 
 /// `kvmbox run --restore STATE --restore-mem MEM [--accel A] [--track-dirty-pages]
@@ -132,6 +130,7 @@ impl Controller {
             machine: None,
             api,
             extras: api::Extras::default(),
+            sandboxed: false,
         })
     }
 
@@ -145,7 +144,20 @@ impl Controller {
     /// Build and start the machine from `cfg`.
     fn start(&mut self, cfg: VmConfig) -> Result<()> {
         let accel = Self::accel(&cfg);
-        let machine = Machine::build(&cfg, accel, &self.control, false)?;
+        if kvmbox_seccomp::enabled()
+            && cfg.on_reboot == OnReboot::Restart
+            && cfg.nets.iter().any(|n| n.starts_a_helper())
+        {
+            return Err(Error::Config(crate::ConfigError::Invalid(
+                "--net user with --on-reboot restart needs --no-seccomp for now: each restart \
+                 starts passt again, and the VMM thread's seccomp filter forbids starting \
+                 programs once a VM has run"
+                    .into(),
+            )));
+        }
+        let machine = Machine::build(&cfg, accel, &self.control, true)?;
+        self.sandbox()?;
+        machine.resume()?;
         *self.serial_slot.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(machine.platform.serial.clone());
         self.machine = Some(machine);
@@ -171,6 +183,7 @@ impl Controller {
             .map_err(|e| Error::Snapshot(e.to_string()))?;
         let (machine, cfg) =
             crate::snapshot::load(state, mem, accel, track_dirty_pages, &self.control)?;
+        self.sandbox()?;
         *self.serial_slot.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(machine.platform.serial.clone());
         self.machine = Some(machine);
@@ -181,6 +194,19 @@ impl Controller {
             self.machine.as_ref().map_or(Ok(()), |m| m.resume())?;
             self.state = VmState::Running;
             self.extras.log(&format!("VM {}", self.state));
+        }
+        Ok(())
+    }
+
+    /// Install the VMM thread's seccomp filter (once; when `kvmbox_seccomp::enable` was
+    /// called): after the machine is built, which is where helper programs (passt) start and
+    /// inherit no filter, and before its vCPUs run guest code. Until then this thread has
+    /// parsed no guest data; the API's threads have their own filters from the start.
+    fn sandbox(&mut self) -> Result<()> {
+        if !self.sandboxed {
+            kvmbox_seccomp::apply(kvmbox_seccomp::ThreadKind::Vmm)
+                .map_err(|e| Error::Host(e.to_string()))?;
+            self.sandboxed = true;
         }
         Ok(())
     }

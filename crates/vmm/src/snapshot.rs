@@ -49,11 +49,13 @@ pub struct SavedDisk {
     pub lock: bool,
 }
 
-/// A virtio-net interface: the TAP is reopened on restore, with the MAC the guest saw.
+/// A virtio-net interface: the TAP is reopened (or a new passt started) on restore, with the
+/// MAC the guest saw.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedNet {
-    /// TAP device name.
-    pub tap: String,
+    /// The `--net` option without the MAC (`tap=NAME`, `user,hostfwd=...`). Files from before
+    /// the user network hold a bare TAP name here, which reads as `tap=NAME`.
+    pub spec: String,
     /// The guest's MAC address.
     pub mac: [u8; 6],
 }
@@ -134,7 +136,7 @@ fn saved_config(cfg: &VmConfig, m: &Machine) -> SavedConfig {
         .iter()
         .enumerate()
         .map(|(i, n)| SavedNet {
-            tap: n.tap.clone(),
+            spec: n.backend_spec(),
             mac: n.mac.unwrap_or_else(|| guest_mac(m, first_net + i)),
         })
         .collect();
@@ -215,11 +217,19 @@ impl SavedConfig {
             nets: self
                 .nets
                 .iter()
-                .map(|n| NetConfig {
-                    tap: n.tap.clone(),
-                    mac: Some(n.mac),
+                .map(|n| {
+                    let backend = n
+                        .spec
+                        .parse::<NetConfig>()
+                        .or_else(|_| format!("tap={}", n.spec).parse::<NetConfig>())
+                        .map_err(|e| refuse(format!("saved network interface: {e}")))?
+                        .backend;
+                    Ok(NetConfig {
+                        backend,
+                        mac: Some(n.mac),
+                    })
                 })
-                .collect(),
+                .collect::<Result<_>>()?,
             rng: self.rng,
             virtio: if self.virtio_pci {
                 VirtioTransport::Pci

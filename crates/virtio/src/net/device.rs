@@ -2,10 +2,15 @@
 
 use std::os::fd::AsRawFd;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use super::event_handler::{NetHandler, MAX_FRAME, RX_TOKEN, TAP_TOKEN, TX_TOKEN, VNET_HDR_LEN};
-use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+use super::backend::NetBackend;
+use super::event_handler::{
+    NetHandler, BACKEND_TOKEN, MAX_FRAME, RX_TOKEN, TX_TOKEN, VNET_HDR_LEN,
+};
+use super::tap::Tap;
+use super::user::{HostFwd, Passt, UserNetConfig};
 use crate::device::{ActivateContext, VirtioDevice};
 use crate::metrics::DeviceMetrics;
 use crate::worker::Worker;
@@ -28,17 +33,50 @@ pub const F_HOST_TSO6: u32 = 12;
 
 /// Feature bit: the driver takes a frame spread over several receive buffers.
 pub const F_MRG_RXBUF: u32 = 15;
+/// Feature bit: `status` in configuration space is valid (link up or down).
+pub const F_STATUS: u32 = 16;
 
 /// Size of each of the two queues.
 pub const QUEUE_SIZE: u16 = 256;
 
-/// One `--net tap=NAME[,mac=MAC]` option.
+/// What carries a virtio-net device's frames on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackendConfig {
+    /// `tap=NAME`: a TAP interface (creating it needs CAP_NET_ADMIN).
+    Tap(String),
+    /// `user[,hostfwd=...]`: user-mode NAT through passt; no privileges.
+    User(UserNetConfig),
+}
+
+/// One `--net tap=NAME[,mac=MAC]` or `--net user[,hostfwd=RULE]...[,mac=MAC]` option.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
-    /// TAP interface name.
-    pub tap: String,
+    /// The host side.
+    pub backend: NetBackendConfig,
     /// Guest MAC; a random locally administered one when absent.
     pub mac: Option<[u8; 6]>,
+}
+
+impl NetConfig {
+    /// Whether the backend is a helper program kvmbox starts (passt) as the device is built.
+    pub fn starts_a_helper(&self) -> bool {
+        matches!(self.backend, NetBackendConfig::User(_))
+    }
+
+    /// The option text without the MAC (`tap=NAME` or `user,hostfwd=...`), which parses back
+    /// to the same backend.
+    pub fn backend_spec(&self) -> String {
+        match &self.backend {
+            NetBackendConfig::Tap(name) => format!("tap={name}"),
+            NetBackendConfig::User(u) => {
+                let mut s = "user".to_string();
+                for f in &u.hostfwd {
+                    s.push_str(&format!(",hostfwd={f}"));
+                }
+                s
+            }
+        }
+    }
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -57,12 +95,15 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 impl FromStr for NetConfig {
     type Err = Error;
 
-    /// Parse `tap=NAME[,mac=MAC]`.
+    /// Parse `tap=NAME[,mac=MAC]` or `user[,hostfwd=RULE]...[,mac=MAC]`.
     fn from_str(s: &str) -> Result<Self> {
         let mut tap = None;
+        let mut user = false;
+        let mut hostfwd = Vec::new();
         let mut mac = None;
         for p in s.split(',') {
             match p.split_once('=') {
+                None if p == "user" => user = true,
                 Some(("tap", n)) if !n.is_empty() && n.len() < libc::IFNAMSIZ => {
                     tap = Some(n.to_string())
                 }
@@ -71,6 +112,11 @@ impl FromStr for NetConfig {
                         "--net '{s}': tap name '{n}' must be 1 to {} bytes",
                         libc::IFNAMSIZ - 1
                     )))
+                }
+                Some(("hostfwd", rule)) => {
+                    let f = HostFwd::parse(rule)
+                        .map_err(|e| Error::Config(format!("--net '{s}': {e}")))?;
+                    hostfwd.push(f);
                 }
                 Some(("mac", m)) => match parse_mac(m) {
                     Some(v) if v[0] & 1 == 0 => mac = Some(v),
@@ -82,28 +128,54 @@ impl FromStr for NetConfig {
                 },
                 _ => {
                     return Err(Error::Config(format!(
-                        "--net '{s}': unknown option '{p}' (expected tap=NAME or mac=MAC)"
+                        "--net '{s}': unknown option '{p}' (expected tap=NAME or user, \
+                         hostfwd=RULE, mac=MAC)"
                     )))
                 }
             }
         }
-        let tap = tap.ok_or_else(|| Error::Config(format!("--net '{s}': missing tap=NAME")))?;
-        Ok(NetConfig { tap, mac })
+        let backend = match (tap, user) {
+            (Some(t), false) if hostfwd.is_empty() => NetBackendConfig::Tap(t),
+            (None, true) => NetBackendConfig::User(UserNetConfig { hostfwd }),
+            (Some(_), _) => {
+                return Err(Error::Config(format!(
+                    "--net '{s}': tap=NAME goes with neither user nor hostfwd"
+                )))
+            }
+            (None, false) if !hostfwd.is_empty() => {
+                return Err(Error::Config(format!(
+                    "--net '{s}': hostfwd needs the user network (user,hostfwd=RULE)"
+                )))
+            }
+            (None, false) => {
+                return Err(Error::Config(format!(
+                    "--net '{s}': missing tap=NAME or user"
+                )))
+            }
+        };
+        Ok(NetConfig { backend, mac })
     }
 }
 
-/// A virtio-net device on a TAP interface.
+/// VIRTIO_NET_S_LINK_UP in the configuration space's `status`.
+const S_LINK_UP: u16 = 1;
+
+/// A virtio-net device on a TAP interface or on the user network.
 pub struct Net {
-    tap: Arc<Tap>,
+    backend: Arc<Mutex<Box<dyn NetBackend>>>,
+    /// What the backend is, for messages.
+    label: String,
     mac: [u8; 6],
+    /// The link is up until the backend ends for good.
+    link_up: Arc<AtomicBool>,
     worker: Option<Worker>,
     metrics: Arc<DeviceMetrics>,
 }
 
 impl Net {
-    /// Open the TAP interface `cfg` names (creating it needs CAP_NET_ADMIN).
+    /// Open the TAP interface `cfg` names (creating it needs CAP_NET_ADMIN), or start the
+    /// user network's helper (checking its forwarded ports are free).
     pub fn new(cfg: &NetConfig) -> Result<Self> {
-        let tap = Tap::open(&cfg.tap, VNET_HDR_LEN as i32)?;
         let mac = match cfg.mac {
             Some(m) => m,
             None => {
@@ -120,9 +192,18 @@ impl Net {
                 m
             }
         };
+        let (backend, label): (Box<dyn NetBackend>, String) = match &cfg.backend {
+            NetBackendConfig::Tap(name) => (
+                Box::new(Tap::open(name, VNET_HDR_LEN as i32)?),
+                format!("tap '{name}'"),
+            ),
+            NetBackendConfig::User(u) => (Box::new(Passt::start(u, mac)?), "user".to_string()),
+        };
         Ok(Self {
-            tap: Arc::new(tap),
+            backend: Arc::new(Mutex::new(backend)),
+            label,
             mac,
+            link_up: Arc::new(AtomicBool::new(true)),
             worker: None,
             metrics: Arc::default(),
         })
@@ -133,9 +214,14 @@ impl Net {
         self.mac
     }
 
-    /// The TAP interface name.
-    pub fn tap_name(&self) -> &str {
-        self.tap.name()
+    /// What carries the frames: `tap 'NAME'` or `user`.
+    pub fn backend_label(&self) -> &str {
+        &self.label
+    }
+
+    /// Whether the guest sees its link up (it goes down when the backend ends).
+    pub fn link_up(&self) -> bool {
+        self.link_up.load(Ordering::Relaxed)
     }
 }
 
@@ -149,41 +235,36 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
+        let offloads = lock(&self.backend).offload_features();
         [
             F_VERSION_1,
             F_RING_EVENT_IDX,
             F_RING_INDIRECT_DESC,
-            F_CSUM,
-            F_GUEST_CSUM,
             F_MAC,
-            F_GUEST_TSO4,
-            F_GUEST_TSO6,
-            F_HOST_TSO4,
-            F_HOST_TSO6,
             F_MRG_RXBUF,
+            F_STATUS,
         ]
         .iter()
-        .fold(0u64, |f, b| f | 1 << b)
+        .fold(offloads, |f, b| f | 1 << b)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        crate::device::read_config_bytes(&self.mac, offset, data);
+        let mut cfg = [0u8; 8];
+        cfg[..6].copy_from_slice(&self.mac);
+        let status = if self.link_up() { S_LINK_UP } else { 0 };
+        cfg[6..].copy_from_slice(&status.to_le_bytes());
+        crate::device::read_config_bytes(&cfg, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<()> {
         self.reset();
         let f = ctx.features;
-        let mut offload = 0;
-        if f & 1 << F_GUEST_CSUM != 0 {
-            offload |= TUN_F_CSUM;
-            if f & 1 << F_GUEST_TSO4 != 0 {
-                offload |= TUN_F_TSO4;
-            }
-            if f & 1 << F_GUEST_TSO6 != 0 {
-                offload |= TUN_F_TSO6;
-            }
-        }
-        self.tap.set_offload(offload).map_err(os("TUNSETOFFLOAD"))?;
+        let backend_fd = {
+            let mut b = lock(&self.backend);
+            b.activate(f)
+                .map_err(os("setting up the network backend"))?;
+            b.fd()
+        };
         let mut qs = ctx.queues.into_iter();
         let (Some((Some(rx), rx_evt)), Some((Some(tx), tx_evt))) = (qs.next(), qs.next()) else {
             return Err(Error::InvalidQueue(0));
@@ -191,7 +272,7 @@ impl VirtioDevice for Net {
         let fds = [
             (rx_evt.as_raw_fd(), RX_TOKEN),
             (tx_evt.as_raw_fd(), TX_TOKEN),
-            (self.tap.as_raw_fd(), TAP_TOKEN),
+            (backend_fd, BACKEND_TOKEN),
         ];
         let handler = NetHandler {
             mem: ctx.mem,
@@ -199,12 +280,16 @@ impl VirtioDevice for Net {
             tx,
             rx_evt,
             tx_evt,
-            tap: self.tap.clone(),
+            backend: self.backend.clone(),
+            backend_fd,
+            label: self.label.clone(),
+            link_up: self.link_up.clone(),
             interrupt: ctx.interrupt,
             frame: vec![0; MAX_FRAME],
             pending: None,
-            tap_watched: true,
-            tap_dead: false,
+            want_in: true,
+            watched: Some((true, false)),
+            backend_dead: !self.link_up(),
             mrg_rxbuf: f & 1 << F_MRG_RXBUF != 0,
             metrics: self.metrics.clone(),
             tx_buf: vec![0; MAX_FRAME],
@@ -228,6 +313,14 @@ impl VirtioDevice for Net {
     }
 }
 
+/// The backend, even if a worker panicked while holding it (its state is still consistent:
+/// every call leaves it whole).
+pub(crate) fn lock(
+    b: &Mutex<Box<dyn NetBackend>>,
+) -> std::sync::MutexGuard<'_, Box<dyn NetBackend>> {
+    b.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,12 +328,33 @@ mod tests {
     #[test]
     fn net_option_parsing() {
         let c: NetConfig = "tap=tap0,mac=52:54:00:ab:cd:ef".parse().unwrap();
-        assert_eq!(c.tap, "tap0");
+        assert_eq!(c.backend, NetBackendConfig::Tap("tap0".into()));
+        assert_eq!(c.backend_spec(), "tap=tap0");
         assert_eq!(c.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
         let c: NetConfig = "tap=t".parse().unwrap();
         assert_eq!(c.mac, None);
+        let c: NetConfig = "user".parse().unwrap();
+        assert_eq!(c.backend, NetBackendConfig::User(UserNetConfig::default()));
+        let spec = "user,hostfwd=tcp::8080-:80,hostfwd=udp:127.0.0.3:5000-10.0.2.15:5001";
+        let c: NetConfig = format!("{spec},mac=52:54:00:12:34:56").parse().unwrap();
+        let NetBackendConfig::User(u) = &c.backend else {
+            panic!("{c:?}")
+        };
+        assert_eq!(u.hostfwd.len(), 2);
+        assert_eq!(c.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert_eq!(
+            c.backend_spec(),
+            "user,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:127.0.0.3:5000-:5001"
+        );
+        assert_eq!(
+            c.backend_spec().parse::<NetConfig>().unwrap().backend,
+            c.backend
+        );
         for (bad, msg) in [
-            ("mac=52:54:00:ab:cd:ef", "missing tap=NAME"),
+            ("hostfwd=tcp::1-:2", "needs the user network"),
+            ("tap=a,user", "goes with neither"),
+            ("user,hostfwd=tcp::1-:99999", "'99999' is not a port"),
+            ("mac=52:54:00:ab:cd:ef", "missing tap=NAME or user"),
             ("tap=a,mac=52:54:00:ab:cd", "not a unicast MAC"),
             ("tap=a,mac=53:54:00:ab:cd:ef", "not a unicast MAC"),
             ("tap=a,mac=52:54:00:ab:cd:ef:00", "not a unicast MAC"),

@@ -1,17 +1,20 @@
-//! The virtio-net worker: transmit queue to tap, tap to receive queue.
+//! The virtio-net worker: transmit queue to the backend, backend to receive queue.
 
-use std::sync::Arc;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use kvmbox_cpu::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::epoll::Epoll;
+use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::tap::Tap;
+use super::backend::NetBackend;
+use super::device::lock;
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
 use crate::metrics::DeviceMetrics;
-use crate::queue::{mark_broken, pop_chain, process_queue, Chain, ChainError, QueueBroken};
-use crate::worker::{drain, set_watch, unwatch, EventHandler};
+use crate::queue::{mark_broken, pop_chain, process_queue_until, Chain, ChainError, QueueBroken};
+use crate::worker::{drain, set_events, unwatch, EventHandler};
 
 /// Bytes of the virtio-net header in front of every frame (virtio 1.x: with `num_buffers`).
 pub const VNET_HDR_LEN: usize = 12;
@@ -20,7 +23,7 @@ pub const MAX_FRAME: usize = 65562;
 
 pub(crate) const RX_TOKEN: u64 = 0;
 pub(crate) const TX_TOKEN: u64 = 1;
-pub(crate) const TAP_TOKEN: u64 = 2;
+pub(crate) const BACKEND_TOKEN: u64 = 2;
 
 pub(crate) struct NetHandler {
     pub(crate) mem: GuestMemoryMmap,
@@ -28,16 +31,24 @@ pub(crate) struct NetHandler {
     pub(crate) tx: Queue,
     pub(crate) rx_evt: EventFd,
     pub(crate) tx_evt: EventFd,
-    pub(crate) tap: Arc<Tap>,
+    pub(crate) backend: Arc<Mutex<Box<dyn NetBackend>>>,
+    pub(crate) backend_fd: RawFd,
+    /// The backend, for messages.
+    pub(crate) label: String,
+    /// The link status the guest reads; cleared when the backend ends.
+    pub(crate) link_up: Arc<AtomicBool>,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
-    /// A frame read from the tap, waiting for a receive buffer.
+    /// A frame read from the backend, waiting for a receive buffer.
     pub(crate) frame: Vec<u8>,
     pub(crate) pending: Option<usize>,
-    pub(crate) tap_watched: bool,
+    /// Waiting for the backend to be readable (off while the receive queue is full).
+    pub(crate) want_in: bool,
+    /// What epoll watches the backend for (readable, writable); `None` once unwatched.
+    pub(crate) watched: Option<(bool, bool)>,
     /// VIRTIO_NET_F_MRG_RXBUF was negotiated.
     pub(crate) mrg_rxbuf: bool,
-    /// Reading the tap failed for good.
-    pub(crate) tap_dead: bool,
+    /// The backend failed for good.
+    pub(crate) backend_dead: bool,
     pub(crate) metrics: Arc<DeviceMetrics>,
     pub(crate) tx_buf: Vec<u8>,
 }
@@ -66,48 +77,6 @@ pub fn parse_tx_frame(
     }
     r.read_exact(&mut buf[..len], "transmit frame")?;
     Ok(len)
-}
-
-/// Most guest buffers one transmit writev takes (the kernel's IOV_MAX); longer chains are
-/// copied into a bounce buffer first.
-const MAX_IOVECS: usize = 1024;
-
-/// Send a transmit chain to the tap straight from guest memory (one writev: one frame).
-/// Returns the frame length, or `None` when the chain has too many buffers for one writev.
-fn send_zero_copy(
-    tap: &Tap,
-    chain: &Chain,
-    mem: &GuestMemoryMmap,
-) -> Result<Option<std::io::Result<usize>>, ChainError> {
-    if !chain.writable.is_empty() {
-        return Err(ChainError::Malformed(
-            "device-writable buffer in a transmit chain",
-        ));
-    }
-    let mut r = chain.reader(mem);
-    let len = r.remaining();
-    if len < VNET_HDR_LEN {
-        return Err(ChainError::Malformed(
-            "transmit chain shorter than the virtio-net header",
-        ));
-    }
-    if len > MAX_FRAME {
-        return Err(ChainError::Malformed("transmit frame larger than 64 KiB"));
-    }
-    let mut iov: Vec<libc::iovec> = Vec::with_capacity(chain.readable.len());
-    r.for_each_host_range(len, |p, n| {
-        if n > 0 {
-            iov.push(libc::iovec {
-                iov_base: p.cast(),
-                iov_len: n,
-            });
-        }
-        Ok(())
-    })?;
-    if iov.len() > MAX_IOVECS {
-        return Ok(None);
-    }
-    Ok(Some(tap.write_iovecs(&iov).map(|_| len)))
 }
 
 /// Copy a received frame (header included) into a receive chain; returns bytes written.
@@ -226,35 +195,62 @@ pub(crate) fn place_frame(
 
 impl NetHandler {
     fn tx_path(&mut self) -> Result<(), QueueBroken> {
-        let (mem, tap, buf, m) = (&self.mem, &self.tap, &mut self.tx_buf, &*self.metrics);
-        let more = process_queue(&mut self.tx, mem, &*self.interrupt, 1, |c| {
-            DeviceMetrics::add(&m.requests, 1);
-            let sent = c.and_then(|c| match send_zero_copy(tap, &c, mem)? {
-                Some(r) => Ok(r),
-                None => {
-                    let n = parse_tx_frame(&c, mem, buf)?;
-                    Ok(tap.write_frame(&buf[..n]).map(|_| n))
-                }
-            });
-            match sent {
-                Ok(Ok(n)) => DeviceMetrics::add(&m.bytes_out, n as u64),
-                // A full tap queue drops the frame, as a congested link would.
-                Ok(Err(_)) => DeviceMetrics::add(&m.errors, 1),
-                Err(_) => DeviceMetrics::add(&m.rejected, 1),
+        if self.backend_dead {
+            // Frames go nowhere, but the guest gets its buffers back.
+            let m = &*self.metrics;
+            let more = process_queue_until(
+                &mut self.tx,
+                &self.mem,
+                &*self.interrupt,
+                1,
+                |_| {
+                    DeviceMetrics::add(&m.requests, 1);
+                    DeviceMetrics::add(&m.errors, 1);
+                    0
+                },
+                || false,
+            )?;
+            if more {
+                let _ = self.tx_evt.write(1);
             }
-            0
-        })?;
+            return Ok(());
+        }
+        let backend = self.backend.clone();
+        let mut b = lock(&backend);
+        let (mem, buf, m) = (&self.mem, &mut self.tx_buf, &*self.metrics);
+        let blocked = std::cell::Cell::new(b.tx_blocked());
+        let more = process_queue_until(
+            &mut self.tx,
+            mem,
+            &*self.interrupt,
+            1,
+            |c| {
+                DeviceMetrics::add(&m.requests, 1);
+                match c.and_then(|c| b.send(&c, mem, buf)) {
+                    Ok(Ok(n)) => DeviceMetrics::add(&m.bytes_out, n as u64),
+                    // A refused frame is dropped, as a congested link would.
+                    Ok(Err(_)) => DeviceMetrics::add(&m.errors, 1),
+                    Err(_) => DeviceMetrics::add(&m.rejected, 1),
+                }
+                blocked.set(b.tx_blocked());
+                0
+            },
+            || blocked.get(),
+        )?;
+        drop(b);
         if more {
             let _ = self.tx_evt.write(1);
         }
         Ok(())
     }
 
-    fn rx_path(&mut self, epoll: &Epoll) -> Result<(), QueueBroken> {
-        let mem = &self.mem;
+    fn rx_path(&mut self) -> Result<(), QueueBroken> {
         let mut used = false;
-        self.rx.disable_notification(mem).map_err(QueueBroken)?;
+        self.rx
+            .disable_notification(&self.mem)
+            .map_err(QueueBroken)?;
         let mut budget = crate::queue::MAX_CHAINS_PER_PASS;
+        let backend = self.backend.clone();
         loop {
             if budget == 0 {
                 let _ = self.rx_evt.write(1);
@@ -262,23 +258,23 @@ impl NetHandler {
             }
             let len = match self.pending {
                 Some(n) => n,
-                None if self.tap_dead => break,
-                None => match self.tap.read_frame(&mut self.frame) {
-                    Ok(n) if n > 0 => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    _ => {
-                        // The interface is gone or broken. Stop reading it: a level-triggered
-                        // epoll would otherwise report it ready forever.
-                        DeviceMetrics::add(&self.metrics.errors, 1);
-                        self.tap_dead = true;
-                        self.tap_watched = false;
-                        let _ = unwatch(epoll, self.tap_fd());
-                        break;
+                None if self.backend_dead => break,
+                None => {
+                    // The guard must be gone before backend_died locks again.
+                    let got = lock(&backend).recv(&mut self.frame, &self.metrics);
+                    match got {
+                        Ok(n) if n > 0 => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        _ => {
+                            self.backend_died();
+                            break;
+                        }
                     }
-                },
+                }
             };
             self.pending = Some(len);
+            let mem = &self.mem;
             let placed = place_frame(
                 &mut self.rx,
                 mem,
@@ -290,31 +286,72 @@ impl NetHandler {
                 if self.rx.enable_notification(mem).map_err(QueueBroken)? {
                     continue; // buffers arrived meanwhile
                 }
-                // Wait for the driver to add buffers before reading more from the tap.
-                if self.tap_watched && set_watch(epoll, self.tap_fd(), TAP_TOKEN, false).is_ok() {
-                    self.tap_watched = false;
-                }
+                // Wait for the driver to add buffers before reading more from the backend.
+                self.want_in = false;
                 break;
             };
             budget = budget.saturating_sub(usize::from(chains));
             used = true;
             self.pending = None;
         }
-        if self.pending.is_none()
-            && !self.tap_dead
-            && !self.tap_watched
-            && set_watch(epoll, self.tap_fd(), TAP_TOKEN, true).is_ok()
-        {
-            self.tap_watched = true;
+        if self.pending.is_none() {
+            self.want_in = true;
         }
-        if used && self.rx.needs_notification(mem).map_err(QueueBroken)? {
+        if used && self.rx.needs_notification(&self.mem).map_err(QueueBroken)? {
             let _ = self.interrupt.trigger(VirtioInterruptType::Queue(0));
         }
         Ok(())
     }
 
-    fn tap_fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&*self.tap)
+    /// The backend is gone for good (tap deleted, passt ended): stop watching it (a
+    /// level-triggered epoll would report it ready forever), say so once, and take the guest's
+    /// link down.
+    fn backend_died(&mut self) {
+        DeviceMetrics::add(&self.metrics.errors, 1);
+        self.backend_dead = true;
+        let why = lock(&self.backend).failure();
+        if self.link_up.swap(false, Ordering::Relaxed) {
+            eprintln!(
+                "kvmbox: virtio-net ({}): {why}; the guest's link is down",
+                self.label
+            );
+            let _ = self.interrupt.trigger(VirtioInterruptType::Config);
+        }
+    }
+
+    /// Write out what the backend holds; true when that unblocked it (transmitting resumes).
+    fn flush_backend(&mut self) -> bool {
+        let mut b = lock(&self.backend);
+        if !b.tx_blocked() {
+            return false;
+        }
+        if b.flush().is_err() {
+            DeviceMetrics::add(&self.metrics.errors, 1);
+        }
+        !b.tx_blocked()
+    }
+
+    /// Bring epoll's interest in the backend in line with what the worker waits for:
+    /// readable unless the receive queue is full, writable while output waits.
+    fn update_watch(&mut self, epoll: &Epoll) {
+        let want = (!self.backend_dead).then(|| (self.want_in, lock(&self.backend).tx_blocked()));
+        if want == self.watched {
+            return;
+        }
+        let _ = match want {
+            None => unwatch(epoll, self.backend_fd),
+            Some((i, o)) => {
+                let mut set = EventSet::empty();
+                if i {
+                    set |= EventSet::IN;
+                }
+                if o {
+                    set |= EventSet::OUT;
+                }
+                set_events(epoll, self.backend_fd, BACKEND_TOKEN, set)
+            }
+        };
+        self.watched = want;
     }
 }
 
@@ -323,19 +360,28 @@ impl EventHandler for NetHandler {
         let r = match token {
             RX_TOKEN => {
                 drain(&self.rx_evt);
-                self.rx_path(epoll)
+                self.rx_path()
             }
             TX_TOKEN => {
                 drain(&self.tx_evt);
                 self.tx_path()
             }
-            TAP_TOKEN => self.rx_path(epoll),
+            BACKEND_TOKEN => {
+                // Readable, writable, or both: the level-triggered epoll says again if needed.
+                let r = if self.flush_backend() {
+                    self.tx_path()
+                } else {
+                    Ok(())
+                };
+                r.and_then(|()| self.rx_path())
+            }
             _ => Ok(()),
         };
         if r.is_err() {
             mark_broken(&self.metrics, &*self.interrupt);
             return false;
         }
+        self.update_watch(epoll);
         true
     }
 }

@@ -5,6 +5,13 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use kvmbox_cpu::GuestMemoryMmap;
+
+use super::backend::NetBackend;
+use super::device::{F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6};
+use super::event_handler::{parse_tx_frame, MAX_FRAME, VNET_HDR_LEN};
+use crate::metrics::DeviceMetrics;
+use crate::queue::{Chain, ChainError};
 use crate::{Error, Result};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -117,5 +124,91 @@ impl Tap {
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+}
+
+/// Most guest buffers one transmit writev takes (the kernel's IOV_MAX); longer chains are
+/// copied into a bounce buffer first.
+const MAX_IOVECS: usize = 1024;
+
+impl NetBackend for Tap {
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    fn offload_features(&self) -> u64 {
+        [
+            F_CSUM,
+            F_GUEST_CSUM,
+            F_GUEST_TSO4,
+            F_GUEST_TSO6,
+            F_HOST_TSO4,
+            F_HOST_TSO6,
+        ]
+        .iter()
+        .fold(0u64, |f, b| f | 1 << b)
+    }
+
+    fn activate(&mut self, f: u64) -> std::io::Result<()> {
+        let mut offload = 0;
+        if f & 1 << F_GUEST_CSUM != 0 {
+            offload |= TUN_F_CSUM;
+            if f & 1 << F_GUEST_TSO4 != 0 {
+                offload |= TUN_F_TSO4;
+            }
+            if f & 1 << F_GUEST_TSO6 != 0 {
+                offload |= TUN_F_TSO6;
+            }
+        }
+        self.set_offload(offload)
+    }
+
+    fn recv(&mut self, buf: &mut [u8], _metrics: &DeviceMetrics) -> std::io::Result<usize> {
+        self.read_frame(buf)
+    }
+
+    /// Straight from guest memory (one writev: one frame), or through `scratch` when the
+    /// chain has more buffers than one writev takes. A full tap queue drops the frame, as a
+    /// congested link would.
+    fn send(
+        &mut self,
+        chain: &Chain,
+        mem: &GuestMemoryMmap,
+        scratch: &mut [u8],
+    ) -> std::result::Result<std::io::Result<usize>, ChainError> {
+        if !chain.writable.is_empty() {
+            return Err(ChainError::Malformed(
+                "device-writable buffer in a transmit chain",
+            ));
+        }
+        let mut r = chain.reader(mem);
+        let len = r.remaining();
+        if len < VNET_HDR_LEN {
+            return Err(ChainError::Malformed(
+                "transmit chain shorter than the virtio-net header",
+            ));
+        }
+        if len > MAX_FRAME {
+            return Err(ChainError::Malformed("transmit frame larger than 64 KiB"));
+        }
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(chain.readable.len());
+        r.for_each_host_range(len, |p, n| {
+            if n > 0 {
+                iov.push(libc::iovec {
+                    iov_base: p.cast(),
+                    iov_len: n,
+                });
+            }
+            Ok(())
+        })?;
+        if iov.len() <= MAX_IOVECS {
+            return Ok(self.write_iovecs(&iov).map(|_| len));
+        }
+        let n = parse_tx_frame(chain, mem, scratch)?;
+        Ok(self.write_frame(&scratch[..n]).map(|_| n))
+    }
+
+    fn failure(&mut self) -> String {
+        format!("tap '{}' failed or disappeared", self.name)
     }
 }

@@ -10,7 +10,7 @@ use kvmbox_devices::IoBus;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::event_handler::{fill_rx_chain, place_frame, Placed};
-use super::{parse_tx_frame, Net, NetConfig, MAX_FRAME, VNET_HDR_LEN};
+use super::{parse_tx_frame, Net, NetBackendConfig, NetConfig, MAX_FRAME, VNET_HDR_LEN};
 use crate::queue::{pop_chain, ChainError};
 use crate::test_util::*;
 use crate::transport::MmioTransport;
@@ -129,10 +129,10 @@ fn tap_arp_round_trip_in_a_network_namespace() {
     let ns = Netns::new("");
     let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
     let net = ns.open_net(NetConfig {
-        tap: "kvbtap0".into(),
+        backend: NetBackendConfig::Tap("kvbtap0".into()),
         mac: Some(mac),
     });
-    assert_eq!(net.tap_name(), "kvbtap0");
+    assert_eq!(net.backend_label(), "tap 'kvbtap0'");
     ns.ip(&["link", "set", "kvbtap0", "up"]);
     ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "kvbtap0"]);
 
@@ -386,7 +386,7 @@ fn bench_tap_tx_mtu_vs_tso() {
     let ns = Netns::new("b");
     let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x57];
     let net = ns.open_net(NetConfig {
-        tap: "kvbtapb".into(),
+        backend: NetBackendConfig::Tap("kvbtapb".into()),
         mac: Some(mac),
     });
     ns.ip(&["link", "set", "kvbtapb", "up"]);
@@ -479,4 +479,161 @@ fn bench_tap_tx_mtu_vs_tso() {
         );
     }
     w(0x70, 0);
+}
+
+/// A DHCP DISCOVER from `mac`, with a virtio-net header.
+fn dhcp_discover(mac: [u8; 6]) -> Vec<u8> {
+    let mut bootp = vec![0u8; 236];
+    bootp[..4].copy_from_slice(&[1, 1, 6, 0]);
+    bootp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    bootp[10] = 0x80; // broadcast reply
+    bootp[28..34].copy_from_slice(&mac);
+    bootp.extend_from_slice(&[0x63, 0x82, 0x53, 0x63, 53, 1, 1, 55, 3, 1, 3, 26, 255]);
+    let udp_len = (8 + bootp.len()) as u16;
+    let mut ip = vec![
+        0x45, 0, 0, 0, 0, 1, 0, 0, 64, 17, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255,
+    ];
+    ip[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
+    let c = !fold(csum(&ip, 0));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&68u16.to_be_bytes());
+    f.extend_from_slice(&67u16.to_be_bytes());
+    f.extend_from_slice(&udp_len.to_be_bytes());
+    f.extend_from_slice(&[0, 0]); // no UDP checksum (allowed over IPv4)
+    f.extend_from_slice(&bootp);
+    f
+}
+
+/// The passt processes this test process started.
+fn passt_children() -> Vec<i32> {
+    let mut pids = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap() {
+        let kids = std::fs::read_to_string(t.unwrap().path().join("children")).unwrap_or_default();
+        for p in kids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            if comm.starts_with("passt") {
+                pids.push(p);
+            }
+        }
+    }
+    pids
+}
+
+/// The user network end to end below the guest: a real passt behind the device, a DHCP
+/// DISCOVER sent through the transmit queue and passt's OFFER (10.0.2.15, router 10.0.2.2)
+/// read from the receive queue, marked checksum-valid; then passt is killed and the link
+/// status in configuration space goes down with a configuration interrupt. No privileges.
+#[test]
+fn user_network_dhcp_through_passt_and_link_down_when_it_dies() {
+    if Command::new("passt").arg("--version").output().is_err() {
+        kvmbox_cpu::kvm::report_skip(
+            "user_network_dhcp_through_passt_and_link_down_when_it_dies",
+            "passt is not installed (scripts/setup.sh installs it)",
+        );
+        return;
+    }
+    let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x58];
+    let before: Vec<i32> = passt_children();
+    let net = Net::new(&"user,mac=52:54:00:12:34:58".parse().unwrap()).unwrap();
+    assert_eq!(net.backend_label(), "user");
+    let passt: Vec<i32> = passt_children()
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    assert_eq!(passt.len(), 1, "one passt started");
+    let m: GuestMemoryMmap = mem();
+    let irq = Arc::new(TestIrq::default());
+    let metrics = crate::VirtioDevice::metrics(&net);
+    let t = MmioTransport::new(Box::new(net), m.clone(), irq.clone()).unwrap();
+    let io = IoBus::default();
+    const BASE: u64 = 0xd000_0000;
+    io.mmio
+        .insert(Arc::new(Mutex::new(t)), BASE, 0x1000)
+        .unwrap();
+    let r = |off: u64| {
+        let mut d = [0u8; 4];
+        io.mmio_read(BASE + off, &mut d);
+        u32::from_le_bytes(d)
+    };
+    let w = |off: u64, v: u32| io.mmio_write(BASE + off, &v.to_le_bytes());
+    let status = || {
+        let mut d = [0u8; 2];
+        io.mmio_read(BASE + 0x100 + 6, &mut d);
+        u16::from_le_bytes(d)
+    };
+    assert_eq!(status(), 1, "link up");
+    let mut rx = Ring::new(&m, 0x1_0000, 16);
+    let mut tx = Ring::new(&m, 0x2_0000, 16);
+    w(0x70, 3);
+    for sel in 0..2 {
+        w(0x14, sel);
+        let v = r(0x10);
+        w(0x24, sel);
+        w(0x20, v);
+    }
+    w(0x70, 11);
+    for (q, ring) in [(0u32, &rx), (1, &tx)] {
+        w(0x30, q);
+        w(0x38, u32::from(ring.size));
+        w(0x80, ring.desc as u32);
+        w(0x90, ring.avail as u32);
+        w(0xa0, ring.used as u32);
+        w(0x44, 1);
+    }
+    w(0x70, 15);
+    assert_eq!(r(0x70), 15);
+    for i in 0..8u16 {
+        rx.add_chain(
+            &m,
+            i,
+            &[(0x10_0000 + u64::from(i) * 0x1_0000, MAX_FRAME as u32, true)],
+        );
+    }
+    w(0x50, 0);
+    let d = dhcp_discover(mac);
+    m.write_slice(&d, GuestAddress(0x9_0000)).unwrap();
+    tx.add_chain(&m, 0, &[(0x9_0000, d.len() as u32, false)]);
+    w(0x50, 1);
+    assert!(wait_for(|| tx.used_idx(&m) == 1), "transmitted");
+    let offer = wait_for(|| {
+        (0..rx.used_idx(&m)).any(|i| {
+            let (id, len) = rx.used_elem(&m, i);
+            let mut f = vec![0u8; len as usize];
+            m.read_slice(&mut f, GuestAddress(0x10_0000 + u64::from(id) * 0x1_0000))
+                .unwrap();
+            let e = &f[VNET_HDR_LEN.min(f.len())..];
+            f[0] == 2 // DATA_VALID
+                && e.len() > 300
+                && e[..6] == mac
+                && e[12..14] == [0x08, 0x00]
+                && e[34..36] == 67u16.to_be_bytes()
+                && e[58..62] == [10, 0, 2, 15]
+                && e.windows(6).any(|o| o == [3, 4, 10, 0, 2, 2])
+        })
+    });
+    assert!(
+        offer,
+        "passt's DHCP offer of 10.0.2.15 via 10.0.2.2 reached the guest"
+    );
+    let config_irqs = irq.edges.load(std::sync::atomic::Ordering::SeqCst);
+
+    // SAFETY: killing the passt this test's device started.
+    assert_eq!(unsafe { libc::kill(passt[0], libc::SIGKILL) }, 0);
+    assert!(wait_for(|| status() == 0), "link down after passt died");
+    assert!(irq.edges.load(std::sync::atomic::Ordering::SeqCst) > config_irqs);
+    assert!(metrics.errors.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    // Frames the guest still sends come back to it (dropped), never stall the queue.
+    tx.add_chain(&m, 1, &[(0x9_0000, d.len() as u32, false)]);
+    w(0x50, 1);
+    assert!(wait_for(|| tx.used_idx(&m) == 2));
+    w(0x70, 0);
+    assert_eq!(r(0x70), 0);
 }

@@ -8,6 +8,7 @@ use crate::state::Action;
 use crate::vm::Error;
 use kvmbox_api::types::*;
 use kvmbox_api::{ApiError, ApiReply, ApiRequest, ApiResult};
+use kvmbox_virtio::net::NetBackendConfig;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -142,11 +143,20 @@ fn drive_spec(d: &Drive) -> String {
     s
 }
 
+/// A Firecracker network interface as a `--net` spec (the same parsing then checks it).
 fn net_spec(n: &NetworkInterface) -> String {
-    match &n.guest_mac {
-        Some(mac) => format!("tap={},mac={mac}", n.host_dev_name),
-        None => format!("tap={}", n.host_dev_name),
+    let mut parts = Vec::new();
+    if let Some(u) = &n.user_net {
+        parts.push("user".to_string());
+        parts.extend(u.hostfwd.iter().map(|f| format!("hostfwd={f}")));
     }
+    if !n.host_dev_name.is_empty() {
+        parts.push(format!("tap={}", n.host_dev_name));
+    }
+    if let Some(mac) = &n.guest_mac {
+        parts.push(format!("mac={mac}"));
+    }
+    parts.join(",")
 }
 
 fn check_drive(d: &Drive) -> ApiRes<()> {
@@ -210,6 +220,23 @@ fn check_net(n: &NetworkInterface) -> ApiRes<()> {
     }
     if n.host_dev_name.contains(',') || n.guest_mac.as_deref().is_some_and(|m| m.contains(',')) {
         return Err(refuse("host_dev_name", "kvmbox cannot use a name with ','"));
+    }
+    if n.host_dev_name.is_empty() && n.user_net.is_none() {
+        return Err(refuse(
+            "host_dev_name",
+            "give host_dev_name (a TAP device) or user_net (the user network)",
+        ));
+    }
+    if let Some(f) = n
+        .user_net
+        .iter()
+        .flat_map(|u| &u.hostfwd)
+        .find(|f| f.contains(','))
+    {
+        return Err(refuse(
+            "user_net.hostfwd",
+            &format!("'{f}' has a ','; give one rule per entry"),
+        ));
     }
     Ok(())
 }
@@ -385,7 +412,16 @@ impl Controller {
             .enumerate()
             .map(|(i, n)| NetworkInterface {
                 iface_id: format!("net{i}"),
-                host_dev_name: n.tap.clone(),
+                host_dev_name: match &n.backend {
+                    NetBackendConfig::Tap(name) => name.clone(),
+                    NetBackendConfig::User(_) => String::new(),
+                },
+                user_net: match &n.backend {
+                    NetBackendConfig::Tap(_) => None,
+                    NetBackendConfig::User(u) => Some(UserNet {
+                        hostfwd: u.hostfwd.iter().map(|f| f.to_string()).collect(),
+                    }),
+                },
                 guest_mac: n.mac.map(|m| {
                     m.iter()
                         .map(|b| format!("{b:02x}"))
