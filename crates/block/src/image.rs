@@ -343,11 +343,14 @@ fn all_zero(b: &[u8]) -> bool {
 pub fn resize(path: &Path, size: u64) -> Result<()> {
     check_size(path, size)?;
     let file = open_image_file(path, true)?;
-    crate::lock::lock_for_tool(&file, path, crate::lock::Access::Write)?;
-    match detect_format(&file, path)? {
+    let lock = crate::lock::lock_for_tool(&file, path, crate::lock::Access::Write)?;
+    let resized = match detect_format(&file, path)? {
         Format::Raw => file.set_len(size).map_err(Error::io("resizing", path)),
         Format::Qcow2 => crate::Qcow2Backend::open(file, path, false, true)?.resize(size),
-    }
+    };
+    // Unlocked once the image is closed (and its metadata written back).
+    drop(lock);
+    resized
 }
 
 /// What `kvmbox disk check` found and did.
@@ -388,7 +391,7 @@ pub fn check(
     } else {
         crate::lock::Access::Read
     };
-    crate::lock::lock_for_tool(&file, path, access)?;
+    let _lock = crate::lock::lock_for_tool(&file, path, access)?;
     let mut out = CheckOutcome {
         path: path.to_path_buf(),
         format: "raw".into(),

@@ -170,9 +170,19 @@ fn holder_pid(file: &File, byte: i64) -> Option<i32> {
     })
 }
 
-/// [`lock`] for `kvmbox disk` commands: the same locks, and an error that does not suggest
-/// `lock=off` (which only `--disk` takes).
-pub(crate) fn lock_for_tool(file: &File, path: &Path, access: Access) -> Result<()> {
+/// The locks a `kvmbox disk` command holds on an image: released when this is dropped (see
+/// [`unlock`]), through a duplicate of the image's descriptor (the same open file).
+pub(crate) struct ToolLock(File);
+
+impl Drop for ToolLock {
+    fn drop(&mut self) {
+        unlock(&self.0);
+    }
+}
+
+/// [`lock`] for `kvmbox disk` commands: the same locks, held until the returned guard is
+/// dropped, and an error that does not suggest `lock=off` (which only `--disk` takes).
+pub(crate) fn lock_for_tool(file: &File, path: &Path, access: Access) -> Result<ToolLock> {
     lock(file, path, access).map_err(|e| match e {
         Error::Locked {
             path,
@@ -188,5 +198,9 @@ pub(crate) fn lock_for_tool(file: &File, path: &Path, access: Access) -> Result<
             ),
         ),
         e => e,
-    })
+    })?;
+    let same_file = file
+        .try_clone()
+        .map_err(Error::io("duplicating the descriptor of", path))?;
+    Ok(ToolLock(same_file))
 }

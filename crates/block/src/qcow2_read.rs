@@ -42,6 +42,13 @@ pub struct Qcow2Reader {
     backing: Option<imago::FormatAccess<imago::file::File>>,
 }
 
+impl Drop for Qcow2Reader {
+    /// Release the image's lock as it closes (see [`crate::lock::unlock`]).
+    fn drop(&mut self) {
+        crate::lock::unlock(&self.file);
+    }
+}
+
 fn bad(msg: String) -> io::Error {
     io_err(io::ErrorKind::InvalidData, msg)
 }

@@ -22,7 +22,7 @@ fn with_image<T>(
 ) -> Result<T> {
     let writable = access == Access::Write;
     let file = open_image_file(path, writable)?;
-    lock_for_tool(&file, path, access)?;
+    let _lock = lock_for_tool(&file, path, access)?;
     if detect_format(&file, path)? != Format::Qcow2 {
         return Err(Error::image(path, "snapshots need a qcow2 image"));
     }

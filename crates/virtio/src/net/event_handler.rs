@@ -13,7 +13,9 @@ use super::backend::NetBackend;
 use super::device::lock;
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
 use crate::metrics::DeviceMetrics;
-use crate::queue::{mark_broken, pop_chain, process_queue_until, Chain, ChainError, QueueBroken};
+use crate::queue::{
+    mark_broken, pop_chain, process_queue_until, Chain, ChainError, GuestBufs, QueueBroken,
+};
 use crate::worker::{drain, set_events, unwatch, EventHandler};
 
 /// Bytes of the virtio-net header in front of every frame (virtio 1.x: with `num_buffers`).
@@ -53,6 +55,31 @@ pub(crate) struct NetHandler {
     pub(crate) tx_buf: Vec<u8>,
 }
 
+/// The reader of a transmit chain, checked: device-readable buffers only, holding the
+/// virtio-net header and at most `max` bytes in all.
+pub(crate) fn tx_reader<'a>(
+    chain: &Chain,
+    mem: &'a GuestMemoryMmap,
+    max: usize,
+) -> Result<GuestBufs<'a>, ChainError> {
+    if !chain.writable.is_empty() {
+        return Err(ChainError::Malformed(
+            "device-writable buffer in a transmit chain",
+        ));
+    }
+    let r = chain.reader(mem);
+    let len = r.remaining();
+    if len < VNET_HDR_LEN {
+        return Err(ChainError::Malformed(
+            "transmit chain shorter than the virtio-net header",
+        ));
+    }
+    if len > max {
+        return Err(ChainError::Malformed("transmit frame larger than 64 KiB"));
+    }
+    Ok(r)
+}
+
 /// Gather a transmit chain (virtio-net header + frame, all device-readable) into `buf`.
 /// Returns the number of bytes, header included.
 pub fn parse_tx_frame(
@@ -60,21 +87,8 @@ pub fn parse_tx_frame(
     mem: &GuestMemoryMmap,
     buf: &mut [u8],
 ) -> Result<usize, ChainError> {
-    if !chain.writable.is_empty() {
-        return Err(ChainError::Malformed(
-            "device-writable buffer in a transmit chain",
-        ));
-    }
-    let mut r = chain.reader(mem);
+    let mut r = tx_reader(chain, mem, buf.len())?;
     let len = r.remaining();
-    if len < VNET_HDR_LEN {
-        return Err(ChainError::Malformed(
-            "transmit chain shorter than the virtio-net header",
-        ));
-    }
-    if len > buf.len() {
-        return Err(ChainError::Malformed("transmit frame larger than 64 KiB"));
-    }
     r.read_exact(&mut buf[..len], "transmit frame")?;
     Ok(len)
 }

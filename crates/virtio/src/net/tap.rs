@@ -9,7 +9,7 @@ use kvmbox_cpu::GuestMemoryMmap;
 
 use super::backend::NetBackend;
 use super::device::{F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6};
-use super::event_handler::{parse_tx_frame, MAX_FRAME, VNET_HDR_LEN};
+use super::event_handler::{parse_tx_frame, tx_reader, MAX_FRAME};
 use crate::metrics::DeviceMetrics;
 use crate::queue::{Chain, ChainError};
 use crate::{Error, Result};
@@ -176,21 +176,8 @@ impl NetBackend for Tap {
         mem: &GuestMemoryMmap,
         scratch: &mut [u8],
     ) -> std::result::Result<std::io::Result<usize>, ChainError> {
-        if !chain.writable.is_empty() {
-            return Err(ChainError::Malformed(
-                "device-writable buffer in a transmit chain",
-            ));
-        }
-        let mut r = chain.reader(mem);
+        let mut r = tx_reader(chain, mem, MAX_FRAME)?;
         let len = r.remaining();
-        if len < VNET_HDR_LEN {
-            return Err(ChainError::Malformed(
-                "transmit chain shorter than the virtio-net header",
-            ));
-        }
-        if len > MAX_FRAME {
-            return Err(ChainError::Malformed("transmit frame larger than 64 KiB"));
-        }
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(chain.readable.len());
         r.for_each_host_range(len, |p, n| {
             if n > 0 {
