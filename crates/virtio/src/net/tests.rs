@@ -15,6 +15,52 @@ use crate::queue::{pop_chain, ChainError};
 use crate::test_util::*;
 use crate::transport::MmioTransport;
 
+/// Where the tests put the device's MMIO transport.
+const BASE: u64 = 0xd000_0000;
+
+/// `net` on an MMIO transport at [`BASE`] of a new bus.
+fn mmio_bus(net: Net, m: &GuestMemoryMmap, irq: Arc<TestIrq>) -> IoBus {
+    let t = MmioTransport::new(Box::new(net), m.clone(), irq).unwrap();
+    let io = IoBus::default();
+    io.mmio
+        .insert(Arc::new(Mutex::new(t)), BASE, 0x1000)
+        .unwrap();
+    io
+}
+
+/// The transport register at `off`.
+fn mmio_r(io: &IoBus, off: u64) -> u32 {
+    let mut d = [0u8; 4];
+    io.mmio_read(BASE + off, &mut d);
+    u32::from_le_bytes(d)
+}
+
+/// Drive the device as a guest driver does: ACKNOWLEDGE|DRIVER, every offered feature,
+/// FEATURES_OK (checked), the receive and transmit queues on `rx` and `tx`, DRIVER_OK.
+/// Returns the status the device shows then.
+fn activate(io: &IoBus, rx: &Ring, tx: &Ring) -> u32 {
+    let w = |off: u64, v: u32| io.mmio_write(BASE + off, &v.to_le_bytes());
+    w(0x70, 3);
+    for sel in 0..2 {
+        w(0x14, sel);
+        let v = mmio_r(io, 0x10);
+        w(0x24, sel);
+        w(0x20, v);
+    }
+    w(0x70, 11);
+    assert_eq!(mmio_r(io, 0x70), 11, "FEATURES_OK kept");
+    for (q, ring) in [(0u32, rx), (1, tx)] {
+        w(0x30, q);
+        w(0x38, u32::from(ring.size));
+        w(0x80, ring.desc as u32);
+        w(0x90, ring.avail as u32);
+        w(0xa0, ring.used as u32);
+        w(0x44, 1);
+    }
+    w(0x70, 15);
+    mmio_r(io, 0x70)
+}
+
 #[test]
 fn transmit_and_receive_chain_shapes() {
     let m = mem();
@@ -139,17 +185,8 @@ fn tap_arp_round_trip_in_a_network_namespace() {
     let m: GuestMemoryMmap = mem();
     let irq = Arc::new(TestIrq::default());
     let metrics = crate::VirtioDevice::metrics(&net);
-    let t = MmioTransport::new(Box::new(net), m.clone(), irq.clone()).unwrap();
-    let io = IoBus::default();
-    const BASE: u64 = 0xd000_0000;
-    io.mmio
-        .insert(Arc::new(Mutex::new(t)), BASE, 0x1000)
-        .unwrap();
-    let r = |off: u64| {
-        let mut d = [0u8; 4];
-        io.mmio_read(BASE + off, &mut d);
-        u32::from_le_bytes(d)
-    };
+    let io = mmio_bus(net, &m, irq.clone());
+    let r = |off: u64| mmio_r(&io, off);
     let w = |off: u64, v: u32| io.mmio_write(BASE + off, &v.to_le_bytes());
     assert_eq!(r(8), crate::TYPE_NET);
     let mut cfg = [0u8; 6];
@@ -162,28 +199,8 @@ fn tap_arp_round_trip_in_a_network_namespace() {
 
     let mut rx = Ring::new(&m, 0x1_0000, 16);
     let mut tx = Ring::new(&m, 0x2_0000, 16);
-    w(0x70, 3);
-    w(0x14, 0);
-    let lo = r(0x10);
-    w(0x14, 1);
-    let hi = r(0x10);
-    w(0x24, 0);
-    w(0x20, lo);
-    w(0x24, 1);
-    w(0x20, hi);
-    w(0x70, 11);
-    assert_eq!(r(0x70), 11);
-    for (q, ring) in [(0u32, &rx), (1, &tx)] {
-        w(0x30, q);
-        w(0x38, u32::from(ring.size));
-        w(0x80, ring.desc as u32);
-        w(0x90, ring.avail as u32);
-        w(0xa0, ring.used as u32);
-        w(0x44, 1);
-    }
-    w(0x70, 15);
     assert_eq!(
-        r(0x70),
+        activate(&io, &rx, &tx),
         15,
         "activated (TUNSETOFFLOAD with CSUM/TSO accepted)"
     );
@@ -409,38 +426,11 @@ fn bench_tap_tx_mtu_vs_tso() {
     }
     let metrics = crate::VirtioDevice::metrics(&net);
     let m = mem();
-    let t = MmioTransport::new(Box::new(net), m.clone(), Arc::new(TestIrq::default())).unwrap();
-    let io = IoBus::default();
-    const BASE: u64 = 0xd000_0000;
-    io.mmio
-        .insert(Arc::new(Mutex::new(t)), BASE, 0x1000)
-        .unwrap();
-    let r = |off: u64| {
-        let mut d = [0u8; 4];
-        io.mmio_read(BASE + off, &mut d);
-        u32::from_le_bytes(d)
-    };
+    let io = mmio_bus(net, &m, Arc::new(TestIrq::default()));
     let w = |off: u64, v: u32| io.mmio_write(BASE + off, &v.to_le_bytes());
     let rx = Ring::new(&m, 0x1_0000, 256);
     let mut tx = Ring::new(&m, 0x4_0000, 256);
-    w(0x70, 3);
-    for sel in 0..2 {
-        w(0x14, sel);
-        let v = r(0x10);
-        w(0x24, sel);
-        w(0x20, v);
-    }
-    w(0x70, 11);
-    for (q, ring) in [(0u32, &rx), (1, &tx)] {
-        w(0x30, q);
-        w(0x38, u32::from(ring.size));
-        w(0x80, ring.desc as u32);
-        w(0x90, ring.avail as u32);
-        w(0xa0, ring.used as u32);
-        w(0x44, 1);
-    }
-    w(0x70, 15);
-    assert_eq!(r(0x70), 15);
+    assert_eq!(activate(&io, &rx, &tx), 15);
     for (name, payload) in [
         ("1500-byte frames", 1460usize),
         ("64 KiB TSO frames", 65000),
@@ -552,17 +542,8 @@ fn user_network_dhcp_through_passt_and_link_down_when_it_dies() {
     let m: GuestMemoryMmap = mem();
     let irq = Arc::new(TestIrq::default());
     let metrics = crate::VirtioDevice::metrics(&net);
-    let t = MmioTransport::new(Box::new(net), m.clone(), irq.clone()).unwrap();
-    let io = IoBus::default();
-    const BASE: u64 = 0xd000_0000;
-    io.mmio
-        .insert(Arc::new(Mutex::new(t)), BASE, 0x1000)
-        .unwrap();
-    let r = |off: u64| {
-        let mut d = [0u8; 4];
-        io.mmio_read(BASE + off, &mut d);
-        u32::from_le_bytes(d)
-    };
+    let io = mmio_bus(net, &m, irq.clone());
+    let r = |off: u64| mmio_r(&io, off);
     let w = |off: u64, v: u32| io.mmio_write(BASE + off, &v.to_le_bytes());
     let status = || {
         let mut d = [0u8; 2];
@@ -572,24 +553,7 @@ fn user_network_dhcp_through_passt_and_link_down_when_it_dies() {
     assert_eq!(status(), 1, "link up");
     let mut rx = Ring::new(&m, 0x1_0000, 16);
     let mut tx = Ring::new(&m, 0x2_0000, 16);
-    w(0x70, 3);
-    for sel in 0..2 {
-        w(0x14, sel);
-        let v = r(0x10);
-        w(0x24, sel);
-        w(0x20, v);
-    }
-    w(0x70, 11);
-    for (q, ring) in [(0u32, &rx), (1, &tx)] {
-        w(0x30, q);
-        w(0x38, u32::from(ring.size));
-        w(0x80, ring.desc as u32);
-        w(0x90, ring.avail as u32);
-        w(0xa0, ring.used as u32);
-        w(0x44, 1);
-    }
-    w(0x70, 15);
-    assert_eq!(r(0x70), 15);
+    assert_eq!(activate(&io, &rx, &tx), 15);
     for i in 0..8u16 {
         rx.add_chain(
             &m,
