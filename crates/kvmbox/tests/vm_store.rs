@@ -72,6 +72,36 @@ impl Home {
         self.ok(&["log", name])
     }
 
+    /// Create VM `name`: the test guest on the engine running its blk scenario (it writes
+    /// its pattern over its disk, then powers off) on a new 1 MiB disk.
+    fn create_blk_vm(&self, name: &str) {
+        let tg = testguest();
+        self.ok(&[
+            "create",
+            name,
+            "--kernel",
+            tg.to_str().unwrap(),
+            "--cmdline",
+            "tests=blk",
+            "--memory",
+            "128M",
+            "--accel",
+            "emu",
+            "--disk-size",
+            "1M",
+        ]);
+    }
+
+    /// Start VM `name` and wait until its guest has powered off (within `BLK`).
+    fn run_to_power_off(&self, name: &str) {
+        self.ok(&["start", name]);
+        let t0 = Instant::now();
+        while self.state(name) != "stopped" {
+            assert!(t0.elapsed() < BLK, "{}", self.log(name));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Wait until the VM's console log (this run's) contains `needle`.
     fn expect_log(&self, name: &str, needle: &str, timeout: Duration) -> String {
         let t0 = Instant::now();
@@ -475,21 +505,7 @@ fn disk_bytes(home: &Home, path: &Path) -> Vec<u8> {
 fn a_linked_clone_shares_a_frozen_base_and_writes_its_own_overlay() {
     let _cpu = CpuLease::shared();
     let home = Home::new("linked");
-    let tg = testguest();
-    home.ok(&[
-        "create",
-        "src",
-        "--kernel",
-        tg.to_str().unwrap(),
-        "--cmdline",
-        "tests=blk",
-        "--memory",
-        "128M",
-        "--accel",
-        "emu",
-        "--disk-size",
-        "1M",
-    ]);
+    home.create_blk_vm("src");
     // The source's disk gets known contents.
     let data: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
@@ -534,12 +550,7 @@ fn a_linked_clone_shares_a_frozen_base_and_writes_its_own_overlay() {
     );
 
     // The clone's guest writes its disk (the test guest's blk scenario), then powers off.
-    home.ok(&["start", "lc"]);
-    let t0 = Instant::now();
-    while home.state("lc") != "stopped" {
-        assert!(t0.elapsed() < BLK, "{}", home.log("lc"));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    home.run_to_power_off("lc");
     let log = home.log("lc");
     assert!(
         log.contains("KVMBOX-TEST blk ") && !log.contains("error="),
@@ -565,21 +576,7 @@ fn a_linked_clone_shares_a_frozen_base_and_writes_its_own_overlay() {
 fn snapshots_bring_back_disks_the_guest_wrote() {
     let _cpu = CpuLease::shared();
     let home = Home::new("snap");
-    let tg = testguest();
-    home.ok(&[
-        "create",
-        "s",
-        "--kernel",
-        tg.to_str().unwrap(),
-        "--cmdline",
-        "tests=blk",
-        "--memory",
-        "128M",
-        "--accel",
-        "emu",
-        "--disk-size",
-        "1M",
-    ]);
+    home.create_blk_vm("s");
     let disk = home.0.join("vms/s/disk0.qcow2");
     let zeros = vec![0u8; 1 << 20];
     assert!(disk_bytes(&home, &disk) == zeros);
@@ -598,12 +595,7 @@ fn snapshots_bring_back_disks_the_guest_wrote() {
     );
     home.fails(&["snapshot", "s", "take", "../x"], 2, "invalid VM name");
     // The guest writes its pattern over the disk and powers off.
-    home.ok(&["start", "s"]);
-    let t0 = Instant::now();
-    while home.state("s") != "stopped" {
-        assert!(t0.elapsed() < BLK, "{}", home.log("s"));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    home.run_to_power_off("s");
     let written = disk_bytes(&home, &disk);
     assert!(written != zeros, "the guest wrote its disk");
     home.ok(&["snapshot", "s", "take", "written"]);
