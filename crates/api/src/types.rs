@@ -99,6 +99,17 @@ pub struct Drive {
     /// vhost-user-block socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
+    /// kvmbox extension: the image format, "raw" or "qcow2" (`--disk`'s `format=`); absent,
+    /// detected from the header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// kvmbox extension: the virtio-blk serial, 1 to 20 bytes (`--disk`'s `serial=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// kvmbox extension: take the QEMU-compatible image lock (absent: true); false is
+    /// `--disk`'s `lock=off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<bool>,
 }
 
 /// `PATCH /drives/{drive_id}`.

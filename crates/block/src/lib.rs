@@ -27,7 +27,7 @@ pub use error::{Error, Result};
 pub use open::{detect_format, image_len, open, open_image_file, MAX_CHAIN_DEPTH};
 pub use qcow2::Qcow2Backend;
 pub use raw::RawBackend;
-pub use spec::{DiskSpec, Format, SERIAL_MAX};
+pub use spec::{check_serial, DiskSpec, Format, SERIAL_MAX};
 
 /// What a backend can do besides reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

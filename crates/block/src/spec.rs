@@ -10,6 +10,17 @@ use crate::{Error, Result};
 /// Longest serial (the virtio-blk GET_ID answer is 20 bytes).
 pub const SERIAL_MAX: usize = 20;
 
+/// Check a disk serial (`serial=ID`, the API drive's `serial`): 1 to [`SERIAL_MAX`] bytes,
+/// no `,` (it would end the `--disk` option).
+pub fn check_serial(id: &str) -> std::result::Result<(), String> {
+    if id.is_empty() || id.len() > SERIAL_MAX || id.contains(',') {
+        return Err(format!(
+            "serial '{id}' must be 1 to {SERIAL_MAX} bytes without ','"
+        ));
+    }
+    Ok(())
+}
+
 /// An image format kvmbox runs guests on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -88,13 +99,9 @@ impl FromStr for DiskSpec {
             match p.split_once('=') {
                 None if p == "ro" => spec.read_only = true,
                 Some(("format", f)) => spec.format = Some(f.parse().map_err(bad)?),
-                Some(("serial", id)) if !id.is_empty() && id.len() <= SERIAL_MAX => {
-                    spec.serial = Some(id.to_string());
-                }
                 Some(("serial", id)) => {
-                    return Err(bad(format!(
-                        "serial '{id}' must be 1 to {SERIAL_MAX} bytes"
-                    )))
+                    check_serial(id).map_err(bad)?;
+                    spec.serial = Some(id.to_string());
                 }
                 Some(("lock", "off")) => spec.lock = false,
                 Some(("lock", "on")) => spec.lock = true,
@@ -133,5 +140,17 @@ mod tests {
         assert!(err("/img,serial=123456789012345678901").contains("1 to 20 bytes"));
         assert!(err("/img,format=vdi").contains("unknown format 'vdi'"));
         assert!(err("/img,lock=maybe").contains("lock=maybe"));
+    }
+
+    #[test]
+    fn serial_check_is_the_parsers() {
+        assert_eq!(check_serial(&"x".repeat(SERIAL_MAX)), Ok(()));
+        for bad in ["", "a,b", &"x".repeat(SERIAL_MAX + 1)] {
+            assert!(
+                check_serial(bad).unwrap_err().contains("1 to 20 bytes"),
+                "{bad:?}"
+            );
+        }
+        assert!("/img,serial=".parse::<DiskSpec>().is_err());
     }
 }

@@ -283,6 +283,33 @@ fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
     refused(
         &sock,
         "PUT",
+        "/drives/d1",
+        Some(
+            r#"{"drive_id": "d1", "path_on_host": "/dev/null", "is_root_device": false, "format": "vdi"}"#,
+        ),
+        "format: unknown format 'vdi'",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/drives/d1",
+        Some(
+            r#"{"drive_id": "d1", "path_on_host": "/dev/null", "is_root_device": false, "serial": "123456789012345678901"}"#,
+        ),
+        "serial: serial '123456789012345678901' must be 1 to 20 bytes",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/drives/d1",
+        Some(
+            r#"{"drive_id": "d1", "path_on_host": "/dev/null", "is_root_device": false, "serial": "a,b"}"#,
+        ),
+        "serial: ",
+    );
+    refused(
+        &sock,
+        "PUT",
         "/network-interfaces/eth0",
         Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 1400}"#),
         "mtu",
@@ -409,6 +436,132 @@ fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
     assert_eq!(after["accel"], "kvm");
     assert!(vm.kill(), "kvmbox kept running through all of it");
     assert!(!vm.stderr().contains("internal error"), "{}", vm.stderr());
+}
+
+/// A kvmbox on KVM configured through the API to run the test guest's `blk` scenario with
+/// `drive` as its only disk, not started.
+fn blk_configured(sock: &Path, drive: &serde_json::Value) -> Interactive {
+    let mut vm = Interactive::spawn(&[
+        "run",
+        "--accel",
+        "kvm",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    wait_for_socket(&mut vm, sock);
+    ok(
+        sock,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+    );
+    let boot = json!({"kernel_image_path": testguest(), "boot_args": "tests=blk"}).to_string();
+    ok(sock, "PUT", "/boot-source", &boot);
+    ok(sock, "PUT", "/drives/data", &drive.to_string());
+    vm
+}
+
+/// Boot the test guest's `blk` scenario through the API with `drive` as its only disk; the
+/// guest's `KVMBOX-TEST blk` line, once the guest has powered off.
+fn blk_through_the_api(name: &str, drive: serde_json::Value) -> String {
+    let sock = sock_path(name);
+    let mut vm = blk_configured(&sock, &drive);
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    vm.expect("KVMBOX-TEST blk", TG);
+    let line = vm.expect("\n", TG);
+    vm.expect("KVMBOX-TEST done result=ok", TG);
+    // The guest's debug-exit 0 is exit status 1.
+    let status = vm.wait_exit(TG);
+    assert_eq!(status, Some(1), "{}\n{}", vm.console(), vm.stderr());
+    line
+}
+
+/// The kvmbox drive extensions `format`, `serial` and `lock` reach the device as `--disk`'s
+/// `format=`, `serial=` and `lock=off` do.
+#[test]
+fn drive_format_serial_and_lock_reach_the_guest_on_kvm() {
+    if !kvm_or_skip("drive_format_serial_and_lock_reach_the_guest_on_kvm") {
+        return;
+    }
+    let qcow2 = std::env::temp_dir()
+        .join("kvmbox-lifecycle-tests")
+        .join(format!("ext-{}.qcow2", std::process::id()));
+    let _ = std::fs::remove_file(&qcow2);
+    let st = std::process::Command::new(common::kvmbox())
+        .args([
+            "disk",
+            "create",
+            qcow2.to_str().unwrap(),
+            "32M",
+            "--format",
+            "qcow2",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kvmbox disk create");
+    let drive = |extra: serde_json::Value| {
+        let mut d = json!({"drive_id": "data", "path_on_host": qcow2, "is_root_device": false});
+        d.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        d
+    };
+
+    // format=qcow2: the guest sees the 32 MiB virtual disk, its serial, and reads back what
+    // it wrote through the qcow2 layer.
+    let line = blk_through_the_api(
+        "ext-qcow2",
+        drive(json!({"format": "qcow2", "serial": "api-qcow2"})),
+    );
+    for want in [
+        "capacity_sectors=65536",
+        "serial=api-qcow2",
+        "errors=0",
+        "mismatched_words=0",
+    ] {
+        assert!(line.contains(want), "want {want}: {line}");
+    }
+
+    // format=raw on that qcow2 file: the guest sees the file's own bytes, as many as it has,
+    // while another kvmbox holds the image's lock (lock=false lets this second writer in).
+    let file_len = std::fs::metadata(&qcow2).unwrap().len();
+    assert!(
+        file_len < 32 << 20,
+        "a fresh qcow2 file is sparse: {file_len}"
+    );
+    let mut holder =
+        Interactive::testguest(1, "128M", "shell", &["--disk", qcow2.to_str().unwrap()]);
+    holder.expect("type help", TG);
+    // Locked (the default), the start is refused, naming the holder.
+    let sock = sock_path("ext-locked");
+    let mut locked = blk_configured(&sock, &drive(json!({"format": "raw"})));
+    refused(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        &format!("is in use by process {}", holder.id()),
+    );
+    assert!(locked.kill());
+    let line = blk_through_the_api(
+        "ext-raw",
+        drive(json!({"format": "raw", "serial": "raw", "lock": false})),
+    );
+    assert!(holder.kill());
+    for want in [
+        &format!("capacity_sectors={}", file_len / 512),
+        "serial=raw",
+        "errors=0",
+        "mismatched_words=0",
+    ] {
+        assert!(line.contains(want), "want {want}: {line}");
+    }
+    let _ = std::fs::remove_file(&qcow2);
 }
 
 #[test]

@@ -134,11 +134,21 @@ impl PreBoot {
     }
 }
 
-/// A Firecracker drive as a `--disk` spec. Fields are checked before this.
+/// A Firecracker drive (and kvmbox's `format`, `serial`, `lock`) as a `--disk` spec. Fields
+/// are checked before this.
 fn drive_spec(d: &Drive) -> String {
     let mut s = d.path_on_host.clone().unwrap_or_default();
     if d.is_read_only == Some(true) {
         s.push_str(",ro");
+    }
+    if let Some(f) = &d.format {
+        s.push_str(&format!(",format={f}"));
+    }
+    if let Some(id) = &d.serial {
+        s.push_str(&format!(",serial={id}"));
+    }
+    if d.lock == Some(false) {
+        s.push_str(",lock=off");
     }
     s
 }
@@ -195,6 +205,14 @@ fn check_drive(d: &Drive) -> ApiRes<()> {
         return Err(refuse("path_on_host", "kvmbox cannot use a path with ','"));
     }
     readable("path_on_host", path)?;
+    // The kvmbox extensions, by --disk's own checks, so that the error names the field.
+    if let Some(f) = d.format.as_deref() {
+        f.parse::<kvmbox_block::Format>()
+            .map_err(|e| refuse("format", &e))?;
+    }
+    if let Some(id) = d.serial.as_deref() {
+        kvmbox_block::check_serial(id).map_err(|e| refuse("serial", &e))?;
+    }
     parse_disk_spec(&drive_spec(d)).map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(())
 }
