@@ -622,14 +622,25 @@ fn delete_keep_disks_keeps_readable_disks_and_drops_the_vm() {
         "1M",
     ]);
     fill_disk(&home, "plain", "disk1.qcow2", &data);
+    // A disk in a subfolder of the VM's folder (a hand-edited vm.toml) is kept too.
+    std::fs::create_dir(home.0.join("vms/plain/sub")).unwrap();
+    std::fs::write(home.0.join("vms/plain/sub/extra.raw"), &other).unwrap();
+    let toml = home.0.join("vms/plain/vm.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("disks = ["), "{text}");
+    let text = text.replace("disks = [", "disks = [\"sub/extra.raw,format=raw,ro\", ");
+    std::fs::write(&toml, text).unwrap();
     home.ok(&["snapshot", "plain", "take", "s1"]);
     let out = home.ok(&["delete", "plain", "--keep-disks"]);
     let kept = home.0.join("kept-disks/plain/disk1.qcow2");
+    let extra = home.0.join("kept-disks/plain/sub/extra.raw");
     assert!(
         out.contains(&format!("kept disk: {}", kept.display()))
+            && out.contains(&format!("kept disk: {}", extra.display()))
             && out.contains(&format!("kept disk: {}", outside.display())),
         "{out}"
     );
+    assert!(std::fs::read(&extra).unwrap() == other);
     assert!(!home.0.join("vms/plain").exists());
     assert!(!listed(&home).contains(&"plain".to_string()));
     home.fails(&["show", "plain"], 2, "plain");
@@ -640,7 +651,9 @@ fn delete_keep_disks_keeps_readable_disks_and_drops_the_vm() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(files, ["disk1.qcow2"], "only the disks are kept");
+    let mut files: Vec<_> = files;
+    files.sort();
+    assert_eq!(files, ["disk1.qcow2", "sub"], "only the disks are kept");
 
     // The same name again: a second folder, the first untouched.
     home.create_blk_vm("plain");

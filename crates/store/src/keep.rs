@@ -41,12 +41,22 @@ impl Store {
         };
         let mut flattened = Vec::new();
         for d in vm.config()?.disks {
-            if d.path.parent() != Some(vm.dir()) {
+            let inside = d.path.strip_prefix(vm.dir()).ok().filter(|rel| {
+                rel.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+            });
+            let Some(rel) = inside else {
                 outside.push(d.path);
                 continue;
+            };
+            // A disk in a subfolder keeps its place under the new folder.
+            let to = dest.join(rel);
+            if let Some(parent) = to.parent().filter(|p| !p.exists()) {
+                if let Err(e) = std::fs::create_dir_all(parent) {
+                    undo(&moves);
+                    return Err(io_err(format_args!("creating {}", parent.display()), e));
+                }
             }
-            let name = d.path.file_name().unwrap_or_default();
-            let to = dest.join(name);
             let layers = kvmbox_block::image::info(&d.path)
                 .map_err(|e| Error::Failed(format!("reading {}: {e}", d.path.display())));
             let layers = match layers {
