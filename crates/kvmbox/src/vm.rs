@@ -119,6 +119,9 @@ pub enum VmCommand {
         /// Power a running VM off first.
         #[arg(long)]
         force: bool,
+        /// Keep the disks in its folder: move them to $KVMBOX_HOME/kept-disks/NAME/ (overlays flattened).
+        #[arg(long)]
+        keep_disks: bool,
     },
     /// (internal) The keeper process of a running VM; `vm start` runs it.
     #[command(name = "__keeper", hide = true)]
@@ -264,7 +267,11 @@ fn dispatch(cmd: VmCommand) -> Result<()> {
         VmCommand::Log { name, follow } => log(&store.vm(&name)?, follow),
         VmCommand::Save { name } => save(&store.vm(&name)?),
         VmCommand::Discard { name } => discard(&store.vm(&name)?),
-        VmCommand::Delete { name, force } => delete(&store, &store.vm(&name)?, force),
+        VmCommand::Delete {
+            name,
+            force,
+            keep_disks,
+        } => delete(&store, &store.vm(&name)?, force, keep_disks),
         VmCommand::Modify(a) => modify(&store, *a),
         VmCommand::Snapshot { name, action } => snapshot(&store.vm(&name)?, action),
         VmCommand::Clone { name, new, linked } => clone(&store, &store.vm(&name)?, &new, linked),
@@ -880,7 +887,7 @@ fn clone(store: &Store, vm: &Vm, new: &str, linked: bool) -> Result<()> {
     Ok(())
 }
 
-fn delete(store: &Store, vm: &Vm, force: bool) -> Result<()> {
+fn delete(store: &Store, vm: &Vm, force: bool, keep_disks: bool) -> Result<()> {
     let name = vm.name();
     let _lock = vm.lock(&format!("kvmbox vm delete {name}"))?;
     let clones = store.linked_clones_of(vm)?;
@@ -900,6 +907,11 @@ fn delete(store: &Store, vm: &Vm, force: bool) -> Result<()> {
         terminate(vm)?;
     }
     vm.clean_stale_runtime()?;
+    let kept = if keep_disks {
+        store.keep_disks(vm)?
+    } else {
+        Vec::new()
+    };
     // Out of the store's names first (one rename), then the files.
     let gone = vm
         .dir()
@@ -908,5 +920,8 @@ fn delete(store: &Store, vm: &Vm, force: bool) -> Result<()> {
         .and_then(|()| std::fs::remove_dir_all(&gone))
         .map_err(|e| Error::Failed(format!("deleting {}: {e}", vm.dir().display())))?;
     println!("VM '{name}' deleted");
+    for k in kept {
+        println!("kept disk: {}", k.display());
+    }
     Ok(())
 }

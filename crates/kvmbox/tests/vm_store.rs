@@ -570,6 +570,121 @@ fn a_linked_clone_shares_a_frozen_base_and_writes_its_own_overlay() {
     assert!(!home.0.join("vms/src").exists());
 }
 
+/// Replace the (new, empty) disk `file` of VM `name` with a qcow2 image holding `data`.
+fn fill_disk(home: &Home, name: &str, file: &str, data: &[u8]) -> PathBuf {
+    let raw = home.0.join(format!("{name}.raw"));
+    std::fs::write(&raw, data).unwrap();
+    let disk = home.0.join(format!("vms/{name}/{file}"));
+    std::fs::remove_file(&disk).unwrap();
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "convert"])
+        .arg(&raw)
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    disk
+}
+
+fn listed(home: &Home) -> Vec<String> {
+    let v: Value = serde_json::from_str(&home.ok(&["list", "--json"])).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|vm| vm["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `delete --keep-disks`: the VM goes (no longer listed, folder gone) and its disks move to
+/// `kept-disks/NAME/` with their contents; overlays (both sides of a linked clone) are flattened
+/// so they stay readable after their base is deleted; the refusals stay.
+#[test]
+fn delete_keep_disks_keeps_readable_disks_and_drops_the_vm() {
+    let home = Home::new("keep");
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let other: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+
+    // A plain VM with a snapshot and a disk outside its folder.
+    let outside = home.0.join("outside.raw");
+    std::fs::write(&outside, &other).unwrap();
+    let spec = format!("{},format=raw,ro", outside.display());
+    let tg = testguest();
+    home.ok(&[
+        "create",
+        "plain",
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--disk",
+        &spec,
+        "--disk-size",
+        "1M",
+    ]);
+    fill_disk(&home, "plain", "disk1.qcow2", &data);
+    // A disk in a subfolder of the VM's folder (a hand-edited vm.toml) is kept too.
+    std::fs::create_dir(home.0.join("vms/plain/sub")).unwrap();
+    std::fs::write(home.0.join("vms/plain/sub/extra.raw"), &other).unwrap();
+    let toml = home.0.join("vms/plain/vm.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("disks = ["), "{text}");
+    let text = text.replace("disks = [", "disks = [\"sub/extra.raw,format=raw,ro\", ");
+    std::fs::write(&toml, text).unwrap();
+    home.ok(&["snapshot", "plain", "take", "s1"]);
+    let out = home.ok(&["delete", "plain", "--keep-disks"]);
+    let kept = home.0.join("kept-disks/plain/disk1.qcow2");
+    let extra = home.0.join("kept-disks/plain/sub/extra.raw");
+    assert!(
+        out.contains(&format!("kept disk: {}", kept.display()))
+            && out.contains(&format!("kept disk: {}", extra.display()))
+            && out.contains(&format!("kept disk: {}", outside.display())),
+        "{out}"
+    );
+    assert!(std::fs::read(&extra).unwrap() == other);
+    assert!(!home.0.join("vms/plain").exists());
+    assert!(!listed(&home).contains(&"plain".to_string()));
+    home.fails(&["show", "plain"], 2, "plain");
+    assert_eq!(disk_layers(&kept).len(), 1);
+    assert!(disk_bytes(&home, &kept) == data, "the kept disk differs");
+    assert!(std::fs::read(&outside).unwrap() == other);
+    let files: Vec<_> = std::fs::read_dir(home.0.join("kept-disks/plain"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let mut files: Vec<_> = files;
+    files.sort();
+    assert_eq!(files, ["disk1.qcow2", "sub"], "only the disks are kept");
+
+    // The same name again: a second folder, the first untouched.
+    home.create_blk_vm("plain");
+    home.ok(&["delete", "plain", "--keep-disks"]);
+    assert!(home.0.join("kept-disks/plain-2/disk0.qcow2").exists());
+    assert!(disk_bytes(&home, &kept) == data);
+
+    // A linked clone: the source is still refused; each side's kept disk is standalone.
+    home.create_blk_vm("src");
+    fill_disk(&home, "src", "disk0.qcow2", &data);
+    home.ok(&["clone", "--linked", "src", "lc"]);
+    home.fails(
+        &["delete", "src", "--keep-disks"],
+        4,
+        "linked clone(s) 'lc'",
+    );
+    assert!(home.0.join("vms/src/disk0.qcow2").exists());
+    home.ok(&["delete", "lc", "--keep-disks"]);
+    home.ok(&["delete", "src", "--keep-disks"]);
+    assert!(!home.0.join("vms/src").exists(), "the base went with it");
+    assert!(listed(&home).is_empty());
+    for vm in ["lc", "src"] {
+        let kept = home.0.join(format!("kept-disks/{vm}/disk0.qcow2"));
+        assert_eq!(disk_layers(&kept).len(), 1, "{vm}: flattened");
+        assert!(
+            disk_bytes(&home, &kept) == data,
+            "{vm}: the kept disk differs"
+        );
+    }
+}
+
 /// The snapshot tree of a stopped VM: a snapshot brings back the disk the guest then wrote,
 /// children move to their grandparent when their parent is deleted, and the data stays.
 #[test]
