@@ -116,13 +116,7 @@ fn build(src: &Vm, dir: &Path, linked: bool) -> Result<()> {
         if linked {
             link_disk(src, &from, &dir.join(&file))?;
         } else {
-            kvmbox_block::image::convert(
-                &from,
-                &dir.join(&file),
-                kvmbox_block::Format::Qcow2,
-                &mut |_, _| {},
-            )
-            .map_err(|e| Error::Failed(format!("copying {}: {e}", from.display())))?;
+            flatten(&from, &dir.join(&file))?;
         }
         // The copy is qcow2 whatever the original was: keep every option but the format.
         let opts: Vec<&str> = spec
@@ -184,6 +178,20 @@ impl Store {
             .map(|c| c.name().to_string())
             .collect())
     }
+}
+
+/// Copy the disk `from` (with its whole backing chain) into `to`, a new standalone qcow2 image:
+/// a full clone's disks, and the overlays `vm delete --keep-disks` keeps.
+pub(crate) fn flatten(from: &Path, to: &Path) -> Result<()> {
+    kvmbox_block::image::convert(from, to, kvmbox_block::Format::Qcow2, &mut |_, _| {}).map_err(
+        |e| {
+            Error::Failed(format!(
+                "copying {} to {}: {e}",
+                from.display(),
+                to.display()
+            ))
+        },
+    )
 }
 
 #[cfg(test)]

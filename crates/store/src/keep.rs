@@ -5,8 +5,9 @@
 //! a standalone qcow2 image, so it stays readable whatever happens to its backing files. Disks
 //! outside the folder (`--disk`) are left where they are, as `delete` always does.
 
+use crate::clone::flatten;
 use crate::{io_err, Error, Result, Store, Vm};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Where the disks of a deleted VM are kept.
 pub const KEPT_DISKS: &str = "kept-disks";
@@ -96,16 +97,4 @@ impl Store {
         kept.extend(outside);
         Ok(kept)
     }
-}
-
-fn flatten(from: &Path, to: &Path) -> Result<()> {
-    kvmbox_block::image::convert(from, to, kvmbox_block::Format::Qcow2, &mut |_, _| {}).map_err(
-        |e| {
-            Error::Failed(format!(
-                "copying {} to {}: {e}",
-                from.display(),
-                to.display()
-            ))
-        },
-    )
 }
