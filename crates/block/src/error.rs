@@ -32,7 +32,7 @@ pub enum Error {
         problem: String,
     },
     /// Another process holds a lock that conflicts with ours.
-    #[error("disk image '{}' is in use{}: {problem} (use lock=off to override)", path.display(), holder.map(|p| format!(" by process {p}")).unwrap_or_default())]
+    #[error("disk image '{}' is in use{}: {problem} (`--disk ...,lock=off` or the API drive's `\"lock\": false` override it)", path.display(), holder.map(|p| format!(" by process {p}")).unwrap_or_default())]
     Locked {
         /// The image.
         path: PathBuf,
