@@ -320,9 +320,19 @@ fn check_controller(c: &str) -> Result<()> {
 impl Hierarchy {
     /// Find where to make groups with `controllers` (see the crate docs for the rule).
     pub fn detect(controllers: &[&str]) -> Result<Self> {
+        Self::detect_in(Path::new("/proc/self/cgroup"), controllers)
+    }
+
+    /// [`Hierarchy::detect`] as seen from process `pid`: its own groups are the ones
+    /// [`Hierarchy::own_dir`] names (for instance to read a running VM's group files).
+    pub fn detect_for(pid: u32, controllers: &[&str]) -> Result<Self> {
+        Self::detect_in(Path::new(&format!("/proc/{pid}/cgroup")), controllers)
+    }
+
+    fn detect_in(proc_cgroup: &Path, controllers: &[&str]) -> Result<Self> {
         let needed = Self::needed(controllers)?;
         let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
-        let own = read(Path::new("/proc/self/cgroup"))?;
+        let own = read(proc_cgroup)?;
         let mounts = parse_mountinfo(&mountinfo);
         let v2 = mounts
             .iter()
@@ -350,6 +360,22 @@ impl Hierarchy {
     /// The controllers this hierarchy was detected for.
     pub fn controllers(&self) -> &[String] {
         &self.controllers
+    }
+
+    /// The folder of the process's own group that holds `controller`'s files (the process
+    /// [`Hierarchy::detect`] or [`Hierarchy::detect_for`] looked at).
+    pub fn own_dir(&self, controller: &str) -> Option<&Path> {
+        if !self.controllers.iter().any(|c| c == controller) {
+            return None;
+        }
+        match self.version {
+            Version::V2 => Some(self.roots[0].own.as_path()),
+            Version::V1 => self
+                .roots
+                .iter()
+                .find(|r| r.controllers.iter().any(|c| c == controller))
+                .map(|r| r.own.as_path()),
+        }
     }
 }
 
@@ -714,6 +740,18 @@ impl Cgroup {
     /// The processes in the group (its first folder's `cgroup.procs`).
     pub fn procs(&self) -> Result<Vec<u32>> {
         procs_in(&self.dirs[0].1)
+    }
+
+    /// The memory limit in force (`None`: none): v2 `memory.max`, v1
+    /// `memory.limit_in_bytes` (the kernel's "no limit" is a huge number there).
+    pub fn memory_limit(&self) -> Result<Option<u64>> {
+        let key = match self.version {
+            Version::V2 => "memory.max",
+            Version::V1 => "memory.limit_in_bytes",
+        };
+        let v = self.get(key)?;
+        // v1 reports no limit as LONG_MAX rounded down to a page.
+        Ok(v.parse::<u64>().ok().filter(|&b| b < 1 << 62))
     }
 
     /// How many times the kernel's OOM killer killed a process of the group (v2

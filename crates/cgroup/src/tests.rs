@@ -272,6 +272,11 @@ fn a_real_group_holds_the_limits_and_a_process_and_goes_away() {
         .unwrap();
     cg.add_process(child.id()).unwrap();
     assert_eq!(cg.procs().unwrap(), [child.id()]);
+    // Seen from the process, its own group is this one.
+    let seen = Hierarchy::detect_for(child.id(), &["cpu", "memory"]).unwrap();
+    assert_eq!(seen.own_dir("memory"), Some(cg.dir_of("memory").unwrap()));
+    assert_eq!(seen.own_dir("cpu"), Some(cg.dir_of("cpu").unwrap()));
+    assert_eq!(seen.own_dir("io"), None);
     let groups = fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap();
     assert!(
         groups.contains(&format!("/{DEFAULT_PARENT}/{name}\n")),
@@ -288,6 +293,14 @@ fn a_real_group_holds_the_limits_and_a_process_and_goes_away() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(cg.oom_kills().unwrap(), 0);
+    let limit = if cg.version() == Version::V1 {
+        128 << 20
+    } else {
+        64 << 20
+    };
+    assert_eq!(cg.memory_limit().unwrap(), Some(limit));
+    cg.set_memory_limit(None).unwrap();
+    assert_eq!(cg.memory_limit().unwrap(), None);
     cg.remove(REMOVE_WAIT).unwrap();
     for d in cg.dirs() {
         assert!(!d.exists(), "{}", d.display());

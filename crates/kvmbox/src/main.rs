@@ -39,6 +39,9 @@ enum Command {
     /// Named VMs kept in $KVMBOX_HOME: create, list, start, console, stop, save, delete ...
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Internal: removes a VM's cgroup once its kvmbox has ended (started by `kvmbox run`).
+    #[command(name = "__cgroup-watch", hide = true)]
+    CgroupWatch { group: String },
 }
 
 #[derive(Subcommand)]
@@ -56,7 +59,7 @@ enum SnapshotCommand {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// TOML file with the same settings (kernel, initrd, cmdline, cpus, memory, accel, on_reboot, pvh, disks, nets, rng, virtio, modules, testdev, track_dirty_pages); flags override it, --disk/--net add to it.
+    /// TOML file with the same settings (kernel, initrd, cmdline, cpus, memory, accel, on_reboot, pvh, disks, nets, rng, virtio, modules, testdev, track_dirty_pages, cpu_max, cpu_weight, memory_limit, cpu_affinity, cgroup_parent); flags override it, --disk/--net add to it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Kernel: bzImage, ELF vmlinux (PVH or 64-bit entry), a freestanding ELF, or a multiboot kernel.
@@ -121,6 +124,21 @@ struct RunArgs {
     /// Run every thread without its seccomp filter (they are on by default; see SECURITY.md).
     #[arg(long)]
     no_seccomp: bool,
+    /// CPU quota of the whole VM: at most this many host CPUs' worth of time (0.5: half a CPU; as docker's --cpus), through its cgroup (v2 cpu.max, v1 cpu.cfs_quota_us).
+    #[arg(long, value_name = "CPUS")]
+    cpu_max: Option<String>,
+    /// CPU weight against other groups, 1-10000 [default: 100] (v2 cpu.weight; v1 cpu.shares = N*1024/100).
+    #[arg(long, value_name = "N")]
+    cpu_weight: Option<u32>,
+    /// Memory limit of the whole kvmbox process, swap included (guest memory + kvmbox's own; at least guest memory + 16 MiB); SIZE as --memory.
+    #[arg(long, value_name = "SIZE")]
+    memory_limit: Option<String>,
+    /// Pin vCPU threads to host CPUs: a list for every vCPU (0-1,3) and/or VCPU@[LIST] per vCPU (0@[0-1],1@[2]).
+    #[arg(long, value_name = "SPEC")]
+    cpu_affinity: Option<String>,
+    /// Make the VM's cgroup under this one (a path from the hierarchy's root) [default: kvmbox/ under kvmbox's own cgroup].
+    #[arg(long, value_name = "PATH")]
+    cgroup_parent: Option<PathBuf>,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -144,6 +162,20 @@ fn restore_conflict(config: bool, o: &Overrides) -> Option<&'static str> {
         (o.rng, "--rng"),
         (o.virtio.is_some(), "--virtio"),
         (o.cpu_model.is_some(), "--cpu-model"),
+    ]
+    .into_iter()
+    .find(|(given, _)| *given)
+    .map(|(_, flag)| flag)
+}
+
+/// The first resource-limit flag given, which `--restore` does not take yet.
+fn limits_flag(o: &Overrides) -> Option<&'static str> {
+    [
+        (o.cpu_max.is_some(), "--cpu-max"),
+        (o.cpu_weight.is_some(), "--cpu-weight"),
+        (o.memory_limit.is_some(), "--memory-limit"),
+        (o.cpu_affinity.is_some(), "--cpu-affinity"),
+        (o.cgroup_parent.is_some(), "--cgroup-parent"),
     ]
     .into_iter()
     .find(|(given, _)| *given)
@@ -177,11 +209,21 @@ fn run(args: RunArgs) -> ExitCode {
         testdev: args.testdev,
         cpu_model: args.cpu_model,
         track_dirty_pages: args.track_dirty_pages,
+        cpu_max: args.cpu_max,
+        cpu_weight: args.cpu_weight,
+        memory_limit: args.memory_limit,
+        cpu_affinity: args.cpu_affinity,
+        cgroup_parent: args.cgroup_parent,
     };
     if let (Some(state), Some(mem)) = (&args.restore, &args.restore_mem) {
         if let Some(flag) = restore_conflict(file.is_some(), &overrides) {
             return fail(format!(
                 "--restore builds the VM the snapshot saved: {flag} cannot be given with it"
+            ));
+        }
+        if let Some(flag) = limits_flag(&overrides) {
+            return fail(format!(
+                "{flag} cannot be given with --restore yet: a restored VM runs without resource limits"
             ));
         }
         let accel = match overrides
@@ -274,6 +316,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Vm(cmd) => vm::run(cmd),
+        Command::CgroupWatch { group } => {
+            ExitCode::from(u8::try_from(kvmbox_vmm::limits::watch(&group)).unwrap_or(1))
+        }
         Command::Doctor { json } => {
             let report = kvmbox_doctor::run_checks();
             if json {

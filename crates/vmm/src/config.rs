@@ -1,5 +1,6 @@
 //! What a VM is made of: the settings from the command line and from a TOML file.
 
+use crate::limits::Limits;
 use kvmbox_cpu::Accel;
 use kvmbox_virtio::block::DiskConfig;
 use kvmbox_virtio::net::NetConfig;
@@ -264,6 +265,12 @@ pub struct FileConfig {
     testdev: Option<bool>,
     cpu_model: Option<CpuModel>,
     track_dirty_pages: Option<bool>,
+    /// Resource limits (`--cpu-max` etc.).
+    cpu_max: Option<f64>,
+    cpu_weight: Option<u32>,
+    memory_limit: Option<SizeValue>,
+    cpu_affinity: Option<String>,
+    cgroup_parent: Option<PathBuf>,
     /// The file's directory: relative paths in the file are relative to it.
     #[serde(skip)]
     dir: PathBuf,
@@ -376,6 +383,16 @@ pub struct Overrides {
     pub cpu_model: Option<String>,
     /// --track-dirty-pages
     pub track_dirty_pages: bool,
+    /// --cpu-max (host CPUs)
+    pub cpu_max: Option<String>,
+    /// --cpu-weight
+    pub cpu_weight: Option<u32>,
+    /// --memory-limit
+    pub memory_limit: Option<String>,
+    /// --cpu-affinity
+    pub cpu_affinity: Option<String>,
+    /// --cgroup-parent
+    pub cgroup_parent: Option<PathBuf>,
 }
 
 /// Which accelerator was asked for.
@@ -423,6 +440,8 @@ pub struct VmConfig {
     /// Log the pages the guest and the devices write, for Diff snapshots (Firecracker's
     /// `track_dirty_pages`).
     pub track_dirty_pages: bool,
+    /// CPU quota and weight, memory limit, vCPU pinning.
+    pub limits: Limits,
 }
 
 /// The command line used when none is given: serial console, reboot through the i8042
@@ -516,7 +535,44 @@ impl VmConfig {
             Some(s) => s.parse()?,
             None => f.cpu_model.unwrap_or_default(),
         };
+        let limits = Limits {
+            cpu_max: match (o.cpu_max, f.cpu_max) {
+                (Some(s), _) => Some(crate::limits::parse_cpu_max(&s)?),
+                (None, Some(c)) => Some(crate::limits::check_cpu_max(c)?),
+                (None, None) => None,
+            },
+            cpu_weight: o
+                .cpu_weight
+                .or(f.cpu_weight)
+                .map(crate::limits::check_cpu_weight)
+                .transpose()?,
+            memory_limit: match (o.memory_limit, f.memory_limit.clone()) {
+                (Some(s), _) | (None, Some(SizeValue::Text(s))) => Some(parse_size(&s)?),
+                (None, Some(SizeValue::Mib(m))) => Some(
+                    m.checked_mul(1 << 20)
+                        .filter(|&v| v > 0)
+                        .ok_or_else(|| ConfigError::Size(m.to_string()))?,
+                ),
+                (None, None) => None,
+            },
+            cgroup_parent: o.cgroup_parent.or(f.cgroup_parent.clone()),
+            affinity: match o.cpu_affinity.or(f.cpu_affinity.clone()) {
+                Some(s) => crate::limits::Affinity::parse(&s)?,
+                None => Default::default(),
+            },
+        };
+        if let Some(l) = limits.memory_limit {
+            crate::limits::check_memory_limit(l, memory)?;
+        }
+        limits.affinity.check(cpus)?;
+        if limits.cgroup_parent.is_some() && !limits.needs_cgroup() {
+            return Err(ConfigError::Invalid(
+                "--cgroup-parent needs a limit to set: --cpu-max, --cpu-weight or --memory-limit"
+                    .into(),
+            ));
+        }
         Ok(VmConfig {
+            limits,
             modules,
             testdev: o.testdev || f.testdev.unwrap_or(false),
             cpu_model,

@@ -42,6 +42,8 @@ struct Controller {
     extras: api::Extras,
     /// The VMM thread's seccomp filter is installed (see [`Controller::sandbox`]).
     sandboxed: bool,
+    /// The VM's control group, once made (kept across `--on-reboot restart`).
+    cgroup: Option<crate::limits::VmCgroup>,
 }
 
 /// How a run of kvmbox ended: its exit status, and what is left of the VM (its backend's VM
@@ -131,6 +133,7 @@ impl Controller {
             api,
             extras: api::Extras::default(),
             sandboxed: false,
+            cgroup: None,
         })
     }
 
@@ -154,6 +157,12 @@ impl Controller {
                  programs once a VM has run"
                     .into(),
             )));
+        }
+        // Before the guest's memory is made (so it is charged to the group) and before the
+        // VMM thread's seccomp filter.
+        if self.cgroup.is_none() {
+            self.cgroup = crate::limits::VmCgroup::setup(&cfg.limits)
+                .map_err(|e| Error::Host(format!("resource limits: {e}")))?;
         }
         let machine = Machine::build(&cfg, accel, &self.control, true)?;
         self.sandbox()?;

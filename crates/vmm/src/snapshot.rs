@@ -240,6 +240,8 @@ impl SavedConfig {
             // snapshotted: a restored machine has neither.
             modules: Vec::new(),
             testdev: false,
+            // Limits are the host's business, not the snapshot's: a restore runs without.
+            limits: Default::default(),
             cpu_model: if self.portable {
                 CpuModel::Portable
             } else {
