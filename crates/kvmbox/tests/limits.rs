@@ -32,16 +32,27 @@ fn cgroups_or_skip(test: &str) -> bool {
     kvm_or_skip(test)
 }
 
-/// The VM's group folders (cpu, memory) as kvmbox process `pid` sees them, checked to be the
-/// one kvmbox makes: `.../kvmbox/pid-PID`.
+/// The VM's group folders (cpu, memory) as kvmbox process `pid` sees them, once it is in the
+/// one kvmbox makes: `.../kvmbox/pid-PID` (with `--api-sock` the socket answers before the VM
+/// is built and the process moved).
 fn vm_group(pid: u32) -> (Version, PathBuf, PathBuf) {
-    let h = Hierarchy::detect_for(pid, &["cpu", "memory"]).unwrap();
-    let cpu = h.own_dir("cpu").unwrap().to_path_buf();
-    let mem = h.own_dir("memory").unwrap().to_path_buf();
     let tail = Path::new("kvmbox").join(format!("pid-{pid}"));
-    assert!(cpu.ends_with(&tail), "cpu group {}", cpu.display());
-    assert!(mem.ends_with(&tail), "memory group {}", mem.display());
-    (h.version(), cpu, mem)
+    let start = Instant::now();
+    loop {
+        let h = Hierarchy::detect_for(pid, &["cpu", "memory"]).unwrap();
+        let cpu = h.own_dir("cpu").unwrap().to_path_buf();
+        let mem = h.own_dir("memory").unwrap().to_path_buf();
+        if cpu.ends_with(&tail) && mem.ends_with(&tail) {
+            return (h.version(), cpu, mem);
+        }
+        assert!(
+            start.elapsed() < GUEST_UP,
+            "kvmbox not in its group: cpu {}, memory {}",
+            cpu.display(),
+            mem.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn read(dir: &Path, file: &str) -> String {
@@ -176,8 +187,10 @@ fn cpu_quota_weight_memory_limit_and_affinity_hold_on_a_spinning_guest() {
         ]
     );
     // The quota as an upper bound that no host load can break: the CPU time kvmbox got over
-    // a wall-clock window is at most 0.1 CPU of it, plus a margin for the clock ticks the
-    // kernel counts in (10 ms) and one period's quota at either end of the window.
+    // a wall-clock window is at most 0.1 CPU of it, plus a margin: the clock ticks the kernel
+    // counts CPU time in (10 ms at either end), the quota of the periods the window cuts at
+    // either end (10 ms each), and as much again (measured here: 0.30-0.31 s in 3.0 s; an
+    // unthrottled spinning vCPU gets close to 3 s).
     let t0 = Instant::now();
     let c0 = cpu_seconds(pid);
     std::thread::sleep(Duration::from_secs(3));
@@ -187,7 +200,7 @@ fn cpu_quota_weight_memory_limit_and_affinity_hold_on_a_spinning_guest() {
     let throttled = read(&cpu, "cpu.stat");
     eprintln!("quota 0.1 CPU: {used:.3} s of CPU in {wall:.3} s; cpu.stat: {throttled:?}");
     assert!(
-        used <= 0.1 * wall + 0.05,
+        used <= 0.1 * wall + 0.1,
         "kvmbox used {used:.3} s of CPU in {wall:.3} s under a 0.1 CPU quota"
     );
     // SAFETY: kill sends a signal to the kvmbox this test started (its own child).
