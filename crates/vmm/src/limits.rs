@@ -348,6 +348,8 @@ impl VmCgroup {
             .arg(WATCH_COMMAND)
             .arg(cg.to_arg())
             .stdin(Stdio::piped())
+            // Its one message goes to stderr; the console's stdout is not held open.
+            .stdout(Stdio::null())
             .spawn()
             .map_err(|e| fail(format!("cannot start the cgroup watcher: {e}")))?;
         let watcher = child.stdin.take().ok_or_else(|| fail("no pipe".into()))?;
