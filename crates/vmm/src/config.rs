@@ -642,6 +642,35 @@ mod tests {
     }
 
     #[test]
+    fn resource_limits_from_file_and_flags() {
+        let f: FileConfig = toml::from_str(
+            "kernel = \"/k\"\nmemory = 128\ncpu_max = 1\ncpu_weight = 50\nmemory_limit = 200\ncpu_affinity = \"0\"\ncgroup_parent = \"vms\"\n",
+        )
+        .unwrap();
+        let c = VmConfig::build(Some(f.clone()), Overrides::default()).unwrap();
+        assert_eq!(c.limits.cpu_max.unwrap().quota_us, 100_000);
+        assert_eq!(c.limits.cpu_weight, Some(50));
+        assert_eq!(c.limits.memory_limit, Some(200 << 20));
+        assert_eq!(c.limits.affinity.of(0), Some(&[0][..]));
+        assert_eq!(c.limits.cgroup_parent, Some(PathBuf::from("vms")));
+        // Flags win.
+        let o = Overrides {
+            cpu_max: Some("0.5".into()),
+            memory_limit: Some("1G".into()),
+            ..Default::default()
+        };
+        let c = VmConfig::build(Some(f), o).unwrap();
+        assert_eq!(c.limits.cpu_max.unwrap().quota_us, 50_000);
+        assert_eq!(c.limits.memory_limit, Some(1 << 30));
+        // Nothing asked: no limits, no group.
+        let o = Overrides {
+            kernel: Some("/k".into()),
+            ..Default::default()
+        };
+        assert!(!VmConfig::build(None, o).unwrap().limits.needs_cgroup());
+    }
+
+    #[test]
     fn unknown_key_is_rejected() {
         let e = toml::from_str::<FileConfig>("kernel = \"/k\"\nmemroy = 5\n").unwrap_err();
         assert!(
