@@ -340,6 +340,34 @@ fn the_api_changes_cpu_and_memory_limits_while_the_vm_runs() {
 }
 
 #[test]
+fn a_vm_started_without_limits_gets_none_through_the_api() {
+    let test = "a_vm_started_without_limits_gets_none_through_the_api";
+    if !cgroups_or_skip(test) {
+        return;
+    }
+    let sock = sock_path("nolimits");
+    let mut vm = scenario_guest(&sock, "kvm", &[], "compute", "1000000000000");
+    let pid = vm.id();
+    refused(
+        &sock,
+        "PATCH",
+        "/machine-config",
+        Some(r#"{"cpu_max": 0.5}"#),
+        "the VM runs without a cgroup",
+    );
+    let (_, v) = http(&sock, "GET", "/machine-config", None);
+    assert!(v.get("cpu_max").is_none(), "{v}");
+    // No group was made: kvmbox stays in the test's own.
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let its = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert_eq!(its, own);
+    // SAFETY: kill sends a signal to the kvmbox this test started (its own child).
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    assert_eq!(vm.wait_exit(Duration::from_secs(60)), Some(8));
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
 fn limits_that_cannot_hold_are_refused_before_the_vm_starts() {
     let guest = testguest();
     let guest = guest.to_str().unwrap();
