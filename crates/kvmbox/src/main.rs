@@ -168,20 +168,6 @@ fn restore_conflict(config: bool, o: &Overrides) -> Option<&'static str> {
     .map(|(_, flag)| flag)
 }
 
-/// The first resource-limit flag given, which `--restore` does not take yet.
-fn limits_flag(o: &Overrides) -> Option<&'static str> {
-    [
-        (o.cpu_max.is_some(), "--cpu-max"),
-        (o.cpu_weight.is_some(), "--cpu-weight"),
-        (o.memory_limit.is_some(), "--memory-limit"),
-        (o.cpu_affinity.is_some(), "--cpu-affinity"),
-        (o.cgroup_parent.is_some(), "--cgroup-parent"),
-    ]
-    .into_iter()
-    .find(|(given, _)| *given)
-    .map(|(_, flag)| flag)
-}
-
 fn run(args: RunArgs) -> ExitCode {
     if !args.no_seccomp {
         if let Err(e) = kvmbox_seccomp::enable() {
@@ -221,11 +207,10 @@ fn run(args: RunArgs) -> ExitCode {
                 "--restore builds the VM the snapshot saved: {flag} cannot be given with it"
             ));
         }
-        if let Some(flag) = limits_flag(&overrides) {
-            return fail(format!(
-                "{flag} cannot be given with --restore yet: a restored VM runs without resource limits"
-            ));
-        }
+        let limits = match kvmbox_vmm::Limits::from_flags(&overrides) {
+            Ok(l) => l,
+            Err(e) => return fail(e),
+        };
         let accel = match overrides
             .accel
             .as_deref()
@@ -241,6 +226,7 @@ fn run(args: RunArgs) -> ExitCode {
             accel,
             args.track_dirty_pages,
             args.api_sock.as_deref(),
+            &limits,
         );
         return match ran {
             Ok(ended) => ended.exit_process(),

@@ -398,6 +398,7 @@ fn limits_that_cannot_hold_are_refused_before_the_vm_starts() {
         assert_eq!(r.status, Some(2), "{args:?}: {}", r.stderr);
         assert!(r.stderr.contains(needle), "{args:?}: {}", r.stderr);
     }
+    // --restore takes the limits, with the same checks.
     let r = run_kvmbox(
         &[
             "run",
@@ -405,15 +406,14 @@ fn limits_that_cannot_hold_are_refused_before_the_vm_starts() {
             "s",
             "--restore-mem",
             "m",
-            "--cpu-max",
-            "1",
+            "--cpu-weight",
+            "0",
         ],
         Duration::from_secs(60),
     );
     assert_eq!(r.status, Some(2), "{}", r.stderr);
     assert!(
-        r.stderr
-            .contains("--cpu-max cannot be given with --restore yet"),
+        r.stderr.contains("a CPU weight must be 1 to 10000"),
         "{}",
         r.stderr
     );

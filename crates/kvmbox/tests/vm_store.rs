@@ -889,16 +889,44 @@ fn resource_limits_from_create_and_modify_hold_when_the_vm_starts() {
             assert_eq!(read("cpu.weight"), "300");
         }
     }
-    home.ok(&["stop", "l", "--force"]);
+    // Saved and resumed (`kvmbox run --restore`): the settings' limits hold again.
+    home.ok(&["save", "l"]);
+    let gone = |dir: &Path| {
+        let t0 = Instant::now();
+        while dir.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(40),
+                "{} stays",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    gone(&cpu);
+    home.ok(&["start", "l"]);
+    let pid = home.show("l")["pid"].as_u64().unwrap() as u32;
     let t0 = Instant::now();
-    while cpu.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(40),
-            "{} stays",
-            cpu.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    let cpu = loop {
+        let seen = kvmbox_cgroup::Hierarchy::detect_for(pid, &["cpu", "memory"]).unwrap();
+        let dir = seen.own_dir("cpu").unwrap().to_path_buf();
+        if dir.ends_with(format!("kvmbox/pid-{pid}")) {
+            break dir;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{}", dir.display());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let read = |f: &str| {
+        std::fs::read_to_string(cpu.join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    match h.version() {
+        kvmbox_cgroup::Version::V1 => assert_eq!(read("cpu.cfs_quota_us"), "50000"),
+        kvmbox_cgroup::Version::V2 => assert_eq!(read("cpu.max"), "50000 100000"),
     }
+    home.ok(&["stop", "l", "--force"]);
+    gone(&cpu);
 }
 
 /// A settings file broken by hand: every command that reads it names the file and the line.

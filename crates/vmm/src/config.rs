@@ -461,10 +461,57 @@ fn parse_accel(s: &str) -> Result<AccelChoice, ConfigError> {
     }
 }
 
+/// The resource limits flags and file give (flags win), each checked on its own;
+/// [`Limits::check`] then checks them against the VM.
+pub(crate) fn limits_from(o: &Overrides, f: &FileConfig) -> Result<Limits, ConfigError> {
+    let limits = Limits {
+        cpu_max: match (o.cpu_max.as_deref(), f.cpu_max) {
+            (Some(s), _) => Some(crate::limits::parse_cpu_max(s)?),
+            (None, Some(c)) => Some(crate::limits::check_cpu_max(c)?),
+            (None, None) => None,
+        },
+        cpu_weight: o
+            .cpu_weight
+            .or(f.cpu_weight)
+            .map(crate::limits::check_cpu_weight)
+            .transpose()?,
+        memory_limit: match (o.memory_limit.clone(), f.memory_limit.clone()) {
+            (Some(s), _) | (None, Some(SizeValue::Text(s))) => Some(parse_size(&s)?),
+            (None, Some(SizeValue::Mib(m))) => Some(
+                m.checked_mul(1 << 20)
+                    .filter(|&v| v > 0)
+                    .ok_or_else(|| ConfigError::Size(m.to_string()))?,
+            ),
+            (None, None) => None,
+        },
+        cgroup_parent: o.cgroup_parent.clone().or(f.cgroup_parent.clone()),
+        affinity: match o.cpu_affinity.as_deref().or(f.cpu_affinity.as_deref()) {
+            Some(s) => crate::limits::Affinity::parse(s)?,
+            None => Default::default(),
+        },
+    };
+    if limits.cgroup_parent.is_some() && !limits.needs_cgroup() {
+        return Err(ConfigError::Invalid(
+            "--cgroup-parent needs a limit to set: --cpu-max, --cpu-weight or --memory-limit"
+                .into(),
+        ));
+    }
+    Ok(limits)
+}
+
+impl Limits {
+    /// The limits the resource-limit flags of `o` give (for `--restore`, which takes no file);
+    /// [`Limits::check`] checks them against the restored VM.
+    pub fn from_flags(o: &Overrides) -> Result<Self, ConfigError> {
+        limits_from(o, &FileConfig::default())
+    }
+}
+
 impl VmConfig {
     /// Merge a config file (if any) with command-line overrides and validate the result.
     pub fn build(file: Option<FileConfig>, o: Overrides) -> Result<Self, ConfigError> {
         let f = file.unwrap_or_default();
+        let limits = limits_from(&o, &f)?;
         let kernel = o
             .kernel
             .or_else(|| f.kernel.clone().map(|k| f.resolve(k)))
@@ -535,42 +582,7 @@ impl VmConfig {
             Some(s) => s.parse()?,
             None => f.cpu_model.unwrap_or_default(),
         };
-        let limits = Limits {
-            cpu_max: match (o.cpu_max, f.cpu_max) {
-                (Some(s), _) => Some(crate::limits::parse_cpu_max(&s)?),
-                (None, Some(c)) => Some(crate::limits::check_cpu_max(c)?),
-                (None, None) => None,
-            },
-            cpu_weight: o
-                .cpu_weight
-                .or(f.cpu_weight)
-                .map(crate::limits::check_cpu_weight)
-                .transpose()?,
-            memory_limit: match (o.memory_limit, f.memory_limit.clone()) {
-                (Some(s), _) | (None, Some(SizeValue::Text(s))) => Some(parse_size(&s)?),
-                (None, Some(SizeValue::Mib(m))) => Some(
-                    m.checked_mul(1 << 20)
-                        .filter(|&v| v > 0)
-                        .ok_or_else(|| ConfigError::Size(m.to_string()))?,
-                ),
-                (None, None) => None,
-            },
-            cgroup_parent: o.cgroup_parent.or(f.cgroup_parent.clone()),
-            affinity: match o.cpu_affinity.or(f.cpu_affinity.clone()) {
-                Some(s) => crate::limits::Affinity::parse(&s)?,
-                None => Default::default(),
-            },
-        };
-        if let Some(l) = limits.memory_limit {
-            crate::limits::check_memory_limit(l, memory)?;
-        }
-        limits.affinity.check(cpus)?;
-        if limits.cgroup_parent.is_some() && !limits.needs_cgroup() {
-            return Err(ConfigError::Invalid(
-                "--cgroup-parent needs a limit to set: --cpu-max, --cpu-weight or --memory-limit"
-                    .into(),
-            ));
-        }
+        limits.check(cpus, memory)?;
         Ok(VmConfig {
             limits,
             modules,

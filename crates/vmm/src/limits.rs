@@ -41,6 +41,36 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// Check the limits against a VM of `cpus` vCPUs and `memory` bytes of guest memory.
+    pub fn check(&self, cpus: u32, memory: u64) -> Result<(), ConfigError> {
+        if let Some(l) = self.memory_limit {
+            check_memory_limit(l, memory)?;
+        }
+        self.affinity.check(cpus)
+    }
+
+    /// The `kvmbox run` flags that give these limits (for a process that runs the VM again,
+    /// as the store's keeper does for `--restore`).
+    pub fn to_flags(&self) -> Vec<String> {
+        let mut f = Vec::new();
+        if let Some(c) = self.cpu_max {
+            f.extend(["--cpu-max".to_string(), c.cpus().to_string()]);
+        }
+        if let Some(w) = self.cpu_weight {
+            f.extend(["--cpu-weight".to_string(), w.to_string()]);
+        }
+        if let Some(b) = self.memory_limit {
+            f.extend(["--memory-limit".to_string(), format!("{b}B")]);
+        }
+        if !self.affinity.is_empty() {
+            f.extend(["--cpu-affinity".to_string(), self.affinity.to_string()]);
+        }
+        if let Some(p) = &self.cgroup_parent {
+            f.extend(["--cgroup-parent".to_string(), p.display().to_string()]);
+        }
+        f
+    }
+
     /// Whether a control group is needed.
     pub fn needs_cgroup(&self) -> bool {
         self.cpu_max.is_some() || self.cpu_weight.is_some() || self.memory_limit.is_some()
@@ -477,6 +507,34 @@ mod tests {
         let e = a.check(1).unwrap_err().to_string();
         assert!(e.contains("names host CPU 1023"), "{e}");
         Affinity::parse("0").unwrap().check(4).unwrap();
+    }
+
+    #[test]
+    fn limits_round_trip_through_their_flags() {
+        let l = Limits {
+            cpu_max: Some(CpuMax::from_cpus(1.5).unwrap()),
+            cpu_weight: Some(300),
+            memory_limit: Some(300 << 20),
+            cgroup_parent: Some(PathBuf::from("vms/a")),
+            affinity: Affinity::parse("0-1,1@[0]").unwrap(),
+        };
+        let flags = l.to_flags();
+        let get = |name: &str| {
+            flags
+                .iter()
+                .position(|f| f == name)
+                .map(|i| flags[i + 1].clone())
+        };
+        let o = crate::Overrides {
+            cpu_max: get("--cpu-max"),
+            cpu_weight: get("--cpu-weight").map(|w| w.parse().unwrap()),
+            memory_limit: get("--memory-limit"),
+            cpu_affinity: get("--cpu-affinity"),
+            cgroup_parent: get("--cgroup-parent").map(PathBuf::from),
+            ..Default::default()
+        };
+        assert_eq!(Limits::from_flags(&o).unwrap(), l);
+        assert!(Limits::default().to_flags().is_empty());
     }
 
     #[test]

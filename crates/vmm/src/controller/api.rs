@@ -141,6 +141,13 @@ impl PreBoot {
         })
     }
 
+    /// The resource limits the flags, file and `PUT /machine-config` give (for a snapshot
+    /// load: checked against the saved VM there).
+    pub(super) fn limits(&self) -> Result<crate::Limits, Error> {
+        let file = self.file.clone().unwrap_or_default();
+        Ok(crate::config::limits_from(&self.overrides(), &file)?)
+    }
+
     /// The configuration to boot.
     pub(super) fn to_config(&self) -> Result<VmConfig, Error> {
         Ok(VmConfig::build(self.file.clone(), self.overrides())?)
@@ -781,15 +788,19 @@ impl Controller {
                     }
                 };
                 let track = s.track_dirty_pages.or(s.enable_diff_snapshots) == Some(true);
-                let accel = match &self.boot {
-                    Boot::Pending(pre) => pre.fixed_accel().map_err(to_api_error)?,
-                    Boot::Ready(_) => None,
+                let (accel, limits) = match &self.boot {
+                    Boot::Pending(pre) => (
+                        pre.fixed_accel().map_err(to_api_error)?,
+                        pre.limits().map_err(to_api_error)?,
+                    ),
+                    Boot::Ready(_) => (None, crate::Limits::default()),
                 };
                 self.restore(
                     Path::new(&s.snapshot_path),
                     Path::new(&mem),
                     accel,
                     track,
+                    &limits,
                     s.resume_vm == Some(true),
                 )
                 .map_err(to_api_error)?;
