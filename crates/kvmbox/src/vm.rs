@@ -427,6 +427,12 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
         "rng": cfg.rng,
         "disks": disks,
         "nets": vm.net_specs(),
+        "limits": json!({
+            "cpu_max": cfg.limits.cpu_max.map(|c| c.cpus()),
+            "cpu_weight": cfg.limits.cpu_weight,
+            "memory_limit_mib": cfg.limits.memory_limit.map(|b| b >> 20),
+            "cpu_affinity": (!cfg.limits.affinity.is_empty()).then(|| cfg.limits.affinity.to_string()),
+        }),
         "pid": status.pid,
         "uptime_s": uptime(&status),
         "api_socket": running.then(|| vm.api_sock()),
@@ -469,6 +475,11 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
     }
     for n in vm.net_specs() {
         println!("net:       {n}");
+    }
+    // Only the limits that are set; the flags' names say what they are.
+    let flags = cfg.limits.to_flags();
+    if !flags.is_empty() {
+        println!("limits:    {}", flags.join(" "));
     }
     if let Some(pid) = status.pid {
         println!("pid:       {pid}");

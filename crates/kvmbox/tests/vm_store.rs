@@ -860,6 +860,13 @@ fn resource_limits_from_create_and_modify_hold_when_the_vm_starts() {
         "--memory-limit",
         "none",
     ]);
+    let limits = &home.show("l")["limits"];
+    assert_eq!(limits["cpu_max"], 0.5, "{limits}");
+    assert_eq!(limits["cpu_weight"], 300, "{limits}");
+    assert!(limits["memory_limit_mib"].is_null(), "{limits}");
+    assert!(home
+        .ok(&["show", "l"])
+        .contains("limits:    --cpu-max 0.5 --cpu-weight 300\n"));
     let toml = std::fs::read_to_string(home.0.join("vms/l/vm.toml")).unwrap();
     assert!(toml.contains("cpu_max = 0.5"), "{toml}");
     assert!(!toml.contains("memory_limit"), "{toml}");
