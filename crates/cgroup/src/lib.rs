@@ -510,7 +510,18 @@ impl Cgroup {
         for i in 0..cg.dirs.len() {
             let dir = cg.dirs[i].1.clone();
             let mount = h.roots[i].mount.clone();
-            cg.make(&mount, &dir)?;
+            if let Err(e) = cg.make(&mount, &dir) {
+                // Leave nothing behind: the folders made in the hierarchies before this one.
+                for (_, d) in &cg.dirs[..i] {
+                    let _ = fs::remove_dir(d);
+                    if cg.remove_parent {
+                        if let Some(p) = d.parent() {
+                            let _ = fs::remove_dir(p);
+                        }
+                    }
+                }
+                return Err(e);
+            }
         }
         Ok(cg)
     }
@@ -530,24 +541,27 @@ impl Cgroup {
             self.stale_removed = true;
         }
         let rel = dir.strip_prefix(mount).unwrap_or(dir);
-        let mut at = mount.to_path_buf();
-        for c in rel.components() {
-            if self.version == Version::V2 {
-                self.enable_below(&at)?;
-            }
-            at.push(c);
-            // Another kvmbox may make or remove the shared parent at the same time: retry.
-            let mut tries = 0;
-            loop {
+        // Another kvmbox may remove the shared parent (its `remove`) between our making or
+        // finding it and making the group in it: then walk down again.
+        let mut tries = 0;
+        'walk: loop {
+            let mut at = mount.to_path_buf();
+            for c in rel.components() {
+                if self.version == Version::V2 {
+                    self.enable_below(&at)?;
+                }
+                at.push(c);
                 match fs::create_dir(&at) {
                     Ok(()) => {
                         if self.version == Version::V1 {
                             fill_cpuset(&at)?;
                         }
-                        break;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && at != dir => break,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 10 => tries += 1,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && at != dir => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 10 => {
+                        tries += 1;
+                        continue 'walk;
+                    }
                     Err(source) => {
                         return Err(Error::Create {
                             path: at.clone(),
@@ -556,8 +570,8 @@ impl Cgroup {
                     }
                 }
             }
+            return Ok(());
         }
-        Ok(())
     }
 
     /// v2: make `dir` hand this group's controllers down to its children.

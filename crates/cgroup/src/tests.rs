@@ -343,3 +343,61 @@ fn a_stale_group_is_made_again_and_a_given_parent_is_used() {
         fs::remove_dir(&p).unwrap();
     }
 }
+
+#[test]
+fn groups_made_and_removed_at_once_share_the_default_parent() {
+    let Some(h) = host("groups_made_and_removed_at_once_share_the_default_parent") else {
+        return;
+    };
+    // Each remove also tries to remove the shared `kvmbox` folder, which the other thread
+    // may be about to make its group in: create walks down again then.
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                for _ in 0..100 {
+                    let cg = Cgroup::create(&h, None, &unique("race")).unwrap();
+                    cg.remove(REMOVE_WAIT).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn a_group_that_cannot_be_made_everywhere_is_made_nowhere() {
+    let Some(h) = host("a_group_that_cannot_be_made_everywhere_is_made_nowhere") else {
+        return;
+    };
+    if h.version() != Version::V1 {
+        eprintln!("SKIP: a_group_that_cannot_be_made_everywhere_is_made_nowhere: one folder on v2");
+        return;
+    }
+    // The memory hierarchy (made second) holds a group of this name with a process in it.
+    let name = unique("half");
+    let mem_parent = h.own_dir("memory").unwrap().join(DEFAULT_PARENT);
+    let busy = mem_parent.join(&name);
+    // Other tests remove the shared parent when they leave it empty: make both again then.
+    let mut tries = 0;
+    while let Err(e) = fs::create_dir_all(&mem_parent).and_then(|()| fs::create_dir(&busy)) {
+        tries += 1;
+        assert!(tries < 100, "{}: {e}", busy.display());
+    }
+    let mut child = Command::new("sleep")
+        .arg("30")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    fs::write(busy.join("cgroup.procs"), child.id().to_string()).unwrap();
+    let e = Cgroup::create(&h, None, &name).unwrap_err();
+    assert!(e.to_string().contains("in use by process"), "{e}");
+    let cpu_dir = h.own_dir("cpu").unwrap().join(DEFAULT_PARENT).join(&name);
+    assert!(!cpu_dir.exists(), "{} was left behind", cpu_dir.display());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    rmdir_waiting(&busy, REMOVE_WAIT).unwrap();
+    let _ = fs::remove_dir(&mem_parent);
+}
