@@ -188,6 +188,9 @@ pub struct ModifyArgs {
     /// Add a new qcow2 disk of this size in the VM's folder. Repeatable.
     #[arg(long, value_name = "SIZE")]
     add_disk_size: Vec<String>,
+    /// Replace the networks, as create's --net (`none`: no network). Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -215,7 +218,7 @@ pub struct CreateArgs {
     /// A new qcow2 disk of this size in the VM's folder (disk<N>.qcow2). Repeatable.
     #[arg(long, value_name = "SIZE")]
     disk_size: Vec<String>,
-    /// A network interface, as kvmbox run's --net. Repeatable.
+    /// A network interface, as kvmbox run's --net (tap=NAME or user[,hostfwd=RULE]...). Repeatable. [default: user, NAT through passt; `none`: no network]
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
     /// A virtio-rng device (always on for the default guest).
@@ -379,6 +382,7 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
             })
         })
         .collect();
+    let networks = vm.networks()?;
     let v = json!({
         "name": vm.name(),
         "state": status.state,
@@ -393,6 +397,7 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
         "rng": cfg.rng,
         "disks": disks,
         "nets": vm.net_specs(),
+        "networks": networks,
         "pid": status.pid,
         "uptime_s": uptime(&status),
         "api_socket": running.then(|| vm.api_sock()),
@@ -433,8 +438,11 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
             println!("  backing: {}", b.path.display());
         }
     }
-    for n in vm.net_specs() {
-        println!("net:       {n}");
+    for n in &networks {
+        println!("net:       {}", n.describe());
+    }
+    if networks.is_empty() {
+        println!("net:       none");
     }
     if let Some(pid) = status.pid {
         println!("pid:       {pid}");
@@ -484,6 +492,7 @@ fn launch(vm: &Vm) -> Result<()> {
         // is reported here, with its line.
         vm.config()?;
     }
+    vm.check_net_helpers()?;
     let log_path = vm.console_log();
     let _ = std::fs::rename(&log_path, log_path.with_extension("log.1"));
     let log = std::fs::OpenOptions::new()
@@ -817,6 +826,7 @@ fn modify(store: &Store, a: ModifyArgs) -> Result<()> {
         accel: a.accel,
         rng,
         add_disk_sizes: a.add_disk_size,
+        nets: (!a.net.is_empty()).then_some(a.net),
     })?;
     println!("VM '{name}' modified");
     Ok(())

@@ -73,7 +73,7 @@ impl Home {
     }
 
     /// Create VM `name`: the test guest on the engine running its blk scenario (it writes
-    /// its pattern over its disk, then powers off) on a new 1 MiB disk.
+    /// its pattern over its disk, then powers off) on a new 1 MiB disk, without a network.
     fn create_blk_vm(&self, name: &str) {
         let tg = testguest();
         self.ok(&[
@@ -89,6 +89,8 @@ impl Home {
             "emu",
             "--disk-size",
             "1M",
+            "--net",
+            "none",
         ]);
     }
 
@@ -812,6 +814,156 @@ fn modify_changes_only_what_it_is_given() {
     home.ok(&["start", "m"]);
     home.fails(&["modify", "m", "--cpus", "1"], 4, "VM 'm' is running");
     home.ok(&["delete", "--force", "m"]);
+}
+
+/// The children of process `pid`, by command name.
+fn children(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(head.split_once('(').map_or("", |(_, c)| c).to_string());
+        }
+    }
+    out
+}
+
+/// `create` without `--net` gives one user-mode NAT network (passt runs beside the started VM),
+/// `--net none` none; `show` lists networks and forwarded ports; `modify --net` replaces them;
+/// a missing passt is reported at `start`, not at `create`, and nothing starts.
+#[test]
+fn create_defaults_to_a_user_network_and_none_means_none() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("net");
+    let tg = testguest();
+    let tg = tg.to_str().unwrap();
+    let base = [
+        "--kernel",
+        tg,
+        "--cmdline",
+        "tests=shell",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+    ];
+    home.ok(&[&["create", "nat"][..], &base].concat());
+    let v = home.show("nat");
+    assert_eq!(v["nets"], serde_json::json!(["user"]), "{v}");
+    assert_eq!(v["networks"][0]["kind"], "user", "{v}");
+    assert_eq!(v["networks"][0]["forwards"], serde_json::json!([]), "{v}");
+    let text = home.ok(&["show", "nat"]);
+    assert!(
+        text.contains("net:       user (NAT through passt)"),
+        "{text}"
+    );
+
+    home.ok(&[&["create", "off", "--net", "none"][..], &base].concat());
+    let v = home.show("off");
+    assert_eq!(v["nets"], serde_json::json!([]), "{v}");
+    assert_eq!(v["networks"], serde_json::json!([]), "{v}");
+    assert!(home.ok(&["show", "off"]).contains("net:       none"));
+    home.fails(
+        &[
+            &["create", "both", "--net", "none", "--net", "user"][..],
+            &base,
+        ]
+        .concat(),
+        2,
+        "--net none means no network",
+    );
+    home.fails(
+        &[
+            &["create", "bad", "--net", "user,hostfwd=tcp::99999-:22"][..],
+            &base,
+        ]
+        .concat(),
+        2,
+        "'99999' is not a port",
+    );
+    assert_eq!(listed(&home), ["nat", "off"], "failed creates left nothing");
+
+    // Forwarded ports, shown in both forms; a bad spec changes nothing.
+    home.ok(&[
+        "modify",
+        "off",
+        "--net",
+        "user,hostfwd=tcp::2222-:22,hostfwd=udp:0.0.0.0:5353-:53",
+        "--net",
+        "tap=kbnet0,mac=02:00:00:00:00:07",
+    ]);
+    let v = home.show("off");
+    assert_eq!(
+        v["networks"],
+        serde_json::json!([
+            {"spec": "user,hostfwd=tcp::2222-:22,hostfwd=udp:0.0.0.0:5353-:53", "kind": "user",
+             "tap": null, "mac": null, "forwards": [
+                {"proto": "tcp", "host_addr": "127.0.0.1", "host_port": 2222, "guest_port": 22},
+                {"proto": "udp", "host_addr": "0.0.0.0", "host_port": 5353, "guest_port": 53}]},
+            {"spec": "tap=kbnet0,mac=02:00:00:00:00:07", "kind": "tap", "tap": "kbnet0",
+             "mac": "02:00:00:00:00:07", "forwards": []}
+        ]),
+        "{v}"
+    );
+    let text = home.ok(&["show", "off"]);
+    assert!(
+        text.contains("tcp 127.0.0.1:2222 -> guest port 22, udp 0.0.0.0:5353 -> guest port 53"),
+        "{text}"
+    );
+    let before = std::fs::read_to_string(home.0.join("vms/off/vm.toml")).unwrap();
+    home.fails(&["modify", "off", "--net", "bogus"], 2, "--net 'bogus'");
+    assert_eq!(
+        std::fs::read_to_string(home.0.join("vms/off/vm.toml")).unwrap(),
+        before
+    );
+    home.ok(&["modify", "off", "--net", "none"]);
+    assert_eq!(home.show("off")["networks"], serde_json::json!([]));
+
+    // No passt: start says so and nothing runs; the VM without a network starts all the same.
+    let (st, out, err) = {
+        let o = home
+            .cmd(&["start", "nat"])
+            .env("KVMBOX_PASST", "/nonexistent/passt")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert_eq!(st, 1, "{out}{err}");
+    assert!(
+        err.contains("needs passt: KVMBOX_PASST names /nonexistent/passt")
+            && err.contains("kvmbox vm modify nat --net none"),
+        "{err}"
+    );
+    assert_eq!(home.state("nat"), "stopped");
+    assert!(!home.0.join("run/nat").exists());
+    home.ok(&["start", "off"]);
+    home.ok(&["stop", "--force", "off"]);
+
+    // With passt, the default network is there: passt runs as the VM process's child.
+    home.ok(&["start", "nat"]);
+    let pid = home.show("nat")["pid"].as_u64().unwrap() as u32;
+    // Debian's passt re-executes itself as passt.avx2 where the CPU has AVX2.
+    assert!(
+        children(pid).iter().any(|c| c.starts_with("passt")),
+        "{:?}",
+        children(pid)
+    );
+    home.ok(&["stop", "--force", "nat"]);
 }
 
 /// A settings file broken by hand: every command that reads it names the file and the line.

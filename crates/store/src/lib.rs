@@ -19,6 +19,7 @@ pub mod console;
 pub mod keep;
 pub mod keeper;
 mod lock;
+pub mod net;
 pub mod settings;
 pub mod snapshots;
 
