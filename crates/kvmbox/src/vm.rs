@@ -5,7 +5,8 @@
 //! stopped one), 1 the operation failed (the VM did not start, did not power off in time, the
 //! host failed), 2 bad input (usage, unknown VM, duplicate name, bad size, malformed settings),
 //! 3 busy (another kvmbox command works on the VM, or another client has its console),
-//! 4 the VM's state does not allow the command (e.g. pause a stopped VM, delete a running one).
+//! 4 the VM's state does not allow the command (e.g. pause a stopped VM, delete a running one),
+//! 5 not enough free disk space for a clone or snapshot (checked before anything is written).
 
 use kvmbox_store::{api, console, keeper, CreateOptions, Error, State, Status, Store, Vm};
 use serde_json::json;
@@ -111,6 +112,9 @@ pub enum VmCommand {
         /// Share the disks instead of copying them: both VMs get qcow2 overlays on a frozen, read-only base.
         #[arg(long)]
         linked: bool,
+        /// Start from the disks' state at this snapshot of the VM (not the present one).
+        #[arg(long, value_name = "SNAP")]
+        snapshot: Option<String>,
     },
     /// Delete a VM: its folder (settings, disks it created, saved state, log).
     Delete {
@@ -236,6 +240,7 @@ fn exit_status(e: &Error) -> u8 {
         Error::Usage(_) | Error::NotFound(_) | Error::Exists(_) => 2,
         Error::Busy(_) => 3,
         Error::State(_) => 4,
+        Error::NoSpace(_) => 5,
     }
 }
 
@@ -277,7 +282,12 @@ fn dispatch(cmd: VmCommand) -> Result<()> {
         } => delete(&store, &store.vm(&name)?, force, keep_disks),
         VmCommand::Modify(a) => modify(&store, *a),
         VmCommand::Snapshot { name, action } => snapshot(&store.vm(&name)?, action),
-        VmCommand::Clone { name, new, linked } => clone(&store, &store.vm(&name)?, &new, linked),
+        VmCommand::Clone {
+            name,
+            new,
+            linked,
+            snapshot,
+        } => clone(&store, &store.vm(&name)?, &new, linked, snapshot.as_deref()),
         VmCommand::Keeper { name, restore } => {
             let exe = std::env::current_exe()
                 .map_err(|e| Error::Failed(format!("finding the kvmbox binary: {e}")))?;
@@ -872,7 +882,7 @@ fn snapshot(vm: &Vm, action: SnapshotAction) -> Result<()> {
     Ok(())
 }
 
-fn clone(store: &Store, vm: &Vm, new: &str, linked: bool) -> Result<()> {
+fn clone(store: &Store, vm: &Vm, new: &str, linked: bool, snap: Option<&str>) -> Result<()> {
     let name = vm.name();
     let _lock = vm.lock(&format!("kvmbox vm clone {name} {new}"))?;
     let state = vm.status().state;
@@ -881,17 +891,13 @@ fn clone(store: &Store, vm: &Vm, new: &str, linked: bool) -> Result<()> {
             "VM '{name}' is {state}: stop it (or save it) before cloning it"
         )));
     }
-    if linked && !vm.snapshot_tree()?.snapshots.is_empty() {
-        return Err(Error::State(format!(
-            "VM '{name}' has snapshots, which a linked clone would freeze into its base: clone it in full, or delete them first"
-        )));
-    }
     let t0 = Instant::now();
-    let clone = store.clone_vm(vm, new, linked)?;
+    let clone = store.clone_vm(vm, new, linked, snap)?;
     println!(
-        "VM '{new}' created in {} as a {} clone of '{name}' ({:.3} s)",
+        "VM '{new}' created in {} as a {} clone of '{name}'{} ({:.3} s)",
         clone.dir().display(),
         if linked { "linked" } else { "full" },
+        snap.map_or(String::new(), |s| format!(" at snapshot '{s}'")),
         t0.elapsed().as_secs_f64()
     );
     Ok(())
