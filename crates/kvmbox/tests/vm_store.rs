@@ -1011,8 +1011,10 @@ fn clones_and_snapshots_that_do_not_fit_are_refused_before_anything_is_written()
     let (st, _, err) = home.vm(&["clone", "big", "copy"]);
     assert_eq!(st, 5, "{err}");
     assert!(
-        err.contains("not enough free space on the filesystem of")
-            && err.contains("is needed (the copy of disk0.qcow2)")
+        err.contains(&format!(
+            "not enough free space on the filesystem of {}:",
+            home.0.join("vms").display()
+        )) && err.contains("is needed (the copy of disk0.qcow2)")
             && err.contains(" is free; nothing was changed"),
         "{err}"
     );

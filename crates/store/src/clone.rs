@@ -202,8 +202,10 @@ fn plan(
         Ok(())
     };
     if !linked {
-        // The clone's folder is new and lies beside the source's, in the store.
-        copy_need(needs, dir, &format!("the copy of {}", file_name(from)))?;
+        // The clone's folder, named by the store's folder of VMs that holds it (the clone's
+        // own is still a temporary one).
+        let vms = dir.parent().unwrap_or(dir);
+        copy_need(needs, vms, &format!("the copy of {}", file_name(from)))?;
         return Ok(Plan::Copy {
             snap: snap.map(str::to_string),
         });
