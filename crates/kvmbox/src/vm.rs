@@ -5,7 +5,8 @@
 //! stopped one), 1 the operation failed (the VM did not start, did not power off in time, the
 //! host failed), 2 bad input (usage, unknown VM, duplicate name, bad size, malformed settings),
 //! 3 busy (another kvmbox command works on the VM, or another client has its console),
-//! 4 the VM's state does not allow the command (e.g. pause a stopped VM, delete a running one).
+//! 4 the VM's state does not allow the command (e.g. pause a stopped VM, delete a running one),
+//! 5 not enough free disk space for a clone or snapshot (checked before anything is written).
 
 use kvmbox_store::{api, console, keeper, CreateOptions, Error, State, Status, Store, Vm};
 use serde_json::json;
@@ -111,6 +112,9 @@ pub enum VmCommand {
         /// Share the disks instead of copying them: both VMs get qcow2 overlays on a frozen, read-only base.
         #[arg(long)]
         linked: bool,
+        /// Start from the disks' state at this snapshot of the VM (not the present one).
+        #[arg(long, value_name = "SNAP")]
+        snapshot: Option<String>,
     },
     /// Delete a VM: its folder (settings, disks it created, saved state, log).
     Delete {
@@ -188,6 +192,9 @@ pub struct ModifyArgs {
     /// Add a new qcow2 disk of this size in the VM's folder. Repeatable.
     #[arg(long, value_name = "SIZE")]
     add_disk_size: Vec<String>,
+    /// Replace the networks, as create's --net (`none`: no network). Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -246,7 +253,7 @@ pub struct CreateArgs {
     /// A new qcow2 disk of this size in the VM's folder (disk<N>.qcow2). Repeatable.
     #[arg(long, value_name = "SIZE")]
     disk_size: Vec<String>,
-    /// A network interface, as kvmbox run's --net. Repeatable.
+    /// A network interface, as kvmbox run's --net (tap=NAME or user[,hostfwd=RULE]...). Repeatable. [default: user, NAT through passt; `none`: no network]
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
     /// A virtio-rng device (always on for the default guest).
@@ -266,6 +273,7 @@ fn exit_status(e: &Error) -> u8 {
         Error::Usage(_) | Error::NotFound(_) | Error::Exists(_) => 2,
         Error::Busy(_) => 3,
         Error::State(_) => 4,
+        Error::NoSpace(_) => 5,
     }
 }
 
@@ -307,7 +315,12 @@ fn dispatch(cmd: VmCommand) -> Result<()> {
         } => delete(&store, &store.vm(&name)?, force, keep_disks),
         VmCommand::Modify(a) => modify(&store, *a),
         VmCommand::Snapshot { name, action } => snapshot(&store.vm(&name)?, action),
-        VmCommand::Clone { name, new, linked } => clone(&store, &store.vm(&name)?, &new, linked),
+        VmCommand::Clone {
+            name,
+            new,
+            linked,
+            snapshot,
+        } => clone(&store, &store.vm(&name)?, &new, linked, snapshot.as_deref()),
         VmCommand::Keeper { name, restore } => {
             let exe = std::env::current_exe()
                 .map_err(|e| Error::Failed(format!("finding the kvmbox binary: {e}")))?;
@@ -413,6 +426,7 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
             })
         })
         .collect();
+    let networks = vm.networks()?;
     let v = json!({
         "name": vm.name(),
         "state": status.state,
@@ -427,6 +441,7 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
         "rng": cfg.rng,
         "disks": disks,
         "nets": vm.net_specs(),
+        "networks": networks,
         "limits": json!({
             "cpu_max": cfg.limits.cpu_max.map(|c| c.cpus()),
             "cpu_weight": cfg.limits.cpu_weight,
@@ -473,8 +488,11 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
             println!("  backing: {}", b.path.display());
         }
     }
-    for n in vm.net_specs() {
-        println!("net:       {n}");
+    for n in &networks {
+        println!("net:       {}", n.describe());
+    }
+    if networks.is_empty() {
+        println!("net:       none");
     }
     // Only the limits that are set; the flags' names say what they are.
     let flags = cfg.limits.to_flags();
@@ -529,6 +547,7 @@ fn launch(vm: &Vm) -> Result<()> {
         // is reported here, with its line.
         vm.config()?;
     }
+    vm.check_net_helpers()?;
     let log_path = vm.console_log();
     let _ = std::fs::rename(&log_path, log_path.with_extension("log.1"));
     let log = std::fs::OpenOptions::new()
@@ -862,6 +881,7 @@ fn modify(store: &Store, a: ModifyArgs) -> Result<()> {
         accel: a.accel,
         rng,
         add_disk_sizes: a.add_disk_size,
+        nets: (!a.net.is_empty()).then_some(a.net),
         limits: a.limits.into(),
     })?;
     println!("VM '{name}' modified");
@@ -908,7 +928,7 @@ fn snapshot(vm: &Vm, action: SnapshotAction) -> Result<()> {
     Ok(())
 }
 
-fn clone(store: &Store, vm: &Vm, new: &str, linked: bool) -> Result<()> {
+fn clone(store: &Store, vm: &Vm, new: &str, linked: bool, snap: Option<&str>) -> Result<()> {
     let name = vm.name();
     let _lock = vm.lock(&format!("kvmbox vm clone {name} {new}"))?;
     let state = vm.status().state;
@@ -917,17 +937,13 @@ fn clone(store: &Store, vm: &Vm, new: &str, linked: bool) -> Result<()> {
             "VM '{name}' is {state}: stop it (or save it) before cloning it"
         )));
     }
-    if linked && !vm.snapshot_tree()?.snapshots.is_empty() {
-        return Err(Error::State(format!(
-            "VM '{name}' has snapshots, which a linked clone would freeze into its base: clone it in full, or delete them first"
-        )));
-    }
     let t0 = Instant::now();
-    let clone = store.clone_vm(vm, new, linked)?;
+    let clone = store.clone_vm(vm, new, linked, snap)?;
     println!(
-        "VM '{new}' created in {} as a {} clone of '{name}' ({:.3} s)",
+        "VM '{new}' created in {} as a {} clone of '{name}'{} ({:.3} s)",
         clone.dir().display(),
         if linked { "linked" } else { "full" },
+        snap.map_or(String::new(), |s| format!(" at snapshot '{s}'")),
         t0.elapsed().as_secs_f64()
     );
     Ok(())

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{kvm_or_skip, run_testguest, skip, Interactive, RunResult};
+use common::{fnv1a, kvm_or_skip, run_testguest, skip, Interactive, RunResult};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -49,16 +49,6 @@ fn pattern(pos: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-/// FNV-1a 64, as the guest prints it.
-fn fnv1a(data: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("0x{h:x}")
 }
 
 fn disk_arg(path: &str, opts: &str) -> String {

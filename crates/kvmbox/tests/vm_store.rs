@@ -73,7 +73,7 @@ impl Home {
     }
 
     /// Create VM `name`: the test guest on the engine running its blk scenario (it writes
-    /// its pattern over its disk, then powers off) on a new 1 MiB disk.
+    /// its pattern over its disk, then powers off) on a new 1 MiB disk, without a network.
     fn create_blk_vm(&self, name: &str) {
         let tg = testguest();
         self.ok(&[
@@ -89,6 +89,8 @@ impl Home {
             "emu",
             "--disk-size",
             "1M",
+            "--net",
+            "none",
         ]);
     }
 
@@ -740,7 +742,23 @@ fn snapshots_bring_back_disks_the_guest_wrote() {
         2,
         "no snapshot named 'clean'",
     );
-    home.fails(&["clone", "--linked", "s", "l"], 4, "has snapshots");
+    // A linked clone of a VM with snapshots: its present state, in a base of its own; the
+    // source keeps its disk (not frozen) and its snapshots.
+    home.ok(&["clone", "--linked", "s", "l"]);
+    assert_eq!(
+        disk_layers(&disk).len(),
+        1,
+        "the source's disk is not frozen"
+    );
+    let l_disk = home.0.join("vms/l/disk0.qcow2");
+    assert!(disk_bytes(&home, &l_disk) == written);
+    home.ok(&["snapshot", "s", "restore", "other"]);
+    assert!(disk_bytes(&home, &disk) == zeros);
+    assert!(
+        disk_bytes(&home, &l_disk) == written,
+        "the clone kept its state"
+    );
+    home.ok(&["delete", "l"]);
     let st = Command::new(common::kvmbox())
         .args(["disk", "check"])
         .arg(&disk)
@@ -751,6 +769,307 @@ fn snapshots_bring_back_disks_the_guest_wrote() {
         "the disk is consistent after the snapshot operations"
     );
     home.ok(&["delete", "s"]);
+}
+
+/// What the test guest reads from VM `name`'s first disk: one run with `tests=blk:ro` on that
+/// disk made read-only (the guest checks that writes fail), the checksum it printed.
+fn guest_checksum(home: &Home, name: &str) -> String {
+    home.ok(&["modify", name, "--cmdline", "tests=blk:ro"]);
+    let toml = home.0.join(format!("vms/{name}/vm.toml"));
+    let text = std::fs::read_to_string(&toml).unwrap();
+    let ro = text.replace("\"disk0.qcow2\"", "\"disk0.qcow2,ro\"");
+    assert_ne!(text, ro, "{text}");
+    std::fs::write(&toml, ro).unwrap();
+    home.run_to_power_off(name);
+    let log = home.log(name);
+    let line = log
+        .lines()
+        .find(|l| l.contains("KVMBOX-TEST blk "))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains(" ro=1 write_status=1 ") && line.contains(" errors=0 "),
+        "{line}"
+    );
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("checksum="))
+        .unwrap()
+        .to_string()
+}
+
+/// The base a linked clone's first disk is an overlay on.
+fn base_of(home: &Home, clone: &str) -> PathBuf {
+    let layers = disk_layers(&home.0.join(format!("vms/{clone}/disk0.qcow2")));
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    PathBuf::from(layers[1]["path"].as_str().unwrap())
+}
+
+/// `clone --snapshot`: full and linked clones start from the disk as it was at the snapshot
+/// (their guests read it), the source's present disk and snapshots stay; linked clones of one
+/// snapshot share one read-only base that the source's later snapshot changes never touch.
+#[test]
+fn clones_from_a_snapshot_start_from_its_disks() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("clonesnap");
+    home.create_blk_vm("src");
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let src_disk = fill_disk(&home, "src", "disk0.qcow2", &data);
+    home.ok(&["snapshot", "src", "take", "s1"]);
+    // The source's guest writes its pattern over the disk.
+    home.run_to_power_off("src");
+    let written = disk_bytes(&home, &src_disk);
+    assert!(written != data);
+    home.fails(
+        &["clone", "src", "x", "--snapshot", "nosuch"],
+        2,
+        "VM 'src' has no snapshot named 'nosuch'",
+    );
+
+    // Full: standalone, no snapshots, the snapshot's contents.
+    let out = home.ok(&["clone", "src", "full", "--snapshot", "s1"]);
+    assert!(
+        out.contains("full clone of 'src' at snapshot 's1'"),
+        "{out}"
+    );
+    let full_disk = home.0.join("vms/full/disk0.qcow2");
+    let layers = disk_layers(&full_disk);
+    assert_eq!(
+        (layers.len(), &layers[0]["snapshots"]),
+        (1, &Value::from(0))
+    );
+    assert!(disk_bytes(&home, &full_disk) == data);
+    assert!(home
+        .ok(&["snapshot", "full", "list"])
+        .contains("has no snapshots"));
+
+    // Linked: two clones on one read-only base in the source's folder.
+    home.ok(&["clone", "--linked", "src", "lc", "--snapshot", "s1"]);
+    home.ok(&["clone", "--linked", "src", "lc2", "--snapshot", "s1"]);
+    let base = base_of(&home, "lc");
+    assert_eq!(base_of(&home, "lc2"), base, "one base per snapshot");
+    assert_eq!(base.parent(), Some(home.0.join("vms/src").as_path()));
+    let base_name = base.file_name().unwrap().to_str().unwrap().to_string();
+    assert!(base_name.starts_with("disk0.snap-s1-"), "{base_name}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&base).unwrap().permissions().mode();
+    assert_eq!(mode & 0o222, 0, "the base is read-only: {mode:o}");
+    let layers = disk_layers(&base);
+    assert_eq!(
+        (layers.len(), &layers[0]["snapshots"]),
+        (1, &Value::from(0))
+    );
+    assert!(disk_bytes(&home, &base) == data);
+    assert_eq!(disk_layers(&src_disk).len(), 1, "the source is not frozen");
+    assert!(disk_bytes(&home, &src_disk) == written);
+    let leftovers: Vec<_> = std::fs::read_dir(home.0.join("vms/src"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.') && n != ".lock")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // The guests see the snapshot's disk.
+    let expected = common::fnv1a(&data);
+    assert_eq!(guest_checksum(&home, "full"), expected);
+    // lc's guest writes its own overlay; the base and the source stay as they were.
+    home.run_to_power_off("lc");
+    let log = home.log("lc");
+    assert!(
+        log.contains("KVMBOX-TEST blk ") && !log.contains("error="),
+        "{log}"
+    );
+    assert!(disk_bytes(&home, &home.0.join("vms/lc/disk0.qcow2")) != data);
+    assert!(disk_bytes(&home, &base) == data);
+    assert!(disk_bytes(&home, &src_disk) == written);
+    assert_eq!(guest_checksum(&home, "lc2"), expected);
+
+    // The source's snapshots move on; the clones keep theirs. The source holds their base.
+    home.fails(&["delete", "src"], 4, "linked clone(s) 'lc', 'lc2'");
+    home.ok(&["snapshot", "src", "delete", "s1"]);
+    home.ok(&["snapshot", "src", "take", "s1"]);
+    home.ok(&["clone", "--linked", "src", "lc3", "--snapshot", "s1"]);
+    assert_ne!(base_of(&home, "lc3"), base, "a new s1, a new base");
+    assert!(disk_bytes(&home, &home.0.join("vms/lc3/disk0.qcow2")) == written);
+    assert!(disk_bytes(&home, &home.0.join("vms/lc2/disk0.qcow2")) == data);
+    home.ok(&["snapshot", "src", "restore", "s1"]);
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "check"])
+        .arg(&src_disk)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for vm in ["lc", "lc2", "lc3", "full"] {
+        home.ok(&["delete", vm]);
+    }
+    home.ok(&["delete", "src"]);
+    assert!(listed(&home).is_empty());
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    /// Mount a tmpfs of `size` on `dir`, or None (after a SKIP line) when not root.
+    fn tmpfs(dir: &Path, size: &str, test: &str) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            common::skip(test, "mounting a tmpfs needs root");
+            return None;
+        }
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs on {dir:?}");
+        Some(Mount(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// Free bytes on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs is plain data, so all zeroes is a valid value to be overwritten.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid statvfs for the kernel to fill.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail * st.f_frsize
+}
+
+/// Clones and snapshots that do not fit on `$KVMBOX_HOME`'s filesystem (a 28 MiB tmpfs) are
+/// refused with status 5 naming the needed and free space, and leave nothing behind; they work
+/// once there is room.
+#[test]
+fn clones_and_snapshots_that_do_not_fit_are_refused_before_anything_is_written() {
+    let test = "clones_and_snapshots_that_do_not_fit_are_refused_before_anything_is_written";
+    let home = Home::new("space");
+    let Some(_mount) = Mount::tmpfs(&home.0, "28m", test) else {
+        return;
+    };
+    let tg = testguest();
+    home.ok(&[
+        "create",
+        "big",
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--disk-size",
+        "16M",
+        "--net",
+        "none",
+    ]);
+    // 16 MiB of data, made outside the small filesystem.
+    let data: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 | 1)
+        .collect();
+    let raw = std::env::temp_dir().join(format!("kvmbox-vm-space-{}.raw", std::process::id()));
+    std::fs::write(&raw, &data).unwrap();
+    let disk = home.0.join("vms/big/disk0.qcow2");
+    std::fs::remove_file(&disk).unwrap();
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "convert"])
+        .arg(&raw)
+        .arg(&disk)
+        .status()
+        .unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    assert!(st.success());
+    let left_nothing = |home: &Home| {
+        let mut names: Vec<String> = std::fs::read_dir(home.0.join("vms"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["big"], "no half-made clone");
+        let mut files: Vec<String> = std::fs::read_dir(home.0.join("vms/big"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n != ".lock" && n != "snapshots.json")
+            .collect();
+        files.sort();
+        assert_eq!(
+            files,
+            ["disk0.qcow2", "vm.toml"],
+            "no temporary copy or base"
+        );
+    };
+
+    // ~11 MiB free: a copy of the 16 MiB disk does not fit.
+    let (st, _, err) = home.vm(&["clone", "big", "copy"]);
+    assert_eq!(st, 5, "{err}");
+    assert!(
+        err.contains(&format!(
+            "not enough free space on the filesystem of {}:",
+            home.0.join("vms").display()
+        )) && err.contains("is needed (the copy of disk0.qcow2)")
+            && err.contains(" is free; nothing was changed"),
+        "{err}"
+    );
+    left_nothing(&home);
+    // A snapshot's tables do.
+    home.ok(&["snapshot", "big", "take", "s1"]);
+    home.fails(
+        &["clone", "--linked", "big", "lc", "--snapshot", "s1"],
+        5,
+        "(a temporary copy of disk0.qcow2, the base disk0.snap-s1-",
+    );
+    home.fails(
+        &["clone", "big", "copy", "--snapshot", "s1"],
+        5,
+        "not enough free space",
+    );
+    left_nothing(&home);
+
+    // Fill the filesystem up to 64 KiB: no room for another snapshot's tables.
+    let filler = home.0.join("filler");
+    let room = free_bytes(&home.0).saturating_sub(64 << 10);
+    std::fs::write(&filler, vec![0x5au8; room as usize]).unwrap();
+    home.fails(
+        &["snapshot", "big", "take", "s2"],
+        5,
+        "is needed (the snapshot's tables on disk0.qcow2)",
+    );
+    home.fails(
+        &["snapshot", "big", "restore", "s1"],
+        5,
+        "not enough free space",
+    );
+    let tree: Value =
+        serde_json::from_str(&home.ok(&["snapshot", "big", "list", "--json"])).unwrap();
+    assert_eq!(tree["snapshots"].as_array().unwrap().len(), 1, "{tree}");
+    assert_eq!(disk_layers(&disk)[0]["snapshots"], 1);
+    std::fs::remove_file(&filler).unwrap();
+    home.ok(&["snapshot", "big", "take", "s2"]);
+    assert!(disk_bytes_outside(&disk) == data);
+    home.ok(&["delete", "big"]);
+}
+
+/// The disk at `path` as raw bytes, converted outside the store's (small) filesystem.
+fn disk_bytes_outside(path: &Path) -> Vec<u8> {
+    let raw = std::env::temp_dir().join(format!("kvmbox-vm-back-{}.raw", std::process::id()));
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "convert", "--format", "raw"])
+        .arg(path)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success(), "convert {path:?}");
+    let b = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    b
 }
 
 /// `vm modify` changes what it is given and nothing else, refuses bad values without changing
@@ -812,6 +1131,156 @@ fn modify_changes_only_what_it_is_given() {
     home.ok(&["start", "m"]);
     home.fails(&["modify", "m", "--cpus", "1"], 4, "VM 'm' is running");
     home.ok(&["delete", "--force", "m"]);
+}
+
+/// The children of process `pid`, by command name.
+fn children(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(head.split_once('(').map_or("", |(_, c)| c).to_string());
+        }
+    }
+    out
+}
+
+/// `create` without `--net` gives one user-mode NAT network (passt runs beside the started VM),
+/// `--net none` none; `show` lists networks and forwarded ports; `modify --net` replaces them;
+/// a missing passt is reported at `start`, not at `create`, and nothing starts.
+#[test]
+fn create_defaults_to_a_user_network_and_none_means_none() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("net");
+    let tg = testguest();
+    let tg = tg.to_str().unwrap();
+    let base = [
+        "--kernel",
+        tg,
+        "--cmdline",
+        "tests=shell",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+    ];
+    home.ok(&[&["create", "nat"][..], &base].concat());
+    let v = home.show("nat");
+    assert_eq!(v["nets"], serde_json::json!(["user"]), "{v}");
+    assert_eq!(v["networks"][0]["kind"], "user", "{v}");
+    assert_eq!(v["networks"][0]["forwards"], serde_json::json!([]), "{v}");
+    let text = home.ok(&["show", "nat"]);
+    assert!(
+        text.contains("net:       user (NAT through passt)"),
+        "{text}"
+    );
+
+    home.ok(&[&["create", "off", "--net", "none"][..], &base].concat());
+    let v = home.show("off");
+    assert_eq!(v["nets"], serde_json::json!([]), "{v}");
+    assert_eq!(v["networks"], serde_json::json!([]), "{v}");
+    assert!(home.ok(&["show", "off"]).contains("net:       none"));
+    home.fails(
+        &[
+            &["create", "both", "--net", "none", "--net", "user"][..],
+            &base,
+        ]
+        .concat(),
+        2,
+        "--net none means no network",
+    );
+    home.fails(
+        &[
+            &["create", "bad", "--net", "user,hostfwd=tcp::99999-:22"][..],
+            &base,
+        ]
+        .concat(),
+        2,
+        "'99999' is not a port",
+    );
+    assert_eq!(listed(&home), ["nat", "off"], "failed creates left nothing");
+
+    // Forwarded ports, shown in both forms; a bad spec changes nothing.
+    home.ok(&[
+        "modify",
+        "off",
+        "--net",
+        "user,hostfwd=tcp::2222-:22,hostfwd=udp:0.0.0.0:5353-:53",
+        "--net",
+        "tap=kbnet0,mac=02:00:00:00:00:07",
+    ]);
+    let v = home.show("off");
+    assert_eq!(
+        v["networks"],
+        serde_json::json!([
+            {"spec": "user,hostfwd=tcp::2222-:22,hostfwd=udp:0.0.0.0:5353-:53", "kind": "user",
+             "tap": null, "mac": null, "forwards": [
+                {"proto": "tcp", "host_addr": "127.0.0.1", "host_port": 2222, "guest_port": 22},
+                {"proto": "udp", "host_addr": "0.0.0.0", "host_port": 5353, "guest_port": 53}]},
+            {"spec": "tap=kbnet0,mac=02:00:00:00:00:07", "kind": "tap", "tap": "kbnet0",
+             "mac": "02:00:00:00:00:07", "forwards": []}
+        ]),
+        "{v}"
+    );
+    let text = home.ok(&["show", "off"]);
+    assert!(
+        text.contains("tcp 127.0.0.1:2222 -> guest port 22, udp 0.0.0.0:5353 -> guest port 53"),
+        "{text}"
+    );
+    let before = std::fs::read_to_string(home.0.join("vms/off/vm.toml")).unwrap();
+    home.fails(&["modify", "off", "--net", "bogus"], 2, "--net 'bogus'");
+    assert_eq!(
+        std::fs::read_to_string(home.0.join("vms/off/vm.toml")).unwrap(),
+        before
+    );
+    home.ok(&["modify", "off", "--net", "none"]);
+    assert_eq!(home.show("off")["networks"], serde_json::json!([]));
+
+    // No passt: start says so and nothing runs; the VM without a network starts all the same.
+    let (st, out, err) = {
+        let o = home
+            .cmd(&["start", "nat"])
+            .env("KVMBOX_PASST", "/nonexistent/passt")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert_eq!(st, 1, "{out}{err}");
+    assert!(
+        err.contains("needs passt: KVMBOX_PASST names /nonexistent/passt")
+            && err.contains("kvmbox vm modify nat --net none"),
+        "{err}"
+    );
+    assert_eq!(home.state("nat"), "stopped");
+    assert!(!home.0.join("run/nat").exists());
+    home.ok(&["start", "off"]);
+    home.ok(&["stop", "--force", "off"]);
+
+    // With passt, the default network is there: passt runs as the VM process's child.
+    home.ok(&["start", "nat"]);
+    let pid = home.show("nat")["pid"].as_u64().unwrap() as u32;
+    // Debian's passt re-executes itself as passt.avx2 where the CPU has AVX2.
+    assert!(
+        children(pid).iter().any(|c| c.starts_with("passt")),
+        "{:?}",
+        children(pid)
+    );
+    home.ok(&["stop", "--force", "nat"]);
 }
 
 /// Resource limits kept in a VM's settings (`vm create`, `vm modify`, `none` removes one) are

@@ -3,8 +3,19 @@
 //! (flattened into a standalone qcow2 image in the new folder). A linked clone shares them: each
 //! of the source's qcow2 disks (which must be in its folder) is frozen into a read-only base
 //! `diskN.base-K.qcow2` beside it, and the source and the clone each get a new qcow2 overlay
-//! on that base (the source's keeps the disk's name, so its settings do not change). The clone
-//! records its source in `linked-to`; the source cannot be deleted while such a clone exists.
+//! on that base (the source's keeps the disk's name, so its settings do not change). A disk that
+//! holds internal snapshots is not frozen (its snapshots would go with it, out of the source's
+//! reach): its present state is copied into a read-only base of its own instead.
+//!
+//! A clone `--snapshot SNAP` starts from the disks' state at the VM snapshot SNAP (qcow2
+//! internal snapshot `vm-SNAP`): a full clone gets that state as standalone images without
+//! snapshots; a linked clone gets an overlay on a read-only standalone copy of that state in
+//! the source's folder, `diskN.snap-SNAP-SECS.NSECS.qcow2` (named after when the snapshot was
+//! taken), which every linked clone of that snapshot shares and which nothing writes again, so
+//! whatever the source later does with its disks or that snapshot leaves the clones' contents
+//! as they were. The clone records its source in `linked-to`; the source (whose folder holds the
+//! bases) cannot be deleted while such a clone exists. Free space is checked before any disk is
+//! written ([`crate::space`]).
 
 use crate::{io_err, Error, Result, Store, Vm};
 use std::path::{Path, PathBuf};
@@ -30,56 +41,32 @@ fn without_mac(spec: &str) -> String {
 /// The file in a linked clone's folder that names the VM whose disks it shares.
 pub(crate) const LINKED_TO: &str = "linked-to";
 
-/// Freeze the source's disk `from` into a read-only base beside it, put a new overlay on the base
-/// at `from` for the source, and create `to` as the clone's overlay on the same base.
-fn link_disk(src: &Vm, from: &Path, to: &Path) -> Result<()> {
-    let usage = |why: String| {
-        Error::Usage(format!(
-            "cannot make a linked clone of '{}': {why}; a full clone (without --linked) copies it",
-            src.name()
-        ))
-    };
-    if from.parent() != Some(src.dir()) {
-        return Err(usage(format!(
-            "disk {} is not in the VM's folder",
-            from.display()
-        )));
-    }
-    let layers = kvmbox_block::image::info(from)
-        .map_err(|e| Error::Failed(format!("reading {}: {e}", from.display())))?;
-    if layers.first().map(|l| l.format.as_str()) != Some("qcow2") {
-        return Err(usage(format!(
-            "disk {} is not a qcow2 image",
-            from.display()
-        )));
-    }
-    let stem = from
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let base = (1..)
-        .map(|k| src.dir().join(format!("{stem}.base-{k}.qcow2")))
-        .find(|p| !p.exists())
-        .unwrap_or_default();
-    let base_name = base
-        .file_name()
+/// Refuse a linked clone of `src` because of its disk `from`.
+fn link_usage(src: &Vm, why: String) -> Error {
+    Error::Usage(format!(
+        "cannot make a linked clone of '{}': {why}; a full clone (without --linked) copies it",
+        src.name()
+    ))
+}
+
+fn failed(what: &str, p: &Path, e: &dyn std::fmt::Display) -> Error {
+    Error::Failed(format!("{what} {}: {e}", p.display()))
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let failed = |what: &str, p: &Path, e: &dyn std::fmt::Display| {
-        Error::Failed(format!("{what} {}: {e}", p.display()))
-    };
-    std::fs::rename(from, &base).map_err(|e| failed("freezing", from, &e))?;
-    if let Err(e) =
-        kvmbox_block::image::create(from, 0, kvmbox_block::Format::Qcow2, Some(&base_name))
-    {
-        // Put the source's disk back as it was.
-        let _ = std::fs::remove_file(from);
-        let _ = std::fs::rename(&base, from);
-        return Err(failed("creating the overlay", from, &e));
-    }
+        .unwrap_or_default()
+}
+
+fn make_read_only(p: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o444))
-        .map_err(|e| failed("making read-only", &base, &e))?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o444))
+        .map_err(|e| failed("making read-only", p, &e))
+}
+
+/// A new qcow2 overlay at `to` on the base `base` (named by absolute path).
+fn overlay(base: &Path, to: &Path) -> Result<()> {
     kvmbox_block::image::create(
         to,
         0,
@@ -89,8 +76,216 @@ fn link_disk(src: &Vm, from: &Path, to: &Path) -> Result<()> {
     .map_err(|e| failed("creating the overlay", to, &e))
 }
 
+/// Freeze the source's disk `from` into a read-only base beside it, put a new overlay on the base
+/// at `from` for the source, and create `to` as the clone's overlay on the same base.
+fn link_disk(src: &Vm, from: &Path, to: &Path) -> Result<()> {
+    let stem = from
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let base = (1..)
+        .map(|k| src.dir().join(format!("{stem}.base-{k}.qcow2")))
+        .find(|p| !p.exists())
+        .unwrap_or_default();
+    let base_name = file_name(&base);
+    std::fs::rename(from, &base).map_err(|e| failed("freezing", from, &e))?;
+    if let Err(e) =
+        kvmbox_block::image::create(from, 0, kvmbox_block::Format::Qcow2, Some(&base_name))
+    {
+        // Put the source's disk back as it was.
+        let _ = std::fs::remove_file(from);
+        let _ = std::fs::rename(&base, from);
+        return Err(failed("creating the overlay", from, &e));
+    }
+    make_read_only(&base)?;
+    overlay(&base, to)
+}
+
+/// The qcow2 internal snapshot that holds VM snapshot `snap` on a disk.
+fn disk_snapshot(snap: &str) -> String {
+    format!("vm-{snap}")
+}
+
+/// Copy the state of `from` at its internal snapshot `snap` (or its present state) into `to`,
+/// a new standalone qcow2 image without snapshots. For a snapshot the file is copied beside
+/// `from` (so a relative backing file still resolves), the snapshot applied in the copy, the
+/// copy flattened into `to` and removed: `from` itself is only read.
+fn export(from: &Path, snap: Option<&str>, to: &Path) -> Result<()> {
+    let Some(snap) = snap else {
+        return flatten(from, to);
+    };
+    let tmp = from.with_file_name(format!(
+        ".{}.export-{}",
+        file_name(from),
+        std::process::id()
+    ));
+    let done = std::fs::copy(from, &tmp)
+        .map_err(|e| failed("copying", from, &e))
+        .and_then(|_| {
+            kvmbox_block::snapshot::apply(&tmp, &disk_snapshot(snap)).map_err(|e| {
+                failed(
+                    &format!("applying snapshot '{snap}' to a copy of"),
+                    from,
+                    &e,
+                )
+            })
+        })
+        .and_then(|()| flatten(&tmp, to));
+    let _ = std::fs::remove_file(&tmp);
+    done
+}
+
+/// What a clone does with one of the source's disks.
+enum Plan {
+    /// Copy its state (at the snapshot, if any) into the clone's folder.
+    Copy { snap: Option<String> },
+    /// Freeze the disk into a base shared by the source's and the clone's new overlays.
+    Link,
+    /// Put the clone's overlay on `base`, a read-only standalone copy of the disk's state at
+    /// the snapshot (or its present state) in the source's folder; made unless it exists
+    /// (a base of one snapshot is shared by all linked clones made from it).
+    LinkTo { base: PathBuf, snap: Option<String> },
+}
+
+/// Decide what to do with the source's disk `from` (read-only or not) and what that needs in
+/// disk space.
+fn plan(
+    src: &Vm,
+    dir: &Path,
+    from: &Path,
+    read_only: bool,
+    linked: bool,
+    snap: Option<&str>,
+    needs: &mut Vec<crate::space::Need>,
+) -> Result<Plan> {
+    // A snapshot covers the writable disks only (`vm snapshot take`); read-only ones are as now.
+    let snap = snap.filter(|_| !read_only);
+    let layers = kvmbox_block::image::info(from)
+        .map_err(|e| Error::Failed(format!("reading {}: {e}", from.display())))?;
+    let qcow2 = layers.first().map(|l| l.format.as_str()) == Some("qcow2");
+    let mut snap_info = None;
+    if let Some(s) = snap {
+        let on_disk = if qcow2 {
+            kvmbox_block::snapshot::list(from)
+                .map_err(|e| Error::Failed(format!("reading {}: {e}", from.display())))?
+                .into_iter()
+                .find(|d| d.name == disk_snapshot(s))
+        } else {
+            None
+        };
+        let Some(d) = on_disk else {
+            return Err(Error::State(format!(
+                "VM '{}': disk {} has no snapshot '{s}' (added after it was taken?)",
+                src.name(),
+                from.display()
+            )));
+        };
+        snap_info = Some(d);
+    }
+    let copy_need = |needs: &mut Vec<crate::space::Need>, dir: &Path, what: &str| -> Result<()> {
+        if snap.is_some() {
+            // The temporary copy beside the disk.
+            let len = std::fs::metadata(from)
+                .map_err(|e| Error::Failed(format!("reading {}: {e}", from.display())))?
+                .len();
+            needs.push(crate::space::Need {
+                dir: from.parent().unwrap_or(src.dir()).to_path_buf(),
+                bytes: len,
+                what: format!("a temporary copy of {}", file_name(from)),
+            });
+        }
+        needs.push(crate::space::Need {
+            dir: dir.to_path_buf(),
+            bytes: crate::space::flatten_bytes(from)?,
+            what: what.to_string(),
+        });
+        Ok(())
+    };
+    if !linked {
+        // The clone's folder, named by the store's folder of VMs that holds it (the clone's
+        // own is still a temporary one).
+        let vms = dir.parent().unwrap_or(dir);
+        copy_need(needs, vms, &format!("the copy of {}", file_name(from)))?;
+        return Ok(Plan::Copy {
+            snap: snap.map(str::to_string),
+        });
+    }
+    if from.parent() != Some(src.dir()) {
+        return Err(link_usage(
+            src,
+            format!("disk {} is not in the VM's folder", from.display()),
+        ));
+    }
+    if !qcow2 {
+        return Err(link_usage(
+            src,
+            format!("disk {} is not a qcow2 image", from.display()),
+        ));
+    }
+    let stem = from
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if let (Some(s), Some(d)) = (snap, &snap_info) {
+        // Named after the snapshot and when it was taken: a snapshot deleted and taken again
+        // under the same name gets a new base, never the old one's contents.
+        let base = src.dir().join(format!(
+            "{stem}.snap-{s}-{}.{:09}.qcow2",
+            d.date_sec, d.date_nsec
+        ));
+        if !base.exists() {
+            copy_need(needs, src.dir(), &format!("the base {}", file_name(&base)))?;
+        }
+        return Ok(Plan::LinkTo {
+            base,
+            snap: Some(s.to_string()),
+        });
+    }
+    if layers.first().is_some_and(|l| l.snapshots > 0) {
+        // Freezing this disk would freeze its internal snapshots with it, out of the source's
+        // reach: copy its present state into a base of its own instead, and leave it as it is.
+        let base = (1..)
+            .map(|k| src.dir().join(format!("{stem}.base-{k}.qcow2")))
+            .find(|p| !p.exists())
+            .unwrap_or_default();
+        copy_need(needs, src.dir(), &format!("the base {}", file_name(&base)))?;
+        return Ok(Plan::LinkTo { base, snap: None });
+    }
+    Ok(Plan::Link)
+}
+
+/// Carry out `plan` for the source's disk `from`, the clone's disk being `to`. A base this
+/// makes is pushed on `made` (removed again if the clone fails later).
+fn carry_out(src: &Vm, plan: &Plan, from: &Path, to: &Path, made: &mut Vec<PathBuf>) -> Result<()> {
+    match plan {
+        Plan::Copy { snap } => export(from, snap.as_deref(), to),
+        Plan::Link => link_disk(src, from, to),
+        Plan::LinkTo { base, snap } => {
+            if !base.exists() {
+                // Written under a temporary name, so a base is there complete or not at all.
+                let tmp = base.with_file_name(format!(
+                    ".{}.partial-{}",
+                    file_name(base),
+                    std::process::id()
+                ));
+                let done = export(from, snap.as_deref(), &tmp)
+                    .and_then(|()| make_read_only(&tmp))
+                    .and_then(|()| {
+                        std::fs::rename(&tmp, base).map_err(|e| failed("creating", base, &e))
+                    });
+                if let Err(e) = done {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
+                made.push(base.clone());
+            }
+            overlay(base, to)
+        }
+    }
+}
+
 /// Write the clone's settings and disks into `dir` (new, empty).
-fn build(src: &Vm, dir: &Path, linked: bool) -> Result<()> {
+fn build(src: &Vm, dir: &Path, linked: bool, snap: Option<&str>) -> Result<()> {
     let path = src.settings_path();
     let text = std::fs::read_to_string(&path)
         .map_err(|e| io_err(format_args!("reading {}", path.display()), e))?;
@@ -107,16 +302,28 @@ fn build(src: &Vm, dir: &Path, linked: bool) -> Result<()> {
         v.and_then(|v| v.clone().try_into::<Vec<String>>().ok())
             .unwrap_or_default()
     };
-    let mut disks = Vec::new();
-    for (i, spec) in strings(table.get("disks")).iter().enumerate() {
+    let specs = strings(table.get("disks"));
+    // Everything is decided, and the space checked, before anything is written.
+    let mut needs = Vec::new();
+    let mut plans = Vec::new();
+    for spec in &specs {
         let parsed =
             kvmbox_vmm::config::parse_disk_spec(spec).map_err(|e| Error::Usage(e.to_string()))?;
         let from = anchored(src, &parsed.path.display().to_string());
+        let p = plan(src, dir, &from, parsed.read_only, linked, snap, &mut needs)?;
+        plans.push((from, p));
+    }
+    crate::space::check(&needs)?;
+    let mut made = Vec::new();
+    let mut disks = Vec::new();
+    for (i, (spec, (from, plan))) in specs.iter().zip(&plans).enumerate() {
         let file = format!("disk{i}.qcow2");
-        if linked {
-            link_disk(src, &from, &dir.join(&file))?;
-        } else {
-            flatten(&from, &dir.join(&file))?;
+        if let Err(e) = carry_out(src, plan, from, &dir.join(&file), &mut made) {
+            // Bases made for this clone only; nothing uses them yet.
+            for b in &made {
+                let _ = std::fs::remove_file(b);
+            }
+            return Err(e);
         }
         // The copy is qcow2 whatever the original was: keep every option but the format.
         let opts: Vec<&str> = spec
@@ -141,10 +348,11 @@ fn build(src: &Vm, dir: &Path, linked: bool) -> Result<()> {
         toml::to_string(&table).map_err(|e| Error::Failed(format!("writing the settings: {e}")))?;
     let out = dir.join("vm.toml");
     let kind = if linked { "linked" } else { "full" };
+    let from_snap = snap.map_or(String::new(), |s| format!(" at its snapshot '{s}'"));
     std::fs::write(
         &out,
         format!(
-            "# kvmbox VM settings (a {kind} clone of '{}'): the format of `kvmbox run --config`.\n{body}",
+            "# kvmbox VM settings (a {kind} clone of '{}'{from_snap}): the format of `kvmbox run --config`.\n{body}",
             src.name()
         ),
     )
@@ -161,9 +369,20 @@ fn build(src: &Vm, dir: &Path, linked: bool) -> Result<()> {
 }
 
 impl Store {
-    /// A clone of `src` (stopped; the caller holds its lock) named `name`: full, or `linked`.
-    pub fn clone_vm(&self, src: &Vm, name: &str, linked: bool) -> Result<Vm> {
-        self.create_with(name, |dir| build(src, dir, linked))
+    /// A clone of `src` (stopped; the caller holds its lock) named `name`: full, or `linked`;
+    /// of its disks' present state, or of their state at its snapshot `snap`.
+    pub fn clone_vm(&self, src: &Vm, name: &str, linked: bool, snap: Option<&str>) -> Result<Vm> {
+        if let Some(s) = snap {
+            let tree = src.snapshot_tree()?;
+            if !tree.snapshots.iter().any(|i| i.name == s) {
+                return Err(Error::Usage(format!(
+                    "VM '{}' has no snapshot named '{s}' (kvmbox vm snapshot {} list)",
+                    src.name(),
+                    src.name()
+                )));
+            }
+        }
+        self.create_with(name, |dir| build(src, dir, linked, snap))
     }
 
     /// The linked clones whose disks have `vm`'s as their base.

@@ -19,8 +19,10 @@ pub mod console;
 pub mod keep;
 pub mod keeper;
 mod lock;
+pub mod net;
 pub mod settings;
 pub mod snapshots;
+mod space;
 
 pub use lock::VmLock;
 pub use settings::{CreateOptions, DefaultGuest, LimitOptions, ModifyOptions};
@@ -50,6 +52,10 @@ pub enum Error {
     /// The host or the VM failed.
     #[error("{0}")]
     Failed(String),
+    /// A filesystem has too little free space for what the command would write (checked
+    /// before anything is written).
+    #[error("{0}")]
+    NoSpace(String),
 }
 
 /// A result of this crate.

@@ -26,7 +26,8 @@ pub struct CreateOptions {
     pub disks: Vec<String>,
     /// New qcow2 images to create in the VM's folder, by size.
     pub disk_sizes: Vec<String>,
-    /// Network interfaces, as `--net` specs.
+    /// Network interfaces, as `--net` specs; none given means one user-mode NAT interface
+    /// (`user`, as VirtualBox's default NAT adapter), and `none` alone means no network.
     pub nets: Vec<String>,
     /// A virtio-rng device.
     pub rng: bool,
@@ -91,6 +92,22 @@ impl LimitOptions {
         Ok(())
     }
 }
+
+/// The networks `--net` specs ask for: [`DEFAULT_NET`] when none is given, nothing for `none`
+/// alone; `none` beside another spec is an error.
+pub fn net_specs(given: &[String]) -> Result<Vec<String>> {
+    match given {
+        [] => Ok(vec![DEFAULT_NET.to_string()]),
+        [only] if only == "none" => Ok(Vec::new()),
+        _ if given.iter().any(|n| n == "none") => Err(Error::Usage(
+            "--net none means no network: give it alone, not beside other --net options".into(),
+        )),
+        _ => Ok(given.to_vec()),
+    }
+}
+
+/// The network a VM gets when `vm create` is given no `--net`: user-mode NAT through passt.
+pub const DEFAULT_NET: &str = "user";
 
 /// The default guest: what `scripts/run-default.sh` boots (Debian's cloud kernel and the busybox
 /// initramfs, prepared by `guest/linux/fetch-kernel.sh` and `build-initramfs.sh` under
@@ -227,7 +244,7 @@ pub(crate) fn write_new(dir: &Path, o: &CreateOptions) -> Result<()> {
         accel,
         rng: o.rng || o.kernel.is_none(),
         disks,
-        nets: o.nets.clone(),
+        nets: net_specs(&o.nets)?,
     };
     let mut limits = toml::Table::new();
     o.limits.apply(&mut limits, false)?;
@@ -268,6 +285,8 @@ pub struct ModifyOptions {
     pub add_disk_sizes: Vec<String>,
     /// Resource limits (`none` removes one).
     pub limits: LimitOptions,
+    /// The networks, replacing the present ones (`--net` specs; `none` alone: no network).
+    pub nets: Option<Vec<String>>,
 }
 
 impl crate::Vm {
@@ -307,6 +326,12 @@ impl crate::Vm {
             t.insert("rng".into(), r.into());
         }
         o.limits.apply(&mut t, true)?;
+        if let Some(n) = &o.nets {
+            if n.is_empty() {
+                return Err(Error::Usage("--net needs a SPEC (or none)".into()));
+            }
+            t.insert("nets".into(), net_specs(n)?.into());
+        }
         let mut disks: Vec<String> = t
             .get("disks")
             .and_then(|v| v.clone().try_into().ok())

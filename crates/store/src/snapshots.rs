@@ -131,6 +131,23 @@ impl Vm {
         Ok(out)
     }
 
+    /// Refuse ([`Error::NoSpace`]) when a disk's filesystem cannot hold one more qcow2
+    /// metadata change of every disk of it (`what`: the operation, for the message).
+    fn check_metadata_space(&self, disks: &[PathBuf], what: &str) -> Result<()> {
+        let mut needs = Vec::new();
+        for d in disks {
+            needs.push(crate::space::Need {
+                dir: d.parent().unwrap_or(self.dir()).to_path_buf(),
+                bytes: crate::space::metadata_change_bytes(d)?,
+                what: format!(
+                    "{what} on {}",
+                    d.file_name().unwrap_or_default().to_string_lossy()
+                ),
+            });
+        }
+        crate::space::check(&needs)
+    }
+
     /// Take snapshot `snap` of this stopped or saved VM (the caller holds its lock).
     pub fn snapshot_take(&self, snap: &str, description: &str) -> Result<()> {
         check_name(snap)?;
@@ -142,6 +159,7 @@ impl Vm {
             )));
         }
         let disks = self.snapshot_disks()?;
+        self.check_metadata_space(&disks, "the snapshot's tables")?;
         let mut done: Vec<PathBuf> = Vec::new();
         for d in &disks {
             if let Err(e) = kvmbox_block::snapshot::create(d, &disk_name(snap)) {
@@ -198,6 +216,7 @@ impl Vm {
                 )));
             }
         }
+        self.check_metadata_space(&disks, "the restored tables")?;
         for d in &disks {
             kvmbox_block::snapshot::apply(d, &disk_name(snap)).map_err(|e| block_err(d, e))?;
         }

@@ -504,6 +504,16 @@ impl Drop for Interactive {
 
 /// Prints one loud `SKIP: <test>: <why>` line (also appended to `$KVMBOX_SKIP_LOG`), the same
 /// way [`kvm_or_skip`] reports a missing /dev/kvm.
+/// FNV-1a 64 of `data`, as the test guest prints its `checksum=`.
+pub fn fnv1a(data: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("0x{h:x}")
+}
+
 pub fn skip(test: &str, why: &str) {
     kvmbox_cpu::kvm::report_skip(test, why);
 }
