@@ -1,0 +1,198 @@
+//! `kvmbox jail`: run `kvmbox run ...` inside a jail (`kvmbox-jailer`). This module finds, from
+//! the run arguments parsed by `kvmbox run`'s own parser, every host file the VM needs.
+
+use crate::RunArgs;
+use clap::Parser;
+use kvmbox_cpu::Accel;
+use kvmbox_jailer::{Device, Jail, Needed, Rlimit, Spec};
+use kvmbox_vmm::{AccelChoice, FileConfig, VmConfig};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub(crate) struct JailArgs {
+    /// The jail's name: 1-64 ASCII letters, digits and '-'. The jail is CHROOT_BASE/kvmbox/ID/root.
+    #[arg(long, value_name = "ID")]
+    id: String,
+    /// The user the VM runs as (a number, not 0).
+    #[arg(long, value_name = "UID")]
+    uid: u32,
+    /// The group the VM runs as (a number, not 0).
+    #[arg(long, value_name = "GID")]
+    gid: u32,
+    /// Where jails are made.
+    #[arg(long, value_name = "DIR", default_value = kvmbox_jailer::DEFAULT_CHROOT_BASE)]
+    chroot_base: PathBuf,
+    /// Run the VM in this network namespace (a file such as /var/run/netns/NAME).
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// A resource limit, soft and hard: fsize=BYTES, no-file=N, as=BYTES or memlock=BYTES. Repeatable.
+    #[arg(long, value_name = "NAME=VALUE")]
+    resource_limit: Vec<String>,
+    /// Detach: print the VM's host PID and exit 0 once it runs; a daemon waits for it and removes the jail.
+    #[arg(long)]
+    daemonize: bool,
+    /// `kvmbox run` arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "RUN ARGS")]
+    run: Vec<OsString>,
+}
+
+/// `kvmbox run`'s parser alone, for the arguments after `--`.
+#[derive(Parser)]
+#[command(name = "kvmbox run", no_binary_name = true)]
+struct RunOnly {
+    #[command(flatten)]
+    args: RunArgs,
+}
+
+fn usage(msg: impl std::fmt::Display) -> ExitCode {
+    crate::fail(format!("jail: {msg}"))
+}
+
+pub(crate) fn run(j: JailArgs) -> ExitCode {
+    let run = match RunOnly::try_parse_from(&j.run) {
+        Ok(r) => r.args,
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            return usage(format!(
+                "the run arguments: {}",
+                first.trim_start_matches("error: ")
+            ));
+        }
+    };
+    let rlimits = match j
+        .resource_limit
+        .iter()
+        .map(|s| s.parse::<Rlimit>())
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(r) => r,
+        Err(e) => return usage(e),
+    };
+    let needs = match vm_needs(&run) {
+        Ok(n) => n,
+        Err(e) => return usage(e),
+    };
+    let mut args = vec![OsString::from("run")];
+    args.extend(j.run.iter().cloned());
+    let spec = Spec {
+        id: j.id,
+        uid: j.uid,
+        gid: j.gid,
+        chroot_base: j.chroot_base,
+        netns: j.netns,
+        rlimits,
+        files: needs.files,
+        writable_dirs: needs.writable_dirs,
+        host_links: needs.host_links,
+        devices: needs.devices,
+        args,
+        daemonize: j.daemonize,
+    };
+    let status = Jail::prepare(spec).and_then(Jail::run);
+    match status {
+        Ok(s) => ExitCode::from(u8::try_from(s).unwrap_or(1)),
+        Err(e @ kvmbox_jailer::Error::Usage(_)) => usage(e),
+        Err(e) => {
+            eprintln!("kvmbox: error: jail: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// What a VM needs from the host.
+#[derive(Default)]
+struct Needs {
+    files: Vec<Needed>,
+    writable_dirs: Vec<PathBuf>,
+    host_links: Vec<PathBuf>,
+    devices: Vec<Device>,
+}
+
+impl Needs {
+    fn file(&mut self, what: &str, path: &Path, writable: bool) {
+        self.files.push(Needed {
+            what: what.into(),
+            path: path.to_path_buf(),
+            writable,
+        });
+    }
+}
+
+/// Every host file, device and socket directory the VM that `run` describes uses.
+fn vm_needs(run: &RunArgs) -> Result<Needs, String> {
+    let mut n = Needs::default();
+    if run.restore.is_some() {
+        return Err(
+            "--restore is not supported in a jail yet (the snapshot's disks are named \
+                    inside its state file): restore with `kvmbox run --restore` outside a jail"
+                .into(),
+        );
+    }
+    let file = match &run.config {
+        Some(c) => {
+            n.file("config file", c, false);
+            Some(FileConfig::load(c).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
+    let mut overrides = run.overrides();
+    let has_kernel =
+        overrides.kernel.is_some() || file.as_ref().is_some_and(FileConfig::has_kernel);
+    if !has_kernel {
+        if run.api_sock.is_none() {
+            return Err(kvmbox_vmm::ConfigError::NoKernel.to_string());
+        }
+        // Configured through the API later: the files it names are looked up in the jail.
+        // Check and collect the rest with the one merge `kvmbox run` uses; this kernel is not
+        // placed (any regular file passes the merge's check: this executable).
+        let exe = std::env::current_exe().map_err(|e| format!("finding kvmbox: {e}"))?;
+        overrides.kernel = Some(exe);
+    }
+    let cfg = VmConfig::build(file, overrides).map_err(|e| e.to_string())?;
+    if has_kernel {
+        n.file("kernel", &cfg.kernel, false);
+    }
+    if let Some(i) = &cfg.initrd {
+        n.file("initrd", i, false);
+    }
+    for m in &cfg.modules {
+        n.file("multiboot module", &m.path, false);
+    }
+    for d in &cfg.disks {
+        let chain = kvmbox_block::image::info(&d.path)
+            .map_err(|e| format!("disk {}: {e}", d.path.display()))?;
+        for (i, layer) in chain.iter().enumerate() {
+            let what = if i == 0 { "disk" } else { "backing file" };
+            n.file(what, &layer.path, i == 0 && !d.read_only);
+        }
+    }
+    for net in &cfg.nets {
+        if net.starts_a_helper() {
+            return Err(
+                "--net user is refused in a jail: passt, the helper it starts, is not \
+                        in the jail; use --net tap=NAME with a TAP device owned by the jail's \
+                        user (ip tuntap add NAME mode tap user UID), in --netns if wanted"
+                    .into(),
+            );
+        }
+        if !n.devices.contains(&Device::Tun) {
+            n.devices.push(Device::Tun);
+        }
+    }
+    if cfg.accel != AccelChoice::Fixed(Accel::Emu) && Path::new("/dev/kvm").exists() {
+        n.devices.push(Device::Kvm);
+    }
+    n.devices.extend([Device::Urandom, Device::Null]);
+    if let Some(sock) = &run.api_sock {
+        let dir = sock
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        n.writable_dirs.push(dir.to_path_buf());
+        n.host_links.push(sock.clone());
+    }
+    Ok(n)
+}
