@@ -557,7 +557,7 @@ impl Jail {
     /// host PID printed on stdout), and the daemon waits and cleans up.
     pub fn run(self) -> Result<i32> {
         if !self.spec.daemonize {
-            return self.supervise(None);
+            return self.supervise(&mut None);
         }
         let (read, write) = pipe()?;
         // SAFETY: kvmbox jail is single-threaded here; the child continues with its own copy.
@@ -580,11 +580,14 @@ impl Jail {
                     unsafe { libc::dup2(null.as_raw_fd(), fd) };
                 }
             }
-            let mut write = std::fs::File::from(write);
-            let status = match self.supervise(Some(&mut write)) {
+            let mut notify = Some(std::fs::File::from(write));
+            let status = match self.supervise(&mut notify) {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = write.write_all(format!("error {e}").as_bytes());
+                    // Still there only if "pid N" was not sent.
+                    if let Some(mut w) = notify.take() {
+                        let _ = w.write_all(format!("error {e}").as_bytes());
+                    }
                     1
                 }
             };
@@ -609,7 +612,7 @@ impl Jail {
     }
 
     /// Start the jailed program and wait for it, forwarding termination signals.
-    fn supervise(&self, notify: Option<&mut std::fs::File>) -> Result<i32> {
+    fn supervise(&self, notify: &mut Option<std::fs::File>) -> Result<i32> {
         // SAFETY: a zeroed sigset_t is a valid argument to sigemptyset, which initialises it.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
@@ -661,7 +664,8 @@ impl Jail {
             unsafe { libc::waitpid(child, &mut st, 0) };
             return Err(setup(msg));
         }
-        if let Some(n) = notify {
+        if let Some(mut n) = notify.take() {
+            // The first process reads to end-of-file: this closes our end.
             let _ = n.write_all(format!("pid {child}").as_bytes());
         }
         loop {
@@ -693,19 +697,15 @@ impl Jail {
         let c = |p: &Path| cstr(p.as_os_str()).map_err(|e| e.to_string());
         if let Some(fd) = &self.netns {
             // SAFETY: `fd` is an open network-namespace file (checked when opened).
-            check(
-                unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
-                "entering --netns",
-            )?;
+            let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            check(r, "entering --netns")?;
         }
         // SAFETY: unshare with a namespace flag, for this process only.
-        check(
-            unsafe { libc::unshare(libc::CLONE_NEWNS) },
-            "a new mount namespace",
-        )?;
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+        check(r, "a new mount namespace")?;
         let root = c(&self.root)?;
         let slash = c(Path::new("/"))?;
-        // SAFETY (this block's mount calls): every pointer is a valid NUL-terminated string or
+        // SAFETY: (this block's mount calls) every pointer is a valid NUL-terminated string or
         // null where mount(2) allows it; the mounts are in this process's own namespace.
         unsafe {
             check(
@@ -784,17 +784,13 @@ impl Jail {
                 rlim_max: l.value,
             };
             // SAFETY: `r` is a valid rlimit for a known resource.
-            check(
-                unsafe { libc::setrlimit(l.resource, &r) },
-                "setting a resource limit",
-            )?;
+            let r = unsafe { libc::setrlimit(l.resource, &r) };
+            check(r, "setting a resource limit")?;
         }
         let cwd = c(&self.cwd)?;
         // SAFETY: a valid NUL-terminated path.
-        check(
-            unsafe { libc::chdir(cwd.as_ptr()) },
-            "entering the working directory",
-        )?;
+        let r = unsafe { libc::chdir(cwd.as_ptr()) };
+        check(r, "entering the working directory")?;
         // Capabilities: none in the bounding or ambient set, no way to gain privileges by exec.
         for cap in 0..64 {
             // SAFETY: PR_CAPBSET_DROP of a capability number; EINVAL past the last one.
@@ -830,6 +826,10 @@ impl Jail {
             check(libc::setresuid(uid, uid, uid), "switching to the uid")?;
         }
         clear_capabilities().map_err(|e| format!("jail: clearing capabilities: {e}"))?;
+        // The program ends with the jailer (set after the uid change, which clears it).
+        // SAFETY: prctl with a signal number.
+        let r = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+        check(r, "setting the parent-death signal")?;
         let exe = c(Path::new(JAILED_EXE))?;
         let mut argv: Vec<CString> = vec![c"kvmbox".to_owned()];
         for a in &self.spec.args {
