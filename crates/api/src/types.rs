@@ -40,7 +40,7 @@ pub struct BootSource {
 
 /// `PUT|PATCH /machine-config` and `GET /machine-config`. For PUT the swagger requires
 /// `vcpu_count` and `mem_size_mib`; PATCH takes any subset (the VMM checks which).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     /// vCPUs, 1 to 32.
@@ -65,6 +65,21 @@ pub struct MachineConfig {
     /// engine the VM runs on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<String>,
+    /// kvmbox extension: CPU quota in host CPUs (`--cpu-max`); 0 lifts it. PATCH changes it
+    /// while the VM runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max: Option<f64>,
+    /// kvmbox extension: CPU weight 1-10000 (`--cpu-weight`). PATCH changes it while the VM
+    /// runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
+    /// kvmbox extension: memory limit of the whole VMM process in MiB (`--memory-limit`); 0
+    /// lifts it. PATCH changes it while the VM runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_mib: Option<u64>,
+    /// kvmbox extension: vCPU pinning, `--cpu-affinity`'s syntax (before the start only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_affinity: Option<String>,
 }
 
 /// A rate limiter (kvmbox has none: its presence is refused). Kept as raw JSON.

@@ -42,6 +42,9 @@ enum Command {
     Vm(vm::VmCommand),
     /// Run `kvmbox run ARGS` jailed: a chroot with only the VM's files, new mount and PID namespaces, rlimits, an unprivileged user without capabilities (as root).
     Jail(Box<jail::JailArgs>),
+    /// Internal: removes a VM's cgroup once its kvmbox has ended (started by `kvmbox run`).
+    #[command(name = "__cgroup-watch", hide = true)]
+    CgroupWatch { group: String },
 }
 
 #[derive(Subcommand)]
@@ -59,7 +62,7 @@ enum SnapshotCommand {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// TOML file with the same settings (kernel, initrd, cmdline, cpus, memory, accel, on_reboot, pvh, disks, nets, rng, virtio, modules, testdev, track_dirty_pages); flags override it, --disk/--net add to it.
+    /// TOML file with the same settings (kernel, initrd, cmdline, cpus, memory, accel, on_reboot, pvh, disks, nets, rng, virtio, modules, testdev, track_dirty_pages, cpu_max, cpu_weight, memory_limit, cpu_affinity, cgroup_parent); flags override it, --disk/--net add to it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Kernel: bzImage, ELF vmlinux (PVH or 64-bit entry), a freestanding ELF, or a multiboot kernel.
@@ -124,6 +127,21 @@ struct RunArgs {
     /// Run every thread without its seccomp filter (they are on by default; see SECURITY.md).
     #[arg(long)]
     no_seccomp: bool,
+    /// CPU quota of the whole VM: at most this many host CPUs' worth of time (0.5: half a CPU; as docker's --cpus), through its cgroup (v2 cpu.max, v1 cpu.cfs_quota_us).
+    #[arg(long, value_name = "CPUS")]
+    cpu_max: Option<String>,
+    /// CPU weight against other groups, 1-10000 [default: 100] (v2 cpu.weight; v1 cpu.shares = N*1024/100).
+    #[arg(long, value_name = "N")]
+    cpu_weight: Option<u32>,
+    /// Memory limit of the whole kvmbox process, swap included (guest memory + kvmbox's own; at least guest memory + 16 MiB); SIZE as --memory.
+    #[arg(long, value_name = "SIZE")]
+    memory_limit: Option<String>,
+    /// Pin vCPU threads to host CPUs: a list for every vCPU (0-1,3) and/or VCPU@[LIST] per vCPU (0@[0-1],1@[2]).
+    #[arg(long, value_name = "SPEC")]
+    cpu_affinity: Option<String>,
+    /// Make the VM's cgroup under this one (a path from the hierarchy's root) [default: kvmbox/ under kvmbox's own cgroup].
+    #[arg(long, value_name = "PATH")]
+    cgroup_parent: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -146,6 +164,11 @@ impl RunArgs {
             testdev: self.testdev,
             cpu_model: self.cpu_model.clone(),
             track_dirty_pages: self.track_dirty_pages,
+            cpu_max: self.cpu_max.clone(),
+            cpu_weight: self.cpu_weight,
+            memory_limit: self.memory_limit.clone(),
+            cpu_affinity: self.cpu_affinity.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
         }
     }
 }
@@ -194,6 +217,10 @@ fn run(args: RunArgs) -> ExitCode {
                 "--restore builds the VM the snapshot saved: {flag} cannot be given with it"
             ));
         }
+        let limits = match kvmbox_vmm::Limits::from_flags(&overrides) {
+            Ok(l) => l,
+            Err(e) => return fail(e),
+        };
         let accel = match overrides
             .accel
             .as_deref()
@@ -209,6 +236,7 @@ fn run(args: RunArgs) -> ExitCode {
             accel,
             args.track_dirty_pages,
             args.api_sock.as_deref(),
+            &limits,
         );
         return match ran {
             Ok(ended) => ended.exit_process(),
@@ -285,6 +313,9 @@ fn main() -> ExitCode {
         }
         Command::Vm(cmd) => vm::run(cmd),
         Command::Jail(args) => jail::run(*args),
+        Command::CgroupWatch { group } => {
+            ExitCode::from(u8::try_from(kvmbox_vmm::limits::watch(&group)).unwrap_or(1))
+        }
         Command::Doctor { json } => {
             let report = kvmbox_doctor::run_checks();
             if json {

@@ -188,6 +188,37 @@ pub struct ModifyArgs {
     /// Add a new qcow2 disk of this size in the VM's folder. Repeatable.
     #[arg(long, value_name = "SIZE")]
     add_disk_size: Vec<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// The resource limits of `kvmbox run` (its --cpu-max, --cpu-weight, --memory-limit,
+/// --cpu-affinity), kept in the VM's settings.
+#[derive(clap::Args)]
+pub struct LimitArgs {
+    /// CPU quota in host CPUs, as kvmbox run's (vm modify: none removes it).
+    #[arg(long, value_name = "CPUS")]
+    cpu_max: Option<String>,
+    /// CPU weight 1-10000, as kvmbox run's (vm modify: none removes it).
+    #[arg(long, value_name = "N")]
+    cpu_weight: Option<String>,
+    /// Memory limit of the VM's process, as kvmbox run's (vm modify: none removes it).
+    #[arg(long, value_name = "SIZE")]
+    memory_limit: Option<String>,
+    /// vCPU pinning, as kvmbox run's (vm modify: none removes it).
+    #[arg(long, value_name = "SPEC")]
+    cpu_affinity: Option<String>,
+}
+
+impl From<LimitArgs> for kvmbox_store::LimitOptions {
+    fn from(a: LimitArgs) -> Self {
+        kvmbox_store::LimitOptions {
+            cpu_max: a.cpu_max,
+            cpu_weight: a.cpu_weight,
+            memory_limit: a.memory_limit,
+            cpu_affinity: a.cpu_affinity,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -224,6 +255,8 @@ pub struct CreateArgs {
     /// CPU backend: auto, kvm or emu [default: auto].
     #[arg(long, value_name = "ACCEL")]
     accel: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 /// The exit status of an error kind (the table in the module docs and the README).
@@ -295,6 +328,7 @@ fn create(store: &Store, a: CreateArgs) -> Result<()> {
         disk_sizes: a.disk_size,
         nets: a.net,
         rng: a.rng,
+        limits: a.limits.into(),
     };
     let vm = store.create(&a.name, &opts)?;
     println!("VM '{}' created in {}", vm.name(), vm.dir().display());
@@ -393,6 +427,12 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
         "rng": cfg.rng,
         "disks": disks,
         "nets": vm.net_specs(),
+        "limits": json!({
+            "cpu_max": cfg.limits.cpu_max.map(|c| c.cpus()),
+            "cpu_weight": cfg.limits.cpu_weight,
+            "memory_limit_mib": cfg.limits.memory_limit.map(|b| b >> 20),
+            "cpu_affinity": (!cfg.limits.affinity.is_empty()).then(|| cfg.limits.affinity.to_string()),
+        }),
         "pid": status.pid,
         "uptime_s": uptime(&status),
         "api_socket": running.then(|| vm.api_sock()),
@@ -435,6 +475,11 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
     }
     for n in vm.net_specs() {
         println!("net:       {n}");
+    }
+    // Only the limits that are set; the flags' names say what they are.
+    let flags = cfg.limits.to_flags();
+    if !flags.is_empty() {
+        println!("limits:    {}", flags.join(" "));
     }
     if let Some(pid) = status.pid {
         println!("pid:       {pid}");
@@ -817,6 +862,7 @@ fn modify(store: &Store, a: ModifyArgs) -> Result<()> {
         accel: a.accel,
         rng,
         add_disk_sizes: a.add_disk_size,
+        limits: a.limits.into(),
     })?;
     println!("VM '{name}' modified");
     Ok(())

@@ -814,6 +814,128 @@ fn modify_changes_only_what_it_is_given() {
     home.ok(&["delete", "--force", "m"]);
 }
 
+/// Resource limits kept in a VM's settings (`vm create`, `vm modify`, `none` removes one) are
+/// the VM's when it starts: its process is in its cgroup with the values asked for.
+#[test]
+fn resource_limits_from_create_and_modify_hold_when_the_vm_starts() {
+    let test = "resource_limits_from_create_and_modify_hold_when_the_vm_starts";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        common::skip(test, "making cgroups needs root");
+        return;
+    }
+    let Ok(h) = kvmbox_cgroup::Hierarchy::detect(&["cpu", "memory"]) else {
+        common::skip(test, "no cgroup hierarchy with cpu and memory");
+        return;
+    };
+    let _cpu = CpuLease::shared();
+    let home = Home::new("limits");
+    let tg = testguest();
+    home.ok(&[
+        "create",
+        "l",
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cmdline",
+        "tests=shell",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+        "--cpu-max",
+        "0.5",
+        "--memory-limit",
+        "200M",
+    ]);
+    home.fails(
+        &["modify", "l", "--memory-limit", "100M"],
+        2,
+        "below the guest's memory",
+    );
+    home.ok(&[
+        "modify",
+        "l",
+        "--cpu-weight",
+        "300",
+        "--memory-limit",
+        "none",
+    ]);
+    let limits = &home.show("l")["limits"];
+    assert_eq!(limits["cpu_max"], 0.5, "{limits}");
+    assert_eq!(limits["cpu_weight"], 300, "{limits}");
+    assert!(limits["memory_limit_mib"].is_null(), "{limits}");
+    assert!(home
+        .ok(&["show", "l"])
+        .contains("limits:    --cpu-max 0.5 --cpu-weight 300\n"));
+    let toml = std::fs::read_to_string(home.0.join("vms/l/vm.toml")).unwrap();
+    assert!(toml.contains("cpu_max = 0.5"), "{toml}");
+    assert!(!toml.contains("memory_limit"), "{toml}");
+    home.ok(&["start", "l"]);
+    home.expect_log("l", "kvmbox-testguest# ", Duration::from_secs(60));
+    let pid = home.show("l")["pid"].as_u64().unwrap() as u32;
+    let seen = kvmbox_cgroup::Hierarchy::detect_for(pid, &["cpu", "memory"]).unwrap();
+    let cpu = seen.own_dir("cpu").unwrap().to_path_buf();
+    assert!(
+        cpu.ends_with(format!("kvmbox/pid-{pid}")),
+        "{}",
+        cpu.display()
+    );
+    let read = |f: &str| {
+        std::fs::read_to_string(cpu.join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    match h.version() {
+        kvmbox_cgroup::Version::V1 => {
+            assert_eq!(read("cpu.cfs_quota_us"), "50000");
+            assert_eq!(read("cpu.shares"), "3072");
+        }
+        kvmbox_cgroup::Version::V2 => {
+            assert_eq!(read("cpu.max"), "50000 100000");
+            assert_eq!(read("cpu.weight"), "300");
+        }
+    }
+    // Saved and resumed (`kvmbox run --restore`): the settings' limits hold again.
+    home.ok(&["save", "l"]);
+    let gone = |dir: &Path| {
+        let t0 = Instant::now();
+        while dir.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(40),
+                "{} stays",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    gone(&cpu);
+    home.ok(&["start", "l"]);
+    let pid = home.show("l")["pid"].as_u64().unwrap() as u32;
+    let t0 = Instant::now();
+    let cpu = loop {
+        let seen = kvmbox_cgroup::Hierarchy::detect_for(pid, &["cpu", "memory"]).unwrap();
+        let dir = seen.own_dir("cpu").unwrap().to_path_buf();
+        if dir.ends_with(format!("kvmbox/pid-{pid}")) {
+            break dir;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{}", dir.display());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let read = |f: &str| {
+        std::fs::read_to_string(cpu.join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    match h.version() {
+        kvmbox_cgroup::Version::V1 => assert_eq!(read("cpu.cfs_quota_us"), "50000"),
+        kvmbox_cgroup::Version::V2 => assert_eq!(read("cpu.max"), "50000 100000"),
+    }
+    home.ok(&["stop", "l", "--force"]);
+    gone(&cpu);
+}
+
 /// A settings file broken by hand: every command that reads it names the file and the line.
 #[test]
 fn malformed_settings_are_reported_with_their_line() {

@@ -98,6 +98,8 @@ pub fn keep(vm: &Vm, exe: &Path, restore: bool) -> Result<()> {
             .arg(state)
             .arg("--restore-mem")
             .arg(mem);
+        // The settings' resource limits hold for the resumed VM too.
+        cmd.args(vm.config()?.limits.to_flags());
     } else {
         cmd.arg("--config").arg(vm.settings_path());
     }

@@ -23,7 +23,7 @@ pub mod settings;
 pub mod snapshots;
 
 pub use lock::VmLock;
-pub use settings::{CreateOptions, DefaultGuest, ModifyOptions};
+pub use settings::{CreateOptions, DefaultGuest, LimitOptions, ModifyOptions};
 
 use serde::Serialize;
 use std::path::{Path, PathBuf};

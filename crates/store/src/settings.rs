@@ -30,6 +30,66 @@ pub struct CreateOptions {
     pub nets: Vec<String>,
     /// A virtio-rng device.
     pub rng: bool,
+    /// Resource limits.
+    pub limits: LimitOptions,
+}
+
+/// The resource limits `vm create` and `vm modify` set (`kvmbox run`'s flags and
+/// `--config` keys of the same names); `None` leaves a setting as it is, and for `vm modify`
+/// the value `none` removes it.
+#[derive(Debug, Default, Clone)]
+pub struct LimitOptions {
+    /// `--cpu-max`: host CPUs.
+    pub cpu_max: Option<String>,
+    /// `--cpu-weight`: 1-10000.
+    pub cpu_weight: Option<String>,
+    /// `--memory-limit`: a size.
+    pub memory_limit: Option<String>,
+    /// `--cpu-affinity`: a host CPU list and/or `VCPU@[LIST]` entries.
+    pub cpu_affinity: Option<String>,
+}
+
+impl LimitOptions {
+    /// Write the limits given into a settings table, each checked as its flag is (the whole
+    /// file is checked after); `none` removes a key when `removable`.
+    fn apply(&self, t: &mut toml::Table, removable: bool) -> Result<()> {
+        let usage = |e: kvmbox_vmm::ConfigError| Error::Usage(e.to_string());
+        let keys = [
+            ("cpu_max", &self.cpu_max),
+            ("cpu_weight", &self.cpu_weight),
+            ("memory_limit", &self.memory_limit),
+            ("cpu_affinity", &self.cpu_affinity),
+        ];
+        for (key, value) in keys {
+            let Some(v) = value else { continue };
+            if removable && v == "none" {
+                t.remove(key);
+                continue;
+            }
+            let value: toml::Value = match key {
+                "cpu_max" => kvmbox_vmm::limits::parse_cpu_max(v)
+                    .map_err(usage)?
+                    .cpus()
+                    .into(),
+                "cpu_weight" => {
+                    let w: u32 = v.parse().map_err(|_| {
+                        Error::Usage(format!("invalid --cpu-weight '{v}': expected 1 to 10000"))
+                    })?;
+                    i64::from(kvmbox_vmm::limits::check_cpu_weight(w).map_err(usage)?).into()
+                }
+                "memory_limit" => {
+                    kvmbox_vmm::config::parse_size(v).map_err(usage)?;
+                    v.clone().into()
+                }
+                _ => {
+                    kvmbox_vmm::Affinity::parse(v).map_err(usage)?;
+                    v.clone().into()
+                }
+            };
+            t.insert(key.into(), value);
+        }
+        Ok(())
+    }
 }
 
 /// The default guest: what `scripts/run-default.sh` boots (Debian's cloud kernel and the busybox
@@ -169,8 +229,12 @@ pub(crate) fn write_new(dir: &Path, o: &CreateOptions) -> Result<()> {
         disks,
         nets: o.nets.clone(),
     };
-    let body =
-        toml::to_string(&file).map_err(|e| Error::Failed(format!("writing the settings: {e}")))?;
+    let mut limits = toml::Table::new();
+    o.limits.apply(&mut limits, false)?;
+    // The limits after the rest (plain keys: the file has no [table] for them to fall into).
+    let body = toml::to_string(&file)
+        .and_then(|b| Ok(b + &toml::to_string(&limits)?))
+        .map_err(|e| Error::Failed(format!("writing the settings: {e}")))?;
     let text = format!(
         "# kvmbox VM settings: the format of `kvmbox run --config`. Relative paths are relative\n\
          # to this folder. Edit while the VM is stopped; `kvmbox vm show` checks the file.\n{body}"
@@ -202,6 +266,8 @@ pub struct ModifyOptions {
     pub rng: Option<bool>,
     /// New qcow2 disks to add, by size.
     pub add_disk_sizes: Vec<String>,
+    /// Resource limits (`none` removes one).
+    pub limits: LimitOptions,
 }
 
 impl crate::Vm {
@@ -240,6 +306,7 @@ impl crate::Vm {
         if let Some(r) = o.rng {
             t.insert("rng".into(), r.into());
         }
+        o.limits.apply(&mut t, true)?;
         let mut disks: Vec<String> = t
             .get("disks")
             .and_then(|v| v.clone().try_into().ok())
@@ -328,6 +395,55 @@ mod tests {
     }
 
     #[test]
+    fn resource_limits_are_written_and_read_back() {
+        let d = tmp("limits");
+        let kernel = d.join("k");
+        std::fs::write(&kernel, b"kernel").unwrap();
+        let limits = LimitOptions {
+            cpu_max: Some("0.5".into()),
+            cpu_weight: Some("300".into()),
+            memory_limit: Some("300M".into()),
+            cpu_affinity: Some("0".into()),
+        };
+        let o = CreateOptions {
+            kernel: Some(kernel.clone()),
+            memory: Some("256M".into()),
+            limits,
+            ..Default::default()
+        };
+        let vm = d.join("vm");
+        std::fs::create_dir(&vm).unwrap();
+        write_new(&vm, &o).unwrap();
+        let text = std::fs::read_to_string(vm.join("vm.toml")).unwrap();
+        assert!(text.contains("cpu_max = 0.5\n"), "{text}");
+        let cfg = kvmbox_vmm::VmConfig::build(
+            Some(kvmbox_vmm::FileConfig::load(&vm.join("vm.toml")).unwrap()),
+            kvmbox_vmm::Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.limits.cpu_max.unwrap().quota_us, 50_000);
+        assert_eq!(cfg.limits.cpu_weight, Some(300));
+        assert_eq!(cfg.limits.memory_limit, Some(300 << 20));
+        assert_eq!(cfg.limits.affinity.of(0), Some(&[0][..]));
+        // A limit under the guest's memory is refused when the file is read back.
+        let o = CreateOptions {
+            limits: LimitOptions {
+                memory_limit: Some("256M".into()),
+                ..Default::default()
+            },
+            ..o
+        };
+        std::fs::remove_dir_all(&vm).unwrap();
+        std::fs::create_dir(&vm).unwrap();
+        let e = write_new(&vm, &o).unwrap_err().to_string();
+        assert!(
+            e.contains("--memory-limit 256 MiB is below the guest's memory"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn bad_values_are_refused_before_anything_is_written() {
         let d = tmp("bad");
         let kernel = d.join("k");
@@ -360,6 +476,26 @@ mod tests {
                     ..Default::default()
                 },
                 "--accel 'fast'",
+            ),
+            (
+                CreateOptions {
+                    limits: LimitOptions {
+                        cpu_weight: Some("0".into()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "--cpu-weight",
+            ),
+            (
+                CreateOptions {
+                    limits: LimitOptions {
+                        cpu_affinity: Some("0@".into()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+                "invalid --cpu-affinity",
             ),
         ] {
             let o = CreateOptions {

@@ -1,5 +1,6 @@
 //! What a VM is made of: the settings from the command line and from a TOML file.
 
+use crate::limits::Limits;
 use kvmbox_cpu::Accel;
 use kvmbox_virtio::block::DiskConfig;
 use kvmbox_virtio::net::NetConfig;
@@ -264,6 +265,12 @@ pub struct FileConfig {
     testdev: Option<bool>,
     cpu_model: Option<CpuModel>,
     track_dirty_pages: Option<bool>,
+    /// Resource limits (`--cpu-max` etc.).
+    cpu_max: Option<f64>,
+    cpu_weight: Option<u32>,
+    memory_limit: Option<SizeValue>,
+    cpu_affinity: Option<String>,
+    cgroup_parent: Option<PathBuf>,
     /// The file's directory: relative paths in the file are relative to it.
     #[serde(skip)]
     dir: PathBuf,
@@ -376,6 +383,16 @@ pub struct Overrides {
     pub cpu_model: Option<String>,
     /// --track-dirty-pages
     pub track_dirty_pages: bool,
+    /// --cpu-max (host CPUs)
+    pub cpu_max: Option<String>,
+    /// --cpu-weight
+    pub cpu_weight: Option<u32>,
+    /// --memory-limit
+    pub memory_limit: Option<String>,
+    /// --cpu-affinity
+    pub cpu_affinity: Option<String>,
+    /// --cgroup-parent
+    pub cgroup_parent: Option<PathBuf>,
 }
 
 /// Which accelerator was asked for.
@@ -423,6 +440,8 @@ pub struct VmConfig {
     /// Log the pages the guest and the devices write, for Diff snapshots (Firecracker's
     /// `track_dirty_pages`).
     pub track_dirty_pages: bool,
+    /// CPU quota and weight, memory limit, vCPU pinning.
+    pub limits: Limits,
 }
 
 /// The command line used when none is given: serial console, reboot through the i8042
@@ -442,10 +461,57 @@ fn parse_accel(s: &str) -> Result<AccelChoice, ConfigError> {
     }
 }
 
+/// The resource limits flags and file give (flags win), each checked on its own;
+/// [`Limits::check`] then checks them against the VM.
+pub(crate) fn limits_from(o: &Overrides, f: &FileConfig) -> Result<Limits, ConfigError> {
+    let limits = Limits {
+        cpu_max: match (o.cpu_max.as_deref(), f.cpu_max) {
+            (Some(s), _) => Some(crate::limits::parse_cpu_max(s)?),
+            (None, Some(c)) => Some(crate::limits::check_cpu_max(c)?),
+            (None, None) => None,
+        },
+        cpu_weight: o
+            .cpu_weight
+            .or(f.cpu_weight)
+            .map(crate::limits::check_cpu_weight)
+            .transpose()?,
+        memory_limit: match (o.memory_limit.clone(), f.memory_limit.clone()) {
+            (Some(s), _) | (None, Some(SizeValue::Text(s))) => Some(parse_size(&s)?),
+            (None, Some(SizeValue::Mib(m))) => Some(
+                m.checked_mul(1 << 20)
+                    .filter(|&v| v > 0)
+                    .ok_or_else(|| ConfigError::Size(m.to_string()))?,
+            ),
+            (None, None) => None,
+        },
+        cgroup_parent: o.cgroup_parent.clone().or(f.cgroup_parent.clone()),
+        affinity: match o.cpu_affinity.as_deref().or(f.cpu_affinity.as_deref()) {
+            Some(s) => crate::limits::Affinity::parse(s)?,
+            None => Default::default(),
+        },
+    };
+    if limits.cgroup_parent.is_some() && !limits.needs_cgroup() {
+        return Err(ConfigError::Invalid(
+            "--cgroup-parent needs a limit to set: --cpu-max, --cpu-weight or --memory-limit"
+                .into(),
+        ));
+    }
+    Ok(limits)
+}
+
+impl Limits {
+    /// The limits the resource-limit flags of `o` give (for `--restore`, which takes no file);
+    /// [`Limits::check`] checks them against the restored VM.
+    pub fn from_flags(o: &Overrides) -> Result<Self, ConfigError> {
+        limits_from(o, &FileConfig::default())
+    }
+}
+
 impl VmConfig {
     /// Merge a config file (if any) with command-line overrides and validate the result.
     pub fn build(file: Option<FileConfig>, o: Overrides) -> Result<Self, ConfigError> {
         let f = file.unwrap_or_default();
+        let limits = limits_from(&o, &f)?;
         let kernel = o
             .kernel
             .or_else(|| f.kernel.clone().map(|k| f.resolve(k)))
@@ -516,7 +582,9 @@ impl VmConfig {
             Some(s) => s.parse()?,
             None => f.cpu_model.unwrap_or_default(),
         };
+        limits.check(cpus, memory)?;
         Ok(VmConfig {
+            limits,
             modules,
             testdev: o.testdev || f.testdev.unwrap_or(false),
             cpu_model,
@@ -583,6 +651,35 @@ mod tests {
                 .memory,
             256 << 20
         );
+    }
+
+    #[test]
+    fn resource_limits_from_file_and_flags() {
+        let f: FileConfig = toml::from_str(
+            "kernel = \"/k\"\nmemory = 128\ncpu_max = 1\ncpu_weight = 50\nmemory_limit = 200\ncpu_affinity = \"0\"\ncgroup_parent = \"vms\"\n",
+        )
+        .unwrap();
+        let c = VmConfig::build(Some(f.clone()), Overrides::default()).unwrap();
+        assert_eq!(c.limits.cpu_max.unwrap().quota_us, 100_000);
+        assert_eq!(c.limits.cpu_weight, Some(50));
+        assert_eq!(c.limits.memory_limit, Some(200 << 20));
+        assert_eq!(c.limits.affinity.of(0), Some(&[0][..]));
+        assert_eq!(c.limits.cgroup_parent, Some(PathBuf::from("vms")));
+        // Flags win.
+        let o = Overrides {
+            cpu_max: Some("0.5".into()),
+            memory_limit: Some("1G".into()),
+            ..Default::default()
+        };
+        let c = VmConfig::build(Some(f), o).unwrap();
+        assert_eq!(c.limits.cpu_max.unwrap().quota_us, 50_000);
+        assert_eq!(c.limits.memory_limit, Some(1 << 30));
+        // Nothing asked: no limits, no group.
+        let o = Overrides {
+            kernel: Some("/k".into()),
+            ..Default::default()
+        };
+        assert!(!VmConfig::build(None, o).unwrap().limits.needs_cgroup());
     }
 
     #[test]

@@ -42,6 +42,8 @@ struct Controller {
     extras: api::Extras,
     /// The VMM thread's seccomp filter is installed (see [`Controller::sandbox`]).
     sandboxed: bool,
+    /// The VM's control group, once made (kept across `--on-reboot restart`).
+    cgroup: Option<crate::limits::VmCgroup>,
 }
 
 /// How a run of kvmbox ended: its exit status, and what is left of the VM (its backend's VM
@@ -84,14 +86,16 @@ fn enter_vmm_thread() -> Result<StopSignals> {
 }
 
 /// `kvmbox run --restore STATE --restore-mem MEM [--accel A] [--track-dirty-pages]
-/// [--api-sock PATH]`: build the machine a snapshot saved and run it (on `accel`, the saved
-/// backend when `None`; logging dirty pages for Diff snapshots when `track_dirty_pages`).
+/// [--api-sock PATH] [limits]`: build the machine a snapshot saved and run it (on `accel`, the
+/// saved backend when `None`; logging dirty pages for Diff snapshots when
+/// `track_dirty_pages`; under `limits`).
 pub fn run_restored(
     state: &Path,
     mem: &Path,
     accel: Option<Accel>,
     track_dirty_pages: bool,
     api_sock: Option<&Path>,
+    limits: &crate::Limits,
 ) -> Result<Ended> {
     let signals = enter_vmm_thread()?;
     let api = api_sock
@@ -100,7 +104,7 @@ pub fn run_restored(
     // Nothing to boot: the machine comes from the snapshot.
     let boot = Boot::Pending(Box::new(api::PreBoot::new(None, Overrides::default())?));
     let mut c = Controller::new(boot, api)?;
-    c.restore(state, mem, accel, track_dirty_pages, true)?;
+    c.restore(state, mem, accel, track_dirty_pages, limits, true)?;
     c.serve(signals)
 }
 
@@ -131,6 +135,7 @@ impl Controller {
             api,
             extras: api::Extras::default(),
             sandboxed: false,
+            cgroup: None,
         })
     }
 
@@ -155,6 +160,12 @@ impl Controller {
                     .into(),
             )));
         }
+        // Before the guest's memory is made (so it is charged to the group) and before the
+        // VMM thread's seccomp filter.
+        if self.cgroup.is_none() {
+            self.cgroup = crate::limits::VmCgroup::setup(&cfg.limits)
+                .map_err(|e| Error::Host(format!("resource limits: {e}")))?;
+        }
         let machine = Machine::build(&cfg, accel, &self.control, true)?;
         self.sandbox()?;
         machine.resume()?;
@@ -175,14 +186,20 @@ impl Controller {
         mem: &Path,
         accel: Option<Accel>,
         track_dirty_pages: bool,
+        limits: &crate::Limits,
         resume: bool,
     ) -> Result<()> {
         let next = self
             .state
             .check(Action::LoadSnapshot)
             .map_err(|e| Error::Snapshot(e.to_string()))?;
+        // As in `start`: before the guest's memory is mapped and before the seccomp filter.
+        if self.cgroup.is_none() {
+            self.cgroup = crate::limits::VmCgroup::setup(limits)
+                .map_err(|e| Error::Host(format!("resource limits: {e}")))?;
+        }
         let (machine, cfg) =
-            crate::snapshot::load(state, mem, accel, track_dirty_pages, &self.control)?;
+            crate::snapshot::load(state, mem, accel, track_dirty_pages, limits, &self.control)?;
         self.sandbox()?;
         *self.serial_slot.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(machine.platform.serial.clone());

@@ -7,6 +7,7 @@ pub mod console;
 mod controller;
 mod exit;
 mod firmware;
+pub mod limits;
 pub mod machine;
 pub mod signals;
 pub mod snapshot;
@@ -16,6 +17,7 @@ mod vm;
 
 pub use config::{AccelChoice, ConfigError, CpuModel, FileConfig, OnReboot, Overrides, VmConfig};
 pub use controller::{run, run_restored, run_with_api, Ended};
+pub use limits::{Affinity, Limits};
 pub use state::VmState;
 pub use vm::{Error, IrqPlatform, Platform};
 

@@ -151,6 +151,7 @@ impl Machine {
             control: control.clone(),
             halted: Arc::new(AtomicUsize::new(0)),
             count: vcpus.len(),
+            affinity: Arc::new(cfg.limits.affinity.clone()),
         };
         let mut handles = Vec::new();
         for (id, vcpu) in vcpus.into_iter().enumerate() {

@@ -240,6 +240,8 @@ impl SavedConfig {
             // snapshotted: a restored machine has neither.
             modules: Vec::new(),
             testdev: false,
+            // Limits are the host's, not the snapshot's: `load` sets those given with it.
+            limits: Default::default(),
             cpu_model: if self.portable {
                 CpuModel::Portable
             } else {
@@ -375,12 +377,16 @@ pub fn load(
     mem_path: &Path,
     accel: Option<Accel>,
     track_dirty_pages: bool,
+    limits: &crate::Limits,
     control: &Arc<VmControl>,
 ) -> Result<(Machine, VmConfig)> {
     let s: MachineState = kvmbox_snapshot::read_state(state_path)?;
     check(&s)?;
     let (mut cfg, accel) = s.config.to_vm_config(accel)?;
     cfg.track_dirty_pages = track_dirty_pages;
+    // The limits are the host's, given with the restore, checked against the saved VM.
+    limits.check(cfg.cpus, cfg.memory)?;
+    cfg.limits = limits.clone();
     let ranges: Vec<(vm_memory::GuestAddress, usize)> =
         kvmbox_arch::layout::ram_regions(cfg.memory)
             .into_iter()

@@ -75,6 +75,8 @@ pub struct VcpuShared {
     pub halted: Arc<AtomicUsize>,
     /// How many vCPUs the VM has.
     pub count: usize,
+    /// The host CPUs each vCPU thread may run on (`--cpu-affinity`).
+    pub affinity: Arc<crate::limits::Affinity>,
 }
 
 impl VcpuHandle {
@@ -92,6 +94,17 @@ impl VcpuHandle {
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let control = shared.control.clone();
+                // Pinned before the seccomp filter, which does not allow it.
+                if let Some(cpus) = shared.affinity.of(id) {
+                    if let Err(e) = crate::limits::pin_current_thread(cpus) {
+                        eprintln!(
+                            "kvmbox: vCPU {id}: cannot pin to host CPUs {}: {e}",
+                            crate::limits::format_cpu_list(cpus)
+                        );
+                        control.request(ExitRequest::Error);
+                        return;
+                    }
+                }
                 // Before any guest code: a vCPU that cannot be filtered stops the VM.
                 if let Err(e) = kvmbox_seccomp::apply(kvmbox_seccomp::ThreadKind::Vcpu) {
                     eprintln!("kvmbox: vCPU {id}: {e}");

@@ -101,6 +101,19 @@ impl PreBoot {
         if let Some(t) = self.machine.track_dirty_pages {
             o.track_dirty_pages = t;
         }
+        // The limits: 0 lifts what the flags or file set.
+        if let Some(c) = self.machine.cpu_max {
+            o.cpu_max = (c != 0.0).then(|| c.to_string());
+        }
+        if let Some(w) = self.machine.cpu_weight {
+            o.cpu_weight = Some(w);
+        }
+        if let Some(m) = self.machine.memory_limit_mib {
+            o.memory_limit = (m != 0).then(|| format!("{m}M"));
+        }
+        if let Some(a) = &self.machine.cpu_affinity {
+            o.cpu_affinity = Some(a.clone());
+        }
         let roots = self.drives.iter().filter(|d| d.is_root_device);
         let others = self.drives.iter().filter(|d| !d.is_root_device);
         let api_disks: Vec<String> = roots.chain(others).map(drive_spec).collect();
@@ -126,6 +139,13 @@ impl PreBoot {
             crate::config::AccelChoice::Fixed(a) => Some(a),
             crate::config::AccelChoice::Auto => None,
         })
+    }
+
+    /// The resource limits the flags, file and `PUT /machine-config` give (for a snapshot
+    /// load: checked against the saved VM there).
+    pub(super) fn limits(&self) -> Result<crate::Limits, Error> {
+        let file = self.file.clone().unwrap_or_default();
+        Ok(crate::config::limits_from(&self.overrides(), &file)?)
     }
 
     /// The configuration to boot.
@@ -404,6 +424,11 @@ impl Controller {
             cpu_template: None,
             huge_pages: Some("None".into()),
             accel: Some(accel),
+            cpu_max: cfg.limits.cpu_max.map(|c| c.cpus()),
+            cpu_weight: cfg.limits.cpu_weight,
+            memory_limit_mib: cfg.limits.memory_limit.map(|b| b >> 20),
+            cpu_affinity: (!cfg.limits.affinity.is_empty())
+                .then(|| cfg.limits.affinity.to_string()),
         })
     }
 
@@ -464,6 +489,79 @@ impl Controller {
         })
     }
 
+    /// `PATCH /machine-config` once the VM has started: only the cgroup's limits change, by
+    /// the flags' checks, in the group the VM was started in.
+    fn change_limits(&mut self, m: &MachineConfig) -> ApiResult {
+        let fixed = [
+            ("vcpu_count", m.vcpu_count.is_some()),
+            ("mem_size_mib", m.mem_size_mib.is_some()),
+            ("smt", m.smt.is_some()),
+            ("track_dirty_pages", m.track_dirty_pages.is_some()),
+            ("cpu_template", m.cpu_template.is_some()),
+            ("huge_pages", m.huge_pages.is_some()),
+            ("accel", m.accel.is_some()),
+            ("cpu_affinity", m.cpu_affinity.is_some()),
+        ];
+        if let Some((field, _)) = fixed.iter().find(|(_, given)| *given) {
+            return Err(refuse(
+                field,
+                "cannot change once the VM has started (cpu_max, cpu_weight and memory_limit_mib can)",
+            ));
+        }
+        let Some(cg) = &self.cgroup else {
+            return Err(ApiError::bad_request(
+                "the VM runs without a cgroup: give it a CPU quota, CPU weight or memory limit before it starts (--cpu-max, --cpu-weight, --memory-limit, or this route's cpu_max, cpu_weight, memory_limit_mib) to change them while it runs",
+            ));
+        };
+        let Some(cfg) = &self.running_cfg else {
+            return Err(ApiError::bad_request("the VM has no machine"));
+        };
+        fn bad(field: &'static str) -> impl Fn(crate::ConfigError) -> ApiError {
+            move |e| refuse(field, &e.to_string())
+        }
+        let cpu_max = m
+            .cpu_max
+            .map(|c| {
+                (c != 0.0)
+                    .then(|| crate::limits::check_cpu_max(c))
+                    .transpose()
+            })
+            .transpose()
+            .map_err(bad("cpu_max"))?;
+        let cpu_weight = m
+            .cpu_weight
+            .map(crate::limits::check_cpu_weight)
+            .transpose()
+            .map_err(bad("cpu_weight"))?;
+        let memory_limit = match m.memory_limit_mib {
+            None => None,
+            Some(0) => Some(None),
+            Some(mib) => {
+                let b = mib
+                    .checked_mul(1 << 20)
+                    .ok_or_else(|| refuse("memory_limit_mib", "too large"))?;
+                crate::limits::check_memory_limit(b, cfg.memory)
+                    .map_err(bad("memory_limit_mib"))?;
+                Some(Some(b))
+            }
+        };
+        cg.change(cpu_max, cpu_weight, memory_limit)
+            .map_err(ApiError::bad_request)?;
+        if let Some(cfg) = &mut self.running_cfg {
+            if let Some(c) = cpu_max {
+                cfg.limits.cpu_max = c;
+            }
+            if cpu_weight.is_some() {
+                cfg.limits.cpu_weight = cpu_weight;
+            }
+            if let Some(b) = memory_limit {
+                cfg.limits.memory_limit = b;
+            }
+        }
+        self.extras.log("resource limits changed");
+        Ok(ApiReply::Empty)
+    }
+
     /// Apply a pre-boot change: checked against the state, then validated as a whole through
     /// the flags' path; refused changes leave the configuration as it was.
     fn configure(&mut self, change: impl FnOnce(&mut PreBoot) -> ApiRes<()>) -> ApiResult {
@@ -509,6 +607,9 @@ impl Controller {
                     Ok(())
                 })
             }
+            R::PatchMachineConfig(m) if self.state != crate::VmState::NotStarted => {
+                self.change_limits(m)
+            }
             R::PutMachineConfig(m) | R::PatchMachineConfig(m) => {
                 let put = matches!(req, R::PutMachineConfig(_));
                 let m = m.clone();
@@ -522,6 +623,10 @@ impl Controller {
                         cur.mem_size_mib = m.mem_size_mib.or(cur.mem_size_mib);
                         cur.accel = m.accel.or(cur.accel.take());
                         cur.track_dirty_pages = m.track_dirty_pages.or(cur.track_dirty_pages);
+                        cur.cpu_max = m.cpu_max.or(cur.cpu_max);
+                        cur.cpu_weight = m.cpu_weight.or(cur.cpu_weight);
+                        cur.memory_limit_mib = m.memory_limit_mib.or(cur.memory_limit_mib);
+                        cur.cpu_affinity = m.cpu_affinity.or(cur.cpu_affinity.take());
                     }
                     Ok(())
                 })
@@ -683,15 +788,19 @@ impl Controller {
                     }
                 };
                 let track = s.track_dirty_pages.or(s.enable_diff_snapshots) == Some(true);
-                let accel = match &self.boot {
-                    Boot::Pending(pre) => pre.fixed_accel().map_err(to_api_error)?,
-                    Boot::Ready(_) => None,
+                let (accel, limits) = match &self.boot {
+                    Boot::Pending(pre) => (
+                        pre.fixed_accel().map_err(to_api_error)?,
+                        pre.limits().map_err(to_api_error)?,
+                    ),
+                    Boot::Ready(_) => (None, crate::Limits::default()),
                 };
                 self.restore(
                     Path::new(&s.snapshot_path),
                     Path::new(&mem),
                     accel,
                     track,
+                    &limits,
                     s.resume_vm == Some(true),
                 )
                 .map_err(to_api_error)?;
