@@ -170,6 +170,10 @@ pub struct Spec {
     pub netns: Option<PathBuf>,
     /// Resource limits.
     pub rlimits: Vec<Rlimit>,
+    /// Cgroup control files to set (`cpu.shares` = `100`, as Firecracker's `--cgroup`): the
+    /// program runs in a group of its own, `kvmbox/jail-<id>` under the jailer's group (v2, or
+    /// in each v1 hierarchy of the controllers named), removed afterwards.
+    pub cgroup: Vec<(String, String)>,
     /// Files the program uses.
     pub files: Vec<Needed>,
     /// Directories the program creates files in (an API socket's): made in the jail, owned by
@@ -325,6 +329,7 @@ pub struct Jail {
     chowned: Vec<(PathBuf, u32, u32)>,
     made_links: Vec<PathBuf>,
     netns: Option<OwnedFd>,
+    cgroup: Option<kvmbox_cgroup::Cgroup>,
 }
 
 impl Jail {
@@ -461,8 +466,10 @@ impl Jail {
             chowned: Vec::new(),
             made_links: Vec::new(),
             netns,
+            cgroup: None,
         };
         jail.build(&merged)?;
+        jail.make_cgroup()?;
         Ok(jail)
     }
 
@@ -528,6 +535,33 @@ impl Jail {
             std::os::unix::fs::symlink(&inside, &l)
                 .map_err(|e| usage(format!("{}: {e}", l.display())))?;
             self.made_links.push(l);
+        }
+        Ok(())
+    }
+
+    /// The program's cgroup with the files the spec sets (none without `cgroup`).
+    fn make_cgroup(&mut self) -> Result<()> {
+        use kvmbox_cgroup::{Cgroup, Error as CgError, Hierarchy};
+        if self.spec.cgroup.is_empty() {
+            return Ok(());
+        }
+        let err = |e: CgError| match e {
+            CgError::Invalid(m) => usage(format!("--cgroup: {m}")),
+            e => setup(format!("--cgroup: {e}")),
+        };
+        let mut controllers: Vec<&str> = Vec::new();
+        for (k, _) in &self.spec.cgroup {
+            let c = k.split_once('.').map_or(k.as_str(), |(c, _)| c);
+            if !controllers.contains(&c) {
+                controllers.push(c);
+            }
+        }
+        let h = Hierarchy::detect(&controllers).map_err(err)?;
+        let group = Cgroup::create(&h, None, &format!("jail-{}", self.spec.id)).map_err(err)?;
+        // Kept from here on, so that Drop removes it even if a file cannot be set.
+        let group = self.cgroup.insert(group);
+        for (k, v) in &self.spec.cgroup {
+            group.set(k, v).map_err(err)?;
         }
         Ok(())
     }
@@ -632,6 +666,8 @@ impl Jail {
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
         }
         let (err_read, err_write) = pipe()?;
+        // The child waits on this until it is in its cgroup.
+        let (go_read, go_write) = pipe()?;
         // The next child is PID 1 of a new PID namespace.
         // SAFETY: unshare with a namespace flag; it affects only this process's later children.
         if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
@@ -644,6 +680,13 @@ impl Jail {
         }
         if child == 0 {
             drop(err_read);
+            drop(go_write);
+            let mut byte = [0u8; 1];
+            if std::fs::File::from(go_read).read_exact(&mut byte).is_err() {
+                // The jailer ended or refused: nothing to do.
+                // SAFETY: ends the child without running the parent's destructors.
+                unsafe { libc::_exit(1) };
+            }
             // SAFETY: restoring the mask saved above.
             unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
             let msg = match self.enter() {
@@ -656,6 +699,18 @@ impl Jail {
             unsafe { libc::_exit(1) };
         }
         drop(err_write);
+        drop(go_read);
+        if let Some(g) = &self.cgroup {
+            if let Err(e) = g.add_process(child as u32) {
+                // SAFETY: ending and reaping our own child, which waits on the go pipe.
+                unsafe {
+                    libc::kill(child, libc::SIGKILL);
+                    libc::waitpid(child, std::ptr::null_mut(), 0);
+                }
+                return Err(setup(format!("--cgroup: {e}")));
+            }
+        }
+        let _ = std::fs::File::from(go_write).write_all(b"g");
         let mut msg = String::new();
         let _ = std::fs::File::from(err_read).read_to_string(&mut msg);
         if !msg.is_empty() {
@@ -913,6 +968,9 @@ impl Drop for Jail {
         }
         for (p, uid, gid) in &self.chowned {
             let _ = std::os::unix::fs::chown(p, Some(*uid), Some(*gid));
+        }
+        if let Some(g) = &self.cgroup {
+            let _ = g.remove(kvmbox_cgroup::REMOVE_WAIT);
         }
         // remove_dir_all does not follow symlinks the jailed user may have made.
         let _ = std::fs::remove_dir_all(&self.dir);

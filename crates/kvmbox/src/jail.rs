@@ -30,6 +30,9 @@ pub(crate) struct JailArgs {
     /// A resource limit, soft and hard: fsize=BYTES, no-file=N, as=BYTES or memlock=BYTES. Repeatable.
     #[arg(long, value_name = "NAME=VALUE")]
     resource_limit: Vec<String>,
+    /// Set a cgroup control file for the VM's own group, as Firecracker's jailer: cpu.shares=100, cpu.max=50000, memory.max=268435456 ... (cgroup v2 or v1, whichever has the controller). Repeatable.
+    #[arg(long, value_name = "KEY=VALUE")]
+    cgroup: Vec<String>,
     /// Detach: print the VM's host PID and exit 0 once it runs; a daemon waits for it and removes the jail.
     #[arg(long)]
     daemonize: bool,
@@ -71,6 +74,17 @@ pub(crate) fn run(j: JailArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return usage(e),
     };
+    let mut cgroup = Vec::new();
+    for c in &j.cgroup {
+        match c.split_once('=') {
+            Some((k, v)) if !k.is_empty() => cgroup.push((k.to_string(), v.to_string())),
+            _ => {
+                return usage(format!(
+                    "--cgroup {c:?}: expected KEY=VALUE, such as cpu.shares=100"
+                ))
+            }
+        }
+    }
     let needs = match vm_needs(&run) {
         Ok(n) => n,
         Err(e) => return usage(e),
@@ -84,6 +98,7 @@ pub(crate) fn run(j: JailArgs) -> ExitCode {
         chroot_base: j.chroot_base,
         netns: j.netns,
         rlimits,
+        cgroup,
         files: needs.files,
         writable_dirs: needs.writable_dirs,
         host_links: needs.host_links,
@@ -152,6 +167,19 @@ fn vm_needs(run: &RunArgs) -> Result<Needs, String> {
         overrides.kernel = Some(exe);
     }
     let cfg = VmConfig::build(file, overrides).map_err(|e| e.to_string())?;
+    let l = &cfg.limits;
+    if l.cpu_max.is_some()
+        || l.cpu_weight.is_some()
+        || l.memory_limit.is_some()
+        || l.cgroup_parent.is_some()
+    {
+        return Err(
+            "kvmbox run's cgroup limits (--cpu-max, --cpu-weight, --memory-limit, \
+                    --cgroup-parent) cannot be set from inside a jail: give them to kvmbox jail \
+                    as --cgroup KEY=VALUE (e.g. cpu.max=50000, cpu.weight=200, memory.max=BYTES)"
+                .into(),
+        );
+    }
     if has_kernel {
         n.file("kernel", &cfg.kernel, false);
     }

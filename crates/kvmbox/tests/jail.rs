@@ -162,6 +162,14 @@ fn jailed_test_guest_sees_only_its_own_files_on_kvm() {
     let sock = s.dir.join("api.sock");
     let guest = testguest();
     let id = format!("files-{}", std::process::id());
+    // A cgroup file of whichever version has the cpu controller here.
+    let version = kvmbox_cgroup::Hierarchy::detect(&["cpu"])
+        .expect("a cgroup hierarchy with the cpu controller")
+        .version();
+    let (key, value) = match version {
+        kvmbox_cgroup::Version::V2 => ("cpu.weight", "200"),
+        kvmbox_cgroup::Version::V1 => ("cpu.shares", "512"),
+    };
     let mut cmd = Command::new(kvmbox());
     cmd.arg("jail")
         .args([
@@ -178,6 +186,8 @@ fn jailed_test_guest_sees_only_its_own_files_on_kvm() {
         .arg(&netns)
         .args(["--resource-limit", "no-file=256"])
         .args(["--resource-limit", "fsize=1073741824"])
+        .arg("--cgroup")
+        .arg(format!("{key}={value}"))
         .arg("--")
         .args([
             "--accel",
@@ -292,6 +302,17 @@ fn jailed_test_guest_sees_only_its_own_files_on_kvm() {
         "Max file size 1073741824 1073741824 bytes"
     );
 
+    // Its own cgroup, with the file set.
+    let h = kvmbox_cgroup::Hierarchy::detect_for(pid, &["cpu"]).expect("the VM's cgroup");
+    let group = h.own_dir("cpu").expect("a cpu group").to_path_buf();
+    assert!(
+        group.ends_with(format!("kvmbox/jail-{id}")),
+        "{}",
+        group.display()
+    );
+    let set = std::fs::read_to_string(group.join(key)).expect("read the cgroup file");
+    assert_eq!(set.trim(), value, "{key} in {}", group.display());
+
     // The API socket answers at the host path given.
     assert_eq!(api::state(&sock), "Running");
 
@@ -312,6 +333,7 @@ fn jailed_test_guest_sees_only_its_own_files_on_kvm() {
     );
     assert_eq!(std::fs::metadata(&disk).unwrap().uid(), 0);
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    assert!(!group.exists(), "{} stayed", group.display());
 }
 
 /// Run `kvmbox jail ARGS`, expect status 2 and `needle` in its message, and no jail left.
@@ -410,6 +432,26 @@ fn jail_refuses_bad_inputs_clearly() {
         "unknown limit",
     );
     check(with("e5", &ids, &["--kernel", k, "--net", "user"]), "passt");
+    check(
+        with("e5", &ids, &["--kernel", k, "--memory-limit", "1G"]),
+        "--cgroup KEY=VALUE",
+    );
+    check(
+        with(
+            "e7",
+            &[&ids[..], &["--cgroup", "cpu.shares"]].concat(),
+            &["--kernel", k],
+        ),
+        "expected KEY=VALUE",
+    );
+    check(
+        with(
+            "e7",
+            &[&ids[..], &["--cgroup", "../x=1"]].concat(),
+            &["--kernel", k],
+        ),
+        "--cgroup",
+    );
     check(with("e5", &ids, &["--kernel", k, "--bogus"]), "--bogus");
     // A kernel the jail's user cannot read.
     let secret = s.dir.join("secret.elf");
