@@ -139,12 +139,9 @@ impl Needs {
 /// Every host file, device and socket directory the VM that `run` describes uses.
 fn vm_needs(run: &RunArgs) -> Result<Needs, String> {
     let mut n = Needs::default();
-    if run.restore.is_some() {
-        return Err(
-            "--restore is not supported in a jail yet (the snapshot's disks are named \
-                    inside its state file): restore with `kvmbox run --restore` outside a jail"
-                .into(),
-        );
+    if let (Some(state), Some(mem)) = (&run.restore, &run.restore_mem) {
+        restore_needs(&mut n, run, state, mem)?;
+        return Ok(n);
     }
     let file = match &run.config {
         Some(c) => {
@@ -167,7 +164,58 @@ fn vm_needs(run: &RunArgs) -> Result<Needs, String> {
         overrides.kernel = Some(exe);
     }
     let cfg = VmConfig::build(file, overrides).map_err(|e| e.to_string())?;
-    let l = &cfg.limits;
+    no_cgroup_limits(&cfg.limits)?;
+    if has_kernel {
+        n.file("kernel", &cfg.kernel, false);
+    }
+    if let Some(i) = &cfg.initrd {
+        n.file("initrd", i, false);
+    }
+    for m in &cfg.modules {
+        n.file("multiboot module", &m.path, false);
+    }
+    for d in &cfg.disks {
+        n.disk(&d.path, d.read_only)?;
+    }
+    for net in &cfg.nets {
+        n.net(net.starts_a_helper())?;
+    }
+    n.devices(cfg.accel != AccelChoice::Fixed(Accel::Emu));
+    n.api_sock(run);
+    Ok(n)
+}
+
+/// What `--restore STATE --restore-mem MEM` needs: both files, and what the state file says the
+/// VM was built from (its disks, its kernel and initrd for a restart, its networks, its backend).
+fn restore_needs(n: &mut Needs, run: &RunArgs, state: &Path, mem: &Path) -> Result<(), String> {
+    n.file("snapshot state file", state, false);
+    n.file("snapshot memory file", mem, false);
+    let saved: kvmbox_vmm::snapshot::MachineState =
+        kvmbox_snapshot::read_state(state).map_err(|e| e.to_string())?;
+    let c = saved.config;
+    let o = run.overrides();
+    no_cgroup_limits(&kvmbox_vmm::Limits::from_flags(&o).map_err(|e| e.to_string())?)?;
+    for d in &c.disks {
+        n.disk(&d.path, d.read_only)?;
+    }
+    // Needed again only for a restart; placed when still there.
+    if c.kernel.exists() {
+        n.file("kernel", &c.kernel, false);
+    }
+    if let Some(i) = c.initrd.as_ref().filter(|i| i.exists()) {
+        n.file("initrd", i, false);
+    }
+    for net in &c.nets {
+        n.net(net.spec.starts_with("user"))?;
+    }
+    let accel = o.accel.as_deref().unwrap_or(c.accel.as_str());
+    n.devices(accel != "emu");
+    n.api_sock(run);
+    Ok(())
+}
+
+/// kvmbox cannot make cgroups from inside the jail: `kvmbox jail --cgroup` does.
+fn no_cgroup_limits(l: &kvmbox_vmm::Limits) -> Result<(), String> {
     if l.cpu_max.is_some()
         || l.cpu_weight.is_some()
         || l.memory_limit.is_some()
@@ -180,25 +228,24 @@ fn vm_needs(run: &RunArgs) -> Result<Needs, String> {
                 .into(),
         );
     }
-    if has_kernel {
-        n.file("kernel", &cfg.kernel, false);
-    }
-    if let Some(i) = &cfg.initrd {
-        n.file("initrd", i, false);
-    }
-    for m in &cfg.modules {
-        n.file("multiboot module", &m.path, false);
-    }
-    for d in &cfg.disks {
-        let chain = kvmbox_block::image::info(&d.path)
-            .map_err(|e| format!("disk {}: {e}", d.path.display()))?;
+    Ok(())
+}
+
+impl Needs {
+    /// A disk and its backing chain (as `kvmbox disk info` walks it); only the top is written.
+    fn disk(&mut self, path: &Path, read_only: bool) -> Result<(), String> {
+        let chain =
+            kvmbox_block::image::info(path).map_err(|e| format!("disk {}: {e}", path.display()))?;
         for (i, layer) in chain.iter().enumerate() {
             let what = if i == 0 { "disk" } else { "backing file" };
-            n.file(what, &layer.path, i == 0 && !d.read_only);
+            self.file(what, &layer.path, i == 0 && !read_only);
         }
+        Ok(())
     }
-    for net in &cfg.nets {
-        if net.starts_a_helper() {
+
+    /// A network interface: TAP needs /dev/net/tun; passt (`--net user`) is refused.
+    fn net(&mut self, user: bool) -> Result<(), String> {
+        if user {
             return Err(
                 "--net user is refused in a jail: passt, the helper it starts, is not \
                         in the jail; use --net tap=NAME with a TAP device owned by the jail's \
@@ -206,21 +253,30 @@ fn vm_needs(run: &RunArgs) -> Result<Needs, String> {
                     .into(),
             );
         }
-        if !n.devices.contains(&Device::Tun) {
-            n.devices.push(Device::Tun);
+        if !self.devices.contains(&Device::Tun) {
+            self.devices.push(Device::Tun);
         }
+        Ok(())
     }
-    if cfg.accel != AccelChoice::Fixed(Accel::Emu) && Path::new("/dev/kvm").exists() {
-        n.devices.push(Device::Kvm);
+
+    /// /dev/kvm (when the VM may use KVM and the host has it), /dev/urandom, /dev/null.
+    fn devices(&mut self, kvm: bool) {
+        if kvm && Path::new("/dev/kvm").exists() {
+            self.devices.push(Device::Kvm);
+        }
+        self.devices.extend([Device::Urandom, Device::Null]);
     }
-    n.devices.extend([Device::Urandom, Device::Null]);
-    if let Some(sock) = &run.api_sock {
+
+    /// `--api-sock PATH`: its directory in the jail belongs to the user; PATH links to it.
+    fn api_sock(&mut self, run: &RunArgs) {
+        let Some(sock) = &run.api_sock else {
+            return;
+        };
         let dir = sock
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        n.writable_dirs.push(dir.to_path_buf());
-        n.host_links.push(sock.clone());
+        self.writable_dirs.push(dir.to_path_buf());
+        self.host_links.push(sock.clone());
     }
-    Ok(n)
 }

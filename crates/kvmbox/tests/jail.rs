@@ -537,3 +537,87 @@ fn daemonized_jail_prints_the_vm_pid_and_cleans_up_after_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn jailed_restore_holds_the_snapshot_files_and_its_disk() {
+    let test = "jailed_restore_holds_the_snapshot_files_and_its_disk";
+    if !root_or_skip(test) || !kvm_or_skip(test) {
+        return;
+    }
+    let mut s = Scratch::new("restore");
+    let disk = s.dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("create the disk");
+    let (state, mem) = (s.dir.join("vm.state"), s.dir.join("vm.mem"));
+    let sock = s.dir.join("snap.sock");
+    let _lease = CpuLease::shared();
+    // A snapshot of the waiting shell, taken outside any jail.
+    {
+        let guest = testguest();
+        let mut vm = Interactive::spawn(&[
+            "run",
+            "--accel",
+            "kvm",
+            "--memory",
+            "128M",
+            "--cmdline",
+            "tests=shell",
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ]);
+        vm.expect("KVMBOX-TEST shell ready", common::TESTGUEST_TIMEOUT);
+        api::wait_for_socket(&mut vm, &sock);
+        api::ok(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#);
+        let body = format!(
+            r#"{{"snapshot_path":"{}","mem_file_path":"{}"}}"#,
+            state.display(),
+            mem.display()
+        );
+        api::ok(&sock, "PUT", "/snapshot/create", &body);
+    }
+    let id = format!("restore-{}", std::process::id());
+    let mut cmd = Command::new(kvmbox());
+    cmd.arg("jail")
+        .args(["--id", &id, "--uid", "65534", "--gid", "65534"])
+        .arg("--chroot-base")
+        .arg(s.base())
+        .arg("--")
+        .arg("--restore")
+        .arg(&state)
+        .arg("--restore-mem")
+        .arg(&mem);
+    let mut vm = Interactive::spawn_with(cmd);
+    s.jailer = Some(vm.id());
+    let pid = jailed_pid(vm.id());
+    // Once it runs as the user (after its pivot into the jail and its exec), the snapshot's
+    // files and the disk named inside the state file are in its root.
+    let start = Instant::now();
+    while status_field(pid, "Uid") != "65534 65534 65534 65534" {
+        assert!(
+            start.elapsed() < CLEANUP,
+            "the jailed VM never switched user"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    assert!(root.join("kvmbox").exists());
+    for f in [&state, &mem, &disk] {
+        let inside = root.join(f.strip_prefix("/").unwrap());
+        assert!(inside.exists(), "{} not in the jail", f.display());
+    }
+    // The restored shell answers: `exit 2` is status 5.
+    vm.send(b"exit 2\n");
+    assert_eq!(
+        vm.wait_exit(common::TESTGUEST_TIMEOUT),
+        Some(5),
+        "{}",
+        vm.stderr()
+    );
+    s.jailer = None;
+    assert!(!s.base().join("kvmbox").join(&id).exists());
+}
