@@ -687,8 +687,18 @@ impl Jail {
                 // SAFETY: ends the child without running the parent's destructors.
                 unsafe { libc::_exit(1) };
             }
-            // SAFETY: restoring the mask saved above.
-            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+            // The mask saved above, plus the stop signals: the program is PID 1 of its
+            // namespace, where a signal it has no handler for is dropped. kvmbox blocks these
+            // itself and takes them with sigwait; blocked from the start, one that comes before
+            // kvmbox is ready stays pending until it is.
+            let mut mask = old;
+            // SAFETY: `mask` is an initialised sigset_t; the signal numbers are valid.
+            unsafe {
+                for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+                    libc::sigaddset(&mut mask, s);
+                }
+                libc::pthread_sigmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut());
+            }
             let msg = match self.enter() {
                 Ok(never) => match never {},
                 Err(e) => e,

@@ -37,6 +37,7 @@ struct Scratch {
     dir: PathBuf,
     netns: Option<String>,
     jailer: Option<u32>,
+    tmpfs: bool,
 }
 
 impl Scratch {
@@ -50,11 +51,25 @@ impl Scratch {
             dir,
             netns: None,
             jailer: None,
+            tmpfs: false,
         }
     }
 
     fn base(&self) -> PathBuf {
         self.dir.join("base")
+    }
+
+    /// Make the jails' base a tmpfs: another filesystem than the files', so nothing can be
+    /// hard-linked.
+    fn tmpfs_base(&mut self) {
+        std::fs::create_dir_all(self.base()).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "kvmbox-jail-test"])
+            .arg(self.base())
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount a tmpfs on {}", self.base().display());
+        self.tmpfs = true;
     }
 
     fn add_netns(&mut self, name: &str) -> PathBuf {
@@ -84,6 +99,9 @@ impl Drop for Scratch {
             {
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+        if self.tmpfs {
+            let _ = Command::new("umount").arg(self.base()).status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         if let Some(n) = &self.netns {
@@ -615,6 +633,88 @@ fn jailed_restore_holds_the_snapshot_files_and_its_disk() {
     assert_eq!(
         vm.wait_exit(common::TESTGUEST_TIMEOUT),
         Some(5),
+        "{}",
+        vm.stderr()
+    );
+    s.jailer = None;
+    assert!(!s.base().join("kvmbox").join(&id).exists());
+}
+
+#[test]
+fn jail_on_another_filesystem_bind_mounts_the_files() {
+    let test = "jail_on_another_filesystem_bind_mounts_the_files";
+    if !root_or_skip(test) || !kvm_or_skip(test) {
+        return;
+    }
+    let mut s = Scratch::new("bind");
+    s.tmpfs_base();
+    let disk = s.dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("create the disk");
+    let guest = testguest();
+    let id = format!("bind-{}", std::process::id());
+    let mut cmd = Command::new(kvmbox());
+    cmd.arg("jail")
+        .args(["--id", &id, "--uid", "65534", "--gid", "65534"])
+        .arg("--chroot-base")
+        .arg(s.base())
+        .args([
+            "--",
+            "--accel",
+            "kvm",
+            "--memory",
+            "128M",
+            "--cmdline",
+            "tests=shell",
+        ])
+        .arg("--kernel")
+        .arg(&guest)
+        .arg("--disk")
+        .arg(&disk);
+    let _lease = CpuLease::shared();
+    let mut vm = Interactive::spawn_with(cmd);
+    s.jailer = Some(vm.id());
+    vm.expect("KVMBOX-TEST shell ready", common::TESTGUEST_TIMEOUT);
+    let pid = jailed_pid(vm.id());
+    // The files are bind mounts in the VM's mount namespace: the kernel read-only, the disk
+    // writable; none of them is visible in the host's.
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let options = |p: &Path| -> String {
+        mounts
+            .lines()
+            .find(|l| l.split_whitespace().nth(4) == Some(p.to_str().unwrap()))
+            .unwrap_or_else(|| panic!("{} is not a mount in the jail:\n{mounts}", p.display()))
+            .split_whitespace()
+            .nth(5)
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        options(&guest).split(',').any(|o| o == "ro"),
+        "{}",
+        options(&guest)
+    );
+    assert!(
+        options(&disk).split(',').any(|o| o == "rw"),
+        "{}",
+        options(&disk)
+    );
+    assert!(options(Path::new("/kvmbox")).split(',').any(|o| o == "ro"));
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !host_mounts.contains(&format!("kvmbox/{id}/root")),
+        "the jail's mounts leak to the host"
+    );
+    let inside = PathBuf::from(format!("/proc/{pid}/root")).join(disk.strip_prefix("/").unwrap());
+    assert_eq!(
+        std::fs::metadata(&inside).unwrap().ino(),
+        std::fs::metadata(&disk).unwrap().ino()
+    );
+    vm.send(b"exit 1\n");
+    assert_eq!(
+        vm.wait_exit(common::TESTGUEST_TIMEOUT),
+        Some(3),
         "{}",
         vm.stderr()
     );
