@@ -441,7 +441,8 @@ impl Jail {
             }
         }
 
-        let kvmbox_dir = spec.chroot_base.join("kvmbox");
+        // Absolute: the API socket's host symlink points into it.
+        let kvmbox_dir = jail_path(&cwd, &spec.chroot_base).join("kvmbox");
         std::fs::create_dir_all(&kvmbox_dir)
             .map_err(|e| setup(format!("creating {}: {e}", kvmbox_dir.display())))?;
         let dir = kvmbox_dir.join(&spec.id);
