@@ -404,7 +404,20 @@ impl Jail {
         let mut merged: Vec<(Needed, PathBuf)> = Vec::new();
         for (n, at) in placements {
             match merged.iter_mut().find(|(_, a)| *a == at) {
-                Some((m, _)) => m.writable |= n.writable,
+                Some((m, _)) => {
+                    let same = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.into());
+                    if same(&m.path) != same(&n.path) {
+                        return Err(usage(format!(
+                            "{} {} and {} {} would both be {} in the jail",
+                            m.what,
+                            m.path.display(),
+                            n.what,
+                            n.path.display(),
+                            at.display()
+                        )));
+                    }
+                    m.writable |= n.writable;
+                }
                 None => merged.push((n, at)),
             }
         }

@@ -471,6 +471,11 @@ fn jail_refuses_bad_inputs_clearly() {
         "--cgroup",
     );
     check(with("e5", &ids, &["--kernel", k, "--bogus"]), "--bogus");
+    // A file whose place in the jail is the executable's.
+    check(
+        with("e8", &ids, &["--kernel", "/kvmbox"]),
+        "would both be /kvmbox",
+    );
     // A kernel the jail's user cannot read.
     let secret = s.dir.join("secret.elf");
     std::fs::copy(&guest, &secret).unwrap();
