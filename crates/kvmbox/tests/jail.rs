@@ -36,6 +36,7 @@ fn root_or_skip(test: &str) -> bool {
 struct Scratch {
     dir: PathBuf,
     netns: Option<String>,
+    /// Sent SIGTERM on drop (the jailer, or a daemonized jail's VM), then waited for.
     jailer: Option<u32>,
     tmpfs: bool,
 }
@@ -504,7 +505,7 @@ fn daemonized_jail_prints_the_vm_pid_and_cleans_up_after_sigterm() {
     if !root_or_skip(test) || !kvm_or_skip(test) {
         return;
     }
-    let s = Scratch::new("daemon");
+    let mut s = Scratch::new("daemon");
     let guest = testguest();
     let id = format!("daemon-{}", std::process::id());
     let _lease = CpuLease::shared();
@@ -545,6 +546,8 @@ fn daemonized_jail_prints_the_vm_pid_and_cleans_up_after_sigterm() {
         .trim()
         .parse()
         .expect("the VM's PID on stdout");
+    // On failure, the guard's SIGTERM to the VM makes the daemon end it and clean up.
+    s.jailer = Some(pid as u32);
     assert_eq!(status_field(pid as u32, "Uid"), "65534 65534 65534 65534");
     let jail = s.base().join("kvmbox").join(&id);
     assert!(jail.join("root/kvmbox").exists());
@@ -559,6 +562,7 @@ fn daemonized_jail_prints_the_vm_pid_and_cleans_up_after_sigterm() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    s.jailer = None;
 }
 
 #[test]
