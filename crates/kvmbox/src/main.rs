@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod disk;
+mod jail;
 mod vm;
 
 #[derive(Parser)]
@@ -39,6 +40,8 @@ enum Command {
     /// Named VMs kept in $KVMBOX_HOME: create, list, start, console, stop, save, delete ...
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Run `kvmbox run ARGS` jailed: a chroot with only the VM's files, new mount and PID namespaces, rlimits, an unprivileged user without capabilities (as root).
+    Jail(Box<jail::JailArgs>),
     /// Internal: removes a VM's cgroup once its kvmbox has ended (started by `kvmbox run`).
     #[command(name = "__cgroup-watch", hide = true)]
     CgroupWatch { group: String },
@@ -141,6 +144,35 @@ struct RunArgs {
     cgroup_parent: Option<PathBuf>,
 }
 
+impl RunArgs {
+    /// The flags that override the config file (what `VmConfig::build` merges).
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            cpus: self.cpus,
+            memory: self.memory.clone(),
+            accel: self.accel.clone(),
+            on_reboot: self.on_reboot.clone(),
+            no_pvh: self.no_pvh,
+            disks: self.disk.clone(),
+            nets: self.net.clone(),
+            rng: self.rng,
+            virtio: self.virtio.clone(),
+            modules: self.module.clone(),
+            testdev: self.testdev,
+            cpu_model: self.cpu_model.clone(),
+            track_dirty_pages: self.track_dirty_pages,
+            cpu_max: self.cpu_max.clone(),
+            cpu_weight: self.cpu_weight,
+            memory_limit: self.memory_limit.clone(),
+            cpu_affinity: self.cpu_affinity.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
+        }
+    }
+}
+
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("kvmbox: error: {msg}");
     ExitCode::from(EXIT_USAGE as u8)
@@ -178,29 +210,7 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(f) => f,
         Err(e) => return fail(e),
     };
-    let overrides = Overrides {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        cpus: args.cpus,
-        memory: args.memory,
-        accel: args.accel,
-        on_reboot: args.on_reboot,
-        no_pvh: args.no_pvh,
-        disks: args.disk,
-        nets: args.net,
-        rng: args.rng,
-        virtio: args.virtio,
-        modules: args.module,
-        testdev: args.testdev,
-        cpu_model: args.cpu_model,
-        track_dirty_pages: args.track_dirty_pages,
-        cpu_max: args.cpu_max,
-        cpu_weight: args.cpu_weight,
-        memory_limit: args.memory_limit,
-        cpu_affinity: args.cpu_affinity,
-        cgroup_parent: args.cgroup_parent,
-    };
+    let overrides = args.overrides();
     if let (Some(state), Some(mem)) = (&args.restore, &args.restore_mem) {
         if let Some(flag) = restore_conflict(file.is_some(), &overrides) {
             return fail(format!(
@@ -302,6 +312,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Vm(cmd) => vm::run(cmd),
+        Command::Jail(args) => jail::run(*args),
         Command::CgroupWatch { group } => {
             ExitCode::from(u8::try_from(kvmbox_vmm::limits::watch(&group)).unwrap_or(1))
         }

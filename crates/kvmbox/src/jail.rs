@@ -1,0 +1,282 @@
+//! `kvmbox jail`: run `kvmbox run ...` inside a jail (`kvmbox-jailer`). This module finds, from
+//! the run arguments parsed by `kvmbox run`'s own parser, every host file the VM needs.
+
+use crate::RunArgs;
+use clap::Parser;
+use kvmbox_cpu::Accel;
+use kvmbox_jailer::{Device, Jail, Needed, Rlimit, Spec};
+use kvmbox_vmm::{AccelChoice, FileConfig, VmConfig};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub(crate) struct JailArgs {
+    /// The jail's name: 1-64 ASCII letters, digits and '-'. The jail is CHROOT_BASE/kvmbox/ID/root.
+    #[arg(long, value_name = "ID")]
+    id: String,
+    /// The user the VM runs as (a number, not 0).
+    #[arg(long, value_name = "UID")]
+    uid: u32,
+    /// The group the VM runs as (a number, not 0).
+    #[arg(long, value_name = "GID")]
+    gid: u32,
+    /// Where jails are made.
+    #[arg(long, value_name = "DIR", default_value = kvmbox_jailer::DEFAULT_CHROOT_BASE)]
+    chroot_base: PathBuf,
+    /// Run the VM in this network namespace (a file such as /var/run/netns/NAME).
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// A resource limit, soft and hard: fsize=BYTES, no-file=N, as=BYTES or memlock=BYTES. Repeatable.
+    #[arg(long, value_name = "NAME=VALUE")]
+    resource_limit: Vec<String>,
+    /// Set a cgroup control file for the VM's own group, as Firecracker's jailer: cpu.shares=100, cpu.max=50000, memory.max=268435456 ... (cgroup v2 or v1, whichever has the controller). Repeatable.
+    #[arg(long, value_name = "KEY=VALUE")]
+    cgroup: Vec<String>,
+    /// Detach: print the VM's host PID and exit 0 once it runs; a daemon waits for it and removes the jail.
+    #[arg(long)]
+    daemonize: bool,
+    /// `kvmbox run` arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "RUN ARGS")]
+    run: Vec<OsString>,
+}
+
+/// `kvmbox run`'s parser alone, for the arguments after `--`.
+#[derive(Parser)]
+#[command(name = "kvmbox run", no_binary_name = true)]
+struct RunOnly {
+    #[command(flatten)]
+    args: RunArgs,
+}
+
+fn usage(msg: impl std::fmt::Display) -> ExitCode {
+    crate::fail(format!("jail: {msg}"))
+}
+
+pub(crate) fn run(j: JailArgs) -> ExitCode {
+    let run = match RunOnly::try_parse_from(&j.run) {
+        Ok(r) => r.args,
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            return usage(format!(
+                "the run arguments: {}",
+                first.trim_start_matches("error: ")
+            ));
+        }
+    };
+    let rlimits = match j
+        .resource_limit
+        .iter()
+        .map(|s| s.parse::<Rlimit>())
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(r) => r,
+        Err(e) => return usage(e),
+    };
+    let mut cgroup = Vec::new();
+    for c in &j.cgroup {
+        match c.split_once('=') {
+            Some((k, v)) if !k.is_empty() => cgroup.push((k.to_string(), v.to_string())),
+            _ => {
+                return usage(format!(
+                    "--cgroup {c:?}: expected KEY=VALUE, such as cpu.shares=100"
+                ))
+            }
+        }
+    }
+    let needs = match vm_needs(&run) {
+        Ok(n) => n,
+        Err(e) => return usage(e),
+    };
+    let mut args = vec![OsString::from("run")];
+    args.extend(j.run.iter().cloned());
+    let spec = Spec {
+        id: j.id,
+        uid: j.uid,
+        gid: j.gid,
+        chroot_base: j.chroot_base,
+        netns: j.netns,
+        rlimits,
+        cgroup,
+        files: needs.files,
+        writable_dirs: needs.writable_dirs,
+        host_links: needs.host_links,
+        devices: needs.devices,
+        args,
+        daemonize: j.daemonize,
+    };
+    let status = Jail::prepare(spec).and_then(Jail::run);
+    match status {
+        Ok(s) => ExitCode::from(u8::try_from(s).unwrap_or(1)),
+        Err(e @ kvmbox_jailer::Error::Usage(_)) => usage(e),
+        Err(e) => {
+            eprintln!("kvmbox: error: jail: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// What a VM needs from the host.
+#[derive(Default)]
+struct Needs {
+    files: Vec<Needed>,
+    writable_dirs: Vec<PathBuf>,
+    host_links: Vec<PathBuf>,
+    devices: Vec<Device>,
+}
+
+impl Needs {
+    fn file(&mut self, what: &str, path: &Path, writable: bool) {
+        self.files.push(Needed {
+            what: what.into(),
+            path: path.to_path_buf(),
+            writable,
+        });
+    }
+}
+
+/// Every host file, device and socket directory the VM that `run` describes uses.
+fn vm_needs(run: &RunArgs) -> Result<Needs, String> {
+    let mut n = Needs::default();
+    if let (Some(state), Some(mem)) = (&run.restore, &run.restore_mem) {
+        restore_needs(&mut n, run, state, mem)?;
+        return Ok(n);
+    }
+    let file = match &run.config {
+        Some(c) => {
+            n.file("config file", c, false);
+            Some(FileConfig::load(c).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
+    let mut overrides = run.overrides();
+    let has_kernel =
+        overrides.kernel.is_some() || file.as_ref().is_some_and(FileConfig::has_kernel);
+    if !has_kernel {
+        if run.api_sock.is_none() {
+            return Err(kvmbox_vmm::ConfigError::NoKernel.to_string());
+        }
+        // Configured through the API later: the files it names are looked up in the jail.
+        // Check and collect the rest with the one merge `kvmbox run` uses; this kernel is not
+        // placed (any regular file passes the merge's check: this executable).
+        let exe = std::env::current_exe().map_err(|e| format!("finding kvmbox: {e}"))?;
+        overrides.kernel = Some(exe);
+    }
+    let cfg = VmConfig::build(file, overrides).map_err(|e| e.to_string())?;
+    no_cgroup_limits(&cfg.limits)?;
+    if has_kernel {
+        n.file("kernel", &cfg.kernel, false);
+    }
+    if let Some(i) = &cfg.initrd {
+        n.file("initrd", i, false);
+    }
+    for m in &cfg.modules {
+        n.file("multiboot module", &m.path, false);
+    }
+    for d in &cfg.disks {
+        n.disk(&d.path, d.read_only)?;
+    }
+    for net in &cfg.nets {
+        n.net(net.starts_a_helper())?;
+    }
+    n.devices(cfg.accel != AccelChoice::Fixed(Accel::Emu));
+    n.api_sock(run);
+    Ok(n)
+}
+
+/// What `--restore STATE --restore-mem MEM` needs: both files, and what the state file says the
+/// VM was built from (its disks, its kernel and initrd for a restart, its networks, its backend).
+fn restore_needs(n: &mut Needs, run: &RunArgs, state: &Path, mem: &Path) -> Result<(), String> {
+    n.file("snapshot state file", state, false);
+    n.file("snapshot memory file", mem, false);
+    let saved: kvmbox_vmm::snapshot::MachineState =
+        kvmbox_snapshot::read_state(state).map_err(|e| e.to_string())?;
+    let c = saved.config;
+    let o = run.overrides();
+    no_cgroup_limits(&kvmbox_vmm::Limits::from_flags(&o).map_err(|e| e.to_string())?)?;
+    for d in &c.disks {
+        n.disk(&d.path, d.read_only)?;
+    }
+    // Needed again only for a restart; placed when still there.
+    if c.kernel.exists() {
+        n.file("kernel", &c.kernel, false);
+    }
+    if let Some(i) = c.initrd.as_ref().filter(|i| i.exists()) {
+        n.file("initrd", i, false);
+    }
+    for net in &c.nets {
+        n.net(net.spec.starts_with("user"))?;
+    }
+    let accel = o.accel.as_deref().unwrap_or(c.accel.as_str());
+    n.devices(accel != "emu");
+    n.api_sock(run);
+    Ok(())
+}
+
+/// kvmbox cannot make cgroups from inside the jail: `kvmbox jail --cgroup` does.
+fn no_cgroup_limits(l: &kvmbox_vmm::Limits) -> Result<(), String> {
+    if l.cpu_max.is_some()
+        || l.cpu_weight.is_some()
+        || l.memory_limit.is_some()
+        || l.cgroup_parent.is_some()
+    {
+        return Err(
+            "kvmbox run's cgroup limits (--cpu-max, --cpu-weight, --memory-limit, \
+                    --cgroup-parent) cannot be set from inside a jail: give them to kvmbox jail \
+                    as --cgroup KEY=VALUE (e.g. cpu.max=50000, cpu.weight=200, memory.max=BYTES)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+impl Needs {
+    /// A disk and its backing chain (as `kvmbox disk info` walks it); only the top is written.
+    fn disk(&mut self, path: &Path, read_only: bool) -> Result<(), String> {
+        let chain =
+            kvmbox_block::image::info(path).map_err(|e| format!("disk {}: {e}", path.display()))?;
+        for (i, layer) in chain.iter().enumerate() {
+            let what = if i == 0 { "disk" } else { "backing file" };
+            self.file(what, &layer.path, i == 0 && !read_only);
+        }
+        Ok(())
+    }
+
+    /// A network interface: TAP needs /dev/net/tun; passt (`--net user`) is refused.
+    fn net(&mut self, user: bool) -> Result<(), String> {
+        if user {
+            return Err(
+                "--net user is refused in a jail: passt, the helper it starts, is not \
+                        in the jail; use --net tap=NAME with a TAP device owned by the jail's \
+                        user (ip tuntap add NAME mode tap user UID), in --netns if wanted"
+                    .into(),
+            );
+        }
+        if !self.devices.contains(&Device::Tun) {
+            self.devices.push(Device::Tun);
+        }
+        Ok(())
+    }
+
+    /// /dev/kvm (when the VM may use KVM and the host has it), /dev/urandom, /dev/null.
+    fn devices(&mut self, kvm: bool) {
+        if kvm && Path::new("/dev/kvm").exists() {
+            self.devices.push(Device::Kvm);
+        }
+        self.devices.extend([Device::Urandom, Device::Null]);
+    }
+
+    /// `--api-sock PATH`: its directory in the jail belongs to the user; PATH links to it.
+    fn api_sock(&mut self, run: &RunArgs) {
+        let Some(sock) = &run.api_sock else {
+            return;
+        };
+        let dir = sock
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        self.writable_dirs.push(dir.to_path_buf());
+        self.host_links.push(sock.clone());
+    }
+}
