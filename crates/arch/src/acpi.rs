@@ -230,11 +230,16 @@ fn table_id(sig: &[u8; 4]) -> [u8; 8] {
     id
 }
 
-/// The DSDT: `\_S5_`, processors, COM1, i8042 and `cfg.sb_aml` under `\_SB_`.
+/// The DSDT: `\_S3_`, `\_S5_`, processors, COM1, i8042 and `cfg.sb_aml` under `\_SB_`.
 fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut body = Vec::new();
     let s5 = layout::ACPI_S5_SLP_TYP;
+    let s3 = layout::ACPI_S3_SLP_TYP;
     let zero = 0u8;
+    body.extend(aml_bytes(&Name::new(
+        Path::new("_S3_"),
+        &Package::new(vec![&s3, &s3, &zero, &zero]),
+    )));
     body.extend(aml_bytes(&Name::new(
         Path::new("_S5_"),
         &Package::new(vec![&s5, &s5, &zero, &zero]),

@@ -115,6 +115,8 @@ pub struct Cpu {
     /// Set by exec when a pending interrupt must be taken before the instruction (which did
     /// not execute: `next_rip` is its own address): the run loop ends the batch.
     pub(crate) interrupt_first: bool,
+    /// Set by a port write: the run loop ends the batch, to see a kick the write caused.
+    pub(crate) io_break: bool,
     /// HLT executed; waiting for an interrupt.
     pub halted: bool,
     /// HLT executed with TF set: its single-step trap is taken when the CPU leaves the halt,
@@ -169,6 +171,7 @@ impl Cpu {
             shadow: false,
             set_shadow: false,
             interrupt_first: false,
+            io_break: false,
             halted: false,
             step_trap_pending: false,
             wait_sipi: false,

@@ -308,9 +308,11 @@ impl Cpu {
                 if self.halted {
                     break;
                 }
-                if self.interrupt_first {
-                    // The instruction waits for a pending interrupt: take it now.
+                if self.interrupt_first || self.io_break {
+                    // The instruction waits for a pending interrupt (take it now), or wrote a
+                    // port (which may have kicked this vCPU).
                     self.interrupt_first = false;
+                    self.io_break = false;
                     break;
                 }
                 if irq.is_some() {

@@ -257,6 +257,11 @@ impl VcpuThread {
         if self.shared.control.pending().is_some() {
             return Next::Exit;
         }
+        // The guest entered ACPI S3: run no guest code until the VMM, which pauses every vCPU
+        // and restarts them at the waking vector, resumes this one.
+        if self.shared.control.asleep() {
+            return self.paused();
+        }
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
                 VcpuCommand::Pause => {

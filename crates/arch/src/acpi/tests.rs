@@ -183,7 +183,7 @@ fn madt_describes_cpus_ioapic_and_overrides() {
 }
 
 #[test]
-fn dsdt_has_s5_and_com1() {
+fn dsdt_has_s3_s5_and_com1() {
     let mem = crate::guest_memory(64 << 20).unwrap();
     let t = tables(&mem, create_acpi_tables(&mem, 1).unwrap());
     let d = &t["DSDT"].1;
@@ -193,6 +193,10 @@ fn dsdt_has_s5_and_com1() {
     assert_eq!(d[s5 + 4], 0x12, "PackageOp");
     let typ = layout::ACPI_S5_SLP_TYP;
     assert_eq!(&d[s5 + 6..s5 + 12], &[4, 0x0a, typ, 0x0a, typ, 0][..]);
+    // "_S3_": SLP_TYP 1 (QEMU's, and what kvm-unit-tests' s3 writes), as OneOp.
+    assert_eq!(layout::ACPI_S3_SLP_TYP, 1);
+    let s3 = d.windows(4).position(|w| w == b"_S3_").expect("_S3_");
+    assert_eq!(&d[s3 + 4..s3 + 11], &[0x12, 6, 4, 0x01, 0x01, 0, 0][..]);
     assert!(d.windows(4).any(|w| w == b"COM1"));
     // EISAID("PNP0501") as AML DWord (0x0105d041).
     assert!(d.windows(5).any(|w| w == [0x0c, 0x41, 0xd0, 0x05, 0x01]));

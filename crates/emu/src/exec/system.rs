@@ -760,6 +760,9 @@ impl Cpu {
         let b = (v as u32).to_le_bytes();
         let io = self.io_handler()?;
         io.pio_write(port, &b[..size as usize]);
+        // The write may have stopped the vCPU (a kick, as when the guest enters ACPI S3):
+        // end the batch so the run loop sees it before the next instruction.
+        self.io_break = true;
         Ok(())
     }
 
