@@ -423,6 +423,7 @@ static const struct scenario scenarios[] = {
 	{"ring3", test_ring3, ARG_NUMBER, 0},
 	{"shell", test_shell, ARG_NONE, 1},
 	{"poweroff", test_poweroff, ARG_NONE, 1},
+	{"s3", test_s3, ARG_NONE, 1},
 	{"reboot", test_reboot, ARG_REBOOT_METHOD, 1},
 	{"triplefault", test_triplefault, ARG_NONE, 0},
 	{"irq", test_irq, ARG_NONE, 1},
