@@ -166,8 +166,11 @@ static int rtc_uip_is(u8 want)
 	return 0;
 }
 
-/* ACPI S3 with an RTC alarm. Returns only if the VM is still running: then, what went wrong. */
-static const char *acpi_suspend(void)
+/*
+ * ACPI S3, woken by an RTC alarm or (`button`) only by the power button. Returns only if the VM
+ * is still running: then, what went wrong.
+ */
+static const char *acpi_suspend(int button)
 {
 	if (!acpi.parsed)
 		acpi_parse();
@@ -183,32 +186,36 @@ static const char *acpi_suspend(void)
 	memcpy(wake, s3_wake_code, sizeof(s3_wake_code));
 	memcpy(wake + sizeof(s3_wake_code), s3_wake_msg, sizeof(s3_wake_msg));
 	*(volatile u32 *)(acpi.facs + FACS_WAKING_VECTOR) = S3_WAKE_ADDR;
-	/* Right after a second starts (UIP falls), so the alarm is ~1 s away: an alarm every
-	 * second (don't-care in all three alarm registers) with its interrupt enabled. */
-	if (!rtc_uip_is(RTC_A_UIP) || !rtc_uip_is(0))
-		return "rtc-not-ticking";
-	rtc_read(RTC_REG_C);
-	rtc_write(RTC_SEC_ALARM, RTC_ALARM_ANY);
-	rtc_write(RTC_MIN_ALARM, RTC_ALARM_ANY);
-	rtc_write(RTC_HOUR_ALARM, RTC_ALARM_ANY);
-	rtc_write(RTC_REG_B, rtc_read(RTC_REG_B) | RTC_B_AIE);
-	outw((u16)(acpi.pm1a_evt + 2), PM1_RTC_EN);
+	if (!button) {
+		/* Right after a second starts (UIP falls), so the alarm is ~1 s away: an alarm
+		 * every second (don't-care in all three alarm registers), interrupt enabled. */
+		if (!rtc_uip_is(RTC_A_UIP) || !rtc_uip_is(0))
+			return "rtc-not-ticking";
+		rtc_read(RTC_REG_C);
+		rtc_write(RTC_SEC_ALARM, RTC_ALARM_ANY);
+		rtc_write(RTC_MIN_ALARM, RTC_ALARM_ANY);
+		rtc_write(RTC_HOUR_ALARM, RTC_ALARM_ANY);
+		rtc_write(RTC_REG_B, rtc_read(RTC_REG_B) | RTC_B_AIE);
+		outw((u16)(acpi.pm1a_evt + 2), PM1_RTC_EN);
+	}
 	u16 port = (u16)acpi.pm1a_cnt;
 	u16 typ = (u16)acpi.s3_slp_typ;
-	printk("KVMBOX-TEST s3 pm1a_cnt=0x%x slp_typ=%u waking_vector=0x%x\n", port, typ,
-	       S3_WAKE_ADDR);
+	printk("KVMBOX-TEST s3 pm1a_cnt=0x%x slp_typ=%u waking_vector=0x%x wake=%s\n", port, typ,
+	       S3_WAKE_ADDR, button ? "button" : "rtc");
 	u16 v = inw(port);
 	v = (u16)((v & ~(SLP_TYP_MASK | SLP_EN)) | (typ << SLP_TYP_SHIFT) | SLP_EN);
 	outw(port, v);
+	if (button) /* asleep until someone presses the button: nothing to wait for */
+		for (;;)
+			pause();
 	wait_for_vmm();
 	return "still-running";
 }
 
-/* Must be the last scenario: the guest ends in the resume code. */
+/* s3 or s3:button. Must be the last scenario: the guest ends in the resume code. */
 int test_s3(const char *arg)
 {
-	(void)arg;
-	const char *err = acpi_suspend();
+	const char *err = acpi_suspend(!memcmp(arg, "button", 7));
 	printk("KVMBOX-TEST s3 error=%s\n", err);
 	return 1;
 }
