@@ -1,7 +1,7 @@
 //! How devices ask the VMM to end or restart the VM.
 
 use kvmbox_cpu::VcpuKicker;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,6 +36,7 @@ pub struct VmControl {
     kickers: Mutex<Vec<Arc<dyn VcpuKicker>>>,
     asleep: AtomicBool,
     wake: AtomicBool,
+    wakes: AtomicU64,
 }
 
 impl VmControl {
@@ -47,6 +48,7 @@ impl VmControl {
             kickers: Mutex::new(Vec::new()),
             asleep: AtomicBool::new(false),
             wake: AtomicBool::new(false),
+            wakes: AtomicU64::new(0),
         })
     }
 
@@ -101,7 +103,14 @@ impl VmControl {
 
     /// The VMM restarted the guest after S3.
     pub fn resumed(&self) {
+        self.wakes.fetch_add(1, Ordering::SeqCst);
         self.asleep.store(false, Ordering::SeqCst);
+    }
+
+    /// How many times the guest woke from S3 (a vCPU that halted for good runs again after
+    /// one: the wake restarted it).
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::SeqCst)
     }
 
     fn kick_all(&self) {

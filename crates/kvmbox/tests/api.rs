@@ -689,11 +689,13 @@ fn linux_on_the_engine_pauses_resumes_and_powers_off_on_the_button() {
 
 /// ACPI S3 through the API, on the engine: while the test guest sleeps (`s3:button`, no RTC
 /// alarm) `PATCH /vm` is refused with 400 and the state stays Running; the power button wakes
-/// it, and it resumes at its waking vector (where it prints and exits).
+/// it, and it resumes at its waking vector (where it prints and exits). `smp` first: the AP,
+/// halted for good with interrupts off, is restarted by the wake too (waiting for INIT/SIPI).
 #[test]
 fn s3_sleeps_until_the_power_button_and_refuses_pause() {
     let sock = sock_path("tgs3");
-    let mut vm = common::api::scenario_guest(&sock, "emu", &[], "s3", "button");
+    let mut vm = common::api::scenario_guest(&sock, "emu", &[], "smp,s3", "button");
+    vm.expect("KVMBOX-TEST smp", TG);
     vm.expect("KVMBOX-TEST s3 pm1a_cnt=0x604 slp_typ=1", TG);
     vm.expect("wake=button", TG);
     // The guest writes SLP_EN right after that line. Until the VMM has it asleep, a pause

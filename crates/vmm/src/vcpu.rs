@@ -231,8 +231,11 @@ impl VcpuThread {
                         eprintln!("kvmbox: every vCPU halted with interrupts disabled; stopping");
                         control.request(ExitRequest::Error);
                     }
-                    self.halted_for_good();
-                    return;
+                    if let Next::Exit = self.halted_for_good() {
+                        return;
+                    }
+                    // Restarted after S3: no longer one of the halted.
+                    self.shared.halted.fetch_sub(1, Ordering::SeqCst);
                 }
                 Ok(VcpuExit::Shutdown) | Ok(VcpuExit::Reset) => {
                     self.shared.control.request(ExitRequest::Reset);
@@ -298,8 +301,10 @@ impl VcpuThread {
     }
 
     /// A vCPU that will not run again still answers the control loop (so pausing a VM with a
-    /// dead vCPU works) until it is told to finish or the VM stops.
-    fn halted_for_good(&mut self) {
+    /// dead vCPU works) until it is told to finish or the VM stops, or until the guest woke
+    /// from ACPI S3 (which restarted every vCPU: an offline CPU waits for INIT/SIPI again).
+    fn halted_for_good(&mut self) -> Next {
+        let wakes = self.shared.control.wakes();
         loop {
             match self.commands.recv_timeout(Duration::from_millis(50)) {
                 Ok(VcpuCommand::Pause) => {
@@ -307,12 +312,15 @@ impl VcpuThread {
                 }
                 Ok(VcpuCommand::Resume) => {
                     let _ = self.acks.send(VcpuAck::Resumed);
+                    if self.shared.control.wakes() != wakes {
+                        return Next::Run;
+                    }
                 }
                 Ok(VcpuCommand::Run(task)) => task(self.vcpu.as_mut()),
-                Ok(VcpuCommand::Finish) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(VcpuCommand::Finish) | Err(RecvTimeoutError::Disconnected) => return Next::Exit,
                 Err(RecvTimeoutError::Timeout) => {
                     if self.shared.control.pending().is_some() {
-                        return;
+                        return Next::Exit;
                     }
                 }
             }
