@@ -92,14 +92,15 @@ static void parse_madt(const u8 *t, u32 len)
 }
 
 /*
- * SLP_TYPa of `Name (_S5_, Package () { a, b, ... })` in the DSDT's AML, or -1. Only the
- * encodings a Name of a constant package uses: NameOp (optionally with a root prefix '\'),
- * PackageOp, PkgLength, NumElements, then ZeroOp / OneOp / BytePrefix / WordPrefix.
+ * SLP_TYPa of `Name (NAME, Package () { a, b, ... })` (NAME: "_S5_", "_S3_") in the DSDT's
+ * AML, or -1. Only the encodings a Name of a constant package uses: NameOp (optionally with a
+ * root prefix '\'), PackageOp, PkgLength, NumElements, then ZeroOp / OneOp / BytePrefix /
+ * WordPrefix.
  */
-static int find_s5(const u8 *d, u32 len)
+static int find_sleep_type(const u8 *d, u32 len, const char *name)
 {
 	for (u32 i = 36 + 1; i + 4 <= len; i++) {
-		if (memcmp(d + i, "_S5_", 4))
+		if (memcmp(d + i, name, 4))
 			continue;
 		if (d[i - 1] != 0x08 && !(d[i - 1] == '\\' && i >= 38 && d[i - 2] == 0x08))
 			continue;
@@ -129,6 +130,18 @@ static int find_s5(const u8 *d, u32 len)
 /* Power-management facts from the FADT (ACPI 6.x offsets; older, shorter FADTs have fewer). */
 static void parse_fadt(const u8 *f, u32 len)
 {
+	/* FIRMWARE_CTRL at 36; X_FIRMWARE_CTRL at 132 when FIRMWARE_CTRL is 0. */
+	if (len >= 40)
+		acpi.facs = rd32(f + 36);
+	if (!acpi.facs && len >= 140)
+		acpi.facs = rd64(f + 132);
+	if (len >= 60)
+		acpi.pm1a_evt = rd32(f + 56);
+	/* X_PM1a_EVT_BLK (a Generic Address Structure at 148) wins when it names I/O space. */
+	if (len >= 160 && f[148] == 1 && rd64(f + 152)) {
+		u64 port = rd64(f + 152);
+		acpi.pm1a_evt = port <= 0xffff ? (u32)port : 0xffffffff;
+	}
 	if (len >= 68)
 		acpi.pm1a_cnt = rd32(f + 64);
 	/* X_PM1a_CNT_BLK (a Generic Address Structure at 172) wins when it names I/O space. */
@@ -162,7 +175,8 @@ static void check_dsdt(const u8 *fadt, u32 len)
 	if (!checksum_ok((const u8 *)dsdt, dlen))
 		problem("dsdt-checksum");
 	acpi.dsdt = 1;
-	acpi.s5_slp_typ = find_s5((const u8 *)dsdt, dlen);
+	acpi.s5_slp_typ = find_sleep_type((const u8 *)dsdt, dlen, "_S5_");
+	acpi.s3_slp_typ = find_sleep_type((const u8 *)dsdt, dlen, "_S3_");
 }
 
 static u64 acpi_walk(u64 unused)
@@ -232,6 +246,7 @@ void acpi_parse(void)
 {
 	memset(&acpi, 0, sizeof(acpi));
 	acpi.s5_slp_typ = -1;
+	acpi.s3_slp_typ = -1;
 	for (u32 i = 0; i < 16; i++)
 		acpi.isa_gsi[i] = i;
 	user(acpi_walk, 0);

@@ -396,7 +396,7 @@ void trap(struct trap_frame *f)
 /* ------------------------------------------------------------ command line */
 
 /* What a scenario accepts after ':'. */
-enum { ARG_NONE, ARG_NUMBER, ARG_REBOOT_METHOD, ARG_RO };
+enum { ARG_NONE, ARG_NUMBER, ARG_REBOOT_METHOD, ARG_RO, ARG_S3_WAKE };
 
 struct scenario {
 	const char *name;
@@ -423,6 +423,7 @@ static const struct scenario scenarios[] = {
 	{"ring3", test_ring3, ARG_NUMBER, 0},
 	{"shell", test_shell, ARG_NONE, 1},
 	{"poweroff", test_poweroff, ARG_NONE, 1},
+	{"s3", test_s3, ARG_S3_WAKE, 1},
 	{"reboot", test_reboot, ARG_REBOOT_METHOD, 1},
 	{"triplefault", test_triplefault, ARG_NONE, 0},
 	{"irq", test_irq, ARG_NONE, 1},
@@ -516,6 +517,7 @@ static void parse_plan(void)
 			     : sc->takes_arg == ARG_REBOOT_METHOD ? !memcmp(arg, "i8042", 6) ||
 									!memcmp(arg, "acpi", 5)
 			     : sc->takes_arg == ARG_RO		  ? !memcmp(arg, "ro", 3)
+			     : sc->takes_arg == ARG_S3_WAKE	  ? !memcmp(arg, "button", 7)
 								  : 0;
 		if (a && !arg_ok) {
 			printk("KVMBOX-TEST done result=fail reason=bad-argument:%s:%s\n", name, arg);

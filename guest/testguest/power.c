@@ -2,7 +2,9 @@
  * Leaving the VM: ACPI S5 power-off (PM1a_CNT from the FADT, SLP_TYPa from the DSDT's
  * \_S5_), resets through the i8042 and the FADT reset register, and a triple fault. Each
  * prints its KVMBOX-TEST line first; if the VM is still running a while after the write,
- * the VMM did not act on it and the scenario fails.
+ * the VMM did not act on it and the scenario fails. And ACPI S3 (\_S3_), woken by the RTC
+ * alarm: the guest resumes in real mode at the waking vector it left in the FACS, where a
+ * few bytes of 16-bit code print the scenario's result and exit.
  */
 #include "tg.h"
 
@@ -107,5 +109,113 @@ int test_triplefault(const char *arg)
 	__asm__ volatile("lidt %0\n\tud2" : : "m"(empty) : "memory");
 	__asm__ volatile("lidt %0" : : "m"(idt_ptr));
 	printk("KVMBOX-TEST triplefault error=survived\n");
+	return 1;
+}
+
+/* ------------------------------------------------------------ s3 */
+
+#define PM1_RTC_EN (1u << 10)
+#define RTC_INDEX_PORT 0x70
+#define RTC_DATA_PORT 0x71
+#define RTC_SEC_ALARM 0x01
+#define RTC_MIN_ALARM 0x03
+#define RTC_HOUR_ALARM 0x05
+#define RTC_REG_A 0x0a
+#define RTC_REG_B 0x0b
+#define RTC_REG_C 0x0c
+#define RTC_A_UIP 0x80
+#define RTC_B_AIE 0x20
+#define RTC_ALARM_ANY 0xc0
+#define RTC_UIP_SPINS 100000000ul /* UIP toggles once a second: far more than that */
+/* Where the resume code goes: the boot parameters' page, copied away at boot (README). */
+#define S3_WAKE_ADDR 0x7000u
+#define FACS_WAKING_VECTOR 12
+
+/*
+ * 16-bit code run at the waking vector (CS = 0x700, IP = 0): print the message that follows
+ * it on COM1, then exit through isa-debug-exit with 0.
+ *   push cs; pop ds; mov si, msg; mov dx, 0x3f8
+ *   1: lodsb; test al, al; jz 2f; out dx, al; jmp 1b
+ *   2: mov dx, 0xf4; xor al, al; out dx, al; 3: hlt; jmp 3b
+ *   msg: ...
+ */
+static const u8 s3_wake_code[] = {
+	0x0e, 0x1f, 0xbe, 0x19, 0x00, 0xba, 0xf8, 0x03, 0xac, 0x84, 0xc0, 0x74, 0x03,
+	0xee, 0xeb, 0xf8, 0xba, 0xf4, 0x00, 0x30, 0xc0, 0xee, 0xf4, 0xeb, 0xfd,
+};
+static const char s3_wake_msg[] = "KVMBOX-TEST s3 resumed=yes\nKVMBOX-TEST done result=ok\n";
+
+static u8 rtc_read(u8 index)
+{
+	outb(RTC_INDEX_PORT, index);
+	return inb(RTC_DATA_PORT);
+}
+
+static void rtc_write(u8 index, u8 v)
+{
+	outb(RTC_INDEX_PORT, index);
+	outb(RTC_DATA_PORT, v);
+}
+
+/* Wait until the RTC's update-in-progress flag is `want`; 0 if it never is. */
+static int rtc_uip_is(u8 want)
+{
+	for (u64 i = 0; i < RTC_UIP_SPINS; i++)
+		if ((rtc_read(RTC_REG_A) & RTC_A_UIP) == want)
+			return 1;
+	return 0;
+}
+
+/*
+ * ACPI S3, woken by an RTC alarm or (`button`) only by the power button. Returns only if the VM
+ * is still running: then, what went wrong.
+ */
+static const char *acpi_suspend(int button)
+{
+	if (!acpi.parsed)
+		acpi_parse();
+	if (!acpi.found)
+		return "no-acpi";
+	if (!acpi.facs)
+		return "no-facs";
+	if (!acpi.pm1a_cnt || acpi.pm1a_cnt > 0xffff || !acpi.pm1a_evt || acpi.pm1a_evt > 0xffff)
+		return "no-pm1a-ports";
+	if (acpi.s3_slp_typ < 0)
+		return "no-s3";
+	u8 *wake = (u8 *)(u64)S3_WAKE_ADDR;
+	memcpy(wake, s3_wake_code, sizeof(s3_wake_code));
+	memcpy(wake + sizeof(s3_wake_code), s3_wake_msg, sizeof(s3_wake_msg));
+	*(volatile u32 *)(acpi.facs + FACS_WAKING_VECTOR) = S3_WAKE_ADDR;
+	if (!button) {
+		/* Right after a second starts (UIP falls), so the alarm is ~1 s away: an alarm
+		 * every second (don't-care in all three alarm registers), interrupt enabled. */
+		if (!rtc_uip_is(RTC_A_UIP) || !rtc_uip_is(0))
+			return "rtc-not-ticking";
+		rtc_read(RTC_REG_C);
+		rtc_write(RTC_SEC_ALARM, RTC_ALARM_ANY);
+		rtc_write(RTC_MIN_ALARM, RTC_ALARM_ANY);
+		rtc_write(RTC_HOUR_ALARM, RTC_ALARM_ANY);
+		rtc_write(RTC_REG_B, rtc_read(RTC_REG_B) | RTC_B_AIE);
+		outw((u16)(acpi.pm1a_evt + 2), PM1_RTC_EN);
+	}
+	u16 port = (u16)acpi.pm1a_cnt;
+	u16 typ = (u16)acpi.s3_slp_typ;
+	printk("KVMBOX-TEST s3 pm1a_cnt=0x%x slp_typ=%u waking_vector=0x%x wake=%s\n", port, typ,
+	       S3_WAKE_ADDR, button ? "button" : "rtc");
+	u16 v = inw(port);
+	v = (u16)((v & ~(SLP_TYP_MASK | SLP_EN)) | (typ << SLP_TYP_SHIFT) | SLP_EN);
+	outw(port, v);
+	if (button) /* asleep until someone presses the button: nothing to wait for */
+		for (;;)
+			pause();
+	wait_for_vmm();
+	return "still-running";
+}
+
+/* s3 or s3:button. Must be the last scenario: the guest ends in the resume code. */
+int test_s3(const char *arg)
+{
+	const char *err = acpi_suspend(!memcmp(arg, "button", 7));
+	printk("KVMBOX-TEST s3 error=%s\n", err);
 	return 1;
 }

@@ -79,6 +79,9 @@ struct acpi_info {
 	u16 isa_flags[16];	/* MPS INTI flags of the override (0: ISA default, high/edge) */
 	u32 pm1a_cnt;		/* FADT PM1a control block I/O port, 0 if none */
 	int s5_slp_typ;		/* SLP_TYPa of the DSDT's \_S5_ package, -1 if absent */
+	int s3_slp_typ;		/* SLP_TYPa of the DSDT's \_S3_ package, -1 if absent */
+	u32 pm1a_evt;		/* FADT PM1a event block I/O port (status, then enable), 0 if none */
+	u64 facs;		/* FACS address (FADT FIRMWARE_CTRL or X_FIRMWARE_CTRL), 0 if none */
 	int reset_supported;	/* FADT flag RESET_REG_SUP with an I/O-space reset register */
 	u32 reset_port;		/* FADT RESET_REG (I/O space) */
 	u8 reset_value;		/* FADT RESET_VALUE */
@@ -146,6 +149,7 @@ const char *acpi_poweroff(void);
 const char *i8042_reset(void);
 const char *acpi_reset(void);
 int test_poweroff(const char *arg);
+int test_s3(const char *arg);
 int test_reboot(const char *arg);
 int test_triplefault(const char *arg);
 

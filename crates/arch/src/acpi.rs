@@ -230,11 +230,16 @@ fn table_id(sig: &[u8; 4]) -> [u8; 8] {
     id
 }
 
-/// The DSDT: `\_S5_`, processors, COM1, i8042 and `cfg.sb_aml` under `\_SB_`.
+/// The DSDT: `\_S3_`, `\_S5_`, processors, COM1, i8042 and `cfg.sb_aml` under `\_SB_`.
 fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut body = Vec::new();
     let s5 = layout::ACPI_S5_SLP_TYP;
+    let s3 = layout::ACPI_S3_SLP_TYP;
     let zero = 0u8;
+    body.extend(aml_bytes(&Name::new(
+        Path::new("_S3_"),
+        &Package::new(vec![&s3, &s3, &zero, &zero]),
+    )));
     body.extend(aml_bytes(&Name::new(
         Path::new("_S5_"),
         &Package::new(vec![&s5, &s5, &zero, &zero]),
@@ -336,7 +341,7 @@ fn madt(cpus: u32) -> Vec<u8> {
     t.as_slice().to_vec()
 }
 
-fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
+fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
     let io = |bits: u8, port: u16| {
         GAS::new(
             AddressSpace::SystemIo,
@@ -356,9 +361,11 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     if !cfg.rtc {
         boot_arch |= BOOT_ARCH_NO_CMOS_RTC;
     }
+    // FIRMWARE_CTRL rather than X_FIRMWARE_CTRL (one of them, ACPI says), as QEMU does: the
+    // FACS lies below 1 MiB (`facs_address`), and kvm-unit-tests' s3 reads only this field.
     let mut f = FADTBuilder::new(OEM_ID, table_id(b"FACP"), OEM_REVISION)
         .dsdt_64(dsdt_addr)
-        .firmware_ctrl_64(facs_addr)
+        .firmware_ctrl_32(facs_address() as u32)
         .flag(Flags::Wbinvd)
         .flag(Flags::ProcC1)
         // No PWR_BUTTON flag: the power button is the fixed-feature one (PWRBTN_STS/EN in the
@@ -391,6 +398,12 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     );
     f.reset_value = layout::ACPI_RESET_VALUE;
     aml_bytes(&f.finalize())
+}
+
+/// Where the FACS lies: first after the RSDP, 64-byte aligned, below 1 MiB. The guest writes
+/// its waking vector there before it enters S3.
+pub fn facs_address() -> u64 {
+    align(layout::RSDP_START + Rsdp::len() as u64, 64)
 }
 
 /// The 64-byte FACS (no waking vector, no global lock owner).
@@ -431,6 +444,7 @@ pub fn create_acpi_tables_with(mem: &GuestMemoryMmap, cfg: &AcpiConfig) -> Resul
     };
     let facs = facs();
     let facs_addr = place(facs.len() as u64, 64);
+    debug_assert_eq!(facs_addr, facs_address());
     let dsdt = dsdt(cfg);
     let dsdt_addr = place(dsdt.len() as u64, 16);
     let fadt_addr = place(fadt_len, 16);
@@ -465,7 +479,7 @@ pub fn create_acpi_tables_with(mem: &GuestMemoryMmap, cfg: &AcpiConfig) -> Resul
         });
     }
 
-    let fadt = fadt(cfg, dsdt_addr, facs_addr);
+    let fadt = fadt(cfg, dsdt_addr);
     let mut xsdt = XSDT::new(OEM_ID, table_id(b"XSDT"), OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);

@@ -137,6 +137,8 @@ pub const ACPI_RESET_PORT: u16 = 0x60c;
 pub const ACPI_RESET_VALUE: u8 = 0x6;
 /// The SLP_TYP value `_S5` advertises (power off).
 pub const ACPI_S5_SLP_TYP: u8 = 5;
+/// SLP_TYP of S3 (suspend to RAM) in the DSDT's `\_S3_` package, as QEMU gives it.
+pub const ACPI_S3_SLP_TYP: u8 = 1;
 /// SCI interrupt line.
 pub const ACPI_SCI_IRQ: u32 = 9;
 /// QEMU fw_cfg selector port (16-bit); the data port follows it.

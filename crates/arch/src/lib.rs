@@ -28,7 +28,8 @@ pub mod multiboot;
 mod vmlinux;
 
 pub use acpi::{
-    create_acpi_tables, create_acpi_tables_with, AcpiConfig, McfgEntry, PciHostBridge, PciIntx,
+    create_acpi_tables, create_acpi_tables_with, facs_address, AcpiConfig, McfgEntry,
+    PciHostBridge, PciIntx,
 };
 pub use loader::{load, BootSetup, EntryKind, LoadParams};
 pub use memory::{e820_table, guest_memory, ByteSize, E820Entry, E820_RAM, E820_RESERVED};

@@ -1,6 +1,7 @@
 //! How devices ask the VMM to end or restart the VM.
 
 use kvmbox_cpu::VcpuKicker;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -25,10 +26,17 @@ pub enum ExitRequest {
 /// event fd wakes whoever waits for the VM to end, and the VM's vCPUs are kicked out of guest
 /// code at once (a vCPU thread that finds a request pending ends by itself, so it is usually
 /// gone by the time the VMM thread, woken, stops the VM).
+///
+/// It also carries ACPI S3: the PM block [`VmControl::suspend`]s (every vCPU leaves guest code
+/// and waits, the VMM wakes and keeps them paused), a wake event [`VmControl::wake`]s, and the
+/// VMM restarts the vCPUs at the guest's waking vector and calls [`VmControl::resumed`].
 pub struct VmControl {
     request: Mutex<Option<ExitRequest>>,
     event: EventFd,
     kickers: Mutex<Vec<Arc<dyn VcpuKicker>>>,
+    asleep: AtomicBool,
+    wake: AtomicBool,
+    wakes: AtomicU64,
 }
 
 impl VmControl {
@@ -38,6 +46,9 @@ impl VmControl {
             request: Mutex::new(None),
             event: EventFd::new(libc::EFD_NONBLOCK)?,
             kickers: Mutex::new(Vec::new()),
+            asleep: AtomicBool::new(false),
+            wake: AtomicBool::new(false),
+            wakes: AtomicU64::new(0),
         })
     }
 
@@ -59,14 +70,57 @@ impl VmControl {
         // A failed write only happens when the counter would overflow: someone already woke.
         let _ = self.event.write(1);
         if first {
-            for k in self
-                .kickers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-            {
-                k.kick();
-            }
+            self.kick_all();
+        }
+    }
+
+    /// The guest entered S3: every vCPU stops running guest code (it is kicked now and waits
+    /// for the VMM's commands) and the VMM is woken to pause them.
+    pub fn suspend(&self) {
+        self.wake.store(false, Ordering::SeqCst);
+        self.asleep.store(true, Ordering::SeqCst);
+        let _ = self.event.write(1);
+        self.kick_all();
+    }
+
+    /// Whether the guest is in S3 (from [`VmControl::suspend`] to [`VmControl::resumed`]).
+    pub fn asleep(&self) -> bool {
+        self.asleep.load(Ordering::SeqCst)
+    }
+
+    /// A wake event while the guest is in S3: the VMM restarts it.
+    pub fn wake(&self) {
+        if self.asleep() {
+            self.wake.store(true, Ordering::SeqCst);
+            let _ = self.event.write(1);
+        }
+    }
+
+    /// Take a pending wake event (the VMM, which then restarts the vCPUs).
+    pub fn take_wake(&self) -> bool {
+        self.wake.swap(false, Ordering::SeqCst)
+    }
+
+    /// The VMM restarted the guest after S3.
+    pub fn resumed(&self) {
+        self.wakes.fetch_add(1, Ordering::SeqCst);
+        self.asleep.store(false, Ordering::SeqCst);
+    }
+
+    /// How many times the guest woke from S3 (a vCPU that halted for good runs again after
+    /// one: the wake restarted it).
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::SeqCst)
+    }
+
+    fn kick_all(&self) {
+        for k in self
+            .kickers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            k.kick();
         }
     }
 
@@ -78,6 +132,8 @@ impl VmControl {
     /// Forget the pending request (after a reset that restarts the VM).
     pub fn clear(&self) {
         *self.request.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.asleep.store(false, Ordering::SeqCst);
+        self.wake.store(false, Ordering::SeqCst);
         let _ = self.event.read();
     }
 

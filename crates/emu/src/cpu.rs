@@ -115,6 +115,8 @@ pub struct Cpu {
     /// Set by exec when a pending interrupt must be taken before the instruction (which did
     /// not execute: `next_rip` is its own address): the run loop ends the batch.
     pub(crate) interrupt_first: bool,
+    /// Set by a port write: the run loop ends the batch, to see a kick the write caused.
+    pub(crate) io_break: bool,
     /// HLT executed; waiting for an interrupt.
     pub halted: bool,
     /// HLT executed with TF set: its single-step trap is taken when the CPU leaves the halt,
@@ -137,6 +139,17 @@ pub struct Cpu {
     pub(crate) kvm_clock: Option<crate::pvclock::SharedKvmClock>,
     /// The dirty log's epoch this vCPU's TLB follows (`mem::DirtyState`).
     pub(crate) dirty_epoch: u64,
+    /// DR0-DR3 enabled in DR7 as instruction breakpoints (bit n: DRn), checked at the start
+    /// of every instruction while non-zero.
+    pub(crate) bp_exec: u8,
+    /// DR0-DR3 enabled in DR7 as data breakpoints (writes, or reads and writes), checked on
+    /// every data access while non-zero.
+    pub(crate) bp_data: u8,
+    /// Data breakpoints the current instruction hit (DR6.B0-B3), reported by a #DB trap once
+    /// it completes.
+    pub(crate) bp_hits: u8,
+    /// Data breakpoints hit by a MOV SS / POP SS, reported after the next instruction.
+    pub(crate) bp_pending: u8,
 }
 
 // SAFETY: `io` is only set for the duration of `Cpu::with_io`, on the thread that owns the
@@ -158,6 +171,7 @@ impl Cpu {
             shadow: false,
             set_shadow: false,
             interrupt_first: false,
+            io_break: false,
             halted: false,
             step_trap_pending: false,
             wait_sipi: false,
@@ -168,6 +182,10 @@ impl Cpu {
             cpuid_overrides: Vec::new(),
             msr_hook: None,
             kvm_clock: None,
+            bp_exec: 0,
+            bp_data: 0,
+            bp_hits: 0,
+            bp_pending: 0,
         }
     }
 
@@ -191,9 +209,67 @@ impl Cpu {
         }
     }
 
-    /// Flush the TLB and the decode cache (mode changes, CR0/CR4 writes).
+    /// Flush the TLB and the decode cache (mode changes, CR0/CR4 writes, state loads), and
+    /// take the enabled hardware breakpoints from DR7 again.
     pub fn flush_all(&mut self) {
         self.tlb.flush_all();
+        self.update_breakpoints();
+    }
+
+    // ---------------------------------------------------------------- breakpoints
+
+    /// Take the enabled breakpoints from DR7 (after a write of DR7 or a state load). I/O
+    /// breakpoints (R/W = 10 with CR4.DE) are not implemented: they never match.
+    pub(crate) fn update_breakpoints(&mut self) {
+        let dr7 = self.st.dr[7];
+        let (mut exec, mut data) = (0u8, 0u8);
+        for n in 0..4 {
+            if (dr7 >> (2 * n)) & 3 == 0 {
+                continue;
+            }
+            match (dr7 >> (16 + 4 * n)) & 3 {
+                0 => exec |= 1 << n,
+                1 | 3 => data |= 1 << n,
+                _ => {}
+            }
+        }
+        self.bp_exec = exec;
+        self.bp_data = data;
+    }
+
+    /// The instruction breakpoints matching the instruction at CS:RIP (DR6.B0-B3 bits).
+    pub(crate) fn exec_breakpoints(&self) -> u8 {
+        let rip = self.st.rip;
+        let lin = if self.st.mode64() {
+            rip
+        } else {
+            self.st.seg[seg::CS].base.wrapping_add(rip) & 0xffff_ffff
+        };
+        (0..4)
+            .filter(|&n| self.bp_exec & (1 << n) != 0 && self.st.dr[n] == lin)
+            .fold(0, |m, n| m | (1 << n))
+    }
+
+    /// Note the data breakpoints a `size`-byte access at linear `lin` hits.
+    #[cold]
+    #[inline(never)]
+    fn watch(&mut self, lin: u64, size: u64, write: bool) {
+        let dr7 = self.st.dr[7];
+        for n in 0..4 {
+            if self.bp_data & (1 << n) == 0 || !write && (dr7 >> (16 + 4 * n)) & 3 == 1 {
+                continue;
+            }
+            let len = match (dr7 >> (18 + 4 * n)) & 3 {
+                0 => 1,
+                1 => 2,
+                2 => 8,
+                _ => 4,
+            };
+            let start = self.st.dr[n] & !(len - 1);
+            if lin.wrapping_sub(start) < len || start.wrapping_sub(lin) < size {
+                self.bp_hits |= 1 << n;
+            }
+        }
     }
 
     // ---------------------------------------------------------------- physical
@@ -255,6 +331,9 @@ impl Cpu {
     /// Read at linear `lin` with an explicit privilege (false = implicit supervisor access).
     #[inline]
     pub(crate) fn read_lin_priv(&mut self, lin: u64, size: u32, user: bool) -> R<u64> {
+        if self.bp_data != 0 {
+            self.watch(lin, size as u64, false);
+        }
         let off = lin & 0xfff;
         if off + size as u64 <= 0x1000 {
             if let Some(e) = self.tlb.lookup(lin, crate::mmu::need_bit(ACC_R, user)) {
@@ -285,6 +364,9 @@ impl Cpu {
         user: bool,
         acc: u8,
     ) -> R<()> {
+        if self.bp_data != 0 && acc != ACC_X {
+            self.watch(lin, buf.len() as u64, acc == ACC_W);
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let a = lin.wrapping_add(done as u64);
@@ -298,6 +380,9 @@ impl Cpu {
 
     /// Write bytes at linear `lin`; every page is translated before anything is written.
     pub(crate) fn write_bytes_priv(&mut self, lin: u64, buf: &[u8], user: bool) -> R<()> {
+        if self.bp_data != 0 {
+            self.watch(lin, buf.len() as u64, true);
+        }
         let last = lin.wrapping_add(buf.len().saturating_sub(1) as u64);
         if (lin ^ last) >> 12 != 0 {
             self.translate(last, ACC_W, user)?;
@@ -323,6 +408,9 @@ impl Cpu {
     /// Write with an explicit privilege.
     #[inline]
     pub(crate) fn write_lin_priv(&mut self, lin: u64, size: u32, v: u64, user: bool) -> R<()> {
+        if self.bp_data != 0 {
+            self.watch(lin, size as u64, true);
+        }
         let off = lin & 0xfff;
         if off + size as u64 <= 0x1000 {
             if let Some(e) = self.tlb.lookup(lin, crate::mmu::need_bit(ACC_W, user)) {
@@ -348,6 +436,9 @@ impl Cpu {
     /// Host pointer for a `size`-byte write at `lin` when it lies in one RAM page
     /// (used for LOCK-prefixed read-modify-write). Checks write permission.
     pub(crate) fn lin_ptr_w(&mut self, lin: u64, size: u32) -> R<Option<*mut u8>> {
+        if self.bp_data != 0 {
+            self.watch(lin, size as u64, true);
+        }
         let user = self.user();
         let off = lin & 0xfff;
         if off + size as u64 > 0x1000 {

@@ -19,8 +19,9 @@ pub enum EventKind {
     External,
 }
 
-/// Fault-class exceptions (the saved RIP is the faulting instruction's). #DB is left out: its
-/// data and single-step forms are traps, and the engine raises only those.
+/// Fault-class exceptions (the saved RIP is the faulting instruction's) that push RF = 1. #DB
+/// is left out: its instruction-breakpoint and general-detect forms are faults that push RF
+/// as it is (the handler sets it to resume past an instruction breakpoint), the others traps.
 fn is_fault(v: u8) -> bool {
     matches!(
         v,
@@ -84,7 +85,9 @@ impl Cpu {
         };
         let idt_err = (vector as u32) * 8 + 2 + ext;
         if self.st.cr0 & cr0::PE == 0 {
-            return self.deliver_real(vector, ret_rip);
+            self.deliver_real(vector, ret_rip)?;
+            self.debug_entered(vector, kind);
+            return Ok(());
         }
         let long = self.st.long_mode();
         let gsize: u64 = if long { 16 } else { 8 };
@@ -262,7 +265,15 @@ impl Cpu {
         self.st.rip = off;
         self.next_rip = off;
         self.halted = false;
+        self.debug_entered(vector, kind);
         Ok(())
+    }
+
+    /// Entering a #DB handler clears DR7.GD, so that the handler may use the debug registers.
+    fn debug_entered(&mut self, vector: u8, kind: EventKind) {
+        if vector == 1 && kind == EventKind::Exception {
+            self.st.dr[7] &= !crate::state::dr::DR7_GD;
+        }
     }
 
     fn deliver_real(&mut self, vector: u8, ret_rip: u64) -> R<()> {

@@ -3,6 +3,18 @@
 
 use kvmbox_cpu::{DescriptorTable, Segment};
 
+/// Debug-register bits.
+pub mod dr {
+    /// DR6.B0-B3: which of DR0-DR3 matched.
+    pub const DR6_B: u64 = 0xf;
+    /// DR6.BD: a MOV DR while DR7.GD was set.
+    pub const DR6_BD: u64 = 1 << 13;
+    /// DR6.BS: single step.
+    pub const DR6_BS: u64 = 1 << 14;
+    /// DR7.GD: general detect.
+    pub const DR7_GD: u64 = 1 << 13;
+}
+
 /// RFLAGS bits.
 pub mod flags {
     /// Carry.
@@ -213,7 +225,8 @@ pub struct CpuState {
     pub efer: u64,
     /// IA32_APIC_BASE.
     pub apic_base: u64,
-    /// DR0..DR3, DR6, DR7 (stored, no breakpoints are implemented).
+    /// DR0..DR3, DR6, DR7 (DR4/DR5 unused: they alias DR6/DR7). DR7's instruction and data
+    /// breakpoints and GD are implemented, I/O breakpoints are not.
     pub dr: [u64; 8],
     /// STAR.
     pub star: u64,

@@ -4,6 +4,7 @@
 use crate::cpu::{Cpu, Fault, Stats};
 use crate::interrupt::EventKind;
 use crate::irq::StartupEvent;
+use crate::state::dr::{DR6_B, DR6_BS};
 use crate::state::{flags, seg, CpuState};
 use kvmbox_cpu::state::{LapicState, MpState, VcpuEvents, LAPIC_PAGE_SIZE};
 use kvmbox_cpu::{
@@ -95,11 +96,18 @@ impl Cpu {
         }
     }
 
+    /// Record a debug exception's causes in DR6: B0-B3 say which breakpoints matched (and
+    /// are cleared when none did), the other status bits are only ever set.
+    fn debug_status(&mut self, matched: u8, other: u64) {
+        let dr6 = &mut self.st.dr[6];
+        *dr6 = (*dr6 & !DR6_B) | u64::from(matched) | other;
+    }
+
     /// Take the single-step trap of a HLT (see [`Cpu::step_trap_pending`]).
     fn take_step_trap(&mut self) -> Result<Option<VcpuExit>> {
         self.step_trap_pending = false;
         self.halted = false;
-        self.st.dr[6] |= 1 << 14;
+        self.debug_status(0, DR6_BS);
         let rip = self.st.rip;
         match self.deliver(1, None, EventKind::Exception, rip) {
             Ok(()) => Ok(None),
@@ -107,29 +115,55 @@ impl Cpu {
         }
     }
 
-    /// Execute one instruction (fetch, decode, execute, commit RIP).
+    /// Execute one instruction (fetch, decode, execute, commit RIP), then take its debug
+    /// traps: single step and the data breakpoints it hit.
     fn step(&mut self) -> crate::cpu::R<()> {
+        use iced_x86::Mnemonic as M;
+        // An instruction breakpoint is a fault before the instruction, unless RF (set by the
+        // #DB handler's IRET frame) says the instruction resumes past it.
+        if self.bp_exec != 0 && self.st.rflags & flags::RF == 0 {
+            let matched = self.exec_breakpoints();
+            if matched != 0 {
+                self.debug_status(matched, 0);
+                return Err(Fault::Exc(1, None));
+            }
+        }
+        // RF has done its job: it lasts until the next instruction starts (an IRET sets it
+        // again for the instruction it returns to; faults push it set).
+        self.st.rflags &= !flags::RF;
         let tf = self.st.rflags & flags::TF != 0;
         self.set_shadow = false;
+        self.bp_hits = 0;
+        // Data breakpoints a MOV SS / POP SS hit wait for this instruction; they go with it
+        // if it faults.
+        let pending = std::mem::take(&mut self.bp_pending);
         let ins = self.fetch_decode()?;
         // SAFETY: `ins` points into the heap buffer of the decoded-instruction cache, which
         // is never reallocated and which only `fetch_decode` writes; `exec` never fetches.
         let ins = unsafe { &*ins };
         self.exec(ins)?;
         self.st.rip = self.next_rip;
-        self.st.rflags &= !flags::RF;
         self.stats.instructions += 1;
         self.shadow = self.set_shadow;
+        let mut hits = self.bp_hits | pending;
+        if self.set_shadow && matches!(ins.mnemonic(), M::Mov | M::Pop) {
+            // MOV SS / POP SS: the debug traps wait for the end of the next instruction.
+            self.bp_pending = hits;
+            hits = 0;
+        } else if ins.mnemonic() == M::Int1 && hits != 0 {
+            // ICEBP's #DB (delivered already) reports them too.
+            self.debug_status(hits, 0);
+            hits = 0;
+        }
         // SYSCALL and SYSRET single-step on TF as they leave it (SFMASK may clear it, R11 may
         // set it), every other instruction on TF as it found it.
-        if (tf || self.st.rflags & flags::TF != 0) && self.step_trap(ins, tf) {
-            if self.halted {
-                self.step_trap_pending = true;
-            } else {
-                self.st.dr[6] |= 1 << 14;
-                let rip = self.st.rip;
-                self.deliver(1, None, EventKind::Exception, rip)?;
-            }
+        let single = (tf || self.st.rflags & flags::TF != 0) && self.step_trap(ins, tf);
+        if single && self.halted {
+            self.step_trap_pending = true;
+        } else if single || hits != 0 {
+            self.debug_status(hits, if single { DR6_BS } else { 0 });
+            let rip = self.st.rip;
+            self.deliver(1, None, EventKind::Exception, rip)?;
         }
         Ok(())
     }
@@ -144,6 +178,7 @@ impl Cpu {
         self.flush_all();
         self.halted = false;
         self.step_trap_pending = false;
+        self.bp_pending = 0;
         self.wait_sipi = false;
         self.nmi_blocked = false;
     }
@@ -183,6 +218,7 @@ impl Cpu {
                     self.wait_sipi = true;
                     self.nmi_blocked = false;
                     self.step_trap_pending = false;
+                    self.bp_pending = 0;
                     continue;
                 }
             }
@@ -272,9 +308,11 @@ impl Cpu {
                 if self.halted {
                     break;
                 }
-                if self.interrupt_first {
-                    // The instruction waits for a pending interrupt: take it now.
+                if self.interrupt_first || self.io_break {
+                    // The instruction waits for a pending interrupt (take it now), or wrote a
+                    // port (which may have kicked this vCPU).
                     self.interrupt_first = false;
+                    self.io_break = false;
                     break;
                 }
                 if irq.is_some() {
@@ -532,6 +570,7 @@ impl Vcpu for EmuVcpu {
         self.cpu.nmi_blocked = e.nmi_masked || e.nmi_injected;
         self.cpu.halted = s.mp_state == MpState::Halted && event.is_none();
         self.cpu.step_trap_pending = false;
+        self.cpu.bp_pending = 0;
         self.cpu.wait_sipi = s.mp_state == MpState::WaitForSipi;
         self.restored_event = event;
         self.cpu.flush_all();

@@ -227,6 +227,141 @@ fn single_step_after_mov_ss_icebp_and_hlt() {
     assert_eq!((w[8], w[9] & BS), (MOV_EDX, BS), "the HLT's trap: {w:x?}");
 }
 
+/// A #DB handler at `at` that reports the first byte of the instruction it returns to and
+/// DR6 on port 0xe9, clears DR6 and returns with RF set (so an instruction breakpoint lets
+/// the instruction run).
+fn resume_db_handler(at: u64) -> Vec<u8> {
+    asm64(at, |a| {
+        a.mov(rax, qword_ptr(rsp))?;
+        a.movzx(eax, byte_ptr(rax))?;
+        a.out(0xe9u32, eax)?;
+        a.mov(rax, dr6)?;
+        a.out(0xe9u32, eax)?;
+        a.xor(eax, eax)?;
+        a.mov(dr6, rax)?;
+        a.or(qword_ptr(rsp + 16), RF as i32)?;
+        a.iretq()
+    })
+}
+
+const DR6_FIXED: u64 = 0xffff_0ff0;
+const DR6_BD: u64 = 1 << 13;
+const DR6_BS: u64 = 1 << 14;
+
+/// debug: an instruction breakpoint (DR0, DR7.G0, R/W 00) is a fault before the instruction,
+/// with DR6.B0 set, B1 (left by software) cleared and BS kept; RF from the handler's IRETQ
+/// lets the instruction run once, and the next time it faults again. DR7.GD makes a MOV DR a
+/// fault with DR6.BD, and entering the handler clears GD.
+#[test]
+fn instruction_breakpoint_and_general_detect() {
+    const NOP: u64 = 0x90;
+    const MOV_DR: u64 = 0x0f;
+    let target = CODE + 0x800;
+    let db = CODE + 0x1000;
+    let code = asm64(CODE, |a| {
+        a.mov(rax, target)?;
+        a.mov(dr0, rax)?;
+        a.mov(eax, 0x402u32)?; // G0, R/W0 = 00 (execute), LEN0 = 00
+        a.mov(dr7, rax)?;
+        a.mov(eax, 0x4002u32)?; // BS and B1
+        a.mov(dr6, rax)?;
+        a.call(target)?;
+        a.call(target)?;
+        a.mov(eax, 0x2400u32)?; // GD, no breakpoints
+        a.mov(dr7, rax)?;
+        a.mov(rax, dr0)?; // #DB with BD; the handler's IRETQ runs it again
+        a.mov(rax, dr7)?;
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let (mem, _vm, mut v) = long_machine(&code);
+    let sub = asm64(target, |a| {
+        a.nop()?;
+        a.ret()
+    });
+    mem.write_slice(&sub, GuestAddress(target)).unwrap();
+    mem.write_slice(&resume_db_handler(db), GuestAddress(db))
+        .unwrap();
+    set_gate(&mem, 1, db, 0, 0, false);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(
+        io.writes(0xe9),
+        vec![
+            NOP,
+            DR6_FIXED | DR6_BS | 1,
+            NOP,
+            DR6_FIXED | 1,
+            MOV_DR,
+            DR6_FIXED | DR6_BD,
+            0x400,
+        ],
+        "(first byte at the return address, DR6) of each #DB, then DR7"
+    );
+}
+
+/// debug: data breakpoints are traps after the access, on the aligned range DR1 and LEN give
+/// (4 bytes here): R/W 01 on writes only (plain, LOCK read-modify-write, REP STOS, which traps
+/// after the iteration that hit it), R/W 11 on reads too; a MOV SS's hit waits for the end of
+/// the next instruction.
+#[test]
+fn data_breakpoints_trap_after_the_access() {
+    const MOV_ECX: u64 = 0xb9;
+    const MOV_EDX: u64 = 0xba;
+    const REP: u64 = 0xf3;
+    const B1: u64 = 2;
+    let watched = DATA + 4;
+    let db = CODE + 0x1000;
+    let code = asm64(CODE, |a| {
+        a.mov(cx, ss)?;
+        a.mov(word_ptr(watched), cx)?;
+        a.mov(rax, watched + 1)?; // aligned down to `watched` by LEN = 4 bytes
+        a.mov(dr1, rax)?;
+        a.mov(eax, 0xd0_0408u32)?; // G1, R/W1 = 01 (writes), LEN1 = 11 (4 bytes)
+        a.mov(dr7, rax)?;
+        a.mov(eax, dword_ptr(watched))?; // a read: no trap
+        a.mov(byte_ptr(watched + 3), 1)?; // trap
+        a.mov(ecx, 1u32)?;
+        a.mov(qword_ptr(DATA), rcx)?; // DATA..DATA+8 overlaps: trap
+        a.mov(ecx, 2u32)?;
+        a.mov(dword_ptr(DATA + 8), ecx)?; // beside it: no trap
+        a.lock().inc(dword_ptr(watched))?; // trap
+        a.mov(ecx, 3u32)?;
+        a.mov(rdi, DATA)?;
+        a.mov(ecx, 16u32)?;
+        a.rep().stosb()?; // traps after byte 4 (the REP resumes), then after bytes 5-7
+        a.mov(eax, 0xf0_0408u32)?; // R/W1 = 11 (reads and writes)
+        a.mov(dr7, rax)?;
+        a.mov(ss, word_ptr(watched))?; // a read: its trap waits one instruction
+        a.nop()?;
+        a.mov(edx, 0u32)?;
+        a.hlt()
+    });
+    let (mem, _vm, mut v) = long_machine(&code);
+    mem.write_slice(&report_db_handler(db), GuestAddress(db))
+        .unwrap();
+    set_gate(&mem, 1, db, 0, 0, false);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    let w = io.writes(0xe9);
+    let traps: Vec<(u64, u64)> = w.chunks(2).map(|p| (p[0], p[1])).collect();
+    let b1 = DR6_FIXED | B1;
+    assert_eq!(
+        traps,
+        vec![
+            (MOV_ECX, b1),
+            (MOV_ECX, b1),
+            (MOV_ECX, b1),
+            (REP, b1),
+            (REP, b1),
+            (REP, b1),
+            (REP, b1),
+            (MOV_EDX, b1),
+        ],
+        "(first byte at the return address, DR6) of each #DB: {w:x?}"
+    );
+}
+
 /// realmode: the decimal-arithmetic instructions and SALC (legacy modes only), each checked
 /// against the worked examples of the Intel SDM (DAA, DAS, AAA, AAS) and plain arithmetic (AAM,
 /// AAD, SALC). The guest runs each case from a table: AX and FLAGS in, the instruction, AX and

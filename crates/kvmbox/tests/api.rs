@@ -686,3 +686,48 @@ fn linux_on_the_engine_pauses_resumes_and_powers_off_on_the_button() {
     vm.expect("KVMBOX-LINUX power-button", LINUX);
     assert_eq!(vm.wait_exit(LINUX), Some(0), "{}", vm.stderr());
 }
+
+/// ACPI S3 through the API, on the engine: while the test guest sleeps (`s3:button`, no RTC
+/// alarm) `PATCH /vm` is refused with 400 and the state stays Running; the power button wakes
+/// it, and it resumes at its waking vector (where it prints and exits). `smp` first: the AP,
+/// halted for good with interrupts off, is restarted by the wake too (waiting for INIT/SIPI).
+#[test]
+fn s3_sleeps_until_the_power_button_and_refuses_pause() {
+    let sock = sock_path("tgs3");
+    let mut vm = common::api::scenario_guest(&sock, "emu", &[], "smp,s3", "button");
+    vm.expect("KVMBOX-TEST smp", TG);
+    vm.expect("KVMBOX-TEST s3 pm1a_cnt=0x604 slp_typ=1", TG);
+    vm.expect("wake=button", TG);
+    // The guest writes SLP_EN right after that line. Until the VMM has it asleep, a pause
+    // succeeds: undo it and try again.
+    let start = Instant::now();
+    loop {
+        let (st, v) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+        if st == 400 {
+            let msg = v["fault_message"].as_str().unwrap_or_default();
+            assert!(msg.contains("ACPI S3"), "fault_message {msg:?}");
+            break;
+        }
+        assert_eq!(st, 204, "{v}");
+        ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+        assert!(
+            start.elapsed() < TG,
+            "the guest never went to sleep; console:\n{}",
+            vm.console()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(state(&sock), "Running");
+    assert!(
+        !vm.console().contains("resumed="),
+        "woke with no wake event"
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "PowerButton"}"#,
+    );
+    vm.expect("KVMBOX-TEST s3 resumed=yes", TG);
+    assert_eq!(vm.wait_exit(TG), Some(1), "debug-exit 0; {}", vm.stderr());
+}

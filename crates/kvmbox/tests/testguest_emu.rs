@@ -113,6 +113,14 @@ fn exceptions_are_reported_the_same() {
     assert_eq!(comparable(&emu), comparable(&kvm));
 }
 
+/// ACPI S3: the guest suspends with an RTC alarm armed; the alarm wakes it and it resumes in
+/// real mode at the waking vector it left in the FACS, memory kept (the resume code and its
+/// message were written before the suspend), and exits from there.
+#[test]
+fn s3_suspend_and_rtc_alarm_wake() {
+    run_testguest("emu", 1, "128M", "s3", &[]).check_s3();
+}
+
 #[test]
 fn power_and_reset() {
     for (scenario, status) in [

@@ -282,6 +282,16 @@ fn poweroff_reboot_and_triple_fault_statuses() {
     assert_eq!(r.get("reboot", "value"), "0x6");
 }
 
+/// ACPI S3 on KVM: suspend, RTC alarm wake, resume at the waking vector (see
+/// testguest_emu.rs).
+#[test]
+fn s3_suspend_and_rtc_alarm_wake() {
+    if !kvm_or_skip("s3_suspend_and_rtc_alarm_wake") {
+        return;
+    }
+    run_testguest("kvm", 1, "128M", "s3", &[]).check_s3();
+}
+
 #[test]
 fn reboot_with_restart_boots_again_and_again() {
     if !kvm_or_skip("reboot_with_restart_boots_again_and_again") {

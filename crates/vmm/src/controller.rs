@@ -44,6 +44,8 @@ struct Controller {
     sandboxed: bool,
     /// The VM's control group, once made (kept across `--on-reboot restart`).
     cgroup: Option<crate::limits::VmCgroup>,
+    /// The guest is in ACPI S3 and its vCPUs are paused until a wake event.
+    suspended: bool,
 }
 
 /// How a run of kvmbox ended: its exit status, and what is left of the VM (its backend's VM
@@ -136,6 +138,7 @@ impl Controller {
             extras: api::Extras::default(),
             sandboxed: false,
             cgroup: None,
+            suspended: false,
         })
     }
 
@@ -265,12 +268,47 @@ impl Controller {
                 }
                 continue;
             }
+            self.sleep_or_wake()?;
             while let Some(p) = self.api.as_ref().and_then(ApiServer::try_next) {
                 let answer = self.api_request(&p.request);
                 p.respond(answer);
             }
             self.wait();
         }
+    }
+
+    /// ACPI S3: once the guest entered it, pause its vCPUs; on a wake event (the RTC alarm,
+    /// the power button) restart them at the waking vector the guest left in the FACS, memory
+    /// and devices as they were. A guest that left no waking vector boots again, as after a
+    /// reset.
+    fn sleep_or_wake(&mut self) -> Result<()> {
+        if !self.control.asleep() {
+            return Ok(());
+        }
+        let Some(m) = self.machine.as_ref() else {
+            return Ok(());
+        };
+        if !self.suspended {
+            m.pause()?;
+            self.suspended = true;
+            self.extras.log("guest suspended to RAM (ACPI S3)");
+        }
+        if self.control.take_wake() {
+            let vector = m.waking_vector();
+            if vector == 0 {
+                self.extras
+                    .log("guest woke from S3 with no waking vector: resetting");
+                self.control.request(ExitRequest::Reset);
+                return Ok(());
+            }
+            m.restart_at_waking_vector(vector)?;
+            self.control.resumed();
+            m.resume()?;
+            self.suspended = false;
+            self.extras
+                .log(&format!("guest woke from S3 at waking vector {vector:#x}"));
+        }
+        Ok(())
     }
 
     /// Sleep until the guest or the API wants something.
@@ -302,6 +340,7 @@ impl Controller {
         if restart {
             self.stop_machine();
             self.control.clear();
+            self.suspended = false;
             let cfg = self.running_cfg.take().unwrap_or_else(|| unreachable!());
             self.start(cfg)?;
             return Ok(None);
@@ -343,6 +382,11 @@ impl Controller {
     /// Pause (`Action::Pause`) or resume (`Action::Resume`) every vCPU.
     fn pause_or_resume(&mut self, action: Action) -> ApiResult {
         let next = self.check(action)?;
+        if self.control.asleep() {
+            return Err(ApiError::bad_request(
+                "the guest is suspended to RAM (ACPI S3): it wakes on its RTC alarm or the power button",
+            ));
+        }
         let m = self.machine()?;
         let done = if action == Action::Pause {
             m.pause()

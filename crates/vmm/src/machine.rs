@@ -210,6 +210,39 @@ impl Machine {
         self.wait_all(VcpuHandle::wait_resumed)
     }
 
+    /// Where the guest resumes from ACPI S3: the real-mode waking vector it wrote into the
+    /// FACS (0: none, as when the guest never set it).
+    pub fn waking_vector(&self) -> u32 {
+        use vm_memory::{Bytes, GuestAddress};
+        let at = kvmbox_arch::facs_address() + FACS_WAKING_VECTOR;
+        self.mem.read_obj::<u32>(GuestAddress(at)).unwrap_or(0)
+    }
+
+    /// Restart the paused vCPUs after ACPI S3, memory kept: the boot CPU in real mode at
+    /// `vector` (CS:IP = vector >> 4 : vector & 0xf, everything else as after a reset that
+    /// firmware followed with caches on), the others waiting for INIT/SIPI.
+    pub fn restart_at_waking_vector(&self, vector: u32) -> Result<(), Error> {
+        for (id, v) in self.vcpus.iter().enumerate() {
+            let done = v
+                .run_on(move |cpu| {
+                    if id != 0 {
+                        return cpu.set_wait_for_sipi();
+                    }
+                    let mut sregs = cpu.sregs()?;
+                    real_mode_at(&mut sregs, (vector >> 4) as u16);
+                    cpu.set_sregs(&sregs)?;
+                    cpu.set_regs(&kvmbox_cpu::Regs {
+                        rip: u64::from(vector & 0xf),
+                        rflags: 2,
+                        ..Default::default()
+                    })
+                })
+                .map_err(|e| Error::Host(e.to_string()))?;
+            done.map_err(|e| Error::Host(format!("restarting vCPU {id} after S3: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Press the ACPI power button (PWRBTN_STS + SCI): an ACPI-aware guest shuts down.
     pub fn press_power_button(&self) -> Result<(), Error> {
         let mut pm = self
@@ -267,4 +300,52 @@ pub struct Backend {
     pub vm: Box<dyn Vm>,
     /// Guest RAM.
     pub mem: kvmbox_cpu::GuestMemory,
+}
+
+/// Offset of Firmware_Waking_Vector in the FACS.
+const FACS_WAKING_VECTOR: u64 = 12;
+
+/// Real mode as after a reset (CR0.ET only, no paging, EFER clear, descriptor tables at their
+/// reset values) with CS = `cs` and every other segment 0; the APIC base stays.
+fn real_mode_at(s: &mut kvmbox_cpu::SpecialRegs, cs: u16) {
+    use kvmbox_cpu::{DescriptorTable, Segment};
+    let seg = |selector: u16, type_: u8| Segment {
+        base: u64::from(selector) << 4,
+        limit: 0xffff,
+        selector,
+        type_,
+        present: true,
+        s: true,
+        ..Segment::default()
+    };
+    s.cs = seg(cs, 0xb);
+    for d in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
+        *d = seg(0, 3);
+    }
+    s.tr = Segment {
+        limit: 0xffff,
+        type_: 0xb,
+        present: true,
+        ..Segment::default()
+    };
+    s.ldt = Segment {
+        limit: 0xffff,
+        type_: 2,
+        present: true,
+        ..Segment::default()
+    };
+    s.gdt = DescriptorTable {
+        base: 0,
+        limit: 0xffff,
+    };
+    s.idt = DescriptorTable {
+        base: 0,
+        limit: 0x3ff,
+    };
+    s.cr0 = 0x10;
+    s.cr2 = 0;
+    s.cr3 = 0;
+    s.cr4 = 0;
+    s.cr8 = 0;
+    s.efer = 0;
 }

@@ -244,8 +244,11 @@ impl VcpuThread {
                         eprintln!("kvmbox: every vCPU halted with interrupts disabled; stopping");
                         control.request(ExitRequest::Error);
                     }
-                    self.halted_for_good();
-                    return;
+                    if let Next::Exit = self.halted_for_good() {
+                        return;
+                    }
+                    // Restarted after S3: no longer one of the halted.
+                    self.shared.halted.fetch_sub(1, Ordering::SeqCst);
                 }
                 Ok(VcpuExit::Shutdown) | Ok(VcpuExit::Reset) => {
                     self.shared.control.request(ExitRequest::Reset);
@@ -269,6 +272,11 @@ impl VcpuThread {
     fn take_commands(&mut self) -> Next {
         if self.shared.control.pending().is_some() {
             return Next::Exit;
+        }
+        // The guest entered ACPI S3: run no guest code until the VMM, which pauses every vCPU
+        // and restarts them at the waking vector, resumes this one.
+        if self.shared.control.asleep() {
+            return self.paused();
         }
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
@@ -306,8 +314,10 @@ impl VcpuThread {
     }
 
     /// A vCPU that will not run again still answers the control loop (so pausing a VM with a
-    /// dead vCPU works) until it is told to finish or the VM stops.
-    fn halted_for_good(&mut self) {
+    /// dead vCPU works) until it is told to finish or the VM stops, or until the guest woke
+    /// from ACPI S3 (which restarted every vCPU: an offline CPU waits for INIT/SIPI again).
+    fn halted_for_good(&mut self) -> Next {
+        let wakes = self.shared.control.wakes();
         loop {
             match self.commands.recv_timeout(Duration::from_millis(50)) {
                 Ok(VcpuCommand::Pause) => {
@@ -315,12 +325,15 @@ impl VcpuThread {
                 }
                 Ok(VcpuCommand::Resume) => {
                     let _ = self.acks.send(VcpuAck::Resumed);
+                    if self.shared.control.wakes() != wakes {
+                        return Next::Run;
+                    }
                 }
                 Ok(VcpuCommand::Run(task)) => task(self.vcpu.as_mut()),
-                Ok(VcpuCommand::Finish) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(VcpuCommand::Finish) | Err(RecvTimeoutError::Disconnected) => return Next::Exit,
                 Err(RecvTimeoutError::Timeout) => {
                     if self.shared.control.pending().is_some() {
-                        return;
+                        return Next::Exit;
                     }
                 }
             }

@@ -268,7 +268,11 @@ pub(crate) fn add_legacy_devices(
         u64::from(layout::DEBUG_EXIT_PORT),
         DEBUG_EXIT_PORTS,
     )?;
-    let mut pm = AcpiPm::new(control.clone(), layout::ACPI_S5_SLP_TYP);
+    let mut pm = AcpiPm::new(
+        control.clone(),
+        layout::ACPI_S5_SLP_TYP,
+        layout::ACPI_S3_SLP_TYP,
+    );
     pm.set_sci(vm.irq_line(layout::ACPI_SCI_IRQ)?);
     let acpi_pm = Arc::new(Mutex::new(pm));
     io.pio.insert(
@@ -289,6 +293,14 @@ pub(crate) fn add_legacy_devices(
     let waker = Arc::new(TimerWaker::new());
     let mut rtc = Rtc::with_host_time(Some(vm.irq_line(RTC_IRQ)?), clock.clone(), 0);
     rtc.set_waker(waker.clone());
+    // The RTC alarm is the chipset's RTC wake event: RTC_STS in the PM block (which wakes the
+    // guest from S3 when it enabled RTC_EN). Lock order: RTC, then PM.
+    let pm_for_rtc = acpi_pm.clone();
+    rtc.set_alarm_hook(Arc::new(move || {
+        let mut pm = pm_for_rtc.lock().unwrap_or_else(|e| e.into_inner());
+        // A line that cannot be driven is the backend's failure; the guest sees no SCI.
+        let _ = pm.rtc_alarm();
+    }));
     let rtc = Arc::new(Mutex::new(rtc));
     io.pio
         .insert(rtc.clone(), u64::from(RTC_PORT), RTC_PORT_LEN)?;

@@ -60,7 +60,16 @@ fn tables(mem: &GuestMemoryMmap, rsdp_addr: u64) -> HashMap<String, (u64, Vec<u8
     let fadt = out["FACP"].1.clone();
     let dsdt_addr = u64_at(&fadt, 140);
     out.insert("DSDT".into(), (dsdt_addr, table(mem, dsdt_addr)));
-    let facs_addr = u64_at(&fadt, 132);
+    // FIRMWARE_CTRL (32 bits, as QEMU gives it: kvm-unit-tests reads only this one); then
+    // X_FIRMWARE_CTRL must be 0.
+    let facs_addr = u64::from(u32_at(&fadt, 36));
+    assert_eq!(facs_addr, super::facs_address());
+    assert!(facs_addr < 1 << 20, "FACS below 1 MiB: {facs_addr:#x}");
+    assert_eq!(
+        u64_at(&fadt, 132),
+        0,
+        "X_FIRMWARE_CTRL beside FIRMWARE_CTRL"
+    );
     out.insert("FACS".into(), (facs_addr, read(mem, facs_addr, 64)));
     out
 }
@@ -121,9 +130,9 @@ fn fadt_fixed_hardware() {
         assert_eq!(f[off + 1], bits);
         assert_eq!(u64_at(f, off + 4), port as u64);
     }
-    // DSDT/FACS addresses come through the 64-bit fields only.
+    // The DSDT address comes through the 64-bit field only, the FACS's through the 32-bit one.
     assert_eq!(u32_at(f, 40), 0);
-    assert_eq!(u32_at(f, 36), 0);
+    assert_eq!(u64_at(f, 132), 0);
 }
 
 /// Count MADT entries of `kind`.
@@ -174,7 +183,7 @@ fn madt_describes_cpus_ioapic_and_overrides() {
 }
 
 #[test]
-fn dsdt_has_s5_and_com1() {
+fn dsdt_has_s3_s5_and_com1() {
     let mem = crate::guest_memory(64 << 20).unwrap();
     let t = tables(&mem, create_acpi_tables(&mem, 1).unwrap());
     let d = &t["DSDT"].1;
@@ -184,6 +193,10 @@ fn dsdt_has_s5_and_com1() {
     assert_eq!(d[s5 + 4], 0x12, "PackageOp");
     let typ = layout::ACPI_S5_SLP_TYP;
     assert_eq!(&d[s5 + 6..s5 + 12], &[4, 0x0a, typ, 0x0a, typ, 0][..]);
+    // "_S3_": SLP_TYP 1 (QEMU's, and what kvm-unit-tests' s3 writes), as OneOp.
+    assert_eq!(layout::ACPI_S3_SLP_TYP, 1);
+    let s3 = d.windows(4).position(|w| w == b"_S3_").expect("_S3_");
+    assert_eq!(&d[s3 + 4..s3 + 11], &[0x12, 6, 4, 0x01, 0x01, 0, 0][..]);
     assert!(d.windows(4).any(|w| w == b"COM1"));
     // EISAID("PNP0501") as AML DWord (0x0105d041).
     assert!(d.windows(5).any(|w| w == [0x0c, 0x41, 0xd0, 0x05, 0x01]));

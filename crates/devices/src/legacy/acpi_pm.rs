@@ -1,7 +1,9 @@
 //! ACPI fixed hardware: PM1a event and control blocks, the PM timer, and the reset register.
 //!
 //! Linux powers off by writing SLP_TYP (from the DSDT's `_S5_`) with SLP_EN to PM1a_CNT, and
-//! resets through the FADT reset register. The power button is the fixed-feature one: pressing
+//! resets through the FADT reset register. SLP_TYP from `_S3_` suspends to RAM: the VM's vCPUs
+//! stop ([`VmControl::suspend`]) until a wake event, the RTC alarm while RTC_EN is set or the
+//! power button, sets WAK_STS and has the VMM restart them at the FACS's waking vector. The power button is the fixed-feature one: pressing
 //! it sets PWRBTN_STS in PM1a_STS and, while the guest has PWRBTN_EN set, raises the SCI (a
 //! level-triggered line that stays up until the guest clears the status bit).
 
@@ -22,6 +24,10 @@ const SCI_EN: u16 = 1;
 const SLP_EN: u16 = 1 << 13;
 /// PM1 status/enable bit of the fixed-feature power button.
 const PWRBTN: u16 = 1 << 8;
+/// PM1 status/enable bit of the RTC alarm.
+const RTC: u16 = 1 << 10;
+/// PM1 status: the system woke from a sleep state.
+const WAK_STS: u16 = 1 << 15;
 /// PM timer frequency in Hz.
 const PM_TIMER_HZ: u128 = 3_579_545;
 
@@ -29,6 +35,9 @@ const PM_TIMER_HZ: u128 = 3_579_545;
 pub struct AcpiPm {
     control: Arc<VmControl>,
     s5_slp_typ: u8,
+    s3_slp_typ: u8,
+    /// In S3, waiting for a wake event.
+    sleeping: bool,
     pm1_status: u16,
     pm1_enable: u16,
     pm1_control: u16,
@@ -37,11 +46,14 @@ pub struct AcpiPm {
 }
 
 impl AcpiPm {
-    /// A PM block that powers the VM off when the guest enters sleep type `s5_slp_typ`.
-    pub fn new(control: Arc<VmControl>, s5_slp_typ: u8) -> Self {
+    /// A PM block that powers the VM off when the guest enters sleep type `s5_slp_typ` and
+    /// suspends it to RAM on `s3_slp_typ`.
+    pub fn new(control: Arc<VmControl>, s5_slp_typ: u8, s3_slp_typ: u8) -> Self {
         Self {
             control,
             s5_slp_typ,
+            s3_slp_typ,
+            sleeping: false,
             pm1_status: 0,
             pm1_enable: 0,
             pm1_control: SCI_EN,
@@ -55,16 +67,41 @@ impl AcpiPm {
         self.sci = Some(sci);
     }
 
-    /// Press the power button: PWRBTN_STS, and the SCI if the guest enabled the event.
+    /// Press the power button: PWRBTN_STS, and the SCI if the guest enabled the event. In S3
+    /// it wakes the guest.
     pub fn press_power_button(&mut self) -> std::io::Result<()> {
         self.pm1_status |= PWRBTN;
+        if self.sleeping {
+            self.wake();
+        }
         self.update_sci()
+    }
+
+    /// The RTC alarm fired: RTC_STS, the SCI if the guest enabled the event, and in S3 a wake
+    /// when RTC_EN is set.
+    pub fn rtc_alarm(&mut self) -> std::io::Result<()> {
+        self.pm1_status |= RTC;
+        if self.sleeping && self.pm1_enable & RTC != 0 {
+            self.wake();
+        }
+        self.update_sci()
+    }
+
+    /// Whether the guest is in S3.
+    pub fn sleeping(&self) -> bool {
+        self.sleeping
+    }
+
+    fn wake(&mut self) {
+        self.sleeping = false;
+        self.pm1_status |= WAK_STS;
+        self.control.wake();
     }
 
     /// The SCI is up while an enabled event's status bit is set.
     fn update_sci(&self) -> std::io::Result<()> {
         match &self.sci {
-            Some(sci) => sci.set_level(self.pm1_status & self.pm1_enable & PWRBTN != 0),
+            Some(sci) => sci.set_level(self.pm1_status & self.pm1_enable & (PWRBTN | RTC) != 0),
             None => Ok(()),
         }
     }
@@ -112,6 +149,10 @@ impl BusDevice for AcpiPm {
                 let slp_typ = ((cnt >> 10) & 7) as u8;
                 if cnt & SLP_EN != 0 && slp_typ == self.s5_slp_typ {
                     self.control.request(ExitRequest::PowerOff);
+                } else if cnt & SLP_EN != 0 && slp_typ == self.s3_slp_typ {
+                    self.sleeping = true;
+                    self.pm1_status &= !WAK_STS;
+                    self.control.suspend();
                 }
             }
             (TMR_OFFSET, _) => {}
@@ -154,18 +195,41 @@ mod tests {
 
     fn pm() -> (Arc<VmControl>, AcpiPm) {
         let c = Arc::new(VmControl::new().unwrap());
-        (c.clone(), AcpiPm::new(c, 5))
+        (c.clone(), AcpiPm::new(c, 5, 1))
     }
 
     #[test]
     fn s5_powers_off_and_other_states_do_not() {
         let (c, mut d) = pm();
         d.write(0x600, 4, &((3u16 << 10) | SLP_EN).to_le_bytes());
-        assert_eq!(c.pending(), None, "S3 is not power-off");
+        assert_eq!(c.pending(), None, "S1 (not offered) is not power-off");
+        assert!(!c.asleep(), "nor a suspend");
         d.write(0x600, 4, &(5u16 << 10).to_le_bytes());
         assert_eq!(c.pending(), None, "no SLP_EN");
         d.write(0x600, 4, &((5u16 << 10) | SLP_EN).to_le_bytes());
         assert_eq!(c.pending(), Some(ExitRequest::PowerOff));
+    }
+
+    #[test]
+    fn s3_sleeps_until_an_enabled_rtc_alarm_or_the_power_button() {
+        let (c, mut d) = pm();
+        let s3 = (1u16 << 10) | SLP_EN;
+        d.write(0x600, 4, &s3.to_le_bytes());
+        assert!(c.asleep() && d.sleeping());
+        assert_eq!(c.pending(), None, "S3 is no exit");
+        d.rtc_alarm().unwrap();
+        assert!(!c.take_wake(), "RTC_EN clear: no wake");
+        d.write(0x600, 2, &RTC.to_le_bytes());
+        d.rtc_alarm().unwrap();
+        assert!(c.take_wake() && !d.sleeping());
+        let mut b = [0u8; 2];
+        d.read(0x600, 0, &mut b);
+        assert_eq!(u16::from_le_bytes(b), WAK_STS | RTC);
+        c.resumed();
+        d.write(0x600, 0, &(WAK_STS | RTC).to_le_bytes());
+        d.write(0x600, 4, &s3.to_le_bytes());
+        d.press_power_button().unwrap();
+        assert!(c.take_wake(), "the power button wakes");
     }
 
     #[test]

@@ -144,6 +144,8 @@ pub struct Rtc {
     flags_at: u64,
     /// IRQ delivery failures; counted, not fatal.
     irq_errors: u64,
+    /// Told of every alarm interrupt (the ACPI PM block's RTC_STS: a wake event from S3).
+    alarm_hook: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Rtc {
@@ -164,6 +166,7 @@ impl Rtc {
             base_mono: now,
             flags_at: now,
             irq_errors: 0,
+            alarm_hook: None,
         }
     }
 
@@ -183,6 +186,12 @@ impl Rtc {
     /// Wake this timer thread whenever the guest changes the interrupt setup.
     pub fn set_waker(&mut self, waker: Arc<TimerWaker>) {
         self.waker = Some(waker);
+    }
+
+    /// Call `hook` whenever the alarm fires with its interrupt (AIE) enabled: the chipset's
+    /// RTC wake event. It runs under the RTC's lock.
+    pub fn set_alarm_hook(&mut self, hook: Arc<dyn Fn() + Send + Sync>) {
+        self.alarm_hook = Some(hook);
     }
 
     /// Set a CMOS byte that is not a clock register (firmware data such as memory sizes).
@@ -339,6 +348,11 @@ impl Rtc {
                 let first = (s0 + 1).max(s1 - 86_400);
                 if (first..=s1).any(|s| self.alarm_matches(&RtcTime::from_unix(s as i64))) {
                     self.cmos[REG_C] |= C_AF;
+                    if self.cmos[REG_B] & B_AIE != 0 {
+                        if let Some(hook) = &self.alarm_hook {
+                            hook();
+                        }
+                    }
                 }
             }
         }
@@ -646,6 +660,11 @@ mod tests {
     #[test]
     fn update_and_alarm_interrupts() {
         let (mut r, clock, irq) = rtc(i128::from(T0) * NS_PER_SEC + 500_000_000);
+        let wakes = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let w = wakes.clone();
+        r.set_alarm_hook(Arc::new(move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        }));
         // Alarm at 06:13:26 (BCD), alarm interrupt only.
         wr(&mut r, 0x01, 0x26);
         wr(&mut r, 0x03, 0x13);
@@ -656,9 +675,11 @@ mod tests {
         clock.set(d);
         r.tick(d);
         assert_eq!(irq.0.load(Ordering::SeqCst), 0, "06:13:25 is not the alarm");
+        assert_eq!(wakes.load(Ordering::SeqCst), 0);
         clock.advance(1_000_000_000);
         r.tick(clock.now_ns());
         assert_eq!(irq.0.load(Ordering::SeqCst), 1);
+        assert_eq!(wakes.load(Ordering::SeqCst), 1, "the alarm is a wake event");
         assert_eq!(rd(&mut r, 0x0c) & 0xb0, 0xb0);
     }
 

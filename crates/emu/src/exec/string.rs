@@ -138,6 +138,12 @@ impl Cpu {
                     break;
                 }
             }
+            if self.bp_hits != 0 && c != 0 {
+                // A data breakpoint traps after the iteration that hit it: the instruction
+                // resumes after the #DB handler.
+                self.next_rip = self.st.rip;
+                return Ok(());
+            }
         }
         Ok(())
     }
@@ -174,6 +180,10 @@ impl Cpu {
     /// Bulk REP MOVS within one source and one destination RAM page (forward direction).
     /// Returns false when the slow path must handle this element.
     fn fast_movs(&mut self, s: usize, si: u64, di: u64, size: u32, am: u64, delta: u64) -> R<bool> {
+        // Data breakpoints see every element's access on the slow path.
+        if self.bp_data != 0 {
+            return Ok(false);
+        }
         if delta != size as u64 || am != u64::MAX && am != 0xffff_ffff {
             return Ok(false);
         }
@@ -223,6 +233,10 @@ impl Cpu {
     }
 
     fn fast_stos(&mut self, di: u64, size: u32, am: u64, delta: u64) -> R<bool> {
+        // Data breakpoints see every element's access on the slow path.
+        if self.bp_data != 0 {
+            return Ok(false);
+        }
         if delta != size as u64 || am != u64::MAX && am != 0xffff_ffff {
             return Ok(false);
         }

@@ -3,8 +3,9 @@
 
 use super::alu::mask;
 use super::{reg_bits, Loc};
-use crate::cpu::{gp, gp0, np, ss_fault, ud, Cpu, R};
+use crate::cpu::{gp, gp0, np, ss_fault, ud, Cpu, Fault, R};
 use crate::pvclock::{self, SharedKvmClock};
+use crate::state::dr::{DR6_B, DR6_BD, DR7_GD};
 use crate::state::{cr0, cr4, efer, flags::*, gpr, seg};
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 use kvmbox_cpu::Segment;
@@ -305,12 +306,21 @@ impl Cpu {
         if (n == 4 || n == 5) && self.st.cr4 & cr4::DE != 0 {
             return Err(ud());
         }
+        // DR7.GD: any MOV DR is a fault-like #DB with DR6.BD (the delivery clears GD so the
+        // handler can use the debug registers).
+        if self.st.dr[7] & DR7_GD != 0 {
+            self.st.dr[6] = (self.st.dr[6] & !DR6_B) | DR6_BD;
+            return Err(Fault::Exc(1, None));
+        }
         if let Some(v) = v {
             self.st.dr[idx] = match idx {
                 6 => (v & 0xf00f) | 0xffff_0ff0,
                 7 => (v & 0xffff_2bff) | 0x400,
                 _ => v,
             };
+            if idx == 7 {
+                self.update_breakpoints();
+            }
         }
         Ok(self.st.dr[idx])
     }
@@ -750,6 +760,9 @@ impl Cpu {
         let b = (v as u32).to_le_bytes();
         let io = self.io_handler()?;
         io.pio_write(port, &b[..size as usize]);
+        // The write may have stopped the vCPU (a kick, as when the guest enters ACPI S3):
+        // end the batch so the run loop sees it before the next instruction.
+        self.io_break = true;
         Ok(())
     }
 

@@ -85,6 +85,21 @@ impl RunResult {
         m
     }
 
+    /// The `s3` scenario's result: suspended with `_S3_`'s SLP_TYP, resumed, exit status 1 (the
+    /// resume code's debug-exit 0).
+    pub fn check_s3(&self) {
+        assert!(
+            self.stdout
+                .contains("KVMBOX-TEST s3 pm1a_cnt=0x604 slp_typ=1 waking_vector=0x7000"),
+            "console:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        assert_eq!(self.get("s3", "resumed"), "yes");
+        assert_eq!(self.get("done", "result"), "ok");
+        assert_eq!(self.status, Some(1), "stderr:\n{}", self.stderr);
+    }
+
     /// The value of `key` in scenario `scenario`'s line; panics with the whole console if absent.
     pub fn get(&self, scenario: &str, key: &str) -> String {
         self.results()

@@ -44,11 +44,11 @@ mod tests {
     #[test]
     fn restored_pm_timer_continues_from_the_saved_count() {
         let control = Arc::new(VmControl::new().unwrap());
-        let mut a = AcpiPm::new(control.clone(), 5);
+        let mut a = AcpiPm::new(control.clone(), 5, 1);
         a.pm1_enable = 0x100;
         a.start -= std::time::Duration::from_secs(3);
         let saved = a.save_state();
-        let mut b = AcpiPm::new(control, 5);
+        let mut b = AcpiPm::new(control, 5, 1);
         b.restore_state(&saved);
         let s = b.save_state();
         assert_eq!((s.pm1_enable, s.pm1_status), (0x100, 0));
