@@ -534,9 +534,23 @@ fn drive_format_serial_and_lock_reach_the_guest_on_kvm() {
         file_len < 32 << 20,
         "a fresh qcow2 file is sparse: {file_len}"
     );
-    let mut holder =
-        Interactive::testguest(1, "128M", "shell", &["--disk", qcow2.to_str().unwrap()]);
+    // The holder's disk comes from the flags; GET /vm/config reports its options as the API's
+    // drive fields.
+    let holder_sock = sock_path("ext-holder");
+    let spec = format!("{},format=qcow2,serial=flagdisk", qcow2.display());
+    let mut holder = Interactive::testguest(
+        1,
+        "128M",
+        "shell",
+        &["--disk", &spec, "--api-sock", holder_sock.to_str().unwrap()],
+    );
     holder.expect("type help", TG);
+    let (st, full) = http(&holder_sock, "GET", "/vm/config", None);
+    assert_eq!(st, 200, "{full}");
+    let d = &full["drives"][0];
+    assert_eq!(d["format"], "qcow2", "{full}");
+    assert_eq!(d["serial"], "flagdisk", "{full}");
+    assert_eq!(d["lock"], true, "{full}");
     // Locked (the default), the start is refused, naming the holder.
     let sock = sock_path("ext-locked");
     let mut locked = blk_configured(&sock, &drive(json!({"format": "raw"})));

@@ -445,6 +445,9 @@ impl Controller {
                 is_root_device: false,
                 path_on_host: Some(d.path.display().to_string()),
                 is_read_only: Some(d.read_only),
+                format: d.format.map(|f| f.to_string()),
+                serial: d.serial.clone(),
+                lock: Some(d.lock),
                 ..Default::default()
             });
         let api_nets = pre.map(|p| p.nets.clone()).unwrap_or_default();
