@@ -107,57 +107,71 @@ impl RateLimiterConfig {
         }
     }
 
-    /// Apply one `--disk`/`--net` option: `bw=BYTES_PER_S`, `bw_burst=BYTES`, `iops=N`,
-    /// `iops_burst=N` (`key` without any `rx_`/`tx_` prefix). Values take the suffixes K, M, G,
-    /// T (binary). `Ok(false)`: not a rate-limit option.
+    /// Apply one `--disk`/`--net` option (`key` without any `rx_`/`tx_` prefix):
+    /// `bw=BYTES` and `iops=N` set a bucket's size, refilled every second unless
+    /// `bw_refill=MS`/`iops_refill=MS` say otherwise (so `bw` alone is bytes per second);
+    /// `bw_burst=BYTES`/`iops_burst=N` set its one-time burst. Sizes and bursts take the
+    /// suffixes K, M, G, T (binary). `Ok(false)`: not a rate-limit option.
     pub fn set_option(&mut self, key: &str, value: &str) -> Result<bool, String> {
-        let (bucket, burst) = match key {
-            "bw" => (&mut self.bandwidth, false),
-            "bw_burst" => (&mut self.bandwidth, true),
-            "iops" => (&mut self.ops, false),
-            "iops_burst" => (&mut self.ops, true),
+        let (bucket, field) = key.split_once('_').unwrap_or((key, ""));
+        let slot = match bucket {
+            "bw" => &mut self.bandwidth,
+            "iops" => &mut self.ops,
             _ => return Ok(false),
         };
+        if !matches!(field, "" | "burst" | "refill") {
+            return Ok(false);
+        }
         let n = parse_scaled(value, 1).ok_or_else(|| {
             format!("{key}={value}: expected a number, optionally with K, M, G or T")
         })?;
-        let b = bucket.get_or_insert(BucketConfig::per_second(0));
-        if burst {
-            b.one_time_burst = n;
-        } else {
-            if n == 0 {
-                return Err(format!("{key}={value}: must be above 0"));
+        if n == 0 && field != "burst" {
+            return Err(format!("{key}={value}: must be above 0"));
+        }
+        let b = slot.get_or_insert(BucketConfig::per_second(0));
+        match field {
+            "" => b.size = n,
+            "burst" => b.one_time_burst = n,
+            _ => {
+                if n > u64::MAX / 1_000_000 {
+                    return Err(format!("{key}={value}: too large"));
+                }
+                b.refill_time = n;
             }
-            b.size = n;
         }
         Ok(true)
     }
 
-    /// Check after the last [`set_option`](Self::set_option): a burst needs its rate.
+    /// Check after the last [`set_option`](Self::set_option): a burst or refill time needs its
+    /// bucket's size.
     pub fn check_options(&self, prefix: &str) -> Result<(), String> {
         for (name, b) in [("bw", &self.bandwidth), ("iops", &self.ops)] {
             if b.is_some_and(|b| b.size == 0) {
-                return Err(format!("{prefix}{name}_burst needs {prefix}{name}"));
+                return Err(format!(
+                    "{prefix}{name}_burst and {prefix}{name}_refill need {prefix}{name}"
+                ));
             }
         }
         Ok(())
     }
 
-    /// The options [`set_option`](Self::set_option) reads back from (`prefix` before each
-    /// key), for a spec string; `None` when a bucket has no such form (refill time not 1 s).
-    pub fn to_options(&self, prefix: &str) -> Option<String> {
+    /// The options [`set_option`](Self::set_option) reads back (`prefix` before each key),
+    /// each with a leading `,`, for a spec string. Disabling buckets are left out.
+    pub fn to_options(&self, prefix: &str) -> String {
         let mut out = String::new();
         for (name, b) in [("bw", &self.bandwidth), ("iops", &self.ops)] {
-            let Some(b) = b else { continue };
-            if b.refill_time != 1000 {
-                return None;
-            }
+            let Some(b) = b.filter(|b| !b.disables()) else {
+                continue;
+            };
             out.push_str(&format!(",{prefix}{name}={}", b.size));
             if b.one_time_burst > 0 {
                 out.push_str(&format!(",{prefix}{name}_burst={}", b.one_time_burst));
             }
+            if b.refill_time != 1000 {
+                out.push_str(&format!(",{prefix}{name}_refill={}", b.refill_time));
+            }
         }
-        Some(out)
+        out
     }
 }
 

@@ -244,16 +244,18 @@ fn options_set_per_second_buckets() {
     assert_eq!(c.set_option("bw", "4M"), Ok(true));
     assert_eq!(c.set_option("bw_burst", "64k"), Ok(true));
     assert_eq!(c.set_option("iops", "200"), Ok(true));
+    assert_eq!(c.set_option("iops_refill", "100"), Ok(true));
+    assert_eq!(c.set_option("iops_x", "1"), Ok(false));
     assert_eq!(c.set_option("ro", "x"), Ok(false));
     assert_eq!(c.check_options(""), Ok(()));
     assert_eq!(c.bandwidth, Some(bucket(4 << 20, 64 << 10, 1000)));
-    assert_eq!(c.ops, Some(bucket(200, 0, 1000)));
+    assert_eq!(c.ops, Some(bucket(200, 0, 100)));
     assert_eq!(
-        c.to_options("rx_").unwrap(),
-        ",rx_bw=4194304,rx_bw_burst=65536,rx_iops=200"
+        c.to_options("rx_"),
+        ",rx_bw=4194304,rx_bw_burst=65536,rx_iops=200,rx_iops_refill=100"
     );
     let mut back = RateLimiterConfig::default();
-    for kv in c.to_options("").unwrap().split(',').skip(1) {
+    for kv in c.to_options("").split(',').skip(1) {
         let (k, v) = kv.split_once('=').unwrap();
         back.set_option(k, v).unwrap();
     }
@@ -267,7 +269,7 @@ fn options_set_per_second_buckets() {
     only_burst.set_option("iops_burst", "5").unwrap();
     assert_eq!(
         only_burst.check_options("tx_").unwrap_err(),
-        "tx_iops_burst needs tx_iops"
+        "tx_iops_burst and tx_iops_refill need tx_iops"
     );
     assert_eq!(parse_scaled("2G", 1), Some(2 << 30));
     assert_eq!(parse_scaled("7", 1 << 20), Some(7 << 20));
