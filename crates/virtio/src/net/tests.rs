@@ -177,6 +177,8 @@ fn tap_arp_round_trip_in_a_network_namespace() {
     let net = ns.open_net(NetConfig {
         backend: NetBackendConfig::Tap("kvbtap0".into()),
         mac: Some(mac),
+        rx_limiter: Default::default(),
+        tx_limiter: Default::default(),
     });
     assert_eq!(net.backend_label(), "tap 'kvbtap0'");
     ns.ip(&["link", "set", "kvbtap0", "up"]);
@@ -405,6 +407,8 @@ fn bench_tap_tx_mtu_vs_tso() {
     let net = ns.open_net(NetConfig {
         backend: NetBackendConfig::Tap("kvbtapb".into()),
         mac: Some(mac),
+        rx_limiter: Default::default(),
+        tx_limiter: Default::default(),
     });
     ns.ip(&["link", "set", "kvbtapb", "up"]);
     ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "kvbtapb"]);
