@@ -485,7 +485,17 @@ impl Controller {
 
     fn full_config(&self) -> ApiRes<FullVmConfiguration> {
         let (cfg, pre) = self.report_config()?;
-        let api_drives = pre.map(|p| p.drives.clone()).unwrap_or_default();
+        // The limiters in force (a live PATCH changes the running configuration).
+        let mut api_drives = pre.map(|p| p.drives.clone()).unwrap_or_default();
+        for d in &mut api_drives {
+            if let Some(c) = self
+                .disk_index(&d.drive_id)
+                .ok()
+                .and_then(|i| cfg.disks.get(i))
+            {
+                d.rate_limiter = limiter_value(&c.rate_limiter);
+            }
+        }
         let flag_disks = cfg
             .disks
             .iter()
@@ -499,7 +509,17 @@ impl Controller {
                 rate_limiter: limiter_value(&d.rate_limiter),
                 ..Default::default()
             });
-        let api_nets = pre.map(|p| p.nets.clone()).unwrap_or_default();
+        let mut api_nets = pre.map(|p| p.nets.clone()).unwrap_or_default();
+        for n in &mut api_nets {
+            if let Some(c) = self
+                .net_index(&n.iface_id)
+                .ok()
+                .and_then(|i| cfg.nets.get(i))
+            {
+                n.rx_rate_limiter = limiter_value(&c.rx_limiter);
+                n.tx_rate_limiter = limiter_value(&c.tx_limiter);
+            }
+        }
         let flag_nets = cfg
             .nets
             .iter()
