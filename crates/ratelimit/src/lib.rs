@@ -260,11 +260,28 @@ impl TokenBucket {
             self.carry = 0;
             return;
         }
-        let earned = dt
-            .saturating_mul(u128::from(self.cfg.size))
-            .saturating_add(self.carry);
-        let add = (earned / self.refill_ns).min(u128::from(u64::MAX));
-        self.carry = earned % self.refill_ns;
+        // u64 arithmetic when it fits (the common case: u128 division is slow), else u128.
+        let fits = u64::try_from(dt)
+            .ok()
+            .zip(u64::try_from(self.refill_ns).ok());
+        let (add, carry) = match fits.and_then(|(dt, rn)| {
+            let e = dt
+                .checked_mul(self.cfg.size)?
+                .checked_add(self.carry as u64)?;
+            Some((u128::from(e / rn), u128::from(e % rn)))
+        }) {
+            Some(v) => v,
+            None => {
+                let earned = dt
+                    .saturating_mul(u128::from(self.cfg.size))
+                    .saturating_add(self.carry);
+                (
+                    (earned / self.refill_ns).min(u128::from(u64::MAX)),
+                    earned % self.refill_ns,
+                )
+            }
+        };
+        self.carry = carry;
         self.level = (self.level + add as i128).min(size);
         if self.level == size {
             self.carry = 0;
@@ -365,6 +382,8 @@ pub struct RateLimiter {
     ops: Option<TokenBucket>,
     timer: Timer,
     blocked: bool,
+    /// The time of this pass over the queue (see [`start_pass`](Self::start_pass)).
+    pass_now: Option<Instant>,
 }
 
 impl RateLimiter {
@@ -380,6 +399,7 @@ impl RateLimiter {
             ops: cfg.ops.and_then(|b| TokenBucket::new(b, now)),
             timer: Timer::new()?,
             blocked: false,
+            pass_now: None,
         })
     }
 
@@ -412,6 +432,13 @@ impl RateLimiter {
         self.ops.as_mut()
     }
 
+    /// A worker starts a pass over its queue: [`consume`](Self::consume) reads the clock once
+    /// for the pass (a clock read costs more than the arithmetic), and again only before it
+    /// says no, so a stale time never holds a request back.
+    pub fn start_pass(&mut self) {
+        self.pass_now = None;
+    }
+
     /// Take one operation and `bytes` bytes, both or neither. On no, the timer is armed for
     /// when both will be there and the limiter is blocked until it fires.
     #[inline]
@@ -419,7 +446,41 @@ impl RateLimiter {
         if self.is_unlimited() {
             return true;
         }
-        self.consume_at(bytes, Instant::now())
+        if self.blocked {
+            return false;
+        }
+        if let Some(t) = self.pass_now {
+            if self.check(bytes, t).is_ok() {
+                self.take(bytes);
+                return true;
+            }
+        }
+        let now = Instant::now();
+        self.pass_now = Some(now);
+        self.consume_at(bytes, now)
+    }
+
+    /// Whether one operation and `bytes` bytes are there at `now`, or how long until they are.
+    fn check(&mut self, bytes: u64, now: Instant) -> Result<(), Duration> {
+        let ops = self.ops.as_mut().map_or(Ok(()), |b| b.check(1, now));
+        let bw = self
+            .bandwidth
+            .as_mut()
+            .map_or(Ok(()), |b| b.check(bytes, now));
+        match (ops, bw) {
+            (Ok(()), Ok(())) => Ok(()),
+            (a, b) => Err(a.err().max(b.err()).unwrap_or_default()),
+        }
+    }
+
+    /// Take what [`check`](Self::check) allowed.
+    fn take(&mut self, bytes: u64) {
+        if let Some(b) = self.ops.as_mut() {
+            b.take(1);
+        }
+        if let Some(b) = self.bandwidth.as_mut() {
+            b.take(bytes);
+        }
     }
 
     /// [`consume`](Self::consume) at `now`; `Err` holds the wait the timer was armed with.
@@ -433,23 +494,12 @@ impl RateLimiter {
         if self.blocked {
             return Err(None);
         }
-        let ops = self.ops.as_mut().map_or(Ok(()), |b| b.check(1, now));
-        let bw = self
-            .bandwidth
-            .as_mut()
-            .map_or(Ok(()), |b| b.check(bytes, now));
-        match (ops, bw) {
-            (Ok(()), Ok(())) => {
-                if let Some(b) = self.ops.as_mut() {
-                    b.take(1);
-                }
-                if let Some(b) = self.bandwidth.as_mut() {
-                    b.take(bytes);
-                }
+        match self.check(bytes, now) {
+            Ok(()) => {
+                self.take(bytes);
                 Ok(())
             }
-            (a, b) => {
-                let wait = a.err().max(b.err()).unwrap_or_default();
+            Err(wait) => {
                 self.blocked = true;
                 self.timer.arm(Some(wait));
                 Err(Some(wait))

@@ -36,6 +36,7 @@ impl BlockHandler {
     pub(crate) fn process(&mut self) -> bool {
         let (mem, disk, m) = (&self.mem, &self.disk, &*self.metrics);
         let mut rl = self.limiter.lock();
+        rl.start_pass();
         let limited = !rl.is_unlimited();
         let handle =
             |chain: crate::queue::ParsedChain| match chain.and_then(|c| Request::parse(&c, mem)) {

@@ -243,6 +243,7 @@ impl NetHandler {
         let mut b = lock(&backend);
         let limiter = self.tx_limiter.clone();
         let mut rl = limiter.lock();
+        rl.start_pass();
         let limited = !rl.is_unlimited();
         let (mem, buf, m) = (&self.mem, &mut self.tx_buf, &*self.metrics);
         let blocked = std::cell::Cell::new(b.tx_blocked());
@@ -287,6 +288,7 @@ impl NetHandler {
             .map_err(QueueBroken)?;
         let mut budget = crate::queue::MAX_CHAINS_PER_PASS;
         let backend = self.backend.clone();
+        self.rx_limiter.lock().start_pass();
         loop {
             if budget == 0 {
                 let _ = self.rx_evt.write(1);
