@@ -457,6 +457,33 @@ fn bad_input_gets_400_naming_the_problem_and_changes_nothing() {
         cfg["network-interfaces"][0]["user_net"]["hostfwd"][0], "tcp::2222-:22",
         "{cfg}"
     );
+    // Each direction's limiter is patched on its own.
+    ok(
+        &sock,
+        "PATCH",
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 125000, "refill_time": 100}}}"#,
+    );
+    ok(
+        &sock,
+        "PATCH",
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0", "rx_rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}"#,
+    );
+    let cfg = http(&sock, "GET", "/vm/config", None).1;
+    let eth0 = &cfg["network-interfaces"][0];
+    assert_eq!(
+        eth0["tx_rate_limiter"]["bandwidth"]["size"], 125000,
+        "{cfg}"
+    );
+    assert_eq!(eth0["rx_rate_limiter"]["ops"]["size"], 100, "{cfg}");
+    refused(
+        &sock,
+        "PATCH",
+        "/network-interfaces/eth9",
+        Some(r#"{"iface_id": "eth9", "rx_rate_limiter": {}}"#),
+        "iface_id: no interface 'eth9'",
+    );
     // Rate limiters are accepted in Firecracker's shape and patched by its rule before the
     // start: a bucket given replaces, one absent stays, a zero size removes.
     let img = scratch_image("api-rl", 1 << 20);
