@@ -301,7 +301,10 @@ impl TokenBucket {
         if self.level >= need {
             return Ok(());
         }
-        let deficit = (need - self.level) as u128 * self.refill_ns - self.carry;
+        // Saturating: only absurd buckets (sizes and refill times near 2^64) come near it.
+        let deficit = ((need - self.level) as u128)
+            .saturating_mul(self.refill_ns)
+            .saturating_sub(self.carry);
         let size = u128::from(self.cfg.size);
         let ns = deficit.div_ceil(size).min(u128::from(u64::MAX));
         Err(Duration::from_nanos(ns as u64))

@@ -91,6 +91,20 @@ fn a_request_larger_than_the_bucket_waits_for_a_full_bucket_and_leaves_a_debt() 
 }
 
 #[test]
+fn extreme_buckets_do_not_overflow() {
+    let t0 = Instant::now();
+    let max_refill = u64::MAX / 1_000_000;
+    let mut b = TokenBucket::new(bucket(u64::MAX, u64::MAX, max_refill), t0).unwrap();
+    b.try_take_at(u64::MAX, t0).unwrap();
+    b.try_take_at(u64::MAX, t0).unwrap();
+    assert!(b.try_take_at(u64::MAX, t0).is_err());
+    assert!(b.level_at(at(t0, 1)) >= 0);
+    let mut b = TokenBucket::new(bucket(1, 0, max_refill), t0).unwrap();
+    b.try_take_at(u64::MAX, t0).unwrap();
+    assert!(b.try_take_at(1, t0 + Duration::from_secs(1 << 40)).is_err());
+}
+
+#[test]
 fn zero_size_or_refill_time_means_no_bucket() {
     let t0 = Instant::now();
     assert!(TokenBucket::new(bucket(0, 10, 100), t0).is_none());
