@@ -1,4 +1,4 @@
-//! `PATH[,format=raw|qcow2][,ro][,serial=ID][,lock=off]`: one disk, as the CLI, the config
+//! `PATH[,format=raw|qcow2][,ro][,serial=ID][,lock=off][,bw=...][,iops=...]`: one disk, as the CLI, the config
 //! file's `disks` and the API's drives all give it.
 
 use std::fmt;
@@ -65,6 +65,8 @@ pub struct DiskSpec {
     pub serial: Option<String>,
     /// Take QEMU-compatible image locks (default); `lock=off` skips them.
     pub lock: bool,
+    /// Rate limits (`bw=`, `iops=` and their `_burst`/`_refill`; none by default).
+    pub rate_limiter: kvmbox_ratelimit::RateLimiterConfig,
 }
 
 impl DiskSpec {
@@ -76,6 +78,7 @@ impl DiskSpec {
             read_only: false,
             serial: None,
             lock: true,
+            rate_limiter: Default::default(),
         }
     }
 }
@@ -83,7 +86,8 @@ impl DiskSpec {
 impl FromStr for DiskSpec {
     type Err = Error;
 
-    /// Parse `PATH[,format=raw|qcow2][,ro][,serial=ID][,lock=on|off]`.
+    /// Parse `PATH[,format=raw|qcow2][,ro][,serial=ID][,lock=on|off]` and the rate limits
+    /// (`bw=BYTES[,bw_burst=BYTES][,bw_refill=MS][,iops=N][,iops_burst=N][,iops_refill=MS]`).
     fn from_str(s: &str) -> Result<Self> {
         let bad = |problem: String| Error::Spec {
             spec: s.to_string(),
@@ -106,13 +110,16 @@ impl FromStr for DiskSpec {
                 Some(("lock", "off")) => spec.lock = false,
                 Some(("lock", "on")) => spec.lock = true,
                 Some(("lock", v)) => return Err(bad(format!("lock={v}: expected on or off"))),
+                Some((k, v)) if spec.rate_limiter.set_option(k, v).map_err(bad)? => {}
                 _ => {
                     return Err(bad(format!(
-                    "unknown option '{p}' (expected format=raw|qcow2, ro, serial=ID or lock=off)"
+                    "unknown option '{p}' (expected format=raw|qcow2, ro, serial=ID, lock=off, \
+                     bw=, bw_burst=, bw_refill=, iops=, iops_burst= or iops_refill=)"
                 )))
                 }
             }
         }
+        spec.rate_limiter.check_options("").map_err(bad)?;
         Ok(spec)
     }
 }
@@ -130,6 +137,17 @@ mod tests {
         assert_eq!(c.serial.as_deref(), Some("abc"));
         let c: DiskSpec = "/img".parse().unwrap();
         assert_eq!(c, DiskSpec::new("/img"));
+        assert!(c.rate_limiter.is_unlimited());
+        let c: DiskSpec = "/img,bw=4M,bw_burst=1M,iops=100,iops_refill=100"
+            .parse()
+            .unwrap();
+        let b = c.rate_limiter.bandwidth.unwrap();
+        assert_eq!(
+            (b.size, b.one_time_burst, b.refill_time),
+            (4 << 20, 1 << 20, 1000)
+        );
+        let o = c.rate_limiter.ops.unwrap();
+        assert_eq!((o.size, o.one_time_burst, o.refill_time), (100, 0, 100));
     }
 
     #[test]
@@ -140,6 +158,8 @@ mod tests {
         assert!(err("/img,serial=123456789012345678901").contains("1 to 20 bytes"));
         assert!(err("/img,format=vdi").contains("unknown format 'vdi'"));
         assert!(err("/img,lock=maybe").contains("lock=maybe"));
+        assert!(err("/img,bw=fast").contains("bw=fast: expected a number"));
+        assert!(err("/img,iops_burst=10").contains("iops_burst and iops_refill need iops"));
     }
 
     #[test]

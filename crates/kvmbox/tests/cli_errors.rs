@@ -568,3 +568,38 @@ fn user_network_refuses_taken_and_repeated_hostfwd_ports() {
         "--net user with --on-reboot restart needs --no-seccomp",
     );
 }
+
+/// Bad rate-limit options on `--disk` and `--net` are one usage line naming the option.
+#[test]
+fn bad_rate_limit_options_name_the_option() {
+    let g = testguest();
+    let g = g.to_str().unwrap();
+    let img = std::env::temp_dir().join(format!("kvmbox-cli-rl-{}.img", std::process::id()));
+    std::fs::write(&img, [0u8; 512]).unwrap();
+    let disk = |opts: &str| format!("{}{opts}", img.display());
+    expect_usage_error(
+        &["run", "--kernel", g, "--disk", &disk(",bw=fast")],
+        "bw=fast: expected a number, optionally with K, M, G or T",
+    );
+    expect_usage_error(
+        &["run", "--kernel", g, "--disk", &disk(",iops=0")],
+        "iops=0: must be above 0",
+    );
+    expect_usage_error(
+        &["run", "--kernel", g, "--disk", &disk(",bw_burst=1M")],
+        "bw_burst and bw_refill need bw",
+    );
+    expect_usage_error(
+        &["run", "--kernel", g, "--net", "tap=t0,tx_iops_refill=10x"],
+        "tx_iops_refill=10x",
+    );
+    expect_usage_error(
+        &["run", "--kernel", g, "--net", "tap=t0,rx_iops_burst=5"],
+        "rx_iops_burst and rx_iops_refill need rx_iops",
+    );
+    expect_usage_error(
+        &["run", "--kernel", g, "--net", "tap=t0,up_bw=1M"],
+        "unknown option 'up_bw=1M'",
+    );
+    let _ = std::fs::remove_file(&img);
+}

@@ -256,6 +256,8 @@ fn device_worker() -> Rules {
     use libc::*;
     Rules::default()
         .allow(&[SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_ctl, SYS_read])
+        // The rate limiter's timer: armed when it holds a request back, read when it fires.
+        .allow(&[SYS_timerfd_settime])
         .union(raises_interrupts())
 }
 
@@ -305,6 +307,9 @@ fn own(kind: ThreadKind) -> Rules {
                 SYS_unlinkat,
                 SYS_eventfd2,
                 SYS_epoll_create1,
+                // Rate limiters' timers: made with their devices, fired by live updates.
+                SYS_timerfd_create,
+                SYS_timerfd_settime,
                 SYS_poll,
                 SYS_ppoll,
                 SYS_pipe2,

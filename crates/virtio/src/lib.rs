@@ -18,6 +18,7 @@ pub mod block;
 mod device;
 #[doc(hidden)]
 pub mod fuzzing;
+mod limiter;
 mod metrics;
 pub mod net;
 pub mod queue;
@@ -29,6 +30,7 @@ mod worker;
 mod test_util;
 
 pub use device::{ActivateContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+pub use limiter::SharedLimiter;
 pub use metrics::DeviceMetrics;
 
 /// virtio device type: network card.

@@ -350,6 +350,20 @@ pub fn process_queue_until(
     mut handle: impl FnMut(Result<Chain, ChainError>) -> u32,
     stop: impl Fn() -> bool,
 ) -> Result<bool, QueueBroken> {
+    process_queue_or_defer(queue, mem, interrupt, index, |c| Some(handle(c)), stop)
+}
+
+/// [`process_queue_until`] whose `handle` may also defer a chain (`None`: a rate limiter said
+/// not yet): the chain goes back to the queue untouched, and the pass ends with notifications
+/// off; the caller comes back when it may go on (its limiter's timer).
+pub fn process_queue_or_defer(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn VirtioInterrupt,
+    index: u16,
+    mut handle: impl FnMut(Result<Chain, ChainError>) -> Option<u32>,
+    stop: impl Fn() -> bool,
+) -> Result<bool, QueueBroken> {
     let mut used = 0usize;
     let mut more = false;
     let size = queue.size();
@@ -363,10 +377,14 @@ pub fn process_queue_until(
             if stop() {
                 break 'outer;
             }
+            let start = queue.next_avail();
             let next = queue.iter(mem).map_err(QueueBroken)?.next();
             let Some(chain) = next else { break };
             let head = chain.head_index();
-            let len = handle(Chain::parse(chain, mem, size));
+            let Some(len) = handle(Chain::parse(chain, mem, size)) else {
+                queue.set_next_avail(start);
+                break 'outer;
+            };
             queue.add_used(mem, head, len).map_err(QueueBroken)?;
             used += 1;
         }

@@ -2,6 +2,7 @@
 
 use crate::limits::Limits;
 use kvmbox_cpu::Accel;
+use kvmbox_ratelimit::RateLimiterConfig;
 use kvmbox_virtio::block::DiskConfig;
 use kvmbox_virtio::net::NetConfig;
 use serde::Deserialize;
@@ -255,9 +256,9 @@ pub struct FileConfig {
     on_reboot: Option<OnReboot>,
     pvh: Option<bool>,
     #[serde(default)]
-    disks: Vec<String>,
+    disks: Vec<DiskEntry>,
     #[serde(default)]
-    nets: Vec<String>,
+    nets: Vec<NetEntry>,
     rng: Option<bool>,
     virtio: Option<VirtioTransport>,
     #[serde(default)]
@@ -274,6 +275,52 @@ pub struct FileConfig {
     /// The file's directory: relative paths in the file are relative to it.
     #[serde(skip)]
     dir: PathBuf,
+}
+
+/// One of the file's `disks`: a `--disk` spec, or a table with the spec and a Firecracker
+/// `rate_limiter` object (`{ spec = "d.img", rate_limiter = { bandwidth = { size = 1048576,
+/// refill_time = 1000 } } }`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum DiskEntry {
+    Spec(String),
+    Table(DiskTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskTable {
+    spec: String,
+    rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// One of the file's `nets`: a `--net` spec, or a table with the spec and Firecracker's
+/// `rx_rate_limiter`/`tx_rate_limiter` objects.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum NetEntry {
+    Spec(String),
+    Table(NetTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetTable {
+    spec: String,
+    rx_rate_limiter: Option<RateLimiterConfig>,
+    tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `base` with the buckets `obj` gives (a `rate_limiter` object of the file, checked).
+fn with_limiter(
+    base: RateLimiterConfig,
+    obj: Option<RateLimiterConfig>,
+    what: &str,
+) -> Result<RateLimiterConfig, ConfigError> {
+    let Some(obj) = obj else { return Ok(base) };
+    obj.validate()
+        .map_err(|e| ConfigError::Invalid(format!("{what}: {e}")))?;
+    Ok(base.patched(&obj))
 }
 
 impl FileConfig {
@@ -546,7 +593,18 @@ impl VmConfig {
         let parse_disk = |d: &String| parse_disk_spec(d);
         let mut disks = Vec::new();
         for d in &f.disks {
-            let mut disk = parse_disk(d)?;
+            let mut disk = match d {
+                DiskEntry::Spec(spec) => parse_disk(spec)?,
+                DiskEntry::Table(t) => {
+                    let mut disk = parse_disk(&t.spec)?;
+                    disk.rate_limiter = with_limiter(
+                        disk.rate_limiter,
+                        t.rate_limiter,
+                        &format!("disk '{}': rate_limiter", t.spec),
+                    )?;
+                    disk
+                }
+            };
             disk.path = f.resolve(disk.path);
             disks.push(disk);
         }
@@ -556,13 +614,26 @@ impl VmConfig {
         for d in &disks {
             check_user_file("disk", &d.path, true)?;
         }
-        let nets = f
-            .nets
-            .iter()
-            .chain(&o.nets)
-            .map(|n| n.parse::<NetConfig>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let parse_net = |n: &str| {
+            n.parse::<NetConfig>()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))
+        };
+        let mut nets = Vec::new();
+        for n in &f.nets {
+            nets.push(match n {
+                NetEntry::Spec(spec) => parse_net(spec)?,
+                NetEntry::Table(t) => {
+                    let mut net = parse_net(&t.spec)?;
+                    let what = |d: &str| format!("net '{}': {d}_rate_limiter", t.spec);
+                    net.rx_limiter = with_limiter(net.rx_limiter, t.rx_rate_limiter, &what("rx"))?;
+                    net.tx_limiter = with_limiter(net.tx_limiter, t.tx_rate_limiter, &what("tx"))?;
+                    net
+                }
+            });
+        }
+        for n in &o.nets {
+            nets.push(parse_net(n)?);
+        }
         let virtio = match o.virtio {
             Some(s) => s.parse()?,
             None => f.virtio.unwrap_or_default(),
@@ -707,6 +778,57 @@ mod tests {
             VmConfig::build(None, Overrides::default()),
             Err(ConfigError::NoKernel)
         ));
+    }
+
+    #[test]
+    fn file_disks_and_nets_take_firecrackers_rate_limiter_objects() {
+        let dir = std::env::temp_dir().join(format!("kvmbox-cfg-rl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("d.img"), [0u8; 512]).unwrap();
+        let path = dir.join("vm.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            let f = FileConfig::load(&path)?;
+            VmConfig::build(Some(f), Overrides::default())
+        };
+        let c = load(
+            "kernel = \"/k\"\n\
+             [[disks]]\nspec = \"d.img,iops=100\"\n\
+             rate_limiter = { bandwidth = { size = 1048576, one_time_burst = 4096, refill_time = 100 } }\n\
+             [[nets]]\nspec = \"tap=t0,rx_bw=1M\"\n\
+             tx_rate_limiter = { ops = { size = 10, refill_time = 1000 } }\n",
+        )
+        .unwrap();
+        let rl = c.disks[0].rate_limiter;
+        assert_eq!(
+            rl.bandwidth,
+            Some(kvmbox_ratelimit::BucketConfig {
+                size: 1 << 20,
+                one_time_burst: 4096,
+                refill_time: 100
+            })
+        );
+        assert_eq!(rl.ops.map(|b| b.size), Some(100));
+        assert_eq!(
+            c.nets[0].rx_limiter.bandwidth.map(|b| b.size),
+            Some(1 << 20)
+        );
+        assert_eq!(c.nets[0].tx_limiter.ops.map(|b| b.size), Some(10));
+        // A zero size in the object removes what the spec gave (Firecracker's rule).
+        let c = load(
+            "kernel = \"/k\"\n[[disks]]\nspec = \"d.img,iops=100\"\n\
+             rate_limiter = { ops = { size = 0, refill_time = 0 } }\n",
+        )
+        .unwrap();
+        assert!(c.disks[0].rate_limiter.is_unlimited());
+        let e = load(
+            "kernel = \"/k\"\n[[disks]]\nspec = \"d.img\"\n\
+             rate_limiter = { ops = { size = 1, refill_time = 9223372036854775807 } }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rate_limiter: ops.refill_time"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

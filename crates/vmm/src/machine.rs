@@ -66,7 +66,7 @@ impl Machine {
         // The kernel goes in first: a bad image is the user's most likely mistake, and it
         // should be reported as such whatever the backend.
         let devices = virtio_devices(cfg)?;
-        let mmio_slots = mmio_slots(cfg, devices.len())?;
+        let mmio_slots = mmio_slots(cfg, devices.0.len())?;
         let mut cmdline = cfg.cmdline.clone();
         for &(base, gsi) in &mmio_slots {
             cmdline.push(' ');

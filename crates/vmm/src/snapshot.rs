@@ -212,6 +212,7 @@ impl SavedConfig {
                     serial: d.serial.clone(),
                     format: d.format,
                     lock: d.lock,
+                    rate_limiter: Default::default(),
                 })
                 .collect(),
             nets: self
@@ -227,6 +228,8 @@ impl SavedConfig {
                     Ok(NetConfig {
                         backend,
                         mac: Some(n.mac),
+                        rx_limiter: Default::default(),
+                        tx_limiter: Default::default(),
                     })
                 })
                 .collect::<Result<_>>()?,

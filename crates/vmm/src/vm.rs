@@ -315,20 +315,36 @@ pub(crate) fn add_legacy_devices(
     })
 }
 
+/// The rate limiters of a VM's devices, in configuration order, for live updates.
+#[derive(Default, Clone)]
+pub struct DeviceLimiters {
+    /// One per disk.
+    pub disks: Vec<kvmbox_virtio::SharedLimiter>,
+    /// (receive, transmit) per network interface.
+    pub nets: Vec<(kvmbox_virtio::SharedLimiter, kvmbox_virtio::SharedLimiter)>,
+}
+
 /// The virtio devices the configuration asks for, opened now so that a bad image or TAP name
-/// is reported before anything runs.
-pub(crate) fn virtio_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>> {
+/// is reported before anything runs, and their rate limiters.
+pub(crate) fn virtio_devices(
+    cfg: &VmConfig,
+) -> Result<(Vec<Box<dyn VirtioDevice>>, DeviceLimiters)> {
     let mut devs: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut limiters = DeviceLimiters::default();
     for d in &cfg.disks {
-        devs.push(Box::new(Block::new(d)?));
+        let b = Block::new(d)?;
+        limiters.disks.push(b.rate_limiter());
+        devs.push(Box::new(b));
     }
     for n in &cfg.nets {
-        devs.push(Box::new(Net::new(n)?));
+        let n = Net::new(n)?;
+        limiters.nets.push(n.rate_limiters());
+        devs.push(Box::new(n));
     }
     if cfg.rng {
         devs.push(Box::new(Rng::new()));
     }
-    Ok(devs)
+    Ok((devs, limiters))
 }
 
 /// MMIO window and interrupt line of each virtio-mmio device (none with PCI).
@@ -362,10 +378,13 @@ pub(crate) fn attach_virtio(
     vm: &dyn Vm,
     io: &Arc<IoBus>,
     mem: &kvmbox_cpu::GuestMemory,
-    devices: Vec<Box<dyn VirtioDevice>>,
+    (devices, limiters): (Vec<Box<dyn VirtioDevice>>, DeviceLimiters),
     mmio_slots: &[(u64, u32)],
 ) -> Result<VirtioDevices> {
-    let mut attached = VirtioDevices::default();
+    let mut attached = VirtioDevices {
+        limiters,
+        ..Default::default()
+    };
     match cfg.virtio {
         VirtioTransport::Pci => {
             let root = Arc::new(Mutex::new(PciRoot::new(Arc::downgrade(io))));
@@ -404,4 +423,6 @@ pub struct VirtioDevices {
     pub pci: Vec<Arc<Mutex<kvmbox_virtio::transport::VirtioPciDevice>>>,
     /// virtio-mmio devices.
     pub mmio: Vec<Arc<Mutex<kvmbox_virtio::transport::MmioTransport>>>,
+    /// The devices' rate limiters.
+    pub limiters: DeviceLimiters,
 }

@@ -8,6 +8,7 @@ use kvmbox_block::DiskSpec;
 use super::event_handler::BlockHandler;
 use super::request::{Disk, ID_BYTES, MAX_SEGMENTS, MAX_SEGMENT_SECTORS, SECTOR_SIZE};
 use crate::device::{read_config_bytes, ActivateContext, VirtioDevice};
+use crate::limiter::SharedLimiter;
 use crate::metrics::DeviceMetrics;
 use crate::worker::Worker;
 use crate::{Error, Result, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK};
@@ -39,6 +40,7 @@ pub struct Block {
     config: [u8; CONFIG_SIZE],
     worker: Option<Worker>,
     metrics: Arc<DeviceMetrics>,
+    limiter: SharedLimiter,
 }
 
 impl Block {
@@ -91,7 +93,13 @@ impl Block {
             config,
             worker: None,
             metrics: Arc::default(),
+            limiter: SharedLimiter::new(&cfg.rate_limiter)?,
         })
+    }
+
+    /// The rate limiter (live updates go through it).
+    pub fn rate_limiter(&self) -> SharedLimiter {
+        self.limiter.clone()
     }
 
     /// Size of the disk in 512-byte sectors.
@@ -136,10 +144,15 @@ impl VirtioDevice for Block {
             interrupt,
             disk: self.disk.clone(),
             metrics: self.metrics.clone(),
+            limiter: self.limiter.clone(),
         };
+        let timer = self.limiter.lock().as_raw_fd();
         self.worker = Some(Worker::spawn(
             kvmbox_seccomp::ThreadKind::BlockWorker,
-            &[(fd, super::event_handler::QUEUE_TOKEN)],
+            &[
+                (fd, super::event_handler::QUEUE_TOKEN),
+                (timer, super::event_handler::LIMITER_TOKEN),
+            ],
             handler,
         )?);
         Ok(())

@@ -7,14 +7,17 @@ use std::sync::{Arc, Mutex};
 
 use super::backend::NetBackend;
 use super::event_handler::{
-    NetHandler, BACKEND_TOKEN, MAX_FRAME, RX_TOKEN, TX_TOKEN, VNET_HDR_LEN,
+    NetHandler, BACKEND_TOKEN, MAX_FRAME, RX_LIMITER_TOKEN, RX_TOKEN, TX_LIMITER_TOKEN, TX_TOKEN,
+    VNET_HDR_LEN,
 };
 use super::tap::Tap;
 use super::user::{HostFwd, Passt, UserNetConfig};
 use crate::device::{ActivateContext, VirtioDevice};
+use crate::limiter::SharedLimiter;
 use crate::metrics::DeviceMetrics;
 use crate::worker::Worker;
 use crate::{os, Error, Result, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET};
+use kvmbox_ratelimit::RateLimiterConfig;
 
 /// Feature bit: the device takes frames with partial checksums.
 pub const F_CSUM: u32 = 0;
@@ -48,13 +51,18 @@ pub enum NetBackendConfig {
     User(UserNetConfig),
 }
 
-/// One `--net tap=NAME[,mac=MAC]` or `--net user[,hostfwd=RULE]...[,mac=MAC]` option.
+/// One `--net tap=NAME[,mac=MAC]` or `--net user[,hostfwd=RULE]...[,mac=MAC]` option, with
+/// its rate limits (`rx_bw=`, `tx_iops=`, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     /// The host side.
     pub backend: NetBackendConfig,
     /// Guest MAC; a random locally administered one when absent.
     pub mac: Option<[u8; 6]>,
+    /// Limits on frames into the guest (Firecracker's `rx_rate_limiter`).
+    pub rx_limiter: RateLimiterConfig,
+    /// Limits on frames from the guest (Firecracker's `tx_rate_limiter`).
+    pub tx_limiter: RateLimiterConfig,
 }
 
 impl NetConfig {
@@ -95,8 +103,13 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 impl FromStr for NetConfig {
     type Err = Error;
 
-    /// Parse `tap=NAME[,mac=MAC]` or `user[,hostfwd=RULE]...[,mac=MAC]`.
+    /// Parse `tap=NAME[,mac=MAC]` or `user[,hostfwd=RULE]...[,mac=MAC]`, and the rate limits:
+    /// `rx_`/`tx_` before each of `--disk`'s `bw=`, `bw_burst=`, `bw_refill=`, `iops=`,
+    /// `iops_burst=`, `iops_refill=`.
     fn from_str(s: &str) -> Result<Self> {
+        let mut rx_limiter = RateLimiterConfig::default();
+        let mut tx_limiter = RateLimiterConfig::default();
+        let limit_err = |e: String| Error::Config(format!("--net '{s}': {e}"));
         let mut tap = None;
         let mut user = false;
         let mut hostfwd = Vec::new();
@@ -126,10 +139,21 @@ impl FromStr for NetConfig {
                         )))
                     }
                 },
+                Some((k, v))
+                    if match k.split_at_checked(3) {
+                        Some(("rx_", key)) => rx_limiter
+                            .set_option(key, v)
+                            .map_err(|e| limit_err(format!("rx_{e}")))?,
+                        Some(("tx_", key)) => tx_limiter
+                            .set_option(key, v)
+                            .map_err(|e| limit_err(format!("tx_{e}")))?,
+                        _ => false,
+                    } => {}
                 _ => {
                     return Err(Error::Config(format!(
                         "--net '{s}': unknown option '{p}' (expected tap=NAME or user, \
-                         hostfwd=RULE, mac=MAC)"
+                         hostfwd=RULE, mac=MAC, or rx_/tx_ before bw=, bw_burst=, bw_refill=, \
+                         iops=, iops_burst=, iops_refill=)"
                     )))
                 }
             }
@@ -153,7 +177,14 @@ impl FromStr for NetConfig {
                 )))
             }
         };
-        Ok(NetConfig { backend, mac })
+        rx_limiter.check_options("rx_").map_err(limit_err)?;
+        tx_limiter.check_options("tx_").map_err(limit_err)?;
+        Ok(NetConfig {
+            backend,
+            mac,
+            rx_limiter,
+            tx_limiter,
+        })
     }
 }
 
@@ -170,6 +201,8 @@ pub struct Net {
     link_up: Arc<AtomicBool>,
     worker: Option<Worker>,
     metrics: Arc<DeviceMetrics>,
+    rx_limiter: SharedLimiter,
+    tx_limiter: SharedLimiter,
 }
 
 impl Net {
@@ -199,7 +232,11 @@ impl Net {
             ),
             NetBackendConfig::User(u) => (Box::new(Passt::start(u, mac)?), "user".to_string()),
         };
+        let rx_limiter = SharedLimiter::new(&cfg.rx_limiter)?;
+        let tx_limiter = SharedLimiter::new(&cfg.tx_limiter)?;
         Ok(Self {
+            rx_limiter,
+            tx_limiter,
             backend: Arc::new(Mutex::new(backend)),
             label,
             mac,
@@ -207,6 +244,11 @@ impl Net {
             worker: None,
             metrics: Arc::default(),
         })
+    }
+
+    /// The receive and transmit rate limiters (live updates go through them).
+    pub fn rate_limiters(&self) -> (SharedLimiter, SharedLimiter) {
+        (self.rx_limiter.clone(), self.tx_limiter.clone())
     }
 
     /// The guest's MAC address.
@@ -273,6 +315,8 @@ impl VirtioDevice for Net {
             (rx_evt.as_raw_fd(), RX_TOKEN),
             (tx_evt.as_raw_fd(), TX_TOKEN),
             (backend_fd, BACKEND_TOKEN),
+            (self.rx_limiter.lock().as_raw_fd(), RX_LIMITER_TOKEN),
+            (self.tx_limiter.lock().as_raw_fd(), TX_LIMITER_TOKEN),
         ];
         let handler = NetHandler {
             mem: ctx.mem,
@@ -293,6 +337,9 @@ impl VirtioDevice for Net {
             mrg_rxbuf: f & 1 << F_MRG_RXBUF != 0,
             metrics: self.metrics.clone(),
             tx_buf: vec![0; MAX_FRAME],
+            rx_limiter: self.rx_limiter.clone(),
+            tx_limiter: self.tx_limiter.clone(),
+            pending_paid: false,
         };
         self.worker = Some(Worker::spawn(
             kvmbox_seccomp::ThreadKind::NetWorker,

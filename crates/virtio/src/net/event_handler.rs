@@ -12,9 +12,11 @@ use vmm_sys_util::eventfd::EventFd;
 use super::backend::NetBackend;
 use super::device::lock;
 use crate::device::{VirtioInterrupt, VirtioInterruptType};
+use crate::limiter::SharedLimiter;
 use crate::metrics::DeviceMetrics;
 use crate::queue::{
-    mark_broken, pop_chain, process_queue_until, Chain, ChainError, GuestBufs, QueueBroken,
+    mark_broken, pop_chain, process_queue_or_defer, process_queue_until, Chain, ChainError,
+    GuestBufs, QueueBroken,
 };
 use crate::worker::{drain, set_events, unwatch, EventHandler};
 
@@ -26,6 +28,8 @@ pub const MAX_FRAME: usize = 65562;
 pub(crate) const RX_TOKEN: u64 = 0;
 pub(crate) const TX_TOKEN: u64 = 1;
 pub(crate) const BACKEND_TOKEN: u64 = 2;
+pub(crate) const RX_LIMITER_TOKEN: u64 = 3;
+pub(crate) const TX_LIMITER_TOKEN: u64 = 4;
 
 pub(crate) struct NetHandler {
     pub(crate) mem: GuestMemoryMmap,
@@ -53,6 +57,12 @@ pub(crate) struct NetHandler {
     pub(crate) backend_dead: bool,
     pub(crate) metrics: Arc<DeviceMetrics>,
     pub(crate) tx_buf: Vec<u8>,
+    /// Limits frames into the guest; a frame held back waits in `pending`.
+    pub(crate) rx_limiter: SharedLimiter,
+    /// Limits frames from the guest; a frame held back stays in the transmit queue.
+    pub(crate) tx_limiter: SharedLimiter,
+    /// The rx limiter already counted the pending frame (it waits for buffers only).
+    pub(crate) pending_paid: bool,
 }
 
 /// The reader of a transmit chain, checked: device-readable buffers only, holding the
@@ -231,14 +241,26 @@ impl NetHandler {
         }
         let backend = self.backend.clone();
         let mut b = lock(&backend);
+        let limiter = self.tx_limiter.clone();
+        let mut rl = limiter.lock();
+        rl.start_pass();
+        let limited = !rl.is_unlimited();
         let (mem, buf, m) = (&self.mem, &mut self.tx_buf, &*self.metrics);
         let blocked = std::cell::Cell::new(b.tx_blocked());
-        let more = process_queue_until(
+        let more = process_queue_or_defer(
             &mut self.tx,
             mem,
             &*self.interrupt,
             1,
             |c| {
+                if limited {
+                    if let Ok(c) = &c {
+                        let len: u64 = c.readable.iter().map(|r| u64::from(r.1)).sum();
+                        if !rl.consume(len) {
+                            return None;
+                        }
+                    }
+                }
                 DeviceMetrics::add(&m.requests, 1);
                 match c.and_then(|c| b.send(&c, mem, buf)) {
                     Ok(Ok(n)) => DeviceMetrics::add(&m.bytes_out, n as u64),
@@ -247,10 +269,11 @@ impl NetHandler {
                     Err(_) => DeviceMetrics::add(&m.rejected, 1),
                 }
                 blocked.set(b.tx_blocked());
-                0
+                Some(0)
             },
             || blocked.get(),
         )?;
+        drop(rl);
         drop(b);
         if more {
             let _ = self.tx_evt.write(1);
@@ -265,6 +288,7 @@ impl NetHandler {
             .map_err(QueueBroken)?;
         let mut budget = crate::queue::MAX_CHAINS_PER_PASS;
         let backend = self.backend.clone();
+        self.rx_limiter.lock().start_pass();
         loop {
             if budget == 0 {
                 let _ = self.rx_evt.write(1);
@@ -288,6 +312,16 @@ impl NetHandler {
                 }
             };
             self.pending = Some(len);
+            if !self.pending_paid {
+                let mut rl = self.rx_limiter.lock();
+                if !rl.is_unlimited() && !rl.consume(len as u64) {
+                    // Held back: the frame waits in `pending`, the backend is not read, and
+                    // the limiter's timer brings the worker back.
+                    self.want_in = false;
+                    break;
+                }
+                self.pending_paid = true;
+            }
             let mem = &self.mem;
             let placed = place_frame(
                 &mut self.rx,
@@ -307,6 +341,7 @@ impl NetHandler {
             budget = budget.saturating_sub(usize::from(chains));
             used = true;
             self.pending = None;
+            self.pending_paid = false;
         }
         if self.pending.is_none() {
             self.want_in = true;
@@ -388,6 +423,14 @@ impl EventHandler for NetHandler {
                     Ok(())
                 };
                 r.and_then(|()| self.rx_path())
+            }
+            RX_LIMITER_TOKEN => {
+                self.rx_limiter.lock().on_timer();
+                self.rx_path()
+            }
+            TX_LIMITER_TOKEN => {
+                self.tx_limiter.lock().on_timer();
+                self.tx_path()
             }
             _ => Ok(()),
         };

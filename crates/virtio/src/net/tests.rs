@@ -177,6 +177,8 @@ fn tap_arp_round_trip_in_a_network_namespace() {
     let net = ns.open_net(NetConfig {
         backend: NetBackendConfig::Tap("kvbtap0".into()),
         mac: Some(mac),
+        rx_limiter: Default::default(),
+        tx_limiter: Default::default(),
     });
     assert_eq!(net.backend_label(), "tap 'kvbtap0'");
     ns.ip(&["link", "set", "kvbtap0", "up"]);
@@ -405,6 +407,8 @@ fn bench_tap_tx_mtu_vs_tso() {
     let net = ns.open_net(NetConfig {
         backend: NetBackendConfig::Tap("kvbtapb".into()),
         mac: Some(mac),
+        rx_limiter: Default::default(),
+        tx_limiter: Default::default(),
     });
     ns.ip(&["link", "set", "kvbtapb", "up"]);
     ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "kvbtapb"]);
@@ -600,4 +604,97 @@ fn user_network_dhcp_through_passt_and_link_down_when_it_dies() {
     assert!(wait_for(|| tx.used_idx(&m) == 2));
     w(0x70, 0);
     assert_eq!(r(0x70), 0);
+}
+
+/// Rate limiters hold frames back without dropping them, both ways, until a live update:
+/// one frame each way per ten minutes lets the first ARP request out and its reply in; the
+/// second request stays in the transmit queue and, once the transmit limit is lifted, its
+/// reply waits in the device (not in the guest's buffers) until the receive limit is lifted.
+#[test]
+fn rate_limited_frames_wait_for_a_live_update_in_both_directions() {
+    use kvmbox_ratelimit::{BucketConfig, RateLimiterConfig};
+    let ns = Netns::new("rl");
+    let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x57];
+    let one_per_10_min = RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(BucketConfig {
+            size: 1,
+            one_time_burst: 0,
+            refill_time: 600_000,
+        }),
+    };
+    let net = ns.open_net(NetConfig {
+        backend: NetBackendConfig::Tap("kvbtapr".into()),
+        mac: Some(mac),
+        rx_limiter: one_per_10_min,
+        tx_limiter: one_per_10_min,
+    });
+    let (rx_limit, tx_limit) = net.rate_limiters();
+    // No IPv6 chatter (router solicitations, DAD) to take the receive token first.
+    let ok = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "sysctl", "-qw"])
+        .arg("net.ipv6.conf.kvbtapr.disable_ipv6=1")
+        .status()
+        .unwrap();
+    assert!(ok.success(), "disabling IPv6 on kvbtapr");
+    ns.ip(&["link", "set", "kvbtapr", "up"]);
+    ns.ip(&["addr", "add", "10.78.0.1/24", "dev", "kvbtapr"]);
+
+    let m: GuestMemoryMmap = mem();
+    let io = mmio_bus(net, &m, Arc::new(TestIrq::default()));
+    let w = |off: u64, v: u32| io.mmio_write(BASE + off, &v.to_le_bytes());
+    let mut rx = Ring::new(&m, 0x1_0000, 16);
+    let mut tx = Ring::new(&m, 0x2_0000, 16);
+    assert_eq!(activate(&io, &rx, &tx), 15);
+    for i in 0..8u16 {
+        rx.add_chain(
+            &m,
+            i,
+            &[(0x10_0000 + u64::from(i) * 0x1_0000, MAX_FRAME as u32, true)],
+        );
+    }
+    w(0x50, 0);
+    let replies = |rx: &Ring| {
+        (0..rx.used_idx(&m))
+            .filter(|&i| {
+                let (id, len) = rx.used_elem(&m, i);
+                let mut f = vec![0u8; len as usize];
+                m.read_slice(&mut f, GuestAddress(0x10_0000 + u64::from(id) * 0x1_0000))
+                    .unwrap();
+                let e = &f[VNET_HDR_LEN.min(f.len())..];
+                e.len() >= 42 && e[12..14] == [0x08, 0x06] && e[20..22] == [0, 2]
+            })
+            .count()
+    };
+    for (i, spa) in [[10, 78, 0, 2], [10, 78, 0, 3]].into_iter().enumerate() {
+        let arp = arp_request(mac, spa, [10, 78, 0, 1]);
+        let at = 0x9_0000 + i as u64 * 0x1000;
+        m.write_slice(&arp, GuestAddress(at)).unwrap();
+        tx.add_chain(&m, i as u16, &[(at, arp.len() as u32, false)]);
+        w(0x50, 1);
+    }
+    assert!(
+        wait_for(|| tx.used_idx(&m) == 1),
+        "the first request went out"
+    );
+    assert!(wait_for(|| replies(&rx) == 1), "its reply came in");
+    // Held, however long we look (the next token is ten minutes away).
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(tx.used_idx(&m), 1, "the second request stayed queued");
+    let unlimited = RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(BucketConfig {
+            size: 0,
+            one_time_burst: 0,
+            refill_time: 0,
+        }),
+    };
+    tx_limit.update(&unlimited);
+    assert!(wait_for(|| tx.used_idx(&m) == 2), "sent after the update");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(rx.used_idx(&m), 1, "the second reply is held back");
+    rx_limit.update(&unlimited);
+    assert!(wait_for(|| replies(&rx) == 2), "delivered after the update");
+    assert!(rx_limit.config().is_unlimited() && tx_limit.config().is_unlimited());
+    w(0x70, 0);
 }

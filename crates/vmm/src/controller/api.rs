@@ -8,6 +8,7 @@ use crate::state::Action;
 use crate::vm::Error;
 use kvmbox_api::types::*;
 use kvmbox_api::{ApiError, ApiReply, ApiRequest, ApiResult};
+use kvmbox_ratelimit::RateLimiterConfig;
 use kvmbox_virtio::net::NetBackendConfig;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -170,7 +171,24 @@ fn drive_spec(d: &Drive) -> String {
     if d.lock == Some(false) {
         s.push_str(",lock=off");
     }
+    if let Ok(Some(rl)) = limiter_field("rate_limiter", &d.rate_limiter) {
+        s.push_str(&rl.to_options(""));
+    }
     s
+}
+
+/// A Firecracker `rate_limiter` object (`field` names it in errors), checked.
+fn limiter_field(field: &str, v: &Option<serde_json::Value>) -> ApiRes<Option<RateLimiterConfig>> {
+    let Some(v) = v else { return Ok(None) };
+    let rl: RateLimiterConfig =
+        serde_json::from_value(v.clone()).map_err(|e| refuse(field, &e.to_string()))?;
+    rl.validate().map_err(|e| refuse(field, &e))?;
+    Ok(Some(rl))
+}
+
+/// A limiter as the API reports it (`None` when it limits nothing).
+fn limiter_value(rl: &RateLimiterConfig) -> Option<serde_json::Value> {
+    (!rl.is_unlimited()).then(|| serde_json::to_value(rl).unwrap_or_default())
 }
 
 /// A Firecracker network interface as a `--net` spec (the same parsing then checks it).
@@ -186,13 +204,20 @@ fn net_spec(n: &NetworkInterface) -> String {
     if let Some(mac) = &n.guest_mac {
         parts.push(format!("mac={mac}"));
     }
-    parts.join(",")
+    let mut s = parts.join(",");
+    for (field, prefix, v) in [
+        ("rx_rate_limiter", "rx_", &n.rx_rate_limiter),
+        ("tx_rate_limiter", "tx_", &n.tx_rate_limiter),
+    ] {
+        if let Ok(Some(rl)) = limiter_field(field, v) {
+            s.push_str(&rl.to_options(prefix));
+        }
+    }
+    s
 }
 
 fn check_drive(d: &Drive) -> ApiRes<()> {
-    if d.rate_limiter.is_some() {
-        return Err(refuse("rate_limiter", "kvmbox has no block rate limiter"));
-    }
+    limiter_field("rate_limiter", &d.rate_limiter)?;
     if d.socket.is_some() {
         return Err(refuse("socket", "kvmbox has no vhost-user-block"));
     }
@@ -238,18 +263,8 @@ fn check_drive(d: &Drive) -> ApiRes<()> {
 }
 
 fn check_net(n: &NetworkInterface) -> ApiRes<()> {
-    if n.rx_rate_limiter.is_some() {
-        return Err(refuse(
-            "rx_rate_limiter",
-            "kvmbox has no network rate limiter",
-        ));
-    }
-    if n.tx_rate_limiter.is_some() {
-        return Err(refuse(
-            "tx_rate_limiter",
-            "kvmbox has no network rate limiter",
-        ));
-    }
+    limiter_field("rx_rate_limiter", &n.rx_rate_limiter)?;
+    limiter_field("tx_rate_limiter", &n.tx_rate_limiter)?;
     if n.mtu.is_some() {
         return Err(refuse(
             "mtu",
@@ -432,9 +447,80 @@ impl Controller {
         })
     }
 
+    /// The position among the VM's disks of the drive `id`: API drives first (the root one
+    /// leading), then the flags' disks as `disk0`, `disk1`, ... (as `GET /vm/config` names them).
+    fn disk_index(&self, id: &str) -> ApiRes<usize> {
+        let (cfg, pre) = self.report_config()?;
+        let api: Vec<&Drive> = pre.map(|p| p.drives.iter().collect()).unwrap_or_default();
+        let roots = api.iter().filter(|d| d.is_root_device);
+        let others = api.iter().filter(|d| !d.is_root_device);
+        roots
+            .chain(others)
+            .position(|d| d.drive_id == id)
+            .or_else(|| {
+                let i: usize = id.strip_prefix("disk")?.parse().ok()?;
+                (api.len() + i < cfg.disks.len()).then_some(api.len() + i)
+            })
+            .ok_or_else(|| refuse("drive_id", &format!("no drive '{id}'")))
+    }
+
+    /// The position among the VM's network interfaces of `id`: the flags' first as `net0`,
+    /// `net1`, ..., then the API's.
+    fn net_index(&self, id: &str) -> ApiRes<usize> {
+        let (cfg, pre) = self.report_config()?;
+        let api: Vec<&NetworkInterface> = pre.map(|p| p.nets.iter().collect()).unwrap_or_default();
+        let flags = cfg.nets.len().saturating_sub(api.len());
+        api.iter()
+            .position(|n| n.iface_id == id)
+            .map(|i| flags + i)
+            .or_else(|| {
+                let i: usize = id.strip_prefix("net")?.parse().ok()?;
+                (i < flags).then_some(i)
+            })
+            .ok_or_else(|| refuse("iface_id", &format!("no interface '{id}'")))
+    }
+
+    /// Apply a PATCH to a running (or paused) VM's limiter that `pick` finds, and to the
+    /// configuration a reboot rebuilds it from.
+    fn update_limiter(
+        &mut self,
+        upd: RateLimiterConfig,
+        pick: impl for<'a> FnOnce(
+            &'a mut VmConfig,
+            &crate::vm::DeviceLimiters,
+        )
+            -> Option<(&'a mut RateLimiterConfig, kvmbox_virtio::SharedLimiter)>,
+    ) -> ApiRes<()> {
+        if self.state == crate::VmState::Stopped {
+            return Err(ApiError::bad_request(
+                "cannot change a rate limiter: the VM is stopped",
+            ));
+        }
+        let limiters = self.machine()?.virtio.limiters.clone();
+        let cfg = self
+            .running_cfg
+            .as_mut()
+            .ok_or_else(|| ApiError::internal("the running VM has no configuration"))?;
+        let (slot, live) = pick(cfg, &limiters)
+            .ok_or_else(|| ApiError::internal("the device has no rate limiter"))?;
+        *slot = slot.patched(&upd);
+        live.update(&upd);
+        Ok(())
+    }
+
     fn full_config(&self) -> ApiRes<FullVmConfiguration> {
         let (cfg, pre) = self.report_config()?;
-        let api_drives = pre.map(|p| p.drives.clone()).unwrap_or_default();
+        // The limiters in force (a live PATCH changes the running configuration).
+        let mut api_drives = pre.map(|p| p.drives.clone()).unwrap_or_default();
+        for d in &mut api_drives {
+            if let Some(c) = self
+                .disk_index(&d.drive_id)
+                .ok()
+                .and_then(|i| cfg.disks.get(i))
+            {
+                d.rate_limiter = limiter_value(&c.rate_limiter);
+            }
+        }
         let flag_disks = cfg
             .disks
             .iter()
@@ -448,9 +534,20 @@ impl Controller {
                 format: d.format.map(|f| f.to_string()),
                 serial: d.serial.clone(),
                 lock: Some(d.lock),
+                rate_limiter: limiter_value(&d.rate_limiter),
                 ..Default::default()
             });
-        let api_nets = pre.map(|p| p.nets.clone()).unwrap_or_default();
+        let mut api_nets = pre.map(|p| p.nets.clone()).unwrap_or_default();
+        for n in &mut api_nets {
+            if let Some(c) = self
+                .net_index(&n.iface_id)
+                .ok()
+                .and_then(|i| cfg.nets.get(i))
+            {
+                n.rx_rate_limiter = limiter_value(&c.rx_limiter);
+                n.tx_rate_limiter = limiter_value(&c.tx_limiter);
+            }
+        }
         let flag_nets = cfg
             .nets
             .iter()
@@ -474,6 +571,8 @@ impl Controller {
                         .collect::<Vec<_>>()
                         .join(":")
                 }),
+                rx_rate_limiter: limiter_value(&n.rx_limiter),
+                tx_rate_limiter: limiter_value(&n.tx_limiter),
                 ..Default::default()
             });
         let kernel = cfg.kernel.display().to_string();
@@ -653,6 +752,7 @@ impl Controller {
                 })
             }
             R::PatchDrive(d) => {
+                let upd = limiter_field("rate_limiter", &d.rate_limiter)?;
                 if self.state == crate::VmState::NotStarted {
                     let d = d.clone();
                     return self.configure(move |p| {
@@ -667,16 +767,30 @@ impl Controller {
                         if let Some(path) = d.path_on_host {
                             next.path_on_host = Some(path);
                         }
-                        next.rate_limiter = d.rate_limiter.or(next.rate_limiter);
+                        if let Some(upd) = upd {
+                            let old = limiter_field("rate_limiter", &next.rate_limiter)?
+                                .unwrap_or_default();
+                            next.rate_limiter = limiter_value(&old.patched(&upd));
+                        }
                         check_drive(&next)?;
                         *cur = next;
                         Ok(())
                     });
                 }
-                Err(refuse(
-                    "path_on_host",
-                    "kvmbox cannot change a drive of a running VM",
-                ))
+                if d.path_on_host.is_some() {
+                    return Err(refuse(
+                        "path_on_host",
+                        "kvmbox cannot change the image of a running VM's drive",
+                    ));
+                }
+                let i = self.disk_index(&d.drive_id)?;
+                if let Some(upd) = upd {
+                    self.update_limiter(upd, |cfg, l| {
+                        let d = cfg.disks.get_mut(i)?;
+                        Some((&mut d.rate_limiter, l.disks.get(i)?.clone()))
+                    })?;
+                }
+                Ok(ApiReply::Empty)
             }
             R::PutNetworkInterface(n) => {
                 let n = n.clone();
@@ -689,10 +803,50 @@ impl Controller {
                     Ok(())
                 })
             }
-            R::PatchNetworkInterface(_) => Err(refuse(
-                "rx_rate_limiter/tx_rate_limiter",
-                "kvmbox has no network rate limiter to update",
-            )),
+            R::PatchNetworkInterface(n) => {
+                let rx = limiter_field("rx_rate_limiter", &n.rx_rate_limiter)?;
+                let tx = limiter_field("tx_rate_limiter", &n.tx_rate_limiter)?;
+                if self.state == crate::VmState::NotStarted {
+                    let n = n.clone();
+                    return self.configure(move |p| {
+                        let cur = p
+                            .nets
+                            .iter_mut()
+                            .find(|o| o.iface_id == n.iface_id)
+                            .ok_or_else(|| {
+                                refuse("iface_id", &format!("no interface '{}'", n.iface_id))
+                            })?;
+                        for (field, slot, upd) in [
+                            ("rx_rate_limiter", &mut cur.rx_rate_limiter, rx),
+                            ("tx_rate_limiter", &mut cur.tx_rate_limiter, tx),
+                        ] {
+                            if let Some(upd) = upd {
+                                let old = limiter_field(field, slot)?.unwrap_or_default();
+                                *slot = limiter_value(&old.patched(&upd));
+                            }
+                        }
+                        Ok(())
+                    });
+                }
+                let i = self.net_index(&n.iface_id)?;
+                if let Some(upd) = rx {
+                    self.update_limiter(upd, |cfg, l| {
+                        Some((
+                            &mut cfg.nets.get_mut(i)?.rx_limiter,
+                            l.nets.get(i)?.0.clone(),
+                        ))
+                    })?;
+                }
+                if let Some(upd) = tx {
+                    self.update_limiter(upd, |cfg, l| {
+                        Some((
+                            &mut cfg.nets.get_mut(i)?.tx_limiter,
+                            l.nets.get(i)?.1.clone(),
+                        ))
+                    })?;
+                }
+                Ok(ApiReply::Empty)
+            }
             R::PutEntropy(e) => {
                 let e = e.clone();
                 self.configure(move |p| {
