@@ -176,7 +176,8 @@ impl RateLimiterConfig {
 }
 
 /// A number with an optional binary suffix (B, K, M, G, T, either case): `4M` is 4194304.
-/// A plain number counts `plain_unit`s. `None`: not such a number, or it overflows.
+/// A plain number counts `plain_unit`s. `None`: not such a number, or it overflows. kvmbox's one
+/// size parser: memory sizes (plain numbers MiB) come here through `kvmbox_vmm::config::parse_size`.
 pub fn parse_scaled(s: &str, plain_unit: u64) -> Option<u64> {
     let t = s.trim();
     let (num, mult) = match t.char_indices().last() {

@@ -209,24 +209,9 @@ impl std::str::FromStr for CpuModel {
 /// Parse a memory size: `512`, `512M`, `2G`, `1048576K`, `4294967296B`. Plain numbers are MiB,
 /// as in QEMU's `-m`.
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let t = s.trim();
-    let err = || ConfigError::Size(s.to_string());
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'B' => 1,
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(err()),
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1 << 20),
-    };
-    let n: u64 = num.trim().parse().map_err(|_| err())?;
-    n.checked_mul(mult).filter(|&v| v > 0).ok_or_else(err)
+    kvmbox_ratelimit::parse_scaled(s, 1 << 20)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| ConfigError::Size(s.to_string()))
 }
 
 /// Parse one `--disk` spec (also what `PUT /drives` becomes).
