@@ -41,8 +41,11 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// Tests that start QEMU tools run one at a time: a child forked while another test closes
-/// an image briefly holds that image's OFD lock, which a QEMU tool then sees.
+/// Tests that open images or start processes run one at a time: a child forked while another
+/// test holds an image (a QEMU tool before its exec, or the child that
+/// `closing_an_image_unlocks_it_while_a_forked_child_holds_its_descriptor` keeps for a second)
+/// holds copies of every descriptor, so that image's OFD lock, which the other test then sees as
+/// another process's.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
     M.lock().unwrap_or_else(|e| e.into_inner())
@@ -87,6 +90,7 @@ fn spec(p: &Path) -> DiskSpec {
 
 #[test]
 fn raw_reads_writes_and_refuses_out_of_range() {
+    let _serial = serial();
     let d = TempDir::new("raw");
     let img = d.path("a.img");
     let data = pattern(1 << 20, 0);
@@ -117,6 +121,7 @@ fn raw_reads_writes_and_refuses_out_of_range() {
 
 #[test]
 fn detected_raw_refuses_a_guest_writing_an_image_header() {
+    let _serial = serial();
     let d = TempDir::new("probe");
     let img = d.path("a.img");
     std::fs::write(&img, vec![0u8; 1 << 16]).unwrap();
@@ -149,6 +154,7 @@ fn detected_raw_refuses_a_guest_writing_an_image_header() {
 
 #[test]
 fn other_formats_are_not_served_as_raw() {
+    let _serial = serial();
     let d = TempDir::new("vdi");
     let img = d.path("a.vdi");
     let mut h = vec![0u8; 4096];
@@ -1330,6 +1336,7 @@ fn version_2_images_are_checked_and_repaired_at_read_write_open() {
 /// descriptor: reopening it read-write right away works, for raw and for qcow2.
 #[test]
 fn closing_an_image_unlocks_it_while_a_forked_child_holds_its_descriptor() {
+    let _serial = serial();
     let d = TempDir::new("unlock");
     let raw = d.path("a.img");
     std::fs::write(&raw, vec![0u8; 1 << 16]).unwrap();
