@@ -97,6 +97,11 @@ pub trait BlockBackend: Send + Sync {
         Ok(Extent { data: true, len })
     }
 
+    /// Whether [`Self::snapshot_create`] can work: a writable qcow2 image.
+    fn holds_internal_snapshots(&self) -> bool {
+        false
+    }
+
     /// Take internal snapshot `name` of the open disk, in the process that has it open (a live
     /// snapshot: no request may run meanwhile). Only qcow2 images hold internal snapshots;
     /// the default refuses.

@@ -838,6 +838,10 @@ impl BlockBackend for Qcow2Backend {
         self.access_mut().write_zeroes(offset, len)
     }
 
+    fn holds_internal_snapshots(&self) -> bool {
+        !self.read_only
+    }
+
     fn snapshot_create(&self, name: &str) -> io::Result<()> {
         Qcow2Backend::snapshot_create(self, name)
             .map_err(|e| io_err(io::ErrorKind::Other, e.to_string()))

@@ -26,6 +26,8 @@ pub struct Machine {
     pub fw_cfg: Arc<Mutex<FwCfg>>,
     /// The virtio devices.
     pub virtio: VirtioDevices,
+    /// The virtio-blk disks' open images, in the configuration's order.
+    pub disks: Vec<crate::vm::DiskBackend>,
     /// The interrupt controllers (IOAPIC, PIC; the engine's LAPICs) and the PIT timer.
     pub irq_platform: IrqPlatform,
     /// Port and MMIO buses.
@@ -65,7 +67,7 @@ impl Machine {
         };
         // The kernel goes in first: a bad image is the user's most likely mistake, and it
         // should be reported as such whatever the backend.
-        let devices = virtio_devices(cfg)?;
+        let (devices, disks) = virtio_devices(cfg)?;
         let mmio_slots = mmio_slots(cfg, devices.len())?;
         let mut cmdline = cfg.cmdline.clone();
         for &(base, gsi) in &mmio_slots {
@@ -169,6 +171,7 @@ impl Machine {
             platform,
             fw_cfg,
             virtio,
+            disks,
             irq_platform,
             io,
             vm,
@@ -248,6 +251,7 @@ impl Machine {
         let Machine {
             platform,
             virtio,
+            disks,
             irq_platform,
             io,
             vm,
@@ -255,7 +259,7 @@ impl Machine {
             ..
         } = self;
         // In field order, as a plain drop of the machine would.
-        drop((platform, virtio, irq_platform, io));
+        drop((platform, virtio, disks, irq_platform, io));
         Backend { vm, mem }
     }
 }

@@ -305,10 +305,14 @@ pub(crate) fn add_legacy_devices(
 
 /// The virtio devices the configuration asks for, opened now so that a bad image or TAP name
 /// is reported before anything runs.
-pub(crate) fn virtio_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>> {
+/// The virtio devices `cfg` asks for, and the disks' backends (in `cfg.disks`' order).
+pub(crate) fn virtio_devices(cfg: &VmConfig) -> Result<(Vec<VirtioDeviceBox>, Vec<DiskBackend>)> {
     let mut devs: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut disks = Vec::new();
     for d in &cfg.disks {
-        devs.push(Box::new(Block::new(d)?));
+        let b = Block::new(d)?;
+        disks.push(b.backend());
+        devs.push(Box::new(b));
     }
     for n in &cfg.nets {
         devs.push(Box::new(Net::new(n)?));
@@ -316,8 +320,14 @@ pub(crate) fn virtio_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>
     if cfg.rng {
         devs.push(Box::new(Rng::new()));
     }
-    Ok(devs)
+    Ok((devs, disks))
 }
+
+/// A virtio device, before it goes on its transport.
+type VirtioDeviceBox = Box<dyn VirtioDevice>;
+
+/// A virtio-blk disk's open image.
+pub type DiskBackend = std::sync::Arc<dyn kvmbox_block::BlockBackend>;
 
 /// MMIO window and interrupt line of each virtio-mmio device (none with PCI).
 pub(crate) fn mmio_slots(cfg: &VmConfig, count: usize) -> Result<Vec<(u64, u32)>> {
