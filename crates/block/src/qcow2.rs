@@ -548,6 +548,9 @@ pub struct Qcow2Backend {
     /// The backing chain (also inside `access`), kept to build `access` again after a
     /// snapshot.
     backing: Option<Arc<Access>>,
+    /// imago's access could not be built again after a snapshot: the one left has a view of
+    /// the tables that may be out of date, so nothing may be written through it.
+    stale: std::sync::atomic::AtomicBool,
 }
 
 impl Qcow2Backend {
@@ -607,6 +610,7 @@ impl Qcow2Backend {
             read_only,
             dirty_bit,
             backing,
+            stale: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -641,6 +645,8 @@ impl Qcow2Backend {
         if self.read_only {
             return Err(Error::image(&self.path, "the disk is read-only"));
         }
+        self.check_fresh()
+            .map_err(|e| Error::image(&self.path, e.to_string()))?;
         let mut a = self.access_mut();
         a.flush()
             .and_then(|()| a.sync())
@@ -653,14 +659,26 @@ impl Qcow2Backend {
         });
         // Both states on disk (before and after a commit) are consistent now: the dirty bit
         // goes while imago opens the image again (it reads a clean header), and comes back.
-        if self.dirty_bit.is_some() {
-            crate::meta::set_dirty(&self.file, &self.path, false)?;
+        let rebuilt = if self.dirty_bit.is_some() {
+            crate::meta::set_dirty(&self.file, &self.path, false)
+        } else {
+            Ok(())
         }
-        let file = self
-            .file
-            .try_clone()
-            .map_err(Error::io("reopening", &self.path))?;
-        *a = build_access(file, &self.path, true, self.backing.clone())?;
+        .and_then(|()| {
+            self.file
+                .try_clone()
+                .map_err(Error::io("reopening", &self.path))
+        })
+        .and_then(|file| build_access(file, &self.path, true, self.backing.clone()));
+        match rebuilt {
+            Ok(access) => *a = access,
+            Err(e) => {
+                // The image on disk is consistent (with or without the snapshot), but the old
+                // access may know stale tables: nothing may be written through it any more.
+                self.stale.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
         if let Some(d) = &self.dirty_bit {
             crate::meta::set_dirty(d, &self.path, true)?;
         }
@@ -670,6 +688,17 @@ impl Qcow2Backend {
     fn check_writable(&self) -> io::Result<()> {
         if self.read_only {
             return Err(io_err(io::ErrorKind::PermissionDenied, "read-only disk"));
+        }
+        self.check_fresh()
+    }
+
+    /// Refuse once [`Self::snapshot_create`] could not build imago's access again.
+    fn check_fresh(&self) -> io::Result<()> {
+        if self.stale.load(Ordering::Relaxed) {
+            return Err(io_err(
+                io::ErrorKind::Other,
+                "the image could not be opened again after a snapshot; stop the VM (the image on disk is consistent)",
+            ));
         }
         Ok(())
     }
@@ -820,6 +849,7 @@ impl BlockBackend for Qcow2Backend {
         if self.read_only {
             return Ok(());
         }
+        self.check_fresh()?;
         let a = self.access();
         a.flush()?;
         a.sync()

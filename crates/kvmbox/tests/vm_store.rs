@@ -371,8 +371,19 @@ fn vm_commands_drive_the_test_guest() {
     home.ok(&["start", "tg"]);
     assert_eq!(home.state("tg"), "running");
 
-    // Live snapshots are refused; restoring the saved-state snapshot resumes the shell again.
-    home.fails(&["snapshot", "tg", "take", "x"], 4, "vm save tg` first");
+    // A live snapshot of the running shell; restore and delete wait for a stop. Restoring
+    // the saved-state snapshot resumes the shell again.
+    assert!(home
+        .ok(&["snapshot", "tg", "take", "x"])
+        .contains("live snapshot 'x' taken"));
+    assert_eq!(home.state("tg"), "running");
+    for what in ["restore", "delete"] {
+        home.fails(
+            &["snapshot", "tg", what, "saved1"],
+            4,
+            "only `take` works on a running VM",
+        );
+    }
     home.ok(&["stop", "--force", "tg"]);
     home.ok(&["snapshot", "tg", "restore", "saved1"]);
     assert_eq!(home.state("tg"), "saved");
