@@ -250,6 +250,11 @@ pub struct SnapshotCreate {
     /// "Full" (default) or "Diff".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_type: Option<String>,
+    /// kvmbox extension: also take a qcow2 internal snapshot of this name on every writable
+    /// disk, by the VM process on its open images (a live snapshot of memory, devices and
+    /// disks together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_snapshot: Option<String>,
 }
 
 /// `mem_backend` of `PUT /snapshot/load`.

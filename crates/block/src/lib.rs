@@ -96,6 +96,31 @@ pub trait BlockBackend: Send + Sync {
         let _ = offset;
         Ok(Extent { data: true, len })
     }
+
+    /// Whether [`Self::snapshot_create`] can work: a writable qcow2 image.
+    fn holds_internal_snapshots(&self) -> bool {
+        false
+    }
+
+    /// Take internal snapshot `name` of the open disk, in the process that has it open (a live
+    /// snapshot: no request may run meanwhile). Only qcow2 images hold internal snapshots;
+    /// the default refuses.
+    fn snapshot_create(&self, name: &str) -> io::Result<()> {
+        let _ = name;
+        Err(io_err(
+            io::ErrorKind::Unsupported,
+            "only qcow2 images hold internal snapshots",
+        ))
+    }
+
+    /// Delete internal snapshot `name` of the open disk (as [`Self::snapshot_create`]).
+    fn snapshot_delete(&self, name: &str) -> io::Result<()> {
+        let _ = name;
+        Err(io_err(
+            io::ErrorKind::Unsupported,
+            "only qcow2 images hold internal snapshots",
+        ))
+    }
 }
 
 /// An I/O error carrying a message (for requests a backend refuses).

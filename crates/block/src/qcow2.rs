@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
@@ -327,7 +327,7 @@ pub(crate) fn open_backing(
     let access = match format {
         Format::Qcow2 => {
             let bh = Header::read(&file, &bpath)?;
-            open_access(file, &bpath, &bh, false, chain)?
+            open_access(file, &bpath, &bh, false, chain)?.0
         }
         Format::Raw => {
             let raw = Raw::builder(imago_storage(file, &bpath, false)?)
@@ -340,13 +340,15 @@ pub(crate) fn open_backing(
     Ok(Some(access))
 }
 
+/// The image `file` (header `h`) and its backing chain, opened; the access and the backing
+/// chain's own access (if any).
 fn open_access(
     file: File,
     path: &Path,
     h: &Header,
     writable: bool,
     chain: &mut ChainGuard,
-) -> Result<Access> {
+) -> Result<(Access, Option<Arc<Access>>)> {
     if h.incompatible & INCOMPAT_COMPRESSION != 0 {
         return Err(Error::image(
             path,
@@ -368,8 +370,23 @@ fn open_access(
     if writable {
         check_tables_inside_file(&file, path, h)?;
     }
-    let backing = open_backing(path, h, chain)?;
-    let q = Qcow2::<Storage>::builder(imago_storage(file, path, writable)?)
+    let backing = open_backing(path, h, chain)?.map(Arc::new);
+    Ok((
+        build_access(file, path, writable, backing.clone())?,
+        backing,
+    ))
+}
+
+/// imago's access to the qcow2 image `file` over the already open `backing`. Shared (`Arc`)
+/// so that [`Qcow2Backend::snapshot_create`] can build the access again over the same backing
+/// chain without opening a file.
+fn build_access(
+    file: File,
+    path: &Path,
+    writable: bool,
+    backing: Option<Arc<Access>>,
+) -> Result<Access> {
+    let q = Qcow2::<Storage, Arc<Access>>::builder(imago_storage(file, path, writable)?)
         .write(writable)
         .backing(backing)
         .open(DenyImplicitOpenGate::default())
@@ -528,6 +545,12 @@ pub struct Qcow2Backend {
     /// A version 3 image open read-write: the dirty bit is set while it is open, and
     /// cleared through this handle on a clean close.
     dirty_bit: Option<File>,
+    /// The backing chain (also inside `access`), kept to build `access` again after a
+    /// snapshot.
+    backing: Option<Arc<Access>>,
+    /// imago's access could not be built again after a snapshot: the one left has a view of
+    /// the tables that may be out of date, so nothing may be written through it.
+    stale: std::sync::atomic::AtomicBool,
 }
 
 impl Qcow2Backend {
@@ -574,7 +597,7 @@ impl Qcow2Backend {
         };
         let mut chain = ChainGuard::new(&file, path, lock)?;
         let own = file.try_clone().map_err(Error::io("opening", path))?;
-        let access = open_access(file, path, &h, !read_only, &mut chain)?;
+        let (access, backing) = open_access(file, path, &h, !read_only, &mut chain)?;
         if let Some(f) = &dirty_bit {
             crate::meta::set_dirty(f, path, true)?;
         }
@@ -586,12 +609,96 @@ impl Qcow2Backend {
             mappings: MappingCache::new(h.cluster_bits),
             read_only,
             dirty_bit,
+            backing,
+            stale: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Take internal snapshot `name` (QEMU's format, as `kvmbox disk snapshot create`) of the
+    /// open image, on its own file descriptor: no second open, no lock to take, so the VM
+    /// process does it while the guest is paused. The caller has stopped the requests to this
+    /// backend (none may run meanwhile; they would wait for the lock anyway).
+    ///
+    /// imago's cached metadata is written back and synced first; the snapshot is then made
+    /// by [`meta::commit`](crate::meta::commit) (new tables after the end of the file, one
+    /// header write), which clears the COPIED flags of the active tables, now shared with the
+    /// snapshot; imago's access is then built again over the same file and backing chain, so
+    /// it reloads the new header and tables and copies a shared cluster before the next write
+    /// to it. On an error the image is either unchanged or has the snapshot, never damaged,
+    /// and the backend goes on serving it.
+    pub fn snapshot_create(&self, name: &str) -> Result<()> {
+        self.with_metadata(|img| crate::snapshot::create_in(img, name))
+    }
+
+    /// Delete internal snapshot `name` of the open image, as [`Self::snapshot_create`] takes
+    /// one (to undo a snapshot taken on some disks of a VM when another disk failed).
+    pub fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.with_metadata(|img| crate::snapshot::delete_in(img, name))
+    }
+
+    /// Run `f` on kvmbox's own view of the image's metadata while imago's is written back and
+    /// then dropped, then build imago's access again (see [`Self::snapshot_create`]).
+    fn with_metadata(
+        &self,
+        f: impl FnOnce(&mut crate::meta::Image<'_>) -> Result<()>,
+    ) -> Result<()> {
+        if self.read_only {
+            return Err(Error::image(&self.path, "the disk is read-only"));
+        }
+        self.check_fresh()
+            .map_err(|e| Error::image(&self.path, e.to_string()))?;
+        let mut a = self.access_mut();
+        a.flush()
+            .and_then(|()| a.sync())
+            .map_err(|e| Error::image(&self.path, format!("writing back metadata: {e}")))?;
+        let result = crate::meta::Image::load(&self.file, &self.path).and_then(|mut img| {
+            if img.h.corrupt() {
+                return Err(Error::image(&self.path, "the corrupt bit is set"));
+            }
+            f(&mut img)
+        });
+        // Both states on disk (before and after a commit) are consistent now: the dirty bit
+        // goes while imago opens the image again (it reads a clean header), and comes back.
+        let rebuilt = if self.dirty_bit.is_some() {
+            crate::meta::set_dirty(&self.file, &self.path, false)
+        } else {
+            Ok(())
+        }
+        .and_then(|()| {
+            self.file
+                .try_clone()
+                .map_err(Error::io("reopening", &self.path))
+        })
+        .and_then(|file| build_access(file, &self.path, true, self.backing.clone()));
+        match rebuilt {
+            Ok(access) => *a = access,
+            Err(e) => {
+                // The image on disk is consistent (with or without the snapshot), but the old
+                // access may know stale tables: nothing may be written through it any more.
+                self.stale.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+        if let Some(d) = &self.dirty_bit {
+            crate::meta::set_dirty(d, &self.path, true)?;
+        }
+        result
     }
 
     fn check_writable(&self) -> io::Result<()> {
         if self.read_only {
             return Err(io_err(io::ErrorKind::PermissionDenied, "read-only disk"));
+        }
+        self.check_fresh()
+    }
+
+    /// Refuse once [`Self::snapshot_create`] could not build imago's access again.
+    fn check_fresh(&self) -> io::Result<()> {
+        if self.stale.load(Ordering::Relaxed) {
+            return Err(io_err(
+                io::ErrorKind::Other,
+                "the image could not be opened again after a snapshot; stop the VM (the image on disk is consistent)",
+            ));
         }
         Ok(())
     }
@@ -742,6 +849,7 @@ impl BlockBackend for Qcow2Backend {
         if self.read_only {
             return Ok(());
         }
+        self.check_fresh()?;
         let a = self.access();
         a.flush()?;
         a.sync()
@@ -758,6 +866,20 @@ impl BlockBackend for Qcow2Backend {
         }
         self.check_writable()?;
         self.access_mut().write_zeroes(offset, len)
+    }
+
+    fn holds_internal_snapshots(&self) -> bool {
+        !self.read_only
+    }
+
+    fn snapshot_create(&self, name: &str) -> io::Result<()> {
+        Qcow2Backend::snapshot_create(self, name)
+            .map_err(|e| io_err(io::ErrorKind::Other, e.to_string()))
+    }
+
+    fn snapshot_delete(&self, name: &str) -> io::Result<()> {
+        Qcow2Backend::snapshot_delete(self, name)
+            .map_err(|e| io_err(io::ErrorKind::Other, e.to_string()))
     }
 
     /// Zero and unallocated clusters through the whole chain (imago's mapping).

@@ -76,68 +76,82 @@ fn place_table(st: &mut State, next: &mut u64, bits: u32, new: &mut Vec<(u64, Ve
 
 /// Take a snapshot named `name` of the image's current contents.
 pub fn create(path: &Path, name: &str) -> Result<()> {
+    check_name(path, name)?;
+    with_image(path, Access::Write, |img| create_in(img, name))
+}
+
+fn check_name(path: &Path, name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 255 {
         return Err(Error::image(path, "a snapshot name must be 1 to 255 bytes"));
     }
-    with_image(path, Access::Write, |img| {
-        let mut st = img.state()?;
-        if st
-            .snapshots
-            .iter()
-            .any(|(s, _)| s.name == name || s.id == name)
-        {
-            return Err(Error::image(
-                path,
-                format!("a snapshot named '{name}' exists"),
-            ));
-        }
-        if st.snapshots.len() >= MAX_SNAPSHOTS {
-            return Err(Error::image(path, "too many snapshots"));
-        }
-        let bits = img.h.cluster_bits;
-        let mut next = img.end_cluster();
-        let mut new = Vec::new();
-        // The snapshot's L1 table: a copy of the active one, without COPIED flags (its
-        // clusters are now shared).
-        let l1: Vec<u64> = st.l1.iter().map(|e| e & !COPIED).collect();
-        let l1_offset = if l1.is_empty() {
-            0
-        } else {
-            let b: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-            let off = alloc(&mut next, b.len() as u64, bits);
-            new.push((off, b));
-            off
-        };
-        let id = st
-            .snapshots
-            .iter()
-            .filter_map(|(s, _)| s.id.parse::<u64>().ok())
-            .max()
-            .unwrap_or(0)
-            + 1;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        // QEMU's extra data: 64-bit VM state size, disk size, icount (-1: none).
-        let mut extra = Vec::with_capacity(24);
-        extra.extend(0u64.to_be_bytes());
-        extra.extend(st.size.to_be_bytes());
-        extra.extend(u64::MAX.to_be_bytes());
-        let snap = Snapshot {
-            id: id.to_string(),
-            name: name.to_string(),
-            l1_offset,
-            l1_size: l1.len() as u32,
-            date_sec: now.as_secs() as u32,
-            date_nsec: now.subsec_nanos(),
-            vm_clock_nsec: 0,
-            vm_state_size: 0,
-            extra,
-        };
-        st.snapshots.push((snap, l1));
-        place_table(&mut st, &mut next, bits, &mut new);
-        commit(img, &st, &new, next)
-    })
+    Ok(())
+}
+
+/// Take snapshot `name` in `img` (the image's file, opened and checked by the caller: the
+/// tool's [`with_image`] or an open [`Qcow2Backend`](crate::Qcow2Backend)).
+pub(crate) fn create_in(img: &mut Image<'_>, name: &str) -> Result<()> {
+    let path = img.path.clone();
+    let path = path.as_path();
+    check_name(path, name)?;
+    let mut st = img.state()?;
+    if st
+        .snapshots
+        .iter()
+        .any(|(s, _)| s.name == name || s.id == name)
+    {
+        return Err(Error::image(
+            path,
+            format!("a snapshot named '{name}' exists"),
+        ));
+    }
+    if st.snapshots.len() >= MAX_SNAPSHOTS {
+        return Err(Error::image(path, "too many snapshots"));
+    }
+    let bits = img.h.cluster_bits;
+    let mut next = img.end_cluster();
+    let mut new = Vec::new();
+    // The snapshot's L1 table: a copy of the active one, without COPIED flags (its
+    // clusters are now shared).
+    let l1: Vec<u64> = st.l1.iter().map(|e| e & !COPIED).collect();
+    let l1_offset = if l1.is_empty() {
+        0
+    } else {
+        let b: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let off = alloc(&mut next, b.len() as u64, bits);
+        new.push((off, b));
+        off
+    };
+    let id = st
+        .snapshots
+        .iter()
+        .filter_map(|(s, _)| s.id.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    // QEMU's extra data: 64-bit VM state size, disk size, icount (-1: none).
+    let mut extra = Vec::with_capacity(24);
+    extra.extend(0u64.to_be_bytes());
+    extra.extend(st.size.to_be_bytes());
+    extra.extend(u64::MAX.to_be_bytes());
+    let snap = Snapshot {
+        id: id.to_string(),
+        name: name.to_string(),
+        l1_offset,
+        l1_size: l1.len() as u32,
+        date_sec: now.as_secs() as u32,
+        date_nsec: now.subsec_nanos(),
+        vm_clock_nsec: 0,
+        vm_state_size: 0,
+        extra,
+    };
+    st.snapshots.push((snap, l1));
+    place_table(&mut st, &mut next, bits, &mut new);
+    // The active tables keep their clusters; commit clears their COPIED flags (the
+    // clusters' refcounts are now 2), so the next write to one copies it first.
+    commit(img, &st, &new, next)
 }
 
 /// Make the image's contents those of snapshot `name` (a name or an ID); the current
@@ -168,13 +182,16 @@ pub fn apply(path: &Path, name: &str) -> Result<()> {
 
 /// Delete snapshot `name` (a name or an ID), freeing the clusters only it used.
 pub fn delete(path: &Path, name: &str) -> Result<()> {
-    with_image(path, Access::Write, |img| {
-        let mut st = img.state()?;
-        let i = find(&st, name, path)?;
-        st.snapshots.remove(i);
-        let mut next = img.end_cluster();
-        let mut new = Vec::new();
-        place_table(&mut st, &mut next, img.h.cluster_bits, &mut new);
-        commit(img, &st, &new, next)
-    })
+    with_image(path, Access::Write, |img| delete_in(img, name))
+}
+
+/// Delete snapshot `name` in `img` (see [`create_in`]).
+pub(crate) fn delete_in(img: &mut Image<'_>, name: &str) -> Result<()> {
+    let mut st = img.state()?;
+    let i = find(&st, name, &img.path)?;
+    st.snapshots.remove(i);
+    let mut next = img.end_cluster();
+    let mut new = Vec::new();
+    place_table(&mut st, &mut next, img.h.cluster_bits, &mut new);
+    commit(img, &st, &new, next)
 }

@@ -1363,3 +1363,99 @@ fn closing_an_image_unlocks_it_while_a_forked_child_holds_its_descriptor() {
         again.unwrap_or_else(|e| panic!("{}: reopened while a child holds it: {e}", img.display()));
     }
 }
+
+/// A snapshot taken on an open backend (a live snapshot, `snapshot_create` on the VM's own
+/// descriptor): the writes after it change the active image only (shared clusters are copied,
+/// also those whose data comes from the backing file), the snapshot keeps the contents it was
+/// taken with, `qemu-img check` is clean and `qemu-img snapshot -l` lists it; a second one is
+/// deleted again through the open backend; a duplicate name is refused and changes nothing.
+#[test]
+fn snapshot_of_an_open_backend_keeps_its_contents_while_writes_go_on() {
+    let Some(_serial) = qemu_img_or_skip("snapshot_of_an_open_backend_keeps_its_contents") else {
+        return;
+    };
+    use crate::BlockBackend;
+    const C: usize = 64 << 10;
+    let d = TempDir::new("livesnap");
+    let base = d.path("base.qcow2");
+    let top = d.path("top.qcow2");
+    crate::image::create(&base, 4 << 20, Format::Qcow2, None).unwrap();
+    {
+        let b = open(&spec(&base)).unwrap();
+        b.write_vectored_at(&[IoSlice::new(&pattern(4 << 20, 9))], 0)
+            .unwrap();
+        b.flush().unwrap();
+    }
+    let (ok, out) = qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        top.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let mut expect = pattern(4 << 20, 9);
+    let write = |b: &dyn BlockBackend, e: &mut Vec<u8>, at: usize, len: usize, seed| {
+        let p = pattern(len, seed);
+        b.write_vectored_at(&[IoSlice::new(&p)], at as u64).unwrap();
+        e[at..at + len].copy_from_slice(&p);
+    };
+    let b = open(&spec(&top)).unwrap();
+    // Whole clusters, a cluster written in part, clusters far apart (several L2 entries).
+    write(&*b, &mut expect, 0, 3 * C, 1);
+    write(&*b, &mut expect, 5 * C + 512, 4096, 2);
+    write(&*b, &mut expect, 40 * C, C, 3);
+    assert!(read_all(&*b) == expect);
+    b.snapshot_create("vm-live").unwrap();
+    let at_snapshot = expect.clone();
+    assert!(read_all(&*b) == expect, "contents right after the snapshot");
+    // Writes into shared clusters (copied first), part of a shared cluster, a cluster of the
+    // backing file, and a new cluster.
+    write(&*b, &mut expect, C, C, 4);
+    write(&*b, &mut expect, 2 * C + 1024, 512, 5);
+    write(&*b, &mut expect, 5 * C, 512, 6);
+    write(&*b, &mut expect, 20 * C, C, 7);
+    assert!(
+        read_all(&*b) == expect,
+        "contents after writes past the snapshot"
+    );
+    b.snapshot_create("vm-second").unwrap();
+    let e = b.snapshot_create("vm-live").unwrap_err().to_string();
+    assert!(e.contains("a snapshot named 'vm-live' exists"), "{e}");
+    write(&*b, &mut expect, 0, 512, 8);
+    b.snapshot_delete("vm-second").unwrap();
+    write(&*b, &mut expect, 3 * C, C, 10);
+    b.flush().unwrap();
+    assert!(
+        read_all(&*b) == expect,
+        "contents after a second snapshot and its deletion"
+    );
+    drop(b);
+    assert_eq!(
+        qemu_check_status(&top),
+        0,
+        "qemu-img check after the writes"
+    );
+    let (ok, out) = qemu_img(&["snapshot", "-l", top.to_str().unwrap()]);
+    assert!(
+        ok && out.contains("vm-live") && !out.contains("vm-second"),
+        "{out}"
+    );
+    let ro = || {
+        open(&DiskSpec {
+            read_only: true,
+            ..spec(&top)
+        })
+        .unwrap()
+    };
+    assert!(read_all(&*ro()) == expect, "contents after reopening");
+    crate::snapshot::apply(&top, "vm-live").unwrap();
+    assert!(read_all(&*ro()) == at_snapshot, "the snapshot's contents");
+    assert_eq!(qemu_check_status(&top), 0, "qemu-img check after applying");
+    // A read-only backend refuses.
+    let e = ro().snapshot_create("x").unwrap_err().to_string();
+    assert!(e.contains("read-only"), "{e}");
+}

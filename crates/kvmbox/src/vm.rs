@@ -903,12 +903,26 @@ fn snapshot(vm: &Vm, action: SnapshotAction) -> Result<()> {
     }
     let _lock = vm.lock(&format!("kvmbox vm snapshot {name}"))?;
     let state = vm.status().state;
+    let t0 = Instant::now();
+    if let (SnapshotAction::Take { snap, description }, State::Running | State::Paused) =
+        (&action, state)
+    {
+        vm.snapshot_take_live(
+            snap,
+            description.as_deref().unwrap_or(""),
+            state == State::Running,
+        )?;
+        println!(
+            "VM '{name}': live snapshot '{snap}' taken, memory, devices and disks ({:.3} s); the VM is {state}",
+            t0.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     if is_up(state) {
         return Err(Error::State(format!(
-            "VM '{name}' is {state}: `kvmbox vm save {name}` first (a snapshot of a saved VM keeps its running state), or stop it"
+            "VM '{name}' is {state}: stop it (or `kvmbox vm save {name}`) first; only `take` works on a running VM"
         )));
     }
-    let t0 = Instant::now();
     let done = match action {
         SnapshotAction::Take { snap, description } => {
             vm.snapshot_take(&snap, description.as_deref().unwrap_or(""))?;

@@ -177,6 +177,31 @@ fn firecracker_client_session_on_kvm() {
         Some(r#"{"state": "Paused"}"#),
         "paused",
     );
+    // A live disk snapshot (kvmbox's disk_snapshot) needs qcow2 disks: the raw drive is
+    // refused by name before anything is written; an empty name too.
+    let (st_file, mem_file) = (sock.with_extension("state"), sock.with_extension("mem"));
+    let snap = |name: &str| {
+        json!({"snapshot_path": st_file, "mem_file_path": mem_file, "disk_snapshot": name})
+            .to_string()
+    };
+    refused(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&snap("vm-x")),
+        &format!(
+            "disk '{}' is not a qcow2 image: only qcow2 images hold internal snapshots",
+            disk.display()
+        ),
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&snap("")),
+        "disk_snapshot",
+    );
+    assert!(!st_file.exists() && !mem_file.exists(), "nothing written");
     ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
     assert_eq!(state(&sock), "Running");
     vm.send(b"smp\n");

@@ -199,6 +199,87 @@ impl Vm {
         self.write_tree(&tree)
     }
 
+    /// Take snapshot `snap` of this running (`running`) or paused VM without stopping it, as
+    /// VirtualBox does (the caller holds its lock): the guest is paused (if it runs), and one
+    /// `PUT /snapshot/create` with the kvmbox field `disk_snapshot` makes the VM process take
+    /// the internal snapshot `vm-SNAP` on every writable disk through its open images (no
+    /// second open of a disk in use) and write the memory and device state (Full) into
+    /// `snapshots/SNAP/`; then the guest runs on. The snapshot holds the running state, so
+    /// restoring it and starting resumes the guest from that moment. On any failure nothing
+    /// is left: the VM process deletes the disk snapshots it took, the folder goes, and the
+    /// guest runs on as before.
+    pub fn snapshot_take_live(&self, snap: &str, description: &str, running: bool) -> Result<()> {
+        check_name(snap)?;
+        let mut tree = self.snapshot_tree()?;
+        if tree.snapshots.iter().any(|s| s.name == snap) {
+            return Err(Error::Usage(format!(
+                "VM '{}' has a snapshot named '{snap}' already",
+                self.name()
+            )));
+        }
+        let disks = self.snapshot_disks()?;
+        self.check_metadata_space(&disks, "the snapshot's tables")?;
+        let dir = self.snapshot_dir(snap);
+        let (state, mem) = (dir.join("state"), dir.join("mem"));
+        let partial = |p: &PathBuf| p.with_extension("partial");
+        if dir.exists() {
+            // Left by a take that was interrupted: the tree does not name it.
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| io_err(format_args!("removing {}", dir.display()), e))?;
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| io_err(format_args!("creating {}", dir.display()), e))?;
+        let (name, sock) = (self.name(), self.api_sock());
+        if running {
+            let paused =
+                crate::api::call(name, &sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+            if let Err(e) = paused {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        }
+        let body = serde_json::json!({
+            "snapshot_path": partial(&state),
+            "mem_file_path": partial(&mem),
+            "snapshot_type": "Full",
+            "disk_snapshot": disk_name(snap),
+        });
+        let made = crate::api::call(
+            name,
+            &sock,
+            "PUT",
+            "/snapshot/create",
+            Some(&body.to_string()),
+        );
+        // The guest runs on whatever happened.
+        let resumed = if running {
+            crate::api::call(name, &sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#)).map(drop)
+        } else {
+            Ok(())
+        };
+        let kept = made.and_then(|_| {
+            for p in [&state, &mem] {
+                std::fs::rename(partial(p), p)
+                    .map_err(|e| io_err(format_args!("keeping {}", p.display()), e))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = kept {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        tree.snapshots.push(SnapshotInfo {
+            name: snap.to_string(),
+            parent: tree.current.clone(),
+            created_at: now_secs(),
+            description: description.to_string(),
+            with_state: true,
+        });
+        tree.current = Some(snap.to_string());
+        self.write_tree(&tree)?;
+        resumed
+    }
+
     /// Bring the disks (and the saved state, if the snapshot has one; otherwise none) back to
     /// snapshot `snap`. The present state is lost unless a snapshot holds it.
     pub fn snapshot_restore(&self, snap: &str) -> Result<()> {

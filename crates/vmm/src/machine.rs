@@ -26,6 +26,8 @@ pub struct Machine {
     pub fw_cfg: Arc<Mutex<FwCfg>>,
     /// The virtio devices.
     pub virtio: VirtioDevices,
+    /// The virtio-blk disks' open images, in the configuration's order.
+    pub disks: Vec<crate::vm::DiskBackend>,
     /// The interrupt controllers (IOAPIC, PIC; the engine's LAPICs) and the PIT timer.
     pub irq_platform: IrqPlatform,
     /// Port and MMIO buses.
@@ -65,8 +67,8 @@ impl Machine {
         };
         // The kernel goes in first: a bad image is the user's most likely mistake, and it
         // should be reported as such whatever the backend.
-        let devices = virtio_devices(cfg)?;
-        let mmio_slots = mmio_slots(cfg, devices.0.len())?;
+        let opened = virtio_devices(cfg)?;
+        let mmio_slots = mmio_slots(cfg, opened.devices.len())?;
         let mut cmdline = cfg.cmdline.clone();
         for &(base, gsi) in &mmio_slots {
             cmdline.push(' ');
@@ -114,7 +116,15 @@ impl Machine {
         if boot.as_ref().map(|b| b.entry_kind) == Some(kvmbox_arch::EntryKind::Multiboot) {
             crate::firmware::bios_state(&io, &mem)?;
         }
-        let virtio = attach_virtio(cfg, vm.as_ref(), &io, &mem, devices, &mmio_slots)?;
+        let virtio = attach_virtio(
+            cfg,
+            vm.as_ref(),
+            &io,
+            &mem,
+            opened.devices,
+            opened.limiters,
+            &mmio_slots,
+        )?;
         if let (true, Some(root)) = (cfg.testdev, &virtio.pci_root) {
             crate::firmware::attach_pci_testdev(root)?;
         }
@@ -169,6 +179,7 @@ impl Machine {
             platform,
             fw_cfg,
             virtio,
+            disks: opened.disks,
             irq_platform,
             io,
             vm,
@@ -281,6 +292,7 @@ impl Machine {
         let Machine {
             platform,
             virtio,
+            disks,
             irq_platform,
             io,
             vm,
@@ -288,7 +300,7 @@ impl Machine {
             ..
         } = self;
         // In field order, as a plain drop of the machine would.
-        drop((platform, virtio, irq_platform, io));
+        drop((platform, virtio, disks, irq_platform, io));
         Backend { vm, mem }
     }
 }

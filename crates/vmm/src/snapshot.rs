@@ -293,17 +293,83 @@ pub const DIFF_NEEDS_TRACKING: &str = "snapshot_type Diff needs dirty-page track
 /// `mem_path` in place when that is a file of that size (Firecracker's behaviour). Applied on
 /// top of its base memory file ([`kvmbox_snapshot::merge_memory`], `kvmbox snapshot merge`),
 /// it restores with this state file.
+///
+/// With `disk_snapshot`, a live snapshot of the disks too (kvmbox's `vm snapshot take` of a
+/// running VM): while the devices are quiesced (requests in hand finished, none taken), every
+/// writable disk gets the qcow2 internal snapshot of that name, taken by its open backend on
+/// its own descriptor ([`kvmbox_block::Qcow2Backend::snapshot_create`]), before the state and
+/// memory are written. All or nothing: a writable disk that is not qcow2 is refused before
+/// anything is done, and if a disk's snapshot or the files fail, the disk snapshots already
+/// taken are deleted again.
 pub fn create(
     m: &Machine,
     cfg: &VmConfig,
     state_path: &Path,
     mem_path: &Path,
     kind: SnapshotKind,
+    disk_snapshot: Option<&str>,
 ) -> Result<()> {
     if kind == SnapshotKind::Diff && !m.vm.dirty_log_active() {
         return Err(refuse(DIFF_NEEDS_TRACKING));
     }
+    let disk_path = |i: usize| {
+        cfg.disks
+            .get(i)
+            .map(|d| d.path.display().to_string())
+            .unwrap_or_else(|| format!("#{i}"))
+    };
+    // The disks the snapshot covers: the writable ones (read-only disks do not change).
+    let writable: Vec<usize> = (0..m.disks.len())
+        .filter(|&i| !m.disks[i].caps().read_only)
+        .collect();
+    if disk_snapshot.is_some() {
+        if let Some(&i) = writable
+            .iter()
+            .find(|&&i| !m.disks[i].holds_internal_snapshots())
+        {
+            return Err(refuse(format!(
+                "disk '{}' is not a qcow2 image: only qcow2 images hold internal snapshots",
+                disk_path(i)
+            )));
+        }
+    }
     with_devices_quiesced(m, || {
+        let mut taken: Vec<usize> = Vec::new();
+        if let Some(name) = disk_snapshot {
+            for &i in &writable {
+                let d = &m.disks[i];
+                if let Err(e) = d.flush().and_then(|()| d.snapshot_create(name)) {
+                    for &j in &taken {
+                        let _ = m.disks[j].snapshot_delete(name);
+                    }
+                    return Err(Error::Host(format!(
+                        "snapshot '{name}' of disk '{}': {e}",
+                        disk_path(i)
+                    )));
+                }
+                taken.push(i);
+            }
+        }
+        let saved = save_state(m, cfg, state_path, mem_path, kind);
+        if let (Err(_), Some(name)) = (&saved, disk_snapshot) {
+            for &j in &taken {
+                let _ = m.disks[j].snapshot_delete(name);
+            }
+        }
+        saved
+    })
+}
+
+/// The vCPUs' and devices' state to `state_path` and guest memory to `mem_path` (the
+/// devices quiesced, see [`create`]).
+fn save_state(
+    m: &Machine,
+    cfg: &VmConfig,
+    state_path: &Path,
+    mem_path: &Path,
+    kind: SnapshotKind,
+) -> Result<()> {
+    {
         let mut vcpus = Vec::with_capacity(m.vcpus.len());
         for (i, v) in m.vcpus.iter().enumerate() {
             let s = v
@@ -346,7 +412,7 @@ pub fn create(
         }
         written?;
         Ok(())
-    })
+    }
 }
 
 /// Check everything about `s` that can be checked before building anything.

@@ -325,15 +325,15 @@ pub struct DeviceLimiters {
 }
 
 /// The virtio devices the configuration asks for, opened now so that a bad image or TAP name
-/// is reported before anything runs, and their rate limiters.
-pub(crate) fn virtio_devices(
-    cfg: &VmConfig,
-) -> Result<(Vec<Box<dyn VirtioDevice>>, DeviceLimiters)> {
+/// is reported before anything runs.
+pub(crate) fn virtio_devices(cfg: &VmConfig) -> Result<OpenedVirtio> {
     let mut devs: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut limiters = DeviceLimiters::default();
+    let mut disks = Vec::new();
     for d in &cfg.disks {
         let b = Block::new(d)?;
         limiters.disks.push(b.rate_limiter());
+        disks.push(b.backend());
         devs.push(Box::new(b));
     }
     for n in &cfg.nets {
@@ -344,8 +344,28 @@ pub(crate) fn virtio_devices(
     if cfg.rng {
         devs.push(Box::new(Rng::new()));
     }
-    Ok((devs, limiters))
+    Ok(OpenedVirtio {
+        devices: devs,
+        limiters,
+        disks,
+    })
 }
+
+/// A virtio device, before it goes on its transport.
+type VirtioDeviceBox = Box<dyn VirtioDevice>;
+
+/// The virtio devices a configuration asks for, opened, with what the VMM keeps of them.
+pub(crate) struct OpenedVirtio {
+    /// The devices, to go on their transport.
+    pub devices: Vec<VirtioDeviceBox>,
+    /// Their rate limiters, for live updates.
+    pub limiters: DeviceLimiters,
+    /// The disks' open images (in `cfg.disks`' order), for live disk snapshots.
+    pub disks: Vec<DiskBackend>,
+}
+
+/// A virtio-blk disk's open image.
+pub type DiskBackend = std::sync::Arc<dyn kvmbox_block::BlockBackend>;
 
 /// MMIO window and interrupt line of each virtio-mmio device (none with PCI).
 pub(crate) fn mmio_slots(cfg: &VmConfig, count: usize) -> Result<Vec<(u64, u32)>> {
@@ -378,7 +398,8 @@ pub(crate) fn attach_virtio(
     vm: &dyn Vm,
     io: &Arc<IoBus>,
     mem: &kvmbox_cpu::GuestMemory,
-    (devices, limiters): (Vec<Box<dyn VirtioDevice>>, DeviceLimiters),
+    devices: Vec<VirtioDeviceBox>,
+    limiters: DeviceLimiters,
     mmio_slots: &[(u64, u32)],
 ) -> Result<VirtioDevices> {
     let mut attached = VirtioDevices {

@@ -106,6 +106,12 @@ impl Block {
     pub fn capacity(&self) -> u64 {
         self.disk.capacity
     }
+
+    /// The disk's backend, for the VMM's work on the open image while the device is
+    /// quiesced (live internal snapshots).
+    pub fn backend(&self) -> Arc<dyn kvmbox_block::BlockBackend> {
+        self.disk.backend.clone()
+    }
 }
 
 impl VirtioDevice for Block {

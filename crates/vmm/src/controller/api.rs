@@ -898,6 +898,16 @@ impl Controller {
                         &format!("'{t}': expected Full or Diff"),
                     ));
                 }
+                if let Some(n) = s
+                    .disk_snapshot
+                    .as_deref()
+                    .filter(|n| n.is_empty() || n.len() > 255)
+                {
+                    return Err(refuse(
+                        "disk_snapshot",
+                        &format!("'{n}': a snapshot name must be 1 to 255 bytes"),
+                    ));
+                }
                 let kind = match s.snapshot_type.as_deref() {
                     Some("Diff") => SnapshotKind::Diff,
                     _ => SnapshotKind::Full,
@@ -913,6 +923,7 @@ impl Controller {
                     Path::new(&s.snapshot_path),
                     Path::new(&s.mem_file_path),
                     kind,
+                    s.disk_snapshot.as_deref(),
                 )
                 .map_err(to_api_error)?;
                 self.extras
