@@ -192,6 +192,12 @@ pub struct ModifyArgs {
     /// Add a new qcow2 disk of this size in the VM's folder. Repeatable.
     #[arg(long, value_name = "SIZE")]
     add_disk_size: Vec<String>,
+    /// Attach an existing image, as create's --disk: PATH[,format=raw|qcow2][,ro][,serial=ID][,lock=off]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// Detach a disk: its number in `vm show`'s order (from 0) or its path; the file stays. Repeatable.
+    #[arg(long, value_name = "N|PATH")]
+    remove_disk: Vec<String>,
     /// Replace the networks, as create's --net (`none`: no network). Repeatable.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
@@ -853,8 +859,34 @@ fn modify(store: &Store, a: ModifyArgs) -> Result<()> {
     let _lock = vm.lock(&format!("kvmbox vm modify {name}"))?;
     let state = vm.status().state;
     if is_up(state) {
+        // Only the limits a running VM's cgroup can take: the first other option given.
+        let fixed = [
+            ("--cpus", a.cpus.is_some()),
+            ("--memory", a.memory.is_some()),
+            ("--kernel", a.kernel.is_some()),
+            ("--initrd", a.initrd.is_some()),
+            ("--cmdline", a.cmdline.is_some()),
+            ("--accel", a.accel.is_some()),
+            ("--rng", a.rng.is_some()),
+            ("--add-disk-size", !a.add_disk_size.is_empty()),
+            ("--disk", !a.disk.is_empty()),
+            ("--remove-disk", !a.remove_disk.is_empty()),
+            ("--net", !a.net.is_empty()),
+            ("--cpu-affinity", a.limits.cpu_affinity.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(flag, given)| given.then_some(flag));
+        let limits: kvmbox_store::LimitOptions = a.limits.into();
+        if let (None, State::Running | State::Paused, true) = (fixed, state, limits.any_live()) {
+            vm.modify_limits_live(&limits)?;
+            println!(
+                "VM '{name}' modified: its limits changed while it is {state}, and in its settings"
+            );
+            return Ok(());
+        }
+        let what = fixed.unwrap_or("its settings");
         return Err(Error::State(format!(
-            "VM '{name}' is {state}: stop it before changing its settings"
+            "VM '{name}' is {state}: {what} cannot change while it runs (only --cpu-max, --cpu-weight and --memory-limit can, on a running or paused VM); stop it first"
         )));
     }
     if vm.has_saved_state() {
@@ -872,7 +904,7 @@ fn modify(store: &Store, a: ModifyArgs) -> Result<()> {
             )))
         }
     };
-    vm.modify(&kvmbox_store::ModifyOptions {
+    let done = vm.modify(&kvmbox_store::ModifyOptions {
         cpus: a.cpus,
         memory: a.memory,
         kernel: a.kernel,
@@ -881,9 +913,21 @@ fn modify(store: &Store, a: ModifyArgs) -> Result<()> {
         accel: a.accel,
         rng,
         add_disk_sizes: a.add_disk_size,
+        disks: a.disk,
+        remove_disks: a.remove_disk,
         nets: (!a.net.is_empty()).then_some(a.net),
         limits: a.limits.into(),
     })?;
+    for f in &done.removed {
+        let note = if f.starts_with(vm.dir()) {
+            format!(
+                " (in the VM's folder: `kvmbox vm delete {name}` deletes it with the folder; move it elsewhere to keep it)"
+            )
+        } else {
+            String::new()
+        };
+        println!("detached disk: {}; the file stays{note}", f.display());
+    }
     println!("VM '{name}' modified");
     Ok(())
 }

@@ -1348,6 +1348,246 @@ fn modify_changes_only_what_it_is_given() {
     home.ok(&["delete", "--force", "m"]);
 }
 
+/// `vm modify --disk` attaches an existing image as `create --disk` does (the guest sees it),
+/// `--remove-disk` detaches one by number or path and leaves its file; a disk holding the VM's
+/// snapshots, a disk attached twice, a missing image and an unknown disk are refused with
+/// the settings unchanged.
+#[test]
+fn modify_attaches_and_detaches_existing_disks() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("modisk");
+    home.create_blk_vm("d");
+    let ext = home.0.join("ext.qcow2");
+    let st = Command::new(common::kvmbox())
+        .args(["disk", "create"])
+        .arg(&ext)
+        .arg("2M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let own = home.0.join("vms/d/disk0.qcow2");
+    let spec = format!("{},serial=ext", ext.display());
+    let out = home.ok(&["modify", "d", "--remove-disk", "0", "--disk", &spec]);
+    assert!(
+        out.contains(&format!(
+            "detached disk: {}; the file stays (in the VM's folder",
+            own.display()
+        )),
+        "{out}"
+    );
+    assert!(own.is_file());
+    let disks = home.show("d")["disks"].clone();
+    assert_eq!(disks.as_array().unwrap().len(), 1, "{disks}");
+    assert_eq!(disks[0]["path"], ext.to_str().unwrap(), "{disks}");
+    assert!(home
+        .ok(&["show", "d"])
+        .contains(&format!("disk:      {} (qcow2)", ext.display())));
+    // The guest's blk scenario runs on the attached image (2 MiB, serial ext) and writes it.
+    home.run_to_power_off("d");
+    let log = home.log("d");
+    let line = log
+        .lines()
+        .find(|l| l.contains("KVMBOX-TEST blk "))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains("capacity_sectors=4096 serial=ext ") && line.contains(" errors=0 "),
+        "{line}"
+    );
+    assert!(disk_bytes(&home, &ext).iter().any(|&b| b != 0));
+    // Refusals change nothing.
+    let toml = home.0.join("vms/d/vm.toml");
+    let before = std::fs::read_to_string(&toml).unwrap();
+    home.fails(
+        &["modify", "d", "--disk", ext.to_str().unwrap()],
+        2,
+        "is a disk of VM 'd' already",
+    );
+    let missing = home.0.join("missing.qcow2");
+    home.fails(
+        &["modify", "d", "--disk", missing.to_str().unwrap()],
+        2,
+        "does not exist",
+    );
+    home.fails(
+        &["modify", "d", "--remove-disk", "1"],
+        2,
+        "VM 'd' has 1 disk(s)",
+    );
+    home.fails(
+        &["modify", "d", "--remove-disk", own.to_str().unwrap()],
+        2,
+        "not a disk of VM 'd'",
+    );
+    home.ok(&["snapshot", "d", "take", "s1"]);
+    home.fails(
+        &["modify", "d", "--remove-disk", ext.to_str().unwrap()],
+        4,
+        "holds its snapshot(s) s1",
+    );
+    assert_eq!(std::fs::read_to_string(&toml).unwrap(), before);
+    // Without the snapshot it goes, by path; the file outside the folder stays as it is.
+    home.ok(&["snapshot", "d", "delete", "s1"]);
+    let out = home.ok(&[
+        "modify",
+        "d",
+        "--remove-disk",
+        ext.to_str().unwrap(),
+        "--disk",
+        own.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains(&format!(
+            "detached disk: {}; the file stays\n",
+            ext.display()
+        )),
+        "{out}"
+    );
+    assert!(ext.is_file());
+    let disks = home.show("d")["disks"].clone();
+    assert_eq!(disks.as_array().unwrap().len(), 1, "{disks}");
+    assert_eq!(disks[0]["path"], own.to_str().unwrap(), "{disks}");
+    home.ok(&["delete", "d"]);
+    assert!(ext.is_file());
+}
+
+/// While a VM runs (or is paused), `vm modify --cpu-max/--cpu-weight/--memory-limit` change
+/// its cgroup through its API and its settings; any other option is refused naming it; a VM
+/// started without limits has no cgroup to change, and its settings stay as they were.
+#[test]
+fn modify_changes_the_limits_of_a_running_vm() {
+    let test = "modify_changes_the_limits_of_a_running_vm";
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        common::skip(test, "making cgroups needs root");
+        return;
+    }
+    let Ok(h) = kvmbox_cgroup::Hierarchy::detect(&["cpu", "memory"]) else {
+        common::skip(test, "no cgroup hierarchy with cpu and memory");
+        return;
+    };
+    let _cpu = CpuLease::shared();
+    let home = Home::new("livelimits");
+    let tg = testguest();
+    let create = |name: &str, limits: &[&str]| {
+        let mut args = vec![
+            "create",
+            name,
+            "--kernel",
+            tg.to_str().unwrap(),
+            "--cmdline",
+            "tests=shell",
+            "--memory",
+            "128M",
+            "--accel",
+            "emu",
+            "--net",
+            "none",
+        ];
+        args.extend_from_slice(limits);
+        home.ok(&args);
+    };
+    create("l", &["--cpu-max", "0.5", "--memory-limit", "200M"]);
+    home.ok(&["start", "l"]);
+    home.expect_log("l", "kvmbox-testguest# ", Duration::from_secs(60));
+    let pid = home.show("l")["pid"].as_u64().unwrap() as u32;
+    let seen = kvmbox_cgroup::Hierarchy::detect_for(pid, &["cpu", "memory"]).unwrap();
+    let cpu = seen.own_dir("cpu").unwrap().to_path_buf();
+    let mem = seen.own_dir("memory").unwrap().to_path_buf();
+    assert!(
+        cpu.ends_with(format!("kvmbox/pid-{pid}")),
+        "{}",
+        cpu.display()
+    );
+    let read = |dir: &Path, f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let toml_path = home.0.join("vms/l/vm.toml");
+    let toml = || std::fs::read_to_string(&toml_path).unwrap();
+    home.ok(&[
+        "modify",
+        "l",
+        "--cpu-max",
+        "1.5",
+        "--cpu-weight",
+        "200",
+        "--memory-limit",
+        "300M",
+    ]);
+    let v1 = h.version() == kvmbox_cgroup::Version::V1;
+    if v1 {
+        assert_eq!(read(&cpu, "cpu.cfs_quota_us"), "150000");
+        assert_eq!(read(&cpu, "cpu.shares"), "2048");
+        assert_eq!(
+            read(&mem, "memory.limit_in_bytes"),
+            (300u64 << 20).to_string()
+        );
+    } else {
+        assert_eq!(read(&cpu, "cpu.max"), "150000 100000");
+        assert_eq!(read(&cpu, "cpu.weight"), "200");
+        assert_eq!(read(&mem, "memory.max"), (300u64 << 20).to_string());
+    }
+    let t = toml();
+    assert!(
+        t.contains("cpu_max = 1.5\n")
+            && t.contains("cpu_weight = 200\n")
+            && t.contains("memory_limit = \"300M\"\n"),
+        "{t}"
+    );
+    // Other options, and values the settings refuse, change nothing.
+    home.fails(
+        &["modify", "l", "--cpus", "2"],
+        4,
+        "VM 'l' is running: --cpus cannot change while it runs",
+    );
+    home.fails(
+        &["modify", "l", "--cpu-max", "1", "--remove-disk", "0"],
+        4,
+        "--remove-disk cannot change while it runs",
+    );
+    home.fails(
+        &["modify", "l", "--cpu-affinity", "0"],
+        4,
+        "--cpu-affinity cannot change while it runs",
+    );
+    home.fails(
+        &["modify", "l", "--memory-limit", "100M"],
+        2,
+        "below the guest's memory",
+    );
+    assert_eq!(toml(), t);
+    // Paused: lifting the CPU quota, the weight back to the default.
+    home.ok(&["pause", "l"]);
+    home.ok(&["modify", "l", "--cpu-max", "none", "--cpu-weight", "none"]);
+    if v1 {
+        assert_eq!(read(&cpu, "cpu.cfs_quota_us"), "-1");
+        assert_eq!(read(&cpu, "cpu.shares"), "1024");
+    } else {
+        assert_eq!(read(&cpu, "cpu.max"), "max 100000");
+        assert_eq!(read(&cpu, "cpu.weight"), "100");
+    }
+    let t = toml();
+    assert!(!t.contains("cpu_max") && !t.contains("cpu_weight"), "{t}");
+    assert!(t.contains("memory_limit = \"300M\"\n"), "{t}");
+    home.ok(&["stop", "l", "--force"]);
+    // Started without limits: no cgroup, so nothing changes.
+    create("n", &[]);
+    home.ok(&["start", "n"]);
+    let before = std::fs::read_to_string(home.0.join("vms/n/vm.toml")).unwrap();
+    home.fails(
+        &["modify", "n", "--cpu-max", "1"],
+        4,
+        "VM 'n' was started without a CPU quota, CPU weight or memory limit",
+    );
+    assert_eq!(
+        std::fs::read_to_string(home.0.join("vms/n/vm.toml")).unwrap(),
+        before
+    );
+    home.ok(&["stop", "n", "--force"]);
+}
+
 /// The children of process `pid`, by command name.
 fn children(pid: u32) -> Vec<String> {
     let mut out = Vec::new();

@@ -25,7 +25,7 @@ pub mod snapshots;
 mod space;
 
 pub use lock::VmLock;
-pub use settings::{CreateOptions, DefaultGuest, LimitOptions, ModifyOptions};
+pub use settings::{CreateOptions, DefaultGuest, LimitOptions, Modified, ModifyOptions};
 
 use serde::Serialize;
 use std::path::{Path, PathBuf};

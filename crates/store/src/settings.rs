@@ -93,6 +93,55 @@ impl LimitOptions {
     }
 }
 
+impl LimitOptions {
+    /// Whether any limit a running VM can change (`--cpu-max`, `--cpu-weight`,
+    /// `--memory-limit`) is given.
+    pub fn any_live(&self) -> bool {
+        self.cpu_max.is_some() || self.cpu_weight.is_some() || self.memory_limit.is_some()
+    }
+
+    /// The `PATCH /machine-config` body that gives a running VM's cgroup these limits: `none`
+    /// lifts `cpu_max` and `memory_limit_mib` (0) and puts `cpu_weight` back to the kernel's
+    /// default, 100. A running VM's memory limit changes in whole MiB.
+    fn live_patch(&self) -> Result<String> {
+        let usage = |e: kvmbox_vmm::ConfigError| Error::Usage(e.to_string());
+        let mut body = serde_json::Map::new();
+        if let Some(v) = &self.cpu_max {
+            let cpus = match v.as_str() {
+                "none" => 0.0,
+                v => kvmbox_vmm::limits::parse_cpu_max(v).map_err(usage)?.cpus(),
+            };
+            body.insert("cpu_max".into(), cpus.into());
+        }
+        if let Some(v) = &self.cpu_weight {
+            let w = match v.as_str() {
+                "none" => 100,
+                v => v.parse().map_err(|_| {
+                    Error::Usage(format!("invalid --cpu-weight '{v}': expected 1 to 10000"))
+                })?,
+            };
+            kvmbox_vmm::limits::check_cpu_weight(w).map_err(usage)?;
+            body.insert("cpu_weight".into(), w.into());
+        }
+        if let Some(v) = &self.memory_limit {
+            let mib = match v.as_str() {
+                "none" => 0,
+                v => {
+                    let b = kvmbox_vmm::config::parse_size(v).map_err(usage)?;
+                    if b % (1 << 20) != 0 {
+                        return Err(Error::Usage(format!(
+                            "--memory-limit {v}: a running VM's memory limit changes in whole MiB"
+                        )));
+                    }
+                    b >> 20
+                }
+            };
+            body.insert("memory_limit_mib".into(), mib.into());
+        }
+        Ok(serde_json::Value::Object(body).to_string())
+    }
+}
+
 /// The networks `--net` specs ask for: [`DEFAULT_NET`] when none is given, nothing for `none`
 /// alone; `none` beside another spec is an error.
 pub fn net_specs(given: &[String]) -> Result<Vec<String>> {
@@ -168,6 +217,27 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).map_err(|e| io_err(format_args!("resolving {}", p.display()), e))
 }
 
+/// The settings entry of an existing image given as a `--disk` spec (`kvmbox run`'s parser):
+/// the image must exist, its path is made absolute and the options are kept as given.
+/// `new_disk` names the flag that makes a new disk instead, for the message.
+fn disk_entry(spec: &str, new_disk: &str) -> Result<String> {
+    let parsed =
+        kvmbox_vmm::config::parse_disk_spec(spec).map_err(|e| Error::Usage(e.to_string()))?;
+    if !parsed.path.exists() {
+        return Err(Error::Usage(format!(
+            "--disk {spec}: {} does not exist ({new_disk} creates a new disk)",
+            parsed.path.display()
+        )));
+    }
+    // The path is everything before the first comma; keep the options as given.
+    let path_len = spec.find(',').unwrap_or(spec.len());
+    Ok(format!(
+        "{}{}",
+        absolute(&parsed.path)?.display(),
+        &spec[path_len..]
+    ))
+}
+
 /// Write the settings file and create the new disks of a VM in `dir` (empty, new), then load the
 /// file back through the `kvmbox run --config` parser, so what was written is known to start.
 pub(crate) fn write_new(dir: &Path, o: &CreateOptions) -> Result<()> {
@@ -210,20 +280,7 @@ pub(crate) fn write_new(dir: &Path, o: &CreateOptions) -> Result<()> {
     };
     let mut disks = Vec::new();
     for spec in &o.disks {
-        let parsed = kvmbox_vmm::config::parse_disk_spec(spec).map_err(usage)?;
-        if !parsed.path.exists() {
-            return Err(Error::Usage(format!(
-                "--disk {spec}: {} does not exist (--disk-size SIZE creates a new disk)",
-                parsed.path.display()
-            )));
-        }
-        // The path is everything before the first comma; keep the options as given.
-        let path_len = spec.find(',').unwrap_or(spec.len());
-        disks.push(format!(
-            "{}{}",
-            absolute(&parsed.path)?.display(),
-            &spec[path_len..]
-        ));
+        disks.push(disk_entry(spec, "--disk-size SIZE")?);
     }
     let mut sizes = Vec::new();
     for s in &o.disk_sizes {
@@ -283,6 +340,11 @@ pub struct ModifyOptions {
     pub rng: Option<bool>,
     /// New qcow2 disks to add, by size.
     pub add_disk_sizes: Vec<String>,
+    /// Existing images to attach, as `--disk` specs (as `vm create --disk`).
+    pub disks: Vec<String>,
+    /// Disks to detach: an index in the settings' order (`vm show`'s, from 0) or a path. The
+    /// files stay where they are.
+    pub remove_disks: Vec<String>,
     /// Resource limits (`none` removes one).
     pub limits: LimitOptions,
     /// The networks, replacing the present ones (`--net` specs; `none` alone: no network).
@@ -293,7 +355,7 @@ impl crate::Vm {
     /// Change the settings of this stopped VM (the caller holds its lock): the file is edited
     /// key by key (other keys stay as they are), checked by the `kvmbox run --config` parser,
     /// and replaces the old one in one rename.
-    pub fn modify(&self, o: &ModifyOptions) -> Result<()> {
+    pub fn modify(&self, o: &ModifyOptions) -> Result<Modified> {
         let usage = |e: kvmbox_vmm::ConfigError| Error::Usage(e.to_string());
         let path = self.settings_path();
         let text = std::fs::read_to_string(&path)
@@ -336,6 +398,22 @@ impl crate::Vm {
             .get("disks")
             .and_then(|v| v.clone().try_into().ok())
             .unwrap_or_default();
+        let removed = self.remove_disks(&mut disks, &o.remove_disks)?;
+        for spec in &o.disks {
+            let entry = disk_entry(spec, "--add-disk-size SIZE")?;
+            let path = same_file(&self.disk_file(&entry)?);
+            if disks
+                .iter()
+                .any(|d| self.disk_file(d).map(|f| same_file(&f)).ok().as_ref() == Some(&path))
+            {
+                return Err(Error::Usage(format!(
+                    "--disk {spec}: {} is a disk of VM '{}' already",
+                    path.display(),
+                    self.name()
+                )));
+            }
+            disks.push(entry);
+        }
         let mut sizes = Vec::new();
         for s in &o.add_disk_sizes {
             sizes.push(kvmbox_vmm::config::parse_size(s).map_err(usage)?);
@@ -375,8 +453,155 @@ impl crate::Vm {
                 let _ = std::fs::remove_file(d);
             }
         }
-        checked
+        checked.map(|()| Modified { removed })
     }
+
+    /// The image file of a settings `disks` entry (relative paths are relative to the folder).
+    fn disk_file(&self, entry: &str) -> Result<PathBuf> {
+        let p = kvmbox_vmm::config::parse_disk_spec(entry)
+            .map_err(|e| Error::Usage(format!("{}: {e}", self.settings_path().display())))?
+            .path;
+        Ok(if p.is_absolute() {
+            p
+        } else {
+            self.dir().join(p)
+        })
+    }
+
+    /// Take the `--remove-disk` disks (indexes into `disks` as it is now, or paths) out of
+    /// `disks`; their files, which stay, are returned. A disk holding internal snapshots of
+    /// this VM's snapshot tree is refused ([`Error::State`]).
+    fn remove_disks(&self, disks: &mut Vec<String>, which: &[String]) -> Result<Vec<PathBuf>> {
+        let name = self.name();
+        let mut idx = Vec::new();
+        for r in which {
+            let i = match r.parse::<usize>() {
+                Ok(n) if n < disks.len() => n,
+                Ok(n) => {
+                    return Err(Error::Usage(format!(
+                        "--remove-disk {n}: VM '{name}' has {} disk(s), numbered from 0 in `kvmbox vm show {name}`'s order",
+                        disks.len()
+                    )))
+                }
+                Err(_) => {
+                    let want = [absolute(Path::new(r))?, self.dir().join(r)].map(|p| same_file(&p));
+                    disks
+                        .iter()
+                        .position(|d| {
+                            self.disk_file(d)
+                                .map(|f| want.contains(&same_file(&f)))
+                                .unwrap_or(false)
+                        })
+                        .ok_or_else(|| {
+                            Error::Usage(format!(
+                                "--remove-disk {r}: not a disk of VM '{name}' (`kvmbox vm show {name}` lists them)"
+                            ))
+                        })?
+                }
+            };
+            if !idx.contains(&i) {
+                idx.push(i);
+            }
+        }
+        let tree = self.snapshot_tree()?;
+        let mut removed = Vec::new();
+        for &i in &idx {
+            let file = self.disk_file(&disks[i])?;
+            if !tree.snapshots.is_empty() {
+                let layers = kvmbox_block::image::info(&file)
+                    .map_err(|e| Error::Failed(format!("disk {}: {e}", file.display())))?;
+                if layers.first().map(|l| l.format.as_str()) == Some("qcow2") {
+                    let on_disk = kvmbox_block::snapshot::list(&file)
+                        .map_err(|e| Error::Failed(format!("disk {}: {e}", file.display())))?;
+                    let held: Vec<&str> = tree
+                        .snapshots
+                        .iter()
+                        .filter(|s| {
+                            on_disk
+                                .iter()
+                                .any(|d| d.name == crate::snapshots::disk_name(&s.name))
+                        })
+                        .map(|s| s.name.as_str())
+                        .collect();
+                    if let Some(first) = held.first() {
+                        return Err(Error::State(format!(
+                            "VM '{name}': disk {} holds its snapshot(s) {} (internal snapshots vm-SNAP), which could not be restored without it: delete them first (kvmbox vm snapshot {name} delete {first})",
+                            file.display(),
+                            held.join(", ")
+                        )));
+                    }
+                }
+            }
+            removed.push(file);
+        }
+        idx.sort_unstable();
+        for &i in idx.iter().rev() {
+            disks.remove(i);
+        }
+        Ok(removed)
+    }
+}
+
+impl crate::Vm {
+    /// Change the CPU quota, CPU weight and memory limit of this running (or paused) VM (the
+    /// caller holds its lock): the settings file first (checked as [`Self::modify`] checks
+    /// it), then the VM's cgroup through its API (`PATCH /machine-config`). When the API
+    /// refuses (a VM started without limits has no cgroup), the file is put back as it was.
+    pub fn modify_limits_live(&self, limits: &LimitOptions) -> Result<()> {
+        if limits.cpu_affinity.is_some() {
+            return Err(Error::State(format!(
+                "VM '{}' is running: --cpu-affinity cannot change while it runs",
+                self.name()
+            )));
+        }
+        let body = limits.live_patch()?;
+        let path = self.settings_path();
+        let old = std::fs::read(&path)
+            .map_err(|e| io_err(format_args!("reading {}", path.display()), e))?;
+        self.modify(&ModifyOptions {
+            limits: limits.clone(),
+            ..Default::default()
+        })?;
+        let name = self.name();
+        let Err(e) = crate::api::call(
+            name,
+            &self.api_sock(),
+            "PATCH",
+            "/machine-config",
+            Some(&body),
+        ) else {
+            return Ok(());
+        };
+        let tmp = self.dir().join("vm.toml.new");
+        let put_back = std::fs::write(&tmp, &old)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| io_err(format_args!("putting back {}", path.display()), e));
+        if let Err(p) = put_back {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::Failed(format!("{e}; and {p}")));
+        }
+        Err(match e {
+            Error::State(m) if m.contains("without a cgroup") => Error::State(format!(
+                "VM '{name}' was started without a CPU quota, CPU weight or memory limit, so it has no cgroup whose limits could change while it runs: stop it, give the limits with `kvmbox vm modify {name}`, and start it ({m}); {} is unchanged",
+                path.display()
+            )),
+            Error::State(m) => Error::State(format!("{m}; {} is unchanged", path.display())),
+            Error::Failed(m) => Error::Failed(format!("{m}; {} is unchanged", path.display())),
+            other => other,
+        })
+    }
+}
+
+/// What [`crate::Vm::modify`] did beyond the settings file.
+#[derive(Debug, Default)]
+pub struct Modified {
+    /// The image files of the disks detached (`--remove-disk`): they stay where they are.
+    pub removed: Vec<PathBuf>,
+}
+
+/// A path for comparing files: the canonical one when it exists.
+fn same_file(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 #[cfg(test)]

@@ -72,7 +72,7 @@ impl SnapshotTree {
 }
 
 /// The internal snapshot name on the disks.
-fn disk_name(snap: &str) -> String {
+pub(crate) fn disk_name(snap: &str) -> String {
     format!("vm-{snap}")
 }
 
