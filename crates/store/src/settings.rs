@@ -694,6 +694,44 @@ mod tests {
     }
 
     #[test]
+    fn live_limits_become_the_machine_config_patch() {
+        let patch = |cpu_max: &str, cpu_weight: &str, memory_limit: &str| {
+            LimitOptions {
+                cpu_max: Some(cpu_max.into()),
+                cpu_weight: Some(cpu_weight.into()),
+                memory_limit: Some(memory_limit.into()),
+                cpu_affinity: None,
+            }
+            .live_patch()
+            .map(|b| serde_json::from_str::<serde_json::Value>(&b).unwrap())
+        };
+        assert_eq!(
+            patch("1.5", "200", "1G").unwrap(),
+            serde_json::json!({"cpu_max": 1.5, "cpu_weight": 200, "memory_limit_mib": 1024})
+        );
+        // `none`: the quota and the memory limit lifted, the weight back to the default.
+        assert_eq!(
+            patch("none", "none", "none").unwrap(),
+            serde_json::json!({"cpu_max": 0.0, "cpu_weight": 100, "memory_limit_mib": 0})
+        );
+        let only_weight = LimitOptions {
+            cpu_weight: Some("7".into()),
+            ..Default::default()
+        };
+        assert_eq!(only_weight.live_patch().unwrap(), r#"{"cpu_weight":7}"#);
+        for (args, needle) in [
+            (("1", "1", "1536K"), "in whole MiB"),
+            (("1", "0", "1G"), "--cpu-weight"),
+            (("1", "x", "1G"), "invalid --cpu-weight 'x'"),
+            (("lots", "1", "1G"), "invalid --cpu-max 'lots'"),
+            (("1", "1", "12Q"), "invalid size '12Q'"),
+        ] {
+            let e = patch(args.0, args.1, args.2).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} lacks {needle}");
+        }
+    }
+
+    #[test]
     fn bad_values_are_refused_before_anything_is_written() {
         let d = tmp("bad");
         let kernel = d.join("k");
