@@ -1572,6 +1572,16 @@ fn modify_changes_the_limits_of_a_running_vm() {
     assert!(!t.contains("cpu_max") && !t.contains("cpu_weight"), "{t}");
     assert!(t.contains("memory_limit = \"300M\"\n"), "{t}");
     home.ok(&["stop", "l", "--force"]);
+    // The watcher removes the group once kvmbox has ended: nothing stays in cgroupfs.
+    let t0 = Instant::now();
+    while cpu.exists() || mem.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "{} stays",
+            cpu.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Started without limits: no cgroup, so nothing changes.
     create("n", &[]);
     home.ok(&["start", "n"]);
