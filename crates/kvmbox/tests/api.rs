@@ -31,15 +31,12 @@ fn scratch_image(name: &str, len: u64) -> PathBuf {
 /// CPU time (user + system, in clock ticks) of `pid`'s threads named `vcpu*`.
 fn vcpu_cpu_ticks(pid: u32) -> u64 {
     let mut total = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+    for t in common::task_dirs(pid) {
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
         if !comm.starts_with("vcpu") {
             continue;
         }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let stat = std::fs::read_to_string(t.join("stat")).unwrap_or_default();
         // Fields after the ")" that ends the name: state is 3rd, utime 14th, stime 15th.
         let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
         let f: Vec<&str> = rest.split_whitespace().collect();

@@ -78,16 +78,13 @@ fn vcpu_affinity(pid: u32, n: usize) -> Vec<(String, String)> {
     let start = Instant::now();
     loop {
         let mut found = Vec::new();
-        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .flatten()
-        {
-            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        for t in common::task_dirs(pid) {
+            let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
             let comm = comm.trim().to_string();
             if !comm.starts_with("vcpu") {
                 continue;
             }
-            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
             let list = status
                 .lines()
                 .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))

@@ -919,9 +919,9 @@ fn user_network_dhcp_gateway_and_hostfwd_without_privileges() {
     assert_eq!(field(&console, "KVMBOX-LINUX dhcp ", "mtu"), "65520");
     // kvmbox and its passt run without privileges.
     let pid = vm.id();
-    let passt_pid: u32 = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flat_map(|t| std::fs::read_to_string(t.unwrap().path().join("children")))
+    let passt_pid: u32 = common::task_dirs(pid)
+        .into_iter()
+        .flat_map(|t| std::fs::read_to_string(t.join("children")))
         .flat_map(|k| {
             k.split_whitespace()
                 .filter_map(|p| p.parse().ok())

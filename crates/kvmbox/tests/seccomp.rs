@@ -8,17 +8,15 @@
 
 mod common;
 
-use common::{api, kvm_or_skip, testguest, CpuLease, Interactive, TESTGUEST_TIMEOUT};
+use common::{api, kvm_or_skip, task_dirs, testguest, CpuLease, Interactive, TESTGUEST_TIMEOUT};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 /// The seccomp mode of every thread of `pid`: (thread name, mode).
 fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
-    let dir = format!("/proc/{pid}/task");
     let mut out = Vec::new();
-    for e in std::fs::read_dir(&dir).expect("task directory") {
-        let path = e.expect("task entry").path();
+    for path in task_dirs(pid) {
         // A thread may end between the listing and the reads: skip it.
         let (Ok(comm), Ok(status)) = (
             std::fs::read_to_string(path.join("comm")),
@@ -86,10 +84,23 @@ fn check_threads(name: &str, accel: &str, extra: &[&str], mode: &str) {
     let _lease = CpuLease::shared();
     let mut vm = Interactive::spawn(&args);
     vm.expect("crashrec flushed ", TESTGUEST_TIMEOUT);
-    api::wait_for_socket(&mut vm, &sock);
-
-    // One request on a kept-alive connection: its thread waits for the next one.
-    let mut conn = UnixStream::connect(&sock).expect("connect to the API socket");
+    // One request on a kept-alive connection: its thread waits for the next one. The first
+    // connection that succeeds is the one kept, so that no other connection's thread is ending
+    // while the threads are listed.
+    let start = std::time::Instant::now();
+    let mut conn = loop {
+        match UnixStream::connect(&sock) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < TESTGUEST_TIMEOUT,
+                    "no API socket: {e}; stderr: {}",
+                    vm.stderr()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    };
     conn.set_read_timeout(Some(TESTGUEST_TIMEOUT)).unwrap();
     conn.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();

@@ -50,6 +50,27 @@ pub fn kvm_or_skip(test: &str) -> bool {
     kvmbox_cpu::kvm::available_or_skip(test)
 }
 
+/// The /proc/PID/task directories of `pid`'s threads. One listing of /proc/PID/task stops
+/// early when the thread it has reached ends during the listing (the kernel walks on from that
+/// thread), so it can miss live threads: this lists until two listings in a row agree.
+pub fn task_dirs(pid: u32) -> Vec<PathBuf> {
+    let list = || -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let mut last = list();
+    loop {
+        let next = list();
+        if next == last {
+            return next;
+        }
+        last = next;
+    }
+}
+
 /// What one kvmbox run produced.
 #[derive(Debug)]
 pub struct RunResult {

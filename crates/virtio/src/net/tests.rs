@@ -272,10 +272,32 @@ fn tap_arp_round_trip_in_a_network_namespace() {
     assert_eq!(r(0x70), 0);
 }
 
+/// This process's /proc/self/task directories. One listing stops early when the thread it has
+/// reached ends during the listing (the kernel walks on from that thread), and the other tests
+/// start and end threads all the time: list until two listings in a row agree.
+fn task_dirs() -> Vec<std::path::PathBuf> {
+    let list = || -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut last = list();
+    loop {
+        let next = list();
+        if next == last {
+            return next;
+        }
+        last = next;
+    }
+}
+
 /// utime + stime (clock ticks) of this process's "virtio-net" thread.
 fn worker_cpu_ticks() -> u64 {
-    for t in std::fs::read_dir("/proc/self/task").unwrap() {
-        let dir = t.unwrap().path();
+    for dir in task_dirs() {
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         if comm.trim() == "virtio-net" {
             let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
@@ -506,8 +528,8 @@ fn dhcp_discover(mac: [u8; 6]) -> Vec<u8> {
 /// The passt processes this test process started.
 fn passt_children() -> Vec<i32> {
     let mut pids = Vec::new();
-    for t in std::fs::read_dir("/proc/self/task").unwrap() {
-        let kids = std::fs::read_to_string(t.unwrap().path().join("children")).unwrap_or_default();
+    for t in task_dirs() {
+        let kids = std::fs::read_to_string(t.join("children")).unwrap_or_default();
         for p in kids
             .split_whitespace()
             .filter_map(|p| p.parse::<i32>().ok())
