@@ -894,11 +894,6 @@ fn live_snapshots_of_a_running_vm_bring_back_memory_devices_and_disks() {
     assert_eq!(home.state("ls"), "paused");
     home.ok(&["resume", "ls"]);
     home.fails(
-        &["snapshot", "ls", "restore", "live1"],
-        4,
-        "only `take` works on a running VM",
-    );
-    home.fails(
         &["snapshot", "ls", "take", "live1"],
         2,
         "snapshot named 'live1' already",
@@ -984,6 +979,188 @@ fn live_snapshots_of_a_running_vm_bring_back_memory_devices_and_disks() {
     assert_eq!(home.state("r"), "running");
     assert!(home.ok(&["snapshot", "r", "list"]).contains("no snapshots"));
     home.ok(&["stop", "--force", "r"]);
+}
+
+/// The first `crashrec flushed N` of VM `name`'s console log (this run's), once there is one.
+fn first_flushed(home: &Home, name: &str) -> u64 {
+    let log = home.expect_log(name, "crashrec flushed ", BLK);
+    log.lines()
+        .find_map(|l| l.trim().strip_prefix("crashrec flushed "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{log}"))
+}
+
+/// Wait until VM `name`'s guest has flushed record `n`.
+fn wait_flushed(home: &Home, name: &str, n: u64) {
+    let t0 = Instant::now();
+    while flushed(home, name) < n {
+        assert!(t0.elapsed() < BLK, "{}", home.log(name));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Restore and delete on a running or paused VM (issue #12), the guest writing and flushing
+/// numbered records (`crashrec:1`). `restore s1` of the running VM powers it off, brings back
+/// s1's disks, memory and devices and starts it from them: the guest's next record follows
+/// the one it had flushed at s1's take, not the hundreds it wrote since. Of a paused VM, the
+/// VM comes back paused (no guest output until `resume`, which continues from s1 again). A
+/// disks-only snapshot leaves the VM stopped. `delete s1` of a running VM (s2, its child,
+/// gets its parent) removes `vm-s1` from the open disk, s1's state and its place in the tree
+/// while the guest runs on; `delete s2` of a paused VM leaves it paused. `qemu-img snapshot
+/// -l` no longer lists them, both checkers find the disk consistent, and the guest's records
+/// on it are whole. `off`, taken before the first start (disks only: a zeroed disk), becomes
+/// the parent of s1's children and the current snapshot when s1 goes; restored on the running
+/// VM, it leaves the VM stopped with the zeroed disk.
+#[test]
+fn live_restore_and_delete_of_a_running_vm() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("liverd");
+    let tg = testguest();
+    home.ok(&[
+        "create",
+        "lr",
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cmdline",
+        "tests=crashrec:1",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+        "--disk-size",
+        "64M",
+        "--net",
+        "none",
+    ]);
+    let disk = home.0.join("vms/lr/disk0.qcow2");
+    let snap_dir = home.0.join("vms/lr/snapshots");
+    home.ok(&["snapshot", "lr", "take", "off"]);
+    home.ok(&["start", "lr"]);
+    let before = flushed(&home, "lr");
+    home.ok(&["snapshot", "lr", "take", "s1"]);
+    let at_take = flushed(&home, "lr");
+    // The guest goes on well past the take; s2 is taken on the way.
+    wait_flushed(&home, "lr", at_take + 100);
+    home.ok(&["snapshot", "lr", "take", "s2"]);
+    wait_flushed(&home, "lr", at_take + 200);
+    let at_restore = flushed(&home, "lr");
+
+    // A snapshot that does not exist: refused before anything happens; the VM runs on.
+    home.fails(
+        &["snapshot", "lr", "restore", "nope"],
+        2,
+        "no snapshot named 'nope'",
+    );
+    assert_eq!(home.state("lr"), "running");
+
+    let out = home.ok(&["snapshot", "lr", "restore", "s1"]);
+    assert!(
+        out.contains("restored to snapshot 's1', live") && out.contains("the VM is running"),
+        "{out}"
+    );
+    assert_eq!(home.state("lr"), "running");
+    let first = first_flushed(&home, "lr");
+    assert!(
+        before <= first && first <= at_take + 1,
+        "the guest continues from s1: its first record {first}, flushed at the take {before}..{at_take}, before the restore {at_restore}"
+    );
+    let tree: Value =
+        serde_json::from_str(&home.ok(&["snapshot", "lr", "list", "--json"])).unwrap();
+    assert_eq!(tree["current"], "s1", "{tree}");
+    wait_flushed(&home, "lr", first + 50);
+
+    // Paused: the VM comes back paused from s1, and its guest runs only when resumed.
+    home.ok(&["pause", "lr"]);
+    let out = home.ok(&["snapshot", "lr", "restore", "s1"]);
+    assert!(out.contains("the VM is paused"), "{out}");
+    assert_eq!(home.state("lr"), "paused");
+    assert!(
+        !home.log("lr").contains("crashrec flushed"),
+        "a paused restore runs no guest code:\n{}",
+        home.log("lr")
+    );
+    home.ok(&["resume", "lr"]);
+    let again = first_flushed(&home, "lr");
+    assert!(
+        before <= again && again <= at_take + 1,
+        "resumed from s1: first record {again}, flushed at the take {before}..{at_take}"
+    );
+
+    // Delete s1 live: s2 takes its parent (off), and so does `current`; the guest runs on.
+    let out = home.ok(&["snapshot", "lr", "delete", "s1"]);
+    assert!(
+        out.contains("snapshot 's1' deleted, live") && out.contains("the VM is running"),
+        "{out}"
+    );
+    assert_eq!(home.state("lr"), "running");
+    assert!(!snap_dir.join("s1").exists(), "s1's saved state is gone");
+    assert!(snap_dir.join("s2").exists(), "s2's is kept");
+    let tree: Value =
+        serde_json::from_str(&home.ok(&["snapshot", "lr", "list", "--json"])).unwrap();
+    let names: Vec<&str> = tree["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["off", "s2"], "{tree}");
+    assert_eq!(tree["snapshots"][1]["parent"], "off", "{tree}");
+    assert_eq!(tree["current"], "off", "s1 was current: {tree}");
+    if let Some((ok, text)) = qemu_img(&["snapshot", "-l", "-U"], &disk) {
+        assert!(
+            ok && !text.contains("vm-s1") && text.contains("vm-s2"),
+            "{text}"
+        );
+    }
+    let at_delete = flushed(&home, "lr");
+    wait_flushed(&home, "lr", at_delete + 50);
+    home.fails(
+        &["snapshot", "lr", "delete", "s1"],
+        2,
+        "no snapshot named 's1'",
+    );
+
+    // Delete s2 of the paused VM: it stays paused.
+    home.ok(&["pause", "lr"]);
+    let out = home.ok(&["snapshot", "lr", "delete", "s2"]);
+    assert!(out.contains("the VM is paused"), "{out}");
+    assert_eq!(home.state("lr"), "paused");
+    home.ok(&["resume", "lr"]);
+    let last = flushed(&home, "lr");
+    wait_flushed(&home, "lr", last + 50);
+    let at_stop = flushed(&home, "lr");
+    home.ok(&["stop", "--force", "lr"]);
+    assert_eq!(home.ok(&["snapshot", "lr", "list"]), "* off\n");
+    if let Some((ok, text)) = qemu_img(&["snapshot", "-l"], &disk) {
+        assert!(
+            ok && !text.contains("vm-s") && text.contains("vm-off"),
+            "{text}"
+        );
+    }
+    disk_consistent(&disk, "after the live restores and deletes");
+    let (records, _) = crashrec_records(&home, &disk);
+    assert!(
+        records >= at_stop,
+        "the disk holds every flushed record: {records}, flushed {at_stop}"
+    );
+
+    // The disks-only snapshot restored on the running VM (booted afresh, writing its disk
+    // again): it ends stopped, its disk zeroed as it was at the take.
+    home.ok(&["start", "lr"]);
+    flushed(&home, "lr");
+    let out = home.ok(&["snapshot", "lr", "restore", "off"]);
+    assert!(
+        out.contains("holds disks only") && out.contains("it is stopped"),
+        "{out}"
+    );
+    assert_eq!(home.state("lr"), "stopped");
+    let (now, rest_zero) = crashrec_records(&home, &disk);
+    assert!(
+        now == 0 && rest_zero,
+        "the disk as at the take: {now} records, zeroes after: {rest_zero}"
+    );
+    disk_consistent(&disk, "after the disks-only restore");
+    home.ok(&["delete", "lr"]);
 }
 
 /// What the test guest reads from VM `name`'s first disk: one run with `tests=blk:ro` on that
