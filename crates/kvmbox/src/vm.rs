@@ -1081,6 +1081,7 @@ fn delete(store: &Store, vm: &Vm, force: bool, keep_disks: bool) -> Result<()> {
         terminate(vm)?;
     }
     vm.clean_stale_runtime()?;
+    let source = vm.linked_source();
     let kept = if keep_disks {
         store.keep_disks(vm)?
     } else {
@@ -1096,6 +1097,19 @@ fn delete(store: &Store, vm: &Vm, force: bool, keep_disks: bool) -> Result<()> {
     println!("VM '{name}' deleted");
     for k in kept {
         println!("kept disk: {}", k.display());
+    }
+    if let Some(source) = source {
+        // The VM is gone whatever happens here; a base left behind is only disk space.
+        match store.drop_unused_bases(&source) {
+            Ok(removed) => {
+                for b in removed {
+                    println!("removed base no clone uses any more: {}", b.display());
+                }
+            }
+            Err(e) => eprintln!(
+                "kvmbox: warning: VM '{name}' deleted, but its source '{source}' keeps its unused clone bases: {e}"
+            ),
+        }
     }
     Ok(())
 }

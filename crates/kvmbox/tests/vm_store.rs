@@ -578,7 +578,11 @@ fn a_linked_clone_shares_a_frozen_base_and_writes_its_own_overlay() {
         "the source's disk did not change"
     );
 
-    home.ok(&["delete", "lc"]);
+    // The source's own disk still backs on the base: it stays.
+    let out = home.ok(&["delete", "lc"]);
+    assert!(!out.contains("removed base"), "{out}");
+    assert!(base.exists());
+    assert!(disk_bytes(&home, &src_disk) == data);
     home.ok(&["delete", "src"]);
     assert!(!home.0.join("vms/src").exists());
 }
@@ -769,7 +773,17 @@ fn snapshots_bring_back_disks_the_guest_wrote() {
         disk_bytes(&home, &l_disk) == written,
         "the clone kept its state"
     );
-    home.ok(&["delete", "l"]);
+    // The clone's base of its own goes with it.
+    let l_base = base_of(&home, "l");
+    let out = home.ok(&["delete", "l"]);
+    assert!(
+        out.contains(&format!(
+            "removed base no clone uses any more: {}",
+            l_base.display()
+        )),
+        "{out}"
+    );
+    assert!(!l_base.exists());
     let st = Command::new(common::kvmbox())
         .args(["disk", "check"])
         .arg(&disk)
@@ -1291,9 +1305,32 @@ fn clones_from_a_snapshot_start_from_its_disks() {
         .status()
         .unwrap();
     assert!(st.success());
-    for vm in ["lc", "lc2", "lc3", "full"] {
-        home.ok(&["delete", vm]);
-    }
+    // A base goes with the last clone that uses it, never before.
+    let base3 = base_of(&home, "lc3");
+    let out = home.ok(&["delete", "lc"]);
+    assert!(!out.contains("removed base"), "{out}");
+    assert!(base.exists(), "lc2 still uses the first base");
+    let out = home.ok(&["delete", "lc2"]);
+    assert!(
+        out.contains(&format!(
+            "removed base no clone uses any more: {}",
+            base.display()
+        )),
+        "{out}"
+    );
+    assert!(!base.exists());
+    assert!(base3.exists(), "lc3 uses the second base");
+    assert!(disk_bytes(&home, &home.0.join("vms/lc3/disk0.qcow2")) == written);
+    let out = home.ok(&["delete", "lc3"]);
+    assert!(out.contains("removed base"), "{out}");
+    assert!(!base3.exists());
+    home.ok(&["delete", "full"]);
+    let left: Vec<_> = std::fs::read_dir(home.0.join("vms/src"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains(".snap-") || n.contains(".base-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     home.ok(&["delete", "src"]);
     assert!(listed(&home).is_empty());
 }
