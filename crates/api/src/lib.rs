@@ -49,6 +49,8 @@ pub enum ApiRequest {
     CreateSnapshot(SnapshotCreate),
     /// `PUT /snapshot/load`
     LoadSnapshot(SnapshotLoad),
+    /// `PUT /snapshot/delete` (kvmbox extension)
+    DeleteSnapshot(SnapshotDelete),
     /// `PUT /logger`
     PutLogger(Logger),
     /// `PUT /metrics`

@@ -68,6 +68,7 @@ pub fn parse_request(method: &str, path: &str, b: &[u8]) -> Result<ApiRequest, A
         ("PUT", "/entropy") => R::PutEntropy(body("PUT /entropy", b)?),
         ("PUT", "/snapshot/create") => R::CreateSnapshot(body("PUT /snapshot/create", b)?),
         ("PUT", "/snapshot/load") => R::LoadSnapshot(body("PUT /snapshot/load", b)?),
+        ("PUT", "/snapshot/delete") => R::DeleteSnapshot(body("PUT /snapshot/delete", b)?),
         ("PUT", "/logger") => R::PutLogger(body("PUT /logger", b)?),
         ("PUT", "/metrics") => R::PutMetrics(body("PUT /metrics", b)?),
         (m @ ("PUT" | "PATCH"), p) if id_in(p, "/drives/").is_some() => {
@@ -128,6 +129,12 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(d, ApiRequest::PutDrive(ref d) if d.drive_id == "rootfs"));
+        assert_eq!(
+            parse_request("PUT", "/snapshot/delete", br#"{"disk_snapshot":"vm-a"}"#).unwrap(),
+            ApiRequest::DeleteSnapshot(crate::SnapshotDelete {
+                disk_snapshot: "vm-a".into()
+            })
+        );
     }
 
     #[test]
@@ -157,5 +164,6 @@ mod tests {
         assert!(msg("DELETE", "/vm", b"").contains("DELETE /vm"));
         assert!(msg("PUT", "/drives/", b"{}").contains("invalid request"));
         assert!(msg("PUT", "/logger", b"").contains("needs a JSON body"));
+        assert!(msg("PUT", "/snapshot/delete", b"{}").contains("disk_snapshot"));
     }
 }

@@ -257,6 +257,15 @@ pub struct SnapshotCreate {
     pub disk_snapshot: Option<String>,
 }
 
+/// `PUT /snapshot/delete` (kvmbox extension).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotDelete {
+    /// Delete the qcow2 internal snapshot of this name on every writable disk that holds it,
+    /// by the VM process on its open images (`disk_snapshot` of `PUT /snapshot/create`).
+    pub disk_snapshot: String,
+}
+
 /// `mem_backend` of `PUT /snapshot/load`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -121,6 +121,12 @@ pub trait BlockBackend: Send + Sync {
             "only qcow2 images hold internal snapshots",
         ))
     }
+
+    /// The names of the open disk's internal snapshots (as [`Self::snapshot_create`]: no
+    /// request may run meanwhile). Only qcow2 images hold any; the default has none.
+    fn snapshot_names(&self) -> io::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 /// An I/O error carrying a message (for requests a backend refuses).

@@ -636,6 +636,21 @@ impl Qcow2Backend {
         self.with_metadata(|img| crate::snapshot::delete_in(img, name))
     }
 
+    /// The names of the open image's internal snapshots, read on its own descriptor after
+    /// imago's cached metadata is written back (the caller has stopped the requests, as for
+    /// [`Self::snapshot_create`]; only that and [`Self::snapshot_delete`] change the table).
+    pub fn snapshot_names(&self) -> Result<Vec<String>> {
+        let a = self.access_mut();
+        if !self.read_only {
+            a.flush()
+                .map_err(|e| Error::image(&self.path, format!("writing back metadata: {e}")))?;
+        }
+        let img = crate::meta::Image::load(&self.file, &self.path)?;
+        let names = img.snapshots()?.0.into_iter().map(|s| s.name).collect();
+        drop(a);
+        Ok(names)
+    }
+
     /// Run `f` on kvmbox's own view of the image's metadata while imago's is written back and
     /// then dropped, then build imago's access again (see [`Self::snapshot_create`]).
     fn with_metadata(
@@ -880,6 +895,10 @@ impl BlockBackend for Qcow2Backend {
     fn snapshot_delete(&self, name: &str) -> io::Result<()> {
         Qcow2Backend::snapshot_delete(self, name)
             .map_err(|e| io_err(io::ErrorKind::Other, e.to_string()))
+    }
+
+    fn snapshot_names(&self) -> io::Result<Vec<String>> {
+        Qcow2Backend::snapshot_names(self).map_err(|e| io_err(io::ErrorKind::Other, e.to_string()))
     }
 
     /// Zero and unallocated clusters through the whole chain (imago's mapping).

@@ -51,6 +51,20 @@ pub fn list(path: &Path) -> Result<Vec<Snapshot>> {
     with_image(path, Access::Read, |img| Ok(img.snapshots()?.0))
 }
 
+/// The names of the snapshots of the qcow2 image at `path`, read without taking its lock (as
+/// [`crate::image::info`] reads headers), so it works on an image a running VM uses. A VM
+/// process changes its images' snapshot tables only by writing a new table and then the
+/// header ([`crate::Qcow2Backend::snapshot_create`]), so this sees the old table or the new
+/// one; the caller makes sure no such change runs meanwhile where it matters.
+pub fn names_unlocked(path: &Path) -> Result<Vec<String>> {
+    let file = open_image_file(path, false)?;
+    if detect_format(&file, path)? != Format::Qcow2 {
+        return Err(Error::image(path, "snapshots need a qcow2 image"));
+    }
+    let img = Image::load(&file, path)?;
+    Ok(img.snapshots()?.0.into_iter().map(|s| s.name).collect())
+}
+
 fn find(st: &State, name: &str, path: &Path) -> Result<usize> {
     st.snapshots
         .iter()

@@ -1426,7 +1426,11 @@ fn snapshot_of_an_open_backend_keeps_its_contents_while_writes_go_on() {
     let e = b.snapshot_create("vm-live").unwrap_err().to_string();
     assert!(e.contains("a snapshot named 'vm-live' exists"), "{e}");
     write(&*b, &mut expect, 0, 512, 8);
+    assert_eq!(b.snapshot_names().unwrap(), ["vm-live", "vm-second"]);
     b.snapshot_delete("vm-second").unwrap();
+    assert_eq!(b.snapshot_names().unwrap(), ["vm-live"]);
+    // Read without the lock the open image holds, as `kvmbox vm` checks a running VM's disks.
+    assert_eq!(crate::snapshot::names_unlocked(&top).unwrap(), ["vm-live"]);
     write(&*b, &mut expect, 3 * C, C, 10);
     b.flush().unwrap();
     assert!(

@@ -118,6 +118,9 @@ struct RunArgs {
     /// The snapshot's guest-memory file (with --restore).
     #[arg(long, value_name = "MEM", requires = "restore")]
     restore_mem: Option<PathBuf>,
+    /// With --restore: leave the restored VM paused (the API's PATCH /vm Resumed runs it).
+    #[arg(long, requires = "restore")]
+    restore_paused: bool,
     /// Log the pages the guest and its devices write, so the API can take Diff snapshots (Firecracker's track_dirty_pages).
     #[arg(long)]
     track_dirty_pages: bool,
@@ -237,6 +240,7 @@ fn run(args: RunArgs) -> ExitCode {
             args.track_dirty_pages,
             args.api_sock.as_deref(),
             &limits,
+            !args.restore_paused,
         );
         return match ran {
             Ok(ended) => ended.exit_process(),

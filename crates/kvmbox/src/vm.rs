@@ -96,7 +96,7 @@ pub enum VmCommand {
         /// The VM.
         name: String,
     },
-    /// Snapshots of a stopped or saved VM, as a tree: take, list, restore, delete.
+    /// Snapshots of a VM, as a tree: take, list, restore, delete (stopped, saved, or live: running or paused).
     Snapshot {
         /// The VM.
         name: String,
@@ -133,12 +133,14 @@ pub enum VmCommand {
         name: String,
         #[arg(long)]
         restore: bool,
+        #[arg(long, requires = "restore")]
+        paused: bool,
     },
 }
 
 #[derive(clap::Subcommand)]
 pub enum SnapshotAction {
-    /// Take a snapshot: the disks, and the saved state when the VM is saved.
+    /// Take a snapshot: the disks, plus memory and devices of a running or paused VM (live), or the saved state of a saved one.
     Take {
         /// The snapshot's name (the rules of VM names).
         snap: String,
@@ -152,12 +154,12 @@ pub enum SnapshotAction {
         #[arg(long)]
         json: bool,
     },
-    /// Bring the disks (and saved state) back to a snapshot; the present state is lost.
+    /// Bring the disks (and saved state) back to a snapshot; the present state is lost. A running or paused VM is powered off, restored and started from the snapshot's memory (paused if it was paused); with a disks-only snapshot it stays stopped.
     Restore {
         /// The snapshot.
         snap: String,
     },
-    /// Delete a snapshot (its children take its parent; no data the others use is lost).
+    /// Delete a snapshot (its children take its parent; no data the others use is lost); a running or paused VM stays so.
     Delete {
         /// The snapshot.
         snap: String,
@@ -327,10 +329,14 @@ fn dispatch(cmd: VmCommand) -> Result<()> {
             linked,
             snapshot,
         } => clone(&store, &store.vm(&name)?, &new, linked, snapshot.as_deref()),
-        VmCommand::Keeper { name, restore } => {
+        VmCommand::Keeper {
+            name,
+            restore,
+            paused,
+        } => {
             let exe = std::env::current_exe()
                 .map_err(|e| Error::Failed(format!("finding the kvmbox binary: {e}")))?;
-            keeper::keep(&store.vm(&name)?, &exe, restore)
+            keeper::keep(&store.vm(&name)?, &exe, restore, paused)
         }
     }
 }
@@ -532,8 +538,13 @@ fn start(vm: &Vm, attach_console: bool) -> Result<()> {
         let state = vm.status().state;
         if is_up(state) {
             println!("VM '{name}' is already {state}");
+        } else if launch(vm, false)? {
+            println!(
+                "VM '{name}' resumed from its saved state (pid {})",
+                vm.vm_pid().unwrap_or(0)
+            );
         } else {
-            launch(vm)?;
+            println!("VM '{name}' started (pid {})", vm.vm_pid().unwrap_or(0));
         }
     }
     if attach_console {
@@ -542,8 +553,10 @@ fn start(vm: &Vm, attach_console: bool) -> Result<()> {
     Ok(())
 }
 
-/// Start the keeper (which starts the VM process) and wait for the guest to run.
-fn launch(vm: &Vm) -> Result<()> {
+/// Start the keeper (which starts the VM process) and wait for the guest to run (to be
+/// there, paused, with `paused`, which a saved state's resume takes). Whether it resumed a
+/// saved state (else it booted).
+fn launch(vm: &Vm, paused: bool) -> Result<bool> {
     let name = vm.name();
     vm.clean_stale_runtime()?;
     keeper::check_socket_paths(vm)?;
@@ -567,6 +580,9 @@ fn launch(vm: &Vm) -> Result<()> {
     cmd.args(["vm", "__keeper", name]);
     if restore {
         cmd.arg("--restore");
+        if paused {
+            cmd.arg("--paused");
+        }
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -611,14 +627,8 @@ fn launch(vm: &Vm) -> Result<()> {
             std::fs::remove_dir_all(dir)
                 .map_err(|e| Error::Failed(format!("removing {}: {e}", dir.display())))?;
         }
-        println!(
-            "VM '{name}' resumed from its saved state (pid {})",
-            vm.vm_pid().unwrap_or(0)
-        );
-    } else {
-        println!("VM '{name}' started (pid {})", vm.vm_pid().unwrap_or(0));
     }
-    Ok(())
+    Ok(restore)
 }
 
 /// The last `n` lines of the console log.
@@ -948,23 +958,31 @@ fn snapshot(vm: &Vm, action: SnapshotAction) -> Result<()> {
     let _lock = vm.lock(&format!("kvmbox vm snapshot {name}"))?;
     let state = vm.status().state;
     let t0 = Instant::now();
-    if let (SnapshotAction::Take { snap, description }, State::Running | State::Paused) =
-        (&action, state)
-    {
-        vm.snapshot_take_live(
-            snap,
-            description.as_deref().unwrap_or(""),
-            state == State::Running,
-        )?;
-        println!(
-            "VM '{name}': live snapshot '{snap}' taken, memory, devices and disks ({:.3} s); the VM is {state}",
-            t0.elapsed().as_secs_f64()
-        );
+    if let State::Running | State::Paused = state {
+        let running = state == State::Running;
+        match &action {
+            SnapshotAction::Take { snap, description } => {
+                vm.snapshot_take_live(snap, description.as_deref().unwrap_or(""), running)?;
+                println!(
+                    "VM '{name}': live snapshot '{snap}' taken, memory, devices and disks ({:.3} s); the VM is {state}",
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            SnapshotAction::Delete { snap } => {
+                vm.snapshot_delete_live(snap, running)?;
+                println!(
+                    "VM '{name}': snapshot '{snap}' deleted, live, from its disks and its folder ({:.3} s); the VM is {state}",
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            SnapshotAction::Restore { snap } => restore_live(vm, snap, running, t0)?,
+            SnapshotAction::List { .. } => unreachable!("answered above"),
+        }
         return Ok(());
     }
     if is_up(state) {
         return Err(Error::State(format!(
-            "VM '{name}' is {state}: stop it (or `kvmbox vm save {name}`) first; only `take` works on a running VM"
+            "VM '{name}' is {state}: wait until it runs (or stop it), then try again"
         )));
     }
     let done = match action {
@@ -983,6 +1001,42 @@ fn snapshot(vm: &Vm, action: SnapshotAction) -> Result<()> {
         SnapshotAction::List { .. } => unreachable!("answered above"),
     };
     println!("VM '{name}': {done} ({:.3} s)", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `snapshot restore SNAP` of a running (`running`) or paused VM, as QEMU's `loadvm`: after
+/// the checks `restore` makes (nothing changes when one fails), the VM is powered off (forced:
+/// its present state is lost, as a restore loses it), restored as a stopped VM is, and, when
+/// SNAP holds memory and devices, started again from them: running, or paused if it was
+/// paused. A disks-only snapshot leaves the VM powered off with its disks restored, as
+/// VirtualBox does.
+fn restore_live(vm: &Vm, snap: &str, running: bool, t0: Instant) -> Result<()> {
+    let name = vm.name();
+    let info = vm.snapshot_restore_check(snap)?;
+    terminate(vm)?;
+    vm.snapshot_restore(snap).map_err(|e| {
+        Error::Failed(format!(
+            "VM '{name}' was powered off to restore snapshot '{snap}', and the restore failed; the VM is stopped: {e}"
+        ))
+    })?;
+    if !info.with_state {
+        println!(
+            "VM '{name}': restored to snapshot '{snap}', which holds disks only: the VM was powered off (forced) and its disks brought back; it is stopped (`kvmbox vm start {name}` boots it) ({:.3} s)",
+            t0.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    launch(vm, !running).map_err(|e| {
+        Error::Failed(format!(
+            "VM '{name}' was restored to snapshot '{snap}' but did not start again (it is stopped with the snapshot's saved state: `kvmbox vm start {name}` resumes it): {e}"
+        ))
+    })?;
+    println!(
+        "VM '{name}': restored to snapshot '{snap}', live: powered off (forced), then its disks, memory and devices brought back and the VM started from them (pid {}; {:.3} s); the VM is {}",
+        vm.vm_pid().unwrap_or(0),
+        t0.elapsed().as_secs_f64(),
+        if running { State::Running } else { State::Paused }
+    );
     Ok(())
 }
 
@@ -1027,6 +1081,7 @@ fn delete(store: &Store, vm: &Vm, force: bool, keep_disks: bool) -> Result<()> {
         terminate(vm)?;
     }
     vm.clean_stale_runtime()?;
+    let source = vm.linked_source();
     let kept = if keep_disks {
         store.keep_disks(vm)?
     } else {
@@ -1042,6 +1097,19 @@ fn delete(store: &Store, vm: &Vm, force: bool, keep_disks: bool) -> Result<()> {
     println!("VM '{name}' deleted");
     for k in kept {
         println!("kept disk: {}", k.display());
+    }
+    if let Some(source) = source {
+        // The VM is gone whatever happens here; a base left behind is only disk space.
+        match store.drop_unused_bases(&source) {
+            Ok(removed) => {
+                for b in removed {
+                    println!("removed base no clone uses any more: {}", b.display());
+                }
+            }
+            Err(e) => eprintln!(
+                "kvmbox: warning: VM '{name}' deleted, but its source '{source}' keeps its unused clone bases: {e}"
+            ),
+        }
     }
     Ok(())
 }

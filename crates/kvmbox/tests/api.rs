@@ -158,6 +158,13 @@ fn firecracker_client_session_on_kvm() {
     );
     refused(
         &sock,
+        "PUT",
+        "/snapshot/delete",
+        Some(r#"{"disk_snapshot": "vm-x"}"#),
+        "cannot delete a disk snapshot while the VM is running (pause it first",
+    );
+    refused(
+        &sock,
         "PATCH",
         "/vm",
         Some(r#"{"state": "Resumed"}"#),
@@ -199,6 +206,22 @@ fn firecracker_client_session_on_kvm() {
         "disk_snapshot",
     );
     assert!(!st_file.exists() && !mem_file.exists(), "nothing written");
+    // kvmbox's PUT /snapshot/delete: the raw drive holds no snapshot, so there is nothing to
+    // delete (a disk without the snapshot is left as it is); an empty name is refused.
+    let (st, v) = http(
+        &sock,
+        "PUT",
+        "/snapshot/delete",
+        Some(r#"{"disk_snapshot": "vm-x"}"#),
+    );
+    assert_eq!((st, v.clone()), (200, json!({"deleted_on": []})), "{v}");
+    refused(
+        &sock,
+        "PUT",
+        "/snapshot/delete",
+        Some(r#"{"disk_snapshot": ""}"#),
+        "disk_snapshot: '': a snapshot name must be 1 to 255 bytes",
+    );
     ok(&sock, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
     assert_eq!(state(&sock), "Running");
     vm.send(b"smp\n");

@@ -371,25 +371,20 @@ fn vm_commands_drive_the_test_guest() {
     home.ok(&["start", "tg"]);
     assert_eq!(home.state("tg"), "running");
 
-    // A live snapshot of the running shell; restore and delete wait for a stop. Restoring
-    // the saved-state snapshot resumes the shell again.
+    // A live snapshot of the running shell, deleted live; restoring the saved-state snapshot
+    // on the running VM resumes the shell from it (no new boot: no banner in this run's log).
     assert!(home
         .ok(&["snapshot", "tg", "take", "x"])
         .contains("live snapshot 'x' taken"));
     assert_eq!(home.state("tg"), "running");
-    for what in ["restore", "delete"] {
-        home.fails(
-            &["snapshot", "tg", what, "saved1"],
-            4,
-            "only `take` works on a running VM",
-        );
-    }
-    home.ok(&["stop", "--force", "tg"]);
-    home.ok(&["snapshot", "tg", "restore", "saved1"]);
-    assert_eq!(home.state("tg"), "saved");
     assert!(home
-        .ok(&["start", "tg"])
-        .contains("resumed from its saved state"));
+        .ok(&["snapshot", "tg", "delete", "x"])
+        .contains("snapshot 'x' deleted, live"));
+    assert_eq!(home.state("tg"), "running");
+    assert!(home
+        .ok(&["snapshot", "tg", "restore", "saved1"])
+        .contains("restored to snapshot 'saved1', live"));
+    assert_eq!(home.state("tg"), "running");
     let mut c = console(&home, "tg", false);
     c.send(b"echo restored\r");
     c.expect("\r\nrestored\r\n", Duration::from_secs(30));
@@ -578,7 +573,11 @@ fn a_linked_clone_shares_a_frozen_base_and_writes_its_own_overlay() {
         "the source's disk did not change"
     );
 
-    home.ok(&["delete", "lc"]);
+    // The source's own disk still backs on the base: it stays.
+    let out = home.ok(&["delete", "lc"]);
+    assert!(!out.contains("removed base"), "{out}");
+    assert!(base.exists());
+    assert!(disk_bytes(&home, &src_disk) == data);
     home.ok(&["delete", "src"]);
     assert!(!home.0.join("vms/src").exists());
 }
@@ -769,7 +768,17 @@ fn snapshots_bring_back_disks_the_guest_wrote() {
         disk_bytes(&home, &l_disk) == written,
         "the clone kept its state"
     );
-    home.ok(&["delete", "l"]);
+    // The clone's base of its own goes with it.
+    let l_base = base_of(&home, "l");
+    let out = home.ok(&["delete", "l"]);
+    assert!(
+        out.contains(&format!(
+            "removed base no clone uses any more: {}",
+            l_base.display()
+        )),
+        "{out}"
+    );
+    assert!(!l_base.exists());
     let st = Command::new(common::kvmbox())
         .args(["disk", "check"])
         .arg(&disk)
@@ -894,11 +903,6 @@ fn live_snapshots_of_a_running_vm_bring_back_memory_devices_and_disks() {
     assert_eq!(home.state("ls"), "paused");
     home.ok(&["resume", "ls"]);
     home.fails(
-        &["snapshot", "ls", "restore", "live1"],
-        4,
-        "only `take` works on a running VM",
-    );
-    home.fails(
         &["snapshot", "ls", "take", "live1"],
         2,
         "snapshot named 'live1' already",
@@ -984,6 +988,192 @@ fn live_snapshots_of_a_running_vm_bring_back_memory_devices_and_disks() {
     assert_eq!(home.state("r"), "running");
     assert!(home.ok(&["snapshot", "r", "list"]).contains("no snapshots"));
     home.ok(&["stop", "--force", "r"]);
+}
+
+/// The first `crashrec flushed N` of VM `name`'s console log (this run's), once there is one.
+fn first_flushed(home: &Home, name: &str) -> u64 {
+    let log = home.expect_log(name, "crashrec flushed ", BLK);
+    log.lines()
+        .find_map(|l| l.trim().strip_prefix("crashrec flushed "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{log}"))
+}
+
+/// Wait until VM `name`'s guest has flushed record `n`.
+fn wait_flushed(home: &Home, name: &str, n: u64) {
+    let t0 = Instant::now();
+    while flushed(home, name) < n {
+        assert!(t0.elapsed() < BLK, "{}", home.log(name));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Restore and delete on a running or paused VM (issue #12), the guest writing and flushing
+/// numbered records (`crashrec:1`). `restore s1` of the running VM powers it off, brings back
+/// s1's disks, memory and devices and starts it from them: the guest's next record follows
+/// the one it had flushed at s1's take, not the hundreds it wrote since. Of a paused VM, the
+/// VM comes back paused (no guest output until `resume`, which continues from s1 again). A
+/// disks-only snapshot leaves the VM stopped. `delete s1` of a running VM (s2, its child,
+/// gets its parent) removes `vm-s1` from the open disk, s1's state and its place in the tree
+/// while the guest runs on; `delete s2` of a paused VM leaves it paused. `qemu-img snapshot
+/// -l` no longer lists them, both checkers find the disk consistent, and the guest's records
+/// on it are whole. `off`, taken before the first start (disks only: a zeroed disk), becomes
+/// the parent of s1's children and the current snapshot when s1 goes; restored on the running
+/// VM, it leaves the VM stopped with the zeroed disk.
+#[test]
+fn live_restore_and_delete_of_a_running_vm() {
+    let _cpu = CpuLease::shared();
+    let home = Home::new("liverd");
+    let tg = testguest();
+    home.ok(&[
+        "create",
+        "lr",
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cmdline",
+        "tests=crashrec:1",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+        "--disk-size",
+        "64M",
+        "--net",
+        "none",
+    ]);
+    let disk = home.0.join("vms/lr/disk0.qcow2");
+    let snap_dir = home.0.join("vms/lr/snapshots");
+    home.ok(&["snapshot", "lr", "take", "off"]);
+    home.ok(&["start", "lr"]);
+    let before = flushed(&home, "lr");
+    home.ok(&["snapshot", "lr", "take", "s1"]);
+    // The log may lag the guest a little (the keeper relays its output): the guest had
+    // flushed at most about `at_take` records at the take, and s2 is taken 200 later, so a
+    // first record after a restore of at most `at_take + SLACK` is s1's and no later state.
+    const SLACK: u64 = 100;
+    let at_take = flushed(&home, "lr");
+    // The guest goes on well past the take; s2 is taken on the way.
+    wait_flushed(&home, "lr", at_take + 2 * SLACK);
+    home.ok(&["snapshot", "lr", "take", "s2"]);
+    wait_flushed(&home, "lr", at_take + 3 * SLACK);
+    let at_restore = flushed(&home, "lr");
+
+    // A snapshot that does not exist: refused before anything happens; the VM runs on.
+    home.fails(
+        &["snapshot", "lr", "restore", "nope"],
+        2,
+        "no snapshot named 'nope'",
+    );
+    assert_eq!(home.state("lr"), "running");
+
+    let out = home.ok(&["snapshot", "lr", "restore", "s1"]);
+    assert!(
+        out.contains("restored to snapshot 's1', live") && out.contains("the VM is running"),
+        "{out}"
+    );
+    assert_eq!(home.state("lr"), "running");
+    let first = first_flushed(&home, "lr");
+    assert!(
+        before <= first && first <= at_take + SLACK,
+        "the guest continues from s1: its first record {first}, flushed at the take {before}..{at_take}, before the restore {at_restore}"
+    );
+    let tree: Value =
+        serde_json::from_str(&home.ok(&["snapshot", "lr", "list", "--json"])).unwrap();
+    assert_eq!(tree["current"], "s1", "{tree}");
+    wait_flushed(&home, "lr", first + 50);
+
+    // Paused: the VM comes back paused from s1, and its guest runs only when resumed.
+    home.ok(&["pause", "lr"]);
+    let out = home.ok(&["snapshot", "lr", "restore", "s1"]);
+    assert!(out.contains("the VM is paused"), "{out}");
+    assert_eq!(home.state("lr"), "paused");
+    assert!(
+        !home.log("lr").contains("crashrec flushed"),
+        "a paused restore runs no guest code:\n{}",
+        home.log("lr")
+    );
+    home.ok(&["resume", "lr"]);
+    let again = first_flushed(&home, "lr");
+    assert!(
+        before <= again && again <= at_take + SLACK,
+        "resumed from s1: first record {again}, flushed at the take {before}..{at_take}"
+    );
+
+    // Delete s1 live: s2 takes its parent (off), and so does `current`; the guest runs on.
+    let out = home.ok(&["snapshot", "lr", "delete", "s1"]);
+    assert!(
+        out.contains("snapshot 's1' deleted, live") && out.contains("the VM is running"),
+        "{out}"
+    );
+    assert_eq!(home.state("lr"), "running");
+    assert!(!snap_dir.join("s1").exists(), "s1's saved state is gone");
+    assert!(snap_dir.join("s2").exists(), "s2's is kept");
+    let tree: Value =
+        serde_json::from_str(&home.ok(&["snapshot", "lr", "list", "--json"])).unwrap();
+    let names: Vec<&str> = tree["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["off", "s2"], "{tree}");
+    assert_eq!(tree["snapshots"][1]["parent"], "off", "{tree}");
+    assert_eq!(tree["current"], "off", "s1 was current: {tree}");
+    if let Some((ok, text)) = qemu_img(&["snapshot", "-l", "-U"], &disk) {
+        assert!(
+            ok && !text.contains("vm-s1") && text.contains("vm-s2"),
+            "{text}"
+        );
+    }
+    let at_delete = flushed(&home, "lr");
+    wait_flushed(&home, "lr", at_delete + 50);
+    home.fails(
+        &["snapshot", "lr", "delete", "s1"],
+        2,
+        "no snapshot named 's1'",
+    );
+
+    // Delete s2 of the paused VM: it stays paused.
+    home.ok(&["pause", "lr"]);
+    let out = home.ok(&["snapshot", "lr", "delete", "s2"]);
+    assert!(out.contains("the VM is paused"), "{out}");
+    assert_eq!(home.state("lr"), "paused");
+    home.ok(&["resume", "lr"]);
+    let last = flushed(&home, "lr");
+    wait_flushed(&home, "lr", last + 50);
+    let at_stop = flushed(&home, "lr");
+    home.ok(&["stop", "--force", "lr"]);
+    assert_eq!(home.ok(&["snapshot", "lr", "list"]), "* off\n");
+    if let Some((ok, text)) = qemu_img(&["snapshot", "-l"], &disk) {
+        assert!(
+            ok && !text.contains("vm-s") && text.contains("vm-off"),
+            "{text}"
+        );
+    }
+    disk_consistent(&disk, "after the live restores and deletes");
+    let (records, _) = crashrec_records(&home, &disk);
+    assert!(
+        records >= at_stop,
+        "the disk holds every flushed record: {records}, flushed {at_stop}"
+    );
+
+    // The disks-only snapshot restored on the running VM (booted afresh, writing its disk
+    // again): it ends stopped, its disk zeroed as it was at the take.
+    home.ok(&["start", "lr"]);
+    flushed(&home, "lr");
+    let out = home.ok(&["snapshot", "lr", "restore", "off"]);
+    assert!(
+        out.contains("holds disks only") && out.contains("it is stopped"),
+        "{out}"
+    );
+    assert_eq!(home.state("lr"), "stopped");
+    let (now, rest_zero) = crashrec_records(&home, &disk);
+    assert!(
+        now == 0 && rest_zero,
+        "the disk as at the take: {now} records, zeroes after: {rest_zero}"
+    );
+    disk_consistent(&disk, "after the disks-only restore");
+    home.ok(&["delete", "lr"]);
 }
 
 /// What the test guest reads from VM `name`'s first disk: one run with `tests=blk:ro` on that
@@ -1114,9 +1304,32 @@ fn clones_from_a_snapshot_start_from_its_disks() {
         .status()
         .unwrap();
     assert!(st.success());
-    for vm in ["lc", "lc2", "lc3", "full"] {
-        home.ok(&["delete", vm]);
-    }
+    // A base goes with the last clone that uses it, never before.
+    let base3 = base_of(&home, "lc3");
+    let out = home.ok(&["delete", "lc"]);
+    assert!(!out.contains("removed base"), "{out}");
+    assert!(base.exists(), "lc2 still uses the first base");
+    let out = home.ok(&["delete", "lc2"]);
+    assert!(
+        out.contains(&format!(
+            "removed base no clone uses any more: {}",
+            base.display()
+        )),
+        "{out}"
+    );
+    assert!(!base.exists());
+    assert!(base3.exists(), "lc3 uses the second base");
+    assert!(disk_bytes(&home, &home.0.join("vms/lc3/disk0.qcow2")) == written);
+    let out = home.ok(&["delete", "lc3"]);
+    assert!(out.contains("removed base"), "{out}");
+    assert!(!base3.exists());
+    home.ok(&["delete", "full"]);
+    let left: Vec<_> = std::fs::read_dir(home.0.join("vms/src"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains(".snap-") || n.contains(".base-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     home.ok(&["delete", "src"]);
     assert!(listed(&home).is_empty());
 }

@@ -15,7 +15,8 @@
 //! whatever the source later does with its disks or that snapshot leaves the clones' contents
 //! as they were. The clone records its source in `linked-to`; the source (whose folder holds the
 //! bases) cannot be deleted while such a clone exists. Free space is checked before any disk is
-//! written ([`crate::space`]).
+//! written ([`crate::space`]). When a linked clone is deleted, the bases in its source's folder
+//! that no image of the store uses any more go ([`Store::drop_unused_bases`]).
 
 use crate::{io_err, Error, Result, Store, Vm};
 use std::path::{Path, PathBuf};
@@ -284,6 +285,36 @@ fn carry_out(src: &Vm, plan: &Plan, from: &Path, to: &Path, made: &mut Vec<PathB
     }
 }
 
+fn strings(v: Option<&toml::Value>) -> Vec<String> {
+    v.and_then(|v| v.clone().try_into::<Vec<String>>().ok())
+        .unwrap_or_default()
+}
+
+/// The disks of `vm`'s settings `table`: each spec as written, its file (absolute) and
+/// whether it is read-only.
+fn disk_entries(vm: &Vm, table: &toml::Table) -> Result<Vec<(String, PathBuf, bool)>> {
+    strings(table.get("disks"))
+        .into_iter()
+        .map(|spec| {
+            let parsed = kvmbox_vmm::config::parse_disk_spec(&spec)
+                .map_err(|e| Error::Usage(e.to_string()))?;
+            let from = anchored(vm, &parsed.path.display().to_string());
+            Ok((spec, from, parsed.read_only))
+        })
+        .collect()
+}
+
+/// The disks in `vm`'s settings file (see [`disk_entries`]).
+fn configured_disks(vm: &Vm) -> Result<Vec<(String, PathBuf, bool)>> {
+    let path = vm.settings_path();
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| io_err(format_args!("reading {}", path.display()), e))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
+    disk_entries(vm, &table)
+}
+
 /// Write the clone's settings and disks into `dir` (new, empty).
 fn build(src: &Vm, dir: &Path, linked: bool, snap: Option<&str>) -> Result<()> {
     let path = src.settings_path();
@@ -298,25 +329,18 @@ fn build(src: &Vm, dir: &Path, linked: bool, snap: Option<&str>) -> Result<()> {
             table.insert(key.into(), toml::Value::String(p));
         }
     }
-    let strings = |v: Option<&toml::Value>| -> Vec<String> {
-        v.and_then(|v| v.clone().try_into::<Vec<String>>().ok())
-            .unwrap_or_default()
-    };
-    let specs = strings(table.get("disks"));
+    let specs = disk_entries(src, &table)?;
     // Everything is decided, and the space checked, before anything is written.
     let mut needs = Vec::new();
     let mut plans = Vec::new();
-    for spec in &specs {
-        let parsed =
-            kvmbox_vmm::config::parse_disk_spec(spec).map_err(|e| Error::Usage(e.to_string()))?;
-        let from = anchored(src, &parsed.path.display().to_string());
-        let p = plan(src, dir, &from, parsed.read_only, linked, snap, &mut needs)?;
-        plans.push((from, p));
+    for (_, from, read_only) in &specs {
+        let p = plan(src, dir, from, *read_only, linked, snap, &mut needs)?;
+        plans.push((from.clone(), p));
     }
     crate::space::check(&needs)?;
     let mut made = Vec::new();
     let mut disks = Vec::new();
-    for (i, (spec, (from, plan))) in specs.iter().zip(&plans).enumerate() {
+    for (i, ((spec, _, _), (from, plan))) in specs.iter().zip(&plans).enumerate() {
         let file = format!("disk{i}.qcow2");
         if let Err(e) = carry_out(src, plan, from, &dir.join(&file), &mut made) {
             // Bases made for this clone only; nothing uses them yet.
@@ -385,17 +409,124 @@ impl Store {
         self.create_with(name, |dir| build(src, dir, linked, snap))
     }
 
+    /// After a linked clone of `source` was deleted: remove the clone bases in `source`'s folder
+    /// (read-only `diskN.base-K.qcow2`, `diskN.snap-SNAP-....qcow2`) that no image uses any more, and
+    /// return them. A base is in use while it is in the backing chain of a disk in any VM's
+    /// settings or of any other file in any folder under `vms/` (a detached disk, a clone being
+    /// made, another base: a frozen disk's base backs on the one before). Done under
+    /// `source`'s lock (a clone of it may be about to use a base); when that lock is taken, or
+    /// an image or a VM's settings cannot be read, nothing is removed: a base is never removed
+    /// while it might be used, and the next delete (or the source's own) takes it.
+    pub fn drop_unused_bases(&self, source: &str) -> Result<Vec<PathBuf>> {
+        let src = match self.vm(source) {
+            Ok(v) => v,
+            Err(Error::NotFound(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let Ok(_lock) = src.lock("kvmbox vm delete (removing unused clone bases)") else {
+            return Ok(Vec::new());
+        };
+        let files = |dir: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                        .map(|e| e.path())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        // kvmbox's bases are read-only (0444) and named so; nothing else in the folder goes.
+        let is_base = |p: &Path| {
+            use std::os::unix::fs::PermissionsExt;
+            if std::fs::metadata(p).map_or(true, |m| m.permissions().mode() & 0o222 != 0) {
+                return false;
+            }
+            let n = file_name(p);
+            let Some(stem) = n.strip_suffix(".qcow2") else {
+                return false;
+            };
+            !n.starts_with('.')
+                && (stem.contains(".snap-")
+                    || stem.rsplit_once(".base-").is_some_and(|(_, k)| {
+                        !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit())
+                    }))
+        };
+        let bases: Vec<PathBuf> = files(src.dir())
+            .into_iter()
+            .filter(|p| is_base(p))
+            .collect();
+        if bases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut used = std::collections::HashSet::new();
+        // Every layer of a chain: (path, whether the top counts as a user of itself).
+        let mut add_chain = |p: &Path, with_top: bool| -> bool {
+            match kvmbox_block::image::info(p) {
+                Ok(layers) => {
+                    let skip = usize::from(!with_top);
+                    used.extend(layers.iter().skip(skip).map(|l| key(&l.path)));
+                    true
+                }
+                // Gone meanwhile (a folder being deleted): it uses nothing.
+                Err(_) if !p.exists() => true,
+                Err(_) => false,
+            }
+        };
+        let vms = self.home.join("vms");
+        let dirs: Vec<PathBuf> = std::fs::read_dir(&vms)
+            .map_err(|e| io_err(format_args!("reading {}", vms.display()), e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        for dir in &dirs {
+            for f in files(dir) {
+                if (dir.as_path() == src.dir() && bases.contains(&f)) || add_chain(&f, false) {
+                    continue;
+                }
+                return Ok(Vec::new());
+            }
+        }
+        for vm in self.list()? {
+            let Ok(disks) = configured_disks(&vm) else {
+                return Ok(Vec::new());
+            };
+            for (_, d, _) in disks {
+                if !add_chain(&d, true) {
+                    return Ok(Vec::new());
+                }
+            }
+        }
+        let mut removed = Vec::new();
+        for b in bases {
+            if !used.contains(&key(&b)) {
+                std::fs::remove_file(&b).map_err(|e| failed("removing", &b, &e))?;
+                removed.push(b);
+            }
+        }
+        Ok(removed)
+    }
+
     /// The linked clones whose disks have `vm`'s as their base.
     pub fn linked_clones_of(&self, vm: &Vm) -> Result<Vec<String>> {
         Ok(self
             .list()?
             .into_iter()
-            .filter(|c| {
-                std::fs::read_to_string(c.dir().join(LINKED_TO))
-                    .is_ok_and(|t| t.trim() == vm.name())
-            })
+            .filter(|c| c.linked_source().as_deref() == Some(vm.name()))
             .map(|c| c.name().to_string())
             .collect())
+    }
+}
+
+impl Vm {
+    /// The VM whose folder holds this linked clone's bases (its `linked-to`), if it is one.
+    pub fn linked_source(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir().join(LINKED_TO))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
     }
 }
 

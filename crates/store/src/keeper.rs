@@ -55,8 +55,9 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
 }
 
 /// Run the keeper of `vm` until its VM process ends. `exe` is the kvmbox binary; with
-/// `restore` the VM process resumes the saved state instead of booting.
-pub fn keep(vm: &Vm, exe: &Path, restore: bool) -> Result<()> {
+/// `restore` the VM process resumes the saved state instead of booting (and leaves it paused
+/// with `paused`).
+pub fn keep(vm: &Vm, exe: &Path, restore: bool, paused: bool) -> Result<()> {
     let run_dir = vm.run_dir();
     std::fs::create_dir_all(run_dir)
         .map_err(|e| io_err(format_args!("creating {}", run_dir.display()), e))?;
@@ -98,6 +99,9 @@ pub fn keep(vm: &Vm, exe: &Path, restore: bool) -> Result<()> {
             .arg(state)
             .arg("--restore-mem")
             .arg(mem);
+        if paused {
+            cmd.arg("--restore-paused");
+        }
         // The settings' resource limits hold for the resumed VM too.
         cmd.args(vm.config()?.limits.to_flags());
     } else {

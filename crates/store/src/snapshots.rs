@@ -1,4 +1,4 @@
-//! A VM's snapshot tree (`snapshots.json` in its folder), for a stopped or saved VM. Each
+//! A VM's snapshot tree (`snapshots.json` in its folder). Each
 //! snapshot is a qcow2 internal snapshot `vm-SNAP` on every writable disk (QEMU's format, through
 //! kvmbox-block: taking one shares clusters copy-on-write, deleting one frees only what it alone
 //! used, so no data is lost), plus, when the VM was saved, hard links to its saved state in
@@ -280,16 +280,16 @@ impl Vm {
         resumed
     }
 
-    /// Bring the disks (and the saved state, if the snapshot has one; otherwise none) back to
-    /// snapshot `snap`. The present state is lost unless a snapshot holds it.
-    pub fn snapshot_restore(&self, snap: &str) -> Result<()> {
-        let mut tree = self.snapshot_tree()?;
-        let info = tree.get(self.name(), snap)?.clone();
+    /// Check that snapshot `snap` can be restored, changing nothing: the tree has it, every
+    /// disk holds it, and each disk's filesystem has room for the restored tables. The
+    /// disks are read without their lock, so this works while the VM runs (`vm snapshot
+    /// restore` of a running VM checks before it powers the VM off). The snapshot.
+    pub fn snapshot_restore_check(&self, snap: &str) -> Result<SnapshotInfo> {
+        let info = self.snapshot_tree()?.get(self.name(), snap)?.clone();
         let disks = self.snapshot_disks()?;
-        // Every disk must have it before any is changed.
         for d in &disks {
-            let list = kvmbox_block::snapshot::list(d).map_err(|e| block_err(d, e))?;
-            if !list.iter().any(|s| s.name == disk_name(snap)) {
+            let names = kvmbox_block::snapshot::names_unlocked(d).map_err(|e| block_err(d, e))?;
+            if !names.iter().any(|n| *n == disk_name(snap)) {
                 return Err(Error::State(format!(
                     "VM '{}': disk {} has no snapshot '{snap}' (added after it was taken?)",
                     self.name(),
@@ -298,6 +298,17 @@ impl Vm {
             }
         }
         self.check_metadata_space(&disks, "the restored tables")?;
+        Ok(info)
+    }
+
+    /// Bring the disks (and the saved state, if the snapshot has one; otherwise none) back to
+    /// snapshot `snap` (of a stopped or saved VM). The present state is lost unless a
+    /// snapshot holds it.
+    pub fn snapshot_restore(&self, snap: &str) -> Result<()> {
+        // Every disk must have it before any is changed.
+        let info = self.snapshot_restore_check(snap)?;
+        let mut tree = self.snapshot_tree()?;
+        let disks = self.snapshot_disks()?;
         for d in &disks {
             kvmbox_block::snapshot::apply(d, &disk_name(snap)).map_err(|e| block_err(d, e))?;
         }
@@ -325,10 +336,10 @@ impl Vm {
         self.write_tree(&tree)
     }
 
-    /// Delete snapshot `snap`: its children take its parent; the disks keep every byte the
-    /// present state or another snapshot uses.
+    /// Delete snapshot `snap` of this stopped or saved VM: its children take its parent; the
+    /// disks keep every byte the present state or another snapshot uses.
     pub fn snapshot_delete(&self, snap: &str) -> Result<()> {
-        let mut tree = self.snapshot_tree()?;
+        let tree = self.snapshot_tree()?;
         let info = tree.get(self.name(), snap)?.clone();
         for d in self.snapshot_disks()? {
             let list = kvmbox_block::snapshot::list(&d).map_err(|e| block_err(&d, e))?;
@@ -337,6 +348,50 @@ impl Vm {
                     .map_err(|e| block_err(&d, e))?;
             }
         }
+        self.forget_snapshot(tree, &info)
+    }
+
+    /// Delete snapshot `snap` of this running (`running`) or paused VM without stopping it
+    /// (the caller holds its lock): the guest is paused (if it runs), and one `PUT
+    /// /snapshot/delete` (kvmbox extension) makes the VM process delete `vm-SNAP` on every
+    /// writable disk that holds it, through its open images; then the guest runs on, and the
+    /// snapshot's saved state and its place in the tree go as [`Self::snapshot_delete`]'s do.
+    /// When the VM process cannot do it, nothing changes in the tree.
+    pub fn snapshot_delete_live(&self, snap: &str, running: bool) -> Result<()> {
+        let tree = self.snapshot_tree()?;
+        let info = tree.get(self.name(), snap)?.clone();
+        let (name, sock) = (self.name(), self.api_sock());
+        if running {
+            crate::api::call(name, &sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#))?;
+        }
+        let body = serde_json::json!({ "disk_snapshot": disk_name(snap) });
+        let deleted = crate::api::call(
+            name,
+            &sock,
+            "PUT",
+            "/snapshot/delete",
+            Some(&body.to_string()),
+        );
+        // The guest runs on whatever happened.
+        let resumed = if running {
+            crate::api::call(name, &sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#)).map(drop)
+        } else {
+            Ok(())
+        };
+        deleted.map_err(|e| match e {
+            Error::State(m) => Error::State(format!(
+                "{m} (the VM process cannot delete its disk snapshots: stop the VM, then delete '{snap}')"
+            )),
+            e => e,
+        })?;
+        self.forget_snapshot(tree, &info)?;
+        resumed
+    }
+
+    /// Drop snapshot `info` (gone from the disks) from the folder and from `tree`: its saved
+    /// state goes, its children take its parent, and so does `current` if it was current.
+    fn forget_snapshot(&self, mut tree: SnapshotTree, info: &SnapshotInfo) -> Result<()> {
+        let snap = info.name.as_str();
         let dir = self.snapshot_dir(snap);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)

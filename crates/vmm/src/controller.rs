@@ -90,7 +90,8 @@ fn enter_vmm_thread() -> Result<StopSignals> {
 /// `kvmbox run --restore STATE --restore-mem MEM [--accel A] [--track-dirty-pages]
 /// [--api-sock PATH] [limits]`: build the machine a snapshot saved and run it (on `accel`, the
 /// saved backend when `None`; logging dirty pages for Diff snapshots when
-/// `track_dirty_pages`; under `limits`).
+/// `track_dirty_pages`; under `limits`), resumed, or paused (`--restore-paused`) unless
+/// `resume`.
 pub fn run_restored(
     state: &Path,
     mem: &Path,
@@ -98,6 +99,7 @@ pub fn run_restored(
     track_dirty_pages: bool,
     api_sock: Option<&Path>,
     limits: &crate::Limits,
+    resume: bool,
 ) -> Result<Ended> {
     let signals = enter_vmm_thread()?;
     let api = api_sock
@@ -106,7 +108,7 @@ pub fn run_restored(
     // Nothing to boot: the machine comes from the snapshot.
     let boot = Boot::Pending(Box::new(api::PreBoot::new(None, Overrides::default())?));
     let mut c = Controller::new(boot, api)?;
-    c.restore(state, mem, accel, track_dirty_pages, limits, true)?;
+    c.restore(state, mem, accel, track_dirty_pages, limits, resume)?;
     c.serve(signals)
 }
 

@@ -360,6 +360,44 @@ pub fn create(
     })
 }
 
+/// Delete the qcow2 internal snapshot `name` on every writable disk of the paused machine `m`
+/// (built from `cfg`) that holds it, by each disk's open backend on its own descriptor
+/// ([`kvmbox_block::Qcow2Backend::snapshot_delete`]), while the devices are quiesced (kvmbox's
+/// `vm snapshot delete` of a running VM). A disk without it is left as it is, so a delete
+/// that failed on one disk can be asked again. The disks it was deleted on, by path.
+pub fn delete_disk_snapshot(m: &Machine, cfg: &VmConfig, name: &str) -> Result<Vec<String>> {
+    let disk_path = |i: usize| {
+        cfg.disks
+            .get(i)
+            .map(|d| d.path.display().to_string())
+            .unwrap_or_else(|| format!("#{i}"))
+    };
+    with_devices_quiesced(m, || {
+        let mut deleted = Vec::new();
+        for (i, d) in m.disks.iter().enumerate() {
+            if d.caps().read_only || !d.holds_internal_snapshots() {
+                continue;
+            }
+            let held = d
+                .snapshot_names()
+                .map_err(|e| Error::Host(format!("disk '{}': {e}", disk_path(i))))?;
+            if !held.iter().any(|n| n == name) {
+                continue;
+            }
+            d.flush()
+                .and_then(|()| d.snapshot_delete(name))
+                .map_err(|e| {
+                    Error::Host(format!(
+                        "deleting snapshot '{name}' of disk '{}': {e}",
+                        disk_path(i)
+                    ))
+                })?;
+            deleted.push(disk_path(i));
+        }
+        Ok(deleted)
+    })
+}
+
 /// The vCPUs' and devices' state to `state_path` and guest memory to `mem_path` (the
 /// devices quiesced, see [`create`]).
 fn save_state(

@@ -41,6 +41,8 @@ pub enum Action {
     Snapshot,
     /// Load a snapshot into this process.
     LoadSnapshot,
+    /// Delete a disk snapshot (kvmbox's `PUT /snapshot/delete`).
+    DeleteSnapshot,
 }
 
 impl std::fmt::Display for Action {
@@ -53,6 +55,7 @@ impl std::fmt::Display for Action {
             Action::GuestInput => "send input to the guest",
             Action::Snapshot => "create a snapshot",
             Action::LoadSnapshot => "load a snapshot",
+            Action::DeleteSnapshot => "delete a disk snapshot",
         })
     }
 }
@@ -78,7 +81,7 @@ fn state_words(s: VmState) -> &'static str {
 
 fn hint(action: Action, state: VmState) -> &'static str {
     match (action, state) {
-        (Action::Snapshot, VmState::Running) => {
+        (Action::Snapshot | Action::DeleteSnapshot, VmState::Running) => {
             " (pause it first: PATCH /vm {\"state\": \"Paused\"})"
         }
         (Action::GuestInput, VmState::Paused) => " (resume it first)",
@@ -103,6 +106,7 @@ impl VmState {
             (S::Running, A::GuestInput) => S::Running,
             (S::Paused, A::Resume) => S::Running,
             (S::Paused, A::Snapshot) => S::Paused,
+            (S::Paused, A::DeleteSnapshot) => S::Paused,
             (state, action) => return Err(StateError { action, state }),
         };
         Ok(next)
@@ -121,6 +125,7 @@ mod tests {
         assert_eq!(S::Running.check(A::Pause), Ok(S::Paused));
         assert_eq!(S::Paused.check(A::Resume), Ok(S::Running));
         assert_eq!(S::Paused.check(A::Snapshot), Ok(S::Paused));
+        assert_eq!(S::Paused.check(A::DeleteSnapshot), Ok(S::Paused));
         for (s, a) in [
             (S::Running, A::Start),
             (S::Paused, A::Start),
@@ -131,6 +136,8 @@ mod tests {
             (S::Running, A::Configure),
             (S::Stopped, A::Resume),
             (S::Running, A::LoadSnapshot),
+            (S::Running, A::DeleteSnapshot),
+            (S::NotStarted, A::DeleteSnapshot),
         ] {
             assert!(s.check(a).is_err(), "{s} {a}");
         }

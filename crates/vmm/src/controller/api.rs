@@ -930,6 +930,28 @@ impl Controller {
                     .log(&format!("snapshot written to {}", s.snapshot_path));
                 Ok(ApiReply::Empty)
             }
+            R::DeleteSnapshot(s) => {
+                self.check(Action::DeleteSnapshot)?;
+                let n = &s.disk_snapshot;
+                if n.is_empty() || n.len() > 255 {
+                    return Err(refuse(
+                        "disk_snapshot",
+                        &format!("'{n}': a snapshot name must be 1 to 255 bytes"),
+                    ));
+                }
+                let m = self.machine()?;
+                let cfg = self
+                    .running_cfg
+                    .as_ref()
+                    .ok_or_else(|| ApiError::internal("the VM has no configuration"))?;
+                let deleted =
+                    crate::snapshot::delete_disk_snapshot(m, cfg, n).map_err(to_api_error)?;
+                self.extras.log(&format!(
+                    "disk snapshot '{n}' deleted on {} disk(s)",
+                    deleted.len()
+                ));
+                Ok(ApiReply::Json(serde_json::json!({ "deleted_on": deleted })))
+            }
             R::LoadSnapshot(s) => {
                 self.check(Action::LoadSnapshot)?;
                 let mem = match (&s.mem_file_path, &s.mem_backend) {
