@@ -347,6 +347,7 @@ fn forms() -> Vec<Form> {
     f!(v, "popcnt rbx,rcx", all, |a| a.popcnt(rbx, rcx));
     f!(v, "popcnt bx,cx", all, |a| a.popcnt(bx, cx));
     for_bt(&mut v);
+    flag_chains(&mut v);
     // SETcc / CMOVcc (no flags change: all compared).
     f!(v, "seto bl", all, |a| a.seto(bl));
     f!(v, "setno bl", all, |a| a.setno(bl));
@@ -510,6 +511,376 @@ fn for_bt(v: &mut Vec<Form>) {
         .btc(word_ptr(r15 + 32), cx));
     f!(v, "btr dword [r15],imm", bt_flags, |a| a
         .btr(dword_ptr(r15 + 4), 31));
+}
+
+/// Every condition code (bit n = condition n in x86 order O NO B AE E NE BE A S NS P NP L GE
+/// LE G).
+const ALL_CC: u16 = 0xffff;
+/// The conditions that do not read OF (after a shift by more than 1, where OF is undefined).
+const CC_NO_OF: u16 = 0x0ffc;
+/// O NO B AE: the conditions that read only CF and OF (after IMUL).
+const CC_CF_OF: u16 = 0x000f;
+
+/// SETcc of each condition in `conds` into byte 32 + n of the buffer R15 points at.
+fn set_conds(a: &mut CodeAssembler, conds: u16) -> Result<(), iced_x86::IcedError> {
+    for cc in 0..16 {
+        if conds & (1 << cc) == 0 {
+            continue;
+        }
+        let m = byte_ptr(r15 + 32 + cc);
+        match cc {
+            0 => a.seto(m),
+            1 => a.setno(m),
+            2 => a.setb(m),
+            3 => a.setae(m),
+            4 => a.sete(m),
+            5 => a.setne(m),
+            6 => a.setbe(m),
+            7 => a.seta(m),
+            8 => a.sets(m),
+            9 => a.setns(m),
+            10 => a.setp(m),
+            11 => a.setnp(m),
+            12 => a.setl(m),
+            13 => a.setge(m),
+            14 => a.setle(m),
+            _ => a.setg(m),
+        }?;
+    }
+    Ok(())
+}
+
+/// A flag producer (or a short chain of them) followed by SETcc of the conditions `$conds`:
+/// checks the flags each producer leaves for the instructions that read them, not only as
+/// RFLAGS after the last instruction.
+macro_rules! chain {
+    ($v:ident, $name:expr, $flags:expr, $fix:expr, $conds:expr, |$a:ident| $body:expr) => {
+        $v.push(Form {
+            name: $name,
+            asm: |$a| {
+                $body?;
+                set_conds($a, $conds)
+            },
+            flags: $flags,
+            fix: $fix,
+        })
+    };
+}
+
+/// RBX equals RCX in the low 8/16/32/64 bits in some cases, so ZF and the signed/unsigned
+/// boundaries get exercised.
+fn eq_bc(r: &mut [u64; 16]) {
+    match r[0] % 4 {
+        0 => r[3] = r[1],
+        1 => r[3] = (r[3] & !0xff) | (r[1] & 0xff),
+        2 => r[3] = (r[3] & !0xffff_ffff) | (r[1] & 0xffff_ffff),
+        _ => {}
+    }
+}
+/// CL is 0 or 1: a shift by CL either keeps every flag or defines them all but AF.
+fn cl_0_or_1(r: &mut [u64; 16]) {
+    r[1] &= !0xff;
+    r[1] |= r[0] & 1;
+}
+/// A flag result defined only for a masked count of 1 after a chain ending in a shift by CL
+/// in 0..=1 whose preceding producer defines all flags.
+fn chain_shift_cl(r: &[u64; 16]) -> u64 {
+    if r[1] & 1 == 1 {
+        ALL & !AF
+    } else {
+        ALL
+    }
+}
+
+/// Producers followed by flag consumers (SETcc, Jcc, CMOVcc, ADC/SBB, LAHF, PUSHF), in the
+/// widths whose sign bit differs. Each consumer must see the flags of the producer before it
+/// (or of the one before that, across INC/DEC for CF and across shifts by 0), not only the
+/// RFLAGS left at the end: an engine that defers flag computation to the reader (lazy flags)
+/// has one path per (producer, consumer) pair, and these pairs are the ones to get right.
+fn flag_chains(v: &mut Vec<Form>) {
+    chain!(v, "cmp bl,cl; setcc", all, eq_bc, ALL_CC, |a| a.cmp(bl, cl));
+    chain!(v, "cmp bx,cx; setcc", all, eq_bc, ALL_CC, |a| a.cmp(bx, cx));
+    chain!(v, "cmp ebx,ecx; setcc", all, eq_bc, ALL_CC, |a| a
+        .cmp(ebx, ecx));
+    chain!(v, "cmp rbx,rcx; setcc", all, eq_bc, ALL_CC, |a| a
+        .cmp(rbx, rcx));
+    chain!(v, "cmp rbx,simm8; setcc", all, nofix, ALL_CC, |a| a
+        .cmp(rbx, -1));
+    chain!(v, "cmp dword [r15],ecx; setcc", all, nofix, ALL_CC, |a| a
+        .cmp(dword_ptr(r15 + 4), ecx));
+    chain!(v, "sub bl,cl; setcc", all, eq_bc, ALL_CC, |a| a.sub(bl, cl));
+    chain!(v, "sub rbx,rcx; setcc", all, eq_bc, ALL_CC, |a| a
+        .sub(rbx, rcx));
+    chain!(v, "neg ebx; setcc", all, nofix, ALL_CC, |a| a.neg(ebx));
+    chain!(v, "add bl,cl; setcc", all, eq_bc, ALL_CC, |a| a.add(bl, cl));
+    chain!(v, "add bx,cx; setcc", all, eq_bc, ALL_CC, |a| a.add(bx, cx));
+    chain!(v, "add rbx,rcx; setcc", all, eq_bc, ALL_CC, |a| a
+        .add(rbx, rcx));
+    chain!(v, "adc ebx,ecx; setcc", all, eq_bc, ALL_CC, |a| a
+        .adc(ebx, ecx));
+    chain!(v, "sbb bx,cx; setcc", all, eq_bc, ALL_CC, |a| a.sbb(bx, cx));
+    chain!(v, "sbb rbx,rcx; setcc", all, eq_bc, ALL_CC, |a| a
+        .sbb(rbx, rcx));
+    chain!(v, "test bl,cl; setcc", no_af, eq_bc, ALL_CC, |a| a
+        .test(bl, cl));
+    chain!(v, "test rbx,rcx; setcc", no_af, eq_bc, ALL_CC, |a| a
+        .test(rbx, rcx));
+    chain!(v, "and bx,cx; setcc", no_af, eq_bc, ALL_CC, |a| a
+        .and(bx, cx));
+    chain!(v, "xor ebx,ecx; setcc", no_af, eq_bc, ALL_CC, |a| a
+        .xor(ebx, ecx));
+    chain!(v, "or rbx,rcx; setcc", no_af, eq_bc, ALL_CC, |a| a
+        .or(rbx, rcx));
+    chain!(v, "inc bl; setcc", all, nofix, ALL_CC, |a| a.inc(bl));
+    chain!(v, "dec rbx; setcc", all, nofix, ALL_CC, |a| a.dec(rbx));
+    // INC/DEC keep the CF of the producer before them.
+    chain!(v, "cmp rbx,rcx; inc edx; setcc", all, eq_bc, ALL_CC, |a| {
+        a.cmp(rbx, rcx)?;
+        a.inc(edx)
+    });
+    chain!(v, "add bl,cl; dec dx; setcc", all, eq_bc, ALL_CC, |a| {
+        a.add(bl, cl)?;
+        a.dec(dx)
+    });
+    chain!(v, "shl rbx,1; inc ecx; setcc", all, nofix, ALL_CC, |a| {
+        a.shl(rbx, 1)?;
+        a.inc(ecx)
+    });
+    chain!(v, "shl bl,1; setcc", no_af, nofix, ALL_CC, |a| a.shl(bl, 1));
+    chain!(v, "shr ebx,1; setcc", no_af, nofix, ALL_CC, |a| a
+        .shr(ebx, 1));
+    chain!(v, "sar bx,1; setcc", no_af, nofix, ALL_CC, |a| a.sar(bx, 1));
+    chain!(v, "shl rbx,13; setcc", shift_n, nofix, CC_NO_OF, |a| a
+        .shl(rbx, 13));
+    chain!(v, "shr rbx,7; setcc", shift_n, nofix, CC_NO_OF, |a| a
+        .shr(rbx, 7));
+    chain!(v, "sar ebx,31; setcc", shift_n, nofix, CC_NO_OF, |a| a
+        .sar(ebx, 31));
+    chain!(
+        v,
+        "shl dword [r15],3; setcc",
+        shift_n,
+        nofix,
+        CC_NO_OF,
+        |a| a.shl(dword_ptr(r15 + 8), 3)
+    );
+    // A shift by a count of 0 keeps every flag of the producer before it.
+    chain!(
+        v,
+        "cmp rdx,rsi; shl rbx,cl(0/1); setcc",
+        chain_shift_cl,
+        cl_0_or_1,
+        ALL_CC,
+        |a| {
+            a.cmp(rdx, rsi)?;
+            a.shl(rbx, cl)
+        }
+    );
+    chain!(
+        v,
+        "add edx,esi; sar ebx,cl(0/1); setcc",
+        chain_shift_cl,
+        cl_0_or_1,
+        ALL_CC,
+        |a| {
+            a.add(edx, esi)?;
+            a.sar(ebx, cl)
+        }
+    );
+    chain!(
+        v,
+        "sub dl,dh; shr bx,cl(0/1); setcc",
+        chain_shift_cl,
+        cl_0_or_1,
+        ALL_CC,
+        |a| {
+            a.sub(dl, dh)?;
+            a.shr(bx, cl)
+        }
+    );
+    chain!(
+        v,
+        "cmp rdx,rsi; shl rbx,64; setcc",
+        all,
+        nofix,
+        ALL_CC,
+        |a| {
+            a.cmp(rdx, rsi)?;
+            a.shl(rbx, 64)
+        }
+    );
+    chain!(v, "imul rbx,rcx; setcc", mul_flags, nofix, CC_CF_OF, |a| a
+        .imul_2(rbx, rcx));
+    chain!(
+        v,
+        "imul ebx,ecx,imm; setcc",
+        mul_flags,
+        nofix,
+        CC_CF_OF,
+        |a| a.imul_3(ebx, ecx, 0x1234_5678)
+    );
+    chain!(v, "imul bx,cx; setcc", mul_flags, nofix, CC_CF_OF, |a| a
+        .imul_2(bx, cx));
+    // ADC/SBB carry chains read CF from every kind of producer.
+    chain!(v, "add; adc; adc; setcc", all, nofix, ALL_CC, |a| {
+        a.add(rbx, rcx)?;
+        a.adc(rdx, rsi)?;
+        a.adc(edi, r8d)
+    });
+    chain!(v, "sub; sbb; sbb; setcc", all, nofix, ALL_CC, |a| {
+        a.sub(rbx, rcx)?;
+        a.sbb(rdx, rsi)?;
+        a.sbb(di, r8w)
+    });
+    chain!(v, "cmp; adc; sbb; setcc", all, eq_bc, ALL_CC, |a| {
+        a.cmp(ebx, ecx)?;
+        a.adc(dl, sil)?;
+        a.sbb(rdi, r8)
+    });
+    chain!(v, "xor; adc; setcc", all, nofix, ALL_CC, |a| {
+        a.xor(ebx, ecx)?;
+        a.adc(rdx, rsi)
+    });
+    chain!(v, "inc; sbb; setcc", all, nofix, ALL_CC, |a| {
+        a.inc(rbx)?;
+        a.sbb(rdx, rsi)
+    });
+    chain!(v, "shr rbx,5; adc; setcc", all, nofix, ALL_CC, |a| {
+        a.shr(rbx, 5)?;
+        a.adc(rdx, rsi)
+    });
+    chain!(
+        v,
+        "sar ebx,cl(0/1); sbb; setcc",
+        all,
+        cl_0_or_1,
+        ALL_CC,
+        |a| {
+            a.sar(ebx, cl)?;
+            a.sbb(rdx, rsi)
+        }
+    );
+    chain!(v, "imul; adc; setcc", all, nofix, ALL_CC, |a| {
+        a.imul_2(rbx, rcx)?;
+        a.adc(rdx, rsi)
+    });
+    chain!(v, "neg; sbb; setcc", all, nofix, ALL_CC, |a| {
+        a.neg(rbx)?;
+        a.sbb(edx, esi)
+    });
+    chain!(
+        v,
+        "add byte [r15],cl; adc; setcc",
+        all,
+        nofix,
+        ALL_CC,
+        |a| {
+            a.add(byte_ptr(r15 + 2), cl)?;
+            a.adc(bl, dl)
+        }
+    );
+    chain!(v, "cmp; cmc; setcc", all, eq_bc, ALL_CC, |a| {
+        a.cmp(rbx, rcx)?;
+        a.cmc()
+    });
+    chain!(v, "sub; clc; setcc", all, eq_bc, ALL_CC, |a| {
+        a.sub(bx, cx)?;
+        a.clc()
+    });
+    chain!(v, "test; stc; setcc", no_af, eq_bc, ALL_CC, |a| {
+        a.test(bl, cl)?;
+        a.stc()
+    });
+    chain!(
+        v,
+        "add; bt; setcc",
+        bt_flags,
+        nofix,
+        CC_NO_OF & 0x00fc,
+        |a| {
+            a.add(rdx, rsi)?;
+            a.bt(rbx, rcx)
+        }
+    );
+    // Readers of the whole flag set.
+    chain!(v, "cmp bl,cl; lahf", all, eq_bc, 0, |a| {
+        a.cmp(bl, cl)?;
+        a.lahf()
+    });
+    chain!(v, "add; pushfq; pop", all, nofix, 0, |a| {
+        a.add(rbx, rcx)?;
+        a.pushfq()?;
+        a.pop(rax)?;
+        a.and(eax, 0x8d5)?;
+        a.add(edx, esi)
+    });
+    chain!(v, "cmp; sahf; setcc", all, eq_bc, ALL_CC, |a| {
+        a.cmp(rbx, rcx)?;
+        a.sahf()
+    });
+    chain!(v, "cmp; cmovcc", all, eq_bc, 0, |a| {
+        a.cmp(rbx, rcx)?;
+        a.cmovl(rdx, rsi)?;
+        a.cmovbe(edi, r8d)?;
+        a.cmovg(r9w, r10w)?;
+        a.cmovae(r11, r12)?;
+        a.cmovne(r13, r14)
+    });
+    chain!(v, "test; cmovcc", no_af, eq_bc, 0, |a| {
+        a.test(ebx, ecx)?;
+        a.cmovle(rdx, rsi)?;
+        a.cmovs(edi, r8d)?;
+        a.cmove(r9, r10)?;
+        a.cmova(r11, r12)
+    });
+    chain!(v, "cmp; jcc (signed)", all, eq_bc, 0, |a| jcc_chain(
+        a, false
+    ));
+    chain!(v, "sub; jcc (unsigned)", all, eq_bc, 0, |a| jcc_chain(
+        a, true
+    ));
+}
+
+/// A compare (or subtract) followed by four conditional jumps; each jump taken or not leaves
+/// a different mark in EAX.
+fn jcc_chain(a: &mut CodeAssembler, unsigned: bool) -> Result<(), iced_x86::IcedError> {
+    if unsigned {
+        a.sub(ecx, ebx)?;
+    } else {
+        a.cmp(rbx, rcx)?;
+    }
+    a.xor(eax, eax)?;
+    // XOR changed the flags: compare again so the jumps see the compare's.
+    if unsigned {
+        a.cmp(cx, bx)?;
+    } else {
+        a.cmp(rbx, rcx)?;
+    }
+    for (i, cc) in [12u32, 14, 2, 6, 4].into_iter().enumerate() {
+        let mut skip = a.create_label();
+        let cc = if unsigned { cc ^ 1 } else { cc };
+        match cc {
+            2 => a.jb(skip),
+            3 => a.jae(skip),
+            4 => a.je(skip),
+            5 => a.jne(skip),
+            6 => a.jbe(skip),
+            7 => a.ja(skip),
+            12 => a.jl(skip),
+            13 => a.jge(skip),
+            14 => a.jle(skip),
+            _ => a.jg(skip),
+        }?;
+        a.or(eax, 1 << i)?;
+        a.set_label(&mut skip)?;
+        // OR changed the flags: compare again for the next jump.
+        if unsigned {
+            a.cmp(cx, bx)?;
+        } else {
+            a.cmp(rbx, rcx)?;
+        }
+    }
+    Ok(())
 }
 
 fn bt_mem_off_16(r: &mut [u64; 16]) {
