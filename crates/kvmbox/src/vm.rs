@@ -48,6 +48,9 @@ pub enum VmCommand {
         /// Attach to its console once it runs (as `vm console`).
         #[arg(long)]
         console: bool,
+        /// As root, run the VM process unjailed (by default it runs in a jail: see `kvmbox jail`).
+        #[arg(long)]
+        no_jail: bool,
     },
     /// Press the ACPI power button and wait for the guest to power off (--force: power off now).
     Stop {
@@ -133,6 +136,8 @@ pub enum VmCommand {
         name: String,
         #[arg(long)]
         restore: bool,
+        #[arg(long)]
+        jail: bool,
     },
 }
 
@@ -302,7 +307,11 @@ fn dispatch(cmd: VmCommand) -> Result<()> {
         VmCommand::Create(a) => create(&store, *a),
         VmCommand::List { json } => list(&store, json),
         VmCommand::Show { name, json } => show(&store.vm(&name)?, json),
-        VmCommand::Start { name, console } => start(&store.vm(&name)?, console),
+        VmCommand::Start {
+            name,
+            console,
+            no_jail,
+        } => start(&store.vm(&name)?, console, no_jail),
         VmCommand::Stop {
             name,
             timeout,
@@ -327,10 +336,14 @@ fn dispatch(cmd: VmCommand) -> Result<()> {
             linked,
             snapshot,
         } => clone(&store, &store.vm(&name)?, &new, linked, snapshot.as_deref()),
-        VmCommand::Keeper { name, restore } => {
+        VmCommand::Keeper {
+            name,
+            restore,
+            jail,
+        } => {
             let exe = std::env::current_exe()
                 .map_err(|e| Error::Failed(format!("finding the kvmbox binary: {e}")))?;
-            keeper::keep(&store.vm(&name)?, &exe, restore)
+            keeper::keep(&store.vm(&name)?, &exe, restore, jail)
         }
     }
 }
@@ -433,6 +446,7 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
         })
         .collect();
     let networks = vm.networks()?;
+    let jail = running.then(|| vm.jail_info()).flatten();
     let v = json!({
         "name": vm.name(),
         "state": status.state,
@@ -459,6 +473,13 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
         "api_socket": running.then(|| vm.api_sock()),
         "console_socket": running.then(|| vm.console_sock()),
         "console_log": vm.console_log(),
+        "jailed": jail.is_some(),
+        "jail": jail.as_ref().map(|j| json!({
+            "id": j.id,
+            "uid": j.uid,
+            "gid": j.gid,
+            "root": j.root,
+        })),
         "saved_state": vm.has_saved_state(),
         "last_run": status.last_run.as_ref().map(|l| json!({
             "ended_at": l.ended_at,
@@ -510,6 +531,15 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
         println!("uptime:    {} s", uptime(&status).unwrap_or(0));
         println!("api:       {}", vm.api_sock().display());
         println!("console:   {}", vm.console_sock().display());
+        match &jail {
+            Some(j) => println!(
+                "jail:      uid {} gid {}, root {}",
+                j.uid,
+                j.gid,
+                j.root.display()
+            ),
+            None => println!("jail:      none (runs unjailed)"),
+        }
     }
     println!("log:       {}", vm.console_log().display());
     if vm.has_saved_state() {
@@ -525,15 +555,20 @@ fn is_up(state: State) -> bool {
     matches!(state, State::Running | State::Paused | State::Starting)
 }
 
-fn start(vm: &Vm, attach_console: bool) -> Result<()> {
+fn start(vm: &Vm, attach_console: bool, no_jail: bool) -> Result<()> {
     let name = vm.name();
+    let mut jail = kvmbox_store::jail::wanted(no_jail)?;
+    if let (true, Some(why)) = (jail, vm.jail_blocker()) {
+        eprintln!("kvmbox: warning: VM '{name}' runs unjailed: {why} (see README, Jailed VMs)");
+        jail = false;
+    }
     {
         let _lock = vm.lock(&format!("kvmbox vm start {name}"))?;
         let state = vm.status().state;
         if is_up(state) {
             println!("VM '{name}' is already {state}");
         } else {
-            launch(vm)?;
+            launch(vm, jail)?;
         }
     }
     if attach_console {
@@ -543,9 +578,10 @@ fn start(vm: &Vm, attach_console: bool) -> Result<()> {
 }
 
 /// Start the keeper (which starts the VM process) and wait for the guest to run.
-fn launch(vm: &Vm) -> Result<()> {
+fn launch(vm: &Vm, jail: bool) -> Result<()> {
     let name = vm.name();
     vm.clean_stale_runtime()?;
+    vm.clean_stale_jail()?;
     keeper::check_socket_paths(vm)?;
     let restore = vm.has_saved_state();
     if !restore {
@@ -567,6 +603,9 @@ fn launch(vm: &Vm) -> Result<()> {
     cmd.args(["vm", "__keeper", name]);
     if restore {
         cmd.arg("--restore");
+    }
+    if jail {
+        cmd.arg("--jail");
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -592,6 +631,7 @@ fn launch(vm: &Vm) -> Result<()> {
                 log_tail(vm, 15)
             )));
         }
+        // The jail writes the VM's pid before it runs it: both are there once it answers.
         if let Ok("Running" | "Paused") = api::instance_state(&vm.api_sock()).as_deref() {
             break;
         }
@@ -617,6 +657,13 @@ fn launch(vm: &Vm) -> Result<()> {
         );
     } else {
         println!("VM '{name}' started (pid {})", vm.vm_pid().unwrap_or(0));
+    }
+    if let Some(j) = vm.jail_info() {
+        println!(
+            "VM '{name}' runs jailed as uid {} in {}",
+            j.uid,
+            j.root.display()
+        );
     }
     Ok(())
 }
@@ -796,9 +843,10 @@ fn save(vm: &Vm) -> Result<()> {
     let made = std::fs::create_dir_all(&dir)
         .map_err(|e| Error::Failed(format!("creating {}: {e}", dir.display())))
         .and_then(|()| {
+            // A jailed VM writes them in its share folder; they are moved here after.
             let body = json!({
-                "snapshot_path": tmp(&state_file),
-                "mem_file_path": tmp(&mem_file),
+                "snapshot_path": vm.api_output_path(&tmp(&state_file)),
+                "mem_file_path": vm.api_output_path(&tmp(&mem_file)),
                 "snapshot_type": "Full",
             });
             api::call(
@@ -807,10 +855,18 @@ fn save(vm: &Vm) -> Result<()> {
                 "PUT",
                 "/snapshot/create",
                 Some(&body.to_string()),
-            )
+            )?;
+            vm.take_api_output(&tmp(&state_file))?;
+            vm.take_api_output(&tmp(&mem_file))
         });
     if let Err(e) = made {
         let _ = std::fs::remove_dir_all(&dir);
+        for p in [&state_file, &mem_file] {
+            let out = vm.api_output_path(&tmp(p));
+            if out != tmp(p) {
+                let _ = std::fs::remove_file(out);
+            }
+        }
         if state == State::Running {
             let _ = api::call(
                 name,
@@ -1027,6 +1083,7 @@ fn delete(store: &Store, vm: &Vm, force: bool, keep_disks: bool) -> Result<()> {
         terminate(vm)?;
     }
     vm.clean_stale_runtime()?;
+    vm.clean_stale_jail()?;
     let kept = if keep_disks {
         store.keep_disks(vm)?
     } else {
