@@ -89,6 +89,7 @@ impl Home {
     /// The test guest's shell on KVM, 128 MiB, a new 16 MiB disk and the default network
     /// (user-mode NAT through passt), with `extra` options.
     fn create(&self, name: &str, extra: &[&str]) {
+        // (The disk options add to the 16 MiB one.)
         let tg = testguest();
         let mut args = vec![
             "create",
@@ -487,4 +488,86 @@ fn no_jail_and_kvmbox_jail_off_run_the_vm_unjailed() {
         "{err}"
     );
     assert_eq!(home.state("u"), "stopped");
+}
+
+/// The keeper's pid (run/NAME/keeper.pid).
+fn keeper_pid(home: &Home, name: &str) -> i32 {
+    std::fs::read_to_string(home.0.join("run").join(name).join("keeper.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A saved state that names a disk the settings do not have is not resumed in a jail (the
+/// VM process wrote it, and the jail would lend that disk to the VM's user); a keeper killed
+/// with SIGKILL leaves its jail and the disks lent, which the next start gives back and removes.
+#[test]
+fn a_forged_saved_state_is_refused_and_a_dead_keepers_jail_is_cleaned_up() {
+    let test = "a_forged_saved_state_is_refused_and_a_dead_keepers_jail_is_cleaned_up";
+    if !root_kvm_passt_or_skip(test) {
+        return;
+    }
+    let _cpu = CpuLease::shared();
+    let home = Home::new("forged");
+    home.create("f", &["--net", "none", "--disk-size", "16M"]);
+    let dir = home.0.join("vms/f");
+    let (disk0, disk1) = (dir.join("disk0.qcow2"), dir.join("disk1.qcow2"));
+    home.ok(&["start", "f"]);
+    home.expect_log("f", "kvmbox-testguest# ");
+    home.ok(&["save", "f"]);
+    // As if the VM's settings had only one disk: the saved state names the other.
+    let toml_path = dir.join("vm.toml");
+    let toml = std::fs::read_to_string(&toml_path).unwrap();
+    let one = toml.replace(
+        r#"disks = ["disk0.qcow2", "disk1.qcow2"]"#,
+        r#"disks = ["disk0.qcow2"]"#,
+    );
+    assert_ne!(one, toml, "{toml}");
+    std::fs::write(&toml_path, &one).unwrap();
+    let (st, out, err) = home.run(home.cmd(&["start", "f"]));
+    assert_eq!(st, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!("names the disk {}", disk1.display())),
+        "{err}"
+    );
+    assert_eq!(home.state("f"), "saved");
+    assert!(
+        !home.0.join("run/f").exists(),
+        "the refused start left run/f"
+    );
+    for d in [&disk0, &disk1] {
+        assert_eq!(std::fs::metadata(d).unwrap().uid(), 0, "{}", d.display());
+    }
+    std::fs::write(&toml_path, &toml).unwrap();
+    assert!(home
+        .ok(&["start", "f"])
+        .contains("resumed from its saved state"));
+    let v = home.show("f");
+    let uid = v["jail"]["uid"].as_u64().unwrap() as u32;
+    let jail_dir = PathBuf::from(v["jail"]["root"].as_str().unwrap())
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let pid = v["pid"].as_u64().unwrap() as i32;
+
+    // SIGKILL to the keeper: the VM dies with it, the jail and the loan of the disks stay.
+    let keeper = keeper_pid(&home, "f");
+    // SAFETY: a signal to the keeper this test's VM start made.
+    let killed = unsafe { libc::kill(keeper, libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    wait_until("the VM process ends with its keeper", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert_eq!(home.state("f"), "crashed");
+    assert!(jail_dir.exists());
+    assert_eq!(std::fs::metadata(&disk0).unwrap().uid(), uid);
+    // The next start removes the old jail and gives the disks back before its own jail lends
+    // them again; after a stop they are root's.
+    home.ok(&["start", "f"]);
+    home.ok(&["stop", "--force", "f"]);
+    assert!(!jail_dir.exists(), "{} stayed", jail_dir.display());
+    for d in [&disk0, &disk1] {
+        assert_eq!(std::fs::metadata(d).unwrap().uid(), 0, "{}", d.display());
+    }
 }

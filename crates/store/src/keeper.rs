@@ -94,11 +94,16 @@ pub fn keep(vm: &Vm, exe: &Path, restore: bool, jail: bool) -> Result<()> {
     let mut cmd = Command::new(exe);
     let (state, mem) = vm.saved_state();
     let jailed = if jail {
-        let info = vm.allocate_jail()?;
+        // A refusal here leaves no runtime folder (the VM did not run).
+        let gone = |e: Error| {
+            let _ = std::fs::remove_dir_all(run_dir);
+            e
+        };
+        let info = vm.allocate_jail().map_err(gone)?;
         if restore {
-            vm.check_saved_disks(&state)?;
+            vm.check_saved_disks(&state).map_err(gone)?;
             // Lent to the VM's user for the restore; given back when it ends.
-            crate::jail::chown_all(&[&state, &mem], info.uid, info.gid)?;
+            crate::jail::chown_all(&[&state, &mem], info.uid, info.gid).map_err(gone)?;
         }
         let share = vm.jail_share_dir();
         std::fs::create_dir_all(&share)
