@@ -600,6 +600,32 @@ impl Cgroup {
         Ok(())
     }
 
+    /// The group process `pid` is in now, in the hierarchies of `controllers` (as
+    /// [`Hierarchy::detect_for`] sees them), to read or set its files: nothing is made, and
+    /// [`Cgroup::remove`] is the caller's to avoid.
+    pub fn of_process(pid: u32, controllers: &[&str]) -> Result<Self> {
+        let h = Hierarchy::detect_for(pid, controllers)?;
+        let dirs = h
+            .roots
+            .iter()
+            .map(|r| {
+                let ctls = if h.version == Version::V2 {
+                    h.controllers.clone()
+                } else {
+                    r.controllers.clone()
+                };
+                (ctls, r.own.clone())
+            })
+            .collect();
+        Ok(Cgroup {
+            version: h.version,
+            controllers: h.controllers.clone(),
+            dirs,
+            remove_parent: false,
+            stale_removed: false,
+        })
+    }
+
     /// The version the group lives in.
     pub fn version(&self) -> Version {
         self.version

@@ -20,7 +20,10 @@
 //!    hard-linked, `pivot_root`s into `root/` and detaches the old root, sets the rlimits, drops
 //!    every capability from its bounding and ambient sets, sets no-new-privileges, switches to
 //!    the user's uid and gid (no supplementary groups), clears the rest of its capabilities,
-//!    and `exec`s `/kvmbox` with a minimal environment. A failure on the way is sent back
+//!    and `exec`s `/kvmbox` with a minimal environment (`TERM` and [`Spec::env`]). With
+//!    [`Spec::proc`] it mounts a `subset=pid` procfs at `/proc` after the `pivot_root`. The
+//!    jailer puts the child in its cgroup ([`Spec::cgroup`], [`Spec::limits`]) and writes its
+//!    host PID to [`Spec::pid_file`] before letting it go on. A failure on the way is sent back
 //!    through a pipe and reported by the jailer, naming the step.
 //! 4. The jailer waits for it, forwarding SIGTERM/SIGINT/SIGHUP/SIGQUIT, then removes what it
 //!    made (see [`Jail`]'s `Drop`): the jail's directory, host-side symlinks, and file owners.
@@ -39,6 +42,10 @@ pub const DEFAULT_CHROOT_BASE: &str = "/srv/jailer";
 
 /// The executable's path inside the jail.
 pub const JAILED_EXE: &str = "/kvmbox";
+
+/// [`Needed::what`] of a program the jailed program runs (passt): it must be executable by
+/// the jail's user.
+pub const HELPER_PROGRAM: &str = "helper program";
 
 /// Longest jail id (Firecracker's limit).
 pub const MAX_ID_LEN: usize = 64;
@@ -155,6 +162,34 @@ impl std::str::FromStr for Rlimit {
     }
 }
 
+/// The cgroup limits of [`Spec::limits`] (all off by default), set with
+/// [`kvmbox_cgroup::Cgroup::set_cpu_max`], `set_cpu_weight` and `set_memory_limit`.
+#[derive(Debug, Clone, Default)]
+pub struct CgroupLimits {
+    /// CPU bandwidth.
+    pub cpu_max: Option<kvmbox_cgroup::CpuMax>,
+    /// CPU weight, 1-10000.
+    pub cpu_weight: Option<u32>,
+    /// Memory limit in bytes, swap included.
+    pub memory_limit: Option<u64>,
+    /// Where the group goes, from the hierarchy's root (default: `kvmbox/` under the jailer's
+    /// own group).
+    pub parent: Option<PathBuf>,
+}
+
+impl CgroupLimits {
+    /// Whether any limit is set.
+    pub fn any(&self) -> bool {
+        self.cpu_max.is_some() || self.cpu_weight.is_some() || self.memory_limit.is_some()
+    }
+}
+
+/// The name of a jail's cgroup (`kvmbox/jail-<id>` under the jailer's group, or under
+/// [`CgroupLimits::parent`]).
+pub fn cgroup_name(id: &str) -> String {
+    format!("jail-{id}")
+}
+
 /// Everything a jail is made from.
 #[derive(Debug, Clone, Default)]
 pub struct Spec {
@@ -174,6 +209,9 @@ pub struct Spec {
     /// program runs in a group of its own, `kvmbox/jail-<id>` under the jailer's group (v2, or
     /// in each v1 hierarchy of the controllers named), removed afterwards.
     pub cgroup: Vec<(String, String)>,
+    /// Resource limits placed through the program's cgroup (the same group as `cgroup`'s
+    /// files), in whichever version holds the controller.
+    pub limits: CgroupLimits,
     /// Files the program uses.
     pub files: Vec<Needed>,
     /// Directories the program creates files in (an API socket's): made in the jail, owned by
@@ -184,6 +222,16 @@ pub struct Spec {
     pub host_links: Vec<PathBuf>,
     /// Device nodes to make.
     pub devices: Vec<Device>,
+    /// Environment variables of the program, besides `TERM` (which is passed on).
+    pub env: Vec<(OsString, OsString)>,
+    /// Mount a procfs at `/proc` in the jail (nosuid, nodev, noexec, `subset=pid`): it shows
+    /// the processes of the jail's own PID namespace only, and none of the host's
+    /// `/proc/sys`, `/proc/bus` ... files. For helpers that need it (passt reads `/proc/self/exe` and
+    /// writes its user namespace's `uid_map`); off by default.
+    pub proc: bool,
+    /// Where to write the program's host PID (as soon as it is forked, before it runs; the
+    /// file is written through a temporary file and a rename).
+    pub pid_file: Option<PathBuf>,
     /// The program's arguments (after its name).
     pub args: Vec<OsString>,
     /// Detach: the jailer's first process prints the program's host PID and exits 0 once it
@@ -429,7 +477,10 @@ impl Jail {
             let meta = std::fs::metadata(&n.path)
                 .map_err(|e| usage(format!("{} {}: {e}", n.what, n.path.display())))?;
             // The kernel maps the executable and its interpreter only with execute permission.
-            let bit = if n.what == "the kvmbox executable" || n.what == "the ELF interpreter" {
+            let bit = if n.what == "the kvmbox executable"
+                || n.what == "the ELF interpreter"
+                || n.what == HELPER_PROGRAM
+            {
                 exec_bit
             } else {
                 read_bit
@@ -556,14 +607,20 @@ impl Jail {
     /// The program's cgroup with the files the spec sets (none without `cgroup`).
     fn make_cgroup(&mut self) -> Result<()> {
         use kvmbox_cgroup::{Cgroup, Error as CgError, Hierarchy};
-        if self.spec.cgroup.is_empty() {
+        let limits = &self.spec.limits;
+        if self.spec.cgroup.is_empty() && !limits.any() {
             return Ok(());
         }
         let err = |e: CgError| match e {
             CgError::Invalid(m) => usage(format!("--cgroup: {m}")),
             e => setup(format!("--cgroup: {e}")),
         };
+        // With any limit, both controllers (as kvmbox run's own group has): the limits not
+        // set now can be set later by root.
         let mut controllers: Vec<&str> = Vec::new();
+        if limits.any() {
+            controllers.extend(["cpu", "memory"]);
+        }
         for (k, _) in &self.spec.cgroup {
             let c = k.split_once('.').map_or(k.as_str(), |(c, _)| c);
             if !controllers.contains(&c) {
@@ -571,9 +628,19 @@ impl Jail {
             }
         }
         let h = Hierarchy::detect(&controllers).map_err(err)?;
-        let group = Cgroup::create(&h, None, &format!("jail-{}", self.spec.id)).map_err(err)?;
+        let group = Cgroup::create(&h, limits.parent.as_deref(), &cgroup_name(&self.spec.id))
+            .map_err(err)?;
         // Kept from here on, so that Drop removes it even if a file cannot be set.
         let group = self.cgroup.insert(group);
+        if limits.cpu_max.is_some() {
+            group.set_cpu_max(limits.cpu_max).map_err(err)?;
+        }
+        if let Some(w) = limits.cpu_weight {
+            group.set_cpu_weight(w).map_err(err)?;
+        }
+        if limits.memory_limit.is_some() {
+            group.set_memory_limit(limits.memory_limit).map_err(err)?;
+        }
         for (k, v) in &self.spec.cgroup {
             group.set(k, v).map_err(err)?;
         }
@@ -734,6 +801,19 @@ impl Jail {
                 return Err(setup(format!("--cgroup: {e}")));
             }
         }
+        if let Some(p) = &self.spec.pid_file {
+            let tmp = p.with_extension("tmp");
+            let written =
+                std::fs::write(&tmp, format!("{child}\n")).and_then(|()| std::fs::rename(&tmp, p));
+            if let Err(e) = written {
+                // SAFETY: ending and reaping our own child, which waits on the go pipe.
+                unsafe {
+                    libc::kill(child, libc::SIGKILL);
+                    libc::waitpid(child, std::ptr::null_mut(), 0);
+                }
+                return Err(setup(format!("writing the pid file {}: {e}", p.display())));
+            }
+        }
         let _ = std::fs::File::from(go_write).write_all(b"g");
         let mut msg = String::new();
         let _ = std::fs::File::from(err_read).read_to_string(&mut msg);
@@ -857,6 +937,24 @@ impl Jail {
             )?;
             check(libc::rmdir(old_root_abs.as_ptr()), "rmdir /old_root")?;
         }
+        if self.spec.proc {
+            let proc = c(Path::new("/proc"))?;
+            // SAFETY: mkdir and mount with valid NUL-terminated strings; a procfs of this
+            // process's own (new) PID namespace, in its own mount namespace.
+            unsafe {
+                check(libc::mkdir(proc.as_ptr(), 0o555), "mkdir /proc")?;
+                check(
+                    libc::mount(
+                        c"proc".as_ptr(),
+                        proc.as_ptr(),
+                        c"proc".as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                        c"subset=pid".as_ptr().cast(),
+                    ),
+                    "mounting /proc (subset=pid, Linux 5.8 or later)",
+                )?;
+            }
+        }
         for l in &self.spec.rlimits {
             let r = libc::rlimit {
                 rlim_cur: l.value,
@@ -916,10 +1014,14 @@ impl Jail {
         }
         let mut argp: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
         argp.push(std::ptr::null());
-        let env: Vec<CString> = std::env::var_os("TERM")
+        let mut env: Vec<CString> = std::env::var_os("TERM")
             .and_then(|t| CString::new([b"TERM=", t.as_bytes()].concat()).ok())
             .into_iter()
             .collect();
+        for (k, v) in &self.spec.env {
+            let kv = [k.as_bytes(), b"=", v.as_bytes()].concat();
+            env.push(cstr(OsStr::from_bytes(&kv)).map_err(|e| e.to_string())?);
+        }
         let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
         envp.push(std::ptr::null());
         // SAFETY: `exe`, `argp` and `envp` are valid, NUL-terminated and null-terminated.

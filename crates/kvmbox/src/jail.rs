@@ -1,10 +1,12 @@
 //! `kvmbox jail`: run `kvmbox run ...` inside a jail (`kvmbox-jailer`). This module finds, from
-//! the run arguments parsed by `kvmbox run`'s own parser, every host file the VM needs.
+//! the run arguments parsed by `kvmbox run`'s own parser, every host file the VM needs (passt
+//! too, for a user network), and the cgroup limits the jail sets for it. `kvmbox vm start`
+//! runs it as root (kvmbox-store's keeper).
 
 use crate::RunArgs;
 use clap::Parser;
 use kvmbox_cpu::Accel;
-use kvmbox_jailer::{Device, Jail, Needed, Rlimit, Spec};
+use kvmbox_jailer::{CgroupLimits, Device, Jail, Needed, Rlimit, Spec};
 use kvmbox_vmm::{AccelChoice, FileConfig, VmConfig};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,12 @@ pub(crate) struct JailArgs {
     /// Set a cgroup control file for the VM's own group, as Firecracker's jailer: cpu.shares=100, cpu.max=50000, memory.max=268435456 ... (cgroup v2 or v1, whichever has the controller). Repeatable.
     #[arg(long, value_name = "KEY=VALUE")]
     cgroup: Vec<String>,
+    /// A host directory the VM writes files in (such as snapshots taken through the API): bind-mounted at its path in the jail and lent to the jail's user while it runs. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    share: Vec<PathBuf>,
+    /// Write the VM's host PID to this file as soon as it is forked.
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
     /// Detach: print the VM's host PID and exit 0 once it runs; a daemon waits for it and removes the jail.
     #[arg(long)]
     daemonize: bool,
@@ -85,12 +93,26 @@ pub(crate) fn run(j: JailArgs) -> ExitCode {
             }
         }
     }
-    let needs = match vm_needs(&run) {
+    let mut needs = match vm_needs(&run) {
         Ok(n) => n,
         Err(e) => return usage(e),
     };
+    for d in &j.share {
+        if !d.is_dir() {
+            return usage(format!("--share {}: not a directory", d.display()));
+        }
+        needs.file("shared directory", d, true);
+    }
     let mut args = vec![OsString::from("run")];
     args.extend(j.run.iter().cloned());
+    if needs.limits.any() {
+        // The jail's cgroup holds them; the jailed kvmbox could not make one.
+        args.push("--cgroup-by-jail".into());
+    }
+    let env = match &needs.passt {
+        Some(p) => vec![(OsString::from("KVMBOX_PASST"), p.clone().into_os_string())],
+        None => Vec::new(),
+    };
     let spec = Spec {
         id: j.id,
         uid: j.uid,
@@ -99,11 +121,15 @@ pub(crate) fn run(j: JailArgs) -> ExitCode {
         netns: j.netns,
         rlimits,
         cgroup,
+        limits: needs.limits,
         files: needs.files,
         writable_dirs: needs.writable_dirs,
         host_links: needs.host_links,
         devices: needs.devices,
         args,
+        env,
+        proc: needs.passt.is_some(),
+        pid_file: j.pid_file,
         daemonize: j.daemonize,
     };
     let status = Jail::prepare(spec).and_then(Jail::run);
@@ -124,6 +150,10 @@ struct Needs {
     writable_dirs: Vec<PathBuf>,
     host_links: Vec<PathBuf>,
     devices: Vec<Device>,
+    /// The VM's cgroup limits, which the jail's cgroup holds.
+    limits: CgroupLimits,
+    /// passt's path, in the jail as on the host, when a user network needs it.
+    passt: Option<PathBuf>,
 }
 
 impl Needs {
@@ -164,7 +194,7 @@ fn vm_needs(run: &RunArgs) -> Result<Needs, String> {
         overrides.kernel = Some(exe);
     }
     let cfg = VmConfig::build(file, overrides).map_err(|e| e.to_string())?;
-    no_cgroup_limits(&cfg.limits)?;
+    n.limits(&cfg.limits);
     if has_kernel {
         n.file("kernel", &cfg.kernel, false);
     }
@@ -194,7 +224,7 @@ fn restore_needs(n: &mut Needs, run: &RunArgs, state: &Path, mem: &Path) -> Resu
         kvmbox_snapshot::read_state(state).map_err(|e| e.to_string())?;
     let c = saved.config;
     let o = run.overrides();
-    no_cgroup_limits(&kvmbox_vmm::Limits::from_flags(&o).map_err(|e| e.to_string())?)?;
+    n.limits(&kvmbox_vmm::Limits::from_flags(&o).map_err(|e| e.to_string())?);
     for d in &c.disks {
         n.disk(&d.path, d.read_only)?;
     }
@@ -214,23 +244,6 @@ fn restore_needs(n: &mut Needs, run: &RunArgs, state: &Path, mem: &Path) -> Resu
     Ok(())
 }
 
-/// kvmbox cannot make cgroups from inside the jail: `kvmbox jail --cgroup` does.
-fn no_cgroup_limits(l: &kvmbox_vmm::Limits) -> Result<(), String> {
-    if l.cpu_max.is_some()
-        || l.cpu_weight.is_some()
-        || l.memory_limit.is_some()
-        || l.cgroup_parent.is_some()
-    {
-        return Err(
-            "kvmbox run's cgroup limits (--cpu-max, --cpu-weight, --memory-limit, \
-                    --cgroup-parent) cannot be set from inside a jail: give them to kvmbox jail \
-                    as --cgroup KEY=VALUE (e.g. cpu.max=50000, cpu.weight=200, memory.max=BYTES)"
-                .into(),
-        );
-    }
-    Ok(())
-}
-
 impl Needs {
     /// A disk and its backing chain (as `kvmbox disk info` walks it); only the top is written.
     fn disk(&mut self, path: &Path, read_only: bool) -> Result<(), String> {
@@ -243,15 +256,44 @@ impl Needs {
         Ok(())
     }
 
-    /// A network interface: TAP needs /dev/net/tun; passt (`--net user`) is refused.
+    /// `kvmbox run`'s cgroup limits: the jail's cgroup holds them (the jailed kvmbox cannot
+    /// make a group).
+    fn limits(&mut self, l: &kvmbox_vmm::Limits) {
+        self.limits = CgroupLimits {
+            cpu_max: l.cpu_max,
+            cpu_weight: l.cpu_weight,
+            memory_limit: l.memory_limit,
+            parent: l.cgroup_parent.clone(),
+        };
+    }
+
+    /// A network interface: TAP needs /dev/net/tun; a user network (`--net user`) needs
+    /// passt, which is placed in the jail and runs there as the jail's user (it makes its own
+    /// sandbox inside: a user namespace and an empty root).
     fn net(&mut self, user: bool) -> Result<(), String> {
         if user {
-            return Err(
-                "--net user is refused in a jail: passt, the helper it starts, is not \
-                        in the jail; use --net tap=NAME with a TAP device owned by the jail's \
-                        user (ip tuntap add NAME mode tap user UID), in --netns if wanted"
-                    .into(),
-            );
+            if self.passt.is_none() {
+                let p = kvmbox_store::net::find_passt()
+                    .and_then(|p| {
+                        std::fs::canonicalize(&p).map_err(|e| format!("{}: {e}", p.display()))
+                    })
+                    .map_err(|why| format!("--net user needs passt: {why}"))?;
+                self.file(kvmbox_jailer::HELPER_PROGRAM, &p, false);
+                // Debian's passt runs its AVX2 build, next to it, where the CPU has AVX2.
+                let mut avx2 = p.clone().into_os_string();
+                avx2.push(".avx2");
+                if Path::new(&avx2).is_file() {
+                    self.file(kvmbox_jailer::HELPER_PROGRAM, Path::new(&avx2), false);
+                }
+                // Its DNS forwarder reads the host's resolvers (a symlink, as systemd-resolved
+                // makes it, would dangle in the jail: then passt does without).
+                let resolv = Path::new("/etc/resolv.conf");
+                if std::fs::symlink_metadata(resolv).is_ok_and(|m| m.is_file()) {
+                    self.file("resolver configuration", resolv, false);
+                }
+                self.passt = Some(p);
+            }
+            return Ok(());
         }
         if !self.devices.contains(&Device::Tun) {
             self.devices.push(Device::Tun);

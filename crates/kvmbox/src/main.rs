@@ -145,6 +145,9 @@ struct RunArgs {
     /// Make the VM's cgroup under this one (a path from the hierarchy's root) [default: kvmbox/ under kvmbox's own cgroup].
     #[arg(long, value_name = "PATH")]
     cgroup_parent: Option<PathBuf>,
+    /// (internal) kvmbox jail placed this process in a cgroup with the limits given: make none.
+    #[arg(long, hide = true)]
+    cgroup_by_jail: bool,
 }
 
 impl RunArgs {
@@ -204,6 +207,9 @@ fn restore_conflict(config: bool, o: &Overrides) -> Option<&'static str> {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    if args.cgroup_by_jail {
+        kvmbox_vmm::limits::set_placed_by_jail();
+    }
     if !args.no_seccomp {
         if let Err(e) = kvmbox_seccomp::enable() {
             return fail(e);

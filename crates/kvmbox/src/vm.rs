@@ -48,6 +48,9 @@ pub enum VmCommand {
         /// Attach to its console once it runs (as `vm console`).
         #[arg(long)]
         console: bool,
+        /// As root, run the VM process unjailed (by default it runs in a jail: see `kvmbox jail`).
+        #[arg(long)]
+        no_jail: bool,
     },
     /// Press the ACPI power button and wait for the guest to power off (--force: power off now).
     Stop {
@@ -135,6 +138,8 @@ pub enum VmCommand {
         restore: bool,
         #[arg(long, requires = "restore")]
         paused: bool,
+        #[arg(long)]
+        jail: bool,
     },
 }
 
@@ -304,7 +309,11 @@ fn dispatch(cmd: VmCommand) -> Result<()> {
         VmCommand::Create(a) => create(&store, *a),
         VmCommand::List { json } => list(&store, json),
         VmCommand::Show { name, json } => show(&store.vm(&name)?, json),
-        VmCommand::Start { name, console } => start(&store.vm(&name)?, console),
+        VmCommand::Start {
+            name,
+            console,
+            no_jail,
+        } => start(&store.vm(&name)?, console, no_jail),
         VmCommand::Stop {
             name,
             timeout,
@@ -333,10 +342,11 @@ fn dispatch(cmd: VmCommand) -> Result<()> {
             name,
             restore,
             paused,
+            jail,
         } => {
             let exe = std::env::current_exe()
                 .map_err(|e| Error::Failed(format!("finding the kvmbox binary: {e}")))?;
-            keeper::keep(&store.vm(&name)?, &exe, restore, paused)
+            keeper::keep(&store.vm(&name)?, &exe, restore, paused, jail)
         }
     }
 }
@@ -439,6 +449,7 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
         })
         .collect();
     let networks = vm.networks()?;
+    let jail = running.then(|| vm.jail_info()).flatten();
     let v = json!({
         "name": vm.name(),
         "state": status.state,
@@ -465,6 +476,13 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
         "api_socket": running.then(|| vm.api_sock()),
         "console_socket": running.then(|| vm.console_sock()),
         "console_log": vm.console_log(),
+        "jailed": jail.is_some(),
+        "jail": jail.as_ref().map(|j| json!({
+            "id": j.id,
+            "uid": j.uid,
+            "gid": j.gid,
+            "root": j.root,
+        })),
         "saved_state": vm.has_saved_state(),
         "last_run": status.last_run.as_ref().map(|l| json!({
             "ended_at": l.ended_at,
@@ -516,6 +534,15 @@ fn show(vm: &Vm, json: bool) -> Result<()> {
         println!("uptime:    {} s", uptime(&status).unwrap_or(0));
         println!("api:       {}", vm.api_sock().display());
         println!("console:   {}", vm.console_sock().display());
+        match &jail {
+            Some(j) => println!(
+                "jail:      uid {} gid {}, root {}",
+                j.uid,
+                j.gid,
+                j.root.display()
+            ),
+            None => println!("jail:      none (runs unjailed)"),
+        }
     }
     println!("log:       {}", vm.console_log().display());
     if vm.has_saved_state() {
@@ -531,20 +558,28 @@ fn is_up(state: State) -> bool {
     matches!(state, State::Running | State::Paused | State::Starting)
 }
 
-fn start(vm: &Vm, attach_console: bool) -> Result<()> {
+fn start(vm: &Vm, attach_console: bool, no_jail: bool) -> Result<()> {
     let name = vm.name();
+    let jail = jail_wanted(vm, no_jail)?;
     {
         let _lock = vm.lock(&format!("kvmbox vm start {name}"))?;
         let state = vm.status().state;
         if is_up(state) {
             println!("VM '{name}' is already {state}");
-        } else if launch(vm, false)? {
-            println!(
-                "VM '{name}' resumed from its saved state (pid {})",
-                vm.vm_pid().unwrap_or(0)
-            );
         } else {
-            println!("VM '{name}' started (pid {})", vm.vm_pid().unwrap_or(0));
+            let how = if launch(vm, false, jail)? {
+                "resumed from its saved state"
+            } else {
+                "started"
+            };
+            println!("VM '{name}' {how} (pid {})", vm.vm_pid().unwrap_or(0));
+            if let Some(j) = vm.jail_info() {
+                println!(
+                    "VM '{name}' runs jailed as uid {} in {}",
+                    j.uid,
+                    j.root.display()
+                );
+            }
         }
     }
     if attach_console {
@@ -553,12 +588,27 @@ fn start(vm: &Vm, attach_console: bool) -> Result<()> {
     Ok(())
 }
 
-/// Start the keeper (which starts the VM process) and wait for the guest to run (to be
-/// there, paused, with `paused`, which a saved state's resume takes). Whether it resumed a
-/// saved state (else it booted).
-fn launch(vm: &Vm, paused: bool) -> Result<bool> {
+/// Whether `vm start` runs VM `vm` jailed: as root unless `--no-jail` or `KVMBOX_JAIL=off`,
+/// and not when its settings need what a jail drops (said as a warning).
+fn jail_wanted(vm: &Vm, no_jail: bool) -> Result<bool> {
+    let jail = kvmbox_store::jail::wanted(no_jail)?;
+    if let (true, Some(why)) = (jail, vm.jail_blocker()) {
+        eprintln!(
+            "kvmbox: warning: VM '{}' runs unjailed: {why} (see README, Jailed VMs)",
+            vm.name()
+        );
+        return Ok(false);
+    }
+    Ok(jail)
+}
+
+/// Start the keeper (which starts the VM process, in a jail with `jail`) and wait for the
+/// guest to run (to be there, paused, with `paused`, which a saved state's resume takes).
+/// Whether it resumed a saved state (else it booted).
+fn launch(vm: &Vm, paused: bool, jail: bool) -> Result<bool> {
     let name = vm.name();
     vm.clean_stale_runtime()?;
+    vm.clean_stale_jail()?;
     keeper::check_socket_paths(vm)?;
     let restore = vm.has_saved_state();
     if !restore {
@@ -584,6 +634,9 @@ fn launch(vm: &Vm, paused: bool) -> Result<bool> {
             cmd.arg("--paused");
         }
     }
+    if jail {
+        cmd.arg("--jail");
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));
@@ -608,6 +661,7 @@ fn launch(vm: &Vm, paused: bool) -> Result<bool> {
                 log_tail(vm, 15)
             )));
         }
+        // The jail writes the VM's pid before it runs it: both are there once it answers.
         if let Ok("Running" | "Paused") = api::instance_state(&vm.api_sock()).as_deref() {
             break;
         }
@@ -806,9 +860,10 @@ fn save(vm: &Vm) -> Result<()> {
     let made = std::fs::create_dir_all(&dir)
         .map_err(|e| Error::Failed(format!("creating {}: {e}", dir.display())))
         .and_then(|()| {
+            // A jailed VM writes them in its share folder; they are moved here after.
             let body = json!({
-                "snapshot_path": tmp(&state_file),
-                "mem_file_path": tmp(&mem_file),
+                "snapshot_path": vm.api_output_path(&tmp(&state_file)),
+                "mem_file_path": vm.api_output_path(&tmp(&mem_file)),
                 "snapshot_type": "Full",
             });
             api::call(
@@ -817,10 +872,18 @@ fn save(vm: &Vm) -> Result<()> {
                 "PUT",
                 "/snapshot/create",
                 Some(&body.to_string()),
-            )
+            )?;
+            vm.take_api_output(&tmp(&state_file))?;
+            vm.take_api_output(&tmp(&mem_file))
         });
     if let Err(e) = made {
         let _ = std::fs::remove_dir_all(&dir);
+        for p in [&state_file, &mem_file] {
+            let out = vm.api_output_path(&tmp(p));
+            if out != tmp(p) {
+                let _ = std::fs::remove_file(out);
+            }
+        }
         if state == State::Running {
             let _ = api::call(
                 name,
@@ -1013,6 +1076,8 @@ fn snapshot(vm: &Vm, action: SnapshotAction) -> Result<()> {
 fn restore_live(vm: &Vm, snap: &str, running: bool, t0: Instant) -> Result<()> {
     let name = vm.name();
     let info = vm.snapshot_restore_check(snap)?;
+    // It starts again as it ran: jailed or not.
+    let jail = vm.jail_info().is_some();
     terminate(vm)?;
     vm.snapshot_restore(snap).map_err(|e| {
         Error::Failed(format!(
@@ -1026,7 +1091,7 @@ fn restore_live(vm: &Vm, snap: &str, running: bool, t0: Instant) -> Result<()> {
         );
         return Ok(());
     }
-    launch(vm, !running).map_err(|e| {
+    launch(vm, !running, jail).map_err(|e| {
         Error::Failed(format!(
             "VM '{name}' was restored to snapshot '{snap}' but did not start again (it is stopped with the snapshot's saved state: `kvmbox vm start {name}` resumes it): {e}"
         ))
@@ -1081,6 +1146,7 @@ fn delete(store: &Store, vm: &Vm, force: bool, keep_disks: bool) -> Result<()> {
         terminate(vm)?;
     }
     vm.clean_stale_runtime()?;
+    vm.clean_stale_jail()?;
     let source = vm.linked_source();
     let kept = if keep_disks {
         store.keep_disks(vm)?

@@ -450,10 +450,22 @@ fn jail_refuses_bad_inputs_clearly() {
         ),
         "unknown limit",
     );
-    check(with("e5", &ids, &["--kernel", k, "--net", "user"]), "passt");
+    // The run's limits are the jail cgroup's, checked as kvmbox run checks them.
     check(
-        with("e5", &ids, &["--kernel", k, "--memory-limit", "1G"]),
-        "--cgroup KEY=VALUE",
+        with(
+            "e5",
+            &ids,
+            &["--kernel", k, "--memory", "512M", "--memory-limit", "256M"],
+        ),
+        "below the guest's memory",
+    );
+    check(
+        with(
+            "e5",
+            &[&ids[..], &["--share", m]].concat(),
+            &["--kernel", k],
+        ),
+        "--share",
     );
     check(
         with(

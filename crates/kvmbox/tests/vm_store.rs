@@ -1665,7 +1665,9 @@ fn modify_attaches_and_detaches_existing_disks() {
 
 /// While a VM runs (or is paused), `vm modify --cpu-max/--cpu-weight/--memory-limit` change
 /// its cgroup through its API and its settings; any other option is refused naming it; a VM
-/// started without limits has no cgroup to change, and its settings stay as they were.
+/// started without limits has no cgroup to change, and its settings stay as they were. Unjailed
+/// (`--no-jail`): this is kvmbox run's own group; a jailed VM's limits are its jail's
+/// (vm_jail.rs).
 #[test]
 fn modify_changes_the_limits_of_a_running_vm() {
     let test = "modify_changes_the_limits_of_a_running_vm";
@@ -1700,7 +1702,7 @@ fn modify_changes_the_limits_of_a_running_vm() {
         home.ok(&args);
     };
     create("l", &["--cpu-max", "0.5", "--memory-limit", "200M"]);
-    home.ok(&["start", "l"]);
+    home.ok(&["start", "l", "--no-jail"]);
     home.expect_log("l", "kvmbox-testguest# ", Duration::from_secs(60));
     let pid = home.show("l")["pid"].as_u64().unwrap() as u32;
     let seen = kvmbox_cgroup::Hierarchy::detect_for(pid, &["cpu", "memory"]).unwrap();
@@ -1797,7 +1799,7 @@ fn modify_changes_the_limits_of_a_running_vm() {
     }
     // Started without limits: no cgroup, so nothing changes.
     create("n", &[]);
-    home.ok(&["start", "n"]);
+    home.ok(&["start", "n", "--no-jail"]);
     let before = std::fs::read_to_string(home.0.join("vms/n/vm.toml")).unwrap();
     home.fails(
         &["modify", "n", "--cpu-max", "1"],
@@ -1962,7 +1964,8 @@ fn create_defaults_to_a_user_network_and_none_means_none() {
 }
 
 /// Resource limits kept in a VM's settings (`vm create`, `vm modify`, `none` removes one) are
-/// the VM's when it starts: its process is in its cgroup with the values asked for.
+/// the VM's when it starts: its process is in its cgroup with the values asked for (unjailed,
+/// kvmbox run's own group; vm_jail.rs checks a jailed VM's).
 #[test]
 fn resource_limits_from_create_and_modify_hold_when_the_vm_starts() {
     let test = "resource_limits_from_create_and_modify_hold_when_the_vm_starts";
@@ -2017,7 +2020,7 @@ fn resource_limits_from_create_and_modify_hold_when_the_vm_starts() {
     let toml = std::fs::read_to_string(home.0.join("vms/l/vm.toml")).unwrap();
     assert!(toml.contains("cpu_max = 0.5"), "{toml}");
     assert!(!toml.contains("memory_limit"), "{toml}");
-    home.ok(&["start", "l"]);
+    home.ok(&["start", "l", "--no-jail"]);
     home.expect_log("l", "kvmbox-testguest# ", Duration::from_secs(60));
     let pid = home.show("l")["pid"].as_u64().unwrap() as u32;
     let seen = kvmbox_cgroup::Hierarchy::detect_for(pid, &["cpu", "memory"]).unwrap();
@@ -2057,7 +2060,7 @@ fn resource_limits_from_create_and_modify_hold_when_the_vm_starts() {
         }
     };
     gone(&cpu);
-    home.ok(&["start", "l"]);
+    home.ok(&["start", "l", "--no-jail"]);
     let pid = home.show("l")["pid"].as_u64().unwrap() as u32;
     let t0 = Instant::now();
     let cpu = loop {

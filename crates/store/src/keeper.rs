@@ -47,7 +47,7 @@ fn pipe() -> std::io::Result<(File, OwnedFd)> {
 }
 
 /// Write `text` to `path` through a temporary file and a rename, so a reader sees all or none.
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)
         .and_then(|()| std::fs::rename(&tmp, path))
@@ -56,8 +56,8 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
 
 /// Run the keeper of `vm` until its VM process ends. `exe` is the kvmbox binary; with
 /// `restore` the VM process resumes the saved state instead of booting (and leaves it paused
-/// with `paused`).
-pub fn keep(vm: &Vm, exe: &Path, restore: bool, paused: bool) -> Result<()> {
+/// with `paused`); with `jail` it runs through `kvmbox jail` (see [`crate::jail`]).
+pub fn keep(vm: &Vm, exe: &Path, restore: bool, paused: bool, jail: bool) -> Result<()> {
     let run_dir = vm.run_dir();
     std::fs::create_dir_all(run_dir)
         .map_err(|e| io_err(format_args!("creating {}", run_dir.display()), e))?;
@@ -92,13 +92,48 @@ pub fn keep(vm: &Vm, exe: &Path, restore: bool, paused: bool) -> Result<()> {
     let api = vm.api_sock();
     let _ = std::fs::remove_file(&api);
     let mut cmd = Command::new(exe);
-    cmd.arg("run");
+    let (state, mem) = vm.saved_state();
+    let jailed = if jail {
+        // A refusal here leaves no runtime folder (the VM did not run).
+        let gone = |e: Error| {
+            let _ = std::fs::remove_dir_all(run_dir);
+            e
+        };
+        let info = vm.allocate_jail().map_err(gone)?;
+        if restore {
+            vm.check_saved_disks(&state).map_err(gone)?;
+            // Lent to the VM's user for the restore; given back when it ends.
+            crate::jail::chown_all(&[&state, &mem], info.uid, info.gid).map_err(gone)?;
+        }
+        let share = vm.jail_share_dir();
+        std::fs::create_dir_all(&share)
+            .map_err(|e| io_err(format_args!("creating {}", share.display()), e))?;
+        cmd.arg("jail")
+            .arg("--id")
+            .arg(&info.id)
+            .arg("--uid")
+            .arg(info.uid.to_string())
+            .arg("--gid")
+            .arg(info.gid.to_string())
+            .arg("--chroot-base")
+            .arg(vm.jail_base())
+            .arg("--share")
+            .arg(&share)
+            .arg("--pid-file")
+            .arg(vm.vm_pid_path())
+            .arg("--")
+            // Paths are absolute; "/" is the working directory the jail makes.
+            .current_dir("/");
+        Some(info)
+    } else {
+        cmd.arg("run");
+        None
+    };
     if restore {
-        let (state, mem) = vm.saved_state();
         cmd.arg("--restore")
-            .arg(state)
+            .arg(&state)
             .arg("--restore-mem")
-            .arg(mem);
+            .arg(&mem);
         if paused {
             cmd.arg("--restore-paused");
         }
@@ -126,7 +161,9 @@ pub fn keep(vm: &Vm, exe: &Path, restore: bool, paused: bool) -> Result<()> {
         .map_err(|e| io_err(format_args!("starting {}", exe.display()), e))?;
     // The pipe's write ends live on only in the VM process (and its children).
     drop(cmd);
-    write_atomic(&vm.vm_pid_path(), &format!("{}\n", child.id()))?;
+    if jailed.is_none() {
+        write_atomic(&vm.vm_pid_path(), &format!("{}\n", child.id()))?;
+    }
 
     let client: Client = Arc::new(Mutex::new(None));
     let stdin = Arc::new(Mutex::new(child.stdin.take()));
@@ -155,10 +192,20 @@ pub fn keep(vm: &Vm, exe: &Path, restore: bool, paused: bool) -> Result<()> {
         .wait()
         .map_err(|e| io_err("waiting for the VM process", e))?;
     let _ = relay.join();
+    if jailed.is_some() && restore {
+        // SAFETY: geteuid/getegid have no arguments and cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let _ = crate::jail::chown_all(&[&state, &mem], uid, gid);
+    }
+    // `kvmbox jail` exits 128+N when signal N ended the VM process, as a shell does.
+    let (exit_status, signal) = match (status.code(), &jailed) {
+        (Some(c @ 129..=192), Some(_)) => (None, Some(c - 128)),
+        (c, _) => (c, status.signal()),
+    };
     let last = LastRun {
         ended_at: now_secs(),
-        exit_status: status.code(),
-        signal: status.signal(),
+        exit_status,
+        signal,
     };
     let text = serde_json::to_string(&last).unwrap_or_default();
     let recorded = write_atomic(&vm.last_run_path(), &text);

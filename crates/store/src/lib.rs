@@ -16,6 +16,7 @@
 pub mod api;
 mod clone;
 pub mod console;
+pub mod jail;
 pub mod keep;
 pub mod keeper;
 mod lock;

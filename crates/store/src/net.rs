@@ -90,7 +90,7 @@ impl NetInfo {
 }
 
 /// Where the passt binary is: `$KVMBOX_PASST` (as the VM process runs it) or `passt` on `$PATH`.
-fn find_passt() -> std::result::Result<PathBuf, String> {
+pub fn find_passt() -> std::result::Result<PathBuf, String> {
     let executable = |p: &Path| {
         use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

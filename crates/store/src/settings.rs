@@ -555,6 +555,7 @@ impl crate::Vm {
             )));
         }
         let body = limits.live_patch()?;
+        let jail = self.jail_info();
         let path = self.settings_path();
         let old = std::fs::read(&path)
             .map_err(|e| io_err(format_args!("reading {}", path.display()), e))?;
@@ -563,13 +564,19 @@ impl crate::Vm {
             ..Default::default()
         })?;
         let name = self.name();
-        let Err(e) = crate::api::call(
-            name,
-            &self.api_sock(),
-            "PATCH",
-            "/machine-config",
-            Some(&body),
-        ) else {
+        let changed = match &jail {
+            // Root sets the jail's group; the jailed VM process has no say.
+            Some(j) => self.set_jail_limits(j, limits),
+            None => crate::api::call(
+                name,
+                &self.api_sock(),
+                "PATCH",
+                "/machine-config",
+                Some(&body),
+            )
+            .map(drop),
+        };
+        let Err(e) = changed else {
             return Ok(());
         };
         let tmp = self.dir().join("vm.toml.new");

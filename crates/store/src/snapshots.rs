@@ -239,8 +239,8 @@ impl Vm {
             }
         }
         let body = serde_json::json!({
-            "snapshot_path": partial(&state),
-            "mem_file_path": partial(&mem),
+            "snapshot_path": self.api_output_path(&partial(&state)),
+            "mem_file_path": self.api_output_path(&partial(&mem)),
             "snapshot_type": "Full",
             "disk_snapshot": disk_name(snap),
         });
@@ -259,6 +259,7 @@ impl Vm {
         };
         let kept = made.and_then(|_| {
             for p in [&state, &mem] {
+                self.take_api_output(&partial(p))?;
                 std::fs::rename(partial(p), p)
                     .map_err(|e| io_err(format_args!("keeping {}", p.display()), e))?;
             }
@@ -266,6 +267,12 @@ impl Vm {
         });
         if let Err(e) = kept {
             let _ = std::fs::remove_dir_all(&dir);
+            for p in [&state, &mem] {
+                let out = self.api_output_path(&partial(p));
+                if out != partial(p) {
+                    let _ = std::fs::remove_file(out);
+                }
+            }
             return Err(e);
         }
         tree.snapshots.push(SnapshotInfo {

@@ -332,6 +332,16 @@ pub fn pin_current_thread(cpus: &[usize]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Set by `kvmbox run --cgroup-by-jail`: `kvmbox jail` made the process's group and set the
+/// limits in it, so [`VmCgroup::setup`] makes none (a jailed process could not).
+static PLACED_BY_JAIL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The limits of this process's configuration are in force already: its jail placed it in a
+/// group with them (`kvmbox run --cgroup-by-jail`, which `kvmbox jail` adds).
+pub fn set_placed_by_jail() {
+    PLACED_BY_JAIL.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The VM's control group and the pipe that keeps its watcher waiting.
 pub(crate) struct VmCgroup {
     cg: Cgroup,
@@ -343,7 +353,7 @@ impl VmCgroup {
     /// Make the group for `limits` (none when they need none), start its watcher and move
     /// this process (every thread) into it.
     pub(crate) fn setup(limits: &Limits) -> Result<Option<Self>, String> {
-        if !limits.needs_cgroup() {
+        if !limits.needs_cgroup() || PLACED_BY_JAIL.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(None);
         }
         let h = Hierarchy::detect(&["cpu", "memory"]).map_err(|e| e.to_string())?;

@@ -1,0 +1,573 @@
+//! `kvmbox vm start` as root runs the VM process in a jail (`kvmbox jail`): the test looks at
+//! it from the host (its root holds only its own files, it runs as a jail user of its own with
+//! no capabilities, in new mount and PID namespaces, under its jail's cgroup with the VM's
+//! limits, its passt beside it in the jail), drives it (limits changed while it runs, console,
+//! pause, resume, live snapshot, save, resume from the saved state, stop) and checks that everything the jail made
+//! is gone afterwards and the files it lent are root's again. `--no-jail` and `KVMBOX_JAIL=off`
+//! run it unjailed. Needs root and KVM; skips otherwise.
+
+mod common;
+
+use common::{kvm_or_skip, kvmbox, skip, testguest, CpuLease, Interactive};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest a command, a console attach or a cleanup takes (milliseconds when idle).
+const CMD: Duration = Duration::from_secs(30);
+
+/// A store in a temporary folder; dropping it force-deletes its VMs and removes the folder.
+struct Home(PathBuf);
+
+impl Home {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("kvmbox-jail-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Home(p)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(kvmbox());
+        c.env("KVMBOX_HOME", &self.0)
+            .env_remove("KVMBOX_JAIL")
+            .arg("vm")
+            .args(args);
+        c
+    }
+
+    fn run(&self, mut c: Command) -> (i32, String, String) {
+        let out = c.stdin(Stdio::null()).output().expect("run kvmbox vm");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (st, out, err) = self.run(self.cmd(args));
+        assert_eq!(st, 0, "kvmbox vm {args:?}: {out}{err}");
+        out
+    }
+
+    fn fails(&self, args: &[&str], status: i32, needle: &str) {
+        let (st, out, err) = self.run(self.cmd(args));
+        assert_eq!(st, status, "kvmbox vm {args:?}: {out}{err}");
+        assert!(
+            err.contains(needle),
+            "kvmbox vm {args:?}: {err:?} lacks {needle:?}"
+        );
+    }
+
+    fn show(&self, name: &str) -> Value {
+        serde_json::from_str(&self.ok(&["show", name, "--json"])).unwrap()
+    }
+
+    fn state(&self, name: &str) -> String {
+        self.show(name)["state"].as_str().unwrap().to_string()
+    }
+
+    fn expect_log(&self, name: &str, needle: &str) {
+        let t0 = Instant::now();
+        loop {
+            let log = self.ok(&["log", name]);
+            if log.contains(needle) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < common::TESTGUEST_TIMEOUT,
+                "VM {name}: no {needle:?} in the console log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The test guest's shell on KVM, 128 MiB, a new 16 MiB disk and the default network
+    /// (user-mode NAT through passt), with `extra` options.
+    fn create(&self, name: &str, extra: &[&str]) {
+        // (The disk options add to the 16 MiB one.)
+        let tg = testguest();
+        let mut args = vec![
+            "create",
+            name,
+            "--kernel",
+            tg.to_str().unwrap(),
+            "--cmdline",
+            "tests=shell",
+            "--memory",
+            "128M",
+            "--accel",
+            "kvm",
+            "--disk-size",
+            "16M",
+        ];
+        args.extend_from_slice(extra);
+        self.ok(&args);
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        if let Ok(list) = serde_json::from_str::<Value>(&self.run(self.cmd(&["list", "--json"])).1)
+        {
+            for v in list.as_array().into_iter().flatten() {
+                let name = v["name"].as_str().unwrap_or_default().to_string();
+                self.run(self.cmd(&["delete", "--force", &name]));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn root_kvm_passt_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        skip(test, "jails need root");
+        return false;
+    }
+    if Command::new("passt").arg("--version").output().is_err() {
+        skip(
+            test,
+            "passt is not installed (scripts/setup.sh installs it)",
+        );
+        return false;
+    }
+    kvm_or_skip(test)
+}
+
+fn status_field(pid: u32, key: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn ns(pid: u32, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .expect("read a namespace link")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Every entry under `root` except its `/proc` (the jail's own procfs, shown separately), as
+/// paths inside it, without following symlinks; the value says whether it is a directory.
+fn walk(root: &Path) -> Vec<(PathBuf, bool)> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let p = e.expect("directory entry").path();
+            let inside = Path::new("/").join(p.strip_prefix(root).expect("under root"));
+            let is_dir = std::fs::symlink_metadata(&p).expect("lstat").is_dir();
+            out.push((inside.clone(), is_dir));
+            if is_dir && inside != Path::new("/proc") {
+                todo.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The host PIDs of `pid`'s children.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < CMD, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn vm_start_as_root_runs_the_vm_in_a_jail_on_kvm() {
+    let test = "vm_start_as_root_runs_the_vm_in_a_jail_on_kvm";
+    if !root_kvm_passt_or_skip(test) {
+        return;
+    }
+    let Ok(h) = kvmbox_cgroup::Hierarchy::detect(&["cpu"]) else {
+        skip(test, "no cgroup hierarchy with the cpu controller");
+        return;
+    };
+    let _cpu = CpuLease::shared();
+    let home = Home::new("on");
+    home.create("j", &["--cpu-max", "0.5"]);
+    let out = home.ok(&["start", "j"]);
+    assert!(out.contains("runs jailed as uid"), "{out}");
+    home.expect_log("j", "kvmbox-testguest# ");
+    let v = home.show("j");
+    assert_eq!(v["jailed"], true, "{v}");
+    let uid = v["jail"]["uid"].as_u64().unwrap() as u32;
+    assert_eq!(uid, 1_900_000_000, "the first jail user: {v}");
+    assert_eq!(v["jail"]["gid"], uid, "{v}");
+    let jail_root = PathBuf::from(v["jail"]["root"].as_str().unwrap());
+    let jail_dir = jail_root.parent().unwrap().to_path_buf();
+    assert!(jail_dir.starts_with(home.0.join("jails/kvmbox")), "{v}");
+    assert!(home
+        .ok(&["show", "j"])
+        .contains(&format!("jail:      uid {uid} gid {uid}")));
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    let dir = home.0.join("vms/j");
+    let disk = dir.join("disk0.qcow2");
+    let api = home.0.join("run/j/api.sock");
+
+    // Its root: kvmbox, its libraries and three devices, the settings, kernel and disk, the
+    // API socket and the share folder, passt (and its AVX2 build) and resolv.conf; /proc holds
+    // the jail's own processes only.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let entries = walk(&root);
+    let files: BTreeSet<PathBuf> = entries
+        .iter()
+        .filter(|(_, d)| !d)
+        .map(|(p, _)| p.clone())
+        .collect();
+    let mut expected: BTreeSet<PathBuf> = ["/kvmbox", "/dev/kvm", "/dev/urandom", "/dev/null"]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+    expected.extend([testguest(), dir.join("vm.toml"), disk.clone(), api.clone()]);
+    let passt = std::fs::canonicalize(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|d| d.join("passt"))
+            .find(|p| p.is_file())
+            .expect("passt on $PATH"),
+    )
+    .unwrap();
+    expected.insert(passt.clone());
+    let optional: Vec<PathBuf> = vec![
+        PathBuf::from(format!("{}.avx2", passt.display())),
+        PathBuf::from("/etc/resolv.conf"),
+    ];
+    let is_library = |p: &Path| {
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        let d = p.to_string_lossy();
+        (d.starts_with("/lib") || d.starts_with("/usr/lib"))
+            && (name.starts_with("lib") || name.starts_with("ld-linux"))
+            && name.contains(".so")
+    };
+    let unexpected: Vec<_> = files
+        .iter()
+        .filter(|p| !expected.contains(*p) && !optional.contains(*p) && !is_library(p))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "unexpected files in the jail: {unexpected:?}"
+    );
+    let missing: Vec<_> = expected.iter().filter(|p| !files.contains(*p)).collect();
+    assert!(
+        missing.is_empty(),
+        "missing in the jail: {missing:?} (has {files:?})"
+    );
+    let share = home.0.join("run/j/share");
+    for (d, _) in entries.iter().filter(|(_, d)| *d) {
+        assert!(
+            files.iter().any(|f| f.starts_with(d))
+                || share.starts_with(d)
+                || d == Path::new("/proc"),
+            "directory {} in the jail leads to none of its files",
+            d.display()
+        );
+    }
+    let procs: BTreeSet<String> = std::fs::read_dir(root.join("proc"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        procs
+            .iter()
+            .all(|p| p == "self" || p == "thread-self" || p.parse::<u32>().is_ok()),
+        "the jail's /proc shows more than its processes: {procs:?}"
+    );
+    assert!(procs.contains("1"), "{procs:?}");
+
+    // Its user (no capabilities), its namespaces, the disk lent to its user.
+    let ids = format!("{uid} {uid} {uid} {uid}");
+    assert_eq!(status_field(pid, "Uid"), ids);
+    assert_eq!(status_field(pid, "Gid"), ids);
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(pid, cap), "0000000000000000", "{cap}");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    let me = std::process::id();
+    assert_ne!(ns(pid, "mnt"), ns(me, "mnt"));
+    assert_ne!(ns(pid, "pid"), ns(me, "pid"));
+    assert_eq!(status_field(pid, "NSpid"), format!("{pid} 1"));
+    assert_eq!(std::fs::metadata(&disk).unwrap().uid(), uid);
+    // passt runs in the jail beside it, as its user (in a user namespace of its own).
+    let kids = children(pid);
+    let passt_pid = *kids
+        .iter()
+        .find(|k| {
+            std::fs::read_to_string(format!("/proc/{k}/comm")).is_ok_and(|c| c.starts_with("passt"))
+        })
+        .unwrap_or_else(|| panic!("no passt among {kids:?}"));
+    assert_eq!(status_field(passt_pid, "Uid"), ids);
+    assert_eq!(ns(passt_pid, "pid"), ns(pid, "pid"));
+
+    // The settings' CPU quota, in the jail's cgroup.
+    let seen = kvmbox_cgroup::Hierarchy::detect_for(pid, &["cpu"]).unwrap();
+    let group = seen.own_dir("cpu").unwrap().to_path_buf();
+    let id = v["jail"]["id"].as_str().unwrap();
+    assert!(
+        group.ends_with(format!("kvmbox/jail-{id}")),
+        "{}",
+        group.display()
+    );
+    let read = |dir: &Path, f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let v1 = h.version() == kvmbox_cgroup::Version::V1;
+    if v1 {
+        assert_eq!(read(&group, "cpu.cfs_quota_us"), "50000");
+    } else {
+        assert_eq!(read(&group, "cpu.max"), "50000 100000");
+    }
+    // Changed while it runs: root sets the jail's group (the memory one too, made at start).
+    home.ok(&["modify", "j", "--cpu-max", "1", "--memory-limit", "300M"]);
+    let mem = kvmbox_cgroup::Hierarchy::detect_for(pid, &["memory"])
+        .unwrap()
+        .own_dir("memory")
+        .unwrap()
+        .to_path_buf();
+    assert!(
+        mem.ends_with(format!("kvmbox/jail-{id}")),
+        "{}",
+        mem.display()
+    );
+    if v1 {
+        assert_eq!(read(&group, "cpu.cfs_quota_us"), "100000");
+        assert_eq!(
+            read(&mem, "memory.limit_in_bytes"),
+            (300u64 << 20).to_string()
+        );
+    } else {
+        assert_eq!(read(&group, "cpu.max"), "100000 100000");
+        assert_eq!(read(&mem, "memory.max"), (300u64 << 20).to_string());
+    }
+    home.fails(
+        &["modify", "j", "--memory-limit", "100M"],
+        2,
+        "below the guest's memory",
+    );
+    home.fails(
+        &["modify", "j", "--cpu-affinity", "0"],
+        4,
+        "--cpu-affinity cannot change",
+    );
+
+    // Console, pause and resume.
+    let mut c = Interactive::spawn_with({
+        let mut c = home.cmd(&["console", "j"]);
+        c.stdin(Stdio::piped());
+        c
+    });
+    wait_until("console attach", || c.stderr().contains("attached to VM"));
+    c.send(b"echo in-jail\r");
+    c.expect("\r\nin-jail\r\n", CMD);
+    c.send(b"\x01d");
+    c.wait_exit(CMD);
+    home.ok(&["pause", "j"]);
+    assert_eq!(home.state("j"), "paused");
+    home.ok(&["resume", "j"]);
+    assert_eq!(home.state("j"), "running");
+
+    // A live snapshot and a save: the files the jailed VM wrote are root's, in the VM's folder.
+    home.ok(&["snapshot", "j", "take", "s1"]);
+    home.ok(&["save", "j"]);
+    for f in [
+        "snapshots/s1/state",
+        "snapshots/s1/mem",
+        "saved/state",
+        "saved/mem",
+    ] {
+        let m = std::fs::metadata(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!((m.uid(), m.gid()), (0, 0), "{f}");
+    }
+    assert!(
+        !jail_dir.exists(),
+        "{} stayed after save",
+        jail_dir.display()
+    );
+    assert_eq!(std::fs::metadata(&disk).unwrap().uid(), 0);
+    wait_until("the jail's cgroup goes", || !group.exists());
+
+    // Resumed from the saved state, in a jail again; then stopped.
+    let out = home.ok(&["start", "j"]);
+    assert!(
+        out.contains("resumed from its saved state") && out.contains("runs jailed"),
+        "{out}"
+    );
+    let v = home.show("j");
+    assert_eq!(v["jailed"], true, "{v}");
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    assert_eq!(status_field(pid, "Uid"), ids);
+    let mut c = Interactive::spawn_with({
+        let mut c = home.cmd(&["console", "j"]);
+        c.stdin(Stdio::piped());
+        c
+    });
+    wait_until("console attach", || c.stderr().contains("attached to VM"));
+    c.send(b"echo resumed-in-jail\r");
+    c.expect("\r\nresumed-in-jail\r\n", CMD);
+    c.send(b"\x01d");
+    c.wait_exit(CMD);
+    home.ok(&["stop", "--force", "j"]);
+    assert_eq!(home.state("j"), "stopped");
+    assert!(
+        !jail_dir.exists(),
+        "{} stayed after stop",
+        jail_dir.display()
+    );
+    assert!(!home.0.join("run/j").exists());
+    assert_eq!(std::fs::metadata(&disk).unwrap().uid(), 0);
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    wait_until("the jail's cgroup goes", || {
+        !group.exists() && !mem.exists()
+    });
+    assert_eq!(home.show("j")["jailed"], false);
+}
+
+#[test]
+fn no_jail_and_kvmbox_jail_off_run_the_vm_unjailed() {
+    let test = "no_jail_and_kvmbox_jail_off_run_the_vm_unjailed";
+    if !root_kvm_passt_or_skip(test) {
+        return;
+    }
+    let _cpu = CpuLease::shared();
+    let home = Home::new("off");
+    home.create("u", &["--net", "none"]);
+    let me = std::process::id();
+    for how in ["--no-jail", "KVMBOX_JAIL=off"] {
+        let mut c = home.cmd(&["start", "u"]);
+        if how == "--no-jail" {
+            c.arg("--no-jail");
+        } else {
+            c.env("KVMBOX_JAIL", "off");
+        }
+        let (st, out, err) = home.run(c);
+        assert_eq!(st, 0, "{how}: {out}{err}");
+        assert!(!out.contains("jailed"), "{how}: {out}");
+        let v = home.show("u");
+        assert_eq!(v["jailed"], false, "{how}: {v}");
+        assert!(v["jail"].is_null(), "{how}: {v}");
+        let pid = v["pid"].as_u64().unwrap() as u32;
+        assert_eq!(status_field(pid, "Uid"), "0 0 0 0", "{how}");
+        assert_eq!(ns(pid, "mnt"), ns(me, "mnt"), "{how}");
+        assert_eq!(ns(pid, "pid"), ns(me, "pid"), "{how}");
+        assert!(home.ok(&["show", "u"]).contains("jail:      none"), "{how}");
+        assert!(!home
+            .0
+            .join("jails/kvmbox")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some()));
+        home.ok(&["stop", "--force", "u"]);
+    }
+    let mut c = home.cmd(&["start", "u"]);
+    c.env("KVMBOX_JAIL", "maybe");
+    let (st, _, err) = home.run(c);
+    assert_eq!(st, 2, "{err}");
+    assert!(
+        err.contains("KVMBOX_JAIL=maybe: expected on or off"),
+        "{err}"
+    );
+    assert_eq!(home.state("u"), "stopped");
+}
+
+/// The keeper's pid (run/NAME/keeper.pid).
+fn keeper_pid(home: &Home, name: &str) -> i32 {
+    std::fs::read_to_string(home.0.join("run").join(name).join("keeper.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A saved state that names a disk the settings do not have is not resumed in a jail (the
+/// VM process wrote it, and the jail would lend that disk to the VM's user); a keeper killed
+/// with SIGKILL leaves its jail and the disks lent, which the next start gives back and removes.
+#[test]
+fn a_forged_saved_state_is_refused_and_a_dead_keepers_jail_is_cleaned_up() {
+    let test = "a_forged_saved_state_is_refused_and_a_dead_keepers_jail_is_cleaned_up";
+    if !root_kvm_passt_or_skip(test) {
+        return;
+    }
+    let _cpu = CpuLease::shared();
+    let home = Home::new("forged");
+    home.create("f", &["--net", "none", "--disk-size", "16M"]);
+    let dir = home.0.join("vms/f");
+    let (disk0, disk1) = (dir.join("disk0.qcow2"), dir.join("disk1.qcow2"));
+    home.ok(&["start", "f"]);
+    home.expect_log("f", "kvmbox-testguest# ");
+    home.ok(&["save", "f"]);
+    // As if the VM's settings had only one disk: the saved state names the other.
+    let toml_path = dir.join("vm.toml");
+    let toml = std::fs::read_to_string(&toml_path).unwrap();
+    let one = toml.replace(
+        r#"disks = ["disk0.qcow2", "disk1.qcow2"]"#,
+        r#"disks = ["disk0.qcow2"]"#,
+    );
+    assert_ne!(one, toml, "{toml}");
+    std::fs::write(&toml_path, &one).unwrap();
+    let (st, out, err) = home.run(home.cmd(&["start", "f"]));
+    assert_eq!(st, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!("names the disk {}", disk1.display())),
+        "{err}"
+    );
+    assert_eq!(home.state("f"), "saved");
+    assert!(
+        !home.0.join("run/f").exists(),
+        "the refused start left run/f"
+    );
+    for d in [&disk0, &disk1] {
+        assert_eq!(std::fs::metadata(d).unwrap().uid(), 0, "{}", d.display());
+    }
+    std::fs::write(&toml_path, &toml).unwrap();
+    assert!(home
+        .ok(&["start", "f"])
+        .contains("resumed from its saved state"));
+    let v = home.show("f");
+    let uid = v["jail"]["uid"].as_u64().unwrap() as u32;
+    let jail_dir = PathBuf::from(v["jail"]["root"].as_str().unwrap())
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let pid = v["pid"].as_u64().unwrap() as i32;
+
+    // SIGKILL to the keeper: the VM dies with it, the jail and the loan of the disks stay.
+    let keeper = keeper_pid(&home, "f");
+    // SAFETY: a signal to the keeper this test's VM start made.
+    let killed = unsafe { libc::kill(keeper, libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    wait_until("the VM process ends with its keeper", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert_eq!(home.state("f"), "crashed");
+    assert!(jail_dir.exists());
+    assert_eq!(std::fs::metadata(&disk0).unwrap().uid(), uid);
+    // The next start removes the old jail and gives the disks back before its own jail lends
+    // them again; after a stop they are root's.
+    home.ok(&["start", "f"]);
+    home.ok(&["stop", "--force", "f"]);
+    assert!(!jail_dir.exists(), "{} stayed", jail_dir.display());
+    for d in [&disk0, &disk1] {
+        assert_eq!(std::fs::metadata(d).unwrap().uid(), 0, "{}", d.display());
+    }
+}
