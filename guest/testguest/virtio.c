@@ -1,6 +1,6 @@
 /*
- * A minimal virtio 1.x (modern) PCI driver and the blk, blkbench, net, netecho, netbench and
- * rng scenarios.
+ * A minimal virtio 1.x (modern) PCI driver and the blk, blkbench, net, netecho, netbench,
+ * udpecho and rng scenarios.
  *
  * Ring 0 (emulated on this host, ~1 M instructions/s) scans PCI bus 0 through ports
  * 0xCF8/0xCFC, walks the virtio capabilities, negotiates features and sets the queues up.
@@ -83,6 +83,9 @@ enum { VIRTIO_NET = 1, VIRTIO_BLK = 2, VIRTIO_RNG = 4 };
 #define UDP_PAYLOAD 1472
 #define UDP_SRC_PORT 5000
 #define UDP_DST_PORT 5001
+#define USER_GUEST_IP 0x0a00020f /* 10.0.2.15, the guest's address behind passt or slirp */
+#define USER_GW_IP 0x0a000202	 /* 10.0.2.2, their gateway */
+#define UDPECHO_PORT 7		 /* udpecho answers UDP datagrams to this port */
 
 struct vring_desc {
 	u64 addr;
@@ -967,6 +970,7 @@ int test_blkbench(const char *arg)
 struct net_dev {
 	struct vdev v; /* q[0] receive, q[1] transmit */
 	u8 mac[6], peer[6];
+	u32 ip, peer_ip; /* ours (ARP, ping, udpecho) and the one ARP requests ask for */
 	int have_peer;
 	u8 *rxbuf, *txbuf;
 	u16 tx_free[VQ_MAX];
@@ -974,6 +978,10 @@ struct net_dev {
 	u32 tx_nfree;
 	u64 rx_frames, rx_bad, tx_frames, tx_done;
 	u64 arp_replies, arp_answered, echo_answered;
+	u64 udp_answered, udp_quit; /* udpecho: datagrams answered; "quit" seen */
+	char udp_id[24];	    /* udpecho: appended to every answer */
+	u64 udp_id_len;
+	int no_pad; /* send frames under 60 bytes unpadded (Debian 12's passt drops padded UDP) */
 	u64 timeout;
 	const char *error;
 };
@@ -1067,7 +1075,7 @@ static void net_send(const u8 *frame, u64 len)
 		return;
 	u8 *b = net.txbuf + (u64)s * NET_BUF + NET_HDR_LEN;
 	memcpy(b, frame, len);
-	if (len < 60) {
+	if (len < 60 && !net.no_pad) {
 		memset(b + len, 0, 60 - len);
 		len = 60;
 	}
@@ -1086,7 +1094,7 @@ static void arp_frame(u8 *f, u16 op, const u8 *dst_mac, u32 target_ip, const u8 
 	f[19] = 4;
 	put16(f + 20, op);
 	memcpy(f + 22, net.mac, 6);
-	put32(f + 28, GUEST_IP);
+	put32(f + 28, net.ip);
 	memcpy(f + 32, target_mac, 6);
 	put32(f + 38, target_ip);
 }
@@ -1094,7 +1102,68 @@ static void arp_frame(u8 *f, u16 op, const u8 *dst_mac, u32 target_ip, const u8 
 static const u8 broadcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
 static const u8 zero_mac[6];
 
-/* One received frame: count ARP replies from 10.0.0.1, answer ARP and ICMP echo for 10.0.0.2. */
+/* Sum of the UDP pseudo-header and the UDP header + payload (`ulen` bytes), as a checksum. */
+static u16 udp_csum(const u8 *ip, const u8 *udp, u64 ulen)
+{
+	u64 s = be16(ip + 12) + be16(ip + 14) + be16(ip + 16) + be16(ip + 18) + 17 + ulen;
+	for (u64 i = 0; i + 1 < ulen; i += 2)
+		s += be16(udp + i);
+	if (ulen & 1)
+		s += (u64)udp[ulen - 1] << 8;
+	while (s >> 16)
+		s = (s & 0xffff) + (s >> 16);
+	u16 c = (u16)~s;
+	return c ? c : 0xffff;
+}
+
+/*
+ * udpecho: a UDP datagram to our port `UDPECHO_PORT` goes back to its sender with the
+ * scenario's ID appended to the payload (a 20-byte IPv4 header, checksums filled in), built
+ * in `out` (NET_BUF bytes).
+ */
+static void udp_answer(u8 *out, const u8 *f, const u8 *ip, u64 ihl, u64 tot)
+{
+	const u8 *udp = ip + ihl;
+	u64 ulen = be16(udp + 4);
+	if (ulen < 8 || ulen > tot - ihl || be16(udp + 2) != UDPECHO_PORT)
+		return;
+	u64 plen = ulen - 8;
+	u64 olen = 14 + 20 + 8 + plen + net.udp_id_len;
+	if (olen > NET_BUF - NET_HDR_LEN)
+		return;
+	memcpy(out, f + 6, 6);
+	memcpy(out + 6, net.mac, 6);
+	put16(out + 12, ETH_IP);
+	u8 *oip = out + 14;
+	oip[0] = 0x45;
+	oip[1] = 0;
+	put16(oip + 2, (u16)(olen - 14));
+	put16(oip + 4, 0);
+	put16(oip + 6, 0x4000); /* DF */
+	oip[8] = 64;
+	oip[9] = 17;
+	put16(oip + 10, 0);
+	put32(oip + 12, net.ip);
+	memcpy(oip + 16, ip + 12, 4);
+	put16(oip + 10, inet_csum(oip, 20));
+	u8 *oudp = oip + 20;
+	memcpy(oudp, udp + 2, 2); /* our port */
+	memcpy(oudp + 2, udp, 2); /* theirs */
+	put16(oudp + 4, (u16)(8 + plen + net.udp_id_len));
+	put16(oudp + 6, 0);
+	memcpy(oudp + 8, udp + 8, plen);
+	memcpy(oudp + 8 + plen, net.udp_id, net.udp_id_len);
+	put16(oudp + 6, udp_csum(oip, oudp, 8 + plen + net.udp_id_len));
+	net_send(out, olen);
+	net.udp_answered++;
+	if (plen == 4 && !memcmp(udp + 8, "quit", 4))
+		net.udp_quit = 1;
+}
+
+/*
+ * One received frame: count ARP replies from net.peer_ip, answer ARP and ICMP echo for
+ * net.ip, and (udpecho) UDP datagrams to UDPECHO_PORT.
+ */
 static void net_frame(u8 *f, u64 len)
 {
 	u8 out[NET_BUF];
@@ -1105,11 +1174,11 @@ static void net_frame(u8 *f, u64 len)
 	    f[18] == 6 && f[19] == 4) {
 		u16 op = be16(f + 20);
 		u32 sip = be32(f + 28), tip = be32(f + 38);
-		if (op == 2 && sip == HOST_IP && tip == GUEST_IP) {
+		if (op == 2 && sip == net.peer_ip && tip == net.ip) {
 			net.arp_replies++;
 			memcpy(net.peer, f + 22, 6);
 			net.have_peer = 1;
-		} else if (op == 1 && tip == GUEST_IP) {
+		} else if (op == 1 && tip == net.ip) {
 			arp_frame(out, 2, f + 22, sip, f + 22);
 			net_send(out, 42);
 			net.arp_answered++;
@@ -1123,7 +1192,13 @@ static void net_frame(u8 *f, u64 len)
 	u64 tot = be16(ip + 2);
 	if ((ip[0] >> 4) != 4 || ihl < 20 || tot < ihl + 8 || 14 + tot > len || tot > NET_BUF - 64)
 		return;
-	if (ip[9] != 1 || be32(ip + 16) != GUEST_IP || ip[ihl] != 8)
+	if (be32(ip + 16) != net.ip)
+		return;
+	if (ip[9] == 17 && net.udp_id_len) {
+		udp_answer(out, f, ip, ihl, tot);
+		return;
+	}
+	if (ip[9] != 1 || ip[ihl] != 8)
 		return;
 	/* ICMP echo request to us: the same frame back as an echo reply. */
 	memcpy(out, f + 6, 6);
@@ -1190,6 +1265,8 @@ static u64 net_start(u64 unused)
 static const char *net_open(void)
 {
 	memset(&net, 0, sizeof(net));
+	net.ip = GUEST_IP;
+	net.peer_ip = HOST_IP;
 	const char *e = vdev_open(&net.v, VIRTIO_NET, F_EVENT_IDX | NET_F_MAC);
 	if (e)
 		return e;
@@ -1233,13 +1310,13 @@ struct net_arp_job {
 	u64 spacing; /* cycles between requests */
 };
 
-/* Sends ARP requests for 10.0.0.1 and counts the replies. */
+/* Sends ARP requests for net.peer_ip and counts the replies. */
 static u64 net_arp_run(u64 arg)
 {
 	struct net_arp_job *j = (struct net_arp_job *)arg;
 	u8 f[64];
 	for (u64 i = 0; i < j->count && !net.error; i++) {
-		arp_frame(f, 1, broadcast, HOST_IP, zero_mac);
+		arp_frame(f, 1, broadcast, net.peer_ip, zero_mac);
 		net_send(f, 42);
 		u64 t = rdtsc();
 		while (rdtsc() - t < j->spacing && !net.error) {
@@ -1426,6 +1503,67 @@ int test_netbench(const char *arg)
 		printk(" error=%s", net.error);
 	printk("\n");
 	return net.error != NULL || j.frames == 0;
+}
+
+/* Answers until a "quit" datagram (no time limit: the VM runs until it ends or is killed). */
+static u64 net_udpecho_run(u64 arg)
+{
+	(void)arg;
+	while (!net.udp_quit && !net.error) {
+		net_rx_poll();
+		net_tx_reap();
+		pause();
+	}
+	return 0;
+}
+
+/*
+ * udpecho[:ID] (ID 0): 10.0.2.15 behind a user-mode NAT (passt, slirp) with gateway 10.0.2.2.
+ * Asks for the gateway's MAC by ARP (which also tells a NAT that learns the guest's MAC from
+ * its frames where the guest is), prints a ready line, then answers ARP and ping for
+ * 10.0.2.15 and every UDP datagram to port 7 with its payload followed by ID in decimal,
+ * until a datagram "quit" (answered like the others) ends the scenario.
+ */
+int test_udpecho(const char *arg)
+{
+	u64 id = parse_u64(arg, 0);
+	char mac[18], gw[18];
+	ram_reset();
+	tsc_setup();
+	const char *e = net_open();
+	if (e)
+		return net_fail("udpecho", e);
+	net.ip = USER_GUEST_IP;
+	net.peer_ip = USER_GW_IP;
+	net.no_pad = 1;
+	/* The ID in decimal, most significant digit first. */
+	char digits[24];
+	u64 n = 0, v = id;
+	do {
+		digits[n++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	for (u64 i = 0; i < n; i++)
+		net.udp_id[i] = digits[n - 1 - i];
+	net.udp_id_len = n;
+	struct net_arp_job aj = {5, hz, 1, hz / 5};
+	user(net_arp_run, (u64)&aj);
+	if (net.error)
+		return net_fail("udpecho", net.error);
+	mac_string(mac, net.mac);
+	mac_string(gw, net.have_peer ? net.peer : zero_mac);
+	printk("udpecho: id=%lu answering UDP to 10.0.2.15:%d at %s, gateway 10.0.2.2 at %s\n", id,
+	       UDPECHO_PORT, mac, gw);
+	user(net_udpecho_run, 0);
+	vdev_close(&net.v);
+	printk("KVMBOX-TEST udpecho id=%lu mac=%s gateway_mac=%s arp_replies=%lu received=%lu "
+	       "arp_answered=%lu udp_answered=%lu sent=%lu",
+	       id, mac, gw, net.arp_replies, net.rx_frames, net.arp_answered, net.udp_answered,
+	       net.tx_frames);
+	if (net.error)
+		printk(" error=%s", net.error);
+	printk("\n");
+	return net.error != NULL || net.arp_replies == 0 || !net.udp_quit;
 }
 
 /* ------------------------------------------------------------ virtio-rng */

@@ -2,7 +2,8 @@
 //! virtio 1.x PCI driver (guest/testguest/virtio.c): virtio-blk against a raw image file the
 //! test checks byte for byte, virtio-rng, and virtio-net through a TAP device inside a
 //! network namespace the test creates (root; skipped loudly without `ip netns`). One test runs
-//! blk and rng on the software engine (`--accel emu`) as well.
+//! blk and rng on the software engine (`--accel emu`) as well. Several VMs with `--net user`
+//! (passt) at once answer UDP through their own forwarded ports (no root needed).
 //!
 //! `cargo test -p kvmbox --test virtio_kvm -- --ignored --nocapture bench_` runs the
 //! block and network benchmarks on kvmbox and, when installed, on QEMU, and prints ratios.
@@ -430,6 +431,188 @@ fn netecho_answers_ping_from_the_netns() {
     };
     r.assert_guest_ok();
     assert_eq!(r.get("netecho", "echo_replies"), "3");
+}
+
+/// The PIDs of `parent`'s children whose command name starts with `comm`.
+fn children_named(parent: u32, comm: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        // /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split at ')'.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 1..].split_whitespace().nth(1);
+        if stat[open + 1..close].starts_with(comm) && ppid == Some(&parent.to_string()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A host port on 127.0.0.1 free for both TCP and UDP just now (the kernel's pick for UDP).
+fn free_port() -> u16 {
+    loop {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
+        let port = u.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `--net user` for several VMs at once: three test guests on KVM (`udpecho:ID`, 10.0.2.15
+/// each) run side by side, each kvmbox with its own passt, and each forwarded host port
+/// reaches its own guest and only it: every answer comes from the port the datagram went to
+/// and carries that VM's ID, and each guest answered exactly the datagrams sent to its port.
+/// A fourth VM asking for a UDP or TCP port the first one forwards is refused (exit status 2
+/// naming the rule) before its guest boots, while the first keeps answering.
+#[test]
+fn user_networks_of_several_vms_are_apart() {
+    use std::net::UdpSocket;
+    let test = "user_networks_of_several_vms_are_apart";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    if Command::new("passt").arg("--version").output().is_err() {
+        skip(
+            test,
+            "passt is not installed (scripts/setup.sh installs it)",
+        );
+        return;
+    }
+    const IDS: [u64; 3] = [101, 202, 303];
+    let ports: Vec<(u16, u16)> = IDS.iter().map(|_| (free_port(), free_port())).collect();
+    let mut vms: Vec<Interactive> = IDS
+        .iter()
+        .zip(&ports)
+        .map(|(id, (udp, tcp))| {
+            let net = format!("user,hostfwd=udp::{udp}-:7,hostfwd=tcp::{tcp}-:7");
+            Interactive::testguest(1, MEMORY, &format!("udpecho:{id}"), &["--net", &net])
+        })
+        .collect();
+    for (vm, id) in vms.iter_mut().zip(IDS) {
+        vm.expect(
+            &format!("udpecho: id={id} answering UDP to 10.0.2.15:7"),
+            common::TESTGUEST_TIMEOUT,
+        );
+        // passt answered the guest's ARP request for the gateway with kvmbox's gateway MAC.
+        vm.expect(
+            "gateway 10.0.2.2 at 52:55:0a:00:02:02",
+            Duration::from_secs(10),
+        );
+    }
+    // Each kvmbox runs its own passt.
+    let passts: Vec<Vec<u32>> = vms
+        .iter()
+        .map(|vm| children_named(vm.id(), "passt"))
+        .collect();
+    for (p, vm) in passts.iter().zip(&vms) {
+        assert_eq!(
+            p.len(),
+            1,
+            "kvmbox {} has one passt child: {passts:?}",
+            vm.id()
+        );
+    }
+
+    // A port the first VM forwards (UDP, then TCP) is refused to another VM, before it boots.
+    let (udp0, tcp0) = ports[0];
+    for rule in [format!("udp::{udp0}-:7"), format!("tcp::{tcp0}-:22")] {
+        let net = format!("user,hostfwd={rule}");
+        let r = run_testguest("kvm", 1, MEMORY, "udpecho:9", &["--net", &net]);
+        let (proto, rest) = rule.split_once("::").unwrap();
+        let (port, guest) = rest.split_once('-').unwrap();
+        let needle =
+            format!("hostfwd {proto}:127.0.0.1:{port}-{guest}: cannot listen on 127.0.0.1:{port}");
+        assert_eq!(r.status, Some(2), "{rule}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(&needle),
+            "{rule}: expected {needle:?} in:\n{}",
+            r.stderr
+        );
+        assert!(
+            !r.stdout.contains("udpecho"),
+            "the guest booted:\n{}",
+            r.stdout
+        );
+    }
+
+    // Round robin over the three ports from one host socket, one datagram in flight.
+    let host = UdpSocket::bind("127.0.0.1:0").unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut sent = [0u64; 3];
+    let mut buf = [0u8; 2048];
+    for round in 0..20 {
+        for (i, (udp, _)) in ports.iter().enumerate() {
+            // Sizes from 1 byte (an unpadded 43-byte frame) to 1400.
+            let len = [1, 60, 700, 1400][round % 4];
+            let payload: Vec<u8> = (0..len)
+                .map(|k| b'a' + ((k + round + i) % 26) as u8)
+                .collect();
+            host.send_to(&payload, ("127.0.0.1", *udp)).unwrap();
+            sent[i] += 1;
+            let (n, from) = host.recv_from(&mut buf).unwrap_or_else(|e| {
+                panic!(
+                    "no answer from VM {} (port {udp}, round {round}): {e}",
+                    IDS[i]
+                )
+            });
+            let mut want = payload.clone();
+            want.extend_from_slice(IDS[i].to_string().as_bytes());
+            assert_eq!(from.port(), *udp, "round {round}: the answer's source port");
+            assert!(
+                buf[..n] == want[..],
+                "round {round}, port {udp}: answer of {n} bytes is not payload + {}",
+                IDS[i]
+            );
+        }
+    }
+    // "quit" ends each guest; its report must count exactly the datagrams sent to its port.
+    for (i, ((udp, _), vm)) in ports.iter().zip(vms.iter_mut()).enumerate() {
+        host.send_to(b"quit", ("127.0.0.1", *udp)).unwrap();
+        sent[i] += 1;
+        let (n, from) = host.recv_from(&mut buf).expect("the answer to quit");
+        assert_eq!(from.port(), *udp);
+        assert_eq!(&buf[..n], format!("quit{}", IDS[i]).as_bytes());
+        assert_eq!(
+            vm.wait_exit(Duration::from_secs(60)),
+            Some(1),
+            "{}",
+            vm.console()
+        );
+        let r = RunResult {
+            status: Some(1),
+            stdout: vm.console(),
+            stderr: vm.stderr(),
+            elapsed: Duration::ZERO,
+        };
+        r.assert_guest_ok();
+        assert_eq!(r.get("udpecho", "id"), IDS[i].to_string());
+        assert_eq!(
+            r.get("udpecho", "udp_answered"),
+            sent[i].to_string(),
+            "VM {}",
+            IDS[i]
+        );
+    }
+    // Each passt ended with its kvmbox.
+    for p in passts.iter().flatten() {
+        let gone = (0..500).any(|_| {
+            let alive = std::path::Path::new(&format!("/proc/{p}")).exists();
+            if alive {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            !alive
+        });
+        assert!(gone, "passt {p} outlived its kvmbox");
+    }
 }
 
 // ------------------------------------------------------------------ benchmarks
