@@ -134,6 +134,7 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 pub fn enable() -> Result<(), Error> {
     sigsys::install_reporter().map_err(Error::Install)?;
     fix_malloc_arena_limit();
+    prime_heap_shrink_check();
     ENABLED.store(true, Ordering::SeqCst);
     Ok(())
 }
@@ -200,6 +201,24 @@ fn fix_malloc_arena_limit() {
     let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
     // SAFETY: mallopt only sets a malloc parameter; no allocation is in progress here.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+}
+
+/// glibc's malloc reads /proc/sys/vm/overcommit_memory (once per process) the first time it
+/// gives memory at the top of a thread's arena back to the kernel: on whichever thread frees
+/// enough, a vCPU thread for one, under a filter without `openat` (seen: a guest's virtio-net
+/// activation ended the VM with SIGSYS). A thread of its own arena allocates 16 blocks of
+/// 100 KiB (under the mmap threshold, so on its heap) and frees them, which trims that heap
+/// and makes glibc read the file now, before any filter.
+fn prime_heap_shrink_check() {
+    let primed = std::thread::Builder::new()
+        .name("malloc-prime".into())
+        .spawn(|| {
+            let blocks: Vec<Vec<u8>> = (0..16).map(|_| vec![1u8; 100 << 10]).collect();
+            drop(std::hint::black_box(blocks));
+        });
+    if let Ok(t) = primed {
+        let _ = t.join();
+    }
 }
 
 /// The BPF program of `kind`: its rules allowed, everything else trapped (SIGSYS).
