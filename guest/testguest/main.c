@@ -435,6 +435,7 @@ static const struct scenario scenarios[] = {
 	{"netecho", test_netecho, ARG_NUMBER, 0},
 	{"netbench", test_netbench, ARG_NUMBER, 0},
 	{"rng", test_rng, ARG_NONE, 0},
+	{"vsock", test_vsock, ARG_NONE, 0},
 	ATTACK_SCENARIOS
 	{"crashrec", test_crashrec, ARG_NUMBER, 0},
 	{"soak", test_soak, ARG_NUMBER, 0},

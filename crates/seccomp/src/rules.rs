@@ -409,7 +409,14 @@ fn own(kind: ThreadKind) -> Rules {
         // (without blocking) to the Unix sockets the guest's connections go to, and moves
         // their data; `socket` for Unix sockets only, so `connect` reaches nothing else.
         ThreadKind::VsockWorker => Rules::default()
-            .allow(&[SYS_accept4, SYS_connect, SYS_recvfrom, SYS_shutdown])
+            // std's UnixStream writes with send(MSG_NOSIGNAL): sendto.
+            .allow(&[
+                SYS_accept4,
+                SYS_connect,
+                SYS_recvfrom,
+                SYS_sendto,
+                SYS_shutdown,
+            ])
             .allow_if(
                 SYS_socket,
                 &[
