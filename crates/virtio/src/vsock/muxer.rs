@@ -701,7 +701,9 @@ impl Muxer {
         let c = self.conns.get_mut(&token)?;
         let (op, flags) = if c.send_shutdown {
             c.send_shutdown = false;
-            (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
+            // The host program shut its writing side (or closed): the guest reads EOF. It
+            // may still send (a half-close); if the socket is gone, that resets it.
+            (OP_SHUTDOWN, SHUTDOWN_SEND)
         } else if c.send_credit {
             (OP_CREDIT_UPDATE, 0)
         } else {

@@ -293,12 +293,19 @@ fn host_connects_to_a_guest_listener_and_data_flows_both_ways() {
     }
     assert_eq!(got, big);
 
-    // The host closes: the guest is told both directions are shut, and its RST ends it.
+    // The host shuts its writing side: the guest is told the host sends no more (it reads
+    // EOF) and may still send.
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    let (s, _) = g.expect(OP_SHUTDOWN);
+    assert_eq!(s.flags, SHUTDOWN_SEND);
+    g.send(hdr(OP_RW, 52, hp), b"after eof");
+    assert_eq!(read_n(&mut r, 9), b"after eof");
+    // The host closes for good: what the guest sends then resets the connection.
     drop(r);
     drop(host);
-    let (s, _) = g.expect(OP_SHUTDOWN);
-    assert_eq!(s.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
-    g.send(hdr(OP_RST, 52, hp), &[]);
+    g.send(hdr(OP_RW, 52, hp), b"lost");
+    let (rst, _) = g.expect(OP_RST);
+    assert_eq!((rst.src_port, rst.dst_port), (hp, 52));
     g.expect_nothing();
 }
 
