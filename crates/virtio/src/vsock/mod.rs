@@ -8,6 +8,11 @@
 //!   socket `PATH_P`; the guest sees a reset when nothing listens there.
 //!
 //! Queues: receive (0), transmit (1), event (2, unused). Stream sockets only.
+//!
+//! Packets are read and written through [`crate::queue`]'s validated chains like every other
+//! device here, so the 44-byte header is decoded in [`Hdr`] rather than with rust-vmm's
+//! `virtio-vsock` crate (which walks virtio-queue descriptor chains itself, with its own
+//! rules for where header and data may lie).
 
 mod device;
 mod muxer;
