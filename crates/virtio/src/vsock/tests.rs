@@ -644,3 +644,29 @@ fn many_connections_at_once() {
         assert!(line.starts_with("OK "), "{line}");
     }
 }
+
+#[test]
+fn connections_past_the_limit_are_refused() {
+    let mut g = Guest::new(16);
+    let l = UnixListener::bind(format!("{}_30", g.uds.display())).unwrap();
+    let mut host = Vec::new();
+    for i in 0..MAX_CONNS as u32 {
+        g.send(hdr(OP_REQUEST, 10_000 + i, 30), &[]);
+        g.expect(OP_RESPONSE);
+        host.push(l.accept().unwrap().0);
+    }
+    let errors = g.metrics.snapshot()[2];
+    g.send(hdr(OP_REQUEST, 20_000, 30), &[]);
+    let (r, _) = g.expect(OP_RST);
+    assert_eq!(r.dst_port, 20_000);
+    assert_eq!(g.metrics.snapshot()[2], errors + 1, "counted");
+    // A host connection past the limit is closed at once.
+    let mut s = UnixStream::connect(&g.uds).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    assert_closed(&mut s);
+    // One connection ends: a new one fits again.
+    g.send(hdr(OP_RST, 10_000, 30), &[]);
+    g.send(hdr(OP_REQUEST, 20_001, 30), &[]);
+    g.expect(OP_RESPONSE);
+}
