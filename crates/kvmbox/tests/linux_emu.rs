@@ -1018,8 +1018,10 @@ fn vsock_echo_both_ways_with_linux() {
     img.resize(bin.len().div_ceil(512) * 512, 0);
     std::fs::write(&disk, &img).unwrap();
     let uds = scratch("v.sock");
+    let uds_1234 = format!("{}_1234", uds.display());
     let _ = std::fs::remove_file(&uds);
-    let l = UnixListener::bind(format!("{}_1234", uds.display())).unwrap();
+    let _ = std::fs::remove_file(&uds_1234);
+    let l = UnixListener::bind(&uds_1234).unwrap();
     let echo = std::thread::spawn(move || {
         let (mut c, _) = l.accept().unwrap();
         let mut got = Vec::new();
@@ -1071,7 +1073,7 @@ fn vsock_echo_both_ways_with_linux() {
         !uds.exists(),
         "the vsock socket is removed when kvmbox ends"
     );
-    for p in [helper, disk] {
+    for p in [helper, disk, uds_1234.into()] {
         let _ = std::fs::remove_file(p);
     }
 }
