@@ -436,6 +436,7 @@ static const struct scenario scenarios[] = {
 	{"netbench", test_netbench, ARG_NUMBER, 0},
 	{"udpecho", test_udpecho, ARG_NUMBER, 0},
 	{"rng", test_rng, ARG_NONE, 0},
+	{"vsock", test_vsock, ARG_NONE, 0},
 	ATTACK_SCENARIOS
 	{"crashrec", test_crashrec, ARG_NUMBER, 0},
 	{"soak", test_soak, ARG_NUMBER, 0},

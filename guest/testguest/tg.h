@@ -174,6 +174,7 @@ int test_netecho(const char *arg);
 int test_netbench(const char *arg);
 int test_udpecho(const char *arg);
 int test_rng(const char *arg);
+int test_vsock(const char *arg);
 const char *vblk_open(u64 *sectors, const char **serial);
 void *vblk_alloc(u64 bytes);
 const char *vblk_write(u64 sector, void *buf, u64 bytes);

@@ -1,6 +1,6 @@
 /*
  * A minimal virtio 1.x (modern) PCI driver and the blk, blkbench, net, netecho, netbench,
- * udpecho and rng scenarios.
+ * udpecho, rng and vsock scenarios.
  *
  * Ring 0 (emulated on this host, ~1 M instructions/s) scans PCI bus 0 through ports
  * 0xCF8/0xCFC, walks the virtio capabilities, negotiates features and sets the queues up.
@@ -17,7 +17,7 @@
 #define PCI_CONFIG_DATA 0xcfc
 #define VIRTIO_VENDOR 0x1af4
 #define VIRTIO_DEVICE_BASE 0x1040
-enum { VIRTIO_NET = 1, VIRTIO_BLK = 2, VIRTIO_RNG = 4 };
+enum { VIRTIO_NET = 1, VIRTIO_BLK = 2, VIRTIO_RNG = 4, VIRTIO_VSOCK = 19 };
 
 #define ALLOC_BASE (4UL << 20) /* above the image (which ends below 2 MiB) */
 
@@ -118,7 +118,7 @@ struct vdev {
 	u64 common, notify_base, devcfg;
 	u32 notify_mult;
 	u64 offered, features;
-	struct vq q[2];
+	struct vq q[3];
 };
 
 /* ------------------------------------------------------------ MMIO, PCI, memory */
@@ -1638,6 +1638,208 @@ int test_rng(const char *arg)
 			distinct++;
 	printk("KVMBOX-TEST rng bytes=%lu distinct=%u\n", j.got, distinct);
 	return j.got != 64 || distinct < 2;
+}
+
+/* ------------------------------------------------------------ virtio-vsock */
+
+/* The 44-byte packet header (virtio 1.2, 5.10.6), little-endian like x86. */
+struct vsock_hdr {
+	u64 src_cid, dst_cid;
+	u32 src_port, dst_port, len;
+	u16 type, op;
+	u32 flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+
+enum { VS_REQUEST = 1, VS_RESPONSE = 2, VS_RST = 3, VS_SHUTDOWN = 4, VS_RW = 5 };
+#define VS_RX_BUFS 8
+#define VS_BUF 4096
+#define VS_GUEST_PORT 7000 /* the guest's port for its connection to the host */
+#define VS_HOST_PORT 1234  /* host port the guest connects to: the host's PATH_1234 */
+#define VS_LISTEN_PORT 5000 /* the guest "listens" here for the host's CONNECT 5000 */
+
+struct vsock_job {
+	struct vq *rx, *tx;
+	u8 *rxbuf, *txbuf;
+	u64 cid, timeout;
+	u32 fwd; /* data bytes consumed on the current connection, in every header */
+	const char *error;
+	char got[64]; /* data of the last packet received */
+	char h2g[64]; /* what the host sent on its connection */
+};
+
+static void vs_send(struct vsock_job *j, u16 op, u32 sport, u32 dport, u32 flags, const char *data)
+{
+	struct vsock_hdr *h = (struct vsock_hdr *)j->txbuf;
+	u32 n = data ? (u32)strlen(data) : 0;
+	memset(h, 0, sizeof(*h));
+	h->src_cid = j->cid;
+	h->dst_cid = 2;
+	h->src_port = sport;
+	h->dst_port = dport;
+	h->len = n;
+	h->type = 1;
+	h->op = op;
+	h->flags = flags;
+	h->buf_alloc = 65536;
+	h->fwd_cnt = j->fwd;
+	if (n)
+		memcpy(j->txbuf + sizeof(*h), data, n);
+	struct vq *q = j->tx;
+	q->desc[0].addr = (u64)j->txbuf;
+	q->desc[0].len = (u32)sizeof(*h) + n;
+	q->desc[0].flags = 0;
+	q->desc[0].next = 0;
+	vq_add(q, 0);
+	vq_publish(q);
+	u32 id, len;
+	u64 t = rdtsc();
+	while (!vq_used(q, &id, &len)) {
+		if (rdtsc() - t > j->timeout) {
+			j->error = "tx-timeout";
+			return;
+		}
+		pause();
+	}
+}
+
+/* Waits for the next packet; copies it out and gives the buffer back. 0 on timeout. */
+static int vs_recv(struct vsock_job *j, struct vsock_hdr *out)
+{
+	struct vq *q = j->rx;
+	u32 id, len;
+	u64 t = rdtsc();
+	while (!vq_used(q, &id, &len)) {
+		if (rdtsc() - t > j->timeout) {
+			j->error = "rx-timeout";
+			return 0;
+		}
+		pause();
+	}
+	if (id >= VS_RX_BUFS || len < sizeof(*out) || len > VS_BUF) {
+		j->error = "bad-used-element";
+		return 0;
+	}
+	u8 *b = j->rxbuf + id * VS_BUF;
+	memcpy(out, b, sizeof(*out));
+	u32 n = out->len < sizeof(j->got) - 1 ? out->len : (u32)sizeof(j->got) - 1;
+	if (out->len != len - sizeof(*out)) {
+		j->error = "bad-length";
+		return 0;
+	}
+	memcpy(j->got, b + sizeof(*out), n);
+	j->got[n] = 0;
+	if (out->op == VS_RW)
+		j->fwd += out->len;
+	vq_add(q, (u16)id);
+	vq_publish(q);
+	return 1;
+}
+
+/* The next packet must be `op` between `sport` (host) and `dport` (guest). */
+static int vs_expect(struct vsock_job *j, u16 op, u32 sport, u32 dport, const char *why)
+{
+	struct vsock_hdr h;
+	if (!vs_recv(j, &h))
+		return 0;
+	if (h.op != op || h.src_port != sport || h.dst_port != dport || h.src_cid != 2 ||
+	    h.dst_cid != j->cid) {
+		j->error = why;
+		return 0;
+	}
+	return 1;
+}
+
+static u64 vsock_run(u64 arg)
+{
+	struct vsock_job *j = (struct vsock_job *)arg;
+	struct vq *rx = j->rx;
+	for (u16 i = 0; i < VS_RX_BUFS; i++) {
+		rx->desc[i].addr = (u64)(j->rxbuf + i * VS_BUF);
+		rx->desc[i].len = VS_BUF;
+		rx->desc[i].flags = DESC_F_WRITE;
+		rx->desc[i].next = 0;
+		vq_add(rx, i);
+	}
+	vq_publish(rx);
+	/* Guest to host: connect to host port 1234, send, read the echo, close. */
+	vs_send(j, VS_REQUEST, VS_GUEST_PORT, VS_HOST_PORT, 0, NULL);
+	if (j->error || !vs_expect(j, VS_RESPONSE, VS_HOST_PORT, VS_GUEST_PORT, "g2h-no-response"))
+		return 1;
+	vs_send(j, VS_RW, VS_GUEST_PORT, VS_HOST_PORT, 0, "ping-from-guest");
+	if (j->error || !vs_expect(j, VS_RW, VS_HOST_PORT, VS_GUEST_PORT, "g2h-no-echo"))
+		return 1;
+	if (strlen(j->got) != 15 || memcmp(j->got, "ping-from-guest", 15)) {
+		j->error = "g2h-wrong-echo";
+		return 1;
+	}
+	vs_send(j, VS_SHUTDOWN, VS_GUEST_PORT, VS_HOST_PORT, 3, NULL);
+	if (j->error || !vs_expect(j, VS_RST, VS_HOST_PORT, VS_GUEST_PORT, "g2h-no-rst"))
+		return 1;
+	/* Host to guest: the host's CONNECT 5000 arrives as a REQUEST; accept, echo, close. */
+	struct vsock_hdr h;
+	if (!vs_recv(j, &h))
+		return 1;
+	if (h.op != VS_REQUEST || h.dst_port != VS_LISTEN_PORT) {
+		j->error = "h2g-no-request";
+		return 1;
+	}
+	u32 hp = h.src_port;
+	j->fwd = 0; /* credit counts per connection */
+	vs_send(j, VS_RESPONSE, VS_LISTEN_PORT, hp, 0, NULL);
+	if (j->error || !vs_expect(j, VS_RW, hp, VS_LISTEN_PORT, "h2g-no-data"))
+		return 1;
+	memcpy(j->h2g, j->got, sizeof(j->h2g));
+	vs_send(j, VS_RW, VS_LISTEN_PORT, hp, 0, j->h2g);
+	if (j->error || !vs_expect(j, VS_SHUTDOWN, hp, VS_LISTEN_PORT, "h2g-no-shutdown"))
+		return 1;
+	vs_send(j, VS_RST, VS_LISTEN_PORT, hp, 0, NULL);
+	/* A request to a host port nobody listens on is refused. */
+	vs_send(j, VS_REQUEST, VS_GUEST_PORT + 1, 4321, 0, NULL);
+	if (j->error || !vs_expect(j, VS_RST, 4321, VS_GUEST_PORT + 1, "no-refusal"))
+		return 1;
+	return 0;
+}
+
+/*
+ * vsock: with `--vsock cid=3,uds=PATH` and a host test that echoes on PATH_1234 and then
+ * connects to PATH with "CONNECT 5000": the guest's connection to host port 1234 (data
+ * echoed back), the host's connection to guest port 5000 (data echoed back), a refusal.
+ */
+int test_vsock(const char *arg)
+{
+	(void)arg;
+	static struct vdev d;
+	ram_reset();
+	tsc_setup();
+	const char *e = vdev_open(&d, VIRTIO_VSOCK, 0);
+	for (u16 i = 0; !e && i < 3; i++)
+		e = vq_setup(&d, i, 64);
+	u8 *rxbuf = (u8 *)ram_alloc(VS_RX_BUFS * VS_BUF);
+	u8 *txbuf = (u8 *)ram_alloc(VS_BUF);
+	if (!e && (!rxbuf || !txbuf))
+		e = "out-of-memory";
+	if (e) {
+		printk("KVMBOX-TEST vsock error=%s\n", e);
+		vdev_close(&d);
+		return 1;
+	}
+	static struct vsock_job j;
+	memset(&j, 0, sizeof(j));
+	j.rx = &d.q[0];
+	j.tx = &d.q[1];
+	j.rxbuf = rxbuf;
+	j.txbuf = txbuf;
+	j.timeout = 20 * hz;
+	j.cid = devcfg_read64(&d, 0);
+	vdev_ready(&d);
+	user(vsock_run, (u64)&j);
+	vdev_close(&d);
+	if (j.error) {
+		printk("KVMBOX-TEST vsock error=%s cid=%lu\n", j.error, j.cid);
+		return 1;
+	}
+	printk("KVMBOX-TEST vsock cid=%lu h2g=%s\n", j.cid, j.h2g);
+	return 0;
 }
 
 /* ------------------------------------------------------------ raw queue access (attack.c) */

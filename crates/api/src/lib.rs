@@ -41,6 +41,8 @@ pub enum ApiRequest {
     PatchNetworkInterface(PartialNetworkInterface),
     /// `PUT /entropy`
     PutEntropy(Entropy),
+    /// `PUT /vsock`
+    PutVsock(Vsock),
     /// `PUT /actions`
     Action(ActionType),
     /// `PATCH /vm`

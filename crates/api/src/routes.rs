@@ -66,6 +66,7 @@ pub fn parse_request(method: &str, path: &str, b: &[u8]) -> Result<ApiRequest, A
             R::PatchVm(v.state)
         }
         ("PUT", "/entropy") => R::PutEntropy(body("PUT /entropy", b)?),
+        ("PUT", "/vsock") => R::PutVsock(body("PUT /vsock", b)?),
         ("PUT", "/snapshot/create") => R::CreateSnapshot(body("PUT /snapshot/create", b)?),
         ("PUT", "/snapshot/load") => R::LoadSnapshot(body("PUT /snapshot/load", b)?),
         ("PUT", "/snapshot/delete") => R::DeleteSnapshot(body("PUT /snapshot/delete", b)?),
@@ -135,6 +136,23 @@ mod tests {
                 disk_snapshot: "vm-a".into()
             })
         );
+        assert_eq!(
+            parse_request(
+                "PUT",
+                "/vsock",
+                br#"{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#
+            )
+            .unwrap(),
+            ApiRequest::PutVsock(crate::Vsock {
+                guest_cid: 3,
+                uds_path: "/tmp/v.sock".into(),
+                vsock_id: None,
+            })
+        );
+        assert!(parse_request("PUT", "/vsock", br#"{"guest_cid":3}"#)
+            .unwrap_err()
+            .message
+            .contains("missing field `uds_path`"));
     }
 
     #[test]

@@ -201,6 +201,21 @@ pub struct Entropy {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+/// `PUT /vsock` (Firecracker's body): a virtio-vsock device whose host side is the Unix
+/// socket `uds_path` (`CONNECT <port>\n` there reaches a guest listener; a guest connection
+/// to host port P reaches `uds_path_P`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// The guest's context id (3 to 2^32 - 2).
+    pub guest_cid: u64,
+    /// The host's Unix socket (it must not exist yet).
+    pub uds_path: String,
+    /// Firecracker's deprecated device name: accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
 /// `PUT /actions`: the action.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum ActionType {
@@ -354,6 +369,9 @@ pub struct FullVmConfiguration {
     /// The entropy device, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entropy: Option<Entropy>,
+    /// The vsock device, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Vsock>,
     /// The logger, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logger: Option<Logger>,

@@ -62,7 +62,7 @@ enum SnapshotCommand {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// TOML file with the same settings (kernel, initrd, cmdline, cpus, memory, accel, on_reboot, pvh, disks, nets, rng, virtio, modules, testdev, track_dirty_pages, cpu_max, cpu_weight, memory_limit, cpu_affinity, cgroup_parent); flags override it, --disk/--net add to it.
+    /// TOML file with the same settings (kernel, initrd, cmdline, cpus, memory, accel, on_reboot, pvh, disks, nets, rng, vsock, virtio, modules, testdev, track_dirty_pages, cpu_max, cpu_weight, memory_limit, cpu_affinity, cgroup_parent); flags override it, --disk/--net add to it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Kernel: bzImage, ELF vmlinux (PVH or 64-bit entry), a freestanding ELF, or a multiboot kernel.
@@ -100,6 +100,9 @@ struct RunArgs {
     /// A virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// A virtio-vsock device: cid=N,uds=PATH (guest CID N >= 3; host programs connect to the Unix socket PATH and write "CONNECT <port>\n", guest connections to host port P reach PATH_P).
+    #[arg(long, value_name = "SPEC")]
+    vsock: Option<String>,
     /// A multiboot module (after --initrd, which is the first): PATH[,CMDLINE]. Repeatable.
     #[arg(long, value_name = "SPEC")]
     module: Vec<String>,
@@ -165,6 +168,7 @@ impl RunArgs {
             disks: self.disk.clone(),
             nets: self.net.clone(),
             rng: self.rng,
+            vsock: self.vsock.clone(),
             virtio: self.virtio.clone(),
             modules: self.module.clone(),
             testdev: self.testdev,

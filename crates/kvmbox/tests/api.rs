@@ -965,3 +965,76 @@ fn s3_sleeps_until_the_power_button_and_refuses_pause() {
     vm.expect("KVMBOX-TEST s3 resumed=yes", TG);
     assert_eq!(vm.wait_exit(TG), Some(1), "debug-exit 0; {}", vm.stderr());
 }
+
+/// `PUT /vsock` (Firecracker's body) gives the guest its device: the test guest's `vsock`
+/// scenario reads the CID the API set and, with nothing listening on the host's `PATH_1234`,
+/// sees its first connection refused. A bad CID is 400 naming the field; `GET /vm/config`
+/// shows the device; the socket exists while the VM runs and is gone after.
+#[test]
+fn vsock_through_the_api_reaches_the_guest_on_kvm() {
+    if !kvm_or_skip("vsock_through_the_api_reaches_the_guest_on_kvm") {
+        return;
+    }
+    let sock = sock_path("vsock");
+    let uds = sock.with_extension("vsock");
+    let _ = std::fs::remove_file(&uds);
+    let mut vm = Interactive::spawn(&[
+        "run",
+        "--accel",
+        "kvm",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    wait_for_socket(&mut vm, &sock);
+    ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+    );
+    let boot = json!({"kernel_image_path": testguest(), "boot_args": "tests=vsock"}).to_string();
+    ok(&sock, "PUT", "/boot-source", &boot);
+    refused(
+        &sock,
+        "PUT",
+        "/vsock",
+        Some(&json!({"guest_cid": 2, "uds_path": uds}).to_string()),
+        "vsock: vsock guest CID 2 must be 3",
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/vsock",
+        Some(r#"{"guest_cid": 3}"#),
+        "missing field `uds_path`",
+    );
+    ok(
+        &sock,
+        "PUT",
+        "/vsock",
+        &json!({"vsock_id": "vsock0", "guest_cid": 7, "uds_path": uds}).to_string(),
+    );
+    let cfg = http(&sock, "GET", "/vm/config", None).1;
+    assert_eq!(cfg["vsock"]["guest_cid"], 7, "{cfg}");
+    assert_eq!(cfg["vsock"]["uds_path"], uds.to_str().unwrap(), "{cfg}");
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    vm.expect("KVMBOX-TEST vsock", TG);
+    let line = vm.expect("\n", TG);
+    assert!(
+        line.contains("error=g2h-no-response cid=7"),
+        "{line}\n{}",
+        vm.stderr()
+    );
+    let status = vm.wait_exit(TG);
+    // The scenario failed, as it must here: the guest's debug-exit 1 is exit status 3.
+    assert_eq!(status, Some(3), "{}", vm.stderr());
+    assert!(
+        !uds.exists(),
+        "the vsock socket is removed when kvmbox ends"
+    );
+}

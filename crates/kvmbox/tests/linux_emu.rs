@@ -985,3 +985,95 @@ fn user_network_dhcp_gateway_and_hostfwd_without_privileges() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// vsock with Linux's own driver (`vmw_vsock_virtio_transport`, loaded by the kit) and a
+/// static AF_VSOCK helper (`guest/linux/vsock/vsock-echo.c`, built here with `gcc -static`
+/// and handed to the guest as a raw disk): the guest connects to host CID 2 port 1234, which
+/// reaches the Unix socket `PATH_1234` (an echo server here that upper-cases), then listens on
+/// port 5000, where the host's `CONNECT 5000` through `PATH` reaches it; 300,000 bytes (past
+/// the device's 128 KiB credit, so flow control runs both ways) go there and come back
+/// through a host half-close.
+#[test]
+fn vsock_echo_both_ways_with_linux() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let _cpu = CpuLease::exclusive();
+    let helper = scratch("vsock-echo");
+    let src = common::repo_root().join("guest/linux/vsock/vsock-echo.c");
+    let built = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&helper)
+        .arg(&src)
+        .status();
+    if !built.is_ok_and(|s| s.success()) {
+        skip(
+            "vsock_echo_both_ways_with_linux",
+            "gcc -static failed (apt-get install -y gcc libc6-dev)",
+        );
+        return;
+    }
+    let bin = std::fs::read(&helper).unwrap();
+    let disk = scratch("vsock-echo.img");
+    let mut img = bin.clone();
+    img.resize(bin.len().div_ceil(512) * 512, 0);
+    std::fs::write(&disk, &img).unwrap();
+    let uds = scratch("v.sock");
+    let uds_1234 = format!("{}_1234", uds.display());
+    let _ = std::fs::remove_file(&uds);
+    let _ = std::fs::remove_file(&uds_1234);
+    let l = UnixListener::bind(&uds_1234).unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        c.write_all(&got.to_ascii_uppercase()).unwrap();
+        got
+    });
+    let script = format!(
+        "head -c {} /dev/vda >/tmp/v && chmod +x /tmp/v && /tmp/v connect 2 1234 hello-host \
+         && /tmp/v listen 5000",
+        bin.len()
+    );
+    let spec = format!("cid=3,uds={}", uds.display());
+    let disk_arg = format!("{},ro", disk.display());
+    let mut vm = boot(
+        1,
+        &kit_cmd(&script),
+        &["--disk", &disk_arg, "--vsock", &spec],
+    );
+    vm.expect("VSOCK-ECHO got=HELLO-HOST", BOOT);
+    assert_eq!(echo.join().unwrap(), b"hello-host");
+    vm.expect("VSOCK-ECHO listening", STEP);
+    let mut s = UnixStream::connect(&uds).unwrap();
+    s.set_read_timeout(Some(STEP)).unwrap();
+    s.write_all(b"CONNECT 5000\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK ") && line.ends_with('\n'), "{line:?}");
+    let data = pattern(300_000, 0x750c);
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        s.write_all(&sent).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    assert!(
+        back == data,
+        "echo of {} bytes came back as {}",
+        data.len(),
+        back.len()
+    );
+    vm.expect("VSOCK-ECHO echoed=300000", STEP);
+    vm.expect("KVMBOX-LINUX cmd-exit=0", STEP);
+    assert_eq!(vm.wait_exit(STEP), Some(0), "{}", vm.stderr());
+    assert!(
+        !uds.exists(),
+        "the vsock socket is removed when kvmbox ends"
+    );
+    for p in [helper, disk, uds_1234.into()] {
+        let _ = std::fs::remove_file(p);
+    }
+}

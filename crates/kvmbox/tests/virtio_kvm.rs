@@ -223,6 +223,77 @@ fn rng_gives_varied_bytes() {
     assert!(distinct > 16, "only {distinct} distinct bytes of 64");
 }
 
+/// Accept one connection on `l` (non-blocking) within 60 s.
+fn accept_within(l: &std::os::unix::net::UnixListener) -> std::os::unix::net::UnixStream {
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    std::time::Instant::now() < end,
+                    "no vsock connection from the guest"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+#[test]
+fn vsock_echo_both_ways_with_the_test_guest() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    if !kvm_or_skip("vsock_echo_both_ways_with_the_test_guest") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kvmbox-vsock-guest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let uds = dir.join("v.sock");
+    // The guest connects to host port 1234: PATH_1234, where this echo server waits.
+    let l = UnixListener::bind(format!("{}_1234", uds.display())).unwrap();
+    l.set_nonblocking(true).unwrap();
+    let host_uds = uds.clone();
+    let host = std::thread::spawn(move || {
+        let mut g = accept_within(&l);
+        let mut b = [0u8; 15];
+        g.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping-from-guest");
+        g.write_all(&b).unwrap();
+        // The guest shuts its side down: EOF here.
+        assert_eq!(g.read(&mut [0u8; 8]).unwrap(), 0);
+        // Then the host connects to the guest's port 5000 through PATH.
+        let mut s = UnixStream::connect(&host_uds).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"CONNECT 5000\n").unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("OK ") && line.ends_with('\n'), "{line:?}");
+        let port: u32 = line[3..line.len() - 1].parse().unwrap();
+        assert!(port >= 1 << 30, "host port {port}");
+        s.write_all(b"hello-from-host").unwrap();
+        let mut b = [0u8; 15];
+        r.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hello-from-host");
+        // Closing here is the guest's SHUTDOWN.
+    });
+    let spec = format!("cid=3,uds={}", uds.display());
+    let r = run_testguest("kvm", 1, MEMORY, "vsock", &["--vsock", &spec]);
+    let host = host.join();
+    let _ = std::fs::remove_dir_all(&dir);
+    r.assert_guest_ok();
+    assert_eq!(r.get("vsock", "cid"), "3");
+    assert_eq!(r.get("vsock", "h2g"), "hello-from-host");
+    host.expect("the host side of both connections");
+    assert!(!uds.exists(), "the socket is removed when kvmbox ends");
+}
+
 #[test]
 fn blk_and_rng_on_the_software_engine_too() {
     // No ioeventfds there: every notify reaches the device through the MMIO bus.

@@ -39,6 +39,8 @@ pub enum ThreadKind {
     NetWorker,
     /// The virtio-rng worker.
     RngWorker,
+    /// The virtio-vsock worker.
+    VsockWorker,
     /// The child that outlives kvmbox to release the VM (`crates/vmm/src/exit.rs`).
     Releaser,
     /// Copies a helper program's messages (passt's stderr) to kvmbox's stderr.
@@ -58,6 +60,7 @@ impl ThreadKind {
         ThreadKind::BlockWorker,
         ThreadKind::NetWorker,
         ThreadKind::RngWorker,
+        ThreadKind::VsockWorker,
         ThreadKind::Releaser,
         ThreadKind::HelperOutput,
     ];
@@ -75,6 +78,7 @@ impl ThreadKind {
             ThreadKind::BlockWorker => "virtio-blk",
             ThreadKind::NetWorker => "virtio-net",
             ThreadKind::RngWorker => "virtio-rng",
+            ThreadKind::VsockWorker => "virtio-vsock",
             ThreadKind::Releaser => "exit-child",
             ThreadKind::HelperOutput => "helper-output",
         }
@@ -94,10 +98,11 @@ impl ThreadKind {
                 BlockWorker,
                 NetWorker,
                 RngWorker,
+                VsockWorker,
                 Releaser,
                 HelperOutput,
             ],
-            Vcpu => &[Timer, BlockWorker, NetWorker, RngWorker],
+            Vcpu => &[Timer, BlockWorker, NetWorker, RngWorker, VsockWorker],
             Api => &[ApiConnection],
             _ => &[],
         }

@@ -405,6 +405,26 @@ fn own(kind: ThreadKind) -> Rules {
             .union(device_worker()),
         // virtio-rng: getrandom (in every filter) into the guest's buffers.
         ThreadKind::RngWorker => device_worker(),
+        // virtio-vsock: accepts host connections on its listening Unix socket, connects
+        // (without blocking) to the Unix sockets the guest's connections go to, and moves
+        // their data; `socket` for Unix sockets only, so `connect` reaches nothing else.
+        ThreadKind::VsockWorker => Rules::default()
+            // std's UnixStream writes with send(MSG_NOSIGNAL): sendto.
+            .allow(&[
+                SYS_accept4,
+                SYS_connect,
+                SYS_recvfrom,
+                SYS_sendto,
+                SYS_shutdown,
+            ])
+            .allow_if(
+                SYS_socket,
+                &[
+                    arg(0, AF_UNIX as u64),
+                    arg(1, (SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC) as u64),
+                ],
+            )
+            .union(device_worker()),
         // Handled by `releaser_rules`: it runs on no Rust runtime at all.
         ThreadKind::Releaser => Rules::default(),
         // Reads the helper's pipe and writes each line to stderr.
@@ -462,7 +482,16 @@ mod tests {
                 "{kind:?}"
             );
             assert!(!r.mentions(libc::SYS_execve), "{kind:?}");
-            assert!(!r.mentions(libc::SYS_connect), "{kind:?}");
+            // Only the vsock worker connects (to Unix sockets), and so the threads that
+            // start it.
+            assert_eq!(
+                r.mentions(libc::SYS_connect),
+                matches!(
+                    kind,
+                    ThreadKind::VsockWorker | ThreadKind::Vcpu | ThreadKind::Vmm
+                ),
+                "{kind:?}"
+            );
         }
         let kvm_create = Rules::default().ioctls(&[ioctls::KVM_CREATE_VM()]);
         assert!(rules(ThreadKind::Vmm, 42).covers(&kvm_create));

@@ -68,6 +68,8 @@ const CASES: &[(ThreadKind, Action, bool)] = &[
     (ThreadKind::BlockWorker, Action::Open, false),
     (ThreadKind::NetWorker, Action::InetSocket, false),
     (ThreadKind::RngWorker, Action::Open, false),
+    (ThreadKind::VsockWorker, Action::InetSocket, false),
+    (ThreadKind::VsockWorker, Action::Open, false),
     (ThreadKind::Releaser, Action::ReadPipe, true),
     (ThreadKind::Releaser, Action::WriteStderr, false),
     (ThreadKind::HelperOutput, Action::ReadPipe, true),

@@ -1,4 +1,4 @@
-//! kvmbox virtio transports (PCI, MMIO) and devices (block, net, rng).
+//! kvmbox virtio transports (PCI, MMIO) and devices (block, net, rng, vsock).
 //!
 //! - [`VirtioDevice`]: what every device model implements (type, features, config space,
 //!   activate with queues and an interrupt, reset).
@@ -6,7 +6,8 @@
 //!   MSI-X vector, a level INTx line with the ISR register, or a virtio-mmio edge interrupt.
 //! - Transports: [`transport::MmioTransport`] (virtio-mmio v2) and
 //!   [`transport::VirtioPciDevice`] (virtio-pci modern), both [`kvmbox_devices::BusDevice`]s.
-//! - Devices: [`block::Block`] (raw image file), [`net::Net`] (TAP), [`rng::Rng`] (getrandom).
+//! - Devices: [`block::Block`] (raw image file), [`net::Net`] (TAP), [`rng::Rng`] (getrandom),
+//!   [`vsock::Vsock`] (Unix sockets on the host).
 //!   Each active device runs one worker thread that waits on its queue eventfds (signalled by
 //!   KVM ioeventfd or by the transport on a notify write) and its backend.
 //!
@@ -24,6 +25,7 @@ pub mod net;
 pub mod queue;
 pub mod rng;
 pub mod transport;
+pub mod vsock;
 mod worker;
 
 #[cfg(test)]
@@ -39,6 +41,8 @@ pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 /// virtio device type: entropy source.
 pub const TYPE_RNG: u32 = 4;
+/// virtio device type: socket (vsock).
+pub const TYPE_VSOCK: u32 = 19;
 
 /// Feature bit: indirect descriptors.
 pub const F_RING_INDIRECT_DESC: u32 = 28;

@@ -5,6 +5,7 @@ use kvmbox_cpu::Accel;
 use kvmbox_ratelimit::RateLimiterConfig;
 use kvmbox_virtio::block::DiskConfig;
 use kvmbox_virtio::net::NetConfig;
+use kvmbox_virtio::vsock::VsockConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -245,6 +246,8 @@ pub struct FileConfig {
     #[serde(default)]
     nets: Vec<NetEntry>,
     rng: Option<bool>,
+    /// `cid=N,uds=PATH` as `--vsock` (a relative PATH is relative to the file).
+    vsock: Option<String>,
     virtio: Option<VirtioTransport>,
     #[serde(default)]
     modules: Vec<String>,
@@ -405,6 +408,8 @@ pub struct Overrides {
     pub nets: Vec<String>,
     /// --rng
     pub rng: bool,
+    /// --vsock `cid=N,uds=PATH`
+    pub vsock: Option<String>,
     /// --virtio
     pub virtio: Option<String>,
     /// --module, each `PATH[,CMDLINE]`
@@ -461,6 +466,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-rng device.
     pub rng: bool,
+    /// A virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
     /// Transport for virtio devices.
     pub virtio: VirtioTransport,
     /// Multiboot modules after the initrd.
@@ -619,6 +626,22 @@ impl VmConfig {
         for n in &o.nets {
             nets.push(parse_net(n)?);
         }
+        let parse_vsock = |v: &str| {
+            v.parse::<VsockConfig>()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))
+        };
+        let vsock = match (&o.vsock, &f.vsock) {
+            (Some(v), _) => Some(parse_vsock(v)?),
+            (None, Some(v)) => {
+                let mut v = parse_vsock(v)?;
+                v.uds_path = f.resolve(v.uds_path);
+                Some(
+                    VsockConfig::new(v.guest_cid.into(), v.uds_path)
+                        .map_err(|e| ConfigError::Invalid(format!("vsock in the file: {e}")))?,
+                )
+            }
+            (None, None) => None,
+        };
         let virtio = match o.virtio {
             Some(s) => s.parse()?,
             None => f.virtio.unwrap_or_default(),
@@ -648,6 +671,7 @@ impl VmConfig {
             disks,
             nets,
             rng: o.rng || f.rng.unwrap_or(false),
+            vsock,
             virtio,
             kernel,
             initrd,
@@ -763,6 +787,36 @@ mod tests {
             VmConfig::build(None, Overrides::default()),
             Err(ConfigError::NoKernel)
         ));
+    }
+
+    #[test]
+    fn vsock_from_file_and_flag() {
+        let dir = std::env::temp_dir().join(format!("kvmbox-cfg-vsock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.toml");
+        std::fs::write(&path, "kernel = \"/k\"\nvsock = \"cid=5,uds=v.sock\"\n").unwrap();
+        let f = FileConfig::load(&path).unwrap();
+        let c = VmConfig::build(Some(f.clone()), Overrides::default()).unwrap();
+        let v = c.vsock.unwrap();
+        assert_eq!(v.guest_cid, 5);
+        assert_eq!(v.uds_path, dir.join("v.sock"), "relative to the file");
+        let o = Overrides {
+            vsock: Some("cid=7,uds=/run/x.sock".into()),
+            ..Default::default()
+        };
+        let v = VmConfig::build(Some(f), o).unwrap().vsock.unwrap();
+        assert_eq!((v.guest_cid, v.uds_path), (7, PathBuf::from("/run/x.sock")));
+        let o = Overrides {
+            kernel: Some("/k".into()),
+            vsock: Some("cid=1,uds=/x".into()),
+            ..Default::default()
+        };
+        let e = VmConfig::build(None, o).unwrap_err().to_string();
+        assert!(
+            e.contains("--vsock 'cid=1,uds=/x': vsock guest CID 1 must be 3"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -234,6 +234,7 @@ impl SavedConfig {
                 })
                 .collect::<Result<_>>()?,
             rng: self.rng,
+            vsock: None,
             virtio: if self.virtio_pci {
                 VirtioTransport::Pci
             } else {
@@ -311,6 +312,12 @@ pub fn create(
 ) -> Result<()> {
     if kind == SnapshotKind::Diff && !m.vm.dirty_log_active() {
         return Err(refuse(DIFF_NEEDS_TRACKING));
+    }
+    if cfg.vsock.is_some() {
+        // Its connections live in host sockets that a snapshot cannot hold.
+        return Err(refuse(
+            "a VM with a vsock device cannot be snapshotted (yet)",
+        ));
     }
     let disk_path = |i: usize| {
         cfg.disks

@@ -344,6 +344,9 @@ pub(crate) fn virtio_devices(cfg: &VmConfig) -> Result<OpenedVirtio> {
     if cfg.rng {
         devs.push(Box::new(Rng::new()));
     }
+    if let Some(v) = &cfg.vsock {
+        devs.push(Box::new(kvmbox_virtio::vsock::Vsock::new(v)?));
+    }
     Ok(OpenedVirtio {
         devices: devs,
         limiters,
@@ -435,7 +438,8 @@ pub(crate) fn attach_virtio(
     Ok(attached)
 }
 
-/// The virtio devices of a VM, in configuration order (disks, nets, rng), on their transport.
+/// The virtio devices of a VM, in configuration order (disks, nets, rng, vsock), on their
+/// transport.
 #[derive(Default)]
 pub struct VirtioDevices {
     /// PCI bus 0 (with `--virtio pci`).

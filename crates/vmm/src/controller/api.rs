@@ -30,6 +30,7 @@ pub(super) struct PreBoot {
     drives: Vec<Drive>,
     nets: Vec<NetworkInterface>,
     entropy: Option<Entropy>,
+    vsock: Option<Vsock>,
 }
 
 /// Stands in for the kernel while none is set, so the rest of the configuration can be
@@ -56,6 +57,7 @@ impl PreBoot {
             drives: Vec::new(),
             nets: Vec::new(),
             entropy: None,
+            vsock: None,
         };
         p.effective()?;
         Ok(p)
@@ -122,6 +124,9 @@ impl PreBoot {
         o.disks = api_disks.into_iter().chain(o.disks).collect();
         o.nets.extend(self.nets.iter().map(net_spec));
         o.rng |= self.entropy.is_some();
+        if let Some(v) = &self.vsock {
+            o.vsock = Some(format!("cid={},uds={}", v.guest_cid, v.uds_path));
+        }
         o
     }
 
@@ -586,6 +591,11 @@ impl Controller {
             drives: api_drives.into_iter().chain(flag_disks).collect(),
             network_interfaces: flag_nets.chain(api_nets).collect(),
             entropy: cfg.rng.then(Entropy::default),
+            vsock: cfg.vsock.as_ref().map(|v| Vsock {
+                guest_cid: v.guest_cid.into(),
+                uds_path: v.uds_path.display().to_string(),
+                vsock_id: None,
+            }),
             logger: self.extras.logger.as_ref().map(|(_, l)| l.clone()),
             metrics: self.extras.metrics.as_ref().map(|(_, m)| m.clone()),
         })
@@ -854,6 +864,15 @@ impl Controller {
                         return Err(refuse("rate_limiter", "kvmbox has no entropy rate limiter"));
                     }
                     p.entropy = Some(e);
+                    Ok(())
+                })
+            }
+            R::PutVsock(v) => {
+                let v = v.clone();
+                self.configure(move |p| {
+                    kvmbox_virtio::vsock::VsockConfig::new(v.guest_cid, PathBuf::from(&v.uds_path))
+                        .map_err(|e| refuse("vsock", &e.to_string()))?;
+                    p.vsock = Some(v);
                     Ok(())
                 })
             }
