@@ -5,131 +5,42 @@
 
 mod common;
 
+use common::store::Home;
 use common::{kit_cmd, linux_kit, testguest, CpuLease, Interactive};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A store in a temporary folder; dropping it force-deletes its VMs (ending their processes)
-/// and removes the folder.
-struct Home(PathBuf);
-
-impl Home {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("kvmbox-vm-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Home(p)
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(common::kvmbox());
-        c.env("KVMBOX_HOME", &self.0).arg("vm").args(args);
-        c
-    }
-
-    /// Run `kvmbox vm ARGS`: (exit status, stdout, stderr).
-    fn vm(&self, args: &[&str]) -> (i32, String, String) {
-        let out = self
-            .cmd(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run kvmbox vm");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    /// `kvmbox vm ARGS`, which must succeed; its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let (st, out, err) = self.vm(args);
-        assert_eq!(st, 0, "kvmbox vm {args:?}: {out}{err}");
-        out
-    }
-
-    /// `kvmbox vm ARGS`, which must fail with `status` and a message containing `needle`.
-    fn fails(&self, args: &[&str], status: i32, needle: &str) {
-        let (st, out, err) = self.vm(args);
-        assert_eq!(st, status, "kvmbox vm {args:?}: {out}{err}");
-        assert!(
-            err.contains(needle),
-            "kvmbox vm {args:?}: {err:?} lacks {needle:?}"
-        );
-    }
-
-    fn show(&self, name: &str) -> Value {
-        serde_json::from_str(&self.ok(&["show", name, "--json"])).unwrap()
-    }
-
-    fn state(&self, name: &str) -> String {
-        self.show(name)["state"].as_str().unwrap().to_string()
-    }
-
-    fn log(&self, name: &str) -> String {
-        self.ok(&["log", name])
-    }
-
-    /// Create VM `name`: the test guest on the engine running its blk scenario (it writes
-    /// its pattern over its disk, then powers off) on a new 1 MiB disk, without a network.
-    fn create_blk_vm(&self, name: &str) {
-        let tg = testguest();
-        self.ok(&[
-            "create",
-            name,
-            "--kernel",
-            tg.to_str().unwrap(),
-            "--cmdline",
-            "tests=blk",
-            "--memory",
-            "128M",
-            "--accel",
-            "emu",
-            "--disk-size",
-            "1M",
-            "--net",
-            "none",
-        ]);
-    }
-
-    /// Start VM `name` and wait until its guest has powered off (within `BLK`).
-    fn run_to_power_off(&self, name: &str) {
-        self.ok(&["start", name]);
-        let t0 = Instant::now();
-        while self.state(name) != "stopped" {
-            assert!(t0.elapsed() < BLK, "{}", self.log(name));
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Wait until the VM's console log (this run's) contains `needle`.
-    fn expect_log(&self, name: &str, needle: &str, timeout: Duration) -> String {
-        let t0 = Instant::now();
-        loop {
-            let log = self.log(name);
-            if log.contains(needle) {
-                return log;
-            }
-            assert!(
-                t0.elapsed() < timeout,
-                "VM {name}: no {needle:?} in the console log within {timeout:?}:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+/// Create VM `name` in `home`: the test guest on the engine running its blk scenario (it
+/// writes its pattern over its disk, then powers off) on a new 1 MiB disk, without a network.
+fn create_blk_vm(home: &Home, name: &str) {
+    let tg = testguest();
+    home.ok(&[
+        "create",
+        name,
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cmdline",
+        "tests=blk",
+        "--memory",
+        "128M",
+        "--accel",
+        "emu",
+        "--disk-size",
+        "1M",
+        "--net",
+        "none",
+    ]);
 }
 
-impl Drop for Home {
-    fn drop(&mut self) {
-        if let Ok(list) = serde_json::from_str::<Value>(&self.vm(&["list", "--json"]).1) {
-            for v in list.as_array().into_iter().flatten() {
-                let name = v["name"].as_str().unwrap_or_default().to_string();
-                self.vm(&["delete", "--force", &name]);
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
+/// Start VM `name` and wait until its guest has powered off (within `BLK`).
+fn run_to_power_off(home: &Home, name: &str) {
+    home.ok(&["start", name]);
+    let t0 = Instant::now();
+    while home.state(name) != "stopped" {
+        assert!(t0.elapsed() < BLK, "{}", home.log(name));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -513,7 +424,7 @@ fn disk_bytes(home: &Home, path: &Path) -> Vec<u8> {
 fn a_linked_clone_shares_a_frozen_base_and_writes_its_own_overlay() {
     let _cpu = CpuLease::shared();
     let home = Home::new("linked");
-    home.create_blk_vm("src");
+    create_blk_vm(&home, "src");
     // The source's disk gets known contents.
     let data: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
@@ -558,7 +469,7 @@ fn a_linked_clone_shares_a_frozen_base_and_writes_its_own_overlay() {
     );
 
     // The clone's guest writes its disk (the test guest's blk scenario), then powers off.
-    home.run_to_power_off("lc");
+    run_to_power_off(&home, "lc");
     let log = home.log("lc");
     assert!(
         log.contains("KVMBOX-TEST blk ") && !log.contains("error="),
@@ -668,13 +579,13 @@ fn delete_keep_disks_keeps_readable_disks_and_drops_the_vm() {
     assert_eq!(files, ["disk1.qcow2", "sub"], "only the disks are kept");
 
     // The same name again: a second folder, the first untouched.
-    home.create_blk_vm("plain");
+    create_blk_vm(&home, "plain");
     home.ok(&["delete", "plain", "--keep-disks"]);
     assert!(home.0.join("kept-disks/plain-2/disk0.qcow2").exists());
     assert!(disk_bytes(&home, &kept) == data);
 
     // A linked clone: the source is still refused; each side's kept disk is standalone.
-    home.create_blk_vm("src");
+    create_blk_vm(&home, "src");
     fill_disk(&home, "src", "disk0.qcow2", &data);
     home.ok(&["clone", "--linked", "src", "lc"]);
     home.fails(
@@ -703,7 +614,7 @@ fn delete_keep_disks_keeps_readable_disks_and_drops_the_vm() {
 fn snapshots_bring_back_disks_the_guest_wrote() {
     let _cpu = CpuLease::shared();
     let home = Home::new("snap");
-    home.create_blk_vm("s");
+    create_blk_vm(&home, "s");
     let disk = home.0.join("vms/s/disk0.qcow2");
     let zeros = vec![0u8; 1 << 20];
     assert!(disk_bytes(&home, &disk) == zeros);
@@ -722,7 +633,7 @@ fn snapshots_bring_back_disks_the_guest_wrote() {
     );
     home.fails(&["snapshot", "s", "take", "../x"], 2, "invalid VM name");
     // The guest writes its pattern over the disk and powers off.
-    home.run_to_power_off("s");
+    run_to_power_off(&home, "s");
     let written = disk_bytes(&home, &disk);
     assert!(written != zeros, "the guest wrote its disk");
     home.ok(&["snapshot", "s", "take", "written"]);
@@ -1185,7 +1096,7 @@ fn guest_checksum(home: &Home, name: &str) -> String {
     let ro = text.replace("\"disk0.qcow2\"", "\"disk0.qcow2,ro\"");
     assert_ne!(text, ro, "{text}");
     std::fs::write(&toml, ro).unwrap();
-    home.run_to_power_off(name);
+    run_to_power_off(home, name);
     let log = home.log(name);
     let line = log
         .lines()
@@ -1215,14 +1126,14 @@ fn base_of(home: &Home, clone: &str) -> PathBuf {
 fn clones_from_a_snapshot_start_from_its_disks() {
     let _cpu = CpuLease::shared();
     let home = Home::new("clonesnap");
-    home.create_blk_vm("src");
+    create_blk_vm(&home, "src");
     let data: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     let src_disk = fill_disk(&home, "src", "disk0.qcow2", &data);
     home.ok(&["snapshot", "src", "take", "s1"]);
     // The source's guest writes its pattern over the disk.
-    home.run_to_power_off("src");
+    run_to_power_off(&home, "src");
     let written = disk_bytes(&home, &src_disk);
     assert!(written != data);
     home.fails(
@@ -1278,7 +1189,7 @@ fn clones_from_a_snapshot_start_from_its_disks() {
     let expected = common::fnv1a(&data);
     assert_eq!(guest_checksum(&home, "full"), expected);
     // lc's guest writes its own overlay; the base and the source stay as they were.
-    home.run_to_power_off("lc");
+    run_to_power_off(&home, "lc");
     let log = home.log("lc");
     assert!(
         log.contains("KVMBOX-TEST blk ") && !log.contains("error="),
@@ -1569,7 +1480,7 @@ fn modify_changes_only_what_it_is_given() {
 fn modify_attaches_and_detaches_existing_disks() {
     let _cpu = CpuLease::shared();
     let home = Home::new("modisk");
-    home.create_blk_vm("d");
+    create_blk_vm(&home, "d");
     let ext = home.0.join("ext.qcow2");
     let st = Command::new(common::kvmbox())
         .args(["disk", "create"])
@@ -1596,7 +1507,7 @@ fn modify_attaches_and_detaches_existing_disks() {
         .ok(&["show", "d"])
         .contains(&format!("disk:      {} (qcow2)", ext.display())));
     // The guest's blk scenario runs on the attached image (2 MiB, serial ext) and writes it.
-    home.run_to_power_off("d");
+    run_to_power_off(&home, "d");
     let log = home.log("d");
     let line = log
         .lines()

@@ -729,3 +729,106 @@ pub mod api {
         vm
     }
 }
+
+/// A `kvmbox vm` store of a test's own: `KVMBOX_HOME` in a temporary folder.
+pub mod store {
+    use serde_json::Value;
+    use std::path::PathBuf;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// A store in a temporary folder; dropping it force-deletes its VMs (ending their
+    /// processes) and removes the folder.
+    pub struct Home(pub PathBuf);
+
+    impl Home {
+        pub fn new(tag: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("kvmbox-vm-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Home(p)
+        }
+
+        /// `kvmbox vm ARGS` in this store (not yet run; `KVMBOX_JAIL` not inherited).
+        pub fn cmd(&self, args: &[&str]) -> Command {
+            let mut c = Command::new(super::kvmbox());
+            c.env("KVMBOX_HOME", &self.0)
+                .env_remove("KVMBOX_JAIL")
+                .arg("vm")
+                .args(args);
+            c
+        }
+
+        /// Run `c` without stdin: (exit status, stdout, stderr).
+        pub fn run(&self, mut c: Command) -> (i32, String, String) {
+            let out = c.stdin(Stdio::null()).output().expect("run kvmbox vm");
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+
+        /// Run `kvmbox vm ARGS`: (exit status, stdout, stderr).
+        pub fn vm(&self, args: &[&str]) -> (i32, String, String) {
+            self.run(self.cmd(args))
+        }
+
+        /// `kvmbox vm ARGS`, which must succeed; its stdout.
+        pub fn ok(&self, args: &[&str]) -> String {
+            let (st, out, err) = self.vm(args);
+            assert_eq!(st, 0, "kvmbox vm {args:?}: {out}{err}");
+            out
+        }
+
+        /// `kvmbox vm ARGS`, which must fail with `status` and a message containing `needle`.
+        pub fn fails(&self, args: &[&str], status: i32, needle: &str) {
+            let (st, out, err) = self.vm(args);
+            assert_eq!(st, status, "kvmbox vm {args:?}: {out}{err}");
+            assert!(
+                err.contains(needle),
+                "kvmbox vm {args:?}: {err:?} lacks {needle:?}"
+            );
+        }
+
+        pub fn show(&self, name: &str) -> Value {
+            serde_json::from_str(&self.ok(&["show", name, "--json"])).unwrap()
+        }
+
+        pub fn state(&self, name: &str) -> String {
+            self.show(name)["state"].as_str().unwrap().to_string()
+        }
+
+        pub fn log(&self, name: &str) -> String {
+            self.ok(&["log", name])
+        }
+
+        /// Wait until the VM's console log (this run's) contains `needle`; the log.
+        pub fn expect_log(&self, name: &str, needle: &str, timeout: Duration) -> String {
+            let t0 = Instant::now();
+            loop {
+                let log = self.log(name);
+                if log.contains(needle) {
+                    return log;
+                }
+                assert!(
+                    t0.elapsed() < timeout,
+                    "VM {name}: no {needle:?} in the console log within {timeout:?}:\n{log}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    impl Drop for Home {
+        fn drop(&mut self) {
+            if let Ok(list) = serde_json::from_str::<Value>(&self.vm(&["list", "--json"]).1) {
+                for v in list.as_array().into_iter().flatten() {
+                    let name = v["name"].as_str().unwrap_or_default().to_string();
+                    self.vm(&["delete", "--force", &name]);
+                }
+            }
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
