@@ -560,7 +560,7 @@ fn is_up(state: State) -> bool {
 
 fn start(vm: &Vm, attach_console: bool, no_jail: bool) -> Result<()> {
     let name = vm.name();
-    let jail = jail_wanted(vm, no_jail)?;
+    let jail = kvmbox_store::jail::wanted(no_jail)?;
     {
         let _lock = vm.lock(&format!("kvmbox vm start {name}"))?;
         let state = vm.status().state;
@@ -586,20 +586,6 @@ fn start(vm: &Vm, attach_console: bool, no_jail: bool) -> Result<()> {
         return attach(vm, false);
     }
     Ok(())
-}
-
-/// Whether `vm start` runs VM `vm` jailed: as root unless `--no-jail` or `KVMBOX_JAIL=off`,
-/// and not when its settings need what a jail drops (said as a warning).
-fn jail_wanted(vm: &Vm, no_jail: bool) -> Result<bool> {
-    let jail = kvmbox_store::jail::wanted(no_jail)?;
-    if let (true, Some(why)) = (jail, vm.jail_blocker()) {
-        eprintln!(
-            "kvmbox: warning: VM '{}' runs unjailed: {why} (see README, Jailed VMs)",
-            vm.name()
-        );
-        return Ok(false);
-    }
-    Ok(jail)
 }
 
 /// Start the keeper (which starts the VM process, in a jail with `jail`) and wait for the

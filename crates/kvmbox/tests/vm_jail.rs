@@ -4,7 +4,8 @@
 //! limits, its passt beside it in the jail), drives it (limits changed while it runs, console,
 //! pause, resume, live snapshot, save, resume from the saved state, stop) and checks that everything the jail made
 //! is gone afterwards and the files it lent are root's again. `--no-jail` and `KVMBOX_JAIL=off`
-//! run it unjailed. Needs root and KVM; skips otherwise.
+//! run it unjailed. A VM with a TAP network runs jailed too, in a network namespace the test
+//! makes, and its TAP device is given back after. Needs root and KVM; skips otherwise.
 
 mod common;
 
@@ -89,6 +90,11 @@ impl Home {
     /// The test guest's shell on KVM, 128 MiB, a new 16 MiB disk and the default network
     /// (user-mode NAT through passt), with `extra` options.
     fn create(&self, name: &str, extra: &[&str]) {
+        self.create_running(name, "tests=shell", extra);
+    }
+
+    /// As [`Self::create`], with the test guest's `cmdline`.
+    fn create_running(&self, name: &str, cmdline: &str, extra: &[&str]) {
         // (The disk options add to the 16 MiB one.)
         let tg = testguest();
         let mut args = vec![
@@ -97,7 +103,7 @@ impl Home {
             "--kernel",
             tg.to_str().unwrap(),
             "--cmdline",
-            "tests=shell",
+            cmdline,
             "--memory",
             "128M",
             "--accel",
@@ -570,4 +576,201 @@ fn a_forged_saved_state_is_refused_and_a_dead_keepers_jail_is_cleaned_up() {
     for d in [&disk0, &disk1] {
         assert_eq!(std::fs::metadata(d).unwrap().uid(), 0, "{}", d.display());
     }
+}
+
+/// A network namespace the test makes; deleted (with its devices) on drop.
+struct NetNs(String);
+
+impl NetNs {
+    /// None (after one SKIP line) when `ip netns add` cannot be run here.
+    fn new(test: &str) -> Option<Self> {
+        let name = format!("kvmbox-jt-{}", std::process::id());
+        match Command::new("ip").args(["netns", "add", &name]).output() {
+            Ok(o) if o.status.success() => Some(NetNs(name)),
+            Ok(o) => {
+                skip(
+                    test,
+                    &format!(
+                        "'ip netns add' failed: {}",
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                skip(test, &format!("cannot run 'ip' ({e}); install iproute2"));
+                None
+            }
+        }
+    }
+
+    /// `ip -n NS args...`, which must succeed.
+    fn ip(&self, args: &[&str]) {
+        let out = Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip -n {} {args:?}: {}",
+            self.0,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A file of TAP `tap` under /sys/class/net as the namespace shows it (None: no such device).
+    fn sys(&self, tap: &str, file: &str) -> Option<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "cat"])
+            .arg(format!("/sys/class/net/{tap}/{file}"))
+            .stderr(Stdio::null())
+            .output()
+            .expect("ip netns exec cat");
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// `kvmbox vm args...` of `home`, run in the namespace.
+    fn vm(&self, home: &Home, args: &[&str]) -> (i32, String, String) {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0])
+            .arg(kvmbox())
+            .arg("vm")
+            .args(args)
+            .env("KVMBOX_HOME", &home.0)
+            .env_remove("KVMBOX_JAIL");
+        home.run(c)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// The `key=value` field of the console log line that starts with `line`.
+fn log_field(log: &str, line: &str, key: &str) -> String {
+    let l = log
+        .lines()
+        .find(|l| l.contains(line))
+        .unwrap_or_else(|| panic!("no {line:?} in the console log:\n{log}"));
+    l.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {l:?}"))
+        .to_string()
+}
+
+/// A VM with `--net tap=NAME`, started as root inside a network namespace, runs jailed: the
+/// keeper lends the TAP to the VM's user (owner its uid, persistent) and gives it back after.
+/// A TAP made beforehand (owner 4242, persistent, 10.0.0.1/24, up) carries the test guest's
+/// ARP exchange with the kernel and has its owner back after the stop; one kvmbox made is
+/// gone after a stop, and after a killed keeper once `vm delete` (in the namespace) cleans up.
+#[test]
+fn a_tap_network_runs_jailed_and_the_tap_is_given_back_in_a_netns() {
+    let test = "a_tap_network_runs_jailed_and_the_tap_is_given_back_in_a_netns";
+    if !root_kvm_passt_or_skip(test) {
+        return;
+    }
+    let Some(ns) = NetNs::new(test) else { return };
+    let _cpu = CpuLease::shared();
+    let home = Home::new("tap");
+    let ok = |args: &[&str]| {
+        let (st, out, err) = ns.vm(&home, args);
+        assert_eq!(st, 0, "ip netns exec kvmbox vm {args:?}: {out}{err}");
+        out
+    };
+    let jailed_uid = |name: &str| {
+        let v = home.show(name);
+        assert_eq!(v["jailed"], true, "{v}");
+        let uid = v["jail"]["uid"].as_u64().unwrap() as u32;
+        let pid = v["pid"].as_u64().unwrap() as u32;
+        assert_ne!(uid, 0);
+        assert_eq!(status_field(pid, "Uid"), format!("{uid} {uid} {uid} {uid}"));
+        assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+        (uid, pid)
+    };
+
+    // A TAP made beforehand, owned by uid 4242.
+    let made = "kjtmade0";
+    ns.ip(&["tuntap", "add", "dev", made, "mode", "tap", "user", "4242"]);
+    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", made]);
+    ns.ip(&["link", "set", made, "up"]);
+    assert_eq!(ns.sys(made, "owner").as_deref(), Some("4242"));
+    let rx_before: u64 = ns
+        .sys(made, "statistics/rx_packets")
+        .unwrap()
+        .parse()
+        .unwrap();
+    home.create_running("m", "tests=net,shell", &["--net", &format!("tap={made}")]);
+    let out = ok(&["start", "m"]);
+    assert!(out.contains("runs jailed as uid"), "{out}");
+    home.expect_log("m", "kvmbox-testguest# ");
+    let (uid, pid) = jailed_uid("m");
+    assert_eq!(ns.sys(made, "owner"), Some(uid.to_string()));
+    // The guest's ARP requests went out through the TAP and the kernel answered them.
+    let log = home.ok(&["log", "m"]);
+    assert_eq!(log_field(&log, "KVMBOX-TEST net ", "sent"), "8", "{log}");
+    assert_eq!(
+        log_field(&log, "KVMBOX-TEST net ", "arp_replies"),
+        "8",
+        "{log}"
+    );
+    assert_eq!(
+        log_field(&log, "KVMBOX-TEST net ", "peer_mac"),
+        ns.sys(made, "address").unwrap()
+    );
+    let rx: u64 = ns
+        .sys(made, "statistics/rx_packets")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(rx >= rx_before + 8, "TAP rx_packets {rx_before} -> {rx}");
+    home.ok(&["stop", "--force", "m"]);
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    assert_eq!(ns.sys(made, "owner").as_deref(), Some("4242"));
+    let flags = u32::from_str_radix(
+        ns.sys(made, "tun_flags").unwrap().trim_start_matches("0x"),
+        16,
+    )
+    .unwrap();
+    assert_ne!(
+        flags & 0x0800,
+        0,
+        "the TAP is no longer persistent: {flags:#x}"
+    );
+
+    // A TAP kvmbox makes: lent while the VM runs, gone after the stop.
+    let new = "kjtnew0";
+    home.create("n", &["--net", &format!("tap={new}")]);
+    assert_eq!(ns.sys(new, "owner"), None);
+    ok(&["start", "n"]);
+    home.expect_log("n", "kvmbox-testguest# ");
+    let (uid, _) = jailed_uid("n");
+    assert_eq!(ns.sys(new, "owner"), Some(uid.to_string()));
+    home.ok(&["stop", "--force", "n"]);
+    assert_eq!(
+        ns.sys(new, "owner"),
+        None,
+        "kvmbox's TAP stayed after the stop"
+    );
+
+    // A killed keeper leaves it lent; delete (in the namespace) gives it back: gone.
+    ok(&["start", "n"]);
+    let (uid, pid) = jailed_uid("n");
+    let keeper = keeper_pid(&home, "n");
+    // SAFETY: a signal to the keeper this test's VM start made.
+    assert_eq!(unsafe { libc::kill(keeper, libc::SIGKILL) }, 0);
+    wait_until("the VM process ends with its keeper", || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert_eq!(ns.sys(new, "owner"), Some(uid.to_string()));
+    ok(&["delete", "--force", "n"]);
+    assert_eq!(
+        ns.sys(new, "owner"),
+        None,
+        "kvmbox's TAP stayed after the cleanup"
+    );
 }

@@ -93,7 +93,7 @@ pub fn keep(vm: &Vm, exe: &Path, restore: bool, paused: bool, jail: bool) -> Res
     let _ = std::fs::remove_file(&api);
     let mut cmd = Command::new(exe);
     let (state, mem) = vm.saved_state();
-    let jailed = if jail {
+    let mut jailed = if jail {
         // A refusal here leaves no runtime folder (the VM did not run).
         let gone = |e: Error| {
             let _ = std::fs::remove_dir_all(run_dir);
@@ -156,9 +156,21 @@ pub fn keep(vm: &Vm, exe: &Path, restore: bool, paused: bool, jail: bool) -> Res
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| io_err(format_args!("starting {}", exe.display()), e))?;
+    if let Some(info) = &mut jailed {
+        // Last before the start: each later failure gives them back.
+        vm.lend_taps(info).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(run_dir);
+        })?;
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(info) = &jailed {
+                let _ = vm.give_back_taps(info);
+            }
+            return Err(io_err(format_args!("starting {}", exe.display()), e));
+        }
+    };
     // The pipe's write ends live on only in the VM process (and its children).
     drop(cmd);
     if jailed.is_none() {
@@ -196,6 +208,12 @@ pub fn keep(vm: &Vm, exe: &Path, restore: bool, paused: bool, jail: bool) -> Res
         // SAFETY: geteuid/getegid have no arguments and cannot fail.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let _ = crate::jail::chown_all(&[&state, &mem], uid, gid);
+    }
+    if let Some(info) = &jailed {
+        // The VM process (the TAPs' only user) has ended. Said in the console log.
+        if let Err(e) = vm.give_back_taps(info) {
+            eprintln!("kvmbox: {e}");
+        }
     }
     // `kvmbox jail` exits 128+N when signal N ended the VM process, as a shell does.
     let (exit_status, signal) = match (status.code(), &jailed) {
