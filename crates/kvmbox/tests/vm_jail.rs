@@ -9,8 +9,8 @@
 
 mod common;
 
-use common::{kvm_or_skip, kvmbox, skip, testguest, CpuLease, Interactive};
-use serde_json::Value;
+use common::store::Home;
+use common::{kvm_or_skip, kvmbox, skip, testguest, CpuLease, Interactive, TESTGUEST_TIMEOUT};
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -20,113 +20,32 @@ use std::time::{Duration, Instant};
 /// Longest a command, a console attach or a cleanup takes (milliseconds when idle).
 const CMD: Duration = Duration::from_secs(30);
 
-/// A store in a temporary folder; dropping it force-deletes its VMs and removes the folder.
-struct Home(PathBuf);
-
-impl Home {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("kvmbox-jail-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Home(p)
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(kvmbox());
-        c.env("KVMBOX_HOME", &self.0)
-            .env_remove("KVMBOX_JAIL")
-            .arg("vm")
-            .args(args);
-        c
-    }
-
-    fn run(&self, mut c: Command) -> (i32, String, String) {
-        let out = c.stdin(Stdio::null()).output().expect("run kvmbox vm");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let (st, out, err) = self.run(self.cmd(args));
-        assert_eq!(st, 0, "kvmbox vm {args:?}: {out}{err}");
-        out
-    }
-
-    fn fails(&self, args: &[&str], status: i32, needle: &str) {
-        let (st, out, err) = self.run(self.cmd(args));
-        assert_eq!(st, status, "kvmbox vm {args:?}: {out}{err}");
-        assert!(
-            err.contains(needle),
-            "kvmbox vm {args:?}: {err:?} lacks {needle:?}"
-        );
-    }
-
-    fn show(&self, name: &str) -> Value {
-        serde_json::from_str(&self.ok(&["show", name, "--json"])).unwrap()
-    }
-
-    fn state(&self, name: &str) -> String {
-        self.show(name)["state"].as_str().unwrap().to_string()
-    }
-
-    fn expect_log(&self, name: &str, needle: &str) {
-        let t0 = Instant::now();
-        loop {
-            let log = self.ok(&["log", name]);
-            if log.contains(needle) {
-                return;
-            }
-            assert!(
-                t0.elapsed() < common::TESTGUEST_TIMEOUT,
-                "VM {name}: no {needle:?} in the console log:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// The test guest's shell on KVM, 128 MiB, a new 16 MiB disk and the default network
-    /// (user-mode NAT through passt), with `extra` options.
-    fn create(&self, name: &str, extra: &[&str]) {
-        self.create_running(name, "tests=shell", extra);
-    }
-
-    /// As [`Self::create`], with the test guest's `cmdline`.
-    fn create_running(&self, name: &str, cmdline: &str, extra: &[&str]) {
-        // (The disk options add to the 16 MiB one.)
-        let tg = testguest();
-        let mut args = vec![
-            "create",
-            name,
-            "--kernel",
-            tg.to_str().unwrap(),
-            "--cmdline",
-            cmdline,
-            "--memory",
-            "128M",
-            "--accel",
-            "kvm",
-            "--disk-size",
-            "16M",
-        ];
-        args.extend_from_slice(extra);
-        self.ok(&args);
-    }
+/// Create VM `name` in `home`: the test guest's shell on KVM, 128 MiB, a new 16 MiB disk and
+/// the default network (user-mode NAT through passt), with `extra` options.
+fn create(home: &Home, name: &str, extra: &[&str]) {
+    create_running(home, name, "tests=shell", extra);
 }
 
-impl Drop for Home {
-    fn drop(&mut self) {
-        if let Ok(list) = serde_json::from_str::<Value>(&self.run(self.cmd(&["list", "--json"])).1)
-        {
-            for v in list.as_array().into_iter().flatten() {
-                let name = v["name"].as_str().unwrap_or_default().to_string();
-                self.run(self.cmd(&["delete", "--force", &name]));
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// As [`create`], with the test guest's `cmdline`.
+fn create_running(home: &Home, name: &str, cmdline: &str, extra: &[&str]) {
+    // (The disk options add to the 16 MiB one.)
+    let tg = testguest();
+    let mut args = vec![
+        "create",
+        name,
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+        "--memory",
+        "128M",
+        "--accel",
+        "kvm",
+        "--disk-size",
+        "16M",
+    ];
+    args.extend_from_slice(extra);
+    home.ok(&args);
 }
 
 fn root_kvm_passt_or_skip(test: &str) -> bool {
@@ -210,10 +129,10 @@ fn vm_start_as_root_runs_the_vm_in_a_jail_on_kvm() {
     };
     let _cpu = CpuLease::shared();
     let home = Home::new("on");
-    home.create("j", &["--cpu-max", "0.5"]);
+    create(&home, "j", &["--cpu-max", "0.5"]);
     let out = home.ok(&["start", "j"]);
     assert!(out.contains("runs jailed as uid"), "{out}");
-    home.expect_log("j", "kvmbox-testguest# ");
+    home.expect_log("j", "kvmbox-testguest# ", TESTGUEST_TIMEOUT);
     let v = home.show("j");
     assert_eq!(v["jailed"], true, "{v}");
     let uid = v["jail"]["uid"].as_u64().unwrap() as u32;
@@ -458,7 +377,7 @@ fn no_jail_and_kvmbox_jail_off_run_the_vm_unjailed() {
     }
     let _cpu = CpuLease::shared();
     let home = Home::new("off");
-    home.create("u", &["--net", "none"]);
+    create(&home, "u", &["--net", "none"]);
     let me = std::process::id();
     for how in ["--no-jail", "KVMBOX_JAIL=off"] {
         let mut c = home.cmd(&["start", "u"]);
@@ -516,11 +435,11 @@ fn a_forged_saved_state_is_refused_and_a_dead_keepers_jail_is_cleaned_up() {
     }
     let _cpu = CpuLease::shared();
     let home = Home::new("forged");
-    home.create("f", &["--net", "none", "--disk-size", "16M"]);
+    create(&home, "f", &["--net", "none", "--disk-size", "16M"]);
     let dir = home.0.join("vms/f");
     let (disk0, disk1) = (dir.join("disk0.qcow2"), dir.join("disk1.qcow2"));
     home.ok(&["start", "f"]);
-    home.expect_log("f", "kvmbox-testguest# ");
+    home.expect_log("f", "kvmbox-testguest# ", TESTGUEST_TIMEOUT);
     home.ok(&["save", "f"]);
     // As if the VM's settings had only one disk: the saved state names the other.
     let toml_path = dir.join("vm.toml");
@@ -704,10 +623,15 @@ fn a_tap_network_runs_jailed_and_the_tap_is_given_back_in_a_netns() {
         .unwrap()
         .parse()
         .unwrap();
-    home.create_running("m", "tests=net,shell", &["--net", &format!("tap={made}")]);
+    create_running(
+        &home,
+        "m",
+        "tests=net,shell",
+        &["--net", &format!("tap={made}")],
+    );
     let out = ok(&["start", "m"]);
     assert!(out.contains("runs jailed as uid"), "{out}");
-    home.expect_log("m", "kvmbox-testguest# ");
+    home.expect_log("m", "kvmbox-testguest# ", TESTGUEST_TIMEOUT);
     let (uid, pid) = jailed_uid("m");
     assert_eq!(ns.sys(made, "owner"), Some(uid.to_string()));
     // The guest's ARP requests went out through the TAP and the kernel answered them.
@@ -744,10 +668,10 @@ fn a_tap_network_runs_jailed_and_the_tap_is_given_back_in_a_netns() {
 
     // A TAP kvmbox makes: lent while the VM runs, gone after the stop.
     let new = "kjtnew0";
-    home.create("n", &["--net", &format!("tap={new}")]);
+    create(&home, "n", &["--net", &format!("tap={new}")]);
     assert_eq!(ns.sys(new, "owner"), None);
     ok(&["start", "n"]);
-    home.expect_log("n", "kvmbox-testguest# ");
+    home.expect_log("n", "kvmbox-testguest# ", TESTGUEST_TIMEOUT);
     let (uid, _) = jailed_uid("n");
     assert_eq!(ns.sys(new, "owner"), Some(uid.to_string()));
     home.ok(&["stop", "--force", "n"]);
