@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::procfs::{ns, status_field, walk};
 use common::{api, kvm_or_skip, kvmbox, repo_root, skip, testguest, CpuLease, Interactive};
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
@@ -109,44 +110,6 @@ impl Drop for Scratch {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
     }
-}
-
-/// Every entry under `root`, as paths inside it, without following symlinks; the value says
-/// whether it is a directory.
-fn walk(root: &Path) -> Vec<(PathBuf, bool)> {
-    let mut out = Vec::new();
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
-            let p = e.expect("directory entry").path();
-            let is_dir = std::fs::symlink_metadata(&p).expect("lstat").is_dir();
-            out.push((
-                Path::new("/").join(p.strip_prefix(root).expect("under root")),
-                is_dir,
-            ));
-            if is_dir {
-                todo.push(p);
-            }
-        }
-    }
-    out
-}
-
-fn status_field(pid: u32, key: &str) -> String {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    s.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn ns(pid: &str, kind: &str) -> String {
-    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
-        .expect("read a namespace link")
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// The jailer's child: the jailed kvmbox.

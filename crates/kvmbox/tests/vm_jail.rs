@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::procfs::{children, ns, status_field, walk};
 use common::store::Home;
 use common::{kvm_or_skip, kvmbox, skip, testguest, CpuLease, Interactive, TESTGUEST_TIMEOUT};
 use std::collections::BTreeSet;
@@ -62,51 +63,6 @@ fn root_kvm_passt_or_skip(test: &str) -> bool {
         return false;
     }
     kvm_or_skip(test)
-}
-
-fn status_field(pid: u32, key: &str) -> String {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    s.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn ns(pid: u32, kind: &str) -> String {
-    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
-        .expect("read a namespace link")
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// Every entry under `root` except its `/proc` (the jail's own procfs, shown separately), as
-/// paths inside it, without following symlinks; the value says whether it is a directory.
-fn walk(root: &Path) -> Vec<(PathBuf, bool)> {
-    let mut out = Vec::new();
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
-            let p = e.expect("directory entry").path();
-            let inside = Path::new("/").join(p.strip_prefix(root).expect("under root"));
-            let is_dir = std::fs::symlink_metadata(&p).expect("lstat").is_dir();
-            out.push((inside.clone(), is_dir));
-            if is_dir && inside != Path::new("/proc") {
-                todo.push(p);
-            }
-        }
-    }
-    out
-}
-
-/// The host PIDs of `pid`'s children.
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {

@@ -832,3 +832,55 @@ pub mod store {
         }
     }
 }
+
+/// What /proc says about a process (the jail tests look at jailed VMs from the host).
+pub mod procfs {
+    use std::path::{Path, PathBuf};
+
+    /// The value of `key` in /proc/PID/status, its fields joined by single spaces.
+    pub fn status_field(pid: u32, key: &str) -> String {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+        s.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The namespace `kind` (`mnt`, `pid`, `net`...) of `pid`, e.g. `mnt:[4026531841]`.
+    pub fn ns(pid: impl std::fmt::Display, kind: &str) -> String {
+        std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+            .expect("read a namespace link")
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// The PIDs of `pid`'s children.
+    pub fn children(pid: u32) -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// Every entry under `root` except below its `/proc` (a jail's own procfs), as paths
+    /// inside it, without following symlinks; the value says whether it is a directory.
+    pub fn walk(root: &Path) -> Vec<(PathBuf, bool)> {
+        let mut out = Vec::new();
+        let mut todo = vec![root.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+                let p = e.expect("directory entry").path();
+                let inside = Path::new("/").join(p.strip_prefix(root).expect("under root"));
+                let is_dir = std::fs::symlink_metadata(&p).expect("lstat").is_dir();
+                out.push((inside.clone(), is_dir));
+                if is_dir && inside != Path::new("/proc") {
+                    todo.push(p);
+                }
+            }
+        }
+        out
+    }
+}
