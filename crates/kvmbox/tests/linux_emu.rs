@@ -100,6 +100,8 @@ fn check_guest_clock(cpus: u32) {
     let t0 = Instant::now();
     vm.expect("KVMBOX-LINUX clock-end", STEP);
     let host = t0.elapsed().as_secs_f64();
+    // The rest of that line (its elapsed= comes last) may still be on its way.
+    vm.expect("\n", STEP);
     let console = vm.console();
     let guest: f64 = field(&console, "KVMBOX-LINUX clock-end", "elapsed")
         .parse()

@@ -702,14 +702,39 @@ fn snapshots_bring_back_disks_the_guest_wrote() {
     home.ok(&["delete", "s"]);
 }
 
+/// The N of every `crashrec flushed N` line of VM `name`'s console log (this run's), once
+/// there is one. Only whole lines count: the last one may still be on its way ("flushed 39"
+/// of "flushed 391").
+fn flushed_records(home: &Home, name: &str) -> Vec<u64> {
+    let t0 = Instant::now();
+    loop {
+        let log = home.log(name);
+        let whole = log.rfind('\n').map_or("", |end| &log[..end]);
+        let records: Vec<u64> = whole
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("crashrec flushed "))
+            .filter_map(|n| n.trim().parse().ok())
+            .collect();
+        if !records.is_empty() {
+            return records;
+        }
+        assert!(
+            t0.elapsed() < BLK,
+            "VM {name}: no whole 'crashrec flushed' line within {BLK:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The last `crashrec flushed N` of VM `name`'s console log (this run's), once there is one.
 fn flushed(home: &Home, name: &str) -> u64 {
-    let log = home.expect_log(name, "crashrec flushed ", BLK);
-    log.lines()
-        .rev()
-        .filter_map(|l| l.trim().strip_prefix("crashrec flushed "))
-        .find_map(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{log}"))
+    let records = flushed_records(home, name);
+    records[records.len() - 1]
+}
+
+/// The first `crashrec flushed N` of VM `name`'s console log (this run's), once there is one.
+fn first_flushed(home: &Home, name: &str) -> u64 {
+    flushed_records(home, name)[0]
 }
 
 /// The records the test guest's `crashrec` scenario wrote at the start of the disk at `path`
@@ -847,15 +872,11 @@ fn live_snapshots_of_a_running_vm_bring_back_memory_devices_and_disks() {
     // The guest resumes where the snapshot left it: its next record follows the disk's last.
     let out = home.ok(&["start", "ls"]);
     assert!(out.contains("resumed from its saved state"), "{out}");
-    let log = home.expect_log("ls", "crashrec flushed ", BLK);
-    let first: u64 = log
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("crashrec flushed "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{log}"));
+    let first = first_flushed(&home, "ls");
     assert!(
         first == k || first == k + 1,
-        "the resumed guest's first record {first}, the snapshot's disk {k}:\n{log}"
+        "the resumed guest's first record {first}, the snapshot's disk {k}:\n{}",
+        home.log("ls")
     );
     let t0 = Instant::now();
     while flushed(&home, "ls") < first + 50 {
@@ -899,15 +920,6 @@ fn live_snapshots_of_a_running_vm_bring_back_memory_devices_and_disks() {
     assert_eq!(home.state("r"), "running");
     assert!(home.ok(&["snapshot", "r", "list"]).contains("no snapshots"));
     home.ok(&["stop", "--force", "r"]);
-}
-
-/// The first `crashrec flushed N` of VM `name`'s console log (this run's), once there is one.
-fn first_flushed(home: &Home, name: &str) -> u64 {
-    let log = home.expect_log(name, "crashrec flushed ", BLK);
-    log.lines()
-        .find_map(|l| l.trim().strip_prefix("crashrec flushed "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{log}"))
 }
 
 /// Wait until VM `name`'s guest has flushed record `n`.
