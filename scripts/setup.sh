@@ -5,7 +5,7 @@ set -euo pipefail
 need=()
 for pkg_cmd in gcc:gcc make:make binutils:ld cpio:cpio busybox-static:/bin/busybox \
                dpkg-dev:dpkg-deb lz4:lz4 iproute2:ip iputils-ping:ping \
-               qemu-utils:qemu-img passt:passt; do
+               qemu-utils:qemu-img passt:passt libc6-dev:/usr/lib/x86_64-linux-gnu/libc.a; do
     pkg=${pkg_cmd%%:*}
     cmd=${pkg_cmd#*:}
     if [[ $cmd == /* ]]; then [ -e "$cmd" ] && continue; else command -v "$cmd" >/dev/null && continue; fi
