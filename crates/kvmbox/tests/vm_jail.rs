@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::procfs::{children, ns, status_field, walk};
+use common::procfs::{assert_jail_holds, children, ns, status_field};
 use common::store::Home;
 use common::{kvm_or_skip, kvmbox, skip, testguest, CpuLease, Interactive, TESTGUEST_TIMEOUT};
 use std::collections::BTreeSet;
@@ -108,18 +108,6 @@ fn vm_start_as_root_runs_the_vm_in_a_jail_on_kvm() {
     // Its root: kvmbox, its libraries and three devices, the settings, kernel and disk, the
     // API socket and the share folder, passt (and its AVX2 build) and resolv.conf; /proc holds
     // the jail's own processes only.
-    let root = PathBuf::from(format!("/proc/{pid}/root"));
-    let entries = walk(&root);
-    let files: BTreeSet<PathBuf> = entries
-        .iter()
-        .filter(|(_, d)| !d)
-        .map(|(p, _)| p.clone())
-        .collect();
-    let mut expected: BTreeSet<PathBuf> = ["/kvmbox", "/dev/kvm", "/dev/urandom", "/dev/null"]
-        .iter()
-        .map(PathBuf::from)
-        .collect();
-    expected.extend([testguest(), dir.join("vm.toml"), disk.clone(), api.clone()]);
     let passt = std::fs::canonicalize(
         std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
             .map(|d| d.join("passt"))
@@ -127,41 +115,22 @@ fn vm_start_as_root_runs_the_vm_in_a_jail_on_kvm() {
             .expect("passt on $PATH"),
     )
     .unwrap();
-    expected.insert(passt.clone());
-    let optional: Vec<PathBuf> = vec![
-        PathBuf::from(format!("{}.avx2", passt.display())),
-        PathBuf::from("/etc/resolv.conf"),
-    ];
-    let is_library = |p: &Path| {
-        let name = p.file_name().unwrap_or_default().to_string_lossy();
-        let d = p.to_string_lossy();
-        (d.starts_with("/lib") || d.starts_with("/usr/lib"))
-            && (name.starts_with("lib") || name.starts_with("ld-linux"))
-            && name.contains(".so")
-    };
-    let unexpected: Vec<_> = files
-        .iter()
-        .filter(|p| !expected.contains(*p) && !optional.contains(*p) && !is_library(p))
-        .collect();
-    assert!(
-        unexpected.is_empty(),
-        "unexpected files in the jail: {unexpected:?}"
+    assert_jail_holds(
+        pid,
+        &[
+            testguest(),
+            dir.join("vm.toml"),
+            disk.clone(),
+            api.clone(),
+            passt.clone(),
+        ],
+        &[
+            PathBuf::from(format!("{}.avx2", passt.display())),
+            PathBuf::from("/etc/resolv.conf"),
+        ],
+        &[home.0.join("run/j/share"), PathBuf::from("/proc")],
     );
-    let missing: Vec<_> = expected.iter().filter(|p| !files.contains(*p)).collect();
-    assert!(
-        missing.is_empty(),
-        "missing in the jail: {missing:?} (has {files:?})"
-    );
-    let share = home.0.join("run/j/share");
-    for (d, _) in entries.iter().filter(|(_, d)| *d) {
-        assert!(
-            files.iter().any(|f| f.starts_with(d))
-                || share.starts_with(d)
-                || d == Path::new("/proc"),
-            "directory {} in the jail leads to none of its files",
-            d.display()
-        );
-    }
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
     let procs: BTreeSet<String> = std::fs::read_dir(root.join("proc"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -835,6 +835,7 @@ pub mod store {
 
 /// What /proc says about a process (the jail tests look at jailed VMs from the host).
 pub mod procfs {
+    use std::collections::BTreeSet;
     use std::path::{Path, PathBuf};
 
     /// The value of `key` in /proc/PID/status, its fields joined by single spaces.
@@ -863,6 +864,62 @@ pub mod procfs {
             .split_whitespace()
             .filter_map(|p| p.parse().ok())
             .collect()
+    }
+
+    /// Check from the host what the jail of process `pid` holds: exactly the executable
+    /// `/kvmbox`, `/dev/kvm`, `/dev/urandom`, `/dev/null`, its shared libraries (libc among
+    /// them) and `files`, besides any of `optional`; and no directory that leads to none of
+    /// them nor to one of `leads_to`.
+    pub fn assert_jail_holds(
+        pid: u32,
+        files: &[PathBuf],
+        optional: &[PathBuf],
+        leads_to: &[PathBuf],
+    ) {
+        let entries = walk(Path::new(&format!("/proc/{pid}/root")));
+        let found: BTreeSet<PathBuf> = entries
+            .iter()
+            .filter(|(_, d)| !d)
+            .map(|(p, _)| p.clone())
+            .collect();
+        let mut expected: BTreeSet<PathBuf> = ["/kvmbox", "/dev/kvm", "/dev/urandom", "/dev/null"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        expected.extend(files.iter().cloned());
+        let is_library = |p: &Path| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            let dir = p.to_string_lossy();
+            (dir.starts_with("/lib") || dir.starts_with("/usr/lib"))
+                && (name.starts_with("lib") || name.starts_with("ld-linux"))
+                && name.contains(".so")
+        };
+        let unexpected: Vec<_> = found
+            .iter()
+            .filter(|p| !expected.contains(*p) && !optional.contains(*p) && !is_library(p))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "unexpected files in the jail: {unexpected:?}"
+        );
+        let missing: Vec<_> = expected.iter().filter(|p| !found.contains(*p)).collect();
+        assert!(
+            missing.is_empty(),
+            "missing in the jail: {missing:?} (has {found:?})"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.to_string_lossy().contains("libc.so")),
+            "{found:?}"
+        );
+        for (dir, _) in entries.iter().filter(|(_, d)| *d) {
+            assert!(
+                found.iter().chain(leads_to).any(|f| f.starts_with(dir)),
+                "directory {} in the jail leads to none of its files",
+                dir.display()
+            );
+        }
     }
 
     /// Every entry under `root` except below its `/proc` (a jail's own procfs), as paths
