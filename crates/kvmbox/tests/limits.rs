@@ -6,7 +6,7 @@
 mod common;
 
 use common::api::{http, ok, refused, scenario_guest, sock_path};
-use common::{kvm_or_skip, run_kvmbox, skip, testguest, Interactive};
+use common::{kvm_or_skip, run_kvmbox, testguest, Interactive};
 use kvmbox_cgroup::{Hierarchy, Version};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,19 +17,10 @@ const GUEST_UP: Duration = Duration::from_secs(60);
 /// the last process (10 s) and a loaded host's margin.
 const GROUP_GONE: Duration = Duration::from_secs(40);
 
-/// Whether this host can make cgroups with cpu and memory (root, a hierarchy with both);
-/// otherwise one SKIP line.
+/// Whether this host can make cgroups with cpu and memory (root, a hierarchy with both) and
+/// run KVM; otherwise one SKIP line.
 fn cgroups_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        skip(test, "making cgroups needs root");
-        return false;
-    }
-    if let Err(e) = Hierarchy::detect(&["cpu", "memory"]) {
-        skip(test, &e.to_string());
-        return false;
-    }
-    kvm_or_skip(test)
+    common::cgroups_or_skip(test).is_some() && kvm_or_skip(test)
 }
 
 /// The VM's group folders (cpu, memory) as kvmbox process `pid` sees them, once it is in the

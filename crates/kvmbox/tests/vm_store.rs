@@ -1594,13 +1594,7 @@ fn modify_attaches_and_detaches_existing_disks() {
 #[test]
 fn modify_changes_the_limits_of_a_running_vm() {
     let test = "modify_changes_the_limits_of_a_running_vm";
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        common::skip(test, "making cgroups needs root");
-        return;
-    }
-    let Ok(h) = kvmbox_cgroup::Hierarchy::detect(&["cpu", "memory"]) else {
-        common::skip(test, "no cgroup hierarchy with cpu and memory");
+    let Some(h) = common::cgroups_or_skip(test) else {
         return;
     };
     let _cpu = CpuLease::shared();
@@ -1892,13 +1886,7 @@ fn create_defaults_to_a_user_network_and_none_means_none() {
 #[test]
 fn resource_limits_from_create_and_modify_hold_when_the_vm_starts() {
     let test = "resource_limits_from_create_and_modify_hold_when_the_vm_starts";
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        common::skip(test, "making cgroups needs root");
-        return;
-    }
-    let Ok(h) = kvmbox_cgroup::Hierarchy::detect(&["cpu", "memory"]) else {
-        common::skip(test, "no cgroup hierarchy with cpu and memory");
+    let Some(h) = common::cgroups_or_skip(test) else {
         return;
     };
     let _cpu = CpuLease::shared();

@@ -71,6 +71,19 @@ pub fn task_dirs(pid: u32) -> Vec<PathBuf> {
     }
 }
 
+/// The cgroup hierarchy with cpu and memory where this host lets the tests make groups (as
+/// root); otherwise one SKIP line for `test` and None.
+pub fn cgroups_or_skip(test: &str) -> Option<kvmbox_cgroup::Hierarchy> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip(test, "making cgroups needs root");
+        return None;
+    }
+    kvmbox_cgroup::Hierarchy::detect(&["cpu", "memory"])
+        .map_err(|e| skip(test, &e.to_string()))
+        .ok()
+}
+
 /// What one kvmbox run produced.
 #[derive(Debug)]
 pub struct RunResult {
