@@ -229,33 +229,18 @@ impl Vm {
         }
         std::fs::create_dir_all(&dir)
             .map_err(|e| io_err(format_args!("creating {}", dir.display()), e))?;
-        let (name, sock) = (self.name(), self.api_sock());
-        if running {
-            let paused =
-                crate::api::call(name, &sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
-            if let Err(e) = paused {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
-        }
         let body = serde_json::json!({
             "snapshot_path": self.api_output_path(&partial(&state)),
             "mem_file_path": self.api_output_path(&partial(&mem)),
             "snapshot_type": "Full",
             "disk_snapshot": disk_name(snap),
         });
-        let made = crate::api::call(
-            name,
-            &sock,
-            "PUT",
-            "/snapshot/create",
-            Some(&body.to_string()),
-        );
-        // The guest runs on whatever happened.
-        let resumed = if running {
-            crate::api::call(name, &sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#)).map(drop)
-        } else {
-            Ok(())
+        let (made, resumed) = match self.put_while_paused(running, "/snapshot/create", &body) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
         };
         let kept = made.and_then(|_| {
             for p in [&state, &mem] {
@@ -367,24 +352,8 @@ impl Vm {
     pub fn snapshot_delete_live(&self, snap: &str, running: bool) -> Result<()> {
         let tree = self.snapshot_tree()?;
         let info = tree.get(self.name(), snap)?.clone();
-        let (name, sock) = (self.name(), self.api_sock());
-        if running {
-            crate::api::call(name, &sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#))?;
-        }
         let body = serde_json::json!({ "disk_snapshot": disk_name(snap) });
-        let deleted = crate::api::call(
-            name,
-            &sock,
-            "PUT",
-            "/snapshot/delete",
-            Some(&body.to_string()),
-        );
-        // The guest runs on whatever happened.
-        let resumed = if running {
-            crate::api::call(name, &sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#)).map(drop)
-        } else {
-            Ok(())
-        };
+        let (deleted, resumed) = self.put_while_paused(running, "/snapshot/delete", &body)?;
         deleted.map_err(|e| match e {
             Error::State(m) => Error::State(format!(
                 "{m} (the VM process cannot delete its disk snapshots: stop the VM, then delete '{snap}')"
@@ -393,6 +362,28 @@ impl Vm {
         })?;
         self.forget_snapshot(tree, &info)?;
         resumed
+    }
+
+    /// `PUT path` with `body` to this VM's process with its guest paused: a running VM
+    /// (`running`) is paused first (an error here: nothing was asked) and resumed after,
+    /// whatever the call answered, so the guest runs on. The call's answer and the resume's.
+    fn put_while_paused(
+        &self,
+        running: bool,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(Result<String>, Result<()>)> {
+        let (name, sock) = (self.name(), self.api_sock());
+        if running {
+            crate::api::call(name, &sock, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#))?;
+        }
+        let answer = crate::api::call(name, &sock, "PUT", path, Some(&body.to_string()));
+        let resumed = if running {
+            crate::api::call(name, &sock, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#)).map(drop)
+        } else {
+            Ok(())
+        };
+        Ok((answer, resumed))
     }
 
     /// Drop snapshot `info` (gone from the disks) from the folder and from `tree`: its saved
