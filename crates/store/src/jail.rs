@@ -28,7 +28,6 @@
 
 use crate::{io_err, Error, Result, Vm};
 use serde::{Deserialize, Serialize};
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 /// The first uid (and gid) of jailed VMs.
@@ -137,14 +136,7 @@ impl Vm {
         std::fs::create_dir_all(&base)
             .map_err(|e| io_err(format_args!("creating {}", base.display()), e))?;
         let lock_path = base.join("uids.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| io_err(format_args!("opening {}", lock_path.display()), e))?;
-        crate::lock::flock_wait(&lock, libc::LOCK_EX)
-            .map_err(|e| io_err(format_args!("locking {}", lock_path.display()), e))?;
+        let _lock = crate::lock::lock_wait(&lock_path)?;
         let mut taken = Vec::new();
         for e in std::fs::read_dir(&runs).into_iter().flatten().flatten() {
             let p = e.path();

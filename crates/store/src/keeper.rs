@@ -62,14 +62,7 @@ pub fn keep(vm: &Vm, exe: &Path, restore: bool, paused: bool, jail: bool) -> Res
     std::fs::create_dir_all(run_dir)
         .map_err(|e| io_err(format_args!("creating {}", run_dir.display()), e))?;
     let lock_path = vm.keeper_lock_path();
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| io_err(format_args!("opening {}", lock_path.display()), e))?;
-    crate::lock::flock_wait(&lock, libc::LOCK_EX)
-        .map_err(|e| io_err(format_args!("locking {}", lock_path.display()), e))?;
+    let lock = crate::lock::lock_wait(&lock_path)?;
     write_atomic(
         &run_dir.join("keeper.pid"),
         &format!("{}\n", std::process::id()),

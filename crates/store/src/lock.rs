@@ -37,8 +37,17 @@ fn try_flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
     }
 }
 
+/// Open (creating it) the lock file at `path` and take its exclusive lock, waiting for it;
+/// held until the file is dropped.
+pub(crate) fn lock_wait(path: &Path) -> Result<File> {
+    let file = open(path).map_err(|e| io_err(format_args!("opening {}", path.display()), e))?;
+    flock_wait(&file, libc::LOCK_EX)
+        .map_err(|e| io_err(format_args!("locking {}", path.display()), e))?;
+    Ok(file)
+}
+
 /// Take `op` on `file`, waiting for it.
-pub(crate) fn flock_wait(file: &File, op: libc::c_int) -> std::io::Result<()> {
+fn flock_wait(file: &File, op: libc::c_int) -> std::io::Result<()> {
     loop {
         // SAFETY: flock on a descriptor `file` owns; no memory is involved.
         if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
