@@ -30,9 +30,7 @@ fn expect_usage_error(args: &[&str], needle: &str) {
 }
 
 fn tmpfile(name: &str, contents: &[u8]) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("kvmbox-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
+    let p = common::scratch_dir("cli").join(name);
     std::fs::write(&p, contents).unwrap();
     p
 }

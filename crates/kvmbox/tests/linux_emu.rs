@@ -185,9 +185,7 @@ fn reboot_and_panic_end_kvmbox_as_documented() {
 }
 
 fn scratch(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("kvmbox-linux-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    common::scratch_dir("linux").join(name)
 }
 
 /// A deterministic, incompressible pattern.

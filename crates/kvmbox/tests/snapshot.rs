@@ -18,9 +18,7 @@ const TG: Duration = Duration::from_secs(60);
 const ITERS: &str = "1000000000";
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join("kvmbox-snapshot-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(format!("{name}-{}", std::process::id()))
+    common::scratch_dir("snapshot").join(name)
 }
 
 /// `kvmbox run --restore state --restore-mem mem` must fail with status 2 and `needle` on

@@ -140,9 +140,7 @@ fn guest_exit_status_and_config_file() {
     }
     // The same VM from a TOML file; the flag overrides the file's cmdline.
     let g = common::testguest();
-    let dir = std::env::temp_dir().join(format!("kvmbox-cfg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("vm.toml");
+    let cfg = common::scratch_dir("cfg").join("vm.toml");
     std::fs::write(
         &cfg,
         format!("kernel = {g:?}\ncpus = 2\nmemory = \"128M\"\naccel = \"kvm\"\ncmdline = \"tests=smp\"\n"),

@@ -46,6 +46,30 @@ pub fn testguest_multiboot() -> PathBuf {
 }
 
 /// True when /dev/kvm can be opened; otherwise prints one loud SKIP line for `test`.
+/// This test process's scratch folder `$TMPDIR/kvmbox-TAG-PID`, made on first use and removed
+/// with everything in it when the process exits (tests of one binary run in parallel and
+/// share it, so no single test may remove it).
+#[allow(dead_code)]
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    extern "C" fn remove_all() {
+        for d in DIRS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("kvmbox-{tag}-{}", std::process::id()));
+    let mut dirs = DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    if !dirs.contains(&dir) {
+        std::fs::create_dir_all(&dir).unwrap();
+        if dirs.is_empty() {
+            // SAFETY: registers a plain function with no arguments; it runs once, at exit.
+            assert_eq!(unsafe { libc::atexit(remove_all) }, 0);
+        }
+        dirs.push(dir.clone());
+    }
+    dir
+}
+
 pub fn kvm_or_skip(test: &str) -> bool {
     kvmbox_cpu::kvm::available_or_skip(test)
 }
