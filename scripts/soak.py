@@ -244,7 +244,7 @@ def main():
                     script = LINUX_SCRIPT.format(secs=secs, bytes=LINUX_MIB << 20)
                     cmd = [args.kvmbox, "run", "--accel", "emu", "--kernel", kernel, "--initrd",
                            initrd, "--memory", "256M", "--cmdline",
-                           "console=ttyS0 reboot=k panic=-1 " + kit_cmd(script),
+                           "console=ttyS0 reboot=k panic=-1 cryptomgr.notests " + kit_cmd(script),
                            "--disk", disk] + net
                     vms.append(Vm(kind, i, ns, disk, disk + ".log", cmd, 256,
                                   "KVMBOX-LINUX userspace-ready"))

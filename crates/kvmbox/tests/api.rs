@@ -870,7 +870,7 @@ fn linux_on_the_engine_pauses_resumes_and_powers_off_on_the_button() {
     let (kernel, initrd) = linux_kit();
     let sock = sock_path("linux");
     let script = "i=0; while :; do i=$((i+1)); echo COUNT-$i; sleep 0.2; done";
-    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {}", kit_cmd(script));
+    let cmdline = format!("{} {}", common::LINUX_CMDLINE, kit_cmd(script));
     let mut vm = Interactive::spawn(&[
         "run",
         "--accel",

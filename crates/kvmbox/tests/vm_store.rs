@@ -2055,7 +2055,7 @@ fn debian_vm_saves_resumes_and_stops_through_the_power_button() {
     let _cpu = CpuLease::exclusive();
     let home = Home::new("linux");
     let (kernel, initrd) = linux_kit();
-    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {}", kit_cmd(COUNT));
+    let cmdline = format!("{} {}", common::LINUX_CMDLINE, kit_cmd(COUNT));
     home.ok(&[
         "create",
         "deb",
