@@ -258,7 +258,7 @@ fn count<const CL: bool>(c: &Cpu, f: &Fast) -> u64 {
 
 fn shift_r<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
     let n = count::<CL>(c, f);
-    let (res, fl) = alu::shift(shift_op(OP), get::<B>(c, f.r0), n, c.st.rflags, B);
+    let (res, fl) = alu::shift_inline(shift_op(OP), get::<B>(c, f.r0), n, c.st.rflags, B);
     set::<B>(c, f.r0, res);
     set_status(c, fl);
     Ok(())
@@ -268,8 +268,8 @@ fn shift_m<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) ->
     let n = count::<CL>(c, f);
     let fl = c.st.rflags;
     let op = shift_op(OP);
-    let old = rmw_mem::<B>(c, f, |a| alu::shift(op, a, n, fl, B).0)?;
-    set_status(c, alu::shift(op, old, n, fl, B).1);
+    let old = rmw_mem::<B>(c, f, |a| alu::shift_inline(op, a, n, fl, B).0)?;
+    set_status(c, alu::shift_inline(op, old, n, fl, B).1);
     Ok(())
 }
 
