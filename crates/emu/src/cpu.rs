@@ -1,6 +1,7 @@
 //! The engine core: one vCPU's state plus its TLB, and memory access through segmentation
 //! and paging. Instruction semantics live in `exec/`, exception delivery in `interrupt.rs`.
 
+use crate::exec::fast::{self, Fast};
 use crate::irq::InterruptController;
 use crate::mem::{self, PhysMem};
 use crate::mmu::{Tlb, ACC_R, ACC_W, ACC_X};
@@ -65,6 +66,9 @@ pub struct Stats {
     pub decode_hits: u64,
     /// Instructions decoded by iced-x86 (cache misses).
     pub decodes: u64,
+    /// Instructions executed by the generic `exec` (the others ran the decode-time handler
+    /// of their form, `exec::fast`).
+    pub generic: u64,
     /// TLB misses (page walks, including those that faulted).
     pub tlb_misses: u64,
     /// External interrupts (and NMIs as vector 2) delivered, by vector.
@@ -74,14 +78,16 @@ pub struct Stats {
 const DCACHE_SIZE: usize = 16384;
 
 #[derive(Clone)]
-struct DecodedEntry {
+pub(crate) struct DecodedEntry {
     /// Physical address of the first byte, bitness in the low bits of `key` (MAX: empty).
     key: u64,
     rip: u64,
     /// The instruction's bytes (zero-padded) and the mask of the valid ones.
     bytes: u128,
     mask: u128,
-    ins: Instruction,
+    /// The decode-time handler and pre-resolved operands (`exec::fast`).
+    pub(crate) fast: Fast,
+    pub(crate) ins: Instruction,
 }
 
 fn empty_decoded() -> DecodedEntry {
@@ -90,6 +96,7 @@ fn empty_decoded() -> DecodedEntry {
         rip: 0,
         bytes: 0,
         mask: 0,
+        fast: Fast::NONE,
         ins: Instruction::new(),
     }
 }
@@ -553,7 +560,7 @@ impl Cpu {
     /// heap buffer, valid until the next `fetch_decode`: only this function writes the cache,
     /// so the caller may execute the instruction in place without copying it.
     #[inline(always)]
-    pub(crate) fn fetch_decode(&mut self) -> R<*const Instruction> {
+    pub(crate) fn fetch_decode(&mut self) -> R<*const DecodedEntry> {
         // Fast path: a cached decode in a TLB-resident RAM page with the same bytes.
         let bits = self.st.code_bits();
         let rip = self.st.rip;
@@ -571,7 +578,7 @@ impl Cpu {
                         let cur = unsafe { (e.host.add(off) as *const u128).read_unaligned() };
                         if cur & d.mask == d.bytes {
                             self.stats.decode_hits += 1;
-                            return Ok(&d.ins);
+                            return Ok(d);
                         }
                     }
                 }
@@ -583,7 +590,7 @@ impl Cpu {
     /// Everything else: segment checks, page walks, the cache check near page ends, and
     /// decoding with iced-x86.
     #[inline(never)]
-    fn fetch_decode_slow(&mut self) -> R<*const Instruction> {
+    fn fetch_decode_slow(&mut self) -> R<*const DecodedEntry> {
         let bits = self.st.code_bits();
         let rip = self.st.rip;
         let lin = if bits == 64 {
@@ -623,7 +630,7 @@ impl Cpu {
                 };
                 if same {
                     self.stats.decode_hits += 1;
-                    return Ok(&d.ins);
+                    return Ok(d);
                 }
             }
         }
@@ -672,14 +679,17 @@ impl Cpu {
                 rip,
                 bytes: u128::from_le_bytes(bytes),
                 mask,
+                fast: fast::compile(&ins, bits),
                 ins,
             };
-            return Ok(&self.dcache[slot].ins);
+            return Ok(&self.dcache[slot]);
         }
+        // Not cached (MMIO, page-crossing): the generic path.
         let scratch = &mut self.dcache[DCACHE_SIZE];
         scratch.key = u64::MAX;
+        scratch.fast = Fast::NONE;
         scratch.ins = ins;
-        Ok(&scratch.ins)
+        Ok(scratch)
     }
 }
 

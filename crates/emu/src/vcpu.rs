@@ -116,9 +116,34 @@ impl Cpu {
     }
 
     /// Execute one instruction (fetch, decode, execute, commit RIP), then take its debug
-    /// traps: single step and the data breakpoints it hit.
-    fn step(&mut self) -> crate::cpu::R<()> {
-        use iced_x86::Mnemonic as M;
+    /// traps: single step and the data breakpoints it hit. Returns true when the instruction
+    /// ran a decode-time handler on the quiet path: then nothing but registers, flags other
+    /// than IF/TF, memory and RIP changed, so the run loop has nothing to check after it.
+    #[inline(always)]
+    fn step(&mut self) -> crate::cpu::R<bool> {
+        // The quiet path: no single-step, no RF, no breakpoint armed or pending (one test of
+        // conditions that are rarely set). Forms with a decode-time handler run it directly.
+        if self.st.rflags & (flags::TF | flags::RF) == 0
+            && self.bp_exec | self.bp_data | self.bp_pending == 0
+        {
+            self.set_shadow = false;
+            let d = self.fetch_decode()?;
+            // SAFETY: `d` points into the heap buffer of the decoded-instruction cache, which
+            // is never reallocated and which only `fetch_decode` writes; neither the handler
+            // nor `exec` fetches.
+            let d = unsafe { &*d };
+            if let Some(h) = d.fast.handler {
+                self.next_rip = d.fast.next_rip;
+                h(self, &d.fast)?;
+                self.st.rip = self.next_rip;
+                self.stats.instructions += 1;
+                self.shadow = false;
+                return Ok(true);
+            }
+            self.bp_hits = 0;
+            self.exec_generic(&d.ins, false, 0)?;
+            return Ok(false);
+        }
         // An instruction breakpoint is a fault before the instruction, unless RF (set by the
         // #DB handler's IRET frame) says the instruction resumes past it.
         if self.bp_exec != 0 && self.st.rflags & flags::RF == 0 {
@@ -137,13 +162,26 @@ impl Cpu {
         // Data breakpoints a MOV SS / POP SS hit wait for this instruction; they go with it
         // if it faults.
         let pending = std::mem::take(&mut self.bp_pending);
-        let ins = self.fetch_decode()?;
-        // SAFETY: `ins` points into the heap buffer of the decoded-instruction cache, which
-        // is never reallocated and which only `fetch_decode` writes; `exec` never fetches.
-        let ins = unsafe { &*ins };
+        let d = self.fetch_decode()?;
+        // SAFETY: as above.
+        let d = unsafe { &*d };
+        self.exec_generic(&d.ins, tf, pending)?;
+        Ok(false)
+    }
+
+    /// Execute `ins` with the generic `exec` (TF was `tf` when it started; `pending`: data
+    /// breakpoints a MOV SS / POP SS left for it), commit RIP and take its debug traps.
+    fn exec_generic(
+        &mut self,
+        ins: &iced_x86::Instruction,
+        tf: bool,
+        pending: u8,
+    ) -> crate::cpu::R<()> {
+        use iced_x86::Mnemonic as M;
         self.exec(ins)?;
         self.st.rip = self.next_rip;
         self.stats.instructions += 1;
+        self.stats.generic += 1;
         self.shadow = self.set_shadow;
         let mut hits = self.bp_hits | pending;
         if self.set_shadow && matches!(ins.mnemonic(), M::Mov | M::Pop) {
@@ -291,7 +329,16 @@ impl Cpu {
                 let nmi_blocked_before = self.nmi_blocked;
                 executed += 1;
                 match self.step() {
-                    Ok(()) => {}
+                    // A decode-time handler changed neither IF, the shadow (beyond ending
+                    // one), NMI blocking, HLT state nor I/O: only an interrupt window that
+                    // just closed ends the batch.
+                    Ok(true) => {
+                        if check_after_shadow {
+                            break;
+                        }
+                        continue;
+                    }
+                    Ok(false) => {}
                     Err(Fault::Exc(v, e)) => {
                         if let Err(f) = self.raise(v, e) {
                             if let Some(exit) = self.fault_exit(f)? {

@@ -467,7 +467,227 @@ fn forms() -> Vec<Form> {
     f!(v, "lahf", all, |a| a.lahf());
     f!(v, "sahf", all, |a| a.sahf());
     f!(v, "cmc", all, |a| a.cmc());
+    fast_forms(&mut v);
     v
+}
+
+/// Forms with a decode-time handler (`exec/fast.rs`) that the lists above leave out: MOV in
+/// every operand shape and width, ALU ops with memory and immediates at every width, shifts
+/// of memory by immediates, PUSH/POP, near CALL/RET/JMP (direct, through a register and
+/// through memory), RIP-relative operands, multi-byte NOP. Every form in the crate runs
+/// through the run loop, so every form listed in this file exercises the handlers.
+fn fast_forms(v: &mut Vec<Form>) {
+    f!(v, "mov bl,cl", all, |a| a.mov(bl, cl));
+    f!(v, "mov bx,cx", all, |a| a.mov(bx, cx));
+    f!(v, "mov ebx,ecx", all, |a| a.mov(ebx, ecx));
+    f!(v, "mov rbx,rcx", all, |a| a.mov(rbx, rcx));
+    f!(v, "mov r9b,sil", all, |a| a.mov(r9b, sil));
+    f!(v, "mov bl,imm8", all, |a| a.mov(bl, 0x9a));
+    f!(v, "mov bx,imm16", all, |a| a.mov(bx, 0xfedc));
+    f!(v, "mov ebx,imm32", all, |a| a.mov(ebx, 0x8765_4321u32));
+    f!(v, "mov rbx,simm32", all, |a| a.mov(rbx, -0x1234_5678i64));
+    f!(v, "mov rbx,imm64", all, |a| a
+        .mov(rbx, 0x1234_5678_9abc_def0u64));
+    f!(v, "mov cl,[r15]", all, |a| a.mov(cl, byte_ptr(r15 + 9)));
+    f!(v, "mov cx,[r15]", all, |a| a.mov(cx, word_ptr(r15 + 10)));
+    f!(v, "mov ecx,[r15]", all, |a| a.mov(ecx, dword_ptr(r15 + 12)));
+    f!(v, "mov rcx,[r15+rdx*8]", all, small_rdx, |a| a
+        .mov(rcx, qword_ptr(r15 + rdx * 8 + 8)));
+    f!(v, "mov [r15],bl", all, |a| a.mov(byte_ptr(r15 + 1), bl));
+    f!(v, "mov [r15],bx", all, |a| a.mov(word_ptr(r15 + 2), bx));
+    f!(v, "mov [r15],ebx", all, |a| a.mov(dword_ptr(r15 + 5), ebx));
+    f!(v, "mov [r15+rsi*4],rbx", all, small_rsi, |a| a
+        .mov(qword_ptr(r15 + rsi * 4 + 4), rbx));
+    f!(v, "mov byte [r15],imm8", all, |a| a
+        .mov(byte_ptr(r15 + 3), 0x80));
+    f!(v, "mov word [r15],imm16", all, |a| a
+        .mov(word_ptr(r15 + 6), 0x8001));
+    f!(v, "mov dword [r15],imm32", all, |a| a
+        .mov(dword_ptr(r15 + 20), 0x7fff_fffe));
+    f!(v, "mov qword [r15],simm32", all, |a| a
+        .mov(qword_ptr(r15 + 24), -2));
+    // ALU ops with memory at the widths alu2! leaves out.
+    macro_rules! alu_mem {
+        ($op:ident, $fl:expr) => {
+            f!(v, concat!(stringify!($op), " byte [r15],imm8"), $fl, |a| a
+                .$op(byte_ptr(r15 + 5), 0xa5));
+            f!(
+                v,
+                concat!(stringify!($op), " qword [r15],simm8"),
+                $fl,
+                |a| a.$op(qword_ptr(r15 + 16), -5)
+            );
+            f!(
+                v,
+                concat!(stringify!($op), " dword [r15],imm32"),
+                $fl,
+                |a| a.$op(dword_ptr(r15 + 36), 0x1234_5678)
+            );
+            f!(v, concat!(stringify!($op), " word [r15],bx"), $fl, |a| a
+                .$op(word_ptr(r15 + 40), bx));
+            f!(v, concat!(stringify!($op), " bl,[r15]"), $fl, |a| a
+                .$op(bl, byte_ptr(r15 + 44)));
+            f!(v, concat!(stringify!($op), " bx,[r15]"), $fl, |a| a
+                .$op(bx, word_ptr(r15 + 46)));
+            f!(v, concat!(stringify!($op), " ebx,[r15]"), $fl, |a| a
+                .$op(ebx, dword_ptr(r15 + 48)));
+            f!(v, concat!(stringify!($op), " al,imm8"), $fl, |a| a
+                .$op(al, 0x7f));
+            f!(v, concat!(stringify!($op), " eax,imm32"), $fl, |a| a
+                .$op(eax, 0x8000_0001u32 as i32));
+        };
+    }
+    alu_mem!(add, all);
+    alu_mem!(adc, all);
+    alu_mem!(sub, all);
+    alu_mem!(sbb, all);
+    alu_mem!(cmp, all);
+    alu_mem!(and, no_af);
+    alu_mem!(or, no_af);
+    alu_mem!(xor, no_af);
+    f!(v, "test byte [r15],imm8", no_af, |a| a
+        .test(byte_ptr(r15 + 5), 0x81));
+    f!(v, "test qword [r15],simm32", no_af, |a| a
+        .test(qword_ptr(r15 + 8), -0x100));
+    f!(v, "test al,imm8", no_af, |a| a.test(al, 0x40));
+    f!(v, "test word [r15],cx", no_af, |a| a
+        .test(word_ptr(r15 + 2), cx));
+    f!(v, "inc byte [r15]", all, |a| a.inc(byte_ptr(r15 + 7)));
+    f!(v, "dec word [r15]", all, |a| a.dec(word_ptr(r15 + 6)));
+    f!(v, "dec qword [r15]", all, |a| a.dec(qword_ptr(r15 + 8)));
+    f!(v, "shl qword [r15],5", shift_n, |a| a
+        .shl(qword_ptr(r15 + 8), 5));
+    f!(v, "shr byte [r15],1", shift_n_one, |a| a
+        .shr(byte_ptr(r15 + 1), 1));
+    f!(v, "sar word [r15],3", shift_n, |a| a
+        .sar(word_ptr(r15 + 2), 3));
+    f!(v, "rol dword [r15],7", rot_n, |a| a
+        .rol(dword_ptr(r15 + 4), 7));
+    f!(v, "ror qword [r15],1", rot1_all, |a| a
+        .ror(qword_ptr(r15 + 16), 1));
+    f!(v, "imul ecx,[r15],simm8", mul_flags, |a| a.imul_3(
+        ecx,
+        dword_ptr(r15 + 4),
+        -3
+    ));
+    f!(v, "imul bx,[r15]", mul_flags, |a| a
+        .imul_2(bx, word_ptr(r15 + 2)));
+    f!(v, "cmovl ecx,[r15]", all, |a| a
+        .cmovl(ecx, dword_ptr(r15 + 4)));
+    f!(v, "cmovbe bx,[r15]", all, |a| a
+        .cmovbe(bx, word_ptr(r15 + 2)));
+    f!(v, "sets byte [r15]", all, |a| a.sets(byte_ptr(r15 + 1)));
+    f!(v, "setnp r10b", all, |a| a.setnp(r10b));
+    f!(v, "movzx ecx,byte [r15]", all, |a| a
+        .movzx(ecx, byte_ptr(r15 + 5)));
+    f!(v, "movsx cx,byte [r15]", all, |a| a
+        .movsx(cx, byte_ptr(r15 + 5)));
+    f!(v, "movsx rcx,word [r15]", all, |a| a
+        .movsx(rcx, word_ptr(r15 + 6)));
+    f!(v, "nop dword [rax+rax]", all, |a| a
+        .nop_1(dword_ptr(rax + rax)));
+    // Stack: what is pushed comes back (RSP itself is not compared, memory below it isn't
+    // either).
+    f!(v, "push rbx; pop rcx", all, |a| {
+        a.push(rbx)?;
+        a.pop(rcx)
+    });
+    f!(v, "push bx; pop cx", all, |a| {
+        a.push(bx)?;
+        a.pop(cx)
+    });
+    f!(v, "push simm8; pop rdx; push imm32; pop rsi", all, |a| {
+        a.push(-7)?;
+        a.pop(rdx)?;
+        a.push(0x1234_5678)?;
+        a.pop(rsi)
+    });
+    f!(v, "push rsp; pop rbx; sub rbx,rsp", all, |a| {
+        a.push(rsp)?;
+        a.pop(rbx)?;
+        a.sub(rbx, rsp)
+    });
+    // Near branches: the target adds to RBX; return addresses and code addresses are
+    // cleared again, as host and engine run the code at different addresses.
+    f!(v, "call rel; ret", all, |a| {
+        let mut f = a.create_label();
+        let mut done = a.create_label();
+        a.call(f)?;
+        a.jmp(done)?;
+        a.set_label(&mut f)?;
+        a.add(rbx, 7)?;
+        a.ret()?;
+        a.set_label(&mut done)?;
+        a.nop()
+    });
+    f!(v, "push; call rel; ret imm16", all, |a| {
+        let mut f = a.create_label();
+        let mut done = a.create_label();
+        a.push(rcx)?;
+        a.call(f)?;
+        a.jmp(done)?;
+        a.set_label(&mut f)?;
+        a.xor(rbx, rcx)?;
+        a.ret_1(8)?;
+        a.set_label(&mut done)?;
+        a.nop()
+    });
+    f!(v, "call rdx; jmp rdx", all, |a| {
+        let mut f = a.create_label();
+        let mut g = a.create_label();
+        let mut done = a.create_label();
+        a.lea(rdx, ptr(f))?;
+        a.call(rdx)?;
+        a.lea(rdx, ptr(g))?;
+        a.jmp(rdx)?;
+        a.set_label(&mut f)?;
+        a.add(ebx, ecx)?;
+        a.ret()?;
+        a.set_label(&mut g)?;
+        a.sub(ebx, 3)?;
+        a.jmp(done)?;
+        a.set_label(&mut done)?;
+        a.xor(edx, edx)
+    });
+    f!(v, "call [r15]; jmp [r15]", all, |a| {
+        let mut f = a.create_label();
+        let mut g = a.create_label();
+        let mut done = a.create_label();
+        a.lea(rdx, ptr(f))?;
+        a.mov(qword_ptr(r15 + 8), rdx)?;
+        a.call(qword_ptr(r15 + 8))?;
+        a.lea(rdx, ptr(g))?;
+        a.mov(qword_ptr(r15 + 8), rdx)?;
+        a.jmp(qword_ptr(r15 + 8))?;
+        a.set_label(&mut f)?;
+        a.shl(ebx, 1)?;
+        a.ret()?;
+        a.set_label(&mut g)?;
+        a.mov(qword_ptr(r15 + 8), 0)?;
+        a.xor(edx, edx)?;
+        a.jmp(done)?;
+        a.set_label(&mut done)?;
+        a.nop()
+    });
+    // RIP-relative operands: data inside the code, read and written.
+    f!(v, "mov/add/cmp rip-relative", all, |a| {
+        let mut d = a.create_label();
+        let mut over = a.create_label();
+        a.jmp(over)?;
+        a.set_label(&mut d)?;
+        a.dq(&[0x8000_0000_1234_5678])?;
+        a.set_label(&mut over)?;
+        a.mov(rcx, qword_ptr(d))?;
+        a.add(ebx, dword_ptr(d))?;
+        a.cmp(word_ptr(d), bx)
+    });
+}
+
+fn small_rdx(r: &mut [u64; 16]) {
+    r[2] %= 6;
+}
+fn small_rsi(r: &mut [u64; 16]) {
+    r[6] %= 8;
 }
 
 fn shift_n_one(_: &[u64; 16]) -> u64 {

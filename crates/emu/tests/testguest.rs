@@ -260,6 +260,11 @@ fn bench_compute_and_mem() {
             100.0 * st.tlb_misses as f64 / n as f64
         );
         println!(
+            "{cmd}: decode-time handlers ran {:.2}% of instructions (generic exec {})",
+            100.0 * (n - st.generic) as f64 / n as f64,
+            st.generic
+        );
+        println!(
             "{cmd}: {n} instructions in {:.2} s = {:.1} M instructions/s",
             dt.as_secs_f64(),
             n as f64 / dt.as_secs_f64() / 1e6

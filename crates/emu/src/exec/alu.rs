@@ -164,6 +164,13 @@ pub enum ShiftOp {
 /// Shift/rotate `a` by `count` (raw CL or immediate). Returns (result, full new RFLAGS status
 /// bits given the old ones). A masked count of zero leaves the flags untouched.
 pub fn shift(op: ShiftOp, a: u64, count: u64, rflags: u64, bits: u32) -> (u64, u64) {
+    shift_inline(op, a, count, rflags, bits)
+}
+
+/// [`shift`], inlined: the decode-time handlers call it with the operation and width
+/// constant, so only that case's code remains.
+#[inline(always)]
+pub(crate) fn shift_inline(op: ShiftOp, a: u64, count: u64, rflags: u64, bits: u32) -> (u64, u64) {
     if !matches!(bits, 8 | 16 | 32 | 64) {
         return (a, rflags & STATUS_BITS);
     }

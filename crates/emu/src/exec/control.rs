@@ -184,7 +184,7 @@ impl Cpu {
         Ok(())
     }
 
-    fn call_near(&mut self, target: u64, size: u32) -> R<()> {
+    pub(crate) fn call_near(&mut self, target: u64, size: u32) -> R<()> {
         let ret = self.next_rip;
         // Check the target before pushing (the fault leaves RSP unchanged).
         self.jump_near(target)?;

@@ -3,6 +3,7 @@
 
 pub mod alu;
 mod control;
+pub(crate) mod fast;
 mod sse;
 mod string;
 mod system;
@@ -46,6 +47,26 @@ pub(crate) fn reg_bits(r: Register) -> u32 {
 #[inline]
 pub(crate) fn seg_index(r: Register) -> usize {
     (r as usize).wrapping_sub(Register::ES as usize).min(5)
+}
+
+/// Address size in bits of the memory operand of `ins` (`code_bits`: the code size, asked only
+/// for an operand with neither displacement size nor registers to tell).
+#[inline(always)]
+pub(crate) fn addr_bits(ins: &Instruction, code_bits: impl FnOnce() -> u32) -> u32 {
+    match ins.memory_displ_size() {
+        8 => 64,
+        4 => 32,
+        2 => 16,
+        _ => {
+            if ins.memory_base() != Register::None {
+                reg_bits(ins.memory_base())
+            } else if ins.memory_index() != Register::None {
+                reg_bits(ins.memory_index())
+            } else {
+                code_bits()
+            }
+        }
+    }
 }
 
 impl Cpu {
@@ -109,21 +130,7 @@ impl Cpu {
                     .wrapping_mul(ins.memory_index_scale() as u64),
             );
         }
-        let asz = match ins.memory_displ_size() {
-            8 => 64,
-            4 => 32,
-            2 => 16,
-            _ => {
-                if base != Register::None {
-                    reg_bits(base)
-                } else if index != Register::None {
-                    reg_bits(index)
-                } else {
-                    self.st.code_bits()
-                }
-            }
-        };
-        a & mask(asz)
+        a & mask(addr_bits(ins, || self.st.code_bits()))
     }
 
     /// Operand `i` as a location.

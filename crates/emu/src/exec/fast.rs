@@ -1,0 +1,1003 @@
+//! Decode-time handlers (issue 13): when an instruction enters the decoded-instruction cache,
+//! [`compile`] picks a handler specialised for its form (operation, operand size, register or
+//! memory operands) and resolves its operands once: general-purpose register indices, the
+//! immediate or branch target, the memory operand's base, index, scale, displacement, segment
+//! and address-size mask, and the next RIP. The run loop calls that handler instead of
+//! [`Cpu::exec`], which matches on the mnemonic and asks iced-x86 for operand kinds on every
+//! execution. Forms without a handler (and every form with a LOCK prefix, high-byte
+//! registers, segment/control/debug registers) keep the generic `exec`.
+//!
+//! Each handler does exactly what `exec` does for its form, in the same order: every access
+//! that may fault comes before any register is written, so a fault leaves RIP at the
+//! instruction and no partial result. The differential test (`tests/differential.rs`) runs
+//! every form here against the host CPU through the run loop.
+
+use super::alu::{self, cond, mask, sext, AluOp, ShiftOp};
+use super::seg_index;
+use crate::cpu::{Cpu, R};
+use crate::mem;
+use crate::state::flags::{CF, STATUS};
+use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
+
+/// A decode-time handler: executes the instruction described by the [`Fast`] it gets. On
+/// entry `next_rip` holds the following instruction's RIP; branches overwrite it.
+pub(crate) type Handler = fn(&mut Cpu, &Fast) -> R<()>;
+
+/// An instruction's pre-resolved form.
+#[derive(Clone, Copy)]
+pub(crate) struct Fast {
+    /// None: execute with the generic `exec`.
+    pub(crate) handler: Option<Handler>,
+    /// RIP of the next instruction (masked to the code size).
+    pub(crate) next_rip: u64,
+    /// Immediate (masked to the operand size), shift count, or near-branch target.
+    imm: u64,
+    /// Memory operand: displacement (absolute address for RIP-relative operands).
+    disp: u64,
+    /// All-ones when the memory operand has a base / index register, else 0.
+    base_mask: u64,
+    index_mask: u64,
+    /// Address-size mask of the effective address.
+    addr_mask: u64,
+    /// GPR index of operand 0 and of the register source.
+    r0: u8,
+    r1: u8,
+    /// GPR indices of the memory operand's base and index, log2 of the scale.
+    base: u8,
+    index: u8,
+    scale: u8,
+    /// Segment index (ES=0 .. GS=5) of the memory operand.
+    seg: u8,
+    /// Stack operand size in bytes (PUSH/POP/CALL/RET).
+    size: u8,
+}
+
+impl Fast {
+    /// No handler: the generic path.
+    pub(crate) const NONE: Fast = Fast {
+        handler: None,
+        next_rip: 0,
+        imm: 0,
+        disp: 0,
+        base_mask: 0,
+        index_mask: 0,
+        addr_mask: 0,
+        r0: 0,
+        r1: 0,
+        base: 0,
+        index: 0,
+        scale: 0,
+        seg: 0,
+        size: 0,
+    };
+}
+
+// ------------------------------------------------------------------ operand access
+
+/// Value of GPR `r` at width `B`.
+#[inline(always)]
+fn get<const B: u32>(c: &Cpu, r: u8) -> u64 {
+    c.st.gpr[r as usize & 15] & mask(B)
+}
+
+/// Write GPR `r` at width `B` (32-bit writes zero-extend, 8/16-bit writes merge).
+#[inline(always)]
+fn set<const B: u32>(c: &mut Cpu, r: u8, v: u64) {
+    let g = &mut c.st.gpr[r as usize & 15];
+    *g = match B {
+        64 => v,
+        32 => v & 0xffff_ffff,
+        _ => (*g & !mask(B)) | (v & mask(B)),
+    };
+}
+
+/// Effective address (offset within the segment) of the memory operand.
+#[inline(always)]
+fn ea(c: &Cpu, f: &Fast) -> u64 {
+    let b = c.st.gpr[f.base as usize & 15] & f.base_mask;
+    let i = (c.st.gpr[f.index as usize & 15] & f.index_mask) << (f.scale & 3);
+    f.disp.wrapping_add(b).wrapping_add(i) & f.addr_mask
+}
+
+#[inline(always)]
+fn read_mem<const B: u32>(c: &mut Cpu, f: &Fast) -> R<u64> {
+    let off = ea(c, f);
+    c.read_seg(f.seg as usize, off, B / 8)
+}
+
+#[inline(always)]
+fn write_mem<const B: u32>(c: &mut Cpu, f: &Fast, v: u64) -> R<()> {
+    let off = ea(c, f);
+    c.write_seg(f.seg as usize, off, B / 8, v)
+}
+
+/// Read-modify-write of the memory operand (no LOCK): the write permission is checked
+/// before the read, as x86 faults such an access as a write. Returns the old value.
+#[inline(always)]
+fn rmw_mem<const B: u32>(c: &mut Cpu, f: &Fast, op: impl Fn(u64) -> u64) -> R<u64> {
+    let size = B / 8;
+    let off = ea(c, f);
+    let lin = c.seg_lin(f.seg as usize, off, size, true)?;
+    if let Some(p) = c.lin_ptr_w(lin, size)? {
+        // SAFETY: lin_ptr_w checked that `size` bytes at p lie in one RAM page.
+        let old = unsafe { mem::load(p, size) };
+        // SAFETY: as above.
+        unsafe { mem::store(p, size, op(old) & mask(B)) };
+        return Ok(old);
+    }
+    let user = c.st.cpl() == 3;
+    let old = c.read_lin_priv(lin, size, user)?;
+    c.write_lin(lin, size, op(old))?;
+    Ok(old)
+}
+
+#[inline(always)]
+fn set_status(c: &mut Cpu, f: u64) {
+    c.st.rflags = (c.st.rflags & !STATUS) | (f & STATUS);
+}
+
+// ------------------------------------------------------------------ handlers
+
+#[inline(always)]
+fn alu_op(op: u8) -> AluOp {
+    match op {
+        0 => AluOp::Add,
+        1 => AluOp::Or,
+        2 => AluOp::Adc,
+        3 => AluOp::Sbb,
+        4 => AluOp::And,
+        5 => AluOp::Sub,
+        6 => AluOp::Xor,
+        7 => AluOp::Cmp,
+        _ => AluOp::Test,
+    }
+}
+
+/// CMP and TEST only set flags.
+#[inline(always)]
+fn alu_writes(op: u8) -> bool {
+    op < 7
+}
+
+#[inline(always)]
+fn alu_reg<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast, src: u64) {
+    let (res, fl) = alu::alu(alu_op(OP), get::<B>(c, f.r0), src, c.st.rflags, B);
+    if alu_writes(OP) {
+        set::<B>(c, f.r0, res);
+    }
+    set_status(c, fl);
+}
+
+fn alu_rr<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let src = get::<B>(c, f.r1);
+    alu_reg::<OP, B>(c, f, src);
+    Ok(())
+}
+
+fn alu_ri<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    alu_reg::<OP, B>(c, f, f.imm);
+    Ok(())
+}
+
+fn alu_rm<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let src = read_mem::<B>(c, f)?;
+    alu_reg::<OP, B>(c, f, src);
+    Ok(())
+}
+
+#[inline(always)]
+fn alu_mem<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast, src: u64) -> R<()> {
+    let fl = c.st.rflags;
+    let op = alu_op(OP);
+    let old = if alu_writes(OP) {
+        rmw_mem::<B>(c, f, |a| alu::alu(op, a, src, fl, B).0)?
+    } else {
+        read_mem::<B>(c, f)?
+    };
+    set_status(c, alu::alu(op, old, src, fl, B).1);
+    Ok(())
+}
+
+fn alu_mr<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let src = get::<B>(c, f.r1);
+    alu_mem::<OP, B>(c, f, src)
+}
+
+fn alu_mi<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    alu_mem::<OP, B>(c, f, f.imm)
+}
+
+/// INC (DEC when `DEC`): CF is kept.
+#[inline(always)]
+fn inc_dec(v: u64, dec: bool, bits: u32) -> (u64, u64) {
+    if dec {
+        alu::sub(v, 1, false, bits)
+    } else {
+        alu::add(v, 1, false, bits)
+    }
+}
+
+#[inline(always)]
+fn set_flags_but_cf(c: &mut Cpu, f: u64) {
+    c.st.rflags = (c.st.rflags & !(STATUS & !CF)) | (f & STATUS & !CF);
+}
+
+fn incdec_r<const DEC: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let (res, fl) = inc_dec(get::<B>(c, f.r0), DEC, B);
+    set::<B>(c, f.r0, res);
+    set_flags_but_cf(c, fl);
+    Ok(())
+}
+
+fn incdec_m<const DEC: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let old = rmw_mem::<B>(c, f, |a| inc_dec(a, DEC, B).0)?;
+    set_flags_but_cf(c, inc_dec(old, DEC, B).1);
+    Ok(())
+}
+
+#[inline(always)]
+fn shift_op(op: u8) -> ShiftOp {
+    match op {
+        0 => ShiftOp::Rol,
+        1 => ShiftOp::Ror,
+        2 => ShiftOp::Shl,
+        3 => ShiftOp::Shr,
+        _ => ShiftOp::Sar,
+    }
+}
+
+/// Shift count: the immediate, or CL when `CL`.
+#[inline(always)]
+fn count<const CL: bool>(c: &Cpu, f: &Fast) -> u64 {
+    if CL {
+        c.st.gpr[1] & 0xff
+    } else {
+        f.imm
+    }
+}
+
+fn shift_r<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let n = count::<CL>(c, f);
+    let (res, fl) = alu::shift_inline(shift_op(OP), get::<B>(c, f.r0), n, c.st.rflags, B);
+    set::<B>(c, f.r0, res);
+    set_status(c, fl);
+    Ok(())
+}
+
+fn shift_m<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let n = count::<CL>(c, f);
+    let fl = c.st.rflags;
+    let op = shift_op(OP);
+    let old = rmw_mem::<B>(c, f, |a| alu::shift_inline(op, a, n, fl, B).0)?;
+    set_status(c, alu::shift_inline(op, old, n, fl, B).1);
+    Ok(())
+}
+
+/// IMUL r, r/m (and r, r/m, imm): the low half, CF = OF = "the result was truncated".
+#[inline(always)]
+fn imul_set<const B: u32>(c: &mut Cpu, f: &Fast, a: u64, b: u64) {
+    let full = (sext(a, B) as i64 as i128) * (sext(b, B) as i64 as i128);
+    let res = (full as u64) & mask(B);
+    let mut fl = alu::szp(res, B);
+    if full != sext(res, B) as i64 as i128 {
+        fl |= CF | crate::state::flags::OF;
+    }
+    set_status(c, fl);
+    set::<B>(c, f.r0, res);
+}
+
+fn imul_rr<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let (a, b) = (get::<B>(c, f.r0), get::<B>(c, f.r1));
+    imul_set::<B>(c, f, a, b);
+    Ok(())
+}
+
+fn imul_rm<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let b = read_mem::<B>(c, f)?;
+    let a = get::<B>(c, f.r0);
+    imul_set::<B>(c, f, a, b);
+    Ok(())
+}
+
+fn imul_rri<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let a = get::<B>(c, f.r1);
+    imul_set::<B>(c, f, a, f.imm);
+    Ok(())
+}
+
+fn imul_rmi<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let a = read_mem::<B>(c, f)?;
+    imul_set::<B>(c, f, a, f.imm);
+    Ok(())
+}
+
+fn mov_rr<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let v = get::<B>(c, f.r1);
+    set::<B>(c, f.r0, v);
+    Ok(())
+}
+
+fn mov_ri<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    set::<B>(c, f.r0, f.imm);
+    Ok(())
+}
+
+fn mov_rm<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let v = read_mem::<B>(c, f)?;
+    set::<B>(c, f.r0, v);
+    Ok(())
+}
+
+fn mov_mr<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let v = get::<B>(c, f.r1);
+    write_mem::<B>(c, f, v)
+}
+
+fn mov_mi<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    write_mem::<B>(c, f, f.imm)
+}
+
+fn lea<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let a = ea(c, f);
+    set::<B>(c, f.r0, a);
+    Ok(())
+}
+
+/// MOVZX / MOVSX / MOVSXD from a `S`-bit register (`MEM` false) or memory to a `D`-bit one.
+fn movx<const SIGNED: bool, const MEM: bool, const D: u32, const S: u32>(
+    c: &mut Cpu,
+    f: &Fast,
+) -> R<()> {
+    let v = if MEM {
+        read_mem::<S>(c, f)?
+    } else {
+        get::<S>(c, f.r1)
+    };
+    let v = if SIGNED { sext(v, S) } else { v };
+    set::<D>(c, f.r0, v);
+    Ok(())
+}
+
+fn push_r<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let v = get::<B>(c, f.r0);
+    c.push(v, B / 8)
+}
+
+fn push_i(c: &mut Cpu, f: &Fast) -> R<()> {
+    c.push(f.imm, f.size as u32)
+}
+
+fn pop_r<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let v = c.pop(B / 8)?;
+    set::<B>(c, f.r0, v);
+    Ok(())
+}
+
+fn jcc<const CC: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    if cond(CC, c.st.rflags) {
+        c.jump_near(f.imm)?;
+    }
+    Ok(())
+}
+
+fn jmp(c: &mut Cpu, f: &Fast) -> R<()> {
+    c.jump_near(f.imm)
+}
+
+fn jmp_r<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let t = get::<B>(c, f.r0);
+    c.jump_near(t)
+}
+
+fn jmp_m<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let t = read_mem::<B>(c, f)?;
+    c.jump_near(t)
+}
+
+fn call(c: &mut Cpu, f: &Fast) -> R<()> {
+    c.call_near(f.imm, f.size as u32)
+}
+
+fn call_r<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let t = get::<B>(c, f.r0);
+    c.call_near(t, B / 8)
+}
+
+fn call_m<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let t = read_mem::<B>(c, f)?;
+    c.call_near(t, B / 8)
+}
+
+/// RET / RET imm16 (`imm` bytes released after the pop).
+fn ret<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let sb = c.st.stack_bits();
+    let sp = c.st.gpr[4];
+    let t = c.pop(B / 8)? & mask(B);
+    if let Err(e) = c.jump_near(t) {
+        c.set_sp(sp, sb);
+        return Err(e);
+    }
+    if f.imm != 0 {
+        let nsp = c.st.gpr[4].wrapping_add(f.imm);
+        c.set_sp(nsp, sb);
+    }
+    Ok(())
+}
+
+fn setcc_r<const CC: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let v = cond(CC, c.st.rflags) as u64;
+    set::<8>(c, f.r0, v);
+    Ok(())
+}
+
+fn setcc_m<const CC: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let v = cond(CC, c.st.rflags) as u64;
+    write_mem::<8>(c, f, v)
+}
+
+/// CMOVcc: the source is read (and may fault) whatever the condition; a 32-bit destination
+/// is zero-extended either way.
+fn cmov<const CC: u32, const MEM: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+    let v = if MEM {
+        read_mem::<B>(c, f)?
+    } else {
+        get::<B>(c, f.r1)
+    };
+    let v = if cond(CC, c.st.rflags) {
+        v
+    } else {
+        get::<B>(c, f.r0)
+    };
+    set::<B>(c, f.r0, v);
+    Ok(())
+}
+
+fn nop(_: &mut Cpu, _: &Fast) -> R<()> {
+    Ok(())
+}
+
+// ------------------------------------------------------------------ selection
+
+macro_rules! sized {
+    ($f:ident, $bits:expr $(, $c:tt)*) => {
+        match $bits {
+            8 => $f::<$($c,)* 8> as Handler,
+            16 => $f::<$($c,)* 16> as Handler,
+            32 => $f::<$($c,)* 32> as Handler,
+            _ => $f::<$($c,)* 64> as Handler,
+        }
+    };
+}
+
+macro_rules! sized_wide {
+    ($f:ident, $bits:expr $(, $c:tt)*) => {
+        match $bits {
+            16 => $f::<$($c,)* 16> as Handler,
+            32 => $f::<$($c,)* 32> as Handler,
+            _ => $f::<$($c,)* 64> as Handler,
+        }
+    };
+}
+
+macro_rules! by_alu_op {
+    ($f:ident, $op:expr, $bits:expr) => {
+        match $op {
+            0 => sized!($f, $bits, 0),
+            1 => sized!($f, $bits, 1),
+            2 => sized!($f, $bits, 2),
+            3 => sized!($f, $bits, 3),
+            4 => sized!($f, $bits, 4),
+            5 => sized!($f, $bits, 5),
+            6 => sized!($f, $bits, 6),
+            7 => sized!($f, $bits, 7),
+            _ => sized!($f, $bits, 8),
+        }
+    };
+}
+
+macro_rules! by_shift_op {
+    ($f:ident, $op:expr, $cl:tt, $bits:expr) => {
+        match $op {
+            0 => sized!($f, $bits, 0, $cl),
+            1 => sized!($f, $bits, 1, $cl),
+            2 => sized!($f, $bits, 2, $cl),
+            3 => sized!($f, $bits, 3, $cl),
+            _ => sized!($f, $bits, 4, $cl),
+        }
+    };
+}
+
+macro_rules! by_cc {
+    ($cc:expr, |$k:ident| $e:expr) => {
+        match $cc {
+            0 => {
+                const $k: u32 = 0;
+                $e
+            }
+            1 => {
+                const $k: u32 = 1;
+                $e
+            }
+            2 => {
+                const $k: u32 = 2;
+                $e
+            }
+            3 => {
+                const $k: u32 = 3;
+                $e
+            }
+            4 => {
+                const $k: u32 = 4;
+                $e
+            }
+            5 => {
+                const $k: u32 = 5;
+                $e
+            }
+            6 => {
+                const $k: u32 = 6;
+                $e
+            }
+            7 => {
+                const $k: u32 = 7;
+                $e
+            }
+            8 => {
+                const $k: u32 = 8;
+                $e
+            }
+            9 => {
+                const $k: u32 = 9;
+                $e
+            }
+            10 => {
+                const $k: u32 = 10;
+                $e
+            }
+            11 => {
+                const $k: u32 = 11;
+                $e
+            }
+            12 => {
+                const $k: u32 = 12;
+                $e
+            }
+            13 => {
+                const $k: u32 = 13;
+                $e
+            }
+            14 => {
+                const $k: u32 = 14;
+                $e
+            }
+            _ => {
+                const $k: u32 = 15;
+                $e
+            }
+        }
+    };
+}
+
+/// GPR index and width of a general-purpose register; None for high-byte registers (AH..BH)
+/// and everything else.
+fn gpr(r: Register) -> Option<(u8, u32)> {
+    let n = r as usize;
+    let (i, bits) = match n {
+        1..=4 => (n - 1, 8),
+        9..=20 => (n - 5, 8),
+        21..=36 => (n - 21, 16),
+        37..=52 => (n - 37, 32),
+        53..=68 => (n - 53, 64),
+        _ => return None,
+    };
+    Some((i as u8, bits))
+}
+
+/// Fill in the memory operand of `ins` (which must be `bits` wide when `bits` is given);
+/// false when it is one the handlers do not take.
+fn memory(ins: &Instruction, f: &mut Fast, code_bits: u32) -> bool {
+    let base = ins.memory_base();
+    let index = ins.memory_index();
+    let asz = super::addr_bits(ins, || code_bits);
+    f.addr_mask = mask(asz);
+    f.disp = ins.memory_displacement64();
+    if base != Register::None && base != Register::RIP && base != Register::EIP {
+        match gpr(base) {
+            // A base narrower than the address would be masked to its own width first.
+            Some((i, w)) if w >= asz => {
+                f.base = i;
+                f.base_mask = u64::MAX;
+            }
+            _ => return false,
+        }
+    }
+    if index != Register::None {
+        match gpr(index) {
+            Some((i, w)) if w >= asz => {
+                f.index = i;
+                f.index_mask = u64::MAX;
+                f.scale = ins.memory_index_scale().trailing_zeros() as u8;
+            }
+            _ => return false,
+        }
+    }
+    f.seg = seg_index(ins.memory_segment()) as u8;
+    true
+}
+
+/// Width of the memory operand in bits.
+fn mem_bits(ins: &Instruction) -> u32 {
+    ins.memory_size().size() as u32 * 8
+}
+
+fn is_imm(k: OpKind) -> bool {
+    matches!(
+        k,
+        OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+    )
+}
+
+/// Operand `i`'s shape: a GPR (index, width), memory, or an immediate.
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    Reg(u8, u32),
+    Mem,
+    Imm,
+    Other,
+}
+
+fn shape(ins: &Instruction, i: u32) -> Shape {
+    match ins.op_kind(i) {
+        OpKind::Register => match gpr(ins.op_register(i)) {
+            Some((r, b)) => Shape::Reg(r, b),
+            None => Shape::Other,
+        },
+        OpKind::Memory => Shape::Mem,
+        k if is_imm(k) => Shape::Imm,
+        _ => Shape::Other,
+    }
+}
+
+/// The decode-time form of `ins`, decoded as `code_bits`-bit code.
+pub(crate) fn compile(ins: &Instruction, code_bits: u32) -> Fast {
+    let mut f = Fast::NONE;
+    f.next_rip = ins.next_ip() & mask(code_bits);
+    f.handler = select(ins, &mut f, code_bits);
+    f
+}
+
+fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
+    use Mnemonic as M;
+    if ins.has_lock_prefix() {
+        return None;
+    }
+    let n = ins.op_count();
+    let s0 = if n > 0 { shape(ins, 0) } else { Shape::Other };
+    let s1 = if n > 1 { shape(ins, 1) } else { Shape::Other };
+    // Memory operands: resolved once here; a form the handlers cannot address goes generic.
+    if (s0 == Shape::Mem || s1 == Shape::Mem || n > 2 && shape(ins, 2) == Shape::Mem)
+        && !memory(ins, f, code_bits)
+    {
+        return None;
+    }
+    // Destination (or only operand) register and width; memory operands' width must be one of
+    // 8/16/32/64 as well.
+    let bits = match s0 {
+        Shape::Reg(r, b) => {
+            f.r0 = r;
+            b
+        }
+        Shape::Mem => mem_bits(ins),
+        _ => 0,
+    };
+    if let Shape::Reg(r, _) = s1 {
+        f.r1 = r;
+    }
+    let sized_ok = matches!(bits, 8 | 16 | 32 | 64);
+    let mn = ins.mnemonic();
+    let h = match mn {
+        M::Add | M::Or | M::Adc | M::Sbb | M::And | M::Sub | M::Xor | M::Cmp | M::Test => {
+            if !sized_ok || n != 2 {
+                return None;
+            }
+            let op = match mn {
+                M::Add => 0,
+                M::Or => 1,
+                M::Adc => 2,
+                M::Sbb => 3,
+                M::And => 4,
+                M::Sub => 5,
+                M::Xor => 6,
+                M::Cmp => 7,
+                _ => 8,
+            };
+            match (s0, s1) {
+                (Shape::Reg(_, b0), Shape::Reg(_, b1)) if b0 == b1 => by_alu_op!(alu_rr, op, bits),
+                (Shape::Reg(..), Shape::Imm) => {
+                    f.imm = ins.immediate(1) & mask(bits);
+                    by_alu_op!(alu_ri, op, bits)
+                }
+                (Shape::Reg(..), Shape::Mem) if mem_bits(ins) == bits => {
+                    by_alu_op!(alu_rm, op, bits)
+                }
+                (Shape::Mem, Shape::Reg(_, b1)) if b1 == bits => by_alu_op!(alu_mr, op, bits),
+                (Shape::Mem, Shape::Imm) => {
+                    f.imm = ins.immediate(1) & mask(bits);
+                    by_alu_op!(alu_mi, op, bits)
+                }
+                _ => return None,
+            }
+        }
+        M::Inc | M::Dec if sized_ok && n == 1 => match (s0, mn == M::Dec) {
+            (Shape::Reg(..), false) => sized!(incdec_r, bits, false),
+            (Shape::Reg(..), true) => sized!(incdec_r, bits, true),
+            (Shape::Mem, false) => sized!(incdec_m, bits, false),
+            (Shape::Mem, true) => sized!(incdec_m, bits, true),
+            _ => return None,
+        },
+        M::Rol | M::Ror | M::Shl | M::Sal | M::Shr | M::Sar if sized_ok && n == 2 => {
+            let op = match mn {
+                M::Rol => 0,
+                M::Ror => 1,
+                M::Shr => 3,
+                M::Sar => 4,
+                _ => 2,
+            };
+            let cl = match s1 {
+                Shape::Imm => {
+                    f.imm = ins.immediate(1);
+                    false
+                }
+                _ if ins.op1_kind() == OpKind::Register && ins.op1_register() == Register::CL => {
+                    true
+                }
+                _ => return None,
+            };
+            match (s0, cl) {
+                (Shape::Reg(..), false) => by_shift_op!(shift_r, op, false, bits),
+                (Shape::Reg(..), true) => by_shift_op!(shift_r, op, true, bits),
+                (Shape::Mem, false) => by_shift_op!(shift_m, op, false, bits),
+                (Shape::Mem, true) => by_shift_op!(shift_m, op, true, bits),
+                _ => return None,
+            }
+        }
+        M::Imul if n >= 2 && matches!(bits, 16 | 32 | 64) => {
+            let Shape::Reg(..) = s0 else { return None };
+            if n == 3 {
+                f.imm = ins.immediate(2) & mask(bits);
+                match s1 {
+                    Shape::Reg(_, b) if b == bits => sized_wide!(imul_rri, bits),
+                    Shape::Mem if mem_bits(ins) == bits => sized_wide!(imul_rmi, bits),
+                    _ => return None,
+                }
+            } else {
+                match s1 {
+                    Shape::Reg(_, b) if b == bits => sized_wide!(imul_rr, bits),
+                    Shape::Mem if mem_bits(ins) == bits => sized_wide!(imul_rm, bits),
+                    _ => return None,
+                }
+            }
+        }
+        M::Mov if sized_ok && n == 2 => match (s0, s1) {
+            (Shape::Reg(_, b0), Shape::Reg(_, b1)) if b0 == b1 => sized!(mov_rr, bits),
+            (Shape::Reg(..), Shape::Imm) => {
+                f.imm = ins.immediate(1) & mask(bits);
+                sized!(mov_ri, bits)
+            }
+            (Shape::Reg(..), Shape::Mem) if mem_bits(ins) == bits => sized!(mov_rm, bits),
+            (Shape::Mem, Shape::Reg(_, b1)) if b1 == bits => sized!(mov_mr, bits),
+            (Shape::Mem, Shape::Imm) => {
+                f.imm = ins.immediate(1) & mask(bits);
+                sized!(mov_mi, bits)
+            }
+            _ => return None,
+        },
+        M::Lea if matches!(bits, 16 | 32 | 64) && s1 == Shape::Mem => sized_wide!(lea, bits),
+        M::Movzx | M::Movsx | M::Movsxd if matches!(bits, 16 | 32 | 64) && n == 2 => {
+            let sb = match s1 {
+                Shape::Reg(_, b) => b,
+                Shape::Mem => mem_bits(ins),
+                _ => return None,
+            };
+            let mem = s1 == Shape::Mem;
+            let signed = mn != M::Movzx;
+            macro_rules! movx_src {
+                ($sg:tt, $m:tt, $d:tt) => {
+                    match sb {
+                        8 => movx::<$sg, $m, $d, 8> as Handler,
+                        16 => movx::<$sg, $m, $d, 16> as Handler,
+                        32 => movx::<$sg, $m, $d, 32> as Handler,
+                        _ => return None,
+                    }
+                };
+            }
+            macro_rules! movx_dst {
+                ($sg:tt, $m:tt) => {
+                    match bits {
+                        16 => movx_src!($sg, $m, 16),
+                        32 => movx_src!($sg, $m, 32),
+                        _ => movx_src!($sg, $m, 64),
+                    }
+                };
+            }
+            if sb > bits {
+                return None;
+            }
+            match (signed, mem) {
+                (false, false) => movx_dst!(false, false),
+                (false, true) => movx_dst!(false, true),
+                (true, false) => movx_dst!(true, false),
+                (true, true) => movx_dst!(true, true),
+            }
+        }
+        M::Push if n == 1 => {
+            let size = (-ins.stack_pointer_increment()) as u32;
+            match s0 {
+                Shape::Reg(_, b) if b == size * 8 && matches!(b, 16 | 32 | 64) => {
+                    sized_wide!(push_r, b)
+                }
+                Shape::Imm if matches!(size, 2 | 4 | 8) => {
+                    let ib = match ins.op0_kind() {
+                        OpKind::Immediate8 => 8,
+                        OpKind::Immediate16 | OpKind::Immediate8to16 => 16,
+                        OpKind::Immediate32 | OpKind::Immediate8to32 => 32,
+                        _ => 64,
+                    };
+                    f.imm = ins.immediate(0) & mask(ib);
+                    f.size = size as u8;
+                    push_i as Handler
+                }
+                _ => return None,
+            }
+        }
+        M::Pop if n == 1 => {
+            let size = ins.stack_pointer_increment() as u32;
+            match s0 {
+                Shape::Reg(_, b) if b == size * 8 && matches!(b, 16 | 32 | 64) => {
+                    sized_wide!(pop_r, b)
+                }
+                _ => return None,
+            }
+        }
+        M::Jo
+        | M::Jno
+        | M::Jb
+        | M::Jae
+        | M::Je
+        | M::Jne
+        | M::Jbe
+        | M::Ja
+        | M::Js
+        | M::Jns
+        | M::Jp
+        | M::Jnp
+        | M::Jl
+        | M::Jge
+        | M::Jle
+        | M::Jg => {
+            f.imm = ins.near_branch_target();
+            let cc = ins.condition_code() as u32 - 1;
+            by_cc!(cc, |CC| jcc::<CC> as Handler)
+        }
+        M::Jmp | M::Call if n == 1 => {
+            let near = match ins.op0_kind() {
+                OpKind::NearBranch16 => 2,
+                OpKind::NearBranch32 => 4,
+                OpKind::NearBranch64 => 8,
+                _ => 0,
+            };
+            let is_call = mn == M::Call;
+            if near != 0 {
+                f.imm = ins.near_branch_target();
+                f.size = near;
+                if is_call {
+                    call as Handler
+                } else {
+                    jmp as Handler
+                }
+            } else {
+                // Indirect near (far forms have 32/48/80-bit memory operands or go generic).
+                if matches!(
+                    ins.code(),
+                    Code::Jmp_m1616
+                        | Code::Jmp_m1632
+                        | Code::Jmp_m1664
+                        | Code::Call_m1616
+                        | Code::Call_m1632
+                        | Code::Call_m1664
+                ) || !matches!(bits, 16 | 32 | 64)
+                {
+                    return None;
+                }
+                match (s0, is_call) {
+                    (Shape::Reg(..), false) => sized_wide!(jmp_r, bits),
+                    (Shape::Reg(..), true) => sized_wide!(call_r, bits),
+                    (Shape::Mem, false) => sized_wide!(jmp_m, bits),
+                    (Shape::Mem, true) => sized_wide!(call_m, bits),
+                    _ => return None,
+                }
+            }
+        }
+        M::Ret => {
+            f.imm = if n > 0 { ins.immediate16() as u64 } else { 0 };
+            match ins.code() {
+                Code::Retnw | Code::Retnw_imm16 => ret::<16> as Handler,
+                Code::Retnd | Code::Retnd_imm16 => ret::<32> as Handler,
+                _ => ret::<64> as Handler,
+            }
+        }
+        M::Sete
+        | M::Setne
+        | M::Seta
+        | M::Setae
+        | M::Setb
+        | M::Setbe
+        | M::Setg
+        | M::Setge
+        | M::Setl
+        | M::Setle
+        | M::Seto
+        | M::Setno
+        | M::Setp
+        | M::Setnp
+        | M::Sets
+        | M::Setns
+            if bits == 8 =>
+        {
+            let cc = ins.condition_code() as u32 - 1;
+            match s0 {
+                Shape::Reg(..) => by_cc!(cc, |CC| setcc_r::<CC> as Handler),
+                Shape::Mem => by_cc!(cc, |CC| setcc_m::<CC> as Handler),
+                _ => return None,
+            }
+        }
+        M::Cmove
+        | M::Cmovne
+        | M::Cmova
+        | M::Cmovae
+        | M::Cmovb
+        | M::Cmovbe
+        | M::Cmovg
+        | M::Cmovge
+        | M::Cmovl
+        | M::Cmovle
+        | M::Cmovo
+        | M::Cmovno
+        | M::Cmovp
+        | M::Cmovnp
+        | M::Cmovs
+        | M::Cmovns
+            if matches!(bits, 16 | 32 | 64) =>
+        {
+            let cc = ins.condition_code() as u32 - 1;
+            match s1 {
+                Shape::Reg(_, b) if b == bits => {
+                    by_cc!(cc, |CC| sized_wide!(cmov, bits, CC, false))
+                }
+                Shape::Mem if mem_bits(ins) == bits => {
+                    by_cc!(cc, |CC| sized_wide!(cmov, bits, CC, true))
+                }
+                _ => return None,
+            }
+        }
+        M::Nop
+        | M::Endbr64
+        | M::Endbr32
+        | M::Prefetchnta
+        | M::Prefetcht0
+        | M::Prefetcht1
+        | M::Prefetcht2
+        | M::Prefetchw
+        | M::Lfence
+        | M::Sfence => nop as Handler,
+        _ => return None,
+    };
+    Some(h)
+}
