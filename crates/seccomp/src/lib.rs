@@ -35,7 +35,7 @@ pub enum ThreadKind {
     Timer,
     /// The virtio-blk worker: the block I/O thread.
     BlockWorker,
-    /// One of a virtio-blk queue's I/O threads (large reads run there side by side).
+    /// One of a virtio-blk queue's I/O threads (large reads and writes run there side by side).
     BlockIo,
     /// The virtio-net worker.
     NetWorker,

@@ -402,10 +402,10 @@ fn own(kind: ThreadKind) -> Rules {
         ThreadKind::Timer => raises_interrupts(),
         // virtio-blk: vectored I/O on its image, flushes, discards and write-zeroes.
         ThreadKind::BlockWorker => image_io().union(device_worker()),
-        // A virtio-blk I/O thread: waits on a condition variable (futex) for reads, tells the
-        // worker through an eventfd (write); no epoll, no interrupt, no `read`. The image's
-        // calls are the worker's: a qcow2 read may write back a metadata table its cache
-        // evicts.
+        // A virtio-blk I/O thread: waits on a condition variable (futex) for large reads and
+        // writes, tells the worker through an eventfd (write); no epoll, no interrupt, no
+        // `read`. The image's calls are the worker's (a qcow2 write may allocate, grow the
+        // file and write back metadata tables).
         ThreadKind::BlockIo => image_io(),
         // virtio-net: frames to and from the TAP device.
         // TAP: readv/writev; passt's stream socket: recvfrom/sendmsg, and passt's exit status

@@ -31,7 +31,7 @@ pub(crate) struct BlockHandler {
     pub(crate) disk: Arc<Disk>,
     pub(crate) metrics: Arc<DeviceMetrics>,
     pub(crate) limiter: SharedLimiter,
-    /// The I/O threads large reads run on.
+    /// The I/O threads large reads and writes run on.
     pub(crate) pool: IoPool,
     /// The guest broke the queue: nothing more goes to its used ring.
     pub(crate) broken: bool,
@@ -45,6 +45,7 @@ impl BlockHandler {
         let mut rl = self.limiter.lock();
         rl.start_pass();
         let limited = !rl.is_unlimited();
+        let mut finished = Vec::new();
         let handle = |chain: crate::queue::ParsedChain| {
             let parsed = chain.and_then(|c| Request::parse(&c, mem).map(|r| (r, c)));
             match parsed {
@@ -58,7 +59,8 @@ impl BlockHandler {
                         return Handled::Defer;
                     }
                     DeviceMetrics::add(&m.requests, 1);
-                    if kind == RequestKind::In && req.data_len() >= POOL_MIN_BYTES {
+                    let transfer = matches!(kind, RequestKind::In | RequestKind::Out);
+                    if transfer && req.data_len() >= POOL_MIN_BYTES {
                         pool.submit(Job {
                             head: chain.head,
                             chain,
@@ -66,6 +68,10 @@ impl BlockHandler {
                             sector: req.sector,
                         });
                         return Handled::Taken;
+                    }
+                    if kind == RequestKind::Flush {
+                        // A flush covers every write taken before it, finished or not.
+                        finished.extend(pool.wait_all());
                     }
                     let done = req.execute(disk);
                     count(m, kind, len, done.status);
@@ -83,7 +89,7 @@ impl BlockHandler {
         drop(rl);
         let ok = settle_pass(pass, &self.evt, &self.metrics, &*self.interrupt);
         self.broken |= !ok;
-        ok
+        self.complete(finished) && ok
     }
 
     /// Return finished jobs of the I/O threads to the used ring (and interrupt the guest if it

@@ -1,13 +1,16 @@
-//! The I/O threads of one virtio-blk queue: large reads run on them side by side, so that a
-//! guest with several 1 MiB reads in flight has them copied from the page cache by more than
-//! one thread (QEMU's `aio=threads` does the same), while the queue's worker goes on taking
-//! requests. Completions come back to the worker (a list and an eventfd), which alone returns
-//! chains to the used ring, in the order they complete (virtio 1.2, 2.7.14).
+//! The I/O threads of one virtio-blk queue: large reads and writes run on them side by side,
+//! so that a guest with several 1 MiB requests in flight has them copied between the page
+//! cache and its memory by more than one thread (QEMU's `aio=threads` does the same), while
+//! the queue's worker goes on taking requests. Completions come back to the worker (a list and
+//! an eventfd), which alone returns chains to the used ring, in the order they complete
+//! (virtio 1.2, 2.7.14).
 //!
-//! Only reads go to the pool: they change no disk contents, so a flush still covers exactly the
-//! writes completed before it (writes, flushes, discards and write-zeroes stay on the worker,
-//! in queue order), and the small requests (below [`POOL_MIN_BYTES`]) are cheaper served at
-//! once than handed over.
+//! Requests of different kinds are independent in virtio (a driver that needs an order waits
+//! for one completion before it makes the next request available). kvmbox keeps more order
+//! than that: a flush waits on the worker until every request on the I/O threads has
+//! finished, so it covers every write taken before it, answered or not. Flushes, discards,
+//! write-zeroes, GET_ID and the small transfers (below [`POOL_MIN_BYTES`], cheaper served at
+//! once than handed over: the 4 KiB path is as before) run on the worker, in queue order.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
@@ -22,10 +25,10 @@ use super::request::{Completion, Disk, Request, RequestKind, S_IOERR};
 use crate::queue::Chain;
 use crate::{os, Result};
 
-/// Threads per queue: the host's copy bandwidth from the page cache grows with a second
-/// copying thread; more would only take CPU time from the guest's vCPUs.
+/// Threads per queue: the page-cache copies of a 2-core host gain from a second copying
+/// thread; more would only take CPU time from the guest's vCPUs.
 pub(crate) const IO_THREADS: usize = 2;
-/// Reads of at least this many bytes go to the I/O threads.
+/// Reads and writes of at least this many bytes go to the I/O threads.
 pub(crate) const POOL_MIN_BYTES: usize = 64 << 10;
 
 /// A request the worker has taken from the queue, parsed and let through its rate limiter.

@@ -455,3 +455,63 @@ fn a_stopping_worker_returns_every_read_in_flight_first() {
     assert_eq!(ring.used_idx(&m), 9);
     check_batch(&m, &ring, &img);
 }
+
+#[test]
+fn large_writes_run_on_the_io_threads_and_a_flush_waits_for_them() {
+    let m = mem();
+    let img = TempImage::new(BIG_DISK, |_| 0);
+    let mut ring = Ring::new(&m, 0x1_0000, 64);
+    let irq = std::sync::Arc::new(CountInterrupts::default());
+    let mut h = handler(&m, &ring, &img, &irq);
+    // Requests 0..6: writes of BIG_READ bytes, each its own byte, at sectors 0, 1024, ...;
+    // request 6: a flush, made available with the writes still unanswered.
+    for i in 0..6u16 {
+        let (hd, d, s) = (
+            HDR + 16 * u64::from(i),
+            BIG_DATA + u64::from(i) * u64::from(BIG_READ),
+            STATUS + u64::from(i),
+        );
+        m.write_obj(1u32, GuestAddress(hd)).unwrap();
+        m.write_obj(0u32, GuestAddress(hd + 4)).unwrap();
+        m.write_obj(u64::from(i) * 1024, GuestAddress(hd + 8))
+            .unwrap();
+        m.write_slice(&vec![0x10 + i as u8; BIG_READ as usize], GuestAddress(d))
+            .unwrap();
+        m.write_obj(0xffu8, GuestAddress(s)).unwrap();
+        ring.add_chain(
+            &m,
+            3 * i,
+            &[(hd, 16, false), (d, BIG_READ, false), (s, 1, true)],
+        );
+    }
+    m.write_obj(4u32, GuestAddress(HDR + 16 * 6)).unwrap();
+    m.write_obj(0u32, GuestAddress(HDR + 16 * 6 + 4)).unwrap();
+    m.write_obj(0u64, GuestAddress(HDR + 16 * 6 + 8)).unwrap();
+    m.write_obj(0xffu8, GuestAddress(STATUS + 6)).unwrap();
+    ring.add_chain(&m, 18, &[(HDR + 16 * 6, 16, false), (STATUS + 6, 1, true)]);
+    assert!(h.process());
+    // The flush waited for every write before it: all seven are answered by this one pass.
+    let mut want: Vec<(u32, u32)> = (0..6).map(|i| (3 * i, 1)).collect();
+    want.push((18, 1));
+    assert_eq!(used_sorted(&m, &ring), want);
+    for i in 0..7u64 {
+        let st: u8 = m.read_obj(GuestAddress(STATUS + i)).unwrap();
+        assert_eq!(st, S_OK, "request {i}'s status");
+    }
+    let f = img.read();
+    for i in 0..6usize {
+        let at = i * 1024 * 512;
+        assert!(
+            f[at..at + BIG_READ as usize]
+                .iter()
+                .all(|&x| x == 0x10 + i as u8),
+            "write {i} in the file"
+        );
+        assert!(f[at + BIG_READ as usize..at + 2 * BIG_READ as usize]
+            .iter()
+            .all(|&x| x == 0));
+    }
+    let [requests, _, errors, bytes_out, _, _] = h.metrics.snapshot();
+    assert_eq!((requests, errors), (7, 0));
+    assert_eq!(bytes_out, 6 * u64::from(BIG_READ));
+}
