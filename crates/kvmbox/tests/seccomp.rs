@@ -129,6 +129,7 @@ fn check_threads(name: &str, accel: &str, extra: &[&str], mode: &str) {
         "vcpu0",
         "vcpu1",
         "virtio-blk",
+        "virtio-blk-io",
         "pit",
         "console",
         "signals",

@@ -35,6 +35,8 @@ pub enum ThreadKind {
     Timer,
     /// The virtio-blk worker: the block I/O thread.
     BlockWorker,
+    /// One of a virtio-blk queue's I/O threads (large reads and writes run there side by side).
+    BlockIo,
     /// The virtio-net worker.
     NetWorker,
     /// The virtio-rng worker.
@@ -58,6 +60,7 @@ impl ThreadKind {
         ThreadKind::Console,
         ThreadKind::Timer,
         ThreadKind::BlockWorker,
+        ThreadKind::BlockIo,
         ThreadKind::NetWorker,
         ThreadKind::RngWorker,
         ThreadKind::VsockWorker,
@@ -76,6 +79,7 @@ impl ThreadKind {
             ThreadKind::Console => "console",
             ThreadKind::Timer => "timer",
             ThreadKind::BlockWorker => "virtio-blk",
+            ThreadKind::BlockIo => "virtio-blk-io",
             ThreadKind::NetWorker => "virtio-net",
             ThreadKind::RngWorker => "virtio-rng",
             ThreadKind::VsockWorker => "virtio-vsock",
@@ -96,13 +100,21 @@ impl ThreadKind {
                 Console,
                 Timer,
                 BlockWorker,
+                BlockIo,
                 NetWorker,
                 RngWorker,
                 VsockWorker,
                 Releaser,
                 HelperOutput,
             ],
-            Vcpu => &[Timer, BlockWorker, NetWorker, RngWorker, VsockWorker],
+            Vcpu => &[
+                Timer,
+                BlockWorker,
+                BlockIo,
+                NetWorker,
+                RngWorker,
+                VsockWorker,
+            ],
             Api => &[ApiConnection],
             _ => &[],
         }

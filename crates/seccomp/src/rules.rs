@@ -261,6 +261,26 @@ fn device_worker() -> Rules {
         .union(raises_interrupts())
 }
 
+/// What the block backends do on an open image: vectored reads and writes, syncs, discards and
+/// write-zeroes, file metadata.
+fn image_io() -> Rules {
+    use libc::*;
+    Rules::default()
+        .allow(&[
+            SYS_pread64,
+            SYS_pwrite64,
+            SYS_preadv,
+            SYS_pwritev,
+            SYS_preadv2,
+            SYS_pwritev2,
+            SYS_fsync,
+            SYS_fdatasync,
+            SYS_fallocate,
+            SYS_ftruncate,
+        ])
+        .union(file_metadata())
+}
+
 /// Reading a file's metadata (`File::metadata`, sizes of images).
 fn file_metadata() -> Rules {
     use libc::*;
@@ -381,21 +401,12 @@ fn own(kind: ThreadKind) -> Rules {
         // The PIT's and RTC's timer threads: sleep to the next deadline, raise the IRQ.
         ThreadKind::Timer => raises_interrupts(),
         // virtio-blk: vectored I/O on its image, flushes, discards and write-zeroes.
-        ThreadKind::BlockWorker => Rules::default()
-            .allow(&[
-                SYS_pread64,
-                SYS_pwrite64,
-                SYS_preadv,
-                SYS_pwritev,
-                SYS_preadv2,
-                SYS_pwritev2,
-                SYS_fsync,
-                SYS_fdatasync,
-                SYS_fallocate,
-                SYS_ftruncate,
-            ])
-            .union(file_metadata())
-            .union(device_worker()),
+        ThreadKind::BlockWorker => image_io().union(device_worker()),
+        // A virtio-blk I/O thread: waits on a condition variable (futex) for large reads and
+        // writes, tells the worker through an eventfd (write); no epoll, no interrupt, no
+        // `read`. The image's calls are the worker's (a qcow2 write may allocate, grow the
+        // file and write back metadata tables).
+        ThreadKind::BlockIo => image_io(),
         // virtio-net: frames to and from the TAP device.
         // TAP: readv/writev; passt's stream socket: recvfrom/sendmsg, and passt's exit status
         // once its socket closed (wait4 without waiting).

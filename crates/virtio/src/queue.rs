@@ -364,13 +364,47 @@ pub fn process_queue_or_defer(
     mut handle: impl FnMut(Result<Chain, ChainError>) -> Option<u32>,
     stop: impl Fn() -> bool,
 ) -> Result<bool, QueueBroken> {
+    process_queue_taking(
+        queue,
+        mem,
+        interrupt,
+        index,
+        |c| handle(c).map_or(Handled::Defer, Handled::Used),
+        stop,
+    )
+}
+
+/// What a device did with one chain of a [`process_queue_taking`] pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Done: return the chain with this many bytes written into its writable buffers.
+    Used(u32),
+    /// Not yet (a rate limiter): the chain goes back to the queue untouched and the pass ends.
+    Defer,
+    /// Taken and still running elsewhere (an I/O thread): the device returns the chain to the
+    /// used ring itself when it completes, in whatever order chains complete (virtio 1.2,
+    /// 2.7.14). Every taken chain must be returned before the device is quiesced.
+    Taken,
+}
+
+/// [`process_queue_or_defer`] whose `handle` may also keep a chain to complete later
+/// ([`Handled::Taken`]).
+pub fn process_queue_taking(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn VirtioInterrupt,
+    index: u16,
+    mut handle: impl FnMut(Result<Chain, ChainError>) -> Handled,
+    stop: impl Fn() -> bool,
+) -> Result<bool, QueueBroken> {
     let mut used = 0usize;
+    let mut taken = 0usize;
     let mut more = false;
     let size = queue.size();
     'outer: loop {
         queue.disable_notification(mem).map_err(QueueBroken)?;
         loop {
-            if used >= MAX_CHAINS_PER_PASS {
+            if used + taken >= MAX_CHAINS_PER_PASS {
                 more = true;
                 break 'outer;
             }
@@ -381,22 +415,41 @@ pub fn process_queue_or_defer(
             let next = queue.iter(mem).map_err(QueueBroken)?.next();
             let Some(chain) = next else { break };
             let head = chain.head_index();
-            let Some(len) = handle(Chain::parse(chain, mem, size)) else {
-                queue.set_next_avail(start);
-                break 'outer;
-            };
-            queue.add_used(mem, head, len).map_err(QueueBroken)?;
-            used += 1;
+            match handle(Chain::parse(chain, mem, size)) {
+                Handled::Used(len) => {
+                    queue.add_used(mem, head, len).map_err(QueueBroken)?;
+                    used += 1;
+                }
+                Handled::Taken => taken += 1,
+                Handled::Defer => {
+                    queue.set_next_avail(start);
+                    break 'outer;
+                }
+            }
         }
         if !queue.enable_notification(mem).map_err(QueueBroken)? {
             break;
         }
     }
-    if used > 0 && queue.needs_notification(mem).map_err(QueueBroken)? {
+    if used > 0 {
+        notify_used(queue, mem, interrupt, index)?;
+    }
+    Ok(more)
+}
+
+/// Raise the queue's interrupt after chains were returned to its used ring, if the driver
+/// wants one.
+pub(crate) fn notify_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn VirtioInterrupt,
+    index: u16,
+) -> Result<(), QueueBroken> {
+    if queue.needs_notification(mem).map_err(QueueBroken)? {
         // A lost interrupt is the guest's driver timing out, not a reason to stop the device.
         let _ = interrupt.trigger(VirtioInterruptType::Queue(index));
     }
-    Ok(more)
+    Ok(())
 }
 
 /// Whether the driver has made buffers available that were not processed yet.

@@ -15,6 +15,10 @@ const KILL_TOKEN: u64 = u64::MAX;
 pub(crate) trait EventHandler: Send + 'static {
     /// `token` fired. Return false to end the worker (the device is broken).
     fn handle(&mut self, token: u64, epoll: &Epoll) -> bool;
+
+    /// The worker is about to end (stopped, or `handle` returned false): finish whatever is
+    /// still in flight, so the device is still when the worker has ended.
+    fn finish(&mut self) {}
 }
 
 /// A running device worker; stopping or dropping it joins the thread.
@@ -66,18 +70,19 @@ impl Worker {
             .spawn(move || {
                 kvmbox_seccomp::apply_or_exit(kind);
                 let mut events = vec![EpollEvent::default(); 16];
-                loop {
+                'serve: loop {
                     let n = match epoll.wait(-1, &mut events) {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(_) => return,
+                        Err(_) => break,
                     };
                     for ev in &events[..n] {
                         if ev.data() == KILL_TOKEN || !handler.handle(ev.data(), &epoll) {
-                            return;
+                            break 'serve;
                         }
                     }
                 }
+                handler.finish();
             })
             .map_err(os("spawning device worker"))?;
         Ok(Self {

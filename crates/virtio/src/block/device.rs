@@ -6,6 +6,7 @@ use std::sync::Arc;
 use kvmbox_block::DiskSpec;
 
 use super::event_handler::BlockHandler;
+use super::io_pool::IoPool;
 use super::request::{Disk, ID_BYTES, MAX_SEGMENTS, MAX_SEGMENT_SECTORS, SECTOR_SIZE};
 use crate::device::{read_config_bytes, ActivateContext, VirtioDevice};
 use crate::limiter::SharedLimiter;
@@ -143,6 +144,8 @@ impl VirtioDevice for Block {
             return Err(Error::InvalidQueue(0));
         };
         let fd = evt.as_raw_fd();
+        let pool = IoPool::start(&mem, &self.disk)?;
+        let done = pool.done_fd();
         let handler = BlockHandler {
             mem,
             queue,
@@ -151,6 +154,8 @@ impl VirtioDevice for Block {
             disk: self.disk.clone(),
             metrics: self.metrics.clone(),
             limiter: self.limiter.clone(),
+            pool,
+            broken: false,
         };
         let timer = self.limiter.lock().as_raw_fd();
         self.worker = Some(Worker::spawn(
@@ -158,6 +163,7 @@ impl VirtioDevice for Block {
             &[
                 (fd, super::event_handler::QUEUE_TOKEN),
                 (timer, super::event_handler::LIMITER_TOKEN),
+                (done, super::event_handler::DONE_TOKEN),
             ],
             handler,
         )?);

@@ -3,6 +3,7 @@
 
 mod device;
 mod event_handler;
+mod io_pool;
 pub mod request;
 
 pub use device::{

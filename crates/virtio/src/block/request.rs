@@ -106,12 +106,7 @@ unsafe impl vm_memory::ByteValued for Segment {}
 impl<'a> Request<'a> {
     /// Parse `chain`: a 16-byte readable header, data, and a final writable status byte.
     pub fn parse(chain: &Chain, mem: &'a GuestMemoryMmap) -> Result<Self, ChainError> {
-        let mut reader = chain.reader(mem);
-        let mut writer = chain.writer(mem);
-        let header: Header = reader.read_obj("header shorter than 16 bytes")?;
-        let status = writer
-            .split_end(1)
-            .ok_or(ChainError::Malformed("no writable status byte"))?;
+        let header: Header = chain.reader(mem).read_obj("header shorter than 16 bytes")?;
         let kind = match u32::from_le(header.kind) {
             T_IN => RequestKind::In,
             T_OUT => RequestKind::Out,
@@ -121,6 +116,26 @@ impl<'a> Request<'a> {
             T_WRITE_ZEROES => RequestKind::WriteZeroes,
             other => RequestKind::Unsupported(other),
         };
+        Self::with_header(chain, mem, kind, u64::from_le(header.sector))
+    }
+
+    /// The request of `chain` whose header was already read as `kind` and `sector`: a request
+    /// handed to an I/O thread is built again there from these, not from guest memory, which
+    /// the guest may have changed meanwhile.
+    pub(crate) fn with_header(
+        chain: &Chain,
+        mem: &'a GuestMemoryMmap,
+        kind: RequestKind,
+        sector: u64,
+    ) -> Result<Self, ChainError> {
+        let mut reader = chain.reader(mem);
+        let mut writer = chain.writer(mem);
+        if reader.skip(std::mem::size_of::<Header>()) != std::mem::size_of::<Header>() {
+            return Err(ChainError::Malformed("header shorter than 16 bytes"));
+        }
+        let status = writer
+            .split_end(1)
+            .ok_or(ChainError::Malformed("no writable status byte"))?;
         let data = match kind {
             RequestKind::In | RequestKind::GetId => {
                 if reader.remaining() != 0 {
@@ -142,7 +157,7 @@ impl<'a> Request<'a> {
         };
         Ok(Self {
             kind,
-            sector: u64::from_le(header.sector),
+            sector,
             data,
             status,
         })

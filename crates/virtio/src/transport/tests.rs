@@ -926,3 +926,75 @@ fn mmio_block_state_moves_to_a_new_device_mid_stream() {
     assert!(err.to_string().contains("device type"), "{err}");
     assert_eq!(r.r(0x70), 0);
 }
+
+#[test]
+fn mmio_block_quiesced_with_large_reads_in_flight_answers_each_once() {
+    // 32 reads of 256 KiB (the I/O threads' kind of request) made available at once, and the
+    // device quiesced right after the notification, while some are on the I/O threads. The
+    // quiesce must return every read it took (data and status written) before the state is
+    // saved; a new device restored from it answers the rest, and no read is answered twice.
+    const N: u16 = 32;
+    const LEN: u32 = 256 << 10;
+    const BUFS: u64 = 0x40_0000;
+    let m = mem();
+    let img = TempImage::new(8 << 20, |i| ((i / 512) as u8) ^ (i as u8).rotate_left(3));
+    let irq = Arc::new(TestIrq::default());
+    let a = Mmio::new(blk(&img, false), &m, irq.clone());
+    let mut ring = Ring::new(&m, 0x1_0000, 128);
+    assert_eq!(a.init(ALL, &[(0, &ring)]), 15);
+    for i in 0..N {
+        let (h, s) = (HDR + 16 * u64::from(i), STATUS + u64::from(i));
+        m.write_obj(0u32, GuestAddress(h)).unwrap();
+        m.write_obj(0u32, GuestAddress(h + 4)).unwrap();
+        m.write_obj(u64::from(i) * 512, GuestAddress(h + 8))
+            .unwrap();
+        m.write_obj(0xffu8, GuestAddress(s)).unwrap();
+        let d = BUFS + u64::from(i) * u64::from(LEN);
+        ring.add_chain(&m, 3 * i, &[(h, 16, false), (d, LEN, true), (s, 1, true)]);
+    }
+    a.w(0x50, 0);
+    let saved = {
+        let mut t = a.t.lock().unwrap();
+        t.quiesce();
+        t.save_state()
+    };
+    let answered = |upto: u16| {
+        let mut heads = Vec::new();
+        for e in 0..upto {
+            let (head, len) = ring.used_elem(&m, e);
+            assert_eq!(len, LEN + 1, "used length of read {}", head / 3);
+            heads.push(head);
+        }
+        heads.sort();
+        heads.dedup();
+        assert_eq!(heads.len(), usize::from(upto), "a read answered twice");
+        for &head in &heads {
+            let i = head / 3;
+            let st: u8 = m.read_obj(GuestAddress(STATUS + u64::from(i))).unwrap();
+            assert_eq!(st, 0, "read {i} answered without its status");
+            let mut got = vec![0u8; LEN as usize];
+            m.read_slice(&mut got, GuestAddress(BUFS + u64::from(i) * u64::from(LEN)))
+                .unwrap();
+            let at = i as usize * 512 * 512;
+            assert!(got == img.read()[at..at + LEN as usize], "read {i}'s data");
+        }
+    };
+    let after_quiesce = ring.used_idx(&m);
+    answered(after_quiesce);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(
+        ring.used_idx(&m),
+        after_quiesce,
+        "nothing answered after the quiesce"
+    );
+
+    let b = Mmio::new(blk(&img, false), &m, irq);
+    {
+        let mut t = b.t.lock().unwrap();
+        t.restore_state(&saved).unwrap();
+        t.resume().unwrap();
+    }
+    assert!(wait_for(|| ring.used_idx(&m) == N), "the rest after resume");
+    answered(N);
+    drop(a);
+}
