@@ -220,8 +220,7 @@ fn vm_needs(run: &RunArgs) -> Result<Needs, String> {
 fn restore_needs(n: &mut Needs, run: &RunArgs, state: &Path, mem: &Path) -> Result<(), String> {
     n.file("snapshot state file", state, false);
     n.file("snapshot memory file", mem, false);
-    let saved: kvmbox_vmm::snapshot::MachineState =
-        kvmbox_snapshot::read_state(state).map_err(|e| e.to_string())?;
+    let saved = kvmbox_vmm::snapshot::read_machine_state(state).map_err(|e| e.to_string())?;
     let c = saved.config;
     let o = run.overrides();
     n.limits(&kvmbox_vmm::Limits::from_flags(&o).map_err(|e| e.to_string())?);

@@ -300,7 +300,7 @@ impl Vm {
     /// Refuse a saved state that names a disk the settings do not: the jail lends the saved
     /// state's disks to the VM's user, and the state file was written by the VM process.
     pub(crate) fn check_saved_disks(&self, state: &Path) -> Result<()> {
-        let saved: kvmbox_vmm::snapshot::MachineState = kvmbox_snapshot::read_state(state)
+        let saved = kvmbox_vmm::snapshot::read_machine_state(state)
             .map_err(|e| Error::Failed(format!("{}: {e}", state.display())))?;
         let same = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
         let ours: Vec<PathBuf> = self.config()?.disks.iter().map(|d| same(&d.path)).collect();
