@@ -109,10 +109,16 @@ pub(crate) fn run(j: JailArgs) -> ExitCode {
         // The jail's cgroup holds them; the jailed kvmbox could not make one.
         args.push("--cgroup-by-jail".into());
     }
-    let env = match &needs.passt {
+    let mut env = match &needs.passt {
         Some(p) => vec![(OsString::from("KVMBOX_PASST"), p.clone().into_os_string())],
         None => Vec::new(),
     };
+    // TAP descriptors the caller attached for the VM (`vm start` as root): inherited through
+    // the jail, named to the jailed kvmbox as they were to this one.
+    let tap_fds = kvmbox_virtio::net::TAP_FDS_ENV;
+    if let Some(v) = std::env::var_os(tap_fds) {
+        env.push((tap_fds.into(), v));
+    }
     let spec = Spec {
         id: j.id,
         uid: j.uid,
