@@ -943,13 +943,21 @@ fn virtqueue_attacks_on_net_send_no_frame() {
 
 /// The TSC rate, measured on the host against its monotonic clock over 300 ms. A KVM guest
 /// reads the same TSC; the test guest calibrates it against the PIT in 50 ms, which a busy
-/// host can stretch (a descheduled vCPU), so its rates are rescaled to this.
+/// host can stretch (a descheduled vCPU), so its rates are rescaled to this. Each end is a
+/// TSC read between two clock reads at most 50 us apart (taken again when the thread was
+/// preempted between them), so the rate is good to 0.04 % however busy the host.
 fn host_tsc_hz() -> f64 {
     // SAFETY: RDTSC has no preconditions on x86-64.
     let tsc = || unsafe { core::arch::x86_64::_rdtsc() };
-    let (t0, c0) = (std::time::Instant::now(), tsc());
+    let sample = || loop {
+        let (a, c, b) = (std::time::Instant::now(), tsc(), std::time::Instant::now());
+        if b - a <= Duration::from_micros(50) {
+            return (a + (b - a) / 2, c);
+        }
+    };
+    let (t0, c0) = sample();
     std::thread::sleep(Duration::from_millis(300));
-    let (c1, t1) = (tsc(), std::time::Instant::now());
+    let (t1, c1) = sample();
     (c1 - c0) as f64 / (t1 - t0).as_secs_f64()
 }
 
