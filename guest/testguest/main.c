@@ -434,6 +434,7 @@ static const struct scenario scenarios[] = {
 	{"net", test_net, ARG_NUMBER, 0},
 	{"netecho", test_netecho, ARG_NUMBER, 0},
 	{"netbench", test_netbench, ARG_NUMBER, 0},
+	{"netrx", test_netrx, ARG_NUMBER, 0},
 	{"udpecho", test_udpecho, ARG_NUMBER, 0},
 	{"rng", test_rng, ARG_NONE, 0},
 	{"vsock", test_vsock, ARG_NONE, 0},

@@ -172,6 +172,7 @@ int test_blkbench(const char *arg);
 int test_net(const char *arg);
 int test_netecho(const char *arg);
 int test_netbench(const char *arg);
+int test_netrx(const char *arg);
 int test_udpecho(const char *arg);
 int test_rng(const char *arg);
 int test_vsock(const char *arg);

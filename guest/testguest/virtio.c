@@ -1,6 +1,6 @@
 /*
  * A minimal virtio 1.x (modern) PCI driver and the blk, blkbench, net, netecho, netbench,
- * udpecho, rng and vsock scenarios.
+ * netrx, udpecho, rng and vsock scenarios.
  *
  * Ring 0 (emulated on this host, ~1 M instructions/s) scans PCI bus 0 through ports
  * 0xCF8/0xCFC, walks the virtio capabilities, negotiates features and sets the queues up.
@@ -86,6 +86,8 @@ enum { VIRTIO_NET = 1, VIRTIO_BLK = 2, VIRTIO_RNG = 4, VIRTIO_VSOCK = 19 };
 #define USER_GUEST_IP 0x0a00020f /* 10.0.2.15, the guest's address behind passt or slirp */
 #define USER_GW_IP 0x0a000202	 /* 10.0.2.2, their gateway */
 #define UDPECHO_PORT 7		 /* udpecho answers UDP datagrams to this port */
+#define NETRX_PORT 5002		 /* netrx counts the UDP datagrams to this port */
+#define NETRX_SECONDS 16	 /* netrx reports at most this many seconds one by one */
 
 struct vring_desc {
 	u64 addr;
@@ -1499,6 +1501,113 @@ int test_netbench(const char *arg)
 	       "notifies=%lu tsc_hz=%lu tsc_source=%s",
 	       j.frames, j.frames * UDP_PAYLOAD * 8 / us, flen, us, mac, peer, net.v.q[1].notifies,
 	       hz, hz_source);
+	if (net.error)
+		printk(" error=%s", net.error);
+	printk("\n");
+	return net.error != NULL || j.frames == 0;
+}
+
+struct net_rx_job {
+	u64 start;	       /* rdtsc before the device was opened */
+	u64 seconds;	       /* to count after the first datagram */
+	u64 first, end;	       /* rdtsc of the first datagram seen, of the end of the count */
+	u64 frames, bytes;     /* datagrams to NETRX_PORT since `start`; their used lengths */
+	u64 sec[NETRX_SECONDS]; /* their used lengths, second by second from `first` */
+	u64 other;	       /* any other frame */
+};
+
+/* Whether a received frame (after the virtio header) is a UDP datagram to 10.0.0.2:NETRX_PORT. */
+static int netrx_frame(const u8 *f, u64 len)
+{
+	if (len < 42 || be16(f + 12) != ETH_IP)
+		return 0;
+	const u8 *ip = f + 14;
+	u64 ihl = (u64)(ip[0] & 0xf) * 4;
+	if ((ip[0] >> 4) != 4 || ip[9] != 17 || ihl < 20 || 14 + ihl + 8 > len)
+		return 0;
+	return be32(ip + 16) == GUEST_IP && be16(ip + ihl + 2) == NETRX_PORT;
+}
+
+/*
+ * Receives and counts for j->seconds after the first datagram (waits up to 10 s for it),
+ * every receive buffer back on the ring at once.
+ */
+static u64 net_rx_run(u64 arg)
+{
+	struct net_rx_job *j = (struct net_rx_job *)arg;
+	struct vq *q = &net.v.q[0];
+	u64 deadline = 10 * hz;
+	for (;;) {
+		u64 now = rdtsc();
+		if (j->first ? now - j->first >= j->seconds * hz : now - j->start >= deadline)
+			break;
+		u32 id, len;
+		int any = 0;
+		while (vq_used(q, &id, &len)) {
+			if (id >= q->size) {
+				net.error = "bad-rx-used-id";
+				return 0;
+			}
+			net.rx_frames++;
+			u8 *f = net.rxbuf + (u64)id * NET_BUF + NET_HDR_LEN;
+			if (len >= NET_HDR_LEN && len <= NET_BUF && netrx_frame(f, len - NET_HDR_LEN)) {
+				u64 t = rdtsc();
+				if (!j->first)
+					j->first = t;
+				u64 s = (t - j->first) / hz;
+				if (s < NETRX_SECONDS && s < j->seconds)
+					j->sec[s] += len;
+				j->frames++;
+				j->bytes += len;
+			} else {
+				j->other++;
+			}
+			vq_add(q, (u16)id);
+			any = 1;
+		}
+		if (any)
+			vq_publish(q);
+		else
+			pause();
+	}
+	j->end = rdtsc();
+	if (!j->first)
+		net.error = "no-datagram";
+	return 0;
+}
+
+/*
+ * netrx[:S] (3): counts the UDP datagrams to 10.0.0.2:5002 the host sends, for S seconds
+ * after the first one, and the bytes of their receive buffers the device used (virtio header
+ * included: what an rx rate limiter counts), in total since just before the device was opened
+ * and second by second from the first datagram. Answers nothing (not even ARP: the sender
+ * needs a static neighbour entry for 52:54:00:12:34:56).
+ */
+int test_netrx(const char *arg)
+{
+	struct net_rx_job j;
+	memset(&j, 0, sizeof(j));
+	j.seconds = parse_u64(arg, 3);
+	if (j.seconds == 0 || j.seconds > NETRX_SECONDS)
+		j.seconds = 3;
+	char mac[18];
+	ram_reset();
+	tsc_setup();
+	j.start = rdtsc();
+	const char *e = net_open();
+	if (e)
+		return net_fail("netrx", e);
+	mac_string(mac, net.mac);
+	printk("netrx: counting UDP to 10.0.0.2:%d at %s for %lu s after the first\n", NETRX_PORT,
+	       mac, j.seconds);
+	user(net_rx_run, (u64)&j);
+	vdev_close(&net.v);
+	printk("KVMBOX-TEST netrx frames=%lu bytes=%lu cycles=%lu first_cycles=%lu seconds=%lu "
+	       "other=%lu mac=%s tsc_hz=%lu tsc_source=%s sec_bytes=",
+	       j.frames, j.bytes, j.end - j.start, j.first ? j.first - j.start : 0, j.seconds,
+	       j.other, mac, hz, hz_source);
+	for (u64 i = 0; i < j.seconds; i++)
+		printk(i ? ",%lu" : "%lu", j.sec[i]);
 	if (net.error)
 		printk(" error=%s", net.error);
 	printk("\n");

@@ -109,10 +109,16 @@ pub(crate) fn run(j: JailArgs) -> ExitCode {
         // The jail's cgroup holds them; the jailed kvmbox could not make one.
         args.push("--cgroup-by-jail".into());
     }
-    let env = match &needs.passt {
+    let mut env = match &needs.passt {
         Some(p) => vec![(OsString::from("KVMBOX_PASST"), p.clone().into_os_string())],
         None => Vec::new(),
     };
+    // TAP descriptors the caller attached for the VM (`vm start` as root): inherited through
+    // the jail, named to the jailed kvmbox as they were to this one.
+    let tap_fds = kvmbox_virtio::net::TAP_FDS_ENV;
+    if let Some(v) = std::env::var_os(tap_fds) {
+        env.push((tap_fds.into(), v));
+    }
     let spec = Spec {
         id: j.id,
         uid: j.uid,
@@ -220,8 +226,7 @@ fn vm_needs(run: &RunArgs) -> Result<Needs, String> {
 fn restore_needs(n: &mut Needs, run: &RunArgs, state: &Path, mem: &Path) -> Result<(), String> {
     n.file("snapshot state file", state, false);
     n.file("snapshot memory file", mem, false);
-    let saved: kvmbox_vmm::snapshot::MachineState =
-        kvmbox_snapshot::read_state(state).map_err(|e| e.to_string())?;
+    let saved = kvmbox_vmm::snapshot::read_machine_state(state).map_err(|e| e.to_string())?;
     let c = saved.config;
     let o = run.overrides();
     n.limits(&kvmbox_vmm::Limits::from_flags(&o).map_err(|e| e.to_string())?);

@@ -5,7 +5,7 @@
 //! pause, resume, live snapshot, save, resume from the saved state, stop) and checks that everything the jail made
 //! is gone afterwards and the files it lent are root's again. `--no-jail` and `KVMBOX_JAIL=off`
 //! run it unjailed. A VM with a TAP network runs jailed too, in a network namespace the test
-//! makes, and its TAP device is given back after. Needs root and KVM; skips otherwise.
+//! makes, its TAP devices untouched (owners, persistence). Needs root and KVM; skips otherwise.
 
 mod common;
 
@@ -508,13 +508,15 @@ fn log_field(log: &str, line: &str, key: &str) -> String {
 }
 
 /// A VM with `--net tap=NAME`, started as root inside a network namespace, runs jailed: the
-/// keeper lends the TAP to the VM's user (owner its uid, persistent) and gives it back after.
-/// A TAP made beforehand (owner 4242, persistent, 10.0.0.1/24, up) carries the test guest's
-/// ARP exchange with the kernel and has its owner back after the stop; one kvmbox made is
-/// gone after a stop, and after a killed keeper once `vm delete` (in the namespace) cleans up.
+/// keeper attaches each TAP and the VM process inherits the descriptor, so no TAP's owner or
+/// persistence changes. A TAP made beforehand (owner 4242, persistent, 10.0.0.1/24, up)
+/// carries the test guest's ARP exchange with the kernel; it and one made without an owner
+/// keep their owners (4242, none) while the VM runs and after; one kvmbox made exists while
+/// the VM runs and is gone after a stop, and after a killed keeper (the VM process dies with
+/// it).
 #[test]
-fn a_tap_network_runs_jailed_and_the_tap_is_given_back_in_a_netns() {
-    let test = "a_tap_network_runs_jailed_and_the_tap_is_given_back_in_a_netns";
+fn a_tap_network_runs_jailed_and_its_taps_keep_their_owners_in_a_netns() {
+    let test = "a_tap_network_runs_jailed_and_its_taps_keep_their_owners_in_a_netns";
     if !root_kvm_passt_or_skip(test) {
         return;
     }
@@ -536,13 +538,19 @@ fn a_tap_network_runs_jailed_and_the_tap_is_given_back_in_a_netns() {
         assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
         (uid, pid)
     };
+    let persistent = |tap: &str| {
+        let flags = ns.sys(tap, "tun_flags").unwrap();
+        u32::from_str_radix(flags.trim_start_matches("0x"), 16).unwrap() & 0x0800 != 0
+    };
 
-    // A TAP made beforehand, owned by uid 4242.
-    let made = "kjtmade0";
+    // A TAP made beforehand, owned by uid 4242, and one without an owner.
+    let (made, free) = ("kjtmade0", "kjtfree0");
     ns.ip(&["tuntap", "add", "dev", made, "mode", "tap", "user", "4242"]);
     ns.ip(&["addr", "add", "10.0.0.1/24", "dev", made]);
     ns.ip(&["link", "set", made, "up"]);
+    ns.ip(&["tuntap", "add", "dev", free, "mode", "tap"]);
     assert_eq!(ns.sys(made, "owner").as_deref(), Some("4242"));
+    assert_eq!(ns.sys(free, "owner").as_deref(), Some("-1"));
     let rx_before: u64 = ns
         .sys(made, "statistics/rx_packets")
         .unwrap()
@@ -552,13 +560,35 @@ fn a_tap_network_runs_jailed_and_the_tap_is_given_back_in_a_netns() {
         &home,
         "m",
         "tests=net,shell",
-        &["--net", &format!("tap={made}")],
+        &[
+            "--net",
+            &format!("tap={made}"),
+            "--net",
+            &format!("tap={free}"),
+        ],
     );
     let out = ok(&["start", "m"]);
     assert!(out.contains("runs jailed as uid"), "{out}");
     home.expect_log("m", "kvmbox-testguest# ", TESTGUEST_TIMEOUT);
-    let (uid, pid) = jailed_uid("m");
-    assert_eq!(ns.sys(made, "owner"), Some(uid.to_string()));
+    let (_, pid) = jailed_uid("m");
+    // Used by the VM process, which holds both, with their owners unchanged.
+    assert_eq!(ns.sys(made, "owner").as_deref(), Some("4242"));
+    assert_eq!(ns.sys(free, "owner").as_deref(), Some("-1"));
+    // (the descriptor the keeper handed over, and the device's duplicate of it).
+    let held: std::collections::BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|info| {
+            let l = info.lines().find_map(|l| l.strip_prefix("iff:\t"))?;
+            Some(l.to_string())
+        })
+        .collect();
+    assert_eq!(
+        held,
+        [free, made].map(String::from).into(),
+        "TAPs the VM holds"
+    );
     // The guest's ARP requests went out through the TAP and the kernel answered them.
     let log = home.ok(&["log", "m"]);
     assert_eq!(log_field(&log, "KVMBOX-TEST net ", "sent"), "8", "{log}");
@@ -579,26 +609,20 @@ fn a_tap_network_runs_jailed_and_the_tap_is_given_back_in_a_netns() {
     assert!(rx >= rx_before + 8, "TAP rx_packets {rx_before} -> {rx}");
     home.ok(&["stop", "--force", "m"]);
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    // As they were: owners 4242 and none, both persistent.
     assert_eq!(ns.sys(made, "owner").as_deref(), Some("4242"));
-    let flags = u32::from_str_radix(
-        ns.sys(made, "tun_flags").unwrap().trim_start_matches("0x"),
-        16,
-    )
-    .unwrap();
-    assert_ne!(
-        flags & 0x0800,
-        0,
-        "the TAP is no longer persistent: {flags:#x}"
-    );
+    assert_eq!(ns.sys(free, "owner").as_deref(), Some("-1"));
+    assert!(persistent(made) && persistent(free));
 
-    // A TAP kvmbox makes: lent while the VM runs, gone after the stop.
+    // A TAP kvmbox makes: there (no owner, not persistent) while the VM runs, gone after.
     let new = "kjtnew0";
     create(&home, "n", &["--net", &format!("tap={new}")]);
     assert_eq!(ns.sys(new, "owner"), None);
     ok(&["start", "n"]);
     home.expect_log("n", "kvmbox-testguest# ", TESTGUEST_TIMEOUT);
-    let (uid, _) = jailed_uid("n");
-    assert_eq!(ns.sys(new, "owner"), Some(uid.to_string()));
+    jailed_uid("n");
+    assert_eq!(ns.sys(new, "owner").as_deref(), Some("-1"));
+    assert!(!persistent(new));
     home.ok(&["stop", "--force", "n"]);
     assert_eq!(
         ns.sys(new, "owner"),
@@ -606,20 +630,17 @@ fn a_tap_network_runs_jailed_and_the_tap_is_given_back_in_a_netns() {
         "kvmbox's TAP stayed after the stop"
     );
 
-    // A killed keeper leaves it lent; delete (in the namespace) gives it back: gone.
+    // A killed keeper: the VM process dies with it, and the TAP with the VM process.
     ok(&["start", "n"]);
-    let (uid, pid) = jailed_uid("n");
+    let (_, pid) = jailed_uid("n");
     let keeper = keeper_pid(&home, "n");
     // SAFETY: a signal to the keeper this test's VM start made.
     assert_eq!(unsafe { libc::kill(keeper, libc::SIGKILL) }, 0);
     wait_until("the VM process ends with its keeper", || {
         !Path::new(&format!("/proc/{pid}")).exists()
     });
-    assert_eq!(ns.sys(new, "owner"), Some(uid.to_string()));
+    wait_until("kvmbox's TAP goes with the VM process", || {
+        ns.sys(new, "owner").is_none()
+    });
     ok(&["delete", "--force", "n"]);
-    assert_eq!(
-        ns.sys(new, "owner"),
-        None,
-        "kvmbox's TAP stayed after the cleanup"
-    );
 }

@@ -331,6 +331,83 @@ impl TokenBucket {
     }
 }
 
+/// A bucket's state in a snapshot (Firecracker's `TokenBucketState`): its configuration and
+/// what it held, brought up to the moment it was saved, so a restore continues from there
+/// (the time between saving and restoring earns nothing, as in Firecracker). Plain fields
+/// only: a snapshot encodes it with postcard, which cannot skip fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BucketState {
+    /// [`BucketConfig::size`].
+    pub size: u64,
+    /// [`BucketConfig::one_time_burst`].
+    pub one_time_burst: u64,
+    /// [`BucketConfig::refill_time`].
+    pub refill_time: u64,
+    /// Tokens in the bucket (negative: debt).
+    pub level: i128,
+    /// What was left of the one-time burst.
+    pub burst_left: u64,
+    /// Part of a token earned but not counted yet, in token-nanoseconds.
+    pub carry: u128,
+}
+
+/// A limiter's state in a snapshot (Firecracker's `RateLimiterState`): each bucket, or none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RateLimiterState {
+    /// The bandwidth bucket.
+    pub bandwidth: Option<BucketState>,
+    /// The operations bucket.
+    pub ops: Option<BucketState>,
+}
+
+impl RateLimiterState {
+    /// The buckets' configuration.
+    pub fn config(&self) -> RateLimiterConfig {
+        let cfg = |b: &BucketState| BucketConfig {
+            size: b.size,
+            one_time_burst: b.one_time_burst,
+            refill_time: b.refill_time,
+        };
+        RateLimiterConfig {
+            bandwidth: self.bandwidth.as_ref().map(cfg),
+            ops: self.ops.as_ref().map(cfg),
+        }
+    }
+}
+
+impl TokenBucket {
+    /// Its state at `now`.
+    pub fn save_state_at(&mut self, now: Instant) -> BucketState {
+        self.refill(now);
+        BucketState {
+            size: self.cfg.size,
+            one_time_burst: self.cfg.one_time_burst,
+            refill_time: self.cfg.refill_time,
+            level: self.level,
+            burst_left: self.burst,
+            carry: self.carry,
+        }
+    }
+
+    /// The bucket `s` describes, refilling from `now`; `None` when its configuration disables
+    /// it. What it held is kept within what the configuration allows (at most `size`, a burst
+    /// at most `one_time_burst`, a carry below one token), whatever the file says.
+    pub fn restore_at(s: &BucketState, now: Instant) -> Option<Self> {
+        let mut b = Self::new(
+            BucketConfig {
+                size: s.size,
+                one_time_burst: s.one_time_burst,
+                refill_time: s.refill_time,
+            },
+            now,
+        )?;
+        b.level = s.level.min(i128::from(s.size));
+        b.burst = s.burst_left.min(s.one_time_burst);
+        b.carry = s.carry.min(b.refill_ns.saturating_sub(1));
+        Some(b)
+    }
+}
+
 /// A one-shot timer on the monotonic clock, non-blocking (reading it when it has not fired
 /// is harmless).
 #[derive(Debug)]
@@ -544,6 +621,40 @@ impl RateLimiter {
         apply(&mut self.bandwidth, update.bandwidth);
         apply(&mut self.ops, update.ops);
         self.blocked = false;
+        self.timer.arm(Some(Duration::ZERO));
+    }
+}
+
+impl RateLimiter {
+    /// Its buckets' state, for a snapshot.
+    pub fn save_state(&mut self) -> RateLimiterState {
+        self.save_state_at(Instant::now())
+    }
+
+    /// [`save_state`](Self::save_state) at `now`.
+    pub fn save_state_at(&mut self, now: Instant) -> RateLimiterState {
+        RateLimiterState {
+            bandwidth: self.bandwidth.as_mut().map(|b| b.save_state_at(now)),
+            ops: self.ops.as_mut().map(|b| b.save_state_at(now)),
+        }
+    }
+
+    /// Put the buckets of a snapshot's state in place of these (the timer stays the same
+    /// descriptor, so a worker polling it keeps it) and fire the timer, so the worker retries
+    /// under them at once.
+    pub fn restore_state(&mut self, s: &RateLimiterState) {
+        self.restore_state_at(s, Instant::now())
+    }
+
+    /// [`restore_state`](Self::restore_state) at `now`.
+    pub fn restore_state_at(&mut self, s: &RateLimiterState, now: Instant) {
+        self.bandwidth = s
+            .bandwidth
+            .as_ref()
+            .and_then(|b| TokenBucket::restore_at(b, now));
+        self.ops = s.ops.as_ref().and_then(|b| TokenBucket::restore_at(b, now));
+        self.blocked = false;
+        self.pass_now = None;
         self.timer.arm(Some(Duration::ZERO));
     }
 }

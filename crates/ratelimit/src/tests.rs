@@ -330,3 +330,74 @@ fn bench_consume_when_not_limiting() {
         }
     }
 }
+
+#[test]
+fn a_saved_state_restores_the_buckets_as_they_were() {
+    let t0 = Instant::now();
+    let cfg = RateLimiterConfig {
+        bandwidth: Some(bucket(1000, 0, 1000)),
+        ops: Some(bucket(10, 5, 100)),
+    };
+    let mut rl = RateLimiter::new_at(&cfg, t0).unwrap();
+    // 7 operations: the burst's 5, then 2 of the bucket's 10; 1500 bytes: 500 in debt.
+    for _ in 0..6 {
+        assert!(rl.consume_at(0, t0));
+    }
+    assert!(rl.consume_at(1500, t0));
+    // 0.3 ms later: the bandwidth bucket earned 0.3 of a token (a carry), nothing counted.
+    let saved = rl.save_state_at(t0 + Duration::from_micros(300));
+    let bw = saved.bandwidth.unwrap();
+    assert_eq!((bw.level, bw.burst_left, bw.carry), (-500, 0, 300_000_000));
+    let ops = saved.ops.unwrap();
+    assert_eq!((ops.level, ops.burst_left), (8, 0));
+    assert_eq!(saved.config(), cfg);
+    // Through postcard, as a snapshot stores it (a zero burst included).
+    let bytes = postcard::to_stdvec(&saved).unwrap();
+    let back: RateLimiterState = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(back, saved);
+
+    // Restored an hour later into a limiter made from another configuration: the saved
+    // buckets replace its own, and the hour in between earns nothing.
+    let t1 = t0 + Duration::from_secs(3600);
+    let mut other = RateLimiter::new_at(&RateLimiterConfig::default(), t1).unwrap();
+    other.restore_state_at(&back, t1);
+    assert!(fired(&other), "a restore wakes the worker");
+    other.on_timer();
+    assert_eq!(other.config(), cfg);
+    // In debt: 500 tokens to earn back and 1 more to pass, 0.3 of one carried: 500.7 ms.
+    assert!(!other.consume_at(1, at(t1, 500)));
+    other.on_timer();
+    assert!(other.consume_at(1, at(t1, 501)));
+    // An unlimited state gives an unlimited limiter.
+    other.restore_state_at(&RateLimiterState::default(), t1);
+    assert!(other.is_unlimited());
+}
+
+#[test]
+fn a_restored_state_never_holds_more_than_its_configuration_allows() {
+    let t0 = Instant::now();
+    let s = RateLimiterState {
+        bandwidth: Some(BucketState {
+            size: 100,
+            one_time_burst: 10,
+            refill_time: 1000,
+            level: 1 << 100,
+            burst_left: u64::MAX,
+            carry: u128::MAX,
+        }),
+        ops: Some(BucketState {
+            size: 0,
+            one_time_burst: 0,
+            refill_time: 1000,
+            level: 5,
+            burst_left: 0,
+            carry: 0,
+        }),
+    };
+    let mut rl = RateLimiter::new_at(&RateLimiterConfig::default(), t0).unwrap();
+    rl.restore_state_at(&s, t0);
+    // The zero-size ops bucket is no bucket; the other holds its size and its burst.
+    assert!(rl.config().ops.is_none());
+    assert!(rl.consume_at(110, t0));
+    assert!(!rl.consume_at(1, t0));
+}

@@ -25,7 +25,7 @@ mod state;
 pub use memory::{
     map_memory, memory_size, merge_memory, write_memory, GuestMemoryMmap, PageFilter, PAGE_SIZE,
 };
-pub use state::{read_state, write_state, FORMAT_VERSION, MAGIC};
+pub use state::{read_state, read_state_upgrading, write_state, FORMAT_VERSION, MAGIC};
 
 /// The temporary file beside `path` that a file replaced whole is written to before it is
 /// renamed over `path` (so a crash leaves the old file or the new one, and a process that

@@ -9,8 +9,10 @@ use std::path::Path;
 /// The first 8 bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"KVMBOXSN";
 /// The layout of the state this build writes and reads. Bump it whenever a saved struct
-/// changes shape: an old file is then refused by name instead of misread.
-pub const FORMAT_VERSION: u32 = 2;
+/// changes shape: an old file is then refused by name instead of misread, unless its reader
+/// knows how to bring that version's payload up to this one ([`read_state_upgrading`]).
+/// 3: the devices' rate limiters (a field at the end of the machine state).
+pub const FORMAT_VERSION: u32 = 3;
 
 const HEADER: usize = 24;
 const TRAILER: usize = 8;
@@ -43,8 +45,20 @@ pub fn write_state<T: Serialize>(path: &Path, state: &T) -> Result<()> {
 }
 
 /// Read and check a state file written by [`write_state`]: everything is verified before
-/// the state is returned.
+/// the state is returned. A file of another format version is refused.
 pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    read_state_upgrading(path, &[], |_, _| {})
+}
+
+/// [`read_state`], also reading a file of one of the `older` format versions: once the file
+/// is checked whole (length, checksum), `upgrade` gets its version and payload and makes the
+/// payload this version's (e.g. appends the encoding of a field added at the end), which is
+/// then decoded. Any other version is refused.
+pub fn read_state_upgrading<T: DeserializeOwned>(
+    path: &Path,
+    older: &[u32],
+    upgrade: impl FnOnce(u32, &mut Vec<u8>),
+) -> Result<T> {
     let name = || path.display().to_string();
     let size = std::fs::metadata(path).map_err(io_err(path))?.len();
     if size > MAX_FILE {
@@ -67,7 +81,7 @@ pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T> {
     }
     let word = |o: usize| u32::from_le_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
     let version = word(8);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && !older.contains(&version) {
         return Err(Error::Version {
             path: name(),
             found: version,
@@ -89,7 +103,11 @@ pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T> {
     if CRC.checksum(&buf[..body]) != u64::from_le_bytes(crc) {
         return Err(Error::Checksum(name()));
     }
-    postcard::from_bytes(&buf[HEADER..body]).map_err(|e| Error::Decode {
+    let mut payload = buf[HEADER..body].to_vec();
+    if version != FORMAT_VERSION {
+        upgrade(version, &mut payload);
+    }
+    postcard::from_bytes(&payload).map_err(|e| Error::Decode {
         path: name(),
         msg: e.to_string(),
     })
@@ -186,5 +204,45 @@ mod tests {
         assert!(e.to_string().contains("cannot decode"), "{e}");
         let missing = read_state::<S>(&d.0.join("nope")).unwrap_err();
         assert!(missing.is_user_error() && missing.to_string().contains("nope"));
+    }
+
+    /// A file of an older version that the reader knows is upgraded; others are still refused.
+    #[test]
+    fn an_older_version_is_read_through_its_upgrade() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Old {
+            a: u64,
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct New {
+            a: u64,
+            added: Vec<u32>,
+        }
+        let d = dir();
+        let p = d.0.join("s");
+        write_state(&p, &Old { a: 7 }).unwrap();
+        // Make it an older file: version 2, checksum again.
+        let mut v = std::fs::read(&p).unwrap();
+        v[8] = 2;
+        let body = v.len() - TRAILER;
+        let crc = CRC.checksum(&v[..body]).to_le_bytes();
+        v[body..].copy_from_slice(&crc);
+        std::fs::write(&p, &v).unwrap();
+        let e = read_state::<New>(&p).unwrap_err();
+        assert!(e.to_string().contains("format version 2"), "{e}");
+        let upgraded: New = read_state_upgrading(&p, &[2], |version, payload| {
+            assert_eq!(version, 2);
+            payload.extend(postcard::to_stdvec(&Vec::<u32>::new()).unwrap());
+        })
+        .unwrap();
+        assert_eq!(
+            upgraded,
+            New {
+                a: 7,
+                added: vec![]
+            }
+        );
+        let e = read_state_upgrading::<New>(&p, &[1], |_, _| {}).unwrap_err();
+        assert!(e.to_string().contains("format version 2"), "{e}");
     }
 }

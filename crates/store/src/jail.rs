@@ -20,11 +20,11 @@
 //! - **Limits**: the settings' CPU quota, CPU weight and memory limit are set in the jail's
 //!   cgroup (`kvmbox/jail-<id>` under the keeper's group), made by root; the VM cannot
 //!   change them; `vm modify` of a running VM sets them there, as root.
-//! - **TAP networks**: the keeper, as root, lends each TAP device the VM uses to its user
-//!   (creating it if there is none: owner the VM's uid, persistent), so the jailed VM process
-//!   attaches to it without CAP_NET_ADMIN, and records how each was in `jail.json`; when the VM
-//!   ends (or at the cleanup after a killed keeper) it gives them back: one it created is
-//!   deleted, one that existed gets its owner and persistence back.
+//! - **TAP networks**: the keeper, as root, attaches a descriptor to each TAP device the VM
+//!   uses (creating the device, not persistent, if there is none) and hands it to the VM
+//!   process (`KVMBOX_TAP_FDS`, which `kvmbox jail` passes on), so the jailed process uses the
+//!   TAP without CAP_NET_ADMIN and without the device's owner or persistence being changed;
+//!   a device it created goes when the VM process (its last holder) ends.
 
 use crate::{io_err, Error, Result, Vm};
 use serde::{Deserialize, Serialize};
@@ -49,17 +49,6 @@ pub struct JailInfo {
     pub gid: u32,
     /// The chroot (`$KVMBOX_HOME/jails/kvmbox/<id>/root`).
     pub root: PathBuf,
-    /// The TAP devices lent to the VM's user, as they were before.
-    #[serde(default)]
-    pub taps: Vec<kvmbox_virtio::net::TapLoan>,
-    /// The keeper's network namespace (inode of `/proc/self/ns/net`), where the TAPs are.
-    #[serde(default)]
-    pub netns: Option<u64>,
-}
-
-/// The inode of this process's network namespace.
-fn netns_id() -> Option<u64> {
-    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata("/proc/self/ns/net").ok()?).into()
 }
 
 /// Whether `vm start` jails the VM: as root, unless `--no-jail` or `KVMBOX_JAIL=off`; an
@@ -167,78 +156,30 @@ impl Vm {
             uid,
             gid: uid,
             root: self.jail_dir().join("root"),
-            taps: Vec::new(),
-            netns: netns_id(),
         };
         let text = serde_json::to_string(&info).unwrap_or_default();
         crate::keeper::write_atomic(&self.jail_info_path(), &text)?;
         Ok(info)
     }
 
-    /// Lend the VM's TAP devices to the jail's user (see the module's notes), recording each
-    /// in `jail.json` as it is lent; on an error, give back those lent so far.
-    pub(crate) fn lend_taps(&self, info: &mut JailInfo) -> Result<()> {
+    /// A descriptor attached to each TAP device of the VM (see the module's notes), by name,
+    /// for the VM process to inherit.
+    pub(crate) fn attach_taps(&self) -> Result<Vec<(String, std::fs::File)>> {
         let cfg = self.config()?;
+        let mut taps = Vec::new();
         for n in &cfg.nets {
             let kvmbox_virtio::net::NetBackendConfig::Tap(name) = &n.backend else {
                 continue;
             };
-            let lent = kvmbox_virtio::net::lend_tap(name, info.uid)
-                .map_err(|e| {
-                    Error::Failed(format!(
-                        "VM '{}': lending its TAP network to the jail's user: {e}",
-                        self.name
-                    ))
-                })
-                .and_then(|loan| {
-                    info.taps.push(loan);
-                    let text = serde_json::to_string(&*info).unwrap_or_default();
-                    crate::keeper::write_atomic(&self.jail_info_path(), &text)
-                });
-            if let Err(e) = lent {
-                let _ = self.give_back_taps(info);
-                return Err(e);
-            }
+            let file = kvmbox_virtio::net::attach_tap_for_another_process(name).map_err(|e| {
+                Error::Failed(format!(
+                    "VM '{}': attaching its TAP network for the jail: {e}",
+                    self.name
+                ))
+            })?;
+            taps.push((name.clone(), file));
         }
-        Ok(())
-    }
-
-    /// Give back the TAP devices `info` records as lent (see [`Self::lend_taps`]), when no
-    /// process has them attached. All are tried; the first failure is returned.
-    pub(crate) fn give_back_taps(&self, info: &JailInfo) -> Result<()> {
-        if info.taps.is_empty() {
-            return Ok(());
-        }
-        if info.netns != netns_id() {
-            return Err(Error::Failed(format!(
-                "VM '{}': its TAP device(s) '{}' are in another network namespace than this command: give them back there (ip tuntap del, or ip tuntap add ... user UID to set the owner)",
-                self.name,
-                info.taps.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join("', '")
-            )));
-        }
-        let mut first = Ok(());
-        for t in &info.taps {
-            if let Err(e) = kvmbox_virtio::net::give_back_tap(t) {
-                if first.is_ok() {
-                    first = Err(Error::Failed(format!(
-                        "VM '{}': giving back its TAP network: {e}",
-                        self.name
-                    )));
-                }
-            }
-        }
-        first
-    }
-
-    /// Give back the TAP devices a keeper that died had lent (call before its runtime folder
-    /// goes, with the VM's lock held and no keeper alive). A failure is a warning on stderr:
-    /// the VM can still start (it lends them again).
-    pub(crate) fn give_back_stale_taps(&self) {
-        if let Some(info) = self.jail_info() {
-            if let Err(e) = self.give_back_taps(&info) {
-                eprintln!("kvmbox: warning: {e}");
-            }
-        }
+        Ok(taps)
     }
 
     /// Remove the jail folder a keeper that died left (call with the VM's lock held and no
@@ -300,7 +241,7 @@ impl Vm {
     /// Refuse a saved state that names a disk the settings do not: the jail lends the saved
     /// state's disks to the VM's user, and the state file was written by the VM process.
     pub(crate) fn check_saved_disks(&self, state: &Path) -> Result<()> {
-        let saved: kvmbox_vmm::snapshot::MachineState = kvmbox_snapshot::read_state(state)
+        let saved = kvmbox_vmm::snapshot::read_machine_state(state)
             .map_err(|e| Error::Failed(format!("{}: {e}", state.display())))?;
         let same = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
         let ours: Vec<PathBuf> = self.config()?.disks.iter().map(|d| same(&d.path)).collect();

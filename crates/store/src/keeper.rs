@@ -10,7 +10,7 @@ use crate::console::{read_line, BUSY, HELLO, HELLO_FORCE, OK, TAKEN_OVER};
 use crate::{io_err, now_secs, Error, LastRun, Result, Vm};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
@@ -86,7 +86,7 @@ pub fn keep(vm: &Vm, exe: &Path, restore: bool, paused: bool, jail: bool) -> Res
     let _ = std::fs::remove_file(&api);
     let mut cmd = Command::new(exe);
     let (state, mem) = vm.saved_state();
-    let mut jailed = if jail {
+    let jailed = if jail {
         // A refusal here leaves no runtime folder (the VM did not run).
         let gone = |e: Error| {
             let _ = std::fs::remove_dir_all(run_dir);
@@ -140,30 +140,42 @@ pub fn keep(vm: &Vm, exe: &Path, restore: bool, paused: bool, jail: bool) -> Res
         .stdin(Stdio::piped())
         .stdout(Stdio::from(out_w))
         .stderr(Stdio::from(err_w));
-    // SAFETY: the closure only calls prctl, which is async-signal-safe, between fork and exec.
+    // A jailed VM's TAP devices: attached here (root) and inherited by the VM process.
+    let taps = if jailed.is_some() {
+        vm.attach_taps().inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(run_dir);
+        })?
+    } else {
+        Vec::new()
+    };
+    let tap_fds: Vec<RawFd> = taps.iter().map(|(_, f)| f.as_raw_fd()).collect();
+    if !taps.is_empty() {
+        let list: Vec<String> = taps
+            .iter()
+            .map(|(name, f)| format!("{name}={}", f.as_raw_fd()))
+            .collect();
+        cmd.env(kvmbox_virtio::net::TAP_FDS_ENV, list.join(","));
+    }
+    // SAFETY: the closure only calls prctl and fcntl, which are async-signal-safe, between
+    // fork and exec, on descriptors this process owns.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // The TAP descriptors are the only ones the VM process inherits beyond stdio.
+            for &fd in &tap_fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
     }
-    if let Some(info) = &mut jailed {
-        // Last before the start: each later failure gives them back.
-        vm.lend_taps(info).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(run_dir);
-        })?;
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            if let Some(info) = &jailed {
-                let _ = vm.give_back_taps(info);
-            }
-            return Err(io_err(format_args!("starting {}", exe.display()), e));
-        }
-    };
+    let spawned = cmd.spawn();
+    // The VM process holds the TAPs now (a TAP made here goes when it ends).
+    drop(taps);
+    let mut child = spawned.map_err(|e| io_err(format_args!("starting {}", exe.display()), e))?;
     // The pipe's write ends live on only in the VM process (and its children).
     drop(cmd);
     if jailed.is_none() {
@@ -201,12 +213,6 @@ pub fn keep(vm: &Vm, exe: &Path, restore: bool, paused: bool, jail: bool) -> Res
         // SAFETY: geteuid/getegid have no arguments and cannot fail.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let _ = crate::jail::chown_all(&[&state, &mem], uid, gid);
-    }
-    if let Some(info) = &jailed {
-        // The VM process (the TAPs' only user) has ended. Said in the console log.
-        if let Err(e) = vm.give_back_taps(info) {
-            eprintln!("kvmbox: {e}");
-        }
     }
     // `kvmbox jail` exits 128+N when signal N ended the VM process, as a shell does.
     let (exit_status, signal) = match (status.code(), &jailed) {

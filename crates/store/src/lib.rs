@@ -433,7 +433,6 @@ impl Vm {
     /// Remove the runtime folder a dead keeper left (call with the VM's lock held and no
     /// keeper alive).
     pub fn clean_stale_runtime(&self) -> Result<()> {
-        self.give_back_stale_taps();
         match std::fs::remove_dir_all(&self.run_dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

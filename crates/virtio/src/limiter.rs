@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kvmbox_ratelimit::{RateLimiter, RateLimiterConfig};
+use kvmbox_ratelimit::{RateLimiter, RateLimiterConfig, RateLimiterState};
 
 use crate::{os, Result};
 
@@ -33,5 +33,15 @@ impl SharedLimiter {
     /// The buckets now in force.
     pub fn config(&self) -> RateLimiterConfig {
         self.lock().config()
+    }
+
+    /// The buckets' configuration and what they hold now, for a snapshot.
+    pub fn save_state(&self) -> RateLimiterState {
+        self.lock().save_state()
+    }
+
+    /// Put a snapshot's buckets in force, as they were saved; the worker retries under them.
+    pub fn restore_state(&self, state: &RateLimiterState) {
+        self.lock().restore_state(state);
     }
 }

@@ -16,6 +16,7 @@ use kvmbox_devices::legacy::rtc::persist::RtcState;
 use kvmbox_devices::legacy::serial::persist::SerialPortState;
 use kvmbox_devices::VmControl;
 use kvmbox_irqchip::IrqChipState;
+use kvmbox_ratelimit::RateLimiterState;
 use kvmbox_snapshot::PageFilter;
 use kvmbox_virtio::block::DiskConfig;
 use kvmbox_virtio::net::NetConfig;
@@ -118,6 +119,34 @@ pub struct MachineState {
     pub virtio_pci: Vec<VirtioPciState>,
     /// virtio-mmio devices, in configuration order.
     pub virtio_mmio: Vec<MmioTransportState>,
+    /// The disks' and network interfaces' rate limiters (format version 3; last, so a
+    /// version-2 file reads with none, see [`read_machine_state`]).
+    pub limiters: SavedLimiters,
+}
+
+/// The devices' rate limiters as they were when the snapshot was taken (a live PATCH
+/// included): each one's buckets and what they held, restored as they were (Firecracker
+/// saves them the same way). Empty in a state file from before they were saved.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedLimiters {
+    /// One per disk, in order.
+    pub disks: Vec<RateLimiterState>,
+    /// (receive, transmit) per network interface, in order.
+    pub nets: Vec<(RateLimiterState, RateLimiterState)>,
+}
+
+/// Read and check the machine state in `path`: this format version, or version 2 (before the
+/// rate limiters were saved: it restores without them, as it did).
+pub fn read_machine_state(path: &Path) -> kvmbox_snapshot::Result<MachineState> {
+    kvmbox_snapshot::read_state_upgrading(path, &[2], |_, payload| {
+        // `limiters` is the last field: a version-2 payload and no limiters is version 3's.
+        payload.extend(postcard_empty_limiters());
+    })
+}
+
+/// postcard's encoding of [`SavedLimiters::default`]: two empty sequences, each a length 0.
+fn postcard_empty_limiters() -> [u8; 2] {
+    [0, 0]
 }
 
 /// `snapshot_type`.
@@ -184,7 +213,12 @@ fn guest_mac(m: &Machine, index: usize) -> [u8; 6] {
 impl SavedConfig {
     /// The configuration that builds this machine again, on `accel` (the saved backend
     /// unless the caller asks for the other one).
-    fn to_vm_config(&self, accel: Option<Accel>) -> Result<(VmConfig, Accel)> {
+    /// The devices get `limiters`' configuration (their buckets' levels are restored later).
+    fn to_vm_config(
+        &self,
+        accel: Option<Accel>,
+        limiters: &SavedLimiters,
+    ) -> Result<(VmConfig, Accel)> {
         let saved: Accel = self
             .accel
             .parse()
@@ -206,30 +240,37 @@ impl SavedConfig {
             disks: self
                 .disks
                 .iter()
-                .map(|d| DiskConfig {
+                .enumerate()
+                .map(|(i, d)| DiskConfig {
                     path: d.path.clone(),
                     read_only: d.read_only,
                     serial: d.serial.clone(),
                     format: d.format,
                     lock: d.lock,
-                    rate_limiter: Default::default(),
+                    rate_limiter: limiters
+                        .disks
+                        .get(i)
+                        .map(RateLimiterState::config)
+                        .unwrap_or_default(),
                 })
                 .collect(),
             nets: self
                 .nets
                 .iter()
-                .map(|n| {
+                .enumerate()
+                .map(|(i, n)| {
                     let backend = n
                         .spec
                         .parse::<NetConfig>()
                         .or_else(|_| format!("tap={}", n.spec).parse::<NetConfig>())
                         .map_err(|e| refuse(format!("saved network interface: {e}")))?
                         .backend;
+                    let (rx, tx) = limiters.nets.get(i).copied().unwrap_or_default();
                     Ok(NetConfig {
                         backend,
                         mac: Some(n.mac),
-                        rx_limiter: Default::default(),
-                        tx_limiter: Default::default(),
+                        rx_limiter: rx.config(),
+                        tx_limiter: tx.config(),
                     })
                 })
                 .collect::<Result<_>>()?,
@@ -435,6 +476,22 @@ fn save_state(
             pit: Some(lock(&m.irq_platform.pit).save_state()),
             virtio_pci: m.virtio.pci.iter().map(|d| lock(d).save_state()).collect(),
             virtio_mmio: m.virtio.mmio.iter().map(|d| lock(d).save_state()).collect(),
+            limiters: SavedLimiters {
+                disks: m
+                    .virtio
+                    .limiters
+                    .disks
+                    .iter()
+                    .map(|l| l.save_state())
+                    .collect(),
+                nets: m
+                    .virtio
+                    .limiters
+                    .nets
+                    .iter()
+                    .map(|(rx, tx)| (rx.save_state(), tx.save_state()))
+                    .collect(),
+            },
         };
         // Nothing writes guest memory now (vCPUs paused, devices quiesced): the log taken
         // here is exactly what changed since the last one.
@@ -479,6 +536,32 @@ fn check(s: &MachineState) -> Result<()> {
             "the state has {pci} virtio-pci and {mmio} virtio-mmio devices for {devices} configured"
         )));
     }
+    let l = &s.limiters;
+    let (disks, nets) = (l.disks.len(), l.nets.len());
+    // None at all: a version-2 file, from before the limiters were saved.
+    if (disks, nets) != (0, 0) && (disks, nets) != (c.disks.len(), c.nets.len()) {
+        return Err(refuse(format!(
+            "the state has rate limiters for {disks} disks and {nets} network interfaces, for {} and {} configured",
+            c.disks.len(),
+            c.nets.len()
+        )));
+    }
+    let named = l
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (format!("disk {i}"), d))
+        .chain(l.nets.iter().enumerate().flat_map(|(i, (rx, tx))| {
+            [
+                (format!("network interface {i} rx"), rx),
+                (format!("network interface {i} tx"), tx),
+            ]
+        }));
+    for (what, st) in named {
+        st.config()
+            .validate()
+            .map_err(|e| refuse(format!("rate limiter of {what}: {e}")))?;
+    }
     Ok(())
 }
 
@@ -494,9 +577,9 @@ pub fn load(
     limits: &crate::Limits,
     control: &Arc<VmControl>,
 ) -> Result<(Machine, VmConfig)> {
-    let s: MachineState = kvmbox_snapshot::read_state(state_path)?;
+    let s = read_machine_state(state_path)?;
     check(&s)?;
-    let (mut cfg, accel) = s.config.to_vm_config(accel)?;
+    let (mut cfg, accel) = s.config.to_vm_config(accel, &s.limiters)?;
     cfg.track_dirty_pages = track_dirty_pages;
     // The limits are the host's, given with the restore, checked against the saved VM.
     limits.check(cfg.cpus, cfg.memory)?;
@@ -564,6 +647,16 @@ fn restore_into(m: &Machine, s: &MachineState) -> Result<()> {
     for (d, st) in m.virtio.mmio.iter().zip(&s.virtio_mmio) {
         lock(d).restore_state(st)?;
     }
+    // The limiters' buckets as they were (the devices were built with their configuration),
+    // before the workers run again.
+    let live = &m.virtio.limiters;
+    for (l, st) in live.disks.iter().zip(&s.limiters.disks) {
+        l.restore_state(st);
+    }
+    for ((rx, tx), (rs, ts)) in live.nets.iter().zip(&s.limiters.nets) {
+        rx.restore_state(rs);
+        tx.restore_state(ts);
+    }
     for d in &m.virtio.pci {
         lock(d).resume()?;
     }
@@ -571,4 +664,16 @@ fn restore_into(m: &Machine, s: &MachineState) -> Result<()> {
         lock(d).resume()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a version-2 payload gets appended is exactly the encoding of no limiters.
+    #[test]
+    fn the_version_2_upgrade_appends_no_limiters() {
+        let none = postcard::to_stdvec(&SavedLimiters::default()).unwrap();
+        assert_eq!(none, postcard_empty_limiters());
+    }
 }

@@ -14,7 +14,7 @@ pub use device::{
 };
 pub use event_handler::{parse_tx_frame, MAX_FRAME, VNET_HDR_LEN};
 pub(crate) use event_handler::{place_frame, Placed};
-pub use tap::{give_back as give_back_tap, lend as lend_tap, Tap, TapLoan};
+pub use tap::{attach_for_another_process as attach_tap_for_another_process, Tap, TAP_FDS_ENV};
 pub use user::{HostFwd, Proto, UserNetConfig, DNS_ADDR, GATEWAY_ADDR, GUEST_ADDR};
 
 #[cfg(test)]

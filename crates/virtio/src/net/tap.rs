@@ -15,15 +15,11 @@ use crate::queue::{Chain, ChainError};
 use crate::{Error, Result};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
-const IFF_PERSIST: libc::c_short = 0x0800;
 /// TUNSETOFFLOAD: the tap may hand us frames with partial checksums.
 pub const TUN_F_CSUM: u32 = 0x01;
 /// TUNSETOFFLOAD: ... TCPv4 segmentation offload frames.
@@ -40,14 +36,21 @@ pub struct Tap {
 impl Tap {
     /// Open (creating if needed) TAP interface `name` in the caller's network namespace,
     /// non-blocking, with a `hdr_len`-byte virtio-net header. Needs CAP_NET_ADMIN to create,
-    /// or to attach to a device whose owner is not the caller's uid (see [`lend`]).
+    /// or to attach to a device whose owner is not the caller's uid.
+    ///
+    /// When [`TAP_FDS_ENV`] names `name`, the descriptor it gives (attached by the process
+    /// that started kvmbox) is used instead, through a duplicate, so a rebuilt machine (a
+    /// restart, a restore) opens it again: no permission on the interface is needed.
     pub fn open(name: &str, hdr_len: i32) -> Result<Self> {
         let err = |what, source| Error::Backend {
             what,
             path: name.to_string(),
             source,
         };
-        let file = attach(name, libc::O_NONBLOCK)?;
+        let file = match inherited_tap(name)? {
+            Some(fd) => dup_nonblocking(fd).map_err(|e| err("using the inherited tap", e))?,
+            None => attach(name, libc::O_NONBLOCK)?,
+        };
         let tap = Self {
             file,
             name: name.to_string(),
@@ -108,6 +111,96 @@ impl Tap {
     }
 }
 
+/// The environment variable through which the process that starts kvmbox hands it TAP
+/// descriptors it attached: `NAME=FD[,NAME=FD]...`. `kvmbox vm start` as root does so for a
+/// jailed VM (`kvmbox jail` passes the variable on), so that the unprivileged VM process uses
+/// the TAP without its owner ever being changed.
+pub const TAP_FDS_ENV: &str = "KVMBOX_TAP_FDS";
+
+/// The descriptor [`TAP_FDS_ENV`] gives for TAP `name`, if any.
+fn inherited_tap(name: &str) -> Result<Option<RawFd>> {
+    Ok(inherited_taps()?
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|&(_, fd)| fd))
+}
+
+/// The descriptors [`TAP_FDS_ENV`] gives, by TAP name. The first call reads the variable and
+/// marks every descriptor it names close-on-exec (helpers kvmbox starts, such as passt, must
+/// not inherit them: call this before starting one); a malformed variable is an error naming
+/// it.
+pub(crate) fn inherited_taps() -> Result<&'static [(String, RawFd)]> {
+    static FDS: std::sync::OnceLock<std::result::Result<Vec<(String, RawFd)>, String>> =
+        std::sync::OnceLock::new();
+    let fds = FDS.get_or_init(|| {
+        let Some(v) = std::env::var_os(TAP_FDS_ENV) else {
+            return Ok(Vec::new());
+        };
+        let v = v.to_string_lossy();
+        let parsed = parse_tap_fds(&v)
+            .map_err(|e| format!("{TAP_FDS_ENV}='{v}': {e} (expected NAME=FD[,NAME=FD]...)"))?;
+        for &(_, fd) in &parsed {
+            // SAFETY: F_SETFD on a descriptor number only changes its close-on-exec flag.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+                return Err(format!(
+                    "{TAP_FDS_ENV}: descriptor {fd}: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        Ok(parsed)
+    });
+    fds.as_deref().map_err(|e| Error::Config(e.clone()))
+}
+
+/// `NAME=FD[,NAME=FD]...`: names of at most IFNAMSIZ-1 bytes, descriptors above 2.
+fn parse_tap_fds(v: &str) -> std::result::Result<Vec<(String, RawFd)>, String> {
+    v.split(',')
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (name, fd) = e
+                .split_once('=')
+                .ok_or_else(|| format!("'{e}' has no '='"))?;
+            if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+                return Err(format!(
+                    "tap name '{name}' must be 1 to {} bytes",
+                    libc::IFNAMSIZ - 1
+                ));
+            }
+            match fd.parse::<RawFd>() {
+                Ok(fd) if fd > 2 => Ok((name.to_string(), fd)),
+                _ => Err(format!("'{fd}' is not a descriptor number above 2")),
+            }
+        })
+        .collect()
+}
+
+/// A close-on-exec, non-blocking duplicate of `fd`.
+fn dup_nonblocking(fd: RawFd) -> std::io::Result<File> {
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor (or fails); nothing else is touched.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just made and nothing else owns it.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(new) };
+    // SAFETY: F_GETFL/F_SETFL on our descriptor read and set its status flags.
+    let flags = unsafe { libc::fcntl(new, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(new, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// Attach a descriptor to TAP interface `name` (in the caller's network namespace; created,
+/// not persistent, if there is none: it goes when its last descriptor closes) for another
+/// process, which gets it through [`TAP_FDS_ENV`]: blocking and close-on-exec here (clear
+/// the flag in the child that is to inherit it). Needs the permission [`Tap::open`] needs.
+pub fn attach_for_another_process(name: &str) -> Result<File> {
+    attach(name, 0)
+}
+
 /// Check `name` and attach a new descriptor of /dev/net/tun (with `flags` besides
 /// `O_CLOEXEC`) to TAP interface `name`, creating it if there is none, as a virtio-net TAP
 /// (no packet info, a virtio-net header on every frame).
@@ -137,146 +230,6 @@ fn attach(name: &str, flags: libc::c_int) -> Result<File> {
         return Err(err("creating tap", std::io::Error::last_os_error()));
     }
     Ok(file)
-}
-
-/// An ioctl on an attached TAP descriptor that takes its argument by value.
-fn tun_set(
-    file: &File,
-    name: &str,
-    what: &'static str,
-    req: libc::c_ulong,
-    arg: u32,
-) -> Result<()> {
-    // SAFETY: TUNSETOWNER and TUNSETPERSIST take their argument by value.
-    if unsafe { libc::ioctl(file.as_raw_fd(), req, libc::c_ulong::from(arg)) } < 0 {
-        return Err(Error::Backend {
-            what,
-            path: name.to_string(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
-}
-
-/// Whether an interface named `name` exists in the caller's network namespace (its index).
-fn if_index(name: &str) -> u32 {
-    let Ok(c) = std::ffi::CString::new(name) else {
-        return 0;
-    };
-    // SAFETY: if_nametoindex reads the NUL-terminated string we own.
-    unsafe { libc::if_nametoindex(c.as_ptr()) }
-}
-
-/// How a TAP interface was before [`lend`] gave it to a user: what [`give_back`] restores.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TapLoan {
-    /// The interface.
-    pub name: String,
-    /// Whether `lend` created it (`give_back` deletes it).
-    pub created: bool,
-    /// Its owner before (None: it had none).
-    pub owner: Option<u32>,
-    /// Whether it was persistent before.
-    pub persist: bool,
-}
-
-/// Make TAP interface `name` (in the caller's network namespace; created if there is none)
-/// usable by `uid` without CAP_NET_ADMIN: owner `uid`, persistent, so that it outlives this
-/// descriptor. Needs CAP_NET_ADMIN. Fails (EBUSY) when another process has it attached.
-pub fn lend(name: &str, uid: u32) -> Result<TapLoan> {
-    let index = if_index(name);
-    let owner = if index == 0 {
-        None
-    } else {
-        sysfs_owner(name, index)?
-    };
-    let file = attach(name, 0)?;
-    let persist = index != 0 && {
-        let mut ifr = [0u8; 40];
-        // SAFETY: TUNGETIFF writes a struct ifreq (40 bytes) we own.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNGETIFF, ifr.as_mut_ptr()) } < 0 {
-            return Err(Error::Backend {
-                what: "reading the flags of tap",
-                path: name.to_string(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        libc::c_short::from_ne_bytes([ifr[16], ifr[17]]) & IFF_PERSIST != 0
-    };
-    tun_set(&file, name, "setting the owner of tap", TUNSETOWNER, uid)?;
-    tun_set(&file, name, "making persistent tap", TUNSETPERSIST, 1)?;
-    Ok(TapLoan {
-        name: name.to_string(),
-        created: index == 0,
-        owner,
-        persist,
-    })
-}
-
-/// Undo [`lend`] (call when no process has the interface attached, in the network namespace
-/// it was lent in): delete an interface it created; give one that existed its owner and
-/// persistence back. An interface with no owner before gets owner 0 (root): the kernel
-/// cannot unset an owner; root may attach to it as before.
-pub fn give_back(loan: &TapLoan) -> Result<()> {
-    let name = &loan.name;
-    if if_index(name) == 0 {
-        if loan.created {
-            return Ok(());
-        }
-        return Err(Error::Config(format!(
-            "tap '{name}' is gone: cannot give it its owner back"
-        )));
-    }
-    let file = attach(name, 0)?;
-    if !loan.created {
-        let owner = loan.owner.unwrap_or(0);
-        tun_set(
-            &file,
-            name,
-            "giving back the owner of tap",
-            TUNSETOWNER,
-            owner,
-        )?;
-    }
-    // A created interface goes when its last descriptor (this one) closes, unpersisted.
-    let persist = !loan.created && loan.persist;
-    tun_set(
-        &file,
-        name,
-        "giving back the persistence of tap",
-        TUNSETPERSIST,
-        u32::from(persist),
-    )
-}
-
-/// The owner of TAP `name` (index `index`) from /sys/class/net (the kernel has no ioctl for
-/// it); an error when /sys shows another network namespace's interface of that name.
-fn sysfs_owner(name: &str, index: u32) -> Result<Option<u32>> {
-    let dir = format!("/sys/class/net/{name}");
-    let read = |f: &str| -> Result<String> {
-        std::fs::read_to_string(format!("{dir}/{f}"))
-            .map(|t| t.trim().to_string())
-            .map_err(|e| Error::Backend {
-                what: "reading /sys/class/net for tap",
-                path: name.to_string(),
-                source: e,
-            })
-    };
-    if read("ifindex")? != index.to_string() {
-        return Err(Error::Config(format!(
-            "tap '{name}': /sys/class/net shows another network namespace's interface of that name (mount a sysfs of this namespace, as ip netns exec does)"
-        )));
-    }
-    let owner = read("owner")?;
-    match owner.parse::<i64>() {
-        Ok(-1) => Ok(None),
-        Ok(o) => u32::try_from(o)
-            .map(Some)
-            .map_err(|_| Error::Config(format!("tap '{name}': owner '{owner}' in {dir}/owner"))),
-        Err(_) => Err(Error::Config(format!(
-            "tap '{name}': owner '{owner}' in {dir}/owner is not a number"
-        ))),
-    }
 }
 
 impl AsRawFd for Tap {
@@ -355,5 +308,29 @@ impl NetBackend for Tap {
 
     fn failure(&mut self) -> String {
         format!("tap '{}' failed or disappeared", self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_tap_fds;
+
+    #[test]
+    fn tap_fds_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            parse_tap_fds("tap0=3,kvt1=17").unwrap(),
+            [("tap0".to_string(), 3), ("kvt1".to_string(), 17)]
+        );
+        assert_eq!(parse_tap_fds("").unwrap(), []);
+        for (bad, why) in [
+            ("tap0", "'tap0' has no '='"),
+            ("tap0=2", "'2' is not a descriptor number above 2"),
+            ("tap0=x", "'x' is not a descriptor number above 2"),
+            ("=5", "tap name '' must be 1 to 15 bytes"),
+            ("a23456789012345678=5", "must be 1 to 15 bytes"),
+        ] {
+            let e = parse_tap_fds(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 }

@@ -391,6 +391,8 @@ impl Passt {
         }
         let (ours, theirs) = UnixStream::pair().map_err(crate::os("socketpair for passt"))?;
         let fd = theirs.as_raw_fd();
+        // Inherited TAP descriptors are not passt's.
+        super::tap::inherited_taps()?;
         let mut cmd = Command::new(std::env::var_os("KVMBOX_PASST").unwrap_or("passt".into()));
         cmd.args([
             "--foreground",
