@@ -479,7 +479,8 @@ impl Cpu {
     }
 }
 
-fn is_far(ins: &Instruction) -> bool {
+/// JMP/CALL through a memory far pointer (m16:16, m16:32, m16:64).
+pub(crate) fn is_far(ins: &Instruction) -> bool {
     matches!(
         ins.code(),
         Code::Jmp_m1616

@@ -904,16 +904,7 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
                 }
             } else {
                 // Indirect near (far forms have 32/48/80-bit memory operands or go generic).
-                if matches!(
-                    ins.code(),
-                    Code::Jmp_m1616
-                        | Code::Jmp_m1632
-                        | Code::Jmp_m1664
-                        | Code::Call_m1616
-                        | Code::Call_m1632
-                        | Code::Call_m1664
-                ) || !matches!(bits, 16 | 32 | 64)
-                {
+                if super::control::is_far(ins) || !matches!(bits, 16 | 32 | 64) {
                     return None;
                 }
                 match (s0, is_call) {
