@@ -419,6 +419,7 @@ fn cpuid_lists_the_engine_model() {
     assert_ne!(l1.ecx & (1 << 31), 0, "hypervisor bit");
     assert_eq!(l1.ecx & (1 << 28), 0, "no AVX");
     assert_eq!(l1.ecx & (1 << 26), 0, "no XSAVE");
+    assert_ne!(l1.ecx & (1 << 13), 0, "CX16 (CMPXCHG16B)");
     let h = t.iter().find(|e| e.function == 0x4000_0000).unwrap();
     let mut sig = Vec::new();
     for r in [h.ebx, h.ecx, h.edx] {
