@@ -28,8 +28,8 @@ const L1_EDX: u32 = 1
     | (1 << 24)
     | (1 << 25)
     | (1 << 26);
-/// Leaf 1 ECX: POPCNT, hypervisor.
-const L1_ECX: u32 = (1 << 23) | (1 << 31);
+/// Leaf 1 ECX: CX16, POPCNT, hypervisor.
+const L1_ECX: u32 = (1 << 13) | (1 << 23) | (1 << 31);
 /// 0x80000001 EDX: SYSCALL NX Page1GB RDTSCP LM.
 const E1_EDX: u32 = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29);
 /// 0x80000001 ECX: LAHF/SAHF in 64-bit mode.

@@ -216,6 +216,51 @@ pub unsafe fn store(p: *mut u8, size: u32, v: u64) {
     }
 }
 
+/// Atomic 16-byte compare-and-exchange at `p` (CMPXCHG16B): if the 16 bytes equal `old`
+/// they become `new`; returns the value found. On an x86-64 host this is the host's
+/// `lock cmpxchg16b`, so it is atomic against every other vCPU thread's locked accesses.
+///
+/// # Safety
+/// `p` must be valid for 16 bytes and 16-byte aligned.
+pub unsafe fn cmpxchg16(p: *mut u8, old: u128, new: u128) -> u128 {
+    debug_assert!((p as usize).is_multiple_of(16));
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (mut lo, mut hi) = (old as u64, (old >> 64) as u64);
+        // SAFETY: the caller guarantees p is valid for 16 bytes and 16-byte aligned, as
+        // `cmpxchg16b` requires. RBX cannot be named as an operand (LLVM reserves it), so the
+        // low half of `new` is swapped into it around the instruction and RBX is restored
+        // before the block ends; RAX:RDX receive the value found (on success it equals `old`).
+        unsafe {
+            std::arch::asm!(
+                "xchg {nlo}, rbx",
+                "lock cmpxchg16b xmmword ptr [{p}]",
+                "mov rbx, {nlo}",
+                p = in(reg) p,
+                nlo = inout(reg) new as u64 => _,
+                inout("rax") lo,
+                inout("rdx") hi,
+                in("rcx") (new >> 64) as u64,
+                options(nostack),
+            );
+        }
+        u128::from(lo) | (u128::from(hi) << 64)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        static LOCK16: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _g = LOCK16.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the caller guarantees p is valid for 16 bytes.
+        unsafe {
+            let cur = (p as *const u128).read_unaligned();
+            if cur == old {
+                (p as *mut u128).write_unaligned(new);
+            }
+            cur
+        }
+    }
+}
+
 /// Atomic compare-and-exchange of `size` bytes at `p`; returns the value found.
 /// Falls back to a process-wide lock for misaligned addresses (x86 allows split locks).
 ///

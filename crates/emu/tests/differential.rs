@@ -428,6 +428,11 @@ fn forms() -> Vec<Form> {
     f!(v, "lock cmpxchg8b [r15]", all, |a| a
         .lock()
         .cmpxchg8b(qword_ptr(r15)));
+    f!(v, "cmpxchg16b [r15]", zf_only, |a| a
+        .cmpxchg16b(xmmword_ptr(r15)));
+    f!(v, "lock cmpxchg16b [r15+16]", zf_only, |a| a
+        .lock()
+        .cmpxchg16b(xmmword_ptr(r15 + 16)));
     f!(v, "xchg rbx,rcx", all, |a| a.xchg(rbx, rcx));
     f!(v, "xchg [r15],ecx", all, |a| a
         .xchg(dword_ptr(r15 + 4), ecx));
@@ -1303,6 +1308,10 @@ impl Emu {
     }
 }
 
+/// The native run's memory buffer, aligned for CMPXCHG16B.
+#[repr(C, align(16))]
+struct Align16([u8; 64]);
+
 #[test]
 fn instruction_forms_match_the_host_cpu() {
     let mut native = Native::new();
@@ -1331,11 +1340,19 @@ fn instruction_forms_match_the_host_cpu() {
                 if form.name.contains("8b") {
                     mem_in[4..8].copy_from_slice(&(regs[2] as u32).to_le_bytes());
                 }
+                if form.name.contains("16b") {
+                    // RDX:RAX against [r15] and [r15+16] (the two CMPXCHG16B forms).
+                    for at in [0, 16] {
+                        mem_in[at..at + 8].copy_from_slice(&regs[0].to_le_bytes());
+                        mem_in[at + 8..at + 16].copy_from_slice(&regs[2].to_le_bytes());
+                    }
+                }
             }
             // Native.
-            let mut host_buf = Box::new(mem_in);
+            // 16-byte aligned, as CMPXCHG16B requires (DATA in the guest is).
+            let mut host_buf = Box::new(Align16(mem_in));
             let mut hs = regs;
-            hs[15] = host_buf.as_mut_ptr() as u64;
+            hs[15] = host_buf.0.as_mut_ptr() as u64;
             hs[4] = 0;
             *native.state = HostState {
                 regs: hs,
@@ -1367,7 +1384,7 @@ fn instruction_forms_match_the_host_cpu() {
                     fmask
                 ));
             }
-            if *host_buf != emu_buf {
+            if host_buf.0 != emu_buf {
                 bad.push("memory differs".to_string());
             }
             compared += 1;

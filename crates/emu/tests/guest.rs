@@ -419,6 +419,7 @@ fn cpuid_lists_the_engine_model() {
     assert_ne!(l1.ecx & (1 << 31), 0, "hypervisor bit");
     assert_eq!(l1.ecx & (1 << 28), 0, "no AVX");
     assert_eq!(l1.ecx & (1 << 26), 0, "no XSAVE");
+    assert_ne!(l1.ecx & (1 << 13), 0, "CX16 (CMPXCHG16B)");
     let h = t.iter().find(|e| e.function == 0x4000_0000).unwrap();
     let mut sig = Vec::new();
     for r in [h.ebx, h.ecx, h.edx] {
@@ -680,4 +681,166 @@ fn compatibility_mode_int_and_syscall() {
     assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
     let ret = compat + c.len() as u64 - 1; // the HLT after SYSCALL
     assert_eq!(io.writes(0xe9), vec![7, 0x43, 9, ret]);
+}
+
+#[test]
+fn cmpxchg16b_compares_swaps_faults_and_sets_dirty_bits() {
+    // Writes out ZF, then RAX and RDX (low halves) after each CMPXCHG16B that completes.
+    let gp_handler = CODE + 0x1000;
+    let pf_handler = CODE + 0x2000;
+    let report = |a: &mut CodeAssembler| -> Result<(), iced_x86::IcedError> {
+        a.setz(bl)?;
+        a.movzx(ebx, bl)?;
+        a.push(rax)?;
+        a.mov(eax, ebx)?;
+        a.out(0xe9u32, eax)?;
+        a.pop(rax)?;
+        a.out(0xe9u32, eax)?;
+        a.push(rax)?;
+        a.mov(eax, edx)?;
+        a.out(0xe9u32, eax)?;
+        a.pop(rax)
+    };
+    let code = asm64(CODE, |a| {
+        a.mov(rdi, DATA)?;
+        // Success: [DATA] = (1, 2) becomes (0x11, 0x22); RDX:RAX stay.
+        a.mov(eax, 1u32)?;
+        a.mov(edx, 2u32)?;
+        a.mov(ebx, 0x11u32)?;
+        a.mov(ecx, 0x22u32)?;
+        a.cmpxchg16b(xmmword_ptr(rdi))?;
+        report(a)?;
+        // Failure (LOCK): memory stays (0x11, 0x22) and is loaded into RDX:RAX.
+        a.mov(eax, 5u32)?;
+        a.mov(edx, 6u32)?;
+        a.mov(ebx, 0x99u32)?;
+        a.mov(ecx, 0x99u32)?;
+        a.lock().cmpxchg16b(xmmword_ptr(rdi))?;
+        report(a)?;
+        // Misaligned: #GP(0) (the handler skips the 5-byte instruction), nothing written.
+        a.cmpxchg16b(xmmword_ptr(rdi + 8))?;
+        // Read-only page: a failing compare is still a write: #PF with P|W, nothing written
+        // (the handler skips the 4-byte instruction).
+        a.mov(rsi, 0x100_1000u64)?;
+        a.mov(ebx, 0x77u32)?;
+        a.cmpxchg16b(xmmword_ptr(rsi))?;
+        // Writable page, compare fails: the PTE gets A and D (the old value is written back).
+        a.mov(rsi, 0x100_0000u64)?;
+        a.xor(eax, eax)?;
+        a.xor(edx, edx)?;
+        a.cmpxchg16b(xmmword_ptr(rsi))?;
+        report(a)?;
+        a.hlt()
+    });
+    let gp = asm64(gp_handler, |a| {
+        a.pop(rbx)?; // error code
+        a.mov(eax, 0xdu32)?;
+        a.out(0xe9u32, eax)?;
+        a.mov(eax, ebx)?;
+        a.out(0xe9u32, eax)?;
+        a.add(qword_ptr(rsp), 5)?;
+        a.iretq()
+    });
+    let pf = asm64(pf_handler, |a| {
+        a.pop(rbx)?; // error code
+        a.mov(rax, cr2)?;
+        a.out(0xe9u32, eax)?;
+        a.mov(eax, ebx)?;
+        a.out(0xe9u32, eax)?;
+        a.add(qword_ptr(rsp), 4)?;
+        a.iretq()
+    });
+    let (mem, _vm, mut v) = long_machine(&code);
+    mem.write_slice(&gp, GuestAddress(gp_handler)).unwrap();
+    mem.write_slice(&pf, GuestAddress(pf_handler)).unwrap();
+    set_gate(&mem, 13, gp_handler, 1, 0, false);
+    set_gate(&mem, 14, pf_handler, 1, 0, false);
+    // 16 MiB -> 0x180_0000 writable, 16 MiB + 4 KiB -> 0x180_1000 read-only; no A/D bits.
+    w64(&mem, PD + 8 * 8, PT | 3);
+    w64(&mem, PT, 0x180_0000 | 3);
+    w64(&mem, PT + 8, 0x180_1000 | 1);
+    w64(&mem, DATA, 1);
+    w64(&mem, DATA + 8, 2);
+    w64(&mem, DATA + 16, 3);
+    w64(&mem, 0x180_0000, 7);
+    w64(&mem, 0x180_0008, 8);
+    w64(&mem, 0x180_1000, 0x55);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(
+        io.writes(0xe9),
+        vec![
+            1, 1, 2, // success: ZF, RAX, RDX unchanged
+            0, 0x11, 0x22, // failure: ZF clear, RDX:RAX = memory
+            0xd, 0, // misaligned: #GP(0)
+            0x100_1000, 3, // read-only page: #PF, CR2, P|W
+            0, 7, 8, // writable page, compare fails: memory loaded
+        ]
+    );
+    assert_eq!(
+        [DATA, DATA + 8, DATA + 16].map(|a| r64(&mem, a)),
+        [0x11, 0x22, 3]
+    );
+    assert_eq!(r64(&mem, 0x180_1000), 0x55);
+    assert_eq!(
+        r64(&mem, PT + 8) & 0x40,
+        0,
+        "no D bit on the read-only page"
+    );
+    assert_eq!([r64(&mem, 0x180_0000), r64(&mem, 0x180_0008)], [7, 8]);
+    assert_eq!(
+        r64(&mem, PT) & 0x60,
+        0x60,
+        "A and D set by the failed compare"
+    );
+    assert_eq!(v.stats().unimplemented_total, 0);
+}
+
+#[test]
+fn cmpxchg16b_is_atomic_across_vcpu_threads() {
+    // Each vCPU adds 1 to both halves of a 16-byte counter N times with a CMPXCHG16B retry
+    // loop; a torn or lost update would leave the halves unequal or short of 2N.
+    const N: u32 = 200_000;
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        let mut retry = a.create_label();
+        a.mov(rdi, DATA)?;
+        a.mov(esi, N)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, qword_ptr(rdi))?;
+        a.mov(rdx, qword_ptr(rdi + 8))?;
+        a.set_label(&mut retry)?;
+        a.lea(rbx, ptr(rax + 1))?;
+        a.lea(rcx, ptr(rdx + 1))?;
+        a.lock().cmpxchg16b(xmmword_ptr(rdi))?;
+        a.jnz(retry)?;
+        a.dec(esi)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    let (mem, vm, v0) = long_machine(&code);
+    w64(&mem, DATA + 8, 1 << 40);
+    let mut v1 = vm.create_emu_vcpu(1).unwrap();
+    v1.set_sregs(&long_sregs()).unwrap();
+    v1.set_regs(&kvmbox_cpu::Regs {
+        rip: CODE,
+        rsp: KSTACK - 0x1000,
+        rflags: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let hs: Vec<_> = [v0, v1]
+        .into_iter()
+        .map(|mut v| {
+            std::thread::spawn(move || {
+                let io = Recorder::default();
+                v.run(&io).unwrap()
+            })
+        })
+        .collect();
+    for h in hs {
+        assert_eq!(h.join().unwrap(), VcpuExit::Halted);
+    }
+    assert_eq!(r64(&mem, DATA), 2 * N as u64);
+    assert_eq!(r64(&mem, DATA + 8), (1 << 40) + 2 * N as u64);
 }

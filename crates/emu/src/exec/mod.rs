@@ -531,6 +531,42 @@ impl Cpu {
                     self.st.gpr[gpr::RDX] = old >> 32;
                 }
             }
+            M::Cmpxchg16b if ins.code() == Code::Cmpxchg16b_m128 => {
+                let Loc::Mem(s, off) = self.loc(ins, 0) else {
+                    return Err(ud());
+                };
+                let lin = self.seg_lin(s, off, 16, true)?;
+                if lin & 15 != 0 {
+                    return Err(gp0());
+                }
+                let g = &self.st.gpr;
+                let expect = (u128::from(g[gpr::RDX]) << 64) | u128::from(g[gpr::RAX]);
+                let new = (u128::from(g[gpr::RCX]) << 64) | u128::from(g[gpr::RBX]);
+                // A write access whether or not the compare succeeds (the processor writes the
+                // old value back on failure): write permission, A/D bits and the dirty log
+                // come from the same translation either way.
+                let old = match self.lin_ptr_w(lin, 16)? {
+                    // SAFETY: p is valid for 16 bytes in one RAM page, 16-byte aligned
+                    // because lin is and RAM host mappings are page-aligned.
+                    Some(p) => unsafe { mem::cmpxchg16(p, expect, new) },
+                    None => {
+                        let lo = self.read_lin(lin, 8)?;
+                        let hi = self.read_lin(lin + 8, 8)?;
+                        let v = (u128::from(hi) << 64) | u128::from(lo);
+                        let w = if v == expect { new } else { v };
+                        self.write_lin(lin, 8, w as u64)?;
+                        self.write_lin(lin + 8, 8, (w >> 64) as u64)?;
+                        v
+                    }
+                };
+                if old == expect {
+                    self.st.rflags |= ZF;
+                } else {
+                    self.st.rflags &= !ZF;
+                    self.st.gpr[gpr::RAX] = old as u64;
+                    self.st.gpr[gpr::RDX] = (old >> 64) as u64;
+                }
+            }
             M::Bswap => {
                 let r = ins.op0_register();
                 let bits = reg_bits(r);
@@ -1190,6 +1226,7 @@ fn lock_ok(ins: &Instruction) -> bool {
                 | M::Xchg
                 | M::Cmpxchg
                 | M::Cmpxchg8b
+                | M::Cmpxchg16b
         )
 }
 
