@@ -6,7 +6,8 @@
 # `./scripts/run-default.sh --cpus 2` or `--accel kvm`.
 #
 # `--accel auto` (the default) runs the guest on KVM where guest kernel code runs at hardware
-# speed, and on kvmbox's software engine elsewhere (about 25 s to the shell on a 2-core host).
+# speed, and on kvmbox's software engine elsewhere (about 20 s to the shell on a 2-core host; the
+# guest skips the kernel's crypto self-tests, `cryptomgr.notests`, half its boot on the engine).
 # KVMBOX_DEFAULT_GUEST=testguest boots the freestanding test guest's shell instead (instant on KVM).
 set -euo pipefail
 cd "$(dirname "$0")/.."

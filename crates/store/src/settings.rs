@@ -170,7 +170,7 @@ pub struct DefaultGuest {
 }
 
 /// The default guest's command line (as `scripts/run-default.sh`).
-pub const DEFAULT_GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+pub const DEFAULT_GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 cryptomgr.notests quiet";
 
 impl DefaultGuest {
     /// The newest prepared default guest, if any.
