@@ -56,7 +56,7 @@ impl Write for Stdout {
 
 /// Disassemble guest kernel text around `rip` (kernel text is mapped at
 /// 0xffffffff80000000 + physical).
-fn disasm(mem: &vm_memory::GuestMemoryMmap, rip: u64) {
+fn disasm(mem: &kvmbox_cpu::GuestMemoryMmap, rip: u64) {
     use iced_x86::Formatter;
     use vm_memory::Bytes;
     let start = rip.wrapping_sub(24);
@@ -141,7 +141,11 @@ fn main() {
     io.bus.pio.insert(pit.clone(), 0x61, 1).unwrap();
     let _pit_thread = TimerThread::spawn("pit", pit, clock, waker).expect("PIT thread");
     let control = Arc::new(VmControl::new().expect("eventfd"));
-    let pm = kvmbox_devices::legacy::acpi_pm::AcpiPm::new(control.clone(), 5);
+    let pm = kvmbox_devices::legacy::acpi_pm::AcpiPm::new(
+        control.clone(),
+        kvmbox_arch::layout::ACPI_S5_SLP_TYP,
+        kvmbox_arch::layout::ACPI_S3_SLP_TYP,
+    );
     io.bus
         .pio
         .insert(Arc::new(Mutex::new(pm)), 0x600, kvmbox_devices::legacy::acpi_pm::PM_BLOCK_LEN)
