@@ -236,22 +236,9 @@ fn real_mode_to_long_mode_like_the_smp_trampoline() {
     assert!(v.state().mode64());
 }
 
-#[test]
-fn locked_increments_are_atomic_across_vcpu_threads() {
-    const N: u32 = 20_000;
-    let code = asm64(CODE, |a| {
-        let mut top = a.create_label();
-        a.mov(rdi, DATA)?;
-        a.mov(ecx, N)?;
-        a.set_label(&mut top)?;
-        a.lock().inc(qword_ptr(rdi))?;
-        a.mov(eax, 1u32)?;
-        a.lock().xadd(qword_ptr(rdi + 8), rax)?;
-        a.dec(ecx)?;
-        a.jnz(top)?;
-        a.hlt()
-    });
-    let (mem, vm, v0) = long_machine(&code);
+/// Run `v0` and a second vCPU of `vm` at the same code (long mode, CODE, its own stack) on
+/// two threads, each until it halts.
+fn run_with_a_second_vcpu_to_halt(vm: &kvmbox_emu::EmuVm, v0: kvmbox_emu::EmuVcpu) {
     let mut v1 = vm.create_emu_vcpu(1).unwrap();
     v1.set_sregs(&long_sregs()).unwrap();
     v1.set_regs(&kvmbox_cpu::Regs {
@@ -273,6 +260,25 @@ fn locked_increments_are_atomic_across_vcpu_threads() {
     for h in hs {
         assert_eq!(h.join().unwrap(), VcpuExit::Halted);
     }
+}
+
+#[test]
+fn locked_increments_are_atomic_across_vcpu_threads() {
+    const N: u32 = 20_000;
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rdi, DATA)?;
+        a.mov(ecx, N)?;
+        a.set_label(&mut top)?;
+        a.lock().inc(qword_ptr(rdi))?;
+        a.mov(eax, 1u32)?;
+        a.lock().xadd(qword_ptr(rdi + 8), rax)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    let (mem, vm, v0) = long_machine(&code);
+    run_with_a_second_vcpu_to_halt(&vm, v0);
     assert_eq!(r64(&mem, DATA), 2 * N as u64);
     assert_eq!(r64(&mem, DATA + 8), 2 * N as u64);
 }
@@ -820,27 +826,7 @@ fn cmpxchg16b_is_atomic_across_vcpu_threads() {
     });
     let (mem, vm, v0) = long_machine(&code);
     w64(&mem, DATA + 8, 1 << 40);
-    let mut v1 = vm.create_emu_vcpu(1).unwrap();
-    v1.set_sregs(&long_sregs()).unwrap();
-    v1.set_regs(&kvmbox_cpu::Regs {
-        rip: CODE,
-        rsp: KSTACK - 0x1000,
-        rflags: 2,
-        ..Default::default()
-    })
-    .unwrap();
-    let hs: Vec<_> = [v0, v1]
-        .into_iter()
-        .map(|mut v| {
-            std::thread::spawn(move || {
-                let io = Recorder::default();
-                v.run(&io).unwrap()
-            })
-        })
-        .collect();
-    for h in hs {
-        assert_eq!(h.join().unwrap(), VcpuExit::Halted);
-    }
+    run_with_a_second_vcpu_to_halt(&vm, v0);
     assert_eq!(r64(&mem, DATA), 2 * N as u64);
     assert_eq!(r64(&mem, DATA + 8), (1 << 40) + 2 * N as u64);
 }
