@@ -818,11 +818,7 @@ fn user_network_dhcp_gateway_and_hostfwd_without_privileges() {
     use std::io::Write;
     use std::net::{TcpListener, TcpStream, UdpSocket};
     let test = "user_network_dhcp_gateway_and_hostfwd_without_privileges";
-    if Command::new("passt").arg("--version").output().is_err() {
-        skip(
-            test,
-            "passt is not installed (scripts/setup.sh installs it)",
-        );
+    if !common::passt_or_skip(test) {
         return;
     }
     let _cpu = CpuLease::exclusive();

@@ -435,15 +435,7 @@ fn rate_limiters_patched_before_a_snapshot_are_restored_on_kvm() {
     if !kvm_or_skip("rate_limiters_patched_before_a_snapshot_are_restored_on_kvm") {
         return;
     }
-    if std::process::Command::new("passt")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        common::skip(
-            "rate_limiters_patched_before_a_snapshot_are_restored_on_kvm",
-            "passt is not installed (apt-get install passt): the test's --net user needs it",
-        );
+    if !common::passt_or_skip("rate_limiters_patched_before_a_snapshot_are_restored_on_kvm") {
         return;
     }
     let (img, state, mem) = (scratch("rl-disk"), scratch("rl-state"), scratch("rl-mem"));

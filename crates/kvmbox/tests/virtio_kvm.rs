@@ -550,11 +550,7 @@ fn user_networks_of_several_vms_are_apart() {
     if !kvm_or_skip(test) {
         return;
     }
-    if Command::new("passt").arg("--version").output().is_err() {
-        skip(
-            test,
-            "passt is not installed (scripts/setup.sh installs it)",
-        );
+    if !common::passt_or_skip(test) {
         return;
     }
     const IDS: [u64; 3] = [101, 202, 303];

@@ -55,14 +55,7 @@ fn root_kvm_passt_or_skip(test: &str) -> bool {
         skip(test, "jails need root");
         return false;
     }
-    if Command::new("passt").arg("--version").output().is_err() {
-        skip(
-            test,
-            "passt is not installed (scripts/setup.sh installs it)",
-        );
-        return false;
-    }
-    kvm_or_skip(test)
+    common::passt_or_skip(test) && kvm_or_skip(test)
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {

@@ -70,6 +70,19 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// Is passt (the `--net user` backend) installed? Otherwise one `SKIP:` line and false.
+#[allow(dead_code)]
+pub fn passt_or_skip(test: &str) -> bool {
+    if Command::new("passt").arg("--version").output().is_err() {
+        skip(
+            test,
+            "passt is not installed (scripts/setup.sh installs it): --net user needs it",
+        );
+        return false;
+    }
+    true
+}
+
 pub fn kvm_or_skip(test: &str) -> bool {
     kvmbox_cpu::kvm::available_or_skip(test)
 }
