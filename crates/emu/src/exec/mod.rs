@@ -1128,18 +1128,7 @@ impl Cpu {
             // Register bit offsets address memory beyond the operand (signed).
             let so = sext(off, bits) as i64;
             let byte_off = (so >> bits.trailing_zeros()) * (bits as i64 / 8);
-            let asz_mask = mask(match ins.memory_displ_size() {
-                8 => 64,
-                4 => 32,
-                2 => 16,
-                _ => {
-                    if ins.memory_base() != Register::None {
-                        reg_bits(ins.memory_base())
-                    } else {
-                        reg_bits(ins.memory_index())
-                    }
-                }
-            });
+            let asz_mask = mask(addr_bits(ins, || self.st.code_bits()));
             dst = Loc::Mem(s, a.wrapping_add(byte_off as u64) & asz_mask);
             off & (bits as u64 - 1)
         } else {
