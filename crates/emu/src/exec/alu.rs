@@ -32,6 +32,19 @@ pub fn sext(v: u64, bits: u32) -> u64 {
     }
 }
 
+/// Two- and three-operand IMUL: the low `bits` of the signed product, and its status flags
+/// (SF, ZF, PF of that result; CF = OF = "the product was truncated").
+#[inline(always)]
+pub fn imul(a: u64, b: u64, bits: u32) -> (u64, u64) {
+    let full = (sext(a, bits) as i64 as i128) * (sext(b, bits) as i64 as i128);
+    let res = (full as u64) & mask(bits);
+    let mut f = szp(res, bits);
+    if full != sext(res, bits) as i64 as i128 {
+        f |= CF | OF;
+    }
+    (res, f)
+}
+
 /// SF, ZF and PF for a result.
 #[inline(always)]
 pub fn szp(res: u64, bits: u32) -> u64 {

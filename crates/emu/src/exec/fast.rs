@@ -276,12 +276,7 @@ fn shift_m<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) ->
 /// IMUL r, r/m (and r, r/m, imm): the low half, CF = OF = "the result was truncated".
 #[inline(always)]
 fn imul_set<const B: u32>(c: &mut Cpu, f: &Fast, a: u64, b: u64) {
-    let full = (sext(a, B) as i64 as i128) * (sext(b, B) as i64 as i128);
-    let res = (full as u64) & mask(B);
-    let mut fl = alu::szp(res, B);
-    if full != sext(res, B) as i64 as i128 {
-        fl |= CF | crate::state::flags::OF;
-    }
+    let (res, fl) = alu::imul(a, b, B);
     set_status(c, fl);
     set::<B>(c, f.r0, res);
 }

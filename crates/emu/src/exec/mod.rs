@@ -382,13 +382,7 @@ impl Cpu {
                 } else {
                     (self.rd_op(ins, 0)?, self.rd_op(ins, 1)?)
                 };
-                let full = (sext(a, bits) as i64 as i128) * (sext(b, bits) as i64 as i128);
-                let res = (full as u64) & mask(bits);
-                let overflow = full != sext(res, bits) as i64 as i128;
-                let mut f = alu::szp(res, bits);
-                if overflow {
-                    f |= CF | OF;
-                }
+                let (res, f) = alu::imul(a, b, bits);
                 self.set_status(f);
                 let dst = self.loc(ins, 0);
                 self.wr(dst, bits, res)?;
