@@ -32,6 +32,17 @@ pub fn sext(v: u64, bits: u32) -> u64 {
     }
 }
 
+/// INC (DEC when `dec`): the result and the flags ADD/SUB of 1 would set (the caller keeps
+/// CF, which INC and DEC leave alone).
+#[inline(always)]
+pub fn inc_dec(v: u64, dec: bool, bits: u32) -> (u64, u64) {
+    if dec {
+        sub(v, 1, false, bits)
+    } else {
+        add(v, 1, false, bits)
+    }
+}
+
 /// Two- and three-operand IMUL: the low `bits` of the signed product, and its status flags
 /// (SF, ZF, PF of that result; CF = OF = "the product was truncated").
 #[inline(always)]

@@ -16,7 +16,6 @@ use super::alu::{self, cond, mask, sext, AluOp, ShiftOp};
 use super::seg_index;
 use crate::cpu::{Cpu, R};
 use crate::mem;
-use crate::state::flags::{CF, STATUS};
 use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 
 /// A decode-time handler: executes the instruction described by the [`Fast`] it gets. On
@@ -131,11 +130,6 @@ fn rmw_mem<const B: u32>(c: &mut Cpu, f: &Fast, op: impl Fn(u64) -> u64) -> R<u6
     Ok(old)
 }
 
-#[inline(always)]
-fn set_status(c: &mut Cpu, f: u64) {
-    c.st.rflags = (c.st.rflags & !STATUS) | (f & STATUS);
-}
-
 // ------------------------------------------------------------------ handlers
 
 #[inline(always)]
@@ -165,7 +159,7 @@ fn alu_reg<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast, src: u64) {
     if alu_writes(OP) {
         set::<B>(c, f.r0, res);
     }
-    set_status(c, fl);
+    c.set_status(fl);
 }
 
 fn alu_rr<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
@@ -194,7 +188,7 @@ fn alu_mem<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast, src: u64) -> R<()>
     } else {
         read_mem::<B>(c, f)?
     };
-    set_status(c, alu::alu(op, old, src, fl, B).1);
+    c.set_status(alu::alu(op, old, src, fl, B).1);
     Ok(())
 }
 
@@ -207,31 +201,16 @@ fn alu_mi<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
     alu_mem::<OP, B>(c, f, f.imm)
 }
 
-/// INC (DEC when `DEC`): CF is kept.
-#[inline(always)]
-fn inc_dec(v: u64, dec: bool, bits: u32) -> (u64, u64) {
-    if dec {
-        alu::sub(v, 1, false, bits)
-    } else {
-        alu::add(v, 1, false, bits)
-    }
-}
-
-#[inline(always)]
-fn set_flags_but_cf(c: &mut Cpu, f: u64) {
-    c.st.rflags = (c.st.rflags & !(STATUS & !CF)) | (f & STATUS & !CF);
-}
-
 fn incdec_r<const DEC: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
-    let (res, fl) = inc_dec(get::<B>(c, f.r0), DEC, B);
+    let (res, fl) = alu::inc_dec(get::<B>(c, f.r0), DEC, B);
     set::<B>(c, f.r0, res);
-    set_flags_but_cf(c, fl);
+    c.set_status_but_cf(fl);
     Ok(())
 }
 
 fn incdec_m<const DEC: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
-    let old = rmw_mem::<B>(c, f, |a| inc_dec(a, DEC, B).0)?;
-    set_flags_but_cf(c, inc_dec(old, DEC, B).1);
+    let old = rmw_mem::<B>(c, f, |a| alu::inc_dec(a, DEC, B).0)?;
+    c.set_status_but_cf(alu::inc_dec(old, DEC, B).1);
     Ok(())
 }
 
@@ -260,7 +239,7 @@ fn shift_r<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) ->
     let n = count::<CL>(c, f);
     let (res, fl) = alu::shift_inline(shift_op(OP), get::<B>(c, f.r0), n, c.st.rflags, B);
     set::<B>(c, f.r0, res);
-    set_status(c, fl);
+    c.set_status(fl);
     Ok(())
 }
 
@@ -269,7 +248,7 @@ fn shift_m<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) ->
     let fl = c.st.rflags;
     let op = shift_op(OP);
     let old = rmw_mem::<B>(c, f, |a| alu::shift_inline(op, a, n, fl, B).0)?;
-    set_status(c, alu::shift_inline(op, old, n, fl, B).1);
+    c.set_status(alu::shift_inline(op, old, n, fl, B).1);
     Ok(())
 }
 
@@ -277,7 +256,7 @@ fn shift_m<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) ->
 #[inline(always)]
 fn imul_set<const B: u32>(c: &mut Cpu, f: &Fast, a: u64, b: u64) {
     let (res, fl) = alu::imul(a, b, B);
-    set_status(c, fl);
+    c.set_status(fl);
     set::<B>(c, f.r0, res);
 }
 

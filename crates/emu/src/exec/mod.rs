@@ -246,9 +246,16 @@ impl Cpu {
         }
     }
 
-    #[inline]
-    fn set_status(&mut self, f: u64) {
+    /// RFLAGS' status flags (CF PF AF ZF SF OF) from `f`.
+    #[inline(always)]
+    pub(crate) fn set_status(&mut self, f: u64) {
         self.st.rflags = (self.st.rflags & !STATUS) | (f & STATUS);
+    }
+
+    /// The status flags but CF from `f` (INC and DEC keep CF).
+    #[inline(always)]
+    pub(crate) fn set_status_but_cf(&mut self, f: u64) {
+        self.st.rflags = (self.st.rflags & !(STATUS & !CF)) | (f & STATUS & !CF);
     }
 
     fn count_unimplemented(&mut self, ins: &Instruction) -> Fault {
@@ -308,17 +315,10 @@ impl Cpu {
             M::Inc | M::Dec => {
                 let bits = self.op_bits(ins, 0);
                 let dst = self.loc(ins, 0);
-                let inc = ins.mnemonic() == M::Inc;
-                let step = |a: u64| {
-                    if inc {
-                        alu::add(a, 1, false, bits)
-                    } else {
-                        alu::sub(a, 1, false, bits)
-                    }
-                };
-                let old = self.rmw(dst, bits, locked, &mut |a| step(a).0)?;
-                let f = step(old).1;
-                self.st.rflags = (self.st.rflags & !(STATUS & !CF)) | (f & STATUS & !CF);
+                let dec = ins.mnemonic() == M::Dec;
+                let old = self.rmw(dst, bits, locked, &mut |a| alu::inc_dec(a, dec, bits).0)?;
+                let f = alu::inc_dec(old, dec, bits).1;
+                self.set_status_but_cf(f);
             }
             M::Neg => {
                 let bits = self.op_bits(ins, 0);
