@@ -150,8 +150,7 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 /// SIGSYS handler that reports a violation.
 pub fn enable() -> Result<(), Error> {
     sigsys::install_reporter().map_err(Error::Install)?;
-    fix_malloc_arena_limit();
-    prime_heap_shrink_check();
+    one_malloc_arena();
     ENABLED.store(true, Ordering::SeqCst);
     Ok(())
 }
@@ -209,33 +208,17 @@ impl PreparedFilter {
     }
 }
 
-/// glibc's malloc works out how many arenas it may create the first time a thread needs one
-/// beyond the first few, by reading /sys/devices/system/cpu/online: on whichever thread that
-/// happens to be, under a filter without `openat`. Setting the limit now, to glibc's own
-/// default (8 per CPU on 64-bit), leaves nothing to read later.
-fn fix_malloc_arena_limit() {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+/// One malloc arena for every thread (glibc's `M_ARENA_MAX` = 1; small blocks still come from
+/// each thread's lock-free cache). With more, glibc reads files on whichever thread happens to
+/// need them, under a filter without `openat`: /sys/devices/system/cpu/online the first time a
+/// thread needs an arena beyond the first few, and /proc/sys/vm/overcommit_memory the first
+/// time a thread's arena gives memory back (seen: a guest's virtio-net activation ended the VM
+/// with SIGSYS). The one arena is the brk heap, which gives memory back with `brk` and reads
+/// nothing; and no thread pays for an arena of its own (a heap mapping and its touched pages),
+/// as with musl's single heap in Firecracker.
+fn one_malloc_arena() {
     // SAFETY: mallopt only sets a malloc parameter; no allocation is in progress here.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
-}
-
-/// glibc's malloc reads /proc/sys/vm/overcommit_memory (once per process) the first time it
-/// gives memory at the top of a thread's arena back to the kernel: on whichever thread frees
-/// enough, a vCPU thread for one, under a filter without `openat` (seen: a guest's virtio-net
-/// activation ended the VM with SIGSYS). A thread of its own arena allocates 16 blocks of
-/// 100 KiB (under the mmap threshold, so on its heap) and frees them, which trims that heap
-/// and makes glibc read the file now, before any filter.
-fn prime_heap_shrink_check() {
-    let primed = std::thread::Builder::new()
-        .name("malloc-prime".into())
-        .spawn(|| {
-            let blocks: Vec<Vec<u8>> = (0..16).map(|_| vec![1u8; 100 << 10]).collect();
-            drop(std::hint::black_box(blocks));
-        });
-    if let Ok(t) = primed {
-        let _ = t.join();
-    }
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
 }
 
 /// The BPF program of `kind`: its rules allowed, everything else trapped (SIGSYS).

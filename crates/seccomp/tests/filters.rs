@@ -36,6 +36,10 @@ enum Action {
     Kick,
     /// A signal to another process (`kill` of process 1, signal 0).
     SignalOther,
+    /// A new thread (under the same filter) allocates 16 blocks of 100 KiB and frees them:
+    /// malloc must neither read a file for it (the arena limit, the overcommit policy when it
+    /// gives memory back) nor fail.
+    ThreadHeap,
 }
 
 /// (filter, action, whether the filter allows it). The call number is what the message must
@@ -82,13 +86,15 @@ const CASES: &[(ThreadKind, Action, bool)] = &[
     (ThreadKind::HelperOutput, Action::Open, false),
     (ThreadKind::HelperOutput, Action::SpawnThread, false),
     (ThreadKind::Vmm, Action::SignalOther, false),
+    (ThreadKind::Vcpu, Action::ThreadHeap, true),
+    (ThreadKind::Api, Action::ThreadHeap, true),
 ];
 
 fn syscall_of(a: Action) -> libc::c_long {
     match a {
         Action::Open => libc::SYS_openat,
         Action::InetSocket | Action::UnixSocket => libc::SYS_socket,
-        Action::SpawnThread => libc::SYS_clone,
+        Action::SpawnThread | Action::ThreadHeap => libc::SYS_clone,
         Action::MapExec => libc::SYS_mmap,
         Action::ReadPipe => libc::SYS_read,
         Action::WriteStderr => libc::SYS_write,
@@ -120,6 +126,17 @@ fn act(a: Action, pipe: libc::c_int) -> bool {
                 fd >= 0 && libc::close(fd) == 0
             }
             Action::SpawnThread => std::thread::spawn(|| 7).join().ok() == Some(7),
+            Action::ThreadHeap => {
+                std::thread::spawn(|| {
+                    let blocks: Vec<Vec<u8>> = (0..16).map(|_| vec![1u8; 100 << 10]).collect();
+                    let sum: usize = blocks.iter().map(|b| b.len()).sum();
+                    drop(std::hint::black_box(blocks));
+                    sum
+                })
+                .join()
+                .ok()
+                    == Some(16 * (100 << 10))
+            }
             Action::MapExec => {
                 let p = libc::mmap(
                     std::ptr::null_mut(),

@@ -172,8 +172,11 @@ impl Controller {
                 .map_err(|e| Error::Host(format!("resource limits: {e}")))?;
         }
         let machine = Machine::build(&cfg, accel, &self.control, true)?;
-        self.sandbox()?;
+        // The vCPUs first: their threads filtered themselves already, and installing this
+        // thread's filter (~1 ms: the kernel checks and compiles it) then overlaps the
+        // guest's start instead of delaying it.
         machine.resume()?;
+        self.sandbox()?;
         *self.serial_slot.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(machine.platform.serial.clone());
         self.machine = Some(machine);
@@ -222,8 +225,11 @@ impl Controller {
 
     /// Install the VMM thread's seccomp filter (once; when `kvmbox_seccomp::enable` was
     /// called): after the machine is built, which is where helper programs (passt) start and
-    /// inherit no filter, and before its vCPUs run guest code. Until then this thread has
-    /// parsed no guest data; the API's threads have their own filters from the start.
+    /// inherit no filter, and before this thread handles anything the guest did (its vCPUs
+    /// may already run: each vCPU thread installed its own filter before guest code, and
+    /// what the guest makes reaches this thread only through the loop in `serve`, after
+    /// `start` returns). Until then this thread has parsed no guest data; the API's threads
+    /// have their own filters from the start.
     fn sandbox(&mut self) -> Result<()> {
         if !self.sandboxed {
             kvmbox_seccomp::apply(kvmbox_seccomp::ThreadKind::Vmm)
