@@ -123,25 +123,84 @@ fn render(layers: &[LayerInfo]) -> String {
     out
 }
 
-/// A progress bar on a terminal, nothing otherwise. `template` shows the position
-/// (`{bytes}/{total_bytes}` or `{pos}/{len}`).
-fn progress(template: &str) -> impl FnMut(u64, u64) {
-    let bar = std::io::stdout().is_terminal().then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(&format!("{{bar:40}} {template} {{eta}}"))
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    });
+/// What a progress line counts.
+#[derive(Clone, Copy)]
+enum Unit {
+    Bytes,
+    /// Items, named after the count.
+    Items(&'static str),
+}
+
+/// A progress line on a terminal (redrawn at most 10 times a second, cleared at the end),
+/// nothing otherwise.
+fn progress(unit: Unit) -> impl FnMut(u64, u64) {
+    let tty = std::io::stdout().is_terminal();
+    let start = std::time::Instant::now();
+    let mut drawn: Option<std::time::Instant> = None;
     move |done, total| {
-        if let Some(b) = &bar {
-            b.set_length(total);
-            b.set_position(done);
-            if done >= total {
-                b.finish_and_clear();
-            }
+        use std::io::Write;
+        if !tty {
+            return;
         }
+        let now = std::time::Instant::now();
+        let finished = done >= total;
+        if !finished && drawn.is_some_and(|t| now - t < std::time::Duration::from_millis(100)) {
+            return;
+        }
+        drawn = Some(now);
+        let mut out = std::io::stdout().lock();
+        let _ = if finished {
+            write!(out, "\r\x1b[2K")
+        } else {
+            write!(
+                out,
+                "\r{}\x1b[K",
+                progress_line(done, total, now - start, unit)
+            )
+        };
+        let _ = out.flush();
+    }
+}
+
+/// `[#####-----] 1.5 GiB/4.0 GiB 12s`: a 40-column bar, the position, and the time left at
+/// the rate so far (once there is a rate).
+fn progress_line(done: u64, total: u64, elapsed: std::time::Duration, unit: Unit) -> String {
+    const WIDTH: u64 = 40;
+    let filled = (u128::from(done.min(total)) * u128::from(WIDTH))
+        .checked_div(u128::from(total))
+        .unwrap_or(0) as usize;
+    let bar = format!(
+        "[{}{}]",
+        "#".repeat(filled),
+        "-".repeat(WIDTH as usize - filled)
+    );
+    let position = match unit {
+        Unit::Bytes => format!("{}/{}", size(done), size(total)),
+        Unit::Items(what) => format!("{done}/{total} {what}"),
+    };
+    let ms = elapsed.as_millis() as u64;
+    let left = match (total.saturating_sub(done)).checked_mul(ms) {
+        Some(x) if done > 0 && ms > 0 => format!(" {}s", (x / done).div_ceil(1000)),
+        _ => String::new(),
+    };
+    format!("{bar} {position}{left}")
+}
+
+/// `n` bytes in the largest binary unit that keeps a digit before the point: `1.5 GiB`.
+fn size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && n >= 1 << (10 * (unit + 1)) {
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!(
+            "{:.1} {}",
+            n as f64 / (1u64 << (10 * unit)) as f64,
+            UNITS[unit]
+        )
     }
 }
 
@@ -175,7 +234,7 @@ fn exec(cmd: DiskCommand) -> Result<ExitCode, String> {
         }
         DiskCommand::Convert { src, dst, format } => {
             let format = parse_format(format.as_deref())?;
-            image::convert(&src, &dst, format, &mut progress("{bytes}/{total_bytes}"))
+            image::convert(&src, &dst, format, &mut progress(Unit::Bytes))
                 .map_err(|e| e.to_string())
         }
         DiskCommand::Resize { path, size } => {
@@ -280,7 +339,7 @@ fn render_report(r: &Report, out: &mut String) {
 
 /// `kvmbox disk check`: its own exit statuses, those of `qemu-img check`.
 fn check(path: &std::path::Path, repair: bool, json: bool) -> ExitCode {
-    let outcome = match image::check(path, repair, &mut progress("{pos}/{len} L2 tables")) {
+    let outcome = match image::check(path, repair, &mut progress(Unit::Items("L2 tables"))) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("kvmbox: error: {e}");
@@ -335,5 +394,34 @@ pub fn run(cmd: DiskCommand) -> ExitCode {
     match exec(cmd) {
         Ok(status) => status,
         Err(e) => crate::fail(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{progress_line, size, Unit};
+    use std::time::Duration;
+
+    #[test]
+    fn sizes_use_the_largest_unit_with_a_whole_digit() {
+        assert_eq!(size(0), "0 B");
+        assert_eq!(size(1023), "1023 B");
+        assert_eq!(size(1024), "1.0 KiB");
+        assert_eq!(size(3 << 29), "1.5 GiB");
+        assert_eq!(size(u64::MAX), "16777216.0 TiB");
+    }
+
+    #[test]
+    fn the_line_shows_bar_position_and_time_left() {
+        let line = progress_line(1 << 30, 4 << 30, Duration::from_secs(3), Unit::Bytes);
+        assert_eq!(
+            line,
+            format!("[{}{}] 1.0 GiB/4.0 GiB 9s", "#".repeat(10), "-".repeat(30))
+        );
+        // No rate yet, an empty total, a position past the total: no panic, no nonsense.
+        let start = progress_line(0, 7, Duration::ZERO, Unit::Items("L2 tables"));
+        assert_eq!(start, format!("[{}] 0/7 L2 tables", "-".repeat(40)));
+        assert!(progress_line(5, 0, Duration::from_secs(1), Unit::Bytes).starts_with("[---"));
+        assert!(progress_line(9, 4, Duration::from_secs(1), Unit::Items("x")).starts_with("[###"));
     }
 }
