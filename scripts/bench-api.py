@@ -88,7 +88,7 @@ def summary(xs, unit):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--kvmbox", default=os.path.join(ROOT, "target/release/kvmbox"))
+    ap.add_argument("--kvmbox", default=os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/kvmbox"))
     a = ap.parse_args()
     guest = os.path.join(ROOT, "target/guest/testguest.elf")
     subprocess.run(["bash", os.path.join(ROOT, "guest/testguest/build.sh")], check=True, stdout=subprocess.DEVNULL)

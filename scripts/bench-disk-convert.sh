@@ -7,7 +7,7 @@
 set -euo pipefail
 runs=${1:-3}
 root=$(cd "$(dirname "$0")/.." && pwd)
-kvmbox=$root/target/release/kvmbox
+kvmbox=$root/target/x86_64-unknown-linux-gnu/release/kvmbox
 dir=$(mktemp -d /tmp/kvmbox-bench-convert.XXXXXX)
 trap 'rm -rf "$dir"' EXIT
 truncate -s 512M "$dir/src.raw"

@@ -2,7 +2,7 @@
 """Boot Debian's cloud kernel with the busybox kit on kvmbox's software engine and on QEMU TCG
 (the same kernel, initramfs and command line), N runs each, wall time from process start to the
 `KVMBOX-LINUX userspace-ready` line; print each run, the medians and the ratio.
-Usage: scripts/bench-linux.py [--runs 5] [--cpus 1] [--kvmbox target/release/kvmbox]
+Usage: scripts/bench-linux.py [--runs 5] [--cpus 1] [--kvmbox target/x86_64-unknown-linux-gnu/release/kvmbox]
 """
 import argparse, os, statistics, subprocess, sys, time
 
@@ -40,7 +40,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cpus", type=int, default=1)
-    ap.add_argument("--kvmbox", default=os.path.join(ROOT, "target/release/kvmbox"))
+    ap.add_argument("--kvmbox", default=os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/kvmbox"))
     a = ap.parse_args()
     kernel = script_output("guest/linux/fetch-kernel.sh")
     initrd = script_output("guest/linux/build-initramfs.sh")

@@ -13,9 +13,9 @@ Usage: scripts/bench-seccomp.py [--runs N] [--exits N]
 import argparse, os, re, statistics, subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KVMBOX = os.path.join(ROOT, "target/release/kvmbox")
+KVMBOX = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/kvmbox")
 GUEST = os.path.join(ROOT, "target/guest/testguest.elf")
-COST = os.path.join(ROOT, "target/release/examples/filter-cost")
+COST = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/examples/filter-cost")
 
 
 def tsc_mhz():

@@ -274,7 +274,7 @@ def debian(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--kvmbox", default=os.path.join(ROOT, "target/release/kvmbox"))
+    ap.add_argument("--kvmbox", default=os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/kvmbox"))
     ap.add_argument("--cpus", type=int, default=1)
     ap.add_argument("--memory", type=int, default=128, help="guest MiB (at least 80)")
     ap.add_argument("--spin", default="1000000", help="the dirty scenario's SPIN")

@@ -191,7 +191,7 @@ def find_peers():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=15)
-    ap.add_argument("--kvmbox", default=os.path.join(ROOT, "target/release/kvmbox"))
+    ap.add_argument("--kvmbox", default=os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/kvmbox"))
     ap.add_argument("--shapes", default="1x128,2x128,4x128,1x2048",
                     help="comma-separated VCPUSxMIB machine shapes")
     ap.add_argument("--exit-count", type=int, default=20000)

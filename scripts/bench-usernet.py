@@ -41,7 +41,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KVMBOX = os.path.join(ROOT, "target/release/kvmbox")
+KVMBOX = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/kvmbox")
 GUEST = os.path.join(ROOT, "target/guest/testguest.elf")
 GUEST_MB = os.path.join(ROOT, "target/guest/testguest-multiboot.elf")
 # kvmbox's passt options (crates/virtio/src/net/user.rs), less --fd.

@@ -13,7 +13,7 @@ N x `loadvm s0` (and time to the next count line), and `qemu-img create -b` of a
 The time to the next count line includes what was left of the guest's `sleep 0.1` when the
 snapshot was taken (up to 0.1 s).
 
-Usage: scripts/bench-vm-snapshot.py [--rounds 3] [--kvmbox target/release/kvmbox]
+Usage: scripts/bench-vm-snapshot.py [--rounds 3] [--kvmbox target/x86_64-unknown-linux-gnu/release/kvmbox]
 """
 import argparse, glob, os, re, shutil, socket, subprocess, sys, tempfile, time
 
@@ -163,7 +163,7 @@ def qemu(kernel, initrd, work, rounds):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--kvmbox", default=os.path.join(ROOT, "target/release/kvmbox"))
+    ap.add_argument("--kvmbox", default=os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/kvmbox"))
     args = ap.parse_args()
     kernel = cached("~/.cache/kvmbox/linux/*/vmlinuz")
     initrd = cached("~/.cache/kvmbox/initramfs/*/initramfs.cpio.gz")

@@ -179,7 +179,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--format", choices=sorted(FORMATS), default="raw")
-    ap.add_argument("--kvmbox", default=os.path.join(REPO, "target/release/kvmbox"))
+    ap.add_argument("--kvmbox", default=os.path.join(REPO, "target/x86_64-unknown-linux-gnu/release/kvmbox"))
     ap.add_argument("--guest", default=os.path.join(REPO, "target/guest/testguest.elf"))
     ap.add_argument("--batch", type=int, default=8, help="records per write+flush (1-64)")
     ap.add_argument("--disk-mib", type=int, default=16)

@@ -20,7 +20,7 @@
 #   --kvm-timeout S  per-test timeout on KVM, kvmbox's and QEMU's (default: --timeout or
 #                    unittests.cfg's)
 #   --logs DIR       keep each run's console output in DIR (default: a temporary directory)
-#   --kvmbox PATH    kvmbox binary (default: target/release/kvmbox, built if missing)
+#   --kvmbox PATH    kvmbox binary (default: target/x86_64-unknown-linux-gnu/release/kvmbox, built if missing)
 #   --qemu PATH      QEMU binary (default: qemu-system-x86_64 on PATH)
 #
 # A cell is PASS/FAIL/SKIP with kvm-unit-tests' own counts (n tests, f unexpected failures,
@@ -33,7 +33,7 @@ engines="tcg,emu,kvm,qkvm"
 timeout_override=""
 kvm_timeout=""
 logs=""
-kvmbox="$here/target/release/kvmbox"
+kvmbox="$here/target/x86_64-unknown-linux-gnu/release/kvmbox"
 qemu="qemu-system-x86_64"
 
 while [ $# -gt 0 ]; do

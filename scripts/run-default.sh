@@ -15,10 +15,10 @@ bash scripts/setup.sh
 cargo build --release --quiet -p kvmbox
 if [ "${KVMBOX_DEFAULT_GUEST:-linux}" = testguest ]; then
     guest=$(bash guest/testguest/build.sh | tail -n 1)
-    exec target/release/kvmbox run --kernel "$guest" --memory 256M --cmdline "tests=shell" "$@"
+    exec target/x86_64-unknown-linux-gnu/release/kvmbox run --kernel "$guest" --memory 256M --cmdline "tests=shell" "$@"
 fi
 kernel=$(bash guest/linux/fetch-kernel.sh | tail -n 1)
 initrd=$(bash guest/linux/build-initramfs.sh | tail -n 1)
 echo "kvmbox: booting Debian's cloud kernel with a busybox shell (Ctrl-A x quits)" >&2
-exec target/release/kvmbox run --kernel "$kernel" --initrd "$initrd" --memory 512M \
+exec target/x86_64-unknown-linux-gnu/release/kvmbox run --kernel "$kernel" --initrd "$initrd" --memory 512M \
     --cmdline "console=ttyS0 reboot=k panic=-1 cryptomgr.notests quiet" --rng "$@"

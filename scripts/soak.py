@@ -197,7 +197,7 @@ def main():
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--testguests", type=int, default=20, help="test-guest VMs on KVM")
     ap.add_argument("--linux", type=int, default=4, help="Linux VMs on the software engine")
-    ap.add_argument("--kvmbox", default=os.path.join(REPO, "target/release/kvmbox"))
+    ap.add_argument("--kvmbox", default=os.path.join(REPO, "target/x86_64-unknown-linux-gnu/release/kvmbox"))
     ap.add_argument("--rss-overhead-mib", type=int, default=64,
                     help="RSS bound above guest RAM, per VM")
     ap.add_argument("--rss-growth-mib", type=int, default=8,

@@ -10,8 +10,10 @@
 //!    file and qcow2 backing names keep their meaning): a hard link where `root/` is on the
 //!    file's filesystem, otherwise an empty placeholder that the jailed process bind-mounts the
 //!    file onto (read-only unless the program writes it). The program's own executable is
-//!    placed at `/kvmbox`, and the shared libraries it has mapped now (the jailer *is* that
-//!    executable) and its ELF interpreter at their paths. Files it writes are chowned to the
+//!    placed at `/kvmbox`; a dynamic executable (a helper program such as passt, or a kvmbox
+//!    built without `.cargo/config.toml`'s static linking) also gets its ELF interpreter and
+//!    the shared libraries that interpreter resolves for it, at their paths (kvmbox itself is
+//!    static and needs none). Files it writes are chowned to the
 //!    jail's user (and given back to their owner afterwards); files it only reads must be
 //!    readable by that user. Device nodes (`/dev/kvm`, `/dev/net/tun`, `/dev/urandom`,
 //!    `/dev/null`) are made with `mknod` with the host's numbers and chowned to the user.
@@ -29,7 +31,6 @@
 //!    made (see [`Jail`]'s `Drop`): the jail's directory, host-side symlinks, and file owners.
 //!    The mounts died with the child's mount namespace.
 
-use std::collections::HashSet;
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -332,23 +333,60 @@ fn elf_interpreter(exe: &Path) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
-/// The files mapped into this process other than its executable: its shared libraries.
-fn mapped_libraries(exe: &Path) -> Result<Vec<PathBuf>> {
-    let maps = std::fs::read_to_string("/proc/self/maps")
-        .map_err(|e| setup(format!("reading /proc/self/maps: {e}")))?;
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for line in maps.lines() {
-        // address perms offset dev inode path
-        let Some(path) = line.split_whitespace().nth(5) else {
+/// What a dynamic executable needs in the jail to start: its ELF interpreter and the shared
+/// libraries the interpreter resolves for it (`INTERP --list EXE`, what `ldd` runs), each at
+/// its host path. Nothing for a static executable (kvmbox itself is one).
+fn shared_objects(exe: &Path) -> Result<Vec<(Needed, PathBuf)>> {
+    let Some(interp) = elf_interpreter(exe)? else {
+        return Ok(Vec::new());
+    };
+    let real = std::fs::canonicalize(&interp)
+        .map_err(|e| setup(format!("ELF interpreter {}: {e}", interp.display())))?;
+    let out = std::process::Command::new(&real)
+        .arg("--list")
+        .arg(exe)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| setup(format!("running {} --list: {e}", real.display())))?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || listed.contains("not found") {
+        return Err(usage(format!(
+            "{}: its shared libraries cannot all be found ({} --list says: {}{})",
+            exe.display(),
+            real.display(),
+            listed.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let mut objects = vec![(
+        Needed {
+            what: "the ELF interpreter".into(),
+            path: real,
+            writable: false,
+        },
+        interp,
+    )];
+    // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)`; the vDSO and the interpreter
+    // itself have no `=>`.
+    for lib in listed.lines().filter_map(|l| l.split_once("=>")) {
+        let Some(path) = lib
+            .1
+            .split_whitespace()
+            .next()
+            .filter(|p| p.starts_with('/'))
+        else {
             continue;
         };
-        let p = PathBuf::from(path);
-        if path.starts_with('/') && p != exe && p.is_file() && seen.insert(p.clone()) {
-            out.push(p);
-        }
+        objects.push((
+            Needed {
+                what: "shared library".into(),
+                path: PathBuf::from(path),
+                writable: false,
+            },
+            PathBuf::from(path),
+        ));
     }
-    Ok(out)
+    Ok(objects)
 }
 
 /// A file placed by bind mount in the jailed process (its own mount namespace).
@@ -423,27 +461,9 @@ impl Jail {
             },
             PathBuf::from(JAILED_EXE),
         ));
-        if let Some(interp) = elf_interpreter(&exe)? {
-            let real = std::fs::canonicalize(&interp)
-                .map_err(|e| setup(format!("ELF interpreter {}: {e}", interp.display())))?;
-            placements.push((
-                Needed {
-                    what: "the ELF interpreter".into(),
-                    path: real,
-                    writable: false,
-                },
-                interp,
-            ));
-        }
-        for lib in mapped_libraries(&exe)? {
-            placements.push((
-                Needed {
-                    what: "shared library".into(),
-                    path: lib.clone(),
-                    writable: false,
-                },
-                lib,
-            ));
+        placements.extend(shared_objects(&exe)?);
+        for f in spec.files.iter().filter(|f| f.what == HELPER_PROGRAM) {
+            placements.extend(shared_objects(&f.path)?);
         }
         for f in &spec.files {
             placements.push((f.clone(), jail_path(&cwd, &f.path)));
@@ -1153,16 +1173,27 @@ mod tests {
     }
 
     #[test]
-    fn this_executable_has_an_interpreter_and_libraries() {
-        let exe = std::fs::read_link("/proc/self/exe").unwrap();
-        let interp = elf_interpreter(&exe)
-            .unwrap()
-            .expect("a dynamic executable");
-        assert!(interp.is_absolute(), "{}", interp.display());
-        let libs = mapped_libraries(&exe).unwrap();
+    fn dynamic_executables_bring_their_interpreter_and_libraries() {
+        // A dynamic executable of the host's (coreutils).
+        let objects = shared_objects(Path::new("/bin/true")).unwrap();
+        let (interp, at) = &objects[0];
+        assert_eq!(interp.what, "the ELF interpreter");
         assert!(
-            libs.iter().any(|l| l.to_string_lossy().contains("libc")),
-            "{libs:?}"
+            at.to_string_lossy().contains("ld-linux"),
+            "{}",
+            at.display()
         );
+        assert!(interp.path.is_file(), "{}", interp.path.display());
+        assert!(
+            objects.iter().any(|(n, at)| n.what == "shared library"
+                && at.to_string_lossy().ends_with("/libc.so.6")
+                && n.path.is_file()),
+            "{objects:?}"
+        );
+        // This test executable, like kvmbox, is static (.cargo/config.toml): nothing, so a
+        // jail holds kvmbox alone.
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        assert_eq!(elf_interpreter(&exe).unwrap(), None);
+        assert!(shared_objects(&exe).unwrap().is_empty());
     }
 }
