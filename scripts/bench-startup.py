@@ -16,7 +16,8 @@ in turn, round after round (so host load falls on all of them alike), and report
 medians, and the ratios kvmbox / peer. Then, per VMM:
   - resident memory beyond guest RAM: the guest runs a long ring-3 loop while /proc/PID/smaps
     is read; the RSS of the guest-RAM mapping (the anonymous mapping of the guest's size) is
-    subtracted,
+    subtracted; medians of 5 alternating runs, with the private (anonymous) part beside it,
+
   - `--accel auto`: start -> exit with the probe's answer kept for the boot and without,
   - exit round trips: the guest times N ring-0 port writes to an unclaimed port (0xed) and N
     MMIO writes+reads at an unclaimed address (0xdf000000); cycles per access are converted
@@ -116,7 +117,7 @@ def rss_beyond_guest(vmm, guest, mem_mib):
                          stderr=subprocess.DEVNULL)
     try:
         time.sleep(1.5)
-        guest_rss = other_rss = 0
+        guest_rss = other_rss = other_anon = 0
         size_kib = mem_mib * 1024
         cur_is_guest = False
         with open(f"/proc/{p.pid}/smaps") as f:
@@ -132,7 +133,9 @@ def rss_beyond_guest(vmm, guest, mem_mib):
                         guest_rss += int(parts[1])
                     else:
                         other_rss += int(parts[1])
-        return guest_rss / 1024, other_rss / 1024
+                elif parts[0] == "Anonymous:" and not cur_is_guest:
+                    other_anon += int(parts[1])
+        return guest_rss / 1024, other_rss / 1024, other_anon / 1024
     finally:
         p.kill()
         p.wait()
@@ -234,10 +237,18 @@ def main():
         for v in peers:
             print(f"  kvmbox / {v.name}: {med['kvmbox'] / med[v.name]:.2f} "
                   f"(all gone: {gone['kvmbox'] / gone[v.name]:.2f})")
-    print("\nresident memory while the guest runs (1 vCPU, 128 MiB):")
+    rounds = 5
+    print(f"\nresident memory while the guest runs (1 vCPU, 128 MiB; medians of {rounds} "
+          "alternating runs; private: the anonymous part, which no other process shares):")
+    rss = {v.name: [] for v in vmms}
+    for _ in range(rounds):
+        for v in vmms:
+            rss[v.name].append(rss_beyond_guest(v, guest, 128))
     for v in vmms:
-        g, o = rss_beyond_guest(v, guest, 128)
-        print(f"  {v.name:17} guest RAM touched {g:6.1f} MiB, VMM beyond it {o:6.1f} MiB")
+        g, o, p = (statistics.median(x[i] for x in rss[v.name]) for i in range(3))
+        print(f"  {v.name:17} guest RAM touched {g:6.1f} MiB, VMM beyond it {o:6.2f} MiB "
+              f"(min {min(x[1] for x in rss[v.name]):.2f}, max "
+              f"{max(x[1] for x in rss[v.name]):.2f}), private {p:5.2f} MiB")
     probe = accel_probe_cost(a.kvmbox, guest, a.runs)
     print(f"\n--accel auto, start -> exit (guest powers off at once): probe every time "
           f"{probe['off']:.1f} ms, answer kept for this boot {probe['on']:.1f} ms (medians)")

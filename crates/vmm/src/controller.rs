@@ -171,11 +171,11 @@ impl Controller {
             self.cgroup = crate::limits::VmCgroup::setup(&cfg.limits)
                 .map_err(|e| Error::Host(format!("resource limits: {e}")))?;
         }
-        let machine = Machine::build(&cfg, accel, &self.control, true)?;
-        // The vCPUs first: their threads filtered themselves already, and installing this
-        // thread's filter (~1 ms: the kernel checks and compiles it) then overlaps the
-        // guest's start instead of delaying it.
-        machine.resume()?;
+        // Not paused: each vCPU thread runs guest code as soon as it has filtered itself,
+        // the boot CPU without waiting for the others (an INIT/SIPI sent to one that is not
+        // running yet waits in its local APIC) nor for this thread's filter, whose install
+        // (~1 ms: the kernel checks and compiles it) overlaps the guest's start.
+        let machine = Machine::build(&cfg, accel, &self.control, false)?;
         self.sandbox()?;
         *self.serial_slot.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(machine.platform.serial.clone());
