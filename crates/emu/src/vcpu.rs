@@ -127,8 +127,8 @@ impl Cpu {
     /// on the quiet path. None: no block here (`step` the instruction). Otherwise the number
     /// of instructions the batch counts (those that completed, plus a faulting one) and how
     /// the last one ended: a fault leaves RIP on the faulting instruction and the state as
-    /// `step` would, since each handler commits nothing before its last possible fault and
-    /// RIP is committed after each. Handlers change neither IF, the shadow (beyond ending
+    /// `step` would, since each handler commits nothing before its last possible fault (RIP
+    /// is then set to the faulting instruction). Handlers change neither IF, the shadow (beyond ending
     /// one), NMI blocking, HLT state, TF/RF, breakpoints nor the code mode, so the run loop's
     /// checks hold for the whole block; a write into the block's own page ends it after the
     /// writing instruction (`Cpu::note_write`), so self-modified bytes are validated again.
@@ -142,6 +142,8 @@ impl Cpu {
         self.set_shadow = false;
         let mut done = 0usize;
         let mut res = Ok(());
+        // RIP is committed once, after the loop: handlers never read it (their next RIP and
+        // branch targets are pre-resolved), and a fault sets it to the faulting instruction.
         for f in &b.fast[..n] {
             let Some(h) = f.handler else { break };
             self.next_rip = f.next_rip;
@@ -149,11 +151,17 @@ impl Cpu {
                 res = Err(e);
                 break;
             }
-            self.st.rip = self.next_rip;
             done += 1;
             if self.code_written {
                 break;
             }
+        }
+        if done > 0 {
+            self.st.rip = match res {
+                Ok(()) => self.next_rip,
+                // Only the last instruction of a block transfers control.
+                Err(_) => b.fast[done - 1].next_rip,
+            };
         }
         self.code_page = crate::cpu::NO_CODE_PAGE;
         if done > 0 {

@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use iced_x86::code_asm::*;
+use iced_x86::IcedError;
 use kvmbox_cpu::{Vcpu, VcpuExit};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -908,4 +909,40 @@ fn run_steps_stops_inside_a_translated_block() {
     assert_eq!(st.block_instructions, 37, "{st:?}");
     assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
     assert_eq!(v.regs().unwrap().rax, 40);
+}
+
+/// A fault in the middle of a translated block: the instructions before it have completed,
+/// the ones after it have not, and the exception frame holds the faulting instruction's RIP.
+#[test]
+fn a_fault_inside_a_translated_block_reports_the_faulting_instruction() {
+    let pf_handler = CODE + 0x2000;
+    let before = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        a.nop()?; // fills the TLB, so the rest runs as a block
+        a.mov(eax, 1u32)?;
+        a.mov(ecx, 2u32)?;
+        a.mov(rsi, 0x100_0123u64) // 16 MiB + 0x123: not present (PT entry 0)
+    };
+    let faulting = CODE + asm64(CODE, before).len() as u64;
+    let code = asm64(CODE, |a| {
+        before(a)?;
+        a.mov(dl, byte_ptr(rsi))?; // #PF
+        a.mov(ebx, 3u32)?;
+        a.hlt()
+    });
+    let pf = asm64(pf_handler, |a| {
+        a.mov(rax, qword_ptr(rsp + 8))?; // RIP (after the error code)
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let (mem, _vm, mut v) = long_machine(&code);
+    mem.write_slice(&pf, GuestAddress(pf_handler)).unwrap();
+    set_gate(&mem, 14, pf_handler, 1, 0, false);
+    w64(&mem, PD + 8 * 8, PT | 3);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0xe9), vec![faulting & 0xffff_ffff]);
+    let r = v.regs().unwrap();
+    assert_eq!((r.rcx, r.rsi, r.rbx), (2, 0x100_0123, 0));
+    let st = v.stats();
+    assert!(st.block_instructions >= 3, "{st:?}");
 }
