@@ -127,11 +127,11 @@ impl Cpu {
     /// on the quiet path. None: no block here (`step` the instruction). Otherwise the number
     /// of instructions the batch counts (those that completed, plus a faulting one) and how
     /// the last one ended: a fault leaves RIP on the faulting instruction and the state as
-    /// `step` would, since each handler commits nothing before its last possible fault (RIP
-    /// is then set to the faulting instruction). Handlers change neither IF, the shadow (beyond ending
-    /// one), NMI blocking, HLT state, TF/RF, breakpoints nor the code mode, so the run loop's
-    /// checks hold for the whole block; a write into the block's own page ends it after the
-    /// writing instruction (`Cpu::note_write`), so self-modified bytes are validated again.
+    /// `step` would, since each handler commits nothing before its last possible fault.
+    /// Handlers change neither IF, the shadow (beyond ending one), NMI blocking, HLT state,
+    /// TF/RF, breakpoints nor the code mode, so the run loop's checks hold for the whole
+    /// block; a write into the block's own page ends it after the writing instruction
+    /// (`Cpu::note_write`), so self-modified bytes are validated again.
     #[inline(always)]
     fn run_block(&mut self, max: u64) -> Option<(u64, crate::cpu::R<()>)> {
         let b = self.block()?;
