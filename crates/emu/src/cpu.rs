@@ -73,6 +73,15 @@ pub struct Stats {
     pub tlb_misses: u64,
     /// External interrupts (and NMIs as vector 2) delivered, by vector.
     pub interrupts: BTreeMap<u8, u64>,
+    /// Translated blocks executed (`Cpu::block`); the mean block length is
+    /// `block_instructions / blocks`.
+    pub blocks: u64,
+    /// Instructions retired inside translated blocks (the rest went through `step`).
+    pub block_instructions: u64,
+    /// Block-cache lookups that found a valid block (or a valid "no block here" entry).
+    pub block_hits: u64,
+    /// Block-cache misses: blocks built (or rebuilt after their bytes changed).
+    pub block_builds: u64,
 }
 
 const DCACHE_SIZE: usize = 16384;
@@ -88,6 +97,70 @@ pub(crate) struct DecodedEntry {
     /// The decode-time handler and pre-resolved operands (`exec::fast`).
     pub(crate) fast: Fast,
     pub(crate) ins: Instruction,
+}
+
+/// Blocks in the block cache (direct-mapped on the physical address of the first instruction).
+const BLOCKS: usize = 4096;
+/// Most instructions in one translated block.
+const BLOCK_MAX: usize = 32;
+/// `Cpu::code_page` while no block runs (no physical page address has its low bits set).
+pub(crate) const NO_CODE_PAGE: u64 = u64::MAX;
+
+/// A translated block: consecutive instructions of one 4 KiB page, each with a decode-time
+/// handler, ending at a control transfer, before an instruction without a handler, near the
+/// page end or at `BLOCK_MAX` instructions. Built from the decoded-instruction cache
+/// (`Cpu::fetch_decode`), so there is one decoder; keyed like it by the physical address of
+/// the first instruction, the code size and RIP.
+pub(crate) struct Block {
+    /// Physical address of the first byte, code size in the low bits (MAX: empty).
+    key: u64,
+    rip: u64,
+    /// The instructions' bytes as they were decoded: compared with guest memory at every
+    /// entry (self-modifying code; writes into the page while the block runs end it).
+    bytes: Vec<u8>,
+    /// The handlers' forms, in order. Empty: the first instruction (whose bytes `bytes`
+    /// holds) has no handler, so the block tier leaves it to `step`.
+    pub(crate) fast: Vec<Fast>,
+}
+
+impl Block {
+    const fn empty() -> Self {
+        Block {
+            key: u64::MAX,
+            rip: 0,
+            bytes: Vec::new(),
+            fast: Vec::new(),
+        }
+    }
+}
+
+/// Do the `bytes.len()` bytes at `host + off` equal `bytes`? Compared 8 bytes at a time; a
+/// short tail is compared as the last 8 bytes (overlapping the previous chunk), or, for a
+/// block shorter than 8 bytes, as 8 bytes masked.
+///
+/// # Safety
+/// `host + off .. host + off + max(bytes.len(), 8)` must be readable (one guest RAM page).
+#[inline(always)]
+unsafe fn same_bytes(host: *const u8, off: usize, bytes: &[u8]) -> bool {
+    let n = bytes.len();
+    // SAFETY: every `have(i)` below has i + 8 <= max(n, 8): within the range the caller
+    // guarantees readable.
+    let have = |i: usize| unsafe { (host.add(off + i) as *const u64).read_unaligned() };
+    let want = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or_default());
+    if n < 8 {
+        let mut w = [0u8; 8];
+        w[..n].copy_from_slice(bytes);
+        let m = if n == 0 { 0 } else { u64::MAX >> (64 - 8 * n) };
+        return have(0) & m == u64::from_le_bytes(w);
+    }
+    let mut i = 0;
+    while i + 8 <= n {
+        if have(i) != want(i) {
+            return false;
+        }
+        i += 8;
+    }
+    i == n || have(n - 8) == want(n - 8)
 }
 
 fn empty_decoded() -> DecodedEntry {
@@ -136,6 +209,14 @@ pub struct Cpu {
     /// Never resized after creation: `fetch_decode` hands out pointers into its heap buffer.
     /// The extra last entry holds instructions that cannot be cached (MMIO, page-crossing).
     dcache: Vec<DecodedEntry>,
+    /// The block cache (`BLOCKS` entries, never resized: `block` hands out pointers into it;
+    /// each block's vectors are only written by `build_block`).
+    blocks: Vec<Block>,
+    /// Physical page of the block running now (`NO_CODE_PAGE` outside blocks): a write into
+    /// it sets `code_written`, which ends the block after the writing instruction.
+    pub(crate) code_page: u64,
+    /// The running block's page was written (or a device was accessed): end the block.
+    pub(crate) code_written: bool,
     /// The CPUID table.
     pub(crate) cpuid: Vec<kvmbox_cpu::CpuidEntry>,
     /// CPUID entries the VMM adds or replaces (applied by `configure`).
@@ -184,6 +265,9 @@ impl Cpu {
             wait_sipi: false,
             nmi_blocked: false,
             dcache: vec![empty_decoded(); DCACHE_SIZE + 1],
+            blocks: (0..BLOCKS).map(|_| Block::empty()).collect(),
+            code_page: NO_CODE_PAGE,
+            code_written: false,
             cpuid: crate::cpuid::build(id, 1, false, false, &[]),
             dirty_epoch: 0,
             cpuid_overrides: Vec::new(),
@@ -307,10 +391,13 @@ impl Cpu {
     /// Write guest-physical memory within one page.
     pub(crate) fn phys_write(&mut self, pa: u64, buf: &[u8]) -> R<()> {
         if let Some(p) = self.phys.host(pa, buf.len() as u64) {
+            self.note_write(pa & !0xfff);
             // SAFETY: host() checked the range lies in RAM.
             unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), p, buf.len()) };
             return Ok(());
         }
+        // A device access may write guest memory (DMA) anywhere: a running block ends.
+        self.code_written = true;
         if self.apic_page(pa) {
             if let Some(irq) = &self.irq {
                 irq.apic_write(self.id, pa & 0xfff, buf);
@@ -319,6 +406,15 @@ impl Cpu {
         }
         self.io_handler()?.mmio_write(pa, buf);
         Ok(())
+    }
+
+    /// A write into physical page `ppage` is about to happen: if a translated block runs from
+    /// it, the block ends after this instruction, so the next one is validated again.
+    #[inline(always)]
+    pub(crate) fn note_write(&mut self, ppage: u64) {
+        if ppage == self.code_page {
+            self.code_written = true;
+        }
     }
 
     // ---------------------------------------------------------------- linear
@@ -421,14 +517,17 @@ impl Cpu {
         let off = lin & 0xfff;
         if off + size as u64 <= 0x1000 {
             if let Some(e) = self.tlb.lookup(lin, crate::mmu::need_bit(ACC_W, user)) {
-                if !e.host.is_null() {
+                let (host, ppage) = (e.host, e.ppage);
+                if !host.is_null() {
+                    self.note_write(ppage);
                     // SAFETY: the page is RAM and off + size <= 4096.
-                    unsafe { mem::store(e.host.add(off as usize), size, v) };
+                    unsafe { mem::store(host.add(off as usize), size, v) };
                     return Ok(());
                 }
             }
             let e = self.translate(lin, ACC_W, user)?;
             if !e.host.is_null() {
+                self.note_write(e.ppage);
                 // SAFETY: the page is RAM and off+size <= 4096.
                 unsafe { mem::store(e.host.add(off as usize), size, v) };
                 return Ok(());
@@ -457,6 +556,7 @@ impl Cpu {
         if e.host.is_null() {
             return Ok(None);
         }
+        self.note_write(e.ppage);
         // SAFETY: in-page offset of a RAM page.
         Ok(Some(unsafe { e.host.add(off as usize) }))
     }
@@ -690,6 +790,96 @@ impl Cpu {
         scratch.fast = Fast::NONE;
         scratch.ins = ins;
         Ok(scratch)
+    }
+}
+
+impl Cpu {
+    // ---------------------------------------------------------------- blocks
+
+    /// The translated block starting at CS:RIP, its bytes checked against guest memory (one
+    /// code-TLB lookup and one compare for the whole block), built from the decoded-instruction
+    /// cache on a miss. Returns a pointer into the block cache, valid until the next call; sets
+    /// `code_page` to the block's physical page. None: no block here (not 64-bit code, RIP not
+    /// in the TLB or not RAM, within 16 bytes of the page end, or the first instruction has no
+    /// decode-time handler): `step` runs the instruction.
+    #[inline(always)]
+    pub(crate) fn block(&mut self) -> Option<*const Block> {
+        let rip = self.st.rip;
+        if self.st.code_bits() != 64 || !canonical(rip) {
+            return None;
+        }
+        let user = self.st.seg[seg::CS].dpl & 3 == 3;
+        let e = self.tlb.lookup(rip, crate::mmu::need_bit(ACC_X, user))?;
+        let (host, ppage) = (e.host, e.ppage);
+        let off = (rip & 0xfff) as usize;
+        if host.is_null() || off + 16 > 0x1000 {
+            return None;
+        }
+        let pa = ppage | off as u64;
+        let key = (pa << 2) | (64 >> 5);
+        let slot = ((pa ^ (pa >> 12)) as usize) & (BLOCKS - 1);
+        let b = &self.blocks[slot];
+        // SAFETY: a block's bytes end within its page (`build_block`), and a block shorter than
+        // 8 bytes starts at least 16 bytes before the page end (off + 16 <= 4096 above).
+        if b.key == key && b.rip == rip && unsafe { same_bytes(host, off, &b.bytes) } {
+            self.stats.block_hits += 1;
+        } else {
+            self.build_block(slot, key, off);
+        }
+        let b = &self.blocks[slot];
+        if b.fast.is_empty() {
+            return None;
+        }
+        self.code_page = ppage;
+        self.code_written = false;
+        Some(b)
+    }
+
+    /// Build the block at CS:RIP (physical `key >> 2`, page offset `off`) into `slot`: the
+    /// instructions `fetch_decode` returns from the decoded cache (decoding them on a miss),
+    /// while each is cached, lies in the same physical page at least 16 bytes before its end
+    /// (so decoding it never touches the next page) and has a handler; the block ends after a
+    /// control transfer or at `BLOCK_MAX` instructions. RIP is left as it was.
+    #[inline(never)]
+    fn build_block(&mut self, slot: usize, key: u64, off: usize) {
+        self.stats.block_builds += 1;
+        let start = self.st.rip;
+        let mut b = std::mem::replace(&mut self.blocks[slot], Block::empty());
+        b.key = u64::MAX;
+        b.rip = start;
+        b.bytes.clear();
+        b.fast.clear();
+        let page = (key >> 2) & !0xfff;
+        let mut o = off;
+        while b.fast.len() < BLOCK_MAX && o + 16 <= 0x1000 {
+            let Ok(d) = self.fetch_decode() else { break };
+            // SAFETY: `d` points into the decoded cache's heap buffer, valid until the next
+            // `fetch_decode`; it is only read here.
+            let d = unsafe { &*d };
+            // Cached (not the scratch entry) at the expected place in the same physical page.
+            if d.key != (((page | o as u64) << 2) | (64 >> 5)) {
+                break;
+            }
+            let len = d.ins.len();
+            if d.fast.handler.is_none() {
+                if b.fast.is_empty() {
+                    // Remember "no block here" for these bytes, so `step` runs it directly.
+                    b.key = key;
+                    b.bytes.extend_from_slice(&d.bytes.to_le_bytes()[..len]);
+                }
+                break;
+            }
+            b.key = key;
+            b.bytes.extend_from_slice(&d.bytes.to_le_bytes()[..len]);
+            b.fast.push(d.fast);
+            if d.ins.flow_control() != iced_x86::FlowControl::Next {
+                break;
+            }
+            o += len;
+            self.st.rip = d.fast.next_rip;
+        }
+        self.st.rip = start;
+        self.blocks[slot] = b;
     }
 }
 

@@ -305,6 +305,8 @@ impl Cpu {
             } else {
                 0x20
             };
+            // A page table in the page a translated block runs from ends the block.
+            self.note_write(pa & !0xfff);
             if is64 {
                 self.phys.or_u64(pa, bits);
             } else {

@@ -115,17 +115,72 @@ impl Cpu {
         }
     }
 
+    /// The quiet path applies: no single-step, no RF, no breakpoint armed or pending (one test
+    /// of conditions that are rarely set).
+    #[inline(always)]
+    fn quiet(&self) -> bool {
+        self.st.rflags & (flags::TF | flags::RF) == 0
+            && self.bp_exec | self.bp_data | self.bp_pending == 0
+    }
+
+    /// Run the translated block at CS:RIP (`Cpu::block`), at most `max` (>= 1) instructions,
+    /// on the quiet path. None: no block here (`step` the instruction). Otherwise the number
+    /// of instructions the batch counts (those that completed, plus a faulting one) and how
+    /// the last one ended: a fault leaves RIP on the faulting instruction and the state as
+    /// `step` would, since each handler commits nothing before its last possible fault.
+    /// Handlers change neither IF, the shadow (beyond ending one), NMI blocking, HLT state,
+    /// TF/RF, breakpoints nor the code mode, so the run loop's checks hold for the whole
+    /// block; a write into the block's own page ends it after the writing instruction
+    /// (`Cpu::note_write`), so self-modified bytes are validated again.
+    #[inline(always)]
+    fn run_block(&mut self, max: u64) -> Option<(u64, crate::cpu::R<()>)> {
+        let b = self.block()?;
+        // SAFETY: `b` points into the block cache's heap buffers, which only `block` (via
+        // `build_block`) writes; neither handlers nor anything they call look blocks up.
+        let b = unsafe { &*b };
+        let n = b.fast.len().min(max as usize);
+        self.set_shadow = false;
+        let mut done = 0usize;
+        let mut res = Ok(());
+        // RIP is committed once, after the loop: handlers never read it (their next RIP and
+        // branch targets are pre-resolved), and a fault sets it to the faulting instruction.
+        for f in &b.fast[..n] {
+            let Some(h) = f.handler else { break };
+            self.next_rip = f.next_rip;
+            if let Err(e) = h(self, f) {
+                res = Err(e);
+                break;
+            }
+            done += 1;
+            if self.code_written {
+                break;
+            }
+        }
+        if done > 0 {
+            self.st.rip = match res {
+                Ok(()) => self.next_rip,
+                // Only the last instruction of a block transfers control.
+                Err(_) => b.fast[done - 1].next_rip,
+            };
+        }
+        self.code_page = crate::cpu::NO_CODE_PAGE;
+        if done > 0 {
+            self.shadow = false;
+        }
+        self.stats.instructions += done as u64;
+        self.stats.blocks += 1;
+        self.stats.block_instructions += done as u64;
+        Some((done as u64 + res.is_err() as u64, res))
+    }
+
     /// Execute one instruction (fetch, decode, execute, commit RIP), then take its debug
     /// traps: single step and the data breakpoints it hit. Returns true when the instruction
     /// ran a decode-time handler on the quiet path: then nothing but registers, flags other
     /// than IF/TF, memory and RIP changed, so the run loop has nothing to check after it.
     #[inline(always)]
     fn step(&mut self) -> crate::cpu::R<bool> {
-        // The quiet path: no single-step, no RF, no breakpoint armed or pending (one test of
-        // conditions that are rarely set). Forms with a decode-time handler run it directly.
-        if self.st.rflags & (flags::TF | flags::RF) == 0
-            && self.bp_exec | self.bp_data | self.bp_pending == 0
-        {
+        // The quiet path: forms with a decode-time handler run it directly.
+        if self.quiet() {
             self.set_shadow = false;
             let d = self.fetch_decode()?;
             // SAFETY: `d` points into the heap buffer of the decoded-instruction cache, which
@@ -324,11 +379,27 @@ impl Cpu {
             // instruction, so a window of one instruction (`sti; nop; cli`) still takes
             // pending interrupts, as on hardware.
             let mut check_after_shadow = false;
-            for _ in 0..n {
+            while executed < n {
                 let if_before = self.st.rflags & flags::IF;
                 let nmi_blocked_before = self.nmi_blocked;
-                executed += 1;
-                match self.step() {
+                // A translated block where one starts (not in an interrupt window that must
+                // close after one instruction), else one instruction.
+                let block = if !check_after_shadow && self.quiet() {
+                    self.run_block(n - executed)
+                } else {
+                    None
+                };
+                let r = match block {
+                    Some((ran, r)) => {
+                        executed += ran;
+                        r.map(|()| true)
+                    }
+                    None => {
+                        executed += 1;
+                        self.step()
+                    }
+                };
+                match r {
                     // A decode-time handler changed neither IF, the shadow (beyond ending
                     // one), NMI blocking, HLT state nor I/O: only an interrupt window that
                     // just closed ends the batch.

@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use iced_x86::code_asm::*;
+use iced_x86::IcedError;
 use kvmbox_cpu::{Vcpu, VcpuExit};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -829,4 +830,119 @@ fn cmpxchg16b_is_atomic_across_vcpu_threads() {
     run_with_a_second_vcpu_to_halt(&vm, v0);
     assert_eq!(r64(&mem, DATA), 2 * N as u64);
     assert_eq!(r64(&mem, DATA + 8), (1 << 40) + 2 * N as u64);
+}
+
+/// Self-modifying code inside one translated block: the store rewrites the immediate of the
+/// very next instruction, which the block already holds decoded. The write into the block's
+/// own page must end the block, so the new bytes run (42, not 1).
+#[test]
+fn a_store_into_the_next_instruction_of_a_block_runs_the_new_bytes() {
+    let code = asm64(CODE, |a| {
+        let mut patch = a.create_label();
+        // The first instruction fills the TLB (a block starts at a TLB-resident RIP).
+        a.nop()?;
+        a.lea(rdi, ptr(patch))?;
+        a.mov(byte_ptr(rdi + 1), 42)?;
+        a.set_label(&mut patch)?;
+        a.mov(eax, 1u32)?; // B8 01 00 00 00: the immediate's low byte is at +1
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let (_mem, _vm, mut v) = long_machine(&code);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0xe9), vec![42]);
+    let st = v.stats();
+    assert!(st.blocks >= 1 && st.block_instructions >= 3, "{st:?}");
+}
+
+/// Self-modifying code in a loop: every iteration stores the counter into the immediate of
+/// a later instruction of the loop body (`add ebx, imm8`) and then runs it, so the sum is
+/// 10 + 9 + ... + 1 only if each iteration runs the bytes it just wrote (both the block entry
+/// check and the end of a block at a write into its page are needed for that).
+#[test]
+fn a_loop_patching_a_later_instruction_of_its_body_runs_the_new_bytes() {
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        let mut target = a.create_label();
+        a.xor(ebx, ebx)?;
+        a.mov(ecx, 10u32)?;
+        a.lea(rdi, ptr(target))?;
+        a.set_label(&mut top)?;
+        a.mov(byte_ptr(rdi + 2), cl)?;
+        a.set_label(&mut target)?;
+        a.add(ebx, 0x7f)?; // 83 C3 7F: the imm8 is at +2
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.mov(eax, ebx)?;
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    assert!(code.windows(3).any(|w| w == [0x83, 0xc3, 0x7f]));
+    let (_mem, _vm, mut v) = long_machine(&code);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0xe9), vec![55]);
+    assert!(v.stats().blocks >= 10, "{:?}", v.stats());
+}
+
+/// `run_steps(n)` runs exactly n instructions even where a translated block is longer.
+#[test]
+fn run_steps_stops_inside_a_translated_block() {
+    let code = asm64(CODE, |a| {
+        for _ in 0..40 {
+            a.inc(eax)?;
+        }
+        a.hlt()
+    });
+    let (_mem, _vm, mut v) = long_machine(&code);
+    let io = Recorder::default();
+    assert_eq!(v.run_steps(&io, 3).unwrap(), None);
+    let r = v.regs().unwrap();
+    assert_eq!((r.rax, r.rip), (3, CODE + 6));
+    assert_eq!(v.run_steps(&io, 35).unwrap(), None);
+    let r = v.regs().unwrap();
+    assert_eq!((r.rax, r.rip), (38, CODE + 76));
+    let st = v.stats();
+    assert_eq!(st.instructions, 38);
+    // All but the first (which filled the TLB) ran in blocks.
+    assert_eq!(st.block_instructions, 37, "{st:?}");
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(v.regs().unwrap().rax, 40);
+}
+
+/// A fault in the middle of a translated block: the instructions before it have completed,
+/// the ones after it have not, and the exception frame holds the faulting instruction's RIP.
+#[test]
+fn a_fault_inside_a_translated_block_reports_the_faulting_instruction() {
+    let pf_handler = CODE + 0x2000;
+    let before = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        a.nop()?; // fills the TLB, so the rest runs as a block
+        a.mov(eax, 1u32)?;
+        a.mov(ecx, 2u32)?;
+        a.mov(rsi, 0x100_0123u64) // 16 MiB + 0x123: not present (PT entry 0)
+    };
+    let faulting = CODE + asm64(CODE, before).len() as u64;
+    let code = asm64(CODE, |a| {
+        before(a)?;
+        a.mov(dl, byte_ptr(rsi))?; // #PF
+        a.mov(ebx, 3u32)?;
+        a.hlt()
+    });
+    let pf = asm64(pf_handler, |a| {
+        a.mov(rax, qword_ptr(rsp + 8))?; // RIP (after the error code)
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let (mem, _vm, mut v) = long_machine(&code);
+    mem.write_slice(&pf, GuestAddress(pf_handler)).unwrap();
+    set_gate(&mem, 14, pf_handler, 1, 0, false);
+    w64(&mem, PD + 8 * 8, PT | 3);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0xe9), vec![faulting & 0xffff_ffff]);
+    let r = v.regs().unwrap();
+    assert_eq!((r.rcx, r.rsi, r.rbx), (2, 0x100_0123, 0));
+    let st = v.stats();
+    assert!(st.block_instructions >= 3, "{st:?}");
 }

@@ -265,6 +265,14 @@ fn bench_compute_and_mem() {
             st.generic
         );
         println!(
+            "{cmd}: translated blocks ran {:.2}% of instructions ({} blocks, mean length {:.1}; block cache: {} hits, {} builds)",
+            100.0 * st.block_instructions as f64 / n as f64,
+            st.blocks,
+            st.block_instructions as f64 / st.blocks.max(1) as f64,
+            st.block_hits,
+            st.block_builds
+        );
+        println!(
             "{cmd}: {n} instructions in {:.2} s = {:.1} M instructions/s",
             dt.as_secs_f64(),
             n as f64 / dt.as_secs_f64() / 1e6

@@ -231,7 +231,7 @@ fn main() {
     eprintln!("BSP regs {:x?}", s.gpr);
     disasm(&mem, s.rip);
     eprintln!(
-        "\nstopped: {why}\n{} instructions in {:.1} s ({:.1} M/s); rip {:#x}; exceptions {}; TLB misses {}; decoded-cache hits {}, decodes {}; unimplemented {:?}",
+        "\nstopped: {why}\n{} instructions in {:.1} s ({:.1} M/s); rip {:#x}; exceptions {}; TLB misses {}; decoded-cache hits {}, decodes {}; generic {}; translated blocks {} ({} instructions, mean length {:.1}; block cache {} hits, {} builds); unimplemented {:?}",
         st.instructions,
         t.elapsed().as_secs_f64(),
         st.instructions as f64 / t.elapsed().as_secs_f64() / 1e6,
@@ -240,6 +240,12 @@ fn main() {
         st.tlb_misses,
         st.decode_hits,
         st.decodes,
+        st.generic,
+        st.blocks,
+        st.block_instructions,
+        st.block_instructions as f64 / st.blocks.max(1) as f64,
+        st.block_hits,
+        st.block_builds,
         st.unimplemented
     );
     eprintln!("port accesses: {:x?}", io.ports.lock().unwrap());
