@@ -100,9 +100,12 @@ pub(crate) struct DecodedEntry {
 }
 
 /// Blocks in the block cache (direct-mapped on the physical address of the first instruction).
-const BLOCKS: usize = 4096;
+const BLOCKS: usize = 16384;
 /// Most instructions in one translated block.
 const BLOCK_MAX: usize = 32;
+/// Bytes of a block kept in its table entry, beside its key (longer blocks keep them in
+/// `Block::more`).
+const INLINE_BYTES: usize = 60;
 /// `Cpu::code_page` while no block runs (no physical page address has its low bits set).
 pub(crate) const NO_CODE_PAGE: u64 = u64::MAX;
 
@@ -110,17 +113,25 @@ pub(crate) const NO_CODE_PAGE: u64 = u64::MAX;
 /// handler, ending at a control transfer, before an instruction without a handler, near the
 /// page end or at `BLOCK_MAX` instructions. Built from the decoded-instruction cache
 /// (`Cpu::fetch_decode`), so there is one decoder; keyed like it by the physical address of
-/// the first instruction, the code size and RIP.
+/// the first instruction, the code size and RIP. An entry is 128 bytes, aligned: the key and
+/// the bytes of a block of up to `INLINE_BYTES` (most of them: a boot's mean block is ~4
+/// instructions) share one 128-byte pair of cache lines, so checking a block at entry misses
+/// the cache at most once for the entry instead of once for it and once for its bytes.
+#[repr(C, align(128))]
 pub(crate) struct Block {
     /// Physical address of the first byte, code size in the low bits (MAX: empty).
     key: u64,
     rip: u64,
-    /// The instructions' bytes as they were decoded: compared with guest memory at every
-    /// entry (self-modifying code; writes into the page while the block runs end it).
-    bytes: Vec<u8>,
-    /// The handlers' forms, in order. Empty: the first instruction (whose bytes `bytes`
+    /// The handlers' forms, in order. Empty: the first instruction (whose bytes the entry
     /// holds) has no handler, so the block tier leaves it to `step`.
     pub(crate) fast: Vec<Fast>,
+    /// Length of the instructions' bytes as they were decoded: compared with guest memory at
+    /// every entry (self-modifying code; writes into the page while the block runs end it).
+    len: u32,
+    /// The bytes when `len <= INLINE_BYTES`.
+    inline: [u8; INLINE_BYTES],
+    /// The bytes when `len > INLINE_BYTES`.
+    more: Vec<u8>,
 }
 
 impl Block {
@@ -128,9 +139,38 @@ impl Block {
         Block {
             key: u64::MAX,
             rip: 0,
-            bytes: Vec::new(),
             fast: Vec::new(),
+            len: 0,
+            inline: [0; INLINE_BYTES],
+            more: Vec::new(),
         }
+    }
+
+    /// The instructions' bytes as they were decoded.
+    #[inline(always)]
+    fn bytes(&self) -> &[u8] {
+        let n = self.len as usize;
+        if n <= INLINE_BYTES {
+            &self.inline[..n]
+        } else {
+            &self.more
+        }
+    }
+
+    /// Append one instruction's bytes.
+    fn push_bytes(&mut self, b: &[u8]) {
+        let n = self.len as usize;
+        let m = n + b.len();
+        if m <= INLINE_BYTES {
+            self.inline[n..m].copy_from_slice(b);
+        } else {
+            if n <= INLINE_BYTES {
+                self.more.clear();
+                self.more.extend_from_slice(&self.inline[..n]);
+            }
+            self.more.extend_from_slice(b);
+        }
+        self.len = m as u32;
     }
 }
 
@@ -821,7 +861,7 @@ impl Cpu {
         let b = &self.blocks[slot];
         // SAFETY: a block's bytes end within its page (`build_block`), and a block shorter than
         // 8 bytes starts at least 16 bytes before the page end (off + 16 <= 4096 above).
-        if b.key == key && b.rip == rip && unsafe { same_bytes(host, off, &b.bytes) } {
+        if b.key == key && b.rip == rip && unsafe { same_bytes(host, off, b.bytes()) } {
             self.stats.block_hits += 1;
         } else {
             self.build_block(slot, key, off);
@@ -847,7 +887,8 @@ impl Cpu {
         let mut b = std::mem::replace(&mut self.blocks[slot], Block::empty());
         b.key = u64::MAX;
         b.rip = start;
-        b.bytes.clear();
+        b.len = 0;
+        b.more.clear();
         b.fast.clear();
         let page = (key >> 2) & !0xfff;
         let mut o = off;
@@ -865,12 +906,12 @@ impl Cpu {
                 if b.fast.is_empty() {
                     // Remember "no block here" for these bytes, so `step` runs it directly.
                     b.key = key;
-                    b.bytes.extend_from_slice(&d.bytes.to_le_bytes()[..len]);
+                    b.push_bytes(&d.bytes.to_le_bytes()[..len]);
                 }
                 break;
             }
             b.key = key;
-            b.bytes.extend_from_slice(&d.bytes.to_le_bytes()[..len]);
+            b.push_bytes(&d.bytes.to_le_bytes()[..len]);
             b.fast.push(d.fast);
             if d.ins.flow_control() != iced_x86::FlowControl::Next {
                 break;

@@ -886,6 +886,48 @@ fn a_loop_patching_a_later_instruction_of_its_body_runs_the_new_bytes() {
     assert!(v.stats().blocks >= 10, "{:?}", v.stats());
 }
 
+/// Code changed between two runs of a translated block (as a device's DMA or another vCPU
+/// would change it: no write by this vCPU ends the block) runs the new bytes: the block's
+/// entry check compares all of its bytes, for a short block (its bytes kept in the block
+/// table's entry) and a long one (over 60 bytes, kept beside it), where the changed byte is
+/// near the end.
+fn block_patched_between_runs(fillers: usize) {
+    let code = asm64(CODE, |a| {
+        // The first instruction fills the TLB (a block starts at a TLB-resident RIP).
+        a.nop()?;
+        for r in [r8, r9, r10, r11, r12, r13, r14].into_iter().take(fillers) {
+            a.mov(r, 0x1122_3344_5566_7788u64)?; // 10 bytes each
+        }
+        a.mov(rax, 0x0101_0101_0101_0101u64)?; // 48 B8 imm64: the low byte at +2
+        a.out(0xe9u32, eax)?;
+        a.hlt()
+    });
+    let imm = CODE + 1 + 10 * fillers as u64 + 2;
+    let (mem, _vm, mut v) = long_machine(&code);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    let first = v.stats();
+    mem.write_slice(&[42], GuestAddress(imm)).unwrap();
+    v.state_mut().rip = CODE;
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(io.writes(0xe9), vec![0x0101_0101, 0x0101_012a]);
+    // One block per run, of all the MOVs; the second run found it changed and rebuilt it.
+    let st = v.stats();
+    assert_eq!((first.blocks, st.blocks), (1, 2), "{st:?}");
+    assert_eq!(st.block_instructions, 2 * (fillers as u64 + 1), "{st:?}");
+    assert_eq!(st.block_builds, first.block_builds + 1, "{st:?}");
+}
+
+#[test]
+fn a_short_block_changed_between_runs_runs_the_new_bytes() {
+    block_patched_between_runs(0);
+}
+
+#[test]
+fn a_long_block_changed_near_its_end_between_runs_runs_the_new_bytes() {
+    block_patched_between_runs(7);
+}
+
 /// `run_steps(n)` runs exactly n instructions even where a translated block is longer.
 #[test]
 fn run_steps_stops_inside_a_translated_block() {
