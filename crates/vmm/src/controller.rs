@@ -171,11 +171,10 @@ impl Controller {
             self.cgroup = crate::limits::VmCgroup::setup(&cfg.limits)
                 .map_err(|e| Error::Host(format!("resource limits: {e}")))?;
         }
-        // Not paused: each vCPU thread runs guest code as soon as it has filtered itself,
-        // the boot CPU without waiting for the others (an INIT/SIPI sent to one that is not
-        // running yet waits in its local APIC) nor for this thread's filter, whose install
-        // (~1 ms: the kernel checks and compiles it) overlaps the guest's start.
-        let machine = Machine::build(&cfg, accel, &self.control, false)?;
+        // The vCPUs run at once, the boot CPU waiting neither for the others nor for this
+        // thread's filter, whose install (~1 ms: the kernel checks and compiles it) overlaps
+        // the guest's start.
+        let machine = Machine::build(&cfg, accel, &self.control)?;
         self.sandbox()?;
         *self.serial_slot.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(machine.platform.serial.clone());

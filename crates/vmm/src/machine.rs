@@ -41,14 +41,11 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Build the VM from `cfg` and start its vCPU threads (paused when `paused`).
-    pub fn build(
-        cfg: &VmConfig,
-        accel: Accel,
-        control: &Arc<VmControl>,
-        paused: bool,
-    ) -> Result<Machine, Error> {
-        Self::build_from(cfg, accel, control, paused, None)
+    /// Build the VM from `cfg` and start its vCPU threads running: each runs guest code as
+    /// soon as it has filtered itself (an INIT/SIPI sent to one not running yet waits in its
+    /// local APIC).
+    pub fn build(cfg: &VmConfig, accel: Accel, control: &Arc<VmControl>) -> Result<Machine, Error> {
+        Self::build_from(cfg, accel, control, false, None)
     }
 
     /// [`Machine::build`], or with `restored` guest memory (a snapshot's, kernel and
