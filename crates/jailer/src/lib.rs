@@ -301,31 +301,42 @@ fn user_may(meta: &std::fs::Metadata, uid: u32, gid: u32, bit: u32) -> bool {
     }
 }
 
-/// The running executable's ELF interpreter (`PT_INTERP`), if it has one.
+/// An executable's ELF interpreter (`PT_INTERP`), if it has one. Reads only the ELF header,
+/// the program headers and the interpreter's name (kvmbox with its debug information is tens
+/// of MiB).
 fn elf_interpreter(exe: &Path) -> Result<Option<PathBuf>> {
-    let bytes = std::fs::read(exe).map_err(|e| setup(format!("reading {}: {e}", exe.display())))?;
+    use std::os::unix::fs::FileExt;
+    let file =
+        std::fs::File::open(exe).map_err(|e| setup(format!("reading {}: {e}", exe.display())))?;
     let bad = || setup(format!("{}: not a 64-bit ELF file", exe.display()));
-    let u16_at = |o: usize| -> Option<u64> {
-        Some(u16::from_le_bytes(bytes.get(o..o + 2)?.try_into().ok()?) as u64)
+    // Headers and an interpreter's name are small: a length beyond 1 MiB is a broken file.
+    let read = |off: u64, len: u64| -> Result<Vec<u8>> {
+        if len > 1 << 20 {
+            return Err(bad());
+        }
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, off).map_err(|_| bad())?;
+        Ok(buf)
     };
-    let u32_at = |o: usize| -> Option<u64> {
-        Some(u32::from_le_bytes(bytes.get(o..o + 4)?.try_into().ok()?) as u64)
+    let field = |b: &[u8], o: usize, n: usize| -> Option<u64> {
+        let mut v = [0u8; 8];
+        v[..n].copy_from_slice(b.get(o..o + n)?);
+        Some(u64::from_le_bytes(v))
     };
-    let u64_at = |o: usize| -> Option<u64> {
-        Some(u64::from_le_bytes(bytes.get(o..o + 8)?.try_into().ok()?))
-    };
-    if bytes.get(..5) != Some(b"\x7fELF\x02") {
+    let header = read(0, 64)?;
+    if header.get(..5) != Some(b"\x7fELF\x02") {
         return Err(bad());
     }
-    let phoff = u64_at(0x20).ok_or_else(bad)? as usize;
-    let phentsize = u16_at(0x36).ok_or_else(bad)? as usize;
-    let phnum = u16_at(0x38).ok_or_else(bad)? as usize;
-    for i in 0..phnum {
-        let ph = phoff + i * phentsize;
-        if u32_at(ph) == Some(3) {
-            let off = u64_at(ph + 8).ok_or_else(bad)? as usize;
-            let size = u64_at(ph + 32).ok_or_else(bad)? as usize;
-            let raw = bytes.get(off..off + size).ok_or_else(bad)?;
+    let phoff = field(&header, 0x20, 8).ok_or_else(bad)?;
+    let phentsize = field(&header, 0x36, 2).ok_or_else(bad)?;
+    let phnum = field(&header, 0x38, 2).ok_or_else(bad)?;
+    let headers = read(phoff, phentsize * phnum)?;
+    for i in 0..phnum as usize {
+        let ph = i * phentsize as usize;
+        if field(&headers, ph, 4) == Some(3) {
+            let off = field(&headers, ph + 8, 8).ok_or_else(bad)?;
+            let size = field(&headers, ph + 32, 8).ok_or_else(bad)?;
+            let raw = read(off, size)?;
             let name = raw.split(|&b| b == 0).next().unwrap_or_default();
             return Ok(Some(PathBuf::from(OsStr::from_bytes(name))));
         }
