@@ -98,35 +98,11 @@ pvh_entry32:
         mov     %eax, %gs
         mov     $boot_stack_top, %esp
         /*
-         * Identity map the first 1 GiB, user-accessible: one 1 GiB page if the CPU has
-         * them (ring 0 is emulated on kvm_pvm: fewer instructions), else 512 2 MiB pages.
-         * kmain builds the full map from ring 3.
+         * The first GiB is identity-mapped by the static tables below (pml4 -> pdpt ->
+         * boot_pd): no code builds them, as ring 0 is emulated on kvm_pvm (a loop over 512
+         * entries was ~2,600 emulated instructions at every start). kmain builds the full
+         * map from ring 3.
          */
-        mov     $pdpt, %eax
-        or      $7, %eax
-        mov     %eax, pml4
-        mov     $0x80000000, %eax       /* cpuid leaves ESI (start_info) alone */
-        cpuid
-        cmp     $0x80000001, %eax
-        jb      1f
-        mov     $0x80000001, %eax
-        cpuid
-        bt      $26, %edx               /* Page1GB */
-        jnc     1f
-        movl    $0x87, pdpt             /* P | RW | US | PS: 0..1 GiB */
-        jmp     3f
-1:      mov     $pds, %eax
-        or      $7, %eax
-        mov     %eax, pdpt
-        mov     $pds, %edi
-        mov     $0x87, %eax             /* P | RW | US | PS */
-        mov     $512, %ecx
-2:      mov     %eax, (%edi)
-        add     $0x200000, %eax
-        add     $8, %edi
-        dec     %ecx
-        jnz     2b
-3:
         mov     %cr4, %eax
         or      $CR4_PAE, %eax
         mov     %eax, %cr4
@@ -458,8 +434,16 @@ ap_next_index:
  */
         .balign 4096
         .globl pml4, pdpt
-pml4:   .skip 4096
-pdpt:   .skip 4096
+pml4:   .quad pdpt + 7                  /* P | RW | US */
+        .skip 4096 - 8
+pdpt:   .quad boot_pd + 7               /* replaced by pds[0] once kmain maps everything */
+        .skip 4096 - 8
+boot_pd:                                /* 0..1 GiB in 2 MiB pages, P | RW | US | PS */
+        .set pde, 0x87
+        .rept 512
+        .quad pde
+        .set pde, pde + 0x200000
+        .endr
 
         .section .bss.noinit, "aw", @nobits
         .balign 4096

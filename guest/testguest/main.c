@@ -265,22 +265,12 @@ static u64 map_all(u64 gibs)
 	return 0;
 }
 
-static int have_1g_pages(void)
-{
-	u32 a, b, c, d;
-	cpuid(0x80000000, 0, &a, &b, &c, &d);
-	if (a < 0x80000001)
-		return 0;
-	cpuid(0x80000001, 0, &a, &b, &c, &d);
-	return (d >> 26) & 1;
-}
-
 /*
  * Identity map [0, max(4 GiB, top of RAM)) with user-accessible 2 MiB pages; the
  * 3-4 GiB MMIO hole (MMIO probe page, IOAPIC, LAPIC) uncached. Ring 0 is emulated here,
- * so ring 0 only maps the first GiB well enough to enter ring 3 (one 1 GiB page when the
- * CPU has them, else 512 2 MiB entries; the PVH entry already did this), and ring 3
- * writes every page directory, including the first GiB's, which replaces the 1 GiB page.
+ * so it writes no page table: the image's static tables (entry.S: pml4, pdpt, boot_pd) map
+ * the first GiB well enough to enter ring 3, and ring 3 writes every page directory,
+ * including the first GiB's, which replaces boot_pd.
  */
 static void setup_paging(void)
 {
@@ -298,13 +288,6 @@ static void setup_paging(void)
 	top = (top + GIB - 1) & ~(GIB - 1);
 	if (top > PD_PAGES * GIB)
 		top = PD_PAGES * GIB;
-	if (boot.entry != ENTRY_PVH) {
-		if (have_1g_pages())
-			pdpt[0] = PTE_P | PTE_RW | PTE_US | PTE_PS;
-		else
-			map_gib(0);
-	}
-	pml4[0] = (u64)pdpt | PTE_P | PTE_RW | PTE_US;
 	u64 cr4 = 0x20; /* PAE only: no SMEP/SMAP (ring 0 reads ring-3 pages), no PGE */
 	__asm__ volatile("mov %0, %%cr4" : : "r"(cr4));
 	__asm__ volatile("mov %0, %%cr3" : : "r"((u64)pml4) : "memory");
@@ -510,7 +493,7 @@ static void parse_plan(void)
 			continue;
 		const struct scenario *sc = NULL;
 		for (u32 i = 0; i < NR_SCENARIOS; i++)
-			if (!memcmp(scenarios[i].name, name, n + 1))
+			if (scenarios[i].name[0] == name[0] && !memcmp(scenarios[i].name, name, n + 1))
 				sc = &scenarios[i];
 		if (!sc) {
 			printk("KVMBOX-TEST done result=fail reason=unknown-test:%s\n", name);

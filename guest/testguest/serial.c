@@ -7,9 +7,19 @@
 
 static volatile u32 print_lock;
 
+/*
+ * Ring 0 is emulated instruction by instruction on kvm_pvm (~1 us each), so these work a
+ * word at a time where they can: a byte loop over the 600-byte ACPI results cost ~2,900
+ * emulated instructions at every start.
+ */
+typedef u64 __attribute__((may_alias, aligned(1))) word_t;
+
 void *memset(void *d, int c, u64 n)
 {
 	u8 *p = d;
+	u64 w = 0x0101010101010101UL * (u8)c;
+	for (; n >= 8; n -= 8, p += 8)
+		*(word_t *)p = w;
 	while (n--)
 		*p++ = (u8)c;
 	return d;
@@ -19,6 +29,8 @@ void *memcpy(void *d, const void *s, u64 n)
 {
 	u8 *p = d;
 	const u8 *q = s;
+	for (; n >= 8; n -= 8, p += 8, q += 8)
+		*(word_t *)p = *(const word_t *)q;
 	while (n--)
 		*p++ = *q++;
 	return d;
@@ -27,6 +39,8 @@ void *memcpy(void *d, const void *s, u64 n)
 int memcmp(const void *a, const void *b, u64 n)
 {
 	const u8 *p = a, *q = b;
+	for (; n >= 8 && *(const word_t *)p == *(const word_t *)q; n -= 8, p += 8, q += 8)
+		;
 	for (; n; n--, p++, q++)
 		if (*p != *q)
 			return *p < *q ? -1 : 1;
