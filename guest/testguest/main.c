@@ -492,7 +492,7 @@ static void parse_plan(void)
 		if (!n)
 			continue;
 		const struct scenario *sc = NULL;
-		for (u32 i = 0; i < NR_SCENARIOS; i++)
+		for (u32 i = 0; i < NR_SCENARIOS && !sc; i++)
 			if (scenarios[i].name[0] == name[0] && !memcmp(scenarios[i].name, name, n + 1))
 				sc = &scenarios[i];
 		if (!sc) {

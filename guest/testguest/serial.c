@@ -85,37 +85,37 @@ static void serial_putc(char c)
 	outb(COM1_PORT, (u8)c);
 }
 
-struct buf {
-	char *p;
-	u64 len, cap;
-};
-
-static void put(struct buf *b, char c)
+/*
+ * Formatting writes each character straight to the UART (no line buffer to fill and read
+ * back): every instruction here is emulated in ring 0 on kvm_pvm.
+ */
+static void put(char c)
 {
-	if (b->len < b->cap)
-		b->p[b->len++] = c;
+	if (c == '\n')
+		serial_putc('\r');
+	serial_putc(c);
 }
 
-static void put_num(struct buf *b, u64 v, unsigned base, int neg)
+static void put_num(u64 v, unsigned base, int neg)
 {
 	char tmp[24];
 	int n = 0;
 	if (neg)
-		put(b, '-');
+		put('-');
 	do {
 		unsigned d = (unsigned)(v % base);
 		tmp[n++] = (char)(d < 10 ? '0' + d : 'a' + d - 10);
 		v /= base;
 	} while (v);
 	while (n)
-		put(b, tmp[--n]);
+		put(tmp[--n]);
 }
 
-static void vformat(struct buf *b, const char *fmt, va_list ap)
+static void vformat(const char *fmt, va_list ap)
 {
 	for (; *fmt; fmt++) {
 		if (*fmt != '%') {
-			put(b, *fmt);
+			put(*fmt);
 			continue;
 		}
 		fmt++;
@@ -130,51 +130,44 @@ static void vformat(struct buf *b, const char *fmt, va_list ap)
 			if (!s)
 				s = "(null)";
 			while (*s)
-				put(b, *s++);
+				put(*s++);
 			break;
 		}
 		case 'c':
-			put(b, (char)va_arg(ap, int));
+			put((char)va_arg(ap, int));
 			break;
 		case 'd': {
 			i64 v = lng ? va_arg(ap, i64) : va_arg(ap, int);
-			put_num(b, v < 0 ? (u64)(-v) : (u64)v, 10, v < 0);
+			put_num(v < 0 ? (u64)(-v) : (u64)v, 10, v < 0);
 			break;
 		}
 		case 'u':
-			put_num(b, lng ? va_arg(ap, u64) : va_arg(ap, u32), 10, 0);
+			put_num(lng ? va_arg(ap, u64) : va_arg(ap, u32), 10, 0);
 			break;
 		case 'x':
-			put_num(b, lng ? va_arg(ap, u64) : va_arg(ap, u32), 16, 0);
+			put_num(lng ? va_arg(ap, u64) : va_arg(ap, u32), 16, 0);
 			break;
 		case '%':
-			put(b, '%');
+			put('%');
 			break;
 		case 0:
 			return;
 		default:
-			put(b, '?');
+			put('?');
 			break;
 		}
 	}
 }
 
-/* Formats one message and writes it to COM1 under a lock shared by all CPUs. */
+/* Formats one message to COM1 under a lock shared by all CPUs, so lines do not interleave. */
 void printk(const char *fmt, ...)
 {
-	static char line[CMDLINE_MAX + 1024] NOINIT;
 	while (__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE))
 		pause();
-	struct buf b = {line, 0, sizeof(line)};
 	va_list ap;
 	va_start(ap, fmt);
-	vformat(&b, fmt, ap);
+	vformat(fmt, ap);
 	va_end(ap);
-	for (u64 i = 0; i < b.len; i++) {
-		if (line[i] == '\n')
-			serial_putc('\r');
-		serial_putc(line[i]);
-	}
 	__atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE);
 }
 
