@@ -80,12 +80,15 @@ pub struct VcpuShared {
 }
 
 impl VcpuHandle {
-    /// Start vCPU `id`'s thread. It runs guest code right away unless `paused`.
+    /// Start vCPU `id`'s thread. It runs guest code right away unless `paused`. `filtered`,
+    /// if given, is dropped once the thread has its seccomp filter (or has given up), just
+    /// before it runs guest code.
     pub fn spawn(
         id: usize,
         vcpu: Box<dyn Vcpu>,
         shared: VcpuShared,
         paused: bool,
+        filtered: Option<Sender<()>>,
     ) -> std::io::Result<Self> {
         let (commands, command_rx) = channel();
         let (ack_tx, acks) = channel();
@@ -111,6 +114,7 @@ impl VcpuHandle {
                     control.request(ExitRequest::Error);
                     return;
                 }
+                drop(filtered);
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     VcpuThread {
                         id,
