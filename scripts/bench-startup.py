@@ -19,10 +19,10 @@ medians, and the ratios kvmbox / peer. Then, per VMM:
     subtracted; medians of 5 alternating runs, with the private (anonymous) part beside it,
 
   - `--accel auto`: start -> exit with the probe's answer kept for the boot and without,
-  - exit round trips: the guest times N ring-0 port writes to an unclaimed port (0xed) and N
-    MMIO writes+reads at an unclaimed address (0xdf000000); cycles per access are converted
-    with the host's TSC rate (/proc/cpuinfo "cpu MHz", which is the TSC rate where the CPU has
-    constant_tsc/tsc_known_freq).
+  - exit round trips: the guest times N ring-0 reads of an unclaimed port (0xed) and N MMIO
+    reads at an unclaimed address (0xdf000000); cycles per access are converted with the
+    host's TSC rate (/proc/cpuinfo "cpu MHz", which is the TSC rate where the CPU has
+    constant_tsc/tsc_known_freq); medians of --exit-runs runs per VMM, alternating.
 
 Peer binaries are not part of kvmbox: build them yourself from their public sources and point
 the script at them with KVMBOX_FIRECRACKER=/path/to/firecracker and
@@ -30,7 +30,7 @@ KVMBOX_CLOUD_HYPERVISOR=/path/to/cloud-hypervisor (default: ~/.cache/kvmbox-peer
 and ~/.cache/kvmbox-peers/bin/cloud-hypervisor). A missing peer is reported and skipped.
 
 Usage: scripts/bench-startup.py [--runs N] [--kvmbox PATH] [--baseline OLD_KVMBOX]
-       [--shapes 1x128,2x128,4x128,1x2048] [--exit-count N]
+       [--shapes 1x128,2x128,4x128,1x2048] [--exit-count N] [--exit-runs N]
 """
 import argparse, ctypes, json, os, statistics, subprocess, sys, tempfile, time
 
@@ -198,6 +198,8 @@ def main():
     ap.add_argument("--shapes", default="1x128,2x128,4x128,1x2048",
                     help="comma-separated VCPUSxMIB machine shapes")
     ap.add_argument("--exit-count", type=int, default=20000)
+    ap.add_argument("--exit-runs", type=int, default=5,
+                    help="alternating runs of the exit round-trip guest per VMM")
     ap.add_argument("--baseline", help="another kvmbox binary to run alongside (an older build)")
     a = ap.parse_args()
     become_subreaper()
@@ -253,11 +255,17 @@ def main():
     print(f"\n--accel auto, start -> exit (guest powers off at once): probe every time "
           f"{probe['off']:.1f} ms, answer kept for this boot {probe['on']:.1f} ms (medians)")
     mhz = tsc_mhz()
-    print(f"\nexit round trips ({a.exit_count} each, ring 0, TSC {mhz} MHz):")
+    costs = {v.name: {"pio": [], "mmio": []} for v in vmms}
+    for _ in range(a.exit_runs):
+        for v in vmms:
+            for k, c in exit_costs(v, guest, a.exit_count).items():
+                costs[v.name][k].append(c)
+    print(f"\nexit round trips ({a.exit_count} each, ring 0, TSC {mhz} MHz; medians of "
+          f"{a.exit_runs} alternating runs, min-max):")
     for v in vmms:
-        c = exit_costs(v, guest, a.exit_count)
-        cells = [f"{k} {c[k]:9.0f} cycles = {c[k] / mhz:6.2f} us" for k in ("pio", "mmio")
-                 if k in c and mhz]
+        cells = [f"{k} {statistics.median(c):9.0f} cycles = {statistics.median(c) / mhz:6.2f} us "
+                 f"({min(c) / mhz:.2f}-{max(c) / mhz:.2f})"
+                 for k, c in costs[v.name].items() if c and mhz]
         print(f"  {v.name:17} " + "   ".join(cells))
 
 
