@@ -45,7 +45,6 @@ pub fn testguest_multiboot() -> PathBuf {
     testguest().with_file_name("testguest-multiboot.elf")
 }
 
-/// True when /dev/kvm can be opened; otherwise prints one loud SKIP line for `test`.
 /// This test process's scratch folder `$TMPDIR/kvmbox-TAG-PID`, made on first use and removed
 /// with everything in it when the process exits (tests of one binary run in parallel and
 /// share it, so no single test may remove it).
@@ -83,6 +82,7 @@ pub fn passt_or_skip(test: &str) -> bool {
     true
 }
 
+/// True when /dev/kvm can be opened; otherwise prints one loud SKIP line for `test`.
 pub fn kvm_or_skip(test: &str) -> bool {
     kvmbox_cpu::kvm::available_or_skip(test)
 }
