@@ -1,7 +1,8 @@
 //! Engine bring-up tool: boots a Linux kernel (bzImage, decompressed on the host) with an
-//! optional initramfs on kvmbox-emu, with kvmbox-irqchip (LAPIC/IOAPIC/PIC), the PIT, COM1
-//! and the ACPI PM block, and prints the console and the engine's counters. Not the VMM:
-//! `kvmbox run --accel emu` is; this exists to find engine gaps with real kernels.
+//! optional initramfs on kvmbox-emu, with kvmbox-irqchip (LAPIC/IOAPIC/PIC), the PIT, COM1,
+//! the CMOS RTC and the ACPI PM block, with kvm-clock offered as the VMM offers it, and prints
+//! the console and the engine's counters. Not the VMM: `kvmbox run --accel emu` is; this
+//! exists to find engine gaps with real kernels.
 //!
 //! Usage: linux-probe KERNEL [INITRD] [EXTRA-CMDLINE] [MAX-INSTRUCTIONS] [VCPUS]
 
@@ -139,7 +140,11 @@ fn main() {
     chip.set_ack_notifier(0, Pit::ack_notifier(&pit)).expect("IRQ 0 acknowledgements");
     io.bus.pio.insert(pit.clone(), 0x40, 4).unwrap();
     io.bus.pio.insert(pit.clone(), 0x61, 1).unwrap();
-    let _pit_thread = TimerThread::spawn("pit", pit, clock, waker).expect("PIT thread");
+    let _pit_thread = TimerThread::spawn("pit", pit, clock.clone(), waker).expect("PIT thread");
+    // The CMOS RTC, as the VMM has it (without one, reads of ports 0x70/0x71 return 0xff: UIP
+    // always set, and Linux's RTC reads spin in udelay waiting for it to clear).
+    let rtc = kvmbox_devices::legacy::rtc::Rtc::with_host_time(None, clock.clone(), 0);
+    io.bus.pio.insert(Arc::new(Mutex::new(rtc)), 0x70, 2).unwrap();
     let control = Arc::new(VmControl::new().expect("eventfd"));
     let pm = kvmbox_devices::legacy::acpi_pm::AcpiPm::new(
         control.clone(),
@@ -152,6 +157,10 @@ fn main() {
         .unwrap();
 
     let vm = kvmbox_emu::EmuVm::new(mem.clone());
+    // kvm-clock, as `kvmbox run --accel emu` offers it (PROBE_NO_KVM_CLOCK=1: without).
+    if std::env::var_os("PROBE_NO_KVM_CLOCK").is_none() {
+        vm.enable_kvm_clock(host_tsc_hz(), true);
+    }
     let mem2 = mem.clone();
     vm.set_interrupt_controller(Arc::new(chip));
     let mut v = vm.create_emu_vcpu(0).expect("vCPU");
@@ -200,6 +209,17 @@ fn main() {
     let watch = std::env::var("PROBE_WATCH")
         .ok()
         .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+    // PROBE_PROFILE=<file>: run in slices of PROBE_SAMPLE (default 10000) instructions, count
+    // the BSP's RIP after each, and write "rip count" lines (hex, decimal) there at the end; a
+    // slice that ran nothing (halted) counts as RIP 0, and 5 s halted in all ends the run.
+    // Symbolize with the kernel's symbols (/proc/kallsyms of a `nokaslr` boot).
+    let profile = std::env::var("PROBE_PROFILE").ok();
+    let sample: u64 = std::env::var("PROBE_SAMPLE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
+    let mut hist: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    let mut halted_time = Duration::ZERO;
     let why = loop {
         if let Some(a) = watch {
             if done % 100_000_000 == 0 {
@@ -216,12 +236,46 @@ fn main() {
         if let Some(req) = control.pending() {
             break format!("platform request {req:?}");
         }
+        if profile.is_some() {
+            let before = v.stats().instructions;
+            let t0 = Instant::now();
+            let r = v.run_steps(&*io, sample);
+            if v.stats().instructions == before {
+                halted_time += t0.elapsed();
+                *hist.entry(0).or_default() += 1;
+                if halted_time > Duration::from_secs(5) {
+                    break "halted for 5 s".to_string();
+                }
+            } else {
+                *hist.entry(v.state().rip).or_default() += 1;
+            }
+            match r {
+                Ok(None) | Ok(Some(VcpuExit::Halted)) => {}
+                other => break format!("{other:?}"),
+            }
+            done = v.stats().instructions / 10_000_000 * 10_000_000;
+            continue;
+        }
         match v.run_steps(&*io, 10_000_000) {
             Ok(None) | Ok(Some(VcpuExit::Halted)) => {}
             other => break format!("{other:?}"),
         }
         done += 10_000_000;
     };
+    if let Some(path) = &profile {
+        let mut out = String::new();
+        for (rip, n) in &hist {
+            out.push_str(&format!("{rip:x} {n}\n"));
+        }
+        if let Err(e) = std::fs::write(path, out) {
+            eprintln!("cannot write the profile {path}: {e}");
+        }
+        eprintln!(
+            "profile: {} samples of {sample} instructions; halted {:.2} s",
+            hist.values().sum::<u64>(),
+            halted_time.as_secs_f64()
+        );
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for (i, h) in aps.into_iter().enumerate() {
         eprintln!("AP {}: {} instructions", i + 1, h.join().unwrap_or(0));
