@@ -222,7 +222,7 @@ fn main() {
     let mut halted_time = Duration::ZERO;
     let why = loop {
         if let Some(a) = watch {
-            if done % 100_000_000 == 0 {
+            if done.is_multiple_of(100_000_000) {
                 use vm_memory::Bytes;
                 let val: u64 = mem
                     .read_obj(vm_memory::GuestAddress(a.wrapping_sub(0xffff_ffff_8000_0000)))
