@@ -19,7 +19,9 @@ use crate::mem;
 use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 
 /// A decode-time handler: executes the instruction described by the [`Fast`] it gets. On
-/// entry `next_rip` holds the following instruction's RIP; branches overwrite it.
+/// entry of a control transfer's handler `next_rip` holds the following instruction's RIP, and
+/// branches overwrite it; other handlers must not read it (in a translated block it holds the
+/// block's last instruction's, `Cpu::run_block`).
 pub(crate) type Handler = fn(&mut Cpu, &Fast) -> Done;
 
 /// A handler's result: the fault boxed, so that the result is one register (null: done)
