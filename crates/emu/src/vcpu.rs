@@ -139,28 +139,45 @@ impl Cpu {
         // `build_block`) writes; neither handlers nor anything they call look blocks up.
         let b = unsafe { &*b };
         let n = b.fast.len().min(max as usize);
+        let ops = &b.fast[..n];
+        let Some(last) = ops.last() else {
+            // Not reached: `block` returns a block with handlers, and `max >= 1`.
+            self.code_page = crate::cpu::NO_CODE_PAGE;
+            return None;
+        };
         self.set_shadow = false;
-        let mut done = 0usize;
-        let mut res = Ok(());
-        // RIP is committed once, after the loop: handlers never read it (their next RIP and
-        // branch targets are pre-resolved), and a fault sets it to the faulting instruction.
-        for f in &b.fast[..n] {
-            let Some(h) = f.handler else { break };
-            self.next_rip = f.next_rip;
+        // `next_rip` is set once, to the last instruction's: only a block's last instruction
+        // transfers control, and only control transfers read or write `next_rip` (the others'
+        // next RIP is in their `Fast`). RIP is committed once, after the loop: handlers never
+        // read it (their next RIP and branch targets are pre-resolved), and a fault sets it to
+        // the faulting instruction. No per-instruction counter: how many ran follows from
+        // where the iterator stopped.
+        self.next_rip = last.next_rip;
+        let mut it = ops.iter();
+        // The loop's value: how the last instruction ended, and whether the one the iterator
+        // took last did not complete (it faulted, or has no handler: `build_block` never puts
+        // one in a block, but `step` would run it).
+        let (res, not_done) = loop {
+            let Some(f) = it.next() else {
+                break (Ok(()), 0);
+            };
+            let Some(h) = f.handler else {
+                break (Ok(()), 1);
+            };
             if let Err(e) = h(self, f) {
-                res = Err(e);
-                break;
+                break (Err(*e), 1);
             }
-            done += 1;
             if self.code_written {
-                break;
+                break (Ok(()), 0);
             }
-        }
+        };
+        let done = n - it.len() - not_done;
         if done > 0 {
-            self.st.rip = match res {
-                Ok(()) => self.next_rip,
-                // Only the last instruction of a block transfers control.
-                Err(_) => b.fast[done - 1].next_rip,
+            self.st.rip = if res.is_ok() && done == n {
+                self.next_rip
+            } else {
+                // Ended early: not the last instruction, so not a control transfer.
+                ops[done - 1].next_rip
             };
         }
         self.code_page = crate::cpu::NO_CODE_PAGE;
@@ -189,7 +206,7 @@ impl Cpu {
             let d = unsafe { &*d };
             if let Some(h) = d.fast.handler {
                 self.next_rip = d.fast.next_rip;
-                h(self, &d.fast)?;
+                h(self, &d.fast).map_err(|e| *e)?;
                 self.st.rip = self.next_rip;
                 self.stats.instructions += 1;
                 self.shadow = false;

@@ -14,13 +14,26 @@
 
 use super::alu::{self, cond, mask, sext, AluOp, ShiftOp};
 use super::seg_index;
-use crate::cpu::{Cpu, R};
+use crate::cpu::{Cpu, Fault, R};
 use crate::mem;
 use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 
 /// A decode-time handler: executes the instruction described by the [`Fast`] it gets. On
-/// entry `next_rip` holds the following instruction's RIP; branches overwrite it.
-pub(crate) type Handler = fn(&mut Cpu, &Fast) -> R<()>;
+/// entry of a control transfer's handler `next_rip` holds the following instruction's RIP, and
+/// branches overwrite it; other handlers must not read it (in a translated block it holds the
+/// block's last instruction's, `Cpu::run_block`).
+pub(crate) type Handler = fn(&mut Cpu, &Fast) -> Done;
+
+/// A handler's result: the fault boxed, so that the result is one register (null: done)
+/// rather than a 24-byte `R<()>` returned through memory and tested there after every
+/// instruction. Faults are rare enough for the allocation not to matter.
+pub(crate) type Done = Result<(), Box<Fault>>;
+
+/// A helper's `R<()>` as a handler's result.
+#[inline(always)]
+fn done(r: R<()>) -> Done {
+    r.map_err(Box::new)
+}
 
 /// An instruction's pre-resolved form.
 #[derive(Clone, Copy)]
@@ -162,18 +175,18 @@ fn alu_reg<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast, src: u64) {
     c.set_status(fl);
 }
 
-fn alu_rr<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn alu_rr<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let src = get::<B>(c, f.r1);
     alu_reg::<OP, B>(c, f, src);
     Ok(())
 }
 
-fn alu_ri<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn alu_ri<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     alu_reg::<OP, B>(c, f, f.imm);
     Ok(())
 }
 
-fn alu_rm<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn alu_rm<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let src = read_mem::<B>(c, f)?;
     alu_reg::<OP, B>(c, f, src);
     Ok(())
@@ -192,23 +205,23 @@ fn alu_mem<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast, src: u64) -> R<()>
     Ok(())
 }
 
-fn alu_mr<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn alu_mr<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let src = get::<B>(c, f.r1);
-    alu_mem::<OP, B>(c, f, src)
+    done(alu_mem::<OP, B>(c, f, src))
 }
 
-fn alu_mi<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
-    alu_mem::<OP, B>(c, f, f.imm)
+fn alu_mi<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+    done(alu_mem::<OP, B>(c, f, f.imm))
 }
 
-fn incdec_r<const DEC: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn incdec_r<const DEC: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let (res, fl) = alu::inc_dec(get::<B>(c, f.r0), DEC, B);
     set::<B>(c, f.r0, res);
     c.set_status_but_cf(fl);
     Ok(())
 }
 
-fn incdec_m<const DEC: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn incdec_m<const DEC: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let old = rmw_mem::<B>(c, f, |a| alu::inc_dec(a, DEC, B).0)?;
     c.set_status_but_cf(alu::inc_dec(old, DEC, B).1);
     Ok(())
@@ -235,7 +248,7 @@ fn count<const CL: bool>(c: &Cpu, f: &Fast) -> u64 {
     }
 }
 
-fn shift_r<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn shift_r<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let n = count::<CL>(c, f);
     let (res, fl) = alu::shift_inline(shift_op(OP), get::<B>(c, f.r0), n, c.st.rflags, B);
     set::<B>(c, f.r0, res);
@@ -243,7 +256,7 @@ fn shift_r<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) ->
     Ok(())
 }
 
-fn shift_m<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn shift_m<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let n = count::<CL>(c, f);
     let fl = c.st.rflags;
     let op = shift_op(OP);
@@ -260,58 +273,58 @@ fn imul_set<const B: u32>(c: &mut Cpu, f: &Fast, a: u64, b: u64) {
     set::<B>(c, f.r0, res);
 }
 
-fn imul_rr<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn imul_rr<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let (a, b) = (get::<B>(c, f.r0), get::<B>(c, f.r1));
     imul_set::<B>(c, f, a, b);
     Ok(())
 }
 
-fn imul_rm<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn imul_rm<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let b = read_mem::<B>(c, f)?;
     let a = get::<B>(c, f.r0);
     imul_set::<B>(c, f, a, b);
     Ok(())
 }
 
-fn imul_rri<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn imul_rri<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let a = get::<B>(c, f.r1);
     imul_set::<B>(c, f, a, f.imm);
     Ok(())
 }
 
-fn imul_rmi<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn imul_rmi<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let a = read_mem::<B>(c, f)?;
     imul_set::<B>(c, f, a, f.imm);
     Ok(())
 }
 
-fn mov_rr<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn mov_rr<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = get::<B>(c, f.r1);
     set::<B>(c, f.r0, v);
     Ok(())
 }
 
-fn mov_ri<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn mov_ri<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     set::<B>(c, f.r0, f.imm);
     Ok(())
 }
 
-fn mov_rm<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn mov_rm<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = read_mem::<B>(c, f)?;
     set::<B>(c, f.r0, v);
     Ok(())
 }
 
-fn mov_mr<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn mov_mr<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = get::<B>(c, f.r1);
-    write_mem::<B>(c, f, v)
+    done(write_mem::<B>(c, f, v))
 }
 
-fn mov_mi<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
-    write_mem::<B>(c, f, f.imm)
+fn mov_mi<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+    done(write_mem::<B>(c, f, f.imm))
 }
 
-fn lea<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn lea<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let a = ea(c, f);
     set::<B>(c, f.r0, a);
     Ok(())
@@ -321,7 +334,7 @@ fn lea<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
 fn movx<const SIGNED: bool, const MEM: bool, const D: u32, const S: u32>(
     c: &mut Cpu,
     f: &Fast,
-) -> R<()> {
+) -> Done {
     let v = if MEM {
         read_mem::<S>(c, f)?
     } else {
@@ -332,64 +345,64 @@ fn movx<const SIGNED: bool, const MEM: bool, const D: u32, const S: u32>(
     Ok(())
 }
 
-fn push_r<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn push_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = get::<B>(c, f.r0);
-    c.push(v, B / 8)
+    done(c.push(v, B / 8))
 }
 
-fn push_i(c: &mut Cpu, f: &Fast) -> R<()> {
-    c.push(f.imm, f.size as u32)
+fn push_i(c: &mut Cpu, f: &Fast) -> Done {
+    done(c.push(f.imm, f.size as u32))
 }
 
-fn pop_r<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn pop_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = c.pop(B / 8)?;
     set::<B>(c, f.r0, v);
     Ok(())
 }
 
-fn jcc<const CC: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn jcc<const CC: u32>(c: &mut Cpu, f: &Fast) -> Done {
     if cond(CC, c.st.rflags) {
         c.jump_near(f.imm)?;
     }
     Ok(())
 }
 
-fn jmp(c: &mut Cpu, f: &Fast) -> R<()> {
-    c.jump_near(f.imm)
+fn jmp(c: &mut Cpu, f: &Fast) -> Done {
+    done(c.jump_near(f.imm))
 }
 
-fn jmp_r<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn jmp_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let t = get::<B>(c, f.r0);
-    c.jump_near(t)
+    done(c.jump_near(t))
 }
 
-fn jmp_m<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn jmp_m<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let t = read_mem::<B>(c, f)?;
-    c.jump_near(t)
+    done(c.jump_near(t))
 }
 
-fn call(c: &mut Cpu, f: &Fast) -> R<()> {
-    c.call_near(f.imm, f.size as u32)
+fn call(c: &mut Cpu, f: &Fast) -> Done {
+    done(c.call_near(f.imm, f.size as u32))
 }
 
-fn call_r<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn call_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let t = get::<B>(c, f.r0);
-    c.call_near(t, B / 8)
+    done(c.call_near(t, B / 8))
 }
 
-fn call_m<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn call_m<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let t = read_mem::<B>(c, f)?;
-    c.call_near(t, B / 8)
+    done(c.call_near(t, B / 8))
 }
 
 /// RET / RET imm16 (`imm` bytes released after the pop).
-fn ret<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn ret<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let sb = c.st.stack_bits();
     let sp = c.st.gpr[4];
     let t = c.pop(B / 8)? & mask(B);
     if let Err(e) = c.jump_near(t) {
         c.set_sp(sp, sb);
-        return Err(e);
+        return Err(Box::new(e));
     }
     if f.imm != 0 {
         let nsp = c.st.gpr[4].wrapping_add(f.imm);
@@ -398,20 +411,20 @@ fn ret<const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
     Ok(())
 }
 
-fn setcc_r<const CC: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn setcc_r<const CC: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = cond(CC, c.st.rflags) as u64;
     set::<8>(c, f.r0, v);
     Ok(())
 }
 
-fn setcc_m<const CC: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn setcc_m<const CC: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = cond(CC, c.st.rflags) as u64;
-    write_mem::<8>(c, f, v)
+    done(write_mem::<8>(c, f, v))
 }
 
 /// CMOVcc: the source is read (and may fault) whatever the condition; a 32-bit destination
 /// is zero-extended either way.
-fn cmov<const CC: u32, const MEM: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> R<()> {
+fn cmov<const CC: u32, const MEM: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = if MEM {
         read_mem::<B>(c, f)?
     } else {
@@ -426,7 +439,7 @@ fn cmov<const CC: u32, const MEM: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> 
     Ok(())
 }
 
-fn nop(_: &mut Cpu, _: &Fast) -> R<()> {
+fn nop(_: &mut Cpu, _: &Fast) -> Done {
     Ok(())
 }
 
