@@ -853,22 +853,7 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
                 _ => return None,
             }
         }
-        M::Jo
-        | M::Jno
-        | M::Jb
-        | M::Jae
-        | M::Je
-        | M::Jne
-        | M::Jbe
-        | M::Ja
-        | M::Js
-        | M::Jns
-        | M::Jp
-        | M::Jnp
-        | M::Jl
-        | M::Jge
-        | M::Jle
-        | M::Jg => {
+        jcc_mnemonics!() => {
             f.imm = ins.near_branch_target();
             let cc = ins.condition_code() as u32 - 1;
             by_cc!(cc, |CC| jcc::<CC> as Handler)
@@ -911,24 +896,7 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
                 _ => ret::<64> as Handler,
             }
         }
-        M::Sete
-        | M::Setne
-        | M::Seta
-        | M::Setae
-        | M::Setb
-        | M::Setbe
-        | M::Setg
-        | M::Setge
-        | M::Setl
-        | M::Setle
-        | M::Seto
-        | M::Setno
-        | M::Setp
-        | M::Setnp
-        | M::Sets
-        | M::Setns
-            if bits == 8 =>
-        {
+        setcc_mnemonics!() if bits == 8 => {
             let cc = ins.condition_code() as u32 - 1;
             match s0 {
                 Shape::Reg(..) => by_cc!(cc, |CC| setcc_r::<CC> as Handler),
@@ -936,24 +904,7 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
                 _ => return None,
             }
         }
-        M::Cmove
-        | M::Cmovne
-        | M::Cmova
-        | M::Cmovae
-        | M::Cmovb
-        | M::Cmovbe
-        | M::Cmovg
-        | M::Cmovge
-        | M::Cmovl
-        | M::Cmovle
-        | M::Cmovo
-        | M::Cmovno
-        | M::Cmovp
-        | M::Cmovnp
-        | M::Cmovs
-        | M::Cmovns
-            if matches!(bits, 16 | 32 | 64) =>
-        {
+        cmovcc_mnemonics!() if matches!(bits, 16 | 32 | 64) => {
             let cc = ins.condition_code() as u32 - 1;
             match s1 {
                 Shape::Reg(_, b) if b == bits => {

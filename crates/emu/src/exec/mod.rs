@@ -1,6 +1,73 @@
 //! Instruction semantics. `Cpu::exec` dispatches one decoded instruction; the submodules group
 //! instructions by concern.
 
+/// The 16 conditional jumps (Jcc, short and near), as a pattern: the generic executor and the
+/// decode-time handlers (`fast`) match the same sets of mnemonics.
+macro_rules! jcc_mnemonics {
+    () => {
+        iced_x86::Mnemonic::Jo
+            | iced_x86::Mnemonic::Jno
+            | iced_x86::Mnemonic::Jb
+            | iced_x86::Mnemonic::Jae
+            | iced_x86::Mnemonic::Je
+            | iced_x86::Mnemonic::Jne
+            | iced_x86::Mnemonic::Jbe
+            | iced_x86::Mnemonic::Ja
+            | iced_x86::Mnemonic::Js
+            | iced_x86::Mnemonic::Jns
+            | iced_x86::Mnemonic::Jp
+            | iced_x86::Mnemonic::Jnp
+            | iced_x86::Mnemonic::Jl
+            | iced_x86::Mnemonic::Jge
+            | iced_x86::Mnemonic::Jle
+            | iced_x86::Mnemonic::Jg
+    };
+}
+
+/// The 16 SETcc, as a pattern.
+macro_rules! setcc_mnemonics {
+    () => {
+        iced_x86::Mnemonic::Sete
+            | iced_x86::Mnemonic::Setne
+            | iced_x86::Mnemonic::Seta
+            | iced_x86::Mnemonic::Setae
+            | iced_x86::Mnemonic::Setb
+            | iced_x86::Mnemonic::Setbe
+            | iced_x86::Mnemonic::Setg
+            | iced_x86::Mnemonic::Setge
+            | iced_x86::Mnemonic::Setl
+            | iced_x86::Mnemonic::Setle
+            | iced_x86::Mnemonic::Seto
+            | iced_x86::Mnemonic::Setno
+            | iced_x86::Mnemonic::Setp
+            | iced_x86::Mnemonic::Setnp
+            | iced_x86::Mnemonic::Sets
+            | iced_x86::Mnemonic::Setns
+    };
+}
+
+/// The 16 CMOVcc, as a pattern.
+macro_rules! cmovcc_mnemonics {
+    () => {
+        iced_x86::Mnemonic::Cmove
+            | iced_x86::Mnemonic::Cmovne
+            | iced_x86::Mnemonic::Cmova
+            | iced_x86::Mnemonic::Cmovae
+            | iced_x86::Mnemonic::Cmovb
+            | iced_x86::Mnemonic::Cmovbe
+            | iced_x86::Mnemonic::Cmovg
+            | iced_x86::Mnemonic::Cmovge
+            | iced_x86::Mnemonic::Cmovl
+            | iced_x86::Mnemonic::Cmovle
+            | iced_x86::Mnemonic::Cmovo
+            | iced_x86::Mnemonic::Cmovno
+            | iced_x86::Mnemonic::Cmovp
+            | iced_x86::Mnemonic::Cmovnp
+            | iced_x86::Mnemonic::Cmovs
+            | iced_x86::Mnemonic::Cmovns
+    };
+}
+
 pub mod alu;
 mod control;
 pub(crate) mod fast;
@@ -600,42 +667,12 @@ impl Cpu {
                 }
                 self.set_reg(ins.op0_register(), r);
             }
-            M::Sete
-            | M::Setne
-            | M::Seta
-            | M::Setae
-            | M::Setb
-            | M::Setbe
-            | M::Setg
-            | M::Setge
-            | M::Setl
-            | M::Setle
-            | M::Seto
-            | M::Setno
-            | M::Setp
-            | M::Setnp
-            | M::Sets
-            | M::Setns => {
+            setcc_mnemonics!() => {
                 let c = cond(ins.condition_code() as u32 - 1, self.st.rflags) as u64;
                 let dst = self.loc(ins, 0);
                 self.wr(dst, 8, c)?;
             }
-            M::Cmove
-            | M::Cmovne
-            | M::Cmova
-            | M::Cmovae
-            | M::Cmovb
-            | M::Cmovbe
-            | M::Cmovg
-            | M::Cmovge
-            | M::Cmovl
-            | M::Cmovle
-            | M::Cmovo
-            | M::Cmovno
-            | M::Cmovp
-            | M::Cmovnp
-            | M::Cmovs
-            | M::Cmovns => {
+            cmovcc_mnemonics!() => {
                 let v = self.rd_op(ins, 1)?;
                 let r = ins.op0_register();
                 if cond(ins.condition_code() as u32 - 1, self.st.rflags) {
@@ -857,22 +894,7 @@ impl Cpu {
             | M::Sysret
             | M::Sysretq
             | M::Hlt => self.exec_control(ins)?,
-            M::Jo
-            | M::Jno
-            | M::Jb
-            | M::Jae
-            | M::Je
-            | M::Jne
-            | M::Jbe
-            | M::Ja
-            | M::Js
-            | M::Jns
-            | M::Jp
-            | M::Jnp
-            | M::Jl
-            | M::Jge
-            | M::Jle
-            | M::Jg => {
+            jcc_mnemonics!() => {
                 if cond(ins.condition_code() as u32 - 1, self.st.rflags) {
                     self.jump_near(ins.near_branch_target())?;
                 }
