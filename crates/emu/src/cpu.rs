@@ -99,6 +99,21 @@ pub(crate) struct DecodedEntry {
     pub(crate) ins: Instruction,
 }
 
+/// The key of code at physical address `pa` decoded with a `bits`-bit code size: the address
+/// with the code size in the low bits. The decoded-instruction cache and the block cache share
+/// it (`build_block` checks that each decoded entry it takes is the one at the expected place).
+#[inline(always)]
+fn code_key(pa: u64, bits: u32) -> u64 {
+    (pa << 2) | (bits as u64 >> 5)
+}
+
+/// The slot of physical address `pa` in a direct-mapped code cache of `size` (a power of two)
+/// entries.
+#[inline(always)]
+fn code_slot(pa: u64, size: usize) -> usize {
+    ((pa ^ (pa >> 12)) as usize) & (size - 1)
+}
+
 /// Blocks in the block cache (direct-mapped on the physical address of the first instruction).
 const BLOCKS: usize = 16384;
 /// Most instructions in one translated block.
@@ -710,8 +725,8 @@ impl Cpu {
                 let off = (rip & 0xfff) as usize;
                 if !e.host.is_null() && off + 16 <= 0x1000 {
                     let pa = e.ppage | off as u64;
-                    let key = (pa << 2) | (bits as u64 >> 5);
-                    let slot = ((pa ^ (pa >> 12)) as usize) & (DCACHE_SIZE - 1);
+                    let key = code_key(pa, bits);
+                    let slot = code_slot(pa, DCACHE_SIZE);
                     let d = &self.dcache[slot];
                     if d.key == key && d.rip == rip {
                         // SAFETY: host page pointer, off + 16 <= 4096.
@@ -751,8 +766,8 @@ impl Cpu {
         let avail = 0x1000 - off;
         // Decode cache: only for instructions wholly inside one RAM page.
         let pa = e.ppage | off as u64;
-        let key = (pa << 2) | (bits as u64 >> 5);
-        let slot = ((pa ^ (pa >> 12)) as usize) & (DCACHE_SIZE - 1);
+        let key = code_key(pa, bits);
+        let slot = code_slot(pa, DCACHE_SIZE);
         if !e.host.is_null() {
             let d = &self.dcache[slot];
             if d.key == key && d.rip == rip {
@@ -856,15 +871,15 @@ impl Cpu {
             return None;
         }
         let pa = ppage | off as u64;
-        let key = (pa << 2) | (64 >> 5);
-        let slot = ((pa ^ (pa >> 12)) as usize) & (BLOCKS - 1);
+        let key = code_key(pa, 64);
+        let slot = code_slot(pa, BLOCKS);
         let b = &self.blocks[slot];
         // SAFETY: a block's bytes end within its page (`build_block`), and a block shorter than
         // 8 bytes starts at least 16 bytes before the page end (off + 16 <= 4096 above).
         if b.key == key && b.rip == rip && unsafe { same_bytes(host, off, b.bytes()) } {
             self.stats.block_hits += 1;
         } else {
-            self.build_block(slot, key, off);
+            self.build_block(slot, pa);
         }
         let b = &self.blocks[slot];
         if b.fast.is_empty() {
@@ -875,13 +890,14 @@ impl Cpu {
         Some(b)
     }
 
-    /// Build the block at CS:RIP (physical `key >> 2`, page offset `off`) into `slot`: the
+    /// Build the block at CS:RIP (physical address `pa`, 64-bit code) into `slot`: the
     /// instructions `fetch_decode` returns from the decoded cache (decoding them on a miss),
     /// while each is cached, lies in the same physical page at least 16 bytes before its end
     /// (so decoding it never touches the next page) and has a handler; the block ends after a
     /// control transfer or at `BLOCK_MAX` instructions. RIP is left as it was.
     #[inline(never)]
-    fn build_block(&mut self, slot: usize, key: u64, off: usize) {
+    fn build_block(&mut self, slot: usize, pa: u64) {
+        let key = code_key(pa, 64);
         self.stats.block_builds += 1;
         let start = self.st.rip;
         let mut b = std::mem::replace(&mut self.blocks[slot], Block::empty());
@@ -890,15 +906,15 @@ impl Cpu {
         b.len = 0;
         b.more.clear();
         b.fast.clear();
-        let page = (key >> 2) & !0xfff;
-        let mut o = off;
+        let page = pa & !0xfff;
+        let mut o = (pa & 0xfff) as usize;
         while b.fast.len() < BLOCK_MAX && o + 16 <= 0x1000 {
             let Ok(d) = self.fetch_decode() else { break };
             // SAFETY: `d` points into the decoded cache's heap buffer, valid until the next
             // `fetch_decode`; it is only read here.
             let d = unsafe { &*d };
             // Cached (not the scratch entry) at the expected place in the same physical page.
-            if d.key != (((page | o as u64) << 2) | (64 >> 5)) {
+            if d.key != code_key(page | o as u64, 64) {
                 break;
             }
             let len = d.ins.len();
