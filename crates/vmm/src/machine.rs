@@ -167,9 +167,13 @@ impl Machine {
             // vCPU 0 runs guest code, so that on a host with few CPUs their set-up (each
             // compiles and installs a seccomp filter, ~0.6 ms) does not delay it (seen: 4 ms
             // with 4 vCPUs on 2 host CPUs).
-            let (filtered, vcpu0_filtered) = std::sync::mpsc::channel::<()>();
-            let wait = id == 0 && !paused;
-            let h = VcpuHandle::spawn(id, vcpu, shared.clone(), paused, wait.then_some(filtered));
+            let (filtered, vcpu0_filtered) = if id == 0 && !paused {
+                let (tx, rx) = std::sync::mpsc::channel::<()>();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            let h = VcpuHandle::spawn(id, vcpu, shared.clone(), paused, filtered);
             match h {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -177,9 +181,9 @@ impl Machine {
                     return Err(Error::Host(format!("cannot start vCPU thread: {e}")));
                 }
             }
-            if wait {
+            if let Some(rx) = vcpu0_filtered {
                 // Returns when the thread drops its sender: filtered, or ended.
-                let _ = vcpu0_filtered.recv();
+                let _ = rx.recv();
             }
         }
         let machine = Machine {
