@@ -10,13 +10,16 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD: usize = 8192;
 /// Connections served at once; more are closed right after accept.
 const MAX_CONNECTIONS: usize = 16;
+/// How long the end of the VMM waits for answers still being written (see `ApiServer`'s drop).
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
 /// A decoded request waiting for the VMM's answer.
 pub struct PendingRequest {
@@ -38,12 +41,49 @@ pub struct ApiServer {
     requests: Receiver<PendingRequest>,
     event: Arc<EventFd>,
     path: PathBuf,
+    unwritten: Arc<Unwritten>,
 }
 
 struct Shared {
     requests: Sender<PendingRequest>,
     event: Arc<EventFd>,
     connections: AtomicUsize,
+    unwritten: Arc<Unwritten>,
+}
+
+/// Requests handed to the VMM whose HTTP answer is not written yet. A request the VMM carries
+/// out can end the VM (a power button or an action whose guest then exits at once): its
+/// client still gets the answer, as the end of the VMM waits for this to fall to zero.
+#[derive(Default)]
+struct Unwritten {
+    count: Mutex<usize>,
+    written: Condvar,
+}
+
+impl Unwritten {
+    fn add(&self, n: isize) {
+        let mut c = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        *c = c.saturating_add_signed(n);
+        if *c == 0 {
+            self.written.notify_all();
+        }
+    }
+
+    /// Wait until every answer is written, or `grace` has passed.
+    fn wait(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        let mut c = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        while *c > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            c = match self.written.wait_timeout(c, left) {
+                Ok((c, _)) => c,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
 }
 
 impl ApiServer {
@@ -54,10 +94,12 @@ impl ApiServer {
         })?;
         let event = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let (tx, requests) = channel();
+        let unwritten = Arc::new(Unwritten::default());
         let shared = Arc::new(Shared {
             requests: tx,
             event: event.clone(),
             connections: AtomicUsize::new(0),
+            unwritten: unwritten.clone(),
         });
         std::thread::Builder::new()
             .name("api".into())
@@ -70,6 +112,7 @@ impl ApiServer {
             requests,
             event,
             path: path.to_path_buf(),
+            unwritten,
         })
     }
 
@@ -86,8 +129,13 @@ impl ApiServer {
 }
 
 impl Drop for ApiServer {
+    /// The VMM is done: requests still queued are answered "the VMM has stopped" (their
+    /// channel closes here), and answers the VMM gave are written before it goes on to end
+    /// the process (at most `ANSWER_GRACE`).
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        drop(std::mem::replace(&mut self.requests, channel().1));
+        self.unwritten.wait(ANSWER_GRACE);
     }
 }
 
@@ -140,11 +188,17 @@ fn serve_connection(mut stream: UnixStream, shared: &Shared) {
                 return;
             }
         };
-        let result = match parse_request(&req.method, &req.path, &req.body) {
-            Ok(request) => ask_vmm(shared, request),
-            Err(e) => Err(e),
+        let written = match parse_request(&req.method, &req.path, &req.body) {
+            Ok(request) => {
+                shared.unwritten.add(1);
+                let result = ask_vmm(shared, request);
+                let written = write_response(&mut stream, result, req.close);
+                shared.unwritten.add(-1);
+                written
+            }
+            Err(e) => write_response(&mut stream, Err(e), req.close),
         };
-        if write_response(&mut stream, result, req.close).is_err() || req.close {
+        if written.is_err() || req.close {
             return;
         }
     }
@@ -302,5 +356,58 @@ mod tests {
         assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
         drop(vmm.join().unwrap());
         assert!(!path.exists(), "the socket is removed with the server");
+    }
+
+    /// A request the VMM answers and then ends on (a power button whose guest exits at once):
+    /// by the time the server is dropped, which the VMM does before the process exits, the
+    /// answer is in the client's socket; a request still queued is answered 500.
+    #[test]
+    fn answers_are_written_before_the_server_is_gone() {
+        let path = std::env::temp_dir().join(format!("kvmbox-api-test-end-{}", std::process::id()));
+        let server = ApiServer::start(&path).unwrap();
+        let send = |raw: &[u8]| {
+            let mut s = UnixStream::connect(&path).unwrap();
+            s.write_all(raw).unwrap();
+            s
+        };
+        let body = r#"{"action_type": "PowerButton"}"#;
+        let put = format!(
+            "PUT /actions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut answered = send(put.as_bytes());
+        let start = Instant::now();
+        let p = loop {
+            match server.try_next() {
+                Some(p) => break p,
+                None if start.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                None => panic!("the request never reached the VMM"),
+            }
+        };
+        let mut queued = send(b"GET / HTTP/1.1\r\n\r\n");
+        // The second request reaches the VMM's queue (and is never taken).
+        let start = Instant::now();
+        while *shared_count(&server) < 2 && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        p.respond(Ok(ApiReply::Empty));
+        drop(server);
+        // Written already: a non-blocking read finds the whole answer.
+        answered.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 512];
+        let n = answered.read(&mut buf).unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 204 No Content"), "{text:?}");
+        queued.set_nonblocking(true).unwrap();
+        let n = queued.read(&mut buf).unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 500"), "{text:?}");
+        assert!(text.contains("the VMM has stopped"), "{text:?}");
+    }
+
+    fn shared_count(server: &ApiServer) -> std::sync::MutexGuard<'_, usize> {
+        server.unwritten.count.lock().unwrap()
     }
 }
