@@ -12,7 +12,7 @@ pub const ACC_W: u8 = 1;
 pub const ACC_X: u8 = 2;
 
 const TLB_BITS: usize = 10;
-const TLB_SIZE: usize = 1 << TLB_BITS;
+pub(crate) const TLB_SIZE: usize = 1 << TLB_BITS;
 const INVALID: u64 = u64::MAX;
 /// Physical address width advertised in CPUID 0x80000008.
 pub const MAXPHYADDR: u32 = 40;
@@ -43,7 +43,8 @@ const EMPTY: TlbEntry = TlbEntry {
 
 /// The TLB.
 pub struct Tlb {
-    e: Box<[TlbEntry]>,
+    /// The entries (a thin pointer: the JIT's code indexes it).
+    pub(crate) e: Box<[TlbEntry; TLB_SIZE]>,
     /// Some entry came from a page larger than 4 KiB (INVLPG then flushes everything).
     large: bool,
     /// Lookups that missed (for the benchmark breakdown).
@@ -53,7 +54,7 @@ pub struct Tlb {
 impl Default for Tlb {
     fn default() -> Self {
         Tlb {
-            e: vec![EMPTY; TLB_SIZE].into_boxed_slice(),
+            e: Box::new([EMPTY; TLB_SIZE]),
             large: false,
             misses: 0,
         }

@@ -22,7 +22,7 @@ use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 /// entry of a control transfer's handler `next_rip` holds the following instruction's RIP, and
 /// branches overwrite it; other handlers must not read it (in a translated block it holds the
 /// block's last instruction's, `Cpu::run_block`).
-pub(crate) type Handler = fn(&mut Cpu, &Fast) -> Done;
+pub(crate) type Handler = extern "sysv64-unwind" fn(&mut Cpu, &Fast) -> Done;
 
 /// A handler's result: the fault boxed, so that the result is one register (null: done)
 /// rather than a 24-byte `R<()>` returned through memory and tested there after every
@@ -43,25 +43,69 @@ pub(crate) struct Fast {
     /// RIP of the next instruction (masked to the code size).
     pub(crate) next_rip: u64,
     /// Immediate (masked to the operand size), shift count, or near-branch target.
-    imm: u64,
+    pub(crate) imm: u64,
     /// Memory operand: displacement (absolute address for RIP-relative operands).
-    disp: u64,
+    pub(crate) disp: u64,
     /// All-ones when the memory operand has a base / index register, else 0.
-    base_mask: u64,
-    index_mask: u64,
+    pub(crate) base_mask: u64,
+    pub(crate) index_mask: u64,
     /// Address-size mask of the effective address.
-    addr_mask: u64,
+    pub(crate) addr_mask: u64,
     /// GPR index of operand 0 and of the register source.
-    r0: u8,
-    r1: u8,
+    pub(crate) r0: u8,
+    pub(crate) r1: u8,
     /// GPR indices of the memory operand's base and index, log2 of the scale.
-    base: u8,
-    index: u8,
-    scale: u8,
+    pub(crate) base: u8,
+    pub(crate) index: u8,
+    pub(crate) scale: u8,
     /// Segment index (ES=0 .. GS=5) of the memory operand.
-    seg: u8,
+    pub(crate) seg: u8,
     /// Stack operand size in bytes (PUSH/POP/CALL/RET).
-    size: u8,
+    pub(crate) size: u8,
+    /// The form, for the JIT (`crate::jit`), which compiles some forms inline and calls the
+    /// handler for the others.
+    pub(crate) form: Form,
+    /// The form's operation: ALU op (ADD OR ADC SBB AND SUB XOR CMP TEST = 0..8), shift op
+    /// (ROL ROR SHL SHR SAR = 0..4), condition code (0..15), 1 for DEC and for MOVSX.
+    pub(crate) sub: u8,
+    /// Operand width in bits (the destination's), and a MOVZX/MOVSX source's.
+    pub(crate) bits: u8,
+    pub(crate) src_bits: u8,
+}
+
+/// Instruction forms as the JIT tells them apart (`Fast::form`); `r` register, `i`
+/// immediate, `m` memory, destination first.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Form {
+    /// A form the JIT only calls the handler of.
+    Other,
+    AluRR,
+    AluRI,
+    AluRM,
+    AluMR,
+    AluMI,
+    IncDecR,
+    ShiftRI,
+    ImulRR,
+    MovRR,
+    MovRI,
+    MovRM,
+    MovMR,
+    MovMI,
+    Lea,
+    MovxR,
+    MovxM,
+    Jcc,
+    Jmp,
+    /// Direct near CALL.
+    Call,
+    /// Near RET (`imm`: bytes released).
+    Ret,
+    PushR,
+    PopR,
+    SetccR,
+    CmovRR,
+    Nop,
 }
 
 impl Fast {
@@ -81,6 +125,10 @@ impl Fast {
         scale: 0,
         seg: 0,
         size: 0,
+        form: Form::Other,
+        sub: 0,
+        bits: 0,
+        src_bits: 0,
     };
 }
 
@@ -175,18 +223,18 @@ fn alu_reg<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast, src: u64) {
     c.set_status(fl);
 }
 
-fn alu_rr<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn alu_rr<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let src = get::<B>(c, f.r1);
     alu_reg::<OP, B>(c, f, src);
     Ok(())
 }
 
-fn alu_ri<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn alu_ri<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     alu_reg::<OP, B>(c, f, f.imm);
     Ok(())
 }
 
-fn alu_rm<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn alu_rm<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let src = read_mem::<B>(c, f)?;
     alu_reg::<OP, B>(c, f, src);
     Ok(())
@@ -205,23 +253,23 @@ fn alu_mem<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast, src: u64) -> R<()>
     Ok(())
 }
 
-fn alu_mr<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn alu_mr<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let src = get::<B>(c, f.r1);
     done(alu_mem::<OP, B>(c, f, src))
 }
 
-fn alu_mi<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn alu_mi<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     done(alu_mem::<OP, B>(c, f, f.imm))
 }
 
-fn incdec_r<const DEC: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn incdec_r<const DEC: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let (res, fl) = alu::inc_dec(get::<B>(c, f.r0), DEC, B);
     set::<B>(c, f.r0, res);
     c.set_status_but_cf(fl);
     Ok(())
 }
 
-fn incdec_m<const DEC: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn incdec_m<const DEC: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let old = rmw_mem::<B>(c, f, |a| alu::inc_dec(a, DEC, B).0)?;
     c.set_status_but_cf(alu::inc_dec(old, DEC, B).1);
     Ok(())
@@ -248,7 +296,10 @@ fn count<const CL: bool>(c: &Cpu, f: &Fast) -> u64 {
     }
 }
 
-fn shift_r<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn shift_r<const OP: u8, const CL: bool, const B: u32>(
+    c: &mut Cpu,
+    f: &Fast,
+) -> Done {
     let n = count::<CL>(c, f);
     let (res, fl) = alu::shift_inline(shift_op(OP), get::<B>(c, f.r0), n, c.st.rflags, B);
     set::<B>(c, f.r0, res);
@@ -256,7 +307,10 @@ fn shift_r<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) ->
     Ok(())
 }
 
-fn shift_m<const OP: u8, const CL: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn shift_m<const OP: u8, const CL: bool, const B: u32>(
+    c: &mut Cpu,
+    f: &Fast,
+) -> Done {
     let n = count::<CL>(c, f);
     let fl = c.st.rflags;
     let op = shift_op(OP);
@@ -273,65 +327,65 @@ fn imul_set<const B: u32>(c: &mut Cpu, f: &Fast, a: u64, b: u64) {
     set::<B>(c, f.r0, res);
 }
 
-fn imul_rr<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn imul_rr<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let (a, b) = (get::<B>(c, f.r0), get::<B>(c, f.r1));
     imul_set::<B>(c, f, a, b);
     Ok(())
 }
 
-fn imul_rm<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn imul_rm<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let b = read_mem::<B>(c, f)?;
     let a = get::<B>(c, f.r0);
     imul_set::<B>(c, f, a, b);
     Ok(())
 }
 
-fn imul_rri<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn imul_rri<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let a = get::<B>(c, f.r1);
     imul_set::<B>(c, f, a, f.imm);
     Ok(())
 }
 
-fn imul_rmi<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn imul_rmi<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let a = read_mem::<B>(c, f)?;
     imul_set::<B>(c, f, a, f.imm);
     Ok(())
 }
 
-fn mov_rr<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn mov_rr<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = get::<B>(c, f.r1);
     set::<B>(c, f.r0, v);
     Ok(())
 }
 
-fn mov_ri<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn mov_ri<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     set::<B>(c, f.r0, f.imm);
     Ok(())
 }
 
-fn mov_rm<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn mov_rm<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = read_mem::<B>(c, f)?;
     set::<B>(c, f.r0, v);
     Ok(())
 }
 
-fn mov_mr<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn mov_mr<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = get::<B>(c, f.r1);
     done(write_mem::<B>(c, f, v))
 }
 
-fn mov_mi<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn mov_mi<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     done(write_mem::<B>(c, f, f.imm))
 }
 
-fn lea<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn lea<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let a = ea(c, f);
     set::<B>(c, f.r0, a);
     Ok(())
 }
 
 /// MOVZX / MOVSX / MOVSXD from a `S`-bit register (`MEM` false) or memory to a `D`-bit one.
-fn movx<const SIGNED: bool, const MEM: bool, const D: u32, const S: u32>(
+extern "sysv64-unwind" fn movx<const SIGNED: bool, const MEM: bool, const D: u32, const S: u32>(
     c: &mut Cpu,
     f: &Fast,
 ) -> Done {
@@ -345,58 +399,58 @@ fn movx<const SIGNED: bool, const MEM: bool, const D: u32, const S: u32>(
     Ok(())
 }
 
-fn push_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn push_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = get::<B>(c, f.r0);
     done(c.push(v, B / 8))
 }
 
-fn push_i(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn push_i(c: &mut Cpu, f: &Fast) -> Done {
     done(c.push(f.imm, f.size as u32))
 }
 
-fn pop_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn pop_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = c.pop(B / 8)?;
     set::<B>(c, f.r0, v);
     Ok(())
 }
 
-fn jcc<const CC: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn jcc<const CC: u32>(c: &mut Cpu, f: &Fast) -> Done {
     if cond(CC, c.st.rflags) {
         c.jump_near(f.imm)?;
     }
     Ok(())
 }
 
-fn jmp(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn jmp(c: &mut Cpu, f: &Fast) -> Done {
     done(c.jump_near(f.imm))
 }
 
-fn jmp_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn jmp_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let t = get::<B>(c, f.r0);
     done(c.jump_near(t))
 }
 
-fn jmp_m<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn jmp_m<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let t = read_mem::<B>(c, f)?;
     done(c.jump_near(t))
 }
 
-fn call(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn call(c: &mut Cpu, f: &Fast) -> Done {
     done(c.call_near(f.imm, f.size as u32))
 }
 
-fn call_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn call_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let t = get::<B>(c, f.r0);
     done(c.call_near(t, B / 8))
 }
 
-fn call_m<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn call_m<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let t = read_mem::<B>(c, f)?;
     done(c.call_near(t, B / 8))
 }
 
 /// RET / RET imm16 (`imm` bytes released after the pop).
-fn ret<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn ret<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let sb = c.st.stack_bits();
     let sp = c.st.gpr[4];
     let t = c.pop(B / 8)? & mask(B);
@@ -411,20 +465,23 @@ fn ret<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
     Ok(())
 }
 
-fn setcc_r<const CC: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn setcc_r<const CC: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = cond(CC, c.st.rflags) as u64;
     set::<8>(c, f.r0, v);
     Ok(())
 }
 
-fn setcc_m<const CC: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn setcc_m<const CC: u32>(c: &mut Cpu, f: &Fast) -> Done {
     let v = cond(CC, c.st.rflags) as u64;
     done(write_mem::<8>(c, f, v))
 }
 
 /// CMOVcc: the source is read (and may fault) whatever the condition; a 32-bit destination
 /// is zero-extended either way.
-fn cmov<const CC: u32, const MEM: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+extern "sysv64-unwind" fn cmov<const CC: u32, const MEM: bool, const B: u32>(
+    c: &mut Cpu,
+    f: &Fast,
+) -> Done {
     let v = if MEM {
         read_mem::<B>(c, f)?
     } else {
@@ -439,7 +496,7 @@ fn cmov<const CC: u32, const MEM: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> 
     Ok(())
 }
 
-fn nop(_: &mut Cpu, _: &Fast) -> Done {
+extern "sysv64-unwind" fn nop(_: &mut Cpu, _: &Fast) -> Done {
     Ok(())
 }
 
@@ -657,6 +714,9 @@ pub(crate) fn compile(ins: &Instruction, code_bits: u32) -> Fast {
     let mut f = Fast::NONE;
     f.next_rip = ins.next_ip() & mask(code_bits);
     f.handler = select(ins, &mut f, code_bits);
+    if f.handler.is_none() {
+        f.form = Form::Other;
+    }
     f
 }
 
@@ -705,26 +765,43 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
                 M::Cmp => 7,
                 _ => 8,
             };
+            f.sub = op;
+            f.bits = bits as u8;
             match (s0, s1) {
-                (Shape::Reg(_, b0), Shape::Reg(_, b1)) if b0 == b1 => by_alu_op!(alu_rr, op, bits),
+                (Shape::Reg(_, b0), Shape::Reg(_, b1)) if b0 == b1 => {
+                    f.form = Form::AluRR;
+                    by_alu_op!(alu_rr, op, bits)
+                }
                 (Shape::Reg(..), Shape::Imm) => {
                     f.imm = ins.immediate(1) & mask(bits);
+                    f.form = Form::AluRI;
                     by_alu_op!(alu_ri, op, bits)
                 }
                 (Shape::Reg(..), Shape::Mem) if mem_bits(ins) == bits => {
+                    f.form = Form::AluRM;
                     by_alu_op!(alu_rm, op, bits)
                 }
-                (Shape::Mem, Shape::Reg(_, b1)) if b1 == bits => by_alu_op!(alu_mr, op, bits),
+                (Shape::Mem, Shape::Reg(_, b1)) if b1 == bits => {
+                    f.form = Form::AluMR;
+                    by_alu_op!(alu_mr, op, bits)
+                }
                 (Shape::Mem, Shape::Imm) => {
                     f.imm = ins.immediate(1) & mask(bits);
+                    f.form = Form::AluMI;
                     by_alu_op!(alu_mi, op, bits)
                 }
                 _ => return None,
             }
         }
         M::Inc | M::Dec if sized_ok && n == 1 => match (s0, mn == M::Dec) {
-            (Shape::Reg(..), false) => sized!(incdec_r, bits, false),
-            (Shape::Reg(..), true) => sized!(incdec_r, bits, true),
+            (Shape::Reg(..), dec) => {
+                (f.form, f.sub, f.bits) = (Form::IncDecR, dec as u8, bits as u8);
+                if dec {
+                    sized!(incdec_r, bits, true)
+                } else {
+                    sized!(incdec_r, bits, false)
+                }
+            }
             (Shape::Mem, false) => sized!(incdec_m, bits, false),
             (Shape::Mem, true) => sized!(incdec_m, bits, true),
             _ => return None,
@@ -748,7 +825,10 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
                 _ => return None,
             };
             match (s0, cl) {
-                (Shape::Reg(..), false) => by_shift_op!(shift_r, op, false, bits),
+                (Shape::Reg(..), false) => {
+                    (f.form, f.sub, f.bits) = (Form::ShiftRI, op, bits as u8);
+                    by_shift_op!(shift_r, op, false, bits)
+                }
                 (Shape::Reg(..), true) => by_shift_op!(shift_r, op, true, bits),
                 (Shape::Mem, false) => by_shift_op!(shift_m, op, false, bits),
                 (Shape::Mem, true) => by_shift_op!(shift_m, op, true, bits),
@@ -766,27 +846,47 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
                 }
             } else {
                 match s1 {
-                    Shape::Reg(_, b) if b == bits => sized_wide!(imul_rr, bits),
+                    Shape::Reg(_, b) if b == bits => {
+                        (f.form, f.bits) = (Form::ImulRR, bits as u8);
+                        sized_wide!(imul_rr, bits)
+                    }
                     Shape::Mem if mem_bits(ins) == bits => sized_wide!(imul_rm, bits),
                     _ => return None,
                 }
             }
         }
-        M::Mov if sized_ok && n == 2 => match (s0, s1) {
-            (Shape::Reg(_, b0), Shape::Reg(_, b1)) if b0 == b1 => sized!(mov_rr, bits),
-            (Shape::Reg(..), Shape::Imm) => {
-                f.imm = ins.immediate(1) & mask(bits);
-                sized!(mov_ri, bits)
+        M::Mov if sized_ok && n == 2 => {
+            f.bits = bits as u8;
+            match (s0, s1) {
+                (Shape::Reg(_, b0), Shape::Reg(_, b1)) if b0 == b1 => {
+                    f.form = Form::MovRR;
+                    sized!(mov_rr, bits)
+                }
+                (Shape::Reg(..), Shape::Imm) => {
+                    f.imm = ins.immediate(1) & mask(bits);
+                    f.form = Form::MovRI;
+                    sized!(mov_ri, bits)
+                }
+                (Shape::Reg(..), Shape::Mem) if mem_bits(ins) == bits => {
+                    f.form = Form::MovRM;
+                    sized!(mov_rm, bits)
+                }
+                (Shape::Mem, Shape::Reg(_, b1)) if b1 == bits => {
+                    f.form = Form::MovMR;
+                    sized!(mov_mr, bits)
+                }
+                (Shape::Mem, Shape::Imm) => {
+                    f.imm = ins.immediate(1) & mask(bits);
+                    f.form = Form::MovMI;
+                    sized!(mov_mi, bits)
+                }
+                _ => return None,
             }
-            (Shape::Reg(..), Shape::Mem) if mem_bits(ins) == bits => sized!(mov_rm, bits),
-            (Shape::Mem, Shape::Reg(_, b1)) if b1 == bits => sized!(mov_mr, bits),
-            (Shape::Mem, Shape::Imm) => {
-                f.imm = ins.immediate(1) & mask(bits);
-                sized!(mov_mi, bits)
-            }
-            _ => return None,
-        },
-        M::Lea if matches!(bits, 16 | 32 | 64) && s1 == Shape::Mem => sized_wide!(lea, bits),
+        }
+        M::Lea if matches!(bits, 16 | 32 | 64) && s1 == Shape::Mem => {
+            (f.form, f.bits) = (Form::Lea, bits as u8);
+            sized_wide!(lea, bits)
+        }
         M::Movzx | M::Movsx | M::Movsxd if matches!(bits, 16 | 32 | 64) && n == 2 => {
             let sb = match s1 {
                 Shape::Reg(_, b) => b,
@@ -817,6 +917,8 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
             if sb > bits {
                 return None;
             }
+            f.form = if mem { Form::MovxM } else { Form::MovxR };
+            (f.sub, f.bits, f.src_bits) = (signed as u8, bits as u8, sb as u8);
             match (signed, mem) {
                 (false, false) => movx_dst!(false, false),
                 (false, true) => movx_dst!(false, true),
@@ -828,6 +930,7 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
             let size = (-ins.stack_pointer_increment()) as u32;
             match s0 {
                 Shape::Reg(_, b) if b == size * 8 && matches!(b, 16 | 32 | 64) => {
+                    (f.form, f.bits) = (Form::PushR, b as u8);
                     sized_wide!(push_r, b)
                 }
                 Shape::Imm if matches!(size, 2 | 4 | 8) => {
@@ -848,6 +951,7 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
             let size = ins.stack_pointer_increment() as u32;
             match s0 {
                 Shape::Reg(_, b) if b == size * 8 && matches!(b, 16 | 32 | 64) => {
+                    (f.form, f.bits) = (Form::PopR, b as u8);
                     sized_wide!(pop_r, b)
                 }
                 _ => return None,
@@ -856,6 +960,7 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
         jcc_mnemonics!() => {
             f.imm = ins.near_branch_target();
             let cc = ins.condition_code() as u32 - 1;
+            (f.form, f.sub) = (Form::Jcc, cc as u8);
             by_cc!(cc, |CC| jcc::<CC> as Handler)
         }
         M::Jmp | M::Call if n == 1 => {
@@ -870,8 +975,10 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
                 f.imm = ins.near_branch_target();
                 f.size = near;
                 if is_call {
+                    f.form = Form::Call;
                     call as Handler
                 } else {
+                    f.form = Form::Jmp;
                     jmp as Handler
                 }
             } else {
@@ -890,24 +997,40 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
         }
         M::Ret => {
             f.imm = if n > 0 { ins.immediate16() as u64 } else { 0 };
+            f.form = Form::Ret;
             match ins.code() {
-                Code::Retnw | Code::Retnw_imm16 => ret::<16> as Handler,
-                Code::Retnd | Code::Retnd_imm16 => ret::<32> as Handler,
-                _ => ret::<64> as Handler,
+                Code::Retnw | Code::Retnw_imm16 => {
+                    f.bits = 16;
+                    ret::<16> as Handler
+                }
+                Code::Retnd | Code::Retnd_imm16 => {
+                    f.bits = 32;
+                    ret::<32> as Handler
+                }
+                _ => {
+                    f.bits = 64;
+                    ret::<64> as Handler
+                }
             }
         }
         setcc_mnemonics!() if bits == 8 => {
             let cc = ins.condition_code() as u32 - 1;
+            f.sub = cc as u8;
             match s0 {
-                Shape::Reg(..) => by_cc!(cc, |CC| setcc_r::<CC> as Handler),
+                Shape::Reg(..) => {
+                    f.form = Form::SetccR;
+                    by_cc!(cc, |CC| setcc_r::<CC> as Handler)
+                }
                 Shape::Mem => by_cc!(cc, |CC| setcc_m::<CC> as Handler),
                 _ => return None,
             }
         }
         cmovcc_mnemonics!() if matches!(bits, 16 | 32 | 64) => {
             let cc = ins.condition_code() as u32 - 1;
+            (f.sub, f.bits) = (cc as u8, bits as u8);
             match s1 {
                 Shape::Reg(_, b) if b == bits => {
+                    f.form = Form::CmovRR;
                     by_cc!(cc, |CC| sized_wide!(cmov, bits, CC, false))
                 }
                 Shape::Mem if mem_bits(ins) == bits => {
@@ -925,7 +1048,10 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
         | M::Prefetcht2
         | M::Prefetchw
         | M::Lfence
-        | M::Sfence => nop as Handler,
+        | M::Sfence => {
+            f.form = Form::Nop;
+            nop as Handler
+        }
         _ => return None,
     };
     Some(h)
