@@ -82,6 +82,12 @@ pub struct Stats {
     pub block_hits: u64,
     /// Block-cache misses: blocks built (or rebuilt after their bytes changed).
     pub block_builds: u64,
+    /// Blocks compiled by the JIT.
+    pub jit_blocks: u64,
+    /// Instructions retired in JIT code (included in `block_instructions`).
+    pub jit_instructions: u64,
+    /// Times the JIT's code cache filled up and was emptied.
+    pub jit_flushes: u64,
 }
 
 const DCACHE_SIZE: usize = 16384;
@@ -120,7 +126,7 @@ const BLOCKS: usize = 16384;
 const BLOCK_MAX: usize = 32;
 /// Bytes of a block kept in its table entry, beside its key (longer blocks keep them in
 /// `Block::more`).
-const INLINE_BYTES: usize = 60;
+const INLINE_BYTES: usize = 44;
 /// `Cpu::code_page` while no block runs (no physical page address has its low bits set).
 pub(crate) const NO_CODE_PAGE: u64 = u64::MAX;
 
@@ -128,10 +134,11 @@ pub(crate) const NO_CODE_PAGE: u64 = u64::MAX;
 /// handler, ending at a control transfer, before an instruction without a handler, near the
 /// page end or at `BLOCK_MAX` instructions. Built from the decoded-instruction cache
 /// (`Cpu::fetch_decode`), so there is one decoder; keyed like it by the physical address of
-/// the first instruction, the code size and RIP. An entry is 128 bytes, aligned: the key and
-/// the bytes of a block of up to `INLINE_BYTES` (most of them: a boot's mean block is ~4
-/// instructions) share one 128-byte pair of cache lines, so checking a block at entry misses
-/// the cache at most once for the entry instead of once for it and once for its bytes.
+/// the first instruction, the code size and RIP. An entry is 128 bytes, aligned: the key, the
+/// compiled code and the bytes of a block of up to `INLINE_BYTES` (most of them: a boot's mean
+/// block is ~4 instructions) share one 128-byte pair of cache lines, so checking a block at
+/// entry misses the cache at most once for the entry instead of once for it and once for its
+/// bytes.
 #[repr(C, align(128))]
 pub(crate) struct Block {
     /// Physical address of the first byte, code size in the low bits (MAX: empty).
@@ -140,6 +147,10 @@ pub(crate) struct Block {
     /// The handlers' forms, in order. Empty: the first instruction (whose bytes the entry
     /// holds) has no handler, so the block tier leaves it to `step`.
     pub(crate) fast: Vec<Fast>,
+    /// The block's JIT code (`crate::jit`), once it has run `Jit::threshold` times.
+    pub(crate) code: Option<crate::jit::Code>,
+    /// Times the block ran in the dispatch loop (counts up to the JIT's threshold).
+    pub(crate) runs: u32,
     /// Length of the instructions' bytes as they were decoded: compared with guest memory at
     /// every entry (self-modifying code; writes into the page while the block runs end it).
     len: u32,
@@ -149,12 +160,17 @@ pub(crate) struct Block {
     more: Vec<u8>,
 }
 
+// The layout the comment above describes.
+const _: () = assert!(std::mem::size_of::<Block>() == 128);
+
 impl Block {
     const fn empty() -> Self {
         Block {
             key: u64::MAX,
             rip: 0,
             fast: Vec::new(),
+            code: None,
+            runs: 0,
             len: 0,
             inline: [0; INLINE_BYTES],
             more: Vec::new(),
@@ -272,6 +288,8 @@ pub struct Cpu {
     pub(crate) code_page: u64,
     /// The running block's page was written (or a device was accessed): end the block.
     pub(crate) code_written: bool,
+    /// The JIT and its code cache.
+    pub(crate) jit: crate::jit::Jit,
     /// The CPUID table.
     pub(crate) cpuid: Vec<kvmbox_cpu::CpuidEntry>,
     /// CPUID entries the VMM adds or replaces (applied by `configure`).
@@ -323,6 +341,7 @@ impl Cpu {
             blocks: (0..BLOCKS).map(|_| Block::empty()).collect(),
             code_page: NO_CODE_PAGE,
             code_written: false,
+            jit: crate::jit::Jit::from_env(),
             cpuid: crate::cpuid::build(id, 1, false, false, &[]),
             dirty_epoch: 0,
             cpuid_overrides: Vec::new(),
@@ -881,10 +900,17 @@ impl Cpu {
         } else {
             self.build_block(slot, pa);
         }
-        let b = &self.blocks[slot];
+        let b = &mut self.blocks[slot];
         if b.fast.is_empty() {
             return None;
         }
+        if b.code.is_none() && self.jit.threshold != 0 {
+            b.runs += 1;
+            if b.runs >= self.jit.threshold {
+                self.compile_block(slot);
+            }
+        }
+        let b = &self.blocks[slot];
         self.code_page = ppage;
         self.code_written = false;
         Some(b)
@@ -906,6 +932,8 @@ impl Cpu {
         b.len = 0;
         b.more.clear();
         b.fast.clear();
+        b.code = None;
+        b.runs = 0;
         let page = pa & !0xfff;
         let mut o = (pa & 0xfff) as usize;
         while b.fast.len() < BLOCK_MAX && o + 16 <= 0x1000 {
@@ -937,6 +965,39 @@ impl Cpu {
         }
         self.st.rip = start;
         self.blocks[slot] = b;
+    }
+
+    /// Compile the block in `slot` (`crate::jit`). When the code cache is full, every block's
+    /// code is dropped first and the cache reused.
+    #[inline(never)]
+    pub(crate) fn compile_block(&mut self, slot: usize) {
+        let mut full = false;
+        let code = self.jit.compile(&self.blocks[slot].fast, &mut full);
+        if full {
+            for b in self.blocks.iter_mut() {
+                b.code = None;
+            }
+            self.jit.clear();
+            self.stats.jit_flushes += 1;
+            let code = self.jit.compile(&self.blocks[slot].fast, &mut full);
+            self.blocks[slot].code = code;
+        } else {
+            self.blocks[slot].code = code;
+        }
+        if self.blocks[slot].code.is_some() {
+            self.stats.jit_blocks += 1;
+        }
+    }
+
+    /// Turn the JIT on (blocks are compiled after running `threshold` times) or off (0), for
+    /// tests and benchmarks; `KVMBOX_EMU_JIT=0` sets the default.
+    pub fn set_jit_threshold(&mut self, threshold: u32) {
+        self.jit.threshold = threshold;
+        for b in self.blocks.iter_mut() {
+            b.code = None;
+            b.runs = 0;
+        }
+        self.jit.clear();
     }
 }
 

@@ -21,6 +21,7 @@ pub mod exec;
 pub mod fuzz;
 pub mod interrupt;
 pub mod irq;
+mod jit;
 pub mod mem;
 pub mod mmu;
 pub mod persist;

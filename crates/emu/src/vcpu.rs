@@ -45,6 +45,12 @@ impl EmuVcpu {
         }
     }
 
+    /// Compile translated blocks to host code after they ran `threshold` times (0: never,
+    /// the JIT is off). The default is 16, or `KVMBOX_EMU_JIT` (`0` or `off`, or a number).
+    pub fn set_jit_threshold(&mut self, threshold: u32) {
+        self.cpu.set_jit_threshold(threshold);
+    }
+
     /// Engine counters (instructions, exceptions, unimplemented instructions, caches).
     pub fn stats(&self) -> Stats {
         let mut s = self.cpu.stats.clone();
@@ -140,11 +146,11 @@ impl Cpu {
         let b = unsafe { &*b };
         let n = b.fast.len().min(max as usize);
         let ops = &b.fast[..n];
-        let Some(last) = ops.last() else {
+        if n == 0 {
             // Not reached: `block` returns a block with handlers, and `max >= 1`.
             self.code_page = crate::cpu::NO_CODE_PAGE;
             return None;
-        };
+        }
         self.set_shadow = false;
         // `next_rip` is set once, to the last instruction's: only a block's last instruction
         // transfers control, and only control transfers read or write `next_rip` (the others'
@@ -152,26 +158,49 @@ impl Cpu {
         // read it (their next RIP and branch targets are pre-resolved), and a fault sets it to
         // the faulting instruction. No per-instruction counter: how many ran follows from
         // where the iterator stopped.
-        self.next_rip = last.next_rip;
-        let mut it = ops.iter();
-        // The loop's value: how the last instruction ended, and whether the one the iterator
-        // took last did not complete (it faulted, or has no handler: `build_block` never puts
-        // one in a block, but `step` would run it).
-        let (res, not_done) = loop {
-            let Some(f) = it.next() else {
-                break (Ok(()), 0);
-            };
-            let Some(h) = f.handler else {
-                break (Ok(()), 1);
-            };
-            if let Err(e) = h(self, f) {
-                break (Err(*e), 1);
+        let (done, res) = match b.code {
+            // The whole block, compiled (`crate::jit`): same protocol as the loop below; the
+            // code sets `next_rip` itself, so the forms are not read here (they are another
+            // cache line, and the code only reads them to call a handler).
+            Some(code) if n == b.fast.len() => {
+                let user = if self.st.cpl() == 3 { 3 } else { 0 };
+                // SAFETY: `code` was compiled from these forms (`build_block` drops it when
+                // it rebuilds the block) and stays mapped executable until the JIT's cache is
+                // emptied, which only `compile_block` does, never while code runs.
+                let exit = unsafe { code(self, ops.as_ptr(), user) };
+                let res = if exit.fault.is_null() {
+                    Ok(())
+                } else {
+                    // SAFETY: a non-null fault is the `Box<Fault>` a handler returned, given
+                    // up by the code to this caller only.
+                    Err(*unsafe { Box::from_raw(exit.fault) })
+                };
+                self.stats.jit_instructions += exit.done;
+                (exit.done as usize, res)
             }
-            if self.code_written {
-                break (Ok(()), 0);
+            _ => {
+                self.next_rip = ops[n - 1].next_rip;
+                let mut it = ops.iter();
+                // The loop's value: how the last instruction ended, and whether the one the
+                // iterator took last did not complete (it faulted, or has no handler:
+                // `build_block` never puts one in a block, but `step` would run it).
+                let (res, not_done) = loop {
+                    let Some(f) = it.next() else {
+                        break (Ok(()), 0);
+                    };
+                    let Some(h) = f.handler else {
+                        break (Ok(()), 1);
+                    };
+                    if let Err(e) = h(self, f) {
+                        break (Err(*e), 1);
+                    }
+                    if self.code_written {
+                        break (Ok(()), 0);
+                    }
+                };
+                (n - it.len() - not_done, res)
             }
         };
-        let done = n - it.len() - not_done;
         if done > 0 {
             self.st.rip = if res.is_ok() && done == n {
                 self.next_rip

@@ -1340,6 +1340,10 @@ struct Align16([u8; 64]);
 fn instruction_forms_match_the_host_cpu() {
     let mut native = Native::new();
     let mut emu = Emu::new();
+    emu.vcpu.set_jit_threshold(0);
+    // The same forms compiled by the JIT from their first run.
+    let mut jit = Emu::new();
+    jit.vcpu.set_jit_threshold(1);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let forms = forms();
     let mut failures = Vec::new();
@@ -1390,26 +1394,38 @@ fn instruction_forms_match_the_host_cpu() {
             // Emulated.
             let mut emu_buf = mem_in;
             let (e_regs, e_flags) = emu.run(&insn, &regs, flags_in, &mut emu_buf);
+            // And compiled by the JIT (the first run compiles the block, later cases reuse it).
+            let mut jit_buf = mem_in;
+            let (j_regs, j_flags) =
+                jit.run_once(&insn, true, &regs, flags_in, &mut jit_buf, &mut [0; 4]);
             let fmask = (form.flags)(&regs);
             let mut bad = Vec::new();
-            for i in 0..15 {
-                if i == 4 {
-                    continue;
+            for (who, e_regs, e_flags, emu_buf) in [
+                ("emu", e_regs, e_flags, emu_buf),
+                ("jit", j_regs, j_flags, jit_buf),
+            ] {
+                for i in 0..15 {
+                    if i == 4 {
+                        continue;
+                    }
+                    if n_regs[i] != e_regs[i] {
+                        bad.push(format!(
+                            "r{i}: host {:#x} {who} {:#x}",
+                            n_regs[i], e_regs[i]
+                        ));
+                    }
                 }
-                if n_regs[i] != e_regs[i] {
-                    bad.push(format!("r{i}: host {:#x} emu {:#x}", n_regs[i], e_regs[i]));
+                if (n_flags ^ e_flags) & fmask != 0 {
+                    bad.push(format!(
+                        "flags: host {:#x} {who} {:#x} (compared {:#x})",
+                        n_flags & ALL,
+                        e_flags & ALL,
+                        fmask
+                    ));
                 }
-            }
-            if (n_flags ^ e_flags) & fmask != 0 {
-                bad.push(format!(
-                    "flags: host {:#x} emu {:#x} (compared {:#x})",
-                    n_flags & ALL,
-                    e_flags & ALL,
-                    fmask
-                ));
-            }
-            if host_buf.0 != emu_buf {
-                bad.push("memory differs".to_string());
+                if host_buf.0 != emu_buf {
+                    bad.push(format!("memory differs ({who})"));
+                }
             }
             compared += 1;
             if !bad.is_empty() {
@@ -1431,6 +1447,12 @@ fn instruction_forms_match_the_host_cpu() {
     );
     // Most forms have a decode-time handler, so their second run is in a block.
     assert!(in_blocks > compared as u64 / 2, "{in_blocks} of {compared}");
+    let s = jit.vcpu.stats();
+    println!(
+        "JIT: {} blocks compiled, {} instructions run in JIT code",
+        s.jit_blocks, s.jit_instructions
+    );
+    assert!(s.jit_instructions > compared as u64 / 2, "{s:?}");
     assert!(
         failures.is_empty(),
         "{} forms differ:\n{}",

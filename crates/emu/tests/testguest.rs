@@ -265,6 +265,12 @@ fn bench_compute_and_mem() {
             st.generic
         );
         println!(
+            "{cmd}: JIT code ran {:.2}% of instructions ({} blocks compiled, {} code cache flushes)",
+            100.0 * st.jit_instructions as f64 / n as f64,
+            st.jit_blocks,
+            st.jit_flushes
+        );
+        println!(
             "{cmd}: translated blocks ran {:.2}% of instructions ({} blocks, mean length {:.1}; block cache: {} hits, {} builds)",
             100.0 * st.block_instructions as f64 / n as f64,
             st.blocks,

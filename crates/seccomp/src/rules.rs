@@ -187,7 +187,7 @@ fn request(number: u64) -> Arg {
     arg(1, number)
 }
 
-/// Every kvmbox thread: memory (never executable), locks, its own signals and time, writing
+/// Every kvmbox thread: memory (never executable; vCPUs add read-execute for the JIT), locks, its own signals and time, writing
 /// (stderr, eventfds), ending, starting a child with its own filter, and kicking the vCPUs
 /// out of guest code (any thread that asks the VM to stop does: `VmControl::request`).
 fn base(pid: u64) -> Rules {
@@ -380,7 +380,10 @@ fn own(kind: ThreadKind) -> Rules {
             .ioctls(&ioctls::kvm_guest_programmed())
             .ioctls(&[ioctls::TUNSETOFFLOAD])
             .union(raises_interrupts())
-            .union(spawns_threads()),
+            .union(spawns_threads())
+            // The engine's JIT maps a page of its code cache read-execute once it has copied
+            // code in (never writable and executable at once; `crates/emu/src/jit.rs`).
+            .allow_if(SYS_mprotect, &[arg(2, (PROT_READ | PROT_EXEC) as u64)]),
         // The accept loop of the API socket: one thread per connection.
         ThreadKind::Api => Rules::default()
             .allow(&[SYS_accept4, SYS_accept])

@@ -285,7 +285,7 @@ fn main() {
     eprintln!("BSP regs {:x?}", s.gpr);
     disasm(&mem, s.rip);
     eprintln!(
-        "\nstopped: {why}\n{} instructions in {:.1} s ({:.1} M/s); rip {:#x}; exceptions {}; TLB misses {}; decoded-cache hits {}, decodes {}; generic {}; translated blocks {} ({} instructions, mean length {:.1}; block cache {} hits, {} builds); unimplemented {:?}",
+        "\nstopped: {why}\n{} instructions in {:.1} s ({:.1} M/s); rip {:#x}; exceptions {}; TLB misses {}; decoded-cache hits {}, decodes {}; generic {}; translated blocks {} ({} instructions, mean length {:.1}; block cache {} hits, {} builds); JIT {} blocks, {} instructions, {} flushes; unimplemented {:?}",
         st.instructions,
         t.elapsed().as_secs_f64(),
         st.instructions as f64 / t.elapsed().as_secs_f64() / 1e6,
@@ -300,6 +300,9 @@ fn main() {
         st.block_instructions as f64 / st.blocks.max(1) as f64,
         st.block_hits,
         st.block_builds,
+        st.jit_blocks,
+        st.jit_instructions,
+        st.jit_flushes,
         st.unimplemented
     );
     eprintln!("port accesses: {:x?}", io.ports.lock().unwrap());

@@ -1,0 +1,993 @@
+//! The engine's JIT (issue 13, part 4): a baseline compiler from a translated block's
+//! decode-time forms (`exec::fast::Fast`) to host x86-64 code.
+//!
+//! A block is compiled once it has run `Jit::threshold` times. Its code calls the handler of
+//! every instruction it has no template for (a direct call to a constant address, so the
+//! dispatch loop and its indirect branch go), and runs the others inline against the guest
+//! registers in `Cpu::st`: register and immediate MOV, LEA, MOVZX/MOVSX, ALU operations, INC/DEC,
+//! shifts by an immediate, IMUL, SETcc, CMOVcc, NOP, and direct JMP/Jcc. Flags are computed by
+//! the host instruction itself and merged into the guest's RFLAGS; a flag consumer right after
+//! its producer (`cmp; jcc`, `test; setcc`) reads the host flags directly.
+//!
+//! The code keeps the block protocol of `Cpu::run_block`: `next_rip` holds the last
+//! instruction's next RIP on entry and only the last instruction (a control transfer) changes
+//! it; RIP is committed by the caller. The code returns how many instructions completed and the
+//! fault of the one that did not: a handler's fault ends the block there, and after every
+//! handler call the code tests `code_written` (a store into the block's own page, or a device
+//! access) and ends the block after that instruction. Inline templates cannot fault and touch
+//! no memory but the guest registers, so faults stay precise.
+//!
+//! The code cache is never writable and executable at once: each vCPU maps its own region
+//! read-write, copies a block's code in and maps those pages read-execute again before the
+//! code runs (the vCPU threads' seccomp filter allows `mprotect` to exactly PROT_READ |
+//! PROT_EXEC, and no executable `mmap`). When the region is full every block's code is dropped
+//! and the region reused. `KVMBOX_EMU_JIT=0` turns the JIT off (blocks run their handlers in
+//! the dispatch loop, as before).
+
+// dynasm's macro converts a dynamic register's number with `.into()`, even from its own type.
+#![allow(clippy::useless_conversion)]
+
+use crate::cpu::{Cpu, Fault};
+use crate::exec::fast::{Fast, Form};
+use crate::mmu::{TlbEntry, ACC_R, ACC_W};
+use dynasm::dynasm;
+use dynasmrt::x64::X64Relocation;
+use dynasmrt::{DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
+use std::mem::{offset_of, size_of};
+
+/// What compiled code returns: the number of instructions that completed, and the fault of
+/// the next one (a `Box<Fault>` from its handler), or null.
+#[repr(C)]
+pub(crate) struct Exit {
+    pub(crate) done: u64,
+    pub(crate) fault: *mut Fault,
+}
+
+/// A compiled block: called with the vCPU, the block's forms and 3 at CPL 3 (else 0).
+pub(crate) type Code = unsafe extern "sysv64" fn(*mut Cpu, *const Fast, u32) -> Exit;
+
+/// Blocks run this many times before they are compiled.
+const THRESHOLD: u32 = 16;
+/// Bytes of code cache per vCPU (address space; pages are touched as code fills them).
+const CACHE_BYTES: usize = 64 << 20;
+const PAGE: usize = 4096;
+
+/// The arithmetic flags (CF PF AF ZF SF OF).
+const STATUS: i32 = 0x8d5;
+
+/// A vCPU's JIT: its setting and its code cache.
+pub(crate) struct Jit {
+    /// Executions before a block is compiled; 0: the JIT is off.
+    pub(crate) threshold: u32,
+    cache: Option<CodeCache>,
+}
+
+impl Jit {
+    /// On with the default threshold, unless the environment says otherwise:
+    /// `KVMBOX_EMU_JIT=0` (or `off`) turns it off, `KVMBOX_EMU_JIT=N` compiles blocks after N
+    /// runs.
+    pub(crate) fn from_env() -> Jit {
+        let threshold = match std::env::var("KVMBOX_EMU_JIT") {
+            Ok(v) if v == "off" => 0,
+            Ok(v) => v.parse().unwrap_or(THRESHOLD),
+            Err(_) => THRESHOLD,
+        };
+        Jit {
+            threshold,
+            cache: None,
+        }
+    }
+
+    /// Compile `ops` (a block's forms, all with handlers). None when the cache cannot take it
+    /// (`full` is then set: the caller drops every block's code and calls `clear`), or when the
+    /// code cache cannot be mapped (the JIT is then turned off).
+    pub(crate) fn compile(&mut self, ops: &[Fast], full: &mut bool) -> Option<Code> {
+        if self.cache.is_none() {
+            match CodeCache::new(CACHE_BYTES) {
+                Some(c) => self.cache = Some(c),
+                None => {
+                    self.threshold = 0;
+                    return None;
+                }
+            }
+        }
+        let cache = self.cache.as_mut()?;
+        let at = cache.base as usize + cache.used;
+        let bytes = assemble(ops, at, cache.stubs)?;
+        let code = cache.install(&bytes);
+        if code.is_none() {
+            *full = true;
+        }
+        code
+    }
+
+    /// Forget every block's code (the caller has dropped its pointers).
+    pub(crate) fn clear(&mut self) {
+        if let Some(c) = &mut self.cache {
+            c.used = c.stubs_end;
+        }
+    }
+}
+
+/// A region of host memory for compiled code: the shared stubs, then blocks.
+struct CodeCache {
+    base: *mut u8,
+    size: usize,
+    used: usize,
+    stubs: Stubs,
+    /// Where the stubs end (the first block's offset).
+    stubs_end: usize,
+}
+
+impl CodeCache {
+    fn new(size: usize) -> Option<CodeCache> {
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        let mut c = CodeCache {
+            base: p as *mut u8,
+            size,
+            used: 0,
+            stubs: Stubs::default(),
+            stubs_end: 0,
+        };
+        let (code, stubs) = assemble_stubs(p as usize)?;
+        c.install(&code)?;
+        c.stubs = stubs;
+        c.stubs_end = c.used;
+        Some(c)
+    }
+
+    /// Copy `code` (assembled for the address `base + used`) in: its pages writable (not
+    /// executable) while it is copied, then executable (not writable).
+    fn install(&mut self, code: &[u8]) -> Option<Code> {
+        let start = self.used;
+        let end = start + code.len();
+        if end > self.size {
+            return None;
+        }
+        let first = start & !(PAGE - 1);
+        let last = (end + PAGE - 1) & !(PAGE - 1);
+        // SAFETY: [first, last) lies within the mapping; no code in those pages runs while
+        // they are writable (this thread is compiling, and the cache is this vCPU's own).
+        let pages = unsafe { self.base.add(first) } as *mut libc::c_void;
+        // SAFETY: as above.
+        if unsafe { libc::mprotect(pages, last - first, libc::PROT_READ | libc::PROT_WRITE) } != 0 {
+            return None;
+        }
+        // SAFETY: `code` fits in [start, end), inside the mapping, now writable.
+        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), self.base.add(start), code.len()) };
+        // SAFETY: as above.
+        if unsafe { libc::mprotect(pages, last - first, libc::PROT_READ | libc::PROT_EXEC) } != 0 {
+            return None;
+        }
+        // Next block at a 16-byte boundary.
+        self.used = (end + 15) & !15;
+        // SAFETY: the bytes at `start` are a function with the `Code` signature (`assemble`),
+        // assembled for this address, now executable.
+        Some(unsafe { std::mem::transmute::<*mut u8, Code>(self.base.add(start)) })
+    }
+}
+
+impl Drop for CodeCache {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; no code of it runs any more (its vCPU is gone).
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.size) };
+    }
+}
+
+// SAFETY: the cache is owned by one vCPU and only used on the thread running it.
+unsafe impl Send for CodeCache {}
+
+// ------------------------------------------------------------------ code generation
+
+/// Offset of guest register `r` in `Cpu`.
+fn gpr(r: u8) -> i32 {
+    (offset_of!(Cpu, st) + offset_of!(crate::state::CpuState, gpr) + 8 * (r as usize & 15)) as i32
+}
+
+fn rflags() -> i32 {
+    (offset_of!(Cpu, st) + offset_of!(crate::state::CpuState, rflags)) as i32
+}
+
+fn next_rip() -> i32 {
+    offset_of!(Cpu, next_rip) as i32
+}
+
+fn code_written() -> i32 {
+    offset_of!(Cpu, code_written) as i32
+}
+
+type Asm = VecAssembler<X64Relocation>;
+
+/// Load guest register `r` at width `bits` into RAX (`dst` 0) or RCX (`dst` 1),
+/// zero-extended.
+fn load(a: &mut Asm, dst: u8, r: u8, bits: u8) {
+    let m = gpr(r);
+    match bits {
+        64 => dynasm!(a ; .arch x64 ; mov Rq(dst), QWORD [rbx + m]),
+        32 => dynasm!(a ; .arch x64 ; mov Rd(dst), DWORD [rbx + m]),
+        16 => dynasm!(a ; .arch x64 ; movzx Rd(dst), WORD [rbx + m]),
+        _ => dynasm!(a ; .arch x64 ; movzx Rd(dst), BYTE [rbx + m]),
+    }
+}
+
+/// Store RAX into guest register `r` at width `bits` (32-bit writes zero-extend, 8/16-bit
+/// writes keep the rest of the register). Changes no host flags.
+fn store(a: &mut Asm, r: u8, bits: u8) {
+    let m = gpr(r);
+    match bits {
+        64 => dynasm!(a ; .arch x64 ; mov QWORD [rbx + m], rax),
+        32 => dynasm!(a ; .arch x64 ; mov eax, eax ; mov QWORD [rbx + m], rax),
+        16 => dynasm!(a ; .arch x64 ; mov WORD [rbx + m], ax),
+        _ => dynasm!(a ; .arch x64 ; mov BYTE [rbx + m], al),
+    }
+}
+
+/// Merge the host's arithmetic flags into the guest's RFLAGS.
+fn merge_flags(a: &mut Asm) {
+    let rf = rflags();
+    dynasm!(a
+        ; .arch x64
+        ; pushfq
+        ; pop rdx
+        ; and edx, STATUS
+        ; mov rcx, QWORD [rbx + rf]
+        ; and rcx, !STATUS
+        ; or rcx, rdx
+        ; mov QWORD [rbx + rf], rcx
+    );
+}
+
+/// Set the host's arithmetic flags to the guest's (for a condition not right after its
+/// producer). Only CF PF AF ZF SF OF are loaded: TF, DF, AC and the rest stay clear.
+fn load_flags(a: &mut Asm) {
+    let rf = rflags();
+    dynasm!(a
+        ; .arch x64
+        ; mov rax, QWORD [rbx + rf]
+        ; and eax, STATUS
+        ; push rax
+        ; popfq
+    );
+}
+
+/// CMOVcc RAX, RCX (condition `cc`, x86's encoding 0..15). Changes no flags.
+fn cmov_rax_rcx(a: &mut Asm, cc: u8) {
+    a.extend([0x48, 0x0f, 0x40 | (cc & 15), 0xc1]);
+}
+
+/// SETcc AL. Changes no flags.
+fn setcc_al(a: &mut Asm, cc: u8) {
+    a.extend([0x0f, 0x90 | (cc & 15), 0xc0]);
+}
+
+/// The two-operand ALU operation `op` (ADD OR ADC SBB AND SUB XOR CMP TEST) of RCX into RAX
+/// at width `bits`.
+fn alu(a: &mut Asm, op: u8, bits: u8) {
+    macro_rules! by_width {
+        ($m:ident) => {
+            match bits {
+                64 => dynasm!(a ; .arch x64 ; $m rax, rcx),
+                32 => dynasm!(a ; .arch x64 ; $m eax, ecx),
+                16 => dynasm!(a ; .arch x64 ; $m ax, cx),
+                _ => dynasm!(a ; .arch x64 ; $m al, cl),
+            }
+        };
+    }
+    match op {
+        0 => by_width!(add),
+        1 => by_width!(or),
+        2 => by_width!(adc),
+        3 => by_width!(sbb),
+        4 => by_width!(and),
+        5 | 7 => by_width!(sub),
+        6 => by_width!(xor),
+        _ => by_width!(test),
+    }
+}
+
+/// Whether `f` is compiled inline (the others only call their handler). Inline memory
+/// accesses take a fast path (the access within one page of RAM the TLB holds, not the page
+/// of the running block) and otherwise call the handler, which does everything else.
+fn inline(f: &Fast) -> bool {
+    match f.form {
+        Form::AluRR
+        | Form::AluRI
+        | Form::AluRM
+        | Form::AluMR
+        | Form::AluMI
+        | Form::IncDecR
+        | Form::MovRR
+        | Form::MovRI
+        | Form::MovRM
+        | Form::MovMR
+        | Form::MovMI
+        | Form::Lea
+        | Form::MovxR
+        | Form::MovxM
+        | Form::SetccR
+        | Form::CmovRR
+        | Form::Nop => true,
+        Form::ShiftRI => shift_count(f).is_some(),
+        Form::ImulRR => f.bits != 8,
+        Form::PushR | Form::PopR => f.bits == 64,
+        Form::Ret => f.bits == 64,
+        Form::Jcc | Form::Jmp => crate::cpu::canonical(f.imm),
+        Form::Call => f.size == 8 && crate::cpu::canonical(f.imm),
+        _ => false,
+    }
+}
+
+/// Whether `f` sets all the arithmetic flags from the host instruction it compiles to.
+fn produces_flags(f: &Fast) -> bool {
+    inline(f)
+        && matches!(
+            f.form,
+            Form::AluRR
+                | Form::AluRI
+                | Form::AluRM
+                | Form::AluMR
+                | Form::AluMI
+                | Form::IncDecR
+                | Form::ShiftRI
+                | Form::ImulRR
+        )
+}
+
+/// Whether `f` reads a condition of the flags and writes none.
+fn consumes_flags(f: &Fast) -> bool {
+    inline(f) && matches!(f.form, Form::Jcc | Form::SetccR | Form::CmovRR)
+}
+
+/// The count of an inline shift: SHL/SHR/SAR of a 32/64-bit register by a non-zero count
+/// (a zero count leaves the flags, and a narrow shift's count may exceed its width: those go
+/// to the handler).
+fn shift_count(f: &Fast) -> Option<i8> {
+    let n = f.imm as u8 & if f.bits == 64 { 63 } else { 31 };
+    (matches!(f.sub, 2..=4) && matches!(f.bits, 32 | 64) && n != 0).then_some(n as i8)
+}
+
+/// A fast path's way out: call instruction `index`'s handler, then go on at `resume` (with the
+/// host flags loaded from the guest's when `flags`: the instruction is a flag producer, whose
+/// code after `resume` merges the host flags into the guest's and may have a fused consumer
+/// read them).
+struct Slow {
+    label: DynamicLabel,
+    resume: DynamicLabel,
+    index: usize,
+    flags: bool,
+}
+
+/// A block's code under construction.
+struct Block<'a> {
+    a: Asm,
+    ops: &'a [Fast],
+    stubs: Stubs,
+    /// Out-of-line exits: (label, instructions done, faulted).
+    exits: Vec<(DynamicLabel, usize, bool)>,
+    slow: Vec<Slow>,
+}
+
+/// Assemble a block's code for address `at`. None if the assembler fails (it does not for
+/// these templates; the block then runs in the dispatch loop).
+///
+/// Registers: RBX the vCPU, R12 the block's forms, R13 and R14 the TLB permission bits a read
+/// and a write need at the current privilege (from the third argument, 3 at CPL 3, else 0).
+fn assemble(ops: &[Fast], at: usize, stubs: Stubs) -> Option<Vec<u8>> {
+    let mut a = Asm::new(at);
+    let exit = a.new_dynamic_label();
+    let (r, w) = (1i32 << ACC_R, 1i32 << ACC_W);
+    dynasm!(a
+        ; .arch x64
+        ; push rbx
+        ; push r12
+        ; push r13
+        ; push r14
+        ; push r15
+        ; mov rbx, rdi
+        ; mov r12, rsi
+        ; mov ecx, edx
+        ; mov r13d, r
+        ; shl r13d, cl
+        ; mov r14d, w
+        ; shl r14d, cl
+    );
+    // The last instruction's next RIP (`Cpu::run_block`'s protocol).
+    if let Some(last) = ops.last() {
+        let nr = next_rip();
+        let v = last.next_rip as i64;
+        dynasm!(a ; .arch x64 ; mov rax, QWORD v ; mov QWORD [rbx + nr], rax);
+    }
+    let mut b = Block {
+        a,
+        ops,
+        stubs,
+        exits: Vec::new(),
+        slow: Vec::new(),
+    };
+    let n = ops.len();
+    let mut i = 0;
+    while i < n {
+        let f = &ops[i];
+        if !inline(f) {
+            b.call_handler(i);
+            i += 1;
+            continue;
+        }
+        // A consumer right after this producer reads the host flags it leaves.
+        let fused = produces_flags(f) && i + 1 < n && consumes_flags(&ops[i + 1]);
+        b.inline(i, fused);
+        if fused {
+            b.inline(i + 1, true);
+            i += 1;
+        }
+        if produces_flags(f) {
+            merge_flags(&mut b.a);
+        }
+        i += 1;
+    }
+    let all = n as i32;
+    let a = &mut b.a;
+    dynasm!(a
+        ; .arch x64
+        ; mov eax, all
+        ; xor edx, edx
+        ; =>exit
+        ; pop r15
+        ; pop r14
+        ; pop r13
+        ; pop r12
+        ; pop rbx
+        ; ret
+    );
+    for s in std::mem::take(&mut b.slow) {
+        let a = &mut b.a;
+        dynasm!(a ; .arch x64 ; =>s.label);
+        b.call_handler(s.index);
+        let a = &mut b.a;
+        if s.flags {
+            load_flags(a);
+        }
+        dynasm!(a ; .arch x64 ; jmp =>s.resume);
+    }
+    for (label, done, faulted) in std::mem::take(&mut b.exits) {
+        let done = done as i32;
+        let a = &mut b.a;
+        if faulted {
+            dynasm!(a ; .arch x64 ; =>label ; mov rdx, rax ; mov eax, done ; jmp =>exit);
+        } else {
+            dynasm!(a ; .arch x64 ; =>label ; mov eax, done ; xor edx, edx ; jmp =>exit);
+        }
+    }
+    b.a.finalize().ok()
+}
+
+/// The shared code at the start of the code cache: TLB lookups for reads and writes of 1, 2, 4
+/// and 8 bytes (`emit_translate`), called from every block's memory accesses, which keeps
+/// blocks small.
+#[derive(Clone, Copy, Default)]
+struct Stubs {
+    /// Address of the lookup for (log2 size, write).
+    translate: [[usize; 2]; 4],
+}
+
+impl Stubs {
+    fn translate(&self, size: i32, write: bool) -> usize {
+        self.translate[size.trailing_zeros() as usize & 3][write as usize]
+    }
+}
+
+/// Assemble the shared stubs for address `at`: their code, and where each starts.
+fn assemble_stubs(at: usize) -> Option<(Vec<u8>, Stubs)> {
+    let mut a = Asm::new(at);
+    let mut stubs = Stubs::default();
+    for (log, row) in stubs.translate.iter_mut().enumerate() {
+        for (write, entry) in row.iter_mut().enumerate() {
+            *entry = at + a.offset().0;
+            emit_translate(&mut a, 1 << log, write == 1);
+        }
+    }
+    Some((a.finalize().ok()?, stubs))
+}
+
+/// A TLB lookup, called with the linear address in RAX: returns with CF clear and RAX the host
+/// address for a `size`-byte access (a write if `write`), or CF set when the access needs the
+/// handler: non-canonical, crossing a page, not in the TLB with the permission (R13/R14 hold
+/// the bits for the current privilege), not RAM, or (a write) in the running block's page.
+/// Uses RCX and RDX.
+fn emit_translate(a: &mut Asm, size: i32, write: bool) {
+    let tlb = tlb_entries();
+    let entry = size_of::<TlbEntry>() as i32;
+    let (tag, perm, host, ppage) = (
+        offset_of!(TlbEntry, tag) as i32,
+        offset_of!(TlbEntry, perm) as i32,
+        offset_of!(TlbEntry, host) as i32,
+        offset_of!(TlbEntry, ppage) as i32,
+    );
+    let last = 4096 - size;
+    let index_mask = (crate::mmu::TLB_SIZE - 1) as i32;
+    let fail = a.new_dynamic_label();
+    dynasm!(a
+        ; .arch x64
+        // Canonical: bits 63..47 all equal.
+        ; mov rcx, rax
+        ; sar rcx, 47
+        ; inc rcx
+        ; cmp rcx, 1
+        ; ja =>fail
+        // Within one page.
+        ; mov ecx, eax
+        ; and ecx, 0xfff
+        ; cmp ecx, last
+        ; ja =>fail
+        // The TLB entry of the page.
+        ; mov rcx, rax
+        ; shr rcx, 12
+        ; mov edx, ecx
+        ; and edx, index_mask
+        ; imul edx, edx, entry
+        ; add rdx, QWORD [rbx + tlb]
+        ; cmp QWORD [rdx + tag], rcx
+        ; jne =>fail
+    );
+    if write {
+        let cp = code_page();
+        dynasm!(a
+            ; .arch x64
+            ; test BYTE [rdx + perm], r14b
+            ; jz =>fail
+            ; mov rcx, QWORD [rdx + ppage]
+            ; cmp rcx, QWORD [rbx + cp]
+            ; je =>fail
+        );
+    } else {
+        dynasm!(a
+            ; .arch x64
+            ; test BYTE [rdx + perm], r13b
+            ; jz =>fail
+        );
+    }
+    dynasm!(a
+        ; .arch x64
+        ; mov rcx, QWORD [rdx + host]
+        ; test rcx, rcx
+        ; jz =>fail
+        ; and eax, 0xfff
+        ; add rax, rcx
+        ; clc
+        ; ret
+        ; =>fail
+        ; stc
+        ; ret
+    );
+}
+
+/// Offset of `Cpu` field paths used by the templates.
+fn tlb_entries() -> i32 {
+    (offset_of!(Cpu, tlb) + offset_of!(crate::mmu::Tlb, e)) as i32
+}
+
+fn seg_base(s: u8) -> i32 {
+    (offset_of!(Cpu, st)
+        + offset_of!(crate::state::CpuState, seg)
+        + s as usize * size_of::<kvmbox_cpu::Segment>()
+        + offset_of!(kvmbox_cpu::Segment, base)) as i32
+}
+
+fn code_page() -> i32 {
+    offset_of!(Cpu, code_page) as i32
+}
+
+impl Block<'_> {
+    /// Call instruction `i`'s handler; on a fault leave with `i` done, and after a write into
+    /// the block's page (or a device access) leave with `i + 1` done.
+    fn call_handler(&mut self, i: usize) {
+        let f = &self.ops[i];
+        let Some(h) = f.handler else {
+            return;
+        };
+        let at = (i * size_of::<Fast>()) as i32;
+        let h = h as usize as i64;
+        let fault = self.a.new_dynamic_label();
+        self.exits.push((fault, i, true));
+        let a = &mut self.a;
+        dynasm!(a
+            ; .arch x64
+            ; mov rdi, rbx
+            ; lea rsi, [r12 + at]
+            ; mov rax, QWORD h
+            ; call rax
+            ; test rax, rax
+            ; jnz =>fault
+        );
+        if i + 1 < self.ops.len() {
+            let stop = self.a.new_dynamic_label();
+            self.exits.push((stop, i + 1, false));
+            let cw = code_written();
+            let a = &mut self.a;
+            dynasm!(a
+                ; .arch x64
+                ; cmp BYTE [rbx + cw], 0
+                ; jne =>stop
+            );
+        }
+    }
+
+    /// A slow path for instruction `i` (its handler), resuming at the label returned.
+    fn slow(&mut self, i: usize, flags: bool) -> (DynamicLabel, DynamicLabel) {
+        let label = self.a.new_dynamic_label();
+        let resume = self.a.new_dynamic_label();
+        self.slow.push(Slow {
+            label,
+            resume,
+            index: i,
+            flags,
+        });
+        (label, resume)
+    }
+
+    /// RAX = the linear address of `f`'s memory operand (64-bit mode: only FS and GS have a
+    /// base).
+    fn address(&mut self, f: &Fast) {
+        let a = &mut self.a;
+        let disp = f.disp as i64;
+        dynasm!(a ; .arch x64 ; mov rax, QWORD disp);
+        if f.base_mask != 0 {
+            let b = gpr(f.base);
+            dynasm!(a ; .arch x64 ; add rax, QWORD [rbx + b]);
+        }
+        if f.index_mask != 0 {
+            let x = gpr(f.index);
+            let s = (f.scale & 3) as i8;
+            dynasm!(a ; .arch x64 ; mov rcx, QWORD [rbx + x] ; shl rcx, s ; add rax, rcx);
+        }
+        match f.addr_mask {
+            0xffff => dynasm!(a ; .arch x64 ; movzx eax, ax),
+            0xffff_ffff => dynasm!(a ; .arch x64 ; mov eax, eax),
+            _ => {}
+        }
+        if f.seg >= 4 {
+            let sb = seg_base(f.seg);
+            dynasm!(a ; .arch x64 ; add rax, QWORD [rbx + sb]);
+        }
+    }
+
+    /// Turn the linear address in RAX into a host pointer for a `size`-byte access (a write
+    /// if `write`) with the cache's shared stub (`emit_translate`), or go to `slow`.
+    fn translate(&mut self, size: i32, write: bool, slow: DynamicLabel) {
+        let stub = self.stubs.translate(size, write);
+        let a = &mut self.a;
+        dynasm!(a
+            ; .arch x64
+            ; call extern stub
+            ; jc =>slow
+        );
+    }
+
+    /// RAX = the `bits`-wide value at host address RAX, zero-extended (or sign-extended).
+    fn load_mem(&mut self, bits: u8, signed: bool) {
+        let a = &mut self.a;
+        match (bits, signed) {
+            (64, _) => dynasm!(a ; .arch x64 ; mov rax, QWORD [rax]),
+            (32, false) => dynasm!(a ; .arch x64 ; mov eax, DWORD [rax]),
+            (32, true) => dynasm!(a ; .arch x64 ; movsxd rax, DWORD [rax]),
+            (16, false) => dynasm!(a ; .arch x64 ; movzx eax, WORD [rax]),
+            (16, true) => dynasm!(a ; .arch x64 ; movsx rax, WORD [rax]),
+            (_, false) => dynasm!(a ; .arch x64 ; movzx eax, BYTE [rax]),
+            (_, true) => dynasm!(a ; .arch x64 ; movsx rax, BYTE [rax]),
+        }
+    }
+
+    /// Store RCX's low `bits` at host address `ptr` (RAX or R8).
+    fn store_mem(&mut self, ptr: u8, bits: u8) {
+        let a = &mut self.a;
+        match bits {
+            64 => dynasm!(a ; .arch x64 ; mov QWORD [Rq(ptr)], rcx),
+            32 => dynasm!(a ; .arch x64 ; mov DWORD [Rq(ptr)], ecx),
+            16 => dynasm!(a ; .arch x64 ; mov WORD [Rq(ptr)], cx),
+            _ => dynasm!(a ; .arch x64 ; mov BYTE [Rq(ptr)], cl),
+        }
+    }
+
+    /// The inline code of instruction `i`; `fused`: a flag consumer right after an inline
+    /// producer, so the host flags are the guest's and must be left as they are.
+    fn inline(&mut self, i: usize, fused: bool) {
+        let f = &self.ops[i];
+        let bits = f.bits;
+        let stack = gpr(4);
+        let nr = next_rip();
+        match f.form {
+            Form::MovRR => {
+                load(&mut self.a, 0, f.r1, bits);
+                store(&mut self.a, f.r0, bits);
+            }
+            Form::MovRI => {
+                let imm = f.imm as i64;
+                let a = &mut self.a;
+                dynasm!(a ; .arch x64 ; mov rax, QWORD imm);
+                store(a, f.r0, bits);
+            }
+            Form::MovRM | Form::MovxM => {
+                let (slow, resume) = self.slow(i, false);
+                self.address(f);
+                let (size, signed) = if f.form == Form::MovxM {
+                    (f.src_bits, f.sub != 0)
+                } else {
+                    (bits, false)
+                };
+                self.translate(size as i32 / 8, false, slow);
+                self.load_mem(size, signed);
+                store(&mut self.a, f.r0, bits);
+                let a = &mut self.a;
+                dynasm!(a ; .arch x64 ; =>resume);
+            }
+            Form::MovMR | Form::MovMI => {
+                let (slow, resume) = self.slow(i, false);
+                self.address(f);
+                self.translate(bits as i32 / 8, true, slow);
+                if f.form == Form::MovMR {
+                    load(&mut self.a, 1, f.r1, bits);
+                } else {
+                    let imm = f.imm as i64;
+                    let a = &mut self.a;
+                    dynasm!(a ; .arch x64 ; mov rcx, QWORD imm);
+                }
+                self.store_mem(0, bits);
+                let a = &mut self.a;
+                dynasm!(a ; .arch x64 ; =>resume);
+            }
+            Form::AluRR | Form::AluRI | Form::AluRM => {
+                let mut resume = None;
+                if f.form == Form::AluRM {
+                    let (slow, r) = self.slow(i, true);
+                    resume = Some(r);
+                    self.address(f);
+                    self.translate(bits as i32 / 8, false, slow);
+                    let a = &mut self.a;
+                    match bits {
+                        64 => dynasm!(a ; .arch x64 ; mov rcx, QWORD [rax]),
+                        32 => dynasm!(a ; .arch x64 ; mov ecx, DWORD [rax]),
+                        16 => dynasm!(a ; .arch x64 ; movzx ecx, WORD [rax]),
+                        _ => dynasm!(a ; .arch x64 ; movzx ecx, BYTE [rax]),
+                    }
+                    load(a, 0, f.r0, bits);
+                } else {
+                    load(&mut self.a, 0, f.r0, bits);
+                    if f.form == Form::AluRR {
+                        load(&mut self.a, 1, f.r1, bits);
+                    } else {
+                        let imm = f.imm as i64;
+                        let a = &mut self.a;
+                        dynasm!(a ; .arch x64 ; mov rcx, QWORD imm);
+                    }
+                }
+                let a = &mut self.a;
+                if matches!(f.sub, 2 | 3) {
+                    // ADC/SBB: the guest's carry in.
+                    let rf = rflags();
+                    dynasm!(a ; .arch x64 ; bt QWORD [rbx + rf], 0);
+                }
+                alu(a, f.sub, bits);
+                if f.sub < 7 {
+                    store(a, f.r0, bits);
+                }
+                if let Some(r) = resume {
+                    dynasm!(a ; .arch x64 ; =>r);
+                }
+            }
+            Form::AluMR | Form::AluMI => {
+                let (slow, resume) = self.slow(i, true);
+                self.address(f);
+                // CMP and TEST only read.
+                let writes = f.sub < 7;
+                self.translate(bits as i32 / 8, writes, slow);
+                let a = &mut self.a;
+                dynasm!(a ; .arch x64 ; mov r8, rax);
+                if f.form == Form::AluMR {
+                    load(a, 1, f.r1, bits);
+                } else {
+                    let imm = f.imm as i64;
+                    dynasm!(a ; .arch x64 ; mov rcx, QWORD imm);
+                }
+                match bits {
+                    64 => dynasm!(a ; .arch x64 ; mov rax, QWORD [r8]),
+                    32 => dynasm!(a ; .arch x64 ; mov eax, DWORD [r8]),
+                    16 => dynasm!(a ; .arch x64 ; movzx eax, WORD [r8]),
+                    _ => dynasm!(a ; .arch x64 ; movzx eax, BYTE [r8]),
+                }
+                if matches!(f.sub, 2 | 3) {
+                    let rf = rflags();
+                    dynasm!(a ; .arch x64 ; bt QWORD [rbx + rf], 0);
+                }
+                alu(a, f.sub, bits);
+                if writes {
+                    match bits {
+                        64 => dynasm!(a ; .arch x64 ; mov QWORD [r8], rax),
+                        32 => dynasm!(a ; .arch x64 ; mov DWORD [r8], eax),
+                        16 => dynasm!(a ; .arch x64 ; mov WORD [r8], ax),
+                        _ => dynasm!(a ; .arch x64 ; mov BYTE [r8], al),
+                    }
+                }
+                dynasm!(a ; .arch x64 ; =>resume);
+            }
+            Form::IncDecR => {
+                let a = &mut self.a;
+                load(a, 0, f.r0, bits);
+                // INC/DEC keep CF: the guest's goes into the host's first.
+                let rf = rflags();
+                dynasm!(a ; .arch x64 ; bt QWORD [rbx + rf], 0);
+                match (f.sub != 0, bits) {
+                    (false, 64) => dynasm!(a ; .arch x64 ; inc rax),
+                    (false, 32) => dynasm!(a ; .arch x64 ; inc eax),
+                    (false, 16) => dynasm!(a ; .arch x64 ; inc ax),
+                    (false, _) => dynasm!(a ; .arch x64 ; inc al),
+                    (true, 64) => dynasm!(a ; .arch x64 ; dec rax),
+                    (true, 32) => dynasm!(a ; .arch x64 ; dec eax),
+                    (true, 16) => dynasm!(a ; .arch x64 ; dec ax),
+                    (true, _) => dynasm!(a ; .arch x64 ; dec al),
+                }
+                store(a, f.r0, bits);
+            }
+            Form::ShiftRI => {
+                let Some(n) = shift_count(f) else { return };
+                let a = &mut self.a;
+                load(a, 0, f.r0, bits);
+                match (f.sub, bits) {
+                    (2, 64) => dynasm!(a ; .arch x64 ; shl rax, n),
+                    (2, _) => dynasm!(a ; .arch x64 ; shl eax, n),
+                    (3, 64) => dynasm!(a ; .arch x64 ; shr rax, n),
+                    (3, _) => dynasm!(a ; .arch x64 ; shr eax, n),
+                    (_, 64) => dynasm!(a ; .arch x64 ; sar rax, n),
+                    (_, _) => dynasm!(a ; .arch x64 ; sar eax, n),
+                }
+                store(a, f.r0, bits);
+            }
+            Form::ImulRR => {
+                let a = &mut self.a;
+                load(a, 0, f.r0, bits);
+                load(a, 1, f.r1, bits);
+                match bits {
+                    64 => dynasm!(a ; .arch x64 ; imul rax, rcx),
+                    32 => dynasm!(a ; .arch x64 ; imul eax, ecx),
+                    _ => dynasm!(a ; .arch x64 ; imul ax, cx),
+                }
+                store(a, f.r0, bits);
+            }
+            Form::Lea => {
+                // The offset, without a segment base.
+                let mut g = *f;
+                g.seg = 0;
+                self.address(&g);
+                store(&mut self.a, f.r0, bits);
+            }
+            Form::MovxR => {
+                let a = &mut self.a;
+                let m = gpr(f.r1);
+                match (f.sub != 0, f.src_bits) {
+                    (false, 8) => dynasm!(a ; .arch x64 ; movzx eax, BYTE [rbx + m]),
+                    (false, 16) => dynasm!(a ; .arch x64 ; movzx eax, WORD [rbx + m]),
+                    (false, _) => dynasm!(a ; .arch x64 ; mov eax, DWORD [rbx + m]),
+                    (true, 8) => dynasm!(a ; .arch x64 ; movsx rax, BYTE [rbx + m]),
+                    (true, 16) => dynasm!(a ; .arch x64 ; movsx rax, WORD [rbx + m]),
+                    (true, _) => dynasm!(a ; .arch x64 ; movsxd rax, DWORD [rbx + m]),
+                }
+                store(a, f.r0, bits);
+            }
+            Form::PushR => {
+                let (slow, resume) = self.slow(i, false);
+                let a = &mut self.a;
+                dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + stack] ; sub rax, 8);
+                self.translate(8, true, slow);
+                let a = &mut self.a;
+                let v = gpr(f.r0);
+                dynasm!(a
+                    ; .arch x64
+                    ; mov rcx, QWORD [rbx + v]
+                    ; mov QWORD [rax], rcx
+                    ; sub QWORD [rbx + stack], 8
+                    ; =>resume
+                );
+            }
+            Form::PopR => {
+                let (slow, resume) = self.slow(i, false);
+                let a = &mut self.a;
+                dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + stack]);
+                self.translate(8, false, slow);
+                let a = &mut self.a;
+                dynasm!(a
+                    ; .arch x64
+                    ; mov rax, QWORD [rax]
+                    ; add QWORD [rbx + stack], 8
+                );
+                store(a, f.r0, 64);
+                dynasm!(a ; .arch x64 ; =>resume);
+            }
+            Form::Call => {
+                let (slow, resume) = self.slow(i, false);
+                let a = &mut self.a;
+                dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + stack] ; sub rax, 8);
+                self.translate(8, true, slow);
+                let a = &mut self.a;
+                let t = f.imm as i64;
+                dynasm!(a
+                    ; .arch x64
+                    // The return address: this (last) instruction's next RIP.
+                    ; mov rcx, QWORD [rbx + nr]
+                    ; mov QWORD [rax], rcx
+                    ; sub QWORD [rbx + stack], 8
+                    ; mov rcx, QWORD t
+                    ; mov QWORD [rbx + nr], rcx
+                    ; =>resume
+                );
+            }
+            Form::Ret => {
+                let (slow, resume) = self.slow(i, false);
+                let a = &mut self.a;
+                dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + stack]);
+                self.translate(8, false, slow);
+                let a = &mut self.a;
+                let release = 8 + f.imm as i32;
+                dynasm!(a
+                    ; .arch x64
+                    ; mov rax, QWORD [rax]
+                    // A non-canonical return address faults (the handler raises it).
+                    ; mov rcx, rax
+                    ; sar rcx, 47
+                    ; inc rcx
+                    ; cmp rcx, 1
+                    ; ja =>slow
+                    ; add QWORD [rbx + stack], release
+                    ; mov QWORD [rbx + nr], rax
+                    ; =>resume
+                );
+            }
+            Form::Jmp => {
+                let a = &mut self.a;
+                let t = f.imm as i64;
+                dynasm!(a ; .arch x64 ; mov rax, QWORD t ; mov QWORD [rbx + nr], rax);
+            }
+            Form::Jcc => {
+                // next_rip = cc ? target : next_rip, without a branch.
+                let a = &mut self.a;
+                let t = f.imm as i64;
+                if !fused {
+                    load_flags(a);
+                }
+                dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + nr] ; mov rcx, QWORD t);
+                cmov_rax_rcx(a, f.sub);
+                dynasm!(a ; .arch x64 ; mov QWORD [rbx + nr], rax);
+            }
+            Form::SetccR => {
+                let a = &mut self.a;
+                if !fused {
+                    load_flags(a);
+                }
+                setcc_al(a, f.sub);
+                store(a, f.r0, 8);
+            }
+            Form::CmovRR => {
+                let a = &mut self.a;
+                if !fused {
+                    load_flags(a);
+                }
+                load(a, 0, f.r0, bits);
+                load(a, 1, f.r1, bits);
+                cmov_rax_rcx(a, f.sub);
+                store(a, f.r0, bits);
+            }
+            _ => {}
+        }
+    }
+}

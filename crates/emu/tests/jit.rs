@@ -1,0 +1,511 @@
+//! The JIT against the interpreter: random instruction sequences (flag consumers after flag
+//! producers, memory operands within a page and across pages, stores into the code's own page,
+//! pushes and pops, forward branches, faults in the middle of a block) run on two vCPUs, one
+//! with every translated block compiled from its first run and one with the JIT off, and must
+//! leave the same registers, defined flags, memory and RIP. And the code cache is never
+//! writable and executable at once.
+
+mod common;
+
+use common::*;
+use iced_x86::code_asm::*;
+use kvmbox_cpu::{Regs, Vcpu, VcpuExit};
+use vm_memory::{Bytes, GuestAddress};
+
+const CF: u64 = 1;
+const PF: u64 = 4;
+const AF: u64 = 0x10;
+const ZF: u64 = 0x40;
+const SF: u64 = 0x80;
+const OF: u64 = 0x800;
+const ALL: u64 = CF | PF | AF | ZF | SF | OF;
+
+/// Where every exception handler halts.
+const GP_HANDLER: u64 = 0x20000;
+/// Data the sequences address through R15 (two pages: accesses at 4093 cross into the second).
+const DATA_BYTES: usize = 8192;
+/// Stack bytes compared (below KSTACK: pushes, and the exception frame).
+const STACK_BYTES: u64 = 512;
+/// Where the exception frame's RFLAGS is, below KSTACK (SS, RSP, RFLAGS, CS, RIP, error).
+const FRAME_RFLAGS: u64 = 24;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn value(&mut self) -> u64 {
+        const EDGE: [u64; 6] = [
+            0,
+            1,
+            u64::MAX,
+            0x8000_0000_0000_0000,
+            0x7fff_ffff,
+            0xffff_ffff,
+        ];
+        match self.below(4) {
+            0 => EDGE[self.below(EDGE.len() as u64) as usize],
+            1 => self.below(256),
+            _ => self.next(),
+        }
+    }
+}
+
+const R64: [AsmRegister64; 16] = [
+    rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15,
+];
+const R32: [AsmRegister32; 16] = [
+    eax, ecx, edx, ebx, esp, ebp, esi, edi, r8d, r9d, r10d, r11d, r12d, r13d, r14d, r15d,
+];
+const R8: [AsmRegister8; 4] = [al, cl, dl, bl];
+
+/// Flags each condition code (x86 order) reads.
+const COND_READS: [u64; 16] = [
+    OF,
+    OF,
+    CF,
+    CF,
+    ZF,
+    ZF,
+    CF | ZF,
+    CF | ZF,
+    SF,
+    SF,
+    PF,
+    PF,
+    SF | OF,
+    SF | OF,
+    ZF | SF | OF,
+    ZF | SF | OF,
+];
+
+/// One random sequence: its code, the flags it leaves undefined at its end, and those it
+/// leaves undefined anywhere (a fault's frame holds the flags of that point).
+fn sequence(rng: &mut Rng, len: usize) -> (Vec<u8>, u64, u64) {
+    let mut undef = 0u64;
+    let mut ever = 0u64;
+    let code = asm64(CODE, |a| {
+        // Registers the sequence may write: not RSP, R15 (the data base) nor R13 (the code
+        // page's address).
+        let pick = |rng: &mut Rng| {
+            let r = [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 14][rng.below(13) as usize];
+            r as usize
+        };
+        for _ in 0..len {
+            let d = pick(rng);
+            let s = pick(rng);
+            let disp = (rng.below(DATA_BYTES as u64 / 8 - 1) * 8) as i32;
+            let kind = rng.below(24);
+            // Flags written, and left undefined, by this instruction.
+            let (writes, leaves) = match kind {
+                0 => {
+                    a.mov(R64[d], R64[s])?;
+                    (0, 0)
+                }
+                1 => {
+                    a.mov(R64[d], rng.value())?;
+                    (0, 0)
+                }
+                2 => {
+                    a.mov(R64[d], qword_ptr(r15 + disp))?;
+                    (0, 0)
+                }
+                3 => {
+                    a.mov(qword_ptr(r15 + disp), R64[s])?;
+                    (0, 0)
+                }
+                4 => {
+                    a.mov(dword_ptr(r15 + disp), rng.next() as u32)?;
+                    (0, 0)
+                }
+                5 => {
+                    match rng.below(4) {
+                        0 => a.add(R64[d], R64[s])?,
+                        1 => a.sub(R32[d], R32[s])?,
+                        2 => a.adc(R64[d], R64[s])?,
+                        _ => a.sbb(R64[d], R64[s])?,
+                    }
+                    (ALL, 0)
+                }
+                6 => {
+                    match rng.below(3) {
+                        0 => a.and(R64[d], R64[s])?,
+                        1 => a.or(R32[d], R32[s])?,
+                        _ => a.xor(R64[d], R64[s])?,
+                    }
+                    (ALL, AF)
+                }
+                7 => {
+                    a.cmp(R64[d], rng.next() as i32)?;
+                    (ALL, 0)
+                }
+                8 => {
+                    a.add(R64[d], qword_ptr(r15 + disp))?;
+                    (ALL, 0)
+                }
+                9 => {
+                    a.cmp(qword_ptr(r15 + disp), R64[s])?;
+                    (ALL, 0)
+                }
+                10 => {
+                    a.sub(dword_ptr(r15 + disp), R32[s])?;
+                    (ALL, 0)
+                }
+                11 => {
+                    if rng.below(2) == 0 {
+                        a.inc(R64[d])?;
+                    } else {
+                        a.dec(R32[d])?;
+                    }
+                    (ALL & !CF, 0)
+                }
+                12 => {
+                    let n = 1 + rng.below(63) as u32;
+                    match rng.below(3) {
+                        0 => a.shl(R64[d], n)?,
+                        1 => a.shr(R64[d], n)?,
+                        _ => a.sar(R64[d], n)?,
+                    }
+                    (ALL, if n == 1 { AF } else { AF | OF })
+                }
+                13 => {
+                    a.imul_2(R64[d], R64[s])?;
+                    (ALL, SF | ZF | AF | PF)
+                }
+                14 => {
+                    a.lea(R64[d], qword_ptr(R64[s] + R64[pick(rng)] * 4 + disp))?;
+                    (0, 0)
+                }
+                15 => {
+                    if rng.below(2) == 0 {
+                        a.movzx(R32[d], byte_ptr(r15 + disp + 3))?;
+                    } else {
+                        a.movsx(R64[d], word_ptr(r15 + disp + 2))?;
+                    }
+                    (0, 0)
+                }
+                16 | 17 => {
+                    // A condition whose flags are all defined now.
+                    let ok: Vec<u32> = (0..16u32)
+                        .filter(|&c| COND_READS[c as usize] & undef == 0)
+                        .collect();
+                    if ok.is_empty() {
+                        a.nop()?;
+                        continue;
+                    }
+                    let cc = ok[rng.below(ok.len() as u64) as usize];
+                    if kind == 16 {
+                        let r = R8[rng.below(4) as usize];
+                        emit_setcc(a, cc, r)?;
+                    } else {
+                        emit_cmov(a, cc, R64[d], R64[s])?;
+                    }
+                    (0, 0)
+                }
+                18 => {
+                    a.push(R64[s])?;
+                    a.pop(R64[d])?;
+                    (0, 0)
+                }
+                19 => {
+                    // Across a page boundary (the fast path's limit).
+                    a.mov(R64[d], qword_ptr(r15 + 4093))?;
+                    (0, 0)
+                }
+                20 => {
+                    // A store into the code's own page (after the code): ends a block.
+                    a.mov(qword_ptr(r13 + 0x800 + disp % 0x400), R64[s])?;
+                    (0, 0)
+                }
+                21 => {
+                    // A forward branch over one instruction, on a defined condition.
+                    let ok: Vec<u32> = (0..16u32)
+                        .filter(|&c| COND_READS[c as usize] & undef == 0)
+                        .collect();
+                    let mut over = a.create_label();
+                    if ok.is_empty() {
+                        a.jmp(over)?;
+                    } else {
+                        emit_jcc(a, ok[rng.below(ok.len() as u64) as usize], over)?;
+                    }
+                    a.add(R64[d], 1)?;
+                    a.set_label(&mut over)?;
+                    a.nop()?;
+                    // Taken or not, the flags are defined where they were (the ADD's are).
+                    (0, 0)
+                }
+                22 => {
+                    // A fault in the middle: a non-canonical address (#GP, or #SS based on RBP).
+                    if rng.below(4) == 0 {
+                        a.mov(R64[d], 0x8000_0000_0000_0000u64)?;
+                        a.mov(R64[s], qword_ptr(R64[d] + 8))?;
+                    } else {
+                        a.nop()?;
+                    }
+                    (0, 0)
+                }
+                _ => {
+                    a.neg(R64[d])?;
+                    (ALL, 0)
+                }
+            };
+            undef = (undef & !writes) | leaves;
+            ever |= leaves;
+        }
+        a.hlt()?;
+        Ok(())
+    });
+    (code, undef, ever)
+}
+
+fn emit_setcc(a: &mut CodeAssembler, cc: u32, r: AsmRegister8) -> Result<(), IcedError> {
+    match cc {
+        0 => a.seto(r),
+        1 => a.setno(r),
+        2 => a.setb(r),
+        3 => a.setae(r),
+        4 => a.sete(r),
+        5 => a.setne(r),
+        6 => a.setbe(r),
+        7 => a.seta(r),
+        8 => a.sets(r),
+        9 => a.setns(r),
+        10 => a.setp(r),
+        11 => a.setnp(r),
+        12 => a.setl(r),
+        13 => a.setge(r),
+        14 => a.setle(r),
+        _ => a.setg(r),
+    }
+}
+
+fn emit_cmov(
+    a: &mut CodeAssembler,
+    cc: u32,
+    d: AsmRegister64,
+    s: AsmRegister64,
+) -> Result<(), IcedError> {
+    match cc {
+        0 => a.cmovo(d, s),
+        1 => a.cmovno(d, s),
+        2 => a.cmovb(d, s),
+        3 => a.cmovae(d, s),
+        4 => a.cmove(d, s),
+        5 => a.cmovne(d, s),
+        6 => a.cmovbe(d, s),
+        7 => a.cmova(d, s),
+        8 => a.cmovs(d, s),
+        9 => a.cmovns(d, s),
+        10 => a.cmovp(d, s),
+        11 => a.cmovnp(d, s),
+        12 => a.cmovl(d, s),
+        13 => a.cmovge(d, s),
+        14 => a.cmovle(d, s),
+        _ => a.cmovg(d, s),
+    }
+}
+
+fn emit_jcc(a: &mut CodeAssembler, cc: u32, l: CodeLabel) -> Result<(), IcedError> {
+    match cc {
+        0 => a.jo(l),
+        1 => a.jno(l),
+        2 => a.jb(l),
+        3 => a.jae(l),
+        4 => a.je(l),
+        5 => a.jne(l),
+        6 => a.jbe(l),
+        7 => a.ja(l),
+        8 => a.js(l),
+        9 => a.jns(l),
+        10 => a.jp(l),
+        11 => a.jnp(l),
+        12 => a.jl(l),
+        13 => a.jge(l),
+        14 => a.jle(l),
+        _ => a.jg(l),
+    }
+}
+
+/// A vCPU with its memory, exception handlers that halt installed.
+struct Machine {
+    mem: kvmbox_cpu::GuestMemoryMmap,
+    vcpu: kvmbox_emu::EmuVcpu,
+    _vm: kvmbox_emu::EmuVm,
+}
+
+/// What a run leaves: registers, RIP, flags, data, stack, and the code page's tail.
+#[derive(PartialEq)]
+struct Outcome {
+    regs: [u64; 16],
+    rip: u64,
+    flags: u64,
+    data: Vec<u8>,
+    stack: Vec<u8>,
+    code_tail: Vec<u8>,
+}
+
+impl Machine {
+    fn new(jit_threshold: u32) -> Machine {
+        let (mem, vm, mut vcpu) = long_machine(&[0xf4]);
+        // Every exception halts (#GP, or #SS for a stack-segment address).
+        for vector in 0..32 {
+            set_gate(&mem, vector, GP_HANDLER, 0, 0, false);
+        }
+        mem.write_slice(&[0xf4], GuestAddress(GP_HANDLER)).unwrap();
+        vcpu.set_jit_threshold(jit_threshold);
+        Machine { mem, vcpu, _vm: vm }
+    }
+
+    fn run(&mut self, code: &[u8], regs: &[u64; 16], flags: u64, data: &[u8]) -> Outcome {
+        self.mem.write_slice(code, GuestAddress(CODE)).unwrap();
+        self.mem
+            .write_slice(&[0u8; 0x800], GuestAddress(CODE + 0x800))
+            .unwrap();
+        self.mem.write_slice(data, GuestAddress(DATA)).unwrap();
+        self.mem
+            .write_slice(
+                &[0u8; STACK_BYTES as usize],
+                GuestAddress(KSTACK - STACK_BYTES),
+            )
+            .unwrap();
+        self.vcpu
+            .set_regs(&Regs::from_gprs(*regs, CODE, flags))
+            .unwrap();
+        let exit = self.vcpu.run(&Recorder::default()).unwrap();
+        assert_eq!(
+            exit,
+            VcpuExit::Halted,
+            "rip {:#x} code {code:02x?}",
+            self.vcpu.regs().unwrap().rip
+        );
+        let o = self.vcpu.regs().unwrap();
+        let mut data = vec![0u8; DATA_BYTES];
+        self.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        let mut stack = vec![0u8; STACK_BYTES as usize];
+        self.mem
+            .read_slice(&mut stack, GuestAddress(KSTACK - STACK_BYTES))
+            .unwrap();
+        let mut code_tail = vec![0u8; 0x800];
+        self.mem
+            .read_slice(&mut code_tail, GuestAddress(CODE + 0x800))
+            .unwrap();
+        Outcome {
+            regs: o.gprs(),
+            rip: o.rip,
+            flags: o.rflags,
+            data,
+            stack,
+            code_tail,
+        }
+    }
+}
+
+/// Where two outcomes differ, briefly.
+fn differences(want: &Outcome, got: &Outcome) -> String {
+    let mut d = Vec::new();
+    for i in 0..16 {
+        if want.regs[i] != got.regs[i] {
+            d.push(format!("r{i}: {:#x} vs {:#x}", want.regs[i], got.regs[i]));
+        }
+    }
+    if want.rip != got.rip {
+        d.push(format!("rip: {:#x} vs {:#x}", want.rip, got.rip));
+    }
+    if want.flags != got.flags {
+        d.push(format!("flags: {:#x} vs {:#x}", want.flags, got.flags));
+    }
+    for (name, w, g) in [
+        ("data", &want.data, &got.data),
+        ("stack", &want.stack, &got.stack),
+        ("code page", &want.code_tail, &got.code_tail),
+    ] {
+        if let Some(at) = (0..w.len()).find(|&i| w[i] != g[i]) {
+            d.push(format!(
+                "{name} from byte {at:#x}: {:02x?} vs {:02x?}",
+                &w[at..(at + 8).min(w.len())],
+                &g[at..(at + 8).min(g.len())]
+            ));
+        }
+    }
+    format!("interpreter vs JIT: {}", d.join("; "))
+}
+
+#[test]
+fn jit_matches_the_interpreter_on_random_sequences() {
+    let mut interp = Machine::new(0);
+    let mut jit = Machine::new(1);
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut faults = 0;
+    for case in 0..3000 {
+        let len = 1 + rng.below(24) as usize;
+        let (code, undef_end, undef_ever) = sequence(&mut rng, len);
+        let mut regs = [0u64; 16];
+        for r in regs.iter_mut() {
+            *r = rng.value();
+        }
+        regs[4] = KSTACK;
+        regs[13] = CODE;
+        regs[15] = DATA;
+        let flags = (rng.next() & ALL) | 2;
+        let mut data = vec![0u8; DATA_BYTES];
+        for chunk in data.chunks_mut(8) {
+            chunk.copy_from_slice(&rng.value().to_le_bytes());
+        }
+        let want = interp.run(&code, &regs, flags, &data);
+        let mut got = jit.run(&code, &regs, flags, &data);
+        // Flags the sequence left undefined may differ (the JIT takes the host's): at its end,
+        // or (after a fault) where it faulted, in RFLAGS and in the exception frame.
+        let faulted = want.rip == GP_HANDLER + 1;
+        faults += usize::from(faulted);
+        let undef = if faulted { undef_ever } else { undef_end };
+        got.flags = (got.flags & !undef) | (want.flags & undef);
+        if faulted {
+            let at = (STACK_BYTES - FRAME_RFLAGS) as usize;
+            let w = u64::from_le_bytes(want.stack[at..at + 8].try_into().unwrap());
+            let g = u64::from_le_bytes(got.stack[at..at + 8].try_into().unwrap());
+            let g = (g & !undef) | (w & undef);
+            got.stack[at..at + 8].copy_from_slice(&g.to_le_bytes());
+        }
+        assert!(
+            got == want,
+            "case {case}: code {code:02x?}: {}",
+            differences(&want, &got)
+        );
+    }
+    let s = jit.vcpu.stats();
+    println!(
+        "JIT: {} blocks compiled, {} of {} instructions in JIT code; {faults} sequences faulted",
+        s.jit_blocks, s.jit_instructions, s.instructions
+    );
+    assert!(faults > 50, "{faults} sequences faulted");
+    assert!(s.jit_instructions > s.instructions / 2, "{s:?}");
+}
+
+/// The code cache's pages are writable only while code is copied in, then executable: no
+/// mapping of the process is ever both (checked after compiling many blocks).
+#[test]
+fn the_code_cache_is_never_writable_and_executable() {
+    let mut m = Machine::new(1);
+    let mut rng = Rng(7);
+    for _ in 0..200 {
+        let (code, ..) = sequence(&mut rng, 12);
+        m.run(&code, &[DATA; 16], 2, &[0u8; DATA_BYTES]);
+    }
+    assert!(m.vcpu.stats().jit_blocks > 100);
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let wx: Vec<&str> = maps
+        .lines()
+        .filter(|l| {
+            let perms = l.split_whitespace().nth(1).unwrap_or("");
+            perms.contains('w') && perms.contains('x')
+        })
+        .collect();
+    assert!(wx.is_empty(), "writable and executable mappings: {wx:#?}");
+}
