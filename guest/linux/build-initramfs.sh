@@ -4,14 +4,17 @@
 #   guest/linux/build-initramfs.sh [--lz4]
 #
 # Contents: Debian's busybox-static, guest/linux/init as /init, guest/linux/etc/kvmbox/* as
-# /etc/kvmbox/*, and the virtio modules of the kernel that fetch-kernel.sh fetches (with every
-# module they depend on, in dependency order, listed in /lib/modules/kvmbox-load-order).
+# /etc/kvmbox/*, /bin/kvmbox-atomics (atomics/atomics.c, built here with the host's
+# `gcc -O2 -static`: Debian packages gcc and libc6-dev), and the virtio modules of the kernel
+# that fetch-kernel.sh fetches (with every module they depend on, in dependency order, listed
+# in /lib/modules/kvmbox-load-order).
 #
 # Result: ~/.cache/kvmbox/initramfs/<key>/initramfs.cpio.gz (or .cpio.lz4 with --lz4; the Debian
 # cloud kernel has CONFIG_RD_LZ4=y). <key> = kernel package and version + busybox-static version
-# + a hash of this script, init and etc/kvmbox/*; a second run with the same inputs does no work
-# and no network I/O. Concurrent runs are serialised with flock. Needs root only to install
-# missing host tools (cpio) and for `apt-get update`. Messages go to stderr.
+# + a hash of this script, init, etc/kvmbox/*, atomics/atomics.c and the gcc version; a second
+# run with the same inputs does no work and no network I/O. Concurrent runs are serialised with
+# flock. Needs root only to install missing host tools (cpio, gcc, libc6-dev) and for
+# `apt-get update`. Messages go to stderr.
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -28,7 +31,7 @@ while [ $# -gt 0 ]; do
         --lz4) COMPRESS=lz4 ;;
         --gzip) COMPRESS=gz ;;
         -h | --help)
-            sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
+            sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
             exit 0
             ;;
         *) die "unknown argument '$1' (expected --lz4 or --gzip)" ;;
@@ -72,9 +75,17 @@ need_tool flock util-linux
 need_tool dpkg-deb dpkg
 [ "$COMPRESS" = gz ] && need_tool gzip gzip
 [ "$COMPRESS" = lz4 ] && need_tool lz4 lz4
+need_tool gcc gcc
+LIBC_A=$(gcc -print-file-name=libc.a)
+if [ ! -f "$LIBC_A" ]; then
+    log "gcc has no static libc (libc.a); installing Debian package libc6-dev"
+    [ "$(id -u)" -eq 0 ] || die "libc.a is missing and installing libc6-dev needs root (run: apt-get install -y libc6-dev)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libc6-dev >&2 || die "apt-get install libc6-dev failed"
+fi
 
 [ -f "$HERE/init" ] || die "missing $HERE/init"
 [ -d "$HERE/etc/kvmbox" ] || die "missing $HERE/etc/kvmbox"
+[ -f "$HERE/atomics/atomics.c" ] || die "missing $HERE/atomics/atomics.c"
 
 # --- kernel (and its modules) -------------------------------------------------------------
 VMLINUZ=$(sh "$HERE/fetch-kernel.sh" | tail -n 1) || die "fetch-kernel.sh failed"
@@ -145,10 +156,11 @@ done
 # --- cache key and lock ---------------------------------------------------------------------
 HASH=$( (
     cd "$HERE"
-    for f in build-initramfs.sh init $(find etc/kvmbox -type f | LC_ALL=C sort); do
+    for f in build-initramfs.sh init atomics/atomics.c $(find etc/kvmbox -type f | LC_ALL=C sort); do
         printf '%s\n' "$f"
         cat "$f"
     done
+    gcc --version | head -n 1
 ) | sha256sum | cut -c1-16)
 KEY="${KKEY}+$(basename "$BBDIR")+$HASH"
 OUT="$OUT_ROOT/$KEY"
@@ -237,6 +249,9 @@ for f in "$HERE"/etc/kvmbox/*; do
     cp "$f" "$R/etc/kvmbox/"
     chmod 0755 "$R/etc/kvmbox/$(basename "$f")"
 done
+gcc -O2 -static -Wall -o "$R/bin/kvmbox-atomics" "$HERE/atomics/atomics.c" >&2 ||
+    die "gcc -O2 -static of $HERE/atomics/atomics.c failed"
+chmod 0755 "$R/bin/kvmbox-atomics"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$R/etc/passwd"
 printf 'root:x:0:\n' >"$R/etc/group"
 

@@ -261,16 +261,55 @@ pub unsafe fn cmpxchg16(p: *mut u8, old: u128, new: u128) -> u128 {
     }
 }
 
+/// The process-wide lock of split locked accesses (x86 allows them): misaligned ones in one page
+/// ([`cmpxchg`]) and those crossing a page ([`rmw_split`]). They are atomic with respect to each
+/// other; an aligned locked access to part of the same bytes does not take it.
+fn split_lock() -> std::sync::MutexGuard<'static, ()> {
+    static SPLIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SPLIT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Locked read-modify-write of a `size`-byte (at most 8) little-endian value whose first `n1`
+/// bytes are at `p1` and the rest at `p2` (an access crossing a page: two host pieces), under
+/// the split lock; returns the old value. `f` gets the old value and returns the new one.
+///
+/// # Safety
+/// `p1` must be valid for `n1` bytes and `p2` for `size - n1` bytes, with `0 < n1 < size <= 8`.
+pub unsafe fn rmw_split(
+    p1: *mut u8,
+    n1: usize,
+    p2: *mut u8,
+    size: u32,
+    f: &mut dyn FnMut(u64) -> u64,
+) -> u64 {
+    let size = size as usize;
+    debug_assert!(0 < n1 && n1 < size && size <= 8);
+    let _g = split_lock();
+    let mut b = [0u8; 8];
+    // SAFETY: the caller guarantees both pieces are valid; b has room for size bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(p1, b.as_mut_ptr(), n1);
+        std::ptr::copy_nonoverlapping(p2, b.as_mut_ptr().add(n1), size - n1);
+    }
+    let old = u64::from_le_bytes(b);
+    let new = f(old).to_le_bytes();
+    // SAFETY: as above.
+    unsafe {
+        std::ptr::copy_nonoverlapping(new.as_ptr(), p1, n1);
+        std::ptr::copy_nonoverlapping(new.as_ptr().add(n1), p2, size - n1);
+    }
+    old
+}
+
 /// Atomic compare-and-exchange of `size` bytes at `p`; returns the value found.
-/// Falls back to a process-wide lock for misaligned addresses (x86 allows split locks).
+/// Falls back to the process-wide split lock for misaligned addresses (x86 allows split locks).
 ///
 /// # Safety
 /// `p` must be valid for `size` bytes.
 pub unsafe fn cmpxchg(p: *mut u8, size: u32, old: u64, new: u64) -> u64 {
     let aligned = (p as usize).is_multiple_of(size as usize);
     if !aligned {
-        static SPLIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _g = SPLIT.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = split_lock();
         // SAFETY: the caller guarantees validity.
         let cur = unsafe { load(p, size) };
         if cur == old {

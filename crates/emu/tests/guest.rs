@@ -832,6 +832,40 @@ fn cmpxchg16b_is_atomic_across_vcpu_threads() {
     assert_eq!(r64(&mem, DATA + 8), (1 << 40) + 2 * N as u64);
 }
 
+/// Locked read-modify-writes that cross a 4 KiB page (x86 allows these split locks; the engine
+/// has no single host pointer for them) are atomic across vCPU threads too: LOCK XADD (64-bit),
+/// LOCK ADD (32-bit) and a LOCK CMPXCHG8B retry loop, each on a counter straddling a page.
+/// Before the split lock covered them they lost updates (found by the Linux SMP atomics test).
+#[test]
+fn locked_rmw_across_a_page_is_atomic_across_vcpu_threads() {
+    const N: u32 = 20_000;
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        let mut retry = a.create_label();
+        a.mov(rdi, DATA)?;
+        a.mov(esi, N)?;
+        a.set_label(&mut top)?;
+        a.mov(eax, 1u32)?;
+        a.lock().xadd(qword_ptr(rdi + 0xffc), rax)?;
+        a.lock().add(dword_ptr(rdi + 0x1ffe), 3)?;
+        a.mov(eax, dword_ptr(rdi + 0x2ffa))?;
+        a.mov(edx, dword_ptr(rdi + 0x2ffe))?;
+        a.set_label(&mut retry)?;
+        a.lea(ebx, ptr(rax + 1))?;
+        a.mov(ecx, edx)?;
+        a.lock().cmpxchg8b(qword_ptr(rdi + 0x2ffa))?;
+        a.jnz(retry)?;
+        a.dec(esi)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    let (mem, vm, v0) = long_machine(&code);
+    run_with_a_second_vcpu_to_halt(&vm, v0);
+    assert_eq!(r64(&mem, DATA + 0xffc), 2 * N as u64, "lock xadd");
+    assert_eq!(r64(&mem, DATA + 0x1ffe) as u32, 6 * N, "lock add");
+    assert_eq!(r64(&mem, DATA + 0x2ffa), 2 * N as u64, "lock cmpxchg8b");
+}
+
 /// Self-modifying code inside one translated block: the store rewrites the immediate of the
 /// very next instruction, which the block already holds decoded. The write into the block's
 /// own page must end the block, so the new bytes run (42, not 1).

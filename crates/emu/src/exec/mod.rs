@@ -300,6 +300,11 @@ impl Cpu {
                             old = seen;
                         }
                     }
+                    if let Some(old) =
+                        self.rmw_locked_across_pages(lin, size, &mut |a| f(a) & mask(bits))?
+                    {
+                        return Ok(old);
+                    }
                 }
                 let user = self.st.cpl() == 3;
                 // Check write access first (x86 faults an RMW on a read-only page as a write).
@@ -311,6 +316,32 @@ impl Cpu {
             }
             Loc::Imm(_) => Err(ud()),
         }
+    }
+
+    /// A locked read-modify-write of `size` bytes at `lin` that crosses a page, atomic (under
+    /// the split lock, [`mem::rmw_split`]) when both pages are RAM: Some(old value). None when
+    /// it does not cross a page or a page is not RAM (an MMIO access is never atomic).
+    /// Both pages are checked for write access first, the lower one first.
+    fn rmw_locked_across_pages(
+        &mut self,
+        lin: u64,
+        size: u32,
+        f: &mut dyn FnMut(u64) -> u64,
+    ) -> R<Option<u64>> {
+        let n1 = 0x1000 - (lin & 0xfff);
+        if n1 >= u64::from(size) {
+            return Ok(None);
+        }
+        let lo = self.lin_ptr_w(lin, n1 as u32)?;
+        let hi = self.lin_ptr_w(lin.wrapping_add(n1), size - n1 as u32)?;
+        let (Some(p1), Some(p2)) = (lo, hi) else {
+            return Ok(None);
+        };
+        // SAFETY: lin_ptr_w gave p1 valid for n1 bytes and p2 for size - n1 bytes (each in one
+        // RAM page), and 0 < n1 < size <= 8.
+        Ok(Some(unsafe {
+            mem::rmw_split(p1, n1 as usize, p2, size, f)
+        }))
     }
 
     /// RFLAGS' status flags (CF PF AF ZF SF OF) from `f`.
@@ -575,14 +606,18 @@ impl Cpu {
                 let lin = self.seg_lin(s, off, 8, true)?;
                 let expect = (self.st.gpr[gpr::RDX] << 32) | (self.st.gpr[gpr::RAX] & 0xffff_ffff);
                 let new = (self.st.gpr[gpr::RCX] << 32) | (self.st.gpr[gpr::RBX] & 0xffff_ffff);
+                let cas = &mut |v| if v == expect { new } else { v };
                 let old = match self.lin_ptr_w(lin, 8)? {
                     // SAFETY: p is valid for 8 bytes in one RAM page.
                     Some(p) => unsafe { mem::cmpxchg(p, 8, expect, new) },
-                    None => {
-                        let v = self.read_lin(lin, 8)?;
-                        self.write_lin(lin, 8, if v == expect { new } else { v })?;
-                        v
-                    }
+                    None => match self.rmw_locked_across_pages(lin, 8, cas)? {
+                        Some(v) => v,
+                        None => {
+                            let v = self.read_lin(lin, 8)?;
+                            self.write_lin(lin, 8, cas(v))?;
+                            v
+                        }
+                    },
                 };
                 if old == expect {
                     self.st.rflags |= ZF;
