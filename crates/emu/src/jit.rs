@@ -235,6 +235,29 @@ fn store(a: &mut Asm, r: u8, bits: u8) {
     }
 }
 
+/// Host registers by number (dynasm's `Rq(n)`).
+const RAX: u8 = 0;
+const RCX: u8 = 1;
+const R8: u8 = 8;
+
+/// Go to `label` unless RAX is canonical (bits 63..47 all equal). Uses RCX.
+fn unless_canonical(a: &mut Asm, label: DynamicLabel) {
+    dynasm!(a
+        ; .arch x64
+        ; mov rcx, rax
+        ; sar rcx, 47
+        ; inc rcx
+        ; cmp rcx, 1
+        ; ja =>label
+    );
+}
+
+/// The guest's CF into the host's (ADC/SBB read it, INC/DEC keep it).
+fn carry_in(a: &mut Asm) {
+    let rf = rflags();
+    dynasm!(a ; .arch x64 ; bt QWORD [rbx + rf], 0);
+}
+
 /// Merge the host's arithmetic flags into the guest's RFLAGS.
 fn merge_flags(a: &mut Asm) {
     let rf = rflags();
@@ -519,14 +542,9 @@ fn emit_translate(a: &mut Asm, size: i32, write: bool) {
     let last = 4096 - size;
     let index_mask = (crate::mmu::TLB_SIZE - 1) as i32;
     let fail = a.new_dynamic_label();
+    unless_canonical(a, fail);
     dynasm!(a
         ; .arch x64
-        // Canonical: bits 63..47 all equal.
-        ; mov rcx, rax
-        ; sar rcx, 47
-        ; inc rcx
-        ; cmp rcx, 1
-        ; ja =>fail
         // Within one page.
         ; mov ecx, eax
         ; and ecx, 0xfff
@@ -676,28 +694,29 @@ impl Block<'_> {
         );
     }
 
-    /// RAX = the `bits`-wide value at host address RAX, zero-extended (or sign-extended).
-    fn load_mem(&mut self, bits: u8, signed: bool) {
+    /// Host register `dst` = the `bits`-wide value at the host address in register `ptr`,
+    /// zero-extended (or sign-extended).
+    fn load_mem(&mut self, dst: u8, ptr: u8, bits: u8, signed: bool) {
         let a = &mut self.a;
         match (bits, signed) {
-            (64, _) => dynasm!(a ; .arch x64 ; mov rax, QWORD [rax]),
-            (32, false) => dynasm!(a ; .arch x64 ; mov eax, DWORD [rax]),
-            (32, true) => dynasm!(a ; .arch x64 ; movsxd rax, DWORD [rax]),
-            (16, false) => dynasm!(a ; .arch x64 ; movzx eax, WORD [rax]),
-            (16, true) => dynasm!(a ; .arch x64 ; movsx rax, WORD [rax]),
-            (_, false) => dynasm!(a ; .arch x64 ; movzx eax, BYTE [rax]),
-            (_, true) => dynasm!(a ; .arch x64 ; movsx rax, BYTE [rax]),
+            (64, _) => dynasm!(a ; .arch x64 ; mov Rq(dst), QWORD [Rq(ptr)]),
+            (32, false) => dynasm!(a ; .arch x64 ; mov Rd(dst), DWORD [Rq(ptr)]),
+            (32, true) => dynasm!(a ; .arch x64 ; movsxd Rq(dst), DWORD [Rq(ptr)]),
+            (16, false) => dynasm!(a ; .arch x64 ; movzx Rd(dst), WORD [Rq(ptr)]),
+            (16, true) => dynasm!(a ; .arch x64 ; movsx Rq(dst), WORD [Rq(ptr)]),
+            (_, false) => dynasm!(a ; .arch x64 ; movzx Rd(dst), BYTE [Rq(ptr)]),
+            (_, true) => dynasm!(a ; .arch x64 ; movsx Rq(dst), BYTE [Rq(ptr)]),
         }
     }
 
-    /// Store RCX's low `bits` at host address `ptr` (RAX or R8).
-    fn store_mem(&mut self, ptr: u8, bits: u8) {
+    /// Store host register `src`'s low `bits` at the host address in register `ptr`.
+    fn store_mem(&mut self, ptr: u8, src: u8, bits: u8) {
         let a = &mut self.a;
         match bits {
-            64 => dynasm!(a ; .arch x64 ; mov QWORD [Rq(ptr)], rcx),
-            32 => dynasm!(a ; .arch x64 ; mov DWORD [Rq(ptr)], ecx),
-            16 => dynasm!(a ; .arch x64 ; mov WORD [Rq(ptr)], cx),
-            _ => dynasm!(a ; .arch x64 ; mov BYTE [Rq(ptr)], cl),
+            64 => dynasm!(a ; .arch x64 ; mov QWORD [Rq(ptr)], Rq(src)),
+            32 => dynasm!(a ; .arch x64 ; mov DWORD [Rq(ptr)], Rd(src)),
+            16 => dynasm!(a ; .arch x64 ; mov WORD [Rq(ptr)], Rw(src)),
+            _ => dynasm!(a ; .arch x64 ; mov BYTE [Rq(ptr)], Rb(src)),
         }
     }
 
@@ -728,7 +747,7 @@ impl Block<'_> {
                     (bits, false)
                 };
                 self.translate(size as i32 / 8, false, slow);
-                self.load_mem(size, signed);
+                self.load_mem(RAX, RAX, size, signed);
                 store(&mut self.a, f.r0, bits);
                 let a = &mut self.a;
                 dynasm!(a ; .arch x64 ; =>resume);
@@ -744,7 +763,7 @@ impl Block<'_> {
                     let a = &mut self.a;
                     dynasm!(a ; .arch x64 ; mov rcx, QWORD imm);
                 }
-                self.store_mem(0, bits);
+                self.store_mem(RAX, RCX, bits);
                 let a = &mut self.a;
                 dynasm!(a ; .arch x64 ; =>resume);
             }
@@ -755,14 +774,8 @@ impl Block<'_> {
                     resume = Some(r);
                     self.address(f);
                     self.translate(bits as i32 / 8, false, slow);
-                    let a = &mut self.a;
-                    match bits {
-                        64 => dynasm!(a ; .arch x64 ; mov rcx, QWORD [rax]),
-                        32 => dynasm!(a ; .arch x64 ; mov ecx, DWORD [rax]),
-                        16 => dynasm!(a ; .arch x64 ; movzx ecx, WORD [rax]),
-                        _ => dynasm!(a ; .arch x64 ; movzx ecx, BYTE [rax]),
-                    }
-                    load(a, 0, f.r0, bits);
+                    self.load_mem(RCX, RAX, bits, false);
+                    load(&mut self.a, 0, f.r0, bits);
                 } else {
                     load(&mut self.a, 0, f.r0, bits);
                     if f.form == Form::AluRR {
@@ -775,9 +788,7 @@ impl Block<'_> {
                 }
                 let a = &mut self.a;
                 if matches!(f.sub, 2 | 3) {
-                    // ADC/SBB: the guest's carry in.
-                    let rf = rflags();
-                    dynasm!(a ; .arch x64 ; bt QWORD [rbx + rf], 0);
+                    carry_in(a);
                 }
                 alu(a, f.sub, bits);
                 if f.sub < 7 {
@@ -801,33 +812,23 @@ impl Block<'_> {
                     let imm = f.imm as i64;
                     dynasm!(a ; .arch x64 ; mov rcx, QWORD imm);
                 }
-                match bits {
-                    64 => dynasm!(a ; .arch x64 ; mov rax, QWORD [r8]),
-                    32 => dynasm!(a ; .arch x64 ; mov eax, DWORD [r8]),
-                    16 => dynasm!(a ; .arch x64 ; movzx eax, WORD [r8]),
-                    _ => dynasm!(a ; .arch x64 ; movzx eax, BYTE [r8]),
-                }
+                self.load_mem(RAX, R8, bits, false);
+                let a = &mut self.a;
                 if matches!(f.sub, 2 | 3) {
-                    let rf = rflags();
-                    dynasm!(a ; .arch x64 ; bt QWORD [rbx + rf], 0);
+                    carry_in(a);
                 }
                 alu(a, f.sub, bits);
                 if writes {
-                    match bits {
-                        64 => dynasm!(a ; .arch x64 ; mov QWORD [r8], rax),
-                        32 => dynasm!(a ; .arch x64 ; mov DWORD [r8], eax),
-                        16 => dynasm!(a ; .arch x64 ; mov WORD [r8], ax),
-                        _ => dynasm!(a ; .arch x64 ; mov BYTE [r8], al),
-                    }
+                    self.store_mem(R8, RAX, bits);
                 }
+                let a = &mut self.a;
                 dynasm!(a ; .arch x64 ; =>resume);
             }
             Form::IncDecR => {
                 let a = &mut self.a;
                 load(a, 0, f.r0, bits);
                 // INC/DEC keep CF: the guest's goes into the host's first.
-                let rf = rflags();
-                dynasm!(a ; .arch x64 ; bt QWORD [rbx + rf], 0);
+                carry_in(a);
                 match (f.sub != 0, bits) {
                     (false, 64) => dynasm!(a ; .arch x64 ; inc rax),
                     (false, 32) => dynasm!(a ; .arch x64 ; inc eax),
@@ -939,15 +940,11 @@ impl Block<'_> {
                 self.translate(8, false, slow);
                 let a = &mut self.a;
                 let release = 8 + f.imm as i32;
+                dynasm!(a ; .arch x64 ; mov rax, QWORD [rax]);
+                // A non-canonical return address faults (the handler raises it).
+                unless_canonical(a, slow);
                 dynasm!(a
                     ; .arch x64
-                    ; mov rax, QWORD [rax]
-                    // A non-canonical return address faults (the handler raises it).
-                    ; mov rcx, rax
-                    ; sar rcx, 47
-                    ; inc rcx
-                    ; cmp rcx, 1
-                    ; ja =>slow
                     ; add QWORD [rbx + stack], release
                     ; mov QWORD [rbx + nr], rax
                     ; =>resume
