@@ -369,6 +369,25 @@ fn produces_flags(f: &Fast) -> bool {
         )
 }
 
+/// Whether the flags after instruction `i` are overwritten before anything can see them: the
+/// instructions that follow in the block, up to one that sets all the arithmetic flags
+/// without reading them, are inline register forms that neither read flags nor leave the
+/// block (no handler call, no slow path that could fault with the guest's flags stale).
+fn flags_dead_after(ops: &[Fast], i: usize) -> bool {
+    for g in &ops[i + 1..] {
+        if !inline(g) {
+            return false;
+        }
+        match g.form {
+            Form::MovRR | Form::MovRI | Form::Lea | Form::MovxR | Form::Nop => {}
+            Form::AluRR | Form::AluRI => return !matches!(g.sub, 2 | 3),
+            Form::ShiftRI | Form::ImulRR => return true,
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// Whether `f` reads a condition of the flags and writes none.
 fn consumes_flags(f: &Fast) -> bool {
     inline(f) && matches!(f.form, Form::Jcc | Form::SetccR | Form::CmovRR)
@@ -456,7 +475,7 @@ fn assemble(ops: &[Fast], at: usize, stubs: Stubs) -> Option<Vec<u8>> {
             b.inline(i + 1, true);
             i += 1;
         }
-        if produces_flags(f) {
+        if produces_flags(f) && !flags_dead_after(ops, i) {
             merge_flags(&mut b.a);
         }
         i += 1;
