@@ -972,14 +972,18 @@ impl Cpu {
     #[inline(never)]
     pub(crate) fn compile_block(&mut self, slot: usize) {
         let mut full = false;
-        let code = self.jit.compile(&self.blocks[slot].fast, &mut full);
+        let code = self
+            .jit
+            .compile(&self.blocks[slot].fast, self.blocks[slot].rip, &mut full);
         if full {
             for b in self.blocks.iter_mut() {
                 b.code = None;
             }
             self.jit.clear();
             self.stats.jit_flushes += 1;
-            let code = self.jit.compile(&self.blocks[slot].fast, &mut full);
+            let code = self
+                .jit
+                .compile(&self.blocks[slot].fast, self.blocks[slot].rip, &mut full);
             self.blocks[slot].code = code;
         } else {
             self.blocks[slot].code = code;

@@ -43,8 +43,10 @@ pub(crate) struct Exit {
     pub(crate) fault: *mut Fault,
 }
 
-/// A compiled block: called with the vCPU, the block's forms and 3 at CPL 3 (else 0).
-pub(crate) type Code = unsafe extern "sysv64" fn(*mut Cpu, *const Fast, u32) -> Exit;
+/// A compiled block: called with the vCPU, the block's forms, 3 at CPL 3 (else 0), and the
+/// most instructions it may run (at least the block's length; a block that branches back to
+/// its own start runs again while a whole run fits).
+pub(crate) type Code = unsafe extern "sysv64" fn(*mut Cpu, *const Fast, u32, u64) -> Exit;
 
 /// Blocks run this many times before they are compiled.
 const THRESHOLD: u32 = 16;
@@ -81,7 +83,7 @@ impl Jit {
     /// Compile `ops` (a block's forms, all with handlers). None when the cache cannot take it
     /// (`full` is then set: the caller drops every block's code and calls `clear`), or when the
     /// code cache cannot be mapped (the JIT is then turned off).
-    pub(crate) fn compile(&mut self, ops: &[Fast], full: &mut bool) -> Option<Code> {
+    pub(crate) fn compile(&mut self, ops: &[Fast], rip: u64, full: &mut bool) -> Option<Code> {
         if self.cache.is_none() {
             match CodeCache::new(CACHE_BYTES) {
                 Some(c) => self.cache = Some(c),
@@ -93,7 +95,7 @@ impl Jit {
         }
         let cache = self.cache.as_mut()?;
         let at = cache.base as usize + cache.used;
-        let bytes = assemble(ops, at, cache.stubs)?;
+        let bytes = assemble(ops, rip, at, cache.stubs)?;
         let code = cache.install(&bytes);
         if code.is_none() {
             *full = true;
@@ -422,14 +424,23 @@ struct Block<'a> {
     slow: Vec<Slow>,
 }
 
-/// Assemble a block's code for address `at`. None if the assembler fails (it does not for
-/// these templates; the block then runs in the dispatch loop).
+/// Assemble the code of the block at `rip` for address `at`. None if the assembler fails (it
+/// does not for these templates; the block then runs in the dispatch loop).
 ///
 /// Registers: RBX the vCPU, R12 the block's forms, R13 and R14 the TLB permission bits a read
-/// and a write need at the current privilege (from the third argument, 3 at CPL 3, else 0).
-fn assemble(ops: &[Fast], at: usize, stubs: Stubs) -> Option<Vec<u8>> {
+/// and a write need at the current privilege (from the third argument, 3 at CPL 3, else 0),
+/// R15 the instructions completed in earlier runs of a block that loops to itself; at [RSP]
+/// the most instructions the code may complete (the fourth argument).
+///
+/// A block whose last instruction is a direct branch to its own start runs again, without
+/// leaving, while the branch is taken and another whole run fits in the budget: the dispatch
+/// loop would find the same block, valid (a store into its page ends it, and other agents'
+/// code changes are only guaranteed visible after a serializing instruction, which is never in
+/// a block), with nothing to check between batches of instructions.
+fn assemble(ops: &[Fast], rip: u64, at: usize, stubs: Stubs) -> Option<Vec<u8>> {
     let mut a = Asm::new(at);
     let exit = a.new_dynamic_label();
+    let top = a.new_dynamic_label();
     let (r, w) = (1i32 << ACC_R, 1i32 << ACC_W);
     dynasm!(a
         ; .arch x64
@@ -438,6 +449,8 @@ fn assemble(ops: &[Fast], at: usize, stubs: Stubs) -> Option<Vec<u8>> {
         ; push r13
         ; push r14
         ; push r15
+        ; sub rsp, 16
+        ; mov [rsp], rcx
         ; mov rbx, rdi
         ; mov r12, rsi
         ; mov ecx, edx
@@ -445,8 +458,13 @@ fn assemble(ops: &[Fast], at: usize, stubs: Stubs) -> Option<Vec<u8>> {
         ; shl r13d, cl
         ; mov r14d, w
         ; shl r14d, cl
+        ; xor r15d, r15d
+        ; =>top
     );
     // The last instruction's next RIP (`Cpu::run_block`'s protocol).
+    let loops = ops
+        .last()
+        .is_some_and(|l| matches!(l.form, Form::Jcc | Form::Jmp) && l.imm == rip && inline(l));
     if let Some(last) = ops.last() {
         let nr = next_rip();
         let v = last.next_rip as i64;
@@ -482,11 +500,31 @@ fn assemble(ops: &[Fast], at: usize, stubs: Stubs) -> Option<Vec<u8>> {
     }
     let all = n as i32;
     let a = &mut b.a;
+    if loops {
+        // Again while the branch went back to the start and another run fits.
+        let nr = next_rip();
+        let start = rip as i64;
+        let two = 2 * all;
+        dynasm!(a
+            ; .arch x64
+            ; mov rax, QWORD start
+            ; cmp rax, QWORD [rbx + nr]
+            ; jne >done
+            ; lea rax, [r15 + two]
+            ; cmp rax, QWORD [rsp]
+            ; ja >done
+            ; add r15, all
+            ; jmp =>top
+            ; done:
+        );
+    }
     dynasm!(a
         ; .arch x64
         ; mov eax, all
+        ; add rax, r15
         ; xor edx, edx
         ; =>exit
+        ; add rsp, 16
         ; pop r15
         ; pop r14
         ; pop r13
@@ -508,9 +546,9 @@ fn assemble(ops: &[Fast], at: usize, stubs: Stubs) -> Option<Vec<u8>> {
         let done = done as i32;
         let a = &mut b.a;
         if faulted {
-            dynasm!(a ; .arch x64 ; =>label ; mov rdx, rax ; mov eax, done ; jmp =>exit);
+            dynasm!(a ; .arch x64 ; =>label ; mov rdx, rax ; mov eax, done ; add rax, r15 ; jmp =>exit);
         } else {
-            dynasm!(a ; .arch x64 ; =>label ; mov eax, done ; xor edx, edx ; jmp =>exit);
+            dynasm!(a ; .arch x64 ; =>label ; mov eax, done ; add rax, r15 ; xor edx, edx ; jmp =>exit);
         }
     }
     b.a.finalize().ok()

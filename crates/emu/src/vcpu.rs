@@ -167,7 +167,7 @@ impl Cpu {
                 // SAFETY: `code` was compiled from these forms (`build_block` drops it when
                 // it rebuilds the block) and stays mapped executable until the JIT's cache is
                 // emptied, which only `compile_block` does, never while code runs.
-                let exit = unsafe { code(self, ops.as_ptr(), user) };
+                let exit = unsafe { code(self, ops.as_ptr(), user, max) };
                 let res = if exit.fault.is_null() {
                     Ok(())
                 } else {
@@ -202,11 +202,12 @@ impl Cpu {
             }
         };
         if done > 0 {
-            self.st.rip = if res.is_ok() && done == n {
-                self.next_rip
-            } else {
-                // Ended early: not the last instruction, so not a control transfer.
-                ops[done - 1].next_rip
+            // After whole runs of the block (compiled code may run a block that loops to
+            // itself several times), RIP is where the last instruction went; after part of a
+            // run, the next RIP of its last completed instruction (not a control transfer).
+            self.st.rip = match done % n {
+                0 => self.next_rip,
+                part => ops[part - 1].next_rip,
             };
         }
         self.code_page = crate::cpu::NO_CODE_PAGE;

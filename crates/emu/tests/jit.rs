@@ -87,17 +87,25 @@ const COND_READS: [u64; 16] = [
 ];
 
 /// One random sequence: its code, the flags it leaves undefined at its end, and those it
-/// leaves undefined anywhere (a fault's frame holds the flags of that point).
+/// leaves undefined anywhere (a fault's frame holds the flags of that point). A quarter of the
+/// sequences run as the body of a loop (R12 counts it down), which compiled code may run
+/// several times without leaving when the body is one block.
 fn sequence(rng: &mut Rng, len: usize) -> (Vec<u8>, u64, u64) {
     let mut undef = 0u64;
     let mut ever = 0u64;
+    let looped = rng.below(4) == 0;
     let code = asm64(CODE, |a| {
-        // Registers the sequence may write: not RSP, R15 (the data base) nor R13 (the code
-        // page's address).
+        // Registers the sequence may write: not RSP, R15 (the data base), R13 (the code
+        // page's address) nor R12 (the loop counter).
         let pick = |rng: &mut Rng| {
-            let r = [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 14][rng.below(13) as usize];
+            let r = [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 14][rng.below(12) as usize];
             r as usize
         };
+        let mut top = a.create_label();
+        if looped {
+            a.mov(r12, 1 + rng.below(40))?;
+            a.set_label(&mut top)?;
+        }
         for _ in 0..len {
             let d = pick(rng);
             let s = pick(rng);
@@ -259,6 +267,12 @@ fn sequence(rng: &mut Rng, len: usize) -> (Vec<u8>, u64, u64) {
             undef = (undef & !writes) | leaves;
             ever |= leaves;
         }
+        if looped {
+            a.dec(r12)?;
+            a.jne(top)?;
+            // After the loop: DEC's flags, and CF (never left undefined) from the body.
+            undef = 0;
+        }
         a.hlt()?;
         Ok(())
     });
@@ -378,10 +392,15 @@ impl Machine {
         self.vcpu
             .set_regs(&Regs::from_gprs(*regs, CODE, flags))
             .unwrap();
-        let exit = self.vcpu.run(&Recorder::default()).unwrap();
+        // Bounded: a sequence runs at most 40 x 50 instructions, so a broken loop fails here
+        // instead of hanging.
+        let exit = self
+            .vcpu
+            .run_steps(&Recorder::default(), 1_000_000)
+            .unwrap();
         assert_eq!(
             exit,
-            VcpuExit::Halted,
+            Some(VcpuExit::Halted),
             "rip {:#x} code {code:02x?}",
             self.vcpu.regs().unwrap().rip
         );
