@@ -751,6 +751,18 @@ impl Block<'_> {
         );
     }
 
+    /// RAX = the host address of the stack slot a 64-bit push writes (RSP - 8) or a pop reads
+    /// (RSP), or go to `slow` (in 64-bit mode SS has no base).
+    fn stack_slot(&mut self, push: bool, slow: DynamicLabel) {
+        let stack = gpr(4);
+        let a = &mut self.a;
+        dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + stack]);
+        if push {
+            dynasm!(a ; .arch x64 ; sub rax, 8);
+        }
+        self.translate(8, push, slow);
+    }
+
     /// Host register `dst` = the `bits`-wide value at the host address in register `ptr`,
     /// zero-extended (or sign-extended).
     fn load_mem(&mut self, dst: u8, ptr: u8, bits: u8, signed: bool) {
@@ -945,9 +957,7 @@ impl Block<'_> {
             }
             Form::PushR => {
                 let (slow, resume) = self.slow(i, false);
-                let a = &mut self.a;
-                dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + stack] ; sub rax, 8);
-                self.translate(8, true, slow);
+                self.stack_slot(true, slow);
                 let a = &mut self.a;
                 let v = gpr(f.r0);
                 dynasm!(a
@@ -960,9 +970,7 @@ impl Block<'_> {
             }
             Form::PopR => {
                 let (slow, resume) = self.slow(i, false);
-                let a = &mut self.a;
-                dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + stack]);
-                self.translate(8, false, slow);
+                self.stack_slot(false, slow);
                 let a = &mut self.a;
                 dynasm!(a
                     ; .arch x64
@@ -974,9 +982,7 @@ impl Block<'_> {
             }
             Form::Call => {
                 let (slow, resume) = self.slow(i, false);
-                let a = &mut self.a;
-                dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + stack] ; sub rax, 8);
-                self.translate(8, true, slow);
+                self.stack_slot(true, slow);
                 let a = &mut self.a;
                 let t = f.imm as i64;
                 dynasm!(a
@@ -992,9 +998,7 @@ impl Block<'_> {
             }
             Form::Ret => {
                 let (slow, resume) = self.slow(i, false);
-                let a = &mut self.a;
-                dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + stack]);
-                self.translate(8, false, slow);
+                self.stack_slot(false, slow);
                 let a = &mut self.a;
                 let release = 8 + f.imm as i32;
                 dynasm!(a ; .arch x64 ; mov rax, QWORD [rax]);

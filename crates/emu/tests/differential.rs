@@ -15,13 +15,6 @@ use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::{Regs, Vcpu, VcpuExit};
 use vm_memory::{Bytes, GuestAddress};
 
-const CF: u64 = 1;
-const PF: u64 = 4;
-const AF: u64 = 0x10;
-const ZF: u64 = 0x40;
-const SF: u64 = 0x80;
-const OF: u64 = 0x800;
-const ALL: u64 = CF | PF | AF | ZF | SF | OF;
 const CASES: usize = 300;
 
 /// Host-side register file the native stub loads and stores (RAX..R15, RFLAGS, saved RSP).
@@ -1111,38 +1104,6 @@ fn jcc_chain(a: &mut CodeAssembler, unsigned: bool) -> Result<(), iced_x86::Iced
 fn bt_mem_off_16(r: &mut [u64; 16]) {
     let off = ((r[1] % 256) as i64 - 64) as u64;
     r[1] = (r[1] & !0xffff) | (off & 0xffff);
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Random values with a bias towards edge cases.
-    fn value(&mut self) -> u64 {
-        const EDGE: [u64; 10] = [
-            0,
-            1,
-            u64::MAX,
-            0x8000_0000_0000_0000,
-            0x7fff_ffff_ffff_ffff,
-            0x8000_0000,
-            0x7fff_ffff,
-            0xffff_ffff,
-            0x80,
-            0x7fff,
-        ];
-        match self.next() % 8 {
-            0 => EDGE[(self.next() % 10) as usize],
-            1 => self.next() & 0xff,
-            2 => self.next() & 0xffff,
-            3 => (self.next() as i8) as i64 as u64,
-            _ => self.next(),
-        }
-    }
 }
 
 /// An executable page running one instruction between a register load and store.

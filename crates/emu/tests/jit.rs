@@ -12,14 +12,6 @@ use iced_x86::code_asm::*;
 use kvmbox_cpu::{Regs, Vcpu, VcpuExit};
 use vm_memory::{Bytes, GuestAddress};
 
-const CF: u64 = 1;
-const PF: u64 = 4;
-const AF: u64 = 0x10;
-const ZF: u64 = 0x40;
-const SF: u64 = 0x80;
-const OF: u64 = 0x800;
-const ALL: u64 = CF | PF | AF | ZF | SF | OF;
-
 /// Where every exception handler halts.
 const GP_HANDLER: u64 = 0x20000;
 /// Data the sequences address through R15 (two pages: accesses at 4093 cross into the second).
@@ -28,35 +20,6 @@ const DATA_BYTES: usize = 8192;
 const STACK_BYTES: u64 = 512;
 /// Where the exception frame's RFLAGS is, below KSTACK (SS, RSP, RFLAGS, CS, RIP, error).
 const FRAME_RFLAGS: u64 = 24;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn value(&mut self) -> u64 {
-        const EDGE: [u64; 6] = [
-            0,
-            1,
-            u64::MAX,
-            0x8000_0000_0000_0000,
-            0x7fff_ffff,
-            0xffff_ffff,
-        ];
-        match self.below(4) {
-            0 => EDGE[self.below(EDGE.len() as u64) as usize],
-            1 => self.below(256),
-            _ => self.next(),
-        }
-    }
-}
 
 const R64: [AsmRegister64; 16] = [
     rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15,

@@ -224,3 +224,51 @@ pub fn asm(
     f(&mut a).unwrap();
     a.assemble(ip).unwrap()
 }
+
+/// RFLAGS' arithmetic flags.
+pub const CF: u64 = 1;
+pub const PF: u64 = 4;
+pub const AF: u64 = 0x10;
+pub const ZF: u64 = 0x40;
+pub const SF: u64 = 0x80;
+pub const OF: u64 = 0x800;
+pub const ALL: u64 = CF | PF | AF | ZF | SF | OF;
+
+/// A xorshift generator for random test inputs.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Random values with a bias towards edge cases.
+    pub fn value(&mut self) -> u64 {
+        const EDGE: [u64; 10] = [
+            0,
+            1,
+            u64::MAX,
+            0x8000_0000_0000_0000,
+            0x7fff_ffff_ffff_ffff,
+            0x8000_0000,
+            0x7fff_ffff,
+            0xffff_ffff,
+            0x80,
+            0x7fff,
+        ];
+        match self.next() % 8 {
+            0 => EDGE[(self.next() % 10) as usize],
+            1 => self.next() & 0xff,
+            2 => self.next() & 0xffff,
+            3 => (self.next() as i8) as i64 as u64,
+            _ => self.next(),
+        }
+    }
+
+    /// A value below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
