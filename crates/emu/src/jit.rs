@@ -1,28 +1,31 @@
 //! The engine's JIT (issue 13, part 4): a baseline compiler from a translated block's
 //! decode-time forms (`exec::fast::Fast`) to host x86-64 code.
 //!
-//! A block is compiled once it has run `Jit::threshold` times. Its code calls the handler of
-//! every instruction it has no template for (a direct call to a constant address, so the
-//! dispatch loop and its indirect branch go), and runs the others inline against the guest
-//! registers in `Cpu::st`: register and immediate MOV, LEA, MOVZX/MOVSX, ALU operations, INC/DEC,
-//! shifts by an immediate, IMUL, SETcc, CMOVcc, NOP, and direct JMP/Jcc. Flags are computed by
-//! the host instruction itself and merged into the guest's RFLAGS; a flag consumer right after
-//! its producer (`cmp; jcc`, `test; setcc`) reads the host flags directly.
+//! A block is compiled once it has run `Jit::threshold` times. Its code runs register forms
+//! inline against the guest registers in `Cpu::st` (MOV, LEA, MOVZX/MOVSX, ALU operations,
+//! INC/DEC, shifts by an immediate, IMUL, SETcc, CMOVcc, NOP, direct JMP/Jcc), memory forms
+//! (MOV, MOVZX/MOVSX, ALU, PUSH/POP, direct CALL, RET) inline behind a TLB fast path whose
+//! misses call the instruction's handler, and calls the handler of every other instruction (a
+//! direct call to a constant address, so the dispatch loop and its indirect branch go). Flags
+//! are computed by the host instruction itself and merged into the guest's RFLAGS unless the
+//! block overwrites them first; a flag consumer right after its producer (`cmp; jcc`,
+//! `test; setcc`) reads the host flags directly.
 //!
-//! The code keeps the block protocol of `Cpu::run_block`: `next_rip` holds the last
-//! instruction's next RIP on entry and only the last instruction (a control transfer) changes
-//! it; RIP is committed by the caller. The code returns how many instructions completed and the
-//! fault of the one that did not: a handler's fault ends the block there, and after every
-//! handler call the code tests `code_written` (a store into the block's own page, or a device
-//! access) and ends the block after that instruction. Inline templates cannot fault and touch
-//! no memory but the guest registers, so faults stay precise.
+//! The code keeps the block protocol of `Cpu::run_block`: it sets `next_rip` to the last
+//! instruction's next RIP, and only the last instruction (a control transfer) changes it; RIP
+//! is committed by the caller. The code returns how many instructions completed and the fault
+//! of the one that did not: a handler's fault ends the block there, and after every handler
+//! call the code tests `code_written` (a store into the block's own page, or a device access)
+//! and ends the block after that instruction. Inline code commits nothing before its last
+//! check (a fast path that fails leaves everything to the handler), so faults stay precise. A
+//! block that branches back to its own start runs again inside its code (see `assemble`).
 //!
 //! The code cache is never writable and executable at once: each vCPU maps its own region
 //! read-write, copies a block's code in and maps those pages read-execute again before the
 //! code runs (the vCPU threads' seccomp filter allows `mprotect` to exactly PROT_READ |
 //! PROT_EXEC, and no executable `mmap`). When the region is full every block's code is dropped
 //! and the region reused. `KVMBOX_EMU_JIT=0` turns the JIT off (blocks run their handlers in
-//! the dispatch loop, as before).
+//! the dispatch loop).
 
 // dynasm's macro converts a dynamic register's number with `.into()`, even from its own type.
 #![allow(clippy::useless_conversion)]
@@ -461,10 +464,10 @@ fn assemble(ops: &[Fast], rip: u64, at: usize, stubs: Stubs) -> Option<Vec<u8>> 
         ; xor r15d, r15d
         ; =>top
     );
-    // The last instruction's next RIP (`Cpu::run_block`'s protocol).
     let loops = ops
         .last()
-        .is_some_and(|l| matches!(l.form, Form::Jcc | Form::Jmp) && l.imm == rip && inline(l));
+        .is_some_and(|l| matches!(l.form, Form::Jcc | Form::Jmp) && l.imm == rip);
+    // The last instruction's next RIP (`Cpu::run_block`'s protocol), at every run.
     if let Some(last) = ops.last() {
         let nr = next_rip();
         let v = last.next_rip as i64;
