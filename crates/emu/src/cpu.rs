@@ -121,7 +121,10 @@ fn code_slot(pa: u64, size: usize) -> usize {
 }
 
 /// Blocks in the block cache (direct-mapped on the physical address of the first instruction).
-const BLOCKS: usize = 16384;
+/// 16 MiB of address space per vCPU, touched as blocks fill it (the table starts zeroed):
+/// large enough that a Debian boot's ~100k blocks rarely evict each other (each eviction costs
+/// a rebuild and, for a hot block, a recompile; 16384 entries cost the boot 8x the builds).
+const BLOCKS: usize = 131072;
 /// Most instructions in one translated block.
 const BLOCK_MAX: usize = 32;
 /// Bytes of a block kept in its table entry, beside its key (longer blocks keep them in
@@ -138,15 +141,17 @@ pub(crate) const NO_CODE_PAGE: u64 = u64::MAX;
 /// compiled code and the bytes of a block of up to `INLINE_BYTES` (most of them: a boot's mean
 /// block is ~4 instructions) share one 128-byte pair of cache lines, so checking a block at
 /// entry misses the cache at most once for the entry instead of once for it and once for its
-/// bytes.
+/// bytes. All zeros is an empty entry (the table is allocated zeroed, so its pages are only
+/// touched as blocks are built): key 0 is no 64-bit code's key, and the boxes and the code
+/// are null.
 #[repr(C, align(128))]
 pub(crate) struct Block {
-    /// Physical address of the first byte, code size in the low bits (MAX: empty).
+    /// Physical address of the first byte, code size in the low bits (0: empty).
     key: u64,
     rip: u64,
-    /// The handlers' forms, in order. Empty: the first instruction (whose bytes the entry
+    /// The handlers' forms, in order. None: the first instruction (whose bytes the entry
     /// holds) has no handler, so the block tier leaves it to `step`.
-    pub(crate) fast: Vec<Fast>,
+    fast: Option<Box<[Fast]>>,
     /// The block's JIT code (`crate::jit`), once it has run `Jit::threshold` times.
     pub(crate) code: Option<crate::jit::Code>,
     /// Times the block ran in the dispatch loop (counts up to the JIT's threshold).
@@ -157,24 +162,17 @@ pub(crate) struct Block {
     /// The bytes when `len <= INLINE_BYTES`.
     inline: [u8; INLINE_BYTES],
     /// The bytes when `len > INLINE_BYTES`.
-    more: Vec<u8>,
+    more: Option<Box<[u8]>>,
 }
 
 // The layout the comment above describes.
 const _: () = assert!(std::mem::size_of::<Block>() == 128);
 
 impl Block {
-    const fn empty() -> Self {
-        Block {
-            key: u64::MAX,
-            rip: 0,
-            fast: Vec::new(),
-            code: None,
-            runs: 0,
-            len: 0,
-            inline: [0; INLINE_BYTES],
-            more: Vec::new(),
-        }
+    /// The handlers' forms (empty: no block here).
+    #[inline(always)]
+    pub(crate) fn ops(&self) -> &[Fast] {
+        self.fast.as_deref().unwrap_or(&[])
     }
 
     /// The instructions' bytes as they were decoded.
@@ -184,24 +182,8 @@ impl Block {
         if n <= INLINE_BYTES {
             &self.inline[..n]
         } else {
-            &self.more
+            self.more.as_deref().unwrap_or(&[])
         }
-    }
-
-    /// Append one instruction's bytes.
-    fn push_bytes(&mut self, b: &[u8]) {
-        let n = self.len as usize;
-        let m = n + b.len();
-        if m <= INLINE_BYTES {
-            self.inline[n..m].copy_from_slice(b);
-        } else {
-            if n <= INLINE_BYTES {
-                self.more.clear();
-                self.more.extend_from_slice(&self.inline[..n]);
-            }
-            self.more.extend_from_slice(b);
-        }
-        self.len = m as u32;
     }
 }
 
@@ -281,8 +263,11 @@ pub struct Cpu {
     /// The extra last entry holds instructions that cannot be cached (MMIO, page-crossing).
     dcache: Vec<DecodedEntry>,
     /// The block cache (`BLOCKS` entries, never resized: `block` hands out pointers into it;
-    /// each block's vectors are only written by `build_block`).
-    blocks: Vec<Block>,
+    /// each block's boxes are only replaced by `build_block`).
+    blocks: crate::table::ZeroedTable<Block>,
+    /// `build_block`'s scratch: the forms and bytes of the block it builds.
+    build_ops: Vec<Fast>,
+    build_bytes: Vec<u8>,
     /// Physical page of the block running now (`NO_CODE_PAGE` outside blocks): a write into
     /// it sets `code_written`, which ends the block after the writing instruction.
     pub(crate) code_page: u64,
@@ -338,7 +323,11 @@ impl Cpu {
             wait_sipi: false,
             nmi_blocked: false,
             dcache: vec![empty_decoded(); DCACHE_SIZE + 1],
-            blocks: (0..BLOCKS).map(|_| Block::empty()).collect(),
+            // SAFETY: all zeros is a valid, empty `Block` (see its description).
+            blocks: unsafe { crate::table::ZeroedTable::new(BLOCKS) }
+                .expect("mapping a vCPU's block cache"),
+            build_ops: Vec::with_capacity(BLOCK_MAX),
+            build_bytes: Vec::new(),
             code_page: NO_CODE_PAGE,
             code_written: false,
             jit: crate::jit::Jit::from_env(),
@@ -901,7 +890,7 @@ impl Cpu {
             self.build_block(slot, pa);
         }
         let b = &mut self.blocks[slot];
-        if b.fast.is_empty() {
+        if b.fast.is_none() {
             return None;
         }
         if b.code.is_none() && self.jit.threshold != 0 {
@@ -926,17 +915,13 @@ impl Cpu {
         let key = code_key(pa, 64);
         self.stats.block_builds += 1;
         let start = self.st.rip;
-        let mut b = std::mem::replace(&mut self.blocks[slot], Block::empty());
-        b.key = u64::MAX;
-        b.rip = start;
-        b.len = 0;
-        b.more.clear();
-        b.fast.clear();
-        b.code = None;
-        b.runs = 0;
+        let mut ops = std::mem::take(&mut self.build_ops);
+        let mut bytes = std::mem::take(&mut self.build_bytes);
+        ops.clear();
+        bytes.clear();
         let page = pa & !0xfff;
         let mut o = (pa & 0xfff) as usize;
-        while b.fast.len() < BLOCK_MAX && o + 16 <= 0x1000 {
+        while ops.len() < BLOCK_MAX && o + 16 <= 0x1000 {
             let Ok(d) = self.fetch_decode() else { break };
             // SAFETY: `d` points into the decoded cache's heap buffer, valid until the next
             // `fetch_decode`; it is only read here.
@@ -947,16 +932,14 @@ impl Cpu {
             }
             let len = d.ins.len();
             if d.fast.handler.is_none() {
-                if b.fast.is_empty() {
+                if ops.is_empty() {
                     // Remember "no block here" for these bytes, so `step` runs it directly.
-                    b.key = key;
-                    b.push_bytes(&d.bytes.to_le_bytes()[..len]);
+                    bytes.extend_from_slice(&d.bytes.to_le_bytes()[..len]);
                 }
                 break;
             }
-            b.key = key;
-            b.push_bytes(&d.bytes.to_le_bytes()[..len]);
-            b.fast.push(d.fast);
+            bytes.extend_from_slice(&d.bytes.to_le_bytes()[..len]);
+            ops.push(d.fast);
             if d.ins.flow_control() != iced_x86::FlowControl::Next {
                 break;
             }
@@ -964,7 +947,22 @@ impl Cpu {
             self.st.rip = d.fast.next_rip;
         }
         self.st.rip = start;
-        self.blocks[slot] = b;
+        let n = bytes.len();
+        let b = &mut self.blocks[slot];
+        b.key = if n == 0 { 0 } else { key };
+        b.rip = start;
+        b.fast = (!ops.is_empty()).then(|| ops.as_slice().into());
+        b.code = None;
+        b.runs = 0;
+        b.len = n as u32;
+        if n <= INLINE_BYTES {
+            b.inline[..n].copy_from_slice(&bytes);
+            b.more = None;
+        } else {
+            b.more = Some(bytes.as_slice().into());
+        }
+        self.build_ops = ops;
+        self.build_bytes = bytes;
     }
 
     /// Compile the block in `slot` (`crate::jit`). When the code cache is full, every block's
@@ -974,7 +972,7 @@ impl Cpu {
         let mut full = false;
         let code = self
             .jit
-            .compile(&self.blocks[slot].fast, self.blocks[slot].rip, &mut full);
+            .compile(self.blocks[slot].ops(), self.blocks[slot].rip, &mut full);
         if full {
             for b in self.blocks.iter_mut() {
                 b.code = None;
@@ -983,7 +981,7 @@ impl Cpu {
             self.stats.jit_flushes += 1;
             let code = self
                 .jit
-                .compile(&self.blocks[slot].fast, self.blocks[slot].rip, &mut full);
+                .compile(self.blocks[slot].ops(), self.blocks[slot].rip, &mut full);
             self.blocks[slot].code = code;
         } else {
             self.blocks[slot].code = code;

@@ -27,6 +27,7 @@ pub mod mmu;
 pub mod persist;
 pub mod pvclock;
 pub mod state;
+mod table;
 pub mod vcpu;
 
 pub use cpu::Stats;

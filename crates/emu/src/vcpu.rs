@@ -144,8 +144,9 @@ impl Cpu {
         // SAFETY: `b` points into the block cache's heap buffers, which only `block` (via
         // `build_block`) writes; neither handlers nor anything they call look blocks up.
         let b = unsafe { &*b };
-        let n = b.fast.len().min(max as usize);
-        let ops = &b.fast[..n];
+        let all = b.ops();
+        let n = all.len().min(max as usize);
+        let ops = &all[..n];
         if n == 0 {
             // Not reached: `block` returns a block with handlers, and `max >= 1`.
             self.code_page = crate::cpu::NO_CODE_PAGE;
@@ -162,7 +163,7 @@ impl Cpu {
             // The whole block, compiled (`crate::jit`): same protocol as the loop below; the
             // code sets `next_rip` itself, so the forms are not read here (they are another
             // cache line, and the code only reads them to call a handler).
-            Some(code) if n == b.fast.len() => {
+            Some(code) if n == all.len() => {
                 let user = if self.st.cpl() == 3 { 3 } else { 0 };
                 // SAFETY: `code` was compiled from these forms (`build_block` drops it when
                 // it rebuilds the block) and stays mapped executable until the JIT's cache is
