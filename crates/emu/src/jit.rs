@@ -349,6 +349,7 @@ fn inline(f: &Fast) -> bool {
         | Form::CmovRR
         | Form::Nop => true,
         Form::ShiftRI => shift_count(f).is_some(),
+        Form::ShiftRC => matches!(f.sub, 2..=4) && matches!(f.bits, 32 | 64),
         Form::ImulRR => f.bits != 8,
         Form::PushR | Form::PopR => f.bits == 64,
         Form::Ret => f.bits == 64,
@@ -925,6 +926,33 @@ impl Block<'_> {
                     (_, 64) => dynasm!(a ; .arch x64 ; sar rax, n),
                     (_, _) => dynasm!(a ; .arch x64 ; sar eax, n),
                 }
+                store(a, f.r0, bits);
+            }
+            Form::ShiftRC => {
+                // SHL/SHR/SAR by CL: the host's shift of the same width by the same count
+                // (masked alike). A zero count leaves the flags: they are merged only after a
+                // shift by a non-zero count, so this is no producer for fusion or dead flags.
+                let a = &mut self.a;
+                let count = gpr(1);
+                let mask = if bits == 64 { 63 } else { 31 };
+                load(a, 0, f.r0, bits);
+                dynasm!(a
+                    ; .arch x64
+                    ; movzx ecx, BYTE [rbx + count]
+                    ; and ecx, mask
+                    ; jz >zero
+                );
+                match (f.sub, bits) {
+                    (2, 64) => dynasm!(a ; .arch x64 ; shl rax, cl),
+                    (2, _) => dynasm!(a ; .arch x64 ; shl eax, cl),
+                    (3, 64) => dynasm!(a ; .arch x64 ; shr rax, cl),
+                    (3, _) => dynasm!(a ; .arch x64 ; shr eax, cl),
+                    (_, 64) => dynasm!(a ; .arch x64 ; sar rax, cl),
+                    (_, _) => dynasm!(a ; .arch x64 ; sar eax, cl),
+                }
+                merge_flags(a);
+                // A 32-bit shift writes (zero-extends) its register even by zero.
+                dynasm!(a ; .arch x64 ; zero:);
                 store(a, f.r0, bits);
             }
             Form::ImulRR => {

@@ -73,7 +73,7 @@ fn sequence(rng: &mut Rng, len: usize) -> (Vec<u8>, u64, u64) {
             let d = pick(rng);
             let s = pick(rng);
             let disp = (rng.below(DATA_BYTES as u64 / 8 - 1) * 8) as i32;
-            let kind = rng.below(24);
+            let kind = rng.below(25);
             // Flags written, and left undefined, by this instruction.
             let (writes, leaves) = match kind {
                 0 => {
@@ -221,6 +221,27 @@ fn sequence(rng: &mut Rng, len: usize) -> (Vec<u8>, u64, u64) {
                         a.nop()?;
                     }
                     (0, 0)
+                }
+                23 => {
+                    // A shift by CL (counts past the width are masked; a zero count leaves
+                    // the flags).
+                    let n = rng.below(72) as u32;
+                    a.mov(ecx, n)?;
+                    let wide = rng.below(2) == 0;
+                    let m = n & if wide { 63 } else { 31 };
+                    match (rng.below(3), wide) {
+                        (0, true) => a.shl(R64[d], cl)?,
+                        (0, false) => a.shl(R32[d], cl)?,
+                        (1, true) => a.shr(R64[d], cl)?,
+                        (1, false) => a.shr(R32[d], cl)?,
+                        (_, true) => a.sar(R64[d], cl)?,
+                        (_, false) => a.sar(R32[d], cl)?,
+                    }
+                    match m {
+                        0 => (0, 0),
+                        1 => (ALL, AF),
+                        _ => (ALL, AF | OF),
+                    }
                 }
                 _ => {
                     a.neg(R64[d])?;

@@ -86,6 +86,8 @@ pub(crate) enum Form {
     AluMI,
     IncDecR,
     ShiftRI,
+    /// A shift or rotate of a register by CL.
+    ShiftRC,
     ImulRR,
     MovRR,
     MovRI,
@@ -829,7 +831,10 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
                     (f.form, f.sub, f.bits) = (Form::ShiftRI, op, bits as u8);
                     by_shift_op!(shift_r, op, false, bits)
                 }
-                (Shape::Reg(..), true) => by_shift_op!(shift_r, op, true, bits),
+                (Shape::Reg(..), true) => {
+                    (f.form, f.sub, f.bits) = (Form::ShiftRC, op, bits as u8);
+                    by_shift_op!(shift_r, op, true, bits)
+                }
                 (Shape::Mem, false) => by_shift_op!(shift_m, op, false, bits),
                 (Shape::Mem, true) => by_shift_op!(shift_m, op, true, bits),
                 _ => return None,
