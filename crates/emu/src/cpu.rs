@@ -163,6 +163,9 @@ pub(crate) struct Block {
     inline: [u8; INLINE_BYTES],
     /// The bytes when `len > INLINE_BYTES`.
     more: Option<Box<[u8]>>,
+    /// The slot of the block that ran after this one last time (a prediction: prefetched
+    /// when this one is entered, so the next lookup finds its entry in the cache).
+    succ: u32,
 }
 
 // The layout the comment above describes.
@@ -187,25 +190,26 @@ impl Block {
     }
 }
 
-/// Do the `bytes.len()` bytes at `host + off` equal `bytes`? Compared 8 bytes at a time; a
+/// Do the block's bytes equal the `len` bytes at `host + off`? Compared 8 bytes at a time; a
 /// short tail is compared as the last 8 bytes (overlapping the previous chunk), or, for a
-/// block shorter than 8 bytes, as 8 bytes masked.
+/// block shorter than 8 bytes, as 8 bytes masked (its entry's inline bytes are zero past
+/// `len`).
 ///
 /// # Safety
-/// `host + off .. host + off + max(bytes.len(), 8)` must be readable (one guest RAM page).
+/// `host + off .. host + off + max(len, 8)` must be readable (one guest RAM page).
 #[inline(always)]
-unsafe fn same_bytes(host: *const u8, off: usize, bytes: &[u8]) -> bool {
-    let n = bytes.len();
+unsafe fn same_bytes(host: *const u8, off: usize, b: &Block) -> bool {
+    let n = b.len as usize;
     // SAFETY: every `have(i)` below has i + 8 <= max(n, 8): within the range the caller
     // guarantees readable.
     let have = |i: usize| unsafe { (host.add(off + i) as *const u64).read_unaligned() };
-    let want = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or_default());
     if n < 8 {
-        let mut w = [0u8; 8];
-        w[..n].copy_from_slice(bytes);
         let m = if n == 0 { 0 } else { u64::MAX >> (64 - 8 * n) };
-        return have(0) & m == u64::from_le_bytes(w);
+        let want = u64::from_le_bytes(b.inline[..8].try_into().unwrap_or_default());
+        return have(0) & m == want;
     }
+    let bytes = b.bytes();
+    let want = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or_default());
     let mut i = 0;
     while i + 8 <= n {
         if have(i) != want(i) {
@@ -265,6 +269,8 @@ pub struct Cpu {
     /// The block cache (`BLOCKS` entries, never resized: `block` hands out pointers into it;
     /// each block's boxes are only replaced by `build_block`).
     blocks: crate::table::ZeroedTable<Block>,
+    /// The slot of the block `block` returned last (its successor prediction is set there).
+    last_slot: usize,
     /// `build_block`'s scratch: the forms and bytes of the block it builds.
     build_ops: Vec<Fast>,
     build_bytes: Vec<u8>,
@@ -326,6 +332,7 @@ impl Cpu {
             // SAFETY: all zeros is a valid, empty `Block` (see its description).
             blocks: unsafe { crate::table::ZeroedTable::new(BLOCKS) }
                 .expect("mapping a vCPU's block cache"),
+            last_slot: 0,
             build_ops: Vec::with_capacity(BLOCK_MAX),
             build_bytes: Vec::new(),
             code_page: NO_CODE_PAGE,
@@ -884,7 +891,7 @@ impl Cpu {
         let b = &self.blocks[slot];
         // SAFETY: a block's bytes end within its page (`build_block`), and a block shorter than
         // 8 bytes starts at least 16 bytes before the page end (off + 16 <= 4096 above).
-        if b.key == key && b.rip == rip && unsafe { same_bytes(host, off, b.bytes()) } {
+        if b.key == key && b.rip == rip && unsafe { same_bytes(host, off, b) } {
             self.stats.block_hits += 1;
         } else {
             self.build_block(slot, pa);
@@ -899,7 +906,17 @@ impl Cpu {
                 self.compile_block(slot);
             }
         }
+        // Learn this block as its predecessor's successor, and fetch the entry of the block
+        // that followed this one last time while this one runs (the table is far larger than
+        // the host's caches: a lookup that misses them costs more than a short block).
+        self.blocks[self.last_slot].succ = slot as u32;
+        self.last_slot = slot;
         let b = &self.blocks[slot];
+        let next = &self.blocks[b.succ as usize & (BLOCKS - 1)] as *const Block;
+        // SAFETY: a prefetch hint of an address inside the table; it never faults.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(next as *const i8)
+        };
         self.code_page = ppage;
         self.code_written = false;
         Some(b)
@@ -957,6 +974,7 @@ impl Cpu {
         b.len = n as u32;
         if n <= INLINE_BYTES {
             b.inline[..n].copy_from_slice(&bytes);
+            b.inline[n..].fill(0);
             b.more = None;
         } else {
             b.more = Some(bytes.as_slice().into());
