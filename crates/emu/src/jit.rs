@@ -59,6 +59,8 @@ const PAGE: usize = 4096;
 
 /// The arithmetic flags (CF PF AF ZF SF OF).
 const STATUS: i32 = 0x8d5;
+const CF: i32 = 0x1;
+const OF: i32 = 0x800;
 
 /// A vCPU's JIT: its setting and its code cache.
 pub(crate) struct Jit {
@@ -265,14 +267,19 @@ fn carry_in(a: &mut Asm) {
 
 /// Merge the host's arithmetic flags into the guest's RFLAGS.
 fn merge_flags(a: &mut Asm) {
+    merge_flags_of(a, STATUS);
+}
+
+/// Merge the host's flags in `mask` into the guest's RFLAGS. Uses RCX and RDX.
+fn merge_flags_of(a: &mut Asm, mask: i32) {
     let rf = rflags();
     dynasm!(a
         ; .arch x64
         ; pushfq
         ; pop rdx
-        ; and edx, STATUS
+        ; and edx, mask
         ; mov rcx, QWORD [rbx + rf]
-        ; and rcx, !STATUS
+        ; and rcx, !mask
         ; or rcx, rdx
         ; mov QWORD [rbx + rf], rcx
     );
@@ -362,6 +369,7 @@ fn inline(f: &Fast) -> bool {
 /// Whether `f` sets all the arithmetic flags from the host instruction it compiles to.
 fn produces_flags(f: &Fast) -> bool {
     inline(f)
+        && !rotate(f)
         && matches!(
             f.form,
             Form::AluRR
@@ -387,7 +395,8 @@ fn flags_dead_after(ops: &[Fast], i: usize) -> bool {
         match g.form {
             Form::MovRR | Form::MovRI | Form::Lea | Form::MovxR | Form::Nop => {}
             Form::AluRR | Form::AluRI => return !matches!(g.sub, 2 | 3),
-            Form::ShiftRI | Form::ImulRR => return true,
+            Form::ShiftRI => return !rotate(g),
+            Form::ImulRR => return true,
             _ => return false,
         }
     }
@@ -399,12 +408,17 @@ fn consumes_flags(f: &Fast) -> bool {
     inline(f) && matches!(f.form, Form::Jcc | Form::SetccR | Form::CmovRR)
 }
 
-/// The count of an inline shift: SHL/SHR/SAR of a 32/64-bit register by a non-zero count
-/// (a zero count leaves the flags, and a narrow shift's count may exceed its width: those go
-/// to the handler).
+/// The count of an inline shift or rotate: ROL/ROR/SHL/SHR/SAR of a 32/64-bit register by a
+/// non-zero count (a zero count leaves the flags, and a narrow shift's count may exceed its
+/// width: those go to the handler).
 fn shift_count(f: &Fast) -> Option<i8> {
     let n = f.imm as u8 & if f.bits == 64 { 63 } else { 31 };
-    (matches!(f.sub, 2..=4) && matches!(f.bits, 32 | 64) && n != 0).then_some(n as i8)
+    (f.sub <= 4 && matches!(f.bits, 32 | 64) && n != 0).then_some(n as i8)
+}
+
+/// Whether `f` is a rotate (ROL/ROR), which writes only CF and OF.
+fn rotate(f: &Fast) -> bool {
+    f.form == Form::ShiftRI && f.sub < 2
 }
 
 /// A fast path's way out: call instruction `index`'s handler, then go on at `resume` (with the
@@ -918,6 +932,18 @@ impl Block<'_> {
                 let Some(n) = shift_count(f) else { return };
                 let a = &mut self.a;
                 load(a, 0, f.r0, bits);
+                if rotate(f) {
+                    match (f.sub, bits) {
+                        (0, 64) => dynasm!(a ; .arch x64 ; rol rax, n),
+                        (0, _) => dynasm!(a ; .arch x64 ; rol eax, n),
+                        (_, 64) => dynasm!(a ; .arch x64 ; ror rax, n),
+                        (_, _) => dynasm!(a ; .arch x64 ; ror eax, n),
+                    }
+                    // A rotate writes CF and OF only.
+                    merge_flags_of(a, CF | OF);
+                    store(a, f.r0, bits);
+                    return;
+                }
                 match (f.sub, bits) {
                     (2, 64) => dynasm!(a ; .arch x64 ; shl rax, n),
                     (2, _) => dynasm!(a ; .arch x64 ; shl eax, n),

@@ -139,10 +139,29 @@ fn sequence(rng: &mut Rng, len: usize) -> (Vec<u8>, u64, u64) {
                 }
                 12 => {
                     let n = 1 + rng.below(63) as u32;
-                    match rng.below(3) {
+                    match rng.below(5) {
                         0 => a.shl(R64[d], n)?,
                         1 => a.shr(R64[d], n)?,
-                        _ => a.sar(R64[d], n)?,
+                        2 => a.sar(R64[d], n)?,
+                        // Rotates write CF and OF only (OF only defined for a count of 1);
+                        // a 32-bit count is masked to 5 bits, and a zero count writes none.
+                        k => {
+                            let m = if k == 3 {
+                                a.rol(R64[d], n)?;
+                                n
+                            } else {
+                                a.ror(R32[d], n)?;
+                                n & 31
+                            };
+                            let (writes, leaves) = match m {
+                                0 => (0, 0),
+                                1 => (CF | OF, 0),
+                                _ => (CF | OF, OF),
+                            };
+                            undef = (undef & !writes) | leaves;
+                            ever |= leaves;
+                            continue;
+                        }
                     }
                     (ALL, if n == 1 { AF } else { AF | OF })
                 }
