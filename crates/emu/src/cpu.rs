@@ -281,6 +281,10 @@ pub struct Cpu {
     pub(crate) code_written: bool,
     /// The JIT and its code cache.
     pub(crate) jit: crate::jit::Jit,
+    /// The exit of compiled code that left for the dispatch loop because its link is unset
+    /// or stale (null: none): the next block `block` finds is linked to it when it can be.
+    /// Only points into the JIT's cache (cleared when the cache is emptied).
+    pub(crate) link_from: *mut crate::jit::Link,
     /// The CPUID table.
     pub(crate) cpuid: Vec<kvmbox_cpu::CpuidEntry>,
     /// CPUID entries the VMM adds or replaces (applied by `configure`).
@@ -338,6 +342,7 @@ impl Cpu {
             code_page: NO_CODE_PAGE,
             code_written: false,
             jit: crate::jit::Jit::from_env(),
+            link_from: std::ptr::null_mut(),
             cpuid: crate::cpuid::build(id, 1, false, false, &[]),
             dirty_epoch: 0,
             cpuid_overrides: Vec::new(),
@@ -868,12 +873,13 @@ impl Cpu {
 
     /// The translated block starting at CS:RIP, its bytes checked against guest memory (one
     /// code-TLB lookup and one compare for the whole block), built from the decoded-instruction
-    /// cache on a miss. Returns a pointer into the block cache, valid until the next call; sets
-    /// `code_page` to the block's physical page. None: no block here (not 64-bit code, RIP not
+    /// cache on a miss. Returns a pointer into the block cache, valid until the next call, and
+    /// the host address of the block's page; sets `code_page` to the block's physical page,
+    /// and links compiled code's exit that led here (`link_from`) to the block's code. None: no block here (not 64-bit code, RIP not
     /// in the TLB or not RAM, within 16 bytes of the page end, or the first instruction has no
     /// decode-time handler): `step` runs the instruction.
     #[inline(always)]
-    pub(crate) fn block(&mut self) -> Option<*const Block> {
+    pub(crate) fn block(&mut self) -> Option<(*const Block, *const u8)> {
         let rip = self.st.rip;
         if self.st.code_bits() != 64 || !canonical(rip) {
             return None;
@@ -897,9 +903,8 @@ impl Cpu {
             self.build_block(slot, pa);
         }
         let b = &mut self.blocks[slot];
-        if b.fast.is_none() {
-            return None;
-        }
+        // No handler for the first instruction: no block here.
+        b.fast.as_ref()?;
         if b.code.is_none() && self.jit.threshold != 0 {
             b.runs += 1;
             if b.runs >= self.jit.threshold {
@@ -917,9 +922,15 @@ impl Cpu {
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(next as *const i8)
         };
+        let from = std::mem::replace(&mut self.link_from, std::ptr::null_mut());
+        if let (false, Some(code)) = (from.is_null(), b.code) {
+            // SAFETY: `link_from` only holds links of code in the cache: `compile_block` and
+            // `set_jit_threshold` clear it when they empty the cache.
+            unsafe { crate::jit::Jit::link(from, rip, code, b.ops().len(), b.bytes(), off) };
+        }
         self.code_page = ppage;
         self.code_written = false;
-        Some(b)
+        Some((b, host))
     }
 
     /// Build the block at CS:RIP (physical address `pa`, 64-bit code) into `slot`: the
@@ -995,6 +1006,7 @@ impl Cpu {
             for b in self.blocks.iter_mut() {
                 b.code = None;
             }
+            self.link_from = std::ptr::null_mut();
             self.jit.clear();
             self.stats.jit_flushes += 1;
             let code = self
@@ -1017,6 +1029,7 @@ impl Cpu {
             b.code = None;
             b.runs = 0;
         }
+        self.link_from = std::ptr::null_mut();
         self.jit.clear();
     }
 }

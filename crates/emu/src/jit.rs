@@ -46,10 +46,48 @@ pub(crate) struct Exit {
     pub(crate) fault: *mut Fault,
 }
 
-/// A compiled block: called with the vCPU, the block's forms, 3 at CPL 3 (else 0), and the
-/// most instructions it may run (at least the block's length; a block that branches back to
-/// its own start runs again while a whole run fits).
-pub(crate) type Code = unsafe extern "sysv64" fn(*mut Cpu, *const Fast, u32, u64) -> Exit;
+/// A compiled block's entry: called with the vCPU, the host address of the block's page, 3
+/// at CPL 3 (else 0), and the most instructions it may complete (at least the block's length;
+/// a block that branches back to its own start runs again, and one linked to the next block
+/// goes on there, while the whole next run fits).
+pub(crate) type Entry = unsafe extern "sysv64" fn(*mut Cpu, *const u8, u32, u64) -> Exit;
+
+/// A compiled block.
+#[derive(Clone, Copy)]
+pub(crate) struct Code {
+    pub(crate) entry: Entry,
+    /// Where a linked predecessor goes on (past the prologue: the registers are set up).
+    chain: usize,
+}
+
+/// Most bytes of a block that a link checks: blocks longer than this are not linked to.
+const LINK_CHUNKS: usize = 5;
+
+/// A compiled block's exit to a block of its own page (its direct branch's target, or the
+/// next instruction), linked by `Jit::link` to that block's code once it is compiled: the
+/// exit then goes on there directly, after comparing the bytes in guest memory with the ones
+/// the target was compiled from (as `Cpu::block` does at every entry), so a changed target is
+/// never run. Links live with their block's forms until the code cache is emptied.
+#[repr(C)]
+pub(crate) struct Link {
+    /// The target's RIP (fixed when the block is compiled).
+    rip: u64,
+    /// The target's chain entry (`Code::chain`); 0 while unlinked.
+    entry: usize,
+    /// The target's length in instructions.
+    n: u64,
+    /// 8-byte chunks compared, from the target's first byte.
+    chunks: u64,
+    /// Each chunk's bytes and the mask of those that belong to the target.
+    want: [[u64; 2]; LINK_CHUNKS],
+}
+
+/// What compiled code refers to while it exists: its block's forms (handlers get pointers to
+/// them) and its links.
+struct Kept {
+    _forms: Box<[Fast]>,
+    _links: Box<[Link]>,
+}
 
 /// Blocks run this many times before they are compiled.
 const THRESHOLD: u32 = 16;
@@ -67,6 +105,8 @@ pub(crate) struct Jit {
     /// Executions before a block is compiled; 0: the JIT is off.
     pub(crate) threshold: u32,
     cache: Option<CodeCache>,
+    /// The forms and links of the code in the cache.
+    kept: Vec<Kept>,
 }
 
 impl Jit {
@@ -82,6 +122,7 @@ impl Jit {
         Jit {
             threshold,
             cache: None,
+            kept: Vec::new(),
         }
     }
 
@@ -100,19 +141,74 @@ impl Jit {
         }
         let cache = self.cache.as_mut()?;
         let at = cache.base as usize + cache.used;
-        let bytes = assemble(ops, rip, at, cache.stubs)?;
-        let code = cache.install(&bytes);
-        if code.is_none() {
+        let forms: Box<[Fast]> = ops.into();
+        let links: Box<[Link]> = link_targets(ops, rip)
+            .map(|rip| Link {
+                rip,
+                entry: 0,
+                n: 0,
+                chunks: 0,
+                want: [[0; 2]; LINK_CHUNKS],
+            })
+            .collect();
+        let (bytes, chain) = assemble(&forms, &links, rip, at, cache.stubs)?;
+        let Some(entry) = cache.install(&bytes) else {
             *full = true;
-        }
-        code
+            return None;
+        };
+        self.kept.push(Kept {
+            _forms: forms,
+            _links: links,
+        });
+        Some(Code {
+            entry,
+            chain: at + chain,
+        })
     }
 
-    /// Forget every block's code (the caller has dropped its pointers).
+    /// Forget every block's code (the caller has dropped its pointers, and any link it kept).
     pub(crate) fn clear(&mut self) {
         if let Some(c) = &mut self.cache {
             c.used = c.stubs_end;
         }
+        self.kept.clear();
+    }
+
+    /// Link the exit `link` (an exit a compiled block took to Rust: `Cpu::link_from`) to the
+    /// block at `rip` that runs next, compiled as `code`, `n` instructions long, with `bytes`
+    /// at offset `off` of its page, if it is the exit's target, short enough, and its chunks
+    /// end within the page.
+    ///
+    /// # Safety
+    /// `link` must point to a link of code still in the cache (`clear` not called since).
+    pub(crate) unsafe fn link(
+        link: *mut Link,
+        rip: u64,
+        code: Code,
+        n: usize,
+        bytes: &[u8],
+        off: usize,
+    ) {
+        // SAFETY: the caller's contract; links are only written here, on the vCPU's thread,
+        // while no code runs.
+        let l = unsafe { &mut *link };
+        let chunks = bytes.len().div_ceil(8);
+        if l.rip != rip || chunks > LINK_CHUNKS || off + 8 * chunks > PAGE || bytes.is_empty() {
+            return;
+        }
+        for (i, w) in l.want.iter_mut().enumerate() {
+            let part = bytes.get(8 * i..).unwrap_or(&[]);
+            let k = part.len().min(8);
+            let mut v = [0u8; 8];
+            v[..k].copy_from_slice(&part[..k]);
+            *w = [
+                u64::from_le_bytes(v),
+                if k == 0 { 0 } else { u64::MAX >> (64 - 8 * k) },
+            ];
+        }
+        l.chunks = chunks as u64;
+        l.n = n as u64;
+        l.entry = code.chain;
     }
 }
 
@@ -158,7 +254,7 @@ impl CodeCache {
 
     /// Copy `code` (assembled for the address `base + used`) in: its pages writable (not
     /// executable) while it is copied, then executable (not writable).
-    fn install(&mut self, code: &[u8]) -> Option<Code> {
+    fn install(&mut self, code: &[u8]) -> Option<Entry> {
         let start = self.used;
         let end = start + code.len();
         if end > self.size {
@@ -181,9 +277,9 @@ impl CodeCache {
         }
         // Next block at a 16-byte boundary.
         self.used = (end + 15) & !15;
-        // SAFETY: the bytes at `start` are a function with the `Code` signature (`assemble`),
-        // assembled for this address, now executable.
-        Some(unsafe { std::mem::transmute::<*mut u8, Code>(self.base.add(start)) })
+        // SAFETY: the bytes at `start` are a function with the `Entry` signature
+        // (`assemble`), assembled for this address, now executable.
+        Some(unsafe { std::mem::transmute::<*mut u8, Entry>(self.base.add(start)) })
     }
 }
 
@@ -442,20 +538,58 @@ struct Block<'a> {
     slow: Vec<Slow>,
 }
 
-/// Assemble the code of the block at `rip` for address `at`. None if the assembler fails (it
-/// does not for these templates; the block then runs in the dispatch loop).
+/// The RIPs a block's exits may link to (`Link`): the targets of its last instruction, a
+/// direct JMP, CALL or Jcc compiled inline (a Jcc also goes to the next instruction), or the
+/// next instruction after a block that ends without a control transfer (at its length limit,
+/// or before an instruction without a handler); only those in the block's own page, whose
+/// translation the block's entry checked.
+fn link_targets(ops: &[Fast], rip: u64) -> impl Iterator<Item = u64> {
+    let mut t = [None; 2];
+    if let Some(last) = ops.last() {
+        match last.form {
+            Form::Jcc if inline(last) => {
+                t = [
+                    Some(last.imm),
+                    (last.next_rip != last.imm).then_some(last.next_rip),
+                ];
+            }
+            Form::Jmp | Form::Call if inline(last) => t[0] = Some(last.imm),
+            Form::Jcc | Form::Jmp | Form::Call | Form::Ret | Form::Other => {}
+            _ => t[0] = Some(last.next_rip),
+        }
+    }
+    t.into_iter()
+        .flatten()
+        .filter(move |&target| target >> 12 == rip >> 12)
+}
+
+/// Assemble the code of the block at `rip` (its forms `ops`, kept at that address while the
+/// code exists, and its `links`) for address `at`: the code, and the offset of its chain
+/// entry. None if the assembler fails (it does not for these templates; the block then runs
+/// in the dispatch loop).
 ///
 /// Registers: RBX the vCPU, R12 the block's forms, R13 and R14 the TLB permission bits a read
 /// and a write need at the current privilege (from the third argument, 3 at CPL 3, else 0),
-/// R15 the instructions completed in earlier runs of a block that loops to itself; at [RSP]
-/// the most instructions the code may complete (the fourth argument).
+/// R15 the instructions completed in earlier runs of this block or of blocks linked to it; at
+/// [RSP] the most instructions the code may complete (the fourth argument), at [RSP + 8] the
+/// host address of the page (the second).
 ///
-/// A block whose last instruction is a direct branch to its own start runs again, without
-/// leaving, while the branch is taken and another whole run fits in the budget: the dispatch
-/// loop would find the same block, valid (a store into its page ends it, and other agents'
-/// code changes are only guaranteed visible after a serializing instruction, which is never in
-/// a block), with nothing to check between batches of instructions.
-fn assemble(ops: &[Fast], rip: u64, at: usize, stubs: Stubs) -> Option<Vec<u8>> {
+/// Every way out commits RIP: the next instruction's (or the faulting one's) address. A block
+/// whose last instruction is a direct branch to its own start runs again, without leaving,
+/// while the branch is taken and another whole run fits in the budget: the dispatch loop would
+/// find the same block, valid (a store into its page ends it, and other agents' code changes
+/// are only guaranteed visible after a serializing instruction, which is never in a block),
+/// with nothing to check between batches of instructions. Otherwise an exit whose link is set
+/// goes on in the linked block when its bytes are unchanged and its whole run fits; an exit
+/// whose link is unset or stale leaves its address in `Cpu::link_from` for `Cpu::block` to
+/// link.
+fn assemble(
+    ops: &[Fast],
+    links: &[Link],
+    rip: u64,
+    at: usize,
+    stubs: Stubs,
+) -> Option<(Vec<u8>, usize)> {
     let mut a = Asm::new(at);
     let exit = a.new_dynamic_label();
     let top = a.new_dynamic_label();
@@ -469,8 +603,8 @@ fn assemble(ops: &[Fast], rip: u64, at: usize, stubs: Stubs) -> Option<Vec<u8>> 
         ; push r15
         ; sub rsp, 16
         ; mov [rsp], rcx
+        ; mov [rsp + 8], rsi
         ; mov rbx, rdi
-        ; mov r12, rsi
         ; mov ecx, edx
         ; mov r13d, r
         ; shl r13d, cl
@@ -479,6 +613,9 @@ fn assemble(ops: &[Fast], rip: u64, at: usize, stubs: Stubs) -> Option<Vec<u8>> 
         ; xor r15d, r15d
         ; =>top
     );
+    let chain = a.offset().0;
+    let forms = ops.as_ptr() as i64;
+    dynasm!(a ; .arch x64 ; mov r12, QWORD forms);
     let loops = ops
         .last()
         .is_some_and(|l| matches!(l.form, Form::Jcc | Form::Jmp) && l.imm == rip);
@@ -517,10 +654,10 @@ fn assemble(ops: &[Fast], rip: u64, at: usize, stubs: Stubs) -> Option<Vec<u8>> 
         i += 1;
     }
     let all = n as i32;
+    let nr = next_rip();
     let a = &mut b.a;
     if loops {
         // Again while the branch went back to the start and another run fits.
-        let nr = next_rip();
         let start = rip as i64;
         let two = 2 * all;
         dynasm!(a
@@ -536,8 +673,58 @@ fn assemble(ops: &[Fast], rip: u64, at: usize, stubs: Stubs) -> Option<Vec<u8>> 
             ; done:
         );
     }
+    let plain = a.new_dynamic_label();
+    if !links.is_empty() {
+        // Not after a store into this page or a device access: back to the dispatch loop.
+        let cw = code_written();
+        dynasm!(a
+            ; .arch x64
+            ; cmp BYTE [rbx + cw], 0
+            ; jne =>plain
+            ; mov rax, QWORD [rbx + nr]
+        );
+    }
+    let (l_entry, l_n) = (offset_of!(Link, entry) as i32, offset_of!(Link, n) as i32);
+    let from = link_from();
+    for l in links {
+        let addr = l as *const Link as i64;
+        let off = (l.rip & 0xfff) as i32;
+        let target = l.rip as i64;
+        let (next, ask) = (a.new_dynamic_label(), a.new_dynamic_label());
+        dynasm!(a
+            ; .arch x64
+            ; mov rcx, QWORD target
+            ; cmp rax, rcx
+            ; jne =>next
+            ; mov rdx, QWORD addr
+            ; mov rcx, QWORD [rdx + l_entry]
+            ; test rcx, rcx
+            ; jz =>ask
+            // The target's whole run fits.
+            ; lea r8, [r15 + all]
+            ; mov r9, r8
+            ; add r9, QWORD [rdx + l_n]
+            ; cmp r9, QWORD [rsp]
+            ; ja =>plain
+            // Its bytes are the ones it was compiled from.
+            ; mov rax, QWORD [rsp + 8]
+            ; add rax, off
+            ; call extern stubs.link_check
+            ; jc =>ask
+            ; mov r15, r8
+            ; jmp rcx
+            ; =>ask
+            ; mov QWORD [rbx + from], rdx
+            ; jmp =>plain
+            ; =>next
+        );
+    }
+    let rip_at = rip_field();
     dynasm!(a
         ; .arch x64
+        ; =>plain
+        ; mov rax, QWORD [rbx + nr]
+        ; mov QWORD [rbx + rip_at], rax
         ; mov eax, all
         ; add rax, r15
         ; xor edx, edx
@@ -561,15 +748,21 @@ fn assemble(ops: &[Fast], rip: u64, at: usize, stubs: Stubs) -> Option<Vec<u8>> 
         dynasm!(a ; .arch x64 ; jmp =>s.resume);
     }
     for (label, done, faulted) in std::mem::take(&mut b.exits) {
+        // RIP: the faulting instruction's, or the one after the last that completed.
+        let at_rip = match done {
+            0 => rip,
+            d => ops[d - 1].next_rip,
+        } as i64;
         let done = done as i32;
         let a = &mut b.a;
+        dynasm!(a ; .arch x64 ; =>label ; mov rcx, QWORD at_rip ; mov QWORD [rbx + rip_at], rcx);
         if faulted {
-            dynasm!(a ; .arch x64 ; =>label ; mov rdx, rax ; mov eax, done ; add rax, r15 ; jmp =>exit);
+            dynasm!(a ; .arch x64 ; mov rdx, rax ; mov eax, done ; add rax, r15 ; jmp =>exit);
         } else {
-            dynasm!(a ; .arch x64 ; =>label ; mov eax, done ; add rax, r15 ; xor edx, edx ; jmp =>exit);
+            dynasm!(a ; .arch x64 ; mov eax, done ; add rax, r15 ; xor edx, edx ; jmp =>exit);
         }
     }
-    b.a.finalize().ok()
+    Some((b.a.finalize().ok()?, chain))
 }
 
 /// The shared code at the start of the code cache: TLB lookups for reads and writes of 1, 2, 4
@@ -579,6 +772,8 @@ fn assemble(ops: &[Fast], rip: u64, at: usize, stubs: Stubs) -> Option<Vec<u8>> 
 struct Stubs {
     /// Address of the lookup for (log2 size, write).
     translate: [[usize; 2]; 4],
+    /// Address of the check of a link's target bytes (`emit_link_check`).
+    link_check: usize,
 }
 
 impl Stubs {
@@ -597,6 +792,8 @@ fn assemble_stubs(at: usize) -> Option<(Vec<u8>, Stubs)> {
             emit_translate(&mut a, 1 << log, write == 1);
         }
     }
+    stubs.link_check = at + a.offset().0;
+    emit_link_check(&mut a);
     Some((a.finalize().ok()?, stubs))
 }
 
@@ -667,6 +864,33 @@ fn emit_translate(a: &mut Asm, size: i32, write: bool) {
     );
 }
 
+/// The check of a link's target, called with the link in RDX and the host address of the
+/// target's first byte in RAX: returns with CF clear when the `chunks` 8-byte chunks there,
+/// masked, are the link's, else CF set. Uses RAX, R9, R10 and R11.
+fn emit_link_check(a: &mut Asm) {
+    let chunks = offset_of!(Link, chunks) as i32;
+    let want = offset_of!(Link, want) as i32;
+    dynasm!(a
+        ; .arch x64
+        ; mov r11, QWORD [rdx + chunks]
+        ; lea r10, [rdx + want]
+        ; again:
+        ; mov r9, QWORD [rax]
+        ; and r9, QWORD [r10 + 8]
+        ; cmp r9, QWORD [r10]
+        ; jne >stale
+        ; add rax, 8
+        ; add r10, 16
+        ; dec r11
+        ; jnz <again
+        ; clc
+        ; ret
+        ; stale:
+        ; stc
+        ; ret
+    );
+}
+
 /// Offset of `Cpu` field paths used by the templates.
 fn tlb_entries() -> i32 {
     (offset_of!(Cpu, tlb) + offset_of!(crate::mmu::Tlb, e)) as i32
@@ -681,6 +905,14 @@ fn seg_base(s: u8) -> i32 {
 
 fn code_page() -> i32 {
     offset_of!(Cpu, code_page) as i32
+}
+
+fn link_from() -> i32 {
+    offset_of!(Cpu, link_from) as i32
+}
+
+fn rip_field() -> i32 {
+    (offset_of!(Cpu, st) + offset_of!(crate::state::CpuState, rip)) as i32
 }
 
 impl Block<'_> {

@@ -140,7 +140,7 @@ impl Cpu {
     /// (`Cpu::note_write`), so self-modified bytes are validated again.
     #[inline(always)]
     fn run_block(&mut self, max: u64) -> Option<(u64, crate::cpu::R<()>)> {
-        let b = self.block()?;
+        let (b, host) = self.block()?;
         // SAFETY: `b` points into the block cache's heap buffers, which only `block` (via
         // `build_block`) writes; neither handlers nor anything they call look blocks up.
         let b = unsafe { &*b };
@@ -160,15 +160,16 @@ impl Cpu {
         // the faulting instruction. No per-instruction counter: how many ran follows from
         // where the iterator stopped.
         let (done, res) = match b.code {
-            // The whole block, compiled (`crate::jit`): same protocol as the loop below; the
-            // code sets `next_rip` itself, so the forms are not read here (they are another
-            // cache line, and the code only reads them to call a handler).
+            // The whole block, compiled (`crate::jit`): the same protocol as the loop below,
+            // but the code commits RIP itself (it may go on in blocks linked to this one), so
+            // the forms are not read here (they are another cache line).
             Some(code) if n == all.len() => {
                 let user = if self.st.cpl() == 3 { 3 } else { 0 };
-                // SAFETY: `code` was compiled from these forms (`build_block` drops it when
-                // it rebuilds the block) and stays mapped executable until the JIT's cache is
-                // emptied, which only `compile_block` does, never while code runs.
-                let exit = unsafe { code(self, ops.as_ptr(), user, max) };
+                // SAFETY: `code` was compiled from this block's forms (kept with the code;
+                // `build_block` drops it when it rebuilds the block) and stays mapped
+                // executable until the JIT's cache is emptied, which only `compile_block`
+                // does, never while code runs; `host` is the block's page.
+                let exit = unsafe { (code.entry)(self, host, user, max) };
                 let res = if exit.fault.is_null() {
                     Ok(())
                 } else {
@@ -199,19 +200,17 @@ impl Cpu {
                         break (Ok(()), 0);
                     }
                 };
-                (n - it.len() - not_done, res)
+                let done = n - it.len() - not_done;
+                // RIP: where the last instruction went after the whole block, else the next
+                // RIP of the last that completed (not a control transfer).
+                self.st.rip = match done {
+                    0 => self.st.rip,
+                    d if d == n => self.next_rip,
+                    d => ops[d - 1].next_rip,
+                };
+                (done, res)
             }
         };
-        if done > 0 {
-            // After whole runs of the block (compiled code may run a block that loops to
-            // itself several times), RIP is where the last instruction went; after part of a
-            // run, the next RIP of its last completed instruction (not a control transfer).
-            // (`done == n` first: a division per block costs more than the test.)
-            self.st.rip = match if done == n { 0 } else { done % n } {
-                0 => self.next_rip,
-                part => ops[part - 1].next_rip,
-            };
-        }
         self.code_page = crate::cpu::NO_CODE_PAGE;
         if done > 0 {
             self.shadow = false;

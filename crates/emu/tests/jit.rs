@@ -531,3 +531,89 @@ fn the_code_cache_is_never_writable_and_executable() {
         .collect();
     assert!(wx.is_empty(), "writable and executable mappings: {wx:#?}");
 }
+
+/// A compiled block goes on in the compiled block its direct branch leads to in the same page
+/// (a link) only while that block's bytes are the ones it was compiled from: code in another
+/// page rewrites an immediate of the linked-to block halfway through a loop, and the passes
+/// after it add the new value, with the JIT as without it.
+#[test]
+fn a_linked_block_rewritten_from_another_page_runs_its_new_bytes() {
+    let patch_at = CODE + 0x1000;
+    let looped = |imm_at: u64| {
+        asm64(CODE, |a| {
+            let mut top = a.create_label();
+            let mut b = a.create_label();
+            let mut skip = a.create_label();
+            a.mov(ecx, 40u32)?;
+            a.xor(edx, edx)?;
+            a.set_label(&mut top)?;
+            a.add(ebx, 1)?;
+            a.jmp(b)?;
+            a.nop()?;
+            a.set_label(&mut b)?;
+            a.mov(eax, 0x1111_1111u32)?;
+            a.add(edx, eax)?;
+            a.cmp(ecx, 20)?;
+            a.jne(skip)?;
+            // Halfway: the code in the next page rewrites the MOV's immediate.
+            a.mov(rsi, imm_at)?;
+            a.call(patch_at)?;
+            a.set_label(&mut skip)?;
+            a.dec(ecx)?;
+            a.jne(top)?;
+            a.hlt()?;
+            Ok(())
+        })
+    };
+    // Where the immediate is.
+    let first = looped(0);
+    let imm_at = CODE + first.windows(4).position(|w| w == [0x11; 4]).unwrap() as u64;
+    let code = looped(imm_at);
+    let patch = asm64(patch_at, |a| {
+        a.mov(dword_ptr(rsi), 0x2222_2222u32)?;
+        a.ret()?;
+        Ok(())
+    });
+    let mut regs = [0u64; 16];
+    regs[4] = KSTACK;
+    // 21 passes before the rewrite, 19 after.
+    let want = (21u64 * 0x1111_1111 + 19 * 0x2222_2222) & 0xffff_ffff;
+    let mut stopped = Vec::new();
+    for threshold in [0, 1] {
+        let mut m = Machine::new(threshold);
+        m.mem.write_slice(&patch, GuestAddress(patch_at)).unwrap();
+        let o = m.run(&code, &regs, 2, &[0u8; DATA_BYTES]);
+        assert_eq!(
+            o.regs[2], want,
+            "JIT threshold {threshold}: RDX {:#x}",
+            o.regs[2]
+        );
+        assert_eq!(o.regs[3], 40, "JIT threshold {threshold}: RBX");
+        // Linked blocks stay within the instructions a run may execute: the loop again (its
+        // blocks compiled and linked now), stopped after exactly `steps`.
+        for steps in [1, 5, 6, 7, 50, 201] {
+            m.mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+            m.vcpu.set_regs(&Regs::from_gprs(regs, CODE, 2)).unwrap();
+            let before = m.vcpu.stats().instructions;
+            let exit = m.vcpu.run_steps(&Recorder::default(), steps).unwrap();
+            assert_eq!(
+                exit,
+                None,
+                "JIT threshold {threshold}, {steps} steps: rip {:#x}",
+                m.vcpu.regs().unwrap().rip
+            );
+            assert_eq!(
+                m.vcpu.stats().instructions - before,
+                steps,
+                "JIT threshold {threshold}"
+            );
+            let r = m.vcpu.regs().unwrap();
+            stopped.push((threshold, steps, r.rip, r.gprs()));
+        }
+    }
+    // And where they stopped, the state is the interpreter's.
+    let (interp, jit) = stopped.split_at(stopped.len() / 2);
+    for (i, j) in interp.iter().zip(jit) {
+        assert_eq!((i.2, i.3), (j.2, j.3), "after {} steps", i.1);
+    }
+}
