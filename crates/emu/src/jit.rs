@@ -12,13 +12,14 @@
 //! `test; setcc`) reads the host flags directly.
 //!
 //! The code keeps the block protocol of `Cpu::run_block`: it sets `next_rip` to the last
-//! instruction's next RIP, and only the last instruction (a control transfer) changes it; RIP
-//! is committed by the caller. The code returns how many instructions completed and the fault
-//! of the one that did not: a handler's fault ends the block there, and after every handler
-//! call the code tests `code_written` (a store into the block's own page, or a device access)
-//! and ends the block after that instruction. Inline code commits nothing before its last
-//! check (a fast path that fails leaves everything to the handler), so faults stay precise. A
-//! block that branches back to its own start runs again inside its code (see `assemble`).
+//! instruction's next RIP, and only the last instruction (a control transfer) changes it. It
+//! commits RIP itself and returns how many instructions completed and the fault of the one
+//! that did not: a handler's fault ends the block there, and after every handler call the code
+//! tests `code_written` (a store into the block's own page, or a device access) and ends the
+//! block after that instruction. Inline code commits nothing before its last check (a fast
+//! path that fails leaves everything to the handler), so faults stay precise. A block that
+//! branches back to its own start runs again inside its code, and an exit to another compiled
+//! block of the same page goes on in that block's code once linked (`Link`, `assemble`).
 //!
 //! The code cache is never writable and executable at once: each vCPU maps its own region
 //! read-write, copies a block's code in and maps those pages read-execute again before the
