@@ -766,102 +766,77 @@ fn assemble(
     Some((b.a.finalize().ok()?, chain))
 }
 
-/// The shared code at the start of the code cache: TLB lookups for reads and writes of 1, 2, 4
-/// and 8 bytes (`emit_translate`), called from every block's memory accesses, which keeps
-/// blocks small.
+/// The shared code at the start of the code cache: the check of a link's target (called from
+/// every linked exit).
 #[derive(Clone, Copy, Default)]
 struct Stubs {
-    /// Address of the lookup for (log2 size, write).
-    translate: [[usize; 2]; 4],
     /// Address of the check of a link's target bytes (`emit_link_check`).
     link_check: usize,
-}
-
-impl Stubs {
-    fn translate(&self, size: i32, write: bool) -> usize {
-        self.translate[size.trailing_zeros() as usize & 3][write as usize]
-    }
 }
 
 /// Assemble the shared stubs for address `at`: their code, and where each starts.
 fn assemble_stubs(at: usize) -> Option<(Vec<u8>, Stubs)> {
     let mut a = Asm::new(at);
     let mut stubs = Stubs::default();
-    for (log, row) in stubs.translate.iter_mut().enumerate() {
-        for (write, entry) in row.iter_mut().enumerate() {
-            *entry = at + a.offset().0;
-            emit_translate(&mut a, 1 << log, write == 1);
-        }
-    }
     stubs.link_check = at + a.offset().0;
     emit_link_check(&mut a);
     Some((a.finalize().ok()?, stubs))
 }
 
-/// A TLB lookup, called with the linear address in RAX: returns with CF clear and RAX the host
-/// address for a `size`-byte access (a write if `write`), or CF set when the access needs the
-/// handler: non-canonical, crossing a page, not in the TLB with the permission (R13/R14 hold
-/// the bits for the current privilege), not RAM, or (a write) in the running block's page.
-/// Uses RCX and RDX.
-fn emit_translate(a: &mut Asm, size: i32, write: bool) {
+/// A TLB lookup, inline, of the linear address in RAX: leaves RAX the host address for a
+/// `size`-byte access (a write if `write`), or goes to `slow` when the access needs the
+/// handler: crossing a page, not in the TLB with the permission (R13/R14 hold the bits for the
+/// current privilege), not RAM, or (a write) in the running block's page. One compare covers
+/// the page crossing and the tag: the entry is the first byte's, and its tag must be the last
+/// byte's page (an entry at that index never holds the next page). A non-canonical address
+/// never matches (the TLB holds canonical pages only: `Cpu::translate`). Uses RCX and RDX.
+fn emit_translate(a: &mut Asm, size: i32, write: bool, slow: DynamicLabel) {
     let tlb = tlb_entries();
-    let entry = size_of::<TlbEntry>() as i32;
     let (tag, perm, host, ppage) = (
         offset_of!(TlbEntry, tag) as i32,
         offset_of!(TlbEntry, perm) as i32,
         offset_of!(TlbEntry, host) as i32,
         offset_of!(TlbEntry, ppage) as i32,
     );
-    let last = 4096 - size;
+    const _: () = assert!(size_of::<TlbEntry>() == 32);
     let index_mask = (crate::mmu::TLB_SIZE - 1) as i32;
-    let fail = a.new_dynamic_label();
-    unless_canonical(a, fail);
+    let last = size - 1;
     dynasm!(a
         ; .arch x64
-        // Within one page.
-        ; mov ecx, eax
-        ; and ecx, 0xfff
-        ; cmp ecx, last
-        ; ja =>fail
-        // The TLB entry of the page.
-        ; mov rcx, rax
+        ; lea rcx, [rax + last]
         ; shr rcx, 12
-        ; mov edx, ecx
+        ; mov rdx, rax
+        ; shr rdx, 12
         ; and edx, index_mask
-        ; imul edx, edx, entry
+        ; shl edx, 5
         ; add rdx, QWORD [rbx + tlb]
         ; cmp QWORD [rdx + tag], rcx
-        ; jne =>fail
+        ; jne =>slow
     );
     if write {
         let cp = code_page();
         dynasm!(a
             ; .arch x64
             ; test BYTE [rdx + perm], r14b
-            ; jz =>fail
+            ; jz =>slow
             ; mov rcx, QWORD [rdx + ppage]
             ; cmp rcx, QWORD [rbx + cp]
-            ; je =>fail
+            ; je =>slow
         );
     } else {
         dynasm!(a
             ; .arch x64
             ; test BYTE [rdx + perm], r13b
-            ; jz =>fail
+            ; jz =>slow
         );
     }
     dynasm!(a
         ; .arch x64
         ; mov rcx, QWORD [rdx + host]
         ; test rcx, rcx
-        ; jz =>fail
+        ; jz =>slow
         ; and eax, 0xfff
         ; add rax, rcx
-        ; clc
-        ; ret
-        ; =>fail
-        ; stc
-        ; ret
     );
 }
 
@@ -993,13 +968,7 @@ impl Block<'_> {
     /// Turn the linear address in RAX into a host pointer for a `size`-byte access (a write
     /// if `write`) with the cache's shared stub (`emit_translate`), or go to `slow`.
     fn translate(&mut self, size: i32, write: bool, slow: DynamicLabel) {
-        let stub = self.stubs.translate(size, write);
-        let a = &mut self.a;
-        dynasm!(a
-            ; .arch x64
-            ; call extern stub
-            ; jc =>slow
-        );
+        emit_translate(&mut self.a, size, write, slow);
     }
 
     /// RAX = the host address of the stack slot a 64-bit push writes (RSP - 8) or a pop reads

@@ -126,8 +126,12 @@ impl Cpu {
         }
         self.tlb.misses += 1;
         let e = self.walk(lin, acc, user)?;
-        let vpn = lin >> 12;
-        self.tlb.e[(vpn as usize) & (TLB_SIZE - 1)] = e;
+        // Only canonical pages are cached: the JIT's inline lookup relies on a non-canonical
+        // address never matching a tag (callers check first; this keeps it true regardless).
+        if crate::cpu::canonical(lin) {
+            let vpn = lin >> 12;
+            self.tlb.e[(vpn as usize) & (TLB_SIZE - 1)] = e;
+        }
         Ok(e)
     }
 
