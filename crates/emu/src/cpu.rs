@@ -926,7 +926,10 @@ impl Cpu {
         if let (false, Some(code)) = (from.is_null(), b.code) {
             // SAFETY: `link_from` only holds links of code in the cache: `compile_block` and
             // `set_jit_threshold` clear it when they empty the cache.
-            unsafe { crate::jit::Jit::link(from, rip, code, b.ops().len(), b.bytes(), off) };
+            unsafe {
+                self.jit
+                    .link(from, rip, code, b.ops().len(), b.len as usize, off)
+            };
         }
         self.code_page = ppage;
         self.code_written = false;
@@ -999,9 +1002,8 @@ impl Cpu {
     #[inline(never)]
     pub(crate) fn compile_block(&mut self, slot: usize) {
         let mut full = false;
-        let code = self
-            .jit
-            .compile(self.blocks[slot].ops(), self.blocks[slot].rip, &mut full);
+        let b = &self.blocks[slot];
+        let mut code = self.jit.compile(b.ops(), b.bytes(), b.rip, &mut full);
         if full {
             for b in self.blocks.iter_mut() {
                 b.code = None;
@@ -1009,14 +1011,11 @@ impl Cpu {
             self.link_from = std::ptr::null_mut();
             self.jit.clear();
             self.stats.jit_flushes += 1;
-            let code = self
-                .jit
-                .compile(self.blocks[slot].ops(), self.blocks[slot].rip, &mut full);
-            self.blocks[slot].code = code;
-        } else {
-            self.blocks[slot].code = code;
+            let b = &self.blocks[slot];
+            code = self.jit.compile(b.ops(), b.bytes(), b.rip, &mut full);
         }
-        if self.blocks[slot].code.is_some() {
+        self.blocks[slot].code = code;
+        if code.is_some() {
             self.stats.jit_blocks += 1;
         }
     }

@@ -33,7 +33,7 @@
 
 use crate::cpu::{Cpu, Fault};
 use crate::exec::fast::{Fast, Form};
-use crate::mmu::{TlbEntry, ACC_R, ACC_W};
+use crate::mmu::{TlbEntry, ACC_R, ACC_W, ACC_X};
 use dynasm::dynasm;
 use dynasmrt::x64::X64Relocation;
 use dynasmrt::{DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
@@ -57,30 +57,30 @@ pub(crate) type Entry = unsafe extern "sysv64" fn(*mut Cpu, *const u8, u32, u64)
 #[derive(Clone, Copy)]
 pub(crate) struct Code {
     pub(crate) entry: Entry,
-    /// Where a linked predecessor goes on (past the prologue: the registers are set up).
-    chain: usize,
+    /// The bytes it was compiled from (`Kept::bytes`).
+    bytes: *const u64,
 }
 
-/// Most bytes of a block that a link checks: blocks longer than this are not linked to.
-const LINK_CHUNKS: usize = 5;
-
-/// A compiled block's exit to a block of its own page (its direct branch's target, or the
-/// next instruction), linked by `Jit::link` to that block's code once it is compiled: the
-/// exit then goes on there directly, after comparing the bytes in guest memory with the ones
-/// the target was compiled from (as `Cpu::block` does at every entry), so a changed target is
-/// never run. Links live with their block's forms until the code cache is emptied.
+/// A compiled block's exit to another block (its direct branch's target, or the next
+/// instruction), linked by `Jit::link` to that block's code once it is compiled: the exit then
+/// goes on there directly, after checking what `Cpu::block` checks at every entry: for a
+/// target in another page, that the TLB still maps it executable at this privilege to RAM;
+/// and that its bytes in guest memory are the ones it was compiled from, so a changed target
+/// is never run. Links live with their block's forms until the code cache is emptied.
 #[repr(C)]
 pub(crate) struct Link {
     /// The target's RIP (fixed when the block is compiled).
     rip: u64,
-    /// The target's chain entry (`Code::chain`); 0 while unlinked.
+    /// The target's chain entry (`Jit::chain`); 0 while unlinked.
     entry: usize,
     /// The target's length in instructions.
     n: u64,
-    /// 8-byte chunks compared, from the target's first byte.
+    /// 8-byte chunks of the target's bytes compared, from its first byte.
     chunks: u64,
-    /// Each chunk's bytes and the mask of those that belong to the target.
-    want: [[u64; 2]; LINK_CHUNKS],
+    /// The mask of the target's bytes in its last chunk.
+    last_mask: u64,
+    /// The target's bytes (its `Kept::bytes`).
+    bytes: *const u64,
 }
 
 /// What compiled code refers to while it exists: its block's forms (handlers get pointers to
@@ -88,6 +88,8 @@ pub(crate) struct Link {
 struct Kept {
     _forms: Box<[Fast]>,
     _links: Box<[Link]>,
+    /// The block's bytes, zero-padded to whole 8-byte chunks (links to it compare them).
+    _bytes: Box<[u64]>,
 }
 
 /// Blocks run this many times before they are compiled.
@@ -108,6 +110,9 @@ pub(crate) struct Jit {
     cache: Option<CodeCache>,
     /// The forms and links of the code in the cache.
     kept: Vec<Kept>,
+    /// Where a linked predecessor goes on in a block's code, from its entry: past the
+    /// prologue, which is the same in every block (the registers are set up).
+    chain: usize,
 }
 
 impl Jit {
@@ -124,13 +129,20 @@ impl Jit {
             threshold,
             cache: None,
             kept: Vec::new(),
+            chain: 0,
         }
     }
 
     /// Compile `ops` (a block's forms, all with handlers). None when the cache cannot take it
     /// (`full` is then set: the caller drops every block's code and calls `clear`), or when the
     /// code cache cannot be mapped (the JIT is then turned off).
-    pub(crate) fn compile(&mut self, ops: &[Fast], rip: u64, full: &mut bool) -> Option<Code> {
+    pub(crate) fn compile(
+        &mut self,
+        ops: &[Fast],
+        bytes: &[u8],
+        rip: u64,
+        full: &mut bool,
+    ) -> Option<Code> {
         if self.cache.is_none() {
             match CodeCache::new(CACHE_BYTES) {
                 Some(c) => self.cache = Some(c),
@@ -143,13 +155,22 @@ impl Jit {
         let cache = self.cache.as_mut()?;
         let at = cache.base as usize + cache.used;
         let forms: Box<[Fast]> = ops.into();
-        let links: Box<[Link]> = link_targets(ops, rip)
+        let links: Box<[Link]> = link_targets(ops)
             .map(|rip| Link {
                 rip,
                 entry: 0,
                 n: 0,
                 chunks: 0,
-                want: [[0; 2]; LINK_CHUNKS],
+                last_mask: 0,
+                bytes: std::ptr::null(),
+            })
+            .collect();
+        let padded: Box<[u64]> = bytes
+            .chunks(8)
+            .map(|c| {
+                let mut v = [0u8; 8];
+                v[..c.len()].copy_from_slice(c);
+                u64::from_le_bytes(v)
             })
             .collect();
         let (bytes, chain) = assemble(&forms, &links, rip, at, cache.stubs)?;
@@ -157,14 +178,17 @@ impl Jit {
             *full = true;
             return None;
         };
+        self.chain = chain;
+        let code = Code {
+            entry,
+            bytes: padded.as_ptr(),
+        };
         self.kept.push(Kept {
             _forms: forms,
             _links: links,
+            _bytes: padded,
         });
-        Some(Code {
-            entry,
-            chain: at + chain,
-        })
+        Some(code)
     }
 
     /// Forget every block's code (the caller has dropped its pointers, and any link it kept).
@@ -176,40 +200,33 @@ impl Jit {
     }
 
     /// Link the exit `link` (an exit a compiled block took to Rust: `Cpu::link_from`) to the
-    /// block at `rip` that runs next, compiled as `code`, `n` instructions long, with `bytes`
-    /// at offset `off` of its page, if it is the exit's target, short enough, and its chunks
-    /// end within the page.
+    /// block at `rip` that runs next, compiled as `code`, `n` instructions and `len` bytes
+    /// long, at offset `off` of its page, if it is the exit's target and its 8-byte chunks end
+    /// within the page.
     ///
     /// # Safety
     /// `link` must point to a link of code still in the cache (`clear` not called since).
     pub(crate) unsafe fn link(
+        &self,
         link: *mut Link,
         rip: u64,
         code: Code,
         n: usize,
-        bytes: &[u8],
+        len: usize,
         off: usize,
     ) {
         // SAFETY: the caller's contract; links are only written here, on the vCPU's thread,
         // while no code runs.
         let l = unsafe { &mut *link };
-        let chunks = bytes.len().div_ceil(8);
-        if l.rip != rip || chunks > LINK_CHUNKS || off + 8 * chunks > PAGE || bytes.is_empty() {
+        let chunks = len.div_ceil(8);
+        if l.rip != rip || chunks == 0 || off + 8 * chunks > PAGE {
             return;
         }
-        for (i, w) in l.want.iter_mut().enumerate() {
-            let part = bytes.get(8 * i..).unwrap_or(&[]);
-            let k = part.len().min(8);
-            let mut v = [0u8; 8];
-            v[..k].copy_from_slice(&part[..k]);
-            *w = [
-                u64::from_le_bytes(v),
-                if k == 0 { 0 } else { u64::MAX >> (64 - 8 * k) },
-            ];
-        }
         l.chunks = chunks as u64;
+        l.last_mask = u64::MAX >> (8 * (8 * chunks - len));
+        l.bytes = code.bytes;
         l.n = n as u64;
-        l.entry = code.chain;
+        l.entry = code.entry as usize + self.chain;
     }
 }
 
@@ -533,7 +550,6 @@ struct Slow {
 struct Block<'a> {
     a: Asm,
     ops: &'a [Fast],
-    stubs: Stubs,
     /// Out-of-line exits: (label, instructions done, faulted).
     exits: Vec<(DynamicLabel, usize, bool)>,
     slow: Vec<Slow>,
@@ -542,9 +558,8 @@ struct Block<'a> {
 /// The RIPs a block's exits may link to (`Link`): the targets of its last instruction, a
 /// direct JMP, CALL or Jcc compiled inline (a Jcc also goes to the next instruction), or the
 /// next instruction after a block that ends without a control transfer (at its length limit,
-/// or before an instruction without a handler); only those in the block's own page, whose
-/// translation the block's entry checked.
-fn link_targets(ops: &[Fast], rip: u64) -> impl Iterator<Item = u64> {
+/// or before an instruction without a handler).
+fn link_targets(ops: &[Fast]) -> impl Iterator<Item = u64> {
     let mut t = [None; 2];
     if let Some(last) = ops.last() {
         match last.form {
@@ -559,9 +574,7 @@ fn link_targets(ops: &[Fast], rip: u64) -> impl Iterator<Item = u64> {
             _ => t[0] = Some(last.next_rip),
         }
     }
-    t.into_iter()
-        .flatten()
-        .filter(move |&target| target >> 12 == rip >> 12)
+    t.into_iter().flatten()
 }
 
 /// Assemble the code of the block at `rip` (its forms `ops`, kept at that address while the
@@ -629,7 +642,6 @@ fn assemble(
     let mut b = Block {
         a,
         ops,
-        stubs,
         exits: Vec::new(),
         slow: Vec::new(),
     };
@@ -687,6 +699,13 @@ fn assemble(
     }
     let (l_entry, l_n) = (offset_of!(Link, entry) as i32, offset_of!(Link, n) as i32);
     let from = link_from();
+    let (tlb, cp) = (tlb_entries(), code_page());
+    let (tag, perm, host, ppage) = (
+        offset_of!(TlbEntry, tag) as i32,
+        offset_of!(TlbEntry, perm) as i32,
+        offset_of!(TlbEntry, host) as i32,
+        offset_of!(TlbEntry, ppage) as i32,
+    );
     for l in links {
         let addr = l as *const Link as i64;
         let off = (l.rip & 0xfff) as i32;
@@ -707,11 +726,49 @@ fn assemble(
             ; add r9, QWORD [rdx + l_n]
             ; cmp r9, QWORD [rsp]
             ; ja =>plain
-            // Its bytes are the ones it was compiled from.
-            ; mov rax, QWORD [rsp + 8]
-            ; add rax, off
-            ; call extern stubs.link_check
-            ; jc =>ask
+        );
+        if l.rip >> 12 == rip >> 12 {
+            // In this page: the translation this block's entry checked.
+            dynasm!(a
+                ; .arch x64
+                ; mov rax, QWORD [rsp + 8]
+                ; add rax, off
+                ; call extern stubs.link_check
+                ; jc =>ask
+            );
+        } else {
+            // In another page: the TLB maps it (canonical, executable at this privilege:
+            // R13's read bit moved to the execute bit) to RAM; else the dispatch loop looks it
+            // up (a miss is no reason to relink).
+            let vpn = (l.rip >> 12) as i64;
+            let at = ((l.rip >> 12) as usize & (crate::mmu::TLB_SIZE - 1)) * size_of::<TlbEntry>();
+            let at = at as i32;
+            let x = (ACC_X - ACC_R) as i8;
+            dynasm!(a
+                ; .arch x64
+                ; mov r10, QWORD [rbx + tlb]
+                ; add r10, at
+                ; mov r9, QWORD vpn
+                ; cmp QWORD [r10 + tag], r9
+                ; jne =>plain
+                ; mov r9d, r13d
+                ; shl r9d, x
+                ; test BYTE [r10 + perm], r9b
+                ; jz =>plain
+                ; mov rsi, QWORD [r10 + host]
+                ; test rsi, rsi
+                ; jz =>plain
+                ; mov rdi, QWORD [r10 + ppage]
+                ; lea rax, [rsi + off]
+                ; call extern stubs.link_check
+                ; jc =>ask
+                // The chain runs in that page now.
+                ; mov QWORD [rsp + 8], rsi
+                ; mov QWORD [rbx + cp], rdi
+            );
+        }
+        dynasm!(a
+            ; .arch x64
             ; mov r15, r8
             ; jmp rcx
             ; =>ask
@@ -777,8 +834,9 @@ struct Stubs {
 /// Assemble the shared stubs for address `at`: their code, and where each starts.
 fn assemble_stubs(at: usize) -> Option<(Vec<u8>, Stubs)> {
     let mut a = Asm::new(at);
-    let mut stubs = Stubs::default();
-    stubs.link_check = at + a.offset().0;
+    let stubs = Stubs {
+        link_check: at + a.offset().0,
+    };
     emit_link_check(&mut a);
     Some((a.finalize().ok()?, stubs))
 }
@@ -841,24 +899,34 @@ fn emit_translate(a: &mut Asm, size: i32, write: bool, slow: DynamicLabel) {
 }
 
 /// The check of a link's target, called with the link in RDX and the host address of the
-/// target's first byte in RAX: returns with CF clear when the `chunks` 8-byte chunks there,
-/// masked, are the link's, else CF set. Uses RAX, R9, R10 and R11.
+/// target's first byte in RAX: returns with CF clear when the link's `chunks` 8-byte chunks
+/// there (the last one masked) are the target's bytes, else CF set. Uses RAX, R9, R10 and
+/// R11.
 fn emit_link_check(a: &mut Asm) {
-    let chunks = offset_of!(Link, chunks) as i32;
-    let want = offset_of!(Link, want) as i32;
+    let (chunks, last_mask, bytes) = (
+        offset_of!(Link, chunks) as i32,
+        offset_of!(Link, last_mask) as i32,
+        offset_of!(Link, bytes) as i32,
+    );
     dynasm!(a
         ; .arch x64
         ; mov r11, QWORD [rdx + chunks]
-        ; lea r10, [rdx + want]
+        ; mov r10, QWORD [rdx + bytes]
+        ; dec r11
+        ; jz >last
         ; again:
         ; mov r9, QWORD [rax]
-        ; and r9, QWORD [r10 + 8]
         ; cmp r9, QWORD [r10]
         ; jne >stale
         ; add rax, 8
-        ; add r10, 16
+        ; add r10, 8
         ; dec r11
         ; jnz <again
+        ; last:
+        ; mov r9, QWORD [rax]
+        ; and r9, QWORD [rdx + last_mask]
+        ; cmp r9, QWORD [r10]
+        ; jne >stale
         ; clc
         ; ret
         ; stale:

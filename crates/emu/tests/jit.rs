@@ -617,3 +617,116 @@ fn a_linked_block_rewritten_from_another_page_runs_its_new_bytes() {
         assert_eq!((i.2, i.3), (j.2, j.3), "after {} steps", i.1);
     }
 }
+
+/// A link into another page makes that page the one whose stores end a block: the loop jumps
+/// to the next page, where a block rewrites the immediate of its own next instruction (so the
+/// rest of it must run from the new bytes); back in the first page the loop puts the byte
+/// back, so the next pass enters that block through its link again, from a chain that began
+/// in the first page. With the JIT as without it.
+#[test]
+fn a_block_entered_through_a_link_from_another_page_sees_stores_into_its_own() {
+    let q = CODE + 0x1000;
+    let page_q = |imm_at: u64| {
+        asm64(q, |a| {
+            a.mov(byte_ptr(imm_at), cl)?;
+            a.mov(eax, 0x100u32)?;
+            a.jmp(CODE + 0x20)?;
+            Ok(())
+        })
+    };
+    let first = page_q(0);
+    let imm_at = q
+        + 1
+        + first
+            .windows(5)
+            .position(|w| w == [0xb8, 0, 1, 0, 0])
+            .unwrap() as u64;
+    let page_q = page_q(imm_at);
+    // CODE: the start; CODE + 0x10: the loop's top (to the next page); CODE + 0x20: where it
+    // comes back.
+    let parts = [
+        asm64(CODE, |a| {
+            a.mov(ecx, 30u32)?;
+            a.xor(edx, edx)?;
+            a.jmp(CODE + 0x10)?;
+            Ok(())
+        }),
+        asm64(CODE + 0x10, |a| {
+            a.jmp(q)?;
+            Ok(())
+        }),
+        asm64(CODE + 0x20, |a| {
+            a.mov(byte_ptr(imm_at), 0)?;
+            a.add(edx, eax)?;
+            a.dec(ecx)?;
+            a.jne(CODE + 0x10)?;
+            a.hlt()?;
+            Ok(())
+        }),
+    ];
+    let mut code = vec![0x90u8; 0x40];
+    for (i, p) in parts.iter().enumerate() {
+        code[0x10 * i..0x10 * i + p.len()].copy_from_slice(p);
+    }
+    let mut regs = [0u64; 16];
+    regs[4] = KSTACK;
+    // Each pass adds 0x100 + its count (30 down to 1).
+    let want = 30 * 0x100 + (1..=30).sum::<u64>();
+    for threshold in [0, 1] {
+        let mut m = Machine::new(threshold);
+        m.mem.write_slice(&page_q, GuestAddress(q)).unwrap();
+        let o = m.run(&code, &regs, 2, &[0u8; DATA_BYTES]);
+        assert_eq!(
+            o.regs[2], want,
+            "JIT threshold {threshold}: RDX {:#x}",
+            o.regs[2]
+        );
+    }
+}
+
+/// A link into another page follows the page tables: the guest remaps the called page (and
+/// flushes it with INVLPG) halfway through a loop, and the calls after it run the new page's
+/// code, with the JIT as without it.
+#[test]
+fn a_link_into_another_page_follows_a_remapping() {
+    // 16 MiB (virtual) -> 0x180_0000, then 0x180_2000.
+    let (v, x1, x2) = (0x100_0000u64, 0x180_0000u64, 0x180_2000u64);
+    let callee = |n: u32| {
+        asm64(v, |a| {
+            a.mov(eax, n)?;
+            a.ret()?;
+            Ok(())
+        })
+    };
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        let mut skip = a.create_label();
+        a.xor(edx, edx)?;
+        a.mov(ecx, 20u32)?;
+        a.set_label(&mut top)?;
+        a.call(v)?;
+        a.add(edx, eax)?;
+        a.cmp(ecx, 10)?;
+        a.jne(skip)?;
+        a.mov(rax, x2 | 3)?;
+        a.mov(qword_ptr(PT), rax)?;
+        a.invlpg(byte_ptr(v))?;
+        a.set_label(&mut skip)?;
+        a.dec(ecx)?;
+        a.jne(top)?;
+        a.hlt()?;
+        Ok(())
+    });
+    let mut regs = [0u64; 16];
+    regs[4] = KSTACK;
+    for threshold in [0, 1] {
+        let mut m = Machine::new(threshold);
+        w64(&m.mem, PD + 8 * 8, PT | 3);
+        w64(&m.mem, PT, x1 | 3);
+        m.mem.write_slice(&callee(1), GuestAddress(x1)).unwrap();
+        m.mem.write_slice(&callee(2), GuestAddress(x2)).unwrap();
+        let o = m.run(&code, &regs, 2, &[0u8; DATA_BYTES]);
+        // 11 calls before the remapping, 9 after.
+        assert_eq!(o.regs[2], 11 + 9 * 2, "JIT threshold {threshold}");
+    }
+}
