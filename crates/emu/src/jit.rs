@@ -468,7 +468,10 @@ fn inline(f: &Fast) -> bool {
         | Form::MovxM
         | Form::SetccR
         | Form::CmovRR
-        | Form::Nop => true,
+        | Form::Nop
+        | Form::NegNotR
+        | Form::BswapR
+        | Form::Cext => true,
         Form::ShiftRI => shift_count(f).is_some(),
         Form::ShiftRC => matches!(f.sub, 2..=4) && matches!(f.bits, 32 | 64),
         Form::ImulRR => f.bits != 8,
@@ -495,6 +498,7 @@ fn produces_flags(f: &Fast) -> bool {
                 | Form::ShiftRI
                 | Form::ImulRR
         )
+        || f.form == Form::NegNotR && f.sub == 1
 }
 
 /// Whether the flags after instruction `i` are overwritten before anything can see them: the
@@ -507,7 +511,19 @@ fn flags_dead_after(ops: &[Fast], i: usize) -> bool {
             return false;
         }
         match g.form {
-            Form::MovRR | Form::MovRI | Form::Lea | Form::MovxR | Form::Nop => {}
+            Form::MovRR
+            | Form::MovRI
+            | Form::Lea
+            | Form::MovxR
+            | Form::Nop
+            | Form::BswapR
+            | Form::Cext => {}
+            // NOT writes no flags, NEG all.
+            Form::NegNotR => {
+                if g.sub == 1 {
+                    return true;
+                }
+            }
             Form::AluRR | Form::AluRI => return !matches!(g.sub, 2 | 3),
             Form::ShiftRI => return !rotate(g),
             Form::ImulRR => return true,
@@ -1250,6 +1266,55 @@ impl Block<'_> {
                 // A 32-bit shift writes (zero-extends) its register even by zero.
                 dynasm!(a ; .arch x64 ; zero:);
                 store(a, f.r0, bits);
+            }
+            Form::NegNotR => {
+                let a = &mut self.a;
+                load(a, 0, f.r0, bits);
+                match (f.sub != 0, bits) {
+                    (false, 64) => dynasm!(a ; .arch x64 ; not rax),
+                    (false, 32) => dynasm!(a ; .arch x64 ; not eax),
+                    (false, 16) => dynasm!(a ; .arch x64 ; not ax),
+                    (false, _) => dynasm!(a ; .arch x64 ; not al),
+                    (true, 64) => dynasm!(a ; .arch x64 ; neg rax),
+                    (true, 32) => dynasm!(a ; .arch x64 ; neg eax),
+                    (true, 16) => dynasm!(a ; .arch x64 ; neg ax),
+                    (true, _) => dynasm!(a ; .arch x64 ; neg al),
+                }
+                store(a, f.r0, bits);
+            }
+            Form::BswapR => {
+                let a = &mut self.a;
+                load(a, 0, f.r0, bits);
+                if bits == 64 {
+                    dynasm!(a ; .arch x64 ; bswap rax);
+                } else {
+                    dynasm!(a ; .arch x64 ; bswap eax);
+                }
+                store(a, f.r0, bits);
+            }
+            Form::Cext => {
+                // The host's own instruction on the guest's RAX (and RDX).
+                let a = &mut self.a;
+                // (Not named `rdx`: dynasm would read the register.)
+                let d = gpr(2);
+                load(a, 0, 0, 64);
+                match f.sub {
+                    0 => {
+                        dynasm!(a ; .arch x64 ; cbw);
+                        store(a, 0, 16);
+                    }
+                    1 => {
+                        dynasm!(a ; .arch x64 ; cwde);
+                        store(a, 0, 32);
+                    }
+                    2 => {
+                        dynasm!(a ; .arch x64 ; cdqe);
+                        store(a, 0, 64);
+                    }
+                    3 => dynasm!(a ; .arch x64 ; cwd ; mov WORD [rbx + d], dx),
+                    4 => dynasm!(a ; .arch x64 ; cdq ; mov edx, edx ; mov QWORD [rbx + d], rdx),
+                    _ => dynasm!(a ; .arch x64 ; cqo ; mov QWORD [rbx + d], rdx),
+                }
             }
             Form::ImulRR => {
                 let a = &mut self.a;

@@ -108,6 +108,12 @@ pub(crate) enum Form {
     SetccR,
     CmovRR,
     Nop,
+    /// NOT (`sub` 0) or NEG (1) of a register.
+    NegNotR,
+    /// BSWAP of a 32- or 64-bit register.
+    BswapR,
+    /// CBW CWDE CDQE CWD CDQ CQO (`sub` 0-5).
+    Cext,
 }
 
 impl Fast {
@@ -499,6 +505,94 @@ extern "sysv64-unwind" fn cmov<const CC: u32, const MEM: bool, const B: u32>(
 }
 
 extern "sysv64-unwind" fn nop(_: &mut Cpu, _: &Fast) -> Done {
+    Ok(())
+}
+
+/// PAUSE: a spin-wait hint.
+extern "sysv64-unwind" fn pause(_: &mut Cpu, _: &Fast) -> Done {
+    std::hint::spin_loop();
+    Ok(())
+}
+
+/// NOT (`NEG` false) or NEG of a register.
+extern "sysv64-unwind" fn negnot_r<const NEG: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+    let a = get::<B>(c, f.r0);
+    if NEG {
+        let (res, fl) = alu::sub(0, a, false, B);
+        set::<B>(c, f.r0, res);
+        c.set_status(fl);
+    } else {
+        set::<B>(c, f.r0, !a & mask(B));
+    }
+    Ok(())
+}
+
+/// NOT or NEG of memory.
+extern "sysv64-unwind" fn negnot_m<const NEG: bool, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+    if NEG {
+        let old = rmw_mem::<B>(c, f, |a| alu::sub(0, a, false, B).0)?;
+        c.set_status(alu::sub(0, old, false, B).1);
+    } else {
+        rmw_mem::<B>(c, f, |a| !a & mask(B))?;
+    }
+    Ok(())
+}
+
+/// BSWAP of a 32- or 64-bit register.
+extern "sysv64-unwind" fn bswap_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+    let v = get::<B>(c, f.r0);
+    let v = if B == 64 {
+        v.swap_bytes()
+    } else {
+        u64::from((v as u32).swap_bytes())
+    };
+    set::<B>(c, f.r0, v);
+    Ok(())
+}
+
+/// CBW CWDE CDQE CWD CDQ CQO (`Cpu::sign_extend_acc`'s `op`).
+extern "sysv64-unwind" fn cext<const OP: u8>(c: &mut Cpu, _: &Fast) -> Done {
+    c.sign_extend_acc(OP);
+    Ok(())
+}
+
+/// BT BTS BTR BTC (`OP` 0-3) of a register by a register (`IMM` false) or an immediate bit
+/// offset (taken modulo the width): CF is the bit; no other flag changes.
+extern "sysv64-unwind" fn bt_r<const OP: u8, const IMM: bool, const B: u32>(
+    c: &mut Cpu,
+    f: &Fast,
+) -> Done {
+    let off = if IMM { f.imm } else { get::<B>(c, f.r1) };
+    let m = 1u64 << (off & (B as u64 - 1));
+    let old = get::<B>(c, f.r0);
+    match OP {
+        0 => {}
+        1 => set::<B>(c, f.r0, old | m),
+        2 => set::<B>(c, f.r0, old & !m),
+        _ => set::<B>(c, f.r0, old ^ m),
+    }
+    c.set_status_cf(old & m != 0);
+    Ok(())
+}
+
+/// BT BTS BTR BTC of memory by an immediate bit offset (modulo the width: an immediate never
+/// addresses beyond the operand).
+extern "sysv64-unwind" fn bt_m<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+    let m = 1u64 << (f.imm & (B as u64 - 1));
+    let old = match OP {
+        0 => read_mem::<B>(c, f)?,
+        1 => rmw_mem::<B>(c, f, |v| v | m)?,
+        2 => rmw_mem::<B>(c, f, |v| v & !m)?,
+        _ => rmw_mem::<B>(c, f, |v| v ^ m)?,
+    };
+    c.set_status_cf(old & m != 0);
+    Ok(())
+}
+
+/// PUSHFQ (64-bit mode): RFLAGS without VM and RF.
+extern "sysv64-unwind" fn pushfq(c: &mut Cpu, _: &Fast) -> Done {
+    let v = c.st.rflags & !(crate::state::flags::VM | crate::state::flags::RF);
+    c.push(v, 8)?;
     Ok(())
 }
 
@@ -1044,6 +1138,80 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
                 _ => return None,
             }
         }
+        M::Not | M::Neg if sized_ok && n == 1 => {
+            let neg = mn == M::Neg;
+            match s0 {
+                Shape::Reg(..) => {
+                    (f.form, f.sub, f.bits) = (Form::NegNotR, neg as u8, bits as u8);
+                    if neg {
+                        sized!(negnot_r, bits, true)
+                    } else {
+                        sized!(negnot_r, bits, false)
+                    }
+                }
+                _ if neg => sized!(negnot_m, bits, true),
+                _ => sized!(negnot_m, bits, false),
+            }
+        }
+        M::Bswap if matches!((s0, bits), (Shape::Reg(..), 32 | 64)) => {
+            (f.form, f.bits) = (Form::BswapR, bits as u8);
+            if bits == 64 {
+                bswap_r::<64> as Handler
+            } else {
+                bswap_r::<32> as Handler
+            }
+        }
+        M::Cbw | M::Cwde | M::Cdqe | M::Cwd | M::Cdq | M::Cqo => {
+            let op = match mn {
+                M::Cbw => 0,
+                M::Cwde => 1,
+                M::Cdqe => 2,
+                M::Cwd => 3,
+                M::Cdq => 4,
+                _ => 5,
+            };
+            (f.form, f.sub) = (Form::Cext, op);
+            match op {
+                0 => cext::<0> as Handler,
+                1 => cext::<1>,
+                2 => cext::<2>,
+                3 => cext::<3>,
+                4 => cext::<4>,
+                _ => cext::<5>,
+            }
+        }
+        M::Bt | M::Bts | M::Btr | M::Btc if matches!(bits, 16 | 32 | 64) && n == 2 => {
+            let op = match mn {
+                M::Bt => 0,
+                M::Bts => 1,
+                M::Btr => 2,
+                _ => 3,
+            };
+            macro_rules! by_bt_op {
+                ($f:ident $(, $c:tt)*) => {
+                    match op {
+                        0 => sized_wide!($f, bits, 0 $(, $c)*),
+                        1 => sized_wide!($f, bits, 1 $(, $c)*),
+                        2 => sized_wide!($f, bits, 2 $(, $c)*),
+                        _ => sized_wide!($f, bits, 3 $(, $c)*),
+                    }
+                };
+            }
+            match (s0, s1) {
+                (Shape::Reg(..), Shape::Reg(_, b1)) if b1 == bits => by_bt_op!(bt_r, false),
+                (Shape::Reg(..), Shape::Imm) => {
+                    f.imm = ins.immediate(1);
+                    by_bt_op!(bt_r, true)
+                }
+                (Shape::Mem, Shape::Imm) => {
+                    f.imm = ins.immediate(1);
+                    by_bt_op!(bt_m)
+                }
+                _ => return None,
+            }
+        }
+        M::Pushfq if code_bits == 64 && ins.stack_pointer_increment() == -8 => pushfq as Handler,
+        M::Pause => pause as Handler,
         M::Nop
         | M::Endbr64
         | M::Endbr32

@@ -356,6 +356,29 @@ impl Cpu {
         self.st.rflags = (self.st.rflags & !(STATUS & !CF)) | (f & STATUS & !CF);
     }
 
+    /// CF alone (the bit tests).
+    #[inline(always)]
+    pub(crate) fn set_status_cf(&mut self, cf: bool) {
+        self.st.rflags = (self.st.rflags & !CF) | if cf { CF } else { 0 };
+    }
+
+    /// The accumulator sign-extended: CBW, CWDE, CDQE (`op` 0-2: within RAX), CWD, CDQ, CQO
+    /// (3-5: into RDX).
+    pub(crate) fn sign_extend_acc(&mut self, op: u8) {
+        let a = self.st.gpr[gpr::RAX];
+        match op {
+            0 => self.set_reg(Register::AX, sext(a, 8)),
+            1 => self.set_reg(Register::EAX, sext(a, 16)),
+            2 => self.st.gpr[gpr::RAX] = sext(a, 32),
+            3 => self.set_reg(Register::DX, if a & 0x8000 != 0 { 0xffff } else { 0 }),
+            4 => self.set_reg(
+                Register::EDX,
+                if a & 0x8000_0000 != 0 { 0xffff_ffff } else { 0 },
+            ),
+            _ => self.st.gpr[gpr::RDX] = ((a as i64) >> 63) as u64,
+        }
+    }
+
     fn count_unimplemented(&mut self, ins: &Instruction) -> Fault {
         self.stats.unimplemented_total += 1;
         *self
@@ -717,25 +740,12 @@ impl Cpu {
                     self.set_reg(r, cur);
                 }
             }
-            M::Cbw | M::Cwde | M::Cdqe => {
-                let a = self.st.gpr[gpr::RAX];
-                match ins.mnemonic() {
-                    M::Cbw => self.set_reg(Register::AX, sext(a, 8)),
-                    M::Cwde => self.set_reg(Register::EAX, sext(a, 16)),
-                    _ => self.st.gpr[gpr::RAX] = sext(a, 32),
-                }
-            }
-            M::Cwd | M::Cdq | M::Cqo => {
-                let a = self.st.gpr[gpr::RAX];
-                match ins.mnemonic() {
-                    M::Cwd => self.set_reg(Register::DX, if a & 0x8000 != 0 { 0xffff } else { 0 }),
-                    M::Cdq => self.set_reg(
-                        Register::EDX,
-                        if a & 0x8000_0000 != 0 { 0xffff_ffff } else { 0 },
-                    ),
-                    _ => self.st.gpr[gpr::RDX] = ((a as i64) >> 63) as u64,
-                }
-            }
+            M::Cbw => self.sign_extend_acc(0),
+            M::Cwde => self.sign_extend_acc(1),
+            M::Cdqe => self.sign_extend_acc(2),
+            M::Cwd => self.sign_extend_acc(3),
+            M::Cdq => self.sign_extend_acc(4),
+            M::Cqo => self.sign_extend_acc(5),
             M::Push => {
                 let size = (-ins.stack_pointer_increment()) as u32;
                 let v = if ins.op0_kind() == OpKind::Register {
@@ -1192,11 +1202,7 @@ impl Cpu {
             Mnemonic::Btr => self.rmw(dst, bits, locked, &mut |v| v & !m)?,
             _ => self.rmw(dst, bits, locked, &mut |v| v ^ m)?,
         };
-        if old & m != 0 {
-            self.st.rflags |= CF;
-        } else {
-            self.st.rflags &= !CF;
-        }
+        self.set_status_cf(old & m != 0);
         Ok(())
     }
 
