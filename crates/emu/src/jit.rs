@@ -120,11 +120,8 @@ impl Jit {
     /// `KVMBOX_EMU_JIT=0` (or `off`) turns it off, `KVMBOX_EMU_JIT=N` compiles blocks after N
     /// runs.
     pub(crate) fn from_env() -> Jit {
-        let threshold = match std::env::var("KVMBOX_EMU_JIT") {
-            Ok(v) if v == "off" => 0,
-            Ok(v) => v.parse().unwrap_or(THRESHOLD),
-            Err(_) => THRESHOLD,
-        };
+        // A value that is not one is refused where the VM is built (`threshold_from_env`).
+        let threshold = threshold_from_env().unwrap_or(THRESHOLD);
         Jit {
             threshold,
             cache: None,
@@ -227,6 +224,19 @@ impl Jit {
         l.bytes = code.bytes;
         l.n = n as u64;
         l.entry = code.entry as usize + self.chain;
+    }
+}
+
+/// The JIT setting `KVMBOX_EMU_JIT` asks for (unset: the default): `0` or `off` (the JIT off)
+/// or N (blocks compiled after N runs); anything else is an error naming the value.
+pub fn threshold_from_env() -> Result<u32, String> {
+    match std::env::var("KVMBOX_EMU_JIT") {
+        Err(std::env::VarError::NotPresent) => Ok(THRESHOLD),
+        Ok(v) if v == "off" => Ok(0),
+        Ok(v) => v.parse().map_err(|_| {
+            format!("KVMBOX_EMU_JIT={v}: expected 0 or off (the JIT off) or a number of runs")
+        }),
+        Err(e) => Err(format!("KVMBOX_EMU_JIT: {e}")),
     }
 }
 

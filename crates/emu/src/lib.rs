@@ -32,6 +32,7 @@ pub mod vcpu;
 
 pub use cpu::Stats;
 pub use irq::{InterruptController, MsrHandler, StartupEvent};
+pub use jit::threshold_from_env as jit_threshold_from_env;
 pub use pvclock::{KvmClock, SharedKvmClock};
 pub use state::CpuState;
 pub use vcpu::EmuVcpu;

@@ -3,11 +3,16 @@
 
 mod common;
 
-use common::{debian_kernel, kvm_or_skip, run_kvmbox, testguest};
+use common::{debian_kernel, kvm_or_skip, run_kvmbox, run_kvmbox_env, testguest};
 use std::time::Duration;
 
 fn expect_usage_error(args: &[&str], needle: &str) {
-    let r = run_kvmbox(args, Duration::from_secs(60));
+    expect_usage_error_env(args, &[], needle);
+}
+
+/// [`expect_usage_error`] with `env` added to kvmbox's environment.
+fn expect_usage_error_env(args: &[&str], env: &[(&str, &str)], needle: &str) {
+    let r = run_kvmbox_env(args, env, Duration::from_secs(60));
     assert_eq!(r.status, Some(2), "{args:?}: status; stderr:\n{}", r.stderr);
     let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(
@@ -127,6 +132,18 @@ fn zero_cpus() {
         ],
         "vCPU",
     );
+}
+
+#[test]
+fn a_bad_engine_jit_setting() {
+    let g = testguest();
+    for bad in ["abc", "-1", "16x", ""] {
+        expect_usage_error_env(
+            &["run", "--accel", "emu", "--kernel", g.to_str().unwrap()],
+            &[("KVMBOX_EMU_JIT", bad)],
+            &format!("KVMBOX_EMU_JIT={bad}:"),
+        );
+    }
 }
 
 #[test]

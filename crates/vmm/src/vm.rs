@@ -115,6 +115,8 @@ pub(crate) fn create_backend(
         }
         Accel::Emu => {
             check_cpus(cpus, "emu", kvmbox_emu::MAX_VCPUS)?;
+            kvmbox_emu::jit_threshold_from_env()
+                .map_err(|e| Error::Config(crate::ConfigError::Invalid(e)))?;
             // The engine's RDTSC reads the host TSC: tell the guest its rate.
             let chip = kvmbox_irqchip::IrqChip::new(cpus, clock.clone(), host_tsc_hz())?;
             let vm = kvmbox_emu::EmuVm::new(mem.clone());

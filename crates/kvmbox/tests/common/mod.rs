@@ -283,10 +283,16 @@ impl CpuLease {
 /// Run kvmbox with `args`, stdin closed, killing it after `timeout` (a short guest run: it
 /// holds a shared [`CpuLease`] while it runs).
 pub fn run_kvmbox(args: &[&str], timeout: Duration) -> RunResult {
+    run_kvmbox_env(args, &[], timeout)
+}
+
+/// [`run_kvmbox`] with `env` added to its environment.
+pub fn run_kvmbox_env(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> RunResult {
     let _lease = CpuLease::shared();
     let start = Instant::now();
     let mut child = Command::new(kvmbox())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
