@@ -113,6 +113,9 @@ pub(crate) struct Jit {
     /// Where a linked predecessor goes on in a block's code, from its entry: past the
     /// prologue, which is the same in every block (the registers are set up).
     chain: usize,
+    /// `/tmp/perf-<pid>.map`, when `KVMBOX_EMU_PERF_MAP` is set: each block's code named by
+    /// its guest RIP, so `perf report` attributes samples in compiled code to guest code.
+    perf_map: Option<std::fs::File>,
 }
 
 impl Jit {
@@ -127,6 +130,13 @@ impl Jit {
             cache: None,
             kept: Vec::new(),
             chain: 0,
+            perf_map: std::env::var_os("KVMBOX_EMU_PERF_MAP").and_then(|_| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(format!("/tmp/perf-{}.map", std::process::id()))
+                    .ok()
+            }),
         }
     }
 
@@ -176,6 +186,11 @@ impl Jit {
             return None;
         };
         self.chain = chain;
+        if let Some(map) = &mut self.perf_map {
+            use std::io::Write;
+            // Best effort: a profiling aid.
+            let _ = writeln!(map, "{:x} {:x} guest_{rip:x}", entry as usize, bytes.len());
+        }
         let code = Code {
             entry,
             bytes: padded.as_ptr(),
