@@ -120,10 +120,11 @@ fn code_slot(pa: u64, size: usize) -> usize {
     ((pa ^ (pa >> 12)) as usize) & (size - 1)
 }
 
-/// Blocks in the block cache (direct-mapped on the physical address of the first instruction).
-/// 16 MiB of address space per vCPU, touched as blocks fill it (the table starts zeroed):
-/// large enough that a Debian boot's ~100k blocks rarely evict each other (each eviction costs
-/// a rebuild and, for a hot block, a recompile; 16384 entries cost the boot 8x the builds).
+/// Blocks in the block cache (two-way set-associative on the physical address of the first
+/// instruction). 16 MiB of address space per vCPU, touched as blocks fill it (the table starts
+/// zeroed): large enough that a Debian boot's blocks rarely evict each other (each eviction
+/// costs a rebuild and, for a hot block, a recompile; 16384 direct-mapped entries cost the boot
+/// 8x the builds, and two ways instead of one at this size halve the evictions).
 const BLOCKS: usize = 131072;
 /// Most instructions in one translated block.
 const BLOCK_MAX: usize = 32;
@@ -893,13 +894,23 @@ impl Cpu {
         }
         let pa = ppage | off as u64;
         let key = code_key(pa, 64);
-        let slot = code_slot(pa, BLOCKS);
+        // Two ways per set: the block is in the first or the second; a new one goes into the
+        // first, whose block moves to the second (the second's is dropped).
+        let set = code_slot(pa, BLOCKS) & !1;
+        let here = |b: &Block| b.key == key && b.rip == rip;
+        let mut slot = set;
+        if !here(&self.blocks[set]) && here(&self.blocks[set + 1]) {
+            slot = set + 1;
+        }
         let b = &self.blocks[slot];
         // SAFETY: a block's bytes end within its page (`build_block`), and a block shorter than
         // 8 bytes starts at least 16 bytes before the page end (off + 16 <= 4096 above).
-        if b.key == key && b.rip == rip && unsafe { same_bytes(host, off, b) } {
+        if here(b) && unsafe { same_bytes(host, off, b) } {
             self.stats.block_hits += 1;
         } else {
+            if !here(b) {
+                self.blocks.swap(set, set + 1);
+            }
             self.build_block(slot, pa);
         }
         let b = &mut self.blocks[slot];

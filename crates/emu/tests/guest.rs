@@ -1022,3 +1022,44 @@ fn a_fault_inside_a_translated_block_reports_the_faulting_instruction() {
     let st = v.stats();
     assert!(st.block_instructions >= 3, "{st:?}");
 }
+
+/// Two blocks whose physical addresses fall into the same set of the block cache stay cached
+/// together (it has two ways): a loop alternating between them builds each once, not once per
+/// pass.
+#[test]
+fn two_blocks_of_one_cache_set_stay_cached() {
+    // 0x30030 shares the set of CODE + 0x10 (0x10010; the table's hash of the physical
+    // address).
+    let other = 0x30030;
+    let code = asm64(CODE, |a| {
+        a.mov(ecx, 1000u32)?;
+        a.jmp(CODE + 0x10)?;
+        a.nop()?;
+        Ok(())
+    });
+    let top = asm64(CODE + 0x10, |a| {
+        let mut out = a.create_label();
+        a.dec(ecx)?;
+        a.jz(out)?;
+        a.jmp(other)?;
+        a.set_label(&mut out)?;
+        a.hlt()?;
+        Ok(())
+    });
+    let back = asm64(other, |a| {
+        a.add(edx, 1)?;
+        a.jmp(CODE + 0x10)?;
+        Ok(())
+    });
+    let mut all = vec![0x90u8; 0x10];
+    all[..code.len()].copy_from_slice(&code);
+    all.extend_from_slice(&top);
+    let (mem, _vm, mut v) = long_machine(&all);
+    mem.write_slice(&back, GuestAddress(other)).unwrap();
+    v.set_jit_threshold(0);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(v.regs().unwrap().rdx, 999);
+    let st = v.stats();
+    assert!(st.block_builds < 10, "{st:?}");
+}
