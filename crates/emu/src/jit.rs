@@ -496,7 +496,8 @@ fn inline(f: &Fast) -> bool {
         | Form::Nop
         | Form::NegNotR
         | Form::BswapR
-        | Form::Cext => true,
+        | Form::Cext
+        | Form::TestHiRI => true,
         Form::ShiftRI => shift_count(f).is_some(),
         Form::ShiftRC => matches!(f.sub, 2..=4) && matches!(f.bits, 32 | 64),
         Form::ImulRR => f.bits != 8,
@@ -522,6 +523,7 @@ fn produces_flags(f: &Fast) -> bool {
                 | Form::IncDecR
                 | Form::ShiftRI
                 | Form::ImulRR
+                | Form::TestHiRI
         )
         || f.form == Form::NegNotR && f.sub == 1
 }
@@ -551,7 +553,7 @@ fn flags_dead_after(ops: &[Fast], i: usize) -> bool {
             }
             Form::AluRR | Form::AluRI => return !matches!(g.sub, 2 | 3),
             Form::ShiftRI => return !rotate(g),
-            Form::ImulRR => return true,
+            Form::ImulRR | Form::TestHiRI => return true,
             _ => return false,
         }
     }
@@ -1306,6 +1308,13 @@ impl Block<'_> {
                     (true, _) => dynasm!(a ; .arch x64 ; neg al),
                 }
                 store(a, f.r0, bits);
+            }
+            Form::TestHiRI => {
+                // The register's second byte.
+                let a = &mut self.a;
+                let hi = gpr(f.r0) + 1;
+                let imm = f.imm as i8;
+                dynasm!(a ; .arch x64 ; movzx eax, BYTE [rbx + hi] ; test al, imm);
             }
             Form::BswapR => {
                 let a = &mut self.a;

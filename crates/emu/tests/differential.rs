@@ -285,6 +285,8 @@ fn forms() -> Vec<Form> {
     f!(v, "test ebx,ecx", no_af, |a| a.test(ebx, ecx));
     f!(v, "test rbx,rcx", no_af, |a| a.test(rbx, rcx));
     f!(v, "test rbx,simm32", no_af, |a| a.test(rbx, -0x100));
+    f!(v, "test ah,imm8", no_af, |a| a.test(ah, 0x42));
+    f!(v, "test bh,imm8", no_af, |a| a.test(bh, 0x81));
     f!(v, "test dword [r15],ecx", no_af, |a| a
         .test(dword_ptr(r15 + 1), ecx));
     unary!(v, inc, all);
@@ -817,6 +819,8 @@ fn chain_shift_cl(r: &[u64; 16]) -> u64 {
 /// has one path per (producer, consumer) pair, and these pairs are the ones to get right.
 fn flag_chains(v: &mut Vec<Form>) {
     chain!(v, "cmp bl,cl; setcc", all, eq_bc, ALL_CC, |a| a.cmp(bl, cl));
+    chain!(v, "test ch,imm8; setcc", no_af, nofix, ALL_CC, |a| a
+        .test(ch, 0x10));
     chain!(v, "cmp bx,cx; setcc", all, eq_bc, ALL_CC, |a| a.cmp(bx, cx));
     chain!(v, "cmp ebx,ecx; setcc", all, eq_bc, ALL_CC, |a| a
         .cmp(ebx, ecx));

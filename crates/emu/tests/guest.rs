@@ -1063,3 +1063,35 @@ fn two_blocks_of_one_cache_set_stay_cached() {
     let st = v.stats();
     assert!(st.block_builds < 10, "{st:?}");
 }
+
+/// MOV from a segment register: the selector, zero-extended into a 32- or 64-bit register, the
+/// rest of a 16-bit one kept (in a loop, so it also runs in translated and compiled blocks).
+#[test]
+fn mov_from_segment_registers_reads_selectors() {
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(esi, 40u32)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, -1i64)?;
+        a.mov(eax, cs)?;
+        a.mov(rbx, -1i64)?;
+        a.mov(rbx, ss)?;
+        a.mov(rcx, -1i64)?;
+        a.mov(cx, ds)?;
+        a.dec(esi)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    let (_mem, _vm, mut v) = long_machine(&code);
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    let r = v.regs().unwrap();
+    assert_eq!(
+        (r.rax, r.rbx, r.rcx),
+        (
+            u64::from(KCODE),
+            u64::from(KDATA),
+            0xffff_ffff_ffff_0000 | u64::from(KDATA)
+        )
+    );
+}

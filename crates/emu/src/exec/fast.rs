@@ -114,6 +114,8 @@ pub(crate) enum Form {
     BswapR,
     /// CBW CWDE CDQE CWD CDQ CQO (`sub` 0-5).
     Cext,
+    /// TEST of AH, CH, DH or BH (`r0`: the register holding it) with an immediate.
+    TestHiRI,
 }
 
 impl Fast {
@@ -508,6 +510,21 @@ extern "sysv64-unwind" fn nop(_: &mut Cpu, _: &Fast) -> Done {
     Ok(())
 }
 
+/// TEST of AH, CH, DH or BH (the second byte of register `r0`) with an immediate.
+extern "sysv64-unwind" fn test_hi_ri(c: &mut Cpu, f: &Fast) -> Done {
+    let a = (c.st.gpr[f.r0 as usize & 3] >> 8) & 0xff;
+    let (_, fl) = alu::alu(AluOp::Test, a, f.imm, c.st.rflags, 8);
+    c.set_status(fl);
+    Ok(())
+}
+
+/// MOV of segment register `sub`'s selector into a register (zero-extended to 32 and 64 bits).
+extern "sysv64-unwind" fn mov_r_sreg<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
+    let v = u64::from(c.st.seg[f.sub as usize].selector);
+    set::<B>(c, f.r0, v);
+    Ok(())
+}
+
 /// PAUSE: a spin-wait hint.
 extern "sysv64-unwind" fn pause(_: &mut Cpu, _: &Fast) -> Done {
     std::hint::spin_loop();
@@ -845,7 +862,25 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
     }
     let sized_ok = matches!(bits, 8 | 16 | 32 | 64);
     let mn = ins.mnemonic();
+    let high = |r: Register| matches!(r, Register::AH | Register::CH | Register::DH | Register::BH);
     let h = match mn {
+        M::Test if n == 2 && s1 == Shape::Imm && high(ins.op0_register()) => {
+            // AH CH DH BH: the second byte of RAX RCX RDX RBX.
+            f.r0 = ins.op0_register() as u8 - Register::AH as u8;
+            f.imm = ins.immediate(1) & 0xff;
+            (f.form, f.bits) = (Form::TestHiRI, 8);
+            test_hi_ri as Handler
+        }
+        M::Mov
+            if n == 2
+                && matches!(s0, Shape::Reg(..))
+                && matches!(bits, 16 | 32 | 64)
+                && ins.op1_kind() == OpKind::Register
+                && ins.op1_register().is_segment_register() =>
+        {
+            f.sub = seg_index(ins.op1_register()) as u8;
+            sized_wide!(mov_r_sreg, bits)
+        }
         M::Add | M::Or | M::Adc | M::Sbb | M::And | M::Sub | M::Xor | M::Cmp | M::Test => {
             if !sized_ok || n != 2 {
                 return None;
