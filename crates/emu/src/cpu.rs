@@ -160,17 +160,19 @@ pub(crate) struct Block {
     /// Length of the instructions' bytes as they were decoded: compared with guest memory at
     /// every entry (self-modifying code; writes into the page while the block runs end it).
     len: u32,
+    /// The slot of the block that ran after this one last time (a prediction: prefetched
+    /// when this one is entered, so the next lookup finds its entry in the cache). In the
+    /// entry's first cache line, with the rest a lookup reads first.
+    succ: u32,
     /// The bytes when `len <= INLINE_BYTES`.
     inline: [u8; INLINE_BYTES],
     /// The bytes when `len > INLINE_BYTES`.
     more: Option<Box<[u8]>>,
-    /// The slot of the block that ran after this one last time (a prediction: prefetched
-    /// when this one is entered, so the next lookup finds its entry in the cache).
-    succ: u32,
 }
 
 // The layout the comment above describes.
 const _: () = assert!(std::mem::size_of::<Block>() == 128);
+const _: () = assert!(std::mem::offset_of!(Block, succ) < 64);
 
 impl Block {
     /// The handlers' forms (empty: no block here).
