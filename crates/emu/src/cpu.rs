@@ -878,9 +878,10 @@ impl Cpu {
     /// code-TLB lookup and one compare for the whole block), built from the decoded-instruction
     /// cache on a miss. Returns a pointer into the block cache, valid until the next call, and
     /// the host address of the block's page; sets `code_page` to the block's physical page,
-    /// and links compiled code's exit that led here (`link_from`) to the block's code. None: no block here (not 64-bit code, RIP not
-    /// in the TLB or not RAM, within 16 bytes of the page end, or the first instruction has no
-    /// decode-time handler): `step` runs the instruction.
+    /// and links compiled code's exit that led here (`link_from`) to the block's code. None:
+    /// no block here (not 64-bit code, RIP not in the TLB or not RAM, within 16 bytes of the
+    /// page end, or the first instruction has no decode-time handler): `step` runs the
+    /// instruction.
     #[inline(always)]
     pub(crate) fn block(&mut self) -> Option<(*const Block, *const u8)> {
         let rip = self.st.rip;

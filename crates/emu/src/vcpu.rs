@@ -141,8 +141,9 @@ impl Cpu {
     #[inline(always)]
     fn run_block(&mut self, max: u64) -> Option<(u64, crate::cpu::R<()>)> {
         let (b, host) = self.block()?;
-        // SAFETY: `b` points into the block cache's heap buffers, which only `block` (via
-        // `build_block`) writes; neither handlers nor anything they call look blocks up.
+        // SAFETY: `b` points into the block cache, which only `block` writes (moving entries
+        // between ways, `build_block`); neither handlers nor anything they call look blocks
+        // up, and compiled code refers to the JIT's copies of forms and bytes, not to it.
         let b = unsafe { &*b };
         let all = b.ops();
         let n = all.len().min(max as usize);
