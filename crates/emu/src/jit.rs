@@ -447,6 +447,22 @@ fn setcc_al(a: &mut Asm, cc: u8) {
     a.extend([0x0f, 0x90 | (cc & 15), 0xc0]);
 }
 
+/// The one-operand instruction `$first` (`$other` when `$second` holds) on RAX at width `$bits`.
+macro_rules! one_operand {
+    ($a:ident, $second:expr, $bits:expr, $first:ident, $other:ident) => {
+        match ($second, $bits) {
+            (false, 64) => dynasm!($a ; .arch x64 ; $first rax),
+            (false, 32) => dynasm!($a ; .arch x64 ; $first eax),
+            (false, 16) => dynasm!($a ; .arch x64 ; $first ax),
+            (false, _) => dynasm!($a ; .arch x64 ; $first al),
+            (true, 64) => dynasm!($a ; .arch x64 ; $other rax),
+            (true, 32) => dynasm!($a ; .arch x64 ; $other eax),
+            (true, 16) => dynasm!($a ; .arch x64 ; $other ax),
+            (true, _) => dynasm!($a ; .arch x64 ; $other al),
+        }
+    };
+}
+
 /// The two-operand ALU operation `op` (ADD OR ADC SBB AND SUB XOR CMP TEST) of RCX into RAX
 /// at width `bits`.
 fn alu(a: &mut Asm, op: u8, bits: u8) {
@@ -1229,16 +1245,7 @@ impl Block<'_> {
                 load(a, 0, f.r0, bits);
                 // INC/DEC keep CF: the guest's goes into the host's first.
                 carry_in(a);
-                match (f.sub != 0, bits) {
-                    (false, 64) => dynasm!(a ; .arch x64 ; inc rax),
-                    (false, 32) => dynasm!(a ; .arch x64 ; inc eax),
-                    (false, 16) => dynasm!(a ; .arch x64 ; inc ax),
-                    (false, _) => dynasm!(a ; .arch x64 ; inc al),
-                    (true, 64) => dynasm!(a ; .arch x64 ; dec rax),
-                    (true, 32) => dynasm!(a ; .arch x64 ; dec eax),
-                    (true, 16) => dynasm!(a ; .arch x64 ; dec ax),
-                    (true, _) => dynasm!(a ; .arch x64 ; dec al),
-                }
+                one_operand!(a, f.sub != 0, bits, inc, dec);
                 store(a, f.r0, bits);
             }
             Form::ShiftRI => {
@@ -1297,16 +1304,7 @@ impl Block<'_> {
             Form::NegNotR => {
                 let a = &mut self.a;
                 load(a, 0, f.r0, bits);
-                match (f.sub != 0, bits) {
-                    (false, 64) => dynasm!(a ; .arch x64 ; not rax),
-                    (false, 32) => dynasm!(a ; .arch x64 ; not eax),
-                    (false, 16) => dynasm!(a ; .arch x64 ; not ax),
-                    (false, _) => dynasm!(a ; .arch x64 ; not al),
-                    (true, 64) => dynasm!(a ; .arch x64 ; neg rax),
-                    (true, 32) => dynasm!(a ; .arch x64 ; neg eax),
-                    (true, 16) => dynasm!(a ; .arch x64 ; neg ax),
-                    (true, _) => dynasm!(a ; .arch x64 ; neg al),
-                }
+                one_operand!(a, f.sub != 0, bits, not, neg);
                 store(a, f.r0, bits);
             }
             Form::TestHiRI => {
