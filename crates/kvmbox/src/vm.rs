@@ -572,7 +572,16 @@ fn start(vm: &Vm, attach_console: bool, no_jail: bool) -> Result<()> {
             } else {
                 "started"
             };
-            println!("VM '{name}' {how} (pid {})", vm.vm_pid().unwrap_or(0));
+            let now = vm.status();
+            match (is_up(now.state), now.last_run) {
+                (false, Some(last)) => {
+                    println!(
+                        "VM '{name}' {how} and has stopped already: {}",
+                        last.describe()
+                    )
+                }
+                _ => println!("VM '{name}' {how} (pid {})", vm.vm_pid().unwrap_or(0)),
+            }
             if let Some(j) = vm.jail_info() {
                 println!(
                     "VM '{name}' runs jailed as uid {} in {}",
@@ -636,12 +645,18 @@ fn launch(vm: &Vm, paused: bool, jail: bool) -> Result<bool> {
             Ok(())
         });
     }
+    let spawned = std::time::SystemTime::now();
     let mut keeper = cmd
         .spawn()
         .map_err(|e| Error::Failed(format!("starting VM '{name}': {e}")))?;
     let t0 = Instant::now();
     loop {
         if let Ok(Some(_)) = keeper.try_wait() {
+            // A short guest may run to its end before the API is first asked: the keeper
+            // recorded how it ended.
+            if vm.last_run_since(spawned).is_some_and(|l| l.ran()) {
+                break;
+            }
             return Err(Error::Failed(format!(
                 "VM '{name}' did not start:\n{}",
                 log_tail(vm, 15)

@@ -254,6 +254,16 @@ pub struct LastRun {
 }
 
 impl LastRun {
+    /// Whether the VM ran before it ended: not refused at start (kvmbox's usage or error
+    /// status) nor killed by a signal.
+    pub fn ran(&self) -> bool {
+        self.signal.is_none()
+            && !matches!(
+                self.exit_status,
+                None | Some(kvmbox_vmm::EXIT_USAGE | kvmbox_vmm::EXIT_ERROR)
+            )
+    }
+
     /// Whether this end counts as a crash: killed by a signal, or kvmbox's error status.
     pub fn crashed(&self) -> bool {
         self.signal.is_some() || self.exit_status == Some(kvmbox_vmm::EXIT_ERROR)
@@ -380,6 +390,18 @@ impl Vm {
     fn last_run(&self) -> Option<LastRun> {
         let text = std::fs::read_to_string(self.last_run_path()).ok()?;
         serde_json::from_str(&text).ok()
+    }
+
+    /// How the VM's last run ended, if it ended at or after `t` (the keeper records it as the
+    /// VM process ends).
+    pub fn last_run_since(&self, t: SystemTime) -> Option<LastRun> {
+        let written = std::fs::metadata(self.last_run_path())
+            .and_then(|m| m.modified())
+            .ok()?;
+        if written < t {
+            return None;
+        }
+        self.last_run()
     }
 
     /// The VM process's pid, read from the runtime folder.
