@@ -2129,8 +2129,9 @@ fn debian_vm_saves_resumes_and_stops_through_the_power_button() {
 
 /// A guest that runs to its end before `vm start` first asks the API still started: `vm start`
 /// succeeds (from the keeper's record of how the run ended), whichever comes first. (Which
-/// comes first is the host's timing: without the record `vm start` failed in some of these
-/// runs, and once in the full suite's `modify_attaches_and_detaches_existing_disks`.)
+/// comes first is the host's timing: without the record, one of five such starts by hand
+/// (jailed) failed, and the full suite's `modify_attaches_and_detaches_existing_disks` once;
+/// this test's ten unjailed starts rarely hit it.)
 #[test]
 fn start_of_a_guest_that_ends_at_once_succeeds() {
     let _cpu = CpuLease::shared();
