@@ -267,22 +267,9 @@ struct CodeCache {
 
 impl CodeCache {
     fn new(size: usize) -> Option<CodeCache> {
-        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
-        }
+        let p = crate::table::map_anonymous(size)?;
         let mut c = CodeCache {
-            base: p as *mut u8,
+            base: p,
             size,
             used: 0,
             stubs: Stubs::default(),
@@ -445,6 +432,21 @@ fn cmov_rax_rcx(a: &mut Asm, cc: u8) {
 /// SETcc AL. Changes no flags.
 fn setcc_al(a: &mut Asm, cc: u8) {
     a.extend([0x0f, 0x90 | (cc & 15), 0xc0]);
+}
+
+/// SHL (`$sub` 2), SHR (3) or SAR (4) of RAX (EAX below 64 bits) by `$count`: an immediate
+/// variable, or CL.
+macro_rules! shift {
+    ($a:ident, $sub:expr, $bits:expr, $count:tt) => {
+        match ($sub, $bits) {
+            (2, 64) => dynasm!($a ; .arch x64 ; shl rax, $count),
+            (2, _) => dynasm!($a ; .arch x64 ; shl eax, $count),
+            (3, 64) => dynasm!($a ; .arch x64 ; shr rax, $count),
+            (3, _) => dynasm!($a ; .arch x64 ; shr eax, $count),
+            (_, 64) => dynasm!($a ; .arch x64 ; sar rax, $count),
+            (_, _) => dynasm!($a ; .arch x64 ; sar eax, $count),
+        }
+    };
 }
 
 /// The one-operand instruction `$first` (`$other` when `$second` holds) on RAX at width `$bits`.
@@ -1264,14 +1266,7 @@ impl Block<'_> {
                     store(a, f.r0, bits);
                     return;
                 }
-                match (f.sub, bits) {
-                    (2, 64) => dynasm!(a ; .arch x64 ; shl rax, n),
-                    (2, _) => dynasm!(a ; .arch x64 ; shl eax, n),
-                    (3, 64) => dynasm!(a ; .arch x64 ; shr rax, n),
-                    (3, _) => dynasm!(a ; .arch x64 ; shr eax, n),
-                    (_, 64) => dynasm!(a ; .arch x64 ; sar rax, n),
-                    (_, _) => dynasm!(a ; .arch x64 ; sar eax, n),
-                }
+                shift!(a, f.sub, bits, n);
                 store(a, f.r0, bits);
             }
             Form::ShiftRC => {
@@ -1288,14 +1283,7 @@ impl Block<'_> {
                     ; and ecx, mask
                     ; jz >zero
                 );
-                match (f.sub, bits) {
-                    (2, 64) => dynasm!(a ; .arch x64 ; shl rax, cl),
-                    (2, _) => dynasm!(a ; .arch x64 ; shl eax, cl),
-                    (3, 64) => dynasm!(a ; .arch x64 ; shr rax, cl),
-                    (3, _) => dynasm!(a ; .arch x64 ; shr eax, cl),
-                    (_, 64) => dynasm!(a ; .arch x64 ; sar rax, cl),
-                    (_, _) => dynasm!(a ; .arch x64 ; sar eax, cl),
-                }
+                shift!(a, f.sub, bits, cl);
                 merge_flags(a);
                 // A 32-bit shift writes (zero-extends) its register even by zero.
                 dynasm!(a ; .arch x64 ; zero:);

@@ -1,7 +1,8 @@
 //! A large per-vCPU table (the block cache) in its own anonymous mapping: zeroed, its pages
 //! touched only as entries are written, and backed by huge pages where the host allows. A
 //! lookup in a 16 MiB table of 4 KiB pages misses the host's TLB as well as its caches; with
-//! 2 MiB pages the table takes 8 TLB entries.
+//! 2 MiB pages the table takes 8 TLB entries. Also the anonymous mapping itself
+//! (`map_anonymous`), which the JIT's code cache is made of too.
 
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
@@ -20,32 +21,36 @@ impl<T> ZeroedTable<T> {
     /// # Safety
     /// All zeros must be a valid `T`.
     pub(crate) unsafe fn new(len: usize) -> Option<Self> {
-        let bytes = (len.checked_mul(std::mem::size_of::<T>())? + 4095) & !4095;
+        let bytes = ((len.checked_mul(std::mem::size_of::<T>())? + 4095) & !4095).max(4096);
         assert!(std::mem::align_of::<T>() <= 4096);
-        // SAFETY: a fresh private anonymous mapping (zero-filled by the kernel); nothing else
-        // refers to it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes.max(4096),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
-        }
-        // SAFETY: the mapping above; MADV_HUGEPAGE changes how the kernel backs it, never its
-        // contents (and failing to is harmless).
-        unsafe { libc::madvise(p, bytes.max(4096), libc::MADV_HUGEPAGE) };
+        let p = map_anonymous(bytes)?;
+        // SAFETY: the mapping just made; MADV_HUGEPAGE changes how the kernel backs it, never
+        // its contents (and failing to is harmless).
+        unsafe { libc::madvise(p as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE) };
         Some(ZeroedTable {
             ptr: NonNull::new(p as *mut T)?,
             len,
-            bytes: bytes.max(4096),
+            bytes,
         })
     }
+}
+
+/// A fresh private anonymous mapping of `bytes` (a whole number of pages), readable and
+/// writable, zero-filled, its pages reserved only as they are touched; None when it fails.
+/// The caller owns it and unmaps it.
+pub(crate) fn map_anonymous(bytes: usize) -> Option<*mut u8> {
+    // SAFETY: a new mapping at an address the kernel picks; nothing else refers to it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    (p != libc::MAP_FAILED).then_some(p as *mut u8)
 }
 
 impl<T> Deref for ZeroedTable<T> {
