@@ -19,6 +19,16 @@ pub fn sign(bits: u32) -> u64 {
     1u64 << (bits.clamp(1, 64) - 1)
 }
 
+/// BSWAP of a `bits`-wide value (32 or 64; a 16-bit BSWAP is undefined: 0 here).
+#[inline(always)]
+pub(crate) fn bswap(v: u64, bits: u32) -> u64 {
+    match bits {
+        64 => v.swap_bytes(),
+        32 => u64::from((v as u32).swap_bytes()),
+        _ => 0,
+    }
+}
+
 /// Sign-extend the low `bits` of `v` to 64 bits.
 #[inline]
 pub fn sext(v: u64, bits: u32) -> u64 {

@@ -557,12 +557,7 @@ extern "sysv64-unwind" fn negnot_m<const NEG: bool, const B: u32>(c: &mut Cpu, f
 
 /// BSWAP of a 32- or 64-bit register.
 extern "sysv64-unwind" fn bswap_r<const B: u32>(c: &mut Cpu, f: &Fast) -> Done {
-    let v = get::<B>(c, f.r0);
-    let v = if B == 64 {
-        v.swap_bytes()
-    } else {
-        u64::from((v as u32).swap_bytes())
-    };
+    let v = alu::bswap(get::<B>(c, f.r0), B);
     set::<B>(c, f.r0, v);
     Ok(())
 }
@@ -608,8 +603,7 @@ extern "sysv64-unwind" fn bt_m<const OP: u8, const B: u32>(c: &mut Cpu, f: &Fast
 
 /// PUSHFQ (64-bit mode): RFLAGS without VM and RF.
 extern "sysv64-unwind" fn pushfq(c: &mut Cpu, _: &Fast) -> Done {
-    let v = c.st.rflags & !(crate::state::flags::VM | crate::state::flags::RF);
-    c.push(v, 8)?;
+    c.push(c.pushed_flags(), 8)?;
     Ok(())
 }
 

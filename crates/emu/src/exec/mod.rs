@@ -356,6 +356,12 @@ impl Cpu {
         self.st.rflags = (self.st.rflags & !(STATUS & !CF)) | (f & STATUS & !CF);
     }
 
+    /// RFLAGS as PUSHF stores it: without VM and RF.
+    #[inline(always)]
+    pub(crate) fn pushed_flags(&self) -> u64 {
+        self.st.rflags & !(VM | RF)
+    }
+
     /// CF alone (the bit tests).
     #[inline(always)]
     pub(crate) fn set_status_cf(&mut self, cf: bool) {
@@ -690,12 +696,7 @@ impl Cpu {
                 let r = ins.op0_register();
                 let bits = reg_bits(r);
                 let v = self.reg(r);
-                let nv = match bits {
-                    64 => v.swap_bytes(),
-                    32 => (v as u32).swap_bytes() as u64,
-                    _ => 0,
-                };
-                self.set_reg(r, nv);
+                self.set_reg(r, alu::bswap(v, bits));
             }
             M::Bt | M::Bts | M::Btr | M::Btc => self.bt(ins, locked)?,
             M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt => {
@@ -783,8 +784,7 @@ impl Cpu {
             }
             M::Pushf | M::Pushfd | M::Pushfq => {
                 let size = (-ins.stack_pointer_increment()) as u32;
-                let v = self.st.rflags & !(VM | RF);
-                self.push(v, size)?;
+                self.push(self.pushed_flags(), size)?;
             }
             M::Popf | M::Popfd | M::Popfq => {
                 let size = ins.stack_pointer_increment() as u32;
