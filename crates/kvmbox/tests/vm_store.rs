@@ -12,26 +12,35 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Create VM `name` in `home`: the test guest on the engine running its blk scenario (it
-/// writes its pattern over its disk, then powers off) on a new 1 MiB disk, without a network.
-fn create_blk_vm(home: &Home, name: &str) {
+/// Create VM `name` in `home`: the test guest on the engine (128 MiB) with command line
+/// `tests`, and `extra` flags of `kvmbox vm create`.
+fn create_testguest_vm(home: &Home, name: &str, tests: &str, extra: &[&str]) {
     let tg = testguest();
-    home.ok(&[
+    let mut args = vec![
         "create",
         name,
         "--kernel",
         tg.to_str().unwrap(),
         "--cmdline",
-        "tests=blk",
+        tests,
         "--memory",
         "128M",
         "--accel",
         "emu",
-        "--disk-size",
-        "1M",
-        "--net",
-        "none",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    home.ok(&args);
+}
+
+/// Create VM `name` in `home`: the test guest on the engine running its blk scenario (it
+/// writes its pattern over its disk, then powers off) on a new 1 MiB disk, without a network.
+fn create_blk_vm(home: &Home, name: &str) {
+    create_testguest_vm(
+        home,
+        name,
+        "tests=blk",
+        &["--disk-size", "1M", "--net", "none"],
+    );
 }
 
 /// Start VM `name` and wait until its guest has powered off (within `BLK`).
@@ -333,29 +342,23 @@ fn vm_commands_drive_the_test_guest() {
 fn a_full_clone_copies_the_disks_and_drops_the_macs() {
     let _cpu = CpuLease::shared();
     let home = Home::new("clone");
-    let tg = testguest();
     let raw = home.0.join("data.raw");
     let data: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     std::fs::write(&raw, &data).unwrap();
     let disk = format!("{},format=raw,serial=data", raw.display());
-    home.ok(&[
-        "create",
+    create_testguest_vm(
+        &home,
         "src",
-        "--kernel",
-        tg.to_str().unwrap(),
-        "--cmdline",
         "tests=shell",
-        "--memory",
-        "128M",
-        "--accel",
-        "emu",
-        "--disk",
-        &disk,
-        "--net",
-        "tap=kbclone0,mac=02:00:00:00:00:01",
-    ]);
+        &[
+            "--disk",
+            &disk,
+            "--net",
+            "tap=kbclone0,mac=02:00:00:00:00:01",
+        ],
+    );
     home.ok(&["start", "src"]);
     home.fails(&["clone", "src", "copy"], 4, "VM 'src' is running");
     home.ok(&["stop", "--force", "src"]);
@@ -796,23 +799,12 @@ fn disk_consistent(path: &Path, what: &str) {
 fn live_snapshots_of_a_running_vm_bring_back_memory_devices_and_disks() {
     let _cpu = CpuLease::shared();
     let home = Home::new("live");
-    let tg = testguest();
-    home.ok(&[
-        "create",
+    create_testguest_vm(
+        &home,
         "ls",
-        "--kernel",
-        tg.to_str().unwrap(),
-        "--cmdline",
         "tests=crashrec:1",
-        "--memory",
-        "128M",
-        "--accel",
-        "emu",
-        "--disk-size",
-        "16M",
-        "--net",
-        "none",
-    ]);
+        &["--disk-size", "16M", "--net", "none"],
+    );
     let disk = home.0.join("vms/ls/disk0.qcow2");
     home.ok(&["start", "ls"]);
     let before = flushed(&home, "ls");
@@ -895,22 +887,12 @@ fn live_snapshots_of_a_running_vm_bring_back_memory_devices_and_disks() {
     let raw = home.0.join("data.raw");
     std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
     let spec = format!("{},format=raw", raw.display());
-    home.ok(&[
-        "create",
+    create_testguest_vm(
+        &home,
         "r",
-        "--kernel",
-        tg.to_str().unwrap(),
-        "--cmdline",
         "tests=shell",
-        "--memory",
-        "128M",
-        "--accel",
-        "emu",
-        "--disk",
-        &spec,
-        "--net",
-        "none",
-    ]);
+        &["--disk", &spec, "--net", "none"],
+    );
     home.ok(&["start", "r"]);
     home.fails(
         &["snapshot", "r", "take", "x"],
@@ -947,23 +929,12 @@ fn wait_flushed(home: &Home, name: &str, n: u64) {
 fn live_restore_and_delete_of_a_running_vm() {
     let _cpu = CpuLease::shared();
     let home = Home::new("liverd");
-    let tg = testguest();
-    home.ok(&[
-        "create",
+    create_testguest_vm(
+        &home,
         "lr",
-        "--kernel",
-        tg.to_str().unwrap(),
-        "--cmdline",
         "tests=crashrec:1",
-        "--memory",
-        "128M",
-        "--accel",
-        "emu",
-        "--disk-size",
-        "64M",
-        "--net",
-        "none",
-    ]);
+        &["--disk-size", "64M", "--net", "none"],
+    );
     let disk = home.0.join("vms/lr/disk0.qcow2");
     let snap_dir = home.0.join("vms/lr/snapshots");
     home.ok(&["snapshot", "lr", "take", "off"]);
@@ -1429,19 +1400,7 @@ fn disk_bytes_outside(path: &Path) -> Vec<u8> {
 fn modify_changes_only_what_it_is_given() {
     let _cpu = CpuLease::shared();
     let home = Home::new("modify");
-    let tg = testguest();
-    home.ok(&[
-        "create",
-        "m",
-        "--kernel",
-        tg.to_str().unwrap(),
-        "--cmdline",
-        "tests=shell",
-        "--memory",
-        "128M",
-        "--accel",
-        "emu",
-    ]);
+    create_testguest_vm(&home, "m", "tests=shell", &[]);
     home.ok(&[
         "modify",
         "m",
@@ -1891,23 +1850,12 @@ fn resource_limits_from_create_and_modify_hold_when_the_vm_starts() {
     };
     let _cpu = CpuLease::shared();
     let home = Home::new("limits");
-    let tg = testguest();
-    home.ok(&[
-        "create",
+    create_testguest_vm(
+        &home,
         "l",
-        "--kernel",
-        tg.to_str().unwrap(),
-        "--cmdline",
         "tests=shell",
-        "--memory",
-        "128M",
-        "--accel",
-        "emu",
-        "--cpu-max",
-        "0.5",
-        "--memory-limit",
-        "200M",
-    ]);
+        &["--cpu-max", "0.5", "--memory-limit", "200M"],
+    );
     home.fails(
         &["modify", "l", "--memory-limit", "100M"],
         2,
@@ -2136,21 +2084,7 @@ fn debian_vm_saves_resumes_and_stops_through_the_power_button() {
 fn start_of_a_guest_that_ends_at_once_succeeds() {
     let _cpu = CpuLease::shared();
     let home = Home::new("quick");
-    let tg = testguest();
-    home.ok(&[
-        "create",
-        "q",
-        "--kernel",
-        tg.to_str().unwrap(),
-        "--cmdline",
-        "tests=hello",
-        "--memory",
-        "128M",
-        "--accel",
-        "emu",
-        "--net",
-        "none",
-    ]);
+    create_testguest_vm(&home, "q", "tests=hello", &["--net", "none"]);
     for _ in 0..10 {
         let out = home.ok(&["start", "q"]);
         assert!(out.contains("VM 'q' started"), "{out}");
