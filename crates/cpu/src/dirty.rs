@@ -112,7 +112,7 @@ impl DirtyRegion {
 
 /// vm-memory's whole-region bitmap of `r` (the trait's `bitmap()` is a slice view).
 pub fn bitmap(r: &GuestRegionMmap) -> &AtomicBitmap {
-    vm_memory::MmapRegion::bitmap(r)
+    crate::watch::region_bitmap(r).dirty()
 }
 
 /// u64 words of a bitmap covering `len` bytes.

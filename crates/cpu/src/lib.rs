@@ -9,6 +9,7 @@ mod dirty;
 pub mod kvm;
 mod regs;
 pub mod state;
+pub mod watch;
 
 pub use dirty::{bitmap as region_dirty_bitmap, DirtyLog, DirtyRegion, DIRTY_PAGE_SIZE};
 pub use regs::{CpuidEntry, DescriptorTable, Regs, Segment, SpecialRegs};
@@ -18,11 +19,12 @@ use std::sync::Arc;
 
 /// Guest memory as every backend, device and loader sees it: vm-memory's mmap backend with a
 /// dirty-page bitmap per region, which vm-memory sets on every write the VMM makes through it
-/// (virtio DMA, firmware loads) and the software engine sets on its own writes; see
-/// [`Vm::start_dirty_log`].
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// (virtio DMA, firmware loads) and the software engine sets on its own writes (see
+/// [`Vm::start_dirty_log`]); the same bitmap reports those writes to the software engine's
+/// translated code pages ([`watch`]).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<watch::GuestBitmap>;
 /// One region of [`GuestMemoryMmap`].
-pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<watch::GuestBitmap>;
 
 /// Errors a CPU backend reports.
 #[derive(Debug, thiserror::Error)]

@@ -155,10 +155,14 @@ pub(crate) struct Block {
     fast: Option<Box<[Fast]>>,
     /// The block's JIT code (`crate::jit`), once it has run `Jit::threshold` times.
     pub(crate) code: Option<crate::jit::Code>,
+    /// The generation of the block's page (`kvmbox_cpu::watch::CodePages`) its bytes are
+    /// good for: when the page's is another, it was written since, and the block's bytes are
+    /// compared with guest memory (self-modifying code; a write into the page while the block
+    /// runs ends it).
+    gen: u64,
     /// Times the block ran in the dispatch loop (counts up to the JIT's threshold).
     pub(crate) runs: u32,
-    /// Length of the instructions' bytes as they were decoded: compared with guest memory at
-    /// every entry (self-modifying code; writes into the page while the block runs end it).
+    /// Length of the instructions' bytes as they were decoded.
     len: u32,
     /// The slot of the block that ran after this one last time (a prediction: prefetched
     /// when this one is entered, so the next lookup finds its entry in the cache). In the
@@ -282,6 +286,8 @@ pub struct Cpu {
     pub(crate) code_page: u64,
     /// The running block's page was written (or a device was accessed): end the block.
     pub(crate) code_written: bool,
+    /// `phys.code()`'s generation words, for compiled code's stores (valid while `phys` is).
+    pub(crate) code_gens: *const std::sync::atomic::AtomicU64,
     /// The JIT and its code cache.
     pub(crate) jit: crate::jit::Jit,
     /// The exit of compiled code that left for the dispatch loop because its link is unset
@@ -321,6 +327,7 @@ impl Cpu {
         Cpu {
             st: CpuState::default(),
             tlb: Tlb::default(),
+            code_gens: phys.code().as_ptr(),
             phys,
             io: None,
             irq: None,
@@ -486,13 +493,16 @@ impl Cpu {
         Ok(())
     }
 
-    /// A write into physical page `ppage` is about to happen: if a translated block runs from
-    /// it, the block ends after this instruction, so the next one is validated again.
+    /// A write into physical RAM page `ppage` is about to happen: blocks translated from it
+    /// are stale once it is made (its generation moves on, `kvmbox_cpu::watch`), and if a
+    /// translated block runs from it, the block ends after this instruction, so the next one
+    /// is validated again.
     #[inline(always)]
     pub(crate) fn note_write(&mut self, ppage: u64) {
         if ppage == self.code_page {
             self.code_written = true;
         }
+        self.phys.code().written_page(ppage >> 12);
     }
 
     // ---------------------------------------------------------------- linear
@@ -874,8 +884,8 @@ impl Cpu {
 impl Cpu {
     // ---------------------------------------------------------------- blocks
 
-    /// The translated block starting at CS:RIP, its bytes checked against guest memory (one
-    /// code-TLB lookup and one compare for the whole block), built from the decoded-instruction
+    /// The translated block starting at CS:RIP, still good (one code-TLB lookup and one
+    /// compare of its page's generation, `still_good`), built from the decoded-instruction
     /// cache on a miss. Returns a pointer into the block cache, valid until the next call, and
     /// the host address of the block's page; sets `code_page` to the block's physical page,
     /// and links compiled code's exit that led here (`link_from`) to the block's code. None:
@@ -905,13 +915,11 @@ impl Cpu {
         if !here(&self.blocks[set]) && here(&self.blocks[set + 1]) {
             slot = set + 1;
         }
-        let b = &self.blocks[slot];
-        // SAFETY: a block's bytes end within its page (`build_block`), and a block shorter than
-        // 8 bytes starts at least 16 bytes before the page end (off + 16 <= 4096 above).
-        if here(b) && unsafe { same_bytes(host, off, b) } {
+        let ppn = ppage >> 12;
+        if here(&self.blocks[slot]) && self.still_good(slot, host, off, ppn) {
             self.stats.block_hits += 1;
         } else {
-            if !here(b) {
+            if !here(&self.blocks[slot]) {
                 self.blocks.swap(set, set + 1);
             }
             self.build_block(slot, pa);
@@ -938,16 +946,42 @@ impl Cpu {
         };
         let from = std::mem::replace(&mut self.link_from, std::ptr::null_mut());
         if let (false, Some(code)) = (from.is_null(), b.code) {
+            let target = crate::jit::Target {
+                rip,
+                code,
+                n: b.ops().len(),
+                gen_at: self.phys.code().word(ppn).map_or(std::ptr::null(), |g| g),
+                gen: b.gen,
+                ppage,
+            };
             // SAFETY: `link_from` only holds links of code in the cache: `compile_block` and
             // `set_jit_threshold` clear it when they empty the cache.
-            unsafe {
-                self.jit
-                    .link(from, rip, code, b.ops().len(), b.len as usize, off)
-            };
+            unsafe { self.jit.link(from, &target) };
         }
         self.code_page = ppage;
         self.code_written = false;
         Some((b, host))
+    }
+
+    /// Whether the block in `slot` (at offset `off` of physical page `ppn`, whose host
+    /// address is `host`) is still good: its page was not written since it was built or last
+    /// found good, or its bytes are still in memory (a write elsewhere in the page). The page
+    /// is watched again before they are compared, so a write from then on is seen.
+    #[inline(always)]
+    fn still_good(&mut self, slot: usize, host: *const u8, off: usize, ppn: u64) -> bool {
+        let code = self.phys.code();
+        if code.current(ppn) == self.blocks[slot].gen {
+            return true;
+        }
+        let gen = code.watch(ppn);
+        let b = &mut self.blocks[slot];
+        // SAFETY: a block's bytes end within its page (`build_block`), and a block shorter than
+        // 8 bytes starts at least 16 bytes before the page end (`block` checks off + 16 <= 4096).
+        let same = unsafe { same_bytes(host, off, b) };
+        if same {
+            b.gen = gen;
+        }
+        same
     }
 
     /// Build the block at CS:RIP (physical address `pa`, 64-bit code) into `slot`: the
@@ -959,6 +993,8 @@ impl Cpu {
     fn build_block(&mut self, slot: usize, pa: u64) {
         let key = code_key(pa, 64);
         self.stats.block_builds += 1;
+        // Watched before its bytes are read: a write from now on makes the block stale.
+        let gen = self.phys.code().watch(pa >> 12);
         let start = self.st.rip;
         let mut ops = std::mem::take(&mut self.build_ops);
         let mut bytes = std::mem::take(&mut self.build_bytes);
@@ -998,6 +1034,7 @@ impl Cpu {
         b.rip = start;
         b.fast = (!ops.is_empty()).then(|| ops.as_slice().into());
         b.code = None;
+        b.gen = gen;
         b.runs = 0;
         b.len = n as u32;
         if n <= INLINE_BYTES {
@@ -1017,7 +1054,7 @@ impl Cpu {
     pub(crate) fn compile_block(&mut self, slot: usize) {
         let mut full = false;
         let b = &self.blocks[slot];
-        let mut code = self.jit.compile(b.ops(), b.bytes(), b.rip, &mut full);
+        let mut code = self.jit.compile(b.ops(), b.rip, &mut full);
         if full {
             for b in self.blocks.iter_mut() {
                 b.code = None;
@@ -1026,7 +1063,7 @@ impl Cpu {
             self.jit.clear();
             self.stats.jit_flushes += 1;
             let b = &self.blocks[slot];
-            code = self.jit.compile(b.ops(), b.bytes(), b.rip, &mut full);
+            code = self.jit.compile(b.ops(), b.rip, &mut full);
         }
         self.blocks[slot].code = code;
         if code.is_some() {

@@ -18,8 +18,10 @@
 //! tests `code_written` (a store into the block's own page, or a device access) and ends the
 //! block after that instruction. Inline code commits nothing before its last check (a fast
 //! path that fails leaves everything to the handler), so faults stay precise. A block that
-//! branches back to its own start runs again inside its code, and an exit to another compiled
-//! block of the same page goes on in that block's code once linked (`Link`, `assemble`).
+//! branches back to its own start runs again inside its code, an exit to another compiled
+//! block goes on in that block's code once linked (`Link`, `assemble`), and a return goes on
+//! in the block it returns to through the return cache (`Jit::returns`), while the target's
+//! page has the generation it was linked at (`kvmbox_cpu::watch`).
 //!
 //! The code cache is never writable and executable at once: each vCPU maps its own region
 //! read-write, copies a block's code in and maps those pages read-execute again before the
@@ -38,6 +40,7 @@ use dynasm::dynasm;
 use dynasmrt::x64::X64Relocation;
 use dynasmrt::{DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
 use std::mem::{offset_of, size_of};
+use std::sync::atomic::AtomicU64;
 
 /// What compiled code returns: the number of instructions that completed, and the fault of
 /// the next one (a `Box<Fault>` from its handler), or null.
@@ -57,16 +60,15 @@ pub(crate) type Entry = unsafe extern "sysv64" fn(*mut Cpu, *const u8, u32, u64)
 #[derive(Clone, Copy)]
 pub(crate) struct Code {
     pub(crate) entry: Entry,
-    /// The bytes it was compiled from (`Kept::bytes`).
-    bytes: *const u64,
 }
 
 /// A compiled block's exit to another block (its direct branch's target, or the next
 /// instruction), linked by `Jit::link` to that block's code once it is compiled: the exit then
 /// goes on there directly, after checking what `Cpu::block` checks at every entry: for a
-/// target in another page, that the TLB still maps it executable at this privilege to RAM;
-/// and that its bytes in guest memory are the ones it was compiled from, so a changed target
-/// is never run. Links live with their block's forms until the code cache is emptied.
+/// target in another page, that the TLB still maps it executable at this privilege to the
+/// same RAM page; and that the target's page was not written since the link was made (its
+/// generation, `kvmbox_cpu::watch`), so a changed target is never run. Links live with their
+/// block's forms until the code cache is emptied.
 #[repr(C)]
 pub(crate) struct Link {
     /// The target's RIP (fixed when the block is compiled).
@@ -75,12 +77,43 @@ pub(crate) struct Link {
     entry: usize,
     /// The target's length in instructions.
     n: u64,
-    /// 8-byte chunks of the target's bytes compared, from its first byte.
-    chunks: u64,
-    /// The mask of the target's bytes in its last chunk.
-    last_mask: u64,
-    /// The target's bytes (its `Kept::bytes`).
-    bytes: *const u64,
+    /// The generation word of the target's page.
+    gen_at: *const AtomicU64,
+    /// The generation the target was good for when linked.
+    gen: u64,
+    /// The target's physical page.
+    ppage: u64,
+}
+
+impl Link {
+    /// An unset link to `rip`.
+    fn unlinked(rip: u64) -> Link {
+        Link {
+            rip,
+            entry: 0,
+            n: 0,
+            gen_at: std::ptr::null(),
+            gen: 0,
+            ppage: 0,
+        }
+    }
+}
+
+/// Entries of a vCPU's return cache (`Jit::returns`), a power of two: a return to `rip` uses
+/// entry `(rip ^ rip >> 10) % RETURNS`.
+const RETURNS: usize = 1024;
+
+/// A block an exit is linked to (`Jit::link`).
+pub(crate) struct Target {
+    pub(crate) rip: u64,
+    pub(crate) code: Code,
+    /// Its length in instructions.
+    pub(crate) n: usize,
+    /// Its page's generation word, and the generation it is good for.
+    pub(crate) gen_at: *const AtomicU64,
+    pub(crate) gen: u64,
+    /// Its physical page.
+    pub(crate) ppage: u64,
 }
 
 /// What compiled code refers to while it exists: its block's forms (handlers get pointers to
@@ -88,8 +121,6 @@ pub(crate) struct Link {
 struct Kept {
     _forms: Box<[Fast]>,
     _links: Box<[Link]>,
-    /// The block's bytes, zero-padded to whole 8-byte chunks (links to it compare them).
-    _bytes: Box<[u64]>,
 }
 
 /// Blocks run this many times before they are compiled.
@@ -110,6 +141,10 @@ pub(crate) struct Jit {
     cache: Option<CodeCache>,
     /// The forms and links of the code in the cache.
     kept: Vec<Kept>,
+    /// The return cache: links (`Link`) from a compiled RET to the block it returns to, one
+    /// per return address (`RETURNS`), shared by every RET. A RET whose address's entry
+    /// holds another address takes the entry over (it is relinked when its block is found).
+    returns: Box<[Link]>,
     /// Where a linked predecessor goes on in a block's code, from its entry: past the
     /// prologue, which is the same in every block (the registers are set up).
     chain: usize,
@@ -129,6 +164,7 @@ impl Jit {
             threshold,
             cache: None,
             kept: Vec::new(),
+            returns: (0..RETURNS).map(|_| Link::unlinked(0)).collect(),
             chain: 0,
             perf_map: std::env::var_os("KVMBOX_EMU_PERF_MAP").and_then(|_| {
                 std::fs::OpenOptions::new()
@@ -143,13 +179,7 @@ impl Jit {
     /// Compile `ops` (a block's forms, all with handlers). None when the cache cannot take it
     /// (`full` is then set: the caller drops every block's code and calls `clear`), or when the
     /// code cache cannot be mapped (the JIT is then turned off).
-    pub(crate) fn compile(
-        &mut self,
-        ops: &[Fast],
-        bytes: &[u8],
-        rip: u64,
-        full: &mut bool,
-    ) -> Option<Code> {
+    pub(crate) fn compile(&mut self, ops: &[Fast], rip: u64, full: &mut bool) -> Option<Code> {
         if self.cache.is_none() {
             match CodeCache::new(CACHE_BYTES) {
                 Some(c) => self.cache = Some(c),
@@ -162,25 +192,8 @@ impl Jit {
         let cache = self.cache.as_mut()?;
         let at = cache.base as usize + cache.used;
         let forms: Box<[Fast]> = ops.into();
-        let links: Box<[Link]> = link_targets(ops)
-            .map(|rip| Link {
-                rip,
-                entry: 0,
-                n: 0,
-                chunks: 0,
-                last_mask: 0,
-                bytes: std::ptr::null(),
-            })
-            .collect();
-        let padded: Box<[u64]> = bytes
-            .chunks(8)
-            .map(|c| {
-                let mut v = [0u8; 8];
-                v[..c.len()].copy_from_slice(c);
-                u64::from_le_bytes(v)
-            })
-            .collect();
-        let (bytes, chain) = assemble(&forms, &links, rip, at, cache.stubs)?;
+        let links: Box<[Link]> = link_targets(ops).map(Link::unlinked).collect();
+        let (bytes, chain) = assemble(&forms, &links, self.returns.as_ptr(), rip, at)?;
         let Some(entry) = cache.install(&bytes) else {
             *full = true;
             return None;
@@ -191,14 +204,10 @@ impl Jit {
             // Best effort: a profiling aid.
             let _ = writeln!(map, "{:x} {:x} guest_{rip:x}", entry as usize, bytes.len());
         }
-        let code = Code {
-            entry,
-            bytes: padded.as_ptr(),
-        };
+        let code = Code { entry };
         self.kept.push(Kept {
             _forms: forms,
             _links: links,
-            _bytes: padded,
         });
         Some(code)
     }
@@ -206,39 +215,31 @@ impl Jit {
     /// Forget every block's code (the caller has dropped its pointers, and any link it kept).
     pub(crate) fn clear(&mut self) {
         if let Some(c) = &mut self.cache {
-            c.used = c.stubs_end;
+            c.used = 0;
+        }
+        for l in self.returns.iter_mut() {
+            *l = Link::unlinked(0);
         }
         self.kept.clear();
     }
 
     /// Link the exit `link` (an exit a compiled block took to Rust: `Cpu::link_from`) to the
-    /// block at `rip` that runs next, compiled as `code`, `n` instructions and `len` bytes
-    /// long, at offset `off` of its page, if it is the exit's target and its 8-byte chunks end
-    /// within the page.
+    /// block `t` that runs next (found good just now), if it is the exit's target.
     ///
     /// # Safety
     /// `link` must point to a link of code still in the cache (`clear` not called since).
-    pub(crate) unsafe fn link(
-        &self,
-        link: *mut Link,
-        rip: u64,
-        code: Code,
-        n: usize,
-        len: usize,
-        off: usize,
-    ) {
+    pub(crate) unsafe fn link(&self, link: *mut Link, t: &Target) {
         // SAFETY: the caller's contract; links are only written here, on the vCPU's thread,
         // while no code runs.
         let l = unsafe { &mut *link };
-        let chunks = len.div_ceil(8);
-        if l.rip != rip || chunks == 0 || off + 8 * chunks > PAGE {
+        if l.rip != t.rip || t.gen_at.is_null() {
             return;
         }
-        l.chunks = chunks as u64;
-        l.last_mask = u64::MAX >> (8 * (8 * chunks - len));
-        l.bytes = code.bytes;
-        l.n = n as u64;
-        l.entry = code.entry as usize + self.chain;
+        l.gen_at = t.gen_at;
+        l.gen = t.gen;
+        l.ppage = t.ppage;
+        l.n = t.n as u64;
+        l.entry = t.code.entry as usize + self.chain;
     }
 }
 
@@ -255,31 +256,21 @@ pub fn threshold_from_env() -> Result<u32, String> {
     }
 }
 
-/// A region of host memory for compiled code: the shared stubs, then blocks.
+/// A region of host memory for compiled code.
 struct CodeCache {
     base: *mut u8,
     size: usize,
     used: usize,
-    stubs: Stubs,
-    /// Where the stubs end (the first block's offset).
-    stubs_end: usize,
 }
 
 impl CodeCache {
     fn new(size: usize) -> Option<CodeCache> {
-        let p = crate::table::map_anonymous(size)?;
-        let mut c = CodeCache {
-            base: p,
+        let base = crate::table::map_anonymous(size)?;
+        Some(CodeCache {
+            base,
             size,
             used: 0,
-            stubs: Stubs::default(),
-            stubs_end: 0,
-        };
-        let (code, stubs) = assemble_stubs(p as usize)?;
-        c.install(&code)?;
-        c.stubs = stubs;
-        c.stubs_end = c.used;
-        Some(c)
+        })
     }
 
     /// Copy `code` (assembled for the address `base + used`) in: its pages writable (not
@@ -655,15 +646,15 @@ fn link_targets(ops: &[Fast]) -> impl Iterator<Item = u64> {
 /// find the same block, valid (a store into its page ends it, and other agents' code changes
 /// are only guaranteed visible after a serializing instruction, which is never in a block),
 /// with nothing to check between batches of instructions. Otherwise an exit whose link is set
-/// goes on in the linked block when its bytes are unchanged and its whole run fits; an exit
-/// whose link is unset or stale leaves its address in `Cpu::link_from` for `Cpu::block` to
-/// link.
+/// (for a RET: the return cache's entry for its address, `returns`) goes on in the linked
+/// block when it is still good and its whole run fits (`emit_hop`); an exit whose link is
+/// unset or stale leaves its address in `Cpu::link_from` for `Cpu::block` to link.
 fn assemble(
     ops: &[Fast],
     links: &[Link],
+    returns: *const Link,
     rip: u64,
     at: usize,
-    stubs: Stubs,
 ) -> Option<(Vec<u8>, usize)> {
     let mut a = Asm::new(at);
     let exit = a.new_dynamic_label();
@@ -758,18 +749,9 @@ fn assemble(
             ; mov rax, QWORD [rbx + nr]
         );
     }
-    let (l_entry, l_n) = (offset_of!(Link, entry) as i32, offset_of!(Link, n) as i32);
     let from = link_from();
-    let (tlb, cp) = (tlb_entries(), code_page());
-    let (tag, perm, host, ppage) = (
-        offset_of!(TlbEntry, tag) as i32,
-        offset_of!(TlbEntry, perm) as i32,
-        offset_of!(TlbEntry, host) as i32,
-        offset_of!(TlbEntry, ppage) as i32,
-    );
     for l in links {
         let addr = l as *const Link as i64;
-        let off = (l.rip & 0xfff) as i32;
         let target = l.rip as i64;
         let (next, ask) = (a.new_dynamic_label(), a.new_dynamic_label());
         dynasm!(a
@@ -778,64 +760,53 @@ fn assemble(
             ; cmp rax, rcx
             ; jne =>next
             ; mov rdx, QWORD addr
-            ; mov rcx, QWORD [rdx + l_entry]
-            ; test rcx, rcx
-            ; jz =>ask
-            // The target's whole run fits.
-            ; lea r8, [r15 + all]
-            ; mov r9, r8
-            ; add r9, QWORD [rdx + l_n]
-            ; cmp r9, QWORD [rsp]
-            ; ja =>plain
         );
-        if l.rip >> 12 == rip >> 12 {
-            // In this page: the translation this block's entry checked.
-            dynasm!(a
-                ; .arch x64
-                ; mov rax, QWORD [rsp + 8]
-                ; add rax, off
-                ; call extern stubs.link_check
-                ; jc =>ask
-            );
+        let page = if l.rip >> 12 == rip >> 12 {
+            Page::Same
         } else {
-            // In another page: the TLB maps it (canonical, executable at this privilege:
-            // R13's read bit moved to the execute bit) to RAM; else the dispatch loop looks it
-            // up (a miss is no reason to relink).
-            let vpn = (l.rip >> 12) as i64;
-            let at = ((l.rip >> 12) as usize & (crate::mmu::TLB_SIZE - 1)) * size_of::<TlbEntry>();
-            let at = at as i32;
-            let x = (ACC_X - ACC_R) as i8;
-            dynasm!(a
-                ; .arch x64
-                ; mov r10, QWORD [rbx + tlb]
-                ; add r10, at
-                ; mov r9, QWORD vpn
-                ; cmp QWORD [r10 + tag], r9
-                ; jne =>plain
-                ; mov r9d, r13d
-                ; shl r9d, x
-                ; test BYTE [r10 + perm], r9b
-                ; jz =>plain
-                ; mov rsi, QWORD [r10 + host]
-                ; test rsi, rsi
-                ; jz =>plain
-                ; mov rdi, QWORD [r10 + ppage]
-                ; lea rax, [rsi + off]
-                ; call extern stubs.link_check
-                ; jc =>ask
-                // The chain runs in that page now.
-                ; mov QWORD [rsp + 8], rsi
-                ; mov QWORD [rbx + cp], rdi
-            );
-        }
+            Page::Other(l.rip)
+        };
+        emit_hop(a, page, all, plain, ask);
         dynasm!(a
             ; .arch x64
-            ; mov r15, r8
-            ; jmp rcx
             ; =>ask
             ; mov QWORD [rbx + from], rdx
             ; jmp =>plain
             ; =>next
+        );
+    }
+    if ops.last().is_some_and(|l| l.form == Form::Ret && inline(l)) {
+        // A return: on in the block the return cache links its address to.
+        let (ask, take) = (a.new_dynamic_label(), a.new_dynamic_label());
+        let cw = code_written();
+        let (l_rip, l_entry) = (offset_of!(Link, rip) as i32, offset_of!(Link, entry) as i32);
+        let (size, mask) = (size_of::<Link>() as i32, (RETURNS - 1) as i32);
+        let returns = returns as i64;
+        dynasm!(a
+            ; .arch x64
+            ; cmp BYTE [rbx + cw], 0
+            ; jne =>plain
+            ; mov rax, QWORD [rbx + nr]
+            // Its entry (`RETURNS`).
+            ; mov rdx, rax
+            ; shr rdx, 10
+            ; xor rdx, rax
+            ; and edx, mask
+            ; imul edx, edx, size
+            ; mov rcx, QWORD returns
+            ; add rdx, rcx
+            ; cmp rax, QWORD [rdx + l_rip]
+            ; jne =>take
+        );
+        emit_hop(a, Page::Dynamic, all, plain, ask);
+        dynasm!(a
+            ; .arch x64
+            ; =>take
+            ; mov QWORD [rdx + l_rip], rax
+            ; mov QWORD [rdx + l_entry], 0
+            ; =>ask
+            ; mov QWORD [rbx + from], rdx
+            ; jmp =>plain
         );
     }
     let rip_at = rip_field();
@@ -884,28 +855,119 @@ fn assemble(
     Some((b.a.finalize().ok()?, chain))
 }
 
-/// The shared code at the start of the code cache: the check of a link's target (called from
-/// every linked exit).
-#[derive(Clone, Copy, Default)]
-struct Stubs {
-    /// Address of the check of a link's target bytes (`emit_link_check`).
-    link_check: usize,
+/// Where a hop's target lies: in the page of the block the chain runs in, in another page
+/// (the target's RIP), or at the address in RAX (in any page).
+#[derive(Clone, Copy)]
+enum Page {
+    Same,
+    Other(u64),
+    Dynamic,
 }
 
-/// Assemble the shared stubs for address `at`: their code, and where each starts.
-fn assemble_stubs(at: usize) -> Option<(Vec<u8>, Stubs)> {
-    let mut a = Asm::new(at);
-    let stubs = Stubs {
-        link_check: at + a.offset().0,
-    };
-    emit_link_check(&mut a);
-    Some((a.finalize().ok()?, stubs))
+/// A linked exit's hop, with the link in RDX (and, for `Page::Dynamic`, the target's RIP in
+/// RAX): on in the target's code when it is linked (else to `ask`: the dispatch loop links
+/// it), its whole run fits in the budget (else to `plain`), and it is still good (what
+/// `Cpu::block` checks): for a target in another page, the TLB maps it (canonical, executable
+/// at this privilege: R13's read bit moved to the execute bit) to RAM (else to `plain`: a miss
+/// is no reason to relink) and to the physical page it was linked in; and that page's
+/// generation is the one it was linked at (else to `ask`). `all`: this block's instructions.
+fn emit_hop(a: &mut Asm, page: Page, all: i32, plain: DynamicLabel, ask: DynamicLabel) {
+    let (l_entry, l_n) = (offset_of!(Link, entry) as i32, offset_of!(Link, n) as i32);
+    let (l_gen_at, l_gen, l_ppage) = (
+        offset_of!(Link, gen_at) as i32,
+        offset_of!(Link, gen) as i32,
+        offset_of!(Link, ppage) as i32,
+    );
+    let (tlb, cp) = (tlb_entries(), code_page());
+    let (tag, perm, host, ppage) = (
+        offset_of!(TlbEntry, tag) as i32,
+        offset_of!(TlbEntry, perm) as i32,
+        offset_of!(TlbEntry, host) as i32,
+        offset_of!(TlbEntry, ppage) as i32,
+    );
+    dynasm!(a
+        ; .arch x64
+        ; mov rcx, QWORD [rdx + l_entry]
+        ; test rcx, rcx
+        ; jz =>ask
+        // The target's whole run fits.
+        ; lea r8, [r15 + all]
+        ; mov r9, r8
+        ; add r9, QWORD [rdx + l_n]
+        ; cmp r9, QWORD [rsp]
+        ; ja =>plain
+    );
+    // R10: the TLB entry of the target's page, R9: its page number.
+    match page {
+        Page::Same => {}
+        Page::Other(rip) => {
+            let vpn = (rip >> 12) as i64;
+            let at = ((rip >> 12) as usize & (crate::mmu::TLB_SIZE - 1)) * size_of::<TlbEntry>();
+            let at = at as i32;
+            dynasm!(a
+                ; .arch x64
+                ; mov r10, QWORD [rbx + tlb]
+                ; add r10, at
+                ; mov r9, QWORD vpn
+            );
+        }
+        Page::Dynamic => {
+            let index_mask = (crate::mmu::TLB_SIZE - 1) as i32;
+            dynasm!(a
+                ; .arch x64
+                ; mov r9, rax
+                ; shr r9, 12
+                ; mov r10d, r9d
+                ; and r10d, index_mask
+                ; shl r10d, 5
+                ; add r10, QWORD [rbx + tlb]
+            );
+        }
+    }
+    if !matches!(page, Page::Same) {
+        let x = (ACC_X - ACC_R) as i8;
+        dynasm!(a
+            ; .arch x64
+            ; cmp QWORD [r10 + tag], r9
+            ; jne =>plain
+            ; mov r9d, r13d
+            ; shl r9d, x
+            ; test BYTE [r10 + perm], r9b
+            ; jz =>plain
+            ; mov rsi, QWORD [r10 + host]
+            ; test rsi, rsi
+            ; jz =>plain
+            ; mov rdi, QWORD [r10 + ppage]
+            ; cmp rdi, QWORD [rdx + l_ppage]
+            ; jne =>ask
+        );
+    }
+    dynasm!(a
+        ; .arch x64
+        ; mov rax, QWORD [rdx + l_gen_at]
+        ; mov rax, QWORD [rax]
+        ; cmp rax, QWORD [rdx + l_gen]
+        ; jne =>ask
+    );
+    if !matches!(page, Page::Same) {
+        // The chain runs in that page now.
+        dynasm!(a
+            ; .arch x64
+            ; mov QWORD [rsp + 8], rsi
+            ; mov QWORD [rbx + cp], rdi
+        );
+    }
+    dynasm!(a
+        ; .arch x64
+        ; mov r15, r8
+        ; jmp rcx
+    );
 }
 
 /// A TLB lookup, inline, of the linear address in RAX: leaves RAX the host address for a
 /// `size`-byte access (a write if `write`), or goes to `slow` when the access needs the
 /// handler: crossing a page, not in the TLB with the permission (R13/R14 hold the bits for the
-/// current privilege), not RAM, or (a write) in the running block's page. One compare covers
+/// current privilege), not RAM, or (a write) in the running block's page or a watched one. One compare covers
 /// the page crossing and the tag: the entry is the first byte's, and its tag must be the last
 /// byte's page (an entry at that index never holds the next page). A non-canonical address
 /// never matches (the TLB holds canonical pages only: `Cpu::translate`). Uses RCX and RDX.
@@ -933,66 +995,35 @@ fn emit_translate(a: &mut Asm, size: i32, write: bool, slow: DynamicLabel) {
         ; jne =>slow
     );
     if write {
-        let cp = code_page();
-        dynasm!(a
-            ; .arch x64
-            ; test BYTE [rdx + perm], r14b
-            ; jz =>slow
-            ; mov rcx, QWORD [rdx + ppage]
-            ; cmp rcx, QWORD [rbx + cp]
-            ; je =>slow
-        );
+        dynasm!(a ; .arch x64 ; test BYTE [rdx + perm], r14b ; jz =>slow);
     } else {
-        dynasm!(a
-            ; .arch x64
-            ; test BYTE [rdx + perm], r13b
-            ; jz =>slow
-        );
+        dynasm!(a ; .arch x64 ; test BYTE [rdx + perm], r13b ; jz =>slow);
     }
     dynasm!(a
         ; .arch x64
         ; mov rcx, QWORD [rdx + host]
         ; test rcx, rcx
         ; jz =>slow
-        ; and eax, 0xfff
-        ; add rax, rcx
     );
-}
-
-/// The check of a link's target, called with the link in RDX and the host address of the
-/// target's first byte in RAX: returns with CF clear when the link's `chunks` 8-byte chunks
-/// there (the last one masked) are the target's bytes, else CF set. Uses RAX, R9, R10 and
-/// R11.
-fn emit_link_check(a: &mut Asm) {
-    let (chunks, last_mask, bytes) = (
-        offset_of!(Link, chunks) as i32,
-        offset_of!(Link, last_mask) as i32,
-        offset_of!(Link, bytes) as i32,
-    );
+    if write {
+        // Not into the running block's page, nor a watched one (code was translated from it:
+        // its generation must move). A RAM page has a generation word.
+        let (cp, gens) = (code_page(), code_gens());
+        dynasm!(a
+            ; .arch x64
+            ; mov rdx, QWORD [rdx + ppage]
+            ; cmp rdx, QWORD [rbx + cp]
+            ; je =>slow
+            ; shr rdx, 9
+            ; add rdx, QWORD [rbx + gens]
+            ; test BYTE [rdx], 1
+            ; jnz =>slow
+        );
+    }
     dynasm!(a
         ; .arch x64
-        ; mov r11, QWORD [rdx + chunks]
-        ; mov r10, QWORD [rdx + bytes]
-        ; dec r11
-        ; jz >last
-        ; again:
-        ; mov r9, QWORD [rax]
-        ; cmp r9, QWORD [r10]
-        ; jne >stale
-        ; add rax, 8
-        ; add r10, 8
-        ; dec r11
-        ; jnz <again
-        ; last:
-        ; mov r9, QWORD [rax]
-        ; and r9, QWORD [rdx + last_mask]
-        ; cmp r9, QWORD [r10]
-        ; jne >stale
-        ; clc
-        ; ret
-        ; stale:
-        ; stc
-        ; ret
+        ; and eax, 0xfff
+        ; add rax, rcx
     );
 }
 
@@ -1010,6 +1041,10 @@ fn seg_base(s: u8) -> i32 {
 
 fn code_page() -> i32 {
     offset_of!(Cpu, code_page) as i32
+}
+
+fn code_gens() -> i32 {
+    offset_of!(Cpu, code_gens) as i32
 }
 
 fn link_from() -> i32 {

@@ -1,6 +1,7 @@
 //! Guest-physical memory: RAM through host pointers into the guest's mmap, everything else
 //! (MMIO, the local APIC page) through the VMM's I/O handler or the interrupt controller.
 
+use kvmbox_cpu::watch::CodePages;
 use kvmbox_cpu::GuestMemoryMmap;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -61,6 +62,9 @@ pub struct PhysMem {
     mem: GuestMemoryMmap,
     ram: Vec<Ram>,
     dirty: Arc<DirtyState>,
+    /// The generations of the pages code is translated from, which every write through
+    /// vm-memory (DMA, the VMM) reports to, and the engine's own writes too (`Cpu::note_write`).
+    code: Arc<CodePages>,
 }
 
 // SAFETY: the raw pointers point into mmap'd regions owned (through Arc) by `mem`, which is
@@ -85,16 +89,24 @@ impl PhysMem {
             }
         }
         ram.sort_by_key(|r| r.start);
+        let code = CodePages::of(&mem);
         PhysMem {
             mem,
             ram,
             dirty: Arc::default(),
+            code,
         }
     }
 
     /// The guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// The generations of the guest's pages (`kvmbox_cpu::watch`).
+    #[inline]
+    pub fn code(&self) -> &CodePages {
+        &self.code
     }
 
     /// The dirty-log state shared with every vCPU.

@@ -220,6 +220,7 @@ fn write_versioned(phys: &PhysMem, gpa: u64, bytes: &[u8]) -> bool {
     unsafe { std::ptr::copy_nonoverlapping(bytes[4..].as_ptr(), p.add(4), bytes.len() - 4) };
     fence(Ordering::SeqCst);
     put_version(done);
+    phys.code().written(gpa, bytes.len() as u64);
     phys.mark_dirty(gpa, bytes.len() as u64);
     true
 }

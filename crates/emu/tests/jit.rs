@@ -730,3 +730,174 @@ fn a_link_into_another_page_follows_a_remapping() {
         assert_eq!(o.regs[2], 11 + 9 * 2, "JIT threshold {threshold}");
     }
 }
+
+/// Code rewritten through guest memory (as a device's DMA or the VMM writes it, not the vCPU)
+/// runs its new bytes, though its blocks were compiled and linked: the same loop runs twice,
+/// the second time with another immediate, with the JIT as without it.
+#[test]
+fn code_rewritten_through_guest_memory_runs_its_new_bytes() {
+    let looped = |imm: u32| {
+        asm64(CODE, |a| {
+            let mut top = a.create_label();
+            a.mov(ecx, 30u32)?;
+            a.xor(edx, edx)?;
+            a.set_label(&mut top)?;
+            a.call(CODE + 0x100)?;
+            a.add(edx, imm)?;
+            a.dec(ecx)?;
+            a.jne(top)?;
+            a.hlt()?;
+            Ok(())
+        })
+    };
+    let callee = asm64(CODE + 0x100, |a| {
+        a.ret()?;
+        Ok(())
+    });
+    let mut regs = [0u64; 16];
+    regs[4] = KSTACK;
+    for threshold in [0, 1] {
+        let mut m = Machine::new(threshold);
+        for imm in [0x1111_1111u32, 0x2222_2222, 0x1111_1111] {
+            let mut code = looped(imm);
+            code.resize(0x100, 0x90);
+            code.extend_from_slice(&callee);
+            let o = m.run(&code, &regs, 2, &[0u8; DATA_BYTES]);
+            assert_eq!(
+                o.regs[2],
+                (30 * imm as u64) & 0xffff_ffff,
+                "JIT threshold {threshold}, immediate {imm:#x}"
+            );
+        }
+    }
+}
+
+/// A return goes on in the compiled block it returns to (the return cache) only while that
+/// block's bytes are the ones it was compiled from: halfway through a loop the called code,
+/// in another page, rewrites the immediate of the instruction it returns to, and the passes
+/// from then on add the new value, with the JIT as without it.
+#[test]
+fn a_return_into_rewritten_code_runs_its_new_bytes() {
+    let callee_at = CODE + 0x1000;
+    let looped = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(ecx, 20u32)?;
+        a.xor(edx, edx)?;
+        a.set_label(&mut top)?;
+        a.call(callee_at)?;
+        a.add(edx, 0x0101_0101u32)?;
+        a.dec(ecx)?;
+        a.jne(top)?;
+        a.hlt()?;
+        Ok(())
+    });
+    let imm_at = CODE + looped.windows(4).position(|w| w == [1; 4]).unwrap() as u64;
+    let callee = asm64(callee_at, |a| {
+        let mut back = a.create_label();
+        a.cmp(ecx, 10)?;
+        a.jne(back)?;
+        a.mov(dword_ptr(imm_at), 0x0202_0202u32)?;
+        a.set_label(&mut back)?;
+        a.ret()?;
+        Ok(())
+    });
+    let mut regs = [0u64; 16];
+    regs[4] = KSTACK;
+    // Passes with ECX 20 to 11 add the first value, 10 to 1 the second.
+    let want = 10 * 0x0101_0101u64 + 10 * 0x0202_0202;
+    for threshold in [0, 1] {
+        let mut m = Machine::new(threshold);
+        m.mem.write_slice(&callee, GuestAddress(callee_at)).unwrap();
+        let o = m.run(&looped, &regs, 2, &[0u8; DATA_BYTES]);
+        assert_eq!(o.regs[2], want, "JIT threshold {threshold}");
+    }
+}
+
+/// A return follows the page tables: halfway through a loop the called code remaps the page
+/// the loop runs in (and flushes it with INVLPG) to a copy that adds another value, and the
+/// return goes on in the copy, with the JIT as without it.
+#[test]
+fn a_return_follows_a_remapping_of_the_page_it_returns_to() {
+    // 16 MiB (virtual) -> 0x180_0000, then 0x180_2000.
+    let (v, x1, x2) = (0x100_0000u64, 0x180_0000u64, 0x180_2000u64);
+    let callee_at = CODE + 0x100;
+    let looped = |n: u32| {
+        asm64(v, |a| {
+            let mut top = a.create_label();
+            a.set_label(&mut top)?;
+            a.call(callee_at)?;
+            a.add(edx, n)?;
+            a.dec(ecx)?;
+            a.jne(top)?;
+            a.hlt()?;
+            Ok(())
+        })
+    };
+    let mut code = asm64(CODE, |a| {
+        a.mov(ecx, 20u32)?;
+        a.xor(edx, edx)?;
+        a.jmp(v)?;
+        Ok(())
+    });
+    code.resize(0x100, 0x90);
+    code.extend(asm64(callee_at, |a| {
+        let mut back = a.create_label();
+        a.cmp(ecx, 10)?;
+        a.jne(back)?;
+        a.mov(rax, x2 | 3)?;
+        a.mov(qword_ptr(PT), rax)?;
+        a.invlpg(byte_ptr(v))?;
+        a.set_label(&mut back)?;
+        a.ret()?;
+        Ok(())
+    }));
+    let mut regs = [0u64; 16];
+    regs[4] = KSTACK;
+    for threshold in [0, 1] {
+        let mut m = Machine::new(threshold);
+        w64(&m.mem, PD + 8 * 8, PT | 3);
+        w64(&m.mem, PT, x1 | 3);
+        m.mem.write_slice(&looped(1), GuestAddress(x1)).unwrap();
+        m.mem.write_slice(&looped(2), GuestAddress(x2)).unwrap();
+        let o = m.run(&code, &regs, 2, &[0u8; DATA_BYTES]);
+        // Passes with ECX 20 to 11 run the first copy, 10 to 1 the second.
+        assert_eq!(o.regs[2], 10 + 10 * 2, "JIT threshold {threshold}");
+    }
+}
+
+/// Compiled stores to a page that is not RAM (far above it: 512 GiB) reach the device, every
+/// one of them, with the JIT as without it.
+#[test]
+fn compiled_stores_to_a_device_page_far_above_ram_reach_the_device() {
+    // The last 2 MiB of the identity-mapped first GiB, remapped to 512 GiB.
+    let (v, pa) = (0x3fe0_0000u64, 0x80_0000_0000u64);
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(ecx, 20u32)?;
+        a.mov(rdi, v + 0x10)?;
+        a.set_label(&mut top)?;
+        a.mov(dword_ptr(rdi), ecx)?;
+        a.dec(ecx)?;
+        a.jne(top)?;
+        a.hlt()?;
+        Ok(())
+    });
+    for threshold in [0, 1] {
+        let m = Machine::new(threshold);
+        let mut vcpu = m.vcpu;
+        w64(&m.mem, PD + 511 * 8, pa | 0x87);
+        m.mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+        let mut regs = [0u64; 16];
+        regs[4] = KSTACK;
+        vcpu.set_regs(&Regs::from_gprs(regs, CODE, 2)).unwrap();
+        let rec = Recorder::default();
+        let exit = vcpu.run_steps(&rec, 1_000_000).unwrap();
+        assert_eq!(exit, Some(VcpuExit::Halted), "JIT threshold {threshold}");
+        let writes = rec.mmio.lock().unwrap().clone();
+        let want: Vec<(u64, Vec<u8>)> = (1..=20u32)
+            .rev()
+            .map(|n| (pa + 0x10, n.to_le_bytes().to_vec()))
+            .collect();
+        assert_eq!(writes, want, "JIT threshold {threshold}");
+    }
+}

@@ -1,16 +1,16 @@
 //! The guest-memory file: RAM regions back to back in guest-address order, sparse.
 
 use crate::{io_err, Error, Result};
+use kvmbox_cpu::watch::GuestBitmap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::bitmap::NewBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Guest memory as kvmbox has it: with vm-memory's dirty bitmaps.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
-type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+pub use kvmbox_cpu::{GuestMemoryMmap, GuestRegionMmap};
 
 /// Granularity of the memory file (and of dirty tracking).
 pub const PAGE_SIZE: u64 = 4096;
@@ -218,7 +218,7 @@ pub fn map_memory(path: &Path, ranges: &[(GuestAddress, usize)]) -> Result<Guest
     let mut regions = Vec::with_capacity(ranges.len());
     let mut off = 0u64;
     for &(addr, len) in ranges {
-        let mapping = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, GuestBitmap::with_len(len))
             .with_file_offset(FileOffset::from_arc(file.clone(), off))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)

@@ -262,25 +262,35 @@ impl<'a> GuestBufs<'a> {
         Some(GuestBufs::new(self.mem, tail, self.device_writes))
     }
 
-    /// Hand the next `n` bytes to `f` as host memory ranges (pointer, length) inside the guest
-    /// mapping, for I/O system calls straight into or out of guest memory. Writable buffers'
-    /// pages are marked in vm-memory's dirty bitmap (writes through raw pointers bypass it).
+    /// Hand the next `n` bytes to `f` as host memory ranges (guest address, host pointer,
+    /// length) inside the guest mapping, for I/O system calls straight into or out of guest
+    /// memory. Writes through the pointers bypass vm-memory's bitmap: the caller reports them
+    /// with [`GuestBufs::mark_written`] once made.
     pub(crate) fn for_each_host_range(
         &mut self,
         n: usize,
-        mut f: impl FnMut(*mut u8, usize) -> Result<(), ChainError>,
+        mut f: impl FnMut(GuestAddress, *mut u8, usize) -> Result<(), ChainError>,
     ) -> Result<usize, ChainError> {
-        let (mem, writes) = (self.mem, self.device_writes);
+        let mem = self.mem;
         self.consume(n, |a, len| {
+            let mut at = a;
             for s in mem.get_slices(a, len) {
                 let s = s.map_err(|_| ChainError::Memory)?;
-                if writes {
-                    s.bitmap().mark_dirty(0, s.len());
-                }
-                f(s.ptr_guard_mut().as_ptr(), s.len())?;
+                f(at, s.ptr_guard_mut().as_ptr(), s.len())?;
+                at = at.unchecked_add(s.len() as u64);
             }
             Ok(())
         })
+    }
+
+    /// `len` bytes at `a` (a range [`GuestBufs::for_each_host_range`] gave) were written
+    /// through a host pointer (even partly, by an I/O that failed): mark them in vm-memory's
+    /// bitmap, for the dirty log and for code the software engine translated from them
+    /// (`kvmbox_cpu::watch`). Marked after the write, so neither misses it.
+    pub(crate) fn mark_written(&self, a: GuestAddress, len: usize) {
+        for s in self.mem.get_slices(a, len).flatten() {
+            s.bitmap().mark_dirty(0, s.len());
+        }
     }
 }
 

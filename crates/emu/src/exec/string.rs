@@ -208,6 +208,7 @@ impl Cpu {
         {
             return Ok(false);
         }
+        self.note_write(ed.ppage);
         // Overlapping forward copies must behave element by element.
         let bytes = (n * size as u64) as usize;
         // SAFETY: both ranges lie within single RAM pages (n*size <= room in each page).
@@ -255,6 +256,7 @@ impl Cpu {
         if ed.host.is_null() {
             return Ok(false);
         }
+        self.note_write(ed.ppage);
         let v = self.st.gpr[gpr::RAX];
         // SAFETY: the range lies within one RAM page.
         unsafe {

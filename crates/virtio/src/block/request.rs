@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use kvmbox_block::BlockBackend;
 use kvmbox_cpu::GuestMemoryMmap;
+use vm_memory::GuestAddress;
 
 use crate::queue::{Chain, ChainError, GuestBufs};
 
@@ -194,12 +195,13 @@ impl<'a> Request<'a> {
         Ok(self.sector * SECTOR_SIZE)
     }
 
-    /// The next `len` data bytes as host memory ranges inside the guest mapping.
-    fn host_ranges(&mut self, len: usize) -> Result<Vec<(*mut u8, usize)>, u8> {
+    /// The next `len` data bytes as host memory ranges inside the guest mapping: (guest
+    /// address, host pointer, length).
+    fn host_ranges(&mut self, len: usize) -> Result<Vec<(GuestAddress, *mut u8, usize)>, u8> {
         let mut v = Vec::with_capacity(4);
         self.data
-            .for_each_host_range(len, |ptr, n| {
-                v.push((ptr, n));
+            .for_each_host_range(len, |a, ptr, n| {
+                v.push((a, ptr, n));
                 Ok(())
             })
             .map_err(|_| S_IOERR)?;
@@ -213,8 +215,8 @@ impl<'a> Request<'a> {
                 let off = self.range(disk, len)?;
                 let ranges = self.host_ranges(len)?;
                 let mut bufs: Vec<IoSliceMut<'_>> = ranges
-                    .into_iter()
-                    .map(|(p, n)| {
+                    .iter()
+                    .map(|&(_, p, n)| {
                         // SAFETY: each range lies inside the guest memory mapping (the chain was
                         // validated against it), which stays mapped while `self.data` borrows
                         // it; the guest may change the bytes concurrently, as with any DMA,
@@ -222,9 +224,11 @@ impl<'a> Request<'a> {
                         IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, n) })
                     })
                     .collect();
-                disk.backend
-                    .read_vectored_at(&mut bufs, off)
-                    .map_err(|_| S_IOERR)?;
+                let read = disk.backend.read_vectored_at(&mut bufs, off);
+                for &(a, _, n) in &ranges {
+                    self.data.mark_written(a, n);
+                }
+                read.map_err(|_| S_IOERR)?;
                 Ok(len)
             }
             RequestKind::Out => {
@@ -236,7 +240,7 @@ impl<'a> Request<'a> {
                 let ranges = self.host_ranges(len)?;
                 let bufs: Vec<IoSlice<'_>> = ranges
                     .into_iter()
-                    .map(|(p, n)| {
+                    .map(|(_, p, n)| {
                         // SAFETY: as for reads; the backend only reads these ranges.
                         IoSlice::new(unsafe { std::slice::from_raw_parts(p.cast_const(), n) })
                     })

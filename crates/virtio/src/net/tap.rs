@@ -290,7 +290,7 @@ impl NetBackend for Tap {
         let mut r = tx_reader(chain, mem, MAX_FRAME)?;
         let len = r.remaining();
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(chain.readable.len());
-        r.for_each_host_range(len, |p, n| {
+        r.for_each_host_range(len, |_, p, n| {
             if n > 0 {
                 iov.push(libc::iovec {
                     iov_base: p.cast(),
