@@ -1021,7 +1021,8 @@ impl Cpu {
             }
             bytes.extend_from_slice(&d.bytes.to_le_bytes()[..len]);
             ops.push(d.fast);
-            if d.ins.flow_control() != iced_x86::FlowControl::Next {
+            let ends = d.fast.form == crate::exec::fast::Form::Generic && d.fast.sub != 0;
+            if d.ins.flow_control() != iced_x86::FlowControl::Next || ends {
                 break;
             }
             o += len;

@@ -134,9 +134,11 @@ impl Cpu {
     /// of instructions the batch counts (those that completed, plus a faulting one) and how
     /// the last one ended: a fault leaves RIP on the faulting instruction and the state as
     /// `step` would, since each handler commits nothing before its last possible fault.
-    /// Handlers change neither IF, the shadow (beyond ending one), NMI blocking, HLT state,
-    /// TF/RF, breakpoints nor the code mode, so the run loop's checks hold for the whole
-    /// block; a write into the block's own page ends it after the writing instruction
+    /// Handlers change neither the shadow (beyond ending one), NMI blocking, HLT state, TF/RF,
+    /// breakpoints nor the code mode, and IF only from 1 to 0 (CLI), so the run loop's checks
+    /// hold for the whole block (a time read that lets an interrupt go first ends its block
+    /// and sets `interrupt_first`); a write into the block's own page ends it after the writing
+    /// instruction
     /// (`Cpu::note_write`), so self-modified bytes are validated again.
     #[inline(always)]
     fn run_block(&mut self, max: u64) -> Option<(u64, crate::cpu::R<()>)> {
@@ -233,12 +235,13 @@ impl Cpu {
             self.set_shadow = false;
             let d = self.fetch_decode()?;
             // SAFETY: `d` points into the heap buffer of the decoded-instruction cache, which
-            // is never reallocated and which only `fetch_decode` writes; neither the handler
-            // nor `exec` fetches.
+            // is never reallocated and which only `fetch_decode` writes; `exec` does not fetch,
+            // and a handler (`fast::generic` does fetch) gets a copy of the form.
             let d = unsafe { &*d };
             if let Some(h) = d.fast.handler {
-                self.next_rip = d.fast.next_rip;
-                h(self, &d.fast).map_err(|e| *e)?;
+                let f = d.fast;
+                self.next_rip = f.next_rip;
+                h(self, &f).map_err(|e| *e)?;
                 self.st.rip = self.next_rip;
                 self.stats.instructions += 1;
                 self.shadow = false;
@@ -449,10 +452,17 @@ impl Cpu {
                     }
                 };
                 match r {
-                    // A decode-time handler changed neither IF, the shadow (beyond ending
-                    // one), NMI blocking, HLT state nor I/O: only an interrupt window that
-                    // just closed ends the batch.
+                    // A decode-time handler changed neither the shadow (beyond ending one),
+                    // NMI blocking, HLT state nor I/O, and IF only from 1 to 0: only an
+                    // interrupt window that just closed, or a time read that lets an
+                    // interrupt go first, ends the batch.
                     Ok(true) => {
+                        if self.interrupt_first {
+                            // A time read (RDTSC/RDTSCP, which end their block) found an
+                            // interrupt due: it did not run, and the interrupt goes first.
+                            self.interrupt_first = false;
+                            break;
+                        }
                         if check_after_shadow {
                             break;
                         }

@@ -901,3 +901,90 @@ fn compiled_stores_to_a_device_page_far_above_ram_reach_the_device() {
         assert_eq!(writes, want, "JIT threshold {threshold}");
     }
 }
+
+/// Instructions without a form of their own run inside blocks through the generic `exec`
+/// (locked and plain read-modify-writes, BT on memory, REP STOS ending its block, SSE), with
+/// the results of running them one by one, compiled or not; a DIV that faults in the middle of
+/// such a block reports its own address.
+#[test]
+fn instructions_the_generic_exec_runs_inside_blocks_give_their_results() {
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(ecx, 20u32)?;
+        a.xor(ebx, ebx)?;
+        a.xor(esi, esi)?;
+        a.set_label(&mut top)?;
+        a.mov(eax, ecx)?;
+        a.lock().xadd(dword_ptr(DATA), eax)?;
+        a.add(esi, eax)?;
+        a.bt(dword_ptr(DATA + 16), ecx)?;
+        a.adc(ebx, 0)?;
+        a.movd(xmm0, ecx)?;
+        a.pxor(xmm1, xmm1)?;
+        a.pcmpeqb(xmm1, xmm0)?;
+        a.pmovmskb(eax, xmm1)?;
+        a.add(ebx, eax)?;
+        a.mov(rdi, DATA + 64)?;
+        a.mov(eax, ecx)?;
+        a.mov(r8, rcx)?;
+        a.mov(ecx, 8u32)?;
+        a.rep().stosb()?;
+        // A block with one in its middle, ending in a branch that falls through once.
+        a.mov(rcx, r8)?;
+        a.mov(eax, ecx)?;
+        a.mov(edx, 0x100u32)?;
+        a.cmpxchg(dword_ptr(DATA + 8), edx)?;
+        a.inc(r9d)?;
+        a.dec(ecx)?;
+        a.jne(top)?;
+        // Divides by zero: the handler halts with the frame's RIP this instruction's.
+        a.xor(edx, edx)?;
+        a.mov(eax, 1u32)?;
+        a.div(dword_ptr(DATA + 24))?;
+        a.hlt()?;
+        Ok(())
+    });
+    let div_at = CODE + code.len() as u64 - 8;
+    let mut data = [0u8; DATA_BYTES];
+    data[8..12].copy_from_slice(&7u32.to_le_bytes());
+    data[16..20].copy_from_slice(&0x0f0f_0f0fu32.to_le_bytes());
+    let mut regs = [0u64; 16];
+    regs[4] = KSTACK;
+    // XADD: the running sum (each pass's old value the sum of the counts before it); CMPXCHG
+    // stores 0x100 when ECX is 7 and then never matches; BT: the set bits of 0x0f0f0f0f among
+    // 1..=20 (1-3, 8-11, 16-19); PMOVMSKB: 15 bytes of ECX are zero.
+    let sums: u64 = (1..=20u64).sum();
+    let before: u64 = (1..=20u64).map(|n| (n + 1..=20).sum::<u64>()).sum();
+    let bits = 11;
+    let mask = 20 * 0xfffe;
+    for threshold in [0, 1] {
+        let mut m = Machine::new(threshold);
+        let o = m.run(&code, &regs, 2, &data);
+        let d = |at: usize| u32::from_le_bytes(o.data[at..at + 4].try_into().unwrap()) as u64;
+        assert_eq!(d(0), sums, "JIT threshold {threshold}: XADD");
+        assert_eq!(
+            o.regs[6], before,
+            "JIT threshold {threshold}: XADD's old values"
+        );
+        assert_eq!(d(8), 0x100, "JIT threshold {threshold}: CMPXCHG");
+        assert_eq!(
+            o.regs[3],
+            bits + mask,
+            "JIT threshold {threshold}: BT, PMOVMSKB"
+        );
+        assert_eq!(
+            &o.data[64..72],
+            &[1u8; 8],
+            "JIT threshold {threshold}: REP STOSB"
+        );
+        assert_eq!(o.regs[7], DATA + 72, "JIT threshold {threshold}: RDI");
+        assert_eq!(o.regs[9], 20, "JIT threshold {threshold}: passes");
+        assert_eq!(o.rip, GP_HANDLER + 1, "JIT threshold {threshold}");
+        let frame_rip = u64::from_le_bytes(
+            o.stack[o.stack.len() - 40..o.stack.len() - 32]
+                .try_into()
+                .unwrap(),
+        );
+        assert_eq!(frame_rip, div_at, "JIT threshold {threshold}: #DE's RIP");
+    }
+}

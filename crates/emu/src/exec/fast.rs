@@ -116,6 +116,10 @@ pub(crate) enum Form {
     Cext,
     /// TEST of AH, CH, DH or BH (`r0`: the register holding it) with an immediate.
     TestHiRI,
+    /// An instruction without a form of its own that the generic `exec` runs inside a block
+    /// (`generic`): `imm` its own RIP, `sub` 1 when it ends its block (a REP string
+    /// instruction, which may leave RIP on itself to go on later).
+    Generic,
 }
 
 impl Fast {
@@ -822,9 +826,171 @@ pub(crate) fn compile(ins: &Instruction, code_bits: u32) -> Fast {
     f.next_rip = ins.next_ip() & mask(code_bits);
     f.handler = select(ins, &mut f, code_bits);
     if f.handler.is_none() {
-        f.form = Form::Other;
+        f = Fast::NONE;
+        f.next_rip = ins.next_ip() & mask(code_bits);
+        if let Some(ends) = in_block(ins) {
+            f.handler = Some(generic);
+            f.form = Form::Generic;
+            f.imm = ins.ip();
+            f.sub = ends as u8;
+        }
     }
     f
+}
+
+/// Whether the generic `exec` may run `ins` inside a translated block, as a handler
+/// (`generic`): it transfers no control, and changes neither TF/RF, the interrupt shadow,
+/// NMI blocking, HLT, port I/O, the CPU mode, segment, control or debug registers, nor the
+/// TLB, and IF only from 1 to 0 (CLI: no interrupt window opens), which is what the block
+/// protocol lets a handler change (`vcpu.rs` `run_block`). Some(true): it must end its block:
+/// a REP string instruction (it runs a chunk of its iterations and may leave RIP on itself),
+/// and RDTSC/RDTSCP (which leave RIP on themselves and set `interrupt_first` when an
+/// interrupt is due before the time is read). None: it stays with the dispatch loop.
+fn in_block(ins: &Instruction) -> Option<bool> {
+    use Mnemonic as M;
+    for i in 0..ins.op_count() {
+        if ins.op_kind(i) == OpKind::Register {
+            let r = ins.op_register(i);
+            if r.is_segment_register() || r.is_cr() || r.is_dr() || r.is_tr() {
+                return None;
+            }
+        }
+    }
+    let string = matches!(
+        ins.mnemonic(),
+        M::Movsb
+            | M::Movsw
+            | M::Movsd
+            | M::Movsq
+            | M::Stosb
+            | M::Stosw
+            | M::Stosd
+            | M::Stosq
+            | M::Lodsb
+            | M::Lodsw
+            | M::Lodsd
+            | M::Lodsq
+            | M::Cmpsb
+            | M::Cmpsw
+            | M::Cmpsd
+            | M::Cmpsq
+            | M::Scasb
+            | M::Scasw
+            | M::Scasd
+            | M::Scasq
+    );
+    // MOVSD and CMPSD are also SSE2 instructions (with XMM operands).
+    if string && ins.op_count() > 0 && ins.op_kind(0) != OpKind::Register {
+        return Some(ins.has_rep_prefix() || ins.has_repe_prefix() || ins.has_repne_prefix());
+    }
+    if matches!(ins.mnemonic(), M::Rdtsc | M::Rdtscp) {
+        return Some(true);
+    }
+    let plain = matches!(
+        ins.mnemonic(),
+        M::Add
+            | M::Or
+            | M::Adc
+            | M::Sbb
+            | M::And
+            | M::Sub
+            | M::Xor
+            | M::Cmp
+            | M::Test
+            | M::Mov
+            | M::Movzx
+            | M::Movsx
+            | M::Movsxd
+            | M::Lea
+            | M::Inc
+            | M::Dec
+            | M::Neg
+            | M::Not
+            | M::Rol
+            | M::Ror
+            | M::Rcl
+            | M::Rcr
+            | M::Shl
+            | M::Shr
+            | M::Sar
+            | M::Shld
+            | M::Shrd
+            | M::Mul
+            | M::Imul
+            | M::Div
+            | M::Idiv
+            | M::Xchg
+            | M::Xadd
+            | M::Cmpxchg
+            | M::Cmpxchg8b
+            | M::Cmpxchg16b
+            | M::Bt
+            | M::Bts
+            | M::Btr
+            | M::Btc
+            | M::Bsf
+            | M::Bsr
+            | M::Tzcnt
+            | M::Lzcnt
+            | M::Popcnt
+            | M::Bswap
+            | M::Push
+            | M::Pop
+            | M::Leave
+            | M::Sahf
+            | M::Lahf
+            | M::Clc
+            | M::Stc
+            | M::Cmc
+            | M::Cld
+            | M::Std
+            | M::Cli
+            | M::Lfence
+            | M::Mfence
+            | M::Sfence
+            | M::Prefetcht0
+            | M::Prefetcht1
+            | M::Prefetcht2
+            | M::Prefetchnta
+            | M::Prefetchw
+    ) || (ins.mnemonic() as u32 >= M::Cmova as u32
+        && ins.mnemonic() as u32 <= M::Cmovs as u32)
+        || (ins.mnemonic() as u32 >= M::Seta as u32 && ins.mnemonic() as u32 <= M::Sets as u32);
+    // SSE integer and floating-point forms: XMM registers, MXCSR and memory only.
+    let sse = !plain
+        && ins.cpuid_features().iter().all(|f| {
+            matches!(
+                f,
+                iced_x86::CpuidFeature::SSE
+                    | iced_x86::CpuidFeature::SSE2
+                    | iced_x86::CpuidFeature::SSE3
+                    | iced_x86::CpuidFeature::SSSE3
+                    | iced_x86::CpuidFeature::SSE4_1
+                    | iced_x86::CpuidFeature::SSE4_2
+            )
+        })
+        && (0..ins.op_count())
+            .any(|i| ins.op_kind(i) == OpKind::Register && ins.op_register(i).is_xmm());
+    (plain || sse).then_some(false)
+}
+
+/// An instruction of `Form::Generic`: the generic `exec` on it, fetched again from the
+/// decoded cache at its RIP (the block's bytes are still good, so these are its bytes). Keeps
+/// the block protocol: only an instruction that ends its block leaves its `next_rip`.
+extern "sysv64-unwind" fn generic(c: &mut Cpu, f: &Fast) -> Done {
+    let (rip, ends) = (f.imm, f.sub != 0);
+    let block_next = c.next_rip;
+    c.st.rip = rip;
+    let d = c.fetch_decode().map_err(Box::new)?;
+    // SAFETY: `d` points into the decoded cache's heap buffer, valid until the next
+    // `fetch_decode`; the instruction is copied out at once.
+    let ins = unsafe { (*d).ins };
+    done(c.exec(&ins))?;
+    c.stats.generic += 1;
+    if !ends {
+        c.next_rip = block_next;
+    }
+    Ok(())
 }
 
 fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
