@@ -1055,7 +1055,7 @@ impl Cpu {
     pub(crate) fn compile_block(&mut self, slot: usize) {
         let mut full = false;
         let b = &self.blocks[slot];
-        let mut code = self.jit.compile(b.ops(), b.rip, &mut full);
+        let mut code = self.jit.compile(b.ops(), b.bytes(), b.rip, &mut full);
         if full {
             for b in self.blocks.iter_mut() {
                 b.code = None;
@@ -1064,7 +1064,7 @@ impl Cpu {
             self.jit.clear();
             self.stats.jit_flushes += 1;
             let b = &self.blocks[slot];
-            code = self.jit.compile(b.ops(), b.rip, &mut full);
+            code = self.jit.compile(b.ops(), b.bytes(), b.rip, &mut full);
         }
         self.blocks[slot].code = code;
         if code.is_some() {

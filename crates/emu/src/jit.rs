@@ -101,7 +101,7 @@ impl Link {
 
 /// Entries of a vCPU's return cache (`Jit::returns`), a power of two: a return to `rip` uses
 /// entry `(rip ^ rip >> 10) % RETURNS`.
-const RETURNS: usize = 1024;
+const RETURNS: usize = 4096;
 
 /// A block an exit is linked to (`Jit::link`).
 pub(crate) struct Target {
@@ -121,6 +121,9 @@ pub(crate) struct Target {
 struct Kept {
     _forms: Box<[Fast]>,
     _links: Box<[Link]>,
+    /// The decoded instructions of its `Form::Generic` forms (in their order), which the code
+    /// hands to `fast::generic_decoded`.
+    _generic: Box<[iced_x86::Instruction]>,
 }
 
 /// Blocks run this many times before they are compiled.
@@ -179,7 +182,13 @@ impl Jit {
     /// Compile `ops` (a block's forms, all with handlers). None when the cache cannot take it
     /// (`full` is then set: the caller drops every block's code and calls `clear`), or when the
     /// code cache cannot be mapped (the JIT is then turned off).
-    pub(crate) fn compile(&mut self, ops: &[Fast], rip: u64, full: &mut bool) -> Option<Code> {
+    pub(crate) fn compile(
+        &mut self,
+        ops: &[Fast],
+        bytes: &[u8],
+        rip: u64,
+        full: &mut bool,
+    ) -> Option<Code> {
         if self.cache.is_none() {
             match CodeCache::new(CACHE_BYTES) {
                 Some(c) => self.cache = Some(c),
@@ -193,7 +202,17 @@ impl Jit {
         let at = cache.base as usize + cache.used;
         let forms: Box<[Fast]> = ops.into();
         let links: Box<[Link]> = link_targets(ops).map(Link::unlinked).collect();
-        let (bytes, chain) = assemble(&forms, &links, self.returns.as_ptr(), rip, at)?;
+        // The instructions `Form::Generic` forms run, decoded again from the block's bytes.
+        let generic: Box<[iced_x86::Instruction]> = forms
+            .iter()
+            .filter(|f| f.form == Form::Generic)
+            .map(|f| {
+                let at = (f.imm.wrapping_sub(rip) as usize).min(bytes.len());
+                iced_x86::Decoder::with_ip(64, &bytes[at..], f.imm, iced_x86::DecoderOptions::NONE)
+                    .decode()
+            })
+            .collect();
+        let (bytes, chain) = assemble(&forms, &links, &generic, self.returns.as_ptr(), rip, at)?;
         let Some(entry) = cache.install(&bytes) else {
             *full = true;
             return None;
@@ -208,6 +227,7 @@ impl Jit {
         self.kept.push(Kept {
             _forms: forms,
             _links: links,
+            _generic: generic,
         });
         Some(code)
     }
@@ -602,6 +622,8 @@ struct Slow {
 struct Block<'a> {
     a: Asm,
     ops: &'a [Fast],
+    /// The decoded instructions of the `Form::Generic` forms not compiled yet.
+    generic: std::slice::Iter<'a, iced_x86::Instruction>,
     /// Out-of-line exits: (label, instructions done, faulted).
     exits: Vec<(DynamicLabel, usize, bool)>,
     slow: Vec<Slow>,
@@ -652,6 +674,7 @@ fn link_targets(ops: &[Fast]) -> impl Iterator<Item = u64> {
 fn assemble(
     ops: &[Fast],
     links: &[Link],
+    generic: &[iced_x86::Instruction],
     returns: *const Link,
     rip: u64,
     at: usize,
@@ -694,6 +717,7 @@ fn assemble(
     let mut b = Block {
         a,
         ops,
+        generic: generic.iter(),
         exits: Vec::new(),
         slow: Vec::new(),
     };
@@ -1064,16 +1088,36 @@ impl Block<'_> {
             return;
         };
         let at = (i * size_of::<Fast>()) as i32;
-        let h = h as usize as i64;
         let fault = self.a.new_dynamic_label();
         self.exits.push((fault, i, true));
+        let ins = (f.form == Form::Generic)
+            .then(|| self.generic.next())
+            .flatten();
         let a = &mut self.a;
+        if let Some(ins) = ins {
+            // The instruction itself, not its form (which is another cache line).
+            let (ins, ends) = (ins as *const iced_x86::Instruction as i64, f.sub as i32);
+            let h = crate::exec::fast::generic_decoded as *const () as usize as i64;
+            dynasm!(a
+                ; .arch x64
+                ; mov rdi, rbx
+                ; mov rsi, QWORD ins
+                ; mov edx, ends
+                ; mov rax, QWORD h
+                ; call rax
+            );
+        } else {
+            let h = h as usize as i64;
+            dynasm!(a
+                ; .arch x64
+                ; mov rdi, rbx
+                ; lea rsi, [r12 + at]
+                ; mov rax, QWORD h
+                ; call rax
+            );
+        }
         dynasm!(a
             ; .arch x64
-            ; mov rdi, rbx
-            ; lea rsi, [r12 + at]
-            ; mov rax, QWORD h
-            ; call rax
             ; test rax, rax
             ; jnz =>fault
         );

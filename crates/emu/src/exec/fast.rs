@@ -978,16 +978,27 @@ fn in_block(ins: &Instruction) -> Option<bool> {
 /// decoded cache at its RIP (the block's bytes are still good, so these are its bytes). Keeps
 /// the block protocol: only an instruction that ends its block leaves its `next_rip`.
 extern "sysv64-unwind" fn generic(c: &mut Cpu, f: &Fast) -> Done {
-    let (rip, ends) = (f.imm, f.sub != 0);
-    let block_next = c.next_rip;
-    c.st.rip = rip;
+    let ends = f.sub as u64;
+    c.st.rip = f.imm;
     let d = c.fetch_decode().map_err(Box::new)?;
     // SAFETY: `d` points into the decoded cache's heap buffer, valid until the next
     // `fetch_decode`; the instruction is copied out at once.
     let ins = unsafe { (*d).ins };
-    done(c.exec(&ins))?;
+    generic_decoded(c, &ins, ends)
+}
+
+/// `generic` with the instruction at hand (compiled code keeps a copy of it: `crate::jit`);
+/// `ends`: 1 when it ends its block.
+pub(crate) extern "sysv64-unwind" fn generic_decoded(
+    c: &mut Cpu,
+    ins: &Instruction,
+    ends: u64,
+) -> Done {
+    let block_next = c.next_rip;
+    c.st.rip = ins.ip();
+    done(c.exec(ins))?;
     c.stats.generic += 1;
-    if !ends {
+    if ends == 0 {
         c.next_rip = block_next;
     }
     Ok(())
