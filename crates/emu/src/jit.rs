@@ -20,7 +20,8 @@
 //! path that fails leaves everything to the handler), so faults stay precise. A block that
 //! branches back to its own start runs again inside its code, an exit to another compiled
 //! block goes on in that block's code once linked (`Link`, `assemble`), and a return goes on
-//! in the block it returns to through the return cache (`Jit::returns`), while the target's
+//! in the block it returns to (an indirect branch in its target's) through the jump cache
+//! (`Jit::jumps`), while the target's
 //! page has the generation it was linked at (`kvmbox_cpu::watch`).
 //!
 //! The code cache is never writable and executable at once: each vCPU maps its own region
@@ -99,9 +100,9 @@ impl Link {
     }
 }
 
-/// Entries of a vCPU's return cache (`Jit::returns`), a power of two: a return to `rip` uses
-/// entry `(rip ^ rip >> 10) % RETURNS`.
-const RETURNS: usize = 4096;
+/// Entries of a vCPU's jump cache (`Jit::jumps`), a power of two: a return or jump to `rip` uses
+/// entry `(rip ^ rip >> 10) % JUMPS`.
+const JUMPS: usize = 4096;
 
 /// A block an exit is linked to (`Jit::link`).
 pub(crate) struct Target {
@@ -144,10 +145,11 @@ pub(crate) struct Jit {
     cache: Option<CodeCache>,
     /// The forms and links of the code in the cache.
     kept: Vec<Kept>,
-    /// The return cache: links (`Link`) from a compiled RET to the block it returns to, one
-    /// per return address (`RETURNS`), shared by every RET. A RET whose address's entry
-    /// holds another address takes the entry over (it is relinked when its block is found).
-    returns: Box<[Link]>,
+    /// The jump cache: links (`Link`) from a compiled RET or indirect JMP/CALL to the block it
+    /// goes to, one per target address (`JUMPS`), shared by all of them. A branch whose
+    /// target's entry holds another address takes the entry over (it is relinked when its
+    /// block is found).
+    jumps: Box<[Link]>,
     /// Where a linked predecessor goes on in a block's code, from its entry: past the
     /// prologue, which is the same in every block (the registers are set up).
     chain: usize,
@@ -167,7 +169,7 @@ impl Jit {
             threshold,
             cache: None,
             kept: Vec::new(),
-            returns: (0..RETURNS).map(|_| Link::unlinked(0)).collect(),
+            jumps: (0..JUMPS).map(|_| Link::unlinked(0)).collect(),
             chain: 0,
             perf_map: std::env::var_os("KVMBOX_EMU_PERF_MAP").and_then(|_| {
                 std::fs::OpenOptions::new()
@@ -212,7 +214,7 @@ impl Jit {
                     .decode()
             })
             .collect();
-        let (bytes, chain) = assemble(&forms, &links, &generic, self.returns.as_ptr(), rip, at)?;
+        let (bytes, chain) = assemble(&forms, &links, &generic, self.jumps.as_ptr(), rip, at)?;
         let Some(entry) = cache.install(&bytes) else {
             *full = true;
             return None;
@@ -237,7 +239,7 @@ impl Jit {
         if let Some(c) = &mut self.cache {
             c.used = 0;
         }
-        for l in self.returns.iter_mut() {
+        for l in self.jumps.iter_mut() {
             *l = Link::unlinked(0);
         }
         self.kept.clear();
@@ -644,7 +646,7 @@ fn link_targets(ops: &[Fast]) -> impl Iterator<Item = u64> {
                 ];
             }
             Form::Jmp | Form::Call if inline(last) => t[0] = Some(last.imm),
-            Form::Jcc | Form::Jmp | Form::Call | Form::Ret | Form::Other => {}
+            Form::Jcc | Form::Jmp | Form::Call | Form::Ret | Form::Indirect | Form::Other => {}
             _ => t[0] = Some(last.next_rip),
         }
     }
@@ -668,14 +670,15 @@ fn link_targets(ops: &[Fast]) -> impl Iterator<Item = u64> {
 /// find the same block, valid (a store into its page ends it, and other agents' code changes
 /// are only guaranteed visible after a serializing instruction, which is never in a block),
 /// with nothing to check between batches of instructions. Otherwise an exit whose link is set
-/// (for a RET: the return cache's entry for its address, `returns`) goes on in the linked
+/// (for a RET or an indirect branch: the jump cache's entry for its target, `jumps`) goes on
+/// in the linked
 /// block when it is still good and its whole run fits (`emit_hop`); an exit whose link is
 /// unset or stale leaves its address in `Cpu::link_from` for `Cpu::block` to link.
 fn assemble(
     ops: &[Fast],
     links: &[Link],
     generic: &[iced_x86::Instruction],
-    returns: *const Link,
+    jumps: *const Link,
     rip: u64,
     at: usize,
 ) -> Option<(Vec<u8>, usize)> {
@@ -799,25 +802,28 @@ fn assemble(
             ; =>next
         );
     }
-    if ops.last().is_some_and(|l| l.form == Form::Ret && inline(l)) {
-        // A return: on in the block the return cache links its address to.
+    if ops
+        .last()
+        .is_some_and(|l| l.form == Form::Ret && inline(l) || l.form == Form::Indirect)
+    {
+        // A return or an indirect branch: on in the block the jump cache links its target to.
         let (ask, take) = (a.new_dynamic_label(), a.new_dynamic_label());
         let cw = code_written();
         let (l_rip, l_entry) = (offset_of!(Link, rip) as i32, offset_of!(Link, entry) as i32);
-        let (size, mask) = (size_of::<Link>() as i32, (RETURNS - 1) as i32);
-        let returns = returns as i64;
+        let (size, mask) = (size_of::<Link>() as i32, (JUMPS - 1) as i32);
+        let jumps = jumps as i64;
         dynasm!(a
             ; .arch x64
             ; cmp BYTE [rbx + cw], 0
             ; jne =>plain
             ; mov rax, QWORD [rbx + nr]
-            // Its entry (`RETURNS`).
+            // Its entry (`JUMPS`).
             ; mov rdx, rax
             ; shr rdx, 10
             ; xor rdx, rax
             ; and edx, mask
             ; imul edx, edx, size
-            ; mov rcx, QWORD returns
+            ; mov rcx, QWORD jumps
             ; add rdx, rcx
             ; cmp rax, QWORD [rdx + l_rip]
             ; jne =>take

@@ -988,3 +988,66 @@ fn instructions_the_generic_exec_runs_inside_blocks_give_their_results() {
         assert_eq!(frame_rip, div_at, "JIT threshold {threshold}: #DE's RIP");
     }
 }
+
+/// Indirect calls and jumps go on in the compiled block the jump cache links their target to,
+/// whichever target each takes, and only while that block's bytes are the ones it was
+/// compiled from: a loop calls two functions (whose addresses share an entry of the cache)
+/// through a register in turn and jumps back
+/// through memory; halfway, it rewrites the immediate of the second function, and the calls
+/// after that add the new value, with the JIT as without it.
+#[test]
+fn indirect_branches_go_to_their_current_target_and_its_current_bytes() {
+    // Two targets that share their jump cache entry (`(rip ^ rip >> 10) % 4096`).
+    let (f1, f2) = (CODE + 0x1000, CODE + 0x5010);
+    let callee = |at: u64, n: u32| {
+        asm64(at, |a| {
+            a.add(edx, n)?;
+            a.ret()?;
+            Ok(())
+        })
+    };
+    let imm_at = f2 + 2;
+    let top_at = CODE + 0x100;
+    let mut code = asm64(CODE, |a| {
+        a.mov(ecx, 40u32)?;
+        a.xor(edx, edx)?;
+        a.jmp(top_at)?;
+        Ok(())
+    });
+    code.resize(0x100, 0x90);
+    code.extend(asm64(top_at, |a| {
+        let mut skip = a.create_label();
+        a.mov(eax, ecx)?;
+        a.and(eax, 1)?;
+        a.mov(rax, qword_ptr(rax * 8 + DATA))?;
+        a.call(rax)?;
+        a.cmp(ecx, 20)?;
+        a.jne(skip)?;
+        a.mov(dword_ptr(imm_at), 0x300u32)?;
+        a.set_label(&mut skip)?;
+        a.dec(ecx)?;
+        a.jz(CODE + 0x7f0)?;
+        a.jmp(qword_ptr(DATA + 24))?;
+        Ok(())
+    }));
+    code.resize(0x7f0, 0x90);
+    code.push(0xf4);
+    let mut data = [0u8; DATA_BYTES];
+    data[0..8].copy_from_slice(&f2.to_le_bytes());
+    data[8..16].copy_from_slice(&f1.to_le_bytes());
+    data[24..32].copy_from_slice(&top_at.to_le_bytes());
+    let mut regs = [0u64; 16];
+    regs[4] = KSTACK;
+    // Odd counts call f1 (1), even ones f2 (0x200 down to the count 20, whose pass rewrites
+    // it after the call, then 0x300).
+    let want = 20 + 11 * 0x200 + 9 * 0x300;
+    for threshold in [0, 1] {
+        let mut m = Machine::new(threshold);
+        m.mem.write_slice(&callee(f1, 1), GuestAddress(f1)).unwrap();
+        m.mem
+            .write_slice(&callee(f2, 0x200), GuestAddress(f2))
+            .unwrap();
+        let o = m.run(&code, &regs, 2, &data);
+        assert_eq!(o.regs[2], want, "JIT threshold {threshold}");
+    }
+}

@@ -103,6 +103,8 @@ pub(crate) enum Form {
     Call,
     /// Near RET (`imm`: bytes released).
     Ret,
+    /// Indirect near JMP or CALL (through a register or memory).
+    Indirect,
     PushR,
     PopR,
     SetccR,
@@ -1291,6 +1293,7 @@ fn select(ins: &Instruction, f: &mut Fast, code_bits: u32) -> Option<Handler> {
                 if super::control::is_far(ins) || !matches!(bits, 16 | 32 | 64) {
                     return None;
                 }
+                f.form = Form::Indirect;
                 match (s0, is_call) {
                     (Shape::Reg(..), false) => sized_wide!(jmp_r, bits),
                     (Shape::Reg(..), true) => sized_wide!(call_r, bits),
