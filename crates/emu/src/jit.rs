@@ -12,7 +12,8 @@
 //! `test; setcc`) reads the host flags directly.
 //!
 //! The code keeps the block protocol of `Cpu::run_block`: it sets `next_rip` to the last
-//! instruction's next RIP, and only the last instruction (a control transfer) changes it. It
+//! instruction's next RIP (unless that is an inline JMP, Jcc, CALL or RET, which sets it
+//! itself), and only the last instruction (a control transfer) changes it. It
 //! commits RIP itself and returns how many instructions completed and the fault of the one
 //! that did not: a handler's fault ends the block there, and after every handler call the code
 //! tests `code_written` (a store into the block's own page, or a device access) and ends the
@@ -626,6 +627,8 @@ struct Block<'a> {
     ops: &'a [Fast],
     /// The decoded instructions of the `Form::Generic` forms not compiled yet.
     generic: std::slice::Iter<'a, iced_x86::Instruction>,
+    /// The way out that commits `next_rip` as RIP.
+    plain: DynamicLabel,
     /// Out-of-line exits: (label, instructions done, faulted).
     exits: Vec<(DynamicLabel, usize, bool)>,
     slow: Vec<Slow>,
@@ -711,18 +714,28 @@ fn assemble(
     let loops = ops
         .last()
         .is_some_and(|l| matches!(l.form, Form::Jcc | Form::Jmp) && l.imm == rip);
-    // The last instruction's next RIP (`Cpu::run_block`'s protocol), at every run.
-    if let Some(last) = ops.last() {
+    // The last instruction's next RIP (`Cpu::run_block`'s protocol), at every run, unless the
+    // last instruction is an inline JMP, Jcc, CALL or RET, which sets `next_rip` itself (from
+    // its own next RIP where it needs it: see their templates and slow paths); only control
+    // transfers, always last, read it.
+    let last_inline = ops.last().is_some_and(inline);
+    let sets_next = last_inline
+        && ops
+            .last()
+            .is_some_and(|l| matches!(l.form, Form::Jmp | Form::Jcc | Form::Call | Form::Ret));
+    if let (false, Some(last)) = (sets_next, ops.last()) {
         let nr = next_rip();
         let v = last.next_rip as i64;
         dynasm!(a ; .arch x64 ; mov rax, QWORD v ; mov QWORD [rbx + nr], rax);
     }
+    let plain = a.new_dynamic_label();
     let mut b = Block {
         a,
         ops,
         generic: generic.iter(),
         exits: Vec::new(),
         slow: Vec::new(),
+        plain,
     };
     let n = ops.len();
     let mut i = 0;
@@ -747,6 +760,7 @@ fn assemble(
     }
     let all = n as i32;
     let nr = next_rip();
+    let plain = b.plain;
     let a = &mut b.a;
     if loops {
         // Again while the branch went back to the start and another run fits.
@@ -765,16 +779,16 @@ fn assemble(
             ; done:
         );
     }
-    let plain = a.new_dynamic_label();
     if !links.is_empty() {
         // Not after a store into this page or a device access: back to the dispatch loop.
-        let cw = code_written();
-        dynasm!(a
-            ; .arch x64
-            ; cmp BYTE [rbx + cw], 0
-            ; jne =>plain
-            ; mov rax, QWORD [rbx + nr]
-        );
+        // Every handler but the last one's tests this itself after it ran (`call_handler`, and
+        // the last instruction's slow path), so only a last instruction that is a handler call
+        // leaves it to this test.
+        if !last_inline {
+            let cw = code_written();
+            dynasm!(a ; .arch x64 ; cmp BYTE [rbx + cw], 0 ; jne =>plain);
+        }
+        dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + nr]);
     }
     let from = link_from();
     for l in links {
@@ -812,10 +826,11 @@ fn assemble(
         let (l_rip, l_entry) = (offset_of!(Link, rip) as i32, offset_of!(Link, entry) as i32);
         let (size, mask) = (size_of::<Link>() as i32, (JUMPS - 1) as i32);
         let jumps = jumps as i64;
+        if !last_inline {
+            dynasm!(a ; .arch x64 ; cmp BYTE [rbx + cw], 0 ; jne =>plain);
+        }
         dynasm!(a
             ; .arch x64
-            ; cmp BYTE [rbx + cw], 0
-            ; jne =>plain
             ; mov rax, QWORD [rbx + nr]
             // Its entry (`JUMPS`).
             ; mov rdx, rax
@@ -860,8 +875,20 @@ fn assemble(
     for s in std::mem::take(&mut b.slow) {
         let a = &mut b.a;
         dynasm!(a ; .arch x64 ; =>s.label);
+        let last = s.index + 1 == n;
+        if last && ops[s.index].form == Form::Call {
+            // Its handler pushes `next_rip` (which the block did not set: `sets_next`).
+            let v = ops[s.index].next_rip as i64;
+            dynasm!(a ; .arch x64 ; mov rax, QWORD v ; mov QWORD [rbx + nr], rax);
+        }
         b.call_handler(s.index);
         let a = &mut b.a;
+        if last {
+            // A store into this page or a device access: back to the dispatch loop (before the
+            // flags are loaded: the test changes them).
+            let cw = code_written();
+            dynasm!(a ; .arch x64 ; cmp BYTE [rbx + cw], 0 ; jne =>plain);
+        }
         if s.flags {
             load_flags(a);
         }
@@ -1481,11 +1508,11 @@ impl Block<'_> {
                 let (slow, resume) = self.slow(i, false);
                 self.stack_slot(true, slow);
                 let a = &mut self.a;
-                let t = f.imm as i64;
+                let (t, next) = (f.imm as i64, f.next_rip as i64);
                 dynasm!(a
                     ; .arch x64
                     // The return address: this (last) instruction's next RIP.
-                    ; mov rcx, QWORD [rbx + nr]
+                    ; mov rcx, QWORD next
                     ; mov QWORD [rax], rcx
                     ; sub QWORD [rbx + stack], 8
                     ; mov rcx, QWORD t
@@ -1520,7 +1547,8 @@ impl Block<'_> {
                 if !fused {
                     load_flags(a);
                 }
-                dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + nr] ; mov rcx, QWORD t);
+                let next = f.next_rip as i64;
+                dynasm!(a ; .arch x64 ; mov rax, QWORD next ; mov rcx, QWORD t);
                 cmov_rax_rcx(a, f.sub);
                 dynasm!(a ; .arch x64 ; mov QWORD [rbx + nr], rax);
             }
