@@ -1373,8 +1373,11 @@ impl Block<'_> {
                         (_, 64) => dynasm!(a ; .arch x64 ; ror rax, n),
                         (_, _) => dynasm!(a ; .arch x64 ; ror eax, n),
                     }
-                    // A rotate writes CF and OF only.
-                    merge_flags_of(a, CF | OF);
+                    // A rotate writes CF and OF only (merged unless overwritten before they
+                    // can be seen).
+                    if !flags_dead_after(self.ops, i) {
+                        merge_flags_of(a, CF | OF);
+                    }
                     store(a, f.r0, bits);
                     return;
                 }
@@ -1384,7 +1387,8 @@ impl Block<'_> {
             Form::ShiftRC => {
                 // SHL/SHR/SAR by CL: the host's shift of the same width by the same count
                 // (masked alike). A zero count leaves the flags: they are merged only after a
-                // shift by a non-zero count, so this is no producer for fusion or dead flags.
+                // shift by a non-zero count (and unless overwritten before they can be seen),
+                // so this is no producer for fusion or dead flags.
                 let a = &mut self.a;
                 let count = gpr(1);
                 let mask = if bits == 64 { 63 } else { 31 };
@@ -1396,7 +1400,9 @@ impl Block<'_> {
                     ; jz >zero
                 );
                 shift!(a, f.sub, bits, cl);
-                merge_flags(a);
+                if !flags_dead_after(self.ops, i) {
+                    merge_flags(a);
+                }
                 // A 32-bit shift writes (zero-extends) its register even by zero.
                 dynasm!(a ; .arch x64 ; zero:);
                 store(a, f.r0, bits);
