@@ -684,15 +684,37 @@ fn a_block_entered_through_a_link_from_another_page_sees_stores_into_its_own() {
     }
 }
 
+/// A page the remapping tests map at `REMAPPED` (16 MiB): first to `FIRST`, then (the guest
+/// rewrites its page-table entry and flushes it with INVLPG: `remap`) to `SECOND`.
+const REMAPPED: u64 = 0x100_0000;
+const FIRST: u64 = 0x180_0000;
+const SECOND: u64 = 0x180_2000;
+
+/// The guest's remapping of `REMAPPED` to `SECOND`.
+fn remap(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(rax, SECOND | 3)?;
+    a.mov(qword_ptr(PT), rax)?;
+    a.invlpg(byte_ptr(REMAPPED))
+}
+
+/// A machine whose page `REMAPPED` maps `FIRST`, holding `first`, and `SECOND` holding
+/// `second`.
+fn remapping_machine(threshold: u32, first: &[u8], second: &[u8]) -> Machine {
+    let m = Machine::new(threshold);
+    w64(&m.mem, PD + 8 * 8, PT | 3);
+    w64(&m.mem, PT, FIRST | 3);
+    m.mem.write_slice(first, GuestAddress(FIRST)).unwrap();
+    m.mem.write_slice(second, GuestAddress(SECOND)).unwrap();
+    m
+}
+
 /// A link into another page follows the page tables: the guest remaps the called page (and
 /// flushes it with INVLPG) halfway through a loop, and the calls after it run the new page's
 /// code, with the JIT as without it.
 #[test]
 fn a_link_into_another_page_follows_a_remapping() {
-    // 16 MiB (virtual) -> 0x180_0000, then 0x180_2000.
-    let (v, x1, x2) = (0x100_0000u64, 0x180_0000u64, 0x180_2000u64);
     let callee = |n: u32| {
-        asm64(v, |a| {
+        asm64(REMAPPED, |a| {
             a.mov(eax, n)?;
             a.ret()?;
             Ok(())
@@ -704,13 +726,11 @@ fn a_link_into_another_page_follows_a_remapping() {
         a.xor(edx, edx)?;
         a.mov(ecx, 20u32)?;
         a.set_label(&mut top)?;
-        a.call(v)?;
+        a.call(REMAPPED)?;
         a.add(edx, eax)?;
         a.cmp(ecx, 10)?;
         a.jne(skip)?;
-        a.mov(rax, x2 | 3)?;
-        a.mov(qword_ptr(PT), rax)?;
-        a.invlpg(byte_ptr(v))?;
+        remap(a)?;
         a.set_label(&mut skip)?;
         a.dec(ecx)?;
         a.jne(top)?;
@@ -720,11 +740,7 @@ fn a_link_into_another_page_follows_a_remapping() {
     let mut regs = [0u64; 16];
     regs[4] = KSTACK;
     for threshold in [0, 1] {
-        let mut m = Machine::new(threshold);
-        w64(&m.mem, PD + 8 * 8, PT | 3);
-        w64(&m.mem, PT, x1 | 3);
-        m.mem.write_slice(&callee(1), GuestAddress(x1)).unwrap();
-        m.mem.write_slice(&callee(2), GuestAddress(x2)).unwrap();
+        let mut m = remapping_machine(threshold, &callee(1), &callee(2));
         let o = m.run(&code, &regs, 2, &[0u8; DATA_BYTES]);
         // 11 calls before the remapping, 9 after.
         assert_eq!(o.regs[2], 11 + 9 * 2, "JIT threshold {threshold}");
@@ -818,11 +834,9 @@ fn a_return_into_rewritten_code_runs_its_new_bytes() {
 /// return goes on in the copy, with the JIT as without it.
 #[test]
 fn a_return_follows_a_remapping_of_the_page_it_returns_to() {
-    // 16 MiB (virtual) -> 0x180_0000, then 0x180_2000.
-    let (v, x1, x2) = (0x100_0000u64, 0x180_0000u64, 0x180_2000u64);
     let callee_at = CODE + 0x100;
     let looped = |n: u32| {
-        asm64(v, |a| {
+        asm64(REMAPPED, |a| {
             let mut top = a.create_label();
             a.set_label(&mut top)?;
             a.call(callee_at)?;
@@ -836,7 +850,7 @@ fn a_return_follows_a_remapping_of_the_page_it_returns_to() {
     let mut code = asm64(CODE, |a| {
         a.mov(ecx, 20u32)?;
         a.xor(edx, edx)?;
-        a.jmp(v)?;
+        a.jmp(REMAPPED)?;
         Ok(())
     });
     code.resize(0x100, 0x90);
@@ -844,9 +858,7 @@ fn a_return_follows_a_remapping_of_the_page_it_returns_to() {
         let mut back = a.create_label();
         a.cmp(ecx, 10)?;
         a.jne(back)?;
-        a.mov(rax, x2 | 3)?;
-        a.mov(qword_ptr(PT), rax)?;
-        a.invlpg(byte_ptr(v))?;
+        remap(a)?;
         a.set_label(&mut back)?;
         a.ret()?;
         Ok(())
@@ -854,11 +866,7 @@ fn a_return_follows_a_remapping_of_the_page_it_returns_to() {
     let mut regs = [0u64; 16];
     regs[4] = KSTACK;
     for threshold in [0, 1] {
-        let mut m = Machine::new(threshold);
-        w64(&m.mem, PD + 8 * 8, PT | 3);
-        w64(&m.mem, PT, x1 | 3);
-        m.mem.write_slice(&looped(1), GuestAddress(x1)).unwrap();
-        m.mem.write_slice(&looped(2), GuestAddress(x2)).unwrap();
+        let mut m = remapping_machine(threshold, &looped(1), &looped(2));
         let o = m.run(&code, &regs, 2, &[0u8; DATA_BYTES]);
         // Passes with ECX 20 to 11 run the first copy, 10 to 1 the second.
         assert_eq!(o.regs[2], 10 + 10 * 2, "JIT threshold {threshold}");

@@ -858,29 +858,7 @@ fn in_block(ins: &Instruction) -> Option<bool> {
             }
         }
     }
-    let string = matches!(
-        ins.mnemonic(),
-        M::Movsb
-            | M::Movsw
-            | M::Movsd
-            | M::Movsq
-            | M::Stosb
-            | M::Stosw
-            | M::Stosd
-            | M::Stosq
-            | M::Lodsb
-            | M::Lodsw
-            | M::Lodsd
-            | M::Lodsq
-            | M::Cmpsb
-            | M::Cmpsw
-            | M::Cmpsd
-            | M::Cmpsq
-            | M::Scasb
-            | M::Scasw
-            | M::Scasd
-            | M::Scasq
-    );
+    let string = matches!(ins.mnemonic(), memory_string_mnemonics!());
     // MOVSD and CMPSD are also SSE2 instructions (with XMM operands).
     if string && ins.op_count() > 0 && ins.op_kind(0) != OpKind::Register {
         return Some(ins.has_rep_prefix() || ins.has_repe_prefix() || ins.has_repne_prefix());
@@ -955,9 +933,9 @@ fn in_block(ins: &Instruction) -> Option<bool> {
             | M::Prefetcht2
             | M::Prefetchnta
             | M::Prefetchw
-    ) || (ins.mnemonic() as u32 >= M::Cmova as u32
-        && ins.mnemonic() as u32 <= M::Cmovs as u32)
-        || (ins.mnemonic() as u32 >= M::Seta as u32 && ins.mnemonic() as u32 <= M::Sets as u32);
+            | cmovcc_mnemonics!()
+            | setcc_mnemonics!()
+    );
     // SSE integer and floating-point forms: XMM registers, MXCSR and memory only.
     let sse = !plain
         && ins.cpuid_features().iter().all(|f| {

@@ -68,6 +68,33 @@ macro_rules! cmovcc_mnemonics {
     };
 }
 
+/// The string instructions that stay in memory (MOVS STOS LODS CMPS SCAS; not INS/OUTS), all
+/// sizes. MOVSD and CMPSD are also SSE2 instructions: callers tell them apart by operand.
+macro_rules! memory_string_mnemonics {
+    () => {
+        iced_x86::Mnemonic::Movsb
+            | iced_x86::Mnemonic::Movsw
+            | iced_x86::Mnemonic::Movsd
+            | iced_x86::Mnemonic::Movsq
+            | iced_x86::Mnemonic::Stosb
+            | iced_x86::Mnemonic::Stosw
+            | iced_x86::Mnemonic::Stosd
+            | iced_x86::Mnemonic::Stosq
+            | iced_x86::Mnemonic::Lodsb
+            | iced_x86::Mnemonic::Lodsw
+            | iced_x86::Mnemonic::Lodsd
+            | iced_x86::Mnemonic::Lodsq
+            | iced_x86::Mnemonic::Cmpsb
+            | iced_x86::Mnemonic::Cmpsw
+            | iced_x86::Mnemonic::Cmpsd
+            | iced_x86::Mnemonic::Cmpsq
+            | iced_x86::Mnemonic::Scasb
+            | iced_x86::Mnemonic::Scasw
+            | iced_x86::Mnemonic::Scasd
+            | iced_x86::Mnemonic::Scasq
+    };
+}
+
 pub mod alu;
 mod control;
 pub(crate) mod fast;
@@ -945,26 +972,7 @@ impl Cpu {
                 }
             }
             // Strings and I/O.
-            M::Movsb
-            | M::Movsw
-            | M::Movsd
-            | M::Movsq
-            | M::Stosb
-            | M::Stosw
-            | M::Stosd
-            | M::Stosq
-            | M::Lodsb
-            | M::Lodsw
-            | M::Lodsd
-            | M::Lodsq
-            | M::Cmpsb
-            | M::Cmpsw
-            | M::Cmpsd
-            | M::Cmpsq
-            | M::Scasb
-            | M::Scasw
-            | M::Scasd
-            | M::Scasq
+            memory_string_mnemonics!()
             | M::Insb
             | M::Insw
             | M::Insd
