@@ -84,10 +84,24 @@ pub fn parse_descriptor(raw: u64) -> Segment {
     }
 }
 
-/// Host TSC.
+/// The latest host TSC any vCPU of this process was given (`host_tsc`).
+static LATEST_TSC: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Host TSC, never behind a value any thread got from here before: read after every earlier
+/// load of this thread (LFENCE, as Linux's `rdtsc_ordered`), and at least the latest value
+/// handed out. So a guest's time reads stay ordered across its vCPUs even when their threads
+/// run on host CPUs whose TSCs differ by a little, or when the host runs a read early: Linux
+/// checks this at SMP bring-up (`check_tsc_sync_source`: a read after a spinlock taken from
+/// another CPU must not be behind that CPU's read before it let go) and stops trusting its
+/// TSC after a warp of a few hundred cycles.
 pub fn host_tsc() -> u64 {
-    // SAFETY: RDTSC has no memory effects; every x86-64 host has it.
-    unsafe { core::arch::x86_64::_rdtsc() }
+    use std::sync::atomic::Ordering;
+    // SAFETY: LFENCE and RDTSC have no memory effects; every x86-64 host has both.
+    let t = unsafe {
+        core::arch::x86_64::_mm_lfence();
+        core::arch::x86_64::_rdtsc()
+    };
+    t.max(LATEST_TSC.fetch_max(t, Ordering::AcqRel))
 }
 
 impl Cpu {
