@@ -6,7 +6,7 @@
 //! its generation on and stops watching it, so a cached translation is still good exactly when
 //! its page's generation is the one it was made at. The engine reports its own writes; every
 //! other write (virtio DMA, loaders, the VMM) goes through vm-memory, whose per-region
-//! [`GuestBitmap`] reports it here once the engine has attached its pages ([`attach`]).
+//! [`GuestBitmap`] reports it here once the engine has attached its pages ([`CodePages::of`]).
 //!
 //! A write and a translation of the same page on two threads at the same moment are not
 //! ordered: the translation may keep the bytes from just before the write (as a CPU that
@@ -86,13 +86,6 @@ impl CodePages {
         v
     }
 
-    /// Whether page `ppn` is watched (a write to it must be reported).
-    #[inline]
-    pub fn watched(&self, ppn: u64) -> bool {
-        self.word(ppn)
-            .is_some_and(|g| g.load(Ordering::Relaxed) & 1 != 0)
-    }
-
     /// Page `ppn` is written: if it is watched, its generation moves on and it is no longer
     /// watched.
     #[inline]
@@ -118,8 +111,8 @@ impl CodePages {
 }
 
 /// vm-memory's bitmap of one guest-RAM region: its dirty pages (the dirty log,
-/// [`crate::Vm::take_dirty_log`]), and, once [`attach`]ed, the report of every write to
-/// [`CodePages`].
+/// [`crate::Vm::take_dirty_log`]), and, once attached ([`CodePages::of`]), the report of every
+/// write to [`CodePages`].
 #[derive(Debug)]
 pub struct GuestBitmap {
     dirty: AtomicBitmap,
@@ -180,7 +173,7 @@ pub fn region_bitmap(r: &GuestRegionMmap) -> &GuestBitmap {
 
 /// Report every write made through vm-memory to `mem` from now on to `pages`. A region
 /// already attached keeps its pages ([`CodePages::of`] finds them).
-pub fn attach(mem: &GuestMemoryMmap, pages: &Arc<CodePages>) {
+fn attach(mem: &GuestMemoryMmap, pages: &Arc<CodePages>) {
     for r in mem.iter() {
         let _ = region_bitmap(r)
             .watch
@@ -189,8 +182,8 @@ pub fn attach(mem: &GuestMemoryMmap, pages: &Arc<CodePages>) {
 }
 
 impl CodePages {
-    /// The pages attached to `mem` ([`attach`]), or new ones attached now: every engine over
-    /// the same memory shares them.
+    /// The pages attached to `mem`, or new ones attached now: every engine over the same
+    /// memory shares them.
     pub fn of(mem: &GuestMemoryMmap) -> Arc<CodePages> {
         if let Some((pages, _)) = mem.iter().next().and_then(|r| region_bitmap(r).watch.get()) {
             return pages.clone();
@@ -218,7 +211,7 @@ mod tests {
         assert!(Arc::ptr_eq(&pages, &CodePages::of(&mem)));
         let g = pages.watch(0x11);
         assert_eq!(g & 1, 1);
-        assert!(pages.watched(0x11));
+        assert_eq!(pages.current(0x11) & 1, 1, "watched");
         // Another page of the region: no change.
         mem.write_obj(7u32, GuestAddress(0x12000)).unwrap();
         assert_eq!(pages.current(0x11), g);
@@ -226,7 +219,7 @@ mod tests {
         mem.write_obj(7u32, GuestAddress(0x10ffe)).unwrap();
         let after = pages.current(0x11);
         assert_ne!(after, g);
-        assert!(!pages.watched(0x11));
+        assert_eq!(pages.current(0x11) & 1, 0, "no longer watched");
         // Unwatched: further writes leave it.
         mem.write_obj(8u32, GuestAddress(0x11000)).unwrap();
         assert_eq!(pages.current(0x11), after);

@@ -711,19 +711,19 @@ fn assemble(
     let chain = a.offset().0;
     let forms = ops.as_ptr() as i64;
     dynasm!(a ; .arch x64 ; mov r12, QWORD forms);
-    let loops = ops
-        .last()
-        .is_some_and(|l| matches!(l.form, Form::Jcc | Form::Jmp) && l.imm == rip);
+    let last = ops.last();
+    let loops = last.is_some_and(|l| matches!(l.form, Form::Jcc | Form::Jmp) && l.imm == rip);
+    // A return or an indirect branch: goes on through the jump cache.
+    let dynamic =
+        last.is_some_and(|l| l.form == Form::Ret && inline(l) || l.form == Form::Indirect);
     // The last instruction's next RIP (`Cpu::run_block`'s protocol), at every run, unless the
     // last instruction is an inline JMP, Jcc, CALL or RET, which sets `next_rip` itself (from
     // its own next RIP where it needs it: see their templates and slow paths); only control
     // transfers, always last, read it.
-    let last_inline = ops.last().is_some_and(inline);
+    let last_inline = last.is_some_and(inline);
     let sets_next = last_inline
-        && ops
-            .last()
-            .is_some_and(|l| matches!(l.form, Form::Jmp | Form::Jcc | Form::Call | Form::Ret));
-    if let (false, Some(last)) = (sets_next, ops.last()) {
+        && last.is_some_and(|l| matches!(l.form, Form::Jmp | Form::Jcc | Form::Call | Form::Ret));
+    if let (false, Some(last)) = (sets_next, last) {
         let nr = next_rip();
         let v = last.next_rip as i64;
         dynasm!(a ; .arch x64 ; mov rax, QWORD v ; mov QWORD [rbx + nr], rax);
@@ -779,7 +779,7 @@ fn assemble(
             ; done:
         );
     }
-    if !links.is_empty() {
+    if !links.is_empty() || dynamic {
         // Not after a store into this page or a device access: back to the dispatch loop.
         // Every handler but the last one's tests this itself after it ran (`call_handler`, and
         // the last instruction's slow path), so only a last instruction that is a handler call
@@ -816,22 +816,14 @@ fn assemble(
             ; =>next
         );
     }
-    if ops
-        .last()
-        .is_some_and(|l| l.form == Form::Ret && inline(l) || l.form == Form::Indirect)
-    {
-        // A return or an indirect branch: on in the block the jump cache links its target to.
+    if dynamic {
+        // On in the block the jump cache links the target in RAX to.
         let (ask, take) = (a.new_dynamic_label(), a.new_dynamic_label());
-        let cw = code_written();
         let (l_rip, l_entry) = (offset_of!(Link, rip) as i32, offset_of!(Link, entry) as i32);
         let (size, mask) = (size_of::<Link>() as i32, (JUMPS - 1) as i32);
         let jumps = jumps as i64;
-        if !last_inline {
-            dynasm!(a ; .arch x64 ; cmp BYTE [rbx + cw], 0 ; jne =>plain);
-        }
         dynasm!(a
             ; .arch x64
-            ; mov rax, QWORD [rbx + nr]
             // Its entry (`JUMPS`).
             ; mov rdx, rax
             ; shr rdx, 10

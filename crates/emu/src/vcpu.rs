@@ -456,19 +456,15 @@ impl Cpu {
                     // NMI blocking, HLT state nor I/O, and IF only from 1 to 0: only an
                     // interrupt window that just closed, or a time read that lets an
                     // interrupt go first, ends the batch.
-                    Ok(true) => {
-                        if self.interrupt_first {
-                            // A time read (RDTSC/RDTSCP, which end their block) found an
-                            // interrupt due: it did not run, and the interrupt goes first.
-                            self.interrupt_first = false;
-                            break;
-                        }
+                    // (A time read, RDTSC/RDTSCP, which end their block, that found an
+                    // interrupt due did not run: `interrupt_first` below.)
+                    Ok(true) if !self.interrupt_first => {
                         if check_after_shadow {
                             break;
                         }
                         continue;
                     }
-                    Ok(false) => {}
+                    Ok(_) => {}
                     Err(Fault::Exc(v, e)) => {
                         if let Err(f) = self.raise(v, e) {
                             if let Some(exit) = self.fault_exit(f)? {

@@ -10,7 +10,8 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Guest memory as kvmbox has it: with vm-memory's dirty bitmaps.
-pub use kvmbox_cpu::{GuestMemoryMmap, GuestRegionMmap};
+pub use kvmbox_cpu::GuestMemoryMmap;
+use kvmbox_cpu::GuestRegionMmap;
 
 /// Granularity of the memory file (and of dirty tracking).
 pub const PAGE_SIZE: u64 = 4096;

@@ -106,12 +106,12 @@ impl Chain {
 
     /// The readable buffers as one stream.
     pub fn reader<'a>(&self, mem: &'a GuestMemoryMmap) -> GuestBufs<'a> {
-        GuestBufs::new(mem, self.readable.clone(), false)
+        GuestBufs::new(mem, self.readable.clone())
     }
 
     /// The writable buffers as one stream.
     pub fn writer<'a>(&self, mem: &'a GuestMemoryMmap) -> GuestBufs<'a> {
-        GuestBufs::new(mem, self.writable.clone(), true)
+        GuestBufs::new(mem, self.writable.clone())
     }
 }
 
@@ -122,13 +122,10 @@ pub struct GuestBufs<'a> {
     idx: usize,
     off: u32,
     remaining: usize,
-    /// The device-writable buffers: host ranges handed out may be written, so their pages
-    /// go in the dirty log.
-    device_writes: bool,
 }
 
 impl<'a> GuestBufs<'a> {
-    fn new(mem: &'a GuestMemoryMmap, segs: Vec<(u64, u32)>, device_writes: bool) -> Self {
+    fn new(mem: &'a GuestMemoryMmap, segs: Vec<(u64, u32)>) -> Self {
         let remaining = segs.iter().map(|s| s.1 as usize).sum();
         Self {
             mem,
@@ -136,7 +133,6 @@ impl<'a> GuestBufs<'a> {
             idx: 0,
             off: 0,
             remaining,
-            device_writes,
         }
     }
 
@@ -258,8 +254,8 @@ impl<'a> GuestBufs<'a> {
             }
             left -= h as usize;
         }
-        *self = GuestBufs::new(self.mem, head, self.device_writes);
-        Some(GuestBufs::new(self.mem, tail, self.device_writes))
+        *self = GuestBufs::new(self.mem, head);
+        Some(GuestBufs::new(self.mem, tail))
     }
 
     /// Hand the next `n` bytes to `f` as host memory ranges (guest address, host pointer,

@@ -824,12 +824,18 @@ fn shape(ins: &Instruction, i: u32) -> Shape {
 
 /// The decode-time form of `ins`, decoded as `code_bits`-bit code.
 pub(crate) fn compile(ins: &Instruction, code_bits: u32) -> Fast {
-    let mut f = Fast::NONE;
-    f.next_rip = ins.next_ip() & mask(code_bits);
+    let next_rip = ins.next_ip() & mask(code_bits);
+    let mut f = Fast {
+        next_rip,
+        ..Fast::NONE
+    };
     f.handler = select(ins, &mut f, code_bits);
     if f.handler.is_none() {
-        f = Fast::NONE;
-        f.next_rip = ins.next_ip() & mask(code_bits);
+        // Nothing `select` filled in stays.
+        f = Fast {
+            next_rip,
+            ..Fast::NONE
+        };
         if let Some(ends) = in_block(ins) {
             f.handler = Some(generic);
             f.form = Form::Generic;
