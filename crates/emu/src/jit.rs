@@ -410,18 +410,27 @@ fn merge_flags(a: &mut Asm) {
     merge_flags_of(a, STATUS);
 }
 
-/// Merge the host's flags in `mask` into the guest's RFLAGS. Uses RCX and RDX.
+/// Merge the host's flags in `mask` (all the arithmetic flags, or CF and OF) into the guest's
+/// RFLAGS. Uses RAX, RCX and RDX: LAHF and SETcc read the flags (PUSHFQ, which also reads
+/// them, takes twice the time on this kind of host and serializes on them).
 fn merge_flags_of(a: &mut Asm, mask: i32) {
     let rf = rflags();
+    if mask == STATUS {
+        // AH = SF ZF 0 AF 0 PF 1 CF, the low byte of RFLAGS.
+        dynasm!(a ; .arch x64 ; lahf ; seto dl ; movzx ecx, ah);
+    } else {
+        dynasm!(a ; .arch x64 ; setc cl ; seto dl ; movzx ecx, cl);
+    }
     dynasm!(a
         ; .arch x64
-        ; pushfq
-        ; pop rdx
-        ; and edx, mask
-        ; mov rcx, QWORD [rbx + rf]
-        ; and rcx, !mask
-        ; or rcx, rdx
-        ; mov QWORD [rbx + rf], rcx
+        ; movzx edx, dl
+        ; shl edx, 11
+        ; or ecx, edx
+        ; and ecx, mask
+        ; mov rdx, QWORD [rbx + rf]
+        ; and rdx, !mask
+        ; or rdx, rcx
+        ; mov QWORD [rbx + rf], rdx
     );
 }
 
@@ -1365,12 +1374,12 @@ impl Block<'_> {
                         (_, 64) => dynasm!(a ; .arch x64 ; ror rax, n),
                         (_, _) => dynasm!(a ; .arch x64 ; ror eax, n),
                     }
+                    store(a, f.r0, bits);
                     // A rotate writes CF and OF only (merged unless overwritten before they
                     // can be seen).
                     if !flags_dead_after(self.ops, i) {
                         merge_flags_of(a, CF | OF);
                     }
-                    store(a, f.r0, bits);
                     return;
                 }
                 shift!(a, f.sub, bits, n);
@@ -1392,12 +1401,14 @@ impl Block<'_> {
                     ; jz >zero
                 );
                 shift!(a, f.sub, bits, cl);
+                store(a, f.r0, bits);
                 if !flags_dead_after(self.ops, i) {
                     merge_flags(a);
                 }
                 // A 32-bit shift writes (zero-extends) its register even by zero.
-                dynasm!(a ; .arch x64 ; zero:);
+                dynasm!(a ; .arch x64 ; jmp >done ; zero:);
                 store(a, f.r0, bits);
+                dynasm!(a ; .arch x64 ; done:);
             }
             Form::NegNotR => {
                 let a = &mut self.a;
