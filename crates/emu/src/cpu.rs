@@ -153,7 +153,8 @@ pub(crate) struct Block {
     /// The handlers' forms, in order. None: the first instruction (whose bytes the entry
     /// holds) has no handler, so the block tier leaves it to `step`.
     fast: Option<Box<[Fast]>>,
-    /// The block's JIT code (`crate::jit`), once it has run `Jit::threshold` times.
+    /// The block's JIT code (`crate::jit`), once it has run `Jit::threshold` times; it runs
+    /// once sealed (`Jit::ready`).
     pub(crate) code: Option<crate::jit::Code>,
     /// The generation of the block's page (`kvmbox_cpu::watch::CodePages`) its bytes are
     /// good for: when the page's is another, it was written since, and the block's bytes are
@@ -927,10 +928,22 @@ impl Cpu {
         let b = &mut self.blocks[slot];
         // No handler for the first instruction: no block here.
         b.fast.as_ref()?;
-        if b.code.is_none() && self.jit.threshold != 0 {
-            b.runs += 1;
-            if b.runs >= self.jit.threshold {
-                self.compile_block(slot);
+        if self.jit.threshold != 0 {
+            match b.code {
+                None => {
+                    b.runs += 1;
+                    if b.runs >= self.jit.threshold {
+                        self.compile_block(slot);
+                    }
+                }
+                // Compiled, not sealed yet (`Jit::seal`): after as many runs again, now.
+                Some(code) if !self.jit.ready(code) => {
+                    b.runs += 1;
+                    if b.runs >= 2 * self.jit.threshold {
+                        self.jit.seal();
+                    }
+                }
+                Some(_) => {}
             }
         }
         // Learn this block as its predecessor's successor, and fetch the entry of the block
@@ -945,7 +958,7 @@ impl Cpu {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(next as *const i8)
         };
         let from = std::mem::replace(&mut self.link_from, std::ptr::null_mut());
-        if let (false, Some(code)) = (from.is_null(), b.code) {
+        if let (false, Some(code)) = (from.is_null(), b.code.filter(|&c| self.jit.ready(c))) {
             let target = crate::jit::Target {
                 rip,
                 code,

@@ -235,10 +235,27 @@ impl Jit {
         Some(code)
     }
 
+    /// Whether `code` runs: it is sealed (`CodeCache::seal`). Compiled blocks run in the
+    /// dispatch loop until then.
+    #[inline(always)]
+    pub(crate) fn ready(&self, code: Code) -> bool {
+        self.cache.as_ref().is_some_and(|c| c.ready(code.entry))
+    }
+
+    /// Seal the code compiled since the last seal, so it runs (a block that waits for it has
+    /// run twice the threshold). A failing `mprotect` turns the JIT off.
+    pub(crate) fn seal(&mut self) {
+        if let Some(c) = &mut self.cache {
+            if !c.seal() {
+                self.threshold = 0;
+            }
+        }
+    }
+
     /// Forget every block's code (the caller has dropped its pointers, and any link it kept).
     pub(crate) fn clear(&mut self) {
         if let Some(c) = &mut self.cache {
-            c.used = 0;
+            c.empty();
         }
         for l in self.jumps.iter_mut() {
             *l = Link::unlinked(0);
@@ -280,11 +297,27 @@ pub fn threshold_from_env() -> Result<u32, String> {
 }
 
 /// A region of host memory for compiled code.
+/// A vCPU's code cache. Code is copied into pages made writable (not executable) ahead of it
+/// and runs only once they are sealed read-execute: `seal` changes all the blocks copied in
+/// since the last seal at once (two `mprotect` calls per block made compiling cost more than
+/// the code saved for code that runs a few hundred times, as much of a boot's does).
 struct CodeCache {
     base: *mut u8,
     size: usize,
+    /// Bytes in use.
     used: usize,
+    /// Code below this offset is sealed (read-execute); a page boundary.
+    sealed: usize,
+    /// Pages from `sealed` up to this offset are writable (not executable).
+    open: usize,
+    /// Blocks copied in and not sealed yet.
+    unsealed: usize,
 }
+
+/// Bytes made writable at a time ahead of the code copied in.
+const OPEN_BYTES: usize = 64 << 10;
+/// Blocks copied in before `install` seals them.
+const SEAL_BLOCKS: usize = 32;
 
 impl CodeCache {
     fn new(size: usize) -> Option<CodeCache> {
@@ -293,37 +326,82 @@ impl CodeCache {
             base,
             size,
             used: 0,
+            sealed: 0,
+            open: 0,
+            unsealed: 0,
         })
     }
 
-    /// Copy `code` (assembled for the address `base + used`) in: its pages writable (not
-    /// executable) while it is copied, then executable (not writable).
+    /// Copy `code` (assembled for the address `base + used`) in, into pages that are
+    /// writable and not executable; it runs once `seal`ed (which this does every
+    /// `SEAL_BLOCKS` blocks). None when the cache is full, or an `mprotect` fails.
     fn install(&mut self, code: &[u8]) -> Option<Entry> {
         let start = self.used;
         let end = start + code.len();
         if end > self.size {
             return None;
         }
-        let first = start & !(PAGE - 1);
-        let last = (end + PAGE - 1) & !(PAGE - 1);
-        // SAFETY: [first, last) lies within the mapping; no code in those pages runs while
-        // they are writable (this thread is compiling, and the cache is this vCPU's own).
-        let pages = unsafe { self.base.add(first) } as *mut libc::c_void;
-        // SAFETY: as above.
-        if unsafe { libc::mprotect(pages, last - first, libc::PROT_READ | libc::PROT_WRITE) } != 0 {
-            return None;
+        if end > self.open {
+            let to = (end + OPEN_BYTES).next_multiple_of(PAGE).min(self.size);
+            // SAFETY: [open, to) lies within the mapping, above `sealed`: no code there runs
+            // (none was sealed there since the cache was last emptied).
+            let pages = unsafe { self.base.add(self.open) } as *mut libc::c_void;
+            // SAFETY: as above.
+            if unsafe { libc::mprotect(pages, to - self.open, libc::PROT_READ | libc::PROT_WRITE) }
+                != 0
+            {
+                return None;
+            }
+            self.open = to;
         }
-        // SAFETY: `code` fits in [start, end), inside the mapping, now writable.
+        // SAFETY: `code` fits in [start, end), inside the mapping, writable.
         unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), self.base.add(start), code.len()) };
-        // SAFETY: as above.
-        if unsafe { libc::mprotect(pages, last - first, libc::PROT_READ | libc::PROT_EXEC) } != 0 {
-            return None;
-        }
         // Next block at a 16-byte boundary.
         self.used = (end + 15) & !15;
+        self.unsealed += 1;
         // SAFETY: the bytes at `start` are a function with the `Entry` signature
-        // (`assemble`), assembled for this address, now executable.
-        Some(unsafe { std::mem::transmute::<*mut u8, Entry>(self.base.add(start)) })
+        // (`assemble`), assembled for this address; it is called only once sealed (`ready`).
+        let entry = unsafe { std::mem::transmute::<*mut u8, Entry>(self.base.add(start)) };
+        if self.unsealed >= SEAL_BLOCKS && !self.seal() {
+            return None;
+        }
+        Some(entry)
+    }
+
+    /// Make the code copied in since the last seal executable (and no longer writable); the
+    /// next block starts on a new page. False if `mprotect` fails.
+    fn seal(&mut self) -> bool {
+        if self.unsealed == 0 {
+            return true;
+        }
+        let to = self.used.next_multiple_of(PAGE);
+        // SAFETY: [sealed, to) lies within the mapping; nothing writes it from now on (code is
+        // only copied in above `used`, which moves to `to`).
+        let pages = unsafe { self.base.add(self.sealed) } as *mut libc::c_void;
+        // SAFETY: as above.
+        if unsafe { libc::mprotect(pages, to - self.sealed, libc::PROT_READ | libc::PROT_EXEC) }
+            != 0
+        {
+            return false;
+        }
+        self.used = to;
+        self.sealed = to;
+        self.open = self.open.max(to);
+        self.unsealed = 0;
+        true
+    }
+
+    /// Whether the code at `entry` is sealed (runs).
+    fn ready(&self, entry: Entry) -> bool {
+        (entry as usize).wrapping_sub(self.base as usize) < self.sealed
+    }
+
+    /// Forget all code: the cache is filled from its start again.
+    fn empty(&mut self) {
+        self.used = 0;
+        self.sealed = 0;
+        self.open = 0;
+        self.unsealed = 0;
     }
 }
 

@@ -166,7 +166,7 @@ impl Cpu {
             // The whole block, compiled (`crate::jit`): the same protocol as the loop below,
             // but the code commits RIP itself (it may go on in blocks linked to this one), so
             // the forms are not read here (they are another cache line).
-            Some(code) if n == all.len() => {
+            Some(code) if n == all.len() && self.jit.ready(code) => {
                 let user = if self.st.cpl() == 3 { 3 } else { 0 };
                 // SAFETY: `code` was compiled from this block's forms (kept with the code;
                 // `build_block` drops it when it rebuilds the block) and stays mapped
