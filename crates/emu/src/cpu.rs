@@ -291,6 +291,10 @@ pub struct Cpu {
     pub(crate) code_gens: *const std::sync::atomic::AtomicU64,
     /// The JIT and its code cache.
     pub(crate) jit: crate::jit::Jit,
+    /// Compiled code's scratch: arithmetic flags it captured and has not merged into RFLAGS
+    /// yet (byte 0: LAHF's AH, byte 1: OF). Always merged before compiled code calls a
+    /// handler or leaves (`crate::jit`), so nothing else reads it.
+    pub(crate) jit_flags: u64,
     /// The exit of compiled code that left for the dispatch loop because its link is unset
     /// or stale (null: none): the next block `block` finds is linked to it when it can be.
     /// Only points into the JIT's cache (cleared when the cache is emptied).
@@ -352,6 +356,7 @@ impl Cpu {
             build_bytes: Vec::new(),
             code_page: NO_CODE_PAGE,
             code_written: false,
+            jit_flags: 0,
             jit: crate::jit::Jit::from_env(),
             link_from: std::ptr::null_mut(),
             cpuid: crate::cpuid::build(id, 1, false, false, &[]),

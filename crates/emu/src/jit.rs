@@ -477,10 +477,46 @@ fn unless_canonical(a: &mut Asm, label: DynamicLabel) {
     );
 }
 
-/// The guest's CF into the host's (ADC/SBB read it, INC/DEC keep it).
-fn carry_in(a: &mut Asm) {
-    let rf = rflags();
-    dynasm!(a ; .arch x64 ; bt QWORD [rbx + rf], 0);
+/// The guest's CF into the host's (ADC/SBB read it, INC/DEC keep it): from the flags
+/// captured last when they are `pending` (`capture_flags`), else from RFLAGS.
+fn carry_in(a: &mut Asm, pending: bool) {
+    let at = if pending { jit_flags() } else { rflags() };
+    dynasm!(a ; .arch x64 ; bt QWORD [rbx + at], 0);
+}
+
+fn jit_flags() -> i32 {
+    offset_of!(Cpu, jit_flags) as i32
+}
+
+/// Capture the host's arithmetic flags in `Cpu::jit_flags` (AH as LAHF leaves it: SF ZF AF PF
+/// CF, and OF), three instructions where a merge into RFLAGS takes eleven; `fold_flags` merges
+/// them before anything can see RFLAGS. Uses RAX.
+fn capture_flags(a: &mut Asm) {
+    let at = jit_flags();
+    dynasm!(a
+        ; .arch x64
+        ; lahf
+        ; seto BYTE [rbx + at + 1]
+        ; mov BYTE [rbx + at], ah
+    );
+}
+
+/// Merge the flags `capture_flags` captured into the guest's RFLAGS. Uses RCX and RDX, and
+/// changes the host's flags.
+fn fold_flags(a: &mut Asm) {
+    let (at, rf) = (jit_flags(), rflags());
+    dynasm!(a
+        ; .arch x64
+        ; movzx ecx, BYTE [rbx + at]
+        ; movzx edx, BYTE [rbx + at + 1]
+        ; shl edx, 11
+        ; or ecx, edx
+        ; and ecx, STATUS
+        ; mov rdx, QWORD [rbx + rf]
+        ; and rdx, !STATUS
+        ; or rdx, rcx
+        ; mov QWORD [rbx + rf], rdx
+    );
 }
 
 /// Merge the host's arithmetic flags into the guest's RFLAGS.
@@ -706,6 +742,8 @@ struct Slow {
     resume: DynamicLabel,
     index: usize,
     flags: bool,
+    /// Flags were pending before the instruction (`Block::pending`): merged before the call.
+    fold: bool,
 }
 
 /// A block's code under construction.
@@ -719,6 +757,9 @@ struct Block<'a> {
     /// Out-of-line exits: (label, instructions done, faulted).
     exits: Vec<(DynamicLabel, usize, bool)>,
     slow: Vec<Slow>,
+    /// At this point of the main line, the guest's arithmetic flags are the ones captured in
+    /// `Cpu::jit_flags` (`capture_flags`), not yet in RFLAGS.
+    pending: bool,
 }
 
 /// The RIPs a block's exits may link to (`Link`): the targets of its last instruction, a
@@ -823,12 +864,14 @@ fn assemble(
         exits: Vec::new(),
         slow: Vec::new(),
         plain,
+        pending: false,
     };
     let n = ops.len();
     let mut i = 0;
     while i < n {
         let f = &ops[i];
         if !inline(f) {
+            b.settle();
             b.call_handler(i);
             i += 1;
             continue;
@@ -840,11 +883,23 @@ fn assemble(
             b.inline(i + 1, true);
             i += 1;
         }
-        if produces_flags(f) && !flags_dead_after(ops, i) {
-            merge_flags(&mut b.a);
+        if produces_flags(f) {
+            // Overwritten before anything can see them: neither these nor any pending
+            // before them need to reach RFLAGS. Otherwise captured, and merged where
+            // something could see them; the last instruction's are merged at once.
+            if flags_dead_after(ops, i) {
+                b.pending = false;
+            } else if i + 1 == n {
+                merge_flags(&mut b.a);
+                b.pending = false;
+            } else {
+                capture_flags(&mut b.a);
+                b.pending = true;
+            }
         }
         i += 1;
     }
+    b.settle();
     let all = n as i32;
     let nr = next_rip();
     let plain = b.plain;
@@ -954,6 +1009,9 @@ fn assemble(
     for s in std::mem::take(&mut b.slow) {
         let a = &mut b.a;
         dynasm!(a ; .arch x64 ; =>s.label);
+        if s.fold {
+            fold_flags(a);
+        }
         let last = s.index + 1 == n;
         if last && ops[s.index].form == Form::Call {
             // Its handler pushes `next_rip` (which the block did not set: `sets_next`).
@@ -1246,7 +1304,8 @@ impl Block<'_> {
         }
     }
 
-    /// A slow path for instruction `i` (its handler), resuming at the label returned.
+    /// A slow path for instruction `i` (its handler), resuming at the label returned. Called
+    /// before the instruction's code changes `pending`.
     fn slow(&mut self, i: usize, flags: bool) -> (DynamicLabel, DynamicLabel) {
         let label = self.a.new_dynamic_label();
         let resume = self.a.new_dynamic_label();
@@ -1255,8 +1314,18 @@ impl Block<'_> {
             resume,
             index: i,
             flags,
+            fold: self.pending,
         });
         (label, resume)
+    }
+
+    /// Merge pending flags into RFLAGS (before a handler runs, a consumer loads them, or
+    /// the block ends).
+    fn settle(&mut self) {
+        if self.pending {
+            fold_flags(&mut self.a);
+            self.pending = false;
+        }
     }
 
     /// RAX = the linear address of `f`'s memory operand (64-bit mode: only FS and GS have a
@@ -1395,9 +1464,10 @@ impl Block<'_> {
                         dynasm!(a ; .arch x64 ; mov rcx, QWORD imm);
                     }
                 }
+                let pending = self.pending;
                 let a = &mut self.a;
                 if matches!(f.sub, 2 | 3) {
-                    carry_in(a);
+                    carry_in(a, pending);
                 }
                 alu(a, f.sub, bits);
                 if f.sub < 7 {
@@ -1422,9 +1492,10 @@ impl Block<'_> {
                     dynasm!(a ; .arch x64 ; mov rcx, QWORD imm);
                 }
                 self.load_mem(RAX, R8, bits, false);
+                let pending = self.pending;
                 let a = &mut self.a;
                 if matches!(f.sub, 2 | 3) {
-                    carry_in(a);
+                    carry_in(a, pending);
                 }
                 alu(a, f.sub, bits);
                 if writes {
@@ -1434,15 +1505,21 @@ impl Block<'_> {
                 dynasm!(a ; .arch x64 ; =>resume);
             }
             Form::IncDecR => {
+                let pending = self.pending;
                 let a = &mut self.a;
                 load(a, 0, f.r0, bits);
                 // INC/DEC keep CF: the guest's goes into the host's first.
-                carry_in(a);
+                carry_in(a, pending);
                 one_operand!(a, f.sub != 0, bits, inc, dec);
                 store(a, f.r0, bits);
             }
             Form::ShiftRI => {
                 let Some(n) = shift_count(f) else { return };
+                let merge = rotate(f) && !flags_dead_after(self.ops, i);
+                if merge {
+                    // CF and OF go into RFLAGS, beside the others.
+                    self.settle();
+                }
                 let a = &mut self.a;
                 load(a, 0, f.r0, bits);
                 if rotate(f) {
@@ -1455,7 +1532,7 @@ impl Block<'_> {
                     store(a, f.r0, bits);
                     // A rotate writes CF and OF only (merged unless overwritten before they
                     // can be seen).
-                    if !flags_dead_after(self.ops, i) {
+                    if merge {
                         merge_flags_of(a, CF | OF);
                     }
                     return;
@@ -1468,6 +1545,10 @@ impl Block<'_> {
                 // (masked alike). A zero count leaves the flags: they are merged only after a
                 // shift by a non-zero count (and unless overwritten before they can be seen),
                 // so this is no producer for fusion or dead flags.
+                let merge = !flags_dead_after(self.ops, i);
+                if merge {
+                    self.settle();
+                }
                 let a = &mut self.a;
                 let count = gpr(1);
                 let mask = if bits == 64 { 63 } else { 31 };
@@ -1480,7 +1561,7 @@ impl Block<'_> {
                 );
                 shift!(a, f.sub, bits, cl);
                 store(a, f.r0, bits);
-                if !flags_dead_after(self.ops, i) {
+                if merge {
                     merge_flags(a);
                 }
                 // A 32-bit shift writes (zero-extends) its register even by zero.
@@ -1629,29 +1710,32 @@ impl Block<'_> {
             }
             Form::Jcc => {
                 // next_rip = cc ? target : next_rip, without a branch.
+                if !fused {
+                    self.settle();
+                    load_flags(&mut self.a);
+                }
                 let a = &mut self.a;
                 let t = f.imm as i64;
-                if !fused {
-                    load_flags(a);
-                }
                 let next = f.next_rip as i64;
                 dynasm!(a ; .arch x64 ; mov rax, QWORD next ; mov rcx, QWORD t);
                 cmov_rax_rcx(a, f.sub);
                 dynasm!(a ; .arch x64 ; mov QWORD [rbx + nr], rax);
             }
             Form::SetccR => {
-                let a = &mut self.a;
                 if !fused {
-                    load_flags(a);
+                    self.settle();
+                    load_flags(&mut self.a);
                 }
+                let a = &mut self.a;
                 setcc_al(a, f.sub);
                 store(a, f.r0, 8);
             }
             Form::CmovRR => {
-                let a = &mut self.a;
                 if !fused {
-                    load_flags(a);
+                    self.settle();
+                    load_flags(&mut self.a);
                 }
+                let a = &mut self.a;
                 load(a, 0, f.r0, bits);
                 load(a, 1, f.r1, bits);
                 cmov_rax_rcx(a, f.sub);
