@@ -436,8 +436,8 @@ fn code_written() -> i32 {
 
 type Asm = VecAssembler<X64Relocation>;
 
-/// Load guest register `r` at width `bits` into RAX (`dst` 0) or RCX (`dst` 1),
-/// zero-extended.
+/// Load guest register `r` from `Cpu` at width `bits` into host register `dst`,
+/// zero-extended (`Block::load` takes a cached copy instead).
 fn load(a: &mut Asm, dst: u8, r: u8, bits: u8) {
     let m = gpr(r);
     match bits {
@@ -448,21 +448,133 @@ fn load(a: &mut Asm, dst: u8, r: u8, bits: u8) {
     }
 }
 
-/// Store RAX into guest register `r` at width `bits` (32-bit writes zero-extend, 8/16-bit
-/// writes keep the rest of the register). Changes no host flags.
-fn store(a: &mut Asm, r: u8, bits: u8) {
+/// Store host register `src` into guest register `r` in `Cpu` at width `bits` (32-bit
+/// writes zero-extend, and zero-extend `src` too; 8/16-bit writes keep the rest of the
+/// register). Changes no host flags.
+fn store(a: &mut Asm, src: u8, r: u8, bits: u8) {
     let m = gpr(r);
     match bits {
-        64 => dynasm!(a ; .arch x64 ; mov QWORD [rbx + m], rax),
-        32 => dynasm!(a ; .arch x64 ; mov eax, eax ; mov QWORD [rbx + m], rax),
-        16 => dynasm!(a ; .arch x64 ; mov WORD [rbx + m], ax),
-        _ => dynasm!(a ; .arch x64 ; mov BYTE [rbx + m], al),
+        64 => dynasm!(a ; .arch x64 ; mov QWORD [rbx + m], Rq(src)),
+        32 => dynasm!(a ; .arch x64 ; mov Rd(src), Rd(src) ; mov QWORD [rbx + m], Rq(src)),
+        16 => dynasm!(a ; .arch x64 ; mov WORD [rbx + m], Rw(src)),
+        _ => dynasm!(a ; .arch x64 ; mov BYTE [rbx + m], Rb(src)),
+    }
+}
+
+/// Load every cached register from `Cpu` (at a block's entry, and after a handler ran).
+fn reload(a: &mut Asm, cached: &Cached) {
+    for &(g, h) in &cached.regs {
+        load(a, h, g, 64);
+    }
+}
+
+/// Host registers that keep guest registers within a block (`Cached`): RSI, RDI, R9, R10 and
+/// R11. Caller-saved: a handler call writes them back first and reloads them after, and the
+/// hops between blocks use them once the block has written them back.
+const CACHE_REGS: [u8; 5] = [6, 7, 9, 10, 11];
+/// No host register (`Cached::host`).
+const UNCACHED: u8 = 0xff;
+
+/// The guest registers instruction `f`'s inline code reads (`false`) or writes (`true`,
+/// which may also read) through `Block::load` and `Block::store`. RSP, which the stack forms
+/// change in `Cpu` directly, is never cached.
+fn reg_uses(f: &Fast, mut each: impl FnMut(u8, bool)) {
+    let mem = |each: &mut dyn FnMut(u8, bool)| {
+        if f.base_mask != 0 {
+            each(f.base, false);
+        }
+        if f.index_mask != 0 {
+            each(f.index, false);
+        }
+    };
+    let alu_writes = f.sub < 7;
+    match f.form {
+        Form::MovRR | Form::MovxR => {
+            each(f.r1, false);
+            each(f.r0, true);
+        }
+        Form::MovRI | Form::SetccR | Form::PopR => each(f.r0, true),
+        Form::MovRM | Form::MovxM | Form::Lea => {
+            mem(&mut each);
+            each(f.r0, true);
+        }
+        Form::MovMR | Form::AluMR => {
+            mem(&mut each);
+            each(f.r1, false);
+        }
+        Form::MovMI | Form::AluMI => mem(&mut each),
+        Form::AluRR => {
+            each(f.r1, false);
+            each(f.r0, alu_writes);
+        }
+        Form::AluRI => each(f.r0, alu_writes),
+        Form::AluRM => {
+            mem(&mut each);
+            each(f.r0, alu_writes);
+        }
+        Form::ImulRR | Form::CmovRR => {
+            each(f.r1, false);
+            each(f.r0, true);
+        }
+        Form::IncDecR | Form::ShiftRI | Form::NegNotR | Form::BswapR => each(f.r0, true),
+        Form::ShiftRC => {
+            each(1, false);
+            each(f.r0, true);
+        }
+        Form::TestHiRI | Form::PushR => each(f.r0, false),
+        Form::Cext => {
+            each(0, true);
+            each(2, f.sub >= 3);
+        }
+        _ => {}
+    }
+}
+
+/// Which guest registers a block keeps in host registers (`CACHE_REGS`): the most used ones
+/// (at least twice) of its inline instructions, loaded at the block's entry, written back
+/// (the ones it writes) before every handler call and at its end, reloaded after a call.
+struct Cached {
+    /// The host register of each guest register, or `UNCACHED`.
+    host: [u8; 16],
+    /// (guest, host) pairs.
+    regs: Vec<(u8, u8)>,
+    /// Guest registers the block writes (bit per register), written back.
+    written: u16,
+}
+
+impl Cached {
+    fn choose(ops: &[Fast]) -> Cached {
+        let mut uses = [0u32; 16];
+        let mut written = 0u16;
+        for f in ops.iter().filter(|f| inline(f)) {
+            reg_uses(f, |r, w| {
+                uses[r as usize & 15] += 1;
+                if w {
+                    written |= 1 << (r & 15);
+                }
+            });
+        }
+        uses[4] = 0;
+        let mut order: Vec<u8> = (0..16).filter(|&r| uses[r as usize] >= 2).collect();
+        order.sort_by_key(|&r| std::cmp::Reverse(uses[r as usize]));
+        let mut c = Cached {
+            host: [UNCACHED; 16],
+            regs: Vec::new(),
+            written: 0,
+        };
+        for (&g, &h) in order.iter().zip(CACHE_REGS.iter()) {
+            c.host[g as usize] = h;
+            c.regs.push((g, h));
+            c.written |= written & (1 << g);
+        }
+        c
     }
 }
 
 /// Host registers by number (dynasm's `Rq(n)`).
 const RAX: u8 = 0;
 const RCX: u8 = 1;
+const RDX: u8 = 2;
 const R8: u8 = 8;
 
 /// Go to `label` unless RAX is canonical (bits 63..47 all equal). Uses RCX.
@@ -760,6 +872,7 @@ struct Block<'a> {
     /// At this point of the main line, the guest's arithmetic flags are the ones captured in
     /// `Cpu::jit_flags` (`capture_flags`), not yet in RFLAGS.
     pending: bool,
+    cached: Cached,
 }
 
 /// The RIPs a block's exits may link to (`Link`): the targets of its last instruction, a
@@ -839,6 +952,11 @@ fn assemble(
     let chain = a.offset().0;
     let forms = ops.as_ptr() as i64;
     dynasm!(a ; .arch x64 ; mov r12, QWORD forms);
+    let cached = Cached::choose(ops);
+    reload(&mut a, &cached);
+    // A loop goes on here, with the cached registers as they are.
+    let body = a.new_dynamic_label();
+    dynasm!(a ; .arch x64 ; =>body);
     let last = ops.last();
     let loops = last.is_some_and(|l| matches!(l.form, Form::Jcc | Form::Jmp) && l.imm == rip);
     // A return or an indirect branch: goes on through the jump cache.
@@ -865,6 +983,7 @@ fn assemble(
         slow: Vec::new(),
         plain,
         pending: false,
+        cached,
     };
     let n = ops.len();
     let mut i = 0;
@@ -900,6 +1019,7 @@ fn assemble(
         i += 1;
     }
     b.settle();
+    b.flush();
     let all = n as i32;
     let nr = next_rip();
     let plain = b.plain;
@@ -917,7 +1037,7 @@ fn assemble(
             ; cmp rax, QWORD [rsp]
             ; ja >done
             ; add r15, all
-            ; jmp =>top
+            ; jmp =>body
             ; done:
         );
     }
@@ -1260,6 +1380,8 @@ impl Block<'_> {
         let at = (i * size_of::<Fast>()) as i32;
         let fault = self.a.new_dynamic_label();
         self.exits.push((fault, i, true));
+        // The handler sees and changes the guest's registers in `Cpu`.
+        self.flush();
         let ins = (f.form == Form::Generic)
             .then(|| self.generic.next())
             .flatten();
@@ -1302,6 +1424,7 @@ impl Block<'_> {
                 ; jne =>stop
             );
         }
+        reload(&mut self.a, &self.cached);
     }
 
     /// A slow path for instruction `i` (its handler), resuming at the label returned. Called
@@ -1319,6 +1442,60 @@ impl Block<'_> {
         (label, resume)
     }
 
+    /// Load guest register `r` at width `bits` into host register `dst` (RAX or RCX),
+    /// zero-extended, from its cached copy if it has one. Changes no host flags.
+    fn load(&mut self, dst: u8, r: u8, bits: u8) {
+        let h = self.cached.host[r as usize & 15];
+        if h == UNCACHED {
+            load(&mut self.a, dst, r, bits);
+            return;
+        }
+        let a = &mut self.a;
+        match bits {
+            64 => dynasm!(a ; .arch x64 ; mov Rq(dst), Rq(h)),
+            32 => dynasm!(a ; .arch x64 ; mov Rd(dst), Rd(h)),
+            16 => dynasm!(a ; .arch x64 ; movzx Rd(dst), Rw(h)),
+            _ => dynasm!(a ; .arch x64 ; movzx Rd(dst), Rb(h)),
+        }
+    }
+
+    /// Store RAX into guest register `r` at width `bits` (`store_from`).
+    fn store(&mut self, r: u8, bits: u8) {
+        self.store_from(RAX, r, bits);
+    }
+
+    /// Store host register `src` into guest register `r` at width `bits`: into its cached
+    /// copy if it has one (and into `Cpu` too if the block was not expected to write it:
+    /// `reg_uses` is only a plan), else into `Cpu`. Changes no host flags.
+    fn store_from(&mut self, src: u8, r: u8, bits: u8) {
+        let h = self.cached.host[r as usize & 15];
+        if h == UNCACHED || self.cached.written & (1 << (r & 15)) == 0 {
+            store(&mut self.a, src, r, bits);
+        }
+        if h == UNCACHED {
+            return;
+        }
+        let a = &mut self.a;
+        match bits {
+            64 => dynasm!(a ; .arch x64 ; mov Rq(h), Rq(src)),
+            32 => dynasm!(a ; .arch x64 ; mov Rd(h), Rd(src)),
+            16 => dynasm!(a ; .arch x64 ; mov Rw(h), Rw(src)),
+            _ => dynasm!(a ; .arch x64 ; mov Rb(h), Rb(src)),
+        }
+    }
+
+    /// Write the cached registers the block writes back into `Cpu` (before a handler runs,
+    /// and at the block's end).
+    fn flush(&mut self) {
+        let a = &mut self.a;
+        for &(g, h) in &self.cached.regs {
+            if self.cached.written & (1 << g) != 0 {
+                let m = gpr(g);
+                dynasm!(a ; .arch x64 ; mov QWORD [rbx + m], Rq(h));
+            }
+        }
+    }
+
     /// Merge pending flags into RFLAGS (before a handler runs, a consumer loads them, or
     /// the block ends).
     fn settle(&mut self) {
@@ -1331,17 +1508,24 @@ impl Block<'_> {
     /// RAX = the linear address of `f`'s memory operand (64-bit mode: only FS and GS have a
     /// base).
     fn address(&mut self, f: &Fast) {
-        let a = &mut self.a;
         let disp = f.disp as i64;
+        if f.index_mask != 0 {
+            self.load(RCX, f.index, 64);
+        }
+        let a = &mut self.a;
         dynasm!(a ; .arch x64 ; mov rax, QWORD disp);
         if f.base_mask != 0 {
-            let b = gpr(f.base);
-            dynasm!(a ; .arch x64 ; add rax, QWORD [rbx + b]);
+            let h = self.cached.host[f.base as usize & 15];
+            if h == UNCACHED {
+                let b = gpr(f.base);
+                dynasm!(a ; .arch x64 ; add rax, QWORD [rbx + b]);
+            } else {
+                dynasm!(a ; .arch x64 ; add rax, Rq(h));
+            }
         }
         if f.index_mask != 0 {
-            let x = gpr(f.index);
             let s = (f.scale & 3) as i8;
-            dynasm!(a ; .arch x64 ; mov rcx, QWORD [rbx + x] ; shl rcx, s ; add rax, rcx);
+            dynasm!(a ; .arch x64 ; shl rcx, s ; add rax, rcx);
         }
         match f.addr_mask {
             0xffff => dynasm!(a ; .arch x64 ; movzx eax, ax),
@@ -1407,14 +1591,14 @@ impl Block<'_> {
         let nr = next_rip();
         match f.form {
             Form::MovRR => {
-                load(&mut self.a, 0, f.r1, bits);
-                store(&mut self.a, f.r0, bits);
+                self.load(RAX, f.r1, bits);
+                self.store(f.r0, bits);
             }
             Form::MovRI => {
                 let imm = f.imm as i64;
                 let a = &mut self.a;
                 dynasm!(a ; .arch x64 ; mov rax, QWORD imm);
-                store(a, f.r0, bits);
+                self.store(f.r0, bits);
             }
             Form::MovRM | Form::MovxM => {
                 let (slow, resume) = self.slow(i, false);
@@ -1426,7 +1610,7 @@ impl Block<'_> {
                 };
                 self.translate(size as i32 / 8, false, slow);
                 self.load_mem(RAX, RAX, size, signed);
-                store(&mut self.a, f.r0, bits);
+                self.store(f.r0, bits);
                 let a = &mut self.a;
                 dynasm!(a ; .arch x64 ; =>resume);
             }
@@ -1435,7 +1619,7 @@ impl Block<'_> {
                 self.address(f);
                 self.translate(bits as i32 / 8, true, slow);
                 if f.form == Form::MovMR {
-                    load(&mut self.a, 1, f.r1, bits);
+                    self.load(RCX, f.r1, bits);
                 } else {
                     let imm = f.imm as i64;
                     let a = &mut self.a;
@@ -1453,11 +1637,11 @@ impl Block<'_> {
                     self.address(f);
                     self.translate(bits as i32 / 8, false, slow);
                     self.load_mem(RCX, RAX, bits, false);
-                    load(&mut self.a, 0, f.r0, bits);
+                    self.load(RAX, f.r0, bits);
                 } else {
-                    load(&mut self.a, 0, f.r0, bits);
+                    self.load(RAX, f.r0, bits);
                     if f.form == Form::AluRR {
-                        load(&mut self.a, 1, f.r1, bits);
+                        self.load(RCX, f.r1, bits);
                     } else {
                         let imm = f.imm as i64;
                         let a = &mut self.a;
@@ -1471,9 +1655,10 @@ impl Block<'_> {
                 }
                 alu(a, f.sub, bits);
                 if f.sub < 7 {
-                    store(a, f.r0, bits);
+                    self.store(f.r0, bits);
                 }
                 if let Some(r) = resume {
+                    let a = &mut self.a;
                     dynasm!(a ; .arch x64 ; =>r);
                 }
             }
@@ -1486,7 +1671,7 @@ impl Block<'_> {
                 let a = &mut self.a;
                 dynasm!(a ; .arch x64 ; mov r8, rax);
                 if f.form == Form::AluMR {
-                    load(a, 1, f.r1, bits);
+                    self.load(RCX, f.r1, bits);
                 } else {
                     let imm = f.imm as i64;
                     dynasm!(a ; .arch x64 ; mov rcx, QWORD imm);
@@ -1506,12 +1691,12 @@ impl Block<'_> {
             }
             Form::IncDecR => {
                 let pending = self.pending;
+                self.load(RAX, f.r0, bits);
                 let a = &mut self.a;
-                load(a, 0, f.r0, bits);
                 // INC/DEC keep CF: the guest's goes into the host's first.
                 carry_in(a, pending);
                 one_operand!(a, f.sub != 0, bits, inc, dec);
-                store(a, f.r0, bits);
+                self.store(f.r0, bits);
             }
             Form::ShiftRI => {
                 let Some(n) = shift_count(f) else { return };
@@ -1520,8 +1705,8 @@ impl Block<'_> {
                     // CF and OF go into RFLAGS, beside the others.
                     self.settle();
                 }
+                self.load(RAX, f.r0, bits);
                 let a = &mut self.a;
-                load(a, 0, f.r0, bits);
                 if rotate(f) {
                     match (f.sub, bits) {
                         (0, 64) => dynasm!(a ; .arch x64 ; rol rax, n),
@@ -1529,16 +1714,16 @@ impl Block<'_> {
                         (_, 64) => dynasm!(a ; .arch x64 ; ror rax, n),
                         (_, _) => dynasm!(a ; .arch x64 ; ror eax, n),
                     }
-                    store(a, f.r0, bits);
+                    self.store(f.r0, bits);
                     // A rotate writes CF and OF only (merged unless overwritten before they
                     // can be seen).
                     if merge {
-                        merge_flags_of(a, CF | OF);
+                        merge_flags_of(&mut self.a, CF | OF);
                     }
                     return;
                 }
                 shift!(a, f.sub, bits, n);
-                store(a, f.r0, bits);
+                self.store(f.r0, bits);
             }
             Form::ShiftRC => {
                 // SHL/SHR/SAR by CL: the host's shift of the same width by the same count
@@ -1549,112 +1734,122 @@ impl Block<'_> {
                 if merge {
                     self.settle();
                 }
-                let a = &mut self.a;
-                let count = gpr(1);
                 let mask = if bits == 64 { 63 } else { 31 };
-                load(a, 0, f.r0, bits);
+                self.load(RAX, f.r0, bits);
+                self.load(RCX, 1, 8);
+                let a = &mut self.a;
                 dynasm!(a
                     ; .arch x64
-                    ; movzx ecx, BYTE [rbx + count]
                     ; and ecx, mask
                     ; jz >zero
                 );
                 shift!(a, f.sub, bits, cl);
-                store(a, f.r0, bits);
+                self.store(f.r0, bits);
                 if merge {
-                    merge_flags(a);
+                    merge_flags(&mut self.a);
                 }
                 // A 32-bit shift writes (zero-extends) its register even by zero.
+                let a = &mut self.a;
                 dynasm!(a ; .arch x64 ; jmp >done ; zero:);
-                store(a, f.r0, bits);
+                self.store(f.r0, bits);
+                let a = &mut self.a;
                 dynasm!(a ; .arch x64 ; done:);
             }
             Form::NegNotR => {
+                self.load(RAX, f.r0, bits);
                 let a = &mut self.a;
-                load(a, 0, f.r0, bits);
                 one_operand!(a, f.sub != 0, bits, not, neg);
-                store(a, f.r0, bits);
+                self.store(f.r0, bits);
             }
             Form::TestHiRI => {
                 // The register's second byte.
-                let a = &mut self.a;
-                let hi = gpr(f.r0) + 1;
                 let imm = f.imm as i8;
-                dynasm!(a ; .arch x64 ; movzx eax, BYTE [rbx + hi] ; test al, imm);
+                self.load(RAX, f.r0, 16);
+                let a = &mut self.a;
+                dynasm!(a ; .arch x64 ; test ah, imm);
             }
             Form::BswapR => {
+                self.load(RAX, f.r0, bits);
                 let a = &mut self.a;
-                load(a, 0, f.r0, bits);
                 if bits == 64 {
                     dynasm!(a ; .arch x64 ; bswap rax);
                 } else {
                     dynasm!(a ; .arch x64 ; bswap eax);
                 }
-                store(a, f.r0, bits);
+                self.store(f.r0, bits);
             }
             Form::Cext => {
                 // The host's own instruction on the guest's RAX (and RDX).
+                self.load(RAX, 0, 64);
                 let a = &mut self.a;
-                // (Not named `rdx`: dynasm would read the register.)
-                let d = gpr(2);
-                load(a, 0, 0, 64);
-                match f.sub {
+                let (src, to, width) = match f.sub {
                     0 => {
                         dynasm!(a ; .arch x64 ; cbw);
-                        store(a, 0, 16);
+                        (RAX, 0, 16)
                     }
                     1 => {
                         dynasm!(a ; .arch x64 ; cwde);
-                        store(a, 0, 32);
+                        (RAX, 0, 32)
                     }
                     2 => {
                         dynasm!(a ; .arch x64 ; cdqe);
-                        store(a, 0, 64);
+                        (RAX, 0, 64)
                     }
-                    3 => dynasm!(a ; .arch x64 ; cwd ; mov WORD [rbx + d], dx),
-                    4 => dynasm!(a ; .arch x64 ; cdq ; mov edx, edx ; mov QWORD [rbx + d], rdx),
-                    _ => dynasm!(a ; .arch x64 ; cqo ; mov QWORD [rbx + d], rdx),
-                }
+                    3 => {
+                        dynasm!(a ; .arch x64 ; cwd);
+                        (RDX, 2, 16)
+                    }
+                    4 => {
+                        dynasm!(a ; .arch x64 ; cdq);
+                        (RDX, 2, 32)
+                    }
+                    _ => {
+                        dynasm!(a ; .arch x64 ; cqo);
+                        (RDX, 2, 64)
+                    }
+                };
+                self.store_from(src, to, width);
             }
             Form::ImulRR => {
+                self.load(RAX, f.r0, bits);
+                self.load(RCX, f.r1, bits);
                 let a = &mut self.a;
-                load(a, 0, f.r0, bits);
-                load(a, 1, f.r1, bits);
                 match bits {
                     64 => dynasm!(a ; .arch x64 ; imul rax, rcx),
                     32 => dynasm!(a ; .arch x64 ; imul eax, ecx),
                     _ => dynasm!(a ; .arch x64 ; imul ax, cx),
                 }
-                store(a, f.r0, bits);
+                self.store(f.r0, bits);
             }
             Form::Lea => {
                 // The offset, without a segment base.
                 let mut g = *f;
                 g.seg = 0;
                 self.address(&g);
-                store(&mut self.a, f.r0, bits);
+                self.store(f.r0, bits);
             }
             Form::MovxR => {
-                let a = &mut self.a;
-                let m = gpr(f.r1);
-                match (f.sub != 0, f.src_bits) {
-                    (false, 8) => dynasm!(a ; .arch x64 ; movzx eax, BYTE [rbx + m]),
-                    (false, 16) => dynasm!(a ; .arch x64 ; movzx eax, WORD [rbx + m]),
-                    (false, _) => dynasm!(a ; .arch x64 ; mov eax, DWORD [rbx + m]),
-                    (true, 8) => dynasm!(a ; .arch x64 ; movsx rax, BYTE [rbx + m]),
-                    (true, 16) => dynasm!(a ; .arch x64 ; movsx rax, WORD [rbx + m]),
-                    (true, _) => dynasm!(a ; .arch x64 ; movsxd rax, DWORD [rbx + m]),
+                if f.sub == 0 {
+                    self.load(RAX, f.r1, f.src_bits);
+                } else {
+                    // Sign-extended to 64 bits.
+                    self.load(RAX, f.r1, f.src_bits);
+                    let a = &mut self.a;
+                    match f.src_bits {
+                        8 => dynasm!(a ; .arch x64 ; movsx rax, al),
+                        16 => dynasm!(a ; .arch x64 ; movsx rax, ax),
+                        _ => dynasm!(a ; .arch x64 ; movsxd rax, eax),
+                    }
                 }
-                store(a, f.r0, bits);
+                self.store(f.r0, bits);
             }
             Form::PushR => {
                 let (slow, resume) = self.slow(i, false);
                 self.stack_slot(true, slow);
+                self.load(RCX, f.r0, 64);
                 let a = &mut self.a;
-                let v = gpr(f.r0);
                 dynasm!(a
                     ; .arch x64
-                    ; mov rcx, QWORD [rbx + v]
                     ; mov QWORD [rax], rcx
                     ; sub QWORD [rbx + stack], 8
                     ; =>resume
@@ -1669,7 +1864,8 @@ impl Block<'_> {
                     ; mov rax, QWORD [rax]
                     ; add QWORD [rbx + stack], 8
                 );
-                store(a, f.r0, 64);
+                self.store(f.r0, 64);
+                let a = &mut self.a;
                 dynasm!(a ; .arch x64 ; =>resume);
             }
             Form::Call => {
@@ -1726,20 +1922,18 @@ impl Block<'_> {
                     self.settle();
                     load_flags(&mut self.a);
                 }
-                let a = &mut self.a;
-                setcc_al(a, f.sub);
-                store(a, f.r0, 8);
+                setcc_al(&mut self.a, f.sub);
+                self.store(f.r0, 8);
             }
             Form::CmovRR => {
                 if !fused {
                     self.settle();
                     load_flags(&mut self.a);
                 }
-                let a = &mut self.a;
-                load(a, 0, f.r0, bits);
-                load(a, 1, f.r1, bits);
-                cmov_rax_rcx(a, f.sub);
-                store(a, f.r0, bits);
+                self.load(RAX, f.r0, bits);
+                self.load(RCX, f.r1, bits);
+                cmov_rax_rcx(&mut self.a, f.sub);
+                self.store(f.r0, bits);
             }
             _ => {}
         }
