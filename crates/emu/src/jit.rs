@@ -468,10 +468,10 @@ fn reload(a: &mut Asm, cached: &Cached) {
     }
 }
 
-/// Host registers that keep guest registers within a block (`Cached`): RSI, RDI, R9, R10 and
-/// R11. Caller-saved: a handler call writes them back first and reloads them after, and the
-/// hops between blocks use them once the block has written them back.
-const CACHE_REGS: [u8; 5] = [6, 7, 9, 10, 11];
+/// Host registers that keep guest registers within a block (`Cached`): RSI, RDI, R8-R11 and
+/// RBP. A handler call writes them back first and reloads them after (all but RBP are
+/// caller-saved), and the hops between blocks use them once the block has written them back.
+const CACHE_REGS: [u8; 7] = [6, 7, 8, 9, 10, 11, 5];
 /// No host register (`Cached::host`).
 const UNCACHED: u8 = 0xff;
 
@@ -575,7 +575,6 @@ impl Cached {
 const RAX: u8 = 0;
 const RCX: u8 = 1;
 const RDX: u8 = 2;
-const R8: u8 = 8;
 
 /// Go to `label` unless RAX is canonical (bits 63..47 all equal). Uses RCX.
 fn unless_canonical(a: &mut Asm, label: DynamicLabel) {
@@ -906,7 +905,8 @@ fn link_targets(ops: &[Fast]) -> impl Iterator<Item = u64> {
 /// and a write need at the current privilege (from the third argument, 3 at CPL 3, else 0),
 /// R15 the instructions completed in earlier runs of this block or of blocks linked to it; at
 /// [RSP] the most instructions the code may complete (the fourth argument), at [RSP + 8] the
-/// host address of the page (the second).
+/// host address of the page (the second); RSI, RDI, R8-R11 and RBP the guest registers the
+/// block keeps (`Cached`); RAX, RCX and RDX the templates' scratch.
 ///
 /// Every way out commits RIP: the next instruction's (or the faulting one's) address. A block
 /// whose last instruction is a direct branch to its own start runs again, without leaving,
@@ -937,7 +937,8 @@ fn assemble(
         ; push r13
         ; push r14
         ; push r15
-        ; sub rsp, 16
+        ; push rbp
+        ; sub rsp, 24
         ; mov [rsp], rcx
         ; mov [rsp + 8], rsi
         ; mov rbx, rdi
@@ -1118,7 +1119,8 @@ fn assemble(
         ; add rax, r15
         ; xor edx, edx
         ; =>exit
-        ; add rsp, 16
+        ; add rsp, 24
+        ; pop rbp
         ; pop r15
         ; pop r14
         ; pop r13
@@ -1669,14 +1671,14 @@ impl Block<'_> {
                 let writes = f.sub < 7;
                 self.translate(bits as i32 / 8, writes, slow);
                 let a = &mut self.a;
-                dynasm!(a ; .arch x64 ; mov r8, rax);
+                dynasm!(a ; .arch x64 ; mov rdx, rax);
                 if f.form == Form::AluMR {
                     self.load(RCX, f.r1, bits);
                 } else {
                     let imm = f.imm as i64;
                     dynasm!(a ; .arch x64 ; mov rcx, QWORD imm);
                 }
-                self.load_mem(RAX, R8, bits, false);
+                self.load_mem(RAX, RDX, bits, false);
                 let pending = self.pending;
                 let a = &mut self.a;
                 if matches!(f.sub, 2 | 3) {
@@ -1684,7 +1686,7 @@ impl Block<'_> {
                 }
                 alu(a, f.sub, bits);
                 if writes {
-                    self.store_mem(R8, RAX, bits);
+                    self.store_mem(RDX, RAX, bits);
                 }
                 let a = &mut self.a;
                 dynasm!(a ; .arch x64 ; =>resume);
