@@ -682,47 +682,52 @@ fn setcc_al(a: &mut Asm, cc: u8) {
     a.extend([0x0f, 0x90 | (cc & 15), 0xc0]);
 }
 
-/// SHL (`$sub` 2), SHR (3) or SAR (4) of RAX (EAX below 64 bits) by `$count`: an immediate
-/// variable, or CL.
+/// ROL (`$sub` 0), ROR (1), SHL (2), SHR (3) or SAR (4) of host register `$r` (its low 32
+/// bits below 64) by `$count`: an immediate variable, or CL.
 macro_rules! shift {
-    ($a:ident, $sub:expr, $bits:expr, $count:tt) => {
-        match ($sub, $bits) {
-            (2, 64) => dynasm!($a ; .arch x64 ; shl rax, $count),
-            (2, _) => dynasm!($a ; .arch x64 ; shl eax, $count),
-            (3, 64) => dynasm!($a ; .arch x64 ; shr rax, $count),
-            (3, _) => dynasm!($a ; .arch x64 ; shr eax, $count),
-            (_, 64) => dynasm!($a ; .arch x64 ; sar rax, $count),
-            (_, _) => dynasm!($a ; .arch x64 ; sar eax, $count),
+    ($a:ident, $sub:expr, $bits:expr, $r:expr, $count:tt) => {
+        match ($sub, $bits == 64) {
+            (0, true) => dynasm!($a ; .arch x64 ; rol Rq($r), $count),
+            (0, false) => dynasm!($a ; .arch x64 ; rol Rd($r), $count),
+            (1, true) => dynasm!($a ; .arch x64 ; ror Rq($r), $count),
+            (1, false) => dynasm!($a ; .arch x64 ; ror Rd($r), $count),
+            (2, true) => dynasm!($a ; .arch x64 ; shl Rq($r), $count),
+            (2, false) => dynasm!($a ; .arch x64 ; shl Rd($r), $count),
+            (3, true) => dynasm!($a ; .arch x64 ; shr Rq($r), $count),
+            (3, false) => dynasm!($a ; .arch x64 ; shr Rd($r), $count),
+            (_, true) => dynasm!($a ; .arch x64 ; sar Rq($r), $count),
+            (_, false) => dynasm!($a ; .arch x64 ; sar Rd($r), $count),
         }
     };
 }
 
-/// The one-operand instruction `$first` (`$other` when `$second` holds) on RAX at width `$bits`.
+/// The one-operand instruction `$first` (`$other` when `$second` holds) on host register `$r`
+/// at width `$bits`.
 macro_rules! one_operand {
-    ($a:ident, $second:expr, $bits:expr, $first:ident, $other:ident) => {
+    ($a:ident, $second:expr, $bits:expr, $r:expr, $first:ident, $other:ident) => {
         match ($second, $bits) {
-            (false, 64) => dynasm!($a ; .arch x64 ; $first rax),
-            (false, 32) => dynasm!($a ; .arch x64 ; $first eax),
-            (false, 16) => dynasm!($a ; .arch x64 ; $first ax),
-            (false, _) => dynasm!($a ; .arch x64 ; $first al),
-            (true, 64) => dynasm!($a ; .arch x64 ; $other rax),
-            (true, 32) => dynasm!($a ; .arch x64 ; $other eax),
-            (true, 16) => dynasm!($a ; .arch x64 ; $other ax),
-            (true, _) => dynasm!($a ; .arch x64 ; $other al),
+            (false, 64) => dynasm!($a ; .arch x64 ; $first Rq($r)),
+            (false, 32) => dynasm!($a ; .arch x64 ; $first Rd($r)),
+            (false, 16) => dynasm!($a ; .arch x64 ; $first Rw($r)),
+            (false, _) => dynasm!($a ; .arch x64 ; $first Rb($r)),
+            (true, 64) => dynasm!($a ; .arch x64 ; $other Rq($r)),
+            (true, 32) => dynasm!($a ; .arch x64 ; $other Rd($r)),
+            (true, 16) => dynasm!($a ; .arch x64 ; $other Rw($r)),
+            (true, _) => dynasm!($a ; .arch x64 ; $other Rb($r)),
         }
     };
 }
 
-/// The two-operand ALU operation `op` (ADD OR ADC SBB AND SUB XOR CMP TEST) of RCX into RAX
-/// at width `bits`.
-fn alu(a: &mut Asm, op: u8, bits: u8) {
+/// The two-operand ALU operation `op` (ADD OR ADC SBB AND SUB XOR CMP TEST) of host register
+/// `src` into host register `dst` at width `bits` (CMP and TEST leave `dst`).
+fn alu(a: &mut Asm, op: u8, dst: u8, src: u8, bits: u8) {
     macro_rules! by_width {
         ($m:ident) => {
             match bits {
-                64 => dynasm!(a ; .arch x64 ; $m rax, rcx),
-                32 => dynasm!(a ; .arch x64 ; $m eax, ecx),
-                16 => dynasm!(a ; .arch x64 ; $m ax, cx),
-                _ => dynasm!(a ; .arch x64 ; $m al, cl),
+                64 => dynasm!(a ; .arch x64 ; $m Rq(dst), Rq(src)),
+                32 => dynasm!(a ; .arch x64 ; $m Rd(dst), Rd(src)),
+                16 => dynasm!(a ; .arch x64 ; $m Rw(dst), Rw(src)),
+                _ => dynasm!(a ; .arch x64 ; $m Rb(dst), Rb(src)),
             }
         };
     }
@@ -732,8 +737,9 @@ fn alu(a: &mut Asm, op: u8, bits: u8) {
         2 => by_width!(adc),
         3 => by_width!(sbb),
         4 => by_width!(and),
-        5 | 7 => by_width!(sub),
+        5 => by_width!(sub),
         6 => by_width!(xor),
+        7 => by_width!(cmp),
         _ => by_width!(test),
     }
 }
@@ -1461,6 +1467,52 @@ impl Block<'_> {
         }
     }
 
+    /// The host register holding guest register `r` for the block, if the block caches it
+    /// and is expected to write it (`reg_uses`).
+    fn cached_written(&self, r: u8) -> Option<u8> {
+        let h = self.cached.host[r as usize & 15];
+        (h != UNCACHED && self.cached.written & (1 << (r & 15)) != 0).then_some(h)
+    }
+
+    /// A host register holding guest register `r` as a source operand at width `bits`: its
+    /// cached copy (whose bits above `bits` the operation ignores), or RCX loaded from `Cpu`.
+    fn source(&mut self, r: u8, bits: u8) -> u8 {
+        let h = self.cached.host[r as usize & 15];
+        if h != UNCACHED {
+            return h;
+        }
+        load(&mut self.a, RCX, r, bits);
+        RCX
+    }
+
+    /// The host register an instruction operates on for guest register `r` at width `bits`
+    /// (it writes it when `writes`): its cached copy, or RAX loaded from `Cpu` (`done`
+    /// stores it back). The host's operation on either has the guest's semantics: a 32-bit
+    /// result zero-extends, 8- and 16-bit ones keep the rest.
+    fn work(&mut self, r: u8, bits: u8, writes: bool) -> u8 {
+        let h = if writes {
+            self.cached_written(r)
+        } else {
+            let h = self.cached.host[r as usize & 15];
+            (h != UNCACHED).then_some(h)
+        };
+        match h {
+            Some(h) => h,
+            None => {
+                load(&mut self.a, RAX, r, bits);
+                RAX
+            }
+        }
+    }
+
+    /// After an operation on `work`'s register `w` for guest register `r`: store it unless
+    /// it is the cached copy.
+    fn done(&mut self, w: u8, r: u8, bits: u8) {
+        if w == RAX {
+            self.store(r, bits);
+        }
+    }
+
     /// Store RAX into guest register `r` at width `bits` (`store_from`).
     fn store(&mut self, r: u8, bits: u8) {
         self.store_from(RAX, r, bits);
@@ -1592,10 +1644,28 @@ impl Block<'_> {
         let stack = gpr(4);
         let nr = next_rip();
         match f.form {
-            Form::MovRR => {
-                self.load(RAX, f.r1, bits);
-                self.store(f.r0, bits);
-            }
+            Form::MovRR => match self.cached_written(f.r0) {
+                // Into the cached copy, from the source's or from `Cpu`.
+                Some(h) => {
+                    let src = self.cached.host[f.r1 as usize & 15];
+                    let m = gpr(f.r1);
+                    let a = &mut self.a;
+                    match (src == UNCACHED, bits) {
+                        (false, 64) => dynasm!(a ; .arch x64 ; mov Rq(h), Rq(src)),
+                        (false, 32) => dynasm!(a ; .arch x64 ; mov Rd(h), Rd(src)),
+                        (false, 16) => dynasm!(a ; .arch x64 ; mov Rw(h), Rw(src)),
+                        (false, _) => dynasm!(a ; .arch x64 ; mov Rb(h), Rb(src)),
+                        (true, 64) => dynasm!(a ; .arch x64 ; mov Rq(h), QWORD [rbx + m]),
+                        (true, 32) => dynasm!(a ; .arch x64 ; mov Rd(h), DWORD [rbx + m]),
+                        (true, 16) => dynasm!(a ; .arch x64 ; mov Rw(h), WORD [rbx + m]),
+                        (true, _) => dynasm!(a ; .arch x64 ; mov Rb(h), BYTE [rbx + m]),
+                    }
+                }
+                None => {
+                    self.load(RAX, f.r1, bits);
+                    self.store(f.r0, bits);
+                }
+            },
             Form::MovRI => {
                 let imm = f.imm as i64;
                 let a = &mut self.a;
@@ -1633,31 +1703,33 @@ impl Block<'_> {
             }
             Form::AluRR | Form::AluRI | Form::AluRM => {
                 let mut resume = None;
-                if f.form == Form::AluRM {
+                // The source operand's host register.
+                let src = if f.form == Form::AluRM {
                     let (slow, r) = self.slow(i, true);
                     resume = Some(r);
                     self.address(f);
                     self.translate(bits as i32 / 8, false, slow);
                     self.load_mem(RCX, RAX, bits, false);
-                    self.load(RAX, f.r0, bits);
+                    RCX
+                } else if f.form == Form::AluRR {
+                    self.source(f.r1, bits)
                 } else {
-                    self.load(RAX, f.r0, bits);
-                    if f.form == Form::AluRR {
-                        self.load(RCX, f.r1, bits);
-                    } else {
-                        let imm = f.imm as i64;
-                        let a = &mut self.a;
-                        dynasm!(a ; .arch x64 ; mov rcx, QWORD imm);
-                    }
-                }
+                    let imm = f.imm as i64;
+                    let a = &mut self.a;
+                    dynasm!(a ; .arch x64 ; mov rcx, QWORD imm);
+                    RCX
+                };
+                // CMP and TEST only read.
+                let writes = f.sub < 7;
+                let dst = self.work(f.r0, bits, writes);
                 let pending = self.pending;
                 let a = &mut self.a;
                 if matches!(f.sub, 2 | 3) {
                     carry_in(a, pending);
                 }
-                alu(a, f.sub, bits);
-                if f.sub < 7 {
-                    self.store(f.r0, bits);
+                alu(a, f.sub, dst, src, bits);
+                if writes {
+                    self.done(dst, f.r0, bits);
                 }
                 if let Some(r) = resume {
                     let a = &mut self.a;
@@ -1684,7 +1756,7 @@ impl Block<'_> {
                 if matches!(f.sub, 2 | 3) {
                     carry_in(a, pending);
                 }
-                alu(a, f.sub, bits);
+                alu(a, f.sub, RAX, RCX, bits);
                 if writes {
                     self.store_mem(RDX, RAX, bits);
                 }
@@ -1693,39 +1765,36 @@ impl Block<'_> {
             }
             Form::IncDecR => {
                 let pending = self.pending;
-                self.load(RAX, f.r0, bits);
+                let r = self.work(f.r0, bits, true);
                 let a = &mut self.a;
                 // INC/DEC keep CF: the guest's goes into the host's first.
                 carry_in(a, pending);
-                one_operand!(a, f.sub != 0, bits, inc, dec);
-                self.store(f.r0, bits);
+                one_operand!(a, f.sub != 0, bits, r, inc, dec);
+                self.done(r, f.r0, bits);
             }
             Form::ShiftRI => {
                 let Some(n) = shift_count(f) else { return };
-                let merge = rotate(f) && !flags_dead_after(self.ops, i);
-                if merge {
-                    // CF and OF go into RFLAGS, beside the others.
-                    self.settle();
-                }
-                self.load(RAX, f.r0, bits);
+                let r = self.work(f.r0, bits, true);
                 let a = &mut self.a;
-                if rotate(f) {
-                    match (f.sub, bits) {
-                        (0, 64) => dynasm!(a ; .arch x64 ; rol rax, n),
-                        (0, _) => dynasm!(a ; .arch x64 ; rol eax, n),
-                        (_, 64) => dynasm!(a ; .arch x64 ; ror rax, n),
-                        (_, _) => dynasm!(a ; .arch x64 ; ror eax, n),
+                shift!(a, f.sub, bits, r, n);
+                self.done(r, f.r0, bits);
+                // A rotate writes CF and OF only: into the pending flags, or into RFLAGS
+                // beside the others (unless overwritten before they can be seen).
+                if rotate(f) && !flags_dead_after(self.ops, i) {
+                    let a = &mut self.a;
+                    if self.pending {
+                        let at = jit_flags();
+                        dynasm!(a
+                            ; .arch x64
+                            ; setc cl
+                            ; seto BYTE [rbx + at + 1]
+                            ; and BYTE [rbx + at], !1
+                            ; or BYTE [rbx + at], cl
+                        );
+                    } else {
+                        merge_flags_of(a, CF | OF);
                     }
-                    self.store(f.r0, bits);
-                    // A rotate writes CF and OF only (merged unless overwritten before they
-                    // can be seen).
-                    if merge {
-                        merge_flags_of(&mut self.a, CF | OF);
-                    }
-                    return;
                 }
-                shift!(a, f.sub, bits, n);
-                self.store(f.r0, bits);
             }
             Form::ShiftRC => {
                 // SHL/SHR/SAR by CL: the host's shift of the same width by the same count
@@ -1745,7 +1814,7 @@ impl Block<'_> {
                     ; and ecx, mask
                     ; jz >zero
                 );
-                shift!(a, f.sub, bits, cl);
+                shift!(a, f.sub, bits, RAX, cl);
                 self.store(f.r0, bits);
                 if merge {
                     merge_flags(&mut self.a);
@@ -1758,10 +1827,10 @@ impl Block<'_> {
                 dynasm!(a ; .arch x64 ; done:);
             }
             Form::NegNotR => {
-                self.load(RAX, f.r0, bits);
+                let r = self.work(f.r0, bits, true);
                 let a = &mut self.a;
-                one_operand!(a, f.sub != 0, bits, not, neg);
-                self.store(f.r0, bits);
+                one_operand!(a, f.sub != 0, bits, r, not, neg);
+                self.done(r, f.r0, bits);
             }
             Form::TestHiRI => {
                 // The register's second byte.
@@ -1771,14 +1840,14 @@ impl Block<'_> {
                 dynasm!(a ; .arch x64 ; test ah, imm);
             }
             Form::BswapR => {
-                self.load(RAX, f.r0, bits);
+                let r = self.work(f.r0, bits, true);
                 let a = &mut self.a;
                 if bits == 64 {
-                    dynasm!(a ; .arch x64 ; bswap rax);
+                    dynasm!(a ; .arch x64 ; bswap Rq(r));
                 } else {
-                    dynasm!(a ; .arch x64 ; bswap eax);
+                    dynasm!(a ; .arch x64 ; bswap Rd(r));
                 }
-                self.store(f.r0, bits);
+                self.done(r, f.r0, bits);
             }
             Form::Cext => {
                 // The host's own instruction on the guest's RAX (and RDX).
@@ -1813,15 +1882,15 @@ impl Block<'_> {
                 self.store_from(src, to, width);
             }
             Form::ImulRR => {
-                self.load(RAX, f.r0, bits);
-                self.load(RCX, f.r1, bits);
+                let src = self.source(f.r1, bits);
+                let dst = self.work(f.r0, bits, true);
                 let a = &mut self.a;
                 match bits {
-                    64 => dynasm!(a ; .arch x64 ; imul rax, rcx),
-                    32 => dynasm!(a ; .arch x64 ; imul eax, ecx),
-                    _ => dynasm!(a ; .arch x64 ; imul ax, cx),
+                    64 => dynasm!(a ; .arch x64 ; imul Rq(dst), Rq(src)),
+                    32 => dynasm!(a ; .arch x64 ; imul Rd(dst), Rd(src)),
+                    _ => dynasm!(a ; .arch x64 ; imul Rw(dst), Rw(src)),
                 }
-                self.store(f.r0, bits);
+                self.done(dst, f.r0, bits);
             }
             Form::Lea => {
                 // The offset, without a segment base.

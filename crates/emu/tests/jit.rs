@@ -28,6 +28,13 @@ const R32: [AsmRegister32; 16] = [
     eax, ecx, edx, ebx, esp, ebp, esi, edi, r8d, r9d, r10d, r11d, r12d, r13d, r14d, r15d,
 ];
 const R8: [AsmRegister8; 4] = [al, cl, dl, bl];
+/// Low bytes and words by register number (with a REX prefix: SPL..DIL, not AH..BH).
+const RB: [AsmRegister8; 16] = [
+    al, cl, dl, bl, spl, bpl, sil, dil, r8b, r9b, r10b, r11b, r12b, r13b, r14b, r15b,
+];
+const RW: [AsmRegister16; 16] = [
+    ax, cx, dx, bx, sp, bp, si, di, r8w, r9w, r10w, r11w, r12w, r13w, r14w, r15w,
+];
 
 /// Flags each condition code (x86 order) reads.
 const COND_READS: [u64; 16] = [
@@ -73,7 +80,7 @@ fn sequence(rng: &mut Rng, len: usize) -> (Vec<u8>, u64, u64) {
             let d = pick(rng);
             let s = pick(rng);
             let disp = (rng.below(DATA_BYTES as u64 / 8 - 1) * 8) as i32;
-            let kind = rng.below(25);
+            let kind = rng.below(26);
             // Flags written, and left undefined, by this instruction.
             let (writes, leaves) = match kind {
                 0 => {
@@ -260,6 +267,31 @@ fn sequence(rng: &mut Rng, len: usize) -> (Vec<u8>, u64, u64) {
                         0 => (0, 0),
                         1 => (ALL, AF),
                         _ => (ALL, AF | OF),
+                    }
+                }
+                24 => {
+                    // Byte and word operations: they keep the rest of the register.
+                    match rng.below(5) {
+                        4 => {
+                            a.mov(RW[d], word_ptr(r15 + disp))?;
+                            (0, 0)
+                        }
+                        0 => {
+                            a.add(RB[d], RB[s])?;
+                            (ALL, 0)
+                        }
+                        1 => {
+                            a.mov(RW[d], RW[s])?;
+                            (0, 0)
+                        }
+                        2 => {
+                            a.sub(RW[d], rng.below(0x8000) as i32)?;
+                            (ALL, 0)
+                        }
+                        _ => {
+                            a.mov(RB[d], RB[s])?;
+                            (0, 0)
+                        }
                     }
                 }
                 _ => {
