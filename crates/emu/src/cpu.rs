@@ -20,6 +20,10 @@ pub enum Fault {
     Stop(String),
     /// Triple fault.
     Shutdown,
+    /// Not a fault: an interrupt the vCPU can take is due before this instruction, a read of
+    /// the time (`exec::system`'s `interrupt_due_before_time_read`), which did not run; the
+    /// run loop takes the interrupt, and RIP stays on the instruction, as for a fault.
+    InterruptFirst,
 }
 
 /// Engine result.
@@ -257,9 +261,6 @@ pub struct Cpu {
     pub(crate) shadow: bool,
     /// Set by exec when the instruction requests a shadow for the next instruction.
     pub(crate) set_shadow: bool,
-    /// Set by exec when a pending interrupt must be taken before the instruction (which did
-    /// not execute: `next_rip` is its own address): the run loop ends the batch.
-    pub(crate) interrupt_first: bool,
     /// Set by a port write: the run loop ends the batch, to see a kick the write caused.
     pub(crate) io_break: bool,
     /// HLT executed; waiting for an interrupt.
@@ -341,7 +342,6 @@ impl Cpu {
             next_rip: 0,
             shadow: false,
             set_shadow: false,
-            interrupt_first: false,
             io_break: false,
             halted: false,
             step_trap_pending: false,

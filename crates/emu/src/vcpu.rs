@@ -136,8 +136,8 @@ impl Cpu {
     /// `step` would, since each handler commits nothing before its last possible fault.
     /// Handlers change neither the shadow (beyond ending one), NMI blocking, HLT state, TF/RF,
     /// breakpoints nor the code mode, and IF only from 1 to 0 (CLI), so the run loop's checks
-    /// hold for the whole block (a time read that lets an interrupt go first ends its block
-    /// and sets `interrupt_first`); a write into the block's own page ends it after the writing
+    /// hold for the whole block (a time read that lets an interrupt go first ends it as a
+    /// fault does, `Fault::InterruptFirst`); a write into the block's own page ends it after the writing
     /// instruction
     /// (`Cpu::note_write`), so self-modified bytes are validated again.
     #[inline(always)]
@@ -454,17 +454,16 @@ impl Cpu {
                 match r {
                     // A decode-time handler changed neither the shadow (beyond ending one),
                     // NMI blocking, HLT state nor I/O, and IF only from 1 to 0: only an
-                    // interrupt window that just closed, or a time read that lets an
-                    // interrupt go first, ends the batch.
-                    // (A time read, RDTSC/RDTSCP, which end their block, that found an
-                    // interrupt due did not run: `interrupt_first` below.)
-                    Ok(true) if !self.interrupt_first => {
+                    // interrupt window that just closed ends the batch.
+                    Ok(true) => {
                         if check_after_shadow {
                             break;
                         }
                         continue;
                     }
                     Ok(_) => {}
+                    // A time read waits for a pending interrupt: take it now.
+                    Err(Fault::InterruptFirst) => break,
                     Err(Fault::Exc(v, e)) => {
                         if let Err(f) = self.raise(v, e) {
                             if let Some(exit) = self.fault_exit(f)? {
@@ -481,10 +480,8 @@ impl Cpu {
                 if self.halted {
                     break;
                 }
-                if self.interrupt_first || self.io_break {
-                    // The instruction waits for a pending interrupt (take it now), or wrote a
-                    // port (which may have kicked this vCPU).
-                    self.interrupt_first = false;
+                if self.io_break {
+                    // A port write (which may have kicked this vCPU).
                     self.io_break = false;
                     break;
                 }
@@ -518,6 +515,8 @@ impl Cpu {
     fn fault_exit(&mut self, f: Fault) -> Result<Option<VcpuExit>> {
         match f {
             Fault::Shutdown => Ok(Some(VcpuExit::Shutdown)),
+            // Delivering an event reads no time: not reached.
+            Fault::InterruptFirst => Ok(None),
             Fault::Stop(msg) => Err(kvmbox_cpu::Error::Guest(format!(
                 "vCPU {} stopped at {:04x}:{:#x}: {msg}",
                 self.id,
@@ -529,6 +528,7 @@ impl Cpu {
                 Err(Fault::Shutdown) => Ok(Some(VcpuExit::Shutdown)),
                 Err(Fault::Stop(msg)) => Err(kvmbox_cpu::Error::Guest(msg)),
                 Err(Fault::Exc(..)) => Ok(Some(VcpuExit::Shutdown)),
+                Err(Fault::InterruptFirst) => Ok(None),
             },
         }
     }

@@ -326,6 +326,76 @@ fn a_pending_interrupt_is_taken_before_rdtsc() {
     assert_eq!(seen, 1, "the handler ran before RDTSC");
 }
 
+/// The same inside a block (RDTSC is not its first instruction), compiled: the block stops at
+/// the RDTSC that finds the interrupt due, the interrupt is taken, and RDTSC then runs; every
+/// RDTSC of the loop returns a later time than the one before.
+#[test]
+fn a_pending_interrupt_is_taken_before_rdtsc_inside_compiled_code() {
+    let handler = CODE + 0x1000;
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        let mut bad = a.create_label();
+        a.mov(ecx, 200)?;
+        a.xor(r11d, r11d)?;
+        a.set_label(&mut top)?;
+        a.mov(r9d, dword_ptr(DATA))?;
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.cmp(rax, r11)?;
+        a.jbe(bad)?;
+        a.mov(r11, rax)?;
+        a.dec(ecx)?;
+        a.jne(top)?;
+        a.cli()?;
+        a.hlt()?;
+        a.set_label(&mut bad)?;
+        a.mov(dword_ptr(DATA + 8), 1)?;
+        a.cli()?;
+        a.hlt()
+    });
+    let h = asm64(handler, |a| {
+        a.inc(dword_ptr(DATA))?;
+        a.iretq()
+    });
+    let mem = guest_mem();
+    build_tables(&mem);
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    mem.write_slice(&h, GuestAddress(handler)).unwrap();
+    set_gate(&mem, 0x30, handler, 0, 0, false);
+    let vm = kvmbox_emu::EmuVm::new(mem.clone());
+    let chip = Arc::new(Chip::default());
+    chip.st.lock().unwrap().pending[0].push(0x30);
+    // Seen from about the 100th RDTSC on, once the loop's block is compiled.
+    chip.late_by_polls
+        .store(100, std::sync::atomic::Ordering::SeqCst);
+    vm.set_interrupt_controller(chip.clone());
+    let mut v = vm.create_emu_vcpu(0).unwrap();
+    v.set_jit_threshold(1);
+    v.set_sregs(&long_sregs()).unwrap();
+    v.set_regs(&kvmbox_cpu::Regs {
+        rip: CODE,
+        rsp: KSTACK,
+        rflags: 0x202,
+        ..Default::default()
+    })
+    .unwrap();
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    assert_eq!(chip.st.lock().unwrap().acked, vec![(0, 0x30)]);
+    let regs = v.regs().unwrap();
+    assert_eq!(regs.rcx, 0, "the loop ran to its end");
+    let bad: u32 = mem.read_obj(GuestAddress(DATA + 8)).unwrap();
+    assert_eq!(
+        bad, 0,
+        "an RDTSC returned no later time than the one before"
+    );
+    let ran: u32 = mem.read_obj(GuestAddress(DATA)).unwrap();
+    assert_eq!(ran, 1, "the handler ran once");
+    let s = v.stats();
+    assert!(s.jit_instructions > 500, "{s:?}");
+}
+
 /// Spin at CODE with the NMI handler `h` at CODE + 0x1000 and two NMIs pending, until the
 /// vCPU halts; the memory and the port writes.
 fn run_with_two_nmis(h: &[u8]) -> (kvmbox_cpu::GuestMemoryMmap, Recorder) {

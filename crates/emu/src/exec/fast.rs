@@ -851,9 +851,9 @@ pub(crate) fn compile(ins: &Instruction, code_bits: u32) -> Fast {
 /// NMI blocking, HLT, port I/O, the CPU mode, segment, control or debug registers, nor the
 /// TLB, and IF only from 1 to 0 (CLI: no interrupt window opens), which is what the block
 /// protocol lets a handler change (`vcpu.rs` `run_block`). Some(true): it must end its block:
-/// a REP string instruction (it runs a chunk of its iterations and may leave RIP on itself),
-/// and RDTSC/RDTSCP (which leave RIP on themselves and set `interrupt_first` when an
-/// interrupt is due before the time is read). None: it stays with the dispatch loop.
+/// a REP string instruction (it runs a chunk of its iterations and may leave RIP on itself).
+/// (RDTSC/RDTSCP stay in their block: when an interrupt is due before the time is read they
+/// end it as a fault does, `Fault::InterruptFirst`.) None: it stays with the dispatch loop.
 fn in_block(ins: &Instruction) -> Option<bool> {
     use Mnemonic as M;
     for i in 0..ins.op_count() {
@@ -868,9 +868,6 @@ fn in_block(ins: &Instruction) -> Option<bool> {
     // MOVSD and CMPSD are also SSE2 instructions (with XMM operands).
     if string && ins.op_count() > 0 && ins.op_kind(0) != OpKind::Register {
         return Some(ins.has_rep_prefix() || ins.has_repe_prefix() || ins.has_repne_prefix());
-    }
-    if matches!(ins.mnemonic(), M::Rdtsc | M::Rdtscp) {
-        return Some(true);
     }
     let plain = matches!(
         ins.mnemonic(),
@@ -931,6 +928,8 @@ fn in_block(ins: &Instruction) -> Option<bool> {
             | M::Cld
             | M::Std
             | M::Cli
+            | M::Rdtsc
+            | M::Rdtscp
             | M::Lfence
             | M::Mfence
             | M::Sfence

@@ -479,9 +479,7 @@ impl Cpu {
                     return Err(gp0());
                 }
                 if self.interrupt_due_before_time_read() {
-                    self.next_rip = self.st.rip;
-                    self.interrupt_first = true;
-                    return Ok(());
+                    return Err(Fault::InterruptFirst);
                 }
                 let t = host_tsc().wrapping_add(self.st.tsc_offset);
                 self.st.gpr[gpr::RAX] = t & 0xffff_ffff;
