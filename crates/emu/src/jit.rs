@@ -1289,43 +1289,33 @@ fn emit_hop(a: &mut Asm, page: Page, all: i32, plain: DynamicLabel, ask: Dynamic
 /// A TLB lookup, inline, of the linear address in RAX: leaves RAX the host address for a
 /// `size`-byte access (a write if `write`), or goes to `slow` when the access needs the
 /// handler: crossing a page, not in the TLB with the permission (R13/R14 hold the bits for the
-/// current privilege), not RAM, or (a write) in the running block's page or a watched one. One compare covers
-/// the page crossing and the tag: the entry is the first byte's, and its tag must be the last
-/// byte's page (an entry at that index never holds the next page). A non-canonical address
-/// never matches (the TLB holds canonical pages only: `Cpu::translate`). Uses RCX and RDX.
+/// current privilege) to a RAM page (`TlbEntry::fast`), or (a write) in the running block's
+/// page or a watched one. One compare covers the page crossing and the tag: the entry is the
+/// first byte's, and its tag must be the last byte's page (an entry at that index never holds
+/// the next page). A non-canonical address never matches (the TLB holds canonical pages only:
+/// `Cpu::translate`). Uses RCX and RDX.
 fn emit_translate(a: &mut Asm, size: i32, write: bool, slow: DynamicLabel) {
     let tlb = tlb_entries();
-    let (tag, perm, host, ppage) = (
+    let (tag, fast, host, ppage) = (
         offset_of!(TlbEntry, tag) as i32,
-        offset_of!(TlbEntry, perm) as i32,
+        offset_of!(TlbEntry, fast) as i32,
         offset_of!(TlbEntry, host) as i32,
         offset_of!(TlbEntry, ppage) as i32,
     );
     const _: () = assert!(size_of::<TlbEntry>() == 32);
-    let index_mask = (crate::mmu::TLB_SIZE - 1) as i32;
+    // The entry's offset: the page number's low bits, times 32.
+    let index_mask = ((crate::mmu::TLB_SIZE - 1) << 5) as i32;
     let last = size - 1;
     dynasm!(a
         ; .arch x64
         ; lea rcx, [rax + last]
         ; shr rcx, 12
-        ; mov rdx, rax
-        ; shr rdx, 12
+        ; mov edx, eax
+        ; shr edx, 7
         ; and edx, index_mask
-        ; shl edx, 5
         ; add rdx, QWORD [rbx + tlb]
         ; cmp QWORD [rdx + tag], rcx
         ; jne =>slow
-    );
-    if write {
-        dynasm!(a ; .arch x64 ; test BYTE [rdx + perm], r14b ; jz =>slow);
-    } else {
-        dynasm!(a ; .arch x64 ; test BYTE [rdx + perm], r13b ; jz =>slow);
-    }
-    dynasm!(a
-        ; .arch x64
-        ; mov rcx, QWORD [rdx + host]
-        ; test rcx, rcx
-        ; jz =>slow
     );
     if write {
         // Not into the running block's page, nor a watched one (code was translated from it:
@@ -1333,19 +1323,23 @@ fn emit_translate(a: &mut Asm, size: i32, write: bool, slow: DynamicLabel) {
         let (cp, gens) = (code_page(), code_gens());
         dynasm!(a
             ; .arch x64
-            ; mov rdx, QWORD [rdx + ppage]
-            ; cmp rdx, QWORD [rbx + cp]
+            ; test BYTE [rdx + fast], r14b
+            ; jz =>slow
+            ; mov rcx, QWORD [rdx + ppage]
+            ; cmp rcx, QWORD [rbx + cp]
             ; je =>slow
-            ; shr rdx, 9
-            ; add rdx, QWORD [rbx + gens]
-            ; test BYTE [rdx], 1
+            ; shr rcx, 9
+            ; add rcx, QWORD [rbx + gens]
+            ; test BYTE [rcx], 1
             ; jnz =>slow
         );
+    } else {
+        dynasm!(a ; .arch x64 ; test BYTE [rdx + fast], r13b ; jz =>slow);
     }
     dynasm!(a
         ; .arch x64
         ; and eax, 0xfff
-        ; add rax, rcx
+        ; add rax, QWORD [rdx + host]
     );
 }
 
@@ -1560,26 +1554,42 @@ impl Block<'_> {
     }
 
     /// RAX = the linear address of `f`'s memory operand (64-bit mode: only FS and GS have a
-    /// base).
+    /// base). Base and index come from their cached copies or `Cpu` (into RAX and RCX).
     fn address(&mut self, f: &Fast) {
-        let disp = f.disp as i64;
-        if f.index_mask != 0 {
-            self.load(RCX, f.index, 64);
-        }
-        let a = &mut self.a;
-        dynasm!(a ; .arch x64 ; mov rax, QWORD disp);
-        if f.base_mask != 0 {
-            let h = self.cached.host[f.base as usize & 15];
-            if h == UNCACHED {
-                let b = gpr(f.base);
-                dynasm!(a ; .arch x64 ; add rax, QWORD [rbx + b]);
-            } else {
-                dynasm!(a ; .arch x64 ; add rax, Rq(h));
+        let index = (f.index_mask != 0).then(|| self.source(f.index, 64));
+        let base = (f.base_mask != 0).then(|| match self.cached.host[f.base as usize & 15] {
+            UNCACHED => {
+                load(&mut self.a, RAX, f.base, 64);
+                RAX
             }
+            h => h,
+        });
+        let disp = f.disp as i64;
+        // A displacement that fits the LEA, else added after it.
+        let (near, far) = if disp == disp as i32 as i64 {
+            (disp as i32, None)
+        } else {
+            (0, Some(disp))
+        };
+        let a = &mut self.a;
+        match (base, index) {
+            (Some(b), Some(x)) => match f.scale & 3 {
+                0 => dynasm!(a ; .arch x64 ; lea rax, [Rq(b) + Rq(x) + near]),
+                1 => dynasm!(a ; .arch x64 ; lea rax, [Rq(b) + Rq(x) * 2 + near]),
+                2 => dynasm!(a ; .arch x64 ; lea rax, [Rq(b) + Rq(x) * 4 + near]),
+                _ => dynasm!(a ; .arch x64 ; lea rax, [Rq(b) + Rq(x) * 8 + near]),
+            },
+            (Some(b), None) => dynasm!(a ; .arch x64 ; lea rax, [Rq(b) + near]),
+            (None, Some(x)) => match f.scale & 3 {
+                0 => dynasm!(a ; .arch x64 ; lea rax, [Rq(x) + near]),
+                1 => dynasm!(a ; .arch x64 ; lea rax, [Rq(x) * 2 + near]),
+                2 => dynasm!(a ; .arch x64 ; lea rax, [Rq(x) * 4 + near]),
+                _ => dynasm!(a ; .arch x64 ; lea rax, [Rq(x) * 8 + near]),
+            },
+            (None, None) => dynasm!(a ; .arch x64 ; mov rax, QWORD disp),
         }
-        if f.index_mask != 0 {
-            let s = (f.scale & 3) as i8;
-            dynasm!(a ; .arch x64 ; shl rcx, s ; add rax, rcx);
+        if let (Some(d), true) = (far, base.is_some() || index.is_some()) {
+            dynasm!(a ; .arch x64 ; mov rdx, QWORD d ; add rax, rdx);
         }
         match f.addr_mask {
             0xffff => dynasm!(a ; .arch x64 ; movzx eax, ax),

@@ -29,6 +29,9 @@ pub struct TlbEntry {
     pub ppage: u64,
     /// Allowed accesses: bit (acc + 3 * user).
     pub perm: u8,
+    /// `perm` for a RAM page in the TLB, else 0: what compiled code's inline lookup tests
+    /// (permission and RAM in one test).
+    pub fast: u8,
     /// From a global mapping (survives CR3 reloads).
     pub global: bool,
 }
@@ -38,6 +41,7 @@ const EMPTY: TlbEntry = TlbEntry {
     host: std::ptr::null_mut(),
     ppage: 0,
     perm: 0,
+    fast: 0,
     global: false,
 };
 
@@ -82,6 +86,7 @@ impl Tlb {
         let w = need_bit(ACC_W, false) | need_bit(ACC_W, true);
         for e in self.e.iter_mut() {
             e.perm &= !w;
+            e.fast &= !w;
         }
     }
 
@@ -130,7 +135,8 @@ impl Cpu {
         // address never matching a tag (callers check first; this keeps it true regardless).
         if crate::cpu::canonical(lin) {
             let vpn = lin >> 12;
-            self.tlb.e[(vpn as usize) & (TLB_SIZE - 1)] = e;
+            let fast = if e.host.is_null() { 0 } else { e.perm };
+            self.tlb.e[(vpn as usize) & (TLB_SIZE - 1)] = TlbEntry { fast, ..e };
         }
         Ok(e)
     }
@@ -176,6 +182,7 @@ impl Cpu {
                     host: self.phys.host(ppage, 4096).unwrap_or(std::ptr::null_mut()),
                     ppage,
                     perm: 0x3f,
+                    fast: 0,
                     global: false,
                 },
             ));
@@ -345,6 +352,7 @@ impl Cpu {
                 host: self.phys.host(ppage, 4096).unwrap_or(std::ptr::null_mut()),
                 ppage,
                 perm,
+                fast: 0,
                 global,
             },
         ))
