@@ -26,6 +26,26 @@ pub enum Fault {
     InterruptFirst,
 }
 
+/// What other threads tell a running vCPU (its kicker, and the interrupt controller when the
+/// vCPU gets an interrupt, NMI, INIT or SIPI: `InterruptController::set_notifier`): `flag`
+/// ends the run loop's batch at the next block, and `limit` (the most instructions compiled
+/// code may complete, set by `run_block`) drops to 0, so compiled code leaves at its next hop
+/// between blocks. Batches can be long without delaying interrupts: only timer expiries,
+/// which no thread announces, wait for the end of a batch.
+#[derive(Default)]
+pub(crate) struct Attention {
+    pub(crate) flag: std::sync::atomic::AtomicBool,
+    pub(crate) limit: std::sync::atomic::AtomicU64,
+}
+
+impl Attention {
+    pub(crate) fn raise(&self) {
+        use std::sync::atomic::Ordering::Release;
+        self.flag.store(true, Release);
+        self.limit.store(0, Release);
+    }
+}
+
 /// Engine result.
 pub type R<T> = Result<T, Fault>;
 
@@ -292,6 +312,10 @@ pub struct Cpu {
     pub(crate) code_gens: *const std::sync::atomic::AtomicU64,
     /// The JIT and its code cache.
     pub(crate) jit: crate::jit::Jit,
+    /// What other threads tell this vCPU while it runs (`Attention`).
+    pub(crate) attention: Arc<Attention>,
+    /// `attention.limit`, for compiled code.
+    pub(crate) jit_limit: *const std::sync::atomic::AtomicU64,
     /// Compiled code's scratch: arithmetic flags it captured and has not merged into RFLAGS
     /// yet (byte 0: LAHF's AH, byte 1: OF). Always merged before compiled code calls a
     /// handler or leaves (`crate::jit`), so nothing else reads it.
@@ -330,6 +354,7 @@ unsafe impl Send for Cpu {}
 impl Cpu {
     /// A vCPU in RESET state over `phys`.
     pub fn new(phys: PhysMem, id: u32) -> Self {
+        let attention = Arc::new(Attention::default());
         Cpu {
             st: CpuState::default(),
             tlb: Tlb::default(),
@@ -358,6 +383,8 @@ impl Cpu {
             code_written: false,
             jit_flags: 0,
             jit: crate::jit::Jit::from_env(),
+            attention: attention.clone(),
+            jit_limit: &attention.limit,
             link_from: std::ptr::null_mut(),
             cpuid: crate::cpuid::build(id, 1, false, false, &[]),
             dirty_epoch: 0,
@@ -888,6 +915,14 @@ impl Cpu {
 }
 
 impl Cpu {
+    /// Have the interrupt controller raise `attention` when this vCPU gets an event.
+    pub(crate) fn notify_attention(&self) {
+        if let Some(irq) = &self.irq {
+            let a = self.attention.clone();
+            irq.set_notifier(self.id, Arc::new(move || a.raise()));
+        }
+    }
+
     // ---------------------------------------------------------------- blocks
 
     /// The translated block starting at CS:RIP, still good (one code-TLB lookup and one

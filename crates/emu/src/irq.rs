@@ -35,6 +35,13 @@ pub trait InterruptController: Send + Sync {
     /// Block for at most `timeout` until something may be pending for `vcpu` (HLT with
     /// interrupts enabled, or wait-for-SIPI). May return early and spuriously.
     fn wait(&self, vcpu: u32, timeout: Duration);
+    /// Have `f` called (on the sender's thread, quickly) whenever `vcpu` gets something to
+    /// act on (an interrupt, NMI, INIT, SIPI), so a running vCPU stops its batch at once
+    /// instead of at its end. The default never calls it: events then wait for the batch's
+    /// end (`vcpu::BATCH` instructions).
+    fn set_notifier(&self, vcpu: u32, f: Arc<dyn Fn() + Send + Sync>) {
+        let _ = (vcpu, f);
+    }
     /// An interrupt line to GSI `gsi`, so `EmuVm::irq_line` can hand it to devices as the
     /// KVM backend does. The default (no lines) keeps `irq_line` returning `Unsupported`.
     fn irq_line(&self, gsi: u32) -> Option<Arc<dyn IrqLine>> {

@@ -52,11 +52,12 @@ pub(crate) struct Exit {
     pub(crate) fault: *mut Fault,
 }
 
-/// A compiled block's entry: called with the vCPU, the host address of the block's page, 3
-/// at CPL 3 (else 0), and the most instructions it may complete (at least the block's length;
-/// a block that branches back to its own start runs again, and one linked to the next block
-/// goes on there, while the whole next run fits).
-pub(crate) type Entry = unsafe extern "sysv64" fn(*mut Cpu, *const u8, u32, u64) -> Exit;
+/// A compiled block's entry: called with the vCPU, the host address of the block's page, and
+/// 3 at CPL 3 (else 0). `Cpu::jit_limit` holds the most instructions it may complete (at
+/// least the block's length; a block that branches back to its own start runs again, and one
+/// linked to the next block goes on there, while the whole next run fits; another thread
+/// sets it to 0 to stop it: `cpu::Attention`).
+pub(crate) type Entry = unsafe extern "sysv64" fn(*mut Cpu, *const u8, u32) -> Exit;
 
 /// A compiled block.
 #[derive(Clone, Copy)]
@@ -945,7 +946,6 @@ fn assemble(
         ; push r15
         ; push rbp
         ; sub rsp, 24
-        ; mov [rsp], rcx
         ; mov [rsp + 8], rsi
         ; mov rbx, rdi
         ; mov ecx, edx
@@ -1034,14 +1034,15 @@ fn assemble(
     if loops {
         // Again while the branch went back to the start and another run fits.
         let start = rip as i64;
-        let two = 2 * all;
+        let (two, limit) = (2 * all, jit_limit());
         dynasm!(a
             ; .arch x64
             ; mov rax, QWORD start
             ; cmp rax, QWORD [rbx + nr]
             ; jne >done
             ; lea rax, [r15 + two]
-            ; cmp rax, QWORD [rsp]
+            ; mov rcx, QWORD [rbx + limit]
+            ; cmp rax, QWORD [rcx]
             ; ja >done
             ; add r15, all
             ; jmp =>body
@@ -1200,7 +1201,7 @@ fn emit_hop(a: &mut Asm, page: Page, all: i32, plain: DynamicLabel, ask: Dynamic
         offset_of!(Link, gen) as i32,
         offset_of!(Link, ppage) as i32,
     );
-    let (tlb, cp) = (tlb_entries(), code_page());
+    let (tlb, cp, limit) = (tlb_entries(), code_page(), jit_limit());
     let (tag, perm, host, ppage) = (
         offset_of!(TlbEntry, tag) as i32,
         offset_of!(TlbEntry, perm) as i32,
@@ -1216,7 +1217,8 @@ fn emit_hop(a: &mut Asm, page: Page, all: i32, plain: DynamicLabel, ask: Dynamic
         ; lea r8, [r15 + all]
         ; mov r9, r8
         ; add r9, QWORD [rdx + l_n]
-        ; cmp r9, QWORD [rsp]
+        ; mov r10, QWORD [rbx + limit]
+        ; cmp r9, QWORD [r10]
         ; ja =>plain
     );
     // R10: the TLB entry of the target's page, R9: its page number.
@@ -1353,6 +1355,10 @@ fn seg_base(s: u8) -> i32 {
         + offset_of!(crate::state::CpuState, seg)
         + s as usize * size_of::<kvmbox_cpu::Segment>()
         + offset_of!(kvmbox_cpu::Segment, base)) as i32
+}
+
+fn jit_limit() -> i32 {
+    offset_of!(Cpu, jit_limit) as i32
 }
 
 fn code_page() -> i32 {

@@ -35,7 +35,7 @@ pub use irq::{InterruptController, MsrHandler, StartupEvent};
 pub use jit::threshold_from_env as jit_threshold_from_env;
 pub use pvclock::{KvmClock, SharedKvmClock};
 pub use state::CpuState;
-pub use vcpu::EmuVcpu;
+pub use vcpu::{EmuVcpu, BATCH};
 
 use kvmbox_cpu::GuestMemoryMmap;
 use kvmbox_cpu::{IoEventAddress, IrqLine, MsiLine, Vcpu, Vm};
@@ -129,6 +129,7 @@ impl EmuVm {
         }
         let mut c = cpu::Cpu::new(self.phys.clone(), id);
         c.irq = self.irq.read().unwrap_or_else(|e| e.into_inner()).clone();
+        c.notify_attention();
         c.msr_hook = self.msr.read().unwrap_or_else(|e| e.into_inner()).clone();
         c.cpuid_overrides = self
             .cpuid_overrides

@@ -16,14 +16,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Instructions executed between checks of the kick flag and the interrupt controller.
-pub const BATCH: u32 = 1024;
+pub const BATCH: u32 = 16384;
 
-#[derive(Default)]
-struct Kick(AtomicBool);
+struct Kick {
+    kicked: AtomicBool,
+    /// The vCPU's, so a kick ends compiled code and the batch at once.
+    attention: Arc<crate::cpu::Attention>,
+}
 
 impl VcpuKicker for Kick {
     fn kick(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.kicked.store(true, Ordering::SeqCst);
+        self.attention.raise();
     }
 }
 
@@ -38,9 +42,13 @@ pub struct EmuVcpu {
 
 impl EmuVcpu {
     pub(crate) fn new(cpu: Cpu) -> Self {
+        let kick = Arc::new(Kick {
+            kicked: AtomicBool::new(false),
+            attention: cpu.attention.clone(),
+        });
         EmuVcpu {
             cpu,
-            kick: Arc::new(Kick::default()),
+            kick,
             restored_event: None,
         }
     }
@@ -82,7 +90,8 @@ impl EmuVcpu {
     /// Execute at most `n` instructions (or until HLT / a stop), for tests and single-stepping.
     pub fn run_steps(&mut self, io: &dyn IoHandler, n: u64) -> Result<Option<VcpuExit>> {
         let kick = self.kick.clone();
-        self.cpu.with_io(io, |cpu| cpu.run_loop(&kick.0, Some(n)))
+        self.cpu
+            .with_io(io, |cpu| cpu.run_loop(&kick.kicked, Some(n)))
     }
 }
 
@@ -168,11 +177,18 @@ impl Cpu {
             // the forms are not read here (they are another cache line).
             Some(code) if n == all.len() && self.jit.ready(code) => {
                 let user = if self.st.cpl() == 3 { 3 } else { 0 };
+                // The limit, unless something asked for attention since the batch loop looked
+                // (the swap orders the flag's load after the store: a raise either sees its 0
+                // kept, or its flag seen here).
+                self.attention.limit.swap(max, Ordering::SeqCst);
+                if self.attention.flag.load(Ordering::SeqCst) {
+                    self.attention.limit.store(0, Ordering::Relaxed);
+                }
                 // SAFETY: `code` was compiled from this block's forms (kept with the code;
                 // `build_block` drops it when it rebuilds the block) and stays mapped
                 // executable until the JIT's cache is emptied, which only `compile_block`
                 // does, never while code runs; `host` is the block's page.
-                let exit = unsafe { (code.entry)(self, host, user, max) };
+                let exit = unsafe { (code.entry)(self, host, user) };
                 let res = if exit.fault.is_null() {
                     Ok(())
                 } else {
@@ -336,6 +352,8 @@ impl Cpu {
     ) -> Result<Option<VcpuExit>> {
         let mut budget = limit.unwrap_or(u64::MAX);
         loop {
+            // Whatever raised it is looked at below.
+            self.attention.flag.store(false, Ordering::Relaxed);
             if kick.swap(false, Ordering::SeqCst) {
                 return Ok(Some(VcpuExit::Kicked));
             }
@@ -456,7 +474,7 @@ impl Cpu {
                     // NMI blocking, HLT state nor I/O, and IF only from 1 to 0: only an
                     // interrupt window that just closed ends the batch.
                     Ok(true) => {
-                        if check_after_shadow {
+                        if check_after_shadow || self.attention.flag.load(Ordering::Relaxed) {
                             break;
                         }
                         continue;
@@ -537,6 +555,7 @@ impl Cpu {
 impl Vcpu for EmuVcpu {
     fn configure(&mut self, cfg: &VcpuConfig) -> Result<()> {
         self.cpu.id = cfg.id;
+        self.cpu.notify_attention();
         self.cpu.cpuid = crate::cpuid::build(
             cfg.id,
             cfg.count,
@@ -653,7 +672,10 @@ impl Vcpu for EmuVcpu {
             }
         }
         loop {
-            if let Some(exit) = self.cpu.with_io(io, |cpu| cpu.run_loop(&kick.0, None))? {
+            if let Some(exit) = self
+                .cpu
+                .with_io(io, |cpu| cpu.run_loop(&kick.kicked, None))?
+            {
                 return Ok(exit);
             }
         }

@@ -21,6 +21,18 @@ struct Chip {
     cv: Condvar,
     /// This many polls see no interrupt (one that arrives after them, mid-batch).
     late_by_polls: std::sync::atomic::AtomicU32,
+    /// Vcpu 0's notifier (`InterruptController::set_notifier`).
+    notifier: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+}
+
+impl Chip {
+    /// Make `vector` pending for vCPU 0 from another thread, as a device would.
+    fn raise(&self, vector: u8) {
+        self.st.lock().unwrap().pending[0].push(vector);
+        if let Some(n) = self.notifier.lock().unwrap().clone() {
+            n();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -78,6 +90,11 @@ impl InterruptController for Chip {
         self.cv.notify_all();
     }
     fn set_tpr(&self, _vcpu: u32, _tpr: u8) {}
+    fn set_notifier(&self, vcpu: u32, f: Arc<dyn Fn() + Send + Sync>) {
+        if vcpu == 0 {
+            *self.notifier.lock().unwrap() = Some(f);
+        }
+    }
     fn wait(&self, _vcpu: u32, timeout: Duration) {
         let s = self.st.lock().unwrap();
         let _ = self.cv.wait_timeout(s, timeout).unwrap();
@@ -394,6 +411,73 @@ fn a_pending_interrupt_is_taken_before_rdtsc_inside_compiled_code() {
     assert_eq!(ran, 1, "the handler ran once");
     let s = v.stats();
     assert!(s.jit_instructions > 500, "{s:?}");
+}
+
+/// An interrupt another thread raises while compiled code loops is taken within a few
+/// iterations, not at the end of the run loop's batch (`vcpu::BATCH` instructions): the
+/// controller's notifier stops the code at its next block boundary.
+#[test]
+fn an_interrupt_raised_by_another_thread_stops_compiled_code_at_once() {
+    let handler = CODE + 0x1000;
+    // Three instructions per iteration, counted at DATA, until the handler sets DATA + 4.
+    let code = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.inc(dword_ptr(DATA))?;
+        a.cmp(dword_ptr(DATA + 4), 0)?;
+        a.je(top)?;
+        a.cli()?;
+        a.hlt()
+    });
+    // The count when the interrupt was taken, at DATA + 8.
+    let h = asm64(handler, |a| {
+        a.mov(eax, dword_ptr(DATA))?;
+        a.mov(dword_ptr(DATA + 8), eax)?;
+        a.mov(dword_ptr(DATA + 4), 1)?;
+        a.iretq()
+    });
+    let mem = guest_mem();
+    build_tables(&mem);
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+    mem.write_slice(&h, GuestAddress(handler)).unwrap();
+    set_gate(&mem, 0x30, handler, 0, 0, false);
+    let vm = kvmbox_emu::EmuVm::new(mem.clone());
+    let chip = Arc::new(Chip::default());
+    vm.set_interrupt_controller(chip.clone());
+    let mut v = vm.create_emu_vcpu(0).unwrap();
+    v.set_sregs(&long_sregs()).unwrap();
+    v.set_regs(&kvmbox_cpu::Regs {
+        rip: CODE,
+        rsp: KSTACK,
+        rflags: 0x202,
+        ..Default::default()
+    })
+    .unwrap();
+    let raiser = {
+        let (chip, mem) = (chip.clone(), mem.clone());
+        std::thread::spawn(move || {
+            let count = || mem.read_obj::<u32>(GuestAddress(DATA)).unwrap();
+            // Long compiled by now.
+            while count() < 1_000_000 {
+                std::thread::yield_now();
+            }
+            chip.raise(0x30);
+            // At least the count when it was raised (this thread may lose the CPU before).
+            count()
+        })
+    };
+    let io = Recorder::default();
+    assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
+    let after_raise = raiser.join().unwrap();
+    let at_handler: u32 = mem.read_obj(GuestAddress(DATA + 8)).unwrap();
+    assert!(
+        at_handler <= after_raise + 100,
+        "{} iterations ran after the raise (a batch is {} instructions)",
+        at_handler - after_raise,
+        kvmbox_emu::BATCH
+    );
+    let s = v.stats();
+    assert!(s.jit_instructions > 1_000_000, "{s:?}");
 }
 
 /// Spin at CODE with the NMI handler `h` at CODE + 0x1000 and two NMIs pending, until the

@@ -61,6 +61,12 @@ impl InterruptController for IrqChip {
         }
     }
 
+    fn set_notifier(&self, vcpu: u32, f: Arc<dyn Fn() + Send + Sync>) {
+        if let Some(v) = self.vcpu_ref(vcpu) {
+            v.set_notifier(f);
+        }
+    }
+
     fn irq_line(&self, gsi: u32) -> Option<Arc<dyn IrqLine>> {
         IrqChip::irq_line(self, gsi).ok()
     }
