@@ -613,6 +613,20 @@ fn capture_flags(a: &mut Asm) {
     );
 }
 
+/// The reverse of `fold_flags`: the guest's RFLAGS as `capture_flags` would have captured
+/// them (its low byte is LAHF's layout). Uses RAX, and changes the host's flags.
+fn open_flags(a: &mut Asm) {
+    let (at, rf) = (jit_flags(), rflags());
+    dynasm!(a
+        ; .arch x64
+        ; mov rax, QWORD [rbx + rf]
+        ; mov BYTE [rbx + at], al
+        ; shr eax, 11
+        ; and eax, 1
+        ; mov BYTE [rbx + at + 1], al
+    );
+}
+
 /// Merge the flags `capture_flags` captured into the guest's RFLAGS. Uses RCX and RDX, and
 /// changes the host's flags.
 fn fold_flags(a: &mut Asm) {
@@ -935,7 +949,6 @@ fn assemble(
 ) -> Option<(Vec<u8>, usize)> {
     let mut a = Asm::new(at);
     let exit = a.new_dynamic_label();
-    let top = a.new_dynamic_label();
     let (r, w) = (1i32 << ACC_R, 1i32 << ACC_W);
     dynasm!(a
         ; .arch x64
@@ -954,8 +967,9 @@ fn assemble(
         ; mov r14d, w
         ; shl r14d, cl
         ; xor r15d, r15d
-        ; =>top
     );
+    // Compiled code keeps the guest's flags captured between blocks (`capture_flags`).
+    open_flags(&mut a);
     let chain = a.offset().0;
     let forms = ops.as_ptr() as i64;
     dynasm!(a ; .arch x64 ; mov r12, QWORD forms);
@@ -989,7 +1003,8 @@ fn assemble(
         exits: Vec::new(),
         slow: Vec::new(),
         plain,
-        pending: false,
+        // Blocks enter (and hop to each other) with the flags captured.
+        pending: true,
         cached,
     };
     let n = ops.len();
@@ -1012,11 +1027,8 @@ fn assemble(
         if produces_flags(f) {
             // Overwritten before anything can see them: neither these nor any pending
             // before them need to reach RFLAGS. Otherwise captured, and merged where
-            // something could see them; the last instruction's are merged at once.
+            // something could see them.
             if flags_dead_after(ops, i) {
-                b.pending = false;
-            } else if i + 1 == n {
-                merge_flags(&mut b.a);
                 b.pending = false;
             } else {
                 capture_flags(&mut b.a);
@@ -1025,7 +1037,12 @@ fn assemble(
         }
         i += 1;
     }
-    b.settle();
+    // On to the next block (or around a loop) with the flags captured; `plain` merges them
+    // on the way back to the dispatch loop.
+    if !b.pending {
+        open_flags(&mut b.a);
+        b.pending = true;
+    }
     b.flush();
     let all = n as i32;
     let nr = next_rip();
@@ -1117,9 +1134,13 @@ fn assemble(
         );
     }
     let rip_at = rip_field();
+    // Back to the dispatch loop: with the flags captured (`plain`), or in RFLAGS (`leave`).
+    let leave = a.new_dynamic_label();
+    dynasm!(a ; .arch x64 ; =>plain);
+    fold_flags(a);
     dynasm!(a
         ; .arch x64
-        ; =>plain
+        ; =>leave
         ; mov rax, QWORD [rbx + nr]
         ; mov QWORD [rbx + rip_at], rax
         ; mov eax, all
@@ -1151,9 +1172,9 @@ fn assemble(
         let a = &mut b.a;
         if last {
             // A store into this page or a device access: back to the dispatch loop (before the
-            // flags are loaded: the test changes them).
+            // flags are loaded: the test changes them), with the flags in RFLAGS.
             let cw = code_written();
-            dynasm!(a ; .arch x64 ; cmp BYTE [rbx + cw], 0 ; jne =>plain);
+            dynasm!(a ; .arch x64 ; cmp BYTE [rbx + cw], 0 ; jne =>leave);
         }
         if s.flags {
             load_flags(a);
