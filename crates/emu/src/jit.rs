@@ -675,16 +675,51 @@ fn merge_flags_of(a: &mut Asm, mask: i32) {
 }
 
 /// Set the host's arithmetic flags to the guest's (for a condition not right after its
-/// producer). Only CF PF AF ZF SF OF are loaded: TF, DF, AC and the rest stay clear.
-fn load_flags(a: &mut Asm) {
-    let rf = rflags();
+/// producer): from the flags captured last when they are `captured` (`capture_flags`; they
+/// stay so), else from RFLAGS. Only CF PF AF ZF SF OF are loaded: TF, DF, AC and the rest
+/// stay clear. Uses RAX and RCX.
+fn load_flags(a: &mut Asm, captured: bool) {
+    if captured {
+        let at = jit_flags();
+        dynasm!(a
+            ; .arch x64
+            ; movzx eax, BYTE [rbx + at]
+            ; movzx ecx, BYTE [rbx + at + 1]
+            ; shl ecx, 11
+            ; or eax, ecx
+        );
+    } else {
+        let rf = rflags();
+        dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + rf]);
+    }
     dynasm!(a
         ; .arch x64
-        ; mov rax, QWORD [rbx + rf]
         ; and eax, STATUS
         ; push rax
         ; popfq
     );
+}
+
+/// Jcc (condition `cc`, x86's encoding 0..15) to `label`, on the host's flags.
+fn jcc(a: &mut Asm, cc: u8, label: DynamicLabel) {
+    match cc & 15 {
+        0 => dynasm!(a ; .arch x64 ; jo =>label),
+        1 => dynasm!(a ; .arch x64 ; jno =>label),
+        2 => dynasm!(a ; .arch x64 ; jb =>label),
+        3 => dynasm!(a ; .arch x64 ; jae =>label),
+        4 => dynasm!(a ; .arch x64 ; je =>label),
+        5 => dynasm!(a ; .arch x64 ; jne =>label),
+        6 => dynasm!(a ; .arch x64 ; jbe =>label),
+        7 => dynasm!(a ; .arch x64 ; ja =>label),
+        8 => dynasm!(a ; .arch x64 ; js =>label),
+        9 => dynasm!(a ; .arch x64 ; jns =>label),
+        10 => dynasm!(a ; .arch x64 ; jp =>label),
+        11 => dynasm!(a ; .arch x64 ; jnp =>label),
+        12 => dynasm!(a ; .arch x64 ; jl =>label),
+        13 => dynasm!(a ; .arch x64 ; jge =>label),
+        14 => dynasm!(a ; .arch x64 ; jle =>label),
+        _ => dynasm!(a ; .arch x64 ; jg =>label),
+    }
 }
 
 /// CMOVcc RAX, RCX (condition `cc`, x86's encoding 0..15). Changes no flags.
@@ -1048,90 +1083,137 @@ fn assemble(
     let nr = next_rip();
     let plain = b.plain;
     let a = &mut b.a;
-    if loops {
-        // Again while the branch went back to the start and another run fits.
-        let start = rip as i64;
-        let (two, limit) = (2 * all, jit_limit());
-        dynasm!(a
-            ; .arch x64
-            ; mov rax, QWORD start
-            ; cmp rax, QWORD [rbx + nr]
-            ; jne >done
-            ; lea rax, [r15 + two]
-            ; mov rcx, QWORD [rbx + limit]
-            ; cmp rax, QWORD [rcx]
-            ; ja >done
-            ; add r15, all
-            ; jmp =>body
-            ; done:
-        );
-    }
-    if !links.is_empty() || dynamic {
-        // Not after a store into this page or a device access: back to the dispatch loop.
-        // Every handler but the last one's tests this itself after it ran (`call_handler`, and
-        // the last instruction's slow path), so only a last instruction that is a handler call
-        // leaves it to this test.
-        if !last_inline {
-            let cw = code_written();
-            dynasm!(a ; .arch x64 ; cmp BYTE [rbx + cw], 0 ; jne =>plain);
-        }
-        dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + nr]);
-    }
     let from = link_from();
-    for l in links {
-        let addr = l as *const Link as i64;
-        let target = l.rip as i64;
-        let (next, ask) = (a.new_dynamic_label(), a.new_dynamic_label());
+    // Leave for `to`: through its link when it has one (`emit_hop`), else (or when the hop
+    // cannot go on) back to the dispatch loop with `next_rip` set to it.
+    let leave_for = |a: &mut Asm, to: u64| {
+        let stay = a.new_dynamic_label();
+        if let Some(l) = links.iter().find(|l| l.rip == to) {
+            let (addr, ask) = (l as *const Link as i64, a.new_dynamic_label());
+            dynasm!(a ; .arch x64 ; mov rdx, QWORD addr);
+            let page = if to >> 12 == rip >> 12 {
+                Page::Same
+            } else {
+                Page::Other(to)
+            };
+            emit_hop(a, page, all, stay, ask);
+            dynasm!(a ; .arch x64 ; =>ask ; mov QWORD [rbx + from], rdx);
+        }
+        let to = to as i64;
         dynasm!(a
             ; .arch x64
-            ; mov rcx, QWORD target
-            ; cmp rax, rcx
-            ; jne =>next
-            ; mov rdx, QWORD addr
-        );
-        let page = if l.rip >> 12 == rip >> 12 {
-            Page::Same
-        } else {
-            Page::Other(l.rip)
-        };
-        emit_hop(a, page, all, plain, ask);
-        dynasm!(a
-            ; .arch x64
-            ; =>ask
-            ; mov QWORD [rbx + from], rdx
-            ; jmp =>plain
-            ; =>next
-        );
-    }
-    if dynamic {
-        // On in the block the jump cache links the target in RAX to.
-        let (ask, take) = (a.new_dynamic_label(), a.new_dynamic_label());
-        let (l_rip, l_entry) = (offset_of!(Link, rip) as i32, offset_of!(Link, entry) as i32);
-        let (size, mask) = (size_of::<Link>() as i32, (JUMPS - 1) as i32);
-        let jumps = jumps as i64;
-        dynasm!(a
-            ; .arch x64
-            // Its entry (`JUMPS`).
-            ; mov rdx, rax
-            ; shr rdx, 10
-            ; xor rdx, rax
-            ; and edx, mask
-            ; imul edx, edx, size
-            ; mov rcx, QWORD jumps
-            ; add rdx, rcx
-            ; cmp rax, QWORD [rdx + l_rip]
-            ; jne =>take
-        );
-        emit_hop(a, Page::Dynamic, all, plain, ask);
-        dynasm!(a
-            ; .arch x64
-            ; =>take
-            ; mov QWORD [rdx + l_rip], rax
-            ; mov QWORD [rdx + l_entry], 0
-            ; =>ask
-            ; mov QWORD [rbx + from], rdx
+            ; =>stay
+            ; mov rax, QWORD to
+            ; mov QWORD [rbx + nr], rax
             ; jmp =>plain
         );
+    };
+    if let Some(j) = last.filter(|l| l.form == Form::Jcc && inline(l)) {
+        // An inline Jcc: a host branch on the flags its template left, to each target's hop
+        // (the taken one first runs the block again when it is its start and the run fits).
+        let taken = a.new_dynamic_label();
+        jcc(a, j.sub, taken);
+        leave_for(a, j.next_rip);
+        dynasm!(a ; .arch x64 ; =>taken);
+        if j.imm == rip {
+            let (two, limit) = (2 * all, jit_limit());
+            dynasm!(a
+                ; .arch x64
+                ; lea rax, [r15 + two]
+                ; mov rcx, QWORD [rbx + limit]
+                ; cmp rax, QWORD [rcx]
+                ; ja >done
+                ; add r15, all
+                ; jmp =>body
+                ; done:
+            );
+        }
+        leave_for(a, j.imm);
+    } else {
+        if loops {
+            // Again while the branch went back to the start and another run fits.
+            let start = rip as i64;
+            let (two, limit) = (2 * all, jit_limit());
+            dynasm!(a
+                ; .arch x64
+                ; mov rax, QWORD start
+                ; cmp rax, QWORD [rbx + nr]
+                ; jne >done
+                ; lea rax, [r15 + two]
+                ; mov rcx, QWORD [rbx + limit]
+                ; cmp rax, QWORD [rcx]
+                ; ja >done
+                ; add r15, all
+                ; jmp =>body
+                ; done:
+            );
+        }
+        if !links.is_empty() || dynamic {
+            // Not after a store into this page or a device access: back to the dispatch loop.
+            // Every handler but the last one's tests this itself after it ran (`call_handler`, and
+            // the last instruction's slow path), so only a last instruction that is a handler call
+            // leaves it to this test.
+            if !last_inline {
+                let cw = code_written();
+                dynasm!(a ; .arch x64 ; cmp BYTE [rbx + cw], 0 ; jne =>plain);
+            }
+            dynasm!(a ; .arch x64 ; mov rax, QWORD [rbx + nr]);
+        }
+        for l in links {
+            let addr = l as *const Link as i64;
+            let target = l.rip as i64;
+            let (next, ask) = (a.new_dynamic_label(), a.new_dynamic_label());
+            dynasm!(a
+                ; .arch x64
+                ; mov rcx, QWORD target
+                ; cmp rax, rcx
+                ; jne =>next
+                ; mov rdx, QWORD addr
+            );
+            let page = if l.rip >> 12 == rip >> 12 {
+                Page::Same
+            } else {
+                Page::Other(l.rip)
+            };
+            emit_hop(a, page, all, plain, ask);
+            dynasm!(a
+                ; .arch x64
+                ; =>ask
+                ; mov QWORD [rbx + from], rdx
+                ; jmp =>plain
+                ; =>next
+            );
+        }
+        if dynamic {
+            // On in the block the jump cache links the target in RAX to.
+            let (ask, take) = (a.new_dynamic_label(), a.new_dynamic_label());
+            let (l_rip, l_entry) = (offset_of!(Link, rip) as i32, offset_of!(Link, entry) as i32);
+            let (size, mask) = (size_of::<Link>() as i32, (JUMPS - 1) as i32);
+            let jumps = jumps as i64;
+            dynasm!(a
+                ; .arch x64
+                // Its entry (`JUMPS`).
+                ; mov rdx, rax
+                ; shr rdx, 10
+                ; xor rdx, rax
+                ; and edx, mask
+                ; imul edx, edx, size
+                ; mov rcx, QWORD jumps
+                ; add rdx, rcx
+                ; cmp rax, QWORD [rdx + l_rip]
+                ; jne =>take
+            );
+            emit_hop(a, Page::Dynamic, all, plain, ask);
+            dynasm!(a
+                ; .arch x64
+                ; =>take
+                ; mov QWORD [rdx + l_rip], rax
+                ; mov QWORD [rdx + l_entry], 0
+                ; =>ask
+                ; mov QWORD [rbx + from], rdx
+                ; jmp =>plain
+            );
+        }
     }
     let rip_at = rip_field();
     // Back to the dispatch loop: with the flags captured (`plain`), or in RFLAGS (`leave`).
@@ -1177,7 +1259,7 @@ fn assemble(
             dynasm!(a ; .arch x64 ; cmp BYTE [rbx + cw], 0 ; jne =>leave);
         }
         if s.flags {
-            load_flags(a);
+            load_flags(a, false);
         }
         dynasm!(a ; .arch x64 ; jmp =>s.resume);
     }
@@ -2013,22 +2095,21 @@ impl Block<'_> {
                 dynasm!(a ; .arch x64 ; mov rax, QWORD t ; mov QWORD [rbx + nr], rax);
             }
             Form::Jcc => {
-                // next_rip = cc ? target : next_rip, without a branch.
+                // Always its block's last instruction: the block's end branches on the host's
+                // flags (`assemble`), which hold the guest's from here on (a producer right
+                // before, or loaded from the captured ones, which stay captured).
                 if !fused {
-                    self.settle();
-                    load_flags(&mut self.a);
+                    if !self.pending {
+                        open_flags(&mut self.a);
+                        self.pending = true;
+                    }
+                    load_flags(&mut self.a, true);
                 }
-                let a = &mut self.a;
-                let t = f.imm as i64;
-                let next = f.next_rip as i64;
-                dynasm!(a ; .arch x64 ; mov rax, QWORD next ; mov rcx, QWORD t);
-                cmov_rax_rcx(a, f.sub);
-                dynasm!(a ; .arch x64 ; mov QWORD [rbx + nr], rax);
             }
             Form::SetccR => {
                 if !fused {
                     self.settle();
-                    load_flags(&mut self.a);
+                    load_flags(&mut self.a, false);
                 }
                 setcc_al(&mut self.a, f.sub);
                 self.store(f.r0, 8);
@@ -2036,7 +2117,7 @@ impl Block<'_> {
             Form::CmovRR => {
                 if !fused {
                     self.settle();
-                    load_flags(&mut self.a);
+                    load_flags(&mut self.a, false);
                 }
                 self.load(RAX, f.r0, bits);
                 self.load(RCX, f.r1, bits);
