@@ -2094,17 +2094,15 @@ impl Block<'_> {
                 let t = f.imm as i64;
                 dynasm!(a ; .arch x64 ; mov rax, QWORD t ; mov QWORD [rbx + nr], rax);
             }
-            Form::Jcc => {
-                // Always its block's last instruction: the block's end branches on the host's
-                // flags (`assemble`), which hold the guest's from here on (a producer right
-                // before, or loaded from the captured ones, which stay captured).
-                if !fused {
-                    if !self.pending {
-                        open_flags(&mut self.a);
-                        self.pending = true;
-                    }
-                    load_flags(&mut self.a, true);
+            // Always its block's last instruction: the block's end branches on the host's flags
+            // (`assemble`), which hold the guest's from here on: its producer's right before
+            // (fused: nothing to do), or loaded from the captured ones, which stay captured.
+            Form::Jcc if !fused => {
+                if !self.pending {
+                    open_flags(&mut self.a);
+                    self.pending = true;
                 }
+                load_flags(&mut self.a, true);
             }
             Form::SetccR => {
                 if !fused {
