@@ -56,7 +56,7 @@ def main():
         print(f"{name:20s} runs: {', '.join(f'{t:.2f}' for t in times)} s; median {statistics.median(times):.2f} s",
               flush=True)
     k, q = (statistics.median(v) for v in results.values())
-    print(f"ratio kvmbox/qemu (median): {k / q:.1f}x  ({a.cpus} vCPU, 512 MiB, {os.cpu_count()} host cores)")
+    print(f"ratio kvmbox/qemu (median): {k / q:.2f}x  ({a.cpus} vCPU, 512 MiB, {os.cpu_count()} host cores)")
 
 
 if __name__ == "__main__":
