@@ -6,7 +6,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::lock::{lock, Access};
+use crate::lock::{lock, unlock, Access};
 use crate::qcow2::Header;
 use crate::qcow2_read::Qcow2Reader;
 use crate::{BlockBackend, DiskSpec, Error, Format, Qcow2Backend, RawBackend, Result};
@@ -174,14 +174,32 @@ impl ChainGuard {
 pub fn open(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>> {
     let path = &spec.path;
     let file = open_image_file(path, !spec.read_only)?;
-    if spec.lock {
-        let access = if spec.read_only {
-            Access::Read
-        } else {
-            Access::Write
-        };
-        lock(&file, path, access)?;
+    if !spec.lock {
+        return open_file(spec, file);
     }
+    let access = if spec.read_only {
+        Access::Read
+    } else {
+        Access::Write
+    };
+    lock(&file, path, access)?;
+    // A copy of the descriptor (the same open file), to release the locks at once when the
+    // image turns out unusable: closing it alone leaves them while a child another thread is
+    // starting holds its copy (`lock::unlock`), and a reopen right after would be refused.
+    let held = file
+        .try_clone()
+        .map_err(Error::io("duplicating the descriptor of disk image", path))?;
+    let opened = open_file(spec, file);
+    if opened.is_err() {
+        unlock(&held);
+    }
+    opened
+}
+
+/// `open` past the lock: the format (from the spec, else detected once here), and for qcow2
+/// the backing chain.
+fn open_file(spec: &DiskSpec, file: File) -> Result<Arc<dyn BlockBackend>> {
+    let path = &spec.path;
     let (format, probed) = match spec.format {
         Some(f) => (f, false),
         None => match probe_file(&file, path)? {

@@ -1364,6 +1364,65 @@ fn closing_an_image_unlocks_it_while_a_forked_child_holds_its_descriptor() {
     }
 }
 
+/// An image that opens, locks and then turns out unusable (a bad header) is unlocked before
+/// `open` returns the error, not when its descriptor's last copy goes: while another thread
+/// keeps forking children that hold copies of every descriptor for a while, a good image
+/// written in its place opens read-write right away, every time.
+#[test]
+fn a_refused_image_is_unlocked_while_forked_children_hold_its_descriptor() {
+    let _serial = serial();
+    let d = TempDir::new("refused");
+    let p = d.path("a.qcow2");
+    crate::image::create(&p, 1 << 20, Format::Qcow2, None).unwrap();
+    let good = std::fs::read(&p).unwrap();
+    let mut bad = good.clone();
+    bad[4..8].copy_from_slice(&9u32.to_be_bytes());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut children = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: the child only sleeps and exits (both async-signal-safe), holding
+                // copies of the parent's descriptors meanwhile.
+                let child = unsafe { libc::fork() };
+                assert!(child >= 0, "fork");
+                if child == 0 {
+                    // SAFETY: see above.
+                    unsafe {
+                        libc::usleep(100_000);
+                        libc::_exit(0);
+                    }
+                }
+                children.push(child);
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            for c in children {
+                let mut status = 0;
+                // SAFETY: waiting for our own children.
+                unsafe { libc::waitpid(c, &mut status, 0) };
+            }
+        })
+    };
+    let mut refused = 0;
+    for _ in 0..300 {
+        std::fs::write(&p, &bad).unwrap();
+        let e = open(&spec(&p))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("version 9"), "{e}");
+        std::fs::write(&p, &good).unwrap();
+        if let Err(e) = open(&spec(&p)) {
+            refused += 1;
+            eprintln!("reopened right after a refusal: {e}");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    forker.join().unwrap();
+    assert_eq!(refused, 0, "a refused image stayed locked");
+}
+
 /// A snapshot taken on an open backend (a live snapshot, `snapshot_create` on the VM's own
 /// descriptor): the writes after it change the active image only (shared clusters are copied,
 /// also those whose data comes from the backing file), the snapshot keeps the contents it was
