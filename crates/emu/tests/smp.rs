@@ -15,6 +15,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 
+/// Where the tests put their interrupt handler.
+const HANDLER: u64 = CODE + 0x1000;
+
 #[derive(Default)]
 struct Chip {
     st: Mutex<ChipState>,
@@ -250,7 +253,6 @@ impl InterruptController for LineChip {
 #[test]
 fn vm_irq_line_interrupts_a_spinning_vcpu_through_the_idt() {
     use kvmbox_cpu::Vm;
-    let handler = CODE + 0x1000;
     let code = asm64(CODE, |a| {
         let mut spin = a.create_label();
         a.sti()?;
@@ -258,7 +260,7 @@ fn vm_irq_line_interrupts_a_spinning_vcpu_through_the_idt() {
         a.pause()?;
         a.jmp(spin)
     });
-    let h = asm64(handler, |a| {
+    let h = asm64(HANDLER, |a| {
         a.mov(eax, 0x24u32)?;
         a.out(0xe9u32, eax)?;
         a.cli()?;
@@ -267,8 +269,8 @@ fn vm_irq_line_interrupts_a_spinning_vcpu_through_the_idt() {
     let mem = guest_mem();
     build_tables(&mem);
     mem.write_slice(&code, GuestAddress(CODE)).unwrap();
-    mem.write_slice(&h, GuestAddress(handler)).unwrap();
-    set_gate(&mem, 0x24, handler, 0, 0, false);
+    mem.write_slice(&h, GuestAddress(HANDLER)).unwrap();
+    set_gate(&mem, 0x24, HANDLER, 0, 0, false);
     let bare = kvmbox_emu::EmuVm::new(mem.clone());
     let err = bare
         .irq_line(4)
@@ -298,34 +300,23 @@ fn vm_irq_line_interrupts_a_spinning_vcpu_through_the_idt() {
     assert_eq!(io.writes(0xe9), vec![0x24]);
 }
 
-/// An interrupt that came due while the vCPU's thread was not running (it arrives after the
-/// batch began) is taken before the guest reads the TSC: Linux's TSC-timed delay in
-/// `timer_irq_works()` must see the timer ticks of the time it measured.
-#[test]
-fn a_pending_interrupt_is_taken_before_rdtsc() {
-    let handler = CODE + 0x1000;
-    let code = asm64(CODE, |a| {
-        a.rdtsc()?;
-        a.mov(eax, dword_ptr(DATA))?;
-        a.mov(dword_ptr(DATA + 4), eax)?;
-        a.cli()?;
-        a.hlt()
-    });
-    let h = asm64(handler, |a| {
-        a.inc(dword_ptr(DATA))?;
-        a.iretq()
-    });
+/// vCPU 0 in long mode at CODE with interrupts enabled, `code` there, `handler` at `HANDLER`
+/// as the gate of vector 0x30, and `chip` its interrupt controller (set up first).
+fn with_handler(
+    code: &[u8],
+    handler: &[u8],
+    chip: &Arc<Chip>,
+) -> (
+    kvmbox_cpu::GuestMemoryMmap,
+    kvmbox_emu::EmuVm,
+    kvmbox_emu::EmuVcpu,
+) {
     let mem = guest_mem();
     build_tables(&mem);
-    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
-    mem.write_slice(&h, GuestAddress(handler)).unwrap();
-    set_gate(&mem, 0x30, handler, 0, 0, false);
+    mem.write_slice(code, GuestAddress(CODE)).unwrap();
+    mem.write_slice(handler, GuestAddress(HANDLER)).unwrap();
+    set_gate(&mem, 0x30, HANDLER, 0, 0, false);
     let vm = kvmbox_emu::EmuVm::new(mem.clone());
-    let chip = Arc::new(Chip::default());
-    chip.st.lock().unwrap().pending[0].push(0x30);
-    // The poll at the start of the batch misses it.
-    chip.late_by_polls
-        .store(1, std::sync::atomic::Ordering::SeqCst);
     vm.set_interrupt_controller(chip.clone());
     let mut v = vm.create_emu_vcpu(0).unwrap();
     v.set_sregs(&long_sregs()).unwrap();
@@ -336,6 +327,42 @@ fn a_pending_interrupt_is_taken_before_rdtsc() {
         ..Default::default()
     })
     .unwrap();
+    (mem, vm, v)
+}
+
+/// A controller with vector 0x30 pending for vCPU 0 that the first `polls` polls miss (it
+/// arrives after them).
+fn pending_after_polls(polls: u32) -> Arc<Chip> {
+    let chip = Arc::new(Chip::default());
+    chip.st.lock().unwrap().pending[0].push(0x30);
+    chip.late_by_polls
+        .store(polls, std::sync::atomic::Ordering::SeqCst);
+    chip
+}
+
+/// A handler counting its runs at DATA.
+fn counting_handler() -> Vec<u8> {
+    asm64(HANDLER, |a| {
+        a.inc(dword_ptr(DATA))?;
+        a.iretq()
+    })
+}
+
+/// An interrupt that came due while the vCPU's thread was not running (it arrives after the
+/// batch began) is taken before the guest reads the TSC: Linux's TSC-timed delay in
+/// `timer_irq_works()` must see the timer ticks of the time it measured.
+#[test]
+fn a_pending_interrupt_is_taken_before_rdtsc() {
+    let code = asm64(CODE, |a| {
+        a.rdtsc()?;
+        a.mov(eax, dword_ptr(DATA))?;
+        a.mov(dword_ptr(DATA + 4), eax)?;
+        a.cli()?;
+        a.hlt()
+    });
+    // The poll at the start of the batch misses it.
+    let chip = pending_after_polls(1);
+    let (mem, _vm, mut v) = with_handler(&code, &counting_handler(), &chip);
     let io = Recorder::default();
     assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
     assert_eq!(chip.st.lock().unwrap().acked, vec![(0, 0x30)]);
@@ -348,7 +375,6 @@ fn a_pending_interrupt_is_taken_before_rdtsc() {
 /// RDTSC of the loop returns a later time than the one before.
 #[test]
 fn a_pending_interrupt_is_taken_before_rdtsc_inside_compiled_code() {
-    let handler = CODE + 0x1000;
     let code = asm64(CODE, |a| {
         let mut top = a.create_label();
         let mut bad = a.create_label();
@@ -371,32 +397,10 @@ fn a_pending_interrupt_is_taken_before_rdtsc_inside_compiled_code() {
         a.cli()?;
         a.hlt()
     });
-    let h = asm64(handler, |a| {
-        a.inc(dword_ptr(DATA))?;
-        a.iretq()
-    });
-    let mem = guest_mem();
-    build_tables(&mem);
-    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
-    mem.write_slice(&h, GuestAddress(handler)).unwrap();
-    set_gate(&mem, 0x30, handler, 0, 0, false);
-    let vm = kvmbox_emu::EmuVm::new(mem.clone());
-    let chip = Arc::new(Chip::default());
-    chip.st.lock().unwrap().pending[0].push(0x30);
     // Seen from about the 100th RDTSC on, once the loop's block is compiled.
-    chip.late_by_polls
-        .store(100, std::sync::atomic::Ordering::SeqCst);
-    vm.set_interrupt_controller(chip.clone());
-    let mut v = vm.create_emu_vcpu(0).unwrap();
+    let chip = pending_after_polls(100);
+    let (mem, _vm, mut v) = with_handler(&code, &counting_handler(), &chip);
     v.set_jit_threshold(1);
-    v.set_sregs(&long_sregs()).unwrap();
-    v.set_regs(&kvmbox_cpu::Regs {
-        rip: CODE,
-        rsp: KSTACK,
-        rflags: 0x202,
-        ..Default::default()
-    })
-    .unwrap();
     let io = Recorder::default();
     assert_eq!(v.run(&io).unwrap(), VcpuExit::Halted);
     assert_eq!(chip.st.lock().unwrap().acked, vec![(0, 0x30)]);
@@ -418,7 +422,6 @@ fn a_pending_interrupt_is_taken_before_rdtsc_inside_compiled_code() {
 /// controller's notifier stops the code at its next block boundary.
 #[test]
 fn an_interrupt_raised_by_another_thread_stops_compiled_code_at_once() {
-    let handler = CODE + 0x1000;
     // Three instructions per iteration, counted at DATA, until the handler sets DATA + 4.
     let code = asm64(CODE, |a| {
         let mut top = a.create_label();
@@ -430,29 +433,14 @@ fn an_interrupt_raised_by_another_thread_stops_compiled_code_at_once() {
         a.hlt()
     });
     // The count when the interrupt was taken, at DATA + 8.
-    let h = asm64(handler, |a| {
+    let h = asm64(HANDLER, |a| {
         a.mov(eax, dword_ptr(DATA))?;
         a.mov(dword_ptr(DATA + 8), eax)?;
         a.mov(dword_ptr(DATA + 4), 1)?;
         a.iretq()
     });
-    let mem = guest_mem();
-    build_tables(&mem);
-    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
-    mem.write_slice(&h, GuestAddress(handler)).unwrap();
-    set_gate(&mem, 0x30, handler, 0, 0, false);
-    let vm = kvmbox_emu::EmuVm::new(mem.clone());
     let chip = Arc::new(Chip::default());
-    vm.set_interrupt_controller(chip.clone());
-    let mut v = vm.create_emu_vcpu(0).unwrap();
-    v.set_sregs(&long_sregs()).unwrap();
-    v.set_regs(&kvmbox_cpu::Regs {
-        rip: CODE,
-        rsp: KSTACK,
-        rflags: 0x202,
-        ..Default::default()
-    })
-    .unwrap();
+    let (mem, _vm, mut v) = with_handler(&code, &h, &chip);
     let raiser = {
         let (chip, mem) = (chip.clone(), mem.clone());
         std::thread::spawn(move || {
@@ -480,7 +468,7 @@ fn an_interrupt_raised_by_another_thread_stops_compiled_code_at_once() {
     assert!(s.jit_instructions > 1_000_000, "{s:?}");
 }
 
-/// Spin at CODE with the NMI handler `h` at CODE + 0x1000 and two NMIs pending, until the
+/// Spin at CODE with the NMI handler `h` at `HANDLER` and two NMIs pending, until the
 /// vCPU halts; the memory and the port writes.
 fn run_with_two_nmis(h: &[u8]) -> (kvmbox_cpu::GuestMemoryMmap, Recorder) {
     let code = asm64(CODE, |a| {
@@ -489,12 +477,11 @@ fn run_with_two_nmis(h: &[u8]) -> (kvmbox_cpu::GuestMemoryMmap, Recorder) {
         a.pause()?;
         a.jmp(spin)
     });
-    let handler = CODE + 0x1000;
     let mem = guest_mem();
     build_tables(&mem);
     mem.write_slice(&code, GuestAddress(CODE)).unwrap();
-    mem.write_slice(h, GuestAddress(handler)).unwrap();
-    set_gate(&mem, 2, handler, 0, 0, false);
+    mem.write_slice(h, GuestAddress(HANDLER)).unwrap();
+    set_gate(&mem, 2, HANDLER, 0, 0, false);
     let vm = kvmbox_emu::EmuVm::new(mem.clone());
     let chip = Arc::new(Chip::default());
     chip.st.lock().unwrap().nmis = 2;
@@ -515,8 +502,7 @@ fn run_with_two_nmis(h: &[u8]) -> (kvmbox_cpu::GuestMemoryMmap, Recorder) {
 
 #[test]
 fn nmis_do_not_nest_until_iret() {
-    let handler = CODE + 0x1000;
-    let h = asm64(handler, |a| {
+    let h = asm64(HANDLER, |a| {
         let mut again = a.create_label();
         a.mov(rax, rsp)?;
         a.out(0xe9u32, eax)?;
@@ -545,7 +531,6 @@ fn one_instruction_interrupt_window_after_sti_is_honoured() {
     // sti; nop; cli; jmp: IF=1 with no shadow only at the boundary after the NOP, and the
     // 4-instruction loop divides the engine's batch size, so batch boundaries alone would
     // never land in the window.
-    let handler = CODE + 0x1000;
     let code = asm64(CODE, |a| {
         let mut top = a.create_label();
         a.set_label(&mut top)?;
@@ -554,7 +539,7 @@ fn one_instruction_interrupt_window_after_sti_is_honoured() {
         a.cli()?;
         a.jmp(top)
     });
-    let h = asm64(handler, |a| {
+    let h = asm64(HANDLER, |a| {
         a.mov(eax, 0x25u32)?;
         a.out(0xe9u32, eax)?;
         a.cli()?;
@@ -563,8 +548,8 @@ fn one_instruction_interrupt_window_after_sti_is_honoured() {
     let mem = guest_mem();
     build_tables(&mem);
     mem.write_slice(&code, GuestAddress(CODE)).unwrap();
-    mem.write_slice(&h, GuestAddress(handler)).unwrap();
-    set_gate(&mem, 0x25, handler, 0, 0, false);
+    mem.write_slice(&h, GuestAddress(HANDLER)).unwrap();
+    set_gate(&mem, 0x25, HANDLER, 0, 0, false);
     let vm = kvmbox_emu::EmuVm::new(mem);
     vm.set_interrupt_controller(Arc::new(LineChip(Arc::new(Chip::default()))));
     let line = vm.irq_line(5).unwrap();
@@ -590,8 +575,7 @@ fn one_instruction_interrupt_window_after_sti_is_honoured() {
 /// the instruction IRET returned to, not at some later batch boundary.
 #[test]
 fn pending_nmi_is_taken_right_after_the_unblocking_iret() {
-    let handler = CODE + 0x1000;
-    let h = asm64(handler, |a| {
+    let h = asm64(HANDLER, |a| {
         let mut second = a.create_label();
         let mut after = a.create_label();
         a.inc(qword_ptr(DATA))?;
