@@ -927,14 +927,14 @@ impl Cpu {
 
     /// The translated block starting at CS:RIP, still good (one code-TLB lookup and one
     /// compare of its page's generation, `still_good`), built from the decoded-instruction
-    /// cache on a miss. Returns a pointer into the block cache, valid until the next call, and
-    /// the host address of the block's page; sets `code_page` to the block's physical page,
+    /// cache on a miss. Returns a pointer into the block cache, valid until the next call;
+    /// sets `code_page` to the block's physical page,
     /// and links compiled code's exit that led here (`link_from`) to the block's code. None:
     /// no block here (not 64-bit code, RIP not in the TLB or not RAM, within 16 bytes of the
     /// page end, or the first instruction has no decode-time handler): `step` runs the
     /// instruction.
     #[inline(always)]
-    pub(crate) fn block(&mut self) -> Option<(*const Block, *const u8)> {
+    pub(crate) fn block(&mut self) -> Option<*const Block> {
         let rip = self.st.rip;
         if self.st.code_bits() != 64 || !canonical(rip) {
             return None;
@@ -1013,7 +1013,7 @@ impl Cpu {
         }
         self.code_page = ppage;
         self.code_written = false;
-        Some((b, host))
+        Some(b)
     }
 
     /// Whether the block in `slot` (at offset `off` of physical page `ppn`, whose host

@@ -52,12 +52,11 @@ pub(crate) struct Exit {
     pub(crate) fault: *mut Fault,
 }
 
-/// A compiled block's entry: called with the vCPU, the host address of the block's page, and
-/// 3 at CPL 3 (else 0). `Cpu::jit_limit` holds the most instructions it may complete (at
+/// A compiled block's entry: called with the vCPU and 3 at CPL 3 (else 0). `Cpu::jit_limit` holds the most instructions it may complete (at
 /// least the block's length; a block that branches back to its own start runs again, and one
 /// linked to the next block goes on there, while the whole next run fits; another thread
 /// sets it to 0 to stop it: `cpu::Attention`).
-pub(crate) type Entry = unsafe extern "sysv64" fn(*mut Cpu, *const u8, u32) -> Exit;
+pub(crate) type Entry = unsafe extern "sysv64" fn(*mut Cpu, u32) -> Exit;
 
 /// A compiled block.
 #[derive(Clone, Copy)]
@@ -958,11 +957,10 @@ fn link_targets(ops: &[Fast]) -> impl Iterator<Item = u64> {
 /// in the dispatch loop).
 ///
 /// Registers: RBX the vCPU, R12 the block's forms, R13 and R14 the TLB permission bits a read
-/// and a write need at the current privilege (from the third argument, 3 at CPL 3, else 0),
-/// R15 the instructions completed in earlier runs of this block or of blocks linked to it; at
-/// [RSP] the most instructions the code may complete (the fourth argument), at [RSP + 8] the
-/// host address of the page (the second); RSI, RDI, R8-R11 and RBP the guest registers the
-/// block keeps (`Cached`); RAX, RCX and RDX the templates' scratch.
+/// and a write need at the current privilege (from the second argument, 3 at CPL 3, else 0),
+/// R15 the instructions completed in earlier runs of this block or of blocks linked to it
+/// (`Cpu::jit_limit` bounds them); RSI, RDI, R8-R11 and RBP the guest registers the block keeps
+/// (`Cached`); RAX, RCX and RDX the templates' scratch.
 ///
 /// Every way out commits RIP: the next instruction's (or the faulting one's) address. A block
 /// whose last instruction is a direct branch to its own start runs again, without leaving,
@@ -993,10 +991,9 @@ fn assemble(
         ; push r14
         ; push r15
         ; push rbp
-        ; sub rsp, 24
-        ; mov [rsp + 8], rsi
+        ; sub rsp, 8
         ; mov rbx, rdi
-        ; mov ecx, edx
+        ; mov ecx, esi
         ; mov r13d, r
         ; shl r13d, cl
         ; mov r14d, w
@@ -1229,7 +1226,7 @@ fn assemble(
         ; add rax, r15
         ; xor edx, edx
         ; =>exit
-        ; add rsp, 24
+        ; add rsp, 8
         ; pop rbp
         ; pop r15
         ; pop r14
@@ -1378,11 +1375,7 @@ fn emit_hop(a: &mut Asm, page: Page, all: i32, plain: DynamicLabel, ask: Dynamic
     );
     if !matches!(page, Page::Same) {
         // The chain runs in that page now.
-        dynasm!(a
-            ; .arch x64
-            ; mov QWORD [rsp + 8], rsi
-            ; mov QWORD [rbx + cp], rdi
-        );
+        dynasm!(a ; .arch x64 ; mov QWORD [rbx + cp], rdi);
     }
     dynasm!(a
         ; .arch x64

@@ -151,7 +151,7 @@ impl Cpu {
     /// (`Cpu::note_write`), so self-modified bytes are validated again.
     #[inline(always)]
     fn run_block(&mut self, max: u64) -> Option<(u64, crate::cpu::R<()>)> {
-        let (b, host) = self.block()?;
+        let b = self.block()?;
         // SAFETY: `b` points into the block cache, which only `block` writes (moving entries
         // between ways, `build_block`); neither handlers nor anything they call look blocks
         // up, and compiled code refers to the JIT's copies of forms and bytes, not to it.
@@ -187,8 +187,8 @@ impl Cpu {
                 // SAFETY: `code` was compiled from this block's forms (kept with the code;
                 // `build_block` drops it when it rebuilds the block) and stays mapped
                 // executable until the JIT's cache is emptied, which only `compile_block`
-                // does, never while code runs; `host` is the block's page.
-                let exit = unsafe { (code.entry)(self, host, user) };
+                // does, never while code runs.
+                let exit = unsafe { (code.entry)(self, user) };
                 let res = if exit.fault.is_null() {
                     Ok(())
                 } else {
