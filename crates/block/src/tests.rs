@@ -1344,24 +1344,36 @@ fn closing_an_image_unlocks_it_while_a_forked_child_holds_its_descriptor() {
     crate::image::create(&qcow2, 1 << 20, Format::Qcow2, None).unwrap();
     for img in [&raw, &qcow2] {
         let b = open(&spec(img)).unwrap();
-        // SAFETY: the child only sleeps and exits (both async-signal-safe), holding copies of
-        // the parent's descriptors meanwhile.
-        let child = unsafe { libc::fork() };
-        assert!(child >= 0, "fork");
-        if child == 0 {
-            // SAFETY: see above.
-            unsafe {
-                libc::sleep(1);
-                libc::_exit(0);
-            }
-        }
+        let child = fork_holding_descriptors(1_000_000);
         drop(b);
         let again = open(&spec(img)).map(|_| ());
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(child, &mut status, 0) };
+        wait_for(child);
         again.unwrap_or_else(|e| panic!("{}: reopened while a child holds it: {e}", img.display()));
     }
+}
+
+/// A child process that holds copies of all this process's descriptors for `micros`
+/// microseconds, then exits (as a child another thread is starting holds them until it
+/// executes its program).
+fn fork_holding_descriptors(micros: u32) -> libc::pid_t {
+    // SAFETY: the child only sleeps and exits (both async-signal-safe).
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork");
+    if child == 0 {
+        // SAFETY: see above.
+        unsafe {
+            libc::usleep(micros);
+            libc::_exit(0);
+        }
+    }
+    child
+}
+
+/// Reap our own child.
+fn wait_for(child: libc::pid_t) {
+    let mut status = 0;
+    // SAFETY: waiting for a child of this process.
+    unsafe { libc::waitpid(child, &mut status, 0) };
 }
 
 /// An image that opens, locks and then turns out unusable (a bad header) is unlocked before
@@ -1383,25 +1395,10 @@ fn a_refused_image_is_unlocked_while_forked_children_hold_its_descriptor() {
         std::thread::spawn(move || {
             let mut children = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                // SAFETY: the child only sleeps and exits (both async-signal-safe), holding
-                // copies of the parent's descriptors meanwhile.
-                let child = unsafe { libc::fork() };
-                assert!(child >= 0, "fork");
-                if child == 0 {
-                    // SAFETY: see above.
-                    unsafe {
-                        libc::usleep(100_000);
-                        libc::_exit(0);
-                    }
-                }
-                children.push(child);
+                children.push(fork_holding_descriptors(100_000));
                 std::thread::sleep(std::time::Duration::from_micros(200));
             }
-            for c in children {
-                let mut status = 0;
-                // SAFETY: waiting for our own children.
-                unsafe { libc::waitpid(c, &mut status, 0) };
-            }
+            children.into_iter().for_each(wait_for);
         })
     };
     let mut refused = 0;
