@@ -6,14 +6,17 @@
 //! INC/DEC, shifts by an immediate, IMUL, SETcc, CMOVcc, NOP, direct JMP/Jcc), memory forms
 //! (MOV, MOVZX/MOVSX, ALU, PUSH/POP, direct CALL, RET) inline behind a TLB fast path whose
 //! misses call the instruction's handler, and calls the handler of every other instruction (a
-//! direct call to a constant address, so the dispatch loop and its indirect branch go). Flags
-//! are computed by the host instruction itself and merged into the guest's RFLAGS unless the
-//! block overwrites them first; a flag consumer right after its producer (`cmp; jcc`,
-//! `test; setcc`) reads the host flags directly.
+//! direct call to a constant address, so the dispatch loop and its indirect branch go). A block
+//! keeps its most used guest registers in host registers (`Cached`). Flags are computed by the
+//! host instruction itself and captured (`capture_flags`) unless the block overwrites them
+//! first; they stay captured from block to block and reach RFLAGS only where something can see
+//! them (`fold_flags`); a flag consumer right after its producer (`cmp; jcc`, `test; setcc`)
+//! reads the host flags directly, and a block ending in a Jcc ends in a host branch.
 //!
 //! The code keeps the block protocol of `Cpu::run_block`: it sets `next_rip` to the last
-//! instruction's next RIP (unless that is an inline JMP, Jcc, CALL or RET, which sets it
-//! itself), and only the last instruction (a control transfer) changes it. It
+//! instruction's next RIP (unless that is an inline JMP, Jcc, CALL or RET: those set it
+//! themselves, the Jcc only on its way back to the dispatch loop), and only the last
+//! instruction (a control transfer) changes it. It
 //! commits RIP itself and returns how many instructions completed and the fault of the one
 //! that did not: a handler's fault ends the block there, and after every handler call the code
 //! tests `code_written` (a store into the block's own page, or a device access) and ends the
@@ -25,10 +28,11 @@
 //! (`Jit::jumps`), while the target's
 //! page has the generation it was linked at (`kvmbox_cpu::watch`).
 //!
-//! The code cache is never writable and executable at once: each vCPU maps its own region
-//! read-write, copies a block's code in and maps those pages read-execute again before the
-//! code runs (the vCPU threads' seccomp filter allows `mprotect` to exactly PROT_READ |
-//! PROT_EXEC, and no executable `mmap`). When the region is full every block's code is dropped
+//! The code cache is never writable and executable at once: each vCPU copies code into pages
+//! of its own region made writable ahead of it, and seals them read-execute, a batch of
+//! blocks at a time, before that code runs (`CodeCache`; the vCPU threads' seccomp filter
+//! allows `mprotect` only without PROT_EXEC or to exactly PROT_READ | PROT_EXEC, and no
+//! executable `mmap`). When the region is full every block's code is dropped
 //! and the region reused. `KVMBOX_EMU_JIT=0` turns the JIT off (blocks run their handlers in
 //! the dispatch loop).
 
@@ -1705,7 +1709,7 @@ impl Block<'_> {
     }
 
     /// Turn the linear address in RAX into a host pointer for a `size`-byte access (a write
-    /// if `write`) with the cache's shared stub (`emit_translate`), or go to `slow`.
+    /// if `write`) with the inline TLB lookup (`emit_translate`), or go to `slow`.
     fn translate(&mut self, size: i32, write: bool, slow: DynamicLabel) {
         emit_translate(&mut self.a, size, write, slow);
     }
